@@ -1,0 +1,227 @@
+/*
+ * engine.h — private: the transport-free core of liteattnd.
+ *
+ * The engine owns the session store (skip masks), the buffer registry (shared memory and CUDA
+ * IPC imports), the backends (cpu, cuda) and their worker threads. It knows nothing of
+ * sockets, libuv or protobuf: the server (server.c, conn.c, dispatch.c) translates frames into
+ * these calls, and tests and benchmarks drive it directly.
+ *
+ * Threading: every eng_* function is called from one thread (the loop thread), except
+ * eng_new's notify callback, which workers call. Compute runs on worker threads. When a job
+ * finishes, the worker queues its completion and calls cfg.notify(cfg.notify_data) (the server
+ * maps it to uv_async_send); the loop thread then calls eng_process_completions(), which runs
+ * the jobs' done callbacks on the loop thread, draining the whole queue.
+ *
+ * Ownership: sessions belong to a Unix uid; buffers belong to a connection (conn_id) and its
+ * uid. Every call names the caller (uid, conn_id); objects of another uid are reported as
+ * LA_ENOENT (their existence is not revealed), except that uid 0 may list and read all.
+ *
+ * Errors: functions return 0 or a negative LA_E* code (liteattn.h) and, on error, write a
+ * human message naming the object into err (when err is not NULL).
+ */
+#ifndef LA_ENGINE_H
+#define LA_ENGINE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "la_attn.h"
+#include "liteattn.h"
+
+#define ENG_KEY_MAX 255
+#define ENG_ERR_MAX 256
+
+typedef struct eng eng;
+
+typedef struct eng_error {
+    char msg[ENG_ERR_MAX];
+} eng_error;
+
+typedef struct eng_limits {
+    uint32_t max_buffers_per_conn;     /* default 256 */
+    uint64_t max_buffer_bytes_per_conn; /* shm + ipc bytes registered, default 64 GiB */
+    uint32_t max_sessions_per_user;    /* default 64 */
+    uint64_t max_mask_bytes_per_user;  /* default 4 GiB */
+    uint64_t mask_memory_cap;          /* all users; LRU eviction of idle sessions above it, 0 = none */
+    uint32_t max_inflight_per_conn;    /* default 64; the server enforces, the engine reports */
+    uint32_t session_grace_s;          /* detached session kept this long, default 300 */
+    uint32_t session_ttl_s;            /* idle session freed after this, default 3600 */
+} eng_limits;
+
+typedef struct eng_config {
+    const char *backend;   /* "auto" (cuda if a GPU is usable, else cpu), "cpu", "cuda" */
+    int cpu_threads;       /* threads of the CPU backend's pool, <= 0: number of cores */
+    eng_limits limits;
+    void (*notify)(void *data); /* called from worker threads when a completion is queued */
+    void *notify_data;
+    /* Log sink (the daemon's logger); level 0 error .. 3 debug. May be NULL. */
+    void (*log)(void *data, int level, const char *msg);
+    void *log_data;
+} eng_config;
+
+/* Fills cfg with the defaults above (backend "auto"). */
+void eng_config_default(eng_config *cfg);
+
+/* Creates the engine and initialises the backends (a CUDA context per usable GPU when the
+ * backend is cuda/auto). Errors: LA_ENODEV ("cuda" asked but no usable GPU), LA_ENOMEM. */
+int eng_new(const eng_config *cfg, eng **ret_engine, eng_error *err);
+/* Waits for running jobs, runs their callbacks with LA_ESHUTDOWN if still queued, frees all. */
+void eng_free(eng *e);
+
+/* Backends and devices for the Hello reply. */
+typedef struct eng_device_info {
+    char uuid[64];      /* "GPU-..." or "cpu" */
+    char backend[8];    /* "cpu" / "cuda" */
+    char name[96];
+    uint64_t memory_bytes;
+    uint32_t compute_capability;
+} eng_device_info;
+size_t eng_devices(const eng *e, eng_device_info *out, size_t max);
+/* Comma-separated backend names, e.g. "cpu" or "cpu,cuda". */
+const char *eng_backends(const eng *e);
+
+/* ---- sessions ----------------------------------------------------------------------------- */
+
+typedef struct eng_session_spec {
+    char key[ENG_KEY_MAX + 1];
+    uint32_t layers, heads, head_dim;
+    la_dtype dtype;
+    uint32_t max_seq_q, max_seq_k;  /* max_seq_k 0: = max_seq_q */
+    uint32_t batch, kv_shards;      /* 0: 1 */
+    float threshold;                /* default -3 */
+    const float *schedule;          /* per-step thresholds, may be NULL */
+    size_t n_schedule;
+    la_mode mode;                   /* default LA_MODE_SKIP; never LA_MODE_SESSION */
+    la_direction direction;
+    char device[64];                /* "auto" / "" / "cpu" / "cuda" / GPU UUID */
+} eng_session_spec;
+
+typedef struct eng_session_view {
+    uint64_t id;
+    uint32_t bm, bn;
+    uint32_t n_q_tiles, n_k_words;
+    uint64_t layer_mask_bytes; /* one layer, one shard */
+    uint64_t mask_bytes;       /* all */
+    uint32_t layers, heads, head_dim, max_seq_q, max_seq_k, batch, kv_shards;
+    la_dtype dtype;
+    char device[64];
+} eng_session_view;
+
+int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_spec *spec,
+                     eng_session_view *ret_view, eng_error *err);
+int eng_session_attach(eng *e, uint32_t uid, uint64_t conn_id, const char *key,
+                       eng_session_view *ret_view, eng_error *err);
+int eng_session_reset(eng *e, uint32_t uid, uint64_t session_id, eng_error *err);
+/* Closing a session with calls in flight marks it; it is freed when they finish. */
+int eng_session_close(eng *e, uint32_t uid, uint64_t session_id, eng_error *err);
+
+typedef struct eng_session_stats {
+    uint64_t calls, tiles_total, tiles_computed;
+} eng_session_stats;
+/* live[0..n) gets the live fraction of each layer (n may exceed layers; the rest untouched). */
+int eng_session_info(eng *e, uint32_t uid, uint64_t session_id, double *live, size_t n,
+                     eng_session_stats *ret_stats, eng_error *err);
+
+typedef struct eng_session_summary {
+    uint64_t id;
+    char key[ENG_KEY_MAX + 1];
+    uint32_t uid, layers, heads, head_dim, batch, bm, bn;
+    uint64_t mask_bytes, calls, idle_ms;
+    double live_fraction;
+    int attached;
+    char device[64];
+} eng_session_summary;
+/* Calls fn for each session uid may see (uid 0: all). */
+void eng_session_list(eng *e, uint32_t uid,
+                      void (*fn)(void *data, const eng_session_summary *s), void *data);
+
+/* Copies up to len bytes of (layer, kv_shard)'s mask from byte offset into dst. */
+int eng_mask_read(eng *e, uint32_t uid, uint64_t session_id, uint32_t layer, uint32_t kv_shard,
+                  uint64_t offset, void *dst, size_t len, size_t *ret_len, uint64_t *ret_total,
+                  eng_error *err);
+
+/* ---- buffers ------------------------------------------------------------------------------ */
+
+/* Takes ownership of fd (closed on error too). Maps it; size must not exceed the fd's size. */
+int eng_buffer_add_shm(eng *e, uint32_t uid, uint64_t conn_id, int fd, uint64_t size,
+                       uint64_t *ret_id, eng_error *err);
+/* handle: cudaIpcMemHandle_t bytes (len 64); device_uuid names the GPU. */
+int eng_buffer_add_cuda_ipc(eng *e, uint32_t uid, uint64_t conn_id, const void *handle,
+                            size_t len, const char *device_uuid, uint64_t size,
+                            uint64_t *ret_id, uint64_t *ret_size, eng_error *err);
+/* Releases the buffer; the mapping goes away once in-flight jobs using it have finished. */
+int eng_buffer_remove(eng *e, uint64_t conn_id, uint64_t buffer_id, eng_error *err);
+
+/* The connection went away: its buffers are released (after their in-flight work), its
+ * in-flight jobs still complete but their callbacks are told (user data stays valid until
+ * then: the server keeps the conn until all its callbacks ran), its sessions become detached
+ * and are freed after the grace period unless attached again. */
+void eng_conn_closed(eng *e, uint64_t conn_id);
+
+/* Frees sessions past their grace period or TTL. Call about once a second. */
+void eng_tick(eng *e);
+
+/* ---- attention ---------------------------------------------------------------------------- */
+
+typedef struct eng_tensor {
+    uint64_t buffer_id;
+    uint64_t offset;      /* bytes */
+    la_dtype dtype;
+    int ndim;             /* 4 for q/k/v/o, 3 for lse, 0 for decisions */
+    int64_t shape[4];
+    int64_t strides[4];   /* elements */
+    int has_strides;      /* 0: contiguous row-major */
+} eng_tensor;
+
+typedef struct eng_attn_req {
+    uint64_t session_id;
+    uint32_t layer, step, kv_shard;
+    eng_tensor q, k, v, o, lse, decisions;
+    int has_lse, has_decisions;
+    float scale;          /* 0: 1/sqrt(D) */
+    int has_threshold;
+    float threshold;
+    la_mode mode;         /* LA_MODE_SESSION: the session's */
+    la_range must_do[LA_MAX_RANGES];
+    int n_must_do;
+    la_range must_skip[LA_MAX_RANGES];
+    int n_must_skip;
+    int dry_run;
+    int has_wait_event;
+    uint8_t wait_event[64];
+} eng_attn_req;
+
+typedef struct eng_attn_result {
+    uint64_t tiles_total, tiles_computed;
+    uint64_t compute_ns, queue_ns;
+    int has_done_event;
+    uint8_t done_event[64];
+} eng_attn_result;
+
+typedef void (*eng_done_fn)(void *user, int status, const eng_attn_result *res,
+                            const char *message);
+
+/* Validates everything (session and ownership, layer/shard/step, shapes against the session's
+ * geometry, dtypes, strides, every tensor's byte extent inside its buffer with overflow-safe
+ * arithmetic, ranges) and queues the job on its backend. On success done() runs later on the
+ * loop thread (from eng_process_completions) exactly once; on error it never runs.
+ * Errors: LA_ENOENT, LA_EINVAL, LA_ERANGE, LA_ENOTSUP, LA_ESHUTDOWN. */
+int eng_attn_submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *req,
+                    eng_done_fn done, void *user, eng_error *err);
+
+/* Loop thread: runs the done callbacks of every finished job. Returns how many ran. */
+int eng_process_completions(eng *e);
+
+/* Stops accepting jobs; eng_idle() is then true once every queued job has completed and its
+ * callback ran. */
+void eng_shutdown(eng *e);
+int eng_idle(const eng *e);
+
+/* Counters for the Stats reply (calls, errors, tiles, sessions, buffers, bytes, evictions...). */
+void eng_stats(const eng *e, void (*fn)(void *data, const char *name, int64_t value),
+               void *data);
+
+/* A sticky GPU error poisoned a context: the server must fail everyone and exit non-zero. */
+int eng_fatal(const eng *e);
+
+#endif /* LA_ENGINE_H */

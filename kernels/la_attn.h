@@ -1,0 +1,104 @@
+/*
+ * la_attn.h — the face of kernels/: one POD parameter struct for an attention call, the CPU
+ * reference, and the CUDA entry points. Private to the project (not installed).
+ *
+ * The semantics are those of shared/design SKIP-SEMANTICS.md, restated briefly:
+ *   Q: [B, Sq, H, D], K, V: [B, Sk, H, D], O: [B, Sq, H, D]; strides in elements, any sign-
+ *   free layout; LSE (optional): [B, H, Sq] f32, natural log of the softmax normaliser over the
+ *   keys actually computed (scores already multiplied by scale).
+ *   q-tile m = rows [m*BM, min((m+1)*BM, Sq)), k-tile n = keys [n*BN, min((n+1)*BN, Sk)).
+ *   Mask row (b, h, m): ceil(nK/32) uint32 words, bit n%32 of word n/32, 1 = compute.
+ *   Effective live set = (live | must_do_tiles) & ~must_skip_only_tiles (mode dense: all).
+ *   Visit order: descending on even steps, ascending on odd ones (LA_DIR_ALTERNATE).
+ *   Row i votes keep on tile n when (t_i - m_i) * scale * log2(e) > tau, t_i = max raw score
+ *   q_i.k_j over the tile's valid keys, m_i = running max before the tile (-inf at first).
+ *   keep(n) = any valid row voted keep, or n is a must-do tile.
+ *   skip: visited tile bit = keep(n); unvisited bits stay 0. observe: new = old & keep.
+ *   dense: mask unchanged. The decisions go to `decisions` instead of `mask` when it is set.
+ */
+#ifndef LA_ATTN_H
+#define LA_ATTN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "liteattn.h" /* error codes, la_dtype, la_mode, la_direction: one definition */
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Most must-do / must-skip ranges per call (each a half-open key range). */
+#define LA_MAX_RANGES 64
+/* Head dims the reference accepts. */
+#define LA_REF_HEAD_DIM_OK(d) ((d) == 64 || (d) == 96 || (d) == 128 || (d) == 256)
+
+typedef struct la_range {
+    int64_t start, end; /* keys [start, end); empty when end <= start */
+} la_range;
+
+typedef struct la_attn_params {
+    /* Tensors. Q: [B, Sq, H, D]; K, V: [B, Sk, H, D]; O: [B, Sq, H, D]. Strides in elements,
+     * index order (b, s, h, d). All of q/k/v/o share `dtype`. */
+    const void *q, *k, *v;
+    void *o;
+    int64_t q_stride[4], k_stride[4], v_stride[4], o_stride[4];
+    /* LSE: [B, H, Sq] f32, strides (b, h, s) in elements; NULL when not wanted. */
+    float *lse;
+    int64_t lse_stride[3];
+
+    int32_t B, Sq, Sk, H, D;
+    la_dtype dtype; /* F32 (reference only), F16, BF16 */
+
+    float scale; /* softmax scale (> 0; callers resolve the 1/sqrt(D) default) */
+    float tau;   /* threshold in log2 units; -INFINITY keeps every tile */
+    la_mode mode; /* DENSE, OBSERVE or SKIP (never LA_MODE_SESSION here) */
+    int32_t step; /* denoising step; its parity picks the direction under ALTERNATE */
+    la_direction direction;
+
+    const la_range *must_do;   /* host memory, n_must_do <= LA_MAX_RANGES */
+    int32_t n_must_do;
+    const la_range *must_skip;
+    int32_t n_must_skip;
+
+    /* Live mask of this (session, layer, kv shard): row (b, h, m) starts at word
+     * b*mask_stride[0] + h*mask_stride[1] + m*mask_stride[2] and holds ceil(nK/32) words.
+     * Read by modes OBSERVE/SKIP and updated in place unless `decisions` is set. May be NULL
+     * in mode DENSE. The rows may be longer than ceil(nK/32) (sized for a larger max Sk). */
+    uint32_t *mask;
+    int64_t mask_stride[3];
+    /* Dry run: when non-NULL the new mask rows are written here (same strides) instead. */
+    uint32_t *decisions;
+
+    int32_t BM, BN;   /* tile sizes, > 0 */
+    int32_t threads;  /* CPU reference: worker threads (<= 0: 1) */
+
+    /* Out (may be NULL): number of (b, h, m, n) tiles actually computed in this call. */
+    int64_t *ret_tiles_computed;
+} la_attn_params;
+
+static inline int32_t la_tiles(int32_t len, int32_t tile) { return (len + tile - 1) / tile; }
+static inline int32_t la_mask_words(int32_t n_k_tiles) { return (n_k_tiles + 31) / 32; }
+
+/* Bytes of one element of dtype (0 for an unknown dtype). */
+size_t la_dtype_size(la_dtype dtype);
+
+/* Validates p for the CPU reference: sizes, pointers, head dim, dtype, strides (no output
+ * aliasing an input, no negative strides), ranges, tile sizes, mode. Returns 0 or LA_EINVAL /
+ * LA_ENOTSUP. GPU backends call it first and add their own restrictions. */
+int la_attn_validate(const la_attn_params *p);
+
+/* Per k-tile flags from the ranges: must_do[w] bit n set when tile n holds a must-do key;
+ * skip_only[w] bit n set when every key of tile n is in must-skip ranges and none in must-do.
+ * Both arrays hold la_mask_words(nK) words. */
+void la_tile_flags(const la_attn_params *p, uint32_t *must_do, uint32_t *skip_only);
+
+/* The CPU reference: exact SKIP-SEMANTICS, fp32 accumulation (bf16/fp16 widened on load),
+ * multi-threaded over (b, h, q-tile) with p->threads pthreads. Returns 0 or an error of
+ * la_attn_validate / LA_ENOMEM. */
+int la_ref_attn_fwd(const la_attn_params *p);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* LA_ATTN_H */

@@ -1,0 +1,335 @@
+/*
+ * liteattn.h — the whole public API of libliteattn, the client of the liteattn daemon.
+ *
+ * What is not in this file is not API. Every name carries the prefix la_ (macros LA_).
+ *
+ * Conventions
+ * - Functions return int: 0 on success or a negative LA_E* code (la_strerror() names it).
+ *   Output parameters are named ret_* and are written only on success.
+ * - Objects are opaque. Constructors are _new/_open/_connect; destructors accept NULL.
+ * - A la_client is one connection to liteattnd. All functions taking a la_client (or an object
+ *   made through it) may be called from several threads: the client serialises them with its
+ *   own lock. Completion callbacks run on whichever thread is inside la_call_wait(),
+ *   la_client_process() or a synchronous call of the same client at the time; they must not
+ *   call back into the same client.
+ * - The human-readable detail of the last error on the calling thread (the daemon's message
+ *   when it answered with an error) is available through la_last_error_message().
+ * - The library never prints and never exits; messages go to the log callback (la_set_log).
+ */
+#ifndef LITEATTN_H
+#define LITEATTN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(__GNUC__)
+#define LA_API __attribute__((visibility("default")))
+#else
+#define LA_API
+#endif
+
+#define LA_VERSION_MAJOR 0
+#define LA_VERSION_MINOR 1
+#define LA_VERSION_PATCH 0
+#define LA_VERSION_STRING "0.1.0"
+
+/* Wire protocol version spoken by this library (Hello). A daemon with another major refuses. */
+#define LA_PROTOCOL_MAJOR 1
+#define LA_PROTOCOL_MINOR 0
+
+/* ---------------------------------------------------------------------------------------- */
+/* Errors. One table; la_strerror() and la_err_name() are generated from it. The same codes
+ * travel on the wire in error replies. Codes are never renumbered. */
+#define LA_ERRNO_MAP(X)                                                         \
+    X(EINVAL, -1, "invalid argument")                                          \
+    X(ENOMEM, -2, "out of memory")                                             \
+    X(ENOTSUP, -3, "not supported")                                            \
+    X(ENOENT, -4, "no such session or buffer")                                 \
+    X(EEXIST, -5, "already exists")                                            \
+    X(EPERM, -6, "permission denied")                                          \
+    X(ELIMIT, -7, "resource limit reached")                                    \
+    X(EBUSY, -8, "too many requests in flight")                                \
+    X(ERANGE, -9, "tensor extent outside its buffer")                          \
+    X(EPROTO, -10, "protocol error")                                           \
+    X(EVERSION, -11, "unsupported protocol version")                           \
+    X(ECONN, -12, "cannot connect to the daemon")                              \
+    X(ECLOSED, -13, "connection closed")                                       \
+    X(ETIMEDOUT, -14, "timed out")                                             \
+    X(EAGAIN, -15, "not finished yet")                                         \
+    X(EDEVICE, -16, "GPU error")                                               \
+    X(ENODEV, -17, "no such device or backend")                                \
+    X(ESHUTDOWN, -18, "daemon is shutting down")                               \
+    X(EIO, -19, "input/output error")                                          \
+    X(EINTERNAL, -20, "internal error")
+
+enum {
+    LA_OK = 0,
+#define LA_ERRNO_ENUM_(name, val, msg) LA_##name = (val),
+    LA_ERRNO_MAP(LA_ERRNO_ENUM_)
+#undef LA_ERRNO_ENUM_
+};
+
+/* "invalid argument" for LA_EINVAL; "unknown error" for codes outside the table. */
+LA_API const char *la_strerror(int err);
+/* "LA_EINVAL" for LA_EINVAL; "LA_OK" for 0; "LA_UNKNOWN" otherwise. */
+LA_API const char *la_err_name(int err);
+/* Detail of the last failed call on this thread ("" if none). Valid until the next call. */
+LA_API const char *la_last_error_message(void);
+
+/* ---------------------------------------------------------------------------------------- */
+/* Enumerations shared with the daemon and the kernels (values travel on the wire). */
+
+typedef enum la_dtype {
+    LA_DTYPE_F32 = 0,  /* CPU backend only */
+    LA_DTYPE_F16 = 1,
+    LA_DTYPE_BF16 = 2,
+    LA_DTYPE_U32 = 3   /* only for the DECISIONS tensor (packed masks) */
+} la_dtype;
+
+typedef enum la_mode {
+    LA_MODE_SESSION = 0, /* in a call: use the session's mode */
+    LA_MODE_DENSE = 1,   /* compute everything, leave the mask as it is */
+    LA_MODE_OBSERVE = 2, /* compute everything, AND the decisions into the mask */
+    LA_MODE_SKIP = 3     /* compute live tiles only, write the decisions */
+} la_mode;
+
+typedef enum la_direction {
+    LA_DIR_ALTERNATE = 0,  /* descending k-tiles on even steps, ascending on odd ones */
+    LA_DIR_ASCENDING = 1,
+    LA_DIR_DESCENDING = 2
+} la_direction;
+
+typedef enum la_tensor_role {
+    LA_TENSOR_Q = 0,         /* [B, Sq, H, D] */
+    LA_TENSOR_K = 1,         /* [B, Sk, H, D] */
+    LA_TENSOR_V = 2,         /* [B, Sk, H, D] */
+    LA_TENSOR_O = 3,         /* [B, Sq, H, D], dtype of Q */
+    LA_TENSOR_LSE = 4,       /* optional [B, H, Sq] f32, natural log */
+    LA_TENSOR_DECISIONS = 5  /* dry run: [B, H, nQ, ceil(nK/32)] u32, the would-be mask */
+} la_tensor_role;
+
+/* ---------------------------------------------------------------------------------------- */
+/* Logging. The library reports rare events (a dropped connection, a failed unmap) here.
+ * level: 0 error, 1 warning, 2 info, 3 debug. fn == NULL silences it (the default). */
+typedef void (*la_log_fn)(void *user, int level, const char *message);
+LA_API void la_set_log(la_log_fn fn, void *user);
+
+/* "0.1.0" — the library's version. */
+LA_API const char *la_version(void);
+
+/* ---------------------------------------------------------------------------------------- */
+/* Connection. */
+
+typedef struct la_client la_client;
+
+/* Writes the socket path a client uses when it is given none: $LITEATTN_SOCKET if set, else
+ * $XDG_RUNTIME_DIR/liteattn.sock if XDG_RUNTIME_DIR is set, else /run/liteattn/liteattn.sock.
+ * Errors: LA_EINVAL (NULL or too small buffer). */
+LA_API int la_default_socket_path(char *buf, size_t len);
+
+/* Connects to the daemon at socket_path (NULL: la_default_socket_path()) and performs the
+ * Hello handshake, naming this client client_name (NULL: "libliteattn").
+ * Errors: LA_ECONN (nothing listens there), LA_EVERSION (daemon speaks another major version),
+ * LA_EPROTO, LA_ENOMEM, LA_ETIMEDOUT (no answer to Hello within 10 s). */
+LA_API int la_connect(const char *socket_path, const char *client_name, la_client **ret_client);
+
+/* Closes the connection. Sessions, buffers and calls made through it must be freed first or are
+ * freed here (handles become invalid). The daemon keeps open sessions for its grace period. */
+LA_API void la_disconnect(la_client *c);
+
+/* Facts the daemon sent in its Hello reply, as text; NULL for an unknown name. Names:
+ * "daemon.version", "protocol" ("1.0"), "backends" (comma-separated, e.g. "cpu,cuda"),
+ * "devices" (one line per device: "<uuid> <backend> <name>"), "limit.max_frame",
+ * "limit.max_inflight", "limit.max_buffers", "limit.max_sessions", "limit.max_mask_bytes".
+ * The string lives as long as the client. */
+LA_API const char *la_client_property(const la_client *c, const char *name);
+
+/* Round trip of one Ping. Errors: LA_ECLOSED, LA_EPROTO. */
+LA_API int la_ping(la_client *c, uint64_t *ret_rtt_ns);
+
+/* Reads whatever replies have arrived, waiting up to timeout_ms (0: do not wait, -1: forever)
+ * for at least one, and runs the completion callbacks of finished calls. Returns the number of
+ * calls completed (>= 0) or an error (LA_ECLOSED when the daemon went away). */
+LA_API int la_client_process(la_client *c, int timeout_ms);
+
+/* ---------------------------------------------------------------------------------------- */
+/* Tables: small results with named columns (stats, session listings). */
+
+typedef struct la_table la_table;
+LA_API size_t la_table_rows(const la_table *t);
+LA_API size_t la_table_cols(const la_table *t);
+LA_API const char *la_table_col_name(const la_table *t, size_t col);
+/* Cell as text; NULL when out of range. */
+LA_API const char *la_table_text(const la_table *t, size_t row, size_t col);
+/* Cell of the named column parsed as an integer. Errors: LA_ENOENT (no such column or row),
+ * LA_EINVAL (not an integer). */
+LA_API int la_table_int(const la_table *t, size_t row, const char *col, int64_t *ret_value);
+LA_API void la_table_free(la_table *t);
+
+/* Daemon counters: columns "name", "value". */
+LA_API int la_stats(la_client *c, la_table **ret_table);
+/* Sessions visible to this user (root sees all): columns "id", "key", "uid", "layers",
+ * "heads", "head_dim", "batch", "bm", "bn", "mask_bytes", "calls", "live_fraction",
+ * "attached", "idle_s", "device". */
+LA_API int la_sessions(la_client *c, la_table **ret_table);
+
+/* ---------------------------------------------------------------------------------------- */
+/* Buffers: memory the daemon reads Q/K/V from and writes O/LSE into. Tensors are named by
+ * (buffer, byte offset, shape, strides). */
+
+typedef struct la_buffer la_buffer;
+
+/* Creates a sealed shared-memory block (memfd) of size bytes, maps it here and registers it
+ * with the daemon (the fd travels by SCM_RIGHTS). Errors: LA_EINVAL (size 0), LA_ENOMEM,
+ * LA_ELIMIT (buffer count or byte limit of the connection), LA_EIO. */
+LA_API int la_buffer_new_host(la_client *c, size_t size, la_buffer **ret_buffer);
+
+/* Registers a caller's shared-memory fd (memfd or POSIX shm) of size bytes; the library dups
+ * and maps it. Errors as la_buffer_new_host, plus LA_EINVAL when fd is smaller than size. */
+LA_API int la_buffer_register_fd(la_client *c, int fd, size_t size, la_buffer **ret_buffer);
+
+/* Registers the CUDA allocation that contains dev_ptr (the whole cudaMalloc block: the
+ * library finds its base and size with the CUDA driver, loaded at run time) and writes the
+ * byte offset of dev_ptr inside it. The same block registered twice on one client returns the
+ * same buffer with a new reference. Errors: LA_ENODEV (no CUDA driver, or the daemon has no
+ * such GPU), LA_ENOTSUP (memory that legacy CUDA IPC cannot share, e.g. from PyTorch's
+ * expandable_segments allocator), LA_ELIMIT. */
+LA_API int la_buffer_register_cuda(la_client *c, const void *dev_ptr, la_buffer **ret_buffer,
+                                   uint64_t *ret_offset);
+
+/* Registers a CUDA IPC memory handle (cudaIpcMemHandle_t bytes, handle_len must be 64) of an
+ * allocation of size bytes on the GPU with UUID device_uuid ("GPU-xxxxxxxx-..." or 32 hex
+ * digits). Errors: LA_EINVAL, LA_ENODEV, LA_ERANGE (size larger than the real allocation). */
+LA_API int la_buffer_register_cuda_ipc(la_client *c, const void *handle, size_t handle_len,
+                                       const char *device_uuid, uint64_t size,
+                                       la_buffer **ret_buffer);
+
+/* Host address of a host buffer (NULL for CUDA buffers), its size, and its id on the daemon. */
+LA_API void *la_buffer_host_ptr(const la_buffer *b);
+LA_API uint64_t la_buffer_size(const la_buffer *b);
+LA_API uint64_t la_buffer_id(const la_buffer *b);
+
+/* Drops one reference; the last one unregisters the buffer on the daemon (which releases it
+ * once in-flight work using it has finished) and unmaps it here. NULL is allowed. */
+LA_API int la_buffer_unregister(la_buffer *b);
+
+/* ---------------------------------------------------------------------------------------- */
+/* Sessions: one generation, holding the skip masks of every layer. */
+
+typedef struct la_session_config la_session_config;
+typedef struct la_session la_session;
+
+LA_API int la_session_config_new(la_session_config **ret_config);
+LA_API void la_session_config_free(la_session_config *cfg);
+/* Required. max_seq_k == 0 means max_seq_q; batch, kv_shards == 0 mean 1. */
+LA_API int la_session_config_set_geometry(la_session_config *cfg, uint32_t layers,
+                                          uint32_t heads, uint32_t head_dim, la_dtype dtype,
+                                          uint32_t max_seq_q, uint32_t max_seq_k,
+                                          uint32_t batch, uint32_t kv_shards);
+/* Threshold tau in log2 units (default -3). -INFINITY skips nothing. */
+LA_API int la_session_config_set_threshold(la_session_config *cfg, float tau);
+/* Per-step thresholds: step s uses tau[min(s, n-1)]. n == 0 clears the schedule. */
+LA_API int la_session_config_set_schedule(la_session_config *cfg, const float *tau, size_t n);
+/* Default mode of calls (LA_MODE_SKIP unless set). */
+LA_API int la_session_config_set_mode(la_session_config *cfg, la_mode mode);
+LA_API int la_session_config_set_direction(la_session_config *cfg, la_direction dir);
+/* Where the session computes: "auto" (default: the GPU of its buffers if any, else cpu),
+ * "cpu", "cuda", or a GPU UUID. */
+LA_API int la_session_config_set_device(la_session_config *cfg, const char *device);
+
+/* Opens a new session under key (at most 255 bytes; unique per user). Masks start all ones.
+ * Errors: LA_EEXIST (key in use: attach instead), LA_ENOTSUP (head dim/dtype the chosen
+ * backend lacks), LA_ELIMIT (sessions or mask bytes of this user), LA_EINVAL. */
+LA_API int la_session_open(la_client *c, const char *key, const la_session_config *cfg,
+                           la_session **ret_session);
+/* Attaches to an open session of the same Unix user (e.g. after a reconnect).
+ * Errors: LA_ENOENT (no such session, or it belongs to another user). */
+LA_API int la_session_attach(la_client *c, const char *key, la_session **ret_session);
+
+/* Integer facts about the session: "id", "layers", "heads", "head_dim", "dtype",
+ * "max_seq_q", "max_seq_k", "batch", "kv_shards", "bm", "bn", "mask_bytes" (all layers),
+ * "layer_mask_bytes" (one layer, one kv shard), "n_q_tiles", "n_k_words".
+ * Errors: LA_ENOENT for an unknown name. */
+LA_API int la_session_get(const la_session *s, const char *name, int64_t *ret_value);
+
+/* Live-tile fraction of each layer (averaged over kv shards) into live[0..n) (n >= layers
+ * fills all) and the number of attention calls so far. Either output may be NULL. */
+LA_API int la_session_info(la_session *s, double *ret_live, size_t n, uint64_t *ret_calls);
+
+/* Copies the packed live mask of (layer, kv_shard): [batch, heads, n_q_tiles, n_k_words]
+ * uint32, bit n%32 of word n/32 = k-tile n, 1 = compute. len must be >= layer_mask_bytes. */
+LA_API int la_session_read_mask(la_session *s, uint32_t layer, uint32_t kv_shard, void *dst,
+                                size_t len);
+
+/* Resets every mask to all ones (the next call is dense). */
+LA_API int la_session_reset(la_session *s);
+/* Closes the session on the daemon and frees the handle. NULL is allowed. */
+LA_API int la_session_close(la_session *s);
+/* Frees the handle but leaves the session open on the daemon, to be attached later. */
+LA_API void la_session_detach(la_session *s);
+
+/* ---------------------------------------------------------------------------------------- */
+/* Attention calls. A la_attn describes one call; it can be reused and changed between calls. */
+
+typedef struct la_attn la_attn;
+typedef struct la_call la_call;
+
+LA_API int la_attn_new(la_attn **ret_attn);
+LA_API void la_attn_free(la_attn *a);
+
+/* Names a tensor: byte_offset into buf, ndim sizes and strides in elements (strides NULL:
+ * contiguous, row-major). Q/K/V/O take 4 dims (B, S, H, D), LSE 3 (B, H, Sq). DECISIONS takes
+ * no shape (ndim 0): it has the session's mask layout for one layer. Passing buf NULL removes
+ * an optional tensor (LSE, DECISIONS). Errors: LA_EINVAL (wrong ndim or role). */
+LA_API int la_attn_set_tensor(la_attn *a, la_tensor_role role, const la_buffer *buf,
+                              uint64_t byte_offset, la_dtype dtype, int ndim,
+                              const int64_t *shape, const int64_t *strides);
+LA_API int la_attn_set_position(la_attn *a, uint32_t layer, uint32_t step, uint32_t kv_shard);
+/* Softmax scale; 0 (default) means 1/sqrt(D). */
+LA_API int la_attn_set_scale(la_attn *a, float scale);
+/* Threshold for this call only, overriding the session's; NAN clears the override. */
+LA_API int la_attn_set_threshold(la_attn *a, float tau);
+LA_API int la_attn_set_mode(la_attn *a, la_mode mode);
+/* Half-open key ranges [pairs[2i], pairs[2i+1]); n == 0 clears. At most 64 ranges each. */
+LA_API int la_attn_set_must_do(la_attn *a, const int64_t *pairs, size_t n);
+LA_API int la_attn_set_must_skip(la_attn *a, const int64_t *pairs, size_t n);
+/* Dry run: the decisions go to the DECISIONS tensor, the session's mask is left alone. */
+LA_API int la_attn_set_dry_run(la_attn *a, int on);
+/* CUDA: the daemon's stream waits on this interprocess event (cudaIpcEventHandle_t bytes,
+ * len 64) before it reads Q/K/V. len 0 clears. */
+LA_API int la_attn_set_wait_event(la_attn *a, const void *ipc_event_handle, size_t len);
+
+/* Called once when a submitted call finishes (status 0 or a negative error). */
+typedef void (*la_done_fn)(la_call *call, int status, void *user);
+
+/* Sends the call and returns at once. cb may be NULL (then poll or wait). The la_call belongs
+ * to the caller (la_call_free), also after the callback ran. If this returns an error the
+ * callback never fires. Errors: LA_EBUSY (too many calls in flight on this client), LA_EINVAL,
+ * LA_ECLOSED. */
+LA_API int la_attn_submit(la_session *s, const la_attn *a, la_done_fn cb, void *user,
+                          la_call **ret_call);
+/* Submits and waits. ret_call may be NULL; otherwise it receives the finished call. */
+LA_API int la_attn_run(la_session *s, const la_attn *a, la_call **ret_call);
+
+/* Waits up to timeout_ms (-1 forever) for the call. Returns its status, or LA_ETIMEDOUT. */
+LA_API int la_call_wait(la_call *call, int timeout_ms);
+/* The status if finished, LA_EAGAIN if not (does not read the socket). */
+LA_API int la_call_status(const la_call *call);
+/* Figures of a finished call: "tiles_total", "tiles_computed" (tiles actually computed),
+ * "compute_ns" (backend time), "queue_ns" (time waiting for a worker).
+ * Errors: LA_EAGAIN (not finished), LA_ENOENT (unknown name). */
+LA_API int la_call_stat(const la_call *call, const char *name, int64_t *ret_value);
+/* CUDA: the interprocess event (64 bytes) the daemon recorded after the kernel; the caller's
+ * stream may wait on it instead of on the reply. Errors: LA_ENOENT (CPU backend). */
+LA_API int la_call_done_event(const la_call *call, void *ret_handle, size_t len);
+/* Frees a call. A call still in flight is detached: its callback no longer fires. */
+LA_API void la_call_free(la_call *call);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* LITEATTN_H */

@@ -1,0 +1,31 @@
+# libclient/: libliteattn.so (public API in include/liteattn.h, exports limited by
+# liteattn.map), liteattnctl and liteattn-demo (libclient/tools/).
+CLIENT_SRCS := $(wildcard libclient/*.c)
+CLIENT_OBJS := $(call objs,$(CLIENT_SRCS))
+$(CLIENT_OBJS): ALL_CFLAGS += -fvisibility=hidden
+CLIENT_LIBS := $(PROTOBUF_C_LIBS) -ldl $(LDLIBS_BASE)
+
+LA_SO := $(BUILD)/libliteattn.so.$(LA_VERSION)
+$(LA_SO): $(CLIENT_OBJS) $(PROTO_LIB) libclient/liteattn.map
+	@$(if $(Q),echo "  LD      $@")
+	$(Q)$(CC) -shared -Wl,-soname,libliteattn.so.$(LA_SOVERSION) \
+		-Wl,--version-script=libclient/liteattn.map -Wl,--no-undefined \
+		-o $@ $(CLIENT_OBJS) $(PROTO_LIB) $(CLIENT_LIBS)
+	$(Q)ln -sf libliteattn.so.$(LA_VERSION) $(BUILD)/libliteattn.so.$(LA_SOVERSION)
+	$(Q)ln -sf libliteattn.so.$(LA_SOVERSION) $(BUILD)/libliteattn.so
+
+# Tools link the shared library, found next to them ($ORIGIN) in the build tree.
+TOOL_LDFLAGS := -L$(BUILD) -Wl,-rpath,'$$ORIGIN' -Wl,-rpath,'$$ORIGIN/../lib'
+
+$(BUILD)/liteattnctl: $(BUILD)/obj/libclient/tools/liteattnctl.o $(LA_SO)
+	@$(if $(Q),echo "  LD      $@")
+	$(Q)$(CC) -o $@ $< $(TOOL_LDFLAGS) -lliteattn $(LDLIBS_BASE)
+
+# The demo also links the CPU reference, to measure its error against dense attention.
+$(BUILD)/liteattn-demo: $(BUILD)/obj/libclient/tools/demo.o $(LA_SO) $(KERNEL_LIB)
+	@$(if $(Q),echo "  LD      $@")
+	$(Q)$(CC) -o $@ $< $(KERNEL_LIB) $(TOOL_LDFLAGS) -lliteattn $(CUDA_LIBS) $(LDLIBS_BASE)
+
+ALL_TARGETS += $(if $(CLIENT_SRCS),$(LA_SO)) \
+	$(if $(wildcard libclient/tools/liteattnctl.c),$(BUILD)/liteattnctl) \
+	$(if $(wildcard libclient/tools/demo.c),$(BUILD)/liteattn-demo)

@@ -1,0 +1,191 @@
+/* frame.c — length-prefixed protobuf frames with SCM_RIGHTS fds (see frame.h). */
+#define _GNU_SOURCE
+#include "frame.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "liteattn.h"
+
+void la_framer_init(la_framer *f, uint32_t max_frame)
+{
+    memset(f, 0, sizeof(*f));
+    f->max_frame = max_frame ? max_frame : LA_FRAME_DEFAULT_MAX;
+}
+
+void la_framer_free(la_framer *f)
+{
+    if (!f)
+        return;
+    free(f->buf);
+    f->buf = NULL;
+    f->len = f->cap = f->head = 0;
+    for (int i = 0; i < f->n_fds; i++)
+        close(f->fds[i]);
+    f->n_fds = 0;
+}
+
+static int reserve(la_framer *f, size_t want)
+{
+    /* Compact first: consumed bytes at the front are dead. */
+    if (f->head > 0) {
+        memmove(f->buf, f->buf + f->head, f->len - f->head);
+        f->len -= f->head;
+        f->head = 0;
+    }
+    if (f->cap - f->len >= want)
+        return 0;
+    size_t cap = f->cap ? f->cap : 4096;
+    while (cap - f->len < want)
+        cap *= 2;
+    uint8_t *nb = realloc(f->buf, cap);
+    if (!nb)
+        return LA_ENOMEM;
+    f->buf = nb;
+    f->cap = cap;
+    return 0;
+}
+
+ssize_t la_framer_recv(la_framer *f, int sock)
+{
+    /* Read at most what completes the current frame plus a little, so that a frame announced
+     * too large is refused before we buffer it. */
+    size_t want = 64 * 1024;
+    int rc = reserve(f, want);
+    if (rc < 0)
+        return rc;
+
+    union {
+        char buf[CMSG_SPACE(sizeof(int) * LA_FRAME_MAX_FDS)];
+        struct cmsghdr align;
+    } ctl;
+    struct iovec iov = {.iov_base = f->buf + f->len, .iov_len = f->cap - f->len};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1,
+                         .msg_control = ctl.buf, .msg_controllen = sizeof(ctl.buf)};
+    ssize_t n;
+    do
+        n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+    while (n < 0 && errno == EINTR);
+    if (n < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            return LA_EAGAIN;
+        if (errno == ECONNRESET)
+            return 0;
+        return LA_EIO;
+    }
+
+    int bad = (msg.msg_flags & MSG_CTRUNC) != 0;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+            continue;
+        int nfd = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+        int *fds = (int *)CMSG_DATA(c);
+        for (int i = 0; i < nfd; i++) {
+            int fd;
+            memcpy(&fd, &fds[i], sizeof(fd));
+            if (f->n_fds < LA_FRAME_MAX_FDS)
+                f->fds[f->n_fds++] = fd;
+            else {
+                close(fd);
+                bad = 1;
+            }
+        }
+    }
+    f->len += (size_t)n;
+    if (bad)
+        return LA_EPROTO;
+    return n;
+}
+
+static uint32_t get_le32(const uint8_t *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+int la_framer_next(la_framer *f, const uint8_t **ret_data, uint32_t *ret_len)
+{
+    size_t avail = f->len - f->head;
+    if (avail < LA_FRAME_HDR)
+        return 0;
+    uint32_t n = get_le32(f->buf + f->head);
+    if (n > f->max_frame)
+        return LA_EPROTO;
+    if (avail - LA_FRAME_HDR < n)
+        return 0;
+    f->cur_len = n;
+    *ret_data = f->buf + f->head + LA_FRAME_HDR;
+    *ret_len = n;
+    return 1;
+}
+
+void la_framer_consume(la_framer *f)
+{
+    f->head += LA_FRAME_HDR + f->cur_len;
+    f->cur_len = 0;
+    if (f->head == f->len)
+        f->head = f->len = 0;
+}
+
+int la_framer_take_fd(la_framer *f)
+{
+    if (f->n_fds == 0)
+        return -1;
+    int fd = f->fds[0];
+    memmove(f->fds, f->fds + 1, sizeof(int) * (size_t)(f->n_fds - 1));
+    f->n_fds--;
+    return fd;
+}
+
+int la_frame_pack(const ProtobufCMessage *msg, uint32_t max_frame, uint8_t **ret_buf,
+                  size_t *ret_len)
+{
+    size_t n = protobuf_c_message_get_packed_size(msg);
+    if (n > (max_frame ? max_frame : LA_FRAME_DEFAULT_MAX))
+        return LA_ELIMIT;
+    uint8_t *buf = malloc(LA_FRAME_HDR + n);
+    if (!buf)
+        return LA_ENOMEM;
+    buf[0] = (uint8_t)n;
+    buf[1] = (uint8_t)(n >> 8);
+    buf[2] = (uint8_t)(n >> 16);
+    buf[3] = (uint8_t)(n >> 24);
+    protobuf_c_message_pack(msg, buf + LA_FRAME_HDR);
+    *ret_buf = buf;
+    *ret_len = LA_FRAME_HDR + n;
+    return 0;
+}
+
+ssize_t la_frame_send(int sock, const uint8_t *buf, size_t len, int fd)
+{
+    union {
+        char buf[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } ctl;
+    struct iovec iov = {.iov_base = (void *)buf, .iov_len = len};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
+    if (fd >= 0) {
+        memset(&ctl, 0, sizeof(ctl));
+        msg.msg_control = ctl.buf;
+        msg.msg_controllen = sizeof(ctl.buf);
+        struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(c), &fd, sizeof(int));
+    }
+    ssize_t n;
+    do
+        n = sendmsg(sock, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+    while (n < 0 && errno == EINTR);
+    if (n < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            return LA_EAGAIN;
+        if (errno == EPIPE || errno == ECONNRESET)
+            return LA_ECLOSED;
+        return LA_EIO;
+    }
+    return n;
+}
