@@ -1,5 +1,4 @@
 /* frame.c — length-prefixed protobuf frames with SCM_RIGHTS fds (see frame.h). */
-#define _GNU_SOURCE
 #include "frame.h"
 
 #include <errno.h>

@@ -40,7 +40,7 @@ void la_framer_free(la_framer *f);
  * (the received fds are closed), LA_ENOMEM, or LA_EIO. */
 ssize_t la_framer_recv(la_framer *f, int sock);
 
-/* The next complete frame: returns 1 and points *ret_data/*ret_len at its payload (valid until
+/* The next complete frame: returns 1 and points *ret_data and *ret_len at its payload (valid until
  * la_framer_consume or la_framer_recv), 0 if none is complete yet, LA_EPROTO if the next
  * frame announces a payload larger than max_frame. */
 int la_framer_next(la_framer *f, const uint8_t **ret_data, uint32_t *ret_len);
