@@ -80,7 +80,14 @@ objs = $(patsubst %.c,$(BUILD)/obj/%.o,$(filter %.c,$(1))) \
 
 PROTO_GEN_H := $(BUILD)/proto/liteattn.pb-c.h
 
+# Objects may include the generated protocol header, so they wait for it; kernels/ never do,
+# and their more specific rule lets them build where protoc-c is absent (the GPU machine).
 $(BUILD)/obj/%.o: %.c | $(PROTO_GEN_H)
+	@mkdir -p $(dir $@)
+	@$(if $(Q),echo "  CC      $<")
+	$(Q)$(CC) $(ALL_CFLAGS) -c $< -o $@
+
+$(BUILD)/obj/kernels/%.o: kernels/%.c
 	@mkdir -p $(dir $@)
 	@$(if $(Q),echo "  CC      $<")
 	$(Q)$(CC) $(ALL_CFLAGS) -c $< -o $@
