@@ -120,6 +120,10 @@ ifeq ($(HAVE_CUDA),0)
 endif
 .PHONY: all-targets
 
+# The main job: a generation through a daemon on a temporary socket (GPU when present).
+demo: all
+	$(Q)BUILD=$(BUILD) libclient/tools/run-demo.sh
+
 clean:
 	rm -rf $(BUILD) $(CLEAN_EXTRA)
 
