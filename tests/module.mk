@@ -12,5 +12,7 @@ $(BUILD)/tests/%: $(BUILD)/obj/tests/%.o $(TEST_UTIL_OBJS) $(DAEMON_LIB) $(CLIEN
 	@$(if $(Q),echo "  LD      $@")
 	$(Q)$(CC) -o $@ $(filter %.o %.a,$^) $(TEST_LIBS)
 
+PYTEST_DIRS := $(wildcard libclient/python/tests)
+
 check: all $(CHECK_BINS)
-	$(Q)BUILD=$(BUILD) tests/run.sh $(CHECK_BINS)
+	$(Q)BUILD=$(BUILD) LA_PYTEST_DIRS="$(PYTEST_DIRS)" tests/run.sh $(CHECK_BINS)

@@ -34,6 +34,29 @@ for prog in "$@"; do
     if [ "$bad" -gt 0 ] || [ "$rc" -ne 0 ]; then bad_progs+=("$name"); fi
     if [ "$bad" -eq 0 ] && [ "$rc" -ne 0 ]; then failed=$((failed + 1)); fi
 done
+# Python tests (libclient/python/tests), folded into the same closing line.
+for pydir in ${LA_PYTEST_DIRS:-}; do
+    [ -d "$pydir" ] || continue
+    if ! python3 -c 'import pytest, numpy' 2>/dev/null; then
+        echo "== pytest $pydir: not run (python3 lacks pytest or numpy; pip install -r .ci/requirements.txt)"
+        failed=$((failed + 1)); bad_progs+=("pytest:$pydir"); continue
+    fi
+    echo "== pytest $pydir"
+    log=$(mktemp)
+    python3 -m pytest -q -p no:cacheprovider "$pydir" 2>&1 | tee "$log"
+    rc=${PIPESTATUS[0]}
+    summary=$(grep -E '(passed|failed|skipped|error|no tests ran)' "$log" | tail -n 1)
+    rm -f "$log"
+    p=$(grep -oE '[0-9]+ passed' <<<"$summary" | grep -oE '[0-9]+' || echo 0)
+    f=$(grep -oE '[0-9]+ failed' <<<"$summary" | grep -oE '[0-9]+' || echo 0)
+    e=$(grep -oE '[0-9]+ errors?' <<<"$summary" | grep -oE '[0-9]+' || echo 0)
+    s_=$(grep -oE '[0-9]+ skipped' <<<"$summary" | grep -oE '[0-9]+' || echo 0)
+    passed=$((passed + p)); failed=$((failed + f + e)); skipped=$((skipped + s_))
+    if [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ]; then
+        bad_progs+=("pytest:$pydir")
+        [ $((f + e)) -eq 0 ] && failed=$((failed + 1))
+    fi
+done
 [ ${#bad_progs[@]} -gt 0 ] && echo "failing programs: ${bad_progs[*]}"
 echo "tests: $passed passed, $failed failed, $skipped skipped"
 [ "$failed" -eq 0 ]
