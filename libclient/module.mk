@@ -5,12 +5,24 @@ CLIENT_OBJS := $(call objs,$(CLIENT_SRCS))
 $(CLIENT_OBJS): ALL_CFLAGS += -fvisibility=hidden
 CLIENT_LIBS := $(PROTOBUF_C_LIBS) -ldl $(LDLIBS_BASE)
 
+# The framing and generated protocol code, compiled again with hidden visibility for the .so:
+# their la_frame* names would otherwise match the version script's la_* and leak out.
+CLIENT_PROTO_OBJS := $(BUILD)/obj/libclient/proto/frame.o $(BUILD)/obj/libclient/proto/liteattn.pb-c.o
+$(BUILD)/obj/libclient/proto/frame.o: proto/frame.c | $(PROTO_GEN_H)
+	@mkdir -p $(dir $@)
+	@$(if $(Q),echo "  CC      $< (hidden)")
+	$(Q)$(CC) $(ALL_CFLAGS) -fvisibility=hidden -c $< -o $@
+$(BUILD)/obj/libclient/proto/liteattn.pb-c.o: $(BUILD)/proto/liteattn.pb-c.c
+	@mkdir -p $(dir $@)
+	@$(if $(Q),echo "  CC      $< (hidden)")
+	$(Q)$(CC) $(ALL_CFLAGS) -fvisibility=hidden -c $< -o $@
+
 LA_SO := $(BUILD)/libliteattn.so.$(LA_VERSION)
-$(LA_SO): $(CLIENT_OBJS) $(PROTO_LIB) libclient/liteattn.map
+$(LA_SO): $(CLIENT_OBJS) $(CLIENT_PROTO_OBJS) libclient/liteattn.map
 	@$(if $(Q),echo "  LD      $@")
 	$(Q)$(CC) -shared -Wl,-soname,libliteattn.so.$(LA_SOVERSION) \
 		-Wl,--version-script=libclient/liteattn.map -Wl,--no-undefined \
-		-o $@ $(CLIENT_OBJS) $(PROTO_LIB) $(CLIENT_LIBS)
+		-o $@ $(CLIENT_OBJS) $(CLIENT_PROTO_OBJS) $(CLIENT_LIBS)
 	$(Q)ln -sf libliteattn.so.$(LA_VERSION) $(BUILD)/libliteattn.so.$(LA_SOVERSION)
 	$(Q)ln -sf libliteattn.so.$(LA_SOVERSION) $(BUILD)/libliteattn.so
 

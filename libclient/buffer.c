@@ -1,0 +1,281 @@
+/* buffer.c — memory the daemon reads and writes: sealed memfd host buffers passed by
+ * SCM_RIGHTS, caller fds, and CUDA IPC handles; unregistering. */
+#include <ctype.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+static void buffer_link(la_client *c, la_buffer *b)
+{
+    b->next = c->buffers;
+    if (c->buffers)
+        c->buffers->prev = b;
+    c->buffers = b;
+}
+
+static void buffer_unlink(la_buffer *b)
+{
+    la_client *c = b->client;
+    if (b->prev)
+        b->prev->next = b->next;
+    else
+        c->buffers = b->next;
+    if (b->next)
+        b->next->prev = b->prev;
+}
+
+static void buffer_release(la_buffer *b)
+{
+    if (b->map && munmap(b->map, (size_t)b->size) < 0)
+        cl_log(1, "liteattn: munmap of buffer %llu failed: %s", (unsigned long long)b->id,
+               strerror(errno));
+    free(b);
+}
+
+void cl_buffers_free_all(la_client *c)
+{
+    la_buffer *b = c->buffers;
+    while (b) {
+        la_buffer *n = b->next;
+        buffer_release(b);
+        b = n;
+    }
+    c->buffers = NULL;
+}
+
+/* Sends BufferRegister (lock held). */
+static int do_register(la_client *c, Liteattn__BufferRegister *br, int fd, uint64_t *ret_id)
+{
+    Liteattn__Request req = LITEATTN__REQUEST__INIT;
+    req.body_case = LITEATTN__REQUEST__BODY_BUFFER_REGISTER;
+    req.buffer_register = br;
+    Liteattn__Reply *r;
+    int rc = cl_call(c, &req, fd, LITEATTN__REPLY__BODY_BUFFER, &r);
+    if (rc < 0)
+        return rc;
+    *ret_id = r->buffer->buffer_id;
+    liteattn__reply__free_unpacked(r, NULL);
+    return 0;
+}
+
+/* Maps fd (owned by the caller), registers it and creates the la_buffer. */
+static int register_shm(la_client *c, int fd, size_t size, la_buffer **ret_buffer)
+{
+    void *map = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (map == MAP_FAILED)
+        return cl_fail(errno == ENOMEM ? LA_ENOMEM : LA_EIO, "mmap of %zu bytes: %s", size,
+                       strerror(errno));
+    la_buffer *b = calloc(1, sizeof(*b));
+    if (!b) {
+        munmap(map, size);
+        return cl_fail(LA_ENOMEM, NULL);
+    }
+    b->client = c;
+    b->size = size;
+    b->map = map;
+    b->refs = 1;
+    Liteattn__BufferRegister br = LITEATTN__BUFFER_REGISTER__INIT;
+    br.kind = LITEATTN__BUFFER_KIND__BUFFER_SHM;
+    br.size = size;
+    pthread_mutex_lock(&c->lock);
+    int rc = do_register(c, &br, fd, &b->id);
+    if (rc == 0)
+        buffer_link(c, b);
+    pthread_mutex_unlock(&c->lock);
+    if (rc < 0) {
+        buffer_release(b);
+        return rc;
+    }
+    *ret_buffer = b;
+    return 0;
+}
+
+LA_API int la_buffer_new_host(la_client *c, size_t size, la_buffer **ret_buffer)
+{
+    if (!c || !ret_buffer)
+        return cl_fail(LA_EINVAL, "la_buffer_new_host: NULL argument");
+    if (size == 0 || size > (size_t)INT64_MAX)
+        return cl_fail(LA_EINVAL, "buffer size %zu is zero or too large", size);
+    int fd = memfd_create("liteattn", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    if (fd < 0)
+        return cl_fail(LA_EIO, "memfd_create: %s", strerror(errno));
+    if (ftruncate(fd, (off_t)size) < 0) {
+        int e = errno;
+        close(fd);
+        return cl_fail(e == ENOSPC || e == ENOMEM || e == EFBIG ? LA_ENOMEM : LA_EIO,
+                       "ftruncate memfd to %zu bytes: %s", size, strerror(e));
+    }
+    /* The daemon maps it too: neither side may change its size afterwards. */
+    if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0) {
+        int e = errno;
+        close(fd);
+        return cl_fail(LA_EIO, "sealing the memfd: %s", strerror(e));
+    }
+    int rc = register_shm(c, fd, size, ret_buffer);
+    close(fd); /* the mapping and the daemon's copy keep the memory */
+    return rc;
+}
+
+LA_API int la_buffer_register_fd(la_client *c, int fd, size_t size, la_buffer **ret_buffer)
+{
+    if (!c || !ret_buffer || fd < 0)
+        return cl_fail(LA_EINVAL, "la_buffer_register_fd: bad argument");
+    if (size == 0 || size > (size_t)INT64_MAX)
+        return cl_fail(LA_EINVAL, "buffer size %zu is zero or too large", size);
+    struct stat st;
+    if (fstat(fd, &st) < 0)
+        return cl_fail(LA_EINVAL, "fstat of fd %d: %s", fd, strerror(errno));
+    if (st.st_size < 0 || (uint64_t)st.st_size < size)
+        return cl_fail(LA_EINVAL, "fd %d holds %lld bytes, fewer than the %zu asked", fd,
+                       (long long)st.st_size, size);
+    int dfd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (dfd < 0)
+        return cl_fail(LA_EIO, "dup of fd %d: %s", fd, strerror(errno));
+    int rc = register_shm(c, dfd, size, ret_buffer);
+    close(dfd);
+    return rc;
+}
+
+int cl_uuid_normalise(const char *in, char out[48])
+{
+    if (!in)
+        return LA_EINVAL;
+    if (!strncmp(in, "GPU-", 4) || !strncmp(in, "gpu-", 4))
+        in += 4;
+    char hex[33];
+    int n = 0;
+    for (const char *p = in; *p; p++) {
+        if (*p == '-')
+            continue;
+        if (!isxdigit((unsigned char)*p) || n == 32)
+            return LA_EINVAL;
+        hex[n++] = (char)tolower((unsigned char)*p);
+    }
+    if (n != 32)
+        return LA_EINVAL;
+    hex[32] = 0;
+    snprintf(out, 48, "GPU-%.8s-%.4s-%.4s-%.4s-%.12s", hex, hex + 8, hex + 12, hex + 16,
+             hex + 20);
+    return 0;
+}
+
+/* Whether the daemon announced a device with this (normalised) UUID. Unknown when it sent
+ * no device list: then the daemon decides. */
+static int daemon_has_device(la_client *c, const char *uuid)
+{
+    const char *devs = la_client_property(c, "devices");
+    if (!devs || !*devs)
+        return 1;
+    const char *p = devs;
+    while (*p) {
+        const char *eol = strchr(p, '\n');
+        size_t len = eol ? (size_t)(eol - p) : strlen(p);
+        const char *sp = memchr(p, ' ', len);
+        size_t ulen = sp ? (size_t)(sp - p) : len;
+        char a[48];
+        if (ulen < sizeof(a)) {
+            memcpy(a, p, ulen);
+            a[ulen] = 0;
+            char na[48];
+            if (cl_uuid_normalise(a, na) == 0 && !strcmp(na, uuid))
+                return 1;
+        }
+        if (!eol)
+            break;
+        p = eol + 1;
+    }
+    return 0;
+}
+
+int cl_buffer_register_ipc(la_client *c, const void *handle, const char *uuid, uint64_t size,
+                           uint64_t cuda_base, la_buffer **ret_buffer)
+{
+    if (!daemon_has_device(c, uuid))
+        return cl_fail(LA_ENODEV, "the daemon has no GPU %s (its devices: %s)", uuid,
+                       la_client_property(c, "devices"));
+    la_buffer *b = calloc(1, sizeof(*b));
+    if (!b)
+        return cl_fail(LA_ENOMEM, NULL);
+    b->client = c;
+    b->size = size;
+    b->refs = 1;
+    b->is_cuda = 1;
+    b->cuda_base = cuda_base;
+    memcpy(b->ipc_handle, handle, 64);
+    Liteattn__BufferRegister br = LITEATTN__BUFFER_REGISTER__INIT;
+    br.kind = LITEATTN__BUFFER_KIND__BUFFER_CUDA_IPC;
+    br.size = size;
+    br.has_ipc_handle = 1;
+    br.ipc_handle.data = (uint8_t *)handle;
+    br.ipc_handle.len = 64;
+    br.device_uuid = (char *)uuid;
+    /* Caller holds the lock. */
+    int rc = do_register(c, &br, -1, &b->id);
+    if (rc < 0) {
+        free(b);
+        return rc;
+    }
+    buffer_link(c, b);
+    *ret_buffer = b;
+    return 0;
+}
+
+LA_API int la_buffer_register_cuda_ipc(la_client *c, const void *handle, size_t handle_len,
+                                       const char *device_uuid, uint64_t size,
+                                       la_buffer **ret_buffer)
+{
+    if (!c || !handle || !device_uuid || !ret_buffer)
+        return cl_fail(LA_EINVAL, "la_buffer_register_cuda_ipc: NULL argument");
+    if (handle_len != 64)
+        return cl_fail(LA_EINVAL, "a CUDA IPC handle has 64 bytes, not %zu", handle_len);
+    if (size == 0)
+        return cl_fail(LA_EINVAL, "buffer size is zero");
+    char uuid[48];
+    if (cl_uuid_normalise(device_uuid, uuid) < 0)
+        return cl_fail(LA_EINVAL, "\"%s\" is not a GPU UUID (GPU-xxxxxxxx-xxxx-xxxx-xxxx-"
+                                  "xxxxxxxxxxxx or 32 hex digits)", device_uuid);
+    pthread_mutex_lock(&c->lock);
+    int rc = cl_buffer_register_ipc(c, handle, uuid, size, 0, ret_buffer);
+    pthread_mutex_unlock(&c->lock);
+    return rc;
+}
+
+LA_API void *la_buffer_host_ptr(const la_buffer *b) { return b ? b->map : NULL; }
+LA_API uint64_t la_buffer_size(const la_buffer *b) { return b ? b->size : 0; }
+LA_API uint64_t la_buffer_id(const la_buffer *b) { return b ? b->id : 0; }
+
+LA_API int la_buffer_unregister(la_buffer *b)
+{
+    if (!b)
+        return 0;
+    la_client *c = b->client;
+    pthread_mutex_lock(&c->lock);
+    if (--b->refs > 0) {
+        pthread_mutex_unlock(&c->lock);
+        return 0;
+    }
+    Liteattn__BufferUnregister bu = LITEATTN__BUFFER_UNREGISTER__INIT;
+    bu.buffer_id = b->id;
+    Liteattn__Request req = LITEATTN__REQUEST__INIT;
+    req.body_case = LITEATTN__REQUEST__BODY_BUFFER_UNREGISTER;
+    req.buffer_unregister = &bu;
+    Liteattn__Reply *r;
+    int rc = 0;
+    if (!c->closed) {
+        rc = cl_call(c, &req, -1, LITEATTN__REPLY__BODY_ACK, &r);
+        if (rc == 0)
+            liteattn__reply__free_unpacked(r, NULL);
+    }
+    /* The daemon keeps its own mapping until its in-flight work is done; ours can go now. */
+    buffer_unlink(b);
+    buffer_release(b);
+    pthread_mutex_unlock(&c->lock);
+    return rc;
+}

@@ -1,0 +1,397 @@
+/* session.c — session configuration, open/attach, facts, masks, reset and close. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+struct la_session_config {
+    int has_geometry;
+    uint32_t layers, heads, head_dim, max_seq_q, max_seq_k, batch, kv_shards;
+    la_dtype dtype;
+    float tau;
+    float *schedule;
+    size_t n_schedule;
+    la_mode mode;
+    la_direction dir;
+    char device[64];
+};
+
+LA_API int la_session_config_new(la_session_config **ret_config)
+{
+    if (!ret_config)
+        return cl_fail(LA_EINVAL, "la_session_config_new: ret_config is NULL");
+    la_session_config *cfg = calloc(1, sizeof(*cfg));
+    if (!cfg)
+        return cl_fail(LA_ENOMEM, NULL);
+    cfg->tau = -3.0f;
+    cfg->mode = LA_MODE_SKIP;
+    cfg->dir = LA_DIR_ALTERNATE;
+    strcpy(cfg->device, "auto");
+    *ret_config = cfg;
+    return 0;
+}
+
+LA_API void la_session_config_free(la_session_config *cfg)
+{
+    if (!cfg)
+        return;
+    free(cfg->schedule);
+    free(cfg);
+}
+
+LA_API int la_session_config_set_geometry(la_session_config *cfg, uint32_t layers,
+                                          uint32_t heads, uint32_t head_dim, la_dtype dtype,
+                                          uint32_t max_seq_q, uint32_t max_seq_k,
+                                          uint32_t batch, uint32_t kv_shards)
+{
+    if (!cfg)
+        return cl_fail(LA_EINVAL, "la_session_config_set_geometry: cfg is NULL");
+    if (!layers || !heads || !head_dim || !max_seq_q)
+        return cl_fail(LA_EINVAL, "layers, heads, head_dim and max_seq_q must be positive");
+    if (dtype != LA_DTYPE_F32 && dtype != LA_DTYPE_F16 && dtype != LA_DTYPE_BF16)
+        return cl_fail(LA_EINVAL, "dtype %d is not f32, f16 or bf16", (int)dtype);
+    cfg->layers = layers;
+    cfg->heads = heads;
+    cfg->head_dim = head_dim;
+    cfg->dtype = dtype;
+    cfg->max_seq_q = max_seq_q;
+    cfg->max_seq_k = max_seq_k ? max_seq_k : max_seq_q;
+    cfg->batch = batch ? batch : 1;
+    cfg->kv_shards = kv_shards ? kv_shards : 1;
+    cfg->has_geometry = 1;
+    return 0;
+}
+
+LA_API int la_session_config_set_threshold(la_session_config *cfg, float tau)
+{
+    if (!cfg || isnan(tau))
+        return cl_fail(LA_EINVAL, "la_session_config_set_threshold: NULL config or NaN");
+    cfg->tau = tau;
+    return 0;
+}
+
+LA_API int la_session_config_set_schedule(la_session_config *cfg, const float *tau, size_t n)
+{
+    if (!cfg || (n && !tau))
+        return cl_fail(LA_EINVAL, "la_session_config_set_schedule: NULL argument");
+    if (n > 100000)
+        return cl_fail(LA_EINVAL, "a schedule of %zu steps is too long", n);
+    float *s = NULL;
+    if (n) {
+        for (size_t i = 0; i < n; i++)
+            if (isnan(tau[i]))
+                return cl_fail(LA_EINVAL, "schedule entry %zu is NaN", i);
+        s = malloc(n * sizeof(float));
+        if (!s)
+            return cl_fail(LA_ENOMEM, NULL);
+        memcpy(s, tau, n * sizeof(float));
+    }
+    free(cfg->schedule);
+    cfg->schedule = s;
+    cfg->n_schedule = n;
+    return 0;
+}
+
+LA_API int la_session_config_set_mode(la_session_config *cfg, la_mode mode)
+{
+    if (!cfg || (mode != LA_MODE_DENSE && mode != LA_MODE_OBSERVE && mode != LA_MODE_SKIP))
+        return cl_fail(LA_EINVAL, "session mode must be dense, observe or skip");
+    cfg->mode = mode;
+    return 0;
+}
+
+LA_API int la_session_config_set_direction(la_session_config *cfg, la_direction dir)
+{
+    if (!cfg || (dir != LA_DIR_ALTERNATE && dir != LA_DIR_ASCENDING && dir != LA_DIR_DESCENDING))
+        return cl_fail(LA_EINVAL, "direction must be alternate, ascending or descending");
+    cfg->dir = dir;
+    return 0;
+}
+
+LA_API int la_session_config_set_device(la_session_config *cfg, const char *device)
+{
+    if (!cfg || !device || !*device || strlen(device) >= sizeof(cfg->device))
+        return cl_fail(LA_EINVAL, "device must be \"auto\", \"cpu\", \"cuda\" or a GPU UUID");
+    strcpy(cfg->device, device);
+    return 0;
+}
+
+/* ---- sessions ------------------------------------------------------------------------------ */
+
+static int session_from_reply(la_client *c, const Liteattn__SessionReply *r,
+                              la_session **ret_session)
+{
+    la_session *s = calloc(1, sizeof(*s));
+    if (!s)
+        return cl_fail(LA_ENOMEM, NULL);
+    s->client = c;
+    s->id = r->session_id;
+    s->bm = r->bm;
+    s->bn = r->bn;
+    s->mask_bytes = r->mask_bytes;
+    s->layers = r->layers;
+    s->heads = r->heads;
+    s->head_dim = r->head_dim;
+    s->dtype = r->has_dtype ? (int)r->dtype : -1;
+    s->max_seq_q = r->max_seq_q;
+    s->max_seq_k = r->has_max_seq_k && r->max_seq_k ? r->max_seq_k : r->max_seq_q;
+    s->batch = r->has_batch && r->batch ? r->batch : 1;
+    s->kv_shards = r->has_kv_shards && r->kv_shards ? r->kv_shards : 1;
+    s->n_q_tiles = r->has_n_q_tiles ? r->n_q_tiles
+                                    : (s->bm ? (s->max_seq_q + s->bm - 1) / s->bm : 0);
+    s->n_k_words = r->has_n_k_words
+                       ? r->n_k_words
+                       : (s->bn ? ((s->max_seq_k + s->bn - 1) / s->bn + 31) / 32 : 0);
+    s->layer_mask_bytes = r->has_layer_mask_bytes
+                              ? r->layer_mask_bytes
+                              : (uint64_t)s->batch * s->heads * s->n_q_tiles * s->n_k_words * 4;
+    s->next = c->sessions;
+    if (c->sessions)
+        c->sessions->prev = s;
+    c->sessions = s;
+    *ret_session = s;
+    return 0;
+}
+
+static void session_unlink(la_session *s)
+{
+    la_client *c = s->client;
+    if (s->prev)
+        s->prev->next = s->next;
+    else
+        c->sessions = s->next;
+    if (s->next)
+        s->next->prev = s->prev;
+}
+
+void cl_sessions_free_all(la_client *c)
+{
+    la_session *s = c->sessions;
+    while (s) {
+        la_session *n = s->next;
+        free(s);
+        s = n;
+    }
+    c->sessions = NULL;
+}
+
+LA_API int la_session_open(la_client *c, const char *key, const la_session_config *cfg,
+                           la_session **ret_session)
+{
+    if (!c || !key || !cfg || !ret_session)
+        return cl_fail(LA_EINVAL, "la_session_open: NULL argument");
+    if (!*key || strlen(key) > 255)
+        return cl_fail(LA_EINVAL, "session key must be 1 to 255 bytes");
+    if (!cfg->has_geometry)
+        return cl_fail(LA_EINVAL, "session config has no geometry "
+                                  "(la_session_config_set_geometry)");
+    Liteattn__SessionOpen so = LITEATTN__SESSION_OPEN__INIT;
+    so.key = (char *)key;
+    so.layers = cfg->layers;
+    so.heads = cfg->heads;
+    so.head_dim = cfg->head_dim;
+    so.dtype = (Liteattn__DType)cfg->dtype;
+    so.max_seq_q = cfg->max_seq_q;
+    so.has_max_seq_k = 1;
+    so.max_seq_k = cfg->max_seq_k;
+    so.has_batch = 1;
+    so.batch = cfg->batch;
+    so.has_kv_shards = 1;
+    so.kv_shards = cfg->kv_shards;
+    so.has_threshold = 1;
+    so.threshold = cfg->tau;
+    so.n_schedule = cfg->n_schedule;
+    so.schedule = cfg->schedule;
+    so.has_mode = 1;
+    so.mode = (Liteattn__Mode)cfg->mode;
+    so.has_direction = 1;
+    so.direction = (Liteattn__Direction)cfg->dir;
+    so.device = (char *)cfg->device;
+    Liteattn__Request req = LITEATTN__REQUEST__INIT;
+    req.body_case = LITEATTN__REQUEST__BODY_SESSION_OPEN;
+    req.session_open = &so;
+    Liteattn__Reply *r;
+    pthread_mutex_lock(&c->lock);
+    int rc = cl_call(c, &req, -1, LITEATTN__REPLY__BODY_SESSION, &r);
+    if (rc == 0) {
+        rc = session_from_reply(c, r->session, ret_session);
+        liteattn__reply__free_unpacked(r, NULL);
+    }
+    pthread_mutex_unlock(&c->lock);
+    return rc;
+}
+
+LA_API int la_session_attach(la_client *c, const char *key, la_session **ret_session)
+{
+    if (!c || !key || !ret_session)
+        return cl_fail(LA_EINVAL, "la_session_attach: NULL argument");
+    if (!*key || strlen(key) > 255)
+        return cl_fail(LA_EINVAL, "session key must be 1 to 255 bytes");
+    Liteattn__SessionAttach sa = LITEATTN__SESSION_ATTACH__INIT;
+    sa.key = (char *)key;
+    Liteattn__Request req = LITEATTN__REQUEST__INIT;
+    req.body_case = LITEATTN__REQUEST__BODY_SESSION_ATTACH;
+    req.session_attach = &sa;
+    Liteattn__Reply *r;
+    pthread_mutex_lock(&c->lock);
+    int rc = cl_call(c, &req, -1, LITEATTN__REPLY__BODY_SESSION, &r);
+    if (rc == 0) {
+        rc = session_from_reply(c, r->session, ret_session);
+        liteattn__reply__free_unpacked(r, NULL);
+    }
+    pthread_mutex_unlock(&c->lock);
+    return rc;
+}
+
+LA_API int la_session_get(const la_session *s, const char *name, int64_t *ret_value)
+{
+    if (!s || !name)
+        return cl_fail(LA_EINVAL, "la_session_get: NULL argument");
+    int64_t v;
+    if (!strcmp(name, "id")) v = (int64_t)s->id;
+    else if (!strcmp(name, "layers")) v = s->layers;
+    else if (!strcmp(name, "heads")) v = s->heads;
+    else if (!strcmp(name, "head_dim")) v = s->head_dim;
+    else if (!strcmp(name, "dtype")) v = s->dtype;
+    else if (!strcmp(name, "max_seq_q")) v = s->max_seq_q;
+    else if (!strcmp(name, "max_seq_k")) v = s->max_seq_k;
+    else if (!strcmp(name, "batch")) v = s->batch;
+    else if (!strcmp(name, "kv_shards")) v = s->kv_shards;
+    else if (!strcmp(name, "bm")) v = s->bm;
+    else if (!strcmp(name, "bn")) v = s->bn;
+    else if (!strcmp(name, "mask_bytes")) v = (int64_t)s->mask_bytes;
+    else if (!strcmp(name, "layer_mask_bytes")) v = (int64_t)s->layer_mask_bytes;
+    else if (!strcmp(name, "n_q_tiles")) v = s->n_q_tiles;
+    else if (!strcmp(name, "n_k_words")) v = s->n_k_words;
+    else return cl_fail(LA_ENOENT, "no session fact \"%s\"", name);
+    if (ret_value)
+        *ret_value = v;
+    return 0;
+}
+
+static int session_ref_call(la_session *s, int body, int want, Liteattn__Reply **ret_reply)
+{
+    Liteattn__SessionRef ref = LITEATTN__SESSION_REF__INIT;
+    ref.session_id = s->id;
+    Liteattn__Request req = LITEATTN__REQUEST__INIT;
+    req.body_case = (Liteattn__Request__BodyCase)body;
+    switch (body) {
+    case LITEATTN__REQUEST__BODY_SESSION_RESET: req.session_reset = &ref; break;
+    case LITEATTN__REQUEST__BODY_SESSION_CLOSE: req.session_close = &ref; break;
+    default: req.session_info = &ref; break;
+    }
+    return cl_call(s->client, &req, -1, want, ret_reply);
+}
+
+LA_API int la_session_info(la_session *s, double *ret_live, size_t n, uint64_t *ret_calls)
+{
+    if (!s)
+        return cl_fail(LA_EINVAL, "la_session_info: no session");
+    la_client *c = s->client;
+    Liteattn__Reply *r;
+    pthread_mutex_lock(&c->lock);
+    int rc = session_ref_call(s, LITEATTN__REQUEST__BODY_SESSION_INFO,
+                              LITEATTN__REPLY__BODY_SESSION_INFO, &r);
+    pthread_mutex_unlock(&c->lock);
+    if (rc < 0)
+        return rc;
+    if (ret_live)
+        for (size_t i = 0; i < n && i < r->session_info->n_live_fraction; i++)
+            ret_live[i] = r->session_info->live_fraction[i];
+    if (ret_calls)
+        *ret_calls = r->session_info->calls;
+    liteattn__reply__free_unpacked(r, NULL);
+    return 0;
+}
+
+LA_API int la_session_read_mask(la_session *s, uint32_t layer, uint32_t kv_shard, void *dst,
+                                size_t len)
+{
+    if (!s || !dst)
+        return cl_fail(LA_EINVAL, "la_session_read_mask: NULL argument");
+    if (len < s->layer_mask_bytes)
+        return cl_fail(LA_EINVAL, "mask buffer of %zu bytes, the layer mask has %llu", len,
+                       (unsigned long long)s->layer_mask_bytes);
+    la_client *c = s->client;
+    /* Chunks well under the frame limit (the reply carries the bytes plus a few fields). */
+    uint32_t chunk = c->max_frame > 8192 ? c->max_frame - 4096 : 4096;
+    uint64_t off = 0, total = s->layer_mask_bytes;
+    uint8_t *out = dst;
+    int rc = 0;
+    pthread_mutex_lock(&c->lock);
+    while (off < total) {
+        Liteattn__MaskRead mr = LITEATTN__MASK_READ__INIT;
+        mr.session_id = s->id;
+        mr.layer = layer;
+        mr.has_kv_shard = 1;
+        mr.kv_shard = kv_shard;
+        mr.has_offset = 1;
+        mr.offset = off;
+        mr.has_length = 1;
+        mr.length = (uint32_t)(total - off < chunk ? total - off : chunk);
+        Liteattn__Request req = LITEATTN__REQUEST__INIT;
+        req.body_case = LITEATTN__REQUEST__BODY_MASK_READ;
+        req.mask_read = &mr;
+        Liteattn__Reply *r;
+        rc = cl_call(c, &req, -1, LITEATTN__REPLY__BODY_MASK, &r);
+        if (rc < 0)
+            break;
+        size_t got = r->mask->data.len;
+        if (r->mask->total_bytes != total || got == 0 || got > total - off) {
+            rc = cl_fail(LA_EPROTO, "mask reply of %zu bytes at offset %llu (layer mask %llu, "
+                                    "daemon says %llu)", got, (unsigned long long)off,
+                         (unsigned long long)total, (unsigned long long)r->mask->total_bytes);
+            liteattn__reply__free_unpacked(r, NULL);
+            break;
+        }
+        memcpy(out + off, r->mask->data.data, got);
+        off += got;
+        liteattn__reply__free_unpacked(r, NULL);
+    }
+    pthread_mutex_unlock(&c->lock);
+    return rc;
+}
+
+LA_API int la_session_reset(la_session *s)
+{
+    if (!s)
+        return cl_fail(LA_EINVAL, "la_session_reset: no session");
+    la_client *c = s->client;
+    Liteattn__Reply *r;
+    pthread_mutex_lock(&c->lock);
+    int rc = session_ref_call(s, LITEATTN__REQUEST__BODY_SESSION_RESET,
+                              LITEATTN__REPLY__BODY_ACK, &r);
+    pthread_mutex_unlock(&c->lock);
+    if (rc == 0)
+        liteattn__reply__free_unpacked(r, NULL);
+    return rc;
+}
+
+LA_API int la_session_close(la_session *s)
+{
+    if (!s)
+        return 0;
+    la_client *c = s->client;
+    Liteattn__Reply *r;
+    pthread_mutex_lock(&c->lock);
+    int rc = session_ref_call(s, LITEATTN__REQUEST__BODY_SESSION_CLOSE,
+                              LITEATTN__REPLY__BODY_ACK, &r);
+    if (rc == 0)
+        liteattn__reply__free_unpacked(r, NULL);
+    session_unlink(s);
+    free(s);
+    pthread_mutex_unlock(&c->lock);
+    return rc;
+}
+
+LA_API void la_session_detach(la_session *s)
+{
+    if (!s)
+        return;
+    la_client *c = s->client;
+    pthread_mutex_lock(&c->lock);
+    session_unlink(s);
+    free(s);
+    pthread_mutex_unlock(&c->lock);
+}

@@ -1,0 +1,192 @@
+/* table.c — small named-column results (stats, session listings) and the requests that
+ * produce them. */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+struct la_table {
+    size_t rows, cols, cap_rows;
+    char **names; /* cols */
+    char **cells; /* rows * cols */
+};
+
+static la_table *table_new(const char *const *names, size_t cols)
+{
+    la_table *t = calloc(1, sizeof(*t));
+    if (!t)
+        return NULL;
+    t->cols = cols;
+    t->names = calloc(cols, sizeof(char *));
+    if (!t->names) {
+        free(t);
+        return NULL;
+    }
+    for (size_t i = 0; i < cols; i++) {
+        t->names[i] = strdup(names[i]);
+        if (!t->names[i]) {
+            la_table_free(t);
+            return NULL;
+        }
+    }
+    return t;
+}
+
+/* Appends a row of cols cells (copied). */
+static int table_add(la_table *t, char *const *cells)
+{
+    if (t->rows == t->cap_rows) {
+        size_t cap = t->cap_rows ? t->cap_rows * 2 : 16;
+        char **nc = realloc(t->cells, cap * t->cols * sizeof(char *));
+        if (!nc)
+            return LA_ENOMEM;
+        t->cells = nc;
+        t->cap_rows = cap;
+    }
+    char **row = t->cells + t->rows * t->cols;
+    for (size_t i = 0; i < t->cols; i++) {
+        row[i] = strdup(cells[i] ? cells[i] : "");
+        if (!row[i]) {
+            for (size_t j = 0; j < i; j++)
+                free(row[j]);
+            return LA_ENOMEM;
+        }
+    }
+    t->rows++;
+    return 0;
+}
+
+LA_API void la_table_free(la_table *t)
+{
+    if (!t)
+        return;
+    for (size_t i = 0; i < t->rows * t->cols; i++)
+        free(t->cells[i]);
+    free(t->cells);
+    if (t->names)
+        for (size_t i = 0; i < t->cols; i++)
+            free(t->names[i]);
+    free(t->names);
+    free(t);
+}
+
+LA_API size_t la_table_rows(const la_table *t) { return t ? t->rows : 0; }
+LA_API size_t la_table_cols(const la_table *t) { return t ? t->cols : 0; }
+
+LA_API const char *la_table_col_name(const la_table *t, size_t col)
+{
+    return t && col < t->cols ? t->names[col] : NULL;
+}
+
+LA_API const char *la_table_text(const la_table *t, size_t row, size_t col)
+{
+    if (!t || row >= t->rows || col >= t->cols)
+        return NULL;
+    return t->cells[row * t->cols + col];
+}
+
+LA_API int la_table_int(const la_table *t, size_t row, const char *col, int64_t *ret_value)
+{
+    if (!t || !col)
+        return cl_fail(LA_EINVAL, "la_table_int: NULL argument");
+    size_t c;
+    for (c = 0; c < t->cols; c++)
+        if (strcmp(t->names[c], col) == 0)
+            break;
+    if (c == t->cols)
+        return cl_fail(LA_ENOENT, "no column \"%s\"", col);
+    if (row >= t->rows)
+        return cl_fail(LA_ENOENT, "no row %zu (the table has %zu)", row, t->rows);
+    const char *s = t->cells[row * t->cols + c];
+    char *end;
+    errno = 0;
+    long long v = strtoll(s, &end, 10);
+    if (errno || end == s || *end)
+        return cl_fail(LA_EINVAL, "column \"%s\" row %zu is \"%s\", not an integer", col, row, s);
+    if (ret_value)
+        *ret_value = v;
+    return 0;
+}
+
+LA_API int la_stats(la_client *c, la_table **ret_table)
+{
+    if (!c || !ret_table)
+        return cl_fail(LA_EINVAL, "la_stats: NULL argument");
+    Liteattn__Stats st = LITEATTN__STATS__INIT;
+    Liteattn__Request req = LITEATTN__REQUEST__INIT;
+    req.body_case = LITEATTN__REQUEST__BODY_STATS;
+    req.stats = &st;
+    Liteattn__Reply *r;
+    pthread_mutex_lock(&c->lock);
+    int rc = cl_call(c, &req, -1, LITEATTN__REPLY__BODY_STATS, &r);
+    pthread_mutex_unlock(&c->lock);
+    if (rc < 0)
+        return rc;
+    static const char *const names[] = {"name", "value"};
+    la_table *t = table_new(names, 2);
+    rc = t ? 0 : LA_ENOMEM;
+    for (size_t i = 0; rc == 0 && i < r->stats->n_stats; i++) {
+        char v[32];
+        snprintf(v, sizeof(v), "%" PRId64, r->stats->stats[i]->value);
+        char *cells[2] = {r->stats->stats[i]->name, v};
+        rc = table_add(t, cells);
+    }
+    liteattn__reply__free_unpacked(r, NULL);
+    if (rc < 0) {
+        la_table_free(t);
+        return cl_fail(rc, NULL);
+    }
+    *ret_table = t;
+    return 0;
+}
+
+LA_API int la_sessions(la_client *c, la_table **ret_table)
+{
+    if (!c || !ret_table)
+        return cl_fail(LA_EINVAL, "la_sessions: NULL argument");
+    Liteattn__SessionList sl = LITEATTN__SESSION_LIST__INIT;
+    Liteattn__Request req = LITEATTN__REQUEST__INIT;
+    req.body_case = LITEATTN__REQUEST__BODY_SESSION_LIST;
+    req.session_list = &sl;
+    Liteattn__Reply *r;
+    pthread_mutex_lock(&c->lock);
+    int rc = cl_call(c, &req, -1, LITEATTN__REPLY__BODY_SESSION_LIST, &r);
+    pthread_mutex_unlock(&c->lock);
+    if (rc < 0)
+        return rc;
+    static const char *const names[] = {"id", "key", "uid", "layers", "heads", "head_dim",
+                                        "batch", "bm", "bn", "mask_bytes", "calls",
+                                        "live_fraction", "attached", "idle_s", "device"};
+    la_table *t = table_new(names, 15);
+    rc = t ? 0 : LA_ENOMEM;
+    for (size_t i = 0; rc == 0 && i < r->session_list->n_sessions; i++) {
+        const Liteattn__SessionSummary *s = r->session_list->sessions[i];
+        char b[13][32];
+        snprintf(b[0], 32, "%" PRIu64, s->id);
+        snprintf(b[1], 32, "%u", s->uid);
+        snprintf(b[2], 32, "%u", s->layers);
+        snprintf(b[3], 32, "%u", s->heads);
+        snprintf(b[4], 32, "%u", s->head_dim);
+        snprintf(b[5], 32, "%u", s->batch);
+        snprintf(b[6], 32, "%u", s->bm);
+        snprintf(b[7], 32, "%u", s->bn);
+        snprintf(b[8], 32, "%" PRIu64, s->mask_bytes);
+        snprintf(b[9], 32, "%" PRIu64, s->calls);
+        snprintf(b[10], 32, "%.4f", s->live_fraction);
+        snprintf(b[11], 32, "%d", s->attached ? 1 : 0);
+        snprintf(b[12], 32, "%" PRIu64, s->idle_ms / 1000);
+        char *cells[15] = {b[0], s->key, b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9],
+                           b[10], b[11], b[12], s->device};
+        rc = table_add(t, cells);
+    }
+    liteattn__reply__free_unpacked(r, NULL);
+    if (rc < 0) {
+        la_table_free(t);
+        return cl_fail(rc, NULL);
+    }
+    *ret_table = t;
+    return 0;
+}
