@@ -1,0 +1,446 @@
+/*
+ * attn_fwd.cuh — private: the templated LiteAttention forward kernel (FlashAttention-2 style)
+ * for sm_80 .. sm_90: mma.sync.m16n8k16 tensor cores fed by ldmatrix from XOR-swizzled shared
+ * memory, cp.async copies of K/V tiles overlapped with the math, online softmax in the exp2
+ * domain with fp32 accumulation, and the skip semantics of SKIP-SEMANTICS.md.
+ *
+ * One CTA owns one (b, h, q-tile m): BM = NW*16*MT query rows, NW warps of MT 16-row slabs.
+ * It reads its mask row once, visits the live k-tiles of the row in the call's direction
+ * (iterating over set bits: skipped tiles cost no load, no QK, no softmax, no PV), collects
+ * the keep votes with one shared-memory atomicOr per warp and tile, and writes its mask row
+ * once at the end.
+ *
+ * Pipeline per visited tile n (one K and one V buffer, as FlashAttention-2):
+ *   wait K(n); barrier; issue V(n); S = Q K(n)^T; wait V(n); barrier; issue K(next live);
+ *   softmax + votes; O += P V(n).
+ * so V(n) streams in under QK and K(next) under softmax and PV. The barrier after each wait
+ * also guarantees that nobody still reads the buffer about to be overwritten.
+ *
+ * Instances: one per (head dim, dtype) in attn_fwd_hd<D>_<dtype>.cu; each builds the kernel
+ * twice, with skipping (SKIP=true) and with it compiled out (SKIP=false, pure dense).
+ */
+#ifndef LA_ATTN_FWD_CUH
+#define LA_ATTN_FWD_CUH
+
+#include <stdint.h>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "la_cuda.h"
+
+namespace la_cuda {
+
+constexpr int kFlagWords = LA_CUDA_MAX_K_TILES / 32;
+
+/* Kernel parameters, by value (about 1.2 KB). Strides in elements. */
+struct KParams {
+    const void *q, *k, *v; /* Q: [B, Sq, H, D]; K, V: [B, Sk, H, D]; d stride 1 */
+    void *o;               /* O: [B, Sq, H, D], d stride 1 */
+    float *lse;            /* LSE: [B, H, Sq] f32 or NULL */
+    int64_t q_sb, q_ss, q_sh, k_sb, k_ss, k_sh, v_sb, v_ss, v_sh, o_sb, o_ss, o_sh;
+    int64_t lse_sb, lse_sh, lse_ss;
+    int32_t Sq, Sk, nK, W; /* W = ceil(nK / 32) mask words per row */
+    float c;               /* scale * log2(e): raw score -> log2 units */
+    float tau;
+    int32_t mode;          /* la_mode: DENSE, OBSERVE or SKIP */
+    int32_t desc;          /* 1: visit k-tiles in descending order */
+    uint32_t *mask;        /* mask row (b, h, m) at b*m_sb + h*m_sh + m*m_sm words */
+    uint32_t *dec;         /* dry run: new rows go here (same strides) instead of mask */
+    int64_t m_sb, m_sh, m_sm;
+    unsigned long long *tiles; /* device counter of computed tiles, or NULL */
+    uint32_t must_do[kFlagWords];   /* bit n: k-tile n holds a must-do key */
+    uint32_t skip_only[kFlagWords]; /* bit n: every key of k-tile n is must-skip only */
+};
+
+/* Tile shape per head dim: NW warps, each MT 16-row slabs; BN keys per k-tile. */
+template <int D> struct Shape;
+template <> struct Shape<64> {
+    static constexpr int NW = 4, MT = 2, BN = 128;
+};
+template <> struct Shape<128> {
+    static constexpr int NW = 4, MT = 2, BN = 64;
+};
+template <int D> struct Tiles {
+    static constexpr int NW = Shape<D>::NW, MT = Shape<D>::MT, BN = Shape<D>::BN;
+    static constexpr int BM = NW * 16 * MT;
+    static constexpr int NT = NW * 32;
+    static constexpr size_t smem_bytes = (size_t)(BM + 2 * BN) * D * 2;
+};
+
+template <int D, typename T, bool SKIP>
+cudaError_t launch(const KParams &kp, int nQ, int H, int B, cudaStream_t stream);
+
+#ifdef LA_ATTN_FWD_INSTANTIATE /* only instance files compile the kernel body */
+
+/* ---- element types ---------------------------------------------------------------------- */
+template <typename T> struct Ty;
+template <> struct Ty<__nv_bfloat16> {
+    static __device__ __forceinline__ uint32_t pack(float a, float b) {
+        __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+        return *reinterpret_cast<uint32_t *>(&h);
+    }
+    static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4],
+                                               uint32_t b0, uint32_t b1) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
+            "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+};
+template <> struct Ty<__half> {
+    static __device__ __forceinline__ uint32_t pack(float a, float b) {
+        __half2 h = __floats2half2_rn(a, b);
+        return *reinterpret_cast<uint32_t *>(&h);
+    }
+    static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4],
+                                               uint32_t b0, uint32_t b1) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
+            "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+};
+
+/* ---- PTX helpers ------------------------------------------------------------------------ */
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+/* 16-byte copy global -> shared; src_bytes 0 zero-fills (rows past Sq / Sk: zeros keep the
+ * padded scores finite and 0 * V finite). */
+__device__ __forceinline__ void cp16(uint32_t saddr, const void *g, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(saddr), "l"(g),
+                 "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
+__device__ __forceinline__ void cp_wait_all() {
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
+}
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+/* Next live k-tile after n in the visiting direction, or -1. live: W words in shared memory
+ * (bits past nK are 0). Every thread walks the same words: uniform control flow. */
+__device__ __forceinline__ int next_live(const uint32_t *live, int n, bool desc, int W) {
+    if (desc) {
+        int i = n - 1;
+        while (i >= 0) {
+            int w = i >> 5;
+            uint32_t bits = live[w] & (0xffffffffu >> (31 - (i & 31)));
+            if (bits) return (w << 5) + 31 - __clz(bits);
+            i = (w << 5) - 1;
+        }
+    } else {
+        int i = n + 1;
+        while (i < (W << 5)) {
+            int w = i >> 5;
+            uint32_t bits = live[w] & (0xffffffffu << (i & 31));
+            if (bits) return (w << 5) + __ffs(bits) - 1;
+            i = (w + 1) << 5;
+        }
+    }
+    return -1;
+}
+
+/* Copies rows [0, R) of a tile (row r at g + r*row_stride) into swizzled shared memory:
+ * element (r, d) at r*D + ((d/8) ^ (r%8))*8 + d%8, so that the 8 rows an ldmatrix phase reads
+ * hit 8 distinct 16-byte bank groups. Rows >= valid are zero-filled. */
+template <int D, int R, int NT>
+__device__ __forceinline__ void load_tile(uint32_t s, const char *g, int64_t row_stride,
+                                          int valid, int tid) {
+    constexpr int CPR = D / 8;     /* 16-byte chunks per row */
+    constexpr int RPI = NT / CPR;  /* rows per pass */
+    static_assert(R % RPI == 0, "tile rows must be a multiple of rows per pass");
+    const int ch = tid % CPR, r0 = tid / CPR;
+    const uint32_t soff = (uint32_t)(r0 * D + ((ch ^ (r0 & 7)) * 8)) * 2;
+    const char *gp = g + ((int64_t)r0 * row_stride + ch * 8) * 2;
+#pragma unroll
+    for (int it = 0; it < R / RPI; ++it) {
+        const int r = r0 + it * RPI;
+        const bool ok = r < valid;
+        cp16(s + soff + (uint32_t)(it * RPI * D * 2), ok ? (const void *)(gp + (int64_t)it * RPI * row_stride * 2) : (const void *)g,
+             ok ? 16 : 0);
+    }
+}
+
+template <int D, typename T, bool SKIP>
+__global__ void __launch_bounds__(Tiles<D>::NT, 2) attn_fwd_kernel(const __grid_constant__ KParams p) {
+    using TL = Tiles<D>;
+    constexpr int NW = TL::NW, MT = TL::MT, BN = TL::BN, BM = TL::BM, NT = TL::NT;
+    (void)NW;
+    extern __shared__ __align__(128) char smem[];
+    __shared__ uint32_t s_live[SKIP ? kFlagWords : 1];
+    __shared__ uint32_t s_keep[SKIP ? kFlagWords : 1];
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int m = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int nK = p.nK, W = p.W;
+    const bool desc = p.desc != 0;
+    const bool track = SKIP && p.mode != LA_MODE_DENSE; /* votes and mask update */
+
+    /* Mask row (b, h, m): W words, bit n%32 of word n/32. Read here and again (by the same
+     * thread, nobody else writes the row) at the end, so that no register holds it across
+     * the main loop. */
+    if (SKIP) {
+        const uint32_t *row_in = p.mask ? p.mask + b * p.m_sb + h * p.m_sh + m * p.m_sm : nullptr;
+        for (int w = tid; w < W; w += NT) {
+            const uint32_t valid =
+                (w == W - 1 && (nK & 31)) ? ((1u << (nK & 31)) - 1u) : 0xffffffffu;
+            uint32_t live;
+            if (p.mode == LA_MODE_DENSE)
+                live = valid;
+            else
+                live = (row_in[w] | p.must_do[w]) & ~p.skip_only[w] & valid;
+            s_live[w] = live;
+            s_keep[w] = 0;
+        }
+        __syncthreads();
+    }
+
+    const uint32_t sQ = (uint32_t)__cvta_generic_to_shared(smem);
+    const uint32_t sK = sQ + BM * D * 2;
+    const uint32_t sV = sK + BN * D * 2;
+
+    const char *gQ = (const char *)p.q + (b * p.q_sb + (int64_t)m * BM * p.q_ss + h * p.q_sh) * 2;
+    const char *gK = (const char *)p.k + (b * p.k_sb + h * p.k_sh) * 2;
+    const char *gV = (const char *)p.v + (b * p.v_sb + h * p.v_sh) * 2;
+    const int q_valid = min(BM, p.Sq - m * BM);
+    const bool k_partial = (p.Sk % BN) != 0;
+
+    /* Prologue: Q and the first K tile. */
+    int n = SKIP ? (desc ? next_live(s_live, W << 5, true, W) : next_live(s_live, -1, false, W))
+                 : (desc ? nK - 1 : 0);
+    load_tile<D, BM, NT>(sQ, gQ, p.q_ss, q_valid, tid);
+    if (n >= 0) load_tile<D, BN, NT>(sK, gK + (int64_t)n * BN * p.k_ss * 2, p.k_ss, p.Sk - n * BN, tid);
+    cp_commit();
+
+    /* Per-thread rows: slab mt, half r: row warp*16*MT + mt*16 + lane/4 + 8r of the q-tile. */
+    const int g = lane >> 2, tq = lane & 3;
+    float o[MT][D / 8][4];
+    float mrow[MT][2], lrow[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            mrow[mt][r] = -INFINITY;
+            lrow[mt][r] = 0.f;
+        }
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j)
+            o[mt][j][0] = o[mt][j][1] = o[mt][j][2] = o[mt][j][3] = 0.f;
+    }
+
+    /* ldmatrix lane addresses (see the fragment layouts of mma.m16n8k16). */
+    const uint32_t q_row_off = (uint32_t)((warp * 16 * MT + (lane & 15)) * D * 2);
+    const uint32_t q_x = (uint32_t)((lane >> 4) ^ (lane & 7));
+    const uint32_t k_row_off = (uint32_t)(((lane & 7) + ((lane >> 4) << 3)) * D * 2);
+    const uint32_t k_x = (uint32_t)(((lane >> 3) & 1) ^ (lane & 7));
+    const uint32_t v_row_off = (uint32_t)(((lane & 7) + (((lane >> 3) & 1) << 3)) * D * 2);
+    const uint32_t v_x = (uint32_t)((lane >> 4) ^ (lane & 7));
+    const float c = p.c;
+
+    while (n >= 0) {
+        const int nn = SKIP ? next_live(s_live, n, desc, W) : (desc ? n - 1 : (n + 1 < nK ? n + 1 : -1));
+        cp_wait_all();
+        __syncthreads(); /* K(n) (and Q) landed; all warps are done with V(previous) */
+        load_tile<D, BN, NT>(sV, gV + (int64_t)n * BN * p.v_ss * 2, p.v_ss, p.Sk - n * BN, tid);
+        cp_commit();
+
+        /* S = Q K^T: rows of this warp x BN keys, fp32. */
+        float s[MT][BN / 8][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int j = 0; j < BN / 8; ++j) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            uint32_t a[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+                ldsm_x4(a[mt], sQ + q_row_off + mt * 16 * D * 2 + (((kk * 2) ^ q_x) << 4));
+#pragma unroll
+            for (int jn = 0; jn < BN / 16; ++jn) {
+                uint32_t bb[4];
+                ldsm_x4(bb, sK + jn * 16 * D * 2 + k_row_off + (((kk * 2) ^ k_x) << 4));
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    Ty<T>::mma(s[mt][2 * jn], a[mt], bb[0], bb[1]);
+                    Ty<T>::mma(s[mt][2 * jn + 1], a[mt], bb[2], bb[3]);
+                }
+            }
+        }
+        /* Keys past Sk exist only in the last tile. */
+        if (k_partial && n == nK - 1) {
+            const int lim = p.Sk - n * BN;
+#pragma unroll
+            for (int j = 0; j < BN / 8; ++j) {
+                const int col = j * 8 + 2 * tq;
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    if (col >= lim) s[mt][j][0] = s[mt][j][2] = -INFINITY;
+                    if (col + 1 >= lim) s[mt][j][1] = s[mt][j][3] = -INFINITY;
+                }
+            }
+        }
+
+        cp_wait_all();
+        __syncthreads(); /* V(n) landed; all warps are done with K(n) */
+        if (nn >= 0) {
+            load_tile<D, BN, NT>(sK, gK + (int64_t)nn * BN * p.k_ss * 2, p.k_ss, p.Sk - nn * BN, tid);
+            cp_commit();
+        }
+
+        /* Online softmax (exp2 domain) and the keep votes. */
+        bool vote = false;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                float t = -INFINITY;
+#pragma unroll
+                for (int j = 0; j < BN / 8; ++j) t = fmaxf(t, fmaxf(s[mt][j][2 * r], s[mt][j][2 * r + 1]));
+                t = fmaxf(t, __shfl_xor_sync(0xffffffffu, t, 1));
+                t = fmaxf(t, __shfl_xor_sync(0xffffffffu, t, 2));
+                const float mprev = mrow[mt][r];
+                if (track) /* t: max raw score of the row over the tile's valid keys */
+                    vote |= (warp * 16 * MT + mt * 16 + g + 8 * r < q_valid) && (mprev == -INFINITY || (t - mprev) * c > p.tau);
+                const float mnew = fmaxf(mprev, t);
+                const float alpha = ex2((mprev - mnew) * c); /* 0 on the first tile */
+                mrow[mt][r] = mnew;
+                const float mc = mnew * c;
+                float sum = 0.f;
+#pragma unroll
+                for (int j = 0; j < BN / 8; ++j) {
+                    s[mt][j][2 * r] = ex2(fmaf(s[mt][j][2 * r], c, -mc));
+                    s[mt][j][2 * r + 1] = ex2(fmaf(s[mt][j][2 * r + 1], c, -mc));
+                    sum += s[mt][j][2 * r] + s[mt][j][2 * r + 1];
+                }
+                lrow[mt][r] = lrow[mt][r] * alpha + sum;
+#pragma unroll
+                for (int j = 0; j < D / 8; ++j) {
+                    o[mt][j][2 * r] *= alpha;
+                    o[mt][j][2 * r + 1] *= alpha;
+                }
+            }
+        }
+        if (track) {
+            /* keep(n) = any valid row of the CTA voted: warp vote, then one shared atomic. */
+            if (__any_sync(0xffffffffu, vote) && lane == 0) atomicOr(&s_keep[n >> 5], 1u << (n & 31));
+        }
+
+        /* O += P V: P (fp32 accumulators) repacked as the A operand, V by ldmatrix.trans. */
+        uint32_t pa[BN / 16][MT][4];
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk)
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                pa[kk][mt][0] = Ty<T>::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                pa[kk][mt][1] = Ty<T>::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                pa[kk][mt][2] = Ty<T>::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                pa[kk][mt][3] = Ty<T>::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+            }
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+#pragma unroll
+            for (int jd = 0; jd < D / 16; ++jd) {
+                uint32_t bb[4];
+                ldsm_x4_t(bb, sV + kk * 16 * D * 2 + v_row_off + (((jd * 2) ^ v_x) << 4));
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    Ty<T>::mma(o[mt][2 * jd], pa[kk][mt], bb[0], bb[1]);
+                    Ty<T>::mma(o[mt][2 * jd + 1], pa[kk][mt], bb[2], bb[3]);
+                }
+            }
+        }
+        n = nn;
+    }
+    cp_wait_all(); /* nothing in flight at exit (a CTA with no live tile still loaded Q) */
+
+    /* Epilogue. O: [B, Sq, H, D] row q at b*o_sb + q*o_ss + h*o_sh; rows with no computed
+     * tile (l = 0) get O = 0 and LSE = -inf. */
+    T *gO = (T *)p.o + b * p.o_sb + h * p.o_sh;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float l = lrow[mt][r];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            const float inv = l > 0.f ? 1.f / l : 0.f;
+            const int row = m * BM + warp * 16 * MT + mt * 16 + g + 8 * r;
+            if (row < p.Sq) {
+                T *orow = gO + (int64_t)row * p.o_ss;
+#pragma unroll
+                for (int j = 0; j < D / 8; ++j)
+                    *reinterpret_cast<uint32_t *>(orow + j * 8 + 2 * tq) =
+                        Ty<T>::pack(o[mt][j][2 * r] * inv, o[mt][j][2 * r + 1] * inv);
+                if (p.lse && tq == 0)
+                    p.lse[b * p.lse_sb + h * p.lse_sh + row * p.lse_ss] =
+                        l > 0.f ? (mrow[mt][r] * c + __log2f(l)) * 0.69314718055994531f : -INFINITY;
+            }
+        }
+    }
+
+    /* The mask row and the tile count. */
+    if (SKIP) {
+        __syncthreads(); /* every vote is in s_keep */
+        uint32_t *row_in = p.mask ? p.mask + b * p.m_sb + h * p.m_sh + m * p.m_sm : nullptr;
+        uint32_t *row_out = p.dec ? p.dec + b * p.m_sb + h * p.m_sh + m * p.m_sm : row_in;
+        for (int w = tid; w < W; w += NT) {
+            const uint32_t old_word = (track && p.mode == LA_MODE_OBSERVE) ? row_in[w] : 0u;
+            if (track) { /* mode DENSE leaves the mask (and any decisions buffer) alone */
+                const uint32_t keep = s_keep[w] | (p.must_do[w] & s_live[w]);
+                row_out[w] = p.mode == LA_MODE_SKIP ? keep : (old_word & keep);
+            }
+        }
+        if (p.tiles && tid == 0) {
+            unsigned long long cnt = 0;
+            for (int w = 0; w < W; ++w) cnt += __popc(s_live[w]);
+            atomicAdd(p.tiles, cnt);
+        }
+    } else if (p.tiles && tid == 0) {
+        atomicAdd(p.tiles, (unsigned long long)nK);
+    }
+}
+
+template <int D, typename T, bool SKIP>
+cudaError_t launch(const KParams &kp, int nQ, int H, int B, cudaStream_t stream) {
+    using TL = Tiles<D>;
+    auto kern = attn_fwd_kernel<D, T, SKIP>;
+    /* The dynamic shared-memory limit is a per-device function attribute: set it once per
+     * device (a benign race sets it twice). */
+    static unsigned long long attr_done = 0;
+    int dev = 0;
+    cudaError_t err = cudaGetDevice(&dev);
+    if (err != cudaSuccess) return err;
+    const unsigned long long bit = 1ull << (dev & 63);
+    if (!(__atomic_load_n(&attr_done, __ATOMIC_ACQUIRE) & bit)) {
+        err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   (int)TL::smem_bytes);
+        if (err != cudaSuccess) return err;
+        __atomic_fetch_or(&attr_done, bit, __ATOMIC_RELEASE);
+    }
+    kern<<<dim3(nQ, H, B), TL::NT, TL::smem_bytes, stream>>>(kp);
+    return cudaGetLastError();
+}
+
+#define LA_ATTN_FWD_INSTANCE(D, T)                                                            \
+    template cudaError_t launch<D, T, true>(const KParams &, int, int, int, cudaStream_t);     \
+    template cudaError_t launch<D, T, false>(const KParams &, int, int, int, cudaStream_t);
+
+#endif /* LA_ATTN_FWD_INSTANTIATE */
+
+} /* namespace la_cuda */
+
+#endif /* LA_ATTN_FWD_CUH */
