@@ -1,0 +1,506 @@
+/*
+ * ref.c — private: the CPU reference of LiteAttention (shared/design SKIP-SEMANTICS.md), the
+ * definition every CUDA kernel is checked against and the daemon's CPU backend.
+ *
+ * Work is split into (b, h, q-tile) items taken from an atomic counter by p->threads pthreads.
+ * An item owns its mask row, so the row is updated in place with no locking. For each visited
+ * k-tile the K and V tiles are widened to fp32 into per-thread scratch (K transposed), so that
+ * the score block S = Q K^T and the update O += P V are plain loops over independent outputs that
+ * the compiler vectorises without reassociating any sum: the result does not depend on the
+ * vector width, the thread count or the order in which items are taken.
+ *
+ * Choices SKIP-SEMANTICS.md leaves open, fixed here (and followed by every backend):
+ * - Must-skip-only tiles are never computed, in any mode; modes DENSE and OBSERVE visit every
+ *   other tile, SKIP visits (live | must-do) & ~must-skip-only.
+ * - A row (b, h, m) that visits no tile (all its tiles skipped) has O = 0 and LSE = -inf for its
+ *   query rows, and its mask row is rewritten unchanged.
+ * - Vote: row i keeps tile n when m_i == -inf (nothing visited yet for that row) or
+ *   (t_i - m_i) * sl2e > tau in fp32, sl2e = (float)scale * (float)log2(e) rounded once.
+ * - Mask update (OBSERVE/SKIP, into `decisions` when set): a visited tile's bit becomes keep(n)
+ *   (SKIP) or old & keep(n) (OBSERVE); an unvisited tile keeps its old bit. Bits n >= nK of the
+ *   first ceil(nK/32) words are written 0 and ignored on input; words past them are untouched.
+ *   DENSE reads and writes neither mask nor decisions.
+ */
+#include <errno.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "la_attn.h"
+
+#define LOG2E_F 1.44269504088896340736f
+/* Register blocking of the two inner products: RB query rows by CB columns at a time. */
+#define RB 4
+#define CB 16
+#define MAX_THREADS 256
+
+/* ---- element conversion ---------------------------------------------------------------- */
+
+static inline float bf16_to_f32(uint16_t h)
+{
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline float f16_to_f32(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
+    if (e == 0x1f) {
+        u = sign | 0x7f800000u | (man << 13);
+    } else if (e != 0) {
+        u = sign | ((e + 112u) << 23) | (man << 13);
+    } else {
+        /* Zero or subnormal: man * 2^-24 is exact in fp32. */
+        float f = (float)man * 0x1p-24f;
+        memcpy(&u, &f, 4);
+        u |= sign;
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Round to nearest, ties to even; NaN stays NaN (quiet), overflow gives inf. */
+static inline uint16_t f32_to_bf16(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u)
+        return (uint16_t)((u >> 16) | 0x40u);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline uint16_t f32_to_f16(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+    uint32_t a = u & 0x7fffffffu;
+    if (a > 0x7f800000u)
+        return sign | 0x7e00u;
+    if (a >= 0x477ff000u) /* >= 65520 rounds past the largest half, 65504 */
+        return sign | 0x7c00u;
+    if (a < 0x38800000u) {
+        /* Below 2^-14: subnormal half. Scaling by 2^24 is exact; rintf rounds half to even in
+         * the default rounding mode. 1024 lands on the smallest normal, as it should. */
+        float af;
+        memcpy(&af, &a, 4);
+        return sign | (uint16_t)rintf(af * 0x1p24f);
+    }
+    uint32_t v = a - (112u << 23); /* rebias 127 -> 15 */
+    v += 0xfffu + ((v >> 13) & 1u);
+    return sign | (uint16_t)(v >> 13);
+}
+
+/* Widens n elements, element i at src[i * stride], into dst. */
+static void load_row(float *dst, const void *src, int64_t stride, int n, la_dtype dt)
+{
+    switch (dt) {
+    case LA_DTYPE_F32: {
+        const float *s = src;
+        for (int i = 0; i < n; i++)
+            dst[i] = s[i * stride];
+        break;
+    }
+    case LA_DTYPE_BF16: {
+        const uint16_t *s = src;
+        for (int i = 0; i < n; i++)
+            dst[i] = bf16_to_f32(s[i * stride]);
+        break;
+    }
+    default: {
+        const uint16_t *s = src;
+        for (int i = 0; i < n; i++)
+            dst[i] = f16_to_f32(s[i * stride]);
+        break;
+    }
+    }
+}
+
+static void store_row(void *dst, int64_t stride, const float *src, int n, la_dtype dt)
+{
+    switch (dt) {
+    case LA_DTYPE_F32: {
+        float *d = dst;
+        for (int i = 0; i < n; i++)
+            d[i * stride] = src[i];
+        break;
+    }
+    case LA_DTYPE_BF16: {
+        uint16_t *d = dst;
+        for (int i = 0; i < n; i++)
+            d[i * stride] = f32_to_bf16(src[i]);
+        break;
+    }
+    default: {
+        uint16_t *d = dst;
+        for (int i = 0; i < n; i++)
+            d[i * stride] = f32_to_f16(src[i]);
+        break;
+    }
+    }
+}
+
+/* ---- the two products -------------------------------------------------------------------- */
+
+/* S[bmp][bnp] = Q[bmp][D] . KT[D][bnp]; bmp % RB == 0, bnp % CB == 0. Each S element is summed
+ * over d in order, so any vector width gives the same bits. */
+static void qk_block(const float *restrict q, const float *restrict kt, float *restrict s,
+                     int bmp, int bnp, int D)
+{
+    for (int i = 0; i < bmp; i += RB) {
+        const float *q0 = q + (size_t)i * D;
+        for (int j = 0; j < bnp; j += CB) {
+            float acc[RB][CB] = {{0}};
+            for (int d = 0; d < D; d++) {
+                const float *kr = kt + (size_t)d * bnp + j;
+                for (int r = 0; r < RB; r++) {
+                    float x = q0[(size_t)r * D + d];
+                    for (int c = 0; c < CB; c++)
+                        acc[r][c] += x * kr[c];
+                }
+            }
+            for (int r = 0; r < RB; r++)
+                memcpy(s + (size_t)(i + r) * bnp + j, acc[r], sizeof acc[r]);
+        }
+    }
+}
+
+/* O[bmp][D] += P[bmp][bnp] . V[bnp][D], summed over j in order; D % CB == 0. */
+static void pv_block(const float *restrict pm, const float *restrict v, float *restrict o,
+                     int bmp, int bnp, int D)
+{
+    for (int i = 0; i < bmp; i += RB) {
+        for (int d0 = 0; d0 < D; d0 += CB) {
+            float acc[RB][CB];
+            for (int r = 0; r < RB; r++)
+                memcpy(acc[r], o + (size_t)(i + r) * D + d0, sizeof acc[r]);
+            for (int j = 0; j < bnp; j++) {
+                const float *vr = v + (size_t)j * D + d0;
+                for (int r = 0; r < RB; r++) {
+                    float x = pm[(size_t)(i + r) * bnp + j];
+                    for (int c = 0; c < CB; c++)
+                        acc[r][c] += x * vr[c];
+                }
+            }
+            for (int r = 0; r < RB; r++)
+                memcpy(o + (size_t)(i + r) * D + d0, acc[r], sizeof acc[r]);
+        }
+    }
+}
+
+/* ---- one (b, h, q-tile) item -------------------------------------------------------------- */
+
+typedef struct scratch {
+    float *q;    /* [BMp][D] query rows of the tile (rows past Sq are 0) */
+    float *kt;   /* [D][BNp] K tile transposed (keys past Sk are 0) */
+    float *v;    /* [BNp][D] V tile (keys past Sk are 0) */
+    float *s;    /* [BMp][BNp] raw scores, then probabilities */
+    float *o;    /* [BMp][D] unnormalised output accumulator */
+    float *m;    /* [BMp] running max of raw scores */
+    float *l;    /* [BMp] running softmax sum */
+    uint32_t *row; /* [words] keep(n) of the visited tiles */
+    uint32_t *vis; /* [words] visited tiles */
+    int32_t *order; /* [nK] visit order */
+} scratch;
+
+typedef struct job {
+    const la_attn_params *p;
+    int32_t nq, nk, words, bmp, bnp;
+    float sl2e;
+    bool ascending;
+    const uint32_t *must_do, *skip_only; /* [words] tile flags */
+    scratch *scr;                        /* [threads] */
+    atomic_int_fast64_t next;
+    int64_t n_items;
+    atomic_int_fast64_t tiles;
+} job;
+
+static inline bool bit(const uint32_t *w, int64_t n) { return (w[n / 32] >> (n % 32)) & 1u; }
+
+static void run_item(job *jb, scratch *sc, int64_t item)
+{
+    const la_attn_params *p = jb->p;
+    const int D = p->D, bnp = jb->bnp, bmp = jb->bmp, nk = jb->nk;
+    /* item = ((b * H) + h) * nq + m: consecutive items share K/V of one head (cache reuse). */
+    const int32_t m = (int32_t)(item % jb->nq), h = (int32_t)(item / jb->nq % p->H),
+                  b = (int32_t)(item / jb->nq / p->H);
+    const int32_t r0 = m * p->BM, bm = (p->Sq - r0 < p->BM) ? p->Sq - r0 : p->BM;
+    const size_t es = la_dtype_size(p->dtype);
+    const char *qb = p->q, *kb = p->k, *vb = p->v;
+
+    /* Q: [B, Sq, H, D], element (b, s, h, d) at b*qs0 + s*qs1 + h*qs2 + d*qs3. */
+    memset(sc->q, 0, sizeof(float) * (size_t)bmp * D);
+    for (int i = 0; i < bm; i++)
+        load_row(sc->q + (size_t)i * D,
+                 qb + es * (size_t)(b * p->q_stride[0] + (r0 + i) * p->q_stride[1] +
+                                    h * p->q_stride[2]),
+                 p->q_stride[3], D, p->dtype);
+    memset(sc->o, 0, sizeof(float) * (size_t)bmp * D);
+    for (int i = 0; i < bmp; i++) {
+        sc->m[i] = -INFINITY;
+        sc->l[i] = 0.0f;
+    }
+
+    /* Mask row (b, h, m): words at b*ms0 + h*ms1 + m*ms2. */
+    uint32_t *old = NULL;
+    if (p->mode != LA_MODE_DENSE)
+        old = p->mask + b * p->mask_stride[0] + h * p->mask_stride[1] + m * p->mask_stride[2];
+    memset(sc->row, 0, sizeof(uint32_t) * (size_t)jb->words);
+    memset(sc->vis, 0, sizeof(uint32_t) * (size_t)jb->words);
+
+    int32_t n_visit = 0;
+    for (int32_t k = 0; k < nk; k++) {
+        int32_t n = jb->ascending ? k : nk - 1 - k;
+        if (bit(jb->skip_only, n))
+            continue; /* never computed, in any mode */
+        if (p->mode == LA_MODE_SKIP && !bit(old, n) && !bit(jb->must_do, n))
+            continue;
+        sc->order[n_visit++] = n;
+        sc->vis[n / 32] |= 1u << (n % 32);
+    }
+
+    for (int32_t vi = 0; vi < n_visit; vi++) {
+        const int32_t n = sc->order[vi], c0 = n * p->BN;
+        const int bn = (p->Sk - c0 < p->BN) ? p->Sk - c0 : p->BN;
+        /* K, V: [B, Sk, H, D]. K goes in transposed so that S rows are contiguous. */
+        float tmp[256];
+        for (int j = 0; j < bn; j++) {
+            load_row(tmp, kb + es * (size_t)(b * p->k_stride[0] + (c0 + j) * p->k_stride[1] +
+                                             h * p->k_stride[2]),
+                     p->k_stride[3], D, p->dtype);
+            for (int d = 0; d < D; d++)
+                sc->kt[(size_t)d * bnp + j] = tmp[d];
+            load_row(sc->v + (size_t)j * D,
+                     vb + es * (size_t)(b * p->v_stride[0] + (c0 + j) * p->v_stride[1] +
+                                        h * p->v_stride[2]),
+                     p->v_stride[3], D, p->dtype);
+        }
+        /* Padding keys must be exact zeros: P is 0 there, and 0 * garbage could be NaN. */
+        if (bn < bnp) {
+            for (int d = 0; d < D; d++)
+                memset(sc->kt + (size_t)d * bnp + bn, 0, sizeof(float) * (size_t)(bnp - bn));
+            memset(sc->v + (size_t)bn * D, 0, sizeof(float) * (size_t)(bnp - bn) * D);
+        }
+
+        qk_block(sc->q, sc->kt, sc->s, bmp, bnp, D);
+
+        bool keep = bit(jb->must_do, n);
+        for (int i = 0; i < bmp; i++) {
+            float *srow = sc->s + (size_t)i * bnp, *orow = sc->o + (size_t)i * D;
+            if (i >= bm) { /* rows past Sq: no vote, no output */
+                memset(srow, 0, sizeof(float) * (size_t)bnp);
+                continue;
+            }
+            float t = -INFINITY;
+            for (int j = 0; j < bn; j++)
+                t = srow[j] > t ? srow[j] : t;
+            const float mo = sc->m[i];
+            if (mo == -INFINITY || (t - mo) * jb->sl2e > p->tau)
+                keep = true;
+            const float mn = t > mo ? t : mo;
+            if (mn == -INFINITY) {
+                /* Every score so far is -inf (only with infinite inputs): nothing to add. */
+                memset(srow, 0, sizeof(float) * (size_t)bnp);
+                continue;
+            }
+            const float alpha = mo == -INFINITY ? 0.0f : exp2f((mo - mn) * jb->sl2e);
+            float sum = 0.0f;
+            for (int j = 0; j < bn; j++) {
+                float e = exp2f((srow[j] - mn) * jb->sl2e);
+                srow[j] = e;
+                sum += e;
+            }
+            for (int j = bn; j < bnp; j++)
+                srow[j] = 0.0f;
+            sc->l[i] = sc->l[i] * alpha + sum;
+            sc->m[i] = mn;
+            if (alpha != 1.0f)
+                for (int d = 0; d < D; d++)
+                    orow[d] *= alpha;
+        }
+        if (keep)
+            sc->row[n / 32] |= 1u << (n % 32);
+
+        pv_block(sc->s, sc->v, sc->o, bmp, bnp, D);
+    }
+
+    /* O: [B, Sq, H, D]; LSE: [B, H, Sq] natural log, scale * m + ln l. */
+    char *ob = p->o;
+    for (int i = 0; i < bm; i++) {
+        float *orow = sc->o + (size_t)i * D;
+        double lse;
+        if (n_visit == 0 || sc->l[i] == 0.0f) {
+            memset(orow, 0, sizeof(float) * (size_t)D);
+            lse = -INFINITY;
+        } else {
+            const float l = sc->l[i];
+            for (int d = 0; d < D; d++)
+                orow[d] /= l;
+            lse = (double)sc->m[i] * p->scale + log((double)l);
+        }
+        store_row(ob + es * (size_t)(b * p->o_stride[0] + (r0 + i) * p->o_stride[1] +
+                                     h * p->o_stride[2]),
+                  p->o_stride[3], orow, D, p->dtype);
+        if (p->lse != NULL)
+            p->lse[b * p->lse_stride[0] + h * p->lse_stride[1] + (r0 + i) * p->lse_stride[2]] =
+                (float)lse;
+    }
+
+    if (p->mode != LA_MODE_DENSE) {
+        /* sc->row holds keep(n) for visited tiles; merge with the old row. */
+        uint32_t *dst = p->decisions == NULL
+                            ? old
+                            : p->decisions + b * p->mask_stride[0] + h * p->mask_stride[1] +
+                                  m * p->mask_stride[2];
+        for (int32_t w = 0; w < jb->words; w++) {
+            const uint32_t vis = sc->vis[w];
+            uint32_t valid = (w + 1) * 32 <= nk ? 0xffffffffu : (1u << (nk % 32)) - 1u;
+            uint32_t o = old[w], k = sc->row[w];
+            uint32_t nw = p->mode == LA_MODE_SKIP ? (vis & k) | (~vis & o)
+                                                  : (vis & o & k) | (~vis & o);
+            dst[w] = nw & valid;
+        }
+    }
+    atomic_fetch_add(&jb->tiles, n_visit);
+}
+
+static void *worker(void *arg)
+{
+    job *jb = ((void **)arg)[0];
+    scratch *sc = ((void **)arg)[1];
+    for (;;) {
+        int64_t item = atomic_fetch_add(&jb->next, 1);
+        if (item >= jb->n_items)
+            break;
+        run_item(jb, sc, item);
+    }
+    return NULL;
+}
+
+static void scratch_free(scratch *sc)
+{
+    free(sc->q);
+    free(sc->kt);
+    free(sc->v);
+    free(sc->s);
+    free(sc->o);
+    free(sc->m);
+    free(sc->l);
+    free(sc->row);
+    free(sc->vis);
+    free(sc->order);
+    memset(sc, 0, sizeof *sc); /* freeing twice is harmless */
+}
+
+/* 64-byte aligned so that the vector loops start on a cache line. */
+static void *alloc_f(size_t n, size_t esize)
+{
+    void *ptr = NULL;
+    if (n > SIZE_MAX / esize / 2)
+        return NULL;
+    size_t bytes = (n * esize + 63) & ~(size_t)63;
+    if (posix_memalign(&ptr, 64, bytes ? bytes : 64) != 0)
+        return NULL;
+    return ptr;
+}
+
+static int scratch_init(scratch *sc, const job *jb)
+{
+    const size_t D = (size_t)jb->p->D, bmp = (size_t)jb->bmp, bnp = (size_t)jb->bnp;
+    memset(sc, 0, sizeof *sc);
+    if (bmp > SIZE_MAX / 8 / bnp)
+        return LA_ENOMEM;
+    sc->q = alloc_f(bmp * D, 4);
+    sc->kt = alloc_f(D * bnp, 4);
+    sc->v = alloc_f(bnp * D, 4);
+    sc->s = alloc_f(bmp * bnp, 4);
+    sc->o = alloc_f(bmp * D, 4);
+    sc->m = alloc_f(bmp, 4);
+    sc->l = alloc_f(bmp, 4);
+    sc->row = alloc_f((size_t)jb->words, 4);
+    sc->vis = alloc_f((size_t)jb->words, 4);
+    sc->order = alloc_f((size_t)jb->nk, 4);
+    if (!sc->q || !sc->kt || !sc->v || !sc->s || !sc->o || !sc->m || !sc->l || !sc->row ||
+        !sc->vis || !sc->order) {
+        scratch_free(sc);
+        return LA_ENOMEM;
+    }
+    return 0;
+}
+
+int la_ref_attn_fwd(const la_attn_params *p)
+{
+    int rc = la_attn_validate(p);
+    if (rc < 0)
+        return rc;
+
+    job jb;
+    memset(&jb, 0, sizeof jb);
+    jb.p = p;
+    jb.nq = la_tiles(p->Sq, p->BM);
+    jb.nk = la_tiles(p->Sk, p->BN);
+    jb.words = la_mask_words(jb.nk);
+    /* Tiles never exceed the sequence, so scratch is sized by min(BM, Sq), min(BN, Sk). */
+    int32_t bm = p->BM < p->Sq ? p->BM : p->Sq, bn = p->BN < p->Sk ? p->BN : p->Sk;
+    jb.bmp = (bm + RB - 1) / RB * RB;
+    jb.bnp = (bn + CB - 1) / CB * CB;
+    jb.sl2e = p->scale * LOG2E_F;
+    switch (p->direction) {
+    case LA_DIR_ASCENDING: jb.ascending = true; break;
+    case LA_DIR_DESCENDING: jb.ascending = false; break;
+    default: jb.ascending = (p->step % 2) != 0; break; /* odd steps ascend (also for step < 0) */
+    }
+    jb.n_items = (int64_t)p->B * p->H * jb.nq;
+    atomic_init(&jb.next, 0);
+    atomic_init(&jb.tiles, 0);
+
+    int threads = p->threads <= 0 ? 1 : p->threads > MAX_THREADS ? MAX_THREADS : p->threads;
+    if (threads > jb.n_items)
+        threads = (int)jb.n_items;
+
+    uint32_t *flags = calloc((size_t)jb.words * 2, 4);
+    scratch *scr = calloc((size_t)threads, sizeof *scr);
+    pthread_t *tid = calloc((size_t)threads, sizeof *tid);
+    void *(*args)[2] = calloc((size_t)threads, sizeof *args);
+    rc = (flags && scr && tid && args) ? 0 : LA_ENOMEM;
+    /* All memory is taken before any output is touched: an ENOMEM leaves O, LSE and the mask
+     * as they were. */
+    for (int t = 0; rc == 0 && t < threads; t++)
+        rc = scratch_init(&scr[t], &jb);
+    if (rc == 0) {
+        jb.must_do = flags;
+        jb.skip_only = flags + jb.words;
+        la_tile_flags(p, flags, flags + jb.words);
+
+        /* Thread 0 is this one; a failed pthread_create only means fewer workers, since the
+         * remaining items are taken by whoever is running. */
+        int started = 0;
+        for (int t = 1; t < threads; t++) {
+            args[t][0] = &jb;
+            args[t][1] = &scr[t];
+            if (pthread_create(&tid[t], NULL, worker, args[t]) != 0)
+                break;
+            started = t;
+        }
+        args[0][0] = &jb;
+        args[0][1] = &scr[0];
+        worker(args[0]);
+        for (int t = 1; t <= started; t++)
+            pthread_join(tid[t], NULL);
+        if (p->ret_tiles_computed != NULL)
+            *p->ret_tiles_computed = atomic_load(&jb.tiles);
+    }
+    for (int t = 0; scr != NULL && t < threads; t++)
+        scratch_free(&scr[t]);
+    free(args);
+    free(tid);
+    free(scr);
+    free(flags);
+    return rc;
+}
