@@ -348,6 +348,25 @@ START_TEST(test_ready_after_listen)
 }
 END_TEST
 
+/* The packaged sample config, with every setting uncommented (all at their defaults), is
+ * accepted by the daemon. */
+START_TEST(test_sample_config)
+{
+    drun r;
+    drun_init(&r);
+    char cmd[512];
+    snprintf(cmd, sizeof cmd, "sed 's/^#\\([a-z_]* = \\)/\\1/' packaging/liteattnd.conf > %s", r.conf);
+    ck_assert_int_eq(system(cmd), 0);
+    snprintf(cmd, sizeof cmd, "grep -c '^[a-z]' %s >/dev/null", r.conf);
+    ck_assert_msg(system(cmd) == 0, "no settings in packaging/liteattnd.conf");
+    drun_start(&r, -1, NULL);
+    drun_expect_ready(&r);
+    ping_through(r.sock);
+    drun_stop(&r);
+    drun_free(&r);
+}
+END_TEST
+
 /* STATUS= lines tell the admin what the daemon does (systemctl status). */
 START_TEST(test_status_lines)
 {
@@ -470,6 +489,7 @@ static Suite *systemd_suite(void)
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, test_socket_activation);
     tcase_add_test(tc, test_ready_after_listen);
+    tcase_add_test(tc, test_sample_config);
     tcase_add_test(tc, test_status_lines);
     tcase_add_test(tc, test_watchdog_pings);
     tcase_add_test(tc, test_no_watchdog_without_usec);
