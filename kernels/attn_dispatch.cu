@@ -100,7 +100,18 @@ extern "C" cudaError_t la_attn_fwd_cuda_variant(const la_attn_params *p, int var
     if (!p || current_cc(&cc) != 0) return cudaErrorInvalidValue;
     if (la_cuda_supported(p, cc) != 0) return cudaErrorInvalidValue;
     const Variant *v = select_variant(p->D, p->dtype, cc);
-    const bool dense_plain = p->mode == LA_MODE_DENSE; /* the mask is neither read nor written */
+    la_cuda::KParams kp;
+    memset(&kp, 0, sizeof kp);
+    kp.nK = la_tiles(p->Sk, p->BN);
+    kp.W = la_mask_words(kp.nK);
+    bool any_skip_only = false;
+    if (p->n_must_do > 0 || p->n_must_skip > 0) {
+        la_tile_flags(p, kp.must_do, kp.skip_only);
+        for (int w = 0; w < kp.W; ++w) any_skip_only |= kp.skip_only[w] != 0;
+    }
+    /* Mode DENSE reads and writes no mask; it visits every tile but the must-skip-only ones,
+     * so the build without skipping runs it when there are none. */
+    const bool dense_plain = p->mode == LA_MODE_DENSE && !any_skip_only;
     launch_fn fn;
     switch (variant) {
     case LA_CUDA_VARIANT_AUTO: fn = dense_plain ? v->dense : v->skip; break;
@@ -113,8 +124,6 @@ extern "C" cudaError_t la_attn_fwd_cuda_variant(const la_attn_params *p, int var
     }
     if (p->B == 0 || p->H == 0 || p->Sq == 0) return cudaSuccess; /* nothing to compute */
 
-    la_cuda::KParams kp;
-    memset(&kp, 0, sizeof kp);
     kp.q = p->q;
     kp.k = p->k;
     kp.v = p->v;
@@ -127,9 +136,8 @@ extern "C" cudaError_t la_attn_fwd_cuda_variant(const la_attn_params *p, int var
     kp.lse_sb = p->lse_stride[0], kp.lse_sh = p->lse_stride[1], kp.lse_ss = p->lse_stride[2];
     kp.Sq = p->Sq;
     kp.Sk = p->Sk;
-    kp.nK = la_tiles(p->Sk, p->BN);
-    kp.W = la_mask_words(kp.nK);
-    kp.c = (float)((double)p->scale * 1.4426950408889634);
+    /* scale * log2(e) rounded exactly as the CPU reference does, so that votes agree. */
+    kp.c = p->scale * 1.44269504088896340736f;
     kp.tau = p->tau;
     kp.mode = p->mode;
     kp.desc = p->direction == LA_DIR_DESCENDING ||
@@ -138,9 +146,6 @@ extern "C" cudaError_t la_attn_fwd_cuda_variant(const la_attn_params *p, int var
     kp.dec = p->decisions;
     kp.m_sb = p->mask_stride[0], kp.m_sh = p->mask_stride[1], kp.m_sm = p->mask_stride[2];
     kp.tiles = (unsigned long long *)p->ret_tiles_computed;
-    if (kp.nK > 0 && (p->n_must_do > 0 || p->n_must_skip > 0))
-        la_tile_flags(p, kp.must_do, kp.skip_only);
-    if (kp.nK == 0) return cudaErrorInvalidValue; /* Sk == 0: validate refuses it first */
     return fn(kp, la_tiles(p->Sq, p->BM), p->H, p->B, stream);
 }
 

@@ -197,11 +197,10 @@ __global__ void __launch_bounds__(Tiles<D>::NT, 2) attn_fwd_kernel(const __grid_
         for (int w = tid; w < W; w += NT) {
             const uint32_t valid =
                 (w == W - 1 && (nK & 31)) ? ((1u << (nK & 31)) - 1u) : 0xffffffffu;
-            uint32_t live;
-            if (p.mode == LA_MODE_DENSE)
-                live = valid;
-            else
-                live = (row_in[w] | p.must_do[w]) & ~p.skip_only[w] & valid;
+            /* Visited: SKIP (live | must-do) & ~must-skip-only; DENSE and OBSERVE every tile
+             * but the must-skip-only ones (as the CPU reference, kernels/ref.c). */
+            uint32_t live = valid & ~p.skip_only[w];
+            if (p.mode == LA_MODE_SKIP) live &= row_in[w] | p.must_do[w];
             s_live[w] = live;
             s_keep[w] = 0;
         }
@@ -398,10 +397,15 @@ __global__ void __launch_bounds__(Tiles<D>::NT, 2) attn_fwd_kernel(const __grid_
         uint32_t *row_in = p.mask ? p.mask + b * p.m_sb + h * p.m_sh + m * p.m_sm : nullptr;
         uint32_t *row_out = p.dec ? p.dec + b * p.m_sb + h * p.m_sh + m * p.m_sm : row_in;
         for (int w = tid; w < W; w += NT) {
-            const uint32_t old_word = (track && p.mode == LA_MODE_OBSERVE) ? row_in[w] : 0u;
             if (track) { /* mode DENSE leaves the mask (and any decisions buffer) alone */
-                const uint32_t keep = s_keep[w] | (p.must_do[w] & s_live[w]);
-                row_out[w] = p.mode == LA_MODE_SKIP ? keep : (old_word & keep);
+                /* Visited tiles: keep(n) (SKIP) or old & keep(n) (OBSERVE); unvisited tiles keep
+                 * their old bit; bits past nK are written 0. */
+                const uint32_t valid =
+                    (w == W - 1 && (nK & 31)) ? ((1u << (nK & 31)) - 1u) : 0xffffffffu;
+                const uint32_t vis = s_live[w], old = row_in[w];
+                const uint32_t keep = s_keep[w] | (p.must_do[w] & vis);
+                const uint32_t upd = p.mode == LA_MODE_SKIP ? keep : (old & keep);
+                row_out[w] = ((vis & upd) | (~vis & old)) & valid;
             }
         }
         if (p.tiles && tid == 0) {

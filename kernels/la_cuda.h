@@ -49,10 +49,10 @@ cudaError_t la_attn_fwd_cuda(const la_attn_params *p, cudaStream_t stream);
 
 /* For tests and benchmarks: which kernel build runs p.
  *   LA_CUDA_VARIANT_AUTO: the one la_attn_fwd_cuda uses (the build with skipping compiled out
- *     for mode DENSE, which reads and writes no mask, the skipping build otherwise);
+ *     for mode DENSE without must-skip-only tiles, the skipping build otherwise);
  *   LA_CUDA_VARIANT_SKIP: always the skipping build (mode DENSE too);
- *   LA_CUDA_VARIANT_DENSE_ONLY: skipping compiled out; only for mode DENSE (cudaErrorInvalidValue
- *     otherwise). */
+ *   LA_CUDA_VARIANT_DENSE_ONLY: skipping compiled out; only for mode DENSE with no must-skip-only
+ *     tile (cudaErrorInvalidValue otherwise). */
 enum {
     LA_CUDA_VARIANT_AUTO = 0,
     LA_CUDA_VARIANT_SKIP = 1,

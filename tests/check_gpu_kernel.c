@@ -1,0 +1,670 @@
+/*
+ * check_gpu_kernel.c — the CUDA forward kernels (kernels/la_cuda.h) against the CPU reference
+ * (la_ref_attn_fwd) and against a float64 model of SKIP-SEMANTICS.md written here.
+ *
+ * Every case draws fresh random inputs (seeded from the clock; the seed is printed), poisons
+ * the outputs before each launch, and checks:
+ *   - O against the float64 model and against the CPU reference: relative L2 <= 1e-2;
+ *   - LSE against the float64 model (abs 5e-3 + 1e-3 |lse|), every valid element written;
+ *   - mask bits against the CPU reference and the float64 model: equal, except at ties — tiles
+ *     whose float64 decision margin max_i (t_i - m_i) * scale * log2(e) - tau lies within
+ *     LA_TIE_TOL of 0; ties are counted and printed;
+ *   - the computed-tile counter against the reference.
+ * Multi-step runs drift the inputs a little each step; after each step both sides continue
+ * from the GPU's mask, so that one tie does not cascade.
+ *
+ * Runs only where a GPU is present (tests/run.sh skips check_gpu_* programs otherwise).
+ * The parent process never touches CUDA: each case initialises it in its forked child.
+ */
+#include <check.h>
+#include <stdio.h>
+
+#ifndef LA_HAVE_CUDA
+/* Built without CUDA: no cases (tests/run.sh skips GPU programs on machines without a GPU). */
+int main(void) {
+    Suite *s = suite_create("gpu_kernel");
+    SRunner *sr = srunner_create(s);
+    srunner_run_all(sr, CK_NORMAL);
+    srunner_free(sr);
+    return 0;
+}
+#else
+
+#include <math.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <cuda_runtime_api.h>
+
+#include "la_attn.h"
+#include "la_cuda.h"
+
+#define LA_TIE_TOL 2e-2 /* log2 units: fp32 score rounding is ~1e-4 of that */
+
+#define CUDA_OK(call)                                                                          \
+    do {                                                                                       \
+        cudaError_t e_ = (call);                                                               \
+        ck_assert_msg(e_ == cudaSuccess, "%s: %s", #call, cudaGetErrorString(e_));             \
+    } while (0)
+
+/* ---- random numbers and element conversion ---------------------------------------------- */
+static uint64_t rng_state;
+static uint64_t rng_next(void) {
+    uint64_t x = rng_state;
+    x ^= x >> 12, x ^= x << 25, x ^= x >> 27;
+    rng_state = x;
+    return x * 0x2545F4914F6CDD1DULL;
+}
+static double rng_uniform(void) { return (double)(rng_next() >> 11) * (1.0 / 9007199254740992.0); }
+static double rng_normal(void) {
+    double u = rng_uniform(), v = rng_uniform();
+    if (u < 1e-300) u = 1e-300;
+    return sqrt(-2.0 * log(u)) * cos(6.283185307179586 * v);
+}
+static void seed_from_clock(const char *name) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    rng_state = ((uint64_t)ts.tv_sec * 1000000007ULL) ^ (uint64_t)ts.tv_nsec ^ 0x9E3779B97F4A7C15ULL;
+    if (!rng_state) rng_state = 1;
+    printf("%s: seed %llu\n", name, (unsigned long long)rng_state);
+}
+
+static uint16_t to_half_bits(float f, la_dtype dt) {
+    uint16_t r;
+    if (dt == LA_DTYPE_BF16) {
+        uint32_t u;
+        memcpy(&u, &f, 4);
+        u += 0x7fffu + ((u >> 16) & 1u);
+        return (uint16_t)(u >> 16);
+    }
+    _Float16 h = (_Float16)f;
+    memcpy(&r, &h, 2);
+    return r;
+}
+static double from_half_bits(uint16_t b, la_dtype dt) {
+    if (dt == LA_DTYPE_BF16) {
+        uint32_t u = (uint32_t)b << 16;
+        float f;
+        memcpy(&f, &u, 4);
+        return f;
+    }
+    _Float16 h;
+    memcpy(&h, &b, 2);
+    return (double)h;
+}
+
+/* ---- one test configuration ------------------------------------------------------------- */
+typedef struct cfg {
+    const char *name;
+    int B, Sq, Sk, H, D;
+    la_dtype dtype;
+    int layout;        /* 0: [B, S, H, D] contiguous; 1: [B, H, S, D] with padded rows */
+    la_mode mode;
+    la_direction dir;
+    float tau;
+    int steps;
+    bool dry_run;
+    bool lse;
+    la_range must_do[2];
+    int n_must_do;
+    la_range must_skip[2];
+    int n_must_skip;
+    double drift;      /* per-step noise added to Q and K */
+    double peak;       /* weight of the cluster structure (0: plain Gaussian data) */
+    int mask_init;     /* 0 all ones, 1 random ~50%, 2 all zero */
+} cfg;
+
+/* A [B, S, H, D] tensor: logical fp32 values, the dtype storage (host) with strides, device. */
+typedef struct tens {
+    int B, S, H, D;
+    la_dtype dt;
+    int64_t stride[4];
+    size_t elems; /* storage elements */
+    float *val;   /* logical [B][S][H][D] */
+    uint16_t *host;
+    void *dev;
+} tens;
+
+static void tens_init(tens *t, int B, int S, int H, int D, la_dtype dt, int layout) {
+    memset(t, 0, sizeof *t);
+    t->B = B, t->S = S, t->H = H, t->D = D, t->dt = dt;
+    if (layout == 0) {
+        t->stride[3] = 1, t->stride[2] = D, t->stride[1] = (int64_t)H * D,
+        t->stride[0] = (int64_t)S * H * D;
+    } else { /* [B, H, S, D+8]: s/h swapped and every row padded by 8 elements */
+        int64_t row = D + 8;
+        t->stride[3] = 1, t->stride[1] = row, t->stride[2] = (int64_t)S * row,
+        t->stride[0] = (int64_t)H * S * row;
+    }
+    t->elems = (size_t)B * t->stride[0];
+    t->val = calloc((size_t)B * S * H * D, sizeof(float));
+    t->host = malloc(t->elems * 2);
+    ck_assert_ptr_nonnull(t->val);
+    ck_assert_ptr_nonnull(t->host);
+    for (size_t i = 0; i < t->elems; i++) t->host[i] = to_half_bits(NAN, dt); /* padding */
+    CUDA_OK(cudaMalloc(&t->dev, t->elems * 2));
+}
+static void tens_free(tens *t) {
+    free(t->val);
+    free(t->host);
+    cudaFree(t->dev);
+}
+static size_t tens_off(const tens *t, int b, int s, int h, int d) {
+    return (size_t)(b * t->stride[0] + s * t->stride[1] + h * t->stride[2] + d);
+}
+static float *tens_val(tens *t, int b, int s, int h) {
+    return t->val + (((size_t)b * t->S + s) * t->H + h) * t->D;
+}
+static void tens_upload(tens *t) {
+    for (int b = 0; b < t->B; b++)
+        for (int s = 0; s < t->S; s++)
+            for (int h = 0; h < t->H; h++) {
+                const float *v = tens_val(t, b, s, h);
+                for (int d = 0; d < t->D; d++) t->host[tens_off(t, b, s, h, d)] = to_half_bits(v[d], t->dt);
+            }
+    CUDA_OK(cudaMemcpy(t->dev, t->host, t->elems * 2, cudaMemcpyHostToDevice));
+}
+static double tens_get(const tens *t, int b, int s, int h, int d) {
+    return from_half_bits(t->host[tens_off(t, b, s, h, d)], t->dt);
+}
+
+/* Data with structure: C cluster centroids; key j belongs to cluster (j / 37) % C, query i to
+ * (i / 29) % C; x = peak * centroid + noise. With peak > 0 each query attends mostly to its
+ * cluster's keys, so many tiles can be skipped. */
+#define NCLUSTER 6
+static void fill_inputs(tens *q, tens *k, tens *v, double peak) {
+    int D = q->D;
+    double *cent = malloc(sizeof(double) * NCLUSTER * D);
+    for (int i = 0; i < NCLUSTER * D; i++) cent[i] = rng_normal();
+    for (int b = 0; b < q->B; b++)
+        for (int h = 0; h < q->H; h++) {
+            for (int s = 0; s < q->S; s++) {
+                float *x = tens_val(q, b, s, h);
+                const double *c = cent + ((s / 29 + h) % NCLUSTER) * D;
+                for (int d = 0; d < D; d++) x[d] = (float)(peak * c[d] + rng_normal());
+            }
+            for (int s = 0; s < k->S; s++) {
+                float *x = tens_val(k, b, s, h), *y = tens_val(v, b, s, h);
+                const double *c = cent + ((s / 37) % NCLUSTER) * D;
+                for (int d = 0; d < D; d++) {
+                    x[d] = (float)(peak * c[d] + rng_normal());
+                    y[d] = (float)rng_normal();
+                }
+            }
+        }
+    free(cent);
+}
+static void drift(tens *t, double eps) {
+    size_t n = (size_t)t->B * t->S * t->H * t->D;
+    for (size_t i = 0; i < n; i++) t->val[i] += (float)(eps * rng_normal());
+}
+
+/* ---- float64 model of one call -------------------------------------------------------------
+ * For each (b, h, m): effective live set, visit order, running max, votes, keep, new mask row,
+ * O and LSE in float64, and per tile the decision margin max_i (t_i - m_i)*c - tau
+ * (+inf for the first tile of a row). */
+typedef struct model_out {
+    double *o;      /* [B][Sq][H][D] */
+    double *lse;    /* [B][H][Sq] */
+    uint32_t *mask; /* [B][H][nQ][W] new rows (== input rows in mode DENSE) */
+    double *margin; /* [B][H][nQ][nK], NAN where not visited */
+    int64_t tiles;
+} model_out;
+
+static void model_run(const cfg *c, const tens *q, const tens *k, const tens *v, int step,
+                      const uint32_t *mask_in /* [B][H][nQ][W] */, int BM, int BN,
+                      model_out *out) {
+    const int B = c->B, H = c->H, Sq = c->Sq, Sk = c->Sk, D = c->D;
+    const int nQ = la_tiles(Sq, BM), nK = la_tiles(Sk, BN), W = la_mask_words(nK);
+    const double scale = (double)(float)(1.0 / sqrt((double)D)),
+                 cl = (double)((float)scale * 1.44269504088896340736f);
+    la_attn_params fp = {0};
+    fp.Sk = Sk, fp.BN = BN, fp.must_do = c->must_do, fp.n_must_do = c->n_must_do;
+    fp.must_skip = c->must_skip, fp.n_must_skip = c->n_must_skip;
+    uint32_t mdo[LA_CUDA_MAX_K_TILES / 32], sko[LA_CUDA_MAX_K_TILES / 32];
+    la_tile_flags(&fp, mdo, sko);
+    bool desc = c->dir == LA_DIR_DESCENDING || (c->dir == LA_DIR_ALTERNATE && step % 2 == 0);
+    double *s = malloc(sizeof(double) * BN), *m = malloc(sizeof(double) * BM),
+           *l = malloc(sizeof(double) * BM), *acc = malloc(sizeof(double) * BM * D);
+    double *qd = malloc(sizeof(double) * BM * D), *kd = malloc(sizeof(double) * BN * D),
+           *vd = malloc(sizeof(double) * BN * D);
+    int *order = malloc(sizeof(int) * nK);
+    out->tiles = 0;
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++)
+            for (int mt = 0; mt < nQ; mt++) {
+                const size_t row = (((size_t)b * H + h) * nQ + mt);
+                const uint32_t *in = mask_in + row * W;
+                uint32_t *newrow = out->mask + row * W;
+                double *mar = out->margin + row * nK;
+                int nvis = 0;
+                for (int n = 0; n < nK; n++) {
+                    mar[n] = NAN;
+                    /* SKIP: (live | must-do) & ~must-skip-only; DENSE, OBSERVE: ~must-skip-only */
+                    uint32_t wv = ~sko[n / 32];
+                    if (c->mode == LA_MODE_SKIP) wv &= in[n / 32] | mdo[n / 32];
+                    bool live = (wv >> (n % 32)) & 1;
+                    if (live) order[nvis++] = n;
+                }
+                if (desc)
+                    for (int i = 0; i < nvis / 2; i++) {
+                        int t = order[i];
+                        order[i] = order[nvis - 1 - i], order[nvis - 1 - i] = t;
+                    }
+                out->tiles += nvis;
+                const int rows = Sq - mt * BM < BM ? Sq - mt * BM : BM;
+                for (int i = 0; i < rows; i++) {
+                    m[i] = -INFINITY, l[i] = 0;
+                    for (int d = 0; d < D; d++) {
+                        acc[i * D + d] = 0;
+                        qd[i * D + d] = tens_get(q, b, mt * BM + i, h, d);
+                    }
+                }
+                uint32_t keep[LA_CUDA_MAX_K_TILES / 32] = {0}, vis[LA_CUDA_MAX_K_TILES / 32] = {0};
+                for (int vi = 0; vi < nvis; vi++) vis[order[vi] / 32] |= 1u << (order[vi] % 32);
+                for (int vi = 0; vi < nvis; vi++) {
+                    const int n = order[vi], keys = Sk - n * BN < BN ? Sk - n * BN : BN;
+                    for (int j = 0; j < keys; j++)
+                        for (int d = 0; d < D; d++) {
+                            kd[j * D + d] = tens_get(k, b, n * BN + j, h, d);
+                            vd[j * D + d] = tens_get(v, b, n * BN + j, h, d);
+                        }
+                    double best = -INFINITY;
+                    for (int i = 0; i < rows; i++) {
+                        double t = -INFINITY;
+                        for (int j = 0; j < keys; j++) {
+                            double dot = 0;
+                            for (int d = 0; d < D; d++) dot += qd[i * D + d] * kd[j * D + d];
+                            s[j] = dot;
+                            if (dot > t) t = dot;
+                        }
+                        double mg = m[i] == -INFINITY ? INFINITY : (t - m[i]) * cl - c->tau;
+                        if (mg > best) best = mg;
+                        double mn = t > m[i] ? t : m[i];
+                        double alpha = m[i] == -INFINITY ? 0 : exp((m[i] - mn) * scale);
+                        l[i] *= alpha;
+                        for (int d = 0; d < D; d++) acc[i * D + d] *= alpha;
+                        for (int j = 0; j < keys; j++) {
+                            double pj = exp((s[j] - mn) * scale);
+                            l[i] += pj;
+                            for (int d = 0; d < D; d++) acc[i * D + d] += pj * vd[j * D + d];
+                        }
+                        m[i] = mn;
+                    }
+                    mar[n] = best;
+                    if (best > 0 || ((mdo[n / 32] >> (n % 32)) & 1)) keep[n / 32] |= 1u << (n % 32);
+                }
+                /* Visited tiles: keep (SKIP) or old & keep (OBSERVE); others keep the old bit;
+                 * bits past nK are 0. */
+                for (int w = 0; w < W; w++) {
+                    uint32_t valid = (w + 1) * 32 <= nK ? 0xffffffffu : (1u << (nK % 32)) - 1u;
+                    uint32_t upd = c->mode == LA_MODE_SKIP ? keep[w] : (in[w] & keep[w]);
+                    if (c->mode == LA_MODE_DENSE) newrow[w] = in[w];
+                    else newrow[w] = ((vis[w] & upd) | (~vis[w] & in[w])) & valid;
+                }
+                for (int i = 0; i < rows; i++) {
+                    const int sq = mt * BM + i;
+                    for (int d = 0; d < D; d++)
+                        out->o[(((size_t)b * Sq + sq) * H + h) * D + d] = l[i] > 0 ? acc[i * D + d] / l[i] : 0;
+                    out->lse[((size_t)b * H + h) * Sq + sq] = l[i] > 0 ? m[i] * scale + log(l[i]) : -INFINITY;
+                }
+            }
+    free(s), free(m), free(l), free(acc), free(qd), free(kd), free(vd), free(order);
+}
+
+/* ---- one case: `steps` calls on the GPU, the CPU reference and the model ------------------ */
+typedef struct stats {
+    int ties, mismatches_ref, mismatches_model;
+    double worst_o, worst_o_ref;
+    double live_fraction;
+} stats;
+
+static double rel_l2(const double *ref, const double *x, size_t n) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = x[i] - ref[i];
+        num += d * d, den += ref[i] * ref[i];
+    }
+    return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+static stats run_case(const cfg *c) {
+    stats st = {0};
+    int32_t BM, BN;
+    ck_assert_int_eq(la_cuda_tile_sizes(c->D, c->dtype, 80, &BM, &BN), 0);
+    const int B = c->B, H = c->H, Sq = c->Sq, Sk = c->Sk, D = c->D;
+    const int nQ = la_tiles(Sq, BM), nK = la_tiles(Sk, BN), W = la_mask_words(nK);
+    const size_t rows = (size_t)B * H * nQ, nO = (size_t)B * Sq * H * D, nL = (size_t)B * H * Sq;
+
+    tens q, k, v, o;
+    tens_init(&q, B, Sq, H, D, c->dtype, c->layout);
+    tens_init(&k, B, Sk, H, D, c->dtype, c->layout);
+    tens_init(&v, B, Sk, H, D, c->dtype, c->layout);
+    tens_init(&o, B, Sq, H, D, c->dtype, c->layout);
+    fill_inputs(&q, &k, &v, c->peak);
+
+    /* Mask rows with 2 spare words each (rows may be longer than W). */
+    const int64_t mrow = W + 2;
+    const size_t mwords = rows * (size_t)mrow;
+    uint32_t *mask = malloc(mwords * 4), *mask_ref = malloc(mwords * 4), *gpu_mask = malloc(mwords * 4);
+    uint32_t *packed_in = malloc(rows * W * 4);
+    for (size_t r = 0; r < rows; r++)
+        for (int w = 0; w < mrow; w++) {
+            uint32_t x = w < W ? 0xffffffffu : 0xdeadbeefu;
+            if (w < W && c->mask_init == 1) x = (uint32_t)rng_next();
+            if (w < W && c->mask_init == 2) x = 0;
+            if (w == W - 1 && (nK % 32)) x &= (1u << (nK % 32)) - 1;
+            mask[r * mrow + w] = x;
+        }
+    uint32_t *d_mask, *d_dec = NULL;
+    float *d_lse;
+    unsigned long long *d_tiles;
+    CUDA_OK(cudaMalloc((void **)&d_mask, mwords * 4));
+    if (c->dry_run) CUDA_OK(cudaMalloc((void **)&d_dec, mwords * 4));
+    CUDA_OK(cudaMalloc((void **)&d_lse, nL * 4));
+    CUDA_OK(cudaMalloc((void **)&d_tiles, 8));
+    float *lse = malloc(nL * 4), *lse_ref = malloc(nL * 4);
+    uint16_t *o_ref_store = malloc(o.elems * 2);
+    double *o_gpu = malloc(nO * 8), *o_cpu = malloc(nO * 8);
+    model_out mo = {malloc(nO * 8), malloc(nL * 8), malloc(rows * W * 4), malloc(rows * nK * 8), 0};
+    int64_t live_sum = 0, live_total = 0;
+
+    for (int step = 0; step < c->steps; step++) {
+        if (step > 0) drift(&q, c->drift), drift(&k, c->drift);
+        tens_upload(&q), tens_upload(&k), tens_upload(&v);
+
+        la_attn_params p = {0};
+        p.q = q.dev, p.k = k.dev, p.v = v.dev, p.o = o.dev;
+        memcpy(p.q_stride, q.stride, 32), memcpy(p.k_stride, k.stride, 32);
+        memcpy(p.v_stride, v.stride, 32), memcpy(p.o_stride, o.stride, 32);
+        p.lse = c->lse ? d_lse : NULL;
+        p.lse_stride[0] = (int64_t)H * Sq, p.lse_stride[1] = Sq, p.lse_stride[2] = 1;
+        p.B = B, p.Sq = Sq, p.Sk = Sk, p.H = H, p.D = D, p.dtype = c->dtype;
+        p.scale = (float)(1.0 / sqrt((double)D));
+        p.tau = c->tau, p.mode = c->mode, p.step = step, p.direction = c->dir;
+        p.must_do = c->must_do, p.n_must_do = c->n_must_do;
+        p.must_skip = c->must_skip, p.n_must_skip = c->n_must_skip;
+        p.mask = d_mask;
+        p.mask_stride[0] = (int64_t)H * nQ * mrow, p.mask_stride[1] = (int64_t)nQ * mrow,
+        p.mask_stride[2] = mrow;
+        p.decisions = d_dec;
+        p.BM = BM, p.BN = BN, p.threads = 8;
+        p.ret_tiles_computed = (int64_t *)d_tiles;
+
+        /* GPU, outputs poisoned first. */
+        CUDA_OK(cudaMemcpy(d_mask, mask, mwords * 4, cudaMemcpyHostToDevice));
+        if (d_dec) CUDA_OK(cudaMemset(d_dec, 0xA5, mwords * 4));
+        CUDA_OK(cudaMemset(o.dev, 0xFF, o.elems * 2)); /* NaN in bf16 and fp16 */
+        CUDA_OK(cudaMemset(d_lse, 0xFF, nL * 4));
+        CUDA_OK(cudaMemset(d_tiles, 0, 8));
+        ck_assert_int_eq(la_cuda_supported(&p, 80), 0);
+        CUDA_OK(la_attn_fwd_cuda(&p, 0));
+        CUDA_OK(cudaDeviceSynchronize());
+        uint16_t *o_store = malloc(o.elems * 2);
+        CUDA_OK(cudaMemcpy(o_store, o.dev, o.elems * 2, cudaMemcpyDeviceToHost));
+        CUDA_OK(cudaMemcpy(gpu_mask, d_dec ? d_dec : d_mask, mwords * 4, cudaMemcpyDeviceToHost));
+        CUDA_OK(cudaMemcpy(lse, d_lse, nL * 4, cudaMemcpyDeviceToHost));
+        unsigned long long tiles_gpu = 0;
+        CUDA_OK(cudaMemcpy(&tiles_gpu, d_tiles, 8, cudaMemcpyDeviceToHost));
+        if (d_dec) { /* the store itself must be untouched by a dry run */
+            uint32_t *chk = malloc(mwords * 4);
+            CUDA_OK(cudaMemcpy(chk, d_mask, mwords * 4, cudaMemcpyDeviceToHost));
+            ck_assert_msg(memcmp(chk, mask, mwords * 4) == 0, "%s: dry run modified the mask", c->name);
+            free(chk);
+        }
+
+        /* CPU reference on host copies (same strides). */
+        la_attn_params r = p;
+        memcpy(mask_ref, mask, mwords * 4);
+        uint32_t *dec_ref = c->dry_run ? malloc(mwords * 4) : NULL;
+        if (dec_ref) memset(dec_ref, 0xA5, mwords * 4);
+        r.q = q.host, r.k = k.host, r.v = v.host, r.o = o_ref_store;
+        r.lse = c->lse ? lse_ref : NULL;
+        r.mask = mask_ref, r.decisions = dec_ref;
+        int64_t tiles_ref = 0;
+        r.ret_tiles_computed = &tiles_ref;
+        ck_assert_int_eq(la_ref_attn_fwd(&r), 0);
+        const uint32_t *ref_mask = dec_ref ? dec_ref : mask_ref;
+
+        /* Model. */
+        for (size_t rr = 0; rr < rows; rr++) memcpy(packed_in + rr * W, mask + rr * mrow, W * 4);
+        model_run(c, &q, &k, &v, step, packed_in, BM, BN, &mo);
+
+        /* O and LSE. */
+        for (int b = 0; b < B; b++)
+            for (int s = 0; s < Sq; s++)
+                for (int h = 0; h < H; h++)
+                    for (int d = 0; d < D; d++) {
+                        size_t i = (((size_t)b * Sq + s) * H + h) * D + d, off = tens_off(&o, b, s, h, d);
+                        o_gpu[i] = from_half_bits(o_store[off], c->dtype);
+                        o_cpu[i] = from_half_bits(o_ref_store[off], c->dtype);
+                        ck_assert_msg(isfinite(o_gpu[i]), "%s step %d: O[%d,%d,%d,%d] not written (%g)",
+                                      c->name, step, b, s, h, d, o_gpu[i]);
+                    }
+        double e_model = rel_l2(mo.o, o_gpu, nO), e_ref = rel_l2(o_cpu, o_gpu, nO);
+        if (e_model > st.worst_o) st.worst_o = e_model;
+        if (e_ref > st.worst_o_ref) st.worst_o_ref = e_ref;
+        ck_assert_msg(e_model <= 1e-2, "%s step %d: O rel L2 vs float64 %.3e", c->name, step, e_model);
+        ck_assert_msg(e_ref <= 1e-2, "%s step %d: O rel L2 vs CPU reference %.3e", c->name, step, e_ref);
+        if (c->lse)
+            for (size_t i = 0; i < nL; i++) {
+                double ref = mo.lse[i], got = lse[i];
+                if (ref == -INFINITY) {
+                    ck_assert_msg(got == -INFINITY, "%s: LSE[%zu] = %g, want -inf", c->name, i, got);
+                    continue;
+                }
+                ck_assert_msg(fabs(got - ref) <= 5e-3 + 1e-3 * fabs(ref),
+                              "%s step %d: LSE[%zu] = %.6f, float64 %.6f", c->name, step, i, got, ref);
+                ck_assert_msg(fabs(lse_ref[i] - got) <= 5e-3 + 1e-3 * fabs(ref),
+                              "%s step %d: LSE[%zu] = %.6f, CPU reference %.6f", c->name, step, i, got,
+                              (double)lse_ref[i]);
+            }
+
+        /* Masks: word by word, bit by bit; spare words never written. */
+        for (size_t rr = 0; rr < rows; rr++) {
+            for (int w = W; w < mrow; w++)
+                ck_assert_msg(gpu_mask[rr * mrow + w] == (d_dec ? 0xA5A5A5A5u : mask[rr * mrow + w]),
+                              "%s: spare word %d of row %zu written", c->name, w, rr);
+            for (int n = 0; n < nK; n++) {
+                int g = (gpu_mask[rr * mrow + n / 32] >> (n % 32)) & 1;
+                int cr = (ref_mask[rr * mrow + n / 32] >> (n % 32)) & 1;
+                int md = (mo.mask[rr * W + n / 32] >> (n % 32)) & 1;
+                double mg = mo.margin[rr * nK + n];
+                bool tie = !isnan(mg) && fabs(mg) < LA_TIE_TOL;
+                if (g != cr || g != md) {
+                    if (tie) {
+                        st.ties++;
+                    } else {
+                        if (g != cr) st.mismatches_ref++;
+                        if (g != md) st.mismatches_model++;
+                        printf("%s step %d row %zu tile %d: gpu %d ref %d model %d margin %.6g\n",
+                               c->name, step, rr, n, g, cr, md, mg);
+                    }
+                }
+            }
+            /* bits past nK stay 0 wherever the row was written */
+            if (c->mode != LA_MODE_DENSE && (nK % 32))
+                ck_assert_msg((gpu_mask[rr * mrow + W - 1] >> (nK % 32)) == 0,
+                              "%s: bits past nK set in row %zu", c->name, rr);
+        }
+        ck_assert_msg(st.mismatches_ref == 0 && st.mismatches_model == 0,
+                      "%s step %d: %d mask bits differ from the CPU reference, %d from float64 (not ties)",
+                      c->name, step, st.mismatches_ref, st.mismatches_model);
+        ck_assert_msg((int64_t)tiles_gpu == tiles_ref, "%s step %d: tiles %llu, reference %lld", c->name,
+                      step, tiles_gpu, (long long)tiles_ref);
+        ck_assert_msg((int64_t)tiles_gpu == mo.tiles, "%s step %d: tiles %llu, model %lld", c->name, step,
+                      tiles_gpu, (long long)mo.tiles);
+        live_sum += (int64_t)tiles_gpu, live_total += (int64_t)rows * nK;
+
+        /* Continue from the GPU's mask (a dry run leaves the store as it was). */
+        if (!c->dry_run) memcpy(mask, gpu_mask, mwords * 4);
+        free(o_store);
+        free(dec_ref);
+    }
+    st.live_fraction = (double)live_sum / (double)live_total;
+    printf("%s: %d steps, O rel L2 vs float64 %.2e, vs CPU ref %.2e, live fraction %.3f, ties %d\n",
+           c->name, c->steps, st.worst_o, st.worst_o_ref, st.live_fraction, st.ties);
+
+    tens_free(&q), tens_free(&k), tens_free(&v), tens_free(&o);
+    free(mask), free(mask_ref), free(gpu_mask), free(packed_in), free(lse), free(lse_ref);
+    free(o_ref_store), free(o_gpu), free(o_cpu);
+    free(mo.o), free(mo.lse), free(mo.mask), free(mo.margin);
+    cudaFree(d_mask), cudaFree(d_dec), cudaFree(d_lse), cudaFree(d_tiles);
+    return st;
+}
+
+static void need_gpu(void) {
+    int n = 0;
+    ck_assert_msg(cudaGetDeviceCount(&n) == cudaSuccess && n > 0, "no CUDA device");
+}
+
+/* ---- cases -------------------------------------------------------------------------------- */
+static const la_dtype kDtypes[2] = {LA_DTYPE_BF16, LA_DTYPE_F16};
+static const int kDims[2] = {64, 128};
+
+/* tau = -inf, dense and skip modes: dense attention, masks stay all ones. Loop over D x dtype. */
+START_TEST(test_dense_exact) {
+    need_gpu();
+    const int D = kDims[_i / 2];
+    const la_dtype dt = kDtypes[_i % 2];
+    seed_from_clock("dense_exact");
+    cfg c = {.name = "dense", .B = 2, .Sq = 333, .Sk = 301, .H = 3, .D = D, .dtype = dt,
+             .mode = LA_MODE_DENSE, .dir = LA_DIR_ALTERNATE, .tau = -INFINITY, .steps = 1,
+             .lse = true, .peak = 0.0};
+    run_case(&c);
+    c.name = "dense_must_skip"; /* must-skip-only tiles are not computed in mode DENSE either */
+    c.must_skip[0] = (la_range){0, 130}, c.n_must_skip = 1;
+    run_case(&c);
+    c.n_must_skip = 0;
+    c.name = "skip_tau_-inf";
+    c.mode = LA_MODE_SKIP;
+    c.steps = 2;
+    c.Sq = 129, c.Sk = 515, c.B = 1, c.H = 2;
+    stats st = run_case(&c);
+    ck_assert_double_eq(st.live_fraction, 1.0);
+}
+END_TEST
+
+/* Multi-step skipping on drifting, peaked data: alternate direction, must-do and must-skip,
+ * partial tiles, B > 1, H > 1, Sq != Sk. */
+START_TEST(test_skip_multistep) {
+    need_gpu();
+    const int D = kDims[_i / 2];
+    const la_dtype dt = kDtypes[_i % 2];
+    seed_from_clock("skip_multistep");
+    cfg c = {.name = "skip", .B = 2, .Sq = 300, .Sk = 1100, .H = 2, .D = D, .dtype = dt,
+             .mode = LA_MODE_SKIP, .dir = LA_DIR_ALTERNATE, .tau = -3.0f, .steps = 4,
+             .lse = true, .drift = 0.05, .peak = 0.6,
+             .must_do = {{0, 5}}, .n_must_do = 1, .must_skip = {{1050, 1100}, {700, 830}},
+             .n_must_skip = 2};
+    stats st = run_case(&c);
+    ck_assert_msg(st.live_fraction < 0.95, "skipping never engaged (live %.3f)", st.live_fraction);
+    c.name = "skip_tau_-8_desc";
+    c.tau = -8.0f, c.dir = LA_DIR_DESCENDING, c.n_must_skip = 0, c.steps = 3;
+    run_case(&c);
+}
+END_TEST
+
+/* Observe mode (new = old & keep, every tile computed), dry run (decisions buffer, store
+ * untouched), random input masks, ascending direction, strided [B, H, S, D+8] layout. */
+START_TEST(test_observe_dryrun_strided) {
+    need_gpu();
+    const int D = kDims[_i / 2];
+    const la_dtype dt = kDtypes[_i % 2];
+    seed_from_clock("observe_dryrun_strided");
+    cfg c = {.name = "observe_strided", .B = 2, .Sq = 200, .Sk = 700, .H = 3, .D = D, .dtype = dt,
+             .layout = 1, .mode = LA_MODE_OBSERVE, .dir = LA_DIR_ASCENDING, .tau = -2.0f,
+             .steps = 3, .lse = true, .drift = 0.05, .peak = 0.6, .mask_init = 1};
+    run_case(&c);
+    c.name = "skip_dryrun_random_mask";
+    c.mode = LA_MODE_SKIP, c.dry_run = true, c.dir = LA_DIR_ALTERNATE, c.lse = false;
+    c.must_do[0] = (la_range){650, 700}, c.n_must_do = 1;
+    run_case(&c);
+}
+END_TEST
+
+/* tau = +inf over two calls: each row keeps its first visited tile plus must-do tiles; the
+ * second call computes exactly those. Empty rows (all-zero mask): O = 0, LSE = -inf. */
+START_TEST(test_extremes) {
+    need_gpu();
+    const int D = kDims[_i / 2];
+    const la_dtype dt = kDtypes[_i % 2];
+    seed_from_clock("extremes");
+    cfg c = {.name = "tau_+inf", .B = 1, .Sq = 250, .Sk = 900, .H = 2, .D = D, .dtype = dt,
+             .mode = LA_MODE_SKIP, .dir = LA_DIR_DESCENDING, .tau = INFINITY, .steps = 2,
+             .lse = true, .peak = 0.3, .must_do = {{300, 301}}, .n_must_do = 1};
+    run_case(&c);
+    int32_t BM, BN;
+    la_cuda_tile_sizes(D, dt, 80, &BM, &BN);
+    const int nQ = la_tiles(c.Sq, BM), nK = la_tiles(c.Sk, BN);
+    /* After the first call: 2 tiles per row (the last tile first visited, and tile 300/BN). */
+    (void)nK;
+    cfg c2 = c;
+    c2.name = "empty_rows";
+    c2.mask_init = 2, c2.steps = 1, c2.n_must_do = 0;
+    run_case(&c2);
+    (void)nQ;
+}
+END_TEST
+
+START_TEST(test_supported) {
+    int32_t bm = 0, bn = 0;
+    ck_assert_int_eq(la_cuda_tile_sizes(128, LA_DTYPE_BF16, 90, &bm, &bn), 0);
+    ck_assert_int_eq(bm, 128);
+    ck_assert_int_eq(bn, 64);
+    ck_assert_int_eq(la_cuda_tile_sizes(64, LA_DTYPE_F16, 80, &bm, &bn), 0);
+    ck_assert_int_eq(la_cuda_tile_sizes(96, LA_DTYPE_BF16, 90, &bm, &bn), LA_ENOTSUP);
+    ck_assert_int_eq(la_cuda_tile_sizes(128, LA_DTYPE_F32, 90, &bm, &bn), LA_ENOTSUP);
+    ck_assert_int_eq(la_cuda_tile_sizes(128, LA_DTYPE_BF16, 75, &bm, &bn), LA_ENOTSUP);
+    /* Pointer values only: la_cuda_supported never dereferences the tensors. */
+    static char buf[1 << 17] __attribute__((aligned(16)));
+    la_cuda_tile_sizes(128, LA_DTYPE_BF16, 90, &bm, &bn);
+    la_attn_params p = {0};
+    p.q = buf, p.k = buf, p.v = buf, p.o = buf + 65536;
+    p.B = 1, p.Sq = 16, p.Sk = 16, p.H = 8, p.D = 128, p.dtype = LA_DTYPE_BF16;
+    const int64_t st[4] = {16 * 8 * 128, 8 * 128, 128, 1};
+    memcpy(p.q_stride, st, 32), memcpy(p.k_stride, st, 32), memcpy(p.v_stride, st, 32);
+    memcpy(p.o_stride, st, 32);
+    p.scale = 0.088f, p.tau = -3, p.mode = LA_MODE_DENSE, p.BM = bm, p.BN = bn;
+    ck_assert_int_eq(la_cuda_supported(&p, 90), 0);
+    p.BN = 32;
+    ck_assert_int_eq(la_cuda_supported(&p, 90), LA_EINVAL);
+    p.BN = bn;
+    p.k_stride[1] = 8 * 128 + 4; /* s stride not a multiple of 8 elements */
+    ck_assert_int_eq(la_cuda_supported(&p, 90), LA_ENOTSUP);
+    p.k_stride[1] = 8 * 128;
+    p.k = buf + 2; /* misaligned */
+    ck_assert_int_eq(la_cuda_supported(&p, 90), LA_ENOTSUP);
+    p.k = buf;
+    p.mode = LA_MODE_SKIP; /* needs a mask */
+    ck_assert_int_eq(la_cuda_supported(&p, 90), LA_EINVAL);
+}
+END_TEST
+
+static Suite *kernel_suite(void) {
+    Suite *s = suite_create("gpu_kernel");
+    TCase *tc = tcase_create("supported");
+    tcase_add_test(tc, test_supported);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("against_reference");
+    tcase_set_timeout(tc, 300);
+    tcase_add_loop_test(tc, test_dense_exact, 0, 4);
+    tcase_add_loop_test(tc, test_skip_multistep, 0, 4);
+    tcase_add_loop_test(tc, test_observe_dryrun_strided, 0, 4);
+    tcase_add_loop_test(tc, test_extremes, 0, 4);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void) {
+    SRunner *sr = srunner_create(kernel_suite());
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed == 0 ? 0 : 1;
+}
+#endif /* LA_HAVE_CUDA */
