@@ -1,0 +1,794 @@
+"""Client and Session: the core API over libliteattn (ctypes).
+
+Host arrays (NumPy, torch CPU tensors) travel through one shared-memory staging buffer per
+session (a sealed memfd the library maps and the daemon maps too): the inputs are copied in,
+the output copied out, and the buffer is reused from call to call, grown when a call needs
+more. torch CUDA tensors travel by CUDA IPC without copies: each caching-allocator block is
+registered once per client and a tensor is named by (block, byte offset, shape, strides).
+"""
+import ctypes
+import math
+import os
+import threading
+import weakref
+
+from . import _lib
+from .errors import Error, InvalidArgument, NotSupported, check, from_code
+
+__all__ = ["Client", "Session", "DTYPES", "MODES"]
+
+DTYPES = {
+    "float32": _lib.DTYPE_F32, "f32": _lib.DTYPE_F32, "fp32": _lib.DTYPE_F32,
+    "float16": _lib.DTYPE_F16, "f16": _lib.DTYPE_F16, "fp16": _lib.DTYPE_F16,
+    "half": _lib.DTYPE_F16,
+    "bfloat16": _lib.DTYPE_BF16, "bf16": _lib.DTYPE_BF16,
+}
+_DTYPE_NAME = {_lib.DTYPE_F32: "float32", _lib.DTYPE_F16: "float16", _lib.DTYPE_BF16: "bfloat16"}
+_DTYPE_SIZE = {_lib.DTYPE_F32: 4, _lib.DTYPE_F16: 2, _lib.DTYPE_BF16: 2}
+MODES = {None: _lib.MODE_SESSION, "session": _lib.MODE_SESSION, "dense": _lib.MODE_DENSE,
+         "observe": _lib.MODE_OBSERVE, "skip": _lib.MODE_SKIP}
+_DIRECTIONS = {None: None, "alternate": _lib.DIR_ALTERNATE, "ascending": _lib.DIR_ASCENDING,
+               "descending": _lib.DIR_DESCENDING}
+
+_ALIGN = 256
+
+
+def _align(n):
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def _dtype_code(dtype):
+    if isinstance(dtype, int):
+        if dtype in _DTYPE_NAME:
+            return dtype
+        raise InvalidArgument("unknown dtype code %r" % (dtype,))
+    name = str(dtype)
+    for prefix in ("torch.", "<class 'numpy.", "numpy."):
+        if name.startswith(prefix):
+            name = name[len(prefix):].rstrip("'>")
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise InvalidArgument("dtype %r: use float32 (CPU backend only), float16 or bfloat16"
+                              % (dtype,)) from None
+
+
+def _mode_code(mode):
+    try:
+        return MODES[mode]
+    except (KeyError, TypeError):
+        raise InvalidArgument("mode %r: use 'dense', 'observe' or 'skip'" % (mode,)) from None
+
+
+def _ranges(pairs, what):
+    """[(start, end), ...] -> (int64 array, n). Also accepts a flat [s0, e0, s1, e1, ...]."""
+    if pairs is None:
+        return None, 0
+    flat = []
+    seq = list(pairs)
+    if seq and not hasattr(seq[0], "__len__"):
+        if len(seq) % 2:
+            raise InvalidArgument("%s: a flat list needs an even number of values" % what)
+        flat = [int(x) for x in seq]
+    else:
+        for p in seq:
+            if len(p) != 2:
+                raise InvalidArgument("%s: each range is a (start, end) pair" % what)
+            flat += [int(p[0]), int(p[1])]
+    if not flat:
+        return None, 0
+    arr = (ctypes.c_int64 * len(flat))(*flat)
+    return arr, len(flat) // 2
+
+
+def _i64(seq):
+    return (ctypes.c_int64 * len(seq))(*[int(x) for x in seq])
+
+
+# ---- array kinds -----------------------------------------------------------------------------
+
+def _torch():
+    import sys
+    return sys.modules.get("torch")
+
+
+def _is_torch(x):
+    t = _torch()
+    return t is not None and isinstance(x, t.Tensor)
+
+
+def _np():
+    import numpy
+    return numpy
+
+
+def _numpy_dtype_code(arr, session_dtype):
+    np = _np()
+    dt = arr.dtype
+    if dt == np.float32:
+        return _lib.DTYPE_F32
+    if dt == np.float16:
+        return _lib.DTYPE_F16
+    if dt.name == "bfloat16" or (dt == np.uint16 and session_dtype == _lib.DTYPE_BF16):
+        return _lib.DTYPE_BF16  # ml_dtypes.bfloat16, or raw bf16 bits in uint16
+    raise InvalidArgument("NumPy dtype %s: use float32, float16, or uint16 holding bf16 bits "
+                          "(with a session opened with dtype='bfloat16')" % dt)
+
+
+def _torch_dtype_code(t):
+    torch = _torch()
+    m = {torch.float32: _lib.DTYPE_F32, torch.float16: _lib.DTYPE_F16,
+         torch.bfloat16: _lib.DTYPE_BF16}
+    try:
+        return m[t.dtype]
+    except KeyError:
+        raise InvalidArgument("torch dtype %s: use float32, float16 or bfloat16" % t.dtype) \
+            from None
+
+
+def expandable_segments_enabled():
+    """True when PyTorch's CUDA caching allocator runs with expandable_segments, whose memory
+    cannot travel by legacy CUDA IPC."""
+    for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        conf = os.environ.get(var, "").replace(" ", "").lower()
+        if "expandable_segments:true" in conf:
+            return True
+    torch = _torch()
+    if torch is not None:
+        try:  # private, present in recent PyTorch; absent is fine
+            settings = torch._C._accelerator_getAllocatorSettings()  # noqa: SLF001
+            if "expandable_segments:true" in str(settings).lower().replace(" ", ""):
+                return True
+        except Exception:
+            pass
+    return False
+
+
+_EXPANDABLE_MSG = (
+    "this tensor comes from PyTorch's expandable_segments CUDA allocator "
+    "(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True), whose memory cannot be shared by "
+    "legacy CUDA IPC; run without expandable_segments (unset it or set "
+    "expandable_segments:False) to use liteattn with CUDA tensors")
+
+
+class _CudaDriver:
+    """cuPointerGetAttribute from libcuda, to key registered blocks by their allocation id."""
+    BUFFER_ID = 7
+
+    def __init__(self):
+        self.fn = None
+        try:
+            dll = ctypes.CDLL("libcuda.so.1")
+            self.fn = dll.cuPointerGetAttribute
+            self.fn.restype = ctypes.c_int
+            self.fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64]
+        except (OSError, AttributeError):
+            self.fn = None
+
+    def buffer_id(self, ptr):
+        if self.fn is None:
+            return None
+        v = ctypes.c_uint64(0)
+        if self.fn(ctypes.byref(v), self.BUFFER_ID, ptr) != 0:
+            return None
+        return v.value
+
+
+_driver = None
+
+
+def _cuda_driver():
+    global _driver
+    if _driver is None:
+        _driver = _CudaDriver()
+    return _driver
+
+
+class _CudaBlock:
+    __slots__ = ("handle", "base", "size", "alloc_id")
+
+    def __init__(self, handle, base, size, alloc_id):
+        self.handle, self.base, self.size, self.alloc_id = handle, base, size, alloc_id
+
+
+# ---- Client ----------------------------------------------------------------------------------
+
+class Client:
+    """One connection to liteattnd.
+
+    socket: the daemon's socket path; None takes $LITEATTN_SOCKET, else
+    $XDG_RUNTIME_DIR/liteattn.sock, else /run/liteattn/liteattn.sock.
+    Use as a context manager, or call close(). Closing detaches the sessions opened through
+    it (the daemon keeps them for its grace period, so another client may attach()).
+    """
+
+    def __init__(self, socket=None, name=None):
+        self._lib = _lib.get()
+        self._h = None
+        self._lock = threading.RLock()
+        self._sessions = weakref.WeakSet()
+        self._cuda_blocks = {}  # allocation id (or base) -> _CudaBlock
+        path = os.fspath(socket) if socket is not None else None
+        h = ctypes.c_void_p()
+        check(self._lib.la_connect(path.encode() if path else None,
+                                   (name or "liteattn-python").encode(), ctypes.byref(h)))
+        self._h = h
+        self.socket = path or self.default_socket_path()
+
+    @staticmethod
+    def default_socket_path():
+        buf = ctypes.create_string_buffer(4096)
+        check(_lib.get().la_default_socket_path(buf, len(buf)))
+        return buf.value.decode()
+
+    def _handle(self):
+        if self._h is None:
+            raise Error("client is closed", code=_lib.LA_ECLOSED, name="LA_ECLOSED")
+        return self._h
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def close(self):
+        """Disconnects. Sessions are detached (not closed); registered buffers released."""
+        with self._lock:
+            if self._h is None:
+                return
+            for s in list(self._sessions):
+                s._drop(detach=True)
+            for blk in self._cuda_blocks.values():
+                self._lib.la_buffer_unregister(blk.handle)
+            self._cuda_blocks.clear()
+            self._lib.la_disconnect(self._h)
+            self._h = None
+
+    @property
+    def closed(self):
+        return self._h is None
+
+    # -- facts --
+    def fact(self, name):
+        """A fact from the daemon's Hello reply (see la_client_property), or None."""
+        v = self._lib.la_client_property(self._handle(), name.encode())
+        return None if v is None else v.decode()
+
+    @property
+    def backends(self):
+        v = self.fact("backends") or ""
+        return [b for b in v.split(",") if b]
+
+    def ping(self):
+        """Round-trip time of one Ping, in seconds."""
+        ns = ctypes.c_uint64()
+        check(self._lib.la_ping(self._handle(), ctypes.byref(ns)))
+        return ns.value / 1e9
+
+    def _table(self, fn):
+        t = ctypes.c_void_p()
+        check(fn(self._handle(), ctypes.byref(t)))
+        try:
+            L = self._lib
+            cols = [_lib.text(L.la_table_col_name(t, j)) for j in range(L.la_table_cols(t))]
+            rows = []
+            for i in range(L.la_table_rows(t)):
+                rows.append({c: _lib.text(L.la_table_text(t, i, j)) for j, c in enumerate(cols)})
+            return rows
+        finally:
+            self._lib.la_table_free(t)
+
+    def stats(self):
+        """Daemon counters as {name: int}."""
+        out = {}
+        for r in self._table(self._lib.la_stats):
+            try:
+                out[r["name"]] = int(r["value"])
+            except ValueError:
+                out[r["name"]] = r["value"]
+        return out
+
+    def sessions(self):
+        """Sessions this user may see, as a list of dicts of text (la_sessions columns)."""
+        return self._table(self._lib.la_sessions)
+
+    # -- sessions --
+    def open_session(self, key, *, layers, heads, head_dim, dtype, max_seq_q, max_seq_k=None,
+                     batch=1, kv_shards=1, threshold=-3.0, mode="skip", schedule=None,
+                     direction=None, device=None):
+        """Opens a generation session (all masks start all ones: the first step is dense).
+
+        dtype: "float32" (CPU backend only), "float16" or "bfloat16" (also numpy/torch dtypes).
+        threshold: tau in log2 units (-inf skips nothing). schedule: per-step thresholds
+        (step s uses schedule[min(s, len-1)]). mode: "skip", "observe" or "dense".
+        direction: None/"alternate", "ascending", "descending". device: "auto" (default),
+        "cpu", "cuda" or a GPU UUID.
+        """
+        dcode = _dtype_code(dtype)
+        L = self._lib
+        cfg = ctypes.c_void_p()
+        check(L.la_session_config_new(ctypes.byref(cfg)))
+        try:
+            check(L.la_session_config_set_geometry(
+                cfg, int(layers), int(heads), int(head_dim), dcode, int(max_seq_q),
+                int(max_seq_k or 0), int(batch or 1), int(kv_shards or 1)))
+            check(L.la_session_config_set_threshold(cfg, float(threshold)))
+            if schedule is not None and len(schedule):
+                arr = (ctypes.c_float * len(schedule))(*[float(x) for x in schedule])
+                check(L.la_session_config_set_schedule(cfg, arr, len(schedule)))
+            m = _mode_code(mode)
+            if m == _lib.MODE_SESSION:
+                raise InvalidArgument("a session's mode is 'skip', 'observe' or 'dense'")
+            check(L.la_session_config_set_mode(cfg, m))
+            if direction is not None:
+                if direction not in _DIRECTIONS:
+                    raise InvalidArgument("direction %r: use 'alternate', 'ascending' or "
+                                          "'descending'" % (direction,))
+                check(L.la_session_config_set_direction(cfg, _DIRECTIONS[direction]))
+            if device is not None:
+                check(L.la_session_config_set_device(cfg, str(device).encode()))
+            h = ctypes.c_void_p()
+            check(L.la_session_open(self._handle(), str(key).encode(), cfg, ctypes.byref(h)))
+        finally:
+            L.la_session_config_free(cfg)
+        s = Session(self, h, str(key))
+        self._sessions.add(s)
+        return s
+
+    def attach(self, key):
+        """Attaches to an open session of the same Unix user (e.g. after a reconnect)."""
+        h = ctypes.c_void_p()
+        check(self._lib.la_session_attach(self._handle(), str(key).encode(), ctypes.byref(h)))
+        s = Session(self, h, str(key))
+        self._sessions.add(s)
+        return s
+
+    attach_session = attach
+
+    # -- CUDA buffers --
+    def _cuda_tensor_ref(self, t, pinned):
+        """(buffer handle, byte offset) of a CUDA tensor; registers its block once."""
+        ptr = t.data_ptr()
+        drv = _cuda_driver()
+        alloc_id = drv.buffer_id(ptr)
+        with self._lock:
+            if alloc_id is not None:
+                blk = self._cuda_blocks.get(alloc_id)
+                if blk is not None and blk.base <= ptr < blk.base + blk.size:
+                    pinned.add(alloc_id)
+                    return blk.handle, ptr - blk.base
+            else:  # no driver access: find by address range
+                for k, blk in self._cuda_blocks.items():
+                    if blk.base <= ptr < blk.base + blk.size:
+                        pinned.add(k)
+                        return blk.handle, ptr - blk.base
+            if expandable_segments_enabled():
+                raise NotSupported(_EXPANDABLE_MSG)
+            self._evict_stale_cuda(pinned)
+            h = ctypes.c_void_p()
+            off = ctypes.c_uint64()
+            rc = self._lib.la_buffer_register_cuda(self._handle(), ctypes.c_void_p(ptr),
+                                                   ctypes.byref(h), ctypes.byref(off))
+            if rc == _lib.LA_ELIMIT and self._cuda_blocks:
+                self._evict_stale_cuda(pinned, everything=True)
+                rc = self._lib.la_buffer_register_cuda(self._handle(), ctypes.c_void_p(ptr),
+                                                       ctypes.byref(h), ctypes.byref(off))
+            if rc == _lib.LA_ENOTSUP:
+                err = from_code(rc)
+                raise NotSupported("%s (%s)" % (err.message, _EXPANDABLE_MSG))
+            check(rc)
+            base = ptr - off.value
+            key = alloc_id if alloc_id is not None else base
+            self._cuda_blocks[key] = _CudaBlock(h, base, self._lib.la_buffer_size(h), alloc_id)
+            pinned.add(key)
+            return h, off.value
+
+    def _evict_stale_cuda(self, pinned, everything=False):
+        """Unregisters blocks the caching allocator has freed (their allocation id changed)
+        or, with everything=True, every block not used by the call being prepared."""
+        drv = _cuda_driver()
+        for k, blk in list(self._cuda_blocks.items()):
+            if k in pinned:
+                continue
+            stale = everything
+            if not stale and blk.alloc_id is not None:
+                stale = drv.buffer_id(blk.base) != blk.alloc_id
+            if stale:
+                self._lib.la_buffer_unregister(blk.handle)
+                del self._cuda_blocks[k]
+
+    def release_cuda_buffers(self):
+        """Unregisters every cached CUDA block (call after torch.cuda.empty_cache() when the
+        CUDA driver library could not be loaded to detect freed blocks by itself)."""
+        with self._lock:
+            self._evict_stale_cuda(set(), everything=True)
+
+
+# ---- Session ---------------------------------------------------------------------------------
+
+class Session:
+    """One generation: the skip masks of every layer, held by the daemon."""
+
+    _FACTS = ("id", "layers", "heads", "head_dim", "dtype", "max_seq_q", "max_seq_k", "batch",
+              "kv_shards", "bm", "bn", "mask_bytes", "layer_mask_bytes", "n_q_tiles",
+              "n_k_words")
+
+    def __init__(self, client, handle, key):
+        self.client = client
+        self._lib = client._lib
+        self._h = handle
+        self.key = key
+        self._lock = threading.Lock()
+        self._stage = None  # (buffer handle, size, host address)
+        self.facts = {}
+        for name in self._FACTS:
+            v = ctypes.c_int64()
+            if self._lib.la_session_get(handle, name.encode(), ctypes.byref(v)) == 0:
+                self.facts[name] = v.value
+        self.id = self.facts.get("id")
+        self.layers = self.facts["layers"]
+        self.heads = self.facts["heads"]
+        self.head_dim = self.facts["head_dim"]
+        self.dtype_code = self.facts["dtype"]
+        self.dtype = _DTYPE_NAME.get(self.dtype_code, str(self.dtype_code))
+        self.max_seq_q = self.facts["max_seq_q"]
+        self.max_seq_k = self.facts["max_seq_k"]
+        self.batch = self.facts["batch"]
+        self.kv_shards = self.facts["kv_shards"]
+        self.tile_sizes = (self.facts["bm"], self.facts["bn"])
+        self.n_q_tiles = self.facts.get("n_q_tiles") or -(-self.max_seq_q // self.tile_sizes[0])
+        self.n_k_words = self.facts.get("n_k_words") or \
+            -(-(-(-self.max_seq_k // self.tile_sizes[1])) // 32)
+        # Counters of the calls made through this handle.
+        self.stats = {"calls": 0, "tiles_total": 0, "tiles_computed": 0, "compute_ns": 0,
+                      "queue_ns": 0}
+        self.last_call = {}
+
+    def __repr__(self):
+        return "<liteattn.Session %r id=%s layers=%d heads=%d head_dim=%d %s tiles=%s>" % (
+            self.key, self.id, self.layers, self.heads, self.head_dim, self.dtype,
+            self.tile_sizes)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self._drop(detach=False)
+        except Exception:
+            pass
+
+    @property
+    def closed(self):
+        return self._h is None
+
+    def _handle(self):
+        if self._h is None:
+            raise Error("session %r is closed" % self.key, code=_lib.LA_ENOENT,
+                        name="LA_ENOENT")
+        return self._h
+
+    def _drop(self, detach):
+        with self._lock:
+            if self._h is None:
+                return 0
+            h, self._h = self._h, None
+            if self._stage is not None and not self.client.closed:
+                self._lib.la_buffer_unregister(self._stage[0])
+            self._stage = None
+            if self.client.closed:
+                return 0
+            if detach:
+                self._lib.la_session_detach(h)
+                return 0
+            return self._lib.la_session_close(h)
+
+    def close(self):
+        """Closes the session on the daemon (its masks are freed)."""
+        rc = self._drop(detach=False)
+        check(rc)
+
+    def detach(self):
+        """Frees this handle but leaves the session open on the daemon (attach it later)."""
+        self._drop(detach=True)
+
+    def reset(self):
+        """Every mask back to all ones: the next call of each layer is dense."""
+        check(self._lib.la_session_reset(self._handle()))
+
+    def info(self):
+        """{'live_fraction': [per layer], 'calls': daemon's count, plus this handle's counters
+        'tiles_total', 'tiles_computed', 'compute_s'}."""
+        n = self.layers
+        live = (ctypes.c_double * n)()
+        calls = ctypes.c_uint64()
+        check(self._lib.la_session_info(self._handle(), live, n, ctypes.byref(calls)))
+        return {"live_fraction": list(live), "calls": calls.value,
+                "tiles_total": self.stats["tiles_total"],
+                "tiles_computed": self.stats["tiles_computed"],
+                "compute_s": self.stats["compute_ns"] / 1e9}
+
+    @property
+    def mask_shape(self):
+        return (self.batch, self.heads, self.n_q_tiles, self.n_k_words)
+
+    def mask(self, layer, kv_shard=0):
+        """The packed live mask of (layer, kv_shard): uint32 [B, H, nQ, ceil(nK/32)], bit n%32
+        of word n/32 is k-tile n, 1 = computed (SKIP-SEMANTICS.md)."""
+        np = _np()
+        arr = np.zeros(self.mask_shape, dtype=np.uint32)
+        need = self.facts.get("layer_mask_bytes", arr.nbytes)
+        if need > arr.nbytes:
+            arr = np.zeros(need // 4, dtype=np.uint32)
+        check(self._lib.la_session_read_mask(self._handle(), int(layer), int(kv_shard),
+                                             arr.ctypes.data, arr.nbytes))
+        return arr.reshape(self.mask_shape) if arr.ndim == 1 else arr
+
+    # -- attention --
+    def attention(self, layer, step, q, k, v, *, threshold=None, mode=None, must_do=(),
+                  must_skip=(), scale=None, kv_shard=0, return_lse=False, dry_run=False,
+                  out=None):
+        """One attention call of `layer` at denoising `step`.
+
+        q: [B, Sq, H, D], k, v: [B, Sk, H, D] as NumPy arrays, torch CPU tensors (both through
+        shared memory) or torch CUDA tensors (by CUDA IPC, no copy; the last dim must be
+        contiguous, other strides are passed as they are). Returns out ([B, Sq, H, D], same
+        kind and dtype as q) or (out, lse) with return_lse (lse: [B, H, Sq] float32, natural
+        log). With dry_run the session's mask is left alone and the would-be mask is appended
+        to the result: (out, decisions) or (out, lse, decisions), decisions a NumPy uint32
+        array shaped like mask(). must_do / must_skip: half-open key ranges [(start, end)].
+        threshold/mode override the session's for this call only.
+        """
+        h = self._handle()
+        kinds = {_kind(x) for x in (q, k, v)}
+        if len(kinds) != 1:
+            raise InvalidArgument("q, k and v must all be NumPy arrays, all CPU tensors or "
+                                  "all CUDA tensors")
+        kind = kinds.pop()
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            if len(x.shape) != 4:
+                raise InvalidArgument("%s has shape %s; expected 4 dims (B, S, H, D)"
+                                      % (name, tuple(x.shape)))
+        L = self._lib
+        a = ctypes.c_void_p()
+        check(L.la_attn_new(ctypes.byref(a)))
+        try:
+            check(L.la_attn_set_position(a, int(layer), int(step), int(kv_shard)))
+            if scale is not None:
+                check(L.la_attn_set_scale(a, float(scale)))
+            if threshold is not None:
+                check(L.la_attn_set_threshold(a, float(threshold)))
+            check(L.la_attn_set_mode(a, _mode_code(mode)))
+            arr, n = _ranges(must_do, "must_do")
+            if n:
+                check(L.la_attn_set_must_do(a, arr, n))
+            arr, n = _ranges(must_skip, "must_skip")
+            if n:
+                check(L.la_attn_set_must_skip(a, arr, n))
+            if dry_run:
+                check(L.la_attn_set_dry_run(a, 1))
+            if kind == "cuda":
+                res = self._run_cuda(h, a, q, k, v, return_lse, dry_run, out)
+            else:
+                with self._lock:
+                    res = self._run_host(h, a, kind, q, k, v, return_lse, dry_run, out)
+        finally:
+            L.la_attn_free(a)
+        return res
+
+    def _account(self, call):
+        st = {}
+        for name in ("tiles_total", "tiles_computed", "compute_ns", "queue_ns"):
+            v = ctypes.c_int64()
+            if self._lib.la_call_stat(call, name.encode(), ctypes.byref(v)) == 0:
+                st[name] = v.value
+                self.stats[name] += v.value
+        self.stats["calls"] += 1
+        self.last_call = st
+
+    def _ensure_stage(self, nbytes):
+        if self._stage is not None and self._stage[1] >= nbytes:
+            return self._stage
+        if self._stage is not None:
+            self._lib.la_buffer_unregister(self._stage[0])
+            self._stage = None
+        size = max(1 << 20, 1 << max(0, math.ceil(math.log2(nbytes))))
+        if size > 2 * nbytes and size > (64 << 20):
+            size = _align(nbytes + nbytes // 8)
+        b = ctypes.c_void_p()
+        check(self._lib.la_buffer_new_host(self.client._handle(), size, ctypes.byref(b)))
+        ptr = self._lib.la_buffer_host_ptr(b)
+        self._stage = (b, size, ptr)
+        return self._stage
+
+    def _run_host(self, h, a, kind, q, k, v, return_lse, dry_run, out):
+        np = _np()
+        L = self._lib
+        if kind == "numpy":
+            q, k, v = (np.asarray(x) for x in (q, k, v))
+            codes = {_numpy_dtype_code(x, self.dtype_code) for x in (q, k, v)}
+        else:
+            codes = {_torch_dtype_code(x) for x in (q, k, v)}
+        if len(codes) != 1:
+            raise InvalidArgument("q, k and v must have one dtype")
+        dcode = codes.pop()
+        es = _DTYPE_SIZE[dcode]
+        B, Sq, H, D = (int(x) for x in q.shape)
+        qshape = (B, Sq, H, D)
+        lse_shape = (B, H, Sq)
+        sizes = [es * _prod(x.shape) for x in (q, k, v)] + [es * _prod(qshape)]
+        sizes.append(4 * _prod(lse_shape) if return_lse else 0)
+        dec_bytes = self.facts.get("layer_mask_bytes", 4 * _prod(self.mask_shape))
+        sizes.append(dec_bytes if dry_run else 0)
+        offs = []
+        total = 0
+        for s in sizes:
+            offs.append(total)
+            total += _align(s)
+        buf, size, ptr = self._ensure_stage(total)
+        raw = (ctypes.c_char * size).from_address(ptr)
+        if kind == "numpy":
+            ndt = q.dtype
+            views = [np.ndarray(x.shape, dtype=ndt, buffer=raw, offset=o)
+                     for x, o in zip((q, k, v), offs)]
+            for view, x in zip(views, (q, k, v)):
+                view[...] = x
+            del views
+        else:
+            torch = _torch()
+            for x, o in zip((q, k, v), offs):
+                torch.frombuffer(raw, dtype=x.dtype, count=x.numel(), offset=o) \
+                    .view(tuple(x.shape)).copy_(x)
+        for role, x, o in ((_lib.T_Q, q, offs[0]), (_lib.T_K, k, offs[1]),
+                           (_lib.T_V, v, offs[2]), (_lib.T_O, None, offs[3])):
+            shape = qshape if x is None else tuple(int(d) for d in x.shape)
+            check(L.la_attn_set_tensor(a, role, buf, o, dcode, 4, _i64(shape), None))
+        if return_lse:
+            check(L.la_attn_set_tensor(a, _lib.T_LSE, buf, offs[4], _lib.DTYPE_F32, 3,
+                                       _i64(lse_shape), None))
+        if dry_run:
+            check(L.la_attn_set_tensor(a, _lib.T_DECISIONS, buf, offs[5], _lib.DTYPE_U32, 0,
+                                       None, None))
+        call = ctypes.c_void_p()
+        rc = L.la_attn_run(h, a, ctypes.byref(call))
+        if rc < 0:
+            err = from_code(rc)
+            L.la_call_free(call)
+            raise err
+        try:
+            self._account(call)
+        finally:
+            L.la_call_free(call)
+        # Copy the results out of the staging buffer.
+        if kind == "numpy":
+            o_view = np.ndarray(qshape, dtype=q.dtype, buffer=raw, offset=offs[3])
+            if out is None:
+                out = o_view.copy()
+            else:
+                if tuple(out.shape) != qshape:
+                    raise InvalidArgument("out has shape %s; expected %s"
+                                          % (tuple(out.shape), qshape))
+                out[...] = o_view
+            del o_view
+            lse = (np.ndarray(lse_shape, dtype=np.float32, buffer=raw, offset=offs[4]).copy()
+                   if return_lse else None)
+        else:
+            torch = _torch()
+            o_view = torch.frombuffer(raw, dtype=q.dtype, count=_prod(qshape),
+                                      offset=offs[3]).view(qshape)
+            if out is None:
+                out = o_view.clone()
+            else:
+                out.copy_(o_view)
+            del o_view
+            lse = (torch.frombuffer(raw, dtype=torch.float32, count=_prod(lse_shape),
+                                    offset=offs[4]).view(lse_shape).clone()
+                   if return_lse else None)
+        dec = None
+        if dry_run:
+            dec = np.frombuffer(raw, dtype=np.uint32, count=dec_bytes // 4,
+                                offset=offs[5]).copy()
+            if dec.size == _prod(self.mask_shape):
+                dec = dec.reshape(self.mask_shape)
+        del raw
+        return _result(out, lse, dec, return_lse, dry_run)
+
+    def _run_cuda(self, h, a, q, k, v, return_lse, dry_run, out):
+        torch = _torch()
+        L = self._lib
+        dev = q.device
+        for name, x in (("k", k), ("v", v)):
+            if x.device != dev:
+                raise InvalidArgument("%s is on %s, q on %s" % (name, x.device, dev))
+        codes = {_torch_dtype_code(x) for x in (q, k, v)}
+        if len(codes) != 1:
+            raise InvalidArgument("q, k and v must have one dtype")
+        dcode = codes.pop()
+        B, Sq, H, D = (int(x) for x in q.shape)
+        qshape = (B, Sq, H, D)
+        if out is None:
+            out = torch.empty(qshape, dtype=q.dtype, device=dev)
+        elif tuple(out.shape) != qshape or out.dtype != q.dtype or out.device != dev:
+            raise InvalidArgument("out must be a %s tensor of shape %s on %s"
+                                  % (q.dtype, qshape, dev))
+        lse = torch.empty((B, H, Sq), dtype=torch.float32, device=dev) if return_lse else None
+        dec = None
+        if dry_run:
+            nb = self.facts.get("layer_mask_bytes", 4 * _prod(self.mask_shape))
+            dec = torch.empty((nb // 4,), dtype=torch.int32, device=dev)
+        pinned = set()
+        client = self.client
+        for role, x in ((_lib.T_Q, q), (_lib.T_K, k), (_lib.T_V, v), (_lib.T_O, out)):
+            if x.stride(-1) != 1 and x.shape[-1] != 1:
+                raise InvalidArgument("the last dim (D) of every tensor must be contiguous "
+                                      "(stride 1); got strides %s" % (tuple(x.stride()),))
+            if x.numel() == 0:
+                raise InvalidArgument("empty tensor")
+            buf, off = client._cuda_tensor_ref(x, pinned)
+            check(L.la_attn_set_tensor(a, role, buf, off, dcode, 4, _i64(x.shape),
+                                       _i64(x.stride())))
+        if lse is not None:
+            buf, off = client._cuda_tensor_ref(lse, pinned)
+            check(L.la_attn_set_tensor(a, _lib.T_LSE, buf, off, _lib.DTYPE_F32, 3,
+                                       _i64(lse.shape), _i64(lse.stride())))
+        if dec is not None:
+            buf, off = client._cuda_tensor_ref(dec, pinned)
+            check(L.la_attn_set_tensor(a, _lib.T_DECISIONS, buf, off, _lib.DTYPE_U32, 0,
+                                       None, None))
+        stream = torch.cuda.current_stream(dev)
+        ev = torch.cuda.Event(enable_timing=False, blocking=False, interprocess=True)
+        ev.record(stream)
+        handle = ev.ipc_handle()
+        check(L.la_attn_set_wait_event(a, handle, len(handle)))
+        call = ctypes.c_void_p()
+        rc = L.la_attn_run(h, a, ctypes.byref(call))
+        if rc < 0:
+            err = from_code(rc)
+            L.la_call_free(call)
+            raise err
+        try:
+            done = ctypes.create_string_buffer(64)
+            if L.la_call_done_event(call, done, 64) == 0:
+                # The kernel may still run: our stream waits for it on the GPU.
+                torch.cuda.Event.from_ipc_handle(dev, done.raw).wait(stream)
+            self._account(call)
+        finally:
+            L.la_call_free(call)
+        del ev
+        if dec is not None:
+            dec = dec.cpu().numpy().view("uint32")
+            if dec.size == _prod(self.mask_shape):
+                dec = dec.reshape(self.mask_shape)
+        return _result(out, lse, dec, return_lse, dry_run)
+
+
+def _result(out, lse, dec, return_lse, dry_run):
+    res = (out,)
+    if return_lse:
+        res += (lse,)
+    if dry_run:
+        res += (dec,)
+    return res[0] if len(res) == 1 else res
+
+
+def _prod(shape):
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _kind(x):
+    if _is_torch(x):
+        return "cuda" if x.is_cuda else "torch"
+    return "numpy"

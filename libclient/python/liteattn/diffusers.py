@@ -1,0 +1,435 @@
+"""diffusers integration: LiteAttention for the video self-attention of a pipeline.
+
+    import liteattn.diffusers
+    pipe = WanPipeline.from_pretrained(...).to("cuda")
+    liteattn.diffusers.apply(pipe, threshold=-3.0)      # installs the processors
+    video = pipe(prompt, num_inference_steps=50).frames  # one liteattn session per pipe(...)
+    liteattn.diffusers.remove(pipe)                      # original processors back
+
+What goes through liteattn: the self-attention of the video tokens (Wan's and LTX-Video's
+`attn1`). Cross-attention (text, image context) and any call with an attention mask, dropout,
+a causal flag or context parallelism stay on the original processor, dense.
+
+Supported processors: WanAttnProcessor (Wan2.1/2.2, incl. the deprecated WanAttnProcessor2_0
+alias, also transformer_2 of Wan2.2) and LTXVideoAttnProcessor. Not supported yet, apply()
+raises liteattn.NotSupported: HunyuanVideo (joint video+text attention whose text padding mask
+liteattn cannot express tile-exactly) and CogVideoX (its processor calls
+F.scaled_dot_product_attention over joint text+video tokens directly).
+
+Steps and branches: a denoising step is recognised by the transformer's `timestep` argument
+changing; calls with the same timestep are classifier-free-guidance branches (cond, uncond) and
+get separate masks (kv shard index = branch, max_branches of them). Batched CFG (cond and uncond
+as batch rows of one call) gets separate mask rows per batch row. apply() also works on a bare
+transformer (no pipeline): a new generation then begins when the timestep goes up again, or
+when you call new_generation(model).
+
+Logging (logger "liteattn.diffusers", INFO): per step the fraction of tiles computed, at the
+end a summary with the live fraction and the attention time saved (estimated from the
+backend's compute time and the tiles skipped).
+"""
+import contextvars
+import itertools
+import logging
+import os
+import sys
+import threading
+import time
+
+from .client import Client
+from .errors import InvalidArgument, NotSupported
+
+log = logging.getLogger("liteattn.diffusers")
+
+__all__ = ["apply", "remove", "new_generation", "LiteAttnProcessor"]
+
+_SUPPORTED = ("WanAttnProcessor", "WanAttnProcessor2_0", "LTXVideoAttnProcessor",
+              "LTXVideoAttentionProcessor2_0")
+_UNSUPPORTED = {
+    "HunyuanVideoAttnProcessor2_0": "HunyuanVideo's joint video+text attention with a text "
+                                    "padding mask",
+    "CogVideoXAttnProcessor2_0": "CogVideoX's processor calls F.scaled_dot_product_attention "
+                                 "over joint text+video tokens directly",
+    "FusedCogVideoXAttnProcessor2_0": "CogVideoX (fused projections)",
+}
+
+_current = contextvars.ContextVar("liteattn_diffusers_layer", default=None)
+_patch_lock = threading.Lock()
+_patched = {}   # python module name -> [original dispatch_attention_fn, refcount]
+_keys = itertools.count()
+
+
+class LiteAttnProcessor:
+    """Wraps a diffusers attention processor: while it runs, its dispatch_attention_fn call
+    goes through liteattn (when the call is plain self-attention)."""
+
+    def __init__(self, orig, state, layer):
+        self.__dict__.update(orig=orig, state=state, layer=layer)
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["orig"], name)
+
+    def __setattr__(self, name, value):
+        if name in ("orig", "state", "layer"):
+            self.__dict__[name] = value
+        else:
+            setattr(self.__dict__["orig"], name, value)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+        if encoder_hidden_states is not None:
+            return self.orig(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
+        tok = _current.set((self.state, self.layer))
+        try:
+            return self.orig(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
+        finally:
+            _current.reset(tok)
+
+
+def _make_dispatch(orig):
+    def dispatch_attention_fn(query, key, value, *args, **kwargs):
+        cur = _current.get()
+        if cur is not None:
+            state, layer = cur
+            plain = (not args and kwargs.get("attn_mask") is None
+                     and not kwargs.get("dropout_p") and not kwargs.get("is_causal")
+                     and not kwargs.get("enable_gqa") and kwargs.get("parallel_config") is None
+                     and not kwargs.get("attention_kwargs")
+                     and query.shape[1] == key.shape[1] and query.dim() == 4)
+            if plain:
+                out = state.attend(layer, query, key, value, kwargs.get("scale"))
+                if out is not None:
+                    return out
+            state.dense_calls += 1
+        return orig(query, key, value, *args, **kwargs)
+    dispatch_attention_fn._liteattn_orig = orig
+    return dispatch_attention_fn
+
+
+def _patch_module(modname):
+    with _patch_lock:
+        ent = _patched.get(modname)
+        if ent is not None:
+            ent[1] += 1
+            return
+        mod = sys.modules[modname]
+        orig = getattr(mod, "dispatch_attention_fn", None)
+        if orig is None:
+            raise NotSupported("%s has no dispatch_attention_fn to route through liteattn"
+                               % modname)
+        mod.dispatch_attention_fn = _make_dispatch(orig)
+        _patched[modname] = [orig, 1]
+
+
+def _unpatch_module(modname):
+    with _patch_lock:
+        ent = _patched.get(modname)
+        if ent is None:
+            return
+        ent[1] -= 1
+        if ent[1] == 0:
+            sys.modules[modname].dispatch_attention_fn = ent[0]
+            del _patched[modname]
+
+
+def _timestep_value(args, kwargs):
+    t = kwargs.get("timestep")
+    if t is None and len(args) > 1:
+        t = args[1]
+    if t is None:
+        return None
+    try:
+        if hasattr(t, "flatten"):
+            return float(t.flatten()[0].item())
+        return float(t)
+    except Exception:
+        return None
+
+
+class _State:
+    """One apply(): the processors, the client, the current generation's session."""
+
+    def __init__(self, pipe, transformers, threshold, socket, schedule, mode, max_branches,
+                 log_steps, session_options):
+        self.pipe = pipe
+        self.transformers = transformers
+        self.threshold = threshold
+        self.socket = socket
+        self.schedule = schedule
+        self.mode = mode
+        self.max_branches = max_branches
+        self.log_steps = log_steps
+        self.session_options = session_options
+        self.client = None
+        self.session = None
+        self.layers = []          # (attention module, original processor)
+        self.modules = set()      # python modules patched
+        self.hooks = []
+        self.orig_class = None
+        self.lock = threading.RLock()
+        self.in_pipe_call = False
+        self._reset_counters()
+        self.generations = 0
+        self.warned = set()
+
+    def _reset_counters(self):
+        self.step = 0
+        self.branch = 0
+        self.last_t = None
+        self.passes_this_step = 0
+        self.dense_calls = 0
+        self.lite_calls = 0
+        self.t0 = time.perf_counter()
+        self.step_tiles = (0, 0)
+
+    # -- generation --
+    def begin_generation(self):
+        with self.lock:
+            self.end_generation()
+            self._reset_counters()
+            self.generations += 1
+
+    def end_generation(self):
+        with self.lock:
+            s, self.session = self.session, None
+            if s is None:
+                return
+            try:
+                info = s.info()
+                st = s.stats
+                total, comp = st["tiles_total"], st["tiles_computed"]
+                frac = comp / total if total else 1.0
+                lf = info["live_fraction"]
+                live = sum(lf) / max(1, len(lf))
+                t_attn = st["compute_ns"] / 1e9
+                saved = t_attn * (total / comp - 1.0) if comp else 0.0
+                log.info("liteattn: generation done: %d steps, %d attention calls through "
+                         "liteattn (%d dense elsewhere), %.1f%% of tiles computed, live "
+                         "fraction at the end %.3f, attention compute %.2f s, about %.2f s "
+                         "saved against dense (%.1f s wall)",
+                         self.step + 1, st["calls"], self.dense_calls, 100.0 * frac, live,
+                         t_attn, saved, time.perf_counter() - self.t0)
+                self.last_summary = dict(steps=self.step + 1, calls=st["calls"],
+                                         dense_calls=self.dense_calls, tiles_total=total,
+                                         tiles_computed=comp, computed_fraction=frac,
+                                         live_fraction=lf, compute_s=t_attn, saved_s=saved)
+            except Exception as e:  # never fail the user's generation over a summary
+                log.debug("liteattn: summary failed: %s", e)
+            try:
+                s.close()
+            except Exception:
+                pass
+
+    def _log_step(self):
+        s = self.session
+        if s is None or not self.log_steps:
+            return
+        total, comp = s.stats["tiles_total"], s.stats["tiles_computed"]
+        t0, c0 = self.step_tiles
+        if total > t0:
+            log.info("liteattn: step %d: %.1f%% of attention tiles computed", self.step,
+                     100.0 * (comp - c0) / (total - t0))
+        self.step_tiles = (total, comp)
+
+    # -- transformer forward hook: steps and branches --
+    def on_forward(self, module, args, kwargs):
+        with self.lock:
+            t = _timestep_value(args, kwargs)
+            if self.last_t is None:
+                self.passes_this_step = 0
+            elif t is None or t != self.last_t:
+                if (not self.in_pipe_call and t is not None and self.last_t is not None
+                        and t > self.last_t):
+                    self.begin_generation()   # bare transformer: timesteps went up again
+                else:
+                    self._log_step()
+                    self.step += 1
+                    self.passes_this_step = 0
+            self.branch = self.passes_this_step
+            self.passes_this_step += 1
+            self.last_t = t
+        return None
+
+    # -- the attention itself --
+    def _open(self, q, k):
+        B, S, H, D = (int(x) for x in q.shape)
+        if self.client is None or self.client.closed:
+            self.client = Client(self.socket)
+        key = "diffusers-%d-%d-%d" % (os.getpid(), next(_keys), self.generations)
+        dtype = str(q.dtype).replace("torch.", "")
+        opts = dict(self.session_options)
+        self.session = self.client.open_session(
+            key, layers=len(self.layers), heads=H, head_dim=D, dtype=dtype,
+            max_seq_q=opts.pop("max_seq_q", S), max_seq_k=opts.pop("max_seq_k", int(k.shape[1])),
+            batch=opts.pop("batch", B), kv_shards=self.max_branches, threshold=self.threshold,
+            schedule=self.schedule, mode=self.mode, **opts)
+        log.debug("liteattn: opened %r", self.session)
+
+    def _warn_once(self, what, msg, *a):
+        if what not in self.warned:
+            self.warned.add(what)
+            log.warning(msg, *a)
+
+    def attend(self, layer, q, k, v, scale):
+        with self.lock:
+            if self.session is None:
+                self._open(q, k)
+            s = self.session
+            step, branch = self.step, self.branch
+        B, S = int(q.shape[0]), int(q.shape[1])
+        if branch >= s.kv_shards:
+            self._warn_once("branch", "liteattn: more than %d transformer passes per step; "
+                            "the extra passes run dense (apply(..., max_branches=N))",
+                            s.kv_shards)
+            return None
+        if B > s.batch or S > s.max_seq_q or int(k.shape[1]) > s.max_seq_k:
+            self._warn_once("size", "liteattn: a call of batch %d, length %d exceeds the "
+                            "session's (%d, %d); it runs dense", B, S, s.batch, s.max_seq_q)
+            return None
+        if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        out = s.attention(layer, step, q, k, v, kv_shard=branch, scale=scale)
+        self.lite_calls += 1
+        return out
+
+
+def _transformers_of(pipe):
+    import torch
+    if isinstance(pipe, torch.nn.Module):
+        return [pipe]
+    ts = [getattr(pipe, n, None) for n in ("transformer", "transformer_2")]
+    ts = [t for t in ts if t is not None]
+    if not ts:
+        raise InvalidArgument("%s has no transformer" % type(pipe).__name__)
+    return ts
+
+
+def _self_attention_modules(transformer):
+    """(name, module) of every attention module whose processor liteattn can serve."""
+    found, unsupported = [], set()
+    for name, mod in transformer.named_modules():
+        proc = getattr(mod, "processor", None)
+        if proc is None or not callable(proc):
+            continue
+        cls = type(proc).__name__
+        if cls in _UNSUPPORTED:
+            unsupported.add(cls)
+            continue
+        if cls not in _SUPPORTED:
+            continue
+        if getattr(mod, "is_cross_attention", False) or name.endswith("attn2"):
+            continue
+        found.append((name, mod))
+    if not found:
+        why = "; ".join("%s (%s)" % (c, _UNSUPPORTED[c]) for c in sorted(unsupported))
+        raise NotSupported(
+            "liteattn.diffusers: no supported self-attention processor in %s%s. Supported: "
+            "Wan (WanAttnProcessor) and LTX-Video (LTXVideoAttnProcessor)."
+            % (type(transformer).__name__, (": " + why) if why else ""))
+    return found
+
+
+def _set_processor(mod, proc):
+    if hasattr(mod, "set_processor"):
+        mod.set_processor(proc)
+    else:
+        mod.processor = proc
+
+
+def apply(pipe, threshold=-3.0, *, socket=None, schedule=None, mode="skip", max_branches=2,
+          log_steps=True, **session_options):
+    """Routes the video self-attention of `pipe` (a diffusers pipeline, or a transformer model)
+    through liteattn. threshold: tau in log2 units (-inf: exact, nothing skipped); schedule:
+    per-step thresholds; mode: "skip", "observe" or "dense"; max_branches: transformer passes
+    per step with separate masks (2 covers classifier-free guidance as two passes);
+    socket: the daemon's socket (None: default). Extra keywords go to open_session (max_seq_q,
+    batch, device, direction). Returns pipe."""
+    if getattr(pipe, "_liteattn_state", None) is not None:
+        raise InvalidArgument("liteattn is already applied to this pipeline; remove() first")
+    transformers = _transformers_of(pipe)
+    state = _State(pipe, transformers, threshold, socket, schedule, mode, max_branches,
+                   log_steps, session_options)
+    found = []
+    for t in transformers:
+        found += _self_attention_modules(t)
+    try:
+        for i, (name, mod) in enumerate(found):
+            orig = mod.processor
+            modname = type(orig).__module__
+            _patch_module(modname)
+            state.modules.add(modname)
+            state.layers.append((mod, orig))
+            _set_processor(mod, LiteAttnProcessor(orig, state, i))
+        for t in transformers:
+            state.hooks.append(t.register_forward_pre_hook(state.on_forward, with_kwargs=True))
+    except Exception:
+        _undo(state)
+        raise
+    import torch
+    if not isinstance(pipe, torch.nn.Module):
+        orig_cls = type(pipe)
+
+        def __call__(self, *args, **kwargs):
+            st = self.__dict__.get("_liteattn_state")
+            if st is None:
+                return orig_cls.__call__(self, *args, **kwargs)
+            st.begin_generation()
+            st.in_pipe_call = True
+            try:
+                return orig_cls.__call__(self, *args, **kwargs)
+            finally:
+                st.in_pipe_call = False
+                st.end_generation()
+
+        sub = type(orig_cls.__name__, (orig_cls,), {"__call__": __call__,
+                                                    "__module__": orig_cls.__module__})
+        pipe.__class__ = sub
+        state.orig_class = orig_cls
+    object.__setattr__(pipe, "_liteattn_state", state)
+    log.info("liteattn: %d self-attention layers of %s go through liteattn (threshold %g)",
+             len(found), ", ".join(type(t).__name__ for t in transformers), threshold)
+    return pipe
+
+
+def _undo(state):
+    for mod, orig in state.layers:
+        _set_processor(mod, orig)
+    state.layers = []
+    for modname in state.modules:
+        _unpatch_module(modname)
+    state.modules = set()
+    for h in state.hooks:
+        h.remove()
+    state.hooks = []
+
+
+def new_generation(pipe):
+    """Begins a new generation (fresh masks) for a pipeline or transformer given to apply();
+    pipe(...) calls do this by themselves."""
+    st = getattr(pipe, "_liteattn_state", None)
+    if st is None:
+        raise InvalidArgument("liteattn is not applied to this object")
+    st.begin_generation()
+
+
+def summary(pipe):
+    """The last generation's summary dict (steps, calls, computed_fraction, live_fraction,
+    compute_s, saved_s), or None."""
+    st = getattr(pipe, "_liteattn_state", None)
+    return getattr(st, "last_summary", None) if st is not None else None
+
+
+def remove(pipe):
+    """Restores the original processors and closes the session and the connection."""
+    st = getattr(pipe, "_liteattn_state", None)
+    if st is None:
+        return pipe
+    st.end_generation()
+    _undo(st)
+    if st.orig_class is not None:
+        pipe.__class__ = st.orig_class
+    if st.client is not None:
+        st.client.close()
+    try:
+        object.__delattr__(pipe, "_liteattn_state")
+    except AttributeError:
+        pass
+    return pipe
