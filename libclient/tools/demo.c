@@ -55,7 +55,7 @@ static void usage(FILE *f)
             "  --layers N         layers (default 4)\n"
             "  --heads N          heads (default 4)\n"
             "  --head-dim N       64, 96, 128 or 256 (default 64)\n"
-            "  --seq N            tokens (default 2048)\n"
+            "  --seq N            tokens (default 1024)\n"
             "  --steps N          denoising steps (default 20)\n"
             "  --threshold T      tau in log2 units (default -3)\n"
             "  --dtype T          bf16, f16 or f32 (default bf16; f32 only on the CPU)\n"
@@ -64,7 +64,7 @@ static void usage(FILE *f)
             "  --device D         auto, cpu or cuda (default auto: cuda when the daemon has a\n"
             "                     GPU)\n"
             "  --preset wan480    Wan2.1-14B 480p attention: 40 heads x 128, S 32760, 2 layers\n"
-            "  --clusters N       token clusters (default 16)\n"
+            "  --clusters N       token clusters (default 8)\n"
             "  --tile BMxBN       tile sizes for --direct (default 64x64)\n"
             "  --seed N           random seed (default 1)\n"
             "  -h, --help         this text\n");
@@ -188,7 +188,7 @@ typedef struct gen_job {
 static float structure(const opts *o, int step)
 {
     float x = o->steps > 1 ? (float)step / (float)(o->steps - 1) : 1.0f;
-    return 0.55f + 0.65f * x;
+    return 0.7f + 0.5f * x;
 }
 
 static void *gen_range(void *arg)
@@ -794,8 +794,8 @@ static int parse_int(const char *name, const char *v, int lo, int hi, int *out)
 int main(int argc, char **argv)
 {
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
-    opts o = {.socket = NULL, .layers = 4, .heads = 4, .head_dim = 64, .seq = 2048,
-              .steps = 20, .threads = ncpu > 0 ? (int)ncpu : 1, .clusters = 16,
+    opts o = {.socket = NULL, .layers = 4, .heads = 4, .head_dim = 64, .seq = 1024,
+              .steps = 20, .threads = ncpu > 0 ? (int)ncpu : 1, .clusters = 8,
               .threshold = -3.0f, .dtype = LA_DTYPE_BF16, .device = "auto", .bm = 64,
               .bn = 64, .seed = 1};
     for (int i = 1; i < argc; i++) {
