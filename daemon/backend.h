@@ -1,0 +1,121 @@
+/*
+ * backend.h — private: the interface between the engine and its compute backends (cpu, cuda).
+ *
+ * A backend is a vtable (be_ops) plus its own state behind be_backend. The engine never calls
+ * a compute function itself: it fills a be_job (kernel parameters with pointers already in the
+ * backend's address space, host or device) and hands it to ops->submit(), which queues it on
+ * the backend's worker thread(s) and returns at once. When the job has finished (or was
+ * cancelled by ops->stop()), the backend calls b->complete(b->complete_data, job) from one of
+ * its threads, exactly once per submitted job; the engine queues it for the loop thread.
+ *
+ * Masks: session skip masks live where the backend computes (host memory for cpu, device
+ * memory for cuda), so they are allocated, reset and freed through the backend. Every mask
+ * also has a host view (be_mask.host) that the loop thread may read for live fractions and
+ * mask reads without touching the device: for cpu it is the mask itself, for cuda a pinned
+ * shadow the worker refreshes after each job that changed the mask.
+ *
+ * Threading: every op except the completion callback is called from the loop thread. No op
+ * may wait for device work (no stream/device synchronisation on the loop thread).
+ */
+#ifndef LA_BACKEND_H
+#define LA_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "engine.h"
+#include "la_attn.h"
+
+typedef struct be_backend be_backend;
+typedef struct be_import be_import; /* an imported CUDA IPC allocation, opaque */
+
+typedef struct be_mask {
+    void *dev_ptr;   /* what the kernel gets (cpu: == host) */
+    uint32_t *host;  /* host view (cpu: the mask; cuda: pinned shadow) */
+    uint64_t bytes;
+    int dev;
+    void *priv;      /* backend's own */
+} be_mask;
+
+#define BE_MSG_MAX 160
+
+typedef struct be_job {
+    /* In. Pointers of p are in the backend's address space; p.must_do/must_skip point into
+     * must_do/must_skip below. */
+    la_attn_params p;
+    la_range must_do[LA_MAX_RANGES];
+    la_range must_skip[LA_MAX_RANGES];
+    int dev;
+    be_mask *mask;            /* the session's mask set (p.mask points inside it), or NULL */
+    uint64_t mask_off, mask_len; /* the bytes of this (layer, shard) inside it */
+    int has_wait_event;
+    uint8_t wait_event[64];
+    uint64_t t_submit_ns;     /* CLOCK_MONOTONIC */
+
+    /* Out, written by the backend before complete() is called. */
+    int status;               /* 0 or LA_E* */
+    char msg[BE_MSG_MAX];
+    int64_t tiles_computed;
+    uint64_t t_start_ns, t_end_ns;
+    int has_done_event;
+    uint8_t done_event[64];
+
+    /* Backend-private. */
+    struct be_job *be_next;
+    void *be_priv;
+} be_job;
+
+typedef void (*be_complete_fn)(void *data, be_job *job);
+
+typedef struct be_ops {
+    const char *name; /* "cpu", "cuda" */
+    size_t (*devices)(be_backend *b, eng_device_info *out, size_t max);
+    /* Device index for a UUID, or for "" (the first device). LA_ENODEV if none. */
+    int (*find_device)(be_backend *b, const char *uuid, int *ret_dev);
+    /* Tile sizes of the kernel for (head_dim, dtype) on dev; LA_ENOTSUP if none. */
+    int (*tile_sizes)(be_backend *b, int dev, uint32_t head_dim, la_dtype dtype,
+                      uint32_t *ret_bm, uint32_t *ret_bn);
+    /* 0 if p (pointers filled) can run on dev; LA_EINVAL / LA_ENOTSUP otherwise. */
+    int (*supports)(be_backend *b, int dev, const la_attn_params *p);
+    /* Mask storage of bytes bytes, every bit set. */
+    int (*mask_alloc)(be_backend *b, int dev, uint64_t bytes, be_mask **ret_mask);
+    /* Called only when no job uses m any more (the engine refcounts). NULL allowed. */
+    void (*mask_free)(be_backend *b, be_mask *m);
+    /* Sets every bit again; only called while no job uses m. */
+    int (*mask_reset)(be_backend *b, be_mask *m);
+    /* CUDA IPC import (NULL for cpu). ret_ptr: device pointer of the allocation base. */
+    int (*buffer_import)(be_backend *b, const void *handle, size_t len, const char *uuid,
+                         uint64_t size, be_import **ret_imp, void **ret_ptr,
+                         uint64_t *ret_size, int *ret_dev, char *msg, size_t msg_len);
+    /* Drops one reference of an import; called once no job uses it any more. */
+    void (*buffer_release)(be_backend *b, be_import *imp);
+    /* Queues job; returns 0 (complete() will be called) or an error (it will not). */
+    int (*submit)(be_backend *b, be_job *job);
+    /* Cancels queued jobs (their status LA_ESHUTDOWN) and waits for running ones; every
+     * job's complete() has been called when it returns. Called from the loop thread. */
+    void (*stop)(be_backend *b);
+    void (*free)(be_backend *b);
+    /* A sticky device error happened (the process must exit). */
+    int (*fatal)(const be_backend *b);
+} be_ops;
+
+struct be_backend {
+    const be_ops *ops;
+    be_complete_fn complete;
+    void *complete_data;
+    void (*log)(void *data, int level, const char *msg);
+    void *log_data;
+};
+
+/* CPU backend: a pool of threads (threads <= 0: number of cores). */
+int be_cpu_new(int threads, be_complete_fn complete, void *complete_data, be_backend **ret,
+               char *msg, size_t msg_len);
+/* CUDA backend: one worker per usable GPU. LA_ENODEV when built without CUDA or no GPU. */
+int be_cuda_new(be_complete_fn complete, void *complete_data,
+                void (*log)(void *data, int level, const char *msg), void *log_data,
+                be_backend **ret, char *msg, size_t msg_len);
+
+/* CLOCK_MONOTONIC in nanoseconds. */
+uint64_t be_now_ns(void);
+
+#endif /* LA_BACKEND_H */

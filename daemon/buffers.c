@@ -1,0 +1,282 @@
+/*
+ * buffers.c — the buffer registry: shared-memory fds mapped into the daemon and CUDA IPC
+ * allocations imported through the cuda backend, each owned by one connection.
+ *
+ * A buffer is refcounted: the registry holds one reference while it is registered, every job
+ * in flight that reads or writes it holds one more. Unregistering (or the connection closing)
+ * only drops the registry's reference; the mapping or import goes away with the last one, so a
+ * job never computes on memory that was unmapped under it.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "engine_priv.h"
+
+static void buf_link(eng *e, buf *b) {
+    b->prev = e->b_tail;
+    b->next = NULL;
+    if (e->b_tail)
+        e->b_tail->next = b;
+    else
+        e->b_head = b;
+    e->b_tail = b;
+}
+
+static void buf_unlink(eng *e, buf *b) {
+    if (b->prev)
+        b->prev->next = b->next;
+    else
+        e->b_head = b->next;
+    if (b->next)
+        b->next->prev = b->prev;
+    else
+        e->b_tail = b->prev;
+    b->prev = b->next = NULL;
+}
+
+static void buf_destroy(eng *e, buf *b) {
+    if (b->kind == BUF_SHM && b->ptr) {
+        if (munmap(b->ptr, (size_t)b->map_len) != 0)
+            eng_logf(e, 1, "buffer %llu: munmap failed: %s", (unsigned long long)b->id,
+                     strerror(errno));
+    } else if (b->kind == BUF_CUDA && b->imp && b->be && b->be->ops->buffer_release) {
+        b->be->ops->buffer_release(b->be, b->imp);
+    }
+    b->ptr = NULL;
+    b->imp = NULL;
+    free(b);
+}
+
+void buf_unref(eng *e, buf *b) {
+    if (!b)
+        return;
+    if (--b->refs > 0)
+        return;
+    buf_destroy(e, b);
+}
+
+buf *buf_get(eng *e, uint64_t conn_id, uint64_t id) {
+    for (buf *b = e->b_head; b; b = b->next)
+        if (b->id == id)
+            return b->conn_id == conn_id ? b : NULL;
+    return NULL;
+}
+
+uint64_t buf_count(const eng *e, uint64_t *ret_bytes) {
+    uint64_t n = 0, bytes = 0;
+    for (const buf *b = e->b_head; b; b = b->next) {
+        n++;
+        bytes += b->size;
+    }
+    if (ret_bytes)
+        *ret_bytes = bytes;
+    return n;
+}
+
+/* Checks the connection's buffer count and bytes against the limits for one more of size. */
+static int conn_limits(eng *e, uint64_t conn_id, uint64_t size, eng_error *err) {
+    uint64_t n = 0, bytes = 0;
+    for (const buf *b = e->b_head; b; b = b->next)
+        if (b->conn_id == conn_id) {
+            n++;
+            bytes += b->size;
+        }
+    const eng_limits *l = &e->cfg.limits;
+    if (l->max_buffers_per_conn && n + 1 > l->max_buffers_per_conn) {
+        eng_errf(err, "conn %llu: buffer limit reached (%llu buffers registered, limit %u)",
+                 (unsigned long long)conn_id, (unsigned long long)n, l->max_buffers_per_conn);
+        return LA_ELIMIT;
+    }
+    if (l->max_buffer_bytes_per_conn &&
+        (size > l->max_buffer_bytes_per_conn || bytes > l->max_buffer_bytes_per_conn - size)) {
+        eng_errf(err,
+                 "conn %llu: a buffer of %llu bytes exceeds the connection's limit (%llu of "
+                 "%llu bytes registered)",
+                 (unsigned long long)conn_id, (unsigned long long)size,
+                 (unsigned long long)bytes, (unsigned long long)l->max_buffer_bytes_per_conn);
+        return LA_ELIMIT;
+    }
+    return 0;
+}
+
+int eng_buffer_add_shm(eng *e, uint32_t uid, uint64_t conn_id, int fd, uint64_t size,
+                       uint64_t *ret_id, eng_error *err) {
+    int rc;
+    if (fd < 0) {
+        eng_errf(err, "conn %llu: shared-memory buffer without a file descriptor",
+                 (unsigned long long)conn_id);
+        return LA_EINVAL;
+    }
+    if (e->shutting_down) {
+        eng_errf(err, "the daemon is shutting down");
+        rc = LA_ESHUTDOWN;
+        goto fail;
+    }
+    if (size == 0 || size > (uint64_t)SIZE_MAX) {
+        eng_errf(err, "conn %llu: shared-memory buffer of %llu bytes (must be > 0)",
+                 (unsigned long long)conn_id, (unsigned long long)size);
+        rc = LA_EINVAL;
+        goto fail;
+    }
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+        eng_errf(err, "conn %llu: fstat of the buffer's fd failed: %s",
+                 (unsigned long long)conn_id, strerror(errno));
+        rc = LA_EIO;
+        goto fail;
+    }
+    if (!S_ISREG(st.st_mode) || st.st_size <= 0 || size > (uint64_t)st.st_size) {
+        eng_errf(err, "conn %llu: buffer of %llu bytes, but its fd holds %lld bytes%s",
+                 (unsigned long long)conn_id, (unsigned long long)size,
+                 (long long)st.st_size, S_ISREG(st.st_mode) ? "" : " (not a regular file)");
+        rc = LA_EINVAL;
+        goto fail;
+    }
+    /* A file the client can still shrink would turn our accesses past its new end into
+     * SIGBUS in the daemon: require F_SEAL_SHRINK (adding it ourselves where the memfd
+     * allows sealing). */
+    int seals = fcntl(fd, F_GET_SEALS);
+    if (seals < 0 || !(seals & F_SEAL_SHRINK)) {
+        if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK) != 0) {
+            eng_errf(err,
+                     "conn %llu: the buffer's fd cannot be sealed against shrinking "
+                     "(F_SEAL_SHRINK): pass a memfd created with MFD_ALLOW_SEALING",
+                     (unsigned long long)conn_id);
+            rc = LA_EINVAL;
+            goto fail;
+        }
+    }
+    if ((rc = conn_limits(e, conn_id, size, err)) < 0)
+        goto fail;
+    void *p = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (p == MAP_FAILED) {
+        eng_errf(err, "conn %llu: cannot map a buffer of %llu bytes: %s",
+                 (unsigned long long)conn_id, (unsigned long long)size, strerror(errno));
+        rc = errno == ENOMEM ? LA_ENOMEM : LA_EIO;
+        goto fail;
+    }
+    close(fd);
+    buf *b = calloc(1, sizeof *b);
+    if (!b) {
+        munmap(p, (size_t)size);
+        eng_errf(err, "out of memory");
+        return LA_ENOMEM;
+    }
+    b->id = ++e->next_buffer_id;
+    b->uid = uid;
+    b->conn_id = conn_id;
+    b->kind = BUF_SHM;
+    b->ptr = p;
+    b->size = size;
+    b->map_len = size;
+    b->refs = 1;
+    b->registered = 1;
+    buf_link(e, b);
+    e->n_buffers_added++;
+    *ret_id = b->id;
+    return 0;
+fail:
+    close(fd);
+    return rc;
+}
+
+int eng_buffer_add_cuda_ipc(eng *e, uint32_t uid, uint64_t conn_id, const void *handle,
+                            size_t len, const char *device_uuid, uint64_t size,
+                            uint64_t *ret_id, uint64_t *ret_size, eng_error *err) {
+    int rc;
+    if (e->shutting_down) {
+        eng_errf(err, "the daemon is shutting down");
+        return LA_ESHUTDOWN;
+    }
+    if (!e->cuda || !e->cuda->ops->buffer_import) {
+        eng_errf(err, "conn %llu: CUDA IPC buffer, but the daemon has no cuda backend",
+                 (unsigned long long)conn_id);
+        return LA_ENODEV;
+    }
+    if (!handle || len != 64) {
+        eng_errf(err, "conn %llu: CUDA IPC handle of %zu bytes (must be 64)",
+                 (unsigned long long)conn_id, handle ? len : (size_t)0);
+        return LA_EINVAL;
+    }
+    if (size == 0) {
+        eng_errf(err, "conn %llu: CUDA IPC buffer of 0 bytes", (unsigned long long)conn_id);
+        return LA_EINVAL;
+    }
+    if ((rc = conn_limits(e, conn_id, size, err)) < 0)
+        return rc;
+    be_import *imp = NULL;
+    void *ptr = NULL;
+    uint64_t real = 0;
+    int dev = 0;
+    char msg[BE_MSG_MAX] = "";
+    rc = e->cuda->ops->buffer_import(e->cuda, handle, len, device_uuid ? device_uuid : "",
+                                     size, &imp, &ptr, &real, &dev, msg, sizeof msg);
+    if (rc < 0) {
+        eng_errf(err, "conn %llu: CUDA IPC buffer on %s: %s", (unsigned long long)conn_id,
+                 device_uuid && device_uuid[0] ? device_uuid : "(no device)",
+                 msg[0] ? msg : la_strerror(rc));
+        return rc;
+    }
+    buf *b = calloc(1, sizeof *b);
+    if (!b) {
+        e->cuda->ops->buffer_release(e->cuda, imp);
+        eng_errf(err, "out of memory");
+        return LA_ENOMEM;
+    }
+    b->id = ++e->next_buffer_id;
+    b->uid = uid;
+    b->conn_id = conn_id;
+    b->kind = BUF_CUDA;
+    b->ptr = ptr;
+    b->size = size;
+    b->be = e->cuda;
+    b->imp = imp;
+    b->dev = dev;
+    b->refs = 1;
+    b->registered = 1;
+    buf_link(e, b);
+    e->n_buffers_added++;
+    *ret_id = b->id;
+    if (ret_size)
+        *ret_size = real;
+    return 0;
+}
+
+static void buf_release_registration(eng *e, buf *b) {
+    buf_unlink(e, b);
+    b->registered = 0;
+    e->n_buffers_removed++;
+    buf_unref(e, b);
+}
+
+int eng_buffer_remove(eng *e, uint64_t conn_id, uint64_t buffer_id, eng_error *err) {
+    buf *b = buf_get(e, conn_id, buffer_id);
+    if (!b) {
+        eng_errf(err, "conn %llu: no buffer %llu", (unsigned long long)conn_id,
+                 (unsigned long long)buffer_id);
+        return LA_ENOENT;
+    }
+    buf_release_registration(e, b);
+    return 0;
+}
+
+void buf_conn_closed(eng *e, uint64_t conn_id) {
+    buf *b = e->b_head;
+    while (b) {
+        buf *next = b->next;
+        if (b->conn_id == conn_id)
+            buf_release_registration(e, b);
+        b = next;
+    }
+}
+
+void buf_free_all(eng *e) {
+    while (e->b_head)
+        buf_release_registration(e, e->b_head);
+}

@@ -1,0 +1,639 @@
+/*
+ * engine.c — the engine's core: creation and teardown, backends, attention-call validation and
+ * submission, the completion queue, counters. Sessions live in session.c, buffers in
+ * buffers.c, compute in backend_cpu.c / backend_cuda.c.
+ *
+ * Completions: a backend thread that finishes a job appends it to done_head/done_tail under
+ * done_lock and calls cfg.notify; eng_process_completions() takes the whole queue at once on
+ * the loop thread, releases the job's references (buffers, masks, session), updates the
+ * session's figures and runs the done callback.
+ */
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "engine_priv.h"
+
+void eng_errf(eng_error *err, const char *fmt, ...) {
+    if (!err)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err->msg, sizeof err->msg, fmt, ap);
+    va_end(ap);
+}
+
+void eng_logf(eng *e, int level, const char *fmt, ...) {
+    if (!e->cfg.log)
+        return;
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    e->cfg.log(e->cfg.log_data, level, msg);
+}
+
+uint64_t eng_now_ms(void) { return be_now_ns() / 1000000u; }
+
+void eng_config_default(eng_config *cfg) {
+    memset(cfg, 0, sizeof *cfg);
+    cfg->backend = "auto";
+    cfg->cpu_threads = 0;
+    cfg->limits.max_buffers_per_conn = 256;
+    cfg->limits.max_buffer_bytes_per_conn = 64ull << 30;
+    cfg->limits.max_sessions_per_user = 64;
+    cfg->limits.max_mask_bytes_per_user = 4ull << 30;
+    cfg->limits.mask_memory_cap = 0;
+    cfg->limits.max_inflight_per_conn = 64;
+    cfg->limits.session_grace_s = 300;
+    cfg->limits.session_ttl_s = 3600;
+}
+
+/* Backend threads: queue the finished job for the loop thread. */
+static void job_complete(void *data, be_job *bj) {
+    eng *e = data;
+    eng_job *j = (eng_job *)bj;
+    pthread_mutex_lock(&e->done_lock);
+    j->done_next = NULL;
+    if (e->done_tail)
+        e->done_tail->done_next = j;
+    else
+        e->done_head = j;
+    e->done_tail = j;
+    pthread_mutex_unlock(&e->done_lock);
+    if (e->cfg.notify)
+        e->cfg.notify(e->cfg.notify_data);
+}
+
+int eng_new(const eng_config *cfg, eng **ret_engine, eng_error *err) {
+    eng *e = calloc(1, sizeof *e);
+    if (!e) {
+        eng_errf(err, "out of memory");
+        return LA_ENOMEM;
+    }
+    e->cfg = *cfg;
+    pthread_mutex_init(&e->done_lock, NULL);
+    const char *want = cfg->backend && cfg->backend[0] ? cfg->backend : "auto";
+    int want_cuda = !strcmp(want, "cuda"), auto_ = !strcmp(want, "auto");
+    if (!want_cuda && !auto_ && strcmp(want, "cpu")) {
+        eng_errf(err, "unknown backend '%s' (cpu, cuda or auto)", want);
+        eng_free(e);
+        return LA_EINVAL;
+    }
+    char msg[256] = "";
+    int rc = be_cpu_new(cfg->cpu_threads, job_complete, e, &e->cpu, msg, sizeof msg);
+    if (rc < 0) {
+        eng_errf(err, "%s", msg[0] ? msg : "cpu backend: out of memory");
+        eng_free(e);
+        return rc;
+    }
+    if (want_cuda || auto_) {
+        msg[0] = 0;
+        rc = be_cuda_new(job_complete, e, cfg->log, cfg->log_data, &e->cuda, msg, sizeof msg);
+        if (rc < 0) {
+            e->cuda = NULL;
+            if (want_cuda) {
+                eng_errf(err, "cuda backend: %s", msg[0] ? msg : la_strerror(rc));
+                eng_free(e);
+                return rc == LA_ENOMEM ? rc : LA_ENODEV;
+            }
+            eng_logf(e, 2, "cuda backend not used: %s", msg[0] ? msg : la_strerror(rc));
+        }
+    }
+    snprintf(e->backends, sizeof e->backends, "%s", e->cuda ? "cpu,cuda" : "cpu");
+    *ret_engine = e;
+    return 0;
+}
+
+void eng_free(eng *e) {
+    if (!e)
+        return;
+    e->shutting_down = 1;
+    if (e->cpu)
+        e->cpu->ops->stop(e->cpu);
+    if (e->cuda)
+        e->cuda->ops->stop(e->cuda);
+    eng_process_completions(e);
+    buf_free_all(e);
+    sess_free_all(e);
+    if (e->cpu)
+        e->cpu->ops->free(e->cpu);
+    if (e->cuda)
+        e->cuda->ops->free(e->cuda);
+    pthread_mutex_destroy(&e->done_lock);
+    free(e);
+}
+
+size_t eng_devices(const eng *e, eng_device_info *out, size_t max) {
+    size_t n = e->cpu->ops->devices(e->cpu, out, max);
+    if (n > max)
+        n = max;
+    if (e->cuda && n < max)
+        n += e->cuda->ops->devices(e->cuda, out + n, max - n);
+    return n > max ? max : n;
+}
+
+const char *eng_backends(const eng *e) { return e->backends; }
+
+void eng_conn_closed(eng *e, uint64_t conn_id) {
+    for (eng_job *j = e->j_head; j; j = j->next)
+        if (j->conn_id == conn_id)
+            j->conn_closed = 1;
+    buf_conn_closed(e, conn_id);
+    sess_conn_closed(e, conn_id);
+}
+
+void eng_tick(eng *e) { sess_tick(e); }
+
+/* ---- attention ------------------------------------------------------------------------ */
+
+static size_t elsize(la_dtype t) {
+    switch (t) {
+    case LA_DTYPE_F32:
+    case LA_DTYPE_U32:
+        return 4;
+    case LA_DTYPE_F16:
+    case LA_DTYPE_BF16:
+        return 2;
+    }
+    return 0;
+}
+
+static const char *dtype_name(la_dtype t) {
+    switch (t) {
+    case LA_DTYPE_F32:
+        return "f32";
+    case LA_DTYPE_F16:
+        return "f16";
+    case LA_DTYPE_BF16:
+        return "bf16";
+    case LA_DTYPE_U32:
+        return "u32";
+    }
+    return "unknown";
+}
+
+/* One checked tensor: its buffer, byte range [begin, end) and strides in elements. */
+typedef struct tref {
+    const char *role;
+    const eng_tensor *t;
+    buf *b;
+    uint64_t begin, end;
+    int64_t strides[4];
+    void *ptr;
+    int present;
+} tref;
+
+static int check_shape(const char *sname, const char *role, const eng_tensor *t, int ndim,
+                       const int64_t *want, const char *dims, eng_error *err) {
+    if (t->ndim != ndim) {
+        eng_errf(err, "%s: %s has %d dimensions, expected %d [%s]", sname, role, t->ndim, ndim,
+                 dims);
+        return LA_EINVAL;
+    }
+    for (int i = 0; i < ndim; i++)
+        if (t->shape[i] != want[i]) {
+            char got[96], exp[96];
+            int g = 0, x = 0;
+            for (int k = 0; k < ndim; k++) {
+                g += snprintf(got + g, sizeof got - (size_t)g, "%s%lld", k ? ", " : "",
+                              (long long)t->shape[k]);
+                x += snprintf(exp + x, sizeof exp - (size_t)x, "%s%lld", k ? ", " : "",
+                              (long long)want[k]);
+            }
+            eng_errf(err, "%s: %s shape [%s] does not match [%s] = [%s]", sname, role, got,
+                     dims, exp);
+            return LA_EINVAL;
+        }
+    return 0;
+}
+
+/* Buffer, dtype, strides and the byte extent of r->t inside its buffer, overflow-safe. A
+ * tensor of ndim 0 (decisions) is fixed_bytes contiguous bytes. */
+static int check_extent(eng *e, const sess *s, uint64_t conn_id, const char *sname, tref *r,
+                        la_dtype want_dtype, uint64_t fixed_bytes, eng_error *err) {
+    const eng_tensor *t = r->t;
+    if (t->dtype != want_dtype) {
+        eng_errf(err, "%s: %s has dtype %s, expected %s", sname, r->role, dtype_name(t->dtype),
+                 dtype_name(want_dtype));
+        return LA_EINVAL;
+    }
+    buf *b = buf_get(e, conn_id, t->buffer_id);
+    if (!b) {
+        eng_errf(err, "%s: %s names buffer %llu, which this connection has not registered",
+                 sname, r->role, (unsigned long long)t->buffer_id);
+        return LA_ENOENT;
+    }
+    int want_kind = s->be == e->cpu ? BUF_SHM : BUF_CUDA;
+    if (b->kind != want_kind || (want_kind == BUF_CUDA && b->dev != s->dev)) {
+        eng_errf(err, "%s: %s is in buffer %llu (%s), but the session computes on %s", sname,
+                 r->role, (unsigned long long)b->id,
+                 b->kind == BUF_SHM ? "host memory" : "GPU memory", s->device);
+        return LA_EINVAL;
+    }
+    uint64_t es = elsize(t->dtype);
+    if (t->offset % es) {
+        eng_errf(err, "%s: %s offset %llu is not a multiple of its element size %llu", sname,
+                 r->role, (unsigned long long)t->offset, (unsigned long long)es);
+        return LA_EINVAL;
+    }
+    uint64_t bytes;
+    if (t->ndim == 0) {
+        bytes = fixed_bytes;
+    } else {
+        int64_t st[4];
+        if (t->has_strides) {
+            for (int i = 0; i < t->ndim; i++) {
+                if (t->strides[i] < 0) {
+                    eng_errf(err, "%s: %s stride %d is negative (%lld)", sname, r->role, i,
+                             (long long)t->strides[i]);
+                    return LA_EINVAL;
+                }
+                st[i] = t->strides[i];
+            }
+        } else {
+            int64_t acc = 1;
+            for (int i = t->ndim - 1; i >= 0; i--) {
+                st[i] = acc;
+                if (__builtin_mul_overflow(acc, t->shape[i], &acc))
+                    goto overflow;
+            }
+        }
+        /* elsize * (1 + sum (shape_i - 1) * stride_i); shapes were checked >= 1. */
+        uint64_t last = 0, term;
+        for (int i = 0; i < t->ndim; i++) {
+            if (__builtin_mul_overflow((uint64_t)(t->shape[i] - 1), (uint64_t)st[i], &term) ||
+                __builtin_add_overflow(last, term, &last))
+                goto overflow;
+            r->strides[i] = st[i];
+        }
+        if (__builtin_add_overflow(last, 1, &last) || __builtin_mul_overflow(last, es, &bytes))
+            goto overflow;
+    }
+    uint64_t end;
+    if (__builtin_add_overflow(t->offset, bytes, &end))
+        goto overflow;
+    if (end > b->size) {
+        eng_errf(err,
+                 "%s: %s spans bytes [%llu, %llu) but buffer %llu holds %llu bytes", sname,
+                 r->role, (unsigned long long)t->offset, (unsigned long long)end,
+                 (unsigned long long)b->id, (unsigned long long)b->size);
+        return LA_ERANGE;
+    }
+    r->b = b;
+    r->begin = t->offset;
+    r->end = end;
+    r->ptr = (char *)b->ptr + t->offset;
+    r->present = 1;
+    return 0;
+overflow:
+    eng_errf(err, "%s: %s extent overflows 64 bits (offset %llu, strides too large)", sname,
+             r->role, (unsigned long long)t->offset);
+    return LA_ERANGE;
+}
+
+static int overlaps(const tref *a, const tref *b) {
+    return a->present && b->present && a->b == b->b && a->begin < b->end && b->begin < a->end;
+}
+
+static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *req,
+                  eng_done_fn done, void *user, eng_error *err) {
+    int rc;
+    if (e->shutting_down) {
+        eng_errf(err, "the daemon is shutting down");
+        return LA_ESHUTDOWN;
+    }
+    if (eng_fatal(e)) {
+        eng_errf(err, "a GPU error poisoned the daemon's CUDA context; it is restarting");
+        return LA_EDEVICE;
+    }
+    sess *s = sess_get(e, uid, req->session_id, 0, err);
+    if (!s)
+        return LA_ENOENT;
+    char sname[ENG_KEY_MAX + 64];
+    sess_name(s, sname, sizeof sname);
+    if (req->layer >= s->layers) {
+        eng_errf(err, "%s: layer %u out of range (layers %u)", sname, req->layer, s->layers);
+        return LA_EINVAL;
+    }
+    if (req->kv_shard >= s->kv_shards) {
+        eng_errf(err, "%s: kv shard %u out of range (kv shards %u)", sname, req->kv_shard,
+                 s->kv_shards);
+        return LA_EINVAL;
+    }
+    if (req->step > INT32_MAX) {
+        eng_errf(err, "%s: step %u out of range", sname, req->step);
+        return LA_EINVAL;
+    }
+    la_mode mode = req->mode == LA_MODE_SESSION ? s->mode : req->mode;
+    if (mode < LA_MODE_DENSE || mode > LA_MODE_SKIP) {
+        eng_errf(err, "%s: unknown mode %d", sname, (int)req->mode);
+        return LA_EINVAL;
+    }
+
+    /* Shapes against the session's geometry. */
+    const eng_tensor *q = &req->q, *k = &req->k;
+    if (q->ndim != 4 || k->ndim != 4) {
+        eng_errf(err, "%s: %s has %d dimensions, expected 4 [B, S, H, D]", sname,
+                 q->ndim != 4 ? "q" : "k", q->ndim != 4 ? q->ndim : k->ndim);
+        return LA_EINVAL;
+    }
+    int64_t B = q->shape[0], Sq = q->shape[1], Sk = k->shape[1];
+    if (B < 1 || B > s->batch || Sq < 1 || Sq > s->max_seq_q || q->shape[2] != s->heads ||
+        q->shape[3] != s->head_dim) {
+        eng_errf(err,
+                 "%s: q shape [%lld, %lld, %lld, %lld] outside the session's [B <= %u, "
+                 "Sq <= %u, H = %u, D = %u]",
+                 sname, (long long)q->shape[0], (long long)q->shape[1], (long long)q->shape[2],
+                 (long long)q->shape[3], s->batch, s->max_seq_q, s->heads, s->head_dim);
+        return LA_EINVAL;
+    }
+    if (Sk < 1 || Sk > s->max_seq_k) {
+        eng_errf(err, "%s: k has %lld keys, outside [1, %u] (the session's max Sk)", sname,
+                 (long long)Sk, s->max_seq_k);
+        return LA_EINVAL;
+    }
+    int64_t kshape[4] = {B, Sk, s->heads, s->head_dim};
+    if ((rc = check_shape(sname, "k", k, 4, kshape, "B, Sk, H, D", err)) < 0 ||
+        (rc = check_shape(sname, "v", &req->v, 4, kshape, "B, Sk, H, D", err)) < 0 ||
+        (rc = check_shape(sname, "o", &req->o, 4, q->shape, "B, Sq, H, D", err)) < 0)
+        return rc;
+    int64_t lshape[3] = {B, s->heads, Sq};
+    if (req->has_lse && (rc = check_shape(sname, "lse", &req->lse, 3, lshape, "B, H, Sq", err)) < 0)
+        return rc;
+    if (req->dry_run) {
+        if (!req->has_decisions) {
+            eng_errf(err, "%s: dry run without a decisions tensor", sname);
+            return LA_EINVAL;
+        }
+        if (req->decisions.ndim != 0) {
+            eng_errf(err, "%s: the decisions tensor takes no shape (it has the layer mask's "
+                     "layout, %llu bytes)", sname, (unsigned long long)s->layer_mask_bytes);
+            return LA_EINVAL;
+        }
+    }
+
+    /* Buffers, dtypes, strides, extents. */
+    tref t[6];
+    memset(t, 0, sizeof t);
+    const char *roles[6] = {"q", "k", "v", "o", "lse", "decisions"};
+    const eng_tensor *ts[6] = {q, k, &req->v, &req->o, &req->lse, &req->decisions};
+    for (int i = 0; i < 6; i++) {
+        t[i].role = roles[i];
+        t[i].t = ts[i];
+        if (i == 4 && !req->has_lse)
+            continue;
+        if (i == 5 && !req->dry_run)
+            continue;
+        la_dtype want = i < 4 ? s->dtype : i == 4 ? LA_DTYPE_F32 : LA_DTYPE_U32;
+        if ((rc = check_extent(e, s, conn_id, sname, &t[i], want, s->layer_mask_bytes, err)) < 0)
+            return rc;
+    }
+    for (int o = 3; o < 6; o++) {
+        for (int i = 0; i < o; i++)
+            if (overlaps(&t[o], &t[i]) && (i < 3 || o > 3)) {
+                eng_errf(err, "%s: %s overlaps %s in buffer %llu (bytes [%llu, %llu) and "
+                         "[%llu, %llu))", sname, t[o].role, t[i].role,
+                         (unsigned long long)t[o].b->id, (unsigned long long)t[o].begin,
+                         (unsigned long long)t[o].end, (unsigned long long)t[i].begin,
+                         (unsigned long long)t[i].end);
+                return LA_EINVAL;
+            }
+    }
+
+    /* Scalars and ranges. */
+    if (req->n_must_do < 0 || req->n_must_do > LA_MAX_RANGES || req->n_must_skip < 0 ||
+        req->n_must_skip > LA_MAX_RANGES) {
+        eng_errf(err, "%s: %d must-do and %d must-skip ranges (at most %d each)", sname,
+                 req->n_must_do, req->n_must_skip, LA_MAX_RANGES);
+        return LA_EINVAL;
+    }
+    float scale = req->scale == 0.0f ? 1.0f / sqrtf((float)s->head_dim) : req->scale;
+    if (!(scale > 0.0f) || isinf(scale)) {
+        eng_errf(err, "%s: softmax scale %g (must be finite and > 0)", sname, (double)scale);
+        return LA_EINVAL;
+    }
+    float tau = s->threshold;
+    if (req->has_threshold)
+        tau = req->threshold;
+    else if (s->n_schedule)
+        tau = s->schedule[req->step < s->n_schedule ? req->step : s->n_schedule - 1];
+    if (isnan(tau)) {
+        eng_errf(err, "%s: threshold is NaN", sname);
+        return LA_EINVAL;
+    }
+
+    eng_job *j = calloc(1, sizeof *j);
+    if (!j) {
+        eng_errf(err, "out of memory");
+        return LA_ENOMEM;
+    }
+    be_job *bj = &j->bj;
+    la_attn_params *p = &bj->p;
+    memcpy(bj->must_do, req->must_do, (size_t)req->n_must_do * sizeof(la_range));
+    memcpy(bj->must_skip, req->must_skip, (size_t)req->n_must_skip * sizeof(la_range));
+    p->q = t[0].ptr;
+    p->k = t[1].ptr;
+    p->v = t[2].ptr;
+    p->o = t[3].ptr;
+    memcpy(p->q_stride, t[0].strides, sizeof p->q_stride);
+    memcpy(p->k_stride, t[1].strides, sizeof p->k_stride);
+    memcpy(p->v_stride, t[2].strides, sizeof p->v_stride);
+    memcpy(p->o_stride, t[3].strides, sizeof p->o_stride);
+    if (req->has_lse) {
+        p->lse = t[4].ptr;
+        memcpy(p->lse_stride, t[4].strides, sizeof p->lse_stride);
+    }
+    p->B = (int32_t)B;
+    p->Sq = (int32_t)Sq;
+    p->Sk = (int32_t)Sk;
+    p->H = (int32_t)s->heads;
+    p->D = (int32_t)s->head_dim;
+    p->dtype = s->dtype;
+    p->scale = scale;
+    p->tau = tau;
+    p->mode = mode;
+    p->step = (int32_t)req->step;
+    p->direction = s->direction;
+    p->must_do = bj->must_do;
+    p->n_must_do = req->n_must_do;
+    p->must_skip = bj->must_skip;
+    p->n_must_skip = req->n_must_skip;
+    uint64_t mask_off = ((uint64_t)req->layer * s->kv_shards + req->kv_shard) *
+                        s->layer_mask_bytes;
+    p->mask = (uint32_t *)((char *)s->masks->mask->dev_ptr + mask_off);
+    p->mask_stride[2] = s->n_k_words;
+    p->mask_stride[1] = (int64_t)s->n_k_words * s->n_q_tiles;
+    p->mask_stride[0] = p->mask_stride[1] * s->heads;
+    if (req->dry_run)
+        p->decisions = t[5].ptr;
+    p->BM = (int32_t)s->bm;
+    p->BN = (int32_t)s->bn;
+    p->threads = 1;
+    bj->dev = s->dev;
+    bj->mask = s->masks->mask;
+    bj->mask_off = mask_off;
+    bj->mask_len = s->layer_mask_bytes;
+    bj->has_wait_event = req->has_wait_event;
+    if (req->has_wait_event)
+        memcpy(bj->wait_event, req->wait_event, sizeof bj->wait_event);
+
+    rc = s->be->ops->supports(s->be, s->dev, p);
+    if (rc < 0) {
+        eng_errf(err, "%s: the %s backend cannot run this call (%s)", sname,
+                 s->be->ops->name, la_strerror(rc));
+        free(j);
+        return rc;
+    }
+
+    j->e = e;
+    j->conn_id = conn_id;
+    j->done = done;
+    j->user = user;
+    j->tiles_total = (uint64_t)B * s->heads * (uint64_t)la_tiles((int32_t)Sq, (int32_t)s->bm) *
+                     (uint64_t)la_tiles((int32_t)Sk, (int32_t)s->bn);
+    bj->t_submit_ns = be_now_ns();
+    rc = s->be->ops->submit(s->be, bj);
+    if (rc < 0) {
+        eng_errf(err, "%s: the %s backend refused the call: %s", sname, s->be->ops->name,
+                 la_strerror(rc));
+        free(j);
+        return rc;
+    }
+    /* From here on the job is the backend's until complete(); the references it holds are
+     * released in eng_process_completions. */
+    j->s = s;
+    s->refs++;
+    s->inflight++;
+    j->mset = s->masks;
+    s->masks->refs++;
+    for (int i = 0; i < 6; i++)
+        if (t[i].present) {
+            t[i].b->refs++;
+            j->bufs[j->n_bufs++] = t[i].b;
+        }
+    j->next = e->j_head;
+    if (e->j_head)
+        e->j_head->prev = j;
+    e->j_head = j;
+    e->inflight++;
+    sess_touch(e, s);
+    return 0;
+}
+
+int eng_attn_submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *req,
+                    eng_done_fn done, void *user, eng_error *err) {
+    e->n_calls++;
+    int rc = submit(e, uid, conn_id, req, done, user, err);
+    if (rc < 0)
+        e->n_call_errors++;
+    return rc;
+}
+
+int eng_process_completions(eng *e) {
+    pthread_mutex_lock(&e->done_lock);
+    eng_job *list = e->done_head;
+    e->done_head = e->done_tail = NULL;
+    pthread_mutex_unlock(&e->done_lock);
+    int n = 0;
+    while (list) {
+        eng_job *j = list;
+        list = j->done_next;
+        if (j->prev)
+            j->prev->next = j->next;
+        else
+            e->j_head = j->next;
+        if (j->next)
+            j->next->prev = j->prev;
+        e->inflight--;
+
+        be_job *bj = &j->bj;
+        sess *s = j->s;
+        s->inflight--;
+        s->last_used_ms = eng_now_ms();
+        eng_attn_result res;
+        memset(&res, 0, sizeof res);
+        if (bj->status == 0) {
+            s->stats.calls++;
+            s->stats.tiles_total += j->tiles_total;
+            s->stats.tiles_computed += (uint64_t)bj->tiles_computed;
+            e->n_completed++;
+            e->n_tiles_total += j->tiles_total;
+            e->n_tiles_computed += (uint64_t)bj->tiles_computed;
+            res.tiles_total = j->tiles_total;
+            res.tiles_computed = (uint64_t)bj->tiles_computed;
+        } else {
+            e->n_failed++;
+        }
+        res.compute_ns = bj->t_end_ns > bj->t_start_ns ? bj->t_end_ns - bj->t_start_ns : 0;
+        res.queue_ns = bj->t_start_ns > bj->t_submit_ns ? bj->t_start_ns - bj->t_submit_ns : 0;
+        res.has_done_event = bj->has_done_event;
+        if (bj->has_done_event)
+            memcpy(res.done_event, bj->done_event, sizeof res.done_event);
+
+        for (int i = 0; i < j->n_bufs; i++)
+            buf_unref(e, j->bufs[i]);
+        mset_unref(e, j->mset);
+
+        int status = bj->status;
+        char msg[BE_MSG_MAX + ENG_KEY_MAX + 96];
+        msg[0] = 0;
+        if (status < 0) {
+            char sname[ENG_KEY_MAX + 64];
+            sess_name(s, sname, sizeof sname);
+            snprintf(msg, sizeof msg, "%s: %s", sname, bj->msg[0] ? bj->msg : la_strerror(status));
+        } else if (j->conn_closed) {
+            status = LA_ECLOSED;
+            snprintf(msg, sizeof msg, "conn %llu closed before the call finished",
+                     (unsigned long long)j->conn_id);
+        }
+        sess_unref(e, s);
+        if (j->done)
+            j->done(j->user, status, &res, msg[0] ? msg : NULL);
+        free(j);
+        n++;
+    }
+    return n;
+}
+
+void eng_shutdown(eng *e) { e->shutting_down = 1; }
+
+int eng_idle(const eng *e) { return e->inflight == 0; }
+
+int eng_fatal(const eng *e) { return e->cuda && e->cuda->ops->fatal(e->cuda); }
+
+void eng_stats(const eng *e, void (*fn)(void *data, const char *name, int64_t value),
+               void *data) {
+    uint64_t n_sess = 0, n_detached = 0;
+    for (const sess *s = e->s_head; s; s = s->next) {
+        n_sess++;
+        n_detached += !s->attached;
+    }
+    uint64_t bytes = 0, n_buf = buf_count(e, &bytes);
+#define STAT(name, v) fn(data, name, (int64_t)(v))
+    STAT("calls", e->n_calls);
+    STAT("call_errors", e->n_call_errors);
+    STAT("calls_completed", e->n_completed);
+    STAT("calls_failed", e->n_failed);
+    STAT("calls_inflight", e->inflight);
+    STAT("tiles_total", e->n_tiles_total);
+    STAT("tiles_computed", e->n_tiles_computed);
+    STAT("sessions", n_sess);
+    STAT("sessions_detached", n_detached);
+    STAT("sessions_opened", e->n_sessions_opened);
+    STAT("sessions_closed", e->n_sessions_closed);
+    STAT("sessions_evicted", e->n_evicted);
+    STAT("sessions_expired", e->n_expired);
+    STAT("sessions_grace_expired", e->n_detached_freed);
+    STAT("mask_bytes", e->mask_bytes_live);
+    STAT("buffers", n_buf);
+    STAT("buffer_bytes", bytes);
+    STAT("buffers_registered", e->n_buffers_added);
+    STAT("buffers_unregistered", e->n_buffers_removed);
+    STAT("fatal", eng_fatal(e));
+#undef STAT
+}

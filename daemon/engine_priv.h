@@ -1,0 +1,145 @@
+/*
+ * engine_priv.h — private to the engine files (engine.c, session.c, buffers.c): the structures
+ * behind the eng handle. Everything here is touched by the loop thread only, except the
+ * completion queue (done_lock) and the be_job part of a job while a backend runs it.
+ */
+#ifndef LA_ENGINE_PRIV_H
+#define LA_ENGINE_PRIV_H
+
+#include <pthread.h>
+#include <stdarg.h>
+
+#include "backend.h"
+#include "engine.h"
+
+/* A session's masks (every layer and shard, one backend allocation), refcounted: the session
+ * holds one reference, every job in flight on it one more. A reset while jobs are in flight
+ * swaps in a fresh set, so the running jobs keep writing into the old one. */
+typedef struct eng_mset {
+    be_backend *be;
+    be_mask *mask;
+    uint64_t bytes;
+    int refs;
+} eng_mset;
+
+typedef struct sess {
+    struct sess *prev, *next; /* the engine's list, least recently used first */
+    uint64_t id;
+    uint32_t uid;
+    char key[ENG_KEY_MAX + 1];
+    uint32_t layers, heads, head_dim, max_seq_q, max_seq_k, batch, kv_shards;
+    la_dtype dtype;
+    float threshold;
+    float *schedule;
+    size_t n_schedule;
+    la_mode mode;
+    la_direction direction;
+    be_backend *be;
+    int dev;
+    char device[64];
+    uint32_t bm, bn, n_q_tiles, n_k_tiles, n_k_words;
+    uint64_t layer_mask_bytes, mask_bytes;
+    eng_mset *masks;
+    uint64_t conn_id; /* last connection that opened or attached it */
+    int attached;
+    uint64_t detached_ms, last_used_ms;
+    uint32_t inflight;
+    int refs;         /* the store's (while linked) + one per job in flight */
+    int linked;       /* in the engine's list (not closed, evicted or expired) */
+    eng_session_stats stats;
+} sess;
+
+enum { BUF_SHM = 1, BUF_CUDA = 2 };
+
+typedef struct buf {
+    struct buf *prev, *next;
+    uint64_t id;
+    uint32_t uid;
+    uint64_t conn_id;
+    int kind;
+    void *ptr;        /* host mapping (shm) or device pointer of the allocation base (cuda) */
+    uint64_t size;    /* bytes usable */
+    uint64_t map_len; /* shm: bytes mapped */
+    be_backend *be;   /* cuda */
+    be_import *imp;
+    int dev;
+    int refs;         /* the registry's (while registered) + one per job in flight */
+    int registered;
+} buf;
+
+/* One attention call between eng_attn_submit and its done callback. */
+typedef struct eng_job {
+    be_job bj;        /* first: the backend hands back &bj */
+    struct eng_job *prev, *next;  /* in flight list (loop thread only) */
+    struct eng_job *done_next;    /* completion queue (under done_lock) */
+    eng *e;
+    sess *s;
+    eng_mset *mset;
+    buf *bufs[6];
+    int n_bufs;
+    uint64_t conn_id;
+    int conn_closed;
+    uint64_t tiles_total;
+    eng_done_fn done;
+    void *user;
+} eng_job;
+
+typedef struct eng_user {
+    struct eng_user *next;
+    uint32_t uid;
+    uint32_t sessions;
+    uint64_t mask_bytes;
+} eng_user;
+
+struct eng {
+    eng_config cfg;
+    be_backend *cpu, *cuda;
+    char backends[16];
+
+    sess *s_head, *s_tail;   /* linked sessions, least recently used first */
+    uint64_t next_session_id;
+    eng_user *users;
+    uint64_t mask_bytes_live; /* every mask set still allocated */
+
+    buf *b_head, *b_tail;
+    uint64_t next_buffer_id;
+
+    eng_job *j_head;          /* in flight */
+    uint64_t inflight;
+    int shutting_down;
+
+    pthread_mutex_t done_lock;
+    eng_job *done_head, *done_tail;
+
+    /* counters */
+    uint64_t n_calls, n_call_errors, n_completed, n_failed, n_tiles_total, n_tiles_computed;
+    uint64_t n_sessions_opened, n_sessions_closed, n_evicted, n_expired, n_detached_freed;
+    uint64_t n_buffers_added, n_buffers_removed;
+};
+
+/* engine.c */
+void eng_errf(eng_error *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void eng_logf(eng *e, int level, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+uint64_t eng_now_ms(void);
+
+/* session.c */
+sess *sess_find(eng *e, uint64_t id);
+/* The session id if uid may use it (owner), or NULL with err set (LA_ENOENT). */
+sess *sess_get(eng *e, uint32_t uid, uint64_t id, int allow_root, eng_error *err);
+void sess_touch(eng *e, sess *s);
+void sess_unref(eng *e, sess *s);
+void sess_unlink(eng *e, sess *s);
+void mset_unref(eng *e, eng_mset *m);
+void sess_free_all(eng *e);
+void sess_conn_closed(eng *e, uint64_t conn_id);
+void sess_tick(eng *e);
+void sess_name(const sess *s, char *out, size_t len);
+
+/* buffers.c */
+buf *buf_get(eng *e, uint64_t conn_id, uint64_t id);
+void buf_unref(eng *e, buf *b);
+void buf_conn_closed(eng *e, uint64_t conn_id);
+void buf_free_all(eng *e);
+uint64_t buf_count(const eng *e, uint64_t *ret_bytes);
+
+#endif /* LA_ENGINE_PRIV_H */

@@ -1,0 +1,591 @@
+/*
+ * session.c — the session store: generation sessions keyed by (uid, key), their skip masks
+ * (allocated through the session's backend), per-user limits, the global mask-memory cap with
+ * least-recently-used eviction of idle sessions, idle TTL and the grace period of detached
+ * sessions.
+ *
+ * The engine keeps linked sessions in one list, least recently used first (a session moves to
+ * the tail when it is opened, attached, reset or called). A session leaves the list when it is
+ * closed, evicted or expired; jobs in flight keep it (and its masks) alive until they finish.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine_priv.h"
+
+#define SCHEDULE_MAX 100000
+
+void sess_name(const sess *s, char *out, size_t len) {
+    snprintf(out, len, "session %llu (key '%s')", (unsigned long long)s->id, s->key);
+}
+
+static eng_user *user_get(eng *e, uint32_t uid, int create) {
+    for (eng_user *u = e->users; u; u = u->next)
+        if (u->uid == uid)
+            return u;
+    if (!create)
+        return NULL;
+    eng_user *u = calloc(1, sizeof *u);
+    if (!u)
+        return NULL;
+    u->uid = uid;
+    u->next = e->users;
+    e->users = u;
+    return u;
+}
+
+static void list_unlink(eng *e, sess *s) {
+    if (s->prev)
+        s->prev->next = s->next;
+    else
+        e->s_head = s->next;
+    if (s->next)
+        s->next->prev = s->prev;
+    else
+        e->s_tail = s->prev;
+    s->prev = s->next = NULL;
+}
+
+static void list_append(eng *e, sess *s) {
+    s->prev = e->s_tail;
+    s->next = NULL;
+    if (e->s_tail)
+        e->s_tail->next = s;
+    else
+        e->s_head = s;
+    e->s_tail = s;
+}
+
+sess *sess_find(eng *e, uint64_t id) {
+    for (sess *s = e->s_head; s; s = s->next)
+        if (s->id == id)
+            return s;
+    return NULL;
+}
+
+sess *sess_get(eng *e, uint32_t uid, uint64_t id, int allow_root, eng_error *err) {
+    sess *s = sess_find(e, id);
+    if (!s || (s->uid != uid && !(allow_root && uid == 0))) {
+        eng_errf(err, "session %llu: no such session", (unsigned long long)id);
+        return NULL;
+    }
+    return s;
+}
+
+void sess_touch(eng *e, sess *s) {
+    s->last_used_ms = eng_now_ms();
+    if (s->linked && e->s_tail != s) {
+        list_unlink(e, s);
+        list_append(e, s);
+    }
+}
+
+static int mset_new(eng *e, sess *s, eng_mset **ret, eng_error *err) {
+    eng_mset *m = calloc(1, sizeof *m);
+    if (!m) {
+        eng_errf(err, "out of memory");
+        return LA_ENOMEM;
+    }
+    int rc = s->be->ops->mask_alloc(s->be, s->dev, s->mask_bytes, &m->mask);
+    if (rc < 0) {
+        free(m);
+        eng_errf(err, "session '%s': cannot allocate %llu bytes of masks on %s: %s", s->key,
+                 (unsigned long long)s->mask_bytes, s->device, la_strerror(rc));
+        return rc;
+    }
+    m->be = s->be;
+    m->bytes = s->mask_bytes;
+    m->refs = 1;
+    e->mask_bytes_live += m->bytes;
+    *ret = m;
+    return 0;
+}
+
+void mset_unref(eng *e, eng_mset *m) {
+    if (!m || --m->refs > 0)
+        return;
+    m->be->ops->mask_free(m->be, m->mask);
+    e->mask_bytes_live -= m->bytes;
+    free(m);
+}
+
+void sess_unref(eng *e, sess *s) {
+    if (!s || --s->refs > 0)
+        return;
+    mset_unref(e, s->masks);
+    free(s->schedule);
+    free(s);
+}
+
+void sess_unlink(eng *e, sess *s) {
+    if (!s->linked)
+        return;
+    list_unlink(e, s);
+    s->linked = 0;
+    eng_user *u = user_get(e, s->uid, 0);
+    if (u) {
+        u->sessions--;
+        u->mask_bytes -= s->mask_bytes;
+    }
+    sess_unref(e, s);
+}
+
+/* Frees least recently used idle sessions until need more bytes fit under the cap. */
+static int make_room(eng *e, uint64_t need) {
+    uint64_t cap = e->cfg.limits.mask_memory_cap;
+    if (!cap)
+        return 0;
+    if (need > cap)
+        return LA_ELIMIT;
+    sess *s = e->s_head;
+    while (e->mask_bytes_live > cap - need && s) {
+        sess *next = s->next;
+        if (s->inflight == 0) {
+            char name[ENG_KEY_MAX + 64];
+            sess_name(s, name, sizeof name);
+            eng_logf(e, 2, "%s of uid %u: evicted (least recently used, idle %llu ms) to "
+                     "stay under the mask memory cap of %llu bytes", name, s->uid,
+                     (unsigned long long)(eng_now_ms() - s->last_used_ms),
+                     (unsigned long long)cap);
+            e->n_evicted++;
+            sess_unlink(e, s);
+        }
+        s = next;
+    }
+    return e->mask_bytes_live > cap - need ? LA_ELIMIT : 0;
+}
+
+static void fill_view(const sess *s, eng_session_view *v) {
+    memset(v, 0, sizeof *v);
+    v->id = s->id;
+    v->bm = s->bm;
+    v->bn = s->bn;
+    v->n_q_tiles = s->n_q_tiles;
+    v->n_k_words = s->n_k_words;
+    v->layer_mask_bytes = s->layer_mask_bytes;
+    v->mask_bytes = s->mask_bytes;
+    v->layers = s->layers;
+    v->heads = s->heads;
+    v->head_dim = s->head_dim;
+    v->max_seq_q = s->max_seq_q;
+    v->max_seq_k = s->max_seq_k;
+    v->batch = s->batch;
+    v->kv_shards = s->kv_shards;
+    v->dtype = s->dtype;
+    snprintf(v->device, sizeof v->device, "%s", s->device);
+}
+
+/* Picks the backend and device of a new session from spec->device. */
+static int pick_device(eng *e, sess *s, const char *want, eng_error *err) {
+    be_backend *be = NULL;
+    int dev = 0, rc;
+    uint32_t bm = 0, bn = 0;
+    if (!want[0] || !strcmp(want, "auto")) {
+        /* The GPU when one is usable and has a kernel for this geometry, else the CPU. */
+        if (e->cuda && e->cuda->ops->find_device(e->cuda, "", &dev) == 0 &&
+            e->cuda->ops->tile_sizes(e->cuda, dev, s->head_dim, s->dtype, &bm, &bn) == 0)
+            be = e->cuda;
+        else
+            be = e->cpu, dev = 0;
+    } else if (!strcmp(want, "cpu")) {
+        be = e->cpu;
+    } else {
+        if (!e->cuda) {
+            eng_errf(err, "session '%s': device '%s' asked, but the daemon has no cuda backend",
+                     s->key, want);
+            return LA_ENODEV;
+        }
+        rc = e->cuda->ops->find_device(e->cuda, strcmp(want, "cuda") ? want : "", &dev);
+        if (rc < 0) {
+            eng_errf(err, "session '%s': no GPU '%s' on this host", s->key, want);
+            return LA_ENODEV;
+        }
+        be = e->cuda;
+    }
+    rc = be->ops->tile_sizes(be, dev, s->head_dim, s->dtype, &bm, &bn);
+    if (rc < 0) {
+        eng_errf(err, "session '%s': the %s backend has no kernel for head dim %u, dtype %d",
+                 s->key, be->ops->name, s->head_dim, (int)s->dtype);
+        return LA_ENOTSUP;
+    }
+    s->be = be;
+    s->dev = dev;
+    s->bm = bm;
+    s->bn = bn;
+    eng_device_info info[16];
+    size_t n = be->ops->devices(be, info, 16);
+    if ((size_t)dev < n && (size_t)dev < 16)
+        snprintf(s->device, sizeof s->device, "%s", info[dev].uuid);
+    else
+        snprintf(s->device, sizeof s->device, "%s", be->ops->name);
+    return 0;
+}
+
+int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_spec *spec,
+                     eng_session_view *ret_view, eng_error *err) {
+    int rc;
+    if (e->shutting_down) {
+        eng_errf(err, "the daemon is shutting down");
+        return LA_ESHUTDOWN;
+    }
+    size_t klen = strnlen(spec->key, sizeof spec->key);
+    if (klen == 0 || klen > ENG_KEY_MAX) {
+        eng_errf(err, "session: key must be 1 to %d bytes", ENG_KEY_MAX);
+        return LA_EINVAL;
+    }
+    sess *s = calloc(1, sizeof *s);
+    if (!s) {
+        eng_errf(err, "out of memory");
+        return LA_ENOMEM;
+    }
+    memcpy(s->key, spec->key, klen);
+    s->uid = uid;
+    s->layers = spec->layers;
+    s->heads = spec->heads;
+    s->head_dim = spec->head_dim;
+    s->dtype = spec->dtype;
+    s->max_seq_q = spec->max_seq_q;
+    s->max_seq_k = spec->max_seq_k ? spec->max_seq_k : spec->max_seq_q;
+    s->batch = spec->batch ? spec->batch : 1;
+    s->kv_shards = spec->kv_shards ? spec->kv_shards : 1;
+    s->threshold = spec->threshold;
+    s->mode = spec->mode == LA_MODE_SESSION ? LA_MODE_SKIP : spec->mode;
+    s->direction = spec->direction;
+    s->refs = 1;
+
+    if (!s->layers || !s->heads || !s->head_dim || !s->max_seq_q ||
+        s->max_seq_q > INT32_MAX || s->max_seq_k > INT32_MAX || s->heads > INT32_MAX ||
+        s->batch > INT32_MAX || s->head_dim > INT32_MAX) {
+        eng_errf(err,
+                 "session '%s': bad geometry (layers %u, heads %u, head dim %u, max Sq %u, "
+                 "max Sk %u, batch %u): each must be > 0 and < 2^31",
+                 s->key, s->layers, s->heads, s->head_dim, s->max_seq_q, s->max_seq_k,
+                 s->batch);
+        rc = LA_EINVAL;
+        goto fail;
+    }
+    if (s->dtype != LA_DTYPE_F32 && s->dtype != LA_DTYPE_F16 && s->dtype != LA_DTYPE_BF16) {
+        eng_errf(err, "session '%s': dtype %d cannot hold Q/K/V (f32, f16 or bf16)", s->key,
+                 (int)s->dtype);
+        rc = LA_EINVAL;
+        goto fail;
+    }
+    if (s->mode < LA_MODE_DENSE || s->mode > LA_MODE_SKIP) {
+        eng_errf(err, "session '%s': unknown mode %d", s->key, (int)s->mode);
+        rc = LA_EINVAL;
+        goto fail;
+    }
+    if (s->direction < LA_DIR_ALTERNATE || s->direction > LA_DIR_DESCENDING) {
+        eng_errf(err, "session '%s': unknown direction %d", s->key, (int)s->direction);
+        rc = LA_EINVAL;
+        goto fail;
+    }
+    if (isnan(s->threshold)) {
+        eng_errf(err, "session '%s': threshold is NaN", s->key);
+        rc = LA_EINVAL;
+        goto fail;
+    }
+    if (spec->n_schedule) {
+        if (!spec->schedule || spec->n_schedule > SCHEDULE_MAX) {
+            eng_errf(err, "session '%s': threshold schedule of %zu steps (at most %d)", s->key,
+                     spec->n_schedule, SCHEDULE_MAX);
+            rc = LA_EINVAL;
+            goto fail;
+        }
+        for (size_t i = 0; i < spec->n_schedule; i++)
+            if (isnan(spec->schedule[i])) {
+                eng_errf(err, "session '%s': threshold schedule step %zu is NaN", s->key, i);
+                rc = LA_EINVAL;
+                goto fail;
+            }
+        s->schedule = malloc(spec->n_schedule * sizeof *s->schedule);
+        if (!s->schedule) {
+            eng_errf(err, "out of memory");
+            rc = LA_ENOMEM;
+            goto fail;
+        }
+        memcpy(s->schedule, spec->schedule, spec->n_schedule * sizeof *s->schedule);
+        s->n_schedule = spec->n_schedule;
+    }
+    for (sess *o = e->s_head; o; o = o->next)
+        if (o->uid == uid && !strcmp(o->key, s->key)) {
+            char name[ENG_KEY_MAX + 64];
+            sess_name(o, name, sizeof name);
+            eng_errf(err, "%s: key already in use by this user (attach to it instead)", name);
+            rc = LA_EEXIST;
+            goto fail;
+        }
+    if ((rc = pick_device(e, s, spec->device, err)) < 0)
+        goto fail;
+
+    s->n_q_tiles = (uint32_t)la_tiles((int32_t)s->max_seq_q, (int32_t)s->bm);
+    s->n_k_tiles = (uint32_t)la_tiles((int32_t)s->max_seq_k, (int32_t)s->bn);
+    s->n_k_words = (uint32_t)la_mask_words((int32_t)s->n_k_tiles);
+    uint64_t lb, mb;
+    if (__builtin_mul_overflow((uint64_t)s->batch, (uint64_t)s->heads, &lb) ||
+        __builtin_mul_overflow(lb, (uint64_t)s->n_q_tiles, &lb) ||
+        __builtin_mul_overflow(lb, (uint64_t)s->n_k_words * 4u, &lb) ||
+        __builtin_mul_overflow(lb, (uint64_t)s->layers, &mb) ||
+        __builtin_mul_overflow(mb, (uint64_t)s->kv_shards, &mb)) {
+        eng_errf(err, "session '%s': mask size overflows", s->key);
+        rc = LA_ELIMIT;
+        goto fail;
+    }
+    s->layer_mask_bytes = lb;
+    s->mask_bytes = mb;
+
+    const eng_limits *l = &e->cfg.limits;
+    eng_user *u = user_get(e, uid, 1);
+    if (!u) {
+        eng_errf(err, "out of memory");
+        rc = LA_ENOMEM;
+        goto fail;
+    }
+    if (l->max_sessions_per_user && u->sessions >= l->max_sessions_per_user) {
+        eng_errf(err, "session '%s': uid %u already has %u sessions open (limit %u)", s->key,
+                 uid, u->sessions, l->max_sessions_per_user);
+        rc = LA_ELIMIT;
+        goto fail;
+    }
+    if (l->max_mask_bytes_per_user && (mb > l->max_mask_bytes_per_user ||
+                                       u->mask_bytes > l->max_mask_bytes_per_user - mb)) {
+        eng_errf(err,
+                 "session '%s': %llu bytes of masks exceed the limit of uid %u (%llu of %llu "
+                 "bytes in use)",
+                 s->key, (unsigned long long)mb, uid, (unsigned long long)u->mask_bytes,
+                 (unsigned long long)l->max_mask_bytes_per_user);
+        rc = LA_ELIMIT;
+        goto fail;
+    }
+    if (make_room(e, mb) < 0) {
+        eng_errf(err,
+                 "session '%s': %llu bytes of masks do not fit under the daemon's mask memory "
+                 "cap (%llu of %llu bytes held by sessions in use)",
+                 s->key, (unsigned long long)mb, (unsigned long long)e->mask_bytes_live,
+                 (unsigned long long)l->mask_memory_cap);
+        rc = LA_ELIMIT;
+        goto fail;
+    }
+    if ((rc = mset_new(e, s, &s->masks, err)) < 0)
+        goto fail;
+
+    s->id = ++e->next_session_id;
+    s->conn_id = conn_id;
+    s->attached = 1;
+    s->last_used_ms = eng_now_ms();
+    s->linked = 1;
+    list_append(e, s);
+    u->sessions++;
+    u->mask_bytes += mb;
+    e->n_sessions_opened++;
+    fill_view(s, ret_view);
+    return 0;
+fail:
+    free(s->schedule);
+    free(s);
+    return rc;
+}
+
+int eng_session_attach(eng *e, uint32_t uid, uint64_t conn_id, const char *key,
+                       eng_session_view *ret_view, eng_error *err) {
+    if (e->shutting_down) {
+        eng_errf(err, "the daemon is shutting down");
+        return LA_ESHUTDOWN;
+    }
+    for (sess *s = e->s_head; s; s = s->next)
+        if (s->uid == uid && key && !strcmp(s->key, key)) {
+            s->conn_id = conn_id;
+            s->attached = 1;
+            s->detached_ms = 0;
+            sess_touch(e, s);
+            fill_view(s, ret_view);
+            return 0;
+        }
+    eng_errf(err, "session '%s': no such session", key ? key : "");
+    return LA_ENOENT;
+}
+
+int eng_session_reset(eng *e, uint32_t uid, uint64_t session_id, eng_error *err) {
+    sess *s = sess_get(e, uid, session_id, 0, err);
+    if (!s)
+        return LA_ENOENT;
+    int rc;
+    if (s->masks->refs == 1) {
+        rc = s->be->ops->mask_reset(s->be, s->masks->mask);
+    } else {
+        /* Jobs in flight still write the current set: give the session a fresh one. */
+        eng_mset *m;
+        if ((rc = mset_new(e, s, &m, err)) < 0)
+            return rc;
+        mset_unref(e, s->masks);
+        s->masks = m;
+    }
+    if (rc < 0) {
+        char name[ENG_KEY_MAX + 64];
+        sess_name(s, name, sizeof name);
+        eng_errf(err, "%s: mask reset failed: %s", name, la_strerror(rc));
+        return rc;
+    }
+    sess_touch(e, s);
+    return 0;
+}
+
+int eng_session_close(eng *e, uint32_t uid, uint64_t session_id, eng_error *err) {
+    sess *s = sess_get(e, uid, session_id, 0, err);
+    if (!s)
+        return LA_ENOENT;
+    e->n_sessions_closed++;
+    sess_unlink(e, s);
+    return 0;
+}
+
+/* Live bits of one (layer, shard) mask over the valid k-tiles of every row. */
+static uint64_t layer_live(const sess *s, const uint32_t *w) {
+    uint64_t rows = (uint64_t)s->batch * s->heads * s->n_q_tiles, live = 0;
+    uint32_t full = s->n_k_tiles / 32, rem = s->n_k_tiles % 32;
+    uint32_t last = rem ? (uint32_t)((1ull << rem) - 1) : 0;
+    for (uint64_t r = 0; r < rows; r++, w += s->n_k_words) {
+        for (uint32_t i = 0; i < full; i++)
+            live += (uint64_t)__builtin_popcount(w[i]);
+        if (rem)
+            live += (uint64_t)__builtin_popcount(w[full] & last);
+    }
+    return live;
+}
+
+static double layer_fraction(const sess *s, uint32_t layer) {
+    double total = (double)s->batch * s->heads * s->n_q_tiles * s->n_k_tiles;
+    if (total <= 0)
+        return 0;
+    const uint32_t *base = s->masks->mask->host;
+    double sum = 0;
+    for (uint32_t k = 0; k < s->kv_shards; k++) {
+        uint64_t off = ((uint64_t)layer * s->kv_shards + k) * s->layer_mask_bytes / 4;
+        sum += (double)layer_live(s, base + off) / total;
+    }
+    return sum / s->kv_shards;
+}
+
+int eng_session_info(eng *e, uint32_t uid, uint64_t session_id, double *live, size_t n,
+                     eng_session_stats *ret_stats, eng_error *err) {
+    sess *s = sess_get(e, uid, session_id, 1, err);
+    if (!s)
+        return LA_ENOENT;
+    for (size_t l = 0; live && l < n && l < s->layers; l++)
+        live[l] = layer_fraction(s, (uint32_t)l);
+    if (ret_stats)
+        *ret_stats = s->stats;
+    return 0;
+}
+
+void eng_session_list(eng *e, uint32_t uid,
+                      void (*fn)(void *data, const eng_session_summary *s), void *data) {
+    uint64_t now = eng_now_ms();
+    for (sess *s = e->s_head; s; s = s->next) {
+        if (uid != 0 && s->uid != uid)
+            continue;
+        eng_session_summary sum;
+        memset(&sum, 0, sizeof sum);
+        sum.id = s->id;
+        memcpy(sum.key, s->key, sizeof sum.key);
+        sum.uid = s->uid;
+        sum.layers = s->layers;
+        sum.heads = s->heads;
+        sum.head_dim = s->head_dim;
+        sum.batch = s->batch;
+        sum.bm = s->bm;
+        sum.bn = s->bn;
+        sum.mask_bytes = s->mask_bytes;
+        sum.calls = s->stats.calls;
+        sum.idle_ms = s->inflight ? 0 : now - s->last_used_ms;
+        double t = 0;
+        for (uint32_t l = 0; l < s->layers; l++)
+            t += layer_fraction(s, l);
+        sum.live_fraction = t / s->layers;
+        sum.attached = s->attached;
+        snprintf(sum.device, sizeof sum.device, "%s", s->device);
+        fn(data, &sum);
+    }
+}
+
+int eng_mask_read(eng *e, uint32_t uid, uint64_t session_id, uint32_t layer, uint32_t kv_shard,
+                  uint64_t offset, void *dst, size_t len, size_t *ret_len, uint64_t *ret_total,
+                  eng_error *err) {
+    sess *s = sess_get(e, uid, session_id, 1, err);
+    if (!s)
+        return LA_ENOENT;
+    char name[ENG_KEY_MAX + 64];
+    sess_name(s, name, sizeof name);
+    if (layer >= s->layers || kv_shard >= s->kv_shards) {
+        eng_errf(err, "%s: layer %u, kv shard %u out of range (layers %u, kv shards %u)", name,
+                 layer, kv_shard, s->layers, s->kv_shards);
+        return LA_EINVAL;
+    }
+    uint64_t total = s->layer_mask_bytes;
+    if (offset > total) {
+        eng_errf(err, "%s: mask offset %llu past the layer's %llu bytes", name,
+                 (unsigned long long)offset, (unsigned long long)total);
+        return LA_ERANGE;
+    }
+    size_t n = total - offset < len ? (size_t)(total - offset) : len;
+    if (n && !dst) {
+        eng_errf(err, "%s: mask read into NULL", name);
+        return LA_EINVAL;
+    }
+    const uint8_t *base = (const uint8_t *)s->masks->mask->host +
+                          ((uint64_t)layer * s->kv_shards + kv_shard) * total;
+    if (n)
+        memcpy(dst, base + offset, n);
+    if (ret_len)
+        *ret_len = n;
+    if (ret_total)
+        *ret_total = total;
+    return 0;
+}
+
+void sess_conn_closed(eng *e, uint64_t conn_id) {
+    uint64_t now = eng_now_ms();
+    for (sess *s = e->s_head; s; s = s->next)
+        if (s->attached && s->conn_id == conn_id) {
+            s->attached = 0;
+            s->detached_ms = now;
+        }
+}
+
+void sess_tick(eng *e) {
+    uint64_t now = eng_now_ms();
+    const eng_limits *l = &e->cfg.limits;
+    sess *s = e->s_head;
+    while (s) {
+        sess *next = s->next;
+        if (s->inflight == 0) {
+            char name[ENG_KEY_MAX + 64];
+            sess_name(s, name, sizeof name);
+            if (!s->attached && now - s->detached_ms >= (uint64_t)l->session_grace_s * 1000) {
+                eng_logf(e, 2, "%s of uid %u: freed, detached for longer than %u s", name,
+                         s->uid, l->session_grace_s);
+                e->n_detached_freed++;
+                sess_unlink(e, s);
+            } else if (l->session_ttl_s &&
+                       now - s->last_used_ms >= (uint64_t)l->session_ttl_s * 1000) {
+                eng_logf(e, 2, "%s of uid %u: freed, idle for longer than %u s", name, s->uid,
+                         l->session_ttl_s);
+                e->n_expired++;
+                sess_unlink(e, s);
+            }
+        }
+        s = next;
+    }
+}
+
+void sess_free_all(eng *e) {
+    while (e->s_head)
+        sess_unlink(e, e->s_head);
+    while (e->users) {
+        eng_user *u = e->users;
+        e->users = u->next;
+        free(u);
+    }
+}
