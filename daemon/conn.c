@@ -1,0 +1,459 @@
+/* conn.c — one client connection: reading frames, decoding, queueing replies (see conn.h). */
+#include "conn.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "dispatch.h"
+#include "liteattn.h"
+#include "log.h"
+
+#define LINGER_MS 2000       /* conn_close_after_flush: longest wait for the client to read */
+#define RECVS_PER_WAKEUP 16  /* fairness: other clients get their turn after this many reads */
+
+struct conn_out {
+    conn_out *next;
+    size_t len, off;
+    uint8_t data[];
+};
+
+/* ---- protobuf-c allocator charging the connection's budget -------------------------------- */
+
+typedef struct {
+    size_t size;
+    max_align_t align;
+} alloc_hdr;
+
+static void *pb_alloc(void *data, size_t size)
+{
+    conn *c = data;
+    if (size > c->alloc_cap - c->alloc_used || size > SIZE_MAX - sizeof(alloc_hdr))
+        return NULL;
+    alloc_hdr *h = malloc(sizeof(alloc_hdr) + size);
+    if (!h)
+        return NULL;
+    h->size = size;
+    c->alloc_used += size;
+    return h + 1;
+}
+
+static void pb_free(void *data, void *p)
+{
+    conn *c = data;
+    if (!p)
+        return;
+    alloc_hdr *h = (alloc_hdr *)p - 1;
+    c->alloc_used -= h->size;
+    free(h);
+}
+
+/* ---- lifetime ----------------------------------------------------------------------------- */
+
+void conn_ref(conn *c) { c->refs++; }
+
+void conn_unref(conn *c)
+{
+    if (--c->refs > 0)
+        return;
+    la_framer_free(&c->fr);
+    free(c);
+}
+
+static void on_handle_closed(uv_handle_t *h)
+{
+    conn *c = h->data;
+    if (h == (uv_handle_t *)&c->poll && c->fd >= 0) {
+        close(c->fd);
+        c->fd = -1;
+    }
+    conn_unref(c);
+}
+
+static void drop_outq(conn *c)
+{
+    while (c->out_head) {
+        conn_out *o = c->out_head;
+        c->out_head = o->next;
+        free(o);
+    }
+    c->out_tail = NULL;
+    c->out_bytes = 0;
+}
+
+void conn_close(conn *c)
+{
+    if (c->closing)
+        return;
+    c->closing = 1;
+    c->paused = c->lingering = 0;
+    srv *s = c->srv;
+    drop_outq(c);
+    /* Frees the queued fds now; the buffer goes with the conn. */
+    for (int fd; (fd = la_framer_take_fd(&c->fr)) >= 0;)
+        close(fd);
+    if (s->eng)
+        eng_conn_closed(s->eng, c->id);
+    uv_timer_stop(&c->timer);
+    uv_poll_stop(&c->poll);
+    uv_close((uv_handle_t *)&c->poll, on_handle_closed);
+    uv_close((uv_handle_t *)&c->timer, on_handle_closed);
+    srv_conn_removed(s, c);
+}
+
+/* Logs a protocol error of c and closes it. */
+static void conn_fail(conn *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void conn_fail(conn *c, const char *fmt, ...)
+{
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    c->srv->ctr.protocol_errors++;
+    log_warn(CONN_FMT ": %s; closing the connection", CONN_ARGS(c), msg);
+    conn_close(c);
+}
+
+static void on_linger_timeout(uv_timer_t *t)
+{
+    conn *c = t->data;
+    log_info(CONN_FMT ": did not read its last reply within %d ms; closing", CONN_ARGS(c),
+             LINGER_MS);
+    conn_close(c);
+}
+
+void conn_close_after_flush(conn *c)
+{
+    if (c->closing || c->lingering)
+        return;
+    if (!c->out_head) {
+        conn_close(c);
+        return;
+    }
+    c->lingering = 1;
+    uv_timer_stop(&c->timer);
+    uv_timer_start(&c->timer, on_linger_timeout, LINGER_MS, 0);
+    conn_update_poll(c);
+}
+
+/* ---- writing ------------------------------------------------------------------------------ */
+
+/* Writes what the socket takes. Returns 0, or LA_ECLOSED when the connection was closed. */
+static int flush(conn *c)
+{
+    while (c->out_head) {
+        conn_out *o = c->out_head;
+        ssize_t n = la_frame_send(c->fd, o->data + o->off, o->len - o->off, -1);
+        if (n == LA_EAGAIN)
+            break;
+        if (n < 0) {
+            log_debug(CONN_FMT ": send failed (%s); closing", CONN_ARGS(c), la_strerror((int)n));
+            conn_close(c);
+            return LA_ECLOSED;
+        }
+        c->srv->ctr.bytes_out += (uint64_t)n;
+        o->off += (size_t)n;
+        c->out_bytes -= (size_t)n;
+        if (o->off < o->len)
+            break;
+        c->out_head = o->next;
+        if (!c->out_head)
+            c->out_tail = NULL;
+        free(o);
+    }
+    if (!c->out_head && c->lingering) {
+        conn_close(c);
+        return LA_ECLOSED;
+    }
+    return 0;
+}
+
+void conn_flush_final(conn *c, int timeout_ms)
+{
+    uint64_t end = srv_now_ms() + (uint64_t)timeout_ms;
+    while (!c->closing && c->out_head) {
+        if (flush(c) < 0 || !c->out_head)
+            return;
+        uint64_t now = srv_now_ms();
+        if (now >= end)
+            return;
+        struct pollfd p = {.fd = c->fd, .events = POLLOUT};
+        if (poll(&p, 1, (int)(end - now)) <= 0)
+            return;
+    }
+}
+
+int conn_send(conn *c, const Liteattn__Reply *r)
+{
+    if (c->closing)
+        return LA_ECLOSED;
+    uint8_t *buf;
+    size_t len;
+    /* Replies stay within the default frame limit, which every client accepts. */
+    int rc = la_frame_pack(&r->base, LA_FRAME_DEFAULT_MAX, &buf, &len);
+    if (rc == LA_ELIMIT) {
+        log_warn(CONN_FMT ": reply to request %llu exceeds %u bytes; sending an error instead",
+                 CONN_ARGS(c), (unsigned long long)r->id, LA_FRAME_DEFAULT_MAX);
+        Liteattn__Error e = LITEATTN__ERROR__INIT;
+        e.code = LA_ELIMIT;
+        e.message = (char *)"reply too large for one frame";
+        Liteattn__Reply er = LITEATTN__REPLY__INIT;
+        er.id = r->id;
+        er.body_case = LITEATTN__REPLY__BODY_ERROR;
+        er.error = &e;
+        rc = la_frame_pack(&er.base, LA_FRAME_DEFAULT_MAX, &buf, &len);
+    }
+    if (rc < 0)
+        return rc;
+    conn_out *o = malloc(sizeof(*o) + len);
+    if (!o) {
+        free(buf);
+        return LA_ENOMEM;
+    }
+    memcpy(o->data, buf, len);
+    free(buf);
+    o->next = NULL;
+    o->len = len;
+    o->off = 0;
+    if (c->out_tail)
+        c->out_tail->next = o;
+    else
+        c->out_head = o;
+    c->out_tail = o;
+    c->out_bytes += len;
+    c->srv->ctr.frames_out++;
+
+    int was_empty = c->out_head == o;
+    if (was_empty && flush(c) < 0)
+        return LA_ECLOSED;
+    if (c->out_bytes > c->srv->cfg.max_outbound_bytes) {
+        log_warn(CONN_FMT ": %zu bytes of replies wait unread (limit %llu); closing the slow "
+                 "client", CONN_ARGS(c), c->out_bytes,
+                 (unsigned long long)c->srv->cfg.max_outbound_bytes);
+        conn_close(c);
+        return LA_ECLOSED;
+    }
+    conn_update_poll(c);
+    return 0;
+}
+
+int conn_send_error(conn *c, uint64_t id, int code, const char *message)
+{
+    Liteattn__Error e = LITEATTN__ERROR__INIT;
+    e.code = code;
+    e.message = (char *)(message && *message ? message : la_strerror(code));
+    Liteattn__Reply r = LITEATTN__REPLY__INIT;
+    r.id = id;
+    r.body_case = LITEATTN__REPLY__BODY_ERROR;
+    r.error = &e;
+    return conn_send(c, &r);
+}
+
+/* ---- reading ------------------------------------------------------------------------------ */
+
+static uint32_t peek_len(const la_framer *f)
+{
+    const uint8_t *p = f->buf + f->head;
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static void human_size(char *buf, size_t len, uint64_t n)
+{
+    if (n >= (1u << 20) && n % (1u << 20) == 0)
+        snprintf(buf, len, "%llu MiB", (unsigned long long)(n >> 20));
+    else if (n >= 4096 && n % 1024 == 0)
+        snprintf(buf, len, "%llu KiB", (unsigned long long)(n >> 10));
+    else
+        snprintf(buf, len, "%llu bytes", (unsigned long long)n);
+}
+
+/* Decodes and dispatches every complete frame. Returns 0, or -1 when c was closed. */
+static int process_frames(conn *c)
+{
+    srv *s = c->srv;
+    ProtobufCAllocator alloc = {pb_alloc, pb_free, c};
+    for (;;) {
+        const uint8_t *data;
+        uint32_t len;
+        int rc = la_framer_next(&c->fr, &data, &len);
+        if (rc == 0)
+            break;
+        if (rc < 0) {
+            char a[32], b[32];
+            human_size(a, sizeof(a), peek_len(&c->fr));
+            human_size(b, sizeof(b), c->fr.max_frame);
+            conn_fail(c, "frame of %s exceeds the %s limit", a, b);
+            return -1;
+        }
+        s->ctr.frames_in++;
+        Liteattn__Request *req = liteattn__request__unpack(&alloc, len, data);
+        if (!req) {
+            conn_fail(c, "undecodable request of %u bytes", len);
+            return -1;
+        }
+        char why[256] = "";
+        rc = disp_request(c, req, why, sizeof(why));
+        liteattn__request__free_unpacked(req, &alloc);
+        if (c->closing)
+            return -1;
+        la_framer_consume(&c->fr);
+        if (rc == DISP_FAIL) {
+            conn_fail(c, "%s", why);
+            return -1;
+        }
+        if (rc == DISP_CLOSE) {
+            c->srv->ctr.protocol_errors++;
+            log_info(CONN_FMT ": %s; closing the connection", CONN_ARGS(c), why);
+            conn_close_after_flush(c);
+            return -1;
+        }
+    }
+    /* fds come with the first byte of the frame that uses them: one still queued when no
+     * partial frame is pending was sent with a frame that does not take it. */
+    if (c->fr.n_fds > 0 && c->fr.len == c->fr.head) {
+        conn_fail(c, "%d file descriptor(s) sent without a BufferRegister", c->fr.n_fds);
+        return -1;
+    }
+    return 0;
+}
+
+static void on_readable(conn *c)
+{
+    for (int i = 0; i < RECVS_PER_WAKEUP; i++) {
+        if (c->closing || c->lingering || c->paused || c->srv->stopping)
+            return;
+        ssize_t n = la_framer_recv(&c->fr, c->fd);
+        if (n == LA_EAGAIN)
+            return;
+        if (n == 0) {
+            size_t pending = c->fr.len - c->fr.head;
+            if (pending)
+                log_info(CONN_FMT ": closed by the client in the middle of a frame (%zu bytes "
+                         "pending)", CONN_ARGS(c), pending);
+            else
+                log_debug(CONN_FMT ": closed by the client", CONN_ARGS(c));
+            conn_close(c);
+            return;
+        }
+        if (n == LA_EPROTO) {
+            conn_fail(c, "truncated ancillary data or more than %d file descriptors queued",
+                      LA_FRAME_MAX_FDS);
+            return;
+        }
+        if (n < 0) {
+            log_info(CONN_FMT ": receive failed (%s); closing", CONN_ARGS(c), la_strerror((int)n));
+            conn_close(c);
+            return;
+        }
+        c->srv->ctr.bytes_in += (uint64_t)n;
+        if (process_frames(c) < 0)
+            return;
+    }
+}
+
+static void on_poll(uv_poll_t *h, int status, int events)
+{
+    conn *c = h->data;
+    if (c->closing)
+        return;
+    if (status < 0) {
+        log_info(CONN_FMT ": socket error (%s); closing", CONN_ARGS(c), uv_strerror(status));
+        conn_close(c);
+        return;
+    }
+    if (events & UV_WRITABLE) {
+        if (flush(c) < 0)
+            return;
+        conn_update_poll(c);
+        if (!c->out_head)
+            srv_maybe_finish(c->srv);
+    }
+    if (events & (UV_READABLE | UV_DISCONNECT))
+        on_readable(c);
+}
+
+void conn_update_poll(conn *c)
+{
+    if (c->closing)
+        return;
+    unsigned ev = 0;
+    if (!c->paused && !c->lingering && !c->srv->stopping)
+        ev |= UV_READABLE;
+    if (c->out_head)
+        ev |= UV_WRITABLE;
+    if (ev == c->events)
+        return;
+    c->events = ev;
+    if (ev)
+        uv_poll_start(&c->poll, (int)ev, on_poll);
+    else
+        uv_poll_stop(&c->poll);
+}
+
+void conn_job_finished(conn *c)
+{
+    if (c->closing)
+        return;
+    if (c->paused && c->inflight < c->srv->cfg.max_inflight) {
+        c->paused = 0;
+        conn_update_poll(c);
+    }
+}
+
+static void on_hello_timeout(uv_timer_t *t)
+{
+    conn *c = t->data;
+    if (c->hello_done)
+        return;
+    char msg[96];
+    snprintf(msg, sizeof(msg), "no Hello within %u s", c->srv->cfg.hello_timeout_s);
+    c->srv->ctr.protocol_errors++;
+    log_info(CONN_FMT ": %s; closing the connection", CONN_ARGS(c), msg);
+    conn_send_error(c, 0, LA_ETIMEDOUT, msg);
+    if (!c->closing)
+        conn_close_after_flush(c);
+}
+
+int conn_new(srv *s, int fd, uint32_t uid, uint32_t gid, int32_t pid, conn **ret_conn)
+{
+    conn *c = calloc(1, sizeof(*c));
+    if (!c) {
+        close(fd);
+        return LA_ENOMEM;
+    }
+    c->srv = s;
+    c->fd = fd;
+    c->id = ++s->next_conn_id;
+    c->uid = uid;
+    c->gid = gid;
+    c->pid = pid;
+    la_framer_init(&c->fr, s->cfg.max_frame);
+    /* Decoding expands a frame (a 1-byte varint becomes an 8-byte int64, a small sub-message
+     * a struct): 16x the frame limit bounds every legitimate message with room to spare. */
+    c->alloc_cap = (size_t)s->cfg.max_frame * 16 + 65536;
+    int rc = uv_poll_init(&s->loop, &c->poll, fd);
+    if (rc < 0) {
+        log_error("conn %llu: cannot watch its socket: %s", (unsigned long long)c->id,
+                  uv_strerror(rc));
+        close(fd);
+        free(c);
+        return LA_EIO;
+    }
+    uv_timer_init(&s->loop, &c->timer);
+    c->poll.data = c->timer.data = c;
+    c->refs = 2; /* the two handles; each close callback drops one */
+    c->next = s->conns;
+    if (s->conns)
+        s->conns->prev = c;
+    s->conns = c;
+    s->n_conns++;
+    uv_timer_start(&c->timer, on_hello_timeout, (uint64_t)s->cfg.hello_timeout_s * 1000, 0);
+    conn_update_poll(c);
+    *ret_conn = c;
+    return 0;
+}
