@@ -518,9 +518,13 @@ int eng_mask_read(eng *e, uint32_t uid, uint64_t session_id, uint32_t layer, uin
         return LA_ENOENT;
     char name[ENG_KEY_MAX + 64];
     sess_name(s, name, sizeof name);
-    if (layer >= s->layers || kv_shard >= s->kv_shards) {
-        eng_errf(err, "%s: layer %u, kv shard %u out of range (layers %u, kv shards %u)", name,
-                 layer, kv_shard, s->layers, s->kv_shards);
+    if (layer >= s->layers) {
+        eng_errf(err, "%s: layer %u out of range (layers %u)", name, layer, s->layers);
+        return LA_EINVAL;
+    }
+    if (kv_shard >= s->kv_shards) {
+        eng_errf(err, "%s: kv shard %u out of range (kv shards %u)", name, kv_shard,
+                 s->kv_shards);
         return LA_EINVAL;
     }
     uint64_t total = s->layer_mask_bytes;

@@ -1,0 +1,965 @@
+/*
+ * check_engine.c — the engine (daemon/engine.h) driven in-process, without a socket: sessions,
+ * limits, eviction, TTL and grace, the buffer registry, every validation error of an attention
+ * call, multi-step runs equal to direct la_ref_attn_fwd calls bit for bit, and teardown with
+ * jobs in flight.
+ */
+#include <check.h>
+#include <fcntl.h>
+#include <math.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "../daemon/engine.h"
+#include "testutil.h"
+
+#define UID 1000
+#define UID2 1001
+#define CONN 1
+#define CONN2 2
+
+/* ---- harness: an engine whose notify writes to a pipe -------------------------------------- */
+
+typedef struct harness {
+    eng *e;
+    int pipe[2];
+    int done_calls;
+} harness;
+
+static void notify_pipe(void *data) {
+    harness *h = data;
+    char c = 1;
+    ssize_t n = write(h->pipe[1], &c, 1);
+    (void)n;
+}
+
+static void h_open(harness *h, const eng_limits *lim) {
+    memset(h, 0, sizeof *h);
+    ck_assert_int_eq(pipe2(h->pipe, O_NONBLOCK | O_CLOEXEC), 0);
+    eng_config cfg;
+    eng_config_default(&cfg);
+    cfg.backend = "cpu";
+    cfg.cpu_threads = 2;
+    if (lim)
+        cfg.limits = *lim;
+    cfg.notify = notify_pipe;
+    cfg.notify_data = h;
+    eng_error err = {{0}};
+    int rc = eng_new(&cfg, &h->e, &err);
+    ck_assert_msg(rc == 0, "eng_new: %d %s", rc, err.msg);
+}
+
+static void h_close(harness *h) {
+    eng_free(h->e);
+    close(h->pipe[0]);
+    close(h->pipe[1]);
+}
+
+/* Waits (up to 20 s) until n more done callbacks have run. */
+static void h_wait(harness *h, int n) {
+    int target = h->done_calls + n;
+    for (int spins = 0; h->done_calls < target && spins < 2000; spins++) {
+        struct pollfd pfd = {.fd = h->pipe[0], .events = POLLIN};
+        poll(&pfd, 1, 10);
+        char buf[64];
+        while (read(h->pipe[0], buf, sizeof buf) > 0) {
+        }
+        eng_process_completions(h->e);
+    }
+    ck_assert_int_eq(h->done_calls, target);
+}
+
+typedef struct call {
+    harness *h;
+    int status, ran;
+    eng_attn_result res;
+} call;
+
+static void on_done(void *user, int status, const eng_attn_result *res, const char *msg) {
+    call *c = user;
+    c->ran++;
+    c->status = status;
+    c->res = *res;
+    c->h->done_calls++;
+}
+
+/* A sealed-capable memfd of size bytes, mapped here; the engine gets a dup. */
+typedef struct shm {
+    int fd;
+    void *p;
+    size_t size;
+    uint64_t id;
+} shm;
+
+static int shm_make(harness *h, uint64_t conn, size_t size, shm *s) {
+    s->size = size;
+    s->fd = memfd_create("check_engine", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    ck_assert_int_ge(s->fd, 0);
+    ck_assert_int_eq(ftruncate(s->fd, (off_t)size), 0);
+    s->p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, s->fd, 0);
+    ck_assert_ptr_ne(s->p, MAP_FAILED);
+    eng_error err = {{0}};
+    return eng_buffer_add_shm(h->e, UID, conn, dup(s->fd), size, &s->id, &err);
+}
+
+static void shm_drop(shm *s) {
+    munmap(s->p, s->size);
+    close(s->fd);
+}
+
+static eng_session_spec spec_make(const char *key, uint32_t layers, uint32_t H, uint32_t D,
+                                  la_dtype dt, uint32_t sq, uint32_t sk, uint32_t batch) {
+    eng_session_spec sp;
+    memset(&sp, 0, sizeof sp);
+    snprintf(sp.key, sizeof sp.key, "%s", key);
+    sp.layers = layers;
+    sp.heads = H;
+    sp.head_dim = D;
+    sp.dtype = dt;
+    sp.max_seq_q = sq;
+    sp.max_seq_k = sk;
+    sp.batch = batch;
+    sp.kv_shards = 1;
+    sp.threshold = -3;
+    sp.mode = LA_MODE_SKIP;
+    snprintf(sp.device, sizeof sp.device, "cpu");
+    return sp;
+}
+
+static uint64_t open_ok(harness *h, uint32_t uid, uint64_t conn, const eng_session_spec *sp,
+                        eng_session_view *ret) {
+    eng_session_view v;
+    eng_error err = {{0}};
+    int rc = eng_session_open(h->e, uid, conn, sp, &v, &err);
+    ck_assert_msg(rc == 0, "open '%s': %d %s", sp->key, rc, err.msg);
+    if (ret)
+        *ret = v;
+    return v.id;
+}
+
+static void tensor(eng_tensor *t, uint64_t buf, uint64_t off, la_dtype dt, int64_t a, int64_t b,
+                   int64_t c, int64_t d) {
+    memset(t, 0, sizeof *t);
+    t->buffer_id = buf;
+    t->offset = off;
+    t->dtype = dt;
+    t->ndim = d ? 4 : 3;
+    t->shape[0] = a;
+    t->shape[1] = b;
+    t->shape[2] = c;
+    t->shape[3] = d;
+}
+
+/* ---- sessions --------------------------------------------------------------------------- */
+
+START_TEST(session_open_attach_close) {
+    harness h;
+    h_open(&h, NULL);
+    eng_session_spec sp = spec_make("wan-run-3", 3, 4, 64, LA_DTYPE_F32, 200, 300, 2);
+    eng_session_view v;
+    uint64_t id = open_ok(&h, UID, CONN, &sp, &v);
+    ck_assert_uint_eq(v.bm, 64);
+    ck_assert_uint_eq(v.bn, 64);
+    ck_assert_uint_eq(v.n_q_tiles, 4);   /* ceil(200/64) */
+    ck_assert_uint_eq(v.n_k_words, 1);   /* ceil(ceil(300/64)/32) */
+    ck_assert_uint_eq(v.layer_mask_bytes, 2 * 4 * 4 * 1 * 4);
+    ck_assert_uint_eq(v.mask_bytes, 3 * v.layer_mask_bytes);
+    ck_assert_str_eq(v.device, "cpu");
+
+    eng_error err = {{0}};
+    eng_session_view v2;
+    ck_assert_int_eq(eng_session_open(h.e, UID, CONN, &sp, &v2, &err), LA_EEXIST);
+    ck_assert_msg(strstr(err.msg, "wan-run-3"), "message names the key: %s", err.msg);
+    /* another user may use the same key */
+    uint64_t other = open_ok(&h, UID2, CONN2, &sp, NULL);
+    ck_assert_uint_ne(other, id);
+
+    ck_assert_int_eq(eng_session_attach(h.e, UID, CONN2, "wan-run-3", &v2, &err), 0);
+    ck_assert_uint_eq(v2.id, id);
+    ck_assert_int_eq(eng_session_attach(h.e, UID, CONN2, "nope", &v2, &err), LA_ENOENT);
+
+    double live[4] = {-1, -1, -1, -1};
+    eng_session_stats st;
+    ck_assert_int_eq(eng_session_info(h.e, UID, id, live, 4, &st, &err), 0);
+    for (int l = 0; l < 3; l++)
+        ck_assert_double_eq(live[l], 1.0);
+    ck_assert_double_eq(live[3], -1);
+    ck_assert_uint_eq(st.calls, 0);
+    /* another uid cannot see it; root can read it */
+    ck_assert_int_eq(eng_session_info(h.e, UID2, id, live, 4, &st, &err), LA_ENOENT);
+    ck_assert_int_eq(eng_session_info(h.e, 0, id, live, 4, &st, &err), 0);
+    ck_assert_int_eq(eng_session_close(h.e, UID2, id, &err), LA_ENOENT);
+    ck_assert_int_eq(eng_session_reset(h.e, UID2, id, &err), LA_ENOENT);
+
+    uint32_t words[64];
+    size_t got = 0;
+    uint64_t total = 0;
+    ck_assert_int_eq(eng_mask_read(h.e, UID, id, 2, 0, 0, words, sizeof words, &got, &total,
+                                   &err), 0);
+    ck_assert_uint_eq(total, v.layer_mask_bytes);
+    ck_assert_uint_eq(got, v.layer_mask_bytes);
+    ck_assert_uint_eq(words[0], 0xffffffffu);
+    ck_assert_int_eq(eng_mask_read(h.e, UID, id, 3, 0, 0, words, sizeof words, &got, &total,
+                                   &err), LA_EINVAL);
+    ck_assert_msg(strstr(err.msg, "layer 3 out of range"), "%s", err.msg);
+    ck_assert_int_eq(eng_mask_read(h.e, UID, id, 0, 1, 0, words, sizeof words, &got, &total,
+                                   &err), LA_EINVAL);
+    ck_assert_int_eq(eng_mask_read(h.e, UID, id, 0, 0, total + 1, words, 4, &got, &total,
+                                   &err), LA_ERANGE);
+
+    ck_assert_int_eq(eng_session_close(h.e, UID, id, &err), 0);
+    ck_assert_int_eq(eng_session_info(h.e, UID, id, live, 4, &st, &err), LA_ENOENT);
+    ck_assert_int_eq(eng_session_close(h.e, UID, id, &err), LA_ENOENT);
+    /* ids are never reused */
+    uint64_t id2 = open_ok(&h, UID, CONN, &sp, NULL);
+    ck_assert_uint_gt(id2, other);
+
+    /* bad specs */
+    eng_session_spec bad = spec_make("bad", 0, 4, 64, LA_DTYPE_F32, 100, 100, 1);
+    ck_assert_int_eq(eng_session_open(h.e, UID, CONN, &bad, &v2, &err), LA_EINVAL);
+    bad = spec_make("bad", 1, 4, 72, LA_DTYPE_F32, 100, 100, 1);
+    ck_assert_int_eq(eng_session_open(h.e, UID, CONN, &bad, &v2, &err), LA_ENOTSUP);
+    bad = spec_make("bad", 1, 4, 64, LA_DTYPE_U32, 100, 100, 1);
+    ck_assert_int_eq(eng_session_open(h.e, UID, CONN, &bad, &v2, &err), LA_EINVAL);
+    bad = spec_make("", 1, 4, 64, LA_DTYPE_F32, 100, 100, 1);
+    ck_assert_int_eq(eng_session_open(h.e, UID, CONN, &bad, &v2, &err), LA_EINVAL);
+    bad = spec_make("bad", 1, 4, 64, LA_DTYPE_F32, 100, 100, 1);
+    snprintf(bad.device, sizeof bad.device, "GPU-00000000-0000-0000-0000-000000000000");
+    ck_assert_int_eq(eng_session_open(h.e, UID, CONN, &bad, &v2, &err), LA_ENODEV);
+    h_close(&h);
+}
+END_TEST
+
+typedef struct stat_q {
+    const char *name;
+    int64_t value;
+    int found;
+} stat_q;
+static void stat_cb(void *data, const char *name, int64_t value) {
+    stat_q *q = data;
+    if (!strcmp(q->name, name)) {
+        q->value = value;
+        q->found = 1;
+    }
+}
+static int64_t stat_get(harness *h, const char *name) {
+    stat_q q = {name, 0, 0};
+    eng_stats(h->e, stat_cb, &q);
+    ck_assert_msg(q.found, "stat %s missing", name);
+    return q.value;
+}
+
+START_TEST(session_limits) {
+    eng_config d;
+    eng_config_default(&d);
+    eng_limits lim = d.limits;
+    lim.max_sessions_per_user = 2;
+    lim.max_mask_bytes_per_user = 3 * 1024;
+    harness h;
+    h_open(&h, &lim);
+    eng_error err = {{0}};
+    eng_session_view v;
+    /* 1 layer, B1 H8, 64 q-tiles (4096/64), 1 word: 8*64*4 = 2048 bytes */
+    eng_session_spec a = spec_make("a", 1, 8, 64, LA_DTYPE_F32, 4096, 1024, 1);
+    open_ok(&h, UID, CONN, &a, &v);
+    ck_assert_uint_eq(v.mask_bytes, 2048);
+    eng_session_spec b = spec_make("b", 1, 8, 64, LA_DTYPE_F32, 4096, 1024, 1);
+    ck_assert_int_eq(eng_session_open(h.e, UID, CONN, &b, &v, &err), LA_ELIMIT);
+    ck_assert_msg(strstr(err.msg, "uid 1000"), "%s", err.msg);
+    eng_session_spec c = spec_make("c", 1, 4, 64, LA_DTYPE_F32, 4096, 1024, 1); /* 1024 B */
+    open_ok(&h, UID, CONN, &c, NULL);
+    eng_session_spec dd = spec_make("d", 1, 1, 64, LA_DTYPE_F32, 64, 64, 1);
+    ck_assert_int_eq(eng_session_open(h.e, UID, CONN, &dd, &v, &err), LA_ELIMIT);
+    ck_assert_msg(strstr(err.msg, "2 sessions"), "%s", err.msg);
+    /* another user has its own budget */
+    open_ok(&h, UID2, CONN2, &dd, NULL);
+    ck_assert_int_eq(stat_get(&h, "sessions"), 3);
+    h_close(&h);
+}
+END_TEST
+
+/* ---- attention helpers ----------------------------------------------------------------- */
+
+/* A problem in one shm buffer: q, k, v, o, lse, decisions laid out one after another. */
+typedef struct prob {
+    shm s;
+    int64_t B, Sq, Sk, H, D;
+    la_dtype dt;
+    uint64_t off[6], bytes[6];
+} prob;
+
+static void prob_make(harness *h, prob *p, uint64_t conn, int64_t B, int64_t Sq, int64_t Sk,
+                      int64_t H, int64_t D, la_dtype dt, uint64_t dec_bytes) {
+    memset(p, 0, sizeof *p);
+    p->B = B, p->Sq = Sq, p->Sk = Sk, p->H = H, p->D = D, p->dt = dt;
+    size_t es = dt == LA_DTYPE_F32 ? 4 : 2;
+    p->bytes[0] = (uint64_t)(B * Sq * H * D) * es;
+    p->bytes[1] = p->bytes[2] = (uint64_t)(B * Sk * H * D) * es;
+    p->bytes[3] = p->bytes[0];
+    p->bytes[4] = (uint64_t)(B * H * Sq) * 4;
+    p->bytes[5] = dec_bytes ? dec_bytes : 4;
+    uint64_t o = 0;
+    for (int i = 0; i < 6; i++) {
+        p->off[i] = o;
+        o += (p->bytes[i] + 63) & ~63ull;
+    }
+    ck_assert_int_eq(shm_make(h, conn, (size_t)o, &p->s), 0);
+}
+
+static void prob_req(const prob *p, eng_attn_req *r, uint64_t sid, uint32_t layer,
+                     uint32_t step) {
+    memset(r, 0, sizeof *r);
+    r->session_id = sid;
+    r->layer = layer;
+    r->step = step;
+    uint64_t id = p->s.id;
+    tensor(&r->q, id, p->off[0], p->dt, p->B, p->Sq, p->H, p->D);
+    tensor(&r->k, id, p->off[1], p->dt, p->B, p->Sk, p->H, p->D);
+    tensor(&r->v, id, p->off[2], p->dt, p->B, p->Sk, p->H, p->D);
+    tensor(&r->o, id, p->off[3], p->dt, p->B, p->Sq, p->H, p->D);
+    tensor(&r->lse, id, p->off[4], LA_DTYPE_F32, p->B, p->H, p->Sq, 0);
+    r->has_lse = 1;
+    r->mode = LA_MODE_SESSION;
+}
+
+static void *prob_ptr(const prob *p, int i) { return (char *)p->s.p + p->off[i]; }
+
+static void prob_fill(const prob *p, la_rng *r, double amp) {
+    la_test_fill(r, prob_ptr(p, 0), p->dt, p->B * p->Sq * p->H * p->D, amp);
+    la_test_fill(r, prob_ptr(p, 1), p->dt, p->B * p->Sk * p->H * p->D, amp);
+    la_test_fill(r, prob_ptr(p, 2), p->dt, p->B * p->Sk * p->H * p->D, 1.0);
+}
+
+static int submit(harness *h, uint32_t uid, uint64_t conn, const eng_attn_req *r, call *c,
+                  eng_error *err) {
+    memset(c, 0, sizeof *c);
+    c->h = h;
+    return eng_attn_submit(h->e, uid, conn, r, on_done, c, err);
+}
+
+static void run_ok(harness *h, const eng_attn_req *r, call *c) {
+    eng_error err = {{0}};
+    int rc = submit(h, UID, CONN, r, c, &err);
+    ck_assert_msg(rc == 0, "submit: %d %s", rc, err.msg);
+    h_wait(h, 1);
+    ck_assert_int_eq(c->ran, 1);
+    ck_assert_int_eq(c->status, 0);
+}
+
+/* ---- validation ------------------------------------------------------------------------ */
+
+typedef struct bad_case {
+    const char *name;
+    int want;
+} bad_case;
+
+START_TEST(attn_validation) {
+    harness h;
+    h_open(&h, NULL);
+    eng_session_spec sp = spec_make("val", 2, 2, 64, LA_DTYPE_F32, 128, 192, 2);
+    eng_session_view v;
+    uint64_t sid = open_ok(&h, UID, CONN, &sp, &v);
+    uint64_t sid_other = open_ok(&h, UID2, CONN2, &sp, NULL);
+    prob p;
+    prob_make(&h, &p, CONN, 2, 100, 150, 2, 64, LA_DTYPE_F32, v.layer_mask_bytes);
+    shm other;
+    ck_assert_int_eq(shm_make(&h, CONN2, 1 << 20, &other), 0);
+    la_rng rng;
+    la_rng_init(&rng, 11);
+    prob_fill(&p, &rng, 1.0);
+
+    eng_attn_req good;
+    prob_req(&p, &good, sid, 1, 0);
+    call c;
+    run_ok(&h, &good, &c); /* the base request is valid */
+
+    for (int i = 0;; i++) {
+        eng_attn_req r = good;
+        const char *name = NULL;
+        int want = 0;
+        switch (i) {
+        case 0: name = "unknown session"; r.session_id = 999; want = LA_ENOENT; break;
+        case 1: name = "another uid's session"; r.session_id = sid_other; want = LA_ENOENT; break;
+        case 2: name = "layer"; r.layer = 2; want = LA_EINVAL; break;
+        case 3: name = "kv shard"; r.kv_shard = 1; want = LA_EINVAL; break;
+        case 4: name = "heads"; r.q.shape[2] = 3; want = LA_EINVAL; break;
+        case 5: name = "Sq > max"; r.q.shape[1] = 129; r.o.shape[1] = 129; want = LA_EINVAL; break;
+        case 6: name = "B > batch"; r.q.shape[0] = 3; want = LA_EINVAL; break;
+        case 7: name = "k head dim"; r.k.shape[3] = 32; want = LA_EINVAL; break;
+        case 8: name = "v keys"; r.v.shape[1] = 149; want = LA_EINVAL; break;
+        case 9: name = "o shape"; r.o.shape[1] = 99; want = LA_EINVAL; break;
+        case 10: name = "lse shape"; r.lse.shape[2] = 99; want = LA_EINVAL; break;
+        case 11: name = "lse dtype"; r.lse.dtype = LA_DTYPE_F16; want = LA_EINVAL; break;
+        case 12: name = "q dtype"; r.q.dtype = LA_DTYPE_BF16; want = LA_EINVAL; break;
+        case 13: name = "offset past buffer"; r.v.offset = p.s.size - 64; want = LA_ERANGE; break;
+        case 14:
+            name = "overflowing strides";
+            r.k.has_strides = 1;
+            r.k.strides[0] = INT64_MAX / 2;
+            r.k.strides[1] = 128, r.k.strides[2] = 64, r.k.strides[3] = 1;
+            want = LA_ERANGE;
+            break;
+        case 15:
+            name = "negative stride";
+            r.q.has_strides = 1;
+            r.q.strides[0] = 100 * 128, r.q.strides[1] = 128, r.q.strides[2] = 64;
+            r.q.strides[3] = -1;
+            want = LA_EINVAL;
+            break;
+        case 16: name = "unknown buffer"; r.k.buffer_id = 12345; want = LA_ENOENT; break;
+        case 17: name = "another conn's buffer"; r.k.buffer_id = other.id; want = LA_ENOENT; break;
+        case 18: name = "o overlaps q"; r.o.offset = p.off[0] + 64; want = LA_EINVAL; break;
+        case 19: name = "lse overlaps o"; r.lse.offset = p.off[3]; want = LA_EINVAL; break;
+        case 20: name = "dry run without decisions"; r.dry_run = 1; want = LA_EINVAL; break;
+        case 21:
+            name = "decisions dtype";
+            r.dry_run = 1, r.has_decisions = 1;
+            r.decisions.buffer_id = p.s.id, r.decisions.offset = p.off[5];
+            r.decisions.dtype = LA_DTYPE_F32;
+            want = LA_EINVAL;
+            break;
+        case 22:
+            name = "decisions past buffer";
+            r.dry_run = 1, r.has_decisions = 1;
+            r.decisions.buffer_id = p.s.id;
+            r.decisions.offset = p.s.size - 4;
+            r.decisions.dtype = LA_DTYPE_U32;
+            want = LA_ERANGE;
+            break;
+        case 23: name = "too many ranges"; r.n_must_do = LA_MAX_RANGES + 1; want = LA_EINVAL; break;
+        case 24: name = "misaligned offset"; r.q.offset = 2; want = LA_EINVAL; break;
+        case 25: name = "negative scale"; r.scale = -1; want = LA_EINVAL; break;
+        case 26: name = "mode"; r.mode = (la_mode)7; want = LA_EINVAL; break;
+        case 27: name = "q ndim"; r.q.ndim = 3; want = LA_EINVAL; break;
+        case 28: name = "offset overflow"; r.o.offset = UINT64_MAX - 7; want = LA_ERANGE; break;
+        case 29: name = "zero keys"; r.k.shape[1] = 0; want = LA_EINVAL; break;
+        case 30: name = "NaN threshold"; r.has_threshold = 1; r.threshold = NAN; want = LA_EINVAL; break;
+        case 31: name = "bad range"; r.n_must_do = 1; r.must_do[0].start = 5; r.must_do[0].end = -3; want = 0; break;
+        }
+        if (!name)
+            break;
+        eng_error err = {{0}};
+        call cc;
+        int rc = submit(&h, UID, CONN, &r, &cc, &err);
+        if (want == 0) {
+            /* la_attn_validate decides on a reversed range; either way no callback on error */
+            if (rc == 0)
+                h_wait(&h, 1);
+            continue;
+        }
+        ck_assert_msg(rc == want, "case %d (%s): got %d (%s), want %d", i, name, rc, err.msg,
+                      want);
+        ck_assert_msg(err.msg[0], "case %d (%s): no message", i, name);
+        if (want != LA_ENOENT || i >= 16)
+            ck_assert_msg(strstr(err.msg, "session") && strstr(err.msg, "'val'"),
+                          "case %d (%s): message does not name the session: %s", i, name,
+                          err.msg);
+    }
+    /* no callback ran for any refused call */
+    for (int k = 0; k < 20; k++)
+        eng_process_completions(h.e);
+    ck_assert_int_eq(h.done_calls, 1 + (stat_get(&h, "calls_completed") - 1));
+    ck_assert_int_eq(stat_get(&h, "calls_inflight"), 0);
+    ck_assert_int_ge(stat_get(&h, "call_errors"), 30);
+
+    /* buffer registry errors */
+    eng_error err = {{0}};
+    uint64_t bid;
+    int fd = memfd_create("small", MFD_ALLOW_SEALING);
+    ck_assert_int_eq(ftruncate(fd, 4096), 0);
+    ck_assert_int_eq(eng_buffer_add_shm(h.e, UID, CONN, dup(fd), 8192, &bid, &err), LA_EINVAL);
+    ck_assert_int_eq(eng_buffer_add_shm(h.e, UID, CONN, dup(fd), 0, &bid, &err), LA_EINVAL);
+    ck_assert_int_eq(eng_buffer_add_shm(h.e, UID, CONN, dup(fd), 4096, &bid, &err), 0);
+    ck_assert_int_eq(eng_buffer_remove(h.e, CONN2, bid, &err), LA_ENOENT);
+    ck_assert_int_eq(eng_buffer_remove(h.e, CONN, bid, &err), 0);
+    ck_assert_int_eq(eng_buffer_remove(h.e, CONN, bid, &err), LA_ENOENT);
+    close(fd);
+    /* a file that cannot be sealed against shrinking */
+    char path[] = "/tmp/check_engine_XXXXXX";
+    int tf = mkstemp(path);
+    ck_assert_int_ge(tf, 0);
+    unlink(path);
+    ck_assert_int_eq(ftruncate(tf, 4096), 0);
+    ck_assert_int_eq(eng_buffer_add_shm(h.e, UID, CONN, tf, 4096, &bid, &err), LA_EINVAL);
+    ck_assert_msg(strstr(err.msg, "F_SEAL_SHRINK"), "%s", err.msg);
+    uint8_t handle[64] = {0};
+    uint64_t rsz;
+    ck_assert_int_eq(eng_buffer_add_cuda_ipc(h.e, UID, CONN, handle, 64, "GPU-x", 4096, &bid,
+                                             &rsz, &err), LA_ENODEV);
+    shm_drop(&p.s);
+    shm_drop(&other);
+    h_close(&h);
+}
+END_TEST
+
+START_TEST(buffer_limits) {
+    eng_config d;
+    eng_config_default(&d);
+    eng_limits lim = d.limits;
+    lim.max_buffers_per_conn = 2;
+    lim.max_buffer_bytes_per_conn = 3 * 4096;
+    harness h;
+    h_open(&h, &lim);
+    shm a, b, c;
+    ck_assert_int_eq(shm_make(&h, CONN, 4096, &a), 0);
+    ck_assert_int_eq(shm_make(&h, CONN, 3 * 4096, &b), LA_ELIMIT); /* bytes */
+    shm_drop(&b);
+    ck_assert_int_eq(shm_make(&h, CONN, 4096, &b), 0);
+    ck_assert_int_eq(shm_make(&h, CONN, 4096, &c), LA_ELIMIT); /* count */
+    shm_drop(&c);
+    ck_assert_int_eq(shm_make(&h, CONN2, 4096, &c), 0); /* per connection */
+    ck_assert_int_eq(stat_get(&h, "buffers"), 3);
+    eng_conn_closed(h.e, CONN);
+    ck_assert_int_eq(stat_get(&h, "buffers"), 1);
+    shm_drop(&a);
+    shm_drop(&b);
+    shm_drop(&c);
+    h_close(&h);
+}
+END_TEST
+
+/* ---- eviction, TTL, grace ------------------------------------------------------------- */
+
+START_TEST(mask_cap_lru) {
+    eng_config d;
+    eng_config_default(&d);
+    eng_limits lim = d.limits;
+    lim.mask_memory_cap = 2 * 2048 + 1000; /* two sessions of 2048 bytes fit, not three */
+    harness h;
+    h_open(&h, &lim);
+    eng_error err = {{0}};
+    eng_session_view v;
+    eng_session_spec a = spec_make("a", 1, 8, 64, LA_DTYPE_F32, 4096, 64, 1);
+    eng_session_spec b = spec_make("b", 1, 8, 64, LA_DTYPE_F32, 4096, 64, 1);
+    eng_session_spec c = spec_make("c", 1, 8, 64, LA_DTYPE_F32, 4096, 64, 1);
+    eng_session_spec dd = spec_make("d", 1, 8, 64, LA_DTYPE_F32, 4096, 64, 1);
+    uint64_t ia = open_ok(&h, UID, CONN, &a, &v);
+    ck_assert_uint_eq(v.mask_bytes, 2048);
+    uint64_t ib = open_ok(&h, UID2, CONN2, &b, NULL);
+    /* a used more recently than b: c evicts b */
+    ck_assert_int_eq(eng_session_attach(h.e, UID, CONN, "a", &v, &err), 0);
+    uint64_t ic = open_ok(&h, UID, CONN, &c, NULL);
+    ck_assert_int_eq(eng_session_info(h.e, UID2, ib, NULL, 0, NULL, &err), LA_ENOENT);
+    ck_assert_int_eq(eng_session_info(h.e, UID, ia, NULL, 0, NULL, &err), 0);
+    ck_assert_int_eq(stat_get(&h, "sessions_evicted"), 1);
+
+    /* a job in flight on a (least recently used after c) keeps it: d evicts c instead */
+    prob p;
+    prob_make(&h, &p, CONN, 1, 64, 64, 8, 64, LA_DTYPE_F32, 0);
+    la_rng rng;
+    la_rng_init(&rng, 3);
+    prob_fill(&p, &rng, 1.0);
+    eng_attn_req r;
+    prob_req(&p, &r, ia, 0, 0);
+    call cl;
+    ck_assert_int_eq(submit(&h, UID, CONN, &r, &cl, &err), 0);
+    /* the job counts as in flight until its completion is processed */
+    ck_assert_int_eq(eng_session_attach(h.e, UID, CONN, "c", &v, &err), 0);
+    open_ok(&h, UID, CONN, &dd, NULL);
+    ck_assert_int_eq(eng_session_info(h.e, UID, ia, NULL, 0, NULL, &err), 0);
+    ck_assert_int_eq(eng_session_info(h.e, UID, ic, NULL, 0, NULL, &err), LA_ENOENT);
+    h_wait(&h, 1);
+    ck_assert_int_eq(cl.status, 0);
+    /* larger than the cap: refused */
+    eng_session_spec big = spec_make("big", 3, 8, 64, LA_DTYPE_F32, 4096, 64, 1);
+    ck_assert_int_eq(eng_session_open(h.e, UID, CONN, &big, &v, &err), LA_ELIMIT);
+    ck_assert_int_eq(stat_get(&h, "mask_bytes"), 2 * 2048);
+    shm_drop(&p.s);
+    h_close(&h);
+}
+END_TEST
+
+START_TEST(grace_and_attach) {
+    eng_config d;
+    eng_config_default(&d);
+    eng_limits lim = d.limits;
+    lim.session_grace_s = 1;
+    harness h;
+    h_open(&h, &lim);
+    eng_error err = {{0}};
+    eng_session_view v;
+    eng_session_spec a = spec_make("a", 1, 1, 64, LA_DTYPE_F32, 64, 64, 1);
+    eng_session_spec b = spec_make("b", 1, 1, 64, LA_DTYPE_F32, 64, 64, 1);
+    eng_session_spec c = spec_make("c", 1, 1, 64, LA_DTYPE_F32, 64, 64, 1);
+    uint64_t ia = open_ok(&h, UID, CONN, &a, NULL);
+    uint64_t ib = open_ok(&h, UID, CONN2, &b, NULL);
+    uint64_t ic = open_ok(&h, UID, CONN, &c, NULL);
+    eng_conn_closed(h.e, CONN); /* a and c detached */
+    ck_assert_int_eq(stat_get(&h, "sessions_detached"), 2);
+    eng_tick(h.e);
+    ck_assert_int_eq(stat_get(&h, "sessions"), 3);
+    ck_assert_int_eq(eng_session_attach(h.e, UID, 3, "c", &v, &err), 0); /* re-bound */
+    ck_assert_uint_eq(v.id, ic);
+    usleep(1100 * 1000);
+    eng_tick(h.e);
+    ck_assert_int_eq(eng_session_info(h.e, UID, ia, NULL, 0, NULL, &err), LA_ENOENT);
+    ck_assert_int_eq(eng_session_info(h.e, UID, ib, NULL, 0, NULL, &err), 0);
+    ck_assert_int_eq(eng_session_info(h.e, UID, ic, NULL, 0, NULL, &err), 0);
+    ck_assert_int_eq(stat_get(&h, "sessions_grace_expired"), 1);
+    h_close(&h);
+}
+END_TEST
+
+START_TEST(idle_ttl) {
+    eng_config d;
+    eng_config_default(&d);
+    eng_limits lim = d.limits;
+    lim.session_ttl_s = 1;
+    harness h;
+    h_open(&h, &lim);
+    eng_error err = {{0}};
+    eng_session_view v;
+    eng_session_spec a = spec_make("a", 1, 1, 64, LA_DTYPE_F32, 64, 64, 1);
+    eng_session_spec b = spec_make("b", 1, 1, 64, LA_DTYPE_F32, 64, 64, 1);
+    uint64_t ia = open_ok(&h, UID, CONN, &a, NULL);
+    usleep(600 * 1000);
+    uint64_t ib = open_ok(&h, UID, CONN, &b, NULL);
+    usleep(600 * 1000);
+    eng_tick(h.e);
+    ck_assert_int_eq(eng_session_info(h.e, UID, ia, NULL, 0, NULL, &err), LA_ENOENT);
+    ck_assert_int_eq(eng_session_info(h.e, UID, ib, NULL, 0, NULL, &err), 0);
+    ck_assert_int_eq(eng_session_attach(h.e, UID, CONN, "b", &v, &err), 0); /* used again */
+    usleep(600 * 1000);
+    eng_tick(h.e);
+    ck_assert_int_eq(eng_session_info(h.e, UID, ib, NULL, 0, NULL, &err), 0);
+    ck_assert_int_eq(stat_get(&h, "sessions_expired"), 1);
+    h_close(&h);
+}
+END_TEST
+
+/* ---- numbers: the engine against direct reference calls ---------------------------------- */
+
+static void drift(const prob *p, const double *base, const double *dir, int step, double eps) {
+    int64_t nq = p->B * p->Sq * p->H * p->D, nk = p->B * p->Sk * p->H * p->D;
+    int64_t n[3] = {nq, nk, nk};
+    const double *bb = base, *dd = dir;
+    for (int t = 0; t < 3; t++) {
+        void *dst = prob_ptr(p, t);
+        for (int64_t i = 0; i < n[t]; i++)
+            la_test_set(dst, p->dt, i, bb[i] + eps * step * dd[i]);
+        bb += n[t];
+        dd += n[t];
+    }
+}
+
+static void multi_step(la_dtype dt, int B, int Sq, int Sk, int H, int D) {
+    harness h;
+    h_open(&h, NULL);
+    const int layers = 2, steps = 5;
+    float sched[3] = {-INFINITY, -4.0f, -2.0f};
+    eng_session_spec sp = spec_make("multi", layers, (uint32_t)H, (uint32_t)D, dt,
+                                    (uint32_t)Sq + 10, (uint32_t)Sk + 70, (uint32_t)B + 1);
+    sp.schedule = sched;
+    sp.n_schedule = 3;
+    eng_session_view v;
+    uint64_t sid = open_ok(&h, UID, CONN, &sp, &v);
+    prob p;
+    prob_make(&h, &p, CONN, B, Sq, Sk, H, D, dt, v.layer_mask_bytes);
+
+    /* the direct side: own copies of the masks, laid out as the session's */
+    uint32_t *mask[2], *dec = malloc(v.layer_mask_bytes);
+    size_t obytes = p.bytes[3];
+    void *o_ref = malloc(obytes);
+    float *lse_ref = malloc(p.bytes[4]);
+    uint32_t *got = malloc(v.layer_mask_bytes);
+    for (int l = 0; l < layers; l++) {
+        mask[l] = malloc(v.layer_mask_bytes);
+        memset(mask[l], 0xff, v.layer_mask_bytes);
+    }
+    la_rng rng;
+    la_rng_init(&rng, 77 + (uint64_t)dt);
+    int64_t ntot = p.B * (p.Sq + 2 * p.Sk) * p.H * p.D;
+    double *base = malloc((size_t)ntot * sizeof *base), *dir = malloc((size_t)ntot * sizeof *dir);
+    for (int64_t i = 0; i < ntot; i++) {
+        base[i] = la_rng_normal(&rng) * (i < p.B * p.Sq * p.H * p.D ? 1.5 : 1.0);
+        dir[i] = la_rng_normal(&rng);
+    }
+    uint64_t tiles_total = 0, tiles_computed = 0;
+    for (int step = 0; step < steps; step++) {
+        drift(&p, base, dir, step, 0.02);
+        for (int l = 0; l < layers; l++) {
+            eng_attn_req r;
+            prob_req(&p, &r, sid, (uint32_t)l, (uint32_t)step);
+            r.n_must_do = 1;
+            r.must_do[0] = (la_range){0, 16};
+            int override = (step == 3 && l == 1);
+            if (override) {
+                r.has_threshold = 1;
+                r.threshold = 1.0f;
+            }
+            call c;
+            run_ok(&h, &r, &c);
+
+            la_attn_params d;
+            memset(&d, 0, sizeof d);
+            la_test_params(&d, prob_ptr(&p, 0), prob_ptr(&p, 1), prob_ptr(&p, 2), o_ref,
+                           lse_ref, mask[l], B, Sq, Sk, H, D, dt, (int32_t)v.bm, (int32_t)v.bn);
+            d.mask_stride[2] = v.n_k_words;
+            d.mask_stride[1] = (int64_t)v.n_k_words * v.n_q_tiles;
+            d.mask_stride[0] = d.mask_stride[1] * H;
+            d.mode = LA_MODE_SKIP;
+            d.step = step;
+            d.tau = override ? 1.0f : sched[step < 3 ? step : 2];
+            d.must_do = r.must_do;
+            d.n_must_do = 1;
+            d.threads = 1;
+            int64_t tc = 0;
+            d.ret_tiles_computed = &tc;
+            ck_assert_int_eq(la_ref_attn_fwd(&d), 0);
+            ck_assert_msg(memcmp(o_ref, prob_ptr(&p, 3), obytes) == 0,
+                          "step %d layer %d: O differs from the direct call", step, l);
+            ck_assert_msg(memcmp(lse_ref, prob_ptr(&p, 4), p.bytes[4]) == 0,
+                          "step %d layer %d: LSE differs", step, l);
+            size_t gl = 0;
+            uint64_t total = 0;
+            eng_error err = {{0}};
+            ck_assert_int_eq(eng_mask_read(h.e, UID, sid, (uint32_t)l, 0, 0, got,
+                                           v.layer_mask_bytes, &gl, &total, &err), 0);
+            ck_assert_uint_eq(gl, v.layer_mask_bytes);
+            ck_assert_msg(memcmp(got, mask[l], v.layer_mask_bytes) == 0,
+                          "step %d layer %d: mask differs", step, l);
+            ck_assert_int_eq((int64_t)c.res.tiles_computed, tc);
+            tiles_total += c.res.tiles_total;
+            tiles_computed += c.res.tiles_computed;
+        }
+    }
+    /* skipping happened, and the figures add up */
+    ck_assert_uint_lt(tiles_computed, tiles_total);
+    eng_session_stats st;
+    double live[2];
+    eng_error err = {{0}};
+    ck_assert_int_eq(eng_session_info(h.e, UID, sid, live, 2, &st, &err), 0);
+    ck_assert_uint_eq(st.calls, (uint64_t)(steps * layers));
+    ck_assert_uint_eq(st.tiles_total, tiles_total);
+    ck_assert_uint_eq(st.tiles_computed, tiles_computed);
+    for (int l = 0; l < layers; l++) {
+        /* live fraction over the session's full geometry (B+1 rows, larger Sq/Sk) */
+        uint64_t nk = (uint64_t)la_tiles(Sk + 70, (int32_t)v.bn), live_bits = 0;
+        uint64_t rows = (uint64_t)(B + 1) * H * v.n_q_tiles;
+        for (uint64_t rr = 0; rr < rows; rr++)
+            for (uint64_t n = 0; n < nk; n++)
+                live_bits += (mask[l][rr * v.n_k_words + n / 32] >> (n % 32)) & 1u;
+        double want = (double)live_bits / (double)(rows * nk);
+        ck_assert_double_eq_tol(live[l], want, 1e-12);
+    }
+    ck_assert_double_lt(live[1], 1.0); /* layer 1 ran at threshold +1 on step 3 */
+
+    /* dry run: decisions equal a direct dry run, the session's mask is untouched */
+    {
+        eng_attn_req r;
+        prob_req(&p, &r, sid, 0, steps);
+        r.dry_run = 1;
+        r.has_decisions = 1;
+        r.decisions.buffer_id = p.s.id;
+        r.decisions.offset = p.off[5];
+        r.decisions.dtype = LA_DTYPE_U32;
+        r.has_threshold = 1;
+        r.threshold = 0.5f;
+        memset(prob_ptr(&p, 5), 0, v.layer_mask_bytes);
+        call c;
+        run_ok(&h, &r, &c);
+        la_attn_params d;
+        memset(&d, 0, sizeof d);
+        la_test_params(&d, prob_ptr(&p, 0), prob_ptr(&p, 1), prob_ptr(&p, 2), o_ref, lse_ref,
+                       mask[0], B, Sq, Sk, H, D, dt, (int32_t)v.bm, (int32_t)v.bn);
+        d.mask_stride[2] = v.n_k_words;
+        d.mask_stride[1] = (int64_t)v.n_k_words * v.n_q_tiles;
+        d.mask_stride[0] = d.mask_stride[1] * H;
+        d.mode = LA_MODE_SKIP;
+        d.step = steps;
+        d.tau = 0.5f;
+        /* rows outside this call's geometry are left as they were: start both at 0 */
+        memset(dec, 0, v.layer_mask_bytes);
+        d.decisions = dec;
+        ck_assert_int_eq(la_ref_attn_fwd(&d), 0);
+        ck_assert_msg(memcmp(dec, prob_ptr(&p, 5), v.layer_mask_bytes) == 0, "decisions differ");
+        size_t gl;
+        uint64_t total;
+        ck_assert_int_eq(eng_mask_read(h.e, UID, sid, 0, 0, 0, got, v.layer_mask_bytes, &gl,
+                                       &total, &err), 0);
+        ck_assert_msg(memcmp(got, mask[0], v.layer_mask_bytes) == 0, "dry run changed the mask");
+    }
+    /* reset: all ones again */
+    ck_assert_int_eq(eng_session_reset(h.e, UID, sid, &err), 0);
+    ck_assert_int_eq(eng_session_info(h.e, UID, sid, live, 2, &st, &err), 0);
+    ck_assert_double_eq(live[0], 1.0);
+    ck_assert_double_eq(live[1], 1.0);
+
+    for (int l = 0; l < layers; l++)
+        free(mask[l]);
+    free(dec);
+    free(o_ref);
+    free(lse_ref);
+    free(got);
+    free(base);
+    free(dir);
+    shm_drop(&p.s);
+    h_close(&h);
+}
+
+START_TEST(multi_step_f32) { multi_step(LA_DTYPE_F32, 2, 150, 200, 2, 64); }
+END_TEST
+START_TEST(multi_step_bf16) { multi_step(LA_DTYPE_BF16, 1, 130, 100, 3, 128); }
+END_TEST
+
+/* ---- teardown with jobs in flight ---------------------------------------------------- */
+
+START_TEST(close_session_in_flight) {
+    harness h;
+    h_open(&h, NULL);
+    eng_error err = {{0}};
+    eng_session_spec sp = spec_make("busy", 1, 4, 64, LA_DTYPE_F32, 512, 512, 1);
+    eng_session_view v;
+    uint64_t sid = open_ok(&h, UID, CONN, &sp, &v);
+    prob p;
+    prob_make(&h, &p, CONN, 1, 512, 512, 4, 64, LA_DTYPE_F32, 0);
+    la_rng rng;
+    la_rng_init(&rng, 5);
+    prob_fill(&p, &rng, 1.0);
+    eng_attn_req r;
+    prob_req(&p, &r, sid, 0, 0);
+    call c[3];
+    for (int i = 0; i < 3; i++)
+        ck_assert_int_eq(submit(&h, UID, CONN, &r, &c[i], &err), 0);
+    /* reset with jobs in flight swaps in a fresh mask set */
+    ck_assert_int_eq(eng_session_reset(h.e, UID, sid, &err), 0);
+    ck_assert_int_eq(stat_get(&h, "mask_bytes"), 2 * (int64_t)v.mask_bytes);
+    ck_assert_int_eq(eng_session_close(h.e, UID, sid, &err), 0);
+    ck_assert_int_eq(eng_session_info(h.e, UID, sid, NULL, 0, NULL, &err), LA_ENOENT);
+    ck_assert_int_eq(submit(&h, UID, CONN, &r, &c[0], &err), LA_ENOENT);
+    ck_assert_int_eq(eng_idle(h.e), 0);
+    h_wait(&h, 3);
+    for (int i = 0; i < 3; i++)
+        ck_assert_int_eq(c[i].status, 0);
+    ck_assert_int_eq(eng_idle(h.e), 1);
+    ck_assert_int_eq(stat_get(&h, "mask_bytes"), 0);
+    ck_assert_int_eq(stat_get(&h, "sessions"), 0);
+    shm_drop(&p.s);
+    h_close(&h);
+}
+END_TEST
+
+START_TEST(conn_closed_in_flight) {
+    harness h;
+    h_open(&h, NULL);
+    eng_error err = {{0}};
+    eng_session_spec sp = spec_make("gone", 1, 4, 64, LA_DTYPE_F32, 512, 512, 1);
+    uint64_t sid = open_ok(&h, UID, CONN, &sp, NULL);
+    prob p;
+    prob_make(&h, &p, CONN, 1, 512, 512, 4, 64, LA_DTYPE_F32, 0);
+    la_rng rng;
+    la_rng_init(&rng, 6);
+    prob_fill(&p, &rng, 1.0);
+    float *o = prob_ptr(&p, 3);
+    for (int i = 0; i < 512 * 4 * 64; i++)
+        o[i] = NAN;
+    eng_attn_req r;
+    prob_req(&p, &r, sid, 0, 0);
+    call c[2];
+    for (int i = 0; i < 2; i++)
+        ck_assert_int_eq(submit(&h, UID, CONN, &r, &c[i], &err), 0);
+    eng_conn_closed(h.e, CONN);
+    /* the registration is gone at once; the mapping stays until the jobs finished */
+    ck_assert_int_eq(stat_get(&h, "buffers"), 0);
+    ck_assert_int_eq(submit(&h, UID, CONN, &r, &c[0], &err), LA_ENOENT);
+    h_wait(&h, 2);
+    for (int i = 0; i < 2; i++)
+        ck_assert_int_eq(c[i].status, LA_ECLOSED);
+    for (int i = 0; i < 512 * 4 * 64; i++)
+        ck_assert_msg(isfinite(o[i]), "O[%d] was not written", i);
+    /* the session survives, detached */
+    ck_assert_int_eq(stat_get(&h, "sessions_detached"), 1);
+    shm_drop(&p.s);
+    h_close(&h);
+}
+END_TEST
+
+START_TEST(free_with_jobs_queued) {
+    harness h;
+    h_open(&h, NULL);
+    eng_error err = {{0}};
+    eng_session_spec sp = spec_make("q", 1, 4, 64, LA_DTYPE_F32, 512, 512, 1);
+    uint64_t sid = open_ok(&h, UID, CONN, &sp, NULL);
+    prob p;
+    prob_make(&h, &p, CONN, 1, 512, 512, 4, 64, LA_DTYPE_F32, 0);
+    la_rng rng;
+    la_rng_init(&rng, 7);
+    prob_fill(&p, &rng, 1.0);
+    eng_attn_req r;
+    prob_req(&p, &r, sid, 0, 0);
+    call c[8];
+    for (int i = 0; i < 8; i++)
+        ck_assert_int_eq(submit(&h, UID, CONN, &r, &c[i], &err), 0);
+    eng_shutdown(h.e);
+    ck_assert_int_eq(submit(&h, UID, CONN, &r, &c[0], &err), LA_ESHUTDOWN);
+    eng_free(h.e);
+    for (int i = 0; i < 8; i++) {
+        ck_assert_int_eq(c[i].ran, 1);
+        ck_assert_msg(c[i].status == 0 || c[i].status == LA_ESHUTDOWN, "job %d: %d", i,
+                      c[i].status);
+    }
+    close(h.pipe[0]);
+    close(h.pipe[1]);
+    shm_drop(&p.s);
+}
+END_TEST
+
+START_TEST(devices_and_stats) {
+    harness h;
+    h_open(&h, NULL);
+    eng_device_info dev[4];
+    size_t n = eng_devices(h.e, dev, 4);
+    ck_assert_uint_eq(n, 1);
+    ck_assert_str_eq(dev[0].uuid, "cpu");
+    ck_assert_str_eq(eng_backends(h.e), "cpu");
+    ck_assert_int_eq(eng_fatal(h.e), 0);
+    ck_assert_int_eq(eng_idle(h.e), 1);
+    eng_session_spec sp = spec_make("listed", 4, 2, 64, LA_DTYPE_F32, 64, 64, 1);
+    open_ok(&h, UID, CONN, &sp, NULL);
+    ck_assert_int_eq(stat_get(&h, "sessions_opened"), 1);
+    h_close(&h);
+    /* a backend that does not exist */
+    eng_config cfg;
+    eng_config_default(&cfg);
+    cfg.backend = "tpu";
+    eng *e = NULL;
+    eng_error err = {{0}};
+    ck_assert_int_eq(eng_new(&cfg, &e, &err), LA_EINVAL);
+    eng_free(NULL);
+}
+END_TEST
+
+int main(void) {
+    la_test_seed();
+    Suite *s = suite_create("engine");
+    TCase *tc = tcase_create("sessions");
+    tcase_set_timeout(tc, 20);
+    tcase_add_test(tc, session_open_attach_close);
+    tcase_add_test(tc, session_limits);
+    tcase_add_test(tc, mask_cap_lru);
+    tcase_add_test(tc, grace_and_attach);
+    tcase_add_test(tc, idle_ttl);
+    tcase_add_test(tc, devices_and_stats);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("validation");
+    tcase_set_timeout(tc, 20);
+    tcase_add_test(tc, attn_validation);
+    tcase_add_test(tc, buffer_limits);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("numbers");
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, multi_step_f32);
+    tcase_add_test(tc, multi_step_bf16);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("teardown");
+    tcase_set_timeout(tc, 30);
+    tcase_add_test(tc, close_session_in_flight);
+    tcase_add_test(tc, conn_closed_in_flight);
+    tcase_add_test(tc, free_with_jobs_queued);
+    suite_add_tcase(s, tc);
+    return la_test_run_suite(s);
+}
