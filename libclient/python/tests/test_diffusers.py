@@ -1,0 +1,96 @@
+"""liteattn.diffusers on a tiny random-weight Wan transformer: apply, remove, and equality with
+the untouched model at threshold=-inf. Skipped where torch or diffusers is missing."""
+import logging
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+from diffusers import WanTransformer3DModel  # noqa: E402
+
+import liteattn  # noqa: E402
+import liteattn.diffusers as ld  # noqa: E402
+
+
+def tiny_wan():
+    torch.manual_seed(0)
+    m = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64,
+                              in_channels=4, out_channels=4, text_dim=32, freq_dim=32,
+                              ffn_dim=64, num_layers=2, cross_attn_norm=True,
+                              qk_norm="rms_norm_across_heads", rope_max_seq_len=64)
+    return m.eval()
+
+
+def inputs(B=1, T=3, H=16, W=20):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, 4, T, H, W, generator=g)
+    text = torch.randn(B, 12, 32, generator=g)
+    return x, text
+
+
+def run(model, x, text, t):
+    with torch.no_grad():
+        return model(hidden_states=x, timestep=torch.tensor([t] * x.shape[0]),
+                     encoder_hidden_states=text, return_dict=False)[0]
+
+
+def test_apply_remove_exact_at_minus_inf(daemon, caplog):
+    model = tiny_wan()
+    x, text = inputs()
+    ref = [run(model, x, text, t) for t in (900.0, 800.0, 700.0)]
+    procs = dict(model.attn_processors)
+    caplog.set_level(logging.INFO, logger="liteattn.diffusers")
+    ld.apply(model, threshold=-math.inf, socket=daemon.socket)
+    names = {k for k, p in model.attn_processors.items()
+             if isinstance(p, ld.LiteAttnProcessor)}
+    assert names == {k for k in procs if ".attn1." in k}          # self-attention only
+    got = [run(model, x, text, t) for t in (900.0, 800.0, 700.0)]
+    st = model._liteattn_state
+    assert st.lite_calls == 2 * 3 and st.step == 2
+    sess = st.session
+    assert sess.layers == 2 and sess.kv_shards == 2
+    for a, b in zip(got, ref):
+        err = ((a - b).norm() / b.norm()).item()
+        assert err < 1e-4, err
+    ld.new_generation(model)
+    summary = ld.summary(model)
+    assert summary["calls"] == 6 and summary["computed_fraction"] == pytest.approx(1.0)
+    assert any("generation done" in r.message for r in caplog.records)
+    ld.remove(model)
+    assert {k: type(p) for k, p in model.attn_processors.items()} == \
+        {k: type(p) for k, p in procs.items()}
+    again = run(model, x, text, 900.0)
+    assert torch.equal(again, ref[0])
+
+
+def test_skipping_cfg_branches(daemon):
+    model = tiny_wan()
+    x, text = inputs(H=24, W=24)
+    ld.apply(model, threshold=0.0, socket=daemon.socket)
+    outs = []
+    for t in (900.0, 800.0, 700.0, 600.0):
+        outs.append(run(model, x, text, t))     # cond
+        run(model, x, text * 0, t)              # uncond: same timestep -> branch 1
+    st = model._liteattn_state
+    s = st.session
+    assert st.step == 3 and s.info()["calls"] == 16
+    m0, m1 = s.mask(0, kv_shard=0), s.mask(0, kv_shard=1)
+    assert m0.shape == m1.shape
+    assert s.stats["tiles_computed"] <= s.stats["tiles_total"]
+    assert all(torch.isfinite(o).all() for o in outs)
+    # timestep going up again begins a new generation by itself (bare transformer)
+    run(model, x, text, 900.0)
+    assert st.session is not s and st.step == 0
+    ld.remove(model)
+
+
+def test_unsupported_model_is_refused():
+    from torch import nn
+
+    class NoAttn(nn.Module):
+        def forward(self, x):
+            return x
+
+    with pytest.raises(liteattn.NotSupported):
+        ld.apply(NoAttn(), socket="/nonexistent")

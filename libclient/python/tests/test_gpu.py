@@ -1,0 +1,178 @@
+"""GPU: torch CUDA tensors through CUDA IPC on the daemon's CUDA backend, compared with
+torch.nn.functional.scaled_dot_product_attention. Run with
+    python3 -m pytest libclient/python/tests -m gpu
+Skipped without torch, without a CUDA device, or when the daemon has no CUDA backend."""
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA device (torch.cuda.is_available() is False)", allow_module_level=True)
+
+import liteattn  # noqa: E402
+from refimpl import clustered_qkv, ref_attention  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+F = torch.nn.functional
+
+
+@pytest.fixture(scope="module")
+def daemon_backend():
+    return "cuda"
+
+
+@pytest.fixture
+def cclient(client):
+    if "cuda" not in client.backends:
+        pytest.skip("the daemon has no CUDA backend (backends: %s)" % client.backends)
+    return client
+
+
+def sdpa(q, k, v, scale=None):
+    """(B, S, H, D) in, (B, S, H, D) float32 out, and lse (B, H, Sq)."""
+    qf, kf, vf = (x.float().transpose(1, 2) for x in (q, k, v))
+    sc = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    out = F.scaled_dot_product_attention(qf, kf, vf, scale=sc).transpose(1, 2)
+    lse = torch.logsumexp((qf @ kf.transpose(-1, -2)) * sc, dim=-1)
+    return out, lse
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [64, 128])
+def test_ipc_dense_vs_sdpa(cclient, dtype, D):
+    torch.manual_seed(0)
+    B, Sq, Sk, H = 2, 1000, 1234, 4
+    s = cclient.open_session("gpu-dense-%s-%d" % (dtype, D), layers=1, heads=H, head_dim=D,
+                             dtype=dtype, max_seq_q=Sq, max_seq_k=Sk, batch=B,
+                             threshold=-math.inf)
+    q = torch.randn(B, Sq, H, D, device="cuda", dtype=dtype)
+    k = torch.randn(B, Sk, H, D, device="cuda", dtype=dtype)
+    v = torch.randn(B, Sk, H, D, device="cuda", dtype=dtype)
+    for step in range(2):
+        out, lse = s.attention(0, step, q, k, v, return_lse=True)
+        want, want_lse = sdpa(q, k, v)
+        assert out.is_cuda and out.dtype == dtype and out.shape == q.shape
+        assert rel(out, want) < 1e-2
+        assert (lse - want_lse).abs().max().item() < 2e-2
+    m = s.mask(0)
+    BM, BN = s.tile_sizes
+    nq, nk = -(-Sq // BM), -(-Sk // BN)
+    for n in range(nk):
+        assert ((m[:, :, :nq, n // 32] >> np.uint32(n % 32)) & 1).all()
+    s.close()
+
+
+def test_strided_views_and_block_cache(cclient):
+    torch.manual_seed(1)
+    B, S, H, D = 1, 777, 8, 128
+    s = cclient.open_session("gpu-strided", layers=1, heads=H, head_dim=D, dtype="bfloat16",
+                             max_seq_q=S, threshold=-math.inf)
+    # q, k, v as slices of one fused projection (B, S, 3, H, D) and a (B, H, S, D) transpose
+    qkv = torch.randn(B, S, 3, H, D, device="cuda", dtype=torch.bfloat16)
+    q, k, v = qkv.unbind(2)
+    assert not q.is_contiguous()
+    out = s.attention(0, 0, q, k, v)
+    assert rel(out, sdpa(q, k, v)[0]) < 1e-2
+    bhsd = torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16)
+    qt = bhsd.transpose(1, 2)
+    out = s.attention(0, 1, qt, k, v)
+    assert rel(out, sdpa(qt, k, v)[0]) < 1e-2
+    n_blocks = len(cclient._cuda_blocks)
+    for _ in range(5):
+        s.attention(0, 2, q, k, v)
+    assert len(cclient._cuda_blocks) <= n_blocks + 1  # blocks registered once, then reused
+    s.close()
+
+
+def test_skip_against_reference(cclient):
+    """CUDA decisions vs the float64 reference on clustered data (ties may differ: < 1%)."""
+    rng = np.random.default_rng(3)
+    H, D = 2, 128
+    s = cclient.open_session("gpu-skip", layers=1, heads=H, head_dim=D, dtype="bfloat16",
+                             max_seq_q=4096, threshold=-3.0)
+    BM, BN = s.tile_sizes
+    Sq, Sk = 4 * BM + 3, 5 * BN + 7
+    qn, kn, vn = clustered_qkv(rng, 1, Sq, Sk, H, D, BM, BN)
+    q, k, v = (torch.from_numpy(x).to("cuda", torch.bfloat16) for x in (qn, kn, vn))
+    qf, kf, vf = (x.float().cpu().numpy() for x in (q, k, v))
+    bad = total = 0
+    for step in range(3):
+        before = s.mask(0)
+        out = s.attention(0, step, q, k, v)
+        want, _, want_mask = ref_attention(qf, kf, vf, before, BM=BM, BN=BN, tau=-3.0,
+                                           step=step)
+        got = s.mask(0)
+        nq, nw = -(-Sq // BM), -(-(-(-Sk // BN)) // 32)
+        x = np.unpackbits((got[:, :, :nq, :nw] ^ want_mask[:, :, :nq, :nw]).view(np.uint8))
+        bad += int(x.sum())
+        total += H * nq * -(-Sk // BN)
+        err = np.linalg.norm(out.float().cpu().numpy() - want) / np.linalg.norm(want)
+        assert err < 2e-2, err
+    assert bad <= 0.01 * total, "%d of %d decisions differ" % (bad, total)
+    assert s.stats["tiles_computed"] < s.stats["tiles_total"]
+    s.close()
+
+
+def test_drop_in_on_cuda(daemon, cclient):
+    ctx = liteattn.Context(socket=daemon.socket)
+    layers = [liteattn.LiteAttention(threshold=-math.inf, context=ctx) for _ in range(2)]
+    ctx.new_generation()
+    q, k, v = (torch.randn(1, 2048, 8, 128, device="cuda", dtype=torch.bfloat16)
+               for _ in range(3))
+    for _ in range(3):
+        for a in layers:
+            out, lse = a(q, k, v, return_softmax_lse=True)
+    assert rel(out, sdpa(q, k, v)[0]) < 1e-2
+    assert layers[0].step == 3
+    ctx.close()
+
+
+def test_expandable_segments_refused(daemon, cclient):
+    code = r"""
+import sys, torch, liteattn
+c = liteattn.Client(sys.argv[1])
+s = c.open_session("exp", layers=1, heads=2, head_dim=64, dtype="bfloat16", max_seq_q=256)
+q = torch.randn(1, 256, 2, 64, device="cuda", dtype=torch.bfloat16)
+try:
+    s.attention(0, 0, q, q, q)
+except liteattn.NotSupported as e:
+    print("NOTSUP", e); sys.exit(0)
+print("no error"); sys.exit(1)
+"""
+    env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True",
+               PYTHONPATH=os.pathsep.join(sys.path))
+    r = subprocess.run([sys.executable, "-c", code, daemon.socket], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "expandable_segments" in r.stdout
+
+
+def test_diffusers_wan_on_cuda(daemon, cclient):
+    pytest.importorskip("diffusers")
+    from diffusers import WanTransformer3DModel
+    import liteattn.diffusers as ld
+    torch.manual_seed(0)
+    m = WanTransformer3DModel(num_attention_heads=4, attention_head_dim=128, in_channels=16,
+                              out_channels=16, text_dim=64, freq_dim=64, ffn_dim=256,
+                              num_layers=2).to("cuda", torch.bfloat16).eval()
+    x = torch.randn(1, 16, 5, 32, 32, device="cuda", dtype=torch.bfloat16)
+    text = torch.randn(1, 16, 64, device="cuda", dtype=torch.bfloat16)
+
+    def run():
+        with torch.no_grad():
+            return m(hidden_states=x, timestep=torch.tensor([500.0], device="cuda"),
+                     encoder_hidden_states=text, return_dict=False)[0]
+    ref = run()
+    ld.apply(m, threshold=-math.inf, socket=daemon.socket)
+    got = run()
+    ld.remove(m)
+    assert rel(got, ref) < 2e-2
