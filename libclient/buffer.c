@@ -135,6 +135,10 @@ LA_API int la_buffer_register_fd(la_client *c, int fd, size_t size, la_buffer **
     if (st.st_size < 0 || (uint64_t)st.st_size < size)
         return cl_fail(LA_EINVAL, "fd %d holds %lld bytes, fewer than the %zu asked", fd,
                        (long long)st.st_size, size);
+    /* The daemon maps the fd and refuses one that could shrink under it. Seals belong to
+     * the file, so this also binds the caller's fd; an fd already sealed that way, or one
+     * that cannot be sealed (the daemon then refuses it, saying why), is left as it is. */
+    (void)fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK);
     int dfd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
     if (dfd < 0)
         return cl_fail(LA_EIO, "dup of fd %d: %s", fd, strerror(errno));

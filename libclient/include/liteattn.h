@@ -188,8 +188,10 @@ typedef struct la_buffer la_buffer;
  * LA_ELIMIT (buffer count or byte limit of the connection), LA_EIO. */
 LA_API int la_buffer_new_host(la_client *c, size_t size, la_buffer **ret_buffer);
 
-/* Registers a caller's shared-memory fd (memfd or POSIX shm) of size bytes; the library dups
- * and maps it. Errors as la_buffer_new_host, plus LA_EINVAL when fd is smaller than size. */
+/* Registers a caller's shared-memory fd of size bytes; the library dups and maps it. The fd
+ * must be a memfd made with MFD_ALLOW_SEALING: the library adds F_SEAL_SHRINK to it (the
+ * daemon refuses memory that could shrink under its mapping, so POSIX shm is refused).
+ * Errors as la_buffer_new_host, plus LA_EINVAL when fd is smaller than size or unsealable. */
 LA_API int la_buffer_register_fd(la_client *c, int fd, size_t size, la_buffer **ret_buffer);
 
 /* Registers the CUDA allocation that contains dev_ptr (the whole cudaMalloc block: the
