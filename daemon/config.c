@@ -313,7 +313,25 @@ static void print_help(const char *prog)
             n = snprintf(left, sizeof(left), "      --%s", o->name);
         if (o->arg)
             snprintf(left + n, sizeof(left) - (size_t)n, " %s", o->arg);
-        printf("%-38s %s\n", left, o->help);
+        /* Wrap the description at 100 columns, aligned after the option. */
+        printf("%-38s", left);
+        const char *h = o->help;
+        while (*h) {
+            size_t take = strlen(h);
+            if (take > 61) {
+                take = 61;
+                while (take > 0 && h[take] != ' ')
+                    take--;
+                if (take == 0)
+                    take = strcspn(h, " ");
+            }
+            printf(" %.*s\n", (int)take, h);
+            h += take;
+            while (*h == ' ')
+                h++;
+            if (*h)
+                printf("%-38s", "");
+        }
     }
     printf("\nSizes accept K, M, G suffixes (powers of 1024). Bad options exit with status 2.\n"
            "\nConfig file: lines 'key = value', '#' starts a comment. Keys are the long option\n"
