@@ -9,7 +9,9 @@ $(DAEMON_LIB): $(DAEMON_OBJS)
 	@$(if $(Q),echo "  AR      $@")
 	$(Q)rm -f $@ && $(AR) rcs $@ $^
 
-$(BUILD)/liteattnd: $(BUILD)/obj/daemon/main.o $(DAEMON_LIB) $(KERNEL_LIB) $(PROTO_LIB)
+# la_strerror() (libclient/errors.c) names the error codes in the daemon's messages too.
+$(BUILD)/liteattnd: $(BUILD)/obj/daemon/main.o $(DAEMON_LIB) $(KERNEL_LIB) $(PROTO_LIB) \
+		$(BUILD)/obj/libclient/errors.o
 	@$(if $(Q),echo "  LD      $@")
 	$(Q)$(CC) -o $@ $^ $(DAEMON_LIBS)
 
