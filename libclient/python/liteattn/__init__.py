@@ -38,3 +38,29 @@ def library_version():
 
 def default_socket_path():
     return Client.default_socket_path()
+
+
+_log_cb = None
+
+
+def enable_library_log(enabled=True):
+    """Forwards libliteattn's own messages (dropped connections, failed unmaps) to the Python
+    logger "liteattn.lib"; enabled=False silences them again (the default)."""
+    global _log_cb
+    import logging
+    from . import _lib
+    lib = _lib.get()
+    if not enabled:
+        lib.la_set_log(_lib.LOG_FN(), None)
+        _log_cb = None
+        return
+    logger = logging.getLogger("liteattn.lib")
+    levels = {0: logging.ERROR, 1: logging.WARNING, 2: logging.INFO, 3: logging.DEBUG}
+
+    def cb(user, level, message):
+        try:
+            logger.log(levels.get(level, logging.DEBUG), "%s", _lib.text(message))
+        except Exception:
+            pass
+    _log_cb = _lib.LOG_FN(cb)
+    lib.la_set_log(_log_cb, None)
