@@ -55,13 +55,23 @@ struct KParams {
 };
 
 /* Tile shape per head dim: NW warps, each MT 16-row slabs; BN keys per k-tile. */
+/* Chosen on an H100 (bench/RESULTS.md); the macros let bench builds try others. */
+#ifndef LA_HD64_NW
+#define LA_HD64_NW 4
+#define LA_HD64_MT 2
+#define LA_HD64_BN 128
+#endif
+#ifndef LA_HD128_NW
+#define LA_HD128_NW 4
+#define LA_HD128_MT 2
+#define LA_HD128_BN 64
+#endif
+template <int NW_, int MT_, int BN_> struct ShapeOf {
+    static constexpr int NW = NW_, MT = MT_, BN = BN_;
+};
 template <int D> struct Shape;
-template <> struct Shape<64> {
-    static constexpr int NW = 4, MT = 2, BN = 128;
-};
-template <> struct Shape<128> {
-    static constexpr int NW = 4, MT = 2, BN = 64;
-};
+template <> struct Shape<64> : ShapeOf<LA_HD64_NW, LA_HD64_MT, LA_HD64_BN> {};
+template <> struct Shape<128> : ShapeOf<LA_HD128_NW, LA_HD128_MT, LA_HD128_BN> {};
 template <int D> struct Tiles {
     static constexpr int NW = Shape<D>::NW, MT = Shape<D>::MT, BN = Shape<D>::BN;
     static constexpr int BM = NW * 16 * MT;
@@ -175,7 +185,7 @@ __device__ __forceinline__ void load_tile(uint32_t s, const char *g, int64_t row
 }
 
 template <int D, typename T, bool SKIP>
-__global__ void __launch_bounds__(Tiles<D>::NT, 2) attn_fwd_kernel(const __grid_constant__ KParams p) {
+__global__ void __launch_bounds__(Tiles<D>::NT, Tiles<D>::NT <= 128 ? 2 : 1) attn_fwd_kernel(const __grid_constant__ KParams p) {
     using TL = Tiles<D>;
     constexpr int NW = TL::NW, MT = TL::MT, BN = TL::BN, BM = TL::BM, NT = TL::NT;
     (void)NW;

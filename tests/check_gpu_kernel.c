@@ -172,7 +172,7 @@ static double tens_get(const tens *t, int b, int s, int h, int d) {
     return from_half_bits(t->host[tens_off(t, b, s, h, d)], t->dt);
 }
 
-/* Data with structure: C cluster centroids; key j belongs to cluster (j / 37) % C, query i to
+/* Data with structure: C cluster centroids; key j belongs to cluster (j / 150) % C, query i to
  * (i / 29) % C; x = peak * centroid + noise. With peak > 0 each query attends mostly to its
  * cluster's keys, so many tiles can be skipped. */
 #define NCLUSTER 6
@@ -189,7 +189,7 @@ static void fill_inputs(tens *q, tens *k, tens *v, double peak) {
             }
             for (int s = 0; s < k->S; s++) {
                 float *x = tens_val(k, b, s, h), *y = tens_val(v, b, s, h);
-                const double *c = cent + ((s / 37) % NCLUSTER) * D;
+                const double *c = cent + ((s / 150) % NCLUSTER) * D;
                 for (int d = 0; d < D; d++) {
                     x[d] = (float)(peak * c[d] + rng_normal());
                     y[d] = (float)rng_normal();
