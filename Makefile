@@ -103,6 +103,8 @@ CHECK_BINS :=
 CLEAN_EXTRA :=
 
 .PHONY: all check demo install clean bench
+# Keep intermediate objects (test objects would otherwise be deleted and rebuilt each time).
+.SECONDARY:
 all: all-targets
 
 # ---- modules --------------------------------------------------------------------------------
