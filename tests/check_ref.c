@@ -1,0 +1,1208 @@
+/*
+ * check_ref.c — the CPU reference (kernels/ref.c) against SKIP-SEMANTICS.md: outputs against an
+ * independent float64 attention over exactly the tiles that should be computed, mask decisions
+ * against votes re-derived here in double, and every error of la_attn_validate.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "testutil.h"
+
+#define LOG2E 1.4426950408889634
+/* A vote is a tie when fp32 rounding could put it on either side of tau: each fp32 dot product
+ * of D terms is within GAMMA * sum |q_d k_d| of the exact one (the classic n*u bound, with room
+ * for the widening and the max), and the fp32 product by scale*log2(e) adds a relative 2^-22. */
+#define GAMMA(D) (((D) + 4) * 0x1p-24)
+
+static double tol_of(la_dtype dt) { return dt == LA_DTYPE_F32 ? 1e-5 : 1e-2; }
+
+static int32_t nq_of(const la_attn_params *p) { return la_tiles(p->Sq, p->BM); }
+static int32_t nk_of(const la_attn_params *p) { return la_tiles(p->Sk, p->BN); }
+static int32_t words_of(const la_attn_params *p) { return la_mask_words(nk_of(p)); }
+
+static const uint32_t *mrow(const la_attn_params *p, const uint32_t *mask, int b, int h, int m)
+{
+    return mask + b * p->mask_stride[0] + h * p->mask_stride[1] + m * p->mask_stride[2];
+}
+
+static int getbit(const uint32_t *row, int n) { return (row[n / 32] >> (n % 32)) & 1; }
+
+/* ---- independent re-derivation of what one call must do -------------------------------- */
+
+/* Tile flags key by key, without la_tile_flags: md[n], so[n] for n < nK. */
+static void flags_bruteforce(const la_attn_params *p, uint8_t *md, uint8_t *so)
+{
+    for (int n = 0; n < nk_of(p); n++) {
+        int any_do = 0, all_skip = 1;
+        for (int64_t j = (int64_t)n * p->BN; j < (int64_t)(n + 1) * p->BN && j < p->Sk; j++) {
+            int in_do = 0, in_skip = 0;
+            for (int r = 0; r < p->n_must_do; r++)
+                in_do |= p->must_do[r].start <= j && j < p->must_do[r].end;
+            for (int r = 0; r < p->n_must_skip; r++)
+                in_skip |= p->must_skip[r].start <= j && j < p->must_skip[r].end;
+            any_do |= in_do;
+            all_skip &= in_skip;
+        }
+        md[n] = (uint8_t)any_do;
+        so[n] = (uint8_t)(all_skip && !any_do);
+    }
+}
+
+static double dot64(const la_attn_params *p, int b, int h, int i, int j, double *ret_abs)
+{
+    double s = 0, a = 0;
+    for (int d = 0; d < p->D; d++) {
+        double x = la_test_get(p->q, p->dtype,
+                         b * p->q_stride[0] + i * p->q_stride[1] + h * p->q_stride[2] +
+                             d * p->q_stride[3]) *
+             la_test_get(p->k, p->dtype,
+                         b * p->k_stride[0] + j * p->k_stride[1] + h * p->k_stride[2] +
+                             d * p->k_stride[3]);
+        s += x;
+        a += fabs(x);
+    }
+    *ret_abs = a;
+    return s;
+}
+
+typedef struct expect {
+    uint8_t *visit;   /* [B, H, nQ, nK]: computed in this call */
+    uint8_t *keep_lo; /* keep(n) with ties voting skip */
+    uint8_t *keep_hi; /* keep(n) with ties voting keep */
+    int64_t n_visit;
+    int64_t n_tie_votes;
+} expect;
+
+static int ascending_of(const la_attn_params *p)
+{
+    if (p->direction == LA_DIR_ASCENDING)
+        return 1;
+    if (p->direction == LA_DIR_DESCENDING)
+        return 0;
+    return p->step % 2 != 0;
+}
+
+/* What the call p must compute and decide, given the mask before the call (old). */
+static expect expect_call(const la_attn_params *p, const uint32_t *old)
+{
+    const int nq = nq_of(p), nk = nk_of(p);
+    size_t n = (size_t)p->B * p->H * nq * nk;
+    expect e = {calloc(n, 1), calloc(n, 1), calloc(n, 1), 0, 0};
+    uint8_t *md = calloc((size_t)nk, 1), *so = calloc((size_t)nk, 1);
+    double *run = malloc(sizeof(double) * (size_t)p->BM);     /* running max per row */
+    double *run_err = malloc(sizeof(double) * (size_t)p->BM); /* its fp32 error bound */
+    ck_assert(e.visit && e.keep_lo && e.keep_hi && md && so && run && run_err);
+    flags_bruteforce(p, md, so);
+    const double c = p->scale * LOG2E;
+    for (int b = 0; b < p->B; b++)
+        for (int h = 0; h < p->H; h++)
+            for (int m = 0; m < nq; m++) {
+                size_t base = (((size_t)b * p->H + h) * nq + m) * nk;
+                for (int i = 0; i < p->BM; i++) {
+                    run[i] = -INFINITY;
+                    run_err[i] = 0;
+                }
+                for (int k = 0; k < nk; k++) {
+                    int t = ascending_of(p) ? k : nk - 1 - k;
+                    int live = p->mode != LA_MODE_SKIP || getbit(mrow(p, old, b, h, m), t) || md[t];
+                    if (!live || so[t])
+                        continue;
+                    e.visit[base + t] = 1;
+                    e.n_visit++;
+                    int lo = md[t], hi = md[t];
+                    for (int i = 0; i < p->BM && m * p->BM + i < p->Sq; i++) {
+                        double mx = -INFINITY, err = 0;
+                        for (int j = t * p->BN; j < (t + 1) * p->BN && j < p->Sk; j++) {
+                            double a, s = dot64(p, b, h, m * p->BM + i, j, &a);
+                            mx = s > mx ? s : mx;
+                            err = fmax(err, GAMMA(p->D) * a);
+                        }
+                        if (run[i] == -INFINITY) {
+                            lo = hi = 1;
+                        } else {
+                            double x = (mx - run[i]) * c;
+                            double win = (err + run_err[i]) * c + fabs(x) * 0x1p-22 + 1e-12;
+                            if (fabs(x - p->tau) <= win) {
+                                hi = 1;
+                                e.n_tie_votes++;
+                            } else if (x > p->tau) {
+                                lo = hi = 1;
+                            }
+                        }
+                        run[i] = mx > run[i] ? mx : run[i];
+                        run_err[i] = fmax(run_err[i], err);
+                    }
+                    e.keep_lo[base + t] = (uint8_t)lo;
+                    e.keep_hi[base + t] = (uint8_t)hi;
+                }
+            }
+    free(md);
+    free(so);
+    free(run);
+    free(run_err);
+    return e;
+}
+
+static void expect_free(expect *e)
+{
+    free(e->visit);
+    free(e->keep_lo);
+    free(e->keep_hi);
+}
+
+/* Checks the new mask against e and the old mask; returns the number of tie tiles (decided
+ * either way). Bits past nK must be 0. */
+static int check_mask(const la_attn_params *p, const expect *e, const uint32_t *old,
+                      const uint32_t *nw)
+{
+    const int nq = nq_of(p), nk = nk_of(p), words = words_of(p);
+    int ties = 0;
+    for (int b = 0; b < p->B; b++)
+        for (int h = 0; h < p->H; h++)
+            for (int m = 0; m < nq; m++) {
+                const uint32_t *o = mrow(p, old, b, h, m), *r = mrow(p, nw, b, h, m);
+                size_t base = (((size_t)b * p->H + h) * nq + m) * nk;
+                for (int n = 0; n < nk; n++) {
+                    int got = getbit(r, n), ob = getbit(o, n);
+                    if (!e->visit[base + n]) {
+                        ck_assert_msg(got == ob, "b%d h%d m%d n%d: unvisited bit %d, was %d", b,
+                                      h, m, n, got, ob);
+                        continue;
+                    }
+                    int lo = e->keep_lo[base + n], hi = e->keep_hi[base + n];
+                    if (p->mode == LA_MODE_OBSERVE) {
+                        lo &= ob;
+                        hi &= ob;
+                    }
+                    if (lo != hi) {
+                        ties++;
+                        continue;
+                    }
+                    ck_assert_msg(got == lo, "b%d h%d m%d n%d: bit %d, expected %d (mode %d)",
+                                  b, h, m, n, got, lo, p->mode);
+                }
+                if (nk % 32)
+                    ck_assert_msg((r[words - 1] >> (nk % 32)) == 0, "bits past nK set: %08x",
+                                  r[words - 1]);
+            }
+    /* Ties are rare (the window is a few ulps of the scores); many would mean a real
+     * disagreement hiding in the window. */
+    ck_assert_msg(ties <= 1 + e->n_visit / 100, "%d tie tiles of %lld visited", ties,
+                  (long long)e->n_visit);
+    if (ties > 0)
+        fprintf(stderr, "note: %d tile decision(s) within fp32 rounding of tau (of %lld)\n", ties,
+                (long long)e->n_visit);
+    return ties;
+}
+
+/* Output and LSE of p against the float64 attention over e's visited tiles. */
+static void check_output(const la_attn_params *p, const expect *e, double tol)
+{
+    size_t no = (size_t)p->B * p->Sq * p->H * p->D, nl = (size_t)p->B * p->H * p->Sq;
+    double *ro = malloc(no * 8), *go = malloc(no * 8), *rl = malloc(nl * 8), *gl = malloc(nl * 8);
+    ck_assert(ro && go && rl && gl);
+    naive_attn_f64(p, e ? e->visit : NULL, ro, rl);
+    la_test_o_f64(p, go);
+    double err = la_test_rel_l2(ro, go, (int64_t)no);
+    ck_assert_msg(err <= tol, "O rel L2 %.3g > %.3g (seed %llu)", err, tol,
+                  (unsigned long long)la_test_seed());
+    if (p->lse != NULL) {
+        for (int b = 0; b < p->B; b++)
+            for (int h = 0; h < p->H; h++)
+                for (int i = 0; i < p->Sq; i++)
+                    gl[((size_t)b * p->H + h) * p->Sq + i] =
+                        p->lse[b * p->lse_stride[0] + h * p->lse_stride[1] +
+                               i * p->lse_stride[2]];
+        /* LSE is a log: compare absolute differences, relative to 1 + |lse| */
+        for (size_t i = 0; i < nl; i++) {
+            if (rl[i] == -INFINITY) {
+                ck_assert_msg(gl[i] == -INFINITY, "LSE[%zu] = %g, expected -inf", i, gl[i]);
+                continue;
+            }
+            double d = fabs(gl[i] - rl[i]) / (1 + fabs(rl[i]));
+            ck_assert_msg(d <= tol, "LSE[%zu] = %.9g, expected %.9g", i, gl[i], rl[i]);
+        }
+    }
+    free(ro);
+    free(go);
+    free(rl);
+    free(gl);
+}
+
+static la_test_problem *mk(uint64_t salt, int B, int Sq, int Sk, int H, int D, la_dtype dt,
+                           int BM, int BN, double amp)
+{
+    la_rng r;
+    la_rng_init(&r, salt);
+    la_test_problem *t = la_test_problem_new(&r, B, Sq, Sk, H, D, dt, BM, BN, amp);
+    ck_assert(t != NULL);
+    return t;
+}
+
+static uint32_t *copy_mask(const la_test_problem *t)
+{
+    uint32_t *m = malloc(t->mask_words * 4);
+    ck_assert(m != NULL);
+    memcpy(m, t->mask, t->mask_words * 4);
+    return m;
+}
+
+/* One call: runs p, checks output against the tiles it must compute, the mask against the
+ * re-derived decisions and the tile count; returns the number of tie tiles. */
+static int call_and_check(la_test_problem *t, double tol)
+{
+    la_attn_params *p = &t->p;
+    uint32_t *old = copy_mask(t);
+    expect e = expect_call(p, old);
+    int64_t tiles = -1;
+    p->ret_tiles_computed = &tiles;
+    int rc = la_ref_attn_fwd(p);
+    p->ret_tiles_computed = NULL;
+    ck_assert_int_eq(rc, 0);
+    ck_assert_int_eq(tiles, e.n_visit);
+    check_output(p, &e, tol);
+    int ties = 0;
+    if (p->mode == LA_MODE_DENSE)
+        ck_assert_msg(memcmp(old, t->mask, t->mask_words * 4) == 0, "dense changed the mask");
+    else
+        ties = check_mask(p, &e, old, p->decisions ? p->decisions : t->mask);
+    expect_free(&e);
+    free(old);
+    return ties;
+}
+
+static void check_all_ones(const la_test_problem *t)
+{
+    int64_t all = (int64_t)t->p.B * t->p.H * nq_of(&t->p) * nk_of(&t->p);
+    ck_assert_int_eq(la_test_mask_popcount(t, t->mask), all);
+}
+
+/* ---- check 1: tau = -inf equals dense -------------------------------------------------- */
+
+static void tau_neg_inf(la_dtype dt, la_mode mode, int D, uint64_t salt)
+{
+    la_test_problem *t = mk(salt, 2, 100, 77, 3, D, dt, 16, 24, 1.0);
+    t->p.mode = mode;
+    t->p.threads = 2;
+    for (int step = 0; step < 2; step++) {
+        t->p.step = step;
+        int64_t tiles = 0;
+        t->p.ret_tiles_computed = &tiles;
+        ck_assert_int_eq(la_ref_attn_fwd(&t->p), 0);
+        t->p.ret_tiles_computed = NULL;
+        ck_assert_int_eq(tiles, (int64_t)2 * 3 * nq_of(&t->p) * nk_of(&t->p));
+        check_output(&t->p, NULL, tol_of(dt));
+        check_all_ones(t);
+    }
+    la_test_problem_free(t);
+}
+
+START_TEST(dense_f32) { tau_neg_inf(LA_DTYPE_F32, LA_MODE_DENSE, 64, 1); }
+END_TEST
+START_TEST(skip_tau_neg_inf_f32) { tau_neg_inf(LA_DTYPE_F32, LA_MODE_SKIP, 64, 2); }
+END_TEST
+START_TEST(observe_tau_neg_inf_f32) { tau_neg_inf(LA_DTYPE_F32, LA_MODE_OBSERVE, 128, 3); }
+END_TEST
+START_TEST(skip_tau_neg_inf_bf16) { tau_neg_inf(LA_DTYPE_BF16, LA_MODE_SKIP, 64, 4); }
+END_TEST
+START_TEST(skip_tau_neg_inf_f16) { tau_neg_inf(LA_DTYPE_F16, LA_MODE_SKIP, 128, 5); }
+END_TEST
+START_TEST(head_dims)
+{
+    static const int dims[] = {64, 96, 128, 256};
+    for (int i = 0; i < 4; i++) {
+        tau_neg_inf(LA_DTYPE_F32, LA_MODE_SKIP, dims[i], 60 + (uint64_t)i);
+        tau_neg_inf(LA_DTYPE_BF16, LA_MODE_DENSE, dims[i], 70 + (uint64_t)i);
+    }
+}
+END_TEST
+
+/* ---- check 2: tau = +inf over two calls ----------------------------------------------- */
+
+static void tau_pos_inf(const la_range *md, int n_md)
+{
+    la_test_problem *t = mk(10 + (uint64_t)n_md, 2, 90, 130, 2, 64, LA_DTYPE_F32, 32, 16, 1.0);
+    la_attn_params *p = &t->p;
+    p->mode = LA_MODE_SKIP;
+    p->tau = INFINITY;
+    p->must_do = md;
+    p->n_must_do = n_md;
+    uint8_t mdf[64] = {0}, so[64] = {0};
+    flags_bruteforce(p, mdf, so);
+    call_and_check(t, 1e-5); /* step 0: descending, the first visited tile is nK-1 */
+    const int nk = nk_of(p);
+    for (int b = 0; b < p->B; b++)
+        for (int h = 0; h < p->H; h++)
+            for (int m = 0; m < nq_of(p); m++)
+                for (int n = 0; n < nk; n++)
+                    ck_assert_int_eq(getbit(mrow(p, t->mask, b, h, m), n), n == nk - 1 || mdf[n]);
+    p->step = 1; /* ascending; computes exactly the kept tiles */
+    call_and_check(t, 1e-5);
+    la_test_problem_free(t);
+}
+
+START_TEST(tau_pos_inf_two_calls) { tau_pos_inf(NULL, 0); }
+END_TEST
+START_TEST(tau_pos_inf_must_do)
+{
+    la_range md[2] = {{5, 6}, {40, 70}};
+    tau_pos_inf(md, 2);
+}
+END_TEST
+
+/* Second call ascending with tau=+inf on a fresh mask keeps tile 0 (its first), not nK-1. */
+START_TEST(tau_pos_inf_ascending_first)
+{
+    la_test_problem *t = mk(12, 1, 40, 100, 2, 64, LA_DTYPE_BF16, 16, 32, 1.0);
+    t->p.mode = LA_MODE_SKIP;
+    t->p.tau = INFINITY;
+    t->p.step = 3;
+    call_and_check(t, 1e-2);
+    for (int h = 0; h < 2; h++)
+        for (int m = 0; m < nq_of(&t->p); m++)
+            ck_assert_uint_eq(mrow(&t->p, t->mask, 0, h, m)[0], 1u);
+    la_test_problem_free(t);
+}
+END_TEST
+
+/* ---- checks 3 and 4: monotone over drifting data; identical decisions ------------------ */
+
+static void drift_run(la_dtype dt, int D, float tau, int calls, uint64_t salt, int *ret_ties)
+{
+    /* Q and K at 3x amplitude: peaked attention, so that tiles do get skipped. */
+    la_test_problem *t = mk(salt, 2, 150, 170, 2, D, dt, 32, 24, 3.0);
+    t->p.mode = LA_MODE_SKIP;
+    t->p.tau = tau;
+    t->p.threads = 2;
+    int64_t prev = la_test_mask_popcount(t, t->mask);
+    int ties = 0;
+    for (int s = 0; s < calls; s++) {
+        la_test_problem_drift(t, s, 0.01);
+        t->p.step = s;
+        ties += call_and_check(t, tol_of(dt));
+        int64_t now = la_test_mask_popcount(t, t->mask);
+        ck_assert_msg(now <= prev, "call %d: live tiles grew %lld -> %lld", s, (long long)prev,
+                      (long long)now);
+        prev = now;
+    }
+    /* the data must make something skip, or the test proves nothing */
+    int64_t all = (int64_t)2 * 2 * nq_of(&t->p) * nk_of(&t->p);
+    ck_assert_msg(prev < all, "nothing was skipped");
+    if (getenv("LA_TEST_VERBOSE"))
+        fprintf(stderr, "drift: %lld of %lld tiles live after %d calls\n", (long long)prev,
+                (long long)all, calls);
+    *ret_ties = ties;
+    la_test_problem_free(t);
+}
+
+START_TEST(monotone_10_calls_f32)
+{
+    int ties;
+    drift_run(LA_DTYPE_F32, 64, -3.0f, 10, 20, &ties);
+}
+END_TEST
+START_TEST(monotone_10_calls_bf16)
+{
+    int ties;
+    drift_run(LA_DTYPE_BF16, 128, -4.0f, 10, 21, &ties);
+}
+END_TEST
+START_TEST(decisions_identical_f16)
+{
+    int ties;
+    drift_run(LA_DTYPE_F16, 64, -1.0f, 3, 22, &ties);
+}
+END_TEST
+
+START_TEST(decisions_observe)
+{
+    la_test_problem *t = mk(23, 1, 130, 200, 3, 64, LA_DTYPE_F32, 64, 32, 2.0);
+    la_rng r;
+    la_rng_init(&r, 230);
+    for (size_t i = 0; i < t->mask_words; i++)
+        t->mask[i] &= (uint32_t)la_rng_u64(&r);
+    t->p.mode = LA_MODE_OBSERVE;
+    t->p.tau = -2.0f;
+    call_and_check(t, 1e-5); /* observe visits every tile whatever the mask */
+    la_test_problem_free(t);
+}
+END_TEST
+
+/* A partial last q-tile skips like any other: its missing rows do not vote. */
+START_TEST(partial_qtile_rows_do_not_vote)
+{
+    /* Sq = BM + 1: the last q-tile has one real row. Its scores rise with the key index, so
+     * visited descending, every later tile is far below the running max and is skipped. If the
+     * 15 missing rows voted (as zero queries: all scores 0) they would keep every tile. */
+    la_test_problem *t = mk(24, 1, 17, 64, 1, 64, LA_DTYPE_F32, 16, 16, 1.0);
+    float *q = t->q, *k = t->k;
+    for (int i = 0; i < 17 * 64; i++)
+        q[i] = i / 64 == 16 ? 1.0f : 0.01f;
+    for (int j = 0; j < 64; j++)
+        for (int d = 0; d < 64; d++)
+            k[j * 64 + d] = (float)j * 0.05f;
+    t->p.mode = LA_MODE_SKIP;
+    t->p.tau = -4.0f;
+    call_and_check(t, 1e-5);
+    ck_assert_uint_eq(mrow(&t->p, t->mask, 0, 0, 1)[0], 1u << 3);
+    la_test_problem_free(t);
+}
+END_TEST
+
+/* ---- check 5 and shapes ---------------------------------------------------------------- */
+
+START_TEST(shapes_partial_tiles)
+{
+    static const int shp[][6] = {/* B, Sq, Sk, H, BM, BN */
+                                 {1, 1, 1, 1, 16, 16},   {3, 33, 65, 2, 16, 32},
+                                 {2, 64, 31, 3, 64, 7},  {1, 100, 300, 1, 128, 176},
+                                 {2, 129, 17, 2, 1, 1},  {1, 5, 257, 4, 3, 64}};
+    for (int i = 0; i < 6; i++) {
+        const int *s = shp[i];
+        la_test_problem *t = mk(30 + (uint64_t)i, s[0], s[1], s[2], s[3], 64, LA_DTYPE_F32,
+                                s[4], s[5], 1.5);
+        t->p.mode = LA_MODE_SKIP;
+        t->p.tau = -6.0f;
+        t->p.threads = 1 + i % 3;
+        for (int step = 0; step < 3; step++) {
+            t->p.step = step;
+            call_and_check(t, 1e-5);
+        }
+        la_test_problem_free(t);
+    }
+}
+END_TEST
+
+START_TEST(lse_values)
+{
+    /* Large-magnitude scores, where a LSE without the max shift would overflow. */
+    la_test_problem *t = mk(40, 2, 70, 90, 2, 96, LA_DTYPE_F32, 32, 32, 6.0);
+    t->p.scale = 0.3f;
+    call_and_check(t, 1e-5);
+    for (int i = 0; i < 2 * 2 * 70; i++)
+        ck_assert(isfinite(t->lse[i]));
+    la_test_problem_free(t);
+}
+END_TEST
+
+START_TEST(lse_bf16_with_skips)
+{
+    la_test_problem *t = mk(41, 1, 100, 160, 2, 128, LA_DTYPE_BF16, 32, 32, 2.0);
+    t->p.mode = LA_MODE_SKIP;
+    t->p.tau = -1.0f;
+    for (int s = 0; s < 3; s++) {
+        t->p.step = s;
+        call_and_check(t, 1e-2);
+    }
+    la_test_problem_free(t);
+}
+END_TEST
+
+/* ---- direction ------------------------------------------------------------------------ */
+
+/* One query row, two k-tiles: tile 0 scores 0, tile 1 scores 10 (raw). Descending visits tile 1
+ * first and drops tile 0 (0 - 10 is far below tau); ascending keeps both (tile 1 raises the max). */
+static la_test_problem *two_tile_case(void)
+{
+    la_test_problem *t = mk(50, 1, 1, 32, 1, 64, LA_DTYPE_F32, 16, 16, 1.0);
+    float *q = t->q, *k = t->k;
+    for (int d = 0; d < 64; d++)
+        q[d] = d == 0 ? 1.0f : 0.0f;
+    for (int j = 0; j < 32; j++)
+        for (int d = 0; d < 64; d++)
+            k[j * 64 + d] = d == 0 ? (j < 16 ? 0.0f : 10.0f) : 0.5f;
+    t->p.scale = 1.0f;
+    t->p.mode = LA_MODE_SKIP;
+    t->p.tau = -3.0f;
+    return t;
+}
+
+START_TEST(direction_alternates)
+{
+    la_test_problem *t = two_tile_case();
+    t->p.step = 0; /* even: descending */
+    call_and_check(t, 1e-5);
+    ck_assert_uint_eq(t->mask[0], 2u);
+    la_test_mask_ones(t);
+    t->p.step = 1; /* odd: ascending */
+    call_and_check(t, 1e-5);
+    ck_assert_uint_eq(t->mask[0], 3u);
+    la_test_mask_ones(t);
+    t->p.step = 6;
+    call_and_check(t, 1e-5);
+    ck_assert_uint_eq(t->mask[0], 2u);
+    la_test_problem_free(t);
+}
+END_TEST
+
+/* A tile whose maximum only equals the running max has (t - m) = 0 exactly: at tau = 0 it does
+ * not vote keep (strictly greater), at tau just below 0 it does. */
+START_TEST(vote_is_strict)
+{
+    la_test_problem *t = two_tile_case();
+    float *k = t->k;
+    for (int j = 0; j < 32; j++)
+        k[j * 64] = 10.0f; /* both tiles reach the same max */
+    t->p.tau = 0.0f;
+    ck_assert_int_eq(la_ref_attn_fwd(&t->p), 0);
+    ck_assert_uint_eq(t->mask[0], 2u);
+    la_test_mask_ones(t);
+    t->p.tau = -0x1p-20f;
+    ck_assert_int_eq(la_ref_attn_fwd(&t->p), 0);
+    ck_assert_uint_eq(t->mask[0], 3u);
+    la_test_problem_free(t);
+}
+END_TEST
+
+START_TEST(direction_pinned)
+{
+    la_test_problem *t = two_tile_case();
+    t->p.direction = LA_DIR_ASCENDING;
+    t->p.step = 0;
+    call_and_check(t, 1e-5);
+    ck_assert_uint_eq(t->mask[0], 3u);
+    la_test_mask_ones(t);
+    t->p.direction = LA_DIR_DESCENDING;
+    t->p.step = 1;
+    call_and_check(t, 1e-5);
+    ck_assert_uint_eq(t->mask[0], 2u);
+    la_test_problem_free(t);
+}
+END_TEST
+
+/* ---- modes and dry run ------------------------------------------------------------------ */
+
+START_TEST(observe_is_old_and_keep)
+{
+    la_test_problem *t = mk(60, 2, 80, 150, 2, 64, LA_DTYPE_BF16, 16, 16, 2.0);
+    t->p.mode = LA_MODE_OBSERVE;
+    t->p.tau = -1.5f;
+    uint32_t *keep = calloc(t->mask_words, 4);
+    t->p.decisions = keep; /* all-ones old: the decisions are keep itself */
+    ck_assert_int_eq(la_ref_attn_fwd(&t->p), 0);
+    t->p.decisions = NULL;
+    check_all_ones(t);
+    la_rng r;
+    la_rng_init(&r, 600);
+    uint32_t *old = calloc(t->mask_words, 4);
+    for (size_t i = 0; i < t->mask_words; i++)
+        old[i] = t->mask[i] = t->mask[i] & (uint32_t)la_rng_u64(&r);
+    ck_assert_int_eq(la_ref_attn_fwd(&t->p), 0);
+    int64_t kept = 0;
+    for (size_t i = 0; i < t->mask_words; i++) {
+        ck_assert_uint_eq(t->mask[i], old[i] & keep[i]);
+        kept += __builtin_popcount(keep[i]);
+    }
+    ck_assert_int_lt(kept, la_test_mask_popcount(t, old) + la_test_mask_popcount(t, keep) + 1);
+    check_output(&t->p, NULL, 1e-2); /* observe computed everything */
+    free(keep);
+    free(old);
+    la_test_problem_free(t);
+}
+END_TEST
+
+START_TEST(dense_leaves_mask)
+{
+    la_test_problem *t = mk(61, 1, 64, 64, 2, 64, LA_DTYPE_F32, 16, 16, 2.0);
+    la_rng r;
+    la_rng_init(&r, 610);
+    for (size_t i = 0; i < t->mask_words; i++)
+        t->mask[i] = (uint32_t)la_rng_u64(&r) & 0xfu;
+    uint32_t *old = copy_mask(t), *dec = malloc(t->mask_words * 4);
+    memset(dec, 0xab, t->mask_words * 4);
+    t->p.tau = INFINITY;
+    t->p.decisions = dec;
+    call_and_check(t, 1e-5); /* dense: every tile computed */
+    ck_assert(memcmp(old, t->mask, t->mask_words * 4) == 0);
+    for (size_t i = 0; i < t->mask_words; i++)
+        ck_assert_uint_eq(dec[i], 0xababababu);
+    /* and without any mask at all */
+    t->p.mask = NULL;
+    t->p.decisions = NULL;
+    ck_assert_int_eq(la_ref_attn_fwd(&t->p), 0);
+    free(old);
+    free(dec);
+    la_test_problem_free(t);
+}
+END_TEST
+
+START_TEST(dry_run_writes_decisions)
+{
+    la_test_problem *t = mk(62, 2, 70, 100, 2, 64, LA_DTYPE_F32, 16, 16, 2.0);
+    t->p.mode = LA_MODE_SKIP;
+    t->p.tau = -2.0f;
+    t->p.step = 1;
+    la_rng r;
+    la_rng_init(&r, 620);
+    for (size_t i = 0; i < t->mask_words; i++)
+        t->mask[i] &= (uint32_t)la_rng_u64(&r) | 0x11u;
+    uint32_t *old = copy_mask(t), *dec = malloc(t->mask_words * 4);
+    memset(dec, 0xcd, t->mask_words * 4);
+    t->p.decisions = dec;
+    call_and_check(t, 1e-5);
+    ck_assert(memcmp(old, t->mask, t->mask_words * 4) == 0);
+    /* the same call for real writes exactly the decisions into the mask */
+    t->p.decisions = NULL;
+    ck_assert_int_eq(la_ref_attn_fwd(&t->p), 0);
+    ck_assert(memcmp(dec, t->mask, t->mask_words * 4) == 0);
+    free(old);
+    free(dec);
+    la_test_problem_free(t);
+}
+END_TEST
+
+/* ---- must-do and must-skip --------------------------------------------------------------- */
+
+/* Runs tau=+inf skip with the given ranges and checks tile flags, output and mask. */
+static void ranges_case(const la_range *md, int nmd, const la_range *ms, int nms,
+                        const uint32_t *want_md, const uint32_t *want_so)
+{
+    la_test_problem *t = mk(70, 1, 40, 100, 2, 64, LA_DTYPE_F32, 16, 16, 1.0); /* nK = 7 */
+    t->p.mode = LA_MODE_SKIP;
+    t->p.tau = INFINITY;
+    t->p.must_do = md;
+    t->p.n_must_do = nmd;
+    t->p.must_skip = ms;
+    t->p.n_must_skip = nms;
+    uint32_t f_md = 0, f_so = 0;
+    la_tile_flags(&t->p, &f_md, &f_so);
+    ck_assert_uint_eq(f_md, *want_md);
+    ck_assert_uint_eq(f_so, *want_so);
+    for (int s = 0; s < 3; s++) {
+        t->p.step = s;
+        call_and_check(t, 1e-5);
+    }
+    la_test_problem_free(t);
+}
+
+START_TEST(must_do_partial_tile)
+{
+    la_range md[] = {{17, 18}, {95, 200}}; /* one key of tile 1; tile 5's end and past Sk */
+    uint32_t w_md = (1u << 1) | (1u << 5) | (1u << 6), w_so = 0;
+    ranges_case(md, 2, NULL, 0, &w_md, &w_so);
+}
+END_TEST
+
+START_TEST(must_skip_partial_and_full)
+{
+    la_range ms[] = {{0, 8}, {32, 48}, {96, 100}}; /* half of tile 0, all of 2, all of 6 (partial) */
+    uint32_t w_md = 0, w_so = (1u << 2) | (1u << 6);
+    ranges_case(NULL, 0, ms, 3, &w_md, &w_so);
+}
+END_TEST
+
+START_TEST(must_skip_overlapping_ranges)
+{
+    /* Tile 1 [16, 32) is covered only by the union of two ranges; tile 3 by overlapping ones;
+     * tile 4 [64, 80) misses key 70 (hole). */
+    la_range ms[] = {{16, 24}, {24, 32}, {48, 60}, {50, 64}, {64, 70}, {71, 80}};
+    uint32_t w_md = 0, w_so = (1u << 1) | (1u << 3);
+    ranges_case(NULL, 0, ms, 6, &w_md, &w_so);
+}
+END_TEST
+
+START_TEST(must_do_wins_over_must_skip)
+{
+    la_range md[] = {{40, 41}};
+    la_range ms[] = {{0, 100}};
+    uint32_t w_md = 1u << 2, w_so = 0x7fu & ~(1u << 2);
+    ranges_case(md, 1, ms, 1, &w_md, &w_so);
+}
+END_TEST
+
+START_TEST(ranges_empty_and_out_of_range)
+{
+    la_range md[] = {{30, 30}, {50, 20}, {100, 500}, {-10, 0}};
+    la_range ms[] = {{60, 60}, {-5, 16}, {1000, 2000}};
+    uint32_t w_md = 0, w_so = 1u;
+    ranges_case(md, 4, ms, 3, &w_md, &w_so);
+}
+END_TEST
+
+START_TEST(all_tiles_must_skip)
+{
+    /* Nothing left to compute: O = 0 and LSE = -inf, in every mode. */
+    la_range ms[] = {{0, 1000}};
+    for (int mode = LA_MODE_DENSE; mode <= LA_MODE_SKIP; mode++) {
+        la_test_problem *t = mk(71, 1, 20, 50, 1, 64, LA_DTYPE_BF16, 16, 16, 1.0);
+        t->p.must_skip = ms;
+        t->p.n_must_skip = 1;
+        t->p.mode = (la_mode)mode;
+        call_and_check(t, 0.0);
+        for (int i = 0; i < 20; i++)
+            ck_assert(t->lse[i] == -INFINITY);
+        la_test_problem_free(t);
+    }
+}
+END_TEST
+
+START_TEST(tile_flags_random)
+{
+    la_rng r;
+    la_rng_init(&r, 72);
+    for (int it = 0; it < 300; it++) {
+        la_attn_params p;
+        memset(&p, 0, sizeof p);
+        p.Sk = 1 + (int)(la_rng_u64(&r) % 300);
+        p.BN = 1 + (int)(la_rng_u64(&r) % 40);
+        la_range md[LA_MAX_RANGES], ms[LA_MAX_RANGES];
+        p.n_must_do = (int)(la_rng_u64(&r) % 4);
+        p.n_must_skip = (int)(la_rng_u64(&r) % 12);
+        for (int i = 0; i < p.n_must_do; i++) {
+            md[i].start = (int64_t)(la_rng_u64(&r) % 340) - 20;
+            md[i].end = md[i].start + (int64_t)(la_rng_u64(&r) % 30) - 3;
+        }
+        for (int i = 0; i < p.n_must_skip; i++) {
+            ms[i].start = (int64_t)(la_rng_u64(&r) % 340) - 20;
+            ms[i].end = ms[i].start + (int64_t)(la_rng_u64(&r) % 80) - 3;
+        }
+        p.must_do = md;
+        p.must_skip = ms;
+        int nk = la_tiles(p.Sk, p.BN);
+        uint32_t fmd[10], fso[10];
+        uint8_t bmd[300], bso[300];
+        la_tile_flags(&p, fmd, fso);
+        flags_bruteforce(&p, bmd, bso);
+        for (int n = 0; n < nk; n++) {
+            ck_assert_int_eq(getbit(fmd, n), bmd[n]);
+            ck_assert_int_eq(getbit(fso, n), bso[n]);
+        }
+    }
+}
+END_TEST
+
+/* ---- strides and threads ---------------------------------------------------------------- */
+
+START_TEST(strides_bhsd_layout)
+{
+    /* The same problem in [B, H, S, D] storage passed through strides. */
+    const int B = 2, H = 3, Sq = 50, Sk = 70, D = 64;
+    la_test_problem *t = mk(80, B, Sq, Sk, H, D, LA_DTYPE_BF16, 16, 16, 2.0);
+    uint16_t *q = malloc(2 * B * H * Sq * D), *k = malloc(2 * B * H * Sk * D),
+             *v = malloc(2 * B * H * Sk * D), *o = malloc(2 * B * H * Sq * D);
+    const uint16_t *sq = t->q, *sk = t->k, *sv = t->v;
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++)
+            for (int d = 0; d < D; d++) {
+                for (int s = 0; s < Sq; s++)
+                    q[((b * H + h) * Sq + s) * D + d] = sq[((b * Sq + s) * H + h) * D + d];
+                for (int s = 0; s < Sk; s++) {
+                    k[((b * H + h) * Sk + s) * D + d] = sk[((b * Sk + s) * H + h) * D + d];
+                    v[((b * H + h) * Sk + s) * D + d] = sv[((b * Sk + s) * H + h) * D + d];
+                }
+            }
+    la_attn_params p = t->p;
+    p.mode = LA_MODE_SKIP;
+    p.tau = -2.0f;
+    ck_assert_int_eq(la_ref_attn_fwd(&p), 0); /* contiguous run: the expected bits */
+    uint32_t *want_mask = copy_mask(t);
+    uint16_t *want_o = malloc(2 * B * H * Sq * D);
+    memcpy(want_o, t->o, 2 * B * H * Sq * D);
+    la_test_mask_ones(t);
+    int64_t st_q[4] = {H * Sq * D, D, Sq * D, 1}, st_k[4] = {H * Sk * D, D, Sk * D, 1};
+    memcpy(p.q_stride, st_q, sizeof st_q);
+    memcpy(p.o_stride, st_q, sizeof st_q);
+    memcpy(p.k_stride, st_k, sizeof st_k);
+    memcpy(p.v_stride, st_k, sizeof st_k);
+    p.q = q;
+    p.k = k;
+    p.v = v;
+    p.o = o;
+    ck_assert_int_eq(la_ref_attn_fwd(&p), 0);
+    ck_assert(memcmp(want_mask, t->mask, t->mask_words * 4) == 0);
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++)
+            for (int s = 0; s < Sq; s++)
+                for (int d = 0; d < D; d++)
+                    ck_assert_uint_eq(o[((b * H + h) * Sq + s) * D + d],
+                                      want_o[((b * Sq + s) * H + h) * D + d]);
+    free(q);
+    free(k);
+    free(v);
+    free(o);
+    free(want_o);
+    free(want_mask);
+    la_test_problem_free(t);
+}
+END_TEST
+
+START_TEST(strides_padded_rows)
+{
+    /* Row strides padded past H*D, a d stride of 2, a strided LSE, and mask rows of 5 words for a
+     * 3-word row: words past 3 are never touched. */
+    const int B = 1, Sq = 40, Sk = 70, H = 2, D = 64, BM = 8, BN = 1; /* nK = 70: 3 words */
+    const int64_t rs = H * D * 2 + 24;
+    float *q = malloc(4 * (size_t)(Sq * rs)), *k = malloc(4 * (size_t)(Sk * rs)),
+          *v = malloc(4 * (size_t)(Sk * rs)), *o = malloc(4 * (size_t)(Sq * rs));
+    float *lse = malloc(4 * (size_t)(H * Sq * 3));
+    const int nq = la_tiles(Sq, BM);
+    uint32_t *mask = malloc(4 * (size_t)(H * nq * 5));
+    for (int i = 0; i < H * nq * 5; i++)
+        mask[i] = (i % 5) < 3 ? 0xffffffffu : 0xdeadbeefu; /* bits 70..95 set: ignored */
+    la_rng r;
+    la_rng_init(&r, 81);
+    la_test_fill(&r, q, LA_DTYPE_F32, Sq * rs, 1.5);
+    la_test_fill(&r, k, LA_DTYPE_F32, Sk * rs, 1.5);
+    la_test_fill(&r, v, LA_DTYPE_F32, Sk * rs, 1.0);
+    la_attn_params p;
+    la_test_params(&p, q, k, v, o, lse, mask, B, Sq, Sk, H, D, LA_DTYPE_F32, BM, BN);
+    int64_t st[4] = {Sq * rs, rs, D * 2, 2}, stk[4] = {Sk * rs, rs, D * 2, 2};
+    memcpy(p.q_stride, st, sizeof st);
+    memcpy(p.o_stride, st, sizeof st);
+    memcpy(p.k_stride, stk, sizeof stk);
+    memcpy(p.v_stride, stk, sizeof stk);
+    p.lse_stride[0] = H * Sq * 3;
+    p.lse_stride[1] = Sq * 3;
+    p.lse_stride[2] = 3;
+    p.mask_stride[0] = H * nq * 5;
+    p.mask_stride[1] = nq * 5;
+    p.mask_stride[2] = 5;
+    p.mode = LA_MODE_SKIP;
+    p.tau = -3.0f;
+    uint32_t *old = malloc(4 * (size_t)(H * nq * 5));
+    memcpy(old, mask, 4 * (size_t)(H * nq * 5));
+    expect e = expect_call(&p, old);
+    ck_assert_int_eq(la_ref_attn_fwd(&p), 0);
+    check_output(&p, &e, 1e-5);
+    check_mask(&p, &e, old, mask);
+    for (int i = 0; i < H * nq * 5; i++)
+        if (i % 5 >= 3)
+            ck_assert_uint_eq(mask[i], 0xdeadbeefu);
+    expect_free(&e);
+    free(old);
+    free(q);
+    free(k);
+    free(v);
+    free(o);
+    free(lse);
+    free(mask);
+}
+END_TEST
+
+START_TEST(threads_bit_identical)
+{
+    la_test_problem *t = mk(90, 2, 200, 230, 3, 64, LA_DTYPE_BF16, 32, 48, 2.0);
+    t->p.mode = LA_MODE_SKIP;
+    t->p.tau = -4.0f;
+    size_t ob = (size_t)2 * 200 * 3 * 64 * 2, lb = (size_t)2 * 3 * 200 * 4;
+    uint8_t *o1 = malloc(ob), *l1 = malloc(lb);
+    uint32_t *m1 = NULL;
+    static const int threads[] = {1, 2, 3, 7, 64};
+    for (int i = 0; i < 5; i++) {
+        la_test_mask_ones(t);
+        t->p.threads = threads[i];
+        for (int s = 0; s < 2; s++) {
+            t->p.step = s;
+            ck_assert_int_eq(la_ref_attn_fwd(&t->p), 0);
+        }
+        if (i == 0) {
+            memcpy(o1, t->o, ob);
+            memcpy(l1, t->lse, lb);
+            m1 = copy_mask(t);
+            continue;
+        }
+        ck_assert_msg(memcmp(o1, t->o, ob) == 0, "O differs with %d threads", threads[i]);
+        ck_assert_msg(memcmp(l1, t->lse, lb) == 0, "LSE differs with %d threads", threads[i]);
+        ck_assert_msg(memcmp(m1, t->mask, t->mask_words * 4) == 0, "mask differs with %d threads",
+                      threads[i]);
+    }
+    free(o1);
+    free(l1);
+    free(m1);
+    la_test_problem_free(t);
+}
+END_TEST
+
+/* ---- output rounding -------------------------------------------------------------------- */
+
+/* The bf16/f16 path widens exactly, so on inputs representable in the half type it computes the
+ * same fp32 values as the f32 path: its output must be their round-to-nearest-even, bit for bit. */
+static void rounding_case(la_dtype dt, uint64_t salt)
+{
+    la_test_problem *h = mk(salt, 1, 50, 60, 2, 64, dt, 16, 16, 2.0);
+    la_test_problem *f = mk(salt, 1, 50, 60, 2, 64, LA_DTYPE_F32, 16, 16, 2.0);
+    int64_t nq = 50 * 2 * 64, nk = 60 * 2 * 64;
+    for (int64_t i = 0; i < nq; i++)
+        ((float *)f->q)[i] = (float)la_test_get(h->q, dt, i);
+    for (int64_t i = 0; i < nk; i++) {
+        ((float *)f->k)[i] = (float)la_test_get(h->k, dt, i);
+        ((float *)f->v)[i] = (float)la_test_get(h->v, dt, i);
+    }
+    h->p.mode = f->p.mode = LA_MODE_SKIP;
+    h->p.tau = f->p.tau = -3.0f;
+    for (int s = 0; s < 2; s++) {
+        h->p.step = f->p.step = s;
+        ck_assert_int_eq(la_ref_attn_fwd(&h->p), 0);
+        ck_assert_int_eq(la_ref_attn_fwd(&f->p), 0);
+        for (int64_t i = 0; i < nq; i++) {
+            float x = ((float *)f->o)[i];
+            uint16_t want = dt == LA_DTYPE_BF16 ? la_f32_to_bf16(x) : la_f32_to_f16(x);
+            ck_assert_msg(((uint16_t *)h->o)[i] == want, "O[%lld] = %04x, RNE(%a) = %04x",
+                          (long long)i, ((uint16_t *)h->o)[i], (double)x, want);
+        }
+        ck_assert(memcmp(h->lse, f->lse, 2 * 50 * 4) == 0);
+        ck_assert(memcmp(h->mask, f->mask, h->mask_words * 4) == 0);
+    }
+    la_test_problem_free(h);
+    la_test_problem_free(f);
+}
+
+START_TEST(bf16_output_rne) { rounding_case(LA_DTYPE_BF16, 100); }
+END_TEST
+START_TEST(f16_output_rne) { rounding_case(LA_DTYPE_F16, 101); }
+END_TEST
+
+START_TEST(testutil_conversions)
+{
+    /* every half and bf16 value survives f32 and back; rounding ties go to even */
+    for (uint32_t h = 0; h < 65536; h++) {
+        float f = la_f16_to_f32((uint16_t)h);
+        if (!isnan(f))
+            ck_assert_uint_eq(la_f32_to_f16(f), h);
+        float g = la_bf16_to_f32((uint16_t)h);
+        if (!isnan(g))
+            ck_assert_uint_eq(la_f32_to_bf16(g), h);
+    }
+    ck_assert_uint_eq(la_f32_to_bf16(1.0f + 0x1p-8f), 0x3f80u);             /* tie, to even */
+    ck_assert_uint_eq(la_f32_to_bf16(1.0f + 0x1p-8f + 0x1p-20f), 0x3f81u);  /* above the tie */
+    ck_assert_uint_eq(la_f32_to_bf16(1.0f + 3 * 0x1p-8f), 0x3f82u);         /* tie, to even */
+    ck_assert_uint_eq(la_f32_to_f16(1.0f + 0x1p-11f), 0x3c00u);
+    ck_assert_uint_eq(la_f32_to_f16(65520.0f), 0x7c00u);
+    ck_assert_uint_eq(la_f32_to_f16(65519.0f), 0x7bffu);
+    ck_assert_uint_eq(la_f32_to_f16(0x1p-25f), 0x0000u);                     /* tie to 0 */
+    ck_assert_uint_eq(la_f32_to_f16(0x1.8p-24f), 0x0002u);                   /* tie to even 2 */
+}
+END_TEST
+
+/* ---- errors ---------------------------------------------------------------------------- */
+
+typedef struct err_fixture {
+    float q[64 * 64], k[64 * 64], v[64 * 64], o[64 * 64], lse[64];
+    uint32_t mask[16], dec[16];
+    la_range r[LA_MAX_RANGES + 1];
+    la_attn_params p;
+} err_fixture;
+
+static err_fixture *err_new(void)
+{
+    err_fixture *f = calloc(1, sizeof *f);
+    ck_assert(f != NULL);
+    /* B1 Sq 64 Sk 64 H1 D64 f32, BM 16 BN 16: nQ 4, 1 word per row */
+    la_test_params(&f->p, f->q, f->k, f->v, f->o, f->lse, f->mask, 1, 64, 64, 1, 64,
+                   LA_DTYPE_F32, 16, 16);
+    f->p.mode = LA_MODE_SKIP;
+    for (int i = 0; i < 16; i++)
+        f->mask[i] = 0xf;
+    ck_assert_int_eq(la_attn_validate(&f->p), 0);
+    return f;
+}
+
+/* An invalid p is refused by la_attn_validate and by la_ref_attn_fwd, without touching the
+ * outputs or the tile count. */
+static void expect_err(err_fixture *f, int code)
+{
+    ck_assert_int_eq(la_attn_validate(&f->p), code);
+    int64_t tiles = -7;
+    f->p.ret_tiles_computed = &tiles;
+    memset(f->o, 0x5a, sizeof f->o);
+    uint32_t m0 = f->mask[0];
+    ck_assert_int_eq(la_ref_attn_fwd(&f->p), code);
+    ck_assert_int_eq(tiles, -7);
+    uint32_t o0;
+    memcpy(&o0, f->o, 4);
+    ck_assert_uint_eq(o0, 0x5a5a5a5au);
+    ck_assert_uint_eq(f->mask[0], m0);
+    f->p.ret_tiles_computed = NULL;
+}
+
+#define ERR_CASE(name, code, ...)                                                              \
+    START_TEST(name)                                                                           \
+    {                                                                                          \
+        err_fixture *f = err_new();                                                            \
+        la_attn_params *p = &f->p;                                                             \
+        (void)p;                                                                               \
+        __VA_ARGS__;                                                                           \
+        expect_err(f, code);                                                                   \
+        free(f);                                                                               \
+    }                                                                                          \
+    END_TEST
+
+ERR_CASE(err_zero_b, LA_EINVAL, p->B = 0)
+ERR_CASE(err_neg_sq, LA_EINVAL, p->Sq = -1)
+ERR_CASE(err_zero_sk, LA_EINVAL, p->Sk = 0)
+ERR_CASE(err_zero_h, LA_EINVAL, p->H = 0)
+ERR_CASE(err_zero_d, LA_EINVAL, p->D = 0)
+ERR_CASE(err_head_dim_32, LA_ENOTSUP, p->D = 32)
+ERR_CASE(err_head_dim_80, LA_ENOTSUP, p->D = 80)
+ERR_CASE(err_dtype_u32, LA_ENOTSUP, p->dtype = LA_DTYPE_U32)
+ERR_CASE(err_dtype_unknown, LA_EINVAL, p->dtype = (la_dtype)9)
+ERR_CASE(err_mode_session, LA_EINVAL, p->mode = LA_MODE_SESSION)
+ERR_CASE(err_mode_unknown, LA_EINVAL, p->mode = (la_mode)7)
+ERR_CASE(err_direction_unknown, LA_EINVAL, p->direction = (la_direction)3)
+ERR_CASE(err_null_q, LA_EINVAL, p->q = NULL)
+ERR_CASE(err_null_k, LA_EINVAL, p->k = NULL)
+ERR_CASE(err_null_v, LA_EINVAL, p->v = NULL)
+ERR_CASE(err_null_o, LA_EINVAL, p->o = NULL)
+ERR_CASE(err_null_mask_skip, LA_EINVAL, p->mask = NULL)
+ERR_CASE(err_null_mask_observe, LA_EINVAL, p->mask = NULL; p->mode = LA_MODE_OBSERVE)
+ERR_CASE(err_bm_zero, LA_EINVAL, p->BM = 0)
+ERR_CASE(err_bn_negative, LA_EINVAL, p->BN = -16)
+ERR_CASE(err_neg_stride_q, LA_EINVAL, p->q_stride[1] = -64)
+ERR_CASE(err_neg_stride_k, LA_EINVAL, p->k_stride[3] = -1)
+ERR_CASE(err_neg_stride_lse, LA_EINVAL, p->lse_stride[2] = -1)
+ERR_CASE(err_neg_stride_mask, LA_EINVAL, p->mask_stride[2] = -1)
+ERR_CASE(err_o_aliases_q, LA_EINVAL, p->o = (void *)(f->q + 100))
+ERR_CASE(err_o_aliases_v, LA_EINVAL, p->o = (void *)(f->v + 4095))
+ERR_CASE(err_lse_aliases_o, LA_EINVAL, p->lse = f->o + 4090)
+ERR_CASE(err_lse_aliases_k, LA_EINVAL, p->lse = f->k)
+ERR_CASE(err_mask_aliases_o, LA_EINVAL, p->mask = (uint32_t *)(f->o + 10))
+ERR_CASE(err_decisions_alias_mask, LA_EINVAL, p->decisions = f->mask + 2)
+ERR_CASE(err_o_stride_zero, LA_EINVAL, p->o_stride[1] = 0) /* rows write one place */
+ERR_CASE(err_o_rows_overlap, LA_EINVAL, p->o_stride[1] = 32)
+ERR_CASE(err_mask_rows_overlap, LA_EINVAL, p->mask_stride[2] = 0)
+ERR_CASE(err_too_many_must_do, LA_EINVAL, p->must_do = f->r; p->n_must_do = LA_MAX_RANGES + 1)
+ERR_CASE(err_too_many_must_skip, LA_EINVAL, p->must_skip = f->r;
+         p->n_must_skip = LA_MAX_RANGES + 1)
+ERR_CASE(err_negative_ranges, LA_EINVAL, p->must_do = f->r; p->n_must_do = -1)
+ERR_CASE(err_null_ranges, LA_EINVAL, p->n_must_skip = 2)
+ERR_CASE(err_scale_zero, LA_EINVAL, p->scale = 0.0f)
+ERR_CASE(err_scale_negative, LA_EINVAL, p->scale = -0.125f)
+ERR_CASE(err_scale_inf, LA_EINVAL, p->scale = INFINITY)
+ERR_CASE(err_scale_nan, LA_EINVAL, p->scale = NAN)
+ERR_CASE(err_tau_nan, LA_EINVAL, p->tau = NAN)
+ERR_CASE(err_null_params, LA_EINVAL, ck_assert_int_eq(la_attn_validate(NULL), LA_EINVAL);
+         ck_assert_int_eq(la_ref_attn_fwd(NULL), LA_EINVAL); p->B = 0)
+
+START_TEST(valid_edge_values)
+{
+    /* What must be accepted: tau +-inf, zero input strides (broadcast K/V over batch), a dense
+     * call with no mask, ranges exactly LA_MAX_RANGES long, zero threads. */
+    err_fixture *f = err_new();
+    la_attn_params *p = &f->p;
+    p->tau = INFINITY;
+    ck_assert_int_eq(la_attn_validate(p), 0);
+    p->tau = -INFINITY;
+    p->k_stride[0] = 0;
+    p->must_do = f->r;
+    p->n_must_do = LA_MAX_RANGES;
+    p->threads = 0;
+    ck_assert_int_eq(la_ref_attn_fwd(p), 0);
+    p->mode = LA_MODE_DENSE;
+    p->mask = NULL;
+    p->mask_stride[2] = -1; /* unused in dense */
+    ck_assert_int_eq(la_ref_attn_fwd(p), 0);
+    ck_assert_uint_eq(la_dtype_size(LA_DTYPE_BF16), 2);
+    ck_assert_uint_eq(la_dtype_size(LA_DTYPE_F32), 4);
+    ck_assert_uint_eq(la_dtype_size((la_dtype)42), 0);
+    free(f);
+}
+END_TEST
+
+static Suite *ref_suite(void)
+{
+    Suite *s = suite_create("ref");
+    TCase *tc = tcase_create("semantics");
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, dense_f32);
+    tcase_add_test(tc, skip_tau_neg_inf_f32);
+    tcase_add_test(tc, observe_tau_neg_inf_f32);
+    tcase_add_test(tc, skip_tau_neg_inf_bf16);
+    tcase_add_test(tc, skip_tau_neg_inf_f16);
+    tcase_add_test(tc, head_dims);
+    tcase_add_test(tc, tau_pos_inf_two_calls);
+    tcase_add_test(tc, tau_pos_inf_must_do);
+    tcase_add_test(tc, tau_pos_inf_ascending_first);
+    tcase_add_test(tc, monotone_10_calls_f32);
+    tcase_add_test(tc, monotone_10_calls_bf16);
+    tcase_add_test(tc, decisions_identical_f16);
+    tcase_add_test(tc, decisions_observe);
+    tcase_add_test(tc, partial_qtile_rows_do_not_vote);
+    tcase_add_test(tc, shapes_partial_tiles);
+    tcase_add_test(tc, lse_values);
+    tcase_add_test(tc, lse_bf16_with_skips);
+    tcase_add_test(tc, direction_alternates);
+    tcase_add_test(tc, direction_pinned);
+    tcase_add_test(tc, vote_is_strict);
+    tcase_add_test(tc, observe_is_old_and_keep);
+    tcase_add_test(tc, dense_leaves_mask);
+    tcase_add_test(tc, dry_run_writes_decisions);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("ranges");
+    tcase_set_timeout(tc, 30);
+    tcase_add_test(tc, must_do_partial_tile);
+    tcase_add_test(tc, must_skip_partial_and_full);
+    tcase_add_test(tc, must_skip_overlapping_ranges);
+    tcase_add_test(tc, must_do_wins_over_must_skip);
+    tcase_add_test(tc, ranges_empty_and_out_of_range);
+    tcase_add_test(tc, all_tiles_must_skip);
+    tcase_add_test(tc, tile_flags_random);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("layout");
+    tcase_set_timeout(tc, 30);
+    tcase_add_test(tc, strides_bhsd_layout);
+    tcase_add_test(tc, strides_padded_rows);
+    tcase_add_test(tc, threads_bit_identical);
+    tcase_add_test(tc, bf16_output_rne);
+    tcase_add_test(tc, f16_output_rne);
+    tcase_add_test(tc, testutil_conversions);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("errors");
+    tcase_set_timeout(tc, 10);
+    tcase_add_test(tc, err_zero_b);
+    tcase_add_test(tc, err_neg_sq);
+    tcase_add_test(tc, err_zero_sk);
+    tcase_add_test(tc, err_zero_h);
+    tcase_add_test(tc, err_zero_d);
+    tcase_add_test(tc, err_head_dim_32);
+    tcase_add_test(tc, err_head_dim_80);
+    tcase_add_test(tc, err_dtype_u32);
+    tcase_add_test(tc, err_dtype_unknown);
+    tcase_add_test(tc, err_mode_session);
+    tcase_add_test(tc, err_mode_unknown);
+    tcase_add_test(tc, err_direction_unknown);
+    tcase_add_test(tc, err_null_q);
+    tcase_add_test(tc, err_null_k);
+    tcase_add_test(tc, err_null_v);
+    tcase_add_test(tc, err_null_o);
+    tcase_add_test(tc, err_null_mask_skip);
+    tcase_add_test(tc, err_null_mask_observe);
+    tcase_add_test(tc, err_bm_zero);
+    tcase_add_test(tc, err_bn_negative);
+    tcase_add_test(tc, err_neg_stride_q);
+    tcase_add_test(tc, err_neg_stride_k);
+    tcase_add_test(tc, err_neg_stride_lse);
+    tcase_add_test(tc, err_neg_stride_mask);
+    tcase_add_test(tc, err_o_aliases_q);
+    tcase_add_test(tc, err_o_aliases_v);
+    tcase_add_test(tc, err_lse_aliases_o);
+    tcase_add_test(tc, err_lse_aliases_k);
+    tcase_add_test(tc, err_mask_aliases_o);
+    tcase_add_test(tc, err_decisions_alias_mask);
+    tcase_add_test(tc, err_o_stride_zero);
+    tcase_add_test(tc, err_o_rows_overlap);
+    tcase_add_test(tc, err_mask_rows_overlap);
+    tcase_add_test(tc, err_too_many_must_do);
+    tcase_add_test(tc, err_too_many_must_skip);
+    tcase_add_test(tc, err_negative_ranges);
+    tcase_add_test(tc, err_null_ranges);
+    tcase_add_test(tc, err_scale_zero);
+    tcase_add_test(tc, err_scale_negative);
+    tcase_add_test(tc, err_scale_inf);
+    tcase_add_test(tc, err_scale_nan);
+    tcase_add_test(tc, err_tau_nan);
+    tcase_add_test(tc, err_null_params);
+    tcase_add_test(tc, valid_edge_values);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    la_test_seed();
+    return la_test_run_suite(ref_suite());
+}
