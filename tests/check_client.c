@@ -17,10 +17,16 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
+#include <sys/socket.h>
+#include <sys/un.h>
+
+#include "frame.h"
 #include "la_attn.h"
 #include "liteattn.h"
+#include "liteattn.pb-c.h"
 #include "testutil.h"
 
 /* ---- a daemon per case ------------------------------------------------------------------- */
@@ -115,6 +121,180 @@ static la_client *connect_ok(const tdaemon *d)
         ck_assert_msg(rc_ == 0, "%s = %s (%s)", #expr, la_err_name(rc_),                  \
                       la_last_error_message());                                           \
     } while (0)
+
+
+/* ---- a fake daemon, for what a real one never does ------------------------------------------ */
+
+enum fake_mode { FAKE_SILENT, FAKE_MAJOR2, FAKE_GARBAGE, FAKE_ERRORS };
+
+typedef struct fake {
+    int lfd;
+    enum fake_mode mode;
+    char dir[128], sock[192];
+    pthread_t th;
+} fake;
+
+static void fake_send(int fd, Liteattn__Reply *r)
+{
+    uint8_t *buf;
+    size_t len;
+    ck_assert_int_eq(la_frame_pack(&r->base, 0, &buf, &len), 0);
+    ck_assert_int_eq(write(fd, buf, len), (ssize_t)len);
+    free(buf);
+}
+
+/* Blocking read of one request. */
+static Liteattn__Request *fake_recv(int fd)
+{
+    uint8_t hdr[4];
+    if (recv(fd, hdr, 4, MSG_WAITALL) != 4)
+        return NULL;
+    uint32_t n = hdr[0] | hdr[1] << 8 | hdr[2] << 16 | (uint32_t)hdr[3] << 24;
+    uint8_t *b = malloc(n ? n : 1);
+    if (n && recv(fd, b, n, MSG_WAITALL) != (ssize_t)n) {
+        free(b);
+        return NULL;
+    }
+    Liteattn__Request *r = liteattn__request__unpack(NULL, n, b);
+    free(b);
+    return r;
+}
+
+static void *fake_main(void *arg)
+{
+    fake *f = arg;
+    int fd = accept(f->lfd, NULL, NULL);
+    if (fd < 0)
+        return NULL;
+    Liteattn__Request *req = fake_recv(fd);
+    if (!req || f->mode == FAKE_SILENT) {
+        if (req)
+            liteattn__request__free_unpacked(req, NULL);
+        sleep(30); /* say nothing */
+        close(fd);
+        return NULL;
+    }
+    Liteattn__Reply r = LITEATTN__REPLY__INIT;
+    Liteattn__HelloReply h = LITEATTN__HELLO_REPLY__INIT;
+    r.id = req->id;
+    liteattn__request__free_unpacked(req, NULL);
+    if (f->mode == FAKE_GARBAGE) {
+        uint8_t junk[8] = {4, 0, 0, 0, 0xff, 0xff, 0xff, 0xff};
+        ck_assert_int_eq(write(fd, junk, sizeof(junk)), (ssize_t)sizeof(junk));
+        close(fd);
+        return NULL;
+    }
+    r.body_case = LITEATTN__REPLY__BODY_HELLO;
+    r.hello = &h;
+    h.major = f->mode == FAKE_MAJOR2 ? 2 : 1;
+    h.minor = 0;
+    h.daemon_version = "fake";
+    fake_send(fd, &r);
+    if (f->mode == FAKE_ERRORS) {
+        /* First request: answered by an error with a message; a reply to an id nobody asked
+         * for comes first and must be ignored. Second request: the connection closes. */
+        req = fake_recv(fd);
+        ck_assert_ptr_nonnull(req);
+        Liteattn__Reply e = LITEATTN__REPLY__INIT;
+        Liteattn__Error er = LITEATTN__ERROR__INIT;
+        Liteattn__Pong pong = LITEATTN__PONG__INIT;
+        e.id = 9999;
+        e.body_case = LITEATTN__REPLY__BODY_PONG;
+        e.pong = &pong;
+        fake_send(fd, &e);
+        e.id = req->id;
+        e.body_case = LITEATTN__REPLY__BODY_ERROR;
+        e.error = &er;
+        er.code = LA_EPERM;
+        er.message = "fake: not today";
+        fake_send(fd, &e);
+        liteattn__request__free_unpacked(req, NULL);
+        req = fake_recv(fd);
+        if (req)
+            liteattn__request__free_unpacked(req, NULL);
+    }
+    close(fd);
+    return NULL;
+}
+
+static void fake_start(fake *f, enum fake_mode mode)
+{
+    f->mode = mode;
+    snprintf(f->dir, sizeof(f->dir), "/tmp/la-check-fake-XXXXXX");
+    ck_assert_ptr_nonnull(mkdtemp(f->dir));
+    snprintf(f->sock, sizeof(f->sock), "%s/fake.sock", f->dir);
+    f->lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    strcpy(sa.sun_path, f->sock);
+    ck_assert_int_eq(bind(f->lfd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+    ck_assert_int_eq(listen(f->lfd, 4), 0);
+    ck_assert_int_eq(pthread_create(&f->th, NULL, fake_main, f), 0);
+}
+
+static void fake_stop(fake *f)
+{
+    pthread_cancel(f->th);
+    pthread_join(f->th, NULL);
+    close(f->lfd);
+    unlink(f->sock);
+    rmdir(f->dir);
+}
+
+START_TEST(test_hello_timeout)
+{
+    fake f;
+    fake_start(&f, FAKE_SILENT);
+    la_client *c = NULL;
+    double t0 = (double)time(NULL);
+    ck_assert_int_eq(la_connect(f.sock, NULL, &c), LA_ETIMEDOUT);
+    double dt = (double)time(NULL) - t0;
+    ck_assert_msg(dt >= 9 && dt <= 12, "Hello timed out after %.0f s, not 10", dt);
+    ck_assert_ptr_null(c);
+    fake_stop(&f);
+}
+END_TEST
+
+START_TEST(test_hello_other_major)
+{
+    fake f;
+    fake_start(&f, FAKE_MAJOR2);
+    la_client *c = NULL;
+    ck_assert_int_eq(la_connect(f.sock, NULL, &c), LA_EVERSION);
+    ck_assert_ptr_nonnull(strstr(la_last_error_message(), "2.0"));
+    ck_assert_ptr_null(c);
+    fake_stop(&f);
+}
+END_TEST
+
+START_TEST(test_hello_garbage)
+{
+    fake f;
+    fake_start(&f, FAKE_GARBAGE);
+    la_client *c = NULL;
+    int rc = la_connect(f.sock, NULL, &c);
+    ck_assert_msg(rc == LA_EPROTO, "garbage Hello reply: %s", la_err_name(rc));
+    ck_assert_ptr_null(c);
+    fake_stop(&f);
+}
+END_TEST
+
+START_TEST(test_error_reply_and_close)
+{
+    fake f;
+    fake_start(&f, FAKE_ERRORS);
+    la_client *c = NULL;
+    OK(la_connect(f.sock, NULL, &c));
+    ck_assert_str_eq(la_client_property(c, "daemon.version"), "fake");
+    la_table *t = NULL;
+    ck_assert_int_eq(la_stats(c, &t), LA_EPERM);
+    ck_assert_str_eq(la_last_error_message(), "fake: not today");
+    ck_assert_ptr_null(t);
+    ck_assert_int_eq(la_ping(c, NULL), LA_ECLOSED);
+    ck_assert_int_eq(la_ping(c, NULL), LA_ECLOSED);
+    la_disconnect(c);
+    fake_stop(&f);
+}
+END_TEST
 
 /* ---- a problem in shared memory ------------------------------------------------------------ */
 
@@ -452,6 +632,9 @@ START_TEST(test_ping)
         ck_assert_uint_lt(rtt, 1000000000ull);
     }
     OK(la_ping(c, NULL));
+    /* Nothing in flight: la_client_process waits out its timeout and returns 0. */
+    ck_assert_int_eq(la_client_process(c, 0), 0);
+    ck_assert_int_eq(la_client_process(c, 50), 0);
     la_disconnect(c);
     daemon_stop(&d);
 }
@@ -1250,6 +1433,10 @@ static Suite *client_suite(void)
     tcase_add_test(conn, test_register_fd);
     tcase_add_test(conn, test_tables);
     tcase_add_test(conn, test_daemon_gone);
+    tcase_add_test(conn, test_hello_timeout);
+    tcase_add_test(conn, test_hello_other_major);
+    tcase_add_test(conn, test_hello_garbage);
+    tcase_add_test(conn, test_error_reply_and_close);
     suite_add_tcase(s, conn);
 
     TCase *sess = tcase_create("sessions");
