@@ -66,7 +66,7 @@ def test_apply_remove_exact_at_minus_inf(daemon, caplog):
 
 def test_skipping_cfg_branches(daemon):
     model = tiny_wan()
-    x, text = inputs(H=24, W=24)
+    x, text = inputs(H=16, W=24)
     ld.apply(model, threshold=0.0, socket=daemon.socket)
     outs = []
     for t in (900.0, 800.0, 700.0, 600.0):
@@ -94,3 +94,41 @@ def test_unsupported_model_is_refused():
 
     with pytest.raises(liteattn.NotSupported):
         ld.apply(NoAttn(), socket="/nonexistent")
+
+
+def test_wan_pipeline_cfg_two_passes(daemon):
+    pytest.importorskip("transformers")        # WanPipeline imports it
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=tiny_wan(),
+                       scheduler=FlowMatchEulerDiscreteScheduler())
+    g = torch.Generator().manual_seed(2)
+    emb, neg = torch.randn(1, 12, 32, generator=g), torch.randn(1, 12, 32, generator=g)
+
+    def gen():
+        return pipe(prompt_embeds=emb, negative_prompt_embeds=neg, height=48, width=48,
+                    num_frames=5, num_inference_steps=3, guidance_scale=5.0,
+                    output_type="latent", generator=torch.Generator().manual_seed(0)).frames
+
+    ref = gen()
+    ld.apply(pipe, threshold=-math.inf, socket=daemon.socket)
+    st = pipe._liteattn_state
+    seen = []
+    orig_attend = st.attend
+
+    def attend(layer, q, k, v, scale):
+        seen.append((st.step, st.branch, layer))
+        return orig_attend(layer, q, k, v, scale)
+    st.attend = attend
+    got = gen()
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-4
+    # 3 steps x (cond, uncond) x 2 layers, each pass on its own masks (kv shard = branch)
+    assert sorted(set(seen)) == [(s, b, l) for s in range(3) for b in range(2) for l in range(2)]
+    assert st.session is None                      # closed at the end of pipe(...)
+    summ = ld.summary(pipe)
+    assert summ["steps"] == 3 and summ["calls"] == 12
+    seen.clear()
+    gen()                                          # a second call: a fresh session, step 0 again
+    assert seen[0][:2] == (0, 0) and st.generations == 2
+    ld.remove(pipe)
+    assert type(pipe) is WanPipeline
+    assert ((gen() - ref).norm() / ref.norm()).item() < 1e-6
