@@ -13,7 +13,7 @@ import threading
 import weakref
 
 from . import _lib
-from .errors import Error, InvalidArgument, NotSupported, check, from_code
+from .errors import Error, InvalidArgument, NoDevice, NotSupported, check, from_code
 
 __all__ = ["Client", "Session", "DTYPES", "MODES"]
 
@@ -124,6 +124,18 @@ def _torch_dtype_code(t):
     except KeyError:
         raise InvalidArgument("torch dtype %s: use float32, float16 or bfloat16" % t.dtype) \
             from None
+
+
+def device_of(x):
+    """The session device that suits array x: "cpu" for NumPy arrays and CPU tensors, the
+    GPU's UUID ("GPU-...") for a CUDA tensor (or "cuda" when torch cannot tell it)."""
+    if not (_is_torch(x) and x.is_cuda):
+        return "cpu"
+    try:
+        u = str(_torch().cuda.get_device_properties(x.device).uuid)
+        return u if u.startswith("GPU-") else "GPU-" + u
+    except Exception:
+        return "cuda"
 
 
 def expandable_segments_enabled():
@@ -341,6 +353,19 @@ class Client:
         s = Session(self, h, str(key))
         self._sessions.add(s)
         return s
+
+    def open_session_for(self, x, key, **kw):
+        """open_session on the device of array x (device_of(x)) unless kw names a device; a
+        GPU UUID the daemon does not know falls back to "cuda"."""
+        if kw.get("device") is not None:
+            return self.open_session(key, **kw)
+        dev = device_of(x)
+        try:
+            return self.open_session(key, device=dev, **kw)
+        except NoDevice:
+            if dev in ("cpu", "cuda"):
+                raise
+            return self.open_session(key, device="cuda", **kw)
 
     def attach(self, key):
         """Attaches to an open session of the same Unix user (e.g. after a reconnect)."""

@@ -256,8 +256,8 @@ class _State:
         key = "diffusers-%d-%d-%d" % (os.getpid(), next(_keys), self.generations)
         dtype = str(q.dtype).replace("torch.", "")
         opts = dict(self.session_options)
-        self.session = self.client.open_session(
-            key, layers=len(self.layers), heads=H, head_dim=D, dtype=dtype,
+        self.session = self.client.open_session_for(
+            q, key, layers=len(self.layers), heads=H, head_dim=D, dtype=dtype,
             max_seq_q=opts.pop("max_seq_q", S), max_seq_k=opts.pop("max_seq_k", int(k.shape[1])),
             batch=opts.pop("batch", B), kv_shards=self.max_branches, threshold=self.threshold,
             schedule=self.schedule, mode=self.mode, **opts)

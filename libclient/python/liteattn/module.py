@@ -133,8 +133,8 @@ class Context:
             if dtype == "uint16":
                 dtype = "bfloat16"
             key = "liteattn-module-%d-%d-%d" % (_pid(), id(self), self._generation)
-            self._session = self.client.open_session(
-                key, layers=kw.pop("layers", max(1, len(self._layers))), heads=H, head_dim=D,
+            self._session = self.client.open_session_for(
+                q, key, layers=kw.pop("layers", max(1, len(self._layers))), heads=H, head_dim=D,
                 dtype=kw.pop("dtype", dtype), max_seq_q=kw.pop("max_seq_q", Sq),
                 max_seq_k=kw.pop("max_seq_k", Sk), batch=kw.pop("batch", B), **kw)
             return self._session

@@ -53,7 +53,7 @@ def test_ipc_dense_vs_sdpa(cclient, dtype, D):
     B, Sq, Sk, H = 2, 1000, 1234, 4
     s = cclient.open_session("gpu-dense-%s-%d" % (dtype, D), layers=1, heads=H, head_dim=D,
                              dtype=dtype, max_seq_q=Sq, max_seq_k=Sk, batch=B,
-                             threshold=-math.inf)
+                             threshold=-math.inf, device="cuda")
     q = torch.randn(B, Sq, H, D, device="cuda", dtype=dtype)
     k = torch.randn(B, Sk, H, D, device="cuda", dtype=dtype)
     v = torch.randn(B, Sk, H, D, device="cuda", dtype=dtype)
@@ -75,7 +75,7 @@ def test_strided_views_and_block_cache(cclient):
     torch.manual_seed(1)
     B, S, H, D = 1, 777, 8, 128
     s = cclient.open_session("gpu-strided", layers=1, heads=H, head_dim=D, dtype="bfloat16",
-                             max_seq_q=S, threshold=-math.inf)
+                             max_seq_q=S, threshold=-math.inf, device="cuda")
     # q, k, v as slices of one fused projection (B, S, 3, H, D) and a (B, H, S, D) transpose
     qkv = torch.randn(B, S, 3, H, D, device="cuda", dtype=torch.bfloat16)
     q, k, v = qkv.unbind(2)
@@ -98,7 +98,7 @@ def test_skip_against_reference(cclient):
     rng = np.random.default_rng(3)
     H, D = 2, 128
     s = cclient.open_session("gpu-skip", layers=1, heads=H, head_dim=D, dtype="bfloat16",
-                             max_seq_q=4096, threshold=-3.0)
+                             max_seq_q=4096, threshold=-3.0, device="cuda")
     BM, BN = s.tile_sizes
     Sq, Sk = 4 * BM + 3, 5 * BN + 7
     qn, kn, vn = clustered_qkv(rng, 1, Sq, Sk, H, D, BM, BN)
@@ -140,7 +140,7 @@ def test_expandable_segments_refused(daemon, cclient):
     code = r"""
 import sys, torch, liteattn
 c = liteattn.Client(sys.argv[1])
-s = c.open_session("exp", layers=1, heads=2, head_dim=64, dtype="bfloat16", max_seq_q=256)
+s = c.open_session("exp", layers=1, heads=2, head_dim=64, dtype="bfloat16", max_seq_q=256, device="cuda")
 q = torch.randn(1, 256, 2, 64, device="cuda", dtype=torch.bfloat16)
 try:
     s.attention(0, 0, q, q, q)
