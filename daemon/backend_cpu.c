@@ -8,6 +8,9 @@
  * arrival order and a large job never holds more than the workers' share it got when it
  * started, so a small job of another client waits at most for a free worker, never for the
  * large job to end (the kernel threads of both are then time-sliced by the OS).
+ *
+ * Calls on the same mask (session, layer, kv shard) are serialised in submission order (see
+ * pick()); the GPU backend gets the same order from its single stream per device.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -23,6 +26,7 @@ typedef struct cpu_backend {
     be_backend base;
     int n_workers;
     pthread_t *workers;
+    const void **busy; /* masks of the running jobs, [running] */
     int started;
     pthread_mutex_t lock;
     pthread_cond_t cond;
@@ -37,20 +41,43 @@ uint64_t be_now_ns(void) {
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
+/* The first queued job whose mask no running job and no earlier queued job uses: calls on one
+ * (session, layer, kv shard) run one after the other in submission order, since each reads
+ * the mask the previous one wrote; calls on other masks overtake them. Under c->lock. */
+static be_job *pick(cpu_backend *c, be_job **ret_prev) {
+    be_job *prev = NULL;
+    for (be_job *j = c->head; j; prev = j, j = j->be_next) {
+        const void *m = j->p.mask;
+        int blocked = 0;
+        for (int i = 0; i < c->running && !blocked; i++)
+            blocked = m && c->busy[i] == m;
+        for (be_job *k = c->head; k != j && !blocked; k = k->be_next)
+            blocked = m && k->p.mask == m;
+        if (!blocked) {
+            *ret_prev = prev;
+            return j;
+        }
+    }
+    return NULL;
+}
+
 static void *worker_main(void *arg) {
     cpu_backend *c = arg;
     pthread_mutex_lock(&c->lock);
     for (;;) {
-        while (!c->head && !c->stopping)
+        be_job *j, *prev;
+        while (!(j = pick(c, &prev)) && !c->stopping)
             pthread_cond_wait(&c->cond, &c->lock);
-        if (!c->head)
+        if (!j)
             break; /* stopping and nothing left (stop() cancels the queue first) */
-        be_job *j = c->head;
-        c->head = j->be_next;
-        if (!c->head)
-            c->tail = NULL;
+        if (prev)
+            prev->be_next = j->be_next;
+        else
+            c->head = j->be_next;
+        if (c->tail == j)
+            c->tail = prev;
         c->queued--;
-        c->running++;
+        c->busy[c->running++] = j->p.mask;
         int share = c->n_workers / (c->running + c->queued);
         pthread_mutex_unlock(&c->lock);
 
@@ -66,10 +93,15 @@ static void *worker_main(void *arg) {
         if (rc < 0)
             snprintf(j->msg, sizeof j->msg, "cpu reference refused the call: %s",
                      la_strerror(rc));
+        const void *mask = j->p.mask; /* j belongs to the engine after complete() */
         c->base.complete(c->base.complete_data, j);
 
         pthread_mutex_lock(&c->lock);
-        c->running--;
+        for (int i = 0; i < c->running; i++)
+            if (c->busy[i] == mask) {
+                c->busy[i] = c->busy[--c->running];
+                break;
+            }
         pthread_cond_broadcast(&c->cond);
     }
     pthread_mutex_unlock(&c->lock);
@@ -198,6 +230,7 @@ static void cpu_free(be_backend *b) {
     pthread_mutex_destroy(&c->lock);
     pthread_cond_destroy(&c->cond);
     free(c->workers);
+    free(c->busy);
     free(c);
 }
 
@@ -238,7 +271,8 @@ int be_cpu_new(int threads, be_complete_fn complete, void *complete_data, be_bac
     pthread_mutex_init(&c->lock, NULL);
     pthread_cond_init(&c->cond, NULL);
     c->workers = calloc((size_t)threads, sizeof *c->workers);
-    if (!c->workers) {
+    c->busy = calloc((size_t)threads, sizeof *c->busy);
+    if (!c->workers || !c->busy) {
         cpu_free(&c->base);
         return LA_ENOMEM;
     }
@@ -258,6 +292,7 @@ int be_cpu_new(int threads, be_complete_fn complete, void *complete_data, be_bac
             pthread_mutex_destroy(&c->lock);
             pthread_cond_destroy(&c->cond);
             free(c->workers);
+            free(c->busy);
             free(c);
             return LA_ENOMEM;
         }

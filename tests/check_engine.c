@@ -806,6 +806,78 @@ END_TEST
 START_TEST(multi_step_bf16) { multi_step(LA_DTYPE_BF16, 1, 130, 100, 3, 128); }
 END_TEST
 
+/* Calls submitted back to back (steps x layers, nothing awaited in between) give the same
+ * outputs and masks as the same calls made one after the other: calls on one layer's mask
+ * run in submission order, other layers overtake them. */
+START_TEST(pipelined_steps) {
+    harness h;
+    h_open(&h, NULL);
+    enum { L = 2, STEPS = 6, B = 1, S = 200, H = 2, D = 64 };
+    eng_session_spec sp = spec_make("pipe", L, H, D, LA_DTYPE_F32, S, S, B);
+    sp.threshold = 0.0f;
+    eng_session_view v;
+    uint64_t sid = open_ok(&h, UID, CONN, &sp, &v);
+    size_t tb = (size_t)B * S * H * D * 4, lb = (size_t)B * H * S * 4;
+    shm m;
+    ck_assert_int_eq(shm_make(&h, CONN, 3 * tb + (size_t)L * STEPS * (tb + lb), &m), 0);
+    la_rng rng;
+    la_rng_init(&rng, 99);
+    la_test_fill(&rng, m.p, LA_DTYPE_F32, 3 * (int64_t)B * S * H * D, 1.0);
+    call c[L * STEPS];
+    eng_error err = {{0}};
+    for (int st = 0; st < STEPS; st++)
+        for (int l = 0; l < L; l++) {
+            int i = st * L + l;
+            eng_attn_req r;
+            memset(&r, 0, sizeof r);
+            r.session_id = sid;
+            r.layer = (uint32_t)l;
+            r.step = (uint32_t)st;
+            tensor(&r.q, m.id, 0, LA_DTYPE_F32, B, S, H, D);
+            tensor(&r.k, m.id, tb, LA_DTYPE_F32, B, S, H, D);
+            tensor(&r.v, m.id, 2 * tb, LA_DTYPE_F32, B, S, H, D);
+            tensor(&r.o, m.id, 3 * tb + (size_t)i * (tb + lb), LA_DTYPE_F32, B, S, H, D);
+            tensor(&r.lse, m.id, 3 * tb + (size_t)i * (tb + lb) + tb, LA_DTYPE_F32, B, H, S, 0);
+            r.has_lse = 1;
+            ck_assert_int_eq(submit(&h, UID, CONN, &r, &c[i], &err), 0);
+        }
+    h_wait(&h, L * STEPS);
+    uint32_t *mask = malloc(v.layer_mask_bytes), *got = malloc(v.layer_mask_bytes);
+    void *o = malloc(tb);
+    float *lse = malloc(lb);
+    char *base = m.p;
+    for (int l = 0; l < L; l++) {
+        memset(mask, 0xff, v.layer_mask_bytes);
+        for (int st = 0; st < STEPS; st++) {
+            int i = st * L + l;
+            ck_assert_int_eq(c[i].status, 0);
+            la_attn_params d;
+            la_test_params(&d, base, base + tb, base + 2 * tb, o, lse, mask, B, S, S, H, D,
+                           LA_DTYPE_F32, (int32_t)v.bm, (int32_t)v.bn);
+            d.mode = LA_MODE_SKIP;
+            d.tau = 0.0f;
+            d.step = st;
+            ck_assert_int_eq(la_ref_attn_fwd(&d), 0);
+            ck_assert_msg(!memcmp(o, base + 3 * tb + (size_t)i * (tb + lb), tb),
+                          "step %d layer %d: O differs", st, l);
+            ck_assert_msg(!memcmp(lse, base + 3 * tb + (size_t)i * (tb + lb) + tb, lb),
+                          "step %d layer %d: LSE differs", st, l);
+        }
+        size_t gl;
+        uint64_t total;
+        ck_assert_int_eq(eng_mask_read(h.e, UID, sid, (uint32_t)l, 0, 0, got,
+                                       v.layer_mask_bytes, &gl, &total, &err), 0);
+        ck_assert_msg(!memcmp(got, mask, v.layer_mask_bytes), "layer %d: mask differs", l);
+    }
+    free(mask);
+    free(got);
+    free(o);
+    free(lse);
+    shm_drop(&m);
+    h_close(&h);
+}
+END_TEST
+
 /* ---- teardown with jobs in flight ---------------------------------------------------- */
 
 START_TEST(close_session_in_flight) {
@@ -954,6 +1026,7 @@ int main(void) {
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, multi_step_f32);
     tcase_add_test(tc, multi_step_bf16);
+    tcase_add_test(tc, pipelined_steps);
     suite_add_tcase(s, tc);
     tc = tcase_create("teardown");
     tcase_set_timeout(tc, 30);
