@@ -414,11 +414,10 @@ LA_API int la_attn_run(la_session *s, const la_attn *a, la_call **ret_call)
     if (rc < 0)
         return rc;
     rc = la_call_wait(call, -1);
-    if (ret_call && call->pend.done) {
+    if (rc == 0 && ret_call)
         *ret_call = call;
-    } else {
+    else
         la_call_free(call);
-    }
     return rc;
 }
 

@@ -1415,6 +1415,76 @@ START_TEST(test_ranges_match_reference)
 }
 END_TEST
 
+
+typedef struct shared_arg {
+    la_client *c;
+    la_session *s;
+    prob *p;
+    int n;
+    int failures;
+} shared_arg;
+
+static void *pinger(void *arg)
+{
+    shared_arg *a = arg;
+    for (int i = 0; i < a->n; i++)
+        if (la_ping(a->c, NULL) != 0)
+            a->failures++;
+    return NULL;
+}
+
+static void *runner(void *arg)
+{
+    shared_arg *a = arg;
+    la_attn *at;
+    if (la_attn_new(&at) != 0)
+        return NULL;
+    for (int i = 0; i < a->n; i++) {
+        prob_attn(a->p, at, 0);
+        la_attn_set_position(at, 0, 0, 0);
+        la_attn_set_mode(at, LA_MODE_DENSE);
+        la_call *call;
+        if (la_attn_submit(a->s, at, NULL, NULL, &call) != 0) {
+            a->failures++;
+            continue;
+        }
+        if (la_call_wait(call, 20000) != 0)
+            a->failures++;
+        la_call_free(call);
+    }
+    la_attn_free(at);
+    return NULL;
+}
+
+/* One client used by three threads at once: replies of one thread's requests are read and
+ * dispatched by whichever thread is polling, and everybody gets theirs. */
+START_TEST(test_threads_share_client)
+{
+    tdaemon d;
+    daemon_start(&d);
+    la_client *c = connect_ok(&d);
+    la_session *s = open_session(c, "shared", 1, 2, 64, LA_DTYPE_BF16, 128, 128, 1, -3.0f);
+    prob p;
+    prob_init(&p, c, s, 1, 128, 128, 2, 64, LA_DTYPE_BF16);
+    prob_fill(&p, 3, 0, 1.0);
+    shared_arg args[3] = {{c, s, &p, 300, 0}, {c, s, &p, 40, 0}, {c, s, &p, 300, 0}};
+    pthread_t th[3];
+    ck_assert_int_eq(pthread_create(&th[0], NULL, pinger, &args[0]), 0);
+    ck_assert_int_eq(pthread_create(&th[1], NULL, runner, &args[1]), 0);
+    ck_assert_int_eq(pthread_create(&th[2], NULL, pinger, &args[2]), 0);
+    for (int i = 0; i < 3; i++)
+        pthread_join(th[i], NULL);
+    for (int i = 0; i < 3; i++)
+        ck_assert_int_eq(args[i].failures, 0);
+    prob_ref(&p, 0, -3.0f, LA_MODE_DENSE, 0);
+    outputs_equal(&p, 0);
+    prob_free(&p);
+    OK(la_session_close(s));
+    la_disconnect(c);
+    daemon_stop(&d);
+}
+END_TEST
+
 static Suite *client_suite(void)
 {
     Suite *s = suite_create("client");
@@ -1450,6 +1520,7 @@ static Suite *client_suite(void)
     tcase_add_test(sess, test_error_mapping);
     tcase_add_test(sess, test_dry_run_leaves_mask);
     tcase_add_test(sess, test_ranges_match_reference);
+    tcase_add_test(sess, test_threads_share_client);
     suite_add_tcase(s, sess);
     return s;
 }
