@@ -7,6 +7,7 @@
  * Pruning: build with -DLA_CUDA_NO_HD64 or -DLA_CUDA_NO_HD128 (and leave the instance file
  * out) to drop a head dim.
  */
+#include <float.h>
 #include <math.h>
 #include <string.h>
 
@@ -138,7 +139,7 @@ extern "C" cudaError_t la_attn_fwd_cuda_variant(const la_attn_params *p, int var
     kp.Sk = p->Sk;
     /* scale * log2(e) rounded exactly as the CPU reference does, so that votes agree. */
     kp.c = p->scale * 1.44269504088896340736f;
-    kp.tau = p->tau;
+    kp.tau = p->tau == INFINITY ? FLT_MAX : p->tau; /* see the votes in attn_fwd.cuh */
     kp.mode = p->mode;
     kp.desc = p->direction == LA_DIR_DESCENDING ||
               (p->direction == LA_DIR_ALTERNATE && (p->step & 1) == 0);

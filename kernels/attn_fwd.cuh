@@ -59,7 +59,7 @@ struct KParams {
 #ifndef LA_HD64_NW
 #define LA_HD64_NW 4
 #define LA_HD64_MT 2
-#define LA_HD64_BN 128
+#define LA_HD64_BN 64
 #endif
 #ifndef LA_HD128_NW
 #define LA_HD128_NW 4
@@ -197,7 +197,13 @@ __global__ void __launch_bounds__(Tiles<D>::NT, Tiles<D>::NT <= 128 ? 2 : 1) att
     const int m = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int nK = p.nK, W = p.W;
     const bool desc = p.desc != 0;
-    const bool track = SKIP && p.mode != LA_MODE_DENSE; /* votes and mask update */
+    const bool track = SKIP && p.mode != LA_MODE_DENSE; /* mask update */
+    /* Votes: at tau = -inf every visited tile is kept (any finite or infinite margin exceeds
+     * it), so the votes are not computed at all. */
+    const bool voting = track && p.tau != -INFINITY;
+    /* tau = +inf is passed as FLT_MAX by the host: a row whose running max is still -inf has
+     * margin +inf > FLT_MAX (keep), any finite margin does not; so no -inf test per row. */
+    const float tau = p.tau;
 
     /* Mask row (b, h, m): W words, bit n%32 of word n/32. Read here and again (by the same
      * thread, nobody else writes the row) at the end, so that no register holds it across
@@ -242,7 +248,9 @@ __global__ void __launch_bounds__(Tiles<D>::NT, Tiles<D>::NT <= 128 ? 2 : 1) att
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            mrow[mt][r] = -INFINITY;
+            /* Rows past Sq never vote: their running max starts at +inf, so their margin is
+             * -inf (their O and LSE become NaN and are never stored). */
+            mrow[mt][r] = warp * 16 * MT + mt * 16 + g + 8 * r < q_valid ? -INFINITY : INFINITY;
             lrow[mt][r] = 0.f;
         }
 #pragma unroll
@@ -322,8 +330,8 @@ __global__ void __launch_bounds__(Tiles<D>::NT, Tiles<D>::NT <= 128 ? 2 : 1) att
                 t = fmaxf(t, __shfl_xor_sync(0xffffffffu, t, 1));
                 t = fmaxf(t, __shfl_xor_sync(0xffffffffu, t, 2));
                 const float mprev = mrow[mt][r];
-                if (track) /* t: max raw score of the row over the tile's valid keys */
-                    vote |= (warp * 16 * MT + mt * 16 + g + 8 * r < q_valid) && (mprev == -INFINITY || (t - mprev) * c > p.tau);
+                if (voting) /* t: max raw score of the row over the tile's valid keys */
+                    vote |= (t - mprev) * c > tau;
                 const float mnew = fmaxf(mprev, t);
                 const float alpha = ex2((mprev - mnew) * c); /* 0 on the first tile */
                 mrow[mt][r] = mnew;
@@ -343,7 +351,7 @@ __global__ void __launch_bounds__(Tiles<D>::NT, Tiles<D>::NT <= 128 ? 2 : 1) att
                 }
             }
         }
-        if (track) {
+        if (voting) {
             /* keep(n) = any valid row of the CTA voted: warp vote, then one shared atomic. */
             if (__any_sync(0xffffffffu, vote) && lane == 0) atomicOr(&s_keep[n >> 5], 1u << (n & 31));
         }
@@ -413,7 +421,7 @@ __global__ void __launch_bounds__(Tiles<D>::NT, Tiles<D>::NT <= 128 ? 2 : 1) att
                 const uint32_t valid =
                     (w == W - 1 && (nK & 31)) ? ((1u << (nK & 31)) - 1u) : 0xffffffffu;
                 const uint32_t vis = s_live[w], old = row_in[w];
-                const uint32_t keep = s_keep[w] | (p.must_do[w] & vis);
+                const uint32_t keep = voting ? s_keep[w] | (p.must_do[w] & vis) : vis;
                 const uint32_t upd = p.mode == LA_MODE_SKIP ? keep : (old & keep);
                 row_out[w] = ((vis & upd) | (~vis & old)) & valid;
             }

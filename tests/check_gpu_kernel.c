@@ -173,7 +173,7 @@ static double tens_get(const tens *t, int b, int s, int h, int d) {
 }
 
 /* Data with structure: C cluster centroids; key j belongs to cluster (j / 150) % C, query i to
- * (i / 29) % C; x = peak * centroid + noise. With peak > 0 each query attends mostly to its
+ * (i / 160 + h) % C; x = peak * centroid + noise. With peak > 0 each query attends mostly to its
  * cluster's keys, so many tiles can be skipped. */
 #define NCLUSTER 6
 static void fill_inputs(tens *q, tens *k, tens *v, double peak) {
@@ -184,7 +184,7 @@ static void fill_inputs(tens *q, tens *k, tens *v, double peak) {
         for (int h = 0; h < q->H; h++) {
             for (int s = 0; s < q->S; s++) {
                 float *x = tens_val(q, b, s, h);
-                const double *c = cent + ((s / 29 + h) % NCLUSTER) * D;
+                const double *c = cent + ((s / 160 + h) % NCLUSTER) * D;
                 for (int d = 0; d < D; d++) x[d] = (float)(peak * c[d] + rng_normal());
             }
             for (int s = 0; s < k->S; s++) {
