@@ -130,10 +130,21 @@ def _unpatch_module(modname):
             del _patched[modname]
 
 
-def _timestep_value(args, kwargs):
+def _timestep_position(module):
+    import inspect
+    try:
+        names = list(inspect.signature(module.forward).parameters)
+        return names.index("timestep")
+    except (TypeError, ValueError):
+        return 1
+
+
+def _timestep_value(module, args, kwargs):
     t = kwargs.get("timestep")
-    if t is None and len(args) > 1:
-        t = args[1]
+    if t is None:
+        pos = _timestep_position(module)
+        if len(args) > pos:
+            t = args[pos]
     if t is None:
         return None
     try:
@@ -232,7 +243,7 @@ class _State:
     # -- transformer forward hook: steps and branches --
     def on_forward(self, module, args, kwargs):
         with self.lock:
-            t = _timestep_value(args, kwargs)
+            t = _timestep_value(module, args, kwargs)
             if self.last_t is None:
                 self.passes_this_step = 0
             elif t is None or t != self.last_t:

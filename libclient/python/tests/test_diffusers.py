@@ -132,3 +132,38 @@ def test_wan_pipeline_cfg_two_passes(daemon):
     ld.remove(pipe)
     assert type(pipe) is WanPipeline
     assert ((gen() - ref).norm() / ref.norm()).item() < 1e-6
+
+
+def test_ltx_video_exact_at_minus_inf(daemon):
+    from diffusers import LTXVideoTransformer3DModel
+    torch.manual_seed(0)
+    m = LTXVideoTransformer3DModel(in_channels=8, out_channels=8, num_attention_heads=2,
+                                   attention_head_dim=64, cross_attention_dim=128, num_layers=2,
+                                   caption_channels=32).eval()
+    F, H, W = 3, 8, 8
+    x, text, mask = torch.randn(1, F * H * W, 8), torch.randn(1, 10, 32), torch.ones(1, 10)
+
+    def run(t):   # timestep passed positionally (third argument of LTX's forward)
+        with torch.no_grad():
+            return m(x, text, torch.tensor([t]), mask, num_frames=F, height=H, width=W,
+                     return_dict=False)[0]
+    ref = [run(t) for t in (900.0, 800.0)]
+    ld.apply(m, threshold=-math.inf, socket=daemon.socket)
+    got = [run(t) for t in (900.0, 800.0)]
+    st = m._liteattn_state
+    assert st.lite_calls == 4 and st.dense_calls == 0 and st.step == 1
+    ld.remove(m)
+    for a, b in zip(got, ref):
+        assert ((a - b).norm() / b.norm()).item() < 1e-4
+
+
+def test_hunyuan_and_cogvideox_refused():
+    from diffusers import CogVideoXTransformer3DModel
+    m = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=64, in_channels=4,
+                                    out_channels=4, time_embed_dim=32, text_embed_dim=32,
+                                    num_layers=1, sample_width=8, sample_height=8,
+                                    sample_frames=5)
+    with pytest.raises(liteattn.NotSupported) as ei:
+        ld.apply(m, socket="/nonexistent")
+    assert "CogVideoX" in str(ei.value)
+    assert all(not isinstance(p, ld.LiteAttnProcessor) for p in m.attn_processors.values())
