@@ -148,50 +148,151 @@ static void store_row(void *dst, int64_t stride, const float *src, int n, la_dty
 
 /* ---- the two products -------------------------------------------------------------------- */
 
+/* 8 floats; on targets without 256-bit vectors GCC splits each operation in two. Loads go through
+ * memcpy, so no alignment is assumed. fp-contract is off under -std=c11, so a*b+c is a multiply
+ * then an add in every clone: the AVX2 and the baseline clones give the same bits. */
+typedef float v8 __attribute__((vector_size(32)));
+
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+/* Macros rather than functions: a function passing v8 by value would change the ABI between the
+ * clones (GCC warns, -Wpsabi). */
+#define ld8(p) ({ v8 x_; memcpy(&x_, (p), sizeof x_); x_; })
+#define st8(p, x) do { v8 y_ = (x); memcpy((p), &y_, sizeof y_); } while (0)
+
+/* An AVX2 clone picked at load time where the CPU has it, so that one binary is fast on every
+ * x86-64 (the CI and the GPU machine differ) without -march. LA_REF_NO_CLONES builds the baseline
+ * alone, to check that both give the same bits. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(LA_REF_NO_CLONES)
+#define LA_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define LA_CLONES
+#endif
+
 /* S[bmp][bnp] = Q[bmp][D] . KT[D][bnp]; bmp % RB == 0, bnp % CB == 0. Each S element is summed
- * over d in order, so any vector width gives the same bits. */
-static void qk_block(const float *restrict q, const float *restrict kt, float *restrict s,
-                     int bmp, int bnp, int D)
+ * over d in order, so any vector width gives the same bits. Four rows by 16 columns are held in
+ * eight vector accumulators. */
+LA_CLONES static void qk_block(const float *restrict q, const float *restrict kt,
+                               float *restrict s, int bmp, int bnp, int D)
 {
     for (int i = 0; i < bmp; i += RB) {
-        const float *q0 = q + (size_t)i * D;
+        const float *q0 = q + (size_t)i * D, *q1 = q0 + D, *q2 = q1 + D, *q3 = q2 + D;
         for (int j = 0; j < bnp; j += CB) {
-            float acc[RB][CB] = {{0}};
-            for (int d = 0; d < D; d++) {
-                const float *kr = kt + (size_t)d * bnp + j;
-                for (int r = 0; r < RB; r++) {
-                    float x = q0[(size_t)r * D + d];
-                    for (int c = 0; c < CB; c++)
-                        acc[r][c] += x * kr[c];
-                }
+            v8 a00 = {0}, a01 = {0}, a10 = {0}, a11 = {0}, a20 = {0}, a21 = {0}, a30 = {0},
+               a31 = {0};
+            const float *kr = kt + j;
+            for (int d = 0; d < D; d++, kr += bnp) {
+                v8 k0 = ld8(kr), k1 = ld8(kr + 8);
+                a00 += k0 * q0[d];
+                a01 += k1 * q0[d];
+                a10 += k0 * q1[d];
+                a11 += k1 * q1[d];
+                a20 += k0 * q2[d];
+                a21 += k1 * q2[d];
+                a30 += k0 * q3[d];
+                a31 += k1 * q3[d];
             }
-            for (int r = 0; r < RB; r++)
-                memcpy(s + (size_t)(i + r) * bnp + j, acc[r], sizeof acc[r]);
+            float *s0 = s + (size_t)i * bnp + j;
+            st8(s0, a00);
+            st8(s0 + 8, a01);
+            st8(s0 + bnp, a10);
+            st8(s0 + bnp + 8, a11);
+            st8(s0 + 2 * bnp, a20);
+            st8(s0 + 2 * bnp + 8, a21);
+            st8(s0 + 3 * bnp, a30);
+            st8(s0 + 3 * bnp + 8, a31);
         }
     }
 }
 
 /* O[bmp][D] += P[bmp][bnp] . V[bnp][D], summed over j in order; D % CB == 0. */
-static void pv_block(const float *restrict pm, const float *restrict v, float *restrict o,
-                     int bmp, int bnp, int D)
+LA_CLONES static void pv_block(const float *restrict pm, const float *restrict v,
+                               float *restrict o, int bmp, int bnp, int D)
 {
     for (int i = 0; i < bmp; i += RB) {
+        const float *p0 = pm + (size_t)i * bnp, *p1 = p0 + bnp, *p2 = p1 + bnp, *p3 = p2 + bnp;
         for (int d0 = 0; d0 < D; d0 += CB) {
-            float acc[RB][CB];
-            for (int r = 0; r < RB; r++)
-                memcpy(acc[r], o + (size_t)(i + r) * D + d0, sizeof acc[r]);
-            for (int j = 0; j < bnp; j++) {
-                const float *vr = v + (size_t)j * D + d0;
-                for (int r = 0; r < RB; r++) {
-                    float x = pm[(size_t)(i + r) * bnp + j];
-                    for (int c = 0; c < CB; c++)
-                        acc[r][c] += x * vr[c];
-                }
+            float *o0 = o + (size_t)i * D + d0, *o1 = o0 + D, *o2 = o1 + D, *o3 = o2 + D;
+            v8 a00 = ld8(o0), a01 = ld8(o0 + 8), a10 = ld8(o1), a11 = ld8(o1 + 8),
+               a20 = ld8(o2), a21 = ld8(o2 + 8), a30 = ld8(o3), a31 = ld8(o3 + 8);
+            const float *vr = v + d0;
+            for (int j = 0; j < bnp; j++, vr += D) {
+                v8 v0 = ld8(vr), v1 = ld8(vr + 8);
+                a00 += v0 * p0[j];
+                a01 += v1 * p0[j];
+                a10 += v0 * p1[j];
+                a11 += v1 * p1[j];
+                a20 += v0 * p2[j];
+                a21 += v1 * p2[j];
+                a30 += v0 * p3[j];
+                a31 += v1 * p3[j];
             }
-            for (int r = 0; r < RB; r++)
-                memcpy(o + (size_t)(i + r) * D + d0, acc[r], sizeof acc[r]);
+            st8(o0, a00);
+            st8(o0 + 8, a01);
+            st8(o1, a10);
+            st8(o1 + 8, a11);
+            st8(o2, a20);
+            st8(o2 + 8, a21);
+            st8(o3, a30);
+            st8(o3 + 8, a31);
         }
     }
+}
+
+/* Cephes exp2f minimax polynomial for 2^f - 1 = f * P(f), f in [-0.5, 0.5], relative error
+ * about 1.5e-7 (libm's exp2f per element costs as much as the two products together). */
+#define EXP2_P0 1.535336188319500e-4f
+#define EXP2_P1 1.339887440266574e-3f
+#define EXP2_P2 9.618437357674640e-3f
+#define EXP2_P3 5.550332471162809e-2f
+#define EXP2_P4 2.402264791363012e-1f
+#define EXP2_P5 6.931472028550421e-1f
+
+/* srow[j] = 2^((srow[j] - mx) * c) for j < bn, 0 for bn <= j < bnp; returns the sum over j < bn.
+ * Arguments below -125 give exactly 0 (as the GPU's flush-to-zero ex2 does): those weights are
+ * below 2^-125 of the row maximum, which itself weighs 1. -inf gives 0. The sum is taken in 8
+ * lanes and then added lane 0..7, a fixed order in every clone. */
+LA_CLONES static float exp2_row(float *restrict srow, int bn, int bnp, float mx, float c)
+{
+    const v8 magic = (v8){0} + 0x1.8p23f; /* adding it rounds to an integer, kept in the mantissa */
+    v8 acc = {0};
+    for (int j = 0; j < bnp; j += 8) {
+        v8 x = (ld8(srow + j) - mx) * c;
+        v8i low = x < -125.0f;
+        v8 xc = (v8)(((v8i)x & ~low) | ((v8i)((v8){0} - 125.0f) & low));
+        v8 t = xc + magic, n = t - magic, f = xc - n;
+        v8 pl = ((((((f * EXP2_P0 + EXP2_P1) * f + EXP2_P2) * f + EXP2_P3) * f + EXP2_P4) * f +
+                  EXP2_P5) * f) + 1.0f;
+        v8i e = ((v8i)t - 0x4b400000) << 23; /* the integer n, moved to the exponent field */
+        v8 r = (v8)(((v8i)pl + e) & ~low);
+        /* keys past Sk (j >= bn) weigh nothing */
+        v8i jj = (v8i){0, 1, 2, 3, 4, 5, 6, 7} + j;
+        r = (v8)((v8i)r & (jj < bn));
+        st8(srow + j, r);
+        acc += r;
+    }
+    float sum = 0.0f;
+    for (int l = 0; l < 8; l++)
+        sum += acc[l];
+    return sum;
+}
+
+/* max over srow[0..bn) (exact in any order; NaN are passed over). */
+LA_CLONES static float max_row(const float *restrict srow, int bn)
+{
+    v8 m = (v8){0} - INFINITY;
+    int j = 0;
+    for (; j + 8 <= bn; j += 8) {
+        v8 x = ld8(srow + j);
+        v8i gt = x > m;
+        m = (v8)(((v8i)x & gt) | ((v8i)m & ~gt));
+    }
+    float t = -INFINITY;
+    for (int l = 0; l < 8; l++)
+        t = m[l] > t ? m[l] : t;
+    for (; j < bn; j++)
+        t = srow[j] > t ? srow[j] : t;
+    return t;
 }
 
 /* ---- one (b, h, q-tile) item -------------------------------------------------------------- */
@@ -297,9 +398,7 @@ static void run_item(job *jb, scratch *sc, int64_t item)
                 memset(srow, 0, sizeof(float) * (size_t)bnp);
                 continue;
             }
-            float t = -INFINITY;
-            for (int j = 0; j < bn; j++)
-                t = srow[j] > t ? srow[j] : t;
+            const float t = max_row(srow, bn);
             const float mo = sc->m[i];
             if (mo == -INFINITY || (t - mo) * jb->sl2e > p->tau)
                 keep = true;
@@ -310,14 +409,7 @@ static void run_item(job *jb, scratch *sc, int64_t item)
                 continue;
             }
             const float alpha = mo == -INFINITY ? 0.0f : exp2f((mo - mn) * jb->sl2e);
-            float sum = 0.0f;
-            for (int j = 0; j < bn; j++) {
-                float e = exp2f((srow[j] - mn) * jb->sl2e);
-                srow[j] = e;
-                sum += e;
-            }
-            for (int j = bn; j < bnp; j++)
-                srow[j] = 0.0f;
+            const float sum = exp2_row(srow, bn, bnp, mn, jb->sl2e);
             sc->l[i] = sc->l[i] * alpha + sum;
             sc->m[i] = mn;
             if (alpha != 1.0f)
