@@ -167,3 +167,17 @@ def test_hunyuan_and_cogvideox_refused():
         ld.apply(m, socket="/nonexistent")
     assert "CogVideoX" in str(ei.value)
     assert all(not isinstance(p, ld.LiteAttnProcessor) for p in m.attn_processors.values())
+
+
+def test_batched_cfg_rows(daemon):
+    model = tiny_wan()
+    x, text = inputs(B=2)                    # cond and uncond as two batch rows of one call
+    ref = [run(model, x, text, t) for t in (900.0, 800.0)]
+    ld.apply(model, threshold=-math.inf, socket=daemon.socket)
+    got = [run(model, x, text, t) for t in (900.0, 800.0)]
+    s = model._liteattn_state.session
+    assert s.batch == 2 and s.mask(0).shape[0] == 2   # one mask row per batch row
+    assert model._liteattn_state.branch == 0
+    ld.remove(model)
+    for a, b in zip(got, ref):
+        assert ((a - b).norm() / b.norm()).item() < 1e-4
