@@ -318,8 +318,11 @@ __global__ void __launch_bounds__(Tiles<D>::NT, Tiles<D>::NT <= 128 ? 2 : 1) att
             cp_commit();
         }
 
-        /* Online softmax (exp2 domain) and the keep votes. */
-        bool vote = false;
+        /* Online softmax (exp2 domain) and the keep votes. The vote is branch-free (a branch
+         * inside this unrolled loop would cut it into small blocks and cost the scheduler):
+         * dmax = max over the thread's rows of t_i - m_i, and since rounding is monotone,
+         * fl(dmax * c) > tau exactly when some row has fl((t_i - m_i) * c) > tau. */
+        float dmax = -INFINITY;
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -330,8 +333,7 @@ __global__ void __launch_bounds__(Tiles<D>::NT, Tiles<D>::NT <= 128 ? 2 : 1) att
                 t = fmaxf(t, __shfl_xor_sync(0xffffffffu, t, 1));
                 t = fmaxf(t, __shfl_xor_sync(0xffffffffu, t, 2));
                 const float mprev = mrow[mt][r];
-                if (voting) /* t: max raw score of the row over the tile's valid keys */
-                    vote |= (t - mprev) * c > tau;
+                if (SKIP) dmax = fmaxf(dmax, t - mprev); /* t: max raw score over the tile's valid keys */
                 const float mnew = fmaxf(mprev, t);
                 const float alpha = ex2((mprev - mnew) * c); /* 0 on the first tile */
                 mrow[mt][r] = mnew;
@@ -353,7 +355,8 @@ __global__ void __launch_bounds__(Tiles<D>::NT, Tiles<D>::NT <= 128 ? 2 : 1) att
         }
         if (voting) {
             /* keep(n) = any valid row of the CTA voted: warp vote, then one shared atomic. */
-            if (__any_sync(0xffffffffu, vote) && lane == 0) atomicOr(&s_keep[n >> 5], 1u << (n & 31));
+            if (__any_sync(0xffffffffu, dmax * c > tau) && lane == 0)
+                atomicOr(&s_keep[n >> 5], 1u << (n & 31));
         }
 
         /* O += P V: P (fp32 accumulators) repacked as the A operand, V by ldmatrix.trans. */
