@@ -7,14 +7,16 @@
     liteattn.diffusers.remove(pipe)                      # original processors back
 
 What goes through liteattn: the self-attention of the video tokens (Wan's and LTX-Video's
-`attn1`). Cross-attention (text, image context) and any call with an attention mask, dropout,
-a causal flag or context parallelism stay on the original processor, dense.
+`attn1`; in HunyuanVideo's joint [video; text] attention the video query rows, with the text
+keys as a must-do range so that they are always computed, while the text query rows stay on
+the original, dense path; its text padding mask becomes a cut of the keys). Cross-attention
+(text, image context) and any call with another attention mask, dropout, a causal flag or
+context parallelism stay on the original processor, dense.
 
 Supported processors: WanAttnProcessor (Wan2.1/2.2, incl. the deprecated WanAttnProcessor2_0
-alias, also transformer_2 of Wan2.2) and LTXVideoAttnProcessor. Not supported yet, apply()
-raises liteattn.NotSupported: HunyuanVideo (joint video+text attention whose text padding mask
-liteattn cannot express tile-exactly) and CogVideoX (its processor calls
-F.scaled_dot_product_attention over joint text+video tokens directly).
+alias, also transformer_2 of Wan2.2), LTXVideoAttnProcessor and HunyuanVideoAttnProcessor2_0.
+Not supported, apply() raises liteattn.NotSupported: CogVideoX (its processor calls
+F.scaled_dot_product_attention over joint text+video tokens directly, with nothing to hook).
 
 Steps and branches: a denoising step is recognised by the transformer's `timestep` argument
 changing; calls with the same timestep are classifier-free-guidance branches (cond, uncond) and
@@ -28,6 +30,7 @@ end a summary with the live fraction and the attention time saved (estimated fro
 backend's compute time and the tiles skipped).
 """
 import contextvars
+import functools
 import itertools
 import logging
 import os
@@ -43,10 +46,10 @@ log = logging.getLogger("liteattn.diffusers")
 __all__ = ["apply", "remove", "new_generation", "LiteAttnProcessor"]
 
 _SUPPORTED = ("WanAttnProcessor", "WanAttnProcessor2_0", "LTXVideoAttnProcessor",
-              "LTXVideoAttentionProcessor2_0")
+              "LTXVideoAttentionProcessor2_0", "HunyuanVideoAttnProcessor2_0")
+# Joint attention over [video tokens; text tokens] (text at the end).
+_JOINT_TAIL = ("HunyuanVideoAttnProcessor2_0",)
 _UNSUPPORTED = {
-    "HunyuanVideoAttnProcessor2_0": "HunyuanVideo's joint video+text attention with a text "
-                                    "padding mask",
     "CogVideoXAttnProcessor2_0": "CogVideoX's processor calls F.scaled_dot_product_attention "
                                  "over joint text+video tokens directly",
     "FusedCogVideoXAttnProcessor2_0": "CogVideoX (fused projections)",
@@ -75,20 +78,49 @@ class LiteAttnProcessor:
             setattr(self.__dict__["orig"], name, value)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+        text_len = 0
         if encoder_hidden_states is not None:
-            return self.orig(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
-        tok = _current.set((self.state, self.layer))
+            if type(self.orig).__name__ not in _JOINT_TAIL:
+                return self.orig(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
+            text_len = int(encoder_hidden_states.shape[1])
+        tok = _current.set((self.state, self.layer, text_len))
         try:
             return self.orig(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
         finally:
             _current.reset(tok)
 
 
+_proc_classes = {}
+
+
+def _make_processor(orig, state, layer):
+    """A LiteAttnProcessor whose __call__ shows the signature of orig's (diffusers' legacy
+    Attention drops keyword arguments the processor's signature does not name)."""
+    oc = type(orig)
+    cls = _proc_classes.get(oc)
+    if cls is None:
+        base_call = LiteAttnProcessor.__call__
+
+        @functools.wraps(oc.__call__)
+        def __call__(self, *args, **kwargs):
+            return base_call(self, *args, **kwargs)
+        cls = type("LiteAttnProcessor", (LiteAttnProcessor,),
+                   {"__call__": __call__, "__module__": __name__, "__doc__": LiteAttnProcessor.__doc__})
+        _proc_classes[oc] = cls
+    return cls(orig, state, layer)
+
+
 def _make_dispatch(orig):
     def dispatch_attention_fn(query, key, value, *args, **kwargs):
         cur = _current.get()
+        if cur is not None and cur[2] and not args:
+            out = _joint_tail(orig, cur, query, key, value, kwargs)
+            if out is not None:
+                return out
+            cur[0].dense_calls += 1
+            cur = None
         if cur is not None:
-            state, layer = cur
+            state, layer, _ = cur
             plain = (not args and kwargs.get("attn_mask") is None
                      and not kwargs.get("dropout_p") and not kwargs.get("is_causal")
                      and not kwargs.get("enable_gqa") and kwargs.get("parallel_config") is None
@@ -102,6 +134,62 @@ def _make_dispatch(orig):
         return orig(query, key, value, *args, **kwargs)
     dispatch_attention_fn._liteattn_orig = orig
     return dispatch_attention_fn
+
+
+def _key_prefix_length(state, mask, B, N):
+    """Length L when the attention mask is a key-padding mask keeping keys [0, L) of every
+    query row and batch row (HunyuanVideo's text padding), else None. Cached per mask object
+    (one per transformer forward), as reading it syncs with the GPU."""
+    cached = state.mask_cache
+    if cached is not None and cached[0] is mask:
+        return cached[1]
+    L = None
+    import torch
+    m = mask
+    if m.dtype == torch.bool and m.dim() == 4 and m.shape[0] == B and m.shape[-1] == N \
+            and m.shape[1] == 1:
+        rows = m[:, 0]
+        if rows.shape[0] == B and (rows == rows[:, :1]).all().item():
+            keep = rows[:, 0]                                   # [B, N]
+            counts = keep.sum(dim=1)
+            L0 = int(counts[0].item())
+            if (counts == L0).all().item() and bool(keep[:, :L0].all().item()):
+                L = L0
+    state.mask_cache = (mask, L)
+    return L
+
+
+def _joint_tail(orig, cur, q, k, v, kwargs):
+    """[video; text] joint attention: video query rows through liteattn with the text keys as
+    a must-do range, text query rows dense; a key-padding mask is applied by cutting the keys.
+    Returns None when the call cannot go this way (it then runs dense)."""
+    state, layer, text_len = cur
+    if (kwargs.get("dropout_p") or kwargs.get("is_causal") or kwargs.get("enable_gqa")
+            or kwargs.get("parallel_config") is not None or kwargs.get("attention_kwargs")
+            or q.dim() != 4 or q.shape[1] != k.shape[1]):
+        return None
+    B, S = int(q.shape[0]), int(q.shape[1])
+    Sv = S - text_len
+    if Sv <= 0:
+        return None
+    mask = kwargs.get("attn_mask")
+    L = S
+    if mask is not None:
+        L = _key_prefix_length(state, mask, B, S)
+        if L is None or L < Sv:
+            state._warn_once("mask", "liteattn: an attention mask that is not a common key "
+                             "prefix: those calls run dense")
+            return None
+    k, v = k[:, :L], v[:, :L]
+    state.max_k_hint = S          # the uncond pass may keep more text keys than the cond one
+    out_v = state.attend(layer, q[:, :Sv], k, v, kwargs.get("scale"),
+                         must_do=((Sv, L),) if L > Sv else ())
+    if out_v is None:
+        return None
+    rest = {n: kwargs[n] for n in ("scale", "backend") if n in kwargs}
+    out_t = orig(q[:, Sv:], k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **rest)
+    import torch
+    return torch.cat([out_v, out_t.to(out_v.dtype)], dim=1)
 
 
 def _patch_module(modname):
@@ -180,6 +268,8 @@ class _State:
         self._reset_counters()
         self.generations = 0
         self.warned = set()
+        self.mask_cache = None
+        self.max_k_hint = 0
 
     def _reset_counters(self):
         self.step = 0
@@ -243,6 +333,7 @@ class _State:
     # -- transformer forward hook: steps and branches --
     def on_forward(self, module, args, kwargs):
         with self.lock:
+            self.mask_cache = None
             t = _timestep_value(module, args, kwargs)
             if self.last_t is None:
                 self.passes_this_step = 0
@@ -269,7 +360,7 @@ class _State:
         opts = dict(self.session_options)
         self.session = self.client.open_session_for(
             q, key, layers=len(self.layers), heads=H, head_dim=D, dtype=dtype,
-            max_seq_q=opts.pop("max_seq_q", S), max_seq_k=opts.pop("max_seq_k", int(k.shape[1])),
+            max_seq_q=opts.pop("max_seq_q", S), max_seq_k=opts.pop("max_seq_k", max(int(k.shape[1]), self.max_k_hint)),
             batch=opts.pop("batch", B), kv_shards=self.max_branches, threshold=self.threshold,
             schedule=self.schedule, mode=self.mode, **opts)
         log.debug("liteattn: opened %r", self.session)
@@ -279,7 +370,7 @@ class _State:
             self.warned.add(what)
             log.warning(msg, *a)
 
-    def attend(self, layer, q, k, v, scale):
+    def attend(self, layer, q, k, v, scale, must_do=()):
         with self.lock:
             if self.session is None:
                 self._open(q, k)
@@ -297,7 +388,7 @@ class _State:
             return None
         if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out = s.attention(layer, step, q, k, v, kv_shard=branch, scale=scale)
+        out = s.attention(layer, step, q, k, v, kv_shard=branch, scale=scale, must_do=must_do)
         self.lite_calls += 1
         return out
 
@@ -333,7 +424,8 @@ def _self_attention_modules(transformer):
         why = "; ".join("%s (%s)" % (c, _UNSUPPORTED[c]) for c in sorted(unsupported))
         raise NotSupported(
             "liteattn.diffusers: no supported self-attention processor in %s%s. Supported: "
-            "Wan (WanAttnProcessor) and LTX-Video (LTXVideoAttnProcessor)."
+            "Wan (WanAttnProcessor), LTX-Video (LTXVideoAttnProcessor) and HunyuanVideo "
+            "(HunyuanVideoAttnProcessor2_0)."
             % (type(transformer).__name__, (": " + why) if why else ""))
     return found
 
@@ -368,7 +460,7 @@ def apply(pipe, threshold=-3.0, *, socket=None, schedule=None, mode="skip", max_
             _patch_module(modname)
             state.modules.add(modname)
             state.layers.append((mod, orig))
-            _set_processor(mod, LiteAttnProcessor(orig, state, i))
+            _set_processor(mod, _make_processor(orig, state, i))
         for t in transformers:
             state.hooks.append(t.register_forward_pre_hook(state.on_forward, with_kwargs=True))
     except Exception:

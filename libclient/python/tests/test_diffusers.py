@@ -157,7 +157,7 @@ def test_ltx_video_exact_at_minus_inf(daemon):
         assert ((a - b).norm() / b.norm()).item() < 1e-4
 
 
-def test_hunyuan_and_cogvideox_refused():
+def test_cogvideox_refused():
     from diffusers import CogVideoXTransformer3DModel
     m = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=64, in_channels=4,
                                     out_channels=4, time_embed_dim=32, text_embed_dim=32,
@@ -179,5 +179,32 @@ def test_batched_cfg_rows(daemon):
     assert s.batch == 2 and s.mask(0).shape[0] == 2   # one mask row per batch row
     assert model._liteattn_state.branch == 0
     ld.remove(model)
+    for a, b in zip(got, ref):
+        assert ((a - b).norm() / b.norm()).item() < 1e-4
+
+
+def test_hunyuan_video_joint_with_text_padding(daemon):
+    from diffusers import HunyuanVideoTransformer3DModel
+    torch.manual_seed(0)
+    m = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=64,
+        num_layers=1, num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0,
+        text_embed_dim=32, pooled_projection_dim=16, rope_axes_dim=(16, 24, 24)).eval()
+    x, text, pooled = torch.randn(1, 4, 3, 16, 16), torch.randn(1, 20, 32), torch.randn(1, 16)
+    emask = torch.ones(1, 20, dtype=torch.long)
+    emask[:, 13:] = 0                                  # 7 padded text tokens
+
+    def run(t):
+        with torch.no_grad():
+            return m(x, torch.tensor([t]), text, emask, pooled,
+                     guidance=torch.tensor([3000.0]), return_dict=False)[0]
+    ref = [run(t) for t in (900.0, 800.0)]
+    ld.apply(m, threshold=-math.inf, socket=daemon.socket)
+    got = [run(t) for t in (900.0, 800.0)]
+    st = m._liteattn_state
+    assert st.lite_calls == 4 and st.dense_calls == 0
+    s = st.session
+    assert s.max_seq_q == 3 * 8 * 8 and s.max_seq_k == 3 * 8 * 8 + 20
+    ld.remove(m)
     for a, b in zip(got, ref):
         assert ((a - b).norm() / b.norm()).item() < 1e-4
