@@ -63,6 +63,7 @@ typedef struct be_job {
     /* Backend-private. */
     struct be_job *be_next;
     void *be_priv;
+    int be_slot;
 } be_job;
 
 typedef void (*be_complete_fn)(void *data, be_job *job);

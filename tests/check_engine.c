@@ -1002,6 +1002,25 @@ START_TEST(devices_and_stats) {
     eng_error err = {{0}};
     ck_assert_int_eq(eng_new(&cfg, &e, &err), LA_EINVAL);
     eng_free(NULL);
+    if (!la_test_has_gpu()) {
+        /* cuda asked for where there is none: refused; auto falls back to the CPU */
+        cfg.backend = "cuda";
+        ck_assert_int_eq(eng_new(&cfg, &e, &err), LA_ENODEV);
+        ck_assert_msg(strstr(err.msg, "cuda"), "%s", err.msg);
+        cfg.backend = "auto";
+        cfg.cpu_threads = 1;
+        ck_assert_int_eq(eng_new(&cfg, &e, &err), 0);
+        ck_assert_str_eq(eng_backends(e), "cpu");
+        eng_session_spec sp2 = spec_make("auto", 1, 2, 64, LA_DTYPE_BF16, 64, 64, 1);
+        snprintf(sp2.device, sizeof sp2.device, "auto");
+        eng_session_view v;
+        ck_assert_int_eq(eng_session_open(e, UID, CONN, &sp2, &v, &err), 0);
+        ck_assert_str_eq(v.device, "cpu");
+        snprintf(sp2.key, sizeof sp2.key, "gpu");
+        snprintf(sp2.device, sizeof sp2.device, "cuda");
+        ck_assert_int_eq(eng_session_open(e, UID, CONN, &sp2, &v, &err), LA_ENODEV);
+        eng_free(e);
+    }
 }
 END_TEST
 

@@ -1,0 +1,885 @@
+/*
+ * backend_cuda.c — the CUDA backend: one worker thread per GPU, each with its own non-blocking
+ * stream; the kernels of kernels/la_cuda.h; client memory by CUDA IPC.
+ *
+ * The loop thread never waits for the GPU. It only enqueues stream-ordered work that returns at
+ * once (cudaMallocAsync + cudaMemsetAsync of new masks) and hands jobs to the device's worker.
+ * The worker, per job: makes the stream wait on the client's IPC event, zeroes the job's
+ * tile counter, launches the kernel, copies the counter and (when the mask changed) the
+ * layer's mask back into pinned host memory (the host view the loop thread reads for live
+ * fractions and mask reads), records an interprocess completion event (whose handle goes back
+ * to the client) and enqueues a host function that completes the job once the stream got
+ * there. The host function makes no CUDA call; it queues the completion for the loop thread.
+ *
+ * Frees that may synchronise (cudaFreeHost, cudaIpcCloseMemHandle) are not made on the loop
+ * thread: the engine calls mask_free / buffer_release once the last job using the object has
+ * completed, and they go to a per-device graveyard that the worker empties when its stream is
+ * idle (device masks are freed stream-ordered at once).
+ *
+ * A sticky error (illegal address, launch failure, ...) poisons the context: the worker fails
+ * every job in flight with LA_EDEVICE and sets the backend's fatal flag; the server then fails
+ * everyone and exits non-zero (systemd restarts the daemon).
+ *
+ * Built only with LA_HAVE_CUDA (nvcc found); otherwise be_cuda_new() reports LA_ENODEV.
+ */
+#include <stdarg.h>
+#include <stdio.h>
+
+#include "backend.h"
+
+#ifndef LA_HAVE_CUDA
+
+int be_cuda_new(be_complete_fn complete, void *complete_data,
+                void (*log)(void *data, int level, const char *msg), void *log_data,
+                be_backend **ret, char *msg, size_t msg_len) {
+    if (msg && msg_len)
+        snprintf(msg, msg_len, "built without CUDA");
+    return LA_ENODEV;
+}
+
+#else /* LA_HAVE_CUDA */
+
+#include <ctype.h>
+#include <cuda.h> /* driver types only: the driver is reached through cudaGetDriverEntryPoint */
+#include <cuda_runtime_api.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "la_cuda.h"
+
+#define N_SLOTS 1024   /* jobs in flight per device (tile counters) */
+#define N_EVENTS 256   /* completion IPC events per device, used round robin */
+#define MAX_DEVICES 64
+
+typedef CUresult (*get_range_fn)(CUdeviceptr *pbase, size_t *psize, CUdeviceptr dptr);
+
+/* A device object whose release may synchronise: done by the worker when the stream is idle. */
+typedef struct grave {
+    struct grave *next;
+    void *dev_ptr;   /* cudaFreeAsync (mask) */
+    void *host;      /* cudaFreeHost (mask shadow) */
+    void *ipc_ptr;   /* cudaIpcCloseMemHandle */
+    int dev_freed;
+} grave;
+
+typedef struct gpu gpu;
+typedef struct cuda_backend cuda_backend;
+
+struct be_import {
+    struct be_import *next;
+    uint8_t handle[64];
+    gpu *g;
+    void *ptr;
+    uint64_t size; /* real allocation size */
+    int refs;
+};
+
+struct gpu {
+    cuda_backend *cb;
+    int ordinal;
+    int cc;
+    char uuid[64];
+    char name[96];
+    uint64_t memory;
+    cudaStream_t stream;
+    pthread_t thread;
+    int started;
+
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    be_job *head, *tail;      /* queued */
+    be_job *inflight;         /* launched, host function not run yet */
+    grave *graves;
+    int stopping;
+
+    unsigned long long *d_tiles; /* [N_SLOTS] device counters */
+    unsigned long long *h_tiles; /* [N_SLOTS] pinned copies */
+    int free_slots[N_SLOTS];
+    int n_free_slots;
+
+    cudaEvent_t events[N_EVENTS];
+    cudaIpcEventHandle_t event_handles[N_EVENTS];
+    unsigned next_event;
+};
+
+struct cuda_backend {
+    be_backend base;
+    gpu *gpus;
+    int n;
+    be_import *imports;
+    get_range_fn get_range;
+    atomic_int fatal;
+};
+
+static void logf_(cuda_backend *cb, int level, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void logf_(cuda_backend *cb, int level, const char *fmt, ...) {
+    if (!cb->base.log)
+        return;
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    cb->base.log(cb->base.log_data, level, msg);
+}
+
+/* Errors after which the context is unusable (every later call returns them). */
+static int is_sticky(cudaError_t e) {
+    switch (e) {
+    case cudaErrorIllegalAddress:
+    case cudaErrorLaunchFailure:
+    case cudaErrorHardwareStackError:
+    case cudaErrorIllegalInstruction:
+    case cudaErrorMisalignedAddress:
+    case cudaErrorInvalidAddressSpace:
+    case cudaErrorInvalidPc:
+    case cudaErrorAssert:
+    case cudaErrorLaunchTimeout:
+    case cudaErrorECCUncorrectable:
+    case cudaErrorContextIsDestroyed:
+    case cudaErrorDeviceUninitialized:
+    case cudaErrorUnknown:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+static int map_err(cudaError_t e) {
+    if (e == cudaErrorMemoryAllocation)
+        return LA_ENOMEM;
+    if (e == cudaErrorInvalidValue)
+        return LA_EINVAL;
+    return LA_EDEVICE;
+}
+
+static void set_fatal(cuda_backend *cb, gpu *g, cudaError_t e, const char *where) {
+    if (!atomic_exchange(&cb->fatal, 1))
+        logf_(cb, 0, "GPU %s (%s): sticky CUDA error in %s: %s; the context is lost",
+              g ? g->uuid : "?", g ? g->name : "?", where, cudaGetErrorString(e));
+}
+
+static void check_sticky(cuda_backend *cb, gpu *g, cudaError_t e, const char *where) {
+    if (e != cudaSuccess && is_sticky(e))
+        set_fatal(cb, g, e, where);
+}
+
+static void format_uuid(const cudaUUID_t *u, char *out, size_t len) {
+    const unsigned char *b = (const unsigned char *)u->bytes;
+    snprintf(out, len,
+             "GPU-%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", b[0],
+             b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13],
+             b[14], b[15]);
+}
+
+/* 32 lower-case hex digits of a "GPU-xxxxxxxx-..." or bare hex UUID; 0 on success. */
+static int uuid_digits(const char *s, char out[33]) {
+    if (!strncmp(s, "GPU-", 4))
+        s += 4;
+    int n = 0;
+    for (; *s; s++) {
+        if (*s == '-')
+            continue;
+        if (!isxdigit((unsigned char)*s) || n >= 32)
+            return -1;
+        out[n++] = (char)tolower((unsigned char)*s);
+    }
+    out[n] = 0;
+    return n == 32 ? 0 : -1;
+}
+
+/* ---- completion ------------------------------------------------------------------------ */
+
+static void finish(gpu *g, be_job *j, int status, const char *fmt, const char *detail) {
+    j->status = status;
+    if (status < 0 && fmt)
+        snprintf(j->msg, sizeof j->msg, fmt, g->uuid, detail ? detail : "");
+    if (!j->t_start_ns)
+        j->t_start_ns = be_now_ns();
+    j->t_end_ns = be_now_ns();
+    g->cb->base.complete(g->cb->base.complete_data, j);
+}
+
+static void slot_put(gpu *g, int slot) {
+    if (slot >= 0)
+        g->free_slots[g->n_free_slots++] = slot;
+}
+
+/* Stream host function: the job's GPU work is done. No CUDA calls allowed here. */
+static void CUDART_CB host_done(void *arg) {
+    be_job *j = arg;
+    gpu *g = j->be_priv;
+    pthread_mutex_lock(&g->lock);
+    be_job **pp = &g->inflight;
+    while (*pp && *pp != j)
+        pp = &(*pp)->be_next;
+    if (!*pp) { /* already failed by the sticky-error path */
+        pthread_mutex_unlock(&g->lock);
+        return;
+    }
+    *pp = j->be_next;
+    j->be_next = NULL;
+    j->tiles_computed = (int64_t)g->h_tiles[j->be_slot];
+    slot_put(g, j->be_slot);
+    j->be_slot = -1;
+    pthread_cond_broadcast(&g->cond);
+    pthread_mutex_unlock(&g->lock);
+    finish(g, j, 0, NULL, NULL);
+}
+
+/* Fails every job in flight or queued on g (sticky error). */
+static void fail_all(gpu *g, const char *why) {
+    pthread_mutex_lock(&g->lock);
+    be_job *list = g->inflight, *q = g->head;
+    g->inflight = NULL;
+    g->head = g->tail = NULL;
+    pthread_mutex_unlock(&g->lock);
+    for (int pass = 0; pass < 2; pass++) {
+        be_job *j = pass ? q : list;
+        while (j) {
+            be_job *next = j->be_next;
+            j->be_next = NULL;
+            finish(g, j, LA_EDEVICE, "GPU %s: %s", why);
+            j = next;
+        }
+    }
+}
+
+/* ---- the worker ------------------------------------------------------------------------ */
+
+static void launch(gpu *g, be_job *j) {
+    cudaError_t e;
+    j->be_priv = g;
+    j->be_slot = -1;
+    j->t_start_ns = be_now_ns();
+    pthread_mutex_lock(&g->lock);
+    if (g->n_free_slots > 0)
+        j->be_slot = g->free_slots[--g->n_free_slots];
+    pthread_mutex_unlock(&g->lock);
+    if (j->be_slot < 0) {
+        finish(g, j, LA_EBUSY, "GPU %s: too many calls in flight%s", "");
+        return;
+    }
+    if (j->has_wait_event) {
+        cudaIpcEventHandle_t h;
+        cudaEvent_t ev;
+        memcpy(&h, j->wait_event, sizeof h);
+        e = cudaIpcOpenEventHandle(&ev, h);
+        if (e != cudaSuccess) {
+            check_sticky(g->cb, g, e, "cudaIpcOpenEventHandle");
+            goto fail_msg;
+        }
+        e = cudaStreamWaitEvent(g->stream, ev, 0);
+        /* Destroying after the wait is enqueued is fine: the wait keeps what it needs. */
+        cudaEventDestroy(ev);
+        if (e != cudaSuccess)
+            goto fail;
+    }
+    unsigned long long *counter = g->d_tiles + j->be_slot;
+    if ((e = cudaMemsetAsync(counter, 0, sizeof *counter, g->stream)) != cudaSuccess)
+        goto fail;
+    j->p.ret_tiles_computed = (int64_t *)counter;
+    e = la_attn_fwd_cuda(&j->p, g->stream);
+    j->p.ret_tiles_computed = NULL;
+    if (e != cudaSuccess)
+        goto fail;
+    if ((e = cudaMemcpyAsync(g->h_tiles + j->be_slot, counter, sizeof *counter,
+                             cudaMemcpyDeviceToHost, g->stream)) != cudaSuccess)
+        goto fail;
+    if (j->mask && j->p.mode != LA_MODE_DENSE && !j->p.decisions) {
+        e = cudaMemcpyAsync((char *)j->mask->host + j->mask_off,
+                            (char *)j->mask->dev_ptr + j->mask_off, (size_t)j->mask_len,
+                            cudaMemcpyDeviceToHost, g->stream);
+        if (e != cudaSuccess)
+            goto fail;
+    }
+    unsigned k = g->next_event++ % N_EVENTS;
+    if ((e = cudaEventRecord(g->events[k], g->stream)) != cudaSuccess)
+        goto fail;
+    memcpy(j->done_event, &g->event_handles[k], sizeof j->done_event);
+    j->has_done_event = 1;
+    /* In the in-flight list before the host function can run. */
+    pthread_mutex_lock(&g->lock);
+    j->be_next = g->inflight;
+    g->inflight = j;
+    pthread_mutex_unlock(&g->lock);
+    e = cudaLaunchHostFunc(g->stream, host_done, j);
+    if (e != cudaSuccess) {
+        pthread_mutex_lock(&g->lock);
+        be_job **pp = &g->inflight;
+        while (*pp && *pp != j)
+            pp = &(*pp)->be_next;
+        int mine = *pp != NULL;
+        if (mine)
+            *pp = j->be_next;
+        pthread_mutex_unlock(&g->lock);
+        if (!mine)
+            return; /* the sticky path failed it already */
+        goto fail;
+    }
+    return;
+fail:
+    check_sticky(g->cb, g, e, "a launch");
+fail_msg:
+    /* The counter slot may still be written by work already enqueued: keep it out of use
+     * (an error here is rare; a sticky one ends the process anyway). */
+    j->has_done_event = 0;
+    j->be_slot = -1;
+    finish(g, j, map_err(e), "GPU %s: %s", cudaGetErrorString(e));
+}
+
+/* Frees what the graveyard holds; the host parts only once the stream is idle. Worker (or
+ * teardown) only; g->lock not held. */
+static void bury(gpu *g, int stream_idle) {
+    pthread_mutex_lock(&g->lock);
+    grave *list = g->graves;
+    g->graves = NULL;
+    pthread_mutex_unlock(&g->lock);
+    grave *keep = NULL;
+    while (list) {
+        grave *gr = list;
+        list = gr->next;
+        if (gr->dev_ptr && !gr->dev_freed) {
+            cudaError_t e = cudaFreeAsync(gr->dev_ptr, g->stream);
+            check_sticky(g->cb, g, e, "cudaFreeAsync");
+            gr->dev_freed = 1;
+        }
+        if (!stream_idle) {
+            gr->next = keep;
+            keep = gr;
+            continue;
+        }
+        if (gr->host)
+            cudaFreeHost(gr->host);
+        if (gr->ipc_ptr)
+            cudaIpcCloseMemHandle(gr->ipc_ptr);
+        free(gr);
+    }
+    if (keep) {
+        pthread_mutex_lock(&g->lock);
+        grave **tail = &keep;
+        while (*tail)
+            tail = &(*tail)->next;
+        *tail = g->graves;
+        g->graves = keep;
+        pthread_mutex_unlock(&g->lock);
+    }
+}
+
+static void *gpu_main(void *arg) {
+    gpu *g = arg;
+    cuda_backend *cb = g->cb;
+    cudaError_t e = cudaSetDevice(g->ordinal);
+    if (e != cudaSuccess)
+        set_fatal(cb, g, e, "cudaSetDevice on the worker");
+    pthread_mutex_lock(&g->lock);
+    for (;;) {
+        if (atomic_load(&cb->fatal)) {
+            pthread_mutex_unlock(&g->lock);
+            fail_all(g, "the CUDA context was lost (sticky error); the daemon restarts");
+            pthread_mutex_lock(&g->lock);
+            if (g->stopping)
+                break;
+            pthread_cond_wait(&g->cond, &g->lock);
+            continue;
+        }
+        if (g->head) {
+            be_job *j = g->head;
+            g->head = j->be_next;
+            if (!g->head)
+                g->tail = NULL;
+            j->be_next = NULL;
+            pthread_mutex_unlock(&g->lock);
+            launch(g, j);
+            pthread_mutex_lock(&g->lock);
+            continue;
+        }
+        int busy = g->inflight != NULL || g->graves != NULL;
+        if (g->stopping && !busy)
+            break;
+        if (!busy) {
+            pthread_cond_wait(&g->cond, &g->lock);
+            continue;
+        }
+        /* Work in flight: watch the stream for sticky errors, empty the graveyard when idle. */
+        pthread_mutex_unlock(&g->lock);
+        e = cudaStreamQuery(g->stream);
+        if (e != cudaSuccess && e != cudaErrorNotReady)
+            check_sticky(cb, g, e, "the stream");
+        if (g->graves)
+            bury(g, e == cudaSuccess);
+        pthread_mutex_lock(&g->lock);
+        if (g->stopping && g->inflight && e == cudaErrorNotReady) {
+            /* Shutting down: waiting here is what stop() asked for. */
+            pthread_mutex_unlock(&g->lock);
+            e = cudaStreamSynchronize(g->stream);
+            check_sticky(cb, g, e, "cudaStreamSynchronize");
+            pthread_mutex_lock(&g->lock);
+            continue;
+        }
+        if (!g->head && !g->stopping) {
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_nsec += 2 * 1000 * 1000; /* 2 ms */
+            if (ts.tv_nsec >= 1000000000) {
+                ts.tv_sec++;
+                ts.tv_nsec -= 1000000000;
+            }
+            pthread_cond_timedwait(&g->cond, &g->lock, &ts);
+        }
+    }
+    pthread_mutex_unlock(&g->lock);
+    return NULL;
+}
+
+/* ---- ops ------------------------------------------------------------------------------- */
+
+static size_t cu_devices(be_backend *b, eng_device_info *out, size_t max) {
+    cuda_backend *cb = (cuda_backend *)b;
+    size_t n = 0;
+    for (int i = 0; i < cb->n && n < max; i++, n++) {
+        gpu *g = &cb->gpus[i];
+        memset(&out[n], 0, sizeof out[n]);
+        snprintf(out[n].uuid, sizeof out[n].uuid, "%s", g->uuid);
+        snprintf(out[n].backend, sizeof out[n].backend, "cuda");
+        snprintf(out[n].name, sizeof out[n].name, "%s", g->name);
+        out[n].memory_bytes = g->memory;
+        out[n].compute_capability = (uint32_t)g->cc;
+    }
+    return n;
+}
+
+static int cu_find_device(be_backend *b, const char *uuid, int *ret_dev) {
+    cuda_backend *cb = (cuda_backend *)b;
+    if (!uuid || !uuid[0]) {
+        if (cb->n < 1)
+            return LA_ENODEV;
+        *ret_dev = 0;
+        return 0;
+    }
+    char want[33], have[33];
+    if (uuid_digits(uuid, want) != 0)
+        return LA_ENODEV;
+    for (int i = 0; i < cb->n; i++)
+        if (uuid_digits(cb->gpus[i].uuid, have) == 0 && !strcmp(want, have)) {
+            *ret_dev = i;
+            return 0;
+        }
+    return LA_ENODEV;
+}
+
+static int cu_tile_sizes(be_backend *b, int dev, uint32_t head_dim, la_dtype dtype,
+                         uint32_t *ret_bm, uint32_t *ret_bn) {
+    cuda_backend *cb = (cuda_backend *)b;
+    if (dev < 0 || dev >= cb->n || head_dim > 1024)
+        return LA_ENOTSUP;
+    int32_t bm, bn;
+    int rc = la_cuda_tile_sizes((int)head_dim, dtype, cb->gpus[dev].cc, &bm, &bn);
+    if (rc < 0)
+        return LA_ENOTSUP;
+    *ret_bm = (uint32_t)bm;
+    *ret_bn = (uint32_t)bn;
+    return 0;
+}
+
+static int cu_supports(be_backend *b, int dev, const la_attn_params *p) {
+    cuda_backend *cb = (cuda_backend *)b;
+    if (dev < 0 || dev >= cb->n)
+        return LA_ENODEV;
+    return la_cuda_supported(p, cb->gpus[dev].cc);
+}
+
+static int cu_mask_alloc(be_backend *b, int dev, uint64_t bytes, be_mask **ret_mask) {
+    cuda_backend *cb = (cuda_backend *)b;
+    if (dev < 0 || dev >= cb->n || bytes == 0 || bytes > SIZE_MAX)
+        return LA_EINVAL;
+    if (atomic_load(&cb->fatal))
+        return LA_EDEVICE;
+    gpu *g = &cb->gpus[dev];
+    be_mask *m = calloc(1, sizeof *m);
+    if (!m)
+        return LA_ENOMEM;
+    cudaError_t e = cudaSetDevice(g->ordinal);
+    void *d = NULL, *h = NULL;
+    if (e == cudaSuccess)
+        e = cudaHostAlloc(&h, (size_t)bytes, cudaHostAllocDefault);
+    if (e == cudaSuccess)
+        e = cudaMallocAsync(&d, (size_t)bytes, g->stream);
+    if (e == cudaSuccess)
+        e = cudaMemsetAsync(d, 0xff, (size_t)bytes, g->stream);
+    if (e != cudaSuccess) {
+        check_sticky(cb, g, e, "mask allocation");
+        if (d || h) {
+            grave *gr = calloc(1, sizeof *gr);
+            if (gr) {
+                gr->dev_ptr = d;
+                gr->host = h;
+                pthread_mutex_lock(&g->lock);
+                gr->next = g->graves;
+                g->graves = gr;
+                pthread_cond_broadcast(&g->cond);
+                pthread_mutex_unlock(&g->lock);
+            }
+        }
+        free(m);
+        return map_err(e);
+    }
+    memset(h, 0xff, (size_t)bytes);
+    m->dev_ptr = d;
+    m->host = h;
+    m->bytes = bytes;
+    m->dev = dev;
+    *ret_mask = m;
+    return 0;
+}
+
+static void cu_mask_free(be_backend *b, be_mask *m) {
+    cuda_backend *cb = (cuda_backend *)b;
+    if (!m)
+        return;
+    gpu *g = &cb->gpus[m->dev];
+    grave *gr = calloc(1, sizeof *gr);
+    if (gr) {
+        gr->dev_ptr = m->dev_ptr;
+        gr->host = m->host;
+        pthread_mutex_lock(&g->lock);
+        gr->next = g->graves;
+        g->graves = gr;
+        pthread_cond_broadcast(&g->cond);
+        pthread_mutex_unlock(&g->lock);
+    } else {
+        logf_(cb, 1, "GPU %s: out of memory; %llu bytes of mask leaked", g->uuid,
+              (unsigned long long)m->bytes);
+    }
+    free(m);
+}
+
+static int cu_mask_reset(be_backend *b, be_mask *m) {
+    cuda_backend *cb = (cuda_backend *)b;
+    gpu *g = &cb->gpus[m->dev];
+    cudaError_t e = cudaSetDevice(g->ordinal);
+    if (e == cudaSuccess)
+        e = cudaMemsetAsync(m->dev_ptr, 0xff, (size_t)m->bytes, g->stream);
+    if (e != cudaSuccess) {
+        check_sticky(cb, g, e, "mask reset");
+        return map_err(e);
+    }
+    memset(m->host, 0xff, (size_t)m->bytes);
+    return 0;
+}
+
+static int cu_buffer_import(be_backend *b, const void *handle, size_t len, const char *uuid,
+                            uint64_t size, be_import **ret_imp, void **ret_ptr,
+                            uint64_t *ret_size, int *ret_dev, char *msg, size_t msg_len) {
+    cuda_backend *cb = (cuda_backend *)b;
+    if (len != sizeof(cudaIpcMemHandle_t) || len > 64) {
+        snprintf(msg, msg_len, "IPC handle of %zu bytes (must be %zu)", len,
+                 sizeof(cudaIpcMemHandle_t));
+        return LA_EINVAL;
+    }
+    if (atomic_load(&cb->fatal))
+        return LA_EDEVICE;
+    int dev;
+    if (!uuid || !uuid[0] || cu_find_device(b, uuid, &dev) != 0) {
+        snprintf(msg, msg_len, "no GPU '%s' on this host", uuid ? uuid : "");
+        return LA_ENODEV;
+    }
+    gpu *g = &cb->gpus[dev];
+    be_import *imp;
+    for (imp = cb->imports; imp; imp = imp->next)
+        if (imp->g == g && !memcmp(imp->handle, handle, len))
+            break;
+    if (!imp) {
+        cudaError_t e = cudaSetDevice(g->ordinal);
+        void *ptr = NULL;
+        cudaIpcMemHandle_t h;
+        memcpy(&h, handle, sizeof h);
+        if (e == cudaSuccess)
+            e = cudaIpcOpenMemHandle(&ptr, h, cudaIpcMemLazyEnablePeerAccess);
+        if (e != cudaSuccess) {
+            check_sticky(cb, g, e, "cudaIpcOpenMemHandle");
+            snprintf(msg, msg_len, "cannot open the IPC handle on %s: %s", g->uuid,
+                     cudaGetErrorString(e));
+            return e == cudaErrorMemoryAllocation ? LA_ENOMEM : LA_EINVAL;
+        }
+        CUdeviceptr base = 0;
+        size_t real = 0;
+        if (!cb->get_range ||
+            cb->get_range(&base, &real, (CUdeviceptr)(uintptr_t)ptr) != CUDA_SUCCESS) {
+            cudaIpcCloseMemHandle(ptr);
+            snprintf(msg, msg_len, "cannot find the size of the imported allocation");
+            return LA_EDEVICE;
+        }
+        if ((uintptr_t)base != (uintptr_t)ptr) {
+            cudaIpcCloseMemHandle(ptr);
+            snprintf(msg, msg_len, "the IPC handle does not name an allocation's base");
+            return LA_EINVAL;
+        }
+        imp = calloc(1, sizeof *imp);
+        if (!imp) {
+            cudaIpcCloseMemHandle(ptr);
+            return LA_ENOMEM;
+        }
+        memcpy(imp->handle, handle, len);
+        imp->g = g;
+        imp->ptr = ptr;
+        imp->size = real;
+        imp->next = cb->imports;
+        cb->imports = imp;
+    }
+    if (size > imp->size) {
+        snprintf(msg, msg_len, "%llu bytes claimed, but the allocation holds %llu",
+                 (unsigned long long)size, (unsigned long long)imp->size);
+        if (imp->refs == 0) {
+            be_import **pp = &cb->imports;
+            while (*pp != imp)
+                pp = &(*pp)->next;
+            *pp = imp->next;
+            cudaIpcCloseMemHandle(imp->ptr); /* nothing used it yet: nothing to wait for */
+            free(imp);
+        }
+        return LA_ERANGE;
+    }
+    imp->refs++;
+    *ret_imp = imp;
+    *ret_ptr = imp->ptr;
+    *ret_size = imp->size;
+    *ret_dev = dev;
+    return 0;
+}
+
+static void cu_buffer_release(be_backend *b, be_import *imp) {
+    cuda_backend *cb = (cuda_backend *)b;
+    if (!imp || --imp->refs > 0)
+        return;
+    be_import **pp = &cb->imports;
+    while (*pp && *pp != imp)
+        pp = &(*pp)->next;
+    if (*pp)
+        *pp = imp->next;
+    gpu *g = imp->g;
+    grave *gr = calloc(1, sizeof *gr);
+    if (gr) {
+        gr->ipc_ptr = imp->ptr;
+        pthread_mutex_lock(&g->lock);
+        gr->next = g->graves;
+        g->graves = gr;
+        pthread_cond_broadcast(&g->cond);
+        pthread_mutex_unlock(&g->lock);
+    }
+    free(imp);
+}
+
+static int cu_submit(be_backend *b, be_job *job) {
+    cuda_backend *cb = (cuda_backend *)b;
+    if (job->dev < 0 || job->dev >= cb->n)
+        return LA_ENODEV;
+    if (atomic_load(&cb->fatal))
+        return LA_EDEVICE;
+    gpu *g = &cb->gpus[job->dev];
+    pthread_mutex_lock(&g->lock);
+    if (g->stopping) {
+        pthread_mutex_unlock(&g->lock);
+        return LA_ESHUTDOWN;
+    }
+    job->be_next = NULL;
+    if (g->tail)
+        g->tail->be_next = job;
+    else
+        g->head = job;
+    g->tail = job;
+    pthread_cond_broadcast(&g->cond);
+    pthread_mutex_unlock(&g->lock);
+    return 0;
+}
+
+static void cu_stop(be_backend *b) {
+    cuda_backend *cb = (cuda_backend *)b;
+    for (int i = 0; i < cb->n; i++) {
+        gpu *g = &cb->gpus[i];
+        if (!g->cb)
+            continue; /* never initialised */
+        pthread_mutex_lock(&g->lock);
+        g->stopping = 1;
+        be_job *list = g->head;
+        g->head = g->tail = NULL;
+        pthread_cond_broadcast(&g->cond);
+        pthread_mutex_unlock(&g->lock);
+        while (list) {
+            be_job *next = list->be_next;
+            list->be_next = NULL;
+            finish(g, list, LA_ESHUTDOWN, "GPU %s: the daemon is shutting down%s", "");
+            list = next;
+        }
+    }
+    for (int i = 0; i < cb->n; i++) {
+        gpu *g = &cb->gpus[i];
+        if (!g->cb)
+            continue;
+        if (g->started) {
+            pthread_join(g->thread, NULL);
+            g->started = 0;
+        }
+        /* Host functions of a lost context never run: fail what is left. */
+        fail_all(g, "the CUDA context was lost (sticky error); the daemon restarts");
+    }
+}
+
+static void gpu_teardown(gpu *g) {
+    if (!g->cb)
+        return;
+    if (cudaSetDevice(g->ordinal) == cudaSuccess && g->stream)
+        cudaStreamSynchronize(g->stream);
+    bury(g, 1);
+    for (int k = 0; k < N_EVENTS; k++)
+        if (g->events[k])
+            cudaEventDestroy(g->events[k]);
+    if (g->d_tiles)
+        cudaFree(g->d_tiles);
+    if (g->h_tiles)
+        cudaFreeHost(g->h_tiles);
+    if (g->stream)
+        cudaStreamDestroy(g->stream);
+    g->d_tiles = NULL;
+    g->h_tiles = NULL;
+    g->stream = NULL;
+    pthread_mutex_destroy(&g->lock);
+    pthread_cond_destroy(&g->cond);
+}
+
+static void cu_free(be_backend *b) {
+    cuda_backend *cb = (cuda_backend *)b;
+    if (!cb)
+        return;
+    cu_stop(b);
+    while (cb->imports) { /* the engine released every buffer before; defensive */
+        be_import *imp = cb->imports;
+        cb->imports = imp->next;
+        cudaIpcCloseMemHandle(imp->ptr);
+        free(imp);
+    }
+    for (int i = 0; i < cb->n; i++)
+        gpu_teardown(&cb->gpus[i]);
+    free(cb->gpus);
+    free(cb);
+}
+
+static int cu_fatal(const be_backend *b) {
+    cuda_backend *cb = (cuda_backend *)b;
+    return atomic_load(&cb->fatal);
+}
+
+static const be_ops cuda_ops = {
+    .name = "cuda",
+    .devices = cu_devices,
+    .find_device = cu_find_device,
+    .tile_sizes = cu_tile_sizes,
+    .supports = cu_supports,
+    .mask_alloc = cu_mask_alloc,
+    .mask_free = cu_mask_free,
+    .mask_reset = cu_mask_reset,
+    .buffer_import = cu_buffer_import,
+    .buffer_release = cu_buffer_release,
+    .submit = cu_submit,
+    .stop = cu_stop,
+    .free = cu_free,
+    .fatal = cu_fatal,
+};
+
+static int gpu_init(cuda_backend *cb, gpu *g, int ordinal, char *msg, size_t msg_len) {
+    struct cudaDeviceProp prop;
+    cudaError_t e = cudaGetDeviceProperties(&prop, ordinal);
+    if (e != cudaSuccess)
+        goto fail;
+    g->cb = cb;
+    g->ordinal = ordinal;
+    g->cc = prop.major * 10 + prop.minor;
+    format_uuid(&prop.uuid, g->uuid, sizeof g->uuid);
+    snprintf(g->name, sizeof g->name, "%.95s", prop.name);
+    g->memory = prop.totalGlobalMem;
+    pthread_mutex_init(&g->lock, NULL);
+    pthread_cond_init(&g->cond, NULL);
+    if ((e = cudaSetDevice(ordinal)) != cudaSuccess ||
+        (e = cudaStreamCreateWithFlags(&g->stream, cudaStreamNonBlocking)) != cudaSuccess ||
+        (e = cudaMalloc((void **)&g->d_tiles, N_SLOTS * sizeof *g->d_tiles)) != cudaSuccess ||
+        (e = cudaHostAlloc((void **)&g->h_tiles, N_SLOTS * sizeof *g->h_tiles,
+                           cudaHostAllocDefault)) != cudaSuccess)
+        goto fail;
+    for (int k = 0; k < N_EVENTS; k++) {
+        if ((e = cudaEventCreateWithFlags(&g->events[k], cudaEventDisableTiming |
+                                                             cudaEventInterprocess)) !=
+                cudaSuccess ||
+            (e = cudaIpcGetEventHandle(&g->event_handles[k], g->events[k])) != cudaSuccess)
+            goto fail;
+    }
+    for (int k = 0; k < N_SLOTS; k++)
+        g->free_slots[k] = N_SLOTS - 1 - k;
+    g->n_free_slots = N_SLOTS;
+    if (pthread_create(&g->thread, NULL, gpu_main, g) != 0) {
+        snprintf(msg, msg_len, "GPU %d: cannot start its worker thread", ordinal);
+        return LA_ENOMEM;
+    }
+    g->started = 1;
+    return 0;
+fail:
+    snprintf(msg, msg_len, "GPU %d (%s): %s", ordinal, g->uuid[0] ? g->uuid : "?",
+             cudaGetErrorString(e));
+    return map_err(e);
+}
+
+int be_cuda_new(be_complete_fn complete, void *complete_data,
+                void (*log)(void *data, int level, const char *msg), void *log_data,
+                be_backend **ret, char *msg, size_t msg_len) {
+    int count = 0;
+    cudaError_t e = cudaGetDeviceCount(&count);
+    if (e != cudaSuccess || count <= 0) {
+        snprintf(msg, msg_len, "no usable GPU (%s)",
+                 e != cudaSuccess ? cudaGetErrorString(e) : "0 devices");
+        return LA_ENODEV;
+    }
+    if (count > MAX_DEVICES)
+        count = MAX_DEVICES;
+    cuda_backend *cb = calloc(1, sizeof *cb);
+    if (!cb)
+        return LA_ENOMEM;
+    cb->base.ops = &cuda_ops;
+    cb->base.complete = complete;
+    cb->base.complete_data = complete_data;
+    cb->base.log = log;
+    cb->base.log_data = log_data;
+    atomic_init(&cb->fatal, 0);
+    cb->gpus = calloc((size_t)count, sizeof *cb->gpus);
+    if (!cb->gpus) {
+        free(cb);
+        return LA_ENOMEM;
+    }
+    enum cudaDriverEntryPointQueryResult q;
+    void *fn = NULL;
+    if (cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &fn, 12000, cudaEnableDefault,
+                                         &q) == cudaSuccess &&
+        q == cudaDriverEntryPointSuccess)
+        cb->get_range = (get_range_fn)fn;
+    if (!cb->get_range) {
+        snprintf(msg, msg_len, "the CUDA driver lacks cuMemGetAddressRange");
+        free(cb->gpus);
+        free(cb);
+        return LA_ENODEV;
+    }
+    for (int i = 0; i < count; i++) {
+        int rc = gpu_init(cb, &cb->gpus[i], i, msg, msg_len);
+        cb->n = i + 1;
+        if (rc < 0) {
+            cu_free(&cb->base);
+            return rc == LA_ENOMEM ? rc : LA_ENODEV;
+        }
+    }
+    *ret = &cb->base;
+    return 0;
+}
+
+#endif /* LA_HAVE_CUDA */
