@@ -15,7 +15,6 @@ Takes about 2-4 minutes on an H100 (use --layers 20 to halve it).
 import argparse
 import json
 import logging
-import math
 import os
 import signal
 import socket as pysocket
@@ -74,7 +73,6 @@ def main():
     args = ap.parse_args()
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    import liteattn
     import liteattn.diffusers as ld
     from diffusers import WanTransformer3DModel
 
