@@ -140,8 +140,28 @@ __device__ __forceinline__ float ex2(float x) {
     return y;
 }
 
-/* Next live k-tile after n in the visiting direction, or -1. live: W words in shared memory
- * (bits past nK are 0). Every thread walks the same words: uniform control flow. */
+/* Walks the live k-tiles of a row in the visiting direction. live: W words in shared memory
+ * (bits past nK are 0); w: the word being walked, rem: its bits not yet visited. Each step is
+ * a few register operations; shared memory is read once per word. All threads walk the same
+ * words: uniform control flow. Returns the next tile, or -1 at the end. */
+struct LiveWalk {
+    int w;
+    uint32_t rem;
+    __device__ __forceinline__ int next(const uint32_t *live, bool desc, int W) {
+        while (rem == 0) {
+            w += desc ? -1 : 1;
+            if (w < 0 || w >= W) return -1;
+            rem = live[w];
+        }
+        const int bit = desc ? 31 - __clz(rem) : __ffs(rem) - 1;
+        rem &= ~(1u << bit);
+        return (w << 5) + bit;
+    }
+};
+
+/* Next live k-tile after n in the visiting direction, or -1, scanning the words from shared
+ * memory: no state across tiles (two registers fewer than LiveWalk; the hd128 kernel has none
+ * to spare, and its tiles are long enough that the scan does not show). */
 __device__ __forceinline__ int next_live(const uint32_t *live, int n, bool desc, int W) {
     if (desc) {
         int i = n - 1;
@@ -234,8 +254,12 @@ __global__ void __launch_bounds__(Tiles<D>::NT, Tiles<D>::NT <= 128 ? 2 : 1) att
     const bool k_partial = (p.Sk % BN) != 0;
 
     /* Prologue: Q and the first K tile. */
-    int n = SKIP ? (desc ? next_live(s_live, W << 5, true, W) : next_live(s_live, -1, false, W))
-                 : (desc ? nK - 1 : 0);
+    /* Finding the next live tile: register walk where registers allow (see next_live). */
+    constexpr bool kWalk = D <= 64;
+    LiveWalk walk{desc ? W : -1, 0u};
+    int n = !SKIP ? (desc ? nK - 1 : 0)
+            : kWalk ? walk.next(s_live, desc, W)
+                    : (desc ? next_live(s_live, W << 5, true, W) : next_live(s_live, -1, false, W));
     load_tile<D, BM, NT>(sQ, gQ, p.q_ss, q_valid, tid);
     if (n >= 0) load_tile<D, BN, NT>(sK, gK + (int64_t)n * BN * p.k_ss * 2, p.k_ss, p.Sk - n * BN, tid);
     cp_commit();
@@ -268,7 +292,8 @@ __global__ void __launch_bounds__(Tiles<D>::NT, Tiles<D>::NT <= 128 ? 2 : 1) att
     const float c = p.c;
 
     while (n >= 0) {
-        const int nn = SKIP ? next_live(s_live, n, desc, W) : (desc ? n - 1 : (n + 1 < nK ? n + 1 : -1));
+        const int nn = !SKIP ? (desc ? n - 1 : (n + 1 < nK ? n + 1 : -1))
+                       : kWalk ? walk.next(s_live, desc, W) : next_live(s_live, n, desc, W);
         cp_wait_all();
         __syncthreads(); /* K(n) (and Q) landed; all warps are done with V(previous) */
         load_tile<D, BN, NT>(sV, gV + (int64_t)n * BN * p.v_ss * 2, p.v_ss, p.Sk - n * BN, tid);
