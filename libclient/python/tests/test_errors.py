@@ -131,3 +131,44 @@ def test_closed_client(daemon):
     c.close()
     with pytest.raises(liteattn.Error):
         c.open_session("x", **geo())
+
+
+def test_library_not_found_message():
+    import subprocess
+    import sys
+    code = ("import liteattn\n"
+            "try:\n    liteattn.Client('/nonexistent')\n"
+            "except ImportError as e:\n    print('IMPORTERROR', e)\n")
+    env = dict(os.environ, LITEATTN_LIB="/nonexistent/libliteattn.so",
+               PYTHONPATH=os.pathsep.join(sys.path))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert "IMPORTERROR" in r.stdout and "LITEATTN_LIB" in r.stdout, r.stdout + r.stderr
+
+
+def test_threads_share_a_session(client, rng):
+    import threading
+    from refimpl import ref_attention, rel_l2
+    s = client.open_session("threads", **geo(layers=4, threshold=float("-inf")))
+    BM, BN = s.tile_sizes
+    data = [qkv(rng, S=200) for _ in range(4)]
+    errors = []
+
+    def work(layer):
+        try:
+            q, k, v = data[layer]
+            for step in range(4):
+                out = s.attention(layer, step, q, k, v)
+                want = ref_attention(q, k, v, s.mask(layer), BM=BM, BN=BN,
+                                     tau=float("-inf"), mode="dense")[0]
+                assert rel_l2(out, want) < 1e-5
+        except Exception as e:  # reported below
+            errors.append(e)
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors, errors
+    assert s.info()["calls"] == 16
+    s.close()
