@@ -256,6 +256,7 @@ __global__ void __launch_bounds__(Tiles<D>::NT, Tiles<D>::NT <= 128 ? 2 : 1) att
     /* Prologue: Q and the first K tile. */
     /* Finding the next live tile: register walk where registers allow (see next_live). */
     constexpr bool kWalk = D <= 64;
+    constexpr bool kLateVote = D <= 64; /* see the votes below */
     LiveWalk walk{desc ? W : -1, 0u};
     int n = !SKIP ? (desc ? nK - 1 : 0)
             : kWalk ? walk.next(s_live, desc, W)
@@ -378,8 +379,12 @@ __global__ void __launch_bounds__(Tiles<D>::NT, Tiles<D>::NT <= 128 ? 2 : 1) att
                 }
             }
         }
-        if (voting) {
-            /* keep(n) = any valid row of the CTA voted: warp vote, then one shared atomic. */
+
+        /* keep(n) = any valid row of the CTA voted: warp vote, then one shared atomic. hd64 does
+         * it at the end of the body, where the block ends anyway: a branch here keeps the
+         * scheduler from overlapping the softmax with P V (about 10% at hd64); hd128 has no
+         * register left to carry dmax across P V, and its long P V hides the cut. */
+        if (!kLateVote && voting) {
             if (__any_sync(0xffffffffu, dmax * c > tau) && lane == 0)
                 atomicOr(&s_keep[n >> 5], 1u << (n & 31));
         }
@@ -407,6 +412,10 @@ __global__ void __launch_bounds__(Tiles<D>::NT, Tiles<D>::NT <= 128 ? 2 : 1) att
                     Ty<T>::mma(o[mt][2 * jd + 1], pa[kk][mt], bb[2], bb[3]);
                 }
             }
+        }
+        if (kLateVote && voting) {
+            if (__any_sync(0xffffffffu, dmax * c > tau) && lane == 0)
+                atomicOr(&s_keep[n >> 5], 1u << (n & 31));
         }
         n = nn;
     }
