@@ -316,7 +316,6 @@ static struct {
     int (*EventDestroy)(void *);
     int (*IpcGetEventHandle)(cu_ipc_event *, void *);
     int (*IpcOpenEventHandle)(void **, cu_ipc_event);
-    int (*CtxSynchronize)(void);
 } cu;
 
 static int cu_load(char *why, size_t n)
@@ -334,7 +333,8 @@ static int cu_load(char *why, size_t n)
     SYM(Init, "cuInit");
     SYM(DeviceGetCount, "cuDeviceGetCount");
     SYM(DeviceGet, "cuDeviceGet");
-    SYM(DeviceGetUuid, "cuDeviceGetUuid");
+    if (!(*(void **)&cu.DeviceGetUuid = dlsym(cu.lib, "cuDeviceGetUuid_v2")))
+        SYM(DeviceGetUuid, "cuDeviceGetUuid");
     SYM(PrimaryCtxRetain, "cuDevicePrimaryCtxRetain");
     SYM(CtxSetCurrent, "cuCtxSetCurrent");
     SYM(MemAlloc, "cuMemAlloc_v2");
@@ -347,7 +347,6 @@ static int cu_load(char *why, size_t n)
     SYM(EventDestroy, "cuEventDestroy_v2");
     SYM(IpcGetEventHandle, "cuIpcGetEventHandle");
     SYM(IpcOpenEventHandle, "cuIpcOpenEventHandle");
-    SYM(CtxSynchronize, "cuCtxSynchronize");
 #undef SYM
     int r = cu.Init(0);
     if (r) {
