@@ -162,11 +162,11 @@ START_TEST(session_open_attach_close) {
     eng_session_spec sp = spec_make("wan-run-3", 3, 4, 64, LA_DTYPE_F32, 200, 300, 2);
     eng_session_view v;
     uint64_t id = open_ok(&h, UID, CONN, &sp, &v);
-    ck_assert_uint_eq(v.bm, 64);
+    ck_assert_uint_eq(v.bm, 128);
     ck_assert_uint_eq(v.bn, 64);
-    ck_assert_uint_eq(v.n_q_tiles, 4);   /* ceil(200/64) */
+    ck_assert_uint_eq(v.n_q_tiles, 2);   /* ceil(200/128) */
     ck_assert_uint_eq(v.n_k_words, 1);   /* ceil(ceil(300/64)/32) */
-    ck_assert_uint_eq(v.layer_mask_bytes, 2 * 4 * 4 * 1 * 4);
+    ck_assert_uint_eq(v.layer_mask_bytes, 2 * 4 * 2 * 1 * 4);
     ck_assert_uint_eq(v.mask_bytes, 3 * v.layer_mask_bytes);
     ck_assert_str_eq(v.device, "cpu");
 
@@ -263,14 +263,14 @@ START_TEST(session_limits) {
     h_open(&h, &lim);
     eng_error err = {{0}};
     eng_session_view v;
-    /* 1 layer, B1 H8, 64 q-tiles (4096/64), 1 word: 8*64*4 = 2048 bytes */
-    eng_session_spec a = spec_make("a", 1, 8, 64, LA_DTYPE_F32, 4096, 1024, 1);
+    /* 1 layer, B1 H8, 64 q-tiles (8192/128), 1 word: 8*64*4 = 2048 bytes */
+    eng_session_spec a = spec_make("a", 1, 8, 64, LA_DTYPE_F32, 8192, 1024, 1);
     open_ok(&h, UID, CONN, &a, &v);
     ck_assert_uint_eq(v.mask_bytes, 2048);
-    eng_session_spec b = spec_make("b", 1, 8, 64, LA_DTYPE_F32, 4096, 1024, 1);
+    eng_session_spec b = spec_make("b", 1, 8, 64, LA_DTYPE_F32, 8192, 1024, 1);
     ck_assert_int_eq(eng_session_open(h.e, UID, CONN, &b, &v, &err), LA_ELIMIT);
     ck_assert_msg(strstr(err.msg, "uid 1000"), "%s", err.msg);
-    eng_session_spec c = spec_make("c", 1, 4, 64, LA_DTYPE_F32, 4096, 1024, 1); /* 1024 B */
+    eng_session_spec c = spec_make("c", 1, 4, 64, LA_DTYPE_F32, 8192, 1024, 1); /* 1024 B */
     open_ok(&h, UID, CONN, &c, NULL);
     eng_session_spec dd = spec_make("d", 1, 1, 64, LA_DTYPE_F32, 64, 64, 1);
     ck_assert_int_eq(eng_session_open(h.e, UID, CONN, &dd, &v, &err), LA_ELIMIT);
@@ -533,10 +533,10 @@ START_TEST(mask_cap_lru) {
     h_open(&h, &lim);
     eng_error err = {{0}};
     eng_session_view v;
-    eng_session_spec a = spec_make("a", 1, 8, 64, LA_DTYPE_F32, 4096, 64, 1);
-    eng_session_spec b = spec_make("b", 1, 8, 64, LA_DTYPE_F32, 4096, 64, 1);
-    eng_session_spec c = spec_make("c", 1, 8, 64, LA_DTYPE_F32, 4096, 64, 1);
-    eng_session_spec dd = spec_make("d", 1, 8, 64, LA_DTYPE_F32, 4096, 64, 1);
+    eng_session_spec a = spec_make("a", 1, 8, 64, LA_DTYPE_F32, 8192, 64, 1);
+    eng_session_spec b = spec_make("b", 1, 8, 64, LA_DTYPE_F32, 8192, 64, 1);
+    eng_session_spec c = spec_make("c", 1, 8, 64, LA_DTYPE_F32, 8192, 64, 1);
+    eng_session_spec dd = spec_make("d", 1, 8, 64, LA_DTYPE_F32, 8192, 64, 1);
     uint64_t ia = open_ok(&h, UID, CONN, &a, &v);
     ck_assert_uint_eq(v.mask_bytes, 2048);
     uint64_t ib = open_ok(&h, UID2, CONN2, &b, NULL);
@@ -565,7 +565,7 @@ START_TEST(mask_cap_lru) {
     h_wait(&h, 1);
     ck_assert_int_eq(cl.status, 0);
     /* larger than the cap: refused */
-    eng_session_spec big = spec_make("big", 3, 8, 64, LA_DTYPE_F32, 4096, 64, 1);
+    eng_session_spec big = spec_make("big", 3, 8, 64, LA_DTYPE_F32, 8192, 64, 1);
     ck_assert_int_eq(eng_session_open(h.e, UID, CONN, &big, &v, &err), LA_ELIMIT);
     ck_assert_int_eq(stat_get(&h, "mask_bytes"), 2 * 2048);
     shm_drop(&p.s);
