@@ -252,9 +252,17 @@ static void print_table(const la_table *t, int json, int as_object)
         }
     }
     if (!as_object) {
-        for (size_t col = 0; col < cols; col++)
-            printf("%s%-*s", col ? "  " : "", col + 1 < cols ? (int)w[col] : 0,
-                   la_table_col_name(t, col));
+        /* Headings sit over their column: right-aligned over numbers. */
+        for (size_t col = 0; col < cols; col++) {
+            int numeric = rows > 0;
+            for (size_t r = 0; r < rows && numeric; r++)
+                numeric = is_number(la_table_text(t, r, col));
+            if (numeric)
+                printf("%s%*s", col ? "  " : "", (int)w[col], la_table_col_name(t, col));
+            else
+                printf("%s%-*s", col ? "  " : "", col + 1 < cols ? (int)w[col] : 0,
+                       la_table_col_name(t, col));
+        }
         printf("\n");
     }
     for (size_t r = 0; r < rows; r++) {
