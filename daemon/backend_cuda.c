@@ -507,7 +507,7 @@ static int cu_mask_alloc(be_backend *b, int dev, uint64_t bytes, be_mask **ret_m
     cudaError_t e = cudaSetDevice(g->ordinal);
     void *d = NULL, *h = NULL;
     if (e == cudaSuccess)
-        e = cudaHostAlloc(&h, (size_t)bytes, cudaHostAllocDefault);
+        e = cudaHostAlloc(&h, (size_t)bytes, cudaHostAllocPortable);
     if (e == cudaSuccess)
         e = cudaMallocAsync(&d, (size_t)bytes, g->stream);
     if (e == cudaSuccess)
@@ -808,7 +808,7 @@ static int gpu_init(cuda_backend *cb, gpu *g, int ordinal, char *msg, size_t msg
         (e = cudaStreamCreateWithFlags(&g->stream, cudaStreamNonBlocking)) != cudaSuccess ||
         (e = cudaMalloc((void **)&g->d_tiles, N_SLOTS * sizeof *g->d_tiles)) != cudaSuccess ||
         (e = cudaHostAlloc((void **)&g->h_tiles, N_SLOTS * sizeof *g->h_tiles,
-                           cudaHostAllocDefault)) != cudaSuccess)
+                           cudaHostAllocPortable)) != cudaSuccess)
         goto fail;
     for (int k = 0; k < N_EVENTS; k++) {
         if ((e = cudaEventCreateWithFlags(&g->events[k], cudaEventDisableTiming |

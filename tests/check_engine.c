@@ -806,6 +806,70 @@ END_TEST
 START_TEST(multi_step_bf16) { multi_step(LA_DTYPE_BF16, 1, 130, 100, 3, 128); }
 END_TEST
 
+/* Ring attention: each (layer, kv shard) has its own mask; live fraction averages the shards. */
+START_TEST(kv_shards) {
+    harness h;
+    h_open(&h, NULL);
+    eng_session_spec sp = spec_make("ring", 2, 2, 64, LA_DTYPE_F32, 256, 512, 1);
+    sp.kv_shards = 2;
+    sp.threshold = INFINITY;
+    eng_session_view v;
+    uint64_t sid = open_ok(&h, UID, CONN, &sp, &v);
+    ck_assert_uint_eq(v.mask_bytes, 4 * v.layer_mask_bytes);
+    prob p;
+    prob_make(&h, &p, CONN, 1, 256, 512, 2, 64, LA_DTYPE_F32, 0);
+    la_rng rng;
+    la_rng_init(&rng, 21);
+    prob_fill(&p, &rng, 2.0);
+    eng_attn_req r;
+    prob_req(&p, &r, sid, 1, 0);
+    r.kv_shard = 1;
+    call c;
+    run_ok(&h, &r, &c);
+    uint32_t *mask = malloc(v.layer_mask_bytes), *got = malloc(v.layer_mask_bytes);
+    memset(mask, 0xff, v.layer_mask_bytes);
+    void *o = malloc(p.bytes[3]);
+    la_attn_params d;
+    la_test_params(&d, prob_ptr(&p, 0), prob_ptr(&p, 1), prob_ptr(&p, 2), o, NULL, mask, 1, 256,
+                   512, 2, 64, LA_DTYPE_F32, (int32_t)v.bm, (int32_t)v.bn);
+    d.mode = LA_MODE_SKIP;
+    d.tau = INFINITY;
+    ck_assert_int_eq(la_ref_attn_fwd(&d), 0);
+    eng_error err = {{0}};
+    size_t gl;
+    uint64_t total;
+    for (uint32_t l = 0; l < 2; l++)
+        for (uint32_t k = 0; k < 2; k++) {
+            ck_assert_int_eq(eng_mask_read(h.e, UID, sid, l, k, 0, got, v.layer_mask_bytes, &gl,
+                                           &total, &err), 0);
+            if (l == 1 && k == 1)
+                ck_assert_msg(!memcmp(got, mask, v.layer_mask_bytes), "shard 1 mask differs");
+            else
+                for (size_t i = 0; i < v.layer_mask_bytes / 4; i++)
+                    ck_assert_uint_eq(got[i], 0xffffffffu);
+        }
+    /* tau = +inf: each row keeps only its first visited tile (must-do none): 1 of 8 */
+    double live[2];
+    eng_session_stats st;
+    ck_assert_int_eq(eng_session_info(h.e, UID, sid, live, 2, &st, &err), 0);
+    ck_assert_double_eq(live[0], 1.0);
+    ck_assert_double_eq_tol(live[1], (1.0 + 1.0 / 8) / 2, 1e-12);
+    ck_assert_uint_eq(c.res.tiles_computed, c.res.tiles_total); /* the first call computes all */
+    /* partial reads */
+    ck_assert_int_eq(eng_mask_read(h.e, UID, sid, 1, 1, 4, got, 8, &gl, &total, &err), 0);
+    ck_assert_uint_eq(gl, 8);
+    ck_assert_uint_eq(got[0], mask[1]);
+    ck_assert_int_eq(eng_mask_read(h.e, UID, sid, 1, 1, total - 4, got, 64, &gl, &total, &err),
+                     0);
+    ck_assert_uint_eq(gl, 4);
+    free(mask);
+    free(got);
+    free(o);
+    shm_drop(&p.s);
+    h_close(&h);
+}
+END_TEST
+
 /* Calls submitted back to back (steps x layers, nothing awaited in between) give the same
  * outputs and masks as the same calls made one after the other: calls on one layer's mask
  * run in submission order, other layers overtake them. */
@@ -1046,6 +1110,7 @@ int main(void) {
     tcase_add_test(tc, multi_step_f32);
     tcase_add_test(tc, multi_step_bf16);
     tcase_add_test(tc, pipelined_steps);
+    tcase_add_test(tc, kv_shards);
     suite_add_tcase(s, tc);
     tc = tcase_create("teardown");
     tcase_set_timeout(tc, 30);
