@@ -798,6 +798,13 @@ static void on_done(la_call *call, int status, void *user)
     g_cb->fired++;
 }
 
+static void free_in_callback(la_call *call, int status, void *user)
+{
+    ck_assert_int_eq(status, 0);
+    la_call_free(call);
+    *(int *)user = 1;
+}
+
 START_TEST(test_async_pipelined)
 {
     tdaemon d;
@@ -859,6 +866,13 @@ START_TEST(test_async_pipelined)
         prob_ref(&pr[l], 2, -3.0f, LA_MODE_SKIP, 0);
         outputs_equal(&pr[l], 1);
     }
+    /* A callback may free its own call. */
+    static int freed_in_cb;
+    freed_in_cb = 0;
+    la_call *self;
+    OK(la_attn_submit(s, a[1], free_in_callback, &freed_in_cb, &self));
+    while (!freed_in_cb)
+        ck_assert_int_ge(la_client_process(c, 5000), 0);
     /* A call freed while in flight never calls back; the client stays usable. */
     memset(&st, 0, sizeof(st));
     la_call *gone;
