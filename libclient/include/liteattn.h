@@ -144,8 +144,9 @@ LA_API void la_disconnect(la_client *c);
 /* Facts the daemon sent in its Hello reply, as text; NULL for an unknown name. Names:
  * "daemon.version", "protocol" ("1.0"), "backends" (comma-separated, e.g. "cpu,cuda"),
  * "devices" (one line per device: "<uuid> <backend> <name>"), "limit.max_frame",
- * "limit.max_inflight", "limit.max_buffers", "limit.max_sessions", "limit.max_mask_bytes".
- * The string lives as long as the client. */
+ * "limit.max_inflight", "limit.max_buffers", "limit.max_sessions", "limit.max_mask_bytes",
+ * "limit.max_connections", "limit.session_grace_s", "limit.session_ttl_s" (limits only when
+ * the daemon sent them). The string lives as long as the client. */
 LA_API const char *la_client_property(const la_client *c, const char *name);
 
 /* Round trip of one Ping. Errors: LA_ECLOSED, LA_EPROTO. */
