@@ -54,6 +54,7 @@ int be_cuda_new(be_complete_fn complete, void *complete_data,
 #define N_SLOTS 1024   /* jobs in flight per device (tile counters) */
 #define N_EVENTS 256   /* completion IPC events per device, used round robin */
 #define MAX_DEVICES 64
+#define N_WAIT_CACHE 64 /* client IPC events kept open per device, replaced round robin */
 
 typedef CUresult (*get_range_fn)(CUdeviceptr *pbase, size_t *psize, CUdeviceptr dptr);
 
@@ -68,6 +69,12 @@ typedef struct grave {
 
 typedef struct gpu gpu;
 typedef struct cuda_backend cuda_backend;
+
+/* What a stream host function gets: stable for the backend's life, unlike the job. */
+typedef struct slot_ctx {
+    gpu *g;
+    int slot;
+} slot_ctx;
 
 struct be_import {
     struct be_import *next;
@@ -92,7 +99,9 @@ struct gpu {
     pthread_mutex_t lock;
     pthread_cond_t cond;
     be_job *head, *tail;      /* queued */
-    be_job *inflight;         /* launched, host function not run yet */
+    be_job *slot_job[N_SLOTS]; /* launched, host function not run yet, by counter slot */
+    slot_ctx slot_ctx[N_SLOTS];
+    int n_inflight;
     grave *graves;
     int stopping;
 
@@ -104,6 +113,13 @@ struct gpu {
     cudaEvent_t events[N_EVENTS];
     cudaIpcEventHandle_t event_handles[N_EVENTS];
     unsigned next_event;
+
+    /* Clients reuse a few events, so opened IPC event handles are kept (worker thread only). */
+    struct {
+        uint8_t handle[64];
+        cudaEvent_t ev;
+    } wait_cache[N_WAIT_CACHE];
+    unsigned wait_next;
 };
 
 struct cuda_backend {
@@ -212,20 +228,18 @@ static void slot_put(gpu *g, int slot) {
 
 /* Stream host function: the job's GPU work is done. No CUDA calls allowed here. */
 static void CUDART_CB host_done(void *arg) {
-    be_job *j = arg;
-    gpu *g = j->be_priv;
+    slot_ctx *ctx = arg;
+    gpu *g = ctx->g;
     pthread_mutex_lock(&g->lock);
-    be_job **pp = &g->inflight;
-    while (*pp && *pp != j)
-        pp = &(*pp)->be_next;
-    if (!*pp) { /* already failed by the sticky-error path */
+    be_job *j = g->slot_job[ctx->slot];
+    if (!j) { /* already failed by the sticky-error path (and maybe freed) */
         pthread_mutex_unlock(&g->lock);
         return;
     }
-    *pp = j->be_next;
-    j->be_next = NULL;
-    j->tiles_computed = (int64_t)g->h_tiles[j->be_slot];
-    slot_put(g, j->be_slot);
+    g->slot_job[ctx->slot] = NULL;
+    g->n_inflight--;
+    j->tiles_computed = (int64_t)g->h_tiles[ctx->slot];
+    slot_put(g, ctx->slot);
     j->be_slot = -1;
     pthread_cond_broadcast(&g->cond);
     pthread_mutex_unlock(&g->lock);
@@ -235,8 +249,16 @@ static void CUDART_CB host_done(void *arg) {
 /* Fails every job in flight or queued on g (sticky error). */
 static void fail_all(gpu *g, const char *why) {
     pthread_mutex_lock(&g->lock);
-    be_job *list = g->inflight, *q = g->head;
-    g->inflight = NULL;
+    be_job *list = NULL, *q = g->head;
+    /* Their slots stay out of use: the dead context may still hold work on them. */
+    for (int k = 0; k < N_SLOTS && g->n_inflight > 0; k++)
+        if (g->slot_job[k]) {
+            g->slot_job[k]->be_next = list;
+            list = g->slot_job[k];
+            g->slot_job[k] = NULL;
+            g->n_inflight--;
+        }
+    g->n_inflight = 0;
     g->head = g->tail = NULL;
     pthread_mutex_unlock(&g->lock);
     for (int pass = 0; pass < 2; pass++) {
@@ -257,30 +279,46 @@ static void launch(gpu *g, be_job *j) {
     j->be_priv = g;
     j->be_slot = -1;
     j->t_start_ns = be_now_ns();
+    if (j->has_wait_event) {
+        cudaEvent_t ev = NULL;
+        for (int k = 0; k < N_WAIT_CACHE && !ev; k++)
+            if (g->wait_cache[k].ev && !memcmp(g->wait_cache[k].handle, j->wait_event, 64))
+                ev = g->wait_cache[k].ev;
+        if (!ev) {
+            cudaIpcEventHandle_t h;
+            memcpy(&h, j->wait_event, sizeof h);
+            e = cudaIpcOpenEventHandle(&ev, h);
+            if (e != cudaSuccess) {
+                check_sticky(g->cb, g, e, "cudaIpcOpenEventHandle");
+                finish(g, j, is_sticky(e) ? LA_EDEVICE : LA_EINVAL,
+                       "GPU %s: cannot open the wait event: %s", cudaGetErrorString(e));
+                return;
+            }
+            unsigned k = g->wait_next++ % N_WAIT_CACHE;
+            /* Destroying an event a wait was enqueued on is fine: the wait keeps what it
+             * needs until the device is done with it. */
+            if (g->wait_cache[k].ev)
+                cudaEventDestroy(g->wait_cache[k].ev);
+            g->wait_cache[k].ev = ev;
+            memcpy(g->wait_cache[k].handle, j->wait_event, 64);
+        }
+        if ((e = cudaStreamWaitEvent(g->stream, ev, 0)) != cudaSuccess) {
+            check_sticky(g->cb, g, e, "cudaStreamWaitEvent");
+            finish(g, j, map_err(e), "GPU %s: %s", cudaGetErrorString(e));
+            return;
+        }
+    }
+    int slot = -1;
     pthread_mutex_lock(&g->lock);
     if (g->n_free_slots > 0)
-        j->be_slot = g->free_slots[--g->n_free_slots];
+        slot = g->free_slots[--g->n_free_slots];
     pthread_mutex_unlock(&g->lock);
-    if (j->be_slot < 0) {
+    if (slot < 0) {
         finish(g, j, LA_EBUSY, "GPU %s: too many calls in flight%s", "");
         return;
     }
-    if (j->has_wait_event) {
-        cudaIpcEventHandle_t h;
-        cudaEvent_t ev;
-        memcpy(&h, j->wait_event, sizeof h);
-        e = cudaIpcOpenEventHandle(&ev, h);
-        if (e != cudaSuccess) {
-            check_sticky(g->cb, g, e, "cudaIpcOpenEventHandle");
-            goto fail_msg;
-        }
-        e = cudaStreamWaitEvent(g->stream, ev, 0);
-        /* Destroying after the wait is enqueued is fine: the wait keeps what it needs. */
-        cudaEventDestroy(ev);
-        if (e != cudaSuccess)
-            goto fail;
-    }
-    unsigned long long *counter = g->d_tiles + j->be_slot;
+    j->be_slot = slot;
+    unsigned long long *counter = g->d_tiles + slot;
     if ((e = cudaMemsetAsync(counter, 0, sizeof *counter, g->stream)) != cudaSuccess)
         goto fail;
     j->p.ret_tiles_computed = (int64_t *)counter;
@@ -288,35 +326,36 @@ static void launch(gpu *g, be_job *j) {
     j->p.ret_tiles_computed = NULL;
     if (e != cudaSuccess)
         goto fail;
-    if ((e = cudaMemcpyAsync(g->h_tiles + j->be_slot, counter, sizeof *counter,
+    /* The client's completion event right after the kernel, before our own copies. */
+    unsigned k = g->next_event++ % N_EVENTS;
+    if ((e = cudaEventRecord(g->events[k], g->stream)) != cudaSuccess)
+        goto fail;
+    memcpy(j->done_event, &g->event_handles[k], sizeof j->done_event);
+    j->has_done_event = 1;
+    if ((e = cudaMemcpyAsync(g->h_tiles + slot, counter, sizeof *counter,
                              cudaMemcpyDeviceToHost, g->stream)) != cudaSuccess)
         goto fail;
     if (j->mask && j->p.mode != LA_MODE_DENSE && !j->p.decisions) {
+        /* Refresh the host view of this (layer, shard) mask. */
         e = cudaMemcpyAsync((char *)j->mask->host + j->mask_off,
                             (char *)j->mask->dev_ptr + j->mask_off, (size_t)j->mask_len,
                             cudaMemcpyDeviceToHost, g->stream);
         if (e != cudaSuccess)
             goto fail;
     }
-    unsigned k = g->next_event++ % N_EVENTS;
-    if ((e = cudaEventRecord(g->events[k], g->stream)) != cudaSuccess)
-        goto fail;
-    memcpy(j->done_event, &g->event_handles[k], sizeof j->done_event);
-    j->has_done_event = 1;
-    /* In the in-flight list before the host function can run. */
+    /* In flight before the host function can run. */
     pthread_mutex_lock(&g->lock);
-    j->be_next = g->inflight;
-    g->inflight = j;
+    g->slot_job[slot] = j;
+    g->n_inflight++;
     pthread_mutex_unlock(&g->lock);
-    e = cudaLaunchHostFunc(g->stream, host_done, j);
+    e = cudaLaunchHostFunc(g->stream, host_done, &g->slot_ctx[slot]);
     if (e != cudaSuccess) {
         pthread_mutex_lock(&g->lock);
-        be_job **pp = &g->inflight;
-        while (*pp && *pp != j)
-            pp = &(*pp)->be_next;
-        int mine = *pp != NULL;
-        if (mine)
-            *pp = j->be_next;
+        int mine = g->slot_job[slot] == j;
+        if (mine) {
+            g->slot_job[slot] = NULL;
+            g->n_inflight--;
+        }
         pthread_mutex_unlock(&g->lock);
         if (!mine)
             return; /* the sticky path failed it already */
@@ -325,9 +364,11 @@ static void launch(gpu *g, be_job *j) {
     return;
 fail:
     check_sticky(g->cb, g, e, "a launch");
-fail_msg:
-    /* The counter slot may still be written by work already enqueued: keep it out of use
-     * (an error here is rare; a sticky one ends the process anyway). */
+    /* The counter slot may still be written by work already enqueued: it stays out of use
+     * (errors after a slot was taken are launch failures: rare, and sticky ones end the
+     * process anyway). */
+    logf_(g->cb, 1, "GPU %s: launch failed (%s); counter slot %d retired", g->uuid,
+          cudaGetErrorString(e), slot);
     j->has_done_event = 0;
     j->be_slot = -1;
     finish(g, j, map_err(e), "GPU %s: %s", cudaGetErrorString(e));
@@ -399,7 +440,7 @@ static void *gpu_main(void *arg) {
             pthread_mutex_lock(&g->lock);
             continue;
         }
-        int busy = g->inflight != NULL || g->graves != NULL;
+        int busy = g->n_inflight > 0 || g->graves != NULL;
         if (g->stopping && !busy)
             break;
         if (!busy) {
@@ -414,7 +455,7 @@ static void *gpu_main(void *arg) {
         if (g->graves)
             bury(g, e == cudaSuccess);
         pthread_mutex_lock(&g->lock);
-        if (g->stopping && g->inflight && e == cudaErrorNotReady) {
+        if (g->stopping && g->n_inflight > 0 && e == cudaErrorNotReady) {
             /* Shutting down: waiting here is what stop() asked for. */
             pthread_mutex_unlock(&g->lock);
             e = cudaStreamSynchronize(g->stream);
@@ -739,6 +780,9 @@ static void gpu_teardown(gpu *g) {
     for (int k = 0; k < N_EVENTS; k++)
         if (g->events[k])
             cudaEventDestroy(g->events[k]);
+    for (int k = 0; k < N_WAIT_CACHE; k++)
+        if (g->wait_cache[k].ev)
+            cudaEventDestroy(g->wait_cache[k].ev);
     if (g->d_tiles)
         cudaFree(g->d_tiles);
     if (g->h_tiles)
@@ -817,8 +861,11 @@ static int gpu_init(cuda_backend *cb, gpu *g, int ordinal, char *msg, size_t msg
             (e = cudaIpcGetEventHandle(&g->event_handles[k], g->events[k])) != cudaSuccess)
             goto fail;
     }
-    for (int k = 0; k < N_SLOTS; k++)
+    for (int k = 0; k < N_SLOTS; k++) {
         g->free_slots[k] = N_SLOTS - 1 - k;
+        g->slot_ctx[k].g = g;
+        g->slot_ctx[k].slot = k;
+    }
     g->n_free_slots = N_SLOTS;
     if (pthread_create(&g->thread, NULL, gpu_main, g) != 0) {
         snprintf(msg, msg_len, "GPU %d: cannot start its worker thread", ordinal);
