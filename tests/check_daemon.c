@@ -221,7 +221,8 @@ static int64_t stat_of(rcl *r, uint64_t id, const char *name)
 
 /* ---- sessions, buffers, attention --------------------------------------------------------- */
 
-enum { GB = 1, GS = 256, GH = 2, GD = 64, GL = 2 };
+enum { GB = 1, GH = 2, GD = 64, GL = 2 };
+static int GS = 256; /* max Sq = Sk of the sessions opened here; a case may raise it */
 
 static void send_session_ref(rcl *r, uint64_t id, int body, uint64_t sid)
 {
@@ -1259,6 +1260,7 @@ END_TEST
 
 START_TEST(test_sigterm_inflight)
 {
+    GS = 1024; /* calls of a few hundred ms on 2 cores: still running when the signal comes */
     td_daemon d;
     start(&d, NULL);
     rcl r;
@@ -1287,6 +1289,7 @@ START_TEST(test_sigterm_inflight)
         }
         rcl_free_reply(rep);
     }
+    int before = answered;
     kill(d.pid, SIGTERM);
     while (answered < 4) {
         rep = rcl_recv(&r, 10000);
@@ -1295,11 +1298,112 @@ START_TEST(test_sigterm_inflight)
         answered++;
         rcl_free_reply(rep);
     }
+    if (before == 4)
+        fprintf(stderr, "test_sigterm_inflight: note: every call finished before SIGTERM\n");
     ck_assert(rcl_eof(&r, 10000));
     ck_assert_int_eq(td_wait(&d, 10000), 0);
     rcl_close(&r);
     shm_free(&st.s);
     ck_assert_int_eq(td_stop(&d), 0);
+}
+END_TEST
+
+START_TEST(test_slow_reader)
+{
+    td_daemon d;
+    const char *args[] = {"--max-outbound-bytes", "64K", NULL};
+    start(&d, args);
+    rcl r;
+    rcl_open(&r, &d);
+    rcl_hello(&r);
+    /* 200000 pings (about 2.4 MB of replies) and never a read: more than the socket buffers
+     * and the 64 KiB outbound limit hold, so the daemon drops this client. */
+    enum { N = 200000 };
+    size_t cap = (size_t)N * 16, total = 0;
+    uint8_t *all = malloc(cap);
+    for (uint64_t id = 2; id < N + 2; id++) {
+        Liteattn__Ping p = LITEATTN__PING__INIT;
+        Liteattn__Request q = LITEATTN__REQUEST__INIT;
+        q.id = id;
+        q.body_case = LITEATTN__REQUEST__BODY_PING;
+        q.ping = &p;
+        uint8_t *b;
+        size_t n;
+        ck_assert_int_eq(la_frame_pack(&q.base, 0, &b, &n), 0);
+        ck_assert_uint_le(total + n, cap);
+        memcpy(all + total, b, n);
+        total += n;
+        free(b);
+    }
+    send_all(r.fd, all, total, -1); /* fails part-way once the daemon closes: fine */
+    free(all);
+    ck_assert_msg(rcl_eof(&r, 10000), "a client that never reads was not disconnected");
+    rcl_close(&r);
+    assert_healthy(&d);
+    stop_ok(&d);
+}
+END_TEST
+
+START_TEST(test_config_file)
+{
+    char conf[] = "/tmp/la-conf.XXXXXX";
+    int fd = mkstemp(conf);
+    ck_assert_int_ge(fd, 0);
+    const char *text = "# a comment\n  max_inflight = 3  # trailing comment\nmax_buffers=7\n"
+                       "log_level = \"debug\"\nmax_frame = 128K\n";
+    ck_assert_int_eq(write(fd, text, strlen(text)), (ssize_t)strlen(text));
+    close(fd);
+    td_daemon d;
+    /* The file's keys apply; a command-line flag overrides the file wherever it stands. */
+    const char *args[] = {"--max-buffers", "9", "--config", conf, NULL};
+    int rc = td_start(&d, args);
+    unlink(conf);
+    ck_assert_int_eq(rc, 0);
+    rcl r;
+    rcl_open(&r, &d);
+    send_hello(&r, 1, LA_PROTOCOL_MAJOR);
+    Liteattn__Reply *rep = expect_body(&r, 1, LITEATTN__REPLY__BODY_HELLO);
+    ck_assert_uint_eq(rep->hello->limits->max_inflight, 3);
+    ck_assert_uint_eq(rep->hello->limits->max_buffers, 9);
+    ck_assert_uint_eq(rep->hello->limits->max_frame, 128 * 1024);
+    rcl_free_reply(rep);
+    rcl_close(&r);
+    stop_ok(&d);
+}
+END_TEST
+
+START_TEST(test_second_signal)
+{
+    GS = 1024;
+    td_daemon d;
+    start(&d, NULL);
+    rcl r;
+    rcl_open(&r, &d);
+    rcl_hello(&r);
+    setup st;
+    setup_attn(&r, &st, "second");
+    for (int i = 0; i < 8; i++) {
+        attn_args a;
+        attn_defaults(&a, st.sid, st.bid);
+        a.layer = (uint32_t)(i % GL);
+        send_attn(&r, 100 + i, &a);
+    }
+    send_ping(&r, 99);
+    for (;;) { /* the calls were read once the Ping is answered */
+        Liteattn__Reply *rep = rcl_recv(&r, 10000);
+        ck_assert_ptr_nonnull(rep);
+        int pong = rep->body_case == LITEATTN__REPLY__BODY_PONG;
+        rcl_free_reply(rep);
+        if (pong)
+            break;
+    }
+    kill(d.pid, SIGTERM);
+    usleep(20000);
+    kill(d.pid, SIGINT);
+    ck_assert_int_eq(td_wait(&d, 10000), 1);
+    ck_assert_int_eq(td_stop(&d), 1);
+    rcl_close(&r);
+    shm_free(&st.s);
 }
 END_TEST
 
@@ -1368,6 +1472,7 @@ int main(void)
     tcase_add_test(tc, test_ping_pipeline);
     tcase_add_test(tc, test_fd_protocol_errors);
     tcase_add_test(tc, test_options);
+    tcase_add_test(tc, test_slow_reader);
     suite_add_tcase(s, tc);
     TCase *tc2 = tcase_create("engine");
     tcase_set_timeout(tc2, 30);
@@ -1380,9 +1485,11 @@ int main(void)
     tcase_add_test(tc2, test_other_user);
     tcase_add_test(tc2, test_connections_per_user);
     tcase_add_test(tc2, test_sigterm_inflight);
+    tcase_add_test(tc2, test_second_signal);
+    tcase_add_test(tc2, test_config_file);
     suite_add_tcase(s, tc2);
     SRunner *sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
+    srunner_run_all(sr, CK_ENV); /* CK_VERBOSITY=verbose lists the cases */
     int failed = srunner_ntests_failed(sr);
     srunner_free(sr);
     return failed ? 1 : 0;
