@@ -65,7 +65,8 @@ static void usage(FILE *f)
             "                     GPU)\n"
             "  --preset wan480    Wan2.1-14B 480p attention: 40 heads x 128, S 32760, 2 layers\n"
             "  --clusters N       token clusters (default 8)\n"
-            "  --tile BMxBN       tile sizes for --direct (default 64x64)\n"
+            "  --tile BMxBN       tile sizes for --direct (default 128x64, as the\n"
+            "                     daemon's CPU backend)\n"
             "  --seed N           random seed (default 1)\n"
             "  -h, --help         this text\n");
 }
@@ -795,7 +796,7 @@ int main(int argc, char **argv)
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     opts o = {.socket = NULL, .layers = 4, .heads = 4, .head_dim = 64, .seq = 1024,
               .steps = 20, .threads = ncpu > 0 ? (int)ncpu : 1, .clusters = 8,
-              .threshold = -3.0f, .dtype = LA_DTYPE_BF16, .device = "auto", .bm = 64,
+              .threshold = -3.0f, .dtype = LA_DTYPE_BF16, .device = "auto", .bm = 128,
               .bn = 64, .seed = 1};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
