@@ -1088,6 +1088,237 @@ START_TEST(devices_and_stats) {
 }
 END_TEST
 
+/* ---- GPU: the cuda backend end to end through CUDA IPC (skipped without a GPU) ------------ */
+
+#ifdef LA_HAVE_CUDA
+#include <cuda_runtime_api.h>
+#include <sys/wait.h>
+
+static void write_all(int fd, const void *p, size_t n) {
+    const char *c = p;
+    while (n) {
+        ssize_t k = write(fd, c, n);
+        if (k <= 0)
+            _exit(3);
+        c += k, n -= (size_t)k;
+    }
+}
+static int read_all(int fd, void *p, size_t n) {
+    char *c = p;
+    while (n) {
+        ssize_t k = read(fd, c, n);
+        if (k <= 0)
+            return -1;
+        c += k, n -= (size_t)k;
+    }
+    return 0;
+}
+
+enum { G_B = 1, G_S = 300, G_H = 2, G_D = 64, G_STEPS = 3 };
+#define G_N ((size_t)G_B * G_S * G_H * G_D)
+#define G_T (G_N * 2)                   /* one bf16 tensor */
+#define G_L ((size_t)G_B * G_H * G_S * 4) /* lse */
+#define G_OFF(i) ((size_t)(i) * ((G_T + 255) & ~(size_t)255)) /* q k v o, then lse */
+
+typedef struct g_export {
+    uint8_t mem[64], ev[64];
+    char uuid[64];
+    uint64_t size;
+    int ok;
+} g_export;
+
+/* The client process: owns the GPU memory, exports it, reads O back after the daemon's event. */
+static void g_exporter(int in, int out) {
+    g_export x;
+    memset(&x, 0, sizeof x);
+    uint16_t *host = malloc(3 * G_T);
+    if (read_all(in, host, 3 * G_T))
+        _exit(2);
+    void *blk = NULL;
+    cudaStream_t st;
+    cudaEvent_t ev;
+    struct cudaDeviceProp prop;
+    x.size = G_OFF(4) + G_L;
+    x.ok = cudaSetDevice(0) == cudaSuccess && cudaGetDeviceProperties(&prop, 0) == cudaSuccess &&
+           cudaMalloc(&blk, x.size) == cudaSuccess &&
+           cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking) == cudaSuccess &&
+           cudaMemcpyAsync((char *)blk + G_OFF(0), host, G_T, cudaMemcpyHostToDevice, st) == 0 &&
+           cudaMemcpyAsync((char *)blk + G_OFF(1), host + G_N, G_T, cudaMemcpyHostToDevice, st) == 0 &&
+           cudaMemcpyAsync((char *)blk + G_OFF(2), host + 2 * G_N, G_T, cudaMemcpyHostToDevice, st) == 0 &&
+           cudaEventCreateWithFlags(&ev, cudaEventDisableTiming | cudaEventInterprocess) == 0 &&
+           cudaEventRecord(ev, st) == cudaSuccess &&
+           cudaIpcGetMemHandle((cudaIpcMemHandle_t *)x.mem, blk) == cudaSuccess &&
+           cudaIpcGetEventHandle((cudaIpcEventHandle_t *)x.ev, ev) == cudaSuccess;
+    if (x.ok) {
+        const unsigned char *b = (const unsigned char *)prop.uuid.bytes;
+        snprintf(x.uuid, sizeof x.uuid,
+                 "GPU-%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", b[0],
+                 b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12],
+                 b[13], b[14], b[15]);
+    }
+    write_all(out, &x, sizeof x);
+    if (!x.ok)
+        _exit(1);
+    /* The daemon's completion event of the last call; then O and LSE go back. */
+    uint8_t done[64];
+    if (read_all(in, done, 64))
+        _exit(2);
+    cudaEvent_t dev;
+    char *back = malloc(G_T + G_L);
+    int ok = cudaIpcOpenEventHandle(&dev, *(cudaIpcEventHandle_t *)done) == cudaSuccess &&
+             cudaStreamWaitEvent(st, dev, 0) == cudaSuccess &&
+             cudaMemcpyAsync(back, (char *)blk + G_OFF(3), G_T, cudaMemcpyDeviceToHost, st) == 0 &&
+             cudaMemcpyAsync(back + G_T, (char *)blk + G_OFF(4), G_L, cudaMemcpyDeviceToHost, st) == 0 &&
+             cudaStreamSynchronize(st) == cudaSuccess;
+    write_all(out, &ok, sizeof ok);
+    write_all(out, back, G_T + G_L);
+    /* Free only after the daemon side closed its import. */
+    char bye;
+    if (read_all(in, &bye, 1) == 0)
+        cudaFree(blk);
+    _exit(0);
+}
+#endif
+
+START_TEST(gpu_ipc_end_to_end) {
+#ifndef LA_HAVE_CUDA
+    return;
+#else
+    if (!la_test_has_gpu())
+        return; /* tests/run.sh counts it passed; nothing to check without a GPU */
+    int to_child[2], from_child[2];
+    ck_assert_int_eq(pipe(to_child), 0);
+    ck_assert_int_eq(pipe(from_child), 0);
+    pid_t pid = fork(); /* before this process touches CUDA */
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        close(to_child[1]);
+        close(from_child[0]);
+        g_exporter(to_child[0], from_child[1]);
+    }
+    close(to_child[0]);
+    close(from_child[1]);
+    la_rng rng;
+    la_rng_init(&rng, 1234);
+    uint16_t *host = malloc(3 * G_T);
+    la_test_fill(&rng, host, LA_DTYPE_BF16, (int64_t)G_N, 2.0);
+    la_test_fill(&rng, host + G_N, LA_DTYPE_BF16, (int64_t)G_N, 2.0);
+    la_test_fill(&rng, host + 2 * G_N, LA_DTYPE_BF16, (int64_t)G_N, 1.0);
+    write_all(to_child[1], host, 3 * G_T);
+    g_export x;
+    ck_assert_int_eq(read_all(from_child[0], &x, sizeof x), 0);
+    ck_assert_msg(x.ok, "the exporter process could not set up its GPU memory");
+
+    harness h;
+    memset(&h, 0, sizeof h);
+    ck_assert_int_eq(pipe2(h.pipe, O_NONBLOCK | O_CLOEXEC), 0);
+    eng_config cfg;
+    eng_config_default(&cfg);
+    cfg.backend = "cuda";
+    cfg.notify = notify_pipe;
+    cfg.notify_data = &h;
+    eng_error err = {{0}};
+    int rc = eng_new(&cfg, &h.e, &err);
+    ck_assert_msg(rc == 0, "eng_new(cuda): %d %s", rc, err.msg);
+    ck_assert_str_eq(eng_backends(h.e), "cpu,cuda");
+    uint64_t bid, real;
+    rc = eng_buffer_add_cuda_ipc(h.e, UID, CONN, x.mem, 64, x.uuid, x.size, &bid, &real, &err);
+    ck_assert_msg(rc == 0, "IPC import: %d %s", rc, err.msg);
+    ck_assert_uint_ge(real, x.size);
+    uint64_t bad;
+    ck_assert_int_eq(eng_buffer_add_cuda_ipc(h.e, UID, CONN, x.mem, 64, x.uuid, real + 1, &bad,
+                                             &real, &err), LA_ERANGE);
+
+    eng_session_spec sp = spec_make("gpu", 1, G_H, G_D, LA_DTYPE_BF16, G_S, G_S, G_B);
+    snprintf(sp.device, sizeof sp.device, "%s", x.uuid);
+    sp.threshold = -2.0f;
+    eng_session_view v;
+    uint64_t sid = open_ok(&h, UID, CONN, &sp, &v);
+    ck_assert_str_eq(v.device, x.uuid);
+
+    uint32_t *mask = malloc(v.layer_mask_bytes), *got = malloc(v.layer_mask_bytes);
+    memset(mask, 0xff, v.layer_mask_bytes);
+    uint16_t *o_ref = malloc(G_T);
+    float *lse_ref = malloc(G_L);
+    call c[G_STEPS];
+    for (int st = 0; st < G_STEPS; st++) {
+        eng_attn_req r;
+        memset(&r, 0, sizeof r);
+        r.session_id = sid;
+        r.step = (uint32_t)st;
+        tensor(&r.q, bid, G_OFF(0), LA_DTYPE_BF16, G_B, G_S, G_H, G_D);
+        tensor(&r.k, bid, G_OFF(1), LA_DTYPE_BF16, G_B, G_S, G_H, G_D);
+        tensor(&r.v, bid, G_OFF(2), LA_DTYPE_BF16, G_B, G_S, G_H, G_D);
+        tensor(&r.o, bid, G_OFF(3), LA_DTYPE_BF16, G_B, G_S, G_H, G_D);
+        tensor(&r.lse, bid, G_OFF(4), LA_DTYPE_F32, G_B, G_H, G_S, 0);
+        r.has_lse = 1;
+        if (st == 0) {
+            r.has_wait_event = 1;
+            memcpy(r.wait_event, x.ev, 64);
+        }
+        ck_assert_int_eq(submit(&h, UID, CONN, &r, &c[st], &err), 0);
+    }
+    h_wait(&h, G_STEPS);
+    int64_t tiles_ref = 0;
+    for (int st = 0; st < G_STEPS; st++) {
+        ck_assert_msg(c[st].status == 0, "step %d: status %d", st, c[st].status);
+        ck_assert_int_eq(c[st].res.has_done_event, 1);
+        la_attn_params d;
+        la_test_params(&d, host, host + G_N, host + 2 * G_N, o_ref, lse_ref, mask, G_B, G_S, G_S,
+                       G_H, G_D, LA_DTYPE_BF16, (int32_t)v.bm, (int32_t)v.bn);
+        d.mode = LA_MODE_SKIP;
+        d.tau = -2.0f;
+        d.step = st;
+        int64_t tc = 0;
+        d.ret_tiles_computed = &tc;
+        ck_assert_int_eq(la_ref_attn_fwd(&d), 0);
+        tiles_ref = tc;
+    }
+    /* The mask copy on the host is refreshed by the worker after each call. */
+    size_t gl;
+    uint64_t total;
+    ck_assert_int_eq(eng_mask_read(h.e, UID, sid, 0, 0, 0, got, v.layer_mask_bytes, &gl, &total,
+                                   &err), 0);
+    int diff = 0;
+    for (size_t i = 0; i < v.layer_mask_bytes / 4; i++)
+        diff += __builtin_popcount(got[i] ^ mask[i]);
+    ck_assert_msg(diff <= 2, "%d mask bits differ from the CPU reference (ties allowed: 2)", diff);
+    ck_assert_msg(llabs((long long)c[G_STEPS - 1].res.tiles_computed - tiles_ref) <= 2,
+                  "tiles computed %llu, reference %lld",
+                  (unsigned long long)c[G_STEPS - 1].res.tiles_computed, (long long)tiles_ref);
+
+    /* O and LSE of the last call, read by the client after the daemon's event. */
+    write_all(to_child[1], c[G_STEPS - 1].res.done_event, 64);
+    int ok = 0;
+    char *back = malloc(G_T + G_L);
+    ck_assert_int_eq(read_all(from_child[0], &ok, sizeof ok), 0);
+    ck_assert_int_eq(read_all(from_child[0], back, G_T + G_L), 0);
+    ck_assert_msg(ok, "the exporter could not read O back");
+    double *a = malloc(G_N * sizeof *a), *b = malloc(G_N * sizeof *b);
+    for (size_t i = 0; i < G_N; i++) {
+        a[i] = la_test_get(o_ref, LA_DTYPE_BF16, (int64_t)i);
+        b[i] = la_test_get(back, LA_DTYPE_BF16, (int64_t)i);
+    }
+    double e_o = la_test_rel_l2(a, b, (int64_t)G_N);
+    ck_assert_msg(e_o <= 1e-2, "O relative L2 error %g against the CPU reference", e_o);
+    for (size_t i = 0; i < G_L / 4; i++) {
+        a[i] = lse_ref[i];
+        b[i] = ((float *)(back + G_T))[i];
+    }
+    double e_l = la_test_rel_l2(a, b, (int64_t)(G_L / 4));
+    ck_assert_msg(e_l <= 1e-3, "LSE relative L2 error %g", e_l);
+
+    eng_free(h.e); /* closes the import before the exporter frees its memory */
+    char bye = 1;
+    write_all(to_child[1], &bye, 1);
+    int status = 0;
+    waitpid(pid, &status, 0);
+    ck_assert_int_eq(WEXITSTATUS(status), 0);
+    free(host), free(mask), free(got), free(o_ref), free(lse_ref), free(back), free(a), free(b);
+#endif
+}
+END_TEST
+
 int main(void) {
     la_test_seed();
     Suite *s = suite_create("engine");
@@ -1117,6 +1348,10 @@ int main(void) {
     tcase_add_test(tc, close_session_in_flight);
     tcase_add_test(tc, conn_closed_in_flight);
     tcase_add_test(tc, free_with_jobs_queued);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("gpu");
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, gpu_ipc_end_to_end);
     suite_add_tcase(s, tc);
     return la_test_run_suite(s);
 }
