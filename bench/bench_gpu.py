@@ -340,7 +340,10 @@ def drifting(K, res, B, H, S, D, steps, tau=-3.0):
 
 def sweep(libs, shapes, reps):
     """Tile-shape variants (builds of the same kernels with other LA_HD*_NW/MT/BN): dense and
-    skip-at-tau=-inf time of each, interleaved with torch flash, per shape."""
+    skip-at-tau=-inf time of each, interleaved with torch flash, per shape.
+    Caveat (seen on the H100): each library carries its own static cudart; in every library but
+    the first one loaded, kernels that need more than 48 KB of dynamic shared memory fail to
+    launch (cudaErrorInvalidValue from the opt-in). Such variants must run one per process."""
     Ks = {os.path.basename(l): Kernels(os.path.abspath(l)) for l in libs}
     for (B, H, S, D) in shapes:
         torch.manual_seed(0)
