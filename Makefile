@@ -115,6 +115,8 @@ include libclient/module.mk
 include tests/module.mk
 -include bench/module.mk
 -include packaging/module.mk
+-include tests/sanitize.mk
+-include fuzz/module.mk
 
 all-targets: $(ALL_TARGETS)
 ifeq ($(HAVE_CUDA),0)
