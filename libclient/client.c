@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -22,11 +23,15 @@ LA_API int la_default_socket_path(char *buf, size_t len)
     const char *x = getenv("XDG_RUNTIME_DIR");
     char tmp[4096];
     int n;
+    struct stat st;
     if (s && *s)
         n = snprintf(tmp, sizeof(tmp), "%s", s);
-    else if (x && *x)
-        n = snprintf(tmp, sizeof(tmp), "%s/liteattn.sock", x);
+    else if (x && *x && (n = snprintf(tmp, sizeof(tmp), "%s/liteattn.sock", x)) > 0 &&
+             (size_t)n < sizeof(tmp) && stat(tmp, &st) == 0 && S_ISSOCK(st.st_mode))
+        ; /* a per-user daemon listens in the user's runtime directory */
     else
+        /* Login shells set XDG_RUNTIME_DIR; without a per-user daemon there, the system
+         * service's socket is the one meant. */
         n = snprintf(tmp, sizeof(tmp), "/run/liteattn/liteattn.sock");
     if (n < 0 || (size_t)n >= len || (size_t)n >= sizeof(tmp))
         return cl_fail(LA_EINVAL, "socket path needs %d bytes, the buffer has %zu", n + 1, len);

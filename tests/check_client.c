@@ -1253,8 +1253,24 @@ START_TEST(test_default_socket_path)
     OK(la_default_socket_path(buf, sizeof(buf)));
     ck_assert_str_eq(buf, "/tmp/x/la.sock");
     unsetenv("LITEATTN_SOCKET");
+    /* No socket in XDG_RUNTIME_DIR: the system service's path. */
+    char dir[] = "/tmp/la-xdg-XXXXXX";
+    ck_assert_ptr_nonnull(mkdtemp(dir));
+    setenv("XDG_RUNTIME_DIR", dir, 1);
     OK(la_default_socket_path(buf, sizeof(buf)));
-    ck_assert_str_eq(buf, "/run/user/1000/liteattn.sock");
+    ck_assert_str_eq(buf, "/run/liteattn/liteattn.sock");
+    /* A per-user daemon's socket there wins. */
+    char path[300];
+    snprintf(path, sizeof(path), "%s/liteattn.sock", dir);
+    int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    strcpy(sa.sun_path, path);
+    ck_assert_int_eq(bind(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+    OK(la_default_socket_path(buf, sizeof(buf)));
+    ck_assert_str_eq(buf, path);
+    close(fd);
+    unlink(path);
+    rmdir(dir);
     unsetenv("XDG_RUNTIME_DIR");
     OK(la_default_socket_path(buf, sizeof(buf)));
     ck_assert_str_eq(buf, "/run/liteattn/liteattn.sock");

@@ -127,7 +127,8 @@ LA_API const char *la_version(void);
 typedef struct la_client la_client;
 
 /* Writes the socket path a client uses when it is given none: $LITEATTN_SOCKET if set, else
- * $XDG_RUNTIME_DIR/liteattn.sock if XDG_RUNTIME_DIR is set, else /run/liteattn/liteattn.sock.
+ * $XDG_RUNTIME_DIR/liteattn.sock if a socket exists there (a per-user daemon), else the system
+ * service's /run/liteattn/liteattn.sock.
  * Errors: LA_EINVAL (NULL or too small buffer). */
 LA_API int la_default_socket_path(char *buf, size_t len);
 

@@ -209,7 +209,7 @@ class Client:
     """One connection to liteattnd.
 
     socket: the daemon's socket path; None takes $LITEATTN_SOCKET, else
-    $XDG_RUNTIME_DIR/liteattn.sock, else /run/liteattn/liteattn.sock.
+    $XDG_RUNTIME_DIR/liteattn.sock if a socket exists there, else /run/liteattn/liteattn.sock.
     Use as a context manager, or call close(). Closing detaches the sessions opened through
     it (the daemon keeps them for its grace period, so another client may attach()).
     """
