@@ -46,7 +46,8 @@ int td_wait(td_daemon *d, int timeout_ms);
 
 /* Sends SIGTERM and waits up to 10 s (then SIGKILL). Returns the exit status as td_wait (-1
  * when it had to be killed), prints the log if that is not 0, removes the directory. Safe to
- * call after td_wait (it then only cleans up and returns the status td_wait saw). */
+ * call after td_wait: it then only cleans up and returns the status td_wait saw (and prints the
+ * log only with LA_TEST_VERBOSE=1, since the caller checked that status itself). */
 int td_stop(td_daemon *d);
 
 #endif /* LA_TESTUTIL_DAEMON_H */
