@@ -8,3 +8,10 @@ ALL_TARGETS += $(BUILD)/bench_ref
 
 bench: $(BUILD)/bench_ref
 	$(BUILD)/bench_ref --threads $(or $(THREADS),$(shell nproc))
+
+# bench_daemon: one call through liteattnd against the same call made directly (CPU or CUDA).
+$(BUILD)/bench_daemon: $(BUILD)/obj/bench/bench_daemon.o $(LA_SO) $(KERNEL_LIB)
+	@$(if $(Q),echo "  LD      $@")
+	$(Q)$(CC) -o $@ $< $(KERNEL_LIB) $(TOOL_LDFLAGS) -lliteattn $(CUDA_LIBS) $(LDLIBS_BASE)
+
+ALL_TARGETS += $(BUILD)/bench_daemon

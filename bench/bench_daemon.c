@@ -1,0 +1,250 @@
+/*
+ * bench_daemon.c — what the daemon adds to an attention call: the same call (same shape, same
+ * mode, same threads or stream) made through liteattnd and made directly in this process.
+ *
+ *   bench_daemon --socket PATH [--device cpu|cuda] [--batch 1 --heads 8 --seq 1024 --head-dim 64]
+ *                [--iters 50] [--threads 2] [--mode dense|skip]
+ *
+ * cpu:  host buffers (memfd) through the daemon's CPU backend against la_ref_attn_fwd with
+ *       --threads threads (start the daemon with the same --threads).
+ * cuda: one cudaMalloc block passed by CUDA IPC, synchronous la_attn_run (the reply comes when
+ *       the kernel has finished) against la_attn_fwd_cuda + cudaStreamSynchronize.
+ * Mode dense keeps every call identical (the mask is left alone). Prints the median and p90 of
+ * each path and their difference.
+ */
+#include <getopt.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "la_attn.h"
+#include "liteattn.h"
+#ifdef LA_HAVE_CUDA
+#include <cuda_runtime_api.h>
+
+#include "la_cuda.h"
+#endif
+
+static double now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e6 + ts.tv_nsec / 1e3;
+}
+
+static int cmp_d(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static double pct(double *v, int n, double p)
+{
+    qsort(v, (size_t)n, sizeof *v, cmp_d);
+    int i = (int)ceil(p * n) - 1;
+    return v[i < 0 ? 0 : i];
+}
+
+static void die(const char *what, int rc)
+{
+    fprintf(stderr, "bench_daemon: %s: %s (%s)\n", what, la_strerror(rc), la_last_error_message());
+    exit(1);
+}
+
+static void fill_bf16(uint16_t *x, size_t n, uint64_t seed)
+{
+    for (size_t i = 0; i < n; i++) {
+        seed = seed * 6364136223846793005ULL + 1442695040888963407ULL;
+        float f = (float)((int)(seed >> 40 & 0xffff) - 32768) / 32768.0f;
+        uint32_t u;
+        memcpy(&u, &f, 4);
+        x[i] = (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+    }
+}
+
+int main(int argc, char **argv)
+{
+    const char *sock = NULL, *device = "cpu";
+    int B = 1, H = 8, S = 1024, D = 64, iters = 50, threads = 2;
+    la_mode mode = LA_MODE_DENSE;
+    static const struct option opts[] = {
+        {"socket", required_argument, 0, 's'}, {"device", required_argument, 0, 'd'},
+        {"batch", required_argument, 0, 'b'},  {"heads", required_argument, 0, 'H'},
+        {"seq", required_argument, 0, 'S'},    {"head-dim", required_argument, 0, 'D'},
+        {"iters", required_argument, 0, 'n'},  {"threads", required_argument, 0, 't'},
+        {"mode", required_argument, 0, 'm'},   {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0}};
+    int o;
+    while ((o = getopt_long(argc, argv, "s:d:b:H:S:D:n:t:m:h", opts, NULL)) != -1) {
+        switch (o) {
+        case 's': sock = optarg; break;
+        case 'd': device = optarg; break;
+        case 'b': B = atoi(optarg); break;
+        case 'H': H = atoi(optarg); break;
+        case 'S': S = atoi(optarg); break;
+        case 'D': D = atoi(optarg); break;
+        case 'n': iters = atoi(optarg); break;
+        case 't': threads = atoi(optarg); break;
+        case 'm': mode = strcmp(optarg, "skip") == 0 ? LA_MODE_SKIP : LA_MODE_DENSE; break;
+        default:
+            fprintf(stderr, "usage: bench_daemon --socket PATH [--device cpu|cuda] [--batch B] "
+                            "[--heads H] [--seq S] [--head-dim D] [--iters N] [--threads T] "
+                            "[--mode dense|skip]\n");
+            return o == 'h' ? 0 : 2;
+        }
+    }
+    int cuda = strcmp(device, "cuda") == 0;
+#ifndef LA_HAVE_CUDA
+    if (cuda) {
+        fprintf(stderr, "bench_daemon: built without CUDA\n");
+        return 2;
+    }
+#endif
+    if (iters < 3 || B < 1 || H < 1 || S < 1) {
+        fprintf(stderr, "bench_daemon: bad sizes\n");
+        return 2;
+    }
+
+    la_client *c;
+    int rc = la_connect(sock, "bench_daemon", &c);
+    if (rc)
+        die("connect", rc);
+    la_session_config *cfg;
+    la_session_config_new(&cfg);
+    la_session_config_set_geometry(cfg, 1, (uint32_t)H, (uint32_t)D, LA_DTYPE_BF16, (uint32_t)S,
+                                   (uint32_t)S, (uint32_t)B, 1);
+    la_session_config_set_threshold(cfg, -INFINITY);
+    la_session_config_set_mode(cfg, mode);
+    la_session_config_set_device(cfg, device);
+    char key[64];
+    snprintf(key, sizeof key, "bench-daemon-%d", (int)getpid());
+    la_session *s;
+    if ((rc = la_session_open(c, key, cfg, &s)))
+        die("session open", rc);
+    la_session_config_free(cfg);
+    int64_t bm, bn, mask_bytes;
+    la_session_get(s, "bm", &bm);
+    la_session_get(s, "bn", &bn);
+    la_session_get(s, "layer_mask_bytes", &mask_bytes);
+
+    size_t n = (size_t)B * S * H * D, bytes = n * 2;
+    uint16_t *hq = malloc(bytes), *hk = malloc(bytes), *hv = malloc(bytes);
+    fill_bf16(hq, n, 1);
+    fill_bf16(hk, n, 2);
+    fill_bf16(hv, n, 3);
+    uint32_t *mask = malloc((size_t)mask_bytes);
+    memset(mask, 0xff, (size_t)mask_bytes);
+
+    la_buffer *buf;
+    uint8_t *base; /* host mapping, or device block */
+    uint64_t off0 = 0;
+    if (!cuda) {
+        if ((rc = la_buffer_new_host(c, 4 * bytes, &buf)))
+            die("buffer", rc);
+        base = la_buffer_host_ptr(buf);
+        memcpy(base, hq, bytes);
+        memcpy(base + bytes, hk, bytes);
+        memcpy(base + 2 * bytes, hv, bytes);
+    } else {
+#ifdef LA_HAVE_CUDA
+        if (cudaMalloc((void **)&base, 5 * bytes + (size_t)mask_bytes) != cudaSuccess)
+            die("cudaMalloc", LA_ENOMEM);
+        cudaMemcpy(base, hq, bytes, cudaMemcpyHostToDevice);
+        cudaMemcpy(base + bytes, hk, bytes, cudaMemcpyHostToDevice);
+        cudaMemcpy(base + 2 * bytes, hv, bytes, cudaMemcpyHostToDevice);
+        cudaMemcpy(base + 5 * bytes, mask, (size_t)mask_bytes, cudaMemcpyHostToDevice);
+        if ((rc = la_buffer_register_cuda(c, base, &buf, &off0)))
+            die("register cuda", rc);
+#endif
+    }
+
+    la_attn *a;
+    la_attn_new(&a);
+    int64_t sh[4] = {B, S, H, D};
+    la_attn_set_tensor(a, LA_TENSOR_Q, buf, off0, LA_DTYPE_BF16, 4, sh, NULL);
+    la_attn_set_tensor(a, LA_TENSOR_K, buf, off0 + bytes, LA_DTYPE_BF16, 4, sh, NULL);
+    la_attn_set_tensor(a, LA_TENSOR_V, buf, off0 + 2 * bytes, LA_DTYPE_BF16, 4, sh, NULL);
+    la_attn_set_tensor(a, LA_TENSOR_O, buf, off0 + 3 * bytes, LA_DTYPE_BF16, 4, sh, NULL);
+
+    /* The direct call: same tensors (in this process's memory), same tiles. */
+    la_attn_params p;
+    memset(&p, 0, sizeof p);
+    p.q = base;
+    p.k = base + bytes;
+    p.v = base + 2 * bytes;
+    p.o = base + 4 * bytes; /* not the daemon's O, so both paths write their own */
+    int64_t st[4] = {(int64_t)S * H * D, (int64_t)H * D, D, 1};
+    memcpy(p.q_stride, st, sizeof st);
+    memcpy(p.k_stride, st, sizeof st);
+    memcpy(p.v_stride, st, sizeof st);
+    memcpy(p.o_stride, st, sizeof st);
+    p.B = B, p.Sq = S, p.Sk = S, p.H = H, p.D = D;
+    p.dtype = LA_DTYPE_BF16;
+    p.scale = 1.0f / sqrtf((float)D);
+    p.tau = -INFINITY;
+    p.mode = mode;
+    p.direction = LA_DIR_ALTERNATE;
+    int32_t nq = la_tiles(S, (int32_t)bm), words = la_mask_words(la_tiles(S, (int32_t)bn));
+    p.mask_stride[2] = words;
+    p.mask_stride[1] = (int64_t)nq * words;
+    p.mask_stride[0] = (int64_t)H * nq * words;
+    p.BM = (int32_t)bm, p.BN = (int32_t)bn;
+    p.threads = threads;
+    uint8_t *host_o = NULL;
+    if (!cuda) {
+        host_o = malloc(bytes);
+        p.o = host_o;
+        p.mask = mask;
+    }
+#ifdef LA_HAVE_CUDA
+    cudaStream_t stream = NULL;
+    if (cuda) {
+        p.mask = (uint32_t *)(base + 5 * bytes);
+        cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
+    }
+#endif
+
+    double *td = malloc(sizeof(double) * (size_t)iters), *tc = malloc(sizeof(double) * (size_t)iters);
+    for (int i = -3; i < iters; i++) { /* 3 warm-up rounds; the two paths alternate */
+        la_attn_set_position(a, 0, (uint32_t)(i < 0 ? 0 : i), 0);
+        double t0 = now_us();
+        if ((rc = la_attn_run(s, a, NULL)))
+            die("attention", rc);
+        double t1 = now_us();
+        p.step = i < 0 ? 0 : i;
+        if (!cuda) {
+            if ((rc = la_ref_attn_fwd(&p)))
+                die("direct reference", rc);
+        } else {
+#ifdef LA_HAVE_CUDA
+            if (la_attn_fwd_cuda(&p, stream) != cudaSuccess || cudaStreamSynchronize(stream))
+                die("direct kernel", LA_EDEVICE);
+#endif
+        }
+        double t2 = now_us();
+        if (i >= 0) {
+            td[i] = t1 - t0;
+            tc[i] = t2 - t1;
+        }
+    }
+    double d50 = pct(td, iters, 0.5), d90 = pct(td, iters, 0.9);
+    double c50 = pct(tc, iters, 0.5), c90 = pct(tc, iters, 0.9);
+    printf("bench_daemon: %s, B%d H%d S%d D%d bf16, mode %s, tiles %lldx%lld, %d iterations\n",
+           device, B, H, S, D, mode == LA_MODE_DENSE ? "dense" : "skip", (long long)bm,
+           (long long)bn, iters);
+    printf("%-28s %12s %12s\n", "path", "median us", "p90 us");
+    printf("%-28s %12.1f %12.1f\n", "through liteattnd", d50, d90);
+    printf("%-28s %12.1f %12.1f\n", cuda ? "direct la_attn_fwd_cuda" : "direct la_ref_attn_fwd",
+           c50, c90);
+    printf("%-28s %12.1f\n", "added by the daemon", d50 - c50);
+
+    la_attn_free(a);
+    la_session_close(s);
+    la_buffer_unregister(buf);
+    la_disconnect(c);
+    return 0;
+}

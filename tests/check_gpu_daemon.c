@@ -1,0 +1,288 @@
+/*
+ * check_gpu_daemon.c — end to end on a GPU: liteattnd with the CUDA backend, client processes
+ * that pass their device buffers by CUDA IPC (la_buffer_register_cuda) and order their work with
+ * interprocess events, against direct calls of the same kernel (la_attn_fwd_cuda) in the
+ * client's own process.
+ *
+ * Two client processes run at once, each with its own session, for several denoising steps of
+ * drifting inputs at tau = -3: every step's O, LSE and mask from the daemon must equal the
+ * direct call bit for bit (same kernel, same inputs, same mask), and the daemon's live-tile
+ * count must match. Bad GPU input (an extent past the registered block) must be refused
+ * without touching the GPU, and the daemon must go on serving.
+ *
+ * Runs only where a GPU is present (tests/run.sh skips check_gpu_* programs otherwise). The
+ * Check case process never touches CUDA: the client processes it forks do.
+ */
+#include <check.h>
+#include <stdio.h>
+
+#ifndef LA_HAVE_CUDA
+int main(void) {
+    Suite *s = suite_create("gpu_daemon");
+    SRunner *sr = srunner_create(s);
+    srunner_run_all(sr, CK_NORMAL);
+    srunner_free(sr);
+    return 0;
+}
+#else
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cuda_runtime_api.h>
+
+#include "la_attn.h"
+#include "la_cuda.h"
+#include "liteattn.h"
+#include "testutil.h"
+#include "testutil_daemon.h"
+
+#define STEPS 6
+
+/* A client process reports failure by message and exit status 1. */
+#define CHILD_FAIL(...)                                                                       \
+    do {                                                                                       \
+        fprintf(stderr, "client %d: ", who);                                                   \
+        fprintf(stderr, __VA_ARGS__);                                                          \
+        fprintf(stderr, "\n");                                                                 \
+        _exit(1);                                                                              \
+    } while (0)
+#define CUDA_CHECK(call)                                                                       \
+    do {                                                                                       \
+        cudaError_t e_ = (call);                                                               \
+        if (e_ != cudaSuccess)                                                                 \
+            CHILD_FAIL("%s: %s", #call, cudaGetErrorString(e_));                               \
+    } while (0)
+#define LA_CHECK(call)                                                                         \
+    do {                                                                                       \
+        int r_ = (call);                                                                       \
+        if (r_ != 0)                                                                           \
+            CHILD_FAIL("%s: %s (%s)", #call, la_err_name(r_), la_last_error_message());        \
+    } while (0)
+
+static size_t align_up(size_t n) { return (n + 255) & ~(size_t)255; }
+
+/* One client: its own session of geometry (B, S, H, D), STEPS steps through the daemon and the
+ * same steps through the kernel directly; exits 0 when everything matched. */
+static void run_client(const char *sock, int who, int32_t B, int32_t Sq, int32_t Sk, int32_t H,
+                       int32_t D, la_dtype dt)
+{
+    la_rng rng;
+    la_rng_init(&rng, (uint64_t)who * 7919 + 17);
+
+    la_client *c;
+    LA_CHECK(la_connect(sock, "check_gpu_daemon", &c));
+    la_session_config *cfg;
+    LA_CHECK(la_session_config_new(&cfg));
+    LA_CHECK(la_session_config_set_geometry(cfg, 2, (uint32_t)H, (uint32_t)D, dt, (uint32_t)Sq,
+                                            (uint32_t)Sk, (uint32_t)B, 1));
+    LA_CHECK(la_session_config_set_threshold(cfg, -3.0f));
+    LA_CHECK(la_session_config_set_device(cfg, "cuda"));
+    char key[64];
+    snprintf(key, sizeof key, "gpu-e2e-%d-%d", who, (int)getpid());
+    la_session *s;
+    LA_CHECK(la_session_open(c, key, cfg, &s));
+    la_session_config_free(cfg);
+    int64_t bm, bn, layer_bytes;
+    LA_CHECK(la_session_get(s, "bm", &bm));
+    LA_CHECK(la_session_get(s, "bn", &bn));
+    LA_CHECK(la_session_get(s, "layer_mask_bytes", &layer_bytes));
+
+    /* Host problem with the session's tiles; its mask is the direct path's mask (host copy). */
+    la_test_problem *t = la_test_problem_new(&rng, B, Sq, Sk, H, D, dt, (int32_t)bm,
+                                             (int32_t)bn, 2.0);
+    if ((int64_t)(t->mask_words * 4) != layer_bytes)
+        CHILD_FAIL("session layer mask %lld bytes, expected %zu", (long long)layer_bytes,
+                   t->mask_words * 4);
+    size_t es = la_dtype_size(dt);
+    size_t nq = (size_t)B * Sq * H * D * es, nk = (size_t)B * Sk * H * D * es;
+    size_t nlse = (size_t)B * H * Sq * sizeof(float);
+    size_t off_q = 0, off_k = align_up(nq), off_v = off_k + align_up(nk),
+           off_o = off_v + align_up(nk), off_lse = off_o + align_up(nq),
+           total = off_lse + align_up(nlse);
+
+    CUDA_CHECK(cudaSetDevice(0));
+    uint8_t *blk, *direct;   /* daemon's block (q, k, v, o, lse); direct o, lse, mask */
+    CUDA_CHECK(cudaMalloc((void **)&blk, total));
+    CUDA_CHECK(cudaMalloc((void **)&direct, align_up(nq) + align_up(nlse) + t->mask_words * 4));
+    uint8_t *d_o = direct, *d_lse = direct + align_up(nq), *d_mask = d_lse + align_up(nlse);
+    CUDA_CHECK(cudaMemcpy(d_mask, t->mask, t->mask_words * 4, cudaMemcpyHostToDevice));
+    /* Register a pointer inside the block: the library must find the block's base. */
+    la_buffer *buf;
+    uint64_t base_off = 1;
+    LA_CHECK(la_buffer_register_cuda(c, blk + off_k, &buf, &base_off));
+    if (base_off != off_k)
+        CHILD_FAIL("register_cuda: offset %llu, expected %zu", (unsigned long long)base_off,
+                   off_k);
+
+    cudaStream_t st;
+    cudaEvent_t ready;
+    CUDA_CHECK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    CUDA_CHECK(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming | cudaEventInterprocess));
+    cudaIpcEventHandle_t ready_h;
+    CUDA_CHECK(cudaIpcGetEventHandle(&ready_h, ready));
+
+    la_attn *a;
+    LA_CHECK(la_attn_new(&a));
+    int64_t shq[4] = {B, Sq, H, D}, shk[4] = {B, Sk, H, D}, shl[3] = {B, H, Sq};
+    LA_CHECK(la_attn_set_tensor(a, LA_TENSOR_Q, buf, off_q, dt, 4, shq, NULL));
+    LA_CHECK(la_attn_set_tensor(a, LA_TENSOR_K, buf, off_k, dt, 4, shk, NULL));
+    LA_CHECK(la_attn_set_tensor(a, LA_TENSOR_V, buf, off_v, dt, 4, shk, NULL));
+    LA_CHECK(la_attn_set_tensor(a, LA_TENSOR_O, buf, off_o, dt, 4, shq, NULL));
+    LA_CHECK(la_attn_set_tensor(a, LA_TENSOR_LSE, buf, off_lse, LA_DTYPE_F32, 3, shl, NULL));
+    LA_CHECK(la_attn_set_wait_event(a, &ready_h, sizeof ready_h));
+
+    void *h_o1 = malloc(nq), *h_o2 = malloc(nq);
+    float *h_l1 = malloc(nlse), *h_l2 = malloc(nlse);
+    uint32_t *m1 = malloc(t->mask_words * 4), *m2 = malloc(t->mask_words * 4);
+    unsigned long long *d_tiles;
+    CUDA_CHECK(cudaMalloc((void **)&d_tiles, sizeof *d_tiles));
+
+    for (int step = 0; step < STEPS; step++) {
+        la_test_problem_drift(t, step, 0.02);
+        /* The inputs reach the GPU asynchronously; the daemon waits on `ready`. */
+        CUDA_CHECK(cudaMemcpyAsync(blk + off_q, t->q, nq, cudaMemcpyHostToDevice, st));
+        CUDA_CHECK(cudaMemcpyAsync(blk + off_k, t->k, nk, cudaMemcpyHostToDevice, st));
+        CUDA_CHECK(cudaMemcpyAsync(blk + off_v, t->v, nk, cudaMemcpyHostToDevice, st));
+        CUDA_CHECK(cudaMemsetAsync(blk + off_o, 0xff, nq, st)); /* poison: NaN */
+        CUDA_CHECK(cudaEventRecord(ready, st));
+
+        LA_CHECK(la_attn_set_position(a, 1, (uint32_t)step, 0));
+        la_call *call;
+        LA_CHECK(la_attn_run(s, a, &call));
+        int64_t computed = -1;
+        LA_CHECK(la_call_stat(call, "tiles_computed", &computed));
+        uint8_t done_h[64];
+        LA_CHECK(la_call_done_event(call, done_h, sizeof done_h));
+        la_call_free(call);
+        cudaIpcEventHandle_t dh;
+        memcpy(&dh, done_h, sizeof dh);
+        cudaEvent_t done;
+        CUDA_CHECK(cudaIpcOpenEventHandle(&done, dh));
+        CUDA_CHECK(cudaStreamWaitEvent(st, done, 0));
+        CUDA_CHECK(cudaMemcpyAsync(h_o1, blk + off_o, nq, cudaMemcpyDeviceToHost, st));
+        CUDA_CHECK(cudaMemcpyAsync(h_l1, blk + off_lse, nlse, cudaMemcpyDeviceToHost, st));
+        CUDA_CHECK(cudaStreamSynchronize(st));
+        CUDA_CHECK(cudaEventDestroy(done));
+        LA_CHECK(la_session_read_mask(s, 1, 0, m1, t->mask_words * 4));
+
+        /* The same call, directly. */
+        la_attn_params p = t->p;
+        p.q = blk + off_q;
+        p.k = blk + off_k;
+        p.v = blk + off_v;
+        p.o = d_o;
+        p.lse = (float *)d_lse;
+        p.mask = (uint32_t *)d_mask;
+        p.mode = LA_MODE_SKIP;
+        p.tau = -3.0f;
+        p.step = step;
+        p.ret_tiles_computed = (int64_t *)d_tiles;
+        CUDA_CHECK(cudaMemsetAsync(d_tiles, 0, sizeof *d_tiles, st));
+        CUDA_CHECK(la_attn_fwd_cuda(&p, st));
+        unsigned long long tiles = 0;
+        CUDA_CHECK(cudaMemcpyAsync(h_o2, d_o, nq, cudaMemcpyDeviceToHost, st));
+        CUDA_CHECK(cudaMemcpyAsync(h_l2, d_lse, nlse, cudaMemcpyDeviceToHost, st));
+        CUDA_CHECK(cudaMemcpyAsync(m2, d_mask, t->mask_words * 4, cudaMemcpyDeviceToHost, st));
+        CUDA_CHECK(cudaMemcpyAsync(&tiles, d_tiles, sizeof tiles, cudaMemcpyDeviceToHost, st));
+        CUDA_CHECK(cudaStreamSynchronize(st));
+
+        if (memcmp(h_o1, h_o2, nq) != 0)
+            CHILD_FAIL("step %d: O through the daemon differs from the direct call", step);
+        if (memcmp(h_l1, h_l2, nlse) != 0)
+            CHILD_FAIL("step %d: LSE through the daemon differs from the direct call", step);
+        if (memcmp(m1, m2, t->mask_words * 4) != 0)
+            CHILD_FAIL("step %d: mask through the daemon differs from the direct call", step);
+        if ((unsigned long long)computed != tiles)
+            CHILD_FAIL("step %d: daemon computed %lld tiles, direct %llu", step,
+                       (long long)computed, tiles);
+        /* Against an independent model: the daemon's output is attention. */
+        if (step == 0) {
+            size_t n = (size_t)B * Sq * H * D;
+            double *ref = malloc(n * sizeof(double)), *got = malloc(n * sizeof(double));
+            la_attn_params hp = t->p;
+            hp.o = h_o1;
+            naive_attn_f64(&hp, NULL, ref, NULL);
+            la_test_o_f64(&hp, got);
+            double err = la_test_rel_l2(ref, got, (int64_t)n);
+            if (!(err <= 1e-2))
+                CHILD_FAIL("step 0 (dense): rel L2 %.3g against float64 attention", err);
+            free(ref);
+            free(got);
+        }
+        fprintf(stderr, "client %d step %d: %lld of %lld tiles computed\n", who, step,
+                (long long)computed,
+                (long long)B * H * la_tiles(Sq, (int32_t)bm) * la_tiles(Sk, (int32_t)bn));
+    }
+
+    /* Bad input: V's extent 256 bytes past the block. Refused, nothing launched. */
+    LA_CHECK(la_attn_set_tensor(a, LA_TENSOR_V, buf, total - nk + 256, dt, 4, shk, NULL));
+    int rc = la_attn_run(s, a, NULL);
+    if (rc != LA_ERANGE)
+        CHILD_FAIL("extent past the block: %s, expected LA_ERANGE", la_err_name(rc));
+    uint64_t rtt;
+    LA_CHECK(la_ping(c, &rtt));
+
+    la_attn_free(a);
+    LA_CHECK(la_session_close(s));
+    LA_CHECK(la_buffer_unregister(buf));
+    la_disconnect(c);
+    la_test_problem_free(t);
+    _exit(0);
+}
+
+static void run_clients(int n, const int32_t (*geo)[5], la_dtype dt)
+{
+    td_daemon d;
+    const char *args[] = {"--backend", "cuda", NULL};
+    ck_assert_int_eq(td_start(&d, args), 0);
+    pid_t pids[4];
+    for (int i = 0; i < n; i++) {
+        pids[i] = fork();
+        ck_assert_int_ge(pids[i], 0);
+        if (pids[i] == 0)
+            run_client(d.socket, i, geo[i][0], geo[i][1], geo[i][2], geo[i][3], geo[i][4], dt);
+    }
+    int failed = 0;
+    for (int i = 0; i < n; i++) {
+        int st = 0;
+        ck_assert_int_eq(waitpid(pids[i], &st, 0), pids[i]);
+        if (!WIFEXITED(st) || WEXITSTATUS(st) != 0) {
+            fprintf(stderr, "client %d failed (status 0x%x)\n", i, st);
+            failed++;
+        }
+    }
+    ck_assert_int_eq(td_stop(&d), 0);
+    ck_assert_int_eq(failed, 0);
+}
+
+START_TEST(test_two_clients_bf16)
+{
+    /* B, Sq, Sk, H, D: partial tiles, Sq != Sk, B > 1. */
+    const int32_t geo[2][5] = {{2, 1000, 1100, 4, 128}, {1, 2000, 1500, 6, 64}};
+    run_clients(2, geo, LA_DTYPE_BF16);
+}
+END_TEST
+
+START_TEST(test_one_client_f16)
+{
+    const int32_t geo[1][5] = {{1, 777, 777, 2, 128}};
+    run_clients(1, geo, LA_DTYPE_F16);
+}
+END_TEST
+
+int main(void)
+{
+    Suite *s = suite_create("gpu_daemon");
+    TCase *tc = tcase_create("ipc");
+    tcase_set_timeout(tc, 120);
+    tcase_add_test(tc, test_two_clients_bf16);
+    tcase_add_test(tc, test_one_client_f16);
+    suite_add_tcase(s, tc);
+    return la_test_run_suite(s);
+}
+#endif /* LA_HAVE_CUDA */
