@@ -335,7 +335,6 @@ static void list_one(void *data, const eng_session_summary *s)
     memcpy(a->devs[a->n], s->device, sizeof(a->devs[0]));
     a->devs[a->n][63] = 0;
     o->has_id = 1, o->id = s->id;
-    o->key = a->keys[a->n];
     o->has_uid = 1, o->uid = s->uid;
     o->has_layers = 1, o->layers = s->layers;
     o->has_heads = 1, o->heads = s->heads;
@@ -348,8 +347,7 @@ static void list_one(void *data, const eng_session_summary *s)
     o->has_live_fraction = 1, o->live_fraction = s->live_fraction;
     o->has_attached = 1, o->attached = s->attached != 0;
     o->has_idle_ms = 1, o->idle_ms = s->idle_ms;
-    o->device = a->devs[a->n];
-    a->n++;
+    a->n++; /* key and device point into keys/devs once no realloc can move them */
 }
 
 static int do_session_list(conn *c, uint64_t id)
@@ -365,8 +363,11 @@ static int do_session_list(conn *c, uint64_t id)
         free(a.items), free(a.keys), free(a.devs);
         return reply_err(c, id, LA_ENOMEM, "out of memory listing sessions");
     }
-    for (size_t i = 0; i < a.n; i++)
+    for (size_t i = 0; i < a.n; i++) {
+        a.items[i].key = a.keys[i];
+        a.items[i].device = a.devs[i];
         ptrs[i] = &a.items[i];
+    }
     Liteattn__SessionListReply lr = LITEATTN__SESSION_LIST_REPLY__INIT;
     lr.n_sessions = a.n;
     lr.sessions = ptrs;
@@ -725,7 +726,6 @@ static void stat_one(void *data, const char *name, int64_t value)
     }
     liteattn__stat__init(&a->items[a->n]);
     snprintf(a->names[a->n], sizeof(a->names[0]), "%s", name);
-    a->items[a->n].name = a->names[a->n];
     a->items[a->n].value = value;
     a->n++;
 }
@@ -754,8 +754,10 @@ static int do_stats(conn *c, uint64_t id)
         free(a.items), free(a.names);
         return reply_err(c, id, LA_ENOMEM, "out of memory");
     }
-    for (size_t i = 0; i < a.n; i++)
+    for (size_t i = 0; i < a.n; i++) {
+        a.items[i].name = a.names[i]; /* now that no realloc can move names */
         ptrs[i] = &a.items[i];
+    }
     Liteattn__StatsReply sr = LITEATTN__STATS_REPLY__INIT;
     sr.n_stats = a.n;
     sr.stats = ptrs;

@@ -770,6 +770,41 @@ START_TEST(test_session_lifecycle)
 }
 END_TEST
 
+START_TEST(test_many_sessions_listed)
+{
+    td_daemon d;
+    start(&d, NULL);
+    rcl r;
+    rcl_open(&r, &d);
+    rcl_hello(&r);
+    enum { N = 40 }; /* more than the first allocation of the daemon's list */
+    for (int i = 0; i < N; i++) {
+        char key[32];
+        snprintf(key, sizeof(key), "many-%02d", i);
+        send_open(&r, 100 + i, key, LITEATTN__DTYPE__DTYPE_F32, 0);
+        rcl_free_reply(expect_body(&r, 100 + i, LITEATTN__REPLY__BODY_SESSION));
+    }
+    Liteattn__SessionList sl = LITEATTN__SESSION_LIST__INIT;
+    Liteattn__Request q = LITEATTN__REQUEST__INIT;
+    q.id = 200;
+    q.body_case = LITEATTN__REQUEST__BODY_SESSION_LIST;
+    q.session_list = &sl;
+    ck_assert_int_eq(rcl_send(&r, &q, -1), 0);
+    Liteattn__Reply *rep = expect_body(&r, 200, LITEATTN__REPLY__BODY_SESSION_LIST);
+    ck_assert_uint_eq(rep->session_list->n_sessions, N);
+    char seen[N] = {0};
+    for (size_t i = 0; i < N; i++) {
+        int k = -1;
+        ck_assert_int_eq(sscanf(rep->session_list->sessions[i]->key, "many-%d", &k), 1);
+        ck_assert(k >= 0 && k < N && !seen[k]);
+        seen[k] = 1;
+    }
+    rcl_free_reply(rep);
+    rcl_close(&r);
+    stop_ok(&d);
+}
+END_TEST
+
 /* The reference, called directly on copies of the inputs, for steps 0..n_steps-1 of layer 0. */
 static void reference(const setup *st, int n_steps, float *o, uint32_t *mask, size_t mask_words)
 {
@@ -1478,6 +1513,7 @@ int main(void)
     tcase_set_timeout(tc2, 30);
     tcase_add_test(tc2, test_unknown_session);
     tcase_add_test(tc2, test_session_lifecycle);
+    tcase_add_test(tc2, test_many_sessions_listed);
     tcase_add_test(tc2, test_attention_shm);
     tcase_add_test(tc2, test_bad_extents);
     tcase_add_test(tc2, test_inflight_limit);
