@@ -517,8 +517,10 @@ LA_API int la_connect(const char *socket_path, const char *client_name, la_clien
     if (r)
         liteattn__reply__free_unpacked(r, NULL);
     if (rc < 0) {
+        /* No answer at all: the daemon went away (killed, restarting) between accept and
+         * Hello; a reconnect loop must see that as "cannot connect", not as a protocol error. */
         if (rc == LA_ECLOSED)
-            rc = cl_fail(LA_EPROTO, "the daemon at %s closed the connection during Hello (%s)",
+            rc = cl_fail(LA_ECONN, "the daemon at %s closed the connection during Hello (%s)",
                          socket_path, la_last_error_message());
         client_free(c);
         return rc;

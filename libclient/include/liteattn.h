@@ -134,7 +134,8 @@ LA_API int la_default_socket_path(char *buf, size_t len);
 
 /* Connects to the daemon at socket_path (NULL: la_default_socket_path()) and performs the
  * Hello handshake, naming this client client_name (NULL: "libliteattn").
- * Errors: LA_ECONN (nothing listens there), LA_EVERSION (daemon speaks another major version),
+ * Errors: LA_ECONN (nothing listens there, or the daemon closed the connection before
+ * answering Hello, e.g. while it restarts), LA_EVERSION (daemon speaks another major version),
  * LA_EPROTO, LA_ENOMEM, LA_ETIMEDOUT (no answer to Hello within 10 s). */
 LA_API int la_connect(const char *socket_path, const char *client_name, la_client **ret_client);
 
