@@ -19,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "la_attn.h"
@@ -27,6 +28,11 @@
 #include <cuda_runtime_api.h>
 
 #include "la_cuda.h"
+#endif
+
+#ifdef LA_HAVE_CUDA
+static int ipc_pipe[2] = {-1, -1}, res_pipe[2] = {-1, -1};
+static pid_t ipc_child = -1;
 #endif
 
 static double now_us(void)
@@ -109,6 +115,51 @@ int main(int argc, char **argv)
         return 2;
     }
 
+#ifdef LA_HAVE_CUDA
+    /* Before this process touches CUDA: a second process that times the direct call on the
+     * block imported by CUDA IPC (what the daemon's kernel reads), to tell the cost of the
+     * daemon path from the cost of IPC-mapped memory. */
+    if (cuda && pipe(ipc_pipe) == 0 && pipe(res_pipe) == 0) {
+        ipc_child = fork();
+        if (ipc_child == 0) {
+            cudaIpcMemHandle_t h;
+            la_attn_params cp;
+            double med = -1;
+            if (read(ipc_pipe[0], &h, sizeof h) == (ssize_t)sizeof h &&
+                read(ipc_pipe[0], &cp, sizeof cp) == (ssize_t)sizeof cp) {
+                uint8_t *theirs = NULL, *mine;
+                if (cudaIpcOpenMemHandle((void **)&theirs, h, cudaIpcMemLazyEnablePeerAccess) ==
+                    cudaSuccess) {
+                    mine = (uint8_t *)cp.q; /* rebase every pointer onto the import */
+                    cp.q = theirs;
+                    cp.k = theirs + ((const uint8_t *)cp.k - mine);
+                    cp.v = theirs + ((const uint8_t *)cp.v - mine);
+                    cp.o = theirs + ((uint8_t *)cp.o - mine);
+                    cp.mask = (uint32_t *)(theirs + ((uint8_t *)cp.mask - mine));
+                    cudaStream_t cs;
+                    cudaStreamCreateWithFlags(&cs, cudaStreamNonBlocking);
+                    double t[20];
+                    int ok = 1;
+                    for (int i = -2; i < 20 && ok; i++) {
+                        double t0 = now_us();
+                        ok = la_attn_fwd_cuda(&cp, cs) == cudaSuccess &&
+                             cudaStreamSynchronize(cs) == cudaSuccess;
+                        if (i >= 0)
+                            t[i] = now_us() - t0;
+                    }
+                    if (ok)
+                        med = pct(t, 20, 0.5);
+                    else
+                        fprintf(stderr, "bench_daemon: kernel on IPC-imported memory: %s\n",
+                                cudaGetErrorString(cudaGetLastError()));
+                }
+            }
+            if (write(res_pipe[1], &med, sizeof med) < 0)
+                _exit(1);
+            _exit(0);
+        }
+    }
+#endif
     la_client *c;
     int rc = la_connect(sock, "bench_daemon", &c);
     if (rc)
@@ -209,12 +260,19 @@ int main(int argc, char **argv)
 #endif
 
     double *td = malloc(sizeof(double) * (size_t)iters), *tc = malloc(sizeof(double) * (size_t)iters);
+    double *tk = malloc(sizeof(double) * (size_t)iters);
     for (int i = -3; i < iters; i++) { /* 3 warm-up rounds; the two paths alternate */
         la_attn_set_position(a, 0, (uint32_t)(i < 0 ? 0 : i), 0);
         double t0 = now_us();
-        if ((rc = la_attn_run(s, a, NULL)))
+        la_call *call;
+        if ((rc = la_attn_run(s, a, &call)))
             die("attention", rc);
         double t1 = now_us();
+        int64_t cns = 0;
+        la_call_stat(call, "compute_ns", &cns);
+        la_call_free(call);
+        if (i >= 0)
+            tk[i] = cns / 1e3;
         p.step = i < 0 ? 0 : i;
         if (!cuda) {
             if ((rc = la_ref_attn_fwd(&p)))
@@ -233,6 +291,7 @@ int main(int argc, char **argv)
     }
     double d50 = pct(td, iters, 0.5), d90 = pct(td, iters, 0.9);
     double c50 = pct(tc, iters, 0.5), c90 = pct(tc, iters, 0.9);
+    double k50 = pct(tk, iters, 0.5), k90 = pct(tk, iters, 0.9);
     printf("bench_daemon: %s, B%d H%d S%d D%d bf16, mode %s, tiles %lldx%lld, %d iterations\n",
            device, B, H, S, D, mode == LA_MODE_DENSE ? "dense" : "skip", (long long)bm,
            (long long)bn, iters);
@@ -240,6 +299,22 @@ int main(int argc, char **argv)
     printf("%-28s %12.1f %12.1f\n", "through liteattnd", d50, d90);
     printf("%-28s %12.1f %12.1f\n", cuda ? "direct la_attn_fwd_cuda" : "direct la_ref_attn_fwd",
            c50, c90);
+    printf("%-28s %12.1f %12.1f\n", "  of which daemon compute", k50, k90);
+#ifdef LA_HAVE_CUDA
+    if (cuda && ipc_child >= 0) {
+        /* The same direct call on the block imported by CUDA IPC in another process. */
+        cudaIpcMemHandle_t h;
+        if (cudaIpcGetMemHandle(&h, base) == cudaSuccess &&
+            write(ipc_pipe[1], &h, sizeof h) == (ssize_t)sizeof h &&
+            write(ipc_pipe[1], &p, sizeof p) == (ssize_t)sizeof p) {
+            double t;
+            if (read(res_pipe[0], &t, sizeof t) == (ssize_t)sizeof t && t > 0)
+                printf("%-28s %12.1f\n", "direct, on IPC-imported mem", t);
+        }
+        close(ipc_pipe[1]);
+        waitpid(ipc_child, NULL, 0);
+    }
+#endif
     printf("%-28s %12.1f\n", "added by the daemon", d50 - c50);
 
     la_attn_free(a);
