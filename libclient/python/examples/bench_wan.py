@@ -83,7 +83,7 @@ def main():
 
     def sync():
         if cuda:
-            sync()
+            torch.cuda.synchronize()
     torch.manual_seed(0)
     t0 = time.perf_counter()
     torch.set_default_dtype(dt)
