@@ -143,6 +143,7 @@ static int pump(la_client *c)
             if (rc < 0) {
                 cl_log(0, "liteattn: the daemon sent a frame over the %u-byte limit",
                        c->fr.max_frame);
+                c->garbled = 1;
                 client_closed(c, LA_ECLOSED);
                 break;
             }
@@ -153,6 +154,7 @@ static int pump(la_client *c)
                 close(fd);
             if (!r) {
                 cl_log(0, "liteattn: undecodable reply from the daemon");
+                c->garbled = 1;
                 client_closed(c, LA_ECLOSED);
                 break;
             }
@@ -517,9 +519,13 @@ LA_API int la_connect(const char *socket_path, const char *client_name, la_clien
     if (r)
         liteattn__reply__free_unpacked(r, NULL);
     if (rc < 0) {
-        /* No answer at all: the daemon went away (killed, restarting) between accept and
-         * Hello; a reconnect loop must see that as "cannot connect", not as a protocol error. */
-        if (rc == LA_ECLOSED)
+        /* Closed without an answer: the daemon went away (killed, restarting) between accept
+         * and Hello; a reconnect loop must see that as "cannot connect". Garbage instead of a
+         * reply is a protocol error. */
+        if (rc == LA_ECLOSED && c->garbled)
+            rc = cl_fail(LA_EPROTO, "the daemon at %s sent garbage in answer to Hello (%s)",
+                         socket_path, la_last_error_message());
+        else if (rc == LA_ECLOSED)
             rc = cl_fail(LA_ECONN, "the daemon at %s closed the connection during Hello (%s)",
                          socket_path, la_last_error_message());
         client_free(c);

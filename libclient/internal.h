@@ -80,6 +80,7 @@ struct la_client {
     la_framer fr;
     uint64_t next_id;
     int closed;           /* 0, or the error every later request gets (LA_ECLOSED...) */
+    int garbled;          /* the daemon sent an oversized or undecodable frame */
     int reading;          /* a thread is in poll() on fd */
     uint32_t max_frame;
     uint32_t max_inflight;
