@@ -71,6 +71,7 @@ typedef struct expect {
     uint8_t *visit;   /* [B, H, nQ, nK]: computed in this call */
     uint8_t *keep_lo; /* keep(n) with ties voting skip */
     uint8_t *keep_hi; /* keep(n) with ties voting keep */
+    uint8_t *keep_ex; /* keep(n) as float64 decides it, ties and all */
     int64_t n_visit;
     int64_t n_tie_votes;
 } expect;
@@ -89,11 +90,11 @@ static expect expect_call(const la_attn_params *p, const uint32_t *old)
 {
     const int nq = nq_of(p), nk = nk_of(p);
     size_t n = (size_t)p->B * p->H * nq * nk;
-    expect e = {calloc(n, 1), calloc(n, 1), calloc(n, 1), 0, 0};
+    expect e = {calloc(n, 1), calloc(n, 1), calloc(n, 1), calloc(n, 1), 0, 0};
     uint8_t *md = calloc((size_t)nk, 1), *so = calloc((size_t)nk, 1);
     double *run = malloc(sizeof(double) * (size_t)p->BM);     /* running max per row */
     double *run_err = malloc(sizeof(double) * (size_t)p->BM); /* its fp32 error bound */
-    ck_assert(e.visit && e.keep_lo && e.keep_hi && md && so && run && run_err);
+    ck_assert(e.visit && e.keep_lo && e.keep_hi && e.keep_ex && md && so && run && run_err);
     flags_bruteforce(p, md, so);
     const double c = p->scale * LOG2E;
     for (int b = 0; b < p->B; b++)
@@ -111,7 +112,7 @@ static expect expect_call(const la_attn_params *p, const uint32_t *old)
                         continue;
                     e.visit[base + t] = 1;
                     e.n_visit++;
-                    int lo = md[t], hi = md[t];
+                    int lo = md[t], hi = md[t], ex = md[t];
                     for (int i = 0; i < p->BM && m * p->BM + i < p->Sq; i++) {
                         double mx = -INFINITY, err = 0;
                         for (int j = t * p->BN; j < (t + 1) * p->BN && j < p->Sk; j++) {
@@ -120,9 +121,10 @@ static expect expect_call(const la_attn_params *p, const uint32_t *old)
                             err = fmax(err, GAMMA(p->D) * a);
                         }
                         if (run[i] == -INFINITY) {
-                            lo = hi = 1;
+                            lo = hi = ex = 1;
                         } else {
                             double x = (mx - run[i]) * c;
+                            ex |= x > p->tau;
                             double win = (err + run_err[i]) * c + fabs(x) * 0x1p-22 + 1e-12;
                             if (fabs(x - p->tau) <= win) {
                                 hi = 1;
@@ -136,6 +138,7 @@ static expect expect_call(const la_attn_params *p, const uint32_t *old)
                     }
                     e.keep_lo[base + t] = (uint8_t)lo;
                     e.keep_hi[base + t] = (uint8_t)hi;
+                    e.keep_ex[base + t] = (uint8_t)ex;
                 }
             }
     free(md);
@@ -150,15 +153,16 @@ static void expect_free(expect *e)
     free(e->visit);
     free(e->keep_lo);
     free(e->keep_hi);
+    free(e->keep_ex);
 }
 
-/* Checks the new mask against e and the old mask; returns the number of tie tiles (decided
- * either way). Bits past nK must be 0. */
+/* Checks the new mask against e and the old mask; returns the number of tie tiles (a vote
+ * within fp32 rounding of tau: either decision is accepted). Bits past nK must be 0. */
 static int check_mask(const la_attn_params *p, const expect *e, const uint32_t *old,
                       const uint32_t *nw)
 {
     const int nq = nq_of(p), nk = nk_of(p), words = words_of(p);
-    int ties = 0;
+    int ties = 0, differ = 0;
     for (int b = 0; b < p->B; b++)
         for (int h = 0; h < p->H; h++)
             for (int m = 0; m < nq; m++) {
@@ -172,12 +176,15 @@ static int check_mask(const la_attn_params *p, const expect *e, const uint32_t *
                         continue;
                     }
                     int lo = e->keep_lo[base + n], hi = e->keep_hi[base + n];
+                    int ex = e->keep_ex[base + n];
                     if (p->mode == LA_MODE_OBSERVE) {
                         lo &= ob;
                         hi &= ob;
+                        ex &= ob;
                     }
                     if (lo != hi) {
                         ties++;
+                        differ += got != ex;
                         continue;
                     }
                     ck_assert_msg(got == lo, "b%d h%d m%d n%d: bit %d, expected %d (mode %d)",
@@ -187,13 +194,16 @@ static int check_mask(const la_attn_params *p, const expect *e, const uint32_t *
                     ck_assert_msg((r[words - 1] >> (nk % 32)) == 0, "bits past nK set: %08x",
                                   r[words - 1]);
             }
-    /* Ties are rare (the window is a few ulps of the scores); many would mean a real
-     * disagreement hiding in the window. */
-    ck_assert_msg(ties <= 1 + e->n_visit / 100, "%d tie tiles of %lld visited", ties,
+    /* Within the window the fp32 decision may differ from the float64 one, but the window is a
+     * worst-case bound and real rounding is far smaller: many differences would mean a real
+     * disagreement hiding in it. */
+    ck_assert_msg(differ <= 1 + e->n_visit / 100,
+                  "%d of %d tie tiles decided unlike float64 (%lld visited)", differ, ties,
                   (long long)e->n_visit);
-    if (ties > 0)
-        fprintf(stderr, "note: %d tile decision(s) within fp32 rounding of tau (of %lld)\n", ties,
-                (long long)e->n_visit);
+    if (differ > 0)
+        fprintf(stderr, "note: %d tile decision(s) differ from float64 within fp32 rounding of tau"
+                        " (%d in the window, %lld visited)\n",
+                differ, ties, (long long)e->n_visit);
     return ties;
 }
 
