@@ -15,6 +15,13 @@
  *   keep(n) = any valid row voted keep, or n is a must-do tile.
  *   skip: visited tile bit = keep(n); unvisited bits stay 0. observe: new = old & keep.
  *   dense: mask unchanged. The decisions go to `decisions` instead of `mask` when it is set.
+ * Details fixed by the CPU reference (kernels/ref.c) that every backend follows:
+ *   must-skip-only tiles are not computed in any mode (dense and observe visit all the others);
+ *   a visited tile's bit is keep(n) (skip) or old & keep(n) (observe), an unvisited tile keeps
+ *   its old bit; bits >= nK of a row's words are written 0 and ignored on input, words past
+ *   ceil(nK/32) are never touched; dense reads and writes neither mask nor decisions; a query
+ *   row whose (b, h, m) row visits no tile gets O = 0 and LSE = -inf; the vote is evaluated in
+ *   fp32 as (t_i - m_i) * (float)(scale * log2 e) > tau, keep when m_i == -inf.
  */
 #ifndef LA_ATTN_H
 #define LA_ATTN_H
