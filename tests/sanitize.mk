@@ -1,7 +1,7 @@
 # tests/sanitize.mk: the check programs (and the daemon they start) under sanitizers.
 #
 #   make check-asan   AddressSanitizer + UndefinedBehaviorSanitizer build in build/asan (CUDA=0)
-#                     of liteattnd and every tests/check_* program except the GPU ones; runs them
+#                     of liteattnd and every tests/check_* program except the GPU ones (check_gpu_*); runs them
 #                     with halt_on_error=1. Every sanitizer report (of a test program or of a
 #                     daemon a test started: tests/testutil_daemon.c runs $BUILD/liteattnd) is
 #                     also written under build/asan/reports/, and the target fails when that
@@ -18,8 +18,7 @@ SAN_CC ?= gcc
 SAN_COMMON := -fno-omit-frame-pointer -g -O1
 ASAN_BUILD := build/asan
 TSAN_BUILD := build/tsan
-SAN_SKIP := check_gpu_kernel
-SAN_PROGS = $(filter-out $(addprefix %/,$(SAN_SKIP)),$(patsubst tests/%.c,$(1)/tests/%,$(TEST_SRCS)))
+SAN_PROGS = $(patsubst tests/%.c,$(1)/tests/%,$(filter-out tests/check_gpu_%,$(TEST_SRCS)))
 TSAN_PROGS = $(addprefix $(TSAN_BUILD)/tests/,check_engine check_client check_load)
 
 ASAN_OPTS := halt_on_error=1:abort_on_error=0:detect_leaks=1:detect_stack_use_after_return=1:strict_string_checks=1:check_initialization_order=1
