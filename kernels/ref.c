@@ -30,72 +30,13 @@
 #include <string.h>
 
 #include "la_attn.h"
+#include "la_half.h"
 
 #define LOG2E_F 1.44269504088896340736f
 /* Register blocking of the two inner products: RB query rows by CB columns at a time. */
 #define RB 4
 #define CB 16
 #define MAX_THREADS 256
-
-/* ---- element conversion ---------------------------------------------------------------- */
-
-static inline float bf16_to_f32(uint16_t h)
-{
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline float f16_to_f32(uint16_t h)
-{
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
-    if (e == 0x1f) {
-        u = sign | 0x7f800000u | (man << 13);
-    } else if (e != 0) {
-        u = sign | ((e + 112u) << 23) | (man << 13);
-    } else {
-        /* Zero or subnormal: man * 2^-24 is exact in fp32. */
-        float f = (float)man * 0x1p-24f;
-        memcpy(&u, &f, 4);
-        u |= sign;
-    }
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-/* Round to nearest, ties to even; NaN stays NaN (quiet), overflow gives inf. */
-static inline uint16_t f32_to_bf16(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u)
-        return (uint16_t)((u >> 16) | 0x40u);
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-static inline uint16_t f32_to_f16(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
-    uint32_t a = u & 0x7fffffffu;
-    if (a > 0x7f800000u)
-        return sign | 0x7e00u;
-    if (a >= 0x477ff000u) /* >= 65520 rounds past the largest half, 65504 */
-        return sign | 0x7c00u;
-    if (a < 0x38800000u) {
-        /* Below 2^-14: subnormal half. Scaling by 2^24 is exact; rintf rounds half to even in
-         * the default rounding mode. 1024 lands on the smallest normal, as it should. */
-        float af;
-        memcpy(&af, &a, 4);
-        return sign | (uint16_t)rintf(af * 0x1p24f);
-    }
-    uint32_t v = a - (112u << 23); /* rebias 127 -> 15 */
-    v += 0xfffu + ((v >> 13) & 1u);
-    return sign | (uint16_t)(v >> 13);
-}
 
 /* Widens n elements, element i at src[i * stride], into dst. */
 static void load_row(float *dst, const void *src, int64_t stride, int n, la_dtype dt)
@@ -110,13 +51,13 @@ static void load_row(float *dst, const void *src, int64_t stride, int n, la_dtyp
     case LA_DTYPE_BF16: {
         const uint16_t *s = src;
         for (int i = 0; i < n; i++)
-            dst[i] = bf16_to_f32(s[i * stride]);
+            dst[i] = la_cvt_bf16_f32(s[i * stride]);
         break;
     }
     default: {
         const uint16_t *s = src;
         for (int i = 0; i < n; i++)
-            dst[i] = f16_to_f32(s[i * stride]);
+            dst[i] = la_cvt_f16_f32(s[i * stride]);
         break;
     }
     }
@@ -134,13 +75,13 @@ static void store_row(void *dst, int64_t stride, const float *src, int n, la_dty
     case LA_DTYPE_BF16: {
         uint16_t *d = dst;
         for (int i = 0; i < n; i++)
-            d[i * stride] = f32_to_bf16(src[i]);
+            d[i * stride] = la_cvt_f32_bf16(src[i]);
         break;
     }
     default: {
         uint16_t *d = dst;
         for (int i = 0; i < n; i++)
-            d[i * stride] = f32_to_f16(src[i]);
+            d[i * stride] = la_cvt_f32_f16(src[i]);
         break;
     }
     }

@@ -27,6 +27,7 @@
 #include <unistd.h>
 
 #include "la_attn.h"
+#include "la_half.h"
 #include "liteattn.h"
 
 /* ---- options --------------------------------------------------------------------------- */
@@ -80,70 +81,14 @@ static double now_s(void)
 
 /* ---- element conversion (round to nearest even) -------------------------------------- */
 
-static inline uint16_t f32_to_bf16(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u)
-        return (uint16_t)((u >> 16) | 0x40u);
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-static inline float bf16_to_f32(uint16_t h)
-{
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_f16(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
-    uint32_t a = u & 0x7fffffffu;
-    if (a > 0x7f800000u)
-        return sign | 0x7e00u;
-    if (a >= 0x477ff000u)
-        return sign | 0x7c00u;
-    if (a < 0x38800000u) {
-        float af;
-        memcpy(&af, &a, 4);
-        return sign | (uint16_t)rintf(af * 0x1p24f);
-    }
-    uint32_t v = a - (112u << 23);
-    v += 0xfffu + ((v >> 13) & 1u);
-    return sign | (uint16_t)(v >> 13);
-}
-
-static inline float f16_to_f32(uint16_t h)
-{
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
-    if (e == 0x1f) {
-        u = sign | 0x7f800000u | (man << 13);
-    } else if (e != 0) {
-        u = sign | ((e + 112u) << 23) | (man << 13);
-    } else {
-        float f = (float)man * 0x1p-24f;
-        memcpy(&u, &f, 4);
-        u |= sign;
-    }
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static size_t esize(la_dtype dt) { return dt == LA_DTYPE_F32 ? 4 : 2; }
-
 static inline void put(void *dst, size_t i, float v, la_dtype dt)
 {
     if (dt == LA_DTYPE_F32)
         ((float *)dst)[i] = v;
     else if (dt == LA_DTYPE_BF16)
-        ((uint16_t *)dst)[i] = f32_to_bf16(v);
+        ((uint16_t *)dst)[i] = la_cvt_f32_bf16(v);
     else
-        ((uint16_t *)dst)[i] = f32_to_f16(v);
+        ((uint16_t *)dst)[i] = la_cvt_f32_f16(v);
 }
 
 static inline float get(const void *src, size_t i, la_dtype dt)
@@ -151,8 +96,8 @@ static inline float get(const void *src, size_t i, la_dtype dt)
     if (dt == LA_DTYPE_F32)
         return ((const float *)src)[i];
     if (dt == LA_DTYPE_BF16)
-        return bf16_to_f32(((const uint16_t *)src)[i]);
-    return f16_to_f32(((const uint16_t *)src)[i]);
+        return la_cvt_bf16_f32(((const uint16_t *)src)[i]);
+    return la_cvt_f16_f32(((const uint16_t *)src)[i]);
 }
 
 /* ---- drifting data ---------------------------------------------------------------------- */
@@ -448,7 +393,7 @@ static void fill_strides(int64_t st[4], int S, int H, int D)
 static int run_direct(const opts *o)
 {
     const int S = o->seq, H = o->heads, D = o->head_dim, L = o->layers;
-    const size_t n = (size_t)S * H * D, bytes = n * esize(o->dtype);
+    const size_t n = (size_t)S * H * D, bytes = n * la_dtype_size(o->dtype);
     const int nQ = la_tiles(S, o->bm), nK = la_tiles(S, o->bn), nW = la_mask_words(nK);
     const size_t mask_words = (size_t)H * nQ * nW;
     void *q = malloc(bytes), *k = malloc(bytes), *v = malloc(bytes), *out = malloc(bytes),
@@ -570,7 +515,7 @@ static int fail(const char *what, int rc)
 static int run_daemon(const opts *o)
 {
     const int S = o->seq, H = o->heads, D = o->head_dim, L = o->layers;
-    const size_t n = (size_t)S * H * D, bytes = n * esize(o->dtype);
+    const size_t n = (size_t)S * H * D, bytes = n * la_dtype_size(o->dtype);
     la_client *c;
     int rc = la_connect(o->socket, "liteattn-demo", &c);
     if (rc == LA_ECONN) {
