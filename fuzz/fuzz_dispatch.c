@@ -12,7 +12,11 @@
  * Input: 1 byte of settings, then records [le16 length][Request bytes].
  *   byte 0 bit 0: send a valid Hello first; bits 1-2: the peer's uid (1000, 1001, 0, 1000);
  *          bit 3: leave the connection open at the end of the requests and close it with
- *          attention jobs possibly in flight (the engine's conn-closed path).
+ *          attention jobs possibly in flight (the engine's conn-closed path);
+ *          bit 4: the rest of the input is not records but the raw byte stream of the
+ *          connection (conn.c's own framing: oversized frames, undecodable bytes), written in
+ *          pieces of up to 251 bytes; bit 5 with it: a memfd rides on the first piece (an fd
+ *          with or without a BufferRegister).
  * A record that decodes as BufferRegister(SHM) gets a sealed memfd of min(size, 1 MiB) bytes
  * (one byte less when bit 8 of the request id is set: a buffer that claims more than its
  * fd holds) sent with its first
@@ -207,6 +211,21 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             abort();
         send_all(sv[1], b, n, -1, sv[1]);
         free(b);
+    }
+    if (flags & 16) {
+        int mfd = (flags & 32) ? make_memfd(4096, 0) : -1;
+        for (size_t o = 1, piece = 0; o < size && !c->closing; piece++) {
+            size_t l = 1 + (o * 7 + piece * 131) % 251;
+            if (l > size - o)
+                l = size - o;
+            send_all(sv[1], data + o, l, piece == 0 ? mfd : -1, sv[1]);
+            o += l;
+            uv_run(&S->loop, UV_RUN_NOWAIT);
+            drain(sv[1], &rb, &rl, &rcap);
+        }
+        if (mfd >= 0)
+            close(mfd);
+        size = 0; /* no records */
     }
     for (size_t o = 1; o + 2 <= size && !c->closing;) {
         size_t l = (size_t)data[o] | (size_t)data[o + 1] << 8;

@@ -217,6 +217,26 @@ int main(int argc, char **argv)
                            "buffer-unregister", "attention-alone", "stats", "ping"};
     for (size_t i = 0; i < sizeof each / sizeof each[0]; i++)
         emit(names[i], 1, 0, &each[i], 1);
-    printf("make_corpus: %d seeds per target under %s\n", seq, root);
+    /* The raw stream through conn.c's own framing (flags bit 4), with a memfd (bit 5). */
+    {
+        static blob raw;
+        raw.n = 0;
+        uint8_t fl = 1 | 16 | 32;
+        put(&raw, &fl, 1);
+        Liteattn__Request *raw_rs[] = {&r_open, &r_reg, &r_attn, &r_ping};
+        blob dummy;
+        for (size_t i = 0; i < 4; i++) {
+            dummy.n = 0;
+            static blob frm;
+            frm.n = 0;
+            add(&dummy, &frm, raw_rs[i]);
+            put(&raw, frm.b, frm.n);
+        }
+        uint8_t oversized[8] = {0xff, 0xff, 0xff, 0x00, 1, 2, 3, 4};
+        put(&raw, oversized, sizeof oversized);
+        save("dispatch", "raw-stream", &raw);
+        seq++;
+    }
+    printf("make_corpus: %d seeds under %s\n", seq, root);
     return 0;
 }
