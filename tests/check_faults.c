@@ -548,6 +548,8 @@ START_TEST(test_rlimit_as)
     close(m);
     ck_assert_msg(b == LA_ENOMEM || b == LA_ELIMIT || b == LA_EIO, "huge buffer: %lld",
                   (long long)b);
+    printf("rlimit_as: 2-4 GiB session -> %s, 2 GiB buffer -> %s\n", la_err_name((int)rc),
+           la_err_name((int)b));
     /* Small things still work. */
     ck_assert_int_gt(raw_session_open(fd, "small", 1, 2, 256), 0);
     ck_assert_int_eq(raw_ping(fd), 0);
