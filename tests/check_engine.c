@@ -686,10 +686,12 @@ static void multi_step(la_dtype dt, int B, int Sq, int Sk, int H, int D) {
             prob_req(&p, &r, sid, (uint32_t)l, (uint32_t)step);
             r.n_must_do = 1;
             r.must_do[0] = (la_range){0, 16};
+            /* A per-call override at tau = +inf: each row then keeps only its first visited
+             * tile and the must-do tile, so the next step must skip whatever the data. */
             int override = (step == 3 && l == 1);
             if (override) {
                 r.has_threshold = 1;
-                r.threshold = 1.0f;
+                r.threshold = INFINITY;
             }
             call c;
             run_ok(&h, &r, &c);
@@ -703,7 +705,7 @@ static void multi_step(la_dtype dt, int B, int Sq, int Sk, int H, int D) {
             d.mask_stride[0] = d.mask_stride[1] * H;
             d.mode = LA_MODE_SKIP;
             d.step = step;
-            d.tau = override ? 1.0f : sched[step < 3 ? step : 2];
+            d.tau = override ? INFINITY : sched[step < 3 ? step : 2];
             d.must_do = r.must_do;
             d.n_must_do = 1;
             d.threads = 1;
