@@ -44,14 +44,21 @@ static void load_row(float *dst, const void *src, int64_t stride, int n, la_dtyp
     switch (dt) {
     case LA_DTYPE_F32: {
         const float *s = src;
-        for (int i = 0; i < n; i++)
-            dst[i] = s[i * stride];
+        if (stride == 1)
+            memcpy(dst, s, (size_t)n * sizeof *dst);
+        else
+            for (int i = 0; i < n; i++)
+                dst[i] = s[i * stride];
         break;
     }
     case LA_DTYPE_BF16: {
         const uint16_t *s = src;
-        for (int i = 0; i < n; i++)
-            dst[i] = la_cvt_bf16_f32(s[i * stride]);
+        if (stride == 1) /* the common layout: a loop the compiler vectorises */
+            for (int i = 0; i < n; i++)
+                dst[i] = la_cvt_bf16_f32(s[i]);
+        else
+            for (int i = 0; i < n; i++)
+                dst[i] = la_cvt_bf16_f32(s[i * stride]);
         break;
     }
     default: {
@@ -249,7 +256,17 @@ typedef struct scratch {
     uint32_t *row; /* [words] keep(n) of the visited tiles */
     uint32_t *vis; /* [words] visited tiles */
     int32_t *order; /* [nK] visit order */
+    /* Widened K (transposed) and V of every k-tile of one head (b, h), filled as tiles are first
+     * visited: consecutive items of a thread mostly share the head, so K and V are widened
+     * once per head instead of once per q-tile. NULL when too large (then kt/v per tile). */
+    float *head_kt;   /* [nK][D][BNp] */
+    float *head_v;    /* [nK][BNp][D] */
+    uint32_t *loaded; /* [words] tiles of head_b/head_h already widened */
+    int32_t head_b, head_h;
 } scratch;
+
+/* Largest per-thread head cache (K and V of one head in fp32). */
+#define HEAD_CACHE_MAX ((size_t)256 << 20)
 
 typedef struct job {
     const la_attn_params *p;
@@ -307,30 +324,45 @@ static void run_item(job *jb, scratch *sc, int64_t item)
         sc->vis[n / 32] |= 1u << (n % 32);
     }
 
+    if (sc->head_kt != NULL && (sc->head_b != b || sc->head_h != h)) {
+        sc->head_b = b;
+        sc->head_h = h;
+        memset(sc->loaded, 0, sizeof(uint32_t) * (size_t)jb->words);
+    }
     for (int32_t vi = 0; vi < n_visit; vi++) {
         const int32_t n = sc->order[vi], c0 = n * p->BN;
         const int bn = (p->Sk - c0 < p->BN) ? p->Sk - c0 : p->BN;
-        /* K, V: [B, Sk, H, D]. K goes in transposed so that S rows are contiguous. */
-        float tmp[256];
-        for (int j = 0; j < bn; j++) {
-            load_row(tmp, kb + es * (size_t)(b * p->k_stride[0] + (c0 + j) * p->k_stride[1] +
-                                             h * p->k_stride[2]),
-                     p->k_stride[3], D, p->dtype);
-            for (int d = 0; d < D; d++)
-                sc->kt[(size_t)d * bnp + j] = tmp[d];
-            load_row(sc->v + (size_t)j * D,
-                     vb + es * (size_t)(b * p->v_stride[0] + (c0 + j) * p->v_stride[1] +
-                                        h * p->v_stride[2]),
-                     p->v_stride[3], D, p->dtype);
+        float *kt = sc->kt, *vt = sc->v;
+        if (sc->head_kt != NULL) {
+            kt = sc->head_kt + (size_t)n * D * bnp;
+            vt = sc->head_v + (size_t)n * bnp * D;
         }
-        /* Padding keys must be exact zeros: P is 0 there, and 0 * garbage could be NaN. */
-        if (bn < bnp) {
-            for (int d = 0; d < D; d++)
-                memset(sc->kt + (size_t)d * bnp + bn, 0, sizeof(float) * (size_t)(bnp - bn));
-            memset(sc->v + (size_t)bn * D, 0, sizeof(float) * (size_t)(bnp - bn) * D);
+        if (sc->head_kt == NULL || !bit(sc->loaded, n)) {
+            /* K, V: [B, Sk, H, D]. K goes in transposed so that S rows are contiguous. */
+            float tmp[256];
+            for (int j = 0; j < bn; j++) {
+                load_row(tmp,
+                         kb + es * (size_t)(b * p->k_stride[0] + (c0 + j) * p->k_stride[1] +
+                                            h * p->k_stride[2]),
+                         p->k_stride[3], D, p->dtype);
+                for (int d = 0; d < D; d++)
+                    kt[(size_t)d * bnp + j] = tmp[d];
+                load_row(vt + (size_t)j * D,
+                         vb + es * (size_t)(b * p->v_stride[0] + (c0 + j) * p->v_stride[1] +
+                                            h * p->v_stride[2]),
+                         p->v_stride[3], D, p->dtype);
+            }
+            /* Padding keys must be exact zeros: P is 0 there, and 0 * garbage could be NaN. */
+            if (bn < bnp) {
+                for (int d = 0; d < D; d++)
+                    memset(kt + (size_t)d * bnp + bn, 0, sizeof(float) * (size_t)(bnp - bn));
+                memset(vt + (size_t)bn * D, 0, sizeof(float) * (size_t)(bnp - bn) * D);
+            }
+            if (sc->head_kt != NULL)
+                sc->loaded[n / 32] |= 1u << (n % 32);
         }
 
-        qk_block(sc->q, sc->kt, sc->s, bmp, bnp, D);
+        qk_block(sc->q, kt, sc->s, bmp, bnp, D);
 
         bool keep = bit(jb->must_do, n);
         for (int i = 0; i < bmp; i++) {
@@ -360,7 +392,7 @@ static void run_item(job *jb, scratch *sc, int64_t item)
         if (keep)
             sc->row[n / 32] |= 1u << (n % 32);
 
-        pv_block(sc->s, sc->v, sc->o, bmp, bnp, D);
+        pv_block(sc->s, vt, sc->o, bmp, bnp, D);
     }
 
     /* O: [B, Sq, H, D]; LSE: [B, H, Sq] natural log, scale * m + ln l. */
@@ -428,6 +460,9 @@ static void scratch_free(scratch *sc)
     free(sc->row);
     free(sc->vis);
     free(sc->order);
+    free(sc->head_kt);
+    free(sc->head_v);
+    free(sc->loaded);
     memset(sc, 0, sizeof *sc); /* freeing twice is harmless */
 }
 
@@ -463,6 +498,22 @@ static int scratch_init(scratch *sc, const job *jb)
         !sc->vis || !sc->order) {
         scratch_free(sc);
         return LA_ENOMEM;
+    }
+    /* The head cache is an optimisation: without the memory for it, tiles are widened per
+     * q-tile as before. Skipped when one head's K and V would exceed HEAD_CACHE_MAX. */
+    const size_t tile = D * bnp, nk = (size_t)jb->nk;
+    if (jb->nq > 1 && tile <= HEAD_CACHE_MAX / 8 / nk) {
+        sc->head_kt = alloc_f(nk * tile, 4);
+        sc->head_v = alloc_f(nk * tile, 4);
+        sc->loaded = alloc_f((size_t)jb->words, 4);
+        if (!sc->head_kt || !sc->head_v || !sc->loaded) {
+            free(sc->head_kt);
+            free(sc->head_v);
+            free(sc->loaded);
+            sc->head_kt = sc->head_v = NULL;
+            sc->loaded = NULL;
+        }
+        sc->head_b = sc->head_h = -1;
     }
     return 0;
 }
