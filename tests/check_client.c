@@ -104,6 +104,9 @@ static void daemon_stop(tdaemon *d)
         d->pid = 0;
     }
     unlink(d->sock);
+    char lock[sizeof(d->sock) + 8];
+    snprintf(lock, sizeof(lock), "%s.lock", d->sock); /* the daemon's single-instance lock */
+    unlink(lock);
     rmdir(d->dir);
 }
 

@@ -44,7 +44,7 @@ check-asan:
 	$(Q)r=$$(pwd)/$(ASAN_BUILD)/reports; \
 	BUILD=$(ASAN_BUILD) LA_TEST_NO_GPU=1 LA_PYTEST_DIRS= LA_TEST_SANITIZER=asan \
 	ASAN_OPTIONS="$(ASAN_OPTS):log_path=$$r/asan" UBSAN_OPTIONS="$(UBSAN_OPTS):log_path=$$r/ubsan" \
-	LSAN_OPTIONS="suppressions=$$(pwd)/tests/lsan.supp" \
+	LSAN_OPTIONS="suppressions=$$(pwd)/tests/lsan.supp:print_suppressions=0" \
 		tests/run.sh $(call SAN_PROGS,$(ASAN_BUILD)); rc=$$?; \
 	if [ -n "$$(ls -A $$r)" ]; then \
 		for f in $$r/*; do echo "==== sanitizer report $$f"; cat "$$f"; done; \
