@@ -3,7 +3,7 @@
  * (CPU backend) on a temporary socket, talks to it through the public API only and compares
  * what comes back with the CPU reference called directly on the same inputs.
  *
- * The daemon binary is $LA_LITEATTND if set, else $BUILD/liteattnd (BUILD defaults to build).
+ * The daemon binary is $BUILD/liteattnd (BUILD defaults to build), started by tests/testutil_daemon.h.
  */
 #include <check.h>
 #include <dlfcn.h>
@@ -28,66 +28,16 @@
 #include "liteattn.h"
 #include "liteattn.pb-c.h"
 #include "testutil.h"
+#include "testutil_daemon.h"
 
 /* ---- a daemon per case ------------------------------------------------------------------- */
 
-typedef struct tdaemon {
-    pid_t pid;
-    char dir[128];
-    char sock[192];
-} tdaemon;
+/* The daemon of each case: tests/testutil_daemon.h (CPU backend, 2 threads, temporary socket). */
+typedef td_daemon tdaemon;
 
-static const char *daemon_path(void)
-{
-    static char path[512];
-    const char *e = getenv("LA_LITEATTND");
-    if (e && *e)
-        return e;
-    const char *b = getenv("BUILD");
-    snprintf(path, sizeof(path), "%s/liteattnd", b && *b ? b : "build");
-    return path;
-}
-
-/* Starts liteattnd --backend cpu on a fresh socket, plus extra arguments (NULL-terminated),
- * and waits until it answers. */
 static void daemon_start_args(tdaemon *d, const char *const *extra)
 {
-    snprintf(d->dir, sizeof(d->dir), "%s/la-check-client-XXXXXX",
-             getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp");
-    ck_assert_msg(mkdtemp(d->dir) != NULL, "mkdtemp: %s", strerror(errno));
-    snprintf(d->sock, sizeof(d->sock), "%s/liteattn.sock", d->dir);
-    const char *argv[32];
-    int n = 0;
-    argv[n++] = daemon_path();
-    argv[n++] = "--socket";
-    argv[n++] = d->sock;
-    argv[n++] = "--backend";
-    argv[n++] = "cpu";
-    argv[n++] = "--threads";
-    argv[n++] = "2";
-    argv[n++] = "--log-level";
-    argv[n++] = "error";
-    for (int i = 0; extra && extra[i] && n < 31; i++)
-        argv[n++] = extra[i];
-    argv[n] = NULL;
-    ck_assert_msg(access(argv[0], X_OK) == 0, "no daemon at %s (build it first)", argv[0]);
-    d->pid = fork();
-    ck_assert_int_ge(d->pid, 0);
-    if (d->pid == 0) {
-        execv(argv[0], (char *const *)argv);
-        _exit(127);
-    }
-    for (int i = 0; i < 400; i++) {
-        la_client *c;
-        if (access(d->sock, F_OK) == 0 && la_connect(d->sock, "probe", &c) == 0) {
-            la_disconnect(c);
-            return;
-        }
-        int st;
-        ck_assert_msg(waitpid(d->pid, &st, WNOHANG) == 0, "liteattnd exited during start");
-        usleep(25000);
-    }
-    ck_abort_msg("liteattnd did not answer on %s within 10 s", d->sock);
+    ck_assert_msg(td_start(d, extra) == 0, "liteattnd did not start (see above)");
 }
 
 static void daemon_start(tdaemon *d)
@@ -95,25 +45,16 @@ static void daemon_start(tdaemon *d)
     daemon_start_args(d, NULL);
 }
 
+/* Stops the daemon and removes its directory; a case that cares checks the status itself. */
 static void daemon_stop(tdaemon *d)
 {
-    if (d->pid > 0) {
-        kill(d->pid, SIGTERM);
-        int st;
-        waitpid(d->pid, &st, 0);
-        d->pid = 0;
-    }
-    unlink(d->sock);
-    char lock[sizeof(d->sock) + 8];
-    snprintf(lock, sizeof(lock), "%s.lock", d->sock); /* the daemon's single-instance lock */
-    unlink(lock);
-    rmdir(d->dir);
+    td_stop(d);
 }
 
 static la_client *connect_ok(const tdaemon *d)
 {
     la_client *c = NULL;
-    int rc = la_connect(d->sock, "check_client", &c);
+    int rc = la_connect(d->socket, "check_client", &c);
     ck_assert_msg(rc == 0, "la_connect: %s (%s)", la_err_name(rc), la_last_error_message());
     return c;
 }
