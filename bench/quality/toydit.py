@@ -275,12 +275,14 @@ def save_sharded(model, path_prefix, meta, max_bytes=15 << 20):
 
 def load_sharded(path_prefix, device="cpu", dtype=torch.float32):
     """(model, meta) from the shards written by save_sharded."""
-    first = torch.load("%s-00.pt" % path_prefix, map_location="cpu", weights_only=True)
-    meta = first["meta"]
-    sd = dict(first["tensors"])
-    for i in range(1, first["shards"]):
-        sd.update(torch.load("%s-%02d.pt" % (path_prefix, i), map_location="cpu",
-                             weights_only=True)["tensors"])
+    # (the committed checkpoint's meta holds torch's version object)
+    with torch.serialization.safe_globals([torch.torch_version.TorchVersion]):
+        first = torch.load("%s-00.pt" % path_prefix, map_location="cpu", weights_only=True)
+        meta = first["meta"]
+        sd = dict(first["tensors"])
+        for i in range(1, first["shards"]):
+            sd.update(torch.load("%s-%02d.pt" % (path_prefix, i), map_location="cpu",
+                                 weights_only=True)["tensors"])
     model = ToyDiT(Config.from_dict(meta["config"]))
     model.load_state_dict({k: v.float() for k, v in sd.items()})
     return model.to(device=device, dtype=dtype).eval(), meta

@@ -255,7 +255,7 @@ def main():
         "command": "python3 bench/quality/train.py " + " ".join(sys.argv[1:]),
         "args": vars(args), "steps": step, "train_seconds": train_s, "weights": which,
         "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
-        "torch": torch.__version__, "texture_sources": maker.sources,
+        "torch": str(torch.__version__), "texture_sources": maker.sources,
         "heldout": {"clips": n_held, "seed": 1234, "noise_levels": hs[3].tolist(),
                     "untrained": loss_untrained, "trained_raw": loss_raw,
                     "trained_ema": loss_ema},
