@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -307,6 +308,7 @@ def start_daemon(build, backend):
     logf = open(os.path.join(d, "daemon.log"), "wb")
     proc = subprocess.Popen([exe, "--socket", sock, "--backend", backend, "--foreground",
                              "--log-level", "warn"], stdout=logf, stderr=subprocess.STDOUT)
+    proc.tmpdir = d
     for _ in range(400):
         if os.path.exists(sock) or proc.poll() is not None:
             break
@@ -318,12 +320,16 @@ def start_daemon(build, backend):
 
 
 def stop_daemon(proc):
-    if proc is not None and proc.poll() is None:
+    if proc is None:
+        return
+    if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
+    shutil.rmtree(proc.tmpdir, ignore_errors=True)
 
 
 def main():
@@ -389,6 +395,8 @@ def main():
         return _main(args, torch, liteattn, LC, D, M, dev, dtype, out, sock)
     finally:
         stop_daemon(proc)
+        if args.smoke and not args.out:
+            shutil.rmtree(out, ignore_errors=True)
 
 
 def _main(args, torch, liteattn, LC, D, M, dev, dtype, out, sock):
