@@ -399,9 +399,12 @@ __global__ void __launch_bounds__(Tiles<D>::NT, 1) fwd_kernel(const __grid_const
         rescale_pack(sc, pa, alpha);
     }
     /* Steady state, per tile: Q K(nn)^T and P V(n) issued back to back (no wgmma under a
-     * branch: the compiler would serialise them); the softmax of nn runs while P V(n) is still
-     * on the tensor cores (and the other warpgroup's products after it); O is rescaled and the
-     * new P packed once P V(n) is done. The last tile's P V is peeled off below. */
+     * branch: the compiler would serialise them); the softmax of nn is written between the two
+     * waits, O is rescaled and the new P packed once P V(n) is done. The last tile's P V is
+     * peeled off below. Note (nvcc 13.0 SASS): ptxas hoists wgmma.wait_group 0 to the start of
+     * the softmax, so the softmax overlaps the other warpgroup's products (ping-pong) but not
+     * this warpgroup's own P V(n); forcing it inside the window (a block-ending branch) was
+     * measured on the H200 and gained nothing (bench/RESULTS.md, issue 9). */
     int i = 0;
     for (; n >= 0; ++i) {
         const int s = i % ST, s1 = (i + 1) % ST;
