@@ -8,7 +8,6 @@
 #include "internal.h"
 
 #define N_ROLES 6
-#define MAX_RANGES 64
 
 typedef struct attn_tensor {
     int set;
@@ -27,9 +26,9 @@ struct la_attn {
     float scale;
     float tau; /* NAN: session's */
     la_mode mode;
-    int64_t must_do[2 * MAX_RANGES];
+    int64_t must_do[2 * LA_MAX_RANGES];
     size_t n_must_do;
-    int64_t must_skip[2 * MAX_RANGES];
+    int64_t must_skip[2 * LA_MAX_RANGES];
     size_t n_must_skip;
     int dry_run;
     uint8_t wait_event[64];
@@ -49,14 +48,11 @@ LA_API int la_attn_new(la_attn **ret_attn)
     return 0;
 }
 
-LA_API void la_attn_free(la_attn *a)
-{
-    free(a);
-}
+LA_API void la_attn_free(la_attn *a) { free(a); }
 
 LA_API int la_attn_set_tensor(la_attn *a, la_tensor_role role, const la_buffer *buf,
-                              uint64_t byte_offset, la_dtype dtype, int ndim,
-                              const int64_t *shape, const int64_t *strides)
+                              uint64_t byte_offset, la_dtype dtype, int ndim, const int64_t *shape,
+                              const int64_t *strides)
 {
     if (!a || (int)role < 0 || (int)role >= N_ROLES)
         return cl_fail(LA_EINVAL, "la_attn_set_tensor: bad attn or role %d", (int)role);
@@ -134,8 +130,8 @@ static int set_ranges(int64_t *dst, size_t *n_dst, const int64_t *pairs, size_t 
 {
     if (n && !pairs)
         return cl_fail(LA_EINVAL, "ranges: pairs is NULL");
-    if (n > MAX_RANGES)
-        return cl_fail(LA_EINVAL, "%zu ranges, at most %d", n, MAX_RANGES);
+    if (n > LA_MAX_RANGES)
+        return cl_fail(LA_EINVAL, "%zu ranges, at most %d", n, LA_MAX_RANGES);
     if (n)
         memcpy(dst, pairs, 2 * n * sizeof(int64_t));
     *n_dst = n;
@@ -181,35 +177,13 @@ LA_API int la_attn_set_wait_event(la_attn *a, const void *ipc_event_handle, size
 
 /* ---- calls --------------------------------------------------------------------------------- */
 
-static void call_link(la_client *c, la_call *call)
-{
-    call->next = c->calls;
-    if (c->calls)
-        c->calls->prev = call;
-    c->calls = call;
-}
-
-static void call_unlink(la_call *call)
-{
-    la_client *c = call->client;
-    if (call->prev)
-        call->prev->next = call->next;
-    else
-        c->calls = call->next;
-    if (call->next)
-        call->next->prev = call->prev;
-    call->prev = call->next = NULL;
-}
-
 void cl_calls_free_all(la_client *c)
 {
-    la_call *call = c->calls;
-    while (call) {
-        la_call *n = call->next;
+    la_call *call;
+    list_for_each_entry (call, &c->calls, la_call, link) {
+        list_remove(&call->link);
         free(call);
-        call = n;
     }
-    c->calls = NULL;
 }
 
 void cl_call_complete(la_client *c, la_call *call, int status, Liteattn__Reply *r)
@@ -217,8 +191,7 @@ void cl_call_complete(la_client *c, la_call *call, int status, Liteattn__Reply *
     if (r && r->body_case == LITEATTN__REPLY__BODY_ERROR) {
         status = r->error->code < 0 ? r->error->code : LA_EPROTO;
         snprintf(call->pend.errmsg, sizeof(call->pend.errmsg), "%s",
-                 r->error->message && *r->error->message ? r->error->message
-                                                         : la_strerror(status));
+                 r->error->message && *r->error->message ? r->error->message : la_strerror(status));
     } else if (r && r->body_case == LITEATTN__REPLY__BODY_ATTENTION) {
         const Liteattn__AttentionReply *ar = r->attention;
         call->tiles_total = ar->tiles_total;
@@ -232,8 +205,7 @@ void cl_call_complete(la_client *c, la_call *call, int status, Liteattn__Reply *
     } else if (r) {
         status = LA_EPROTO;
         snprintf(call->pend.errmsg, sizeof(call->pend.errmsg),
-                 "the daemon answered an attention call with reply type %d",
-                 (int)r->body_case);
+                 "the daemon answered an attention call with reply type %d", (int)r->body_case);
     } else if (status < 0) {
         snprintf(call->pend.errmsg, sizeof(call->pend.errmsg), "%s",
                  status == LA_ECLOSED ? "connection to the daemon closed" : la_strerror(status));
@@ -244,7 +216,7 @@ void cl_call_complete(la_client *c, la_call *call, int status, Liteattn__Reply *
     call->pend.done = 1;
     c->completions++;
     if (call->orphan) {
-        call_unlink(call);
+        list_remove(&call->link);
         free(call);
         return;
     }
@@ -268,90 +240,93 @@ static void fill_ref(Liteattn__TensorRef *ref, const attn_tensor *t)
     ref->strides = (int64_t *)t->strides;
 }
 
-LA_API int la_attn_submit(la_session *s, const la_attn *a, la_done_fn cb, void *user,
-                          la_call **ret_call)
+/* What the client needs to build the message: Q, K, V, O set, every tensor in a buffer of
+ * this client (buffer ids are per connection). Everything else is the daemon's to judge. */
+static int check_tensors(const la_client *c, const la_attn *a)
 {
-    if (!s || !a || !ret_call)
-        return cl_fail(LA_EINVAL, "la_attn_submit: NULL argument");
-    la_client *c = s->client;
     static const char *const role_name[N_ROLES] = {"Q", "K", "V", "O", "LSE", "DECISIONS"};
     for (int i = 0; i < N_ROLES; i++) {
         if (i <= LA_TENSOR_O && !a->t[i].set)
             return cl_fail(LA_EINVAL, "tensor %s is not set", role_name[i]);
         if (a->t[i].set && a->t[i].client != c)
-            return cl_fail(LA_EINVAL, "tensor %s names a buffer of another client",
-                           role_name[i]);
+            return cl_fail(LA_EINVAL, "tensor %s names a buffer of another client", role_name[i]);
     }
-    if (a->dry_run && !a->t[LA_TENSOR_DECISIONS].set)
-        return cl_fail(LA_EINVAL, "a dry run needs a DECISIONS tensor");
+    return 0;
+}
 
+/* The Attention message of a call, with the storage its pointers point into. */
+typedef struct attn_msg {
     Liteattn__TensorRef refs[N_ROLES];
+    Liteattn__Range rd[LA_MAX_RANGES], rs[LA_MAX_RANGES];
+    Liteattn__Range *prd[LA_MAX_RANGES], *prs[LA_MAX_RANGES];
+    Liteattn__Attention at;
+    Liteattn__Request req;
+} attn_msg;
+
+static void ranges_to_wire(const int64_t *pairs, size_t n, Liteattn__Range *r,
+                           Liteattn__Range **ptrs)
+{
+    for (size_t i = 0; i < n; i++) {
+        liteattn__range__init(&r[i]);
+        r[i].start = pairs[2 * i];
+        r[i].end = pairs[2 * i + 1];
+        ptrs[i] = &r[i];
+    }
+}
+
+static void build_attention(const la_session *s, const la_attn *a, attn_msg *m)
+{
     for (int i = 0; i < N_ROLES; i++) {
-        liteattn__tensor_ref__init(&refs[i]);
+        liteattn__tensor_ref__init(&m->refs[i]);
         if (a->t[i].set)
-            fill_ref(&refs[i], &a->t[i]);
+            fill_ref(&m->refs[i], &a->t[i]);
     }
-    Liteattn__Range rd[MAX_RANGES], rs[MAX_RANGES];
-    Liteattn__Range *prd[MAX_RANGES], *prs[MAX_RANGES];
-    for (size_t i = 0; i < a->n_must_do; i++) {
-        liteattn__range__init(&rd[i]);
-        rd[i].start = a->must_do[2 * i];
-        rd[i].end = a->must_do[2 * i + 1];
-        prd[i] = &rd[i];
-    }
-    for (size_t i = 0; i < a->n_must_skip; i++) {
-        liteattn__range__init(&rs[i]);
-        rs[i].start = a->must_skip[2 * i];
-        rs[i].end = a->must_skip[2 * i + 1];
-        prs[i] = &rs[i];
-    }
-
-    Liteattn__Attention at = LITEATTN__ATTENTION__INIT;
-    at.session_id = s->id;
-    at.layer = a->layer;
-    at.step = a->step;
-    at.has_kv_shard = 1;
-    at.kv_shard = a->kv_shard;
-    at.q = &refs[LA_TENSOR_Q];
-    at.k = &refs[LA_TENSOR_K];
-    at.v = &refs[LA_TENSOR_V];
-    at.o = &refs[LA_TENSOR_O];
+    ranges_to_wire(a->must_do, a->n_must_do, m->rd, m->prd);
+    ranges_to_wire(a->must_skip, a->n_must_skip, m->rs, m->prs);
+    Liteattn__Attention *at = &m->at;
+    liteattn__attention__init(at);
+    at->session_id = s->id;
+    at->layer = a->layer;
+    at->step = a->step;
+    at->has_kv_shard = 1;
+    at->kv_shard = a->kv_shard;
+    at->q = &m->refs[LA_TENSOR_Q];
+    at->k = &m->refs[LA_TENSOR_K];
+    at->v = &m->refs[LA_TENSOR_V];
+    at->o = &m->refs[LA_TENSOR_O];
     if (a->t[LA_TENSOR_LSE].set)
-        at.lse = &refs[LA_TENSOR_LSE];
+        at->lse = &m->refs[LA_TENSOR_LSE];
     if (a->t[LA_TENSOR_DECISIONS].set)
-        at.decisions = &refs[LA_TENSOR_DECISIONS];
-    if (a->scale > 0) {
-        at.has_scale = 1;
-        at.scale = a->scale;
-    }
-    if (!isnan(a->tau)) {
-        at.has_threshold = 1;
-        at.threshold = a->tau;
-    }
-    if (a->mode != LA_MODE_SESSION) {
-        at.has_mode = 1;
-        at.mode = (Liteattn__Mode)a->mode;
-    }
-    at.n_must_do = a->n_must_do;
-    at.must_do = prd;
-    at.n_must_skip = a->n_must_skip;
-    at.must_skip = prs;
-    if (a->dry_run) {
-        at.has_dry_run = 1;
-        at.dry_run = 1;
-    }
+        at->decisions = &m->refs[LA_TENSOR_DECISIONS];
+    at->has_scale = a->scale > 0;
+    at->scale = a->scale;
+    at->has_threshold = !isnan(a->tau);
+    at->threshold = a->tau;
+    at->has_mode = a->mode != LA_MODE_SESSION;
+    at->mode = (Liteattn__Mode)a->mode;
+    at->n_must_do = a->n_must_do;
+    at->must_do = m->prd;
+    at->n_must_skip = a->n_must_skip;
+    at->must_skip = m->prs;
+    at->has_dry_run = at->dry_run = a->dry_run != 0;
     if (a->has_wait_event) {
-        at.has_wait_event = 1;
-        at.wait_event.data = (uint8_t *)a->wait_event;
-        at.wait_event.len = 64;
+        at->has_wait_event = 1;
+        at->wait_event.data = (uint8_t *)a->wait_event;
+        at->wait_event.len = 64;
     }
-    Liteattn__Request req = LITEATTN__REQUEST__INIT;
-    req.body_case = LITEATTN__REQUEST__BODY_ATTENTION;
-    req.attention = &at;
+    liteattn__request__init(&m->req);
+    m->req.body_case = LITEATTN__REQUEST__BODY_ATTENTION;
+    m->req.attention = at;
+}
 
+/* Sends req as a new call of c (refused while c is closed or at the daemon's in-flight limit). */
+static int send_call(la_client *c, Liteattn__Request *req, la_done_fn cb, void *user,
+                     la_call **ret_call)
+{
     la_call *call = calloc(1, sizeof(*call));
     if (!call)
         return cl_fail(LA_ENOMEM, NULL);
+    list_init(&call->link);
     call->client = c;
     call->cb = cb;
     call->user = user;
@@ -366,10 +341,10 @@ LA_API int la_attn_submit(la_session *s, const la_attn *a, la_done_fn cb, void *
         rc = cl_fail(LA_EBUSY, "%u requests in flight on this client, the daemon's limit is %u",
                      c->n_pending, c->max_inflight);
     if (rc == 0)
-        rc = cl_send(c, &req, -1, &call->pend);
+        rc = cl_send(c, req, -1, &call->pend);
     if (rc == 0) {
         call->pend.status = LA_EAGAIN;
-        call_link(c, call);
+        list_append(&c->calls, &call->link);
     }
     pthread_mutex_unlock(&c->lock);
     if (rc < 0) {
@@ -378,6 +353,19 @@ LA_API int la_attn_submit(la_session *s, const la_attn *a, la_done_fn cb, void *
     }
     *ret_call = call;
     return 0;
+}
+
+LA_API int la_attn_submit(la_session *s, const la_attn *a, la_done_fn cb, void *user,
+                          la_call **ret_call)
+{
+    if (!s || !a || !ret_call)
+        return cl_fail(LA_EINVAL, "la_attn_submit: NULL argument");
+    int rc = check_tensors(s->client, a);
+    if (rc < 0)
+        return rc;
+    attn_msg m;
+    build_attention(s, a, &m);
+    return send_call(s->client, &m.req, cb, user, ret_call);
 }
 
 static int call_done(la_client *c, void *arg)
@@ -399,8 +387,10 @@ LA_API int la_call_wait(la_call *call, int timeout_ms)
         if (status < 0)
             cl_fail(status, "%s", call->pend.errmsg);
     } else {
-        status = rc == LA_ETIMEDOUT ? cl_fail(LA_ETIMEDOUT, "the call did not finish within %d "
-                                                            "ms", timeout_ms)
+        status = rc == LA_ETIMEDOUT ? cl_fail(LA_ETIMEDOUT,
+                                              "the call did not finish within %d "
+                                              "ms",
+                                              timeout_ms)
                                     : cl_fail(rc, NULL);
     }
     pthread_mutex_unlock(&c->lock);
@@ -443,11 +433,16 @@ LA_API int la_call_stat(const la_call *call, const char *name, int64_t *ret_valu
     if (!done)
         return cl_fail(LA_EAGAIN, "the call has not finished");
     int64_t v;
-    if (!strcmp(name, "tiles_total")) v = (int64_t)call->tiles_total;
-    else if (!strcmp(name, "tiles_computed")) v = (int64_t)call->tiles_computed;
-    else if (!strcmp(name, "compute_ns")) v = (int64_t)call->compute_ns;
-    else if (!strcmp(name, "queue_ns")) v = (int64_t)call->queue_ns;
-    else return cl_fail(LA_ENOENT, "no call figure \"%s\"", name);
+    if (!strcmp(name, "tiles_total"))
+        v = (int64_t)call->tiles_total;
+    else if (!strcmp(name, "tiles_computed"))
+        v = (int64_t)call->tiles_computed;
+    else if (!strcmp(name, "compute_ns"))
+        v = (int64_t)call->compute_ns;
+    else if (!strcmp(name, "queue_ns"))
+        v = (int64_t)call->queue_ns;
+    else
+        return cl_fail(LA_ENOENT, "no call figure \"%s\"", name);
     if (ret_value)
         *ret_value = v;
     return 0;
@@ -480,7 +475,7 @@ LA_API void la_call_free(la_call *call)
         call->orphan = 1;
         call->cb = NULL;
     } else {
-        call_unlink(call);
+        list_remove(&call->link);
         free(call);
     }
     pthread_mutex_unlock(&c->lock);

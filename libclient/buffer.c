@@ -12,25 +12,6 @@
 
 #include "internal.h"
 
-static void buffer_link(la_client *c, la_buffer *b)
-{
-    b->next = c->buffers;
-    if (c->buffers)
-        c->buffers->prev = b;
-    c->buffers = b;
-}
-
-static void buffer_unlink(la_buffer *b)
-{
-    la_client *c = b->client;
-    if (b->prev)
-        b->prev->next = b->next;
-    else
-        c->buffers = b->next;
-    if (b->next)
-        b->next->prev = b->prev;
-}
-
 static void buffer_release(la_buffer *b)
 {
     if (b->map && munmap(b->map, (size_t)b->size) < 0)
@@ -41,13 +22,11 @@ static void buffer_release(la_buffer *b)
 
 void cl_buffers_free_all(la_client *c)
 {
-    la_buffer *b = c->buffers;
-    while (b) {
-        la_buffer *n = b->next;
+    la_buffer *b;
+    list_for_each_entry (b, &c->buffers, la_buffer, link) {
+        list_remove(&b->link);
         buffer_release(b);
-        b = n;
     }
-    c->buffers = NULL;
 }
 
 /* Sends BufferRegister (lock held). */
@@ -87,7 +66,7 @@ static int register_shm(la_client *c, int fd, size_t size, la_buffer **ret_buffe
     pthread_mutex_lock(&c->lock);
     int rc = do_register(c, &br, fd, &b->id);
     if (rc == 0)
-        buffer_link(c, b);
+        list_append(&c->buffers, &b->link);
     pthread_mutex_unlock(&c->lock);
     if (rc < 0) {
         buffer_release(b);
@@ -165,8 +144,7 @@ int cl_uuid_normalise(const char *in, char out[48])
     if (n != 32)
         return LA_EINVAL;
     hex[32] = 0;
-    snprintf(out, 48, "GPU-%.8s-%.4s-%.4s-%.4s-%.12s", hex, hex + 8, hex + 12, hex + 16,
-             hex + 20);
+    snprintf(out, 48, "GPU-%.8s-%.4s-%.4s-%.4s-%.12s", hex, hex + 8, hex + 12, hex + 16, hex + 20);
     return 0;
 }
 
@@ -226,7 +204,7 @@ int cl_buffer_register_ipc(la_client *c, const void *handle, const char *uuid, u
         free(b);
         return rc;
     }
-    buffer_link(c, b);
+    list_append(&c->buffers, &b->link);
     *ret_buffer = b;
     return 0;
 }
@@ -243,8 +221,10 @@ LA_API int la_buffer_register_cuda_ipc(la_client *c, const void *handle, size_t 
         return cl_fail(LA_EINVAL, "buffer size is zero");
     char uuid[48];
     if (cl_uuid_normalise(device_uuid, uuid) < 0)
-        return cl_fail(LA_EINVAL, "\"%s\" is not a GPU UUID (GPU-xxxxxxxx-xxxx-xxxx-xxxx-"
-                                  "xxxxxxxxxxxx or 32 hex digits)", device_uuid);
+        return cl_fail(LA_EINVAL,
+                       "\"%s\" is not a GPU UUID (GPU-xxxxxxxx-xxxx-xxxx-xxxx-"
+                       "xxxxxxxxxxxx or 32 hex digits)",
+                       device_uuid);
     pthread_mutex_lock(&c->lock);
     int rc = cl_buffer_register_ipc(c, handle, uuid, size, 0, ret_buffer);
     pthread_mutex_unlock(&c->lock);
@@ -278,7 +258,7 @@ LA_API int la_buffer_unregister(la_buffer *b)
             liteattn__reply__free_unpacked(r, NULL);
     }
     /* The daemon keeps its own mapping until its in-flight work is done; ours can go now. */
-    buffer_unlink(b);
+    list_remove(&b->link);
     buffer_release(b);
     pthread_mutex_unlock(&c->lock);
     return rc;

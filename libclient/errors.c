@@ -1,9 +1,10 @@
-/* errors.c — the error table (la_strerror, la_err_name), the thread-local error detail and the
- * log callback. */
+/* errors.c — la_strerror and la_err_name (the table is in common/codes.c), the thread-local
+ * error detail and the log callback. */
 #include <pthread.h>
 #include <stdio.h>
 #include <string.h>
 
+#include "codes.h"
 #include "internal.h"
 
 static _Thread_local char errbuf[CL_ERRMSG_MAX];
@@ -12,40 +13,11 @@ static pthread_mutex_t log_lock = PTHREAD_MUTEX_INITIALIZER;
 static la_log_fn log_fn;
 static void *log_user;
 
-LA_API const char *la_strerror(int err)
-{
-    switch (err) {
-    case 0:
-        return "success";
-#define X_(name, val, msg) \
-    case val:              \
-        return msg;
-        LA_ERRNO_MAP(X_)
-#undef X_
-    default:
-        return "unknown error";
-    }
-}
+LA_API const char *la_strerror(int err) { return codes_strerror(err); }
 
-LA_API const char *la_err_name(int err)
-{
-    switch (err) {
-    case 0:
-        return "LA_OK";
-#define X_(name, val, msg) \
-    case val:              \
-        return "LA_" #name;
-        LA_ERRNO_MAP(X_)
-#undef X_
-    default:
-        return "LA_UNKNOWN";
-    }
-}
+LA_API const char *la_err_name(int err) { return codes_name(err); }
 
-LA_API const char *la_last_error_message(void)
-{
-    return errbuf;
-}
+LA_API const char *la_last_error_message(void) { return errbuf; }
 
 int cl_fail(int code, const char *fmt, ...)
 {
@@ -84,7 +56,4 @@ void cl_log(int level, const char *fmt, ...)
     fn(user, level, msg);
 }
 
-LA_API const char *la_version(void)
-{
-    return LA_VERSION_STRING;
-}
+LA_API const char *la_version(void) { return LA_VERSION_STRING; }

@@ -30,7 +30,7 @@
 #include "testutil.h"
 #include "testutil_daemon.h"
 
-/* ---- a daemon per case ------------------------------------------------------------------- */
+/* ---- the daemon of a case ------------------------------------------------------------------- */
 
 /* The daemon of each case: tests/testutil_daemon.h (CPU backend, 2 threads, temporary socket). */
 typedef td_daemon tdaemon;
@@ -40,16 +40,17 @@ static void daemon_start_args(tdaemon *d, const char *const *extra)
     ck_assert_msg(td_start(d, extra) == 0, "liteattnd did not start (see above)");
 }
 
-static void daemon_start(tdaemon *d)
-{
-    daemon_start_args(d, NULL);
-}
+static void daemon_start(tdaemon *d) { daemon_start_args(d, NULL); }
 
 /* Stops the daemon and removes its directory; a case that cares checks the status itself. */
-static void daemon_stop(tdaemon *d)
-{
-    td_stop(d);
-}
+static void daemon_stop(tdaemon *d) { td_stop(d); }
+
+/* The fixture's daemon: one per case (a checked fixture, started in the case's own process),
+ * since the cases count sessions, buffers and calls. */
+static tdaemon fx;
+
+static void daemon_up(void) { daemon_start(&fx); }
+static void daemon_down(void) { daemon_stop(&fx); }
 
 static la_client *connect_ok(const tdaemon *d)
 {
@@ -59,13 +60,11 @@ static la_client *connect_ok(const tdaemon *d)
     return c;
 }
 
-#define OK(expr)                                                                          \
-    do {                                                                                  \
-        int rc_ = (expr);                                                                 \
-        ck_assert_msg(rc_ == 0, "%s = %s (%s)", #expr, la_err_name(rc_),                  \
-                      la_last_error_message());                                           \
+#define OK(expr)                                                                                   \
+    do {                                                                                           \
+        int rc_ = (expr);                                                                          \
+        ck_assert_msg(rc_ == 0, "%s = %s (%s)", #expr, la_err_name(rc_), la_last_error_message()); \
     } while (0)
-
 
 /* ---- a fake daemon, for what a real one never does ------------------------------------------ */
 
@@ -82,7 +81,7 @@ static void fake_send(int fd, Liteattn__Reply *r)
 {
     uint8_t *buf;
     size_t len;
-    ck_assert_int_eq(la_frame_pack(&r->base, 0, &buf, &len), 0);
+    ck_assert_int_eq(frame_pack(&r->base, 0, &buf, &len), 0);
     ck_assert_int_eq(write(fd, buf, len), (ssize_t)len);
     free(buf);
 }
@@ -332,14 +331,14 @@ static void prob_free(prob *p)
 static void prob_fill(prob *p, uint64_t salt, int step, double amp)
 {
     enum { G = 4 };
-    la_rng r0, r1;
+    tu_rng r0, r1;
     const int H = p->H, D = p->D;
-    la_rng_init(&r0, salt);
-    la_rng_init(&r1, salt * 1000003u + (uint64_t)step + 1);
+    tu_rng_init(&r0, salt);
+    tu_rng_init(&r1, salt * 1000003u + (uint64_t)step + 1);
     double *centre = malloc(sizeof(double) * G * H * D);
     ck_assert_ptr_nonnull(centre);
     for (int i = 0; i < G * H * D; i++)
-        centre[i] = amp > 1.2 ? la_rng_normal(&r0) : 0.0;
+        centre[i] = amp > 1.2 ? tu_rng_normal(&r0) : 0.0;
     const double nw = amp > 1.2 ? 0.5 : amp;
     for (int b = 0; b < p->B; b++)
         for (int i = 0; i < p->Sq; i++)
@@ -347,8 +346,8 @@ static void prob_fill(prob *p, uint64_t salt, int step, double amp)
                 for (int d = 0; d < D; d++) {
                     int64_t e = (((int64_t)b * p->Sq + i) * H + h) * D + d;
                     double c = centre[((i * G / p->Sq) * H + h) * D + d];
-                    la_test_set(p->base + p->off_q, p->dt, e,
-                                c + nw * (la_rng_normal(&r0) + 0.2 * la_rng_normal(&r1)));
+                    tu_set(p->base + p->off_q, p->dt, e,
+                           c + nw * (tu_rng_normal(&r0) + 0.2 * tu_rng_normal(&r1)));
                 }
     for (int b = 0; b < p->B; b++)
         for (int j = 0; j < p->Sk; j++)
@@ -356,10 +355,10 @@ static void prob_fill(prob *p, uint64_t salt, int step, double amp)
                 for (int d = 0; d < D; d++) {
                     int64_t e = (((int64_t)b * p->Sk + j) * H + h) * D + d;
                     double c = centre[((j * G / p->Sk) * H + h) * D + d];
-                    la_test_set(p->base + p->off_k, p->dt, e,
-                                c + nw * (la_rng_normal(&r0) + 0.2 * la_rng_normal(&r1)));
-                    la_test_set(p->base + p->off_v, p->dt, e,
-                                la_rng_normal(&r0) + 0.2 * la_rng_normal(&r1));
+                    tu_set(p->base + p->off_k, p->dt, e,
+                           c + nw * (tu_rng_normal(&r0) + 0.2 * tu_rng_normal(&r1)));
+                    tu_set(p->base + p->off_v, p->dt, e,
+                           tu_rng_normal(&r0) + 0.2 * tu_rng_normal(&r1));
                 }
     free(centre);
 }
@@ -428,8 +427,8 @@ static void masks_equal(const prob *p, const uint32_t *got, const uint32_t *want
         for (int n = 0; n < nk; n++) {
             uint32_t g = got[row * p->nw + n / 32] >> (n % 32) & 1;
             uint32_t w = want[row * p->nw + n / 32] >> (n % 32) & 1;
-            ck_assert_msg(g == w, "%s: row %zu tile %d: daemon %u, reference %u", what, row, n,
-                          g, w);
+            ck_assert_msg(g == w, "%s: row %zu tile %d: daemon %u, reference %u", what, row, n, g,
+                          w);
         }
 }
 
@@ -448,7 +447,7 @@ static void outputs_equal(const prob *p, int with_lse)
     size_t nq = (size_t)p->B * p->Sq * p->H * p->D;
     const uint8_t *o = p->base + p->off_o;
     for (size_t i = 0; i < nq; i++) {
-        double g = la_test_get(o, p->dt, (int64_t)i), w = la_test_get(p->ref_o, p->dt, (int64_t)i);
+        double g = tu_get(o, p->dt, (int64_t)i), w = tu_get(p->ref_o, p->dt, (int64_t)i);
         ck_assert_msg(g == w, "O[%zu]: daemon %.9g, reference %.9g", i, g, w);
     }
     if (!with_lse)
@@ -464,8 +463,8 @@ static la_session *open_session(la_client *c, const char *key, int L, int H, int
 {
     la_session_config *cfg;
     OK(la_session_config_new(&cfg));
-    OK(la_session_config_set_geometry(cfg, (uint32_t)L, (uint32_t)H, (uint32_t)D, dt,
-                                      (uint32_t)Sq, (uint32_t)Sk, (uint32_t)B, 1));
+    OK(la_session_config_set_geometry(cfg, (uint32_t)L, (uint32_t)H, (uint32_t)D, dt, (uint32_t)Sq,
+                                      (uint32_t)Sk, (uint32_t)B, 1));
     OK(la_session_config_set_threshold(cfg, tau));
     OK(la_session_config_set_device(cfg, "cpu"));
     la_session *s = NULL;
@@ -475,8 +474,8 @@ static la_session *open_session(la_client *c, const char *key, int L, int H, int
 }
 
 /* A multi-step, multi-layer run: daemon == reference after every call. */
-static void run_session_vs_ref(la_client *c, const char *key, la_dtype dt, int L, int steps,
-                               int B, int Sq, int Sk, int H, int D, uint64_t salt)
+static void run_session_vs_ref(la_client *c, const char *key, la_dtype dt, int L, int steps, int B,
+                               int Sq, int Sk, int H, int D, uint64_t salt)
 {
     const float tau = -3.0f;
     la_session *s = open_session(c, key, L, H, D, dt, Sq, Sk, B, tau);
@@ -537,9 +536,7 @@ static void run_session_vs_ref(la_client *c, const char *key, la_dtype dt, int L
 
 START_TEST(test_connect_properties)
 {
-    tdaemon d;
-    daemon_start(&d);
-    la_client *c = connect_ok(&d);
+    la_client *c = connect_ok(&fx);
     const char *v = la_client_property(c, "daemon.version");
     ck_assert_ptr_nonnull(v);
     ck_assert_str_eq(la_client_property(c, "protocol"), "1.0");
@@ -555,20 +552,17 @@ START_TEST(test_connect_properties)
 
     /* Nothing listens: LA_ECONN naming the path; ret_client untouched. */
     char path[256];
-    snprintf(path, sizeof(path), "%s/nobody.sock", d.dir);
+    snprintf(path, sizeof(path), "%s/nobody.sock", fx.dir);
     la_client *c2 = (la_client *)(uintptr_t)0x1;
     ck_assert_int_eq(la_connect(path, NULL, &c2), LA_ECONN);
     ck_assert_ptr_eq(c2, (la_client *)(uintptr_t)0x1);
     ck_assert_ptr_nonnull(strstr(la_last_error_message(), "nobody.sock"));
-    daemon_stop(&d);
 }
 END_TEST
 
 START_TEST(test_ping)
 {
-    tdaemon d;
-    daemon_start(&d);
-    la_client *c = connect_ok(&d);
+    la_client *c = connect_ok(&fx);
     for (int i = 0; i < 50; i++) {
         uint64_t rtt = 0;
         OK(la_ping(c, &rtt));
@@ -580,30 +574,23 @@ START_TEST(test_ping)
     ck_assert_int_eq(la_client_process(c, 0), 0);
     ck_assert_int_eq(la_client_process(c, 50), 0);
     la_disconnect(c);
-    daemon_stop(&d);
 }
 END_TEST
 
 START_TEST(test_session_bf16_matches_reference)
 {
-    tdaemon d;
-    daemon_start(&d);
-    la_client *c = connect_ok(&d);
+    la_client *c = connect_ok(&fx);
     /* Partial tiles on both axes, Sq != Sk, B > 1, H > 1. */
     run_session_vs_ref(c, "bf16", LA_DTYPE_BF16, 3, 5, 2, 200, 333, 2, 64, 11);
     la_disconnect(c);
-    daemon_stop(&d);
 }
 END_TEST
 
 START_TEST(test_session_f32_matches_reference)
 {
-    tdaemon d;
-    daemon_start(&d);
-    la_client *c = connect_ok(&d);
+    la_client *c = connect_ok(&fx);
     run_session_vs_ref(c, "f32", LA_DTYPE_F32, 2, 4, 2, 257, 190, 3, 64, 22);
     la_disconnect(c);
-    daemon_stop(&d);
 }
 END_TEST
 
@@ -624,30 +611,25 @@ static void *client_thread(void *arg)
 
 START_TEST(test_two_clients_at_once)
 {
-    tdaemon d;
-    daemon_start(&d);
     pthread_t th[2];
-    thread_arg args[2] = {{&d, "client-a", 101}, {&d, "client-b", 202}};
+    thread_arg args[2] = {{&fx, "client-a", 101}, {&fx, "client-b", 202}};
     for (int i = 0; i < 2; i++)
         ck_assert_int_eq(pthread_create(&th[i], NULL, client_thread, &args[i]), 0);
     for (int i = 0; i < 2; i++)
         pthread_join(th[i], NULL);
     /* Both sessions were separate: both keys could be opened and were closed again. */
-    la_client *c = connect_ok(&d);
+    la_client *c = connect_ok(&fx);
     la_table *t;
     OK(la_sessions(c, &t));
     ck_assert_int_eq(la_table_rows(t), 0);
     la_table_free(t);
     la_disconnect(c);
-    daemon_stop(&d);
 }
 END_TEST
 
 START_TEST(test_reattach_after_disconnect)
 {
-    tdaemon d;
-    daemon_start(&d);
-    la_client *c = connect_ok(&d);
+    la_client *c = connect_ok(&fx);
     la_session *s = open_session(c, "keep-me", 2, 2, 64, LA_DTYPE_BF16, 256, 256, 1, -3.0f);
     prob p;
     prob_init(&p, c, s, 1, 256, 256, 2, 64, LA_DTYPE_BF16);
@@ -681,7 +663,7 @@ START_TEST(test_reattach_after_disconnect)
     la_attn_free(a);
     la_disconnect(c); /* frees p.buf's handle too */
 
-    c = connect_ok(&d);
+    c = connect_ok(&fx);
     la_session *s2;
     OK(la_session_attach(c, "keep-me", &s2));
     int64_t v;
@@ -722,7 +704,6 @@ START_TEST(test_reattach_after_disconnect)
     free(before);
     free(after);
     la_disconnect(c);
-    daemon_stop(&d);
 }
 END_TEST
 
@@ -751,9 +732,7 @@ static void free_in_callback(la_call *call, int status, void *user)
 
 START_TEST(test_async_pipelined)
 {
-    tdaemon d;
-    daemon_start(&d);
-    la_client *c = connect_ok(&d);
+    la_client *c = connect_ok(&fx);
     enum { L = 6 };
     la_session *s = open_session(c, "async", L, 2, 64, LA_DTYPE_BF16, 256, 256, 1, -3.0f);
     prob pr[L];
@@ -831,7 +810,6 @@ START_TEST(test_async_pipelined)
     }
     OK(la_session_close(s));
     la_disconnect(c);
-    daemon_stop(&d);
 }
 END_TEST
 
@@ -861,8 +839,8 @@ START_TEST(test_busy_beyond_max_inflight)
     int rc = la_attn_submit(s, a, NULL, NULL, &calls[2]);
     if (rc == 0) {
         /* Both finished already (a fast machine): then the third was legitimately free. */
-        ck_assert_int_eq(la_call_status(calls[0]) != LA_EAGAIN ||
-                             la_call_status(calls[1]) != LA_EAGAIN, 1);
+        ck_assert_int_eq(
+            la_call_status(calls[0]) != LA_EAGAIN || la_call_status(calls[1]) != LA_EAGAIN, 1);
         la_call_wait(calls[2], -1);
         la_call_free(calls[2]);
     } else {
@@ -886,9 +864,7 @@ END_TEST
 
 START_TEST(test_error_mapping)
 {
-    tdaemon d;
-    daemon_start(&d);
-    la_client *c = connect_ok(&d);
+    la_client *c = connect_ok(&fx);
     la_session *s = NULL;
     ck_assert_int_eq(la_session_attach(c, "no-such-session", &s), LA_ENOENT);
     ck_assert_ptr_null(s);
@@ -927,8 +903,7 @@ START_TEST(test_error_mapping)
                   la_last_error_message());
     ck_assert_str_ne(la_last_error_message(), "");
     /* An offset near 2^64 must not wrap around. */
-    OK(la_attn_set_tensor(a, LA_TENSOR_O, p.buf, UINT64_MAX - 16, LA_DTYPE_BF16, 4, shape,
-                          NULL));
+    OK(la_attn_set_tensor(a, LA_TENSOR_O, p.buf, UINT64_MAX - 16, LA_DTYPE_BF16, 4, shape, NULL));
     rc = la_attn_run(s, a, NULL);
     ck_assert_msg(rc == LA_ERANGE || rc == LA_EINVAL, "huge offset: %s", la_err_name(rc));
     prob_attn(&p, a, 0);
@@ -970,15 +945,12 @@ START_TEST(test_error_mapping)
     OK(la_session_close(s));
     ck_assert_int_eq(la_session_close(NULL), 0);
     la_disconnect(c);
-    daemon_stop(&d);
 }
 END_TEST
 
 START_TEST(test_dry_run_leaves_mask)
 {
-    tdaemon d;
-    daemon_start(&d);
-    la_client *c = connect_ok(&d);
+    la_client *c = connect_ok(&fx);
     la_session *s = open_session(c, "dry", 1, 2, 64, LA_DTYPE_BF16, 300, 300, 2, -3.0f);
     prob p;
     prob_init(&p, c, s, 2, 300, 300, 2, 64, LA_DTYPE_BF16);
@@ -1011,8 +983,7 @@ START_TEST(test_dry_run_leaves_mask)
     /* Reset: all ones again. */
     OK(la_session_reset(s));
     OK(la_session_read_mask(s, 0, 0, m1, p.mask_words * 4));
-    ck_assert_int_eq(popcount_mask(&p, m1),
-                     (int64_t)(p.mask_words / p.nw) * la_tiles(p.Sk, p.bn));
+    ck_assert_int_eq(popcount_mask(&p, m1), (int64_t)(p.mask_words / p.nw) * la_tiles(p.Sk, p.bn));
     ck_assert_int_eq(la_session_read_mask(s, 0, 0, m1, p.mask_words * 4 - 4), LA_EINVAL);
     free(m0);
     free(m1);
@@ -1020,7 +991,6 @@ START_TEST(test_dry_run_leaves_mask)
     prob_free(&p);
     OK(la_session_close(s));
     la_disconnect(c);
-    daemon_stop(&d);
 }
 END_TEST
 
@@ -1034,9 +1004,7 @@ static ssize_t col_of(const la_table *t, const char *name)
 
 START_TEST(test_tables)
 {
-    tdaemon d;
-    daemon_start(&d);
-    la_client *c = connect_ok(&d);
+    la_client *c = connect_ok(&fx);
     la_session *s = open_session(c, "tabled", 3, 2, 64, LA_DTYPE_BF16, 128, 128, 1, -3.0f);
     prob p;
     prob_init(&p, c, s, 1, 128, 128, 2, 64, LA_DTYPE_BF16);
@@ -1075,8 +1043,9 @@ START_TEST(test_tables)
     OK(la_sessions(c, &t));
     ck_assert_int_eq(la_table_rows(t), 1);
     ck_assert_int_eq(la_table_cols(t), 15);
-    const char *cols[] = {"id", "key", "uid", "layers", "heads", "head_dim", "batch", "bm", "bn",
-                          "mask_bytes", "calls", "live_fraction", "attached", "idle_s", "device"};
+    const char *cols[] = {"id",       "key",           "uid",      "layers", "heads",
+                          "head_dim", "batch",         "bm",       "bn",     "mask_bytes",
+                          "calls",    "live_fraction", "attached", "idle_s", "device"};
     for (size_t i = 0; i < 15; i++)
         ck_assert_msg(col_of(t, cols[i]) >= 0, "no column %s", cols[i]);
     ck_assert_str_eq(la_table_text(t, 0, (size_t)col_of(t, "key")), "tabled");
@@ -1096,15 +1065,12 @@ START_TEST(test_tables)
     prob_free(&p);
     OK(la_session_close(s));
     la_disconnect(c);
-    daemon_stop(&d);
 }
 END_TEST
 
 START_TEST(test_register_fd)
 {
-    tdaemon d;
-    daemon_start(&d);
-    la_client *c = connect_ok(&d);
+    la_client *c = connect_ok(&fx);
     int fd = memfd_create("t", MFD_CLOEXEC | MFD_ALLOW_SEALING);
     ck_assert_int_ge(fd, 0);
     ck_assert_int_eq(ftruncate(fd, 8192), 0);
@@ -1134,25 +1100,24 @@ START_TEST(test_register_fd)
     else
         ck_assert_int_ne(rc, 0); /* host memory is never CUDA device memory */
     unsigned char handle[64] = {0};
-    ck_assert_int_eq(la_buffer_register_cuda_ipc(c, handle, 63, "GPU-00000000-0000-0000-0000-"
-                                                 "000000000000", 4096, &b), LA_EINVAL);
-    ck_assert_int_eq(la_buffer_register_cuda_ipc(c, handle, 64, "not-a-uuid", 4096, &b),
+    ck_assert_int_eq(la_buffer_register_cuda_ipc(c, handle, 63,
+                                                 "GPU-00000000-0000-0000-0000-"
+                                                 "000000000000",
+                                                 4096, &b),
                      LA_EINVAL);
+    ck_assert_int_eq(la_buffer_register_cuda_ipc(c, handle, 64, "not-a-uuid", 4096, &b), LA_EINVAL);
     /* The CPU daemon has no such GPU. */
-    ck_assert_int_eq(la_buffer_register_cuda_ipc(c, handle, 64,
-                                                 "0123456789abcdef0123456789ABCDEF", 4096, &b),
-                     LA_ENODEV);
+    ck_assert_int_eq(
+        la_buffer_register_cuda_ipc(c, handle, 64, "0123456789abcdef0123456789ABCDEF", 4096, &b),
+        LA_ENODEV);
     OK(la_ping(c, NULL));
     la_disconnect(c);
-    daemon_stop(&d);
 }
 END_TEST
 
 START_TEST(test_daemon_gone)
 {
-    tdaemon d;
-    daemon_start(&d);
-    la_client *c = connect_ok(&d);
+    la_client *c = connect_ok(&fx);
     la_session *s = open_session(c, "doomed", 1, 8, 128, LA_DTYPE_F32, 2048, 2048, 1, -3.0f);
     prob p;
     prob_init(&p, c, s, 1, 2048, 2048, 8, 128, LA_DTYPE_F32);
@@ -1164,10 +1129,10 @@ START_TEST(test_daemon_gone)
     fired_status = 0;
     la_call *call;
     OK(la_attn_submit(s, a, NULL, NULL, &call));
-    kill(d.pid, SIGKILL);
+    kill(fx.pid, SIGKILL);
     int st;
-    waitpid(d.pid, &st, 0);
-    d.pid = 0;
+    waitpid(fx.pid, &st, 0);
+    fx.pid = 0;
     int rc = la_call_wait(call, 10000);
     /* Either it finished before the kill, or the connection closed under it. */
     ck_assert_msg(rc == 0 || rc == LA_ECLOSED, "wait: %s", la_err_name(rc));
@@ -1185,7 +1150,6 @@ START_TEST(test_daemon_gone)
     free(p.ref_dec);
     la_session_detach(s);
     la_disconnect(c);
-    daemon_stop(&d);
 }
 END_TEST
 
@@ -1227,10 +1191,10 @@ END_TEST
 START_TEST(test_error_names)
 {
     int n = 0;
-#define X_(name, val, msg)                                     \
-    ck_assert_str_eq(la_strerror(val), msg);                   \
-    ck_assert_str_eq(la_err_name(val), "LA_" #name);           \
-    ck_assert_int_eq(LA_##name, val);                          \
+#define X_(name, val, msg)                           \
+    ck_assert_str_eq(la_strerror(val), msg);         \
+    ck_assert_str_eq(la_err_name(val), "LA_" #name); \
+    ck_assert_int_eq(LA_##name, val);                \
     n++;
     LA_ERRNO_MAP(X_)
 #undef X_
@@ -1316,9 +1280,7 @@ END_TEST
 /* Must-do and must-skip ranges travel to the daemon and act as in the reference. */
 START_TEST(test_ranges_match_reference)
 {
-    tdaemon d;
-    daemon_start(&d);
-    la_client *c = connect_ok(&d);
+    la_client *c = connect_ok(&fx);
     la_session *s = open_session(c, "ranges", 1, 2, 64, LA_DTYPE_BF16, 256, 320, 1, 0.0f);
     prob p;
     prob_init(&p, c, s, 1, 256, 320, 2, 64, LA_DTYPE_BF16);
@@ -1385,10 +1347,8 @@ START_TEST(test_ranges_match_reference)
     prob_free(&p);
     OK(la_session_close(s));
     la_disconnect(c);
-    daemon_stop(&d);
 }
 END_TEST
-
 
 typedef struct shared_arg {
     la_client *c;
@@ -1434,9 +1394,7 @@ static void *runner(void *arg)
  * dispatched by whichever thread is polling, and everybody gets theirs. */
 START_TEST(test_threads_share_client)
 {
-    tdaemon d;
-    daemon_start(&d);
-    la_client *c = connect_ok(&d);
+    la_client *c = connect_ok(&fx);
     la_session *s = open_session(c, "shared", 1, 2, 64, LA_DTYPE_BF16, 128, 128, 1, -3.0f);
     prob p;
     prob_init(&p, c, s, 1, 128, 128, 2, 64, LA_DTYPE_BF16);
@@ -1455,7 +1413,6 @@ START_TEST(test_threads_share_client)
     prob_free(&p);
     OK(la_session_close(s));
     la_disconnect(c);
-    daemon_stop(&d);
 }
 END_TEST
 
@@ -1472,30 +1429,40 @@ static Suite *client_suite(void)
 
     TCase *conn = tcase_create("connection");
     tcase_set_timeout(conn, 30);
+    tcase_add_checked_fixture(conn, daemon_up, daemon_down);
     tcase_add_test(conn, test_connect_properties);
     tcase_add_test(conn, test_ping);
     tcase_add_test(conn, test_register_fd);
     tcase_add_test(conn, test_tables);
     tcase_add_test(conn, test_daemon_gone);
-    tcase_add_test(conn, test_hello_timeout);
-    tcase_add_test(conn, test_hello_other_major);
-    tcase_add_test(conn, test_hello_garbage);
-    tcase_add_test(conn, test_error_reply_and_close);
     suite_add_tcase(s, conn);
+
+    TCase *fk = tcase_create("fake_daemon");
+    tcase_set_timeout(fk, 30);
+    tcase_add_test(fk, test_hello_timeout);
+    tcase_add_test(fk, test_hello_other_major);
+    tcase_add_test(fk, test_hello_garbage);
+    tcase_add_test(fk, test_error_reply_and_close);
+    suite_add_tcase(s, fk);
 
     TCase *sess = tcase_create("sessions");
     tcase_set_timeout(sess, 90);
+    tcase_add_checked_fixture(sess, daemon_up, daemon_down);
     tcase_add_test(sess, test_session_bf16_matches_reference);
     tcase_add_test(sess, test_session_f32_matches_reference);
     tcase_add_test(sess, test_two_clients_at_once);
     tcase_add_test(sess, test_reattach_after_disconnect);
     tcase_add_test(sess, test_async_pipelined);
-    tcase_add_test(sess, test_busy_beyond_max_inflight);
     tcase_add_test(sess, test_error_mapping);
     tcase_add_test(sess, test_dry_run_leaves_mask);
     tcase_add_test(sess, test_ranges_match_reference);
     tcase_add_test(sess, test_threads_share_client);
     suite_add_tcase(s, sess);
+
+    TCase *own = tcase_create("sessions_own_daemon");
+    tcase_set_timeout(own, 90);
+    tcase_add_test(own, test_busy_beyond_max_inflight);
+    suite_add_tcase(s, own);
     return s;
 }
 
@@ -1504,5 +1471,5 @@ int main(void)
     /* A daemon killed under us must not kill the test with SIGPIPE (the library uses
      * MSG_NOSIGNAL; this guards the test's own writes). */
     signal(SIGPIPE, SIG_IGN);
-    return la_test_run_suite(client_suite());
+    return tu_run_suite(client_suite());
 }

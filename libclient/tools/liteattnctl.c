@@ -74,7 +74,6 @@ static int is_number(const char *s)
     return 1;
 }
 
-
 static int fail_rc(const char *what, int rc)
 {
     const char *m = la_last_error_message();
@@ -90,11 +89,18 @@ static const char *prop(la_client *c, const char *name)
     return v ? v : "";
 }
 
-static const char *const limit_names[] = {"max_frame",       "max_inflight",
-                                          "max_buffers",     "max_sessions",
-                                          "max_mask_bytes",  "max_connections",
+static const char *const limit_names[] = {"max_frame",       "max_inflight",   "max_buffers",
+                                          "max_sessions",    "max_mask_bytes", "max_connections",
                                           "session_grace_s", "session_ttl_s"};
 #define N_LIMITS (sizeof(limit_names) / sizeof(limit_names[0]))
+
+/* The daemon's value of limit i (a property "limit.<name>"), or NULL. */
+static const char *limit_value(la_client *c, size_t i)
+{
+    char key[64];
+    snprintf(key, sizeof(key), "limit.%s", limit_names[i]);
+    return la_client_property(c, key);
+}
 
 static int cmd_status(la_client *c, const char *sock, int json)
 {
@@ -155,9 +161,7 @@ static int cmd_status(la_client *c, const char *sock, int json)
         printf("], \"limits\": {");
         first = 1;
         for (size_t i = 0; i < N_LIMITS; i++) {
-            char key[64];
-            snprintf(key, sizeof(key), "limit.%s", limit_names[i]);
-            const char *v = la_client_property(c, key);
+            const char *v = limit_value(c, i);
             if (!v)
                 continue;
             printf("%s", first ? "" : ", ");
@@ -188,9 +192,7 @@ static int cmd_status(la_client *c, const char *sock, int json)
     }
     int first = 1;
     for (size_t i = 0; i < N_LIMITS; i++) {
-        char key[64];
-        snprintf(key, sizeof(key), "limit.%s", limit_names[i]);
-        const char *v = la_client_property(c, key);
+        const char *v = limit_value(c, i);
         if (!v)
             continue;
         printf("%-10s %-16s %s\n", first ? "limits" : "", limit_names[i], v);
@@ -337,7 +339,8 @@ static int cmd_ping(la_client *c, long count, int json)
     double max = rtt[count - 1] / 1e3;
     if (json)
         printf("{\"count\": %ld, \"min_us\": %.2f, \"median_us\": %.2f, \"p99_us\": %.2f, "
-               "\"max_us\": %.2f}\n", count, min, med, p99, max);
+               "\"max_us\": %.2f}\n",
+               count, min, med, p99, max);
     else
         printf("%ld pings: min %.1f us, median %.1f us, p99 %.1f us, max %.1f us\n", count, min,
                med, p99, max);
@@ -396,8 +399,7 @@ int main(int argc, char **argv)
     }
     if (strcmp(cmd, "status") && strcmp(cmd, "sessions") && strcmp(cmd, "stats") &&
         strcmp(cmd, "ping")) {
-        fprintf(stderr, "%s: unknown command \"%s\" (status, sessions, stats, ping)\n", prog,
-                cmd);
+        fprintf(stderr, "%s: unknown command \"%s\" (status, sessions, stats, ping)\n", prog, cmd);
         return 2;
     }
     if (have_n && strcmp(cmd, "ping")) {

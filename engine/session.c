@@ -15,57 +15,38 @@
 
 #include "engine_priv.h"
 
-#define SCHEDULE_MAX 100000
-
-void sess_name(const sess *s, char *out, size_t len) {
+void sess_name(const sess *s, char *out, size_t len)
+{
     snprintf(out, len, "session %llu (key '%s')", (unsigned long long)s->id, s->key);
 }
 
-static eng_user *user_get(eng *e, uint32_t uid, int create) {
-    for (eng_user *u = e->users; u; u = u->next)
+static eng_user *user_get(eng *e, uint32_t uid, int create)
+{
+    eng_user *u;
+    list_for_each_entry (u, &e->users, eng_user, link)
         if (u->uid == uid)
             return u;
     if (!create)
         return NULL;
-    eng_user *u = calloc(1, sizeof *u);
+    u = calloc(1, sizeof *u);
     if (!u)
         return NULL;
     u->uid = uid;
-    u->next = e->users;
-    e->users = u;
+    list_prepend(&e->users, &u->link);
     return u;
 }
 
-static void list_unlink(eng *e, sess *s) {
-    if (s->prev)
-        s->prev->next = s->next;
-    else
-        e->s_head = s->next;
-    if (s->next)
-        s->next->prev = s->prev;
-    else
-        e->s_tail = s->prev;
-    s->prev = s->next = NULL;
-}
-
-static void list_append(eng *e, sess *s) {
-    s->prev = e->s_tail;
-    s->next = NULL;
-    if (e->s_tail)
-        e->s_tail->next = s;
-    else
-        e->s_head = s;
-    e->s_tail = s;
-}
-
-sess *sess_find(eng *e, uint64_t id) {
-    for (sess *s = e->s_head; s; s = s->next)
+sess *sess_find(eng *e, uint64_t id)
+{
+    sess *s;
+    list_for_each_entry (s, &e->sessions, sess, link)
         if (s->id == id)
             return s;
     return NULL;
 }
 
-sess *sess_get(eng *e, uint32_t uid, uint64_t id, int allow_root, eng_error *err) {
+sess *sess_get(eng *e, uint32_t uid, uint64_t id, int allow_root, eng_error *err)
+{
     sess *s = sess_find(e, id);
     if (!s || (s->uid != uid && !(allow_root && uid == 0))) {
         eng_errf(err, "session %llu: no such session", (unsigned long long)id);
@@ -74,15 +55,15 @@ sess *sess_get(eng *e, uint32_t uid, uint64_t id, int allow_root, eng_error *err
     return s;
 }
 
-void sess_touch(eng *e, sess *s) {
+void sess_touch(eng *e, sess *s)
+{
     s->last_used_ms = eng_now_ms();
-    if (s->linked && e->s_tail != s) {
-        list_unlink(e, s);
-        list_append(e, s);
-    }
+    if (s->linked)
+        list_move_tail(&e->sessions, &s->link);
 }
 
-static int mset_new(eng *e, sess *s, eng_mset **ret, eng_error *err) {
+static int mset_new(eng *e, sess *s, eng_mset **ret, eng_error *err)
+{
     eng_mset *m = calloc(1, sizeof *m);
     if (!m) {
         eng_errf(err, "out of memory");
@@ -92,7 +73,7 @@ static int mset_new(eng *e, sess *s, eng_mset **ret, eng_error *err) {
     if (rc < 0) {
         free(m);
         eng_errf(err, "session '%s': cannot allocate %llu bytes of masks on %s: %s", s->key,
-                 (unsigned long long)s->mask_bytes, s->device, la_strerror(rc));
+                 (unsigned long long)s->mask_bytes, s->device, codes_strerror(rc));
         return rc;
     }
     m->be = s->be;
@@ -103,7 +84,8 @@ static int mset_new(eng *e, sess *s, eng_mset **ret, eng_error *err) {
     return 0;
 }
 
-void mset_unref(eng *e, eng_mset *m) {
+void mset_unref(eng *e, eng_mset *m)
+{
     if (!m || --m->refs > 0)
         return;
     m->be->ops->mask_free(m->be, m->mask);
@@ -111,7 +93,8 @@ void mset_unref(eng *e, eng_mset *m) {
     free(m);
 }
 
-void sess_unref(eng *e, sess *s) {
+void sess_unref(eng *e, sess *s)
+{
     if (!s || --s->refs > 0)
         return;
     mset_unref(e, s->masks);
@@ -119,10 +102,11 @@ void sess_unref(eng *e, sess *s) {
     free(s);
 }
 
-void sess_unlink(eng *e, sess *s) {
+void sess_unlink(eng *e, sess *s)
+{
     if (!s->linked)
         return;
-    list_unlink(e, s);
+    list_remove(&s->link);
     s->linked = 0;
     eng_user *u = user_get(e, s->uid, 0);
     if (u) {
@@ -133,31 +117,34 @@ void sess_unlink(eng *e, sess *s) {
 }
 
 /* Frees least recently used idle sessions until need more bytes fit under the cap. */
-static int make_room(eng *e, uint64_t need) {
+static int make_room(eng *e, uint64_t need)
+{
     uint64_t cap = e->cfg.limits.mask_memory_cap;
     if (!cap)
         return 0;
     if (need > cap)
         return LA_ELIMIT;
-    sess *s = e->s_head;
-    while (e->mask_bytes_live > cap - need && s) {
-        sess *next = s->next;
+    for (list_node *n = e->sessions.next, *next;
+         n != &e->sessions && e->mask_bytes_live > cap - need; n = next) {
+        next = n->next;
+        sess *s = list_entry(n, sess, link);
         if (s->inflight == 0) {
             char name[ENG_KEY_MAX + 64];
             sess_name(s, name, sizeof name);
-            eng_logf(e, 2, "%s of uid %u: evicted (least recently used, idle %llu ms) to "
-                     "stay under the mask memory cap of %llu bytes", name, s->uid,
-                     (unsigned long long)(eng_now_ms() - s->last_used_ms),
+            eng_logf(e, LOG_INFO,
+                     "%s of uid %u: evicted (least recently used, idle %llu ms) to "
+                     "stay under the mask memory cap of %llu bytes",
+                     name, s->uid, (unsigned long long)(eng_now_ms() - s->last_used_ms),
                      (unsigned long long)cap);
             e->n_evicted++;
             sess_unlink(e, s);
         }
-        s = next;
     }
     return e->mask_bytes_live > cap - need ? LA_ELIMIT : 0;
 }
 
-static void fill_view(const sess *s, eng_session_view *v) {
+static void fill_view(const sess *s, eng_session_view *v)
+{
     memset(v, 0, sizeof *v);
     v->id = s->id;
     v->bm = s->bm;
@@ -177,8 +164,21 @@ static void fill_view(const sess *s, eng_session_view *v) {
     snprintf(v->device, sizeof v->device, "%s", s->device);
 }
 
+/* A session key is 1..ENG_KEY_MAX bytes: the one check, for open and attach. */
+static int key_check(const char *key, size_t *ret_len, eng_error *err)
+{
+    size_t n = key ? strlen(key) : 0;
+    if (n == 0 || n > ENG_KEY_MAX) {
+        eng_errf(err, "session key must be 1..%d bytes (got %zu)", ENG_KEY_MAX, n);
+        return LA_EINVAL;
+    }
+    *ret_len = n;
+    return 0;
+}
+
 /* Picks the backend and device of a new session from spec->device. */
-static int pick_device(eng *e, sess *s, const char *want, eng_error *err) {
+static int pick_device(eng *e, sess *s, const char *want, eng_error *err)
+{
     be_backend *be = NULL;
     int dev = 0, rc;
     uint32_t bm = 0, bn = 0;
@@ -223,23 +223,54 @@ static int pick_device(eng *e, sess *s, const char *want, eng_error *err) {
     return 0;
 }
 
-int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_spec *spec,
-                     eng_session_view *ret_view, eng_error *err) {
-    int rc;
-    if (e->shutting_down) {
-        eng_errf(err, "the daemon is shutting down");
-        return LA_ESHUTDOWN;
-    }
-    size_t klen = strnlen(spec->key, sizeof spec->key);
-    if (klen == 0 || klen > ENG_KEY_MAX) {
-        eng_errf(err, "session: key must be 1 to %d bytes", ENG_KEY_MAX);
+/* The session's own settings: geometry, dtype, mode, direction, threshold and schedule. */
+static int check_settings(const sess *s, const eng_session_spec *spec, eng_error *err)
+{
+    if (!s->layers || !s->heads || !s->head_dim || !s->max_seq_q || s->max_seq_q > INT32_MAX ||
+        s->max_seq_k > INT32_MAX || s->heads > INT32_MAX || s->batch > INT32_MAX ||
+        s->head_dim > INT32_MAX) {
+        eng_errf(err,
+                 "session '%s': bad geometry (layers %u, heads %u, head dim %u, max Sq %u, "
+                 "max Sk %u, batch %u): each must be > 0 and < 2^31",
+                 s->key, s->layers, s->heads, s->head_dim, s->max_seq_q, s->max_seq_k, s->batch);
         return LA_EINVAL;
     }
-    sess *s = calloc(1, sizeof *s);
-    if (!s) {
-        eng_errf(err, "out of memory");
-        return LA_ENOMEM;
+    if (s->dtype != LA_DTYPE_F32 && s->dtype != LA_DTYPE_F16 && s->dtype != LA_DTYPE_BF16) {
+        eng_errf(err, "session '%s': dtype %d cannot hold Q/K/V (f32, f16 or bf16)", s->key,
+                 (int)s->dtype);
+        return LA_EINVAL;
     }
+    if (s->mode < LA_MODE_DENSE || s->mode > LA_MODE_SKIP) {
+        eng_errf(err, "session '%s': unknown mode %d", s->key, (int)s->mode);
+        return LA_EINVAL;
+    }
+    if (s->direction < LA_DIR_ALTERNATE || s->direction > LA_DIR_DESCENDING) {
+        eng_errf(err, "session '%s': unknown direction %d", s->key, (int)s->direction);
+        return LA_EINVAL;
+    }
+    if (isnan(s->threshold)) {
+        eng_errf(err, "session '%s': threshold is NaN", s->key);
+        return LA_EINVAL;
+    }
+    if (spec->n_schedule && (!spec->schedule || spec->n_schedule > LA_MAX_SCHEDULE)) {
+        eng_errf(err, "session '%s': threshold schedule of %zu steps (at most %d)", s->key,
+                 spec->n_schedule, LA_MAX_SCHEDULE);
+        return LA_EINVAL;
+    }
+    for (size_t i = 0; i < spec->n_schedule; i++)
+        if (isnan(spec->schedule[i])) {
+            eng_errf(err, "session '%s': threshold schedule step %zu is NaN", s->key, i);
+            return LA_EINVAL;
+        }
+    return 0;
+}
+
+/* A new session object from a spec whose key and device were checked; NULL: out of memory. */
+static sess *sess_from_spec(uint32_t uid, const eng_session_spec *spec, size_t klen)
+{
+    sess *s = calloc(1, sizeof *s);
+    if (!s)
+        return NULL;
     memcpy(s->key, spec->key, klen);
     s->uid = uid;
     s->layers = spec->layers;
@@ -254,72 +285,12 @@ int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_s
     s->mode = spec->mode == LA_MODE_SESSION ? LA_MODE_SKIP : spec->mode;
     s->direction = spec->direction;
     s->refs = 1;
+    return s;
+}
 
-    if (!s->layers || !s->heads || !s->head_dim || !s->max_seq_q ||
-        s->max_seq_q > INT32_MAX || s->max_seq_k > INT32_MAX || s->heads > INT32_MAX ||
-        s->batch > INT32_MAX || s->head_dim > INT32_MAX) {
-        eng_errf(err,
-                 "session '%s': bad geometry (layers %u, heads %u, head dim %u, max Sq %u, "
-                 "max Sk %u, batch %u): each must be > 0 and < 2^31",
-                 s->key, s->layers, s->heads, s->head_dim, s->max_seq_q, s->max_seq_k,
-                 s->batch);
-        rc = LA_EINVAL;
-        goto fail;
-    }
-    if (s->dtype != LA_DTYPE_F32 && s->dtype != LA_DTYPE_F16 && s->dtype != LA_DTYPE_BF16) {
-        eng_errf(err, "session '%s': dtype %d cannot hold Q/K/V (f32, f16 or bf16)", s->key,
-                 (int)s->dtype);
-        rc = LA_EINVAL;
-        goto fail;
-    }
-    if (s->mode < LA_MODE_DENSE || s->mode > LA_MODE_SKIP) {
-        eng_errf(err, "session '%s': unknown mode %d", s->key, (int)s->mode);
-        rc = LA_EINVAL;
-        goto fail;
-    }
-    if (s->direction < LA_DIR_ALTERNATE || s->direction > LA_DIR_DESCENDING) {
-        eng_errf(err, "session '%s': unknown direction %d", s->key, (int)s->direction);
-        rc = LA_EINVAL;
-        goto fail;
-    }
-    if (isnan(s->threshold)) {
-        eng_errf(err, "session '%s': threshold is NaN", s->key);
-        rc = LA_EINVAL;
-        goto fail;
-    }
-    if (spec->n_schedule) {
-        if (!spec->schedule || spec->n_schedule > SCHEDULE_MAX) {
-            eng_errf(err, "session '%s': threshold schedule of %zu steps (at most %d)", s->key,
-                     spec->n_schedule, SCHEDULE_MAX);
-            rc = LA_EINVAL;
-            goto fail;
-        }
-        for (size_t i = 0; i < spec->n_schedule; i++)
-            if (isnan(spec->schedule[i])) {
-                eng_errf(err, "session '%s': threshold schedule step %zu is NaN", s->key, i);
-                rc = LA_EINVAL;
-                goto fail;
-            }
-        s->schedule = malloc(spec->n_schedule * sizeof *s->schedule);
-        if (!s->schedule) {
-            eng_errf(err, "out of memory");
-            rc = LA_ENOMEM;
-            goto fail;
-        }
-        memcpy(s->schedule, spec->schedule, spec->n_schedule * sizeof *s->schedule);
-        s->n_schedule = spec->n_schedule;
-    }
-    for (sess *o = e->s_head; o; o = o->next)
-        if (o->uid == uid && !strcmp(o->key, s->key)) {
-            char name[ENG_KEY_MAX + 64];
-            sess_name(o, name, sizeof name);
-            eng_errf(err, "%s: key already in use by this user (attach to it instead)", name);
-            rc = LA_EEXIST;
-            goto fail;
-        }
-    if ((rc = pick_device(e, s, spec->device, err)) < 0)
-        goto fail;
-
+/* Tile counts and mask sizes from the tile sizes of the session's backend, overflow-safe. */
+static int size_masks(sess *s, eng_error *err)
+{
     s->n_q_tiles = (uint32_t)la_tiles((int32_t)s->max_seq_q, (int32_t)s->bm);
     s->n_k_tiles = (uint32_t)la_tiles((int32_t)s->max_seq_k, (int32_t)s->bn);
     s->n_k_words = (uint32_t)la_mask_words((int32_t)s->n_k_tiles);
@@ -330,34 +301,37 @@ int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_s
         __builtin_mul_overflow(lb, (uint64_t)s->layers, &mb) ||
         __builtin_mul_overflow(mb, (uint64_t)s->kv_shards, &mb)) {
         eng_errf(err, "session '%s': mask size overflows", s->key);
-        rc = LA_ELIMIT;
-        goto fail;
+        return LA_ELIMIT;
     }
     s->layer_mask_bytes = lb;
     s->mask_bytes = mb;
+    return 0;
+}
 
+/* The user's session count and mask bytes, and the daemon's mask memory cap (evicting idle
+ * sessions to make room), for one more session of s->mask_bytes. */
+static int check_room(eng *e, const sess *s, eng_user **ret_user, eng_error *err)
+{
     const eng_limits *l = &e->cfg.limits;
-    eng_user *u = user_get(e, uid, 1);
+    uint64_t mb = s->mask_bytes;
+    eng_user *u = user_get(e, s->uid, 1);
     if (!u) {
         eng_errf(err, "out of memory");
-        rc = LA_ENOMEM;
-        goto fail;
+        return LA_ENOMEM;
     }
     if (l->max_sessions_per_user && u->sessions >= l->max_sessions_per_user) {
         eng_errf(err, "session '%s': uid %u already has %u sessions open (limit %u)", s->key,
-                 uid, u->sessions, l->max_sessions_per_user);
-        rc = LA_ELIMIT;
-        goto fail;
+                 s->uid, u->sessions, l->max_sessions_per_user);
+        return LA_ELIMIT;
     }
-    if (l->max_mask_bytes_per_user && (mb > l->max_mask_bytes_per_user ||
-                                       u->mask_bytes > l->max_mask_bytes_per_user - mb)) {
+    if (l->max_mask_bytes_per_user &&
+        (mb > l->max_mask_bytes_per_user || u->mask_bytes > l->max_mask_bytes_per_user - mb)) {
         eng_errf(err,
                  "session '%s': %llu bytes of masks exceed the limit of uid %u (%llu of %llu "
                  "bytes in use)",
-                 s->key, (unsigned long long)mb, uid, (unsigned long long)u->mask_bytes,
+                 s->key, (unsigned long long)mb, s->uid, (unsigned long long)u->mask_bytes,
                  (unsigned long long)l->max_mask_bytes_per_user);
-        rc = LA_ELIMIT;
-        goto fail;
+        return LA_ELIMIT;
     }
     if (make_room(e, mb) < 0) {
         eng_errf(err,
@@ -365,8 +339,62 @@ int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_s
                  "cap (%llu of %llu bytes held by sessions in use)",
                  s->key, (unsigned long long)mb, (unsigned long long)e->mask_bytes_live,
                  (unsigned long long)l->mask_memory_cap);
-        rc = LA_ELIMIT;
+        return LA_ELIMIT;
+    }
+    *ret_user = u;
+    return 0;
+}
+
+/* LA_EEXIST when uid already has a session named key. */
+static int key_unused(eng *e, uint32_t uid, const char *key, eng_error *err)
+{
+    sess *o;
+    list_for_each_entry (o, &e->sessions, sess, link)
+        if (o->uid == uid && !strcmp(o->key, key)) {
+            char name[ENG_KEY_MAX + 64];
+            sess_name(o, name, sizeof name);
+            eng_errf(err, "%s: key already in use by this user (attach to it instead)", name);
+            return LA_EEXIST;
+        }
+    return 0;
+}
+
+int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_spec *spec,
+                     eng_session_view *ret_view, eng_error *err)
+{
+    int rc;
+    if (e->shutting_down) {
+        eng_errf(err, "the daemon is shutting down");
+        return LA_ESHUTDOWN;
+    }
+    size_t klen;
+    if ((rc = key_check(spec->key, &klen, err)) < 0)
+        return rc;
+    const char *device = spec->device ? spec->device : "";
+    if (strlen(device) >= sizeof(((sess *)0)->device)) {
+        eng_errf(err, "session '%s': device name of %zu bytes (at most %zu)", spec->key,
+                 strlen(device), sizeof(((sess *)0)->device) - 1);
+        return LA_EINVAL;
+    }
+    sess *s = sess_from_spec(uid, spec, klen);
+    if (!s) {
+        eng_errf(err, "out of memory");
+        return LA_ENOMEM;
+    }
+    eng_user *u = NULL;
+    if ((rc = check_settings(s, spec, err)) < 0 || (rc = key_unused(e, uid, s->key, err)) < 0 ||
+        (rc = pick_device(e, s, device, err)) < 0 || (rc = size_masks(s, err)) < 0 ||
+        (rc = check_room(e, s, &u, err)) < 0)
         goto fail;
+    if (spec->n_schedule) {
+        s->schedule = malloc(spec->n_schedule * sizeof *s->schedule);
+        if (!s->schedule) {
+            eng_errf(err, "out of memory");
+            rc = LA_ENOMEM;
+            goto fail;
+        }
+        memcpy(s->schedule, spec->schedule, spec->n_schedule * sizeof *s->schedule);
+        s->n_schedule = spec->n_schedule;
     }
     if ((rc = mset_new(e, s, &s->masks, err)) < 0)
         goto fail;
@@ -376,9 +404,9 @@ int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_s
     s->attached = 1;
     s->last_used_ms = eng_now_ms();
     s->linked = 1;
-    list_append(e, s);
+    list_append(&e->sessions, &s->link);
     u->sessions++;
-    u->mask_bytes += mb;
+    u->mask_bytes += s->mask_bytes;
     e->n_sessions_opened++;
     fill_view(s, ret_view);
     return 0;
@@ -389,13 +417,19 @@ fail:
 }
 
 int eng_session_attach(eng *e, uint32_t uid, uint64_t conn_id, const char *key,
-                       eng_session_view *ret_view, eng_error *err) {
+                       eng_session_view *ret_view, eng_error *err)
+{
     if (e->shutting_down) {
         eng_errf(err, "the daemon is shutting down");
         return LA_ESHUTDOWN;
     }
-    for (sess *s = e->s_head; s; s = s->next)
-        if (s->uid == uid && key && !strcmp(s->key, key)) {
+    size_t klen;
+    int rc = key_check(key, &klen, err);
+    if (rc < 0)
+        return rc;
+    sess *s;
+    list_for_each_entry (s, &e->sessions, sess, link)
+        if (s->uid == uid && !strcmp(s->key, key)) {
             s->conn_id = conn_id;
             s->attached = 1;
             s->detached_ms = 0;
@@ -403,11 +437,12 @@ int eng_session_attach(eng *e, uint32_t uid, uint64_t conn_id, const char *key,
             fill_view(s, ret_view);
             return 0;
         }
-    eng_errf(err, "session '%s': no such session", key ? key : "");
+    eng_errf(err, "session '%s': no such session", key);
     return LA_ENOENT;
 }
 
-int eng_session_reset(eng *e, uint32_t uid, uint64_t session_id, eng_error *err) {
+int eng_session_reset(eng *e, uint32_t uid, uint64_t session_id, eng_error *err)
+{
     sess *s = sess_get(e, uid, session_id, 0, err);
     if (!s)
         return LA_ENOENT;
@@ -425,14 +460,15 @@ int eng_session_reset(eng *e, uint32_t uid, uint64_t session_id, eng_error *err)
     if (rc < 0) {
         char name[ENG_KEY_MAX + 64];
         sess_name(s, name, sizeof name);
-        eng_errf(err, "%s: mask reset failed: %s", name, la_strerror(rc));
+        eng_errf(err, "%s: mask reset failed: %s", name, codes_strerror(rc));
         return rc;
     }
     sess_touch(e, s);
     return 0;
 }
 
-int eng_session_close(eng *e, uint32_t uid, uint64_t session_id, eng_error *err) {
+int eng_session_close(eng *e, uint32_t uid, uint64_t session_id, eng_error *err)
+{
     sess *s = sess_get(e, uid, session_id, 0, err);
     if (!s)
         return LA_ENOENT;
@@ -442,7 +478,8 @@ int eng_session_close(eng *e, uint32_t uid, uint64_t session_id, eng_error *err)
 }
 
 /* Live bits of one (layer, shard) mask over the valid k-tiles of every row. */
-static uint64_t layer_live(const sess *s, const uint32_t *w) {
+static uint64_t layer_live(const sess *s, const uint32_t *w)
+{
     uint64_t rows = (uint64_t)s->batch * s->heads * s->n_q_tiles, live = 0;
     uint32_t full = s->n_k_tiles / 32, rem = s->n_k_tiles % 32;
     uint32_t last = rem ? (uint32_t)((1ull << rem) - 1) : 0;
@@ -455,7 +492,8 @@ static uint64_t layer_live(const sess *s, const uint32_t *w) {
     return live;
 }
 
-static double layer_fraction(const sess *s, uint32_t layer) {
+static double layer_fraction(const sess *s, uint32_t layer)
+{
     double total = (double)s->batch * s->heads * s->n_q_tiles * s->n_k_tiles;
     if (total <= 0)
         return 0;
@@ -469,7 +507,8 @@ static double layer_fraction(const sess *s, uint32_t layer) {
 }
 
 int eng_session_info(eng *e, uint32_t uid, uint64_t session_id, double *live, size_t n,
-                     eng_session_stats *ret_stats, eng_error *err) {
+                     eng_session_stats *ret_stats, eng_error *err)
+{
     sess *s = sess_get(e, uid, session_id, 1, err);
     if (!s)
         return LA_ENOENT;
@@ -480,10 +519,12 @@ int eng_session_info(eng *e, uint32_t uid, uint64_t session_id, double *live, si
     return 0;
 }
 
-void eng_session_list(eng *e, uint32_t uid,
-                      void (*fn)(void *data, const eng_session_summary *s), void *data) {
+void eng_session_list(eng *e, uint32_t uid, void (*fn)(void *data, const eng_session_summary *s),
+                      void *data)
+{
     uint64_t now = eng_now_ms();
-    for (sess *s = e->s_head; s; s = s->next) {
+    sess *s;
+    list_for_each_entry (s, &e->sessions, sess, link) {
         if (uid != 0 && s->uid != uid)
             continue;
         eng_session_summary sum;
@@ -512,7 +553,8 @@ void eng_session_list(eng *e, uint32_t uid,
 
 int eng_mask_read(eng *e, uint32_t uid, uint64_t session_id, uint32_t layer, uint32_t kv_shard,
                   uint64_t offset, void *dst, size_t len, size_t *ret_len, uint64_t *ret_total,
-                  eng_error *err) {
+                  eng_error *err)
+{
     sess *s = sess_get(e, uid, session_id, 1, err);
     if (!s)
         return LA_ENOENT;
@@ -523,8 +565,7 @@ int eng_mask_read(eng *e, uint32_t uid, uint64_t session_id, uint32_t layer, uin
         return LA_EINVAL;
     }
     if (kv_shard >= s->kv_shards) {
-        eng_errf(err, "%s: kv shard %u out of range (kv shards %u)", name, kv_shard,
-                 s->kv_shards);
+        eng_errf(err, "%s: kv shard %u out of range (kv shards %u)", name, kv_shard, s->kv_shards);
         return LA_EINVAL;
     }
     uint64_t total = s->layer_mask_bytes;
@@ -538,8 +579,8 @@ int eng_mask_read(eng *e, uint32_t uid, uint64_t session_id, uint32_t layer, uin
         eng_errf(err, "%s: mask read into NULL", name);
         return LA_EINVAL;
     }
-    const uint8_t *base = (const uint8_t *)s->masks->mask->host +
-                          ((uint64_t)layer * s->kv_shards + kv_shard) * total;
+    const uint8_t *base =
+        (const uint8_t *)s->masks->mask->host + ((uint64_t)layer * s->kv_shards + kv_shard) * total;
     if (n)
         memcpy(dst, base + offset, n);
     if (ret_len)
@@ -549,47 +590,49 @@ int eng_mask_read(eng *e, uint32_t uid, uint64_t session_id, uint32_t layer, uin
     return 0;
 }
 
-void sess_conn_closed(eng *e, uint64_t conn_id) {
+void sess_conn_closed(eng *e, uint64_t conn_id)
+{
     uint64_t now = eng_now_ms();
-    for (sess *s = e->s_head; s; s = s->next)
+    sess *s;
+    list_for_each_entry (s, &e->sessions, sess, link)
         if (s->attached && s->conn_id == conn_id) {
             s->attached = 0;
             s->detached_ms = now;
         }
 }
 
-void sess_tick(eng *e) {
+void sess_tick(eng *e)
+{
     uint64_t now = eng_now_ms();
     const eng_limits *l = &e->cfg.limits;
-    sess *s = e->s_head;
-    while (s) {
-        sess *next = s->next;
+    sess *s;
+    list_for_each_entry (s, &e->sessions, sess, link) {
         if (s->inflight == 0) {
             char name[ENG_KEY_MAX + 64];
             sess_name(s, name, sizeof name);
             if (!s->attached && now - s->detached_ms >= (uint64_t)l->session_grace_s * 1000) {
-                eng_logf(e, 2, "%s of uid %u: freed, detached for longer than %u s", name,
+                eng_logf(e, LOG_INFO, "%s of uid %u: freed, detached for longer than %u s", name,
                          s->uid, l->session_grace_s);
                 e->n_detached_freed++;
                 sess_unlink(e, s);
             } else if (l->session_ttl_s &&
                        now - s->last_used_ms >= (uint64_t)l->session_ttl_s * 1000) {
-                eng_logf(e, 2, "%s of uid %u: freed, idle for longer than %u s", name, s->uid,
-                         l->session_ttl_s);
+                eng_logf(e, LOG_INFO, "%s of uid %u: freed, idle for longer than %u s", name,
+                         s->uid, l->session_ttl_s);
                 e->n_expired++;
                 sess_unlink(e, s);
             }
         }
-        s = next;
     }
 }
 
-void sess_free_all(eng *e) {
-    while (e->s_head)
-        sess_unlink(e, e->s_head);
-    while (e->users) {
-        eng_user *u = e->users;
-        e->users = u->next;
+void sess_free_all(eng *e)
+{
+    while (!list_empty(&e->sessions))
+        sess_unlink(e, list_first_entry(&e->sessions, sess, link));
+    eng_user *u;
+    list_for_each_entry (u, &e->users, eng_user, link) {
+        list_remove(&u->link);
         free(u);
     }
 }

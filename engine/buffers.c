@@ -18,32 +18,11 @@
 
 #include "engine_priv.h"
 
-static void buf_link(eng *e, buf *b) {
-    b->prev = e->b_tail;
-    b->next = NULL;
-    if (e->b_tail)
-        e->b_tail->next = b;
-    else
-        e->b_head = b;
-    e->b_tail = b;
-}
-
-static void buf_unlink(eng *e, buf *b) {
-    if (b->prev)
-        b->prev->next = b->next;
-    else
-        e->b_head = b->next;
-    if (b->next)
-        b->next->prev = b->prev;
-    else
-        e->b_tail = b->prev;
-    b->prev = b->next = NULL;
-}
-
-static void buf_destroy(eng *e, buf *b) {
+static void buf_destroy(eng *e, buf *b)
+{
     if (b->kind == BUF_SHM && b->ptr) {
         if (munmap(b->ptr, (size_t)b->map_len) != 0)
-            eng_logf(e, 1, "buffer %llu: munmap failed: %s", (unsigned long long)b->id,
+            eng_logf(e, LOG_WARN, "buffer %llu: munmap failed: %s", (unsigned long long)b->id,
                      strerror(errno));
     } else if (b->kind == BUF_CUDA && b->imp && b->be && b->be->ops->buffer_release) {
         b->be->ops->buffer_release(b->be, b->imp);
@@ -53,7 +32,8 @@ static void buf_destroy(eng *e, buf *b) {
     free(b);
 }
 
-void buf_unref(eng *e, buf *b) {
+void buf_unref(eng *e, buf *b)
+{
     if (!b)
         return;
     if (--b->refs > 0)
@@ -61,16 +41,20 @@ void buf_unref(eng *e, buf *b) {
     buf_destroy(e, b);
 }
 
-buf *buf_get(eng *e, uint64_t conn_id, uint64_t id) {
-    for (buf *b = e->b_head; b; b = b->next)
+buf *buf_get(eng *e, uint64_t conn_id, uint64_t id)
+{
+    buf *b;
+    list_for_each_entry (b, &e->buffers, buf, link)
         if (b->id == id)
             return b->conn_id == conn_id ? b : NULL;
     return NULL;
 }
 
-uint64_t buf_count(const eng *e, uint64_t *ret_bytes) {
+uint64_t buf_count(const eng *e, uint64_t *ret_bytes)
+{
     uint64_t n = 0, bytes = 0;
-    for (const buf *b = e->b_head; b; b = b->next) {
+    const buf *b;
+    list_for_each_entry (b, &e->buffers, buf, link) {
         n++;
         bytes += b->size;
     }
@@ -80,9 +64,11 @@ uint64_t buf_count(const eng *e, uint64_t *ret_bytes) {
 }
 
 /* Checks the connection's buffer count and bytes against the limits for one more of size. */
-static int conn_limits(eng *e, uint64_t conn_id, uint64_t size, eng_error *err) {
+static int conn_limits(eng *e, uint64_t conn_id, uint64_t size, eng_error *err)
+{
     uint64_t n = 0, bytes = 0;
-    for (const buf *b = e->b_head; b; b = b->next)
+    const buf *b;
+    list_for_each_entry (b, &e->buffers, buf, link)
         if (b->conn_id == conn_id) {
             n++;
             bytes += b->size;
@@ -98,15 +84,46 @@ static int conn_limits(eng *e, uint64_t conn_id, uint64_t size, eng_error *err) 
         eng_errf(err,
                  "conn %llu: a buffer of %llu bytes exceeds the connection's limit (%llu of "
                  "%llu bytes registered)",
-                 (unsigned long long)conn_id, (unsigned long long)size,
-                 (unsigned long long)bytes, (unsigned long long)l->max_buffer_bytes_per_conn);
+                 (unsigned long long)conn_id, (unsigned long long)size, (unsigned long long)bytes,
+                 (unsigned long long)l->max_buffer_bytes_per_conn);
         return LA_ELIMIT;
     }
     return 0;
 }
 
+/* A new registered buffer of conn_id (the registry's reference), or NULL when out of memory. */
+static buf *buf_add(eng *e, uint32_t uid, uint64_t conn_id, int kind, void *ptr, uint64_t size)
+{
+    buf *b = calloc(1, sizeof *b);
+    if (!b)
+        return NULL;
+    b->id = ++e->next_buffer_id;
+    b->uid = uid;
+    b->conn_id = conn_id;
+    b->kind = kind;
+    b->ptr = ptr;
+    b->size = size;
+    b->refs = 1;
+    b->registered = 1;
+    list_append(&e->buffers, &b->link);
+    e->n_buffers_added++;
+    return b;
+}
+
+/* A buffer's size is 1..2^63-1 bytes (offsets and extents are checked in int64 arithmetic). */
+static int size_check(uint64_t conn_id, uint64_t size, eng_error *err)
+{
+    if (size == 0 || size > (uint64_t)INT64_MAX) {
+        eng_errf(err, "conn %llu: buffer size %llu is not in 1..2^63-1",
+                 (unsigned long long)conn_id, (unsigned long long)size);
+        return LA_EINVAL;
+    }
+    return 0;
+}
+
 int eng_buffer_add_shm(eng *e, uint32_t uid, uint64_t conn_id, int fd, uint64_t size,
-                       uint64_t *ret_id, eng_error *err) {
+                       uint64_t *ret_id, eng_error *err)
+{
     int rc;
     if (fd < 0) {
         eng_errf(err, "conn %llu: shared-memory buffer without a file descriptor",
@@ -118,23 +135,19 @@ int eng_buffer_add_shm(eng *e, uint32_t uid, uint64_t conn_id, int fd, uint64_t 
         rc = LA_ESHUTDOWN;
         goto fail;
     }
-    if (size == 0 || size > (uint64_t)SIZE_MAX) {
-        eng_errf(err, "conn %llu: shared-memory buffer of %llu bytes (must be > 0)",
-                 (unsigned long long)conn_id, (unsigned long long)size);
-        rc = LA_EINVAL;
+    if ((rc = size_check(conn_id, size, err)) < 0)
         goto fail;
-    }
     struct stat st;
     if (fstat(fd, &st) != 0) {
-        eng_errf(err, "conn %llu: fstat of the buffer's fd failed: %s",
-                 (unsigned long long)conn_id, strerror(errno));
+        eng_errf(err, "conn %llu: fstat of the buffer's fd failed: %s", (unsigned long long)conn_id,
+                 strerror(errno));
         rc = LA_EIO;
         goto fail;
     }
     if (!S_ISREG(st.st_mode) || st.st_size <= 0 || size > (uint64_t)st.st_size) {
         eng_errf(err, "conn %llu: buffer of %llu bytes, but its fd holds %lld bytes%s",
-                 (unsigned long long)conn_id, (unsigned long long)size,
-                 (long long)st.st_size, S_ISREG(st.st_mode) ? "" : " (not a regular file)");
+                 (unsigned long long)conn_id, (unsigned long long)size, (long long)st.st_size,
+                 S_ISREG(st.st_mode) ? "" : " (not a regular file)");
         rc = LA_EINVAL;
         goto fail;
     }
@@ -162,23 +175,13 @@ int eng_buffer_add_shm(eng *e, uint32_t uid, uint64_t conn_id, int fd, uint64_t 
         goto fail;
     }
     close(fd);
-    buf *b = calloc(1, sizeof *b);
+    buf *b = buf_add(e, uid, conn_id, BUF_SHM, p, size);
     if (!b) {
         munmap(p, (size_t)size);
         eng_errf(err, "out of memory");
         return LA_ENOMEM;
     }
-    b->id = ++e->next_buffer_id;
-    b->uid = uid;
-    b->conn_id = conn_id;
-    b->kind = BUF_SHM;
-    b->ptr = p;
-    b->size = size;
     b->map_len = size;
-    b->refs = 1;
-    b->registered = 1;
-    buf_link(e, b);
-    e->n_buffers_added++;
     *ret_id = b->id;
     return 0;
 fail:
@@ -186,27 +189,32 @@ fail:
     return rc;
 }
 
-int eng_buffer_add_cuda_ipc(eng *e, uint32_t uid, uint64_t conn_id, const void *handle,
-                            size_t len, const char *device_uuid, uint64_t size,
-                            uint64_t *ret_id, uint64_t *ret_size, eng_error *err) {
+int eng_buffer_add_cuda_ipc(eng *e, uint32_t uid, uint64_t conn_id, const void *handle, size_t len,
+                            const char *device_uuid, uint64_t size, uint64_t *ret_id,
+                            uint64_t *ret_size, eng_error *err)
+{
     int rc;
     if (e->shutting_down) {
         eng_errf(err, "the daemon is shutting down");
         return LA_ESHUTDOWN;
-    }
-    if (!e->cuda || !e->cuda->ops->buffer_import) {
-        eng_errf(err, "conn %llu: CUDA IPC buffer, but the daemon has no cuda backend",
-                 (unsigned long long)conn_id);
-        return LA_ENODEV;
     }
     if (!handle || len != 64) {
         eng_errf(err, "conn %llu: CUDA IPC handle of %zu bytes (must be 64)",
                  (unsigned long long)conn_id, handle ? len : (size_t)0);
         return LA_EINVAL;
     }
-    if (size == 0) {
-        eng_errf(err, "conn %llu: CUDA IPC buffer of 0 bytes", (unsigned long long)conn_id);
+    size_t ul = device_uuid ? strlen(device_uuid) : 0;
+    if (ul == 0 || ul >= 64) {
+        eng_errf(err, "conn %llu: device UUID of %zu bytes (must be 1..63)",
+                 (unsigned long long)conn_id, ul);
         return LA_EINVAL;
+    }
+    if ((rc = size_check(conn_id, size, err)) < 0)
+        return rc;
+    if (!e->cuda || !e->cuda->ops->buffer_import) {
+        eng_errf(err, "conn %llu: CUDA IPC buffer, but the daemon has no cuda backend",
+                 (unsigned long long)conn_id);
+        return LA_ENODEV;
     }
     if ((rc = conn_limits(e, conn_id, size, err)) < 0)
         return rc;
@@ -215,47 +223,39 @@ int eng_buffer_add_cuda_ipc(eng *e, uint32_t uid, uint64_t conn_id, const void *
     uint64_t real = 0;
     int dev = 0;
     char msg[BE_MSG_MAX] = "";
-    rc = e->cuda->ops->buffer_import(e->cuda, handle, len, device_uuid ? device_uuid : "",
-                                     size, &imp, &ptr, &real, &dev, msg, sizeof msg);
+    rc = e->cuda->ops->buffer_import(e->cuda, handle, len, device_uuid ? device_uuid : "", size,
+                                     &imp, &ptr, &real, &dev, msg, sizeof msg);
     if (rc < 0) {
         eng_errf(err, "conn %llu: CUDA IPC buffer on %s: %s", (unsigned long long)conn_id,
                  device_uuid && device_uuid[0] ? device_uuid : "(no device)",
-                 msg[0] ? msg : la_strerror(rc));
+                 msg[0] ? msg : codes_strerror(rc));
         return rc;
     }
-    buf *b = calloc(1, sizeof *b);
+    buf *b = buf_add(e, uid, conn_id, BUF_CUDA, ptr, size);
     if (!b) {
         e->cuda->ops->buffer_release(e->cuda, imp);
         eng_errf(err, "out of memory");
         return LA_ENOMEM;
     }
-    b->id = ++e->next_buffer_id;
-    b->uid = uid;
-    b->conn_id = conn_id;
-    b->kind = BUF_CUDA;
-    b->ptr = ptr;
-    b->size = size;
     b->be = e->cuda;
     b->imp = imp;
     b->dev = dev;
-    b->refs = 1;
-    b->registered = 1;
-    buf_link(e, b);
-    e->n_buffers_added++;
     *ret_id = b->id;
     if (ret_size)
         *ret_size = real;
     return 0;
 }
 
-static void buf_release_registration(eng *e, buf *b) {
-    buf_unlink(e, b);
+static void buf_release_registration(eng *e, buf *b)
+{
+    list_remove(&b->link);
     b->registered = 0;
     e->n_buffers_removed++;
     buf_unref(e, b);
 }
 
-int eng_buffer_remove(eng *e, uint64_t conn_id, uint64_t buffer_id, eng_error *err) {
+int eng_buffer_remove(eng *e, uint64_t conn_id, uint64_t buffer_id, eng_error *err)
+{
     buf *b = buf_get(e, conn_id, buffer_id);
     if (!b) {
         eng_errf(err, "conn %llu: no buffer %llu", (unsigned long long)conn_id,
@@ -266,17 +266,16 @@ int eng_buffer_remove(eng *e, uint64_t conn_id, uint64_t buffer_id, eng_error *e
     return 0;
 }
 
-void buf_conn_closed(eng *e, uint64_t conn_id) {
-    buf *b = e->b_head;
-    while (b) {
-        buf *next = b->next;
+void buf_conn_closed(eng *e, uint64_t conn_id)
+{
+    buf *b;
+    list_for_each_entry (b, &e->buffers, buf, link)
         if (b->conn_id == conn_id)
             buf_release_registration(e, b);
-        b = next;
-    }
 }
 
-void buf_free_all(eng *e) {
-    while (e->b_head)
-        buf_release_registration(e, e->b_head);
+void buf_free_all(eng *e)
+{
+    while (!list_empty(&e->buffers))
+        buf_release_registration(e, list_first_entry(&e->buffers, buf, link));
 }

@@ -3,7 +3,7 @@
  * submission, the completion queue, counters. Sessions live in session.c, buffers in
  * buffers.c, compute in backend_cpu.c / backend_cuda.c.
  *
- * Completions: a backend thread that finishes a job appends it to done_head/done_tail under
+ * Completions: a backend thread that finishes a job appends it to the done list under
  * done_lock and calls cfg.notify; eng_process_completions() takes the whole queue at once on
  * the loop thread, releases the job's references (buffers, masks, session), updates the
  * session's figures and runs the done callback.
@@ -17,7 +17,8 @@
 
 #include "engine_priv.h"
 
-void eng_errf(eng_error *err, const char *fmt, ...) {
+void eng_errf(eng_error *err, const char *fmt, ...)
+{
     if (!err)
         return;
     va_list ap;
@@ -26,20 +27,18 @@ void eng_errf(eng_error *err, const char *fmt, ...) {
     va_end(ap);
 }
 
-void eng_logf(eng *e, int level, const char *fmt, ...) {
-    if (!e->cfg.log)
-        return;
-    char msg[512];
+void eng_logf(eng *e, int level, const char *fmt, ...)
+{
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
+    logsink_vprintf(e->cfg.log, e->cfg.log_data, level, fmt, ap);
     va_end(ap);
-    e->cfg.log(e->cfg.log_data, level, msg);
 }
 
 uint64_t eng_now_ms(void) { return be_now_ns() / 1000000u; }
 
-void eng_config_default(eng_config *cfg) {
+void eng_config_default(eng_config *cfg)
+{
     memset(cfg, 0, sizeof *cfg);
     cfg->backend = "auto";
     cfg->cpu_threads = 0;
@@ -54,28 +53,30 @@ void eng_config_default(eng_config *cfg) {
 }
 
 /* Backend threads: queue the finished job for the loop thread. */
-static void job_complete(void *data, be_job *bj) {
+static void job_complete(void *data, be_job *bj)
+{
     eng *e = data;
     eng_job *j = (eng_job *)bj;
     pthread_mutex_lock(&e->done_lock);
-    j->done_next = NULL;
-    if (e->done_tail)
-        e->done_tail->done_next = j;
-    else
-        e->done_head = j;
-    e->done_tail = j;
+    list_append(&e->done, &j->done_link);
     pthread_mutex_unlock(&e->done_lock);
     if (e->cfg.notify)
         e->cfg.notify(e->cfg.notify_data);
 }
 
-int eng_new(const eng_config *cfg, eng **ret_engine, eng_error *err) {
+int eng_new(const eng_config *cfg, eng **ret_engine, eng_error *err)
+{
     eng *e = calloc(1, sizeof *e);
     if (!e) {
         eng_errf(err, "out of memory");
         return LA_ENOMEM;
     }
     e->cfg = *cfg;
+    list_init(&e->sessions);
+    list_init(&e->users);
+    list_init(&e->buffers);
+    list_init(&e->jobs);
+    list_init(&e->done);
     pthread_mutex_init(&e->done_lock, NULL);
     const char *want = cfg->backend && cfg->backend[0] ? cfg->backend : "auto";
     int want_cuda = !strcmp(want, "cuda"), auto_ = !strcmp(want, "auto");
@@ -97,11 +98,11 @@ int eng_new(const eng_config *cfg, eng **ret_engine, eng_error *err) {
         if (rc < 0) {
             e->cuda = NULL;
             if (want_cuda) {
-                eng_errf(err, "cuda backend: %s", msg[0] ? msg : la_strerror(rc));
+                eng_errf(err, "cuda backend: %s", msg[0] ? msg : codes_strerror(rc));
                 eng_free(e);
                 return rc == LA_ENOMEM ? rc : LA_ENODEV;
             }
-            eng_logf(e, 2, "cuda backend not used: %s", msg[0] ? msg : la_strerror(rc));
+            eng_logf(e, LOG_INFO, "cuda backend not used: %s", msg[0] ? msg : codes_strerror(rc));
         }
     }
     snprintf(e->backends, sizeof e->backends, "%s", e->cuda ? "cpu,cuda" : "cpu");
@@ -109,7 +110,8 @@ int eng_new(const eng_config *cfg, eng **ret_engine, eng_error *err) {
     return 0;
 }
 
-void eng_free(eng *e) {
+void eng_free(eng *e)
+{
     if (!e)
         return;
     e->shutting_down = 1;
@@ -128,7 +130,8 @@ void eng_free(eng *e) {
     free(e);
 }
 
-size_t eng_devices(const eng *e, eng_device_info *out, size_t max) {
+size_t eng_devices(const eng *e, eng_device_info *out, size_t max)
+{
     size_t n = e->cpu->ops->devices(e->cpu, out, max);
     if (n > max)
         n = max;
@@ -139,8 +142,10 @@ size_t eng_devices(const eng *e, eng_device_info *out, size_t max) {
 
 const char *eng_backends(const eng *e) { return e->backends; }
 
-void eng_conn_closed(eng *e, uint64_t conn_id) {
-    for (eng_job *j = e->j_head; j; j = j->next)
+void eng_conn_closed(eng *e, uint64_t conn_id)
+{
+    eng_job *j;
+    list_for_each_entry (j, &e->jobs, eng_job, link)
         if (j->conn_id == conn_id)
             j->conn_closed = 1;
     buf_conn_closed(e, conn_id);
@@ -151,28 +156,13 @@ void eng_tick(eng *e) { sess_tick(e); }
 
 /* ---- attention ------------------------------------------------------------------------ */
 
-static size_t elsize(la_dtype t) {
+static const char *dtype_name(la_dtype t)
+{
     switch (t) {
-    case LA_DTYPE_F32:
-    case LA_DTYPE_U32:
-        return 4;
-    case LA_DTYPE_F16:
-    case LA_DTYPE_BF16:
-        return 2;
-    }
-    return 0;
-}
-
-static const char *dtype_name(la_dtype t) {
-    switch (t) {
-    case LA_DTYPE_F32:
-        return "f32";
-    case LA_DTYPE_F16:
-        return "f16";
-    case LA_DTYPE_BF16:
-        return "bf16";
-    case LA_DTYPE_U32:
-        return "u32";
+    case LA_DTYPE_F32: return "f32";
+    case LA_DTYPE_F16: return "f16";
+    case LA_DTYPE_BF16: return "bf16";
+    case LA_DTYPE_U32: return "u32";
     }
     return "unknown";
 }
@@ -189,7 +179,8 @@ typedef struct tref {
 } tref;
 
 static int check_shape(const char *sname, const char *role, const eng_tensor *t, int ndim,
-                       const int64_t *want, const char *dims, eng_error *err) {
+                       const int64_t *want, const char *dims, eng_error *err)
+{
     if (t->ndim != ndim) {
         eng_errf(err, "%s: %s has %d dimensions, expected %d [%s]", sname, role, t->ndim, ndim,
                  dims);
@@ -205,8 +196,8 @@ static int check_shape(const char *sname, const char *role, const eng_tensor *t,
                 x += snprintf(exp + x, sizeof exp - (size_t)x, "%s%lld", k ? ", " : "",
                               (long long)want[k]);
             }
-            eng_errf(err, "%s: %s shape [%s] does not match [%s] = [%s]", sname, role, got,
-                     dims, exp);
+            eng_errf(err, "%s: %s shape [%s] does not match [%s] = [%s]", sname, role, got, dims,
+                     exp);
             return LA_EINVAL;
         }
     return 0;
@@ -215,7 +206,8 @@ static int check_shape(const char *sname, const char *role, const eng_tensor *t,
 /* Buffer, dtype, strides and the byte extent of r->t inside its buffer, overflow-safe. A
  * tensor of ndim 0 (decisions) is fixed_bytes contiguous bytes. */
 static int check_extent(eng *e, const sess *s, uint64_t conn_id, const char *sname, tref *r,
-                        la_dtype want_dtype, uint64_t fixed_bytes, eng_error *err) {
+                        la_dtype want_dtype, uint64_t fixed_bytes, eng_error *err)
+{
     const eng_tensor *t = r->t;
     if (t->dtype != want_dtype) {
         eng_errf(err, "%s: %s has dtype %s, expected %s", sname, r->role, dtype_name(t->dtype),
@@ -224,8 +216,8 @@ static int check_extent(eng *e, const sess *s, uint64_t conn_id, const char *sna
     }
     buf *b = buf_get(e, conn_id, t->buffer_id);
     if (!b) {
-        eng_errf(err, "%s: %s names buffer %llu, which this connection has not registered",
-                 sname, r->role, (unsigned long long)t->buffer_id);
+        eng_errf(err, "%s: %s names buffer %llu, which this connection has not registered", sname,
+                 r->role, (unsigned long long)t->buffer_id);
         return LA_ENOENT;
     }
     int want_kind = s->be == e->cpu ? BUF_SHM : BUF_CUDA;
@@ -235,7 +227,7 @@ static int check_extent(eng *e, const sess *s, uint64_t conn_id, const char *sna
                  b->kind == BUF_SHM ? "host memory" : "GPU memory", s->device);
         return LA_EINVAL;
     }
-    uint64_t es = elsize(t->dtype);
+    uint64_t es = la_dtype_size(t->dtype);
     if (t->offset % es) {
         eng_errf(err, "%s: %s offset %llu is not a multiple of its element size %llu", sname,
                  r->role, (unsigned long long)t->offset, (unsigned long long)es);
@@ -278,8 +270,7 @@ static int check_extent(eng *e, const sess *s, uint64_t conn_id, const char *sna
     if (__builtin_add_overflow(t->offset, bytes, &end))
         goto overflow;
     if (end > b->size) {
-        eng_errf(err,
-                 "%s: %s spans bytes [%llu, %llu) but buffer %llu holds %llu bytes", sname,
+        eng_errf(err, "%s: %s spans bytes [%llu, %llu) but buffer %llu holds %llu bytes", sname,
                  r->role, (unsigned long long)t->offset, (unsigned long long)end,
                  (unsigned long long)b->id, (unsigned long long)b->size);
         return LA_ERANGE;
@@ -296,13 +287,15 @@ overflow:
     return LA_ERANGE;
 }
 
-static int overlaps(const tref *a, const tref *b) {
+static int overlaps(const tref *a, const tref *b)
+{
     return a->present && b->present && a->b == b->b && a->begin < b->end && b->begin < a->end;
 }
 
-static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *req,
-                  eng_done_fn done, void *user, eng_error *err) {
-    int rc;
+/* The call's session (owned by uid) and its indices: layer, kv shard, step, mode. */
+static int resolve_session(eng *e, uint32_t uid, const eng_attn_req *req, sess **ret_s,
+                           la_mode *ret_mode, char *sname, size_t sname_len, eng_error *err)
+{
     if (e->shutting_down) {
         eng_errf(err, "the daemon is shutting down");
         return LA_ESHUTDOWN;
@@ -314,8 +307,7 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
     sess *s = sess_get(e, uid, req->session_id, 0, err);
     if (!s)
         return LA_ENOENT;
-    char sname[ENG_KEY_MAX + 64];
-    sess_name(s, sname, sizeof sname);
+    sess_name(s, sname, sname_len);
     if (req->layer >= s->layers) {
         eng_errf(err, "%s: layer %u out of range (layers %u)", sname, req->layer, s->layers);
         return LA_EINVAL;
@@ -334,8 +326,15 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
         eng_errf(err, "%s: unknown mode %d", sname, (int)req->mode);
         return LA_EINVAL;
     }
+    *ret_s = s;
+    *ret_mode = mode;
+    return 0;
+}
 
-    /* Shapes against the session's geometry. */
+/* Ranks and sizes of every tensor against the session's geometry. */
+static int check_geometry(const sess *s, const char *sname, const eng_attn_req *req, eng_error *err)
+{
+    int rc;
     const eng_tensor *q = &req->q, *k = &req->k;
     if (q->ndim != 4 || k->ndim != 4) {
         eng_errf(err, "%s: %s has %d dimensions, expected 4 [B, S, H, D]", sname,
@@ -371,17 +370,25 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
             return LA_EINVAL;
         }
         if (req->decisions.ndim != 0) {
-            eng_errf(err, "%s: the decisions tensor takes no shape (it has the layer mask's "
-                     "layout, %llu bytes)", sname, (unsigned long long)s->layer_mask_bytes);
+            eng_errf(err,
+                     "%s: the decisions tensor takes no shape (it has the layer mask's "
+                     "layout, %llu bytes)",
+                     sname, (unsigned long long)s->layer_mask_bytes);
             return LA_EINVAL;
         }
     }
+    return 0;
+}
 
-    /* Buffers, dtypes, strides, extents. */
-    tref t[6];
-    memset(t, 0, sizeof t);
+/* Buffers, dtypes, strides and byte extents of every tensor the call uses; no output may
+ * overlap an input or another output. */
+static int resolve_tensors(eng *e, const sess *s, uint64_t conn_id, const char *sname,
+                           const eng_attn_req *req, tref t[6], eng_error *err)
+{
+    int rc;
+    memset(t, 0, 6 * sizeof *t);
     const char *roles[6] = {"q", "k", "v", "o", "lse", "decisions"};
-    const eng_tensor *ts[6] = {q, k, &req->v, &req->o, &req->lse, &req->decisions};
+    const eng_tensor *ts[6] = {&req->q, &req->k, &req->v, &req->o, &req->lse, &req->decisions};
     for (int i = 0; i < 6; i++) {
         t[i].role = roles[i];
         t[i].t = ts[i];
@@ -396,16 +403,23 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
     for (int o = 3; o < 6; o++) {
         for (int i = 0; i < o; i++)
             if (overlaps(&t[o], &t[i]) && (i < 3 || o > 3)) {
-                eng_errf(err, "%s: %s overlaps %s in buffer %llu (bytes [%llu, %llu) and "
-                         "[%llu, %llu))", sname, t[o].role, t[i].role,
-                         (unsigned long long)t[o].b->id, (unsigned long long)t[o].begin,
-                         (unsigned long long)t[o].end, (unsigned long long)t[i].begin,
-                         (unsigned long long)t[i].end);
+                eng_errf(err,
+                         "%s: %s overlaps %s in buffer %llu (bytes [%llu, %llu) and "
+                         "[%llu, %llu))",
+                         sname, t[o].role, t[i].role, (unsigned long long)t[o].b->id,
+                         (unsigned long long)t[o].begin, (unsigned long long)t[o].end,
+                         (unsigned long long)t[i].begin, (unsigned long long)t[i].end);
                 return LA_EINVAL;
             }
     }
+    return 0;
+}
 
-    /* Scalars and ranges. */
+/* Ranges, softmax scale (0: 1/sqrt(D)) and threshold (the call's, else the session's
+ * schedule or threshold). */
+static int resolve_scalars(const sess *s, const char *sname, const eng_attn_req *req,
+                           float *ret_scale, float *ret_tau, eng_error *err)
+{
     if (req->n_must_do < 0 || req->n_must_do > LA_MAX_RANGES || req->n_must_skip < 0 ||
         req->n_must_skip > LA_MAX_RANGES) {
         eng_errf(err, "%s: %d must-do and %d must-skip ranges (at most %d each)", sname,
@@ -426,13 +440,16 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
         eng_errf(err, "%s: threshold is NaN", sname);
         return LA_EINVAL;
     }
+    *ret_scale = scale;
+    *ret_tau = tau;
+    return 0;
+}
 
-    eng_job *j = calloc(1, sizeof *j);
-    if (!j) {
-        eng_errf(err, "out of memory");
-        return LA_ENOMEM;
-    }
-    be_job *bj = &j->bj;
+/* The backend job of a checked call: kernel parameters with the tensors' pointers, the
+ * session's mask of (layer, shard), the ranges and the wait event. */
+static void build_params(const sess *s, const eng_attn_req *req, const tref t[6], la_mode mode,
+                         float scale, float tau, be_job *bj)
+{
     la_attn_params *p = &bj->p;
     memcpy(bj->must_do, req->must_do, (size_t)req->n_must_do * sizeof(la_range));
     memcpy(bj->must_skip, req->must_skip, (size_t)req->n_must_skip * sizeof(la_range));
@@ -448,9 +465,9 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
         p->lse = t[4].ptr;
         memcpy(p->lse_stride, t[4].strides, sizeof p->lse_stride);
     }
-    p->B = (int32_t)B;
-    p->Sq = (int32_t)Sq;
-    p->Sk = (int32_t)Sk;
+    p->B = (int32_t)req->q.shape[0];
+    p->Sq = (int32_t)req->q.shape[1];
+    p->Sk = (int32_t)req->k.shape[1];
     p->H = (int32_t)s->heads;
     p->D = (int32_t)s->head_dim;
     p->dtype = s->dtype;
@@ -463,8 +480,7 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
     p->n_must_do = req->n_must_do;
     p->must_skip = bj->must_skip;
     p->n_must_skip = req->n_must_skip;
-    uint64_t mask_off = ((uint64_t)req->layer * s->kv_shards + req->kv_shard) *
-                        s->layer_mask_bytes;
+    uint64_t mask_off = ((uint64_t)req->layer * s->kv_shards + req->kv_shard) * s->layer_mask_bytes;
     p->mask = (uint32_t *)((char *)s->masks->mask->dev_ptr + mask_off);
     p->mask_stride[2] = s->n_k_words;
     p->mask_stride[1] = (int64_t)s->n_k_words * s->n_q_tiles;
@@ -481,11 +497,36 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
     bj->has_wait_event = req->has_wait_event;
     if (req->has_wait_event)
         memcpy(bj->wait_event, req->wait_event, sizeof bj->wait_event);
+}
 
-    rc = s->be->ops->supports(s->be, s->dev, p);
+static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *req, eng_done_fn done,
+                  void *user, eng_error *err)
+{
+    int rc;
+    sess *s;
+    la_mode mode;
+    char sname[ENG_KEY_MAX + 64];
+    tref t[6];
+    float scale, tau;
+    if ((rc = resolve_session(e, uid, req, &s, &mode, sname, sizeof sname, err)) < 0 ||
+        (rc = check_geometry(s, sname, req, err)) < 0 ||
+        (rc = resolve_tensors(e, s, conn_id, sname, req, t, err)) < 0 ||
+        (rc = resolve_scalars(s, sname, req, &scale, &tau, err)) < 0)
+        return rc;
+
+    eng_job *j = calloc(1, sizeof *j);
+    if (!j) {
+        eng_errf(err, "out of memory");
+        return LA_ENOMEM;
+    }
+    be_job *bj = &j->bj;
+    build_params(s, req, t, mode, scale, tau, bj);
+    /* What this backend's kernels support (head dims, dtypes, alignment); the backend's own
+     * checks of the parameters run here too (la_attn_validate). */
+    rc = s->be->ops->supports(s->be, s->dev, &bj->p);
     if (rc < 0) {
-        eng_errf(err, "%s: the %s backend cannot run this call (%s)", sname,
-                 s->be->ops->name, la_strerror(rc));
+        eng_errf(err, "%s: the %s backend cannot run this call (%s)", sname, s->be->ops->name,
+                 codes_strerror(rc));
         free(j);
         return rc;
     }
@@ -494,13 +535,13 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
     j->conn_id = conn_id;
     j->done = done;
     j->user = user;
-    j->tiles_total = (uint64_t)B * s->heads * (uint64_t)la_tiles((int32_t)Sq, (int32_t)s->bm) *
-                     (uint64_t)la_tiles((int32_t)Sk, (int32_t)s->bn);
+    j->tiles_total = (uint64_t)bj->p.B * s->heads * (uint64_t)la_tiles(bj->p.Sq, (int32_t)s->bm) *
+                     (uint64_t)la_tiles(bj->p.Sk, (int32_t)s->bn);
     bj->t_submit_ns = be_now_ns();
     rc = s->be->ops->submit(s->be, bj);
     if (rc < 0) {
         eng_errf(err, "%s: the %s backend refused the call: %s", sname, s->be->ops->name,
-                 la_strerror(rc));
+                 codes_strerror(rc));
         free(j);
         return rc;
     }
@@ -516,17 +557,15 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
             t[i].b->refs++;
             j->bufs[j->n_bufs++] = t[i].b;
         }
-    j->next = e->j_head;
-    if (e->j_head)
-        e->j_head->prev = j;
-    e->j_head = j;
+    list_append(&e->jobs, &j->link);
     e->inflight++;
     sess_touch(e, s);
     return 0;
 }
 
 int eng_attn_submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *req,
-                    eng_done_fn done, void *user, eng_error *err) {
+                    eng_done_fn done, void *user, eng_error *err)
+{
     e->n_calls++;
     int rc = submit(e, uid, conn_id, req, done, user, err);
     if (rc < 0)
@@ -534,21 +573,18 @@ int eng_attn_submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *
     return rc;
 }
 
-int eng_process_completions(eng *e) {
+int eng_process_completions(eng *e)
+{
+    /* Take the whole queue at once: the workers keep appending to an empty one meanwhile. */
+    list_node done;
     pthread_mutex_lock(&e->done_lock);
-    eng_job *list = e->done_head;
-    e->done_head = e->done_tail = NULL;
+    list_take(&done, &e->done);
     pthread_mutex_unlock(&e->done_lock);
     int n = 0;
-    while (list) {
-        eng_job *j = list;
-        list = j->done_next;
-        if (j->prev)
-            j->prev->next = j->next;
-        else
-            e->j_head = j->next;
-        if (j->next)
-            j->next->prev = j->prev;
+    eng_job *j;
+    list_for_each_entry (j, &done, eng_job, done_link) {
+        list_remove(&j->done_link);
+        list_remove(&j->link);
         e->inflight--;
 
         be_job *bj = &j->bj;
@@ -585,7 +621,8 @@ int eng_process_completions(eng *e) {
         if (status < 0) {
             char sname[ENG_KEY_MAX + 64];
             sess_name(s, sname, sizeof sname);
-            snprintf(msg, sizeof msg, "%s: %s", sname, bj->msg[0] ? bj->msg : la_strerror(status));
+            snprintf(msg, sizeof msg, "%s: %s", sname,
+                     bj->msg[0] ? bj->msg : codes_strerror(status));
         } else if (j->conn_closed) {
             status = LA_ECLOSED;
             snprintf(msg, sizeof msg, "conn %llu closed before the call finished",
@@ -606,10 +643,11 @@ int eng_idle(const eng *e) { return e->inflight == 0; }
 
 int eng_fatal(const eng *e) { return e->cuda && e->cuda->ops->fatal(e->cuda); }
 
-void eng_stats(const eng *e, void (*fn)(void *data, const char *name, int64_t value),
-               void *data) {
+void eng_stats(const eng *e, void (*fn)(void *data, const char *name, int64_t value), void *data)
+{
     uint64_t n_sess = 0, n_detached = 0;
-    for (const sess *s = e->s_head; s; s = s->next) {
+    const sess *s;
+    list_for_each_entry (s, &e->sessions, sess, link) {
         n_sess++;
         n_detached += !s->attached;
     }
