@@ -388,7 +388,9 @@ def _ring(q, k, v, group, ctx, layer, step, threshold, mode, must_do, must_skip,
         reqs, recv = [], None
         if j < P - 1:      # pass our current shard on while we compute with it
             recv = torch.empty_like(kv)
-            reqs = [dist.isend(kv, nxt, group=group), dist.irecv(recv, prv, group=group)]
+            # one batch, so that NCCL pairs the send and the receive (P = 2: same peer)
+            reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, kv, nxt, group),
+                                           dist.P2POp(dist.irecv, recv, prv, group)])
         part = call(kv[0], kv[1], src, True)
         acc = merge_partials(acc, part)
         for r in reqs:

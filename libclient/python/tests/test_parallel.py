@@ -108,6 +108,27 @@ def rank_main(world, rank, init, socket, outdir):
         saved["%s/tiles" % name] = np.array([st["tiles_computed"], st["tiles_total"]])
         saved["%s/index" % name] = np.array(idx)
         ctx.close()
+    if world == 2:   # the module form, with a second (CFG) branch between the steps
+        idx, n = parallel.shard_index("ring")
+        Sl = q.shape[1] // n
+        qs, ks, vs = (x[:, idx * Sl:(idx + 1) * Sl].contiguous() for x in (q, k, v))
+        ctx = parallel.Context(socket, max_branches=2, threshold=-3.0)
+        attn = parallel.SequenceParallelAttention("ring", context=ctx)
+        for step in range(STEPS):
+            out, lse = attn(qs, ks, vs, return_softmax_lse=True, must_do_list=MUST_DO[world])
+            attn(-qs, ks, vs, branch=1)
+            assert attn.step == step
+            saved["module/%d/out" % step] = out.numpy()
+            saved["module/%d/lse" % step] = lse.numpy()
+            for j in range(n):
+                for b in range(2):
+                    saved["module/%d/mask%d" % (step, b * n + j)] = attn.mask(j, branch=b)
+                    assert np.array_equal(attn.mask(j, branch=b),
+                                          ctx.session.mask(0, kv_shard=b * n + j))
+        saved["module/index"] = np.array(idx)
+        ctx.new_generation()
+        assert attn.step == 0 and ctx.session is None
+        ctx.close()
     np.savez(os.path.join(outdir, "rank%d.npz" % rank), **saved)
     dist.barrier()
     dist.destroy_process_group()
@@ -123,7 +144,7 @@ class Ranks:
         self.by_index = {}
         for f in files:
             z = dict(np.load(f))
-            for name, *_ in runs(world):
+            for name in [r[0] for r in runs(world)] + (["module"] if world == 2 else []):
                 self.by_index.setdefault(name, {})[int(z["%s/index" % name])] = z
 
     def get(self, name, index, step, what):
@@ -200,10 +221,7 @@ def single(client_socket, cache, world, name, tau, mdo, msk):
 
 
 def _run(world, name):
-    for r in runs(world):
-        if r[0] == name:
-            return r
-    pytest.skip("no %s run with %d ranks" % (name, world))
+    return [r for r in runs(world) if r[0] == name][0]
 
 
 def _local(ranges, off, n):
@@ -274,32 +292,37 @@ def test_ulysses_equals_single_process(ranks, daemon, single_cache):
                     % (name, step, idx, int((got != m[:, heads]).sum()))
 
 
-@pytest.mark.parametrize("name", ["ring", "hybrid"])
-def test_dense_step_equals_single_process(ranks, daemon, single_cache, name):
+def test_dense_step_equals_single_process(ranks, daemon, single_cache):
     """At the first step every mask is all ones: ring and hybrid compute exact attention."""
     from refimpl import rel_l2
-    _, scheme, tau, mdo, msk = _run(ranks.world, name)
-    o, l, _, _ = single(daemon.socket, single_cache, ranks.world, name, tau, mdo, msk)[0]
-    go, gl = ranks.full_out(name, 0)
-    e = rel_l2(go, o)
-    assert e <= 1e-5, "%s dense step: relative L2 %g" % (name, e)
-    assert np.abs(gl - l).max() <= 1e-4
+    for name, scheme, tau, mdo, msk in runs(ranks.world):
+        if scheme == "ulysses":
+            continue
+        o, l, _, _ = single(daemon.socket, single_cache, ranks.world, name, tau, mdo, msk)[0]
+        go, gl = ranks.full_out(name, 0)
+        e = rel_l2(go, o)
+        assert e <= 1e-5, "%s dense step: relative L2 %g" % (name, e)
+        assert np.abs(gl - l).max() <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["ring", "hybrid", "ulysses", "ring_inf"])
-def test_against_reference_per_shard(ranks, daemon, single_cache, name):
-    _, scheme, tau, mdo, msk = _run(ranks.world, name)
-    BM, BN = single(daemon.socket, single_cache, ranks.world, name, tau, mdo, msk)[0][3]
-    check_emulated(ranks, ranks.world, name, scheme, tau, mdo, msk, BM, BN)
+def test_against_reference_per_shard(ranks, daemon, single_cache):
+    for name, scheme, tau, mdo, msk in runs(ranks.world):
+        if name == "ulysses_inf":
+            continue      # the same calls as ulysses, checked against one process
+        BM, BN = single(daemon.socket, single_cache, ranks.world, name, tau, mdo, msk)[0][3]
+        check_emulated(ranks, ranks.world, name, scheme, tau, mdo, msk, BM, BN)
 
 
-@pytest.mark.parametrize("name", ["ring_inf", "ulysses_inf", "ring", "hybrid"])
-def test_must_do_in_global_positions(ranks, daemon, single_cache, name):
+def test_must_do_in_global_positions(ranks, daemon, single_cache):
     """The k-tiles holding a global must-do range stay live in every row of the mask of the
     (rank, K/V shard) that holds those keys, and nowhere else are tiles forced: with
     tau = +inf the live tiles after step 0 are the first one visited plus the must-do ones."""
-    _, scheme, tau, mdo, msk = _run(ranks.world, name)
-    BM, BN = single(daemon.socket, single_cache, ranks.world, name, tau, mdo, msk)[0][3]
+    for name, scheme, tau, mdo, msk in runs(ranks.world):
+        BM, BN = single(daemon.socket, single_cache, ranks.world, name, tau, mdo, msk)[0][3]
+        check_must_do(ranks, name, scheme, tau, mdo, BM, BN)
+
+
+def check_must_do(ranks, name, scheme, tau, mdo, BM, BN):
     for idx in range(ranks.world):
         _, (q0, q1), shards = layout(scheme, ranks.world, idx)
         nQ = -(-(q1 - q0) // BM)
@@ -318,6 +341,25 @@ def test_must_do_in_global_positions(ranks, daemon, single_cache, name):
                     assert (per_row <= forced.sum() + 1).all(), \
                         "%s rank %d shard %d: more than first + must-do tiles live" % (
                             name, idx, j)
+
+
+def test_module_and_branches(ranks):
+    """SequenceParallelAttention steps like the functions (branch 0 calls advance the step);
+    a second branch between the steps has its own mask slots and leaves branch 0's alone:
+    branch 0 matches the functional ring run bit for bit."""
+    if ranks.world != 2:
+        pytest.skip("run with 2 ranks")
+    for idx in range(2):
+        for step in range(STEPS):
+            for what in ("out", "lse", "mask0", "mask1"):
+                assert np.array_equal(ranks.get("module", idx, step, what),
+                                      ranks.get("ring", idx, step, what)), \
+                    "rank %d step %d: module %s differs from ring_attention's" % (
+                        idx, step, what)
+        last = STEPS - 1
+        b0 = np.stack([ranks.get("module", idx, last, "mask%d" % j) for j in (0, 1)])
+        b1 = np.stack([ranks.get("module", idx, last, "mask%d" % j) for j in (2, 3)])
+        assert not np.array_equal(b0, b1), "branch 1 (other queries) got branch 0's masks"
 
 
 def test_ring_skip_gap(ranks, daemon, single_cache, capsys):
