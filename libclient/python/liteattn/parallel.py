@@ -328,10 +328,13 @@ def merge_partials(acc, part):
     lse [B, H, Sq]) each, in float32: lse = log(e^lse1 + e^lse2), o = sum of o_i e^(lse_i - lse).
     A part with lse = -inf (no keys) contributes nothing. Either may be None."""
     torch = _torch()
-    if acc is None:
-        return part[0].float(), part[1].float()
     if part is None:
         return acc
+    if acc is None:      # rows without keys: o = 0 whatever the call wrote there
+        lse0 = part[1].float()
+        return (torch.where(torch.isneginf(lse0).transpose(1, 2).unsqueeze(-1),
+                            torch.zeros((), dtype=torch.float32, device=lse0.device),
+                            part[0].float()), lse0)
     (o1, l1), (o2, l2) = acc, part
     o2, l2 = o2.float(), l2.float()
     lse = torch.logaddexp(l1, l2)
@@ -404,9 +407,34 @@ def _ring(q, k, v, group, ctx, layer, step, threshold, mode, must_do, must_skip,
     return acc[0].to(q.dtype), acc[1]
 
 
-def _prepare(must_do, must_skip, context):
-    return (convert_must_list(must_do), convert_must_list(must_skip),
-            context or default_context())
+def _prepare(q, k, v, groups, must_do, must_skip, context):
+    ctx = context or default_context()
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if len(x.shape) != 4:
+            raise InvalidArgument("%s has shape %s; expected 4 dims (B, S/W, H, D)"
+                                  % (name, tuple(x.shape)))
+    if ctx.session is None:     # first call of a generation: all shards alike?
+        for g in groups:
+            _check_alike(q, k, g)
+    return convert_must_list(must_do), convert_must_list(must_skip), ctx
+
+
+def _check_alike(q, k, group):
+    """Every rank of the group has the same q and k shapes (an all_gather of 8 numbers), so
+    that unequal shards fail with a message on every rank instead of hanging a collective."""
+    P, _ = _size_rank(group)
+    if P == 1:
+        return
+    torch = _torch()
+    mine = torch.tensor([int(d) for d in tuple(q.shape) + tuple(k.shape)], dtype=torch.int64,
+                        device=q.device)
+    every = [torch.empty_like(mine) for _ in range(P)]
+    _dist().all_gather(every, mine, group=group)
+    shapes = {tuple(int(d) for d in t.tolist()) for t in every}
+    if len(shapes) > 1:
+        raise InvalidArgument("the ranks' shards differ (q and k shapes %s): every rank needs "
+                              "the same shard length; pad the sequence and give the padding "
+                              "as a must_skip range" % sorted(shapes))
 
 
 def ulysses_attention(q, k, v, group=None, *, layer=0, step=0, context=None, threshold=None,
@@ -417,7 +445,7 @@ def ulysses_attention(q, k, v, group=None, *, layer=0, step=0, context=None, thr
     (layer, branch): the masks are those of a single-process call, for this rank's heads),
     and a second all-to-all brings the output back to the shard. q, k, v: [B, S/P, H, D];
     returns out [B, S/P, H, D] or (out, lse [B, H, S/P])."""
-    must_do, must_skip, ctx = _prepare(must_do, must_skip, context)
+    must_do, must_skip, ctx = _prepare(q, k, v, (group,), must_do, must_skip, context)
     P, _ = _size_rank(group)
     if P == 1:
         return _result(*_ring(q, k, v, _NO_GROUP, ctx, layer, step, threshold, mode, must_do,
@@ -436,7 +464,7 @@ def ring_attention(q, k, v, group=None, *, layer=0, step=0, context=None, thresh
     the daemon once per K/V shard with its own queries (mask key (layer, branch * P + shard):
     one mask per K/V shard) and merges the partial outputs by their LSE in float32.
     q, k, v: [B, S/P, H, D]; returns out [B, S/P, H, D] or (out, lse [B, H, S/P])."""
-    must_do, must_skip, ctx = _prepare(must_do, must_skip, context)
+    must_do, must_skip, ctx = _prepare(q, k, v, (group,), must_do, must_skip, context)
     o, lse = _ring(q, k, v, group, ctx, layer, step, threshold, mode, must_do, must_skip,
                    scale, branch, True)
     return _result(o, lse, return_lse)
@@ -449,8 +477,8 @@ def hybrid_attention(q, k, v, groups, *, layer=0, step=0, context=None, threshol
     (ulysses_group, ring_group) as hybrid_groups() builds them, or a 2D DeviceMesh with dims
     'ring' and 'ulysses'. Shard index of this rank = ring_rank * u + ulysses_rank.
     q, k, v: [B, S/(u*r), H, D], H divisible by u."""
-    must_do, must_skip, ctx = _prepare(must_do, must_skip, context)
     ug, rg = _hybrid_pair(groups)
+    must_do, must_skip, ctx = _prepare(q, k, v, (ug, rg), must_do, must_skip, context)
     u, _ = _size_rank(ug)
     if u > 1:
         q, k, v = _scatter_heads(q, k, v, ug, u)

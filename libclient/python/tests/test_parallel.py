@@ -108,6 +108,30 @@ def rank_main(world, rank, init, socket, outdir):
         saved["%s/tiles" % name] = np.array([st["tiles_computed"], st["tiles_total"]])
         saved["%s/index" % name] = np.array(idx)
         ctx.close()
+    if world == 4:   # the hybrid over a 2D DeviceMesh: the same calls as over the groups
+        from torch.distributed.device_mesh import init_device_mesh
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("ring", "ulysses"))
+        idx, n = parallel.shard_index("hybrid", mesh)
+        assert (idx, n) == parallel.shard_index("hybrid", hyb)
+        Sl = q.shape[1] // n
+        qs, ks, vs = (x[:, idx * Sl:(idx + 1) * Sl].contiguous() for x in (q, k, v))
+        ctx = parallel.Context(socket, layers=1, threshold=-3.0)
+        out = parallel.hybrid_attention(qs, ks, vs, mesh, context=ctx, must_do=MUST_DO[world],
+                                        must_skip=MUST_SKIP[world])
+        saved["mesh/0/out"] = out.numpy()
+        saved["mesh/index"] = np.array(idx)
+        ctx.close()
+    if world == 2:   # unequal shards are refused on every rank, nothing hangs
+        from liteattn import InvalidArgument
+        Sl = q.shape[1] // 2
+        qs, ks, vs = (x[:, rank * Sl:(rank + 1) * Sl - rank].contiguous() for x in (q, k, v))
+        for fn in (parallel.ring_attention, parallel.ulysses_attention):
+            ctx = parallel.Context(socket, layers=1)
+            with pytest.raises(InvalidArgument, match="shards differ"):
+                fn(qs, ks, vs, context=ctx)
+            ctx.close()
+        saved["unequal/index"] = np.array(rank)
+        saved["unequal/refused"] = np.array(1)
     if world == 2:   # the module form, with a second (CFG) branch between the steps
         idx, n = parallel.shard_index("ring")
         Sl = q.shape[1] // n
@@ -144,7 +168,8 @@ class Ranks:
         self.by_index = {}
         for f in files:
             z = dict(np.load(f))
-            for name in [r[0] for r in runs(world)] + (["module"] if world == 2 else []):
+            extra = ["module", "unequal"] if world == 2 else ["mesh"]
+            for name in [r[0] for r in runs(world)] + extra:
                 self.by_index.setdefault(name, {})[int(z["%s/index" % name])] = z
 
     def get(self, name, index, step, what):
@@ -360,6 +385,50 @@ def test_module_and_branches(ranks):
         b0 = np.stack([ranks.get("module", idx, last, "mask%d" % j) for j in (0, 1)])
         b1 = np.stack([ranks.get("module", idx, last, "mask%d" % j) for j in (2, 3)])
         assert not np.array_equal(b0, b1), "branch 1 (other queries) got branch 0's masks"
+
+
+def test_hybrid_over_a_device_mesh_and_unequal_shards(ranks):
+    """4 ranks: the hybrid over a 2D DeviceMesh ("ring", "ulysses") makes the same calls as
+    over hybrid_groups(2, 2). 2 ranks: shards of different lengths raise InvalidArgument on
+    every rank (checked inside the ranks) instead of hanging a collective."""
+    if ranks.world == 4:
+        for idx in range(4):
+            assert np.array_equal(ranks.get("mesh", idx, 0, "out"),
+                                  ranks.get("hybrid", idx, 0, "out"))
+    else:
+        for idx in range(2):
+            assert int(ranks.by_index["unequal"][idx]["unequal/refused"]) == 1
+
+
+def test_merge_partials_and_ranges():
+    """LSE merging in float32 against float64 (a part with no keys, lse = -inf, contributes
+    nothing; two empty parts stay empty, without NaN), and the global-to-local ranges."""
+    from liteattn import parallel
+    rng = np.random.default_rng(5)
+    B, Sq, H, D = 2, 33, 3, 8
+    parts = [(rng.standard_normal((B, Sq, H, D)), rng.standard_normal((B, H, Sq)) * 5)
+             for _ in range(3)]
+    parts[1][1][:, :, :7] = -np.inf        # rows 0..6 had no keys in part 1
+    acc = None
+    for o, l in parts:
+        acc = parallel.merge_partials(acc, (torch.from_numpy(o).float(),
+                                            torch.from_numpy(l).float()))
+    lse = np.logaddexp.reduce(np.stack([p[1] for p in parts]), axis=0)
+    want = sum(np.where(np.isneginf(p[1]), 0, np.exp(p[1] - lse)).transpose(0, 2, 1)[..., None]
+               * p[0] for p in parts)
+    assert acc[0].dtype == torch.float32
+    assert np.abs(acc[1].numpy() - lse).max() < 1e-5
+    assert np.linalg.norm(acc[0].numpy() - want) / np.linalg.norm(want) < 1e-6
+    empty = (torch.full((B, Sq, H, D), float("nan")), torch.full((B, H, Sq), -math.inf))
+    o, l = parallel.merge_partials(None, empty)
+    assert torch.isneginf(l).all() and (o == 0).all()
+    o, l = parallel.merge_partials((o, l), empty)
+    assert torch.isneginf(l).all() and (o == 0).all()
+    assert parallel.merge_partials(acc, None) is acc
+    assert parallel._local_ranges([(0, 16), (500, 530), (1000, 1024)], 512, 256) == ((0, 18),)
+    assert parallel._local_ranges([(500, 530)], 256, 256) == ((244, 256),)
+    assert parallel._covered([(0, 10), (5, 64)], 64) and not parallel._covered([(0, 10),
+                                                                             (11, 64)], 64)
 
 
 def test_ring_skip_gap(ranks, daemon, single_cache, capsys):
