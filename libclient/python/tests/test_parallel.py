@@ -42,6 +42,7 @@ MUST_DO = {2: [(0, 16)], 4: [(500, 530), (1000, 1024)]}   # global key positions
 # must-skip acts on whole tiles; this range is one whole k-tile in both the single-process
 # and the ring layout of 4 ranks (tile boundaries agree there), so results agree too
 MUST_SKIP = {2: [], 4: [(832, 896)]}
+SKIP_SHARD = [(700, 1024)]      # 4 ranks: all of shard 3 (768..1023) and part of shard 2
 
 
 def runs(world):
@@ -121,6 +122,17 @@ def rank_main(world, rank, init, socket, outdir):
         saved["mesh/0/out"] = out.numpy()
         saved["mesh/index"] = np.array(idx)
         ctx.close()
+        # a ring hop whose keys are all must-skip is not sent to the daemon at all
+        idx, n = parallel.shard_index("ring")
+        qs, ks, vs = (x[:, idx * Sl:(idx + 1) * Sl].contiguous() for x in (q, k, v))
+        ctx = parallel.Context(socket, layers=1, threshold=-3.0)
+        out, lse = parallel.ring_attention(qs, ks, vs, context=ctx, must_skip=SKIP_SHARD,
+                                           return_lse=True)
+        saved["skipshard/0/out"] = out.numpy()
+        saved["skipshard/0/lse"] = lse.numpy()
+        saved["skipshard/calls"] = np.array(ctx.session.stats["calls"])
+        saved["skipshard/index"] = np.array(idx)
+        ctx.close()
     if world == 2:   # unequal shards are refused on every rank, nothing hangs
         from liteattn import InvalidArgument
         Sl = q.shape[1] // 2
@@ -168,7 +180,7 @@ class Ranks:
         self.by_index = {}
         for f in files:
             z = dict(np.load(f))
-            extra = ["module", "unequal"] if world == 2 else ["mesh"]
+            extra = ["module", "unequal"] if world == 2 else ["mesh", "skipshard"]
             for name in [r[0] for r in runs(world)] + extra:
                 self.by_index.setdefault(name, {})[int(z["%s/index" % name])] = z
 
@@ -398,6 +410,20 @@ def test_hybrid_over_a_device_mesh_and_unequal_shards(ranks):
     else:
         for idx in range(2):
             assert int(ranks.by_index["unequal"][idx]["unequal/refused"]) == 1
+
+
+def test_must_skip_whole_shard(ranks, daemon, single_cache):
+    """4 ranks, must-skip over all of shard 3: the ranks make 3 daemon calls, not 4, and the
+    output equals one process's with the same global must-skip range."""
+    from refimpl import rel_l2
+    if ranks.world != 4:
+        pytest.skip("run with 4 ranks")
+    o, l, _, _ = single(daemon.socket, single_cache, 4, "skipshard", -3.0, (), SKIP_SHARD)[0]
+    for idx in range(4):
+        assert int(ranks.by_index["skipshard"][idx]["skipshard/calls"]) == 3
+    go, gl = ranks.full_out("skipshard", 0)
+    assert rel_l2(go, o) <= 1e-5
+    assert np.abs(gl - l).max() <= 1e-4
 
 
 def test_merge_partials_and_ranges():
