@@ -46,6 +46,8 @@ def main():
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threshold", type=float, default=-3.0)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                    help="default: float32 on cpu, bfloat16 on cuda")
     args = ap.parse_args()
 
     if args.device == "cuda":
@@ -55,6 +57,8 @@ def main():
     else:
         dist.init_process_group("gloo")
         device, dtype = torch.device("cpu"), torch.float32
+    if args.dtype:
+        dtype = getattr(torch, args.dtype)
     world, rank = dist.get_world_size(), dist.get_rank()
 
     if args.scheme == "hybrid":
