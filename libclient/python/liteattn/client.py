@@ -629,7 +629,7 @@ class Session:
 
     def mask(self, layer, kv_shard=0):
         """The packed live mask of (layer, kv_shard): uint32 [B, H, nQ, ceil(nK/32)], bit n%32
-        of word n/32 is k-tile n, 1 = computed (SKIP-SEMANTICS.md)."""
+        of word n/32 is k-tile n, 1 = computed (docs/SKIP-SEMANTICS.md)."""
         layer, kv_shard = self._check_layer(layer, kv_shard)
         np = _np()
         arr = np.zeros(self.mask_shape, dtype=np.uint32)
