@@ -13,6 +13,6 @@ $(DAEMON_LIB): $(DAEMON_OBJS)
 $(BUILD)/liteattnd: $(BUILD)/obj/daemon/main.o $(DAEMON_LIB) $(KERNEL_LIB) $(PROTO_LIB) \
 		$(BUILD)/obj/libclient/errors.o
 	@$(if $(Q),echo "  LD      $@")
-	$(Q)$(CC) -o $@ $^ $(DAEMON_LIBS)
+	$(Q)$(CC) $(LDFLAGS) -o $@ $^ $(DAEMON_LIBS)
 
 ALL_TARGETS += $(if $(wildcard daemon/main.c),$(BUILD)/liteattnd)
