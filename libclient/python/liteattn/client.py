@@ -737,12 +737,10 @@ class Session:
         L = self._lib
         if kind == "numpy":
             q, k, v = (np.asarray(x) for x in (q, k, v))
-            codes = {_numpy_dtype_code(x, self.dtype_code) for x in (q, k, v)}
+            codes = [_numpy_dtype_code(x, self.dtype_code) for x in (q, k, v)]
         else:
-            codes = {_torch_dtype_code(x) for x in (q, k, v)}
-        if len(codes) != 1:
-            raise InvalidArgument("q, k and v must have one dtype")
-        dcode = codes.pop()
+            codes = [_torch_dtype_code(x) for x in (q, k, v)]
+        dcode = _one_dtype(codes)
         es = _DTYPE_SIZE[dcode]
         B, Sq, H, D = (int(x) for x in q.shape)
         qshape = (B, Sq, H, D)
@@ -831,10 +829,7 @@ class Session:
         for name, x in (("k", k), ("v", v)):
             if x.device != dev:
                 raise InvalidArgument("%s is on %s, q on %s" % (name, x.device, dev))
-        codes = {_torch_dtype_code(x) for x in (q, k, v)}
-        if len(codes) != 1:
-            raise InvalidArgument("q, k and v must have one dtype")
-        dcode = codes.pop()
+        dcode = _one_dtype([_torch_dtype_code(x) for x in (q, k, v)])
         B, Sq, H, D = (int(x) for x in q.shape)
         qshape = (B, Sq, H, D)
         if out is None:
@@ -900,6 +895,14 @@ def _result(out, lse, dec, return_lse, dry_run):
     if dry_run:
         res += (dec,)
     return res[0] if len(res) == 1 else res
+
+
+def _one_dtype(codes):
+    """The dtype code shared by q, k and v, or InvalidArgument naming theirs."""
+    if len(set(codes)) != 1:
+        raise InvalidArgument("q, k and v must have one dtype; got q %s, k %s, v %s"
+                              % tuple(_DTYPE_NAME.get(c, str(c)) for c in codes))
+    return codes[0]
 
 
 def _parse_number(text):

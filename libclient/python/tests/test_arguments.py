@@ -135,3 +135,10 @@ def test_session_dtype_is_a_name(client):
         s = client.open_session("dtype-" + want, **geo(dtype=name))
         assert s.dtype == want and want in repr(s)
         s.close()
+
+
+def test_mixed_dtypes_are_named(session, qkv):
+    q, k, v = qkv
+    with pytest.raises(liteattn.InvalidArgument,
+                       match="q, k and v must have one dtype; got q float32, k float32, v float16"):
+        session.attention(0, 0, q, k, v.astype(np.float16))
