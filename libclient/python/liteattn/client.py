@@ -9,6 +9,7 @@ registered once per client and a tensor is named by (block, byte offset, shape, 
 import ctypes
 import math
 import numbers
+import operator
 import os
 import threading
 import weakref
@@ -65,18 +66,25 @@ def _mode_code(mode):
 def _index(value, what):
     """value as a Python int, or InvalidArgument naming `what` (no silent truncation of 0.5,
     no bool, no string)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise InvalidArgument("%s must be an integer, got %r (%s)"
-                              % (what, value, type(value).__name__))
-    return int(value)
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)  # int, NumPy integers, 0-d integer tensors
+        except TypeError:
+            pass
+    raise InvalidArgument("%s must be an integer, got %r (%s)"
+                          % (what, value, type(value).__name__))
 
 
 def _number(value, what):
     """value as a Python float, or InvalidArgument naming `what`."""
-    if isinstance(value, (bool, str, bytes)) or not isinstance(value, numbers.Real):
-        raise InvalidArgument("%s must be a number, got %r (%s)"
-                              % (what, value, type(value).__name__))
-    return float(value)
+    if not isinstance(value, (bool, str, bytes)) and (isinstance(value, numbers.Real)
+                                                       or hasattr(value, "__float__")):
+        try:
+            return float(value)           # also NumPy scalars and 0-d tensors
+        except (TypeError, ValueError):
+            pass
+    raise InvalidArgument("%s must be a number, got %r (%s)"
+                          % (what, value, type(value).__name__))
 
 
 def _ranges(pairs, what, n_keys=None):
