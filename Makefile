@@ -5,9 +5,10 @@
 #   make check        build and run the tests (GPU tests skip themselves without a GPU)
 #   make demo         start a daemon on a temporary socket and run a short generation through it
 #   make install      PREFIX=/usr/local DESTDIR= install the daemon, tools, library and headers
+#                     (stripped; INSTALL_STRIP=0 keeps the debug symbols)
 #   make clean
 #
-# Variables: V=1 (show commands), CUDA=0 (build without CUDA even if nvcc exists),
+# Variables: V=1 (show commands), CFLAGS, LDFLAGS, CUDA=0 (build without CUDA even if nvcc exists),
 # CUDA_ARCHS="80 86 89 90" (SASS targets; 90a is added for Hopper-only kernels),
 # NVCC=path, PORTABLE=1 (link libuv/protobuf-c/check statically and cudart statically, so
 # that the binaries run on a machine without those libraries installed).
@@ -17,13 +18,19 @@ PREFIX ?= /usr/local
 DESTDIR ?=
 BINDIR ?= $(PREFIX)/bin
 SBINDIR ?= $(PREFIX)/sbin
-LIBDIR ?= $(PREFIX)/lib
+# Debian's multiarch library directory (lib/x86_64-linux-gnu), the one the .deb uses; plain lib
+# where the compiler knows no multiarch name.
+LA_MULTIARCH := $(shell $(CC) -print-multiarch 2>/dev/null)
+LIBDIR ?= $(PREFIX)/lib$(if $(LA_MULTIARCH),/$(LA_MULTIARCH))
 INCLUDEDIR ?= $(PREFIX)/include
 DATADIR ?= $(PREFIX)/share
 SYSCONFDIR ?= /etc
 
 CC ?= cc
 CFLAGS ?= -O2 -g
+# Every link of an installed program or library uses $(LDFLAGS); the default hardens them as
+# Debian's packages are (read-only relocations, immediate binding). LDFLAGS=... replaces it.
+LDFLAGS ?= -Wl,-z,relro -Wl,-z,now
 PKG_CONFIG ?= pkg-config
 PROTOC_C ?= protoc-c
 

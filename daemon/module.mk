@@ -16,6 +16,6 @@ $(DAEMON_LIB): $(DAEMON_OBJS)
 
 $(BUILD)/liteattnd: $(BUILD)/obj/daemon/main.o $(DAEMON_STACK)
 	@$(if $(Q),echo "  LD      $@")
-	$(Q)$(CC) -o $@ $^ $(DAEMON_LIBS)
+	$(Q)$(CC) $(LDFLAGS) -o $@ $^ $(DAEMON_LIBS)
 
 ALL_TARGETS += $(if $(wildcard daemon/main.c),$(BUILD)/liteattnd)

@@ -4,7 +4,9 @@
 #                  (soname links), the header, liteattn.pc, the systemd units, the sysusers.d
 #                  entry, the sample configuration, the man pages (gzipped) and the docs.
 #                  An existing $(SYSCONFDIR)/liteattn/liteattnd.conf is kept; the new sample
-#                  goes next to it as liteattnd.conf.dist.
+#                  goes next to it as liteattnd.conf.dist. The library goes to LIBDIR, the
+#                  multiarch directory as in the .deb (lib/x86_64-linux-gnu); programs and
+#                  library are stripped unless INSTALL_STRIP=0; without DESTDIR, ldconfig runs.
 #   make uninstall [PREFIX=...] [DESTDIR=] removes them again (the configuration stays).
 #   make deb       builds $(BUILD)/liteattn_<version>_<arch>.deb: `make install` into a staging
 #                  tree with PREFIX=/usr and the multiarch LIBDIR, then dpkg-deb --root-owner-group.
@@ -14,7 +16,7 @@
 #
 # Variables (beside PREFIX, DESTDIR, BINDIR, SBINDIR, LIBDIR, INCLUDEDIR, DATADIR, SYSCONFDIR of
 # the top Makefile): SYSTEMDUNITDIR, SYSUSERSDIR, MANDIR, DOCDIR, PKGCONFIGDIR; for the
-# package DEB_VERSION, DEB_MAINTAINER, DEB_STRIP=0 (keep debug symbols).
+# package DEB_VERSION, DEB_MAINTAINER, DEB_STRIP=0 (keep debug symbols); INSTALL_STRIP, STRIP.
 
 # systemd looks for units in /lib/systemd/system (the place of packaged units on Debian 12) and
 # /usr/local/lib/systemd/system, and for sysusers.d entries in /usr/lib and /usr/local/lib.
@@ -24,10 +26,12 @@ MANDIR ?= $(DATADIR)/man
 DOCDIR ?= $(DATADIR)/doc/liteattn
 PKGCONFIGDIR ?= $(LIBDIR)/pkgconfig
 INSTALL ?= install
+STRIP ?= strip
+INSTALL_STRIP ?= 1
 
 PKG_SO := libliteattn.so.$(LA_VERSION)
 PKG_MANPAGES := docs/liteattnd.8 docs/liteattnctl.1
-PKG_DOCS := $(wildcard README.md docs/OPERATIONS.md docs/SECURITY.md)
+PKG_DOCS := $(wildcard README.md docs/OPERATIONS.md docs/SECURITY.md docs/SKIP-SEMANTICS.md)
 PKG_UNITS := packaging/liteattnd.service packaging/liteattnd.socket
 
 # The installed units, man pages and docs name the installed paths.
@@ -37,25 +41,31 @@ PKG_SUBST := sed -e 's|/usr/sbin/liteattnd|$(SBINDIR)/liteattnd|g' \
 	-e 's|/etc/liteattn|$(SYSCONFDIR)/liteattn|g'
 
 # liteattn.pc: from libclient/liteattn.pc.in when it exists (@prefix@/@PREFIX@-style
-# placeholders), else written here from the same variables.
+# placeholders), else written here from the same variables. libdir and includedir are written
+# relative to ${prefix} where they lie under PREFIX, so that `pkg-config --define-prefix` and
+# a tree staged with DESTDIR and moved elsewhere still find the library and the header.
 PKG_PC_IN := $(wildcard libclient/liteattn.pc.in)
 PKG_PC := $(BUILD)/packaging/liteattn.pc
+pc_rel = $(if $(filter $(PREFIX)/%,$(1)),$${$(2)}/$(patsubst $(PREFIX)/%,%,$(1)),$(1))
+PKG_PC_LIBDIR := $(call pc_rel,$(LIBDIR),exec_prefix)
+PKG_PC_INCLUDEDIR := $(call pc_rel,$(INCLUDEDIR),prefix)
 
 $(PKG_PC): $(PKG_PC_IN) packaging/module.mk
 	@mkdir -p $(dir $@)
 	@$(if $(Q),echo "  GEN     $@")
 ifneq ($(PKG_PC_IN),)
 	$(Q)sed -e 's|@prefix@|$(PREFIX)|g; s|@PREFIX@|$(PREFIX)|g' \
-		-e 's|@exec_prefix@|$(PREFIX)|g; s|@EXEC_PREFIX@|$(PREFIX)|g' \
-		-e 's|@libdir@|$(LIBDIR)|g; s|@LIBDIR@|$(LIBDIR)|g' \
-		-e 's|@includedir@|$(INCLUDEDIR)|g; s|@INCLUDEDIR@|$(INCLUDEDIR)|g' \
+		-e 's|@exec_prefix@|$${prefix}|g; s|@EXEC_PREFIX@|$${prefix}|g' \
+		-e 's|@libdir@|$(PKG_PC_LIBDIR)|g; s|@LIBDIR@|$(PKG_PC_LIBDIR)|g' \
+		-e 's|@includedir@|$(PKG_PC_INCLUDEDIR)|g; s|@INCLUDEDIR@|$(PKG_PC_INCLUDEDIR)|g' \
 		-e 's|@version@|$(LA_VERSION)|g; s|@VERSION@|$(LA_VERSION)|g' \
 		-e 's|@LA_VERSION@|$(LA_VERSION)|g' $< > $@.tmp
 	$(Q)if grep -n '@[A-Za-z_]*@' $@.tmp; then \
 		echo "$<: placeholders left unsubstituted (above)" >&2; rm -f $@.tmp; exit 1; fi
 	$(Q)mv $@.tmp $@
 else
-	$(Q)printf '%s\n' 'prefix=$(PREFIX)' 'libdir=$(LIBDIR)' 'includedir=$(INCLUDEDIR)' '' \
+	$(Q)printf '%s\n' 'prefix=$(PREFIX)' 'exec_prefix=$${prefix}' 'libdir=$(PKG_PC_LIBDIR)' \
+		'includedir=$(PKG_PC_INCLUDEDIR)' '' \
 		'Name: liteattn' \
 		'Description: Client library of liteattnd, the LiteAttention attention daemon' \
 		'Version: $(LA_VERSION)' 'Libs: -L$${libdir} -lliteattn' 'Cflags: -I$${includedir}' > $@
@@ -77,6 +87,13 @@ install: all $(PKG_PC)
 	$(Q)if [ -f $(BUILD)/liteattn-demo ]; then \
 		$(INSTALL) -m 0755 $(BUILD)/liteattn-demo $(DESTDIR)$(BINDIR)/liteattn-demo; fi
 	$(Q)$(INSTALL) -m 0644 $(BUILD)/$(PKG_SO) $(DESTDIR)$(LIBDIR)/$(PKG_SO)
+ifeq ($(INSTALL_STRIP),1)
+	$(Q)$(STRIP) --remove-section=.comment --remove-section=.note \
+		$(DESTDIR)$(SBINDIR)/liteattnd $(DESTDIR)$(BINDIR)/liteattnctl \
+		$$(ls $(DESTDIR)$(BINDIR)/liteattn-demo 2>/dev/null) && \
+		$(STRIP) --strip-unneeded --remove-section=.comment --remove-section=.note \
+		$(DESTDIR)$(LIBDIR)/$(PKG_SO)
+endif
 	$(Q)ln -sf $(PKG_SO) $(DESTDIR)$(LIBDIR)/libliteattn.so.$(LA_SOVERSION)
 	$(Q)ln -sf libliteattn.so.$(LA_SOVERSION) $(DESTDIR)$(LIBDIR)/libliteattn.so
 	$(Q)$(INSTALL) -m 0644 libclient/include/liteattn.h $(DESTDIR)$(INCLUDEDIR)/liteattn.h
@@ -98,7 +115,8 @@ install: all $(PKG_PC)
 	$(Q)for d in $(PKG_DOCS); do \
 		$(PKG_SUBST) $$d > $(DESTDIR)$(DOCDIR)/$$(basename $$d) && \
 		chmod 0644 $(DESTDIR)$(DOCDIR)/$$(basename $$d) || exit 1; done
-	@echo "installed under $(DESTDIR)$(PREFIX) (units in $(DESTDIR)$(SYSTEMDUNITDIR))"
+	$(Q)$(if $(DESTDIR),true,ldconfig 2>/dev/null || true)
+	@echo "installed under $(DESTDIR)$(PREFIX) (library in $(DESTDIR)$(LIBDIR), units in $(DESTDIR)$(SYSTEMDUNITDIR))"
 	@$(if $(DESTDIR),true,echo "next: systemd-sysusers; systemctl daemon-reload; systemctl enable --now liteattnd.socket")
 
 uninstall:
@@ -117,8 +135,7 @@ uninstall:
 # ---- Debian package -----------------------------------------------------------------------
 DEB_ARCH := $(shell dpkg --print-architecture 2>/dev/null || echo amd64)
 # dpkg-architecture comes with dpkg-dev; Debian's gcc answers the same question.
-DEB_MULTIARCH := $(shell dpkg-architecture -qDEB_HOST_MULTIARCH 2>/dev/null || \
-	$(CC) -print-multiarch 2>/dev/null)
+DEB_MULTIARCH := $(or $(shell dpkg-architecture -qDEB_HOST_MULTIARCH 2>/dev/null),$(LA_MULTIARCH))
 DEB_LIBDIR := /usr/lib$(if $(DEB_MULTIARCH),/$(DEB_MULTIARCH))
 DEB_VERSION ?= $(LA_VERSION)
 DEB_MAINTAINER ?= liteattn maintainers <maintainers@users.noreply.r-seed-930de7cc.example>
@@ -135,17 +152,15 @@ DEB_FALLBACK_DEPENDS := libc6 (>= 2.34), libuv1 (>= 1.44), libprotobuf-c1 (>= 1.
 deb: all
 	$(Q)rm -rf $(DEB_DIR) && mkdir -p $(DEB_ROOT)/DEBIAN
 	$(Q)$(MAKE) --no-print-directory install DESTDIR=$(abspath $(DEB_ROOT)) PREFIX=/usr \
+		INSTALL_STRIP=$(DEB_STRIP) \
 		BINDIR=/usr/bin SBINDIR=/usr/sbin LIBDIR=$(DEB_LIBDIR) INCLUDEDIR=/usr/include \
 		DATADIR=/usr/share SYSCONFDIR=/etc SYSTEMDUNITDIR=/lib/systemd/system \
 		SYSUSERSDIR=/usr/lib/sysusers.d MANDIR=/usr/share/man DOCDIR=/usr/share/doc/liteattn \
 		PKGCONFIGDIR=$(DEB_LIBDIR)/pkgconfig >/dev/null
 	@$(if $(Q),echo "  DEB     $(DEB_FILE)")
-ifeq ($(DEB_STRIP),1)
-	$(Q)cd $(DEB_ROOT) && strip --remove-section=.comment --remove-section=.note \
-		usr/sbin/liteattnd usr/bin/liteattnctl $$(ls usr/bin/liteattn-demo 2>/dev/null) && \
-		strip --strip-unneeded --remove-section=.comment --remove-section=.note \
-		.$(DEB_LIBDIR)/$(PKG_SO)
-endif
+	$(Q)cd $(DEB_ROOT) && for f in usr/sbin/liteattnd usr/bin/liteattnctl .$(DEB_LIBDIR)/$(PKG_SO); do \
+		LC_ALL=C readelf -d $$f | grep -q 'BIND_NOW' && LC_ALL=C readelf -lW $$f | grep -q GNU_RELRO || \
+		echo "deb: warning: $$f lacks RELRO or BIND_NOW (LDFLAGS=$(LDFLAGS))" >&2; done
 	$(Q)d=$(DEB_ROOT)/usr/share/doc/liteattn; \
 		sed -e 's|@VERSION@|$(DEB_VERSION)|g' -e 's|@MAINTAINER@|$(DEB_MAINTAINER)|g' \
 		-e "s|@DATE@|$$(date -R -u -d @$${SOURCE_DATE_EPOCH:-$$(git log -1 --format=%ct 2>/dev/null || date +%s)})|g" \

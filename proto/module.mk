@@ -1,5 +1,7 @@
 # proto/: the wire protocol (protobuf-c) and framing. Produces $(BUILD)/libproto.a.
-$(BUILD)/proto/liteattn.pb-c.c $(BUILD)/proto/liteattn.pb-c.h: proto/liteattn.proto
+# One protoc-c run writes both files: a grouped target (&:, GNU make 4.3), so that make runs it
+# once, not once per output (the second run would touch the header and rebuild its users).
+$(BUILD)/proto/liteattn.pb-c.c $(BUILD)/proto/liteattn.pb-c.h &: proto/liteattn.proto
 	@mkdir -p $(BUILD)/proto
 	@$(if $(Q),echo "  PROTOC  $<")
 	$(Q)$(PROTOC_C) --c_out=$(BUILD)/proto -Iproto $<

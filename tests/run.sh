@@ -33,16 +33,23 @@ for prog in "$@"; do
     if [ "$bad" -gt 0 ] || [ "$rc" -ne 0 ]; then bad_progs+=("$name"); fi
     if [ "$bad" -eq 0 ] && [ "$rc" -ne 0 ]; then failed=$((failed + 1)); fi
 done
-# Python tests (libclient/python/tests), folded into the same closing line.
+# Python tests (libclient/python/tests), folded into the same closing line; $PYTHON (make
+# check PYTHON=...) picks the interpreter, python3 by default.
+py=${PYTHON:-python3}
 for pydir in ${LA_PYTEST_DIRS:-}; do
     [ -d "$pydir" ] || continue
-    if ! python3 -c 'import pytest, numpy' 2>/dev/null; then
-        echo "== pytest $pydir: not run (python3 lacks pytest or numpy; pip install -r .ci/requirements.txt)"
+    if ! "$py" -c 'import pytest, numpy' 2>/dev/null; then
+        echo "== pytest $pydir: not run ($py lacks pytest or numpy: sudo apt-get install python3-numpy python3-pytest, see README.md)"
         failed=$((failed + 1)); bad_progs+=("pytest:$pydir"); continue
     fi
-    echo "== pytest $pydir"
+    if ! "$py" -c 'import torch' 2>/dev/null; then
+        echo "== note: $py has no torch: the PyTorch and diffusers tests are skipped (README.md, \"Quick start\", says how to run them)"
+    elif ! "$py" -c 'import diffusers' 2>/dev/null; then
+        echo "== note: $py has no diffusers: the diffusers tests are skipped"
+    fi
+    echo "== pytest $pydir ($py)"
     junit="$results/pytest-$(echo "$pydir" | tr / _).xml"
-    python3 -m pytest -q -p no:cacheprovider --junitxml="$junit" "$pydir"
+    "$py" -m pytest -q -rs -p no:cacheprovider --junitxml="$junit" "$pydir"
     rc=$?
     # <testsuite ... errors="E" failures="F" skipped="S" tests="T" ...>
     attr() { grep -o "<testsuite [^>]*" "$junit" 2>/dev/null | grep -o " $1=\"[0-9]*\"" |

@@ -8,12 +8,15 @@ registered once per client and a tensor is named by (block, byte offset, shape, 
 """
 import ctypes
 import math
+import numbers
+import operator
 import os
 import threading
 import weakref
 
 from . import _lib
-from .errors import Error, InvalidArgument, NoDevice, NotSupported, check, from_code
+from .errors import (ConnectionClosed, InvalidArgument, NoDevice, NotFound, NotSupported,
+                     OutOfRange, check, from_code)
 
 __all__ = ["Client", "Session", "DTYPES", "MODES"]
 
@@ -60,21 +63,64 @@ def _mode_code(mode):
         raise InvalidArgument("mode %r: use 'dense', 'observe' or 'skip'" % (mode,)) from None
 
 
-def _ranges(pairs, what):
-    """[(start, end), ...] -> (int64 array, n). Also accepts a flat [s0, e0, s1, e1, ...]."""
+def _index(value, what):
+    """value as a Python int, or InvalidArgument naming `what` (no silent truncation of 0.5,
+    no bool, no string)."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)  # int, NumPy integers, 0-d integer tensors
+        except TypeError:
+            pass
+    raise InvalidArgument("%s must be an integer, got %r (%s)"
+                          % (what, value, type(value).__name__))
+
+
+def _number(value, what):
+    """value as a Python float, or InvalidArgument naming `what`."""
+    if not isinstance(value, (bool, str, bytes)) and (isinstance(value, numbers.Real)
+                                                       or hasattr(value, "__float__")):
+        try:
+            return float(value)           # also NumPy scalars and 0-d tensors
+        except (TypeError, ValueError):
+            pass
+    raise InvalidArgument("%s must be a number, got %r (%s)"
+                          % (what, value, type(value).__name__))
+
+
+def _ranges(pairs, what, n_keys=None):
+    """[(start, end), ...] -> (int64 array, n). Also accepts a flat [s0, e0, s1, e1, ...].
+    Each range is half-open, 0 <= start <= end (<= n_keys when given)."""
     if pairs is None:
         return None, 0
-    flat = []
+    if isinstance(pairs, (str, bytes)):
+        raise InvalidArgument("%s must be a list of (start, end) key ranges, got %r"
+                              % (what, pairs))
     seq = list(pairs)
+    ranges = []
     if seq and not hasattr(seq[0], "__len__"):
         if len(seq) % 2:
             raise InvalidArgument("%s: a flat list needs an even number of values" % what)
-        flat = [int(x) for x in seq]
+        ranges = [(seq[i], seq[i + 1]) for i in range(0, len(seq), 2)]
     else:
         for p in seq:
-            if len(p) != 2:
-                raise InvalidArgument("%s: each range is a (start, end) pair" % what)
-            flat += [int(p[0]), int(p[1])]
+            if isinstance(p, (str, bytes)) or len(p) != 2:
+                raise InvalidArgument("%s: each range is a (start, end) pair, got %r"
+                                      % (what, p))
+            ranges.append((p[0], p[1]))
+    flat = []
+    for start, end in ranges:
+        a = _index(start, "%s range start" % what)
+        b = _index(end, "%s range end" % what)
+        if a > b:
+            raise InvalidArgument("%s range (%d, %d) is reversed: ranges are half-open "
+                                  "(start, end) with start <= end" % (what, a, b))
+        if a < 0:
+            raise OutOfRange("%s range (%d, %d) starts below key 0" % (what, a, b))
+        if n_keys is not None and b > n_keys:
+            raise OutOfRange("%s range (%d, %d) ends past the %d keys of this call (k has "
+                             "S = %d: ranges lie in [0, %d])" % (what, a, b, n_keys, n_keys,
+                                                                  n_keys))
+        flat += [a, b]
     if not flat:
         return None, 0
     arr = (ctypes.c_int64 * len(flat))(*flat)
@@ -235,7 +281,7 @@ class Client:
 
     def _handle(self):
         if self._h is None:
-            raise Error("client is closed", code=_lib.LA_ECLOSED, name="LA_ECLOSED")
+            raise ConnectionClosed("this client is closed (Client.close() was called)")
         return self._h
 
     def __enter__(self):
@@ -307,9 +353,23 @@ class Client:
                 out[r["name"]] = r["value"]
         return out
 
+    # la_sessions columns that stay text; "attached" is a flag, every other column a number.
+    _SESSION_TEXT = ("key", "device")
+
     def sessions(self):
-        """Sessions this user may see, as a list of dicts of text (la_sessions columns)."""
-        return self._table(self._lib.la_sessions)
+        """Sessions this user may see, one dict per session with la_sessions' columns: "key"
+        and "device" as text, "attached" as a bool, "live_fraction" as a float, the counts
+        (id, uid, layers, heads, head_dim, batch, bm, bn, mask_bytes, calls, idle_s) as ints."""
+        rows = self._table(self._lib.la_sessions)
+        for r in rows:
+            for name, value in r.items():
+                if name in self._SESSION_TEXT:
+                    continue
+                if name == "attached":
+                    r[name] = value not in ("", "0")
+                    continue
+                r[name] = _parse_number(value)
+        return rows
 
     # -- sessions --
     def open_session(self, key, *, layers, heads, head_dim, dtype, max_seq_q, max_seq_k=None,
@@ -330,16 +390,29 @@ class Client:
             profile = load_profile(profile)
             schedule = profile.schedule if schedule is None else schedule
         dcode = _dtype_code(dtype)
+        geometry = [_index(v, n) for v, n in (
+            (layers, "layers"), (heads, "heads"), (head_dim, "head_dim"),
+            (max_seq_q, "max_seq_q"), (max_seq_k or 0, "max_seq_k"), (batch or 1, "batch"),
+            (kv_shards or 1, "kv_shards"))]
+        for v, n in zip(geometry, ("layers", "heads", "head_dim", "max_seq_q", "max_seq_k",
+                                   "batch", "kv_shards")):
+            if v < 0:
+                raise InvalidArgument("%s must not be negative, got %d" % (n, v))
+        threshold = _number(threshold, "threshold")
+        if schedule is not None:
+            if isinstance(schedule, (str, bytes)) or not hasattr(schedule, "__len__"):
+                raise InvalidArgument("schedule must be a sequence of per-step thresholds "
+                                      "(numbers), got %r" % (schedule,))
+            schedule = [_number(x, "schedule[%d]" % i) for i, x in enumerate(schedule)]
         L = self._lib
         cfg = ctypes.c_void_p()
         check(L.la_session_config_new(ctypes.byref(cfg)))
         try:
-            check(L.la_session_config_set_geometry(
-                cfg, int(layers), int(heads), int(head_dim), dcode, int(max_seq_q),
-                int(max_seq_k or 0), int(batch or 1), int(kv_shards or 1)))
-            check(L.la_session_config_set_threshold(cfg, float(threshold)))
-            if schedule is not None and len(schedule):
-                arr = (ctypes.c_float * len(schedule))(*[float(x) for x in schedule])
+            nl, nh, hd, sq, sk, nb, ns = geometry
+            check(L.la_session_config_set_geometry(cfg, nl, nh, hd, dcode, sq, sk, nb, ns))
+            check(L.la_session_config_set_threshold(cfg, threshold))
+            if schedule:
+                arr = (ctypes.c_float * len(schedule))(*schedule)
                 check(L.la_session_config_set_schedule(cfg, arr, len(schedule)))
             m = _mode_code(mode)
             if m == _lib.MODE_SESSION:
@@ -496,8 +569,11 @@ class Session:
         self.close()
 
     def __del__(self):
+        # Garbage collection only lets go of this handle: the session stays open on the daemon
+        # for the other handles (another client's attach()) and for a later attach(); only an
+        # explicit close() closes it.
         try:
-            self._drop(detach=False)
+            self._drop(detach=True)
         except Exception:
             pass
 
@@ -505,10 +581,22 @@ class Session:
     def closed(self):
         return self._h is None
 
+    def _check_layer(self, layer, kv_shard=0):
+        layer = _index(layer, "layer")
+        if not 0 <= layer < self.layers:
+            raise OutOfRange("layer %d out of range: session %r has %d layer%s (0..%d)"
+                             % (layer, self.key, self.layers, "" if self.layers == 1 else "s",
+                                self.layers - 1))
+        kv_shard = _index(kv_shard, "kv_shard")
+        if not 0 <= kv_shard < self.kv_shards:
+            raise OutOfRange("kv_shard %d out of range: session %r has %d kv shard%s (0..%d)"
+                             % (kv_shard, self.key, self.kv_shards,
+                                "" if self.kv_shards == 1 else "s", self.kv_shards - 1))
+        return layer, kv_shard
+
     def _handle(self):
         if self._h is None:
-            raise Error("session %r is closed" % self.key, code=_lib.LA_ENOENT,
-                        name="LA_ENOENT")
+            raise NotFound("session %r: this handle is closed or detached" % self.key)
         return self._h
 
     def _drop(self, detach):
@@ -557,13 +645,14 @@ class Session:
 
     def mask(self, layer, kv_shard=0):
         """The packed live mask of (layer, kv_shard): uint32 [B, H, nQ, ceil(nK/32)], bit n%32
-        of word n/32 is k-tile n, 1 = computed (SKIP-SEMANTICS.md)."""
+        of word n/32 is k-tile n, 1 = computed (docs/SKIP-SEMANTICS.md)."""
+        layer, kv_shard = self._check_layer(layer, kv_shard)
         np = _np()
         arr = np.zeros(self.mask_shape, dtype=np.uint32)
         need = self.facts.get("layer_mask_bytes", arr.nbytes)
         if need > arr.nbytes:
             arr = np.zeros(need // 4, dtype=np.uint32)
-        check(self._lib.la_session_read_mask(self._handle(), int(layer), int(kv_shard),
+        check(self._lib.la_session_read_mask(self._handle(), layer, kv_shard,
                                              arr.ctypes.data, arr.nbytes))
         return arr.reshape(self.mask_shape) if arr.ndim == 1 else arr
 
@@ -583,6 +672,20 @@ class Session:
         threshold/mode override the session's for this call only.
         """
         h = self._handle()
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+                raise InvalidArgument(
+                    "%s is a %s; pass a NumPy array or a torch tensor of shape (B, S, H, D) "
+                    "(e.g. numpy.asarray(%s, dtype=numpy.float32))"
+                    % (name, type(x).__name__, name))
+        layer, kv_shard = self._check_layer(layer, kv_shard)
+        step = _index(step, "step")
+        if step < 0:
+            raise OutOfRange("step %d is negative: denoising steps count from 0" % step)
+        if threshold is not None:
+            threshold = _number(threshold, "threshold")
+        if scale is not None:
+            scale = _number(scale, "scale")
         if threshold is None and self.profile is not None and self.profile.layers:
             threshold = self.profile.threshold(layer, step)
         kinds = {_kind(x) for x in (q, k, v)}
@@ -598,16 +701,17 @@ class Session:
         a = ctypes.c_void_p()
         check(L.la_attn_new(ctypes.byref(a)))
         try:
-            check(L.la_attn_set_position(a, int(layer), int(step), int(kv_shard)))
+            check(L.la_attn_set_position(a, layer, step, kv_shard))
             if scale is not None:
-                check(L.la_attn_set_scale(a, float(scale)))
+                check(L.la_attn_set_scale(a, scale))
             if threshold is not None:
-                check(L.la_attn_set_threshold(a, float(threshold)))
+                check(L.la_attn_set_threshold(a, threshold))
             check(L.la_attn_set_mode(a, _mode_code(mode)))
-            arr, n = _ranges(must_do, "must_do")
+            n_keys = int(k.shape[1])
+            arr, n = _ranges(must_do, "must_do", n_keys)
             if n:
                 check(L.la_attn_set_must_do(a, arr, n))
-            arr, n = _ranges(must_skip, "must_skip")
+            arr, n = _ranges(must_skip, "must_skip", n_keys)
             if n:
                 check(L.la_attn_set_must_skip(a, arr, n))
             if dry_run:
@@ -651,12 +755,10 @@ class Session:
         L = self._lib
         if kind == "numpy":
             q, k, v = (np.asarray(x) for x in (q, k, v))
-            codes = {_numpy_dtype_code(x, self.dtype_code) for x in (q, k, v)}
+            codes = [_numpy_dtype_code(x, self.dtype_code) for x in (q, k, v)]
         else:
-            codes = {_torch_dtype_code(x) for x in (q, k, v)}
-        if len(codes) != 1:
-            raise InvalidArgument("q, k and v must have one dtype")
-        dcode = codes.pop()
+            codes = [_torch_dtype_code(x) for x in (q, k, v)]
+        dcode = _one_dtype(codes)
         es = _DTYPE_SIZE[dcode]
         B, Sq, H, D = (int(x) for x in q.shape)
         qshape = (B, Sq, H, D)
@@ -745,10 +847,7 @@ class Session:
         for name, x in (("k", k), ("v", v)):
             if x.device != dev:
                 raise InvalidArgument("%s is on %s, q on %s" % (name, x.device, dev))
-        codes = {_torch_dtype_code(x) for x in (q, k, v)}
-        if len(codes) != 1:
-            raise InvalidArgument("q, k and v must have one dtype")
-        dcode = codes.pop()
+        dcode = _one_dtype([_torch_dtype_code(x) for x in (q, k, v)])
         B, Sq, H, D = (int(x) for x in q.shape)
         qshape = (B, Sq, H, D)
         if out is None:
@@ -814,6 +913,26 @@ def _result(out, lse, dec, return_lse, dry_run):
     if dry_run:
         res += (dec,)
     return res[0] if len(res) == 1 else res
+
+
+def _one_dtype(codes):
+    """The dtype code shared by q, k and v, or InvalidArgument naming theirs."""
+    if len(set(codes)) != 1:
+        raise InvalidArgument("q, k and v must have one dtype; got q %s, k %s, v %s"
+                              % tuple(_DTYPE_NAME.get(c, str(c)) for c in codes))
+    return codes[0]
+
+
+def _parse_number(text):
+    """A table cell as an int or float (text that is neither stays text)."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _prod(shape):

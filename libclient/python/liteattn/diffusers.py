@@ -38,6 +38,15 @@ import sys
 import threading
 import time
 
+try:
+    import torch  # noqa: F401  (needed by every processor; imported here to fail early)
+except ImportError as _e:
+    raise ImportError(
+        "liteattn.diffusers needs PyTorch (torch>=2.1) and diffusers (>=0.35), and this Python "
+        "(%s) has no torch: install them, e.g. `pip install torch diffusers` in a virtual "
+        "environment (the NumPy API, `import liteattn`, works without them)" % sys.executable,
+        name="torch") from _e
+
 from .client import Client
 from .errors import InvalidArgument, NotSupported
 

@@ -1,4 +1,4 @@
-"""An independent float64 NumPy reference of shared/design SKIP-SEMANTICS.md, for the tests.
+"""An independent float64 NumPy reference of docs/SKIP-SEMANTICS.md, for the tests.
 
 ref_attention() takes the live mask of (session, layer) as it was before the call and returns
 (out, lse, new_mask): out [B, Sq, H, D], lse [B, H, Sq] (natural log), new_mask shaped like

@@ -114,3 +114,15 @@ def test_drop_in_must_do(daemon, rng):
     m = a.mask()
     assert ((m[:, :, :-(-600 // BM), 0] & 1) == 1).all()
     ctx.close()
+
+
+def test_scalar_tensors_as_layer_step_threshold(client, rng):
+    # 0-d tensors are the integers and numbers they hold; a 0-d float tensor is no layer index
+    s = client.open_session("torch-scalars", layers=2, heads=2, head_dim=64, dtype="float32",
+                            max_seq_q=256, threshold=torch.tensor(-3.0))
+    q, k, v = (torch.randn(1, 100, 2, 64) for _ in range(3))
+    out = s.attention(torch.tensor(1), torch.tensor(0), q, k, v, threshold=torch.tensor(-4.0))
+    assert tuple(out.shape) == (1, 100, 2, 64)
+    with pytest.raises(liteattn.InvalidArgument, match="layer must be an integer"):
+        s.attention(torch.tensor(0.5), 0, q, k, v)
+    s.close()
