@@ -3,7 +3,7 @@
 # prints "quality: skipped: ..." and passes. The GPU runs are in bench/quality/README.md.
 check-quality: all
 	$(Q)LITEATTN_BUILD_DIR=$(BUILD) LITEATTN_LIB=$(abspath $(BUILD))/libliteattn.so \
-		python3 bench/quality/run.py --smoke
+		$${PYTHON:-python3} bench/quality/run.py --smoke
 
 check: check-quality
 .PHONY: check-quality
