@@ -455,7 +455,10 @@ START_TEST(partial_qtile_rows_do_not_vote)
             k[j * 64 + d] = (float)j * 0.05f;
     t->p.mode = LA_MODE_SKIP;
     t->p.tau = -4.0f;
-    call_and_check(t, 1e-5);
+    /* 3e-5, not 1e-5: sixteen of the 17 rows average 64 random values almost uniformly, and
+     * for about 2% of seeds that mean is small enough for f32 rounding to reach 1.04e-5 of
+     * its norm (measured over 300 seeds); the mask assertion below is this test's point. */
+    call_and_check(t, 3e-5);
     ck_assert_uint_eq(mrow(&t->p, t->mask, 0, 0, 1)[0], 1u << 3);
     tu_problem_free(t);
 }
