@@ -51,6 +51,11 @@ typedef struct be_job {
     int has_wait_event;
     uint8_t wait_event[64];
     uint64_t t_submit_ns;     /* CLOCK_MONOTONIC */
+    /* Fair queuing (fairq.h): whose call it is and what it costs. */
+    uint32_t uid;
+    uint64_t conn_id;
+    uint64_t flow_id;         /* the session */
+    uint64_t cost;            /* multiply-adds of the whole call, from its shapes */
 
     /* Out, written by the backend before complete() is called. */
     int status;               /* 0 or LA_E* */
@@ -64,6 +69,9 @@ typedef struct be_job {
     struct be_job *be_next;
     void *be_priv;
     int be_slot;
+    void *fq_flow;            /* fairq.c */
+    int64_t be_cursor;        /* cpu: next slice */
+    int be_cancel;            /* cpu: cancel at the next slice boundary (LA_E* to report) */
 } be_job;
 
 typedef void (*be_complete_fn)(void *data, be_job *job);
@@ -92,6 +100,10 @@ typedef struct be_ops {
     void (*buffer_release)(be_backend *b, be_import *imp);
     /* Queues job; returns 0 (complete() will be called) or an error (it will not). */
     int (*submit)(be_backend *b, be_job *job);
+    /* Cancels the queued jobs of conn_id (every job when all is set) at once, their status
+     * code (LA_ECLOSED or LA_ESHUTDOWN); running jobs that can stop early (cpu: at the next
+     * slice boundary) stop with the same status. Does not wait. */
+    void (*cancel)(be_backend *b, uint64_t conn_id, int all, int code);
     /* Cancels queued jobs (their status LA_ESHUTDOWN) and waits for running ones; every
      * job's complete() has been called when it returns. Called from the loop thread. */
     void (*stop)(be_backend *b);
@@ -108,9 +120,10 @@ struct be_backend {
     void *log_data;
 };
 
-/* CPU backend: a pool of threads (threads <= 0: number of cores). */
-int be_cpu_new(int threads, be_complete_fn complete, void *complete_data, be_backend **ret,
-               char *msg, size_t msg_len);
+/* CPU backend: a pool of threads (threads <= 0: number of cores) running calls in slices of
+ * about slice_macs multiply-adds (0: the default). */
+int be_cpu_new(int threads, uint64_t slice_macs, be_complete_fn complete, void *complete_data,
+               be_backend **ret, char *msg, size_t msg_len);
 /* CUDA backend: one worker per usable GPU. LA_ENODEV when built without CUDA or no GPU. */
 int be_cuda_new(be_complete_fn complete, void *complete_data,
                 void (*log)(void *data, int level, const char *msg), void *log_data,

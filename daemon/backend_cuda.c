@@ -49,12 +49,16 @@ int be_cuda_new(be_complete_fn complete, void *complete_data,
 #include <string.h>
 #include <time.h>
 
+#include "fairq.h"
 #include "la_cuda.h"
 
 #define N_SLOTS 1024   /* jobs in flight per device (tile counters) */
 #define N_EVENTS 256   /* completion IPC events per device, used round robin */
 #define MAX_DEVICES 64
 #define N_WAIT_CACHE 64 /* client IPC events kept open per device, replaced round robin */
+/* Jobs launched on a stream and not finished yet. Few, so that the fair queue (fairq.h), not
+ * the stream's FIFO, decides what runs next; enough to hide the launch gap between calls. */
+#define STREAM_DEPTH 3
 
 typedef CUresult (*get_range_fn)(CUdeviceptr *pbase, size_t *psize, CUdeviceptr dptr);
 
@@ -98,7 +102,7 @@ struct gpu {
 
     pthread_mutex_t lock;
     pthread_cond_t cond;
-    be_job *head, *tail;      /* queued */
+    fq q;                     /* queued */
     be_job *slot_job[N_SLOTS]; /* launched, host function not run yet, by counter slot */
     slot_ctx slot_ctx[N_SLOTS];
     int n_inflight;
@@ -249,7 +253,7 @@ static void CUDART_CB host_done(void *arg) {
 /* Fails every job in flight or queued on g (sticky error). */
 static void fail_all(gpu *g, const char *why) {
     pthread_mutex_lock(&g->lock);
-    be_job *list = NULL, *q = g->head;
+    be_job *list = NULL, *q = fq_take(&g->q, NULL, NULL);
     /* Their slots stay out of use: the dead context may still hold work on them. */
     for (int k = 0; k < N_SLOTS && g->n_inflight > 0; k++)
         if (g->slot_job[k]) {
@@ -259,7 +263,6 @@ static void fail_all(gpu *g, const char *why) {
             g->n_inflight--;
         }
     g->n_inflight = 0;
-    g->head = g->tail = NULL;
     pthread_mutex_unlock(&g->lock);
     for (int pass = 0; pass < 2; pass++) {
         be_job *j = pass ? q : list;
@@ -429,12 +432,11 @@ static void *gpu_main(void *arg) {
             pthread_cond_wait(&g->cond, &g->lock);
             continue;
         }
-        if (g->head) {
-            be_job *j = g->head;
-            g->head = j->be_next;
-            if (!g->head)
-                g->tail = NULL;
-            j->be_next = NULL;
+        be_job *j = g->n_inflight < STREAM_DEPTH ? fq_pick(&g->q, NULL, NULL, 1) : NULL;
+        if (j) {
+            /* A kernel is not preemptible: the whole call is charged as it starts. */
+            fq_charge(&g->q, j, j->cost);
+            fq_done(&g->q, j);
             pthread_mutex_unlock(&g->lock);
             launch(g, j);
             pthread_mutex_lock(&g->lock);
@@ -463,7 +465,7 @@ static void *gpu_main(void *arg) {
             pthread_mutex_lock(&g->lock);
             continue;
         }
-        if (!g->head && !g->stopping) {
+        if (!g->stopping) {
             struct timespec ts;
             clock_gettime(CLOCK_REALTIME, &ts);
             ts.tv_nsec += 2 * 1000 * 1000; /* 2 ms */
@@ -728,15 +730,44 @@ static int cu_submit(be_backend *b, be_job *job) {
         pthread_mutex_unlock(&g->lock);
         return LA_ESHUTDOWN;
     }
-    job->be_next = NULL;
-    if (g->tail)
-        g->tail->be_next = job;
-    else
-        g->head = job;
-    g->tail = job;
-    pthread_cond_broadcast(&g->cond);
+    int rc = fq_push(&g->q, job);
+    if (rc == 0)
+        pthread_cond_broadcast(&g->cond);
     pthread_mutex_unlock(&g->lock);
-    return 0;
+    return rc;
+}
+
+typedef struct conn_match {
+    uint64_t conn_id;
+    int all;
+} conn_match;
+
+static int match_conn(void *ctx, const be_job *j) {
+    const conn_match *m = ctx;
+    return m->all || j->conn_id == m->conn_id;
+}
+
+/* Launched work cannot be taken back; what is still queued is. */
+static void cu_cancel(be_backend *b, uint64_t conn_id, int all, int code) {
+    cuda_backend *cb = (cuda_backend *)b;
+    conn_match m = {conn_id, all};
+    for (int i = 0; i < cb->n; i++) {
+        gpu *g = &cb->gpus[i];
+        if (!g->cb)
+            continue;
+        pthread_mutex_lock(&g->lock);
+        be_job *list = fq_take(&g->q, match_conn, &m);
+        pthread_mutex_unlock(&g->lock);
+        while (list) {
+            be_job *next = list->be_next;
+            list->be_next = NULL;
+            finish(g, list, code,
+                   code == LA_ECLOSED ? "GPU %s: cancelled: the connection closed%s"
+                                      : "GPU %s: cancelled: the daemon is shutting down%s",
+                   "");
+            list = next;
+        }
+    }
 }
 
 static void cu_stop(be_backend *b) {
@@ -747,8 +778,7 @@ static void cu_stop(be_backend *b) {
             continue; /* never initialised */
         pthread_mutex_lock(&g->lock);
         g->stopping = 1;
-        be_job *list = g->head;
-        g->head = g->tail = NULL;
+        be_job *list = fq_take(&g->q, NULL, NULL);
         pthread_cond_broadcast(&g->cond);
         pthread_mutex_unlock(&g->lock);
         while (list) {
@@ -830,6 +860,7 @@ static const be_ops cuda_ops = {
     .buffer_import = cu_buffer_import,
     .buffer_release = cu_buffer_release,
     .submit = cu_submit,
+    .cancel = cu_cancel,
     .stop = cu_stop,
     .free = cu_free,
     .fatal = cu_fatal,
@@ -848,6 +879,7 @@ static int gpu_init(cuda_backend *cb, gpu *g, int ordinal, char *msg, size_t msg
     g->memory = prop.totalGlobalMem;
     pthread_mutex_init(&g->lock, NULL);
     pthread_cond_init(&g->cond, NULL);
+    fq_init(&g->q);
     if ((e = cudaSetDevice(ordinal)) != cudaSuccess ||
         (e = cudaStreamCreateWithFlags(&g->stream, cudaStreamNonBlocking)) != cudaSuccess ||
         (e = cudaMalloc((void **)&g->d_tiles, N_SLOTS * sizeof *g->d_tiles)) != cudaSuccess ||

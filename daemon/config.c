@@ -58,6 +58,16 @@ static const opt opts[] = {
     {"mask-memory-cap", 0, K_U64SIZE, OFF(mask_memory_cap), 0, UINT64_MAX, "BYTES",
      "skip-mask memory of all users; above it idle sessions are evicted, least recently used "
      "first (default 0: no cap)"},
+    {"max-call-cost", 0, K_U64SIZE, OFF(max_call_cost), 0, UINT64_MAX, "MACS",
+     "multiply-adds one attention call may cost, counted from its shapes (2*B*H*Sq*Sk*D, "
+     "zero strides included); above it LA_ELIMIT (default 128T = 2^47: a B1 H40 S75600 D128 "
+     "call is 0.42 of it; 0: no limit)"},
+    {"max-queued-cost", 0, K_U64SIZE, OFF(max_queued_cost), 0, UINT64_MAX, "MACS",
+     "multiply-adds of attention calls one Unix user may have queued or running at once; a "
+     "call beyond it gets LA_ELIMIT (default 8192T = 2^53; 0: no limit)"},
+    {"cpu-slice", 0, K_U64SIZE, OFF(cpu_slice), 0, UINT64_MAX, "MACS",
+     "the CPU backend runs calls in slices of about this many multiply-adds and shares the "
+     "pool fairly between slices (default 256M; 0: the default)"},
     {"session-grace", 0, K_U32, OFF(session_grace_s), 0, 30u * 86400, "SEC",
      "a session whose connections are gone stays this long for a re-attach (default 300)"},
     {"session-ttl", 0, K_U32, OFF(session_ttl_s), 1, 365u * 86400, "SEC",
@@ -149,6 +159,9 @@ static void defaults(cfg *c)
     c->max_sessions = 64;
     c->max_mask_bytes = 4 * GiB;
     c->mask_memory_cap = 0;
+    c->max_call_cost = 1ull << 47;
+    c->max_queued_cost = 1ull << 53;
+    c->cpu_slice = 0;
     c->session_grace_s = 300;
     c->session_ttl_s = 3600;
     c->hello_timeout_s = 10;
@@ -337,7 +350,8 @@ static void print_help(const char *prog)
            "\nConfig file: lines 'key = value', '#' starts a comment. Keys are the long option\n"
            "names with '-' written '_' (socket, backend, threads, foreground, log_level,\n"
            "max_frame, max_inflight, max_connections_per_user, max_buffers, max_buffer_bytes,\n"
-           "max_sessions, max_mask_bytes, mask_memory_cap, session_grace, session_ttl,\n"
+           "max_sessions, max_mask_bytes, mask_memory_cap, max_call_cost, max_queued_cost,\n"
+           "cpu_slice, session_grace, session_ttl,\n"
            "hello_timeout, max_outbound_bytes, socket_mode). Command-line flags override the file.\n"
            "\nFlow control: a connection with max_inflight attention requests in flight is not\n"
            "read until one finishes; requests beyond the limit that already arrived are\n"

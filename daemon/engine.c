@@ -51,6 +51,8 @@ void eng_config_default(eng_config *cfg) {
     cfg->limits.max_inflight_per_conn = 64;
     cfg->limits.session_grace_s = 300;
     cfg->limits.session_ttl_s = 3600;
+    cfg->limits.max_call_cost = 1ull << 47;
+    cfg->limits.max_queued_cost_per_user = 1ull << 53;
 }
 
 /* Backend threads: queue the finished job for the loop thread. */
@@ -85,7 +87,7 @@ int eng_new(const eng_config *cfg, eng **ret_engine, eng_error *err) {
         return LA_EINVAL;
     }
     char msg[256] = "";
-    int rc = be_cpu_new(cfg->cpu_threads, job_complete, e, &e->cpu, msg, sizeof msg);
+    int rc = be_cpu_new(cfg->cpu_threads, cfg->cpu_slice_macs, job_complete, e, &e->cpu, msg, sizeof msg);
     if (rc < 0) {
         eng_errf(err, "%s", msg[0] ? msg : "cpu backend: out of memory");
         eng_free(e);
@@ -139,10 +141,18 @@ size_t eng_devices(const eng *e, eng_device_info *out, size_t max) {
 
 const char *eng_backends(const eng *e) { return e->backends; }
 
+static void cancel(eng *e, uint64_t conn_id, int all, int code) {
+    be_backend *bes[2] = {e->cpu, e->cuda};
+    for (int i = 0; i < 2; i++)
+        if (bes[i] && bes[i]->ops->cancel)
+            bes[i]->ops->cancel(bes[i], conn_id, all, code);
+}
+
 void eng_conn_closed(eng *e, uint64_t conn_id) {
     for (eng_job *j = e->j_head; j; j = j->next)
         if (j->conn_id == conn_id)
             j->conn_closed = 1;
+    cancel(e, conn_id, 0, LA_ECLOSED);
     buf_conn_closed(e, conn_id);
     sess_conn_closed(e, conn_id);
 }
@@ -427,6 +437,34 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
         return LA_EINVAL;
     }
 
+    /* Cost from the shapes alone: zero strides let a small buffer stand for a huge tensor,
+     * but the kernel still does every multiply-add. */
+    uint64_t cost = 2;
+    int64_t dims[5] = {B, (int64_t)s->heads, Sq, Sk, (int64_t)s->head_dim};
+    for (int i = 0; i < 5; i++)
+        if (__builtin_mul_overflow(cost, (uint64_t)dims[i], &cost))
+            cost = UINT64_MAX;
+    const eng_limits *lim = &e->cfg.limits;
+    if (lim->max_call_cost && cost > lim->max_call_cost) {
+        eng_errf(err, "%s: the call costs %llu multiply-adds, above the daemon's max_call_cost "
+                 "limit of %llu", sname, (unsigned long long)cost,
+                 (unsigned long long)lim->max_call_cost);
+        return LA_ELIMIT;
+    }
+    eng_user *u = sess_user(e, uid, 1);
+    if (!u) {
+        eng_errf(err, "out of memory");
+        return LA_ENOMEM;
+    }
+    if (lim->max_queued_cost_per_user && (cost > lim->max_queued_cost_per_user ||
+                                          u->queued_cost > lim->max_queued_cost_per_user - cost)) {
+        eng_errf(err, "%s: uid %u already has %llu multiply-adds of calls queued or running; "
+                 "this one (%llu) would exceed the max_queued_cost_per_user limit of %llu",
+                 sname, uid, (unsigned long long)u->queued_cost, (unsigned long long)cost,
+                 (unsigned long long)lim->max_queued_cost_per_user);
+        return LA_ELIMIT;
+    }
+
     eng_job *j = calloc(1, sizeof *j);
     if (!j) {
         eng_errf(err, "out of memory");
@@ -497,6 +535,10 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
     j->tiles_total = (uint64_t)B * s->heads * (uint64_t)la_tiles((int32_t)Sq, (int32_t)s->bm) *
                      (uint64_t)la_tiles((int32_t)Sk, (int32_t)s->bn);
     bj->t_submit_ns = be_now_ns();
+    bj->uid = uid;
+    bj->conn_id = conn_id;
+    bj->flow_id = s->id;
+    bj->cost = cost;
     rc = s->be->ops->submit(s->be, bj);
     if (rc < 0) {
         eng_errf(err, "%s: the %s backend refused the call: %s", sname, s->be->ops->name,
@@ -507,6 +549,8 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
     /* From here on the job is the backend's until complete(); the references it holds are
      * released in eng_process_completions. */
     j->s = s;
+    j->owner = u;
+    u->queued_cost += cost;
     s->refs++;
     s->inflight++;
     j->mset = s->masks;
@@ -553,6 +597,7 @@ int eng_process_completions(eng *e) {
 
         be_job *bj = &j->bj;
         sess *s = j->s;
+        j->owner->queued_cost -= bj->cost;
         s->inflight--;
         s->last_used_ms = eng_now_ms();
         eng_attn_result res;
@@ -600,7 +645,12 @@ int eng_process_completions(eng *e) {
     return n;
 }
 
-void eng_shutdown(eng *e) { e->shutting_down = 1; }
+void eng_shutdown(eng *e) {
+    if (e->shutting_down)
+        return;
+    e->shutting_down = 1;
+    cancel(e, 0, 1, LA_ESHUTDOWN);
+}
 
 int eng_idle(const eng *e) { return e->inflight == 0; }
 

@@ -80,6 +80,7 @@ typedef struct eng_job {
     uint64_t conn_id;
     int conn_closed;
     uint64_t tiles_total;
+    struct eng_user *owner;       /* charged j->bj.cost of queued work until done */
     eng_done_fn done;
     void *user;
 } eng_job;
@@ -89,6 +90,7 @@ typedef struct eng_user {
     uint32_t uid;
     uint32_t sessions;
     uint64_t mask_bytes;
+    uint64_t queued_cost;         /* multiply-adds of its calls queued or running */
 } eng_user;
 
 struct eng {
@@ -123,6 +125,8 @@ void eng_logf(eng *e, int level, const char *fmt, ...) __attribute__((format(pri
 uint64_t eng_now_ms(void);
 
 /* session.c */
+/* The user's record (created when create is set; NULL on ENOMEM or when absent). */
+eng_user *sess_user(eng *e, uint32_t uid, int create);
 sess *sess_find(eng *e, uint64_t id);
 /* The session id if uid may use it (owner), or NULL with err set (LA_ENOENT). */
 sess *sess_get(eng *e, uint32_t uid, uint64_t id, int allow_root, eng_error *err);

@@ -439,6 +439,9 @@ int srv_new(const cfg *c, srv **ret_srv, char *err, size_t errlen)
     ec.limits.max_inflight_per_conn = c->max_inflight;
     ec.limits.session_grace_s = c->session_grace_s;
     ec.limits.session_ttl_s = c->session_ttl_s;
+    ec.limits.max_call_cost = c->max_call_cost;
+    ec.limits.max_queued_cost_per_user = c->max_queued_cost;
+    ec.cpu_slice_macs = c->cpu_slice;
     ec.notify = engine_notify;
     ec.notify_data = s;
     ec.log = log_engine_sink;

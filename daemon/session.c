@@ -21,7 +21,7 @@ void sess_name(const sess *s, char *out, size_t len) {
     snprintf(out, len, "session %llu (key '%s')", (unsigned long long)s->id, s->key);
 }
 
-static eng_user *user_get(eng *e, uint32_t uid, int create) {
+eng_user *sess_user(eng *e, uint32_t uid, int create) {
     for (eng_user *u = e->users; u; u = u->next)
         if (u->uid == uid)
             return u;
@@ -124,7 +124,7 @@ void sess_unlink(eng *e, sess *s) {
         return;
     list_unlink(e, s);
     s->linked = 0;
-    eng_user *u = user_get(e, s->uid, 0);
+    eng_user *u = sess_user(e, s->uid, 0);
     if (u) {
         u->sessions--;
         u->mask_bytes -= s->mask_bytes;
@@ -337,7 +337,7 @@ int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_s
     s->mask_bytes = mb;
 
     const eng_limits *l = &e->cfg.limits;
-    eng_user *u = user_get(e, uid, 1);
+    eng_user *u = sess_user(e, uid, 1);
     if (!u) {
         eng_errf(err, "out of memory");
         rc = LA_ENOMEM;

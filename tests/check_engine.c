@@ -37,6 +37,11 @@ static void notify_pipe(void *data) {
     (void)n;
 }
 
+/* Multiply-adds per CPU slice of the engines h_open makes (0: the default). The sliced
+ * variants of the number tests set it so small that every call runs in many slices: their
+ * results must still equal one whole la_ref_attn_fwd call bit for bit. */
+static uint64_t g_slice;
+
 static void h_open(harness *h, const eng_limits *lim) {
     memset(h, 0, sizeof *h);
     ck_assert_int_eq(pipe2(h->pipe, O_NONBLOCK | O_CLOEXEC), 0);
@@ -44,6 +49,7 @@ static void h_open(harness *h, const eng_limits *lim) {
     eng_config_default(&cfg);
     cfg.backend = "cpu";
     cfg.cpu_threads = 2;
+    cfg.cpu_slice_macs = g_slice;
     if (lim)
         cfg.limits = *lim;
     cfg.notify = notify_pipe;
@@ -808,6 +814,20 @@ END_TEST
 START_TEST(multi_step_bf16) { multi_step(LA_DTYPE_BF16, 1, 130, 100, 3, 128); }
 END_TEST
 
+/* One q-tile per slice (B2 H2: 2 q-tiles of which one partial, 8 slices per call). */
+START_TEST(multi_step_f32_qtile_slices) {
+    g_slice = 1;
+    multi_step(LA_DTYPE_F32, 2, 150, 200, 2, 64);
+}
+END_TEST
+
+/* Two heads per slice of three (the last slice of each batch row has one). */
+START_TEST(multi_step_bf16_head_slices) {
+    g_slice = 2ull * 2 * 130 * 100 * 128;
+    multi_step(LA_DTYPE_BF16, 2, 130, 100, 3, 128);
+}
+END_TEST
+
 /* Ring attention: each (layer, kv shard) has its own mask; live fraction averages the shards. */
 START_TEST(kv_shards) {
     harness h;
@@ -1005,10 +1025,11 @@ START_TEST(conn_closed_in_flight) {
     ck_assert_int_eq(stat_get(&h, "buffers"), 0);
     ck_assert_int_eq(submit(&h, UID, CONN, &r, &c[0], &err), LA_ENOENT);
     h_wait(&h, 2);
+    /* Both are told; the queued one was cancelled at once, the running one finished or
+     * stopped between slices. */
     for (int i = 0; i < 2; i++)
         ck_assert_int_eq(c[i].status, LA_ECLOSED);
-    for (int i = 0; i < 512 * 4 * 64; i++)
-        ck_assert_msg(isfinite(o[i]), "O[%d] was not written", i);
+    (void)o;
     /* the session survives, detached */
     ck_assert_int_eq(stat_get(&h, "sessions_detached"), 1);
     shm_drop(&p.s);
@@ -1342,6 +1363,8 @@ int main(void) {
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, multi_step_f32);
     tcase_add_test(tc, multi_step_bf16);
+    tcase_add_test(tc, multi_step_f32_qtile_slices);
+    tcase_add_test(tc, multi_step_bf16_head_slices);
     tcase_add_test(tc, pipelined_steps);
     tcase_add_test(tc, kv_shards);
     suite_add_tcase(s, tc);
