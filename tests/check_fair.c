@@ -31,7 +31,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "../daemon/engine.h"
+#include "engine.h"
 #include "rawproto.h"
 #include "testutil.h"
 #include "testutil_daemon.h"
@@ -144,7 +144,7 @@ static uint64_t open_sess(harness *h, uint32_t uid, uint64_t conn, const char *k
 {
     eng_session_spec sp;
     memset(&sp, 0, sizeof sp);
-    snprintf(sp.key, sizeof sp.key, "%s", key);
+    sp.key = key;
     sp.layers = layers;
     sp.heads = H;
     sp.head_dim = 64;
@@ -153,7 +153,7 @@ static uint64_t open_sess(harness *h, uint32_t uid, uint64_t conn, const char *k
     sp.max_seq_k = sk;
     sp.threshold = -3;
     sp.mode = LA_MODE_SKIP;
-    snprintf(sp.device, sizeof sp.device, "cpu");
+    sp.device = "cpu";
     eng_session_view v;
     eng_error err = {{0}};
     int rc = eng_session_open(h->e, uid, conn, &sp, &v, &err);

@@ -221,7 +221,7 @@ static void *worker_main(void *arg) {
         if (rc < 0) {
             j->status = rc;
             snprintf(j->msg, sizeof j->msg, "cpu reference refused the call: %s",
-                     la_strerror(rc));
+                     codes_strerror(rc));
             undo_mask(j);
         } else if (j->be_cursor < n) {
             set_cancelled(j, j->be_cancel);
