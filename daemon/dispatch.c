@@ -38,22 +38,35 @@ static int reply_eng_err(conn *c, uint64_t id, int code, const eng_error *err)
     return CONN_REQ_OK;
 }
 
-static int send_body(conn *c, Liteattn__Reply *r)
+/* Sends a Reply whose body (body_case) is the message body points at. The oneof's members
+ * are pointers in one union, so storing through one of them sets the body. */
+static int send_reply(conn *c, uint64_t id, Liteattn__Reply__BodyCase body_case, void *body)
 {
-    conn_send(c, r);
+    Liteattn__Reply r = LITEATTN__REPLY__INIT;
+    r.id = id;
+    r.body_case = body_case;
+    r.ack = body;
+    conn_send(c, &r);
     return CONN_REQ_OK;
 }
 
 static int send_ack(conn *c, uint64_t id)
 {
     Liteattn__Ack ack = LITEATTN__ACK__INIT;
-    Liteattn__Reply r = LITEATTN__REPLY__INIT;
-    r.id = id;
-    r.body_case = LITEATTN__REPLY__BODY_ACK;
-    r.ack = &ack;
-    return send_body(c, &r);
+    return send_reply(c, id, LITEATTN__REPLY__BODY_ACK, &ack);
 }
 
+
+/* p resized to n elements of size bytes; on failure p itself, with *failed set. */
+static void *grow(void *p, size_t n, size_t size, int *failed)
+{
+    void *q = realloc(p, n * size);
+    if (!q) {
+        *failed = 1;
+        return p;
+    }
+    return q;
+}
 
 /* ---- Hello -------------------------------------------------------------------------------- */
 
@@ -124,11 +137,7 @@ static int do_hello(const disp *d, conn *c, uint64_t id, const Liteattn__Hello *
     hr.n_devices = nd;
     hr.devices = devp;
     hr.limits = &lim;
-    Liteattn__Reply r = LITEATTN__REPLY__INIT;
-    r.id = id;
-    r.body_case = LITEATTN__REPLY__BODY_HELLO;
-    r.hello = &hr;
-    return send_body(c, &r);
+    return send_reply(c, id, LITEATTN__REPLY__BODY_HELLO, &hr);
 }
 
 /* ---- sessions ----------------------------------------------------------------------------- */
@@ -155,11 +164,7 @@ static int send_session_view(conn *c, uint64_t id, const eng_session_view *v)
     memcpy(device, v->device, sizeof(device));
     device[sizeof(device) - 1] = 0;
     sr.device = device;
-    Liteattn__Reply r = LITEATTN__REPLY__INIT;
-    r.id = id;
-    r.body_case = LITEATTN__REPLY__BODY_SESSION;
-    r.session = &sr;
-    return send_body(c, &r);
+    return send_reply(c, id, LITEATTN__REPLY__BODY_SESSION, &sr);
 }
 
 static int do_session_open(const disp *d, conn *c, uint64_t id, const Liteattn__SessionOpen *m)
@@ -240,11 +245,7 @@ static int do_session_info(const disp *d, conn *c, uint64_t id, const Liteattn__
     ir.has_calls = 1, ir.calls = st.calls;
     ir.has_tiles_total = 1, ir.tiles_total = st.tiles_total;
     ir.has_tiles_computed = 1, ir.tiles_computed = st.tiles_computed;
-    Liteattn__Reply r = LITEATTN__REPLY__INIT;
-    r.id = id;
-    r.body_case = LITEATTN__REPLY__BODY_SESSION_INFO;
-    r.session_info = &ir;
-    send_body(c, &r);
+    send_reply(c, id, LITEATTN__REPLY__BODY_SESSION_INFO, &ir);
     free(live);
     return CONN_REQ_OK;
 }
@@ -264,19 +265,11 @@ static void list_one(void *data, const eng_session_summary *s)
         return;
     if (a->n == a->cap) {
         size_t cap = a->cap ? a->cap * 2 : 16;
-        void *i2 = realloc(a->items, cap * sizeof(*a->items));
-        if (i2)
-            a->items = i2;
-        void *k2 = realloc(a->keys, cap * sizeof(*a->keys));
-        if (k2)
-            a->keys = k2;
-        void *d2 = realloc(a->devs, cap * sizeof(*a->devs));
-        if (d2)
-            a->devs = d2;
-        if (!i2 || !k2 || !d2) {
-            a->failed = 1;
+        a->items = grow(a->items, cap, sizeof(*a->items), &a->failed);
+        a->keys = grow(a->keys, cap, sizeof(*a->keys), &a->failed);
+        a->devs = grow(a->devs, cap, sizeof(*a->devs), &a->failed);
+        if (a->failed)
             return;
-        }
         a->cap = cap;
     }
     Liteattn__SessionSummary *o = &a->items[a->n];
@@ -322,11 +315,7 @@ static int do_session_list(const disp *d, conn *c, uint64_t id)
     Liteattn__SessionListReply lr = LITEATTN__SESSION_LIST_REPLY__INIT;
     lr.n_sessions = a.n;
     lr.sessions = ptrs;
-    Liteattn__Reply r = LITEATTN__REPLY__INIT;
-    r.id = id;
-    r.body_case = LITEATTN__REPLY__BODY_SESSION_LIST;
-    r.session_list = &lr;
-    send_body(c, &r);
+    send_reply(c, id, LITEATTN__REPLY__BODY_SESSION_LIST, &lr);
     free(ptrs), free(a.items), free(a.keys), free(a.devs);
     return CONN_REQ_OK;
 }
@@ -353,11 +342,7 @@ static int do_mask_read(const disp *d, conn *c, uint64_t id, const Liteattn__Mas
     mr.data.data = buf;
     mr.data.len = got > want ? want : got;
     mr.total_bytes = total;
-    Liteattn__Reply r = LITEATTN__REPLY__INIT;
-    r.id = id;
-    r.body_case = LITEATTN__REPLY__BODY_MASK;
-    r.mask = &mr;
-    send_body(c, &r);
+    send_reply(c, id, LITEATTN__REPLY__BODY_MASK, &mr);
     free(buf);
     return CONN_REQ_OK;
 }
@@ -369,11 +354,7 @@ static int send_buffer(conn *c, uint64_t id, uint64_t buffer_id, uint64_t size)
     Liteattn__BufferReply br = LITEATTN__BUFFER_REPLY__INIT;
     br.buffer_id = buffer_id;
     br.size = size;
-    Liteattn__Reply r = LITEATTN__REPLY__INIT;
-    r.id = id;
-    r.body_case = LITEATTN__REPLY__BODY_BUFFER;
-    r.buffer = &br;
-    return send_body(c, &r);
+    return send_reply(c, id, LITEATTN__REPLY__BODY_BUFFER, &br);
 }
 
 static int do_buffer_register(const disp *d, conn *c, uint64_t id, const Liteattn__BufferRegister *m,
@@ -428,8 +409,10 @@ static int tensor_from(const Liteattn__TensorRef *t, const char *role, eng_tenso
                  "as many strides or none)", role, t->n_shape, t->n_strides, cap);
         return LA_EINVAL;
     }
-    memcpy(out->shape, t->shape, t->n_shape * sizeof(out->shape[0]));
-    memcpy(out->strides, t->strides, t->n_strides * sizeof(out->strides[0]));
+    for (size_t i = 0; i < t->n_shape; i++)
+        out->shape[i] = t->shape[i];
+    for (size_t i = 0; i < t->n_strides; i++)
+        out->strides[i] = t->strides[i];
     out->buffer_id = t->buffer_id;
     out->offset = t->has_offset ? t->offset : 0;
     out->dtype = t->has_dtype ? (la_dtype)t->dtype : LA_DTYPE_F32;
@@ -469,11 +452,7 @@ static void on_attn_done(void *user, int status, const eng_attn_result *res, con
                     ar.done_event.len = sizeof(res->done_event);
                 }
             }
-            Liteattn__Reply r = LITEATTN__REPLY__INIT;
-            r.id = j->cj.req_id;
-            r.body_case = LITEATTN__REPLY__BODY_ATTENTION;
-            r.attention = &ar;
-            conn_send(c, &r);
+            send_reply(c, j->cj.req_id, LITEATTN__REPLY__BODY_ATTENTION, &ar);
         }
     }
     conn_job_end(c, &j->cj);
@@ -565,16 +544,10 @@ static void stat_one(void *data, const char *name, int64_t value)
         return;
     if (a->n == a->cap) {
         size_t cap = a->cap ? a->cap * 2 : 32;
-        void *i2 = realloc(a->items, cap * sizeof(*a->items));
-        if (i2)
-            a->items = i2;
-        void *n2 = realloc(a->names, cap * sizeof(*a->names));
-        if (n2)
-            a->names = n2;
-        if (!i2 || !n2) {
-            a->failed = 1;
+        a->items = grow(a->items, cap, sizeof(*a->items), &a->failed);
+        a->names = grow(a->names, cap, sizeof(*a->names), &a->failed);
+        if (a->failed)
             return;
-        }
         a->cap = cap;
     }
     liteattn__stat__init(&a->items[a->n]);
@@ -605,11 +578,7 @@ static int do_stats(const disp *d, conn *c, uint64_t id)
     Liteattn__StatsReply sr = LITEATTN__STATS_REPLY__INIT;
     sr.n_stats = a.n;
     sr.stats = ptrs;
-    Liteattn__Reply r = LITEATTN__REPLY__INIT;
-    r.id = id;
-    r.body_case = LITEATTN__REPLY__BODY_STATS;
-    r.stats = &sr;
-    send_body(c, &r);
+    send_reply(c, id, LITEATTN__REPLY__BODY_STATS, &sr);
     free(ptrs), free(a.items), free(a.names);
     return CONN_REQ_OK;
 }
@@ -619,11 +588,7 @@ static int do_ping(conn *c, uint64_t id, const Liteattn__Ping *m)
     Liteattn__Pong p = LITEATTN__PONG__INIT;
     p.has_payload = m->has_payload;
     p.payload = m->payload;
-    Liteattn__Reply r = LITEATTN__REPLY__INIT;
-    r.id = id;
-    r.body_case = LITEATTN__REPLY__BODY_PONG;
-    r.pong = &p;
-    return send_body(c, &r);
+    return send_reply(c, id, LITEATTN__REPLY__BODY_PONG, &p);
 }
 
 /* ---- entry -------------------------------------------------------------------------------- */

@@ -25,6 +25,7 @@
 
 #include "engine.h"
 #include "la_attn.h"
+#include "logsink.h"
 
 typedef struct be_backend be_backend;
 typedef struct be_import be_import; /* an imported CUDA IPC allocation, opaque */
@@ -116,7 +117,7 @@ struct be_backend {
     const be_ops *ops;
     be_complete_fn complete;
     void *complete_data;
-    void (*log)(void *data, int level, const char *msg);
+    logsink_fn log;
     void *log_data;
 };
 
@@ -126,7 +127,7 @@ int be_cpu_new(int threads, uint64_t slice_macs, be_complete_fn complete, void *
                be_backend **ret, char *msg, size_t msg_len);
 /* CUDA backend: one worker per usable GPU. LA_ENODEV when built without CUDA or no GPU. */
 int be_cuda_new(be_complete_fn complete, void *complete_data,
-                void (*log)(void *data, int level, const char *msg), void *log_data,
+                logsink_fn log, void *log_data,
                 be_backend **ret, char *msg, size_t msg_len);
 
 /* CLOCK_MONOTONIC in nanoseconds. */
