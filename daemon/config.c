@@ -56,8 +56,8 @@ static const opt opts[] = {
     {"max-mask-bytes", 0, K_U64SIZE, OFF(max_mask_bytes), 1, UINT64_MAX, "BYTES",
      "skip-mask memory per Unix user (default 4G)"},
     {"mask-memory-cap", 0, K_U64SIZE, OFF(mask_memory_cap), 0, UINT64_MAX, "BYTES",
-     "skip-mask memory of all users; above it idle sessions are evicted, least recently used "
-     "first (default 0: no cap)"},
+     "skip-mask memory of all users; to make room, detached sessions are evicted, oldest "
+     "first, never below another user's fair share of the cap (default 0: no cap)"},
     {"max-call-cost", 0, K_U64SIZE, OFF(max_call_cost), 0, UINT64_MAX, "MACS",
      "multiply-adds one attention call may cost, counted from its shapes (2*B*H*Sq*Sk*D, "
      "zero strides included); above it LA_ELIMIT (default 128T = 2^47: a B1 H40 S75600 D128 "

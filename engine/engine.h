@@ -43,7 +43,8 @@ typedef struct eng_limits {
     uint64_t max_buffer_bytes_per_conn; /* shm + ipc bytes registered, default 64 GiB */
     uint32_t max_sessions_per_user;    /* default 64 */
     uint64_t max_mask_bytes_per_user;  /* default 4 GiB */
-    uint64_t mask_memory_cap;          /* all users; LRU eviction of idle sessions above it, 0 = none */
+    uint64_t mask_memory_cap;          /* all users, 0 = none; room is made by evicting detached
+                                        * sessions (session.c make_room) */
     uint32_t max_inflight_per_conn;    /* default 64; the server enforces, the engine reports */
     uint32_t session_grace_s;          /* detached session kept this long, default 300 */
     uint32_t session_ttl_s;            /* idle session freed after this, default 3600 */
@@ -165,8 +166,9 @@ int eng_buffer_remove(eng *e, uint64_t conn_id, uint64_t buffer_id, eng_error *e
 /* The connection went away: its queued jobs are cancelled at once (LA_ECLOSED; running CPU
  * calls stop at their next slice), its buffers are released (after their in-flight work), its
  * running jobs still complete but their callbacks are told (user data stays valid until
- * then: the server keeps the conn until all its callbacks ran), its sessions become detached
- * and are freed after the grace period unless attached again. */
+ * then: the server keeps the conn until all its callbacks ran), and it drops its reference
+ * on the sessions it opened or attached: a session whose last connection left becomes
+ * detached and is freed after the grace period unless attached again. */
 void eng_conn_closed(eng *e, uint64_t conn_id);
 
 /* Frees sessions past their grace period or TTL. Call about once a second. */

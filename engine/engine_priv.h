@@ -42,8 +42,9 @@ typedef struct sess {
     uint32_t bm, bn, n_q_tiles, n_k_tiles, n_k_words;
     uint64_t layer_mask_bytes, mask_bytes;
     eng_mset *masks;
-    uint64_t conn_id; /* last connection that opened or attached it */
-    int attached;
+    uint64_t *conns;  /* the connections that opened or attached it, one entry each */
+    uint32_t n_conns, cap_conns;
+    int attached;     /* n_conns > 0: detached only when the last of them left */
     uint64_t detached_ms, last_used_ms;
     uint32_t inflight;
     int refs;         /* the store's (while linked) + one per job in flight */
@@ -93,6 +94,7 @@ typedef struct eng_user {
     uint32_t sessions;
     uint64_t mask_bytes;
     uint64_t queued_cost;         /* multiply-adds of its calls queued or running */
+    uint64_t plan_bytes;          /* make_room's scratch */
 } eng_user;
 
 struct eng {

@@ -1,8 +1,8 @@
 /*
  * session.c — the session store: generation sessions keyed by (uid, key), their skip masks
  * (allocated through the session's backend), per-user limits, the global mask-memory cap with
- * least-recently-used eviction of idle sessions, idle TTL and the grace period of detached
- * sessions.
+ * eviction of detached sessions (make_room), idle TTL and the grace period of detached
+ * sessions. A session is attached while any connection that opened or attached it is open.
  *
  * The engine keeps linked sessions in one list, least recently used first (a session moves to
  * the tail when it is opened, attached, reset or called). A session leaves the list when it is
@@ -92,7 +92,27 @@ void sess_unref(eng *e, sess *s) {
         return;
     mset_unref(e, s->masks);
     free(s->schedule);
+    free(s->conns);
     free(s);
+}
+
+/* conn_id holds a reference on s (once, however often it attaches). */
+static int conn_add(sess *s, uint64_t conn_id) {
+    for (uint32_t i = 0; i < s->n_conns; i++)
+        if (s->conns[i] == conn_id)
+            return 0;
+    if (s->n_conns == s->cap_conns) {
+        uint32_t cap = s->cap_conns ? 2 * s->cap_conns : 2;
+        uint64_t *c = realloc(s->conns, cap * sizeof *c);
+        if (!c)
+            return LA_ENOMEM;
+        s->conns = c;
+        s->cap_conns = cap;
+    }
+    s->conns[s->n_conns++] = conn_id;
+    s->attached = 1;
+    s->detached_ms = 0;
+    return 0;
 }
 
 void sess_unlink(eng *e, sess *s) {
@@ -108,29 +128,78 @@ void sess_unlink(eng *e, sess *s) {
     sess_unref(e, s);
 }
 
-/* Frees least recently used idle sessions until need more bytes fit under the cap. */
-static int make_room(eng *e, uint64_t need) {
+/* Makes room under the mask memory cap for need more bytes of uid by evicting detached
+ * sessions with no call in flight, oldest detachment first (least recently used among equals).
+ * A session of another user is taken only while that user holds more than its fair share of
+ * the cap (the cap divided by the users holding sessions, the requester included). The whole
+ * plan is made first: when it cannot make enough room, nothing is evicted. */
+static int make_room(eng *e, uint32_t uid, uint64_t need) {
     uint64_t cap = e->cfg.limits.mask_memory_cap;
     if (!cap)
         return 0;
     if (need > cap)
         return LA_ELIMIT;
-    for (list_node *n = e->sessions.next, *next; n != &e->sessions &&
-         e->mask_bytes_live > cap - need; n = next) {
-        next = n->next;
-        sess *s = list_entry(n, sess, link);
-        if (s->inflight == 0) {
-            char name[ENG_KEY_MAX + 64];
-            sess_name(s, name, sizeof name);
-            eng_logf(e, LOG_INFO, "%s of uid %u: evicted (least recently used, idle %llu ms) to "
-                     "stay under the mask memory cap of %llu bytes", name, s->uid,
-                     (unsigned long long)(eng_now_ms() - s->last_used_ms),
-                     (unsigned long long)cap);
-            e->n_evicted++;
-            sess_unlink(e, s);
+    if (e->mask_bytes_live <= cap - need)
+        return 0;
+    uint64_t excess = e->mask_bytes_live - (cap - need), n_users = 0;
+    int requester_counted = 0;
+    eng_user *u;
+    list_for_each_entry(u, &e->users, eng_user, link) {
+        u->plan_bytes = u->mask_bytes;
+        if (u->sessions) {
+            n_users++;
+            requester_counted |= u->uid == uid;
         }
     }
-    return e->mask_bytes_live > cap - need ? LA_ELIMIT : 0;
+    uint64_t share = cap / (n_users + !requester_counted);
+    size_t n = 0;
+    sess *s;
+    list_for_each_entry(s, &e->sessions, sess, link)
+        n += !s->attached && s->inflight == 0;
+    if (n == 0)
+        return LA_ELIMIT;
+    sess **cand = malloc(n * sizeof *cand);
+    if (!cand)
+        return LA_ENOMEM;
+    n = 0;
+    list_for_each_entry(s, &e->sessions, sess, link) /* least recently used first */
+        if (!s->attached && s->inflight == 0)
+            cand[n++] = s;
+    /* Oldest detachment first; a stable insertion sort keeps LRU order among equals. */
+    for (size_t i = 1; i < n; i++) {
+        sess *x = cand[i];
+        size_t k = i;
+        for (; k > 0 && cand[k - 1]->detached_ms > x->detached_ms; k--)
+            cand[k] = cand[k - 1];
+        cand[k] = x;
+    }
+    uint64_t freed = 0;
+    size_t chosen = 0;
+    for (size_t i = 0; i < n && freed < excess; i++) {
+        s = cand[i];
+        u = sess_user(e, s->uid, 0);
+        if (!u || (s->uid != uid && u->plan_bytes <= share))
+            continue;
+        u->plan_bytes -= s->mask_bytes;
+        freed += s->mask_bytes;
+        cand[chosen++] = s;
+    }
+    if (freed < excess) {
+        free(cand);
+        return LA_ELIMIT;
+    }
+    for (size_t i = 0; i < chosen; i++) {
+        s = cand[i];
+        char name[ENG_KEY_MAX + 64];
+        sess_name(s, name, sizeof name);
+        eng_logf(e, LOG_INFO, "%s of uid %u: evicted (detached %llu ms ago) to stay under the mask "
+                 "memory cap of %llu bytes", name, s->uid,
+                 (unsigned long long)(eng_now_ms() - s->detached_ms), (unsigned long long)cap);
+        e->n_evicted++;
+        sess_unlink(e, s);
+    }
+    free(cand);
+    return 0;
 }
 
 static void fill_view(const sess *s, eng_session_view *v) {
@@ -351,7 +420,7 @@ int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_s
         rc = LA_ELIMIT;
         goto fail;
     }
-    if (make_room(e, mb) < 0) {
+    if (make_room(e, uid, mb) < 0) {
         eng_errf(err,
                  "session '%s': %llu bytes of masks do not fit under the daemon's mask memory "
                  "cap (%llu of %llu bytes held by sessions in use)",
@@ -360,12 +429,15 @@ int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_s
         rc = LA_ELIMIT;
         goto fail;
     }
+    if (conn_add(s, conn_id) < 0) {
+        eng_errf(err, "out of memory");
+        rc = LA_ENOMEM;
+        goto fail;
+    }
     if ((rc = mset_new(e, s, &s->masks, err)) < 0)
         goto fail;
 
     s->id = ++e->next_session_id;
-    s->conn_id = conn_id;
-    s->attached = 1;
     s->last_used_ms = eng_now_ms();
     s->linked = 1;
     list_append(&e->sessions, &s->link);
@@ -376,6 +448,7 @@ int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_s
     return 0;
 fail:
     free(s->schedule);
+    free(s->conns);
     free(s);
     return rc;
 }
@@ -393,9 +466,10 @@ int eng_session_attach(eng *e, uint32_t uid, uint64_t conn_id, const char *key,
     sess *s;
     list_for_each_entry(s, &e->sessions, sess, link)
         if (s->uid == uid && !strcmp(s->key, key)) {
-            s->conn_id = conn_id;
-            s->attached = 1;
-            s->detached_ms = 0;
+            if (conn_add(s, conn_id) < 0) {
+                eng_errf(err, "out of memory");
+                return LA_ENOMEM;
+            }
             sess_touch(e, s);
             fill_view(s, ret_view);
             return 0;
@@ -551,10 +625,15 @@ void sess_conn_closed(eng *e, uint64_t conn_id) {
     uint64_t now = eng_now_ms();
     sess *s;
     list_for_each_entry(s, &e->sessions, sess, link)
-        if (s->attached && s->conn_id == conn_id) {
-            s->attached = 0;
-            s->detached_ms = now;
-        }
+        for (uint32_t i = 0; i < s->n_conns; i++)
+            if (s->conns[i] == conn_id) {
+                s->conns[i] = s->conns[--s->n_conns];
+                if (s->n_conns == 0) {
+                    s->attached = 0;
+                    s->detached_ms = now;
+                }
+                break;
+            }
 }
 
 void sess_tick(eng *e) {

@@ -9,6 +9,8 @@
  *     its heads updated the mask and others did not;
  *   - max_call_cost and max_queued_cost_per_user refuse with LA_ELIMIT naming the limit, and
  *     only the user at its limit;
+ *   - a session is detached only when the last connection that opened or attached it leaves
+ *     (eviction under the cap is tested in check_engine's mask_cap_lru);
  *   - through the daemon, with real uids (as root; otherwise those cases pass with a note): a
  *     user that queues heavy calls and disconnects does not slow another user's ping and small
  *     call, and SIGTERM with heavy calls queued exits promptly.
@@ -381,6 +383,63 @@ START_TEST(cost_limits)
 }
 END_TEST
 
+/* ---- sessions are owned ---------------------------------------------------------------- */
+
+static void stat_cb(void *data, const char *name, int64_t value)
+{
+    struct {
+        const char *name;
+        int64_t value;
+    } *q = data;
+    if (!strcmp(name, q->name))
+        q->value = value;
+}
+
+static int64_t stat_get(harness *h, const char *name)
+{
+    struct {
+        const char *name;
+        int64_t value;
+    } q = {name, -1};
+    eng_stats(h->e, stat_cb, &q);
+    return q.value;
+}
+
+/* Attaching adds a reference: another connection that attaches and leaves does not detach a
+ * session its opener still uses (with no grace period it would be freed at the next tick). */
+START_TEST(attach_is_a_reference)
+{
+    eng_config d;
+    eng_config_default(&d);
+    eng_limits lim = d.limits;
+    lim.session_grace_s = 0;
+    harness h;
+    h_open(&h, &lim, 0);
+    eng_error err = {{0}};
+    eng_session_view v;
+    uint64_t sid = open_sess(&h, UID, CONN, "shared", 1, 1, 128, 128);
+    ck_assert_int_eq(eng_session_attach(h.e, UID, CONN2, "shared", &v, &err), 0);
+    ck_assert_int_eq(eng_session_attach(h.e, UID, CONN2, "shared", &v, &err), 0); /* once */
+    ck_assert_uint_eq(v.id, sid);
+    eng_conn_closed(h.e, CONN2);
+    eng_tick(h.e);
+    ck_assert_int_eq(stat_get(&h, "sessions_detached"), 0);
+    ck_assert_int_eq(eng_session_info(h.e, UID, sid, NULL, 0, NULL, &err), 0);
+    /* the opener leaves too: now it is detached, and freed after the (zero) grace */
+    ck_assert_int_eq(eng_session_attach(h.e, UID, 3, "shared", &v, &err), 0);
+    eng_conn_closed(h.e, CONN);
+    eng_tick(h.e);
+    ck_assert_int_eq(eng_session_info(h.e, UID, sid, NULL, 0, NULL, &err), 0);
+    eng_conn_closed(h.e, 3);
+    ck_assert_int_eq(stat_get(&h, "sessions_detached"), 1);
+    eng_tick(h.e);
+    ck_assert_int_eq(eng_session_info(h.e, UID, sid, NULL, 0, NULL, &err), LA_ENOENT);
+    eng_free(h.e);
+    close(h.pipe[0]);
+    close(h.pipe[1]);
+}
+END_TEST
+
 /* ---- through the daemon, with real uids ------------------------------------------------ */
 
 #define UID_A 1234
@@ -630,6 +689,7 @@ int main(void)
     tcase_add_test(tc, small_call_not_starved);
     tcase_add_test(tc, cancel_half_done_restarts_dense);
     tcase_add_test(tc, cost_limits);
+    tcase_add_test(tc, attach_is_a_reference);
     suite_add_tcase(s, tc);
     tc = tcase_create("daemon");
     tcase_set_timeout(tc, 90);
