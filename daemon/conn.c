@@ -307,6 +307,18 @@ static int process_frames(conn *c)
             return -1;
         }
         char why[256] = "";
+        const char *field;
+        if (frame_nul_in_string(&liteattn__request__descriptor, data, len, &field)) {
+            /* Refused, not cut short: a key "a\0b" must not become "a". */
+            uint64_t id = req->id;
+            snprintf(why, sizeof(why), "request %llu: string field '%s' holds a NUL byte",
+                     (unsigned long long)id, field);
+            liteattn__request__free_unpacked(req, &alloc);
+            frame_consume(&c->fr);
+            if (conn_send_error(c, id, LA_EINVAL, why) < 0 || c->closing)
+                return -1;
+            continue;
+        }
         rc = c->hooks.request(c->hooks.data, c, req, why, sizeof(why));
         liteattn__request__free_unpacked(req, &alloc);
         if (c->closing)

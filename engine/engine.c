@@ -538,7 +538,7 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
     int rc;
     sess *s;
     la_mode mode;
-    char sname[ENG_KEY_MAX + 64];
+    char sname[SESS_NAME_MAX];
     tref t[6];
     float scale, tau;
     uint64_t cost;
@@ -657,10 +657,10 @@ int eng_process_completions(eng *e) {
         mset_unref(e, j->mset);
 
         int status = bj->status;
-        char msg[BE_MSG_MAX + ENG_KEY_MAX + 96];
+        char msg[BE_MSG_MAX + SESS_NAME_MAX + 32];
         msg[0] = 0;
         if (status < 0) {
-            char sname[ENG_KEY_MAX + 64];
+            char sname[SESS_NAME_MAX];
             sess_name(s, sname, sizeof sname);
             snprintf(msg, sizeof msg, "%s: %s", sname, bj->msg[0] ? bj->msg : codes_strerror(status));
         } else if (j->conn_closed) {

@@ -29,6 +29,7 @@ typedef struct sess {
     uint64_t id;
     uint32_t uid;
     char key[ENG_KEY_MAX + 1];
+    char key_esc[4 * ENG_KEY_MAX + 1]; /* printable (escape.h), for logs and messages */
     uint32_t layers, heads, head_dim, max_seq_q, max_seq_k, batch, kv_shards;
     la_dtype dtype;
     float threshold;
@@ -129,6 +130,8 @@ void eng_logf(eng *e, int level, const char *fmt, ...) __attribute__((format(pri
 uint64_t eng_now_ms(void);
 
 /* session.c */
+/* sess_name's buffer: "session <id> (key '<escaped key>')". */
+#define SESS_NAME_MAX (4 * ENG_KEY_MAX + 64)
 /* The user's record (created when create is set; NULL on ENOMEM or when absent). */
 eng_user *sess_user(eng *e, uint32_t uid, int create);
 sess *sess_find(eng *e, uint64_t id);

@@ -14,10 +14,11 @@
 #include <string.h>
 
 #include "engine_priv.h"
+#include "escape.h"
 
 
 void sess_name(const sess *s, char *out, size_t len) {
-    snprintf(out, len, "session %llu (key '%s')", (unsigned long long)s->id, s->key);
+    snprintf(out, len, "session %llu (key '%s')", (unsigned long long)s->id, s->key_esc);
 }
 
 eng_user *sess_user(eng *e, uint32_t uid, int create) {
@@ -67,7 +68,7 @@ static int mset_new(eng *e, sess *s, eng_mset **ret, eng_error *err) {
     int rc = s->be->ops->mask_alloc(s->be, s->dev, s->mask_bytes, &m->mask);
     if (rc < 0) {
         free(m);
-        eng_errf(err, "session '%s': cannot allocate %llu bytes of masks on %s: %s", s->key,
+        eng_errf(err, "session '%s': cannot allocate %llu bytes of masks on %s: %s", s->key_esc,
                  (unsigned long long)s->mask_bytes, s->device, codes_strerror(rc));
         return rc;
     }
@@ -190,7 +191,7 @@ static int make_room(eng *e, uint32_t uid, uint64_t need) {
     }
     for (size_t i = 0; i < chosen; i++) {
         s = cand[i];
-        char name[ENG_KEY_MAX + 64];
+        char name[SESS_NAME_MAX];
         sess_name(s, name, sizeof name);
         eng_logf(e, LOG_INFO, "%s of uid %u: evicted (detached %llu ms ago) to stay under the mask "
                  "memory cap of %llu bytes", name, s->uid,
@@ -222,12 +223,22 @@ static void fill_view(const sess *s, eng_session_view *v) {
     snprintf(v->device, sizeof v->device, "%s", s->device);
 }
 
-/* A session key is 1..ENG_KEY_MAX bytes: the one check, for open and attach. */
+/* A session key is 1..ENG_KEY_MAX bytes, none of them a control character (a newline or an
+ * ESC would reach logs and terminals; keys are printed escaped all the same): the one check,
+ * for open and attach. */
 static int key_check(const char *key, size_t *ret_len, eng_error *err) {
     size_t n = key ? strlen(key) : 0;
     if (n == 0 || n > ENG_KEY_MAX) {
         eng_errf(err, "session key must be 1..%d bytes (got %zu)", ENG_KEY_MAX, n);
         return LA_EINVAL;
+    }
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)key[i];
+        if (c < 0x20 || c == 0x7f) {
+            eng_errf(err, "session key holds control byte 0x%02x at offset %zu (keys are "
+                     "printable text)", c, i);
+            return LA_EINVAL;
+        }
     }
     *ret_len = n;
     return 0;
@@ -250,12 +261,12 @@ static int pick_device(eng *e, sess *s, const char *want, eng_error *err) {
     } else {
         if (!e->cuda) {
             eng_errf(err, "session '%s': device '%s' asked, but the daemon has no cuda backend",
-                     s->key, want);
+                     s->key_esc, want);
             return LA_ENODEV;
         }
         rc = e->cuda->ops->find_device(e->cuda, strcmp(want, "cuda") ? want : "", &dev);
         if (rc < 0) {
-            eng_errf(err, "session '%s': no GPU '%s' on this host", s->key, want);
+            eng_errf(err, "session '%s': no GPU '%s' on this host", s->key_esc, want);
             return LA_ENODEV;
         }
         be = e->cuda;
@@ -263,7 +274,7 @@ static int pick_device(eng *e, sess *s, const char *want, eng_error *err) {
     rc = be->ops->tile_sizes(be, dev, s->head_dim, s->dtype, &bm, &bn);
     if (rc < 0) {
         eng_errf(err, "session '%s': the %s backend has no kernel for head dim %u, dtype %d",
-                 s->key, be->ops->name, s->head_dim, (int)s->dtype);
+                 s->key_esc, be->ops->name, s->head_dim, (int)s->dtype);
         return LA_ENOTSUP;
     }
     s->be = be;
@@ -291,8 +302,10 @@ int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_s
         return rc;
     const char *device = spec->device ? spec->device : "";
     if (strlen(device) >= sizeof(((sess *)0)->device)) {
-        eng_errf(err, "session '%s': device name of %zu bytes (at most %zu)", spec->key,
-                 strlen(device), sizeof(((sess *)0)->device) - 1);
+        char ek[ESC_MAX(ENG_KEY_MAX)];
+        eng_errf(err, "session '%s': device name of %zu bytes (at most %zu)",
+                 esc_str(ek, sizeof ek, spec->key), strlen(device),
+                 sizeof(((sess *)0)->device) - 1);
         return LA_EINVAL;
     }
     sess *s = calloc(1, sizeof *s);
@@ -301,6 +314,7 @@ int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_s
         return LA_ENOMEM;
     }
     memcpy(s->key, spec->key, klen);
+    esc_bytes(s->key_esc, sizeof s->key_esc, s->key, klen);
     s->uid = uid;
     s->layers = spec->layers;
     s->heads = spec->heads;
@@ -321,42 +335,42 @@ int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_s
         eng_errf(err,
                  "session '%s': bad geometry (layers %u, heads %u, head dim %u, max Sq %u, "
                  "max Sk %u, batch %u): each must be > 0 and < 2^31",
-                 s->key, s->layers, s->heads, s->head_dim, s->max_seq_q, s->max_seq_k,
+                 s->key_esc, s->layers, s->heads, s->head_dim, s->max_seq_q, s->max_seq_k,
                  s->batch);
         rc = LA_EINVAL;
         goto fail;
     }
     if (s->dtype != LA_DTYPE_F32 && s->dtype != LA_DTYPE_F16 && s->dtype != LA_DTYPE_BF16) {
-        eng_errf(err, "session '%s': dtype %d cannot hold Q/K/V (f32, f16 or bf16)", s->key,
+        eng_errf(err, "session '%s': dtype %d cannot hold Q/K/V (f32, f16 or bf16)", s->key_esc,
                  (int)s->dtype);
         rc = LA_EINVAL;
         goto fail;
     }
     if (s->mode < LA_MODE_DENSE || s->mode > LA_MODE_SKIP) {
-        eng_errf(err, "session '%s': unknown mode %d", s->key, (int)s->mode);
+        eng_errf(err, "session '%s': unknown mode %d", s->key_esc, (int)s->mode);
         rc = LA_EINVAL;
         goto fail;
     }
     if (s->direction < LA_DIR_ALTERNATE || s->direction > LA_DIR_DESCENDING) {
-        eng_errf(err, "session '%s': unknown direction %d", s->key, (int)s->direction);
+        eng_errf(err, "session '%s': unknown direction %d", s->key_esc, (int)s->direction);
         rc = LA_EINVAL;
         goto fail;
     }
     if (isnan(s->threshold)) {
-        eng_errf(err, "session '%s': threshold is NaN", s->key);
+        eng_errf(err, "session '%s': threshold is NaN", s->key_esc);
         rc = LA_EINVAL;
         goto fail;
     }
     if (spec->n_schedule) {
         if (!spec->schedule || spec->n_schedule > LA_MAX_SCHEDULE) {
-            eng_errf(err, "session '%s': threshold schedule of %zu steps (at most %d)", s->key,
+            eng_errf(err, "session '%s': threshold schedule of %zu steps (at most %d)", s->key_esc,
                      spec->n_schedule, LA_MAX_SCHEDULE);
             rc = LA_EINVAL;
             goto fail;
         }
         for (size_t i = 0; i < spec->n_schedule; i++)
             if (isnan(spec->schedule[i])) {
-                eng_errf(err, "session '%s': threshold schedule step %zu is NaN", s->key, i);
+                eng_errf(err, "session '%s': threshold schedule step %zu is NaN", s->key_esc, i);
                 rc = LA_EINVAL;
                 goto fail;
             }
@@ -372,7 +386,7 @@ int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_s
     sess *o;
     list_for_each_entry(o, &e->sessions, sess, link)
         if (o->uid == uid && !strcmp(o->key, s->key)) {
-            char name[ENG_KEY_MAX + 64];
+            char name[SESS_NAME_MAX];
             sess_name(o, name, sizeof name);
             eng_errf(err, "%s: key already in use by this user (attach to it instead)", name);
             rc = LA_EEXIST;
@@ -390,7 +404,7 @@ int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_s
         __builtin_mul_overflow(lb, (uint64_t)s->n_k_words * 4u, &lb) ||
         __builtin_mul_overflow(lb, (uint64_t)s->layers, &mb) ||
         __builtin_mul_overflow(mb, (uint64_t)s->kv_shards, &mb)) {
-        eng_errf(err, "session '%s': mask size overflows", s->key);
+        eng_errf(err, "session '%s': mask size overflows", s->key_esc);
         rc = LA_ELIMIT;
         goto fail;
     }
@@ -405,7 +419,7 @@ int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_s
         goto fail;
     }
     if (l->max_sessions_per_user && u->sessions >= l->max_sessions_per_user) {
-        eng_errf(err, "session '%s': uid %u already has %u sessions open (limit %u)", s->key,
+        eng_errf(err, "session '%s': uid %u already has %u sessions open (limit %u)", s->key_esc,
                  uid, u->sessions, l->max_sessions_per_user);
         rc = LA_ELIMIT;
         goto fail;
@@ -415,7 +429,7 @@ int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_s
         eng_errf(err,
                  "session '%s': %llu bytes of masks exceed the limit of uid %u (%llu of %llu "
                  "bytes in use)",
-                 s->key, (unsigned long long)mb, uid, (unsigned long long)u->mask_bytes,
+                 s->key_esc, (unsigned long long)mb, uid, (unsigned long long)u->mask_bytes,
                  (unsigned long long)l->max_mask_bytes_per_user);
         rc = LA_ELIMIT;
         goto fail;
@@ -424,7 +438,7 @@ int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_s
         eng_errf(err,
                  "session '%s': %llu bytes of masks do not fit under the daemon's mask memory "
                  "cap (%llu of %llu bytes held by sessions in use)",
-                 s->key, (unsigned long long)mb, (unsigned long long)e->mask_bytes_live,
+                 s->key_esc, (unsigned long long)mb, (unsigned long long)e->mask_bytes_live,
                  (unsigned long long)l->mask_memory_cap);
         rc = LA_ELIMIT;
         goto fail;
@@ -474,7 +488,8 @@ int eng_session_attach(eng *e, uint32_t uid, uint64_t conn_id, const char *key,
             fill_view(s, ret_view);
             return 0;
         }
-    eng_errf(err, "session '%s': no such session", key);
+    char ek[ESC_MAX(ENG_KEY_MAX)];
+    eng_errf(err, "session '%s': no such session", esc_str(ek, sizeof ek, key));
     return LA_ENOENT;
 }
 
@@ -494,7 +509,7 @@ int eng_session_reset(eng *e, uint32_t uid, uint64_t session_id, eng_error *err)
         s->masks = m;
     }
     if (rc < 0) {
-        char name[ENG_KEY_MAX + 64];
+        char name[SESS_NAME_MAX];
         sess_name(s, name, sizeof name);
         eng_errf(err, "%s: mask reset failed: %s", name, codes_strerror(rc));
         return rc;
@@ -588,7 +603,7 @@ int eng_mask_read(eng *e, uint32_t uid, uint64_t session_id, uint32_t layer, uin
     sess *s = sess_get(e, uid, session_id, 1, err);
     if (!s)
         return LA_ENOENT;
-    char name[ENG_KEY_MAX + 64];
+    char name[SESS_NAME_MAX];
     sess_name(s, name, sizeof name);
     if (layer >= s->layers) {
         eng_errf(err, "%s: layer %u out of range (layers %u)", name, layer, s->layers);
@@ -642,7 +657,7 @@ void sess_tick(eng *e) {
     sess *s;
     list_for_each_entry(s, &e->sessions, sess, link) {
         if (s->inflight == 0) {
-            char name[ENG_KEY_MAX + 64];
+            char name[SESS_NAME_MAX];
             sess_name(s, name, sizeof name);
             if (!s->attached && now - s->detached_ms >= (uint64_t)l->session_grace_s * 1000) {
                 eng_logf(e, LOG_INFO, "%s of uid %u: freed, detached for longer than %u s", name,
