@@ -89,7 +89,7 @@ START_TEST(nul_on_the_wire_refused)
         }
         uint8_t *buf;
         size_t len;
-        ck_assert_int_eq(frame_pack(&q.base, 0, &buf, &len), 0);
+        ck_assert_int_eq(raw_pack(&q, &buf, &len), 0);
         uint8_t *k = memmem(buf, len, "abQcd", 5);
         ck_assert_ptr_nonnull(k);
         k[2] = 0;
