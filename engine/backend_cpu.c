@@ -146,10 +146,21 @@ static uint64_t slice_params(const cpu_backend *c, const la_attn_params *p, int6
     return (uint64_t)(2.0 * hn * (double)sq * p->Sk * p->D);
 }
 
+/* The region's first call sets it to all ones before it runs. */
+static void init_mask(be_job *j) {
+    if (j->mask_ready && !atomic_load(j->mask_ready)) {
+        memset((char *)j->mask->host + j->mask_off, 0xff, (size_t)j->mask_len);
+        atomic_store(j->mask_ready, 1);
+    }
+}
+
 /* A call stopped after some of its slices wrote the mask: all ones again (dense). */
 static void undo_mask(be_job *j) {
-    if (j->be_cursor > 0 && j->p.mask && !j->p.decisions && j->p.mode != LA_MODE_DENSE)
+    if (j->be_cursor > 0 && j->p.mask && !j->p.decisions && j->p.mode != LA_MODE_DENSE) {
         memset(j->p.mask, 0xff, (size_t)j->mask_len);
+        j->has_live = 1;
+        j->live_bits = be_mask_live(j->p.mask, j->mask_len, j->mask_words, j->mask_k_tiles);
+    }
 }
 
 static void set_cancelled(be_job *j, int code) {
@@ -195,6 +206,8 @@ static void *worker_main(void *arg) {
         }
         pthread_mutex_unlock(&c->lock);
 
+        if (j->be_cursor == 0)
+            init_mask(j);
         int64_t tiles = 0;
         sp.threads = share > 0 ? share : 1;
         sp.ret_tiles_computed = &tiles;
@@ -228,6 +241,11 @@ static void *worker_main(void *arg) {
             undo_mask(j);
         } else {
             j->status = 0;
+            if (j->p.mask && !j->p.decisions && j->p.mode != LA_MODE_DENSE) {
+                j->has_live = 1;
+                j->live_bits = be_mask_live(j->p.mask, j->mask_len, j->mask_words,
+                                            j->mask_k_tiles);
+            }
         }
         j->t_end_ns = be_now_ns();
         c->base.complete(c->base.complete_data, j); /* j belongs to the engine now */
@@ -290,8 +308,7 @@ static int cpu_mask_alloc(be_backend *b, int dev, uint64_t bytes, be_mask **ret_
         free(m);
         return LA_ENOMEM;
     }
-    memset(m->host, 0xff, alloc);
-    m->dev_ptr = m->host;
+    m->dev_ptr = m->host; /* untouched: large allocations are mapped lazily */
     m->bytes = bytes;
     m->dev = dev;
     *ret_mask = m;
@@ -303,11 +320,6 @@ static void cpu_mask_free(be_backend *b, be_mask *m) {
         return;
     free(m->host);
     free(m);
-}
-
-static int cpu_mask_reset(be_backend *b, be_mask *m) {
-    memset(m->host, 0xff, (size_t)m->bytes);
-    return 0;
 }
 
 static int cpu_submit(be_backend *b, be_job *job) {
@@ -403,7 +415,6 @@ static const be_ops cpu_ops = {
     .supports = cpu_supports,
     .mask_alloc = cpu_mask_alloc,
     .mask_free = cpu_mask_free,
-    .mask_reset = cpu_mask_reset,
     .buffer_import = NULL,
     .buffer_release = NULL,
     .submit = cpu_submit,

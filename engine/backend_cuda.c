@@ -240,6 +240,13 @@ static void CUDART_CB host_done(void *arg) {
     j->be_slot = -1;
     pthread_cond_broadcast(&g->cond);
     pthread_mutex_unlock(&g->lock);
+    /* Not under g->lock: the loop thread submits under it. */
+    if (j->mask && j->p.mode != LA_MODE_DENSE && !j->p.decisions) {
+        /* The host view of the region was refreshed before this host function ran. */
+        j->has_live = 1;
+        j->live_bits = be_mask_live((const uint32_t *)((char *)j->mask->host + j->mask_off),
+                                    j->mask_len, j->mask_words, j->mask_k_tiles);
+    }
     finish(g, j, 0, NULL, NULL);
 }
 
@@ -314,6 +321,15 @@ static void launch(gpu *g, be_job *j) {
         return;
     }
     j->be_slot = slot;
+    if (j->mask_ready && !atomic_load(j->mask_ready)) {
+        /* The region's first call: all ones, on the device in stream order and in the host
+         * view here (the worker's time, not the loop's). */
+        if ((e = cudaMemsetAsync((char *)j->mask->dev_ptr + j->mask_off, 0xff,
+                                 (size_t)j->mask_len, g->stream)) != cudaSuccess)
+            goto fail;
+        memset((char *)j->mask->host + j->mask_off, 0xff, (size_t)j->mask_len);
+        atomic_store(j->mask_ready, 1);
+    }
     unsigned long long *counter = g->d_tiles + slot;
     if ((e = cudaMemsetAsync(counter, 0, sizeof *counter, g->stream)) != cudaSuccess)
         goto fail;
@@ -546,8 +562,6 @@ static int cu_mask_alloc(be_backend *b, int dev, uint64_t bytes, be_mask **ret_m
         e = cudaHostAlloc(&h, (size_t)bytes, cudaHostAllocPortable);
     if (e == cudaSuccess)
         e = cudaMallocAsync(&d, (size_t)bytes, g->stream);
-    if (e == cudaSuccess)
-        e = cudaMemsetAsync(d, 0xff, (size_t)bytes, g->stream);
     if (e != cudaSuccess) {
         check_sticky(cb, g, e, "mask allocation");
         if (d || h) {
@@ -565,8 +579,7 @@ static int cu_mask_alloc(be_backend *b, int dev, uint64_t bytes, be_mask **ret_m
         free(m);
         return map_err(e);
     }
-    memset(h, 0xff, (size_t)bytes);
-    m->dev_ptr = d;
+    m->dev_ptr = d; /* regions are set to all ones by the worker (launch) */
     m->host = h;
     m->bytes = bytes;
     m->dev = dev;
@@ -593,20 +606,6 @@ static void cu_mask_free(be_backend *b, be_mask *m) {
               (unsigned long long)m->bytes);
     }
     free(m);
-}
-
-static int cu_mask_reset(be_backend *b, be_mask *m) {
-    cuda_backend *cb = (cuda_backend *)b;
-    gpu *g = &cb->gpus[m->dev];
-    cudaError_t e = cudaSetDevice(g->ordinal);
-    if (e == cudaSuccess)
-        e = cudaMemsetAsync(m->dev_ptr, 0xff, (size_t)m->bytes, g->stream);
-    if (e != cudaSuccess) {
-        check_sticky(cb, g, e, "mask reset");
-        return map_err(e);
-    }
-    memset(m->host, 0xff, (size_t)m->bytes);
-    return 0;
 }
 
 static int cu_buffer_import(be_backend *b, const void *handle, size_t len, const char *uuid,
@@ -849,7 +848,6 @@ static const be_ops cuda_ops = {
     .supports = cu_supports,
     .mask_alloc = cu_mask_alloc,
     .mask_free = cu_mask_free,
-    .mask_reset = cu_mask_reset,
     .buffer_import = cu_buffer_import,
     .buffer_release = cu_buffer_release,
     .submit = cu_submit,

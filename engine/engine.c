@@ -491,6 +491,9 @@ static void build_params(const sess *s, const eng_attn_req *req, const tref t[6]
     bj->mask = s->masks->mask;
     bj->mask_off = mask_off;
     bj->mask_len = s->layer_mask_bytes;
+    bj->mask_ready = &s->masks->ready[req->layer * s->kv_shards + req->kv_shard];
+    bj->mask_words = s->n_k_words;
+    bj->mask_k_tiles = s->n_k_tiles;
     bj->has_wait_event = req->has_wait_event;
     if (req->has_wait_event)
         memcpy(bj->wait_event, req->wait_event, sizeof bj->wait_event);
@@ -654,6 +657,8 @@ int eng_process_completions(eng *e) {
 
         for (int i = 0; i < j->n_bufs; i++)
             buf_unref(e, j->bufs[i]);
+        if (bj->has_live) /* the worker counted the region it changed */
+            j->mset->live[bj->mask_ready - j->mset->ready] = bj->live_bits;
         mset_unref(e, j->mset);
 
         int status = bj->status;

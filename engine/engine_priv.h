@@ -22,6 +22,13 @@ typedef struct eng_mset {
     be_mask *mask;
     uint64_t bytes;
     int refs;
+    /* Per (layer, shard) region, [layers * kv_shards]: set to all ones yet (by the worker of
+     * its first call; 0 reads as all ones) and its live bits (from the workers' counts), so
+     * that info, list and reset are O(layers) on the loop thread. */
+    atomic_uchar *ready;
+    uint64_t *live;
+    uint32_t n_regions;
+    uint64_t region_bits;      /* valid bits of one region: the live count of all ones */
 } eng_mset;
 
 typedef struct sess {

@@ -59,6 +59,14 @@ void sess_touch(eng *e, sess *s) {
         list_move_tail(&e->sessions, &s->link);
 }
 
+/* Every region all ones again (lazily: the next call of a region sets it). O(regions). */
+static void mset_clear(eng_mset *m) {
+    for (uint32_t i = 0; i < m->n_regions; i++) {
+        atomic_store(&m->ready[i], 0);
+        m->live[i] = m->region_bits;
+    }
+}
+
 static int mset_new(eng *e, sess *s, eng_mset **ret, eng_error *err) {
     eng_mset *m = calloc(1, sizeof *m);
     if (!m) {
@@ -75,6 +83,19 @@ static int mset_new(eng *e, sess *s, eng_mset **ret, eng_error *err) {
     m->be = s->be;
     m->bytes = s->mask_bytes;
     m->refs = 1;
+    m->n_regions = s->layers * s->kv_shards;
+    m->region_bits = (uint64_t)s->batch * s->heads * s->n_q_tiles * s->n_k_tiles;
+    m->ready = calloc(m->n_regions, sizeof *m->ready);
+    m->live = malloc(m->n_regions * sizeof *m->live);
+    if (!m->ready || !m->live) {
+        s->be->ops->mask_free(s->be, m->mask);
+        free(m->ready);
+        free(m->live);
+        free(m);
+        eng_errf(err, "out of memory");
+        return LA_ENOMEM;
+    }
+    mset_clear(m);
     e->mask_bytes_live += m->bytes;
     *ret = m;
     return 0;
@@ -85,6 +106,8 @@ void mset_unref(eng *e, eng_mset *m) {
         return;
     m->be->ops->mask_free(m->be, m->mask);
     e->mask_bytes_live -= m->bytes;
+    free(m->ready);
+    free(m->live);
     free(m);
 }
 
@@ -515,9 +538,9 @@ int eng_session_reset(eng *e, uint32_t uid, uint64_t session_id, eng_error *err)
     sess *s = sess_get(e, uid, session_id, 0, err);
     if (!s)
         return LA_ENOENT;
-    int rc;
+    int rc = 0;
     if (s->masks->refs == 1) {
-        rc = s->be->ops->mask_reset(s->be, s->masks->mask);
+        mset_clear(s->masks);
     } else {
         /* Jobs in flight still write the current set: give the session a fresh one. */
         eng_mset *m;
@@ -545,30 +568,14 @@ int eng_session_close(eng *e, uint32_t uid, uint64_t session_id, eng_error *err)
     return 0;
 }
 
-/* Live bits of one (layer, shard) mask over the valid k-tiles of every row. */
-static uint64_t layer_live(const sess *s, const uint32_t *w) {
-    uint64_t rows = (uint64_t)s->batch * s->heads * s->n_q_tiles, live = 0;
-    uint32_t full = s->n_k_tiles / 32, rem = s->n_k_tiles % 32;
-    uint32_t last = rem ? (uint32_t)((1ull << rem) - 1) : 0;
-    for (uint64_t r = 0; r < rows; r++, w += s->n_k_words) {
-        for (uint32_t i = 0; i < full; i++)
-            live += (uint64_t)__builtin_popcount(w[i]);
-        if (rem)
-            live += (uint64_t)__builtin_popcount(w[full] & last);
-    }
-    return live;
-}
-
+/* The live fraction of a layer, averaged over its shards: from the counts the workers keep. */
 static double layer_fraction(const sess *s, uint32_t layer) {
-    double total = (double)s->batch * s->heads * s->n_q_tiles * s->n_k_tiles;
-    if (total <= 0)
+    const eng_mset *m = s->masks;
+    if (m->region_bits == 0)
         return 0;
-    const uint32_t *base = s->masks->mask->host;
     double sum = 0;
-    for (uint32_t k = 0; k < s->kv_shards; k++) {
-        uint64_t off = ((uint64_t)layer * s->kv_shards + k) * s->layer_mask_bytes / 4;
-        sum += (double)layer_live(s, base + off) / total;
-    }
+    for (uint32_t k = 0; k < s->kv_shards; k++)
+        sum += (double)m->live[layer * s->kv_shards + k] / (double)m->region_bits;
     return sum / s->kv_shards;
 }
 
@@ -643,9 +650,12 @@ int eng_mask_read(eng *e, uint32_t uid, uint64_t session_id, uint32_t layer, uin
         eng_errf(err, "%s: mask read into NULL", name);
         return LA_EINVAL;
     }
-    const uint8_t *base = (const uint8_t *)s->masks->mask->host +
-                          ((uint64_t)layer * s->kv_shards + kv_shard) * total;
-    if (n)
+    uint32_t region = layer * s->kv_shards + kv_shard;
+    const uint8_t *base = (const uint8_t *)s->masks->mask->host + (uint64_t)region * total;
+    /* A region no call has touched yet is all ones (it is set when its first call runs). */
+    if (n && !atomic_load(&s->masks->ready[region]))
+        memset(dst, 0xff, n);
+    else if (n)
         memcpy(dst, base + offset, n);
     if (ret_len)
         *ret_len = n;
