@@ -73,7 +73,8 @@ static const opt opts[] = {
     {"session-ttl", 0, K_U32, OFF(session_ttl_s), 1, 365u * 86400, "SEC",
      "an idle session is freed after this (default 3600)"},
     {"hello-timeout", 0, K_U32, OFF(hello_timeout_s), 1, 3600, "SEC",
-     "a connection must send Hello within this (default 10)"},
+     "a connection must send Hello within this, and finish a frame it began within as "
+     "long (default 10)"},
     {"max-outbound-bytes", 0, K_U64SIZE, OFF(max_outbound_bytes), 64 * 1024, 1ull << 40, "BYTES",
      "replies queued for a client that does not read them; above this the connection is "
      "closed (default 8M)"},

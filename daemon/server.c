@@ -133,6 +133,23 @@ static uint32_t user_conns(srv *s, uint32_t uid)
 }
 
 /* Refuses a connection with one Error frame (request id 0), best effort. */
+/* At most one line a second for refused connections: a burst of them would flood the log. */
+static void log_refused(srv *s, int pid, const char *msg)
+{
+    uint64_t now = srv_now_ms();
+    if (s->refused_log_ms && now - s->refused_log_ms < 1000) {
+        s->refused_unlogged++;
+        return;
+    }
+    if (s->refused_unlogged)
+        log_warn("refused a connection of pid %d: %s (%u more refused since the last such "
+                 "line, not logged)", pid, msg, s->refused_unlogged);
+    else
+        log_warn("refused a connection of pid %d: %s", pid, msg);
+    s->refused_log_ms = now;
+    s->refused_unlogged = 0;
+}
+
 static void refuse(int fd, int code, const char *msg)
 {
     Liteattn__Error e = LITEATTN__ERROR__INIT;
@@ -190,7 +207,7 @@ static void on_listen(uv_poll_t *h, int status, int events)
             snprintf(msg, sizeof(msg), "uid %u already has %u connections (the limit)",
                      (unsigned)cr.uid, s->cfg.max_conns_per_user);
             s->ctr.rejected_connections++;
-            log_warn("refused a connection of pid %d: %s", (int)cr.pid, msg);
+            log_refused(s, (int)cr.pid, msg);
             refuse(fd, LA_ELIMIT, msg);
             continue;
         }

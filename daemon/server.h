@@ -57,6 +57,8 @@ typedef struct srv {
     uint64_t next_conn_id;
     srv_counters ctr;
     uint64_t start_ms;
+    uint64_t refused_log_ms;   /* last "refused a connection" line (log_refused) */
+    unsigned refused_unlogged; /* refusals since, not logged */
 
     int stopping;        /* shutdown begun */
     int handles_closed;  /* final uv_close of the server handles done */

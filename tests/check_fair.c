@@ -13,7 +13,9 @@
  *     (eviction under the cap is tested in check_engine's mask_cap_lru);
  *   - through the daemon, with real uids (as root; otherwise those cases pass with a note): a
  *     user that queues heavy calls and disconnects does not slow another user's ping and small
- *     call, and SIGTERM with heavy calls queued exits promptly.
+ *     call, and SIGTERM with heavy calls queued exits promptly;
+ *   - the loop thread is not frozen by a huge session (open, info, list); a partial frame
+ *     after Hello times out; a burst of refused connections does not flood the log.
  *
  * Timing bounds are loose (a loaded 2-core CI machine): the attacker's calls take seconds each,
  * so on a FIFO pool the victim would wait many seconds.
@@ -739,6 +741,67 @@ START_TEST(daemon_big_session_no_freeze)
 }
 END_TEST
 
+/* A frame begun after Hello and never finished times out (hello_timeout): it no longer holds
+ * its buffer for ever. */
+START_TEST(partial_frame_times_out)
+{
+    td_daemon d;
+    const char *args[] = {"--hello-timeout", "1", NULL};
+    ck_assert_int_eq(td_start(&d, args), 0);
+    int fd = raw_connect(d.socket);
+    ck_assert_int_ge(fd, 0);
+    uint8_t part[3] = {100, 0, 0}; /* 3 of the 4 bytes of a length prefix */
+    ck_assert_int_eq(write(fd, part, sizeof part), 3);
+    double t0 = now_s();
+    ck_assert_msg(raw_eof(fd, 8000), "the connection with a partial frame stayed open");
+    ck_assert_msg(now_s() - t0 > 0.5, "closed too early (%.2f s)", now_s() - t0);
+    close(fd);
+    ck_assert_int_eq(td_stop(&d), 0);
+}
+END_TEST
+
+static int count_lines(const char *path, const char *needle)
+{
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return -1;
+    char line[1024];
+    int n = 0;
+    while (fgets(line, sizeof line, f))
+        n += strstr(line, needle) != NULL;
+    fclose(f);
+    return n;
+}
+
+/* A burst of refused connections makes a line a second, not a line each. */
+START_TEST(refused_connections_rate_limited)
+{
+    td_daemon d;
+    const char *args[] = {"--max-connections-per-user", "1", NULL};
+    ck_assert_int_eq(td_start(&d, args), 0);
+    int keep = -1;
+    for (int i = 0; i < 50 && keep < 0; i++) { /* td_start's probe may still count */
+        keep = raw_connect(d.socket);
+        if (keep < 0)
+            usleep(50 * 1000);
+    }
+    ck_assert_int_ge(keep, 0);
+    int before = count_lines(d.log, "refused a connection");
+    for (int i = 0; i < 40; i++) {
+        int fd = raw_socket(d.socket);
+        if (fd >= 0) {
+            raw_eof(fd, 2000); /* refused: an error, then the close */
+            close(fd);
+        }
+    }
+    ck_assert_int_eq(raw_ping(keep), 0);
+    int n = count_lines(d.log, "refused a connection") - before;
+    ck_assert_msg(n + before >= 1 && n <= 5, "%d log lines for 40 refused connections", n);
+    close(keep);
+    ck_assert_int_eq(td_stop(&d), 0);
+}
+END_TEST
+
 int main(void)
 {
     la_test_seed();
@@ -755,6 +818,8 @@ int main(void)
     tcase_add_test(tc, daemon_victim_not_starved);
     tcase_add_test(tc, daemon_sigterm_prompt);
     tcase_add_test(tc, daemon_big_session_no_freeze);
+    tcase_add_test(tc, partial_frame_times_out);
+    tcase_add_test(tc, refused_connections_rate_limited);
     suite_add_tcase(s, tc);
     return la_test_run_suite(s);
 }
