@@ -91,8 +91,8 @@ static int run_direct(const sim_opts *o)
             }
             sim_err_acc(out, ref, n, o->dtype, &num, &den);
         }
-        rows[step] = (sim_row){(double)computed / (double)total, attn,
-                                den > 0 ? sqrt(num / den) : 0};
+        rows[step] =
+            (sim_row){(double)computed / (double)total, attn, den > 0 ? sqrt(num / den) : 0};
         sim_print_row(step, &rows[step], rows[0].attn_s);
     }
     sim_print_summary(o, rows, sim_now_s() - t_start);

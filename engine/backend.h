@@ -36,11 +36,11 @@ typedef struct be_backend be_backend;
 typedef struct be_import be_import; /* an imported CUDA IPC allocation, opaque */
 
 typedef struct be_mask {
-    void *dev_ptr;   /* what the kernel gets (cpu: == host) */
-    uint32_t *host;  /* host view (cpu: the mask; cuda: pinned shadow) */
+    void *dev_ptr;  /* what the kernel gets (cpu: == host) */
+    uint32_t *host; /* host view (cpu: the mask; cuda: pinned shadow) */
     uint64_t bytes;
     int dev;
-    void *priv;      /* backend's own */
+    void *priv; /* backend's own */
 } be_mask;
 
 #define BE_MSG_MAX 160
@@ -52,7 +52,7 @@ typedef struct be_job {
     la_range must_do[LA_MAX_RANGES];
     la_range must_skip[LA_MAX_RANGES];
     int dev;
-    be_mask *mask;            /* the session's mask set (p.mask points inside it), or NULL */
+    be_mask *mask;               /* the session's mask set (p.mask points inside it), or NULL */
     uint64_t mask_off, mask_len; /* the bytes of this (layer, shard) inside it */
     /* 0 until the region was set to all ones (by the worker, before the first call on it
      * runs; the loop thread reads it for mask reads and clears it to reset). */
@@ -60,30 +60,30 @@ typedef struct be_job {
     uint32_t mask_words, mask_k_tiles; /* words per mask row, valid bits per row */
     int has_wait_event;
     uint8_t wait_event[64];
-    uint64_t t_submit_ns;     /* CLOCK_MONOTONIC */
+    uint64_t t_submit_ns; /* CLOCK_MONOTONIC */
     /* Fair queuing (fairq.h): whose call it is and what it costs. */
     uint32_t uid;
     uint64_t conn_id;
-    uint64_t flow_id;         /* the session */
-    uint64_t cost;            /* multiply-adds of the whole call, from its shapes */
+    uint64_t flow_id; /* the session */
+    uint64_t cost;    /* multiply-adds of the whole call, from its shapes */
 
     /* Out, written by the backend before complete() is called. */
-    int status;               /* 0 or LA_E* */
+    int status; /* 0 or LA_E* */
     char msg[BE_MSG_MAX];
     int64_t tiles_computed;
     uint64_t t_start_ns, t_end_ns;
     int has_done_event;
     uint8_t done_event[64];
-    int has_live;             /* the call changed the region: live_bits is its new count */
+    int has_live; /* the call changed the region: live_bits is its new count */
     uint64_t live_bits;
 
     /* Backend-private. */
     struct be_job *be_next;
     void *be_priv;
     int be_slot;
-    void *fq_flow;            /* fairq.c */
-    int64_t be_cursor;        /* cpu: next slice */
-    int be_cancel;            /* cpu: cancel at the next slice boundary (LA_E* to report) */
+    void *fq_flow;     /* fairq.c */
+    int64_t be_cursor; /* cpu: next slice */
+    int be_cancel;     /* cpu: cancel at the next slice boundary (LA_E* to report) */
 } be_job;
 
 typedef void (*be_complete_fn)(void *data, be_job *job);
@@ -94,8 +94,8 @@ typedef struct be_ops {
     /* Device index for a UUID, or for "" (the first device). LA_ENODEV if none. */
     int (*find_device)(be_backend *b, const char *uuid, int *ret_dev);
     /* Tile sizes of the kernel for (head_dim, dtype) on dev; LA_ENOTSUP if none. */
-    int (*tile_sizes)(be_backend *b, int dev, uint32_t head_dim, la_dtype dtype,
-                      uint32_t *ret_bm, uint32_t *ret_bn);
+    int (*tile_sizes)(be_backend *b, int dev, uint32_t head_dim, la_dtype dtype, uint32_t *ret_bm,
+                      uint32_t *ret_bn);
     /* 0 if p (pointers filled) can run on dev; LA_EINVAL / LA_ENOTSUP otherwise. */
     int (*supports)(be_backend *b, int dev, const la_attn_params *p);
     /* Mask storage of bytes bytes; its contents are set per region by the workers. */
@@ -104,8 +104,8 @@ typedef struct be_ops {
     void (*mask_free)(be_backend *b, be_mask *m);
     /* CUDA IPC import (NULL for cpu). ret_ptr: device pointer of the allocation base. */
     int (*buffer_import)(be_backend *b, const void *handle, size_t len, const char *uuid,
-                         uint64_t size, be_import **ret_imp, void **ret_ptr,
-                         uint64_t *ret_size, int *ret_dev, char *msg, size_t msg_len);
+                         uint64_t size, be_import **ret_imp, void **ret_ptr, uint64_t *ret_size,
+                         int *ret_dev, char *msg, size_t msg_len);
     /* Drops one reference of an import; called once no job uses it any more. */
     void (*buffer_release)(be_backend *b, be_import *imp);
     /* Queues job; returns 0 (complete() will be called) or an error (it will not). */
@@ -135,8 +135,7 @@ struct be_backend {
 int be_cpu_new(int threads, uint64_t slice_macs, be_complete_fn complete, void *complete_data,
                be_backend **ret, char *msg, size_t msg_len);
 /* CUDA backend: one worker per usable GPU. LA_ENODEV when built without CUDA or no GPU. */
-int be_cuda_new(be_complete_fn complete, void *complete_data,
-                logsink_fn log, void *log_data,
+int be_cuda_new(be_complete_fn complete, void *complete_data, logsink_fn log, void *log_data,
                 be_backend **ret, char *msg, size_t msg_len);
 
 /* CLOCK_MONOTONIC in nanoseconds. */
@@ -145,7 +144,8 @@ uint64_t be_now_ns(void);
 /* Live bits of a mask region of host memory: rows of `words` words, the first k_tiles bits of
  * each counted. */
 static inline uint64_t be_mask_live(const uint32_t *w, uint64_t bytes, uint32_t words,
-                                    uint32_t k_tiles) {
+                                    uint32_t k_tiles)
+{
     uint64_t rows = words ? bytes / 4 / words : 0, live = 0;
     uint32_t full = k_tiles / 32, rem = k_tiles % 32;
     uint32_t last = rem ? (uint32_t)((1ull << rem) - 1) : 0;

@@ -40,21 +40,22 @@
 
 typedef struct cpu_backend {
     be_backend base;
-    int n_workers;      /* threads that compute at once in the normal case */
-    int n_threads;      /* n_workers regular + n_workers spare (see slice_blocked) */
+    int n_workers; /* threads that compute at once in the normal case */
+    int n_threads; /* n_workers regular + n_workers spare (see slice_blocked) */
     uint64_t slice_macs;
     pthread_t *workers;
-    be_job **busy;      /* the jobs whose slice runs now, [running] */
+    be_job **busy; /* the jobs whose slice runs now, [running] */
     int started;
     pthread_mutex_t lock;
     pthread_cond_t cond;
     fq q;
-    be_job *cancelled;  /* taken from the queue half-done: a worker resets their mask */
+    be_job *cancelled; /* taken from the queue half-done: a worker resets their mask */
     int running;
     int stopping;
 } cpu_backend;
 
-uint64_t be_now_ns(void) {
+uint64_t be_now_ns(void)
+{
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
@@ -64,7 +65,8 @@ uint64_t be_now_ns(void) {
  * cancelled job still has to reset that mask. Once every regular worker is busy, a spare
  * worker takes a slice only of a user that has none running: a single q-tile with very many
  * keys cannot be cut, and another user must not wait for it. Under c->lock. */
-static int slice_blocked(void *ctx, const be_job *j) {
+static int slice_blocked(void *ctx, const be_job *j)
+{
     cpu_backend *c = ctx;
     const void *m = j->p.mask;
     if (c->running >= c->n_workers)
@@ -84,8 +86,8 @@ static int slice_blocked(void *ctx, const be_job *j) {
 
 /* How a call is cut: heads per slice (hp > 0) or, when one head alone is larger than a slice,
  * q-tiles per slice (tp > 0). Returns the number of slices. */
-static int64_t plan(const cpu_backend *c, const la_attn_params *p, int64_t *ret_hp,
-                    int64_t *ret_tp) {
+static int64_t plan(const cpu_backend *c, const la_attn_params *p, int64_t *ret_hp, int64_t *ret_tp)
+{
     double per_head = 2.0 * p->Sq * (double)p->Sk * p->D, slice = (double)c->slice_macs;
     int64_t nq = la_tiles(p->Sq, p->BM);
     if (per_head <= slice) {
@@ -104,7 +106,8 @@ static int64_t plan(const cpu_backend *c, const la_attn_params *p, int64_t *ret_
 /* The parameters of slice i of p (same strides, offset pointers, fewer heads or rows); its
  * cost in multiply-adds. */
 static uint64_t slice_params(const cpu_backend *c, const la_attn_params *p, int64_t i,
-                             la_attn_params *sp) {
+                             la_attn_params *sp)
+{
     int64_t hp, tp;
     plan(c, p, &hp, &tp);
     int64_t b, h0, hn, r0 = 0, m0 = 0;
@@ -129,10 +132,10 @@ static uint64_t slice_params(const cpu_backend *c, const la_attn_params *p, int6
     sp->B = 1;
     sp->H = (int32_t)hn;
     sp->Sq = sq;
-    sp->q = (const char *)p->q + es * (size_t)(b * p->q_stride[0] + r0 * p->q_stride[1] +
-                                               h0 * p->q_stride[2]);
-    sp->o = (char *)p->o + es * (size_t)(b * p->o_stride[0] + r0 * p->o_stride[1] +
-                                         h0 * p->o_stride[2]);
+    sp->q = (const char *)p->q +
+            es * (size_t)(b * p->q_stride[0] + r0 * p->q_stride[1] + h0 * p->q_stride[2]);
+    sp->o = (char *)p->o +
+            es * (size_t)(b * p->o_stride[0] + r0 * p->o_stride[1] + h0 * p->o_stride[2]);
     sp->k = (const char *)p->k + es * (size_t)(b * p->k_stride[0] + h0 * p->k_stride[2]);
     sp->v = (const char *)p->v + es * (size_t)(b * p->v_stride[0] + h0 * p->v_stride[2]);
     if (p->lse)
@@ -147,7 +150,8 @@ static uint64_t slice_params(const cpu_backend *c, const la_attn_params *p, int6
 }
 
 /* The region's first call sets it to all ones before it runs. */
-static void init_mask(be_job *j) {
+static void init_mask(be_job *j)
+{
     if (j->mask_ready && !atomic_load(j->mask_ready)) {
         memset((char *)j->mask->host + j->mask_off, 0xff, (size_t)j->mask_len);
         atomic_store(j->mask_ready, 1);
@@ -155,7 +159,8 @@ static void init_mask(be_job *j) {
 }
 
 /* A call stopped after some of its slices wrote the mask: all ones again (dense). */
-static void undo_mask(be_job *j) {
+static void undo_mask(be_job *j)
+{
     if (j->be_cursor > 0 && j->p.mask && !j->p.decisions && j->p.mode != LA_MODE_DENSE) {
         memset(j->p.mask, 0xff, (size_t)j->mask_len);
         j->has_live = 1;
@@ -163,7 +168,8 @@ static void undo_mask(be_job *j) {
     }
 }
 
-static void set_cancelled(be_job *j, int code) {
+static void set_cancelled(be_job *j, int code)
+{
     j->status = code;
     snprintf(j->msg, sizeof j->msg, "%s",
              code == LA_ECLOSED ? "cancelled: the connection closed"
@@ -173,7 +179,8 @@ static void set_cancelled(be_job *j, int code) {
     j->t_end_ns = be_now_ns();
 }
 
-static void *worker_main(void *arg) {
+static void *worker_main(void *arg)
+{
     cpu_backend *c = arg;
     pthread_mutex_lock(&c->lock);
     for (;;) {
@@ -243,8 +250,7 @@ static void *worker_main(void *arg) {
             j->status = 0;
             if (j->p.mask && !j->p.decisions && j->p.mode != LA_MODE_DENSE) {
                 j->has_live = 1;
-                j->live_bits = be_mask_live(j->p.mask, j->mask_len, j->mask_words,
-                                            j->mask_k_tiles);
+                j->live_bits = be_mask_live(j->p.mask, j->mask_len, j->mask_words, j->mask_k_tiles);
             }
         }
         j->t_end_ns = be_now_ns();
@@ -255,7 +261,8 @@ static void *worker_main(void *arg) {
     return NULL;
 }
 
-static size_t cpu_devices(be_backend *b, eng_device_info *out, size_t max) {
+static size_t cpu_devices(be_backend *b, eng_device_info *out, size_t max)
+{
     cpu_backend *c = (cpu_backend *)b;
     if (max < 1)
         return 1;
@@ -268,7 +275,8 @@ static size_t cpu_devices(be_backend *b, eng_device_info *out, size_t max) {
     return 1;
 }
 
-static int cpu_find_device(be_backend *b, const char *uuid, int *ret_dev) {
+static int cpu_find_device(be_backend *b, const char *uuid, int *ret_dev)
+{
     if (!uuid || !uuid[0] || !strcmp(uuid, "cpu")) {
         *ret_dev = 0;
         return 0;
@@ -277,7 +285,8 @@ static int cpu_find_device(be_backend *b, const char *uuid, int *ret_dev) {
 }
 
 static int cpu_tile_sizes(be_backend *b, int dev, uint32_t head_dim, la_dtype dtype,
-                          uint32_t *ret_bm, uint32_t *ret_bn) {
+                          uint32_t *ret_bm, uint32_t *ret_bn)
+{
     if (!LA_REF_HEAD_DIM_OK(head_dim))
         return LA_ENOTSUP;
     if (dtype != LA_DTYPE_F32 && dtype != LA_DTYPE_F16 && dtype != LA_DTYPE_BF16)
@@ -292,11 +301,13 @@ static int cpu_tile_sizes(be_backend *b, int dev, uint32_t head_dim, la_dtype dt
     return 0;
 }
 
-static int cpu_supports(be_backend *b, int dev, const la_attn_params *p) {
+static int cpu_supports(be_backend *b, int dev, const la_attn_params *p)
+{
     return la_attn_validate(p);
 }
 
-static int cpu_mask_alloc(be_backend *b, int dev, uint64_t bytes, be_mask **ret_mask) {
+static int cpu_mask_alloc(be_backend *b, int dev, uint64_t bytes, be_mask **ret_mask)
+{
     if (bytes == 0 || bytes > SIZE_MAX - 64)
         return LA_EINVAL;
     be_mask *m = calloc(1, sizeof *m);
@@ -315,14 +326,16 @@ static int cpu_mask_alloc(be_backend *b, int dev, uint64_t bytes, be_mask **ret_
     return 0;
 }
 
-static void cpu_mask_free(be_backend *b, be_mask *m) {
+static void cpu_mask_free(be_backend *b, be_mask *m)
+{
     if (!m)
         return;
     free(m->host);
     free(m);
 }
 
-static int cpu_submit(be_backend *b, be_job *job) {
+static int cpu_submit(be_backend *b, be_job *job)
+{
     cpu_backend *c = (cpu_backend *)b;
     pthread_mutex_lock(&c->lock);
     if (c->stopping) {
@@ -344,12 +357,14 @@ typedef struct conn_match {
     int all;
 } conn_match;
 
-static int match_conn(void *ctx, const be_job *j) {
+static int match_conn(void *ctx, const be_job *j)
+{
     const conn_match *m = ctx;
     return m->all || j->conn_id == m->conn_id;
 }
 
-static void cpu_cancel(be_backend *b, uint64_t conn_id, int all, int code) {
+static void cpu_cancel(be_backend *b, uint64_t conn_id, int all, int code)
+{
     cpu_backend *c = (cpu_backend *)b;
     conn_match m = {conn_id, all};
     pthread_mutex_lock(&c->lock);
@@ -379,7 +394,8 @@ static void cpu_cancel(be_backend *b, uint64_t conn_id, int all, int code) {
     }
 }
 
-static void cpu_stop(be_backend *b) {
+static void cpu_stop(be_backend *b)
+{
     cpu_backend *c = (cpu_backend *)b;
     cpu_cancel(b, 0, 1, LA_ESHUTDOWN);
     pthread_mutex_lock(&c->lock);
@@ -393,7 +409,8 @@ static void cpu_stop(be_backend *b) {
     }
 }
 
-static void cpu_free(be_backend *b) {
+static void cpu_free(be_backend *b)
+{
     cpu_backend *c = (cpu_backend *)b;
     if (!c)
         return;
@@ -425,7 +442,8 @@ static const be_ops cpu_ops = {
 };
 
 int be_cpu_new(int threads, uint64_t slice_macs, be_complete_fn complete, void *complete_data,
-               be_backend **ret, char *msg, size_t msg_len) {
+               be_backend **ret, char *msg, size_t msg_len)
+{
     if (threads <= 0) {
         long n = sysconf(_SC_NPROCESSORS_ONLN);
         threads = n > 0 ? (int)n : 1;

@@ -7,16 +7,16 @@ typedef struct fq_flow {
     struct fq_flow *next;
     fq_user *user;
     uint64_t id;
-    uint64_t vt;          /* service received, in multiply-adds (virtual time) */
-    be_job *head, *tail;  /* queued, chained by be_next */
-    int running;          /* picked and not yet requeued or done */
+    uint64_t vt;         /* service received, in multiply-adds (virtual time) */
+    be_job *head, *tail; /* queued, chained by be_next */
+    int running;         /* picked and not yet requeued or done */
 } fq_flow;
 
 struct fq_user {
     fq_user *next;
     uint32_t uid;
     uint64_t vt;
-    uint64_t fclock;      /* virtual time of this user's flow served last */
+    uint64_t fclock; /* virtual time of this user's flow served last */
     fq_flow *flows;
     int queued, running;
 };

@@ -16,14 +16,15 @@
 #include "engine_priv.h"
 #include "escape.h"
 
-
-void sess_name(const sess *s, char *out, size_t len) {
+void sess_name(const sess *s, char *out, size_t len)
+{
     snprintf(out, len, "session %llu (key '%s')", (unsigned long long)s->id, s->key_esc);
 }
 
-eng_user *sess_user(eng *e, uint32_t uid, int create) {
+eng_user *sess_user(eng *e, uint32_t uid, int create)
+{
     eng_user *u;
-    list_for_each_entry(u, &e->users, eng_user, link)
+    list_for_each_entry (u, &e->users, eng_user, link)
         if (u->uid == uid)
             return u;
     if (!create)
@@ -36,15 +37,17 @@ eng_user *sess_user(eng *e, uint32_t uid, int create) {
     return u;
 }
 
-sess *sess_find(eng *e, uint64_t id) {
+sess *sess_find(eng *e, uint64_t id)
+{
     sess *s;
-    list_for_each_entry(s, &e->sessions, sess, link)
+    list_for_each_entry (s, &e->sessions, sess, link)
         if (s->id == id)
             return s;
     return NULL;
 }
 
-sess *sess_get(eng *e, uint32_t uid, uint64_t id, int allow_root, eng_error *err) {
+sess *sess_get(eng *e, uint32_t uid, uint64_t id, int allow_root, eng_error *err)
+{
     sess *s = sess_find(e, id);
     if (!s || (s->uid != uid && !(allow_root && uid == 0))) {
         eng_errf(err, "session %llu: no such session", (unsigned long long)id);
@@ -53,21 +56,24 @@ sess *sess_get(eng *e, uint32_t uid, uint64_t id, int allow_root, eng_error *err
     return s;
 }
 
-void sess_touch(eng *e, sess *s) {
+void sess_touch(eng *e, sess *s)
+{
     s->last_used_ms = eng_now_ms();
     if (s->linked)
         list_move_tail(&e->sessions, &s->link);
 }
 
 /* Every region all ones again (lazily: the next call of a region sets it). O(regions). */
-static void mset_clear(eng_mset *m) {
+static void mset_clear(eng_mset *m)
+{
     for (uint32_t i = 0; i < m->n_regions; i++) {
         atomic_store(&m->ready[i], 0);
         m->live[i] = m->region_bits;
     }
 }
 
-static int mset_new(eng *e, sess *s, eng_mset **ret, eng_error *err) {
+static int mset_new(eng *e, sess *s, eng_mset **ret, eng_error *err)
+{
     eng_mset *m = calloc(1, sizeof *m);
     if (!m) {
         eng_errf(err, "out of memory");
@@ -101,7 +107,8 @@ static int mset_new(eng *e, sess *s, eng_mset **ret, eng_error *err) {
     return 0;
 }
 
-void mset_unref(eng *e, eng_mset *m) {
+void mset_unref(eng *e, eng_mset *m)
+{
     if (!m || --m->refs > 0)
         return;
     m->be->ops->mask_free(m->be, m->mask);
@@ -111,7 +118,8 @@ void mset_unref(eng *e, eng_mset *m) {
     free(m);
 }
 
-void sess_unref(eng *e, sess *s) {
+void sess_unref(eng *e, sess *s)
+{
     if (!s || --s->refs > 0)
         return;
     mset_unref(e, s->masks);
@@ -121,7 +129,8 @@ void sess_unref(eng *e, sess *s) {
 }
 
 /* conn_id holds a reference on s (once, however often it attaches). */
-static int conn_add(sess *s, uint64_t conn_id) {
+static int conn_add(sess *s, uint64_t conn_id)
+{
     for (uint32_t i = 0; i < s->n_conns; i++)
         if (s->conns[i] == conn_id)
             return 0;
@@ -139,7 +148,8 @@ static int conn_add(sess *s, uint64_t conn_id) {
     return 0;
 }
 
-void sess_unlink(eng *e, sess *s) {
+void sess_unlink(eng *e, sess *s)
+{
     if (!s->linked)
         return;
     list_remove(&s->link);
@@ -157,7 +167,8 @@ void sess_unlink(eng *e, sess *s) {
  * A session of another user is taken only while that user holds more than its fair share of
  * the cap (the cap divided by the users holding sessions, the requester included). The whole
  * plan is made first: when it cannot make enough room, nothing is evicted. */
-static int make_room(eng *e, uint32_t uid, uint64_t need) {
+static int make_room(eng *e, uint32_t uid, uint64_t need)
+{
     uint64_t cap = e->cfg.limits.mask_memory_cap;
     if (!cap)
         return 0;
@@ -168,7 +179,7 @@ static int make_room(eng *e, uint32_t uid, uint64_t need) {
     uint64_t excess = e->mask_bytes_live - (cap - need), n_users = 0;
     int requester_counted = 0;
     eng_user *u;
-    list_for_each_entry(u, &e->users, eng_user, link) {
+    list_for_each_entry (u, &e->users, eng_user, link) {
         u->plan_bytes = u->mask_bytes;
         if (u->sessions) {
             n_users++;
@@ -178,7 +189,7 @@ static int make_room(eng *e, uint32_t uid, uint64_t need) {
     uint64_t share = cap / (n_users + !requester_counted);
     size_t n = 0;
     sess *s;
-    list_for_each_entry(s, &e->sessions, sess, link)
+    list_for_each_entry (s, &e->sessions, sess, link)
         n += !s->attached && s->inflight == 0;
     if (n == 0)
         return LA_ELIMIT;
@@ -186,7 +197,7 @@ static int make_room(eng *e, uint32_t uid, uint64_t need) {
     if (!cand)
         return LA_ENOMEM;
     n = 0;
-    list_for_each_entry(s, &e->sessions, sess, link) /* least recently used first */
+    list_for_each_entry (s, &e->sessions, sess, link) /* least recently used first */
         if (!s->attached && s->inflight == 0)
             cand[n++] = s;
     /* Oldest detachment first; a stable insertion sort keeps LRU order among equals. */
@@ -216,9 +227,11 @@ static int make_room(eng *e, uint32_t uid, uint64_t need) {
         s = cand[i];
         char name[SESS_NAME_MAX];
         sess_name(s, name, sizeof name);
-        eng_logf(e, LOG_INFO, "%s of uid %u: evicted (detached %llu ms ago) to stay under the mask "
-                 "memory cap of %llu bytes", name, s->uid,
-                 (unsigned long long)(eng_now_ms() - s->detached_ms), (unsigned long long)cap);
+        eng_logf(e, LOG_INFO,
+                 "%s of uid %u: evicted (detached %llu ms ago) to stay under the mask "
+                 "memory cap of %llu bytes",
+                 name, s->uid, (unsigned long long)(eng_now_ms() - s->detached_ms),
+                 (unsigned long long)cap);
         e->n_evicted++;
         sess_unlink(e, s);
     }
@@ -226,7 +239,8 @@ static int make_room(eng *e, uint32_t uid, uint64_t need) {
     return 0;
 }
 
-static void fill_view(const sess *s, eng_session_view *v) {
+static void fill_view(const sess *s, eng_session_view *v)
+{
     memset(v, 0, sizeof *v);
     v->id = s->id;
     v->bm = s->bm;
@@ -249,7 +263,8 @@ static void fill_view(const sess *s, eng_session_view *v) {
 /* A session key is 1..ENG_KEY_MAX bytes, none of them a control character (a newline or an
  * ESC would reach logs and terminals; keys are printed escaped all the same): the one check,
  * for open and attach. */
-static int key_check(const char *key, size_t *ret_len, eng_error *err) {
+static int key_check(const char *key, size_t *ret_len, eng_error *err)
+{
     size_t n = key ? strlen(key) : 0;
     if (n == 0 || n > ENG_KEY_MAX) {
         eng_errf(err, "session key must be 1..%d bytes (got %zu)", ENG_KEY_MAX, n);
@@ -258,8 +273,10 @@ static int key_check(const char *key, size_t *ret_len, eng_error *err) {
     for (size_t i = 0; i < n; i++) {
         unsigned char c = (unsigned char)key[i];
         if (c < 0x20 || c == 0x7f) {
-            eng_errf(err, "session key holds control byte 0x%02x at offset %zu (keys are "
-                     "printable text)", c, i);
+            eng_errf(err,
+                     "session key holds control byte 0x%02x at offset %zu (keys are "
+                     "printable text)",
+                     c, i);
             return LA_EINVAL;
         }
     }
@@ -268,7 +285,8 @@ static int key_check(const char *key, size_t *ret_len, eng_error *err) {
 }
 
 /* Picks the backend and device of a new session from spec->device. */
-static int pick_device(eng *e, sess *s, const char *want, eng_error *err) {
+static int pick_device(eng *e, sess *s, const char *want, eng_error *err)
+{
     be_backend *be = NULL;
     int dev = 0, rc;
     uint32_t bm = 0, bn = 0;
@@ -314,10 +332,11 @@ static int pick_device(eng *e, sess *s, const char *want, eng_error *err) {
 }
 
 /* The session's own settings: geometry, dtype, mode, direction, threshold and schedule. */
-static int check_settings(const sess *s, const eng_session_spec *spec, eng_error *err) {
-    if (!s->layers || !s->heads || !s->head_dim || !s->max_seq_q ||
-        s->max_seq_q > INT32_MAX || s->max_seq_k > INT32_MAX || s->heads > INT32_MAX ||
-        s->batch > INT32_MAX || s->head_dim > INT32_MAX) {
+static int check_settings(const sess *s, const eng_session_spec *spec, eng_error *err)
+{
+    if (!s->layers || !s->heads || !s->head_dim || !s->max_seq_q || s->max_seq_q > INT32_MAX ||
+        s->max_seq_k > INT32_MAX || s->heads > INT32_MAX || s->batch > INT32_MAX ||
+        s->head_dim > INT32_MAX) {
         eng_errf(err,
                  "session '%s': bad geometry (layers %u, heads %u, head dim %u, max Sq %u, "
                  "max Sk %u, batch %u): each must be > 0 and < 2^31",
@@ -356,7 +375,8 @@ static int check_settings(const sess *s, const eng_session_spec *spec, eng_error
 }
 
 /* A new session object from a spec whose key and device were checked; NULL: out of memory. */
-static sess *sess_from_spec(uint32_t uid, const eng_session_spec *spec, size_t klen) {
+static sess *sess_from_spec(uint32_t uid, const eng_session_spec *spec, size_t klen)
+{
     sess *s = calloc(1, sizeof *s);
     if (!s)
         return NULL;
@@ -379,7 +399,8 @@ static sess *sess_from_spec(uint32_t uid, const eng_session_spec *spec, size_t k
 }
 
 /* Tile counts and mask sizes from the tile sizes of the session's backend, overflow-safe. */
-static int size_masks(sess *s, eng_error *err) {
+static int size_masks(sess *s, eng_error *err)
+{
     s->n_q_tiles = (uint32_t)la_tiles((int32_t)s->max_seq_q, (int32_t)s->bm);
     s->n_k_tiles = (uint32_t)la_tiles((int32_t)s->max_seq_k, (int32_t)s->bn);
     s->n_k_words = (uint32_t)la_mask_words((int32_t)s->n_k_tiles);
@@ -399,7 +420,8 @@ static int size_masks(sess *s, eng_error *err) {
 
 /* The user's session count and mask bytes, and the daemon's mask memory cap (evicting idle
  * sessions to make room), for one more session of s->mask_bytes. */
-static int check_room(eng *e, const sess *s, eng_user **ret_user, eng_error *err) {
+static int check_room(eng *e, const sess *s, eng_user **ret_user, eng_error *err)
+{
     const eng_limits *l = &e->cfg.limits;
     uint64_t mb = s->mask_bytes;
     eng_user *u = sess_user(e, s->uid, 1);
@@ -412,8 +434,8 @@ static int check_room(eng *e, const sess *s, eng_user **ret_user, eng_error *err
                  s->uid, u->sessions, l->max_sessions_per_user);
         return LA_ELIMIT;
     }
-    if (l->max_mask_bytes_per_user && (mb > l->max_mask_bytes_per_user ||
-                                       u->mask_bytes > l->max_mask_bytes_per_user - mb)) {
+    if (l->max_mask_bytes_per_user &&
+        (mb > l->max_mask_bytes_per_user || u->mask_bytes > l->max_mask_bytes_per_user - mb)) {
         eng_errf(err,
                  "session '%s': %llu bytes of masks exceed the limit of uid %u (%llu of %llu "
                  "bytes in use)",
@@ -434,9 +456,10 @@ static int check_room(eng *e, const sess *s, eng_user **ret_user, eng_error *err
 }
 
 /* LA_EEXIST when uid already has a session named key. */
-static int key_unused(eng *e, uint32_t uid, const char *key, eng_error *err) {
+static int key_unused(eng *e, uint32_t uid, const char *key, eng_error *err)
+{
     sess *o;
-    list_for_each_entry(o, &e->sessions, sess, link)
+    list_for_each_entry (o, &e->sessions, sess, link)
         if (o->uid == uid && !strcmp(o->key, key)) {
             char name[SESS_NAME_MAX];
             sess_name(o, name, sizeof name);
@@ -447,7 +470,8 @@ static int key_unused(eng *e, uint32_t uid, const char *key, eng_error *err) {
 }
 
 int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_spec *spec,
-                     eng_session_view *ret_view, eng_error *err) {
+                     eng_session_view *ret_view, eng_error *err)
+{
     int rc;
     if (e->shutting_down) {
         eng_errf(err, "the daemon is shutting down");
@@ -509,7 +533,8 @@ fail:
 }
 
 int eng_session_attach(eng *e, uint32_t uid, uint64_t conn_id, const char *key,
-                       eng_session_view *ret_view, eng_error *err) {
+                       eng_session_view *ret_view, eng_error *err)
+{
     if (e->shutting_down) {
         eng_errf(err, "the daemon is shutting down");
         return LA_ESHUTDOWN;
@@ -519,7 +544,7 @@ int eng_session_attach(eng *e, uint32_t uid, uint64_t conn_id, const char *key,
     if (rc < 0)
         return rc;
     sess *s;
-    list_for_each_entry(s, &e->sessions, sess, link)
+    list_for_each_entry (s, &e->sessions, sess, link)
         if (s->uid == uid && !strcmp(s->key, key)) {
             if (conn_add(s, conn_id) < 0) {
                 eng_errf(err, "out of memory");
@@ -534,7 +559,8 @@ int eng_session_attach(eng *e, uint32_t uid, uint64_t conn_id, const char *key,
     return LA_ENOENT;
 }
 
-int eng_session_reset(eng *e, uint32_t uid, uint64_t session_id, eng_error *err) {
+int eng_session_reset(eng *e, uint32_t uid, uint64_t session_id, eng_error *err)
+{
     sess *s = sess_get(e, uid, session_id, 0, err);
     if (!s)
         return LA_ENOENT;
@@ -559,7 +585,8 @@ int eng_session_reset(eng *e, uint32_t uid, uint64_t session_id, eng_error *err)
     return 0;
 }
 
-int eng_session_close(eng *e, uint32_t uid, uint64_t session_id, eng_error *err) {
+int eng_session_close(eng *e, uint32_t uid, uint64_t session_id, eng_error *err)
+{
     sess *s = sess_get(e, uid, session_id, 0, err);
     if (!s)
         return LA_ENOENT;
@@ -569,7 +596,8 @@ int eng_session_close(eng *e, uint32_t uid, uint64_t session_id, eng_error *err)
 }
 
 /* The live fraction of a layer, averaged over its shards: from the counts the workers keep. */
-static double layer_fraction(const sess *s, uint32_t layer) {
+static double layer_fraction(const sess *s, uint32_t layer)
+{
     const eng_mset *m = s->masks;
     if (m->region_bits == 0)
         return 0;
@@ -580,7 +608,8 @@ static double layer_fraction(const sess *s, uint32_t layer) {
 }
 
 int eng_session_info(eng *e, uint32_t uid, uint64_t session_id, double *live, size_t n,
-                     eng_session_stats *ret_stats, eng_error *err) {
+                     eng_session_stats *ret_stats, eng_error *err)
+{
     sess *s = sess_get(e, uid, session_id, 1, err);
     if (!s)
         return LA_ENOENT;
@@ -591,11 +620,12 @@ int eng_session_info(eng *e, uint32_t uid, uint64_t session_id, double *live, si
     return 0;
 }
 
-void eng_session_list(eng *e, uint32_t uid,
-                      void (*fn)(void *data, const eng_session_summary *s), void *data) {
+void eng_session_list(eng *e, uint32_t uid, void (*fn)(void *data, const eng_session_summary *s),
+                      void *data)
+{
     uint64_t now = eng_now_ms();
     sess *s;
-    list_for_each_entry(s, &e->sessions, sess, link) {
+    list_for_each_entry (s, &e->sessions, sess, link) {
         if (uid != 0 && s->uid != uid)
             continue;
         eng_session_summary sum;
@@ -624,7 +654,8 @@ void eng_session_list(eng *e, uint32_t uid,
 
 int eng_mask_read(eng *e, uint32_t uid, uint64_t session_id, uint32_t layer, uint32_t kv_shard,
                   uint64_t offset, void *dst, size_t len, size_t *ret_len, uint64_t *ret_total,
-                  eng_error *err) {
+                  eng_error *err)
+{
     sess *s = sess_get(e, uid, session_id, 1, err);
     if (!s)
         return LA_ENOENT;
@@ -635,8 +666,7 @@ int eng_mask_read(eng *e, uint32_t uid, uint64_t session_id, uint32_t layer, uin
         return LA_EINVAL;
     }
     if (kv_shard >= s->kv_shards) {
-        eng_errf(err, "%s: kv shard %u out of range (kv shards %u)", name, kv_shard,
-                 s->kv_shards);
+        eng_errf(err, "%s: kv shard %u out of range (kv shards %u)", name, kv_shard, s->kv_shards);
         return LA_EINVAL;
     }
     uint64_t total = s->layer_mask_bytes;
@@ -664,10 +694,11 @@ int eng_mask_read(eng *e, uint32_t uid, uint64_t session_id, uint32_t layer, uin
     return 0;
 }
 
-void sess_conn_closed(eng *e, uint64_t conn_id) {
+void sess_conn_closed(eng *e, uint64_t conn_id)
+{
     uint64_t now = eng_now_ms();
     sess *s;
-    list_for_each_entry(s, &e->sessions, sess, link)
+    list_for_each_entry (s, &e->sessions, sess, link)
         for (uint32_t i = 0; i < s->n_conns; i++)
             if (s->conns[i] == conn_id) {
                 s->conns[i] = s->conns[--s->n_conns];
@@ -679,11 +710,12 @@ void sess_conn_closed(eng *e, uint64_t conn_id) {
             }
 }
 
-void sess_tick(eng *e) {
+void sess_tick(eng *e)
+{
     uint64_t now = eng_now_ms();
     const eng_limits *l = &e->cfg.limits;
     sess *s;
-    list_for_each_entry(s, &e->sessions, sess, link) {
+    list_for_each_entry (s, &e->sessions, sess, link) {
         if (s->inflight == 0) {
             char name[SESS_NAME_MAX];
             sess_name(s, name, sizeof name);
@@ -694,8 +726,8 @@ void sess_tick(eng *e) {
                 sess_unlink(e, s);
             } else if (l->session_ttl_s &&
                        now - s->last_used_ms >= (uint64_t)l->session_ttl_s * 1000) {
-                eng_logf(e, LOG_INFO, "%s of uid %u: freed, idle for longer than %u s", name, s->uid,
-                         l->session_ttl_s);
+                eng_logf(e, LOG_INFO, "%s of uid %u: freed, idle for longer than %u s", name,
+                         s->uid, l->session_ttl_s);
                 e->n_expired++;
                 sess_unlink(e, s);
             }
@@ -703,11 +735,12 @@ void sess_tick(eng *e) {
     }
 }
 
-void sess_free_all(eng *e) {
+void sess_free_all(eng *e)
+{
     while (!list_empty(&e->sessions))
         sess_unlink(e, list_first_entry(&e->sessions, sess, link));
     eng_user *u;
-    list_for_each_entry(u, &e->users, eng_user, link) {
+    list_for_each_entry (u, &e->users, eng_user, link) {
         list_remove(&u->link);
         free(u);
     }

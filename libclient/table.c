@@ -112,9 +112,9 @@ LA_API int la_table_int(const la_table *t, size_t row, const char *col, int64_t 
 }
 
 /* One request whose reply becomes a table: fill adds the rows. */
-static int table_query(la_client *c, Liteattn__Request *req, int want,
-                       const char *const *names, size_t n_cols,
-                       int (*fill)(la_table *t, const Liteattn__Reply *r), la_table **ret_table)
+static int table_query(la_client *c, Liteattn__Request *req, int want, const char *const *names,
+                       size_t n_cols, int (*fill)(la_table *t, const Liteattn__Reply *r),
+                       la_table **ret_table)
 {
     Liteattn__Reply *r;
     int rc = cl_request(c, req, want, &r);
@@ -174,8 +174,8 @@ static int fill_sessions(la_table *t, const Liteattn__Reply *r)
         snprintf(b[10], 32, "%.4f", s->live_fraction);
         snprintf(b[11], 32, "%d", s->attached ? 1 : 0);
         snprintf(b[12], 32, "%" PRIu64, s->idle_ms / 1000);
-        char *cells[15] = {b[0], s->key, b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9],
-                           b[10], b[11], b[12], s->device};
+        char *cells[15] = {b[0], s->key, b[1], b[2],  b[3],  b[4],  b[5],     b[6],
+                           b[7], b[8],   b[9], b[10], b[11], b[12], s->device};
         rc = table_add(t, cells);
     }
     return rc;
@@ -189,9 +189,9 @@ LA_API int la_sessions(la_client *c, la_table **ret_table)
     Liteattn__Request req = LITEATTN__REQUEST__INIT;
     req.body_case = LITEATTN__REQUEST__BODY_SESSION_LIST;
     req.session_list = &sl;
-    static const char *const names[] = {"id", "key", "uid", "layers", "heads", "head_dim",
-                                        "batch", "bm", "bn", "mask_bytes", "calls",
-                                        "live_fraction", "attached", "idle_s", "device"};
+    static const char *const names[] = {
+        "id", "key",        "uid",   "layers",        "heads",    "head_dim", "batch", "bm",
+        "bn", "mask_bytes", "calls", "live_fraction", "attached", "idle_s",   "device"};
     return table_query(c, &req, LITEATTN__REPLY__BODY_SESSION_LIST, names, 15, fill_sessions,
                        ret_table);
 }

@@ -62,8 +62,10 @@ ssize_t frame_recv(frame_reader *f, int sock)
         struct cmsghdr align;
     } ctl;
     struct iovec iov = {.iov_base = f->buf + f->len, .iov_len = f->cap - f->len};
-    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1,
-                         .msg_control = ctl.buf, .msg_controllen = sizeof(ctl.buf)};
+    struct msghdr msg = {.msg_iov = &iov,
+                         .msg_iovlen = 1,
+                         .msg_control = ctl.buf,
+                         .msg_controllen = sizeof(ctl.buf)};
     ssize_t n;
     do
         n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
@@ -159,8 +161,7 @@ int frame_take_fd(frame_reader *f)
     return fd;
 }
 
-int frame_pack(const ProtobufCMessage *msg, uint32_t max_frame, uint8_t **ret_buf,
-                  size_t *ret_len)
+int frame_pack(const ProtobufCMessage *msg, uint32_t max_frame, uint8_t **ret_buf, size_t *ret_len)
 {
     size_t n = protobuf_c_message_get_packed_size(msg);
     if (n > (max_frame ? max_frame : FRAME_DEFAULT_MAX))
@@ -253,8 +254,9 @@ int frame_nul_in_string(const ProtobufCMessageDescriptor *d, const uint8_t *data
             if (wire_varint(&p, end, &n) < 0 || n > (uint64_t)(end - p))
                 return 0;
             const ProtobufCFieldDescriptor *f =
-                tag >> 3 <= UINT32_MAX ? protobuf_c_message_descriptor_get_field(d, (unsigned)(tag >> 3))
-                                       : NULL;
+                tag >> 3 <= UINT32_MAX
+                    ? protobuf_c_message_descriptor_get_field(d, (unsigned)(tag >> 3))
+                    : NULL;
             if (f && f->type == PROTOBUF_C_TYPE_STRING && memchr(p, 0, (size_t)n)) {
                 if (ret_field)
                     *ret_field = f->name;
@@ -267,8 +269,7 @@ int frame_nul_in_string(const ProtobufCMessageDescriptor *d, const uint8_t *data
             p += n;
             break;
         }
-        default: /* groups: not in the protocol; unpack has judged the rest */
-            return 0;
+        default: /* groups: not in the protocol; unpack has judged the rest */ return 0;
         }
     }
     return 0;

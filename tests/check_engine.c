@@ -30,7 +30,8 @@ typedef struct harness {
     int done_calls;
 } harness;
 
-static void notify_pipe(void *data) {
+static void notify_pipe(void *data)
+{
     harness *h = data;
     char c = 1;
     ssize_t n = write(h->pipe[1], &c, 1);
@@ -42,7 +43,8 @@ static void notify_pipe(void *data) {
  * results must still equal one whole la_ref_attn_fwd call bit for bit. */
 static uint64_t g_slice;
 
-static void h_open(harness *h, const eng_limits *lim) {
+static void h_open(harness *h, const eng_limits *lim)
+{
     memset(h, 0, sizeof *h);
     ck_assert_int_eq(pipe2(h->pipe, O_NONBLOCK | O_CLOEXEC), 0);
     eng_config cfg;
@@ -59,14 +61,16 @@ static void h_open(harness *h, const eng_limits *lim) {
     ck_assert_msg(rc == 0, "eng_new: %d %s", rc, err.msg);
 }
 
-static void h_close(harness *h) {
+static void h_close(harness *h)
+{
     eng_free(h->e);
     close(h->pipe[0]);
     close(h->pipe[1]);
 }
 
 /* Waits (up to 20 s) until n more done callbacks have run. */
-static void h_wait(harness *h, int n) {
+static void h_wait(harness *h, int n)
+{
     int target = h->done_calls + n;
     for (int spins = 0; h->done_calls < target && spins < 2000; spins++) {
         struct pollfd pfd = {.fd = h->pipe[0], .events = POLLIN};
@@ -85,7 +89,8 @@ typedef struct call {
     eng_attn_result res;
 } call;
 
-static void on_done(void *user, int status, const eng_attn_result *res, const char *msg) {
+static void on_done(void *user, int status, const eng_attn_result *res, const char *msg)
+{
     call *c = user;
     c->ran++;
     c->status = status;
@@ -101,7 +106,8 @@ typedef struct shm {
     uint64_t id;
 } shm;
 
-static int shm_make(harness *h, uint64_t conn, size_t size, shm *s) {
+static int shm_make(harness *h, uint64_t conn, size_t size, shm *s)
+{
     s->size = size;
     s->fd = memfd_create("check_engine", MFD_CLOEXEC | MFD_ALLOW_SEALING);
     ck_assert_int_ge(s->fd, 0);
@@ -112,13 +118,15 @@ static int shm_make(harness *h, uint64_t conn, size_t size, shm *s) {
     return eng_buffer_add_shm(h->e, UID, conn, dup(s->fd), size, &s->id, &err);
 }
 
-static void shm_drop(shm *s) {
+static void shm_drop(shm *s)
+{
     munmap(s->p, s->size);
     close(s->fd);
 }
 
 static eng_session_spec spec_make(const char *key, uint32_t layers, uint32_t H, uint32_t D,
-                                  la_dtype dt, uint32_t sq, uint32_t sk, uint32_t batch) {
+                                  la_dtype dt, uint32_t sq, uint32_t sk, uint32_t batch)
+{
     eng_session_spec sp;
     memset(&sp, 0, sizeof sp);
     sp.key = key;
@@ -137,7 +145,8 @@ static eng_session_spec spec_make(const char *key, uint32_t layers, uint32_t H, 
 }
 
 static uint64_t open_ok(harness *h, uint32_t uid, uint64_t conn, const eng_session_spec *sp,
-                        eng_session_view *ret) {
+                        eng_session_view *ret)
+{
     eng_session_view v;
     eng_error err = {{0}};
     int rc = eng_session_open(h->e, uid, conn, sp, &v, &err);
@@ -148,7 +157,8 @@ static uint64_t open_ok(harness *h, uint32_t uid, uint64_t conn, const eng_sessi
 }
 
 static void tensor(eng_tensor *t, uint64_t buf, uint64_t off, la_dtype dt, int64_t a, int64_t b,
-                   int64_t c, int64_t d) {
+                   int64_t c, int64_t d)
+{
     memset(t, 0, sizeof *t);
     t->buffer_id = buf;
     t->offset = off;
@@ -162,7 +172,8 @@ static void tensor(eng_tensor *t, uint64_t buf, uint64_t off, la_dtype dt, int64
 
 /* ---- sessions --------------------------------------------------------------------------- */
 
-START_TEST(session_open_attach_close) {
+START_TEST(session_open_attach_close)
+{
     harness h;
     h_open(&h, NULL);
     eng_session_spec sp = spec_make("wan-run-3", 3, 4, 64, LA_DTYPE_F32, 200, 300, 2);
@@ -170,8 +181,8 @@ START_TEST(session_open_attach_close) {
     uint64_t id = open_ok(&h, UID, CONN, &sp, &v);
     ck_assert_uint_eq(v.bm, 128);
     ck_assert_uint_eq(v.bn, 64);
-    ck_assert_uint_eq(v.n_q_tiles, 2);   /* ceil(200/128) */
-    ck_assert_uint_eq(v.n_k_words, 1);   /* ceil(ceil(300/64)/32) */
+    ck_assert_uint_eq(v.n_q_tiles, 2); /* ceil(200/128) */
+    ck_assert_uint_eq(v.n_k_words, 1); /* ceil(ceil(300/64)/32) */
     ck_assert_uint_eq(v.layer_mask_bytes, 2 * 4 * 2 * 1 * 4);
     ck_assert_uint_eq(v.mask_bytes, 3 * v.layer_mask_bytes);
     ck_assert_str_eq(v.device, "cpu");
@@ -204,18 +215,18 @@ START_TEST(session_open_attach_close) {
     uint32_t words[64];
     size_t got = 0;
     uint64_t total = 0;
-    ck_assert_int_eq(eng_mask_read(h.e, UID, id, 2, 0, 0, words, sizeof words, &got, &total,
-                                   &err), 0);
+    ck_assert_int_eq(eng_mask_read(h.e, UID, id, 2, 0, 0, words, sizeof words, &got, &total, &err),
+                     0);
     ck_assert_uint_eq(total, v.layer_mask_bytes);
     ck_assert_uint_eq(got, v.layer_mask_bytes);
     ck_assert_uint_eq(words[0], 0xffffffffu);
-    ck_assert_int_eq(eng_mask_read(h.e, UID, id, 3, 0, 0, words, sizeof words, &got, &total,
-                                   &err), LA_EINVAL);
+    ck_assert_int_eq(eng_mask_read(h.e, UID, id, 3, 0, 0, words, sizeof words, &got, &total, &err),
+                     LA_EINVAL);
     ck_assert_msg(strstr(err.msg, "layer 3 out of range"), "%s", err.msg);
-    ck_assert_int_eq(eng_mask_read(h.e, UID, id, 0, 1, 0, words, sizeof words, &got, &total,
-                                   &err), LA_EINVAL);
-    ck_assert_int_eq(eng_mask_read(h.e, UID, id, 0, 0, total + 1, words, 4, &got, &total,
-                                   &err), LA_ERANGE);
+    ck_assert_int_eq(eng_mask_read(h.e, UID, id, 0, 1, 0, words, sizeof words, &got, &total, &err),
+                     LA_EINVAL);
+    ck_assert_int_eq(eng_mask_read(h.e, UID, id, 0, 0, total + 1, words, 4, &got, &total, &err),
+                     LA_ERANGE);
 
     ck_assert_int_eq(eng_session_close(h.e, UID, id, &err), 0);
     ck_assert_int_eq(eng_session_info(h.e, UID, id, live, 4, &st, &err), LA_ENOENT);
@@ -245,21 +256,24 @@ typedef struct stat_q {
     int64_t value;
     int found;
 } stat_q;
-static void stat_cb(void *data, const char *name, int64_t value) {
+static void stat_cb(void *data, const char *name, int64_t value)
+{
     stat_q *q = data;
     if (!strcmp(q->name, name)) {
         q->value = value;
         q->found = 1;
     }
 }
-static int64_t stat_get(harness *h, const char *name) {
+static int64_t stat_get(harness *h, const char *name)
+{
     stat_q q = {name, 0, 0};
     eng_stats(h->e, stat_cb, &q);
     ck_assert_msg(q.found, "stat %s missing", name);
     return q.value;
 }
 
-START_TEST(session_limits) {
+START_TEST(session_limits)
+{
     eng_config d;
     eng_config_default(&d);
     eng_limits lim = d.limits;
@@ -299,7 +313,8 @@ typedef struct prob {
 } prob;
 
 static void prob_make(harness *h, prob *p, uint64_t conn, int64_t B, int64_t Sq, int64_t Sk,
-                      int64_t H, int64_t D, la_dtype dt, uint64_t dec_bytes) {
+                      int64_t H, int64_t D, la_dtype dt, uint64_t dec_bytes)
+{
     memset(p, 0, sizeof *p);
     p->B = B, p->Sq = Sq, p->Sk = Sk, p->H = H, p->D = D, p->dt = dt;
     size_t es = dt == LA_DTYPE_F32 ? 4 : 2;
@@ -316,8 +331,8 @@ static void prob_make(harness *h, prob *p, uint64_t conn, int64_t B, int64_t Sq,
     ck_assert_int_eq(shm_make(h, conn, (size_t)o, &p->s), 0);
 }
 
-static void prob_req(const prob *p, eng_attn_req *r, uint64_t sid, uint32_t layer,
-                     uint32_t step) {
+static void prob_req(const prob *p, eng_attn_req *r, uint64_t sid, uint32_t layer, uint32_t step)
+{
     memset(r, 0, sizeof *r);
     r->session_id = sid;
     r->layer = layer;
@@ -334,20 +349,23 @@ static void prob_req(const prob *p, eng_attn_req *r, uint64_t sid, uint32_t laye
 
 static void *prob_ptr(const prob *p, int i) { return (char *)p->s.p + p->off[i]; }
 
-static void prob_fill(const prob *p, la_rng *r, double amp) {
-    la_test_fill(r, prob_ptr(p, 0), p->dt, p->B * p->Sq * p->H * p->D, amp);
-    la_test_fill(r, prob_ptr(p, 1), p->dt, p->B * p->Sk * p->H * p->D, amp);
-    la_test_fill(r, prob_ptr(p, 2), p->dt, p->B * p->Sk * p->H * p->D, 1.0);
+static void prob_fill(const prob *p, tu_rng *r, double amp)
+{
+    tu_fill(r, prob_ptr(p, 0), p->dt, p->B * p->Sq * p->H * p->D, amp);
+    tu_fill(r, prob_ptr(p, 1), p->dt, p->B * p->Sk * p->H * p->D, amp);
+    tu_fill(r, prob_ptr(p, 2), p->dt, p->B * p->Sk * p->H * p->D, 1.0);
 }
 
 static int submit(harness *h, uint32_t uid, uint64_t conn, const eng_attn_req *r, call *c,
-                  eng_error *err) {
+                  eng_error *err)
+{
     memset(c, 0, sizeof *c);
     c->h = h;
     return eng_attn_submit(h->e, uid, conn, r, on_done, c, err);
 }
 
-static void run_ok(harness *h, const eng_attn_req *r, call *c) {
+static void run_ok(harness *h, const eng_attn_req *r, call *c)
+{
     eng_error err = {{0}};
     int rc = submit(h, UID, CONN, r, c, &err);
     ck_assert_msg(rc == 0, "submit: %d %s", rc, err.msg);
@@ -363,7 +381,8 @@ typedef struct bad_case {
     int want;
 } bad_case;
 
-START_TEST(attn_validation) {
+START_TEST(attn_validation)
+{
     harness h;
     h_open(&h, NULL);
     eng_session_spec sp = spec_make("val", 2, 2, 64, LA_DTYPE_F32, 128, 192, 2);
@@ -374,8 +393,8 @@ START_TEST(attn_validation) {
     prob_make(&h, &p, CONN, 2, 100, 150, 2, 64, LA_DTYPE_F32, v.layer_mask_bytes);
     shm other;
     ck_assert_int_eq(shm_make(&h, CONN2, 1 << 20, &other), 0);
-    la_rng rng;
-    la_rng_init(&rng, 11);
+    tu_rng rng;
+    tu_rng_init(&rng, 11);
     prob_fill(&p, &rng, 1.0);
 
     eng_attn_req good;
@@ -388,20 +407,77 @@ START_TEST(attn_validation) {
         const char *name = NULL;
         int want = 0;
         switch (i) {
-        case 0: name = "unknown session"; r.session_id = 999; want = LA_ENOENT; break;
-        case 1: name = "another uid's session"; r.session_id = sid_other; want = LA_ENOENT; break;
-        case 2: name = "layer"; r.layer = 2; want = LA_EINVAL; break;
-        case 3: name = "kv shard"; r.kv_shard = 1; want = LA_EINVAL; break;
-        case 4: name = "heads"; r.q.shape[2] = 3; want = LA_EINVAL; break;
-        case 5: name = "Sq > max"; r.q.shape[1] = 129; r.o.shape[1] = 129; want = LA_EINVAL; break;
-        case 6: name = "B > batch"; r.q.shape[0] = 3; want = LA_EINVAL; break;
-        case 7: name = "k head dim"; r.k.shape[3] = 32; want = LA_EINVAL; break;
-        case 8: name = "v keys"; r.v.shape[1] = 149; want = LA_EINVAL; break;
-        case 9: name = "o shape"; r.o.shape[1] = 99; want = LA_EINVAL; break;
-        case 10: name = "lse shape"; r.lse.shape[2] = 99; want = LA_EINVAL; break;
-        case 11: name = "lse dtype"; r.lse.dtype = LA_DTYPE_F16; want = LA_EINVAL; break;
-        case 12: name = "q dtype"; r.q.dtype = LA_DTYPE_BF16; want = LA_EINVAL; break;
-        case 13: name = "offset past buffer"; r.v.offset = p.s.size - 64; want = LA_ERANGE; break;
+        case 0:
+            name = "unknown session";
+            r.session_id = 999;
+            want = LA_ENOENT;
+            break;
+        case 1:
+            name = "another uid's session";
+            r.session_id = sid_other;
+            want = LA_ENOENT;
+            break;
+        case 2:
+            name = "layer";
+            r.layer = 2;
+            want = LA_EINVAL;
+            break;
+        case 3:
+            name = "kv shard";
+            r.kv_shard = 1;
+            want = LA_EINVAL;
+            break;
+        case 4:
+            name = "heads";
+            r.q.shape[2] = 3;
+            want = LA_EINVAL;
+            break;
+        case 5:
+            name = "Sq > max";
+            r.q.shape[1] = 129;
+            r.o.shape[1] = 129;
+            want = LA_EINVAL;
+            break;
+        case 6:
+            name = "B > batch";
+            r.q.shape[0] = 3;
+            want = LA_EINVAL;
+            break;
+        case 7:
+            name = "k head dim";
+            r.k.shape[3] = 32;
+            want = LA_EINVAL;
+            break;
+        case 8:
+            name = "v keys";
+            r.v.shape[1] = 149;
+            want = LA_EINVAL;
+            break;
+        case 9:
+            name = "o shape";
+            r.o.shape[1] = 99;
+            want = LA_EINVAL;
+            break;
+        case 10:
+            name = "lse shape";
+            r.lse.shape[2] = 99;
+            want = LA_EINVAL;
+            break;
+        case 11:
+            name = "lse dtype";
+            r.lse.dtype = LA_DTYPE_F16;
+            want = LA_EINVAL;
+            break;
+        case 12:
+            name = "q dtype";
+            r.q.dtype = LA_DTYPE_BF16;
+            want = LA_EINVAL;
+            break;
+        case 13:
+            name = "offset past buffer";
+            r.v.offset = p.s.size - 64;
+            want = LA_ERANGE;
+            break;
         case 14:
             name = "overflowing strides";
             r.k.has_strides = 1;
@@ -416,11 +492,31 @@ START_TEST(attn_validation) {
             r.q.strides[3] = -1;
             want = LA_EINVAL;
             break;
-        case 16: name = "unknown buffer"; r.k.buffer_id = 12345; want = LA_ENOENT; break;
-        case 17: name = "another conn's buffer"; r.k.buffer_id = other.id; want = LA_ENOENT; break;
-        case 18: name = "o overlaps q"; r.o.offset = p.off[0] + 64; want = LA_EINVAL; break;
-        case 19: name = "lse overlaps o"; r.lse.offset = p.off[3]; want = LA_EINVAL; break;
-        case 20: name = "dry run without decisions"; r.dry_run = 1; want = LA_EINVAL; break;
+        case 16:
+            name = "unknown buffer";
+            r.k.buffer_id = 12345;
+            want = LA_ENOENT;
+            break;
+        case 17:
+            name = "another conn's buffer";
+            r.k.buffer_id = other.id;
+            want = LA_ENOENT;
+            break;
+        case 18:
+            name = "o overlaps q";
+            r.o.offset = p.off[0] + 64;
+            want = LA_EINVAL;
+            break;
+        case 19:
+            name = "lse overlaps o";
+            r.lse.offset = p.off[3];
+            want = LA_EINVAL;
+            break;
+        case 20:
+            name = "dry run without decisions";
+            r.dry_run = 1;
+            want = LA_EINVAL;
+            break;
         case 21:
             name = "decisions dtype";
             r.dry_run = 1, r.has_decisions = 1;
@@ -436,15 +532,54 @@ START_TEST(attn_validation) {
             r.decisions.dtype = LA_DTYPE_U32;
             want = LA_ERANGE;
             break;
-        case 23: name = "too many ranges"; r.n_must_do = LA_MAX_RANGES + 1; want = LA_EINVAL; break;
-        case 24: name = "misaligned offset"; r.q.offset = 2; want = LA_EINVAL; break;
-        case 25: name = "negative scale"; r.scale = -1; want = LA_EINVAL; break;
-        case 26: name = "mode"; r.mode = (la_mode)7; want = LA_EINVAL; break;
-        case 27: name = "q ndim"; r.q.ndim = 3; want = LA_EINVAL; break;
-        case 28: name = "offset overflow"; r.o.offset = UINT64_MAX - 7; want = LA_ERANGE; break;
-        case 29: name = "zero keys"; r.k.shape[1] = 0; want = LA_EINVAL; break;
-        case 30: name = "NaN threshold"; r.has_threshold = 1; r.threshold = NAN; want = LA_EINVAL; break;
-        case 31: name = "bad range"; r.n_must_do = 1; r.must_do[0].start = 5; r.must_do[0].end = -3; want = 0; break;
+        case 23:
+            name = "too many ranges";
+            r.n_must_do = LA_MAX_RANGES + 1;
+            want = LA_EINVAL;
+            break;
+        case 24:
+            name = "misaligned offset";
+            r.q.offset = 2;
+            want = LA_EINVAL;
+            break;
+        case 25:
+            name = "negative scale";
+            r.scale = -1;
+            want = LA_EINVAL;
+            break;
+        case 26:
+            name = "mode";
+            r.mode = (la_mode)7;
+            want = LA_EINVAL;
+            break;
+        case 27:
+            name = "q ndim";
+            r.q.ndim = 3;
+            want = LA_EINVAL;
+            break;
+        case 28:
+            name = "offset overflow";
+            r.o.offset = UINT64_MAX - 7;
+            want = LA_ERANGE;
+            break;
+        case 29:
+            name = "zero keys";
+            r.k.shape[1] = 0;
+            want = LA_EINVAL;
+            break;
+        case 30:
+            name = "NaN threshold";
+            r.has_threshold = 1;
+            r.threshold = NAN;
+            want = LA_EINVAL;
+            break;
+        case 31:
+            name = "bad range";
+            r.n_must_do = 1;
+            r.must_do[0].start = 5;
+            r.must_do[0].end = -3;
+            want = 0;
+            break;
         }
         if (!name)
             break;
@@ -457,13 +592,11 @@ START_TEST(attn_validation) {
                 h_wait(&h, 1);
             continue;
         }
-        ck_assert_msg(rc == want, "case %d (%s): got %d (%s), want %d", i, name, rc, err.msg,
-                      want);
+        ck_assert_msg(rc == want, "case %d (%s): got %d (%s), want %d", i, name, rc, err.msg, want);
         ck_assert_msg(err.msg[0], "case %d (%s): no message", i, name);
         if (want != LA_ENOENT || i >= 16)
             ck_assert_msg(strstr(err.msg, "session") && strstr(err.msg, "'val'"),
-                          "case %d (%s): message does not name the session: %s", i, name,
-                          err.msg);
+                          "case %d (%s): message does not name the session: %s", i, name, err.msg);
     }
     /* no callback ran for any refused call */
     for (int k = 0; k < 20; k++)
@@ -494,15 +627,17 @@ START_TEST(attn_validation) {
     ck_assert_msg(strstr(err.msg, "F_SEAL_SHRINK"), "%s", err.msg);
     uint8_t handle[64] = {0};
     uint64_t rsz;
-    ck_assert_int_eq(eng_buffer_add_cuda_ipc(h.e, UID, CONN, handle, 64, "GPU-x", 4096, &bid,
-                                             &rsz, &err), LA_ENODEV);
+    ck_assert_int_eq(
+        eng_buffer_add_cuda_ipc(h.e, UID, CONN, handle, 64, "GPU-x", 4096, &bid, &rsz, &err),
+        LA_ENODEV);
     shm_drop(&p.s);
     shm_drop(&other);
     h_close(&h);
 }
 END_TEST
 
-START_TEST(buffer_limits) {
+START_TEST(buffer_limits)
+{
     eng_config d;
     eng_config_default(&d);
     eng_limits lim = d.limits;
@@ -532,7 +667,8 @@ END_TEST
 
 /* Eviction under the mask memory cap takes only detached sessions, oldest first, decides
  * before evicting anything, and leaves another user its fair share of the cap. */
-START_TEST(mask_cap_lru) {
+START_TEST(mask_cap_lru)
+{
     eng_config d;
     eng_config_default(&d);
     eng_limits lim = d.limits;
@@ -577,8 +713,8 @@ START_TEST(mask_cap_lru) {
     /* UID's own detached sessions may always make room for it: a in flight is kept, c goes. */
     prob p;
     prob_make(&h, &p, CONN, 1, 64, 64, 8, 64, LA_DTYPE_F32, 0);
-    la_rng rng;
-    la_rng_init(&rng, 3);
+    tu_rng rng;
+    tu_rng_init(&rng, 3);
     prob_fill(&p, &rng, 1.0);
     eng_attn_req r;
     prob_req(&p, &r, ia, 0, 0);
@@ -598,7 +734,8 @@ START_TEST(mask_cap_lru) {
 }
 END_TEST
 
-START_TEST(grace_and_attach) {
+START_TEST(grace_and_attach)
+{
     eng_config d;
     eng_config_default(&d);
     eng_limits lim = d.limits;
@@ -629,7 +766,8 @@ START_TEST(grace_and_attach) {
 }
 END_TEST
 
-START_TEST(idle_ttl) {
+START_TEST(idle_ttl)
+{
     eng_config d;
     eng_config_default(&d);
     eng_limits lim = d.limits;
@@ -658,20 +796,22 @@ END_TEST
 
 /* ---- numbers: the engine against direct reference calls ---------------------------------- */
 
-static void drift(const prob *p, const double *base, const double *dir, int step, double eps) {
+static void drift(const prob *p, const double *base, const double *dir, int step, double eps)
+{
     int64_t nq = p->B * p->Sq * p->H * p->D, nk = p->B * p->Sk * p->H * p->D;
     int64_t n[3] = {nq, nk, nk};
     const double *bb = base, *dd = dir;
     for (int t = 0; t < 3; t++) {
         void *dst = prob_ptr(p, t);
         for (int64_t i = 0; i < n[t]; i++)
-            la_test_set(dst, p->dt, i, bb[i] + eps * step * dd[i]);
+            tu_set(dst, p->dt, i, bb[i] + eps * step * dd[i]);
         bb += n[t];
         dd += n[t];
     }
 }
 
-static void multi_step(la_dtype dt, int B, int Sq, int Sk, int H, int D) {
+static void multi_step(la_dtype dt, int B, int Sq, int Sk, int H, int D)
+{
     harness h;
     h_open(&h, NULL);
     const int layers = 2, steps = 5;
@@ -695,13 +835,13 @@ static void multi_step(la_dtype dt, int B, int Sq, int Sk, int H, int D) {
         mask[l] = malloc(v.layer_mask_bytes);
         memset(mask[l], 0xff, v.layer_mask_bytes);
     }
-    la_rng rng;
-    la_rng_init(&rng, 77 + (uint64_t)dt);
+    tu_rng rng;
+    tu_rng_init(&rng, 77 + (uint64_t)dt);
     int64_t ntot = p.B * (p.Sq + 2 * p.Sk) * p.H * p.D;
     double *base = malloc((size_t)ntot * sizeof *base), *dir = malloc((size_t)ntot * sizeof *dir);
     for (int64_t i = 0; i < ntot; i++) {
-        base[i] = la_rng_normal(&rng) * (i < p.B * p.Sq * p.H * p.D ? 1.5 : 1.0);
-        dir[i] = la_rng_normal(&rng);
+        base[i] = tu_rng_normal(&rng) * (i < p.B * p.Sq * p.H * p.D ? 1.5 : 1.0);
+        dir[i] = tu_rng_normal(&rng);
     }
     uint64_t tiles_total = 0, tiles_computed = 0;
     for (int step = 0; step < steps; step++) {
@@ -723,8 +863,8 @@ static void multi_step(la_dtype dt, int B, int Sq, int Sk, int H, int D) {
 
             la_attn_params d;
             memset(&d, 0, sizeof d);
-            la_test_params(&d, prob_ptr(&p, 0), prob_ptr(&p, 1), prob_ptr(&p, 2), o_ref,
-                           lse_ref, mask[l], B, Sq, Sk, H, D, dt, (int32_t)v.bm, (int32_t)v.bn);
+            tu_params(&d, prob_ptr(&p, 0), prob_ptr(&p, 1), prob_ptr(&p, 2), o_ref, lse_ref,
+                      mask[l], B, Sq, Sk, H, D, dt, (int32_t)v.bm, (int32_t)v.bn);
             d.mask_stride[2] = v.n_k_words;
             d.mask_stride[1] = (int64_t)v.n_k_words * v.n_q_tiles;
             d.mask_stride[0] = d.mask_stride[1] * H;
@@ -745,7 +885,8 @@ static void multi_step(la_dtype dt, int B, int Sq, int Sk, int H, int D) {
             uint64_t total = 0;
             eng_error err = {{0}};
             ck_assert_int_eq(eng_mask_read(h.e, UID, sid, (uint32_t)l, 0, 0, got,
-                                           v.layer_mask_bytes, &gl, &total, &err), 0);
+                                           v.layer_mask_bytes, &gl, &total, &err),
+                             0);
             ck_assert_uint_eq(gl, v.layer_mask_bytes);
             ck_assert_msg(memcmp(got, mask[l], v.layer_mask_bytes) == 0,
                           "step %d layer %d: mask differs", step, l);
@@ -791,8 +932,8 @@ static void multi_step(la_dtype dt, int B, int Sq, int Sk, int H, int D) {
         run_ok(&h, &r, &c);
         la_attn_params d;
         memset(&d, 0, sizeof d);
-        la_test_params(&d, prob_ptr(&p, 0), prob_ptr(&p, 1), prob_ptr(&p, 2), o_ref, lse_ref,
-                       mask[0], B, Sq, Sk, H, D, dt, (int32_t)v.bm, (int32_t)v.bn);
+        tu_params(&d, prob_ptr(&p, 0), prob_ptr(&p, 1), prob_ptr(&p, 2), o_ref, lse_ref, mask[0], B,
+                  Sq, Sk, H, D, dt, (int32_t)v.bm, (int32_t)v.bn);
         d.mask_stride[2] = v.n_k_words;
         d.mask_stride[1] = (int64_t)v.n_k_words * v.n_q_tiles;
         d.mask_stride[0] = d.mask_stride[1] * H;
@@ -806,8 +947,8 @@ static void multi_step(la_dtype dt, int B, int Sq, int Sk, int H, int D) {
         ck_assert_msg(memcmp(dec, prob_ptr(&p, 5), v.layer_mask_bytes) == 0, "decisions differ");
         size_t gl;
         uint64_t total;
-        ck_assert_int_eq(eng_mask_read(h.e, UID, sid, 0, 0, 0, got, v.layer_mask_bytes, &gl,
-                                       &total, &err), 0);
+        ck_assert_int_eq(
+            eng_mask_read(h.e, UID, sid, 0, 0, 0, got, v.layer_mask_bytes, &gl, &total, &err), 0);
         ck_assert_msg(memcmp(got, mask[0], v.layer_mask_bytes) == 0, "dry run changed the mask");
     }
     /* reset: all ones again */
@@ -834,21 +975,24 @@ START_TEST(multi_step_bf16) { multi_step(LA_DTYPE_BF16, 1, 130, 100, 3, 128); }
 END_TEST
 
 /* One q-tile per slice (B2 H2: 2 q-tiles of which one partial, 8 slices per call). */
-START_TEST(multi_step_f32_qtile_slices) {
+START_TEST(multi_step_f32_qtile_slices)
+{
     g_slice = 1;
     multi_step(LA_DTYPE_F32, 2, 150, 200, 2, 64);
 }
 END_TEST
 
 /* Two heads per slice of three (the last slice of each batch row has one). */
-START_TEST(multi_step_bf16_head_slices) {
+START_TEST(multi_step_bf16_head_slices)
+{
     g_slice = 2ull * 2 * 130 * 100 * 128;
     multi_step(LA_DTYPE_BF16, 2, 130, 100, 3, 128);
 }
 END_TEST
 
 /* Ring attention: each (layer, kv shard) has its own mask; live fraction averages the shards. */
-START_TEST(kv_shards) {
+START_TEST(kv_shards)
+{
     harness h;
     h_open(&h, NULL);
     eng_session_spec sp = spec_make("ring", 2, 2, 64, LA_DTYPE_F32, 256, 512, 1);
@@ -859,8 +1003,8 @@ START_TEST(kv_shards) {
     ck_assert_uint_eq(v.mask_bytes, 4 * v.layer_mask_bytes);
     prob p;
     prob_make(&h, &p, CONN, 1, 256, 512, 2, 64, LA_DTYPE_F32, 0);
-    la_rng rng;
-    la_rng_init(&rng, 21);
+    tu_rng rng;
+    tu_rng_init(&rng, 21);
     prob_fill(&p, &rng, 2.0);
     eng_attn_req r;
     prob_req(&p, &r, sid, 1, 0);
@@ -871,8 +1015,8 @@ START_TEST(kv_shards) {
     memset(mask, 0xff, v.layer_mask_bytes);
     void *o = malloc(p.bytes[3]);
     la_attn_params d;
-    la_test_params(&d, prob_ptr(&p, 0), prob_ptr(&p, 1), prob_ptr(&p, 2), o, NULL, mask, 1, 256,
-                   512, 2, 64, LA_DTYPE_F32, (int32_t)v.bm, (int32_t)v.bn);
+    tu_params(&d, prob_ptr(&p, 0), prob_ptr(&p, 1), prob_ptr(&p, 2), o, NULL, mask, 1, 256, 512, 2,
+              64, LA_DTYPE_F32, (int32_t)v.bm, (int32_t)v.bn);
     d.mode = LA_MODE_SKIP;
     d.tau = INFINITY;
     ck_assert_int_eq(la_ref_attn_fwd(&d), 0);
@@ -881,8 +1025,9 @@ START_TEST(kv_shards) {
     uint64_t total;
     for (uint32_t l = 0; l < 2; l++)
         for (uint32_t k = 0; k < 2; k++) {
-            ck_assert_int_eq(eng_mask_read(h.e, UID, sid, l, k, 0, got, v.layer_mask_bytes, &gl,
-                                           &total, &err), 0);
+            ck_assert_int_eq(
+                eng_mask_read(h.e, UID, sid, l, k, 0, got, v.layer_mask_bytes, &gl, &total, &err),
+                0);
             if (l == 1 && k == 1)
                 ck_assert_msg(!memcmp(got, mask, v.layer_mask_bytes), "shard 1 mask differs");
             else
@@ -900,8 +1045,7 @@ START_TEST(kv_shards) {
     ck_assert_int_eq(eng_mask_read(h.e, UID, sid, 1, 1, 4, got, 8, &gl, &total, &err), 0);
     ck_assert_uint_eq(gl, 8);
     ck_assert_uint_eq(got[0], mask[1]);
-    ck_assert_int_eq(eng_mask_read(h.e, UID, sid, 1, 1, total - 4, got, 64, &gl, &total, &err),
-                     0);
+    ck_assert_int_eq(eng_mask_read(h.e, UID, sid, 1, 1, total - 4, got, 64, &gl, &total, &err), 0);
     ck_assert_uint_eq(gl, 4);
     free(mask);
     free(got);
@@ -914,7 +1058,8 @@ END_TEST
 /* Calls submitted back to back (steps x layers, nothing awaited in between) give the same
  * outputs and masks as the same calls made one after the other: calls on one layer's mask
  * run in submission order, other layers overtake them. */
-START_TEST(pipelined_steps) {
+START_TEST(pipelined_steps)
+{
     harness h;
     h_open(&h, NULL);
     enum { L = 2, STEPS = 6, B = 1, S = 200, H = 2, D = 64 };
@@ -925,9 +1070,9 @@ START_TEST(pipelined_steps) {
     size_t tb = (size_t)B * S * H * D * 4, lb = (size_t)B * H * S * 4;
     shm m;
     ck_assert_int_eq(shm_make(&h, CONN, 3 * tb + (size_t)L * STEPS * (tb + lb), &m), 0);
-    la_rng rng;
-    la_rng_init(&rng, 99);
-    la_test_fill(&rng, m.p, LA_DTYPE_F32, 3 * (int64_t)B * S * H * D, 1.0);
+    tu_rng rng;
+    tu_rng_init(&rng, 99);
+    tu_fill(&rng, m.p, LA_DTYPE_F32, 3 * (int64_t)B * S * H * D, 1.0);
     call c[L * STEPS];
     eng_error err = {{0}};
     for (int st = 0; st < STEPS; st++)
@@ -957,8 +1102,8 @@ START_TEST(pipelined_steps) {
             int i = st * L + l;
             ck_assert_int_eq(c[i].status, 0);
             la_attn_params d;
-            la_test_params(&d, base, base + tb, base + 2 * tb, o, lse, mask, B, S, S, H, D,
-                           LA_DTYPE_F32, (int32_t)v.bm, (int32_t)v.bn);
+            tu_params(&d, base, base + tb, base + 2 * tb, o, lse, mask, B, S, S, H, D, LA_DTYPE_F32,
+                      (int32_t)v.bm, (int32_t)v.bn);
             d.mode = LA_MODE_SKIP;
             d.tau = 0.0f;
             d.step = st;
@@ -970,8 +1115,9 @@ START_TEST(pipelined_steps) {
         }
         size_t gl;
         uint64_t total;
-        ck_assert_int_eq(eng_mask_read(h.e, UID, sid, (uint32_t)l, 0, 0, got,
-                                       v.layer_mask_bytes, &gl, &total, &err), 0);
+        ck_assert_int_eq(eng_mask_read(h.e, UID, sid, (uint32_t)l, 0, 0, got, v.layer_mask_bytes,
+                                       &gl, &total, &err),
+                         0);
         ck_assert_msg(!memcmp(got, mask, v.layer_mask_bytes), "layer %d: mask differs", l);
     }
     free(mask);
@@ -985,7 +1131,8 @@ END_TEST
 
 /* ---- teardown with jobs in flight ---------------------------------------------------- */
 
-START_TEST(close_session_in_flight) {
+START_TEST(close_session_in_flight)
+{
     harness h;
     h_open(&h, NULL);
     eng_error err = {{0}};
@@ -994,8 +1141,8 @@ START_TEST(close_session_in_flight) {
     uint64_t sid = open_ok(&h, UID, CONN, &sp, &v);
     prob p;
     prob_make(&h, &p, CONN, 1, 512, 512, 4, 64, LA_DTYPE_F32, 0);
-    la_rng rng;
-    la_rng_init(&rng, 5);
+    tu_rng rng;
+    tu_rng_init(&rng, 5);
     prob_fill(&p, &rng, 1.0);
     eng_attn_req r;
     prob_req(&p, &r, sid, 0, 0);
@@ -1020,7 +1167,8 @@ START_TEST(close_session_in_flight) {
 }
 END_TEST
 
-START_TEST(conn_closed_in_flight) {
+START_TEST(conn_closed_in_flight)
+{
     harness h;
     h_open(&h, NULL);
     eng_error err = {{0}};
@@ -1028,8 +1176,8 @@ START_TEST(conn_closed_in_flight) {
     uint64_t sid = open_ok(&h, UID, CONN, &sp, NULL);
     prob p;
     prob_make(&h, &p, CONN, 1, 512, 512, 4, 64, LA_DTYPE_F32, 0);
-    la_rng rng;
-    la_rng_init(&rng, 6);
+    tu_rng rng;
+    tu_rng_init(&rng, 6);
     prob_fill(&p, &rng, 1.0);
     float *o = prob_ptr(&p, 3);
     for (int i = 0; i < 512 * 4 * 64; i++)
@@ -1056,7 +1204,8 @@ START_TEST(conn_closed_in_flight) {
 }
 END_TEST
 
-START_TEST(free_with_jobs_queued) {
+START_TEST(free_with_jobs_queued)
+{
     harness h;
     h_open(&h, NULL);
     eng_error err = {{0}};
@@ -1064,8 +1213,8 @@ START_TEST(free_with_jobs_queued) {
     uint64_t sid = open_ok(&h, UID, CONN, &sp, NULL);
     prob p;
     prob_make(&h, &p, CONN, 1, 512, 512, 4, 64, LA_DTYPE_F32, 0);
-    la_rng rng;
-    la_rng_init(&rng, 7);
+    tu_rng rng;
+    tu_rng_init(&rng, 7);
     prob_fill(&p, &rng, 1.0);
     eng_attn_req r;
     prob_req(&p, &r, sid, 0, 0);
@@ -1086,7 +1235,8 @@ START_TEST(free_with_jobs_queued) {
 }
 END_TEST
 
-START_TEST(devices_and_stats) {
+START_TEST(devices_and_stats)
+{
     harness h;
     h_open(&h, NULL);
     eng_device_info dev[4];
@@ -1108,7 +1258,7 @@ START_TEST(devices_and_stats) {
     eng_error err = {{0}};
     ck_assert_int_eq(eng_new(&cfg, &e, &err), LA_EINVAL);
     eng_free(NULL);
-    if (!la_test_has_gpu()) {
+    if (!tu_has_gpu()) {
         /* cuda asked for where there is none: refused; auto falls back to the CPU */
         cfg.backend = "cuda";
         ck_assert_int_eq(eng_new(&cfg, &e, &err), LA_ENODEV);
@@ -1136,7 +1286,8 @@ END_TEST
 #include <cuda_runtime_api.h>
 #include <sys/wait.h>
 
-static void write_all(int fd, const void *p, size_t n) {
+static void write_all(int fd, const void *p, size_t n)
+{
     const char *c = p;
     while (n) {
         ssize_t k = write(fd, c, n);
@@ -1145,7 +1296,8 @@ static void write_all(int fd, const void *p, size_t n) {
         c += k, n -= (size_t)k;
     }
 }
-static int read_all(int fd, void *p, size_t n) {
+static int read_all(int fd, void *p, size_t n)
+{
     char *c = p;
     while (n) {
         ssize_t k = read(fd, c, n);
@@ -1158,8 +1310,8 @@ static int read_all(int fd, void *p, size_t n) {
 
 enum { G_B = 1, G_S = 300, G_H = 2, G_D = 64, G_STEPS = 3 };
 #define G_N ((size_t)G_B * G_S * G_H * G_D)
-#define G_T (G_N * 2)                   /* one bf16 tensor */
-#define G_L ((size_t)G_B * G_H * G_S * 4) /* lse */
+#define G_T (G_N * 2)                                         /* one bf16 tensor */
+#define G_L ((size_t)G_B * G_H * G_S * 4)                     /* lse */
 #define G_OFF(i) ((size_t)(i) * ((G_T + 255) & ~(size_t)255)) /* q k v o, then lse */
 
 typedef struct g_export {
@@ -1170,7 +1322,8 @@ typedef struct g_export {
 } g_export;
 
 /* The client process: owns the GPU memory, exports it, reads O back after the daemon's event. */
-static void g_exporter(int in, int out) {
+static void g_exporter(int in, int out)
+{
     g_export x;
     memset(&x, 0, sizeof x);
     uint16_t *host = malloc(3 * G_T);
@@ -1181,22 +1334,24 @@ static void g_exporter(int in, int out) {
     cudaEvent_t ev;
     struct cudaDeviceProp prop;
     x.size = G_OFF(4) + G_L;
-    x.ok = cudaSetDevice(0) == cudaSuccess && cudaGetDeviceProperties(&prop, 0) == cudaSuccess &&
-           cudaMalloc(&blk, x.size) == cudaSuccess &&
-           cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking) == cudaSuccess &&
-           cudaMemcpyAsync((char *)blk + G_OFF(0), host, G_T, cudaMemcpyHostToDevice, st) == 0 &&
-           cudaMemcpyAsync((char *)blk + G_OFF(1), host + G_N, G_T, cudaMemcpyHostToDevice, st) == 0 &&
-           cudaMemcpyAsync((char *)blk + G_OFF(2), host + 2 * G_N, G_T, cudaMemcpyHostToDevice, st) == 0 &&
-           cudaEventCreateWithFlags(&ev, cudaEventDisableTiming | cudaEventInterprocess) == 0 &&
-           cudaEventRecord(ev, st) == cudaSuccess &&
-           cudaIpcGetMemHandle((cudaIpcMemHandle_t *)x.mem, blk) == cudaSuccess &&
-           cudaIpcGetEventHandle((cudaIpcEventHandle_t *)x.ev, ev) == cudaSuccess;
+    x.ok =
+        cudaSetDevice(0) == cudaSuccess && cudaGetDeviceProperties(&prop, 0) == cudaSuccess &&
+        cudaMalloc(&blk, x.size) == cudaSuccess &&
+        cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking) == cudaSuccess &&
+        cudaMemcpyAsync((char *)blk + G_OFF(0), host, G_T, cudaMemcpyHostToDevice, st) == 0 &&
+        cudaMemcpyAsync((char *)blk + G_OFF(1), host + G_N, G_T, cudaMemcpyHostToDevice, st) == 0 &&
+        cudaMemcpyAsync((char *)blk + G_OFF(2), host + 2 * G_N, G_T, cudaMemcpyHostToDevice, st) ==
+            0 &&
+        cudaEventCreateWithFlags(&ev, cudaEventDisableTiming | cudaEventInterprocess) == 0 &&
+        cudaEventRecord(ev, st) == cudaSuccess &&
+        cudaIpcGetMemHandle((cudaIpcMemHandle_t *)x.mem, blk) == cudaSuccess &&
+        cudaIpcGetEventHandle((cudaIpcEventHandle_t *)x.ev, ev) == cudaSuccess;
     if (x.ok) {
         const unsigned char *b = (const unsigned char *)prop.uuid.bytes;
         snprintf(x.uuid, sizeof x.uuid,
                  "GPU-%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", b[0],
-                 b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12],
-                 b[13], b[14], b[15]);
+                 b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13],
+                 b[14], b[15]);
     }
     write_all(out, &x, sizeof x);
     if (!x.ok)
@@ -1207,11 +1362,12 @@ static void g_exporter(int in, int out) {
         _exit(2);
     cudaEvent_t dev;
     char *back = malloc(G_T + G_L);
-    int ok = cudaIpcOpenEventHandle(&dev, *(cudaIpcEventHandle_t *)done) == cudaSuccess &&
-             cudaStreamWaitEvent(st, dev, 0) == cudaSuccess &&
-             cudaMemcpyAsync(back, (char *)blk + G_OFF(3), G_T, cudaMemcpyDeviceToHost, st) == 0 &&
-             cudaMemcpyAsync(back + G_T, (char *)blk + G_OFF(4), G_L, cudaMemcpyDeviceToHost, st) == 0 &&
-             cudaStreamSynchronize(st) == cudaSuccess;
+    int ok =
+        cudaIpcOpenEventHandle(&dev, *(cudaIpcEventHandle_t *)done) == cudaSuccess &&
+        cudaStreamWaitEvent(st, dev, 0) == cudaSuccess &&
+        cudaMemcpyAsync(back, (char *)blk + G_OFF(3), G_T, cudaMemcpyDeviceToHost, st) == 0 &&
+        cudaMemcpyAsync(back + G_T, (char *)blk + G_OFF(4), G_L, cudaMemcpyDeviceToHost, st) == 0 &&
+        cudaStreamSynchronize(st) == cudaSuccess;
     write_all(out, &ok, sizeof ok);
     write_all(out, back, G_T + G_L);
     /* Free only after the daemon side closed its import. */
@@ -1222,7 +1378,8 @@ static void g_exporter(int in, int out) {
 }
 #endif
 
-START_TEST(gpu_ipc_end_to_end) {
+START_TEST(gpu_ipc_end_to_end)
+{
 #ifndef LA_HAVE_CUDA
     ck_abort_msg("built without CUDA: this case cannot run on a GPU machine (build with nvcc)");
 #else
@@ -1238,12 +1395,12 @@ START_TEST(gpu_ipc_end_to_end) {
     }
     close(to_child[0]);
     close(from_child[1]);
-    la_rng rng;
-    la_rng_init(&rng, 1234);
+    tu_rng rng;
+    tu_rng_init(&rng, 1234);
     uint16_t *host = malloc(3 * G_T);
-    la_test_fill(&rng, host, LA_DTYPE_BF16, (int64_t)G_N, 2.0);
-    la_test_fill(&rng, host + G_N, LA_DTYPE_BF16, (int64_t)G_N, 2.0);
-    la_test_fill(&rng, host + 2 * G_N, LA_DTYPE_BF16, (int64_t)G_N, 1.0);
+    tu_fill(&rng, host, LA_DTYPE_BF16, (int64_t)G_N, 2.0);
+    tu_fill(&rng, host + G_N, LA_DTYPE_BF16, (int64_t)G_N, 2.0);
+    tu_fill(&rng, host + 2 * G_N, LA_DTYPE_BF16, (int64_t)G_N, 1.0);
     write_all(to_child[1], host, 3 * G_T);
     g_export x;
     ck_assert_int_eq(read_all(from_child[0], &x, sizeof x), 0);
@@ -1266,8 +1423,9 @@ START_TEST(gpu_ipc_end_to_end) {
     ck_assert_msg(rc == 0, "IPC import: %d %s", rc, err.msg);
     ck_assert_uint_ge(real, x.size);
     uint64_t bad;
-    ck_assert_int_eq(eng_buffer_add_cuda_ipc(h.e, UID, CONN, x.mem, 64, x.uuid, real + 1, &bad,
-                                             &real, &err), LA_ERANGE);
+    ck_assert_int_eq(
+        eng_buffer_add_cuda_ipc(h.e, UID, CONN, x.mem, 64, x.uuid, real + 1, &bad, &real, &err),
+        LA_ERANGE);
 
     eng_session_spec sp = spec_make("gpu", 1, G_H, G_D, LA_DTYPE_BF16, G_S, G_S, G_B);
     sp.device = x.uuid;
@@ -1304,8 +1462,8 @@ START_TEST(gpu_ipc_end_to_end) {
         ck_assert_msg(c[st].status == 0, "step %d: status %d", st, c[st].status);
         ck_assert_int_eq(c[st].res.has_done_event, 1);
         la_attn_params d;
-        la_test_params(&d, host, host + G_N, host + 2 * G_N, o_ref, lse_ref, mask, G_B, G_S, G_S,
-                       G_H, G_D, LA_DTYPE_BF16, (int32_t)v.bm, (int32_t)v.bn);
+        tu_params(&d, host, host + G_N, host + 2 * G_N, o_ref, lse_ref, mask, G_B, G_S, G_S, G_H,
+                  G_D, LA_DTYPE_BF16, (int32_t)v.bm, (int32_t)v.bn);
         d.mode = LA_MODE_SKIP;
         d.tau = -2.0f;
         d.step = st;
@@ -1317,8 +1475,8 @@ START_TEST(gpu_ipc_end_to_end) {
     /* The mask copy on the host is refreshed by the worker after each call. */
     size_t gl;
     uint64_t total;
-    ck_assert_int_eq(eng_mask_read(h.e, UID, sid, 0, 0, 0, got, v.layer_mask_bytes, &gl, &total,
-                                   &err), 0);
+    ck_assert_int_eq(
+        eng_mask_read(h.e, UID, sid, 0, 0, 0, got, v.layer_mask_bytes, &gl, &total, &err), 0);
     int diff = 0;
     for (size_t i = 0; i < v.layer_mask_bytes / 4; i++)
         diff += __builtin_popcount(got[i] ^ mask[i]);
@@ -1336,16 +1494,16 @@ START_TEST(gpu_ipc_end_to_end) {
     ck_assert_msg(ok, "the exporter could not read O back");
     double *a = malloc(G_N * sizeof *a), *b = malloc(G_N * sizeof *b);
     for (size_t i = 0; i < G_N; i++) {
-        a[i] = la_test_get(o_ref, LA_DTYPE_BF16, (int64_t)i);
-        b[i] = la_test_get(back, LA_DTYPE_BF16, (int64_t)i);
+        a[i] = tu_get(o_ref, LA_DTYPE_BF16, (int64_t)i);
+        b[i] = tu_get(back, LA_DTYPE_BF16, (int64_t)i);
     }
-    double e_o = la_test_rel_l2(a, b, (int64_t)G_N);
+    double e_o = tu_rel_l2(a, b, (int64_t)G_N);
     ck_assert_msg(e_o <= 1e-2, "O relative L2 error %g against the CPU reference", e_o);
     for (size_t i = 0; i < G_L / 4; i++) {
         a[i] = lse_ref[i];
         b[i] = ((float *)(back + G_T))[i];
     }
-    double e_l = la_test_rel_l2(a, b, (int64_t)(G_L / 4));
+    double e_l = tu_rel_l2(a, b, (int64_t)(G_L / 4));
     ck_assert_msg(e_l <= 1e-3, "LSE relative L2 error %g", e_l);
 
     eng_free(h.e); /* closes the import before the exporter frees its memory */
@@ -1359,8 +1517,9 @@ START_TEST(gpu_ipc_end_to_end) {
 }
 END_TEST
 
-int main(void) {
-    la_test_seed();
+int main(void)
+{
+    tu_seed();
     Suite *s = suite_create("engine");
     TCase *tc = tcase_create("sessions");
     tcase_set_timeout(tc, 20);
@@ -1393,5 +1552,5 @@ int main(void) {
     suite_add_tcase(s, tc);
     tc = tu_gpu_tcase(s, "gpu", 60);
     tu_gpu_test(tc, gpu_ipc_end_to_end);
-    return la_test_run_suite(s);
+    return tu_run_suite(s);
 }

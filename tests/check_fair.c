@@ -151,8 +151,8 @@ static void shm_drop(shm *s)
     close(s->fd);
 }
 
-static uint64_t open_sess(harness *h, uint32_t uid, uint64_t conn, const char *key,
-                          uint32_t layers, uint32_t H, uint32_t sq, uint32_t sk)
+static uint64_t open_sess(harness *h, uint32_t uid, uint64_t conn, const char *key, uint32_t layers,
+                          uint32_t H, uint32_t sq, uint32_t sk)
 {
     eng_session_spec sp;
     memset(&sp, 0, sizeof sp);
@@ -285,9 +285,9 @@ START_TEST(cancel_half_done_restarts_dense)
     shm a;
     shm_make(&h, UID, CONN, (size_t)4 * S * H * 64 * 4, &a);
     float *f = a.p;
-    la_rng rng;
-    la_rng_init(&rng, 1);
-    la_test_fill(&rng, f, LA_DTYPE_F32, (int64_t)S * H * 64 * 4, 1.0);
+    tu_rng rng;
+    tu_rng_init(&rng, 1);
+    tu_fill(&rng, f, LA_DTYPE_F32, (int64_t)S * H * 64 * 4, 1.0);
     eng_attn_req r;
     memset(&r, 0, sizeof r);
     r.session_id = sid;
@@ -460,7 +460,8 @@ static int not_root(void)
     if (geteuid() == 0)
         return 0;
     printf("check_fair: not root (euid %d): the daemon cases switch uids; passing with nothing "
-           "checked\n", (int)geteuid());
+           "checked\n",
+           (int)geteuid());
     return 1;
 }
 
@@ -623,16 +624,16 @@ START_TEST(daemon_victim_not_starved)
     ck_assert_int_eq(c, 'y');
     int st;
     ck_assert_int_eq(waitpid(a, &st, 0), a); /* gone: its queued calls are cancelled */
-    victim_result *res = mmap(NULL, sizeof *res, PROT_READ | PROT_WRITE,
-                              MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    victim_result *res =
+        mmap(NULL, sizeof *res, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     ck_assert_ptr_ne(res, MAP_FAILED);
     memset(res, 0, sizeof *res);
     run_victim(d.socket, res);
     ck_assert(res->ok);
     ck_assert_int_eq(res->call_rc, 0);
     ck_assert_msg(res->ping_s < 0.25 * SLOW, "ping took %.3f s", res->ping_s);
-    fprintf(stderr, "daemon_victim_not_starved: ping %.3f s, small call %.3f s\n",
-            res->ping_s, res->call_s);
+    fprintf(stderr, "daemon_victim_not_starved: ping %.3f s, small call %.3f s\n", res->ping_s,
+            res->call_s);
     ck_assert_msg(res->call_s < 2.0 * SLOW, "small call took %.3f s", res->call_s);
     /* The departed user's calls left the queue: at most the running ones remain. */
     int fd = raw_connect(d.socket);
@@ -711,8 +712,8 @@ START_TEST(daemon_big_session_no_freeze)
         ref.session_id = (uint64_t)sid;
         Liteattn__Request q = LITEATTN__REQUEST__INIT;
         q.id = 200 + (uint64_t)i;
-        q.body_case = i % 2 ? LITEATTN__REQUEST__BODY_SESSION_INFO
-                            : LITEATTN__REQUEST__BODY_SESSION_LIST;
+        q.body_case =
+            i % 2 ? LITEATTN__REQUEST__BODY_SESSION_INFO : LITEATTN__REQUEST__BODY_SESSION_LIST;
         if (i % 2)
             q.session_info = &ref;
         else
@@ -804,7 +805,7 @@ END_TEST
 
 int main(void)
 {
-    la_test_seed();
+    tu_seed();
     Suite *s = suite_create("fair");
     TCase *tc = tcase_create("engine");
     tcase_set_timeout(tc, 90);
@@ -821,5 +822,5 @@ int main(void)
     tcase_add_test(tc, partial_frame_times_out);
     tcase_add_test(tc, refused_connections_rate_limited);
     suite_add_tcase(s, tc);
-    return la_test_run_suite(s);
+    return tu_run_suite(s);
 }

@@ -40,24 +40,24 @@ int main(void) { return 0; }
 #define STEPS 6
 
 /* A client process reports failure by message and exit status 1. */
-#define CHILD_FAIL(...)                                                                       \
-    do {                                                                                       \
-        fprintf(stderr, "client %d: ", who);                                                   \
-        fprintf(stderr, __VA_ARGS__);                                                          \
-        fprintf(stderr, "\n");                                                                 \
-        _exit(1);                                                                              \
+#define CHILD_FAIL(...)                      \
+    do {                                     \
+        fprintf(stderr, "client %d: ", who); \
+        fprintf(stderr, __VA_ARGS__);        \
+        fprintf(stderr, "\n");               \
+        _exit(1);                            \
     } while (0)
-#define CUDA_CHECK(call)                                                                       \
-    do {                                                                                       \
-        cudaError_t e_ = (call);                                                               \
-        if (e_ != cudaSuccess)                                                                 \
-            CHILD_FAIL("%s: %s", #call, cudaGetErrorString(e_));                               \
+#define CUDA_CHECK(call)                                         \
+    do {                                                         \
+        cudaError_t e_ = (call);                                 \
+        if (e_ != cudaSuccess)                                   \
+            CHILD_FAIL("%s: %s", #call, cudaGetErrorString(e_)); \
     } while (0)
-#define LA_CHECK(call)                                                                         \
-    do {                                                                                       \
-        int r_ = (call);                                                                       \
-        if (r_ != 0)                                                                           \
-            CHILD_FAIL("%s: %s (%s)", #call, la_err_name(r_), la_last_error_message());        \
+#define LA_CHECK(call)                                                                  \
+    do {                                                                                \
+        int r_ = (call);                                                                \
+        if (r_ != 0)                                                                    \
+            CHILD_FAIL("%s: %s (%s)", #call, la_err_name(r_), la_last_error_message()); \
     } while (0)
 
 static size_t align_up(size_t n) { return (n + 255) & ~(size_t)255; }
@@ -67,8 +67,8 @@ static size_t align_up(size_t n) { return (n + 255) & ~(size_t)255; }
 static void run_client(const char *sock, int who, int32_t B, int32_t Sq, int32_t Sk, int32_t H,
                        int32_t D, la_dtype dt)
 {
-    la_rng rng;
-    la_rng_init(&rng, (uint64_t)who * 7919 + 17);
+    tu_rng rng;
+    tu_rng_init(&rng, (uint64_t)who * 7919 + 17);
 
     la_client *c;
     LA_CHECK(la_connect(sock, "check_gpu_daemon", &c));
@@ -89,8 +89,7 @@ static void run_client(const char *sock, int who, int32_t B, int32_t Sq, int32_t
     LA_CHECK(la_session_get(s, "layer_mask_bytes", &layer_bytes));
 
     /* Host problem with the session's tiles; its mask is the direct path's mask (host copy). */
-    la_test_problem *t = la_test_problem_new(&rng, B, Sq, Sk, H, D, dt, (int32_t)bm,
-                                             (int32_t)bn, 2.0);
+    tu_problem *t = tu_problem_new(&rng, B, Sq, Sk, H, D, dt, (int32_t)bm, (int32_t)bn, 2.0);
     if ((int64_t)(t->mask_words * 4) != layer_bytes)
         CHILD_FAIL("session layer mask %lld bytes, expected %zu", (long long)layer_bytes,
                    t->mask_words * 4);
@@ -102,7 +101,7 @@ static void run_client(const char *sock, int who, int32_t B, int32_t Sq, int32_t
            total = off_lse + align_up(nlse);
 
     CUDA_CHECK(cudaSetDevice(0));
-    uint8_t *blk, *direct;   /* daemon's block (q, k, v, o, lse); direct o, lse, mask */
+    uint8_t *blk, *direct; /* daemon's block (q, k, v, o, lse); direct o, lse, mask */
     CUDA_CHECK(cudaMalloc((void **)&blk, total));
     CUDA_CHECK(cudaMalloc((void **)&direct, align_up(nq) + align_up(nlse) + t->mask_words * 4));
     uint8_t *d_o = direct, *d_lse = direct + align_up(nq), *d_mask = d_lse + align_up(nlse);
@@ -112,8 +111,7 @@ static void run_client(const char *sock, int who, int32_t B, int32_t Sq, int32_t
     uint64_t base_off = 1;
     LA_CHECK(la_buffer_register_cuda(c, blk + off_k, &buf, &base_off));
     if (base_off != off_k)
-        CHILD_FAIL("register_cuda: offset %llu, expected %zu", (unsigned long long)base_off,
-                   off_k);
+        CHILD_FAIL("register_cuda: offset %llu, expected %zu", (unsigned long long)base_off, off_k);
 
     cudaStream_t st;
     cudaEvent_t ready;
@@ -139,7 +137,7 @@ static void run_client(const char *sock, int who, int32_t B, int32_t Sq, int32_t
     CUDA_CHECK(cudaMalloc((void **)&d_tiles, sizeof *d_tiles));
 
     for (int step = 0; step < STEPS; step++) {
-        la_test_problem_drift(t, step, 0.02);
+        tu_problem_drift(t, step, 0.02);
         /* The inputs reach the GPU asynchronously; the daemon waits on `ready`. */
         CUDA_CHECK(cudaMemcpyAsync(blk + off_q, t->q, nq, cudaMemcpyHostToDevice, st));
         CUDA_CHECK(cudaMemcpyAsync(blk + off_k, t->k, nk, cudaMemcpyHostToDevice, st));
@@ -203,8 +201,8 @@ static void run_client(const char *sock, int who, int32_t B, int32_t Sq, int32_t
             la_attn_params hp = t->p;
             hp.o = h_o1;
             naive_attn_f64(&hp, NULL, ref, NULL);
-            la_test_o_f64(&hp, got);
-            double err = la_test_rel_l2(ref, got, (int64_t)n);
+            tu_o_f64(&hp, got);
+            double err = tu_rel_l2(ref, got, (int64_t)n);
             if (!(err <= 1e-2))
                 CHILD_FAIL("step 0 (dense): rel L2 %.3g against float64 attention", err);
             free(ref);
@@ -227,7 +225,7 @@ static void run_client(const char *sock, int who, int32_t B, int32_t Sq, int32_t
     LA_CHECK(la_session_close(s));
     LA_CHECK(la_buffer_unregister(buf));
     la_disconnect(c);
-    la_test_problem_free(t);
+    tu_problem_free(t);
     _exit(0);
 }
 
@@ -277,6 +275,6 @@ int main(void)
     TCase *tc = tu_gpu_tcase(s, "ipc", 120);
     tu_gpu_test(tc, test_two_clients_bf16);
     tu_gpu_test(tc, test_one_client_f16);
-    return la_test_run_suite(s);
+    return tu_run_suite(s);
 }
 #endif /* LA_HAVE_CUDA */

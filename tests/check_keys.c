@@ -151,7 +151,7 @@ END_TEST
 
 int main(void)
 {
-    la_test_seed();
+    tu_seed();
     Suite *s = suite_create("keys");
     TCase *tc = tcase_create("escape");
     tcase_add_test(tc, escape_helper);
@@ -162,5 +162,5 @@ int main(void)
     tcase_add_test(tc, nul_on_the_wire_refused);
     tcase_add_test(tc, printed_escaped);
     suite_add_tcase(s, tc);
-    return la_test_run_suite(s);
+    return tu_run_suite(s);
 }

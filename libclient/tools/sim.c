@@ -62,10 +62,20 @@ static int parse_int(const char *name, const char *v, int lo, int hi, int *out)
 int sim_parse_args(sim_opts *o, int argc, char **argv, int which)
 {
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
-    *o = (sim_opts){.socket = NULL, .layers = 4, .heads = 4, .head_dim = 64, .seq = 1024,
-                    .steps = 20, .threads = ncpu > 0 ? (int)ncpu : 1, .clusters = 8,
-                    .threshold = -3.0f, .dtype = LA_DTYPE_BF16, .device = "auto", .bm = 128,
-                    .bn = 64, .seed = 1};
+    *o = (sim_opts){.socket = NULL,
+                    .layers = 4,
+                    .heads = 4,
+                    .head_dim = 64,
+                    .seq = 1024,
+                    .steps = 20,
+                    .threads = ncpu > 0 ? (int)ncpu : 1,
+                    .clusters = 8,
+                    .threshold = -3.0f,
+                    .dtype = LA_DTYPE_BF16,
+                    .device = "auto",
+                    .bm = 128,
+                    .bn = 64,
+                    .seed = 1};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         int r = 0, used = 1;
@@ -270,8 +280,7 @@ void sim_layer_free(sim_layer *ld)
 }
 
 /* Drifts layer's data one step and writes Q/K/V in o->dtype, on o->threads threads. */
-void sim_generate(const sim_opts *o, sim_layer *ld, int layer, int step, void *q, void *k,
-                     void *v)
+void sim_generate(const sim_opts *o, sim_layer *ld, int layer, int step, void *q, void *k, void *v)
 {
     int nt = o->threads > 0 ? o->threads : 1;
     if (nt > 64)
@@ -279,7 +288,14 @@ void sim_generate(const sim_opts *o, sim_layer *ld, int layer, int step, void *q
     gen_job jobs[64];
     pthread_t th[64];
     for (int t = 0; t < nt; t++) {
-        jobs[t] = (gen_job){o, ld, layer, step, q, k, v, (int)((int64_t)o->seq * t / nt),
+        jobs[t] = (gen_job){o,
+                            ld,
+                            layer,
+                            step,
+                            q,
+                            k,
+                            v,
+                            (int)((int64_t)o->seq * t / nt),
                             (int)((int64_t)o->seq * (t + 1) / nt)};
         if (t > 0 && pthread_create(&th[t], NULL, gen_range, &jobs[t]) != 0) {
             gen_range(&jobs[t]);
@@ -293,8 +309,7 @@ void sim_generate(const sim_opts *o, sim_layer *ld, int layer, int step, void *q
 }
 
 /* Sums of squares for the relative L2 error of out against ref. */
-void sim_err_acc(const void *out, const void *ref, size_t n, la_dtype dt, double *num,
-                    double *den)
+void sim_err_acc(const void *out, const void *ref, size_t n, la_dtype dt, double *num, double *den)
 {
     double a = 0, b = 0;
     for (size_t i = 0; i < n; i++) {
@@ -310,9 +325,11 @@ void sim_err_acc(const void *out, const void *ref, size_t n, la_dtype dt, double
 
 void sim_print_header(const sim_opts *o, const char *path)
 {
-    printf("%s: %s, %d layers x %d steps, B1 H%d S%d D%d %s, tau %g\n", sim_prog, path,
-           o->layers, o->steps, o->heads, o->seq, o->head_dim,
-           o->dtype == LA_DTYPE_BF16 ? "bf16" : o->dtype == LA_DTYPE_F16 ? "f16" : "f32",
+    printf("%s: %s, %d layers x %d steps, B1 H%d S%d D%d %s, tau %g\n", sim_prog, path, o->layers,
+           o->steps, o->heads, o->seq, o->head_dim,
+           o->dtype == LA_DTYPE_BF16  ? "bf16"
+           : o->dtype == LA_DTYPE_F16 ? "f16"
+                                      : "f32",
            o->threshold);
     printf("%4s  %9s  %11s  %8s  %11s\n", "step", "live", "attn ms", "speedup", "rel.err");
 }
@@ -338,8 +355,8 @@ void sim_print_summary(const sim_opts *o, const sim_row *rows, double total_s)
     printf("summary: mean live fraction %.1f%%, attention %.2f s vs %.2f s dense-equivalent "
            "(step 0 x %d): %.2fx; last step %.2fx; max rel.err %.2e; wall %.1f s\n",
            100 * live, attn, dense, o->steps, attn > 0 ? dense / attn : 0.0,
-           rows[o->steps - 1].attn_s > 0 ? rows[0].attn_s / rows[o->steps - 1].attn_s : 0.0,
-           maxerr, total_s);
+           rows[o->steps - 1].attn_s > 0 ? rows[0].attn_s / rows[o->steps - 1].attn_s : 0.0, maxerr,
+           total_s);
 }
 
 void sim_fill_strides(int64_t st[4], int S, int H, int D)
@@ -349,4 +366,3 @@ void sim_fill_strides(int64_t st[4], int S, int H, int D)
     st[1] = (int64_t)H * D;
     st[0] = (int64_t)S * H * D;
 }
-
