@@ -67,6 +67,12 @@ static const opt opts[] = {
      "registered buffers per connection (default 256)"},
     {"max-buffer-bytes", 0, K_U64SIZE, OFF(max_buffer_bytes), 1, UINT64_MAX, "BYTES",
      "bytes of registered buffers per connection (default 64G)"},
+    {"max-buffers-per-user", 0, K_U32, OFF(max_buffers_per_user), 1, 1u << 24, "N",
+     "registered buffers (each a mapping of the daemon) of one Unix user over all its "
+     "connections (default 2048)"},
+    {"max-buffers-total", 0, K_U64SIZE, OFF(max_buffers_total), 0, UINT64_MAX, "N",
+     "registered buffers of all users (default 0: half of vm.max_map_count), so that the "
+     "daemon keeps mappings for new connections"},
     {"max-sessions", 0, K_U32, OFF(max_sessions), 1, 1u << 20, "N",
      "open sessions per Unix user (default 64)"},
     {"max-mask-bytes", 0, K_U64SIZE, OFF(max_mask_bytes), 1, UINT64_MAX, "BYTES",
@@ -178,6 +184,8 @@ static void defaults(cfg *c)
     c->max_conns_per_user = 64;
     c->max_buffers = 256;
     c->max_buffer_bytes = 64 * GiB;
+    c->max_buffers_per_user = 2048;
+    c->max_buffers_total = 0;
     c->max_sessions = 64;
     c->max_mask_bytes = 4 * GiB;
     c->mask_memory_cap = 0;
@@ -376,6 +384,7 @@ static void print_help(const char *prog)
         "\nConfig file: lines 'key = value', '#' starts a comment. Keys are the long option\n"
         "names with '-' written '_' (socket, backend, threads, foreground, log_level,\n"
         "max_frame, max_inflight, max_connections_per_user, max_buffers, max_buffer_bytes,\n"
+        "max_buffers_per_user, max_buffers_total,\n"
         "max_sessions, max_mask_bytes, mask_memory_cap, max_call_cost, max_queued_cost,\n"
         "cpu_slice, session_grace, session_ttl,\n"
         "hello_timeout, max_outbound_bytes, socket_mode). Command-line flags override the file.\n"

@@ -508,6 +508,8 @@ int srv_new(const cfg *c, srv **ret_srv, char *err, size_t errlen)
     ec.cpu_threads = s->cfg.threads;
     ec.limits.max_buffers_per_conn = c->max_buffers;
     ec.limits.max_buffer_bytes_per_conn = c->max_buffer_bytes;
+    ec.limits.max_buffers_per_user = c->max_buffers_per_user;
+    ec.limits.max_buffers_total = c->max_buffers_total;
     ec.limits.max_sessions_per_user = c->max_sessions;
     ec.limits.max_mask_bytes_per_user = c->max_mask_bytes;
     ec.limits.mask_memory_cap = c->mask_memory_cap;

@@ -44,6 +44,8 @@ void eng_config_default(eng_config *cfg)
     cfg->cpu_threads = 0;
     cfg->limits.max_buffers_per_conn = 256;
     cfg->limits.max_buffer_bytes_per_conn = 64ull << 30;
+    cfg->limits.max_buffers_per_user = 2048;
+    cfg->limits.max_buffers_total = 0;
     cfg->limits.max_sessions_per_user = 64;
     cfg->limits.max_mask_bytes_per_user = 4ull << 30;
     cfg->limits.mask_memory_cap = 0;
@@ -74,6 +76,19 @@ int eng_new(const eng_config *cfg, eng **ret_engine, eng_error *err)
         return LA_ENOMEM;
     }
     e->cfg = *cfg;
+    e->max_buffers_total = cfg->limits.max_buffers_total;
+    if (!e->max_buffers_total) {
+        /* Half of the process's mapping budget: the rest stays for masks, thread stacks,
+         * malloc and the connections' buffers. */
+        unsigned long long maps = 65530;
+        FILE *f = fopen("/proc/sys/vm/max_map_count", "r");
+        if (f) {
+            if (fscanf(f, "%llu", &maps) != 1)
+                maps = 65530;
+            fclose(f);
+        }
+        e->max_buffers_total = maps / 2;
+    }
     list_init(&e->sessions);
     list_init(&e->users);
     list_init(&e->buffers);

@@ -41,13 +41,17 @@ typedef struct eng_error {
 typedef struct eng_limits {
     uint32_t max_buffers_per_conn;      /* default 256 */
     uint64_t max_buffer_bytes_per_conn; /* shm + ipc bytes registered, default 64 GiB */
-    uint32_t max_sessions_per_user;     /* default 64 */
-    uint64_t max_mask_bytes_per_user;   /* default 4 GiB */
-    uint64_t mask_memory_cap;           /* all users, 0 = none; room is made by evicting detached
+    /* Buffers (each a mapping of the daemon) of one user, of all users (0: half of
+     * vm.max_map_count, read at start). Defaults 2048 and 0. */
+    uint32_t max_buffers_per_user;
+    uint64_t max_buffers_total;
+    uint32_t max_sessions_per_user;   /* default 64 */
+    uint64_t max_mask_bytes_per_user; /* default 4 GiB */
+    uint64_t mask_memory_cap;         /* all users, 0 = none; room is made by evicting detached
                                         * sessions (session.c make_room) */
-    uint32_t max_inflight_per_conn;     /* default 64; the server enforces, the engine reports */
-    uint32_t session_grace_s;           /* detached session kept this long, default 300 */
-    uint32_t session_ttl_s;             /* idle session freed after this, default 3600 */
+    uint32_t max_inflight_per_conn;   /* default 64; the server enforces, the engine reports */
+    uint32_t session_grace_s;         /* detached session kept this long, default 300 */
+    uint32_t session_ttl_s;           /* idle session freed after this, default 3600 */
     /* Compute, in multiply-adds counted from a call's shapes (2 * B * H * Sq * Sk * D, whatever
      * its strides): the most one call may cost, and the most one user may have queued or
      * running at once. 0 = no limit. Defaults 2^47 (a Wan-sized call, B1 H40 S75600 D128,

@@ -112,8 +112,9 @@ struct eng {
 
     list_node sessions; /* sess.link, least recently used first */
     uint64_t next_session_id;
-    list_node users;          /* eng_user.link */
-    uint64_t mask_bytes_live; /* every mask set still allocated */
+    list_node users;            /* eng_user.link */
+    uint64_t mask_bytes_live;   /* every mask set still allocated */
+    uint64_t max_buffers_total; /* limits.max_buffers_total, or from vm.max_map_count */
 
     list_node buffers; /* buf.link, registered ones */
     uint64_t next_buffer_id;

@@ -9,6 +9,7 @@
  *     its heads updated the mask and others did not;
  *   - max_call_cost and max_queued_cost_per_user refuse with LA_ELIMIT naming the limit, and
  *     only the user at its limit;
+ *   - buffers (mappings) are budgeted per user and in all (max_buffers_per_user/_total);
  *   - a session is detached only when the last connection that opened or attached it leaves
  *     (eviction under the cap is tested in check_engine's mask_cap_lru);
  *   - through the daemon, with real uids (as root; otherwise those cases pass with a note): a
@@ -49,8 +50,10 @@
  * attacks cost the same multiple of a call either way). */
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
 #define SLOW 4.0
+#define HEAVY_SK (1 << 19)
 #else
 #define SLOW 1.0
+#define HEAVY_SK (1 << 21)
 #endif
 
 static double now_s(void)
@@ -212,8 +215,8 @@ static void fill(shm *s)
         f[i] = (float)((i * 2654435761u) % 1000) / 1000.0f - 0.5f;
 }
 
-/* Heavy: one q-tile against 2^21 keys (2^31 multiply-adds per head, seconds of one thread). */
-#define HEAVY_SK (1 << 21)
+/* Heavy calls (HEAVY_SK above): one q-tile against 2^21 keys, 2^31 multiply-adds per head,
+ * seconds of one thread (a quarter of that in the slower sanitizer builds). */
 
 START_TEST(small_call_not_starved)
 {
@@ -447,6 +450,48 @@ START_TEST(attach_is_a_reference)
     eng_free(h.e);
     close(h.pipe[0]);
     close(h.pipe[1]);
+}
+END_TEST
+
+/* Buffers are mappings of the daemon: bounded per user over all its connections and in all,
+ * so that one user cannot use up vm.max_map_count and leave the others unable to connect. */
+START_TEST(buffer_mappings_budgeted)
+{
+    eng_config d;
+    eng_config_default(&d);
+    ck_assert_uint_eq(d.limits.max_buffers_per_user, 2048);
+    eng_limits lim = d.limits;
+    lim.max_buffers_per_conn = 2;
+    lim.max_buffers_per_user = 3;
+    lim.max_buffers_total = 5;
+    harness h;
+    h_open(&h, &lim, 0);
+    shm s[8];
+    int n = 0;
+    eng_error err = {{0}};
+    uint64_t id;
+    /* uid 1000: 2 on one connection, 1 on another, then its limit */
+    shm_make(&h, UID, CONN, 4096, &s[n++]);
+    shm_make(&h, UID, CONN, 4096, &s[n++]);
+    shm_make(&h, UID, CONN2, 4096, &s[n++]);
+    int fd = memfd_create("check_fair", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    ck_assert_int_eq(ftruncate(fd, 4096), 0);
+    ck_assert_int_eq(eng_buffer_add_shm(h.e, UID, CONN2, dup(fd), 4096, &id, &err), LA_ELIMIT);
+    ck_assert_msg(strstr(err.msg, "max_buffers_per_user"), "message: %s", err.msg);
+    /* uid 1001 is not affected, up to the daemon's total */
+    shm_make(&h, UID2, 3, 4096, &s[n++]);
+    shm_make(&h, UID2, 3, 4096, &s[n++]);
+    ck_assert_int_eq(eng_buffer_add_shm(h.e, UID2, 4, dup(fd), 4096, &id, &err), LA_ELIMIT);
+    ck_assert_msg(strstr(err.msg, "max_buffers_total"), "message: %s", err.msg);
+    /* a connection's buffers go with it */
+    eng_conn_closed(h.e, CONN);
+    ck_assert_int_eq(eng_buffer_add_shm(h.e, UID2, 4, dup(fd), 4096, &id, &err), 0);
+    close(fd);
+    eng_free(h.e);
+    close(h.pipe[0]);
+    close(h.pipe[1]);
+    for (int i = 0; i < n; i++)
+        shm_drop(&s[i]);
 }
 END_TEST
 
@@ -813,6 +858,7 @@ int main(void)
     tcase_add_test(tc, cancel_half_done_restarts_dense);
     tcase_add_test(tc, cost_limits);
     tcase_add_test(tc, attach_is_a_reference);
+    tcase_add_test(tc, buffer_mappings_budgeted);
     suite_add_tcase(s, tc);
     tc = tcase_create("daemon");
     tcase_set_timeout(tc, 90);

@@ -40,7 +40,8 @@ endif
 check-asan:
 	$(Q)$(MAKE) --no-print-directory BUILD=$(ASAN_BUILD) CUDA=0 \
 		CC="$(SAN_CC) -fsanitize=address,undefined -fno-sanitize-recover=undefined $(SAN_COMMON)" \
-		CFLAGS="" $(ASAN_BUILD)/liteattnd $(ASAN_BUILD)/libliteattn.so.$(LA_VERSION) $(call SAN_PROGS,$(ASAN_BUILD))
+		CFLAGS="" $(ASAN_BUILD)/liteattnd $(ASAN_BUILD)/libliteattn.so.$(LA_VERSION) \
+		$(ASAN_BUILD)/liteattnctl $(call SAN_PROGS,$(ASAN_BUILD))
 	$(Q)rm -rf $(ASAN_BUILD)/reports && mkdir -p $(ASAN_BUILD)/reports
 	$(Q)r=$$(pwd)/$(ASAN_BUILD)/reports; \
 	BUILD=$(ASAN_BUILD) LA_TEST_NO_GPU=1 LA_PYTEST_DIRS= LA_TEST_SANITIZER=asan \
@@ -55,7 +56,8 @@ check-asan:
 check-tsan:
 	$(Q)$(MAKE) --no-print-directory BUILD=$(TSAN_BUILD) CUDA=0 \
 		CC="$(SAN_CC) -fsanitize=thread $(SAN_COMMON)" \
-		CFLAGS="" $(TSAN_BUILD)/liteattnd $(TSAN_BUILD)/libliteattn.so.$(LA_VERSION) $(filter $(TSAN_PROGS),$(call SAN_PROGS,$(TSAN_BUILD)))
+		CFLAGS="" $(TSAN_BUILD)/liteattnd $(TSAN_BUILD)/libliteattn.so.$(LA_VERSION) \
+		$(TSAN_BUILD)/liteattnctl $(filter $(TSAN_PROGS),$(call SAN_PROGS,$(TSAN_BUILD)))
 	$(Q)rm -rf $(TSAN_BUILD)/reports && mkdir -p $(TSAN_BUILD)/reports
 	$(Q)r=$$(pwd)/$(TSAN_BUILD)/reports; \
 	BUILD=$(TSAN_BUILD) LA_TEST_NO_GPU=1 LA_PYTEST_DIRS= LA_TEST_SANITIZER=tsan \
