@@ -67,19 +67,36 @@ static const opt opts[] = {
      "registered buffers per connection (default 256)"},
     {"max-buffer-bytes", 0, K_U64SIZE, OFF(max_buffer_bytes), 1, UINT64_MAX, "BYTES",
      "bytes of registered buffers per connection (default 64G)"},
+    {"max-buffers-per-user", 0, K_U32, OFF(max_buffers_per_user), 1, 1u << 24, "N",
+     "registered buffers (each a mapping of the daemon) of one Unix user over all its "
+     "connections (default 2048)"},
+    {"max-buffers-total", 0, K_U64SIZE, OFF(max_buffers_total), 0, UINT64_MAX, "N",
+     "registered buffers of all users (default 0: half of vm.max_map_count), so that the "
+     "daemon keeps mappings for new connections"},
     {"max-sessions", 0, K_U32, OFF(max_sessions), 1, 1u << 20, "N",
      "open sessions per Unix user (default 64)"},
     {"max-mask-bytes", 0, K_U64SIZE, OFF(max_mask_bytes), 1, UINT64_MAX, "BYTES",
      "skip-mask memory per Unix user (default 4G)"},
     {"mask-memory-cap", 0, K_U64SIZE, OFF(mask_memory_cap), 0, UINT64_MAX, "BYTES",
-     "skip-mask memory of all users; above it idle sessions are evicted, least recently used "
-     "first (default 0: no cap)"},
+     "skip-mask memory of all users; to make room, detached sessions are evicted, oldest "
+     "first, never below another user's fair share of the cap (default 0: no cap)"},
+    {"max-call-cost", 0, K_U64SIZE, OFF(max_call_cost), 0, UINT64_MAX, "MACS",
+     "multiply-adds one attention call may cost, counted from its shapes (2*B*H*Sq*Sk*D, "
+     "zero strides included); above it LA_ELIMIT (default 128T = 2^47: a B1 H40 S75600 D128 "
+     "call is 0.42 of it; 0: no limit)"},
+    {"max-queued-cost", 0, K_U64SIZE, OFF(max_queued_cost), 0, UINT64_MAX, "MACS",
+     "multiply-adds of attention calls one Unix user may have queued or running at once; a "
+     "call beyond it gets LA_ELIMIT (default 8192T = 2^53; 0: no limit)"},
+    {"cpu-slice", 0, K_U64SIZE, OFF(cpu_slice), 0, UINT64_MAX, "MACS",
+     "the CPU backend runs calls in slices of about this many multiply-adds and shares the "
+     "pool fairly between slices (default 256M; 0: the default)"},
     {"session-grace", 0, K_U32, OFF(session_grace_s), 0, 30u * 86400, "SEC",
      "a session whose connections are gone stays this long for a re-attach (default 300)"},
     {"session-ttl", 0, K_U32, OFF(session_ttl_s), 1, 365u * 86400, "SEC",
      "an idle session is freed after this (default 3600)"},
     {"hello-timeout", 0, K_U32, OFF(hello_timeout_s), 1, 3600, "SEC",
-     "a connection must send Hello within this (default 10)"},
+     "a connection must send Hello within this, and finish a frame it began within as "
+     "long (default 10)"},
     {"max-outbound-bytes", 0, K_U64SIZE, OFF(max_outbound_bytes), 64 * 1024, 1ull << 40, "BYTES",
      "replies queued for a client that does not read them; above this the connection is "
      "closed (default 8M)"},
@@ -167,9 +184,14 @@ static void defaults(cfg *c)
     c->max_conns_per_user = 64;
     c->max_buffers = 256;
     c->max_buffer_bytes = 64 * GiB;
+    c->max_buffers_per_user = 2048;
+    c->max_buffers_total = 0;
     c->max_sessions = 64;
     c->max_mask_bytes = 4 * GiB;
     c->mask_memory_cap = 0;
+    c->max_call_cost = 1ull << 47;
+    c->max_queued_cost = 1ull << 53;
+    c->cpu_slice = 0;
     c->session_grace_s = 300;
     c->session_ttl_s = 3600;
     c->hello_timeout_s = 10;
@@ -362,7 +384,9 @@ static void print_help(const char *prog)
         "\nConfig file: lines 'key = value', '#' starts a comment. Keys are the long option\n"
         "names with '-' written '_' (socket, backend, threads, foreground, log_level,\n"
         "max_frame, max_inflight, max_connections_per_user, max_buffers, max_buffer_bytes,\n"
-        "max_sessions, max_mask_bytes, mask_memory_cap, session_grace, session_ttl,\n"
+        "max_buffers_per_user, max_buffers_total,\n"
+        "max_sessions, max_mask_bytes, mask_memory_cap, max_call_cost, max_queued_cost,\n"
+        "cpu_slice, session_grace, session_ttl,\n"
         "hello_timeout, max_outbound_bytes, socket_mode). Command-line flags override the file.\n"
         "\nFlow control: a connection with max_inflight attention requests in flight is not\n"
         "read until one finishes; requests beyond the limit that already arrived are\n"

@@ -26,9 +26,14 @@ typedef struct cfg {
     uint32_t max_conns_per_user;
     uint32_t max_buffers;      /* per connection */
     uint64_t max_buffer_bytes; /* per connection */
-    uint32_t max_sessions;     /* per user */
-    uint64_t max_mask_bytes;   /* per user */
-    uint64_t mask_memory_cap;  /* all users, 0 = none */
+    uint32_t max_buffers_per_user;
+    uint64_t max_buffers_total; /* 0: half of vm.max_map_count */
+    uint32_t max_sessions;      /* per user */
+    uint64_t max_mask_bytes;    /* per user */
+    uint64_t mask_memory_cap;   /* all users, 0 = none */
+    uint64_t max_call_cost;     /* multiply-adds of one attention call, 0 = none */
+    uint64_t max_queued_cost;   /* multiply-adds queued or running per user, 0 = none */
+    uint64_t cpu_slice;         /* multiply-adds per CPU slice, 0 = the backend's default */
     uint32_t session_grace_s, session_ttl_s, hello_timeout_s;
     uint64_t max_outbound_bytes; /* queued replies per connection before it is dropped */
     unsigned socket_mode;

@@ -142,6 +142,7 @@ void conn_close_after_flush(conn *c)
         return;
     }
     c->lingering = 1;
+    c->partial_timer = 0;
     uv_timer_stop(&c->timer);
     uv_timer_start(&c->timer, on_linger_timeout, LINGER_MS, 0);
     update_poll(c);
@@ -284,6 +285,11 @@ static int process_frames(conn *c)
     for (;;) {
         ProtobufCMessage *m;
         uint32_t len;
+        /* protobuf-c hands a string on cut at a NUL: look at the bytes before they go. */
+        const uint8_t *raw;
+        const char *field = NULL;
+        int nul = frame_next(&c->fr, &raw, &len) == 1 &&
+                  frame_nul_in_string(&liteattn__request__descriptor, raw, len, &field);
         int rc = frame_next_msg(&c->fr, &liteattn__request__descriptor, &alloc, &m, &len);
         if (rc == 0)
             break;
@@ -301,6 +307,16 @@ static int process_frames(conn *c)
         }
         Liteattn__Request *req = (Liteattn__Request *)m;
         char why[256] = "";
+        if (nul) {
+            /* Refused, not cut short: a key "a\0b" must not become "a". */
+            uint64_t id = req->id;
+            snprintf(why, sizeof(why), "request %llu: string field '%s' holds a NUL byte",
+                     (unsigned long long)id, field);
+            liteattn__request__free_unpacked(req, &alloc);
+            if (conn_send_error(c, id, LA_EINVAL, why) < 0 || c->closing)
+                return -1;
+            continue;
+        }
         rc = c->hooks.request(c->hooks.data, c, req, why, sizeof(why));
         liteattn__request__free_unpacked(req, &alloc);
         if (c->closing)
@@ -324,6 +340,8 @@ static int process_frames(conn *c)
     }
     return 0;
 }
+
+static void watch_partial(conn *c);
 
 static void on_readable(conn *c)
 {
@@ -358,6 +376,7 @@ static void on_readable(conn *c)
         c->ctr->bytes_in += (uint64_t)n;
         if (process_frames(c) < 0)
             return;
+        watch_partial(c);
     }
 }
 
@@ -435,6 +454,38 @@ void conn_fail_inflight(conn *c, int code, const char *message)
         conn_send_error(c, j->req_id, code, message);
         if (c->closing)
             return;
+    }
+}
+
+/* A frame begun after Hello must be complete within hello_timeout_s: a client that sends part
+ * of one and stops would otherwise hold its buffer (up to max_frame) for ever. */
+static void on_partial_timeout(uv_timer_t *t)
+{
+    conn *c = t->data;
+    c->partial_timer = 0;
+    if (c->closing || c->lingering)
+        return;
+    char msg[128];
+    snprintf(msg, sizeof(msg), "a frame begun %u s ago is still incomplete (%zu bytes)",
+             c->lim.hello_timeout_s, c->fr.len - c->fr.head);
+    c->ctr->protocol_errors++;
+    log_info(CONN_FMT ": %s; closing the connection", CONN_ARGS(c), msg);
+    conn_send_error(c, 0, LA_ETIMEDOUT, msg);
+    if (!c->closing)
+        conn_close_after_flush(c);
+}
+
+static void watch_partial(conn *c)
+{
+    if (!c->hello_done || c->lingering || c->closing)
+        return;
+    int partial = c->fr.len > c->fr.head;
+    if (partial && !c->partial_timer) {
+        c->partial_timer = 1;
+        uv_timer_start(&c->timer, on_partial_timeout, (uint64_t)c->lim.hello_timeout_s * 1000, 0);
+    } else if (!partial && c->partial_timer) {
+        c->partial_timer = 0;
+        uv_timer_stop(&c->timer);
     }
 }
 

@@ -101,9 +101,10 @@ struct conn {
 
     int refs;
     int hello_done;
-    int paused;    /* inflight limit reached: not reading */
-    int quiesced;  /* shutting down: no more requests are read */
-    int lingering; /* a final reply is being flushed, then the connection closes */
+    int partial_timer; /* the timer runs for a frame begun after Hello (frame timeout) */
+    int paused;        /* inflight limit reached: not reading */
+    int quiesced;      /* shutting down: no more requests are read */
+    int lingering;     /* a final reply is being flushed, then the connection closes */
     int closing;
 };
 

@@ -136,6 +136,24 @@ static uint32_t user_conns(srv *s, uint32_t uid)
 }
 
 /* Refuses a connection with one Error frame (request id 0), best effort. */
+/* At most one line a second for refused connections: a burst of them would flood the log. */
+static void log_refused(srv *s, int pid, const char *msg)
+{
+    uint64_t now = srv_now_ms();
+    if (s->refused_log_ms && now - s->refused_log_ms < 1000) {
+        s->refused_unlogged++;
+        return;
+    }
+    if (s->refused_unlogged)
+        log_warn("refused a connection of pid %d: %s (%u more refused since the last such "
+                 "line, not logged)",
+                 pid, msg, s->refused_unlogged);
+    else
+        log_warn("refused a connection of pid %d: %s", pid, msg);
+    s->refused_log_ms = now;
+    s->refused_unlogged = 0;
+}
+
 static void refuse(int fd, int code, const char *msg)
 {
     Liteattn__Error e = LITEATTN__ERROR__INIT;
@@ -193,7 +211,7 @@ static void on_listen(uv_poll_t *h, int status, int events)
             snprintf(msg, sizeof(msg), "uid %u already has %u connections (the limit)",
                      (unsigned)cr.uid, s->cfg.max_conns_per_user);
             s->ctr.rejected_connections++;
-            log_warn("refused a connection of pid %d: %s", (int)cr.pid, msg);
+            log_refused(s, (int)cr.pid, msg);
             refuse(fd, LA_ELIMIT, msg);
             continue;
         }
@@ -490,12 +508,17 @@ int srv_new(const cfg *c, srv **ret_srv, char *err, size_t errlen)
     ec.cpu_threads = s->cfg.threads;
     ec.limits.max_buffers_per_conn = c->max_buffers;
     ec.limits.max_buffer_bytes_per_conn = c->max_buffer_bytes;
+    ec.limits.max_buffers_per_user = c->max_buffers_per_user;
+    ec.limits.max_buffers_total = c->max_buffers_total;
     ec.limits.max_sessions_per_user = c->max_sessions;
     ec.limits.max_mask_bytes_per_user = c->max_mask_bytes;
     ec.limits.mask_memory_cap = c->mask_memory_cap;
     ec.limits.max_inflight_per_conn = c->max_inflight;
     ec.limits.session_grace_s = c->session_grace_s;
     ec.limits.session_ttl_s = c->session_ttl_s;
+    ec.limits.max_call_cost = c->max_call_cost;
+    ec.limits.max_queued_cost_per_user = c->max_queued_cost;
+    ec.cpu_slice_macs = c->cpu_slice;
     ec.notify = engine_notify;
     ec.notify_data = s;
     ec.log = log_engine_sink;

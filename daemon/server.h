@@ -6,8 +6,8 @@
  * that the engine's workers signal), the 1-second tick (eng_tick, systemd watchdog and
  * STATUS=), and the signals. Everything runs on the loop thread.
  *
- * Shutdown (SIGTERM/SIGINT): stop accepting, stop reading requests, let the engine finish the
- * jobs in flight (eng_shutdown, then eng_idle), flush the replies (at most
+ * Shutdown (SIGTERM/SIGINT): stop accepting, stop reading requests, cancel the queued jobs at
+ * once and let the running ones finish or stop at a slice boundary (eng_shutdown, then eng_idle), flush the replies (at most
  * SRV_FLUSH_GRACE_S seconds more for clients that do not read), close every handle and leave
  * the loop; exit status 0. A second signal exits at once with status 1. A sticky GPU error
  * (eng_fatal) fails every request in flight with LA_EDEVICE and exits with status 3.
@@ -57,6 +57,8 @@ typedef struct srv {
     uint64_t next_conn_id;
     srv_counters ctr;
     uint64_t start_ms;
+    uint64_t refused_log_ms;   /* last "refused a connection" line (log_refused) */
+    unsigned refused_unlogged; /* refusals since, not logged */
 
     int stopping;       /* shutdown begun */
     int handles_closed; /* final uv_close of the server handles done */

@@ -9,7 +9,11 @@
  * its threads, exactly once per submitted job; the engine queues it for the loop thread.
  *
  * Masks: session skip masks live where the backend computes (host memory for cpu, device
- * memory for cuda), so they are allocated, reset and freed through the backend. Every mask
+ * memory for cuda), so they are allocated and freed through the backend. Allocation does not
+ * touch the memory: each (layer, shard) region is set to all ones by the worker that runs its
+ * first call (be_job.mask_ready), and the worker counts the live bits of the region after
+ * each call that changed it (be_job.live_bits), so the loop thread never does work in
+ * proportion to a session's masks. Every mask
  * also has a host view (be_mask.host) that the loop thread may read for live fractions and
  * mask reads without touching the device: for cpu it is the mask itself, for cuda a pinned
  * shadow the worker refreshes after each job that changed the mask.
@@ -20,6 +24,7 @@
 #ifndef LA_BACKEND_H
 #define LA_BACKEND_H
 
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -49,9 +54,18 @@ typedef struct be_job {
     int dev;
     be_mask *mask;               /* the session's mask set (p.mask points inside it), or NULL */
     uint64_t mask_off, mask_len; /* the bytes of this (layer, shard) inside it */
+    /* 0 until the region was set to all ones (by the worker, before the first call on it
+     * runs; the loop thread reads it for mask reads and clears it to reset). */
+    atomic_uchar *mask_ready;
+    uint32_t mask_words, mask_k_tiles; /* words per mask row, valid bits per row */
     int has_wait_event;
     uint8_t wait_event[64];
     uint64_t t_submit_ns; /* CLOCK_MONOTONIC */
+    /* Fair queuing (fairq.h): whose call it is and what it costs. */
+    uint32_t uid;
+    uint64_t conn_id;
+    uint64_t flow_id; /* the session */
+    uint64_t cost;    /* multiply-adds of the whole call, from its shapes */
 
     /* Out, written by the backend before complete() is called. */
     int status; /* 0 or LA_E* */
@@ -60,11 +74,16 @@ typedef struct be_job {
     uint64_t t_start_ns, t_end_ns;
     int has_done_event;
     uint8_t done_event[64];
+    int has_live; /* the call changed the region: live_bits is its new count */
+    uint64_t live_bits;
 
     /* Backend-private. */
     struct be_job *be_next;
     void *be_priv;
     int be_slot;
+    void *fq_flow;     /* fairq.c */
+    int64_t be_cursor; /* cpu: next slice */
+    int be_cancel;     /* cpu: cancel at the next slice boundary (LA_E* to report) */
 } be_job;
 
 typedef void (*be_complete_fn)(void *data, be_job *job);
@@ -79,12 +98,10 @@ typedef struct be_ops {
                       uint32_t *ret_bn);
     /* 0 if p (pointers filled) can run on dev; LA_EINVAL / LA_ENOTSUP otherwise. */
     int (*supports)(be_backend *b, int dev, const la_attn_params *p);
-    /* Mask storage of bytes bytes, every bit set. */
+    /* Mask storage of bytes bytes; its contents are set per region by the workers. */
     int (*mask_alloc)(be_backend *b, int dev, uint64_t bytes, be_mask **ret_mask);
     /* Called only when no job uses m any more (the engine refcounts). NULL allowed. */
     void (*mask_free)(be_backend *b, be_mask *m);
-    /* Sets every bit again; only called while no job uses m. */
-    int (*mask_reset)(be_backend *b, be_mask *m);
     /* CUDA IPC import (NULL for cpu). ret_ptr: device pointer of the allocation base. */
     int (*buffer_import)(be_backend *b, const void *handle, size_t len, const char *uuid,
                          uint64_t size, be_import **ret_imp, void **ret_ptr, uint64_t *ret_size,
@@ -93,6 +110,10 @@ typedef struct be_ops {
     void (*buffer_release)(be_backend *b, be_import *imp);
     /* Queues job; returns 0 (complete() will be called) or an error (it will not). */
     int (*submit)(be_backend *b, be_job *job);
+    /* Cancels the queued jobs of conn_id (every job when all is set) at once, their status
+     * code (LA_ECLOSED or LA_ESHUTDOWN); running jobs that can stop early (cpu: at the next
+     * slice boundary) stop with the same status. Does not wait. */
+    void (*cancel)(be_backend *b, uint64_t conn_id, int all, int code);
     /* Cancels queued jobs (their status LA_ESHUTDOWN) and waits for running ones; every
      * job's complete() has been called when it returns. Called from the loop thread. */
     void (*stop)(be_backend *b);
@@ -109,14 +130,32 @@ struct be_backend {
     void *log_data;
 };
 
-/* CPU backend: a pool of threads (threads <= 0: number of cores). */
-int be_cpu_new(int threads, be_complete_fn complete, void *complete_data, be_backend **ret,
-               char *msg, size_t msg_len);
+/* CPU backend: a pool of threads (threads <= 0: number of cores) running calls in slices of
+ * about slice_macs multiply-adds (0: the default). */
+int be_cpu_new(int threads, uint64_t slice_macs, be_complete_fn complete, void *complete_data,
+               be_backend **ret, char *msg, size_t msg_len);
 /* CUDA backend: one worker per usable GPU. LA_ENODEV when built without CUDA or no GPU. */
 int be_cuda_new(be_complete_fn complete, void *complete_data, logsink_fn log, void *log_data,
                 be_backend **ret, char *msg, size_t msg_len);
 
 /* CLOCK_MONOTONIC in nanoseconds. */
 uint64_t be_now_ns(void);
+
+/* Live bits of a mask region of host memory: rows of `words` words, the first k_tiles bits of
+ * each counted. */
+static inline uint64_t be_mask_live(const uint32_t *w, uint64_t bytes, uint32_t words,
+                                    uint32_t k_tiles)
+{
+    uint64_t rows = words ? bytes / 4 / words : 0, live = 0;
+    uint32_t full = k_tiles / 32, rem = k_tiles % 32;
+    uint32_t last = rem ? (uint32_t)((1ull << rem) - 1) : 0;
+    for (uint64_t r = 0; r < rows; r++, w += words) {
+        for (uint32_t i = 0; i < full; i++)
+            live += (uint64_t)__builtin_popcount(w[i]);
+        if (rem)
+            live += (uint64_t)__builtin_popcount(w[full] & last);
+    }
+    return live;
+}
 
 #endif /* LA_BACKEND_H */

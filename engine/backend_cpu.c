@@ -1,16 +1,29 @@
 /*
  * backend_cpu.c — the CPU backend: kernels/ref.c (la_ref_attn_fwd) on a pool of worker threads.
  *
- * Threading model: `threads` workers take jobs from one FIFO queue. A worker that takes a job
- * gives it threads / (jobs running + jobs still queued) reference threads (at least 1), so a
- * job alone gets the whole machine (lowest latency for one client), and under load the pool
- * degrades to about one thread per job with several jobs running side by side. Jobs start in
- * arrival order and a large job never holds more than the workers' share it got when it
- * started, so a small job of another client waits at most for a free worker, never for the
- * large job to end (the kernel threads of both are then time-sliced by the OS).
+ * Scheduling: `threads` workers take work from one fair queue (fairq.h: per user, then per
+ * session, by cost in multiply-adds). A call does not run in one piece: it runs in slices of
+ * about `slice_macs` multiply-adds (a group of heads of one batch row, or for a large head a
+ * range of its q-tiles), each through the same la_ref_attn_fwd with offset pointers, so the
+ * outputs and the mask are bit-identical to one whole call (every (b, h, q-tile) item is
+ * computed independently of the others). Between slices the worker goes back to the queue,
+ * which charges each slice to its user and session, so a small call of another user waits for
+ * at most one slice, however large the calls queued before it; and a call can be cancelled
+ * between slices (its connection closed, the daemon stops). A call cancelled half-way has
+ * updated the mask of some of its heads only: its layer's mask is set back to all ones (the
+ * next call of that layer computes densely), which is always correct.
  *
- * Calls on the same mask (session, layer, kv shard) are serialised in submission order (see
- * pick()); the GPU backend gets the same order from its single stream per device.
+ * A worker that takes a slice gives it threads / (slices running + jobs queued) reference
+ * threads (at least 1), so a job alone gets the whole machine and under load the pool
+ * degrades to about one thread per job. The slice's unit is a q-tile against all keys, which
+ * one call with very many keys can make long: `threads` spare workers take slices only of
+ * users that have none running when all regular workers are busy (the OS then time-slices),
+ * so every user makes progress at once.
+ *
+ * Calls on the same mask (session, layer, kv shard) are serialised in submission order (the
+ * fair queue never lets one overtake an earlier call of its session on the same mask, and a
+ * running slice blocks the other calls on its mask); the GPU backend gets the same order from
+ * its single stream per device.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -21,17 +34,23 @@
 #include <unistd.h>
 
 #include "backend.h"
+#include "fairq.h"
+
+#define DEFAULT_SLICE_MACS (1ull << 28) /* ~0.03-0.1 s of one reference thread */
 
 typedef struct cpu_backend {
     be_backend base;
-    int n_workers;
+    int n_workers; /* threads that compute at once in the normal case */
+    int n_threads; /* n_workers regular + n_workers spare (see slice_blocked) */
+    uint64_t slice_macs;
     pthread_t *workers;
-    const void **busy; /* masks of the running jobs, [running] */
+    be_job **busy; /* the jobs whose slice runs now, [running] */
     int started;
     pthread_mutex_t lock;
     pthread_cond_t cond;
-    be_job *head, *tail;
-    int queued, running;
+    fq q;
+    be_job *cancelled; /* taken from the queue half-done: a worker resets their mask */
+    int running;
     int stopping;
 } cpu_backend;
 
@@ -42,25 +61,122 @@ uint64_t be_now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
-/* The first queued job whose mask no running job and no earlier queued job uses: calls on one
- * (session, layer, kv shard) run one after the other in submission order, since each reads
- * the mask the previous one wrote; calls on other masks overtake them. Under c->lock. */
-static be_job *pick(cpu_backend *c, be_job **ret_prev)
+/* A job may not start a slice while another job's slice on the same mask runs, or while a
+ * cancelled job still has to reset that mask. Once every regular worker is busy, a spare
+ * worker takes a slice only of a user that has none running: a single q-tile with very many
+ * keys cannot be cut, and another user must not wait for it. Under c->lock. */
+static int slice_blocked(void *ctx, const be_job *j)
 {
-    be_job *prev = NULL;
-    for (be_job *j = c->head; j; prev = j, j = j->be_next) {
-        const void *m = j->p.mask;
-        int blocked = 0;
-        for (int i = 0; i < c->running && !blocked; i++)
-            blocked = m && c->busy[i] == m;
-        for (be_job *k = c->head; k != j && !blocked; k = k->be_next)
-            blocked = m && k->p.mask == m;
-        if (!blocked) {
-            *ret_prev = prev;
-            return j;
-        }
+    cpu_backend *c = ctx;
+    const void *m = j->p.mask;
+    if (c->running >= c->n_workers)
+        for (int i = 0; i < c->running; i++)
+            if (c->busy[i]->uid == j->uid)
+                return 1;
+    if (!m)
+        return 0;
+    for (int i = 0; i < c->running; i++)
+        if (c->busy[i]->p.mask == m)
+            return 1;
+    for (const be_job *k = c->cancelled; k; k = k->be_next)
+        if (k->p.mask == m)
+            return 1;
+    return 0;
+}
+
+/* How a call is cut: heads per slice (hp > 0) or, when one head alone is larger than a slice,
+ * q-tiles per slice (tp > 0). Returns the number of slices. */
+static int64_t plan(const cpu_backend *c, const la_attn_params *p, int64_t *ret_hp, int64_t *ret_tp)
+{
+    double per_head = 2.0 * p->Sq * (double)p->Sk * p->D, slice = (double)c->slice_macs;
+    int64_t nq = la_tiles(p->Sq, p->BM);
+    if (per_head <= slice) {
+        int64_t hp = (int64_t)(slice / per_head);
+        hp = hp < 1 ? 1 : hp > p->H ? p->H : hp;
+        *ret_hp = hp, *ret_tp = 0;
+        return (int64_t)p->B * ((p->H + hp - 1) / hp);
     }
-    return NULL;
+    double per_tile = 2.0 * p->BM * (double)p->Sk * p->D;
+    int64_t tp = (int64_t)(slice / per_tile);
+    tp = tp < 1 ? 1 : tp > nq ? nq : tp;
+    *ret_hp = 0, *ret_tp = tp;
+    return (int64_t)p->B * p->H * ((nq + tp - 1) / tp);
+}
+
+/* The parameters of slice i of p (same strides, offset pointers, fewer heads or rows); its
+ * cost in multiply-adds. */
+static uint64_t slice_params(const cpu_backend *c, const la_attn_params *p, int64_t i,
+                             la_attn_params *sp)
+{
+    int64_t hp, tp;
+    plan(c, p, &hp, &tp);
+    int64_t b, h0, hn, r0 = 0, m0 = 0;
+    int32_t sq = p->Sq;
+    if (hp) {
+        int64_t per_b = (p->H + hp - 1) / hp;
+        b = i / per_b;
+        h0 = i % per_b * hp;
+        hn = p->H - h0 < hp ? p->H - h0 : hp;
+    } else {
+        int64_t nq = la_tiles(p->Sq, p->BM), per_h = (nq + tp - 1) / tp;
+        b = i / (per_h * p->H);
+        h0 = i / per_h % p->H;
+        hn = 1;
+        m0 = i % per_h * tp;
+        r0 = m0 * p->BM;
+        int64_t rows = tp * p->BM;
+        sq = (int32_t)(p->Sq - r0 < rows ? p->Sq - r0 : rows);
+    }
+    size_t es = la_dtype_size(p->dtype);
+    *sp = *p;
+    sp->B = 1;
+    sp->H = (int32_t)hn;
+    sp->Sq = sq;
+    sp->q = (const char *)p->q +
+            es * (size_t)(b * p->q_stride[0] + r0 * p->q_stride[1] + h0 * p->q_stride[2]);
+    sp->o = (char *)p->o +
+            es * (size_t)(b * p->o_stride[0] + r0 * p->o_stride[1] + h0 * p->o_stride[2]);
+    sp->k = (const char *)p->k + es * (size_t)(b * p->k_stride[0] + h0 * p->k_stride[2]);
+    sp->v = (const char *)p->v + es * (size_t)(b * p->v_stride[0] + h0 * p->v_stride[2]);
+    if (p->lse)
+        sp->lse = p->lse + b * p->lse_stride[0] + h0 * p->lse_stride[1] + r0 * p->lse_stride[2];
+    int64_t mo = b * p->mask_stride[0] + h0 * p->mask_stride[1] + m0 * p->mask_stride[2];
+    if (p->mask)
+        sp->mask = p->mask + mo;
+    if (p->decisions)
+        sp->decisions = p->decisions + mo;
+    sp->ret_tiles_computed = NULL;
+    return (uint64_t)(2.0 * hn * (double)sq * p->Sk * p->D);
+}
+
+/* The region's first call sets it to all ones before it runs. */
+static void init_mask(be_job *j)
+{
+    if (j->mask_ready && !atomic_load(j->mask_ready)) {
+        memset((char *)j->mask->host + j->mask_off, 0xff, (size_t)j->mask_len);
+        atomic_store(j->mask_ready, 1);
+    }
+}
+
+/* A call stopped after some of its slices wrote the mask: all ones again (dense). */
+static void undo_mask(be_job *j)
+{
+    if (j->be_cursor > 0 && j->p.mask && !j->p.decisions && j->p.mode != LA_MODE_DENSE) {
+        memset(j->p.mask, 0xff, (size_t)j->mask_len);
+        j->has_live = 1;
+        j->live_bits = be_mask_live(j->p.mask, j->mask_len, j->mask_words, j->mask_k_tiles);
+    }
+}
+
+static void set_cancelled(be_job *j, int code)
+{
+    j->status = code;
+    snprintf(j->msg, sizeof j->msg, "%s",
+             code == LA_ECLOSED ? "cancelled: the connection closed"
+                                : "cancelled: the daemon is shutting down");
+    if (!j->t_start_ns)
+        j->t_start_ns = be_now_ns();
+    j->t_end_ns = be_now_ns();
 }
 
 static void *worker_main(void *arg)
@@ -68,44 +184,78 @@ static void *worker_main(void *arg)
     cpu_backend *c = arg;
     pthread_mutex_lock(&c->lock);
     for (;;) {
-        be_job *j, *prev;
-        while (!(j = pick(c, &prev)) && !c->stopping)
+        if (c->cancelled) {
+            be_job *j = c->cancelled;
+            c->cancelled = j->be_next;
+            j->be_next = NULL;
+            pthread_mutex_unlock(&c->lock);
+            undo_mask(j);
+            c->base.complete(c->base.complete_data, j);
+            pthread_mutex_lock(&c->lock);
+            pthread_cond_broadcast(&c->cond);
+            continue;
+        }
+        be_job *j = c->running < c->n_threads ? fq_pick(&c->q, slice_blocked, c, 0) : NULL;
+        if (!j) {
+            if (c->stopping && c->q.queued == 0)
+                break;
             pthread_cond_wait(&c->cond, &c->lock);
-        if (!j)
-            break; /* stopping and nothing left (stop() cancels the queue first) */
-        if (prev)
-            prev->be_next = j->be_next;
-        else
-            c->head = j->be_next;
-        if (c->tail == j)
-            c->tail = prev;
-        c->queued--;
-        c->busy[c->running++] = j->p.mask;
-        int share = c->n_workers / (c->running + c->queued);
+            continue;
+        }
+        c->busy[c->running++] = j;
+        int share = c->n_workers / (c->running + c->q.queued);
+        la_attn_params sp;
+        uint64_t cost = slice_params(c, &j->p, j->be_cursor, &sp);
+        fq_charge(&c->q, j, cost);
+        if (j->be_cursor == 0) {
+            j->t_start_ns = be_now_ns();
+            j->tiles_computed = 0;
+        }
         pthread_mutex_unlock(&c->lock);
 
-        j->be_next = NULL;
-        j->p.threads = share > 0 ? share : 1;
-        j->tiles_computed = 0;
-        j->p.ret_tiles_computed = &j->tiles_computed;
-        j->t_start_ns = be_now_ns();
-        int rc = la_ref_attn_fwd(&j->p);
-        j->t_end_ns = be_now_ns();
-        j->p.ret_tiles_computed = NULL;
-        j->status = rc;
-        if (rc < 0)
-            snprintf(j->msg, sizeof j->msg, "cpu reference refused the call: %s",
-                     codes_strerror(rc));
-        const void *mask = j->p.mask; /* j belongs to the engine after complete() */
-        c->base.complete(c->base.complete_data, j);
+        if (j->be_cursor == 0)
+            init_mask(j);
+        int64_t tiles = 0;
+        sp.threads = share > 0 ? share : 1;
+        sp.ret_tiles_computed = &tiles;
+        int rc = la_ref_attn_fwd(&sp);
 
         pthread_mutex_lock(&c->lock);
         for (int i = 0; i < c->running; i++)
-            if (c->busy[i] == mask) {
+            if (c->busy[i] == j) {
                 c->busy[i] = c->busy[--c->running];
                 break;
             }
+        j->tiles_computed += tiles;
+        int64_t hp, tp, n = plan(c, &j->p, &hp, &tp);
+        if (rc == 0)
+            j->be_cursor++;
+        if (rc == 0 && j->be_cursor < n && !j->be_cancel) {
+            fq_requeue(&c->q, j);
+            pthread_cond_broadcast(&c->cond);
+            continue;
+        }
+        fq_done(&c->q, j);
         pthread_cond_broadcast(&c->cond);
+        pthread_mutex_unlock(&c->lock);
+        if (rc < 0) {
+            j->status = rc;
+            snprintf(j->msg, sizeof j->msg, "cpu reference refused the call: %s",
+                     codes_strerror(rc));
+            undo_mask(j);
+        } else if (j->be_cursor < n) {
+            set_cancelled(j, j->be_cancel);
+            undo_mask(j);
+        } else {
+            j->status = 0;
+            if (j->p.mask && !j->p.decisions && j->p.mode != LA_MODE_DENSE) {
+                j->has_live = 1;
+                j->live_bits = be_mask_live(j->p.mask, j->mask_len, j->mask_words, j->mask_k_tiles);
+            }
+        }
+        j->t_end_ns = be_now_ns();
+        c->base.complete(c->base.complete_data, j); /* j belongs to the engine now */
+        pthread_mutex_lock(&c->lock);
     }
     pthread_mutex_unlock(&c->lock);
     return NULL;
@@ -169,8 +319,7 @@ static int cpu_mask_alloc(be_backend *b, int dev, uint64_t bytes, be_mask **ret_
         free(m);
         return LA_ENOMEM;
     }
-    memset(m->host, 0xff, alloc);
-    m->dev_ptr = m->host;
+    m->dev_ptr = m->host; /* untouched: large allocations are mapped lazily */
     m->bytes = bytes;
     m->dev = dev;
     *ret_mask = m;
@@ -185,12 +334,6 @@ static void cpu_mask_free(be_backend *b, be_mask *m)
     free(m);
 }
 
-static int cpu_mask_reset(be_backend *b, be_mask *m)
-{
-    memset(m->host, 0xff, (size_t)m->bytes);
-    return 0;
-}
-
 static int cpu_submit(be_backend *b, be_job *job)
 {
     cpu_backend *c = (cpu_backend *)b;
@@ -199,39 +342,68 @@ static int cpu_submit(be_backend *b, be_job *job)
         pthread_mutex_unlock(&c->lock);
         return LA_ESHUTDOWN;
     }
-    job->be_next = NULL;
-    if (c->tail)
-        c->tail->be_next = job;
-    else
-        c->head = job;
-    c->tail = job;
-    c->queued++;
-    pthread_cond_signal(&c->cond);
+    job->be_cursor = 0;
+    job->be_cancel = 0;
+    job->t_start_ns = 0;
+    int rc = fq_push(&c->q, job);
+    if (rc == 0)
+        pthread_cond_signal(&c->cond);
     pthread_mutex_unlock(&c->lock);
-    return 0;
+    return rc;
+}
+
+typedef struct conn_match {
+    uint64_t conn_id;
+    int all;
+} conn_match;
+
+static int match_conn(void *ctx, const be_job *j)
+{
+    const conn_match *m = ctx;
+    return m->all || j->conn_id == m->conn_id;
+}
+
+static void cpu_cancel(be_backend *b, uint64_t conn_id, int all, int code)
+{
+    cpu_backend *c = (cpu_backend *)b;
+    conn_match m = {conn_id, all};
+    pthread_mutex_lock(&c->lock);
+    be_job *list = fq_take(&c->q, match_conn, &m), *fresh = NULL;
+    while (list) {
+        be_job *j = list;
+        list = j->be_next;
+        set_cancelled(j, code);
+        if (j->be_cursor > 0) { /* half done: a worker puts its mask back first */
+            j->be_next = c->cancelled;
+            c->cancelled = j;
+        } else {
+            j->be_next = fresh;
+            fresh = j;
+        }
+    }
+    for (int i = 0; i < c->running; i++)
+        if (match_conn(&m, c->busy[i]) && !c->busy[i]->be_cancel)
+            c->busy[i]->be_cancel = code;
+    pthread_cond_broadcast(&c->cond);
+    pthread_mutex_unlock(&c->lock);
+    while (fresh) {
+        be_job *j = fresh;
+        fresh = j->be_next;
+        j->be_next = NULL;
+        c->base.complete(c->base.complete_data, j);
+    }
 }
 
 static void cpu_stop(be_backend *b)
 {
     cpu_backend *c = (cpu_backend *)b;
+    cpu_cancel(b, 0, 1, LA_ESHUTDOWN);
     pthread_mutex_lock(&c->lock);
     c->stopping = 1;
-    be_job *list = c->head;
-    c->head = c->tail = NULL;
-    c->queued = 0;
     pthread_cond_broadcast(&c->cond);
     pthread_mutex_unlock(&c->lock);
-    while (list) {
-        be_job *next = list->be_next;
-        list->be_next = NULL;
-        list->status = LA_ESHUTDOWN;
-        snprintf(list->msg, sizeof list->msg, "the daemon is shutting down");
-        list->t_start_ns = list->t_end_ns = be_now_ns();
-        c->base.complete(c->base.complete_data, list);
-        list = next;
-    }
     if (c->started) {
-        for (int i = 0; i < c->n_workers; i++)
+        for (int i = 0; i < c->n_threads; i++)
             pthread_join(c->workers[i], NULL);
         c->started = 0;
     }
@@ -260,17 +432,17 @@ static const be_ops cpu_ops = {
     .supports = cpu_supports,
     .mask_alloc = cpu_mask_alloc,
     .mask_free = cpu_mask_free,
-    .mask_reset = cpu_mask_reset,
     .buffer_import = NULL,
     .buffer_release = NULL,
     .submit = cpu_submit,
+    .cancel = cpu_cancel,
     .stop = cpu_stop,
     .free = cpu_free,
     .fatal = cpu_fatal,
 };
 
-int be_cpu_new(int threads, be_complete_fn complete, void *complete_data, be_backend **ret,
-               char *msg, size_t msg_len)
+int be_cpu_new(int threads, uint64_t slice_macs, be_complete_fn complete, void *complete_data,
+               be_backend **ret, char *msg, size_t msg_len)
 {
     if (threads <= 0) {
         long n = sysconf(_SC_NPROCESSORS_ONLN);
@@ -285,15 +457,18 @@ int be_cpu_new(int threads, be_complete_fn complete, void *complete_data, be_bac
     c->base.complete = complete;
     c->base.complete_data = complete_data;
     c->n_workers = threads;
+    c->n_threads = 2 * threads;
+    c->slice_macs = slice_macs ? slice_macs : DEFAULT_SLICE_MACS;
+    fq_init(&c->q);
     pthread_mutex_init(&c->lock, NULL);
     pthread_cond_init(&c->cond, NULL);
-    c->workers = calloc((size_t)threads, sizeof *c->workers);
-    c->busy = calloc((size_t)threads, sizeof *c->busy);
+    c->workers = calloc((size_t)c->n_threads, sizeof *c->workers);
+    c->busy = calloc((size_t)c->n_threads, sizeof *c->busy);
     if (!c->workers || !c->busy) {
         cpu_free(&c->base);
         return LA_ENOMEM;
     }
-    for (int i = 0; i < threads; i++) {
+    for (int i = 0; i < c->n_threads; i++) {
         int rc = pthread_create(&c->workers[i], NULL, worker_main, c);
         if (rc) {
             /* Join the ones that started. */

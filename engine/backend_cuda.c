@@ -53,12 +53,16 @@ int be_cuda_new(be_complete_fn complete, void *complete_data, logsink_fn log, vo
 #include <string.h>
 #include <time.h>
 
+#include "fairq.h"
 #include "la_cuda.h"
 
 #define N_SLOTS 1024 /* jobs in flight per device (tile counters) */
 #define N_EVENTS 256 /* completion IPC events per device, used round robin */
 #define MAX_DEVICES 64
 #define N_WAIT_CACHE 64 /* client IPC events kept open per device, replaced round robin */
+/* Jobs launched on a stream and not finished yet. Few, so that the fair queue (fairq.h), not
+ * the stream's FIFO, decides what runs next; enough to hide the launch gap between calls. */
+#define STREAM_DEPTH 3
 
 typedef CUresult (*get_range_fn)(CUdeviceptr *pbase, size_t *psize, CUdeviceptr dptr);
 
@@ -102,7 +106,7 @@ struct gpu {
 
     pthread_mutex_t lock;
     pthread_cond_t cond;
-    be_job *head, *tail;       /* queued */
+    fq q;                      /* queued */
     be_job *slot_job[N_SLOTS]; /* launched, host function not run yet, by counter slot */
     slot_ctx slot_ctx[N_SLOTS];
     int n_inflight;
@@ -243,6 +247,13 @@ static void CUDART_CB host_done(void *arg)
     j->be_slot = -1;
     pthread_cond_broadcast(&g->cond);
     pthread_mutex_unlock(&g->lock);
+    /* Not under g->lock: the loop thread submits under it. */
+    if (j->mask && j->p.mode != LA_MODE_DENSE && !j->p.decisions) {
+        /* The host view of the region was refreshed before this host function ran. */
+        j->has_live = 1;
+        j->live_bits = be_mask_live((const uint32_t *)((char *)j->mask->host + j->mask_off),
+                                    j->mask_len, j->mask_words, j->mask_k_tiles);
+    }
     finish(g, j, 0, NULL, NULL);
 }
 
@@ -250,7 +261,7 @@ static void CUDART_CB host_done(void *arg)
 static void fail_all(gpu *g, const char *why)
 {
     pthread_mutex_lock(&g->lock);
-    be_job *list = NULL, *q = g->head;
+    be_job *list = NULL, *q = fq_take(&g->q, NULL, NULL);
     /* Their slots stay out of use: the dead context may still hold work on them. */
     for (int k = 0; k < N_SLOTS && g->n_inflight > 0; k++)
         if (g->slot_job[k]) {
@@ -260,7 +271,6 @@ static void fail_all(gpu *g, const char *why)
             g->n_inflight--;
         }
     g->n_inflight = 0;
-    g->head = g->tail = NULL;
     pthread_mutex_unlock(&g->lock);
     for (int pass = 0; pass < 2; pass++) {
         be_job *j = pass ? q : list;
@@ -320,6 +330,15 @@ static void launch(gpu *g, be_job *j)
         return;
     }
     j->be_slot = slot;
+    if (j->mask_ready && !atomic_load(j->mask_ready)) {
+        /* The region's first call: all ones, on the device in stream order and in the host
+         * view here (the worker's time, not the loop's). */
+        if ((e = cudaMemsetAsync((char *)j->mask->dev_ptr + j->mask_off, 0xff, (size_t)j->mask_len,
+                                 g->stream)) != cudaSuccess)
+            goto fail;
+        memset((char *)j->mask->host + j->mask_off, 0xff, (size_t)j->mask_len);
+        atomic_store(j->mask_ready, 1);
+    }
     unsigned long long *counter = g->d_tiles + slot;
     if ((e = cudaMemsetAsync(counter, 0, sizeof *counter, g->stream)) != cudaSuccess)
         goto fail;
@@ -433,12 +452,11 @@ static void *gpu_main(void *arg)
             pthread_cond_wait(&g->cond, &g->lock);
             continue;
         }
-        if (g->head) {
-            be_job *j = g->head;
-            g->head = j->be_next;
-            if (!g->head)
-                g->tail = NULL;
-            j->be_next = NULL;
+        be_job *j = g->n_inflight < STREAM_DEPTH ? fq_pick(&g->q, NULL, NULL, 1) : NULL;
+        if (j) {
+            /* A kernel is not preemptible: the whole call is charged as it starts. */
+            fq_charge(&g->q, j, j->cost);
+            fq_done(&g->q, j);
             pthread_mutex_unlock(&g->lock);
             launch(g, j);
             pthread_mutex_lock(&g->lock);
@@ -467,7 +485,7 @@ static void *gpu_main(void *arg)
             pthread_mutex_lock(&g->lock);
             continue;
         }
-        if (!g->head && !g->stopping) {
+        if (!g->stopping) {
             struct timespec ts;
             clock_gettime(CLOCK_REALTIME, &ts);
             ts.tv_nsec += 2 * 1000 * 1000; /* 2 ms */
@@ -560,8 +578,6 @@ static int cu_mask_alloc(be_backend *b, int dev, uint64_t bytes, be_mask **ret_m
         e = cudaHostAlloc(&h, (size_t)bytes, cudaHostAllocPortable);
     if (e == cudaSuccess)
         e = cudaMallocAsync(&d, (size_t)bytes, g->stream);
-    if (e == cudaSuccess)
-        e = cudaMemsetAsync(d, 0xff, (size_t)bytes, g->stream);
     if (e != cudaSuccess) {
         check_sticky(cb, g, e, "mask allocation");
         if (d || h) {
@@ -579,8 +595,7 @@ static int cu_mask_alloc(be_backend *b, int dev, uint64_t bytes, be_mask **ret_m
         free(m);
         return map_err(e);
     }
-    memset(h, 0xff, (size_t)bytes);
-    m->dev_ptr = d;
+    m->dev_ptr = d; /* regions are set to all ones by the worker (launch) */
     m->host = h;
     m->bytes = bytes;
     m->dev = dev;
@@ -608,21 +623,6 @@ static void cu_mask_free(be_backend *b, be_mask *m)
               (unsigned long long)m->bytes);
     }
     free(m);
-}
-
-static int cu_mask_reset(be_backend *b, be_mask *m)
-{
-    cuda_backend *cb = (cuda_backend *)b;
-    gpu *g = &cb->gpus[m->dev];
-    cudaError_t e = cudaSetDevice(g->ordinal);
-    if (e == cudaSuccess)
-        e = cudaMemsetAsync(m->dev_ptr, 0xff, (size_t)m->bytes, g->stream);
-    if (e != cudaSuccess) {
-        check_sticky(cb, g, e, "mask reset");
-        return map_err(e);
-    }
-    memset(m->host, 0xff, (size_t)m->bytes);
-    return 0;
 }
 
 static int cu_buffer_import(be_backend *b, const void *handle, size_t len, const char *uuid,
@@ -742,15 +742,46 @@ static int cu_submit(be_backend *b, be_job *job)
         pthread_mutex_unlock(&g->lock);
         return LA_ESHUTDOWN;
     }
-    job->be_next = NULL;
-    if (g->tail)
-        g->tail->be_next = job;
-    else
-        g->head = job;
-    g->tail = job;
-    pthread_cond_broadcast(&g->cond);
+    int rc = fq_push(&g->q, job);
+    if (rc == 0)
+        pthread_cond_broadcast(&g->cond);
     pthread_mutex_unlock(&g->lock);
-    return 0;
+    return rc;
+}
+
+typedef struct conn_match {
+    uint64_t conn_id;
+    int all;
+} conn_match;
+
+static int match_conn(void *ctx, const be_job *j)
+{
+    const conn_match *m = ctx;
+    return m->all || j->conn_id == m->conn_id;
+}
+
+/* Launched work cannot be taken back; what is still queued is. */
+static void cu_cancel(be_backend *b, uint64_t conn_id, int all, int code)
+{
+    cuda_backend *cb = (cuda_backend *)b;
+    conn_match m = {conn_id, all};
+    for (int i = 0; i < cb->n; i++) {
+        gpu *g = &cb->gpus[i];
+        if (!g->cb)
+            continue;
+        pthread_mutex_lock(&g->lock);
+        be_job *list = fq_take(&g->q, match_conn, &m);
+        pthread_mutex_unlock(&g->lock);
+        while (list) {
+            be_job *next = list->be_next;
+            list->be_next = NULL;
+            finish(g, list, code,
+                   code == LA_ECLOSED ? "GPU %s: cancelled: the connection closed%s"
+                                      : "GPU %s: cancelled: the daemon is shutting down%s",
+                   "");
+            list = next;
+        }
+    }
 }
 
 static void cu_stop(be_backend *b)
@@ -762,8 +793,7 @@ static void cu_stop(be_backend *b)
             continue; /* never initialised */
         pthread_mutex_lock(&g->lock);
         g->stopping = 1;
-        be_job *list = g->head;
-        g->head = g->tail = NULL;
+        be_job *list = fq_take(&g->q, NULL, NULL);
         pthread_cond_broadcast(&g->cond);
         pthread_mutex_unlock(&g->lock);
         while (list) {
@@ -844,10 +874,10 @@ static const be_ops cuda_ops = {
     .supports = cu_supports,
     .mask_alloc = cu_mask_alloc,
     .mask_free = cu_mask_free,
-    .mask_reset = cu_mask_reset,
     .buffer_import = cu_buffer_import,
     .buffer_release = cu_buffer_release,
     .submit = cu_submit,
+    .cancel = cu_cancel,
     .stop = cu_stop,
     .free = cu_free,
     .fatal = cu_fatal,
@@ -867,6 +897,7 @@ static int gpu_init(cuda_backend *cb, gpu *g, int ordinal, char *msg, size_t msg
     g->memory = prop.totalGlobalMem;
     pthread_mutex_init(&g->lock, NULL);
     pthread_cond_init(&g->cond, NULL);
+    fq_init(&g->q);
     if ((e = cudaSetDevice(ordinal)) != cudaSuccess ||
         (e = cudaStreamCreateWithFlags(&g->stream, cudaStreamNonBlocking)) != cudaSuccess ||
         (e = cudaMalloc((void **)&g->d_tiles, N_SLOTS * sizeof *g->d_tiles)) != cudaSuccess ||

@@ -64,15 +64,33 @@ uint64_t buf_count(const eng *e, uint64_t *ret_bytes)
 }
 
 /* Checks the connection's buffer count and bytes against the limits for one more of size. */
-static int conn_limits(eng *e, uint64_t conn_id, uint64_t size, eng_error *err)
+static int conn_limits(eng *e, uint32_t uid, uint64_t conn_id, uint64_t size, eng_error *err)
 {
-    uint64_t n = 0, bytes = 0;
+    uint64_t n = 0, bytes = 0, n_user = 0, n_all = 0;
     const buf *b;
-    list_for_each_entry (b, &e->buffers, buf, link)
+    list_for_each_entry (b, &e->buffers, buf, link) {
+        n_all++;
+        n_user += b->uid == uid;
         if (b->conn_id == conn_id) {
             n++;
             bytes += b->size;
         }
+    }
+    /* Every buffer is a mapping of the daemon: per user and in all, they stay well under
+     * vm.max_map_count, so that no user can leave the others unable to connect. */
+    const eng_limits *lu = &e->cfg.limits;
+    if (lu->max_buffers_per_user && n_user + 1 > lu->max_buffers_per_user) {
+        eng_errf(err,
+                 "conn %llu: uid %u has %llu buffers registered, the max_buffers_per_user "
+                 "limit",
+                 (unsigned long long)conn_id, uid, (unsigned long long)n_user);
+        return LA_ELIMIT;
+    }
+    if (e->max_buffers_total && n_all + 1 > e->max_buffers_total) {
+        eng_errf(err, "conn %llu: the daemon holds %llu buffers, its max_buffers_total limit",
+                 (unsigned long long)conn_id, (unsigned long long)n_all);
+        return LA_ELIMIT;
+    }
     const eng_limits *l = &e->cfg.limits;
     if (l->max_buffers_per_conn && n + 1 > l->max_buffers_per_conn) {
         eng_errf(err, "conn %llu: buffer limit reached (%llu buffers registered, limit %u)",
@@ -165,7 +183,7 @@ int eng_buffer_add_shm(eng *e, uint32_t uid, uint64_t conn_id, int fd, uint64_t 
             goto fail;
         }
     }
-    if ((rc = conn_limits(e, conn_id, size, err)) < 0)
+    if ((rc = conn_limits(e, uid, conn_id, size, err)) < 0)
         goto fail;
     void *p = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (p == MAP_FAILED) {
@@ -216,7 +234,7 @@ int eng_buffer_add_cuda_ipc(eng *e, uint32_t uid, uint64_t conn_id, const void *
                  (unsigned long long)conn_id);
         return LA_ENODEV;
     }
-    if ((rc = conn_limits(e, conn_id, size, err)) < 0)
+    if ((rc = conn_limits(e, uid, conn_id, size, err)) < 0)
         return rc;
     be_import *imp = NULL;
     void *ptr = NULL;

@@ -44,12 +44,16 @@ void eng_config_default(eng_config *cfg)
     cfg->cpu_threads = 0;
     cfg->limits.max_buffers_per_conn = 256;
     cfg->limits.max_buffer_bytes_per_conn = 64ull << 30;
+    cfg->limits.max_buffers_per_user = 2048;
+    cfg->limits.max_buffers_total = 0;
     cfg->limits.max_sessions_per_user = 64;
     cfg->limits.max_mask_bytes_per_user = 4ull << 30;
     cfg->limits.mask_memory_cap = 0;
     cfg->limits.max_inflight_per_conn = 64;
     cfg->limits.session_grace_s = 300;
     cfg->limits.session_ttl_s = 3600;
+    cfg->limits.max_call_cost = 1ull << 47;
+    cfg->limits.max_queued_cost_per_user = 1ull << 53;
 }
 
 /* Backend threads: queue the finished job for the loop thread. */
@@ -72,6 +76,19 @@ int eng_new(const eng_config *cfg, eng **ret_engine, eng_error *err)
         return LA_ENOMEM;
     }
     e->cfg = *cfg;
+    e->max_buffers_total = cfg->limits.max_buffers_total;
+    if (!e->max_buffers_total) {
+        /* Half of the process's mapping budget: the rest stays for masks, thread stacks,
+         * malloc and the connections' buffers. */
+        unsigned long long maps = 65530;
+        FILE *f = fopen("/proc/sys/vm/max_map_count", "r");
+        if (f) {
+            if (fscanf(f, "%llu", &maps) != 1)
+                maps = 65530;
+            fclose(f);
+        }
+        e->max_buffers_total = maps / 2;
+    }
     list_init(&e->sessions);
     list_init(&e->users);
     list_init(&e->buffers);
@@ -86,7 +103,8 @@ int eng_new(const eng_config *cfg, eng **ret_engine, eng_error *err)
         return LA_EINVAL;
     }
     char msg[256] = "";
-    int rc = be_cpu_new(cfg->cpu_threads, job_complete, e, &e->cpu, msg, sizeof msg);
+    int rc = be_cpu_new(cfg->cpu_threads, cfg->cpu_slice_macs, job_complete, e, &e->cpu, msg,
+                        sizeof msg);
     if (rc < 0) {
         eng_errf(err, "%s", msg[0] ? msg : "cpu backend: out of memory");
         eng_free(e);
@@ -142,12 +160,21 @@ size_t eng_devices(const eng *e, eng_device_info *out, size_t max)
 
 const char *eng_backends(const eng *e) { return e->backends; }
 
+static void cancel(eng *e, uint64_t conn_id, int all, int code)
+{
+    be_backend *bes[2] = {e->cpu, e->cuda};
+    for (int i = 0; i < 2; i++)
+        if (bes[i] && bes[i]->ops->cancel)
+            bes[i]->ops->cancel(bes[i], conn_id, all, code);
+}
+
 void eng_conn_closed(eng *e, uint64_t conn_id)
 {
     eng_job *j;
     list_for_each_entry (j, &e->jobs, eng_job, link)
         if (j->conn_id == conn_id)
             j->conn_closed = 1;
+    cancel(e, conn_id, 0, LA_ECLOSED);
     buf_conn_closed(e, conn_id);
     sess_conn_closed(e, conn_id);
 }
@@ -494,9 +521,52 @@ static void build_params(const sess *s, const eng_attn_req *req, const tref t[6]
     bj->mask = s->masks->mask;
     bj->mask_off = mask_off;
     bj->mask_len = s->layer_mask_bytes;
+    bj->mask_ready = &s->masks->ready[req->layer * s->kv_shards + req->kv_shard];
+    bj->mask_words = s->n_k_words;
+    bj->mask_k_tiles = s->n_k_tiles;
     bj->has_wait_event = req->has_wait_event;
     if (req->has_wait_event)
         memcpy(bj->wait_event, req->wait_event, sizeof bj->wait_event);
+}
+
+/* The call's cost in multiply-adds, from the shapes alone (zero strides let a small buffer
+ * stand for a huge tensor, but the kernel still does every multiply-add), against the per-call
+ * and per-user limits. */
+static int check_cost(eng *e, uint32_t uid, const sess *s, const char *sname,
+                      const eng_attn_req *req, uint64_t *ret_cost, eng_user **ret_user,
+                      eng_error *err)
+{
+    uint64_t cost = 2;
+    int64_t dims[5] = {req->q.shape[0], (int64_t)s->heads, req->q.shape[1], req->k.shape[1],
+                       (int64_t)s->head_dim};
+    for (int i = 0; i < 5; i++)
+        if (__builtin_mul_overflow(cost, (uint64_t)dims[i], &cost))
+            cost = UINT64_MAX;
+    const eng_limits *lim = &e->cfg.limits;
+    if (lim->max_call_cost && cost > lim->max_call_cost) {
+        eng_errf(err,
+                 "%s: the call costs %llu multiply-adds, above the daemon's max_call_cost "
+                 "limit of %llu",
+                 sname, (unsigned long long)cost, (unsigned long long)lim->max_call_cost);
+        return LA_ELIMIT;
+    }
+    eng_user *u = sess_user(e, uid, 1);
+    if (!u) {
+        eng_errf(err, "out of memory");
+        return LA_ENOMEM;
+    }
+    if (lim->max_queued_cost_per_user && (cost > lim->max_queued_cost_per_user ||
+                                          u->queued_cost > lim->max_queued_cost_per_user - cost)) {
+        eng_errf(err,
+                 "%s: uid %u already has %llu multiply-adds of calls queued or running; "
+                 "this one (%llu) would exceed the max_queued_cost_per_user limit of %llu",
+                 sname, uid, (unsigned long long)u->queued_cost, (unsigned long long)cost,
+                 (unsigned long long)lim->max_queued_cost_per_user);
+        return LA_ELIMIT;
+    }
+    *ret_cost = cost;
+    *ret_user = u;
+    return 0;
 }
 
 static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *req, eng_done_fn done,
@@ -505,13 +575,16 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
     int rc;
     sess *s;
     la_mode mode;
-    char sname[ENG_KEY_MAX + 64];
+    char sname[SESS_NAME_MAX];
     tref t[6];
     float scale, tau;
+    uint64_t cost;
+    eng_user *u;
     if ((rc = resolve_session(e, uid, req, &s, &mode, sname, sizeof sname, err)) < 0 ||
         (rc = check_geometry(s, sname, req, err)) < 0 ||
         (rc = resolve_tensors(e, s, conn_id, sname, req, t, err)) < 0 ||
-        (rc = resolve_scalars(s, sname, req, &scale, &tau, err)) < 0)
+        (rc = resolve_scalars(s, sname, req, &scale, &tau, err)) < 0 ||
+        (rc = check_cost(e, uid, s, sname, req, &cost, &u, err)) < 0)
         return rc;
 
     eng_job *j = calloc(1, sizeof *j);
@@ -538,6 +611,10 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
     j->tiles_total = (uint64_t)bj->p.B * s->heads * (uint64_t)la_tiles(bj->p.Sq, (int32_t)s->bm) *
                      (uint64_t)la_tiles(bj->p.Sk, (int32_t)s->bn);
     bj->t_submit_ns = be_now_ns();
+    bj->uid = uid;
+    bj->conn_id = conn_id;
+    bj->flow_id = s->id;
+    bj->cost = cost;
     rc = s->be->ops->submit(s->be, bj);
     if (rc < 0) {
         eng_errf(err, "%s: the %s backend refused the call: %s", sname, s->be->ops->name,
@@ -548,6 +625,8 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
     /* From here on the job is the backend's until complete(); the references it holds are
      * released in eng_process_completions. */
     j->s = s;
+    j->owner = u;
+    u->queued_cost += cost;
     s->refs++;
     s->inflight++;
     j->mset = s->masks;
@@ -589,6 +668,7 @@ int eng_process_completions(eng *e)
 
         be_job *bj = &j->bj;
         sess *s = j->s;
+        j->owner->queued_cost -= bj->cost;
         s->inflight--;
         s->last_used_ms = eng_now_ms();
         eng_attn_result res;
@@ -613,13 +693,15 @@ int eng_process_completions(eng *e)
 
         for (int i = 0; i < j->n_bufs; i++)
             buf_unref(e, j->bufs[i]);
+        if (bj->has_live) /* the worker counted the region it changed */
+            j->mset->live[bj->mask_ready - j->mset->ready] = bj->live_bits;
         mset_unref(e, j->mset);
 
         int status = bj->status;
-        char msg[BE_MSG_MAX + ENG_KEY_MAX + 96];
+        char msg[BE_MSG_MAX + SESS_NAME_MAX + 32];
         msg[0] = 0;
         if (status < 0) {
-            char sname[ENG_KEY_MAX + 64];
+            char sname[SESS_NAME_MAX];
             sess_name(s, sname, sizeof sname);
             snprintf(msg, sizeof msg, "%s: %s", sname,
                      bj->msg[0] ? bj->msg : codes_strerror(status));
@@ -637,7 +719,13 @@ int eng_process_completions(eng *e)
     return n;
 }
 
-void eng_shutdown(eng *e) { e->shutting_down = 1; }
+void eng_shutdown(eng *e)
+{
+    if (e->shutting_down)
+        return;
+    e->shutting_down = 1;
+    cancel(e, 0, 1, LA_ESHUTDOWN);
+}
 
 int eng_idle(const eng *e) { return e->inflight == 0; }
 

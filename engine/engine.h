@@ -41,17 +41,31 @@ typedef struct eng_error {
 typedef struct eng_limits {
     uint32_t max_buffers_per_conn;      /* default 256 */
     uint64_t max_buffer_bytes_per_conn; /* shm + ipc bytes registered, default 64 GiB */
-    uint32_t max_sessions_per_user;     /* default 64 */
-    uint64_t max_mask_bytes_per_user;   /* default 4 GiB */
-    uint64_t mask_memory_cap; /* all users; LRU eviction of idle sessions above it, 0 = none */
-    uint32_t max_inflight_per_conn; /* default 64; the server enforces, the engine reports */
-    uint32_t session_grace_s;       /* detached session kept this long, default 300 */
-    uint32_t session_ttl_s;         /* idle session freed after this, default 3600 */
+    /* Buffers (each a mapping of the daemon) of one user, of all users (0: half of
+     * vm.max_map_count, read at start). Defaults 2048 and 0. */
+    uint32_t max_buffers_per_user;
+    uint64_t max_buffers_total;
+    uint32_t max_sessions_per_user;   /* default 64 */
+    uint64_t max_mask_bytes_per_user; /* default 4 GiB */
+    uint64_t mask_memory_cap;         /* all users, 0 = none; room is made by evicting detached
+                                        * sessions (session.c make_room) */
+    uint32_t max_inflight_per_conn;   /* default 64; the server enforces, the engine reports */
+    uint32_t session_grace_s;         /* detached session kept this long, default 300 */
+    uint32_t session_ttl_s;           /* idle session freed after this, default 3600 */
+    /* Compute, in multiply-adds counted from a call's shapes (2 * B * H * Sq * Sk * D, whatever
+     * its strides): the most one call may cost, and the most one user may have queued or
+     * running at once. 0 = no limit. Defaults 2^47 (a Wan-sized call, B1 H40 S75600 D128,
+     * is 2^45.7) and 2^53 (64 such calls). */
+    uint64_t max_call_cost;
+    uint64_t max_queued_cost_per_user;
 } eng_limits;
 
 typedef struct eng_config {
-    const char *backend; /* "auto" (cuda if a GPU is usable, else cpu), "cpu", "cuda" */
-    int cpu_threads;     /* threads of the CPU backend's pool, <= 0: number of cores */
+    const char *backend;     /* "auto" (cuda if a GPU is usable, else cpu), "cpu", "cuda" */
+    int cpu_threads;         /* threads of the CPU backend's pool, <= 0: number of cores */
+    uint64_t cpu_slice_macs; /* CPU calls run in slices of about this many multiply-adds (0:
+                              * the backend's default); fairness and cancellation act between
+                              * slices */
     eng_limits limits;
     void (*notify)(void *data); /* called from worker threads when a completion is queued */
     void *notify_data;
@@ -153,10 +167,12 @@ int eng_buffer_add_cuda_ipc(eng *e, uint32_t uid, uint64_t conn_id, const void *
 /* Releases the buffer; the mapping goes away once in-flight jobs using it have finished. */
 int eng_buffer_remove(eng *e, uint64_t conn_id, uint64_t buffer_id, eng_error *err);
 
-/* The connection went away: its buffers are released (after their in-flight work), its
- * in-flight jobs still complete but their callbacks are told (user data stays valid until
- * then: the server keeps the conn until all its callbacks ran), its sessions become detached
- * and are freed after the grace period unless attached again. */
+/* The connection went away: its queued jobs are cancelled at once (LA_ECLOSED; running CPU
+ * calls stop at their next slice), its buffers are released (after their in-flight work), its
+ * running jobs still complete but their callbacks are told (user data stays valid until
+ * then: the server keeps the conn until all its callbacks ran), and it drops its reference
+ * on the sessions it opened or attached: a session whose last connection left becomes
+ * detached and is freed after the grace period unless attached again. */
 void eng_conn_closed(eng *e, uint64_t conn_id);
 
 /* Frees sessions past their grace period or TTL. Call about once a second. */
@@ -206,15 +222,18 @@ typedef void (*eng_done_fn)(void *user, int status, const eng_attn_result *res,
  * geometry, dtypes, strides, every tensor's byte extent inside its buffer with overflow-safe
  * arithmetic, ranges) and queues the job on its backend. On success done() runs later on the
  * loop thread (from eng_process_completions) exactly once; on error it never runs.
- * Errors: LA_ENOENT, LA_EINVAL, LA_ERANGE, LA_ENOTSUP, LA_ESHUTDOWN. */
+ * Errors: LA_ENOENT, LA_EINVAL, LA_ERANGE, LA_ENOTSUP, LA_ESHUTDOWN, LA_ELIMIT (the call's
+ * cost exceeds max_call_cost, or the user's queued work would exceed max_queued_cost_per_user;
+ * the message names the limit). */
 int eng_attn_submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *req,
                     eng_done_fn done, void *user, eng_error *err);
 
 /* Loop thread: runs the done callbacks of every finished job. Returns how many ran. */
 int eng_process_completions(eng *e);
 
-/* Stops accepting jobs; eng_idle() is then true once every queued job has completed and its
- * callback ran. */
+/* Stops accepting jobs and cancels the queued ones at once (LA_ESHUTDOWN; CPU calls already
+ * running stop at their next slice); eng_idle() is then true once every job has completed and
+ * its callback ran. */
 void eng_shutdown(eng *e);
 int eng_idle(const eng *e);
 

@@ -22,6 +22,13 @@ typedef struct eng_mset {
     be_mask *mask;
     uint64_t bytes;
     int refs;
+    /* Per (layer, shard) region, [layers * kv_shards]: set to all ones yet (by the worker of
+     * its first call; 0 reads as all ones) and its live bits (from the workers' counts), so
+     * that info, list and reset are O(layers) on the loop thread. */
+    atomic_uchar *ready;
+    uint64_t *live;
+    uint32_t n_regions;
+    uint64_t region_bits; /* valid bits of one region: the live count of all ones */
 } eng_mset;
 
 typedef struct sess {
@@ -29,6 +36,7 @@ typedef struct sess {
     uint64_t id;
     uint32_t uid;
     char key[ENG_KEY_MAX + 1];
+    char key_esc[4 * ENG_KEY_MAX + 1]; /* printable (escape.h), for logs and messages */
     uint32_t layers, heads, head_dim, max_seq_q, max_seq_k, batch, kv_shards;
     la_dtype dtype;
     float threshold;
@@ -42,8 +50,9 @@ typedef struct sess {
     uint32_t bm, bn, n_q_tiles, n_k_tiles, n_k_words;
     uint64_t layer_mask_bytes, mask_bytes;
     eng_mset *masks;
-    uint64_t conn_id; /* last connection that opened or attached it */
-    int attached;
+    uint64_t *conns; /* the connections that opened or attached it, one entry each */
+    uint32_t n_conns, cap_conns;
+    int attached; /* n_conns > 0: detached only when the last of them left */
     uint64_t detached_ms, last_used_ms;
     uint32_t inflight;
     int refs;   /* the store's (while linked) + one per job in flight */
@@ -82,6 +91,7 @@ typedef struct eng_job {
     uint64_t conn_id;
     int conn_closed;
     uint64_t tiles_total;
+    struct eng_user *owner; /* charged j->bj.cost of queued work until done */
     eng_done_fn done;
     void *user;
 } eng_job;
@@ -91,6 +101,8 @@ typedef struct eng_user {
     uint32_t uid;
     uint32_t sessions;
     uint64_t mask_bytes;
+    uint64_t queued_cost; /* multiply-adds of its calls queued or running */
+    uint64_t plan_bytes;  /* make_room's scratch */
 } eng_user;
 
 struct eng {
@@ -100,8 +112,9 @@ struct eng {
 
     list_node sessions; /* sess.link, least recently used first */
     uint64_t next_session_id;
-    list_node users;          /* eng_user.link */
-    uint64_t mask_bytes_live; /* every mask set still allocated */
+    list_node users;            /* eng_user.link */
+    uint64_t mask_bytes_live;   /* every mask set still allocated */
+    uint64_t max_buffers_total; /* limits.max_buffers_total, or from vm.max_map_count */
 
     list_node buffers; /* buf.link, registered ones */
     uint64_t next_buffer_id;
@@ -125,6 +138,10 @@ void eng_logf(eng *e, int level, const char *fmt, ...) __attribute__((format(pri
 uint64_t eng_now_ms(void);
 
 /* session.c */
+/* sess_name's buffer: "session <id> (key '<escaped key>')". */
+#define SESS_NAME_MAX (4 * ENG_KEY_MAX + 64)
+/* The user's record (created when create is set; NULL on ENOMEM or when absent). */
+eng_user *sess_user(eng *e, uint32_t uid, int create);
 sess *sess_find(eng *e, uint64_t id);
 /* The session id if uid may use it (owner), or NULL with err set (LA_ENOENT). */
 sess *sess_get(eng *e, uint32_t uid, uint64_t id, int allow_root, eng_error *err);

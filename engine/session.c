@@ -1,8 +1,8 @@
 /*
  * session.c — the session store: generation sessions keyed by (uid, key), their skip masks
  * (allocated through the session's backend), per-user limits, the global mask-memory cap with
- * least-recently-used eviction of idle sessions, idle TTL and the grace period of detached
- * sessions.
+ * eviction of detached sessions (make_room), idle TTL and the grace period of detached
+ * sessions. A session is attached while any connection that opened or attached it is open.
  *
  * The engine keeps linked sessions in one list, least recently used first (a session moves to
  * the tail when it is opened, attached, reset or called). A session leaves the list when it is
@@ -14,13 +14,14 @@
 #include <string.h>
 
 #include "engine_priv.h"
+#include "escape.h"
 
 void sess_name(const sess *s, char *out, size_t len)
 {
-    snprintf(out, len, "session %llu (key '%s')", (unsigned long long)s->id, s->key);
+    snprintf(out, len, "session %llu (key '%s')", (unsigned long long)s->id, s->key_esc);
 }
 
-static eng_user *user_get(eng *e, uint32_t uid, int create)
+eng_user *sess_user(eng *e, uint32_t uid, int create)
 {
     eng_user *u;
     list_for_each_entry (u, &e->users, eng_user, link)
@@ -62,6 +63,15 @@ void sess_touch(eng *e, sess *s)
         list_move_tail(&e->sessions, &s->link);
 }
 
+/* Every region all ones again (lazily: the next call of a region sets it). O(regions). */
+static void mset_clear(eng_mset *m)
+{
+    for (uint32_t i = 0; i < m->n_regions; i++) {
+        atomic_store(&m->ready[i], 0);
+        m->live[i] = m->region_bits;
+    }
+}
+
 static int mset_new(eng *e, sess *s, eng_mset **ret, eng_error *err)
 {
     eng_mset *m = calloc(1, sizeof *m);
@@ -72,13 +82,26 @@ static int mset_new(eng *e, sess *s, eng_mset **ret, eng_error *err)
     int rc = s->be->ops->mask_alloc(s->be, s->dev, s->mask_bytes, &m->mask);
     if (rc < 0) {
         free(m);
-        eng_errf(err, "session '%s': cannot allocate %llu bytes of masks on %s: %s", s->key,
+        eng_errf(err, "session '%s': cannot allocate %llu bytes of masks on %s: %s", s->key_esc,
                  (unsigned long long)s->mask_bytes, s->device, codes_strerror(rc));
         return rc;
     }
     m->be = s->be;
     m->bytes = s->mask_bytes;
     m->refs = 1;
+    m->n_regions = s->layers * s->kv_shards;
+    m->region_bits = (uint64_t)s->batch * s->heads * s->n_q_tiles * s->n_k_tiles;
+    m->ready = calloc(m->n_regions, sizeof *m->ready);
+    m->live = malloc(m->n_regions * sizeof *m->live);
+    if (!m->ready || !m->live) {
+        s->be->ops->mask_free(s->be, m->mask);
+        free(m->ready);
+        free(m->live);
+        free(m);
+        eng_errf(err, "out of memory");
+        return LA_ENOMEM;
+    }
+    mset_clear(m);
     e->mask_bytes_live += m->bytes;
     *ret = m;
     return 0;
@@ -90,6 +113,8 @@ void mset_unref(eng *e, eng_mset *m)
         return;
     m->be->ops->mask_free(m->be, m->mask);
     e->mask_bytes_live -= m->bytes;
+    free(m->ready);
+    free(m->live);
     free(m);
 }
 
@@ -99,7 +124,28 @@ void sess_unref(eng *e, sess *s)
         return;
     mset_unref(e, s->masks);
     free(s->schedule);
+    free(s->conns);
     free(s);
+}
+
+/* conn_id holds a reference on s (once, however often it attaches). */
+static int conn_add(sess *s, uint64_t conn_id)
+{
+    for (uint32_t i = 0; i < s->n_conns; i++)
+        if (s->conns[i] == conn_id)
+            return 0;
+    if (s->n_conns == s->cap_conns) {
+        uint32_t cap = s->cap_conns ? 2 * s->cap_conns : 2;
+        uint64_t *c = realloc(s->conns, cap * sizeof *c);
+        if (!c)
+            return LA_ENOMEM;
+        s->conns = c;
+        s->cap_conns = cap;
+    }
+    s->conns[s->n_conns++] = conn_id;
+    s->attached = 1;
+    s->detached_ms = 0;
+    return 0;
 }
 
 void sess_unlink(eng *e, sess *s)
@@ -108,7 +154,7 @@ void sess_unlink(eng *e, sess *s)
         return;
     list_remove(&s->link);
     s->linked = 0;
-    eng_user *u = user_get(e, s->uid, 0);
+    eng_user *u = sess_user(e, s->uid, 0);
     if (u) {
         u->sessions--;
         u->mask_bytes -= s->mask_bytes;
@@ -116,31 +162,81 @@ void sess_unlink(eng *e, sess *s)
     sess_unref(e, s);
 }
 
-/* Frees least recently used idle sessions until need more bytes fit under the cap. */
-static int make_room(eng *e, uint64_t need)
+/* Makes room under the mask memory cap for need more bytes of uid by evicting detached
+ * sessions with no call in flight, oldest detachment first (least recently used among equals).
+ * A session of another user is taken only while that user holds more than its fair share of
+ * the cap (the cap divided by the users holding sessions, the requester included). The whole
+ * plan is made first: when it cannot make enough room, nothing is evicted. */
+static int make_room(eng *e, uint32_t uid, uint64_t need)
 {
     uint64_t cap = e->cfg.limits.mask_memory_cap;
     if (!cap)
         return 0;
     if (need > cap)
         return LA_ELIMIT;
-    for (list_node *n = e->sessions.next, *next;
-         n != &e->sessions && e->mask_bytes_live > cap - need; n = next) {
-        next = n->next;
-        sess *s = list_entry(n, sess, link);
-        if (s->inflight == 0) {
-            char name[ENG_KEY_MAX + 64];
-            sess_name(s, name, sizeof name);
-            eng_logf(e, LOG_INFO,
-                     "%s of uid %u: evicted (least recently used, idle %llu ms) to "
-                     "stay under the mask memory cap of %llu bytes",
-                     name, s->uid, (unsigned long long)(eng_now_ms() - s->last_used_ms),
-                     (unsigned long long)cap);
-            e->n_evicted++;
-            sess_unlink(e, s);
+    if (e->mask_bytes_live <= cap - need)
+        return 0;
+    uint64_t excess = e->mask_bytes_live - (cap - need), n_users = 0;
+    int requester_counted = 0;
+    eng_user *u;
+    list_for_each_entry (u, &e->users, eng_user, link) {
+        u->plan_bytes = u->mask_bytes;
+        if (u->sessions) {
+            n_users++;
+            requester_counted |= u->uid == uid;
         }
     }
-    return e->mask_bytes_live > cap - need ? LA_ELIMIT : 0;
+    uint64_t share = cap / (n_users + !requester_counted);
+    size_t n = 0;
+    sess *s;
+    list_for_each_entry (s, &e->sessions, sess, link)
+        n += !s->attached && s->inflight == 0;
+    if (n == 0)
+        return LA_ELIMIT;
+    sess **cand = malloc(n * sizeof *cand);
+    if (!cand)
+        return LA_ENOMEM;
+    n = 0;
+    list_for_each_entry (s, &e->sessions, sess, link) /* least recently used first */
+        if (!s->attached && s->inflight == 0)
+            cand[n++] = s;
+    /* Oldest detachment first; a stable insertion sort keeps LRU order among equals. */
+    for (size_t i = 1; i < n; i++) {
+        sess *x = cand[i];
+        size_t k = i;
+        for (; k > 0 && cand[k - 1]->detached_ms > x->detached_ms; k--)
+            cand[k] = cand[k - 1];
+        cand[k] = x;
+    }
+    uint64_t freed = 0;
+    size_t chosen = 0;
+    for (size_t i = 0; i < n && freed < excess; i++) {
+        s = cand[i];
+        u = sess_user(e, s->uid, 0);
+        if (!u || (s->uid != uid && u->plan_bytes <= share))
+            continue;
+        u->plan_bytes -= s->mask_bytes;
+        freed += s->mask_bytes;
+        cand[chosen++] = s;
+    }
+    if (freed < excess) {
+        free(cand);
+        return LA_ELIMIT;
+    }
+    for (size_t i = 0; i < chosen; i++) {
+        s = cand[i];
+        char name[SESS_NAME_MAX];
+        sess_name(s, name, sizeof name);
+        eng_logf(e, LOG_INFO,
+                 "%s of uid %u: evicted (detached %llu ms ago) to stay under the mask "
+                 "memory cap of %llu bytes",
+                 name, s->uid, (unsigned long long)(eng_now_ms() - s->detached_ms),
+                 (unsigned long long)cap);
+        e->n_evicted++;
+        sess_unlink(e, s);
+    }
+    free(cand);
+    return 0;
 }
 
 static void fill_view(const sess *s, eng_session_view *v)
@@ -164,13 +260,25 @@ static void fill_view(const sess *s, eng_session_view *v)
     snprintf(v->device, sizeof v->device, "%s", s->device);
 }
 
-/* A session key is 1..ENG_KEY_MAX bytes: the one check, for open and attach. */
+/* A session key is 1..ENG_KEY_MAX bytes, none of them a control character (a newline or an
+ * ESC would reach logs and terminals; keys are printed escaped all the same): the one check,
+ * for open and attach. */
 static int key_check(const char *key, size_t *ret_len, eng_error *err)
 {
     size_t n = key ? strlen(key) : 0;
     if (n == 0 || n > ENG_KEY_MAX) {
         eng_errf(err, "session key must be 1..%d bytes (got %zu)", ENG_KEY_MAX, n);
         return LA_EINVAL;
+    }
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)key[i];
+        if (c < 0x20 || c == 0x7f) {
+            eng_errf(err,
+                     "session key holds control byte 0x%02x at offset %zu (keys are "
+                     "printable text)",
+                     c, i);
+            return LA_EINVAL;
+        }
     }
     *ret_len = n;
     return 0;
@@ -194,12 +302,12 @@ static int pick_device(eng *e, sess *s, const char *want, eng_error *err)
     } else {
         if (!e->cuda) {
             eng_errf(err, "session '%s': device '%s' asked, but the daemon has no cuda backend",
-                     s->key, want);
+                     s->key_esc, want);
             return LA_ENODEV;
         }
         rc = e->cuda->ops->find_device(e->cuda, strcmp(want, "cuda") ? want : "", &dev);
         if (rc < 0) {
-            eng_errf(err, "session '%s': no GPU '%s' on this host", s->key, want);
+            eng_errf(err, "session '%s': no GPU '%s' on this host", s->key_esc, want);
             return LA_ENODEV;
         }
         be = e->cuda;
@@ -207,7 +315,7 @@ static int pick_device(eng *e, sess *s, const char *want, eng_error *err)
     rc = be->ops->tile_sizes(be, dev, s->head_dim, s->dtype, &bm, &bn);
     if (rc < 0) {
         eng_errf(err, "session '%s': the %s backend has no kernel for head dim %u, dtype %d",
-                 s->key, be->ops->name, s->head_dim, (int)s->dtype);
+                 s->key_esc, be->ops->name, s->head_dim, (int)s->dtype);
         return LA_ENOTSUP;
     }
     s->be = be;
@@ -232,34 +340,35 @@ static int check_settings(const sess *s, const eng_session_spec *spec, eng_error
         eng_errf(err,
                  "session '%s': bad geometry (layers %u, heads %u, head dim %u, max Sq %u, "
                  "max Sk %u, batch %u): each must be > 0 and < 2^31",
-                 s->key, s->layers, s->heads, s->head_dim, s->max_seq_q, s->max_seq_k, s->batch);
+                 s->key_esc, s->layers, s->heads, s->head_dim, s->max_seq_q, s->max_seq_k,
+                 s->batch);
         return LA_EINVAL;
     }
     if (s->dtype != LA_DTYPE_F32 && s->dtype != LA_DTYPE_F16 && s->dtype != LA_DTYPE_BF16) {
-        eng_errf(err, "session '%s': dtype %d cannot hold Q/K/V (f32, f16 or bf16)", s->key,
+        eng_errf(err, "session '%s': dtype %d cannot hold Q/K/V (f32, f16 or bf16)", s->key_esc,
                  (int)s->dtype);
         return LA_EINVAL;
     }
     if (s->mode < LA_MODE_DENSE || s->mode > LA_MODE_SKIP) {
-        eng_errf(err, "session '%s': unknown mode %d", s->key, (int)s->mode);
+        eng_errf(err, "session '%s': unknown mode %d", s->key_esc, (int)s->mode);
         return LA_EINVAL;
     }
     if (s->direction < LA_DIR_ALTERNATE || s->direction > LA_DIR_DESCENDING) {
-        eng_errf(err, "session '%s': unknown direction %d", s->key, (int)s->direction);
+        eng_errf(err, "session '%s': unknown direction %d", s->key_esc, (int)s->direction);
         return LA_EINVAL;
     }
     if (isnan(s->threshold)) {
-        eng_errf(err, "session '%s': threshold is NaN", s->key);
+        eng_errf(err, "session '%s': threshold is NaN", s->key_esc);
         return LA_EINVAL;
     }
     if (spec->n_schedule && (!spec->schedule || spec->n_schedule > LA_MAX_SCHEDULE)) {
-        eng_errf(err, "session '%s': threshold schedule of %zu steps (at most %d)", s->key,
+        eng_errf(err, "session '%s': threshold schedule of %zu steps (at most %d)", s->key_esc,
                  spec->n_schedule, LA_MAX_SCHEDULE);
         return LA_EINVAL;
     }
     for (size_t i = 0; i < spec->n_schedule; i++)
         if (isnan(spec->schedule[i])) {
-            eng_errf(err, "session '%s': threshold schedule step %zu is NaN", s->key, i);
+            eng_errf(err, "session '%s': threshold schedule step %zu is NaN", s->key_esc, i);
             return LA_EINVAL;
         }
     return 0;
@@ -272,6 +381,7 @@ static sess *sess_from_spec(uint32_t uid, const eng_session_spec *spec, size_t k
     if (!s)
         return NULL;
     memcpy(s->key, spec->key, klen);
+    esc_bytes(s->key_esc, sizeof s->key_esc, s->key, klen);
     s->uid = uid;
     s->layers = spec->layers;
     s->heads = spec->heads;
@@ -300,7 +410,7 @@ static int size_masks(sess *s, eng_error *err)
         __builtin_mul_overflow(lb, (uint64_t)s->n_k_words * 4u, &lb) ||
         __builtin_mul_overflow(lb, (uint64_t)s->layers, &mb) ||
         __builtin_mul_overflow(mb, (uint64_t)s->kv_shards, &mb)) {
-        eng_errf(err, "session '%s': mask size overflows", s->key);
+        eng_errf(err, "session '%s': mask size overflows", s->key_esc);
         return LA_ELIMIT;
     }
     s->layer_mask_bytes = lb;
@@ -314,13 +424,13 @@ static int check_room(eng *e, const sess *s, eng_user **ret_user, eng_error *err
 {
     const eng_limits *l = &e->cfg.limits;
     uint64_t mb = s->mask_bytes;
-    eng_user *u = user_get(e, s->uid, 1);
+    eng_user *u = sess_user(e, s->uid, 1);
     if (!u) {
         eng_errf(err, "out of memory");
         return LA_ENOMEM;
     }
     if (l->max_sessions_per_user && u->sessions >= l->max_sessions_per_user) {
-        eng_errf(err, "session '%s': uid %u already has %u sessions open (limit %u)", s->key,
+        eng_errf(err, "session '%s': uid %u already has %u sessions open (limit %u)", s->key_esc,
                  s->uid, u->sessions, l->max_sessions_per_user);
         return LA_ELIMIT;
     }
@@ -329,15 +439,15 @@ static int check_room(eng *e, const sess *s, eng_user **ret_user, eng_error *err
         eng_errf(err,
                  "session '%s': %llu bytes of masks exceed the limit of uid %u (%llu of %llu "
                  "bytes in use)",
-                 s->key, (unsigned long long)mb, s->uid, (unsigned long long)u->mask_bytes,
+                 s->key_esc, (unsigned long long)mb, s->uid, (unsigned long long)u->mask_bytes,
                  (unsigned long long)l->max_mask_bytes_per_user);
         return LA_ELIMIT;
     }
-    if (make_room(e, mb) < 0) {
+    if (make_room(e, s->uid, mb) < 0) {
         eng_errf(err,
                  "session '%s': %llu bytes of masks do not fit under the daemon's mask memory "
                  "cap (%llu of %llu bytes held by sessions in use)",
-                 s->key, (unsigned long long)mb, (unsigned long long)e->mask_bytes_live,
+                 s->key_esc, (unsigned long long)mb, (unsigned long long)e->mask_bytes_live,
                  (unsigned long long)l->mask_memory_cap);
         return LA_ELIMIT;
     }
@@ -351,7 +461,7 @@ static int key_unused(eng *e, uint32_t uid, const char *key, eng_error *err)
     sess *o;
     list_for_each_entry (o, &e->sessions, sess, link)
         if (o->uid == uid && !strcmp(o->key, key)) {
-            char name[ENG_KEY_MAX + 64];
+            char name[SESS_NAME_MAX];
             sess_name(o, name, sizeof name);
             eng_errf(err, "%s: key already in use by this user (attach to it instead)", name);
             return LA_EEXIST;
@@ -372,8 +482,10 @@ int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_s
         return rc;
     const char *device = spec->device ? spec->device : "";
     if (strlen(device) >= sizeof(((sess *)0)->device)) {
-        eng_errf(err, "session '%s': device name of %zu bytes (at most %zu)", spec->key,
-                 strlen(device), sizeof(((sess *)0)->device) - 1);
+        char ek[ESC_MAX(ENG_KEY_MAX)];
+        eng_errf(err, "session '%s': device name of %zu bytes (at most %zu)",
+                 esc_str(ek, sizeof ek, spec->key), strlen(device),
+                 sizeof(((sess *)0)->device) - 1);
         return LA_EINVAL;
     }
     sess *s = sess_from_spec(uid, spec, klen);
@@ -386,6 +498,11 @@ int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_s
         (rc = pick_device(e, s, device, err)) < 0 || (rc = size_masks(s, err)) < 0 ||
         (rc = check_room(e, s, &u, err)) < 0)
         goto fail;
+    if (conn_add(s, conn_id) < 0) {
+        eng_errf(err, "out of memory");
+        rc = LA_ENOMEM;
+        goto fail;
+    }
     if (spec->n_schedule) {
         s->schedule = malloc(spec->n_schedule * sizeof *s->schedule);
         if (!s->schedule) {
@@ -400,8 +517,6 @@ int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_s
         goto fail;
 
     s->id = ++e->next_session_id;
-    s->conn_id = conn_id;
-    s->attached = 1;
     s->last_used_ms = eng_now_ms();
     s->linked = 1;
     list_append(&e->sessions, &s->link);
@@ -412,6 +527,7 @@ int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_s
     return 0;
 fail:
     free(s->schedule);
+    free(s->conns);
     free(s);
     return rc;
 }
@@ -430,14 +546,16 @@ int eng_session_attach(eng *e, uint32_t uid, uint64_t conn_id, const char *key,
     sess *s;
     list_for_each_entry (s, &e->sessions, sess, link)
         if (s->uid == uid && !strcmp(s->key, key)) {
-            s->conn_id = conn_id;
-            s->attached = 1;
-            s->detached_ms = 0;
+            if (conn_add(s, conn_id) < 0) {
+                eng_errf(err, "out of memory");
+                return LA_ENOMEM;
+            }
             sess_touch(e, s);
             fill_view(s, ret_view);
             return 0;
         }
-    eng_errf(err, "session '%s': no such session", key);
+    char ek[ESC_MAX(ENG_KEY_MAX)];
+    eng_errf(err, "session '%s': no such session", esc_str(ek, sizeof ek, key));
     return LA_ENOENT;
 }
 
@@ -446,9 +564,9 @@ int eng_session_reset(eng *e, uint32_t uid, uint64_t session_id, eng_error *err)
     sess *s = sess_get(e, uid, session_id, 0, err);
     if (!s)
         return LA_ENOENT;
-    int rc;
+    int rc = 0;
     if (s->masks->refs == 1) {
-        rc = s->be->ops->mask_reset(s->be, s->masks->mask);
+        mset_clear(s->masks);
     } else {
         /* Jobs in flight still write the current set: give the session a fresh one. */
         eng_mset *m;
@@ -458,7 +576,7 @@ int eng_session_reset(eng *e, uint32_t uid, uint64_t session_id, eng_error *err)
         s->masks = m;
     }
     if (rc < 0) {
-        char name[ENG_KEY_MAX + 64];
+        char name[SESS_NAME_MAX];
         sess_name(s, name, sizeof name);
         eng_errf(err, "%s: mask reset failed: %s", name, codes_strerror(rc));
         return rc;
@@ -477,32 +595,15 @@ int eng_session_close(eng *e, uint32_t uid, uint64_t session_id, eng_error *err)
     return 0;
 }
 
-/* Live bits of one (layer, shard) mask over the valid k-tiles of every row. */
-static uint64_t layer_live(const sess *s, const uint32_t *w)
-{
-    uint64_t rows = (uint64_t)s->batch * s->heads * s->n_q_tiles, live = 0;
-    uint32_t full = s->n_k_tiles / 32, rem = s->n_k_tiles % 32;
-    uint32_t last = rem ? (uint32_t)((1ull << rem) - 1) : 0;
-    for (uint64_t r = 0; r < rows; r++, w += s->n_k_words) {
-        for (uint32_t i = 0; i < full; i++)
-            live += (uint64_t)__builtin_popcount(w[i]);
-        if (rem)
-            live += (uint64_t)__builtin_popcount(w[full] & last);
-    }
-    return live;
-}
-
+/* The live fraction of a layer, averaged over its shards: from the counts the workers keep. */
 static double layer_fraction(const sess *s, uint32_t layer)
 {
-    double total = (double)s->batch * s->heads * s->n_q_tiles * s->n_k_tiles;
-    if (total <= 0)
+    const eng_mset *m = s->masks;
+    if (m->region_bits == 0)
         return 0;
-    const uint32_t *base = s->masks->mask->host;
     double sum = 0;
-    for (uint32_t k = 0; k < s->kv_shards; k++) {
-        uint64_t off = ((uint64_t)layer * s->kv_shards + k) * s->layer_mask_bytes / 4;
-        sum += (double)layer_live(s, base + off) / total;
-    }
+    for (uint32_t k = 0; k < s->kv_shards; k++)
+        sum += (double)m->live[layer * s->kv_shards + k] / (double)m->region_bits;
     return sum / s->kv_shards;
 }
 
@@ -558,7 +659,7 @@ int eng_mask_read(eng *e, uint32_t uid, uint64_t session_id, uint32_t layer, uin
     sess *s = sess_get(e, uid, session_id, 1, err);
     if (!s)
         return LA_ENOENT;
-    char name[ENG_KEY_MAX + 64];
+    char name[SESS_NAME_MAX];
     sess_name(s, name, sizeof name);
     if (layer >= s->layers) {
         eng_errf(err, "%s: layer %u out of range (layers %u)", name, layer, s->layers);
@@ -579,9 +680,12 @@ int eng_mask_read(eng *e, uint32_t uid, uint64_t session_id, uint32_t layer, uin
         eng_errf(err, "%s: mask read into NULL", name);
         return LA_EINVAL;
     }
-    const uint8_t *base =
-        (const uint8_t *)s->masks->mask->host + ((uint64_t)layer * s->kv_shards + kv_shard) * total;
-    if (n)
+    uint32_t region = layer * s->kv_shards + kv_shard;
+    const uint8_t *base = (const uint8_t *)s->masks->mask->host + (uint64_t)region * total;
+    /* A region no call has touched yet is all ones (it is set when its first call runs). */
+    if (n && !atomic_load(&s->masks->ready[region]))
+        memset(dst, 0xff, n);
+    else if (n)
         memcpy(dst, base + offset, n);
     if (ret_len)
         *ret_len = n;
@@ -595,10 +699,15 @@ void sess_conn_closed(eng *e, uint64_t conn_id)
     uint64_t now = eng_now_ms();
     sess *s;
     list_for_each_entry (s, &e->sessions, sess, link)
-        if (s->attached && s->conn_id == conn_id) {
-            s->attached = 0;
-            s->detached_ms = now;
-        }
+        for (uint32_t i = 0; i < s->n_conns; i++)
+            if (s->conns[i] == conn_id) {
+                s->conns[i] = s->conns[--s->n_conns];
+                if (s->n_conns == 0) {
+                    s->attached = 0;
+                    s->detached_ms = now;
+                }
+                break;
+            }
 }
 
 void sess_tick(eng *e)
@@ -608,7 +717,7 @@ void sess_tick(eng *e)
     sess *s;
     list_for_each_entry (s, &e->sessions, sess, link) {
         if (s->inflight == 0) {
-            char name[ENG_KEY_MAX + 64];
+            char name[SESS_NAME_MAX];
             sess_name(s, name, sizeof name);
             if (!s->attached && now - s->detached_ms >= (uint64_t)l->session_grace_s * 1000) {
                 eng_logf(e, LOG_INFO, "%s of uid %u: freed, detached for longer than %u s", name,

@@ -29,9 +29,10 @@ SIM_OBJ := $(BUILD)/obj/libclient/tools/sim.o
 TOOL_LDFLAGS := -L$(BUILD) -Wl,-rpath,'$$ORIGIN' -Wl,-rpath,'$$ORIGIN/../lib' \
 	-Wl,-rpath,'$$ORIGIN/../lib/$(LA_MULTIARCH)'
 
-$(BUILD)/liteattnctl: $(BUILD)/obj/libclient/tools/liteattnctl.o $(LA_SO)
+# liteattnctl prints what clients chose (session keys) through common/escape.c.
+$(BUILD)/liteattnctl: $(BUILD)/obj/libclient/tools/liteattnctl.o $(BUILD)/obj/common/escape.o $(LA_SO)
 	@$(if $(Q),echo "  LD      $@")
-	$(Q)$(CC) $(LDFLAGS) -o $@ $< $(TOOL_LDFLAGS) -lliteattn $(LDLIBS_BASE)
+	$(Q)$(CC) $(LDFLAGS) -o $@ $(filter %.o,$^) $(TOOL_LDFLAGS) -lliteattn $(LDLIBS_BASE)
 
 # The demo links the kernels for la_dtype_size and the half-precision conversions of sim.c.
 $(BUILD)/liteattn-demo: $(BUILD)/obj/libclient/tools/demo.o $(SIM_OBJ) $(LA_SO) $(KERNEL_LIB)

@@ -210,3 +210,67 @@ ssize_t frame_send(int sock, const uint8_t *buf, size_t len, int fd)
     }
     return n;
 }
+
+/* ---- strings with a NUL inside ------------------------------------------------------------ */
+
+static int wire_varint(const uint8_t **p, const uint8_t *end, uint64_t *ret)
+{
+    uint64_t v = 0;
+    for (int shift = 0; shift < 64 && *p < end; shift += 7) {
+        uint8_t b = *(*p)++;
+        v |= (uint64_t)(b & 0x7f) << shift;
+        if (!(b & 0x80)) {
+            *ret = v;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+int frame_nul_in_string(const ProtobufCMessageDescriptor *d, const uint8_t *data, size_t len,
+                        const char **ret_field)
+{
+    const uint8_t *p = data, *end = data + len;
+    while (p < end) {
+        uint64_t tag, n;
+        if (wire_varint(&p, end, &tag) < 0)
+            return 0;
+        switch (tag & 7) {
+        case 0:
+            if (wire_varint(&p, end, &n) < 0)
+                return 0;
+            break;
+        case 1:
+            if (end - p < 8)
+                return 0;
+            p += 8;
+            break;
+        case 5:
+            if (end - p < 4)
+                return 0;
+            p += 4;
+            break;
+        case 2: {
+            if (wire_varint(&p, end, &n) < 0 || n > (uint64_t)(end - p))
+                return 0;
+            const ProtobufCFieldDescriptor *f =
+                tag >> 3 <= UINT32_MAX
+                    ? protobuf_c_message_descriptor_get_field(d, (unsigned)(tag >> 3))
+                    : NULL;
+            if (f && f->type == PROTOBUF_C_TYPE_STRING && memchr(p, 0, (size_t)n)) {
+                if (ret_field)
+                    *ret_field = f->name;
+                return 1;
+            }
+            /* No message type of the protocol is recursive: the depth is the schema's. */
+            if (f && f->type == PROTOBUF_C_TYPE_MESSAGE &&
+                frame_nul_in_string(f->descriptor, p, (size_t)n, ret_field))
+                return 1;
+            p += n;
+            break;
+        }
+        default: /* groups: not in the protocol; unpack has judged the rest */ return 0;
+        }
+    }
+    return 0;
+}

@@ -64,4 +64,10 @@ int frame_pack(const ProtobufCMessage *msg, uint32_t max_frame, uint8_t **ret_bu
  * written (> 0), LA_EAGAIN, LA_ECLOSED (EPIPE/ECONNRESET) or LA_EIO. MSG_NOSIGNAL is used. */
 ssize_t frame_send(int sock, const uint8_t *buf, size_t len, int fd);
 
+/* 1 when a string field anywhere in the encoded message data[0..len) of type d holds a NUL
+ * byte (protobuf-c would hand it on cut at the NUL: two keys would collide), with *ret_field
+ * its name; else 0. Call it on bytes that unpacked. */
+int frame_nul_in_string(const ProtobufCMessageDescriptor *d, const uint8_t *data, size_t len,
+                        const char **ret_field);
+
 #endif /* FRAME_H */

@@ -38,6 +38,11 @@ static void notify_pipe(void *data)
     (void)n;
 }
 
+/* Multiply-adds per CPU slice of the engines h_open makes (0: the default). The sliced
+ * variants of the number tests set it so small that every call runs in many slices: their
+ * results must still equal one whole la_ref_attn_fwd call bit for bit. */
+static uint64_t g_slice;
+
 static void h_open(harness *h, const eng_limits *lim)
 {
     memset(h, 0, sizeof *h);
@@ -46,6 +51,7 @@ static void h_open(harness *h, const eng_limits *lim)
     eng_config_default(&cfg);
     cfg.backend = "cpu";
     cfg.cpu_threads = 2;
+    cfg.cpu_slice_macs = g_slice;
     if (lim)
         cfg.limits = *lim;
     cfg.notify = notify_pipe;
@@ -659,31 +665,52 @@ END_TEST
 
 /* ---- eviction, TTL, grace ------------------------------------------------------------- */
 
+/* Eviction under the mask memory cap takes only detached sessions, oldest first, decides
+ * before evicting anything, and leaves another user its fair share of the cap. */
 START_TEST(mask_cap_lru)
 {
     eng_config d;
     eng_config_default(&d);
     eng_limits lim = d.limits;
-    lim.mask_memory_cap = 2 * 2048 + 1000; /* two sessions of 2048 bytes fit, not three */
+    lim.mask_memory_cap = 4 * 2048 + 1000; /* four sessions of 2048 bytes fit, not five */
     harness h;
     h_open(&h, &lim);
     eng_error err = {{0}};
     eng_session_view v;
     eng_session_spec a = spec_make("a", 1, 8, 64, LA_DTYPE_F32, 8192, 64, 1);
-    eng_session_spec b = spec_make("b", 1, 8, 64, LA_DTYPE_F32, 8192, 64, 1);
     eng_session_spec c = spec_make("c", 1, 8, 64, LA_DTYPE_F32, 8192, 64, 1);
-    eng_session_spec dd = spec_make("d", 1, 8, 64, LA_DTYPE_F32, 8192, 64, 1);
+    eng_session_spec e2 = spec_make("e", 2, 8, 64, LA_DTYPE_F32, 8192, 64, 1);
+    eng_session_spec b[3] = {spec_make("b0", 1, 8, 64, LA_DTYPE_F32, 8192, 64, 1),
+                             spec_make("b1", 1, 8, 64, LA_DTYPE_F32, 8192, 64, 1),
+                             spec_make("b2", 1, 8, 64, LA_DTYPE_F32, 8192, 64, 1)};
     uint64_t ia = open_ok(&h, UID, CONN, &a, &v);
     ck_assert_uint_eq(v.mask_bytes, 2048);
-    uint64_t ib = open_ok(&h, UID2, CONN2, &b, NULL);
-    /* a used more recently than b: c evicts b */
-    ck_assert_int_eq(eng_session_attach(h.e, UID, CONN, "a", &v, &err), 0);
-    uint64_t ic = open_ok(&h, UID, CONN, &c, NULL);
-    ck_assert_int_eq(eng_session_info(h.e, UID2, ib, NULL, 0, NULL, &err), LA_ENOENT);
-    ck_assert_int_eq(eng_session_info(h.e, UID, ia, NULL, 0, NULL, &err), 0);
-    ck_assert_int_eq(stat_get(&h, "sessions_evicted"), 1);
+    uint64_t ib[3];
+    for (int i = 0; i < 3; i++)
+        ib[i] = open_ok(&h, UID2, CONN2, &b[i], NULL);
+    /* Full, and every session attached: nothing is evicted. */
+    ck_assert_int_eq(eng_session_open(h.e, UID, CONN, &c, &v, &err), LA_ELIMIT);
+    ck_assert_int_eq(stat_get(&h, "sessions_evicted"), 0);
+    ck_assert_int_eq(stat_get(&h, "sessions"), 4);
 
-    /* a job in flight on a (least recently used after c) keeps it: d evicts c instead */
+    /* UID2 leaves: its three sessions are detached (b0 least recently used). UID2 holds 6144
+     * bytes, the fair share of two users is 4596: one of them may go, not two. A two-layer
+     * session would need two: refused, and nothing was evicted to find that out. */
+    eng_conn_closed(h.e, CONN2);
+    ck_assert_int_eq(eng_session_open(h.e, UID, CONN, &e2, &v, &err), LA_ELIMIT);
+    ck_assert_int_eq(stat_get(&h, "sessions_evicted"), 0);
+    for (int i = 0; i < 3; i++)
+        ck_assert_int_eq(eng_session_info(h.e, UID2, ib[i], NULL, 0, NULL, &err), 0);
+    /* One layer: the oldest detached session goes. */
+    uint64_t ic = open_ok(&h, UID, CONN, &c, NULL);
+    ck_assert_int_eq(stat_get(&h, "sessions_evicted"), 1);
+    ck_assert_int_eq(eng_session_info(h.e, UID2, ib[0], NULL, 0, NULL, &err), LA_ENOENT);
+    ck_assert_int_eq(eng_session_info(h.e, UID2, ib[1], NULL, 0, NULL, &err), 0);
+    /* UID2 is at 4096 bytes, under its share: its last two sessions stay. */
+    eng_session_spec dd = spec_make("d", 1, 8, 64, LA_DTYPE_F32, 8192, 64, 1);
+    ck_assert_int_eq(eng_session_open(h.e, UID, CONN, &dd, &v, &err), LA_ELIMIT);
+    ck_assert_int_eq(stat_get(&h, "sessions_evicted"), 1);
+    /* UID's own detached sessions may always make room for it: a in flight is kept, c goes. */
     prob p;
     prob_make(&h, &p, CONN, 1, 64, 64, 8, 64, LA_DTYPE_F32, 0);
     tu_rng rng;
@@ -693,17 +720,15 @@ START_TEST(mask_cap_lru)
     prob_req(&p, &r, ia, 0, 0);
     call cl;
     ck_assert_int_eq(submit(&h, UID, CONN, &r, &cl, &err), 0);
-    /* the job counts as in flight until its completion is processed */
-    ck_assert_int_eq(eng_session_attach(h.e, UID, CONN, "c", &v, &err), 0);
-    open_ok(&h, UID, CONN, &dd, NULL);
+    eng_conn_closed(h.e, CONN); /* a (in flight) and c detached */
+    ck_assert_int_eq(eng_session_open(h.e, UID, 3, &dd, &v, &err), 0);
     ck_assert_int_eq(eng_session_info(h.e, UID, ia, NULL, 0, NULL, &err), 0);
     ck_assert_int_eq(eng_session_info(h.e, UID, ic, NULL, 0, NULL, &err), LA_ENOENT);
     h_wait(&h, 1);
-    ck_assert_int_eq(cl.status, 0);
     /* larger than the cap: refused */
-    eng_session_spec big = spec_make("big", 3, 8, 64, LA_DTYPE_F32, 8192, 64, 1);
-    ck_assert_int_eq(eng_session_open(h.e, UID, CONN, &big, &v, &err), LA_ELIMIT);
-    ck_assert_int_eq(stat_get(&h, "mask_bytes"), 2 * 2048);
+    eng_session_spec big = spec_make("big", 5, 8, 64, LA_DTYPE_F32, 8192, 64, 1);
+    ck_assert_int_eq(eng_session_open(h.e, UID, 3, &big, &v, &err), LA_ELIMIT);
+    ck_assert_int_eq(stat_get(&h, "mask_bytes"), 4 * 2048);
     shm_drop(&p.s);
     h_close(&h);
 }
@@ -949,6 +974,22 @@ END_TEST
 START_TEST(multi_step_bf16) { multi_step(LA_DTYPE_BF16, 1, 130, 100, 3, 128); }
 END_TEST
 
+/* One q-tile per slice (B2 H2: 2 q-tiles of which one partial, 8 slices per call). */
+START_TEST(multi_step_f32_qtile_slices)
+{
+    g_slice = 1;
+    multi_step(LA_DTYPE_F32, 2, 150, 200, 2, 64);
+}
+END_TEST
+
+/* Two heads per slice of three (the last slice of each batch row has one). */
+START_TEST(multi_step_bf16_head_slices)
+{
+    g_slice = 2ull * 2 * 130 * 100 * 128;
+    multi_step(LA_DTYPE_BF16, 2, 130, 100, 3, 128);
+}
+END_TEST
+
 /* Ring attention: each (layer, kv shard) has its own mask; live fraction averages the shards. */
 START_TEST(kv_shards)
 {
@@ -1151,10 +1192,11 @@ START_TEST(conn_closed_in_flight)
     ck_assert_int_eq(stat_get(&h, "buffers"), 0);
     ck_assert_int_eq(submit(&h, UID, CONN, &r, &c[0], &err), LA_ENOENT);
     h_wait(&h, 2);
+    /* Both are told; the queued one was cancelled at once, the running one finished or
+     * stopped between slices. */
     for (int i = 0; i < 2; i++)
         ck_assert_int_eq(c[i].status, LA_ECLOSED);
-    for (int i = 0; i < 512 * 4 * 64; i++)
-        ck_assert_msg(isfinite(o[i]), "O[%d] was not written", i);
+    (void)o;
     /* the session survives, detached */
     ck_assert_int_eq(stat_get(&h, "sessions_detached"), 1);
     shm_drop(&p.s);
@@ -1497,6 +1539,8 @@ int main(void)
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, multi_step_f32);
     tcase_add_test(tc, multi_step_bf16);
+    tcase_add_test(tc, multi_step_f32_qtile_slices);
+    tcase_add_test(tc, multi_step_bf16_head_slices);
     tcase_add_test(tc, pipelined_steps);
     tcase_add_test(tc, kv_shards);
     suite_add_tcase(s, tc);

@@ -11,7 +11,8 @@
 #                     loop/worker hand-off (check_engine: engine with the cpu backend's workers
 #                     in-process; check_client, check_daemon, check_load and check_faults:
 #                     clients against a tsan daemon, including shutdown under load and clients
-#                     killed mid-call). Suppressions, with reasons: tests/tsan.supp.
+#                     killed mid-call; check_fair and check_keys: the fair queue, slices and
+#                     cancellation). Suppressions, with reasons: tests/tsan.supp.
 #
 # gcc is used (its sanitizer runtimes are shared libraries, so libliteattn.so links with
 # -Wl,--no-undefined); the flags ride on CC because the link rules do not use CFLAGS.
@@ -20,7 +21,7 @@ SAN_COMMON := -fno-omit-frame-pointer -g -O1
 ASAN_BUILD := build/asan
 TSAN_BUILD := build/tsan
 SAN_PROGS = $(patsubst tests/%.c,$(1)/tests/%,$(filter-out tests/check_gpu_%,$(TEST_SRCS)))
-TSAN_PROGS = $(addprefix $(TSAN_BUILD)/tests/,check_engine check_client check_daemon check_load check_faults)
+TSAN_PROGS = $(addprefix $(TSAN_BUILD)/tests/,check_engine check_client check_daemon check_load check_faults check_fair check_keys)
 
 ASAN_OPTS := halt_on_error=1:abort_on_error=0:detect_leaks=1:detect_stack_use_after_return=1:strict_string_checks=1:check_initialization_order=1
 UBSAN_OPTS := halt_on_error=1:print_stacktrace=1
@@ -39,7 +40,8 @@ endif
 check-asan:
 	$(Q)$(MAKE) --no-print-directory BUILD=$(ASAN_BUILD) CUDA=0 \
 		CC="$(SAN_CC) -fsanitize=address,undefined -fno-sanitize-recover=undefined $(SAN_COMMON)" \
-		CFLAGS="" $(ASAN_BUILD)/liteattnd $(ASAN_BUILD)/libliteattn.so.$(LA_VERSION) $(call SAN_PROGS,$(ASAN_BUILD))
+		CFLAGS="" $(ASAN_BUILD)/liteattnd $(ASAN_BUILD)/libliteattn.so.$(LA_VERSION) \
+		$(ASAN_BUILD)/liteattnctl $(call SAN_PROGS,$(ASAN_BUILD))
 	$(Q)rm -rf $(ASAN_BUILD)/reports && mkdir -p $(ASAN_BUILD)/reports
 	$(Q)r=$$(pwd)/$(ASAN_BUILD)/reports; \
 	BUILD=$(ASAN_BUILD) LA_TEST_NO_GPU=1 LA_PYTEST_DIRS= LA_TEST_SANITIZER=asan \
@@ -54,7 +56,8 @@ check-asan:
 check-tsan:
 	$(Q)$(MAKE) --no-print-directory BUILD=$(TSAN_BUILD) CUDA=0 \
 		CC="$(SAN_CC) -fsanitize=thread $(SAN_COMMON)" \
-		CFLAGS="" $(TSAN_BUILD)/liteattnd $(TSAN_BUILD)/libliteattn.so.$(LA_VERSION) $(filter $(TSAN_PROGS),$(call SAN_PROGS,$(TSAN_BUILD)))
+		CFLAGS="" $(TSAN_BUILD)/liteattnd $(TSAN_BUILD)/libliteattn.so.$(LA_VERSION) \
+		$(TSAN_BUILD)/liteattnctl $(filter $(TSAN_PROGS),$(call SAN_PROGS,$(TSAN_BUILD)))
 	$(Q)rm -rf $(TSAN_BUILD)/reports && mkdir -p $(TSAN_BUILD)/reports
 	$(Q)r=$$(pwd)/$(TSAN_BUILD)/reports; \
 	BUILD=$(TSAN_BUILD) LA_TEST_NO_GPU=1 LA_PYTEST_DIRS= LA_TEST_SANITIZER=tsan \

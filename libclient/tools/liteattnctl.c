@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "escape.h"
 #include "liteattn.h"
 
 static const char *prog = "liteattnctl";
@@ -45,7 +46,7 @@ static void json_str(const char *s)
         case '\b': fputs("\\b", stdout); break;
         case '\f': fputs("\\f", stdout); break;
         default:
-            if (*p < 0x20)
+            if (*p < 0x20 || *p == 0x7f)
                 printf("\\u%04x", *p);
             else
                 putchar(*p);
@@ -202,6 +203,13 @@ static int cmd_status(la_client *c, const char *sock, int json)
 }
 
 /* ---- tables ---- */
+/* A cell as printed in a text table: escaped (common/escape.h), since keys are the clients'
+ * bytes and this output goes to a terminal. */
+static const char *cell(const la_table *t, size_t r, size_t col, char *buf, size_t cap)
+{
+    return esc_str(buf, cap, la_table_text(t, r, col));
+}
+
 static void print_table(const la_table *t, int json, int as_object)
 {
     size_t rows = la_table_rows(t), cols = la_table_cols(t);
@@ -248,7 +256,8 @@ static void print_table(const la_table *t, int json, int as_object)
     for (size_t col = 0; col < cols; col++) {
         w[col] = strlen(la_table_col_name(t, col));
         for (size_t r = 0; r < rows; r++) {
-            size_t n = strlen(la_table_text(t, r, col));
+            char buf[4096];
+            size_t n = strlen(cell(t, r, col, buf, sizeof(buf)));
             if (n > w[col])
                 w[col] = n;
         }
@@ -269,7 +278,8 @@ static void print_table(const la_table *t, int json, int as_object)
     }
     for (size_t r = 0; r < rows; r++) {
         for (size_t col = 0; col < cols; col++) {
-            const char *v = la_table_text(t, r, col);
+            char buf[4096];
+            const char *v = cell(t, r, col, buf, sizeof(buf));
             /* Numbers right-aligned, text left-aligned; no padding after the last column. */
             if (col + 1 == cols && !is_number(v))
                 printf("%s%s", col ? "  " : "", v);

@@ -1,0 +1,872 @@
+/*
+ * check_fair.c — fairness between users (daemon/fairq.c, the CPU backend's slices, the engine's
+ * compute limits), driven in-process through the engine and end to end through liteattnd:
+ *
+ *   - a small call of one user is not held behind another user's large queued calls (made
+ *     cheap in memory with zero strides: a tiny buffer standing for a million keys);
+ *   - the queued calls of a closed connection are cancelled at once;
+ *   - a call cancelled half-way puts its layer's mask back to all ones (dense), since some of
+ *     its heads updated the mask and others did not;
+ *   - max_call_cost and max_queued_cost_per_user refuse with LA_ELIMIT naming the limit, and
+ *     only the user at its limit;
+ *   - buffers (mappings) are budgeted per user and in all (max_buffers_per_user/_total);
+ *   - a session is detached only when the last connection that opened or attached it leaves
+ *     (eviction under the cap is tested in check_engine's mask_cap_lru);
+ *   - through the daemon, with real uids (as root; otherwise those cases pass with a note): a
+ *     user that queues heavy calls and disconnects does not slow another user's ping and small
+ *     call, and SIGTERM with heavy calls queued exits promptly;
+ *   - the loop thread is not frozen by a huge session (open, info, list); a partial frame
+ *     after Hello times out; a burst of refused connections does not flood the log.
+ *
+ * Timing bounds are loose (a loaded 2-core CI machine): the attacker's calls take seconds each,
+ * so on a FIFO pool the victim would wait many seconds.
+ */
+#include <check.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <math.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "engine.h"
+#include "rawproto.h"
+#include "testutil.h"
+#include "testutil_daemon.h"
+
+#define UID 1000
+#define UID2 1001
+#define CONN 1
+#define CONN2 2
+
+/* Sanitizer builds run the CPU kernels several times slower: time bounds scale with it (the
+ * attacks cost the same multiple of a call either way). */
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define SLOW 4.0
+#define HEAVY_SK (1 << 19)
+#else
+#define SLOW 1.0
+#define HEAVY_SK (1 << 21)
+#endif
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* ---- engine harness --------------------------------------------------------------------- */
+
+typedef struct harness {
+    eng *e;
+    int pipe[2];
+    int done_calls;
+} harness;
+
+static void notify_pipe(void *data)
+{
+    harness *h = data;
+    char c = 1;
+    ssize_t n = write(h->pipe[1], &c, 1);
+    (void)n;
+}
+
+static void h_open(harness *h, const eng_limits *lim, uint64_t slice)
+{
+    memset(h, 0, sizeof *h);
+    ck_assert_int_eq(pipe2(h->pipe, O_NONBLOCK | O_CLOEXEC), 0);
+    eng_config cfg;
+    eng_config_default(&cfg);
+    cfg.backend = "cpu";
+    cfg.cpu_threads = 2;
+    cfg.cpu_slice_macs = slice;
+    if (lim)
+        cfg.limits = *lim;
+    cfg.notify = notify_pipe;
+    cfg.notify_data = h;
+    eng_error err = {{0}};
+    int rc = eng_new(&cfg, &h->e, &err);
+    ck_assert_msg(rc == 0, "eng_new: %d %s", rc, err.msg);
+}
+
+/* Runs completions for up to ms milliseconds or until n more done callbacks ran. */
+static void h_pump(harness *h, int n, int ms)
+{
+    int target = h->done_calls + n;
+    double end = now_s() + ms / 1000.0;
+    while (h->done_calls < target && now_s() < end) {
+        struct pollfd pfd = {.fd = h->pipe[0], .events = POLLIN};
+        poll(&pfd, 1, 5);
+        char buf[64];
+        while (read(h->pipe[0], buf, sizeof buf) > 0) {
+        }
+        eng_process_completions(h->e);
+    }
+}
+
+typedef struct call {
+    harness *h;
+    int status, ran;
+    double t_done;
+} call;
+
+static void on_done(void *user, int status, const eng_attn_result *res, const char *msg)
+{
+    (void)res, (void)msg;
+    call *c = user;
+    c->ran++;
+    c->status = status;
+    c->t_done = now_s();
+    c->h->done_calls++;
+}
+
+typedef struct shm {
+    int fd;
+    void *p;
+    size_t size;
+    uint64_t id;
+} shm;
+
+static void shm_make(harness *h, uint32_t uid, uint64_t conn, size_t size, shm *s)
+{
+    s->size = size;
+    s->fd = memfd_create("check_fair", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    ck_assert_int_ge(s->fd, 0);
+    ck_assert_int_eq(ftruncate(s->fd, (off_t)size), 0);
+    s->p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, s->fd, 0);
+    ck_assert_ptr_ne(s->p, MAP_FAILED);
+    eng_error err = {{0}};
+    int rc = eng_buffer_add_shm(h->e, uid, conn, dup(s->fd), size, &s->id, &err);
+    ck_assert_msg(rc == 0, "buffer: %d %s", rc, err.msg);
+}
+
+static void shm_drop(shm *s)
+{
+    munmap(s->p, s->size);
+    close(s->fd);
+}
+
+static uint64_t open_sess(harness *h, uint32_t uid, uint64_t conn, const char *key, uint32_t layers,
+                          uint32_t H, uint32_t sq, uint32_t sk)
+{
+    eng_session_spec sp;
+    memset(&sp, 0, sizeof sp);
+    sp.key = key;
+    sp.layers = layers;
+    sp.heads = H;
+    sp.head_dim = 64;
+    sp.dtype = LA_DTYPE_F32;
+    sp.max_seq_q = sq;
+    sp.max_seq_k = sk;
+    sp.threshold = -3;
+    sp.mode = LA_MODE_SKIP;
+    sp.device = "cpu";
+    eng_session_view v;
+    eng_error err = {{0}};
+    int rc = eng_session_open(h->e, uid, conn, &sp, &v, &err);
+    ck_assert_msg(rc == 0, "open '%s': %d %s", key, rc, err.msg);
+    return v.id;
+}
+
+static void tensor4(eng_tensor *t, uint64_t buf, uint64_t off, int64_t S, int64_t H, int zero)
+{
+    memset(t, 0, sizeof *t);
+    t->buffer_id = buf;
+    t->offset = off;
+    t->dtype = LA_DTYPE_F32;
+    t->ndim = 4;
+    t->shape[0] = 1, t->shape[1] = S, t->shape[2] = H, t->shape[3] = 64;
+    if (zero) { /* every (b, s, h) row is the same 64 floats */
+        t->has_strides = 1;
+        t->strides[3] = 1;
+    }
+}
+
+/* A call on (sid, layer) with q/o [1, Sq, H, 64] contiguous and k/v [1, Sk, H, 64] of zero
+ * strides, all in buf: q at 0, o after it, then k and v (64 floats each). */
+static void req_make(eng_attn_req *r, uint64_t sid, uint32_t layer, uint64_t buf, int64_t Sq,
+                     int64_t Sk, int64_t H, la_mode mode)
+{
+    memset(r, 0, sizeof *r);
+    r->session_id = sid;
+    r->layer = layer;
+    uint64_t qb = (uint64_t)(Sq * H * 64 * 4);
+    tensor4(&r->q, buf, 0, Sq, H, 0);
+    tensor4(&r->o, buf, qb, Sq, H, 0);
+    tensor4(&r->k, buf, 2 * qb, Sk, H, 1);
+    tensor4(&r->v, buf, 2 * qb + 256, Sk, H, 1);
+    r->mode = mode;
+}
+
+static size_t req_bytes(int64_t Sq, int64_t H) { return (size_t)(2 * Sq * H * 64 * 4 + 512); }
+
+static void fill(shm *s)
+{
+    float *f = s->p;
+    for (size_t i = 0; i < s->size / 4; i++)
+        f[i] = (float)((i * 2654435761u) % 1000) / 1000.0f - 0.5f;
+}
+
+/* Heavy calls (HEAVY_SK above): one q-tile against 2^21 keys, 2^31 multiply-adds per head,
+ * seconds of one thread (a quarter of that in the slower sanitizer builds). */
+
+START_TEST(small_call_not_starved)
+{
+    harness h;
+    h_open(&h, NULL, 0);
+    eng_error err = {{0}};
+    uint64_t heavy = open_sess(&h, UID, CONN, "heavy", 6, 1, 128, HEAVY_SK);
+    uint64_t small = open_sess(&h, UID2, CONN2, "small", 1, 1, 128, 128);
+    shm a, b;
+    shm_make(&h, UID, CONN, req_bytes(128, 1), &a);
+    shm_make(&h, UID2, CONN2, req_bytes(128, 1), &b);
+    fill(&a);
+    fill(&b);
+    call ca[6], cb;
+    memset(ca, 0, sizeof ca);
+    memset(&cb, 0, sizeof cb);
+    for (int i = 0; i < 6; i++) {
+        eng_attn_req r;
+        req_make(&r, heavy, (uint32_t)i, a.id, 128, HEAVY_SK, 1, LA_MODE_DENSE);
+        ca[i].h = &h;
+        int rc = eng_attn_submit(h.e, UID, CONN, &r, on_done, &ca[i], &err);
+        ck_assert_msg(rc == 0, "heavy %d: %d %s", i, rc, err.msg);
+    }
+    usleep(50000); /* the heavy calls occupy the workers */
+    eng_attn_req r;
+    req_make(&r, small, 0, b.id, 128, 128, 1, LA_MODE_SKIP);
+    cb.h = &h;
+    double t0 = now_s();
+    ck_assert_int_eq(eng_attn_submit(h.e, UID2, CONN2, &r, on_done, &cb, &err), 0);
+    h_pump(&h, 1, 20000);
+    while (!cb.ran && now_s() < t0 + 20)
+        h_pump(&h, 1, 100);
+    ck_assert_int_eq(cb.ran, 1);
+    ck_assert_int_eq(cb.status, 0);
+    int heavy_done = 0;
+    for (int i = 0; i < 6; i++)
+        heavy_done += ca[i].ran;
+    ck_assert_msg(cb.t_done - t0 < 2.0 * SLOW, "the small call took %.2f s behind the heavy ones",
+                  cb.t_done - t0);
+    ck_assert_msg(heavy_done <= 2, "%d heavy calls finished before the small one", heavy_done);
+
+    /* The heavy user leaves: its queued calls are cancelled at once. */
+    double t1 = now_s();
+    eng_conn_closed(h.e, CONN);
+    h_pump(&h, 4 - heavy_done, 500);
+    int cancelled = 0;
+    for (int i = 0; i < 6; i++)
+        cancelled += ca[i].ran && ca[i].status == LA_ECLOSED;
+    ck_assert_msg(cancelled >= 4 - heavy_done, "only %d calls cancelled %.2f s after the close",
+                  cancelled, now_s() - t1);
+    h_pump(&h, 6, 30000); /* the running ones end with their (indivisible) q-tile */
+    for (int i = 0; i < 6; i++)
+        ck_assert_int_eq(ca[i].ran, 1);
+    eng_free(h.e);
+    close(h.pipe[0]);
+    close(h.pipe[1]);
+    shm_drop(&a);
+    shm_drop(&b);
+}
+END_TEST
+
+START_TEST(cancel_half_done_restarts_dense)
+{
+    harness h;
+    h_open(&h, NULL, 1); /* one q-tile per slice */
+    eng_error err = {{0}};
+    const int S = 2048, H = 16;
+    uint64_t sid = open_sess(&h, UID, CONN, "half", 1, H, S, S);
+    shm a;
+    shm_make(&h, UID, CONN, (size_t)4 * S * H * 64 * 4, &a);
+    float *f = a.p;
+    tu_rng rng;
+    tu_rng_init(&rng, 1);
+    tu_fill(&rng, f, LA_DTYPE_F32, (int64_t)S * H * 64 * 4, 1.0);
+    eng_attn_req r;
+    memset(&r, 0, sizeof r);
+    r.session_id = sid;
+    uint64_t tb = (uint64_t)S * H * 64 * 4;
+    eng_tensor *ts[4] = {&r.q, &r.k, &r.v, &r.o};
+    for (int i = 0; i < 4; i++)
+        tensor4(ts[i], a.id, i * tb, S, H, 0);
+    /* Step 0 with a threshold nothing passes: the mask ends mostly zero. */
+    r.mode = LA_MODE_SKIP;
+    r.has_threshold = 1;
+    r.threshold = 1000.0f;
+    call c = {.h = &h};
+    ck_assert_int_eq(eng_attn_submit(h.e, UID, CONN, &r, on_done, &c, &err), 0);
+    h_pump(&h, 1, 30000);
+    ck_assert_int_eq(c.status, 0);
+    double live;
+    eng_session_stats st;
+    ck_assert_int_eq(eng_session_info(h.e, UID, sid, &live, 1, &st, &err), 0);
+    ck_assert_msg(live < 0.5, "precondition: live fraction %.3f after step 0", live);
+
+    /* Step 1 observes every tile and rewrites the mask head by head; cancel it half-way. */
+    float *o = (float *)((char *)a.p + 3 * tb);
+    for (int64_t i = 0; i < (int64_t)S * H * 64; i++)
+        o[i] = NAN;
+    r.step = 1;
+    r.mode = LA_MODE_OBSERVE;
+    r.threshold = -INFINITY;
+    memset(&c, 0, sizeof c);
+    c.h = &h;
+    ck_assert_int_eq(eng_attn_submit(h.e, UID, CONN, &r, on_done, &c, &err), 0);
+    /* Row 0 of head 0 is written by the first slice. */
+    volatile float *o0 = o;
+    double t0 = now_s();
+    while (isnan(o0[0]) && now_s() < t0 + 20)
+        usleep(200);
+    eng_conn_closed(h.e, CONN);
+    h_pump(&h, 1, 30000);
+    ck_assert_int_eq(c.ran, 1);
+    int written_last = !isnan(o[(int64_t)(S - 1) * H * 64 + (H - 1) * 64]);
+    ck_assert_msg(c.status == LA_ECLOSED, "status %d (the call ended before the cancel?)",
+                  c.status);
+    ck_assert_msg(!written_last, "the cancelled call ran to its last slice");
+    ck_assert_int_eq(eng_session_info(h.e, UID, sid, &live, 1, &st, &err), 0);
+    ck_assert_msg(live == 1.0, "live fraction %.4f after a half-done cancelled call (want 1)",
+                  live);
+    eng_free(h.e);
+    close(h.pipe[0]);
+    close(h.pipe[1]);
+    shm_drop(&a);
+}
+END_TEST
+
+START_TEST(cost_limits)
+{
+    eng_config d;
+    eng_config_default(&d);
+    /* Wan-sized calls pass the defaults: B1 H40 S75600 D128, and B2 of it. */
+    double wan = 2.0 * 40 * 75600.0 * 75600.0 * 128;
+    ck_assert(2 * wan < (double)d.limits.max_call_cost);
+    ck_assert(32 * wan < (double)d.limits.max_queued_cost_per_user);
+
+    uint64_t heavy_cost = 2ull * 128 * HEAVY_SK * 64; /* one head, one q-tile */
+    eng_limits lim = d.limits;
+    lim.max_call_cost = heavy_cost;
+    lim.max_queued_cost_per_user = 2 * heavy_cost;
+    harness h;
+    h_open(&h, &lim, 0);
+    eng_error err = {{0}};
+    uint64_t s1 = open_sess(&h, UID, CONN, "a", 4, 1, 128, 2 * HEAVY_SK);
+    uint64_t s2 = open_sess(&h, UID2, CONN2, "b", 4, 1, 128, HEAVY_SK);
+    shm a, b;
+    shm_make(&h, UID, CONN, req_bytes(128, 1), &a);
+    shm_make(&h, UID2, CONN2, req_bytes(128, 1), &b);
+    call c[8];
+    memset(c, 0, sizeof c);
+    for (int i = 0; i < 8; i++)
+        c[i].h = &h;
+    eng_attn_req r;
+    /* Twice the keys: twice the per-call cap. Zero strides do not make it cheaper. */
+    req_make(&r, s1, 0, a.id, 128, 2 * HEAVY_SK, 1, LA_MODE_DENSE);
+    ck_assert_int_eq(eng_attn_submit(h.e, UID, CONN, &r, on_done, &c[0], &err), LA_ELIMIT);
+    ck_assert_msg(strstr(err.msg, "max_call_cost"), "message: %s", err.msg);
+    /* At the cap: accepted; two of them fill the user's queue. */
+    r.k.shape[1] = r.v.shape[1] = HEAVY_SK;
+    ck_assert_int_eq(eng_attn_submit(h.e, UID, CONN, &r, on_done, &c[0], &err), 0);
+    r.layer = 1;
+    ck_assert_int_eq(eng_attn_submit(h.e, UID, CONN, &r, on_done, &c[1], &err), 0);
+    r.layer = 2;
+    ck_assert_int_eq(eng_attn_submit(h.e, UID, CONN, &r, on_done, &c[2], &err), LA_ELIMIT);
+    ck_assert_msg(strstr(err.msg, "max_queued_cost_per_user"), "message: %s", err.msg);
+    /* Another user is not affected. */
+    req_make(&r, s2, 0, b.id, 128, HEAVY_SK, 1, LA_MODE_DENSE);
+    ck_assert_int_eq(eng_attn_submit(h.e, UID2, CONN2, &r, on_done, &c[3], &err), 0);
+    eng_conn_closed(h.e, CONN);
+    eng_conn_closed(h.e, CONN2);
+    h_pump(&h, 3, 60000);
+    ck_assert_int_eq(h.done_calls, 3);
+    eng_free(h.e);
+    close(h.pipe[0]);
+    close(h.pipe[1]);
+    shm_drop(&a);
+    shm_drop(&b);
+}
+END_TEST
+
+/* ---- sessions are owned ---------------------------------------------------------------- */
+
+static void stat_cb(void *data, const char *name, int64_t value)
+{
+    struct {
+        const char *name;
+        int64_t value;
+    } *q = data;
+    if (!strcmp(name, q->name))
+        q->value = value;
+}
+
+static int64_t stat_get(harness *h, const char *name)
+{
+    struct {
+        const char *name;
+        int64_t value;
+    } q = {name, -1};
+    eng_stats(h->e, stat_cb, &q);
+    return q.value;
+}
+
+/* Attaching adds a reference: another connection that attaches and leaves does not detach a
+ * session its opener still uses (with no grace period it would be freed at the next tick). */
+START_TEST(attach_is_a_reference)
+{
+    eng_config d;
+    eng_config_default(&d);
+    eng_limits lim = d.limits;
+    lim.session_grace_s = 0;
+    harness h;
+    h_open(&h, &lim, 0);
+    eng_error err = {{0}};
+    eng_session_view v;
+    uint64_t sid = open_sess(&h, UID, CONN, "shared", 1, 1, 128, 128);
+    ck_assert_int_eq(eng_session_attach(h.e, UID, CONN2, "shared", &v, &err), 0);
+    ck_assert_int_eq(eng_session_attach(h.e, UID, CONN2, "shared", &v, &err), 0); /* once */
+    ck_assert_uint_eq(v.id, sid);
+    eng_conn_closed(h.e, CONN2);
+    eng_tick(h.e);
+    ck_assert_int_eq(stat_get(&h, "sessions_detached"), 0);
+    ck_assert_int_eq(eng_session_info(h.e, UID, sid, NULL, 0, NULL, &err), 0);
+    /* the opener leaves too: now it is detached, and freed after the (zero) grace */
+    ck_assert_int_eq(eng_session_attach(h.e, UID, 3, "shared", &v, &err), 0);
+    eng_conn_closed(h.e, CONN);
+    eng_tick(h.e);
+    ck_assert_int_eq(eng_session_info(h.e, UID, sid, NULL, 0, NULL, &err), 0);
+    eng_conn_closed(h.e, 3);
+    ck_assert_int_eq(stat_get(&h, "sessions_detached"), 1);
+    eng_tick(h.e);
+    ck_assert_int_eq(eng_session_info(h.e, UID, sid, NULL, 0, NULL, &err), LA_ENOENT);
+    eng_free(h.e);
+    close(h.pipe[0]);
+    close(h.pipe[1]);
+}
+END_TEST
+
+/* Buffers are mappings of the daemon: bounded per user over all its connections and in all,
+ * so that one user cannot use up vm.max_map_count and leave the others unable to connect. */
+START_TEST(buffer_mappings_budgeted)
+{
+    eng_config d;
+    eng_config_default(&d);
+    ck_assert_uint_eq(d.limits.max_buffers_per_user, 2048);
+    eng_limits lim = d.limits;
+    lim.max_buffers_per_conn = 2;
+    lim.max_buffers_per_user = 3;
+    lim.max_buffers_total = 5;
+    harness h;
+    h_open(&h, &lim, 0);
+    shm s[8];
+    int n = 0;
+    eng_error err = {{0}};
+    uint64_t id;
+    /* uid 1000: 2 on one connection, 1 on another, then its limit */
+    shm_make(&h, UID, CONN, 4096, &s[n++]);
+    shm_make(&h, UID, CONN, 4096, &s[n++]);
+    shm_make(&h, UID, CONN2, 4096, &s[n++]);
+    int fd = memfd_create("check_fair", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    ck_assert_int_eq(ftruncate(fd, 4096), 0);
+    ck_assert_int_eq(eng_buffer_add_shm(h.e, UID, CONN2, dup(fd), 4096, &id, &err), LA_ELIMIT);
+    ck_assert_msg(strstr(err.msg, "max_buffers_per_user"), "message: %s", err.msg);
+    /* uid 1001 is not affected, up to the daemon's total */
+    shm_make(&h, UID2, 3, 4096, &s[n++]);
+    shm_make(&h, UID2, 3, 4096, &s[n++]);
+    ck_assert_int_eq(eng_buffer_add_shm(h.e, UID2, 4, dup(fd), 4096, &id, &err), LA_ELIMIT);
+    ck_assert_msg(strstr(err.msg, "max_buffers_total"), "message: %s", err.msg);
+    /* a connection's buffers go with it */
+    eng_conn_closed(h.e, CONN);
+    ck_assert_int_eq(eng_buffer_add_shm(h.e, UID2, 4, dup(fd), 4096, &id, &err), 0);
+    close(fd);
+    eng_free(h.e);
+    close(h.pipe[0]);
+    close(h.pipe[1]);
+    for (int i = 0; i < n; i++)
+        shm_drop(&s[i]);
+}
+END_TEST
+
+/* ---- through the daemon, with real uids ------------------------------------------------ */
+
+#define UID_A 1234
+#define UID_B 65534
+
+static int not_root(void)
+{
+    if (geteuid() == 0)
+        return 0;
+    printf("check_fair: not root (euid %d): the daemon cases switch uids; passing with nothing "
+           "checked\n",
+           (int)geteuid());
+    return 1;
+}
+
+static void become(uid_t uid)
+{
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (setgroups(0, NULL) < 0 || setgid(uid) < 0 || setuid(uid) < 0)
+        _exit(99);
+}
+
+/* As uid A: queue n heavy zero-stride calls (one per layer) on a fresh session; return the
+ * socket (the caller closes it or keeps it) or -1. */
+static int queue_heavy(const char *sock, int n, int64_t sk)
+{
+    int fd = raw_connect(sock);
+    if (fd < 0)
+        return -1;
+    Liteattn__SessionOpen so = LITEATTN__SESSION_OPEN__INIT;
+    so.key = (char *)"heavy";
+    so.layers = (uint32_t)n;
+    so.heads = 1;
+    so.head_dim = 64;
+    so.dtype = LITEATTN__DTYPE__DTYPE_F32;
+    so.max_seq_q = 128;
+    so.has_max_seq_k = 1;
+    so.max_seq_k = (uint32_t)sk;
+    Liteattn__Request q = LITEATTN__REQUEST__INIT;
+    q.id = 3;
+    q.body_case = LITEATTN__REQUEST__BODY_SESSION_OPEN;
+    q.session_open = &so;
+    Liteattn__Reply *rep = raw_call(fd, &q);
+    if (!rep || rep->body_case != LITEATTN__REPLY__BODY_SESSION)
+        return -1;
+    uint64_t sid = rep->session->session_id;
+    liteattn__reply__free_unpacked(rep, NULL);
+    int mfd = raw_memfd(1 << 20);
+    int64_t buf = raw_register(fd, mfd, 1 << 20);
+    close(mfd);
+    if (buf <= 0)
+        return -1;
+    for (int i = 0; i < n; i++) {
+        raw_attn x;
+        raw_attn_init(&x, sid, (uint64_t)buf, 128, 1);
+        int64_t kshape[4] = {1, sk, 1, 64}, zs[4] = {0, 0, 0, 1};
+        for (int t = 1; t <= 2; t++) {
+            x.t[t].shape = kshape;
+            x.t[t].n_strides = 4;
+            x.t[t].strides = zs;
+            x.t[t].offset = (uint64_t)(2 * 128 * 64 * 4 + (t - 1) * 256);
+        }
+        x.t[3].offset = 128 * 64 * 4;
+        x.a.layer = (uint32_t)i;
+        x.a.has_mode = 1;
+        x.a.mode = LITEATTN__MODE__MODE_DENSE;
+        x.req.id = 100 + (uint64_t)i;
+        if (raw_send(fd, &x.req, -1) < 0)
+            return -1;
+    }
+    /* The daemon has read them once a Ping is answered (replies come in order of arrival
+     * for non-attention requests; attention replies come later). */
+    Liteattn__Ping p = LITEATTN__PING__INIT;
+    Liteattn__Request pq = LITEATTN__REQUEST__INIT;
+    pq.id = 7;
+    pq.body_case = LITEATTN__REQUEST__BODY_PING;
+    pq.ping = &p;
+    if (raw_send(fd, &pq, -1) < 0)
+        return -1;
+    for (;;) {
+        Liteattn__Reply *r = raw_recv(fd, 20000);
+        if (!r)
+            return -1;
+        int pong = r->body_case == LITEATTN__REPLY__BODY_PONG;
+        liteattn__reply__free_unpacked(r, NULL);
+        if (pong)
+            break;
+    }
+    return fd;
+}
+
+/* Child A: queue n heavy calls of sk keys, then leave (status 0) or stay until killed. */
+static pid_t spawn_attacker(const char *sock, int n, int64_t sk, int stay, int ready_pipe)
+{
+    fflush(stdout);
+    pid_t pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        become(UID_A);
+        int fd = queue_heavy(sock, n, sk);
+        char c = fd >= 0 ? 'y' : 'n';
+        if (write(ready_pipe, &c, 1) != 1)
+            _exit(2);
+        if (fd < 0)
+            _exit(1);
+        if (stay)
+            for (;;)
+                pause();
+        close(fd);
+        _exit(0);
+    }
+    return pid;
+}
+
+typedef struct victim_result {
+    double ping_s, call_s;
+    int call_rc, ok;
+} victim_result;
+
+/* Child B: a ping and a small call; timings into the shared page. */
+static void victim(const char *sock, victim_result *res)
+{
+    double t0 = now_s();
+    int fd = raw_connect(sock);
+    if (fd < 0)
+        _exit(1);
+    if (raw_ping(fd) != 0)
+        _exit(2);
+    res->ping_s = now_s() - t0;
+    int64_t sid = raw_session_open(fd, "small", 1, 1, 128);
+    int mfd = raw_memfd(1 << 20);
+    int64_t buf = raw_register(fd, mfd, 1 << 20);
+    close(mfd);
+    if (sid <= 0 || buf <= 0)
+        _exit(3);
+    raw_attn x;
+    raw_attn_init(&x, (uint64_t)sid, (uint64_t)buf, 128, 1);
+    t0 = now_s();
+    res->call_rc = raw_rc(fd, &x.req);
+    res->call_s = now_s() - t0;
+    res->ok = 1;
+    close(fd);
+    _exit(0);
+}
+
+static void run_victim(const char *sock, victim_result *res)
+{
+    fflush(stdout);
+    pid_t pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        become(UID_B);
+        victim(sock, res);
+    }
+    int st;
+    ck_assert_int_eq(waitpid(pid, &st, 0), pid);
+    ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0, "victim exited with %d", st);
+}
+
+START_TEST(daemon_victim_not_starved)
+{
+    if (not_root())
+        return;
+    td_daemon d;
+    const char *args[] = {"--socket-mode", "0666", NULL};
+    ck_assert_int_eq(td_start(&d, args), 0);
+    int pp[2];
+    ck_assert_int_eq(pipe(pp), 0);
+    pid_t a = spawn_attacker(d.socket, 6, HEAVY_SK, 0, pp[1]);
+    char c = 0;
+    ck_assert_int_eq(read(pp[0], &c, 1), 1);
+    ck_assert_int_eq(c, 'y');
+    int st;
+    ck_assert_int_eq(waitpid(a, &st, 0), a); /* gone: its queued calls are cancelled */
+    victim_result *res =
+        mmap(NULL, sizeof *res, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    ck_assert_ptr_ne(res, MAP_FAILED);
+    memset(res, 0, sizeof *res);
+    run_victim(d.socket, res);
+    ck_assert(res->ok);
+    ck_assert_int_eq(res->call_rc, 0);
+    ck_assert_msg(res->ping_s < 0.25 * SLOW, "ping took %.3f s", res->ping_s);
+    fprintf(stderr, "daemon_victim_not_starved: ping %.3f s, small call %.3f s\n", res->ping_s,
+            res->call_s);
+    ck_assert_msg(res->call_s < 2.0 * SLOW, "small call took %.3f s", res->call_s);
+    /* The departed user's calls left the queue: at most the running ones remain. */
+    int fd = raw_connect(d.socket);
+    ck_assert_int_ge(fd, 0);
+    Liteattn__Stats sreq = LITEATTN__STATS__INIT;
+    Liteattn__Request q = LITEATTN__REQUEST__INIT;
+    q.id = 9;
+    q.body_case = LITEATTN__REQUEST__BODY_STATS;
+    q.stats = &sreq;
+    Liteattn__Reply *rep = raw_call(fd, &q);
+    ck_assert_ptr_nonnull(rep);
+    ck_assert_int_eq(rep->body_case, LITEATTN__REPLY__BODY_STATS);
+    int64_t inflight = -1;
+    for (size_t i = 0; i < rep->stats->n_stats; i++)
+        if (!strcmp(rep->stats->stats[i]->name, "calls_inflight"))
+            inflight = rep->stats->stats[i]->value;
+    liteattn__reply__free_unpacked(rep, NULL);
+    ck_assert_msg(inflight >= 0 && inflight <= 2, "%lld calls still in flight",
+                  (long long)inflight);
+    close(fd);
+    close(pp[0]);
+    close(pp[1]);
+    munmap(res, sizeof *res);
+    ck_assert_int_eq(td_stop(&d), 0);
+}
+END_TEST
+
+START_TEST(daemon_sigterm_prompt)
+{
+    if (not_root())
+        return;
+    td_daemon d;
+    const char *args[] = {"--socket-mode", "0666", NULL};
+    ck_assert_int_eq(td_start(&d, args), 0);
+    int pp[2];
+    ck_assert_int_eq(pipe(pp), 0);
+    pid_t a = spawn_attacker(d.socket, 16, HEAVY_SK / 4, 1, pp[1]);
+    char c = 0;
+    ck_assert_int_eq(read(pp[0], &c, 1), 1);
+    ck_assert_int_eq(c, 'y');
+    double t0 = now_s();
+    kill(d.pid, SIGTERM);
+    int rc = td_wait(&d, 20000);
+    double took = now_s() - t0;
+    kill(a, SIGKILL);
+    waitpid(a, NULL, 0);
+    ck_assert_int_eq(rc, 0);
+    /* The two running calls (one q-tile each, under a second of one thread) finish; the 14
+     * queued ones are cancelled at once instead of running for seven times as long. */
+    fprintf(stderr, "daemon_sigterm_prompt: exit %.2f s after SIGTERM\n", took);
+    ck_assert_msg(took < 4.0 * SLOW, "the daemon took %.2f s to exit", took);
+    close(pp[0]);
+    close(pp[1]);
+    ck_assert_int_eq(td_stop(&d), 0);
+}
+END_TEST
+
+/* The loop thread does no work in proportion to a session's masks: opening a 1 GiB-mask
+ * session, and 40 pipelined SessionInfo on it, leave another client's ping fast. (Before,
+ * the open set every byte and each SessionInfo counted every bit on the loop thread.) */
+START_TEST(daemon_big_session_no_freeze)
+{
+    td_daemon d;
+    ck_assert_int_eq(td_start(&d, NULL), 0);
+    int a = raw_connect(d.socket), b = raw_connect(d.socket);
+    ck_assert_int_ge(a, 0);
+    ck_assert_int_ge(b, 0);
+    /* 300 layers x 40 heads x 591 q-tiles x 37 words x 4 bytes = 1.05 GB of masks */
+    double t0 = now_s();
+    int64_t sid = raw_session_open(a, "big", 300, 40, 75600);
+    double open_s = now_s() - t0;
+    ck_assert_int_gt(sid, 0);
+    for (int i = 0; i < 40; i++) {
+        Liteattn__SessionRef ref = LITEATTN__SESSION_REF__INIT;
+        Liteattn__SessionList list = LITEATTN__SESSION_LIST__INIT;
+        ref.session_id = (uint64_t)sid;
+        Liteattn__Request q = LITEATTN__REQUEST__INIT;
+        q.id = 200 + (uint64_t)i;
+        q.body_case =
+            i % 2 ? LITEATTN__REQUEST__BODY_SESSION_INFO : LITEATTN__REQUEST__BODY_SESSION_LIST;
+        if (i % 2)
+            q.session_info = &ref;
+        else
+            q.session_list = &list;
+        ck_assert_int_eq(raw_send(a, &q, -1), 0);
+    }
+    t0 = now_s();
+    ck_assert_int_eq(raw_ping(b), 0);
+    double ping_s = now_s() - t0;
+    for (int i = 0; i < 40; i++) {
+        Liteattn__Reply *r = raw_recv(a, 20000);
+        ck_assert_ptr_nonnull(r);
+        ck_assert_int_eq(raw_code(r), 0);
+        if (r->body_case == LITEATTN__REPLY__BODY_SESSION_INFO) {
+            ck_assert_uint_eq(r->session_info->n_live_fraction, 300);
+            ck_assert(r->session_info->live_fraction[299] == 1.0);
+        }
+        liteattn__reply__free_unpacked(r, NULL);
+    }
+    fprintf(stderr, "daemon_big_session_no_freeze: open %.3f s, ping %.3f s\n", open_s, ping_s);
+    ck_assert_msg(open_s < 0.25 * SLOW, "a 1 GB-mask SessionOpen took %.3f s", open_s);
+    ck_assert_msg(ping_s < 0.25 * SLOW, "a ping behind 40 SessionInfo/List took %.3f s", ping_s);
+    close(a);
+    close(b);
+    ck_assert_int_eq(td_stop(&d), 0);
+}
+END_TEST
+
+/* A frame begun after Hello and never finished times out (hello_timeout): it no longer holds
+ * its buffer for ever. */
+START_TEST(partial_frame_times_out)
+{
+    td_daemon d;
+    const char *args[] = {"--hello-timeout", "1", NULL};
+    ck_assert_int_eq(td_start(&d, args), 0);
+    int fd = raw_connect(d.socket);
+    ck_assert_int_ge(fd, 0);
+    uint8_t part[3] = {100, 0, 0}; /* 3 of the 4 bytes of a length prefix */
+    ck_assert_int_eq(write(fd, part, sizeof part), 3);
+    double t0 = now_s();
+    ck_assert_msg(raw_eof(fd, 8000), "the connection with a partial frame stayed open");
+    ck_assert_msg(now_s() - t0 > 0.5, "closed too early (%.2f s)", now_s() - t0);
+    close(fd);
+    ck_assert_int_eq(td_stop(&d), 0);
+}
+END_TEST
+
+static int count_lines(const char *path, const char *needle)
+{
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return -1;
+    char line[1024];
+    int n = 0;
+    while (fgets(line, sizeof line, f))
+        n += strstr(line, needle) != NULL;
+    fclose(f);
+    return n;
+}
+
+/* A burst of refused connections makes a line a second, not a line each. */
+START_TEST(refused_connections_rate_limited)
+{
+    td_daemon d;
+    const char *args[] = {"--max-connections-per-user", "1", NULL};
+    ck_assert_int_eq(td_start(&d, args), 0);
+    int keep = -1;
+    for (int i = 0; i < 50 && keep < 0; i++) { /* td_start's probe may still count */
+        keep = raw_connect(d.socket);
+        if (keep < 0)
+            usleep(50 * 1000);
+    }
+    ck_assert_int_ge(keep, 0);
+    int before = count_lines(d.log, "refused a connection");
+    for (int i = 0; i < 40; i++) {
+        int fd = raw_socket(d.socket);
+        if (fd >= 0) {
+            raw_eof(fd, 2000); /* refused: an error, then the close */
+            close(fd);
+        }
+    }
+    ck_assert_int_eq(raw_ping(keep), 0);
+    int n = count_lines(d.log, "refused a connection") - before;
+    ck_assert_msg(n + before >= 1 && n <= 5, "%d log lines for 40 refused connections", n);
+    close(keep);
+    ck_assert_int_eq(td_stop(&d), 0);
+}
+END_TEST
+
+int main(void)
+{
+    tu_seed();
+    Suite *s = suite_create("fair");
+    TCase *tc = tcase_create("engine");
+    tcase_set_timeout(tc, 90);
+    tcase_add_test(tc, small_call_not_starved);
+    tcase_add_test(tc, cancel_half_done_restarts_dense);
+    tcase_add_test(tc, cost_limits);
+    tcase_add_test(tc, attach_is_a_reference);
+    tcase_add_test(tc, buffer_mappings_budgeted);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("daemon");
+    tcase_set_timeout(tc, 90);
+    tcase_add_test(tc, daemon_victim_not_starved);
+    tcase_add_test(tc, daemon_sigterm_prompt);
+    tcase_add_test(tc, daemon_big_session_no_freeze);
+    tcase_add_test(tc, partial_frame_times_out);
+    tcase_add_test(tc, refused_connections_rate_limited);
+    suite_add_tcase(s, tc);
+    return tu_run_suite(s);
+}
