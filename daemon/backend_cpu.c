@@ -86,6 +86,8 @@ static void *worker_main(void *arg) {
         j->tiles_computed = 0;
         j->p.ret_tiles_computed = &j->tiles_computed;
         j->t_start_ns = be_now_ns();
+        if (j->mask_restart && j->mask)
+            memset((char *)j->mask->host + j->mask_off, 0xff, (size_t)j->mask_len);
         int rc = la_ref_attn_fwd(&j->p);
         j->t_end_ns = be_now_ns();
         j->p.ret_tiles_computed = NULL;

@@ -5,7 +5,8 @@
  * The loop thread never waits for the GPU. It only enqueues stream-ordered work that returns at
  * once (cudaMallocAsync + cudaMemsetAsync of new masks) and hands jobs to the device's worker.
  * The worker, per job: makes the stream wait on the client's IPC event, zeroes the job's
- * tile counter, launches the kernel, copies the counter and (when the mask changed) the
+ * tile counter, sets the layer's mask to all ones when the layer starts over (a step lower
+ * than its last one), launches the kernel, copies the counter and (when the mask changed) the
  * layer's mask back into pinned host memory (the host view the loop thread reads for live
  * fractions and mask reads), records an interprocess completion event (whose handle goes back
  * to the client) and enqueues a host function that completes the job once the stream got
@@ -321,6 +322,10 @@ static void launch(gpu *g, be_job *j) {
     unsigned long long *counter = g->d_tiles + slot;
     if ((e = cudaMemsetAsync(counter, 0, sizeof *counter, g->stream)) != cudaSuccess)
         goto fail;
+    if (j->mask_restart && j->mask &&
+        (e = cudaMemsetAsync((char *)j->mask->dev_ptr + j->mask_off, 0xff, (size_t)j->mask_len,
+                             g->stream)) != cudaSuccess)
+        goto fail;
     j->p.ret_tiles_computed = (int64_t *)counter;
     e = la_attn_fwd_cuda(&j->p, g->stream);
     j->p.ret_tiles_computed = NULL;
@@ -335,7 +340,7 @@ static void launch(gpu *g, be_job *j) {
     if ((e = cudaMemcpyAsync(g->h_tiles + slot, counter, sizeof *counter,
                              cudaMemcpyDeviceToHost, g->stream)) != cudaSuccess)
         goto fail;
-    if (j->mask && j->p.mode != LA_MODE_DENSE && !j->p.decisions) {
+    if (j->mask && (j->p.mode != LA_MODE_DENSE || j->mask_restart) && !j->p.decisions) {
         /* Refresh the host view of this (layer, shard) mask. */
         e = cudaMemcpyAsync((char *)j->mask->host + j->mask_off,
                             (char *)j->mask->dev_ptr + j->mask_off, (size_t)j->mask_len,

@@ -289,6 +289,7 @@ static int do_session_info(conn *c, uint64_t id, const Liteattn__SessionRef *m)
     ir.has_calls = 1, ir.calls = st.calls;
     ir.has_tiles_total = 1, ir.tiles_total = st.tiles_total;
     ir.has_tiles_computed = 1, ir.tiles_computed = st.tiles_computed;
+    ir.has_restarts = 1, ir.restarts = st.restarts;
     Liteattn__Reply r = LITEATTN__REPLY__INIT;
     r.id = id;
     r.body_case = LITEATTN__REPLY__BODY_SESSION_INFO;
@@ -344,6 +345,7 @@ static void list_one(void *data, const eng_session_summary *s)
     o->has_bn = 1, o->bn = s->bn;
     o->has_mask_bytes = 1, o->mask_bytes = s->mask_bytes;
     o->has_calls = 1, o->calls = s->calls;
+    o->has_restarts = 1, o->restarts = s->restarts;
     o->has_live_fraction = 1, o->live_fraction = s->live_fraction;
     o->has_attached = 1, o->attached = s->attached != 0;
     o->has_idle_ms = 1, o->idle_ms = s->idle_ms;

@@ -478,6 +478,14 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
     bj->mask = s->masks->mask;
     bj->mask_off = mask_off;
     bj->mask_len = s->layer_mask_bytes;
+    /* Generations restart dense: a step below the layer's last one starts the layer over,
+     * every kv shard of it (each shard's mask is set to all ones by its own next call, so it
+     * stays ordered with the calls still queued on that mask). Dry runs leave the store alone
+     * and do not count as steps. */
+    size_t shard_idx = (size_t)req->layer * s->kv_shards + req->kv_shard;
+    int restart = !req->dry_run && s->last_step[req->layer] >= 0 &&
+                  (int64_t)req->step < s->last_step[req->layer];
+    bj->mask_restart = !req->dry_run && (restart || s->restart_due[shard_idx]);
     bj->has_wait_event = req->has_wait_event;
     if (req->has_wait_event)
         memcpy(bj->wait_event, req->wait_event, sizeof bj->wait_event);
@@ -516,6 +524,21 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
             t[i].b->refs++;
             j->bufs[j->n_bufs++] = t[i].b;
         }
+    if (!req->dry_run) {
+        if (restart) {
+            memset(s->restart_due + (size_t)req->layer * s->kv_shards, 1, s->kv_shards);
+            s->stats.restarts++;
+            e->n_restarts++;
+            if (!s->restart_logged) {
+                s->restart_logged = 1;
+                eng_logf(e, 2, "%s: layer %u: step %u after step %lld: the layer starts over "
+                         "with all tiles live (a new generation; logged once per session)",
+                         sname, req->layer, req->step, (long long)s->last_step[req->layer]);
+            }
+        }
+        s->restart_due[shard_idx] = 0;
+        s->last_step[req->layer] = req->step;
+    }
     j->next = e->j_head;
     if (e->j_head)
         e->j_head->prev = j;
@@ -622,6 +645,8 @@ void eng_stats(const eng *e, void (*fn)(void *data, const char *name, int64_t va
     STAT("calls_inflight", e->inflight);
     STAT("tiles_total", e->n_tiles_total);
     STAT("tiles_computed", e->n_tiles_computed);
+    STAT("tiles_skipped", e->n_tiles_total - e->n_tiles_computed);
+    STAT("layer_restarts", e->n_restarts);
     STAT("sessions", n_sess);
     STAT("sessions_detached", n_detached);
     STAT("sessions_opened", e->n_sessions_opened);

@@ -47,6 +47,11 @@ typedef struct sess {
     int refs;         /* the store's (while linked) + one per job in flight */
     int linked;       /* in the engine's list (not closed, evicted or expired) */
     eng_session_stats stats;
+    /* Generations restart dense: the last step of each layer (-1: none yet), and per
+     * (layer, kv shard) whether its next call must set its mask to all ones first. */
+    int64_t *last_step;    /* [layers] */
+    uint8_t *restart_due;  /* [layers * kv_shards] */
+    int restart_logged;
 } sess;
 
 enum { BUF_SHM = 1, BUF_CUDA = 2 };
@@ -114,7 +119,7 @@ struct eng {
     /* counters */
     uint64_t n_calls, n_call_errors, n_completed, n_failed, n_tiles_total, n_tiles_computed;
     uint64_t n_sessions_opened, n_sessions_closed, n_evicted, n_expired, n_detached_freed;
-    uint64_t n_buffers_added, n_buffers_removed;
+    uint64_t n_buffers_added, n_buffers_removed, n_restarts;
 };
 
 /* engine.c */

@@ -116,6 +116,8 @@ void sess_unref(eng *e, sess *s) {
         return;
     mset_unref(e, s->masks);
     free(s->schedule);
+    free(s->last_step);
+    free(s->restart_due);
     free(s);
 }
 
@@ -368,6 +370,15 @@ int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_s
         rc = LA_ELIMIT;
         goto fail;
     }
+    s->last_step = malloc((size_t)s->layers * sizeof *s->last_step);
+    s->restart_due = calloc((size_t)s->layers * s->kv_shards, 1);
+    if (!s->last_step || !s->restart_due) {
+        eng_errf(err, "out of memory");
+        rc = LA_ENOMEM;
+        goto fail;
+    }
+    for (uint32_t i = 0; i < s->layers; i++)
+        s->last_step[i] = -1;
     if ((rc = mset_new(e, s, &s->masks, err)) < 0)
         goto fail;
 
@@ -384,6 +395,8 @@ int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_s
     return 0;
 fail:
     free(s->schedule);
+    free(s->last_step);
+    free(s->restart_due);
     free(s);
     return rc;
 }
@@ -428,6 +441,10 @@ int eng_session_reset(eng *e, uint32_t uid, uint64_t session_id, eng_error *err)
         eng_errf(err, "%s: mask reset failed: %s", name, la_strerror(rc));
         return rc;
     }
+    /* Every mask is all ones again: whatever step comes next starts a generation. */
+    for (uint32_t l = 0; l < s->layers; l++)
+        s->last_step[l] = -1;
+    memset(s->restart_due, 0, (size_t)s->layers * s->kv_shards);
     sess_touch(e, s);
     return 0;
 }
@@ -499,6 +516,7 @@ void eng_session_list(eng *e, uint32_t uid,
         sum.bn = s->bn;
         sum.mask_bytes = s->mask_bytes;
         sum.calls = s->stats.calls;
+        sum.restarts = s->stats.restarts;
         sum.idle_ms = s->inflight ? 0 : now - s->last_used_ms;
         double t = 0;
         for (uint32_t l = 0; l < s->layers; l++)

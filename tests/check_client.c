@@ -1045,7 +1045,24 @@ START_TEST(test_tables)
     OK(la_attn_new(&a));
     prob_attn(&p, a, 0);
     OK(la_attn_run(s, a, NULL));
+    /* Step 2, then step 0 again: layer 0 starts over (a new generation), counted once. */
+    OK(la_attn_set_position(a, 0, 2, 0));
+    OK(la_attn_run(s, a, NULL));
+    OK(la_attn_set_position(a, 0, 0, 0));
+    OK(la_attn_run(s, a, NULL));
     la_attn_free(a);
+    int64_t calls, restarts, total, computed, skipped;
+    OK(la_session_stat(s, "calls", &calls));
+    OK(la_session_stat(s, "restarts", &restarts));
+    OK(la_session_stat(s, "tiles_total", &total));
+    OK(la_session_stat(s, "tiles_computed", &computed));
+    OK(la_session_stat(s, "tiles_skipped", &skipped));
+    ck_assert_int_eq(calls, 3);
+    ck_assert_int_eq(restarts, 1);
+    ck_assert_int_eq(total, 3 * 2 * 2); /* 1 x 2 heads x 1 q-tile x 2 k-tiles, 3 calls */
+    ck_assert_int_eq(skipped, total - computed);
+    ck_assert_int_eq(la_session_stat(s, "bogus", &calls), LA_ENOENT);
+    ck_assert_int_eq(calls, 3);
 
     la_table *t;
     OK(la_stats(c, &t));
@@ -1074,15 +1091,18 @@ START_TEST(test_tables)
 
     OK(la_sessions(c, &t));
     ck_assert_int_eq(la_table_rows(t), 1);
-    ck_assert_int_eq(la_table_cols(t), 15);
+    ck_assert_int_eq(la_table_cols(t), 16);
     const char *cols[] = {"id", "key", "uid", "layers", "heads", "head_dim", "batch", "bm", "bn",
-                          "mask_bytes", "calls", "live_fraction", "attached", "idle_s", "device"};
-    for (size_t i = 0; i < 15; i++)
+                          "mask_bytes", "calls", "restarts", "live_fraction", "attached",
+                          "idle_s", "device"};
+    for (size_t i = 0; i < 16; i++)
         ck_assert_msg(col_of(t, cols[i]) >= 0, "no column %s", cols[i]);
     ck_assert_str_eq(la_table_text(t, 0, (size_t)col_of(t, "key")), "tabled");
     OK(la_table_int(t, 0, "layers", &v));
     ck_assert_int_eq(v, 3);
     OK(la_table_int(t, 0, "calls", &v));
+    ck_assert_int_eq(v, 3);
+    OK(la_table_int(t, 0, "restarts", &v));
     ck_assert_int_eq(v, 1);
     OK(la_table_int(t, 0, "uid", &v));
     ck_assert_int_eq(v, (int64_t)getuid());

@@ -176,8 +176,8 @@ LA_API void la_table_free(la_table *t);
 /* Daemon counters: columns "name", "value". */
 LA_API int la_stats(la_client *c, la_table **ret_table);
 /* Sessions visible to this user (root sees all): columns "id", "key", "uid", "layers",
- * "heads", "head_dim", "batch", "bm", "bn", "mask_bytes", "calls", "live_fraction",
- * "attached", "idle_s", "device". */
+ * "heads", "head_dim", "batch", "bm", "bn", "mask_bytes", "calls", "restarts",
+ * "live_fraction", "attached", "idle_s", "device". */
 LA_API int la_sessions(la_client *c, la_table **ret_table);
 
 /* ---------------------------------------------------------------------------------------- */
@@ -264,6 +264,13 @@ LA_API int la_session_get(const la_session *s, const char *name, int64_t *ret_va
 /* Live-tile fraction of each layer (averaged over kv shards) into live[0..n) (n >= layers
  * fills all) and the number of attention calls so far. Either output may be NULL. */
 LA_API int la_session_info(la_session *s, double *ret_live, size_t n, uint64_t *ret_calls);
+
+/* One statistic of the session, fetched from the daemon: "calls", "tiles_total",
+ * "tiles_computed", "tiles_skipped" (over all calls so far), "restarts" (layers started over
+ * because a call's step was lower than the layer's last step: each such layer's mask was set
+ * to all ones first, so the first step of every generation is dense).
+ * Errors: LA_ENOENT (unknown name, or the session is gone), LA_ECLOSED. */
+LA_API int la_session_stat(la_session *s, const char *name, int64_t *ret_value);
 
 /* Copies the packed live mask of (layer, kv_shard): [batch, heads, n_q_tiles, n_k_words]
  * uint32, bit n%32 of word n/32 = k-tile n, 1 = compute. len must be >= layer_mask_bytes. */
