@@ -1293,6 +1293,23 @@ START_TEST(test_connections_per_user)
 }
 END_TEST
 
+/* A clean SIGTERM leaves neither the socket nor its lock file behind, and a second daemon on
+ * the same path starts afterwards (it locks a fresh lock file). */
+START_TEST(test_sigterm_removes_lock)
+{
+    td_daemon d;
+    start(&d, NULL);
+    char lock[160];
+    snprintf(lock, sizeof(lock), "%s.lock", d.socket);
+    ck_assert_msg(access(lock, F_OK) == 0, "no lock file %s while the daemon runs", lock);
+    kill(d.pid, SIGTERM);
+    ck_assert_int_eq(td_wait(&d, 10000), 0);
+    ck_assert_msg(access(lock, F_OK) < 0 && errno == ENOENT, "%s left behind", lock);
+    ck_assert_msg(access(d.socket, F_OK) < 0 && errno == ENOENT, "%s left behind", d.socket);
+    stop_ok(&d);
+}
+END_TEST
+
 START_TEST(test_sigterm_inflight)
 {
     GS = 1024; /* calls of a few hundred ms on 2 cores: still running when the signal comes */
@@ -1520,6 +1537,7 @@ int main(void)
     tcase_add_test(tc2, test_client_killed);
     tcase_add_test(tc2, test_other_user);
     tcase_add_test(tc2, test_connections_per_user);
+    tcase_add_test(tc2, test_sigterm_removes_lock);
     tcase_add_test(tc2, test_sigterm_inflight);
     tcase_add_test(tc2, test_second_signal);
     tcase_add_test(tc2, test_config_file);
