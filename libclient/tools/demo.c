@@ -15,6 +15,13 @@
  *   run time), registered by CUDA IPC, ordered with interprocess events.
  * - --direct: the same loop in-process through the CPU reference (la_ref_attn_fwd), error
  *   against the reference in mode dense.
+ *
+ * Speed-up: every dense pass is timed like a step (same path, same round trips), warm: one
+ * untimed warm-up pass, --dense-runs timed passes before the generation, then the dense
+ * reference pass of each step. A row's speed-up is the median dense step so far over the
+ * step's attention time; the summary divides the sum of the steps' dense passes by the sum of
+ * their attention times (interleaved, so both see the same machine load). With nothing skipped
+ * (--threshold -1000) both read about 1.0x.
  */
 #include <dlfcn.h>
 #include <errno.h>
@@ -40,6 +47,7 @@ typedef struct opts {
     la_dtype dtype;
     const char *device; /* auto, cpu, cuda */
     int bm, bn;         /* --direct tile sizes */
+    int dense_runs;     /* timed dense passes for the speed-up baseline */
     unsigned long long seed;
     int quiet;
 } opts;
@@ -69,6 +77,8 @@ static void usage(FILE *f)
             "  --tile BMxBN       tile sizes for --direct (default 128x64, as the\n"
             "                     daemon's CPU backend)\n"
             "  --seed N           random seed (default 1)\n"
+            "  --dense-runs N     timed dense passes over all layers (after one warm-up\n"
+            "                     pass) whose median is the speed-up baseline (default 5)\n"
             "  -h, --help         this text\n");
 }
 
@@ -346,6 +356,7 @@ static int cu_pick_device(la_client *c, char uuid_out[48], char *why, size_t n)
 
 typedef struct step_row {
     double live, attn_s, err;
+    double dense_s; /* the step's dense reference pass, timed the same way */
 } step_row;
 
 static void print_header(const opts *o, const char *path)
@@ -354,31 +365,78 @@ static void print_header(const opts *o, const char *path)
            o->layers, o->steps, o->heads, o->seq, o->head_dim,
            o->dtype == LA_DTYPE_BF16 ? "bf16" : o->dtype == LA_DTYPE_F16 ? "f16" : "f32",
            o->threshold);
-    printf("%4s  %9s  %11s  %8s  %11s\n", "step", "live", "attn ms", "speedup", "rel.err");
 }
 
-static void print_row(int step, const step_row *r, double dense_s)
+/* The speed-up baseline: the median of warm timings of one dense step (every layer, the same
+ * path and round trips as a step of the generation), with its spread: o->dense_runs passes
+ * before the generation (after one untimed warm-up pass), then the dense reference pass of
+ * every step, so that the baseline sees the same machine load as the steps it is compared
+ * with. A single cold timing would fold thread start-up, first-touch page faults and caches
+ * into the baseline (and made nothing skipped look like a 1.3x speed-up). */
+typedef struct baseline {
+    double median_s, min_s, max_s;
+    int runs;
+} baseline;
+
+static int cmp_double(const void *a, const void *b)
 {
-    printf("%4d  %8.1f%%  %11.1f  %7.2fx  %11.2e\n", step, 100 * r->live, r->attn_s * 1e3,
-           r->attn_s > 0 ? dense_s / r->attn_s : 0.0, r->err);
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Timings t[0..n) (n >= 1) stay in their order. */
+static baseline baseline_of(const double *t, int n)
+{
+    double *s = malloc((size_t)n * sizeof(*s));
+    if (!s)
+        return (baseline){t[0], t[0], t[0], 1};
+    memcpy(s, t, (size_t)n * sizeof(*s));
+    qsort(s, (size_t)n, sizeof(*s), cmp_double);
+    baseline b = {n % 2 ? s[n / 2] : (s[n / 2 - 1] + s[n / 2]) / 2, s[0], s[n - 1], n};
+    free(s);
+    return b;
+}
+
+static void print_baseline(const char *what, const baseline *b)
+{
+    printf("dense baseline%s: %.1f ms per step, median of %d warm runs (min %.1f, max %.1f ms, "
+           "spread %.0f%% of the median)\n",
+           what, b->median_s * 1e3, b->runs, b->min_s * 1e3, b->max_s * 1e3,
+           b->median_s > 0 ? 100 * (b->max_s - b->min_s) / b->median_s : 0.0);
+}
+
+static void print_columns(void)
+{
+    printf("%4s  %9s  %11s  %12s  %8s  %11s\n", "step", "live", "attn ms", "dense ms", "speedup",
+           "rel.err");
+}
+
+/* dense_s: this step's dense reference pass; the speed-up is against the median so far. */
+static void print_row(int step, const step_row *r, double dense_s, double median_s)
+{
+    printf("%4d  %8.1f%%  %11.1f  %12.1f  %7.2fx  %11.2e\n", step, 100 * r->live,
+           r->attn_s * 1e3, dense_s * 1e3, r->attn_s > 0 ? median_s / r->attn_s : 0.0, r->err);
     fflush(stdout);
 }
 
-static void print_summary(const opts *o, const step_row *rows, double total_s)
+static void print_summary(const opts *o, const step_row *rows, const baseline *b,
+                          double total_s)
 {
-    double live = 0, attn = 0, maxerr = 0;
+    double live = 0, attn = 0, dense = 0, maxerr = 0;
     for (int s = 0; s < o->steps; s++) {
         live += rows[s].live;
         attn += rows[s].attn_s;
+        dense += rows[s].dense_s;
         if (rows[s].err > maxerr)
             maxerr = rows[s].err;
     }
     live /= o->steps;
-    double dense = rows[0].attn_s * o->steps;
-    printf("summary: mean live fraction %.1f%%, attention %.2f s vs %.2f s dense-equivalent "
-           "(step 0 x %d): %.2fx; last step %.2fx; max rel.err %.2e; wall %.1f s\n",
+    /* Against the dense passes interleaved with the steps: both sums see the same machine. */
+    printf("summary: mean live fraction %.1f%%, attention %.2f s vs %.2f s dense (the dense "
+           "pass of each of the %d steps): %.2fx; last step %.2fx; max rel.err %.2e; "
+           "wall %.1f s\n",
            100 * live, attn, dense, o->steps, attn > 0 ? dense / attn : 0.0,
-           rows[o->steps - 1].attn_s > 0 ? rows[0].attn_s / rows[o->steps - 1].attn_s : 0.0,
+           rows[o->steps - 1].attn_s > 0 ? b->median_s / rows[o->steps - 1].attn_s : 0.0,
            maxerr, total_s);
 }
 
@@ -438,8 +496,35 @@ static int run_direct(const opts *o)
     p.threads = o->threads;
 
     double t_start = now_s();
+    /* Baseline: dense passes over every layer on the step-0 inputs (generating step 0 again
+     * later gives the same data), the first one untimed (warm-up). */
+    double *dense_t = calloc((size_t)(o->dense_runs + o->steps), sizeof(*dense_t));
+    if (!dense_t) {
+        fprintf(stderr, "liteattn-demo: out of memory\n");
+        return 1;
+    }
+    p.mode = LA_MODE_DENSE;
+    p.o = ref;
+    p.step = 0;
+    for (int run = -1; run < o->dense_runs; run++)
+        for (int l = 0; l < L; l++) {
+            generate(o, &ld[l], l, 0, q, k, v);
+            p.mask = mask + (size_t)l * mask_words;
+            double t0 = now_s();
+            int rc = la_ref_attn_fwd(&p);
+            if (run >= 0)
+                dense_t[run] += now_s() - t0;
+            if (rc < 0) {
+                fprintf(stderr, "liteattn-demo: la_ref_attn_fwd (dense): %s\n", la_strerror(rc));
+                return 1;
+            }
+        }
+    int n_dense = o->dense_runs;
+    baseline base = baseline_of(dense_t, n_dense);
+    print_baseline(" before the generation", &base);
+    print_columns();
     for (int step = 0; step < o->steps; step++) {
-        double attn = 0, num = 0, den = 0;
+        double attn = 0, num = 0, den = 0, dense = 0;
         int64_t computed = 0, total = 0;
         for (int l = 0; l < L; l++) {
             generate(o, &ld[l], l, step, q, k, v);
@@ -461,7 +546,9 @@ static int run_direct(const opts *o)
             p.mode = LA_MODE_DENSE;
             p.o = ref;
             p.ret_tiles_computed = NULL;
+            t0 = now_s();
             rc = la_ref_attn_fwd(&p);
+            dense += now_s() - t0;
             if (rc < 0) {
                 fprintf(stderr, "liteattn-demo: la_ref_attn_fwd (dense): %s\n", la_strerror(rc));
                 return 1;
@@ -469,10 +556,14 @@ static int run_direct(const opts *o)
             err_acc(out, ref, n, o->dtype, &num, &den);
         }
         rows[step] = (step_row){(double)computed / (double)total, attn,
-                                den > 0 ? sqrt(num / den) : 0};
-        print_row(step, &rows[step], rows[0].attn_s);
+                                den > 0 ? sqrt(num / den) : 0, dense};
+        dense_t[n_dense++] = dense;
+        base = baseline_of(dense_t, n_dense);
+        print_row(step, &rows[step], dense, base.median_s);
     }
-    print_summary(o, rows, now_s() - t_start);
+    free(dense_t);
+    print_baseline("", &base);
+    print_summary(o, rows, &base, now_s() - t_start);
     for (int l = 0; l < L; l++)
         layer_free(&ld[l]);
     free(ld);
@@ -634,8 +725,58 @@ static int run_daemon(const opts *o)
         return fail("attn", rc);
     int64_t shape[4] = {1, S, H, D};
     double t_start = now_s();
+    /* Baseline: the step-0 inputs in every layer's buffer (generating step 0 again later gives
+     * the same data), then dense passes over every layer, the first one untimed (warm-up). */
+    for (int l = 0; l < L; l++) {
+        if (use_cuda) {
+            generate(o, &ld[l], l, 0, hq, hk, hv);
+            if (cu.MemcpyHtoD(dmem[l], hq, bytes) || cu.MemcpyHtoD(dmem[l] + bytes, hk, bytes) ||
+                cu.MemcpyHtoD(dmem[l] + 2 * bytes, hv, bytes)) {
+                fprintf(stderr, "liteattn-demo: upload to the GPU failed\n");
+                return 1;
+            }
+        } else {
+            uint8_t *hp = la_buffer_host_ptr(buf[l]);
+            generate(o, &ld[l], l, 0, hp, hp + bytes, hp + 2 * bytes);
+        }
+    }
+    if (use_cuda && cu.EventRecord(ready, NULL)) {
+        fprintf(stderr, "liteattn-demo: cannot record the upload event\n");
+        return 1;
+    }
+    double *dense_t = calloc((size_t)(o->dense_runs + o->steps), sizeof(*dense_t));
+    if (!dense_t) {
+        fprintf(stderr, "liteattn-demo: out of memory\n");
+        return 1;
+    }
+    for (int run = -1; run < o->dense_runs; run++)
+        for (int l = 0; l < L; l++) {
+            uint64_t b0 = base_off[l];
+            la_attn_set_tensor(a, LA_TENSOR_Q, buf[l], b0, o->dtype, 4, shape, NULL);
+            la_attn_set_tensor(a, LA_TENSOR_K, buf[l], b0 + bytes, o->dtype, 4, shape, NULL);
+            la_attn_set_tensor(a, LA_TENSOR_V, buf[l], b0 + 2 * bytes, o->dtype, 4, shape, NULL);
+            la_attn_set_tensor(a, LA_TENSOR_O, buf[l], b0 + 4 * bytes, o->dtype, 4, shape, NULL);
+            la_attn_set_position(a, (uint32_t)l, 0, 0);
+            la_attn_set_mode(a, LA_MODE_DENSE);
+            if (use_cuda)
+                la_attn_set_wait_event(a, ready_h, 64);
+            la_call *call;
+            double t0 = now_s();
+            rc = la_attn_run(s, a, &call);
+            if (rc == 0 && use_cuda && wait_done_event(call) < 0)
+                rc = LA_EDEVICE;
+            if (run >= 0)
+                dense_t[run] += now_s() - t0;
+            if (rc < 0)
+                return fail("dense attention", rc);
+            la_call_free(call);
+        }
+    int n_dense = o->dense_runs;
+    baseline base = baseline_of(dense_t, n_dense);
+    print_baseline(" before the generation", &base);
+    print_columns();
     for (int step = 0; step < o->steps; step++) {
-        double attn = 0, num = 0, den = 0;
+        double attn = 0, num = 0, den = 0, dense = 0;
         int64_t computed = 0, total = 0;
         for (int l = 0; l < L; l++) {
             uint64_t b0 = base_off[l];
@@ -675,9 +816,11 @@ static int run_daemon(const opts *o)
             /* Dense reference: same session, same inputs, mode dense (masks untouched). */
             la_attn_set_tensor(a, LA_TENSOR_O, buf[l], b0 + 4 * bytes, o->dtype, 4, shape, NULL);
             la_attn_set_mode(a, LA_MODE_DENSE);
+            t0 = now_s();
             rc = la_attn_run(s, a, &call);
             if (rc == 0 && use_cuda && wait_done_event(call) < 0)
                 rc = LA_EDEVICE;
+            dense += now_s() - t0;
             if (rc < 0)
                 return fail("dense attention", rc);
             la_call_free(call);
@@ -694,10 +837,14 @@ static int run_daemon(const opts *o)
             }
         }
         rows[step] = (step_row){total ? (double)computed / (double)total : 1.0, attn,
-                                den > 0 ? sqrt(num / den) : 0};
-        print_row(step, &rows[step], rows[0].attn_s);
+                                den > 0 ? sqrt(num / den) : 0, dense};
+        dense_t[n_dense++] = dense;
+        base = baseline_of(dense_t, n_dense);
+        print_row(step, &rows[step], dense, base.median_s);
     }
-    print_summary(o, rows, now_s() - t_start);
+    free(dense_t);
+    print_baseline("", &base);
+    print_summary(o, rows, &base, now_s() - t_start);
 
     la_attn_free(a);
     la_session_close(s);
@@ -742,7 +889,7 @@ int main(int argc, char **argv)
     opts o = {.socket = NULL, .layers = 4, .heads = 4, .head_dim = 64, .seq = 1024,
               .steps = 20, .threads = ncpu > 0 ? (int)ncpu : 1, .clusters = 8,
               .threshold = -3.0f, .dtype = LA_DTYPE_BF16, .device = "auto", .bm = 128,
-              .bn = 64, .seed = 1};
+              .bn = 64, .seed = 1, .dense_runs = 5};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         int r = 0, used = 1;
@@ -770,6 +917,8 @@ int main(int argc, char **argv)
             r = parse_int(a, v, 1, 10000, &o.steps);
         } else if (!strcmp(a, "--threads")) {
             r = parse_int(a, v, 1, 256, &o.threads);
+        } else if (!strcmp(a, "--dense-runs")) {
+            r = parse_int(a, v, 1, 1000, &o.dense_runs);
         } else if (!strcmp(a, "--clusters")) {
             r = parse_int(a, v, 1, 1 << 20, &o.clusters);
         } else if (!strcmp(a, "--seed")) {
