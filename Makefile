@@ -50,8 +50,17 @@ NVCCFLAGS ?= -O3 -std=c++17 -lineinfo --expt-relaxed-constexpr -Xcompiler -fPIC
 
 # ---- common flags ---------------------------------------------------------------------------
 WARN := -Wall -Wextra -Wshadow -Wno-unused-parameter -Wstrict-prototypes -Wmissing-prototypes
+# Include paths follow the layer order (see ARCHITECTURE.md): every object sees include/ and
+# common/, the bottom; each folder adds only the folders below it (the *_INC of its module.mk).
 ALL_CFLAGS := -std=c11 -D_GNU_SOURCE -pthread -fPIC $(WARN) $(CFLAGS) -MMD -MP \
-	-Ilibclient/include -Ikernels -Iproto -I$(BUILD)/proto
+	-Iinclude -Icommon
+KERNEL_INC := -Ikernels
+PROTO_INC := -Iproto -I$(BUILD)/proto
+ENGINE_INC := -Iengine $(KERNEL_INC)
+DAEMON_INC := -Idaemon $(ENGINE_INC) $(PROTO_INC)
+CLIENT_INC := -Ilibclient/include -Ilibclient $(PROTO_INC)
+# tests/, fuzz/ and bench/ drive every layer.
+ALL_INC := $(DAEMON_INC) -Ilibclient/include
 ifeq ($(HAVE_CUDA),1)
 ALL_CFLAGS += -DLA_HAVE_CUDA=1 -I$(CUDA_HOME)/include
 endif
@@ -90,13 +99,13 @@ $(BUILD)/obj/%.o: %.c | $(PROTO_GEN_H)
 $(BUILD)/obj/kernels/%.o: kernels/%.c
 	@mkdir -p $(dir $@)
 	@$(if $(Q),echo "  CC      $<")
-	$(Q)$(CC) $(ALL_CFLAGS) -c $< -o $@
+	$(Q)$(CC) $(ALL_CFLAGS) $(KERNEL_INC) -c $< -o $@
 
 $(BUILD)/obj/%.cu.o: %.cu
 	@mkdir -p $(dir $@)
 	@$(if $(Q),echo "  NVCC    $<")
 	$(Q)$(NVCC) $(NVCCFLAGS) $(NVCC_GENCODE) $(NVCC_EXTRA_$(notdir $<)) \
-		-Ilibclient/include -Ikernels -MMD -MP -c $< -o $@
+		-Iinclude $(KERNEL_INC) -MMD -MP -c $< -o $@
 
 ALL_TARGETS :=
 CHECK_BINS :=
@@ -107,9 +116,11 @@ CLEAN_EXTRA :=
 .SECONDARY:
 all: all-targets
 
-# ---- modules --------------------------------------------------------------------------------
+# ---- modules (bottom layer first) -----------------------------------------------------------
+include common/module.mk
 include proto/module.mk
 include kernels/module.mk
+include engine/module.mk
 include daemon/module.mk
 include libclient/module.mk
 include tests/module.mk

@@ -12,7 +12,7 @@
 #include <strings.h>
 #include <unistd.h>
 
-#include "liteattn.h"
+#include "codes.h"
 #include "log.h"
 
 enum kind { K_PATH, K_BACKEND, K_INT, K_U32, K_U64SIZE, K_U32SIZE, K_LEVEL, K_MODE, K_FLAG,

@@ -7,17 +7,17 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
-#include "dispatch.h"
-#include "liteattn.h"
+#include "codes.h"
 #include "log.h"
 
 #define LINGER_MS 2000       /* conn_close_after_flush: longest wait for the client to read */
 #define RECVS_PER_WAKEUP 16  /* fairness: other clients get their turn after this many reads */
 
 struct conn_out {
-    conn_out *next;
+    list_node link;
     size_t len, off;
     uint8_t data[];
 };
@@ -52,6 +52,8 @@ static void pb_free(void *data, void *p)
     free(h);
 }
 
+static void update_poll(conn *c);
+
 /* ---- lifetime ----------------------------------------------------------------------------- */
 
 void conn_ref(conn *c) { c->refs++; }
@@ -60,7 +62,7 @@ void conn_unref(conn *c)
 {
     if (--c->refs > 0)
         return;
-    la_framer_free(&c->fr);
+    frame_reader_free(&c->fr);
     free(c);
 }
 
@@ -74,14 +76,20 @@ static void on_handle_closed(uv_handle_t *h)
     conn_unref(c);
 }
 
+static uint64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
 static void drop_outq(conn *c)
 {
-    while (c->out_head) {
-        conn_out *o = c->out_head;
-        c->out_head = o->next;
+    conn_out *o;
+    list_for_each_entry(o, &c->out, conn_out, link) {
+        list_remove(&o->link);
         free(o);
     }
-    c->out_tail = NULL;
     c->out_bytes = 0;
 }
 
@@ -91,18 +99,16 @@ void conn_close(conn *c)
         return;
     c->closing = 1;
     c->paused = c->lingering = 0;
-    srv *s = c->srv;
     drop_outq(c);
     /* Frees the queued fds now; the buffer goes with the conn. */
-    for (int fd; (fd = la_framer_take_fd(&c->fr)) >= 0;)
+    for (int fd; (fd = frame_take_fd(&c->fr)) >= 0;)
         close(fd);
-    if (s->eng)
-        eng_conn_closed(s->eng, c->id);
     uv_timer_stop(&c->timer);
     uv_poll_stop(&c->poll);
     uv_close((uv_handle_t *)&c->poll, on_handle_closed);
     uv_close((uv_handle_t *)&c->timer, on_handle_closed);
-    srv_conn_removed(s, c);
+    if (c->hooks.closed)
+        c->hooks.closed(c->hooks.data, c);
 }
 
 /* Logs a protocol error of c and closes it. */
@@ -114,7 +120,7 @@ static void conn_fail(conn *c, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
-    c->srv->ctr.protocol_errors++;
+    c->ctr->protocol_errors++;
     log_warn(CONN_FMT ": %s; closing the connection", CONN_ARGS(c), msg);
     conn_close(c);
 }
@@ -131,14 +137,26 @@ void conn_close_after_flush(conn *c)
 {
     if (c->closing || c->lingering)
         return;
-    if (!c->out_head) {
+    if (!conn_has_output(c)) {
         conn_close(c);
         return;
     }
     c->lingering = 1;
     uv_timer_stop(&c->timer);
     uv_timer_start(&c->timer, on_linger_timeout, LINGER_MS, 0);
-    conn_update_poll(c);
+    update_poll(c);
+}
+
+void conn_quiesce(conn *c)
+{
+    c->quiesced = 1;
+    update_poll(c);
+}
+
+void conn_hello_done(conn *c)
+{
+    c->hello_done = 1;
+    uv_timer_stop(&c->timer);
 }
 
 /* ---- writing ------------------------------------------------------------------------------ */
@@ -146,27 +164,25 @@ void conn_close_after_flush(conn *c)
 /* Writes what the socket takes. Returns 0, or LA_ECLOSED when the connection was closed. */
 static int flush(conn *c)
 {
-    while (c->out_head) {
-        conn_out *o = c->out_head;
-        ssize_t n = la_frame_send(c->fd, o->data + o->off, o->len - o->off, -1);
+    conn_out *o;
+    list_for_each_entry(o, &c->out, conn_out, link) {
+        ssize_t n = frame_send(c->fd, o->data + o->off, o->len - o->off, -1);
         if (n == LA_EAGAIN)
             break;
         if (n < 0) {
-            log_debug(CONN_FMT ": send failed (%s); closing", CONN_ARGS(c), la_strerror((int)n));
+            log_debug(CONN_FMT ": send failed (%s); closing", CONN_ARGS(c), codes_strerror((int)n));
             conn_close(c);
             return LA_ECLOSED;
         }
-        c->srv->ctr.bytes_out += (uint64_t)n;
+        c->ctr->bytes_out += (uint64_t)n;
         o->off += (size_t)n;
         c->out_bytes -= (size_t)n;
         if (o->off < o->len)
             break;
-        c->out_head = o->next;
-        if (!c->out_head)
-            c->out_tail = NULL;
+        list_remove(&o->link);
         free(o);
     }
-    if (!c->out_head && c->lingering) {
+    if (!conn_has_output(c) && c->lingering) {
         conn_close(c);
         return LA_ECLOSED;
     }
@@ -175,11 +191,11 @@ static int flush(conn *c)
 
 void conn_flush_final(conn *c, int timeout_ms)
 {
-    uint64_t end = srv_now_ms() + (uint64_t)timeout_ms;
-    while (!c->closing && c->out_head) {
-        if (flush(c) < 0 || !c->out_head)
+    uint64_t end = now_ms() + (uint64_t)timeout_ms;
+    while (!c->closing && conn_has_output(c)) {
+        if (flush(c) < 0 || !conn_has_output(c))
             return;
-        uint64_t now = srv_now_ms();
+        uint64_t now = now_ms();
         if (now >= end)
             return;
         struct pollfd p = {.fd = c->fd, .events = POLLOUT};
@@ -195,10 +211,10 @@ int conn_send(conn *c, const Liteattn__Reply *r)
     uint8_t *buf;
     size_t len;
     /* Replies stay within the default frame limit, which every client accepts. */
-    int rc = la_frame_pack(&r->base, LA_FRAME_DEFAULT_MAX, &buf, &len);
+    int rc = frame_pack(&r->base, FRAME_DEFAULT_MAX, &buf, &len);
     if (rc == LA_ELIMIT) {
         log_warn(CONN_FMT ": reply to request %llu exceeds %u bytes; sending an error instead",
-                 CONN_ARGS(c), (unsigned long long)r->id, LA_FRAME_DEFAULT_MAX);
+                 CONN_ARGS(c), (unsigned long long)r->id, FRAME_DEFAULT_MAX);
         Liteattn__Error e = LITEATTN__ERROR__INIT;
         e.code = LA_ELIMIT;
         e.message = (char *)"reply too large for one frame";
@@ -206,7 +222,7 @@ int conn_send(conn *c, const Liteattn__Reply *r)
         er.id = r->id;
         er.body_case = LITEATTN__REPLY__BODY_ERROR;
         er.error = &e;
-        rc = la_frame_pack(&er.base, LA_FRAME_DEFAULT_MAX, &buf, &len);
+        rc = frame_pack(&er.base, FRAME_DEFAULT_MAX, &buf, &len);
     }
     if (rc < 0)
         return rc;
@@ -217,28 +233,23 @@ int conn_send(conn *c, const Liteattn__Reply *r)
     }
     memcpy(o->data, buf, len);
     free(buf);
-    o->next = NULL;
     o->len = len;
     o->off = 0;
-    if (c->out_tail)
-        c->out_tail->next = o;
-    else
-        c->out_head = o;
-    c->out_tail = o;
+    int was_empty = !conn_has_output(c);
+    list_append(&c->out, &o->link);
     c->out_bytes += len;
-    c->srv->ctr.frames_out++;
+    c->ctr->frames_out++;
 
-    int was_empty = c->out_head == o;
     if (was_empty && flush(c) < 0)
         return LA_ECLOSED;
-    if (c->out_bytes > c->srv->cfg.max_outbound_bytes) {
+    if (c->out_bytes > c->lim.max_outbound_bytes) {
         log_warn(CONN_FMT ": %zu bytes of replies wait unread (limit %llu); closing the slow "
                  "client", CONN_ARGS(c), c->out_bytes,
-                 (unsigned long long)c->srv->cfg.max_outbound_bytes);
+                 (unsigned long long)c->lim.max_outbound_bytes);
         conn_close(c);
         return LA_ECLOSED;
     }
-    conn_update_poll(c);
+    update_poll(c);
     return 0;
 }
 
@@ -246,7 +257,7 @@ int conn_send_error(conn *c, uint64_t id, int code, const char *message)
 {
     Liteattn__Error e = LITEATTN__ERROR__INIT;
     e.code = code;
-    e.message = (char *)(message && *message ? message : la_strerror(code));
+    e.message = (char *)(message && *message ? message : codes_strerror(code));
     Liteattn__Reply r = LITEATTN__REPLY__INIT;
     r.id = id;
     r.body_case = LITEATTN__REPLY__BODY_ERROR;
@@ -256,7 +267,7 @@ int conn_send_error(conn *c, uint64_t id, int code, const char *message)
 
 /* ---- reading ------------------------------------------------------------------------------ */
 
-static uint32_t peek_len(const la_framer *f)
+static uint32_t peek_len(const frame_reader *f)
 {
     const uint8_t *p = f->buf + f->head;
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
@@ -275,12 +286,11 @@ static void human_size(char *buf, size_t len, uint64_t n)
 /* Decodes and dispatches every complete frame. Returns 0, or -1 when c was closed. */
 static int process_frames(conn *c)
 {
-    srv *s = c->srv;
     ProtobufCAllocator alloc = {pb_alloc, pb_free, c};
     for (;;) {
         const uint8_t *data;
         uint32_t len;
-        int rc = la_framer_next(&c->fr, &data, &len);
+        int rc = frame_next(&c->fr, &data, &len);
         if (rc == 0)
             break;
         if (rc < 0) {
@@ -290,24 +300,24 @@ static int process_frames(conn *c)
             conn_fail(c, "frame of %s exceeds the %s limit", a, b);
             return -1;
         }
-        s->ctr.frames_in++;
+        c->ctr->frames_in++;
         Liteattn__Request *req = liteattn__request__unpack(&alloc, len, data);
         if (!req) {
             conn_fail(c, "undecodable request of %u bytes", len);
             return -1;
         }
         char why[256] = "";
-        rc = disp_request(c, req, why, sizeof(why));
+        rc = c->hooks.request(c->hooks.data, c, req, why, sizeof(why));
         liteattn__request__free_unpacked(req, &alloc);
         if (c->closing)
             return -1;
-        la_framer_consume(&c->fr);
-        if (rc == DISP_FAIL) {
+        frame_consume(&c->fr);
+        if (rc == CONN_REQ_FAIL) {
             conn_fail(c, "%s", why);
             return -1;
         }
-        if (rc == DISP_CLOSE) {
-            c->srv->ctr.protocol_errors++;
+        if (rc == CONN_REQ_CLOSE) {
+            c->ctr->protocol_errors++;
             log_info(CONN_FMT ": %s; closing the connection", CONN_ARGS(c), why);
             conn_close_after_flush(c);
             return -1;
@@ -325,9 +335,9 @@ static int process_frames(conn *c)
 static void on_readable(conn *c)
 {
     for (int i = 0; i < RECVS_PER_WAKEUP; i++) {
-        if (c->closing || c->lingering || c->paused || c->srv->stopping)
+        if (c->closing || c->lingering || c->paused || c->quiesced)
             return;
-        ssize_t n = la_framer_recv(&c->fr, c->fd);
+        ssize_t n = frame_recv(&c->fr, c->fd);
         if (n == LA_EAGAIN)
             return;
         if (n == 0) {
@@ -342,15 +352,15 @@ static void on_readable(conn *c)
         }
         if (n == LA_EPROTO) {
             conn_fail(c, "truncated ancillary data or more than %d file descriptors queued",
-                      LA_FRAME_MAX_FDS);
+                      FRAME_MAX_FDS);
             return;
         }
         if (n < 0) {
-            log_info(CONN_FMT ": receive failed (%s); closing", CONN_ARGS(c), la_strerror((int)n));
+            log_info(CONN_FMT ": receive failed (%s); closing", CONN_ARGS(c), codes_strerror((int)n));
             conn_close(c);
             return;
         }
-        c->srv->ctr.bytes_in += (uint64_t)n;
+        c->ctr->bytes_in += (uint64_t)n;
         if (process_frames(c) < 0)
             return;
     }
@@ -369,22 +379,22 @@ static void on_poll(uv_poll_t *h, int status, int events)
     if (events & UV_WRITABLE) {
         if (flush(c) < 0)
             return;
-        conn_update_poll(c);
-        if (!c->out_head)
-            srv_maybe_finish(c->srv);
+        update_poll(c);
+        if (!conn_has_output(c) && c->hooks.drained)
+            c->hooks.drained(c->hooks.data, c);
     }
     if (events & (UV_READABLE | UV_DISCONNECT))
         on_readable(c);
 }
 
-void conn_update_poll(conn *c)
+static void update_poll(conn *c)
 {
     if (c->closing)
         return;
     unsigned ev = 0;
-    if (!c->paused && !c->lingering && !c->srv->stopping)
+    if (!c->paused && !c->lingering && !c->quiesced)
         ev |= UV_READABLE;
-    if (c->out_head)
+    if (conn_has_output(c))
         ev |= UV_WRITABLE;
     if (ev == c->events)
         return;
@@ -395,13 +405,41 @@ void conn_update_poll(conn *c)
         uv_poll_stop(&c->poll);
 }
 
-void conn_job_finished(conn *c)
+/* ---- jobs in flight ----------------------------------------------------------------------- */
+
+void conn_job_begin(conn *c, conn_job *j, uint64_t req_id)
 {
-    if (c->closing)
-        return;
-    if (c->paused && c->inflight < c->srv->cfg.max_inflight) {
+    j->req_id = req_id;
+    j->answered = 0;
+    list_append(&c->jobs, &j->link);
+    conn_ref(c);
+    if (++c->inflight >= c->lim.max_inflight) {
+        c->paused = 1;
+        update_poll(c);
+    }
+}
+
+void conn_job_end(conn *c, conn_job *j)
+{
+    list_remove(&j->link);
+    c->inflight--;
+    if (!c->closing && c->paused && c->inflight < c->lim.max_inflight) {
         c->paused = 0;
-        conn_update_poll(c);
+        update_poll(c);
+    }
+    conn_unref(c);
+}
+
+void conn_fail_inflight(conn *c, int code, const char *message)
+{
+    conn_job *j;
+    list_for_each_entry(j, &c->jobs, conn_job, link) {
+        if (j->answered)
+            continue;
+        j->answered = 1;
+        conn_send_error(c, j->req_id, code, message);
+        if (c->closing)
+            return;
     }
 }
 
@@ -411,32 +449,39 @@ static void on_hello_timeout(uv_timer_t *t)
     if (c->hello_done)
         return;
     char msg[96];
-    snprintf(msg, sizeof(msg), "no Hello within %u s", c->srv->cfg.hello_timeout_s);
-    c->srv->ctr.protocol_errors++;
+    snprintf(msg, sizeof(msg), "no Hello within %u s", c->lim.hello_timeout_s);
+    c->ctr->protocol_errors++;
     log_info(CONN_FMT ": %s; closing the connection", CONN_ARGS(c), msg);
     conn_send_error(c, 0, LA_ETIMEDOUT, msg);
     if (!c->closing)
         conn_close_after_flush(c);
 }
 
-int conn_new(srv *s, int fd, uint32_t uid, uint32_t gid, int32_t pid, conn **ret_conn)
+int conn_new(uv_loop_t *loop, uint64_t id, int fd, uint32_t uid, uint32_t gid, int32_t pid,
+             const conn_limits *lim, conn_counters *ctr, const conn_hooks *hooks,
+             conn **ret_conn)
 {
     conn *c = calloc(1, sizeof(*c));
     if (!c) {
         close(fd);
         return LA_ENOMEM;
     }
-    c->srv = s;
+    list_init(&c->link);
+    list_init(&c->out);
+    list_init(&c->jobs);
     c->fd = fd;
-    c->id = ++s->next_conn_id;
+    c->id = id;
     c->uid = uid;
     c->gid = gid;
     c->pid = pid;
-    la_framer_init(&c->fr, s->cfg.max_frame);
+    c->lim = *lim;
+    c->ctr = ctr;
+    c->hooks = *hooks;
+    frame_reader_init(&c->fr, lim->max_frame);
     /* Decoding expands a frame (a 1-byte varint becomes an 8-byte int64, a small sub-message
      * a struct): 16x the frame limit bounds every legitimate message with room to spare. */
-    c->alloc_cap = (size_t)s->cfg.max_frame * 16 + 65536;
-    int rc = uv_poll_init(&s->loop, &c->poll, fd);
+    c->alloc_cap = (size_t)lim->max_frame * 16 + 65536;
+    int rc = uv_poll_init(loop, &c->poll, fd);
     if (rc < 0) {
         log_error("conn %llu: cannot watch its socket: %s", (unsigned long long)c->id,
                   uv_strerror(rc));
@@ -444,16 +489,11 @@ int conn_new(srv *s, int fd, uint32_t uid, uint32_t gid, int32_t pid, conn **ret
         free(c);
         return LA_EIO;
     }
-    uv_timer_init(&s->loop, &c->timer);
+    uv_timer_init(loop, &c->timer);
     c->poll.data = c->timer.data = c;
     c->refs = 2; /* the two handles; each close callback drops one */
-    c->next = s->conns;
-    if (s->conns)
-        s->conns->prev = c;
-    s->conns = c;
-    s->n_conns++;
-    uv_timer_start(&c->timer, on_hello_timeout, (uint64_t)s->cfg.hello_timeout_s * 1000, 0);
-    conn_update_poll(c);
+    uv_timer_start(&c->timer, on_hello_timeout, (uint64_t)lim->hello_timeout_s * 1000, 0);
+    update_poll(c);
     *ret_conn = c;
     return 0;
 }

@@ -16,7 +16,11 @@
  * the connection at once; everything it holds is released (eng_conn_closed).
  *
  * Lifetime: conn_close() starts closing the handles; the memory is freed once both handles'
- * close callbacks and the done callbacks of all its engine jobs have run (refcount).
+ * close callbacks have run and every job in flight has ended (refcount).
+ *
+ * Layering: conn knows bytes, fds, frames and its own jobs in flight; it never calls the server
+ * or dispatch. What a request means, and what closing releases elsewhere, it hands to the
+ * hooks its owner gave to conn_new (PipeWire's connection.c and protocol-native.c).
  */
 #ifndef LA_DAEMON_CONN_H
 #define LA_DAEMON_CONN_H
@@ -26,37 +30,79 @@
 #include <uv.h>
 
 #include "frame.h"
+#include "list.h"
 #include "liteattn.pb-c.h"
-#include "server.h"
 
+typedef struct conn conn;
 typedef struct conn_out conn_out;
-typedef struct disp_job disp_job;
+
+/* What the request hook answers. */
+enum {
+    CONN_REQ_OK = 0,
+    CONN_REQ_CLOSE = 1, /* an error reply was queued: close once it is written (why says) */
+    CONN_REQ_FAIL = 2,  /* protocol error: close now (why says) */
+};
+
+typedef struct conn_hooks {
+    /* A decoded request of c; returns CONN_REQ_*, and writes why (for the log) otherwise. */
+    int (*request)(void *data, conn *c, const Liteattn__Request *req, char *why, size_t whylen);
+    /* c began closing: release what it holds elsewhere and forget it (c stays valid until
+     * its jobs ended). */
+    void (*closed)(void *data, conn *c);
+    /* c's queued replies have all been written. */
+    void (*drained)(void *data, conn *c);
+    void *data;
+} conn_hooks;
+
+typedef struct conn_limits {
+    uint32_t max_frame;          /* bytes of one request */
+    uint32_t max_inflight;       /* jobs in flight before reading pauses */
+    uint32_t hello_timeout_s;
+    uint64_t max_outbound_bytes; /* queued replies before the client is dropped */
+} conn_limits;
+
+/* Counted by every connection of one owner. */
+typedef struct conn_counters {
+    uint64_t frames_in, frames_out, bytes_in, bytes_out, protocol_errors;
+} conn_counters;
+
+/* A request in flight (e.g. an attention job): embedded in the caller's own object. */
+typedef struct conn_job {
+    list_node link;  /* the connection's jobs */
+    uint64_t req_id;
+    int answered;    /* conn_fail_inflight already answered it */
+} conn_job;
 
 struct conn {
-    srv *srv;
-    conn *prev, *next;
+    list_node link;       /* the owner's list of connections (conn itself never touches it) */
+    void *user;           /* the owner's, e.g. the dispatcher */
     uint64_t id;
     int fd;
     uint32_t uid, gid;
     int32_t pid;
     char client_name[64];
 
+    conn_hooks hooks;
+    conn_limits lim;
+    conn_counters *ctr;
+
     uv_poll_t poll;
     uv_timer_t timer;     /* Hello timeout, then the linger limit of conn_close_after_flush */
     unsigned events;      /* what poll watches now */
 
-    la_framer fr;
-    conn_out *out_head, *out_tail;
+    frame_reader fr;
+    list_node out;        /* conn_out, oldest first */
     size_t out_bytes;
 
-    uint32_t inflight;    /* attention jobs submitted, done callback not yet run */
-    disp_job *jobs;       /* those jobs, for failing them all on a fatal error */
+    list_node jobs;       /* conn_job in flight */
+    uint32_t inflight;
 
     size_t alloc_used, alloc_cap; /* protobuf-c unpack budget */
 
     int refs;
     int hello_done;
     int paused;           /* inflight limit reached: not reading */
+    int quiesced;         /* shutting down: no more requests are read */
     int lingering;        /* a final reply is being flushed, then the connection closes */
     int closing;
 };
@@ -65,12 +111,19 @@ struct conn {
 #define CONN_FMT "conn %llu (uid %u)"
 #define CONN_ARGS(c) (unsigned long long)(c)->id, (unsigned)(c)->uid
 
-/* Takes ownership of fd (closed on error). Starts reading and the Hello timer. */
-int conn_new(srv *s, int fd, uint32_t uid, uint32_t gid, int32_t pid, conn **ret_conn);
-/* Closes now (queued replies are dropped) and releases the engine's resources of the conn. */
+/* Takes ownership of fd (closed on error). Starts reading and the Hello timer. ctr must
+ * outlive the connection. */
+int conn_new(uv_loop_t *loop, uint64_t id, int fd, uint32_t uid, uint32_t gid, int32_t pid,
+             const conn_limits *lim, conn_counters *ctr, const conn_hooks *hooks,
+             conn **ret_conn);
+/* Closes now (queued replies are dropped); hooks.closed runs. */
 void conn_close(conn *c);
 /* Stops reading; closes once the queued replies are written (or after a few seconds). */
 void conn_close_after_flush(conn *c);
+/* Shutdown: reads no more requests; queued replies and jobs in flight still finish. */
+void conn_quiesce(conn *c);
+/* The Hello was accepted: stops the Hello timer. */
+void conn_hello_done(conn *c);
 
 void conn_ref(conn *c);
 void conn_unref(conn *c);
@@ -78,16 +131,23 @@ void conn_unref(conn *c);
 /* Queues a reply (written as soon as the socket takes it). Returns 0 or LA_E*; on a dead or
  * too slow client the connection is closed (and logged) here. */
 int conn_send(conn *c, const Liteattn__Reply *r);
-/* Error reply; message NULL: la_strerror(code). */
+/* Error reply; message NULL: the code's own message. */
 int conn_send_error(conn *c, uint64_t id, int code, const char *message);
+/* Replies are queued and not yet written. */
+static inline int conn_has_output(const conn *c) { return !list_empty(&c->out); }
 
 /* Writes the queued replies, waiting up to timeout_ms for the socket (only on the way out
  * after a fatal error, when the loop no longer runs). */
 void conn_flush_final(conn *c, int timeout_ms);
 
-/* Re-evaluates what to watch (after pause/resume, queue changes, shutdown). */
-void conn_update_poll(conn *c);
-/* A job finished: resume reading if the connection was paused. */
-void conn_job_finished(conn *c);
+/* Request req_id goes in flight as j: counted, c referenced until conn_job_end, and reading
+ * pauses at the in-flight limit. */
+void conn_job_begin(conn *c, conn_job *j, uint64_t req_id);
+/* j is over: unlinked, counted down, reading resumes; drops j's reference (may free c, so
+ * call it last). */
+void conn_job_end(conn *c, conn_job *j);
+/* Answers every job of c still in flight with Error(code, message); their own answers are
+ * then skipped (j->answered). */
+void conn_fail_inflight(conn *c, int code, const char *message);
 
 #endif /* LA_DAEMON_CONN_H */

@@ -9,17 +9,15 @@
 #include <unistd.h>
 
 #include "engine.h"
-#include "liteattn.h"
+#include "codes.h"
 
 /* An attention request in flight: the reply is sent from its done callback. */
-struct disp_job {
+typedef struct disp_job {
+    conn_job cj; /* the connection's record of it */
     conn *c;
-    uint64_t req_id;
-    disp_job *prev, *next;
-    int answered; /* already failed by disp_fail_inflight */
-};
+} disp_job;
 
-/* Sends Error(code, printf-formatted message); returns DISP_OK (semantic errors keep the
+/* Sends Error(code, printf-formatted message); returns CONN_REQ_OK (semantic errors keep the
  * connection). */
 static int reply_err(conn *c, uint64_t id, int code, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
@@ -31,19 +29,19 @@ static int reply_err(conn *c, uint64_t id, int code, const char *fmt, ...)
     vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
     conn_send_error(c, id, code, msg);
-    return DISP_OK;
+    return CONN_REQ_OK;
 }
 
 static int reply_eng_err(conn *c, uint64_t id, int code, const eng_error *err)
 {
-    conn_send_error(c, id, code, err->msg[0] ? err->msg : la_strerror(code));
-    return DISP_OK;
+    conn_send_error(c, id, code, err->msg[0] ? err->msg : codes_strerror(code));
+    return CONN_REQ_OK;
 }
 
 static int send_body(conn *c, Liteattn__Reply *r)
 {
     conn_send(c, r);
-    return DISP_OK;
+    return CONN_REQ_OK;
 }
 
 static int send_ack(conn *c, uint64_t id)
@@ -73,9 +71,8 @@ static int dir_ok(int d) { return d >= LITEATTN__DIRECTION__DIR_ALTERNATE && d <
 
 /* ---- Hello -------------------------------------------------------------------------------- */
 
-static int do_hello(conn *c, uint64_t id, const Liteattn__Hello *h, char *why, size_t whylen)
+static int do_hello(const disp *d, conn *c, uint64_t id, const Liteattn__Hello *h, char *why, size_t whylen)
 {
-    srv *s = c->srv;
     if (c->hello_done)
         return reply_err(c, id, LA_EINVAL, "Hello was already done on this connection");
     if (h->major != LA_PROTOCOL_MAJOR) {
@@ -84,18 +81,17 @@ static int do_hello(conn *c, uint64_t id, const Liteattn__Hello *h, char *why, s
                  h->major, h->minor, LA_PROTOCOL_MAJOR, LA_PROTOCOL_MINOR);
         conn_send_error(c, id, LA_EVERSION, msg);
         snprintf(why, whylen, "%s", msg);
-        return DISP_CLOSE;
+        return CONN_REQ_CLOSE;
     }
     /* The name is only for logs: keep it short and printable. */
     size_t j = 0;
     for (const char *p = h->client_name ? h->client_name : ""; *p && j + 1 < sizeof(c->client_name); p++)
         c->client_name[j++] = (*p >= 0x20 && *p < 0x7f) ? *p : '?';
     c->client_name[j] = 0;
-    c->hello_done = 1;
-    uv_timer_stop(&c->timer);
+    conn_hello_done(c);
 
     char backends[64];
-    snprintf(backends, sizeof(backends), "%s", eng_backends(s->eng));
+    snprintf(backends, sizeof(backends), "%s", eng_backends(d->eng));
     char *bk[8];
     size_t nb = 0;
     for (char *save = NULL, *t = strtok_r(backends, ",", &save); t && nb < 8;
@@ -103,7 +99,7 @@ static int do_hello(conn *c, uint64_t id, const Liteattn__Hello *h, char *why, s
         bk[nb++] = t;
 
     eng_device_info info[16];
-    size_t nd = eng_devices(s->eng, info, 16);
+    size_t nd = eng_devices(d->eng, info, 16);
     if (nd > 16)
         nd = 16;
     Liteattn__Device dev[16], *devp[16];
@@ -122,7 +118,7 @@ static int do_hello(conn *c, uint64_t id, const Liteattn__Hello *h, char *why, s
         devp[i] = &dev[i];
     }
 
-    const cfg *g = &s->cfg;
+    const cfg *g = d->cfg;
     Liteattn__Limits lim = LITEATTN__LIMITS__INIT;
     lim.has_max_frame = 1, lim.max_frame = g->max_frame;
     lim.has_max_inflight = 1, lim.max_inflight = g->max_inflight;
@@ -183,26 +179,26 @@ static int send_session_view(conn *c, uint64_t id, const eng_session_view *v)
 static int check_key(conn *c, uint64_t id, const char *key)
 {
     size_t n = key ? strlen(key) : 0;
-    if (n == 0 || n > DISP_KEY_MAX) {
-        reply_err(c, id, LA_EINVAL, "session key must be 1..%d bytes (got %zu)", DISP_KEY_MAX, n);
+    if (n == 0 || n > ENG_KEY_MAX) {
+        reply_err(c, id, LA_EINVAL, "session key must be 1..%d bytes (got %zu)", ENG_KEY_MAX, n);
         return -1;
     }
     return 0;
 }
 
-static int do_session_open(conn *c, uint64_t id, const Liteattn__SessionOpen *m)
+static int do_session_open(const disp *d, conn *c, uint64_t id, const Liteattn__SessionOpen *m)
 {
     if (check_key(c, id, m->key) < 0)
-        return DISP_OK;
+        return CONN_REQ_OK;
     if (!dtype_ok(m->dtype))
         return reply_err(c, id, LA_EINVAL, "dtype %d is not a DType", (int)m->dtype);
     if (m->has_mode && !mode_ok(m->mode))
         return reply_err(c, id, LA_EINVAL, "mode %d is not a Mode", (int)m->mode);
     if (m->has_direction && !dir_ok(m->direction))
         return reply_err(c, id, LA_EINVAL, "direction %d is not a Direction", (int)m->direction);
-    if (m->n_schedule > DISP_SCHEDULE_MAX)
+    if (m->n_schedule > LA_MAX_SCHEDULE)
         return reply_err(c, id, LA_EINVAL, "schedule of %zu steps exceeds %d", m->n_schedule,
-                         DISP_SCHEDULE_MAX);
+                         LA_MAX_SCHEDULE);
     for (size_t i = 0; i < m->n_schedule; i++)
         if (isnan(m->schedule[i]))
             return reply_err(c, id, LA_EINVAL, "schedule[%zu] is NaN", i);
@@ -232,19 +228,19 @@ static int do_session_open(conn *c, uint64_t id, const Liteattn__SessionOpen *m)
 
     eng_session_view v;
     eng_error err = {{0}};
-    int rc = eng_session_open(c->srv->eng, c->uid, c->id, &spec, &v, &err);
+    int rc = eng_session_open(d->eng, c->uid, c->id, &spec, &v, &err);
     if (rc < 0)
         return reply_eng_err(c, id, rc, &err);
     return send_session_view(c, id, &v);
 }
 
-static int do_session_attach(conn *c, uint64_t id, const Liteattn__SessionAttach *m)
+static int do_session_attach(const disp *d, conn *c, uint64_t id, const Liteattn__SessionAttach *m)
 {
     if (check_key(c, id, m->key) < 0)
-        return DISP_OK;
+        return CONN_REQ_OK;
     eng_session_view v;
     eng_error err = {{0}};
-    int rc = eng_session_attach(c->srv->eng, c->uid, c->id, m->key, &v, &err);
+    int rc = eng_session_attach(d->eng, c->uid, c->id, m->key, &v, &err);
     if (rc < 0)
         return reply_eng_err(c, id, rc, &err);
     return send_session_view(c, id, &v);
@@ -252,11 +248,11 @@ static int do_session_attach(conn *c, uint64_t id, const Liteattn__SessionAttach
 
 enum { SREF_RESET, SREF_CLOSE };
 
-static int do_session_ref(conn *c, uint64_t id, const Liteattn__SessionRef *m, int what)
+static int do_session_ref(const disp *d, conn *c, uint64_t id, const Liteattn__SessionRef *m, int what)
 {
     eng_error err = {{0}};
-    int rc = what == SREF_RESET ? eng_session_reset(c->srv->eng, c->uid, m->session_id, &err)
-                                : eng_session_close(c->srv->eng, c->uid, m->session_id, &err);
+    int rc = what == SREF_RESET ? eng_session_reset(d->eng, c->uid, m->session_id, &err)
+                                : eng_session_close(d->eng, c->uid, m->session_id, &err);
     if (rc < 0)
         return reply_eng_err(c, id, rc, &err);
     return send_ack(c, id);
@@ -265,7 +261,7 @@ static int do_session_ref(conn *c, uint64_t id, const Liteattn__SessionRef *m, i
 /* Layers reported by SessionInfo at most (a session has far fewer). */
 #define INFO_LAYERS_MAX 4096
 
-static int do_session_info(conn *c, uint64_t id, const Liteattn__SessionRef *m)
+static int do_session_info(const disp *d, conn *c, uint64_t id, const Liteattn__SessionRef *m)
 {
     double *live = malloc(INFO_LAYERS_MAX * sizeof(double));
     if (!live)
@@ -275,7 +271,7 @@ static int do_session_info(conn *c, uint64_t id, const Liteattn__SessionRef *m)
         live[i] = -1.0;
     eng_session_stats st = {0};
     eng_error err = {{0}};
-    int rc = eng_session_info(c->srv->eng, c->uid, m->session_id, live, INFO_LAYERS_MAX, &st, &err);
+    int rc = eng_session_info(d->eng, c->uid, m->session_id, live, INFO_LAYERS_MAX, &st, &err);
     if (rc < 0) {
         free(live);
         return reply_eng_err(c, id, rc, &err);
@@ -296,7 +292,7 @@ static int do_session_info(conn *c, uint64_t id, const Liteattn__SessionRef *m)
     r.session_info = &ir;
     send_body(c, &r);
     free(live);
-    return DISP_OK;
+    return CONN_REQ_OK;
 }
 
 typedef struct list_acc {
@@ -352,10 +348,10 @@ static void list_one(void *data, const eng_session_summary *s)
     a->n++; /* key and device point into keys/devs once no realloc can move them */
 }
 
-static int do_session_list(conn *c, uint64_t id)
+static int do_session_list(const disp *d, conn *c, uint64_t id)
 {
     list_acc a = {0};
-    eng_session_list(c->srv->eng, c->uid, list_one, &a);
+    eng_session_list(d->eng, c->uid, list_one, &a);
     if (a.failed) {
         free(a.items), free(a.keys), free(a.devs);
         return reply_err(c, id, LA_ENOMEM, "out of memory listing sessions");
@@ -379,10 +375,10 @@ static int do_session_list(conn *c, uint64_t id)
     r.session_list = &lr;
     send_body(c, &r);
     free(ptrs), free(a.items), free(a.keys), free(a.devs);
-    return DISP_OK;
+    return CONN_REQ_OK;
 }
 
-static int do_mask_read(conn *c, uint64_t id, const Liteattn__MaskRead *m)
+static int do_mask_read(const disp *d, conn *c, uint64_t id, const Liteattn__MaskRead *m)
 {
     size_t want = m->has_length ? m->length : DISP_MASK_REPLY_MAX;
     if (want > DISP_MASK_REPLY_MAX)
@@ -393,7 +389,7 @@ static int do_mask_read(conn *c, uint64_t id, const Liteattn__MaskRead *m)
     size_t got = 0;
     uint64_t total = 0;
     eng_error err = {{0}};
-    int rc = eng_mask_read(c->srv->eng, c->uid, m->session_id, m->layer,
+    int rc = eng_mask_read(d->eng, c->uid, m->session_id, m->layer,
                            m->has_kv_shard ? m->kv_shard : 0, m->has_offset ? m->offset : 0, buf,
                            want, &got, &total, &err);
     if (rc < 0) {
@@ -410,7 +406,7 @@ static int do_mask_read(conn *c, uint64_t id, const Liteattn__MaskRead *m)
     r.mask = &mr;
     send_body(c, &r);
     free(buf);
-    return DISP_OK;
+    return CONN_REQ_OK;
 }
 
 /* ---- buffers ------------------------------------------------------------------------------ */
@@ -427,25 +423,25 @@ static int send_buffer(conn *c, uint64_t id, uint64_t buffer_id, uint64_t size)
     return send_body(c, &r);
 }
 
-static int do_buffer_register(conn *c, uint64_t id, const Liteattn__BufferRegister *m,
+static int do_buffer_register(const disp *d, conn *c, uint64_t id, const Liteattn__BufferRegister *m,
                               char *why, size_t whylen)
 {
     eng_error err = {{0}};
     uint64_t bid = 0, size = m->size;
     int rc;
     if (m->kind == LITEATTN__BUFFER_KIND__BUFFER_SHM) {
-        int fd = la_framer_take_fd(&c->fr);
+        int fd = frame_take_fd(&c->fr);
         if (fd < 0) {
             snprintf(why, whylen, "BufferRegister(SHM) of request %llu came without a file "
                      "descriptor", (unsigned long long)id);
-            return DISP_FAIL;
+            return CONN_REQ_FAIL;
         }
         if (m->size == 0 || m->size > (uint64_t)INT64_MAX) {
             close(fd);
             return reply_err(c, id, LA_EINVAL, "buffer size %llu is not in 1..2^63-1",
                              (unsigned long long)m->size);
         }
-        rc = eng_buffer_add_shm(c->srv->eng, c->uid, c->id, fd, m->size, &bid, &err);
+        rc = eng_buffer_add_shm(d->eng, c->uid, c->id, fd, m->size, &bid, &err);
     } else if (m->kind == LITEATTN__BUFFER_KIND__BUFFER_CUDA_IPC) {
         if (!m->has_ipc_handle || m->ipc_handle.len != 64)
             return reply_err(c, id, LA_EINVAL, "CUDA IPC handle must be 64 bytes (got %zu)",
@@ -456,7 +452,7 @@ static int do_buffer_register(conn *c, uint64_t id, const Liteattn__BufferRegist
         if (m->size == 0 || m->size > (uint64_t)INT64_MAX)
             return reply_err(c, id, LA_EINVAL, "buffer size %llu is not in 1..2^63-1",
                              (unsigned long long)m->size);
-        rc = eng_buffer_add_cuda_ipc(c->srv->eng, c->uid, c->id, m->ipc_handle.data,
+        rc = eng_buffer_add_cuda_ipc(d->eng, c->uid, c->id, m->ipc_handle.data,
                                      m->ipc_handle.len, m->device_uuid, m->size, &bid, &size, &err);
     } else
         return reply_err(c, id, LA_EINVAL, "buffer kind %d is not a BufferKind", (int)m->kind);
@@ -465,10 +461,10 @@ static int do_buffer_register(conn *c, uint64_t id, const Liteattn__BufferRegist
     return send_buffer(c, id, bid, size);
 }
 
-static int do_buffer_unregister(conn *c, uint64_t id, const Liteattn__BufferUnregister *m)
+static int do_buffer_unregister(const disp *d, conn *c, uint64_t id, const Liteattn__BufferUnregister *m)
 {
     eng_error err = {{0}};
-    int rc = eng_buffer_remove(c->srv->eng, c->id, m->buffer_id, &err);
+    int rc = eng_buffer_remove(d->eng, c->id, m->buffer_id, &err);
     if (rc < 0)
         return reply_eng_err(c, id, rc, &err);
     return send_ack(c, id);
@@ -525,8 +521,8 @@ static int tensor_from(const Liteattn__TensorRef *t, const char *role, int ndim,
 static int ranges_from(Liteattn__Range *const *in, size_t n, la_range *out, int *ret_n,
                        const char *what, char *msg, size_t msglen)
 {
-    if (n > DISP_RANGES_MAX) {
-        snprintf(msg, msglen, "%zu %s ranges exceed %d", n, what, DISP_RANGES_MAX);
+    if (n > LA_MAX_RANGES) {
+        snprintf(msg, msglen, "%zu %s ranges exceed %d", n, what, LA_MAX_RANGES);
         return LA_EINVAL;
     }
     for (size_t i = 0; i < n; i++) {
@@ -537,24 +533,13 @@ static int ranges_from(Liteattn__Range *const *in, size_t n, la_range *out, int 
     return 0;
 }
 
-static void job_unlink(disp_job *j)
-{
-    conn *c = j->c;
-    if (j->prev)
-        j->prev->next = j->next;
-    else
-        c->jobs = j->next;
-    if (j->next)
-        j->next->prev = j->prev;
-}
-
 static void on_attn_done(void *user, int status, const eng_attn_result *res, const char *message)
 {
     disp_job *j = user;
     conn *c = j->c;
-    if (!j->answered && !c->closing) {
+    if (!j->cj.answered && !c->closing) {
         if (status < 0)
-            conn_send_error(c, j->req_id, status, message);
+            conn_send_error(c, j->cj.req_id, status, message);
         else {
             Liteattn__AttentionReply ar = LITEATTN__ATTENTION_REPLY__INIT;
             if (res) {
@@ -569,25 +554,21 @@ static void on_attn_done(void *user, int status, const eng_attn_result *res, con
                 }
             }
             Liteattn__Reply r = LITEATTN__REPLY__INIT;
-            r.id = j->req_id;
+            r.id = j->cj.req_id;
             r.body_case = LITEATTN__REPLY__BODY_ATTENTION;
             r.attention = &ar;
             conn_send(c, &r);
         }
     }
-    job_unlink(j);
-    c->inflight--;
+    conn_job_end(c, &j->cj);
     free(j);
-    conn_job_finished(c);
-    conn_unref(c);
 }
 
-static int do_attention(conn *c, uint64_t id, const Liteattn__Attention *m)
+static int do_attention(const disp *d, conn *c, uint64_t id, const Liteattn__Attention *m)
 {
-    srv *s = c->srv;
-    if (c->inflight >= s->cfg.max_inflight)
+    if (c->inflight >= c->lim.max_inflight)
         return reply_err(c, id, LA_EBUSY, "%u attention requests already in flight on this "
-                         "connection (limit %u)", c->inflight, s->cfg.max_inflight);
+                         "connection (limit %u)", c->inflight, c->lim.max_inflight);
     eng_attn_req *q = calloc(1, sizeof(*q));
     if (!q)
         return reply_err(c, id, LA_ENOMEM, "out of memory");
@@ -662,40 +643,19 @@ static int do_attention(conn *c, uint64_t id, const Liteattn__Attention *m)
         goto bad;
     }
     j->c = c;
-    j->req_id = id;
     eng_error err = {{0}};
-    rc = eng_attn_submit(s->eng, c->uid, c->id, q, on_attn_done, j, &err);
+    rc = eng_attn_submit(d->eng, c->uid, c->id, q, on_attn_done, j, &err);
     free(q);
     if (rc < 0) {
         free(j);
         return reply_eng_err(c, id, rc, &err);
     }
-    conn_ref(c);
-    j->next = c->jobs;
-    if (c->jobs)
-        c->jobs->prev = j;
-    c->jobs = j;
-    if (++c->inflight >= s->cfg.max_inflight) {
-        c->paused = 1;
-        conn_update_poll(c);
-    }
-    return DISP_OK;
+    conn_job_begin(c, &j->cj, id);
+    return CONN_REQ_OK;
 bad:
     free(q);
     conn_send_error(c, id, rc, msg);
-    return DISP_OK;
-}
-
-void disp_fail_inflight(conn *c, int code, const char *message)
-{
-    for (disp_job *j = c->jobs; j; j = j->next) {
-        if (j->answered)
-            continue;
-        j->answered = 1;
-        conn_send_error(c, j->req_id, code, message);
-        if (c->closing)
-            return;
-    }
+    return CONN_REQ_OK;
 }
 
 /* ---- stats, ping -------------------------------------------------------------------------- */
@@ -732,21 +692,12 @@ static void stat_one(void *data, const char *name, int64_t value)
     a->n++;
 }
 
-static int do_stats(conn *c, uint64_t id)
+static int do_stats(const disp *d, conn *c, uint64_t id)
 {
-    srv *s = c->srv;
     stat_acc a = {0};
-    eng_stats(s->eng, stat_one, &a);
-    const srv_counters *k = &s->ctr;
-    stat_one(&a, "server.connections", s->n_conns);
-    stat_one(&a, "server.connections_total", (int64_t)k->connections_total);
-    stat_one(&a, "server.connections_rejected", (int64_t)k->rejected_connections);
-    stat_one(&a, "server.frames_in", (int64_t)k->frames_in);
-    stat_one(&a, "server.frames_out", (int64_t)k->frames_out);
-    stat_one(&a, "server.bytes_in", (int64_t)k->bytes_in);
-    stat_one(&a, "server.bytes_out", (int64_t)k->bytes_out);
-    stat_one(&a, "server.protocol_errors", (int64_t)k->protocol_errors);
-    stat_one(&a, "server.uptime_s", (int64_t)((srv_now_ms() - s->start_ms) / 1000));
+    eng_stats(d->eng, stat_one, &a);
+    if (d->server_stats)
+        d->server_stats(d->server_data, stat_one, &a);
     if (a.failed) {
         free(a.items), free(a.names);
         return reply_err(c, id, LA_ENOMEM, "out of memory");
@@ -769,7 +720,7 @@ static int do_stats(conn *c, uint64_t id)
     r.stats = &sr;
     send_body(c, &r);
     free(ptrs), free(a.items), free(a.names);
-    return DISP_OK;
+    return CONN_REQ_OK;
 }
 
 static int do_ping(conn *c, uint64_t id, const Liteattn__Ping *m)
@@ -786,40 +737,41 @@ static int do_ping(conn *c, uint64_t id, const Liteattn__Ping *m)
 
 /* ---- entry -------------------------------------------------------------------------------- */
 
-int disp_request(conn *c, const Liteattn__Request *req, char *why, size_t whylen)
+int disp_request(void *data, conn *c, const Liteattn__Request *req, char *why, size_t whylen)
 {
+    const disp *d = data;
     uint64_t id = req->id;
     if (!c->hello_done && req->body_case != LITEATTN__REQUEST__BODY_HELLO) {
         conn_send_error(c, id, LA_EPROTO, "the first request must be Hello");
         snprintf(why, whylen, "request %llu (type %d) before Hello", (unsigned long long)id,
                  (int)req->body_case);
-        return DISP_CLOSE;
+        return CONN_REQ_CLOSE;
     }
     switch (req->body_case) {
     case LITEATTN__REQUEST__BODY_HELLO:
-        return do_hello(c, id, req->hello, why, whylen);
+        return do_hello(d, c, id, req->hello, why, whylen);
     case LITEATTN__REQUEST__BODY_SESSION_OPEN:
-        return do_session_open(c, id, req->session_open);
+        return do_session_open(d, c, id, req->session_open);
     case LITEATTN__REQUEST__BODY_SESSION_ATTACH:
-        return do_session_attach(c, id, req->session_attach);
+        return do_session_attach(d, c, id, req->session_attach);
     case LITEATTN__REQUEST__BODY_SESSION_RESET:
-        return do_session_ref(c, id, req->session_reset, SREF_RESET);
+        return do_session_ref(d, c, id, req->session_reset, SREF_RESET);
     case LITEATTN__REQUEST__BODY_SESSION_CLOSE:
-        return do_session_ref(c, id, req->session_close, SREF_CLOSE);
+        return do_session_ref(d, c, id, req->session_close, SREF_CLOSE);
     case LITEATTN__REQUEST__BODY_SESSION_INFO:
-        return do_session_info(c, id, req->session_info);
+        return do_session_info(d, c, id, req->session_info);
     case LITEATTN__REQUEST__BODY_SESSION_LIST:
-        return do_session_list(c, id);
+        return do_session_list(d, c, id);
     case LITEATTN__REQUEST__BODY_MASK_READ:
-        return do_mask_read(c, id, req->mask_read);
+        return do_mask_read(d, c, id, req->mask_read);
     case LITEATTN__REQUEST__BODY_BUFFER_REGISTER:
-        return do_buffer_register(c, id, req->buffer_register, why, whylen);
+        return do_buffer_register(d, c, id, req->buffer_register, why, whylen);
     case LITEATTN__REQUEST__BODY_BUFFER_UNREGISTER:
-        return do_buffer_unregister(c, id, req->buffer_unregister);
+        return do_buffer_unregister(d, c, id, req->buffer_unregister);
     case LITEATTN__REQUEST__BODY_ATTENTION:
-        return do_attention(c, id, req->attention);
+        return do_attention(d, c, id, req->attention);
     case LITEATTN__REQUEST__BODY_STATS:
-        return do_stats(c, id);
+        return do_stats(d, c, id);
     case LITEATTN__REQUEST__BODY_PING:
         return do_ping(c, id, req->ping);
     default:

@@ -8,26 +8,29 @@
 #define LA_DAEMON_DISPATCH_H
 
 #include <stddef.h>
+#include <stdint.h>
 
+#include "config.h"
 #include "conn.h"
+#include "engine.h"
 
 #define DISP_MASK_REPLY_MAX (512u * 1024) /* bytes of mask in one MaskReply */
-#define DISP_KEY_MAX 255
-#define DISP_SCHEDULE_MAX 10000
-#define DISP_RANGES_MAX 64
 #define DISP_LIST_MAX 2000 /* sessions in one SessionListReply */
 
-enum {
-    DISP_OK = 0,
-    DISP_CLOSE = 1, /* an error reply was queued: close once it is written (why says) */
-    DISP_FAIL = 2,  /* protocol error: close now (why says) */
-};
+typedef void (*disp_stat_fn)(void *data, const char *name, int64_t value);
 
-/* Handles one request of c. why (for the log) is written when the result is not DISP_OK. */
-int disp_request(conn *c, const Liteattn__Request *req, char *why, size_t whylen);
+/* What dispatch works with; the server owns it. */
+typedef struct disp {
+    eng *eng;
+    const cfg *cfg;    /* the limits a Hello reply announces */
+    /* Adds the server's own counters to a Stats reply (may be NULL). */
+    void (*server_stats)(void *data, disp_stat_fn fn, void *fn_data);
+    void *server_data;
+} disp;
 
-/* Answers every attention request of c still in flight with Error(code, message); their done
- * callbacks will not reply again. */
-void disp_fail_inflight(conn *c, int code, const char *message);
+/* The request hook of conn_hooks (data: a disp): handles one request of c and answers it
+ * (attention: from the engine's done callback). Returns CONN_REQ_*; why (for the log) is
+ * written when the result is not CONN_REQ_OK. */
+int disp_request(void *data, conn *c, const Liteattn__Request *req, char *why, size_t whylen);
 
 #endif /* LA_DAEMON_DISPATCH_H */

@@ -15,9 +15,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "conn.h"
-#include "dispatch.h"
-#include "liteattn.h"
+#include "codes.h"
 #include "log.h"
 
 static int fail(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
@@ -146,10 +144,11 @@ static int listen_create(srv *s, char *err, size_t errlen)
     return 0;
 }
 
-static uint32_t user_conns(const srv *s, uint32_t uid)
+static uint32_t user_conns(srv *s, uint32_t uid)
 {
     uint32_t n = 0;
-    for (const conn *c = s->conns; c; c = c->next)
+    conn *c;
+    list_for_each_entry(c, &s->conns, conn, link)
         n += c->uid == uid;
     return n;
 }
@@ -165,8 +164,8 @@ static void refuse(int fd, int code, const char *msg)
     r.error = &e;
     uint8_t *buf;
     size_t len;
-    if (la_frame_pack(&r.base, 0, &buf, &len) == 0) {
-        la_frame_send(fd, buf, len, -1);
+    if (frame_pack(&r.base, 0, &buf, &len) == 0) {
+        frame_send(fd, buf, len, -1);
         free(buf);
     }
     close(fd);
@@ -217,7 +216,7 @@ static void on_listen(uv_poll_t *h, int status, int events)
             continue;
         }
         conn *c;
-        if (conn_new(s, fd, cr.uid, cr.gid, cr.pid, &c) < 0)
+        if (srv_attach(s, fd, cr.uid, cr.gid, cr.pid, &c) < 0)
             continue;
         s->ctr.connections_total++;
         log_debug(CONN_FMT ": connected (pid %d, gid %u)", CONN_ARGS(c), (int)cr.pid,
@@ -290,8 +289,8 @@ static void close_everything(srv *s)
         return;
     s->handles_closed = 1;
     stop_listening(s);
-    while (s->conns)
-        conn_close(s->conns); /* unlinks itself */
+    while (!list_empty(&s->conns))
+        conn_close(list_first_entry(&s->conns, conn, link)); /* unlinks itself */
     uv_close((uv_handle_t *)&s->async, on_server_handle_closed);
     uv_close((uv_handle_t *)&s->tick, on_server_handle_closed);
     uv_close((uv_handle_t *)&s->sig_int, on_server_handle_closed);
@@ -304,8 +303,9 @@ void srv_maybe_finish(srv *s)
         return;
     if (!eng_idle(s->eng))
         return;
-    for (conn *c = s->conns; c; c = c->next)
-        if (c->out_head && s->drain_ticks <= SRV_FLUSH_GRACE_S)
+    conn *c;
+    list_for_each_entry(c, &s->conns, conn, link)
+        if (conn_has_output(c) && s->drain_ticks <= SRV_FLUSH_GRACE_S)
             return;
     log_info("shutdown: all work done, replies flushed; exiting");
     close_everything(s);
@@ -321,12 +321,12 @@ static void begin_shutdown(srv *s, const char *why)
     stop_listening(s);
     eng_shutdown(s->eng);
     /* Stop reading requests; connections that never said Hello have nothing to wait for. */
-    for (conn *c = s->conns, *next; c; c = next) {
-        next = c->next;
+    conn *c;
+    list_for_each_entry(c, &s->conns, conn, link) {
         if (!c->hello_done)
             conn_close(c);
         else
-            conn_update_poll(c);
+            conn_quiesce(c);
     }
     update_status(s);
     srv_maybe_finish(s);
@@ -349,10 +349,10 @@ static void fatal(srv *s)
         return;
     s->fatal = 1;
     unsigned n = 0;
-    for (conn *c = s->conns, *next; c; c = next) {
-        next = c->next;
+    conn *c;
+    list_for_each_entry(c, &s->conns, conn, link) {
         n += c->inflight;
-        disp_fail_inflight(c, LA_EDEVICE, "fatal GPU error: the daemon restarts; reconnect");
+        conn_fail_inflight(c, LA_EDEVICE, "fatal GPU error: the daemon restarts; reconnect");
     }
     log_error("fatal GPU error: failed %u requests in flight; exiting with status %d", n,
               SRV_EXIT_FATAL);
@@ -396,17 +396,78 @@ static void on_tick(uv_timer_t *t)
     srv_maybe_finish(s);
 }
 
-void srv_conn_removed(srv *s, conn *c)
+/* ---- connections --------------------------------------------------------------------------- */
+
+static void on_conn_closed(void *data, conn *c)
 {
-    if (c->prev)
-        c->prev->next = c->next;
-    else if (s->conns == c)
-        s->conns = c->next;
-    if (c->next)
-        c->next->prev = c->prev;
-    c->prev = c->next = NULL;
+    srv *s = data;
+    if (s->eng)
+        eng_conn_closed(s->eng, c->id);
+    list_remove(&c->link);
     s->n_conns--;
     srv_maybe_finish(s);
+}
+
+static int on_conn_request(void *data, conn *c, const Liteattn__Request *req, char *why,
+                           size_t whylen)
+{
+    srv *s = data;
+    return disp_request(&s->disp, c, req, why, whylen);
+}
+
+static void on_conn_drained(void *data, conn *c)
+{
+    srv_maybe_finish(data);
+}
+
+static void server_stats(void *data, disp_stat_fn fn, void *fn_data)
+{
+    srv *s = data;
+    const srv_counters *k = &s->ctr;
+    fn(fn_data, "server.connections", s->n_conns);
+    fn(fn_data, "server.connections_total", (int64_t)k->connections_total);
+    fn(fn_data, "server.connections_rejected", (int64_t)k->rejected_connections);
+    fn(fn_data, "server.frames_in", (int64_t)k->io.frames_in);
+    fn(fn_data, "server.frames_out", (int64_t)k->io.frames_out);
+    fn(fn_data, "server.bytes_in", (int64_t)k->io.bytes_in);
+    fn(fn_data, "server.bytes_out", (int64_t)k->io.bytes_out);
+    fn(fn_data, "server.protocol_errors", (int64_t)k->io.protocol_errors);
+    fn(fn_data, "server.uptime_s", (int64_t)((srv_now_ms() - s->start_ms) / 1000));
+}
+
+void srv_set_engine(srv *s, eng *e)
+{
+    s->eng = e;
+    s->disp.eng = e;
+    s->disp.cfg = &s->cfg;
+    s->disp.server_stats = server_stats;
+    s->disp.server_data = s;
+}
+
+int srv_attach(srv *s, int fd, uint32_t uid, uint32_t gid, int32_t pid, conn **ret_conn)
+{
+    if (!s->conns.next)
+        list_init(&s->conns);
+    conn_limits lim = {
+        .max_frame = s->cfg.max_frame,
+        .max_inflight = s->cfg.max_inflight,
+        .hello_timeout_s = s->cfg.hello_timeout_s,
+        .max_outbound_bytes = s->cfg.max_outbound_bytes,
+    };
+    conn_hooks hooks = {
+        .request = on_conn_request,
+        .closed = on_conn_closed,
+        .drained = on_conn_drained,
+        .data = s,
+    };
+    conn *c;
+    int rc = conn_new(&s->loop, ++s->next_conn_id, fd, uid, gid, pid, &lim, &s->ctr.io, &hooks, &c);
+    if (rc < 0)
+        return rc;
+    list_append(&s->conns, &c->link);
+    s->n_conns++;
+    *ret_conn = c;
+    return 0;
 }
 
 /* ---- lifecycle ---------------------------------------------------------------------------- */
@@ -418,6 +479,7 @@ int srv_new(const cfg *c, srv **ret_srv, char *err, size_t errlen)
         return fail(err, errlen, "out of memory");
     s->cfg = *c;
     s->listen_fd = s->lock_fd = -1;
+    list_init(&s->conns);
     s->start_ms = srv_now_ms();
     s->reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
     int rc = uv_loop_init(&s->loop);
@@ -457,12 +519,14 @@ int srv_new(const cfg *c, srv **ret_srv, char *err, size_t errlen)
     ec.log = log_engine_sink;
     ec.log_data = NULL;
     eng_error ee = {{0}};
-    rc = eng_new(&ec, &s->eng, &ee);
+    eng *e;
+    rc = eng_new(&ec, &e, &ee);
     if (rc < 0) {
         fail(err, errlen, "cannot start the %s backend: %s", c->backend,
-             ee.msg[0] ? ee.msg : la_strerror(rc));
+             ee.msg[0] ? ee.msg : codes_strerror(rc));
         goto fail;
     }
+    srv_set_engine(s, e);
 
     uv_poll_init(&s->loop, &s->listen_poll, s->listen_fd);
     s->listen_poll.data = s;
@@ -509,10 +573,9 @@ int srv_run(srv *s)
     uv_run(&s->loop, UV_RUN_DEFAULT);
     if (s->fatal) {
         /* Best effort: push the LA_EDEVICE replies out before the process ends. */
-        for (conn *c = s->conns, *next; c; c = next) {
-            next = c->next;
+        conn *c;
+        list_for_each_entry(c, &s->conns, conn, link)
             conn_flush_final(c, 200);
-        }
         return SRV_EXIT_FATAL;
     }
     return SRV_EXIT_OK;

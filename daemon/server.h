@@ -19,24 +19,26 @@
 #include <uv.h>
 
 #include "config.h"
+#include "conn.h"
+#include "dispatch.h"
 #include "engine.h"
+#include "list.h"
 
 #define SRV_FLUSH_GRACE_S 5
 
 /* Exit statuses of liteattnd. */
 enum { SRV_EXIT_OK = 0, SRV_EXIT_FAIL = 1, SRV_EXIT_USAGE = 2, SRV_EXIT_FATAL = 3 };
 
-typedef struct conn conn;
-
 typedef struct srv_counters {
-    uint64_t connections_total, frames_in, frames_out, bytes_in, bytes_out, protocol_errors,
-        rejected_connections;
+    conn_counters io;    /* every connection's frames and bytes */
+    uint64_t connections_total, rejected_connections;
 } srv_counters;
 
 typedef struct srv {
     uv_loop_t loop;
     cfg cfg;
     eng *eng;
+    disp disp;           /* the request hook's context: eng, cfg, the server's counters */
 
     int listen_fd;       /* -1 when closed */
     int lock_fd;         /* flock on "<socket>.lock", -1 under socket activation */
@@ -50,7 +52,7 @@ typedef struct srv {
     uv_timer_t tick;
     uv_signal_t sig_int, sig_term;
 
-    conn *conns;         /* doubly linked, open connections only */
+    list_node conns;     /* open connections (conn.link) */
     uint32_t n_conns;
     uint64_t next_conn_id;
     srv_counters ctr;
@@ -74,8 +76,12 @@ int srv_run(srv *s);
  * poisoned and the process is about to exit). NULL is allowed. */
 void srv_free(srv *s);
 
-/* For conn.c: a connection closed (it leaves the list), and shutdown may progress. */
-void srv_conn_removed(srv *s, conn *c);
+/* Serves fd (a connected socket of peer uid/gid/pid) as one of s's connections, with the
+ * server's hooks. Takes ownership of fd. Used by the listener and by in-process drivers (the
+ * fuzzers) that set up a srv by hand (cfg, loop and srv_set_engine). */
+int srv_attach(srv *s, int fd, uint32_t uid, uint32_t gid, int32_t pid, conn **ret_conn);
+/* Gives s its engine (and dispatch its context). */
+void srv_set_engine(srv *s, eng *e);
 /* Shutdown progress check: call whenever a job finished or an outbound queue drained. */
 void srv_maybe_finish(srv *s);
 uint64_t srv_now_ms(void);

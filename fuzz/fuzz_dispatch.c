@@ -40,7 +40,6 @@
 #include "dispatch.h"
 #include "engine.h"
 #include "frame.h"
-#include "liteattn.h"
 #include "liteattn.pb-c.h"
 #include "log.h"
 #include "server.h"
@@ -64,10 +63,12 @@ static void engine_new(void)
     ec.limits.max_inflight_per_conn = S->cfg.max_inflight;
     ec.notify = notify;
     eng_error ee = {{0}};
-    if (eng_new(&ec, &S->eng, &ee) < 0) {
+    eng *e;
+    if (eng_new(&ec, &e, &ee) < 0) {
         fprintf(stderr, "fuzz_dispatch: eng_new: %s\n", ee.msg);
         abort();
     }
+    srv_set_engine(S, e);
 }
 
 static void setup(void)
@@ -85,6 +86,7 @@ static void setup(void)
     }
     log_init(getenv("FUZZ_LOG") ? LOG_DEBUG : LOG_ERROR);
     S->listen_fd = S->lock_fd = S->reserve_fd = -1;
+    list_init(&S->conns);
     uv_loop_init(&S->loop);
     uv_async_init(&S->loop, &wake, on_wake);
 }
@@ -109,7 +111,7 @@ static void drain(int fd, uint8_t **buf, size_t *len, size_t *cap)
         const uint8_t *p = *buf + o;
         uint32_t l = (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
                      (uint32_t)p[3] << 24;
-        if (l > LA_FRAME_DEFAULT_MAX)
+        if (l > FRAME_DEFAULT_MAX)
             abort(); /* the daemon never sends a frame past the default limit */
         if (*len - o - 4 < l)
             break;
@@ -159,7 +161,7 @@ static void send_all(int fd, const uint8_t *p, size_t n, int pass_fd, int peer)
     uint8_t *rb = NULL;
     size_t rl = 0, rc = 0;
     while (o < n) {
-        ssize_t w = la_frame_send(fd, p + o, n - o, o == 0 ? pass_fd : -1);
+        ssize_t w = frame_send(fd, p + o, n - o, o == 0 ? pass_fd : -1);
         if (w == LA_EAGAIN) {
             /* The daemon side must read first: let the loop run (and drain its replies). */
             uv_run(&S->loop, UV_RUN_NOWAIT);
@@ -190,7 +192,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) < 0)
         abort();
     conn *c;
-    if (conn_new(S, sv[0], uid, uid, 4242, &c) < 0)
+    if (srv_attach(S, sv[0], uid, uid, 4242, &c) < 0)
         abort();
     conn_ref(c); /* ours: c stays readable until the end of this input */
 
@@ -207,7 +209,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         r.hello = &h;
         uint8_t *b;
         size_t n;
-        if (la_frame_pack(&r.base, 0, &b, &n) < 0)
+        if (frame_pack(&r.base, 0, &b, &n) < 0)
             abort();
         send_all(sv[1], b, n, -1, sv[1]);
         free(b);

@@ -11,7 +11,7 @@
  *
  * Checked: the frames equal those of an independent parse of the same stream (same lengths,
  * same bytes, stops at the same oversized header); the reader never returns a frame larger
- * than max_frame; every queued fd is either taken or closed by la_framer_free (the process's
+ * than max_frame; every queued fd is either taken or closed by frame_reader_free (the process's
  * fd count is the same before and after). Each frame is also decoded as a Request; one that
  * decodes must pack, and a re-decode of that must pack to the same bytes.
  */
@@ -121,8 +121,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     setsockopt(sv[0], SOL_SOCKET, SO_RCVBUF, &sz, sizeof sz);
     setsockopt(sv[1], SOL_SOCKET, SO_SNDBUF, &sz, sizeof sz);
 
-    la_framer f;
-    la_framer_init(&f, max_frame);
+    frame_reader f;
+    frame_reader_init(&f, max_frame);
     size_t got = 0, sent = 0, piece_no = 0;
     int failed = 0, sent_fds = 0, taken = 0;
     while (sent < n && !failed) {
@@ -133,7 +133,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if (fd_every && piece_no % (size_t)(fd_every + 1) == 0)
             fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
         piece_no++;
-        ssize_t w = la_frame_send(sv[1], s + sent, want, fd);
+        ssize_t w = frame_send(sv[1], s + sent, want, fd);
         if (fd >= 0)
             close(fd);
         if (w <= 0)
@@ -142,12 +142,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             sent_fds++;
         sent += (size_t)w;
         for (;;) {
-            ssize_t r = la_framer_recv(&f, sv[0]);
+            ssize_t r = frame_recv(&f, sv[0]);
             if (r == LA_EAGAIN)
                 break;
             if (r == LA_EPROTO) {
                 /* More fds queued than allowed: conn.c closes the connection. */
-                if (f.n_fds > LA_FRAME_MAX_FDS)
+                if (f.n_fds > FRAME_MAX_FDS)
                     abort();
                 failed = 1;
                 break;
@@ -157,7 +157,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             for (;;) {
                 const uint8_t *p;
                 uint32_t l;
-                int rc = la_framer_next(&f, &p, &l);
+                int rc = frame_next(&f, &p, &l);
                 if (rc == 0)
                     break;
                 if (rc < 0) {
@@ -171,10 +171,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                     abort();
                 check_request(p, l);
                 got++;
-                la_framer_consume(&f);
+                frame_consume(&f);
                 /* Take an fd now and then, as a BufferRegister would. */
                 if (got % 3 == 0) {
-                    int t = la_framer_take_fd(&f);
+                    int t = frame_take_fd(&f);
                     if (t >= 0) {
                         close(t);
                         taken++;
@@ -188,7 +188,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     /* Everything delivered without an error: all frames of the reference were seen. */
     if (!failed && sent == n && got != n_ref)
         abort();
-    la_framer_free(&f);
+    frame_reader_free(&f);
     close(sv[0]);
     close(sv[1]);
     if (fds_before >= 0 && count_fds() != fds_before)

@@ -18,14 +18,13 @@ FUZZ_SAN := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-om
 FUZZ_ARGS ?= -timeout=20 -rss_limit_mb=2048 -print_final_stats=1
 
 # Inside the sub-make (BUILD=build/fuzz, CC with the sanitizers).
-$(BUILD)/obj/fuzz/%.o: ALL_CFLAGS += -Idaemon
-$(BUILD)/fuzz/fuzz_%: $(BUILD)/obj/fuzz/fuzz_%.o $(DAEMON_LIB) $(KERNEL_LIB) $(PROTO_LIB) \
-		$(BUILD)/obj/libclient/errors.o
+$(BUILD)/obj/fuzz/%.o: ALL_CFLAGS += $(ALL_INC)
+$(BUILD)/fuzz/fuzz_%: $(BUILD)/obj/fuzz/fuzz_%.o $(DAEMON_STACK)
 	@mkdir -p $(dir $@)
 	@$(if $(Q),echo "  LD      $@")
 	$(Q)$(CC) -fsanitize=fuzzer -o $@ $(filter %.o %.a,$^) $(DAEMON_LIBS)
 
-$(BUILD)/fuzz/make_corpus: $(BUILD)/obj/fuzz/make_corpus.o $(PROTO_LIB) $(BUILD)/obj/libclient/errors.o
+$(BUILD)/fuzz/make_corpus: $(BUILD)/obj/fuzz/make_corpus.o $(PROTO_LIB) $(COMMON_LIB)
 	@mkdir -p $(dir $@)
 	@$(if $(Q),echo "  LD      $@")
 	$(Q)$(CC) -o $@ $^ $(PROTOBUF_C_LIBS) $(LDLIBS_BASE)

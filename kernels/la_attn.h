@@ -29,14 +29,12 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "liteattn.h" /* error codes, la_dtype, la_mode, la_direction: one definition */
+#include "liteattn_codes.h" /* error codes, la_dtype, la_mode, la_direction, LA_MAX_RANGES */
 
 #ifdef __cplusplus
 extern "C" {
 #endif
 
-/* Most must-do / must-skip ranges per call (each a half-open key range). */
-#define LA_MAX_RANGES 64
 /* Head dims the reference accepts. */
 #define LA_REF_HEAD_DIM_OK(d) ((d) == 64 || (d) == 96 || (d) == 128 || (d) == 256)
 

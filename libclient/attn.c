@@ -8,7 +8,6 @@
 #include "internal.h"
 
 #define N_ROLES 6
-#define MAX_RANGES 64
 
 typedef struct attn_tensor {
     int set;
@@ -27,9 +26,9 @@ struct la_attn {
     float scale;
     float tau; /* NAN: session's */
     la_mode mode;
-    int64_t must_do[2 * MAX_RANGES];
+    int64_t must_do[2 * LA_MAX_RANGES];
     size_t n_must_do;
-    int64_t must_skip[2 * MAX_RANGES];
+    int64_t must_skip[2 * LA_MAX_RANGES];
     size_t n_must_skip;
     int dry_run;
     uint8_t wait_event[64];
@@ -134,8 +133,8 @@ static int set_ranges(int64_t *dst, size_t *n_dst, const int64_t *pairs, size_t 
 {
     if (n && !pairs)
         return cl_fail(LA_EINVAL, "ranges: pairs is NULL");
-    if (n > MAX_RANGES)
-        return cl_fail(LA_EINVAL, "%zu ranges, at most %d", n, MAX_RANGES);
+    if (n > LA_MAX_RANGES)
+        return cl_fail(LA_EINVAL, "%zu ranges, at most %d", n, LA_MAX_RANGES);
     if (n)
         memcpy(dst, pairs, 2 * n * sizeof(int64_t));
     *n_dst = n;
@@ -291,8 +290,8 @@ LA_API int la_attn_submit(la_session *s, const la_attn *a, la_done_fn cb, void *
         if (a->t[i].set)
             fill_ref(&refs[i], &a->t[i]);
     }
-    Liteattn__Range rd[MAX_RANGES], rs[MAX_RANGES];
-    Liteattn__Range *prd[MAX_RANGES], *prs[MAX_RANGES];
+    Liteattn__Range rd[LA_MAX_RANGES], rs[LA_MAX_RANGES];
+    Liteattn__Range *prd[LA_MAX_RANGES], *prs[LA_MAX_RANGES];
     for (size_t i = 0; i < a->n_must_do; i++) {
         liteattn__range__init(&rd[i]);
         rd[i].start = a->must_do[2 * i];

@@ -122,7 +122,7 @@ static int pump(la_client *c)
 {
     int n_dispatched = 0;
     while (!c->closed) {
-        ssize_t n = la_framer_recv(&c->fr, c->fd);
+        ssize_t n = frame_recv(&c->fr, c->fd);
         if (n == LA_EAGAIN)
             break;
         if (n == 0) {
@@ -137,7 +137,7 @@ static int pump(la_client *c)
         for (;;) {
             const uint8_t *data;
             uint32_t len;
-            int rc = la_framer_next(&c->fr, &data, &len);
+            int rc = frame_next(&c->fr, &data, &len);
             if (rc == 0)
                 break;
             if (rc < 0) {
@@ -148,9 +148,9 @@ static int pump(la_client *c)
                 break;
             }
             Liteattn__Reply *r = liteattn__reply__unpack(NULL, len, data);
-            la_framer_consume(&c->fr);
+            frame_consume(&c->fr);
             /* Fds are never sent to clients; drop any that came. */
-            for (int fd; (fd = la_framer_take_fd(&c->fr)) >= 0;)
+            for (int fd; (fd = frame_take_fd(&c->fr)) >= 0;)
                 close(fd);
             if (!r) {
                 cl_log(0, "liteattn: undecodable reply from the daemon");
@@ -245,7 +245,7 @@ static int send_all(la_client *c, const uint8_t *buf, size_t len, int fd)
 {
     size_t off = 0;
     while (off < len) {
-        ssize_t n = la_frame_send(c->fd, buf + off, len - off, fd);
+        ssize_t n = frame_send(c->fd, buf + off, len - off, fd);
         if (n > 0) {
             off += (size_t)n;
             fd = -1; /* the fd travelled with the first byte */
@@ -272,7 +272,7 @@ int cl_send(la_client *c, Liteattn__Request *req, int fd, cl_pend *p)
     req->id = c->next_id++;
     uint8_t *buf;
     size_t len;
-    int rc = la_frame_pack(&req->base, c->max_frame, &buf, &len);
+    int rc = frame_pack(&req->base, c->max_frame, &buf, &len);
     if (rc < 0)
         return cl_fail(rc, rc == LA_ELIMIT ? "request larger than the daemon's frame limit (%u bytes)"
                                            : "out of memory packing a request",
@@ -432,7 +432,7 @@ static void client_free(la_client *c)
 {
     if (c->fd >= 0)
         close(c->fd);
-    la_framer_free(&c->fr);
+    frame_reader_free(&c->fr);
     for (size_t i = 0; i < c->n_props; i++) {
         free(c->props[i].name);
         free(c->props[i].value);
@@ -495,9 +495,9 @@ LA_API int la_connect(const char *socket_path, const char *client_name, la_clien
     pthread_cond_init(&c->cond, &ca);
     pthread_condattr_destroy(&ca);
     c->fd = fd;
-    la_framer_init(&c->fr, LA_FRAME_DEFAULT_MAX);
+    frame_reader_init(&c->fr, FRAME_DEFAULT_MAX);
     c->next_id = 1;
-    c->max_frame = LA_FRAME_DEFAULT_MAX;
+    c->max_frame = FRAME_DEFAULT_MAX;
     c->max_inflight = DEFAULT_MAX_INFLIGHT;
 
     Liteattn__Hello hello = LITEATTN__HELLO__INIT;

@@ -1,9 +1,10 @@
-/* errors.c — the error table (la_strerror, la_err_name), the thread-local error detail and the
- * log callback. */
+/* errors.c — la_strerror and la_err_name (the table is in common/codes.c), the thread-local
+ * error detail and the log callback. */
 #include <pthread.h>
 #include <stdio.h>
 #include <string.h>
 
+#include "codes.h"
 #include "internal.h"
 
 static _Thread_local char errbuf[CL_ERRMSG_MAX];
@@ -14,32 +15,12 @@ static void *log_user;
 
 LA_API const char *la_strerror(int err)
 {
-    switch (err) {
-    case 0:
-        return "success";
-#define X_(name, val, msg) \
-    case val:              \
-        return msg;
-        LA_ERRNO_MAP(X_)
-#undef X_
-    default:
-        return "unknown error";
-    }
+    return codes_strerror(err);
 }
 
 LA_API const char *la_err_name(int err)
 {
-    switch (err) {
-    case 0:
-        return "LA_OK";
-#define X_(name, val, msg) \
-    case val:              \
-        return "LA_" #name;
-        LA_ERRNO_MAP(X_)
-#undef X_
-    default:
-        return "LA_UNKNOWN";
-    }
+    return codes_name(err);
 }
 
 LA_API const char *la_last_error_message(void)

@@ -77,7 +77,7 @@ struct la_client {
     pthread_mutex_t lock;
     pthread_cond_t cond;
     int fd;
-    la_framer fr;
+    frame_reader fr;
     uint64_t next_id;
     int closed;           /* 0, or the error every later request gets (LA_ECLOSED...) */
     int garbled;          /* the daemon sent an oversized or undecodable frame */

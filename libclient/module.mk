@@ -5,17 +5,12 @@ CLIENT_OBJS := $(call objs,$(CLIENT_SRCS))
 $(CLIENT_OBJS): ALL_CFLAGS += -fvisibility=hidden
 CLIENT_LIBS := $(PROTOBUF_C_LIBS) -ldl $(LDLIBS_BASE)
 
-# The framing and generated protocol code, compiled again with hidden visibility for the .so:
-# their la_frame* names would otherwise match the version script's la_* and leak out.
-CLIENT_PROTO_OBJS := $(BUILD)/obj/libclient/proto/frame.o $(BUILD)/obj/libclient/proto/liteattn.pb-c.o
-$(BUILD)/obj/libclient/proto/frame.o: proto/frame.c | $(PROTO_GEN_H)
-	@mkdir -p $(dir $@)
-	@$(if $(Q),echo "  CC      $< (hidden)")
-	$(Q)$(CC) $(ALL_CFLAGS) -fvisibility=hidden -c $< -o $@
-$(BUILD)/obj/libclient/proto/liteattn.pb-c.o: $(BUILD)/proto/liteattn.pb-c.c
-	@mkdir -p $(dir $@)
-	@$(if $(Q),echo "  CC      $< (hidden)")
-	$(Q)$(CC) $(ALL_CFLAGS) -fvisibility=hidden -c $< -o $@
+# The framing, the generated protocol code and the code names go in as they are built for the
+# daemon: their names (frame_*, liteattn__*, codes_*) are not la_*, so the version script keeps
+# them local.
+CLIENT_PROTO_OBJS := $(PROTO_OBJS) $(COMMON_OBJS)
+$(CLIENT_OBJS): ALL_CFLAGS += $(CLIENT_INC)
+$(BUILD)/obj/libclient/tools/%.o: ALL_CFLAGS += $(CLIENT_INC) $(KERNEL_INC)
 
 LA_SO := $(BUILD)/libliteattn.so.$(LA_VERSION)
 $(LA_SO): $(CLIENT_OBJS) $(CLIENT_PROTO_OBJS) libclient/liteattn.map

@@ -80,6 +80,7 @@ install: all $(PKG_PC)
 	$(Q)ln -sf $(PKG_SO) $(DESTDIR)$(LIBDIR)/libliteattn.so.$(LA_SOVERSION)
 	$(Q)ln -sf libliteattn.so.$(LA_SOVERSION) $(DESTDIR)$(LIBDIR)/libliteattn.so
 	$(Q)$(INSTALL) -m 0644 libclient/include/liteattn.h $(DESTDIR)$(INCLUDEDIR)/liteattn.h
+	$(Q)$(INSTALL) -m 0644 include/liteattn_codes.h $(DESTDIR)$(INCLUDEDIR)/liteattn_codes.h
 	$(Q)$(INSTALL) -m 0644 $(PKG_PC) $(DESTDIR)$(PKGCONFIGDIR)/liteattn.pc
 	$(Q)for u in $(PKG_UNITS); do \
 		$(PKG_SUBST) $$u > $(DESTDIR)$(SYSTEMDUNITDIR)/$$(basename $$u) && \
@@ -105,6 +106,7 @@ uninstall:
 		$(DESTDIR)$(BINDIR)/liteattn-demo $(DESTDIR)$(LIBDIR)/$(PKG_SO) \
 		$(DESTDIR)$(LIBDIR)/libliteattn.so.$(LA_SOVERSION) $(DESTDIR)$(LIBDIR)/libliteattn.so \
 		$(DESTDIR)$(PKGCONFIGDIR)/liteattn.pc $(DESTDIR)$(INCLUDEDIR)/liteattn.h \
+		$(DESTDIR)$(INCLUDEDIR)/liteattn_codes.h \
 		$(DESTDIR)$(SYSTEMDUNITDIR)/liteattnd.service $(DESTDIR)$(SYSTEMDUNITDIR)/liteattnd.socket \
 		$(DESTDIR)$(SYSUSERSDIR)/liteattn.conf \
 		$(DESTDIR)$(MANDIR)/man8/liteattnd.8.gz $(DESTDIR)$(MANDIR)/man1/liteattnctl.1.gz \

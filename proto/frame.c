@@ -7,15 +7,15 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include "liteattn.h"
+#include "codes.h"
 
-void la_framer_init(la_framer *f, uint32_t max_frame)
+void frame_reader_init(frame_reader *f, uint32_t max_frame)
 {
     memset(f, 0, sizeof(*f));
-    f->max_frame = max_frame ? max_frame : LA_FRAME_DEFAULT_MAX;
+    f->max_frame = max_frame ? max_frame : FRAME_DEFAULT_MAX;
 }
 
-void la_framer_free(la_framer *f)
+void frame_reader_free(frame_reader *f)
 {
     if (!f)
         return;
@@ -27,7 +27,7 @@ void la_framer_free(la_framer *f)
     f->n_fds = 0;
 }
 
-static int reserve(la_framer *f, size_t want)
+static int reserve(frame_reader *f, size_t want)
 {
     /* Compact first: consumed bytes at the front are dead. */
     if (f->head > 0) {
@@ -48,7 +48,7 @@ static int reserve(la_framer *f, size_t want)
     return 0;
 }
 
-ssize_t la_framer_recv(la_framer *f, int sock)
+ssize_t frame_recv(frame_reader *f, int sock)
 {
     /* Read at most what completes the current frame plus a little, so that a frame announced
      * too large is refused before we buffer it. */
@@ -58,7 +58,7 @@ ssize_t la_framer_recv(la_framer *f, int sock)
         return rc;
 
     union {
-        char buf[CMSG_SPACE(sizeof(int) * LA_FRAME_MAX_FDS)];
+        char buf[CMSG_SPACE(sizeof(int) * FRAME_MAX_FDS)];
         struct cmsghdr align;
     } ctl;
     struct iovec iov = {.iov_base = f->buf + f->len, .iov_len = f->cap - f->len};
@@ -85,7 +85,7 @@ ssize_t la_framer_recv(la_framer *f, int sock)
         for (int i = 0; i < nfd; i++) {
             int fd;
             memcpy(&fd, &fds[i], sizeof(fd));
-            if (f->n_fds < LA_FRAME_MAX_FDS)
+            if (f->n_fds < FRAME_MAX_FDS)
                 f->fds[f->n_fds++] = fd;
             else {
                 close(fd);
@@ -104,31 +104,31 @@ static uint32_t get_le32(const uint8_t *p)
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
 }
 
-int la_framer_next(la_framer *f, const uint8_t **ret_data, uint32_t *ret_len)
+int frame_next(frame_reader *f, const uint8_t **ret_data, uint32_t *ret_len)
 {
     size_t avail = f->len - f->head;
-    if (avail < LA_FRAME_HDR)
+    if (avail < FRAME_HDR)
         return 0;
     uint32_t n = get_le32(f->buf + f->head);
     if (n > f->max_frame)
         return LA_EPROTO;
-    if (avail - LA_FRAME_HDR < n)
+    if (avail - FRAME_HDR < n)
         return 0;
     f->cur_len = n;
-    *ret_data = f->buf + f->head + LA_FRAME_HDR;
+    *ret_data = f->buf + f->head + FRAME_HDR;
     *ret_len = n;
     return 1;
 }
 
-void la_framer_consume(la_framer *f)
+void frame_consume(frame_reader *f)
 {
-    f->head += LA_FRAME_HDR + f->cur_len;
+    f->head += FRAME_HDR + f->cur_len;
     f->cur_len = 0;
     if (f->head == f->len)
         f->head = f->len = 0;
 }
 
-int la_framer_take_fd(la_framer *f)
+int frame_take_fd(frame_reader *f)
 {
     if (f->n_fds == 0)
         return -1;
@@ -138,26 +138,26 @@ int la_framer_take_fd(la_framer *f)
     return fd;
 }
 
-int la_frame_pack(const ProtobufCMessage *msg, uint32_t max_frame, uint8_t **ret_buf,
+int frame_pack(const ProtobufCMessage *msg, uint32_t max_frame, uint8_t **ret_buf,
                   size_t *ret_len)
 {
     size_t n = protobuf_c_message_get_packed_size(msg);
-    if (n > (max_frame ? max_frame : LA_FRAME_DEFAULT_MAX))
+    if (n > (max_frame ? max_frame : FRAME_DEFAULT_MAX))
         return LA_ELIMIT;
-    uint8_t *buf = malloc(LA_FRAME_HDR + n);
+    uint8_t *buf = malloc(FRAME_HDR + n);
     if (!buf)
         return LA_ENOMEM;
     buf[0] = (uint8_t)n;
     buf[1] = (uint8_t)(n >> 8);
     buf[2] = (uint8_t)(n >> 16);
     buf[3] = (uint8_t)(n >> 24);
-    protobuf_c_message_pack(msg, buf + LA_FRAME_HDR);
+    protobuf_c_message_pack(msg, buf + FRAME_HDR);
     *ret_buf = buf;
-    *ret_len = LA_FRAME_HDR + n;
+    *ret_len = FRAME_HDR + n;
     return 0;
 }
 
-ssize_t la_frame_send(int sock, const uint8_t *buf, size_t len, int fd)
+ssize_t frame_send(int sock, const uint8_t *buf, size_t len, int fd)
 {
     union {
         char buf[CMSG_SPACE(sizeof(int))];

@@ -5,10 +5,10 @@
  * A frame is a 4-byte little-endian length followed by that many bytes of one protobuf-c
  * message. File descriptors travel as SCM_RIGHTS ancillary data with the first byte of the
  * frame that uses them; the reader queues them in arrival order and the frame's handler takes
- * them (la_framer_take_fd). Errors are LA_E* codes from liteattn.h.
+ * them (frame_take_fd). Errors are LA_E* codes from liteattn.h.
  */
-#ifndef LA_FRAME_H
-#define LA_FRAME_H
+#ifndef FRAME_H
+#define FRAME_H
 
 #include <stddef.h>
 #include <stdint.h>
@@ -16,46 +16,46 @@
 
 #include <protobuf-c/protobuf-c.h>
 
-#define LA_FRAME_HDR 4u
-#define LA_FRAME_DEFAULT_MAX (1u << 20) /* 1 MiB */
-#define LA_FRAME_MAX_FDS 8              /* queued, unclaimed fds per connection */
+#define FRAME_HDR 4u
+#define FRAME_DEFAULT_MAX (1u << 20) /* 1 MiB */
+#define FRAME_MAX_FDS 8              /* queued, unclaimed fds per connection */
 
-typedef struct la_framer {
+typedef struct frame_reader {
     uint8_t *buf;       /* received bytes not yet consumed */
     size_t len, cap;
     size_t head;        /* start of the unconsumed part of buf */
     uint32_t max_frame; /* payload limit */
-    uint32_t cur_len;   /* payload length of the frame returned by la_framer_next */
-    int fds[LA_FRAME_MAX_FDS];
+    uint32_t cur_len;   /* payload length of the frame returned by frame_next */
+    int fds[FRAME_MAX_FDS];
     int n_fds;
-} la_framer;
+} frame_reader;
 
-void la_framer_init(la_framer *f, uint32_t max_frame);
+void frame_reader_init(frame_reader *f, uint32_t max_frame);
 /* Frees the buffer and closes every queued fd. */
-void la_framer_free(la_framer *f);
+void frame_reader_free(frame_reader *f);
 
 /* One recvmsg() on a non-blocking socket, appending bytes and queueing fds. Returns the
  * number of bytes read (> 0), 0 at end of file, LA_EAGAIN when nothing is there yet,
- * LA_EPROTO when ancillary data was truncated or more than LA_FRAME_MAX_FDS fds are queued
+ * LA_EPROTO when ancillary data was truncated or more than FRAME_MAX_FDS fds are queued
  * (the received fds are closed), LA_ENOMEM, or LA_EIO. */
-ssize_t la_framer_recv(la_framer *f, int sock);
+ssize_t frame_recv(frame_reader *f, int sock);
 
 /* The next complete frame: returns 1 and points *ret_data and *ret_len at its payload (valid until
- * la_framer_consume or la_framer_recv), 0 if none is complete yet, LA_EPROTO if the next
+ * frame_consume or frame_recv), 0 if none is complete yet, LA_EPROTO if the next
  * frame announces a payload larger than max_frame. */
-int la_framer_next(la_framer *f, const uint8_t **ret_data, uint32_t *ret_len);
-/* Drops the frame returned by the last successful la_framer_next. */
-void la_framer_consume(la_framer *f);
+int frame_next(frame_reader *f, const uint8_t **ret_data, uint32_t *ret_len);
+/* Drops the frame returned by the last successful frame_next. */
+void frame_consume(frame_reader *f);
 /* Oldest queued fd (the caller owns it), or -1 when none is queued. */
-int la_framer_take_fd(la_framer *f);
+int frame_take_fd(frame_reader *f);
 
 /* Packs msg behind its length prefix into a new malloc'd buffer. Returns 0, LA_ENOMEM, or
  * LA_ELIMIT when the payload would exceed max_frame. */
-int la_frame_pack(const ProtobufCMessage *msg, uint32_t max_frame, uint8_t **ret_buf,
+int frame_pack(const ProtobufCMessage *msg, uint32_t max_frame, uint8_t **ret_buf,
                   size_t *ret_len);
 
 /* One sendmsg() of buf[0..len) carrying fd (when fd >= 0) as SCM_RIGHTS. Returns the bytes
  * written (> 0), LA_EAGAIN, LA_ECLOSED (EPIPE/ECONNRESET) or LA_EIO. MSG_NOSIGNAL is used. */
-ssize_t la_frame_send(int sock, const uint8_t *buf, size_t len, int fd);
+ssize_t frame_send(int sock, const uint8_t *buf, size_t len, int fd);
 
-#endif /* LA_FRAME_H */
+#endif /* FRAME_H */

@@ -8,6 +8,8 @@ PROTO_SRCS := $(BUILD)/proto/liteattn.pb-c.c proto/frame.c
 PROTO_OBJS := $(call objs,$(PROTO_SRCS))
 PROTO_LIB := $(BUILD)/libproto.a
 
+$(PROTO_OBJS): ALL_CFLAGS += $(PROTO_INC)
+
 $(PROTO_LIB): $(PROTO_OBJS)
 	@$(if $(Q),echo "  AR      $@")
 	$(Q)rm -f $@ && $(AR) rcs $@ $^

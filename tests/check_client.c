@@ -82,7 +82,7 @@ static void fake_send(int fd, Liteattn__Reply *r)
 {
     uint8_t *buf;
     size_t len;
-    ck_assert_int_eq(la_frame_pack(&r->base, 0, &buf, &len), 0);
+    ck_assert_int_eq(frame_pack(&r->base, 0, &buf, &len), 0);
     ck_assert_int_eq(write(fd, buf, len), (ssize_t)len);
     free(buf);
 }

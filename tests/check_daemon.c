@@ -30,14 +30,14 @@
 
 typedef struct rcl {
     int fd;
-    la_framer fr;
+    frame_reader fr;
 } rcl;
 
 static void rcl_open(rcl *r, const td_daemon *d)
 {
     r->fd = td_connect(d);
     ck_assert_msg(r->fd >= 0, "connect to %s failed: %s", d->socket, strerror(errno));
-    la_framer_init(&r->fr, 16u << 20);
+    frame_reader_init(&r->fr, 16u << 20);
 }
 
 static void rcl_close(rcl *r)
@@ -45,7 +45,7 @@ static void rcl_close(rcl *r)
     if (r->fd >= 0)
         close(r->fd);
     r->fd = -1;
-    la_framer_free(&r->fr);
+    frame_reader_free(&r->fr);
 }
 
 /* Writes all of buf (fd, when >= 0, rides with the first byte). Returns 0 or -1. */
@@ -53,7 +53,7 @@ static int send_all(int sock, const uint8_t *buf, size_t len, int fd)
 {
     size_t off = 0;
     while (off < len) {
-        ssize_t n = la_frame_send(sock, buf + off, len - off, off == 0 ? fd : -1);
+        ssize_t n = frame_send(sock, buf + off, len - off, off == 0 ? fd : -1);
         if (n == LA_EAGAIN) {
             struct pollfd p = {.fd = sock, .events = POLLOUT};
             poll(&p, 1, 1000);
@@ -70,7 +70,7 @@ static int rcl_send(rcl *r, const Liteattn__Request *q, int fd)
 {
     uint8_t *buf;
     size_t len;
-    ck_assert_int_eq(la_frame_pack(&q->base, 64u << 20, &buf, &len), 0);
+    ck_assert_int_eq(frame_pack(&q->base, 64u << 20, &buf, &len), 0);
     int rc = send_all(r->fd, buf, len, fd);
     free(buf);
     return rc;
@@ -82,18 +82,18 @@ static Liteattn__Reply *rcl_recv(rcl *r, int timeout_ms)
     for (;;) {
         const uint8_t *data;
         uint32_t len;
-        int rc = la_framer_next(&r->fr, &data, &len);
+        int rc = frame_next(&r->fr, &data, &len);
         ck_assert_int_ge(rc, 0);
         if (rc == 1) {
             Liteattn__Reply *rep = liteattn__reply__unpack(NULL, len, data);
             ck_assert_msg(rep != NULL, "undecodable reply of %u bytes", len);
-            la_framer_consume(&r->fr);
+            frame_consume(&r->fr);
             return rep;
         }
         struct pollfd p = {.fd = r->fd, .events = POLLIN};
         if (poll(&p, 1, timeout_ms) <= 0)
             return NULL;
-        ssize_t n = la_framer_recv(&r->fr, r->fd);
+        ssize_t n = frame_recv(&r->fr, r->fd);
         if (n == LA_EAGAIN)
             continue;
         if (n <= 0)
@@ -112,7 +112,7 @@ static int rcl_eof(rcl *r, int timeout_ms)
         int left = timeout_ms - (int)((t1.tv_sec - t0.tv_sec) * 1000 + (t1.tv_nsec - t0.tv_nsec) / 1000000);
         if (left <= 0 || poll(&p, 1, left) <= 0)
             return 0;
-        ssize_t n = la_framer_recv(&r->fr, r->fd);
+        ssize_t n = frame_recv(&r->fr, r->fd);
         if (n == 0 || (n < 0 && n != LA_EAGAIN))
             return 1;
         r->fr.head = r->fr.len = 0; /* drop whatever came */
@@ -617,7 +617,7 @@ START_TEST(test_ping_pipeline)
         }
         uint8_t *b;
         size_t n;
-        ck_assert_int_eq(la_frame_pack(&q.base, 0, &b, &n), 0);
+        ck_assert_int_eq(frame_pack(&q.base, 0, &b, &n), 0);
         all = realloc(all, total + n);
         memcpy(all + total, b, n);
         total += n;
@@ -1072,7 +1072,7 @@ START_TEST(test_inflight_limit)
         q.attention = &m;
         uint8_t *b;
         size_t n;
-        ck_assert_int_eq(la_frame_pack(&q.base, 0, &b, &n), 0);
+        ck_assert_int_eq(frame_pack(&q.base, 0, &b, &n), 0);
         all = realloc(all, total + n);
         memcpy(all + total, b, n);
         total += n;
@@ -1171,7 +1171,7 @@ static int other_user_child(const td_daemon *d, uint64_t sid)
     r.fd = td_connect(d);
     if (r.fd < 0)
         return 3;
-    la_framer_init(&r.fr, 16u << 20);
+    frame_reader_init(&r.fr, 16u << 20);
     send_hello(&r, 1, LA_PROTOCOL_MAJOR);
     Liteattn__Reply *rep = rcl_recv(&r, 5000);
     if (!rep || rep->body_case != LITEATTN__REPLY__BODY_HELLO)
@@ -1381,7 +1381,7 @@ START_TEST(test_slow_reader)
         q.ping = &p;
         uint8_t *b;
         size_t n;
-        ck_assert_int_eq(la_frame_pack(&q.base, 0, &b, &n), 0);
+        ck_assert_int_eq(frame_pack(&q.base, 0, &b, &n), 0);
         ck_assert_uint_le(total + n, cap);
         memcpy(all + total, b, n);
         total += n;

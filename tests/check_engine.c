@@ -14,7 +14,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include "../daemon/engine.h"
+#include "engine.h"
 #include "testutil.h"
 
 #define UID 1000

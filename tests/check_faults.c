@@ -147,8 +147,8 @@ static void victim(const char *sock, int kind, int idx)
         q.buffer_register = &br;
         uint8_t *buf;
         size_t len;
-        la_frame_pack(&q.base, 0, &buf, &len);
-        la_frame_send(fd, buf, len - 2, m);
+        frame_pack(&q.base, 0, &buf, &len);
+        frame_send(fd, buf, len - 2, m);
         for (;;)
             pause();
     }

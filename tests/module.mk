@@ -6,8 +6,9 @@ TEST_UTIL_OBJS := $(call objs,$(wildcard tests/testutil*.c))
 CHECK_BINS := $(patsubst tests/%.c,$(BUILD)/tests/%,$(TEST_SRCS))
 TEST_LIBS := $(CHECK_LIBS) $(UV_LIBS) $(PROTOBUF_C_LIBS) $(SYSTEMD_LIBS) $(CUDA_LIBS) -ldl $(LDLIBS_BASE)
 
-$(BUILD)/tests/%: $(BUILD)/obj/tests/%.o $(TEST_UTIL_OBJS) $(DAEMON_LIB) $(CLIENT_OBJS) \
-		$(KERNEL_LIB) $(PROTO_LIB)
+$(BUILD)/obj/tests/%.o: ALL_CFLAGS += $(ALL_INC)
+
+$(BUILD)/tests/%: $(BUILD)/obj/tests/%.o $(TEST_UTIL_OBJS) $(CLIENT_OBJS) $(DAEMON_STACK)
 	@mkdir -p $(dir $@)
 	@$(if $(Q),echo "  LD      $@")
 	$(Q)$(CC) -o $@ $(filter %.o %.a,$^) $(TEST_LIBS)

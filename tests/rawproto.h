@@ -47,7 +47,7 @@ static __attribute__((unused)) int raw_send(int sock, const Liteattn__Request *r
 {
     uint8_t *buf;
     size_t len;
-    if (la_frame_pack(&req->base, 0, &buf, &len) < 0)
+    if (frame_pack(&req->base, 0, &buf, &len) < 0)
         return -1;
     size_t off = 0;
     while (off < len) {
@@ -55,7 +55,7 @@ static __attribute__((unused)) int raw_send(int sock, const Liteattn__Request *r
         do {
             struct pollfd p = {.fd = sock, .events = POLLOUT};
             poll(&p, 1, 1000);
-            n = la_frame_send(sock, buf + off, len - off, off == 0 ? fd : -1);
+            n = frame_send(sock, buf + off, len - off, off == 0 ? fd : -1);
         } while (n == LA_EAGAIN);
         if (n <= 0) {
             free(buf);
@@ -92,7 +92,7 @@ static __attribute__((unused)) Liteattn__Reply *raw_recv(int sock, int timeout_m
     if (raw_read_all(sock, h, 4, timeout_ms) < 0)
         return NULL;
     uint32_t n = (uint32_t)h[0] | (uint32_t)h[1] << 8 | (uint32_t)h[2] << 16 | (uint32_t)h[3] << 24;
-    if (n > LA_FRAME_DEFAULT_MAX)
+    if (n > FRAME_DEFAULT_MAX)
         return NULL;
     uint8_t *b = malloc(n ? n : 1);
     if (!b)

@@ -220,7 +220,7 @@ int eng_buffer_add_cuda_ipc(eng *e, uint32_t uid, uint64_t conn_id, const void *
     if (rc < 0) {
         eng_errf(err, "conn %llu: CUDA IPC buffer on %s: %s", (unsigned long long)conn_id,
                  device_uuid && device_uuid[0] ? device_uuid : "(no device)",
-                 msg[0] ? msg : la_strerror(rc));
+                 msg[0] ? msg : codes_strerror(rc));
         return rc;
     }
     buf *b = calloc(1, sizeof *b);

@@ -97,11 +97,11 @@ int eng_new(const eng_config *cfg, eng **ret_engine, eng_error *err) {
         if (rc < 0) {
             e->cuda = NULL;
             if (want_cuda) {
-                eng_errf(err, "cuda backend: %s", msg[0] ? msg : la_strerror(rc));
+                eng_errf(err, "cuda backend: %s", msg[0] ? msg : codes_strerror(rc));
                 eng_free(e);
                 return rc == LA_ENOMEM ? rc : LA_ENODEV;
             }
-            eng_logf(e, 2, "cuda backend not used: %s", msg[0] ? msg : la_strerror(rc));
+            eng_logf(e, 2, "cuda backend not used: %s", msg[0] ? msg : codes_strerror(rc));
         }
     }
     snprintf(e->backends, sizeof e->backends, "%s", e->cuda ? "cpu,cuda" : "cpu");
@@ -493,7 +493,7 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
     rc = s->be->ops->supports(s->be, s->dev, p);
     if (rc < 0) {
         eng_errf(err, "%s: the %s backend cannot run this call (%s)", sname,
-                 s->be->ops->name, la_strerror(rc));
+                 s->be->ops->name, codes_strerror(rc));
         free(j);
         return rc;
     }
@@ -508,7 +508,7 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
     rc = s->be->ops->submit(s->be, bj);
     if (rc < 0) {
         eng_errf(err, "%s: the %s backend refused the call: %s", sname, s->be->ops->name,
-                 la_strerror(rc));
+                 codes_strerror(rc));
         free(j);
         return rc;
     }
@@ -608,7 +608,7 @@ int eng_process_completions(eng *e) {
         if (status < 0) {
             char sname[ENG_KEY_MAX + 64];
             sess_name(s, sname, sizeof sname);
-            snprintf(msg, sizeof msg, "%s: %s", sname, bj->msg[0] ? bj->msg : la_strerror(status));
+            snprintf(msg, sizeof msg, "%s: %s", sname, bj->msg[0] ? bj->msg : codes_strerror(status));
         } else if (j->conn_closed) {
             status = LA_ECLOSED;
             snprintf(msg, sizeof msg, "conn %llu closed before the call finished",

@@ -92,7 +92,7 @@ static int mset_new(eng *e, sess *s, eng_mset **ret, eng_error *err) {
     if (rc < 0) {
         free(m);
         eng_errf(err, "session '%s': cannot allocate %llu bytes of masks on %s: %s", s->key,
-                 (unsigned long long)s->mask_bytes, s->device, la_strerror(rc));
+                 (unsigned long long)s->mask_bytes, s->device, codes_strerror(rc));
         return rc;
     }
     m->be = s->be;
@@ -438,7 +438,7 @@ int eng_session_reset(eng *e, uint32_t uid, uint64_t session_id, eng_error *err)
     if (rc < 0) {
         char name[ENG_KEY_MAX + 64];
         sess_name(s, name, sizeof name);
-        eng_errf(err, "%s: mask reset failed: %s", name, la_strerror(rc));
+        eng_errf(err, "%s: mask reset failed: %s", name, codes_strerror(rc));
         return rc;
     }
     /* Every mask is all ones again: whatever step comes next starts a generation. */

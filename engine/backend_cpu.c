@@ -94,7 +94,7 @@ static void *worker_main(void *arg) {
         j->status = rc;
         if (rc < 0)
             snprintf(j->msg, sizeof j->msg, "cpu reference refused the call: %s",
-                     la_strerror(rc));
+                     codes_strerror(rc));
         const void *mask = j->p.mask; /* j belongs to the engine after complete() */
         c->base.complete(c->base.complete_data, j);
 

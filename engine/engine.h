@@ -26,7 +26,7 @@
 #include <stdint.h>
 
 #include "la_attn.h"
-#include "liteattn.h"
+#include "codes.h"
 
 #define ENG_KEY_MAX 255
 #define ENG_ERR_MAX 256
