@@ -890,8 +890,20 @@ int be_cuda_new(be_complete_fn complete, void *complete_data,
     int count = 0;
     cudaError_t e = cudaGetDeviceCount(&count);
     if (e != cudaSuccess || count <= 0) {
-        snprintf(msg, msg_len, "no usable GPU (%s)",
-                 e != cudaSuccess ? cudaGetErrorString(e) : "0 devices");
+        /* Without libcuda the runtime says "CUDA driver version is insufficient for CUDA
+         * runtime version", which reads as an old driver; a driver version of 0 means none. */
+        int drv = 0;
+        if (cudaDriverGetVersion(&drv) != cudaSuccess)
+            drv = 0;
+        if (drv == 0 || e == cudaErrorNoDevice || (e == cudaSuccess && count <= 0))
+            snprintf(msg, msg_len, "no NVIDIA driver/GPU found%s",
+                     drv == 0 ? " (no NVIDIA driver is loaded)" : " (the driver sees no GPU)");
+        else if (e == cudaErrorInsufficientDriver)
+            snprintf(msg, msg_len, "the NVIDIA driver (CUDA %d.%d) is older than this build's "
+                     "CUDA runtime (%d.%d): update the driver", drv / 1000, drv % 1000 / 10,
+                     CUDART_VERSION / 1000, CUDART_VERSION % 1000 / 10);
+        else
+            snprintf(msg, msg_len, "no usable GPU (%s)", cudaGetErrorString(e));
         return LA_ENODEV;
     }
     if (count > MAX_DEVICES)

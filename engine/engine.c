@@ -39,6 +39,17 @@ void eng_logf(eng *e, int level, const char *fmt, ...) {
 
 uint64_t eng_now_ms(void) { return be_now_ns() / 1000000u; }
 
+eng_error eng_index_error(const char *what, uint32_t index, uint32_t count) {
+    eng_error e;
+    if (index > INT32_MAX)
+        snprintf(e.msg, sizeof e.msg, "%s %d (%u as unsigned) out of range: %ss count from 0 to %u",
+                 what, (int32_t)index, index, what, count - 1);
+    else
+        snprintf(e.msg, sizeof e.msg, "%s %u out of range: %ss count from 0 to %u", what, index,
+                 what, count - 1);
+    return e;
+}
+
 void eng_config_default(eng_config *cfg) {
     memset(cfg, 0, sizeof *cfg);
     cfg->backend = "auto";
@@ -317,16 +328,17 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
     char sname[ENG_KEY_MAX + 64];
     sess_name(s, sname, sizeof sname);
     if (req->layer >= s->layers) {
-        eng_errf(err, "%s: layer %u out of range (layers %u)", sname, req->layer, s->layers);
+        eng_errf(err, "%s: %s", sname, eng_index_error("layer", req->layer, s->layers).msg);
         return LA_EINVAL;
     }
     if (req->kv_shard >= s->kv_shards) {
-        eng_errf(err, "%s: kv shard %u out of range (kv shards %u)", sname, req->kv_shard,
-                 s->kv_shards);
+        eng_errf(err, "%s: %s", sname,
+                 eng_index_error("kv shard", req->kv_shard, s->kv_shards).msg);
         return LA_EINVAL;
     }
     if (req->step > INT32_MAX) {
-        eng_errf(err, "%s: step %u out of range", sname, req->step);
+        eng_errf(err, "%s: step %u (%d as a signed 32-bit number) out of range: steps count "
+                 "from 0", sname, req->step, (int32_t)req->step);
         return LA_EINVAL;
     }
     la_mode mode = req->mode == LA_MODE_SESSION ? s->mode : req->mode;
@@ -411,6 +423,25 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
         eng_errf(err, "%s: %d must-do and %d must-skip ranges (at most %d each)", sname,
                  req->n_must_do, req->n_must_skip, LA_MAX_RANGES);
         return LA_EINVAL;
+    }
+    /* Ranges are key positions of this call: [start, end) with 0 <= start <= end <= Sk. A
+     * reversed or out-of-range one is a caller's mistake (swapped pair, positions of another
+     * shard or length); clipping it silently would hide it. */
+    for (int i = 0; i < req->n_must_do + req->n_must_skip; i++) {
+        int skip = i >= req->n_must_do;
+        const la_range *g = skip ? &req->must_skip[i - req->n_must_do] : &req->must_do[i];
+        const char *what = skip ? "must-skip" : "must-do";
+        int idx = skip ? i - req->n_must_do : i;
+        if (g->end < g->start) {
+            eng_errf(err, "%s: %s range %d [%lld, %lld) is reversed (end before start)", sname,
+                     what, idx, (long long)g->start, (long long)g->end);
+            return LA_EINVAL;
+        }
+        if (g->start < 0 || g->end > Sk) {
+            eng_errf(err, "%s: %s range %d [%lld, %lld) lies outside the call's keys [0, %lld)",
+                     sname, what, idx, (long long)g->start, (long long)g->end, (long long)Sk);
+            return LA_EINVAL;
+        }
     }
     float scale = req->scale == 0.0f ? 1.0f / sqrtf((float)s->head_dim) : req->scale;
     if (!(scale > 0.0f) || isinf(scale)) {

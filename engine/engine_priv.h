@@ -126,6 +126,9 @@ struct eng {
 void eng_errf(eng_error *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 void eng_logf(eng *e, int level, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 uint64_t eng_now_ms(void);
+/* "layer -1 (4294967295 as unsigned) out of range: layers count from 0 to 3": an index that
+ * came from a negative number says so. count > 0. */
+eng_error eng_index_error(const char *what, uint32_t index, uint32_t count);
 
 /* session.c */
 sess *sess_find(eng *e, uint64_t id);

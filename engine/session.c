@@ -179,6 +179,20 @@ static void fill_view(const sess *s, eng_session_view *v) {
     snprintf(v->device, sizeof v->device, "%s", s->device);
 }
 
+static const char *dtype_long_name(la_dtype t) {
+    switch (t) {
+    case LA_DTYPE_F32:
+        return "float32";
+    case LA_DTYPE_F16:
+        return "float16";
+    case LA_DTYPE_BF16:
+        return "bfloat16";
+    case LA_DTYPE_U32:
+        return "uint32";
+    }
+    return "an unknown dtype";
+}
+
 /* Picks the backend and device of a new session from spec->device. */
 static int pick_device(eng *e, sess *s, const char *want, eng_error *err) {
     be_backend *be = NULL;
@@ -208,8 +222,16 @@ static int pick_device(eng *e, sess *s, const char *want, eng_error *err) {
     }
     rc = be->ops->tile_sizes(be, dev, s->head_dim, s->dtype, &bm, &bn);
     if (rc < 0) {
-        eng_errf(err, "session '%s': the %s backend has no kernel for head dim %u, dtype %d",
-                 s->key, be->ops->name, s->head_dim, (int)s->dtype);
+        /* Name the dtype as users write it (torch.bfloat16) and list what the backend has. */
+        static const uint32_t dims[] = {32, 48, 64, 80, 96, 112, 128, 160, 192, 256};
+        char have[96] = "";
+        size_t n = 0;
+        for (size_t i = 0; i < sizeof dims / sizeof dims[0] && n < sizeof have; i++)
+            if (be->ops->tile_sizes(be, dev, dims[i], s->dtype, &bm, &bn) == 0)
+                n += (size_t)snprintf(have + n, sizeof have - n, "%s%u", n ? ", " : "", dims[i]);
+        eng_errf(err, "session '%s': the %s backend has no kernel for head dim %u in %s (%s%s)",
+                 s->key, be->ops->name, s->head_dim, dtype_long_name(s->dtype),
+                 n ? "it has head dims " : "none in this dtype", have);
         return LA_ENOTSUP;
     }
     s->be = be;
@@ -537,12 +559,11 @@ int eng_mask_read(eng *e, uint32_t uid, uint64_t session_id, uint32_t layer, uin
     char name[ENG_KEY_MAX + 64];
     sess_name(s, name, sizeof name);
     if (layer >= s->layers) {
-        eng_errf(err, "%s: layer %u out of range (layers %u)", name, layer, s->layers);
+        eng_errf(err, "%s: %s", name, eng_index_error("layer", layer, s->layers).msg);
         return LA_EINVAL;
     }
     if (kv_shard >= s->kv_shards) {
-        eng_errf(err, "%s: kv shard %u out of range (kv shards %u)", name, kv_shard,
-                 s->kv_shards);
+        eng_errf(err, "%s: %s", name, eng_index_error("kv shard", kv_shard, s->kv_shards).msg);
         return LA_EINVAL;
     }
     uint64_t total = s->layer_mask_bytes;

@@ -908,7 +908,43 @@ START_TEST(test_error_mapping)
     int rc = la_attn_run(s, a, &call);
     ck_assert_msg(rc == LA_EINVAL || rc == LA_ERANGE, "layer 7: %s", la_err_name(rc));
     ck_assert_str_ne(la_last_error_message(), "");
+    /* Layer -1 (a negative index cast to uint32_t) is named as such, not as 4294967295. */
+    OK(la_attn_set_position(a, (uint32_t)-1, 0, 0));
+    ck_assert_int_eq(la_attn_run(s, a, NULL), LA_EINVAL);
+    ck_assert_msg(strstr(la_last_error_message(),
+                         "layer -1 (4294967295 as unsigned) out of range: layers count from 0 "
+                         "to 1"),
+                  "layer -1: %s", la_last_error_message());
     OK(la_attn_set_position(a, 0, 0, 0));
+
+    /* A sequence length of 0 names the tensor and the dimension. */
+    int64_t s0[4] = {1, 0, 2, 64};
+    ck_assert_int_eq(la_attn_set_tensor(a, LA_TENSOR_Q, p.buf, p.off_q, LA_DTYPE_BF16, 4, s0,
+                                        NULL), LA_EINVAL);
+    ck_assert_msg(strstr(la_last_error_message(), "q: dimension 1 (Sq) is 0"), "S = 0: %s",
+                  la_last_error_message());
+    ck_assert_int_eq(la_attn_set_tensor(a, LA_TENSOR_V, p.buf, p.off_v, LA_DTYPE_BF16, 4, s0,
+                                        NULL), LA_EINVAL);
+    ck_assert_msg(strstr(la_last_error_message(), "v: dimension 1 (Sk) is 0"), "S = 0: %s",
+                  la_last_error_message());
+
+    /* Reversed and out-of-range key ranges are refused, naming the range. */
+    int64_t reversed[2] = {20, 10}, outside[2] = {0, 129}, negative[2] = {-1, 5};
+    OK(la_attn_set_must_do(a, reversed, 1));
+    ck_assert_int_eq(la_attn_run(s, a, NULL), LA_EINVAL);
+    ck_assert_msg(strstr(la_last_error_message(), "must-do range 0 [20, 10) is reversed"), "%s",
+                  la_last_error_message());
+    OK(la_attn_set_must_do(a, NULL, 0));
+    OK(la_attn_set_must_skip(a, outside, 1));
+    ck_assert_int_eq(la_attn_run(s, a, NULL), LA_EINVAL);
+    ck_assert_msg(strstr(la_last_error_message(),
+                         "must-skip range 0 [0, 129) lies outside the call's keys [0, 128)"),
+                  "%s", la_last_error_message());
+    OK(la_attn_set_must_skip(a, negative, 1));
+    ck_assert_int_eq(la_attn_run(s, a, NULL), LA_EINVAL);
+    ck_assert_msg(strstr(la_last_error_message(), "must-skip range 0 [-1, 5) lies outside"), "%s",
+                  la_last_error_message());
+    OK(la_attn_set_must_skip(a, NULL, 0));
 
     /* Heads that do not match the session. */
     int64_t bad[4] = {1, 128, 3, 64};
@@ -955,6 +991,13 @@ START_TEST(test_error_mapping)
     rc = la_session_open(c, "hd48", cfg, &s2);
     ck_assert_msg(rc == LA_ENOTSUP || rc == LA_EINVAL, "head dim 48: %s", la_err_name(rc));
     ck_assert_ptr_null(s2);
+    /* The dtype by name, and what the backend has. */
+    OK(la_session_config_set_geometry(cfg, 1, 1, 100, LA_DTYPE_BF16, 64, 0, 0, 0));
+    OK(la_session_config_set_device(cfg, "cpu"));
+    ck_assert_int_eq(la_session_open(c, "hd100", cfg, &s2), LA_ENOTSUP);
+    ck_assert_msg(strstr(la_last_error_message(), "no kernel for head dim 100 in bfloat16 (it "
+                         "has head dims 64, 96, 128, 256)"),
+                  "head dim 100: %s", la_last_error_message());
     ck_assert_int_eq(la_session_config_set_geometry(cfg, 0, 1, 64, LA_DTYPE_BF16, 64, 0, 0, 0),
                      LA_EINVAL);
     la_session_config_free(cfg);
@@ -1479,6 +1522,45 @@ START_TEST(test_threads_share_client)
 }
 END_TEST
 
+/* ---- liteattnctl ---------------------------------------------------------------------------- */
+
+/* Runs $BUILD/liteattnctl --socket <d's socket> args; its stdout goes into out (NUL-terminated,
+ * truncated to len - 1). Returns the exit status. */
+static int run_ctl(const tdaemon *d, const char *args, char *out, size_t len)
+{
+    const char *build = getenv("BUILD");
+    char cmd[512];
+    snprintf(cmd, sizeof(cmd), "%s/liteattnctl --socket '%s' %s", build && *build ? build : "build",
+             d->socket, args);
+    FILE *f = popen(cmd, "r");
+    ck_assert_msg(f != NULL, "popen %s: %s", cmd, strerror(errno));
+    size_t n = 0, r;
+    while (n + 1 < len && (r = fread(out + n, 1, len - 1 - n, f)) > 0)
+        n += r;
+    out[n] = 0;
+    char sink[4096];
+    while (fread(sink, 1, sizeof(sink), f) > 0) {
+    }
+    int st = pclose(f);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + (WIFSIGNALED(st) ? WTERMSIG(st) : 0);
+}
+
+/* The devices line says "cpu: CPU reference (N threads)", not "cpu cpu CPU reference". */
+START_TEST(test_ctl_status_devices)
+{
+    tdaemon d;
+    daemon_start(&d);
+    static char out[8192];
+    ck_assert_int_eq(run_ctl(&d, "status", out, sizeof(out)), 0);
+    const char *line = strstr(out, "\ndevices ");
+    ck_assert_msg(line != NULL, "no devices line in:\n%s", out);
+    ck_assert_msg(!strncmp(line + 1, "devices    cpu: CPU reference (2 threads)\n", 42),
+                  "devices line: %.60s", line + 1);
+    ck_assert_msg(!strstr(out, "cpu cpu"), "status:\n%s", out);
+    daemon_stop(&d);
+}
+END_TEST
+
 static Suite *client_suite(void)
 {
     Suite *s = suite_create("client");
@@ -1501,6 +1583,7 @@ static Suite *client_suite(void)
     tcase_add_test(conn, test_hello_other_major);
     tcase_add_test(conn, test_hello_garbage);
     tcase_add_test(conn, test_error_reply_and_close);
+    tcase_add_test(conn, test_ctl_status_devices);
     suite_add_tcase(s, conn);
 
     TCase *sess = tcase_create("sessions");

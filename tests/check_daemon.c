@@ -1310,6 +1310,46 @@ START_TEST(test_sigterm_removes_lock)
 }
 END_TEST
 
+/* On a machine without an NVIDIA driver the auto backend says so in those words, not with the
+ * CUDA runtime's "driver version is insufficient". Only meaningful where CUDA was built in and
+ * no driver is present. */
+START_TEST(test_no_driver_message)
+{
+#ifndef LA_HAVE_CUDA
+    fprintf(stderr, "test_no_driver_message: built without CUDA, nothing to check\n");
+#else
+    if (access("/dev/nvidiactl", F_OK) == 0) {
+        fprintf(stderr, "test_no_driver_message: an NVIDIA driver is present, nothing to check\n");
+        return;
+    }
+    td_daemon d;
+    const char *args[] = {"--backend", "auto", NULL};
+    start(&d, args);
+    /* The socket listens before the engine starts: wait for the "listening" line. */
+    char line[1024], first[1024] = "";
+    int found = 0, insufficient = 0, listening = 0;
+    for (int tries = 0; !listening && tries < 1000; tries++) {
+        FILE *f = fopen(d.log, "r");
+        ck_assert_ptr_nonnull(f);
+        found = insufficient = 0;
+        while (fgets(line, sizeof(line), f)) {
+            if (!first[0])
+                snprintf(first, sizeof(first), "%s", line);
+            found |= strstr(line, "cuda backend not used: no NVIDIA driver/GPU found") != NULL;
+            insufficient |= strstr(line, "insufficient") != NULL;
+            listening |= strstr(line, " listening on ") != NULL;
+        }
+        fclose(f);
+        if (!listening)
+            usleep(10000);
+    }
+    ck_assert_msg(found && !insufficient,
+                  "the log does not say \"no NVIDIA driver/GPU found\"; it begins: %s", first);
+    stop_ok(&d);
+#endif
+}
+END_TEST
+
 START_TEST(test_sigterm_inflight)
 {
     GS = 1024; /* calls of a few hundred ms on 2 cores: still running when the signal comes */
@@ -1538,6 +1578,7 @@ int main(void)
     tcase_add_test(tc2, test_other_user);
     tcase_add_test(tc2, test_connections_per_user);
     tcase_add_test(tc2, test_sigterm_removes_lock);
+    tcase_add_test(tc2, test_no_driver_message);
     tcase_add_test(tc2, test_sigterm_inflight);
     tcase_add_test(tc2, test_second_signal);
     tcase_add_test(tc2, test_config_file);

@@ -438,7 +438,11 @@ START_TEST(attn_validation) {
         case 28: name = "offset overflow"; r.o.offset = UINT64_MAX - 7; want = LA_ERANGE; break;
         case 29: name = "zero keys"; r.k.shape[1] = 0; want = LA_EINVAL; break;
         case 30: name = "NaN threshold"; r.has_threshold = 1; r.threshold = NAN; want = LA_EINVAL; break;
-        case 31: name = "bad range"; r.n_must_do = 1; r.must_do[0].start = 5; r.must_do[0].end = -3; want = 0; break;
+        case 31: name = "reversed range"; r.n_must_do = 1; r.must_do[0].start = 5; r.must_do[0].end = -3; want = LA_EINVAL; break;
+        case 32: name = "range before 0"; r.n_must_skip = 1; r.must_skip[0] = (la_range){-1, 4}; want = LA_EINVAL; break;
+        case 33: name = "range past Sk"; r.n_must_do = 1; r.must_do[0] = (la_range){100, 151}; want = LA_EINVAL; break;
+        case 34: name = "layer -1"; r.layer = (uint32_t)-1; want = LA_EINVAL; break;
+        case 35: name = "kv shard -1"; r.kv_shard = (uint32_t)-1; want = LA_EINVAL; break;
         }
         if (!name)
             break;
@@ -454,6 +458,18 @@ START_TEST(attn_validation) {
         ck_assert_msg(rc == want, "case %d (%s): got %d (%s), want %d", i, name, rc, err.msg,
                       want);
         ck_assert_msg(err.msg[0], "case %d (%s): no message", i, name);
+        static const char *const says[][2] = {
+            {"reversed range", "must-do range 0 [5, -3) is reversed (end before start)"},
+            {"range before 0", "must-skip range 0 [-1, 4) lies outside the call's keys [0, 150)"},
+            {"range past Sk", "must-do range 0 [100, 151) lies outside the call's keys [0, 150)"},
+            {"layer -1", "layer -1 (4294967295 as unsigned) out of range: layers count from 0 to 1"},
+            {"kv shard -1", "kv shard -1 (4294967295 as unsigned) out of range: kv shards count "
+                            "from 0 to 0"},
+        };
+        for (size_t k = 0; k < sizeof says / sizeof says[0]; k++)
+            if (!strcmp(name, says[k][0]))
+                ck_assert_msg(strstr(err.msg, says[k][1]), "case %d (%s): message %s", i, name,
+                              err.msg);
         if (want != LA_ENOENT || i >= 16)
             ck_assert_msg(strstr(err.msg, "session") && strstr(err.msg, "'val'"),
                           "case %d (%s): message does not name the session: %s", i, name,

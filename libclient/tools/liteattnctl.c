@@ -176,12 +176,28 @@ static int cmd_status(la_client *c, const char *sock, int json)
     if (!*devices) {
         printf("%-10s (none)\n", "devices");
     } else {
+        /* "<uuid> <backend> <name>" per device, shown as "cpu: CPU reference (2 threads)" or
+         * "cuda: NVIDIA H200 (GPU-...)": the uuid only where it says more than the backend. */
         const char *p = devices;
         int first = 1;
         while (*p) {
             const char *eol = strchr(p, '\n');
             size_t n = eol ? (size_t)(eol - p) : strlen(p);
-            printf("%-10s %.*s\n", first ? "devices" : "", (int)n, p);
+            char line[512];
+            snprintf(line, sizeof(line), "%.*s", (int)n, p);
+            char *backend = strchr(line, ' '), *name = NULL;
+            if (backend) {
+                *backend++ = 0;
+                name = strchr(backend, ' ');
+                if (name)
+                    *name++ = 0;
+            }
+            if (!backend || !name)
+                printf("%-10s %s\n", first ? "devices" : "", line);
+            else if (!strcmp(line, backend))
+                printf("%-10s %s: %s\n", first ? "devices" : "", backend, name);
+            else
+                printf("%-10s %s: %s (%s)\n", first ? "devices" : "", backend, name, line);
             first = 0;
             p += n + (eol ? 1 : 0);
         }
