@@ -216,7 +216,11 @@ LA_API int la_session_close(la_session *s);
 LA_API void la_session_detach(la_session *s);
 
 /* ---------------------------------------------------------------------------------------- */
-/* Attention calls. A la_attn describes one call; it can be reused and changed between calls. */
+/* Attention calls. A la_attn describes one call; it can be reused and changed between calls.
+ * NaN in the inputs propagates as in PyTorch's scaled_dot_product_attention, over the tiles
+ * actually computed: a query row with a NaN score gets O and LSE NaN; a NaN in V reaches its
+ * column of O. A call whose step is lower than its layer's last step starts the layer over
+ * (all tiles live), see la_session_stat "restarts". */
 
 typedef struct la_attn la_attn;
 typedef struct la_call la_call;
