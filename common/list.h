@@ -49,6 +49,18 @@ static inline void list_move_tail(list_node *head, list_node *n)
     list_append(head, n);
 }
 
+/* Moves every node of src to the empty list dst; src is empty afterwards. */
+static inline void list_take(list_node *dst, list_node *src)
+{
+    list_init(dst);
+    if (list_empty(src))
+        return;
+    *dst = *src;
+    dst->next->prev = dst;
+    dst->prev->next = dst;
+    list_init(src);
+}
+
 #define list_entry(node, type, member) ((type *)(void *)((char *)(node) - offsetof(type, member)))
 /* The first entry, or NULL when the list is empty. */
 #define list_first_entry(head, type, member) \

@@ -54,20 +54,6 @@ static int send_ack(conn *c, uint64_t id)
     return send_body(c, &r);
 }
 
-/* Copies a wire string into a fixed field, refusing one that does not fit. */
-static int copy_str(char *dst, size_t cap, const char *src)
-{
-    size_t n = src ? strlen(src) : 0;
-    if (n >= cap)
-        return LA_EINVAL;
-    memcpy(dst, src ? src : "", n);
-    dst[n] = 0;
-    return 0;
-}
-
-static int dtype_ok(int d) { return d >= LITEATTN__DTYPE__DTYPE_F32 && d <= LITEATTN__DTYPE__DTYPE_U32; }
-static int mode_ok(int m) { return m >= LITEATTN__MODE__MODE_SESSION && m <= LITEATTN__MODE__MODE_SKIP; }
-static int dir_ok(int d) { return d >= LITEATTN__DIRECTION__DIR_ALTERNATE && d <= LITEATTN__DIRECTION__DIR_DESCENDING; }
 
 /* ---- Hello -------------------------------------------------------------------------------- */
 
@@ -176,40 +162,13 @@ static int send_session_view(conn *c, uint64_t id, const eng_session_view *v)
     return send_body(c, &r);
 }
 
-static int check_key(conn *c, uint64_t id, const char *key)
-{
-    size_t n = key ? strlen(key) : 0;
-    if (n == 0 || n > ENG_KEY_MAX) {
-        reply_err(c, id, LA_EINVAL, "session key must be 1..%d bytes (got %zu)", ENG_KEY_MAX, n);
-        return -1;
-    }
-    return 0;
-}
-
 static int do_session_open(const disp *d, conn *c, uint64_t id, const Liteattn__SessionOpen *m)
 {
-    if (check_key(c, id, m->key) < 0)
-        return CONN_REQ_OK;
-    if (!dtype_ok(m->dtype))
-        return reply_err(c, id, LA_EINVAL, "dtype %d is not a DType", (int)m->dtype);
-    if (m->has_mode && !mode_ok(m->mode))
-        return reply_err(c, id, LA_EINVAL, "mode %d is not a Mode", (int)m->mode);
-    if (m->has_direction && !dir_ok(m->direction))
-        return reply_err(c, id, LA_EINVAL, "direction %d is not a Direction", (int)m->direction);
-    if (m->n_schedule > LA_MAX_SCHEDULE)
-        return reply_err(c, id, LA_EINVAL, "schedule of %zu steps exceeds %d", m->n_schedule,
-                         LA_MAX_SCHEDULE);
-    for (size_t i = 0; i < m->n_schedule; i++)
-        if (isnan(m->schedule[i]))
-            return reply_err(c, id, LA_EINVAL, "schedule[%zu] is NaN", i);
-    if (m->has_threshold && isnan(m->threshold))
-        return reply_err(c, id, LA_EINVAL, "threshold is NaN");
-
+    /* Translation only: the engine decides what is valid (eng_session_open). */
     eng_session_spec spec;
     memset(&spec, 0, sizeof(spec));
-    copy_str(spec.key, sizeof(spec.key), m->key);
-    if (copy_str(spec.device, sizeof(spec.device), m->device) < 0)
-        return reply_err(c, id, LA_EINVAL, "device name longer than %zu bytes", sizeof(spec.device) - 1);
+    spec.key = m->key;
+    spec.device = m->device;
     spec.layers = m->layers;
     spec.heads = m->heads;
     spec.head_dim = m->head_dim;
@@ -221,9 +180,7 @@ static int do_session_open(const disp *d, conn *c, uint64_t id, const Liteattn__
     spec.threshold = m->has_threshold ? m->threshold : -3.0f;
     spec.schedule = m->n_schedule ? m->schedule : NULL;
     spec.n_schedule = m->n_schedule;
-    /* MODE_SESSION means "the session's own" in a call; for the session itself: the default. */
-    spec.mode = m->has_mode && m->mode != LITEATTN__MODE__MODE_SESSION ? (la_mode)m->mode
-                                                                        : LA_MODE_SKIP;
+    spec.mode = m->has_mode ? (la_mode)m->mode : LA_MODE_SKIP;
     spec.direction = m->has_direction ? (la_direction)m->direction : LA_DIR_ALTERNATE;
 
     eng_session_view v;
@@ -236,8 +193,6 @@ static int do_session_open(const disp *d, conn *c, uint64_t id, const Liteattn__
 
 static int do_session_attach(const disp *d, conn *c, uint64_t id, const Liteattn__SessionAttach *m)
 {
-    if (check_key(c, id, m->key) < 0)
-        return CONN_REQ_OK;
     eng_session_view v;
     eng_error err = {{0}};
     int rc = eng_session_attach(d->eng, c->uid, c->id, m->key, &v, &err);
@@ -436,24 +391,11 @@ static int do_buffer_register(const disp *d, conn *c, uint64_t id, const Liteatt
                      "descriptor", (unsigned long long)id);
             return CONN_REQ_FAIL;
         }
-        if (m->size == 0 || m->size > (uint64_t)INT64_MAX) {
-            close(fd);
-            return reply_err(c, id, LA_EINVAL, "buffer size %llu is not in 1..2^63-1",
-                             (unsigned long long)m->size);
-        }
         rc = eng_buffer_add_shm(d->eng, c->uid, c->id, fd, m->size, &bid, &err);
     } else if (m->kind == LITEATTN__BUFFER_KIND__BUFFER_CUDA_IPC) {
-        if (!m->has_ipc_handle || m->ipc_handle.len != 64)
-            return reply_err(c, id, LA_EINVAL, "CUDA IPC handle must be 64 bytes (got %zu)",
-                             m->has_ipc_handle ? m->ipc_handle.len : (size_t)0);
-        size_t ul = m->device_uuid ? strlen(m->device_uuid) : 0;
-        if (ul == 0 || ul >= 64)
-            return reply_err(c, id, LA_EINVAL, "device UUID must be 1..63 bytes (got %zu)", ul);
-        if (m->size == 0 || m->size > (uint64_t)INT64_MAX)
-            return reply_err(c, id, LA_EINVAL, "buffer size %llu is not in 1..2^63-1",
-                             (unsigned long long)m->size);
-        rc = eng_buffer_add_cuda_ipc(d->eng, c->uid, c->id, m->ipc_handle.data,
-                                     m->ipc_handle.len, m->device_uuid, m->size, &bid, &size, &err);
+        rc = eng_buffer_add_cuda_ipc(d->eng, c->uid, c->id,
+                                     m->has_ipc_handle ? m->ipc_handle.data : NULL,
+                                     m->has_ipc_handle ? m->ipc_handle.len : 0, m->device_uuid, m->size, &bid, &size, &err);
     } else
         return reply_err(c, id, LA_EINVAL, "buffer kind %d is not a BufferKind", (int)m->kind);
     if (rc < 0)
@@ -472,65 +414,41 @@ static int do_buffer_unregister(const disp *d, conn *c, uint64_t id, const Litea
 
 /* ---- attention ---------------------------------------------------------------------------- */
 
-/* Converts a TensorRef; ndim is 4 (q/k/v/o), 3 (lse) or 0 (decisions, no shape). */
-static int tensor_from(const Liteattn__TensorRef *t, const char *role, int ndim,
-                       eng_tensor *out, char *msg, size_t msglen)
+/* Translates a TensorRef as it is (the engine checks ranks, shapes, dtypes and strides
+ * against the session); refused here is only what an eng_tensor cannot hold. */
+static int tensor_from(const Liteattn__TensorRef *t, const char *role, eng_tensor *out,
+                       char *msg, size_t msglen)
 {
     memset(out, 0, sizeof(*out));
     if (!t) {
         snprintf(msg, msglen, "tensor %s is missing", role);
         return LA_EINVAL;
     }
-    int dt = t->has_dtype ? (int)t->dtype : LITEATTN__DTYPE__DTYPE_F32;
-    if (!dtype_ok(dt)) {
-        snprintf(msg, msglen, "tensor %s: dtype %d is not a DType", role, dt);
+    size_t cap = sizeof(out->shape) / sizeof(out->shape[0]);
+    if (t->n_shape > cap || (t->n_strides != 0 && t->n_strides != t->n_shape)) {
+        snprintf(msg, msglen, "tensor %s: %zu sizes and %zu strides (at most %zu sizes, and "
+                 "as many strides or none)", role, t->n_shape, t->n_strides, cap);
         return LA_EINVAL;
     }
-    if (t->n_shape != (size_t)ndim) {
-        snprintf(msg, msglen, "tensor %s needs %d dimensions (got %zu)", role, ndim, t->n_shape);
-        return LA_EINVAL;
-    }
-    if (t->n_strides != 0 && t->n_strides != (size_t)ndim) {
-        snprintf(msg, msglen, "tensor %s: %zu strides for %d dimensions", role, t->n_strides, ndim);
-        return LA_EINVAL;
-    }
-    for (int i = 0; i < ndim; i++) {
-        /* The kernels index sizes with int32. */
-        if (t->shape[i] <= 0 || t->shape[i] > INT32_MAX) {
-            snprintf(msg, msglen, "tensor %s: size %lld of dimension %d is not in 1..2^31-1",
-                     role, (long long)t->shape[i], i);
-            return LA_EINVAL;
-        }
-        out->shape[i] = t->shape[i];
-    }
-    for (size_t i = 0; i < t->n_strides; i++) {
-        if (t->strides[i] < 0) {
-            snprintf(msg, msglen, "tensor %s: negative stride %lld", role, (long long)t->strides[i]);
-            return LA_EINVAL;
-        }
-        out->strides[i] = t->strides[i];
-    }
+    memcpy(out->shape, t->shape, t->n_shape * sizeof(out->shape[0]));
+    memcpy(out->strides, t->strides, t->n_strides * sizeof(out->strides[0]));
     out->buffer_id = t->buffer_id;
     out->offset = t->has_offset ? t->offset : 0;
-    out->dtype = (la_dtype)dt;
-    out->ndim = ndim;
+    out->dtype = t->has_dtype ? (la_dtype)t->dtype : LA_DTYPE_F32;
+    out->ndim = (int)t->n_shape;
     out->has_strides = t->n_strides != 0;
     return 0;
 }
 
-static int ranges_from(Liteattn__Range *const *in, size_t n, la_range *out, int *ret_n,
-                       const char *what, char *msg, size_t msglen)
+/* Copies the ranges the request can hold and keeps the count as sent: the engine refuses more
+ * than LA_MAX_RANGES (the one check of that limit). */
+static void ranges_from(Liteattn__Range *const *in, size_t n, la_range *out, int *ret_n)
 {
-    if (n > LA_MAX_RANGES) {
-        snprintf(msg, msglen, "%zu %s ranges exceed %d", n, what, LA_MAX_RANGES);
-        return LA_EINVAL;
-    }
-    for (size_t i = 0; i < n; i++) {
+    for (size_t i = 0; i < n && i < LA_MAX_RANGES; i++) {
         out[i].start = in[i]->start;
         out[i].end = in[i]->end;
     }
-    *ret_n = (int)n;
-    return 0;
+    *ret_n = n > INT32_MAX ? INT32_MAX : (int)n;
 }
 
 static void on_attn_done(void *user, int status, const eng_attn_result *res, const char *message)
@@ -578,53 +496,28 @@ static int do_attention(const disp *d, conn *c, uint64_t id, const Liteattn__Att
     q->layer = m->layer;
     q->step = m->step;
     q->kv_shard = m->has_kv_shard ? m->kv_shard : 0;
-    if ((rc = tensor_from(m->q, "q", 4, &q->q, msg, sizeof(msg))) < 0 ||
-        (rc = tensor_from(m->k, "k", 4, &q->k, msg, sizeof(msg))) < 0 ||
-        (rc = tensor_from(m->v, "v", 4, &q->v, msg, sizeof(msg))) < 0 ||
-        (rc = tensor_from(m->o, "o", 4, &q->o, msg, sizeof(msg))) < 0)
+    if ((rc = tensor_from(m->q, "q", &q->q, msg, sizeof(msg))) < 0 ||
+        (rc = tensor_from(m->k, "k", &q->k, msg, sizeof(msg))) < 0 ||
+        (rc = tensor_from(m->v, "v", &q->v, msg, sizeof(msg))) < 0 ||
+        (rc = tensor_from(m->o, "o", &q->o, msg, sizeof(msg))) < 0)
         goto bad;
     if (m->lse) {
-        if ((rc = tensor_from(m->lse, "lse", 3, &q->lse, msg, sizeof(msg))) < 0)
+        if ((rc = tensor_from(m->lse, "lse", &q->lse, msg, sizeof(msg))) < 0)
             goto bad;
         q->has_lse = 1;
     }
     if (m->decisions) {
-        if ((rc = tensor_from(m->decisions, "decisions", 0, &q->decisions, msg, sizeof(msg))) < 0)
+        if ((rc = tensor_from(m->decisions, "decisions", &q->decisions, msg, sizeof(msg))) < 0)
             goto bad;
         q->has_decisions = 1;
     }
     q->dry_run = m->has_dry_run && m->dry_run;
-    if (q->dry_run && !q->has_decisions) {
-        rc = LA_EINVAL;
-        snprintf(msg, sizeof(msg), "a dry run needs a decisions tensor");
-        goto bad;
-    }
-    if (m->has_scale && (isnan(m->scale) || m->scale < 0 || isinf(m->scale))) {
-        rc = LA_EINVAL;
-        snprintf(msg, sizeof(msg), "scale %g is not a finite number >= 0", (double)m->scale);
-        goto bad;
-    }
     q->scale = m->has_scale ? m->scale : 0.0f;
-    if (m->has_threshold) {
-        if (isnan(m->threshold)) {
-            rc = LA_EINVAL;
-            snprintf(msg, sizeof(msg), "threshold is NaN");
-            goto bad;
-        }
-        q->has_threshold = 1;
-        q->threshold = m->threshold;
-    }
-    if (m->has_mode && !mode_ok(m->mode)) {
-        rc = LA_EINVAL;
-        snprintf(msg, sizeof(msg), "mode %d is not a Mode", (int)m->mode);
-        goto bad;
-    }
+    q->has_threshold = m->has_threshold;
+    q->threshold = m->threshold;
     q->mode = m->has_mode ? (la_mode)m->mode : LA_MODE_SESSION;
-    if ((rc = ranges_from(m->must_do, m->n_must_do, q->must_do, &q->n_must_do, "must-do", msg,
-                          sizeof(msg))) < 0 ||
-        (rc = ranges_from(m->must_skip, m->n_must_skip, q->must_skip, &q->n_must_skip,
-                          "must-skip", msg, sizeof(msg))) < 0)
-        goto bad;
+    ranges_from(m->must_do, m->n_must_do, q->must_do, &q->n_must_do);
+    ranges_from(m->must_skip, m->n_must_skip, q->must_skip, &q->n_must_skip);
     if (m->has_wait_event) {
         if (m->wait_event.len != sizeof(q->wait_event)) {
             rc = LA_EINVAL;

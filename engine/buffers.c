@@ -18,28 +18,6 @@
 
 #include "engine_priv.h"
 
-static void buf_link(eng *e, buf *b) {
-    b->prev = e->b_tail;
-    b->next = NULL;
-    if (e->b_tail)
-        e->b_tail->next = b;
-    else
-        e->b_head = b;
-    e->b_tail = b;
-}
-
-static void buf_unlink(eng *e, buf *b) {
-    if (b->prev)
-        b->prev->next = b->next;
-    else
-        e->b_head = b->next;
-    if (b->next)
-        b->next->prev = b->prev;
-    else
-        e->b_tail = b->prev;
-    b->prev = b->next = NULL;
-}
-
 static void buf_destroy(eng *e, buf *b) {
     if (b->kind == BUF_SHM && b->ptr) {
         if (munmap(b->ptr, (size_t)b->map_len) != 0)
@@ -62,7 +40,8 @@ void buf_unref(eng *e, buf *b) {
 }
 
 buf *buf_get(eng *e, uint64_t conn_id, uint64_t id) {
-    for (buf *b = e->b_head; b; b = b->next)
+    buf *b;
+    list_for_each_entry(b, &e->buffers, buf, link)
         if (b->id == id)
             return b->conn_id == conn_id ? b : NULL;
     return NULL;
@@ -70,7 +49,8 @@ buf *buf_get(eng *e, uint64_t conn_id, uint64_t id) {
 
 uint64_t buf_count(const eng *e, uint64_t *ret_bytes) {
     uint64_t n = 0, bytes = 0;
-    for (const buf *b = e->b_head; b; b = b->next) {
+    const buf *b;
+    list_for_each_entry(b, &e->buffers, buf, link) {
         n++;
         bytes += b->size;
     }
@@ -82,7 +62,8 @@ uint64_t buf_count(const eng *e, uint64_t *ret_bytes) {
 /* Checks the connection's buffer count and bytes against the limits for one more of size. */
 static int conn_limits(eng *e, uint64_t conn_id, uint64_t size, eng_error *err) {
     uint64_t n = 0, bytes = 0;
-    for (const buf *b = e->b_head; b; b = b->next)
+    const buf *b;
+    list_for_each_entry(b, &e->buffers, buf, link)
         if (b->conn_id == conn_id) {
             n++;
             bytes += b->size;
@@ -105,6 +86,16 @@ static int conn_limits(eng *e, uint64_t conn_id, uint64_t size, eng_error *err) 
     return 0;
 }
 
+/* A buffer's size is 1..2^63-1 bytes (offsets and extents are checked in int64 arithmetic). */
+static int size_check(uint64_t conn_id, uint64_t size, eng_error *err) {
+    if (size == 0 || size > (uint64_t)INT64_MAX) {
+        eng_errf(err, "conn %llu: buffer size %llu is not in 1..2^63-1",
+                 (unsigned long long)conn_id, (unsigned long long)size);
+        return LA_EINVAL;
+    }
+    return 0;
+}
+
 int eng_buffer_add_shm(eng *e, uint32_t uid, uint64_t conn_id, int fd, uint64_t size,
                        uint64_t *ret_id, eng_error *err) {
     int rc;
@@ -118,12 +109,8 @@ int eng_buffer_add_shm(eng *e, uint32_t uid, uint64_t conn_id, int fd, uint64_t 
         rc = LA_ESHUTDOWN;
         goto fail;
     }
-    if (size == 0 || size > (uint64_t)SIZE_MAX) {
-        eng_errf(err, "conn %llu: shared-memory buffer of %llu bytes (must be > 0)",
-                 (unsigned long long)conn_id, (unsigned long long)size);
-        rc = LA_EINVAL;
+    if ((rc = size_check(conn_id, size, err)) < 0)
         goto fail;
-    }
     struct stat st;
     if (fstat(fd, &st) != 0) {
         eng_errf(err, "conn %llu: fstat of the buffer's fd failed: %s",
@@ -177,7 +164,7 @@ int eng_buffer_add_shm(eng *e, uint32_t uid, uint64_t conn_id, int fd, uint64_t 
     b->map_len = size;
     b->refs = 1;
     b->registered = 1;
-    buf_link(e, b);
+    list_append(&e->buffers, &b->link);
     e->n_buffers_added++;
     *ret_id = b->id;
     return 0;
@@ -194,19 +181,23 @@ int eng_buffer_add_cuda_ipc(eng *e, uint32_t uid, uint64_t conn_id, const void *
         eng_errf(err, "the daemon is shutting down");
         return LA_ESHUTDOWN;
     }
-    if (!e->cuda || !e->cuda->ops->buffer_import) {
-        eng_errf(err, "conn %llu: CUDA IPC buffer, but the daemon has no cuda backend",
-                 (unsigned long long)conn_id);
-        return LA_ENODEV;
-    }
     if (!handle || len != 64) {
         eng_errf(err, "conn %llu: CUDA IPC handle of %zu bytes (must be 64)",
                  (unsigned long long)conn_id, handle ? len : (size_t)0);
         return LA_EINVAL;
     }
-    if (size == 0) {
-        eng_errf(err, "conn %llu: CUDA IPC buffer of 0 bytes", (unsigned long long)conn_id);
+    size_t ul = device_uuid ? strlen(device_uuid) : 0;
+    if (ul == 0 || ul >= 64) {
+        eng_errf(err, "conn %llu: device UUID of %zu bytes (must be 1..63)",
+                 (unsigned long long)conn_id, ul);
         return LA_EINVAL;
+    }
+    if ((rc = size_check(conn_id, size, err)) < 0)
+        return rc;
+    if (!e->cuda || !e->cuda->ops->buffer_import) {
+        eng_errf(err, "conn %llu: CUDA IPC buffer, but the daemon has no cuda backend",
+                 (unsigned long long)conn_id);
+        return LA_ENODEV;
     }
     if ((rc = conn_limits(e, conn_id, size, err)) < 0)
         return rc;
@@ -240,7 +231,7 @@ int eng_buffer_add_cuda_ipc(eng *e, uint32_t uid, uint64_t conn_id, const void *
     b->dev = dev;
     b->refs = 1;
     b->registered = 1;
-    buf_link(e, b);
+    list_append(&e->buffers, &b->link);
     e->n_buffers_added++;
     *ret_id = b->id;
     if (ret_size)
@@ -249,7 +240,7 @@ int eng_buffer_add_cuda_ipc(eng *e, uint32_t uid, uint64_t conn_id, const void *
 }
 
 static void buf_release_registration(eng *e, buf *b) {
-    buf_unlink(e, b);
+    list_remove(&b->link);
     b->registered = 0;
     e->n_buffers_removed++;
     buf_unref(e, b);
@@ -267,16 +258,13 @@ int eng_buffer_remove(eng *e, uint64_t conn_id, uint64_t buffer_id, eng_error *e
 }
 
 void buf_conn_closed(eng *e, uint64_t conn_id) {
-    buf *b = e->b_head;
-    while (b) {
-        buf *next = b->next;
+    buf *b;
+    list_for_each_entry(b, &e->buffers, buf, link)
         if (b->conn_id == conn_id)
             buf_release_registration(e, b);
-        b = next;
-    }
 }
 
 void buf_free_all(eng *e) {
-    while (e->b_head)
-        buf_release_registration(e, e->b_head);
+    while (!list_empty(&e->buffers))
+        buf_release_registration(e, list_first_entry(&e->buffers, buf, link));
 }

@@ -3,7 +3,7 @@
  * submission, the completion queue, counters. Sessions live in session.c, buffers in
  * buffers.c, compute in backend_cpu.c / backend_cuda.c.
  *
- * Completions: a backend thread that finishes a job appends it to done_head/done_tail under
+ * Completions: a backend thread that finishes a job appends it to the done list under
  * done_lock and calls cfg.notify; eng_process_completions() takes the whole queue at once on
  * the loop thread, releases the job's references (buffers, masks, session), updates the
  * session's figures and runs the done callback.
@@ -69,12 +69,7 @@ static void job_complete(void *data, be_job *bj) {
     eng *e = data;
     eng_job *j = (eng_job *)bj;
     pthread_mutex_lock(&e->done_lock);
-    j->done_next = NULL;
-    if (e->done_tail)
-        e->done_tail->done_next = j;
-    else
-        e->done_head = j;
-    e->done_tail = j;
+    list_append(&e->done, &j->done_link);
     pthread_mutex_unlock(&e->done_lock);
     if (e->cfg.notify)
         e->cfg.notify(e->cfg.notify_data);
@@ -87,6 +82,11 @@ int eng_new(const eng_config *cfg, eng **ret_engine, eng_error *err) {
         return LA_ENOMEM;
     }
     e->cfg = *cfg;
+    list_init(&e->sessions);
+    list_init(&e->users);
+    list_init(&e->buffers);
+    list_init(&e->jobs);
+    list_init(&e->done);
     pthread_mutex_init(&e->done_lock, NULL);
     const char *want = cfg->backend && cfg->backend[0] ? cfg->backend : "auto";
     int want_cuda = !strcmp(want, "cuda"), auto_ = !strcmp(want, "auto");
@@ -151,7 +151,8 @@ size_t eng_devices(const eng *e, eng_device_info *out, size_t max) {
 const char *eng_backends(const eng *e) { return e->backends; }
 
 void eng_conn_closed(eng *e, uint64_t conn_id) {
-    for (eng_job *j = e->j_head; j; j = j->next)
+    eng_job *j;
+    list_for_each_entry(j, &e->jobs, eng_job, link)
         if (j->conn_id == conn_id)
             j->conn_closed = 1;
     buf_conn_closed(e, conn_id);
@@ -311,9 +312,9 @@ static int overlaps(const tref *a, const tref *b) {
     return a->present && b->present && a->b == b->b && a->begin < b->end && b->begin < a->end;
 }
 
-static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *req,
-                  eng_done_fn done, void *user, eng_error *err) {
-    int rc;
+/* The call's session (owned by uid) and its indices: layer, kv shard, step, mode. */
+static int resolve_session(eng *e, uint32_t uid, const eng_attn_req *req, sess **ret_s,
+                           la_mode *ret_mode, char *sname, size_t sname_len, eng_error *err) {
     if (e->shutting_down) {
         eng_errf(err, "the daemon is shutting down");
         return LA_ESHUTDOWN;
@@ -325,8 +326,7 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
     sess *s = sess_get(e, uid, req->session_id, 0, err);
     if (!s)
         return LA_ENOENT;
-    char sname[ENG_KEY_MAX + 64];
-    sess_name(s, sname, sizeof sname);
+    sess_name(s, sname, sname_len);
     if (req->layer >= s->layers) {
         eng_errf(err, "%s: %s", sname, eng_index_error("layer", req->layer, s->layers).msg);
         return LA_EINVAL;
@@ -346,8 +346,15 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
         eng_errf(err, "%s: unknown mode %d", sname, (int)req->mode);
         return LA_EINVAL;
     }
+    *ret_s = s;
+    *ret_mode = mode;
+    return 0;
+}
 
-    /* Shapes against the session's geometry. */
+/* Ranks and sizes of every tensor against the session's geometry. */
+static int check_geometry(const sess *s, const char *sname, const eng_attn_req *req,
+                          eng_error *err) {
+    int rc;
     const eng_tensor *q = &req->q, *k = &req->k;
     if (q->ndim != 4 || k->ndim != 4) {
         eng_errf(err, "%s: %s has %d dimensions, expected 4 [B, S, H, D]", sname,
@@ -388,12 +395,17 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
             return LA_EINVAL;
         }
     }
+    return 0;
+}
 
-    /* Buffers, dtypes, strides, extents. */
-    tref t[6];
-    memset(t, 0, sizeof t);
+/* Buffers, dtypes, strides and byte extents of every tensor the call uses; no output may
+ * overlap an input or another output. */
+static int resolve_tensors(eng *e, const sess *s, uint64_t conn_id, const char *sname,
+                           const eng_attn_req *req, tref t[6], eng_error *err) {
+    int rc;
+    memset(t, 0, 6 * sizeof *t);
     const char *roles[6] = {"q", "k", "v", "o", "lse", "decisions"};
-    const eng_tensor *ts[6] = {q, k, &req->v, &req->o, &req->lse, &req->decisions};
+    const eng_tensor *ts[6] = {&req->q, &req->k, &req->v, &req->o, &req->lse, &req->decisions};
     for (int i = 0; i < 6; i++) {
         t[i].role = roles[i];
         t[i].t = ts[i];
@@ -416,8 +428,13 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
                 return LA_EINVAL;
             }
     }
+    return 0;
+}
 
-    /* Scalars and ranges. */
+/* Ranges, softmax scale (0: 1/sqrt(D)) and threshold (the call's, else the session's
+ * schedule or threshold). */
+static int resolve_scalars(const sess *s, const char *sname, const eng_attn_req *req,
+                           float *ret_scale, float *ret_tau, eng_error *err) {
     if (req->n_must_do < 0 || req->n_must_do > LA_MAX_RANGES || req->n_must_skip < 0 ||
         req->n_must_skip > LA_MAX_RANGES) {
         eng_errf(err, "%s: %d must-do and %d must-skip ranges (at most %d each)", sname,
@@ -427,6 +444,7 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
     /* Ranges are key positions of this call: [start, end) with 0 <= start <= end <= Sk. A
      * reversed or out-of-range one is a caller's mistake (swapped pair, positions of another
      * shard or length); clipping it silently would hide it. */
+    const int64_t Sk = req->k.shape[1];
     for (int i = 0; i < req->n_must_do + req->n_must_skip; i++) {
         int skip = i >= req->n_must_do;
         const la_range *g = skip ? &req->must_skip[i - req->n_must_do] : &req->must_do[i];
@@ -457,13 +475,15 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
         eng_errf(err, "%s: threshold is NaN", sname);
         return LA_EINVAL;
     }
+    *ret_scale = scale;
+    *ret_tau = tau;
+    return 0;
+}
 
-    eng_job *j = calloc(1, sizeof *j);
-    if (!j) {
-        eng_errf(err, "out of memory");
-        return LA_ENOMEM;
-    }
-    be_job *bj = &j->bj;
+/* The backend job of a checked call: kernel parameters with the tensors' pointers, the
+ * session's mask of (layer, shard), the ranges and the wait event. */
+static void build_params(const sess *s, const eng_attn_req *req, const tref t[6], la_mode mode,
+                         float scale, float tau, be_job *bj) {
     la_attn_params *p = &bj->p;
     memcpy(bj->must_do, req->must_do, (size_t)req->n_must_do * sizeof(la_range));
     memcpy(bj->must_skip, req->must_skip, (size_t)req->n_must_skip * sizeof(la_range));
@@ -479,9 +499,9 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
         p->lse = t[4].ptr;
         memcpy(p->lse_stride, t[4].strides, sizeof p->lse_stride);
     }
-    p->B = (int32_t)B;
-    p->Sq = (int32_t)Sq;
-    p->Sk = (int32_t)Sk;
+    p->B = (int32_t)req->q.shape[0];
+    p->Sq = (int32_t)req->q.shape[1];
+    p->Sk = (int32_t)req->k.shape[1];
     p->H = (int32_t)s->heads;
     p->D = (int32_t)s->head_dim;
     p->dtype = s->dtype;
@@ -509,6 +529,32 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
     bj->mask = s->masks->mask;
     bj->mask_off = mask_off;
     bj->mask_len = s->layer_mask_bytes;
+    bj->has_wait_event = req->has_wait_event;
+    if (req->has_wait_event)
+        memcpy(bj->wait_event, req->wait_event, sizeof bj->wait_event);
+}
+
+static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *req,
+                  eng_done_fn done, void *user, eng_error *err) {
+    int rc;
+    sess *s;
+    la_mode mode;
+    char sname[ENG_KEY_MAX + 64];
+    tref t[6];
+    float scale, tau;
+    if ((rc = resolve_session(e, uid, req, &s, &mode, sname, sizeof sname, err)) < 0 ||
+        (rc = check_geometry(s, sname, req, err)) < 0 ||
+        (rc = resolve_tensors(e, s, conn_id, sname, req, t, err)) < 0 ||
+        (rc = resolve_scalars(s, sname, req, &scale, &tau, err)) < 0)
+        return rc;
+
+    eng_job *j = calloc(1, sizeof *j);
+    if (!j) {
+        eng_errf(err, "out of memory");
+        return LA_ENOMEM;
+    }
+    be_job *bj = &j->bj;
+    build_params(s, req, t, mode, scale, tau, bj);
     /* Generations restart dense: a step below the layer's last one starts the layer over,
      * every kv shard of it (each shard's mask is set to all ones by its own next call, so it
      * stays ordered with the calls still queued on that mask). Dry runs leave the store alone
@@ -517,11 +563,9 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
     int restart = !req->dry_run && s->last_step[req->layer] >= 0 &&
                   (int64_t)req->step < s->last_step[req->layer];
     bj->mask_restart = !req->dry_run && (restart || s->restart_due[shard_idx]);
-    bj->has_wait_event = req->has_wait_event;
-    if (req->has_wait_event)
-        memcpy(bj->wait_event, req->wait_event, sizeof bj->wait_event);
-
-    rc = s->be->ops->supports(s->be, s->dev, p);
+    /* What this backend's kernels support (head dims, dtypes, alignment); the backend's own
+     * checks of the parameters run here too (la_attn_validate). */
+    rc = s->be->ops->supports(s->be, s->dev, &bj->p);
     if (rc < 0) {
         eng_errf(err, "%s: the %s backend cannot run this call (%s)", sname,
                  s->be->ops->name, codes_strerror(rc));
@@ -533,8 +577,8 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
     j->conn_id = conn_id;
     j->done = done;
     j->user = user;
-    j->tiles_total = (uint64_t)B * s->heads * (uint64_t)la_tiles((int32_t)Sq, (int32_t)s->bm) *
-                     (uint64_t)la_tiles((int32_t)Sk, (int32_t)s->bn);
+    j->tiles_total = (uint64_t)bj->p.B * s->heads * (uint64_t)la_tiles(bj->p.Sq, (int32_t)s->bm) *
+                     (uint64_t)la_tiles(bj->p.Sk, (int32_t)s->bn);
     bj->t_submit_ns = be_now_ns();
     rc = s->be->ops->submit(s->be, bj);
     if (rc < 0) {
@@ -570,10 +614,7 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
         s->restart_due[shard_idx] = 0;
         s->last_step[req->layer] = req->step;
     }
-    j->next = e->j_head;
-    if (e->j_head)
-        e->j_head->prev = j;
-    e->j_head = j;
+    list_append(&e->jobs, &j->link);
     e->inflight++;
     sess_touch(e, s);
     return 0;
@@ -589,20 +630,16 @@ int eng_attn_submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *
 }
 
 int eng_process_completions(eng *e) {
+    /* Take the whole queue at once: the workers keep appending to an empty one meanwhile. */
+    list_node done;
     pthread_mutex_lock(&e->done_lock);
-    eng_job *list = e->done_head;
-    e->done_head = e->done_tail = NULL;
+    list_take(&done, &e->done);
     pthread_mutex_unlock(&e->done_lock);
     int n = 0;
-    while (list) {
-        eng_job *j = list;
-        list = j->done_next;
-        if (j->prev)
-            j->prev->next = j->next;
-        else
-            e->j_head = j->next;
-        if (j->next)
-            j->next->prev = j->prev;
+    eng_job *j;
+    list_for_each_entry(j, &done, eng_job, done_link) {
+        list_remove(&j->done_link);
+        list_remove(&j->link);
         e->inflight--;
 
         be_job *bj = &j->bj;
@@ -663,7 +700,8 @@ int eng_fatal(const eng *e) { return e->cuda && e->cuda->ops->fatal(e->cuda); }
 void eng_stats(const eng *e, void (*fn)(void *data, const char *name, int64_t value),
                void *data) {
     uint64_t n_sess = 0, n_detached = 0;
-    for (const sess *s = e->s_head; s; s = s->next) {
+    const sess *s;
+    list_for_each_entry(s, &e->sessions, sess, link) {
         n_sess++;
         n_detached += !s->attached;
     }

@@ -83,7 +83,7 @@ const char *eng_backends(const eng *e);
 /* ---- sessions ----------------------------------------------------------------------------- */
 
 typedef struct eng_session_spec {
-    char key[ENG_KEY_MAX + 1];
+    const char *key;                /* 1..ENG_KEY_MAX bytes */
     uint32_t layers, heads, head_dim;
     la_dtype dtype;
     uint32_t max_seq_q, max_seq_k;  /* max_seq_k 0: = max_seq_q */
@@ -93,7 +93,7 @@ typedef struct eng_session_spec {
     size_t n_schedule;
     la_mode mode;                   /* default LA_MODE_SKIP; never LA_MODE_SESSION */
     la_direction direction;
-    char device[64];                /* "auto" / "" / "cpu" / "cuda" / GPU UUID */
+    const char *device;             /* NULL, "", "auto", "cpu", "cuda" or a GPU UUID (< 64 bytes) */
 } eng_session_spec;
 
 typedef struct eng_session_view {

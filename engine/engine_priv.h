@@ -11,6 +11,7 @@
 
 #include "backend.h"
 #include "engine.h"
+#include "list.h"
 
 /* A session's masks (every layer and shard, one backend allocation), refcounted: the session
  * holds one reference, every job in flight on it one more. A reset while jobs are in flight
@@ -23,7 +24,7 @@ typedef struct eng_mset {
 } eng_mset;
 
 typedef struct sess {
-    struct sess *prev, *next; /* the engine's list, least recently used first */
+    list_node link;   /* the engine's sessions, least recently used first */
     uint64_t id;
     uint32_t uid;
     char key[ENG_KEY_MAX + 1];
@@ -57,7 +58,7 @@ typedef struct sess {
 enum { BUF_SHM = 1, BUF_CUDA = 2 };
 
 typedef struct buf {
-    struct buf *prev, *next;
+    list_node link;   /* the engine's buffers */
     uint64_t id;
     uint32_t uid;
     uint64_t conn_id;
@@ -75,8 +76,8 @@ typedef struct buf {
 /* One attention call between eng_attn_submit and its done callback. */
 typedef struct eng_job {
     be_job bj;        /* first: the backend hands back &bj */
-    struct eng_job *prev, *next;  /* in flight list (loop thread only) */
-    struct eng_job *done_next;    /* completion queue (under done_lock) */
+    list_node link;       /* the engine's jobs in flight (loop thread only) */
+    list_node done_link;  /* the completion queue (under done_lock) */
     eng *e;
     sess *s;
     eng_mset *mset;
@@ -90,7 +91,7 @@ typedef struct eng_job {
 } eng_job;
 
 typedef struct eng_user {
-    struct eng_user *next;
+    list_node link;   /* the engine's users */
     uint32_t uid;
     uint32_t sessions;
     uint64_t mask_bytes;
@@ -101,20 +102,20 @@ struct eng {
     be_backend *cpu, *cuda;
     char backends[16];
 
-    sess *s_head, *s_tail;   /* linked sessions, least recently used first */
+    list_node sessions;      /* sess.link, least recently used first */
     uint64_t next_session_id;
-    eng_user *users;
+    list_node users;         /* eng_user.link */
     uint64_t mask_bytes_live; /* every mask set still allocated */
 
-    buf *b_head, *b_tail;
+    list_node buffers;       /* buf.link, registered ones */
     uint64_t next_buffer_id;
 
-    eng_job *j_head;          /* in flight */
+    list_node jobs;          /* eng_job.link, in flight */
     uint64_t inflight;
     int shutting_down;
 
     pthread_mutex_t done_lock;
-    eng_job *done_head, *done_tail;
+    list_node done;          /* eng_job.done_link, finished, for the loop thread */
 
     /* counters */
     uint64_t n_calls, n_call_errors, n_completed, n_failed, n_tiles_total, n_tiles_computed;

@@ -15,51 +15,29 @@
 
 #include "engine_priv.h"
 
-#define SCHEDULE_MAX 100000
 
 void sess_name(const sess *s, char *out, size_t len) {
     snprintf(out, len, "session %llu (key '%s')", (unsigned long long)s->id, s->key);
 }
 
 static eng_user *user_get(eng *e, uint32_t uid, int create) {
-    for (eng_user *u = e->users; u; u = u->next)
+    eng_user *u;
+    list_for_each_entry(u, &e->users, eng_user, link)
         if (u->uid == uid)
             return u;
     if (!create)
         return NULL;
-    eng_user *u = calloc(1, sizeof *u);
+    u = calloc(1, sizeof *u);
     if (!u)
         return NULL;
     u->uid = uid;
-    u->next = e->users;
-    e->users = u;
+    list_prepend(&e->users, &u->link);
     return u;
 }
 
-static void list_unlink(eng *e, sess *s) {
-    if (s->prev)
-        s->prev->next = s->next;
-    else
-        e->s_head = s->next;
-    if (s->next)
-        s->next->prev = s->prev;
-    else
-        e->s_tail = s->prev;
-    s->prev = s->next = NULL;
-}
-
-static void list_append(eng *e, sess *s) {
-    s->prev = e->s_tail;
-    s->next = NULL;
-    if (e->s_tail)
-        e->s_tail->next = s;
-    else
-        e->s_head = s;
-    e->s_tail = s;
-}
-
 sess *sess_find(eng *e, uint64_t id) {
-    for (sess *s = e->s_head; s; s = s->next)
+    sess *s;
+    list_for_each_entry(s, &e->sessions, sess, link)
         if (s->id == id)
             return s;
     return NULL;
@@ -76,10 +54,8 @@ sess *sess_get(eng *e, uint32_t uid, uint64_t id, int allow_root, eng_error *err
 
 void sess_touch(eng *e, sess *s) {
     s->last_used_ms = eng_now_ms();
-    if (s->linked && e->s_tail != s) {
-        list_unlink(e, s);
-        list_append(e, s);
-    }
+    if (s->linked)
+        list_move_tail(&e->sessions, &s->link);
 }
 
 static int mset_new(eng *e, sess *s, eng_mset **ret, eng_error *err) {
@@ -124,7 +100,7 @@ void sess_unref(eng *e, sess *s) {
 void sess_unlink(eng *e, sess *s) {
     if (!s->linked)
         return;
-    list_unlink(e, s);
+    list_remove(&s->link);
     s->linked = 0;
     eng_user *u = user_get(e, s->uid, 0);
     if (u) {
@@ -141,9 +117,10 @@ static int make_room(eng *e, uint64_t need) {
         return 0;
     if (need > cap)
         return LA_ELIMIT;
-    sess *s = e->s_head;
-    while (e->mask_bytes_live > cap - need && s) {
-        sess *next = s->next;
+    for (list_node *n = e->sessions.next, *next; n != &e->sessions &&
+         e->mask_bytes_live > cap - need; n = next) {
+        next = n->next;
+        sess *s = list_entry(n, sess, link);
         if (s->inflight == 0) {
             char name[ENG_KEY_MAX + 64];
             sess_name(s, name, sizeof name);
@@ -154,7 +131,6 @@ static int make_room(eng *e, uint64_t need) {
             e->n_evicted++;
             sess_unlink(e, s);
         }
-        s = next;
     }
     return e->mask_bytes_live > cap - need ? LA_ELIMIT : 0;
 }
@@ -191,6 +167,17 @@ static const char *dtype_long_name(la_dtype t) {
         return "uint32";
     }
     return "an unknown dtype";
+}
+
+/* A session key is 1..ENG_KEY_MAX bytes: the one check, for open and attach. */
+static int key_check(const char *key, size_t *ret_len, eng_error *err) {
+    size_t n = key ? strlen(key) : 0;
+    if (n == 0 || n > ENG_KEY_MAX) {
+        eng_errf(err, "session key must be 1..%d bytes (got %zu)", ENG_KEY_MAX, n);
+        return LA_EINVAL;
+    }
+    *ret_len = n;
+    return 0;
 }
 
 /* Picks the backend and device of a new session from spec->device. */
@@ -254,9 +241,13 @@ int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_s
         eng_errf(err, "the daemon is shutting down");
         return LA_ESHUTDOWN;
     }
-    size_t klen = strnlen(spec->key, sizeof spec->key);
-    if (klen == 0 || klen > ENG_KEY_MAX) {
-        eng_errf(err, "session: key must be 1 to %d bytes", ENG_KEY_MAX);
+    size_t klen;
+    if ((rc = key_check(spec->key, &klen, err)) < 0)
+        return rc;
+    const char *device = spec->device ? spec->device : "";
+    if (strlen(device) >= sizeof(((sess *)0)->device)) {
+        eng_errf(err, "session '%s': device name of %zu bytes (at most %zu)", spec->key,
+                 strlen(device), sizeof(((sess *)0)->device) - 1);
         return LA_EINVAL;
     }
     sess *s = calloc(1, sizeof *s);
@@ -312,9 +303,9 @@ int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_s
         goto fail;
     }
     if (spec->n_schedule) {
-        if (!spec->schedule || spec->n_schedule > SCHEDULE_MAX) {
+        if (!spec->schedule || spec->n_schedule > LA_MAX_SCHEDULE) {
             eng_errf(err, "session '%s': threshold schedule of %zu steps (at most %d)", s->key,
-                     spec->n_schedule, SCHEDULE_MAX);
+                     spec->n_schedule, LA_MAX_SCHEDULE);
             rc = LA_EINVAL;
             goto fail;
         }
@@ -333,7 +324,8 @@ int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_s
         memcpy(s->schedule, spec->schedule, spec->n_schedule * sizeof *s->schedule);
         s->n_schedule = spec->n_schedule;
     }
-    for (sess *o = e->s_head; o; o = o->next)
+    sess *o;
+    list_for_each_entry(o, &e->sessions, sess, link)
         if (o->uid == uid && !strcmp(o->key, s->key)) {
             char name[ENG_KEY_MAX + 64];
             sess_name(o, name, sizeof name);
@@ -341,7 +333,7 @@ int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_s
             rc = LA_EEXIST;
             goto fail;
         }
-    if ((rc = pick_device(e, s, spec->device, err)) < 0)
+    if ((rc = pick_device(e, s, device, err)) < 0)
         goto fail;
 
     s->n_q_tiles = (uint32_t)la_tiles((int32_t)s->max_seq_q, (int32_t)s->bm);
@@ -409,7 +401,7 @@ int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_s
     s->attached = 1;
     s->last_used_ms = eng_now_ms();
     s->linked = 1;
-    list_append(e, s);
+    list_append(&e->sessions, &s->link);
     u->sessions++;
     u->mask_bytes += mb;
     e->n_sessions_opened++;
@@ -429,8 +421,13 @@ int eng_session_attach(eng *e, uint32_t uid, uint64_t conn_id, const char *key,
         eng_errf(err, "the daemon is shutting down");
         return LA_ESHUTDOWN;
     }
-    for (sess *s = e->s_head; s; s = s->next)
-        if (s->uid == uid && key && !strcmp(s->key, key)) {
+    size_t klen;
+    int rc = key_check(key, &klen, err);
+    if (rc < 0)
+        return rc;
+    sess *s;
+    list_for_each_entry(s, &e->sessions, sess, link)
+        if (s->uid == uid && !strcmp(s->key, key)) {
             s->conn_id = conn_id;
             s->attached = 1;
             s->detached_ms = 0;
@@ -438,7 +435,7 @@ int eng_session_attach(eng *e, uint32_t uid, uint64_t conn_id, const char *key,
             fill_view(s, ret_view);
             return 0;
         }
-    eng_errf(err, "session '%s': no such session", key ? key : "");
+    eng_errf(err, "session '%s': no such session", key);
     return LA_ENOENT;
 }
 
@@ -522,7 +519,8 @@ int eng_session_info(eng *e, uint32_t uid, uint64_t session_id, double *live, si
 void eng_session_list(eng *e, uint32_t uid,
                       void (*fn)(void *data, const eng_session_summary *s), void *data) {
     uint64_t now = eng_now_ms();
-    for (sess *s = e->s_head; s; s = s->next) {
+    sess *s;
+    list_for_each_entry(s, &e->sessions, sess, link) {
         if (uid != 0 && s->uid != uid)
             continue;
         eng_session_summary sum;
@@ -590,7 +588,8 @@ int eng_mask_read(eng *e, uint32_t uid, uint64_t session_id, uint32_t layer, uin
 
 void sess_conn_closed(eng *e, uint64_t conn_id) {
     uint64_t now = eng_now_ms();
-    for (sess *s = e->s_head; s; s = s->next)
+    sess *s;
+    list_for_each_entry(s, &e->sessions, sess, link)
         if (s->attached && s->conn_id == conn_id) {
             s->attached = 0;
             s->detached_ms = now;
@@ -600,9 +599,8 @@ void sess_conn_closed(eng *e, uint64_t conn_id) {
 void sess_tick(eng *e) {
     uint64_t now = eng_now_ms();
     const eng_limits *l = &e->cfg.limits;
-    sess *s = e->s_head;
-    while (s) {
-        sess *next = s->next;
+    sess *s;
+    list_for_each_entry(s, &e->sessions, sess, link) {
         if (s->inflight == 0) {
             char name[ENG_KEY_MAX + 64];
             sess_name(s, name, sizeof name);
@@ -619,16 +617,15 @@ void sess_tick(eng *e) {
                 sess_unlink(e, s);
             }
         }
-        s = next;
     }
 }
 
 void sess_free_all(eng *e) {
-    while (e->s_head)
-        sess_unlink(e, e->s_head);
-    while (e->users) {
-        eng_user *u = e->users;
-        e->users = u->next;
+    while (!list_empty(&e->sessions))
+        sess_unlink(e, list_first_entry(&e->sessions, sess, link));
+    eng_user *u;
+    list_for_each_entry(u, &e->users, eng_user, link) {
+        list_remove(&u->link);
         free(u);
     }
 }

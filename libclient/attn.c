@@ -289,8 +289,6 @@ LA_API int la_attn_submit(la_session *s, const la_attn *a, la_done_fn cb, void *
             return cl_fail(LA_EINVAL, "tensor %s names a buffer of another client",
                            role_name[i]);
     }
-    if (a->dry_run && !a->t[LA_TENSOR_DECISIONS].set)
-        return cl_fail(LA_EINVAL, "a dry run needs a DECISIONS tensor");
 
     Liteattn__TensorRef refs[N_ROLES];
     for (int i = 0; i < N_ROLES; i++) {

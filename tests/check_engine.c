@@ -115,7 +115,7 @@ static eng_session_spec spec_make(const char *key, uint32_t layers, uint32_t H, 
                                   la_dtype dt, uint32_t sq, uint32_t sk, uint32_t batch) {
     eng_session_spec sp;
     memset(&sp, 0, sizeof sp);
-    snprintf(sp.key, sizeof sp.key, "%s", key);
+    sp.key = key;
     sp.layers = layers;
     sp.heads = H;
     sp.head_dim = D;
@@ -126,7 +126,7 @@ static eng_session_spec spec_make(const char *key, uint32_t layers, uint32_t H, 
     sp.kv_shards = 1;
     sp.threshold = -3;
     sp.mode = LA_MODE_SKIP;
-    snprintf(sp.device, sizeof sp.device, "cpu");
+    sp.device = "cpu";
     return sp;
 }
 
@@ -228,7 +228,7 @@ START_TEST(session_open_attach_close) {
     bad = spec_make("", 1, 4, 64, LA_DTYPE_F32, 100, 100, 1);
     ck_assert_int_eq(eng_session_open(h.e, UID, CONN, &bad, &v2, &err), LA_EINVAL);
     bad = spec_make("bad", 1, 4, 64, LA_DTYPE_F32, 100, 100, 1);
-    snprintf(bad.device, sizeof bad.device, "GPU-00000000-0000-0000-0000-000000000000");
+    bad.device = "GPU-00000000-0000-0000-0000-000000000000";
     ck_assert_int_eq(eng_session_open(h.e, UID, CONN, &bad, &v2, &err), LA_ENODEV);
     h_close(&h);
 }
@@ -1190,12 +1190,12 @@ START_TEST(devices_and_stats) {
         ck_assert_int_eq(eng_new(&cfg, &e, &err), 0);
         ck_assert_str_eq(eng_backends(e), "cpu");
         eng_session_spec sp2 = spec_make("auto", 1, 2, 64, LA_DTYPE_BF16, 64, 64, 1);
-        snprintf(sp2.device, sizeof sp2.device, "auto");
+        sp2.device = "auto";
         eng_session_view v;
         ck_assert_int_eq(eng_session_open(e, UID, CONN, &sp2, &v, &err), 0);
         ck_assert_str_eq(v.device, "cpu");
-        snprintf(sp2.key, sizeof sp2.key, "gpu");
-        snprintf(sp2.device, sizeof sp2.device, "cuda");
+        sp2.key = "gpu";
+        sp2.device = "cuda";
         ck_assert_int_eq(eng_session_open(e, UID, CONN, &sp2, &v, &err), LA_ENODEV);
         eng_free(e);
     }
@@ -1344,7 +1344,7 @@ START_TEST(gpu_ipc_end_to_end) {
                                              &real, &err), LA_ERANGE);
 
     eng_session_spec sp = spec_make("gpu", 1, G_H, G_D, LA_DTYPE_BF16, G_S, G_S, G_B);
-    snprintf(sp.device, sizeof sp.device, "%s", x.uuid);
+    sp.device = x.uuid;
     sp.threshold = -2.0f;
     eng_session_view v;
     uint64_t sid = open_ok(&h, UID, CONN, &sp, &v);
