@@ -900,7 +900,7 @@ START_TEST(step_backwards_restarts) {
     sp.threshold = INFINITY; /* after a call each row keeps one tile: stale masks show at once */
     eng_session_view v;
     uint64_t sid = open_ok(&h, UID, CONN, &sp, &v);
-    snprintf(sp.key, sizeof sp.key, "fresh");
+    sp.key = "fresh";
     uint64_t fresh = open_ok(&h, UID, CONN, &sp, NULL);
     prob p;
     prob_make(&h, &p, CONN, 2, 200, 300, 2, 64, LA_DTYPE_F32, 0);
