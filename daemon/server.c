@@ -433,6 +433,11 @@ static void server_stats(void *data, disp_stat_fn fn, void *fn_data)
     fn(fn_data, "server.bytes_out", (int64_t)k->io.bytes_out);
     fn(fn_data, "server.protocol_errors", (int64_t)k->io.protocol_errors);
     fn(fn_data, "server.uptime_s", (int64_t)((srv_now_ms() - s->start_ms) / 1000));
+    /* Error replies by code, every code (a counter that exists from the start graphs well). */
+#define ERROR_STAT_(name, val, msg) \
+    fn(fn_data, "server.errors.LA_" #name, (int64_t)k->io.errors[-(val)]);
+    LA_ERRNO_MAP(ERROR_STAT_)
+#undef ERROR_STAT_
 }
 
 void srv_set_engine(srv *s, eng *e)

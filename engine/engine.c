@@ -662,6 +662,8 @@ int eng_process_completions(eng *e) {
         }
         res.compute_ns = bj->t_end_ns > bj->t_start_ns ? bj->t_end_ns - bj->t_start_ns : 0;
         res.queue_ns = bj->t_start_ns > bj->t_submit_ns ? bj->t_start_ns - bj->t_submit_ns : 0;
+        e->compute_ns += res.compute_ns;
+        e->queue_ns += res.queue_ns;
         res.has_done_event = bj->has_done_event;
         if (bj->has_done_event)
             memcpy(res.done_event, bj->done_event, sizeof res.done_event);
@@ -716,6 +718,8 @@ void eng_stats(const eng *e, void (*fn)(void *data, const char *name, int64_t va
     STAT("tiles_computed", e->n_tiles_computed);
     STAT("tiles_skipped", e->n_tiles_total - e->n_tiles_computed);
     STAT("layer_restarts", e->n_restarts);
+    STAT("compute_ns", e->compute_ns);
+    STAT("queue_ns", e->queue_ns);
     STAT("sessions", n_sess);
     STAT("sessions_detached", n_detached);
     STAT("sessions_opened", e->n_sessions_opened);

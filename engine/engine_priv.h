@@ -121,6 +121,7 @@ struct eng {
     uint64_t n_calls, n_call_errors, n_completed, n_failed, n_tiles_total, n_tiles_computed;
     uint64_t n_sessions_opened, n_sessions_closed, n_evicted, n_expired, n_detached_freed;
     uint64_t n_buffers_added, n_buffers_removed, n_restarts;
+    uint64_t compute_ns, queue_ns; /* over finished calls: computing, waiting for a worker */
 };
 
 /* engine.c */

@@ -6,6 +6,7 @@
  * The daemon binary is $BUILD/liteattnd (BUILD defaults to build), started by tests/testutil_daemon.h.
  */
 #include <check.h>
+#include <ctype.h>
 #include <dlfcn.h>
 #include <errno.h>
 #include <math.h>
@@ -1561,6 +1562,161 @@ START_TEST(test_ctl_status_devices)
 }
 END_TEST
 
+/* Checks one exposition in the Prometheus text format (0.0.4) line by line: HELP/TYPE before
+ * the samples of their family, each family declared once and contiguous, metric and label names
+ * well formed, label values quoted with only \\ \" \n escapes, values that parse, no
+ * timestamps. Returns the number of samples. */
+static int prom_check(const char *text)
+{
+    char families[256][96];
+    int n_fam = 0, samples = 0, lineno = 0;
+    const char *cur = NULL; /* family of the last TYPE line */
+    for (const char *p = text; *p; lineno++) {
+        const char *eol = strchr(p, '\n');
+        ck_assert_msg(eol != NULL, "line %d does not end with a newline", lineno);
+        char line[1024];
+        size_t n = (size_t)(eol - p);
+        ck_assert_msg(n < sizeof(line), "line %d too long", lineno);
+        memcpy(line, p, n);
+        line[n] = 0;
+        p = eol + 1;
+        if (!strncmp(line, "# HELP ", 7) || !strncmp(line, "# TYPE ", 7)) {
+            char name[96], rest[512] = "";
+            ck_assert_msg(sscanf(line + 7, "%95s %511[^\n]", name, rest) >= 1, "line %d: %s",
+                          lineno, line);
+            if (line[2] == 'T') {
+                ck_assert_msg(!strcmp(rest, "counter") || !strcmp(rest, "gauge") ||
+                                  !strcmp(rest, "untyped"),
+                              "line %d: type %s", lineno, rest);
+                for (int i = 0; i < n_fam; i++)
+                    ck_assert_msg(strcmp(families[i], name), "family %s declared twice", name);
+                ck_assert_int_lt(n_fam, 256);
+                snprintf(families[n_fam], sizeof(families[0]), "%s", name);
+                cur = families[n_fam++];
+            }
+            continue;
+        }
+        ck_assert_msg(line[0] != '#' && line[0] != 0, "line %d: %s", lineno, line);
+        /* name{label="value",...} value */
+        const char *q = line;
+        ck_assert_msg(isalpha((unsigned char)*q) || *q == '_' || *q == ':', "line %d: %s", lineno,
+                      line);
+        while (isalnum((unsigned char)*q) || *q == '_' || *q == ':')
+            q++;
+        ck_assert_msg(cur && (size_t)(q - line) == strlen(cur) && !strncmp(line, cur, strlen(cur)),
+                      "line %d: sample %s outside its family (last TYPE %s)", lineno, line,
+                      cur ? cur : "none");
+        if (*q == '{') {
+            q++;
+            while (*q != '}') {
+                ck_assert_msg(isalpha((unsigned char)*q) || *q == '_', "line %d: label in %s",
+                              lineno, line);
+                while (isalnum((unsigned char)*q) || *q == '_')
+                    q++;
+                ck_assert_msg(q[0] == '=' && q[1] == '"', "line %d: %s", lineno, line);
+                for (q += 2; *q != '"'; q++) {
+                    ck_assert_msg(*q && (unsigned char)*q >= 0x20, "line %d: label value in %s",
+                                  lineno, line);
+                    if (*q == '\\') {
+                        q++;
+                        ck_assert_msg(*q == '\\' || *q == '"' || *q == 'n',
+                                      "line %d: escape in %s", lineno, line);
+                    }
+                }
+                q++;
+                if (*q == ',')
+                    q++;
+                else
+                    ck_assert_msg(*q == '}', "line %d: %s", lineno, line);
+            }
+            q++;
+        }
+        ck_assert_msg(*q == ' ', "line %d: no space before the value: %s", lineno, line);
+        char *end;
+        errno = 0;
+        strtod(q + 1, &end);
+        ck_assert_msg(end != q + 1 && *end == 0 && !errno, "line %d: value in %s", lineno, line);
+        samples++;
+    }
+    return samples;
+}
+
+/* The value of the first sample of family name whose line contains label (NULL: any). */
+static double prom_value(const char *text, const char *name, const char *label)
+{
+    size_t n = strlen(name);
+    for (const char *p = text; *p;) {
+        const char *eol = strchr(p, '\n');
+        if (!strncmp(p, name, n) && (p[n] == ' ' || p[n] == '{')) {
+            const char *sp = eol;
+            while (sp > p && sp[-1] != ' ')
+                sp--;
+            char line[1024];
+            snprintf(line, sizeof(line), "%.*s", (int)(eol - p), p);
+            if (!label || strstr(line, label))
+                return strtod(sp, NULL);
+        }
+        p = eol + 1;
+    }
+    ck_abort_msg("no sample %s%s%s", name, label ? " with " : "", label ? label : "");
+    return 0;
+}
+
+/* liteattnctl metrics: a valid exposition with the counters, error codes, per-session and
+ * per-user gauges; liteattn_up 0 (and exit 1) once the daemon is gone. */
+START_TEST(test_ctl_metrics)
+{
+    tdaemon d;
+    daemon_start(&d);
+    la_client *c = connect_ok(&d);
+    la_session *s = open_session(c, "metrics", 2, 2, 64, LA_DTYPE_BF16, 128, 128, 1, -3.0f);
+    prob p;
+    prob_init(&p, c, s, 1, 128, 128, 2, 64, LA_DTYPE_BF16);
+    prob_fill(&p, 3, 0, 1.0);
+    la_attn *a;
+    OK(la_attn_new(&a));
+    prob_attn(&p, a, 0);
+    OK(la_attn_run(s, a, NULL));
+    OK(la_attn_set_position(a, 0, 1, 0));
+    OK(la_attn_run(s, a, NULL));
+    OK(la_attn_set_position(a, 7, 0, 0));
+    ck_assert_int_eq(la_attn_run(s, a, NULL), LA_EINVAL);
+    la_attn_free(a);
+
+    static char out[65536];
+    ck_assert_int_eq(run_ctl(&d, "metrics", out, sizeof(out)), 0);
+    ck_assert_int_gt(prom_check(out), 40);
+    ck_assert_double_eq(prom_value(out, "liteattn_up", NULL), 1);
+    ck_assert_double_eq(prom_value(out, "liteattn_calls_total", NULL), 3);
+    ck_assert_double_eq(prom_value(out, "liteattn_calls_refused_total", NULL), 1);
+    ck_assert_double_eq(prom_value(out, "liteattn_errors_total", "code=\"LA_EINVAL\""), 1);
+    ck_assert_double_eq(prom_value(out, "liteattn_errors_total", "code=\"LA_ENOENT\""), 0);
+    double total = prom_value(out, "liteattn_tiles_total", NULL);
+    ck_assert_double_eq(total, 2 * 2 * 2); /* 2 calls x 2 heads x 1 q-tile x 2 k-tiles */
+    ck_assert_double_eq(prom_value(out, "liteattn_tiles_computed_total", NULL) +
+                            prom_value(out, "liteattn_tiles_skipped_total", NULL),
+                        total);
+    ck_assert_double_gt(prom_value(out, "liteattn_attention_seconds_total", NULL), 0);
+    ck_assert_double_eq(prom_value(out, "liteattn_session_calls_total", "key=\"metrics\""), 2);
+    ck_assert_double_eq(prom_value(out, "liteattn_session_attached", "key=\"metrics\""), 1);
+    double live = prom_value(out, "liteattn_session_live_fraction", "key=\"metrics\"");
+    ck_assert(live > 0 && live <= 1);
+    char uid[32];
+    snprintf(uid, sizeof(uid), "uid=\"%u\"", (unsigned)getuid());
+    ck_assert_double_eq(prom_value(out, "liteattn_user_sessions", uid), 1);
+    ck_assert_double_gt(prom_value(out, "liteattn_user_mask_bytes", uid), 0);
+    ck_assert_int_eq(run_ctl(&d, "--json metrics 2>/dev/null", out, sizeof(out)), 2);
+
+    prob_free(&p);
+    OK(la_session_close(s));
+    la_disconnect(c);
+    daemon_stop(&d);
+    ck_assert_int_eq(run_ctl(&d, "metrics 2>/dev/null", out, sizeof(out)), 1);
+    ck_assert_int_eq(prom_check(out), 1);
+    ck_assert_double_eq(prom_value(out, "liteattn_up", NULL), 0);
+}
+END_TEST
+
 static Suite *client_suite(void)
 {
     Suite *s = suite_create("client");
@@ -1584,6 +1740,7 @@ static Suite *client_suite(void)
     tcase_add_test(conn, test_hello_garbage);
     tcase_add_test(conn, test_error_reply_and_close);
     tcase_add_test(conn, test_ctl_status_devices);
+    tcase_add_test(conn, test_ctl_metrics);
     suite_add_tcase(s, conn);
 
     TCase *sess = tcase_create("sessions");
