@@ -17,3 +17,11 @@ $(BUILD)/bench_daemon: $(BUILD)/obj/bench/bench_daemon.o $(LA_SO) $(KERNEL_LIB)
 	$(Q)$(CC) -o $@ $< $(KERNEL_LIB) $(TOOL_LDFLAGS) -lliteattn $(CUDA_LIBS) $(LDLIBS_BASE)
 
 ALL_TARGETS += $(BUILD)/bench_daemon
+
+# bench_direct: liteattn-demo's generation without a daemon (the CPU reference in-process).
+$(BUILD)/obj/bench/bench_direct.o: ALL_CFLAGS += -Ilibclient/tools
+$(BUILD)/bench_direct: $(BUILD)/obj/bench/bench_direct.o $(SIM_OBJ) $(KERNEL_LIB) $(COMMON_LIB)
+	@$(if $(Q),echo "  LD      $@")
+	$(Q)$(CC) -o $@ $^ $(CUDA_LIBS) $(LDLIBS_BASE)
+
+ALL_TARGETS += $(BUILD)/bench_direct

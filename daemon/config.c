@@ -76,15 +76,7 @@ static const opt opts[] = {
 };
 #define N_OPTS (sizeof(opts) / sizeof(opts[0]))
 
-static int fail(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static int fail(char *err, size_t errlen, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-    return LA_EINVAL;
-}
+#define fail(err, errlen, ...) errf(err, errlen, LA_EINVAL, __VA_ARGS__)
 
 int cfg_default_socket(char *buf, size_t len)
 {

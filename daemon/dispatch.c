@@ -55,6 +55,17 @@ static int send_ack(conn *c, uint64_t id)
 }
 
 
+/* p resized to n elements of size bytes; on failure p itself, with *failed set. */
+static void *grow(void *p, size_t n, size_t size, int *failed)
+{
+    void *q = realloc(p, n * size);
+    if (!q) {
+        *failed = 1;
+        return p;
+    }
+    return q;
+}
+
 /* ---- Hello -------------------------------------------------------------------------------- */
 
 static int do_hello(const disp *d, conn *c, uint64_t id, const Liteattn__Hello *h, char *why, size_t whylen)
@@ -265,19 +276,11 @@ static void list_one(void *data, const eng_session_summary *s)
         return;
     if (a->n == a->cap) {
         size_t cap = a->cap ? a->cap * 2 : 16;
-        void *i2 = realloc(a->items, cap * sizeof(*a->items));
-        if (i2)
-            a->items = i2;
-        void *k2 = realloc(a->keys, cap * sizeof(*a->keys));
-        if (k2)
-            a->keys = k2;
-        void *d2 = realloc(a->devs, cap * sizeof(*a->devs));
-        if (d2)
-            a->devs = d2;
-        if (!i2 || !k2 || !d2) {
-            a->failed = 1;
+        a->items = grow(a->items, cap, sizeof(*a->items), &a->failed);
+        a->keys = grow(a->keys, cap, sizeof(*a->keys), &a->failed);
+        a->devs = grow(a->devs, cap, sizeof(*a->devs), &a->failed);
+        if (a->failed)
             return;
-        }
         a->cap = cap;
     }
     Liteattn__SessionSummary *o = &a->items[a->n];
@@ -430,8 +433,10 @@ static int tensor_from(const Liteattn__TensorRef *t, const char *role, eng_tenso
                  "as many strides or none)", role, t->n_shape, t->n_strides, cap);
         return LA_EINVAL;
     }
-    memcpy(out->shape, t->shape, t->n_shape * sizeof(out->shape[0]));
-    memcpy(out->strides, t->strides, t->n_strides * sizeof(out->strides[0]));
+    for (size_t i = 0; i < t->n_shape; i++)
+        out->shape[i] = t->shape[i];
+    for (size_t i = 0; i < t->n_strides; i++)
+        out->strides[i] = t->strides[i];
     out->buffer_id = t->buffer_id;
     out->offset = t->has_offset ? t->offset : 0;
     out->dtype = t->has_dtype ? (la_dtype)t->dtype : LA_DTYPE_F32;
@@ -567,16 +572,10 @@ static void stat_one(void *data, const char *name, int64_t value)
         return;
     if (a->n == a->cap) {
         size_t cap = a->cap ? a->cap * 2 : 32;
-        void *i2 = realloc(a->items, cap * sizeof(*a->items));
-        if (i2)
-            a->items = i2;
-        void *n2 = realloc(a->names, cap * sizeof(*a->names));
-        if (n2)
-            a->names = n2;
-        if (!i2 || !n2) {
-            a->failed = 1;
+        a->items = grow(a->items, cap, sizeof(*a->items), &a->failed);
+        a->names = grow(a->names, cap, sizeof(*a->names), &a->failed);
+        if (a->failed)
             return;
-        }
         a->cap = cap;
     }
     liteattn__stat__init(&a->items[a->n]);

@@ -10,7 +10,7 @@
 #ifndef LA_DAEMON_LOG_H
 #define LA_DAEMON_LOG_H
 
-enum { LOG_ERROR = 0, LOG_WARN = 1, LOG_INFO = 2, LOG_DEBUG = 3 };
+#include "logsink.h" /* the levels */
 
 /* Sets the most verbose level printed (clamped to LOG_ERROR..LOG_DEBUG) and detects journald. */
 void log_init(int level);

@@ -18,15 +18,7 @@
 #include "codes.h"
 #include "log.h"
 
-static int fail(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static int fail(char *err, size_t errlen, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-    return LA_EIO;
-}
+#define fail(err, errlen, ...) errf(err, errlen, LA_EIO, __VA_ARGS__)
 
 uint64_t srv_now_ms(void)
 {

@@ -25,6 +25,7 @@
 
 #include "engine.h"
 #include "la_attn.h"
+#include "logsink.h"
 
 typedef struct be_backend be_backend;
 typedef struct be_import be_import; /* an imported CUDA IPC allocation, opaque */
@@ -105,7 +106,7 @@ struct be_backend {
     const be_ops *ops;
     be_complete_fn complete;
     void *complete_data;
-    void (*log)(void *data, int level, const char *msg);
+    logsink_fn log;
     void *log_data;
 };
 
@@ -114,7 +115,7 @@ int be_cpu_new(int threads, be_complete_fn complete, void *complete_data, be_bac
                char *msg, size_t msg_len);
 /* CUDA backend: one worker per usable GPU. LA_ENODEV when built without CUDA or no GPU. */
 int be_cuda_new(be_complete_fn complete, void *complete_data,
-                void (*log)(void *data, int level, const char *msg), void *log_data,
+                logsink_fn log, void *log_data,
                 be_backend **ret, char *msg, size_t msg_len);
 
 /* CLOCK_MONOTONIC in nanoseconds. */

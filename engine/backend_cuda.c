@@ -31,7 +31,7 @@
 #ifndef LA_HAVE_CUDA
 
 int be_cuda_new(be_complete_fn complete, void *complete_data,
-                void (*log)(void *data, int level, const char *msg), void *log_data,
+                logsink_fn log, void *log_data,
                 be_backend **ret, char *msg, size_t msg_len) {
     if (msg && msg_len)
         snprintf(msg, msg_len, "built without CUDA");
@@ -132,18 +132,7 @@ struct cuda_backend {
     atomic_int fatal;
 };
 
-static void logf_(cuda_backend *cb, int level, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void logf_(cuda_backend *cb, int level, const char *fmt, ...) {
-    if (!cb->base.log)
-        return;
-    char msg[512];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    cb->base.log(cb->base.log_data, level, msg);
-}
+#define logf_(cb, level, ...) logsink_printf((cb)->base.log, (cb)->base.log_data, level, __VA_ARGS__)
 
 /* Errors after which the context is unusable (every later call returns them). */
 static int is_sticky(cudaError_t e) {
@@ -177,7 +166,7 @@ static int map_err(cudaError_t e) {
 
 static void set_fatal(cuda_backend *cb, gpu *g, cudaError_t e, const char *where) {
     if (!atomic_exchange(&cb->fatal, 1))
-        logf_(cb, 0, "GPU %s (%s): sticky CUDA error in %s: %s; the context is lost",
+        logf_(cb, LOG_ERROR, "GPU %s (%s): sticky CUDA error in %s: %s; the context is lost",
               g ? g->uuid : "?", g ? g->name : "?", where, cudaGetErrorString(e));
 }
 
@@ -599,7 +588,7 @@ static void cu_mask_free(be_backend *b, be_mask *m) {
         pthread_cond_broadcast(&g->cond);
         pthread_mutex_unlock(&g->lock);
     } else {
-        logf_(cb, 1, "GPU %s: out of memory; %llu bytes of mask leaked", g->uuid,
+        logf_(cb, LOG_WARN, "GPU %s: out of memory; %llu bytes of mask leaked", g->uuid,
               (unsigned long long)m->bytes);
     }
     free(m);
@@ -885,7 +874,7 @@ fail:
 }
 
 int be_cuda_new(be_complete_fn complete, void *complete_data,
-                void (*log)(void *data, int level, const char *msg), void *log_data,
+                logsink_fn log, void *log_data,
                 be_backend **ret, char *msg, size_t msg_len) {
     int count = 0;
     cudaError_t e = cudaGetDeviceCount(&count);

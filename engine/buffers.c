@@ -21,7 +21,7 @@
 static void buf_destroy(eng *e, buf *b) {
     if (b->kind == BUF_SHM && b->ptr) {
         if (munmap(b->ptr, (size_t)b->map_len) != 0)
-            eng_logf(e, 1, "buffer %llu: munmap failed: %s", (unsigned long long)b->id,
+            eng_logf(e, LOG_WARN, "buffer %llu: munmap failed: %s", (unsigned long long)b->id,
                      strerror(errno));
     } else if (b->kind == BUF_CUDA && b->imp && b->be && b->be->ops->buffer_release) {
         b->be->ops->buffer_release(b->be, b->imp);
@@ -84,6 +84,24 @@ static int conn_limits(eng *e, uint64_t conn_id, uint64_t size, eng_error *err) 
         return LA_ELIMIT;
     }
     return 0;
+}
+
+/* A new registered buffer of conn_id (the registry's reference), or NULL when out of memory. */
+static buf *buf_add(eng *e, uint32_t uid, uint64_t conn_id, int kind, void *ptr, uint64_t size) {
+    buf *b = calloc(1, sizeof *b);
+    if (!b)
+        return NULL;
+    b->id = ++e->next_buffer_id;
+    b->uid = uid;
+    b->conn_id = conn_id;
+    b->kind = kind;
+    b->ptr = ptr;
+    b->size = size;
+    b->refs = 1;
+    b->registered = 1;
+    list_append(&e->buffers, &b->link);
+    e->n_buffers_added++;
+    return b;
 }
 
 /* A buffer's size is 1..2^63-1 bytes (offsets and extents are checked in int64 arithmetic). */
@@ -149,23 +167,13 @@ int eng_buffer_add_shm(eng *e, uint32_t uid, uint64_t conn_id, int fd, uint64_t 
         goto fail;
     }
     close(fd);
-    buf *b = calloc(1, sizeof *b);
+    buf *b = buf_add(e, uid, conn_id, BUF_SHM, p, size);
     if (!b) {
         munmap(p, (size_t)size);
         eng_errf(err, "out of memory");
         return LA_ENOMEM;
     }
-    b->id = ++e->next_buffer_id;
-    b->uid = uid;
-    b->conn_id = conn_id;
-    b->kind = BUF_SHM;
-    b->ptr = p;
-    b->size = size;
     b->map_len = size;
-    b->refs = 1;
-    b->registered = 1;
-    list_append(&e->buffers, &b->link);
-    e->n_buffers_added++;
     *ret_id = b->id;
     return 0;
 fail:
@@ -214,25 +222,15 @@ int eng_buffer_add_cuda_ipc(eng *e, uint32_t uid, uint64_t conn_id, const void *
                  msg[0] ? msg : codes_strerror(rc));
         return rc;
     }
-    buf *b = calloc(1, sizeof *b);
+    buf *b = buf_add(e, uid, conn_id, BUF_CUDA, ptr, size);
     if (!b) {
         e->cuda->ops->buffer_release(e->cuda, imp);
         eng_errf(err, "out of memory");
         return LA_ENOMEM;
     }
-    b->id = ++e->next_buffer_id;
-    b->uid = uid;
-    b->conn_id = conn_id;
-    b->kind = BUF_CUDA;
-    b->ptr = ptr;
-    b->size = size;
     b->be = e->cuda;
     b->imp = imp;
     b->dev = dev;
-    b->refs = 1;
-    b->registered = 1;
-    list_append(&e->buffers, &b->link);
-    e->n_buffers_added++;
     *ret_id = b->id;
     if (ret_size)
         *ret_size = real;

@@ -27,14 +27,10 @@ void eng_errf(eng_error *err, const char *fmt, ...) {
 }
 
 void eng_logf(eng *e, int level, const char *fmt, ...) {
-    if (!e->cfg.log)
-        return;
-    char msg[512];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
+    logsink_vprintf(e->cfg.log, e->cfg.log_data, level, fmt, ap);
     va_end(ap);
-    e->cfg.log(e->cfg.log_data, level, msg);
 }
 
 uint64_t eng_now_ms(void) { return be_now_ns() / 1000000u; }
@@ -112,7 +108,7 @@ int eng_new(const eng_config *cfg, eng **ret_engine, eng_error *err) {
                 eng_free(e);
                 return rc == LA_ENOMEM ? rc : LA_ENODEV;
             }
-            eng_logf(e, 2, "cuda backend not used: %s", msg[0] ? msg : codes_strerror(rc));
+            eng_logf(e, LOG_INFO, "cuda backend not used: %s", msg[0] ? msg : codes_strerror(rc));
         }
     }
     snprintf(e->backends, sizeof e->backends, "%s", e->cuda ? "cpu,cuda" : "cpu");
@@ -162,18 +158,6 @@ void eng_conn_closed(eng *e, uint64_t conn_id) {
 void eng_tick(eng *e) { sess_tick(e); }
 
 /* ---- attention ------------------------------------------------------------------------ */
-
-static size_t elsize(la_dtype t) {
-    switch (t) {
-    case LA_DTYPE_F32:
-    case LA_DTYPE_U32:
-        return 4;
-    case LA_DTYPE_F16:
-    case LA_DTYPE_BF16:
-        return 2;
-    }
-    return 0;
-}
 
 static const char *dtype_name(la_dtype t) {
     switch (t) {
@@ -247,7 +231,7 @@ static int check_extent(eng *e, const sess *s, uint64_t conn_id, const char *sna
                  b->kind == BUF_SHM ? "host memory" : "GPU memory", s->device);
         return LA_EINVAL;
     }
-    uint64_t es = elsize(t->dtype);
+    uint64_t es = la_dtype_size(t->dtype);
     if (t->offset % es) {
         eng_errf(err, "%s: %s offset %llu is not a multiple of its element size %llu", sname,
                  r->role, (unsigned long long)t->offset, (unsigned long long)es);

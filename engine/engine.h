@@ -27,6 +27,7 @@
 
 #include "la_attn.h"
 #include "codes.h"
+#include "logsink.h"
 
 #define ENG_KEY_MAX 255
 #define ENG_ERR_MAX 256
@@ -55,7 +56,7 @@ typedef struct eng_config {
     void (*notify)(void *data); /* called from worker threads when a completion is queued */
     void *notify_data;
     /* Log sink (the daemon's logger); level 0 error .. 3 debug. May be NULL. */
-    void (*log)(void *data, int level, const char *msg);
+    logsink_fn log;
     void *log_data;
 } eng_config;
 

@@ -12,6 +12,7 @@
 #include "backend.h"
 #include "engine.h"
 #include "list.h"
+#include "logsink.h"
 
 /* A session's masks (every layer and shard, one backend allocation), refcounted: the session
  * holds one reference, every job in flight on it one more. A reset while jobs are in flight

@@ -124,7 +124,7 @@ static int make_room(eng *e, uint64_t need) {
         if (s->inflight == 0) {
             char name[ENG_KEY_MAX + 64];
             sess_name(s, name, sizeof name);
-            eng_logf(e, 2, "%s of uid %u: evicted (least recently used, idle %llu ms) to "
+            eng_logf(e, LOG_INFO, "%s of uid %u: evicted (least recently used, idle %llu ms) to "
                      "stay under the mask memory cap of %llu bytes", name, s->uid,
                      (unsigned long long)(eng_now_ms() - s->last_used_ms),
                      (unsigned long long)cap);
@@ -605,13 +605,13 @@ void sess_tick(eng *e) {
             char name[ENG_KEY_MAX + 64];
             sess_name(s, name, sizeof name);
             if (!s->attached && now - s->detached_ms >= (uint64_t)l->session_grace_s * 1000) {
-                eng_logf(e, 2, "%s of uid %u: freed, detached for longer than %u s", name,
+                eng_logf(e, LOG_INFO, "%s of uid %u: freed, detached for longer than %u s", name,
                          s->uid, l->session_grace_s);
                 e->n_detached_freed++;
                 sess_unlink(e, s);
             } else if (l->session_ttl_s &&
                        now - s->last_used_ms >= (uint64_t)l->session_ttl_s * 1000) {
-                eng_logf(e, 2, "%s of uid %u: freed, idle for longer than %u s", name, s->uid,
+                eng_logf(e, LOG_INFO, "%s of uid %u: freed, idle for longer than %u s", name, s->uid,
                          l->session_ttl_s);
                 e->n_expired++;
                 sess_unlink(e, s);

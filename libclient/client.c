@@ -319,6 +319,14 @@ static int call_timeout(la_client *c, Liteattn__Request *req, int fd, int want,
     return 0;
 }
 
+int cl_request(la_client *c, Liteattn__Request *req, int want, Liteattn__Reply **ret_reply)
+{
+    pthread_mutex_lock(&c->lock);
+    int rc = cl_call(c, req, -1, want, ret_reply);
+    pthread_mutex_unlock(&c->lock);
+    return rc;
+}
+
 int cl_call(la_client *c, Liteattn__Request *req, int fd, int want, Liteattn__Reply **ret_reply)
 {
     return call_timeout(c, req, fd, want, ret_reply, -1);

@@ -107,6 +107,8 @@ int cl_wait(la_client *c, cl_pend *p, int timeout_ms);
 /* Sends req and waits for its reply: on success *ret_reply is the reply of body case want
  * (the caller frees it with liteattn__reply__free_unpacked). */
 int cl_call(la_client *c, Liteattn__Request *req, int fd, int want, Liteattn__Reply **ret_reply);
+/* cl_call without an fd, taking and releasing the client's lock around it. */
+int cl_request(la_client *c, Liteattn__Request *req, int want, Liteattn__Reply **ret_reply);
 /* Waits until fewer than max_inflight requests are outstanding. */
 int cl_wait_room(la_client *c, int timeout_ms);
 /* Polls and dispatches until cond(arg) holds, the client closes or the timeout passes. */

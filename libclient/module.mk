@@ -21,6 +21,9 @@ $(LA_SO): $(CLIENT_OBJS) $(CLIENT_PROTO_OBJS) libclient/liteattn.map
 	$(Q)ln -sf libliteattn.so.$(LA_VERSION) $(BUILD)/libliteattn.so.$(LA_SOVERSION)
 	$(Q)ln -sf libliteattn.so.$(LA_SOVERSION) $(BUILD)/libliteattn.so
 
+# The simulated generation of liteattn-demo, shared with bench/bench_direct.
+SIM_OBJ := $(BUILD)/obj/libclient/tools/sim.o
+
 # Tools link the shared library, found next to them ($ORIGIN) in the build tree.
 TOOL_LDFLAGS := -L$(BUILD) -Wl,-rpath,'$$ORIGIN' -Wl,-rpath,'$$ORIGIN/../lib'
 
@@ -28,10 +31,10 @@ $(BUILD)/liteattnctl: $(BUILD)/obj/libclient/tools/liteattnctl.o $(LA_SO)
 	@$(if $(Q),echo "  LD      $@")
 	$(Q)$(CC) -o $@ $< $(TOOL_LDFLAGS) -lliteattn $(LDLIBS_BASE)
 
-# The demo also links the CPU reference, to measure its error against dense attention.
-$(BUILD)/liteattn-demo: $(BUILD)/obj/libclient/tools/demo.o $(LA_SO) $(KERNEL_LIB)
+# The demo links the kernels for la_dtype_size and the half-precision conversions of sim.c.
+$(BUILD)/liteattn-demo: $(BUILD)/obj/libclient/tools/demo.o $(SIM_OBJ) $(LA_SO) $(KERNEL_LIB)
 	@$(if $(Q),echo "  LD      $@")
-	$(Q)$(CC) -o $@ $< $(KERNEL_LIB) $(TOOL_LDFLAGS) -lliteattn $(CUDA_LIBS) $(LDLIBS_BASE)
+	$(Q)$(CC) -o $@ $< $(SIM_OBJ) $(KERNEL_LIB) $(TOOL_LDFLAGS) -lliteattn $(CUDA_LIBS) $(LDLIBS_BASE)
 
 ALL_TARGETS += $(if $(CLIENT_SRCS),$(LA_SO)) \
 	$(if $(wildcard libclient/tools/liteattnctl.c),$(BUILD)/liteattnctl) \

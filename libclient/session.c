@@ -172,13 +172,25 @@ void cl_sessions_free_all(la_client *c)
     c->sessions = NULL;
 }
 
+/* Sends an open or attach request; the reply becomes *ret_session. */
+static int session_call(la_client *c, Liteattn__Request *req, la_session **ret_session)
+{
+    Liteattn__Reply *r;
+    pthread_mutex_lock(&c->lock);
+    int rc = cl_call(c, req, -1, LITEATTN__REPLY__BODY_SESSION, &r);
+    if (rc == 0) {
+        rc = session_from_reply(c, r->session, ret_session);
+        liteattn__reply__free_unpacked(r, NULL);
+    }
+    pthread_mutex_unlock(&c->lock);
+    return rc;
+}
+
 LA_API int la_session_open(la_client *c, const char *key, const la_session_config *cfg,
                            la_session **ret_session)
 {
     if (!c || !key || !cfg || !ret_session)
         return cl_fail(LA_EINVAL, "la_session_open: NULL argument");
-    if (!*key || strlen(key) > 255)
-        return cl_fail(LA_EINVAL, "session key must be 1 to 255 bytes");
     if (!cfg->has_geometry)
         return cl_fail(LA_EINVAL, "session config has no geometry "
                                   "(la_session_config_set_geometry)");
@@ -207,37 +219,19 @@ LA_API int la_session_open(la_client *c, const char *key, const la_session_confi
     Liteattn__Request req = LITEATTN__REQUEST__INIT;
     req.body_case = LITEATTN__REQUEST__BODY_SESSION_OPEN;
     req.session_open = &so;
-    Liteattn__Reply *r;
-    pthread_mutex_lock(&c->lock);
-    int rc = cl_call(c, &req, -1, LITEATTN__REPLY__BODY_SESSION, &r);
-    if (rc == 0) {
-        rc = session_from_reply(c, r->session, ret_session);
-        liteattn__reply__free_unpacked(r, NULL);
-    }
-    pthread_mutex_unlock(&c->lock);
-    return rc;
+    return session_call(c, &req, ret_session);
 }
 
 LA_API int la_session_attach(la_client *c, const char *key, la_session **ret_session)
 {
     if (!c || !key || !ret_session)
         return cl_fail(LA_EINVAL, "la_session_attach: NULL argument");
-    if (!*key || strlen(key) > 255)
-        return cl_fail(LA_EINVAL, "session key must be 1 to 255 bytes");
     Liteattn__SessionAttach sa = LITEATTN__SESSION_ATTACH__INIT;
     sa.key = (char *)key;
     Liteattn__Request req = LITEATTN__REQUEST__INIT;
     req.body_case = LITEATTN__REQUEST__BODY_SESSION_ATTACH;
     req.session_attach = &sa;
-    Liteattn__Reply *r;
-    pthread_mutex_lock(&c->lock);
-    int rc = cl_call(c, &req, -1, LITEATTN__REPLY__BODY_SESSION, &r);
-    if (rc == 0) {
-        rc = session_from_reply(c, r->session, ret_session);
-        liteattn__reply__free_unpacked(r, NULL);
-    }
-    pthread_mutex_unlock(&c->lock);
-    return rc;
+    return session_call(c, &req, ret_session);
 }
 
 LA_API int la_session_get(const la_session *s, const char *name, int64_t *ret_value)

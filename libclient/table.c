@@ -111,29 +111,17 @@ LA_API int la_table_int(const la_table *t, size_t row, const char *col, int64_t 
     return 0;
 }
 
-LA_API int la_stats(la_client *c, la_table **ret_table)
+/* One request whose reply becomes a table: fill adds the rows. */
+static int table_query(la_client *c, Liteattn__Request *req, int want,
+                       const char *const *names, size_t n_cols,
+                       int (*fill)(la_table *t, const Liteattn__Reply *r), la_table **ret_table)
 {
-    if (!c || !ret_table)
-        return cl_fail(LA_EINVAL, "la_stats: NULL argument");
-    Liteattn__Stats st = LITEATTN__STATS__INIT;
-    Liteattn__Request req = LITEATTN__REQUEST__INIT;
-    req.body_case = LITEATTN__REQUEST__BODY_STATS;
-    req.stats = &st;
     Liteattn__Reply *r;
-    pthread_mutex_lock(&c->lock);
-    int rc = cl_call(c, &req, -1, LITEATTN__REPLY__BODY_STATS, &r);
-    pthread_mutex_unlock(&c->lock);
+    int rc = cl_request(c, req, want, &r);
     if (rc < 0)
         return rc;
-    static const char *const names[] = {"name", "value"};
-    la_table *t = table_new(names, 2);
-    rc = t ? 0 : LA_ENOMEM;
-    for (size_t i = 0; rc == 0 && i < r->stats->n_stats; i++) {
-        char v[32];
-        snprintf(v, sizeof(v), "%" PRId64, r->stats->stats[i]->value);
-        char *cells[2] = {r->stats->stats[i]->name, v};
-        rc = table_add(t, cells);
-    }
+    la_table *t = table_new(names, n_cols);
+    rc = t ? fill(t, r) : LA_ENOMEM;
     liteattn__reply__free_unpacked(r, NULL);
     if (rc < 0) {
         la_table_free(t);
@@ -143,26 +131,33 @@ LA_API int la_stats(la_client *c, la_table **ret_table)
     return 0;
 }
 
-LA_API int la_sessions(la_client *c, la_table **ret_table)
+static int fill_stats(la_table *t, const Liteattn__Reply *r)
+{
+    int rc = 0;
+    for (size_t i = 0; rc == 0 && i < r->stats->n_stats; i++) {
+        char v[32];
+        snprintf(v, sizeof(v), "%" PRId64, r->stats->stats[i]->value);
+        char *cells[2] = {r->stats->stats[i]->name, v};
+        rc = table_add(t, cells);
+    }
+    return rc;
+}
+
+LA_API int la_stats(la_client *c, la_table **ret_table)
 {
     if (!c || !ret_table)
-        return cl_fail(LA_EINVAL, "la_sessions: NULL argument");
-    Liteattn__SessionList sl = LITEATTN__SESSION_LIST__INIT;
+        return cl_fail(LA_EINVAL, "la_stats: NULL argument");
+    Liteattn__Stats st = LITEATTN__STATS__INIT;
     Liteattn__Request req = LITEATTN__REQUEST__INIT;
-    req.body_case = LITEATTN__REQUEST__BODY_SESSION_LIST;
-    req.session_list = &sl;
-    Liteattn__Reply *r;
-    pthread_mutex_lock(&c->lock);
-    int rc = cl_call(c, &req, -1, LITEATTN__REPLY__BODY_SESSION_LIST, &r);
-    pthread_mutex_unlock(&c->lock);
-    if (rc < 0)
-        return rc;
-    static const char *const names[] = {"id", "key", "uid", "layers", "heads", "head_dim",
-                                        "batch", "bm", "bn", "mask_bytes", "calls",
-                                        "restarts", "live_fraction", "attached", "idle_s",
-                                        "device"};
-    la_table *t = table_new(names, 16);
-    rc = t ? 0 : LA_ENOMEM;
+    req.body_case = LITEATTN__REQUEST__BODY_STATS;
+    req.stats = &st;
+    static const char *const names[] = {"name", "value"};
+    return table_query(c, &req, LITEATTN__REPLY__BODY_STATS, names, 2, fill_stats, ret_table);
+}
+
+static int fill_sessions(la_table *t, const Liteattn__Reply *r)
+{
+    int rc = 0;
     for (size_t i = 0; rc == 0 && i < r->session_list->n_sessions; i++) {
         const Liteattn__SessionSummary *s = r->session_list->sessions[i];
         char b[14][32];
@@ -184,11 +179,21 @@ LA_API int la_sessions(la_client *c, la_table **ret_table)
                            b[13], b[10], b[11], b[12], s->device};
         rc = table_add(t, cells);
     }
-    liteattn__reply__free_unpacked(r, NULL);
-    if (rc < 0) {
-        la_table_free(t);
-        return cl_fail(rc, NULL);
-    }
-    *ret_table = t;
-    return 0;
+    return rc;
+}
+
+LA_API int la_sessions(la_client *c, la_table **ret_table)
+{
+    if (!c || !ret_table)
+        return cl_fail(LA_EINVAL, "la_sessions: NULL argument");
+    Liteattn__SessionList sl = LITEATTN__SESSION_LIST__INIT;
+    Liteattn__Request req = LITEATTN__REQUEST__INIT;
+    req.body_case = LITEATTN__REQUEST__BODY_SESSION_LIST;
+    req.session_list = &sl;
+    static const char *const names[] = {"id", "key", "uid", "layers", "heads", "head_dim",
+                                        "batch", "bm", "bn", "mask_bytes", "calls",
+                                        "restarts", "live_fraction", "attached", "idle_s",
+                                        "device"};
+    return table_query(c, &req, LITEATTN__REPLY__BODY_SESSION_LIST, names, 16, fill_sessions,
+                       ret_table);
 }

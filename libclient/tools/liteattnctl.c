@@ -98,6 +98,14 @@ static const char *const limit_names[] = {"max_frame",       "max_inflight",
                                           "session_grace_s", "session_ttl_s"};
 #define N_LIMITS (sizeof(limit_names) / sizeof(limit_names[0]))
 
+/* The daemon's value of limit i (a property "limit.<name>"), or NULL. */
+static const char *limit_value(la_client *c, size_t i)
+{
+    char key[64];
+    snprintf(key, sizeof(key), "limit.%s", limit_names[i]);
+    return la_client_property(c, key);
+}
+
 static int cmd_status(la_client *c, const char *sock, int json)
 {
     const char *backends = prop(c, "backends");
@@ -157,9 +165,7 @@ static int cmd_status(la_client *c, const char *sock, int json)
         printf("], \"limits\": {");
         first = 1;
         for (size_t i = 0; i < N_LIMITS; i++) {
-            char key[64];
-            snprintf(key, sizeof(key), "limit.%s", limit_names[i]);
-            const char *v = la_client_property(c, key);
+            const char *v = limit_value(c, i);
             if (!v)
                 continue;
             printf("%s", first ? "" : ", ");
@@ -206,9 +212,7 @@ static int cmd_status(la_client *c, const char *sock, int json)
     }
     int first = 1;
     for (size_t i = 0; i < N_LIMITS; i++) {
-        char key[64];
-        snprintf(key, sizeof(key), "limit.%s", limit_names[i]);
-        const char *v = la_client_property(c, key);
+        const char *v = limit_value(c, i);
         if (!v)
             continue;
         printf("%-10s %-16s %s\n", first ? "limits" : "", limit_names[i], v);
