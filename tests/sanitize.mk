@@ -1,7 +1,7 @@
 # tests/sanitize.mk: the check programs (and the daemon they start) under sanitizers.
 #
 #   make check-asan   AddressSanitizer + UndefinedBehaviorSanitizer build in build/asan (CUDA=0)
-#                     of liteattnd and every tests/check_* program except the GPU ones (check_gpu_*); runs them
+#                     of liteattnd, liteattnctl and every tests/check_* program except the GPU ones (check_gpu_*); runs them
 #                     with halt_on_error=1. Every sanitizer report (of a test program or of a
 #                     daemon a test started: tests/testutil_daemon.c runs $BUILD/liteattnd) is
 #                     also written under build/asan/reports/, and the target fails when that
@@ -39,7 +39,7 @@ endif
 check-asan:
 	$(Q)$(MAKE) --no-print-directory BUILD=$(ASAN_BUILD) CUDA=0 \
 		CC="$(SAN_CC) -fsanitize=address,undefined -fno-sanitize-recover=undefined $(SAN_COMMON)" \
-		CFLAGS="" $(ASAN_BUILD)/liteattnd $(ASAN_BUILD)/libliteattn.so.$(LA_VERSION) $(call SAN_PROGS,$(ASAN_BUILD))
+		CFLAGS="" $(ASAN_BUILD)/liteattnd $(ASAN_BUILD)/liteattnctl $(ASAN_BUILD)/libliteattn.so.$(LA_VERSION) $(call SAN_PROGS,$(ASAN_BUILD))
 	$(Q)rm -rf $(ASAN_BUILD)/reports && mkdir -p $(ASAN_BUILD)/reports
 	$(Q)r=$$(pwd)/$(ASAN_BUILD)/reports; \
 	BUILD=$(ASAN_BUILD) LA_TEST_NO_GPU=1 LA_PYTEST_DIRS= LA_TEST_SANITIZER=asan \
@@ -54,7 +54,7 @@ check-asan:
 check-tsan:
 	$(Q)$(MAKE) --no-print-directory BUILD=$(TSAN_BUILD) CUDA=0 \
 		CC="$(SAN_CC) -fsanitize=thread $(SAN_COMMON)" \
-		CFLAGS="" $(TSAN_BUILD)/liteattnd $(TSAN_BUILD)/libliteattn.so.$(LA_VERSION) $(filter $(TSAN_PROGS),$(call SAN_PROGS,$(TSAN_BUILD)))
+		CFLAGS="" $(TSAN_BUILD)/liteattnd $(TSAN_BUILD)/liteattnctl $(TSAN_BUILD)/libliteattn.so.$(LA_VERSION) $(filter $(TSAN_PROGS),$(call SAN_PROGS,$(TSAN_BUILD)))
 	$(Q)rm -rf $(TSAN_BUILD)/reports && mkdir -p $(TSAN_BUILD)/reports
 	$(Q)r=$$(pwd)/$(TSAN_BUILD)/reports; \
 	BUILD=$(TSAN_BUILD) LA_TEST_NO_GPU=1 LA_PYTEST_DIRS= LA_TEST_SANITIZER=tsan \
