@@ -38,20 +38,22 @@ static int reply_eng_err(conn *c, uint64_t id, int code, const eng_error *err)
     return CONN_REQ_OK;
 }
 
-static int send_body(conn *c, Liteattn__Reply *r)
+/* Sends a Reply whose body (body_case) is the message body points at. The oneof's members
+ * are pointers in one union, so storing through one of them sets the body. */
+static int send_reply(conn *c, uint64_t id, Liteattn__Reply__BodyCase body_case, void *body)
 {
-    conn_send(c, r);
+    Liteattn__Reply r = LITEATTN__REPLY__INIT;
+    r.id = id;
+    r.body_case = body_case;
+    r.ack = body;
+    conn_send(c, &r);
     return CONN_REQ_OK;
 }
 
 static int send_ack(conn *c, uint64_t id)
 {
     Liteattn__Ack ack = LITEATTN__ACK__INIT;
-    Liteattn__Reply r = LITEATTN__REPLY__INIT;
-    r.id = id;
-    r.body_case = LITEATTN__REPLY__BODY_ACK;
-    r.ack = &ack;
-    return send_body(c, &r);
+    return send_reply(c, id, LITEATTN__REPLY__BODY_ACK, &ack);
 }
 
 
@@ -135,11 +137,7 @@ static int do_hello(const disp *d, conn *c, uint64_t id, const Liteattn__Hello *
     hr.n_devices = nd;
     hr.devices = devp;
     hr.limits = &lim;
-    Liteattn__Reply r = LITEATTN__REPLY__INIT;
-    r.id = id;
-    r.body_case = LITEATTN__REPLY__BODY_HELLO;
-    r.hello = &hr;
-    return send_body(c, &r);
+    return send_reply(c, id, LITEATTN__REPLY__BODY_HELLO, &hr);
 }
 
 /* ---- sessions ----------------------------------------------------------------------------- */
@@ -166,11 +164,7 @@ static int send_session_view(conn *c, uint64_t id, const eng_session_view *v)
     memcpy(device, v->device, sizeof(device));
     device[sizeof(device) - 1] = 0;
     sr.device = device;
-    Liteattn__Reply r = LITEATTN__REPLY__INIT;
-    r.id = id;
-    r.body_case = LITEATTN__REPLY__BODY_SESSION;
-    r.session = &sr;
-    return send_body(c, &r);
+    return send_reply(c, id, LITEATTN__REPLY__BODY_SESSION, &sr);
 }
 
 static int do_session_open(const disp *d, conn *c, uint64_t id, const Liteattn__SessionOpen *m)
@@ -252,11 +246,7 @@ static int do_session_info(const disp *d, conn *c, uint64_t id, const Liteattn__
     ir.has_tiles_total = 1, ir.tiles_total = st.tiles_total;
     ir.has_tiles_computed = 1, ir.tiles_computed = st.tiles_computed;
     ir.has_restarts = 1, ir.restarts = st.restarts;
-    Liteattn__Reply r = LITEATTN__REPLY__INIT;
-    r.id = id;
-    r.body_case = LITEATTN__REPLY__BODY_SESSION_INFO;
-    r.session_info = &ir;
-    send_body(c, &r);
+    send_reply(c, id, LITEATTN__REPLY__BODY_SESSION_INFO, &ir);
     free(live);
     return CONN_REQ_OK;
 }
@@ -327,11 +317,7 @@ static int do_session_list(const disp *d, conn *c, uint64_t id)
     Liteattn__SessionListReply lr = LITEATTN__SESSION_LIST_REPLY__INIT;
     lr.n_sessions = a.n;
     lr.sessions = ptrs;
-    Liteattn__Reply r = LITEATTN__REPLY__INIT;
-    r.id = id;
-    r.body_case = LITEATTN__REPLY__BODY_SESSION_LIST;
-    r.session_list = &lr;
-    send_body(c, &r);
+    send_reply(c, id, LITEATTN__REPLY__BODY_SESSION_LIST, &lr);
     free(ptrs), free(a.items), free(a.keys), free(a.devs);
     return CONN_REQ_OK;
 }
@@ -358,11 +344,7 @@ static int do_mask_read(const disp *d, conn *c, uint64_t id, const Liteattn__Mas
     mr.data.data = buf;
     mr.data.len = got > want ? want : got;
     mr.total_bytes = total;
-    Liteattn__Reply r = LITEATTN__REPLY__INIT;
-    r.id = id;
-    r.body_case = LITEATTN__REPLY__BODY_MASK;
-    r.mask = &mr;
-    send_body(c, &r);
+    send_reply(c, id, LITEATTN__REPLY__BODY_MASK, &mr);
     free(buf);
     return CONN_REQ_OK;
 }
@@ -374,11 +356,7 @@ static int send_buffer(conn *c, uint64_t id, uint64_t buffer_id, uint64_t size)
     Liteattn__BufferReply br = LITEATTN__BUFFER_REPLY__INIT;
     br.buffer_id = buffer_id;
     br.size = size;
-    Liteattn__Reply r = LITEATTN__REPLY__INIT;
-    r.id = id;
-    r.body_case = LITEATTN__REPLY__BODY_BUFFER;
-    r.buffer = &br;
-    return send_body(c, &r);
+    return send_reply(c, id, LITEATTN__REPLY__BODY_BUFFER, &br);
 }
 
 static int do_buffer_register(const disp *d, conn *c, uint64_t id, const Liteattn__BufferRegister *m,
@@ -476,11 +454,7 @@ static void on_attn_done(void *user, int status, const eng_attn_result *res, con
                     ar.done_event.len = sizeof(res->done_event);
                 }
             }
-            Liteattn__Reply r = LITEATTN__REPLY__INIT;
-            r.id = j->cj.req_id;
-            r.body_case = LITEATTN__REPLY__BODY_ATTENTION;
-            r.attention = &ar;
-            conn_send(c, &r);
+            send_reply(c, j->cj.req_id, LITEATTN__REPLY__BODY_ATTENTION, &ar);
         }
     }
     conn_job_end(c, &j->cj);
@@ -606,11 +580,7 @@ static int do_stats(const disp *d, conn *c, uint64_t id)
     Liteattn__StatsReply sr = LITEATTN__STATS_REPLY__INIT;
     sr.n_stats = a.n;
     sr.stats = ptrs;
-    Liteattn__Reply r = LITEATTN__REPLY__INIT;
-    r.id = id;
-    r.body_case = LITEATTN__REPLY__BODY_STATS;
-    r.stats = &sr;
-    send_body(c, &r);
+    send_reply(c, id, LITEATTN__REPLY__BODY_STATS, &sr);
     free(ptrs), free(a.items), free(a.names);
     return CONN_REQ_OK;
 }
@@ -620,11 +590,7 @@ static int do_ping(conn *c, uint64_t id, const Liteattn__Ping *m)
     Liteattn__Pong p = LITEATTN__PONG__INIT;
     p.has_payload = m->has_payload;
     p.payload = m->payload;
-    Liteattn__Reply r = LITEATTN__REPLY__INIT;
-    r.id = id;
-    r.body_case = LITEATTN__REPLY__BODY_PONG;
-    r.pong = &p;
-    return send_body(c, &r);
+    return send_reply(c, id, LITEATTN__REPLY__BODY_PONG, &p);
 }
 
 /* ---- entry -------------------------------------------------------------------------------- */

@@ -188,35 +188,15 @@ LA_API int la_attn_set_wait_event(la_attn *a, const void *ipc_event_handle, size
 
 /* ---- calls --------------------------------------------------------------------------------- */
 
-static void call_link(la_client *c, la_call *call)
-{
-    call->next = c->calls;
-    if (c->calls)
-        c->calls->prev = call;
-    c->calls = call;
-}
 
-static void call_unlink(la_call *call)
-{
-    la_client *c = call->client;
-    if (call->prev)
-        call->prev->next = call->next;
-    else
-        c->calls = call->next;
-    if (call->next)
-        call->next->prev = call->prev;
-    call->prev = call->next = NULL;
-}
 
 void cl_calls_free_all(la_client *c)
 {
-    la_call *call = c->calls;
-    while (call) {
-        la_call *n = call->next;
+    la_call *call;
+    list_for_each_entry(call, &c->calls, la_call, link) {
+        list_remove(&call->link);
         free(call);
-        call = n;
     }
-    c->calls = NULL;
 }
 
 void cl_call_complete(la_client *c, la_call *call, int status, Liteattn__Reply *r)
@@ -251,7 +231,7 @@ void cl_call_complete(la_client *c, la_call *call, int status, Liteattn__Reply *
     call->pend.done = 1;
     c->completions++;
     if (call->orphan) {
-        call_unlink(call);
+        list_remove(&call->link);
         free(call);
         return;
     }
@@ -357,6 +337,7 @@ LA_API int la_attn_submit(la_session *s, const la_attn *a, la_done_fn cb, void *
     la_call *call = calloc(1, sizeof(*call));
     if (!call)
         return cl_fail(LA_ENOMEM, NULL);
+    list_init(&call->link);
     call->client = c;
     call->cb = cb;
     call->user = user;
@@ -374,7 +355,7 @@ LA_API int la_attn_submit(la_session *s, const la_attn *a, la_done_fn cb, void *
         rc = cl_send(c, &req, -1, &call->pend);
     if (rc == 0) {
         call->pend.status = LA_EAGAIN;
-        call_link(c, call);
+        list_append(&c->calls, &call->link);
     }
     pthread_mutex_unlock(&c->lock);
     if (rc < 0) {
@@ -485,7 +466,7 @@ LA_API void la_call_free(la_call *call)
         call->orphan = 1;
         call->cb = NULL;
     } else {
-        call_unlink(call);
+        list_remove(&call->link);
         free(call);
     }
     pthread_mutex_unlock(&c->lock);

@@ -12,24 +12,7 @@
 
 #include "internal.h"
 
-static void buffer_link(la_client *c, la_buffer *b)
-{
-    b->next = c->buffers;
-    if (c->buffers)
-        c->buffers->prev = b;
-    c->buffers = b;
-}
 
-static void buffer_unlink(la_buffer *b)
-{
-    la_client *c = b->client;
-    if (b->prev)
-        b->prev->next = b->next;
-    else
-        c->buffers = b->next;
-    if (b->next)
-        b->next->prev = b->prev;
-}
 
 static void buffer_release(la_buffer *b)
 {
@@ -41,13 +24,11 @@ static void buffer_release(la_buffer *b)
 
 void cl_buffers_free_all(la_client *c)
 {
-    la_buffer *b = c->buffers;
-    while (b) {
-        la_buffer *n = b->next;
+    la_buffer *b;
+    list_for_each_entry(b, &c->buffers, la_buffer, link) {
+        list_remove(&b->link);
         buffer_release(b);
-        b = n;
     }
-    c->buffers = NULL;
 }
 
 /* Sends BufferRegister (lock held). */
@@ -87,7 +68,7 @@ static int register_shm(la_client *c, int fd, size_t size, la_buffer **ret_buffe
     pthread_mutex_lock(&c->lock);
     int rc = do_register(c, &br, fd, &b->id);
     if (rc == 0)
-        buffer_link(c, b);
+        list_append(&c->buffers, &b->link);
     pthread_mutex_unlock(&c->lock);
     if (rc < 0) {
         buffer_release(b);
@@ -226,7 +207,7 @@ int cl_buffer_register_ipc(la_client *c, const void *handle, const char *uuid, u
         free(b);
         return rc;
     }
-    buffer_link(c, b);
+    list_append(&c->buffers, &b->link);
     *ret_buffer = b;
     return 0;
 }
@@ -278,7 +259,7 @@ LA_API int la_buffer_unregister(la_buffer *b)
             liteattn__reply__free_unpacked(r, NULL);
     }
     /* The daemon keeps its own mapping until its in-flight work is done; ours can go now. */
-    buffer_unlink(b);
+    list_remove(&b->link);
     buffer_release(b);
     pthread_mutex_unlock(&c->lock);
     return rc;

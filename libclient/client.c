@@ -48,12 +48,12 @@ static void client_closed(la_client *c, int err)
         return;
     c->closed = err;
     cl_log(1, "liteattn: connection to the daemon closed (%s)", la_strerror(err));
-    cl_pend *p = c->pending;
-    c->pending = NULL;
+    list_node gone;
+    list_take(&gone, &c->pending);
     c->n_pending = 0;
-    while (p) {
-        cl_pend *next = p->next;
-        p->next = NULL;
+    cl_pend *p;
+    list_for_each_entry(p, &gone, cl_pend, link) {
+        list_remove(&p->link);
         if (p->call) {
             cl_call_complete(c, p->call, err, NULL);
         } else {
@@ -61,36 +61,29 @@ static void client_closed(la_client *c, int err)
             p->status = err;
             snprintf(p->errmsg, sizeof(p->errmsg), "connection to the daemon closed");
         }
-        p = next;
     }
     pthread_cond_broadcast(&c->cond);
 }
 
 void cl_unlink_pending(la_client *c, cl_pend *p)
 {
-    for (cl_pend **pp = &c->pending; *pp; pp = &(*pp)->next) {
-        if (*pp == p) {
-            *pp = p->next;
-            p->next = NULL;
-            c->n_pending--;
-            return;
-        }
-    }
+    if (!list_linked(&p->link))
+        return;
+    list_remove(&p->link);
+    c->n_pending--;
 }
 
 static void dispatch(la_client *c, Liteattn__Reply *r)
 {
-    cl_pend *p = NULL;
-    for (cl_pend **pp = &c->pending; *pp; pp = &(*pp)->next) {
-        if ((*pp)->id == r->id) {
-            p = *pp;
-            *pp = p->next;
-            p->next = NULL;
-            c->n_pending--;
+    cl_pend *p = NULL, *q;
+    list_for_each_entry(q, &c->pending, cl_pend, link)
+        if (q->id == r->id) {
+            p = q;
             break;
         }
-    }
-    if (!p) {
+    if (p)
+        cl_unlink_pending(c, p);
+    else {
         /* A request whose waiter gave up (timeout): nobody wants it. */
         cl_log(3, "liteattn: reply to request %llu that nobody waits for",
                (unsigned long long)r->id);
@@ -278,6 +271,7 @@ int cl_send(la_client *c, Liteattn__Request *req, int fd, cl_pend *p)
                                            : "out of memory packing a request",
                        c->max_frame);
     memset(p, 0, offsetof(cl_pend, call));
+    list_init(&p->link);
     p->id = req->id;
     /* Linked only once the whole frame is out: the daemon cannot answer a partial frame, and a
      * failed send must not complete p (an attention call's callback never fires on error). */
@@ -285,8 +279,7 @@ int cl_send(la_client *c, Liteattn__Request *req, int fd, cl_pend *p)
     free(buf);
     if (rc < 0)
         return cl_fail(rc, "sending to the daemon failed: connection closed");
-    p->next = c->pending;
-    c->pending = p;
+    list_append(&c->pending, &p->link);
     c->n_pending++;
     return 0;
 }
@@ -410,22 +403,24 @@ static int store_hello(la_client *c, const Liteattn__HelloReply *h)
 
     const Liteattn__Limits *l = h->limits;
     if (l) {
-        if (l->has_max_frame)
-            rc |= add_prop_u64(c, "limit.max_frame", l->max_frame);
-        if (l->has_max_inflight)
-            rc |= add_prop_u64(c, "limit.max_inflight", l->max_inflight);
-        if (l->has_max_buffers)
-            rc |= add_prop_u64(c, "limit.max_buffers", l->max_buffers);
-        if (l->has_max_sessions)
-            rc |= add_prop_u64(c, "limit.max_sessions", l->max_sessions);
-        if (l->has_max_mask_bytes)
-            rc |= add_prop_u64(c, "limit.max_mask_bytes", l->max_mask_bytes);
-        if (l->has_max_connections)
-            rc |= add_prop_u64(c, "limit.max_connections", l->max_connections);
-        if (l->has_session_grace_s)
-            rc |= add_prop_u64(c, "limit.session_grace_s", l->session_grace_s);
-        if (l->has_session_ttl_s)
-            rc |= add_prop_u64(c, "limit.session_ttl_s", l->session_ttl_s);
+        /* Every limit the daemon sent becomes "limit.<field>", whatever the minor version. */
+        const ProtobufCMessageDescriptor *d = &liteattn__limits__descriptor;
+        for (unsigned i = 0; i < d->n_fields; i++) {
+            const ProtobufCFieldDescriptor *f = &d->fields[i];
+            const char *base = (const char *)l;
+            if (f->label != PROTOBUF_C_LABEL_OPTIONAL || !*(const protobuf_c_boolean *)(base + f->quantifier_offset))
+                continue;
+            uint64_t v;
+            if (f->type == PROTOBUF_C_TYPE_UINT32)
+                v = *(const uint32_t *)(base + f->offset);
+            else if (f->type == PROTOBUF_C_TYPE_UINT64)
+                v = *(const uint64_t *)(base + f->offset);
+            else
+                continue;
+            char name[80];
+            snprintf(name, sizeof(name), "limit.%s", f->name);
+            rc |= add_prop_u64(c, name, v);
+        }
         if (l->has_max_frame && l->max_frame >= 4096) {
             c->max_frame = l->max_frame;
             c->fr.max_frame = l->max_frame;
@@ -491,6 +486,10 @@ LA_API int la_connect(const char *socket_path, const char *client_name, la_clien
         close(fd);
         return cl_fail(LA_ENOMEM, NULL);
     }
+    list_init(&c->pending);
+    list_init(&c->calls);
+    list_init(&c->buffers);
+    list_init(&c->sessions);
     pthread_mutexattr_t ma;
     pthread_mutexattr_init(&ma);
     /* Recursive: a completion callback may free its la_call (or another one). */
@@ -553,7 +552,7 @@ LA_API void la_disconnect(la_client *c)
     cl_buffers_free_all(c);
     /* Pending synchronous requests can only belong to threads still inside this client,
      * which the caller must not have. */
-    c->pending = NULL;
+    list_init(&c->pending);
     pthread_mutex_unlock(&c->lock);
     client_free(c);
 }

@@ -181,7 +181,8 @@ LA_API int la_buffer_register_cuda(la_client *c, const void *dev_ptr, la_buffer 
     /* Same block already registered on this client: same buffer, one more reference. The
      * handle is compared too, so that a block freed and reallocated at the same address is
      * registered anew. */
-    for (la_buffer *b = c->buffers; b; b = b->next) {
+    la_buffer *b;
+    list_for_each_entry(b, &c->buffers, la_buffer, link) {
         if (b->is_cuda && b->cuda_base == base && b->size == size &&
             !memcmp(b->ipc_handle, h.reserved, 64)) {
             b->refs++;
@@ -192,7 +193,6 @@ LA_API int la_buffer_register_cuda(la_client *c, const void *dev_ptr, la_buffer 
             return 0;
         }
     }
-    la_buffer *b;
     rc = cl_buffer_register_ipc(c, h.reserved, ustr, size, base, &b);
     pthread_mutex_unlock(&c->lock);
     if (rc < 0)

@@ -17,6 +17,7 @@
 #include <stdint.h>
 
 #include "frame.h"
+#include "list.h"
 #include "liteattn.h"
 #include "liteattn.pb-c.h"
 
@@ -27,7 +28,7 @@
  * calls embed it in their la_call. */
 typedef struct cl_pend {
     uint64_t id;
-    struct cl_pend *next;
+    list_node link;             /* the client's outstanding requests */
     int done;
     int status;                 /* 0 or LA_E* once done */
     Liteattn__Reply *reply;     /* successful reply (owned; sync callers free it) */
@@ -48,7 +49,7 @@ struct la_call {
     uint64_t tiles_total, tiles_computed, compute_ns, queue_ns;
     int has_done_event;
     uint8_t done_event[64];
-    struct la_call *prev, *next; /* the client's list of live calls */
+    list_node link; /* the client's live calls */
 };
 
 struct la_buffer {
@@ -60,7 +61,7 @@ struct la_buffer {
     uint64_t cuda_base; /* CUDA buffers registered through a pointer: the block base, else 0 */
     int is_cuda;
     uint8_t ipc_handle[64]; /* CUDA: the handle it was registered with (cache key with base) */
-    struct la_buffer *prev, *next;
+    list_node link;     /* the client's buffers */
 };
 
 struct la_session {
@@ -70,7 +71,7 @@ struct la_session {
     uint64_t mask_bytes, layer_mask_bytes;
     uint32_t layers, heads, head_dim, max_seq_q, max_seq_k, batch, kv_shards;
     int dtype;
-    struct la_session *prev, *next;
+    list_node link; /* the client's sessions */
 };
 
 struct la_client {
@@ -86,12 +87,12 @@ struct la_client {
     uint32_t max_inflight;
     uint32_t n_pending;
     uint64_t completions; /* attention calls completed so far (la_client_process) */
-    cl_pend *pending;     /* singly linked, outstanding requests */
+    list_node pending;    /* cl_pend.link, outstanding requests */
     cl_prop *props;
     size_t n_props;
-    struct la_call *calls;
-    struct la_buffer *buffers;
-    struct la_session *sessions;
+    list_node calls;      /* la_call.link */
+    list_node buffers;    /* la_buffer.link */
+    list_node sessions;   /* la_session.link */
 };
 
 /* ---- errors.c ---- */

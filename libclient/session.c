@@ -142,34 +142,18 @@ static int session_from_reply(la_client *c, const Liteattn__SessionReply *r,
     s->layer_mask_bytes = r->has_layer_mask_bytes
                               ? r->layer_mask_bytes
                               : (uint64_t)s->batch * s->heads * s->n_q_tiles * s->n_k_words * 4;
-    s->next = c->sessions;
-    if (c->sessions)
-        c->sessions->prev = s;
-    c->sessions = s;
+    list_append(&c->sessions, &s->link);
     *ret_session = s;
     return 0;
 }
 
-static void session_unlink(la_session *s)
-{
-    la_client *c = s->client;
-    if (s->prev)
-        s->prev->next = s->next;
-    else
-        c->sessions = s->next;
-    if (s->next)
-        s->next->prev = s->prev;
-}
-
 void cl_sessions_free_all(la_client *c)
 {
-    la_session *s = c->sessions;
-    while (s) {
-        la_session *n = s->next;
+    la_session *s;
+    list_for_each_entry(s, &c->sessions, la_session, link) {
+        list_remove(&s->link);
         free(s);
-        s = n;
     }
-    c->sessions = NULL;
 }
 
 /* Sends an open or attach request; the reply becomes *ret_session. */
@@ -403,7 +387,7 @@ LA_API int la_session_close(la_session *s)
                               LITEATTN__REPLY__BODY_ACK, &r);
     if (rc == 0)
         liteattn__reply__free_unpacked(r, NULL);
-    session_unlink(s);
+    list_remove(&s->link);
     free(s);
     pthread_mutex_unlock(&c->lock);
     return rc;
@@ -415,7 +399,7 @@ LA_API void la_session_detach(la_session *s)
         return;
     la_client *c = s->client;
     pthread_mutex_lock(&c->lock);
-    session_unlink(s);
+    list_remove(&s->link);
     free(s);
     pthread_mutex_unlock(&c->lock);
 }

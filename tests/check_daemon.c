@@ -24,6 +24,7 @@
 #include "la_attn.h"
 #include "liteattn.h"
 #include "liteattn.pb-c.h"
+#include "runner.h"
 #include "testutil_daemon.h"
 
 /* ---- a raw protocol client ---------------------------------------------------------------- */
@@ -1583,9 +1584,5 @@ int main(void)
     tcase_add_test(tc2, test_second_signal);
     tcase_add_test(tc2, test_config_file);
     suite_add_tcase(s, tc2);
-    SRunner *sr = srunner_create(s);
-    srunner_run_all(sr, CK_ENV); /* CK_VERBOSITY=verbose lists the cases */
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? 1 : 0;
+    return tu_run(s); /* CK_VERBOSITY=verbose lists the cases */
 }

@@ -19,15 +19,12 @@
 #include <check.h>
 #include <stdio.h>
 
+#include "runner.h"
+
 #ifndef LA_HAVE_CUDA
-/* Built without CUDA: no cases (tests/run.sh skips GPU programs on machines without a GPU). */
-int main(void) {
-    Suite *s = suite_create("gpu_kernel");
-    SRunner *sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    srunner_free(sr);
-    return 0;
-}
+/* Built without CUDA: no cases at all; the CUDA-less builds (sanitizers) leave this program
+ * out. */
+int main(void) { return 0; }
 #else
 
 #include <math.h>
@@ -651,21 +648,13 @@ static Suite *kernel_suite(void) {
     TCase *tc = tcase_create("supported");
     tcase_add_test(tc, test_supported);
     suite_add_tcase(s, tc);
-    tc = tcase_create("against_reference");
-    tcase_set_timeout(tc, 300);
-    tcase_add_loop_test(tc, test_dense_exact, 0, 4);
-    tcase_add_loop_test(tc, test_skip_multistep, 0, 4);
-    tcase_add_loop_test(tc, test_observe_dryrun_strided, 0, 4);
-    tcase_add_loop_test(tc, test_extremes, 0, 4);
-    suite_add_tcase(s, tc);
+    tc = tu_gpu_tcase(s, "against_reference", 300);
+    tu_gpu_loop_test(tc, test_dense_exact, 0, 4);
+    tu_gpu_loop_test(tc, test_skip_multistep, 0, 4);
+    tu_gpu_loop_test(tc, test_observe_dryrun_strided, 0, 4);
+    tu_gpu_loop_test(tc, test_extremes, 0, 4);
     return s;
 }
 
-int main(void) {
-    SRunner *sr = srunner_create(kernel_suite());
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed == 0 ? 0 : 1;
-}
+int main(void) { return tu_run(kernel_suite()); }
 #endif /* LA_HAVE_CUDA */

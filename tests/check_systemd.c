@@ -27,6 +27,7 @@
 #include <unistd.h>
 
 #include "liteattn.h"
+#include "runner.h"
 
 #define START_TIMEOUT_MS 10000
 
@@ -505,10 +506,5 @@ static Suite *systemd_suite(void)
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
-    SRunner *sr = srunner_create(systemd_suite());
-    srunner_set_fork_status(sr, CK_FORK);
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return tu_run(systemd_suite()); /* fork mode: Check's default, CK_FORK=no aside */
 }

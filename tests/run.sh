@@ -1,36 +1,35 @@
 #!/usr/bin/env bash
 # Runs every Check program given on the command line and prints one closing line:
 #   tests: N passed, N failed, N skipped
-# GPU programs (check_gpu_*) are skipped, and their cases counted as skipped, when this machine
-# has no NVIDIA GPU (no /dev/nvidiactl, or LA_TEST_NO_GPU=1). Exit status 1 if anything failed.
+# The counts come from the files the programs write (tests/runner.h): Check's own XML log
+# ($LA_TEST_RESULTS/<program>.xml: one <test result="..."> per case run) and the number of
+# GPU cases left out by tag on a machine without a GPU (<program>.skipped). A program that
+# exits non-zero without a failed case in its log (a crash outside the cases, a missing log)
+# counts as one failure. Then the Python tests, counted from pytest's JUnit XML. Exit status 1
+# if anything failed.
 set -u
 passed=0 failed=0 skipped=0 bad_progs=()
-have_gpu=0
-if [ "${LA_TEST_NO_GPU:-0}" != 1 ] && [ -e /dev/nvidiactl ]; then have_gpu=1; fi
+results=$(mktemp -d "${TMPDIR:-/tmp}/liteattn-tests.XXXXXX")
+trap 'rm -rf "$results"' EXIT
+
+# Occurrences of an exact string in a file (0 when absent).
+count() { grep -o -- "$1" "$2" 2>/dev/null | wc -l; }
+
 for prog in "$@"; do
     name=$(basename "$prog")
-    src="tests/$name.c"
-    if [[ "$name" == check_gpu_* ]] && [ "$have_gpu" = 0 ]; then
-        n=$(grep -c 'tcase_add_test' "$src" 2>/dev/null || echo 0)
-        echo "== $name: skipped, no GPU ($n cases)"
-        skipped=$((skipped + n))
-        continue
-    fi
     echo "== $name"
-    log=$(mktemp)
-    "$prog" 2>&1 | tee "$log"
-    rc=${PIPESTATUS[0]}
-    line=$(grep -E '^[0-9]+%: Checks: [0-9]+' "$log" | tail -n 1)
-    rm -f "$log"
-    if [ -z "$line" ]; then
-        echo "!! $name printed no Check summary (exit $rc)"
+    LA_TEST_RESULTS="$results" "$prog"
+    rc=$?
+    xml="$results/$name.xml"
+    if [ ! -s "$xml" ]; then
+        echo "!! $name wrote no Check log (exit $rc)"
         failed=$((failed + 1)); bad_progs+=("$name"); continue
     fi
-    checks=$(sed -E 's/.*Checks: ([0-9]+).*/\1/' <<<"$line")
-    fails=$(sed -E 's/.*Failures: ([0-9]+).*/\1/' <<<"$line")
-    errs=$(sed -E 's/.*Errors: ([0-9]+).*/\1/' <<<"$line")
-    bad=$((fails + errs))
-    passed=$((passed + checks - bad)); failed=$((failed + bad))
+    ok=$(count '<test result="success">' "$xml")
+    bad=$(( $(count '<test result="failure">' "$xml") + $(count '<test result="error">' "$xml") ))
+    sk=$(cat "$results/$name.skipped" 2>/dev/null || echo 0)
+    [ "$sk" -gt 0 ] && echo "   $name: $sk GPU case(s) skipped (no GPU)"
+    passed=$((passed + ok)); failed=$((failed + bad)); skipped=$((skipped + sk))
     if [ "$bad" -gt 0 ] || [ "$rc" -ne 0 ]; then bad_progs+=("$name"); fi
     if [ "$bad" -eq 0 ] && [ "$rc" -ne 0 ]; then failed=$((failed + 1)); fi
 done
@@ -42,16 +41,14 @@ for pydir in ${LA_PYTEST_DIRS:-}; do
         failed=$((failed + 1)); bad_progs+=("pytest:$pydir"); continue
     fi
     echo "== pytest $pydir"
-    log=$(mktemp)
-    python3 -m pytest -q -p no:cacheprovider "$pydir" 2>&1 | tee "$log"
-    rc=${PIPESTATUS[0]}
-    summary=$(grep -E '(passed|failed|skipped|error|no tests ran)' "$log" | tail -n 1)
-    rm -f "$log"
-    p=$(grep -oE '[0-9]+ passed' <<<"$summary" | grep -oE '[0-9]+' || echo 0)
-    f=$(grep -oE '[0-9]+ failed' <<<"$summary" | grep -oE '[0-9]+' || echo 0)
-    e=$(grep -oE '[0-9]+ errors?' <<<"$summary" | grep -oE '[0-9]+' || echo 0)
-    s_=$(grep -oE '[0-9]+ skipped' <<<"$summary" | grep -oE '[0-9]+' || echo 0)
-    passed=$((passed + p)); failed=$((failed + f + e)); skipped=$((skipped + s_))
+    junit="$results/pytest-$(echo "$pydir" | tr / _).xml"
+    python3 -m pytest -q -p no:cacheprovider --junitxml="$junit" "$pydir"
+    rc=$?
+    # <testsuite ... errors="E" failures="F" skipped="S" tests="T" ...>
+    attr() { grep -o "<testsuite [^>]*" "$junit" 2>/dev/null | grep -o " $1=\"[0-9]*\"" |
+             head -n 1 | grep -o '[0-9]*' || echo 0; }
+    t=$(attr tests); f=$(attr failures); e=$(attr errors); s_=$(attr skipped)
+    passed=$((passed + t - f - e - s_)); failed=$((failed + f + e)); skipped=$((skipped + s_))
     if [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ]; then
         bad_progs+=("pytest:$pydir")
         [ $((f + e)) -eq 0 ] && failed=$((failed + 1))

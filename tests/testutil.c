@@ -390,22 +390,4 @@ double la_test_rel_l2(const double *ref, const double *got, int64_t n)
 
 /* ---- environment ------------------------------------------------------------------------- */
 
-int la_test_has_gpu(void)
-{
-    const char *e = getenv("LA_TEST_NO_GPU");
-    if (e != NULL && strcmp(e, "1") == 0)
-        return 0;
-    return access("/dev/nvidiactl", F_OK) == 0;
-}
-
-int la_test_run_suite(Suite *s)
-{
-    uint64_t seed = la_test_seed(); /* fixed before the cases fork */
-    SRunner *sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    if (failed > 0)
-        fprintf(stderr, "reproduce with LA_TEST_SEED=%llu\n", (unsigned long long)seed);
-    return failed == 0 ? 0 : 1;
-}
+int la_test_has_gpu(void) { return tu_has_gpu(); }

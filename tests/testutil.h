@@ -11,8 +11,10 @@
 
 #include <check.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #include "la_attn.h"
+#include "runner.h"
 
 /* ---- randomness ------------------------------------------------------------------------ */
 
@@ -97,7 +99,15 @@ double la_test_rel_l2(const double *ref, const double *got, int64_t n);
 /* 1 when this machine has an NVIDIA GPU and LA_TEST_NO_GPU is not 1 (as tests/run.sh). */
 int la_test_has_gpu(void);
 
-/* Runs the suite (CK_NORMAL), prints the seed when a case failed; returns the exit status. */
-int la_test_run_suite(Suite *s);
+/* Runs the suite with tu_run (runner.h) and prints the seed when a case failed; returns the
+ * exit status. Inline, so that the program's own count of GPU cases is the one reported. */
+static inline int la_test_run_suite(Suite *s)
+{
+    uint64_t seed = la_test_seed(); /* fixed before the cases fork */
+    int rc = tu_run(s);
+    if (rc != 0)
+        fprintf(stderr, "reproduce with LA_TEST_SEED=%llu\n", (unsigned long long)seed);
+    return rc;
+}
 
 #endif /* LA_TESTUTIL_H */
