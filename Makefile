@@ -125,6 +125,7 @@ include daemon/module.mk
 include libclient/module.mk
 include tests/module.mk
 -include bench/module.mk
+-include bench/quality/module.mk
 -include packaging/module.mk
 -include tests/sanitize.mk
 -include fuzz/module.mk

@@ -269,12 +269,6 @@ int conn_send_error(conn *c, uint64_t id, int code, const char *message)
 
 /* ---- reading ------------------------------------------------------------------------------ */
 
-static uint32_t peek_len(const frame_reader *f)
-{
-    const uint8_t *p = f->buf + f->head;
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
 static void human_size(char *buf, size_t len, uint64_t n)
 {
     if (n >= (1u << 20) && n % (1u << 20) == 0)
@@ -290,30 +284,29 @@ static int process_frames(conn *c)
 {
     ProtobufCAllocator alloc = {pb_alloc, pb_free, c};
     for (;;) {
-        const uint8_t *data;
+        ProtobufCMessage *m;
         uint32_t len;
-        int rc = frame_next(&c->fr, &data, &len);
+        int rc = frame_next_msg(&c->fr, &liteattn__request__descriptor, &alloc, &m, &len);
         if (rc == 0)
             break;
-        if (rc < 0) {
+        if (rc == LA_ELIMIT) {
             char a[32], b[32];
-            human_size(a, sizeof(a), peek_len(&c->fr));
+            human_size(a, sizeof(a), len);
             human_size(b, sizeof(b), c->fr.max_frame);
             conn_fail(c, "frame of %s exceeds the %s limit", a, b);
             return -1;
         }
         c->ctr->frames_in++;
-        Liteattn__Request *req = liteattn__request__unpack(&alloc, len, data);
-        if (!req) {
+        if (rc < 0) {
             conn_fail(c, "undecodable request of %u bytes", len);
             return -1;
         }
+        Liteattn__Request *req = (Liteattn__Request *)m;
         char why[256] = "";
         rc = c->hooks.request(c->hooks.data, c, req, why, sizeof(why));
         liteattn__request__free_unpacked(req, &alloc);
         if (c->closing)
             return -1;
-        frame_consume(&c->fr);
         if (rc == CONN_REQ_FAIL) {
             conn_fail(c, "%s", why);
             return -1;

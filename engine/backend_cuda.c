@@ -2,6 +2,10 @@
  * backend_cuda.c — the CUDA backend: one worker thread per GPU, each with its own non-blocking
  * stream; the kernels of kernels/la_cuda.h; client memory by CUDA IPC.
  *
+ * Over 900 lines on purpose: the worker, the stream callbacks, the IPC import cache and the
+ * graveyard all work on one per-device state under one lock, which splitting the file would
+ * have to export to every part.
+ *
  * The loop thread never waits for the GPU. It only enqueues stream-ordered work that returns at
  * once (cudaMallocAsync + cudaMemsetAsync of new masks) and hands jobs to the device's worker.
  * The worker, per job: makes the stream wait on the client's IPC event, zeroes the job's

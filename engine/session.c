@@ -155,6 +155,17 @@ static void fill_view(const sess *s, eng_session_view *v) {
     snprintf(v->device, sizeof v->device, "%s", s->device);
 }
 
+/* A session key is 1..ENG_KEY_MAX bytes: the one check, for open and attach. */
+static int key_check(const char *key, size_t *ret_len, eng_error *err) {
+    size_t n = key ? strlen(key) : 0;
+    if (n == 0 || n > ENG_KEY_MAX) {
+        eng_errf(err, "session key must be 1..%d bytes (got %zu)", ENG_KEY_MAX, n);
+        return LA_EINVAL;
+    }
+    *ret_len = n;
+    return 0;
+}
+
 static const char *dtype_long_name(la_dtype t) {
     switch (t) {
     case LA_DTYPE_F32:
@@ -167,17 +178,6 @@ static const char *dtype_long_name(la_dtype t) {
         return "uint32";
     }
     return "an unknown dtype";
-}
-
-/* A session key is 1..ENG_KEY_MAX bytes: the one check, for open and attach. */
-static int key_check(const char *key, size_t *ret_len, eng_error *err) {
-    size_t n = key ? strlen(key) : 0;
-    if (n == 0 || n > ENG_KEY_MAX) {
-        eng_errf(err, "session key must be 1..%d bytes (got %zu)", ENG_KEY_MAX, n);
-        return LA_EINVAL;
-    }
-    *ret_len = n;
-    return 0;
 }
 
 /* Picks the backend and device of a new session from spec->device. */
@@ -234,6 +234,138 @@ static int pick_device(eng *e, sess *s, const char *want, eng_error *err) {
     return 0;
 }
 
+/* The session's own settings: geometry, dtype, mode, direction, threshold and schedule. */
+static int check_settings(const sess *s, const eng_session_spec *spec, eng_error *err) {
+    if (!s->layers || !s->heads || !s->head_dim || !s->max_seq_q ||
+        s->max_seq_q > INT32_MAX || s->max_seq_k > INT32_MAX || s->heads > INT32_MAX ||
+        s->batch > INT32_MAX || s->head_dim > INT32_MAX) {
+        eng_errf(err,
+                 "session '%s': bad geometry (layers %u, heads %u, head dim %u, max Sq %u, "
+                 "max Sk %u, batch %u): each must be > 0 and < 2^31",
+                 s->key, s->layers, s->heads, s->head_dim, s->max_seq_q, s->max_seq_k,
+                 s->batch);
+        return LA_EINVAL;
+    }
+    if (s->dtype != LA_DTYPE_F32 && s->dtype != LA_DTYPE_F16 && s->dtype != LA_DTYPE_BF16) {
+        eng_errf(err, "session '%s': dtype %d cannot hold Q/K/V (f32, f16 or bf16)", s->key,
+                 (int)s->dtype);
+        return LA_EINVAL;
+    }
+    if (s->mode < LA_MODE_DENSE || s->mode > LA_MODE_SKIP) {
+        eng_errf(err, "session '%s': unknown mode %d", s->key, (int)s->mode);
+        return LA_EINVAL;
+    }
+    if (s->direction < LA_DIR_ALTERNATE || s->direction > LA_DIR_DESCENDING) {
+        eng_errf(err, "session '%s': unknown direction %d", s->key, (int)s->direction);
+        return LA_EINVAL;
+    }
+    if (isnan(s->threshold)) {
+        eng_errf(err, "session '%s': threshold is NaN", s->key);
+        return LA_EINVAL;
+    }
+    if (spec->n_schedule && (!spec->schedule || spec->n_schedule > LA_MAX_SCHEDULE)) {
+        eng_errf(err, "session '%s': threshold schedule of %zu steps (at most %d)", s->key,
+                 spec->n_schedule, LA_MAX_SCHEDULE);
+        return LA_EINVAL;
+    }
+    for (size_t i = 0; i < spec->n_schedule; i++)
+        if (isnan(spec->schedule[i])) {
+            eng_errf(err, "session '%s': threshold schedule step %zu is NaN", s->key, i);
+            return LA_EINVAL;
+        }
+    return 0;
+}
+
+/* A new session object from a spec whose key and device were checked; NULL: out of memory. */
+static sess *sess_from_spec(uint32_t uid, const eng_session_spec *spec, size_t klen) {
+    sess *s = calloc(1, sizeof *s);
+    if (!s)
+        return NULL;
+    memcpy(s->key, spec->key, klen);
+    s->uid = uid;
+    s->layers = spec->layers;
+    s->heads = spec->heads;
+    s->head_dim = spec->head_dim;
+    s->dtype = spec->dtype;
+    s->max_seq_q = spec->max_seq_q;
+    s->max_seq_k = spec->max_seq_k ? spec->max_seq_k : spec->max_seq_q;
+    s->batch = spec->batch ? spec->batch : 1;
+    s->kv_shards = spec->kv_shards ? spec->kv_shards : 1;
+    s->threshold = spec->threshold;
+    s->mode = spec->mode == LA_MODE_SESSION ? LA_MODE_SKIP : spec->mode;
+    s->direction = spec->direction;
+    s->refs = 1;
+    return s;
+}
+
+/* Tile counts and mask sizes from the tile sizes of the session's backend, overflow-safe. */
+static int size_masks(sess *s, eng_error *err) {
+    s->n_q_tiles = (uint32_t)la_tiles((int32_t)s->max_seq_q, (int32_t)s->bm);
+    s->n_k_tiles = (uint32_t)la_tiles((int32_t)s->max_seq_k, (int32_t)s->bn);
+    s->n_k_words = (uint32_t)la_mask_words((int32_t)s->n_k_tiles);
+    uint64_t lb, mb;
+    if (__builtin_mul_overflow((uint64_t)s->batch, (uint64_t)s->heads, &lb) ||
+        __builtin_mul_overflow(lb, (uint64_t)s->n_q_tiles, &lb) ||
+        __builtin_mul_overflow(lb, (uint64_t)s->n_k_words * 4u, &lb) ||
+        __builtin_mul_overflow(lb, (uint64_t)s->layers, &mb) ||
+        __builtin_mul_overflow(mb, (uint64_t)s->kv_shards, &mb)) {
+        eng_errf(err, "session '%s': mask size overflows", s->key);
+        return LA_ELIMIT;
+    }
+    s->layer_mask_bytes = lb;
+    s->mask_bytes = mb;
+    return 0;
+}
+
+/* The user's session count and mask bytes, and the daemon's mask memory cap (evicting idle
+ * sessions to make room), for one more session of s->mask_bytes. */
+static int check_room(eng *e, const sess *s, eng_user **ret_user, eng_error *err) {
+    const eng_limits *l = &e->cfg.limits;
+    uint64_t mb = s->mask_bytes;
+    eng_user *u = user_get(e, s->uid, 1);
+    if (!u) {
+        eng_errf(err, "out of memory");
+        return LA_ENOMEM;
+    }
+    if (l->max_sessions_per_user && u->sessions >= l->max_sessions_per_user) {
+        eng_errf(err, "session '%s': uid %u already has %u sessions open (limit %u)", s->key,
+                 s->uid, u->sessions, l->max_sessions_per_user);
+        return LA_ELIMIT;
+    }
+    if (l->max_mask_bytes_per_user && (mb > l->max_mask_bytes_per_user ||
+                                       u->mask_bytes > l->max_mask_bytes_per_user - mb)) {
+        eng_errf(err,
+                 "session '%s': %llu bytes of masks exceed the limit of uid %u (%llu of %llu "
+                 "bytes in use)",
+                 s->key, (unsigned long long)mb, s->uid, (unsigned long long)u->mask_bytes,
+                 (unsigned long long)l->max_mask_bytes_per_user);
+        return LA_ELIMIT;
+    }
+    if (make_room(e, mb) < 0) {
+        eng_errf(err,
+                 "session '%s': %llu bytes of masks do not fit under the daemon's mask memory "
+                 "cap (%llu of %llu bytes held by sessions in use)",
+                 s->key, (unsigned long long)mb, (unsigned long long)e->mask_bytes_live,
+                 (unsigned long long)l->mask_memory_cap);
+        return LA_ELIMIT;
+    }
+    *ret_user = u;
+    return 0;
+}
+
+/* LA_EEXIST when uid already has a session named key. */
+static int key_unused(eng *e, uint32_t uid, const char *key, eng_error *err) {
+    sess *o;
+    list_for_each_entry(o, &e->sessions, sess, link)
+        if (o->uid == uid && !strcmp(o->key, key)) {
+            char name[ENG_KEY_MAX + 64];
+            sess_name(o, name, sizeof name);
+            eng_errf(err, "%s: key already in use by this user (attach to it instead)", name);
+            return LA_EEXIST;
+        }
+    return 0;
+}
+
 int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_spec *spec,
                      eng_session_view *ret_view, eng_error *err) {
     int rc;
@@ -250,71 +382,17 @@ int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_s
                  strlen(device), sizeof(((sess *)0)->device) - 1);
         return LA_EINVAL;
     }
-    sess *s = calloc(1, sizeof *s);
+    sess *s = sess_from_spec(uid, spec, klen);
     if (!s) {
         eng_errf(err, "out of memory");
         return LA_ENOMEM;
     }
-    memcpy(s->key, spec->key, klen);
-    s->uid = uid;
-    s->layers = spec->layers;
-    s->heads = spec->heads;
-    s->head_dim = spec->head_dim;
-    s->dtype = spec->dtype;
-    s->max_seq_q = spec->max_seq_q;
-    s->max_seq_k = spec->max_seq_k ? spec->max_seq_k : spec->max_seq_q;
-    s->batch = spec->batch ? spec->batch : 1;
-    s->kv_shards = spec->kv_shards ? spec->kv_shards : 1;
-    s->threshold = spec->threshold;
-    s->mode = spec->mode == LA_MODE_SESSION ? LA_MODE_SKIP : spec->mode;
-    s->direction = spec->direction;
-    s->refs = 1;
-
-    if (!s->layers || !s->heads || !s->head_dim || !s->max_seq_q ||
-        s->max_seq_q > INT32_MAX || s->max_seq_k > INT32_MAX || s->heads > INT32_MAX ||
-        s->batch > INT32_MAX || s->head_dim > INT32_MAX) {
-        eng_errf(err,
-                 "session '%s': bad geometry (layers %u, heads %u, head dim %u, max Sq %u, "
-                 "max Sk %u, batch %u): each must be > 0 and < 2^31",
-                 s->key, s->layers, s->heads, s->head_dim, s->max_seq_q, s->max_seq_k,
-                 s->batch);
-        rc = LA_EINVAL;
+    eng_user *u = NULL;
+    if ((rc = check_settings(s, spec, err)) < 0 || (rc = key_unused(e, uid, s->key, err)) < 0 ||
+        (rc = pick_device(e, s, device, err)) < 0 || (rc = size_masks(s, err)) < 0 ||
+        (rc = check_room(e, s, &u, err)) < 0)
         goto fail;
-    }
-    if (s->dtype != LA_DTYPE_F32 && s->dtype != LA_DTYPE_F16 && s->dtype != LA_DTYPE_BF16) {
-        eng_errf(err, "session '%s': dtype %d cannot hold Q/K/V (f32, f16 or bf16)", s->key,
-                 (int)s->dtype);
-        rc = LA_EINVAL;
-        goto fail;
-    }
-    if (s->mode < LA_MODE_DENSE || s->mode > LA_MODE_SKIP) {
-        eng_errf(err, "session '%s': unknown mode %d", s->key, (int)s->mode);
-        rc = LA_EINVAL;
-        goto fail;
-    }
-    if (s->direction < LA_DIR_ALTERNATE || s->direction > LA_DIR_DESCENDING) {
-        eng_errf(err, "session '%s': unknown direction %d", s->key, (int)s->direction);
-        rc = LA_EINVAL;
-        goto fail;
-    }
-    if (isnan(s->threshold)) {
-        eng_errf(err, "session '%s': threshold is NaN", s->key);
-        rc = LA_EINVAL;
-        goto fail;
-    }
     if (spec->n_schedule) {
-        if (!spec->schedule || spec->n_schedule > LA_MAX_SCHEDULE) {
-            eng_errf(err, "session '%s': threshold schedule of %zu steps (at most %d)", s->key,
-                     spec->n_schedule, LA_MAX_SCHEDULE);
-            rc = LA_EINVAL;
-            goto fail;
-        }
-        for (size_t i = 0; i < spec->n_schedule; i++)
-            if (isnan(spec->schedule[i])) {
-                eng_errf(err, "session '%s': threshold schedule step %zu is NaN", s->key, i);
-                rc = LA_EINVAL;
-                goto fail;
-            }
         s->schedule = malloc(spec->n_schedule * sizeof *s->schedule);
         if (!s->schedule) {
             eng_errf(err, "out of memory");
@@ -323,66 +401,6 @@ int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_s
         }
         memcpy(s->schedule, spec->schedule, spec->n_schedule * sizeof *s->schedule);
         s->n_schedule = spec->n_schedule;
-    }
-    sess *o;
-    list_for_each_entry(o, &e->sessions, sess, link)
-        if (o->uid == uid && !strcmp(o->key, s->key)) {
-            char name[ENG_KEY_MAX + 64];
-            sess_name(o, name, sizeof name);
-            eng_errf(err, "%s: key already in use by this user (attach to it instead)", name);
-            rc = LA_EEXIST;
-            goto fail;
-        }
-    if ((rc = pick_device(e, s, device, err)) < 0)
-        goto fail;
-
-    s->n_q_tiles = (uint32_t)la_tiles((int32_t)s->max_seq_q, (int32_t)s->bm);
-    s->n_k_tiles = (uint32_t)la_tiles((int32_t)s->max_seq_k, (int32_t)s->bn);
-    s->n_k_words = (uint32_t)la_mask_words((int32_t)s->n_k_tiles);
-    uint64_t lb, mb;
-    if (__builtin_mul_overflow((uint64_t)s->batch, (uint64_t)s->heads, &lb) ||
-        __builtin_mul_overflow(lb, (uint64_t)s->n_q_tiles, &lb) ||
-        __builtin_mul_overflow(lb, (uint64_t)s->n_k_words * 4u, &lb) ||
-        __builtin_mul_overflow(lb, (uint64_t)s->layers, &mb) ||
-        __builtin_mul_overflow(mb, (uint64_t)s->kv_shards, &mb)) {
-        eng_errf(err, "session '%s': mask size overflows", s->key);
-        rc = LA_ELIMIT;
-        goto fail;
-    }
-    s->layer_mask_bytes = lb;
-    s->mask_bytes = mb;
-
-    const eng_limits *l = &e->cfg.limits;
-    eng_user *u = user_get(e, uid, 1);
-    if (!u) {
-        eng_errf(err, "out of memory");
-        rc = LA_ENOMEM;
-        goto fail;
-    }
-    if (l->max_sessions_per_user && u->sessions >= l->max_sessions_per_user) {
-        eng_errf(err, "session '%s': uid %u already has %u sessions open (limit %u)", s->key,
-                 uid, u->sessions, l->max_sessions_per_user);
-        rc = LA_ELIMIT;
-        goto fail;
-    }
-    if (l->max_mask_bytes_per_user && (mb > l->max_mask_bytes_per_user ||
-                                       u->mask_bytes > l->max_mask_bytes_per_user - mb)) {
-        eng_errf(err,
-                 "session '%s': %llu bytes of masks exceed the limit of uid %u (%llu of %llu "
-                 "bytes in use)",
-                 s->key, (unsigned long long)mb, uid, (unsigned long long)u->mask_bytes,
-                 (unsigned long long)l->max_mask_bytes_per_user);
-        rc = LA_ELIMIT;
-        goto fail;
-    }
-    if (make_room(e, mb) < 0) {
-        eng_errf(err,
-                 "session '%s': %llu bytes of masks do not fit under the daemon's mask memory "
-                 "cap (%llu of %llu bytes held by sessions in use)",
-                 s->key, (unsigned long long)mb, (unsigned long long)e->mask_bytes_live,
-                 (unsigned long long)l->mask_memory_cap);
-        rc = LA_ELIMIT;
-        goto fail;
     }
     s->last_step = malloc((size_t)s->layers * sizeof *s->last_step);
     s->restart_due = calloc((size_t)s->layers * s->kv_shards, 1);
@@ -403,7 +421,7 @@ int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_s
     s->linked = 1;
     list_append(&e->sessions, &s->link);
     u->sessions++;
-    u->mask_bytes += mb;
+    u->mask_bytes += s->mask_bytes;
     e->n_sessions_opened++;
     fill_view(s, ret_view);
     return 0;

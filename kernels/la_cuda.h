@@ -1,7 +1,11 @@
 /*
- * la_cuda.h — private: the CUDA forward kernels of kernels/ (FlashAttention-2 style, mma.sync
- * + ldmatrix + cp.async, sm_80 .. sm_90), C-callable. One selector (attn_dispatch.cu) answers
- * both "is this supported?" and "run it", so what is advertised is what runs.
+ * la_cuda.h — private: the CUDA forward kernels of kernels/, C-callable. Two families: the
+ * Hopper kernel (fwd_sm90.cuh: wgmma, TMA, mbarriers, warp specialisation; compute capability
+ * 9.0 only) and the portable one (fwd_sm80.cuh: mma.sync + ldmatrix + cp.async; sm_80 and
+ * later). One selector (attn_dispatch.cu) answers both "is this supported?" and "run it", so
+ * what is advertised is what runs; tile sizes depend on the family, hence on cc.
+ * LA_CUDA_PORTABLE=1 in the environment (read once per process) selects the portable family
+ * everywhere.
  *
  * Semantics: exactly la_attn.h / SKIP-SEMANTICS.md. Restrictions of these kernels on top of
  * la_attn_validate():
@@ -33,6 +37,10 @@ extern "C" {
  * exists (LA_EINVAL for NULL outputs). */
 int la_cuda_tile_sizes(int head_dim, la_dtype dtype, int cc, int32_t *ret_bm, int32_t *ret_bn);
 
+/* Name of the kernel family and instance that runs (head_dim, dtype) on cc, e.g.
+ * "sm90_hd128_bf16" or "sm80_hd64_f16"; NULL when none. A static string. */
+const char *la_cuda_variant_name(int head_dim, la_dtype dtype, int cc);
+
 /* 0 when la_attn_fwd_cuda(p) can run on a device of compute capability cc; LA_EINVAL when p is
  * invalid (la_attn_validate, or BM/BN not the kernel's), LA_ENOTSUP when valid but outside the
  * restrictions above. Reads only p's scalars and pointer values (never dereferences them,
@@ -52,11 +60,15 @@ cudaError_t la_attn_fwd_cuda(const la_attn_params *p, cudaStream_t stream);
  *     for mode DENSE without must-skip-only tiles, the skipping build otherwise);
  *   LA_CUDA_VARIANT_SKIP: always the skipping build (mode DENSE too);
  *   LA_CUDA_VARIANT_DENSE_ONLY: skipping compiled out; only for mode DENSE with no must-skip-only
- *     tile (cudaErrorInvalidValue otherwise). */
+ *     tile (cudaErrorInvalidValue otherwise).
+ * OR-ed with LA_CUDA_VARIANT_PORTABLE: the portable family runs, as on a device of compute
+ * capability 8.0 (p->BM, p->BN must then be la_cuda_tile_sizes(D, dtype, 80)'s), so that a
+ * benchmark compares both families in one process. */
 enum {
     LA_CUDA_VARIANT_AUTO = 0,
     LA_CUDA_VARIANT_SKIP = 1,
-    LA_CUDA_VARIANT_DENSE_ONLY = 2
+    LA_CUDA_VARIANT_DENSE_ONLY = 2,
+    LA_CUDA_VARIANT_PORTABLE = 4
 };
 cudaError_t la_attn_fwd_cuda_variant(const la_attn_params *p, int variant, cudaStream_t stream);
 

@@ -255,12 +255,10 @@ static void fill_ref(Liteattn__TensorRef *ref, const attn_tensor *t)
     ref->strides = (int64_t *)t->strides;
 }
 
-LA_API int la_attn_submit(la_session *s, const la_attn *a, la_done_fn cb, void *user,
-                          la_call **ret_call)
+/* What the client needs to build the message: Q, K, V, O set, every tensor in a buffer of
+ * this client (buffer ids are per connection). Everything else is the daemon's to judge. */
+static int check_tensors(const la_client *c, const la_attn *a)
 {
-    if (!s || !a || !ret_call)
-        return cl_fail(LA_EINVAL, "la_attn_submit: NULL argument");
-    la_client *c = s->client;
     static const char *const role_name[N_ROLES] = {"Q", "K", "V", "O", "LSE", "DECISIONS"};
     for (int i = 0; i < N_ROLES; i++) {
         if (i <= LA_TENSOR_O && !a->t[i].set)
@@ -269,71 +267,78 @@ LA_API int la_attn_submit(la_session *s, const la_attn *a, la_done_fn cb, void *
             return cl_fail(LA_EINVAL, "tensor %s names a buffer of another client",
                            role_name[i]);
     }
+    return 0;
+}
 
+/* The Attention message of a call, with the storage its pointers point into. */
+typedef struct attn_msg {
     Liteattn__TensorRef refs[N_ROLES];
-    for (int i = 0; i < N_ROLES; i++) {
-        liteattn__tensor_ref__init(&refs[i]);
-        if (a->t[i].set)
-            fill_ref(&refs[i], &a->t[i]);
-    }
     Liteattn__Range rd[LA_MAX_RANGES], rs[LA_MAX_RANGES];
     Liteattn__Range *prd[LA_MAX_RANGES], *prs[LA_MAX_RANGES];
-    for (size_t i = 0; i < a->n_must_do; i++) {
-        liteattn__range__init(&rd[i]);
-        rd[i].start = a->must_do[2 * i];
-        rd[i].end = a->must_do[2 * i + 1];
-        prd[i] = &rd[i];
-    }
-    for (size_t i = 0; i < a->n_must_skip; i++) {
-        liteattn__range__init(&rs[i]);
-        rs[i].start = a->must_skip[2 * i];
-        rs[i].end = a->must_skip[2 * i + 1];
-        prs[i] = &rs[i];
-    }
+    Liteattn__Attention at;
+    Liteattn__Request req;
+} attn_msg;
 
-    Liteattn__Attention at = LITEATTN__ATTENTION__INIT;
-    at.session_id = s->id;
-    at.layer = a->layer;
-    at.step = a->step;
-    at.has_kv_shard = 1;
-    at.kv_shard = a->kv_shard;
-    at.q = &refs[LA_TENSOR_Q];
-    at.k = &refs[LA_TENSOR_K];
-    at.v = &refs[LA_TENSOR_V];
-    at.o = &refs[LA_TENSOR_O];
+static void ranges_to_wire(const int64_t *pairs, size_t n, Liteattn__Range *r,
+                           Liteattn__Range **ptrs)
+{
+    for (size_t i = 0; i < n; i++) {
+        liteattn__range__init(&r[i]);
+        r[i].start = pairs[2 * i];
+        r[i].end = pairs[2 * i + 1];
+        ptrs[i] = &r[i];
+    }
+}
+
+static void build_attention(const la_session *s, const la_attn *a, attn_msg *m)
+{
+    for (int i = 0; i < N_ROLES; i++) {
+        liteattn__tensor_ref__init(&m->refs[i]);
+        if (a->t[i].set)
+            fill_ref(&m->refs[i], &a->t[i]);
+    }
+    ranges_to_wire(a->must_do, a->n_must_do, m->rd, m->prd);
+    ranges_to_wire(a->must_skip, a->n_must_skip, m->rs, m->prs);
+    Liteattn__Attention *at = &m->at;
+    liteattn__attention__init(at);
+    at->session_id = s->id;
+    at->layer = a->layer;
+    at->step = a->step;
+    at->has_kv_shard = 1;
+    at->kv_shard = a->kv_shard;
+    at->q = &m->refs[LA_TENSOR_Q];
+    at->k = &m->refs[LA_TENSOR_K];
+    at->v = &m->refs[LA_TENSOR_V];
+    at->o = &m->refs[LA_TENSOR_O];
     if (a->t[LA_TENSOR_LSE].set)
-        at.lse = &refs[LA_TENSOR_LSE];
+        at->lse = &m->refs[LA_TENSOR_LSE];
     if (a->t[LA_TENSOR_DECISIONS].set)
-        at.decisions = &refs[LA_TENSOR_DECISIONS];
-    if (a->scale > 0) {
-        at.has_scale = 1;
-        at.scale = a->scale;
-    }
-    if (!isnan(a->tau)) {
-        at.has_threshold = 1;
-        at.threshold = a->tau;
-    }
-    if (a->mode != LA_MODE_SESSION) {
-        at.has_mode = 1;
-        at.mode = (Liteattn__Mode)a->mode;
-    }
-    at.n_must_do = a->n_must_do;
-    at.must_do = prd;
-    at.n_must_skip = a->n_must_skip;
-    at.must_skip = prs;
-    if (a->dry_run) {
-        at.has_dry_run = 1;
-        at.dry_run = 1;
-    }
+        at->decisions = &m->refs[LA_TENSOR_DECISIONS];
+    at->has_scale = a->scale > 0;
+    at->scale = a->scale;
+    at->has_threshold = !isnan(a->tau);
+    at->threshold = a->tau;
+    at->has_mode = a->mode != LA_MODE_SESSION;
+    at->mode = (Liteattn__Mode)a->mode;
+    at->n_must_do = a->n_must_do;
+    at->must_do = m->prd;
+    at->n_must_skip = a->n_must_skip;
+    at->must_skip = m->prs;
+    at->has_dry_run = at->dry_run = a->dry_run != 0;
     if (a->has_wait_event) {
-        at.has_wait_event = 1;
-        at.wait_event.data = (uint8_t *)a->wait_event;
-        at.wait_event.len = 64;
+        at->has_wait_event = 1;
+        at->wait_event.data = (uint8_t *)a->wait_event;
+        at->wait_event.len = 64;
     }
-    Liteattn__Request req = LITEATTN__REQUEST__INIT;
-    req.body_case = LITEATTN__REQUEST__BODY_ATTENTION;
-    req.attention = &at;
+    liteattn__request__init(&m->req);
+    m->req.body_case = LITEATTN__REQUEST__BODY_ATTENTION;
+    m->req.attention = at;
+}
 
+/* Sends req as a new call of c (refused while c is closed or at the daemon's in-flight limit). */
+static int send_call(la_client *c, Liteattn__Request *req, la_done_fn cb, void *user,
+                     la_call **ret_call)
+{
     la_call *call = calloc(1, sizeof(*call));
     if (!call)
         return cl_fail(LA_ENOMEM, NULL);
@@ -352,7 +357,7 @@ LA_API int la_attn_submit(la_session *s, const la_attn *a, la_done_fn cb, void *
         rc = cl_fail(LA_EBUSY, "%u requests in flight on this client, the daemon's limit is %u",
                      c->n_pending, c->max_inflight);
     if (rc == 0)
-        rc = cl_send(c, &req, -1, &call->pend);
+        rc = cl_send(c, req, -1, &call->pend);
     if (rc == 0) {
         call->pend.status = LA_EAGAIN;
         list_append(&c->calls, &call->link);
@@ -364,6 +369,19 @@ LA_API int la_attn_submit(la_session *s, const la_attn *a, la_done_fn cb, void *
     }
     *ret_call = call;
     return 0;
+}
+
+LA_API int la_attn_submit(la_session *s, const la_attn *a, la_done_fn cb, void *user,
+                          la_call **ret_call)
+{
+    if (!s || !a || !ret_call)
+        return cl_fail(LA_EINVAL, "la_attn_submit: NULL argument");
+    int rc = check_tensors(s->client, a);
+    if (rc < 0)
+        return rc;
+    attn_msg m;
+    build_attention(s, a, &m);
+    return send_call(s->client, &m.req, cb, user, ret_call);
 }
 
 static int call_done(la_client *c, void *arg)

@@ -128,30 +128,25 @@ static int pump(la_client *c)
             break;
         }
         for (;;) {
-            const uint8_t *data;
+            ProtobufCMessage *m;
             uint32_t len;
-            int rc = frame_next(&c->fr, &data, &len);
+            int rc = frame_next_msg(&c->fr, &liteattn__reply__descriptor, NULL, &m, &len);
             if (rc == 0)
                 break;
-            if (rc < 0) {
-                cl_log(0, "liteattn: the daemon sent a frame over the %u-byte limit",
-                       c->fr.max_frame);
-                c->garbled = 1;
-                client_closed(c, LA_ECLOSED);
-                break;
-            }
-            Liteattn__Reply *r = liteattn__reply__unpack(NULL, len, data);
-            frame_consume(&c->fr);
             /* Fds are never sent to clients; drop any that came. */
             for (int fd; (fd = frame_take_fd(&c->fr)) >= 0;)
                 close(fd);
-            if (!r) {
-                cl_log(0, "liteattn: undecodable reply from the daemon");
+            if (rc < 0) {
+                if (rc == LA_ELIMIT)
+                    cl_log(0, "liteattn: the daemon sent a frame over the %u-byte limit",
+                           c->fr.max_frame);
+                else
+                    cl_log(0, "liteattn: undecodable reply from the daemon");
                 c->garbled = 1;
                 client_closed(c, LA_ECLOSED);
                 break;
             }
-            dispatch(c, r);
+            dispatch(c, (Liteattn__Reply *)m);
             n_dispatched++;
         }
     }

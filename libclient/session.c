@@ -361,36 +361,34 @@ LA_API int la_session_read_mask(la_session *s, uint32_t layer, uint32_t kv_shard
     return rc;
 }
 
+/* Sends reset or close for s and waits for the Ack; with close, s is freed after it, under the
+ * same lock. */
+static int session_ack(la_session *s, int body)
+{
+    la_client *c = s->client;
+    Liteattn__Reply *r;
+    pthread_mutex_lock(&c->lock);
+    int rc = session_ref_call(s, body, LITEATTN__REPLY__BODY_ACK, &r);
+    if (rc == 0)
+        liteattn__reply__free_unpacked(r, NULL);
+    if (body == LITEATTN__REQUEST__BODY_SESSION_CLOSE) {
+        list_remove(&s->link);
+        free(s);
+    }
+    pthread_mutex_unlock(&c->lock);
+    return rc;
+}
+
 LA_API int la_session_reset(la_session *s)
 {
     if (!s)
         return cl_fail(LA_EINVAL, "la_session_reset: no session");
-    la_client *c = s->client;
-    Liteattn__Reply *r;
-    pthread_mutex_lock(&c->lock);
-    int rc = session_ref_call(s, LITEATTN__REQUEST__BODY_SESSION_RESET,
-                              LITEATTN__REPLY__BODY_ACK, &r);
-    pthread_mutex_unlock(&c->lock);
-    if (rc == 0)
-        liteattn__reply__free_unpacked(r, NULL);
-    return rc;
+    return session_ack(s, LITEATTN__REQUEST__BODY_SESSION_RESET);
 }
 
 LA_API int la_session_close(la_session *s)
 {
-    if (!s)
-        return 0;
-    la_client *c = s->client;
-    Liteattn__Reply *r;
-    pthread_mutex_lock(&c->lock);
-    int rc = session_ref_call(s, LITEATTN__REQUEST__BODY_SESSION_CLOSE,
-                              LITEATTN__REPLY__BODY_ACK, &r);
-    if (rc == 0)
-        liteattn__reply__free_unpacked(r, NULL);
-    list_remove(&s->link);
-    free(s);
-    pthread_mutex_unlock(&c->lock);
-    return rc;
+    return s ? session_ack(s, LITEATTN__REQUEST__BODY_SESSION_CLOSE) : 0;
 }
 
 LA_API void la_session_detach(la_session *s)

@@ -120,6 +120,27 @@ int frame_next(frame_reader *f, const uint8_t **ret_data, uint32_t *ret_len)
     return 1;
 }
 
+int frame_next_msg(frame_reader *f, const ProtobufCMessageDescriptor *desc,
+                   ProtobufCAllocator *alloc, ProtobufCMessage **ret_msg, uint32_t *ret_len)
+{
+    const uint8_t *data;
+    uint32_t len;
+    int rc = frame_next(f, &data, &len);
+    if (rc == 0)
+        return 0;
+    if (rc < 0) {
+        *ret_len = get_le32(f->buf + f->head);
+        return LA_ELIMIT;
+    }
+    *ret_len = len;
+    ProtobufCMessage *m = protobuf_c_message_unpack(desc, alloc, len, data);
+    frame_consume(f);
+    if (!m)
+        return LA_EPROTO;
+    *ret_msg = m;
+    return 1;
+}
+
 void frame_consume(frame_reader *f)
 {
     f->head += FRAME_HDR + f->cur_len;

@@ -44,6 +44,13 @@ ssize_t frame_recv(frame_reader *f, int sock);
  * frame_consume or frame_recv), 0 if none is complete yet, LA_EPROTO if the next
  * frame announces a payload larger than max_frame. */
 int frame_next(frame_reader *f, const uint8_t **ret_data, uint32_t *ret_len);
+/* The next complete frame decoded as a message of desc (alloc NULL: the default allocator);
+ * *ret_len is its payload length. Returns 1 with *ret_msg (the caller frees it with
+ * protobuf_c_message_free_unpacked and the same allocator), 0 when no frame is complete yet,
+ * LA_ELIMIT when the next frame announces more than max_frame (*ret_len: what it announced;
+ * nothing consumed), or LA_EPROTO when the frame does not decode (consumed). */
+int frame_next_msg(frame_reader *f, const ProtobufCMessageDescriptor *desc,
+                   ProtobufCAllocator *alloc, ProtobufCMessage **ret_msg, uint32_t *ret_len);
 /* Drops the frame returned by the last successful frame_next. */
 void frame_consume(frame_reader *f);
 /* Oldest queued fd (the caller owns it), or -1 when none is queued. */

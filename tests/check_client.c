@@ -31,7 +31,7 @@
 #include "testutil.h"
 #include "testutil_daemon.h"
 
-/* ---- a daemon per case ------------------------------------------------------------------- */
+/* ---- the daemon of a case ------------------------------------------------------------------- */
 
 /* The daemon of each case: tests/testutil_daemon.h (CPU backend, 2 threads, temporary socket). */
 typedef td_daemon tdaemon;
@@ -51,6 +51,13 @@ static void daemon_stop(tdaemon *d)
 {
     td_stop(d);
 }
+
+/* The fixture's daemon: one per case (a checked fixture, started in the case's own process),
+ * since the cases count sessions, buffers and calls. */
+static tdaemon fx;
+
+static void daemon_up(void) { daemon_start(&fx); }
+static void daemon_down(void) { daemon_stop(&fx); }
 
 static la_client *connect_ok(const tdaemon *d)
 {
@@ -538,9 +545,7 @@ static void run_session_vs_ref(la_client *c, const char *key, la_dtype dt, int L
 
 START_TEST(test_connect_properties)
 {
-    tdaemon d;
-    daemon_start(&d);
-    la_client *c = connect_ok(&d);
+    la_client *c = connect_ok(&fx);
     const char *v = la_client_property(c, "daemon.version");
     ck_assert_ptr_nonnull(v);
     ck_assert_str_eq(la_client_property(c, "protocol"), "1.0");
@@ -556,20 +561,17 @@ START_TEST(test_connect_properties)
 
     /* Nothing listens: LA_ECONN naming the path; ret_client untouched. */
     char path[256];
-    snprintf(path, sizeof(path), "%s/nobody.sock", d.dir);
+    snprintf(path, sizeof(path), "%s/nobody.sock", fx.dir);
     la_client *c2 = (la_client *)(uintptr_t)0x1;
     ck_assert_int_eq(la_connect(path, NULL, &c2), LA_ECONN);
     ck_assert_ptr_eq(c2, (la_client *)(uintptr_t)0x1);
     ck_assert_ptr_nonnull(strstr(la_last_error_message(), "nobody.sock"));
-    daemon_stop(&d);
 }
 END_TEST
 
 START_TEST(test_ping)
 {
-    tdaemon d;
-    daemon_start(&d);
-    la_client *c = connect_ok(&d);
+    la_client *c = connect_ok(&fx);
     for (int i = 0; i < 50; i++) {
         uint64_t rtt = 0;
         OK(la_ping(c, &rtt));
@@ -581,30 +583,23 @@ START_TEST(test_ping)
     ck_assert_int_eq(la_client_process(c, 0), 0);
     ck_assert_int_eq(la_client_process(c, 50), 0);
     la_disconnect(c);
-    daemon_stop(&d);
 }
 END_TEST
 
 START_TEST(test_session_bf16_matches_reference)
 {
-    tdaemon d;
-    daemon_start(&d);
-    la_client *c = connect_ok(&d);
+    la_client *c = connect_ok(&fx);
     /* Partial tiles on both axes, Sq != Sk, B > 1, H > 1. */
     run_session_vs_ref(c, "bf16", LA_DTYPE_BF16, 3, 5, 2, 200, 333, 2, 64, 11);
     la_disconnect(c);
-    daemon_stop(&d);
 }
 END_TEST
 
 START_TEST(test_session_f32_matches_reference)
 {
-    tdaemon d;
-    daemon_start(&d);
-    la_client *c = connect_ok(&d);
+    la_client *c = connect_ok(&fx);
     run_session_vs_ref(c, "f32", LA_DTYPE_F32, 2, 4, 2, 257, 190, 3, 64, 22);
     la_disconnect(c);
-    daemon_stop(&d);
 }
 END_TEST
 
@@ -625,30 +620,25 @@ static void *client_thread(void *arg)
 
 START_TEST(test_two_clients_at_once)
 {
-    tdaemon d;
-    daemon_start(&d);
     pthread_t th[2];
-    thread_arg args[2] = {{&d, "client-a", 101}, {&d, "client-b", 202}};
+    thread_arg args[2] = {{&fx, "client-a", 101}, {&fx, "client-b", 202}};
     for (int i = 0; i < 2; i++)
         ck_assert_int_eq(pthread_create(&th[i], NULL, client_thread, &args[i]), 0);
     for (int i = 0; i < 2; i++)
         pthread_join(th[i], NULL);
     /* Both sessions were separate: both keys could be opened and were closed again. */
-    la_client *c = connect_ok(&d);
+    la_client *c = connect_ok(&fx);
     la_table *t;
     OK(la_sessions(c, &t));
     ck_assert_int_eq(la_table_rows(t), 0);
     la_table_free(t);
     la_disconnect(c);
-    daemon_stop(&d);
 }
 END_TEST
 
 START_TEST(test_reattach_after_disconnect)
 {
-    tdaemon d;
-    daemon_start(&d);
-    la_client *c = connect_ok(&d);
+    la_client *c = connect_ok(&fx);
     la_session *s = open_session(c, "keep-me", 2, 2, 64, LA_DTYPE_BF16, 256, 256, 1, -3.0f);
     prob p;
     prob_init(&p, c, s, 1, 256, 256, 2, 64, LA_DTYPE_BF16);
@@ -682,7 +672,7 @@ START_TEST(test_reattach_after_disconnect)
     la_attn_free(a);
     la_disconnect(c); /* frees p.buf's handle too */
 
-    c = connect_ok(&d);
+    c = connect_ok(&fx);
     la_session *s2;
     OK(la_session_attach(c, "keep-me", &s2));
     int64_t v;
@@ -723,7 +713,6 @@ START_TEST(test_reattach_after_disconnect)
     free(before);
     free(after);
     la_disconnect(c);
-    daemon_stop(&d);
 }
 END_TEST
 
@@ -752,9 +741,7 @@ static void free_in_callback(la_call *call, int status, void *user)
 
 START_TEST(test_async_pipelined)
 {
-    tdaemon d;
-    daemon_start(&d);
-    la_client *c = connect_ok(&d);
+    la_client *c = connect_ok(&fx);
     enum { L = 6 };
     la_session *s = open_session(c, "async", L, 2, 64, LA_DTYPE_BF16, 256, 256, 1, -3.0f);
     prob pr[L];
@@ -832,7 +819,6 @@ START_TEST(test_async_pipelined)
     }
     OK(la_session_close(s));
     la_disconnect(c);
-    daemon_stop(&d);
 }
 END_TEST
 
@@ -887,9 +873,7 @@ END_TEST
 
 START_TEST(test_error_mapping)
 {
-    tdaemon d;
-    daemon_start(&d);
-    la_client *c = connect_ok(&d);
+    la_client *c = connect_ok(&fx);
     la_session *s = NULL;
     ck_assert_int_eq(la_session_attach(c, "no-such-session", &s), LA_ENOENT);
     ck_assert_ptr_null(s);
@@ -1014,15 +998,12 @@ START_TEST(test_error_mapping)
     OK(la_session_close(s));
     ck_assert_int_eq(la_session_close(NULL), 0);
     la_disconnect(c);
-    daemon_stop(&d);
 }
 END_TEST
 
 START_TEST(test_dry_run_leaves_mask)
 {
-    tdaemon d;
-    daemon_start(&d);
-    la_client *c = connect_ok(&d);
+    la_client *c = connect_ok(&fx);
     la_session *s = open_session(c, "dry", 1, 2, 64, LA_DTYPE_BF16, 300, 300, 2, -3.0f);
     prob p;
     prob_init(&p, c, s, 2, 300, 300, 2, 64, LA_DTYPE_BF16);
@@ -1064,7 +1045,6 @@ START_TEST(test_dry_run_leaves_mask)
     prob_free(&p);
     OK(la_session_close(s));
     la_disconnect(c);
-    daemon_stop(&d);
 }
 END_TEST
 
@@ -1078,9 +1058,7 @@ static ssize_t col_of(const la_table *t, const char *name)
 
 START_TEST(test_tables)
 {
-    tdaemon d;
-    daemon_start(&d);
-    la_client *c = connect_ok(&d);
+    la_client *c = connect_ok(&fx);
     la_session *s = open_session(c, "tabled", 3, 2, 64, LA_DTYPE_BF16, 128, 128, 1, -3.0f);
     prob p;
     prob_init(&p, c, s, 1, 128, 128, 2, 64, LA_DTYPE_BF16);
@@ -1160,15 +1138,12 @@ START_TEST(test_tables)
     prob_free(&p);
     OK(la_session_close(s));
     la_disconnect(c);
-    daemon_stop(&d);
 }
 END_TEST
 
 START_TEST(test_register_fd)
 {
-    tdaemon d;
-    daemon_start(&d);
-    la_client *c = connect_ok(&d);
+    la_client *c = connect_ok(&fx);
     int fd = memfd_create("t", MFD_CLOEXEC | MFD_ALLOW_SEALING);
     ck_assert_int_ge(fd, 0);
     ck_assert_int_eq(ftruncate(fd, 8192), 0);
@@ -1208,15 +1183,12 @@ START_TEST(test_register_fd)
                      LA_ENODEV);
     OK(la_ping(c, NULL));
     la_disconnect(c);
-    daemon_stop(&d);
 }
 END_TEST
 
 START_TEST(test_daemon_gone)
 {
-    tdaemon d;
-    daemon_start(&d);
-    la_client *c = connect_ok(&d);
+    la_client *c = connect_ok(&fx);
     la_session *s = open_session(c, "doomed", 1, 8, 128, LA_DTYPE_F32, 2048, 2048, 1, -3.0f);
     prob p;
     prob_init(&p, c, s, 1, 2048, 2048, 8, 128, LA_DTYPE_F32);
@@ -1228,10 +1200,10 @@ START_TEST(test_daemon_gone)
     fired_status = 0;
     la_call *call;
     OK(la_attn_submit(s, a, NULL, NULL, &call));
-    kill(d.pid, SIGKILL);
+    kill(fx.pid, SIGKILL);
     int st;
-    waitpid(d.pid, &st, 0);
-    d.pid = 0;
+    waitpid(fx.pid, &st, 0);
+    fx.pid = 0;
     int rc = la_call_wait(call, 10000);
     /* Either it finished before the kill, or the connection closed under it. */
     ck_assert_msg(rc == 0 || rc == LA_ECLOSED, "wait: %s", la_err_name(rc));
@@ -1249,7 +1221,6 @@ START_TEST(test_daemon_gone)
     free(p.ref_dec);
     la_session_detach(s);
     la_disconnect(c);
-    daemon_stop(&d);
 }
 END_TEST
 
@@ -1380,9 +1351,7 @@ END_TEST
 /* Must-do and must-skip ranges travel to the daemon and act as in the reference. */
 START_TEST(test_ranges_match_reference)
 {
-    tdaemon d;
-    daemon_start(&d);
-    la_client *c = connect_ok(&d);
+    la_client *c = connect_ok(&fx);
     la_session *s = open_session(c, "ranges", 1, 2, 64, LA_DTYPE_BF16, 256, 320, 1, 0.0f);
     prob p;
     prob_init(&p, c, s, 1, 256, 320, 2, 64, LA_DTYPE_BF16);
@@ -1449,7 +1418,6 @@ START_TEST(test_ranges_match_reference)
     prob_free(&p);
     OK(la_session_close(s));
     la_disconnect(c);
-    daemon_stop(&d);
 }
 END_TEST
 
@@ -1498,9 +1466,7 @@ static void *runner(void *arg)
  * dispatched by whichever thread is polling, and everybody gets theirs. */
 START_TEST(test_threads_share_client)
 {
-    tdaemon d;
-    daemon_start(&d);
-    la_client *c = connect_ok(&d);
+    la_client *c = connect_ok(&fx);
     la_session *s = open_session(c, "shared", 1, 2, 64, LA_DTYPE_BF16, 128, 128, 1, -3.0f);
     prob p;
     prob_init(&p, c, s, 1, 128, 128, 2, 64, LA_DTYPE_BF16);
@@ -1519,7 +1485,6 @@ START_TEST(test_threads_share_client)
     prob_free(&p);
     OK(la_session_close(s));
     la_disconnect(c);
-    daemon_stop(&d);
 }
 END_TEST
 
@@ -1730,32 +1695,46 @@ static Suite *client_suite(void)
 
     TCase *conn = tcase_create("connection");
     tcase_set_timeout(conn, 30);
+    tcase_add_checked_fixture(conn, daemon_up, daemon_down);
     tcase_add_test(conn, test_connect_properties);
     tcase_add_test(conn, test_ping);
     tcase_add_test(conn, test_register_fd);
     tcase_add_test(conn, test_tables);
     tcase_add_test(conn, test_daemon_gone);
-    tcase_add_test(conn, test_hello_timeout);
-    tcase_add_test(conn, test_hello_other_major);
-    tcase_add_test(conn, test_hello_garbage);
-    tcase_add_test(conn, test_error_reply_and_close);
-    tcase_add_test(conn, test_ctl_status_devices);
-    tcase_add_test(conn, test_ctl_metrics);
     suite_add_tcase(s, conn);
+
+    TCase *ctl = tcase_create("liteattnctl"); /* each case starts and stops its own daemon */
+    tcase_set_timeout(ctl, 30);
+    tcase_add_test(ctl, test_ctl_status_devices);
+    tcase_add_test(ctl, test_ctl_metrics);
+    suite_add_tcase(s, ctl);
+
+    TCase *fk = tcase_create("fake_daemon");
+    tcase_set_timeout(fk, 30);
+    tcase_add_test(fk, test_hello_timeout);
+    tcase_add_test(fk, test_hello_other_major);
+    tcase_add_test(fk, test_hello_garbage);
+    tcase_add_test(fk, test_error_reply_and_close);
+    suite_add_tcase(s, fk);
 
     TCase *sess = tcase_create("sessions");
     tcase_set_timeout(sess, 90);
+    tcase_add_checked_fixture(sess, daemon_up, daemon_down);
     tcase_add_test(sess, test_session_bf16_matches_reference);
     tcase_add_test(sess, test_session_f32_matches_reference);
     tcase_add_test(sess, test_two_clients_at_once);
     tcase_add_test(sess, test_reattach_after_disconnect);
     tcase_add_test(sess, test_async_pipelined);
-    tcase_add_test(sess, test_busy_beyond_max_inflight);
     tcase_add_test(sess, test_error_mapping);
     tcase_add_test(sess, test_dry_run_leaves_mask);
     tcase_add_test(sess, test_ranges_match_reference);
     tcase_add_test(sess, test_threads_share_client);
     suite_add_tcase(s, sess);
+
+    TCase *own = tcase_create("sessions_own_daemon");
+    tcase_set_timeout(own, 90);
+    tcase_add_test(own, test_busy_beyond_max_inflight);
+    suite_add_tcase(s, own);
     return s;
 }
 

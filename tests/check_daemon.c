@@ -20,25 +20,23 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "frame.h"
 #include "la_attn.h"
 #include "liteattn.h"
 #include "liteattn.pb-c.h"
+#include "rawproto.h"
 #include "runner.h"
 #include "testutil_daemon.h"
 
-/* ---- a raw protocol client ---------------------------------------------------------------- */
+/* ---- the raw protocol client (tests/rawproto.c), with this file's assertions ------------- */
 
 typedef struct rcl {
     int fd;
-    frame_reader fr;
 } rcl;
 
 static void rcl_open(rcl *r, const td_daemon *d)
 {
     r->fd = td_connect(d);
     ck_assert_msg(r->fd >= 0, "connect to %s failed: %s", d->socket, strerror(errno));
-    frame_reader_init(&r->fr, 16u << 20);
 }
 
 static void rcl_close(rcl *r)
@@ -46,79 +44,21 @@ static void rcl_close(rcl *r)
     if (r->fd >= 0)
         close(r->fd);
     r->fd = -1;
-    frame_reader_free(&r->fr);
 }
 
-/* Writes all of buf (fd, when >= 0, rides with the first byte). Returns 0 or -1. */
-static int send_all(int sock, const uint8_t *buf, size_t len, int fd)
-{
-    size_t off = 0;
-    while (off < len) {
-        ssize_t n = frame_send(sock, buf + off, len - off, off == 0 ? fd : -1);
-        if (n == LA_EAGAIN) {
-            struct pollfd p = {.fd = sock, .events = POLLOUT};
-            poll(&p, 1, 1000);
-            continue;
-        }
-        if (n < 0)
-            return -1;
-        off += (size_t)n;
-    }
-    return 0;
-}
+static int rcl_send(rcl *r, const Liteattn__Request *q, int fd) { return raw_send(r->fd, q, fd); }
 
-static int rcl_send(rcl *r, const Liteattn__Request *q, int fd)
-{
-    uint8_t *buf;
-    size_t len;
-    ck_assert_int_eq(frame_pack(&q->base, 64u << 20, &buf, &len), 0);
-    int rc = send_all(r->fd, buf, len, fd);
-    free(buf);
-    return rc;
-}
-
-/* Next reply, or NULL at end of file or after timeout_ms. */
+/* Next reply, or NULL at end of file or after timeout_ms; a reply that does not decode fails
+ * the case. */
 static Liteattn__Reply *rcl_recv(rcl *r, int timeout_ms)
 {
-    for (;;) {
-        const uint8_t *data;
-        uint32_t len;
-        int rc = frame_next(&r->fr, &data, &len);
-        ck_assert_int_ge(rc, 0);
-        if (rc == 1) {
-            Liteattn__Reply *rep = liteattn__reply__unpack(NULL, len, data);
-            ck_assert_msg(rep != NULL, "undecodable reply of %u bytes", len);
-            frame_consume(&r->fr);
-            return rep;
-        }
-        struct pollfd p = {.fd = r->fd, .events = POLLIN};
-        if (poll(&p, 1, timeout_ms) <= 0)
-            return NULL;
-        ssize_t n = frame_recv(&r->fr, r->fd);
-        if (n == LA_EAGAIN)
-            continue;
-        if (n <= 0)
-            return NULL;
-    }
+    Liteattn__Reply *rep;
+    ck_assert_msg(raw_recv_status(r->fd, timeout_ms, &rep) >= 0, "undecodable reply");
+    return rep;
 }
 
 /* 1 when the daemon closes the connection within timeout_ms (replies before are dropped). */
-static int rcl_eof(rcl *r, int timeout_ms)
-{
-    struct timespec t0, t1;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    for (;;) {
-        struct pollfd p = {.fd = r->fd, .events = POLLIN};
-        clock_gettime(CLOCK_MONOTONIC, &t1);
-        int left = timeout_ms - (int)((t1.tv_sec - t0.tv_sec) * 1000 + (t1.tv_nsec - t0.tv_nsec) / 1000000);
-        if (left <= 0 || poll(&p, 1, left) <= 0)
-            return 0;
-        ssize_t n = frame_recv(&r->fr, r->fd);
-        if (n == 0 || (n < 0 && n != LA_EAGAIN))
-            return 1;
-        r->fr.head = r->fr.len = 0; /* drop whatever came */
-    }
-}
+static int rcl_eof(rcl *r, int timeout_ms) { return raw_eof(r->fd, timeout_ms); }
 
 static void rcl_free_reply(Liteattn__Reply *rep) { liteattn__reply__free_unpacked(rep, NULL); }
 
@@ -219,6 +159,18 @@ static int64_t stat_of(rcl *r, uint64_t id, const char *name)
     rcl_free_reply(rep);
     return v;
 }
+
+/* ---- fixtures ------------------------------------------------------------------------------ */
+
+/* The fixtures' daemon (default arguments). The "protocol_shared" cases share one per test
+ * case (an unchecked fixture: started before its cases fork, stopped after the last, exit
+ * status 0 asserted); each such case ends by checking that a new client is still served. The
+ * "engine" cases get one each (a checked fixture, in the case's own process), because they
+ * count sessions, buffers and calls. */
+static td_daemon fx;
+
+static void daemon_up(void) { start(&fx, NULL); }
+static void daemon_down(void) { stop_ok(&fx); }
 
 /* ---- sessions, buffers, attention --------------------------------------------------------- */
 
@@ -470,31 +422,25 @@ END_TEST
 
 START_TEST(test_no_hello)
 {
-    td_daemon d;
-    start(&d, NULL);
     rcl r;
-    rcl_open(&r, &d);
+    rcl_open(&r, &fx);
     send_ping(&r, 5);
     expect_error(&r, 5, LA_EPROTO);
     ck_assert_msg(rcl_eof(&r, 5000), "connection not closed after a request before Hello");
     rcl_close(&r);
-    assert_healthy(&d);
-    stop_ok(&d);
+    assert_healthy(&fx);
 }
 END_TEST
 
 START_TEST(test_wrong_major)
 {
-    td_daemon d;
-    start(&d, NULL);
     rcl r;
-    rcl_open(&r, &d);
+    rcl_open(&r, &fx);
     send_hello(&r, 3, LA_PROTOCOL_MAJOR + 1);
     expect_error(&r, 3, LA_EVERSION);
     ck_assert_msg(rcl_eof(&r, 5000), "connection not closed after a wrong major version");
     rcl_close(&r);
-    assert_healthy(&d);
-    stop_ok(&d);
+    assert_healthy(&fx);
 }
 END_TEST
 
@@ -525,7 +471,7 @@ START_TEST(test_oversize_frame)
     uint32_t n = 9u << 20; /* 9 MiB announced */
     hdr[0] = (uint8_t)n, hdr[1] = (uint8_t)(n >> 8), hdr[2] = (uint8_t)(n >> 16),
     hdr[3] = (uint8_t)(n >> 24);
-    ck_assert_int_eq(send_all(r.fd, hdr, sizeof(hdr), -1), 0);
+    ck_assert_int_eq(raw_send_bytes(r.fd, hdr, sizeof(hdr), -1), 0);
     ck_assert_msg(rcl_eof(&r, 5000), "connection not closed after an oversized frame");
     rcl_close(&r);
     /* Just over the limit, complete: closed as well. */
@@ -534,7 +480,7 @@ START_TEST(test_oversize_frame)
     size_t big = 4096 + 1;
     uint8_t *f = calloc(1, 4 + big);
     f[0] = (uint8_t)big, f[1] = (uint8_t)(big >> 8);
-    send_all(r.fd, f, 4 + big, -1);
+    raw_send_bytes(r.fd, f, 4 + big, -1);
     free(f);
     ck_assert(rcl_eof(&r, 5000));
     rcl_close(&r);
@@ -549,54 +495,46 @@ END_TEST
 
 START_TEST(test_undecodable)
 {
-    td_daemon d;
-    start(&d, NULL);
     rcl r;
-    rcl_open(&r, &d);
+    rcl_open(&r, &fx);
     rcl_hello(&r);
     uint8_t f[4 + 24];
     memset(f, 0xff, sizeof(f));
     f[0] = 24, f[1] = f[2] = f[3] = 0;
-    ck_assert_int_eq(send_all(r.fd, f, sizeof(f), -1), 0);
+    ck_assert_int_eq(raw_send_bytes(r.fd, f, sizeof(f), -1), 0);
     ck_assert_msg(rcl_eof(&r, 5000), "connection not closed after undecodable bytes");
     rcl_close(&r);
     /* A Request missing its required id does not decode either, even before Hello. */
-    rcl_open(&r, &d);
+    rcl_open(&r, &fx);
     uint8_t g[4 + 2] = {2, 0, 0, 0, 0xb2, 0x01}; /* field 22 (ping), length... cut */
-    send_all(r.fd, g, sizeof(g), -1);
+    raw_send_bytes(r.fd, g, sizeof(g), -1);
     ck_assert(rcl_eof(&r, 5000));
     rcl_close(&r);
-    assert_healthy(&d);
-    stop_ok(&d);
+    assert_healthy(&fx);
 }
 END_TEST
 
 START_TEST(test_truncated_then_eof)
 {
-    td_daemon d;
-    start(&d, NULL);
     for (int i = 0; i < 3; i++) {
         rcl r;
-        rcl_open(&r, &d);
+        rcl_open(&r, &fx);
         if (i > 0)
             rcl_hello(&r);
         uint8_t f[4 + 10] = {100, 0, 0, 0, 8, 1};
-        send_all(r.fd, f, i == 2 ? 2 : sizeof(f), -1); /* a frame (or header) cut short */
+        raw_send_bytes(r.fd, f, i == 2 ? 2 : sizeof(f), -1); /* a frame (or header) cut short */
         shutdown(r.fd, SHUT_WR);
         ck_assert(rcl_eof(&r, 5000));
         rcl_close(&r);
     }
-    assert_healthy(&d);
-    stop_ok(&d);
+    assert_healthy(&fx);
 }
 END_TEST
 
 START_TEST(test_ping_pipeline)
 {
-    td_daemon d;
-    start(&d, NULL);
     rcl r;
-    rcl_open(&r, &d);
+    rcl_open(&r, &fx);
     /* Hello and 2000 pings in one write. */
     enum { N = 2000 };
     uint8_t *all = NULL;
@@ -618,13 +556,13 @@ START_TEST(test_ping_pipeline)
         }
         uint8_t *b;
         size_t n;
-        ck_assert_int_eq(frame_pack(&q.base, 0, &b, &n), 0);
+        ck_assert_int_eq(raw_pack(&q, &b, &n), 0);
         all = realloc(all, total + n);
         memcpy(all + total, b, n);
         total += n;
         free(b);
     }
-    ck_assert_int_eq(send_all(r.fd, all, total, -1), 0);
+    ck_assert_int_eq(raw_send_bytes(r.fd, all, total, -1), 0);
     free(all);
     static char seen[N + 2];
     memset(seen, 0, sizeof(seen));
@@ -641,16 +579,14 @@ START_TEST(test_ping_pipeline)
         rcl_free_reply(rep);
     }
     rcl_close(&r);
-    stop_ok(&d);
+    assert_healthy(&fx);
 }
 END_TEST
 
 START_TEST(test_unknown_session)
 {
-    td_daemon d;
-    start(&d, NULL);
     rcl r;
-    rcl_open(&r, &d);
+    rcl_open(&r, &fx);
     rcl_hello(&r);
     send_session_ref(&r, 2, LITEATTN__REQUEST__BODY_SESSION_INFO, 12345);
     expect_error(&r, 2, LA_ENOENT);
@@ -679,17 +615,14 @@ START_TEST(test_unknown_session)
     ck_assert_int_eq(rcl_send(&r, &q, -1), 0);
     expect_error(&r, 7, LA_ENOENT);
     rcl_close(&r);
-    assert_healthy(&d);
-    stop_ok(&d);
+    assert_healthy(&fx);
 }
 END_TEST
 
 START_TEST(test_session_lifecycle)
 {
-    td_daemon d;
-    start(&d, NULL);
     rcl r;
-    rcl_open(&r, &d);
+    rcl_open(&r, &fx);
     rcl_hello(&r);
     uint64_t sid = open_session(&r, 2, "gen-1", NULL, NULL, NULL);
     /* The same key again: exists. */
@@ -767,16 +700,13 @@ START_TEST(test_session_lifecycle)
     send_session_ref(&r, 16, LITEATTN__REQUEST__BODY_SESSION_INFO, sid);
     expect_error(&r, 16, LA_ENOENT);
     rcl_close(&r);
-    stop_ok(&d);
 }
 END_TEST
 
 START_TEST(test_many_sessions_listed)
 {
-    td_daemon d;
-    start(&d, NULL);
     rcl r;
-    rcl_open(&r, &d);
+    rcl_open(&r, &fx);
     rcl_hello(&r);
     enum { N = 40 }; /* more than the first allocation of the daemon's list */
     for (int i = 0; i < N; i++) {
@@ -802,7 +732,6 @@ START_TEST(test_many_sessions_listed)
     }
     rcl_free_reply(rep);
     rcl_close(&r);
-    stop_ok(&d);
 }
 END_TEST
 
@@ -844,10 +773,8 @@ static void reference(const setup *st, int n_steps, float *o, uint32_t *mask, si
 
 START_TEST(test_attention_shm)
 {
-    td_daemon d;
-    start(&d, NULL);
     rcl r;
-    rcl_open(&r, &d);
+    rcl_open(&r, &fx);
     rcl_hello(&r);
     setup st;
     setup_attn(&r, &st, "attn");
@@ -922,16 +849,13 @@ START_TEST(test_attention_shm)
     free(mask);
     shm_free(&st.s);
     rcl_close(&r);
-    stop_ok(&d);
 }
 END_TEST
 
 START_TEST(test_bad_extents)
 {
-    td_daemon d;
-    start(&d, NULL);
     rcl r;
-    rcl_open(&r, &d);
+    rcl_open(&r, &fx);
     rcl_hello(&r);
     setup st;
     setup_attn(&r, &st, "extents");
@@ -1002,25 +926,22 @@ START_TEST(test_bad_extents)
     rcl_free_reply(expect_body(&r, id, LITEATTN__REPLY__BODY_ATTENTION));
     rcl_close(&r);
     shm_free(&st.s);
-    assert_healthy(&d);
-    stop_ok(&d);
+    assert_healthy(&fx);
 }
 END_TEST
 
 START_TEST(test_fd_protocol_errors)
 {
-    td_daemon d;
-    start(&d, NULL);
     rcl r;
     /* BufferRegister(SHM) without an fd: closed. */
-    rcl_open(&r, &d);
+    rcl_open(&r, &fx);
     rcl_hello(&r);
     send_register(&r, 2, 4096, -1);
     ck_assert_msg(rcl_eof(&r, 5000), "not closed after a BufferRegister without an fd");
     rcl_close(&r);
     /* An fd riding on a Ping: closed. */
     shm s = shm_new(4096);
-    rcl_open(&r, &d);
+    rcl_open(&r, &fx);
     rcl_hello(&r);
     Liteattn__Ping p = LITEATTN__PING__INIT;
     Liteattn__Request q = LITEATTN__REQUEST__INIT;
@@ -1031,8 +952,7 @@ START_TEST(test_fd_protocol_errors)
     ck_assert_msg(rcl_eof(&r, 5000), "not closed after an fd without a BufferRegister");
     rcl_close(&r);
     shm_free(&s);
-    assert_healthy(&d);
-    stop_ok(&d);
+    assert_healthy(&fx);
 }
 END_TEST
 
@@ -1073,13 +993,13 @@ START_TEST(test_inflight_limit)
         q.attention = &m;
         uint8_t *b;
         size_t n;
-        ck_assert_int_eq(frame_pack(&q.base, 0, &b, &n), 0);
+        ck_assert_int_eq(raw_pack(&q, &b, &n), 0);
         all = realloc(all, total + n);
         memcpy(all + total, b, n);
         total += n;
         free(b);
     }
-    ck_assert_int_eq(send_all(r.fd, all, total, -1), 0);
+    ck_assert_int_eq(raw_send_bytes(r.fd, all, total, -1), 0);
     free(all);
     int ok = 0, busy = 0;
     char seen[N] = {0};
@@ -1115,13 +1035,11 @@ END_TEST
 
 START_TEST(test_client_killed)
 {
-    td_daemon d;
-    start(&d, NULL);
     pid_t pid = fork();
     ck_assert_int_ge(pid, 0);
     if (pid == 0) {
         rcl r;
-        rcl_open(&r, &d);
+        rcl_open(&r, &fx);
         rcl_hello(&r);
         setup st;
         setup_attn(&r, &st, "doomed");
@@ -1137,10 +1055,10 @@ START_TEST(test_client_killed)
     int status;
     ck_assert_int_eq(waitpid(pid, &status, 0), pid);
     ck_assert(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
-    assert_healthy(&d);
+    assert_healthy(&fx);
     /* Its buffer goes away once its calls finished; its session stays, detached. */
     rcl r;
-    rcl_open(&r, &d);
+    rcl_open(&r, &fx);
     rcl_hello(&r);
     int64_t buffers = -1;
     for (int i = 0; i < 200 && buffers != 0; i++) {
@@ -1159,7 +1077,6 @@ START_TEST(test_client_killed)
     ck_assert_int_eq(rcl_send(&r, &q, -1), 0);
     rcl_free_reply(expect_body(&r, 501, LITEATTN__REPLY__BODY_SESSION));
     rcl_close(&r);
-    stop_ok(&d);
 }
 END_TEST
 
@@ -1172,7 +1089,6 @@ static int other_user_child(const td_daemon *d, uint64_t sid)
     r.fd = td_connect(d);
     if (r.fd < 0)
         return 3;
-    frame_reader_init(&r.fr, 16u << 20);
     send_hello(&r, 1, LA_PROTOCOL_MAJOR);
     Liteattn__Reply *rep = rcl_recv(&r, 5000);
     if (!rep || rep->body_case != LITEATTN__REPLY__BODY_HELLO)
@@ -1422,13 +1338,13 @@ START_TEST(test_slow_reader)
         q.ping = &p;
         uint8_t *b;
         size_t n;
-        ck_assert_int_eq(frame_pack(&q.base, 0, &b, &n), 0);
+        ck_assert_int_eq(raw_pack(&q, &b, &n), 0);
         ck_assert_uint_le(total + n, cap);
         memcpy(all + total, b, n);
         total += n;
         free(b);
     }
-    send_all(r.fd, all, total, -1); /* fails part-way once the daemon closes: fine */
+    raw_send_bytes(r.fd, all, total, -1); /* fails part-way once the daemon closes: fine */
     free(all);
     ck_assert_msg(rcl_eof(&r, 10000), "a client that never reads was not disconnected");
     rcl_close(&r);
@@ -1556,33 +1472,41 @@ int main(void)
     TCase *tc = tcase_create("protocol");
     tcase_set_timeout(tc, 30);
     tcase_add_test(tc, test_hello);
-    tcase_add_test(tc, test_no_hello);
-    tcase_add_test(tc, test_wrong_major);
     tcase_add_test(tc, test_hello_timeout);
     tcase_add_test(tc, test_oversize_frame);
+    tcase_add_test(tc, test_options);
+    tcase_add_test(tc, test_slow_reader);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("protocol_shared");
+    tcase_set_timeout(tc, 30);
+    tcase_add_unchecked_fixture(tc, daemon_up, daemon_down);
+    tcase_add_test(tc, test_no_hello);
+    tcase_add_test(tc, test_wrong_major);
     tcase_add_test(tc, test_undecodable);
     tcase_add_test(tc, test_truncated_then_eof);
     tcase_add_test(tc, test_ping_pipeline);
     tcase_add_test(tc, test_fd_protocol_errors);
-    tcase_add_test(tc, test_options);
-    tcase_add_test(tc, test_slow_reader);
     suite_add_tcase(s, tc);
-    TCase *tc2 = tcase_create("engine");
-    tcase_set_timeout(tc2, 30);
-    tcase_add_test(tc2, test_unknown_session);
-    tcase_add_test(tc2, test_session_lifecycle);
-    tcase_add_test(tc2, test_many_sessions_listed);
-    tcase_add_test(tc2, test_attention_shm);
-    tcase_add_test(tc2, test_bad_extents);
-    tcase_add_test(tc2, test_inflight_limit);
-    tcase_add_test(tc2, test_client_killed);
-    tcase_add_test(tc2, test_other_user);
-    tcase_add_test(tc2, test_connections_per_user);
-    tcase_add_test(tc2, test_sigterm_removes_lock);
-    tcase_add_test(tc2, test_no_driver_message);
-    tcase_add_test(tc2, test_sigterm_inflight);
-    tcase_add_test(tc2, test_second_signal);
-    tcase_add_test(tc2, test_config_file);
-    suite_add_tcase(s, tc2);
+    tc = tcase_create("engine");
+    tcase_set_timeout(tc, 30);
+    tcase_add_checked_fixture(tc, daemon_up, daemon_down);
+    tcase_add_test(tc, test_unknown_session);
+    tcase_add_test(tc, test_session_lifecycle);
+    tcase_add_test(tc, test_many_sessions_listed);
+    tcase_add_test(tc, test_attention_shm);
+    tcase_add_test(tc, test_bad_extents);
+    tcase_add_test(tc, test_client_killed);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("engine_own_daemon");
+    tcase_set_timeout(tc, 30);
+    tcase_add_test(tc, test_inflight_limit);
+    tcase_add_test(tc, test_other_user);
+    tcase_add_test(tc, test_connections_per_user);
+    tcase_add_test(tc, test_sigterm_removes_lock);
+    tcase_add_test(tc, test_no_driver_message);
+    tcase_add_test(tc, test_sigterm_inflight);
+    tcase_add_test(tc, test_second_signal);
+    tcase_add_test(tc, test_config_file);
+    suite_add_tcase(s, tc);
     return tu_run(s); /* CK_VERBOSITY=verbose lists the cases */
 }

@@ -147,8 +147,8 @@ static void victim(const char *sock, int kind, int idx)
         q.buffer_register = &br;
         uint8_t *buf;
         size_t len;
-        frame_pack(&q.base, 0, &buf, &len);
-        frame_send(fd, buf, len - 2, m);
+        raw_pack(&q, &buf, &len);
+        raw_send_bytes(fd, buf, len - 2, m); /* the frame cut short, the fd with it */
         for (;;)
             pause();
     }

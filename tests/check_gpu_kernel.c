@@ -313,6 +313,16 @@ static void model_run(const cfg *c, const tens *q, const tens *k, const tens *v,
     free(s), free(m), free(l), free(acc), free(qd), free(kd), free(vd), free(order);
 }
 
+/* Compute capability of the current device (10*major + minor): the selector picks the kernel
+ * family, hence the tile sizes, from it. */
+static int device_cc(void) {
+    int dev = 0, major = 0, minor = 0;
+    CUDA_OK(cudaGetDevice(&dev));
+    CUDA_OK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    CUDA_OK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+    return 10 * major + minor;
+}
+
 /* ---- one case: `steps` calls on the GPU, the CPU reference and the model ------------------ */
 typedef struct stats {
     int ties, mismatches_ref, mismatches_model;
@@ -332,7 +342,8 @@ static double rel_l2(const double *ref, const double *x, size_t n) {
 static stats run_case(const cfg *c) {
     stats st = {0};
     int32_t BM, BN;
-    ck_assert_int_eq(la_cuda_tile_sizes(c->D, c->dtype, 80, &BM, &BN), 0);
+    const int cc = device_cc();
+    ck_assert_int_eq(la_cuda_tile_sizes(c->D, c->dtype, cc, &BM, &BN), 0);
     const int B = c->B, H = c->H, Sq = c->Sq, Sk = c->Sk, D = c->D;
     const int nQ = la_tiles(Sq, BM), nK = la_tiles(Sk, BN), W = la_mask_words(nK);
     const size_t rows = (size_t)B * H * nQ, nO = (size_t)B * Sq * H * D, nL = (size_t)B * H * Sq;
@@ -398,7 +409,7 @@ static stats run_case(const cfg *c) {
         CUDA_OK(cudaMemset(o.dev, 0xFF, o.elems * 2)); /* NaN in bf16 and fp16 */
         CUDA_OK(cudaMemset(d_lse, 0xFF, nL * 4));
         CUDA_OK(cudaMemset(d_tiles, 0, 8));
-        ck_assert_int_eq(la_cuda_supported(&p, 80), 0);
+        ck_assert_int_eq(la_cuda_supported(&p, cc), 0);
         CUDA_OK(la_attn_fwd_cuda(&p, 0));
         CUDA_OK(cudaDeviceSynchronize());
         uint16_t *o_store = malloc(o.elems * 2);
@@ -503,8 +514,10 @@ static stats run_case(const cfg *c) {
         free(dec_ref);
     }
     st.live_fraction = (double)live_sum / (double)live_total;
-    printf("%s: %d steps, O rel L2 vs float64 %.2e, vs CPU ref %.2e, live fraction %.3f, ties %d\n",
-           c->name, c->steps, st.worst_o, st.worst_o_ref, st.live_fraction, st.ties);
+    printf("%s [%s, BM %d BN %d]: %d steps, O rel L2 vs float64 %.2e, vs CPU ref %.2e, live fraction "
+           "%.3f, ties %d\n",
+           c->name, la_cuda_variant_name(D, c->dtype, cc), BM, BN, c->steps, st.worst_o, st.worst_o_ref,
+           st.live_fraction, st.ties);
 
     tens_free(&q), tens_free(&k), tens_free(&v), tens_free(&o);
     free(mask), free(mask_ref), free(gpu_mask), free(packed_in), free(lse), free(lse_ref);
@@ -599,7 +612,7 @@ START_TEST(test_extremes) {
      * call's mask and tile count against it. */
     stats st = run_case(&c);
     int32_t BM, BN;
-    la_cuda_tile_sizes(D, dt, 80, &BM, &BN);
+    la_cuda_tile_sizes(D, dt, device_cc(), &BM, &BN);
     const int nK = la_tiles(c.Sk, BN); /* step 0: nK tiles per row; step 1: 2 (last, 300/BN) */
     ck_assert_double_eq_tol(st.live_fraction, (nK + 2.0) / (2.0 * nK), 1e-9);
     cfg c2 = c;
@@ -609,15 +622,72 @@ START_TEST(test_extremes) {
 }
 END_TEST
 
+/* Larger rows: many k-tiles per row, so that the Hopper kernel's shared-memory ring wraps many
+ * times with skipped tiles in between (and several q-tiles per head). */
+START_TEST(test_long_rows) {
+    need_gpu();
+    const int D = kDims[_i / 2];
+    const la_dtype dt = kDtypes[_i % 2];
+    seed_from_clock("long_rows");
+    cfg c = {.name = "long_skip", .B = 1, .Sq = 700, .Sk = 3000, .H = 2, .D = D, .dtype = dt,
+             .mode = LA_MODE_SKIP, .dir = LA_DIR_ALTERNATE, .tau = -4.0f, .steps = 3,
+             .lse = true, .drift = 0.05, .peak = 0.6, .mask_init = 1,
+             .must_do = {{0, 40}}, .n_must_do = 1};
+    run_case(&c);
+}
+END_TEST
+
+/* Small shapes for compute-sanitizer (memcheck, racecheck): CK_RUN_CASE=sanitize. Partial
+ * q- and k-tiles, must-do and must-skip, skip and dense modes, both directions. */
+START_TEST(test_sanitize_small) {
+    need_gpu();
+    const int D = kDims[_i / 2];
+    const la_dtype dt = kDtypes[_i % 2];
+    seed_from_clock("sanitize_small");
+    cfg c = {.name = "small_skip", .B = 1, .Sq = 200, .Sk = 700, .H = 2, .D = D, .dtype = dt,
+             .mode = LA_MODE_SKIP, .dir = LA_DIR_ALTERNATE, .tau = -3.0f, .steps = 2,
+             .lse = true, .drift = 0.05, .peak = 0.6, .mask_init = 1,
+             .must_do = {{0, 5}}, .n_must_do = 1, .must_skip = {{650, 700}}, .n_must_skip = 1};
+    run_case(&c);
+    c.name = "small_dense";
+    c.mode = LA_MODE_DENSE, c.tau = -INFINITY, c.steps = 1, c.Sq = 70, c.Sk = 130;
+    c.n_must_do = 0, c.n_must_skip = 0;
+    run_case(&c);
+}
+END_TEST
+
 START_TEST(test_supported) {
     int32_t bm = 0, bn = 0;
-    ck_assert_int_eq(la_cuda_tile_sizes(128, LA_DTYPE_BF16, 90, &bm, &bn), 0);
+    /* The portable family below compute capability 9.0 (and on 8.x), its tile sizes fixed. */
+    ck_assert_int_eq(la_cuda_tile_sizes(128, LA_DTYPE_BF16, 80, &bm, &bn), 0);
     ck_assert_int_eq(bm, 128);
     ck_assert_int_eq(bn, 64);
+    ck_assert_str_eq(la_cuda_variant_name(128, LA_DTYPE_BF16, 80), "sm80_hd128_bf16");
+    ck_assert_str_eq(la_cuda_variant_name(64, LA_DTYPE_F16, 89), "sm80_hd64_f16");
     ck_assert_int_eq(la_cuda_tile_sizes(64, LA_DTYPE_F16, 80, &bm, &bn), 0);
     ck_assert_int_eq(la_cuda_tile_sizes(96, LA_DTYPE_BF16, 90, &bm, &bn), LA_ENOTSUP);
     ck_assert_int_eq(la_cuda_tile_sizes(128, LA_DTYPE_F32, 90, &bm, &bn), LA_ENOTSUP);
     ck_assert_int_eq(la_cuda_tile_sizes(128, LA_DTYPE_BF16, 75, &bm, &bn), LA_ENOTSUP);
+    ck_assert_ptr_null(la_cuda_variant_name(128, LA_DTYPE_BF16, 75));
+    /* sm_90a code never runs past 9.0: sm_100 and later get the portable family. */
+    ck_assert_str_eq(la_cuda_variant_name(128, LA_DTYPE_BF16, 100), "sm80_hd128_bf16");
+    ck_assert_str_eq(la_cuda_variant_name(64, LA_DTYPE_BF16, 120), "sm80_hd64_bf16");
+    /* On 9.0: the Hopper family when it was built (and LA_CUDA_PORTABLE is unset), with tiles
+     * of whole warpgroups; the portable one otherwise. */
+    const int dims[2] = {64, 128};
+    const la_dtype dts[2] = {LA_DTYPE_BF16, LA_DTYPE_F16};
+    for (int i = 0; i < 4; i++) {
+        const char *name = la_cuda_variant_name(dims[i / 2], dts[i % 2], 90);
+        ck_assert_ptr_nonnull(name);
+        ck_assert_int_eq(la_cuda_tile_sizes(dims[i / 2], dts[i % 2], 90, &bm, &bn), 0);
+        const char *portable = getenv("LA_CUDA_PORTABLE");
+        if (portable && portable[0] && strcmp(portable, "0") != 0)
+            ck_assert_msg(strncmp(name, "sm80_", 5) == 0, "LA_CUDA_PORTABLE set, %s selected", name);
+        if (strncmp(name, "sm90_", 5) == 0)
+            ck_assert_msg(bm % 64 == 0 && bn % 16 == 0, "%s: BM %d BN %d", name, bm, bn);
+        printf("cc 9.0, head dim %d %s: %s, BM %d BN %d\n", dims[i / 2], i % 2 ? "f16" : "bf16", name,
+               bm, bn);
+    }
     /* Pointer values only: la_cuda_supported never dereferences the tensors. */
     static char buf[1 << 17] __attribute__((aligned(16)));
     la_cuda_tile_sizes(128, LA_DTYPE_BF16, 90, &bm, &bn);
@@ -653,6 +723,9 @@ static Suite *kernel_suite(void) {
     tu_gpu_loop_test(tc, test_skip_multistep, 0, 4);
     tu_gpu_loop_test(tc, test_observe_dryrun_strided, 0, 4);
     tu_gpu_loop_test(tc, test_extremes, 0, 4);
+    tu_gpu_loop_test(tc, test_long_rows, 0, 4);
+    tc = tu_gpu_tcase(s, "sanitize", 600);
+    tu_gpu_loop_test(tc, test_sanitize_small, 0, 4);
     return s;
 }
 

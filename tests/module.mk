@@ -2,7 +2,7 @@
 # it may need. tests/testutil.c holds shared helpers (naive float64 attention, daemon start).
 # GPU tests skip themselves when no device is present (see tests/testutil.h).
 TEST_SRCS := $(wildcard tests/check_*.c)
-TEST_UTIL_OBJS := $(call objs,$(wildcard tests/testutil*.c))
+TEST_UTIL_OBJS := $(call objs,$(wildcard tests/testutil*.c) tests/rawproto.c)
 CHECK_BINS := $(patsubst tests/%.c,$(BUILD)/tests/%,$(TEST_SRCS))
 TEST_LIBS := $(CHECK_LIBS) $(UV_LIBS) $(PROTOBUF_C_LIBS) $(SYSTEMD_LIBS) $(CUDA_LIBS) -ldl $(LDLIBS_BASE)
 

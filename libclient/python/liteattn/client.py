@@ -314,15 +314,21 @@ class Client:
     # -- sessions --
     def open_session(self, key, *, layers, heads, head_dim, dtype, max_seq_q, max_seq_k=None,
                      batch=1, kv_shards=1, threshold=-3.0, mode="skip", schedule=None,
-                     direction=None, device=None):
+                     direction=None, device=None, profile=None):
         """Opens a generation session (all masks start all ones: the first step is dense).
 
         dtype: "float32" (CPU backend only), "float16" or "bfloat16" (also numpy/torch dtypes).
         threshold: tau in log2 units (-inf skips nothing). schedule: per-step thresholds
         (step s uses schedule[min(s, len-1)]). mode: "skip", "observe" or "dense".
         direction: None/"alternate", "ascending", "descending". device: "auto" (default),
-        "cpu", "cuda" or a GPU UUID.
+        "cpu", "cuda" or a GPU UUID. profile: a calibrated profile (liteattn-calibrate's JSON
+        file, a dict or a liteattn.calibrate.Profile): its per-step schedule unless schedule is
+        given, and its per-layer thresholds for calls that name no threshold.
         """
+        if profile is not None:
+            from .calibrate import load_profile
+            profile = load_profile(profile)
+            schedule = profile.schedule if schedule is None else schedule
         dcode = _dtype_code(dtype)
         L = self._lib
         cfg = ctypes.c_void_p()
@@ -351,6 +357,7 @@ class Client:
         finally:
             L.la_session_config_free(cfg)
         s = Session(self, h, str(key))
+        s.profile = profile
         self._sessions.add(s)
         return s
 
@@ -475,6 +482,7 @@ class Session:
         self.stats = {"calls": 0, "tiles_total": 0, "tiles_computed": 0, "compute_ns": 0,
                       "queue_ns": 0}
         self.last_call = {}
+        self.profile = None   # set by open_session(profile=...): per-layer thresholds
 
     def __repr__(self):
         return "<liteattn.Session %r id=%s layers=%d heads=%d head_dim=%d %s tiles=%s>" % (
@@ -575,6 +583,8 @@ class Session:
         threshold/mode override the session's for this call only.
         """
         h = self._handle()
+        if threshold is None and self.profile is not None and self.profile.layers:
+            threshold = self.profile.threshold(layer, step)
         kinds = {_kind(x) for x in (q, k, v)}
         if len(kinds) != 1:
             raise InvalidArgument("q, k and v must all be NumPy arrays, all CPU tensors or "

@@ -438,13 +438,16 @@ def _set_processor(mod, proc):
 
 
 def apply(pipe, threshold=-3.0, *, socket=None, schedule=None, mode="skip", max_branches=2,
-          log_steps=True, **session_options):
+          log_steps=True, profile=None, **session_options):
     """Routes the video self-attention of `pipe` (a diffusers pipeline, or a transformer model)
     through liteattn. threshold: tau in log2 units (-inf: exact, nothing skipped); schedule:
     per-step thresholds; mode: "skip", "observe" or "dense"; max_branches: transformer passes
     per step with separate masks (2 covers classifier-free guidance as two passes);
     socket: the daemon's socket (None: default). Extra keywords go to open_session (max_seq_q,
-    batch, device, direction). Returns pipe."""
+    batch, device, direction). profile: a calibrated profile (liteattn-calibrate's file):
+    its per-step schedule and per-layer thresholds. Returns pipe."""
+    if profile is not None:
+        session_options["profile"] = profile
     if getattr(pipe, "_liteattn_state", None) is not None:
         raise InvalidArgument("liteattn is already applied to this pipeline; remove() first")
     transformers = _transformers_of(pipe)

@@ -185,10 +185,15 @@ class LiteAttention:
     CUDA or CPU, or NumPy arrays). Returns out, or (out, lse) with lse (B, H, Sq) float32.
     Each call advances this layer's step."""
 
-    def __init__(self, threshold=-3.0, enable_skipping=True, context=None, max_batch_size=None):
+    def __init__(self, threshold=-3.0, enable_skipping=True, context=None, max_batch_size=None,
+                 profile=None):
         self.context = context or default_context()
         self.layer = self.context.register(self)
         self.threshold = float(threshold)
+        self.profile = None   # a calibrated profile: its threshold for (layer, step) per call
+        if profile is not None:
+            from .calibrate import load_profile
+            self.profile = load_profile(profile)
         self.enable_skipping = bool(enable_skipping)
         self._step = 0
         self._reset_pending = False
@@ -237,7 +242,9 @@ class LiteAttention:
             must_do = ((0, int(k.shape[1])),)
             mode = "skip"
             self._reset_pending = False
-        res = s.attention(self.layer, self._step, q, k, v, threshold=self.threshold,
+        thr = self.threshold if self.profile is None else \
+            self.profile.threshold(self.layer, self._step)
+        res = s.attention(self.layer, self._step, q, k, v, threshold=thr,
                           mode=mode, must_do=must_do,
                           must_skip=convert_must_list(must_skip_list), scale=scale,
                           return_lse=bool(return_softmax_lse))

@@ -1,6 +1,6 @@
 /*
- * attn_fwd.cuh — private: the templated LiteAttention forward kernel (FlashAttention-2 style)
- * for sm_80 .. sm_90: mma.sync.m16n8k16 tensor cores fed by ldmatrix from XOR-swizzled shared
+ * fwd_sm80.cuh — private: the portable LiteAttention forward kernel family (FlashAttention-2
+ * style) for sm_80 and later: mma.sync.m16n8k16 tensor cores fed by ldmatrix from XOR-swizzled shared
  * memory, cp.async copies of K/V tiles overlapped with the math, online softmax in the exp2
  * domain with fp32 accumulation, and the skip semantics of SKIP-SEMANTICS.md.
  *
@@ -16,11 +16,12 @@
  * so V(n) streams in under QK and K(next) under softmax and PV. The barrier after each wait
  * also guarantees that nobody still reads the buffer about to be overwritten.
  *
- * Instances: one per (head dim, dtype) in attn_fwd_hd<D>_<dtype>.cu; each builds the kernel
- * twice, with skipping (SKIP=true) and with it compiled out (SKIP=false, pure dense).
+ * Instances: one per (head dim, dtype) in attn_fwd_hd<D>_<dtype>_sm80.cu; each builds the
+ * kernel twice, with skipping (SKIP=true) and with it compiled out (SKIP=false, pure dense).
+ * The skip logic itself (live set, walk, votes, write-back) is attn_skip.cuh's.
  */
-#ifndef LA_ATTN_FWD_CUH
-#define LA_ATTN_FWD_CUH
+#ifndef LA_FWD_SM80_CUH
+#define LA_FWD_SM80_CUH
 
 #include <stdint.h>
 
@@ -28,31 +29,10 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include "la_cuda.h"
+#include "attn_skip.cuh"
 
 namespace la_cuda {
-
-constexpr int kFlagWords = LA_CUDA_MAX_K_TILES / 32;
-
-/* Kernel parameters, by value (about 1.2 KB). Strides in elements. */
-struct KParams {
-    const void *q, *k, *v; /* Q: [B, Sq, H, D]; K, V: [B, Sk, H, D]; d stride 1 */
-    void *o;               /* O: [B, Sq, H, D], d stride 1 */
-    float *lse;            /* LSE: [B, H, Sq] f32 or NULL */
-    int64_t q_sb, q_ss, q_sh, k_sb, k_ss, k_sh, v_sb, v_ss, v_sh, o_sb, o_ss, o_sh;
-    int64_t lse_sb, lse_sh, lse_ss;
-    int32_t Sq, Sk, nK, W; /* W = ceil(nK / 32) mask words per row */
-    float c;               /* scale * log2(e): raw score -> log2 units */
-    float tau;
-    int32_t mode;          /* la_mode: DENSE, OBSERVE or SKIP */
-    int32_t desc;          /* 1: visit k-tiles in descending order */
-    uint32_t *mask;        /* mask row (b, h, m) at b*m_sb + h*m_sh + m*m_sm words */
-    uint32_t *dec;         /* dry run: new rows go here (same strides) instead of mask */
-    int64_t m_sb, m_sh, m_sm;
-    unsigned long long *tiles; /* device counter of computed tiles, or NULL */
-    uint32_t must_do[kFlagWords];   /* bit n: k-tile n holds a must-do key */
-    uint32_t skip_only[kFlagWords]; /* bit n: every key of k-tile n is must-skip only */
-};
+namespace sm80 {
 
 /* Tile shape per head dim: NW warps, each MT 16-row slabs; BN keys per k-tile. */
 /* Chosen on an H100 (bench/RESULTS.md); the macros let bench builds try others. */
@@ -140,49 +120,6 @@ __device__ __forceinline__ float ex2(float x) {
     return y;
 }
 
-/* Walks the live k-tiles of a row in the visiting direction. live: W words in shared memory
- * (bits past nK are 0); w: the word being walked, rem: its bits not yet visited. Each step is
- * a few register operations; shared memory is read once per word. All threads walk the same
- * words: uniform control flow. Returns the next tile, or -1 at the end. */
-struct LiveWalk {
-    int w;
-    uint32_t rem;
-    __device__ __forceinline__ int next(const uint32_t *live, bool desc, int W) {
-        while (rem == 0) {
-            w += desc ? -1 : 1;
-            if (w < 0 || w >= W) return -1;
-            rem = live[w];
-        }
-        const int bit = desc ? 31 - __clz(rem) : __ffs(rem) - 1;
-        rem &= ~(1u << bit);
-        return (w << 5) + bit;
-    }
-};
-
-/* Next live k-tile after n in the visiting direction, or -1, scanning the words from shared
- * memory: no state across tiles (two registers fewer than LiveWalk; the hd128 kernel has none
- * to spare, and its tiles are long enough that the scan does not show). */
-__device__ __forceinline__ int next_live(const uint32_t *live, int n, bool desc, int W) {
-    if (desc) {
-        int i = n - 1;
-        while (i >= 0) {
-            int w = i >> 5;
-            uint32_t bits = live[w] & (0xffffffffu >> (31 - (i & 31)));
-            if (bits) return (w << 5) + 31 - __clz(bits);
-            i = (w << 5) - 1;
-        }
-    } else {
-        int i = n + 1;
-        while (i < (W << 5)) {
-            int w = i >> 5;
-            uint32_t bits = live[w] & (0xffffffffu << (i & 31));
-            if (bits) return (w << 5) + __ffs(bits) - 1;
-            i = (w + 1) << 5;
-        }
-    }
-    return -1;
-}
-
 /* Copies rows [0, R) of a tile (row r at g + r*row_stride) into swizzled shared memory:
  * element (r, d) at r*D + ((d/8) ^ (r%8))*8 + d%8, so that the 8 rows an ldmatrix phase reads
  * hit 8 distinct 16-byte bank groups. Rows >= valid are zero-filled. */
@@ -217,29 +154,14 @@ __global__ void __launch_bounds__(Tiles<D>::NT, Tiles<D>::NT <= 128 ? 2 : 1) att
     const int m = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int nK = p.nK, W = p.W;
     const bool desc = p.desc != 0;
-    const bool track = SKIP && p.mode != LA_MODE_DENSE; /* mask update */
-    /* Votes: at tau = -inf every visited tile is kept (any finite or infinite margin exceeds
-     * it), so the votes are not computed at all. */
-    const bool voting = track && p.tau != -INFINITY;
-    /* tau = +inf is passed as FLT_MAX by the host: a row whose running max is still -inf has
-     * margin +inf > FLT_MAX (keep), any finite margin does not; so no -inf test per row. */
+    const bool voting = SKIP && skip_mode(p).voting;
     const float tau = p.tau;
 
     /* Mask row (b, h, m): W words, bit n%32 of word n/32. Read here and again (by the same
      * thread, nobody else writes the row) at the end, so that no register holds it across
      * the main loop. */
     if (SKIP) {
-        const uint32_t *row_in = p.mask ? p.mask + b * p.m_sb + h * p.m_sh + m * p.m_sm : nullptr;
-        for (int w = tid; w < W; w += NT) {
-            const uint32_t valid =
-                (w == W - 1 && (nK & 31)) ? ((1u << (nK & 31)) - 1u) : 0xffffffffu;
-            /* Visited: SKIP (live | must-do) & ~must-skip-only; DENSE and OBSERVE every tile
-             * but the must-skip-only ones (as the CPU reference, kernels/ref.c). */
-            uint32_t live = valid & ~p.skip_only[w];
-            if (p.mode == LA_MODE_SKIP) live &= row_in[w] | p.must_do[w];
-            s_live[w] = live;
-            s_keep[w] = 0;
-        }
+        skip_row_load(p, b, h, m, s_live, s_keep, tid, NT);
         __syncthreads();
     }
 
@@ -257,7 +179,8 @@ __global__ void __launch_bounds__(Tiles<D>::NT, Tiles<D>::NT <= 128 ? 2 : 1) att
     /* Finding the next live tile: register walk where registers allow (see next_live). */
     constexpr bool kWalk = D <= 64; /* +6.9% vs +8.5% over dense with the scan (H100) */
     constexpr bool kLateVote = D <= 64; /* see the votes below */
-    LiveWalk walk{desc ? W : -1, 0u};
+    LiveWalk walk;
+    walk.start(desc, W);
     int n = !SKIP ? (desc ? nK - 1 : 0)
             : kWalk ? walk.next(s_live, desc, W)
                     : (desc ? next_live(s_live, W << 5, true, W) : next_live(s_live, -1, false, W));
@@ -385,8 +308,7 @@ __global__ void __launch_bounds__(Tiles<D>::NT, Tiles<D>::NT <= 128 ? 2 : 1) att
          * scheduler from overlapping the softmax with P V (about 10% at hd64); hd128 has no
          * register left to carry dmax across P V, and its long P V hides the cut. */
         if (!kLateVote && voting) {
-            if (__any_sync(0xffffffffu, dmax * c > tau) && lane == 0)
-                atomicOr(&s_keep[n >> 5], 1u << (n & 31));
+            skip_vote(dmax, c, tau, n, s_keep);
         }
 
         /* O += P V: P (fp32 accumulators) repacked as the A operand, V by ldmatrix.trans. */
@@ -414,8 +336,7 @@ __global__ void __launch_bounds__(Tiles<D>::NT, Tiles<D>::NT <= 128 ? 2 : 1) att
             }
         }
         if (kLateVote && voting) {
-            if (__any_sync(0xffffffffu, dmax * c > tau) && lane == 0)
-                atomicOr(&s_keep[n >> 5], 1u << (n & 31));
+            skip_vote(dmax, c, tau, n, s_keep);
         }
         n = nn;
     }
@@ -449,25 +370,7 @@ __global__ void __launch_bounds__(Tiles<D>::NT, Tiles<D>::NT <= 128 ? 2 : 1) att
     /* The mask row and the tile count. */
     if (SKIP) {
         __syncthreads(); /* every vote is in s_keep */
-        uint32_t *row_in = p.mask ? p.mask + b * p.m_sb + h * p.m_sh + m * p.m_sm : nullptr;
-        uint32_t *row_out = p.dec ? p.dec + b * p.m_sb + h * p.m_sh + m * p.m_sm : row_in;
-        for (int w = tid; w < W; w += NT) {
-            if (track) { /* mode DENSE leaves the mask (and any decisions buffer) alone */
-                /* Visited tiles: keep(n) (SKIP) or old & keep(n) (OBSERVE); unvisited tiles keep
-                 * their old bit; bits past nK are written 0. */
-                const uint32_t valid =
-                    (w == W - 1 && (nK & 31)) ? ((1u << (nK & 31)) - 1u) : 0xffffffffu;
-                const uint32_t vis = s_live[w], old = row_in[w];
-                const uint32_t keep = voting ? s_keep[w] | (p.must_do[w] & vis) : vis;
-                const uint32_t upd = p.mode == LA_MODE_SKIP ? keep : (old & keep);
-                row_out[w] = ((vis & upd) | (~vis & old)) & valid;
-            }
-        }
-        if (p.tiles && tid == 0) {
-            unsigned long long cnt = 0;
-            for (int w = 0; w < W; ++w) cnt += __popc(s_live[w]);
-            atomicAdd(p.tiles, cnt);
-        }
+        skip_row_store(p, b, h, m, s_live, s_keep, tid, NT);
     } else if (p.tiles && tid == 0) {
         atomicAdd(p.tiles, (unsigned long long)nK);
     }
@@ -494,12 +397,13 @@ cudaError_t launch(const KParams &kp, int nQ, int H, int B, cudaStream_t stream)
     return cudaGetLastError();
 }
 
-#define LA_ATTN_FWD_INSTANCE(D, T)                                                            \
+#define LA_SM80_INSTANCE(D, T)                                                            \
     template cudaError_t launch<D, T, true>(const KParams &, int, int, int, cudaStream_t);     \
     template cudaError_t launch<D, T, false>(const KParams &, int, int, int, cudaStream_t);
 
 #endif /* LA_ATTN_FWD_INSTANTIATE */
 
+} /* namespace sm80 */
 } /* namespace la_cuda */
 
-#endif /* LA_ATTN_FWD_CUH */
+#endif /* LA_FWD_SM80_CUH */

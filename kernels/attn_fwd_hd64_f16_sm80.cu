@@ -1,0 +1,11 @@
+/* attn_fwd_hd64_f16_sm80.cu — private: the portable (sm80 family) forward kernel for head dim
+ * 64, f16 (with skipping and with skipping compiled out). One instance per file keeps nvcc
+ * parallel and prunable. */
+#define LA_ATTN_FWD_INSTANTIATE 1
+#include "fwd_sm80.cuh"
+
+namespace la_cuda {
+namespace sm80 {
+LA_SM80_INSTANCE(64, __half)
+}
+}
