@@ -340,14 +340,14 @@ static void prob_free(prob *p)
 static void prob_fill(prob *p, uint64_t salt, int step, double amp)
 {
     enum { G = 4 };
-    la_rng r0, r1;
+    tu_rng r0, r1;
     const int H = p->H, D = p->D;
-    la_rng_init(&r0, salt);
-    la_rng_init(&r1, salt * 1000003u + (uint64_t)step + 1);
+    tu_rng_init(&r0, salt);
+    tu_rng_init(&r1, salt * 1000003u + (uint64_t)step + 1);
     double *centre = malloc(sizeof(double) * G * H * D);
     ck_assert_ptr_nonnull(centre);
     for (int i = 0; i < G * H * D; i++)
-        centre[i] = amp > 1.2 ? la_rng_normal(&r0) : 0.0;
+        centre[i] = amp > 1.2 ? tu_rng_normal(&r0) : 0.0;
     const double nw = amp > 1.2 ? 0.5 : amp;
     for (int b = 0; b < p->B; b++)
         for (int i = 0; i < p->Sq; i++)
@@ -355,8 +355,8 @@ static void prob_fill(prob *p, uint64_t salt, int step, double amp)
                 for (int d = 0; d < D; d++) {
                     int64_t e = (((int64_t)b * p->Sq + i) * H + h) * D + d;
                     double c = centre[((i * G / p->Sq) * H + h) * D + d];
-                    la_test_set(p->base + p->off_q, p->dt, e,
-                                c + nw * (la_rng_normal(&r0) + 0.2 * la_rng_normal(&r1)));
+                    tu_set(p->base + p->off_q, p->dt, e,
+                                c + nw * (tu_rng_normal(&r0) + 0.2 * tu_rng_normal(&r1)));
                 }
     for (int b = 0; b < p->B; b++)
         for (int j = 0; j < p->Sk; j++)
@@ -364,10 +364,10 @@ static void prob_fill(prob *p, uint64_t salt, int step, double amp)
                 for (int d = 0; d < D; d++) {
                     int64_t e = (((int64_t)b * p->Sk + j) * H + h) * D + d;
                     double c = centre[((j * G / p->Sk) * H + h) * D + d];
-                    la_test_set(p->base + p->off_k, p->dt, e,
-                                c + nw * (la_rng_normal(&r0) + 0.2 * la_rng_normal(&r1)));
-                    la_test_set(p->base + p->off_v, p->dt, e,
-                                la_rng_normal(&r0) + 0.2 * la_rng_normal(&r1));
+                    tu_set(p->base + p->off_k, p->dt, e,
+                                c + nw * (tu_rng_normal(&r0) + 0.2 * tu_rng_normal(&r1)));
+                    tu_set(p->base + p->off_v, p->dt, e,
+                                tu_rng_normal(&r0) + 0.2 * tu_rng_normal(&r1));
                 }
     free(centre);
 }
@@ -456,7 +456,7 @@ static void outputs_equal(const prob *p, int with_lse)
     size_t nq = (size_t)p->B * p->Sq * p->H * p->D;
     const uint8_t *o = p->base + p->off_o;
     for (size_t i = 0; i < nq; i++) {
-        double g = la_test_get(o, p->dt, (int64_t)i), w = la_test_get(p->ref_o, p->dt, (int64_t)i);
+        double g = tu_get(o, p->dt, (int64_t)i), w = tu_get(p->ref_o, p->dt, (int64_t)i);
         ck_assert_msg(g == w, "O[%zu]: daemon %.9g, reference %.9g", i, g, w);
     }
     if (!with_lse)
@@ -1743,5 +1743,5 @@ int main(void)
     /* A daemon killed under us must not kill the test with SIGPIPE (the library uses
      * MSG_NOSIGNAL; this guards the test's own writes). */
     signal(SIGPIPE, SIG_IGN);
-    return la_test_run_suite(client_suite());
+    return tu_run_suite(client_suite());
 }

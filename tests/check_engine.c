@@ -328,10 +328,10 @@ static void prob_req(const prob *p, eng_attn_req *r, uint64_t sid, uint32_t laye
 
 static void *prob_ptr(const prob *p, int i) { return (char *)p->s.p + p->off[i]; }
 
-static void prob_fill(const prob *p, la_rng *r, double amp) {
-    la_test_fill(r, prob_ptr(p, 0), p->dt, p->B * p->Sq * p->H * p->D, amp);
-    la_test_fill(r, prob_ptr(p, 1), p->dt, p->B * p->Sk * p->H * p->D, amp);
-    la_test_fill(r, prob_ptr(p, 2), p->dt, p->B * p->Sk * p->H * p->D, 1.0);
+static void prob_fill(const prob *p, tu_rng *r, double amp) {
+    tu_fill(r, prob_ptr(p, 0), p->dt, p->B * p->Sq * p->H * p->D, amp);
+    tu_fill(r, prob_ptr(p, 1), p->dt, p->B * p->Sk * p->H * p->D, amp);
+    tu_fill(r, prob_ptr(p, 2), p->dt, p->B * p->Sk * p->H * p->D, 1.0);
 }
 
 static int submit(harness *h, uint32_t uid, uint64_t conn, const eng_attn_req *r, call *c,
@@ -368,8 +368,8 @@ START_TEST(attn_validation) {
     prob_make(&h, &p, CONN, 2, 100, 150, 2, 64, LA_DTYPE_F32, v.layer_mask_bytes);
     shm other;
     ck_assert_int_eq(shm_make(&h, CONN2, 1 << 20, &other), 0);
-    la_rng rng;
-    la_rng_init(&rng, 11);
+    tu_rng rng;
+    tu_rng_init(&rng, 11);
     prob_fill(&p, &rng, 1.0);
 
     eng_attn_req good;
@@ -566,8 +566,8 @@ START_TEST(mask_cap_lru) {
     /* a job in flight on a (least recently used after c) keeps it: d evicts c instead */
     prob p;
     prob_make(&h, &p, CONN, 1, 64, 64, 8, 64, LA_DTYPE_F32, 0);
-    la_rng rng;
-    la_rng_init(&rng, 3);
+    tu_rng rng;
+    tu_rng_init(&rng, 3);
     prob_fill(&p, &rng, 1.0);
     eng_attn_req r;
     prob_req(&p, &r, ia, 0, 0);
@@ -656,7 +656,7 @@ static void drift(const prob *p, const double *base, const double *dir, int step
     for (int t = 0; t < 3; t++) {
         void *dst = prob_ptr(p, t);
         for (int64_t i = 0; i < n[t]; i++)
-            la_test_set(dst, p->dt, i, bb[i] + eps * step * dd[i]);
+            tu_set(dst, p->dt, i, bb[i] + eps * step * dd[i]);
         bb += n[t];
         dd += n[t];
     }
@@ -686,13 +686,13 @@ static void multi_step(la_dtype dt, int B, int Sq, int Sk, int H, int D) {
         mask[l] = malloc(v.layer_mask_bytes);
         memset(mask[l], 0xff, v.layer_mask_bytes);
     }
-    la_rng rng;
-    la_rng_init(&rng, 77 + (uint64_t)dt);
+    tu_rng rng;
+    tu_rng_init(&rng, 77 + (uint64_t)dt);
     int64_t ntot = p.B * (p.Sq + 2 * p.Sk) * p.H * p.D;
     double *base = malloc((size_t)ntot * sizeof *base), *dir = malloc((size_t)ntot * sizeof *dir);
     for (int64_t i = 0; i < ntot; i++) {
-        base[i] = la_rng_normal(&rng) * (i < p.B * p.Sq * p.H * p.D ? 1.5 : 1.0);
-        dir[i] = la_rng_normal(&rng);
+        base[i] = tu_rng_normal(&rng) * (i < p.B * p.Sq * p.H * p.D ? 1.5 : 1.0);
+        dir[i] = tu_rng_normal(&rng);
     }
     uint64_t tiles_total = 0, tiles_computed = 0;
     for (int step = 0; step < steps; step++) {
@@ -714,7 +714,7 @@ static void multi_step(la_dtype dt, int B, int Sq, int Sk, int H, int D) {
 
             la_attn_params d;
             memset(&d, 0, sizeof d);
-            la_test_params(&d, prob_ptr(&p, 0), prob_ptr(&p, 1), prob_ptr(&p, 2), o_ref,
+            tu_params(&d, prob_ptr(&p, 0), prob_ptr(&p, 1), prob_ptr(&p, 2), o_ref,
                            lse_ref, mask[l], B, Sq, Sk, H, D, dt, (int32_t)v.bm, (int32_t)v.bn);
             d.mask_stride[2] = v.n_k_words;
             d.mask_stride[1] = (int64_t)v.n_k_words * v.n_q_tiles;
@@ -782,7 +782,7 @@ static void multi_step(la_dtype dt, int B, int Sq, int Sk, int H, int D) {
         run_ok(&h, &r, &c);
         la_attn_params d;
         memset(&d, 0, sizeof d);
-        la_test_params(&d, prob_ptr(&p, 0), prob_ptr(&p, 1), prob_ptr(&p, 2), o_ref, lse_ref,
+        tu_params(&d, prob_ptr(&p, 0), prob_ptr(&p, 1), prob_ptr(&p, 2), o_ref, lse_ref,
                        mask[0], B, Sq, Sk, H, D, dt, (int32_t)v.bm, (int32_t)v.bn);
         d.mask_stride[2] = v.n_k_words;
         d.mask_stride[1] = (int64_t)v.n_k_words * v.n_q_tiles;
@@ -836,8 +836,8 @@ START_TEST(kv_shards) {
     ck_assert_uint_eq(v.mask_bytes, 4 * v.layer_mask_bytes);
     prob p;
     prob_make(&h, &p, CONN, 1, 256, 512, 2, 64, LA_DTYPE_F32, 0);
-    la_rng rng;
-    la_rng_init(&rng, 21);
+    tu_rng rng;
+    tu_rng_init(&rng, 21);
     prob_fill(&p, &rng, 2.0);
     eng_attn_req r;
     prob_req(&p, &r, sid, 1, 0);
@@ -848,7 +848,7 @@ START_TEST(kv_shards) {
     memset(mask, 0xff, v.layer_mask_bytes);
     void *o = malloc(p.bytes[3]);
     la_attn_params d;
-    la_test_params(&d, prob_ptr(&p, 0), prob_ptr(&p, 1), prob_ptr(&p, 2), o, NULL, mask, 1, 256,
+    tu_params(&d, prob_ptr(&p, 0), prob_ptr(&p, 1), prob_ptr(&p, 2), o, NULL, mask, 1, 256,
                    512, 2, 64, LA_DTYPE_F32, (int32_t)v.bm, (int32_t)v.bn);
     d.mode = LA_MODE_SKIP;
     d.tau = INFINITY;
@@ -904,8 +904,8 @@ START_TEST(step_backwards_restarts) {
     uint64_t fresh = open_ok(&h, UID, CONN, &sp, NULL);
     prob p;
     prob_make(&h, &p, CONN, 2, 200, 300, 2, 64, LA_DTYPE_F32, 0);
-    la_rng rng;
-    la_rng_init(&rng, 33);
+    tu_rng rng;
+    tu_rng_init(&rng, 33);
     prob_fill(&p, &rng, 2.0);
     eng_attn_req r;
     call c;
@@ -998,9 +998,9 @@ START_TEST(pipelined_steps) {
     size_t tb = (size_t)B * S * H * D * 4, lb = (size_t)B * H * S * 4;
     shm m;
     ck_assert_int_eq(shm_make(&h, CONN, 3 * tb + (size_t)L * STEPS * (tb + lb), &m), 0);
-    la_rng rng;
-    la_rng_init(&rng, 99);
-    la_test_fill(&rng, m.p, LA_DTYPE_F32, 3 * (int64_t)B * S * H * D, 1.0);
+    tu_rng rng;
+    tu_rng_init(&rng, 99);
+    tu_fill(&rng, m.p, LA_DTYPE_F32, 3 * (int64_t)B * S * H * D, 1.0);
     call c[L * STEPS];
     eng_error err = {{0}};
     for (int st = 0; st < STEPS; st++)
@@ -1030,7 +1030,7 @@ START_TEST(pipelined_steps) {
             int i = st * L + l;
             ck_assert_int_eq(c[i].status, 0);
             la_attn_params d;
-            la_test_params(&d, base, base + tb, base + 2 * tb, o, lse, mask, B, S, S, H, D,
+            tu_params(&d, base, base + tb, base + 2 * tb, o, lse, mask, B, S, S, H, D,
                            LA_DTYPE_F32, (int32_t)v.bm, (int32_t)v.bn);
             d.mode = LA_MODE_SKIP;
             d.tau = 0.0f;
@@ -1067,8 +1067,8 @@ START_TEST(close_session_in_flight) {
     uint64_t sid = open_ok(&h, UID, CONN, &sp, &v);
     prob p;
     prob_make(&h, &p, CONN, 1, 512, 512, 4, 64, LA_DTYPE_F32, 0);
-    la_rng rng;
-    la_rng_init(&rng, 5);
+    tu_rng rng;
+    tu_rng_init(&rng, 5);
     prob_fill(&p, &rng, 1.0);
     eng_attn_req r;
     prob_req(&p, &r, sid, 0, 0);
@@ -1101,8 +1101,8 @@ START_TEST(conn_closed_in_flight) {
     uint64_t sid = open_ok(&h, UID, CONN, &sp, NULL);
     prob p;
     prob_make(&h, &p, CONN, 1, 512, 512, 4, 64, LA_DTYPE_F32, 0);
-    la_rng rng;
-    la_rng_init(&rng, 6);
+    tu_rng rng;
+    tu_rng_init(&rng, 6);
     prob_fill(&p, &rng, 1.0);
     float *o = prob_ptr(&p, 3);
     for (int i = 0; i < 512 * 4 * 64; i++)
@@ -1136,8 +1136,8 @@ START_TEST(free_with_jobs_queued) {
     uint64_t sid = open_ok(&h, UID, CONN, &sp, NULL);
     prob p;
     prob_make(&h, &p, CONN, 1, 512, 512, 4, 64, LA_DTYPE_F32, 0);
-    la_rng rng;
-    la_rng_init(&rng, 7);
+    tu_rng rng;
+    tu_rng_init(&rng, 7);
     prob_fill(&p, &rng, 1.0);
     eng_attn_req r;
     prob_req(&p, &r, sid, 0, 0);
@@ -1180,7 +1180,7 @@ START_TEST(devices_and_stats) {
     eng_error err = {{0}};
     ck_assert_int_eq(eng_new(&cfg, &e, &err), LA_EINVAL);
     eng_free(NULL);
-    if (!la_test_has_gpu()) {
+    if (!tu_has_gpu()) {
         /* cuda asked for where there is none: refused; auto falls back to the CPU */
         cfg.backend = "cuda";
         ck_assert_int_eq(eng_new(&cfg, &e, &err), LA_ENODEV);
@@ -1310,12 +1310,12 @@ START_TEST(gpu_ipc_end_to_end) {
     }
     close(to_child[0]);
     close(from_child[1]);
-    la_rng rng;
-    la_rng_init(&rng, 1234);
+    tu_rng rng;
+    tu_rng_init(&rng, 1234);
     uint16_t *host = malloc(3 * G_T);
-    la_test_fill(&rng, host, LA_DTYPE_BF16, (int64_t)G_N, 2.0);
-    la_test_fill(&rng, host + G_N, LA_DTYPE_BF16, (int64_t)G_N, 2.0);
-    la_test_fill(&rng, host + 2 * G_N, LA_DTYPE_BF16, (int64_t)G_N, 1.0);
+    tu_fill(&rng, host, LA_DTYPE_BF16, (int64_t)G_N, 2.0);
+    tu_fill(&rng, host + G_N, LA_DTYPE_BF16, (int64_t)G_N, 2.0);
+    tu_fill(&rng, host + 2 * G_N, LA_DTYPE_BF16, (int64_t)G_N, 1.0);
     write_all(to_child[1], host, 3 * G_T);
     g_export x;
     ck_assert_int_eq(read_all(from_child[0], &x, sizeof x), 0);
@@ -1376,7 +1376,7 @@ START_TEST(gpu_ipc_end_to_end) {
         ck_assert_msg(c[st].status == 0, "step %d: status %d", st, c[st].status);
         ck_assert_int_eq(c[st].res.has_done_event, 1);
         la_attn_params d;
-        la_test_params(&d, host, host + G_N, host + 2 * G_N, o_ref, lse_ref, mask, G_B, G_S, G_S,
+        tu_params(&d, host, host + G_N, host + 2 * G_N, o_ref, lse_ref, mask, G_B, G_S, G_S,
                        G_H, G_D, LA_DTYPE_BF16, (int32_t)v.bm, (int32_t)v.bn);
         d.mode = LA_MODE_SKIP;
         d.tau = -2.0f;
@@ -1408,16 +1408,16 @@ START_TEST(gpu_ipc_end_to_end) {
     ck_assert_msg(ok, "the exporter could not read O back");
     double *a = malloc(G_N * sizeof *a), *b = malloc(G_N * sizeof *b);
     for (size_t i = 0; i < G_N; i++) {
-        a[i] = la_test_get(o_ref, LA_DTYPE_BF16, (int64_t)i);
-        b[i] = la_test_get(back, LA_DTYPE_BF16, (int64_t)i);
+        a[i] = tu_get(o_ref, LA_DTYPE_BF16, (int64_t)i);
+        b[i] = tu_get(back, LA_DTYPE_BF16, (int64_t)i);
     }
-    double e_o = la_test_rel_l2(a, b, (int64_t)G_N);
+    double e_o = tu_rel_l2(a, b, (int64_t)G_N);
     ck_assert_msg(e_o <= 1e-2, "O relative L2 error %g against the CPU reference", e_o);
     for (size_t i = 0; i < G_L / 4; i++) {
         a[i] = lse_ref[i];
         b[i] = ((float *)(back + G_T))[i];
     }
-    double e_l = la_test_rel_l2(a, b, (int64_t)(G_L / 4));
+    double e_l = tu_rel_l2(a, b, (int64_t)(G_L / 4));
     ck_assert_msg(e_l <= 1e-3, "LSE relative L2 error %g", e_l);
 
     eng_free(h.e); /* closes the import before the exporter frees its memory */
@@ -1432,7 +1432,7 @@ START_TEST(gpu_ipc_end_to_end) {
 END_TEST
 
 int main(void) {
-    la_test_seed();
+    tu_seed();
     Suite *s = suite_create("engine");
     TCase *tc = tcase_create("sessions");
     tcase_set_timeout(tc, 20);
@@ -1464,5 +1464,5 @@ int main(void) {
     suite_add_tcase(s, tc);
     tc = tu_gpu_tcase(s, "gpu", 60);
     tu_gpu_test(tc, gpu_ipc_end_to_end);
-    return la_test_run_suite(s);
+    return tu_run_suite(s);
 }

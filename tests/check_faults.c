@@ -91,9 +91,9 @@ static int job_open(job *j, const char *sock, const char *key, int S)
     size_t t = (size_t)S * 2 * 64 * 4;
     if ((rc = la_buffer_new_host(j->c, 4 * t, &j->b)))
         return rc;
-    la_rng r;
-    la_rng_init(&r, (uint64_t)S);
-    la_test_fill(&r, la_buffer_host_ptr(j->b), LA_DTYPE_F32, (int64_t)(3 * t / 4), 1.0);
+    tu_rng r;
+    tu_rng_init(&r, (uint64_t)S);
+    tu_fill(&r, la_buffer_host_ptr(j->b), LA_DTYPE_F32, (int64_t)(3 * t / 4), 1.0);
     la_attn_new(&j->a);
     int64_t sh[4] = {1, S, 2, 64};
     for (int i = 0; i < 4; i++)
@@ -173,8 +173,8 @@ START_TEST(test_clients_killed)
     td_daemon d;
     const char *args[] = {"--session-grace", "0", "--log-level", "warn", NULL};
     ck_assert_int_eq(td_start(&d, args), 0);
-    la_rng r;
-    la_rng_init(&r, 77);
+    tu_rng r;
+    tu_rng_init(&r, 77);
     /* Warm-up (first connection's allocations), then the baseline. */
     int w = raw_connect(d.socket);
     ck_assert_int_ge(w, 0);
@@ -192,7 +192,7 @@ START_TEST(test_clients_killed)
             _exit(0);
         }
         /* A random point: 5 to 120 ms into its life. */
-        usleep((useconds_t)(5000 + la_rng_u64(&r) % 115000));
+        usleep((useconds_t)(5000 + tu_rng_u64(&r) % 115000));
         kill(pid, SIGKILL);
         int st;
         waitpid(pid, &st, 0);
@@ -579,5 +579,5 @@ int main(void)
     tcase_add_test(tc, test_limits_and_bad_shm);
     tcase_add_test(tc, test_rlimit_as);
     suite_add_tcase(s, tc);
-    return la_test_run_suite(s);
+    return tu_run_suite(s);
 }

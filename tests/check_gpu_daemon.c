@@ -67,8 +67,8 @@ static size_t align_up(size_t n) { return (n + 255) & ~(size_t)255; }
 static void run_client(const char *sock, int who, int32_t B, int32_t Sq, int32_t Sk, int32_t H,
                        int32_t D, la_dtype dt)
 {
-    la_rng rng;
-    la_rng_init(&rng, (uint64_t)who * 7919 + 17);
+    tu_rng rng;
+    tu_rng_init(&rng, (uint64_t)who * 7919 + 17);
 
     la_client *c;
     LA_CHECK(la_connect(sock, "check_gpu_daemon", &c));
@@ -89,7 +89,7 @@ static void run_client(const char *sock, int who, int32_t B, int32_t Sq, int32_t
     LA_CHECK(la_session_get(s, "layer_mask_bytes", &layer_bytes));
 
     /* Host problem with the session's tiles; its mask is the direct path's mask (host copy). */
-    la_test_problem *t = la_test_problem_new(&rng, B, Sq, Sk, H, D, dt, (int32_t)bm,
+    tu_problem *t = tu_problem_new(&rng, B, Sq, Sk, H, D, dt, (int32_t)bm,
                                              (int32_t)bn, 2.0);
     if ((int64_t)(t->mask_words * 4) != layer_bytes)
         CHILD_FAIL("session layer mask %lld bytes, expected %zu", (long long)layer_bytes,
@@ -146,7 +146,7 @@ static void run_client(const char *sock, int who, int32_t B, int32_t Sq, int32_t
         const int step = idx < STEPS ? idx : 0;
         if (idx == STEPS)
             CUDA_CHECK(cudaMemcpy(d_mask, ones, t->mask_words * 4, cudaMemcpyHostToDevice));
-        la_test_problem_drift(t, step, 0.02);
+        tu_problem_drift(t, step, 0.02);
         /* The inputs reach the GPU asynchronously; the daemon waits on `ready`. */
         CUDA_CHECK(cudaMemcpyAsync(blk + off_q, t->q, nq, cudaMemcpyHostToDevice, st));
         CUDA_CHECK(cudaMemcpyAsync(blk + off_k, t->k, nk, cudaMemcpyHostToDevice, st));
@@ -210,8 +210,8 @@ static void run_client(const char *sock, int who, int32_t B, int32_t Sq, int32_t
             la_attn_params hp = t->p;
             hp.o = h_o1;
             naive_attn_f64(&hp, NULL, ref, NULL);
-            la_test_o_f64(&hp, got);
-            double err = la_test_rel_l2(ref, got, (int64_t)n);
+            tu_o_f64(&hp, got);
+            double err = tu_rel_l2(ref, got, (int64_t)n);
             if (!(err <= 1e-2))
                 CHILD_FAIL("step 0 (dense): rel L2 %.3g against float64 attention", err);
             free(ref);
@@ -242,7 +242,7 @@ static void run_client(const char *sock, int who, int32_t B, int32_t Sq, int32_t
     LA_CHECK(la_session_close(s));
     LA_CHECK(la_buffer_unregister(buf));
     la_disconnect(c);
-    la_test_problem_free(t);
+    tu_problem_free(t);
     _exit(0);
 }
 
@@ -292,6 +292,6 @@ int main(void)
     TCase *tc = tu_gpu_tcase(s, "ipc", 120);
     tu_gpu_test(tc, test_two_clients_bf16);
     tu_gpu_test(tc, test_one_client_f16);
-    return la_test_run_suite(s);
+    return tu_run_suite(s);
 }
 #endif /* LA_HAVE_CUDA */

@@ -89,7 +89,7 @@ static int compare_ref(const char *base, double *ret_err)
 {
     static float o_ref[B_ * S_ * H_ * D_];
     la_attn_params p;
-    la_test_params(&p, base, base + TBYTES, base + 2 * TBYTES, o_ref, NULL, NULL, B_, S_, S_,
+    tu_params(&p, base, base + TBYTES, base + 2 * TBYTES, o_ref, NULL, NULL, B_, S_, S_,
                    H_, D_, LA_DTYPE_F32, 64, 64);
     p.mode = LA_MODE_DENSE;
     if (la_ref_attn_fwd(&p) != 0)
@@ -107,8 +107,8 @@ static int compare_ref(const char *base, double *ret_err)
 
 static void client_main(const char *sock, int idx, int requests, client_result *res)
 {
-    la_rng rng;
-    la_rng_init(&rng, 1000 + (uint64_t)idx);
+    tu_rng rng;
+    tu_rng_init(&rng, 1000 + (uint64_t)idx);
     char key[64];
     snprintf(key, sizeof key, "load-%d", idx);
     la_client *c = NULL;
@@ -139,7 +139,7 @@ static void client_main(const char *sock, int idx, int requests, client_result *
         return;
     }
     char *base = la_buffer_host_ptr(b);
-    la_test_fill(&rng, base, LA_DTYPE_F32, 3 * (int64_t)(TBYTES / 4), 1.0);
+    tu_fill(&rng, base, LA_DTYPE_F32, 3 * (int64_t)(TBYTES / 4), 1.0);
 
     /* The raw connection and a buffer of its own (for "another connection's buffer"). */
     int raw = raw_connect(sock);
@@ -416,5 +416,5 @@ int main(void)
     tcase_set_timeout(tc, 300);
     tcase_add_test(tc, test_load_mixed);
     suite_add_tcase(s, tc);
-    return la_test_run_suite(s);
+    return tu_run_suite(s);
 }

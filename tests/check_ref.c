@@ -54,10 +54,10 @@ static double dot64(const la_attn_params *p, int b, int h, int i, int j, double 
 {
     double s = 0, a = 0;
     for (int d = 0; d < p->D; d++) {
-        double x = la_test_get(p->q, p->dtype,
+        double x = tu_get(p->q, p->dtype,
                          b * p->q_stride[0] + i * p->q_stride[1] + h * p->q_stride[2] +
                              d * p->q_stride[3]) *
-             la_test_get(p->k, p->dtype,
+             tu_get(p->k, p->dtype,
                          b * p->k_stride[0] + j * p->k_stride[1] + h * p->k_stride[2] +
                              d * p->k_stride[3]);
         s += x;
@@ -214,10 +214,10 @@ static void check_output(const la_attn_params *p, const expect *e, double tol)
     double *ro = malloc(no * 8), *go = malloc(no * 8), *rl = malloc(nl * 8), *gl = malloc(nl * 8);
     ck_assert(ro && go && rl && gl);
     naive_attn_f64(p, e ? e->visit : NULL, ro, rl);
-    la_test_o_f64(p, go);
-    double err = la_test_rel_l2(ro, go, (int64_t)no);
+    tu_o_f64(p, go);
+    double err = tu_rel_l2(ro, go, (int64_t)no);
     ck_assert_msg(err <= tol, "O rel L2 %.3g > %.3g (seed %llu)", err, tol,
-                  (unsigned long long)la_test_seed());
+                  (unsigned long long)tu_seed());
     if (p->lse != NULL) {
         for (int b = 0; b < p->B; b++)
             for (int h = 0; h < p->H; h++)
@@ -241,17 +241,17 @@ static void check_output(const la_attn_params *p, const expect *e, double tol)
     free(gl);
 }
 
-static la_test_problem *mk(uint64_t salt, int B, int Sq, int Sk, int H, int D, la_dtype dt,
+static tu_problem *mk(uint64_t salt, int B, int Sq, int Sk, int H, int D, la_dtype dt,
                            int BM, int BN, double amp)
 {
-    la_rng r;
-    la_rng_init(&r, salt);
-    la_test_problem *t = la_test_problem_new(&r, B, Sq, Sk, H, D, dt, BM, BN, amp);
+    tu_rng r;
+    tu_rng_init(&r, salt);
+    tu_problem *t = tu_problem_new(&r, B, Sq, Sk, H, D, dt, BM, BN, amp);
     ck_assert(t != NULL);
     return t;
 }
 
-static uint32_t *copy_mask(const la_test_problem *t)
+static uint32_t *copy_mask(const tu_problem *t)
 {
     uint32_t *m = malloc(t->mask_words * 4);
     ck_assert(m != NULL);
@@ -261,7 +261,7 @@ static uint32_t *copy_mask(const la_test_problem *t)
 
 /* One call: runs p, checks output against the tiles it must compute, the mask against the
  * re-derived decisions and the tile count; returns the number of tie tiles. */
-static int call_and_check(la_test_problem *t, double tol)
+static int call_and_check(tu_problem *t, double tol)
 {
     la_attn_params *p = &t->p;
     uint32_t *old = copy_mask(t);
@@ -283,17 +283,17 @@ static int call_and_check(la_test_problem *t, double tol)
     return ties;
 }
 
-static void check_all_ones(const la_test_problem *t)
+static void check_all_ones(const tu_problem *t)
 {
     int64_t all = (int64_t)t->p.B * t->p.H * nq_of(&t->p) * nk_of(&t->p);
-    ck_assert_int_eq(la_test_mask_popcount(t, t->mask), all);
+    ck_assert_int_eq(tu_mask_popcount(t, t->mask), all);
 }
 
 /* ---- check 1: tau = -inf equals dense -------------------------------------------------- */
 
 static void tau_neg_inf(la_dtype dt, la_mode mode, int D, uint64_t salt)
 {
-    la_test_problem *t = mk(salt, 2, 100, 77, 3, D, dt, 16, 24, 1.0);
+    tu_problem *t = mk(salt, 2, 100, 77, 3, D, dt, 16, 24, 1.0);
     t->p.mode = mode;
     t->p.threads = 2;
     for (int step = 0; step < 2; step++) {
@@ -306,7 +306,7 @@ static void tau_neg_inf(la_dtype dt, la_mode mode, int D, uint64_t salt)
         check_output(&t->p, NULL, tol_of(dt));
         check_all_ones(t);
     }
-    la_test_problem_free(t);
+    tu_problem_free(t);
 }
 
 START_TEST(dense_f32) { tau_neg_inf(LA_DTYPE_F32, LA_MODE_DENSE, 64, 1); }
@@ -333,7 +333,7 @@ END_TEST
 
 static void tau_pos_inf(const la_range *md, int n_md)
 {
-    la_test_problem *t = mk(10 + (uint64_t)n_md, 2, 90, 130, 2, 64, LA_DTYPE_F32, 32, 16, 1.0);
+    tu_problem *t = mk(10 + (uint64_t)n_md, 2, 90, 130, 2, 64, LA_DTYPE_F32, 32, 16, 1.0);
     la_attn_params *p = &t->p;
     p->mode = LA_MODE_SKIP;
     p->tau = INFINITY;
@@ -350,7 +350,7 @@ static void tau_pos_inf(const la_range *md, int n_md)
                     ck_assert_int_eq(getbit(mrow(p, t->mask, b, h, m), n), n == nk - 1 || mdf[n]);
     p->step = 1; /* ascending; computes exactly the kept tiles */
     call_and_check(t, 1e-5);
-    la_test_problem_free(t);
+    tu_problem_free(t);
 }
 
 START_TEST(tau_pos_inf_two_calls) { tau_pos_inf(NULL, 0); }
@@ -365,7 +365,7 @@ END_TEST
 /* Second call ascending with tau=+inf on a fresh mask keeps tile 0 (its first), not nK-1. */
 START_TEST(tau_pos_inf_ascending_first)
 {
-    la_test_problem *t = mk(12, 1, 40, 100, 2, 64, LA_DTYPE_BF16, 16, 32, 1.0);
+    tu_problem *t = mk(12, 1, 40, 100, 2, 64, LA_DTYPE_BF16, 16, 32, 1.0);
     t->p.mode = LA_MODE_SKIP;
     t->p.tau = INFINITY;
     t->p.step = 3;
@@ -373,7 +373,7 @@ START_TEST(tau_pos_inf_ascending_first)
     for (int h = 0; h < 2; h++)
         for (int m = 0; m < nq_of(&t->p); m++)
             ck_assert_uint_eq(mrow(&t->p, t->mask, 0, h, m)[0], 1u);
-    la_test_problem_free(t);
+    tu_problem_free(t);
 }
 END_TEST
 
@@ -382,17 +382,17 @@ END_TEST
 static void drift_run(la_dtype dt, int D, float tau, int calls, uint64_t salt, int *ret_ties)
 {
     /* Q and K at 3x amplitude: peaked attention, so that tiles do get skipped. */
-    la_test_problem *t = mk(salt, 2, 150, 170, 2, D, dt, 32, 24, 3.0);
+    tu_problem *t = mk(salt, 2, 150, 170, 2, D, dt, 32, 24, 3.0);
     t->p.mode = LA_MODE_SKIP;
     t->p.tau = tau;
     t->p.threads = 2;
-    int64_t prev = la_test_mask_popcount(t, t->mask);
+    int64_t prev = tu_mask_popcount(t, t->mask);
     int ties = 0;
     for (int s = 0; s < calls; s++) {
-        la_test_problem_drift(t, s, 0.01);
+        tu_problem_drift(t, s, 0.01);
         t->p.step = s;
         ties += call_and_check(t, tol_of(dt));
-        int64_t now = la_test_mask_popcount(t, t->mask);
+        int64_t now = tu_mask_popcount(t, t->mask);
         ck_assert_msg(now <= prev, "call %d: live tiles grew %lld -> %lld", s, (long long)prev,
                       (long long)now);
         prev = now;
@@ -404,7 +404,7 @@ static void drift_run(la_dtype dt, int D, float tau, int calls, uint64_t salt, i
         fprintf(stderr, "drift: %lld of %lld tiles live after %d calls\n", (long long)prev,
                 (long long)all, calls);
     *ret_ties = ties;
-    la_test_problem_free(t);
+    tu_problem_free(t);
 }
 
 START_TEST(monotone_10_calls_f32)
@@ -428,15 +428,15 @@ END_TEST
 
 START_TEST(decisions_observe)
 {
-    la_test_problem *t = mk(23, 1, 130, 200, 3, 64, LA_DTYPE_F32, 64, 32, 2.0);
-    la_rng r;
-    la_rng_init(&r, 230);
+    tu_problem *t = mk(23, 1, 130, 200, 3, 64, LA_DTYPE_F32, 64, 32, 2.0);
+    tu_rng r;
+    tu_rng_init(&r, 230);
     for (size_t i = 0; i < t->mask_words; i++)
-        t->mask[i] &= (uint32_t)la_rng_u64(&r);
+        t->mask[i] &= (uint32_t)tu_rng_u64(&r);
     t->p.mode = LA_MODE_OBSERVE;
     t->p.tau = -2.0f;
     call_and_check(t, 1e-5); /* observe visits every tile whatever the mask */
-    la_test_problem_free(t);
+    tu_problem_free(t);
 }
 END_TEST
 
@@ -446,7 +446,7 @@ START_TEST(partial_qtile_rows_do_not_vote)
     /* Sq = BM + 1: the last q-tile has one real row. Its scores rise with the key index, so
      * visited descending, every later tile is far below the running max and is skipped. If the
      * 15 missing rows voted (as zero queries: all scores 0) they would keep every tile. */
-    la_test_problem *t = mk(24, 1, 17, 64, 1, 64, LA_DTYPE_F32, 16, 16, 1.0);
+    tu_problem *t = mk(24, 1, 17, 64, 1, 64, LA_DTYPE_F32, 16, 16, 1.0);
     float *q = t->q, *k = t->k;
     for (int i = 0; i < 17 * 64; i++)
         q[i] = i / 64 == 16 ? 1.0f : 0.01f;
@@ -457,7 +457,7 @@ START_TEST(partial_qtile_rows_do_not_vote)
     t->p.tau = -4.0f;
     call_and_check(t, 1e-5);
     ck_assert_uint_eq(mrow(&t->p, t->mask, 0, 0, 1)[0], 1u << 3);
-    la_test_problem_free(t);
+    tu_problem_free(t);
 }
 END_TEST
 
@@ -471,7 +471,7 @@ START_TEST(shapes_partial_tiles)
                                  {2, 129, 17, 2, 1, 1},  {1, 5, 257, 4, 3, 64}};
     for (int i = 0; i < 6; i++) {
         const int *s = shp[i];
-        la_test_problem *t = mk(30 + (uint64_t)i, s[0], s[1], s[2], s[3], 64, LA_DTYPE_F32,
+        tu_problem *t = mk(30 + (uint64_t)i, s[0], s[1], s[2], s[3], 64, LA_DTYPE_F32,
                                 s[4], s[5], 1.5);
         t->p.mode = LA_MODE_SKIP;
         t->p.tau = -6.0f;
@@ -480,7 +480,7 @@ START_TEST(shapes_partial_tiles)
             t->p.step = step;
             call_and_check(t, 1e-5);
         }
-        la_test_problem_free(t);
+        tu_problem_free(t);
     }
 }
 END_TEST
@@ -488,25 +488,25 @@ END_TEST
 START_TEST(lse_values)
 {
     /* Large-magnitude scores, where a LSE without the max shift would overflow. */
-    la_test_problem *t = mk(40, 2, 70, 90, 2, 96, LA_DTYPE_F32, 32, 32, 6.0);
+    tu_problem *t = mk(40, 2, 70, 90, 2, 96, LA_DTYPE_F32, 32, 32, 6.0);
     t->p.scale = 0.3f;
     call_and_check(t, 1e-5);
     for (int i = 0; i < 2 * 2 * 70; i++)
         ck_assert(isfinite(t->lse[i]));
-    la_test_problem_free(t);
+    tu_problem_free(t);
 }
 END_TEST
 
 START_TEST(lse_bf16_with_skips)
 {
-    la_test_problem *t = mk(41, 1, 100, 160, 2, 128, LA_DTYPE_BF16, 32, 32, 2.0);
+    tu_problem *t = mk(41, 1, 100, 160, 2, 128, LA_DTYPE_BF16, 32, 32, 2.0);
     t->p.mode = LA_MODE_SKIP;
     t->p.tau = -1.0f;
     for (int s = 0; s < 3; s++) {
         t->p.step = s;
         call_and_check(t, 1e-2);
     }
-    la_test_problem_free(t);
+    tu_problem_free(t);
 }
 END_TEST
 
@@ -514,9 +514,9 @@ END_TEST
 
 /* One query row, two k-tiles: tile 0 scores 0, tile 1 scores 10 (raw). Descending visits tile 1
  * first and drops tile 0 (0 - 10 is far below tau); ascending keeps both (tile 1 raises the max). */
-static la_test_problem *two_tile_case(void)
+static tu_problem *two_tile_case(void)
 {
-    la_test_problem *t = mk(50, 1, 1, 32, 1, 64, LA_DTYPE_F32, 16, 16, 1.0);
+    tu_problem *t = mk(50, 1, 1, 32, 1, 64, LA_DTYPE_F32, 16, 16, 1.0);
     float *q = t->q, *k = t->k;
     for (int d = 0; d < 64; d++)
         q[d] = d == 0 ? 1.0f : 0.0f;
@@ -531,19 +531,19 @@ static la_test_problem *two_tile_case(void)
 
 START_TEST(direction_alternates)
 {
-    la_test_problem *t = two_tile_case();
+    tu_problem *t = two_tile_case();
     t->p.step = 0; /* even: descending */
     call_and_check(t, 1e-5);
     ck_assert_uint_eq(t->mask[0], 2u);
-    la_test_mask_ones(t);
+    tu_mask_ones(t);
     t->p.step = 1; /* odd: ascending */
     call_and_check(t, 1e-5);
     ck_assert_uint_eq(t->mask[0], 3u);
-    la_test_mask_ones(t);
+    tu_mask_ones(t);
     t->p.step = 6;
     call_and_check(t, 1e-5);
     ck_assert_uint_eq(t->mask[0], 2u);
-    la_test_problem_free(t);
+    tu_problem_free(t);
 }
 END_TEST
 
@@ -551,34 +551,34 @@ END_TEST
  * not vote keep (strictly greater), at tau just below 0 it does. */
 START_TEST(vote_is_strict)
 {
-    la_test_problem *t = two_tile_case();
+    tu_problem *t = two_tile_case();
     float *k = t->k;
     for (int j = 0; j < 32; j++)
         k[j * 64] = 10.0f; /* both tiles reach the same max */
     t->p.tau = 0.0f;
     ck_assert_int_eq(la_ref_attn_fwd(&t->p), 0);
     ck_assert_uint_eq(t->mask[0], 2u);
-    la_test_mask_ones(t);
+    tu_mask_ones(t);
     t->p.tau = -0x1p-20f;
     ck_assert_int_eq(la_ref_attn_fwd(&t->p), 0);
     ck_assert_uint_eq(t->mask[0], 3u);
-    la_test_problem_free(t);
+    tu_problem_free(t);
 }
 END_TEST
 
 START_TEST(direction_pinned)
 {
-    la_test_problem *t = two_tile_case();
+    tu_problem *t = two_tile_case();
     t->p.direction = LA_DIR_ASCENDING;
     t->p.step = 0;
     call_and_check(t, 1e-5);
     ck_assert_uint_eq(t->mask[0], 3u);
-    la_test_mask_ones(t);
+    tu_mask_ones(t);
     t->p.direction = LA_DIR_DESCENDING;
     t->p.step = 1;
     call_and_check(t, 1e-5);
     ck_assert_uint_eq(t->mask[0], 2u);
-    la_test_problem_free(t);
+    tu_problem_free(t);
 }
 END_TEST
 
@@ -586,7 +586,7 @@ END_TEST
 
 START_TEST(observe_is_old_and_keep)
 {
-    la_test_problem *t = mk(60, 2, 80, 150, 2, 64, LA_DTYPE_BF16, 16, 16, 2.0);
+    tu_problem *t = mk(60, 2, 80, 150, 2, 64, LA_DTYPE_BF16, 16, 16, 2.0);
     t->p.mode = LA_MODE_OBSERVE;
     t->p.tau = -1.5f;
     uint32_t *keep = calloc(t->mask_words, 4);
@@ -594,32 +594,32 @@ START_TEST(observe_is_old_and_keep)
     ck_assert_int_eq(la_ref_attn_fwd(&t->p), 0);
     t->p.decisions = NULL;
     check_all_ones(t);
-    la_rng r;
-    la_rng_init(&r, 600);
+    tu_rng r;
+    tu_rng_init(&r, 600);
     uint32_t *old = calloc(t->mask_words, 4);
     for (size_t i = 0; i < t->mask_words; i++)
-        old[i] = t->mask[i] = t->mask[i] & (uint32_t)la_rng_u64(&r);
+        old[i] = t->mask[i] = t->mask[i] & (uint32_t)tu_rng_u64(&r);
     ck_assert_int_eq(la_ref_attn_fwd(&t->p), 0);
     int64_t kept = 0;
     for (size_t i = 0; i < t->mask_words; i++) {
         ck_assert_uint_eq(t->mask[i], old[i] & keep[i]);
         kept += __builtin_popcount(keep[i]);
     }
-    ck_assert_int_lt(kept, la_test_mask_popcount(t, old) + la_test_mask_popcount(t, keep) + 1);
+    ck_assert_int_lt(kept, tu_mask_popcount(t, old) + tu_mask_popcount(t, keep) + 1);
     check_output(&t->p, NULL, 1e-2); /* observe computed everything */
     free(keep);
     free(old);
-    la_test_problem_free(t);
+    tu_problem_free(t);
 }
 END_TEST
 
 START_TEST(dense_leaves_mask)
 {
-    la_test_problem *t = mk(61, 1, 64, 64, 2, 64, LA_DTYPE_F32, 16, 16, 2.0);
-    la_rng r;
-    la_rng_init(&r, 610);
+    tu_problem *t = mk(61, 1, 64, 64, 2, 64, LA_DTYPE_F32, 16, 16, 2.0);
+    tu_rng r;
+    tu_rng_init(&r, 610);
     for (size_t i = 0; i < t->mask_words; i++)
-        t->mask[i] = (uint32_t)la_rng_u64(&r) & 0xfu;
+        t->mask[i] = (uint32_t)tu_rng_u64(&r) & 0xfu;
     uint32_t *old = copy_mask(t), *dec = malloc(t->mask_words * 4);
     memset(dec, 0xab, t->mask_words * 4);
     t->p.tau = INFINITY;
@@ -634,20 +634,20 @@ START_TEST(dense_leaves_mask)
     ck_assert_int_eq(la_ref_attn_fwd(&t->p), 0);
     free(old);
     free(dec);
-    la_test_problem_free(t);
+    tu_problem_free(t);
 }
 END_TEST
 
 START_TEST(dry_run_writes_decisions)
 {
-    la_test_problem *t = mk(62, 2, 70, 100, 2, 64, LA_DTYPE_F32, 16, 16, 2.0);
+    tu_problem *t = mk(62, 2, 70, 100, 2, 64, LA_DTYPE_F32, 16, 16, 2.0);
     t->p.mode = LA_MODE_SKIP;
     t->p.tau = -2.0f;
     t->p.step = 1;
-    la_rng r;
-    la_rng_init(&r, 620);
+    tu_rng r;
+    tu_rng_init(&r, 620);
     for (size_t i = 0; i < t->mask_words; i++)
-        t->mask[i] &= (uint32_t)la_rng_u64(&r) | 0x11u;
+        t->mask[i] &= (uint32_t)tu_rng_u64(&r) | 0x11u;
     uint32_t *old = copy_mask(t), *dec = malloc(t->mask_words * 4);
     memset(dec, 0xcd, t->mask_words * 4);
     t->p.decisions = dec;
@@ -659,7 +659,7 @@ START_TEST(dry_run_writes_decisions)
     ck_assert(memcmp(dec, t->mask, t->mask_words * 4) == 0);
     free(old);
     free(dec);
-    la_test_problem_free(t);
+    tu_problem_free(t);
 }
 END_TEST
 
@@ -669,7 +669,7 @@ END_TEST
 static void ranges_case(const la_range *md, int nmd, const la_range *ms, int nms,
                         const uint32_t *want_md, const uint32_t *want_so)
 {
-    la_test_problem *t = mk(70, 1, 40, 100, 2, 64, LA_DTYPE_F32, 16, 16, 1.0); /* nK = 7 */
+    tu_problem *t = mk(70, 1, 40, 100, 2, 64, LA_DTYPE_F32, 16, 16, 1.0); /* nK = 7 */
     t->p.mode = LA_MODE_SKIP;
     t->p.tau = INFINITY;
     t->p.must_do = md;
@@ -684,7 +684,7 @@ static void ranges_case(const la_range *md, int nmd, const la_range *ms, int nms
         t->p.step = s;
         call_and_check(t, 1e-5);
     }
-    la_test_problem_free(t);
+    tu_problem_free(t);
 }
 
 START_TEST(must_do_partial_tile)
@@ -736,37 +736,37 @@ START_TEST(all_tiles_must_skip)
     /* Nothing left to compute: O = 0 and LSE = -inf, in every mode. */
     la_range ms[] = {{0, 1000}};
     for (int mode = LA_MODE_DENSE; mode <= LA_MODE_SKIP; mode++) {
-        la_test_problem *t = mk(71, 1, 20, 50, 1, 64, LA_DTYPE_BF16, 16, 16, 1.0);
+        tu_problem *t = mk(71, 1, 20, 50, 1, 64, LA_DTYPE_BF16, 16, 16, 1.0);
         t->p.must_skip = ms;
         t->p.n_must_skip = 1;
         t->p.mode = (la_mode)mode;
         call_and_check(t, 0.0);
         for (int i = 0; i < 20; i++)
             ck_assert(t->lse[i] == -INFINITY);
-        la_test_problem_free(t);
+        tu_problem_free(t);
     }
 }
 END_TEST
 
 START_TEST(tile_flags_random)
 {
-    la_rng r;
-    la_rng_init(&r, 72);
+    tu_rng r;
+    tu_rng_init(&r, 72);
     for (int it = 0; it < 300; it++) {
         la_attn_params p;
         memset(&p, 0, sizeof p);
-        p.Sk = 1 + (int)(la_rng_u64(&r) % 300);
-        p.BN = 1 + (int)(la_rng_u64(&r) % 40);
+        p.Sk = 1 + (int)(tu_rng_u64(&r) % 300);
+        p.BN = 1 + (int)(tu_rng_u64(&r) % 40);
         la_range md[LA_MAX_RANGES], ms[LA_MAX_RANGES];
-        p.n_must_do = (int)(la_rng_u64(&r) % 4);
-        p.n_must_skip = (int)(la_rng_u64(&r) % 12);
+        p.n_must_do = (int)(tu_rng_u64(&r) % 4);
+        p.n_must_skip = (int)(tu_rng_u64(&r) % 12);
         for (int i = 0; i < p.n_must_do; i++) {
-            md[i].start = (int64_t)(la_rng_u64(&r) % 340) - 20;
-            md[i].end = md[i].start + (int64_t)(la_rng_u64(&r) % 30) - 3;
+            md[i].start = (int64_t)(tu_rng_u64(&r) % 340) - 20;
+            md[i].end = md[i].start + (int64_t)(tu_rng_u64(&r) % 30) - 3;
         }
         for (int i = 0; i < p.n_must_skip; i++) {
-            ms[i].start = (int64_t)(la_rng_u64(&r) % 340) - 20;
-            ms[i].end = ms[i].start + (int64_t)(la_rng_u64(&r) % 80) - 3;
+            ms[i].start = (int64_t)(tu_rng_u64(&r) % 340) - 20;
+            ms[i].end = ms[i].start + (int64_t)(tu_rng_u64(&r) % 80) - 3;
         }
         p.must_do = md;
         p.must_skip = ms;
@@ -789,7 +789,7 @@ START_TEST(strides_bhsd_layout)
 {
     /* The same problem in [B, H, S, D] storage passed through strides. */
     const int B = 2, H = 3, Sq = 50, Sk = 70, D = 64;
-    la_test_problem *t = mk(80, B, Sq, Sk, H, D, LA_DTYPE_BF16, 16, 16, 2.0);
+    tu_problem *t = mk(80, B, Sq, Sk, H, D, LA_DTYPE_BF16, 16, 16, 2.0);
     uint16_t *q = malloc(2 * B * H * Sq * D), *k = malloc(2 * B * H * Sk * D),
              *v = malloc(2 * B * H * Sk * D), *o = malloc(2 * B * H * Sq * D);
     const uint16_t *sq = t->q, *sk = t->k, *sv = t->v;
@@ -810,7 +810,7 @@ START_TEST(strides_bhsd_layout)
     uint32_t *want_mask = copy_mask(t);
     uint16_t *want_o = malloc(2 * B * H * Sq * D);
     memcpy(want_o, t->o, 2 * B * H * Sq * D);
-    la_test_mask_ones(t);
+    tu_mask_ones(t);
     int64_t st_q[4] = {H * Sq * D, D, Sq * D, 1}, st_k[4] = {H * Sk * D, D, Sk * D, 1};
     memcpy(p.q_stride, st_q, sizeof st_q);
     memcpy(p.o_stride, st_q, sizeof st_q);
@@ -834,7 +834,7 @@ START_TEST(strides_bhsd_layout)
     free(o);
     free(want_o);
     free(want_mask);
-    la_test_problem_free(t);
+    tu_problem_free(t);
 }
 END_TEST
 
@@ -851,13 +851,13 @@ START_TEST(strides_padded_rows)
     uint32_t *mask = malloc(4 * (size_t)(H * nq * 5));
     for (int i = 0; i < H * nq * 5; i++)
         mask[i] = (i % 5) < 3 ? 0xffffffffu : 0xdeadbeefu; /* bits 70..95 set: ignored */
-    la_rng r;
-    la_rng_init(&r, 81);
-    la_test_fill(&r, q, LA_DTYPE_F32, Sq * rs, 1.5);
-    la_test_fill(&r, k, LA_DTYPE_F32, Sk * rs, 1.5);
-    la_test_fill(&r, v, LA_DTYPE_F32, Sk * rs, 1.0);
+    tu_rng r;
+    tu_rng_init(&r, 81);
+    tu_fill(&r, q, LA_DTYPE_F32, Sq * rs, 1.5);
+    tu_fill(&r, k, LA_DTYPE_F32, Sk * rs, 1.5);
+    tu_fill(&r, v, LA_DTYPE_F32, Sk * rs, 1.0);
     la_attn_params p;
-    la_test_params(&p, q, k, v, o, lse, mask, B, Sq, Sk, H, D, LA_DTYPE_F32, BM, BN);
+    tu_params(&p, q, k, v, o, lse, mask, B, Sq, Sk, H, D, LA_DTYPE_F32, BM, BN);
     int64_t st[4] = {Sq * rs, rs, D * 2, 2}, stk[4] = {Sk * rs, rs, D * 2, 2};
     memcpy(p.q_stride, st, sizeof st);
     memcpy(p.o_stride, st, sizeof st);
@@ -893,7 +893,7 @@ END_TEST
 
 START_TEST(threads_bit_identical)
 {
-    la_test_problem *t = mk(90, 2, 200, 230, 3, 64, LA_DTYPE_BF16, 32, 48, 2.0);
+    tu_problem *t = mk(90, 2, 200, 230, 3, 64, LA_DTYPE_BF16, 32, 48, 2.0);
     t->p.mode = LA_MODE_SKIP;
     t->p.tau = -4.0f;
     size_t ob = (size_t)2 * 200 * 3 * 64 * 2, lb = (size_t)2 * 3 * 200 * 4;
@@ -901,7 +901,7 @@ START_TEST(threads_bit_identical)
     uint32_t *m1 = NULL;
     static const int threads[] = {1, 2, 3, 7, 64};
     for (int i = 0; i < 5; i++) {
-        la_test_mask_ones(t);
+        tu_mask_ones(t);
         t->p.threads = threads[i];
         for (int s = 0; s < 2; s++) {
             t->p.step = s;
@@ -921,7 +921,7 @@ START_TEST(threads_bit_identical)
     free(o1);
     free(l1);
     free(m1);
-    la_test_problem_free(t);
+    tu_problem_free(t);
 }
 END_TEST
 
@@ -931,14 +931,14 @@ END_TEST
  * same fp32 values as the f32 path: its output must be their round-to-nearest-even, bit for bit. */
 static void rounding_case(la_dtype dt, uint64_t salt)
 {
-    la_test_problem *h = mk(salt, 1, 50, 60, 2, 64, dt, 16, 16, 2.0);
-    la_test_problem *f = mk(salt, 1, 50, 60, 2, 64, LA_DTYPE_F32, 16, 16, 2.0);
+    tu_problem *h = mk(salt, 1, 50, 60, 2, 64, dt, 16, 16, 2.0);
+    tu_problem *f = mk(salt, 1, 50, 60, 2, 64, LA_DTYPE_F32, 16, 16, 2.0);
     int64_t nq = 50 * 2 * 64, nk = 60 * 2 * 64;
     for (int64_t i = 0; i < nq; i++)
-        ((float *)f->q)[i] = (float)la_test_get(h->q, dt, i);
+        ((float *)f->q)[i] = (float)tu_get(h->q, dt, i);
     for (int64_t i = 0; i < nk; i++) {
-        ((float *)f->k)[i] = (float)la_test_get(h->k, dt, i);
-        ((float *)f->v)[i] = (float)la_test_get(h->v, dt, i);
+        ((float *)f->k)[i] = (float)tu_get(h->k, dt, i);
+        ((float *)f->v)[i] = (float)tu_get(h->v, dt, i);
     }
     h->p.mode = f->p.mode = LA_MODE_SKIP;
     h->p.tau = f->p.tau = -3.0f;
@@ -948,15 +948,15 @@ static void rounding_case(la_dtype dt, uint64_t salt)
         ck_assert_int_eq(la_ref_attn_fwd(&f->p), 0);
         for (int64_t i = 0; i < nq; i++) {
             float x = ((float *)f->o)[i];
-            uint16_t want = dt == LA_DTYPE_BF16 ? la_f32_to_bf16(x) : la_f32_to_f16(x);
+            uint16_t want = dt == LA_DTYPE_BF16 ? tu_f32_to_bf16(x) : tu_f32_to_f16(x);
             ck_assert_msg(((uint16_t *)h->o)[i] == want, "O[%lld] = %04x, RNE(%a) = %04x",
                           (long long)i, ((uint16_t *)h->o)[i], (double)x, want);
         }
         ck_assert(memcmp(h->lse, f->lse, 2 * 50 * 4) == 0);
         ck_assert(memcmp(h->mask, f->mask, h->mask_words * 4) == 0);
     }
-    la_test_problem_free(h);
-    la_test_problem_free(f);
+    tu_problem_free(h);
+    tu_problem_free(f);
 }
 
 START_TEST(bf16_output_rne) { rounding_case(LA_DTYPE_BF16, 100); }
@@ -968,21 +968,21 @@ START_TEST(testutil_conversions)
 {
     /* every half and bf16 value survives f32 and back; rounding ties go to even */
     for (uint32_t h = 0; h < 65536; h++) {
-        float f = la_f16_to_f32((uint16_t)h);
+        float f = tu_f16_to_f32((uint16_t)h);
         if (!isnan(f))
-            ck_assert_uint_eq(la_f32_to_f16(f), h);
-        float g = la_bf16_to_f32((uint16_t)h);
+            ck_assert_uint_eq(tu_f32_to_f16(f), h);
+        float g = tu_bf16_to_f32((uint16_t)h);
         if (!isnan(g))
-            ck_assert_uint_eq(la_f32_to_bf16(g), h);
+            ck_assert_uint_eq(tu_f32_to_bf16(g), h);
     }
-    ck_assert_uint_eq(la_f32_to_bf16(1.0f + 0x1p-8f), 0x3f80u);             /* tie, to even */
-    ck_assert_uint_eq(la_f32_to_bf16(1.0f + 0x1p-8f + 0x1p-20f), 0x3f81u);  /* above the tie */
-    ck_assert_uint_eq(la_f32_to_bf16(1.0f + 3 * 0x1p-8f), 0x3f82u);         /* tie, to even */
-    ck_assert_uint_eq(la_f32_to_f16(1.0f + 0x1p-11f), 0x3c00u);
-    ck_assert_uint_eq(la_f32_to_f16(65520.0f), 0x7c00u);
-    ck_assert_uint_eq(la_f32_to_f16(65519.0f), 0x7bffu);
-    ck_assert_uint_eq(la_f32_to_f16(0x1p-25f), 0x0000u);                     /* tie to 0 */
-    ck_assert_uint_eq(la_f32_to_f16(0x1.8p-24f), 0x0002u);                   /* tie to even 2 */
+    ck_assert_uint_eq(tu_f32_to_bf16(1.0f + 0x1p-8f), 0x3f80u);             /* tie, to even */
+    ck_assert_uint_eq(tu_f32_to_bf16(1.0f + 0x1p-8f + 0x1p-20f), 0x3f81u);  /* above the tie */
+    ck_assert_uint_eq(tu_f32_to_bf16(1.0f + 3 * 0x1p-8f), 0x3f82u);         /* tie, to even */
+    ck_assert_uint_eq(tu_f32_to_f16(1.0f + 0x1p-11f), 0x3c00u);
+    ck_assert_uint_eq(tu_f32_to_f16(65520.0f), 0x7c00u);
+    ck_assert_uint_eq(tu_f32_to_f16(65519.0f), 0x7bffu);
+    ck_assert_uint_eq(tu_f32_to_f16(0x1p-25f), 0x0000u);                     /* tie to 0 */
+    ck_assert_uint_eq(tu_f32_to_f16(0x1.8p-24f), 0x0002u);                   /* tie to even 2 */
 }
 END_TEST
 
@@ -996,14 +996,14 @@ END_TEST
 static void nan_case(la_dtype dt)
 {
     enum { SQ = 50, SK = 60, H = 2, D = 64, BM = 16, BN = 16 };
-    la_test_problem *t = mk(77, 1, SQ, SK, H, D, dt, BM, BN, 2.0);
+    tu_problem *t = mk(77, 1, SQ, SK, H, D, dt, BM, BN, 2.0);
     t->p.mode = LA_MODE_SKIP;
     t->p.tau = -3.0f;
     t->p.step = 0;
     const size_t ob = (size_t)SQ * H * D * la_dtype_size(dt), lb = (size_t)H * SQ * 4;
     uint8_t *o0 = malloc(ob), *l0 = malloc(lb);
     uint32_t *m0 = NULL;
-    la_test_mask_ones(t);
+    tu_mask_ones(t);
     ck_assert_int_eq(la_ref_attn_fwd(&t->p), 0);
     memcpy(o0, t->o, ob);
     memcpy(l0, t->lse, lb);
@@ -1015,18 +1015,18 @@ static void nan_case(la_dtype dt)
         la_range skip = {16, 32}; /* k-tile 1, which holds key 20 */
         void *base = c == 0 ? t->q : c == 2 ? t->v : t->k;
         const int64_t at = c == 0 ? qi : c == 2 ? vi : ki;
-        const double saved = la_test_get(base, dt, at);
+        const double saved = tu_get(base, dt, at);
         if (c == 0)
-            la_test_set(t->q, dt, qi, NAN);
+            tu_set(t->q, dt, qi, NAN);
         else if (c == 1 || c == 3)
-            la_test_set(t->k, dt, ki, NAN);
+            tu_set(t->k, dt, ki, NAN);
         else
-            la_test_set(t->v, dt, vi, NAN);
+            tu_set(t->v, dt, vi, NAN);
         if (c == 3) {
             t->p.must_skip = &skip;
             t->p.n_must_skip = 1;
         }
-        la_test_mask_ones(t);
+        tu_mask_ones(t);
         ck_assert_int_eq(la_ref_attn_fwd(&t->p), 0);
         for (int i = 0; i < SQ; i++)
             for (int h = 0; h < H; h++) {
@@ -1042,7 +1042,7 @@ static void nan_case(la_dtype dt)
                     ck_assert_msg(!isnan(lse), "case %d: LSE[%d, %d] is NaN", c, h, i);
                 for (int d = 0; d < D; d++) {
                     int64_t e = QI(i, h, d);
-                    double x = la_test_get(t->o, dt, e), x0 = la_test_get(o0, dt, e);
+                    double x = tu_get(t->o, dt, e), x0 = tu_get(o0, dt, e);
                     if (nan_row || (c == 2 && h == 0 && d == 7))
                         ck_assert_msg(isnan(x), "case %d: O[%d, %d, %d] = %g, want NaN", c, i, h,
                                       d, x);
@@ -1066,7 +1066,7 @@ static void nan_case(la_dtype dt)
                 }
             }
         /* Clean again for the next case. */
-        la_test_set(base, dt, at, saved);
+        tu_set(base, dt, at, saved);
         t->p.must_skip = NULL;
         t->p.n_must_skip = 0;
     }
@@ -1074,7 +1074,7 @@ static void nan_case(la_dtype dt)
     free(o0);
     free(l0);
     free(m0);
-    la_test_problem_free(t);
+    tu_problem_free(t);
 }
 
 START_TEST(nan_as_sdpa_f32) { nan_case(LA_DTYPE_F32); }
@@ -1096,7 +1096,7 @@ static err_fixture *err_new(void)
     err_fixture *f = calloc(1, sizeof *f);
     ck_assert(f != NULL);
     /* B1 Sq 64 Sk 64 H1 D64 f32, BM 16 BN 16: nQ 4, 1 word per row */
-    la_test_params(&f->p, f->q, f->k, f->v, f->o, f->lse, f->mask, 1, 64, 64, 1, 64,
+    tu_params(&f->p, f->q, f->k, f->v, f->o, f->lse, f->mask, 1, 64, 64, 1, 64,
                    LA_DTYPE_F32, 16, 16);
     f->p.mode = LA_MODE_SKIP;
     for (int i = 0; i < 16; i++)
@@ -1311,6 +1311,6 @@ static Suite *ref_suite(void)
 
 int main(void)
 {
-    la_test_seed();
-    return la_test_run_suite(ref_suite());
+    tu_seed();
+    return tu_run_suite(ref_suite());
 }

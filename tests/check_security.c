@@ -312,5 +312,5 @@ int main(void)
     tcase_add_test(tc, test_isolation);
     tcase_add_test(tc, test_per_user_limits);
     suite_add_tcase(s, tc);
-    return la_test_run_suite(s);
+    return tu_run_suite(s);
 }

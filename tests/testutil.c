@@ -17,7 +17,7 @@
 static uint64_t g_seed;
 static int g_seed_set;
 
-uint64_t la_test_seed(void)
+uint64_t tu_seed(void)
 {
     if (!g_seed_set) {
         const char *e = getenv("LA_TEST_SEED");
@@ -42,14 +42,14 @@ static uint64_t splitmix(uint64_t *x)
     return z ^ (z >> 31);
 }
 
-void la_rng_init(la_rng *r, uint64_t salt)
+void tu_rng_init(tu_rng *r, uint64_t salt)
 {
-    uint64_t x = la_test_seed() ^ (salt * 0xd1b54a32d192ed03ull);
+    uint64_t x = tu_seed() ^ (salt * 0xd1b54a32d192ed03ull);
     r->s[0] = splitmix(&x);
     r->s[1] = splitmix(&x) | 1; /* xorshift128+ must not start all zero */
 }
 
-uint64_t la_rng_u64(la_rng *r)
+uint64_t tu_rng_u64(tu_rng *r)
 {
     uint64_t a = r->s[0], b = r->s[1];
     r->s[0] = b;
@@ -58,11 +58,11 @@ uint64_t la_rng_u64(la_rng *r)
     return r->s[1] + b;
 }
 
-double la_rng_uniform(la_rng *r) { return (double)(la_rng_u64(r) >> 11) * 0x1p-53; }
+double tu_rng_uniform(tu_rng *r) { return (double)(tu_rng_u64(r) >> 11) * 0x1p-53; }
 
-double la_rng_normal(la_rng *r)
+double tu_rng_normal(tu_rng *r)
 {
-    double u1 = la_rng_uniform(r), u2 = la_rng_uniform(r);
+    double u1 = tu_rng_uniform(r), u2 = tu_rng_uniform(r);
     if (u1 < 1e-300)
         u1 = 1e-300;
     return sqrt(-2.0 * log(u1)) * cos(2.0 * M_PI * u2);
@@ -70,7 +70,7 @@ double la_rng_normal(la_rng *r)
 
 /* ---- dtypes ---------------------------------------------------------------------------- */
 
-float la_bf16_to_f32(uint16_t h)
+float tu_bf16_to_f32(uint16_t h)
 {
     uint32_t u = (uint32_t)h << 16;
     float f;
@@ -79,7 +79,7 @@ float la_bf16_to_f32(uint16_t h)
 }
 
 /* By value rather than by bits: RNE of a float to 8 significant bits, in double. */
-uint16_t la_f32_to_bf16(float f)
+uint16_t tu_f32_to_bf16(float f)
 {
     uint32_t u;
     memcpy(&u, &f, 4);
@@ -101,7 +101,7 @@ uint16_t la_f32_to_bf16(float f)
     return (uint16_t)((v >> 16) | (signbit(f) ? 0x8000u : 0));
 }
 
-float la_f16_to_f32(uint16_t h)
+float tu_f16_to_f32(uint16_t h)
 {
     int e = (h >> 10) & 0x1f, man = h & 0x3ff;
     double v;
@@ -114,7 +114,7 @@ float la_f16_to_f32(uint16_t h)
     return (float)((h & 0x8000) ? -v : v);
 }
 
-uint16_t la_f32_to_f16(float f)
+uint16_t tu_f32_to_f16(float f)
 {
     uint16_t sign = signbit(f) ? 0x8000u : 0;
     if (isnan(f))
@@ -137,44 +137,44 @@ uint16_t la_f32_to_f16(float f)
     return sign | (uint16_t)(exp_bits << 10) | man;
 }
 
-double la_test_get(const void *base, la_dtype dt, int64_t idx)
+double tu_get(const void *base, la_dtype dt, int64_t idx)
 {
     switch (dt) {
     case LA_DTYPE_F32: return ((const float *)base)[idx];
-    case LA_DTYPE_BF16: return la_bf16_to_f32(((const uint16_t *)base)[idx]);
-    case LA_DTYPE_F16: return la_f16_to_f32(((const uint16_t *)base)[idx]);
+    case LA_DTYPE_BF16: return tu_bf16_to_f32(((const uint16_t *)base)[idx]);
+    case LA_DTYPE_F16: return tu_f16_to_f32(((const uint16_t *)base)[idx]);
     default: return NAN;
     }
 }
 
-void la_test_set(void *base, la_dtype dt, int64_t idx, double v)
+void tu_set(void *base, la_dtype dt, int64_t idx, double v)
 {
     switch (dt) {
     case LA_DTYPE_F32: ((float *)base)[idx] = (float)v; break;
-    case LA_DTYPE_BF16: ((uint16_t *)base)[idx] = la_f32_to_bf16((float)v); break;
-    case LA_DTYPE_F16: ((uint16_t *)base)[idx] = la_f32_to_f16((float)v); break;
+    case LA_DTYPE_BF16: ((uint16_t *)base)[idx] = tu_f32_to_bf16((float)v); break;
+    case LA_DTYPE_F16: ((uint16_t *)base)[idx] = tu_f32_to_f16((float)v); break;
     default: break;
     }
 }
 
 /* A normal draw pushed away from zero, so that the rounded value is never 0. */
-static double nonzero_normal(la_rng *r)
+static double nonzero_normal(tu_rng *r)
 {
-    double x = la_rng_normal(r);
+    double x = tu_rng_normal(r);
     if (fabs(x) < 1e-3)
         x = x < 0 ? -1e-3 : 1e-3;
     return x;
 }
 
-void la_test_fill(la_rng *r, void *base, la_dtype dt, int64_t n, double amp)
+void tu_fill(tu_rng *r, void *base, la_dtype dt, int64_t n, double amp)
 {
     for (int64_t i = 0; i < n; i++)
-        la_test_set(base, dt, i, amp * nonzero_normal(r));
+        tu_set(base, dt, i, amp * nonzero_normal(r));
 }
 
 /* ---- attention problems -------------------------------------------------------------------- */
 
-void la_test_params(la_attn_params *p, const void *q, const void *k, const void *v, void *o,
+void tu_params(la_attn_params *p, const void *q, const void *k, const void *v, void *o,
                     float *lse, uint32_t *mask, int32_t B, int32_t Sq, int32_t Sk, int32_t H,
                     int32_t D, la_dtype dt, int32_t BM, int32_t BN)
 {
@@ -215,20 +215,20 @@ void la_test_params(la_attn_params *p, const void *q, const void *k, const void 
     p->threads = 1;
 }
 
-static void fill_from(la_test_problem *t, int which, double eps, int step)
+static void fill_from(tu_problem *t, int which, double eps, int step)
 {
     const la_attn_params *p = &t->p;
     int64_t n = (int64_t)p->B * (which == 0 ? p->Sq : p->Sk) * p->H * p->D;
     void *dst = which == 0 ? t->q : which == 1 ? t->k : t->v;
     for (int64_t i = 0; i < n; i++)
-        la_test_set(dst, p->dtype, i, t->base[which][i] + eps * step * t->dir[which][i]);
+        tu_set(dst, p->dtype, i, t->base[which][i] + eps * step * t->dir[which][i]);
 }
 
-la_test_problem *la_test_problem_new(la_rng *r, int32_t B, int32_t Sq, int32_t Sk, int32_t H,
+tu_problem *tu_problem_new(tu_rng *r, int32_t B, int32_t Sq, int32_t Sk, int32_t H,
                                      int32_t D, la_dtype dt, int32_t BM, int32_t BN,
                                      double qk_amp)
 {
-    la_test_problem *t = calloc(1, sizeof *t);
+    tu_problem *t = calloc(1, sizeof *t);
     if (t == NULL)
         return NULL;
     size_t es = la_dtype_size(dt);
@@ -249,23 +249,23 @@ la_test_problem *la_test_problem_new(la_rng *r, int32_t B, int32_t Sq, int32_t S
         ok = t->base[i] && t->dir[i];
         for (size_t j = 0; ok && j < n[i]; j++) {
             t->base[i][j] = (i < 2 ? qk_amp : 1.0) * nonzero_normal(r);
-            t->dir[i][j] = la_rng_normal(r);
+            t->dir[i][j] = tu_rng_normal(r);
         }
     }
     if (!ok) {
-        la_test_problem_free(t);
+        tu_problem_free(t);
         return NULL;
     }
-    la_test_params(&t->p, t->q, t->k, t->v, t->o, t->lse, t->mask, B, Sq, Sk, H, D, dt, BM, BN);
-    la_test_problem_drift(t, 0, 0.0);
+    tu_params(&t->p, t->q, t->k, t->v, t->o, t->lse, t->mask, B, Sq, Sk, H, D, dt, BM, BN);
+    tu_problem_drift(t, 0, 0.0);
     /* O starts as garbage-free but non-zero, so that a row the kernel forgets shows up. */
     for (size_t i = 0; i < nq; i++)
-        la_test_set(t->o, dt, (int64_t)i, 12345.0);
-    la_test_mask_ones(t);
+        tu_set(t->o, dt, (int64_t)i, 12345.0);
+    tu_mask_ones(t);
     return t;
 }
 
-void la_test_problem_free(la_test_problem *t)
+void tu_problem_free(tu_problem *t)
 {
     if (t == NULL)
         return;
@@ -282,7 +282,7 @@ void la_test_problem_free(la_test_problem *t)
     free(t);
 }
 
-void la_test_mask_ones(la_test_problem *t)
+void tu_mask_ones(tu_problem *t)
 {
     int32_t nk = la_tiles(t->p.Sk, t->p.BN), words = la_mask_words(nk);
     for (size_t r = 0; r < t->mask_words / (size_t)words; r++)
@@ -291,13 +291,13 @@ void la_test_mask_ones(la_test_problem *t)
                 (w + 1) * 32 <= nk ? 0xffffffffu : (uint32_t)((1ull << (nk % 32)) - 1);
 }
 
-void la_test_problem_drift(la_test_problem *t, int step_index, double eps)
+void tu_problem_drift(tu_problem *t, int step_index, double eps)
 {
     for (int i = 0; i < 3; i++)
         fill_from(t, i, eps, step_index);
 }
 
-int64_t la_test_mask_popcount(const la_test_problem *t, const uint32_t *mask)
+int64_t tu_mask_popcount(const tu_problem *t, const uint32_t *mask)
 {
     int32_t nk = la_tiles(t->p.Sk, t->p.BN), words = la_mask_words(nk);
     int64_t c = 0;
@@ -329,10 +329,10 @@ void naive_attn_f64(const la_attn_params *p, const uint8_t *computed, double *re
                     }
                     double dot = 0;
                     for (int32_t d = 0; d < D; d++)
-                        dot += la_test_get(p->q, p->dtype,
+                        dot += tu_get(p->q, p->dtype,
                                            b * p->q_stride[0] + i * p->q_stride[1] +
                                                h * p->q_stride[2] + d * p->q_stride[3]) *
-                               la_test_get(p->k, p->dtype,
+                               tu_get(p->k, p->dtype,
                                            b * p->k_stride[0] + j * p->k_stride[1] +
                                                h * p->k_stride[2] + d * p->k_stride[3]);
                     s[j] = dot * p->scale;
@@ -347,7 +347,7 @@ void naive_attn_f64(const la_attn_params *p, const uint8_t *computed, double *re
                     double w = exp(s[j] - mx);
                     z += w;
                     for (int32_t d = 0; d < D; d++)
-                        acc[d] += w * la_test_get(p->v, p->dtype,
+                        acc[d] += w * tu_get(p->v, p->dtype,
                                                   b * p->v_stride[0] + j * p->v_stride[1] +
                                                       h * p->v_stride[2] + d * p->v_stride[3]);
                 }
@@ -361,18 +361,18 @@ void naive_attn_f64(const la_attn_params *p, const uint8_t *computed, double *re
     free(acc);
 }
 
-void la_test_o_f64(const la_attn_params *p, double *ret)
+void tu_o_f64(const la_attn_params *p, double *ret)
 {
     for (int32_t b = 0; b < p->B; b++)
         for (int32_t i = 0; i < p->Sq; i++)
             for (int32_t h = 0; h < p->H; h++)
                 for (int32_t d = 0; d < p->D; d++)
-                    *ret++ = la_test_get(p->o, p->dtype,
+                    *ret++ = tu_get(p->o, p->dtype,
                                          b * p->o_stride[0] + i * p->o_stride[1] +
                                              h * p->o_stride[2] + d * p->o_stride[3]);
 }
 
-double la_test_rel_l2(const double *ref, const double *got, int64_t n)
+double tu_rel_l2(const double *ref, const double *got, int64_t n)
 {
     double num = 0, den = 0;
     for (int64_t i = 0; i < n; i++) {
@@ -390,4 +390,3 @@ double la_test_rel_l2(const double *ref, const double *got, int64_t n)
 
 /* ---- environment ------------------------------------------------------------------------- */
 
-int la_test_has_gpu(void) { return tu_has_gpu(); }
