@@ -8,10 +8,9 @@ typedef struct code_info {
     const char *name, *msg;
 } code_info;
 
-static const code_info codes[] = {
-    {0, "LA_OK", "success"},
+static const code_info codes[] = {{0, "LA_OK", "success"},
 #define X_(name, val, msg) {val, "LA_" #name, msg},
-    LA_ERRNO_MAP(X_)
+                                  LA_ERRNO_MAP(X_)
 #undef X_
 };
 

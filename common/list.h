@@ -32,7 +32,10 @@ static inline void list_insert_before(list_node *pos, list_node *n)
     pos->prev = n;
 }
 static inline void list_append(list_node *head, list_node *n) { list_insert_before(head, n); }
-static inline void list_prepend(list_node *head, list_node *n) { list_insert_before(head->next, n); }
+static inline void list_prepend(list_node *head, list_node *n)
+{
+    list_insert_before(head->next, n);
+}
 
 /* Unlinks n (a no-op on an unlinked node); n is unlinked afterwards. */
 static inline void list_remove(list_node *n)
@@ -61,15 +64,15 @@ static inline void list_take(list_node *dst, list_node *src)
     list_init(src);
 }
 
-#define list_entry(node, type, member) ((type *)(void *)((char *)(node) - offsetof(type, member)))
+#define list_entry(node, type, member) ((type *)(void *)((char *)(node)-offsetof(type, member)))
 /* The first entry, or NULL when the list is empty. */
 #define list_first_entry(head, type, member) \
     (list_empty(head) ? NULL : list_entry((head)->next, type, member))
 
 /* Iterates var (a type *) over the list; the body may remove var (the next one is kept). */
-#define list_for_each_entry(var, head, type, member)                                      \
-    for (list_node *var##_n_ = (head)->next, *var##_t_ = var##_n_->next;                   \
-         var##_n_ != (head) && ((var) = list_entry(var##_n_, type, member), 1);            \
+#define list_for_each_entry(var, head, type, member)                            \
+    for (list_node *var##_n_ = (head)->next, *var##_t_ = var##_n_->next;        \
+         var##_n_ != (head) && ((var) = list_entry(var##_n_, type, member), 1); \
          var##_n_ = var##_t_, var##_t_ = var##_n_->next)
 
 #endif /* LA_COMMON_LIST_H */

@@ -15,8 +15,21 @@
 #include "codes.h"
 #include "log.h"
 
-enum kind { K_PATH, K_BACKEND, K_INT, K_U32, K_U64SIZE, K_U32SIZE, K_LEVEL, K_MODE, K_FLAG,
-            K_VERBOSE, K_CONFIG, K_HELP, K_VERSION };
+enum kind {
+    K_PATH,
+    K_BACKEND,
+    K_INT,
+    K_U32,
+    K_U64SIZE,
+    K_U32SIZE,
+    K_LEVEL,
+    K_MODE,
+    K_FLAG,
+    K_VERBOSE,
+    K_CONFIG,
+    K_HELP,
+    K_VERSION
+};
 
 typedef struct opt {
     const char *name;
@@ -36,11 +49,14 @@ static const opt opts[] = {
      "passes a listening socket"},
     {"backend", 'b', K_BACKEND, OFF(backend), 0, 0, "cpu|cuda|auto",
      "compute backend (default auto: cuda when a GPU is usable, else cpu)"},
-    {"threads", 't', K_INT, OFF(threads), 0, 4096, "N", "threads of the CPU backend (0: one per core)"},
+    {"threads", 't', K_INT, OFF(threads), 0, 4096, "N",
+     "threads of the CPU backend (0: one per core)"},
     {"foreground", 'f', K_FLAG, 0, 0, 0, NULL,
      "run in the foreground (always: liteattnd never forks; systemd supervises it)"},
-    {"verbose", 'v', K_VERBOSE, 0, 0, 0, NULL, "log more: each -v raises the level one step (info → debug)"},
-    {"log-level", 'l', K_LEVEL, OFF(log_level), 0, 0, "LEVEL", "error, warn, info or debug (default info)"},
+    {"verbose", 'v', K_VERBOSE, 0, 0, 0, NULL,
+     "log more: each -v raises the level one step (info → debug)"},
+    {"log-level", 'l', K_LEVEL, OFF(log_level), 0, 0, "LEVEL",
+     "error, warn, info or debug (default info)"},
     {"max-frame", 0, K_U32SIZE, OFF(max_frame), 1024, 64u << 20, "BYTES",
      "largest request frame (default 1M); a larger one closes the connection"},
     {"max-inflight", 0, K_U32, OFF(max_inflight), 1, 65536, "N",
@@ -70,7 +86,8 @@ static const opt opts[] = {
     {"socket-mode", 'm', K_MODE, OFF(socket_mode), 0, 0777, "OCTAL",
      "permissions of a socket liteattnd creates (default 0660; not applied to a socket "
      "systemd passes: set SocketMode= there)"},
-    {"config", 'c', K_CONFIG, 0, 0, 0, "FILE", "config file (default " CFG_DEFAULT_FILE ", read only if it exists)"},
+    {"config", 'c', K_CONFIG, 0, 0, 0, "FILE",
+     "config file (default " CFG_DEFAULT_FILE ", read only if it exists)"},
     {"help", 'h', K_HELP, 0, 0, 0, NULL, "show this help and exit"},
     {"version", 'V', K_VERSION, 0, 0, 0, NULL, "show the version and exit"},
 };
@@ -107,10 +124,22 @@ int cfg_parse_size(const char *s, uint64_t *ret)
         return LA_EINVAL;
     unsigned shift = 0;
     switch (toupper((unsigned char)*end)) {
-    case 'K': shift = 10; end++; break;
-    case 'M': shift = 20; end++; break;
-    case 'G': shift = 30; end++; break;
-    case 'T': shift = 40; end++; break;
+    case 'K':
+        shift = 10;
+        end++;
+        break;
+    case 'M':
+        shift = 20;
+        end++;
+        break;
+    case 'G':
+        shift = 30;
+        end++;
+        break;
+    case 'T':
+        shift = 40;
+        end++;
+        break;
     default: break;
     }
     if (shift && (*end == 'i' || *end == 'I'))
@@ -170,7 +199,8 @@ static int apply(cfg *c, const opt *o, const char *val, const char *where, char 
         if (!*val)
             return fail(err, errlen, "%s: empty path", where);
         if (strlen(val) >= CFG_SOCKET_MAX)
-            return fail(err, errlen, "%s: socket path longer than %zu bytes", where, CFG_SOCKET_MAX - 1);
+            return fail(err, errlen, "%s: socket path longer than %zu bytes", where,
+                        CFG_SOCKET_MAX - 1);
         strcpy(p, val);
         return 0;
     case K_BACKEND:
@@ -181,7 +211,8 @@ static int apply(cfg *c, const opt *o, const char *val, const char *where, char 
     case K_LEVEL: {
         int l = log_level_parse(val);
         if (l < 0)
-            return fail(err, errlen, "%s: log level '%s' is not error, warn, info or debug", where, val);
+            return fail(err, errlen, "%s: log level '%s' is not error, warn, info or debug", where,
+                        val);
         *(int *)p = l;
         return 0;
     }
@@ -209,12 +240,12 @@ static int apply(cfg *c, const opt *o, const char *val, const char *where, char 
     case K_U64SIZE:
     case K_U32SIZE:
         if (cfg_parse_size(val, &v) < 0)
-            return fail(err, errlen, "%s: '%s' is not a size (a number with an optional K, M, G suffix)", where, val);
+            return fail(err, errlen,
+                        "%s: '%s' is not a size (a number with an optional K, M, G suffix)", where,
+                        val);
         break;
-    case K_FLAG:
-        return 0;
-    default:
-        return fail(err, errlen, "%s: not a setting", where);
+    case K_FLAG: return 0;
+    default: return fail(err, errlen, "%s: not a setting", where);
     }
     if (v < o->min || v > o->max)
         return fail(err, errlen, "%s: %s is outside %llu..%llu", where, val,
@@ -290,11 +321,12 @@ static int load_file(cfg *c, const char *path, int must_exist, char *err, size_t
 
 static void print_help(const char *prog)
 {
-    printf("Usage: %s [OPTION]...\n"
-           "liteattnd serves LiteAttention (temporal sparse attention) to clients on a Unix socket.\n"
-           "It always runs in the foreground and never forks; under systemd (Type=notify) it\n"
-           "reports readiness, status and watchdog pings, and adopts a socket-activated socket.\n\n",
-           prog);
+    printf(
+        "Usage: %s [OPTION]...\n"
+        "liteattnd serves LiteAttention (temporal sparse attention) to clients on a Unix socket.\n"
+        "It always runs in the foreground and never forks; under systemd (Type=notify) it\n"
+        "reports readiness, status and watchdog pings, and adopts a socket-activated socket.\n\n",
+        prog);
     for (size_t i = 0; i < N_OPTS; i++) {
         const opt *o = &opts[i];
         char left[64];
@@ -325,18 +357,19 @@ static void print_help(const char *prog)
                 printf("%-38s", "");
         }
     }
-    printf("\nSizes accept K, M, G suffixes (powers of 1024). Bad options exit with status 2.\n"
-           "\nConfig file: lines 'key = value', '#' starts a comment. Keys are the long option\n"
-           "names with '-' written '_' (socket, backend, threads, foreground, log_level,\n"
-           "max_frame, max_inflight, max_connections_per_user, max_buffers, max_buffer_bytes,\n"
-           "max_sessions, max_mask_bytes, mask_memory_cap, session_grace, session_ttl,\n"
-           "hello_timeout, max_outbound_bytes, socket_mode). Command-line flags override the file.\n"
-           "\nFlow control: a connection with max_inflight attention requests in flight is not\n"
-           "read until one finishes; requests beyond the limit that already arrived are\n"
-           "answered with LA_EBUSY. A client that lets more than max_outbound_bytes of replies\n"
-           "queue up is disconnected.\n"
-           "\nExit status: 0 after SIGTERM/SIGINT (in-flight work finished), 1 on a second\n"
-           "signal or a start-up failure, 2 for bad options, 3 after a fatal GPU error.\n");
+    printf(
+        "\nSizes accept K, M, G suffixes (powers of 1024). Bad options exit with status 2.\n"
+        "\nConfig file: lines 'key = value', '#' starts a comment. Keys are the long option\n"
+        "names with '-' written '_' (socket, backend, threads, foreground, log_level,\n"
+        "max_frame, max_inflight, max_connections_per_user, max_buffers, max_buffer_bytes,\n"
+        "max_sessions, max_mask_bytes, mask_memory_cap, session_grace, session_ttl,\n"
+        "hello_timeout, max_outbound_bytes, socket_mode). Command-line flags override the file.\n"
+        "\nFlow control: a connection with max_inflight attention requests in flight is not\n"
+        "read until one finishes; requests beyond the limit that already arrived are\n"
+        "answered with LA_EBUSY. A client that lets more than max_outbound_bytes of replies\n"
+        "queue up is disconnected.\n"
+        "\nExit status: 0 after SIGTERM/SIGINT (in-flight work finished), 1 on a second\n"
+        "signal or a start-up failure, 2 for bad options, 3 after a fatal GPU error.\n");
 }
 
 int cfg_parse(cfg *c, int argc, char **argv, char *err, size_t errlen)
@@ -358,7 +391,10 @@ int cfg_parse(cfg *c, int argc, char **argv, char *err, size_t errlen)
     *sp = 0;
 
     /* Pass 1: collect, so that the file is read first and the flags override it. */
-    typedef struct { const opt *o; const char *val; } entry;
+    typedef struct {
+        const opt *o;
+        const char *val;
+    } entry;
     entry *ent = calloc((size_t)argc + 1, sizeof(*ent));
     if (!ent)
         return fail(err, errlen, "out of memory");
@@ -376,8 +412,10 @@ int cfg_parse(cfg *c, int argc, char **argv, char *err, size_t errlen)
             char sbuf[3] = {'-', (char)optopt, 0};
             if (optopt && (what[0] != '-' || what[1] == '-' || strlen(what) != 2))
                 what = sbuf; /* a bad letter inside grouped short options */
-            rc = fail(err, errlen, ch == '?' ? "unknown option '%s' (see --help)"
-                                             : "option '%s' needs a value (see --help)", what);
+            rc = fail(err, errlen,
+                      ch == '?' ? "unknown option '%s' (see --help)"
+                                : "option '%s' needs a value (see --help)",
+                      what);
             goto out;
         } else
             for (size_t i = 0; i < N_OPTS; i++)

@@ -18,17 +18,17 @@
 
 typedef struct cfg {
     char socket_path[CFG_SOCKET_MAX];
-    char backend[8];            /* auto, cpu, cuda */
-    int threads;                /* CPU backend, 0: number of cores */
-    int log_level;              /* LOG_ERROR..LOG_DEBUG */
-    uint32_t max_frame;         /* bytes of one request */
-    uint32_t max_inflight;      /* attention requests in flight per connection */
+    char backend[8];       /* auto, cpu, cuda */
+    int threads;           /* CPU backend, 0: number of cores */
+    int log_level;         /* LOG_ERROR..LOG_DEBUG */
+    uint32_t max_frame;    /* bytes of one request */
+    uint32_t max_inflight; /* attention requests in flight per connection */
     uint32_t max_conns_per_user;
-    uint32_t max_buffers;       /* per connection */
-    uint64_t max_buffer_bytes;  /* per connection */
-    uint32_t max_sessions;      /* per user */
-    uint64_t max_mask_bytes;    /* per user */
-    uint64_t mask_memory_cap;   /* all users, 0 = none */
+    uint32_t max_buffers;      /* per connection */
+    uint64_t max_buffer_bytes; /* per connection */
+    uint32_t max_sessions;     /* per user */
+    uint64_t max_mask_bytes;   /* per user */
+    uint64_t mask_memory_cap;  /* all users, 0 = none */
     uint32_t session_grace_s, session_ttl_s, hello_timeout_s;
     uint64_t max_outbound_bytes; /* queued replies per connection before it is dropped */
     unsigned socket_mode;

@@ -13,8 +13,8 @@
 #include "codes.h"
 #include "log.h"
 
-#define LINGER_MS 2000       /* conn_close_after_flush: longest wait for the client to read */
-#define RECVS_PER_WAKEUP 16  /* fairness: other clients get their turn after this many reads */
+#define LINGER_MS 2000      /* conn_close_after_flush: longest wait for the client to read */
+#define RECVS_PER_WAKEUP 16 /* fairness: other clients get their turn after this many reads */
 
 struct conn_out {
     list_node link;
@@ -86,7 +86,7 @@ static uint64_t now_ms(void)
 static void drop_outq(conn *c)
 {
     conn_out *o;
-    list_for_each_entry(o, &c->out, conn_out, link) {
+    list_for_each_entry (o, &c->out, conn_out, link) {
         list_remove(&o->link);
         free(o);
     }
@@ -165,7 +165,7 @@ void conn_hello_done(conn *c)
 static int flush(conn *c)
 {
     conn_out *o;
-    list_for_each_entry(o, &c->out, conn_out, link) {
+    list_for_each_entry (o, &c->out, conn_out, link) {
         ssize_t n = frame_send(c->fd, o->data + o->off, o->len - o->off, -1);
         if (n == LA_EAGAIN)
             break;
@@ -244,8 +244,8 @@ int conn_send(conn *c, const Liteattn__Reply *r)
         return LA_ECLOSED;
     if (c->out_bytes > c->lim.max_outbound_bytes) {
         log_warn(CONN_FMT ": %zu bytes of replies wait unread (limit %llu); closing the slow "
-                 "client", CONN_ARGS(c), c->out_bytes,
-                 (unsigned long long)c->lim.max_outbound_bytes);
+                          "client",
+                 CONN_ARGS(c), c->out_bytes, (unsigned long long)c->lim.max_outbound_bytes);
         conn_close(c);
         return LA_ECLOSED;
     }
@@ -339,7 +339,8 @@ static void on_readable(conn *c)
             size_t pending = c->fr.len - c->fr.head;
             if (pending)
                 log_info(CONN_FMT ": closed by the client in the middle of a frame (%zu bytes "
-                         "pending)", CONN_ARGS(c), pending);
+                                  "pending)",
+                         CONN_ARGS(c), pending);
             else
                 log_debug(CONN_FMT ": closed by the client", CONN_ARGS(c));
             conn_close(c);
@@ -351,7 +352,8 @@ static void on_readable(conn *c)
             return;
         }
         if (n < 0) {
-            log_info(CONN_FMT ": receive failed (%s); closing", CONN_ARGS(c), codes_strerror((int)n));
+            log_info(CONN_FMT ": receive failed (%s); closing", CONN_ARGS(c),
+                     codes_strerror((int)n));
             conn_close(c);
             return;
         }
@@ -428,7 +430,7 @@ void conn_job_end(conn *c, conn_job *j)
 void conn_fail_inflight(conn *c, int code, const char *message)
 {
     conn_job *j;
-    list_for_each_entry(j, &c->jobs, conn_job, link) {
+    list_for_each_entry (j, &c->jobs, conn_job, link) {
         if (j->answered)
             continue;
         j->answered = 1;
@@ -453,8 +455,7 @@ static void on_hello_timeout(uv_timer_t *t)
 }
 
 int conn_new(uv_loop_t *loop, uint64_t id, int fd, uint32_t uid, uint32_t gid, int32_t pid,
-             const conn_limits *lim, conn_counters *ctr, const conn_hooks *hooks,
-             conn **ret_conn)
+             const conn_limits *lim, conn_counters *ctr, const conn_hooks *hooks, conn **ret_conn)
 {
     conn *c = calloc(1, sizeof(*c));
     if (!c) {

@@ -55,8 +55,8 @@ typedef struct conn_hooks {
 } conn_hooks;
 
 typedef struct conn_limits {
-    uint32_t max_frame;          /* bytes of one request */
-    uint32_t max_inflight;       /* jobs in flight before reading pauses */
+    uint32_t max_frame;    /* bytes of one request */
+    uint32_t max_inflight; /* jobs in flight before reading pauses */
     uint32_t hello_timeout_s;
     uint64_t max_outbound_bytes; /* queued replies before the client is dropped */
 } conn_limits;
@@ -70,14 +70,14 @@ typedef struct conn_counters {
 
 /* A request in flight (e.g. an attention job): embedded in the caller's own object. */
 typedef struct conn_job {
-    list_node link;  /* the connection's jobs */
+    list_node link; /* the connection's jobs */
     uint64_t req_id;
-    int answered;    /* conn_fail_inflight already answered it */
+    int answered; /* conn_fail_inflight already answered it */
 } conn_job;
 
 struct conn {
-    list_node link;       /* the owner's list of connections (conn itself never touches it) */
-    void *user;           /* the owner's, e.g. the dispatcher */
+    list_node link; /* the owner's list of connections (conn itself never touches it) */
+    void *user;     /* the owner's, e.g. the dispatcher */
     uint64_t id;
     int fd;
     uint32_t uid, gid;
@@ -89,23 +89,23 @@ struct conn {
     conn_counters *ctr;
 
     uv_poll_t poll;
-    uv_timer_t timer;     /* Hello timeout, then the linger limit of conn_close_after_flush */
-    unsigned events;      /* what poll watches now */
+    uv_timer_t timer; /* Hello timeout, then the linger limit of conn_close_after_flush */
+    unsigned events;  /* what poll watches now */
 
     frame_reader fr;
-    list_node out;        /* conn_out, oldest first */
+    list_node out; /* conn_out, oldest first */
     size_t out_bytes;
 
-    list_node jobs;       /* conn_job in flight */
+    list_node jobs; /* conn_job in flight */
     uint32_t inflight;
 
     size_t alloc_used, alloc_cap; /* protobuf-c unpack budget */
 
     int refs;
     int hello_done;
-    int paused;           /* inflight limit reached: not reading */
-    int quiesced;         /* shutting down: no more requests are read */
-    int lingering;        /* a final reply is being flushed, then the connection closes */
+    int paused;    /* inflight limit reached: not reading */
+    int quiesced;  /* shutting down: no more requests are read */
+    int lingering; /* a final reply is being flushed, then the connection closes */
     int closing;
 };
 
@@ -116,8 +116,7 @@ struct conn {
 /* Takes ownership of fd (closed on error). Starts reading and the Hello timer. ctr must
  * outlive the connection. */
 int conn_new(uv_loop_t *loop, uint64_t id, int fd, uint32_t uid, uint32_t gid, int32_t pid,
-             const conn_limits *lim, conn_counters *ctr, const conn_hooks *hooks,
-             conn **ret_conn);
+             const conn_limits *lim, conn_counters *ctr, const conn_hooks *hooks, conn **ret_conn);
 /* Closes now (queued replies are dropped); hooks.closed runs. */
 void conn_close(conn *c);
 /* Stops reading; closes once the queued replies are written (or after a few seconds). */

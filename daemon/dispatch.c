@@ -56,7 +56,6 @@ static int send_ack(conn *c, uint64_t id)
     return send_reply(c, id, LITEATTN__REPLY__BODY_ACK, &ack);
 }
 
-
 /* p resized to n elements of size bytes; on failure p itself, with *failed set. */
 static void *grow(void *p, size_t n, size_t size, int *failed)
 {
@@ -70,7 +69,8 @@ static void *grow(void *p, size_t n, size_t size, int *failed)
 
 /* ---- Hello -------------------------------------------------------------------------------- */
 
-static int do_hello(const disp *d, conn *c, uint64_t id, const Liteattn__Hello *h, char *why, size_t whylen)
+static int do_hello(const disp *d, conn *c, uint64_t id, const Liteattn__Hello *h, char *why,
+                    size_t whylen)
 {
     if (c->hello_done)
         return reply_err(c, id, LA_EINVAL, "Hello was already done on this connection");
@@ -84,7 +84,8 @@ static int do_hello(const disp *d, conn *c, uint64_t id, const Liteattn__Hello *
     }
     /* The name is only for logs: keep it short and printable. */
     size_t j = 0;
-    for (const char *p = h->client_name ? h->client_name : ""; *p && j + 1 < sizeof(c->client_name); p++)
+    for (const char *p = h->client_name ? h->client_name : ""; *p && j + 1 < sizeof(c->client_name);
+         p++)
         c->client_name[j++] = (*p >= 0x20 && *p < 0x7f) ? *p : '?';
     c->client_name[j] = 0;
     conn_hello_done(c);
@@ -208,7 +209,8 @@ static int do_session_attach(const disp *d, conn *c, uint64_t id, const Liteattn
 
 enum { SREF_RESET, SREF_CLOSE };
 
-static int do_session_ref(const disp *d, conn *c, uint64_t id, const Liteattn__SessionRef *m, int what)
+static int do_session_ref(const disp *d, conn *c, uint64_t id, const Liteattn__SessionRef *m,
+                          int what)
 {
     eng_error err = {{0}};
     int rc = what == SREF_RESET ? eng_session_reset(d->eng, c->uid, m->session_id, &err)
@@ -333,9 +335,9 @@ static int do_mask_read(const disp *d, conn *c, uint64_t id, const Liteattn__Mas
     size_t got = 0;
     uint64_t total = 0;
     eng_error err = {{0}};
-    int rc = eng_mask_read(d->eng, c->uid, m->session_id, m->layer,
-                           m->has_kv_shard ? m->kv_shard : 0, m->has_offset ? m->offset : 0, buf,
-                           want, &got, &total, &err);
+    int rc =
+        eng_mask_read(d->eng, c->uid, m->session_id, m->layer, m->has_kv_shard ? m->kv_shard : 0,
+                      m->has_offset ? m->offset : 0, buf, want, &got, &total, &err);
     if (rc < 0) {
         free(buf);
         return reply_eng_err(c, id, rc, &err);
@@ -359,8 +361,8 @@ static int send_buffer(conn *c, uint64_t id, uint64_t buffer_id, uint64_t size)
     return send_reply(c, id, LITEATTN__REPLY__BODY_BUFFER, &br);
 }
 
-static int do_buffer_register(const disp *d, conn *c, uint64_t id, const Liteattn__BufferRegister *m,
-                              char *why, size_t whylen)
+static int do_buffer_register(const disp *d, conn *c, uint64_t id,
+                              const Liteattn__BufferRegister *m, char *why, size_t whylen)
 {
     eng_error err = {{0}};
     uint64_t bid = 0, size = m->size;
@@ -368,15 +370,17 @@ static int do_buffer_register(const disp *d, conn *c, uint64_t id, const Liteatt
     if (m->kind == LITEATTN__BUFFER_KIND__BUFFER_SHM) {
         int fd = frame_take_fd(&c->fr);
         if (fd < 0) {
-            snprintf(why, whylen, "BufferRegister(SHM) of request %llu came without a file "
-                     "descriptor", (unsigned long long)id);
+            snprintf(why, whylen,
+                     "BufferRegister(SHM) of request %llu came without a file "
+                     "descriptor",
+                     (unsigned long long)id);
             return CONN_REQ_FAIL;
         }
         rc = eng_buffer_add_shm(d->eng, c->uid, c->id, fd, m->size, &bid, &err);
     } else if (m->kind == LITEATTN__BUFFER_KIND__BUFFER_CUDA_IPC) {
-        rc = eng_buffer_add_cuda_ipc(d->eng, c->uid, c->id,
-                                     m->has_ipc_handle ? m->ipc_handle.data : NULL,
-                                     m->has_ipc_handle ? m->ipc_handle.len : 0, m->device_uuid, m->size, &bid, &size, &err);
+        rc = eng_buffer_add_cuda_ipc(
+            d->eng, c->uid, c->id, m->has_ipc_handle ? m->ipc_handle.data : NULL,
+            m->has_ipc_handle ? m->ipc_handle.len : 0, m->device_uuid, m->size, &bid, &size, &err);
     } else
         return reply_err(c, id, LA_EINVAL, "buffer kind %d is not a BufferKind", (int)m->kind);
     if (rc < 0)
@@ -384,7 +388,8 @@ static int do_buffer_register(const disp *d, conn *c, uint64_t id, const Liteatt
     return send_buffer(c, id, bid, size);
 }
 
-static int do_buffer_unregister(const disp *d, conn *c, uint64_t id, const Liteattn__BufferUnregister *m)
+static int do_buffer_unregister(const disp *d, conn *c, uint64_t id,
+                                const Liteattn__BufferUnregister *m)
 {
     eng_error err = {{0}};
     int rc = eng_buffer_remove(d->eng, c->id, m->buffer_id, &err);
@@ -397,8 +402,8 @@ static int do_buffer_unregister(const disp *d, conn *c, uint64_t id, const Litea
 
 /* Translates a TensorRef as it is (the engine checks ranks, shapes, dtypes and strides
  * against the session); refused here is only what an eng_tensor cannot hold. */
-static int tensor_from(const Liteattn__TensorRef *t, const char *role, eng_tensor *out,
-                       char *msg, size_t msglen)
+static int tensor_from(const Liteattn__TensorRef *t, const char *role, eng_tensor *out, char *msg,
+                       size_t msglen)
 {
     memset(out, 0, sizeof(*out));
     if (!t) {
@@ -407,8 +412,10 @@ static int tensor_from(const Liteattn__TensorRef *t, const char *role, eng_tenso
     }
     size_t cap = sizeof(out->shape) / sizeof(out->shape[0]);
     if (t->n_shape > cap || (t->n_strides != 0 && t->n_strides != t->n_shape)) {
-        snprintf(msg, msglen, "tensor %s: %zu sizes and %zu strides (at most %zu sizes, and "
-                 "as many strides or none)", role, t->n_shape, t->n_strides, cap);
+        snprintf(msg, msglen,
+                 "tensor %s: %zu sizes and %zu strides (at most %zu sizes, and "
+                 "as many strides or none)",
+                 role, t->n_shape, t->n_strides, cap);
         return LA_EINVAL;
     }
     for (size_t i = 0; i < t->n_shape; i++)
@@ -464,8 +471,10 @@ static void on_attn_done(void *user, int status, const eng_attn_result *res, con
 static int do_attention(const disp *d, conn *c, uint64_t id, const Liteattn__Attention *m)
 {
     if (c->inflight >= c->lim.max_inflight)
-        return reply_err(c, id, LA_EBUSY, "%u attention requests already in flight on this "
-                         "connection (limit %u)", c->inflight, c->lim.max_inflight);
+        return reply_err(c, id, LA_EBUSY,
+                         "%u attention requests already in flight on this "
+                         "connection (limit %u)",
+                         c->inflight, c->lim.max_inflight);
     eng_attn_req *q = calloc(1, sizeof(*q));
     if (!q)
         return reply_err(c, id, LA_ENOMEM, "out of memory");
@@ -606,32 +615,24 @@ int disp_request(void *data, conn *c, const Liteattn__Request *req, char *why, s
         return CONN_REQ_CLOSE;
     }
     switch (req->body_case) {
-    case LITEATTN__REQUEST__BODY_HELLO:
-        return do_hello(d, c, id, req->hello, why, whylen);
-    case LITEATTN__REQUEST__BODY_SESSION_OPEN:
-        return do_session_open(d, c, id, req->session_open);
+    case LITEATTN__REQUEST__BODY_HELLO: return do_hello(d, c, id, req->hello, why, whylen);
+    case LITEATTN__REQUEST__BODY_SESSION_OPEN: return do_session_open(d, c, id, req->session_open);
     case LITEATTN__REQUEST__BODY_SESSION_ATTACH:
         return do_session_attach(d, c, id, req->session_attach);
     case LITEATTN__REQUEST__BODY_SESSION_RESET:
         return do_session_ref(d, c, id, req->session_reset, SREF_RESET);
     case LITEATTN__REQUEST__BODY_SESSION_CLOSE:
         return do_session_ref(d, c, id, req->session_close, SREF_CLOSE);
-    case LITEATTN__REQUEST__BODY_SESSION_INFO:
-        return do_session_info(d, c, id, req->session_info);
-    case LITEATTN__REQUEST__BODY_SESSION_LIST:
-        return do_session_list(d, c, id);
-    case LITEATTN__REQUEST__BODY_MASK_READ:
-        return do_mask_read(d, c, id, req->mask_read);
+    case LITEATTN__REQUEST__BODY_SESSION_INFO: return do_session_info(d, c, id, req->session_info);
+    case LITEATTN__REQUEST__BODY_SESSION_LIST: return do_session_list(d, c, id);
+    case LITEATTN__REQUEST__BODY_MASK_READ: return do_mask_read(d, c, id, req->mask_read);
     case LITEATTN__REQUEST__BODY_BUFFER_REGISTER:
         return do_buffer_register(d, c, id, req->buffer_register, why, whylen);
     case LITEATTN__REQUEST__BODY_BUFFER_UNREGISTER:
         return do_buffer_unregister(d, c, id, req->buffer_unregister);
-    case LITEATTN__REQUEST__BODY_ATTENTION:
-        return do_attention(d, c, id, req->attention);
-    case LITEATTN__REQUEST__BODY_STATS:
-        return do_stats(d, c, id);
-    case LITEATTN__REQUEST__BODY_PING:
-        return do_ping(c, id, req->ping);
+    case LITEATTN__REQUEST__BODY_ATTENTION: return do_attention(d, c, id, req->attention);
+    case LITEATTN__REQUEST__BODY_STATS: return do_stats(d, c, id);
+    case LITEATTN__REQUEST__BODY_PING: return do_ping(c, id, req->ping);
     default:
         /* A request type of a later minor version (unknown oneof member): not an error of
          * the framing, so the connection stays. */

@@ -15,14 +15,14 @@
 #include "engine.h"
 
 #define DISP_MASK_REPLY_MAX (512u * 1024) /* bytes of mask in one MaskReply */
-#define DISP_LIST_MAX 2000 /* sessions in one SessionListReply */
+#define DISP_LIST_MAX 2000                /* sessions in one SessionListReply */
 
 typedef void (*disp_stat_fn)(void *data, const char *name, int64_t value);
 
 /* What dispatch works with; the server owns it. */
 typedef struct disp {
     eng *eng;
-    const cfg *cfg;    /* the limits a Hello reply announces */
+    const cfg *cfg; /* the limits a Hello reply announces */
     /* Adds the server's own counters to a Stats reply (may be NULL). */
     void (*server_stats)(void *data, disp_stat_fn fn, void *fn_data);
     void *server_data;

@@ -39,8 +39,10 @@ static int listen_adopt(srv *s, char *err, size_t errlen)
         return 0;
     int fd = SD_LISTEN_FDS_START;
     if (sd_is_socket_unix(fd, SOCK_STREAM, 1, NULL, 0) <= 0)
-        return fail(err, errlen, "the socket systemd passed (fd %d) is not a listening Unix "
-                    "stream socket", fd);
+        return fail(err, errlen,
+                    "the socket systemd passed (fd %d) is not a listening Unix "
+                    "stream socket",
+                    fd);
     if (n > 1)
         log_warn("systemd passed %d sockets; using the first", n);
     int fl = fcntl(fd, F_GETFL);
@@ -107,7 +109,8 @@ static int listen_create(srv *s, char *err, size_t errlen)
         if (e != ECONNREFUSED && e != ENOENT)
             return fail(err, errlen, "cannot probe %s: %s", path, strerror(e));
         if (unlink(path) < 0 && errno != ENOENT)
-            return fail(err, errlen, "cannot remove the stale socket %s: %s", path, strerror(errno));
+            return fail(err, errlen, "cannot remove the stale socket %s: %s", path,
+                        strerror(errno));
         log_info("removed the stale socket %s", path);
     }
 
@@ -140,7 +143,7 @@ static uint32_t user_conns(srv *s, uint32_t uid)
 {
     uint32_t n = 0;
     conn *c;
-    list_for_each_entry(c, &s->conns, conn, link)
+    list_for_each_entry (c, &s->conns, conn, link)
         n += c->uid == uid;
     return n;
 }
@@ -238,7 +241,10 @@ static void stop_listening(srv *s)
 
 /* ---- systemd ------------------------------------------------------------------------------ */
 
-typedef struct { int64_t sessions; int found; } sess_count;
+typedef struct {
+    int64_t sessions;
+    int found;
+} sess_count;
 
 static void count_sessions(void *data, const char *name, int64_t value)
 {
@@ -296,7 +302,7 @@ void srv_maybe_finish(srv *s)
     if (!eng_idle(s->eng))
         return;
     conn *c;
-    list_for_each_entry(c, &s->conns, conn, link)
+    list_for_each_entry (c, &s->conns, conn, link)
         if (conn_has_output(c) && s->drain_ticks <= SRV_FLUSH_GRACE_S)
             return;
     log_info("shutdown: all work done, replies flushed; exiting");
@@ -314,7 +320,7 @@ static void begin_shutdown(srv *s, const char *why)
     eng_shutdown(s->eng);
     /* Stop reading requests; connections that never said Hello have nothing to wait for. */
     conn *c;
-    list_for_each_entry(c, &s->conns, conn, link) {
+    list_for_each_entry (c, &s->conns, conn, link) {
         if (!c->hello_done)
             conn_close(c);
         else
@@ -342,7 +348,7 @@ static void fatal(srv *s)
     s->fatal = 1;
     unsigned n = 0;
     conn *c;
-    list_for_each_entry(c, &s->conns, conn, link) {
+    list_for_each_entry (c, &s->conns, conn, link) {
         n += c->inflight;
         conn_fail_inflight(c, LA_EDEVICE, "fatal GPU error: the daemon restarts; reconnect");
     }
@@ -407,10 +413,7 @@ static int on_conn_request(void *data, conn *c, const Liteattn__Request *req, ch
     return disp_request(&s->disp, c, req, why, whylen);
 }
 
-static void on_conn_drained(void *data, conn *c)
-{
-    srv_maybe_finish(data);
-}
+static void on_conn_drained(void *data, conn *c) { srv_maybe_finish(data); }
 
 static void server_stats(void *data, disp_stat_fn fn, void *fn_data)
 {
@@ -539,8 +542,8 @@ int srv_new(const cfg *c, srv **ret_srv, char *err, size_t errlen)
     uv_timer_start(&s->tick, on_tick, period, period);
 
     log_info("liteattnd %s listening on %s (backend %s, protocol %d.%d)", LA_VERSION_STRING,
-             s->activated ? "the socket systemd passed" : s->cfg.socket_path,
-             eng_backends(s->eng), LA_PROTOCOL_MAJOR, LA_PROTOCOL_MINOR);
+             s->activated ? "the socket systemd passed" : s->cfg.socket_path, eng_backends(s->eng),
+             LA_PROTOCOL_MAJOR, LA_PROTOCOL_MINOR);
     sd_notify(0, "READY=1");
     update_status(s);
     *ret_srv = s;
@@ -571,7 +574,7 @@ int srv_run(srv *s)
     if (s->fatal) {
         /* Best effort: push the LA_EDEVICE replies out before the process ends. */
         conn *c;
-        list_for_each_entry(c, &s->conns, conn, link)
+        list_for_each_entry (c, &s->conns, conn, link)
             conn_flush_final(c, 200);
         return SRV_EXIT_FATAL;
     }

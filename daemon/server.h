@@ -30,7 +30,7 @@
 enum { SRV_EXIT_OK = 0, SRV_EXIT_FAIL = 1, SRV_EXIT_USAGE = 2, SRV_EXIT_FATAL = 3 };
 
 typedef struct srv_counters {
-    conn_counters io;    /* every connection's frames and bytes */
+    conn_counters io; /* every connection's frames and bytes */
     uint64_t connections_total, rejected_connections;
 } srv_counters;
 
@@ -38,33 +38,33 @@ typedef struct srv {
     uv_loop_t loop;
     cfg cfg;
     eng *eng;
-    disp disp;           /* the request hook's context: eng, cfg, the server's counters */
+    disp disp; /* the request hook's context: eng, cfg, the server's counters */
 
-    int listen_fd;       /* -1 when closed */
-    int lock_fd;         /* flock on "<socket>.lock", -1 under socket activation */
-    int reserve_fd;      /* spare fd, released to shed a connection when fds run out */
-    int own_socket;      /* we created the socket file: unlink it at exit */
-    int activated;       /* the socket came from systemd */
+    int listen_fd;  /* -1 when closed */
+    int lock_fd;    /* flock on "<socket>.lock", -1 under socket activation */
+    int reserve_fd; /* spare fd, released to shed a connection when fds run out */
+    int own_socket; /* we created the socket file: unlink it at exit */
+    int activated;  /* the socket came from systemd */
     uv_poll_t listen_poll;
     int listen_active;
 
-    uv_async_t async;    /* engine completions */
+    uv_async_t async; /* engine completions */
     uv_timer_t tick;
     uv_signal_t sig_int, sig_term;
 
-    list_node conns;     /* open connections (conn.link) */
+    list_node conns; /* open connections (conn.link) */
     uint32_t n_conns;
     uint64_t next_conn_id;
     srv_counters ctr;
     uint64_t start_ms;
 
-    int stopping;        /* shutdown begun */
-    int handles_closed;  /* final uv_close of the server handles done */
+    int stopping;       /* shutdown begun */
+    int handles_closed; /* final uv_close of the server handles done */
     int fatal;
     int signals;
-    unsigned drain_ticks;  /* ticks since the engine became idle during shutdown */
+    unsigned drain_ticks; /* ticks since the engine became idle during shutdown */
     uint64_t watchdog_usec;
-    char status[128];    /* last STATUS= sent */
+    char status[128]; /* last STATUS= sent */
 } srv;
 
 /* Sets up the loop, the listening socket and the engine, and starts accepting; READY=1 is sent

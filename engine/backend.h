@@ -31,11 +31,11 @@ typedef struct be_backend be_backend;
 typedef struct be_import be_import; /* an imported CUDA IPC allocation, opaque */
 
 typedef struct be_mask {
-    void *dev_ptr;   /* what the kernel gets (cpu: == host) */
-    uint32_t *host;  /* host view (cpu: the mask; cuda: pinned shadow) */
+    void *dev_ptr;  /* what the kernel gets (cpu: == host) */
+    uint32_t *host; /* host view (cpu: the mask; cuda: pinned shadow) */
     uint64_t bytes;
     int dev;
-    void *priv;      /* backend's own */
+    void *priv; /* backend's own */
 } be_mask;
 
 #define BE_MSG_MAX 160
@@ -47,15 +47,15 @@ typedef struct be_job {
     la_range must_do[LA_MAX_RANGES];
     la_range must_skip[LA_MAX_RANGES];
     int dev;
-    be_mask *mask;            /* the session's mask set (p.mask points inside it), or NULL */
+    be_mask *mask;               /* the session's mask set (p.mask points inside it), or NULL */
     uint64_t mask_off, mask_len; /* the bytes of this (layer, shard) inside it */
     int mask_restart;         /* set those bytes to all ones before computing (a new generation) */
     int has_wait_event;
     uint8_t wait_event[64];
-    uint64_t t_submit_ns;     /* CLOCK_MONOTONIC */
+    uint64_t t_submit_ns; /* CLOCK_MONOTONIC */
 
     /* Out, written by the backend before complete() is called. */
-    int status;               /* 0 or LA_E* */
+    int status; /* 0 or LA_E* */
     char msg[BE_MSG_MAX];
     int64_t tiles_computed;
     uint64_t t_start_ns, t_end_ns;
@@ -76,8 +76,8 @@ typedef struct be_ops {
     /* Device index for a UUID, or for "" (the first device). LA_ENODEV if none. */
     int (*find_device)(be_backend *b, const char *uuid, int *ret_dev);
     /* Tile sizes of the kernel for (head_dim, dtype) on dev; LA_ENOTSUP if none. */
-    int (*tile_sizes)(be_backend *b, int dev, uint32_t head_dim, la_dtype dtype,
-                      uint32_t *ret_bm, uint32_t *ret_bn);
+    int (*tile_sizes)(be_backend *b, int dev, uint32_t head_dim, la_dtype dtype, uint32_t *ret_bm,
+                      uint32_t *ret_bn);
     /* 0 if p (pointers filled) can run on dev; LA_EINVAL / LA_ENOTSUP otherwise. */
     int (*supports)(be_backend *b, int dev, const la_attn_params *p);
     /* Mask storage of bytes bytes, every bit set. */
@@ -88,8 +88,8 @@ typedef struct be_ops {
     int (*mask_reset)(be_backend *b, be_mask *m);
     /* CUDA IPC import (NULL for cpu). ret_ptr: device pointer of the allocation base. */
     int (*buffer_import)(be_backend *b, const void *handle, size_t len, const char *uuid,
-                         uint64_t size, be_import **ret_imp, void **ret_ptr,
-                         uint64_t *ret_size, int *ret_dev, char *msg, size_t msg_len);
+                         uint64_t size, be_import **ret_imp, void **ret_ptr, uint64_t *ret_size,
+                         int *ret_dev, char *msg, size_t msg_len);
     /* Drops one reference of an import; called once no job uses it any more. */
     void (*buffer_release)(be_backend *b, be_import *imp);
     /* Queues job; returns 0 (complete() will be called) or an error (it will not). */
@@ -114,8 +114,7 @@ struct be_backend {
 int be_cpu_new(int threads, be_complete_fn complete, void *complete_data, be_backend **ret,
                char *msg, size_t msg_len);
 /* CUDA backend: one worker per usable GPU. LA_ENODEV when built without CUDA or no GPU. */
-int be_cuda_new(be_complete_fn complete, void *complete_data,
-                logsink_fn log, void *log_data,
+int be_cuda_new(be_complete_fn complete, void *complete_data, logsink_fn log, void *log_data,
                 be_backend **ret, char *msg, size_t msg_len);
 
 /* CLOCK_MONOTONIC in nanoseconds. */

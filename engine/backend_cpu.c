@@ -35,7 +35,8 @@ typedef struct cpu_backend {
     int stopping;
 } cpu_backend;
 
-uint64_t be_now_ns(void) {
+uint64_t be_now_ns(void)
+{
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
@@ -44,7 +45,8 @@ uint64_t be_now_ns(void) {
 /* The first queued job whose mask no running job and no earlier queued job uses: calls on one
  * (session, layer, kv shard) run one after the other in submission order, since each reads
  * the mask the previous one wrote; calls on other masks overtake them. Under c->lock. */
-static be_job *pick(cpu_backend *c, be_job **ret_prev) {
+static be_job *pick(cpu_backend *c, be_job **ret_prev)
+{
     be_job *prev = NULL;
     for (be_job *j = c->head; j; prev = j, j = j->be_next) {
         const void *m = j->p.mask;
@@ -61,7 +63,8 @@ static be_job *pick(cpu_backend *c, be_job **ret_prev) {
     return NULL;
 }
 
-static void *worker_main(void *arg) {
+static void *worker_main(void *arg)
+{
     cpu_backend *c = arg;
     pthread_mutex_lock(&c->lock);
     for (;;) {
@@ -110,7 +113,8 @@ static void *worker_main(void *arg) {
     return NULL;
 }
 
-static size_t cpu_devices(be_backend *b, eng_device_info *out, size_t max) {
+static size_t cpu_devices(be_backend *b, eng_device_info *out, size_t max)
+{
     cpu_backend *c = (cpu_backend *)b;
     if (max < 1)
         return 1;
@@ -123,7 +127,8 @@ static size_t cpu_devices(be_backend *b, eng_device_info *out, size_t max) {
     return 1;
 }
 
-static int cpu_find_device(be_backend *b, const char *uuid, int *ret_dev) {
+static int cpu_find_device(be_backend *b, const char *uuid, int *ret_dev)
+{
     if (!uuid || !uuid[0] || !strcmp(uuid, "cpu")) {
         *ret_dev = 0;
         return 0;
@@ -132,7 +137,8 @@ static int cpu_find_device(be_backend *b, const char *uuid, int *ret_dev) {
 }
 
 static int cpu_tile_sizes(be_backend *b, int dev, uint32_t head_dim, la_dtype dtype,
-                          uint32_t *ret_bm, uint32_t *ret_bn) {
+                          uint32_t *ret_bm, uint32_t *ret_bn)
+{
     if (!LA_REF_HEAD_DIM_OK(head_dim))
         return LA_ENOTSUP;
     if (dtype != LA_DTYPE_F32 && dtype != LA_DTYPE_F16 && dtype != LA_DTYPE_BF16)
@@ -147,11 +153,13 @@ static int cpu_tile_sizes(be_backend *b, int dev, uint32_t head_dim, la_dtype dt
     return 0;
 }
 
-static int cpu_supports(be_backend *b, int dev, const la_attn_params *p) {
+static int cpu_supports(be_backend *b, int dev, const la_attn_params *p)
+{
     return la_attn_validate(p);
 }
 
-static int cpu_mask_alloc(be_backend *b, int dev, uint64_t bytes, be_mask **ret_mask) {
+static int cpu_mask_alloc(be_backend *b, int dev, uint64_t bytes, be_mask **ret_mask)
+{
     if (bytes == 0 || bytes > SIZE_MAX - 64)
         return LA_EINVAL;
     be_mask *m = calloc(1, sizeof *m);
@@ -171,19 +179,22 @@ static int cpu_mask_alloc(be_backend *b, int dev, uint64_t bytes, be_mask **ret_
     return 0;
 }
 
-static void cpu_mask_free(be_backend *b, be_mask *m) {
+static void cpu_mask_free(be_backend *b, be_mask *m)
+{
     if (!m)
         return;
     free(m->host);
     free(m);
 }
 
-static int cpu_mask_reset(be_backend *b, be_mask *m) {
+static int cpu_mask_reset(be_backend *b, be_mask *m)
+{
     memset(m->host, 0xff, (size_t)m->bytes);
     return 0;
 }
 
-static int cpu_submit(be_backend *b, be_job *job) {
+static int cpu_submit(be_backend *b, be_job *job)
+{
     cpu_backend *c = (cpu_backend *)b;
     pthread_mutex_lock(&c->lock);
     if (c->stopping) {
@@ -202,7 +213,8 @@ static int cpu_submit(be_backend *b, be_job *job) {
     return 0;
 }
 
-static void cpu_stop(be_backend *b) {
+static void cpu_stop(be_backend *b)
+{
     cpu_backend *c = (cpu_backend *)b;
     pthread_mutex_lock(&c->lock);
     c->stopping = 1;
@@ -227,7 +239,8 @@ static void cpu_stop(be_backend *b) {
     }
 }
 
-static void cpu_free(be_backend *b) {
+static void cpu_free(be_backend *b)
+{
     cpu_backend *c = (cpu_backend *)b;
     if (!c)
         return;
@@ -259,7 +272,8 @@ static const be_ops cpu_ops = {
 };
 
 int be_cpu_new(int threads, be_complete_fn complete, void *complete_data, be_backend **ret,
-               char *msg, size_t msg_len) {
+               char *msg, size_t msg_len)
+{
     if (threads <= 0) {
         long n = sysconf(_SC_NPROCESSORS_ONLN);
         threads = n > 0 ? (int)n : 1;

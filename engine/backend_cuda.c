@@ -34,9 +34,9 @@
 
 #ifndef LA_HAVE_CUDA
 
-int be_cuda_new(be_complete_fn complete, void *complete_data,
-                logsink_fn log, void *log_data,
-                be_backend **ret, char *msg, size_t msg_len) {
+int be_cuda_new(be_complete_fn complete, void *complete_data, logsink_fn log, void *log_data,
+                be_backend **ret, char *msg, size_t msg_len)
+{
     if (msg && msg_len)
         snprintf(msg, msg_len, "built without CUDA");
     return LA_ENODEV;
@@ -56,8 +56,8 @@ int be_cuda_new(be_complete_fn complete, void *complete_data,
 
 #include "la_cuda.h"
 
-#define N_SLOTS 1024   /* jobs in flight per device (tile counters) */
-#define N_EVENTS 256   /* completion IPC events per device, used round robin */
+#define N_SLOTS 1024 /* jobs in flight per device (tile counters) */
+#define N_EVENTS 256 /* completion IPC events per device, used round robin */
 #define MAX_DEVICES 64
 #define N_WAIT_CACHE 64 /* client IPC events kept open per device, replaced round robin */
 
@@ -66,9 +66,9 @@ typedef CUresult (*get_range_fn)(CUdeviceptr *pbase, size_t *psize, CUdeviceptr 
 /* A device object whose release may synchronise: done by the worker when the stream is idle. */
 typedef struct grave {
     struct grave *next;
-    void *dev_ptr;   /* cudaFreeAsync (mask) */
-    void *host;      /* cudaFreeHost (mask shadow) */
-    void *ipc_ptr;   /* cudaIpcCloseMemHandle */
+    void *dev_ptr; /* cudaFreeAsync (mask) */
+    void *host;    /* cudaFreeHost (mask shadow) */
+    void *ipc_ptr; /* cudaIpcCloseMemHandle */
     int dev_freed;
 } grave;
 
@@ -103,7 +103,7 @@ struct gpu {
 
     pthread_mutex_t lock;
     pthread_cond_t cond;
-    be_job *head, *tail;      /* queued */
+    be_job *head, *tail;       /* queued */
     be_job *slot_job[N_SLOTS]; /* launched, host function not run yet, by counter slot */
     slot_ctx slot_ctx[N_SLOTS];
     int n_inflight;
@@ -136,10 +136,12 @@ struct cuda_backend {
     atomic_int fatal;
 };
 
-#define logf_(cb, level, ...) logsink_printf((cb)->base.log, (cb)->base.log_data, level, __VA_ARGS__)
+#define logf_(cb, level, ...) \
+    logsink_printf((cb)->base.log, (cb)->base.log_data, level, __VA_ARGS__)
 
 /* Errors after which the context is unusable (every later call returns them). */
-static int is_sticky(cudaError_t e) {
+static int is_sticky(cudaError_t e)
+{
     switch (e) {
     case cudaErrorIllegalAddress:
     case cudaErrorLaunchFailure:
@@ -153,14 +155,13 @@ static int is_sticky(cudaError_t e) {
     case cudaErrorECCUncorrectable:
     case cudaErrorContextIsDestroyed:
     case cudaErrorDeviceUninitialized:
-    case cudaErrorUnknown:
-        return 1;
-    default:
-        return 0;
+    case cudaErrorUnknown: return 1;
+    default: return 0;
     }
 }
 
-static int map_err(cudaError_t e) {
+static int map_err(cudaError_t e)
+{
     if (e == cudaErrorMemoryAllocation)
         return LA_ENOMEM;
     if (e == cudaErrorInvalidValue)
@@ -168,27 +169,30 @@ static int map_err(cudaError_t e) {
     return LA_EDEVICE;
 }
 
-static void set_fatal(cuda_backend *cb, gpu *g, cudaError_t e, const char *where) {
+static void set_fatal(cuda_backend *cb, gpu *g, cudaError_t e, const char *where)
+{
     if (!atomic_exchange(&cb->fatal, 1))
         logf_(cb, LOG_ERROR, "GPU %s (%s): sticky CUDA error in %s: %s; the context is lost",
               g ? g->uuid : "?", g ? g->name : "?", where, cudaGetErrorString(e));
 }
 
-static void check_sticky(cuda_backend *cb, gpu *g, cudaError_t e, const char *where) {
+static void check_sticky(cuda_backend *cb, gpu *g, cudaError_t e, const char *where)
+{
     if (e != cudaSuccess && is_sticky(e))
         set_fatal(cb, g, e, where);
 }
 
-static void format_uuid(const cudaUUID_t *u, char *out, size_t len) {
+static void format_uuid(const cudaUUID_t *u, char *out, size_t len)
+{
     const unsigned char *b = (const unsigned char *)u->bytes;
-    snprintf(out, len,
-             "GPU-%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", b[0],
-             b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13],
+    snprintf(out, len, "GPU-%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x",
+             b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13],
              b[14], b[15]);
 }
 
 /* 32 lower-case hex digits of a "GPU-xxxxxxxx-..." or bare hex UUID; 0 on success. */
-static int uuid_digits(const char *s, char out[33]) {
+static int uuid_digits(const char *s, char out[33])
+{
     if (!strncmp(s, "GPU-", 4))
         s += 4;
     int n = 0;
@@ -205,7 +209,8 @@ static int uuid_digits(const char *s, char out[33]) {
 
 /* ---- completion ------------------------------------------------------------------------ */
 
-static void finish(gpu *g, be_job *j, int status, const char *fmt, const char *detail) {
+static void finish(gpu *g, be_job *j, int status, const char *fmt, const char *detail)
+{
     j->status = status;
     if (status < 0 && fmt)
         snprintf(j->msg, sizeof j->msg, fmt, g->uuid, detail ? detail : "");
@@ -215,13 +220,15 @@ static void finish(gpu *g, be_job *j, int status, const char *fmt, const char *d
     g->cb->base.complete(g->cb->base.complete_data, j);
 }
 
-static void slot_put(gpu *g, int slot) {
+static void slot_put(gpu *g, int slot)
+{
     if (slot >= 0)
         g->free_slots[g->n_free_slots++] = slot;
 }
 
 /* Stream host function: the job's GPU work is done. No CUDA calls allowed here. */
-static void CUDART_CB host_done(void *arg) {
+static void CUDART_CB host_done(void *arg)
+{
     slot_ctx *ctx = arg;
     gpu *g = ctx->g;
     pthread_mutex_lock(&g->lock);
@@ -241,7 +248,8 @@ static void CUDART_CB host_done(void *arg) {
 }
 
 /* Fails every job in flight or queued on g (sticky error). */
-static void fail_all(gpu *g, const char *why) {
+static void fail_all(gpu *g, const char *why)
+{
     pthread_mutex_lock(&g->lock);
     be_job *list = NULL, *q = g->head;
     /* Their slots stay out of use: the dead context may still hold work on them. */
@@ -268,7 +276,8 @@ static void fail_all(gpu *g, const char *why) {
 
 /* ---- the worker ------------------------------------------------------------------------ */
 
-static void launch(gpu *g, be_job *j) {
+static void launch(gpu *g, be_job *j)
+{
     cudaError_t e;
     j->be_priv = g;
     j->be_slot = -1;
@@ -330,8 +339,8 @@ static void launch(gpu *g, be_job *j) {
         goto fail;
     memcpy(j->done_event, &g->event_handles[k], sizeof j->done_event);
     j->has_done_event = 1;
-    if ((e = cudaMemcpyAsync(g->h_tiles + slot, counter, sizeof *counter,
-                             cudaMemcpyDeviceToHost, g->stream)) != cudaSuccess)
+    if ((e = cudaMemcpyAsync(g->h_tiles + slot, counter, sizeof *counter, cudaMemcpyDeviceToHost,
+                             g->stream)) != cudaSuccess)
         goto fail;
     if (j->mask && (j->p.mode != LA_MODE_DENSE || j->mask_restart) && !j->p.decisions) {
         /* Refresh the host view of this (layer, shard) mask. */
@@ -374,7 +383,8 @@ fail:
 
 /* Frees what the graveyard holds; the host parts only once the stream is idle. Worker (or
  * teardown) only; g->lock not held. */
-static void bury(gpu *g, int stream_idle) {
+static void bury(gpu *g, int stream_idle)
+{
     pthread_mutex_lock(&g->lock);
     grave *list = g->graves;
     g->graves = NULL;
@@ -410,7 +420,8 @@ static void bury(gpu *g, int stream_idle) {
     }
 }
 
-static void *gpu_main(void *arg) {
+static void *gpu_main(void *arg)
+{
     gpu *g = arg;
     cuda_backend *cb = g->cb;
     cudaError_t e = cudaSetDevice(g->ordinal);
@@ -478,7 +489,8 @@ static void *gpu_main(void *arg) {
 
 /* ---- ops ------------------------------------------------------------------------------- */
 
-static size_t cu_devices(be_backend *b, eng_device_info *out, size_t max) {
+static size_t cu_devices(be_backend *b, eng_device_info *out, size_t max)
+{
     cuda_backend *cb = (cuda_backend *)b;
     size_t n = 0;
     for (int i = 0; i < cb->n && n < max; i++, n++) {
@@ -493,7 +505,8 @@ static size_t cu_devices(be_backend *b, eng_device_info *out, size_t max) {
     return n;
 }
 
-static int cu_find_device(be_backend *b, const char *uuid, int *ret_dev) {
+static int cu_find_device(be_backend *b, const char *uuid, int *ret_dev)
+{
     cuda_backend *cb = (cuda_backend *)b;
     if (!uuid || !uuid[0]) {
         if (cb->n < 1)
@@ -513,7 +526,8 @@ static int cu_find_device(be_backend *b, const char *uuid, int *ret_dev) {
 }
 
 static int cu_tile_sizes(be_backend *b, int dev, uint32_t head_dim, la_dtype dtype,
-                         uint32_t *ret_bm, uint32_t *ret_bn) {
+                         uint32_t *ret_bm, uint32_t *ret_bn)
+{
     cuda_backend *cb = (cuda_backend *)b;
     if (dev < 0 || dev >= cb->n || head_dim > 1024)
         return LA_ENOTSUP;
@@ -526,14 +540,16 @@ static int cu_tile_sizes(be_backend *b, int dev, uint32_t head_dim, la_dtype dty
     return 0;
 }
 
-static int cu_supports(be_backend *b, int dev, const la_attn_params *p) {
+static int cu_supports(be_backend *b, int dev, const la_attn_params *p)
+{
     cuda_backend *cb = (cuda_backend *)b;
     if (dev < 0 || dev >= cb->n)
         return LA_ENODEV;
     return la_cuda_supported(p, cb->gpus[dev].cc);
 }
 
-static int cu_mask_alloc(be_backend *b, int dev, uint64_t bytes, be_mask **ret_mask) {
+static int cu_mask_alloc(be_backend *b, int dev, uint64_t bytes, be_mask **ret_mask)
+{
     cuda_backend *cb = (cuda_backend *)b;
     if (dev < 0 || dev >= cb->n || bytes == 0 || bytes > SIZE_MAX)
         return LA_EINVAL;
@@ -577,7 +593,8 @@ static int cu_mask_alloc(be_backend *b, int dev, uint64_t bytes, be_mask **ret_m
     return 0;
 }
 
-static void cu_mask_free(be_backend *b, be_mask *m) {
+static void cu_mask_free(be_backend *b, be_mask *m)
+{
     cuda_backend *cb = (cuda_backend *)b;
     if (!m)
         return;
@@ -598,7 +615,8 @@ static void cu_mask_free(be_backend *b, be_mask *m) {
     free(m);
 }
 
-static int cu_mask_reset(be_backend *b, be_mask *m) {
+static int cu_mask_reset(be_backend *b, be_mask *m)
+{
     cuda_backend *cb = (cuda_backend *)b;
     gpu *g = &cb->gpus[m->dev];
     cudaError_t e = cudaSetDevice(g->ordinal);
@@ -613,8 +631,9 @@ static int cu_mask_reset(be_backend *b, be_mask *m) {
 }
 
 static int cu_buffer_import(be_backend *b, const void *handle, size_t len, const char *uuid,
-                            uint64_t size, be_import **ret_imp, void **ret_ptr,
-                            uint64_t *ret_size, int *ret_dev, char *msg, size_t msg_len) {
+                            uint64_t size, be_import **ret_imp, void **ret_ptr, uint64_t *ret_size,
+                            int *ret_dev, char *msg, size_t msg_len)
+{
     cuda_backend *cb = (cuda_backend *)b;
     if (len != sizeof(cudaIpcMemHandle_t) || len > 64) {
         snprintf(msg, msg_len, "IPC handle of %zu bytes (must be %zu)", len,
@@ -692,7 +711,8 @@ static int cu_buffer_import(be_backend *b, const void *handle, size_t len, const
     return 0;
 }
 
-static void cu_buffer_release(be_backend *b, be_import *imp) {
+static void cu_buffer_release(be_backend *b, be_import *imp)
+{
     cuda_backend *cb = (cuda_backend *)b;
     if (!imp || --imp->refs > 0)
         return;
@@ -714,7 +734,8 @@ static void cu_buffer_release(be_backend *b, be_import *imp) {
     free(imp);
 }
 
-static int cu_submit(be_backend *b, be_job *job) {
+static int cu_submit(be_backend *b, be_job *job)
+{
     cuda_backend *cb = (cuda_backend *)b;
     if (job->dev < 0 || job->dev >= cb->n)
         return LA_ENODEV;
@@ -737,7 +758,8 @@ static int cu_submit(be_backend *b, be_job *job) {
     return 0;
 }
 
-static void cu_stop(be_backend *b) {
+static void cu_stop(be_backend *b)
+{
     cuda_backend *cb = (cuda_backend *)b;
     for (int i = 0; i < cb->n; i++) {
         gpu *g = &cb->gpus[i];
@@ -769,7 +791,8 @@ static void cu_stop(be_backend *b) {
     }
 }
 
-static void gpu_teardown(gpu *g) {
+static void gpu_teardown(gpu *g)
+{
     if (!g->cb)
         return;
     if (cudaSetDevice(g->ordinal) == cudaSuccess && g->stream)
@@ -794,7 +817,8 @@ static void gpu_teardown(gpu *g) {
     pthread_cond_destroy(&g->cond);
 }
 
-static void cu_free(be_backend *b) {
+static void cu_free(be_backend *b)
+{
     cuda_backend *cb = (cuda_backend *)b;
     if (!cb)
         return;
@@ -811,7 +835,8 @@ static void cu_free(be_backend *b) {
     free(cb);
 }
 
-static int cu_fatal(const be_backend *b) {
+static int cu_fatal(const be_backend *b)
+{
     cuda_backend *cb = (cuda_backend *)b;
     return atomic_load(&cb->fatal);
 }
@@ -833,7 +858,8 @@ static const be_ops cuda_ops = {
     .fatal = cu_fatal,
 };
 
-static int gpu_init(cuda_backend *cb, gpu *g, int ordinal, char *msg, size_t msg_len) {
+static int gpu_init(cuda_backend *cb, gpu *g, int ordinal, char *msg, size_t msg_len)
+{
     struct cudaDeviceProp prop;
     cudaError_t e = cudaGetDeviceProperties(&prop, ordinal);
     if (e != cudaSuccess)
@@ -853,9 +879,8 @@ static int gpu_init(cuda_backend *cb, gpu *g, int ordinal, char *msg, size_t msg
                            cudaHostAllocPortable)) != cudaSuccess)
         goto fail;
     for (int k = 0; k < N_EVENTS; k++) {
-        if ((e = cudaEventCreateWithFlags(&g->events[k], cudaEventDisableTiming |
-                                                             cudaEventInterprocess)) !=
-                cudaSuccess ||
+        if ((e = cudaEventCreateWithFlags(
+                 &g->events[k], cudaEventDisableTiming | cudaEventInterprocess)) != cudaSuccess ||
             (e = cudaIpcGetEventHandle(&g->event_handles[k], g->events[k])) != cudaSuccess)
             goto fail;
     }
@@ -877,9 +902,9 @@ fail:
     return map_err(e);
 }
 
-int be_cuda_new(be_complete_fn complete, void *complete_data,
-                logsink_fn log, void *log_data,
-                be_backend **ret, char *msg, size_t msg_len) {
+int be_cuda_new(be_complete_fn complete, void *complete_data, logsink_fn log, void *log_data,
+                be_backend **ret, char *msg, size_t msg_len)
+{
     int count = 0;
     cudaError_t e = cudaGetDeviceCount(&count);
     if (e != cudaSuccess || count <= 0) {

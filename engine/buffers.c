@@ -18,7 +18,8 @@
 
 #include "engine_priv.h"
 
-static void buf_destroy(eng *e, buf *b) {
+static void buf_destroy(eng *e, buf *b)
+{
     if (b->kind == BUF_SHM && b->ptr) {
         if (munmap(b->ptr, (size_t)b->map_len) != 0)
             eng_logf(e, LOG_WARN, "buffer %llu: munmap failed: %s", (unsigned long long)b->id,
@@ -31,7 +32,8 @@ static void buf_destroy(eng *e, buf *b) {
     free(b);
 }
 
-void buf_unref(eng *e, buf *b) {
+void buf_unref(eng *e, buf *b)
+{
     if (!b)
         return;
     if (--b->refs > 0)
@@ -39,18 +41,20 @@ void buf_unref(eng *e, buf *b) {
     buf_destroy(e, b);
 }
 
-buf *buf_get(eng *e, uint64_t conn_id, uint64_t id) {
+buf *buf_get(eng *e, uint64_t conn_id, uint64_t id)
+{
     buf *b;
-    list_for_each_entry(b, &e->buffers, buf, link)
+    list_for_each_entry (b, &e->buffers, buf, link)
         if (b->id == id)
             return b->conn_id == conn_id ? b : NULL;
     return NULL;
 }
 
-uint64_t buf_count(const eng *e, uint64_t *ret_bytes) {
+uint64_t buf_count(const eng *e, uint64_t *ret_bytes)
+{
     uint64_t n = 0, bytes = 0;
     const buf *b;
-    list_for_each_entry(b, &e->buffers, buf, link) {
+    list_for_each_entry (b, &e->buffers, buf, link) {
         n++;
         bytes += b->size;
     }
@@ -60,10 +64,11 @@ uint64_t buf_count(const eng *e, uint64_t *ret_bytes) {
 }
 
 /* Checks the connection's buffer count and bytes against the limits for one more of size. */
-static int conn_limits(eng *e, uint64_t conn_id, uint64_t size, eng_error *err) {
+static int conn_limits(eng *e, uint64_t conn_id, uint64_t size, eng_error *err)
+{
     uint64_t n = 0, bytes = 0;
     const buf *b;
-    list_for_each_entry(b, &e->buffers, buf, link)
+    list_for_each_entry (b, &e->buffers, buf, link)
         if (b->conn_id == conn_id) {
             n++;
             bytes += b->size;
@@ -79,15 +84,16 @@ static int conn_limits(eng *e, uint64_t conn_id, uint64_t size, eng_error *err) 
         eng_errf(err,
                  "conn %llu: a buffer of %llu bytes exceeds the connection's limit (%llu of "
                  "%llu bytes registered)",
-                 (unsigned long long)conn_id, (unsigned long long)size,
-                 (unsigned long long)bytes, (unsigned long long)l->max_buffer_bytes_per_conn);
+                 (unsigned long long)conn_id, (unsigned long long)size, (unsigned long long)bytes,
+                 (unsigned long long)l->max_buffer_bytes_per_conn);
         return LA_ELIMIT;
     }
     return 0;
 }
 
 /* A new registered buffer of conn_id (the registry's reference), or NULL when out of memory. */
-static buf *buf_add(eng *e, uint32_t uid, uint64_t conn_id, int kind, void *ptr, uint64_t size) {
+static buf *buf_add(eng *e, uint32_t uid, uint64_t conn_id, int kind, void *ptr, uint64_t size)
+{
     buf *b = calloc(1, sizeof *b);
     if (!b)
         return NULL;
@@ -105,7 +111,8 @@ static buf *buf_add(eng *e, uint32_t uid, uint64_t conn_id, int kind, void *ptr,
 }
 
 /* A buffer's size is 1..2^63-1 bytes (offsets and extents are checked in int64 arithmetic). */
-static int size_check(uint64_t conn_id, uint64_t size, eng_error *err) {
+static int size_check(uint64_t conn_id, uint64_t size, eng_error *err)
+{
     if (size == 0 || size > (uint64_t)INT64_MAX) {
         eng_errf(err, "conn %llu: buffer size %llu is not in 1..2^63-1",
                  (unsigned long long)conn_id, (unsigned long long)size);
@@ -115,7 +122,8 @@ static int size_check(uint64_t conn_id, uint64_t size, eng_error *err) {
 }
 
 int eng_buffer_add_shm(eng *e, uint32_t uid, uint64_t conn_id, int fd, uint64_t size,
-                       uint64_t *ret_id, eng_error *err) {
+                       uint64_t *ret_id, eng_error *err)
+{
     int rc;
     if (fd < 0) {
         eng_errf(err, "conn %llu: shared-memory buffer without a file descriptor",
@@ -131,15 +139,15 @@ int eng_buffer_add_shm(eng *e, uint32_t uid, uint64_t conn_id, int fd, uint64_t 
         goto fail;
     struct stat st;
     if (fstat(fd, &st) != 0) {
-        eng_errf(err, "conn %llu: fstat of the buffer's fd failed: %s",
-                 (unsigned long long)conn_id, strerror(errno));
+        eng_errf(err, "conn %llu: fstat of the buffer's fd failed: %s", (unsigned long long)conn_id,
+                 strerror(errno));
         rc = LA_EIO;
         goto fail;
     }
     if (!S_ISREG(st.st_mode) || st.st_size <= 0 || size > (uint64_t)st.st_size) {
         eng_errf(err, "conn %llu: buffer of %llu bytes, but its fd holds %lld bytes%s",
-                 (unsigned long long)conn_id, (unsigned long long)size,
-                 (long long)st.st_size, S_ISREG(st.st_mode) ? "" : " (not a regular file)");
+                 (unsigned long long)conn_id, (unsigned long long)size, (long long)st.st_size,
+                 S_ISREG(st.st_mode) ? "" : " (not a regular file)");
         rc = LA_EINVAL;
         goto fail;
     }
@@ -181,9 +189,10 @@ fail:
     return rc;
 }
 
-int eng_buffer_add_cuda_ipc(eng *e, uint32_t uid, uint64_t conn_id, const void *handle,
-                            size_t len, const char *device_uuid, uint64_t size,
-                            uint64_t *ret_id, uint64_t *ret_size, eng_error *err) {
+int eng_buffer_add_cuda_ipc(eng *e, uint32_t uid, uint64_t conn_id, const void *handle, size_t len,
+                            const char *device_uuid, uint64_t size, uint64_t *ret_id,
+                            uint64_t *ret_size, eng_error *err)
+{
     int rc;
     if (e->shutting_down) {
         eng_errf(err, "the daemon is shutting down");
@@ -214,8 +223,8 @@ int eng_buffer_add_cuda_ipc(eng *e, uint32_t uid, uint64_t conn_id, const void *
     uint64_t real = 0;
     int dev = 0;
     char msg[BE_MSG_MAX] = "";
-    rc = e->cuda->ops->buffer_import(e->cuda, handle, len, device_uuid ? device_uuid : "",
-                                     size, &imp, &ptr, &real, &dev, msg, sizeof msg);
+    rc = e->cuda->ops->buffer_import(e->cuda, handle, len, device_uuid ? device_uuid : "", size,
+                                     &imp, &ptr, &real, &dev, msg, sizeof msg);
     if (rc < 0) {
         eng_errf(err, "conn %llu: CUDA IPC buffer on %s: %s", (unsigned long long)conn_id,
                  device_uuid && device_uuid[0] ? device_uuid : "(no device)",
@@ -237,14 +246,16 @@ int eng_buffer_add_cuda_ipc(eng *e, uint32_t uid, uint64_t conn_id, const void *
     return 0;
 }
 
-static void buf_release_registration(eng *e, buf *b) {
+static void buf_release_registration(eng *e, buf *b)
+{
     list_remove(&b->link);
     b->registered = 0;
     e->n_buffers_removed++;
     buf_unref(e, b);
 }
 
-int eng_buffer_remove(eng *e, uint64_t conn_id, uint64_t buffer_id, eng_error *err) {
+int eng_buffer_remove(eng *e, uint64_t conn_id, uint64_t buffer_id, eng_error *err)
+{
     buf *b = buf_get(e, conn_id, buffer_id);
     if (!b) {
         eng_errf(err, "conn %llu: no buffer %llu", (unsigned long long)conn_id,
@@ -255,14 +266,16 @@ int eng_buffer_remove(eng *e, uint64_t conn_id, uint64_t buffer_id, eng_error *e
     return 0;
 }
 
-void buf_conn_closed(eng *e, uint64_t conn_id) {
+void buf_conn_closed(eng *e, uint64_t conn_id)
+{
     buf *b;
-    list_for_each_entry(b, &e->buffers, buf, link)
+    list_for_each_entry (b, &e->buffers, buf, link)
         if (b->conn_id == conn_id)
             buf_release_registration(e, b);
 }
 
-void buf_free_all(eng *e) {
+void buf_free_all(eng *e)
+{
     while (!list_empty(&e->buffers))
         buf_release_registration(e, list_first_entry(&e->buffers, buf, link));
 }

@@ -17,7 +17,8 @@
 
 #include "engine_priv.h"
 
-void eng_errf(eng_error *err, const char *fmt, ...) {
+void eng_errf(eng_error *err, const char *fmt, ...)
+{
     if (!err)
         return;
     va_list ap;
@@ -26,7 +27,8 @@ void eng_errf(eng_error *err, const char *fmt, ...) {
     va_end(ap);
 }
 
-void eng_logf(eng *e, int level, const char *fmt, ...) {
+void eng_logf(eng *e, int level, const char *fmt, ...)
+{
     va_list ap;
     va_start(ap, fmt);
     logsink_vprintf(e->cfg.log, e->cfg.log_data, level, fmt, ap);
@@ -61,7 +63,8 @@ void eng_config_default(eng_config *cfg) {
 }
 
 /* Backend threads: queue the finished job for the loop thread. */
-static void job_complete(void *data, be_job *bj) {
+static void job_complete(void *data, be_job *bj)
+{
     eng *e = data;
     eng_job *j = (eng_job *)bj;
     pthread_mutex_lock(&e->done_lock);
@@ -71,7 +74,8 @@ static void job_complete(void *data, be_job *bj) {
         e->cfg.notify(e->cfg.notify_data);
 }
 
-int eng_new(const eng_config *cfg, eng **ret_engine, eng_error *err) {
+int eng_new(const eng_config *cfg, eng **ret_engine, eng_error *err)
+{
     eng *e = calloc(1, sizeof *e);
     if (!e) {
         eng_errf(err, "out of memory");
@@ -116,7 +120,8 @@ int eng_new(const eng_config *cfg, eng **ret_engine, eng_error *err) {
     return 0;
 }
 
-void eng_free(eng *e) {
+void eng_free(eng *e)
+{
     if (!e)
         return;
     e->shutting_down = 1;
@@ -135,7 +140,8 @@ void eng_free(eng *e) {
     free(e);
 }
 
-size_t eng_devices(const eng *e, eng_device_info *out, size_t max) {
+size_t eng_devices(const eng *e, eng_device_info *out, size_t max)
+{
     size_t n = e->cpu->ops->devices(e->cpu, out, max);
     if (n > max)
         n = max;
@@ -146,9 +152,10 @@ size_t eng_devices(const eng *e, eng_device_info *out, size_t max) {
 
 const char *eng_backends(const eng *e) { return e->backends; }
 
-void eng_conn_closed(eng *e, uint64_t conn_id) {
+void eng_conn_closed(eng *e, uint64_t conn_id)
+{
     eng_job *j;
-    list_for_each_entry(j, &e->jobs, eng_job, link)
+    list_for_each_entry (j, &e->jobs, eng_job, link)
         if (j->conn_id == conn_id)
             j->conn_closed = 1;
     buf_conn_closed(e, conn_id);
@@ -159,16 +166,13 @@ void eng_tick(eng *e) { sess_tick(e); }
 
 /* ---- attention ------------------------------------------------------------------------ */
 
-static const char *dtype_name(la_dtype t) {
+static const char *dtype_name(la_dtype t)
+{
     switch (t) {
-    case LA_DTYPE_F32:
-        return "f32";
-    case LA_DTYPE_F16:
-        return "f16";
-    case LA_DTYPE_BF16:
-        return "bf16";
-    case LA_DTYPE_U32:
-        return "u32";
+    case LA_DTYPE_F32: return "f32";
+    case LA_DTYPE_F16: return "f16";
+    case LA_DTYPE_BF16: return "bf16";
+    case LA_DTYPE_U32: return "u32";
     }
     return "unknown";
 }
@@ -185,7 +189,8 @@ typedef struct tref {
 } tref;
 
 static int check_shape(const char *sname, const char *role, const eng_tensor *t, int ndim,
-                       const int64_t *want, const char *dims, eng_error *err) {
+                       const int64_t *want, const char *dims, eng_error *err)
+{
     if (t->ndim != ndim) {
         eng_errf(err, "%s: %s has %d dimensions, expected %d [%s]", sname, role, t->ndim, ndim,
                  dims);
@@ -201,8 +206,8 @@ static int check_shape(const char *sname, const char *role, const eng_tensor *t,
                 x += snprintf(exp + x, sizeof exp - (size_t)x, "%s%lld", k ? ", " : "",
                               (long long)want[k]);
             }
-            eng_errf(err, "%s: %s shape [%s] does not match [%s] = [%s]", sname, role, got,
-                     dims, exp);
+            eng_errf(err, "%s: %s shape [%s] does not match [%s] = [%s]", sname, role, got, dims,
+                     exp);
             return LA_EINVAL;
         }
     return 0;
@@ -211,7 +216,8 @@ static int check_shape(const char *sname, const char *role, const eng_tensor *t,
 /* Buffer, dtype, strides and the byte extent of r->t inside its buffer, overflow-safe. A
  * tensor of ndim 0 (decisions) is fixed_bytes contiguous bytes. */
 static int check_extent(eng *e, const sess *s, uint64_t conn_id, const char *sname, tref *r,
-                        la_dtype want_dtype, uint64_t fixed_bytes, eng_error *err) {
+                        la_dtype want_dtype, uint64_t fixed_bytes, eng_error *err)
+{
     const eng_tensor *t = r->t;
     if (t->dtype != want_dtype) {
         eng_errf(err, "%s: %s has dtype %s, expected %s", sname, r->role, dtype_name(t->dtype),
@@ -220,8 +226,8 @@ static int check_extent(eng *e, const sess *s, uint64_t conn_id, const char *sna
     }
     buf *b = buf_get(e, conn_id, t->buffer_id);
     if (!b) {
-        eng_errf(err, "%s: %s names buffer %llu, which this connection has not registered",
-                 sname, r->role, (unsigned long long)t->buffer_id);
+        eng_errf(err, "%s: %s names buffer %llu, which this connection has not registered", sname,
+                 r->role, (unsigned long long)t->buffer_id);
         return LA_ENOENT;
     }
     int want_kind = s->be == e->cpu ? BUF_SHM : BUF_CUDA;
@@ -274,8 +280,7 @@ static int check_extent(eng *e, const sess *s, uint64_t conn_id, const char *sna
     if (__builtin_add_overflow(t->offset, bytes, &end))
         goto overflow;
     if (end > b->size) {
-        eng_errf(err,
-                 "%s: %s spans bytes [%llu, %llu) but buffer %llu holds %llu bytes", sname,
+        eng_errf(err, "%s: %s spans bytes [%llu, %llu) but buffer %llu holds %llu bytes", sname,
                  r->role, (unsigned long long)t->offset, (unsigned long long)end,
                  (unsigned long long)b->id, (unsigned long long)b->size);
         return LA_ERANGE;
@@ -292,13 +297,15 @@ overflow:
     return LA_ERANGE;
 }
 
-static int overlaps(const tref *a, const tref *b) {
+static int overlaps(const tref *a, const tref *b)
+{
     return a->present && b->present && a->b == b->b && a->begin < b->end && b->begin < a->end;
 }
 
 /* The call's session (owned by uid) and its indices: layer, kv shard, step, mode. */
 static int resolve_session(eng *e, uint32_t uid, const eng_attn_req *req, sess **ret_s,
-                           la_mode *ret_mode, char *sname, size_t sname_len, eng_error *err) {
+                           la_mode *ret_mode, char *sname, size_t sname_len, eng_error *err)
+{
     if (e->shutting_down) {
         eng_errf(err, "the daemon is shutting down");
         return LA_ESHUTDOWN;
@@ -336,8 +343,8 @@ static int resolve_session(eng *e, uint32_t uid, const eng_attn_req *req, sess *
 }
 
 /* Ranks and sizes of every tensor against the session's geometry. */
-static int check_geometry(const sess *s, const char *sname, const eng_attn_req *req,
-                          eng_error *err) {
+static int check_geometry(const sess *s, const char *sname, const eng_attn_req *req, eng_error *err)
+{
     int rc;
     const eng_tensor *q = &req->q, *k = &req->k;
     if (q->ndim != 4 || k->ndim != 4) {
@@ -374,8 +381,10 @@ static int check_geometry(const sess *s, const char *sname, const eng_attn_req *
             return LA_EINVAL;
         }
         if (req->decisions.ndim != 0) {
-            eng_errf(err, "%s: the decisions tensor takes no shape (it has the layer mask's "
-                     "layout, %llu bytes)", sname, (unsigned long long)s->layer_mask_bytes);
+            eng_errf(err,
+                     "%s: the decisions tensor takes no shape (it has the layer mask's "
+                     "layout, %llu bytes)",
+                     sname, (unsigned long long)s->layer_mask_bytes);
             return LA_EINVAL;
         }
     }
@@ -385,7 +394,8 @@ static int check_geometry(const sess *s, const char *sname, const eng_attn_req *
 /* Buffers, dtypes, strides and byte extents of every tensor the call uses; no output may
  * overlap an input or another output. */
 static int resolve_tensors(eng *e, const sess *s, uint64_t conn_id, const char *sname,
-                           const eng_attn_req *req, tref t[6], eng_error *err) {
+                           const eng_attn_req *req, tref t[6], eng_error *err)
+{
     int rc;
     memset(t, 0, 6 * sizeof *t);
     const char *roles[6] = {"q", "k", "v", "o", "lse", "decisions"};
@@ -404,11 +414,12 @@ static int resolve_tensors(eng *e, const sess *s, uint64_t conn_id, const char *
     for (int o = 3; o < 6; o++) {
         for (int i = 0; i < o; i++)
             if (overlaps(&t[o], &t[i]) && (i < 3 || o > 3)) {
-                eng_errf(err, "%s: %s overlaps %s in buffer %llu (bytes [%llu, %llu) and "
-                         "[%llu, %llu))", sname, t[o].role, t[i].role,
-                         (unsigned long long)t[o].b->id, (unsigned long long)t[o].begin,
-                         (unsigned long long)t[o].end, (unsigned long long)t[i].begin,
-                         (unsigned long long)t[i].end);
+                eng_errf(err,
+                         "%s: %s overlaps %s in buffer %llu (bytes [%llu, %llu) and "
+                         "[%llu, %llu))",
+                         sname, t[o].role, t[i].role, (unsigned long long)t[o].b->id,
+                         (unsigned long long)t[o].begin, (unsigned long long)t[o].end,
+                         (unsigned long long)t[i].begin, (unsigned long long)t[i].end);
                 return LA_EINVAL;
             }
     }
@@ -418,7 +429,8 @@ static int resolve_tensors(eng *e, const sess *s, uint64_t conn_id, const char *
 /* Ranges, softmax scale (0: 1/sqrt(D)) and threshold (the call's, else the session's
  * schedule or threshold). */
 static int resolve_scalars(const sess *s, const char *sname, const eng_attn_req *req,
-                           float *ret_scale, float *ret_tau, eng_error *err) {
+                           float *ret_scale, float *ret_tau, eng_error *err)
+{
     if (req->n_must_do < 0 || req->n_must_do > LA_MAX_RANGES || req->n_must_skip < 0 ||
         req->n_must_skip > LA_MAX_RANGES) {
         eng_errf(err, "%s: %d must-do and %d must-skip ranges (at most %d each)", sname,
@@ -467,7 +479,8 @@ static int resolve_scalars(const sess *s, const char *sname, const eng_attn_req 
 /* The backend job of a checked call: kernel parameters with the tensors' pointers, the
  * session's mask of (layer, shard), the ranges and the wait event. */
 static void build_params(const sess *s, const eng_attn_req *req, const tref t[6], la_mode mode,
-                         float scale, float tau, be_job *bj) {
+                         float scale, float tau, be_job *bj)
+{
     la_attn_params *p = &bj->p;
     memcpy(bj->must_do, req->must_do, (size_t)req->n_must_do * sizeof(la_range));
     memcpy(bj->must_skip, req->must_skip, (size_t)req->n_must_skip * sizeof(la_range));
@@ -498,8 +511,7 @@ static void build_params(const sess *s, const eng_attn_req *req, const tref t[6]
     p->n_must_do = req->n_must_do;
     p->must_skip = bj->must_skip;
     p->n_must_skip = req->n_must_skip;
-    uint64_t mask_off = ((uint64_t)req->layer * s->kv_shards + req->kv_shard) *
-                        s->layer_mask_bytes;
+    uint64_t mask_off = ((uint64_t)req->layer * s->kv_shards + req->kv_shard) * s->layer_mask_bytes;
     p->mask = (uint32_t *)((char *)s->masks->mask->dev_ptr + mask_off);
     p->mask_stride[2] = s->n_k_words;
     p->mask_stride[1] = (int64_t)s->n_k_words * s->n_q_tiles;
@@ -518,8 +530,9 @@ static void build_params(const sess *s, const eng_attn_req *req, const tref t[6]
         memcpy(bj->wait_event, req->wait_event, sizeof bj->wait_event);
 }
 
-static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *req,
-                  eng_done_fn done, void *user, eng_error *err) {
+static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *req, eng_done_fn done,
+                  void *user, eng_error *err)
+{
     int rc;
     sess *s;
     la_mode mode;
@@ -551,8 +564,8 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
      * checks of the parameters run here too (la_attn_validate). */
     rc = s->be->ops->supports(s->be, s->dev, &bj->p);
     if (rc < 0) {
-        eng_errf(err, "%s: the %s backend cannot run this call (%s)", sname,
-                 s->be->ops->name, codes_strerror(rc));
+        eng_errf(err, "%s: the %s backend cannot run this call (%s)", sname, s->be->ops->name,
+                 codes_strerror(rc));
         free(j);
         return rc;
     }
@@ -605,7 +618,8 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
 }
 
 int eng_attn_submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *req,
-                    eng_done_fn done, void *user, eng_error *err) {
+                    eng_done_fn done, void *user, eng_error *err)
+{
     e->n_calls++;
     int rc = submit(e, uid, conn_id, req, done, user, err);
     if (rc < 0)
@@ -613,7 +627,8 @@ int eng_attn_submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *
     return rc;
 }
 
-int eng_process_completions(eng *e) {
+int eng_process_completions(eng *e)
+{
     /* Take the whole queue at once: the workers keep appending to an empty one meanwhile. */
     list_node done;
     pthread_mutex_lock(&e->done_lock);
@@ -621,7 +636,7 @@ int eng_process_completions(eng *e) {
     pthread_mutex_unlock(&e->done_lock);
     int n = 0;
     eng_job *j;
-    list_for_each_entry(j, &done, eng_job, done_link) {
+    list_for_each_entry (j, &done, eng_job, done_link) {
         list_remove(&j->done_link);
         list_remove(&j->link);
         e->inflight--;
@@ -662,7 +677,8 @@ int eng_process_completions(eng *e) {
         if (status < 0) {
             char sname[ENG_KEY_MAX + 64];
             sess_name(s, sname, sizeof sname);
-            snprintf(msg, sizeof msg, "%s: %s", sname, bj->msg[0] ? bj->msg : codes_strerror(status));
+            snprintf(msg, sizeof msg, "%s: %s", sname,
+                     bj->msg[0] ? bj->msg : codes_strerror(status));
         } else if (j->conn_closed) {
             status = LA_ECLOSED;
             snprintf(msg, sizeof msg, "conn %llu closed before the call finished",
@@ -683,11 +699,11 @@ int eng_idle(const eng *e) { return e->inflight == 0; }
 
 int eng_fatal(const eng *e) { return e->cuda && e->cuda->ops->fatal(e->cuda); }
 
-void eng_stats(const eng *e, void (*fn)(void *data, const char *name, int64_t value),
-               void *data) {
+void eng_stats(const eng *e, void (*fn)(void *data, const char *name, int64_t value), void *data)
+{
     uint64_t n_sess = 0, n_detached = 0;
     const sess *s;
-    list_for_each_entry(s, &e->sessions, sess, link) {
+    list_for_each_entry (s, &e->sessions, sess, link) {
         n_sess++;
         n_detached += !s->attached;
     }

@@ -39,19 +39,19 @@ typedef struct eng_error {
 } eng_error;
 
 typedef struct eng_limits {
-    uint32_t max_buffers_per_conn;     /* default 256 */
+    uint32_t max_buffers_per_conn;      /* default 256 */
     uint64_t max_buffer_bytes_per_conn; /* shm + ipc bytes registered, default 64 GiB */
-    uint32_t max_sessions_per_user;    /* default 64 */
-    uint64_t max_mask_bytes_per_user;  /* default 4 GiB */
-    uint64_t mask_memory_cap;          /* all users; LRU eviction of idle sessions above it, 0 = none */
-    uint32_t max_inflight_per_conn;    /* default 64; the server enforces, the engine reports */
-    uint32_t session_grace_s;          /* detached session kept this long, default 300 */
-    uint32_t session_ttl_s;            /* idle session freed after this, default 3600 */
+    uint32_t max_sessions_per_user;     /* default 64 */
+    uint64_t max_mask_bytes_per_user;   /* default 4 GiB */
+    uint64_t mask_memory_cap; /* all users; LRU eviction of idle sessions above it, 0 = none */
+    uint32_t max_inflight_per_conn; /* default 64; the server enforces, the engine reports */
+    uint32_t session_grace_s;       /* detached session kept this long, default 300 */
+    uint32_t session_ttl_s;         /* idle session freed after this, default 3600 */
 } eng_limits;
 
 typedef struct eng_config {
-    const char *backend;   /* "auto" (cuda if a GPU is usable, else cpu), "cpu", "cuda" */
-    int cpu_threads;       /* threads of the CPU backend's pool, <= 0: number of cores */
+    const char *backend; /* "auto" (cuda if a GPU is usable, else cpu), "cpu", "cuda" */
+    int cpu_threads;     /* threads of the CPU backend's pool, <= 0: number of cores */
     eng_limits limits;
     void (*notify)(void *data); /* called from worker threads when a completion is queued */
     void *notify_data;
@@ -71,8 +71,8 @@ void eng_free(eng *e);
 
 /* Backends and devices for the Hello reply. */
 typedef struct eng_device_info {
-    char uuid[64];      /* "GPU-..." or "cpu" */
-    char backend[8];    /* "cpu" / "cuda" */
+    char uuid[64];   /* "GPU-..." or "cpu" */
+    char backend[8]; /* "cpu" / "cuda" */
     char name[96];
     uint64_t memory_bytes;
     uint32_t compute_capability;
@@ -84,17 +84,17 @@ const char *eng_backends(const eng *e);
 /* ---- sessions ----------------------------------------------------------------------------- */
 
 typedef struct eng_session_spec {
-    const char *key;                /* 1..ENG_KEY_MAX bytes */
+    const char *key; /* 1..ENG_KEY_MAX bytes */
     uint32_t layers, heads, head_dim;
     la_dtype dtype;
-    uint32_t max_seq_q, max_seq_k;  /* max_seq_k 0: = max_seq_q */
-    uint32_t batch, kv_shards;      /* 0: 1 */
-    float threshold;                /* default -3 */
-    const float *schedule;          /* per-step thresholds, may be NULL */
+    uint32_t max_seq_q, max_seq_k; /* max_seq_k 0: = max_seq_q */
+    uint32_t batch, kv_shards;     /* 0: 1 */
+    float threshold;               /* default -3 */
+    const float *schedule;         /* per-step thresholds, may be NULL */
     size_t n_schedule;
-    la_mode mode;                   /* default LA_MODE_SKIP; never LA_MODE_SESSION */
+    la_mode mode; /* default LA_MODE_SKIP; never LA_MODE_SESSION */
     la_direction direction;
-    const char *device;             /* NULL, "", "auto", "cpu", "cuda" or a GPU UUID (< 64 bytes) */
+    const char *device; /* NULL, "", "auto", "cpu", "cuda" or a GPU UUID (< 64 bytes) */
 } eng_session_spec;
 
 typedef struct eng_session_view {
@@ -134,8 +134,8 @@ typedef struct eng_session_summary {
     char device[64];
 } eng_session_summary;
 /* Calls fn for each session uid may see (uid 0: all). */
-void eng_session_list(eng *e, uint32_t uid,
-                      void (*fn)(void *data, const eng_session_summary *s), void *data);
+void eng_session_list(eng *e, uint32_t uid, void (*fn)(void *data, const eng_session_summary *s),
+                      void *data);
 
 /* Copies up to len bytes of (layer, kv_shard)'s mask from byte offset into dst. */
 int eng_mask_read(eng *e, uint32_t uid, uint64_t session_id, uint32_t layer, uint32_t kv_shard,
@@ -148,9 +148,9 @@ int eng_mask_read(eng *e, uint32_t uid, uint64_t session_id, uint32_t layer, uin
 int eng_buffer_add_shm(eng *e, uint32_t uid, uint64_t conn_id, int fd, uint64_t size,
                        uint64_t *ret_id, eng_error *err);
 /* handle: cudaIpcMemHandle_t bytes (len 64); device_uuid names the GPU. */
-int eng_buffer_add_cuda_ipc(eng *e, uint32_t uid, uint64_t conn_id, const void *handle,
-                            size_t len, const char *device_uuid, uint64_t size,
-                            uint64_t *ret_id, uint64_t *ret_size, eng_error *err);
+int eng_buffer_add_cuda_ipc(eng *e, uint32_t uid, uint64_t conn_id, const void *handle, size_t len,
+                            const char *device_uuid, uint64_t size, uint64_t *ret_id,
+                            uint64_t *ret_size, eng_error *err);
 /* Releases the buffer; the mapping goes away once in-flight jobs using it have finished. */
 int eng_buffer_remove(eng *e, uint64_t conn_id, uint64_t buffer_id, eng_error *err);
 
@@ -167,12 +167,12 @@ void eng_tick(eng *e);
 
 typedef struct eng_tensor {
     uint64_t buffer_id;
-    uint64_t offset;      /* bytes */
+    uint64_t offset; /* bytes */
     la_dtype dtype;
-    int ndim;             /* 4 for q/k/v/o, 3 for lse, 0 for decisions */
+    int ndim; /* 4 for q/k/v/o, 3 for lse, 0 for decisions */
     int64_t shape[4];
-    int64_t strides[4];   /* elements */
-    int has_strides;      /* 0: contiguous row-major */
+    int64_t strides[4]; /* elements */
+    int has_strides;    /* 0: contiguous row-major */
 } eng_tensor;
 
 typedef struct eng_attn_req {
@@ -180,10 +180,10 @@ typedef struct eng_attn_req {
     uint32_t layer, step, kv_shard;
     eng_tensor q, k, v, o, lse, decisions;
     int has_lse, has_decisions;
-    float scale;          /* 0: 1/sqrt(D) */
+    float scale; /* 0: 1/sqrt(D) */
     int has_threshold;
     float threshold;
-    la_mode mode;         /* LA_MODE_SESSION: the session's */
+    la_mode mode; /* LA_MODE_SESSION: the session's */
     la_range must_do[LA_MAX_RANGES];
     int n_must_do;
     la_range must_skip[LA_MAX_RANGES];
@@ -220,8 +220,7 @@ void eng_shutdown(eng *e);
 int eng_idle(const eng *e);
 
 /* Counters for the Stats reply (calls, errors, tiles, sessions, buffers, bytes, evictions...). */
-void eng_stats(const eng *e, void (*fn)(void *data, const char *name, int64_t value),
-               void *data);
+void eng_stats(const eng *e, void (*fn)(void *data, const char *name, int64_t value), void *data);
 
 /* A sticky GPU error poisoned a context: the server must fail everyone and exit non-zero. */
 int eng_fatal(const eng *e);

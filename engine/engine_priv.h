@@ -25,7 +25,7 @@ typedef struct eng_mset {
 } eng_mset;
 
 typedef struct sess {
-    list_node link;   /* the engine's sessions, least recently used first */
+    list_node link; /* the engine's sessions, least recently used first */
     uint64_t id;
     uint32_t uid;
     char key[ENG_KEY_MAX + 1];
@@ -46,8 +46,8 @@ typedef struct sess {
     int attached;
     uint64_t detached_ms, last_used_ms;
     uint32_t inflight;
-    int refs;         /* the store's (while linked) + one per job in flight */
-    int linked;       /* in the engine's list (not closed, evicted or expired) */
+    int refs;   /* the store's (while linked) + one per job in flight */
+    int linked; /* in the engine's list (not closed, evicted or expired) */
     eng_session_stats stats;
     /* Generations restart dense: the last step of each layer (-1: none yet), and per
      * (layer, kv shard) whether its next call must set its mask to all ones first. */
@@ -59,7 +59,7 @@ typedef struct sess {
 enum { BUF_SHM = 1, BUF_CUDA = 2 };
 
 typedef struct buf {
-    list_node link;   /* the engine's buffers */
+    list_node link; /* the engine's buffers */
     uint64_t id;
     uint32_t uid;
     uint64_t conn_id;
@@ -70,15 +70,15 @@ typedef struct buf {
     be_backend *be;   /* cuda */
     be_import *imp;
     int dev;
-    int refs;         /* the registry's (while registered) + one per job in flight */
+    int refs; /* the registry's (while registered) + one per job in flight */
     int registered;
 } buf;
 
 /* One attention call between eng_attn_submit and its done callback. */
 typedef struct eng_job {
-    be_job bj;        /* first: the backend hands back &bj */
-    list_node link;       /* the engine's jobs in flight (loop thread only) */
-    list_node done_link;  /* the completion queue (under done_lock) */
+    be_job bj;           /* first: the backend hands back &bj */
+    list_node link;      /* the engine's jobs in flight (loop thread only) */
+    list_node done_link; /* the completion queue (under done_lock) */
     eng *e;
     sess *s;
     eng_mset *mset;
@@ -92,7 +92,7 @@ typedef struct eng_job {
 } eng_job;
 
 typedef struct eng_user {
-    list_node link;   /* the engine's users */
+    list_node link; /* the engine's users */
     uint32_t uid;
     uint32_t sessions;
     uint64_t mask_bytes;
@@ -103,20 +103,20 @@ struct eng {
     be_backend *cpu, *cuda;
     char backends[16];
 
-    list_node sessions;      /* sess.link, least recently used first */
+    list_node sessions; /* sess.link, least recently used first */
     uint64_t next_session_id;
-    list_node users;         /* eng_user.link */
+    list_node users;          /* eng_user.link */
     uint64_t mask_bytes_live; /* every mask set still allocated */
 
-    list_node buffers;       /* buf.link, registered ones */
+    list_node buffers; /* buf.link, registered ones */
     uint64_t next_buffer_id;
 
-    list_node jobs;          /* eng_job.link, in flight */
+    list_node jobs; /* eng_job.link, in flight */
     uint64_t inflight;
     int shutting_down;
 
     pthread_mutex_t done_lock;
-    list_node done;          /* eng_job.done_link, finished, for the loop thread */
+    list_node done; /* eng_job.done_link, finished, for the loop thread */
 
     /* counters */
     uint64_t n_calls, n_call_errors, n_completed, n_failed, n_tiles_total, n_tiles_computed;

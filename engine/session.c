@@ -15,14 +15,15 @@
 
 #include "engine_priv.h"
 
-
-void sess_name(const sess *s, char *out, size_t len) {
+void sess_name(const sess *s, char *out, size_t len)
+{
     snprintf(out, len, "session %llu (key '%s')", (unsigned long long)s->id, s->key);
 }
 
-static eng_user *user_get(eng *e, uint32_t uid, int create) {
+static eng_user *user_get(eng *e, uint32_t uid, int create)
+{
     eng_user *u;
-    list_for_each_entry(u, &e->users, eng_user, link)
+    list_for_each_entry (u, &e->users, eng_user, link)
         if (u->uid == uid)
             return u;
     if (!create)
@@ -35,15 +36,17 @@ static eng_user *user_get(eng *e, uint32_t uid, int create) {
     return u;
 }
 
-sess *sess_find(eng *e, uint64_t id) {
+sess *sess_find(eng *e, uint64_t id)
+{
     sess *s;
-    list_for_each_entry(s, &e->sessions, sess, link)
+    list_for_each_entry (s, &e->sessions, sess, link)
         if (s->id == id)
             return s;
     return NULL;
 }
 
-sess *sess_get(eng *e, uint32_t uid, uint64_t id, int allow_root, eng_error *err) {
+sess *sess_get(eng *e, uint32_t uid, uint64_t id, int allow_root, eng_error *err)
+{
     sess *s = sess_find(e, id);
     if (!s || (s->uid != uid && !(allow_root && uid == 0))) {
         eng_errf(err, "session %llu: no such session", (unsigned long long)id);
@@ -52,13 +55,15 @@ sess *sess_get(eng *e, uint32_t uid, uint64_t id, int allow_root, eng_error *err
     return s;
 }
 
-void sess_touch(eng *e, sess *s) {
+void sess_touch(eng *e, sess *s)
+{
     s->last_used_ms = eng_now_ms();
     if (s->linked)
         list_move_tail(&e->sessions, &s->link);
 }
 
-static int mset_new(eng *e, sess *s, eng_mset **ret, eng_error *err) {
+static int mset_new(eng *e, sess *s, eng_mset **ret, eng_error *err)
+{
     eng_mset *m = calloc(1, sizeof *m);
     if (!m) {
         eng_errf(err, "out of memory");
@@ -79,7 +84,8 @@ static int mset_new(eng *e, sess *s, eng_mset **ret, eng_error *err) {
     return 0;
 }
 
-void mset_unref(eng *e, eng_mset *m) {
+void mset_unref(eng *e, eng_mset *m)
+{
     if (!m || --m->refs > 0)
         return;
     m->be->ops->mask_free(m->be, m->mask);
@@ -87,7 +93,8 @@ void mset_unref(eng *e, eng_mset *m) {
     free(m);
 }
 
-void sess_unref(eng *e, sess *s) {
+void sess_unref(eng *e, sess *s)
+{
     if (!s || --s->refs > 0)
         return;
     mset_unref(e, s->masks);
@@ -97,7 +104,8 @@ void sess_unref(eng *e, sess *s) {
     free(s);
 }
 
-void sess_unlink(eng *e, sess *s) {
+void sess_unlink(eng *e, sess *s)
+{
     if (!s->linked)
         return;
     list_remove(&s->link);
@@ -111,22 +119,24 @@ void sess_unlink(eng *e, sess *s) {
 }
 
 /* Frees least recently used idle sessions until need more bytes fit under the cap. */
-static int make_room(eng *e, uint64_t need) {
+static int make_room(eng *e, uint64_t need)
+{
     uint64_t cap = e->cfg.limits.mask_memory_cap;
     if (!cap)
         return 0;
     if (need > cap)
         return LA_ELIMIT;
-    for (list_node *n = e->sessions.next, *next; n != &e->sessions &&
-         e->mask_bytes_live > cap - need; n = next) {
+    for (list_node *n = e->sessions.next, *next;
+         n != &e->sessions && e->mask_bytes_live > cap - need; n = next) {
         next = n->next;
         sess *s = list_entry(n, sess, link);
         if (s->inflight == 0) {
             char name[ENG_KEY_MAX + 64];
             sess_name(s, name, sizeof name);
-            eng_logf(e, LOG_INFO, "%s of uid %u: evicted (least recently used, idle %llu ms) to "
-                     "stay under the mask memory cap of %llu bytes", name, s->uid,
-                     (unsigned long long)(eng_now_ms() - s->last_used_ms),
+            eng_logf(e, LOG_INFO,
+                     "%s of uid %u: evicted (least recently used, idle %llu ms) to "
+                     "stay under the mask memory cap of %llu bytes",
+                     name, s->uid, (unsigned long long)(eng_now_ms() - s->last_used_ms),
                      (unsigned long long)cap);
             e->n_evicted++;
             sess_unlink(e, s);
@@ -135,7 +145,8 @@ static int make_room(eng *e, uint64_t need) {
     return e->mask_bytes_live > cap - need ? LA_ELIMIT : 0;
 }
 
-static void fill_view(const sess *s, eng_session_view *v) {
+static void fill_view(const sess *s, eng_session_view *v)
+{
     memset(v, 0, sizeof *v);
     v->id = s->id;
     v->bm = s->bm;
@@ -156,7 +167,8 @@ static void fill_view(const sess *s, eng_session_view *v) {
 }
 
 /* A session key is 1..ENG_KEY_MAX bytes: the one check, for open and attach. */
-static int key_check(const char *key, size_t *ret_len, eng_error *err) {
+static int key_check(const char *key, size_t *ret_len, eng_error *err)
+{
     size_t n = key ? strlen(key) : 0;
     if (n == 0 || n > ENG_KEY_MAX) {
         eng_errf(err, "session key must be 1..%d bytes (got %zu)", ENG_KEY_MAX, n);
@@ -181,7 +193,8 @@ static const char *dtype_long_name(la_dtype t) {
 }
 
 /* Picks the backend and device of a new session from spec->device. */
-static int pick_device(eng *e, sess *s, const char *want, eng_error *err) {
+static int pick_device(eng *e, sess *s, const char *want, eng_error *err)
+{
     be_backend *be = NULL;
     int dev = 0, rc;
     uint32_t bm = 0, bn = 0;
@@ -235,15 +248,15 @@ static int pick_device(eng *e, sess *s, const char *want, eng_error *err) {
 }
 
 /* The session's own settings: geometry, dtype, mode, direction, threshold and schedule. */
-static int check_settings(const sess *s, const eng_session_spec *spec, eng_error *err) {
-    if (!s->layers || !s->heads || !s->head_dim || !s->max_seq_q ||
-        s->max_seq_q > INT32_MAX || s->max_seq_k > INT32_MAX || s->heads > INT32_MAX ||
-        s->batch > INT32_MAX || s->head_dim > INT32_MAX) {
+static int check_settings(const sess *s, const eng_session_spec *spec, eng_error *err)
+{
+    if (!s->layers || !s->heads || !s->head_dim || !s->max_seq_q || s->max_seq_q > INT32_MAX ||
+        s->max_seq_k > INT32_MAX || s->heads > INT32_MAX || s->batch > INT32_MAX ||
+        s->head_dim > INT32_MAX) {
         eng_errf(err,
                  "session '%s': bad geometry (layers %u, heads %u, head dim %u, max Sq %u, "
                  "max Sk %u, batch %u): each must be > 0 and < 2^31",
-                 s->key, s->layers, s->heads, s->head_dim, s->max_seq_q, s->max_seq_k,
-                 s->batch);
+                 s->key, s->layers, s->heads, s->head_dim, s->max_seq_q, s->max_seq_k, s->batch);
         return LA_EINVAL;
     }
     if (s->dtype != LA_DTYPE_F32 && s->dtype != LA_DTYPE_F16 && s->dtype != LA_DTYPE_BF16) {
@@ -277,7 +290,8 @@ static int check_settings(const sess *s, const eng_session_spec *spec, eng_error
 }
 
 /* A new session object from a spec whose key and device were checked; NULL: out of memory. */
-static sess *sess_from_spec(uint32_t uid, const eng_session_spec *spec, size_t klen) {
+static sess *sess_from_spec(uint32_t uid, const eng_session_spec *spec, size_t klen)
+{
     sess *s = calloc(1, sizeof *s);
     if (!s)
         return NULL;
@@ -299,7 +313,8 @@ static sess *sess_from_spec(uint32_t uid, const eng_session_spec *spec, size_t k
 }
 
 /* Tile counts and mask sizes from the tile sizes of the session's backend, overflow-safe. */
-static int size_masks(sess *s, eng_error *err) {
+static int size_masks(sess *s, eng_error *err)
+{
     s->n_q_tiles = (uint32_t)la_tiles((int32_t)s->max_seq_q, (int32_t)s->bm);
     s->n_k_tiles = (uint32_t)la_tiles((int32_t)s->max_seq_k, (int32_t)s->bn);
     s->n_k_words = (uint32_t)la_mask_words((int32_t)s->n_k_tiles);
@@ -319,7 +334,8 @@ static int size_masks(sess *s, eng_error *err) {
 
 /* The user's session count and mask bytes, and the daemon's mask memory cap (evicting idle
  * sessions to make room), for one more session of s->mask_bytes. */
-static int check_room(eng *e, const sess *s, eng_user **ret_user, eng_error *err) {
+static int check_room(eng *e, const sess *s, eng_user **ret_user, eng_error *err)
+{
     const eng_limits *l = &e->cfg.limits;
     uint64_t mb = s->mask_bytes;
     eng_user *u = user_get(e, s->uid, 1);
@@ -332,8 +348,8 @@ static int check_room(eng *e, const sess *s, eng_user **ret_user, eng_error *err
                  s->uid, u->sessions, l->max_sessions_per_user);
         return LA_ELIMIT;
     }
-    if (l->max_mask_bytes_per_user && (mb > l->max_mask_bytes_per_user ||
-                                       u->mask_bytes > l->max_mask_bytes_per_user - mb)) {
+    if (l->max_mask_bytes_per_user &&
+        (mb > l->max_mask_bytes_per_user || u->mask_bytes > l->max_mask_bytes_per_user - mb)) {
         eng_errf(err,
                  "session '%s': %llu bytes of masks exceed the limit of uid %u (%llu of %llu "
                  "bytes in use)",
@@ -354,9 +370,10 @@ static int check_room(eng *e, const sess *s, eng_user **ret_user, eng_error *err
 }
 
 /* LA_EEXIST when uid already has a session named key. */
-static int key_unused(eng *e, uint32_t uid, const char *key, eng_error *err) {
+static int key_unused(eng *e, uint32_t uid, const char *key, eng_error *err)
+{
     sess *o;
-    list_for_each_entry(o, &e->sessions, sess, link)
+    list_for_each_entry (o, &e->sessions, sess, link)
         if (o->uid == uid && !strcmp(o->key, key)) {
             char name[ENG_KEY_MAX + 64];
             sess_name(o, name, sizeof name);
@@ -367,7 +384,8 @@ static int key_unused(eng *e, uint32_t uid, const char *key, eng_error *err) {
 }
 
 int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_spec *spec,
-                     eng_session_view *ret_view, eng_error *err) {
+                     eng_session_view *ret_view, eng_error *err)
+{
     int rc;
     if (e->shutting_down) {
         eng_errf(err, "the daemon is shutting down");
@@ -434,7 +452,8 @@ fail:
 }
 
 int eng_session_attach(eng *e, uint32_t uid, uint64_t conn_id, const char *key,
-                       eng_session_view *ret_view, eng_error *err) {
+                       eng_session_view *ret_view, eng_error *err)
+{
     if (e->shutting_down) {
         eng_errf(err, "the daemon is shutting down");
         return LA_ESHUTDOWN;
@@ -444,7 +463,7 @@ int eng_session_attach(eng *e, uint32_t uid, uint64_t conn_id, const char *key,
     if (rc < 0)
         return rc;
     sess *s;
-    list_for_each_entry(s, &e->sessions, sess, link)
+    list_for_each_entry (s, &e->sessions, sess, link)
         if (s->uid == uid && !strcmp(s->key, key)) {
             s->conn_id = conn_id;
             s->attached = 1;
@@ -457,7 +476,8 @@ int eng_session_attach(eng *e, uint32_t uid, uint64_t conn_id, const char *key,
     return LA_ENOENT;
 }
 
-int eng_session_reset(eng *e, uint32_t uid, uint64_t session_id, eng_error *err) {
+int eng_session_reset(eng *e, uint32_t uid, uint64_t session_id, eng_error *err)
+{
     sess *s = sess_get(e, uid, session_id, 0, err);
     if (!s)
         return LA_ENOENT;
@@ -486,7 +506,8 @@ int eng_session_reset(eng *e, uint32_t uid, uint64_t session_id, eng_error *err)
     return 0;
 }
 
-int eng_session_close(eng *e, uint32_t uid, uint64_t session_id, eng_error *err) {
+int eng_session_close(eng *e, uint32_t uid, uint64_t session_id, eng_error *err)
+{
     sess *s = sess_get(e, uid, session_id, 0, err);
     if (!s)
         return LA_ENOENT;
@@ -496,7 +517,8 @@ int eng_session_close(eng *e, uint32_t uid, uint64_t session_id, eng_error *err)
 }
 
 /* Live bits of one (layer, shard) mask over the valid k-tiles of every row. */
-static uint64_t layer_live(const sess *s, const uint32_t *w) {
+static uint64_t layer_live(const sess *s, const uint32_t *w)
+{
     uint64_t rows = (uint64_t)s->batch * s->heads * s->n_q_tiles, live = 0;
     uint32_t full = s->n_k_tiles / 32, rem = s->n_k_tiles % 32;
     uint32_t last = rem ? (uint32_t)((1ull << rem) - 1) : 0;
@@ -509,7 +531,8 @@ static uint64_t layer_live(const sess *s, const uint32_t *w) {
     return live;
 }
 
-static double layer_fraction(const sess *s, uint32_t layer) {
+static double layer_fraction(const sess *s, uint32_t layer)
+{
     double total = (double)s->batch * s->heads * s->n_q_tiles * s->n_k_tiles;
     if (total <= 0)
         return 0;
@@ -523,7 +546,8 @@ static double layer_fraction(const sess *s, uint32_t layer) {
 }
 
 int eng_session_info(eng *e, uint32_t uid, uint64_t session_id, double *live, size_t n,
-                     eng_session_stats *ret_stats, eng_error *err) {
+                     eng_session_stats *ret_stats, eng_error *err)
+{
     sess *s = sess_get(e, uid, session_id, 1, err);
     if (!s)
         return LA_ENOENT;
@@ -534,11 +558,12 @@ int eng_session_info(eng *e, uint32_t uid, uint64_t session_id, double *live, si
     return 0;
 }
 
-void eng_session_list(eng *e, uint32_t uid,
-                      void (*fn)(void *data, const eng_session_summary *s), void *data) {
+void eng_session_list(eng *e, uint32_t uid, void (*fn)(void *data, const eng_session_summary *s),
+                      void *data)
+{
     uint64_t now = eng_now_ms();
     sess *s;
-    list_for_each_entry(s, &e->sessions, sess, link) {
+    list_for_each_entry (s, &e->sessions, sess, link) {
         if (uid != 0 && s->uid != uid)
             continue;
         eng_session_summary sum;
@@ -568,7 +593,8 @@ void eng_session_list(eng *e, uint32_t uid,
 
 int eng_mask_read(eng *e, uint32_t uid, uint64_t session_id, uint32_t layer, uint32_t kv_shard,
                   uint64_t offset, void *dst, size_t len, size_t *ret_len, uint64_t *ret_total,
-                  eng_error *err) {
+                  eng_error *err)
+{
     sess *s = sess_get(e, uid, session_id, 1, err);
     if (!s)
         return LA_ENOENT;
@@ -593,8 +619,8 @@ int eng_mask_read(eng *e, uint32_t uid, uint64_t session_id, uint32_t layer, uin
         eng_errf(err, "%s: mask read into NULL", name);
         return LA_EINVAL;
     }
-    const uint8_t *base = (const uint8_t *)s->masks->mask->host +
-                          ((uint64_t)layer * s->kv_shards + kv_shard) * total;
+    const uint8_t *base =
+        (const uint8_t *)s->masks->mask->host + ((uint64_t)layer * s->kv_shards + kv_shard) * total;
     if (n)
         memcpy(dst, base + offset, n);
     if (ret_len)
@@ -604,21 +630,23 @@ int eng_mask_read(eng *e, uint32_t uid, uint64_t session_id, uint32_t layer, uin
     return 0;
 }
 
-void sess_conn_closed(eng *e, uint64_t conn_id) {
+void sess_conn_closed(eng *e, uint64_t conn_id)
+{
     uint64_t now = eng_now_ms();
     sess *s;
-    list_for_each_entry(s, &e->sessions, sess, link)
+    list_for_each_entry (s, &e->sessions, sess, link)
         if (s->attached && s->conn_id == conn_id) {
             s->attached = 0;
             s->detached_ms = now;
         }
 }
 
-void sess_tick(eng *e) {
+void sess_tick(eng *e)
+{
     uint64_t now = eng_now_ms();
     const eng_limits *l = &e->cfg.limits;
     sess *s;
-    list_for_each_entry(s, &e->sessions, sess, link) {
+    list_for_each_entry (s, &e->sessions, sess, link) {
         if (s->inflight == 0) {
             char name[ENG_KEY_MAX + 64];
             sess_name(s, name, sizeof name);
@@ -629,8 +657,8 @@ void sess_tick(eng *e) {
                 sess_unlink(e, s);
             } else if (l->session_ttl_s &&
                        now - s->last_used_ms >= (uint64_t)l->session_ttl_s * 1000) {
-                eng_logf(e, LOG_INFO, "%s of uid %u: freed, idle for longer than %u s", name, s->uid,
-                         l->session_ttl_s);
+                eng_logf(e, LOG_INFO, "%s of uid %u: freed, idle for longer than %u s", name,
+                         s->uid, l->session_ttl_s);
                 e->n_expired++;
                 sess_unlink(e, s);
             }
@@ -638,11 +666,12 @@ void sess_tick(eng *e) {
     }
 }
 
-void sess_free_all(eng *e) {
+void sess_free_all(eng *e)
+{
     while (!list_empty(&e->sessions))
         sess_unlink(e, list_first_entry(&e->sessions, sess, link));
     eng_user *u;
-    list_for_each_entry(u, &e->users, eng_user, link) {
+    list_for_each_entry (u, &e->users, eng_user, link) {
         list_remove(&u->link);
         free(u);
     }

@@ -73,10 +73,12 @@ static void engine_new(void)
 
 static void setup(void)
 {
-    char *argv[] = {"fuzz", "--config", "/dev/null", "--backend", "cpu", "--threads", "1",
-                    "--max-mask-bytes", "1M", "--max-sessions", "8", "--max-buffers", "8",
-                    "--max-buffer-bytes", "4M", "--max-inflight", "4", "--max-frame", "64K",
-                    "--max-outbound-bytes", "4M", "--log-level", "error", NULL};
+    char *argv[] = {"fuzz", "--config",           "/dev/null", "--backend",
+                    "cpu",  "--threads",          "1",         "--max-mask-bytes",
+                    "1M",   "--max-sessions",     "8",         "--max-buffers",
+                    "8",    "--max-buffer-bytes", "4M",        "--max-inflight",
+                    "4",    "--max-frame",        "64K",       "--max-outbound-bytes",
+                    "4M",   "--log-level",        "error",     NULL};
     int argc = (int)(sizeof argv / sizeof argv[0]) - 1;
     S = calloc(1, sizeof *S);
     char err[256];
@@ -109,8 +111,8 @@ static void drain(int fd, uint8_t **buf, size_t *len, size_t *cap)
     size_t o = 0;
     while (*len - o >= 4) {
         const uint8_t *p = *buf + o;
-        uint32_t l = (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
-                     (uint32_t)p[3] << 24;
+        uint32_t l =
+            (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
         if (l > FRAME_DEFAULT_MAX)
             abort(); /* the daemon never sends a frame past the default limit */
         if (*len - o - 4 < l)
@@ -122,7 +124,8 @@ static void drain(int fd, uint8_t **buf, size_t *len, size_t *cap)
             fprintf(stderr, "reply %llu: body %d%s%s\n", (unsigned long long)r->id,
                     (int)r->body_case, r->body_case == LITEATTN__REPLY__BODY_ERROR ? " " : "",
                     r->body_case == LITEATTN__REPLY__BODY_ERROR && r->error->message
-                        ? r->error->message : "");
+                        ? r->error->message
+                        : "");
         liteattn__reply__free_unpacked(r, NULL);
         o += 4 + (size_t)l;
     }

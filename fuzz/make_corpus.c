@@ -16,7 +16,10 @@
 #include "liteattn.h"
 #include "liteattn.pb-c.h"
 
-typedef struct { uint8_t b[65536]; size_t n; } blob;
+typedef struct {
+    uint8_t b[65536];
+    size_t n;
+} blob;
 
 static void put(blob *o, const void *p, size_t n)
 {
@@ -77,7 +80,7 @@ static void emit(const char *name, uint8_t flags, uint8_t frame_settings3, Litea
     seq++;
 }
 
-#define REQ(var, idv, cas, field, val)            \
+#define REQ(var, idv, cas, field, val)               \
     Liteattn__Request var = LITEATTN__REQUEST__INIT; \
     var.id = (idv);                                  \
     var.body_case = LITEATTN__REQUEST__BODY_##cas;   \
@@ -190,17 +193,16 @@ int main(int argc, char **argv)
     REQ(r_ping, 21, PING, ping, &ping);
 
     /* flags: bit 0 = the harness sends Hello first. */
-    Liteattn__Request *gen[] = {&r_open, &r_reg, &r_reg2, &r_attn, &r_attn1, &r_dry, &r_info,
-                                &r_mask, &r_list, &r_stats, &r_reset, &r_attn, &r_unreg,
-                                &r_close};
+    Liteattn__Request *gen[] = {&r_open, &r_reg,  &r_reg2,  &r_attn,  &r_attn1, &r_dry,   &r_info,
+                                &r_mask, &r_list, &r_stats, &r_reset, &r_attn,  &r_unreg, &r_close};
     emit("generation", 1, 0, gen, sizeof gen / sizeof gen[0]);
     Liteattn__Request *gen_fds[] = {&r_hello, &r_open, &r_reg, &r_reg2, &r_attn, &r_wait};
     emit("hello-and-calls", 0, 3, gen_fds, sizeof gen_fds / sizeof gen_fds[0]);
-    Liteattn__Request *pipelined[] = {&r_open, &r_reg, &r_attn, &r_attn1, &r_attn, &r_attn1,
-                                      &r_attn, &r_attn1};
+    Liteattn__Request *pipelined[] = {&r_open, &r_reg,   &r_attn, &r_attn1,
+                                      &r_attn, &r_attn1, &r_attn, &r_attn1};
     emit("pipelined-close-in-flight", 1 | 8, 8, pipelined, 8);
-    Liteattn__Request *bad[] = {&r_open, &r_reg, &r_bad, &r_str, &r_openbig, &r_ipc, &r_attach,
-                                &r_hello};
+    Liteattn__Request *bad[] = {&r_open,    &r_reg, &r_bad,    &r_str,
+                                &r_openbig, &r_ipc, &r_attach, &r_hello};
     emit("invalid-calls", 1, 0, bad, sizeof bad / sizeof bad[0]);
     Liteattn__Request *other_uid[] = {&r_info, &r_mask, &r_reset, &r_close, &r_list};
     emit("other-uid", 1 | 2, 0, other_uid, 5);
@@ -208,13 +210,24 @@ int main(int argc, char **argv)
     emit("before-hello", 0, 0, before_hello, 1);
     Liteattn__Request *wrong_version[] = {&r_badhello};
     emit("wrong-version", 0, 0, wrong_version, 1);
-    Liteattn__Request *each[] = {&r_hello, &r_open, &r_openbig, &r_attach, &r_reset, &r_close,
-                                 &r_info, &r_list, &r_mask, &r_reg, &r_ipc, &r_unreg, &r_attn,
-                                 &r_stats, &r_ping};
-    const char *names[] = {"hello", "session-open", "session-open-big", "session-attach",
-                           "session-reset", "session-close", "session-info", "session-list",
-                           "mask-read", "buffer-register", "buffer-register-ipc",
-                           "buffer-unregister", "attention-alone", "stats", "ping"};
+    Liteattn__Request *each[] = {&r_hello, &r_open,  &r_openbig, &r_attach, &r_reset,
+                                 &r_close, &r_info,  &r_list,    &r_mask,   &r_reg,
+                                 &r_ipc,   &r_unreg, &r_attn,    &r_stats,  &r_ping};
+    const char *names[] = {"hello",
+                           "session-open",
+                           "session-open-big",
+                           "session-attach",
+                           "session-reset",
+                           "session-close",
+                           "session-info",
+                           "session-list",
+                           "mask-read",
+                           "buffer-register",
+                           "buffer-register-ipc",
+                           "buffer-unregister",
+                           "attention-alone",
+                           "stats",
+                           "ping"};
     for (size_t i = 0; i < sizeof each / sizeof each[0]; i++)
         emit(names[i], 1, 0, &each[i], 1);
     /* The raw stream through conn.c's own framing (flags bit 4), with a memfd (bit 5). */

@@ -21,26 +21,26 @@
 /* ---------------------------------------------------------------------------------------- */
 /* Errors. One table; la_strerror() and la_err_name() are generated from it. The same codes
  * travel on the wire in error replies. Codes are never renumbered. */
-#define LA_ERRNO_MAP(X)                                                         \
-    X(EINVAL, -1, "invalid argument")                                          \
-    X(ENOMEM, -2, "out of memory")                                             \
-    X(ENOTSUP, -3, "not supported")                                            \
-    X(ENOENT, -4, "no such session or buffer")                                 \
-    X(EEXIST, -5, "already exists")                                            \
-    X(EPERM, -6, "permission denied")                                          \
-    X(ELIMIT, -7, "resource limit reached")                                    \
-    X(EBUSY, -8, "too many requests in flight")                                \
-    X(ERANGE, -9, "tensor extent outside its buffer")                          \
-    X(EPROTO, -10, "protocol error")                                           \
-    X(EVERSION, -11, "unsupported protocol version")                           \
-    X(ECONN, -12, "cannot connect to the daemon")                              \
-    X(ECLOSED, -13, "connection closed")                                       \
-    X(ETIMEDOUT, -14, "timed out")                                             \
-    X(EAGAIN, -15, "not finished yet")                                         \
-    X(EDEVICE, -16, "GPU error")                                               \
-    X(ENODEV, -17, "no such device or backend")                                \
-    X(ESHUTDOWN, -18, "daemon is shutting down")                               \
-    X(EIO, -19, "input/output error")                                          \
+#define LA_ERRNO_MAP(X)                               \
+    X(EINVAL, -1, "invalid argument")                 \
+    X(ENOMEM, -2, "out of memory")                    \
+    X(ENOTSUP, -3, "not supported")                   \
+    X(ENOENT, -4, "no such session or buffer")        \
+    X(EEXIST, -5, "already exists")                   \
+    X(EPERM, -6, "permission denied")                 \
+    X(ELIMIT, -7, "resource limit reached")           \
+    X(EBUSY, -8, "too many requests in flight")       \
+    X(ERANGE, -9, "tensor extent outside its buffer") \
+    X(EPROTO, -10, "protocol error")                  \
+    X(EVERSION, -11, "unsupported protocol version")  \
+    X(ECONN, -12, "cannot connect to the daemon")     \
+    X(ECLOSED, -13, "connection closed")              \
+    X(ETIMEDOUT, -14, "timed out")                    \
+    X(EAGAIN, -15, "not finished yet")                \
+    X(EDEVICE, -16, "GPU error")                      \
+    X(ENODEV, -17, "no such device or backend")       \
+    X(ESHUTDOWN, -18, "daemon is shutting down")      \
+    X(EIO, -19, "input/output error")                 \
     X(EINTERNAL, -20, "internal error")
 
 enum {
@@ -54,10 +54,10 @@ enum {
 /* Enumerations shared with the daemon and the kernels (values travel on the wire). */
 
 typedef enum la_dtype {
-    LA_DTYPE_F32 = 0,  /* CPU backend only */
+    LA_DTYPE_F32 = 0, /* CPU backend only */
     LA_DTYPE_F16 = 1,
     LA_DTYPE_BF16 = 2,
-    LA_DTYPE_U32 = 3   /* only for the DECISIONS tensor (packed masks) */
+    LA_DTYPE_U32 = 3 /* only for the DECISIONS tensor (packed masks) */
 } la_dtype;
 
 typedef enum la_mode {
@@ -68,18 +68,18 @@ typedef enum la_mode {
 } la_mode;
 
 typedef enum la_direction {
-    LA_DIR_ALTERNATE = 0,  /* descending k-tiles on even steps, ascending on odd ones */
+    LA_DIR_ALTERNATE = 0, /* descending k-tiles on even steps, ascending on odd ones */
     LA_DIR_ASCENDING = 1,
     LA_DIR_DESCENDING = 2
 } la_direction;
 
 typedef enum la_tensor_role {
-    LA_TENSOR_Q = 0,         /* [B, Sq, H, D] */
-    LA_TENSOR_K = 1,         /* [B, Sk, H, D] */
-    LA_TENSOR_V = 2,         /* [B, Sk, H, D] */
-    LA_TENSOR_O = 3,         /* [B, Sq, H, D], dtype of Q */
-    LA_TENSOR_LSE = 4,       /* optional [B, H, Sq] f32, natural log */
-    LA_TENSOR_DECISIONS = 5  /* dry run: [B, H, nQ, ceil(nK/32)] u32, the would-be mask */
+    LA_TENSOR_Q = 0,        /* [B, Sq, H, D] */
+    LA_TENSOR_K = 1,        /* [B, Sk, H, D] */
+    LA_TENSOR_V = 2,        /* [B, Sk, H, D] */
+    LA_TENSOR_O = 3,        /* [B, Sq, H, D], dtype of Q */
+    LA_TENSOR_LSE = 4,      /* optional [B, H, Sq] f32, natural log */
+    LA_TENSOR_DECISIONS = 5 /* dry run: [B, H, nQ, ceil(nK/32)] u32, the would-be mask */
 } la_tensor_role;
 
 /* ---------------------------------------------------------------------------------------- */

@@ -48,14 +48,11 @@ LA_API int la_attn_new(la_attn **ret_attn)
     return 0;
 }
 
-LA_API void la_attn_free(la_attn *a)
-{
-    free(a);
-}
+LA_API void la_attn_free(la_attn *a) { free(a); }
 
 LA_API int la_attn_set_tensor(la_attn *a, la_tensor_role role, const la_buffer *buf,
-                              uint64_t byte_offset, la_dtype dtype, int ndim,
-                              const int64_t *shape, const int64_t *strides)
+                              uint64_t byte_offset, la_dtype dtype, int ndim, const int64_t *shape,
+                              const int64_t *strides)
 {
     if (!a || (int)role < 0 || (int)role >= N_ROLES)
         return cl_fail(LA_EINVAL, "la_attn_set_tensor: bad attn or role %d", (int)role);
@@ -188,12 +185,10 @@ LA_API int la_attn_set_wait_event(la_attn *a, const void *ipc_event_handle, size
 
 /* ---- calls --------------------------------------------------------------------------------- */
 
-
-
 void cl_calls_free_all(la_client *c)
 {
     la_call *call;
-    list_for_each_entry(call, &c->calls, la_call, link) {
+    list_for_each_entry (call, &c->calls, la_call, link) {
         list_remove(&call->link);
         free(call);
     }
@@ -204,8 +199,7 @@ void cl_call_complete(la_client *c, la_call *call, int status, Liteattn__Reply *
     if (r && r->body_case == LITEATTN__REPLY__BODY_ERROR) {
         status = r->error->code < 0 ? r->error->code : LA_EPROTO;
         snprintf(call->pend.errmsg, sizeof(call->pend.errmsg), "%s",
-                 r->error->message && *r->error->message ? r->error->message
-                                                         : la_strerror(status));
+                 r->error->message && *r->error->message ? r->error->message : la_strerror(status));
     } else if (r && r->body_case == LITEATTN__REPLY__BODY_ATTENTION) {
         const Liteattn__AttentionReply *ar = r->attention;
         call->tiles_total = ar->tiles_total;
@@ -219,8 +213,7 @@ void cl_call_complete(la_client *c, la_call *call, int status, Liteattn__Reply *
     } else if (r) {
         status = LA_EPROTO;
         snprintf(call->pend.errmsg, sizeof(call->pend.errmsg),
-                 "the daemon answered an attention call with reply type %d",
-                 (int)r->body_case);
+                 "the daemon answered an attention call with reply type %d", (int)r->body_case);
     } else if (status < 0) {
         snprintf(call->pend.errmsg, sizeof(call->pend.errmsg), "%s",
                  status == LA_ECLOSED ? "connection to the daemon closed" : la_strerror(status));
@@ -264,8 +257,7 @@ static int check_tensors(const la_client *c, const la_attn *a)
         if (i <= LA_TENSOR_O && !a->t[i].set)
             return cl_fail(LA_EINVAL, "tensor %s is not set", role_name[i]);
         if (a->t[i].set && a->t[i].client != c)
-            return cl_fail(LA_EINVAL, "tensor %s names a buffer of another client",
-                           role_name[i]);
+            return cl_fail(LA_EINVAL, "tensor %s names a buffer of another client", role_name[i]);
     }
     return 0;
 }
@@ -403,8 +395,10 @@ LA_API int la_call_wait(la_call *call, int timeout_ms)
         if (status < 0)
             cl_fail(status, "%s", call->pend.errmsg);
     } else {
-        status = rc == LA_ETIMEDOUT ? cl_fail(LA_ETIMEDOUT, "the call did not finish within %d "
-                                                            "ms", timeout_ms)
+        status = rc == LA_ETIMEDOUT ? cl_fail(LA_ETIMEDOUT,
+                                              "the call did not finish within %d "
+                                              "ms",
+                                              timeout_ms)
                                     : cl_fail(rc, NULL);
     }
     pthread_mutex_unlock(&c->lock);
@@ -447,11 +441,16 @@ LA_API int la_call_stat(const la_call *call, const char *name, int64_t *ret_valu
     if (!done)
         return cl_fail(LA_EAGAIN, "the call has not finished");
     int64_t v;
-    if (!strcmp(name, "tiles_total")) v = (int64_t)call->tiles_total;
-    else if (!strcmp(name, "tiles_computed")) v = (int64_t)call->tiles_computed;
-    else if (!strcmp(name, "compute_ns")) v = (int64_t)call->compute_ns;
-    else if (!strcmp(name, "queue_ns")) v = (int64_t)call->queue_ns;
-    else return cl_fail(LA_ENOENT, "no call figure \"%s\"", name);
+    if (!strcmp(name, "tiles_total"))
+        v = (int64_t)call->tiles_total;
+    else if (!strcmp(name, "tiles_computed"))
+        v = (int64_t)call->tiles_computed;
+    else if (!strcmp(name, "compute_ns"))
+        v = (int64_t)call->compute_ns;
+    else if (!strcmp(name, "queue_ns"))
+        v = (int64_t)call->queue_ns;
+    else
+        return cl_fail(LA_ENOENT, "no call figure \"%s\"", name);
     if (ret_value)
         *ret_value = v;
     return 0;

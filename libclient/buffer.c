@@ -12,8 +12,6 @@
 
 #include "internal.h"
 
-
-
 static void buffer_release(la_buffer *b)
 {
     if (b->map && munmap(b->map, (size_t)b->size) < 0)
@@ -25,7 +23,7 @@ static void buffer_release(la_buffer *b)
 void cl_buffers_free_all(la_client *c)
 {
     la_buffer *b;
-    list_for_each_entry(b, &c->buffers, la_buffer, link) {
+    list_for_each_entry (b, &c->buffers, la_buffer, link) {
         list_remove(&b->link);
         buffer_release(b);
     }
@@ -146,8 +144,7 @@ int cl_uuid_normalise(const char *in, char out[48])
     if (n != 32)
         return LA_EINVAL;
     hex[32] = 0;
-    snprintf(out, 48, "GPU-%.8s-%.4s-%.4s-%.4s-%.12s", hex, hex + 8, hex + 12, hex + 16,
-             hex + 20);
+    snprintf(out, 48, "GPU-%.8s-%.4s-%.4s-%.4s-%.12s", hex, hex + 8, hex + 12, hex + 16, hex + 20);
     return 0;
 }
 
@@ -224,8 +221,10 @@ LA_API int la_buffer_register_cuda_ipc(la_client *c, const void *handle, size_t 
         return cl_fail(LA_EINVAL, "buffer size is zero");
     char uuid[48];
     if (cl_uuid_normalise(device_uuid, uuid) < 0)
-        return cl_fail(LA_EINVAL, "\"%s\" is not a GPU UUID (GPU-xxxxxxxx-xxxx-xxxx-xxxx-"
-                                  "xxxxxxxxxxxx or 32 hex digits)", device_uuid);
+        return cl_fail(LA_EINVAL,
+                       "\"%s\" is not a GPU UUID (GPU-xxxxxxxx-xxxx-xxxx-xxxx-"
+                       "xxxxxxxxxxxx or 32 hex digits)",
+                       device_uuid);
     pthread_mutex_lock(&c->lock);
     int rc = cl_buffer_register_ipc(c, handle, uuid, size, 0, ret_buffer);
     pthread_mutex_unlock(&c->lock);

@@ -52,7 +52,7 @@ static void client_closed(la_client *c, int err)
     list_take(&gone, &c->pending);
     c->n_pending = 0;
     cl_pend *p;
-    list_for_each_entry(p, &gone, cl_pend, link) {
+    list_for_each_entry (p, &gone, cl_pend, link) {
         list_remove(&p->link);
         if (p->call) {
             cl_call_complete(c, p->call, err, NULL);
@@ -76,7 +76,7 @@ void cl_unlink_pending(la_client *c, cl_pend *p)
 static void dispatch(la_client *c, Liteattn__Reply *r)
 {
     cl_pend *p = NULL, *q;
-    list_for_each_entry(q, &c->pending, cl_pend, link)
+    list_for_each_entry (q, &c->pending, cl_pend, link)
         if (q->id == r->id) {
             p = q;
             break;
@@ -100,8 +100,7 @@ static void dispatch(la_client *c, Liteattn__Reply *r)
             code = LA_EPROTO;
         p->status = code;
         snprintf(p->errmsg, sizeof(p->errmsg), "%s",
-                 r->error->message && *r->error->message ? r->error->message
-                                                         : la_strerror(code));
+                 r->error->message && *r->error->message ? r->error->message : la_strerror(code));
         liteattn__reply__free_unpacked(r, NULL);
     } else {
         p->status = 0;
@@ -262,8 +261,9 @@ int cl_send(la_client *c, Liteattn__Request *req, int fd, cl_pend *p)
     size_t len;
     int rc = frame_pack(&req->base, c->max_frame, &buf, &len);
     if (rc < 0)
-        return cl_fail(rc, rc == LA_ELIMIT ? "request larger than the daemon's frame limit (%u bytes)"
-                                           : "out of memory packing a request",
+        return cl_fail(rc,
+                       rc == LA_ELIMIT ? "request larger than the daemon's frame limit (%u bytes)"
+                                       : "out of memory packing a request",
                        c->max_frame);
     memset(p, 0, offsetof(cl_pend, call));
     list_init(&p->link);
@@ -403,7 +403,8 @@ static int store_hello(la_client *c, const Liteattn__HelloReply *h)
         for (unsigned i = 0; i < d->n_fields; i++) {
             const ProtobufCFieldDescriptor *f = &d->fields[i];
             const char *base = (const char *)l;
-            if (f->label != PROTOBUF_C_LABEL_OPTIONAL || !*(const protobuf_c_boolean *)(base + f->quantifier_offset))
+            if (f->label != PROTOBUF_C_LABEL_OPTIONAL ||
+                !*(const protobuf_c_boolean *)(base + f->quantifier_offset))
                 continue;
             uint64_t v;
             if (f->type == PROTOBUF_C_TYPE_UINT32)
@@ -587,10 +588,7 @@ LA_API int la_ping(la_client *c, uint64_t *ret_rtt_ns)
     return 0;
 }
 
-static int completed_since(la_client *c, void *arg)
-{
-    return c->completions > *(uint64_t *)arg;
-}
+static int completed_since(la_client *c, void *arg) { return c->completions > *(uint64_t *)arg; }
 
 LA_API int la_client_process(la_client *c, int timeout_ms)
 {

@@ -33,13 +33,14 @@ enum {
 #ifdef LA_HAVE_CUDA
 /* With the toolkit present, check the values above against the real header. */
 #include <cuda.h>
-_Static_assert((int)LCU_ATTR_CONTEXT == (int) CU_POINTER_ATTRIBUTE_CONTEXT, "attr");
-_Static_assert((int)LCU_ATTR_MEMORY_TYPE == (int) CU_POINTER_ATTRIBUTE_MEMORY_TYPE, "attr");
-_Static_assert((int)LCU_ATTR_IS_MANAGED == (int) CU_POINTER_ATTRIBUTE_IS_MANAGED, "attr");
-_Static_assert((int)LCU_ATTR_DEVICE_ORDINAL == (int) CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, "attr");
-_Static_assert((int)LCU_ATTR_IS_LEGACY_CUDA_IPC_CAPABLE == (int)
-                   CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE, "attr");
-_Static_assert((int)LCU_MEMORYTYPE_DEVICE == (int) CU_MEMORYTYPE_DEVICE, "memtype");
+_Static_assert((int)LCU_ATTR_CONTEXT == (int)CU_POINTER_ATTRIBUTE_CONTEXT, "attr");
+_Static_assert((int)LCU_ATTR_MEMORY_TYPE == (int)CU_POINTER_ATTRIBUTE_MEMORY_TYPE, "attr");
+_Static_assert((int)LCU_ATTR_IS_MANAGED == (int)CU_POINTER_ATTRIBUTE_IS_MANAGED, "attr");
+_Static_assert((int)LCU_ATTR_DEVICE_ORDINAL == (int)CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, "attr");
+_Static_assert((int)LCU_ATTR_IS_LEGACY_CUDA_IPC_CAPABLE ==
+                   (int)CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE,
+               "attr");
+_Static_assert((int)LCU_MEMORYTYPE_DEVICE == (int)CU_MEMORYTYPE_DEVICE, "memtype");
 _Static_assert(sizeof(lcu_ipc_mem_handle) == sizeof(CUipcMemHandle), "ipc handle");
 _Static_assert(sizeof(lcu_uuid) == sizeof(CUuuid), "uuid");
 _Static_assert(sizeof(lcu_devptr) == sizeof(CUdeviceptr), "devptr");
@@ -68,14 +69,14 @@ static void cu_load(void)
         snprintf(cu.why, sizeof(cu.why), "no CUDA driver: %s", dlerror());
         return;
     }
-#define SYM(field, name)                                                     \
-    do {                                                                     \
-        *(void **)&cu.field = dlsym(h, name);                                \
-        if (!cu.field) {                                                     \
-            cu.status = LA_ENODEV;                                           \
-            snprintf(cu.why, sizeof(cu.why), "CUDA driver lacks %s", name);  \
-            return;                                                          \
-        }                                                                    \
+#define SYM(field, name)                                                    \
+    do {                                                                    \
+        *(void **)&cu.field = dlsym(h, name);                               \
+        if (!cu.field) {                                                    \
+            cu.status = LA_ENODEV;                                          \
+            snprintf(cu.why, sizeof(cu.why), "CUDA driver lacks %s", name); \
+            return;                                                         \
+        }                                                                   \
     } while (0)
     SYM(Init, "cuInit");
     SYM(PointerGetAttribute, "cuPointerGetAttribute");
@@ -127,15 +128,19 @@ LA_API int la_buffer_register_cuda(la_client *c, const void *dev_ptr, la_buffer 
         return cl_fail(LA_EINVAL, "%p is not CUDA memory (cuPointerGetAttribute: %s)", dev_ptr,
                        cu_err(r));
     if (memtype != LCU_MEMORYTYPE_DEVICE)
-        return cl_fail(LA_ENOTSUP, "%p is not device memory (memory type %u): only cudaMalloc "
-                                   "memory can be shared", dev_ptr, memtype);
+        return cl_fail(LA_ENOTSUP,
+                       "%p is not device memory (memory type %u): only cudaMalloc "
+                       "memory can be shared",
+                       dev_ptr, memtype);
     unsigned int managed = 0;
     if (cu.PointerGetAttribute(&managed, LCU_ATTR_IS_MANAGED, ptr) == LCU_SUCCESS && managed)
-        return cl_fail(LA_ENOTSUP, "%p is managed (cudaMallocManaged) memory, which CUDA IPC "
-                                   "cannot share", dev_ptr);
+        return cl_fail(LA_ENOTSUP,
+                       "%p is managed (cudaMallocManaged) memory, which CUDA IPC "
+                       "cannot share",
+                       dev_ptr);
     unsigned int ipc_ok = 1;
-    if (cu.PointerGetAttribute(&ipc_ok, LCU_ATTR_IS_LEGACY_CUDA_IPC_CAPABLE, ptr) ==
-            LCU_SUCCESS && !ipc_ok)
+    if (cu.PointerGetAttribute(&ipc_ok, LCU_ATTR_IS_LEGACY_CUDA_IPC_CAPABLE, ptr) == LCU_SUCCESS &&
+        !ipc_ok)
         return cl_fail(LA_ENOTSUP, "%s", VMM_HINT);
     lcu_ctx ctx = NULL;
     r = cu.PointerGetAttribute(&ctx, LCU_ATTR_CONTEXT, ptr);
@@ -173,16 +178,16 @@ LA_API int la_buffer_register_cuda(la_client *c, const void *dev_ptr, la_buffer 
     char ustr[48];
     const unsigned char *u = (const unsigned char *)uuid.bytes;
     snprintf(ustr, sizeof(ustr),
-             "GPU-%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", u[0],
-             u[1], u[2], u[3], u[4], u[5], u[6], u[7], u[8], u[9], u[10], u[11], u[12], u[13],
-             u[14], u[15]);
+             "GPU-%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", u[0], u[1],
+             u[2], u[3], u[4], u[5], u[6], u[7], u[8], u[9], u[10], u[11], u[12], u[13], u[14],
+             u[15]);
 
     pthread_mutex_lock(&c->lock);
     /* Same block already registered on this client: same buffer, one more reference. The
      * handle is compared too, so that a block freed and reallocated at the same address is
      * registered anew. */
     la_buffer *b;
-    list_for_each_entry(b, &c->buffers, la_buffer, link) {
+    list_for_each_entry (b, &c->buffers, la_buffer, link) {
         if (b->is_cuda && b->cuda_base == base && b->size == size &&
             !memcmp(b->ipc_handle, h.reserved, 64)) {
             b->refs++;

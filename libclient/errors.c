@@ -13,20 +13,11 @@ static pthread_mutex_t log_lock = PTHREAD_MUTEX_INITIALIZER;
 static la_log_fn log_fn;
 static void *log_user;
 
-LA_API const char *la_strerror(int err)
-{
-    return codes_strerror(err);
-}
+LA_API const char *la_strerror(int err) { return codes_strerror(err); }
 
-LA_API const char *la_err_name(int err)
-{
-    return codes_name(err);
-}
+LA_API const char *la_err_name(int err) { return codes_name(err); }
 
-LA_API const char *la_last_error_message(void)
-{
-    return errbuf;
-}
+LA_API const char *la_last_error_message(void) { return errbuf; }
 
 int cl_fail(int code, const char *fmt, ...)
 {
@@ -65,7 +56,4 @@ void cl_log(int level, const char *fmt, ...)
     fn(user, level, msg);
 }
 
-LA_API const char *la_version(void)
-{
-    return LA_VERSION_STRING;
-}
+LA_API const char *la_version(void) { return LA_VERSION_STRING; }

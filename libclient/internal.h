@@ -28,7 +28,7 @@
  * calls embed it in their la_call. */
 typedef struct cl_pend {
     uint64_t id;
-    list_node link;             /* the client's outstanding requests */
+    list_node link; /* the client's outstanding requests */
     int done;
     int status;                 /* 0 or LA_E* once done */
     Liteattn__Reply *reply;     /* successful reply (owned; sync callers free it) */
@@ -45,7 +45,7 @@ struct la_call {
     cl_pend pend;
     la_done_fn cb;
     void *user;
-    int orphan;     /* la_call_free()d while in flight: freed when the reply arrives */
+    int orphan; /* la_call_free()d while in flight: freed when the reply arrives */
     uint64_t tiles_total, tiles_computed, compute_ns, queue_ns;
     int has_done_event;
     uint8_t done_event[64];
@@ -56,12 +56,12 @@ struct la_buffer {
     la_client *client;
     uint64_t id;
     uint64_t size;
-    void *map;          /* host buffers: the mapping (size bytes) */
+    void *map; /* host buffers: the mapping (size bytes) */
     int refs;
     uint64_t cuda_base; /* CUDA buffers registered through a pointer: the block base, else 0 */
     int is_cuda;
     uint8_t ipc_handle[64]; /* CUDA: the handle it was registered with (cache key with base) */
-    list_node link;     /* the client's buffers */
+    list_node link;         /* the client's buffers */
 };
 
 struct la_session {
@@ -80,9 +80,9 @@ struct la_client {
     int fd;
     frame_reader fr;
     uint64_t next_id;
-    int closed;           /* 0, or the error every later request gets (LA_ECLOSED...) */
-    int garbled;          /* the daemon sent an oversized or undecodable frame */
-    int reading;          /* a thread is in poll() on fd */
+    int closed;  /* 0, or the error every later request gets (LA_ECLOSED...) */
+    int garbled; /* the daemon sent an oversized or undecodable frame */
+    int reading; /* a thread is in poll() on fd */
     uint32_t max_frame;
     uint32_t max_inflight;
     uint32_t n_pending;
@@ -90,9 +90,9 @@ struct la_client {
     list_node pending;    /* cl_pend.link, outstanding requests */
     cl_prop *props;
     size_t n_props;
-    list_node calls;      /* la_call.link */
-    list_node buffers;    /* la_buffer.link */
-    list_node sessions;   /* la_session.link */
+    list_node calls;    /* la_call.link */
+    list_node buffers;  /* la_buffer.link */
+    list_node sessions; /* la_session.link */
 };
 
 /* ---- errors.c ---- */

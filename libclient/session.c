@@ -40,10 +40,9 @@ LA_API void la_session_config_free(la_session_config *cfg)
     free(cfg);
 }
 
-LA_API int la_session_config_set_geometry(la_session_config *cfg, uint32_t layers,
-                                          uint32_t heads, uint32_t head_dim, la_dtype dtype,
-                                          uint32_t max_seq_q, uint32_t max_seq_k,
-                                          uint32_t batch, uint32_t kv_shards)
+LA_API int la_session_config_set_geometry(la_session_config *cfg, uint32_t layers, uint32_t heads,
+                                          uint32_t head_dim, la_dtype dtype, uint32_t max_seq_q,
+                                          uint32_t max_seq_k, uint32_t batch, uint32_t kv_shards)
 {
     if (!cfg)
         return cl_fail(LA_EINVAL, "la_session_config_set_geometry: cfg is NULL");
@@ -134,11 +133,10 @@ static int session_from_reply(la_client *c, const Liteattn__SessionReply *r,
     s->max_seq_k = r->has_max_seq_k && r->max_seq_k ? r->max_seq_k : r->max_seq_q;
     s->batch = r->has_batch && r->batch ? r->batch : 1;
     s->kv_shards = r->has_kv_shards && r->kv_shards ? r->kv_shards : 1;
-    s->n_q_tiles = r->has_n_q_tiles ? r->n_q_tiles
-                                    : (s->bm ? (s->max_seq_q + s->bm - 1) / s->bm : 0);
-    s->n_k_words = r->has_n_k_words
-                       ? r->n_k_words
-                       : (s->bn ? ((s->max_seq_k + s->bn - 1) / s->bn + 31) / 32 : 0);
+    s->n_q_tiles =
+        r->has_n_q_tiles ? r->n_q_tiles : (s->bm ? (s->max_seq_q + s->bm - 1) / s->bm : 0);
+    s->n_k_words = r->has_n_k_words ? r->n_k_words
+                                    : (s->bn ? ((s->max_seq_k + s->bn - 1) / s->bn + 31) / 32 : 0);
     s->layer_mask_bytes = r->has_layer_mask_bytes
                               ? r->layer_mask_bytes
                               : (uint64_t)s->batch * s->heads * s->n_q_tiles * s->n_k_words * 4;
@@ -150,7 +148,7 @@ static int session_from_reply(la_client *c, const Liteattn__SessionReply *r,
 void cl_sessions_free_all(la_client *c)
 {
     la_session *s;
-    list_for_each_entry(s, &c->sessions, la_session, link) {
+    list_for_each_entry (s, &c->sessions, la_session, link) {
         list_remove(&s->link);
         free(s);
     }
@@ -223,22 +221,38 @@ LA_API int la_session_get(const la_session *s, const char *name, int64_t *ret_va
     if (!s || !name)
         return cl_fail(LA_EINVAL, "la_session_get: NULL argument");
     int64_t v;
-    if (!strcmp(name, "id")) v = (int64_t)s->id;
-    else if (!strcmp(name, "layers")) v = s->layers;
-    else if (!strcmp(name, "heads")) v = s->heads;
-    else if (!strcmp(name, "head_dim")) v = s->head_dim;
-    else if (!strcmp(name, "dtype")) v = s->dtype;
-    else if (!strcmp(name, "max_seq_q")) v = s->max_seq_q;
-    else if (!strcmp(name, "max_seq_k")) v = s->max_seq_k;
-    else if (!strcmp(name, "batch")) v = s->batch;
-    else if (!strcmp(name, "kv_shards")) v = s->kv_shards;
-    else if (!strcmp(name, "bm")) v = s->bm;
-    else if (!strcmp(name, "bn")) v = s->bn;
-    else if (!strcmp(name, "mask_bytes")) v = (int64_t)s->mask_bytes;
-    else if (!strcmp(name, "layer_mask_bytes")) v = (int64_t)s->layer_mask_bytes;
-    else if (!strcmp(name, "n_q_tiles")) v = s->n_q_tiles;
-    else if (!strcmp(name, "n_k_words")) v = s->n_k_words;
-    else return cl_fail(LA_ENOENT, "no session fact \"%s\"", name);
+    if (!strcmp(name, "id"))
+        v = (int64_t)s->id;
+    else if (!strcmp(name, "layers"))
+        v = s->layers;
+    else if (!strcmp(name, "heads"))
+        v = s->heads;
+    else if (!strcmp(name, "head_dim"))
+        v = s->head_dim;
+    else if (!strcmp(name, "dtype"))
+        v = s->dtype;
+    else if (!strcmp(name, "max_seq_q"))
+        v = s->max_seq_q;
+    else if (!strcmp(name, "max_seq_k"))
+        v = s->max_seq_k;
+    else if (!strcmp(name, "batch"))
+        v = s->batch;
+    else if (!strcmp(name, "kv_shards"))
+        v = s->kv_shards;
+    else if (!strcmp(name, "bm"))
+        v = s->bm;
+    else if (!strcmp(name, "bn"))
+        v = s->bn;
+    else if (!strcmp(name, "mask_bytes"))
+        v = (int64_t)s->mask_bytes;
+    else if (!strcmp(name, "layer_mask_bytes"))
+        v = (int64_t)s->layer_mask_bytes;
+    else if (!strcmp(name, "n_q_tiles"))
+        v = s->n_q_tiles;
+    else if (!strcmp(name, "n_k_words"))
+        v = s->n_k_words;
+    else
+        return cl_fail(LA_ENOENT, "no session fact \"%s\"", name);
     if (ret_value)
         *ret_value = v;
     return 0;
@@ -347,9 +361,11 @@ LA_API int la_session_read_mask(la_session *s, uint32_t layer, uint32_t kv_shard
             break;
         size_t got = r->mask->data.len;
         if (r->mask->total_bytes != total || got == 0 || got > total - off) {
-            rc = cl_fail(LA_EPROTO, "mask reply of %zu bytes at offset %llu (layer mask %llu, "
-                                    "daemon says %llu)", got, (unsigned long long)off,
-                         (unsigned long long)total, (unsigned long long)r->mask->total_bytes);
+            rc = cl_fail(LA_EPROTO,
+                         "mask reply of %zu bytes at offset %llu (layer mask %llu, "
+                         "daemon says %llu)",
+                         got, (unsigned long long)off, (unsigned long long)total,
+                         (unsigned long long)r->mask->total_bytes);
             liteattn__reply__free_unpacked(r, NULL);
             break;
         }

@@ -112,9 +112,9 @@ LA_API int la_table_int(const la_table *t, size_t row, const char *col, int64_t 
 }
 
 /* One request whose reply becomes a table: fill adds the rows. */
-static int table_query(la_client *c, Liteattn__Request *req, int want,
-                       const char *const *names, size_t n_cols,
-                       int (*fill)(la_table *t, const Liteattn__Reply *r), la_table **ret_table)
+static int table_query(la_client *c, Liteattn__Request *req, int want, const char *const *names,
+                       size_t n_cols, int (*fill)(la_table *t, const Liteattn__Reply *r),
+                       la_table **ret_table)
 {
     Liteattn__Reply *r;
     int rc = cl_request(c, req, want, &r);

@@ -62,8 +62,10 @@ ssize_t frame_recv(frame_reader *f, int sock)
         struct cmsghdr align;
     } ctl;
     struct iovec iov = {.iov_base = f->buf + f->len, .iov_len = f->cap - f->len};
-    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1,
-                         .msg_control = ctl.buf, .msg_controllen = sizeof(ctl.buf)};
+    struct msghdr msg = {.msg_iov = &iov,
+                         .msg_iovlen = 1,
+                         .msg_control = ctl.buf,
+                         .msg_controllen = sizeof(ctl.buf)};
     ssize_t n;
     do
         n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
@@ -159,8 +161,7 @@ int frame_take_fd(frame_reader *f)
     return fd;
 }
 
-int frame_pack(const ProtobufCMessage *msg, uint32_t max_frame, uint8_t **ret_buf,
-                  size_t *ret_len)
+int frame_pack(const ProtobufCMessage *msg, uint32_t max_frame, uint8_t **ret_buf, size_t *ret_len)
 {
     size_t n = protobuf_c_message_get_packed_size(msg);
     if (n > (max_frame ? max_frame : FRAME_DEFAULT_MAX))

@@ -21,7 +21,7 @@
 #define FRAME_MAX_FDS 8              /* queued, unclaimed fds per connection */
 
 typedef struct frame_reader {
-    uint8_t *buf;       /* received bytes not yet consumed */
+    uint8_t *buf; /* received bytes not yet consumed */
     size_t len, cap;
     size_t head;        /* start of the unconsumed part of buf */
     uint32_t max_frame; /* payload limit */
@@ -58,8 +58,7 @@ int frame_take_fd(frame_reader *f);
 
 /* Packs msg behind its length prefix into a new malloc'd buffer. Returns 0, LA_ENOMEM, or
  * LA_ELIMIT when the payload would exceed max_frame. */
-int frame_pack(const ProtobufCMessage *msg, uint32_t max_frame, uint8_t **ret_buf,
-                  size_t *ret_len);
+int frame_pack(const ProtobufCMessage *msg, uint32_t max_frame, uint8_t **ret_buf, size_t *ret_len);
 
 /* One sendmsg() of buf[0..len) carrying fd (when fd >= 0) as SCM_RIGHTS. Returns the bytes
  * written (> 0), LA_EAGAIN, LA_ECLOSED (EPIPE/ECONNRESET) or LA_EIO. MSG_NOSIGNAL is used. */

@@ -41,16 +41,10 @@ static void daemon_start_args(tdaemon *d, const char *const *extra)
     ck_assert_msg(td_start(d, extra) == 0, "liteattnd did not start (see above)");
 }
 
-static void daemon_start(tdaemon *d)
-{
-    daemon_start_args(d, NULL);
-}
+static void daemon_start(tdaemon *d) { daemon_start_args(d, NULL); }
 
 /* Stops the daemon and removes its directory; a case that cares checks the status itself. */
-static void daemon_stop(tdaemon *d)
-{
-    td_stop(d);
-}
+static void daemon_stop(tdaemon *d) { td_stop(d); }
 
 /* The fixture's daemon: one per case (a checked fixture, started in the case's own process),
  * since the cases count sessions, buffers and calls. */
@@ -67,13 +61,11 @@ static la_client *connect_ok(const tdaemon *d)
     return c;
 }
 
-#define OK(expr)                                                                          \
-    do {                                                                                  \
-        int rc_ = (expr);                                                                 \
-        ck_assert_msg(rc_ == 0, "%s = %s (%s)", #expr, la_err_name(rc_),                  \
-                      la_last_error_message());                                           \
+#define OK(expr)                                                                                   \
+    do {                                                                                           \
+        int rc_ = (expr);                                                                          \
+        ck_assert_msg(rc_ == 0, "%s = %s (%s)", #expr, la_err_name(rc_), la_last_error_message()); \
     } while (0)
-
 
 /* ---- a fake daemon, for what a real one never does ------------------------------------------ */
 
@@ -356,7 +348,7 @@ static void prob_fill(prob *p, uint64_t salt, int step, double amp)
                     int64_t e = (((int64_t)b * p->Sq + i) * H + h) * D + d;
                     double c = centre[((i * G / p->Sq) * H + h) * D + d];
                     tu_set(p->base + p->off_q, p->dt, e,
-                                c + nw * (tu_rng_normal(&r0) + 0.2 * tu_rng_normal(&r1)));
+                           c + nw * (tu_rng_normal(&r0) + 0.2 * tu_rng_normal(&r1)));
                 }
     for (int b = 0; b < p->B; b++)
         for (int j = 0; j < p->Sk; j++)
@@ -365,9 +357,9 @@ static void prob_fill(prob *p, uint64_t salt, int step, double amp)
                     int64_t e = (((int64_t)b * p->Sk + j) * H + h) * D + d;
                     double c = centre[((j * G / p->Sk) * H + h) * D + d];
                     tu_set(p->base + p->off_k, p->dt, e,
-                                c + nw * (tu_rng_normal(&r0) + 0.2 * tu_rng_normal(&r1)));
+                           c + nw * (tu_rng_normal(&r0) + 0.2 * tu_rng_normal(&r1)));
                     tu_set(p->base + p->off_v, p->dt, e,
-                                tu_rng_normal(&r0) + 0.2 * tu_rng_normal(&r1));
+                           tu_rng_normal(&r0) + 0.2 * tu_rng_normal(&r1));
                 }
     free(centre);
 }
@@ -436,8 +428,8 @@ static void masks_equal(const prob *p, const uint32_t *got, const uint32_t *want
         for (int n = 0; n < nk; n++) {
             uint32_t g = got[row * p->nw + n / 32] >> (n % 32) & 1;
             uint32_t w = want[row * p->nw + n / 32] >> (n % 32) & 1;
-            ck_assert_msg(g == w, "%s: row %zu tile %d: daemon %u, reference %u", what, row, n,
-                          g, w);
+            ck_assert_msg(g == w, "%s: row %zu tile %d: daemon %u, reference %u", what, row, n, g,
+                          w);
         }
 }
 
@@ -472,8 +464,8 @@ static la_session *open_session(la_client *c, const char *key, int L, int H, int
 {
     la_session_config *cfg;
     OK(la_session_config_new(&cfg));
-    OK(la_session_config_set_geometry(cfg, (uint32_t)L, (uint32_t)H, (uint32_t)D, dt,
-                                      (uint32_t)Sq, (uint32_t)Sk, (uint32_t)B, 1));
+    OK(la_session_config_set_geometry(cfg, (uint32_t)L, (uint32_t)H, (uint32_t)D, dt, (uint32_t)Sq,
+                                      (uint32_t)Sk, (uint32_t)B, 1));
     OK(la_session_config_set_threshold(cfg, tau));
     OK(la_session_config_set_device(cfg, "cpu"));
     la_session *s = NULL;
@@ -483,8 +475,8 @@ static la_session *open_session(la_client *c, const char *key, int L, int H, int
 }
 
 /* A multi-step, multi-layer run: daemon == reference after every call. */
-static void run_session_vs_ref(la_client *c, const char *key, la_dtype dt, int L, int steps,
-                               int B, int Sq, int Sk, int H, int D, uint64_t salt)
+static void run_session_vs_ref(la_client *c, const char *key, la_dtype dt, int L, int steps, int B,
+                               int Sq, int Sk, int H, int D, uint64_t salt)
 {
     const float tau = -3.0f;
     la_session *s = open_session(c, key, L, H, D, dt, Sq, Sk, B, tau);
@@ -848,8 +840,8 @@ START_TEST(test_busy_beyond_max_inflight)
     int rc = la_attn_submit(s, a, NULL, NULL, &calls[2]);
     if (rc == 0) {
         /* Both finished already (a fast machine): then the third was legitimately free. */
-        ck_assert_int_eq(la_call_status(calls[0]) != LA_EAGAIN ||
-                             la_call_status(calls[1]) != LA_EAGAIN, 1);
+        ck_assert_int_eq(
+            la_call_status(calls[0]) != LA_EAGAIN || la_call_status(calls[1]) != LA_EAGAIN, 1);
         la_call_wait(calls[2], -1);
         la_call_free(calls[2]);
     } else {
@@ -948,8 +940,7 @@ START_TEST(test_error_mapping)
                   la_last_error_message());
     ck_assert_str_ne(la_last_error_message(), "");
     /* An offset near 2^64 must not wrap around. */
-    OK(la_attn_set_tensor(a, LA_TENSOR_O, p.buf, UINT64_MAX - 16, LA_DTYPE_BF16, 4, shape,
-                          NULL));
+    OK(la_attn_set_tensor(a, LA_TENSOR_O, p.buf, UINT64_MAX - 16, LA_DTYPE_BF16, 4, shape, NULL));
     rc = la_attn_run(s, a, NULL);
     ck_assert_msg(rc == LA_ERANGE || rc == LA_EINVAL, "huge offset: %s", la_err_name(rc));
     prob_attn(&p, a, 0);
@@ -1036,8 +1027,7 @@ START_TEST(test_dry_run_leaves_mask)
     /* Reset: all ones again. */
     OK(la_session_reset(s));
     OK(la_session_read_mask(s, 0, 0, m1, p.mask_words * 4));
-    ck_assert_int_eq(popcount_mask(&p, m1),
-                     (int64_t)(p.mask_words / p.nw) * la_tiles(p.Sk, p.bn));
+    ck_assert_int_eq(popcount_mask(&p, m1), (int64_t)(p.mask_words / p.nw) * la_tiles(p.Sk, p.bn));
     ck_assert_int_eq(la_session_read_mask(s, 0, 0, m1, p.mask_words * 4 - 4), LA_EINVAL);
     free(m0);
     free(m1);
@@ -1173,14 +1163,16 @@ START_TEST(test_register_fd)
     else
         ck_assert_int_ne(rc, 0); /* host memory is never CUDA device memory */
     unsigned char handle[64] = {0};
-    ck_assert_int_eq(la_buffer_register_cuda_ipc(c, handle, 63, "GPU-00000000-0000-0000-0000-"
-                                                 "000000000000", 4096, &b), LA_EINVAL);
-    ck_assert_int_eq(la_buffer_register_cuda_ipc(c, handle, 64, "not-a-uuid", 4096, &b),
+    ck_assert_int_eq(la_buffer_register_cuda_ipc(c, handle, 63,
+                                                 "GPU-00000000-0000-0000-0000-"
+                                                 "000000000000",
+                                                 4096, &b),
                      LA_EINVAL);
+    ck_assert_int_eq(la_buffer_register_cuda_ipc(c, handle, 64, "not-a-uuid", 4096, &b), LA_EINVAL);
     /* The CPU daemon has no such GPU. */
-    ck_assert_int_eq(la_buffer_register_cuda_ipc(c, handle, 64,
-                                                 "0123456789abcdef0123456789ABCDEF", 4096, &b),
-                     LA_ENODEV);
+    ck_assert_int_eq(
+        la_buffer_register_cuda_ipc(c, handle, 64, "0123456789abcdef0123456789ABCDEF", 4096, &b),
+        LA_ENODEV);
     OK(la_ping(c, NULL));
     la_disconnect(c);
 }
@@ -1262,10 +1254,10 @@ END_TEST
 START_TEST(test_error_names)
 {
     int n = 0;
-#define X_(name, val, msg)                                     \
-    ck_assert_str_eq(la_strerror(val), msg);                   \
-    ck_assert_str_eq(la_err_name(val), "LA_" #name);           \
-    ck_assert_int_eq(LA_##name, val);                          \
+#define X_(name, val, msg)                           \
+    ck_assert_str_eq(la_strerror(val), msg);         \
+    ck_assert_str_eq(la_err_name(val), "LA_" #name); \
+    ck_assert_int_eq(LA_##name, val);                \
     n++;
     LA_ERRNO_MAP(X_)
 #undef X_
@@ -1420,7 +1412,6 @@ START_TEST(test_ranges_match_reference)
     la_disconnect(c);
 }
 END_TEST
-
 
 typedef struct shared_arg {
     la_client *c;

@@ -302,8 +302,8 @@ static uint64_t register_shm(rcl *r, uint64_t id, const shm *s)
 typedef struct attn_args {
     uint64_t sid, bid;
     uint32_t layer, step;
-    uint64_t off[4];       /* byte offsets of q, k, v, o */
-    int64_t shape[4];      /* of q (and k, v, o) */
+    uint64_t off[4];  /* byte offsets of q, k, v, o */
+    int64_t shape[4]; /* of q (and k, v, o) */
     int64_t strides[4];
     int n_strides;
     int n_must_do;
@@ -381,8 +381,17 @@ static void setup_attn(rcl *r, setup *st, const char *key)
 START_TEST(test_hello)
 {
     td_daemon d;
-    const char *args[] = {"--max-frame", "64K", "--max-inflight", "7", "--max-buffers", "9",
-                          "--max-sessions", "5", "--max-connections-per-user", "11", NULL};
+    const char *args[] = {"--max-frame",
+                          "64K",
+                          "--max-inflight",
+                          "7",
+                          "--max-buffers",
+                          "9",
+                          "--max-sessions",
+                          "5",
+                          "--max-connections-per-user",
+                          "11",
+                          NULL};
     start(&d, args);
     rcl r;
     rcl_open(&r, &d);
@@ -805,7 +814,8 @@ START_TEST(test_attention_shm)
         num += ((double)got[i] - o[i]) * ((double)got[i] - o[i]);
         den += (double)o[i] * o[i];
     }
-    ck_assert_msg(sqrt(num / den) < 1e-6, "O differs from the reference: rel L2 %g", sqrt(num / den));
+    ck_assert_msg(sqrt(num / den) < 1e-6, "O differs from the reference: rel L2 %g",
+                  sqrt(num / den));
 
     Liteattn__MaskRead mr = LITEATTN__MASK_READ__INIT;
     mr.session_id = st.sid;
@@ -1130,7 +1140,8 @@ static int other_user_child(const td_daemon *d, uint64_t sid)
     q.session_list = &sl;
     rcl_send(&r, &q, -1);
     rep = rcl_recv(&r, 5000);
-    if (!rep || rep->body_case != LITEATTN__REPLY__BODY_SESSION_LIST || rep->session_list->n_sessions != 0)
+    if (!rep || rep->body_case != LITEATTN__REPLY__BODY_SESSION_LIST ||
+        rep->session_list->n_sessions != 0)
         return 22;
     rcl_free_reply(rep);
     /* The same key is free for this user: its own session, separate from root's. */

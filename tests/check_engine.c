@@ -30,14 +30,16 @@ typedef struct harness {
     int done_calls;
 } harness;
 
-static void notify_pipe(void *data) {
+static void notify_pipe(void *data)
+{
     harness *h = data;
     char c = 1;
     ssize_t n = write(h->pipe[1], &c, 1);
     (void)n;
 }
 
-static void h_open(harness *h, const eng_limits *lim) {
+static void h_open(harness *h, const eng_limits *lim)
+{
     memset(h, 0, sizeof *h);
     ck_assert_int_eq(pipe2(h->pipe, O_NONBLOCK | O_CLOEXEC), 0);
     eng_config cfg;
@@ -53,14 +55,16 @@ static void h_open(harness *h, const eng_limits *lim) {
     ck_assert_msg(rc == 0, "eng_new: %d %s", rc, err.msg);
 }
 
-static void h_close(harness *h) {
+static void h_close(harness *h)
+{
     eng_free(h->e);
     close(h->pipe[0]);
     close(h->pipe[1]);
 }
 
 /* Waits (up to 20 s) until n more done callbacks have run. */
-static void h_wait(harness *h, int n) {
+static void h_wait(harness *h, int n)
+{
     int target = h->done_calls + n;
     for (int spins = 0; h->done_calls < target && spins < 2000; spins++) {
         struct pollfd pfd = {.fd = h->pipe[0], .events = POLLIN};
@@ -79,7 +83,8 @@ typedef struct call {
     eng_attn_result res;
 } call;
 
-static void on_done(void *user, int status, const eng_attn_result *res, const char *msg) {
+static void on_done(void *user, int status, const eng_attn_result *res, const char *msg)
+{
     call *c = user;
     c->ran++;
     c->status = status;
@@ -95,7 +100,8 @@ typedef struct shm {
     uint64_t id;
 } shm;
 
-static int shm_make(harness *h, uint64_t conn, size_t size, shm *s) {
+static int shm_make(harness *h, uint64_t conn, size_t size, shm *s)
+{
     s->size = size;
     s->fd = memfd_create("check_engine", MFD_CLOEXEC | MFD_ALLOW_SEALING);
     ck_assert_int_ge(s->fd, 0);
@@ -106,13 +112,15 @@ static int shm_make(harness *h, uint64_t conn, size_t size, shm *s) {
     return eng_buffer_add_shm(h->e, UID, conn, dup(s->fd), size, &s->id, &err);
 }
 
-static void shm_drop(shm *s) {
+static void shm_drop(shm *s)
+{
     munmap(s->p, s->size);
     close(s->fd);
 }
 
 static eng_session_spec spec_make(const char *key, uint32_t layers, uint32_t H, uint32_t D,
-                                  la_dtype dt, uint32_t sq, uint32_t sk, uint32_t batch) {
+                                  la_dtype dt, uint32_t sq, uint32_t sk, uint32_t batch)
+{
     eng_session_spec sp;
     memset(&sp, 0, sizeof sp);
     sp.key = key;
@@ -131,7 +139,8 @@ static eng_session_spec spec_make(const char *key, uint32_t layers, uint32_t H, 
 }
 
 static uint64_t open_ok(harness *h, uint32_t uid, uint64_t conn, const eng_session_spec *sp,
-                        eng_session_view *ret) {
+                        eng_session_view *ret)
+{
     eng_session_view v;
     eng_error err = {{0}};
     int rc = eng_session_open(h->e, uid, conn, sp, &v, &err);
@@ -142,7 +151,8 @@ static uint64_t open_ok(harness *h, uint32_t uid, uint64_t conn, const eng_sessi
 }
 
 static void tensor(eng_tensor *t, uint64_t buf, uint64_t off, la_dtype dt, int64_t a, int64_t b,
-                   int64_t c, int64_t d) {
+                   int64_t c, int64_t d)
+{
     memset(t, 0, sizeof *t);
     t->buffer_id = buf;
     t->offset = off;
@@ -156,7 +166,8 @@ static void tensor(eng_tensor *t, uint64_t buf, uint64_t off, la_dtype dt, int64
 
 /* ---- sessions --------------------------------------------------------------------------- */
 
-START_TEST(session_open_attach_close) {
+START_TEST(session_open_attach_close)
+{
     harness h;
     h_open(&h, NULL);
     eng_session_spec sp = spec_make("wan-run-3", 3, 4, 64, LA_DTYPE_F32, 200, 300, 2);
@@ -164,8 +175,8 @@ START_TEST(session_open_attach_close) {
     uint64_t id = open_ok(&h, UID, CONN, &sp, &v);
     ck_assert_uint_eq(v.bm, 128);
     ck_assert_uint_eq(v.bn, 64);
-    ck_assert_uint_eq(v.n_q_tiles, 2);   /* ceil(200/128) */
-    ck_assert_uint_eq(v.n_k_words, 1);   /* ceil(ceil(300/64)/32) */
+    ck_assert_uint_eq(v.n_q_tiles, 2); /* ceil(200/128) */
+    ck_assert_uint_eq(v.n_k_words, 1); /* ceil(ceil(300/64)/32) */
     ck_assert_uint_eq(v.layer_mask_bytes, 2 * 4 * 2 * 1 * 4);
     ck_assert_uint_eq(v.mask_bytes, 3 * v.layer_mask_bytes);
     ck_assert_str_eq(v.device, "cpu");
@@ -198,18 +209,18 @@ START_TEST(session_open_attach_close) {
     uint32_t words[64];
     size_t got = 0;
     uint64_t total = 0;
-    ck_assert_int_eq(eng_mask_read(h.e, UID, id, 2, 0, 0, words, sizeof words, &got, &total,
-                                   &err), 0);
+    ck_assert_int_eq(eng_mask_read(h.e, UID, id, 2, 0, 0, words, sizeof words, &got, &total, &err),
+                     0);
     ck_assert_uint_eq(total, v.layer_mask_bytes);
     ck_assert_uint_eq(got, v.layer_mask_bytes);
     ck_assert_uint_eq(words[0], 0xffffffffu);
-    ck_assert_int_eq(eng_mask_read(h.e, UID, id, 3, 0, 0, words, sizeof words, &got, &total,
-                                   &err), LA_EINVAL);
+    ck_assert_int_eq(eng_mask_read(h.e, UID, id, 3, 0, 0, words, sizeof words, &got, &total, &err),
+                     LA_EINVAL);
     ck_assert_msg(strstr(err.msg, "layer 3 out of range"), "%s", err.msg);
-    ck_assert_int_eq(eng_mask_read(h.e, UID, id, 0, 1, 0, words, sizeof words, &got, &total,
-                                   &err), LA_EINVAL);
-    ck_assert_int_eq(eng_mask_read(h.e, UID, id, 0, 0, total + 1, words, 4, &got, &total,
-                                   &err), LA_ERANGE);
+    ck_assert_int_eq(eng_mask_read(h.e, UID, id, 0, 1, 0, words, sizeof words, &got, &total, &err),
+                     LA_EINVAL);
+    ck_assert_int_eq(eng_mask_read(h.e, UID, id, 0, 0, total + 1, words, 4, &got, &total, &err),
+                     LA_ERANGE);
 
     ck_assert_int_eq(eng_session_close(h.e, UID, id, &err), 0);
     ck_assert_int_eq(eng_session_info(h.e, UID, id, live, 4, &st, &err), LA_ENOENT);
@@ -239,21 +250,24 @@ typedef struct stat_q {
     int64_t value;
     int found;
 } stat_q;
-static void stat_cb(void *data, const char *name, int64_t value) {
+static void stat_cb(void *data, const char *name, int64_t value)
+{
     stat_q *q = data;
     if (!strcmp(q->name, name)) {
         q->value = value;
         q->found = 1;
     }
 }
-static int64_t stat_get(harness *h, const char *name) {
+static int64_t stat_get(harness *h, const char *name)
+{
     stat_q q = {name, 0, 0};
     eng_stats(h->e, stat_cb, &q);
     ck_assert_msg(q.found, "stat %s missing", name);
     return q.value;
 }
 
-START_TEST(session_limits) {
+START_TEST(session_limits)
+{
     eng_config d;
     eng_config_default(&d);
     eng_limits lim = d.limits;
@@ -293,7 +307,8 @@ typedef struct prob {
 } prob;
 
 static void prob_make(harness *h, prob *p, uint64_t conn, int64_t B, int64_t Sq, int64_t Sk,
-                      int64_t H, int64_t D, la_dtype dt, uint64_t dec_bytes) {
+                      int64_t H, int64_t D, la_dtype dt, uint64_t dec_bytes)
+{
     memset(p, 0, sizeof *p);
     p->B = B, p->Sq = Sq, p->Sk = Sk, p->H = H, p->D = D, p->dt = dt;
     size_t es = dt == LA_DTYPE_F32 ? 4 : 2;
@@ -310,8 +325,8 @@ static void prob_make(harness *h, prob *p, uint64_t conn, int64_t B, int64_t Sq,
     ck_assert_int_eq(shm_make(h, conn, (size_t)o, &p->s), 0);
 }
 
-static void prob_req(const prob *p, eng_attn_req *r, uint64_t sid, uint32_t layer,
-                     uint32_t step) {
+static void prob_req(const prob *p, eng_attn_req *r, uint64_t sid, uint32_t layer, uint32_t step)
+{
     memset(r, 0, sizeof *r);
     r->session_id = sid;
     r->layer = layer;
@@ -328,20 +343,23 @@ static void prob_req(const prob *p, eng_attn_req *r, uint64_t sid, uint32_t laye
 
 static void *prob_ptr(const prob *p, int i) { return (char *)p->s.p + p->off[i]; }
 
-static void prob_fill(const prob *p, tu_rng *r, double amp) {
+static void prob_fill(const prob *p, tu_rng *r, double amp)
+{
     tu_fill(r, prob_ptr(p, 0), p->dt, p->B * p->Sq * p->H * p->D, amp);
     tu_fill(r, prob_ptr(p, 1), p->dt, p->B * p->Sk * p->H * p->D, amp);
     tu_fill(r, prob_ptr(p, 2), p->dt, p->B * p->Sk * p->H * p->D, 1.0);
 }
 
 static int submit(harness *h, uint32_t uid, uint64_t conn, const eng_attn_req *r, call *c,
-                  eng_error *err) {
+                  eng_error *err)
+{
     memset(c, 0, sizeof *c);
     c->h = h;
     return eng_attn_submit(h->e, uid, conn, r, on_done, c, err);
 }
 
-static void run_ok(harness *h, const eng_attn_req *r, call *c) {
+static void run_ok(harness *h, const eng_attn_req *r, call *c)
+{
     eng_error err = {{0}};
     int rc = submit(h, UID, CONN, r, c, &err);
     ck_assert_msg(rc == 0, "submit: %d %s", rc, err.msg);
@@ -357,7 +375,8 @@ typedef struct bad_case {
     int want;
 } bad_case;
 
-START_TEST(attn_validation) {
+START_TEST(attn_validation)
+{
     harness h;
     h_open(&h, NULL);
     eng_session_spec sp = spec_make("val", 2, 2, 64, LA_DTYPE_F32, 128, 192, 2);
@@ -382,20 +401,77 @@ START_TEST(attn_validation) {
         const char *name = NULL;
         int want = 0;
         switch (i) {
-        case 0: name = "unknown session"; r.session_id = 999; want = LA_ENOENT; break;
-        case 1: name = "another uid's session"; r.session_id = sid_other; want = LA_ENOENT; break;
-        case 2: name = "layer"; r.layer = 2; want = LA_EINVAL; break;
-        case 3: name = "kv shard"; r.kv_shard = 1; want = LA_EINVAL; break;
-        case 4: name = "heads"; r.q.shape[2] = 3; want = LA_EINVAL; break;
-        case 5: name = "Sq > max"; r.q.shape[1] = 129; r.o.shape[1] = 129; want = LA_EINVAL; break;
-        case 6: name = "B > batch"; r.q.shape[0] = 3; want = LA_EINVAL; break;
-        case 7: name = "k head dim"; r.k.shape[3] = 32; want = LA_EINVAL; break;
-        case 8: name = "v keys"; r.v.shape[1] = 149; want = LA_EINVAL; break;
-        case 9: name = "o shape"; r.o.shape[1] = 99; want = LA_EINVAL; break;
-        case 10: name = "lse shape"; r.lse.shape[2] = 99; want = LA_EINVAL; break;
-        case 11: name = "lse dtype"; r.lse.dtype = LA_DTYPE_F16; want = LA_EINVAL; break;
-        case 12: name = "q dtype"; r.q.dtype = LA_DTYPE_BF16; want = LA_EINVAL; break;
-        case 13: name = "offset past buffer"; r.v.offset = p.s.size - 64; want = LA_ERANGE; break;
+        case 0:
+            name = "unknown session";
+            r.session_id = 999;
+            want = LA_ENOENT;
+            break;
+        case 1:
+            name = "another uid's session";
+            r.session_id = sid_other;
+            want = LA_ENOENT;
+            break;
+        case 2:
+            name = "layer";
+            r.layer = 2;
+            want = LA_EINVAL;
+            break;
+        case 3:
+            name = "kv shard";
+            r.kv_shard = 1;
+            want = LA_EINVAL;
+            break;
+        case 4:
+            name = "heads";
+            r.q.shape[2] = 3;
+            want = LA_EINVAL;
+            break;
+        case 5:
+            name = "Sq > max";
+            r.q.shape[1] = 129;
+            r.o.shape[1] = 129;
+            want = LA_EINVAL;
+            break;
+        case 6:
+            name = "B > batch";
+            r.q.shape[0] = 3;
+            want = LA_EINVAL;
+            break;
+        case 7:
+            name = "k head dim";
+            r.k.shape[3] = 32;
+            want = LA_EINVAL;
+            break;
+        case 8:
+            name = "v keys";
+            r.v.shape[1] = 149;
+            want = LA_EINVAL;
+            break;
+        case 9:
+            name = "o shape";
+            r.o.shape[1] = 99;
+            want = LA_EINVAL;
+            break;
+        case 10:
+            name = "lse shape";
+            r.lse.shape[2] = 99;
+            want = LA_EINVAL;
+            break;
+        case 11:
+            name = "lse dtype";
+            r.lse.dtype = LA_DTYPE_F16;
+            want = LA_EINVAL;
+            break;
+        case 12:
+            name = "q dtype";
+            r.q.dtype = LA_DTYPE_BF16;
+            want = LA_EINVAL;
+            break;
+        case 13:
+            name = "offset past buffer";
+            r.v.offset = p.s.size - 64;
+            want = LA_ERANGE;
+            break;
         case 14:
             name = "overflowing strides";
             r.k.has_strides = 1;
@@ -410,11 +486,31 @@ START_TEST(attn_validation) {
             r.q.strides[3] = -1;
             want = LA_EINVAL;
             break;
-        case 16: name = "unknown buffer"; r.k.buffer_id = 12345; want = LA_ENOENT; break;
-        case 17: name = "another conn's buffer"; r.k.buffer_id = other.id; want = LA_ENOENT; break;
-        case 18: name = "o overlaps q"; r.o.offset = p.off[0] + 64; want = LA_EINVAL; break;
-        case 19: name = "lse overlaps o"; r.lse.offset = p.off[3]; want = LA_EINVAL; break;
-        case 20: name = "dry run without decisions"; r.dry_run = 1; want = LA_EINVAL; break;
+        case 16:
+            name = "unknown buffer";
+            r.k.buffer_id = 12345;
+            want = LA_ENOENT;
+            break;
+        case 17:
+            name = "another conn's buffer";
+            r.k.buffer_id = other.id;
+            want = LA_ENOENT;
+            break;
+        case 18:
+            name = "o overlaps q";
+            r.o.offset = p.off[0] + 64;
+            want = LA_EINVAL;
+            break;
+        case 19:
+            name = "lse overlaps o";
+            r.lse.offset = p.off[3];
+            want = LA_EINVAL;
+            break;
+        case 20:
+            name = "dry run without decisions";
+            r.dry_run = 1;
+            want = LA_EINVAL;
+            break;
         case 21:
             name = "decisions dtype";
             r.dry_run = 1, r.has_decisions = 1;
@@ -455,8 +551,7 @@ START_TEST(attn_validation) {
                 h_wait(&h, 1);
             continue;
         }
-        ck_assert_msg(rc == want, "case %d (%s): got %d (%s), want %d", i, name, rc, err.msg,
-                      want);
+        ck_assert_msg(rc == want, "case %d (%s): got %d (%s), want %d", i, name, rc, err.msg, want);
         ck_assert_msg(err.msg[0], "case %d (%s): no message", i, name);
         static const char *const says[][2] = {
             {"reversed range", "must-do range 0 [5, -3) is reversed (end before start)"},
@@ -472,8 +567,7 @@ START_TEST(attn_validation) {
                               err.msg);
         if (want != LA_ENOENT || i >= 16)
             ck_assert_msg(strstr(err.msg, "session") && strstr(err.msg, "'val'"),
-                          "case %d (%s): message does not name the session: %s", i, name,
-                          err.msg);
+                          "case %d (%s): message does not name the session: %s", i, name, err.msg);
     }
     /* no callback ran for any refused call */
     for (int k = 0; k < 20; k++)
@@ -504,15 +598,17 @@ START_TEST(attn_validation) {
     ck_assert_msg(strstr(err.msg, "F_SEAL_SHRINK"), "%s", err.msg);
     uint8_t handle[64] = {0};
     uint64_t rsz;
-    ck_assert_int_eq(eng_buffer_add_cuda_ipc(h.e, UID, CONN, handle, 64, "GPU-x", 4096, &bid,
-                                             &rsz, &err), LA_ENODEV);
+    ck_assert_int_eq(
+        eng_buffer_add_cuda_ipc(h.e, UID, CONN, handle, 64, "GPU-x", 4096, &bid, &rsz, &err),
+        LA_ENODEV);
     shm_drop(&p.s);
     shm_drop(&other);
     h_close(&h);
 }
 END_TEST
 
-START_TEST(buffer_limits) {
+START_TEST(buffer_limits)
+{
     eng_config d;
     eng_config_default(&d);
     eng_limits lim = d.limits;
@@ -540,7 +636,8 @@ END_TEST
 
 /* ---- eviction, TTL, grace ------------------------------------------------------------- */
 
-START_TEST(mask_cap_lru) {
+START_TEST(mask_cap_lru)
+{
     eng_config d;
     eng_config_default(&d);
     eng_limits lim = d.limits;
@@ -589,7 +686,8 @@ START_TEST(mask_cap_lru) {
 }
 END_TEST
 
-START_TEST(grace_and_attach) {
+START_TEST(grace_and_attach)
+{
     eng_config d;
     eng_config_default(&d);
     eng_limits lim = d.limits;
@@ -620,7 +718,8 @@ START_TEST(grace_and_attach) {
 }
 END_TEST
 
-START_TEST(idle_ttl) {
+START_TEST(idle_ttl)
+{
     eng_config d;
     eng_config_default(&d);
     eng_limits lim = d.limits;
@@ -649,7 +748,8 @@ END_TEST
 
 /* ---- numbers: the engine against direct reference calls ---------------------------------- */
 
-static void drift(const prob *p, const double *base, const double *dir, int step, double eps) {
+static void drift(const prob *p, const double *base, const double *dir, int step, double eps)
+{
     int64_t nq = p->B * p->Sq * p->H * p->D, nk = p->B * p->Sk * p->H * p->D;
     int64_t n[3] = {nq, nk, nk};
     const double *bb = base, *dd = dir;
@@ -662,7 +762,8 @@ static void drift(const prob *p, const double *base, const double *dir, int step
     }
 }
 
-static void multi_step(la_dtype dt, int B, int Sq, int Sk, int H, int D) {
+static void multi_step(la_dtype dt, int B, int Sq, int Sk, int H, int D)
+{
     harness h;
     h_open(&h, NULL);
     const int layers = 2, steps = 5;
@@ -714,8 +815,8 @@ static void multi_step(la_dtype dt, int B, int Sq, int Sk, int H, int D) {
 
             la_attn_params d;
             memset(&d, 0, sizeof d);
-            tu_params(&d, prob_ptr(&p, 0), prob_ptr(&p, 1), prob_ptr(&p, 2), o_ref,
-                           lse_ref, mask[l], B, Sq, Sk, H, D, dt, (int32_t)v.bm, (int32_t)v.bn);
+            tu_params(&d, prob_ptr(&p, 0), prob_ptr(&p, 1), prob_ptr(&p, 2), o_ref, lse_ref,
+                      mask[l], B, Sq, Sk, H, D, dt, (int32_t)v.bm, (int32_t)v.bn);
             d.mask_stride[2] = v.n_k_words;
             d.mask_stride[1] = (int64_t)v.n_k_words * v.n_q_tiles;
             d.mask_stride[0] = d.mask_stride[1] * H;
@@ -736,7 +837,8 @@ static void multi_step(la_dtype dt, int B, int Sq, int Sk, int H, int D) {
             uint64_t total = 0;
             eng_error err = {{0}};
             ck_assert_int_eq(eng_mask_read(h.e, UID, sid, (uint32_t)l, 0, 0, got,
-                                           v.layer_mask_bytes, &gl, &total, &err), 0);
+                                           v.layer_mask_bytes, &gl, &total, &err),
+                             0);
             ck_assert_uint_eq(gl, v.layer_mask_bytes);
             ck_assert_msg(memcmp(got, mask[l], v.layer_mask_bytes) == 0,
                           "step %d layer %d: mask differs", step, l);
@@ -782,8 +884,8 @@ static void multi_step(la_dtype dt, int B, int Sq, int Sk, int H, int D) {
         run_ok(&h, &r, &c);
         la_attn_params d;
         memset(&d, 0, sizeof d);
-        tu_params(&d, prob_ptr(&p, 0), prob_ptr(&p, 1), prob_ptr(&p, 2), o_ref, lse_ref,
-                       mask[0], B, Sq, Sk, H, D, dt, (int32_t)v.bm, (int32_t)v.bn);
+        tu_params(&d, prob_ptr(&p, 0), prob_ptr(&p, 1), prob_ptr(&p, 2), o_ref, lse_ref, mask[0], B,
+                  Sq, Sk, H, D, dt, (int32_t)v.bm, (int32_t)v.bn);
         d.mask_stride[2] = v.n_k_words;
         d.mask_stride[1] = (int64_t)v.n_k_words * v.n_q_tiles;
         d.mask_stride[0] = d.mask_stride[1] * H;
@@ -797,8 +899,8 @@ static void multi_step(la_dtype dt, int B, int Sq, int Sk, int H, int D) {
         ck_assert_msg(memcmp(dec, prob_ptr(&p, 5), v.layer_mask_bytes) == 0, "decisions differ");
         size_t gl;
         uint64_t total;
-        ck_assert_int_eq(eng_mask_read(h.e, UID, sid, 0, 0, 0, got, v.layer_mask_bytes, &gl,
-                                       &total, &err), 0);
+        ck_assert_int_eq(
+            eng_mask_read(h.e, UID, sid, 0, 0, 0, got, v.layer_mask_bytes, &gl, &total, &err), 0);
         ck_assert_msg(memcmp(got, mask[0], v.layer_mask_bytes) == 0, "dry run changed the mask");
     }
     /* reset: all ones again */
@@ -825,7 +927,8 @@ START_TEST(multi_step_bf16) { multi_step(LA_DTYPE_BF16, 1, 130, 100, 3, 128); }
 END_TEST
 
 /* Ring attention: each (layer, kv shard) has its own mask; live fraction averages the shards. */
-START_TEST(kv_shards) {
+START_TEST(kv_shards)
+{
     harness h;
     h_open(&h, NULL);
     eng_session_spec sp = spec_make("ring", 2, 2, 64, LA_DTYPE_F32, 256, 512, 1);
@@ -848,8 +951,8 @@ START_TEST(kv_shards) {
     memset(mask, 0xff, v.layer_mask_bytes);
     void *o = malloc(p.bytes[3]);
     la_attn_params d;
-    tu_params(&d, prob_ptr(&p, 0), prob_ptr(&p, 1), prob_ptr(&p, 2), o, NULL, mask, 1, 256,
-                   512, 2, 64, LA_DTYPE_F32, (int32_t)v.bm, (int32_t)v.bn);
+    tu_params(&d, prob_ptr(&p, 0), prob_ptr(&p, 1), prob_ptr(&p, 2), o, NULL, mask, 1, 256, 512, 2,
+              64, LA_DTYPE_F32, (int32_t)v.bm, (int32_t)v.bn);
     d.mode = LA_MODE_SKIP;
     d.tau = INFINITY;
     ck_assert_int_eq(la_ref_attn_fwd(&d), 0);
@@ -858,8 +961,9 @@ START_TEST(kv_shards) {
     uint64_t total;
     for (uint32_t l = 0; l < 2; l++)
         for (uint32_t k = 0; k < 2; k++) {
-            ck_assert_int_eq(eng_mask_read(h.e, UID, sid, l, k, 0, got, v.layer_mask_bytes, &gl,
-                                           &total, &err), 0);
+            ck_assert_int_eq(
+                eng_mask_read(h.e, UID, sid, l, k, 0, got, v.layer_mask_bytes, &gl, &total, &err),
+                0);
             if (l == 1 && k == 1)
                 ck_assert_msg(!memcmp(got, mask, v.layer_mask_bytes), "shard 1 mask differs");
             else
@@ -877,8 +981,7 @@ START_TEST(kv_shards) {
     ck_assert_int_eq(eng_mask_read(h.e, UID, sid, 1, 1, 4, got, 8, &gl, &total, &err), 0);
     ck_assert_uint_eq(gl, 8);
     ck_assert_uint_eq(got[0], mask[1]);
-    ck_assert_int_eq(eng_mask_read(h.e, UID, sid, 1, 1, total - 4, got, 64, &gl, &total, &err),
-                     0);
+    ck_assert_int_eq(eng_mask_read(h.e, UID, sid, 1, 1, total - 4, got, 64, &gl, &total, &err), 0);
     ck_assert_uint_eq(gl, 4);
     free(mask);
     free(got);
@@ -987,7 +1090,8 @@ END_TEST
 /* Calls submitted back to back (steps x layers, nothing awaited in between) give the same
  * outputs and masks as the same calls made one after the other: calls on one layer's mask
  * run in submission order, other layers overtake them. */
-START_TEST(pipelined_steps) {
+START_TEST(pipelined_steps)
+{
     harness h;
     h_open(&h, NULL);
     enum { L = 2, STEPS = 6, B = 1, S = 200, H = 2, D = 64 };
@@ -1030,8 +1134,8 @@ START_TEST(pipelined_steps) {
             int i = st * L + l;
             ck_assert_int_eq(c[i].status, 0);
             la_attn_params d;
-            tu_params(&d, base, base + tb, base + 2 * tb, o, lse, mask, B, S, S, H, D,
-                           LA_DTYPE_F32, (int32_t)v.bm, (int32_t)v.bn);
+            tu_params(&d, base, base + tb, base + 2 * tb, o, lse, mask, B, S, S, H, D, LA_DTYPE_F32,
+                      (int32_t)v.bm, (int32_t)v.bn);
             d.mode = LA_MODE_SKIP;
             d.tau = 0.0f;
             d.step = st;
@@ -1043,8 +1147,9 @@ START_TEST(pipelined_steps) {
         }
         size_t gl;
         uint64_t total;
-        ck_assert_int_eq(eng_mask_read(h.e, UID, sid, (uint32_t)l, 0, 0, got,
-                                       v.layer_mask_bytes, &gl, &total, &err), 0);
+        ck_assert_int_eq(eng_mask_read(h.e, UID, sid, (uint32_t)l, 0, 0, got, v.layer_mask_bytes,
+                                       &gl, &total, &err),
+                         0);
         ck_assert_msg(!memcmp(got, mask, v.layer_mask_bytes), "layer %d: mask differs", l);
     }
     free(mask);
@@ -1058,7 +1163,8 @@ END_TEST
 
 /* ---- teardown with jobs in flight ---------------------------------------------------- */
 
-START_TEST(close_session_in_flight) {
+START_TEST(close_session_in_flight)
+{
     harness h;
     h_open(&h, NULL);
     eng_error err = {{0}};
@@ -1093,7 +1199,8 @@ START_TEST(close_session_in_flight) {
 }
 END_TEST
 
-START_TEST(conn_closed_in_flight) {
+START_TEST(conn_closed_in_flight)
+{
     harness h;
     h_open(&h, NULL);
     eng_error err = {{0}};
@@ -1128,7 +1235,8 @@ START_TEST(conn_closed_in_flight) {
 }
 END_TEST
 
-START_TEST(free_with_jobs_queued) {
+START_TEST(free_with_jobs_queued)
+{
     harness h;
     h_open(&h, NULL);
     eng_error err = {{0}};
@@ -1158,7 +1266,8 @@ START_TEST(free_with_jobs_queued) {
 }
 END_TEST
 
-START_TEST(devices_and_stats) {
+START_TEST(devices_and_stats)
+{
     harness h;
     h_open(&h, NULL);
     eng_device_info dev[4];
@@ -1208,7 +1317,8 @@ END_TEST
 #include <cuda_runtime_api.h>
 #include <sys/wait.h>
 
-static void write_all(int fd, const void *p, size_t n) {
+static void write_all(int fd, const void *p, size_t n)
+{
     const char *c = p;
     while (n) {
         ssize_t k = write(fd, c, n);
@@ -1217,7 +1327,8 @@ static void write_all(int fd, const void *p, size_t n) {
         c += k, n -= (size_t)k;
     }
 }
-static int read_all(int fd, void *p, size_t n) {
+static int read_all(int fd, void *p, size_t n)
+{
     char *c = p;
     while (n) {
         ssize_t k = read(fd, c, n);
@@ -1230,8 +1341,8 @@ static int read_all(int fd, void *p, size_t n) {
 
 enum { G_B = 1, G_S = 300, G_H = 2, G_D = 64, G_STEPS = 3 };
 #define G_N ((size_t)G_B * G_S * G_H * G_D)
-#define G_T (G_N * 2)                   /* one bf16 tensor */
-#define G_L ((size_t)G_B * G_H * G_S * 4) /* lse */
+#define G_T (G_N * 2)                                         /* one bf16 tensor */
+#define G_L ((size_t)G_B * G_H * G_S * 4)                     /* lse */
 #define G_OFF(i) ((size_t)(i) * ((G_T + 255) & ~(size_t)255)) /* q k v o, then lse */
 
 typedef struct g_export {
@@ -1242,7 +1353,8 @@ typedef struct g_export {
 } g_export;
 
 /* The client process: owns the GPU memory, exports it, reads O back after the daemon's event. */
-static void g_exporter(int in, int out) {
+static void g_exporter(int in, int out)
+{
     g_export x;
     memset(&x, 0, sizeof x);
     uint16_t *host = malloc(3 * G_T);
@@ -1253,22 +1365,24 @@ static void g_exporter(int in, int out) {
     cudaEvent_t ev;
     struct cudaDeviceProp prop;
     x.size = G_OFF(4) + G_L;
-    x.ok = cudaSetDevice(0) == cudaSuccess && cudaGetDeviceProperties(&prop, 0) == cudaSuccess &&
-           cudaMalloc(&blk, x.size) == cudaSuccess &&
-           cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking) == cudaSuccess &&
-           cudaMemcpyAsync((char *)blk + G_OFF(0), host, G_T, cudaMemcpyHostToDevice, st) == 0 &&
-           cudaMemcpyAsync((char *)blk + G_OFF(1), host + G_N, G_T, cudaMemcpyHostToDevice, st) == 0 &&
-           cudaMemcpyAsync((char *)blk + G_OFF(2), host + 2 * G_N, G_T, cudaMemcpyHostToDevice, st) == 0 &&
-           cudaEventCreateWithFlags(&ev, cudaEventDisableTiming | cudaEventInterprocess) == 0 &&
-           cudaEventRecord(ev, st) == cudaSuccess &&
-           cudaIpcGetMemHandle((cudaIpcMemHandle_t *)x.mem, blk) == cudaSuccess &&
-           cudaIpcGetEventHandle((cudaIpcEventHandle_t *)x.ev, ev) == cudaSuccess;
+    x.ok =
+        cudaSetDevice(0) == cudaSuccess && cudaGetDeviceProperties(&prop, 0) == cudaSuccess &&
+        cudaMalloc(&blk, x.size) == cudaSuccess &&
+        cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking) == cudaSuccess &&
+        cudaMemcpyAsync((char *)blk + G_OFF(0), host, G_T, cudaMemcpyHostToDevice, st) == 0 &&
+        cudaMemcpyAsync((char *)blk + G_OFF(1), host + G_N, G_T, cudaMemcpyHostToDevice, st) == 0 &&
+        cudaMemcpyAsync((char *)blk + G_OFF(2), host + 2 * G_N, G_T, cudaMemcpyHostToDevice, st) ==
+            0 &&
+        cudaEventCreateWithFlags(&ev, cudaEventDisableTiming | cudaEventInterprocess) == 0 &&
+        cudaEventRecord(ev, st) == cudaSuccess &&
+        cudaIpcGetMemHandle((cudaIpcMemHandle_t *)x.mem, blk) == cudaSuccess &&
+        cudaIpcGetEventHandle((cudaIpcEventHandle_t *)x.ev, ev) == cudaSuccess;
     if (x.ok) {
         const unsigned char *b = (const unsigned char *)prop.uuid.bytes;
         snprintf(x.uuid, sizeof x.uuid,
                  "GPU-%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", b[0],
-                 b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12],
-                 b[13], b[14], b[15]);
+                 b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13],
+                 b[14], b[15]);
     }
     write_all(out, &x, sizeof x);
     if (!x.ok)
@@ -1279,11 +1393,12 @@ static void g_exporter(int in, int out) {
         _exit(2);
     cudaEvent_t dev;
     char *back = malloc(G_T + G_L);
-    int ok = cudaIpcOpenEventHandle(&dev, *(cudaIpcEventHandle_t *)done) == cudaSuccess &&
-             cudaStreamWaitEvent(st, dev, 0) == cudaSuccess &&
-             cudaMemcpyAsync(back, (char *)blk + G_OFF(3), G_T, cudaMemcpyDeviceToHost, st) == 0 &&
-             cudaMemcpyAsync(back + G_T, (char *)blk + G_OFF(4), G_L, cudaMemcpyDeviceToHost, st) == 0 &&
-             cudaStreamSynchronize(st) == cudaSuccess;
+    int ok =
+        cudaIpcOpenEventHandle(&dev, *(cudaIpcEventHandle_t *)done) == cudaSuccess &&
+        cudaStreamWaitEvent(st, dev, 0) == cudaSuccess &&
+        cudaMemcpyAsync(back, (char *)blk + G_OFF(3), G_T, cudaMemcpyDeviceToHost, st) == 0 &&
+        cudaMemcpyAsync(back + G_T, (char *)blk + G_OFF(4), G_L, cudaMemcpyDeviceToHost, st) == 0 &&
+        cudaStreamSynchronize(st) == cudaSuccess;
     write_all(out, &ok, sizeof ok);
     write_all(out, back, G_T + G_L);
     /* Free only after the daemon side closed its import. */
@@ -1294,7 +1409,8 @@ static void g_exporter(int in, int out) {
 }
 #endif
 
-START_TEST(gpu_ipc_end_to_end) {
+START_TEST(gpu_ipc_end_to_end)
+{
 #ifndef LA_HAVE_CUDA
     ck_abort_msg("built without CUDA: this case cannot run on a GPU machine (build with nvcc)");
 #else
@@ -1338,8 +1454,9 @@ START_TEST(gpu_ipc_end_to_end) {
     ck_assert_msg(rc == 0, "IPC import: %d %s", rc, err.msg);
     ck_assert_uint_ge(real, x.size);
     uint64_t bad;
-    ck_assert_int_eq(eng_buffer_add_cuda_ipc(h.e, UID, CONN, x.mem, 64, x.uuid, real + 1, &bad,
-                                             &real, &err), LA_ERANGE);
+    ck_assert_int_eq(
+        eng_buffer_add_cuda_ipc(h.e, UID, CONN, x.mem, 64, x.uuid, real + 1, &bad, &real, &err),
+        LA_ERANGE);
 
     eng_session_spec sp = spec_make("gpu", 1, G_H, G_D, LA_DTYPE_BF16, G_S, G_S, G_B);
     sp.device = x.uuid;
@@ -1376,8 +1493,8 @@ START_TEST(gpu_ipc_end_to_end) {
         ck_assert_msg(c[st].status == 0, "step %d: status %d", st, c[st].status);
         ck_assert_int_eq(c[st].res.has_done_event, 1);
         la_attn_params d;
-        tu_params(&d, host, host + G_N, host + 2 * G_N, o_ref, lse_ref, mask, G_B, G_S, G_S,
-                       G_H, G_D, LA_DTYPE_BF16, (int32_t)v.bm, (int32_t)v.bn);
+        tu_params(&d, host, host + G_N, host + 2 * G_N, o_ref, lse_ref, mask, G_B, G_S, G_S, G_H,
+                  G_D, LA_DTYPE_BF16, (int32_t)v.bm, (int32_t)v.bn);
         d.mode = LA_MODE_SKIP;
         d.tau = -2.0f;
         d.step = st;
@@ -1389,8 +1506,8 @@ START_TEST(gpu_ipc_end_to_end) {
     /* The mask copy on the host is refreshed by the worker after each call. */
     size_t gl;
     uint64_t total;
-    ck_assert_int_eq(eng_mask_read(h.e, UID, sid, 0, 0, 0, got, v.layer_mask_bytes, &gl, &total,
-                                   &err), 0);
+    ck_assert_int_eq(
+        eng_mask_read(h.e, UID, sid, 0, 0, 0, got, v.layer_mask_bytes, &gl, &total, &err), 0);
     int diff = 0;
     for (size_t i = 0; i < v.layer_mask_bytes / 4; i++)
         diff += __builtin_popcount(got[i] ^ mask[i]);
@@ -1431,7 +1548,8 @@ START_TEST(gpu_ipc_end_to_end) {
 }
 END_TEST
 
-int main(void) {
+int main(void)
+{
     tu_seed();
     Suite *s = suite_create("engine");
     TCase *tc = tcase_create("sessions");

@@ -59,10 +59,10 @@ static shared *shared_new(void)
     return s;
 }
 
-#define SFAIL(sh, ...)                                                                        \
-    do {                                                                                      \
-        if (__sync_fetch_and_add(&(sh)->failures, 1) == 0)                                    \
-            snprintf((sh)->first_failure, sizeof (sh)->first_failure, __VA_ARGS__);           \
+#define SFAIL(sh, ...)                                                             \
+    do {                                                                           \
+        if (__sync_fetch_and_add(&(sh)->failures, 1) == 0)                         \
+            snprintf((sh)->first_failure, sizeof(sh)->first_failure, __VA_ARGS__); \
     } while (0)
 
 /* A client's session, buffer and call description, [1, S, 2, 64] f32 q/k/v/o. */
@@ -281,7 +281,8 @@ START_TEST(test_sigterm_under_load)
         ck_assert_int_eq(waitpid(pids[i], &cst, 0), pids[i]);
     }
     printf("sigterm under load: %ld calls done before SIGTERM, %ld in all, %ld answered with "
-           "LA_ESHUTDOWN/LA_ECLOSED\n", before, sh->ok_calls, sh->failed_calls);
+           "LA_ESHUTDOWN/LA_ECLOSED\n",
+           before, sh->ok_calls, sh->failed_calls);
     ck_assert_msg(sh->failures == 0, "%d failures, first: %s", sh->failures, sh->first_failure);
     ck_assert_int_gt(before, 0);
     ck_assert_int_eq(st, 0);
@@ -348,8 +349,8 @@ static void survivor(const char *sock, int idx, shared *sh)
                 double live = 0;
                 uint64_t calls = 1;
                 if (la_session_info(j.s, &live, 1, &calls) != 0 || live != 1.0 || calls != 0)
-                    SFAIL(sh, "survivor %d: reopened session not fresh (live %g, calls %llu)",
-                          idx, live, (unsigned long long)calls);
+                    SFAIL(sh, "survivor %d: reopened session not fresh (live %g, calls %llu)", idx,
+                          live, (unsigned long long)calls);
             }
         }
         int rc = la_attn_run(j.s, j.a, NULL);
@@ -409,8 +410,8 @@ START_TEST(test_kill_and_restart)
     for (int i = 0; i < N; i++)
         waitpid(pids[i], NULL, 0);
     printf("kill and restart: %ld calls before the kill, %ld in all, %ld failed with "
-           "LA_ECLOSED/LA_ECONN, %ld clients reconnected\n", before, sh->ok_calls,
-           sh->failed_calls, sh->reconnects);
+           "LA_ECLOSED/LA_ECONN, %ld clients reconnected\n",
+           before, sh->ok_calls, sh->failed_calls, sh->reconnects);
     kill(dpid, SIGTERM);
     int st;
     waitpid(dpid, &st, 0);
@@ -432,8 +433,16 @@ END_TEST
 START_TEST(test_limits_and_bad_shm)
 {
     td_daemon d;
-    const char *args[] = {"--max-sessions", "3", "--max-mask-bytes", "64K", "--max-buffers",
-                          "2", "--max-buffer-bytes", "1M", "--max-connections-per-user", "3",
+    const char *args[] = {"--max-sessions",
+                          "3",
+                          "--max-mask-bytes",
+                          "64K",
+                          "--max-buffers",
+                          "2",
+                          "--max-buffer-bytes",
+                          "1M",
+                          "--max-connections-per-user",
+                          "3",
                           NULL};
     ck_assert_int_eq(td_start(&d, args), 0);
     int fd = raw_connect(d.socket);

@@ -40,24 +40,24 @@ int main(void) { return 0; }
 #define STEPS 6
 
 /* A client process reports failure by message and exit status 1. */
-#define CHILD_FAIL(...)                                                                       \
-    do {                                                                                       \
-        fprintf(stderr, "client %d: ", who);                                                   \
-        fprintf(stderr, __VA_ARGS__);                                                          \
-        fprintf(stderr, "\n");                                                                 \
-        _exit(1);                                                                              \
+#define CHILD_FAIL(...)                      \
+    do {                                     \
+        fprintf(stderr, "client %d: ", who); \
+        fprintf(stderr, __VA_ARGS__);        \
+        fprintf(stderr, "\n");               \
+        _exit(1);                            \
     } while (0)
-#define CUDA_CHECK(call)                                                                       \
-    do {                                                                                       \
-        cudaError_t e_ = (call);                                                               \
-        if (e_ != cudaSuccess)                                                                 \
-            CHILD_FAIL("%s: %s", #call, cudaGetErrorString(e_));                               \
+#define CUDA_CHECK(call)                                         \
+    do {                                                         \
+        cudaError_t e_ = (call);                                 \
+        if (e_ != cudaSuccess)                                   \
+            CHILD_FAIL("%s: %s", #call, cudaGetErrorString(e_)); \
     } while (0)
-#define LA_CHECK(call)                                                                         \
-    do {                                                                                       \
-        int r_ = (call);                                                                       \
-        if (r_ != 0)                                                                           \
-            CHILD_FAIL("%s: %s (%s)", #call, la_err_name(r_), la_last_error_message());        \
+#define LA_CHECK(call)                                                                  \
+    do {                                                                                \
+        int r_ = (call);                                                                \
+        if (r_ != 0)                                                                    \
+            CHILD_FAIL("%s: %s (%s)", #call, la_err_name(r_), la_last_error_message()); \
     } while (0)
 
 static size_t align_up(size_t n) { return (n + 255) & ~(size_t)255; }
@@ -89,8 +89,7 @@ static void run_client(const char *sock, int who, int32_t B, int32_t Sq, int32_t
     LA_CHECK(la_session_get(s, "layer_mask_bytes", &layer_bytes));
 
     /* Host problem with the session's tiles; its mask is the direct path's mask (host copy). */
-    tu_problem *t = tu_problem_new(&rng, B, Sq, Sk, H, D, dt, (int32_t)bm,
-                                             (int32_t)bn, 2.0);
+    tu_problem *t = tu_problem_new(&rng, B, Sq, Sk, H, D, dt, (int32_t)bm, (int32_t)bn, 2.0);
     if ((int64_t)(t->mask_words * 4) != layer_bytes)
         CHILD_FAIL("session layer mask %lld bytes, expected %zu", (long long)layer_bytes,
                    t->mask_words * 4);
@@ -102,7 +101,7 @@ static void run_client(const char *sock, int who, int32_t B, int32_t Sq, int32_t
            total = off_lse + align_up(nlse);
 
     CUDA_CHECK(cudaSetDevice(0));
-    uint8_t *blk, *direct;   /* daemon's block (q, k, v, o, lse); direct o, lse, mask */
+    uint8_t *blk, *direct; /* daemon's block (q, k, v, o, lse); direct o, lse, mask */
     CUDA_CHECK(cudaMalloc((void **)&blk, total));
     CUDA_CHECK(cudaMalloc((void **)&direct, align_up(nq) + align_up(nlse) + t->mask_words * 4));
     uint8_t *d_o = direct, *d_lse = direct + align_up(nq), *d_mask = d_lse + align_up(nlse);
@@ -112,8 +111,7 @@ static void run_client(const char *sock, int who, int32_t B, int32_t Sq, int32_t
     uint64_t base_off = 1;
     LA_CHECK(la_buffer_register_cuda(c, blk + off_k, &buf, &base_off));
     if (base_off != off_k)
-        CHILD_FAIL("register_cuda: offset %llu, expected %zu", (unsigned long long)base_off,
-                   off_k);
+        CHILD_FAIL("register_cuda: offset %llu, expected %zu", (unsigned long long)base_off, off_k);
 
     cudaStream_t st;
     cudaEvent_t ready;

@@ -69,10 +69,10 @@ static double now_us(void)
     return (double)ts.tv_sec * 1e6 + (double)ts.tv_nsec / 1e3;
 }
 
-#define FAIL(res, ...)                                                                        \
-    do {                                                                                      \
-        if ((res)->failures++ == 0)                                                           \
-            snprintf((res)->first_failure, sizeof (res)->first_failure, __VA_ARGS__);         \
+#define FAIL(res, ...)                                                               \
+    do {                                                                             \
+        if ((res)->failures++ == 0)                                                  \
+            snprintf((res)->first_failure, sizeof(res)->first_failure, __VA_ARGS__); \
     } while (0)
 
 static void set_qkvo(la_attn *a, la_buffer *b, la_dtype dt, int64_t heads, uint64_t o_off)
@@ -89,8 +89,8 @@ static int compare_ref(const char *base, double *ret_err)
 {
     static float o_ref[B_ * S_ * H_ * D_];
     la_attn_params p;
-    tu_params(&p, base, base + TBYTES, base + 2 * TBYTES, o_ref, NULL, NULL, B_, S_, S_,
-                   H_, D_, LA_DTYPE_F32, 64, 64);
+    tu_params(&p, base, base + TBYTES, base + 2 * TBYTES, o_ref, NULL, NULL, B_, S_, S_, H_, D_,
+              LA_DTYPE_F32, 64, 64);
     p.mode = LA_MODE_DENSE;
     if (la_ref_attn_fwd(&p) != 0)
         return -1;
@@ -346,15 +346,14 @@ START_TEST(test_load_mixed)
     const char *args[] = {"--max-connections-per-user", "256", "--log-level", "warn", NULL};
     ck_assert_int_eq(td_start(&d, args), 0);
 
-    client_result *res = mmap(NULL, sizeof(client_result) * (size_t)(n + 1),
-                              PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    client_result *res = mmap(NULL, sizeof(client_result) * (size_t)(n + 1), PROT_READ | PROT_WRITE,
+                              MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     ck_assert_ptr_ne(res, MAP_FAILED);
 
     /* Warm-up: one client runs the same mix, so that the baseline includes what the first
      * requests allocate for good (loop structures, arenas of the worker threads). */
     run_clients(d.socket, 1, 40, &res[n]);
-    ck_assert_msg(res[n].done && res[n].failures == 0, "warm-up client: %s",
-                  res[n].first_failure);
+    ck_assert_msg(res[n].done && res[n].failures == 0, "warm-up client: %s", res[n].first_failure);
     usleep(200000);
     int fd0 = proc_fd_count(d.pid);
     long rss0 = proc_rss_kib(d.pid);
@@ -368,8 +367,8 @@ START_TEST(test_load_mixed)
     float *lat = malloc(sizeof(float) * NLAT * (size_t)n);
     for (int i = 0; i < n; i++) {
         ck_assert_msg(res[i].done, "client %d did not finish: %s", i, res[i].first_failure);
-        ck_assert_msg(res[i].failures == 0, "client %d: %d failures, first: %s", i,
-                      res[i].failures, res[i].first_failure);
+        ck_assert_msg(res[i].failures == 0, "client %d: %d failures, first: %s", i, res[i].failures,
+                      res[i].first_failure);
         valid += res[i].valid, invalid += res[i].invalid, pings += res[i].pings;
         infos += res[i].infos, compared += res[i].compared;
         lat_sum += res[i].lat_sum_us;
@@ -383,8 +382,8 @@ START_TEST(test_load_mixed)
     printf("load: %d clients x %d requests: %ld requests in %.2f s = %.0f requests/s "
            "(%ld attention calls = %.0f/s, %ld compared with the reference, %ld invalid, "
            "%ld pings, %ld infos); attention latency p50 %.2f ms, p99 %.2f ms, max %.2f ms\n",
-           n, requests, total, wall, total / wall, valid, valid / wall, compared, invalid,
-           pings, infos, total_lat_n ? lat[total_lat_n / 2] / 1e3 : 0,
+           n, requests, total, wall, total / wall, valid, valid / wall, compared, invalid, pings,
+           infos, total_lat_n ? lat[total_lat_n / 2] / 1e3 : 0,
            total_lat_n ? lat[(size_t)(total_lat_n * 0.99)] / 1e3 : 0, lat_max / 1e3);
     free(lat);
 

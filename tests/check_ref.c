@@ -55,11 +55,11 @@ static double dot64(const la_attn_params *p, int b, int h, int i, int j, double 
     double s = 0, a = 0;
     for (int d = 0; d < p->D; d++) {
         double x = tu_get(p->q, p->dtype,
-                         b * p->q_stride[0] + i * p->q_stride[1] + h * p->q_stride[2] +
-                             d * p->q_stride[3]) *
-             tu_get(p->k, p->dtype,
-                         b * p->k_stride[0] + j * p->k_stride[1] + h * p->k_stride[2] +
-                             d * p->k_stride[3]);
+                          b * p->q_stride[0] + i * p->q_stride[1] + h * p->q_stride[2] +
+                              d * p->q_stride[3]) *
+                   tu_get(p->k, p->dtype,
+                          b * p->k_stride[0] + j * p->k_stride[1] + h * p->k_stride[2] +
+                              d * p->k_stride[3]);
         s += x;
         a += fabs(x);
     }
@@ -171,8 +171,8 @@ static int check_mask(const la_attn_params *p, const expect *e, const uint32_t *
                 for (int n = 0; n < nk; n++) {
                     int got = getbit(r, n), ob = getbit(o, n);
                     if (!e->visit[base + n]) {
-                        ck_assert_msg(got == ob, "b%d h%d m%d n%d: unvisited bit %d, was %d", b,
-                                      h, m, n, got, ob);
+                        ck_assert_msg(got == ob, "b%d h%d m%d n%d: unvisited bit %d, was %d", b, h,
+                                      m, n, got, ob);
                         continue;
                     }
                     int lo = e->keep_lo[base + n], hi = e->keep_hi[base + n];
@@ -187,8 +187,8 @@ static int check_mask(const la_attn_params *p, const expect *e, const uint32_t *
                         differ += got != ex;
                         continue;
                     }
-                    ck_assert_msg(got == lo, "b%d h%d m%d n%d: bit %d, expected %d (mode %d)",
-                                  b, h, m, n, got, lo, p->mode);
+                    ck_assert_msg(got == lo, "b%d h%d m%d n%d: bit %d, expected %d (mode %d)", b, h,
+                                  m, n, got, lo, p->mode);
                 }
                 if (nk % 32)
                     ck_assert_msg((r[words - 1] >> (nk % 32)) == 0, "bits past nK set: %08x",
@@ -201,8 +201,9 @@ static int check_mask(const la_attn_params *p, const expect *e, const uint32_t *
                   "%d of %d tie tiles decided unlike float64 (%lld visited)", differ, ties,
                   (long long)e->n_visit);
     if (differ > 0)
-        fprintf(stderr, "note: %d tile decision(s) differ from float64 within fp32 rounding of tau"
-                        " (%d in the window, %lld visited)\n",
+        fprintf(stderr,
+                "note: %d tile decision(s) differ from float64 within fp32 rounding of tau"
+                " (%d in the window, %lld visited)\n",
                 differ, ties, (long long)e->n_visit);
     return ties;
 }
@@ -223,8 +224,7 @@ static void check_output(const la_attn_params *p, const expect *e, double tol)
             for (int h = 0; h < p->H; h++)
                 for (int i = 0; i < p->Sq; i++)
                     gl[((size_t)b * p->H + h) * p->Sq + i] =
-                        p->lse[b * p->lse_stride[0] + h * p->lse_stride[1] +
-                               i * p->lse_stride[2]];
+                        p->lse[b * p->lse_stride[0] + h * p->lse_stride[1] + i * p->lse_stride[2]];
         /* LSE is a log: compare absolute differences, relative to 1 + |lse| */
         for (size_t i = 0; i < nl; i++) {
             if (rl[i] == -INFINITY) {
@@ -241,8 +241,8 @@ static void check_output(const la_attn_params *p, const expect *e, double tol)
     free(gl);
 }
 
-static tu_problem *mk(uint64_t salt, int B, int Sq, int Sk, int H, int D, la_dtype dt,
-                           int BM, int BN, double amp)
+static tu_problem *mk(uint64_t salt, int B, int Sq, int Sk, int H, int D, la_dtype dt, int BM,
+                      int BN, double amp)
 {
     tu_rng r;
     tu_rng_init(&r, salt);
@@ -466,13 +466,13 @@ END_TEST
 START_TEST(shapes_partial_tiles)
 {
     static const int shp[][6] = {/* B, Sq, Sk, H, BM, BN */
-                                 {1, 1, 1, 1, 16, 16},   {3, 33, 65, 2, 16, 32},
-                                 {2, 64, 31, 3, 64, 7},  {1, 100, 300, 1, 128, 176},
-                                 {2, 129, 17, 2, 1, 1},  {1, 5, 257, 4, 3, 64}};
+                                 {1, 1, 1, 1, 16, 16},  {3, 33, 65, 2, 16, 32},
+                                 {2, 64, 31, 3, 64, 7}, {1, 100, 300, 1, 128, 176},
+                                 {2, 129, 17, 2, 1, 1}, {1, 5, 257, 4, 3, 64}};
     for (int i = 0; i < 6; i++) {
         const int *s = shp[i];
-        tu_problem *t = mk(30 + (uint64_t)i, s[0], s[1], s[2], s[3], 64, LA_DTYPE_F32,
-                                s[4], s[5], 1.5);
+        tu_problem *t =
+            mk(30 + (uint64_t)i, s[0], s[1], s[2], s[3], 64, LA_DTYPE_F32, s[4], s[5], 1.5);
         t->p.mode = LA_MODE_SKIP;
         t->p.tau = -6.0f;
         t->p.threads = 1 + i % 3;
@@ -697,7 +697,8 @@ END_TEST
 
 START_TEST(must_skip_partial_and_full)
 {
-    la_range ms[] = {{0, 8}, {32, 48}, {96, 100}}; /* half of tile 0, all of 2, all of 6 (partial) */
+    la_range ms[] = {
+        {0, 8}, {32, 48}, {96, 100}}; /* half of tile 0, all of 2, all of 6 (partial) */
     uint32_t w_md = 0, w_so = (1u << 2) | (1u << 6);
     ranges_case(NULL, 0, ms, 3, &w_md, &w_so);
 }
@@ -975,14 +976,14 @@ START_TEST(testutil_conversions)
         if (!isnan(g))
             ck_assert_uint_eq(tu_f32_to_bf16(g), h);
     }
-    ck_assert_uint_eq(tu_f32_to_bf16(1.0f + 0x1p-8f), 0x3f80u);             /* tie, to even */
-    ck_assert_uint_eq(tu_f32_to_bf16(1.0f + 0x1p-8f + 0x1p-20f), 0x3f81u);  /* above the tie */
-    ck_assert_uint_eq(tu_f32_to_bf16(1.0f + 3 * 0x1p-8f), 0x3f82u);         /* tie, to even */
+    ck_assert_uint_eq(tu_f32_to_bf16(1.0f + 0x1p-8f), 0x3f80u);            /* tie, to even */
+    ck_assert_uint_eq(tu_f32_to_bf16(1.0f + 0x1p-8f + 0x1p-20f), 0x3f81u); /* above the tie */
+    ck_assert_uint_eq(tu_f32_to_bf16(1.0f + 3 * 0x1p-8f), 0x3f82u);        /* tie, to even */
     ck_assert_uint_eq(tu_f32_to_f16(1.0f + 0x1p-11f), 0x3c00u);
     ck_assert_uint_eq(tu_f32_to_f16(65520.0f), 0x7c00u);
     ck_assert_uint_eq(tu_f32_to_f16(65519.0f), 0x7bffu);
-    ck_assert_uint_eq(tu_f32_to_f16(0x1p-25f), 0x0000u);                     /* tie to 0 */
-    ck_assert_uint_eq(tu_f32_to_f16(0x1.8p-24f), 0x0002u);                   /* tie to even 2 */
+    ck_assert_uint_eq(tu_f32_to_f16(0x1p-25f), 0x0000u);   /* tie to 0 */
+    ck_assert_uint_eq(tu_f32_to_f16(0x1.8p-24f), 0x0002u); /* tie to even 2 */
 }
 END_TEST
 
@@ -1096,8 +1097,8 @@ static err_fixture *err_new(void)
     err_fixture *f = calloc(1, sizeof *f);
     ck_assert(f != NULL);
     /* B1 Sq 64 Sk 64 H1 D64 f32, BM 16 BN 16: nQ 4, 1 word per row */
-    tu_params(&f->p, f->q, f->k, f->v, f->o, f->lse, f->mask, 1, 64, 64, 1, 64,
-                   LA_DTYPE_F32, 16, 16);
+    tu_params(&f->p, f->q, f->k, f->v, f->o, f->lse, f->mask, 1, 64, 64, 1, 64, LA_DTYPE_F32, 16,
+              16);
     f->p.mode = LA_MODE_SKIP;
     for (int i = 0; i < 16; i++)
         f->mask[i] = 0xf;
@@ -1123,16 +1124,16 @@ static void expect_err(err_fixture *f, int code)
     f->p.ret_tiles_computed = NULL;
 }
 
-#define ERR_CASE(name, code, ...)                                                              \
-    START_TEST(name)                                                                           \
-    {                                                                                          \
-        err_fixture *f = err_new();                                                            \
-        la_attn_params *p = &f->p;                                                             \
-        (void)p;                                                                               \
-        __VA_ARGS__;                                                                           \
-        expect_err(f, code);                                                                   \
-        free(f);                                                                               \
-    }                                                                                          \
+#define ERR_CASE(name, code, ...)   \
+    START_TEST(name)                \
+    {                               \
+        err_fixture *f = err_new(); \
+        la_attn_params *p = &f->p;  \
+        (void)p;                    \
+        __VA_ARGS__;                \
+        expect_err(f, code);        \
+        free(f);                    \
+    }                               \
     END_TEST
 
 ERR_CASE(err_zero_b, LA_EINVAL, p->B = 0)
@@ -1169,8 +1170,7 @@ ERR_CASE(err_o_stride_zero, LA_EINVAL, p->o_stride[1] = 0) /* rows write one pla
 ERR_CASE(err_o_rows_overlap, LA_EINVAL, p->o_stride[1] = 32)
 ERR_CASE(err_mask_rows_overlap, LA_EINVAL, p->mask_stride[2] = 0)
 ERR_CASE(err_too_many_must_do, LA_EINVAL, p->must_do = f->r; p->n_must_do = LA_MAX_RANGES + 1)
-ERR_CASE(err_too_many_must_skip, LA_EINVAL, p->must_skip = f->r;
-         p->n_must_skip = LA_MAX_RANGES + 1)
+ERR_CASE(err_too_many_must_skip, LA_EINVAL, p->must_skip = f->r; p->n_must_skip = LA_MAX_RANGES + 1)
 ERR_CASE(err_negative_ranges, LA_EINVAL, p->must_do = f->r; p->n_must_do = -1)
 ERR_CASE(err_null_ranges, LA_EINVAL, p->n_must_skip = 2)
 ERR_CASE(err_scale_zero, LA_EINVAL, p->scale = 0.0f)

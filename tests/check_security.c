@@ -38,10 +38,10 @@ typedef struct shared {
     char msg[512];
 } shared;
 
-#define CHECK(sh, cond, ...)                                                                  \
-    do {                                                                                      \
-        if (!(cond) && (sh)->failures++ == 0)                                                 \
-            snprintf((sh)->msg, sizeof (sh)->msg, __VA_ARGS__);                               \
+#define CHECK(sh, cond, ...)                                   \
+    do {                                                       \
+        if (!(cond) && (sh)->failures++ == 0)                  \
+            snprintf((sh)->msg, sizeof(sh)->msg, __VA_ARGS__); \
     } while (0)
 
 static int not_root(void)
@@ -49,7 +49,8 @@ static int not_root(void)
     if (geteuid() == 0)
         return 0;
     printf("check_security: not root (euid %d): the cases need to switch uids; passing with "
-           "nothing checked\n", (int)geteuid());
+           "nothing checked\n",
+           (int)geteuid());
     return 1;
 }
 
@@ -146,8 +147,9 @@ static void user_a(const char *sock, shared *sh)
         _exit(2);
     /* B has tried everything: the session and buffer are intact and usable. */
     CHECK(sh, raw_rc(fd, &x.req) == 0, "A: call on its own session after B failed");
-    CHECK(sh, raw_session_ref(fd, LITEATTN__REQUEST__BODY_SESSION_INFO,
-                              (uint64_t)sh->a_session) == 0, "A: info after B");
+    CHECK(sh,
+          raw_session_ref(fd, LITEATTN__REQUEST__BODY_SESSION_INFO, (uint64_t)sh->a_session) == 0,
+          "A: info after B");
     CHECK(sh, raw_list_count(fd) == 1, "A: list after B");
     close(fd);
 }
@@ -160,8 +162,8 @@ static void user_b(const char *sock, shared *sh)
         _exit(1);
     uint64_t sid = (uint64_t)sh->a_session;
     int rc;
-#define DENIED(expr, what)                                                                    \
-    rc = (expr);                                                                              \
+#define DENIED(expr, what) \
+    rc = (expr);           \
     CHECK(sh, rc == LA_ENOENT, "B: %s: got %s, want LA_ENOENT", what, la_err_name(rc))
     DENIED(raw_attach(fd, "secret"), "attach to A's session");
     DENIED(raw_mask_read(fd, sid), "mask read of A's session");
@@ -279,8 +281,15 @@ START_TEST(test_per_user_limits)
     if (not_root())
         return;
     td_daemon d;
-    const char *args[] = {"--socket-mode", "0666", "--max-sessions", "2",
-                          "--max-connections-per-user", "3", "--max-mask-bytes", "64K", NULL};
+    const char *args[] = {"--socket-mode",
+                          "0666",
+                          "--max-sessions",
+                          "2",
+                          "--max-connections-per-user",
+                          "3",
+                          "--max-mask-bytes",
+                          "64K",
+                          NULL};
     ck_assert_int_eq(td_start(&d, args), 0);
     shared *sh = shared_new();
     ck_assert_int_eq(pipe(a_ctl), 0);

@@ -33,14 +33,14 @@
 
 typedef struct drun {
     char dir[64];
-    char sock[128];    /* the listening socket (ours under activation, the daemon's otherwise) */
-    char notify[128];  /* NOTIFY_SOCKET */
-    char log[128];     /* the daemon's stderr */
-    char conf[128];    /* an empty config file, so that /etc/liteattn/liteattnd.conf is ignored */
+    char sock[128];   /* the listening socket (ours under activation, the daemon's otherwise) */
+    char notify[128]; /* NOTIFY_SOCKET */
+    char log[128];    /* the daemon's stderr */
+    char conf[128];   /* an empty config file, so that /etc/liteattn/liteattnd.conf is ignored */
     int notify_fd;
     pid_t pid;
     int exited, status;
-    char msgs[65536];  /* every notification line received so far, each ending in '\n' */
+    char msgs[65536]; /* every notification line received so far, each ending in '\n' */
     size_t msgs_len;
 } drun;
 
@@ -146,9 +146,9 @@ static void drun_start(drun *r, int listen_fd, const char *watchdog_usec)
         }
         setenv("NOTIFY_SOCKET", r->notify, 1);
         const char *path = daemon_path();
-        execl(path, "liteattnd", "--foreground", "--backend", "cpu", "--threads", "1",
-              "--config", r->conf, "--socket", listen_fd >= 0 ? unused : r->sock,
-              "--log-level", "debug", (char *)NULL);
+        execl(path, "liteattnd", "--foreground", "--backend", "cpu", "--threads", "1", "--config",
+              r->conf, "--socket", listen_fd >= 0 ? unused : r->sock, "--log-level", "debug",
+              (char *)NULL);
         _exit(127);
     }
     r->pid = pid;
@@ -271,8 +271,9 @@ static void drun_free(drun *r)
     if (r->notify_fd >= 0)
         close(r->notify_fd);
     char path[160];
-    const char *names[] = {"liteattn.sock", "liteattn.sock.lock", "unused.sock",
-                           "unused.sock.lock", "notify", "daemon.log", "liteattnd.conf"};
+    const char *names[] = {
+        "liteattn.sock", "liteattn.sock.lock", "unused.sock",   "unused.sock.lock",
+        "notify",        "daemon.log",         "liteattnd.conf"};
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
         snprintf(path, sizeof path, "%s/%s", r->dir, names[i]);
         unlink(path);
@@ -356,7 +357,8 @@ START_TEST(test_sample_config)
     drun r;
     drun_init(&r);
     char cmd[512];
-    snprintf(cmd, sizeof cmd, "sed 's/^#\\([a-z_]* = \\)/\\1/' packaging/liteattnd.conf > %s", r.conf);
+    snprintf(cmd, sizeof cmd, "sed 's/^#\\([a-z_]* = \\)/\\1/' packaging/liteattnd.conf > %s",
+             r.conf);
     ck_assert_int_eq(system(cmd), 0);
     snprintf(cmd, sizeof cmd, "grep -c '^[a-z]' %s >/dev/null", r.conf);
     ck_assert_msg(system(cmd) == 0, "no settings in packaging/liteattnd.conf");
@@ -447,8 +449,8 @@ START_TEST(test_units_verify)
         return;
     }
     for (size_t i = 0; i < 2; i++)
-        ck_assert_msg(access(units[i], R_OK) == 0, "%s: %s (run from the source root)",
-                      units[i], strerror(errno));
+        ck_assert_msg(access(units[i], R_OK) == 0, "%s: %s (run from the source root)", units[i],
+                      strerror(errno));
     char dir[] = "/tmp/la-check-units-XXXXXX";
     ck_assert(mkdtemp(dir) != NULL);
     char exe[1024];

@@ -116,8 +116,8 @@ int raw_eof(int sock, int timeout_ms)
     clock_gettime(CLOCK_MONOTONIC, &t0);
     for (;;) {
         clock_gettime(CLOCK_MONOTONIC, &t1);
-        int left = timeout_ms - (int)((t1.tv_sec - t0.tv_sec) * 1000 +
-                                      (t1.tv_nsec - t0.tv_nsec) / 1000000);
+        int left = timeout_ms -
+                   (int)((t1.tv_sec - t0.tv_sec) * 1000 + (t1.tv_nsec - t0.tv_nsec) / 1000000);
         struct pollfd p = {.fd = sock, .events = POLLIN};
         if (left <= 0 || poll(&p, 1, left) <= 0)
             return 0;
@@ -135,10 +135,7 @@ Liteattn__Reply *raw_call_fd(int sock, Liteattn__Request *req, int fd)
     return raw_recv(sock, 20000);
 }
 
-Liteattn__Reply *raw_call(int sock, Liteattn__Request *req)
-{
-    return raw_call_fd(sock, req, -1);
-}
+Liteattn__Reply *raw_call(int sock, Liteattn__Request *req) { return raw_call_fd(sock, req, -1); }
 
 int raw_code(const Liteattn__Reply *r)
 {
@@ -212,8 +209,7 @@ int64_t raw_register(int sock, int fd, uint64_t size)
 }
 
 /* Opens a session (f32, H heads, D 64, max seq S). Returns its id (> 0) or the error code. */
-int64_t raw_session_open(int sock, const char *key, uint32_t layers, uint32_t heads,
-                                uint32_t seq)
+int64_t raw_session_open(int sock, const char *key, uint32_t layers, uint32_t heads, uint32_t seq)
 {
     Liteattn__SessionOpen so = LITEATTN__SESSION_OPEN__INIT;
     so.key = (char *)key;
@@ -350,4 +346,3 @@ long proc_rss_kib(pid_t pid)
     fclose(f);
     return kib;
 }
-

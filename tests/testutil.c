@@ -93,7 +93,7 @@ uint16_t tu_f32_to_bf16(float f)
      * grid is 2^-133. */
     int q = e - 8 < -133 ? -133 : e - 8;
     double r = nearbyint(ldexp(fabs((double)f), -q)); /* default mode: ties to even */
-    float g = (float)ldexp(r, q);                      /* exact or overflows to inf */
+    float g = (float)ldexp(r, q);                     /* exact or overflows to inf */
     if (fabs((double)g) > 0x1.fep127)
         g = INFINITY;
     uint32_t v;
@@ -174,9 +174,9 @@ void tu_fill(tu_rng *r, void *base, la_dtype dt, int64_t n, double amp)
 
 /* ---- attention problems -------------------------------------------------------------------- */
 
-void tu_params(la_attn_params *p, const void *q, const void *k, const void *v, void *o,
-                    float *lse, uint32_t *mask, int32_t B, int32_t Sq, int32_t Sk, int32_t H,
-                    int32_t D, la_dtype dt, int32_t BM, int32_t BN)
+void tu_params(la_attn_params *p, const void *q, const void *k, const void *v, void *o, float *lse,
+               uint32_t *mask, int32_t B, int32_t Sq, int32_t Sk, int32_t H, int32_t D, la_dtype dt,
+               int32_t BM, int32_t BN)
 {
     memset(p, 0, sizeof *p);
     p->q = q;
@@ -224,9 +224,8 @@ static void fill_from(tu_problem *t, int which, double eps, int step)
         tu_set(dst, p->dtype, i, t->base[which][i] + eps * step * t->dir[which][i]);
 }
 
-tu_problem *tu_problem_new(tu_rng *r, int32_t B, int32_t Sq, int32_t Sk, int32_t H,
-                                     int32_t D, la_dtype dt, int32_t BM, int32_t BN,
-                                     double qk_amp)
+tu_problem *tu_problem_new(tu_rng *r, int32_t B, int32_t Sq, int32_t Sk, int32_t H, int32_t D,
+                           la_dtype dt, int32_t BM, int32_t BN, double qk_amp)
 {
     tu_problem *t = calloc(1, sizeof *t);
     if (t == NULL)
@@ -330,11 +329,11 @@ void naive_attn_f64(const la_attn_params *p, const uint8_t *computed, double *re
                     double dot = 0;
                     for (int32_t d = 0; d < D; d++)
                         dot += tu_get(p->q, p->dtype,
-                                           b * p->q_stride[0] + i * p->q_stride[1] +
-                                               h * p->q_stride[2] + d * p->q_stride[3]) *
+                                      b * p->q_stride[0] + i * p->q_stride[1] + h * p->q_stride[2] +
+                                          d * p->q_stride[3]) *
                                tu_get(p->k, p->dtype,
-                                           b * p->k_stride[0] + j * p->k_stride[1] +
-                                               h * p->k_stride[2] + d * p->k_stride[3]);
+                                      b * p->k_stride[0] + j * p->k_stride[1] + h * p->k_stride[2] +
+                                          d * p->k_stride[3]);
                     s[j] = dot * p->scale;
                     if (s[j] > mx)
                         mx = s[j];
@@ -348,8 +347,8 @@ void naive_attn_f64(const la_attn_params *p, const uint8_t *computed, double *re
                     z += w;
                     for (int32_t d = 0; d < D; d++)
                         acc[d] += w * tu_get(p->v, p->dtype,
-                                                  b * p->v_stride[0] + j * p->v_stride[1] +
-                                                      h * p->v_stride[2] + d * p->v_stride[3]);
+                                             b * p->v_stride[0] + j * p->v_stride[1] +
+                                                 h * p->v_stride[2] + d * p->v_stride[3]);
                 }
                 double *o = ret_o + (((size_t)b * p->Sq + i) * p->H + h) * D;
                 for (int32_t d = 0; d < D; d++)
@@ -368,8 +367,8 @@ void tu_o_f64(const la_attn_params *p, double *ret)
             for (int32_t h = 0; h < p->H; h++)
                 for (int32_t d = 0; d < p->D; d++)
                     *ret++ = tu_get(p->o, p->dtype,
-                                         b * p->o_stride[0] + i * p->o_stride[1] +
-                                             h * p->o_stride[2] + d * p->o_stride[3]);
+                                    b * p->o_stride[0] + i * p->o_stride[1] + h * p->o_stride[2] +
+                                        d * p->o_stride[3]);
 }
 
 double tu_rel_l2(const double *ref, const double *got, int64_t n)
@@ -389,4 +388,3 @@ double tu_rel_l2(const double *ref, const double *got, int64_t n)
 }
 
 /* ---- environment ------------------------------------------------------------------------- */
-

@@ -54,9 +54,9 @@ void tu_fill(tu_rng *r, void *base, la_dtype dt, int64_t n, double amp);
 /* Sets *p for contiguous [B, S, H, D] q, k, v, o, LSE [B, H, Sq] (lse may be NULL) and mask
  * [B, H, nQ, ceil(nK/32)] (may be NULL): scale 1/sqrt(D), tau -inf, mode DENSE, direction
  * ALTERNATE, step 0, no ranges, no decisions, 1 thread. */
-void tu_params(la_attn_params *p, const void *q, const void *k, const void *v, void *o,
-                    float *lse, uint32_t *mask, int32_t B, int32_t Sq, int32_t Sk, int32_t H,
-                    int32_t D, la_dtype dt, int32_t BM, int32_t BN);
+void tu_params(la_attn_params *p, const void *q, const void *k, const void *v, void *o, float *lse,
+               uint32_t *mask, int32_t B, int32_t Sq, int32_t Sk, int32_t H, int32_t D, la_dtype dt,
+               int32_t BM, int32_t BN);
 
 /* A self-contained problem: owns contiguous Q, K, V, O, LSE and an all-ones mask, with params
  * t->p pointing at them. Inputs are random normal (Q, K scaled by qk_amp), stored in dtype. */
@@ -70,9 +70,8 @@ typedef struct tu_problem {
     double *dir[3];    /* per-element drift direction */
 } tu_problem;
 
-tu_problem *tu_problem_new(tu_rng *r, int32_t B, int32_t Sq, int32_t Sk, int32_t H,
-                                     int32_t D, la_dtype dt, int32_t BM, int32_t BN,
-                                     double qk_amp);
+tu_problem *tu_problem_new(tu_rng *r, int32_t B, int32_t Sq, int32_t Sk, int32_t H, int32_t D,
+                           la_dtype dt, int32_t BM, int32_t BN, double qk_amp);
 void tu_problem_free(tu_problem *t);
 /* Sets every mask bit of the first ceil(nK/32) words of every row (bits past nK stay 0). */
 void tu_mask_ones(tu_problem *t);

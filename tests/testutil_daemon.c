@@ -42,7 +42,8 @@ static void remove_dir(td_daemon *d)
     if (!d->dir[0])
         return;
     char p[256];
-    const char *names[] = {"liteattn.sock", "liteattn.sock.lock", "liteattnd.log", "liteattnd.conf"};
+    const char *names[] = {"liteattn.sock", "liteattn.sock.lock", "liteattnd.log",
+                           "liteattnd.conf"};
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
         snprintf(p, sizeof(p), "%s/%s", d->dir, names[i]);
         unlink(p);

@@ -162,10 +162,9 @@ typedef struct la_session la_session;
 LA_API int la_session_config_new(la_session_config **ret_config);
 LA_API void la_session_config_free(la_session_config *cfg);
 /* Required. max_seq_k == 0 means max_seq_q; batch, kv_shards == 0 mean 1. */
-LA_API int la_session_config_set_geometry(la_session_config *cfg, uint32_t layers,
-                                          uint32_t heads, uint32_t head_dim, la_dtype dtype,
-                                          uint32_t max_seq_q, uint32_t max_seq_k,
-                                          uint32_t batch, uint32_t kv_shards);
+LA_API int la_session_config_set_geometry(la_session_config *cfg, uint32_t layers, uint32_t heads,
+                                          uint32_t head_dim, la_dtype dtype, uint32_t max_seq_q,
+                                          uint32_t max_seq_k, uint32_t batch, uint32_t kv_shards);
 /* Threshold tau in log2 units (default -3). -INFINITY skips nothing. */
 LA_API int la_session_config_set_threshold(la_session_config *cfg, float tau);
 /* Per-step thresholds: step s uses tau[min(s, n-1)]. n == 0 clears the schedule. */
@@ -233,8 +232,8 @@ LA_API void la_attn_free(la_attn *a);
  * no shape (ndim 0): it has the session's mask layout for one layer. Passing buf NULL removes
  * an optional tensor (LSE, DECISIONS). Errors: LA_EINVAL (wrong ndim or role). */
 LA_API int la_attn_set_tensor(la_attn *a, la_tensor_role role, const la_buffer *buf,
-                              uint64_t byte_offset, la_dtype dtype, int ndim,
-                              const int64_t *shape, const int64_t *strides);
+                              uint64_t byte_offset, la_dtype dtype, int ndim, const int64_t *shape,
+                              const int64_t *strides);
 LA_API int la_attn_set_position(la_attn *a, uint32_t layer, uint32_t step, uint32_t kv_shard);
 /* Softmax scale; 0 (default) means 1/sqrt(D). */
 LA_API int la_attn_set_scale(la_attn *a, float scale);

@@ -55,10 +55,10 @@ static int cu_load(char *why, size_t n)
         snprintf(why, n, "no CUDA driver (%s)", dlerror());
         return -1;
     }
-#define SYM(f, name)                                                  \
-    if (!(*(void **)&cu.f = dlsym(cu.lib, name))) {                   \
-        snprintf(why, n, "the CUDA driver lacks %s", name);           \
-        return -1;                                                    \
+#define SYM(f, name)                                        \
+    if (!(*(void **)&cu.f = dlsym(cu.lib, name))) {         \
+        snprintf(why, n, "the CUDA driver lacks %s", name); \
+        return -1;                                          \
     }
     SYM(Init, "cuInit");
     SYM(DeviceGetCount, "cuDeviceGetCount");
@@ -90,8 +90,8 @@ static void uuid_str(const cu_uuid *u, char out[48])
 {
     const unsigned char *b = (const unsigned char *)u->bytes;
     snprintf(out, 48, "GPU-%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x",
-             b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12],
-             b[13], b[14], b[15]);
+             b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13],
+             b[14], b[15]);
 }
 
 /* Makes current the primary context of the daemon's first CUDA device (matched by UUID,
@@ -147,8 +147,7 @@ static int wait_done_event(la_call *call)
 
 static int fail(const char *what, int rc)
 {
-    fprintf(stderr, "liteattn-demo: %s: %s [%s]\n", what, la_last_error_message(),
-            la_err_name(rc));
+    fprintf(stderr, "liteattn-demo: %s: %s [%s]\n", what, la_last_error_message(), la_err_name(rc));
     return 1;
 }
 
@@ -157,7 +156,7 @@ static int fail(const char *what, int rc)
 /* One run: the connection, the session and, per layer, one buffer of Q, K, V, O, O_dense. */
 typedef struct demo {
     const sim_opts *o;
-    size_t n, bytes;            /* elements and bytes of one [1, S, H, D] tensor */
+    size_t n, bytes; /* elements and bytes of one [1, S, H, D] tensor */
     la_client *c;
     la_session *s;
     int use_cuda;
@@ -211,8 +210,8 @@ static int open_session(demo *d)
     int rc;
     if ((rc = la_session_config_new(&cfg)) < 0 ||
         (rc = la_session_config_set_geometry(cfg, (uint32_t)o->layers, (uint32_t)o->heads,
-                                             (uint32_t)o->head_dim, o->dtype, (uint32_t)o->seq,
-                                             0, 1, 1)) < 0 ||
+                                             (uint32_t)o->head_dim, o->dtype, (uint32_t)o->seq, 0,
+                                             1, 1)) < 0 ||
         (rc = la_session_config_set_threshold(cfg, o->threshold)) < 0 ||
         (rc = la_session_config_set_device(cfg, d->use_cuda ? d->uuid : "cpu")) < 0) {
         la_session_config_free(cfg);
@@ -331,7 +330,8 @@ static int layer_error(demo *d, int l, double *num, double *den)
         sim_err_acc(hp + 3 * b, hp + 4 * b, d->n, d->o->dtype, num, den);
         return 0;
     }
-    if (cu.MemcpyDtoH(d->ho, d->dmem[l] + 3 * b, b) || cu.MemcpyDtoH(d->hr, d->dmem[l] + 4 * b, b)) {
+    if (cu.MemcpyDtoH(d->ho, d->dmem[l] + 3 * b, b) ||
+        cu.MemcpyDtoH(d->hr, d->dmem[l] + 4 * b, b)) {
         fprintf(stderr, "liteattn-demo: download from the GPU failed\n");
         return -1;
     }

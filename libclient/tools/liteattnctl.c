@@ -76,7 +76,6 @@ static int is_number(const char *s)
     return 1;
 }
 
-
 static int fail_rc(const char *what, int rc)
 {
     const char *m = la_last_error_message();
@@ -92,9 +91,8 @@ static const char *prop(la_client *c, const char *name)
     return v ? v : "";
 }
 
-static const char *const limit_names[] = {"max_frame",       "max_inflight",
-                                          "max_buffers",     "max_sessions",
-                                          "max_mask_bytes",  "max_connections",
+static const char *const limit_names[] = {"max_frame",       "max_inflight",   "max_buffers",
+                                          "max_sessions",    "max_mask_bytes", "max_connections",
                                           "session_grace_s", "session_ttl_s"};
 #define N_LIMITS (sizeof(limit_names) / sizeof(limit_names[0]))
 
@@ -608,7 +606,8 @@ static int cmd_ping(la_client *c, long count, int json)
     double max = rtt[count - 1] / 1e3;
     if (json)
         printf("{\"count\": %ld, \"min_us\": %.2f, \"median_us\": %.2f, \"p99_us\": %.2f, "
-               "\"max_us\": %.2f}\n", count, min, med, p99, max);
+               "\"max_us\": %.2f}\n",
+               count, min, med, p99, max);
     else
         printf("%ld pings: min %.1f us, median %.1f us, p99 %.1f us, max %.1f us\n", count, min,
                med, p99, max);

@@ -275,8 +275,7 @@ void sim_layer_free(sim_layer *ld)
 }
 
 /* Drifts layer's data one step and writes Q/K/V in o->dtype, on o->threads threads. */
-void sim_generate(const sim_opts *o, sim_layer *ld, int layer, int step, void *q, void *k,
-                     void *v)
+void sim_generate(const sim_opts *o, sim_layer *ld, int layer, int step, void *q, void *k, void *v)
 {
     int nt = o->threads > 0 ? o->threads : 1;
     if (nt > 64)
@@ -284,7 +283,14 @@ void sim_generate(const sim_opts *o, sim_layer *ld, int layer, int step, void *q
     gen_job jobs[64];
     pthread_t th[64];
     for (int t = 0; t < nt; t++) {
-        jobs[t] = (gen_job){o, ld, layer, step, q, k, v, (int)((int64_t)o->seq * t / nt),
+        jobs[t] = (gen_job){o,
+                            ld,
+                            layer,
+                            step,
+                            q,
+                            k,
+                            v,
+                            (int)((int64_t)o->seq * t / nt),
                             (int)((int64_t)o->seq * (t + 1) / nt)};
         if (t > 0 && pthread_create(&th[t], NULL, gen_range, &jobs[t]) != 0) {
             gen_range(&jobs[t]);
@@ -298,8 +304,7 @@ void sim_generate(const sim_opts *o, sim_layer *ld, int layer, int step, void *q
 }
 
 /* Sums of squares for the relative L2 error of out against ref. */
-void sim_err_acc(const void *out, const void *ref, size_t n, la_dtype dt, double *num,
-                    double *den)
+void sim_err_acc(const void *out, const void *ref, size_t n, la_dtype dt, double *num, double *den)
 {
     double a = 0, b = 0;
     for (size_t i = 0; i < n; i++) {
@@ -315,9 +320,11 @@ void sim_err_acc(const void *out, const void *ref, size_t n, la_dtype dt, double
 
 void sim_print_header(const sim_opts *o, const char *path)
 {
-    printf("%s: %s, %d layers x %d steps, B1 H%d S%d D%d %s, tau %g\n", sim_prog, path,
-           o->layers, o->steps, o->heads, o->seq, o->head_dim,
-           o->dtype == LA_DTYPE_BF16 ? "bf16" : o->dtype == LA_DTYPE_F16 ? "f16" : "f32",
+    printf("%s: %s, %d layers x %d steps, B1 H%d S%d D%d %s, tau %g\n", sim_prog, path, o->layers,
+           o->steps, o->heads, o->seq, o->head_dim,
+           o->dtype == LA_DTYPE_BF16  ? "bf16"
+           : o->dtype == LA_DTYPE_F16 ? "f16"
+                                      : "f32",
            o->threshold);
 }
 
@@ -388,4 +395,3 @@ void sim_fill_strides(int64_t st[4], int S, int H, int D)
     st[1] = (int64_t)H * D;
     st[0] = (int64_t)S * H * D;
 }
-

@@ -18,12 +18,12 @@
 #include "liteattn_codes.h"
 
 typedef struct sim_opts {
-    const char *socket;       /* demo: daemon socket (NULL: the default) */
+    const char *socket; /* demo: daemon socket (NULL: the default) */
     int layers, heads, head_dim, seq, steps, threads, clusters;
     float threshold;
     la_dtype dtype;
-    const char *device;       /* demo: auto, cpu, cuda */
-    int bm, bn;               /* bench_direct: tile sizes */
+    const char *device; /* demo: auto, cpu, cuda */
+    int bm, bn;         /* bench_direct: tile sizes */
     unsigned long long seed;
     int dense_runs;           /* timed dense passes before the generation (speed-up baseline) */
 } sim_opts;
@@ -50,11 +50,9 @@ int sim_layer_init(const sim_opts *o, sim_layer *ld, int layer);
 void sim_layer_free(sim_layer *ld);
 /* Drifts layer's data one step and writes Q/K/V [1, S, H, D] in o->dtype, on o->threads
  * threads. */
-void sim_generate(const sim_opts *o, sim_layer *ld, int layer, int step, void *q, void *k,
-                  void *v);
+void sim_generate(const sim_opts *o, sim_layer *ld, int layer, int step, void *q, void *k, void *v);
 /* Adds the sums of squares for the relative L2 error of out against ref. */
-void sim_err_acc(const void *out, const void *ref, size_t n, la_dtype dt, double *num,
-                 double *den);
+void sim_err_acc(const void *out, const void *ref, size_t n, la_dtype dt, double *num, double *den);
 /* Contiguous strides of a [1, S, H, D] tensor. */
 void sim_fill_strides(int64_t st[4], int S, int H, int D);
 
