@@ -118,8 +118,8 @@ static int run_direct(const sim_opts *o)
             }
             sim_err_acc(out, ref, n, o->dtype, &num, &den);
         }
-        rows[step] = (sim_row){(double)computed / (double)total, attn,
-                                den > 0 ? sqrt(num / den) : 0, dense};
+        rows[step] =
+            (sim_row){(double)computed / (double)total, attn, den > 0 ? sqrt(num / den) : 0, dense};
         dense_t[n_dense++] = dense;
         base = sim_baseline_of(dense_t, n_dense);
         sim_print_row(step, &rows[step], base.median_s);

@@ -49,7 +49,7 @@ typedef struct be_job {
     int dev;
     be_mask *mask;               /* the session's mask set (p.mask points inside it), or NULL */
     uint64_t mask_off, mask_len; /* the bytes of this (layer, shard) inside it */
-    int mask_restart;         /* set those bytes to all ones before computing (a new generation) */
+    int mask_restart; /* set those bytes to all ones before computing (a new generation) */
     int has_wait_event;
     uint8_t wait_event[64];
     uint64_t t_submit_ns; /* CLOCK_MONOTONIC */

@@ -917,9 +917,11 @@ int be_cuda_new(be_complete_fn complete, void *complete_data, logsink_fn log, vo
             snprintf(msg, msg_len, "no NVIDIA driver/GPU found%s",
                      drv == 0 ? " (no NVIDIA driver is loaded)" : " (the driver sees no GPU)");
         else if (e == cudaErrorInsufficientDriver)
-            snprintf(msg, msg_len, "the NVIDIA driver (CUDA %d.%d) is older than this build's "
-                     "CUDA runtime (%d.%d): update the driver", drv / 1000, drv % 1000 / 10,
-                     CUDART_VERSION / 1000, CUDART_VERSION % 1000 / 10);
+            snprintf(msg, msg_len,
+                     "the NVIDIA driver (CUDA %d.%d) is older than this build's "
+                     "CUDA runtime (%d.%d): update the driver",
+                     drv / 1000, drv % 1000 / 10, CUDART_VERSION / 1000,
+                     CUDART_VERSION % 1000 / 10);
         else
             snprintf(msg, msg_len, "no usable GPU (%s)", cudaGetErrorString(e));
         return LA_ENODEV;

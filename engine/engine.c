@@ -37,7 +37,8 @@ void eng_logf(eng *e, int level, const char *fmt, ...)
 
 uint64_t eng_now_ms(void) { return be_now_ns() / 1000000u; }
 
-eng_error eng_index_error(const char *what, uint32_t index, uint32_t count) {
+eng_error eng_index_error(const char *what, uint32_t index, uint32_t count)
+{
     eng_error e;
     if (index > INT32_MAX)
         snprintf(e.msg, sizeof e.msg, "%s %d (%u as unsigned) out of range: %ss count from 0 to %u",
@@ -48,7 +49,8 @@ eng_error eng_index_error(const char *what, uint32_t index, uint32_t count) {
     return e;
 }
 
-void eng_config_default(eng_config *cfg) {
+void eng_config_default(eng_config *cfg)
+{
     memset(cfg, 0, sizeof *cfg);
     cfg->backend = "auto";
     cfg->cpu_threads = 0;
@@ -328,8 +330,10 @@ static int resolve_session(eng *e, uint32_t uid, const eng_attn_req *req, sess *
         return LA_EINVAL;
     }
     if (req->step > INT32_MAX) {
-        eng_errf(err, "%s: step %u (%d as a signed 32-bit number) out of range: steps count "
-                 "from 0", sname, req->step, (int32_t)req->step);
+        eng_errf(err,
+                 "%s: step %u (%d as a signed 32-bit number) out of range: steps count "
+                 "from 0",
+                 sname, req->step, (int32_t)req->step);
         return LA_EINVAL;
     }
     la_mode mode = req->mode == LA_MODE_SESSION ? s->mode : req->mode;
@@ -603,7 +607,8 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
             e->n_restarts++;
             if (!s->restart_logged) {
                 s->restart_logged = 1;
-                eng_logf(e, 2, "%s: layer %u: step %u after step %lld: the layer starts over "
+                eng_logf(e, 2,
+                         "%s: layer %u: step %u after step %lld: the layer starts over "
                          "with all tiles live (a new generation; logged once per session)",
                          sname, req->layer, req->step, (long long)s->last_step[req->layer]);
             }

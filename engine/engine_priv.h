@@ -51,8 +51,8 @@ typedef struct sess {
     eng_session_stats stats;
     /* Generations restart dense: the last step of each layer (-1: none yet), and per
      * (layer, kv shard) whether its next call must set its mask to all ones first. */
-    int64_t *last_step;    /* [layers] */
-    uint8_t *restart_due;  /* [layers * kv_shards] */
+    int64_t *last_step;   /* [layers] */
+    uint8_t *restart_due; /* [layers * kv_shards] */
     int restart_logged;
 } sess;
 

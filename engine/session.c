@@ -178,16 +178,13 @@ static int key_check(const char *key, size_t *ret_len, eng_error *err)
     return 0;
 }
 
-static const char *dtype_long_name(la_dtype t) {
+static const char *dtype_long_name(la_dtype t)
+{
     switch (t) {
-    case LA_DTYPE_F32:
-        return "float32";
-    case LA_DTYPE_F16:
-        return "float16";
-    case LA_DTYPE_BF16:
-        return "bfloat16";
-    case LA_DTYPE_U32:
-        return "uint32";
+    case LA_DTYPE_F32: return "float32";
+    case LA_DTYPE_F16: return "float16";
+    case LA_DTYPE_BF16: return "bfloat16";
+    case LA_DTYPE_U32: return "uint32";
     }
     return "an unknown dtype";
 }

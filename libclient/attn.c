@@ -70,7 +70,10 @@ LA_API int la_attn_set_tensor(la_attn *a, la_tensor_role role, const la_buffer *
     int want = role == LA_TENSOR_LSE ? 3 : role == LA_TENSOR_DECISIONS ? 0 : 4;
     if (ndim != want)
         return cl_fail(LA_EINVAL, "%s takes %d dimensions%s, not %d", name, want,
-                       want == 4 ? " [B, S, H, D]" : want == 3 ? " [B, H, Sq]" : "", ndim);
+                       want == 4   ? " [B, S, H, D]"
+                       : want == 3 ? " [B, H, Sq]"
+                                   : "",
+                       ndim);
     if (ndim && !shape)
         return cl_fail(LA_EINVAL, "%s: shape is NULL", name);
     if (dtype != LA_DTYPE_F32 && dtype != LA_DTYPE_F16 && dtype != LA_DTYPE_BF16 &&
@@ -78,8 +81,10 @@ LA_API int la_attn_set_tensor(la_attn *a, la_tensor_role role, const la_buffer *
         return cl_fail(LA_EINVAL, "unknown dtype %d", (int)dtype);
     for (int i = 0; i < ndim; i++)
         if (shape[i] <= 0)
-            return cl_fail(LA_EINVAL, "%s: dimension %d (%s) is %lld; every size must be at "
-                           "least 1", name, i,
+            return cl_fail(LA_EINVAL,
+                           "%s: dimension %d (%s) is %lld; every size must be at "
+                           "least 1",
+                           name, i,
                            ndim == 3 ? dims3[i]
                                      : dims4[role == LA_TENSOR_K || role == LA_TENSOR_V][i],
                            (long long)shape[i]);

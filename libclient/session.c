@@ -299,8 +299,10 @@ LA_API int la_session_stat(la_session *s, const char *name, int64_t *ret_value)
         return cl_fail(LA_EINVAL, "la_session_stat: NULL argument");
     if (strcmp(name, "calls") && strcmp(name, "tiles_total") && strcmp(name, "tiles_computed") &&
         strcmp(name, "tiles_skipped") && strcmp(name, "restarts"))
-        return cl_fail(LA_ENOENT, "no session statistic \"%s\" (calls, tiles_total, "
-                       "tiles_computed, tiles_skipped, restarts)", name);
+        return cl_fail(LA_ENOENT,
+                       "no session statistic \"%s\" (calls, tiles_total, "
+                       "tiles_computed, tiles_skipped, restarts)",
+                       name);
     la_client *c = s->client;
     Liteattn__Reply *r;
     pthread_mutex_lock(&c->lock);

@@ -175,8 +175,8 @@ static int fill_sessions(la_table *t, const Liteattn__Reply *r)
         snprintf(b[11], 32, "%d", s->attached ? 1 : 0);
         snprintf(b[12], 32, "%" PRIu64, s->idle_ms / 1000);
         snprintf(b[13], 32, "%" PRIu64, s->restarts);
-        char *cells[16] = {b[0], s->key, b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9],
-                           b[13], b[10], b[11], b[12], s->device};
+        char *cells[16] = {b[0], s->key, b[1], b[2],  b[3],  b[4],  b[5],  b[6],
+                           b[7], b[8],   b[9], b[13], b[10], b[11], b[12], s->device};
         rc = table_add(t, cells);
     }
     return rc;
@@ -190,10 +190,9 @@ LA_API int la_sessions(la_client *c, la_table **ret_table)
     Liteattn__Request req = LITEATTN__REQUEST__INIT;
     req.body_case = LITEATTN__REQUEST__BODY_SESSION_LIST;
     req.session_list = &sl;
-    static const char *const names[] = {"id", "key", "uid", "layers", "heads", "head_dim",
-                                        "batch", "bm", "bn", "mask_bytes", "calls",
-                                        "restarts", "live_fraction", "attached", "idle_s",
-                                        "device"};
+    static const char *const names[] = {
+        "id", "key",        "uid",   "layers",   "heads",         "head_dim", "batch",  "bm",
+        "bn", "mask_bytes", "calls", "restarts", "live_fraction", "attached", "idle_s", "device"};
     return table_query(c, &req, LITEATTN__REPLY__BODY_SESSION_LIST, names, 16, fill_sessions,
                        ret_table);
 }

@@ -896,12 +896,12 @@ START_TEST(test_error_mapping)
 
     /* A sequence length of 0 names the tensor and the dimension. */
     int64_t s0[4] = {1, 0, 2, 64};
-    ck_assert_int_eq(la_attn_set_tensor(a, LA_TENSOR_Q, p.buf, p.off_q, LA_DTYPE_BF16, 4, s0,
-                                        NULL), LA_EINVAL);
+    ck_assert_int_eq(la_attn_set_tensor(a, LA_TENSOR_Q, p.buf, p.off_q, LA_DTYPE_BF16, 4, s0, NULL),
+                     LA_EINVAL);
     ck_assert_msg(strstr(la_last_error_message(), "q: dimension 1 (Sq) is 0"), "S = 0: %s",
                   la_last_error_message());
-    ck_assert_int_eq(la_attn_set_tensor(a, LA_TENSOR_V, p.buf, p.off_v, LA_DTYPE_BF16, 4, s0,
-                                        NULL), LA_EINVAL);
+    ck_assert_int_eq(la_attn_set_tensor(a, LA_TENSOR_V, p.buf, p.off_v, LA_DTYPE_BF16, 4, s0, NULL),
+                     LA_EINVAL);
     ck_assert_msg(strstr(la_last_error_message(), "v: dimension 1 (Sk) is 0"), "S = 0: %s",
                   la_last_error_message());
 
@@ -972,7 +972,7 @@ START_TEST(test_error_mapping)
     OK(la_session_config_set_device(cfg, "cpu"));
     ck_assert_int_eq(la_session_open(c, "hd100", cfg, &s2), LA_ENOTSUP);
     ck_assert_msg(strstr(la_last_error_message(), "no kernel for head dim 100 in bfloat16 (it "
-                         "has head dims 64, 96, 128, 256)"),
+                                                  "has head dims 64, 96, 128, 256)"),
                   "head dim 100: %s", la_last_error_message());
     ck_assert_int_eq(la_session_config_set_geometry(cfg, 0, 1, 64, LA_DTYPE_BF16, 64, 0, 0, 0),
                      LA_EINVAL);
@@ -1104,9 +1104,9 @@ START_TEST(test_tables)
     OK(la_sessions(c, &t));
     ck_assert_int_eq(la_table_rows(t), 1);
     ck_assert_int_eq(la_table_cols(t), 16);
-    const char *cols[] = {"id", "key", "uid", "layers", "heads", "head_dim", "batch", "bm", "bn",
-                          "mask_bytes", "calls", "restarts", "live_fraction", "attached",
-                          "idle_s", "device"};
+    const char *cols[] = {
+        "id", "key",        "uid",   "layers",   "heads",         "head_dim", "batch",  "bm",
+        "bn", "mask_bytes", "calls", "restarts", "live_fraction", "attached", "idle_s", "device"};
     for (size_t i = 0; i < 16; i++)
         ck_assert_msg(col_of(t, cols[i]) >= 0, "no column %s", cols[i]);
     ck_assert_str_eq(la_table_text(t, 0, (size_t)col_of(t, "key")), "tabled");
@@ -1575,8 +1575,8 @@ static int prom_check(const char *text)
                                   lineno, line);
                     if (*q == '\\') {
                         q++;
-                        ck_assert_msg(*q == '\\' || *q == '"' || *q == 'n',
-                                      "line %d: escape in %s", lineno, line);
+                        ck_assert_msg(*q == '\\' || *q == '"' || *q == 'n', "line %d: escape in %s",
+                                      lineno, line);
                     }
                 }
                 q++;

@@ -526,19 +526,76 @@ START_TEST(attn_validation)
             r.decisions.dtype = LA_DTYPE_U32;
             want = LA_ERANGE;
             break;
-        case 23: name = "too many ranges"; r.n_must_do = LA_MAX_RANGES + 1; want = LA_EINVAL; break;
-        case 24: name = "misaligned offset"; r.q.offset = 2; want = LA_EINVAL; break;
-        case 25: name = "negative scale"; r.scale = -1; want = LA_EINVAL; break;
-        case 26: name = "mode"; r.mode = (la_mode)7; want = LA_EINVAL; break;
-        case 27: name = "q ndim"; r.q.ndim = 3; want = LA_EINVAL; break;
-        case 28: name = "offset overflow"; r.o.offset = UINT64_MAX - 7; want = LA_ERANGE; break;
-        case 29: name = "zero keys"; r.k.shape[1] = 0; want = LA_EINVAL; break;
-        case 30: name = "NaN threshold"; r.has_threshold = 1; r.threshold = NAN; want = LA_EINVAL; break;
-        case 31: name = "reversed range"; r.n_must_do = 1; r.must_do[0].start = 5; r.must_do[0].end = -3; want = LA_EINVAL; break;
-        case 32: name = "range before 0"; r.n_must_skip = 1; r.must_skip[0] = (la_range){-1, 4}; want = LA_EINVAL; break;
-        case 33: name = "range past Sk"; r.n_must_do = 1; r.must_do[0] = (la_range){100, 151}; want = LA_EINVAL; break;
-        case 34: name = "layer -1"; r.layer = (uint32_t)-1; want = LA_EINVAL; break;
-        case 35: name = "kv shard -1"; r.kv_shard = (uint32_t)-1; want = LA_EINVAL; break;
+        case 23:
+            name = "too many ranges";
+            r.n_must_do = LA_MAX_RANGES + 1;
+            want = LA_EINVAL;
+            break;
+        case 24:
+            name = "misaligned offset";
+            r.q.offset = 2;
+            want = LA_EINVAL;
+            break;
+        case 25:
+            name = "negative scale";
+            r.scale = -1;
+            want = LA_EINVAL;
+            break;
+        case 26:
+            name = "mode";
+            r.mode = (la_mode)7;
+            want = LA_EINVAL;
+            break;
+        case 27:
+            name = "q ndim";
+            r.q.ndim = 3;
+            want = LA_EINVAL;
+            break;
+        case 28:
+            name = "offset overflow";
+            r.o.offset = UINT64_MAX - 7;
+            want = LA_ERANGE;
+            break;
+        case 29:
+            name = "zero keys";
+            r.k.shape[1] = 0;
+            want = LA_EINVAL;
+            break;
+        case 30:
+            name = "NaN threshold";
+            r.has_threshold = 1;
+            r.threshold = NAN;
+            want = LA_EINVAL;
+            break;
+        case 31:
+            name = "reversed range";
+            r.n_must_do = 1;
+            r.must_do[0].start = 5;
+            r.must_do[0].end = -3;
+            want = LA_EINVAL;
+            break;
+        case 32:
+            name = "range before 0";
+            r.n_must_skip = 1;
+            r.must_skip[0] = (la_range){-1, 4};
+            want = LA_EINVAL;
+            break;
+        case 33:
+            name = "range past Sk";
+            r.n_must_do = 1;
+            r.must_do[0] = (la_range){100, 151};
+            want = LA_EINVAL;
+            break;
+        case 34:
+            name = "layer -1";
+            r.layer = (uint32_t)-1;
+            want = LA_EINVAL;
+            break;
+        case 35:
+            name = "kv shard -1";
+            r.kv_shard = (uint32_t)-1;
+            want = LA_EINVAL;
+            break;
         }
         if (!name)
             break;
@@ -557,7 +614,8 @@ START_TEST(attn_validation)
             {"reversed range", "must-do range 0 [5, -3) is reversed (end before start)"},
             {"range before 0", "must-skip range 0 [-1, 4) lies outside the call's keys [0, 150)"},
             {"range past Sk", "must-do range 0 [100, 151) lies outside the call's keys [0, 150)"},
-            {"layer -1", "layer -1 (4294967295 as unsigned) out of range: layers count from 0 to 1"},
+            {"layer -1",
+             "layer -1 (4294967295 as unsigned) out of range: layers count from 0 to 1"},
             {"kv shard -1", "kv shard -1 (4294967295 as unsigned) out of range: kv shards count "
                             "from 0 to 0"},
         };
@@ -995,7 +1053,8 @@ END_TEST
  * masks (every batch row, head and kv shard) to all ones first. Step 0 after step 3 computes
  * every tile and gives the outputs, LSE and mask of a fresh session bit for bit; the restart
  * is counted once per layer, and other layers and equal steps do not restart. */
-START_TEST(step_backwards_restarts) {
+START_TEST(step_backwards_restarts)
+{
     harness h;
     h_open(&h, NULL);
     eng_session_spec sp = spec_make("gen", 2, 2, 64, LA_DTYPE_F32, 200, 300, 2);
@@ -1037,8 +1096,8 @@ START_TEST(step_backwards_restarts) {
     memcpy(lse_want, prob_ptr(&p, 4), p.bytes[4]);
     size_t gl;
     uint64_t total;
-    ck_assert_int_eq(eng_mask_read(h.e, UID, fresh, 0, 1, 0, m_want, v.layer_mask_bytes, &gl,
-                                   &total, &err), 0);
+    ck_assert_int_eq(
+        eng_mask_read(h.e, UID, fresh, 0, 1, 0, m_want, v.layer_mask_bytes, &gl, &total, &err), 0);
 
     /* Step 0 again on layer 0, shard 0: the layer starts over. */
     memset(prob_ptr(&p, 3), 0, p.bytes[3]);
@@ -1057,8 +1116,8 @@ START_TEST(step_backwards_restarts) {
     ck_assert_msg(!memcmp(prob_ptr(&p, 3), o_want, p.bytes[3]), "O differs from a fresh session");
     ck_assert_msg(!memcmp(prob_ptr(&p, 4), lse_want, p.bytes[4]),
                   "LSE differs from a fresh session");
-    ck_assert_int_eq(eng_mask_read(h.e, UID, sid, 0, 1, 0, m_got, v.layer_mask_bytes, &gl,
-                                   &total, &err), 0);
+    ck_assert_int_eq(
+        eng_mask_read(h.e, UID, sid, 0, 1, 0, m_got, v.layer_mask_bytes, &gl, &total, &err), 0);
     ck_assert_msg(!memcmp(m_got, m_want, v.layer_mask_bytes), "mask differs from a fresh session");
     /* The same step once more (a second pass, e.g. guidance): no restart, the kept tiles only. */
     r.kv_shard = 0;

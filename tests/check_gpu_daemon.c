@@ -215,7 +215,8 @@ static void run_client(const char *sock, int who, int32_t B, int32_t Sq, int32_t
             free(ref);
             free(got);
         }
-        const long long all = (long long)B * H * la_tiles(Sq, (int32_t)bm) * la_tiles(Sk, (int32_t)bn);
+        const long long all =
+            (long long)B * H * la_tiles(Sq, (int32_t)bm) * la_tiles(Sk, (int32_t)bn);
         fprintf(stderr, "client %d step %d: %lld of %lld tiles computed\n", who, step,
                 (long long)computed, all);
         if (idx == STEPS && computed != all)

@@ -1010,7 +1010,7 @@ static void nan_case(la_dtype dt)
     memcpy(l0, t->lse, lb);
     m0 = copy_mask(t);
     /* index of element (i, h, d) of O / Q: [1, S, H, D]; of LSE: [1, H, Sq] */
-#define QI(i, h, d) (((int64_t)(i) * H + (h)) * D + (d))
+#define QI(i, h, d) (((int64_t)(i)*H + (h)) * D + (d))
     for (int c = 0; c < 4; c++) {
         const int64_t qi = QI(5, 1, 3), ki = QI(20, 0, 0), vi = QI(20, 0, 7);
         la_range skip = {16, 32}; /* k-tile 1, which holds key 20 */
@@ -1037,19 +1037,19 @@ static void nan_case(la_dtype dt)
                     ck_assert_msg(isnan(lse), "case %d: LSE[%d, %d] = %g, want NaN", c, h, i,
                                   (double)lse);
                 else if (c != 3)
-                    ck_assert_msg(!memcmp(&lse, &lse0, 4), "case %d: LSE[%d, %d] = %a, clean %a",
-                                  c, h, i, (double)lse, (double)lse0);
+                    ck_assert_msg(!memcmp(&lse, &lse0, 4), "case %d: LSE[%d, %d] = %a, clean %a", c,
+                                  h, i, (double)lse, (double)lse0);
                 else
                     ck_assert_msg(!isnan(lse), "case %d: LSE[%d, %d] is NaN", c, h, i);
                 for (int d = 0; d < D; d++) {
                     int64_t e = QI(i, h, d);
                     double x = tu_get(t->o, dt, e), x0 = tu_get(o0, dt, e);
                     if (nan_row || (c == 2 && h == 0 && d == 7))
-                        ck_assert_msg(isnan(x), "case %d: O[%d, %d, %d] = %g, want NaN", c, i, h,
-                                      d, x);
+                        ck_assert_msg(isnan(x), "case %d: O[%d, %d, %d] = %g, want NaN", c, i, h, d,
+                                      x);
                     else if (c != 3)
-                        ck_assert_msg(x == x0, "case %d: O[%d, %d, %d] = %a, clean %a", c, i, h,
-                                      d, x, x0);
+                        ck_assert_msg(x == x0, "case %d: O[%d, %d, %d] = %a, clean %a", c, i, h, d,
+                                      x, x0);
                     else
                         ck_assert_msg(!isnan(x), "case %d: O[%d, %d, %d] is NaN", c, i, h, d);
                 }
@@ -1059,11 +1059,14 @@ static void nan_case(la_dtype dt)
         const int nk = nk_of(&t->p);
         for (int h = 0; h < H && c != 3; h++)
             for (int m = 0; m < nq_of(&t->p) && !(c == 1 && h == 0); m++) {
-                const uint32_t *got = mrow(&t->p, t->mask, 0, h, m), *was = mrow(&t->p, m0, 0, h, m);
+                const uint32_t *got = mrow(&t->p, t->mask, 0, h, m),
+                               *was = mrow(&t->p, m0, 0, h, m);
                 for (int n = 0; n < nk; n++) {
                     int want = (c == 0 && h == 1 && m == 0) ? 1 : getbit(was, n);
-                    ck_assert_msg(getbit(got, n) == want, "case %d: mask (h %d, m %d) tile %d = %d, "
-                                  "want %d", c, h, m, n, getbit(got, n), want);
+                    ck_assert_msg(getbit(got, n) == want,
+                                  "case %d: mask (h %d, m %d) tile %d = %d, "
+                                  "want %d",
+                                  c, h, m, n, getbit(got, n), want);
                 }
             }
         /* Clean again for the next case. */

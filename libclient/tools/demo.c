@@ -167,7 +167,7 @@ typedef struct demo {
     cu_ptr *dmem;
     sim_layer *ld;
     sim_row *rows;
-    double *dense_t;              /* dense step timings: the baseline's (sim.h) */
+    double *dense_t; /* dense step timings: the baseline's (sim.h) */
     int n_dense;
     void *hq, *hk, *hv, *ho, *hr; /* CUDA: host staging */
     void *ready;                  /* CUDA: interprocess event recorded after the uploads */

@@ -333,7 +333,7 @@ typedef struct metric_def {
     const char *name; /* metric family */
     const char *type; /* counter, gauge */
     const char *help;
-    double scale;     /* value = stat * scale */
+    double scale; /* value = stat * scale */
 } metric_def;
 
 static const metric_def metric_defs[] = {
@@ -346,8 +346,7 @@ static const metric_def metric_defs[] = {
      "Attention calls that finished with an error.", 1},
     {"calls_inflight", "liteattn_calls_inflight", "gauge", "Attention calls queued or running.", 1},
     {"tiles_total", "liteattn_tiles_total", "counter", "Attention tiles of the finished calls.", 1},
-    {"tiles_computed", "liteattn_tiles_computed_total", "counter",
-     "Attention tiles computed.", 1},
+    {"tiles_computed", "liteattn_tiles_computed_total", "counter", "Attention tiles computed.", 1},
     {"tiles_skipped", "liteattn_tiles_skipped_total", "counter", "Attention tiles skipped.", 1},
     {"layer_restarts", "liteattn_layer_restarts_total", "counter",
      "Layers started over dense because a call's step was below the layer's last step.", 1},
@@ -370,14 +369,14 @@ static const metric_def metric_defs[] = {
     {"mask_bytes", "liteattn_mask_bytes", "gauge", "Skip-mask memory held.", 1},
     {"buffers", "liteattn_buffers", "gauge", "Registered buffers.", 1},
     {"buffer_bytes", "liteattn_buffer_bytes", "gauge", "Bytes of the registered buffers.", 1},
-    {"buffers_registered", "liteattn_buffers_registered_total", "counter",
-     "Buffers registered.", 1},
+    {"buffers_registered", "liteattn_buffers_registered_total", "counter", "Buffers registered.",
+     1},
     {"buffers_unregistered", "liteattn_buffers_unregistered_total", "counter",
      "Buffers unregistered.", 1},
     {"fatal", "liteattn_fatal", "gauge", "1 once a sticky GPU error happened.", 1},
     {"server.connections", "liteattn_connections", "gauge", "Open connections.", 1},
-    {"server.connections_total", "liteattn_connections_total", "counter",
-     "Connections accepted.", 1},
+    {"server.connections_total", "liteattn_connections_total", "counter", "Connections accepted.",
+     1},
     {"server.connections_rejected", "liteattn_connections_rejected_total", "counter",
      "Connections refused (per-user limit, out of descriptors).", 1},
     {"server.frames_in", "liteattn_frames_received_total", "counter", "Frames received.", 1},
@@ -386,8 +385,7 @@ static const metric_def metric_defs[] = {
     {"server.bytes_out", "liteattn_sent_bytes_total", "counter", "Bytes sent.", 1},
     {"server.protocol_errors", "liteattn_protocol_errors_total", "counter",
      "Connections closed for framing or protocol errors.", 1},
-    {"server.uptime_s", "liteattn_uptime_seconds", "gauge", "Seconds since the daemon started.",
-     1},
+    {"server.uptime_s", "liteattn_uptime_seconds", "gauge", "Seconds since the daemon started.", 1},
 };
 #define N_METRIC_DEFS (sizeof(metric_defs) / sizeof(metric_defs[0]))
 #define ERRORS_PREFIX "server.errors."
@@ -522,7 +520,8 @@ static int cmd_metrics(la_client *c)
         {"mask_bytes", "liteattn_session_mask_bytes", "gauge", "Skip-mask memory of the session."},
         {"attached", "liteattn_session_attached", "gauge",
          "1 when a connection holds the session, 0 in its grace period."},
-        {"idle_s", "liteattn_session_idle_seconds", "gauge", "Seconds since the session's last call."},
+        {"idle_s", "liteattn_session_idle_seconds", "gauge",
+         "Seconds since the session's last call."},
     };
     size_t n_sess = la_table_rows(ss);
     for (size_t i = 0; i < sizeof(sess_defs) / sizeof(sess_defs[0]) && n_sess; i++) {
@@ -561,8 +560,9 @@ static int cmd_metrics(la_client *c)
             for (size_t q = r; q < n_sess; q++) {
                 if (strcmp(cell_text(ss, q, "uid"), uid))
                     continue;
-                sum += i == 0 ? 1 : i == 1 ? cell_num(ss, q, "attached") == 0
-                                           : cell_num(ss, q, "mask_bytes");
+                sum += i == 0   ? 1
+                       : i == 1 ? cell_num(ss, q, "attached") == 0
+                                : cell_num(ss, q, "mask_bytes");
             }
             printf("%s{uid=", user_defs[i].name);
             label_value(uid);

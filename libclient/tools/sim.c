@@ -65,10 +65,21 @@ static int parse_int(const char *name, const char *v, int lo, int hi, int *out)
 int sim_parse_args(sim_opts *o, int argc, char **argv, int which)
 {
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
-    *o = (sim_opts){.socket = NULL, .layers = 4, .heads = 4, .head_dim = 64, .seq = 1024,
-                    .steps = 20, .threads = ncpu > 0 ? (int)ncpu : 1, .clusters = 8,
-                    .threshold = -3.0f, .dtype = LA_DTYPE_BF16, .device = "auto", .bm = 128,
-                    .bn = 64, .seed = 1, .dense_runs = 5};
+    *o = (sim_opts){.socket = NULL,
+                    .layers = 4,
+                    .heads = 4,
+                    .head_dim = 64,
+                    .seq = 1024,
+                    .steps = 20,
+                    .threads = ncpu > 0 ? (int)ncpu : 1,
+                    .clusters = 8,
+                    .threshold = -3.0f,
+                    .dtype = LA_DTYPE_BF16,
+                    .device = "auto",
+                    .bm = 128,
+                    .bn = 64,
+                    .seed = 1,
+                    .dense_runs = 5};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         int r = 0, used = 1;
@@ -362,8 +373,8 @@ void sim_print_columns(void)
 
 void sim_print_row(int step, const sim_row *r, double median_s)
 {
-    printf("%4d  %8.1f%%  %11.1f  %12.1f  %7.2fx  %11.2e\n", step, 100 * r->live,
-           r->attn_s * 1e3, r->dense_s * 1e3, r->attn_s > 0 ? median_s / r->attn_s : 0.0, r->err);
+    printf("%4d  %8.1f%%  %11.1f  %12.1f  %7.2fx  %11.2e\n", step, 100 * r->live, r->attn_s * 1e3,
+           r->dense_s * 1e3, r->attn_s > 0 ? median_s / r->attn_s : 0.0, r->err);
     fflush(stdout);
 }
 
@@ -384,8 +395,8 @@ void sim_print_summary(const sim_opts *o, const sim_row *rows, const sim_baselin
            "pass of each of the %d steps): %.2fx; last step %.2fx; max rel.err %.2e; "
            "wall %.1f s\n",
            100 * live, attn, dense, o->steps, attn > 0 ? dense / attn : 0.0,
-           rows[o->steps - 1].attn_s > 0 ? b->median_s / rows[o->steps - 1].attn_s : 0.0,
-           maxerr, total_s);
+           rows[o->steps - 1].attn_s > 0 ? b->median_s / rows[o->steps - 1].attn_s : 0.0, maxerr,
+           total_s);
 }
 
 void sim_fill_strides(int64_t st[4], int S, int H, int D)

@@ -25,7 +25,7 @@ typedef struct sim_opts {
     const char *device; /* demo: auto, cpu, cuda */
     int bm, bn;         /* bench_direct: tile sizes */
     unsigned long long seed;
-    int dense_runs;           /* timed dense passes before the generation (speed-up baseline) */
+    int dense_runs; /* timed dense passes before the generation (speed-up baseline) */
 } sim_opts;
 
 /* The program's name in messages ("liteattn-demo", "bench_direct"). */
