@@ -217,6 +217,7 @@ extern "C" cudaError_t la_attn_fwd_cuda_variant(const la_attn_params *p, int var
     kp.dec = p->decisions;
     kp.m_sb = p->mask_stride[0], kp.m_sh = p->mask_stride[1], kp.m_sm = p->mask_stride[2];
     kp.tiles = (unsigned long long *)p->ret_tiles_computed;
+    kp.order = nullptr; /* the Hopper family's launcher sets its own */
     return fn(kp, la_tiles(p->Sq, p->BM), p->H, p->B, stream);
 }
 

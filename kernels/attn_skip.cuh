@@ -39,6 +39,8 @@ struct KParams {
     uint32_t *dec;         /* dry run: new rows go here (same strides) instead of mask */
     int64_t m_sb, m_sh, m_sm;
     unsigned long long *tiles; /* device counter of computed tiles, or NULL */
+    const int32_t *order;  /* Hopper family, mode SKIP: q-tile visited by CTA x of head (b, h)
+                            * is order[(b*H + h)*nQ + x] (heaviest rows first), or NULL */
     uint32_t must_do[kFlagWords];   /* bit n: k-tile n holds a must-do key */
     uint32_t skip_only[kFlagWords]; /* bit n: every key of k-tile n is must-skip only */
 };
@@ -76,6 +78,18 @@ __device__ __forceinline__ void skip_row_load(const KParams &p, int b, int h, in
         s_live[w] = live;
         s_keep[w] = 0;
     }
+}
+
+/* Number of tiles row (b, h, m) visits (the popcount of its effective live set). */
+__device__ __forceinline__ int skip_row_count(const KParams &p, int b, int h, int m) {
+    const uint32_t *row_in = p.mask ? p.mask + b * p.m_sb + h * p.m_sh + m * p.m_sm : nullptr;
+    int cnt = 0;
+    for (int w = 0; w < p.W; ++w) {
+        uint32_t live = skip_valid_bits(w, p.W, p.nK) & ~p.skip_only[w];
+        if (p.mode == LA_MODE_SKIP) live &= row_in[w] | p.must_do[w];
+        cnt += __popc(live);
+    }
+    return cnt;
 }
 
 /* Walks the live k-tiles of a row in the visiting direction. live: W words in shared memory

@@ -48,8 +48,12 @@ namespace sm90 {
 #endif
 #ifndef LA_SM90_HD128_NC
 #define LA_SM90_HD128_NC 2
-#define LA_SM90_HD128_BN 128
+#define LA_SM90_HD128_BN 176
 #define LA_SM90_HD128_ST 2
+#endif
+/* O through shared memory and TMA (1) or direct stores from registers (0). */
+#ifndef LA_SM90_TMA_STORE
+#define LA_SM90_TMA_STORE 1
 #endif
 template <int NC_, int BN_, int ST_> struct ShapeOf {
     static constexpr int NC = NC_, BN = BN_, ST = ST_;
@@ -70,9 +74,9 @@ template <int D> struct Tiles {
     static_assert(128 * producer_regs + 128 * NC * consumer_regs <= 65536, "register budget");
 };
 
-/* Parameters: the shared ones plus the TMA descriptors of Q, K, V (each 64-byte aligned). */
+/* Parameters: the shared ones plus the TMA descriptors of Q, K, V, O (64-byte aligned). */
 struct Params {
-    CUtensorMap tq, tk, tv;
+    CUtensorMap tq, tk, tv, to;
     KParams k;
 };
 
@@ -177,11 +181,15 @@ __global__ void __launch_bounds__(Tiles<D>::NT, 1) fwd_kernel(const __grid_const
     const KParams &p = P.k;
     extern __shared__ char smem_raw[];
     __shared__ __align__(8) uint64_t bars[1 + 4 * ST];
+    __shared__ int s_tile[ST]; /* k-tile index in each stage (-1: the walk has ended) */
     __shared__ uint32_t s_live[SKIP ? kFlagWords : 1];
     __shared__ uint32_t s_keep[SKIP ? kFlagWords : 1];
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = tid >> 7;
-    const int m = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int h = blockIdx.y, b = blockIdx.z;
+    /* Heaviest rows of a head first (see order_kernel): CTAs start in blockIdx order, so the
+     * long rows do not end up in the last wave. */
+    const int m = p.order ? p.order[((int64_t)b * p.H + h) * p.nQ + blockIdx.x] : (int)blockIdx.x;
     const int nK = p.nK, W = p.W;
     const bool desc = p.desc != 0;
 
@@ -230,6 +238,7 @@ __global__ void __launch_bounds__(Tiles<D>::NT, 1) fwd_kernel(const __grid_const
                 const int s = i % ST;
                 const uint32_t ph = (uint32_t)(i / ST) & 1u;
                 mbar_wait(bar_ke(s), ph ^ 1u);
+                s_tile[s] = n; /* published by the arrive below (release), read after the wait */
                 mbar_expect_tx(bar_kf(s), TL::kv_bytes);
 #pragma unroll
                 for (int j = 0; j < DB; ++j)
@@ -240,6 +249,11 @@ __global__ void __launch_bounds__(Tiles<D>::NT, 1) fwd_kernel(const __grid_const
                 for (int j = 0; j < DB; ++j)
                     tma_load4(sV + s * TL::kv_bytes + j * BN * 128, &P.tv, 64 * j, n * BN, h, b, bar_vf(s));
             }
+            /* End of the walk: stage i gets the tile index -1 and a plain arrival. */
+            const int s = i % ST;
+            mbar_wait(bar_ke(s), ((uint32_t)(i / ST) & 1u) ^ 1u);
+            s_tile[s] = -1;
+            mbar_arrive(bar_kf(s));
         }
         return;
     }
@@ -286,10 +300,11 @@ __global__ void __launch_bounds__(Tiles<D>::NT, 1) fwd_kernel(const __grid_const
         }
         wg_commit();
     };
-    /* Softmax of tile n in sc: mask keys past Sk, running max, keep vote, exp2, row sums,
-     * O *= alpha, P packed into pa (the A operand layout of m64k16: the accumulator's). In the
+    /* Softmax statistics of tile n in sc: mask keys past Sk, running max, exp2 (sc becomes P
+     * in fp32), row sums; alpha = the factor O must be rescaled by (applied by rescale_pack,
+     * once the previous P V has finished with O). Returns the vote margin dmax. In the
      * accumulator layout sc[4j + 2r + e] is row row0 + 8r, key 8j + 2tq + e. */
-    auto softmax = [&](float (&sc)[BN / 2], uint32_t (&pa)[BN / 16][4], int n) {
+    auto softmax = [&](float (&sc)[BN / 2], float (&alpha)[2], int n) -> float {
         if (k_partial && n == nK - 1) { /* keys past Sk exist only here (zero-filled): -inf */
             const int lim = p.Sk - n * BN;
 #pragma unroll
@@ -302,30 +317,46 @@ __global__ void __launch_bounds__(Tiles<D>::NT, 1) fwd_kernel(const __grid_const
         float dmax = -INFINITY;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            float t = -INFINITY;
+            /* Row max and row sum as trees (a chain of BN/4 dependent operations would put
+             * their latency on the critical path of the warpgroup). */
+            float red[BN / 8];
 #pragma unroll
-            for (int j = 0; j < BN / 8; ++j) t = fmaxf(t, fmaxf(sc[4 * j + 2 * r], sc[4 * j + 2 * r + 1]));
+            for (int j = 0; j < BN / 8; ++j) red[j] = fmaxf(sc[4 * j + 2 * r], sc[4 * j + 2 * r + 1]);
+#pragma unroll
+            for (int st = 1; st < BN / 8; st *= 2)
+#pragma unroll
+                for (int j = 0; j + st < BN / 8; j += 2 * st) red[j] = fmaxf(red[j], red[j + st]);
+            float t = red[0];
             t = fmaxf(t, __shfl_xor_sync(0xffffffffu, t, 1));
             t = fmaxf(t, __shfl_xor_sync(0xffffffffu, t, 2));
             const float mprev = mrow[r];
             if (SKIP) dmax = fmaxf(dmax, t - mprev); /* t: max raw score over the valid keys */
             const float mnew = fmaxf(mprev, t);
-            const float alpha = ex2((mprev - mnew) * c); /* 0 on the first tile */
+            alpha[r] = ex2((mprev - mnew) * c); /* 0 on the first tile */
             mrow[r] = mnew;
             const float mc = mnew * c;
-            float sum = 0.f;
 #pragma unroll
             for (int j = 0; j < BN / 8; ++j) {
                 sc[4 * j + 2 * r] = ex2(fmaf(sc[4 * j + 2 * r], c, -mc));
                 sc[4 * j + 2 * r + 1] = ex2(fmaf(sc[4 * j + 2 * r + 1], c, -mc));
-                sum += sc[4 * j + 2 * r] + sc[4 * j + 2 * r + 1];
+                red[j] = sc[4 * j + 2 * r] + sc[4 * j + 2 * r + 1];
             }
-            lrow[r] = lrow[r] * alpha + sum;
 #pragma unroll
-            for (int j = 0; j < D / 8; ++j) {
-                o[4 * j + 2 * r] *= alpha;
-                o[4 * j + 2 * r + 1] *= alpha;
-            }
+            for (int st = 1; st < BN / 8; st *= 2)
+#pragma unroll
+                for (int j = 0; j + st < BN / 8; j += 2 * st) red[j] += red[j + st];
+            lrow[r] = lrow[r] * alpha[r] + red[0];
+        }
+        return dmax;
+    };
+    /* O *= alpha, and P packed into pa (the A operand layout of m64k16: the accumulator's). */
+    auto rescale_pack = [&](const float (&sc)[BN / 2], uint32_t (&pa)[BN / 16][4], const float (&alpha)[2]) {
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j) {
+            o[4 * j] *= alpha[0];
+            o[4 * j + 1] *= alpha[0];
+            o[4 * j + 2] *= alpha[1];
+            o[4 * j + 3] *= alpha[1];
         }
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
@@ -334,7 +365,6 @@ __global__ void __launch_bounds__(Tiles<D>::NT, 1) fwd_kernel(const __grid_const
             pa[kk][2] = pack2<T>(sc[8 * kk + 4], sc[8 * kk + 5]);
             pa[kk][3] = pack2<T>(sc[8 * kk + 6], sc[8 * kk + 7]);
         }
-        if (voting) skip_vote(dmax, c, tau, n, s_keep);
     };
 
     /* Ping-pong between the consumer warpgroups: cw issues its matrix products (P V of this
@@ -349,10 +379,14 @@ __global__ void __launch_bounds__(Tiles<D>::NT, 1) fwd_kernel(const __grid_const
 
     float sc[BN / 2];
     uint32_t pa[BN / 16][4];
+    float alpha[2];
+    float dmax = -INFINITY; /* vote of the last softmax, cast while the next products run */
     mbar_wait(bar_q, 0);
-    int n = first_tile();
+    /* The consumers do not walk the mask: the producer's tile index comes with each K stage
+     * (walking it in every consumer thread, inside the main loop, measured 10-20% slower). */
+    mbar_wait(bar_kf(0), 0);
+    int n = s_tile[0];
     if (n >= 0) {
-        mbar_wait(bar_kf(0), 0);
         take_turn();
         wg_fence();
         issue_s(sc, 0);
@@ -361,30 +395,37 @@ __global__ void __launch_bounds__(Tiles<D>::NT, 1) fwd_kernel(const __grid_const
         reg_fence(sc);
         __syncwarp();
         if (lane == 0) mbar_arrive(bar_ke(0));
-        softmax(sc, pa, n);
+        dmax = softmax(sc, alpha, n);
+        rescale_pack(sc, pa, alpha);
     }
-    /* Steady state: P V(n) and Q K(nn)^T issued together (no wgmma under a branch: the
-     * compiler would serialise them); the last tile's P V is peeled off below. */
+    /* Steady state, per tile: Q K(nn)^T and P V(n) issued back to back (no wgmma under a
+     * branch: the compiler would serialise them); the softmax of nn runs while P V(n) is still
+     * on the tensor cores (and the other warpgroup's products after it); O is rescaled and the
+     * new P packed once P V(n) is done. The last tile's P V is peeled off below. */
     int i = 0;
-    for (int nn = n >= 0 ? next_tile(n) : -1; nn >= 0; nn = next_tile(n), ++i) {
+    for (; n >= 0; ++i) {
         const int s = i % ST, s1 = (i + 1) % ST;
-        mbar_wait(bar_vf(s), (uint32_t)(i / ST) & 1u);
         mbar_wait(bar_kf(s1), (uint32_t)((i + 1) / ST) & 1u);
+        const int nn = s_tile[s1];
+        if (nn < 0) break;
+        mbar_wait(bar_vf(s), (uint32_t)(i / ST) & 1u);
         take_turn();
         reg_fence(o);
         wg_fence();
-        issue_pv(pa, s);
         issue_s(sc, s1);
+        issue_pv(pa, s);
         pass_turn();
-        wg_wait<1>(); /* groups complete in order: P V(n) is done */
-        reg_fence(o);
-        __syncwarp();
-        if (lane == 0) mbar_arrive(bar_ve(s));
-        wg_wait<0>();
+        if (voting) skip_vote(dmax, c, tau, n, s_keep); /* tile n's vote, off the critical path */
+        wg_wait<1>(); /* groups complete in order: Q K(nn)^T is done */
         reg_fence(sc);
         __syncwarp();
         if (lane == 0) mbar_arrive(bar_ke(s1));
-        softmax(sc, pa, nn);
+        dmax = softmax(sc, alpha, nn);
+        wg_wait<0>(); /* P V(n) is done: O and pa are free */
+        reg_fence(o);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(bar_ve(s));
+        rescale_pack(sc, pa, alpha);
         n = nn;
     }
     if (n >= 0) {
@@ -395,6 +436,7 @@ __global__ void __launch_bounds__(Tiles<D>::NT, 1) fwd_kernel(const __grid_const
         wg_fence();
         issue_pv(pa, s);
         pass_turn();
+        if (voting) skip_vote(dmax, c, tau, n, s_keep);
         wg_wait<0>();
         reg_fence(o);
         __syncwarp();
@@ -404,27 +446,64 @@ __global__ void __launch_bounds__(Tiles<D>::NT, 1) fwd_kernel(const __grid_const
      * else the last warpgroup's last one. */
     if (NC > 1 && cw == 0) named_sync<256>(kTurn);
 
-    /* Epilogue. O: [B, Sq, H, D] row q at b*o_sb + q*o_ss + h*o_sh; rows with no computed tile
-     * (l = 0) get O = 0 and LSE = -inf. */
-    T *gO = (T *)p.o + b * p.o_sb + h * p.o_sh;
+    /* Epilogue. O: [B, Sq, H, D]; rows with no computed tile (l = 0) get O = 0 and LSE = -inf.
+     * O goes through shared memory and one TMA store per 64-column block: the warpgroup's own
+     * 64 rows of the Q tile are free once its last Q K^T is done, and have the layout (128-byte
+     * swizzle) the store reads. Rows past Sq are clipped by the TMA unit. */
+    float inv[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         float l = lrow[r];
         l += __shfl_xor_sync(0xffffffffu, l, 1);
         l += __shfl_xor_sync(0xffffffffu, l, 2);
-        const float inv = l > 0.f ? 1.f / l : 0.f;
+        inv[r] = l > 0.f ? 1.f / l : 0.f;
         const int row = m * BM + row0 + 8 * r;
-        if (row < p.Sq) {
-            T *orow = gO + (int64_t)row * p.o_ss;
+        if (p.lse && tq == 0 && row < p.Sq)
+            p.lse[b * p.lse_sb + h * p.lse_sh + row * p.lse_ss] =
+                l > 0.f ? (mrow[r] * c + __log2f(l)) * 0.69314718055994531f : -INFINITY;
+    }
+#if LA_SM90_TMA_STORE
+    {
+        const int lr0 = (warp & 3) * 16 + g; /* row within the warpgroup's 64 */
 #pragma unroll
-            for (int j = 0; j < D / 8; ++j)
-                *reinterpret_cast<uint32_t *>(orow + j * 8 + 2 * tq) =
-                    pack2<T>(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
-            if (p.lse && tq == 0)
-                p.lse[b * p.lse_sb + h * p.lse_sh + row * p.lse_ss] =
-                    l > 0.f ? (mrow[r] * c + __log2f(l)) * 0.69314718055994531f : -INFINITY;
+        for (int r = 0; r < 2; ++r) {
+            const int lr = lr0 + 8 * r;
+#pragma unroll
+            for (int j = 0; j < D / 8; ++j) {
+                const uint32_t addr = q_base + (j >> 3) * BM * 128 + lr * 128 + ((((j & 7) ^ (lr & 7))) << 4) + 4 * tq;
+                const uint32_t v = pack2<T>(o[4 * j + 2 * r] * inv[r], o[4 * j + 2 * r + 1] * inv[r]);
+                asm volatile("st.shared.u32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
+            }
+        }
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        named_sync<128>(5 + cw);
+        if ((ctid & 127) == 0) {
+#pragma unroll
+            for (int j = 0; j < DB; ++j)
+                asm volatile("cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%1, %2, %3, %4}], [%5];" ::"l"(
+                                 reinterpret_cast<uint64_t>(&P.to)),
+                             "r"(64 * j), "r"(m * BM + cw * 64), "r"(h), "r"(b), "r"(q_base + j * BM * 128)
+                             : "memory");
+            asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+            asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
         }
     }
+#else
+    {
+        T *gO = (T *)p.o + b * p.o_sb + h * p.o_sh;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int row = m * BM + row0 + 8 * r;
+            if (row < p.Sq) {
+                T *orow = gO + (int64_t)row * p.o_ss;
+#pragma unroll
+                for (int j = 0; j < D / 8; ++j)
+                    *reinterpret_cast<uint32_t *>(orow + j * 8 + 2 * tq) =
+                        pack2<T>(o[4 * j + 2 * r] * inv[r], o[4 * j + 2 * r + 1] * inv[r]);
+            }
+        }
+    }
+#endif
 
     if (SKIP) {
         named_sync<NCT>(1); /* every vote is in s_keep */
@@ -433,6 +512,29 @@ __global__ void __launch_bounds__(Tiles<D>::NT, 1) fwd_kernel(const __grid_const
         atomicAdd(p.tiles, (unsigned long long)nK);
     }
 }
+
+/* Scheduling for mode SKIP, one CTA per head (b, h): the q-tiles of the head sorted by the
+ * number of tiles their rows visit, most first (ties by q-tile index, so the order is
+ * deterministic): order[(b*H + h)*nQ + rank] = m. Within a head only, so that the CTAs in
+ * flight still share their head's K/V in L2. counts: nQ ints of dynamic shared memory. */
+static __global__ void order_kernel(const __grid_constant__ KParams p, int32_t *order) {
+    extern __shared__ int counts[];
+    const int h = blockIdx.x, b = blockIdx.y, nQ = p.nQ;
+    for (int m = threadIdx.x; m < nQ; m += blockDim.x) counts[m] = skip_row_count(p, b, h, m);
+    __syncthreads();
+    int32_t *out = order + ((int64_t)b * p.H + h) * nQ;
+    for (int m = threadIdx.x; m < nQ; m += blockDim.x) {
+        const int c = counts[m];
+        int rank = 0;
+        for (int j = 0; j < nQ; ++j) {
+            const int cj = counts[j];
+            rank += (cj > c) | ((cj == c) & (j < m));
+        }
+        out[rank] = m;
+    }
+}
+/* Rows per head up to which order_kernel runs (its shared memory and its nQ^2 ranking). */
+constexpr int kOrderMaxQTiles = 4096;
 
 /* cuTensorMapEncodeTiled through the runtime (no link against libcuda). */
 inline PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
@@ -491,10 +593,29 @@ cudaError_t launch(const KParams &kp, int nQ, int H, int B, cudaStream_t stream)
     pp.k = kp;
     if (!make_map<T>(&pp.tq, kp.q, D, kp.Sq, H, B, kp.q_ss, kp.q_sh, kp.q_sb, TL::BM) ||
         !make_map<T>(&pp.tk, kp.k, D, kp.Sk, H, B, kp.k_ss, kp.k_sh, kp.k_sb, TL::BN) ||
-        !make_map<T>(&pp.tv, kp.v, D, kp.Sk, H, B, kp.v_ss, kp.v_sh, kp.v_sb, TL::BN))
+        !make_map<T>(&pp.tv, kp.v, D, kp.Sk, H, B, kp.v_ss, kp.v_sh, kp.v_sb, TL::BN) ||
+        !make_map<T>(&pp.to, kp.o, D, kp.Sq, H, B, kp.o_ss, kp.o_sh, kp.o_sb, 64))
         return cudaErrorInvalidValue;
+    /* Mode SKIP: rows differ in length, so the heaviest go first. Scratch from the stream's
+     * memory pool; without it the CTAs take the rows in their natural order. */
+    int32_t *order = nullptr;
+    if (kp.mode == LA_MODE_SKIP && nQ > 1 && nQ <= kOrderMaxQTiles &&
+        cudaMallocAsync((void **)&order, sizeof(int32_t) * (size_t)nQ * H * B, stream) == cudaSuccess) {
+        /* counts padded by 16 ints: the compiler's vectorised reads of the last elements went
+         * past nQ ints (compute-sanitizer memcheck on the H200, 12-byte reads at nQ = 2). */
+        order_kernel<<<dim3(H, B), 256, sizeof(int) * (nQ + 16), stream>>>(kp, order);
+        pp.k.order = order;
+    } else {
+        (void)cudaGetLastError(); /* a failed allocation is not this call's error */
+        pp.k.order = nullptr;
+    }
     kern<<<dim3(nQ, H, B), TL::NT, TL::smem_bytes, stream>>>(pp);
-    return cudaGetLastError();
+    cudaError_t e = cudaGetLastError();
+    if (order) {
+        cudaError_t ef = cudaFreeAsync(order, stream);
+        if (e == cudaSuccess) e = ef;
+    }
+    return e;
 }
 
 #define LA_SM90_INSTANCE(D, T)                                                                \

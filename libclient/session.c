@@ -220,42 +220,26 @@ LA_API int la_session_get(const la_session *s, const char *name, int64_t *ret_va
 {
     if (!s || !name)
         return cl_fail(LA_EINVAL, "la_session_get: NULL argument");
-    int64_t v;
-    if (!strcmp(name, "id"))
-        v = (int64_t)s->id;
-    else if (!strcmp(name, "layers"))
-        v = s->layers;
-    else if (!strcmp(name, "heads"))
-        v = s->heads;
-    else if (!strcmp(name, "head_dim"))
-        v = s->head_dim;
-    else if (!strcmp(name, "dtype"))
-        v = s->dtype;
-    else if (!strcmp(name, "max_seq_q"))
-        v = s->max_seq_q;
-    else if (!strcmp(name, "max_seq_k"))
-        v = s->max_seq_k;
-    else if (!strcmp(name, "batch"))
-        v = s->batch;
-    else if (!strcmp(name, "kv_shards"))
-        v = s->kv_shards;
-    else if (!strcmp(name, "bm"))
-        v = s->bm;
-    else if (!strcmp(name, "bn"))
-        v = s->bn;
-    else if (!strcmp(name, "mask_bytes"))
-        v = (int64_t)s->mask_bytes;
-    else if (!strcmp(name, "layer_mask_bytes"))
-        v = (int64_t)s->layer_mask_bytes;
-    else if (!strcmp(name, "n_q_tiles"))
-        v = s->n_q_tiles;
-    else if (!strcmp(name, "n_k_words"))
-        v = s->n_k_words;
-    else
-        return cl_fail(LA_ENOENT, "no session fact \"%s\"", name);
-    if (ret_value)
-        *ret_value = v;
-    return 0;
+    static const char *const names[] = {
+        "id",       "layers",    "heads", "head_dim", "dtype",      "max_seq_q",        "max_seq_k",
+        "batch",    "kv_shards", "bm",    "bn",       "mask_bytes", "layer_mask_bytes", "n_q_tiles",
+        "n_k_words"};
+    /* The facts in the order of names (a table: not reflowed). */
+    /* clang-format off */
+    const int64_t values[] = {
+        (int64_t)s->id, s->layers, s->heads, s->head_dim, s->dtype, s->max_seq_q, s->max_seq_k,
+        s->batch, s->kv_shards, s->bm, s->bn, (int64_t)s->mask_bytes,
+        (int64_t)s->layer_mask_bytes, s->n_q_tiles, s->n_k_words};
+    /* clang-format on */
+    _Static_assert(sizeof(names) / sizeof(names[0]) == sizeof(values) / sizeof(values[0]),
+                   "one value per fact");
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+        if (!strcmp(name, names[i])) {
+            if (ret_value)
+                *ret_value = values[i];
+            return 0;
+        }
+    return cl_fail(LA_ENOENT, "no session fact \"%s\"", name);
 }
 
 static int session_ref_call(la_session *s, int body, int want, Liteattn__Reply **ret_reply)
