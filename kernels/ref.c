@@ -17,9 +17,9 @@
  * - NaN, as PyTorch's SDPA: a query row with a NaN score (q_i . k_j over a visited tile's valid
  *   keys, e.g. from a NaN in Q or K) gets O = NaN in every element and LSE = NaN; a NaN in V
  *   reaches O through P V on its own. NaN scores are left out of the row's max t_i, so they
- *   never raise m_i and never vote: votes are as if those scores were absent (a row with no
- *   finite score yet still has m_i = -inf and keeps what it visits, like a row before its first
- *   tile).
+ *   never raise m_i and never vote: votes are as if those scores were absent, and a row with
+ *   no finite score in the tile (t_i = -inf) casts no vote on it (tau = -inf still keeps
+ *   every visited tile).
  * - Vote: row i keeps tile n when m_i == -inf (nothing visited yet for that row) or
  *   (t_i - m_i) * sl2e > tau in fp32, sl2e = (float)scale * (float)log2(e) rounded once.
  * - Mask update (OBSERVE/SKIP, into `decisions` when set): a visited tile's bit becomes keep(n)
@@ -392,7 +392,10 @@ static void run_item(job *jb, scratch *sc, int64_t item)
             if (nan) /* as in SDPA: a NaN score makes the row's O and LSE NaN (l stays NaN) */
                 sc->l[i] = NAN;
             const float mo = sc->m[i];
-            if (mo == -INFINITY || (t - mo) * jb->sl2e > p->tau)
+            /* A row with no finite score in the tile (all NaN) casts no vote, as in the CUDA
+             * kernels, where its margin t - m is NaN; at tau = -inf every tile is kept anyway. */
+            if (p->tau == -INFINITY ||
+                (t > -INFINITY && (mo == -INFINITY || (t - mo) * jb->sl2e > p->tau)))
                 keep = true;
             const float mn = t > mo ? t : mo;
             if (mn == -INFINITY) {

@@ -1054,15 +1054,18 @@ static void nan_case(la_dtype dt)
                         ck_assert_msg(!isnan(x), "case %d: O[%d, %d, %d] is NaN", c, i, h, d);
                 }
             }
-        /* Votes: the q-tile of the NaN query row (c 0) keeps every tile; a NaN in V (c 2)
-         * changes no vote; a NaN key (c 1) changes none in the other head. */
+        /* Votes: the NaN query row (c 0) casts none, so its q-tile keeps a subset of what it
+         * kept clean; a NaN in V (c 2) changes no vote; a NaN key (c 1) changes none in the
+         * other head. */
         const int nk = nk_of(&t->p);
         for (int h = 0; h < H && c != 3; h++)
             for (int m = 0; m < nq_of(&t->p) && !(c == 1 && h == 0); m++) {
                 const uint32_t *got = mrow(&t->p, t->mask, 0, h, m),
                                *was = mrow(&t->p, m0, 0, h, m);
                 for (int n = 0; n < nk; n++) {
-                    int want = (c == 0 && h == 1 && m == 0) ? 1 : getbit(was, n);
+                    int want = getbit(was, n);
+                    if (c == 0 && h == 1 && m == 0)
+                        want &= getbit(got, n); /* a subset */
                     ck_assert_msg(getbit(got, n) == want,
                                   "case %d: mask (h %d, m %d) tile %d = %d, "
                                   "want %d",
@@ -1073,6 +1076,21 @@ static void nan_case(la_dtype dt)
         tu_set(base, dt, at, saved);
         t->p.must_skip = NULL;
         t->p.n_must_skip = 0;
+    }
+    /* A q-tile whose every row is NaN (q-tile 0 of head 1) votes for nothing: its mask row
+     * ends all zeros at a finite tau, and stays all ones at tau = -inf. */
+    for (int i = 0; i < BM; i++)
+        tu_set(t->q, dt, QI(i, 1, 0), NAN);
+    for (int pass = 0; pass < 2; pass++) {
+        t->p.tau = pass ? -INFINITY : -3.0f;
+        tu_mask_ones(t);
+        ck_assert_int_eq(la_ref_attn_fwd(&t->p), 0);
+        const uint32_t *row = mrow(&t->p, t->mask, 0, 1, 0);
+        for (int n = 0; n < nk_of(&t->p); n++)
+            ck_assert_msg(getbit(row, n) == pass, "all-NaN q-tile, tau %g: tile %d = %d",
+                          (double)t->p.tau, n, getbit(row, n));
+        for (int i = 0; i < BM; i++)
+            ck_assert_msg(isnan(t->lse[1 * SQ + i]), "all-NaN q-tile: LSE[1, %d] not NaN", i);
     }
 #undef QI
     free(o0);
