@@ -24,7 +24,9 @@ static int run_direct(const sim_opts *o)
     uint32_t *mask = malloc((size_t)L * mask_words * 4);
     sim_layer *ld = calloc((size_t)L, sizeof(*ld));
     sim_row *rows = calloc((size_t)o->steps, sizeof(*rows));
-    if (!q || !k || !v || !out || !ref || !mask || !ld || !rows) {
+    double *dense_t = calloc((size_t)(o->dense_runs + o->steps), sizeof(*dense_t));
+    int n_dense = 0;
+    if (!q || !k || !v || !out || !ref || !mask || !ld || !rows || !dense_t) {
         fprintf(stderr, "bench_direct: out of memory\n");
         return 1;
     }
@@ -61,8 +63,31 @@ static int run_direct(const sim_opts *o)
     p.threads = o->threads;
 
     double t_start = sim_now_s();
+    /* The baseline (sim.h): dense passes on step 0's inputs, the first one untimed. */
+    p.mode = LA_MODE_DENSE;
+    p.o = ref;
+    p.step = 0;
+    for (int run = -1; run < o->dense_runs; run++) {
+        double t = 0;
+        for (int l = 0; l < L; l++) {
+            sim_generate(o, &ld[l], l, 0, q, k, v);
+            p.mask = mask + (size_t)l * mask_words;
+            double t0 = sim_now_s();
+            int rc = la_ref_attn_fwd(&p);
+            t += sim_now_s() - t0;
+            if (rc < 0) {
+                fprintf(stderr, "bench_direct: la_ref_attn_fwd (dense): %s\n", codes_strerror(rc));
+                return 1;
+            }
+        }
+        if (run >= 0)
+            dense_t[n_dense++] = t;
+    }
+    sim_baseline base = sim_baseline_of(dense_t, n_dense);
+    sim_print_baseline(" before the generation", &base);
+    sim_print_columns();
     for (int step = 0; step < o->steps; step++) {
-        double attn = 0, num = 0, den = 0;
+        double attn = 0, num = 0, den = 0, dense = 0;
         int64_t computed = 0, total = 0;
         for (int l = 0; l < L; l++) {
             sim_generate(o, &ld[l], l, step, q, k, v);
@@ -84,7 +109,9 @@ static int run_direct(const sim_opts *o)
             p.mode = LA_MODE_DENSE;
             p.o = ref;
             p.ret_tiles_computed = NULL;
+            t0 = sim_now_s();
             rc = la_ref_attn_fwd(&p);
+            dense += sim_now_s() - t0;
             if (rc < 0) {
                 fprintf(stderr, "bench_direct: la_ref_attn_fwd (dense): %s\n", codes_strerror(rc));
                 return 1;
@@ -92,10 +119,13 @@ static int run_direct(const sim_opts *o)
             sim_err_acc(out, ref, n, o->dtype, &num, &den);
         }
         rows[step] =
-            (sim_row){(double)computed / (double)total, attn, den > 0 ? sqrt(num / den) : 0};
-        sim_print_row(step, &rows[step], rows[0].attn_s);
+            (sim_row){(double)computed / (double)total, attn, den > 0 ? sqrt(num / den) : 0, dense};
+        dense_t[n_dense++] = dense;
+        base = sim_baseline_of(dense_t, n_dense);
+        sim_print_row(step, &rows[step], base.median_s);
     }
-    sim_print_summary(o, rows, sim_now_s() - t_start);
+    sim_print_summary(o, rows, &base, sim_now_s() - t_start);
+    free(dense_t);
     for (int l = 0; l < L; l++)
         sim_layer_free(&ld[l]);
     free(ld);

@@ -256,6 +256,8 @@ int conn_send(conn *c, const Liteattn__Reply *r)
 
 int conn_send_error(conn *c, uint64_t id, int code, const char *message)
 {
+    if (code < 0 && code > -CONN_ERROR_CODES)
+        c->ctr->errors[-code]++;
     Liteattn__Error e = LITEATTN__ERROR__INIT;
     e.code = code;
     e.message = (char *)(message && *message ? message : codes_strerror(code));

@@ -62,8 +62,11 @@ typedef struct conn_limits {
 } conn_limits;
 
 /* Counted by every connection of one owner. */
+#define CONN_ERROR_CODES 32 /* error replies are counted by -code, below this */
 typedef struct conn_counters {
     uint64_t frames_in, frames_out, bytes_in, bytes_out, protocol_errors;
+    uint64_t
+        errors[CONN_ERROR_CODES]; /* error replies sent, by -code (LA_E* of liteattn_codes.h) */
 } conn_counters;
 
 /* A request in flight (e.g. an attention job): embedded in the caller's own object. */

@@ -247,6 +247,7 @@ static int do_session_info(const disp *d, conn *c, uint64_t id, const Liteattn__
     ir.has_calls = 1, ir.calls = st.calls;
     ir.has_tiles_total = 1, ir.tiles_total = st.tiles_total;
     ir.has_tiles_computed = 1, ir.tiles_computed = st.tiles_computed;
+    ir.has_restarts = 1, ir.restarts = st.restarts;
     send_reply(c, id, LITEATTN__REPLY__BODY_SESSION_INFO, &ir);
     free(live);
     return CONN_REQ_OK;
@@ -290,6 +291,7 @@ static void list_one(void *data, const eng_session_summary *s)
     o->has_bn = 1, o->bn = s->bn;
     o->has_mask_bytes = 1, o->mask_bytes = s->mask_bytes;
     o->has_calls = 1, o->calls = s->calls;
+    o->has_restarts = 1, o->restarts = s->restarts;
     o->has_live_fraction = 1, o->live_fraction = s->live_fraction;
     o->has_attached = 1, o->attached = s->attached != 0;
     o->has_idle_ms = 1, o->idle_ms = s->idle_ms;

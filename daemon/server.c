@@ -74,11 +74,24 @@ static int listen_create(srv *s, char *err, size_t errlen)
     /* Single instance: the lock outlives a crashed daemon's stale socket file. */
     char lock[sizeof(sa.sun_path) + 8];
     snprintf(lock, sizeof(lock), "%s.lock", path);
-    s->lock_fd = open(lock, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-    if (s->lock_fd < 0)
-        return fail(err, errlen, "cannot open lock file %s: %s", lock, strerror(errno));
-    if (flock(s->lock_fd, LOCK_EX | LOCK_NB) < 0)
-        return fail(err, errlen, "another liteattnd serves %s (%s is locked)", path, lock);
+    for (int tries = 0;; tries++) {
+        s->lock_fd = open(lock, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+        if (s->lock_fd < 0)
+            return fail(err, errlen, "cannot open lock file %s: %s", lock, strerror(errno));
+        if (flock(s->lock_fd, LOCK_EX | LOCK_NB) < 0)
+            return fail(err, errlen, "another liteattnd serves %s (%s is locked)", path, lock);
+        /* A daemon that stops cleanly unlinks its lock file while it still holds the lock
+         * (srv_free): if the file locked here is no longer the one at the path, it was that
+         * daemon's, and holding it would not keep a third one out. Open the path again. */
+        struct stat held, named;
+        if (fstat(s->lock_fd, &held) == 0 && stat(lock, &named) == 0 &&
+            held.st_dev == named.st_dev && held.st_ino == named.st_ino)
+            break;
+        close(s->lock_fd);
+        s->lock_fd = -1;
+        if (tries == 10)
+            return fail(err, errlen, "lock file %s keeps changing under this daemon", lock);
+    }
 
     struct stat st;
     if (lstat(path, &st) == 0) {
@@ -433,6 +446,11 @@ static void server_stats(void *data, disp_stat_fn fn, void *fn_data)
     fn(fn_data, "server.bytes_out", (int64_t)k->io.bytes_out);
     fn(fn_data, "server.protocol_errors", (int64_t)k->io.protocol_errors);
     fn(fn_data, "server.uptime_s", (int64_t)((srv_now_ms() - s->start_ms) / 1000));
+    /* Error replies by code, every code (a counter that exists from the start graphs well). */
+#define ERROR_STAT_(name, val, msg) \
+    fn(fn_data, "server.errors.LA_" #name, (int64_t)k->io.errors[-(val)]);
+    LA_ERRNO_MAP(ERROR_STAT_)
+#undef ERROR_STAT_
 }
 
 void srv_set_engine(srv *s, eng *e)
@@ -596,8 +614,15 @@ void srv_free(srv *s)
         log_warn("event loop closed with handles still open");
     eng_free(s->eng);
     s->eng = NULL;
-    if (s->lock_fd >= 0)
+    if (s->lock_fd >= 0) {
+        /* A clean exit leaves nothing behind: unlink the lock file while still holding it, so
+         * that no daemon starting now can lock the old file (listen_create checks). */
+        char lock[sizeof(((struct sockaddr_un *)0)->sun_path) + 8];
+        snprintf(lock, sizeof(lock), "%s.lock", s->cfg.socket_path);
+        if (unlink(lock) < 0 && errno != ENOENT)
+            log_warn("cannot remove the lock file %s: %s", lock, strerror(errno));
         close(s->lock_fd);
+    }
     if (s->reserve_fd >= 0)
         close(s->reserve_fd);
     free(s);

@@ -58,6 +58,7 @@ typedef struct be_job {
      * runs; the loop thread reads it for mask reads and clears it to reset). */
     atomic_uchar *mask_ready;
     uint32_t mask_words, mask_k_tiles; /* words per mask row, valid bits per row */
+    int mask_restart; /* set those bytes to all ones before computing (a new generation) */
     int has_wait_event;
     uint8_t wait_event[64];
     uint64_t t_submit_ns; /* CLOCK_MONOTONIC */

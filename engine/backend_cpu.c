@@ -213,8 +213,12 @@ static void *worker_main(void *arg)
         }
         pthread_mutex_unlock(&c->lock);
 
-        if (j->be_cursor == 0)
+        if (j->be_cursor == 0) {
+            /* A new generation of this layer (a step went backwards) starts from all ones. */
+            if (j->mask_restart && j->mask)
+                memset((char *)j->mask->host + j->mask_off, 0xff, (size_t)j->mask_len);
             init_mask(j);
+        }
         int64_t tiles = 0;
         sp.threads = share > 0 ? share : 1;
         sp.ret_tiles_computed = &tiles;
@@ -248,7 +252,7 @@ static void *worker_main(void *arg)
             undo_mask(j);
         } else {
             j->status = 0;
-            if (j->p.mask && !j->p.decisions && j->p.mode != LA_MODE_DENSE) {
+            if (j->p.mask && !j->p.decisions && (j->p.mode != LA_MODE_DENSE || j->mask_restart)) {
                 j->has_live = 1;
                 j->live_bits = be_mask_live(j->p.mask, j->mask_len, j->mask_words, j->mask_k_tiles);
             }

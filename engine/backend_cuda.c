@@ -9,7 +9,8 @@
  * The loop thread never waits for the GPU. It only enqueues stream-ordered work that returns at
  * once (cudaMallocAsync + cudaMemsetAsync of new masks) and hands jobs to the device's worker.
  * The worker, per job: makes the stream wait on the client's IPC event, zeroes the job's
- * tile counter, launches the kernel, copies the counter and (when the mask changed) the
+ * tile counter, sets the layer's mask to all ones when the layer starts over (a step lower
+ * than its last one), launches the kernel, copies the counter and (when the mask changed) the
  * layer's mask back into pinned host memory (the host view the loop thread reads for live
  * fractions and mask reads), records an interprocess completion event (whose handle goes back
  * to the client) and enqueues a host function that completes the job once the stream got
@@ -248,7 +249,7 @@ static void CUDART_CB host_done(void *arg)
     pthread_cond_broadcast(&g->cond);
     pthread_mutex_unlock(&g->lock);
     /* Not under g->lock: the loop thread submits under it. */
-    if (j->mask && j->p.mode != LA_MODE_DENSE && !j->p.decisions) {
+    if (j->mask && (j->p.mode != LA_MODE_DENSE || j->mask_restart) && !j->p.decisions) {
         /* The host view of the region was refreshed before this host function ran. */
         j->has_live = 1;
         j->live_bits = be_mask_live((const uint32_t *)((char *)j->mask->host + j->mask_off),
@@ -342,6 +343,10 @@ static void launch(gpu *g, be_job *j)
     unsigned long long *counter = g->d_tiles + slot;
     if ((e = cudaMemsetAsync(counter, 0, sizeof *counter, g->stream)) != cudaSuccess)
         goto fail;
+    if (j->mask_restart && j->mask &&
+        (e = cudaMemsetAsync((char *)j->mask->dev_ptr + j->mask_off, 0xff, (size_t)j->mask_len,
+                             g->stream)) != cudaSuccess)
+        goto fail;
     j->p.ret_tiles_computed = (int64_t *)counter;
     e = la_attn_fwd_cuda(&j->p, g->stream);
     j->p.ret_tiles_computed = NULL;
@@ -356,7 +361,7 @@ static void launch(gpu *g, be_job *j)
     if ((e = cudaMemcpyAsync(g->h_tiles + slot, counter, sizeof *counter, cudaMemcpyDeviceToHost,
                              g->stream)) != cudaSuccess)
         goto fail;
-    if (j->mask && j->p.mode != LA_MODE_DENSE && !j->p.decisions) {
+    if (j->mask && (j->p.mode != LA_MODE_DENSE || j->mask_restart) && !j->p.decisions) {
         /* Refresh the host view of this (layer, shard) mask. */
         e = cudaMemcpyAsync((char *)j->mask->host + j->mask_off,
                             (char *)j->mask->dev_ptr + j->mask_off, (size_t)j->mask_len,
@@ -934,8 +939,22 @@ int be_cuda_new(be_complete_fn complete, void *complete_data, logsink_fn log, vo
     int count = 0;
     cudaError_t e = cudaGetDeviceCount(&count);
     if (e != cudaSuccess || count <= 0) {
-        snprintf(msg, msg_len, "no usable GPU (%s)",
-                 e != cudaSuccess ? cudaGetErrorString(e) : "0 devices");
+        /* Without libcuda the runtime says "CUDA driver version is insufficient for CUDA
+         * runtime version", which reads as an old driver; a driver version of 0 means none. */
+        int drv = 0;
+        if (cudaDriverGetVersion(&drv) != cudaSuccess)
+            drv = 0;
+        if (drv == 0 || e == cudaErrorNoDevice || (e == cudaSuccess && count <= 0))
+            snprintf(msg, msg_len, "no NVIDIA driver/GPU found%s",
+                     drv == 0 ? " (no NVIDIA driver is loaded)" : " (the driver sees no GPU)");
+        else if (e == cudaErrorInsufficientDriver)
+            snprintf(msg, msg_len,
+                     "the NVIDIA driver (CUDA %d.%d) is older than this build's "
+                     "CUDA runtime (%d.%d): update the driver",
+                     drv / 1000, drv % 1000 / 10, CUDART_VERSION / 1000,
+                     CUDART_VERSION % 1000 / 10);
+        else
+            snprintf(msg, msg_len, "no usable GPU (%s)", cudaGetErrorString(e));
         return LA_ENODEV;
     }
     if (count > MAX_DEVICES)

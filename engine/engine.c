@@ -37,6 +37,18 @@ void eng_logf(eng *e, int level, const char *fmt, ...)
 
 uint64_t eng_now_ms(void) { return be_now_ns() / 1000000u; }
 
+eng_error eng_index_error(const char *what, uint32_t index, uint32_t count)
+{
+    eng_error e;
+    if (index > INT32_MAX)
+        snprintf(e.msg, sizeof e.msg, "%s %d (%u as unsigned) out of range: %ss count from 0 to %u",
+                 what, (int32_t)index, index, what, count - 1);
+    else
+        snprintf(e.msg, sizeof e.msg, "%s %u out of range: %ss count from 0 to %u", what, index,
+                 what, count - 1);
+    return e;
+}
+
 void eng_config_default(eng_config *cfg)
 {
     memset(cfg, 0, sizeof *cfg);
@@ -336,16 +348,19 @@ static int resolve_session(eng *e, uint32_t uid, const eng_attn_req *req, sess *
         return LA_ENOENT;
     sess_name(s, sname, sname_len);
     if (req->layer >= s->layers) {
-        eng_errf(err, "%s: layer %u out of range (layers %u)", sname, req->layer, s->layers);
+        eng_errf(err, "%s: %s", sname, eng_index_error("layer", req->layer, s->layers).msg);
         return LA_EINVAL;
     }
     if (req->kv_shard >= s->kv_shards) {
-        eng_errf(err, "%s: kv shard %u out of range (kv shards %u)", sname, req->kv_shard,
-                 s->kv_shards);
+        eng_errf(err, "%s: %s", sname,
+                 eng_index_error("kv shard", req->kv_shard, s->kv_shards).msg);
         return LA_EINVAL;
     }
     if (req->step > INT32_MAX) {
-        eng_errf(err, "%s: step %u out of range", sname, req->step);
+        eng_errf(err,
+                 "%s: step %u (%d as a signed 32-bit number) out of range: steps count "
+                 "from 0",
+                 sname, req->step, (int32_t)req->step);
         return LA_EINVAL;
     }
     la_mode mode = req->mode == LA_MODE_SESSION ? s->mode : req->mode;
@@ -452,6 +467,26 @@ static int resolve_scalars(const sess *s, const char *sname, const eng_attn_req 
         eng_errf(err, "%s: %d must-do and %d must-skip ranges (at most %d each)", sname,
                  req->n_must_do, req->n_must_skip, LA_MAX_RANGES);
         return LA_EINVAL;
+    }
+    /* Ranges are key positions of this call: [start, end) with 0 <= start <= end <= Sk. A
+     * reversed or out-of-range one is a caller's mistake (swapped pair, positions of another
+     * shard or length); clipping it silently would hide it. */
+    const int64_t Sk = req->k.shape[1];
+    for (int i = 0; i < req->n_must_do + req->n_must_skip; i++) {
+        int skip = i >= req->n_must_do;
+        const la_range *g = skip ? &req->must_skip[i - req->n_must_do] : &req->must_do[i];
+        const char *what = skip ? "must-skip" : "must-do";
+        int idx = skip ? i - req->n_must_do : i;
+        if (g->end < g->start) {
+            eng_errf(err, "%s: %s range %d [%lld, %lld) is reversed (end before start)", sname,
+                     what, idx, (long long)g->start, (long long)g->end);
+            return LA_EINVAL;
+        }
+        if (g->start < 0 || g->end > Sk) {
+            eng_errf(err, "%s: %s range %d [%lld, %lld) lies outside the call's keys [0, %lld)",
+                     sname, what, idx, (long long)g->start, (long long)g->end, (long long)Sk);
+            return LA_EINVAL;
+        }
     }
     float scale = req->scale == 0.0f ? 1.0f / sqrtf((float)s->head_dim) : req->scale;
     if (!(scale > 0.0f) || isinf(scale)) {
@@ -594,6 +629,14 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
     }
     be_job *bj = &j->bj;
     build_params(s, req, t, mode, scale, tau, bj);
+    /* Generations restart dense: a step below the layer's last one starts the layer over,
+     * every kv shard of it (each shard's mask is set to all ones by its own next call, so it
+     * stays ordered with the calls still queued on that mask). Dry runs leave the store alone
+     * and do not count as steps. */
+    size_t shard_idx = (size_t)req->layer * s->kv_shards + req->kv_shard;
+    int restart = !req->dry_run && s->last_step[req->layer] >= 0 &&
+                  (int64_t)req->step < s->last_step[req->layer];
+    bj->mask_restart = !req->dry_run && (restart || s->restart_due[shard_idx]);
     /* What this backend's kernels support (head dims, dtypes, alignment); the backend's own
      * checks of the parameters run here too (la_attn_validate). */
     rc = s->be->ops->supports(s->be, s->dev, &bj->p);
@@ -636,6 +679,22 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
             t[i].b->refs++;
             j->bufs[j->n_bufs++] = t[i].b;
         }
+    if (!req->dry_run) {
+        if (restart) {
+            memset(s->restart_due + (size_t)req->layer * s->kv_shards, 1, s->kv_shards);
+            s->stats.restarts++;
+            e->n_restarts++;
+            if (!s->restart_logged) {
+                s->restart_logged = 1;
+                eng_logf(e, 2,
+                         "%s: layer %u: step %u after step %lld: the layer starts over "
+                         "with all tiles live (a new generation; logged once per session)",
+                         sname, req->layer, req->step, (long long)s->last_step[req->layer]);
+            }
+        }
+        s->restart_due[shard_idx] = 0;
+        s->last_step[req->layer] = req->step;
+    }
     list_append(&e->jobs, &j->link);
     e->inflight++;
     sess_touch(e, s);
@@ -687,6 +746,8 @@ int eng_process_completions(eng *e)
         }
         res.compute_ns = bj->t_end_ns > bj->t_start_ns ? bj->t_end_ns - bj->t_start_ns : 0;
         res.queue_ns = bj->t_start_ns > bj->t_submit_ns ? bj->t_start_ns - bj->t_submit_ns : 0;
+        e->compute_ns += res.compute_ns;
+        e->queue_ns += res.queue_ns;
         res.has_done_event = bj->has_done_event;
         if (bj->has_done_event)
             memcpy(res.done_event, bj->done_event, sizeof res.done_event);
@@ -748,6 +809,10 @@ void eng_stats(const eng *e, void (*fn)(void *data, const char *name, int64_t va
     STAT("calls_inflight", e->inflight);
     STAT("tiles_total", e->n_tiles_total);
     STAT("tiles_computed", e->n_tiles_computed);
+    STAT("tiles_skipped", e->n_tiles_total - e->n_tiles_computed);
+    STAT("layer_restarts", e->n_restarts);
+    STAT("compute_ns", e->compute_ns);
+    STAT("queue_ns", e->queue_ns);
     STAT("sessions", n_sess);
     STAT("sessions_detached", n_detached);
     STAT("sessions_opened", e->n_sessions_opened);

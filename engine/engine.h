@@ -132,6 +132,7 @@ int eng_session_close(eng *e, uint32_t uid, uint64_t session_id, eng_error *err)
 
 typedef struct eng_session_stats {
     uint64_t calls, tiles_total, tiles_computed;
+    uint64_t restarts; /* layers started over: a call's step was below the layer's last step */
 } eng_session_stats;
 /* live[0..n) gets the live fraction of each layer (n may exceed layers; the rest untouched). */
 int eng_session_info(eng *e, uint32_t uid, uint64_t session_id, double *live, size_t n,
@@ -141,7 +142,7 @@ typedef struct eng_session_summary {
     uint64_t id;
     char key[ENG_KEY_MAX + 1];
     uint32_t uid, layers, heads, head_dim, batch, bm, bn;
-    uint64_t mask_bytes, calls, idle_ms;
+    uint64_t mask_bytes, calls, restarts, idle_ms;
     double live_fraction;
     int attached;
     char device[64];

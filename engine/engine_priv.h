@@ -58,6 +58,11 @@ typedef struct sess {
     int refs;   /* the store's (while linked) + one per job in flight */
     int linked; /* in the engine's list (not closed, evicted or expired) */
     eng_session_stats stats;
+    /* Generations restart dense: the last step of each layer (-1: none yet), and per
+     * (layer, kv shard) whether its next call must set its mask to all ones first. */
+    int64_t *last_step;   /* [layers] */
+    uint8_t *restart_due; /* [layers * kv_shards] */
+    int restart_logged;
 } sess;
 
 enum { BUF_SHM = 1, BUF_CUDA = 2 };
@@ -129,13 +134,17 @@ struct eng {
     /* counters */
     uint64_t n_calls, n_call_errors, n_completed, n_failed, n_tiles_total, n_tiles_computed;
     uint64_t n_sessions_opened, n_sessions_closed, n_evicted, n_expired, n_detached_freed;
-    uint64_t n_buffers_added, n_buffers_removed;
+    uint64_t n_buffers_added, n_buffers_removed, n_restarts;
+    uint64_t compute_ns, queue_ns; /* over finished calls: computing, waiting for a worker */
 };
 
 /* engine.c */
 void eng_errf(eng_error *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 void eng_logf(eng *e, int level, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 uint64_t eng_now_ms(void);
+/* "layer -1 (4294967295 as unsigned) out of range: layers count from 0 to 3": an index that
+ * came from a negative number says so. count > 0. */
+eng_error eng_index_error(const char *what, uint32_t index, uint32_t count);
 
 /* session.c */
 /* sess_name's buffer: "session <id> (key '<escaped key>')". */

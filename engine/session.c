@@ -125,6 +125,8 @@ void sess_unref(eng *e, sess *s)
     mset_unref(e, s->masks);
     free(s->schedule);
     free(s->conns);
+    free(s->last_step);
+    free(s->restart_due);
     free(s);
 }
 
@@ -284,6 +286,17 @@ static int key_check(const char *key, size_t *ret_len, eng_error *err)
     return 0;
 }
 
+static const char *dtype_long_name(la_dtype t)
+{
+    switch (t) {
+    case LA_DTYPE_F32: return "float32";
+    case LA_DTYPE_F16: return "float16";
+    case LA_DTYPE_BF16: return "bfloat16";
+    case LA_DTYPE_U32: return "uint32";
+    }
+    return "an unknown dtype";
+}
+
 /* Picks the backend and device of a new session from spec->device. */
 static int pick_device(eng *e, sess *s, const char *want, eng_error *err)
 {
@@ -314,8 +327,16 @@ static int pick_device(eng *e, sess *s, const char *want, eng_error *err)
     }
     rc = be->ops->tile_sizes(be, dev, s->head_dim, s->dtype, &bm, &bn);
     if (rc < 0) {
-        eng_errf(err, "session '%s': the %s backend has no kernel for head dim %u, dtype %d",
-                 s->key_esc, be->ops->name, s->head_dim, (int)s->dtype);
+        /* Name the dtype as users write it (torch.bfloat16) and list what the backend has. */
+        static const uint32_t dims[] = {32, 48, 64, 80, 96, 112, 128, 160, 192, 256};
+        char have[96] = "";
+        size_t n = 0;
+        for (size_t i = 0; i < sizeof dims / sizeof dims[0] && n < sizeof have; i++)
+            if (be->ops->tile_sizes(be, dev, dims[i], s->dtype, &bm, &bn) == 0)
+                n += (size_t)snprintf(have + n, sizeof have - n, "%s%u", n ? ", " : "", dims[i]);
+        eng_errf(err, "session '%s': the %s backend has no kernel for head dim %u in %s (%s%s)",
+                 s->key_esc, be->ops->name, s->head_dim, dtype_long_name(s->dtype),
+                 n ? "it has head dims " : "none in this dtype", have);
         return LA_ENOTSUP;
     }
     s->be = be;
@@ -513,6 +534,15 @@ int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_s
         memcpy(s->schedule, spec->schedule, spec->n_schedule * sizeof *s->schedule);
         s->n_schedule = spec->n_schedule;
     }
+    s->last_step = malloc((size_t)s->layers * sizeof *s->last_step);
+    s->restart_due = calloc((size_t)s->layers * s->kv_shards, 1);
+    if (!s->last_step || !s->restart_due) {
+        eng_errf(err, "out of memory");
+        rc = LA_ENOMEM;
+        goto fail;
+    }
+    for (uint32_t i = 0; i < s->layers; i++)
+        s->last_step[i] = -1;
     if ((rc = mset_new(e, s, &s->masks, err)) < 0)
         goto fail;
 
@@ -528,6 +558,8 @@ int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_s
 fail:
     free(s->schedule);
     free(s->conns);
+    free(s->last_step);
+    free(s->restart_due);
     free(s);
     return rc;
 }
@@ -581,6 +613,10 @@ int eng_session_reset(eng *e, uint32_t uid, uint64_t session_id, eng_error *err)
         eng_errf(err, "%s: mask reset failed: %s", name, codes_strerror(rc));
         return rc;
     }
+    /* Every mask is all ones again: whatever step comes next starts a generation. */
+    for (uint32_t l = 0; l < s->layers; l++)
+        s->last_step[l] = -1;
+    memset(s->restart_due, 0, (size_t)s->layers * s->kv_shards);
     sess_touch(e, s);
     return 0;
 }
@@ -641,6 +677,7 @@ void eng_session_list(eng *e, uint32_t uid, void (*fn)(void *data, const eng_ses
         sum.bn = s->bn;
         sum.mask_bytes = s->mask_bytes;
         sum.calls = s->stats.calls;
+        sum.restarts = s->stats.restarts;
         sum.idle_ms = s->inflight ? 0 : now - s->last_used_ms;
         double t = 0;
         for (uint32_t l = 0; l < s->layers; l++)
@@ -662,11 +699,11 @@ int eng_mask_read(eng *e, uint32_t uid, uint64_t session_id, uint32_t layer, uin
     char name[SESS_NAME_MAX];
     sess_name(s, name, sizeof name);
     if (layer >= s->layers) {
-        eng_errf(err, "%s: layer %u out of range (layers %u)", name, layer, s->layers);
+        eng_errf(err, "%s: %s", name, eng_index_error("layer", layer, s->layers).msg);
         return LA_EINVAL;
     }
     if (kv_shard >= s->kv_shards) {
-        eng_errf(err, "%s: kv shard %u out of range (kv shards %u)", name, kv_shard, s->kv_shards);
+        eng_errf(err, "%s: %s", name, eng_index_error("kv shard", kv_shard, s->kv_shards).msg);
         return LA_EINVAL;
     }
     uint64_t total = s->layer_mask_bytes;

@@ -14,6 +14,12 @@
  *   other tile, SKIP visits (live | must-do) & ~must-skip-only.
  * - A row (b, h, m) that visits no tile (all its tiles skipped) has O = 0 and LSE = -inf for its
  *   query rows, and its mask row is rewritten unchanged.
+ * - NaN, as PyTorch's SDPA: a query row with a NaN score (q_i . k_j over a visited tile's valid
+ *   keys, e.g. from a NaN in Q or K) gets O = NaN in every element and LSE = NaN; a NaN in V
+ *   reaches O through P V on its own. NaN scores are left out of the row's max t_i, so they
+ *   never raise m_i and never vote: votes are as if those scores were absent, and a row with
+ *   no finite score in the tile (t_i = -inf) casts no vote on it (tau = -inf still keeps
+ *   every visited tile).
  * - Vote: row i keeps tile n when m_i == -inf (nothing visited yet for that row) or
  *   (t_i - m_i) * sl2e > tau in fp32, sl2e = (float)scale * (float)log2(e) rounded once.
  * - Mask update (OBSERVE/SKIP, into `decisions` when set): a visited tile's bit becomes keep(n)
@@ -226,20 +232,30 @@ LA_CLONES static float exp2_row(float *restrict srow, int bn, int bnp, float mx,
 }
 
 /* max over srow[0..bn) (exact in any order; NaN are passed over). */
-LA_CLONES static float max_row(const float *restrict srow, int bn)
+/* NaN scores are left out of the max (so they never raise m_i nor vote); *ret_nan says whether
+ * srow[0..bn) held one. */
+LA_CLONES static float max_row(const float *restrict srow, int bn, bool *ret_nan)
 {
     v8 m = (v8){0} - INFINITY;
+    v8i un = {0};
     int j = 0;
     for (; j + 8 <= bn; j += 8) {
         v8 x = ld8(srow + j);
         v8i gt = x > m;
+        un |= x != x;
         m = (v8)(((v8i)x & gt) | ((v8i)m & ~gt));
     }
     float t = -INFINITY;
-    for (int l = 0; l < 8; l++)
+    bool nan = false;
+    for (int l = 0; l < 8; l++) {
         t = m[l] > t ? m[l] : t;
-    for (; j < bn; j++)
+        nan |= un[l] != 0;
+    }
+    for (; j < bn; j++) {
         t = srow[j] > t ? srow[j] : t;
+        nan |= srow[j] != srow[j];
+    }
+    *ret_nan = nan;
     return t;
 }
 
@@ -371,9 +387,15 @@ static void run_item(job *jb, scratch *sc, int64_t item)
                 memset(srow, 0, sizeof(float) * (size_t)bnp);
                 continue;
             }
-            const float t = max_row(srow, bn);
+            bool nan;
+            const float t = max_row(srow, bn, &nan);
+            if (nan) /* as in SDPA: a NaN score makes the row's O and LSE NaN (l stays NaN) */
+                sc->l[i] = NAN;
             const float mo = sc->m[i];
-            if (mo == -INFINITY || (t - mo) * jb->sl2e > p->tau)
+            /* A row with no finite score in the tile (all NaN) casts no vote, as in the CUDA
+             * kernels, where its margin t - m is NaN; at tau = -inf every tile is kept anyway. */
+            if (p->tau == -INFINITY ||
+                (t > -INFINITY && (mo == -INFINITY || (t - mo) * jb->sl2e > p->tau)))
                 keep = true;
             const float mn = t > mo ? t : mo;
             if (mn == -INFINITY) {

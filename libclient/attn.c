@@ -63,17 +63,30 @@ LA_API int la_attn_set_tensor(la_attn *a, la_tensor_role role, const la_buffer *
         memset(t, 0, sizeof(*t));
         return 0;
     }
+    static const char *const names[N_ROLES] = {"q", "k", "v", "o", "lse", "decisions"};
+    static const char *const dims4[2][4] = {{"B", "Sq", "H", "D"}, {"B", "Sk", "H", "D"}};
+    static const char *const dims3[3] = {"B", "H", "Sq"};
+    const char *name = names[role];
     int want = role == LA_TENSOR_LSE ? 3 : role == LA_TENSOR_DECISIONS ? 0 : 4;
     if (ndim != want)
-        return cl_fail(LA_EINVAL, "tensor role %d takes %d dims, not %d", (int)role, want, ndim);
+        return cl_fail(LA_EINVAL, "%s takes %d dimensions%s, not %d", name, want,
+                       want == 4   ? " [B, S, H, D]"
+                       : want == 3 ? " [B, H, Sq]"
+                                   : "",
+                       ndim);
     if (ndim && !shape)
-        return cl_fail(LA_EINVAL, "tensor role %d: shape is NULL", (int)role);
+        return cl_fail(LA_EINVAL, "%s: shape is NULL", name);
     if (dtype != LA_DTYPE_F32 && dtype != LA_DTYPE_F16 && dtype != LA_DTYPE_BF16 &&
         dtype != LA_DTYPE_U32)
         return cl_fail(LA_EINVAL, "unknown dtype %d", (int)dtype);
     for (int i = 0; i < ndim; i++)
         if (shape[i] <= 0)
-            return cl_fail(LA_EINVAL, "tensor role %d: dimension %d is %lld", (int)role, i,
+            return cl_fail(LA_EINVAL,
+                           "%s: dimension %d (%s) is %lld; every size must be at "
+                           "least 1",
+                           name, i,
+                           ndim == 3 ? dims3[i]
+                                     : dims4[role == LA_TENSOR_K || role == LA_TENSOR_V][i],
                            (long long)shape[i]);
     t->set = 1;
     t->buffer_id = buf->id;

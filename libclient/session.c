@@ -277,6 +277,42 @@ LA_API int la_session_info(la_session *s, double *ret_live, size_t n, uint64_t *
     return 0;
 }
 
+LA_API int la_session_stat(la_session *s, const char *name, int64_t *ret_value)
+{
+    if (!s || !name)
+        return cl_fail(LA_EINVAL, "la_session_stat: NULL argument");
+    if (strcmp(name, "calls") && strcmp(name, "tiles_total") && strcmp(name, "tiles_computed") &&
+        strcmp(name, "tiles_skipped") && strcmp(name, "restarts"))
+        return cl_fail(LA_ENOENT,
+                       "no session statistic \"%s\" (calls, tiles_total, "
+                       "tiles_computed, tiles_skipped, restarts)",
+                       name);
+    la_client *c = s->client;
+    Liteattn__Reply *r;
+    pthread_mutex_lock(&c->lock);
+    int rc = session_ref_call(s, LITEATTN__REQUEST__BODY_SESSION_INFO,
+                              LITEATTN__REPLY__BODY_SESSION_INFO, &r);
+    pthread_mutex_unlock(&c->lock);
+    if (rc < 0)
+        return rc;
+    const Liteattn__SessionInfoReply *ir = r->session_info;
+    uint64_t v;
+    if (!strcmp(name, "calls"))
+        v = ir->calls;
+    else if (!strcmp(name, "tiles_total"))
+        v = ir->tiles_total;
+    else if (!strcmp(name, "tiles_computed"))
+        v = ir->tiles_computed;
+    else if (!strcmp(name, "tiles_skipped"))
+        v = ir->tiles_total - ir->tiles_computed;
+    else
+        v = ir->restarts;
+    liteattn__reply__free_unpacked(r, NULL);
+    if (ret_value)
+        *ret_value = (int64_t)v;
+    return 0;
+}
+
 LA_API int la_session_read_mask(la_session *s, uint32_t layer, uint32_t kv_shard, void *dst,
                                 size_t len)
 {

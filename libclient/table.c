@@ -160,7 +160,7 @@ static int fill_sessions(la_table *t, const Liteattn__Reply *r)
     int rc = 0;
     for (size_t i = 0; rc == 0 && i < r->session_list->n_sessions; i++) {
         const Liteattn__SessionSummary *s = r->session_list->sessions[i];
-        char b[13][32];
+        char b[14][32];
         snprintf(b[0], 32, "%" PRIu64, s->id);
         snprintf(b[1], 32, "%u", s->uid);
         snprintf(b[2], 32, "%u", s->layers);
@@ -174,8 +174,9 @@ static int fill_sessions(la_table *t, const Liteattn__Reply *r)
         snprintf(b[10], 32, "%.4f", s->live_fraction);
         snprintf(b[11], 32, "%d", s->attached ? 1 : 0);
         snprintf(b[12], 32, "%" PRIu64, s->idle_ms / 1000);
-        char *cells[15] = {b[0], s->key, b[1], b[2],  b[3],  b[4],  b[5],     b[6],
-                           b[7], b[8],   b[9], b[10], b[11], b[12], s->device};
+        snprintf(b[13], 32, "%" PRIu64, s->restarts);
+        char *cells[16] = {b[0], s->key, b[1], b[2],  b[3],  b[4],  b[5],  b[6],
+                           b[7], b[8],   b[9], b[13], b[10], b[11], b[12], s->device};
         rc = table_add(t, cells);
     }
     return rc;
@@ -190,8 +191,8 @@ LA_API int la_sessions(la_client *c, la_table **ret_table)
     req.body_case = LITEATTN__REQUEST__BODY_SESSION_LIST;
     req.session_list = &sl;
     static const char *const names[] = {
-        "id", "key",        "uid",   "layers",        "heads",    "head_dim", "batch", "bm",
-        "bn", "mask_bytes", "calls", "live_fraction", "attached", "idle_s",   "device"};
-    return table_query(c, &req, LITEATTN__REPLY__BODY_SESSION_LIST, names, 15, fill_sessions,
+        "id", "key",        "uid",   "layers",   "heads",         "head_dim", "batch",  "bm",
+        "bn", "mask_bytes", "calls", "restarts", "live_fraction", "attached", "idle_s", "device"};
+    return table_query(c, &req, LITEATTN__REPLY__BODY_SESSION_LIST, names, 16, fill_sessions,
                        ret_table);
 }

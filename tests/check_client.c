@@ -6,6 +6,7 @@
  * The daemon binary is $BUILD/liteattnd (BUILD defaults to build), started by tests/testutil_daemon.h.
  */
 #include <check.h>
+#include <ctype.h>
 #include <dlfcn.h>
 #include <errno.h>
 #include <math.h>
@@ -884,7 +885,43 @@ START_TEST(test_error_mapping)
     int rc = la_attn_run(s, a, &call);
     ck_assert_msg(rc == LA_EINVAL || rc == LA_ERANGE, "layer 7: %s", la_err_name(rc));
     ck_assert_str_ne(la_last_error_message(), "");
+    /* Layer -1 (a negative index cast to uint32_t) is named as such, not as 4294967295. */
+    OK(la_attn_set_position(a, (uint32_t)-1, 0, 0));
+    ck_assert_int_eq(la_attn_run(s, a, NULL), LA_EINVAL);
+    ck_assert_msg(strstr(la_last_error_message(),
+                         "layer -1 (4294967295 as unsigned) out of range: layers count from 0 "
+                         "to 1"),
+                  "layer -1: %s", la_last_error_message());
     OK(la_attn_set_position(a, 0, 0, 0));
+
+    /* A sequence length of 0 names the tensor and the dimension. */
+    int64_t s0[4] = {1, 0, 2, 64};
+    ck_assert_int_eq(la_attn_set_tensor(a, LA_TENSOR_Q, p.buf, p.off_q, LA_DTYPE_BF16, 4, s0, NULL),
+                     LA_EINVAL);
+    ck_assert_msg(strstr(la_last_error_message(), "q: dimension 1 (Sq) is 0"), "S = 0: %s",
+                  la_last_error_message());
+    ck_assert_int_eq(la_attn_set_tensor(a, LA_TENSOR_V, p.buf, p.off_v, LA_DTYPE_BF16, 4, s0, NULL),
+                     LA_EINVAL);
+    ck_assert_msg(strstr(la_last_error_message(), "v: dimension 1 (Sk) is 0"), "S = 0: %s",
+                  la_last_error_message());
+
+    /* Reversed and out-of-range key ranges are refused, naming the range. */
+    int64_t reversed[2] = {20, 10}, outside[2] = {0, 129}, negative[2] = {-1, 5};
+    OK(la_attn_set_must_do(a, reversed, 1));
+    ck_assert_int_eq(la_attn_run(s, a, NULL), LA_EINVAL);
+    ck_assert_msg(strstr(la_last_error_message(), "must-do range 0 [20, 10) is reversed"), "%s",
+                  la_last_error_message());
+    OK(la_attn_set_must_do(a, NULL, 0));
+    OK(la_attn_set_must_skip(a, outside, 1));
+    ck_assert_int_eq(la_attn_run(s, a, NULL), LA_EINVAL);
+    ck_assert_msg(strstr(la_last_error_message(),
+                         "must-skip range 0 [0, 129) lies outside the call's keys [0, 128)"),
+                  "%s", la_last_error_message());
+    OK(la_attn_set_must_skip(a, negative, 1));
+    ck_assert_int_eq(la_attn_run(s, a, NULL), LA_EINVAL);
+    ck_assert_msg(strstr(la_last_error_message(), "must-skip range 0 [-1, 5) lies outside"), "%s",
+                  la_last_error_message());
+    OK(la_attn_set_must_skip(a, NULL, 0));
 
     /* Heads that do not match the session. */
     int64_t bad[4] = {1, 128, 3, 64};
@@ -930,6 +967,13 @@ START_TEST(test_error_mapping)
     rc = la_session_open(c, "hd48", cfg, &s2);
     ck_assert_msg(rc == LA_ENOTSUP || rc == LA_EINVAL, "head dim 48: %s", la_err_name(rc));
     ck_assert_ptr_null(s2);
+    /* The dtype by name, and what the backend has. */
+    OK(la_session_config_set_geometry(cfg, 1, 1, 100, LA_DTYPE_BF16, 64, 0, 0, 0));
+    OK(la_session_config_set_device(cfg, "cpu"));
+    ck_assert_int_eq(la_session_open(c, "hd100", cfg, &s2), LA_ENOTSUP);
+    ck_assert_msg(strstr(la_last_error_message(), "no kernel for head dim 100 in bfloat16 (it "
+                                                  "has head dims 64, 96, 128, 256)"),
+                  "head dim 100: %s", la_last_error_message());
     ck_assert_int_eq(la_session_config_set_geometry(cfg, 0, 1, 64, LA_DTYPE_BF16, 64, 0, 0, 0),
                      LA_EINVAL);
     la_session_config_free(cfg);
@@ -1013,7 +1057,24 @@ START_TEST(test_tables)
     OK(la_attn_new(&a));
     prob_attn(&p, a, 0);
     OK(la_attn_run(s, a, NULL));
+    /* Step 2, then step 0 again: layer 0 starts over (a new generation), counted once. */
+    OK(la_attn_set_position(a, 0, 2, 0));
+    OK(la_attn_run(s, a, NULL));
+    OK(la_attn_set_position(a, 0, 0, 0));
+    OK(la_attn_run(s, a, NULL));
     la_attn_free(a);
+    int64_t calls, restarts, total, computed, skipped;
+    OK(la_session_stat(s, "calls", &calls));
+    OK(la_session_stat(s, "restarts", &restarts));
+    OK(la_session_stat(s, "tiles_total", &total));
+    OK(la_session_stat(s, "tiles_computed", &computed));
+    OK(la_session_stat(s, "tiles_skipped", &skipped));
+    ck_assert_int_eq(calls, 3);
+    ck_assert_int_eq(restarts, 1);
+    ck_assert_int_eq(total, 3 * 2 * 2); /* 1 x 2 heads x 1 q-tile x 2 k-tiles, 3 calls */
+    ck_assert_int_eq(skipped, total - computed);
+    ck_assert_int_eq(la_session_stat(s, "bogus", &calls), LA_ENOENT);
+    ck_assert_int_eq(calls, 3);
 
     la_table *t;
     OK(la_stats(c, &t));
@@ -1042,16 +1103,18 @@ START_TEST(test_tables)
 
     OK(la_sessions(c, &t));
     ck_assert_int_eq(la_table_rows(t), 1);
-    ck_assert_int_eq(la_table_cols(t), 15);
-    const char *cols[] = {"id",       "key",           "uid",      "layers", "heads",
-                          "head_dim", "batch",         "bm",       "bn",     "mask_bytes",
-                          "calls",    "live_fraction", "attached", "idle_s", "device"};
-    for (size_t i = 0; i < 15; i++)
+    ck_assert_int_eq(la_table_cols(t), 16);
+    const char *cols[] = {
+        "id", "key",        "uid",   "layers",   "heads",         "head_dim", "batch",  "bm",
+        "bn", "mask_bytes", "calls", "restarts", "live_fraction", "attached", "idle_s", "device"};
+    for (size_t i = 0; i < 16; i++)
         ck_assert_msg(col_of(t, cols[i]) >= 0, "no column %s", cols[i]);
     ck_assert_str_eq(la_table_text(t, 0, (size_t)col_of(t, "key")), "tabled");
     OK(la_table_int(t, 0, "layers", &v));
     ck_assert_int_eq(v, 3);
     OK(la_table_int(t, 0, "calls", &v));
+    ck_assert_int_eq(v, 3);
+    OK(la_table_int(t, 0, "restarts", &v));
     ck_assert_int_eq(v, 1);
     OK(la_table_int(t, 0, "uid", &v));
     ck_assert_int_eq(v, (int64_t)getuid());
@@ -1416,6 +1479,200 @@ START_TEST(test_threads_share_client)
 }
 END_TEST
 
+/* ---- liteattnctl ---------------------------------------------------------------------------- */
+
+/* Runs $BUILD/liteattnctl --socket <d's socket> args; its stdout goes into out (NUL-terminated,
+ * truncated to len - 1). Returns the exit status. */
+static int run_ctl(const tdaemon *d, const char *args, char *out, size_t len)
+{
+    const char *build = getenv("BUILD");
+    char cmd[512];
+    snprintf(cmd, sizeof(cmd), "%s/liteattnctl --socket '%s' %s", build && *build ? build : "build",
+             d->socket, args);
+    FILE *f = popen(cmd, "r");
+    ck_assert_msg(f != NULL, "popen %s: %s", cmd, strerror(errno));
+    size_t n = 0, r;
+    while (n + 1 < len && (r = fread(out + n, 1, len - 1 - n, f)) > 0)
+        n += r;
+    out[n] = 0;
+    char sink[4096];
+    while (fread(sink, 1, sizeof(sink), f) > 0) {
+    }
+    int st = pclose(f);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + (WIFSIGNALED(st) ? WTERMSIG(st) : 0);
+}
+
+/* The devices line says "cpu: CPU reference (N threads)", not "cpu cpu CPU reference". */
+START_TEST(test_ctl_status_devices)
+{
+    tdaemon d;
+    daemon_start(&d);
+    static char out[8192];
+    ck_assert_int_eq(run_ctl(&d, "status", out, sizeof(out)), 0);
+    const char *line = strstr(out, "\ndevices ");
+    ck_assert_msg(line != NULL, "no devices line in:\n%s", out);
+    ck_assert_msg(!strncmp(line + 1, "devices    cpu: CPU reference (2 threads)\n", 42),
+                  "devices line: %.60s", line + 1);
+    ck_assert_msg(!strstr(out, "cpu cpu"), "status:\n%s", out);
+    daemon_stop(&d);
+}
+END_TEST
+
+/* Checks one exposition in the Prometheus text format (0.0.4) line by line: HELP/TYPE before
+ * the samples of their family, each family declared once and contiguous, metric and label names
+ * well formed, label values quoted with only \\ \" \n escapes, values that parse, no
+ * timestamps. Returns the number of samples. */
+static int prom_check(const char *text)
+{
+    char families[256][96];
+    int n_fam = 0, samples = 0, lineno = 0;
+    const char *cur = NULL; /* family of the last TYPE line */
+    for (const char *p = text; *p; lineno++) {
+        const char *eol = strchr(p, '\n');
+        ck_assert_msg(eol != NULL, "line %d does not end with a newline", lineno);
+        char line[1024];
+        size_t n = (size_t)(eol - p);
+        ck_assert_msg(n < sizeof(line), "line %d too long", lineno);
+        memcpy(line, p, n);
+        line[n] = 0;
+        p = eol + 1;
+        if (!strncmp(line, "# HELP ", 7) || !strncmp(line, "# TYPE ", 7)) {
+            char name[96], rest[512] = "";
+            ck_assert_msg(sscanf(line + 7, "%95s %511[^\n]", name, rest) >= 1, "line %d: %s",
+                          lineno, line);
+            if (line[2] == 'T') {
+                ck_assert_msg(!strcmp(rest, "counter") || !strcmp(rest, "gauge") ||
+                                  !strcmp(rest, "untyped"),
+                              "line %d: type %s", lineno, rest);
+                for (int i = 0; i < n_fam; i++)
+                    ck_assert_msg(strcmp(families[i], name), "family %s declared twice", name);
+                ck_assert_int_lt(n_fam, 256);
+                snprintf(families[n_fam], sizeof(families[0]), "%s", name);
+                cur = families[n_fam++];
+            }
+            continue;
+        }
+        ck_assert_msg(line[0] != '#' && line[0] != 0, "line %d: %s", lineno, line);
+        /* name{label="value",...} value */
+        const char *q = line;
+        ck_assert_msg(isalpha((unsigned char)*q) || *q == '_' || *q == ':', "line %d: %s", lineno,
+                      line);
+        while (isalnum((unsigned char)*q) || *q == '_' || *q == ':')
+            q++;
+        ck_assert_msg(cur && (size_t)(q - line) == strlen(cur) && !strncmp(line, cur, strlen(cur)),
+                      "line %d: sample %s outside its family (last TYPE %s)", lineno, line,
+                      cur ? cur : "none");
+        if (*q == '{') {
+            q++;
+            while (*q != '}') {
+                ck_assert_msg(isalpha((unsigned char)*q) || *q == '_', "line %d: label in %s",
+                              lineno, line);
+                while (isalnum((unsigned char)*q) || *q == '_')
+                    q++;
+                ck_assert_msg(q[0] == '=' && q[1] == '"', "line %d: %s", lineno, line);
+                for (q += 2; *q != '"'; q++) {
+                    ck_assert_msg(*q && (unsigned char)*q >= 0x20, "line %d: label value in %s",
+                                  lineno, line);
+                    if (*q == '\\') {
+                        q++;
+                        ck_assert_msg(*q == '\\' || *q == '"' || *q == 'n', "line %d: escape in %s",
+                                      lineno, line);
+                    }
+                }
+                q++;
+                if (*q == ',')
+                    q++;
+                else
+                    ck_assert_msg(*q == '}', "line %d: %s", lineno, line);
+            }
+            q++;
+        }
+        ck_assert_msg(*q == ' ', "line %d: no space before the value: %s", lineno, line);
+        char *end;
+        errno = 0;
+        strtod(q + 1, &end);
+        ck_assert_msg(end != q + 1 && *end == 0 && !errno, "line %d: value in %s", lineno, line);
+        samples++;
+    }
+    return samples;
+}
+
+/* The value of the first sample of family name whose line contains label (NULL: any). */
+static double prom_value(const char *text, const char *name, const char *label)
+{
+    size_t n = strlen(name);
+    for (const char *p = text; *p;) {
+        const char *eol = strchr(p, '\n');
+        if (!strncmp(p, name, n) && (p[n] == ' ' || p[n] == '{')) {
+            const char *sp = eol;
+            while (sp > p && sp[-1] != ' ')
+                sp--;
+            char line[1024];
+            snprintf(line, sizeof(line), "%.*s", (int)(eol - p), p);
+            if (!label || strstr(line, label))
+                return strtod(sp, NULL);
+        }
+        p = eol + 1;
+    }
+    ck_abort_msg("no sample %s%s%s", name, label ? " with " : "", label ? label : "");
+    return 0;
+}
+
+/* liteattnctl metrics: a valid exposition with the counters, error codes, per-session and
+ * per-user gauges; liteattn_up 0 (and exit 1) once the daemon is gone. */
+START_TEST(test_ctl_metrics)
+{
+    tdaemon d;
+    daemon_start(&d);
+    la_client *c = connect_ok(&d);
+    la_session *s = open_session(c, "metrics", 2, 2, 64, LA_DTYPE_BF16, 128, 128, 1, -3.0f);
+    prob p;
+    prob_init(&p, c, s, 1, 128, 128, 2, 64, LA_DTYPE_BF16);
+    prob_fill(&p, 3, 0, 1.0);
+    la_attn *a;
+    OK(la_attn_new(&a));
+    prob_attn(&p, a, 0);
+    OK(la_attn_run(s, a, NULL));
+    OK(la_attn_set_position(a, 0, 1, 0));
+    OK(la_attn_run(s, a, NULL));
+    OK(la_attn_set_position(a, 7, 0, 0));
+    ck_assert_int_eq(la_attn_run(s, a, NULL), LA_EINVAL);
+    la_attn_free(a);
+
+    static char out[65536];
+    ck_assert_int_eq(run_ctl(&d, "metrics", out, sizeof(out)), 0);
+    ck_assert_int_gt(prom_check(out), 40);
+    ck_assert_double_eq(prom_value(out, "liteattn_up", NULL), 1);
+    ck_assert_double_eq(prom_value(out, "liteattn_calls_total", NULL), 3);
+    ck_assert_double_eq(prom_value(out, "liteattn_calls_refused_total", NULL), 1);
+    ck_assert_double_eq(prom_value(out, "liteattn_errors_total", "code=\"LA_EINVAL\""), 1);
+    ck_assert_double_eq(prom_value(out, "liteattn_errors_total", "code=\"LA_ENOENT\""), 0);
+    double total = prom_value(out, "liteattn_tiles_total", NULL);
+    ck_assert_double_eq(total, 2 * 2 * 2); /* 2 calls x 2 heads x 1 q-tile x 2 k-tiles */
+    ck_assert_double_eq(prom_value(out, "liteattn_tiles_computed_total", NULL) +
+                            prom_value(out, "liteattn_tiles_skipped_total", NULL),
+                        total);
+    ck_assert_double_gt(prom_value(out, "liteattn_attention_seconds_total", NULL), 0);
+    ck_assert_double_eq(prom_value(out, "liteattn_session_calls_total", "key=\"metrics\""), 2);
+    ck_assert_double_eq(prom_value(out, "liteattn_session_attached", "key=\"metrics\""), 1);
+    double live = prom_value(out, "liteattn_session_live_fraction", "key=\"metrics\"");
+    ck_assert(live > 0 && live <= 1);
+    char uid[32];
+    snprintf(uid, sizeof(uid), "uid=\"%u\"", (unsigned)getuid());
+    ck_assert_double_eq(prom_value(out, "liteattn_user_sessions", uid), 1);
+    ck_assert_double_gt(prom_value(out, "liteattn_user_mask_bytes", uid), 0);
+    ck_assert_int_eq(run_ctl(&d, "--json metrics 2>/dev/null", out, sizeof(out)), 2);
+
+    prob_free(&p);
+    OK(la_session_close(s));
+    la_disconnect(c);
+    daemon_stop(&d);
+    ck_assert_int_eq(run_ctl(&d, "metrics 2>/dev/null", out, sizeof(out)), 1);
+    ck_assert_int_eq(prom_check(out), 1);
+    ck_assert_double_eq(prom_value(out, "liteattn_up", NULL), 0);
+}
+END_TEST
+
 static Suite *client_suite(void)
 {
     Suite *s = suite_create("client");
@@ -1436,6 +1693,12 @@ static Suite *client_suite(void)
     tcase_add_test(conn, test_tables);
     tcase_add_test(conn, test_daemon_gone);
     suite_add_tcase(s, conn);
+
+    TCase *ctl = tcase_create("liteattnctl"); /* each case starts and stops its own daemon */
+    tcase_set_timeout(ctl, 30);
+    tcase_add_test(ctl, test_ctl_status_devices);
+    tcase_add_test(ctl, test_ctl_metrics);
+    suite_add_tcase(s, ctl);
 
     TCase *fk = tcase_create("fake_daemon");
     tcase_set_timeout(fk, 30);

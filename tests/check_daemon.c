@@ -1221,6 +1221,63 @@ START_TEST(test_connections_per_user)
 }
 END_TEST
 
+/* A clean SIGTERM leaves neither the socket nor its lock file behind, and a second daemon on
+ * the same path starts afterwards (it locks a fresh lock file). */
+START_TEST(test_sigterm_removes_lock)
+{
+    td_daemon d;
+    start(&d, NULL);
+    char lock[160];
+    snprintf(lock, sizeof(lock), "%s.lock", d.socket);
+    ck_assert_msg(access(lock, F_OK) == 0, "no lock file %s while the daemon runs", lock);
+    kill(d.pid, SIGTERM);
+    ck_assert_int_eq(td_wait(&d, 10000), 0);
+    ck_assert_msg(access(lock, F_OK) < 0 && errno == ENOENT, "%s left behind", lock);
+    ck_assert_msg(access(d.socket, F_OK) < 0 && errno == ENOENT, "%s left behind", d.socket);
+    stop_ok(&d);
+}
+END_TEST
+
+/* On a machine without an NVIDIA driver the auto backend says so in those words, not with the
+ * CUDA runtime's "driver version is insufficient". Only meaningful where CUDA was built in and
+ * no driver is present. */
+START_TEST(test_no_driver_message)
+{
+#ifndef LA_HAVE_CUDA
+    fprintf(stderr, "test_no_driver_message: built without CUDA, nothing to check\n");
+#else
+    if (access("/dev/nvidiactl", F_OK) == 0) {
+        fprintf(stderr, "test_no_driver_message: an NVIDIA driver is present, nothing to check\n");
+        return;
+    }
+    td_daemon d;
+    const char *args[] = {"--backend", "auto", NULL};
+    start(&d, args);
+    /* The socket listens before the engine starts: wait for the "listening" line. */
+    char line[1024], first[1024] = "";
+    int found = 0, insufficient = 0, listening = 0;
+    for (int tries = 0; !listening && tries < 1000; tries++) {
+        FILE *f = fopen(d.log, "r");
+        ck_assert_ptr_nonnull(f);
+        found = insufficient = 0;
+        while (fgets(line, sizeof(line), f)) {
+            if (!first[0])
+                snprintf(first, sizeof(first), "%s", line);
+            found |= strstr(line, "cuda backend not used: no NVIDIA driver/GPU found") != NULL;
+            insufficient |= strstr(line, "insufficient") != NULL;
+            listening |= strstr(line, " listening on ") != NULL;
+        }
+        fclose(f);
+        if (!listening)
+            usleep(10000);
+    }
+    ck_assert_msg(found && !insufficient,
+                  "the log does not say \"no NVIDIA driver/GPU found\"; it begins: %s", first);
+    stop_ok(&d);
+#endif
+}
+END_TEST
+
 START_TEST(test_sigterm_inflight)
 {
     GS = 1024; /* calls of a few hundred ms on 2 cores: still running when the signal comes */
@@ -1463,6 +1520,8 @@ int main(void)
     tcase_add_test(tc, test_inflight_limit);
     tcase_add_test(tc, test_other_user);
     tcase_add_test(tc, test_connections_per_user);
+    tcase_add_test(tc, test_sigterm_removes_lock);
+    tcase_add_test(tc, test_no_driver_message);
     tcase_add_test(tc, test_sigterm_inflight);
     tcase_add_test(tc, test_second_signal);
     tcase_add_test(tc, test_config_file);

@@ -574,11 +574,33 @@ START_TEST(attn_validation)
             want = LA_EINVAL;
             break;
         case 31:
-            name = "bad range";
+            name = "reversed range";
             r.n_must_do = 1;
             r.must_do[0].start = 5;
             r.must_do[0].end = -3;
-            want = 0;
+            want = LA_EINVAL;
+            break;
+        case 32:
+            name = "range before 0";
+            r.n_must_skip = 1;
+            r.must_skip[0] = (la_range){-1, 4};
+            want = LA_EINVAL;
+            break;
+        case 33:
+            name = "range past Sk";
+            r.n_must_do = 1;
+            r.must_do[0] = (la_range){100, 151};
+            want = LA_EINVAL;
+            break;
+        case 34:
+            name = "layer -1";
+            r.layer = (uint32_t)-1;
+            want = LA_EINVAL;
+            break;
+        case 35:
+            name = "kv shard -1";
+            r.kv_shard = (uint32_t)-1;
+            want = LA_EINVAL;
             break;
         }
         if (!name)
@@ -594,6 +616,19 @@ START_TEST(attn_validation)
         }
         ck_assert_msg(rc == want, "case %d (%s): got %d (%s), want %d", i, name, rc, err.msg, want);
         ck_assert_msg(err.msg[0], "case %d (%s): no message", i, name);
+        static const char *const says[][2] = {
+            {"reversed range", "must-do range 0 [5, -3) is reversed (end before start)"},
+            {"range before 0", "must-skip range 0 [-1, 4) lies outside the call's keys [0, 150)"},
+            {"range past Sk", "must-do range 0 [100, 151) lies outside the call's keys [0, 150)"},
+            {"layer -1",
+             "layer -1 (4294967295 as unsigned) out of range: layers count from 0 to 1"},
+            {"kv shard -1", "kv shard -1 (4294967295 as unsigned) out of range: kv shards count "
+                            "from 0 to 0"},
+        };
+        for (size_t k = 0; k < sizeof says / sizeof says[0]; k++)
+            if (!strcmp(name, says[k][0]))
+                ck_assert_msg(strstr(err.msg, says[k][1]), "case %d (%s): message %s", i, name,
+                              err.msg);
         if (want != LA_ENOENT || i >= 16)
             ck_assert_msg(strstr(err.msg, "session") && strstr(err.msg, "'val'"),
                           "case %d (%s): message does not name the session: %s", i, name, err.msg);
@@ -1050,6 +1085,103 @@ START_TEST(kv_shards)
     free(mask);
     free(got);
     free(o);
+    shm_drop(&p.s);
+    h_close(&h);
+}
+END_TEST
+
+/* Generations restart dense: a call whose step is below the layer's last step sets that layer's
+ * masks (every batch row, head and kv shard) to all ones first. Step 0 after step 3 computes
+ * every tile and gives the outputs, LSE and mask of a fresh session bit for bit; the restart
+ * is counted once per layer, and other layers and equal steps do not restart. */
+START_TEST(step_backwards_restarts)
+{
+    harness h;
+    h_open(&h, NULL);
+    eng_session_spec sp = spec_make("gen", 2, 2, 64, LA_DTYPE_F32, 200, 300, 2);
+    sp.kv_shards = 2;
+    sp.threshold = INFINITY; /* after a call each row keeps one tile: stale masks show at once */
+    eng_session_view v;
+    uint64_t sid = open_ok(&h, UID, CONN, &sp, &v);
+    sp.key = "fresh";
+    uint64_t fresh = open_ok(&h, UID, CONN, &sp, NULL);
+    prob p;
+    prob_make(&h, &p, CONN, 2, 200, 300, 2, 64, LA_DTYPE_F32, 0);
+    tu_rng rng;
+    tu_rng_init(&rng, 33);
+    prob_fill(&p, &rng, 2.0);
+    eng_attn_req r;
+    call c;
+    for (uint32_t step = 0; step < 4; step++)
+        for (uint32_t layer = 0; layer < 2; layer++)
+            for (uint32_t shard = 0; shard < 2; shard++) {
+                prob_req(&p, &r, sid, layer, step);
+                r.kv_shard = shard;
+                run_ok(&h, &r, &c);
+                if (step > 0)
+                    ck_assert_uint_lt(c.res.tiles_computed, c.res.tiles_total);
+            }
+    eng_error err = {{0}};
+    eng_session_stats st;
+    ck_assert_int_eq(eng_session_info(h.e, UID, sid, NULL, 0, &st, &err), 0);
+    ck_assert_uint_eq(st.restarts, 0);
+
+    /* The fresh session's step 0 on layer 0, shard 1: the reference. */
+    prob_req(&p, &r, fresh, 0, 0);
+    r.kv_shard = 1;
+    run_ok(&h, &r, &c);
+    ck_assert_uint_eq(c.res.tiles_computed, c.res.tiles_total);
+    void *o_want = malloc(p.bytes[3]), *lse_want = malloc(p.bytes[4]);
+    uint32_t *m_want = malloc(v.layer_mask_bytes), *m_got = malloc(v.layer_mask_bytes);
+    memcpy(o_want, prob_ptr(&p, 3), p.bytes[3]);
+    memcpy(lse_want, prob_ptr(&p, 4), p.bytes[4]);
+    size_t gl;
+    uint64_t total;
+    ck_assert_int_eq(
+        eng_mask_read(h.e, UID, fresh, 0, 1, 0, m_want, v.layer_mask_bytes, &gl, &total, &err), 0);
+
+    /* Step 0 again on layer 0, shard 0: the layer starts over. */
+    memset(prob_ptr(&p, 3), 0, p.bytes[3]);
+    prob_req(&p, &r, sid, 0, 0);
+    run_ok(&h, &r, &c);
+    ck_assert_uint_eq(c.res.tiles_computed, c.res.tiles_total);
+    ck_assert_int_eq(eng_session_info(h.e, UID, sid, NULL, 0, &st, &err), 0);
+    ck_assert_uint_eq(st.restarts, 1);
+    /* Shard 1 of the same layer at the same step: its mask was reset too; it is no second
+     * restart. */
+    memset(prob_ptr(&p, 3), 0, p.bytes[3]);
+    memset(prob_ptr(&p, 4), 0, p.bytes[4]);
+    r.kv_shard = 1;
+    run_ok(&h, &r, &c);
+    ck_assert_uint_eq(c.res.tiles_computed, c.res.tiles_total);
+    ck_assert_msg(!memcmp(prob_ptr(&p, 3), o_want, p.bytes[3]), "O differs from a fresh session");
+    ck_assert_msg(!memcmp(prob_ptr(&p, 4), lse_want, p.bytes[4]),
+                  "LSE differs from a fresh session");
+    ck_assert_int_eq(
+        eng_mask_read(h.e, UID, sid, 0, 1, 0, m_got, v.layer_mask_bytes, &gl, &total, &err), 0);
+    ck_assert_msg(!memcmp(m_got, m_want, v.layer_mask_bytes), "mask differs from a fresh session");
+    /* The same step once more (a second pass, e.g. guidance): no restart, the kept tiles only. */
+    r.kv_shard = 0;
+    run_ok(&h, &r, &c);
+    ck_assert_uint_lt(c.res.tiles_computed, c.res.tiles_total);
+    /* Layer 1 went on from step 3 untouched: step 4 still skips. */
+    prob_req(&p, &r, sid, 1, 4);
+    run_ok(&h, &r, &c);
+    ck_assert_uint_lt(c.res.tiles_computed, c.res.tiles_total);
+    ck_assert_int_eq(eng_session_info(h.e, UID, sid, NULL, 0, &st, &err), 0);
+    ck_assert_uint_eq(st.restarts, 1);
+    ck_assert_int_eq(stat_get(&h, "layer_restarts"), 1);
+    /* A reset forgets the steps: step 0 after it is no restart. */
+    ck_assert_int_eq(eng_session_reset(h.e, UID, sid, &err), 0);
+    prob_req(&p, &r, sid, 1, 0);
+    run_ok(&h, &r, &c);
+    ck_assert_uint_eq(c.res.tiles_computed, c.res.tiles_total);
+    ck_assert_int_eq(eng_session_info(h.e, UID, sid, NULL, 0, &st, &err), 0);
+    ck_assert_uint_eq(st.restarts, 1);
+    free(o_want);
+    free(lse_want);
+    free(m_want);
+    free(m_got);
     shm_drop(&p.s);
     h_close(&h);
 }
@@ -1543,6 +1675,7 @@ int main(void)
     tcase_add_test(tc, multi_step_bf16_head_slices);
     tcase_add_test(tc, pipelined_steps);
     tcase_add_test(tc, kv_shards);
+    tcase_add_test(tc, step_backwards_restarts);
     suite_add_tcase(s, tc);
     tc = tcase_create("teardown");
     tcase_set_timeout(tc, 30);

@@ -136,7 +136,14 @@ static void run_client(const char *sock, int who, int32_t B, int32_t Sq, int32_t
     unsigned long long *d_tiles;
     CUDA_CHECK(cudaMalloc((void **)&d_tiles, sizeof *d_tiles));
 
-    for (int step = 0; step < STEPS; step++) {
+    /* STEPS steps, then step 0 again: a new generation, which the daemon starts dense (the
+     * layer's device mask set to all ones first), as the direct call on a fresh mask. */
+    uint32_t *ones = malloc(t->mask_words * 4);
+    memcpy(ones, t->mask, t->mask_words * 4);
+    for (int idx = 0; idx <= STEPS; idx++) {
+        const int step = idx < STEPS ? idx : 0;
+        if (idx == STEPS)
+            CUDA_CHECK(cudaMemcpy(d_mask, ones, t->mask_words * 4, cudaMemcpyHostToDevice));
         tu_problem_drift(t, step, 0.02);
         /* The inputs reach the GPU asynchronously; the daemon waits on `ready`. */
         CUDA_CHECK(cudaMemcpyAsync(blk + off_q, t->q, nq, cudaMemcpyHostToDevice, st));
@@ -208,10 +215,19 @@ static void run_client(const char *sock, int who, int32_t B, int32_t Sq, int32_t
             free(ref);
             free(got);
         }
+        const long long all =
+            (long long)B * H * la_tiles(Sq, (int32_t)bm) * la_tiles(Sk, (int32_t)bn);
         fprintf(stderr, "client %d step %d: %lld of %lld tiles computed\n", who, step,
-                (long long)computed,
-                (long long)B * H * la_tiles(Sq, (int32_t)bm) * la_tiles(Sk, (int32_t)bn));
+                (long long)computed, all);
+        if (idx == STEPS && computed != all)
+            CHILD_FAIL("step 0 after step %d: %lld of %lld tiles computed, want all", STEPS - 1,
+                       (long long)computed, all);
     }
+    free(ones);
+    int64_t restarts = -1;
+    LA_CHECK(la_session_stat(s, "restarts", &restarts));
+    if (restarts != 1)
+        CHILD_FAIL("session restarts %lld, want 1", (long long)restarts);
 
     /* Bad input: V's extent 256 bytes past the block. Refused, nothing launched. */
     LA_CHECK(la_attn_set_tensor(a, LA_TENSOR_V, buf, total - nk + 256, dt, 4, shk, NULL));

@@ -990,6 +990,123 @@ START_TEST(testutil_conversions)
 }
 END_TEST
 
+/* ---- NaN ------------------------------------------------------------------------------- */
+
+/* NaN propagates as in PyTorch's SDPA: a NaN in Q row i makes that row's O and LSE NaN; a NaN
+ * in key j of a computed tile makes every row of that head NaN; a NaN in V reaches only its
+ * column of O; a NaN key in a tile that is not computed changes nothing. Everything else is bit
+ * for bit the clean call. NaN scores never vote: a row whose scores are all NaN keeps every
+ * tile it visits (its running max stays -inf, as before its first tile). */
+static void nan_case(la_dtype dt)
+{
+    enum { SQ = 50, SK = 60, H = 2, D = 64, BM = 16, BN = 16 };
+    tu_problem *t = mk(77, 1, SQ, SK, H, D, dt, BM, BN, 2.0);
+    t->p.mode = LA_MODE_SKIP;
+    t->p.tau = -3.0f;
+    t->p.step = 0;
+    const size_t ob = (size_t)SQ * H * D * la_dtype_size(dt), lb = (size_t)H * SQ * 4;
+    uint8_t *o0 = malloc(ob), *l0 = malloc(lb);
+    uint32_t *m0 = NULL;
+    tu_mask_ones(t);
+    ck_assert_int_eq(la_ref_attn_fwd(&t->p), 0);
+    memcpy(o0, t->o, ob);
+    memcpy(l0, t->lse, lb);
+    m0 = copy_mask(t);
+    /* index of element (i, h, d) of O / Q: [1, S, H, D]; of LSE: [1, H, Sq] */
+#define QI(i, h, d) (((int64_t)(i)*H + (h)) * D + (d))
+    for (int c = 0; c < 4; c++) {
+        const int64_t qi = QI(5, 1, 3), ki = QI(20, 0, 0), vi = QI(20, 0, 7);
+        la_range skip = {16, 32}; /* k-tile 1, which holds key 20 */
+        void *base = c == 0 ? t->q : c == 2 ? t->v : t->k;
+        const int64_t at = c == 0 ? qi : c == 2 ? vi : ki;
+        const double saved = tu_get(base, dt, at);
+        if (c == 0)
+            tu_set(t->q, dt, qi, NAN);
+        else if (c == 1 || c == 3)
+            tu_set(t->k, dt, ki, NAN);
+        else
+            tu_set(t->v, dt, vi, NAN);
+        if (c == 3) {
+            t->p.must_skip = &skip;
+            t->p.n_must_skip = 1;
+        }
+        tu_mask_ones(t);
+        ck_assert_int_eq(la_ref_attn_fwd(&t->p), 0);
+        for (int i = 0; i < SQ; i++)
+            for (int h = 0; h < H; h++) {
+                int nan_row = (c == 0 && i == 5 && h == 1) || (c == 1 && h == 0);
+                float lse = t->lse[h * SQ + i], lse0 = ((float *)l0)[h * SQ + i];
+                if (nan_row)
+                    ck_assert_msg(isnan(lse), "case %d: LSE[%d, %d] = %g, want NaN", c, h, i,
+                                  (double)lse);
+                else if (c != 3)
+                    ck_assert_msg(!memcmp(&lse, &lse0, 4), "case %d: LSE[%d, %d] = %a, clean %a", c,
+                                  h, i, (double)lse, (double)lse0);
+                else
+                    ck_assert_msg(!isnan(lse), "case %d: LSE[%d, %d] is NaN", c, h, i);
+                for (int d = 0; d < D; d++) {
+                    int64_t e = QI(i, h, d);
+                    double x = tu_get(t->o, dt, e), x0 = tu_get(o0, dt, e);
+                    if (nan_row || (c == 2 && h == 0 && d == 7))
+                        ck_assert_msg(isnan(x), "case %d: O[%d, %d, %d] = %g, want NaN", c, i, h, d,
+                                      x);
+                    else if (c != 3)
+                        ck_assert_msg(x == x0, "case %d: O[%d, %d, %d] = %a, clean %a", c, i, h, d,
+                                      x, x0);
+                    else
+                        ck_assert_msg(!isnan(x), "case %d: O[%d, %d, %d] is NaN", c, i, h, d);
+                }
+            }
+        /* Votes: the NaN query row (c 0) casts none, so its q-tile keeps a subset of what it
+         * kept clean; a NaN in V (c 2) changes no vote; a NaN key (c 1) changes none in the
+         * other head. */
+        const int nk = nk_of(&t->p);
+        for (int h = 0; h < H && c != 3; h++)
+            for (int m = 0; m < nq_of(&t->p) && !(c == 1 && h == 0); m++) {
+                const uint32_t *got = mrow(&t->p, t->mask, 0, h, m),
+                               *was = mrow(&t->p, m0, 0, h, m);
+                for (int n = 0; n < nk; n++) {
+                    int want = getbit(was, n);
+                    if (c == 0 && h == 1 && m == 0)
+                        want &= getbit(got, n); /* a subset */
+                    ck_assert_msg(getbit(got, n) == want,
+                                  "case %d: mask (h %d, m %d) tile %d = %d, "
+                                  "want %d",
+                                  c, h, m, n, getbit(got, n), want);
+                }
+            }
+        /* Clean again for the next case. */
+        tu_set(base, dt, at, saved);
+        t->p.must_skip = NULL;
+        t->p.n_must_skip = 0;
+    }
+    /* A q-tile whose every row is NaN (q-tile 0 of head 1) votes for nothing: its mask row
+     * ends all zeros at a finite tau, and stays all ones at tau = -inf. */
+    for (int i = 0; i < BM; i++)
+        tu_set(t->q, dt, QI(i, 1, 0), NAN);
+    for (int pass = 0; pass < 2; pass++) {
+        t->p.tau = pass ? -INFINITY : -3.0f;
+        tu_mask_ones(t);
+        ck_assert_int_eq(la_ref_attn_fwd(&t->p), 0);
+        const uint32_t *row = mrow(&t->p, t->mask, 0, 1, 0);
+        for (int n = 0; n < nk_of(&t->p); n++)
+            ck_assert_msg(getbit(row, n) == pass, "all-NaN q-tile, tau %g: tile %d = %d",
+                          (double)t->p.tau, n, getbit(row, n));
+        for (int i = 0; i < BM; i++)
+            ck_assert_msg(isnan(t->lse[1 * SQ + i]), "all-NaN q-tile: LSE[1, %d] not NaN", i);
+    }
+#undef QI
+    free(o0);
+    free(l0);
+    free(m0);
+    tu_problem_free(t);
+}
+
+START_TEST(nan_as_sdpa_f32) { nan_case(LA_DTYPE_F32); }
+END_TEST
+START_TEST(nan_as_sdpa_bf16) { nan_case(LA_DTYPE_BF16); }
+END_TEST
+
 /* ---- errors ---------------------------------------------------------------------------- */
 
 typedef struct err_fixture {
@@ -1159,6 +1276,8 @@ static Suite *ref_suite(void)
     tcase_add_test(tc, strides_bhsd_layout);
     tcase_add_test(tc, strides_padded_rows);
     tcase_add_test(tc, threads_bit_identical);
+    tcase_add_test(tc, nan_as_sdpa_f32);
+    tcase_add_test(tc, nan_as_sdpa_bf16);
     tcase_add_test(tc, bf16_output_rne);
     tcase_add_test(tc, f16_output_rne);
     tcase_add_test(tc, testutil_conversions);

@@ -107,8 +107,8 @@ LA_API void la_table_free(la_table *t);
 /* Daemon counters: columns "name", "value". */
 LA_API int la_stats(la_client *c, la_table **ret_table);
 /* Sessions visible to this user (root sees all): columns "id", "key", "uid", "layers",
- * "heads", "head_dim", "batch", "bm", "bn", "mask_bytes", "calls", "live_fraction",
- * "attached", "idle_s", "device". */
+ * "heads", "head_dim", "batch", "bm", "bn", "mask_bytes", "calls", "restarts",
+ * "live_fraction", "attached", "idle_s", "device". */
 LA_API int la_sessions(la_client *c, la_table **ret_table);
 
 /* ---------------------------------------------------------------------------------------- */
@@ -195,6 +195,13 @@ LA_API int la_session_get(const la_session *s, const char *name, int64_t *ret_va
  * fills all) and the number of attention calls so far. Either output may be NULL. */
 LA_API int la_session_info(la_session *s, double *ret_live, size_t n, uint64_t *ret_calls);
 
+/* One statistic of the session, fetched from the daemon: "calls", "tiles_total",
+ * "tiles_computed", "tiles_skipped" (over all calls so far), "restarts" (layers started over
+ * because a call's step was lower than the layer's last step: each such layer's mask was set
+ * to all ones first, so the first step of every generation is dense).
+ * Errors: LA_ENOENT (unknown name, or the session is gone), LA_ECLOSED. */
+LA_API int la_session_stat(la_session *s, const char *name, int64_t *ret_value);
+
 /* Copies the packed live mask of (layer, kv_shard): [batch, heads, n_q_tiles, n_k_words]
  * uint32, bit n%32 of word n/32 = k-tile n, 1 = compute. len must be >= layer_mask_bytes. */
 LA_API int la_session_read_mask(la_session *s, uint32_t layer, uint32_t kv_shard, void *dst,
@@ -208,7 +215,11 @@ LA_API int la_session_close(la_session *s);
 LA_API void la_session_detach(la_session *s);
 
 /* ---------------------------------------------------------------------------------------- */
-/* Attention calls. A la_attn describes one call; it can be reused and changed between calls. */
+/* Attention calls. A la_attn describes one call; it can be reused and changed between calls.
+ * NaN in the inputs propagates as in PyTorch's scaled_dot_product_attention, over the tiles
+ * actually computed: a query row with a NaN score gets O and LSE NaN; a NaN in V reaches its
+ * column of O. A call whose step is lower than its layer's last step starts the layer over
+ * (all tiles live), see la_session_stat "restarts". */
 
 typedef struct la_attn la_attn;
 typedef struct la_call la_call;

@@ -167,6 +167,8 @@ typedef struct demo {
     cu_ptr *dmem;
     sim_layer *ld;
     sim_row *rows;
+    double *dense_t; /* dense step timings: the baseline's (sim.h) */
+    int n_dense;
     void *hq, *hk, *hv, *ho, *hr; /* CUDA: host staging */
     void *ready;                  /* CUDA: interprocess event recorded after the uploads */
     unsigned char ready_h[64];
@@ -235,7 +237,8 @@ static int setup_buffers(demo *d)
     d->dmem = calloc((size_t)L, sizeof(*d->dmem));
     d->ld = calloc((size_t)L, sizeof(*d->ld));
     d->rows = calloc((size_t)d->o->steps, sizeof(*d->rows));
-    if (!d->buf || !d->base_off || !d->dmem || !d->ld || !d->rows) {
+    d->dense_t = calloc((size_t)(d->o->dense_runs + d->o->steps), sizeof(*d->dense_t));
+    if (!d->buf || !d->base_off || !d->dmem || !d->ld || !d->rows || !d->dense_t) {
         fprintf(stderr, "liteattn-demo: out of memory\n");
         return 1;
     }
@@ -337,11 +340,50 @@ static int layer_error(demo *d, int l, double *num, double *den)
 }
 
 /* One denoising step over every layer: the call, then the same inputs in mode dense. */
+/* Layer l's dense call into O_dense (the inputs already uploaded), timed into *ret_s. */
+static int dense_call(demo *d, la_attn *a, int l, int step, double *ret_s)
+{
+    const sim_opts *o = d->o;
+    int64_t shape[4] = {1, o->seq, o->heads, o->head_dim};
+    uint64_t b0 = d->base_off[l], b = d->bytes;
+    la_attn_set_tensor(a, LA_TENSOR_Q, d->buf[l], b0, o->dtype, 4, shape, NULL);
+    la_attn_set_tensor(a, LA_TENSOR_K, d->buf[l], b0 + b, o->dtype, 4, shape, NULL);
+    la_attn_set_tensor(a, LA_TENSOR_V, d->buf[l], b0 + 2 * b, o->dtype, 4, shape, NULL);
+    la_attn_set_tensor(a, LA_TENSOR_O, d->buf[l], b0 + 4 * b, o->dtype, 4, shape, NULL);
+    la_attn_set_position(a, (uint32_t)l, (uint32_t)step, 0);
+    la_attn_set_mode(a, LA_MODE_DENSE);
+    double t0 = sim_now_s();
+    int rc = run_call(d, a, NULL, NULL);
+    *ret_s += sim_now_s() - t0;
+    return rc < 0 ? fail("dense attention", rc) : 0;
+}
+
+/* The baseline before the generation (sim.h): step 0's inputs in every layer (generating step
+ * 0 again later gives the same data), one untimed dense pass, then o->dense_runs timed ones. */
+static int dense_baseline(demo *d, la_attn *a)
+{
+    for (int l = 0; l < d->o->layers; l++)
+        if (upload(d, a, l, 0) < 0)
+            return 1;
+    for (int run = -1; run < d->o->dense_runs; run++) {
+        double t = 0;
+        for (int l = 0; l < d->o->layers; l++)
+            if (dense_call(d, a, l, 0, &t) != 0)
+                return 1;
+        if (run >= 0)
+            d->dense_t[d->n_dense++] = t;
+    }
+    sim_baseline b = sim_baseline_of(d->dense_t, d->n_dense);
+    sim_print_baseline(" before the generation", &b);
+    sim_print_columns();
+    return 0;
+}
+
 static int run_step(demo *d, la_attn *a, int step)
 {
     const sim_opts *o = d->o;
     int64_t shape[4] = {1, o->seq, o->heads, o->head_dim};
-    double attn = 0, num = 0, den = 0;
+    double attn = 0, num = 0, den = 0, dense = 0;
     int64_t computed = 0, total = 0;
     for (int l = 0; l < o->layers; l++) {
         uint64_t b0 = d->base_off[l], b = d->bytes;
@@ -361,17 +403,16 @@ static int run_step(demo *d, la_attn *a, int step)
             return fail("attention", rc);
         computed += tc;
         total += tt;
-        /* Dense reference: same session, same inputs, mode dense (masks untouched). */
-        la_attn_set_tensor(a, LA_TENSOR_O, d->buf[l], b0 + 4 * b, o->dtype, 4, shape, NULL);
-        la_attn_set_mode(a, LA_MODE_DENSE);
-        if ((rc = run_call(d, a, NULL, NULL)) < 0)
-            return fail("dense attention", rc);
-        if (layer_error(d, l, &num, &den) < 0)
+        /* Dense reference: same session, same inputs, mode dense (masks untouched); timed,
+         * it is also a sample of the baseline. */
+        if (dense_call(d, a, l, step, &dense) != 0 || layer_error(d, l, &num, &den) < 0)
             return 1;
     }
     d->rows[step] = (sim_row){total ? (double)computed / (double)total : 1.0, attn,
-                              den > 0 ? sqrt(num / den) : 0};
-    sim_print_row(step, &d->rows[step], d->rows[0].attn_s);
+                              den > 0 ? sqrt(num / den) : 0, dense};
+    d->dense_t[d->n_dense++] = dense;
+    sim_baseline base = sim_baseline_of(d->dense_t, d->n_dense);
+    sim_print_row(step, &d->rows[step], base.median_s);
     return 0;
 }
 
@@ -393,6 +434,7 @@ static void demo_free(demo *d)
     free(d->dmem);
     free(d->ld);
     free(d->rows);
+    free(d->dense_t);
     free(d->hq);
     free(d->hk);
     free(d->hv);
@@ -426,10 +468,13 @@ static int run_daemon(const sim_opts *o)
         goto out;
     }
     double t_start = sim_now_s();
+    if (dense_baseline(&d, a) != 0)
+        goto out;
     for (int step = 0; step < o->steps; step++)
         if (run_step(&d, a, step) != 0)
             goto out;
-    sim_print_summary(o, d.rows, sim_now_s() - t_start);
+    sim_baseline base = sim_baseline_of(d.dense_t, d.n_dense);
+    sim_print_summary(o, d.rows, &base, sim_now_s() - t_start);
     ret = 0;
 out:
     la_attn_free(a);

@@ -1,4 +1,4 @@
-/* liteattnctl — look at a running liteattnd: status, sessions, stats, ping. */
+/* liteattnctl — look at a running liteattnd: status, sessions, stats, metrics, ping. */
 #include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
@@ -19,6 +19,8 @@ static void usage(FILE *f)
             "  status          daemon version, protocol, backends, devices and limits\n"
             "  sessions        open sessions visible to this user\n"
             "  stats           daemon counters\n"
+            "  metrics         the counters and per-session/per-user gauges in the Prometheus\n"
+            "                  text format (for node_exporter's textfile collector)\n"
             "  ping [-n COUNT] COUNT round trips (default 1000): min, median, p99 in microseconds\n"
             "\n"
             "options:\n"
@@ -181,12 +183,28 @@ static int cmd_status(la_client *c, const char *sock, int json)
     if (!*devices) {
         printf("%-10s (none)\n", "devices");
     } else {
+        /* "<uuid> <backend> <name>" per device, shown as "cpu: CPU reference (2 threads)" or
+         * "cuda: NVIDIA H200 (GPU-...)": the uuid only where it says more than the backend. */
         const char *p = devices;
         int first = 1;
         while (*p) {
             const char *eol = strchr(p, '\n');
             size_t n = eol ? (size_t)(eol - p) : strlen(p);
-            printf("%-10s %.*s\n", first ? "devices" : "", (int)n, p);
+            char line[512];
+            snprintf(line, sizeof(line), "%.*s", (int)n, p);
+            char *backend = strchr(line, ' '), *name = NULL;
+            if (backend) {
+                *backend++ = 0;
+                name = strchr(backend, ' ');
+                if (name)
+                    *name++ = 0;
+            }
+            if (!backend || !name)
+                printf("%-10s %s\n", first ? "devices" : "", line);
+            else if (!strcmp(line, backend))
+                printf("%-10s %s: %s\n", first ? "devices" : "", backend, name);
+            else
+                printf("%-10s %s: %s (%s)\n", first ? "devices" : "", backend, name, line);
             first = 0;
             p += n + (eol ? 1 : 0);
         }
@@ -318,6 +336,255 @@ static int cmd_stats(la_client *c, int json)
     return 0;
 }
 
+/* ---- metrics: the Prometheus text exposition format (0.0.4) ---- */
+
+typedef struct metric_def {
+    const char *stat; /* name in the Stats reply */
+    const char *name; /* metric family */
+    const char *type; /* counter, gauge */
+    const char *help;
+    double scale; /* value = stat * scale */
+} metric_def;
+
+static const metric_def metric_defs[] = {
+    {"calls", "liteattn_calls_total", "counter", "Attention requests received.", 1},
+    {"call_errors", "liteattn_calls_refused_total", "counter",
+     "Attention requests refused before running (validation, limits).", 1},
+    {"calls_completed", "liteattn_calls_completed_total", "counter",
+     "Attention calls that finished successfully.", 1},
+    {"calls_failed", "liteattn_calls_failed_total", "counter",
+     "Attention calls that finished with an error.", 1},
+    {"calls_inflight", "liteattn_calls_inflight", "gauge", "Attention calls queued or running.", 1},
+    {"tiles_total", "liteattn_tiles_total", "counter", "Attention tiles of the finished calls.", 1},
+    {"tiles_computed", "liteattn_tiles_computed_total", "counter", "Attention tiles computed.", 1},
+    {"tiles_skipped", "liteattn_tiles_skipped_total", "counter", "Attention tiles skipped.", 1},
+    {"layer_restarts", "liteattn_layer_restarts_total", "counter",
+     "Layers started over dense because a call's step was below the layer's last step.", 1},
+    {"compute_ns", "liteattn_attention_seconds_total", "counter",
+     "Time finished attention calls spent computing.", 1e-9},
+    {"queue_ns", "liteattn_queue_seconds_total", "counter",
+     "Time finished attention calls waited for a worker.", 1e-9},
+    {"sessions", "liteattn_sessions", "gauge", "Open sessions.", 1},
+    {"sessions_detached", "liteattn_sessions_detached", "gauge",
+     "Open sessions no connection holds (in their grace period).", 1},
+    {"sessions_opened", "liteattn_sessions_opened_total", "counter", "Sessions opened.", 1},
+    {"sessions_closed", "liteattn_sessions_closed_total", "counter",
+     "Sessions closed by their clients.", 1},
+    {"sessions_evicted", "liteattn_sessions_evicted_total", "counter",
+     "Idle sessions freed under the mask memory cap.", 1},
+    {"sessions_expired", "liteattn_sessions_expired_total", "counter",
+     "Sessions freed after the idle TTL.", 1},
+    {"sessions_grace_expired", "liteattn_sessions_grace_expired_total", "counter",
+     "Detached sessions freed after the grace period.", 1},
+    {"mask_bytes", "liteattn_mask_bytes", "gauge", "Skip-mask memory held.", 1},
+    {"buffers", "liteattn_buffers", "gauge", "Registered buffers.", 1},
+    {"buffer_bytes", "liteattn_buffer_bytes", "gauge", "Bytes of the registered buffers.", 1},
+    {"buffers_registered", "liteattn_buffers_registered_total", "counter", "Buffers registered.",
+     1},
+    {"buffers_unregistered", "liteattn_buffers_unregistered_total", "counter",
+     "Buffers unregistered.", 1},
+    {"fatal", "liteattn_fatal", "gauge", "1 once a sticky GPU error happened.", 1},
+    {"server.connections", "liteattn_connections", "gauge", "Open connections.", 1},
+    {"server.connections_total", "liteattn_connections_total", "counter", "Connections accepted.",
+     1},
+    {"server.connections_rejected", "liteattn_connections_rejected_total", "counter",
+     "Connections refused (per-user limit, out of descriptors).", 1},
+    {"server.frames_in", "liteattn_frames_received_total", "counter", "Frames received.", 1},
+    {"server.frames_out", "liteattn_frames_sent_total", "counter", "Frames sent.", 1},
+    {"server.bytes_in", "liteattn_received_bytes_total", "counter", "Bytes received.", 1},
+    {"server.bytes_out", "liteattn_sent_bytes_total", "counter", "Bytes sent.", 1},
+    {"server.protocol_errors", "liteattn_protocol_errors_total", "counter",
+     "Connections closed for framing or protocol errors.", 1},
+    {"server.uptime_s", "liteattn_uptime_seconds", "gauge", "Seconds since the daemon started.", 1},
+};
+#define N_METRIC_DEFS (sizeof(metric_defs) / sizeof(metric_defs[0]))
+#define ERRORS_PREFIX "server.errors."
+
+/* A label value: \, " and newline escaped; bytes outside printable ASCII become '?' (label
+ * values must be UTF-8, session keys are any bytes). */
+static void label_value(const char *s)
+{
+    putchar('"');
+    for (const unsigned char *p = (const unsigned char *)(s ? s : ""); *p; p++) {
+        if (*p == '\\' || *p == '"')
+            printf("\\%c", *p);
+        else if (*p == '\n')
+            fputs("\\n", stdout);
+        else
+            putchar(*p >= 0x20 && *p < 0x7f ? *p : '?');
+    }
+    putchar('"');
+}
+
+static void family(const char *name, const char *type, const char *help)
+{
+    printf("# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+/* A number as Prometheus reads it: integers exactly, others with 15 significant digits. */
+static void sample_value(double v)
+{
+    if (v > -9e15 && v < 9e15 && v == (double)(int64_t)v)
+        printf(" %lld\n", (long long)v);
+    else
+        printf(" %.15g\n", v);
+}
+
+static double cell_num(const la_table *t, size_t row, const char *col)
+{
+    for (size_t c = 0; c < la_table_cols(t); c++)
+        if (!strcmp(la_table_col_name(t, c), col)) {
+            const char *v = la_table_text(t, row, c);
+            return v ? strtod(v, NULL) : 0;
+        }
+    return 0;
+}
+
+static const char *cell_text(const la_table *t, size_t row, const char *col)
+{
+    for (size_t c = 0; c < la_table_cols(t); c++)
+        if (!strcmp(la_table_col_name(t, c), col))
+            return la_table_text(t, row, c);
+    return "";
+}
+
+static int cmd_metrics(la_client *c)
+{
+    la_table *st, *ss;
+    int rc = la_stats(c, &st);
+    if (rc < 0)
+        return fail_rc("metrics", rc);
+    rc = la_sessions(c, &ss);
+    if (rc < 0) {
+        la_table_free(st);
+        return fail_rc("metrics", rc);
+    }
+    family("liteattn_up", "gauge", "1 when the daemon answered.");
+    printf("liteattn_up 1\n");
+    family("liteattn_info", "gauge", "The daemon's version, protocol and backends (value 1).");
+    printf("liteattn_info{version=");
+    label_value(prop(c, "daemon.version"));
+    printf(",protocol=");
+    label_value(prop(c, "protocol"));
+    printf(",backends=");
+    label_value(prop(c, "backends"));
+    printf("} 1\n");
+
+    size_t rows = la_table_rows(st);
+    for (size_t i = 0; i < N_METRIC_DEFS; i++) {
+        const metric_def *m = &metric_defs[i];
+        for (size_t r = 0; r < rows; r++) {
+            int64_t v;
+            if (strcmp(la_table_text(st, r, 0), m->stat) || la_table_int(st, r, "value", &v) < 0)
+                continue;
+            family(m->name, m->type, m->help);
+            printf("%s", m->name);
+            sample_value((double)v * m->scale);
+            break;
+        }
+    }
+    /* Error replies by code: one family, a label per code. */
+    int first = 1;
+    for (size_t r = 0; r < rows; r++) {
+        const char *name = la_table_text(st, r, 0);
+        int64_t v;
+        if (strncmp(name, ERRORS_PREFIX, strlen(ERRORS_PREFIX)) ||
+            la_table_int(st, r, "value", &v) < 0)
+            continue;
+        if (first)
+            family("liteattn_errors_total", "counter", "Error replies sent, by error code.");
+        first = 0;
+        printf("liteattn_errors_total{code=");
+        label_value(name + strlen(ERRORS_PREFIX));
+        printf("}");
+        sample_value((double)v);
+    }
+    /* Counters this tool does not know yet (a newer daemon): one untyped family. */
+    first = 1;
+    for (size_t r = 0; r < rows; r++) {
+        const char *name = la_table_text(st, r, 0);
+        int64_t v;
+        int known = !strncmp(name, ERRORS_PREFIX, strlen(ERRORS_PREFIX));
+        for (size_t i = 0; i < N_METRIC_DEFS && !known; i++)
+            known = !strcmp(name, metric_defs[i].stat);
+        if (known || la_table_int(st, r, "value", &v) < 0)
+            continue;
+        if (first)
+            family("liteattn_stat", "untyped", "Other daemon counters, by their stats name.");
+        first = 0;
+        printf("liteattn_stat{name=");
+        label_value(name);
+        printf("}");
+        sample_value((double)v);
+    }
+
+    /* Per session (those this user may see; root sees all). */
+    static const struct {
+        const char *col, *name, *type, *help;
+    } sess_defs[] = {
+        {"live_fraction", "liteattn_session_live_fraction", "gauge",
+         "Fraction of the session's attention tiles still computed."},
+        {"calls", "liteattn_session_calls_total", "counter", "Attention calls of the session."},
+        {"restarts", "liteattn_session_restarts_total", "counter",
+         "Layers of the session started over dense (a step below the layer's last step)."},
+        {"mask_bytes", "liteattn_session_mask_bytes", "gauge", "Skip-mask memory of the session."},
+        {"attached", "liteattn_session_attached", "gauge",
+         "1 when a connection holds the session, 0 in its grace period."},
+        {"idle_s", "liteattn_session_idle_seconds", "gauge",
+         "Seconds since the session's last call."},
+    };
+    size_t n_sess = la_table_rows(ss);
+    for (size_t i = 0; i < sizeof(sess_defs) / sizeof(sess_defs[0]) && n_sess; i++) {
+        family(sess_defs[i].name, sess_defs[i].type, sess_defs[i].help);
+        for (size_t r = 0; r < n_sess; r++) {
+            printf("%s{session=", sess_defs[i].name);
+            label_value(cell_text(ss, r, "id"));
+            printf(",key=");
+            label_value(cell_text(ss, r, "key"));
+            printf(",uid=");
+            label_value(cell_text(ss, r, "uid"));
+            printf(",device=");
+            label_value(cell_text(ss, r, "device"));
+            printf("}");
+            sample_value(cell_num(ss, r, sess_defs[i].col));
+        }
+    }
+    /* Per user: sums over the sessions above, in order of first appearance. */
+    static const struct {
+        const char *name, *help;
+    } user_defs[] = {
+        {"liteattn_user_sessions", "Open sessions of the user."},
+        {"liteattn_user_sessions_detached", "Open sessions of the user no connection holds."},
+        {"liteattn_user_mask_bytes", "Skip-mask memory of the user's sessions."},
+    };
+    for (size_t i = 0; i < sizeof(user_defs) / sizeof(user_defs[0]) && n_sess; i++) {
+        family(user_defs[i].name, "gauge", user_defs[i].help);
+        for (size_t r = 0; r < n_sess; r++) {
+            const char *uid = cell_text(ss, r, "uid");
+            int seen = 0;
+            for (size_t q = 0; q < r && !seen; q++)
+                seen = !strcmp(cell_text(ss, q, "uid"), uid);
+            if (seen)
+                continue;
+            double sum = 0;
+            for (size_t q = r; q < n_sess; q++) {
+                if (strcmp(cell_text(ss, q, "uid"), uid))
+                    continue;
+                sum += i == 0   ? 1
+                       : i == 1 ? cell_num(ss, q, "attached") == 0
+                                : cell_num(ss, q, "mask_bytes");
+            }
+            printf("%s{uid=", user_defs[i].name);
+            label_value(uid);
+            printf("}");
+            sample_value(sum);
+        }
+    }
+    la_table_free(st);
+    la_table_free(ss);
+    return 0;
+}
+
 static int cmp_u64(const void *a, const void *b)
 {
     uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
@@ -408,8 +675,14 @@ int main(int argc, char **argv)
         return 2;
     }
     if (strcmp(cmd, "status") && strcmp(cmd, "sessions") && strcmp(cmd, "stats") &&
-        strcmp(cmd, "ping")) {
-        fprintf(stderr, "%s: unknown command \"%s\" (status, sessions, stats, ping)\n", prog, cmd);
+        strcmp(cmd, "metrics") && strcmp(cmd, "ping")) {
+        fprintf(stderr, "%s: unknown command \"%s\" (status, sessions, stats, metrics, ping)\n",
+                prog, cmd);
+        return 2;
+    }
+    if (json && !strcmp(cmd, "metrics")) {
+        fprintf(stderr, "%s: metrics has one format, the Prometheus text format (no --json)\n",
+                prog);
         return 2;
     }
     if (have_n && strcmp(cmd, "ping")) {
@@ -426,6 +699,12 @@ int main(int argc, char **argv)
     }
     la_client *c;
     int rc = la_connect(sock, "liteattnctl", &c);
+    if (rc < 0 && !strcmp(cmd, "metrics")) {
+        /* A scrape still gets an answer: the daemon is down. */
+        family("liteattn_up", "gauge", "1 when the daemon answered.");
+        printf("liteattn_up 0\n");
+        fflush(stdout);
+    }
     if (rc == LA_ECONN) {
         fprintf(stderr, "%s: %s: is liteattnd running?\n", prog, la_last_error_message());
         return 1;
@@ -439,6 +718,8 @@ int main(int argc, char **argv)
         st = cmd_sessions(c, json);
     else if (!strcmp(cmd, "stats"))
         st = cmd_stats(c, json);
+    else if (!strcmp(cmd, "metrics"))
+        st = cmd_metrics(c);
     else
         st = cmd_ping(c, count, json);
     la_disconnect(c);

@@ -25,6 +25,7 @@ typedef struct sim_opts {
     const char *device; /* demo: auto, cpu, cuda */
     int bm, bn;         /* bench_direct: tile sizes */
     unsigned long long seed;
+    int dense_runs; /* timed dense passes before the generation (speed-up baseline) */
 } sim_opts;
 
 /* The program's name in messages ("liteattn-demo", "bench_direct"). */
@@ -55,13 +56,34 @@ void sim_err_acc(const void *out, const void *ref, size_t n, la_dtype dt, double
 /* Contiguous strides of a [1, S, H, D] tensor. */
 void sim_fill_strides(int64_t st[4], int S, int H, int D);
 
-/* One step's figures: live tile fraction, attention seconds, relative error. */
+/* One step's figures: live tile fraction, attention seconds, relative error, and the seconds
+ * of the step's dense reference pass (every layer, timed like the step). */
 typedef struct sim_row {
-    double live, attn_s, err;
+    double live, attn_s, err, dense_s;
 } sim_row;
 
+/* The speed-up baseline: the median of warm timings of one dense step (every layer, through
+ * the same path and round trips as a step of the generation), with its spread. The timings:
+ * o->dense_runs passes before the generation (after one untimed warm-up pass), then the dense
+ * reference pass of every step, so that the baseline sees the machine load the steps see. A
+ * single cold timing (step 0, as before) folds thread start-up, first-touch page faults and
+ * cold caches into it: nothing skipped then read as a 1.3x speed-up. */
+typedef struct sim_baseline {
+    double median_s, min_s, max_s;
+    int runs;
+} sim_baseline;
+/* Of timings t[0..n), n >= 1 (t is left as it is). */
+sim_baseline sim_baseline_of(const double *t, int n);
+
+/* The header line; then sim_print_baseline, then sim_print_columns, then a row per step. */
 void sim_print_header(const sim_opts *o, const char *path);
-void sim_print_row(int step, const sim_row *r, double dense_s);
-void sim_print_summary(const sim_opts *o, const sim_row *rows, double total_s);
+void sim_print_baseline(const char *what, const sim_baseline *b);
+void sim_print_columns(void);
+/* The step's speed-up is median_s (the baseline so far) over its attention time. */
+void sim_print_row(int step, const sim_row *r, double median_s);
+/* Compares the sums of the steps' attention times and of their dense passes (interleaved, so
+ * both saw the same machine). */
+void sim_print_summary(const sim_opts *o, const sim_row *rows, const sim_baseline *b,
+                       double total_s);
 
 #endif /* LA_TOOLS_SIM_H */
