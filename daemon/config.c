@@ -263,8 +263,8 @@ static int apply(cfg *c, const opt *o, const char *val, const char *where, char 
     case K_U32SIZE:
         if (cfg_parse_size(val, &v) < 0)
             return fail(err, errlen,
-                        "%s: '%s' is not a size (a number with an optional K, M, G suffix)", where,
-                        val);
+                        "%s: '%s' is not a size (a number with an optional K, M, G or T suffix)",
+                        where, val);
         break;
     case K_FLAG: return 0;
     default: return fail(err, errlen, "%s: not a setting", where);
@@ -380,7 +380,7 @@ static void print_help(const char *prog)
         }
     }
     printf(
-        "\nSizes accept K, M, G suffixes (powers of 1024). Bad options exit with status 2.\n"
+        "\nSizes accept K, M, G, T suffixes (powers of 1024). Bad options exit with status 2.\n"
         "\nConfig file: lines 'key = value', '#' starts a comment. Keys are the long option\n"
         "names with '-' written '_' (socket, backend, threads, foreground, log_level,\n"
         "max_frame, max_inflight, max_connections_per_user, max_buffers, max_buffer_bytes,\n"

@@ -352,7 +352,7 @@ __global__ void __launch_bounds__(Tiles<D>::NT, Tiles<D>::NT <= 128 ? 2 : 1) att
             float l = lrow[mt][r];
             l += __shfl_xor_sync(0xffffffffu, l, 1);
             l += __shfl_xor_sync(0xffffffffu, l, 2);
-            const float inv = l > 0.f ? 1.f / l : 0.f;
+            const float inv = l == 0.f ? 0.f : 1.f / l;
             const int row = m * BM + warp * 16 * MT + mt * 16 + g + 8 * r;
             if (row < p.Sq) {
                 T *orow = gO + (int64_t)row * p.o_ss;
@@ -362,7 +362,7 @@ __global__ void __launch_bounds__(Tiles<D>::NT, Tiles<D>::NT <= 128 ? 2 : 1) att
                         Ty<T>::pack(o[mt][j][2 * r] * inv, o[mt][j][2 * r + 1] * inv);
                 if (p.lse && tq == 0)
                     p.lse[b * p.lse_sb + h * p.lse_sh + row * p.lse_ss] =
-                        l > 0.f ? (mrow[mt][r] * c + __log2f(l)) * 0.69314718055994531f : -INFINITY;
+                        l == 0.f ? -INFINITY : (mrow[mt][r] * c + __log2f(l)) * 0.69314718055994531f;
             }
         }
     }

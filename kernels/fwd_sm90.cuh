@@ -459,11 +459,11 @@ __global__ void __launch_bounds__(Tiles<D>::NT, 1) fwd_kernel(const __grid_const
         float l = lrow[r];
         l += __shfl_xor_sync(0xffffffffu, l, 1);
         l += __shfl_xor_sync(0xffffffffu, l, 2);
-        inv[r] = l > 0.f ? 1.f / l : 0.f;
+        inv[r] = l == 0.f ? 0.f : 1.f / l;
         const int row = m * BM + row0 + 8 * r;
         if (p.lse && tq == 0 && row < p.Sq)
             p.lse[b * p.lse_sb + h * p.lse_sh + row * p.lse_ss] =
-                l > 0.f ? (mrow[r] * c + __log2f(l)) * 0.69314718055994531f : -INFINITY;
+                l == 0.f ? -INFINITY : (mrow[r] * c + __log2f(l)) * 0.69314718055994531f;
     }
 #if LA_SM90_TMA_STORE
     {
