@@ -356,23 +356,11 @@ static int cpu_submit(be_backend *b, be_job *job)
     return rc;
 }
 
-typedef struct conn_match {
-    uint64_t conn_id;
-    int all;
-} conn_match;
-
-static int match_conn(void *ctx, const be_job *j)
-{
-    const conn_match *m = ctx;
-    return m->all || j->conn_id == m->conn_id;
-}
-
 static void cpu_cancel(be_backend *b, uint64_t conn_id, int all, int code)
 {
     cpu_backend *c = (cpu_backend *)b;
-    conn_match m = {conn_id, all};
     pthread_mutex_lock(&c->lock);
-    be_job *list = fq_take(&c->q, match_conn, &m), *fresh = NULL;
+    be_job *list = fq_take(&c->q, conn_id, all), *fresh = NULL;
     while (list) {
         be_job *j = list;
         list = j->be_next;
@@ -386,7 +374,7 @@ static void cpu_cancel(be_backend *b, uint64_t conn_id, int all, int code)
         }
     }
     for (int i = 0; i < c->running; i++)
-        if (match_conn(&m, c->busy[i]) && !c->busy[i]->be_cancel)
+        if ((all || c->busy[i]->conn_id == conn_id) && !c->busy[i]->be_cancel)
             c->busy[i]->be_cancel = code;
     pthread_cond_broadcast(&c->cond);
     pthread_mutex_unlock(&c->lock);

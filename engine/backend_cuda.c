@@ -262,7 +262,7 @@ static void CUDART_CB host_done(void *arg)
 static void fail_all(gpu *g, const char *why)
 {
     pthread_mutex_lock(&g->lock);
-    be_job *list = NULL, *q = fq_take(&g->q, NULL, NULL);
+    be_job *list = NULL, *q = fq_take(&g->q, 0, 1);
     /* Their slots stay out of use: the dead context may still hold work on them. */
     for (int k = 0; k < N_SLOTS && g->n_inflight > 0; k++)
         if (g->slot_job[k]) {
@@ -754,28 +754,16 @@ static int cu_submit(be_backend *b, be_job *job)
     return rc;
 }
 
-typedef struct conn_match {
-    uint64_t conn_id;
-    int all;
-} conn_match;
-
-static int match_conn(void *ctx, const be_job *j)
-{
-    const conn_match *m = ctx;
-    return m->all || j->conn_id == m->conn_id;
-}
-
 /* Launched work cannot be taken back; what is still queued is. */
 static void cu_cancel(be_backend *b, uint64_t conn_id, int all, int code)
 {
     cuda_backend *cb = (cuda_backend *)b;
-    conn_match m = {conn_id, all};
     for (int i = 0; i < cb->n; i++) {
         gpu *g = &cb->gpus[i];
         if (!g->cb)
             continue;
         pthread_mutex_lock(&g->lock);
-        be_job *list = fq_take(&g->q, match_conn, &m);
+        be_job *list = fq_take(&g->q, conn_id, all);
         pthread_mutex_unlock(&g->lock);
         while (list) {
             be_job *next = list->be_next;
@@ -798,7 +786,7 @@ static void cu_stop(be_backend *b)
             continue; /* never initialised */
         pthread_mutex_lock(&g->lock);
         g->stopping = 1;
-        be_job *list = fq_take(&g->q, NULL, NULL);
+        be_job *list = fq_take(&g->q, 0, 1);
         pthread_cond_broadcast(&g->cond);
         pthread_mutex_unlock(&g->lock);
         while (list) {

@@ -192,7 +192,7 @@ void fq_done(fq *q, be_job *j)
     gc(q, f);
 }
 
-be_job *fq_take(fq *q, int (*match)(void *ctx, const be_job *j), void *ctx)
+be_job *fq_take(fq *q, uint64_t conn_id, int all)
 {
     be_job *out = NULL, **tail = &out;
     fq_user *u = q->users;
@@ -204,7 +204,7 @@ be_job *fq_take(fq *q, int (*match)(void *ctx, const be_job *j), void *ctx)
             be_job *prev = NULL, *j = f->head;
             while (j) {
                 be_job *next = j->be_next;
-                if (!match || match(ctx, j)) {
+                if (all || j->conn_id == conn_id) {
                     if (prev)
                         prev->be_next = next;
                     else

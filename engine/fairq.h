@@ -43,8 +43,8 @@ void fq_charge(fq *q, be_job *j, uint64_t cost);
 void fq_requeue(fq *q, be_job *j);
 /* A picked job finished (or was cancelled while running). */
 void fq_done(fq *q, be_job *j);
-/* Removes every queued job for which match() returns 1 (match NULL: all) and returns them
+/* Removes every queued job of connection conn_id (all: of every connection) and returns them
  * chained by be_next, in queue order per flow. */
-be_job *fq_take(fq *q, int (*match)(void *ctx, const be_job *j), void *ctx);
+be_job *fq_take(fq *q, uint64_t conn_id, int all);
 
 #endif /* LA_FAIRQ_H */
