@@ -215,6 +215,7 @@ typedef struct tref {
     int64_t strides[4];
     void *ptr;
     int present;
+    int extent_rc; /* la_extent_bytes's answer: < 0 leaves the tensor to la_attn_check */
 } tref;
 
 static int check_shape(const char *sname, const char *role, const eng_tensor *t, int ndim,
@@ -242,10 +243,12 @@ static int check_shape(const char *sname, const char *role, const eng_tensor *t,
     return 0;
 }
 
-/* Buffer, dtype, strides and the byte extent of r->t inside its buffer, overflow-safe. A
- * tensor of ndim 0 (decisions) is fixed_bytes contiguous bytes. */
-static int check_extent(eng *e, const sess *s, uint64_t conn_id, const char *sname, tref *r,
-                        la_dtype want_dtype, uint64_t fixed_bytes, eng_error *err)
+/* Buffer, dtype, alignment, strides and pointer of r->t, and its byte range inside its
+ * buffer. A tensor of ndim 0 (decisions) is fixed_bytes contiguous bytes. A tensor whose extent
+ * cannot be computed (a negative stride, one that overflows) is left to la_attn_check, which
+ * names the rule (r->extent_rc < 0). */
+static int resolve_tensor(eng *e, const sess *s, uint64_t conn_id, const char *sname, tref *r,
+                          la_dtype want_dtype, uint64_t fixed_bytes, eng_error *err)
 {
     const eng_tensor *t = r->t;
     if (t->dtype != want_dtype) {
@@ -272,63 +275,79 @@ static int check_extent(eng *e, const sess *s, uint64_t conn_id, const char *sna
                  r->role, (unsigned long long)t->offset, (unsigned long long)es);
         return LA_EINVAL;
     }
-    uint64_t bytes;
-    if (t->ndim == 0) {
-        bytes = fixed_bytes;
-    } else {
-        int64_t st[4];
+    uint64_t bytes = fixed_bytes;
+    if (t->ndim > 0) {
         if (t->has_strides) {
-            for (int i = 0; i < t->ndim; i++) {
-                if (t->strides[i] < 0) {
-                    eng_errf(err, "%s: %s stride %d is negative (%lld)", sname, r->role, i,
-                             (long long)t->strides[i]);
-                    return LA_EINVAL;
-                }
-                st[i] = t->strides[i];
-            }
+            memcpy(r->strides, t->strides, (size_t)t->ndim * sizeof r->strides[0]);
         } else {
             int64_t acc = 1;
             for (int i = t->ndim - 1; i >= 0; i--) {
-                st[i] = acc;
-                if (__builtin_mul_overflow(acc, t->shape[i], &acc))
-                    goto overflow;
+                r->strides[i] = acc;
+                if (__builtin_mul_overflow(acc, t->shape[i], &acc)) {
+                    eng_errf(err,
+                             "%s: %s extent overflows 64 bits (offset %llu, its "
+                             "contiguous strides too large)",
+                             sname, r->role, (unsigned long long)t->offset);
+                    return LA_ERANGE;
+                }
             }
         }
-        /* elsize * (1 + sum (shape_i - 1) * stride_i); shapes were checked >= 1. */
-        uint64_t last = 0, term;
-        for (int i = 0; i < t->ndim; i++) {
-            if (__builtin_mul_overflow((uint64_t)(t->shape[i] - 1), (uint64_t)st[i], &term) ||
-                __builtin_add_overflow(last, term, &last))
-                goto overflow;
-            r->strides[i] = st[i];
-        }
-        if (__builtin_add_overflow(last, 1, &last) || __builtin_mul_overflow(last, es, &bytes))
-            goto overflow;
-    }
-    uint64_t end;
-    if (__builtin_add_overflow(t->offset, bytes, &end))
-        goto overflow;
-    if (end > b->size) {
-        eng_errf(err, "%s: %s spans bytes [%llu, %llu) but buffer %llu holds %llu bytes", sname,
-                 r->role, (unsigned long long)t->offset, (unsigned long long)end,
-                 (unsigned long long)b->id, (unsigned long long)b->size);
-        return LA_ERANGE;
+        r->extent_rc = la_extent_bytes(t->ndim, t->shape, r->strides, es, &bytes);
     }
     r->b = b;
     r->begin = t->offset;
-    r->end = end;
-    r->ptr = (char *)b->ptr + t->offset;
+    r->ptr = (void *)((uintptr_t)b->ptr + (uintptr_t)t->offset);
     r->present = 1;
+    if (r->extent_rc < 0)
+        return 0;
+    if (__builtin_add_overflow(t->offset, bytes, &r->end)) {
+        eng_errf(err, "%s: %s extent overflows 64 bits (offset %llu, strides too large)", sname,
+                 r->role, (unsigned long long)t->offset);
+        return LA_ERANGE;
+    }
+    if (r->end > b->size) {
+        eng_errf(err, "%s: %s spans bytes [%llu, %llu) but buffer %llu holds %llu bytes", sname,
+                 r->role, (unsigned long long)t->offset, (unsigned long long)r->end,
+                 (unsigned long long)b->id, (unsigned long long)b->size);
+        return LA_ERANGE;
+    }
     return 0;
-overflow:
-    eng_errf(err, "%s: %s extent overflows 64 bits (offset %llu, strides too large)", sname,
-             r->role, (unsigned long long)t->offset);
-    return LA_ERANGE;
 }
 
-static int overlaps(const tref *a, const tref *b)
+static const tref *find_role(const tref t[6], const char *role)
 {
-    return a->present && b->present && a->b == b->b && a->begin < b->end && b->begin < a->end;
+    for (int i = 0; role && i < 6; i++)
+        if (t[i].present && strcmp(t[i].role, role) == 0)
+            return &t[i];
+    return NULL;
+}
+
+/* The one validity decision (la_attn_check) on the call's parameters; its answer names the
+ * rule and the tensor, to which this adds the buffer and byte range it knows. */
+static int check_params(const char *sname, const tref t[6], const la_attn_params *p, eng_error *err)
+{
+    la_attn_error ve;
+    int rc = la_attn_check(p, &ve);
+    if (rc == 0) {
+        for (int i = 0; i < 6; i++)
+            if (t[i].present && t[i].extent_rc < 0) { /* la_attn_check refuses these */
+                eng_errf(err, "%s: %s extent cannot be computed", sname, t[i].role);
+                return t[i].extent_rc;
+            }
+        return 0;
+    }
+    const tref *a = find_role(t, ve.tensor), *o = find_role(t, ve.other);
+    if (a && o && a->b == o->b)
+        eng_errf(err, "%s: %s in buffer %llu (bytes [%llu, %llu) and [%llu, %llu))", sname, ve.msg,
+                 (unsigned long long)a->b->id, (unsigned long long)a->begin,
+                 (unsigned long long)a->end, (unsigned long long)o->begin,
+                 (unsigned long long)o->end);
+    else if (a && rc == LA_ERANGE)
+        eng_errf(err, "%s: %s (offset %llu in buffer %llu)", sname, ve.msg,
+                 (unsigned long long)a->begin, (unsigned long long)a->b->id);
+    else
+        eng_errf(err, "%s: %s", sname, ve.msg);
+    return rc;
 }
 
 /* The call's session (owned by uid) and its indices: layer, kv shard, step, mode. */
@@ -363,13 +382,8 @@ static int resolve_session(eng *e, uint32_t uid, const eng_attn_req *req, sess *
                  sname, req->step, (int32_t)req->step);
         return LA_EINVAL;
     }
-    la_mode mode = req->mode == LA_MODE_SESSION ? s->mode : req->mode;
-    if (mode < LA_MODE_DENSE || mode > LA_MODE_SKIP) {
-        eng_errf(err, "%s: unknown mode %d", sname, (int)req->mode);
-        return LA_EINVAL;
-    }
     *ret_s = s;
-    *ret_mode = mode;
+    *ret_mode = req->mode == LA_MODE_SESSION ? s->mode : req->mode; /* judged by la_attn_check */
     return 0;
 }
 
@@ -422,8 +436,8 @@ static int check_geometry(const sess *s, const char *sname, const eng_attn_req *
     return 0;
 }
 
-/* Buffers, dtypes, strides and byte extents of every tensor the call uses; no output may
- * overlap an input or another output. */
+/* Buffers, dtypes, strides and byte ranges of every tensor the call uses (overlaps are
+ * la_attn_check's to find). */
 static int resolve_tensors(eng *e, const sess *s, uint64_t conn_id, const char *sname,
                            const eng_attn_req *req, tref t[6], eng_error *err)
 {
@@ -439,38 +453,32 @@ static int resolve_tensors(eng *e, const sess *s, uint64_t conn_id, const char *
         if (i == 5 && !req->dry_run)
             continue;
         la_dtype want = i < 4 ? s->dtype : i == 4 ? LA_DTYPE_F32 : LA_DTYPE_U32;
-        if ((rc = check_extent(e, s, conn_id, sname, &t[i], want, s->layer_mask_bytes, err)) < 0)
+        if ((rc = resolve_tensor(e, s, conn_id, sname, &t[i], want, s->layer_mask_bytes, err)) < 0)
             return rc;
-    }
-    for (int o = 3; o < 6; o++) {
-        for (int i = 0; i < o; i++)
-            if (overlaps(&t[o], &t[i]) && (i < 3 || o > 3)) {
-                eng_errf(err,
-                         "%s: %s overlaps %s in buffer %llu (bytes [%llu, %llu) and "
-                         "[%llu, %llu))",
-                         sname, t[o].role, t[i].role, (unsigned long long)t[o].b->id,
-                         (unsigned long long)t[o].begin, (unsigned long long)t[o].end,
-                         (unsigned long long)t[i].begin, (unsigned long long)t[i].end);
-                return LA_EINVAL;
-            }
     }
     return 0;
 }
 
-/* Ranges, softmax scale (0: 1/sqrt(D)) and threshold (the call's, else the session's
- * schedule or threshold). */
-static int resolve_scalars(const sess *s, const char *sname, const eng_attn_req *req,
-                           float *ret_scale, float *ret_tau, eng_error *err)
+/* Softmax scale (0: 1/sqrt(D)) and threshold (the call's, else the session's schedule or
+ * threshold); la_attn_check judges them. */
+static void resolve_scalars(const sess *s, const eng_attn_req *req, float *ret_scale,
+                            float *ret_tau)
 {
-    if (req->n_must_do < 0 || req->n_must_do > LA_MAX_RANGES || req->n_must_skip < 0 ||
-        req->n_must_skip > LA_MAX_RANGES) {
-        eng_errf(err, "%s: %d must-do and %d must-skip ranges (at most %d each)", sname,
-                 req->n_must_do, req->n_must_skip, LA_MAX_RANGES);
-        return LA_EINVAL;
-    }
-    /* Ranges are key positions of this call: [start, end) with 0 <= start <= end <= Sk. A
-     * reversed or out-of-range one is a caller's mistake (swapped pair, positions of another
-     * shard or length); clipping it silently would hide it. */
+    float tau = s->threshold;
+    if (req->has_threshold)
+        tau = req->threshold;
+    else if (s->n_schedule)
+        tau = s->schedule[req->step < s->n_schedule ? req->step : s->n_schedule - 1];
+    *ret_scale = req->scale == 0.0f ? 1.0f / sqrtf((float)s->head_dim) : req->scale;
+    *ret_tau = tau;
+}
+
+/* Ranges are key positions of this call: [start, end) with 0 <= start <= end <= Sk. A reversed
+ * or out-of-range one is a caller's mistake (swapped pair, positions of another shard or
+ * length); clipping it silently, as the kernels do, would hide it. Their count was checked by
+ * la_attn_check. */
+static int check_ranges(const char *sname, const eng_attn_req *req, eng_error *err)
+{
     const int64_t Sk = req->k.shape[1];
     for (int i = 0; i < req->n_must_do + req->n_must_skip; i++) {
         int skip = i >= req->n_must_do;
@@ -488,22 +496,6 @@ static int resolve_scalars(const sess *s, const char *sname, const eng_attn_req 
             return LA_EINVAL;
         }
     }
-    float scale = req->scale == 0.0f ? 1.0f / sqrtf((float)s->head_dim) : req->scale;
-    if (!(scale > 0.0f) || isinf(scale)) {
-        eng_errf(err, "%s: softmax scale %g (must be finite and > 0)", sname, (double)scale);
-        return LA_EINVAL;
-    }
-    float tau = s->threshold;
-    if (req->has_threshold)
-        tau = req->threshold;
-    else if (s->n_schedule)
-        tau = s->schedule[req->step < s->n_schedule ? req->step : s->n_schedule - 1];
-    if (isnan(tau)) {
-        eng_errf(err, "%s: threshold is NaN", sname);
-        return LA_EINVAL;
-    }
-    *ret_scale = scale;
-    *ret_tau = tau;
     return 0;
 }
 
@@ -513,8 +505,16 @@ static void build_params(const sess *s, const eng_attn_req *req, const tref t[6]
                          float scale, float tau, be_job *bj)
 {
     la_attn_params *p = &bj->p;
-    memcpy(bj->must_do, req->must_do, (size_t)req->n_must_do * sizeof(la_range));
-    memcpy(bj->must_skip, req->must_skip, (size_t)req->n_must_skip * sizeof(la_range));
+    /* The counts travel as sent (la_attn_check refuses more than LA_MAX_RANGES); the copies
+     * stay inside the arrays. */
+    int n_do = req->n_must_do < 0               ? 0
+               : req->n_must_do > LA_MAX_RANGES ? LA_MAX_RANGES
+                                                : req->n_must_do;
+    int n_skip = req->n_must_skip < 0               ? 0
+                 : req->n_must_skip > LA_MAX_RANGES ? LA_MAX_RANGES
+                                                    : req->n_must_skip;
+    memcpy(bj->must_do, req->must_do, (size_t)n_do * sizeof(la_range));
+    memcpy(bj->must_skip, req->must_skip, (size_t)n_skip * sizeof(la_range));
     p->q = t[0].ptr;
     p->k = t[1].ptr;
     p->v = t[2].ptr;
@@ -617,11 +617,9 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
     eng_user *u;
     if ((rc = resolve_session(e, uid, req, &s, &mode, sname, sizeof sname, err)) < 0 ||
         (rc = check_geometry(s, sname, req, err)) < 0 ||
-        (rc = resolve_tensors(e, s, conn_id, sname, req, t, err)) < 0 ||
-        (rc = resolve_scalars(s, sname, req, &scale, &tau, err)) < 0 ||
-        (rc = check_cost(e, uid, s, sname, req, &cost, &u, err)) < 0)
+        (rc = resolve_tensors(e, s, conn_id, sname, req, t, err)) < 0)
         return rc;
-
+    resolve_scalars(s, req, &scale, &tau);
     eng_job *j = calloc(1, sizeof *j);
     if (!j) {
         eng_errf(err, "out of memory");
@@ -629,6 +627,12 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
     }
     be_job *bj = &j->bj;
     build_params(s, req, t, mode, scale, tau, bj);
+    if ((rc = check_params(sname, t, &bj->p, err)) < 0 ||
+        (rc = check_ranges(sname, req, err)) < 0 ||
+        (rc = check_cost(e, uid, s, sname, req, &cost, &u, err)) < 0) {
+        free(j);
+        return rc;
+    }
     /* Generations restart dense: a step below the layer's last one starts the layer over,
      * every kv shard of it (each shard's mask is set to all ones by its own next call, so it
      * stays ordered with the calls still queued on that mask). Dry runs leave the store alone

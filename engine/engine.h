@@ -220,8 +220,8 @@ typedef void (*eng_done_fn)(void *user, int status, const eng_attn_result *res,
                             const char *message);
 
 /* Validates everything (session and ownership, layer/shard/step, shapes against the session's
- * geometry, dtypes, strides, every tensor's byte extent inside its buffer with overflow-safe
- * arithmetic, ranges) and queues the job on its backend. On success done() runs later on the
+ * geometry, dtypes, every tensor's byte extent inside its buffer with overflow-safe arithmetic,
+ * ranges; the kernel-level rules through la_attn_check) and queues the job on its backend. On success done() runs later on the
  * loop thread (from eng_process_completions) exactly once; on error it never runs.
  * Errors: LA_ENOENT, LA_EINVAL, LA_ERANGE, LA_ENOTSUP, LA_ESHUTDOWN, LA_ELIMIT (the call's
  * cost exceeds max_call_cost, or the user's queued work would exceed max_queued_cost_per_user;

@@ -55,13 +55,13 @@ typedef struct la_attn_params {
     int32_t B, Sq, Sk, H, D;
     la_dtype dtype; /* F32 (reference only), F16, BF16 */
 
-    float scale; /* softmax scale (> 0; callers resolve the 1/sqrt(D) default) */
-    float tau;   /* threshold in log2 units; -INFINITY keeps every tile */
+    float scale;  /* softmax scale (> 0; callers resolve the 1/sqrt(D) default) */
+    float tau;    /* threshold in log2 units; -INFINITY keeps every tile */
     la_mode mode; /* DENSE, OBSERVE or SKIP (never LA_MODE_SESSION here) */
     int32_t step; /* denoising step; its parity picks the direction under ALTERNATE */
     la_direction direction;
 
-    const la_range *must_do;   /* host memory, n_must_do <= LA_MAX_RANGES */
+    const la_range *must_do; /* host memory, n_must_do <= LA_MAX_RANGES */
     int32_t n_must_do;
     const la_range *must_skip;
     int32_t n_must_skip;
@@ -75,8 +75,8 @@ typedef struct la_attn_params {
     /* Dry run: when non-NULL the new mask rows are written here (same strides) instead. */
     uint32_t *decisions;
 
-    int32_t BM, BN;   /* tile sizes, > 0 */
-    int32_t threads;  /* CPU reference: worker threads (<= 0: 1) */
+    int32_t BM, BN;  /* tile sizes, > 0 */
+    int32_t threads; /* CPU reference: worker threads (<= 0: 1) */
 
     /* Out (may be NULL): number of (b, h, m, n) tiles actually computed in this call. */
     int64_t *ret_tiles_computed;
@@ -88,9 +88,30 @@ static inline int32_t la_mask_words(int32_t n_k_tiles) { return (n_k_tiles + 31)
 /* Bytes of one element of dtype (0 for an unknown dtype). */
 size_t la_dtype_size(la_dtype dtype);
 
+/* Bytes a strided tensor of n dims spans from its first element,
+ * esize * (1 + sum (size_i - 1) * stride_i), in int64 arithmetic: the one extent computation
+ * of the project (the validator's, and the engine's against a buffer). Sizes must be >= 1 and
+ * strides >= 0 (else LA_EINVAL). Returns 0, or LA_ERANGE when the extent overflows 63 bits. */
+int la_extent_bytes(int n, const int64_t *size, const int64_t *stride, uint64_t esize,
+                    uint64_t *ret_bytes);
+
+/* What la_attn_check refused: the rule in words and the tensor it concerns, so that a caller
+ * that knows more (the engine: buffers, offsets) can name it. Tensor roles: "q", "k", "v", "o",
+ * "lse", "mask", "decisions". */
+typedef struct la_attn_error {
+    const char *tensor; /* the tensor the rule failed for, NULL when none */
+    const char *other;  /* an overlap's second tensor, else NULL */
+    int dim;            /* the dimension for a stride rule, else -1 */
+    char msg[192];      /* e.g. "q stride 3 is negative (-1)", "o overlaps q" */
+} la_attn_error;
+
 /* Validates p for the CPU reference: sizes, pointers, head dim, dtype, strides (no output
- * aliasing an input, no negative strides), ranges, tile sizes, mode. Returns 0 or LA_EINVAL /
- * LA_ENOTSUP. GPU backends call it first and add their own restrictions. */
+ * aliasing an input, no negative strides), extents (LA_ERANGE when one overflows), ranges, tile
+ * sizes, mode. Returns 0 or LA_EINVAL / LA_ERANGE / LA_ENOTSUP; on an error fills *err when err
+ * is not NULL. The one place that decides whether a call is valid: the engine calls it with the
+ * session's and buffers' facts; GPU backends call it first and add their own restrictions. */
+int la_attn_check(const la_attn_params *p, la_attn_error *err);
+/* la_attn_check(p, NULL). */
 int la_attn_validate(const la_attn_params *p);
 
 /* Per k-tile flags from the ranges: must_do[w] bit n set when tile n holds a must-do key;
