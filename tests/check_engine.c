@@ -624,6 +624,15 @@ START_TEST(attn_validation)
              "layer -1 (4294967295 as unsigned) out of range: layers count from 0 to 1"},
             {"kv shard -1", "kv shard -1 (4294967295 as unsigned) out of range: kv shards count "
                             "from 0 to 0"},
+            /* The kernel-level rules, as la_attn_check words them, with the engine's facts. */
+            {"negative stride", "q stride 3 is negative (-1)"},
+            {"overflowing strides", "k extent overflows 64 bits"},
+            {"o overlaps q", "o overlaps q in buffer"},
+            {"lse overlaps o", "lse overlaps o in buffer"},
+            {"too many ranges", "must-skip ranges (at most"},
+            {"negative scale", "softmax scale -1 (must be finite and > 0)"},
+            {"mode", "unknown mode 7"},
+            {"NaN threshold", "threshold is NaN"},
         };
         for (size_t k = 0; k < sizeof says / sizeof says[0]; k++)
             if (!strcmp(name, says[k][0]))
