@@ -75,4 +75,15 @@ static inline void list_take(list_node *dst, list_node *src)
          var##_n_ != (head) && ((var) = list_entry(var##_n_, type, member), 1); \
          var##_n_ = var##_t_, var##_t_ = var##_n_->next)
 
+/* Unlinks every entry of the list and hands it to release (free, or a destructor taking a
+ * type *). */
+#define list_drain(head, type, member, release)             \
+    do {                                                    \
+        type *list_d_;                                      \
+        list_for_each_entry (list_d_, head, type, member) { \
+            list_remove(&list_d_->member);                  \
+            release(list_d_);                               \
+        }                                                   \
+    } while (0)
+
 #endif /* LA_COMMON_LIST_H */

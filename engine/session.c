@@ -776,9 +776,5 @@ void sess_free_all(eng *e)
 {
     while (!list_empty(&e->sessions))
         sess_unlink(e, list_first_entry(&e->sessions, sess, link));
-    eng_user *u;
-    list_for_each_entry (u, &e->users, eng_user, link) {
-        list_remove(&u->link);
-        free(u);
-    }
+    list_drain(&e->users, eng_user, link, free);
 }

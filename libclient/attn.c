@@ -190,14 +190,7 @@ LA_API int la_attn_set_wait_event(la_attn *a, const void *ipc_event_handle, size
 
 /* ---- calls --------------------------------------------------------------------------------- */
 
-void cl_calls_free_all(la_client *c)
-{
-    la_call *call;
-    list_for_each_entry (call, &c->calls, la_call, link) {
-        list_remove(&call->link);
-        free(call);
-    }
-}
+void cl_calls_free_all(la_client *c) { list_drain(&c->calls, la_call, link, free); }
 
 void cl_call_complete(la_client *c, la_call *call, int status, Liteattn__Reply *r)
 {

@@ -20,14 +20,7 @@ static void buffer_release(la_buffer *b)
     free(b);
 }
 
-void cl_buffers_free_all(la_client *c)
-{
-    la_buffer *b;
-    list_for_each_entry (b, &c->buffers, la_buffer, link) {
-        list_remove(&b->link);
-        buffer_release(b);
-    }
-}
+void cl_buffers_free_all(la_client *c) { list_drain(&c->buffers, la_buffer, link, buffer_release); }
 
 /* Sends BufferRegister (lock held). */
 static int do_register(la_client *c, Liteattn__BufferRegister *br, int fd, uint64_t *ret_id)

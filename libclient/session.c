@@ -145,14 +145,7 @@ static int session_from_reply(la_client *c, const Liteattn__SessionReply *r,
     return 0;
 }
 
-void cl_sessions_free_all(la_client *c)
-{
-    la_session *s;
-    list_for_each_entry (s, &c->sessions, la_session, link) {
-        list_remove(&s->link);
-        free(s);
-    }
-}
+void cl_sessions_free_all(la_client *c) { list_drain(&c->sessions, la_session, link, free); }
 
 /* Sends an open or attach request; the reply becomes *ret_session. */
 static int session_call(la_client *c, Liteattn__Request *req, la_session **ret_session)
@@ -256,16 +249,22 @@ static int session_ref_call(la_session *s, int body, int want, Liteattn__Reply *
     return cl_call(s->client, &req, -1, want, ret_reply);
 }
 
+/* The session's SessionInfo reply, under the client's lock. */
+static int session_info_call(la_session *s, Liteattn__Reply **ret_reply)
+{
+    pthread_mutex_lock(&s->client->lock);
+    int rc = session_ref_call(s, LITEATTN__REQUEST__BODY_SESSION_INFO,
+                              LITEATTN__REPLY__BODY_SESSION_INFO, ret_reply);
+    pthread_mutex_unlock(&s->client->lock);
+    return rc;
+}
+
 LA_API int la_session_info(la_session *s, double *ret_live, size_t n, uint64_t *ret_calls)
 {
     if (!s)
         return cl_fail(LA_EINVAL, "la_session_info: no session");
-    la_client *c = s->client;
     Liteattn__Reply *r;
-    pthread_mutex_lock(&c->lock);
-    int rc = session_ref_call(s, LITEATTN__REQUEST__BODY_SESSION_INFO,
-                              LITEATTN__REPLY__BODY_SESSION_INFO, &r);
-    pthread_mutex_unlock(&c->lock);
+    int rc = session_info_call(s, &r);
     if (rc < 0)
         return rc;
     if (ret_live)
@@ -287,12 +286,8 @@ LA_API int la_session_stat(la_session *s, const char *name, int64_t *ret_value)
                        "no session statistic \"%s\" (calls, tiles_total, "
                        "tiles_computed, tiles_skipped, restarts)",
                        name);
-    la_client *c = s->client;
     Liteattn__Reply *r;
-    pthread_mutex_lock(&c->lock);
-    int rc = session_ref_call(s, LITEATTN__REQUEST__BODY_SESSION_INFO,
-                              LITEATTN__REPLY__BODY_SESSION_INFO, &r);
-    pthread_mutex_unlock(&c->lock);
+    int rc = session_info_call(s, &r);
     if (rc < 0)
         return rc;
     const Liteattn__SessionInfoReply *ir = r->session_info;
