@@ -566,6 +566,24 @@ static int cu_supports(be_backend *b, int dev, const la_attn_params *p)
     return la_cuda_supported(p, cb->gpus[dev].cc);
 }
 
+/* Queues device objects for g's worker to release (bury) when the stream is idle. Returns 0,
+ * or -1 when out of memory (nothing is handed over). */
+static int grave_add(gpu *g, void *dev_ptr, void *host, void *ipc_ptr)
+{
+    grave *gr = calloc(1, sizeof *gr);
+    if (!gr)
+        return -1;
+    gr->dev_ptr = dev_ptr;
+    gr->host = host;
+    gr->ipc_ptr = ipc_ptr;
+    pthread_mutex_lock(&g->lock);
+    gr->next = g->graves;
+    g->graves = gr;
+    pthread_cond_broadcast(&g->cond);
+    pthread_mutex_unlock(&g->lock);
+    return 0;
+}
+
 static int cu_mask_alloc(be_backend *b, int dev, uint64_t bytes, be_mask **ret_mask)
 {
     cuda_backend *cb = (cuda_backend *)b;
@@ -585,18 +603,8 @@ static int cu_mask_alloc(be_backend *b, int dev, uint64_t bytes, be_mask **ret_m
         e = cudaMallocAsync(&d, (size_t)bytes, g->stream);
     if (e != cudaSuccess) {
         check_sticky(cb, g, e, "mask allocation");
-        if (d || h) {
-            grave *gr = calloc(1, sizeof *gr);
-            if (gr) {
-                gr->dev_ptr = d;
-                gr->host = h;
-                pthread_mutex_lock(&g->lock);
-                gr->next = g->graves;
-                g->graves = gr;
-                pthread_cond_broadcast(&g->cond);
-                pthread_mutex_unlock(&g->lock);
-            }
-        }
+        if (d || h)
+            grave_add(g, d, h, NULL);
         free(m);
         return map_err(e);
     }
@@ -614,19 +622,9 @@ static void cu_mask_free(be_backend *b, be_mask *m)
     if (!m)
         return;
     gpu *g = &cb->gpus[m->dev];
-    grave *gr = calloc(1, sizeof *gr);
-    if (gr) {
-        gr->dev_ptr = m->dev_ptr;
-        gr->host = m->host;
-        pthread_mutex_lock(&g->lock);
-        gr->next = g->graves;
-        g->graves = gr;
-        pthread_cond_broadcast(&g->cond);
-        pthread_mutex_unlock(&g->lock);
-    } else {
+    if (grave_add(g, m->dev_ptr, m->host, NULL) < 0)
         logf_(cb, LOG_WARN, "GPU %s: out of memory; %llu bytes of mask leaked", g->uuid,
               (unsigned long long)m->bytes);
-    }
     free(m);
 }
 
@@ -722,15 +720,7 @@ static void cu_buffer_release(be_backend *b, be_import *imp)
     if (*pp)
         *pp = imp->next;
     gpu *g = imp->g;
-    grave *gr = calloc(1, sizeof *gr);
-    if (gr) {
-        gr->ipc_ptr = imp->ptr;
-        pthread_mutex_lock(&g->lock);
-        gr->next = g->graves;
-        g->graves = gr;
-        pthread_cond_broadcast(&g->cond);
-        pthread_mutex_unlock(&g->lock);
-    }
+    grave_add(g, NULL, NULL, imp->ptr);
     free(imp);
 }
 

@@ -604,6 +604,21 @@ static int check_cost(eng *e, uint32_t uid, const sess *s, const char *sname,
     return 0;
 }
 
+/* The backend would not take j (its supports, or its submit when queueing): the message, and
+ * j freed. */
+static int backend_refused(eng_job *j, const sess *s, const char *sname, int queueing, int rc,
+                           eng_error *err)
+{
+    if (queueing)
+        eng_errf(err, "%s: the %s backend refused the call: %s", sname, s->be->ops->name,
+                 codes_strerror(rc));
+    else
+        eng_errf(err, "%s: the %s backend cannot run this call (%s)", sname, s->be->ops->name,
+                 codes_strerror(rc));
+    free(j);
+    return rc;
+}
+
 static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *req, eng_done_fn done,
                   void *user, eng_error *err)
 {
@@ -643,13 +658,8 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
     bj->mask_restart = !req->dry_run && (restart || s->restart_due[shard_idx]);
     /* What this backend's kernels support (head dims, dtypes, alignment); the backend's own
      * checks of the parameters run here too (la_attn_validate). */
-    rc = s->be->ops->supports(s->be, s->dev, &bj->p);
-    if (rc < 0) {
-        eng_errf(err, "%s: the %s backend cannot run this call (%s)", sname, s->be->ops->name,
-                 codes_strerror(rc));
-        free(j);
-        return rc;
-    }
+    if ((rc = s->be->ops->supports(s->be, s->dev, &bj->p)) < 0)
+        return backend_refused(j, s, sname, 0, rc, err);
 
     j->e = e;
     j->conn_id = conn_id;
@@ -662,13 +672,8 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
     bj->conn_id = conn_id;
     bj->flow_id = s->id;
     bj->cost = cost;
-    rc = s->be->ops->submit(s->be, bj);
-    if (rc < 0) {
-        eng_errf(err, "%s: the %s backend refused the call: %s", sname, s->be->ops->name,
-                 codes_strerror(rc));
-        free(j);
-        return rc;
-    }
+    if ((rc = s->be->ops->submit(s->be, bj)) < 0)
+        return backend_refused(j, s, sname, 1, rc, err);
     /* From here on the job is the backend's until complete(); the references it holds are
      * released in eng_process_completions. */
     j->s = s;
