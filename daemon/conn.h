@@ -5,6 +5,11 @@
  * fds travel as SCM_RIGHTS and the bytes on the wire are exactly the frames (uv_pipe's ipc
  * mode would add its own).
  *
+ * Fairness: one wake-up handles at most 32 frames of a connection (conn.c's
+ * FRAMES_PER_WAKEUP); the rest of what was read waits, with reading paused, and goes on in
+ * later loop iterations (a uv_idle_t), so that a client pipelining thousands of requests in
+ * one write takes turns with the others instead of holding the loop.
+ *
  * Flow control: when max_inflight attention requests are in flight the socket is no longer
  * read (no UV_READABLE) until one finishes; requests beyond the limit that had already been
  * read (they came in the same recvmsg) are answered with LA_EBUSY. Replies wait in an
@@ -91,6 +96,7 @@ struct conn {
 
     uv_poll_t poll;
     uv_timer_t timer; /* Hello timeout, then the linger limit of conn_close_after_flush */
+    uv_idle_t idle;   /* runs while backlog: the frames left over from an earlier wake-up */
     unsigned events;  /* what poll watches now */
 
     frame_reader fr;
@@ -106,6 +112,7 @@ struct conn {
     int hello_done;
     int partial_timer; /* the timer runs for a frame begun after Hello (frame timeout) */
     int paused;        /* inflight limit reached: not reading */
+    int backlog;       /* complete frames wait beyond the per-wake-up budget: not reading */
     int quiesced;      /* shutting down: no more requests are read */
     int lingering;     /* a final reply is being flushed, then the connection closes */
     int closing;
