@@ -94,7 +94,24 @@ static void drop_outq(conn *c)
         list_remove(&o->link);
         free(o);
     }
+    c->acct->out_bytes -= c->out_bytes;
     c->out_bytes = 0;
+}
+
+/* Brings the user's fd count up to date with what c's reader holds. */
+static void sync_fds(conn *c)
+{
+    c->acct->fds = c->acct->fds - c->fds_counted + (uint32_t)c->fr.n_fds;
+    c->fds_counted = (uint32_t)c->fr.n_fds;
+}
+
+void conn_set_user(conn *c, conn_user *u)
+{
+    u->out_bytes += c->out_bytes;
+    u->fds += c->fds_counted;
+    c->acct->out_bytes -= c->out_bytes;
+    c->acct->fds -= c->fds_counted;
+    c->acct = u;
 }
 
 void conn_close(conn *c)
@@ -107,6 +124,7 @@ void conn_close(conn *c)
     /* Frees the queued fds now; the buffer goes with the conn. */
     for (int fd; (fd = frame_take_fd(&c->fr)) >= 0;)
         close(fd);
+    sync_fds(c);
     uv_timer_stop(&c->timer);
     uv_poll_stop(&c->poll);
     uv_idle_stop(&c->idle);
@@ -185,6 +203,7 @@ static int flush(conn *c)
         c->ctr->bytes_out += (uint64_t)n;
         o->off += (size_t)n;
         c->out_bytes -= (size_t)n;
+        c->acct->out_bytes -= (uint64_t)n;
         if (o->off < o->len)
             break;
         list_remove(&o->link);
@@ -246,6 +265,7 @@ int conn_send(conn *c, const Liteattn__Reply *r)
     int was_empty = !conn_has_output(c);
     list_append(&c->out, &o->link);
     c->out_bytes += len;
+    c->acct->out_bytes += len;
     c->ctr->frames_out++;
 
     if (was_empty && flush(c) < 0)
@@ -254,6 +274,14 @@ int conn_send(conn *c, const Liteattn__Reply *r)
         log_warn(CONN_FMT ": %zu bytes of replies wait unread (limit %llu); closing the slow "
                           "client",
                  CONN_ARGS(c), c->out_bytes, (unsigned long long)c->lim.max_outbound_bytes);
+        conn_close(c);
+        return LA_ECLOSED;
+    }
+    uint64_t ucap = c->lim.max_outbound_bytes_per_user;
+    if (ucap && c->acct->out_bytes > ucap) {
+        log_warn(CONN_FMT ": the user's connections hold %llu bytes of unread replies (limit "
+                          "max_outbound_bytes_per_user %llu); closing this one",
+                 CONN_ARGS(c), (unsigned long long)c->acct->out_bytes, (unsigned long long)ucap);
         conn_close(c);
         return LA_ECLOSED;
     }
@@ -337,6 +365,7 @@ static int process_frames(conn *c, int *budget)
         }
         rc = c->hooks.request(c->hooks.data, c, req, why, sizeof(why));
         liteattn__request__free_unpacked(req, &alloc);
+        sync_fds(c);
         if (c->closing)
             return -1;
         if (rc == CONN_REQ_FAIL) {
@@ -360,6 +389,24 @@ static int process_frames(conn *c, int *budget)
 }
 
 static void watch_partial(conn *c);
+
+/* The user holds more unclaimed fds than max_fds_per_user: c brought the last ones. */
+static void over_fd_budget(conn *c)
+{
+    char msg[192];
+    snprintf(msg, sizeof(msg),
+             "%u file descriptors of uid %u wait unclaimed over its connections (limit "
+             "max_fds_inflight_per_user %u)",
+             (unsigned)c->acct->fds, (unsigned)c->uid, (unsigned)c->lim.max_fds_per_user);
+    for (int fd; (fd = frame_take_fd(&c->fr)) >= 0;)
+        close(fd);
+    sync_fds(c);
+    c->ctr->protocol_errors++;
+    log_info(CONN_FMT ": %s; closing the connection", CONN_ARGS(c), msg);
+    conn_send_error(c, 0, LA_ELIMIT, msg);
+    if (!c->closing)
+        conn_close_after_flush(c);
+}
 
 static void on_readable(conn *c)
 {
@@ -393,6 +440,11 @@ static void on_readable(conn *c)
             return;
         }
         c->ctr->bytes_in += (uint64_t)n;
+        sync_fds(c);
+        if (c->lim.max_fds_per_user && c->acct->fds > c->lim.max_fds_per_user) {
+            over_fd_budget(c);
+            return;
+        }
         if (process_frames(c, &budget) < 0)
             return;
         watch_partial(c);
@@ -555,6 +607,7 @@ int conn_new(uv_loop_t *loop, uint64_t id, int fd, uint32_t uid, uint32_t gid, i
     list_init(&c->link);
     list_init(&c->out);
     list_init(&c->jobs);
+    c->acct = &c->own;
     c->fd = fd;
     c->id = id;
     c->uid = uid;

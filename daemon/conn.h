@@ -16,6 +16,12 @@
  * outbound queue; a client that lets it grow past max_outbound_bytes is disconnected (a client
  * must read its replies).
  *
+ * Per user (conn_user, summed over its connections): more than max_outbound_bytes_per_user of
+ * unread replies closes the connection that queues the next one; more than max_fds_per_user
+ * fds received and not yet claimed answers LA_ELIMIT (naming the limit), closes the fds and
+ * the connection that brought the last ones. So one user's many connections cannot take the
+ * daemon's memory or descriptors from another.
+ *
  * Errors of the framing or the protocol (oversized frame, undecodable bytes, truncated
  * ancillary data, an fd without a BufferRegister, a BufferRegister(SHM) without an fd) close
  * the connection at once; everything it holds is released (eng_conn_closed).
@@ -64,7 +70,18 @@ typedef struct conn_limits {
     uint32_t max_inflight; /* jobs in flight before reading pauses */
     uint32_t hello_timeout_s;
     uint64_t max_outbound_bytes; /* queued replies before the client is dropped */
+    /* Over all connections of one user (conn_user), 0 = no limit: */
+    uint64_t max_outbound_bytes_per_user; /* queued replies before the connection queueing
+                                           * one more is dropped */
+    uint32_t max_fds_per_user;            /* received fds not yet claimed by a BufferRegister */
 } conn_limits;
+
+/* What every connection of one Unix user holds, summed (the owner keeps one per uid and
+ * hands it to conn_set_user; a connection without one counts alone). */
+typedef struct conn_user {
+    uint64_t out_bytes; /* replies queued and not yet written */
+    uint32_t fds;       /* fds received and not yet claimed */
+} conn_user;
 
 /* Counted by every connection of one owner. */
 #define CONN_ERROR_CODES 32 /* error replies are counted by -code, below this */
@@ -108,6 +125,9 @@ struct conn {
 
     size_t alloc_used, alloc_cap; /* protobuf-c unpack budget */
 
+    conn_user own, *acct; /* acct: the user's sums (own until conn_set_user) */
+    uint32_t fds_counted; /* this connection's share of acct->fds */
+
     int refs;
     int hello_done;
     int partial_timer; /* the timer runs for a frame begun after Hello (frame timeout) */
@@ -126,6 +146,9 @@ struct conn {
  * outlive the connection. */
 int conn_new(uv_loop_t *loop, uint64_t id, int fd, uint32_t uid, uint32_t gid, int32_t pid,
              const conn_limits *lim, conn_counters *ctr, const conn_hooks *hooks, conn **ret_conn);
+/* c's holdings count in u (shared by the user's connections) from now on; call right after
+ * conn_new. */
+void conn_set_user(conn *c, conn_user *u);
 /* Closes now (queued replies are dropped); hooks.closed runs. */
 void conn_close(conn *c);
 /* Stops reading; closes once the queued replies are written (or after a few seconds). */
