@@ -100,6 +100,14 @@ static const opt opts[] = {
     {"max-outbound-bytes", 0, K_U64SIZE, OFF(max_outbound_bytes), 64 * 1024, 1ull << 40, "BYTES",
      "replies queued for a client that does not read them; above this the connection is "
      "closed (default 8M)"},
+    {"max-outbound-bytes-per-user", 0, K_U64SIZE, OFF(max_outbound_bytes_per_user), 0, 1ull << 40,
+     "BYTES",
+     "unread replies over all connections of one Unix user; the connection that queues a "
+     "reply beyond it is closed (default 64M; 0: no limit)"},
+    {"max-fds-inflight-per-user", 0, K_U32, OFF(max_fds_per_user), 0, 1u << 20, "N",
+     "file descriptors one Unix user may have sent and not yet claimed (by a BufferRegister) "
+     "over all its connections; beyond it LA_ELIMIT and the connection is closed (default 64; "
+     "0: no limit)"},
     {"socket-mode", 'm', K_MODE, OFF(socket_mode), 0, 0777, "OCTAL",
      "permissions of a socket liteattnd creates (default 0660; not applied to a socket "
      "systemd passes: set SocketMode= there)"},
@@ -196,6 +204,8 @@ static void defaults(cfg *c)
     c->session_ttl_s = 3600;
     c->hello_timeout_s = 10;
     c->max_outbound_bytes = 8u << 20;
+    c->max_outbound_bytes_per_user = 64u << 20;
+    c->max_fds_per_user = 64;
     c->socket_mode = 0660;
 }
 
@@ -379,21 +389,22 @@ static void print_help(const char *prog)
                 printf("%-38s", "");
         }
     }
-    printf(
-        "\nSizes accept K, M, G, T suffixes (powers of 1024). Bad options exit with status 2.\n"
-        "\nConfig file: lines 'key = value', '#' starts a comment. Keys are the long option\n"
-        "names with '-' written '_' (socket, backend, threads, foreground, log_level,\n"
-        "max_frame, max_inflight, max_connections_per_user, max_buffers, max_buffer_bytes,\n"
-        "max_buffers_per_user, max_buffers_total,\n"
-        "max_sessions, max_mask_bytes, mask_memory_cap, max_call_cost, max_queued_cost,\n"
-        "cpu_slice, session_grace, session_ttl,\n"
-        "hello_timeout, max_outbound_bytes, socket_mode). Command-line flags override the file.\n"
-        "\nFlow control: a connection with max_inflight attention requests in flight is not\n"
-        "read until one finishes; requests beyond the limit that already arrived are\n"
-        "answered with LA_EBUSY. A client that lets more than max_outbound_bytes of replies\n"
-        "queue up is disconnected.\n"
-        "\nExit status: 0 after SIGTERM/SIGINT (in-flight work finished), 1 on a second\n"
-        "signal or a start-up failure, 2 for bad options, 3 after a fatal GPU error.\n");
+    printf("\nSizes accept K, M, G, T suffixes (powers of 1024). Bad options exit with status 2.\n"
+           "\nConfig file: lines 'key = value', '#' starts a comment. Keys are the long option\n"
+           "names with '-' written '_' (socket, backend, threads, foreground, log_level,\n"
+           "max_frame, max_inflight, max_connections_per_user, max_buffers, max_buffer_bytes,\n"
+           "max_buffers_per_user, max_buffers_total,\n"
+           "max_sessions, max_mask_bytes, mask_memory_cap, max_call_cost, max_queued_cost,\n"
+           "cpu_slice, session_grace, session_ttl,\n"
+           "hello_timeout, max_outbound_bytes, max_outbound_bytes_per_user,\n"
+           "max_fds_inflight_per_user, socket_mode). Command-line flags override the file.\n"
+           "\nFlow control: a connection with max_inflight attention requests in flight is not\n"
+           "read until one finishes; requests beyond the limit that already arrived are\n"
+           "answered with LA_EBUSY. A client that lets more than max_outbound_bytes of replies\n"
+           "queue up is disconnected, and so is the connection that takes a user's unread\n"
+           "replies over max_outbound_bytes_per_user.\n"
+           "\nExit status: 0 after SIGTERM/SIGINT (in-flight work finished), 1 on a second\n"
+           "signal or a start-up failure, 2 for bad options, 3 after a fatal GPU error.\n");
 }
 
 int cfg_parse(cfg *c, int argc, char **argv, char *err, size_t errlen)

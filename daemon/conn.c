@@ -15,6 +15,10 @@
 
 #define LINGER_MS 2000      /* conn_close_after_flush: longest wait for the client to read */
 #define RECVS_PER_WAKEUP 16 /* fairness: other clients get their turn after this many reads */
+/* Fairness: frames handled per connection per loop iteration; the rest wait in the buffer
+ * (reading paused) and are handled by the connection's idle handle on later iterations,
+ * between which every other connection's events are polled. */
+#define FRAMES_PER_WAKEUP 32
 
 struct conn_out {
     list_node link;
@@ -90,7 +94,24 @@ static void drop_outq(conn *c)
         list_remove(&o->link);
         free(o);
     }
+    c->acct->out_bytes -= c->out_bytes;
     c->out_bytes = 0;
+}
+
+/* Brings the user's fd count up to date with what c's reader holds. */
+static void sync_fds(conn *c)
+{
+    c->acct->fds = c->acct->fds - c->fds_counted + (uint32_t)c->fr.n_fds;
+    c->fds_counted = (uint32_t)c->fr.n_fds;
+}
+
+void conn_set_user(conn *c, conn_user *u)
+{
+    u->out_bytes += c->out_bytes;
+    u->fds += c->fds_counted;
+    c->acct->out_bytes -= c->out_bytes;
+    c->acct->fds -= c->fds_counted;
+    c->acct = u;
 }
 
 void conn_close(conn *c)
@@ -103,10 +124,14 @@ void conn_close(conn *c)
     /* Frees the queued fds now; the buffer goes with the conn. */
     for (int fd; (fd = frame_take_fd(&c->fr)) >= 0;)
         close(fd);
+    sync_fds(c);
     uv_timer_stop(&c->timer);
     uv_poll_stop(&c->poll);
+    uv_idle_stop(&c->idle);
+    c->backlog = 0;
     uv_close((uv_handle_t *)&c->poll, on_handle_closed);
     uv_close((uv_handle_t *)&c->timer, on_handle_closed);
+    uv_close((uv_handle_t *)&c->idle, on_handle_closed);
     if (c->hooks.closed)
         c->hooks.closed(c->hooks.data, c);
 }
@@ -178,6 +203,7 @@ static int flush(conn *c)
         c->ctr->bytes_out += (uint64_t)n;
         o->off += (size_t)n;
         c->out_bytes -= (size_t)n;
+        c->acct->out_bytes -= (uint64_t)n;
         if (o->off < o->len)
             break;
         list_remove(&o->link);
@@ -239,6 +265,7 @@ int conn_send(conn *c, const Liteattn__Reply *r)
     int was_empty = !conn_has_output(c);
     list_append(&c->out, &o->link);
     c->out_bytes += len;
+    c->acct->out_bytes += len;
     c->ctr->frames_out++;
 
     if (was_empty && flush(c) < 0)
@@ -247,6 +274,14 @@ int conn_send(conn *c, const Liteattn__Reply *r)
         log_warn(CONN_FMT ": %zu bytes of replies wait unread (limit %llu); closing the slow "
                           "client",
                  CONN_ARGS(c), c->out_bytes, (unsigned long long)c->lim.max_outbound_bytes);
+        conn_close(c);
+        return LA_ECLOSED;
+    }
+    uint64_t ucap = c->lim.max_outbound_bytes_per_user;
+    if (ucap && c->acct->out_bytes > ucap) {
+        log_warn(CONN_FMT ": the user's connections hold %llu bytes of unread replies (limit "
+                          "max_outbound_bytes_per_user %llu); closing this one",
+                 CONN_ARGS(c), (unsigned long long)c->acct->out_bytes, (unsigned long long)ucap);
         conn_close(c);
         return LA_ECLOSED;
     }
@@ -280,8 +315,10 @@ static void human_size(char *buf, size_t len, uint64_t n)
         snprintf(buf, len, "%llu bytes", (unsigned long long)n);
 }
 
-/* Decodes and dispatches every complete frame. Returns 0, or -1 when c was closed. */
-static int process_frames(conn *c)
+/* Decodes and dispatches complete frames, at most *budget of them (counted down). When the
+ * budget runs out with a complete frame left, c->backlog is set (the rest waits for on_idle).
+ * Returns 0, or -1 when c was closed. */
+static int process_frames(conn *c, int *budget)
 {
     ProtobufCAllocator alloc = {pb_alloc, pb_free, c};
     for (;;) {
@@ -290,8 +327,14 @@ static int process_frames(conn *c)
         /* protobuf-c hands a string on cut at a NUL: look at the bytes before they go. */
         const uint8_t *raw;
         const char *field = NULL;
-        int nul = frame_next(&c->fr, &raw, &len) == 1 &&
-                  frame_nul_in_string(&liteattn__request__descriptor, raw, len, &field);
+        int next = frame_next(&c->fr, &raw, &len);
+        if (next == 1 && *budget <= 0) {
+            c->backlog = 1;
+            update_poll(c);
+            return 0;
+        }
+        int nul =
+            next == 1 && frame_nul_in_string(&liteattn__request__descriptor, raw, len, &field);
         int rc = frame_next_msg(&c->fr, &liteattn__request__descriptor, &alloc, &m, &len);
         if (rc == 0)
             break;
@@ -303,6 +346,7 @@ static int process_frames(conn *c)
             return -1;
         }
         c->ctr->frames_in++;
+        (*budget)--;
         if (rc < 0) {
             conn_fail(c, "undecodable request of %u bytes", len);
             return -1;
@@ -321,6 +365,7 @@ static int process_frames(conn *c)
         }
         rc = c->hooks.request(c->hooks.data, c, req, why, sizeof(why));
         liteattn__request__free_unpacked(req, &alloc);
+        sync_fds(c);
         if (c->closing)
             return -1;
         if (rc == CONN_REQ_FAIL) {
@@ -345,10 +390,29 @@ static int process_frames(conn *c)
 
 static void watch_partial(conn *c);
 
+/* The user holds more unclaimed fds than max_fds_per_user: c brought the last ones. */
+static void over_fd_budget(conn *c)
+{
+    char msg[192];
+    snprintf(msg, sizeof(msg),
+             "%u file descriptors of uid %u wait unclaimed over its connections (limit "
+             "max_fds_inflight_per_user %u)",
+             (unsigned)c->acct->fds, (unsigned)c->uid, (unsigned)c->lim.max_fds_per_user);
+    for (int fd; (fd = frame_take_fd(&c->fr)) >= 0;)
+        close(fd);
+    sync_fds(c);
+    c->ctr->protocol_errors++;
+    log_info(CONN_FMT ": %s; closing the connection", CONN_ARGS(c), msg);
+    conn_send_error(c, 0, LA_ELIMIT, msg);
+    if (!c->closing)
+        conn_close_after_flush(c);
+}
+
 static void on_readable(conn *c)
 {
-    for (int i = 0; i < RECVS_PER_WAKEUP; i++) {
-        if (c->closing || c->lingering || c->paused || c->quiesced)
+    int budget = FRAMES_PER_WAKEUP;
+    for (int i = 0; i < RECVS_PER_WAKEUP && budget > 0; i++) {
+        if (c->closing || c->lingering || c->paused || c->quiesced || c->backlog)
             return;
         ssize_t n = frame_recv(&c->fr, c->fd);
         if (n == LA_EAGAIN)
@@ -376,10 +440,30 @@ static void on_readable(conn *c)
             return;
         }
         c->ctr->bytes_in += (uint64_t)n;
-        if (process_frames(c) < 0)
+        sync_fds(c);
+        if (c->lim.max_fds_per_user && c->acct->fds > c->lim.max_fds_per_user) {
+            over_fd_budget(c);
+            return;
+        }
+        if (process_frames(c, &budget) < 0)
             return;
         watch_partial(c);
     }
+}
+
+/* The frames left over from an earlier wake-up: another FRAMES_PER_WAKEUP of them; reading
+ * resumes once none is left. */
+static void on_idle(uv_idle_t *h)
+{
+    conn *c = h->data;
+    if (c->closing)
+        return;
+    int budget = FRAMES_PER_WAKEUP;
+    c->backlog = 0;
+    if (process_frames(c, &budget) < 0)
+        return;
+    watch_partial(c);
+    update_poll(c);
 }
 
 static void on_poll(uv_poll_t *h, int status, int events)
@@ -407,8 +491,15 @@ static void update_poll(conn *c)
 {
     if (c->closing)
         return;
+    /* Left-over frames are handled (even at the in-flight limit: those beyond it get LA_EBUSY,
+     * as when they come in one read), except once the connection stops taking requests. */
+    int work = c->backlog && !c->lingering && !c->quiesced;
+    if (work && !uv_is_active((uv_handle_t *)&c->idle))
+        uv_idle_start(&c->idle, on_idle);
+    else if (!work && uv_is_active((uv_handle_t *)&c->idle))
+        uv_idle_stop(&c->idle);
     unsigned ev = 0;
-    if (!c->paused && !c->lingering && !c->quiesced)
+    if (!c->paused && !c->lingering && !c->quiesced && !c->backlog)
         ev |= UV_READABLE;
     if (conn_has_output(c))
         ev |= UV_WRITABLE;
@@ -516,6 +607,7 @@ int conn_new(uv_loop_t *loop, uint64_t id, int fd, uint32_t uid, uint32_t gid, i
     list_init(&c->link);
     list_init(&c->out);
     list_init(&c->jobs);
+    c->acct = &c->own;
     c->fd = fd;
     c->id = id;
     c->uid = uid;
@@ -537,8 +629,9 @@ int conn_new(uv_loop_t *loop, uint64_t id, int fd, uint32_t uid, uint32_t gid, i
         return LA_EIO;
     }
     uv_timer_init(loop, &c->timer);
-    c->poll.data = c->timer.data = c;
-    c->refs = 2; /* the two handles; each close callback drops one */
+    uv_idle_init(loop, &c->idle);
+    c->poll.data = c->timer.data = c->idle.data = c;
+    c->refs = 3; /* the three handles; each close callback drops one */
     uv_timer_start(&c->timer, on_hello_timeout, (uint64_t)lim->hello_timeout_s * 1000, 0);
     update_poll(c);
     *ret_conn = c;

@@ -5,11 +5,22 @@
  * fds travel as SCM_RIGHTS and the bytes on the wire are exactly the frames (uv_pipe's ipc
  * mode would add its own).
  *
+ * Fairness: one wake-up handles at most 32 frames of a connection (conn.c's
+ * FRAMES_PER_WAKEUP); the rest of what was read waits, with reading paused, and goes on in
+ * later loop iterations (a uv_idle_t), so that a client pipelining thousands of requests in
+ * one write takes turns with the others instead of holding the loop.
+ *
  * Flow control: when max_inflight attention requests are in flight the socket is no longer
  * read (no UV_READABLE) until one finishes; requests beyond the limit that had already been
  * read (they came in the same recvmsg) are answered with LA_EBUSY. Replies wait in an
  * outbound queue; a client that lets it grow past max_outbound_bytes is disconnected (a client
  * must read its replies).
+ *
+ * Per user (conn_user, summed over its connections): more than max_outbound_bytes_per_user of
+ * unread replies closes the connection that queues the next one; more than max_fds_per_user
+ * fds received and not yet claimed answers LA_ELIMIT (naming the limit), closes the fds and
+ * the connection that brought the last ones. So one user's many connections cannot take the
+ * daemon's memory or descriptors from another.
  *
  * Errors of the framing or the protocol (oversized frame, undecodable bytes, truncated
  * ancillary data, an fd without a BufferRegister, a BufferRegister(SHM) without an fd) close
@@ -59,7 +70,18 @@ typedef struct conn_limits {
     uint32_t max_inflight; /* jobs in flight before reading pauses */
     uint32_t hello_timeout_s;
     uint64_t max_outbound_bytes; /* queued replies before the client is dropped */
+    /* Over all connections of one user (conn_user), 0 = no limit: */
+    uint64_t max_outbound_bytes_per_user; /* queued replies before the connection queueing
+                                           * one more is dropped */
+    uint32_t max_fds_per_user;            /* received fds not yet claimed by a BufferRegister */
 } conn_limits;
+
+/* What every connection of one Unix user holds, summed (the owner keeps one per uid and
+ * hands it to conn_set_user; a connection without one counts alone). */
+typedef struct conn_user {
+    uint64_t out_bytes; /* replies queued and not yet written */
+    uint32_t fds;       /* fds received and not yet claimed */
+} conn_user;
 
 /* Counted by every connection of one owner. */
 #define CONN_ERROR_CODES 32 /* error replies are counted by -code, below this */
@@ -91,6 +113,7 @@ struct conn {
 
     uv_poll_t poll;
     uv_timer_t timer; /* Hello timeout, then the linger limit of conn_close_after_flush */
+    uv_idle_t idle;   /* runs while backlog: the frames left over from an earlier wake-up */
     unsigned events;  /* what poll watches now */
 
     frame_reader fr;
@@ -102,10 +125,14 @@ struct conn {
 
     size_t alloc_used, alloc_cap; /* protobuf-c unpack budget */
 
+    conn_user own, *acct; /* acct: the user's sums (own until conn_set_user) */
+    uint32_t fds_counted; /* this connection's share of acct->fds */
+
     int refs;
     int hello_done;
     int partial_timer; /* the timer runs for a frame begun after Hello (frame timeout) */
     int paused;        /* inflight limit reached: not reading */
+    int backlog;       /* complete frames wait beyond the per-wake-up budget: not reading */
     int quiesced;      /* shutting down: no more requests are read */
     int lingering;     /* a final reply is being flushed, then the connection closes */
     int closing;
@@ -119,6 +146,9 @@ struct conn {
  * outlive the connection. */
 int conn_new(uv_loop_t *loop, uint64_t id, int fd, uint32_t uid, uint32_t gid, int32_t pid,
              const conn_limits *lim, conn_counters *ctr, const conn_hooks *hooks, conn **ret_conn);
+/* c's holdings count in u (shared by the user's connections) from now on; call right after
+ * conn_new. */
+void conn_set_user(conn *c, conn_user *u);
 /* Closes now (queued replies are dropped); hooks.closed runs. */
 void conn_close(conn *c);
 /* Stops reading; closes once the queued replies are written (or after a few seconds). */

@@ -414,9 +414,44 @@ static void on_tick(uv_timer_t *t)
 
 /* ---- connections --------------------------------------------------------------------------- */
 
+/* The per-user sums of uid's connections (conn_user), made on first use. */
+static srv_user *user_acct(srv *s, uint32_t uid)
+{
+    if (!s->users.next)
+        list_init(&s->users);
+    srv_user *u;
+    list_for_each_entry (u, &s->users, srv_user, link)
+        if (u->uid == uid)
+            return u;
+    u = calloc(1, sizeof(*u));
+    if (!u)
+        return NULL;
+    u->uid = uid;
+    list_append(&s->users, &u->link);
+    return u;
+}
+
+static void user_release(srv *s, uint32_t uid)
+{
+    srv_user *u;
+    list_for_each_entry (u, &s->users, srv_user, link) {
+        if (u->uid != uid)
+            continue;
+        if (--u->conns == 0) {
+            list_remove(&u->link);
+            free(u);
+        }
+        return;
+    }
+}
+
 static void on_conn_closed(void *data, conn *c)
 {
     srv *s = data;
+    if (c->acct != &c->own) {
+        c->acct = &c->own; /* what c counted is back to zero (conn_close dropped it) */
+        user_release(s, c->uid);
+    }
     if (s->eng)
         eng_conn_closed(s->eng, c->id);
     list_remove(&c->link);
@@ -471,6 +506,8 @@ int srv_attach(srv *s, int fd, uint32_t uid, uint32_t gid, int32_t pid, conn **r
         .max_inflight = s->cfg.max_inflight,
         .hello_timeout_s = s->cfg.hello_timeout_s,
         .max_outbound_bytes = s->cfg.max_outbound_bytes,
+        .max_outbound_bytes_per_user = s->cfg.max_outbound_bytes_per_user,
+        .max_fds_per_user = s->cfg.max_fds_per_user,
     };
     conn_hooks hooks = {
         .request = on_conn_request,
@@ -478,10 +515,22 @@ int srv_attach(srv *s, int fd, uint32_t uid, uint32_t gid, int32_t pid, conn **r
         .drained = on_conn_drained,
         .data = s,
     };
+    srv_user *u = user_acct(s, uid);
+    if (!u) {
+        close(fd);
+        return LA_ENOMEM;
+    }
     conn *c;
     int rc = conn_new(&s->loop, ++s->next_conn_id, fd, uid, gid, pid, &lim, &s->ctr.io, &hooks, &c);
-    if (rc < 0)
+    if (rc < 0) {
+        if (u->conns == 0) {
+            list_remove(&u->link);
+            free(u);
+        }
         return rc;
+    }
+    u->conns++;
+    conn_set_user(c, &u->acct);
     list_append(&s->conns, &c->link);
     s->n_conns++;
     *ret_conn = c;
@@ -498,6 +547,7 @@ int srv_new(const cfg *c, srv **ret_srv, char *err, size_t errlen)
     s->cfg = *c;
     s->listen_fd = s->lock_fd = -1;
     list_init(&s->conns);
+    list_init(&s->users);
     s->start_ms = srv_now_ms();
     s->reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
     int rc = uv_loop_init(&s->loop);
@@ -625,5 +675,12 @@ void srv_free(srv *s)
     }
     if (s->reserve_fd >= 0)
         close(s->reserve_fd);
+    if (s->users.next) {
+        srv_user *u;
+        list_for_each_entry (u, &s->users, srv_user, link) {
+            list_remove(&u->link);
+            free(u);
+        }
+    }
     free(s);
 }

@@ -34,6 +34,14 @@ typedef struct srv_counters {
     uint64_t connections_total, rejected_connections;
 } srv_counters;
 
+/* One Unix user with connections: what they hold, summed (conn_user). */
+typedef struct srv_user {
+    list_node link; /* srv.users */
+    uint32_t uid;
+    uint32_t conns;
+    conn_user acct;
+} srv_user;
+
 typedef struct srv {
     uv_loop_t loop;
     cfg cfg;
@@ -53,6 +61,7 @@ typedef struct srv {
     uv_signal_t sig_int, sig_term;
 
     list_node conns; /* open connections (conn.link) */
+    list_node users; /* srv_user of every uid with an open connection */
     uint32_t n_conns;
     uint64_t next_conn_id;
     srv_counters ctr;

@@ -266,11 +266,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         drain(sv[1], &rb, &rl, &rcap);
     }
     /* Let the daemon read everything and the jobs finish (a paused connection resumes as
-     * they do), unless the input asks to close with jobs in flight. */
+     * they do, frames left over from a wake-up are handled on the next iterations), unless
+     * the input asks to close with jobs in flight. */
     for (int i = 0; i < 100000 && !c->closing; i++) {
         uv_run(&S->loop, c->inflight ? UV_RUN_ONCE : UV_RUN_NOWAIT);
         drain(sv[1], &rb, &rl, &rcap);
-        if ((flags & 8) || (!c->inflight && !c->paused)) {
+        if ((flags & 8) || (!c->inflight && !c->paused && !c->backlog)) {
             char pending;
             if (recv(sv[0], &pending, 1, MSG_PEEK | MSG_DONTWAIT) > 0)
                 continue; /* unread requests */

@@ -15,6 +15,9 @@
  *   - through the daemon, with real uids (as root; otherwise those cases pass with a note): a
  *     user that queues heavy calls and disconnects does not slow another user's ping and small
  *     call, and SIGTERM with heavy calls queued exits promptly;
+ *   - one wake-up handles at most a few dozen frames of one connection: a flood of pipelined
+ *     pings in one write takes turns with another client's requests, all answered in order;
+ *   - fds held in flight and unread replies are budgeted per user over its connections;
  *   - the loop thread is not frozen by a huge session (open, info, list); a partial frame
  *     after Hello times out; a burst of refused connections does not flood the log.
  *
@@ -32,6 +35,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -806,6 +810,130 @@ START_TEST(partial_frame_times_out)
 }
 END_TEST
 
+static int64_t reply_stat(const Liteattn__Reply *r, const char *name)
+{
+    if (!r || r->body_case != LITEATTN__REPLY__BODY_STATS)
+        return -1;
+    for (size_t i = 0; i < r->stats->n_stats; i++)
+        if (!strcmp(r->stats->stats[i]->name, name))
+            return r->stats->stats[i]->value;
+    return -1;
+}
+
+static void ping_req(Liteattn__Request *q, Liteattn__Ping *p, uint64_t id)
+{
+    liteattn__ping__init(p);
+    liteattn__request__init(q);
+    q->id = id;
+    q->body_case = LITEATTN__REQUEST__BODY_PING;
+    q->ping = p;
+}
+
+/* One wake-up handles a bounded number of frames of one connection: a client that pipelines
+ * many pings in one write does not hold the loop until all are answered. The daemon is
+ * stopped (SIGSTOP) while A's flood (as much as the socket takes; the rest from a child) and
+ * B's Ping are written; once it resumes and B has its Pong, B's Stats counts the frames
+ * handled so far: far fewer than the flood, whereas before every frame of A's reads (up to
+ * 16 x 64 KiB, some 100,000 pings) went back to back. */
+#define FLOOD 200000
+#define FLOOD_BOUND 20000
+START_TEST(pipelined_flood_takes_turns)
+{
+    td_daemon d;
+    ck_assert_int_eq(td_start(&d, NULL), 0);
+    int a = raw_connect(d.socket), b = raw_connect(d.socket);
+    ck_assert_int_ge(a, 0);
+    ck_assert_int_ge(b, 0);
+    int big = 8 << 20;
+    if (setsockopt(a, SOL_SOCKET, SO_SNDBUFFORCE, &big, sizeof big) < 0)
+        setsockopt(a, SOL_SOCKET, SO_SNDBUF, &big, sizeof big);
+    uint8_t *flood = NULL;
+    size_t flood_len = 0, cap = 0;
+    for (int i = 0; i < FLOOD; i++) {
+        Liteattn__Request q;
+        Liteattn__Ping p;
+        ping_req(&q, &p, 1000 + (uint64_t)i);
+        uint8_t *f;
+        size_t n;
+        ck_assert_int_eq(raw_pack(&q, &f, &n), 0);
+        if (flood_len + n > cap) {
+            cap = cap ? 2 * cap : 1 << 20;
+            flood = realloc(flood, cap);
+            ck_assert_ptr_nonnull(flood);
+        }
+        memcpy(flood + flood_len, f, n);
+        flood_len += n;
+        free(f);
+    }
+    Liteattn__Stats st = LITEATTN__STATS__INIT;
+    Liteattn__Request sq = LITEATTN__REQUEST__INIT;
+    sq.id = 9;
+    sq.body_case = LITEATTN__REQUEST__BODY_STATS;
+    sq.stats = &st;
+    Liteattn__Reply *r = raw_call(b, &sq);
+    int64_t before = reply_stat(r, "server.frames_in");
+    liteattn__reply__free_unpacked(r, NULL);
+    ck_assert_int_gt(before, 0);
+
+    ck_assert_int_eq(kill(d.pid, SIGSTOP), 0);
+    size_t w = 0;
+    for (;;) {
+        ssize_t n = send(a, flood + w, flood_len - w, MSG_DONTWAIT);
+        if (n <= 0)
+            break;
+        w += (size_t)n;
+    }
+    Liteattn__Request pq;
+    Liteattn__Ping pp;
+    ping_req(&pq, &pp, 7);
+    ck_assert_int_eq(raw_send(b, &pq, -1), 0);
+    double t0 = now_s();
+    ck_assert_int_eq(kill(d.pid, SIGCONT), 0);
+    pid_t writer = -1;
+    if (w < flood_len) {
+        fflush(stdout);
+        writer = fork();
+        ck_assert_int_ge(writer, 0);
+        if (writer == 0)
+            _exit(raw_send_bytes(a, flood + w, flood_len - w, -1) == 0 ? 0 : 1);
+    }
+    r = raw_recv(b, 20000);
+    double ping_s = now_s() - t0;
+    ck_assert_ptr_nonnull(r);
+    ck_assert_int_eq(r->body_case, LITEATTN__REPLY__BODY_PONG);
+    liteattn__reply__free_unpacked(r, NULL);
+    r = raw_call(b, &sq);
+    int64_t handled = reply_stat(r, "server.frames_in") - before - 2; /* less B's own two */
+    liteattn__reply__free_unpacked(r, NULL);
+    fprintf(stderr,
+            "pipelined_flood_takes_turns: %zu of %zu bytes written while stopped, ping %.3f s, "
+            "%lld of %d flooded frames handled before B's next request\n",
+            w, flood_len, ping_s, (long long)handled, FLOOD);
+    ck_assert_msg(handled >= 0 && handled < FLOOD_BOUND,
+                  "%lld of A's %d pipelined frames were handled before B's next request",
+                  (long long)handled, FLOOD);
+    ck_assert_msg(ping_s < 0.25 * SLOW, "B's ping took %.3f s behind A's flood", ping_s);
+    /* Every flooded request is still answered, in order. */
+    for (int i = 0; i < FLOOD; i++) {
+        r = raw_recv(a, 20000);
+        ck_assert_msg(r != NULL, "reply %d of the flood missing", i);
+        ck_assert_int_eq(r->body_case, LITEATTN__REPLY__BODY_PONG);
+        ck_assert_uint_eq(r->id, 1000 + (uint64_t)i);
+        liteattn__reply__free_unpacked(r, NULL);
+    }
+    if (writer > 0) {
+        int ws;
+        ck_assert_int_eq(waitpid(writer, &ws, 0), writer);
+        ck_assert(WIFEXITED(ws) && WEXITSTATUS(ws) == 0);
+    }
+    ck_assert_int_eq(raw_ping(a), 0);
+    free(flood);
+    close(a);
+    close(b);
+    ck_assert_int_eq(td_stop(&d), 0);
+}
+END_TEST
+
 static int count_lines(const char *path, const char *needle)
 {
     FILE *f = fopen(path, "r");
@@ -818,6 +946,145 @@ static int count_lines(const char *path, const char *needle)
     fclose(f);
     return n;
 }
+
+/* File descriptors held in flight are budgeted per user over its connections: each of three
+ * connections sends one fd with the first bytes of a frame it never finishes (the daemon holds
+ * the fd); a fourth one's fd is over max_fds_inflight_per_user 3: LA_ELIMIT naming the limit,
+ * then the close. Once one of the three leaves, its fd is released and a new one is taken. */
+static int send_partial_with_fd(int sock)
+{
+    int mfd = raw_memfd(4096);
+    if (mfd < 0)
+        return -1;
+    uint8_t part[2] = {100, 0}; /* 2 of the 4 bytes of a length prefix */
+    int rc = raw_send_bytes(sock, part, sizeof part, mfd);
+    close(mfd);
+    return rc;
+}
+
+static int hung_up(int sock, int ms)
+{
+    struct pollfd p = {.fd = sock, .events = POLLRDHUP};
+    return poll(&p, 1, ms) == 1 && (p.revents & (POLLHUP | POLLRDHUP));
+}
+
+START_TEST(fds_inflight_budget_per_user)
+{
+    td_daemon d;
+    const char *args[] = {"--max-fds-inflight-per-user", "3", "--hello-timeout", "30", NULL};
+    ck_assert_int_eq(td_start(&d, args), 0);
+    int c[5];
+    for (int i = 0; i < 4; i++) {
+        c[i] = raw_connect(d.socket);
+        ck_assert_int_ge(c[i], 0);
+    }
+    for (int i = 0; i < 3; i++)
+        ck_assert_int_eq(send_partial_with_fd(c[i]), 0);
+    for (int i = 0; i < 3; i++)
+        ck_assert_msg(!hung_up(c[i], i == 2 ? 300 : 0), "connection %d closed within budget", i);
+    ck_assert_int_eq(send_partial_with_fd(c[3]), 0);
+    Liteattn__Reply *r = raw_recv(c[3], 5000);
+    ck_assert_msg(r != NULL, "no reply for the fd over the per-user budget");
+    ck_assert_int_eq(raw_code(r), LA_ELIMIT);
+    ck_assert_msg(strstr(r->error->message, "max_fds_inflight_per_user") != NULL, "message: %s",
+                  r->error->message);
+    liteattn__reply__free_unpacked(r, NULL);
+    ck_assert(raw_eof(c[3], 5000));
+    close(c[3]);
+    close(c[0]); /* releases its fd */
+    c[4] = raw_connect(d.socket);
+    ck_assert_int_ge(c[4], 0);
+    /* the daemon saw c[0] go once c[4]'s Hello is answered (one loop, in order) */
+    ck_assert_int_eq(raw_ping(c[4]), 0);
+    ck_assert_int_eq(send_partial_with_fd(c[4]), 0);
+    ck_assert_msg(!hung_up(c[4], 300), "a new fd within the budget was refused");
+    ck_assert_msg(!hung_up(c[1], 0) && !hung_up(c[2], 0), "the others were closed");
+    for (int i = 1; i < 5; i++)
+        if (i != 3)
+            close(c[i]);
+    ck_assert_int_eq(td_stop(&d), 0);
+}
+END_TEST
+
+/* Unread replies are budgeted per user over its connections: with max_outbound_bytes 4M per
+ * connection and max_outbound_bytes_per_user 3.5M, A leaves about 3 MB of Stats replies
+ * unread and stays; B does the same and, the user now over 3.5M, is closed. C, of the same
+ * user but reading its replies, goes on. */
+static int64_t frames_in(int sock)
+{
+    Liteattn__Stats st = LITEATTN__STATS__INIT;
+    Liteattn__Request q = LITEATTN__REQUEST__INIT;
+    q.id = 9;
+    q.body_case = LITEATTN__REQUEST__BODY_STATS;
+    q.stats = &st;
+    Liteattn__Reply *r = raw_call(sock, &q);
+    int64_t v = reply_stat(r, "server.frames_in");
+    if (r)
+        liteattn__reply__free_unpacked(r, NULL);
+    return v;
+}
+
+static size_t stats_reply_size(int sock)
+{
+    Liteattn__Stats st = LITEATTN__STATS__INIT;
+    Liteattn__Request q = LITEATTN__REQUEST__INIT;
+    q.id = 9;
+    q.body_case = LITEATTN__REQUEST__BODY_STATS;
+    q.stats = &st;
+    Liteattn__Reply *r = raw_call(sock, &q);
+    ck_assert_ptr_nonnull(r);
+    size_t n = liteattn__reply__get_packed_size(r) + 4;
+    liteattn__reply__free_unpacked(r, NULL);
+    return n;
+}
+
+/* Sends n Stats requests on sock without reading, and waits until the daemon handled them
+ * (or closed sock: sending then fails). */
+static void unread_stats(int sock, int watcher, int n)
+{
+    int64_t before = frames_in(watcher);
+    Liteattn__Stats st = LITEATTN__STATS__INIT;
+    Liteattn__Request q = LITEATTN__REQUEST__INIT;
+    q.body_case = LITEATTN__REQUEST__BODY_STATS;
+    q.stats = &st;
+    for (int i = 0; i < n; i++) {
+        q.id = 500 + (uint64_t)i;
+        if (raw_send(sock, &q, -1) < 0)
+            return;
+    }
+    double end = now_s() + 20;
+    while (frames_in(watcher) < before + n + 1 && now_s() < end && !hung_up(sock, 0))
+        usleep(10 * 1000);
+}
+
+START_TEST(outbound_budget_per_user)
+{
+    td_daemon d;
+    const char *args[] = {"--max-outbound-bytes", "4M", "--max-outbound-bytes-per-user", "3584K",
+                          NULL};
+    ck_assert_int_eq(td_start(&d, args), 0);
+    int a = raw_connect(d.socket), b = raw_connect(d.socket), c = raw_connect(d.socket);
+    ck_assert_int_ge(a, 0);
+    ck_assert_int_ge(b, 0);
+    ck_assert_int_ge(c, 0);
+    size_t each = stats_reply_size(c);
+    int n = (int)((3u << 20) / each);
+    unread_stats(a, c, n);
+    ck_assert_msg(!hung_up(a, 200), "A was closed with %d unread replies of %zu bytes", n, each);
+    unread_stats(b, c, n);
+    ck_assert_msg(hung_up(b, 5000),
+                  "B was not closed: the user holds twice %d replies of %zu "
+                  "bytes unread",
+                  n, each);
+    ck_assert_msg(!hung_up(a, 0), "A was closed instead of B");
+    ck_assert_int_eq(raw_ping(c), 0);
+    ck_assert_int_ge(count_lines(d.log, "max_outbound_bytes_per_user"), 1);
+    close(a);
+    close(b);
+    close(c);
+    ck_assert_int_eq(td_stop(&d), 0);
+}
+END_TEST
 
 /* A burst of refused connections makes a line a second, not a line each. */
 START_TEST(refused_connections_rate_limited)
@@ -867,6 +1134,9 @@ int main(void)
     tcase_add_test(tc, daemon_big_session_no_freeze);
     tcase_add_test(tc, partial_frame_times_out);
     tcase_add_test(tc, refused_connections_rate_limited);
+    tcase_add_test(tc, pipelined_flood_takes_turns);
+    tcase_add_test(tc, fds_inflight_budget_per_user);
+    tcase_add_test(tc, outbound_budget_per_user);
     suite_add_tcase(s, tc);
     return tu_run_suite(s);
 }
