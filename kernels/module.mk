@@ -17,7 +17,7 @@ inst_src = kernels/attn_fwd_$(word 2,$(subst _, ,$(1)))_$(word 3,$(subst _, ,$(1
 KERNEL_INST_SRCS := $(foreach i,$(KERNEL_INSTANCES),$(call inst_src,$(i)))
 
 KERNEL_C_SRCS := $(wildcard kernels/*.c)
-KERNEL_CU_SRCS := $(if $(filter 1,$(HAVE_CUDA)),kernels/attn_dispatch.cu $(KERNEL_INST_SRCS))
+KERNEL_CU_SRCS := $(if $(filter 1,$(HAVE_CUDA)),kernels/attn_dispatch.cu kernels/guard.cu $(KERNEL_INST_SRCS))
 KERNEL_OBJS := $(call objs,$(KERNEL_C_SRCS) $(KERNEL_CU_SRCS))
 KERNEL_LIB := $(BUILD)/libkernels.a
 

@@ -1,0 +1,144 @@
+/*
+ * guard.cu — private: the CUDA twins of kernels/guard_ref.c (la_guard.h): the guardrail's
+ * compare-and-restore, the fill of restored rows and the AND of a warm seed into a mask. Small
+ * memory-bound kernels beside the attention call; they follow guard_ref.c line for line so
+ * that both backends restore the same rows (fp32 expf may differ in the last bit).
+ */
+#include <math.h>
+
+#ifndef LA_HAVE_CUDA
+#define LA_HAVE_CUDA 1 /* nvcc does not get the C flags: declare the CUDA half, checked here */
+#endif
+#include "la_guard.h"
+
+namespace {
+
+/* Kernel arguments by value (the sampled tile list is at most 64 ints). */
+struct CompareArgs {
+    const float *lse;
+    long long lse_stride[3];
+    const float *dense_lse;
+    int tiles[LA_GUARD_MAX_SAMPLE];
+    int n_tiles, B, H, Sq, BM, nq;
+    float budget;
+    uint32_t *held;
+    unsigned long long *restored;
+};
+
+__device__ float lost_mass(float ls, float ld)
+{
+    if (ld == -INFINITY || isnan(ls) || isnan(ld))
+        return 0.0f;
+    float d = ls - ld;
+    if (isnan(d))
+        return 0.0f;
+    if (d > 0.0f)
+        d = 0.0f;
+    return 1.0f - expf(d);
+}
+
+/* One thread per sampled (j, b, h): LSE [B, H, Sq] (strides in elements), dense_lse
+ * [n_tiles][B][H][BM] contiguous. */
+__global__ void compare_kernel(CompareArgs a)
+{
+    long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    long long n = (long long)a.n_tiles * a.B * a.H;
+    if (idx >= n)
+        return;
+    int h = (int)(idx % a.H), b = (int)(idx / a.H % a.B), j = (int)(idx / a.H / a.B);
+    int m = a.tiles[j], r0 = m * a.BM;
+    int rows = a.Sq - r0 < a.BM ? a.Sq - r0 : a.BM;
+    const float *ld = a.dense_lse + (((long long)j * a.B + b) * a.H + h) * a.BM;
+    float worst = 0.0f;
+    for (int i = 0; i < rows; i++) {
+        float ls = a.lse[b * a.lse_stride[0] + h * a.lse_stride[1] +
+                         (long long)(r0 + i) * a.lse_stride[2]];
+        float l = lost_mass(ls, ld[i]);
+        worst = l > worst ? l : worst;
+    }
+    if (worst > a.budget) {
+        unsigned long long row = ((unsigned long long)b * a.H + h) * a.nq + m;
+        uint32_t bit = 1u << (row % 32);
+        uint32_t old = atomicOr(a.held + row / 32, bit);
+        if (!(old & bit))
+            atomicAdd(a.restored, 1ull);
+    }
+}
+
+/* One thread per mask row (b, h, m) of the region. */
+__global__ void fill_kernel(uint32_t *mask, long long s0, long long s1, long long s2, int rows_b,
+                            int H, int nq, int words, int k_tiles, const uint32_t *held)
+{
+    long long row = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (row >= (long long)rows_b * H * nq)
+        return;
+    if (!((held[row / 32] >> (row % 32)) & 1u))
+        return;
+    int m = (int)(row % nq), h = (int)(row / nq % H), b = (int)(row / nq / H);
+    uint32_t *w = mask + b * s0 + h * s1 + m * s2;
+    int full = k_tiles / 32, rem = k_tiles % 32;
+    for (int i = 0; i < words; i++)
+        w[i] = i < full ? 0xffffffffu : (i == full && rem) ? (1u << rem) - 1u : 0u;
+}
+
+__global__ void and_kernel(uint32_t *dst, const uint32_t *src, size_t n)
+{
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n)
+        dst[i] &= src[i];
+}
+
+unsigned blocks(long long n, int threads) { return (unsigned)((n + threads - 1) / threads); }
+
+} // namespace
+
+extern "C" cudaError_t la_guard_compare_cuda(const la_guard_params *p,
+                                             unsigned long long *d_restored, cudaStream_t stream)
+{
+    if (!p || !d_restored || p->n_tiles < 0 || p->n_tiles > LA_GUARD_MAX_SAMPLE)
+        return cudaErrorInvalidValue;
+    long long n = (long long)p->n_tiles * p->B * p->H;
+    if (n == 0)
+        return cudaSuccess;
+    CompareArgs a;
+    a.lse = p->lse;
+    for (int i = 0; i < 3; i++)
+        a.lse_stride[i] = p->lse_stride[i];
+    a.dense_lse = p->dense_lse;
+    for (int i = 0; i < LA_GUARD_MAX_SAMPLE; i++)
+        a.tiles[i] = i < p->n_tiles ? p->tiles[i] : 0;
+    a.n_tiles = p->n_tiles;
+    a.B = p->B;
+    a.H = p->H;
+    a.Sq = p->Sq;
+    a.BM = p->BM;
+    a.nq = p->nq;
+    a.budget = p->budget;
+    a.held = p->held;
+    a.restored = d_restored;
+    compare_kernel<<<blocks(n, 128), 128, 0, stream>>>(a);
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t la_mask_fill_held_cuda(uint32_t *mask, const int64_t mask_stride[3],
+                                              int32_t rows_b, int32_t H, int32_t nq,
+                                              int32_t words, int32_t k_tiles,
+                                              const uint32_t *held, cudaStream_t stream)
+{
+    long long n = (long long)rows_b * H * nq;
+    if (n <= 0)
+        return cudaSuccess;
+    fill_kernel<<<blocks(n, 256), 256, 0, stream>>>(mask, mask_stride[0], mask_stride[1],
+                                                     mask_stride[2], rows_b, H, nq, words,
+                                                     k_tiles, held);
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t la_mask_and_cuda(uint32_t *dst, const uint32_t *src, size_t n_words,
+                                        cudaStream_t stream)
+{
+    if (n_words == 0)
+        return cudaSuccess;
+    and_kernel<<<blocks((long long)n_words, 256), 256, 0, stream>>>(dst, src, n_words);
+    return cudaGetLastError();
+}
