@@ -30,6 +30,7 @@
 
 #include "engine.h"
 #include "la_attn.h"
+#include "la_guard.h"
 #include "logsink.h"
 
 typedef struct be_backend be_backend;
@@ -67,6 +68,18 @@ typedef struct be_job {
     uint64_t conn_id;
     uint64_t flow_id; /* the session */
     uint64_t cost;    /* multiply-adds of the whole call, from its shapes */
+    /* Warm start and guardrail (docs/SKIP-SEMANTICS.md, kernels/la_guard.h). In order, after
+     * the restart/first-call fill: seed (mask &= seed), the call, the guard's check of the
+     * sampled q-tiles (sets held bits), the fill of held rows, then the copy into capture. */
+    const uint32_t *seed_host; /* the region's seed in the host view, NULL: none */
+    uint32_t *seed_dev;        /* the same in the backend's memory (cpu: == seed_host) */
+    uint32_t *held;            /* the region's held-row bitmap (backend memory), NULL: no guard */
+    uint64_t held_len;         /* its bytes, zeroed with the region's all-ones fills */
+    int32_t rows_b, rows_h, rows_nq; /* the region's rows: the session's batch, heads, nQ */
+    int guard_n;                     /* q-tiles sampled by this call, 0: not checked */
+    int32_t guard_tile[LA_GUARD_MAX_SAMPLE];
+    float guard_budget;
+    void *capture; /* host memory: the region's bytes after the call go here, NULL: none */
 
     /* Out, written by the backend before complete() is called. */
     int status; /* 0 or LA_E* */
@@ -77,6 +90,7 @@ typedef struct be_job {
     uint8_t done_event[64];
     int has_live; /* the call changed the region: live_bits is its new count */
     uint64_t live_bits;
+    uint64_t guard_rows, guard_restored, guard_tiles; /* of the check, when guard_n > 0 */
 
     /* Backend-private. */
     struct be_job *be_next;
@@ -85,6 +99,7 @@ typedef struct be_job {
     void *fq_flow;     /* fairq.c */
     int64_t be_cursor; /* cpu: next slice */
     int be_cancel;     /* cpu: cancel at the next slice boundary (LA_E* to report) */
+    float *be_lse;     /* cpu: the guard's LSE of a call that asked for none */
 } be_job;
 
 typedef void (*be_complete_fn)(void *data, be_job *job);

@@ -35,6 +35,7 @@
 
 #include "backend.h"
 #include "fairq.h"
+#include "guard.h"
 
 #define DEFAULT_SLICE_MACS (1ull << 28) /* ~0.03-0.1 s of one reference thread */
 
@@ -149,13 +150,42 @@ static uint64_t slice_params(const cpu_backend *c, const la_attn_params *p, int6
     return (uint64_t)(2.0 * hn * (double)sq * p->Sk * p->D);
 }
 
-/* The region's first call sets it to all ones before it runs. */
+/* The region's first call sets it to all ones (and forgets restored rows) before it runs. */
 static void init_mask(be_job *j)
 {
     if (j->mask_ready && !atomic_load(j->mask_ready)) {
         memset((char *)j->mask->host + j->mask_off, 0xff, (size_t)j->mask_len);
+        if (j->held)
+            memset(j->held, 0, (size_t)j->held_len);
         atomic_store(j->mask_ready, 1);
     }
+}
+
+/* The job goes back to the engine; what the backend allocated for it goes first. */
+static void cpu_complete(cpu_backend *c, be_job *j)
+{
+    free(j->be_lse);
+    j->be_lse = NULL;
+    c->base.complete(c->base.complete_data, j);
+}
+
+/* After the last slice: the guardrail's check, the fill of restored rows, the live count and
+ * the warm capture, in the order of backend.h. */
+static void finish_mask(be_job *j, int threads)
+{
+    la_attn_params *p = &j->p;
+    int changes = p->mask && !p->decisions;
+    if (j->guard_n && be_guard_cpu(j, threads) < 0)
+        j->guard_n = 0; /* out of memory: this call is not checked */
+    if (changes && j->held && p->mode != LA_MODE_DENSE)
+        la_mask_fill_held(p->mask, p->mask_stride, j->rows_b, j->rows_h, j->rows_nq,
+                          (int32_t)j->mask_words, (int32_t)j->mask_k_tiles, j->held);
+    if (changes && (p->mode != LA_MODE_DENSE || j->mask_restart || j->seed_host)) {
+        j->has_live = 1;
+        j->live_bits = be_mask_live(p->mask, j->mask_len, j->mask_words, j->mask_k_tiles);
+    }
+    if (j->capture && p->mask)
+        memcpy(j->capture, p->mask, (size_t)j->mask_len);
 }
 
 /* A call stopped after some of its slices wrote the mask: all ones again (dense). */
@@ -190,7 +220,7 @@ static void *worker_main(void *arg)
             j->be_next = NULL;
             pthread_mutex_unlock(&c->lock);
             undo_mask(j);
-            c->base.complete(c->base.complete_data, j);
+            cpu_complete(c, j);
             pthread_mutex_lock(&c->lock);
             pthread_cond_broadcast(&c->cond);
             continue;
@@ -215,9 +245,14 @@ static void *worker_main(void *arg)
 
         if (j->be_cursor == 0) {
             /* A new generation of this layer (a step went backwards) starts from all ones. */
-            if (j->mask_restart && j->mask)
+            if (j->mask_restart && j->mask) {
                 memset((char *)j->mask->host + j->mask_off, 0xff, (size_t)j->mask_len);
+                if (j->held)
+                    memset(j->held, 0, (size_t)j->held_len);
+            }
             init_mask(j);
+            if (j->seed_host && j->p.mask) /* a warm start: mask &= seed */
+                la_mask_and(j->p.mask, j->seed_host, (size_t)(j->mask_len / 4));
         }
         int64_t tiles = 0;
         sp.threads = share > 0 ? share : 1;
@@ -252,13 +287,10 @@ static void *worker_main(void *arg)
             undo_mask(j);
         } else {
             j->status = 0;
-            if (j->p.mask && !j->p.decisions && (j->p.mode != LA_MODE_DENSE || j->mask_restart)) {
-                j->has_live = 1;
-                j->live_bits = be_mask_live(j->p.mask, j->mask_len, j->mask_words, j->mask_k_tiles);
-            }
+            finish_mask(j, sp.threads);
         }
         j->t_end_ns = be_now_ns();
-        c->base.complete(c->base.complete_data, j); /* j belongs to the engine now */
+        cpu_complete(c, j); /* j belongs to the engine now */
         pthread_mutex_lock(&c->lock);
     }
     pthread_mutex_unlock(&c->lock);
@@ -349,10 +381,27 @@ static int cpu_submit(be_backend *b, be_job *job)
     job->be_cursor = 0;
     job->be_cancel = 0;
     job->t_start_ns = 0;
+    if (job->guard_n && !job->p.lse) {
+        /* The check compares with the call's LSE: one of our own for a call without. */
+        const la_attn_params *p = &job->p;
+        job->be_lse = malloc((size_t)p->B * p->H * p->Sq * sizeof(float));
+        if (job->be_lse) {
+            job->p.lse = job->be_lse;
+            job->p.lse_stride[2] = 1;
+            job->p.lse_stride[1] = p->Sq;
+            job->p.lse_stride[0] = (int64_t)p->H * p->Sq;
+        } else {
+            job->guard_n = 0;
+        }
+    }
     int rc = fq_push(&c->q, job);
     if (rc == 0)
         pthread_cond_signal(&c->cond);
     pthread_mutex_unlock(&c->lock);
+    if (rc < 0) {
+        free(job->be_lse);
+        job->be_lse = NULL;
+    }
     return rc;
 }
 
@@ -382,7 +431,7 @@ static void cpu_cancel(be_backend *b, uint64_t conn_id, int all, int code)
         be_job *j = fresh;
         fresh = j->be_next;
         j->be_next = NULL;
-        c->base.complete(c->base.complete_data, j);
+        cpu_complete(c, j);
     }
 }
 

@@ -66,6 +66,8 @@ void eng_config_default(eng_config *cfg)
     cfg->limits.session_ttl_s = 3600;
     cfg->limits.max_call_cost = 1ull << 47;
     cfg->limits.max_queued_cost_per_user = 1ull << 53;
+    cfg->limits.warm_store_bytes_per_user = 256ull << 20;
+    cfg->limits.warm_max_generations = 8;
 }
 
 /* Backend threads: queue the finished job for the loop thread. */
@@ -107,6 +109,23 @@ int eng_new(const eng_config *cfg, eng **ret_engine, eng_error *err)
     list_init(&e->jobs);
     list_init(&e->done);
     pthread_mutex_init(&e->done_lock, NULL);
+    ws_config wc = {.bytes_per_user = cfg->limits.warm_store_bytes_per_user,
+                    .max_generations = cfg->limits.warm_max_generations,
+                    .state_dir = cfg->warm_state_dir,
+                    .log = cfg->log,
+                    .log_data = cfg->log_data};
+    if (!wc.bytes_per_user || !wc.max_generations || wc.max_generations > WS_MAX_GENERATIONS) {
+        eng_errf(err, "warm store: %s (bytes per user > 0, generations 1..%d)",
+                 !wc.bytes_per_user ? "no bytes per user" : "generations per key out of range",
+                 WS_MAX_GENERATIONS);
+        eng_free(e);
+        return LA_EINVAL;
+    }
+    if (ws_new(&wc, &e->warm) < 0) {
+        eng_errf(err, "out of memory");
+        eng_free(e);
+        return LA_ENOMEM;
+    }
     const char *want = cfg->backend && cfg->backend[0] ? cfg->backend : "auto";
     int want_cuda = !strcmp(want, "cuda"), auto_ = !strcmp(want, "auto");
     if (!want_cuda && !auto_ && strcmp(want, "cpu")) {
@@ -151,7 +170,8 @@ void eng_free(eng *e)
         e->cuda->ops->stop(e->cuda);
     eng_process_completions(e);
     buf_free_all(e);
-    sess_free_all(e);
+    sess_free_all(e); /* deposits what closes now, before the store goes */
+    ws_free(e->warm);
     if (e->cpu)
         e->cpu->ops->free(e->cpu);
     if (e->cuda)
@@ -656,6 +676,10 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
     int restart = !req->dry_run && s->last_step[req->layer] >= 0 &&
                   (int64_t)req->step < s->last_step[req->layer];
     bj->mask_restart = !req->dry_run && (restart || s->restart_due[shard_idx]);
+    /* The warm seed, the guardrail's check and the warm capture of this call (guard.c); a
+     * warm session's dense first steps run in mode observe. */
+    sess_plan_call(s, req, s->region_fresh[shard_idx] || bj->mask_restart, restart, &mode, bj);
+    bj->p.mode = mode;
     /* What this backend's kernels support (head dims, dtypes, alignment); the backend's own
      * checks of the parameters run here too (la_attn_validate). */
     if ((rc = s->be->ops->supports(s->be, s->dev, &bj->p)) < 0)
@@ -691,6 +715,8 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
     if (!req->dry_run) {
         if (restart) {
             memset(s->restart_due + (size_t)req->layer * s->kv_shards, 1, s->kv_shards);
+            memset(s->region_fresh + (size_t)req->layer * s->kv_shards, 1, s->kv_shards);
+            sess_warm_restart(s, req->layer);
             s->stats.restarts++;
             e->n_restarts++;
             if (!s->restart_logged) {
@@ -702,7 +728,10 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
             }
         }
         s->restart_due[shard_idx] = 0;
+        s->region_fresh[shard_idx] = 0;
         s->last_step[req->layer] = req->step;
+        if (bj->seed_host)
+            s->seed_due[shard_idx] = 0;
     }
     list_append(&e->jobs, &j->link);
     e->inflight++;
@@ -742,6 +771,18 @@ int eng_process_completions(eng *e)
         eng_attn_result res;
         memset(&res, 0, sizeof res);
         if (bj->status == 0) {
+            if (bj->guard_n) {
+                s->stats.guard_checks++;
+                s->stats.guard_rows += bj->guard_rows;
+                s->stats.guard_restored += bj->guard_restored;
+                s->stats.guard_tiles += bj->guard_tiles;
+                e->n_guard_checks++;
+                e->n_guard_rows += bj->guard_rows;
+                e->n_guard_restored += bj->guard_restored;
+                e->n_guard_tiles += bj->guard_tiles;
+            }
+            if (bj->capture && j->mset == s->masks)
+                sess_warm_captured(e, s, (uint32_t)(bj->mask_ready - j->mset->ready));
             s->stats.calls++;
             s->stats.tiles_total += j->tiles_total;
             s->stats.tiles_computed += (uint64_t)bj->tiles_computed;
@@ -835,5 +876,11 @@ void eng_stats(const eng *e, void (*fn)(void *data, const char *name, int64_t va
     STAT("buffers_registered", e->n_buffers_added);
     STAT("buffers_unregistered", e->n_buffers_removed);
     STAT("fatal", eng_fatal(e));
+    STAT("guard_checks", e->n_guard_checks);
+    STAT("guard_rows", e->n_guard_rows);
+    STAT("guard_restored", e->n_guard_restored);
+    STAT("guard_tiles", e->n_guard_tiles);
+    STAT("warm_starts", e->n_warm_starts);
 #undef STAT
+    ws_stats(e->warm, fn, data);
 }

@@ -58,6 +58,12 @@ typedef struct eng_limits {
      * is 2^45.7) and 2^53 (64 such calls). */
     uint64_t max_call_cost;
     uint64_t max_queued_cost_per_user;
+    /* The warm-start store (SKIP-SEMANTICS "Warm start across generations"): mask bytes of
+     * earlier generations one user's entries may hold (default 256 MiB; the least recently
+     * used key's oldest generation goes first) and generations kept per key (default 8, at
+     * most 64). */
+    uint64_t warm_store_bytes_per_user;
+    uint32_t warm_max_generations;
 } eng_limits;
 
 typedef struct eng_config {
@@ -72,6 +78,9 @@ typedef struct eng_config {
     /* Log sink (the daemon's logger); level 0 error .. 3 debug. May be NULL. */
     logsink_fn log;
     void *log_data;
+    /* Folder where the warm-start store persists (one subfolder per uid); NULL or "": kept in
+     * memory only. */
+    const char *warm_state_dir;
 } eng_config;
 
 /* Fills cfg with the defaults above (backend "auto"). */
@@ -109,7 +118,20 @@ typedef struct eng_session_spec {
     la_mode mode; /* default LA_MODE_SKIP; never LA_MODE_SESSION */
     la_direction direction;
     const char *device; /* NULL, "", "auto", "cpu", "cuda" or a GPU UUID (< 64 bytes) */
+    /* Warm start (SKIP-SEMANTICS "Warm start across generations"). warm_key NULL: none. The
+     * options take their defaults when their has_ flag is 0: the settled step (default: the
+     * masks at close), generations combined (4), margin in tiles (1), dense first steps (1). */
+    const char *warm_key;
+    int has_warm_step, has_warm_generations, has_warm_margin, has_warm_dense_steps;
+    uint32_t warm_step, warm_generations, warm_margin, warm_dense_steps;
+    /* Online quality guardrail (SKIP-SEMANTICS "Online quality guardrail"): checked every
+     * guard_every steps (0: off), guard_sample q-tiles (0: 1), budget of lost probability mass
+     * per row (0: 0.05). */
+    uint32_t guard_every, guard_sample;
+    float guard_budget;
 } eng_session_spec;
+
+#define ENG_WARM_STATUS_MAX 192
 
 typedef struct eng_session_view {
     uint64_t id;
@@ -120,6 +142,8 @@ typedef struct eng_session_view {
     uint32_t layers, heads, head_dim, max_seq_q, max_seq_k, batch, kv_shards;
     la_dtype dtype;
     char device[64];
+    uint32_t warm_generations;             /* generations the seed combines, 0: cold */
+    char warm_status[ENG_WARM_STATUS_MAX]; /* "" without a warm key, else what happened */
 } eng_session_view;
 
 int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_spec *spec,
@@ -133,6 +157,14 @@ int eng_session_close(eng *e, uint32_t uid, uint64_t session_id, eng_error *err)
 typedef struct eng_session_stats {
     uint64_t calls, tiles_total, tiles_computed;
     uint64_t restarts; /* layers started over: a call's step was below the layer's last step */
+    /* Warm start: the session's warm key ("" for none), generations its seed combines (0:
+     * cold), generations it deposited so far. */
+    char warm_key[ENG_KEY_MAX + 1];
+    uint32_t warm_generations;
+    uint64_t warm_deposits;
+    /* Guardrail: calls checked, q-tile rows compared, rows restored, tiles the dense samples
+     * computed. */
+    uint64_t guard_checks, guard_rows, guard_restored, guard_tiles;
 } eng_session_stats;
 /* live[0..n) gets the live fraction of each layer (n may exceed layers; the rest untouched). */
 int eng_session_info(eng *e, uint32_t uid, uint64_t session_id, double *live, size_t n,
@@ -146,10 +178,33 @@ typedef struct eng_session_summary {
     double live_fraction;
     int attached;
     char device[64];
+    char warm_key[ENG_KEY_MAX + 1];
+    uint32_t warm_generations;
+    uint64_t guard_checks, guard_restored;
+    const double *layer_live; /* [layers], valid during the callback */
 } eng_session_summary;
 /* Calls fn for each session uid may see (uid 0: all). */
 void eng_session_list(eng *e, uint32_t uid, void (*fn)(void *data, const eng_session_summary *s),
                       void *data);
+
+/* ---- the warm-start store ----------------------------------------------------------------- */
+
+typedef struct eng_warm_entry {
+    uint32_t uid;
+    const char *key; /* valid during the callback */
+    uint32_t layers, kv_shards, batch, heads, n_q_tiles, n_k_tiles, bm, bn;
+    uint32_t generations;
+    uint64_t bytes; /* counted against the user's warm_store_bytes_per_user */
+    uint64_t deposited_ago_ms, seeds;
+    int persisted;
+} eng_warm_entry;
+/* Calls fn for each stored entry uid may see (its own; uid 0: every user's). */
+void eng_warm_list(eng *e, uint32_t uid, void (*fn)(void *data, const eng_warm_entry *w),
+                   void *data);
+/* Removes uid's entries of key (NULL: all of uid's) and their files; *ret_count how many. */
+int eng_warm_drop(eng *e, uint32_t uid, const char *key, uint64_t *ret_count, eng_error *err);
+/* Waits until the store's files are written (tests; eng_free does it too). */
+void eng_warm_flush(eng *e);
 
 /* Copies up to len bytes of (layer, kv_shard)'s mask from byte offset into dst. */
 int eng_mask_read(eng *e, uint32_t uid, uint64_t session_id, uint32_t layer, uint32_t kv_shard,

@@ -13,6 +13,7 @@
 #include "engine.h"
 #include "list.h"
 #include "logsink.h"
+#include "warmstore.h"
 
 /* A session's masks (every layer and shard, one backend allocation), refcounted: the session
  * holds one reference, every job in flight on it one more. A reset while jobs are in flight
@@ -63,6 +64,24 @@ typedef struct sess {
     int64_t *last_step;   /* [layers] */
     uint8_t *restart_due; /* [layers * kv_shards] */
     int restart_logged;
+    /* Per (layer, shard): no call since the generation began (the mask is all ones). */
+    uint8_t *region_fresh; /* [layers * kv_shards] */
+    /* The mask allocation holds, after the masks: the warm seed (seed_off, mask_bytes) and
+     * the guardrail's held-row bitmaps (held_off, held_region_bytes per region). */
+    uint64_t alloc_bytes, seed_off, held_off, held_region_bytes;
+    /* Warm start (warm.c). */
+    int has_warm;
+    char warm_key[ENG_KEY_MAX + 1];
+    int has_warm_step;
+    uint32_t warm_step, warm_dense_steps;
+    uint32_t warm_used;    /* generations the seed combines, 0: cold */
+    uint8_t *seed_due;     /* [regions]: the seed is still to be ANDed in this generation */
+    uint8_t *captured;     /* [regions]: captured at warm_step in this generation */
+    uint32_t n_captured;
+    uint32_t *capture;     /* [mask_bytes / 4]: the generation being captured (warm_step) */
+    /* Guardrail (guard.c): every N steps (0: off), sample, budget. */
+    uint32_t guard_every, guard_sample;
+    float guard_budget;
 } sess;
 
 enum { BUF_SHM = 1, BUF_CUDA = 2 };
@@ -135,6 +154,8 @@ struct eng {
     uint64_t n_calls, n_call_errors, n_completed, n_failed, n_tiles_total, n_tiles_computed;
     uint64_t n_sessions_opened, n_sessions_closed, n_evicted, n_expired, n_detached_freed;
     uint64_t n_buffers_added, n_buffers_removed, n_restarts;
+    uint64_t n_guard_checks, n_guard_rows, n_guard_restored, n_guard_tiles, n_warm_starts;
+    ws *warm; /* the warm-start store */
     uint64_t compute_ns, queue_ns; /* over finished calls: computing, waiting for a worker */
 };
 
@@ -162,6 +183,26 @@ void sess_free_all(eng *e);
 void sess_conn_closed(eng *e, uint64_t conn_id);
 void sess_tick(eng *e);
 void sess_name(const sess *s, char *out, size_t len);
+
+/* warm.c: the session side of the warm start. */
+/* Options of spec checked, the seed looked up (before the masks are allocated: it decides
+ * the allocation's size); *ret_seed (malloc'ed, s->mask_bytes) or NULL for a cold start. */
+int sess_warm_open(eng *e, sess *s, const eng_session_spec *spec, uint32_t **ret_seed,
+                   char *status, size_t status_len, eng_error *err);
+/* A finished call captured its region (warm_step): deposits once every region is in. */
+void sess_warm_captured(eng *e, sess *s, uint32_t region);
+/* The session is being freed: without a warm step, its masks now are its generation. */
+void sess_warm_close(eng *e, sess *s);
+/* A layer starts a new generation (restart) / every layer does (reset). */
+void sess_warm_restart(sess *s, uint32_t layer);
+void sess_warm_reset(sess *s);
+
+/* guard.c: what a call does about the seed, the guardrail and the capture (its be_job's
+ * fields), and the mode it runs in (a warm session's dense first steps). fresh: the region's
+ * mask is all ones before this call; restart: the call starts its layer over (the session's
+ * warm state is updated for it only once the call is queued). */
+void sess_plan_call(const sess *s, const eng_attn_req *req, int fresh, int restart, la_mode *mode,
+                    be_job *bj);
 
 /* buffers.c */
 buf *buf_get(eng *e, uint64_t conn_id, uint64_t id);

@@ -79,15 +79,15 @@ static int mset_new(eng *e, sess *s, eng_mset **ret, eng_error *err)
         eng_errf(err, "out of memory");
         return LA_ENOMEM;
     }
-    int rc = s->be->ops->mask_alloc(s->be, s->dev, s->mask_bytes, &m->mask);
+    int rc = s->be->ops->mask_alloc(s->be, s->dev, s->alloc_bytes, &m->mask);
     if (rc < 0) {
         free(m);
         eng_errf(err, "session '%s': cannot allocate %llu bytes of masks on %s: %s", s->key_esc,
-                 (unsigned long long)s->mask_bytes, s->device, codes_strerror(rc));
+                 (unsigned long long)s->alloc_bytes, s->device, codes_strerror(rc));
         return rc;
     }
     m->be = s->be;
-    m->bytes = s->mask_bytes;
+    m->bytes = s->alloc_bytes;
     m->refs = 1;
     m->n_regions = s->layers * s->kv_shards;
     m->region_bits = (uint64_t)s->batch * s->heads * s->n_q_tiles * s->n_k_tiles;
@@ -122,11 +122,16 @@ void sess_unref(eng *e, sess *s)
 {
     if (!s || --s->refs > 0)
         return;
+    sess_warm_close(e, s);
     mset_unref(e, s->masks);
     free(s->schedule);
     free(s->conns);
     free(s->last_step);
     free(s->restart_due);
+    free(s->region_fresh);
+    free(s->seed_due);
+    free(s->captured);
+    free(s->capture);
     free(s);
 }
 
@@ -159,7 +164,7 @@ void sess_unlink(eng *e, sess *s)
     eng_user *u = sess_user(e, s->uid, 0);
     if (u) {
         u->sessions--;
-        u->mask_bytes -= s->mask_bytes;
+        u->mask_bytes -= s->alloc_bytes;
     }
     sess_unref(e, s);
 }
@@ -217,8 +222,8 @@ static int make_room(eng *e, uint32_t uid, uint64_t need)
         u = sess_user(e, s->uid, 0);
         if (!u || (s->uid != uid && u->plan_bytes <= share))
             continue;
-        u->plan_bytes -= s->mask_bytes;
-        freed += s->mask_bytes;
+        u->plan_bytes -= s->alloc_bytes;
+        freed += s->alloc_bytes;
         cand[chosen++] = s;
     }
     if (freed < excess) {
@@ -260,6 +265,7 @@ static void fill_view(const sess *s, eng_session_view *v)
     v->kv_shards = s->kv_shards;
     v->dtype = s->dtype;
     snprintf(v->device, sizeof v->device, "%s", s->device);
+    v->warm_generations = s->warm_used;
 }
 
 /* A session key is 1..ENG_KEY_MAX bytes, none of them a control character (a newline or an
@@ -436,15 +442,38 @@ static int size_masks(sess *s, eng_error *err)
     }
     s->layer_mask_bytes = lb;
     s->mask_bytes = mb;
+    s->alloc_bytes = mb;
     return 0;
 }
 
+/* The allocation beside the masks: the warm seed, then the guardrail's held-row bitmaps. */
+static int size_extras(sess *s, int seeded, eng_error *err)
+{
+    uint64_t a = s->mask_bytes, h = 0;
+    s->seed_off = a;
+    if (seeded && __builtin_add_overflow(a, s->mask_bytes, &a))
+        goto overflow;
+    s->held_off = a;
+    if (s->guard_every) {
+        s->held_region_bytes = la_guard_held_bytes(s->batch, s->heads, s->n_q_tiles);
+        if (__builtin_mul_overflow(s->held_region_bytes, (uint64_t)s->layers * s->kv_shards, &h) ||
+            __builtin_add_overflow(a, h, &a))
+            goto overflow;
+    }
+    s->alloc_bytes = a;
+    return 0;
+overflow:
+    eng_errf(err, "session '%s': mask size overflows", s->key_esc);
+    return LA_ELIMIT;
+}
+
 /* The user's session count and mask bytes, and the daemon's mask memory cap (evicting idle
- * sessions to make room), for one more session of s->mask_bytes. */
+ * sessions to make room), for one more session of s->alloc_bytes (its masks, and its warm
+ * seed and guardrail bitmaps when it has them). */
 static int check_room(eng *e, const sess *s, eng_user **ret_user, eng_error *err)
 {
     const eng_limits *l = &e->cfg.limits;
-    uint64_t mb = s->mask_bytes;
+    uint64_t mb = s->alloc_bytes;
     eng_user *u = sess_user(e, s->uid, 1);
     if (!u) {
         eng_errf(err, "out of memory");
@@ -494,6 +523,8 @@ int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_s
                      eng_session_view *ret_view, eng_error *err)
 {
     int rc;
+    uint32_t *seed = NULL;
+    char warm_status[ENG_WARM_STATUS_MAX] = "";
     if (e->shutting_down) {
         eng_errf(err, "the daemon is shutting down");
         return LA_ESHUTDOWN;
@@ -517,7 +548,8 @@ int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_s
     eng_user *u = NULL;
     if ((rc = check_settings(s, spec, err)) < 0 || (rc = key_unused(e, uid, s->key, err)) < 0 ||
         (rc = pick_device(e, s, device, err)) < 0 || (rc = size_masks(s, err)) < 0 ||
-        (rc = check_room(e, s, &u, err)) < 0)
+        (rc = sess_warm_open(e, s, spec, &seed, warm_status, sizeof warm_status, err)) < 0 ||
+        (rc = size_extras(s, seed != NULL, err)) < 0 || (rc = check_room(e, s, &u, err)) < 0)
         goto fail;
     if (conn_add(s, conn_id) < 0) {
         eng_errf(err, "out of memory");
@@ -543,23 +575,58 @@ int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_s
     }
     for (uint32_t i = 0; i < s->layers; i++)
         s->last_step[i] = -1;
+    size_t n_regions = (size_t)s->layers * s->kv_shards;
+    s->region_fresh = malloc(n_regions);
+    if (s->has_warm) {
+        s->seed_due = calloc(n_regions, 1);
+        s->captured = calloc(n_regions, 1);
+        if (s->has_warm_step)
+            s->capture = malloc(s->mask_bytes);
+    }
+    if (!s->region_fresh || (s->has_warm && (!s->seed_due || !s->captured)) ||
+        (s->has_warm_step && !s->capture)) {
+        eng_errf(err, "out of memory");
+        rc = LA_ENOMEM;
+        goto fail;
+    }
+    memset(s->region_fresh, 1, n_regions);
     if ((rc = mset_new(e, s, &s->masks, err)) < 0)
         goto fail;
+    if (seed) {
+        /* The seed lives beside the masks in the host view; the workers AND it in (the CUDA
+         * one uploads it first). It is never written again. */
+        memcpy((char *)s->masks->mask->host + s->seed_off, seed, s->mask_bytes);
+        memset(s->seed_due, 1, n_regions);
+        free(seed);
+        seed = NULL;
+        e->n_warm_starts++;
+    }
 
     s->id = ++e->next_session_id;
     s->last_used_ms = eng_now_ms();
     s->linked = 1;
     list_append(&e->sessions, &s->link);
     u->sessions++;
-    u->mask_bytes += s->mask_bytes;
+    u->mask_bytes += s->alloc_bytes;
     e->n_sessions_opened++;
     fill_view(s, ret_view);
+    snprintf(ret_view->warm_status, sizeof ret_view->warm_status, "%s", warm_status);
+    if (s->has_warm) {
+        char name[SESS_NAME_MAX];
+        sess_name(s, name, sizeof name);
+        eng_logf(e, LOG_DEBUG, "%s of uid %u: %s", name, uid, warm_status);
+    }
     return 0;
 fail:
+    free(seed);
     free(s->schedule);
     free(s->conns);
     free(s->last_step);
     free(s->restart_due);
+    free(s->region_fresh);
+    free(s->seed_due);
+    free(s->captured);
+    free(s->capture);
     free(s);
     return rc;
 }
@@ -604,6 +671,9 @@ int eng_session_reset(eng *e, uint32_t uid, uint64_t session_id, eng_error *err)
         eng_mset *m;
         if ((rc = mset_new(e, s, &m, err)) < 0)
             return rc;
+        if (s->warm_used) /* the seed is immutable: the jobs in flight do not write it */
+            memcpy((char *)m->mask->host + s->seed_off,
+                   (const char *)s->masks->mask->host + s->seed_off, s->mask_bytes);
         mset_unref(e, s->masks);
         s->masks = m;
     }
@@ -617,6 +687,8 @@ int eng_session_reset(eng *e, uint32_t uid, uint64_t session_id, eng_error *err)
     for (uint32_t l = 0; l < s->layers; l++)
         s->last_step[l] = -1;
     memset(s->restart_due, 0, (size_t)s->layers * s->kv_shards);
+    memset(s->region_fresh, 1, (size_t)s->layers * s->kv_shards);
+    sess_warm_reset(s);
     sess_touch(e, s);
     return 0;
 }
@@ -651,8 +723,11 @@ int eng_session_info(eng *e, uint32_t uid, uint64_t session_id, double *live, si
         return LA_ENOENT;
     for (size_t l = 0; live && l < n && l < s->layers; l++)
         live[l] = layer_fraction(s, (uint32_t)l);
-    if (ret_stats)
+    if (ret_stats) {
         *ret_stats = s->stats;
+        snprintf(ret_stats->warm_key, sizeof ret_stats->warm_key, "%s", s->warm_key);
+        ret_stats->warm_generations = s->warm_used;
+    }
     return 0;
 }
 
@@ -660,10 +735,19 @@ void eng_session_list(eng *e, uint32_t uid, void (*fn)(void *data, const eng_ses
                       void *data)
 {
     uint64_t now = eng_now_ms();
+    double *ll = NULL;
+    size_t ll_cap = 0;
     sess *s;
     list_for_each_entry (s, &e->sessions, sess, link) {
         if (uid != 0 && s->uid != uid)
             continue;
+        if (s->layers > ll_cap) {
+            double *n = realloc(ll, s->layers * sizeof *ll);
+            if (n) {
+                ll = n;
+                ll_cap = s->layers;
+            }
+        }
         eng_session_summary sum;
         memset(&sum, 0, sizeof sum);
         sum.id = s->id;
@@ -680,13 +764,23 @@ void eng_session_list(eng *e, uint32_t uid, void (*fn)(void *data, const eng_ses
         sum.restarts = s->stats.restarts;
         sum.idle_ms = s->inflight ? 0 : now - s->last_used_ms;
         double t = 0;
-        for (uint32_t l = 0; l < s->layers; l++)
-            t += layer_fraction(s, l);
+        for (uint32_t l = 0; l < s->layers; l++) {
+            double f = layer_fraction(s, l);
+            t += f;
+            if (ll && l < ll_cap)
+                ll[l] = f;
+        }
         sum.live_fraction = t / s->layers;
         sum.attached = s->attached;
         snprintf(sum.device, sizeof sum.device, "%s", s->device);
+        snprintf(sum.warm_key, sizeof sum.warm_key, "%s", s->warm_key);
+        sum.warm_generations = s->warm_used;
+        sum.guard_checks = s->stats.guard_checks;
+        sum.guard_restored = s->stats.guard_restored;
+        sum.layer_live = ll && s->layers <= ll_cap ? ll : NULL;
         fn(data, &sum);
     }
+    free(ll);
 }
 
 int eng_mask_read(eng *e, uint32_t uid, uint64_t session_id, uint32_t layer, uint32_t kv_shard,

@@ -1,0 +1,114 @@
+/*
+ * guard.c — what one call does about the warm seed, the guardrail and the warm capture
+ * (sess_plan_call, loop thread), and the guardrail's check on the CPU backend
+ * (be_guard_cpu, worker thread): the dense samples through the CPU reference and the
+ * comparison of kernels/guard_ref.c. docs/SKIP-SEMANTICS.md has the rules.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine_priv.h"
+#include "guard.h"
+
+void sess_plan_call(const sess *s, const eng_attn_req *req, int fresh, int restart, la_mode *mode,
+                    be_job *bj)
+{
+    const uint32_t region = req->layer * s->kv_shards + req->kv_shard;
+    const uint64_t roff = (uint64_t)region * s->layer_mask_bytes;
+    int seeded = 0;
+    if (s->warm_used && !req->dry_run) {
+        /* A warm session's first steps are dense and still learn (observe). */
+        if (req->step < s->warm_dense_steps && *mode == LA_MODE_SKIP)
+            *mode = LA_MODE_OBSERVE;
+        if ((restart || s->seed_due[region]) && req->step >= s->warm_dense_steps) {
+            bj->seed_host = (const uint32_t *)(const void *)((const char *)s->masks->mask->host +
+                                                             s->seed_off + roff);
+            bj->seed_dev = (uint32_t *)(void *)((char *)s->masks->mask->dev_ptr + s->seed_off +
+                                                roff);
+            seeded = 1;
+        }
+    }
+    if (s->guard_every) {
+        bj->held = (uint32_t *)(void *)((char *)s->masks->mask->dev_ptr + s->held_off +
+                                        (uint64_t)region * s->held_region_bytes);
+        bj->held_len = s->held_region_bytes;
+        bj->rows_b = (int32_t)s->batch;
+        bj->rows_h = (int32_t)s->heads;
+        bj->rows_nq = (int32_t)s->n_q_tiles;
+        /* A mask known to be all ones skipped nothing: no check. */
+        if (*mode == LA_MODE_SKIP && !req->dry_run && req->step % s->guard_every == 0 &&
+            (!fresh || seeded)) {
+            int32_t nq = la_tiles((int32_t)req->q.shape[1], (int32_t)s->bm);
+            bj->guard_n = la_guard_sample(nq, (int32_t)s->guard_sample,
+                                          req->step / s->guard_every, bj->guard_tile);
+            bj->guard_budget = s->guard_budget;
+        }
+    }
+    if (s->has_warm && s->has_warm_step && !req->dry_run && req->step == s->warm_step &&
+        (restart || !s->captured[region]))
+        bj->capture = (char *)s->capture + roff;
+}
+
+int be_guard_cpu(be_job *j, int threads)
+{
+    const la_attn_params *p = &j->p;
+    const int n = j->guard_n;
+    const size_t es = la_dtype_size(p->dtype);
+    const int64_t bm = p->BM;
+    float *dense = malloc((size_t)n * p->B * p->H * bm * sizeof(float));
+    void *o = malloc((size_t)p->B * bm * p->H * p->D * es);
+    if (!dense || !o) {
+        free(dense);
+        free(o);
+        return LA_ENOMEM;
+    }
+    uint64_t tiles = 0;
+    int rc = 0;
+    for (int k = 0; k < n && rc == 0; k++) {
+        int64_t r0 = (int64_t)j->guard_tile[k] * bm;
+        int32_t rows = (int32_t)(p->Sq - r0 < bm ? p->Sq - r0 : bm);
+        la_attn_params sp = *p;
+        sp.q = (const char *)p->q + es * (size_t)(r0 * p->q_stride[1]);
+        sp.Sq = rows;
+        /* O: [B, rows, H, D] scratch; LSE: [B, H, BM] rows of sample k. */
+        sp.o = o;
+        sp.o_stride[3] = 1;
+        sp.o_stride[2] = p->D;
+        sp.o_stride[1] = (int64_t)p->H * p->D;
+        sp.o_stride[0] = (int64_t)rows * p->H * p->D;
+        sp.lse = dense + (size_t)k * p->B * p->H * bm;
+        sp.lse_stride[2] = 1;
+        sp.lse_stride[1] = bm;
+        sp.lse_stride[0] = (int64_t)p->H * bm;
+        sp.mode = LA_MODE_DENSE;
+        sp.mask = NULL;
+        sp.decisions = NULL;
+        sp.threads = threads;
+        int64_t t = 0;
+        sp.ret_tiles_computed = &t;
+        rc = la_ref_attn_fwd(&sp);
+        tiles += (uint64_t)t;
+    }
+    if (rc == 0) {
+        la_guard_params gp;
+        memset(&gp, 0, sizeof gp);
+        gp.lse = p->lse;
+        memcpy(gp.lse_stride, p->lse_stride, sizeof gp.lse_stride);
+        gp.dense_lse = dense;
+        memcpy(gp.tiles, j->guard_tile, (size_t)n * sizeof gp.tiles[0]);
+        gp.n_tiles = n;
+        gp.B = p->B;
+        gp.H = p->H;
+        gp.Sq = p->Sq;
+        gp.BM = p->BM;
+        gp.nq = j->rows_nq;
+        gp.budget = j->guard_budget;
+        gp.held = j->held;
+        j->guard_restored = la_guard_compare(&gp);
+        j->guard_rows = (uint64_t)n * p->B * p->H;
+        j->guard_tiles = tiles;
+    }
+    free(dense);
+    free(o);
+    return rc;
+}
