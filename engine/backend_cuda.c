@@ -55,6 +55,7 @@ int be_cuda_new(be_complete_fn complete, void *complete_data, logsink_fn log, vo
 #include <time.h>
 
 #include "fairq.h"
+#include "guard_cuda.h"
 #include "la_cuda.h"
 
 #define N_SLOTS 1024 /* jobs in flight per device (tile counters) */
@@ -129,6 +130,8 @@ struct gpu {
         cudaEvent_t ev;
     } wait_cache[N_WAIT_CACHE];
     unsigned wait_next;
+
+    gguard guard; /* the warm seed and the guardrail (guard_cuda.c), worker thread only */
 };
 
 struct cuda_backend {
@@ -248,8 +251,11 @@ static void CUDART_CB host_done(void *arg)
     j->be_slot = -1;
     pthread_cond_broadcast(&g->cond);
     pthread_mutex_unlock(&g->lock);
+    /* The stream waits for this function, so the slot's guard counter is still this job's. */
+    gguard_done(&g->guard, j, ctx->slot);
     /* Not under g->lock: the loop thread submits under it. */
-    if (j->mask && (j->p.mode != LA_MODE_DENSE || j->mask_restart) && !j->p.decisions) {
+    if (j->mask && (j->p.mode != LA_MODE_DENSE || j->mask_restart || j->seed_host) &&
+        !j->p.decisions) {
         /* The host view of the region was refreshed before this host function ran. */
         j->has_live = 1;
         j->live_bits = be_mask_live((const uint32_t *)((char *)j->mask->host + j->mask_off),
@@ -331,7 +337,9 @@ static void launch(gpu *g, be_job *j)
         return;
     }
     j->be_slot = slot;
+    int filled = j->mask_restart; /* the region is set to all ones before this call */
     if (j->mask_ready && !atomic_load(j->mask_ready)) {
+        filled = 1;
         /* The region's first call: all ones, on the device in stream order and in the host
          * view here (the worker's time, not the loop's). */
         if ((e = cudaMemsetAsync((char *)j->mask->dev_ptr + j->mask_off, 0xff, (size_t)j->mask_len,
@@ -347,10 +355,14 @@ static void launch(gpu *g, be_job *j)
         (e = cudaMemsetAsync((char *)j->mask->dev_ptr + j->mask_off, 0xff, (size_t)j->mask_len,
                              g->stream)) != cudaSuccess)
         goto fail;
+    if ((e = gguard_before(&g->guard, j, filled, g->stream)) != cudaSuccess)
+        goto fail;
     j->p.ret_tiles_computed = (int64_t *)counter;
     e = la_attn_fwd_cuda(&j->p, g->stream);
     j->p.ret_tiles_computed = NULL;
     if (e != cudaSuccess)
+        goto fail;
+    if ((e = gguard_after(&g->guard, j, slot, g->stream)) != cudaSuccess)
         goto fail;
     /* The client's completion event right after the kernel, before our own copies. */
     unsigned k = g->next_event++ % N_EVENTS;
@@ -361,7 +373,8 @@ static void launch(gpu *g, be_job *j)
     if ((e = cudaMemcpyAsync(g->h_tiles + slot, counter, sizeof *counter, cudaMemcpyDeviceToHost,
                              g->stream)) != cudaSuccess)
         goto fail;
-    if (j->mask && (j->p.mode != LA_MODE_DENSE || j->mask_restart) && !j->p.decisions) {
+    if (j->mask && (j->p.mode != LA_MODE_DENSE || j->mask_restart || j->seed_host) &&
+        !j->p.decisions) {
         /* Refresh the host view of this (layer, shard) mask. */
         e = cudaMemcpyAsync((char *)j->mask->host + j->mask_off,
                             (char *)j->mask->dev_ptr + j->mask_off, (size_t)j->mask_len,
@@ -806,6 +819,7 @@ static void gpu_teardown(gpu *g)
     if (cudaSetDevice(g->ordinal) == cudaSuccess && g->stream)
         cudaStreamSynchronize(g->stream);
     bury(g, 1);
+    gguard_teardown(&g->guard);
     for (int k = 0; k < N_EVENTS; k++)
         if (g->events[k])
             cudaEventDestroy(g->events[k]);
@@ -881,6 +895,7 @@ static int gpu_init(cuda_backend *cb, gpu *g, int ordinal, char *msg, size_t msg
     pthread_mutex_init(&g->lock, NULL);
     pthread_cond_init(&g->cond, NULL);
     fq_init(&g->q);
+    gguard_init(&g->guard, N_SLOTS);
     if ((e = cudaSetDevice(ordinal)) != cudaSuccess ||
         (e = cudaStreamCreateWithFlags(&g->stream, cudaStreamNonBlocking)) != cudaSuccess ||
         (e = cudaMalloc((void **)&g->d_tiles, N_SLOTS * sizeof *g->d_tiles)) != cudaSuccess ||

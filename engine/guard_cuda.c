@@ -1,0 +1,170 @@
+/*
+ * guard_cuda.c — the warm seed and the guardrail on the CUDA backend (guard_cuda.h). The
+ * samples run the attention kernels unchanged (la_attn_fwd_cuda in mode dense on one q-tile
+ * of every (b, h): offset Q pointer, Sq = the tile's rows); the comparison and the fill are
+ * kernels/guard.cu, which follows kernels/guard_ref.c.
+ */
+#ifdef LA_HAVE_CUDA
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "guard_cuda.h"
+#include "la_cuda.h"
+
+#define ALIGN(n) (((n) + 255) & ~(size_t)255)
+
+void gguard_init(gguard *gg, int n_slots)
+{
+    memset(gg, 0, sizeof *gg);
+    gg->n_slots = n_slots;
+}
+
+void gguard_teardown(gguard *gg)
+{
+    if (gg->scratch)
+        cudaFree(gg->scratch);
+    if (gg->d_counts)
+        cudaFree(gg->d_counts);
+    if (gg->h_counts)
+        cudaFreeHost(gg->h_counts);
+    memset(gg, 0, sizeof *gg);
+}
+
+/* Scratch layout of a checked call: [call LSE B*H*Sq][samples' LSE n*B*H*BM][O B*BM*H*D]. */
+static void layout(const be_job *j, size_t *lse_bytes, size_t *dense_bytes, size_t *o_bytes)
+{
+    const la_attn_params *p = &j->p;
+    *lse_bytes = ALIGN((size_t)p->B * p->H * p->Sq * sizeof(float));
+    *dense_bytes = ALIGN((size_t)j->guard_n * p->B * p->H * p->BM * sizeof(float));
+    *o_bytes = ALIGN((size_t)p->B * p->BM * p->H * p->D * la_dtype_size(p->dtype));
+}
+
+static cudaError_t ensure(gguard *gg, size_t bytes, cudaStream_t st)
+{
+    cudaError_t e;
+    if (!gg->d_counts) {
+        if ((e = cudaMalloc((void **)&gg->d_counts, (size_t)gg->n_slots * 8)) != cudaSuccess)
+            return e;
+        if ((e = cudaHostAlloc((void **)&gg->h_counts, (size_t)gg->n_slots * 8,
+                               cudaHostAllocPortable)) != cudaSuccess)
+            return e;
+    }
+    if (bytes <= gg->scratch_bytes)
+        return cudaSuccess;
+    /* Stream-ordered: the calls that used the old scratch are before this one. */
+    if (gg->scratch && (e = cudaFreeAsync(gg->scratch, st)) != cudaSuccess)
+        return e;
+    gg->scratch = NULL;
+    gg->scratch_bytes = 0;
+    if ((e = cudaMallocAsync(&gg->scratch, bytes, st)) != cudaSuccess)
+        return e;
+    gg->scratch_bytes = bytes;
+    return cudaSuccess;
+}
+
+cudaError_t gguard_before(gguard *gg, be_job *j, int filled, cudaStream_t st)
+{
+    cudaError_t e;
+    if (filled && j->held &&
+        (e = cudaMemsetAsync(j->held, 0, (size_t)j->held_len, st)) != cudaSuccess)
+        return e;
+    if (j->seed_host && j->p.mask) {
+        if ((e = cudaMemcpyAsync(j->seed_dev, j->seed_host, (size_t)j->mask_len,
+                                 cudaMemcpyHostToDevice, st)) != cudaSuccess ||
+            (e = la_mask_and_cuda(j->p.mask, j->seed_dev, (size_t)(j->mask_len / 4), st)) !=
+                cudaSuccess)
+            return e;
+    }
+    if (j->guard_n) {
+        size_t lb, db, ob;
+        layout(j, &lb, &db, &ob);
+        if ((e = ensure(gg, lb + db + ob, st)) != cudaSuccess)
+            return e;
+        if (!j->p.lse) {
+            const la_attn_params *p = &j->p;
+            j->p.lse = (float *)gg->scratch;
+            j->p.lse_stride[2] = 1;
+            j->p.lse_stride[1] = p->Sq;
+            j->p.lse_stride[0] = (int64_t)p->H * p->Sq;
+        }
+    }
+    return cudaSuccess;
+}
+
+cudaError_t gguard_after(gguard *gg, be_job *j, int slot, cudaStream_t st)
+{
+    cudaError_t e;
+    const la_attn_params *p = &j->p;
+    if (j->guard_n) {
+        size_t lb, db, ob;
+        layout(j, &lb, &db, &ob);
+        float *dense = (float *)(void *)((char *)gg->scratch + lb);
+        void *o = (char *)gg->scratch + lb + db;
+        const size_t es = la_dtype_size(p->dtype);
+        const int64_t bm = p->BM;
+        for (int k = 0; k < j->guard_n; k++) {
+            int64_t r0 = (int64_t)j->guard_tile[k] * bm;
+            la_attn_params sp = *p;
+            sp.q = (const char *)p->q + es * (size_t)(r0 * p->q_stride[1]);
+            sp.Sq = (int32_t)(p->Sq - r0 < bm ? p->Sq - r0 : bm);
+            sp.o = o;
+            sp.o_stride[3] = 1;
+            sp.o_stride[2] = p->D;
+            sp.o_stride[1] = (int64_t)p->H * p->D;
+            sp.o_stride[0] = (int64_t)sp.Sq * p->H * p->D;
+            sp.lse = dense + (size_t)k * p->B * p->H * bm;
+            sp.lse_stride[2] = 1;
+            sp.lse_stride[1] = bm;
+            sp.lse_stride[0] = (int64_t)p->H * bm;
+            sp.mode = LA_MODE_DENSE;
+            sp.mask = NULL;
+            sp.decisions = NULL;
+            sp.ret_tiles_computed = NULL;
+            if ((e = la_attn_fwd_cuda(&sp, st)) != cudaSuccess)
+                return e;
+        }
+        la_guard_params gp;
+        memset(&gp, 0, sizeof gp);
+        gp.lse = p->lse;
+        memcpy(gp.lse_stride, p->lse_stride, sizeof gp.lse_stride);
+        gp.dense_lse = dense;
+        memcpy(gp.tiles, j->guard_tile, (size_t)j->guard_n * sizeof gp.tiles[0]);
+        gp.n_tiles = j->guard_n;
+        gp.B = p->B;
+        gp.H = p->H;
+        gp.Sq = p->Sq;
+        gp.BM = p->BM;
+        gp.nq = j->rows_nq;
+        gp.budget = j->guard_budget;
+        gp.held = j->held;
+        if ((e = cudaMemsetAsync(gg->d_counts + slot, 0, 8, st)) != cudaSuccess ||
+            (e = la_guard_compare_cuda(&gp, gg->d_counts + slot, st)) != cudaSuccess ||
+            (e = cudaMemcpyAsync(gg->h_counts + slot, gg->d_counts + slot, 8,
+                                 cudaMemcpyDeviceToHost, st)) != cudaSuccess)
+            return e;
+        /* Tiles of the samples: every k-tile but the must-skip-only ones, per (b, h, q-tile). */
+        uint32_t flags[2 * (LA_CUDA_MAX_K_TILES / 32)];
+        int32_t nk = la_tiles(p->Sk, p->BN), words = la_mask_words(nk), skip_only = 0;
+        la_tile_flags(p, flags, flags + words);
+        for (int32_t w = 0; w < words; w++)
+            skip_only += __builtin_popcount(flags[words + w]);
+        j->guard_rows = (uint64_t)j->guard_n * p->B * p->H;
+        j->guard_tiles = j->guard_rows * (uint64_t)(nk - skip_only);
+    }
+    if (j->held && p->mask && !p->decisions && p->mode != LA_MODE_DENSE)
+        return la_mask_fill_held_cuda(p->mask, p->mask_stride, j->rows_b, j->rows_h, j->rows_nq,
+                                      (int32_t)j->mask_words, (int32_t)j->mask_k_tiles, j->held,
+                                      st);
+    return cudaSuccess;
+}
+
+void gguard_done(gguard *gg, be_job *j, int slot)
+{
+    if (j->guard_n && gg->h_counts)
+        j->guard_restored = gg->h_counts[slot];
+    if (j->capture && j->mask)
+        memcpy(j->capture, (const char *)j->mask->host + j->mask_off, (size_t)j->mask_len);
+}
+
+#endif /* LA_HAVE_CUDA */
