@@ -17,6 +17,7 @@
 
 enum kind {
     K_PATH,
+    K_DIR,
     K_BACKEND,
     K_INT,
     K_U32,
@@ -108,6 +109,15 @@ static const opt opts[] = {
      "file descriptors one Unix user may have sent and not yet claimed (by a BufferRegister) "
      "over all its connections; beyond it LA_ELIMIT and the connection is closed (default 64; "
      "0: no limit)"},
+    {"warm-store-bytes", 0, K_U64SIZE, OFF(warm_store_bytes), 4096, UINT64_MAX, "BYTES",
+     "skip masks of earlier generations one Unix user's warm-start store keeps (default "
+     "256M); the least recently used warm key's oldest generation goes first"},
+    {"warm-max-generations", 0, K_U32, OFF(warm_max_generations), 1, 64, "N",
+     "generations kept per warm key (default 8)"},
+    {"warm-state-dir", 0, K_DIR, OFF(warm_state_dir), 0, 0, "DIR",
+     "persist the warm-start store here (an absolute path; one folder per uid, files written "
+     "atomically and checked on load) so that it survives a restart (default: none, kept in "
+     "memory only)"},
     {"socket-mode", 'm', K_MODE, OFF(socket_mode), 0, 0777, "OCTAL",
      "permissions of a socket liteattnd creates (default 0660; not applied to a socket "
      "systemd passes: set SocketMode= there)"},
@@ -207,6 +217,9 @@ static void defaults(cfg *c)
     c->max_outbound_bytes_per_user = 64u << 20;
     c->max_fds_per_user = 64;
     c->socket_mode = 0660;
+    c->warm_store_bytes = 256u << 20;
+    c->warm_max_generations = 8;
+    c->warm_state_dir[0] = 0;
 }
 
 static const opt *find_key(const char *key)
@@ -233,6 +246,15 @@ static int apply(cfg *c, const opt *o, const char *val, const char *where, char 
         if (strlen(val) >= CFG_SOCKET_MAX)
             return fail(err, errlen, "%s: socket path longer than %zu bytes", where,
                         CFG_SOCKET_MAX - 1);
+        strcpy(p, val);
+        return 0;
+    case K_DIR:
+        /* Empty: not persisted (a config file's setting can be undone on the command line). */
+        if (strlen(val) >= sizeof(((cfg *)0)->warm_state_dir))
+            return fail(err, errlen, "%s: path longer than %zu bytes", where,
+                        sizeof(((cfg *)0)->warm_state_dir) - 1);
+        if (*val && *val != '/')
+            return fail(err, errlen, "%s: '%s' is not an absolute path", where, val);
         strcpy(p, val);
         return 0;
     case K_BACKEND:
@@ -397,7 +419,8 @@ static void print_help(const char *prog)
            "max_sessions, max_mask_bytes, mask_memory_cap, max_call_cost, max_queued_cost,\n"
            "cpu_slice, session_grace, session_ttl,\n"
            "hello_timeout, max_outbound_bytes, max_outbound_bytes_per_user,\n"
-           "max_fds_inflight_per_user, socket_mode). Command-line flags override the file.\n"
+           "max_fds_inflight_per_user, warm_store_bytes, warm_max_generations, warm_state_dir,\n"
+           "socket_mode). Command-line flags override the file.\n"
            "\nFlow control: a connection with max_inflight attention requests in flight is not\n"
            "read until one finishes; requests beyond the limit that already arrived are\n"
            "answered with LA_EBUSY. A client that lets more than max_outbound_bytes of replies\n"

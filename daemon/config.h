@@ -9,6 +9,7 @@
 #ifndef LA_DAEMON_CONFIG_H
 #define LA_DAEMON_CONFIG_H
 
+#include <limits.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/un.h>
@@ -39,6 +40,9 @@ typedef struct cfg {
     uint64_t max_outbound_bytes_per_user; /* the same over a user's connections, 0 = none */
     uint32_t max_fds_per_user;            /* received fds not yet claimed, per user, 0 = none */
     unsigned socket_mode;
+    uint64_t warm_store_bytes;           /* warm-start store, per user */
+    uint32_t warm_max_generations;       /* per warm key */
+    char warm_state_dir[PATH_MAX];       /* "" = the store is not persisted */
 } cfg;
 
 /* What cfg_parse asks of the caller. */

@@ -128,6 +128,8 @@ static int do_hello(const disp *d, conn *c, uint64_t id, const Liteattn__Hello *
     lim.has_max_connections = 1, lim.max_connections = g->max_conns_per_user;
     lim.has_session_grace_s = 1, lim.session_grace_s = g->session_grace_s;
     lim.has_session_ttl_s = 1, lim.session_ttl_s = g->session_ttl_s;
+    lim.has_warm_store_bytes = 1, lim.warm_store_bytes = g->warm_store_bytes;
+    lim.has_warm_max_generations = 1, lim.warm_max_generations = g->warm_max_generations;
 
     Liteattn__HelloReply hr = LITEATTN__HELLO_REPLY__INIT;
     hr.major = LA_PROTOCOL_MAJOR;
@@ -165,6 +167,13 @@ static int send_session_view(conn *c, uint64_t id, const eng_session_view *v)
     memcpy(device, v->device, sizeof(device));
     device[sizeof(device) - 1] = 0;
     sr.device = device;
+    char status[sizeof(v->warm_status)];
+    memcpy(status, v->warm_status, sizeof(status));
+    status[sizeof(status) - 1] = 0;
+    if (status[0]) {
+        sr.has_warm_generations = 1, sr.warm_generations = v->warm_generations;
+        sr.warm_status = status;
+    }
     return send_reply(c, id, LITEATTN__REPLY__BODY_SESSION, &sr);
 }
 
@@ -188,6 +197,22 @@ static int do_session_open(const disp *d, conn *c, uint64_t id, const Liteattn__
     spec.n_schedule = m->n_schedule;
     spec.mode = m->has_mode ? (la_mode)m->mode : LA_MODE_SKIP;
     spec.direction = m->has_direction ? (la_direction)m->direction : LA_DIR_ALTERNATE;
+    spec.warm_key = m->warm_key;
+    if (m->warm) {
+        spec.has_warm_step = m->warm->has_step, spec.warm_step = m->warm->step;
+        spec.has_warm_generations = m->warm->has_generations;
+        spec.warm_generations = m->warm->generations;
+        spec.has_warm_margin = m->warm->has_margin, spec.warm_margin = m->warm->margin;
+        spec.has_warm_dense_steps = m->warm->has_dense_steps;
+        spec.warm_dense_steps = m->warm->dense_steps;
+    }
+    if (m->guard) {
+        spec.guard_every = m->guard->has_every ? m->guard->every : 0;
+        spec.guard_sample = m->guard->has_sample ? m->guard->sample : 0;
+        spec.guard_budget = m->guard->has_budget ? m->guard->budget : 0.0f;
+        if (m->guard->has_budget && m->guard->budget == 0.0f)
+            spec.guard_budget = NAN; /* an explicit 0 is refused by the engine, not defaulted */
+    }
 
     eng_session_view v;
     eng_error err = {{0}};
@@ -248,6 +273,14 @@ static int do_session_info(const disp *d, conn *c, uint64_t id, const Liteattn__
     ir.has_tiles_total = 1, ir.tiles_total = st.tiles_total;
     ir.has_tiles_computed = 1, ir.tiles_computed = st.tiles_computed;
     ir.has_restarts = 1, ir.restarts = st.restarts;
+    st.warm_key[sizeof(st.warm_key) - 1] = 0;
+    ir.warm_key = st.warm_key;
+    ir.has_warm_generations = 1, ir.warm_generations = st.warm_generations;
+    ir.has_warm_deposits = 1, ir.warm_deposits = st.warm_deposits;
+    ir.has_guard_checks = 1, ir.guard_checks = st.guard_checks;
+    ir.has_guard_rows = 1, ir.guard_rows = st.guard_rows;
+    ir.has_guard_restored = 1, ir.guard_restored = st.guard_restored;
+    ir.has_guard_tiles = 1, ir.guard_tiles = st.guard_tiles;
     send_reply(c, id, LITEATTN__REPLY__BODY_SESSION_INFO, &ir);
     free(live);
     return CONN_REQ_OK;
@@ -256,10 +289,19 @@ static int do_session_info(const disp *d, conn *c, uint64_t id, const Liteattn__
 typedef struct list_acc {
     Liteattn__SessionSummary *items;
     char (*keys)[ENG_KEY_MAX + 1];
+    char (*warm)[ENG_KEY_MAX + 1];
     char (*devs)[64];
+    double **lives; /* per item, its layers' live fractions (malloc'ed) */
     size_t n, cap;
     int failed;
 } list_acc;
+
+static void list_acc_free(list_acc *a)
+{
+    for (size_t i = 0; i < a->n; i++)
+        free(a->lives[i]);
+    free(a->items), free(a->keys), free(a->warm), free(a->devs), free(a->lives);
+}
 
 static void list_one(void *data, const eng_session_summary *s)
 {
@@ -270,7 +312,9 @@ static void list_one(void *data, const eng_session_summary *s)
         size_t cap = a->cap ? a->cap * 2 : 16;
         a->items = grow(a->items, cap, sizeof(*a->items), &a->failed);
         a->keys = grow(a->keys, cap, sizeof(*a->keys), &a->failed);
+        a->warm = grow(a->warm, cap, sizeof(*a->warm), &a->failed);
         a->devs = grow(a->devs, cap, sizeof(*a->devs), &a->failed);
+        a->lives = grow(a->lives, cap, sizeof(*a->lives), &a->failed);
         if (a->failed)
             return;
         a->cap = cap;
@@ -295,7 +339,23 @@ static void list_one(void *data, const eng_session_summary *s)
     o->has_live_fraction = 1, o->live_fraction = s->live_fraction;
     o->has_attached = 1, o->attached = s->attached != 0;
     o->has_idle_ms = 1, o->idle_ms = s->idle_ms;
-    a->n++; /* key and device point into keys/devs once no realloc can move them */
+    memcpy(a->warm[a->n], s->warm_key, sizeof(a->warm[0]));
+    a->warm[a->n][ENG_KEY_MAX] = 0;
+    o->has_warm_generations = 1, o->warm_generations = s->warm_generations;
+    o->has_guard_checks = 1, o->guard_checks = s->guard_checks;
+    o->has_guard_restored = 1, o->guard_restored = s->guard_restored;
+    a->lives[a->n] = NULL;
+    if (s->layer_live && s->layers) {
+        a->lives[a->n] = malloc(s->layers * sizeof(double));
+        if (!a->lives[a->n]) {
+            a->failed = 1;
+            return;
+        }
+        memcpy(a->lives[a->n], s->layer_live, s->layers * sizeof(double));
+        o->n_layer_live_fraction = s->layers;
+    }
+    a->n++; /* key, device, warm key and the live fractions are pointed at once no realloc
+             * can move them */
 }
 
 static int do_session_list(const disp *d, conn *c, uint64_t id)
@@ -303,24 +363,27 @@ static int do_session_list(const disp *d, conn *c, uint64_t id)
     list_acc a = {0};
     eng_session_list(d->eng, c->uid, list_one, &a);
     if (a.failed) {
-        free(a.items), free(a.keys), free(a.devs);
+        list_acc_free(&a);
         return reply_err(c, id, LA_ENOMEM, "out of memory listing sessions");
     }
     Liteattn__SessionSummary **ptrs = a.n ? malloc(a.n * sizeof(*ptrs)) : NULL;
     if (a.n && !ptrs) {
-        free(a.items), free(a.keys), free(a.devs);
+        list_acc_free(&a);
         return reply_err(c, id, LA_ENOMEM, "out of memory listing sessions");
     }
     for (size_t i = 0; i < a.n; i++) {
         a.items[i].key = a.keys[i];
         a.items[i].device = a.devs[i];
+        a.items[i].warm_key = a.warm[i];
+        a.items[i].layer_live_fraction = a.lives[i];
         ptrs[i] = &a.items[i];
     }
     Liteattn__SessionListReply lr = LITEATTN__SESSION_LIST_REPLY__INIT;
     lr.n_sessions = a.n;
     lr.sessions = ptrs;
     send_reply(c, id, LITEATTN__REPLY__BODY_SESSION_LIST, &lr);
-    free(ptrs), free(a.items), free(a.keys), free(a.devs);
+    free(ptrs);
+    list_acc_free(&a);
     return CONN_REQ_OK;
 }
 
@@ -594,6 +657,81 @@ static int do_stats(const disp *d, conn *c, uint64_t id)
     return CONN_REQ_OK;
 }
 
+/* ---- the warm-start store ------------------------------------------------------------------- */
+
+typedef struct warm_acc {
+    Liteattn__WarmEntry *items;
+    char (*keys)[ENG_KEY_MAX + 1];
+    size_t n, cap;
+    int failed;
+} warm_acc;
+
+static void warm_one(void *data, const eng_warm_entry *w)
+{
+    warm_acc *a = data;
+    if (a->n == DISP_LIST_MAX || a->failed)
+        return;
+    if (a->n == a->cap) {
+        size_t cap = a->cap ? a->cap * 2 : 16;
+        a->items = grow(a->items, cap, sizeof(*a->items), &a->failed);
+        a->keys = grow(a->keys, cap, sizeof(*a->keys), &a->failed);
+        if (a->failed)
+            return;
+        a->cap = cap;
+    }
+    Liteattn__WarmEntry *o = &a->items[a->n];
+    liteattn__warm_entry__init(o);
+    snprintf(a->keys[a->n], sizeof(a->keys[0]), "%s", w->key);
+    o->has_uid = 1, o->uid = w->uid;
+    o->has_layers = 1, o->layers = w->layers;
+    o->has_kv_shards = 1, o->kv_shards = w->kv_shards;
+    o->has_batch = 1, o->batch = w->batch;
+    o->has_heads = 1, o->heads = w->heads;
+    o->has_n_q_tiles = 1, o->n_q_tiles = w->n_q_tiles;
+    o->has_n_k_tiles = 1, o->n_k_tiles = w->n_k_tiles;
+    o->has_bm = 1, o->bm = w->bm;
+    o->has_bn = 1, o->bn = w->bn;
+    o->has_generations = 1, o->generations = w->generations;
+    o->has_bytes = 1, o->bytes = w->bytes;
+    o->has_deposited_ago_ms = 1, o->deposited_ago_ms = w->deposited_ago_ms;
+    o->has_seeds = 1, o->seeds = w->seeds;
+    o->has_persisted = 1, o->persisted = w->persisted != 0;
+    a->n++;
+}
+
+static int do_warm_list(const disp *d, conn *c, uint64_t id)
+{
+    warm_acc a = {0};
+    eng_warm_list(d->eng, c->uid, warm_one, &a);
+    Liteattn__WarmEntry **ptrs = a.n ? malloc(a.n * sizeof(*ptrs)) : NULL;
+    if (a.failed || (a.n && !ptrs)) {
+        free(ptrs), free(a.items), free(a.keys);
+        return reply_err(c, id, LA_ENOMEM, "out of memory listing the warm-start store");
+    }
+    for (size_t i = 0; i < a.n; i++) {
+        a.items[i].key = a.keys[i];
+        ptrs[i] = &a.items[i];
+    }
+    Liteattn__WarmListReply wr = LITEATTN__WARM_LIST_REPLY__INIT;
+    wr.n_entries = a.n;
+    wr.entries = ptrs;
+    send_reply(c, id, LITEATTN__REPLY__BODY_WARM_LIST, &wr);
+    free(ptrs), free(a.items), free(a.keys);
+    return CONN_REQ_OK;
+}
+
+static int do_warm_drop(const disp *d, conn *c, uint64_t id, const Liteattn__WarmDrop *m)
+{
+    uint64_t n = 0;
+    eng_error err = {{0}};
+    int rc = eng_warm_drop(d->eng, c->uid, m->key, &n, &err);
+    if (rc < 0)
+        return reply_eng_err(c, id, rc, &err);
+    Liteattn__WarmDropReply wr = LITEATTN__WARM_DROP_REPLY__INIT;
+    wr.has_dropped = 1, wr.dropped = n;
+    return send_reply(c, id, LITEATTN__REPLY__BODY_WARM_DROP, &wr);
+}
+
 static int do_ping(conn *c, uint64_t id, const Liteattn__Ping *m)
 {
     Liteattn__Pong p = LITEATTN__PONG__INIT;
@@ -633,6 +771,8 @@ int disp_request(void *data, conn *c, const Liteattn__Request *req, char *why, s
     case LITEATTN__REQUEST__BODY_ATTENTION: return do_attention(d, c, id, req->attention);
     case LITEATTN__REQUEST__BODY_STATS: return do_stats(d, c, id);
     case LITEATTN__REQUEST__BODY_PING: return do_ping(c, id, req->ping);
+    case LITEATTN__REQUEST__BODY_WARM_LIST: return do_warm_list(d, c, id);
+    case LITEATTN__REQUEST__BODY_WARM_DROP: return do_warm_drop(d, c, id, req->warm_drop);
     default:
         /* A request type of a later minor version (unknown oneof member): not an error of
          * the framing, so the connection stays. */

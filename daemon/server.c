@@ -586,6 +586,9 @@ int srv_new(const cfg *c, srv **ret_srv, char *err, size_t errlen)
     ec.limits.session_ttl_s = c->session_ttl_s;
     ec.limits.max_call_cost = c->max_call_cost;
     ec.limits.max_queued_cost_per_user = c->max_queued_cost;
+    ec.limits.warm_store_bytes_per_user = c->warm_store_bytes;
+    ec.limits.warm_max_generations = c->warm_max_generations;
+    ec.warm_state_dir = c->warm_state_dir[0] ? c->warm_state_dir : NULL;
     ec.cpu_slice_macs = c->cpu_slice;
     ec.notify = engine_notify;
     ec.notify_data = s;

@@ -71,6 +71,8 @@ struct la_session {
     uint64_t mask_bytes, layer_mask_bytes;
     uint32_t layers, heads, head_dim, max_seq_q, max_seq_k, batch, kv_shards;
     int dtype;
+    uint32_t warm_generations;
+    char key[256], warm_key[256], warm_status[256];
     list_node link; /* the client's sessions */
 };
 

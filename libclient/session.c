@@ -1,5 +1,6 @@
 /* session.c — session configuration, open/attach, facts, masks, reset and close. */
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -15,6 +16,10 @@ struct la_session_config {
     la_mode mode;
     la_direction dir;
     char device[64];
+    char *warm_key; /* NULL: no warm start */
+    uint32_t warm_step, warm_generations, warm_margin, warm_dense_steps; /* LA_WARM_DEFAULT */
+    uint32_t guard_every, guard_sample;
+    float guard_budget;
 };
 
 LA_API int la_session_config_new(la_session_config **ret_config)
@@ -37,6 +42,7 @@ LA_API void la_session_config_free(la_session_config *cfg)
     if (!cfg)
         return;
     free(cfg->schedule);
+    free(cfg->warm_key);
     free(cfg);
 }
 
@@ -112,6 +118,40 @@ LA_API int la_session_config_set_device(la_session_config *cfg, const char *devi
     return 0;
 }
 
+LA_API int la_session_config_set_warm_start(la_session_config *cfg, const char *key,
+                                            uint32_t step, uint32_t generations, uint32_t margin,
+                                            uint32_t dense_steps)
+{
+    if (!cfg)
+        return cl_fail(LA_EINVAL, "la_session_config_set_warm_start: cfg is NULL");
+    char *k = NULL;
+    if (key) {
+        /* Its length and bytes are the daemon's to judge (one message, from one place). */
+        if (!(k = strdup(key)))
+            return cl_fail(LA_ENOMEM, NULL);
+    }
+    free(cfg->warm_key);
+    cfg->warm_key = k;
+    cfg->warm_step = step;
+    cfg->warm_generations = generations;
+    cfg->warm_margin = margin;
+    cfg->warm_dense_steps = dense_steps;
+    return 0;
+}
+
+LA_API int la_session_config_set_guard(la_session_config *cfg, uint32_t every, uint32_t sample,
+                                       float budget)
+{
+    if (!cfg)
+        return cl_fail(LA_EINVAL, "la_session_config_set_guard: cfg is NULL");
+    if (isnan(budget))
+        return cl_fail(LA_EINVAL, "guard budget is NaN");
+    cfg->guard_every = every;
+    cfg->guard_sample = sample;
+    cfg->guard_budget = budget;
+    return 0;
+}
+
 /* ---- sessions ------------------------------------------------------------------------------ */
 
 static int session_from_reply(la_client *c, const Liteattn__SessionReply *r,
@@ -140,6 +180,8 @@ static int session_from_reply(la_client *c, const Liteattn__SessionReply *r,
     s->layer_mask_bytes = r->has_layer_mask_bytes
                               ? r->layer_mask_bytes
                               : (uint64_t)s->batch * s->heads * s->n_q_tiles * s->n_k_words * 4;
+    s->warm_generations = r->has_warm_generations ? r->warm_generations : 0;
+    snprintf(s->warm_status, sizeof(s->warm_status), "%s", r->warm_status ? r->warm_status : "");
     list_append(&c->sessions, &s->link);
     *ret_session = s;
     return 0;
@@ -148,7 +190,8 @@ static int session_from_reply(la_client *c, const Liteattn__SessionReply *r,
 void cl_sessions_free_all(la_client *c) { list_drain(&c->sessions, la_session, link, free); }
 
 /* Sends an open or attach request; the reply becomes *ret_session. */
-static int session_call(la_client *c, Liteattn__Request *req, la_session **ret_session)
+static int session_call(la_client *c, Liteattn__Request *req, const char *key,
+                        const char *warm_key, la_session **ret_session)
 {
     Liteattn__Reply *r;
     pthread_mutex_lock(&c->lock);
@@ -156,6 +199,11 @@ static int session_call(la_client *c, Liteattn__Request *req, la_session **ret_s
     if (rc == 0) {
         rc = session_from_reply(c, r->session, ret_session);
         liteattn__reply__free_unpacked(r, NULL);
+        if (rc == 0) {
+            snprintf((*ret_session)->key, sizeof((*ret_session)->key), "%s", key);
+            snprintf((*ret_session)->warm_key, sizeof((*ret_session)->warm_key), "%s",
+                     warm_key ? warm_key : "");
+        }
     }
     pthread_mutex_unlock(&c->lock);
     return rc;
@@ -191,10 +239,28 @@ LA_API int la_session_open(la_client *c, const char *key, const la_session_confi
     so.has_direction = 1;
     so.direction = (Liteattn__Direction)cfg->dir;
     so.device = (char *)cfg->device;
+    Liteattn__WarmStart ws = LITEATTN__WARM_START__INIT;
+    if (cfg->warm_key) {
+        so.warm_key = cfg->warm_key;
+        ws.has_step = cfg->warm_step != LA_WARM_DEFAULT, ws.step = cfg->warm_step;
+        ws.has_generations = cfg->warm_generations != LA_WARM_DEFAULT;
+        ws.generations = cfg->warm_generations;
+        ws.has_margin = cfg->warm_margin != LA_WARM_DEFAULT, ws.margin = cfg->warm_margin;
+        ws.has_dense_steps = cfg->warm_dense_steps != LA_WARM_DEFAULT;
+        ws.dense_steps = cfg->warm_dense_steps;
+        so.warm = &ws;
+    }
+    Liteattn__Guard gd = LITEATTN__GUARD__INIT;
+    if (cfg->guard_every) {
+        gd.has_every = 1, gd.every = cfg->guard_every;
+        gd.has_sample = cfg->guard_sample != 0, gd.sample = cfg->guard_sample;
+        gd.has_budget = cfg->guard_budget != 0.0f, gd.budget = cfg->guard_budget;
+        so.guard = &gd;
+    }
     Liteattn__Request req = LITEATTN__REQUEST__INIT;
     req.body_case = LITEATTN__REQUEST__BODY_SESSION_OPEN;
     req.session_open = &so;
-    return session_call(c, &req, ret_session);
+    return session_call(c, &req, key, cfg->warm_key, ret_session);
 }
 
 LA_API int la_session_attach(la_client *c, const char *key, la_session **ret_session)
@@ -206,7 +272,7 @@ LA_API int la_session_attach(la_client *c, const char *key, la_session **ret_ses
     Liteattn__Request req = LITEATTN__REQUEST__INIT;
     req.body_case = LITEATTN__REQUEST__BODY_SESSION_ATTACH;
     req.session_attach = &sa;
-    return session_call(c, &req, ret_session);
+    return session_call(c, &req, key, NULL, ret_session);
 }
 
 LA_API int la_session_get(const la_session *s, const char *name, int64_t *ret_value)
@@ -216,13 +282,13 @@ LA_API int la_session_get(const la_session *s, const char *name, int64_t *ret_va
     static const char *const names[] = {
         "id",       "layers",    "heads", "head_dim", "dtype",      "max_seq_q",        "max_seq_k",
         "batch",    "kv_shards", "bm",    "bn",       "mask_bytes", "layer_mask_bytes", "n_q_tiles",
-        "n_k_words"};
+        "n_k_words", "warm_generations"};
     /* The facts in the order of names (a table: not reflowed). */
     /* clang-format off */
     const int64_t values[] = {
         (int64_t)s->id, s->layers, s->heads, s->head_dim, s->dtype, s->max_seq_q, s->max_seq_k,
         s->batch, s->kv_shards, s->bm, s->bn, (int64_t)s->mask_bytes,
-        (int64_t)s->layer_mask_bytes, s->n_q_tiles, s->n_k_words};
+        (int64_t)s->layer_mask_bytes, s->n_q_tiles, s->n_k_words, s->warm_generations};
     /* clang-format on */
     _Static_assert(sizeof(names) / sizeof(names[0]) == sizeof(values) / sizeof(values[0]),
                    "one value per fact");
@@ -233,6 +299,22 @@ LA_API int la_session_get(const la_session *s, const char *name, int64_t *ret_va
             return 0;
         }
     return cl_fail(LA_ENOENT, "no session fact \"%s\"", name);
+}
+
+LA_API const char *la_session_text(const la_session *s, const char *name)
+{
+    if (!s || !name) {
+        cl_fail(LA_EINVAL, "la_session_text: NULL argument");
+        return NULL;
+    }
+    if (!strcmp(name, "key"))
+        return s->key;
+    if (!strcmp(name, "warm_key"))
+        return s->warm_key;
+    if (!strcmp(name, "warm_status"))
+        return s->warm_status;
+    cl_fail(LA_ENOENT, "no session text \"%s\" (key, warm_key, warm_status)", name);
+    return NULL;
 }
 
 static int session_ref_call(la_session *s, int body, int want, Liteattn__Reply **ret_reply)
@@ -280,28 +362,39 @@ LA_API int la_session_stat(la_session *s, const char *name, int64_t *ret_value)
 {
     if (!s || !name)
         return cl_fail(LA_EINVAL, "la_session_stat: NULL argument");
-    if (strcmp(name, "calls") && strcmp(name, "tiles_total") && strcmp(name, "tiles_computed") &&
-        strcmp(name, "tiles_skipped") && strcmp(name, "restarts"))
+    static const char *const names[] = {
+        "calls",        "tiles_total", "tiles_computed", "tiles_skipped", "restarts",
+        "warm_generations", "warm_deposits", "guard_checks", "guard_rows", "guard_restored",
+        "guard_tiles"};
+    size_t which = 0, n_names = sizeof(names) / sizeof(names[0]);
+    while (which < n_names && strcmp(name, names[which]))
+        which++;
+    if (which == n_names)
         return cl_fail(LA_ENOENT,
-                       "no session statistic \"%s\" (calls, tiles_total, "
-                       "tiles_computed, tiles_skipped, restarts)",
+                       "no session statistic \"%s\" (calls, tiles_total, tiles_computed, "
+                       "tiles_skipped, restarts, warm_generations, warm_deposits, "
+                       "guard_checks, guard_rows, guard_restored, guard_tiles)",
                        name);
     Liteattn__Reply *r;
     int rc = session_info_call(s, &r);
     if (rc < 0)
         return rc;
     const Liteattn__SessionInfoReply *ir = r->session_info;
-    uint64_t v;
-    if (!strcmp(name, "calls"))
-        v = ir->calls;
-    else if (!strcmp(name, "tiles_total"))
-        v = ir->tiles_total;
-    else if (!strcmp(name, "tiles_computed"))
-        v = ir->tiles_computed;
-    else if (!strcmp(name, "tiles_skipped"))
-        v = ir->tiles_total - ir->tiles_computed;
-    else
-        v = ir->restarts;
+    /* In the order of names. */
+    const uint64_t values[] = {ir->calls,
+                               ir->tiles_total,
+                               ir->tiles_computed,
+                               ir->tiles_total - ir->tiles_computed,
+                               ir->restarts,
+                               ir->warm_generations,
+                               ir->warm_deposits,
+                               ir->guard_checks,
+                               ir->guard_rows,
+                               ir->guard_restored,
+                               ir->guard_tiles};
+    _Static_assert(sizeof(values) / sizeof(values[0]) == sizeof(names) / sizeof(names[0]),
+                   "one value per statistic");
+    uint64_t v = values[which];
     liteattn__reply__free_unpacked(r, NULL);
     if (ret_value)
         *ret_value = (int64_t)v;

@@ -175,9 +175,24 @@ static int fill_sessions(la_table *t, const Liteattn__Reply *r)
         snprintf(b[11], 32, "%d", s->attached ? 1 : 0);
         snprintf(b[12], 32, "%" PRIu64, s->idle_ms / 1000);
         snprintf(b[13], 32, "%" PRIu64, s->restarts);
-        char *cells[16] = {b[0], s->key, b[1], b[2],  b[3],  b[4],  b[5],  b[6],
-                           b[7], b[8],   b[9], b[13], b[10], b[11], b[12], s->device};
+        char w[3][32];
+        snprintf(w[0], 32, "%u", s->warm_generations);
+        snprintf(w[1], 32, "%" PRIu64, s->guard_checks);
+        snprintf(w[2], 32, "%" PRIu64, s->guard_restored);
+        /* Per-layer live fractions, "0.812,0.640,...". */
+        size_t cap = s->n_layer_live_fraction * 8 + 1, n = 0;
+        char *ll = malloc(cap);
+        if (!ll)
+            return LA_ENOMEM;
+        ll[0] = 0;
+        for (size_t l = 0; l < s->n_layer_live_fraction && n + 8 < cap; l++)
+            n += (size_t)snprintf(ll + n, cap - n, "%s%.3f", l ? "," : "",
+                                  s->layer_live_fraction[l]);
+        char *cells[21] = {b[0], s->key, b[1], b[2],  b[3],  b[4],  b[5],  b[6],
+                           b[7], b[8],   b[9], b[13], b[10], b[11], b[12], s->device,
+                           s->warm_key ? s->warm_key : (char *)"", w[0], w[1], w[2], ll};
         rc = table_add(t, cells);
+        free(ll);
     }
     return rc;
 }
@@ -191,8 +206,73 @@ LA_API int la_sessions(la_client *c, la_table **ret_table)
     req.body_case = LITEATTN__REQUEST__BODY_SESSION_LIST;
     req.session_list = &sl;
     static const char *const names[] = {
-        "id", "key",        "uid",   "layers",   "heads",         "head_dim", "batch",  "bm",
-        "bn", "mask_bytes", "calls", "restarts", "live_fraction", "attached", "idle_s", "device"};
-    return table_query(c, &req, LITEATTN__REPLY__BODY_SESSION_LIST, names, 16, fill_sessions,
+        "id",         "key",      "uid",           "layers",           "heads",
+        "head_dim",   "batch",    "bm",            "bn",               "mask_bytes",
+        "calls",      "restarts", "live_fraction", "attached",         "idle_s",
+        "device",     "warm_key", "warm_generations", "guard_checks", "guard_restored",
+        "layer_live"};
+    return table_query(c, &req, LITEATTN__REPLY__BODY_SESSION_LIST, names, 21, fill_sessions,
                        ret_table);
+}
+
+static int fill_warm(la_table *t, const Liteattn__Reply *r)
+{
+    int rc = 0;
+    for (size_t i = 0; rc == 0 && i < r->warm_list->n_entries; i++) {
+        const Liteattn__WarmEntry *e = r->warm_list->entries[i];
+        char b[14][32];
+        snprintf(b[0], 32, "%u", e->uid);
+        snprintf(b[1], 32, "%u", e->layers);
+        snprintf(b[2], 32, "%u", e->kv_shards);
+        snprintf(b[3], 32, "%u", e->batch);
+        snprintf(b[4], 32, "%u", e->heads);
+        snprintf(b[5], 32, "%u", e->n_q_tiles);
+        snprintf(b[6], 32, "%u", e->n_k_tiles);
+        snprintf(b[7], 32, "%u", e->bm);
+        snprintf(b[8], 32, "%u", e->bn);
+        snprintf(b[9], 32, "%u", e->generations);
+        snprintf(b[10], 32, "%" PRIu64, e->bytes);
+        snprintf(b[11], 32, "%" PRIu64, e->deposited_ago_ms / 1000);
+        snprintf(b[12], 32, "%" PRIu64, e->seeds);
+        snprintf(b[13], 32, "%d", e->persisted ? 1 : 0);
+        char *cells[15] = {e->key ? e->key : (char *)"", b[0], b[1], b[2], b[3], b[4], b[5],
+                           b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13]};
+        rc = table_add(t, cells);
+    }
+    return rc;
+}
+
+LA_API int la_warm_list(la_client *c, la_table **ret_table)
+{
+    if (!c || !ret_table)
+        return cl_fail(LA_EINVAL, "la_warm_list: NULL argument");
+    Liteattn__WarmList wl = LITEATTN__WARM_LIST__INIT;
+    Liteattn__Request req = LITEATTN__REQUEST__INIT;
+    req.body_case = LITEATTN__REQUEST__BODY_WARM_LIST;
+    req.warm_list = &wl;
+    static const char *const names[] = {"key",       "uid",       "layers",      "kv_shards",
+                                        "batch",     "heads",     "n_q_tiles",   "n_k_tiles",
+                                        "bm",        "bn",        "generations", "bytes",
+                                        "age_s",     "seeds",     "persisted"};
+    return table_query(c, &req, LITEATTN__REPLY__BODY_WARM_LIST, names, 15, fill_warm,
+                       ret_table);
+}
+
+LA_API int la_warm_drop(la_client *c, const char *key, uint64_t *ret_dropped)
+{
+    if (!c)
+        return cl_fail(LA_EINVAL, "la_warm_drop: NULL client");
+    Liteattn__WarmDrop wd = LITEATTN__WARM_DROP__INIT;
+    wd.key = (char *)key;
+    Liteattn__Request req = LITEATTN__REQUEST__INIT;
+    req.body_case = LITEATTN__REQUEST__BODY_WARM_DROP;
+    req.warm_drop = &wd;
+    Liteattn__Reply *r;
+    int rc = cl_request(c, &req, LITEATTN__REPLY__BODY_WARM_DROP, &r);
+    if (rc < 0)
+        return rc;
+    if (ret_dropped)
+        *ret_dropped = r->warm_drop->dropped;
+    liteattn__reply__free_unpacked(r, NULL);
+    return 0;
 }

@@ -108,8 +108,22 @@ LA_API void la_table_free(la_table *t);
 LA_API int la_stats(la_client *c, la_table **ret_table);
 /* Sessions visible to this user (root sees all): columns "id", "key", "uid", "layers",
  * "heads", "head_dim", "batch", "bm", "bn", "mask_bytes", "calls", "restarts",
- * "live_fraction", "attached", "idle_s", "device". */
+ * "live_fraction", "attached", "idle_s", "device", then "warm_key" ("" when the session did
+ * not ask for a warm start), "warm_generations" (generations its seed combines, 0: it started
+ * cold), "guard_checks", "guard_restored" (see la_session_stat) and "layer_live" (the live
+ * fraction of each layer, comma-separated). */
 LA_API int la_sessions(la_client *c, la_table **ret_table);
+
+/* The warm-start store (la_session_config_set_warm_start) of this user (root: of every user):
+ * one row per (warm key, geometry), columns "key", "uid", "layers", "kv_shards", "batch",
+ * "heads", "n_q_tiles", "n_k_tiles", "bm", "bn", "generations" (stored), "bytes" (counted
+ * against the daemon's warm_store_bytes per user), "age_s" (since the newest generation was
+ * stored), "seeds" (sessions seeded from it since the daemon started), "persisted" (1 when
+ * it is kept on disk). */
+LA_API int la_warm_list(la_client *c, la_table **ret_table);
+/* Forgets this user's stored masks of warm key (every geometry; NULL: all of this user's
+ * keys), on disk too; *ret_dropped (may be NULL) gets the number of entries removed. */
+LA_API int la_warm_drop(la_client *c, const char *key, uint64_t *ret_dropped);
 
 /* ---------------------------------------------------------------------------------------- */
 /* Buffers: memory the daemon reads Q/K/V from and writes O/LSE into. Tensors are named by
@@ -176,7 +190,34 @@ LA_API int la_session_config_set_direction(la_session_config *cfg, la_direction 
  * "cpu", "cuda", or a GPU UUID. */
 LA_API int la_session_config_set_device(la_session_config *cfg, const char *device);
 
-/* Opens a new session under key (at most 255 bytes; unique per user). Masks start all ones.
+/* Warm start across generations (docs/SKIP-SEMANTICS.md): the session's masks start from the
+ * settled masks that earlier generations of this Unix user deposited under warm key `key`
+ * (at most 255 printable bytes; name the model, resolution and step count in it) instead of
+ * all ones, and this generation's masks are deposited for later ones. The store is the
+ * daemon's, per user, bounded in bytes; sessions of other users never see it. key NULL turns
+ * the warm start off (the default). Options (LA_WARM_DEFAULT for the default):
+ *   step         the step whose settled masks are deposited, once every layer's call at that
+ *                step finished (default: the masks when the session is closed);
+ *   generations  how many of the latest stored generations the seed ORs (default 4, at most
+ *                the daemon's warm_max_generations);
+ *   margin       tiles the seed is widened by along q and k (default 1, at most 16);
+ *   dense_steps  first steps computed densely (their decisions still recorded) before the
+ *                seed is applied (default 1; 0 applies it at step 0).
+ * The daemon judges the values when the session opens (LA_EINVAL names the one refused). */
+#define LA_WARM_DEFAULT UINT32_MAX
+LA_API int la_session_config_set_warm_start(la_session_config *cfg, const char *key,
+                                            uint32_t step, uint32_t generations, uint32_t margin,
+                                            uint32_t dense_steps);
+/* Online quality guardrail (docs/SKIP-SEMANTICS.md): every `every` steps (0: off, the
+ * default) the daemon computes `sample` q-tiles of each (batch row, head) densely (0: 1, at
+ * most 64) and compares them with the sparse call; a q-tile whose rows lost more than
+ * `budget` of their probability mass (0: 0.05) has its mask row restored to all ones for the
+ * rest of the generation. la_session_stat "guard_*" counts what it did. */
+LA_API int la_session_config_set_guard(la_session_config *cfg, uint32_t every, uint32_t sample,
+                                       float budget);
+
+/* Opens a new session under key (at most 255 bytes; unique per user). Masks start all ones
+ * (or from the warm seed, la_session_config_set_warm_start).
  * Errors: LA_EEXIST (key in use: attach instead), LA_ENOTSUP (head dim/dtype the chosen
  * backend lacks), LA_ELIMIT (sessions or mask bytes of this user), LA_EINVAL. */
 LA_API int la_session_open(la_client *c, const char *key, const la_session_config *cfg,
@@ -187,9 +228,15 @@ LA_API int la_session_attach(la_client *c, const char *key, la_session **ret_ses
 
 /* Integer facts about the session: "id", "layers", "heads", "head_dim", "dtype",
  * "max_seq_q", "max_seq_k", "batch", "kv_shards", "bm", "bn", "mask_bytes" (all layers),
- * "layer_mask_bytes" (one layer, one kv shard), "n_q_tiles", "n_k_words".
+ * "layer_mask_bytes" (one layer, one kv shard), "n_q_tiles", "n_k_words",
+ * "warm_generations" (generations the warm seed combines; 0: the session started cold).
  * Errors: LA_ENOENT for an unknown name. */
 LA_API int la_session_get(const la_session *s, const char *name, int64_t *ret_value);
+/* Text facts: "key", "warm_key" ("" without a warm start), "warm_status" (what the warm start
+ * did, e.g. "warm: seeded from 3 generations of warm key '...' (OR, margin 1 tile)" or
+ * "cold: no stored masks for warm key '...'"; "" without one). NULL for an unknown name. The
+ * string lives as long as the handle. */
+LA_API const char *la_session_text(const la_session *s, const char *name);
 
 /* Live-tile fraction of each layer (averaged over kv shards) into live[0..n) (n >= layers
  * fills all) and the number of attention calls so far. Either output may be NULL. */
@@ -198,7 +245,11 @@ LA_API int la_session_info(la_session *s, double *ret_live, size_t n, uint64_t *
 /* One statistic of the session, fetched from the daemon: "calls", "tiles_total",
  * "tiles_computed", "tiles_skipped" (over all calls so far), "restarts" (layers started over
  * because a call's step was lower than the layer's last step: each such layer's mask was set
- * to all ones first, so the first step of every generation is dense).
+ * to all ones first, so the first step of every generation is dense), "warm_generations",
+ * "warm_deposits" (generations this session deposited for later warm starts),
+ * "guard_checks" (calls the guardrail checked), "guard_rows" (q-tile rows it compared),
+ * "guard_restored" (rows it restored), "guard_tiles" (tiles its dense samples computed,
+ * beside "tiles_computed").
  * Errors: LA_ENOENT (unknown name, or the session is gone), LA_ECLOSED. */
 LA_API int la_session_stat(la_session *s, const char *name, int64_t *ret_value);
 

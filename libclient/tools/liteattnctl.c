@@ -17,7 +17,11 @@ static void usage(FILE *f)
             "\n"
             "commands:\n"
             "  status          daemon version, protocol, backends, devices and limits\n"
-            "  sessions        open sessions visible to this user\n"
+            "  sessions        open sessions visible to this user: whether each started warm (its\n"
+            "                  warm key and the generations its seed combines), what the quality\n"
+            "                  guardrail checked and restored, the live fraction of every layer\n"
+            "  warm            the warm-start store of this user (root: of every user)\n"
+            "  warm drop KEY   forget this user's stored masks of warm key KEY (--all: every key)\n"
             "  stats           daemon counters\n"
             "  metrics         the counters and per-session/per-user gauges in the Prometheus\n"
             "                  text format (for node_exporter's textfile collector)\n"
@@ -256,9 +260,12 @@ static void print_table(const la_table *t, int json, int as_object)
                 printf("%s", col ? ", " : "");
                 json_str(name);
                 printf(": ");
-                if (!strcmp(name, "attached"))
+                if (!strcmp(name, "attached") || !strcmp(name, "persisted"))
                     printf("%s", v && !strcmp(v, "1") ? "true" : "false");
-                else if (strcmp(name, "key") && strcmp(name, "device") && is_number(v))
+                else if (!strcmp(name, "layer_live"))
+                    printf("[%s]", v ? v : ""); /* comma-separated numbers: a JSON array */
+                else if (strcmp(name, "key") && strcmp(name, "device") &&
+                         strcmp(name, "warm_key") && is_number(v))
                     printf("%s", v);
                 else
                     json_str(v);
@@ -325,6 +332,31 @@ static int cmd_sessions(la_client *c, int json)
     return 0;
 }
 
+static int cmd_warm(la_client *c, int json, int n_args, char **args, int all)
+{
+    if (n_args == 0) {
+        la_table *t;
+        int rc = la_warm_list(c, &t);
+        if (rc < 0)
+            return fail_rc("warm", rc);
+        if (!json && la_table_rows(t) == 0)
+            printf("no stored warm-start masks\n");
+        else
+            print_table(t, json, 0);
+        la_table_free(t);
+        return 0;
+    }
+    uint64_t n = 0;
+    int rc = la_warm_drop(c, all ? NULL : args[1], &n);
+    if (rc < 0)
+        return fail_rc("warm drop", rc);
+    if (json)
+        printf("{\"dropped\": %" PRIu64 "}\n", n);
+    else
+        printf("%" PRIu64 " warm-start entr%s dropped\n", n, n == 1 ? "y" : "ies");
+    return 0;
+}
+
 static int cmd_stats(la_client *c, int json)
 {
     la_table *t;
@@ -384,6 +416,22 @@ static const metric_def metric_defs[] = {
     {"buffers_unregistered", "liteattn_buffers_unregistered_total", "counter",
      "Buffers unregistered.", 1},
     {"fatal", "liteattn_fatal", "gauge", "1 once a sticky GPU error happened.", 1},
+    {"guard_checks", "liteattn_guard_checks_total", "counter",
+     "Attention calls the quality guardrail checked.", 1},
+    {"guard_restored", "liteattn_guard_restored_total", "counter",
+     "Mask rows the quality guardrail restored (they lost more than the budget).", 1},
+    {"guard_tiles", "liteattn_guard_tiles_total", "counter",
+     "Tiles the guardrail's dense samples computed.", 1},
+    {"warm_starts", "liteattn_warm_starts_total", "counter",
+     "Sessions that started from stored masks of earlier generations.", 1},
+    {"warm_deposits", "liteattn_warm_deposits_total", "counter",
+     "Generations deposited in the warm-start store.", 1},
+    {"warm_bytes", "liteattn_warm_store_bytes", "gauge", "Bytes held by the warm-start store.",
+     1},
+    {"warm_evicted", "liteattn_warm_evicted_total", "counter",
+     "Generations the warm-start store let go under its per-user limit.", 1},
+    {"warm_files_refused", "liteattn_warm_files_refused_total", "counter",
+     "Warm-store files refused at start (corrupt, truncated, foreign).", 1},
     {"server.connections", "liteattn_connections", "gauge", "Open connections.", 1},
     {"server.connections_total", "liteattn_connections_total", "counter", "Connections accepted.",
      1},
@@ -532,6 +580,10 @@ static int cmd_metrics(la_client *c)
          "1 when a connection holds the session, 0 in its grace period."},
         {"idle_s", "liteattn_session_idle_seconds", "gauge",
          "Seconds since the session's last call."},
+        {"warm_generations", "liteattn_session_warm_generations", "gauge",
+         "Generations the session's warm seed combines (0: it started cold)."},
+        {"guard_restored", "liteattn_session_guard_restored_total", "counter",
+         "Mask rows of the session the quality guardrail restored."},
     };
     size_t n_sess = la_table_rows(ss);
     for (size_t i = 0; i < sizeof(sess_defs) / sizeof(sess_defs[0]) && n_sess; i++) {
@@ -630,7 +682,8 @@ int main(int argc, char **argv)
     const char *sock = NULL, *cmd = NULL;
     int json = 0;
     long count = 1000;
-    int have_n = 0;
+    int have_n = 0, all = 0, n_args = 0;
+    char *args[2] = {NULL, NULL};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
@@ -660,11 +713,15 @@ int main(int argc, char **argv)
                 return 2;
             }
             have_n = 1;
+        } else if (!strcmp(a, "--all") && cmd && !strcmp(cmd, "warm")) {
+            all = 1;
         } else if (a[0] == '-') {
             fprintf(stderr, "%s: unknown option %s (see --help)\n", prog, a);
             return 2;
         } else if (!cmd) {
             cmd = a;
+        } else if (!strcmp(cmd, "warm") && n_args < 2) {
+            args[n_args++] = argv[i];
         } else {
             fprintf(stderr, "%s: unexpected argument \"%s\" (see --help)\n", prog, a);
             return 2;
@@ -675,9 +732,16 @@ int main(int argc, char **argv)
         return 2;
     }
     if (strcmp(cmd, "status") && strcmp(cmd, "sessions") && strcmp(cmd, "stats") &&
-        strcmp(cmd, "metrics") && strcmp(cmd, "ping")) {
-        fprintf(stderr, "%s: unknown command \"%s\" (status, sessions, stats, metrics, ping)\n",
+        strcmp(cmd, "metrics") && strcmp(cmd, "ping") && strcmp(cmd, "warm")) {
+        fprintf(stderr,
+                "%s: unknown command \"%s\" (status, sessions, stats, metrics, ping, warm)\n",
                 prog, cmd);
+        return 2;
+    }
+    if (!strcmp(cmd, "warm") &&
+        ((n_args >= 1 && strcmp(args[0], "drop")) || (n_args == 1 && !all) ||
+         (n_args == 2 && all) || (all && n_args == 0))) {
+        fprintf(stderr, "%s: warm takes nothing, \"drop KEY\" or \"drop --all\"\n", prog);
         return 2;
     }
     if (json && !strcmp(cmd, "metrics")) {
@@ -720,6 +784,8 @@ int main(int argc, char **argv)
         st = cmd_stats(c, json);
     else if (!strcmp(cmd, "metrics"))
         st = cmd_metrics(c);
+    else if (!strcmp(cmd, "warm"))
+        st = cmd_warm(c, json, n_args, args, all);
     else
         st = cmd_ping(c, count, json);
     la_disconnect(c);

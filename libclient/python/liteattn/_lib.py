@@ -42,6 +42,7 @@ LA_EIO = -19
 LA_EINTERNAL = -20
 
 DTYPE_F32, DTYPE_F16, DTYPE_BF16, DTYPE_U32 = 0, 1, 2, 3
+WARM_DEFAULT = 0xFFFFFFFF  # LA_WARM_DEFAULT
 MODE_SESSION, MODE_DENSE, MODE_OBSERVE, MODE_SKIP = 0, 1, 2, 3
 DIR_ALTERNATE, DIR_ASCENDING, DIR_DESCENDING = 0, 1, 2
 T_Q, T_K, T_V, T_O, T_LSE, T_DECISIONS = 0, 1, 2, 3, 4, 5
@@ -89,6 +90,13 @@ _FUNCS = {
     "la_session_config_set_mode": (c_int, [_P, c_int]),
     "la_session_config_set_direction": (c_int, [_P, c_int]),
     "la_session_config_set_device": (c_int, [_P, c_char_p]),
+    "la_session_config_set_warm_start": (c_int, [_P, c_char_p, c_uint32, c_uint32, c_uint32,
+                                                 c_uint32]),
+    "la_session_config_set_guard": (c_int, [_P, c_uint32, c_uint32, c_float]),
+    "la_session_text": (c_char_p, [_P, c_char_p]),
+    "la_session_stat": (c_int, [_P, c_char_p, _I64P]),
+    "la_warm_list": (c_int, [_P, _PP]),
+    "la_warm_drop": (c_int, [_P, c_char_p, _U64P]),
     "la_session_open": (c_int, [_P, c_char_p, _P, _PP]),
     "la_session_attach": (c_int, [_P, c_char_p, _PP]),
     "la_session_get": (c_int, [_P, c_char_p, _I64P]),

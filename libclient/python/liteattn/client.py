@@ -354,12 +354,14 @@ class Client:
         return out
 
     # la_sessions columns that stay text; "attached" is a flag, every other column a number.
-    _SESSION_TEXT = ("key", "device")
+    _SESSION_TEXT = ("key", "device", "warm_key")
 
     def sessions(self):
-        """Sessions this user may see, one dict per session with la_sessions' columns: "key"
-        and "device" as text, "attached" as a bool, "live_fraction" as a float, the counts
-        (id, uid, layers, heads, head_dim, batch, bm, bn, mask_bytes, calls, idle_s) as ints."""
+        """Sessions this user may see, one dict per session with la_sessions' columns: "key",
+        "device" and "warm_key" as text, "attached" as a bool, "live_fraction" as a float,
+        "layer_live" as a list of per-layer live fractions, the counts (id, uid, layers,
+        heads, head_dim, batch, bm, bn, mask_bytes, calls, idle_s, warm_generations,
+        guard_checks, guard_restored) as ints."""
         rows = self._table(self._lib.la_sessions)
         for r in rows:
             for name, value in r.items():
@@ -368,13 +370,39 @@ class Client:
                 if name == "attached":
                     r[name] = value not in ("", "0")
                     continue
+                if name == "layer_live":
+                    r[name] = [float(x) for x in value.split(",") if x]
+                    continue
                 r[name] = _parse_number(value)
         return rows
+
+    def warm_store(self):
+        """The warm-start store of this user (root: every user's): one dict per (warm key,
+        geometry) with la_warm_list's columns ("key" text, "persisted" a bool, the rest
+        ints: uid, layers, kv_shards, batch, heads, n_q_tiles, n_k_tiles, bm, bn,
+        generations, bytes, age_s, seeds)."""
+        rows = self._table(self._lib.la_warm_list)
+        for r in rows:
+            for name, value in r.items():
+                if name == "key":
+                    continue
+                r[name] = value not in ("", "0") if name == "persisted" else _parse_number(value)
+        return rows
+
+    def warm_drop(self, key=None):
+        """Forgets this user's stored masks of warm key `key` (None: every key of this user),
+        on disk too. Returns the number of entries removed."""
+        n = ctypes.c_uint64()
+        check(self._lib.la_warm_drop(self._handle(), None if key is None else str(key).encode(),
+                                     ctypes.byref(n)))
+        return n.value
 
     # -- sessions --
     def open_session(self, key, *, layers, heads, head_dim, dtype, max_seq_q, max_seq_k=None,
                      batch=1, kv_shards=1, threshold=-3.0, mode="skip", schedule=None,
-                     direction=None, device=None, profile=None):
+                     direction=None, device=None, profile=None, warm_key=None, warm_step=None,
+                     warm_generations=None, warm_margin=None, warm_dense_steps=None,
+                     guard_every=0, guard_sample=None, guard_budget=None):
         """Opens a generation session (all masks start all ones: the first step is dense).
 
         dtype: "float32" (CPU backend only), "float16" or "bfloat16" (also numpy/torch dtypes).
@@ -384,6 +412,18 @@ class Client:
         "cpu", "cuda" or a GPU UUID. profile: a calibrated profile (liteattn-calibrate's JSON
         file, a dict or a liteattn.calibrate.Profile): its per-step schedule unless schedule is
         given, and its per-layer thresholds for calls that name no threshold.
+
+        Warm start (docs/SKIP-SEMANTICS.md): with warm_key the masks start from those earlier
+        generations of this user left under that key (name the model, resolution and step
+        count in it) and this generation's are kept for later ones. warm_step: the step whose
+        masks are kept (None: those at close); warm_generations: how many stored ones the
+        seed ORs (None: 4); warm_margin: tiles it is widened by (None: 1); warm_dense_steps:
+        first steps computed densely (None: 1). Session.warm tells what happened.
+
+        Quality guardrail: guard_every=N checks every N-th step by computing guard_sample
+        q-tiles (None: 1) densely; rows that lost more than guard_budget (None: 0.05) of their
+        probability mass are restored to dense for the rest of the generation (info() counts
+        them).
         """
         if profile is not None:
             from .calibrate import load_profile
@@ -425,6 +465,29 @@ class Client:
                 check(L.la_session_config_set_direction(cfg, _DIRECTIONS[direction]))
             if device is not None:
                 check(L.la_session_config_set_device(cfg, str(device).encode()))
+            if warm_key is not None:
+                opts = []
+                for v, n in ((warm_step, "warm_step"), (warm_generations, "warm_generations"),
+                             (warm_margin, "warm_margin"), (warm_dense_steps, "warm_dense_steps")):
+                    if v is None:
+                        opts.append(_lib.WARM_DEFAULT)
+                        continue
+                    v = _index(v, n)
+                    if not 0 <= v < _lib.WARM_DEFAULT:
+                        raise OutOfRange("%s %d out of range (0 .. 2^32 - 2)" % (n, v))
+                    opts.append(v)
+                check(L.la_session_config_set_warm_start(cfg, str(warm_key).encode(), *opts))
+            elif any(v is not None for v in (warm_step, warm_generations, warm_margin,
+                                             warm_dense_steps)):
+                raise InvalidArgument("warm_step, warm_generations, warm_margin and "
+                                      "warm_dense_steps need a warm_key")
+            every = _index(guard_every or 0, "guard_every")
+            sample = _index(guard_sample or 0, "guard_sample")
+            budget = 0.0 if guard_budget is None else _number(guard_budget, "guard_budget")
+            if every < 0 or sample < 0 or every >= 1 << 32 or sample >= 1 << 32:
+                raise OutOfRange("guard_every and guard_sample must be 0 .. 2^32 - 1")
+            if every or sample or budget:
+                check(L.la_session_config_set_guard(cfg, every, sample, budget))
             h = ctypes.c_void_p()
             check(L.la_session_open(self._handle(), str(key).encode(), cfg, ctypes.byref(h)))
         finally:
@@ -523,7 +586,7 @@ class Session:
 
     _FACTS = ("id", "layers", "heads", "head_dim", "dtype", "max_seq_q", "max_seq_k", "batch",
               "kv_shards", "bm", "bn", "mask_bytes", "layer_mask_bytes", "n_q_tiles",
-              "n_k_words")
+              "n_k_words", "warm_generations")
 
     def __init__(self, client, handle, key):
         self.client = client
@@ -556,6 +619,10 @@ class Session:
                       "queue_ns": 0}
         self.last_call = {}
         self.profile = None   # set by open_session(profile=...): per-layer thresholds
+        text = self._lib.la_session_text
+        self.warm = {"key": _lib.text(text(handle, b"warm_key")) or None,
+                     "generations": self.facts.get("warm_generations", 0),
+                     "status": _lib.text(text(handle, b"warm_status"))}
 
     def __repr__(self):
         return "<liteattn.Session %r id=%s layers=%d heads=%d head_dim=%d %s tiles=%s>" % (
@@ -627,17 +694,34 @@ class Session:
         """Every mask back to all ones: the next call of each layer is dense."""
         check(self._lib.la_session_reset(self._handle()))
 
+    _DAEMON_STATS = ("restarts", "warm_deposits", "guard_checks", "guard_rows", "guard_restored",
+                     "guard_tiles")
+
     def info(self):
         """{'live_fraction': [per layer], 'calls': daemon's count, plus this handle's counters
-        'tiles_total', 'tiles_computed', 'compute_s'}."""
+        'tiles_total', 'tiles_computed', 'compute_s'; 'warm' (see Session.warm); the daemon's
+        'restarts', 'warm_deposits' and the guardrail's 'guard_checks', 'guard_rows',
+        'guard_restored', 'guard_tiles' (see la_session_stat)}."""
         n = self.layers
         live = (ctypes.c_double * n)()
         calls = ctypes.c_uint64()
-        check(self._lib.la_session_info(self._handle(), live, n, ctypes.byref(calls)))
-        return {"live_fraction": list(live), "calls": calls.value,
-                "tiles_total": self.stats["tiles_total"],
-                "tiles_computed": self.stats["tiles_computed"],
-                "compute_s": self.stats["compute_ns"] / 1e9}
+        h = self._handle()
+        check(self._lib.la_session_info(h, live, n, ctypes.byref(calls)))
+        out = {"live_fraction": list(live), "calls": calls.value,
+               "tiles_total": self.stats["tiles_total"],
+               "tiles_computed": self.stats["tiles_computed"],
+               "compute_s": self.stats["compute_ns"] / 1e9, "warm": dict(self.warm)}
+        for name in self._DAEMON_STATS:
+            out[name] = self.stat(name)
+        return out
+
+    def stat(self, name):
+        """One statistic of the session from the daemon (la_session_stat): calls, tiles_total,
+        tiles_computed, tiles_skipped, restarts, warm_generations, warm_deposits,
+        guard_checks, guard_rows, guard_restored, guard_tiles."""
+        v = ctypes.c_int64()
+        check(self._lib.la_session_stat(self._handle(), str(name).encode(), ctypes.byref(v)))
+        return v.value
 
     @property
     def mask_shape(self):
