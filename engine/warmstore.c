@@ -748,7 +748,7 @@ static void load_file(ws *w, uint32_t uid, const char *dir, const char *name)
         return refuse(w, name, "path too long");
     int fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0)
-        return refuse(w, path, strerror(errno));
+        return refuse(w, path, errno == ELOOP ? "a symbolic link" : strerror(errno));
     struct stat st;
     if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
         close(fd);
