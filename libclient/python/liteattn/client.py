@@ -18,7 +18,7 @@ from . import _lib
 from .errors import (ConnectionClosed, InvalidArgument, NoDevice, NotFound, NotSupported,
                      OutOfRange, check, from_code)
 
-__all__ = ["Client", "Session", "DTYPES", "MODES"]
+__all__ = ["Client", "Session", "DTYPES", "MODES", "warm_key", "threshold_tag"]
 
 DTYPES = {
     "float32": _lib.DTYPE_F32, "f32": _lib.DTYPE_F32, "fp32": _lib.DTYPE_F32,
@@ -129,6 +129,55 @@ def _ranges(pairs, what, n_keys=None):
 
 def _i64(seq):
     return (ctypes.c_int64 * len(seq))(*[int(x) for x in seq])
+
+
+def threshold_tag(threshold=None, schedule=None, per_layer=None, profile=None):
+    """A short text naming the skipping thresholds, for warm keys: masks settled under one
+    threshold are no seed for a generation under another (at -inf, none should be skipped).
+    The same in every process (a hash of the values, never Python's hash())."""
+    import hashlib
+    if profile is not None:
+        from .calibrate import load_profile
+        pr = load_profile(profile)
+        flat = list(pr.schedule) + [x for row in (pr.layers or []) for x in row]
+        return "profile~" + hashlib.sha1(",".join("%g" % v for v in flat).encode()) \
+            .hexdigest()[:10]
+    vals = []
+    if schedule:
+        vals = [float(x) for x in schedule]
+    elif per_layer:
+        vals = [float(x) for x in per_layer]
+    elif threshold is not None:
+        vals = [float(threshold)]
+    if len(set(vals)) == 1:
+        return "tau%g" % vals[0]
+    if not vals:
+        return "tau?"
+    return "tau~" + hashlib.sha1(",".join("%g" % v for v in vals).encode()).hexdigest()[:10]
+
+
+def warm_key(model, *, layers, batch, seq_q, seq_k, heads, head_dim, dtype, steps=None,
+             extra=None):
+    """The warm-start key the Python module and the diffusers integration derive: the model's
+    name, its attention geometry, the step count and what extra adds (they add the thresholds,
+    threshold_tag), e.g. "liteattn:toydit-10M:L8:B2:S8192x8192:H3:D128:bfloat16:steps50:
+    tau-3". Generations with equal keys share warm-start masks (the daemon also checks the tile
+    geometry). At most 255 bytes (a long model name is shortened with a hash of it)."""
+    import hashlib
+    name = "".join(c if 0x20 < ord(c) < 0x7f else "_" for c in str(model or "model"))
+    if len(name) > 120:
+        name = name[:100] + "~" + hashlib.sha1(name.encode()).hexdigest()[:12]
+    parts = ["liteattn", name, "L%d" % int(layers), "B%d" % int(batch),
+             "S%dx%d" % (int(seq_q), int(seq_k)), "H%d" % int(heads), "D%d" % int(head_dim),
+             _DTYPE_NAME.get(_dtype_code(dtype), str(dtype))]
+    if steps is not None:
+        parts.append("steps%d" % int(steps))
+    if extra:
+        parts.append(str(extra))
+    key = ":".join(parts)
+    if len(key.encode()) > 255:
+        key = key[:230] + "~" + hashlib.sha1(key.encode()).hexdigest()[:16]
+    return key
 
 
 # ---- array kinds -----------------------------------------------------------------------------

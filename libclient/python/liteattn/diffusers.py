@@ -25,6 +25,14 @@ as batch rows of one call) gets separate mask rows per batch row. apply() also w
 transformer (no pipeline): a new generation then begins when the timestep goes up again, or
 when you call new_generation(model).
 
+Warm start (on by default, apply(..., warm=False) turns it off): each generation's session
+names a warm key made of the model's name (its `_name_or_path`, else the transformer's class),
+the attention geometry and num_inference_steps (liteattn.warm_key), so a generation starts
+from the masks earlier generations of this user left under the same key instead of all ones,
+after one dense step; warm="my key" names the key, warm_step=/warm_generations=/warm_margin=/
+warm_dense_steps= tune it. guard_every=/guard_sample=/guard_budget= turn on the daemon's
+quality guardrail. The summary says whether the generation started warm.
+
 Logging (logger "liteattn.diffusers", INFO): per step the fraction of tiles computed, at the
 end a summary with the live fraction and the attention time saved (estimated from the
 backend's compute time and the tiles skipped).
@@ -47,7 +55,7 @@ except ImportError as _e:
         "environment (the NumPy API, `import liteattn`, works without them)" % sys.executable,
         name="torch") from _e
 
-from .client import Client
+from .client import Client, threshold_tag, warm_key
 from .errors import InvalidArgument, NotSupported
 
 log = logging.getLogger("liteattn.diffusers")
@@ -256,7 +264,7 @@ class _State:
     """One apply(): the processors, the client, the current generation's session."""
 
     def __init__(self, pipe, transformers, threshold, socket, schedule, mode, max_branches,
-                 log_steps, session_options):
+                 log_steps, session_options, warm=True):
         self.pipe = pipe
         self.transformers = transformers
         self.threshold = threshold
@@ -279,6 +287,9 @@ class _State:
         self.warned = set()
         self.mask_cache = None
         self.max_k_hint = 0
+        self.warm = warm
+        self.model_name = _model_name(pipe, transformers)
+        self.steps = None   # num_inference_steps of the running pipe(...) call
 
     def _reset_counters(self):
         self.step = 0
@@ -314,13 +325,17 @@ class _State:
                 log.info("liteattn: generation done: %d steps, %d attention calls through "
                          "liteattn (%d dense elsewhere), %.1f%% of tiles computed, live "
                          "fraction at the end %.3f, attention compute %.2f s, about %.2f s "
-                         "saved against dense (%.1f s wall)",
+                         "saved against dense (%.1f s wall); %s; guardrail restored %d rows",
                          self.step + 1, st["calls"], self.dense_calls, 100.0 * frac, live,
-                         t_attn, saved, time.perf_counter() - self.t0)
+                         t_attn, saved, time.perf_counter() - self.t0,
+                         s.warm["status"] or "no warm start", info.get("guard_restored", 0))
                 self.last_summary = dict(steps=self.step + 1, calls=st["calls"],
                                          dense_calls=self.dense_calls, tiles_total=total,
                                          tiles_computed=comp, computed_fraction=frac,
-                                         live_fraction=lf, compute_s=t_attn, saved_s=saved)
+                                         live_fraction=lf, compute_s=t_attn, saved_s=saved,
+                                         warm=dict(s.warm),
+                                         guard_checks=info.get("guard_checks", 0),
+                                         guard_restored=info.get("guard_restored", 0))
             except Exception as e:  # never fail the user's generation over a summary
                 log.debug("liteattn: summary failed: %s", e)
             try:
@@ -367,11 +382,19 @@ class _State:
         key = "diffusers-%d-%d-%d" % (os.getpid(), next(_keys), self.generations)
         dtype = str(q.dtype).replace("torch.", "")
         opts = dict(self.session_options)
+        sq = opts.pop("max_seq_q", S)
+        sk = opts.pop("max_seq_k", max(int(k.shape[1]), self.max_k_hint))
+        nb = opts.pop("batch", B)
+        if self.warm and "warm_key" not in opts:
+            opts["warm_key"] = self.warm if isinstance(self.warm, str) else warm_key(
+                self.model_name, layers=len(self.layers), batch=nb, seq_q=sq, seq_k=sk,
+                heads=H, head_dim=D, dtype=dtype, steps=self.steps,
+                extra="branches%d:%s" % (self.max_branches, threshold_tag(
+                    self.threshold, self.schedule, profile=opts.get("profile"))))
         self.session = self.client.open_session_for(
             q, key, layers=len(self.layers), heads=H, head_dim=D, dtype=dtype,
-            max_seq_q=opts.pop("max_seq_q", S), max_seq_k=opts.pop("max_seq_k", max(int(k.shape[1]), self.max_k_hint)),
-            batch=opts.pop("batch", B), kv_shards=self.max_branches, threshold=self.threshold,
-            schedule=self.schedule, mode=self.mode, **opts)
+            max_seq_q=sq, max_seq_k=sk, batch=nb, kv_shards=self.max_branches,
+            threshold=self.threshold, schedule=self.schedule, mode=self.mode, **opts)
         log.debug("liteattn: opened %r", self.session)
 
     def _warn_once(self, what, msg, *a):
@@ -400,6 +423,30 @@ class _State:
         out = s.attention(layer, step, q, k, v, kv_shard=branch, scale=scale, must_do=must_do)
         self.lite_calls += 1
         return out
+
+
+def _model_name(pipe, transformers):
+    """The name a warm key carries: the pipeline's or transformer's _name_or_path (the hub id or
+    folder it was loaded from), else the transformer's class name."""
+    for obj in [pipe] + list(transformers):
+        cfg = getattr(obj, "config", None)
+        name = getattr(cfg, "_name_or_path", None) if cfg is not None else None
+        if not name and isinstance(cfg, dict):
+            name = cfg.get("_name_or_path")
+        if name:
+            return str(name)
+    return type(transformers[0]).__name__ if transformers else type(pipe).__name__
+
+
+def _default_steps(cls):
+    import inspect
+    try:
+        p = inspect.signature(cls.__call__).parameters.get("num_inference_steps")
+        if p is not None and isinstance(p.default, int):
+            return p.default
+    except (TypeError, ValueError):
+        pass
+    return None
 
 
 def _transformers_of(pipe):
@@ -447,21 +494,26 @@ def _set_processor(mod, proc):
 
 
 def apply(pipe, threshold=-3.0, *, socket=None, schedule=None, mode="skip", max_branches=2,
-          log_steps=True, profile=None, **session_options):
+          log_steps=True, profile=None, warm=True, **session_options):
     """Routes the video self-attention of `pipe` (a diffusers pipeline, or a transformer model)
     through liteattn. threshold: tau in log2 units (-inf: exact, nothing skipped); schedule:
     per-step thresholds; mode: "skip", "observe" or "dense"; max_branches: transformer passes
     per step with separate masks (2 covers classifier-free guidance as two passes);
     socket: the daemon's socket (None: default). Extra keywords go to open_session (max_seq_q,
-    batch, device, direction). profile: a calibrated profile (liteattn-calibrate's file):
-    its per-step schedule and per-layer thresholds. Returns pipe."""
+    batch, device, direction; warm_step, warm_generations, warm_margin, warm_dense_steps;
+    guard_every, guard_sample, guard_budget). profile: a calibrated profile
+    (liteattn-calibrate's file): its per-step schedule and per-layer thresholds. warm: True
+    (the default: a warm key from the model's name, geometry and step count), False (every
+    generation starts from all ones) or a warm key of your own. Returns pipe."""
+    if not isinstance(warm, (bool, str)):
+        raise InvalidArgument("warm must be True, False or a warm key (str), got %r" % (warm,))
     if profile is not None:
         session_options["profile"] = profile
     if getattr(pipe, "_liteattn_state", None) is not None:
         raise InvalidArgument("liteattn is already applied to this pipeline; remove() first")
     transformers = _transformers_of(pipe)
     state = _State(pipe, transformers, threshold, socket, schedule, mode, max_branches,
-                   log_steps, session_options)
+                   log_steps, session_options, warm=warm)
     found = []
     for t in transformers:
         found += _self_attention_modules(t)
@@ -487,6 +539,7 @@ def apply(pipe, threshold=-3.0, *, socket=None, schedule=None, mode="skip", max_
             if st is None:
                 return orig_cls.__call__(self, *args, **kwargs)
             st.begin_generation()
+            st.steps = kwargs.get("num_inference_steps", _default_steps(orig_cls))
             st.in_pipe_call = True
             try:
                 return orig_cls.__call__(self, *args, **kwargs)

@@ -11,14 +11,22 @@ make with liteattn.Context(socket=...)); all instances of a context share one da
 generation. The session is opened at the first call of a generation, sized from that call
 (heads, head dim, dtype, batch, sequence lengths) unless new_generation() was given sizes.
 A generation begins with new_generation() (or `with liteattn.generation(): ...`); each
-instance's step counter then restarts at 0 and every mask at all ones.
+instance's step counter then restarts at 0.
+
+Warm start (on by default): every generation's session names a warm key derived from the
+context's model name, the attention geometry and, when new_generation(steps=N) says it, the
+step count (liteattn.warm_key), so its masks start from those of earlier generations of this
+user with the same key instead of all ones, after one dense step. Context(warm=False) turns it
+off, Context(warm="my key") names the key, warm_step=/warm_generations=/warm_margin=/
+warm_dense_steps= tune it, and guard_every=/guard_sample=/guard_budget= turn on the quality
+guardrail (all go to Client.open_session).
 """
 import logging
 import threading
 import weakref
 
 from . import _lib
-from .client import Client
+from .client import Client, threshold_tag, warm_key
 from .errors import InvalidArgument
 
 log = logging.getLogger("liteattn")
@@ -53,10 +61,19 @@ def convert_must_list(lst, seq_len=None):
 
 
 class Context:
-    """Allocates layer indices to LiteAttention instances and holds their session."""
+    """Allocates layer indices to LiteAttention instances and holds their session.
 
-    def __init__(self, socket=None, **session_kwargs):
+    socket: the daemon's socket (None: the default). model: a name for the warm key (default
+    "liteattn-module"). warm: True (derive the warm key), False (no warm start) or a key.
+    Other keywords go to Client.open_session for every generation."""
+
+    def __init__(self, socket=None, model=None, warm=True, **session_kwargs):
         self.socket = socket
+        self.model = model
+        if not isinstance(warm, (bool, str)):
+            raise InvalidArgument("warm must be True, False or a warm key (str), got %r"
+                                  % (warm,))
+        self.warm = warm
         self.session_kwargs = session_kwargs
         self._client = None
         self._session = None
@@ -84,7 +101,8 @@ class Context:
     def new_generation(self, **hints):
         """Ends the current generation (its session is closed) and starts a new one. hints
         presize the next session: max_seq_q, max_seq_k, batch, layers, threshold, schedule,
-        mode, device."""
+        mode, device; steps (the step count, part of the derived warm key); warm_key and the
+        other open_session options."""
         with self._lock:
             self.end_generation()
             self._hints = dict(hints)
@@ -121,6 +139,18 @@ class Context:
             self._client.close()
             self._client = None
 
+    def _threshold_tag(self):
+        """The thresholds of this context's layers, for the warm key."""
+        per_layer = []
+        for r in self._layers:
+            inst = r()
+            if inst is None:
+                continue
+            if inst.profile is not None:
+                return threshold_tag(profile=inst.profile)
+            per_layer.append(inst.threshold if inst.enable_skipping else float("-inf"))
+        return threshold_tag(per_layer=per_layer)
+
     def _session_for(self, q, k):
         with self._lock:
             if self._session is not None:
@@ -133,10 +163,22 @@ class Context:
             if dtype == "uint16":
                 dtype = "bfloat16"
             key = "liteattn-module-%d-%d-%d" % (_pid(), id(self), self._generation)
+            layers = kw.pop("layers", max(1, len(self._layers)))
+            dtype = kw.pop("dtype", dtype)
+            sq, sk, nb = kw.pop("max_seq_q", Sq), kw.pop("max_seq_k", Sk), kw.pop("batch", B)
+            steps = kw.pop("steps", None)
+            if "warm_key" not in kw and self.warm:
+                kw["warm_key"] = self.warm if isinstance(self.warm, str) else warm_key(
+                    self.model or "liteattn-module", layers=layers, batch=nb, seq_q=sq,
+                    seq_k=sk, heads=H, head_dim=D, dtype=dtype, steps=steps,
+                    extra=self._threshold_tag())
+            elif not self.warm:
+                kw.pop("warm_key", None)
+                for opt in ("warm_step", "warm_generations", "warm_margin", "warm_dense_steps"):
+                    kw.pop(opt, None)
             self._session = self.client.open_session_for(
-                q, key, layers=kw.pop("layers", max(1, len(self._layers))), heads=H, head_dim=D,
-                dtype=kw.pop("dtype", dtype), max_seq_q=kw.pop("max_seq_q", Sq),
-                max_seq_k=kw.pop("max_seq_k", Sk), batch=kw.pop("batch", B), **kw)
+                q, key, layers=layers, heads=H, head_dim=D, dtype=dtype, max_seq_q=sq,
+                max_seq_k=sk, batch=nb, **kw)
             return self._session
 
 
