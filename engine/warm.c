@@ -150,15 +150,28 @@ static void deposit(eng *e, sess *s, const void *masks)
     }
 }
 
+/* (layer, shard) regions without a call in this generation (a kv shard a pipeline never
+ * uses, e.g. no second guidance branch) are stored all ones: they seed nothing. */
+static void ones_for_unused(const sess *s, uint8_t *gen, const uint8_t *have)
+{
+    for (uint32_t r = 0; r < s->layers * s->kv_shards; r++)
+        if (!have[r])
+            memset(gen + (uint64_t)r * s->layer_mask_bytes, 0xff, s->layer_mask_bytes);
+}
+
 void sess_warm_captured(eng *e, sess *s, uint32_t region)
 {
     if (!s->captured || s->captured[region])
         return;
     s->captured[region] = 1;
-    if (++s->n_captured < s->layers * s->kv_shards)
-        return;
+    s->n_captured++;
+    uint32_t n = s->layers * s->kv_shards;
+    for (uint32_t r = 0; r < n; r++)
+        if (!s->captured[r] && !s->region_fresh[r])
+            return; /* a region this generation uses has not reached the step yet */
+    ones_for_unused(s, (uint8_t *)s->capture, s->captured);
     deposit(e, s, s->capture);
-    memset(s->captured, 0, (size_t)s->layers * s->kv_shards);
+    memset(s->captured, 0, n);
     s->n_captured = 0;
 }
 
@@ -166,11 +179,22 @@ void sess_warm_close(eng *e, sess *s)
 {
     if (!s->has_warm || s->has_warm_step || !s->masks || !e->warm)
         return;
-    const eng_mset *m = s->masks;
-    for (uint32_t i = 0; i < m->n_regions; i++)
-        if (!atomic_load(&m->ready[i]))
-            return; /* a (layer, shard) without a call: not a settled generation */
-    deposit(e, s, m->mask->host);
+    uint32_t n = s->layers * s->kv_shards, used = 0;
+    uint8_t *have = malloc(n);
+    uint8_t *gen = malloc(s->mask_bytes);
+    if (have && gen) {
+        for (uint32_t r = 0; r < n; r++) {
+            have[r] = !s->region_fresh[r] && atomic_load(&s->masks->ready[r]);
+            used += have[r];
+        }
+        if (used) { /* a generation without any call settled nothing */
+            memcpy(gen, s->masks->mask->host, s->mask_bytes);
+            ones_for_unused(s, gen, have);
+            deposit(e, s, gen);
+        }
+    }
+    free(have);
+    free(gen);
 }
 
 void sess_warm_restart(sess *s, uint32_t layer)

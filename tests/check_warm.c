@@ -1097,6 +1097,40 @@ START_TEST(warm_never_across_users)
 }
 END_TEST
 
+/* A kv shard the generation never calls (no second guidance branch) does not hold the deposit
+ * back, at close or at the settled step; it is stored all ones. */
+START_TEST(warm_deposit_with_unused_shard)
+{
+    harness h;
+    h_open(&h, NULL);
+    prob p;
+    prob_make(&h, UID, CONN, &p);
+    for (int with_step = 0; with_step < 2; with_step++) {
+        eng_session_spec sp = spec_make(with_step ? "at-step" : "at-close", -3);
+        sp.kv_shards = 2;
+        sp.warm_key = with_step ? "two shards, step" : "two shards";
+        sp.has_warm_step = with_step;
+        sp.warm_step = 1;
+        uint64_t sid = open_ok(&h, UID, CONN, &sp, NULL);
+        for (int step = 0; step < 3; step++) {
+            fill_gen(&p, 1, 1, step);
+            for (uint32_t l = 0; l < LAYERS; l++)
+                run(&h, UID, CONN, sid, &p, l, (uint32_t)step);
+        }
+        ck_assert_uint_eq(stats_of(&h, UID, sid).warm_deposits, with_step ? 1 : 0);
+        eng_error err = {{0}};
+        ck_assert_int_eq(eng_session_close(h.e, UID, sid, &err), 0);
+        /* The next session of the key is seeded: shard 0 from the masks, shard 1 all ones. */
+        sp.key = with_step ? "at-step-2" : "at-close-2";
+        eng_session_view v;
+        open_ok(&h, UID, CONN, &sp, &v);
+        ck_assert_uint_eq(v.warm_generations, 1);
+    }
+    prob_drop(&p);
+    h_close(&h);
+}
+END_TEST
+
 /* The engine persists its store: a second engine on the same folder seeds the same way. */
 START_TEST(warm_survives_restart)
 {
@@ -1440,6 +1474,7 @@ int main(void)
     tcase_add_test(tc, warm_restart_reseeds);
     tcase_add_test(tc, warm_settled_step_capture);
     tcase_add_test(tc, warm_never_across_users);
+    tcase_add_test(tc, warm_deposit_with_unused_shard);
     tcase_add_test(tc, warm_survives_restart);
     suite_add_tcase(s, tc);
     tc = tcase_create("guard");

@@ -208,3 +208,29 @@ def test_hunyuan_video_joint_with_text_padding(daemon):
     ld.remove(m)
     for a, b in zip(got, ref):
         assert ((a - b).norm() / b.norm()).item() < 1e-4
+
+
+def test_warm_start_across_generations(daemon):
+    """apply() names a warm key (model, geometry, thresholds): the second generation of the
+    same model starts from the first one's masks; warm=False leaves it cold."""
+    model = tiny_wan()
+    x, text = inputs(H=16, W=24)
+    ld.apply(model, threshold=-2.5, socket=daemon.socket)
+    st = model._liteattn_state
+    warm = []
+    for _ in range(2):
+        ld.new_generation(model)
+        for t in (900.0, 800.0, 700.0):
+            run(model, x, text, t)
+        warm.append(dict(st.session.warm))
+    ld.new_generation(model)
+    assert warm[0]["key"] == warm[1]["key"]
+    assert "WanTransformer3DModel" in warm[0]["key"] or "liteattn:" in warm[0]["key"]
+    assert "tau-2.5" in warm[0]["key"] and "branches2" in warm[0]["key"]
+    assert warm[0]["generations"] == 0 and warm[1]["generations"] == 1
+    assert ld.summary(model)["warm"]["generations"] == 1
+    ld.remove(model)
+    ld.apply(model, threshold=-2.5, socket=daemon.socket, warm=False)
+    run(model, x, text, 900.0)
+    assert model._liteattn_state.session.warm["key"] is None
+    ld.remove(model)
