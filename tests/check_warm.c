@@ -292,10 +292,8 @@ static int the_file(const char *dir, uint32_t uid, char *out, size_t len)
     int n = 0;
     struct dirent *de;
     while ((de = readdir(dd)))
-        if (de->d_name[0] != '.') {
-            snprintf(out, len, "%s/%s", d, de->d_name);
-            n++;
-        }
+        if (de->d_name[0] != '.')
+            n += snprintf(out, len, "%s/%s", d, de->d_name) < (int)len;
     closedir(dd);
     return n == 1;
 }
