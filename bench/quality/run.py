@@ -11,6 +11,15 @@ loss with skipping on (teacher-forced along the sampling schedule, the masks car
 step to step as in a generation). Writes results.json, results.md, live.png (live fraction,
 layer x step, per setting), pareto.png and the calibrated profiles to --out.
 
+Two features beyond the reference (docs/SKIP-SEMANTICS.md), each against its cold/off twin:
+- warm start (--warm-taus): the masks of generations with other noise seeds and labels
+  (--warm-seeds, --warm-labels) seed the evaluated generation (OR of --warm-generations,
+  widened by --warm-margin tiles, the first --warm-dense-steps steps dense), against the
+  cold "tau T" setting: tiles skipped over the generation and in its first steps, PSNR;
+- the online quality guardrail (--guard-taus, e.g. an aggressive 0 and a sane -6): the same
+  threshold with the guardrail off and on (--guard-every, --guard-sample, --guard-budget):
+  PSNR recovered, tiles and attention time it costs, rows it restored.
+
     python3 bench/quality/run.py --out DIR                  # GPU, the committed checkpoint
     python3 bench/quality/run.py --smoke                    # CPU, tiny random model, 2 steps
 
@@ -192,13 +201,22 @@ def per_step_tables(calls, layers, steps):
 
 
 def run_setting(name, liteattn, socket, model, noise, labels, hs, args, dtype, threshold=-3.0,
-                profile=None):
+                profile=None, ctx_kwargs=None, seed_gens=()):
+    """One setting. ctx_kwargs: the Context's options (default warm=False: a cold start);
+    seed_gens: (noise, labels) of generations run first in the same context, whose masks a
+    warm context deposits for the measured one."""
     import torch
     import toydit as M
     cfg = model.cfg
-    ctx = liteattn.Context(socket=socket)
+    ctx = liteattn.Context(socket=socket, **(ctx_kwargs or {"warm": False}))
     rec = LiteRecorder(liteattn, ctx, cfg.depth, threshold, profile)
-    ctx.new_generation()
+    for n2, l2 in seed_gens:
+        ctx.new_generation(steps=args.steps)
+        M.sample(model, n2, l2, steps=args.steps, cfg_scale=args.cfg_scale, attn=rec,
+                 dtype=dtype)
+        ctx.end_generation()
+    rec.calls = []
+    ctx.new_generation(steps=args.steps)
     sync = torch.cuda.synchronize if noise.is_cuda else (lambda: None)
     sync()
     t = time.perf_counter()
@@ -206,8 +224,18 @@ def run_setting(name, liteattn, socket, model, noise, labels, hs, args, dtype, t
                  dtype=dtype)
     sync()
     wall = time.perf_counter() - t
+    sess = ctx.session
+    info = sess.info() if sess is not None else {}
+    extra = {"warm_key": (info.get("warm") or {}).get("key"),
+             "warm_generations": (info.get("warm") or {}).get("generations", 0),
+             "warm_status": (info.get("warm") or {}).get("status", ""),
+             "guard_checks": info.get("guard_checks", 0),
+             "guard_rows": info.get("guard_rows", 0),
+             "guard_restored": info.get("guard_restored", 0),
+             "guard_tiles": info.get("guard_tiles", 0)}
     ctx.end_generation()
     live, skipped, attn_s = per_step_tables(rec.calls, cfg.depth, args.steps)
+    first = first_steps_skipped(rec.calls, min(2, args.steps))
     # held-out denoising loss with skipping on, teacher-forced along the schedule
     rec2 = LiteRecorder(liteattn, ctx, cfg.depth, threshold, profile)
     ctx.new_generation()
@@ -215,8 +243,21 @@ def run_setting(name, liteattn, socket, model, noise, labels, hs, args, dtype, t
     ctx.end_generation()
     ctx.close()
     _, hskip, _ = per_step_tables(rec2.calls, cfg.depth, args.steps)
-    return {"name": name, "x": x, "live": live, "skipped": skipped, "attn_s": attn_s,
-            "wall_s": wall, "heldout_loss": hl, "heldout_skipped": hskip}
+    r = {"name": name, "x": x, "live": live, "skipped": skipped, "attn_s": attn_s,
+         "wall_s": wall, "heldout_loss": hl, "heldout_skipped": hskip,
+         "first_steps_skipped": first}
+    r.update(extra)
+    return r
+
+
+def first_steps_skipped(calls, n):
+    """Fraction of tiles skipped at each of the first n steps (all layers)."""
+    tot, comp = [0] * n, [0] * n
+    for layer, step, t, c, _ in calls:
+        if 0 <= step < n:
+            tot[step] += t
+            comp[step] += c
+    return [(1 - comp[i] / tot[i]) if tot[i] else 0.0 for i in range(n)]
 
 
 def heldout_trajectory_loss(model, hs, args, dtype, attn):
@@ -268,7 +309,10 @@ def plot_pareto(results, path, cap=60.0):
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 5))
     groups = (("fixed tau", lambda r: r["kind"] == "tau", "o-"),
               ("calibrated, per step", lambda r: r["kind"] == "profile-step", "s--"),
-              ("calibrated, per layer", lambda r: r["kind"] == "profile-layer", "^--"))
+              ("calibrated, per layer", lambda r: r["kind"] == "profile-layer", "^--"),
+              ("warm start", lambda r: r["kind"] == "warm", "D:"),
+              ("guardrail on", lambda r: r["kind"] == "guard", "X:"),
+              ("guardrail off (same tau)", lambda r: r["kind"] == "guard-off", "x:"))
     for ax, xkey, xlabel in ((a1, "time_ratio", "attention time / liteattn dense"),
                              (a2, "skipped", "fraction of tiles skipped")):
         for label, pred, st in groups:
@@ -359,6 +403,21 @@ def main():
                     help="thresholds the calibration chooses from")
     ap.add_argument("--deadline", type=float, default=0,
                     help="seconds: settings not started by then are left out (0: none)")
+    ap.add_argument("--warm-taus", default="-6,-3",
+                    help="thresholds of the warm-start settings (each against its cold tau)")
+    ap.add_argument("--warm-seeds", default="21,22;31,32;41,42",
+                    help="noise seeds of the generations that seed the warm start, one "
+                         "generation per ';' (as many clips as --seeds)")
+    ap.add_argument("--warm-labels", default="2,9;5,10;7,3", help="their labels")
+    ap.add_argument("--warm-generations", type=int, default=4)
+    ap.add_argument("--warm-margin", type=int, default=1)
+    ap.add_argument("--warm-dense-steps", type=int, default=1)
+    ap.add_argument("--guard-taus", default="0,-6",
+                    help="thresholds run with the guardrail off and on (an aggressive one, a "
+                         "sane one)")
+    ap.add_argument("--guard-every", type=int, default=1)
+    ap.add_argument("--guard-sample", type=int, default=4, help="q-tiles per checked call")
+    ap.add_argument("--guard-budget", type=float, default=0.05)
     args = ap.parse_args()
     try:
         import torch
@@ -371,6 +430,8 @@ def main():
         args.steps = 2
         args.targets_step, args.targets_layer = "0.02", "0.02"
         args.taus = "-3"
+        args.warm_taus, args.guard_taus = "-3", "0,-3"
+        args.warm_seeds, args.warm_labels = "21,22", "2,9"
     try:
         import liteattn
         liteattn.library_path()
@@ -437,6 +498,19 @@ def _main(args, torch, liteattn, LC, D, M, dev, dtype, out, sock):
     for kind, targets in (("profile-step", args.targets_step), ("profile-layer",
                                                                   args.targets_layer)):
         settings += [(None, kind, float(t), None) for t in targets.split(",") if t]
+    settings += [("warm tau %g" % float(t), "warm", float(t), None)
+                 for t in args.warm_taus.split(",") if t]
+    for t in (x for x in args.guard_taus.split(",") if x):
+        tau = float(t)
+        if "tau %g" % tau not in [nm for nm, _, _, _ in settings]:
+            settings.append(("guard off tau %g" % tau, "guard-off", tau, None))
+        settings.append(("guard tau %g" % tau, "guard", tau, None))
+    seed_gens = []
+    for sd, lb in zip(args.warm_seeds.split(";"), args.warm_labels.split(";")):
+        ss = [int(x) for x in sd.split(",")][:len(seeds)]
+        ll = [int(x) for x in lb.split(",")][:len(ss)]
+        seed_gens.append((make_noise(cfg, ss, dev), torch.tensor(ll, device=dev)))
+    run_tag = "%d-%d" % (os.getpid(), int(time.time()))
     profiles, left_out = [], []
     for nm, kind, tau, prof in settings:
         if args.deadline and time.perf_counter() - T0 > args.deadline:
@@ -464,13 +538,27 @@ def _main(args, torch, liteattn, LC, D, M, dev, dtype, out, sock):
                 nm, time.perf_counter() - tc, " ".join("%g" % x for x in prof.schedule)))
             profiles.append(path)
             tau = -3.0
+        ctx_kwargs, pre = None, ()
+        if kind == "warm":
+            ctx_kwargs = {"warm": "quality:%s:%s:tau%g" % (name, run_tag, tau),
+                          "warm_generations": args.warm_generations,
+                          "warm_margin": args.warm_margin,
+                          "warm_dense_steps": args.warm_dense_steps}
+            pre = seed_gens
+        elif kind == "guard":
+            ctx_kwargs = {"warm": False, "guard_every": args.guard_every,
+                          "guard_sample": args.guard_sample, "guard_budget": args.guard_budget}
         r = run_setting(nm, liteattn, sock, model, noise, labels, hs, args, dtype,
-                        threshold=tau, profile=prof)
+                        threshold=tau, profile=prof, ctx_kwargs=ctx_kwargs, seed_gens=pre)
         r["kind"] = kind
         r["tau"] = None if prof is not None or math.isinf(tau) else tau
         results.append(r)
-        log("%-24s skipped %5.1f%%  attention %.4f s  wall %.2f s  held-out %.4f" % (
-            nm, 100 * r["skipped"], r["attn_s"], r["wall_s"], r["heldout_loss"]))
+        log("%-24s skipped %5.1f%%  attention %.4f s  wall %.2f s  held-out %.4f%s" % (
+            nm, 100 * r["skipped"], r["attn_s"], r["wall_s"], r["heldout_loss"],
+            ("  warm from %d generations" % r["warm_generations"]) if kind == "warm" else
+            ("  guardrail: %d checks, %d rows restored" % (r["guard_checks"],
+                                                          r["guard_restored"]))
+            if kind == "guard" else ""))
     if left_out:
         log("left out (past the deadline): %s" % ", ".join(left_out))
     base = next(r for r in results if r["name"] == "liteattn tau -inf")["attn_s"]
@@ -500,6 +588,33 @@ def _main(args, torch, liteattn, LC, D, M, dev, dtype, out, sock):
                                        "heldout_loss", "heldout_skipped", "attn_s",
                                        "time_ratio", "vs_sdpa", "wall_s", "psnr_per_clip")})
         rows[-1]["live_per_layer_step"] = r["live"]
+        for k in ("first_steps_skipped", "warm_key", "warm_generations", "warm_status",
+                  "guard_checks", "guard_rows", "guard_restored", "guard_tiles", "tau"):
+            if k in r:
+                rows[-1][k] = r[k]
+    by_name = {r["name"]: r for r in results}
+    warm_cmp, guard_cmp = [], []
+    for r in results:
+        if r["kind"] == "warm":
+            c = by_name.get("tau %g" % r["tau"])
+            warm_cmp.append({"tau": r["tau"], "warm_generations": r["warm_generations"],
+                             "warm_skipped": r["skipped"], "warm_psnr": r["psnr"],
+                             "warm_first_steps_skipped": r["first_steps_skipped"],
+                             "cold_skipped": c["skipped"] if c else None,
+                             "cold_psnr": c["psnr"] if c else None,
+                             "cold_first_steps_skipped": c["first_steps_skipped"] if c else None,
+                             "warm_time_ratio": r["time_ratio"],
+                             "cold_time_ratio": c["time_ratio"] if c else None})
+        if r["kind"] == "guard":
+            c = by_name.get("tau %g" % r["tau"]) or by_name.get("guard off tau %g" % r["tau"])
+            guard_cmp.append({"tau": r["tau"], "on_skipped": r["skipped"], "on_psnr": r["psnr"],
+                              "off_skipped": c["skipped"] if c else None,
+                              "off_psnr": c["psnr"] if c else None,
+                              "on_time_ratio": r["time_ratio"],
+                              "off_time_ratio": c["time_ratio"] if c else None,
+                              "checks": r["guard_checks"], "rows_checked": r["guard_rows"],
+                              "rows_restored": r["guard_restored"],
+                              "sample_tiles": r["guard_tiles"]})
     summary = {"device": dev_name, "torch": torch.__version__, "model": name,
                "params": model.num_params(), "tokens": cfg.tokens, "steps": args.steps,
                "cfg_scale": args.cfg_scale, "seeds": seeds, "labels": labs,
@@ -510,6 +625,15 @@ def _main(args, torch, liteattn, LC, D, M, dev, dtype, out, sock):
                "best_fixed_at_30db": bfix["name"] if bfix else None,
                "best_calibrated_at_30db": bcal["name"] if bcal else None,
                "results": rows, "profiles": [os.path.basename(p) for p in profiles],
+               "warm_start": {"options": {"generations": args.warm_generations,
+                                          "margin": args.warm_margin,
+                                          "dense_steps": args.warm_dense_steps,
+                                          "seed_generations": len(seed_gens),
+                                          "seeds": args.warm_seeds, "labels": args.warm_labels},
+                              "vs_cold": warm_cmp},
+               "guardrail": {"options": {"every": args.guard_every, "sample": args.guard_sample,
+                                         "budget": args.guard_budget},
+                             "vs_off": guard_cmp},
                "left_out": left_out,
                "checkpoint_meta": {k: meta.get(k) for k in ("command", "steps",
                                                             "train_seconds", "weights")}}
@@ -523,6 +647,38 @@ def _main(args, torch, liteattn, LC, D, M, dev, dtype, out, sock):
             r["name"], 100 * r["skipped"], "inf" if math.isinf(r["psnr"]) else "%.2f" % r["psnr"],
             r["ssim"], r["rel_l1"], r["heldout_loss"], 100 * r["heldout_skipped"],
             r["time_ratio"], r["vs_sdpa"], r["wall_s"]))
+    def db(v):
+        return "-" if v is None else "inf" if math.isinf(v) else "%.2f" % v
+
+    def pct(v):
+        return "-" if v is None else "%.1f%%" % (100 * v)
+    if warm_cmp:
+        lines += ["", "Warm start (seeded from %d generations with other seeds and labels; OR of "
+                  "%d, margin %d, %d dense first step(s)) against the cold start:" % (
+                      len(seed_gens), args.warm_generations, args.warm_margin,
+                      args.warm_dense_steps), "",
+                  "| tau | skipped cold | skipped warm | first steps skipped cold | warm | "
+                  "PSNR cold | PSNR warm | attn time cold | warm |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for w in warm_cmp:
+            lines.append("| %g | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+                w["tau"], pct(w["cold_skipped"]), pct(w["warm_skipped"]),
+                " / ".join(pct(x) for x in (w["cold_first_steps_skipped"] or [])),
+                " / ".join(pct(x) for x in w["warm_first_steps_skipped"]), db(w["cold_psnr"]),
+                db(w["warm_psnr"]), "-" if w["cold_time_ratio"] is None
+                else "%.3f" % w["cold_time_ratio"], "%.3f" % w["warm_time_ratio"]))
+    if guard_cmp:
+        lines += ["", "Quality guardrail (every %d steps, %d q-tiles, budget %g) against the same "
+                  "threshold without it:" % (args.guard_every, args.guard_sample,
+                                             args.guard_budget), "",
+                  "| tau | skipped off | skipped on | PSNR off | PSNR on | attn time off | on | "
+                  "checks | rows restored / checked |", "|---|---|---|---|---|---|---|---|---|"]
+        for g in guard_cmp:
+            lines.append("| %g | %s | %s | %s | %s | %s | %.3f | %d | %d / %d |" % (
+                g["tau"], pct(g["off_skipped"]), pct(g["on_skipped"]), db(g["off_psnr"]),
+                db(g["on_psnr"]), "-" if g["off_time_ratio"] is None
+                else "%.3f" % g["off_time_ratio"], g["on_time_ratio"], g["checks"],
+                g["rows_restored"], g["rows_checked"]))
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
