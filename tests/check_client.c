@@ -1103,12 +1103,34 @@ START_TEST(test_tables)
 
     OK(la_sessions(c, &t));
     ck_assert_int_eq(la_table_rows(t), 1);
-    ck_assert_int_eq(la_table_cols(t), 16);
+    ck_assert_int_eq(la_table_cols(t), 21);
+    /* The first 16 columns keep their places; the warm-start and guardrail ones follow. */
     const char *cols[] = {
-        "id", "key",        "uid",   "layers",   "heads",         "head_dim", "batch",  "bm",
-        "bn", "mask_bytes", "calls", "restarts", "live_fraction", "attached", "idle_s", "device"};
-    for (size_t i = 0; i < 16; i++)
-        ck_assert_msg(col_of(t, cols[i]) >= 0, "no column %s", cols[i]);
+        "id",         "key",      "uid",           "layers",           "heads",
+        "head_dim",   "batch",    "bm",            "bn",               "mask_bytes",
+        "calls",      "restarts", "live_fraction", "attached",         "idle_s",
+        "device",     "warm_key", "warm_generations", "guard_checks", "guard_restored",
+        "layer_live"};
+    for (size_t i = 0; i < 21; i++)
+        ck_assert_msg(col_of(t, cols[i]) == (ssize_t)i, "column %s at %zd", cols[i],
+                      col_of(t, cols[i]));
+    ck_assert_str_eq(la_table_text(t, 0, (size_t)col_of(t, "warm_key")), "");
+    OK(la_table_int(t, 0, "warm_generations", &v));
+    ck_assert_int_eq(v, 0);
+    OK(la_table_int(t, 0, "guard_restored", &v));
+    ck_assert_int_eq(v, 0);
+    {
+        /* one live fraction per layer, each in [0, 1] */
+        const char *ll = la_table_text(t, 0, (size_t)col_of(t, "layer_live"));
+        int n = 0;
+        for (const char *at = ll; at && *at; n++) {
+            char *end;
+            double f = strtod(at, &end);
+            ck_assert_msg(end != at && f >= 0 && f <= 1, "layer_live \"%s\"", ll);
+            at = *end == ',' ? end + 1 : end;
+        }
+        ck_assert_int_eq(n, 3);
+    }
     ck_assert_str_eq(la_table_text(t, 0, (size_t)col_of(t, "key")), "tabled");
     OK(la_table_int(t, 0, "layers", &v));
     ck_assert_int_eq(v, 3);
