@@ -1429,6 +1429,72 @@ static int as_user(uid_t uid, const char *sock, const char *key)
     return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
 }
 
+/* The C API and the protocol, as the caller's own uid. */
+START_TEST(daemon_warm_c_api)
+{
+    td_daemon d;
+    ck_assert_int_eq(td_start(&d, NULL), 0);
+    ck_assert_int_eq(child_generation(d.socket, "c-api-1"), 10);
+    ck_assert_int_eq(child_generation(d.socket, "c-api-2"), 11);
+    la_client *c;
+    ck_assert_int_eq(la_connect(d.socket, "check_warm", &c), 0);
+    ck_assert_str_eq(la_client_property(c, "limit.warm_store_bytes"), "268435456");
+    ck_assert_str_eq(la_client_property(c, "limit.warm_max_generations"), "8");
+    la_session_config *cfg;
+    ck_assert_int_eq(la_session_config_new(&cfg), 0);
+    ck_assert_int_eq(la_session_config_set_guard(cfg, 1, 2, NAN), LA_EINVAL);
+    ck_assert_int_eq(la_session_config_set_geometry(cfg, 1, H, D, LA_DTYPE_F32, S, S, 1, 1), 0);
+    ck_assert_int_eq(la_session_config_set_device(cfg, "cpu"), 0);
+    ck_assert_int_eq(la_session_config_set_guard(cfg, 2, 3, 0.1f), 0);
+    /* the daemon judges the warm options: 100 generations is more than it keeps */
+    ck_assert_int_eq(la_session_config_set_warm_start(cfg, "shared", LA_WARM_DEFAULT, 100,
+                                                      LA_WARM_DEFAULT, LA_WARM_DEFAULT),
+                     0);
+    la_session *s;
+    ck_assert_int_eq(la_session_open(c, "c-api-3", cfg, &s), LA_EINVAL);
+    ck_assert_msg(strstr(la_last_error_message(), "warm_max_generations"), "%s",
+                  la_last_error_message());
+    ck_assert_int_eq(la_session_config_set_warm_start(cfg, "shared", 5, 2, 1, 1), 0);
+    ck_assert_int_eq(la_session_open(c, "c-api-3", cfg, &s), 0);
+    la_session_config_free(cfg);
+    int64_t v = -1;
+    ck_assert_int_eq(la_session_get(s, "warm_generations", &v), 0);
+    ck_assert_int_eq(v, 2);
+    ck_assert_str_eq(la_session_text(s, "warm_key"), "shared");
+    ck_assert_str_eq(la_session_text(s, "key"), "c-api-3");
+    ck_assert_msg(strstr(la_session_text(s, "warm_status"), "seeded from 2 generations"), "%s",
+                  la_session_text(s, "warm_status"));
+    ck_assert_ptr_null(la_session_text(s, "nope"));
+    const char *names[] = {"warm_generations", "warm_deposits", "guard_checks", "guard_rows",
+                           "guard_restored", "guard_tiles"};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        ck_assert_int_eq(la_session_stat(s, names[i], &v), 0);
+    ck_assert_int_eq(la_session_stat(s, "guard_nope", &v), LA_ENOENT);
+    la_table *t;
+    ck_assert_int_eq(la_sessions(c, &t), 0);
+    ck_assert_str_eq(la_table_text(t, 0, 16), "shared");
+    ck_assert_int_eq(la_table_int(t, 0, "warm_generations", &v), 0);
+    ck_assert_int_eq(v, 2);
+    la_table_free(t);
+    ck_assert_int_eq(la_session_close(s), 0);
+    ck_assert_int_eq(la_warm_list(c, &t), 0);
+    ck_assert_uint_eq(la_table_rows(t), 1);
+    ck_assert_int_eq(la_table_int(t, 0, "generations", &v), 0);
+    ck_assert_int_eq(v, 2); /* c-api-3 made no call: it deposited nothing */
+    la_table_free(t);
+    uint64_t n = 9;
+    ck_assert_int_eq(la_warm_drop(c, "other key", &n), 0);
+    ck_assert_uint_eq(n, 0);
+    ck_assert_int_eq(la_warm_drop(c, NULL, &n), 0);
+    ck_assert_uint_eq(n, 1);
+    ck_assert_int_eq(la_warm_list(c, &t), 0);
+    ck_assert_uint_eq(la_table_rows(t), 0);
+    la_table_free(t);
+    la_disconnect(c);
+    ck_assert_int_eq(td_stop(&d), 0);
+}
+END_TEST
+
 START_TEST(daemon_never_seeds_another_uid)
 {
     if (not_root())
@@ -1484,6 +1550,7 @@ int main(void)
     suite_add_tcase(s, tc);
     tc = tcase_create("daemon");
     tcase_set_timeout(tc, 120);
+    tcase_add_test(tc, daemon_warm_c_api);
     tcase_add_test(tc, daemon_never_seeds_another_uid);
     suite_add_tcase(s, tc);
     return tu_run_suite(s);
