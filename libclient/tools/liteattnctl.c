@@ -98,7 +98,8 @@ static const char *prop(la_client *c, const char *name)
 
 static const char *const limit_names[] = {"max_frame",       "max_inflight",   "max_buffers",
                                           "max_sessions",    "max_mask_bytes", "max_connections",
-                                          "session_grace_s", "session_ttl_s"};
+                                          "session_grace_s", "session_ttl_s",
+                                          "warm_store_bytes", "warm_max_generations"};
 #define N_LIMITS (sizeof(limit_names) / sizeof(limit_names[0]))
 
 /* The daemon's value of limit i (a property "limit.<name>"), or NULL. */
@@ -218,7 +219,7 @@ static int cmd_status(la_client *c, const char *sock, int json)
         const char *v = limit_value(c, i);
         if (!v)
             continue;
-        printf("%-10s %-16s %s\n", first ? "limits" : "", limit_names[i], v);
+        printf("%-10s %-20s %s\n", first ? "limits" : "", limit_names[i], v);
         first = 0;
     }
     return 0;
