@@ -250,6 +250,32 @@ int main(int argc, char **argv)
         save("dispatch", "raw-stream", &raw);
         seq++;
     }
+    /* A warm-started session with the guardrail, the store listed and dropped. */
+    {
+        Liteattn__WarmStart ws = LITEATTN__WARM_START__INIT;
+        ws.has_step = 1, ws.step = 1, ws.has_margin = 1, ws.margin = 2;
+        ws.has_dense_steps = 1, ws.dense_steps = 0;
+        Liteattn__Guard gd = LITEATTN__GUARD__INIT;
+        gd.has_every = 1, gd.every = 1, gd.has_sample = 1, gd.sample = 2;
+        gd.has_budget = 1, gd.budget = 0.01f;
+        Liteattn__SessionOpen sow = so;
+        sow.warm_key = "model 64 tokens 3 steps", sow.warm = &ws, sow.guard = &gd;
+        Liteattn__SessionOpen sow2 = sow;
+        sow2.key = "gen2";
+        Liteattn__WarmList wl = LITEATTN__WARM_LIST__INIT;
+        Liteattn__WarmDrop wd = LITEATTN__WARM_DROP__INIT;
+        wd.key = "model 64 tokens 3 steps";
+        Liteattn__WarmDrop wd_all = LITEATTN__WARM_DROP__INIT;
+        REQ(r_openw, 30, SESSION_OPEN, session_open, &sow);
+        REQ(r_openw2, 31, SESSION_OPEN, session_open, &sow2);
+        REQ(r_wlist, 32, WARM_LIST, warm_list, &wl);
+        REQ(r_wdrop, 33, WARM_DROP, warm_drop, &wd);
+        REQ(r_wdrop_all, 34, WARM_DROP, warm_drop, &wd_all);
+        Liteattn__Request *warm[] = {&r_openw, &r_reg,  &r_attn,  &r_attn1, &r_info,
+                                     &r_list,  &r_wlist, &r_openw2, &r_wdrop, &r_wdrop_all,
+                                     &r_close, &r_wlist};
+        emit("warm-and-guard", 1, 0, warm, sizeof warm / sizeof warm[0]);
+    }
     printf("make_corpus: %d seeds under %s\n", seq, root);
     return 0;
 }
