@@ -251,7 +251,17 @@ class _CudaBlock:
 
 # ---- Client ----------------------------------------------------------------------------------
 
-class Client:
+class _Closable:
+    """`with x: ...` closes x (x.close()) when the block ends, also by an exception."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Client(_Closable):
     """One connection to liteattnd.
 
     socket: the daemon's socket path; None takes $LITEATTN_SOCKET, else
@@ -283,12 +293,6 @@ class Client:
         if self._h is None:
             raise ConnectionClosed("this client is closed (Client.close() was called)")
         return self._h
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def __del__(self):
         try:
@@ -518,7 +522,7 @@ class Client:
 
 # ---- Session ---------------------------------------------------------------------------------
 
-class Session:
+class Session(_Closable):
     """One generation: the skip masks of every layer, held by the daemon."""
 
     _FACTS = ("id", "layers", "heads", "head_dim", "dtype", "max_seq_q", "max_seq_k", "batch",
@@ -561,12 +565,6 @@ class Session:
         return "<liteattn.Session %r id=%s layers=%d heads=%d head_dim=%d %s tiles=%s>" % (
             self.key, self.id, self.layers, self.heads, self.head_dim, self.dtype,
             self.tile_sizes)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def __del__(self):
         # Garbage collection only lets go of this handle: the session stays open on the daemon
@@ -725,6 +723,23 @@ class Session:
             L.la_attn_free(a)
         return res
 
+    def _run_call(self, h, a, then=None):
+        """Runs a on session h (la_attn_run): then(call) if given, and the call counted in
+        self.stats (_account); the call handle is freed either way, an error raised."""
+        L = self._lib
+        call = ctypes.c_void_p()
+        rc = L.la_attn_run(h, a, ctypes.byref(call))
+        if rc < 0:
+            err = from_code(rc)
+            L.la_call_free(call)
+            raise err
+        try:
+            if then is not None:
+                then(call)
+            self._account(call)
+        finally:
+            L.la_call_free(call)
+
     def _account(self, call):
         st = {}
         for name in ("tiles_total", "tiles_computed", "compute_ns", "queue_ns"):
@@ -796,16 +811,7 @@ class Session:
         if dry_run:
             check(L.la_attn_set_tensor(a, _lib.T_DECISIONS, buf, offs[5], _lib.DTYPE_U32, 0,
                                        None, None))
-        call = ctypes.c_void_p()
-        rc = L.la_attn_run(h, a, ctypes.byref(call))
-        if rc < 0:
-            err = from_code(rc)
-            L.la_call_free(call)
-            raise err
-        try:
-            self._account(call)
-        finally:
-            L.la_call_free(call)
+        self._run_call(h, a)
         # Copy the results out of the staging buffer.
         if kind == "numpy":
             o_view = np.ndarray(qshape, dtype=q.dtype, buffer=raw, offset=offs[3])
@@ -884,20 +890,14 @@ class Session:
         ev.record(stream)
         handle = ev.ipc_handle()
         check(L.la_attn_set_wait_event(a, handle, len(handle)))
-        call = ctypes.c_void_p()
-        rc = L.la_attn_run(h, a, ctypes.byref(call))
-        if rc < 0:
-            err = from_code(rc)
-            L.la_call_free(call)
-            raise err
-        try:
+
+        def wait_on_gpu(call):
             done = ctypes.create_string_buffer(64)
             if L.la_call_done_event(call, done, 64) == 0:
                 # The kernel may still run: our stream waits for it on the GPU.
                 torch.cuda.Event.from_ipc_handle(dev, done.raw).wait(stream)
-            self._account(call)
-        finally:
-            L.la_call_free(call)
+
+        self._run_call(h, a, wait_on_gpu)
         del ev
         if dec is not None:
             dec = dec.cpu().numpy().view("uint32")
