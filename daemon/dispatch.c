@@ -121,13 +121,13 @@ static int do_hello(const disp *d, conn *c, uint64_t id, const Liteattn__Hello *
     const cfg *g = d->cfg;
     Liteattn__Limits lim = LITEATTN__LIMITS__INIT;
     lim.has_max_frame = 1, lim.max_frame = g->max_frame;
-    lim.has_max_inflight = 1, lim.max_inflight = g->max_inflight;
-    lim.has_max_buffers = 1, lim.max_buffers = g->max_buffers;
-    lim.has_max_sessions = 1, lim.max_sessions = g->max_sessions;
-    lim.has_max_mask_bytes = 1, lim.max_mask_bytes = g->max_mask_bytes;
+    lim.has_max_inflight = 1, lim.max_inflight = g->limits.max_inflight_per_conn;
+    lim.has_max_buffers = 1, lim.max_buffers = g->limits.max_buffers_per_conn;
+    lim.has_max_sessions = 1, lim.max_sessions = g->limits.max_sessions_per_user;
+    lim.has_max_mask_bytes = 1, lim.max_mask_bytes = g->limits.max_mask_bytes_per_user;
     lim.has_max_connections = 1, lim.max_connections = g->max_conns_per_user;
-    lim.has_session_grace_s = 1, lim.session_grace_s = g->session_grace_s;
-    lim.has_session_ttl_s = 1, lim.session_ttl_s = g->session_ttl_s;
+    lim.has_session_grace_s = 1, lim.session_grace_s = g->limits.session_grace_s;
+    lim.has_session_ttl_s = 1, lim.session_ttl_s = g->limits.session_ttl_s;
 
     Liteattn__HelloReply hr = LITEATTN__HELLO_REPLY__INIT;
     hr.major = LA_PROTOCOL_MAJOR;
