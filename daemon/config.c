@@ -64,8 +64,8 @@ static const opt opts[] = {
      "connections per Unix user (default 64)"},
     {"max-buffers", 0, K_U32, OFF(limits.max_buffers_per_conn), 1, 1u << 20, "N",
      "registered buffers per connection (default 256)"},
-    {"max-buffer-bytes", 0, K_U64SIZE, OFF(limits.max_buffer_bytes_per_conn), 1, UINT64_MAX, "BYTES",
-     "bytes of registered buffers per connection (default 64G)"},
+    {"max-buffer-bytes", 0, K_U64SIZE, OFF(limits.max_buffer_bytes_per_conn), 1, UINT64_MAX,
+     "BYTES", "bytes of registered buffers per connection (default 64G)"},
     {"max-buffers-per-user", 0, K_U32, OFF(limits.max_buffers_per_user), 1, 1u << 24, "N",
      "registered buffers (each a mapping of the daemon) of one Unix user over all its "
      "connections (default 2048)"},

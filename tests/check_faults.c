@@ -463,8 +463,8 @@ START_TEST(test_rlimit_as)
     }
     td_daemon d;
     ck_assert_int_eq(td_dir(&d), 0);
-    const char *args[] = {"--max-mask-bytes", "64G", "--max-buffer-bytes", "64G",
-                          "--log-level",      "warn", NULL};
+    const char *args[] = {
+        "--max-mask-bytes", "64G", "--max-buffer-bytes", "64G", "--log-level", "warn", NULL};
     td_opts o = {.args = args, .child = limit_address_space};
     ck_assert_msg(td_spawn(&d, &o) == 0, "liteattnd under RLIMIT_AS did not start");
     int fd = raw_connect(d.socket);

@@ -65,8 +65,7 @@ static void assert_socket_mode(const td_daemon *d, unsigned mode)
     struct stat st;
     ck_assert_int_eq(stat(d->socket, &st), 0);
     ck_assert(S_ISSOCK(st.st_mode));
-    ck_assert_msg((st.st_mode & 0777) == mode, "socket mode %o, want %o", st.st_mode & 0777,
-                  mode);
+    ck_assert_msg((st.st_mode & 0777) == mode, "socket mode %o, want %o", st.st_mode & 0777, mode);
 }
 
 /* td_fx with the default --socket-mode 0660. */
@@ -261,8 +260,8 @@ static void served_b(void *data)
         close(fd[i]);
 }
 
-TD_FIXTURE(limits_up, "--socket-mode", "0666", "--max-sessions", "2",
-           "--max-connections-per-user", "3", "--max-mask-bytes", "64K")
+TD_FIXTURE(limits_up, "--socket-mode", "0666", "--max-sessions", "2", "--max-connections-per-user",
+           "3", "--max-mask-bytes", "64K")
 
 START_TEST(test_per_user_limits)
 {

@@ -113,8 +113,8 @@ static void drun_start(drun *r, int listen_fd, const char *watchdog_usec)
     snprintf(unused, sizeof unused, "%s/unused.sock", r->d.dir);
     r->listen_fd = listen_fd;
     r->watchdog_usec = watchdog_usec;
-    const char *args[] = {"--foreground", "--threads", "1", "--socket",
-                          listen_fd >= 0 ? unused : r->d.socket, NULL};
+    const char *args[] = {
+        "--foreground", "--threads", "1", "--socket", listen_fd >= 0 ? unused : r->d.socket, NULL};
     td_opts o = {.args = args, .child = as_service, .data = r, .no_wait = 1};
     ck_assert_msg(td_spawn(&r->d, &o) == 0, "liteattnd did not start (see above)");
 }
@@ -399,8 +399,7 @@ START_TEST(test_units_verify)
     if (access("/usr/sbin/liteattnd", X_OK) == 0) {
         strcpy(exe, "/usr/sbin/liteattnd");
     } else {
-        ck_assert_msg(realpath(td_exe(), exe) != NULL, "%s: %s", td_exe(),
-                      strerror(errno));
+        ck_assert_msg(realpath(td_exe(), exe) != NULL, "%s: %s", td_exe(), strerror(errno));
     }
     char cmd[4096];
     snprintf(cmd, sizeof cmd,

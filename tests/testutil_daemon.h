@@ -105,11 +105,11 @@ void td_fx_up(void);
 void td_fx_down(void);
 /* TD_FIXTURE(name, "--flag", "value", ...) defines the setup function name: td_fx with those
  * arguments after the defaults. */
-#define TD_FIXTURE(name, ...)                                                                   \
-    static void name(void)                                                                      \
-    {                                                                                           \
-        static const char *const name##_args[] = {__VA_ARGS__, NULL};                           \
-        td_fx_start(name##_args);                                                               \
+#define TD_FIXTURE(name, ...)                                         \
+    static void name(void)                                            \
+    {                                                                 \
+        static const char *const name##_args[] = {__VA_ARGS__, NULL}; \
+        td_fx_start(name##_args);                                     \
     }
 
 #endif /* LA_TESTUTIL_DAEMON_H */

@@ -34,13 +34,13 @@ typedef struct tu_failures {
 
 void tu_fail(tu_failures *f, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* Records a failure with the message when cond is false. */
-#define TU_CHECK(f, cond, ...)                                                                  \
-    do {                                                                                        \
-        if (!(cond))                                                                            \
-            tu_fail((f), __VA_ARGS__);                                                          \
+#define TU_CHECK(f, cond, ...)         \
+    do {                               \
+        if (!(cond))                   \
+            tu_fail((f), __VA_ARGS__); \
     } while (0)
 /* Fails the case when anything was recorded. */
-#define tu_assert_no_failures(f)                                                                \
+#define tu_assert_no_failures(f) \
     ck_assert_msg((f)->n == 0, "%d failure(s), first: %s", (f)->n, (f)->first)
 
 /* 1 when the process is not root and so cannot switch uids: it then prints that the case passes
