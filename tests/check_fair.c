@@ -532,23 +532,22 @@ static void run_victim(const char *sock, victim_result *res)
     ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0, "victim exited with %d", st);
 }
 
+TD_FIXTURE(open_up, "--socket-mode", "0666")
+
 START_TEST(daemon_victim_not_starved)
 {
     if (tu_not_root())
         return;
-    td_daemon d;
-    const char *args[] = {"--socket-mode", "0666", NULL};
-    ck_assert_int_eq(td_start(&d, args), 0);
     int pp[2];
     ck_assert_int_eq(pipe(pp), 0);
-    pid_t a = spawn_attacker(d.socket, 6, HEAVY_SK, 0, pp[1]);
+    pid_t a = spawn_attacker(td_fx.socket, 6, HEAVY_SK, 0, pp[1]);
     char c = 0;
     ck_assert_int_eq(read(pp[0], &c, 1), 1);
     ck_assert_int_eq(c, 'y');
     int st;
     ck_assert_int_eq(waitpid(a, &st, 0), a); /* gone: its queued calls are cancelled */
     victim_result *res = tu_shared_new(sizeof *res);
-    run_victim(d.socket, res);
+    run_victim(td_fx.socket, res);
     ck_assert(res->ok);
     ck_assert_int_eq(res->call_rc, 0);
     ck_assert_msg(res->ping_s < 0.25 * SLOW, "ping took %.3f s", res->ping_s);
@@ -556,7 +555,7 @@ START_TEST(daemon_victim_not_starved)
             res->call_s);
     ck_assert_msg(res->call_s < 2.0 * SLOW, "small call took %.3f s", res->call_s);
     /* The departed user's calls left the queue: at most the running ones remain. */
-    int fd = raw_connect(d.socket);
+    int fd = raw_connect(td_fx.socket);
     ck_assert_int_ge(fd, 0);
     Liteattn__Stats sreq = LITEATTN__STATS__INIT;
     Liteattn__Request q = LITEATTN__REQUEST__INIT;
@@ -577,7 +576,6 @@ START_TEST(daemon_victim_not_starved)
     close(pp[0]);
     close(pp[1]);
     tu_shared_free(res, sizeof *res);
-    ck_assert_int_eq(td_stop(&d), 0);
 }
 END_TEST
 
@@ -585,18 +583,15 @@ START_TEST(daemon_sigterm_prompt)
 {
     if (tu_not_root())
         return;
-    td_daemon d;
-    const char *args[] = {"--socket-mode", "0666", NULL};
-    ck_assert_int_eq(td_start(&d, args), 0);
     int pp[2];
     ck_assert_int_eq(pipe(pp), 0);
-    pid_t a = spawn_attacker(d.socket, 16, HEAVY_SK / 4, 1, pp[1]);
+    pid_t a = spawn_attacker(td_fx.socket, 16, HEAVY_SK / 4, 1, pp[1]);
     char c = 0;
     ck_assert_int_eq(read(pp[0], &c, 1), 1);
     ck_assert_int_eq(c, 'y');
     double t0 = tu_now_s();
-    kill(d.pid, SIGTERM);
-    int rc = td_wait(&d, 20000);
+    kill(td_fx.pid, SIGTERM);
+    int rc = td_wait(&td_fx, 20000);
     double took = tu_now_s() - t0;
     kill(a, SIGKILL);
     waitpid(a, NULL, 0);
@@ -607,7 +602,7 @@ START_TEST(daemon_sigterm_prompt)
     ck_assert_msg(took < 4.0 * SLOW, "the daemon took %.2f s to exit", took);
     close(pp[0]);
     close(pp[1]);
-    ck_assert_int_eq(td_stop(&d), 0);
+    ck_assert_int_eq(td_stop(&td_fx), 0); /* it exited (td_wait above): the cleanup */
 }
 END_TEST
 
@@ -616,9 +611,7 @@ END_TEST
  * the open set every byte and each SessionInfo counted every bit on the loop thread.) */
 START_TEST(daemon_big_session_no_freeze)
 {
-    td_daemon d;
-    ck_assert_int_eq(td_start(&d, NULL), 0);
-    int a = raw_connect(d.socket), b = raw_connect(d.socket);
+    int a = raw_connect(td_fx.socket), b = raw_connect(td_fx.socket);
     ck_assert_int_ge(a, 0);
     ck_assert_int_ge(b, 0);
     /* 300 layers x 40 heads x 591 q-tiles x 37 words x 4 bytes = 1.05 GB of masks */
@@ -658,18 +651,16 @@ START_TEST(daemon_big_session_no_freeze)
     ck_assert_msg(ping_s < 0.25 * SLOW, "a ping behind 40 SessionInfo/List took %.3f s", ping_s);
     close(a);
     close(b);
-    ck_assert_int_eq(td_stop(&d), 0);
 }
 END_TEST
+
+TD_FIXTURE(hello1_up, "--hello-timeout", "1")
 
 /* A frame begun after Hello and never finished times out (hello_timeout): it no longer holds
  * its buffer for ever. */
 START_TEST(partial_frame_times_out)
 {
-    td_daemon d;
-    const char *args[] = {"--hello-timeout", "1", NULL};
-    ck_assert_int_eq(td_start(&d, args), 0);
-    int fd = raw_connect(d.socket);
+    int fd = raw_connect(td_fx.socket);
     ck_assert_int_ge(fd, 0);
     uint8_t part[3] = {100, 0, 0}; /* 3 of the 4 bytes of a length prefix */
     ck_assert_int_eq(write(fd, part, sizeof part), 3);
@@ -677,7 +668,6 @@ START_TEST(partial_frame_times_out)
     ck_assert_msg(raw_eof(fd, 8000), "the connection with a partial frame stayed open");
     ck_assert_msg(tu_now_s() - t0 > 0.5, "closed too early (%.2f s)", tu_now_s() - t0);
     close(fd);
-    ck_assert_int_eq(td_stop(&d), 0);
 }
 END_TEST
 
@@ -710,9 +700,7 @@ static void ping_req(Liteattn__Request *q, Liteattn__Ping *p, uint64_t id)
 #define FLOOD_BOUND 20000
 START_TEST(pipelined_flood_takes_turns)
 {
-    td_daemon d;
-    ck_assert_int_eq(td_start(&d, NULL), 0);
-    int a = raw_connect(d.socket), b = raw_connect(d.socket);
+    int a = raw_connect(td_fx.socket), b = raw_connect(td_fx.socket);
     ck_assert_int_ge(a, 0);
     ck_assert_int_ge(b, 0);
     int big = 8 << 20;
@@ -746,7 +734,7 @@ START_TEST(pipelined_flood_takes_turns)
     liteattn__reply__free_unpacked(r, NULL);
     ck_assert_int_gt(before, 0);
 
-    ck_assert_int_eq(kill(d.pid, SIGSTOP), 0);
+    ck_assert_int_eq(kill(td_fx.pid, SIGSTOP), 0);
     size_t w = 0;
     for (;;) {
         ssize_t n = send(a, flood + w, flood_len - w, MSG_DONTWAIT);
@@ -759,7 +747,7 @@ START_TEST(pipelined_flood_takes_turns)
     ping_req(&pq, &pp, 7);
     ck_assert_int_eq(raw_send(b, &pq, -1), 0);
     double t0 = tu_now_s();
-    ck_assert_int_eq(kill(d.pid, SIGCONT), 0);
+    ck_assert_int_eq(kill(td_fx.pid, SIGCONT), 0);
     pid_t writer = -1;
     if (w < flood_len) {
         fflush(stdout);
@@ -801,7 +789,6 @@ START_TEST(pipelined_flood_takes_turns)
     free(flood);
     close(a);
     close(b);
-    ck_assert_int_eq(td_stop(&d), 0);
 }
 END_TEST
 
@@ -839,14 +826,13 @@ static int hung_up(int sock, int ms)
     return poll(&p, 1, ms) == 1 && (p.revents & (POLLHUP | POLLRDHUP));
 }
 
+TD_FIXTURE(fds3_up, "--max-fds-inflight-per-user", "3", "--hello-timeout", "30")
+
 START_TEST(fds_inflight_budget_per_user)
 {
-    td_daemon d;
-    const char *args[] = {"--max-fds-inflight-per-user", "3", "--hello-timeout", "30", NULL};
-    ck_assert_int_eq(td_start(&d, args), 0);
     int c[5];
     for (int i = 0; i < 4; i++) {
-        c[i] = raw_connect(d.socket);
+        c[i] = raw_connect(td_fx.socket);
         ck_assert_int_ge(c[i], 0);
     }
     for (int i = 0; i < 3; i++)
@@ -863,7 +849,7 @@ START_TEST(fds_inflight_budget_per_user)
     ck_assert(raw_eof(c[3], 5000));
     close(c[3]);
     close(c[0]); /* releases its fd */
-    c[4] = raw_connect(d.socket);
+    c[4] = raw_connect(td_fx.socket);
     ck_assert_int_ge(c[4], 0);
     /* the daemon saw c[0] go once c[4]'s Hello is answered (one loop, in order) */
     ck_assert_int_eq(raw_ping(c[4]), 0);
@@ -873,7 +859,6 @@ START_TEST(fds_inflight_budget_per_user)
     for (int i = 1; i < 5; i++)
         if (i != 3)
             close(c[i]);
-    ck_assert_int_eq(td_stop(&d), 0);
 }
 END_TEST
 
@@ -928,13 +913,11 @@ static void unread_stats(int sock, int watcher, int n)
         usleep(10 * 1000);
 }
 
+TD_FIXTURE(outbound_up, "--max-outbound-bytes", "4M", "--max-outbound-bytes-per-user", "3584K")
+
 START_TEST(outbound_budget_per_user)
 {
-    td_daemon d;
-    const char *args[] = {"--max-outbound-bytes", "4M", "--max-outbound-bytes-per-user", "3584K",
-                          NULL};
-    ck_assert_int_eq(td_start(&d, args), 0);
-    int a = raw_connect(d.socket), b = raw_connect(d.socket), c = raw_connect(d.socket);
+    int a = raw_connect(td_fx.socket), b = raw_connect(td_fx.socket), c = raw_connect(td_fx.socket);
     ck_assert_int_ge(a, 0);
     ck_assert_int_ge(b, 0);
     ck_assert_int_ge(c, 0);
@@ -949,42 +932,49 @@ START_TEST(outbound_budget_per_user)
                   n, each);
     ck_assert_msg(!hung_up(a, 0), "A was closed instead of B");
     ck_assert_int_eq(raw_ping(c), 0);
-    ck_assert_int_ge(count_lines(d.log, "max_outbound_bytes_per_user"), 1);
+    ck_assert_int_ge(count_lines(td_fx.log, "max_outbound_bytes_per_user"), 1);
     close(a);
     close(b);
     close(c);
-    ck_assert_int_eq(td_stop(&d), 0);
 }
 END_TEST
+
+TD_FIXTURE(one_conn_up, "--max-connections-per-user", "1")
 
 /* A burst of refused connections makes a line a second, not a line each. */
 START_TEST(refused_connections_rate_limited)
 {
-    td_daemon d;
-    const char *args[] = {"--max-connections-per-user", "1", NULL};
-    ck_assert_int_eq(td_start(&d, args), 0);
     int keep = -1;
     for (int i = 0; i < 50 && keep < 0; i++) { /* td_start's probe may still count */
-        keep = raw_connect(d.socket);
+        keep = raw_connect(td_fx.socket);
         if (keep < 0)
             usleep(50 * 1000);
     }
     ck_assert_int_ge(keep, 0);
-    int before = count_lines(d.log, "refused a connection");
+    int before = count_lines(td_fx.log, "refused a connection");
     for (int i = 0; i < 40; i++) {
-        int fd = raw_socket(d.socket);
+        int fd = raw_socket(td_fx.socket);
         if (fd >= 0) {
             raw_eof(fd, 2000); /* refused: an error, then the close */
             close(fd);
         }
     }
     ck_assert_int_eq(raw_ping(keep), 0);
-    int n = count_lines(d.log, "refused a connection") - before;
+    int n = count_lines(td_fx.log, "refused a connection") - before;
     ck_assert_msg(n + before >= 1 && n <= 5, "%d log lines for 40 refused connections", n);
     close(keep);
-    ck_assert_int_eq(td_stop(&d), 0);
 }
 END_TEST
+
+/* A test case whose cases each get a daemon of their own, started by up. */
+static TCase *daemon_tcase(Suite *s, const char *name, void (*up)(void))
+{
+    TCase *tc = tcase_create(name);
+    tcase_set_timeout(tc, 90);
+    tcase_add_checked_fixture(tc, up, td_fx_down);
+    suite_add_tcase(s, tc);
+    return tc;
+}
 
 int main(void)
 {
@@ -998,16 +988,18 @@ int main(void)
     tcase_add_test(tc, attach_is_a_reference);
     tcase_add_test(tc, buffer_mappings_budgeted);
     suite_add_tcase(s, tc);
-    tc = tcase_create("daemon");
-    tcase_set_timeout(tc, 90);
+    /* Through the daemon: each case has its own (a checked td fixture with its options). */
+    tc = daemon_tcase(s, "daemon_other_users", open_up);
     tcase_add_test(tc, daemon_victim_not_starved);
     tcase_add_test(tc, daemon_sigterm_prompt);
+    tc = daemon_tcase(s, "daemon", td_fx_up);
     tcase_add_test(tc, daemon_big_session_no_freeze);
-    tcase_add_test(tc, partial_frame_times_out);
-    tcase_add_test(tc, refused_connections_rate_limited);
     tcase_add_test(tc, pipelined_flood_takes_turns);
-    tcase_add_test(tc, fds_inflight_budget_per_user);
-    tcase_add_test(tc, outbound_budget_per_user);
-    suite_add_tcase(s, tc);
+    tcase_add_test(daemon_tcase(s, "daemon_hello_timeout", hello1_up), partial_frame_times_out);
+    tcase_add_test(daemon_tcase(s, "daemon_one_connection", one_conn_up),
+                   refused_connections_rate_limited);
+    tcase_add_test(daemon_tcase(s, "daemon_fds_budget", fds3_up), fds_inflight_budget_per_user);
+    tcase_add_test(daemon_tcase(s, "daemon_outbound_budget", outbound_up),
+                   outbound_budget_per_user);
     return tu_run_suite(s);
 }
