@@ -448,17 +448,10 @@ static const char *cell_text(const la_table *t, size_t row, const char *col)
     return "";
 }
 
-static int cmd_metrics(la_client *c)
+/* The daemon's families: up, info, the known counters of the Stats table st, error replies by
+ * code, and the counters this tool does not know yet. */
+static void metrics_daemon(la_client *c, const la_table *st)
 {
-    la_table *st, *ss;
-    int rc = la_stats(c, &st);
-    if (rc < 0)
-        return fail_rc("metrics", rc);
-    rc = la_sessions(c, &ss);
-    if (rc < 0) {
-        la_table_free(st);
-        return fail_rc("metrics", rc);
-    }
     family("liteattn_up", "gauge", "1 when the daemon answered.");
     printf("liteattn_up 1\n");
     family("liteattn_info", "gauge", "The daemon's version, protocol and backends (value 1).");
@@ -517,8 +510,11 @@ static int cmd_metrics(la_client *c)
         printf("}");
         sample_value((double)v);
     }
+}
 
-    /* Per session (those this user may see; root sees all). */
+/* Per session of the SessionList table ss (those this user may see; root sees all). */
+static void metrics_sessions(const la_table *ss)
+{
     static const struct {
         const char *col, *name, *type, *help;
     } sess_defs[] = {
@@ -549,7 +545,12 @@ static int cmd_metrics(la_client *c)
             sample_value(cell_num(ss, r, sess_defs[i].col));
         }
     }
-    /* Per user: sums over the sessions above, in order of first appearance. */
+}
+
+/* Per user: sums over the sessions of ss, in order of first appearance. */
+static void metrics_users(const la_table *ss)
+{
+    size_t n_sess = la_table_rows(ss);
     static const struct {
         const char *name, *help;
     } user_defs[] = {
@@ -580,6 +581,22 @@ static int cmd_metrics(la_client *c)
             sample_value(sum);
         }
     }
+}
+
+static int cmd_metrics(la_client *c)
+{
+    la_table *st, *ss;
+    int rc = la_stats(c, &st);
+    if (rc < 0)
+        return fail_rc("metrics", rc);
+    rc = la_sessions(c, &ss);
+    if (rc < 0) {
+        la_table_free(st);
+        return fail_rc("metrics", rc);
+    }
+    metrics_daemon(c, st);
+    metrics_sessions(ss);
+    metrics_users(ss);
     la_table_free(st);
     la_table_free(ss);
     return 0;
