@@ -20,10 +20,10 @@
 
 typedef struct cfg {
     char socket_path[CFG_SOCKET_MAX];
-    char backend[8];       /* auto, cpu, cuda */
-    int threads;           /* CPU backend, 0: number of cores */
-    int log_level;         /* LOG_ERROR..LOG_DEBUG */
-    uint32_t max_frame;    /* bytes of one request */
+    char backend[8];    /* auto, cpu, cuda */
+    int threads;        /* CPU backend, 0: number of cores */
+    int log_level;      /* LOG_ERROR..LOG_DEBUG */
+    uint32_t max_frame; /* bytes of one request */
     uint32_t max_conns_per_user;
     /* The engine's limits (engine.h: their meaning and defaults, eng_config_default), handed
      * to eng_new as they are; max_inflight_per_conn is also the connection's flow control. */

@@ -37,7 +37,7 @@ typedef struct drun {
     int notify_fd;
     int listen_fd;             /* >= 0: handed over as fd 3 (socket activation) */
     const char *watchdog_usec; /* WATCHDOG_USEC, or NULL for no watchdog */
-    char msgs[65536]; /* every notification line received so far, each ending in '\n' */
+    char msgs[65536];          /* every notification line received so far, each ending in '\n' */
     size_t msgs_len;
 } drun;
 
