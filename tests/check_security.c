@@ -19,7 +19,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include "liteattn.h"
@@ -181,23 +180,15 @@ static void a_then_b(shared *sh, void (*a_fn)(void *), void (*b_fn)(void *))
 {
     ck_assert_int_eq(pipe(a_ctl), 0);
     ck_assert_int_eq(pipe(a_ack), 0);
-    fflush(stdout);
-    pid_t a = fork();
-    ck_assert_int_ge(a, 0);
-    if (a == 0) {
-        tu_become(UID_A);
-        a_fn(sh);
-        _exit(0);
-    }
+    pid_t a = tu_fork_as(UID_A, a_fn, sh);
     char c;
     ck_assert_int_eq(read(a_ack[0], &c, 1), 1);
     tu_assert_no_failures(&sh->fail);
     ck_assert_int_eq(tu_run_as(UID_B, b_fn, sh), 0);
     ck_assert_int_eq(write(a_ctl[1], "g", 1), 1);
-    int st;
-    ck_assert_int_eq(waitpid(a, &st, 0), a);
+    int st = tu_wait_child(a);
     tu_assert_no_failures(&sh->fail);
-    ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0, "A exited with %d", st);
+    ck_assert_msg(st == 0, "A exited with %d", st);
 }
 
 TD_FIXTURE(open_up, "--socket-mode", "0666")

@@ -54,7 +54,7 @@ void tu_become(uid_t uid)
         _exit(99);
 }
 
-int tu_run_as(uid_t uid, void (*fn)(void *), void *data)
+pid_t tu_fork_as(uid_t uid, void (*fn)(void *), void *data)
 {
     fflush(stdout);
     pid_t pid = fork();
@@ -64,9 +64,19 @@ int tu_run_as(uid_t uid, void (*fn)(void *), void *data)
         fn(data);
         _exit(0);
     }
+    return pid;
+}
+
+int tu_wait_child(pid_t pid)
+{
     int st;
     ck_assert_int_eq(waitpid(pid, &st, 0), pid);
     return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+}
+
+int tu_run_as(uid_t uid, void (*fn)(void *), void *data)
+{
+    return tu_wait_child(tu_fork_as(uid, fn, data));
 }
 
 double tu_now_s(void)

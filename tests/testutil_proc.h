@@ -49,8 +49,12 @@ int tu_not_root(void);
 /* In a forked child: becomes uid (gid = uid, no supplementary groups) and dies with its
  * parent; _exit(99) when that fails. */
 void tu_become(uid_t uid);
-/* Runs fn(data) in a child of uid (tu_become) and returns the child's exit status (128 + the
- * signal when a signal ended it); fn returning exits 0. */
+/* Forks a child that becomes uid (tu_become) and runs fn(data) (fn returning exits 0); returns
+ * its pid. */
+pid_t tu_fork_as(uid_t uid, void (*fn)(void *), void *data);
+/* Waits for the child pid; its exit status, or 128 + the signal that ended it. */
+int tu_wait_child(pid_t pid);
+/* tu_fork_as, then tu_wait_child. */
 int tu_run_as(uid_t uid, void (*fn)(void *), void *data);
 
 /* Seconds on the monotonic clock. */
