@@ -238,18 +238,25 @@ static void loader(const char *sock, int idx, shared *sh)
     _exit(0);
 }
 
-START_TEST(test_sigterm_under_load)
+/* n client processes fn(socket, i, sh) against td_fx, each dying with the case. */
+static void spawn_clients(int n, pid_t *pids, void (*fn)(const char *, int, shared *), shared *sh)
 {
-    shared *sh = tu_shared_new(sizeof *sh);
-    pid_t pids[8];
-    for (int i = 0; i < 8; i++) {
+    for (int i = 0; i < n; i++) {
         pids[i] = fork();
         ck_assert_int_ge(pids[i], 0);
         if (pids[i] == 0) {
             prctl(PR_SET_PDEATHSIG, SIGKILL);
-            loader(td_fx.socket, i, sh);
+            fn(td_fx.socket, i, sh);
+            _exit(0);
         }
     }
+}
+
+START_TEST(test_sigterm_under_load)
+{
+    shared *sh = tu_shared_new(sizeof *sh);
+    pid_t pids[8];
+    spawn_clients(8, pids, loader, sh);
     usleep(400000);
     long before = sh->ok_calls;
     int st = td_stop(&td_fx); /* SIGTERM, then the exit status (checked below) */
@@ -346,14 +353,7 @@ START_TEST(test_kill_and_restart)
     shared *sh = tu_shared_new(sizeof *sh);
     enum { N = 4 };
     pid_t pids[N];
-    for (int i = 0; i < N; i++) {
-        pids[i] = fork();
-        ck_assert_int_ge(pids[i], 0);
-        if (pids[i] == 0) {
-            prctl(PR_SET_PDEATHSIG, SIGKILL);
-            survivor(td_fx.socket, i, sh);
-        }
-    }
+    spawn_clients(N, pids, survivor, sh);
     usleep(300000);
     long before = sh->ok_calls;
     ck_assert_int_eq(td_kill(&td_fx), 128 + SIGKILL);

@@ -121,6 +121,23 @@ static void drun_start(drun *r, int listen_fd, const char *watchdog_usec)
 
 static int drun_alive(drun *r) { return td_wait(&r->d, 0) < 0; }
 
+/* Appends one waiting datagram (one or more newline-separated assignments) to r->msgs, each
+ * line ending in '\n'. 1 when there was one. */
+static int receive_one(drun *r)
+{
+    char buf[4096];
+    ssize_t got = recv(r->notify_fd, buf, sizeof buf, MSG_DONTWAIT);
+    if (got <= 0)
+        return 0;
+    size_t room = sizeof r->msgs - r->msgs_len - 2;
+    size_t take = (size_t)got < room ? (size_t)got : room;
+    memcpy(r->msgs + r->msgs_len, buf, take);
+    r->msgs_len += take;
+    if (r->msgs_len && r->msgs[r->msgs_len - 1] != '\n')
+        r->msgs[r->msgs_len++] = '\n';
+    return 1;
+}
+
 /* Reads notifications for up to timeout_ms. Returns 1 as soon as a line equal to `line`
  * (or, when prefix is set, starting with it) has been received, at any time so far. */
 static int drun_wait_line(drun *r, const char *line, int prefix, int timeout_ms)
@@ -143,28 +160,10 @@ static int drun_wait_line(drun *r, const char *line, int prefix, int timeout_ms)
         struct pollfd pfd = {.fd = r->notify_fd, .events = POLLIN};
         int k = poll(&pfd, 1, left > 100 ? 100 : (int)left);
         if (k > 0) {
-            char buf[4096];
-            ssize_t got = recv(r->notify_fd, buf, sizeof buf - 1, MSG_DONTWAIT);
-            if (got > 0) {
-                /* A datagram holds one or more newline-separated assignments. */
-                size_t room = sizeof r->msgs - r->msgs_len - 2;
-                size_t take = (size_t)got < room ? (size_t)got : room;
-                memcpy(r->msgs + r->msgs_len, buf, take);
-                r->msgs_len += take;
-                if (r->msgs_len && r->msgs[r->msgs_len - 1] != '\n')
-                    r->msgs[r->msgs_len++] = '\n';
-            }
+            receive_one(r);
         } else if (!drun_alive(r)) {
             /* Drain what it sent before it went, then give up. */
-            char buf[4096];
-            ssize_t got;
-            while ((got = recv(r->notify_fd, buf, sizeof buf, MSG_DONTWAIT)) > 0) {
-                size_t room = sizeof r->msgs - r->msgs_len - 2;
-                size_t take = (size_t)got < room ? (size_t)got : room;
-                memcpy(r->msgs + r->msgs_len, buf, take);
-                r->msgs_len += take;
-                if (r->msgs_len && r->msgs[r->msgs_len - 1] != '\n')
-                    r->msgs[r->msgs_len++] = '\n';
+            while (receive_one(r)) {
             }
             deadline = now_ms();
         }
