@@ -56,11 +56,7 @@ static void engine_new(void)
     eng_config_default(&ec);
     ec.backend = "cpu";
     ec.cpu_threads = 1;
-    ec.limits.max_buffers_per_conn = S->cfg.max_buffers;
-    ec.limits.max_buffer_bytes_per_conn = S->cfg.max_buffer_bytes;
-    ec.limits.max_sessions_per_user = S->cfg.max_sessions;
-    ec.limits.max_mask_bytes_per_user = S->cfg.max_mask_bytes;
-    ec.limits.max_inflight_per_conn = S->cfg.max_inflight;
+    ec.limits = S->cfg.limits; /* as the daemon's srv_new hands them over */
     ec.notify = notify;
     eng_error ee = {{0}};
     eng *e;
