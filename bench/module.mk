@@ -25,3 +25,15 @@ $(BUILD)/bench_direct: $(BUILD)/obj/bench/bench_direct.o $(SIM_OBJ) $(KERNEL_LIB
 	$(Q)$(CC) -o $@ $^ $(CUDA_LIBS) $(LDLIBS_BASE)
 
 ALL_TARGETS += $(BUILD)/bench_direct
+
+# ipc_probe (CUDA builds only): the attention kernel and two memory kernels on every kind of
+# memory a client can hand the daemon (own cudaMalloc, CUDA IPC imports, VMM allocations by
+# fd), in two processes. Runs on the GPU machine: $(BUILD)/ipc_probe --help.
+ifeq ($(HAVE_CUDA),1)
+$(BUILD)/ipc_probe: $(BUILD)/obj/bench/ipc_probe.o $(BUILD)/obj/bench/probe_kernels.cu.o \
+		$(KERNEL_LIB)
+	@$(if $(Q),echo "  LD      $@")
+	$(Q)$(CC) -o $@ $^ $(CUDA_LIBS) -ldl $(LDLIBS_BASE)
+
+ALL_TARGETS += $(BUILD)/ipc_probe
+endif
