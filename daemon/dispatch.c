@@ -383,13 +383,15 @@ static int send_buffer(conn *c, uint64_t id, const eng_buffer_info *info, int vm
     return send_reply(c, id, LITEATTN__REPLY__BODY_BUFFER, &br);
 }
 
-/* Kinds SHM and VMM carry exactly one fd: without it the frame's fds would be taken by the
- * wrong request, so that is a protocol error (the connection closes). */
+/* Kinds SHM and VMM carry exactly one fd: a frame without it is a protocol error (the
+ * connection closes: the fds it and later frames carry can no longer be told apart). */
 static int take_fd(conn *c, uint64_t id, const char *kind, char *why, size_t whylen)
 {
     int fd = frame_take_fd(&c->fr);
     if (fd < 0)
-        snprintf(why, whylen, "BufferRegister(%s) of request %llu came without a file descriptor",
+        snprintf(why, whylen,
+                 "BufferRegister(%s) of request %llu came without a file descriptor (each "
+                 "allocation's fd comes by SCM_RIGHTS with its own frame)",
                  kind, (unsigned long long)id);
     return fd;
 }
@@ -403,10 +405,14 @@ static int do_buffer_register(const disp *d, conn *c, uint64_t id,
     int rc, fd = -1;
     if (m->kind == LITEATTN__BUFFER_KIND__BUFFER_SHM ||
         m->kind == LITEATTN__BUFFER_KIND__BUFFER_VMM) {
-        fd = take_fd(c, id, m->kind == LITEATTN__BUFFER_KIND__BUFFER_SHM ? "SHM" : "VMM", why,
-                     whylen);
-        if (fd < 0)
+        int shm = m->kind == LITEATTN__BUFFER_KIND__BUFFER_SHM;
+        fd = take_fd(c, id, shm ? "SHM" : "VMM", why, whylen);
+        if (fd < 0 && shm)
             return CONN_REQ_FAIL;
+        if (fd < 0) { /* the client is told why before the connection closes */
+            conn_send_error(c, id, LA_EPROTO, why);
+            return CONN_REQ_CLOSE;
+        }
     }
     if (access < 1 || access > LA_ACCESS_RW) {
         if (fd >= 0)

@@ -53,13 +53,17 @@ buf *buf_get(eng *e, uint64_t conn_id, uint64_t id)
     return NULL;
 }
 
+/* The bytes a buffer keeps alive: its mapping (a VMM buffer pins all of its allocations,
+ * whatever part of them it names), else its size. */
+static uint64_t buf_bytes(const buf *b) { return b->map_len > b->size ? b->map_len : b->size; }
+
 uint64_t buf_count(const eng *e, uint64_t *ret_bytes)
 {
     uint64_t n = 0, bytes = 0;
     const buf *b;
     list_for_each_entry (b, &e->buffers, buf, link) {
         n++;
-        bytes += b->size;
+        bytes += buf_bytes(b);
     }
     if (ret_bytes)
         *ret_bytes = bytes;
@@ -76,7 +80,7 @@ static int conn_limits(eng *e, uint32_t uid, uint64_t conn_id, uint64_t size, en
         n_user += b->uid == uid;
         if (b->conn_id == conn_id) {
             n++;
-            bytes += b->size;
+            bytes += buf_bytes(b);
         }
     }
     /* Every buffer is a mapping of the daemon: per user and in all, they stay well under
