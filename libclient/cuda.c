@@ -149,8 +149,9 @@ static const char *cu_err(lcu_result r)
 
 static const char *const VMM_HINT =
     "memory from cuMemCreate (e.g. PyTorch expandable_segments) can be shared only when it was "
-    "created exportable as a POSIX file descriptor (PyTorch: TORCH_CUDA_EXPANDABLE_SEGMENTS_IPC=1, "
-    "the default of recent versions); else set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False";
+    "created exportable as a POSIX file descriptor (PyTorch: TORCH_CUDA_EXPANDABLE_SEGMENTS_IPC=1; "
+    "where it picks fabric handles, also expandable_segments_handle_type:posix_fd in "
+    "PYTORCH_CUDA_ALLOC_CONF); else set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False";
 
 /* What a pointer is, from the driver (the CUDA driver loaded). */
 typedef struct ptr_info {
