@@ -30,6 +30,13 @@ ALL_TARGETS += $(BUILD)/bench_direct
 # memory a client can hand the daemon (own cudaMalloc, CUDA IPC imports, VMM allocations by
 # fd), in two processes. Runs on the GPU machine: $(BUILD)/ipc_probe --help.
 ifeq ($(HAVE_CUDA),1)
+# Its own object rule: the probe needs only the kernels' headers, so that it builds where
+# protoc-c is absent (the GPU machine), as the kernels do.
+$(BUILD)/obj/bench/ipc_probe.o: bench/ipc_probe.c
+	@mkdir -p $(dir $@)
+	@$(if $(Q),echo "  CC      $<")
+	$(Q)$(CC) $(ALL_CFLAGS) $(KERNEL_INC) -c $< -o $@
+
 $(BUILD)/ipc_probe: $(BUILD)/obj/bench/ipc_probe.o $(BUILD)/obj/bench/probe_kernels.cu.o \
 		$(KERNEL_LIB)
 	@$(if $(Q),echo "  LD      $@")
