@@ -228,6 +228,18 @@ static int still_mapped(const la_buffer *b)
 {
     if (b->is_vmm) {
         for (uint32_t i = 0; i < b->n_allocs; i++) {
+            if (b->alloc_ids[i] >> 63) {
+                /* No buffer id from this driver: the handle mapped there (the same value while
+                 * the same allocation is mapped; a weaker test, handle values can recur). */
+                lcu_mem_handle h = 0;
+                if (cu.MemRetainAllocationHandle(&h, (void *)(uintptr_t)b->alloc_base[i]) !=
+                    LCU_SUCCESS)
+                    return 0;
+                cu.MemRelease(h);
+                if ((h | 1ull << 63) != b->alloc_ids[i])
+                    return 0;
+                continue;
+            }
             uint64_t id = buffer_id_at(b->alloc_base[i]);
             if (id == 0 || id != b->alloc_ids[i])
                 return 0;
@@ -402,6 +414,8 @@ static int register_vmm(la_client *c, const ptr_info *pi, lcu_devptr ptr, uint64
         bases[n] = base;
         sizes[n] = len;
         ids[n] = buffer_id_at(base);
+        if (ids[n] == 0 || ids[n] >> 63)
+            ids[n] = h | 1ull << 63; /* the handle's value instead (still_mapped) */
         cur = base + len;
     }
     lcu_ctx popped;

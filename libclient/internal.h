@@ -64,7 +64,8 @@ struct la_buffer {
     uint8_t ipc_handle[64]; /* CUDA: the handle it was registered with (cache key with base) */
     unsigned access;        /* LA_ACCESS_* the daemon enforces */
     /* VMM: the allocations mapped, and (registered through a pointer) where each lay in this
-     * process and its CU_POINTER_ATTRIBUTE_BUFFER_ID then, to tell a stale registration. */
+     * process and its CU_POINTER_ATTRIBUTE_BUFFER_ID then (or, bit 63 set, the handle mapped
+     * there, where the driver gives no id), to tell a stale registration. */
     int is_vmm;
     uint32_t n_allocs;
     uint64_t *alloc_base, *alloc_ids;
