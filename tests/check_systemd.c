@@ -380,16 +380,19 @@ START_TEST(test_sigterm_with_client)
 }
 END_TEST
 
-/* `systemd-analyze verify` accepts the units. ExecStart names the installed
- * /usr/sbin/liteattnd; where that is absent the check runs on a copy naming the built one. */
+/* `systemd-analyze verify` accepts the units, liteattnd.service with the MPS drop-in, and
+ * liteattn-mps.service. ExecStart names the installed /usr/sbin/liteattnd; where that is absent
+ * the check runs on a copy naming the built one (and nvidia-cuda-mps-control, absent on hosts
+ * without the NVIDIA driver, becomes /bin/true). */
 START_TEST(test_units_verify)
 {
-    const char *units[] = {"packaging/liteattnd.service", "packaging/liteattnd.socket"};
+    const char *units[] = {"packaging/liteattnd.service", "packaging/liteattnd.socket",
+                           "packaging/liteattn-mps.service", "packaging/liteattnd-mps.conf"};
     if (system("command -v systemd-analyze >/dev/null 2>&1") != 0) {
         printf("note: systemd-analyze not installed; unit verification skipped\n");
         return;
     }
-    for (size_t i = 0; i < 2; i++)
+    for (size_t i = 0; i < 4; i++)
         ck_assert_msg(access(units[i], R_OK) == 0, "%s: %s (run from the source root)", units[i],
                       strerror(errno));
     char dir[] = "/tmp/la-check-units-XXXXXX";
@@ -401,13 +404,21 @@ START_TEST(test_units_verify)
         ck_assert_msg(realpath(td_exe(), exe) != NULL, "%s: %s", td_exe(), strerror(errno));
     }
     char cmd[4096];
+    const char *mps = access("/usr/bin/nvidia-cuda-mps-control", X_OK) == 0
+                          ? "/usr/bin/nvidia-cuda-mps-control"
+                          : "/bin/true";
     snprintf(cmd, sizeof cmd,
              "sed 's|^ExecStart=/usr/sbin/liteattnd|ExecStart=%s|' %s > %s/liteattnd.service && "
              "cp %s %s/liteattnd.socket && "
-             "out=$(systemd-analyze verify --man=no %s/liteattnd.service %s/liteattnd.socket 2>&1);"
+             "sed 's|^ExecStart=/usr/bin/nvidia-cuda-mps-control|ExecStart=%s|' %s > "
+             "%s/liteattn-mps.service && "
+             "mkdir %s/liteattnd.service.d && cp %s %s/liteattnd.service.d/mps.conf && "
+             "out=$(systemd-analyze verify --man=no %s/liteattnd.service %s/liteattnd.socket "
+             "%s/liteattn-mps.service 2>&1);"
              " rc=$?; printf '%%s' \"$out\" > %s/out; "
              "[ $rc -eq 0 ] && [ -z \"$out\" ]",
-             exe, units[0], dir, units[1], dir, dir, dir, dir);
+             exe, units[0], dir, units[1], dir, mps, units[2], dir, dir, units[3], dir, dir, dir,
+             dir, dir);
     int rc = system(cmd);
     char out[4096] = "";
     char path[128];

@@ -3,8 +3,12 @@
 Host arrays (NumPy, torch CPU tensors) travel through one shared-memory staging buffer per
 session (a sealed memfd the library maps and the daemon maps too): the inputs are copied in,
 the output copied out, and the buffer is reused from call to call, grown when a call needs
-more. torch CUDA tensors travel by CUDA IPC without copies: each caching-allocator block is
-registered once per client and a tensor is named by (block, byte offset, shape, strides).
+more. torch CUDA tensors travel without copies, registered once per client and named by
+(buffer, byte offset, shape, strides): blocks of the default caching allocator (cudaMalloc) by
+CUDA IPC, memory of the expandable_segments allocator (cuMemCreate) by the POSIX fds of the
+physical allocations a tensor's storage spans (la_buffer_register_cuda_range). Memory neither
+way can share (expandable segments created without exportable handles) is copied through a
+CUDA staging area of ordinary device memory, with a one-time warning that says how to avoid it.
 """
 import ctypes
 import math
@@ -12,16 +16,18 @@ import numbers
 import operator
 import os
 import threading
+import warnings
 import weakref
 
 from . import _lib
-from ._arrays import (_EXPANDABLE_MSG, _CudaBlock, _cuda_driver, _is_torch, _np,
-                      _numpy_dtype_code, _torch, _torch_dtype_code, device_of,
+from ._arrays import (_STAGING_WARNED, StagingWarning, _align, _CudaBlock, _CudaStage,
+                      _cuda_driver, _is_torch, _np, _numpy_dtype_code, _prod, _storage_span,
+                      _torch, _torch_dtype_code, _Unshareable, device_of,
                       expandable_segments_enabled)
-from .errors import (ConnectionClosed, InvalidArgument, NoDevice, NotFound, NotSupported,
+from .errors import (ConnectionClosed, InvalidArgument, NoDevice, NotFound,
                      OutOfRange, check, from_code)
 
-__all__ = ["Client", "Session", "DTYPES", "MODES"]
+__all__ = ["Client", "Session", "DTYPES", "MODES", "StagingWarning"]
 
 DTYPES = {
     "float32": _lib.DTYPE_F32, "f32": _lib.DTYPE_F32, "fp32": _lib.DTYPE_F32,
@@ -35,13 +41,6 @@ MODES = {None: _lib.MODE_SESSION, "session": _lib.MODE_SESSION, "dense": _lib.MO
          "observe": _lib.MODE_OBSERVE, "skip": _lib.MODE_SKIP}
 _DIRECTIONS = {None: None, "alternate": _lib.DIR_ALTERNATE, "ascending": _lib.DIR_ASCENDING,
                "descending": _lib.DIR_DESCENDING}
-
-_ALIGN = 256
-
-
-def _align(n):
-    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
-
 
 def _dtype_code(dtype):
     if isinstance(dtype, int):
@@ -160,7 +159,12 @@ class Client(_Closable):
         self._h = None
         self._lock = threading.RLock()
         self._sessions = weakref.WeakSet()
-        self._cuda_blocks = {}  # allocation id (or base) -> _CudaBlock
+        self._cuda_blocks = {}  # cudaMalloc blocks: allocation id (or base) -> _CudaBlock
+        self._vmm_blocks = {}   # VMM registrations: buffer handle -> _CudaBlock
+        self._stages = {}       # device -> _CudaStage
+        # How CUDA tensors went to the daemon, per tensor of a call: "ipc" (cudaMalloc block),
+        # "vmm" (cuMemCreate allocations by fd), "staged" (copied through the staging area).
+        self.cuda_paths = {"ipc": 0, "vmm": 0, "staged": 0}
         path = os.fspath(socket) if socket is not None else None
         h = ctypes.c_void_p()
         check(self._lib.la_connect(path.encode() if path else None,
@@ -192,10 +196,16 @@ class Client(_Closable):
                 return
             for s in list(self._sessions):
                 s._drop(detach=True)
-            for blk in self._cuda_blocks.values():
+            for blk in list(self._cuda_blocks.values()) + list(self._vmm_blocks.values()):
                 self._lib.la_buffer_unregister(blk.handle)
             self._cuda_blocks.clear()
+            self._vmm_blocks.clear()
             self._lib.la_disconnect(self._h)
+            for st in self._stages.values():
+                if st.done is not None:
+                    st.done.synchronize()
+                st.release()
+            self._stages.clear()
             self._h = None
 
     @property
@@ -347,9 +357,13 @@ class Client(_Closable):
     attach_session = attach
 
     # -- CUDA buffers --
-    def _cuda_tensor_ref(self, t, pinned):
-        """(buffer handle, byte offset) of a CUDA tensor; registers its block once."""
+    def _cuda_tensor_ref(self, t, pinned, access=_lib.ACCESS_RW, count=True):
+        """(buffer handle, byte offset) of a CUDA tensor; registers its memory once: the
+        cudaMalloc block, or the VMM allocations its storage spans (mapped with access by the
+        daemon). Raises _Unshareable when neither way can share it. count: add the tensor to
+        cuda_paths (not for the staging area's own copies)."""
         ptr = t.data_ptr()
+        paths = self.cuda_paths if count else {"ipc": 0, "vmm": 0}
         drv = _cuda_driver()
         alloc_id = drv.buffer_id(ptr)
         with self._lock:
@@ -357,36 +371,68 @@ class Client(_Closable):
                 blk = self._cuda_blocks.get(alloc_id)
                 if blk is not None and blk.base <= ptr < blk.base + blk.size:
                     pinned.add(alloc_id)
+                    paths["ipc"] += 1
                     return blk.handle, ptr - blk.base
             else:  # no driver access: find by address range
                 for k, blk in self._cuda_blocks.items():
                     if blk.base <= ptr < blk.base + blk.size:
                         pinned.add(k)
+                        paths["ipc"] += 1
                         return blk.handle, ptr - blk.base
-            if expandable_segments_enabled():
-                raise NotSupported(_EXPANDABLE_MSG)
+            start, nbytes = _storage_span(t)
+            for k, blk in self._vmm_blocks.items():
+                if (blk.base <= start and start + nbytes <= blk.base + blk.size
+                        and blk.access & access == access
+                        and (k in pinned or self._lib.la_buffer_cuda_valid(blk.handle) == 1)):
+                    pinned.add(k)
+                    paths["vmm"] += 1
+                    return blk.handle, ptr - blk.base
             self._evict_stale_cuda(pinned)
             h = ctypes.c_void_p()
             off = ctypes.c_uint64()
-            rc = self._lib.la_buffer_register_cuda(self._handle(), ctypes.c_void_p(ptr),
-                                                   ctypes.byref(h), ctypes.byref(off))
-            if rc == _lib.LA_ELIMIT and self._cuda_blocks:
+
+            def register():
+                return self._lib.la_buffer_register_cuda_range(
+                    self._handle(), ctypes.c_void_p(start), nbytes, access, ctypes.byref(h),
+                    ctypes.byref(off))
+            rc = register()
+            if rc == _lib.LA_ELIMIT and (self._cuda_blocks or self._vmm_blocks):
                 self._evict_stale_cuda(pinned, everything=True)
-                rc = self._lib.la_buffer_register_cuda(self._handle(), ctypes.c_void_p(ptr),
-                                                       ctypes.byref(h), ctypes.byref(off))
+                rc = register()
             if rc == _lib.LA_ENOTSUP:
-                err = from_code(rc)
-                raise NotSupported("%s (%s)" % (err.message, _EXPANDABLE_MSG))
+                raise _Unshareable(from_code(rc).message)
             check(rc)
-            base = ptr - off.value
+            base = start - off.value
+            size = self._lib.la_buffer_size(h)
+            if drv.is_vmm(start):
+                if h.value in self._vmm_blocks:  # found by the library: drop its extra reference
+                    self._lib.la_buffer_unregister(h)
+                    h = self._vmm_blocks[h.value].handle
+                else:
+                    self._vmm_blocks[h.value] = _CudaBlock(h, base, size, None, access)
+                pinned.add(h.value)
+                paths["vmm"] += 1
+                return h, ptr - base
             key = alloc_id if alloc_id is not None else base
-            self._cuda_blocks[key] = _CudaBlock(h, base, self._lib.la_buffer_size(h), alloc_id)
+            old = self._cuda_blocks.get(key)
+            if old is not None and old.handle.value == h.value:
+                self._lib.la_buffer_unregister(h)
+            else:
+                self._cuda_blocks[key] = _CudaBlock(h, base, size, alloc_id)
             pinned.add(key)
-            return h, off.value
+            paths["ipc"] += 1
+            return self._cuda_blocks[key].handle, ptr - base
+
+    def _cuda_stage(self, device):
+        st = self._stages.get(device)
+        if st is None:
+            st = self._stages[device] = _CudaStage(device)
+        return st
 
     def _evict_stale_cuda(self, pinned, everything=False):
-        """Unregisters blocks the caching allocator has freed (their allocation id changed)
-        or, with everything=True, every block not used by the call being prepared."""
+        """Unregisters blocks the caching allocator has freed (their allocation id changed,
+        or, for VMM registrations, an allocation was unmapped or replaced) or, with
+        everything=True, every block not used by the call being prepared."""
         drv = _cuda_driver()
         for k, blk in list(self._cuda_blocks.items()):
             if k in pinned:
@@ -397,6 +443,12 @@ class Client(_Closable):
             if stale:
                 self._lib.la_buffer_unregister(blk.handle)
                 del self._cuda_blocks[k]
+        for k, blk in list(self._vmm_blocks.items()):
+            if k in pinned:
+                continue
+            if everything or self._lib.la_buffer_cuda_valid(blk.handle) != 1:
+                self._lib.la_buffer_unregister(blk.handle)
+                del self._vmm_blocks[k]
 
     def release_cuda_buffers(self):
         """Unregisters every cached CUDA block (call after torch.cuda.empty_cache() when the
@@ -753,42 +805,91 @@ class Session(_Closable):
             dec = torch.empty((nb // 4,), dtype=torch.int32, device=dev)
         pinned = set()
         client = self.client
-        for role, x in ((_lib.T_Q, q), (_lib.T_K, k), (_lib.T_V, v), (_lib.T_O, out)):
+        R, RW = _lib.ACCESS_READ, _lib.ACCESS_RW
+        tensors = [(_lib.T_Q, q, R, dcode), (_lib.T_K, k, R, dcode), (_lib.T_V, v, R, dcode),
+                   (_lib.T_O, out, RW, dcode)]
+        for _, x, _, _ in tensors:
             if x.stride(-1) != 1 and x.shape[-1] != 1:
                 raise InvalidArgument("the last dim (D) of every tensor must be contiguous "
                                       "(stride 1); got strides %s" % (tuple(x.stride()),))
             if x.numel() == 0:
                 raise InvalidArgument("empty tensor")
-            buf, off = client._cuda_tensor_ref(x, pinned)
-            check(L.la_attn_set_tensor(a, role, buf, off, dcode, 4, _i64(x.shape),
-                                       _i64(x.stride())))
         if lse is not None:
-            buf, off = client._cuda_tensor_ref(lse, pinned)
-            check(L.la_attn_set_tensor(a, _lib.T_LSE, buf, off, _lib.DTYPE_F32, 3,
-                                       _i64(lse.shape), _i64(lse.stride())))
+            tensors.append((_lib.T_LSE, lse, RW, _lib.DTYPE_F32))
         if dec is not None:
-            buf, off = client._cuda_tensor_ref(dec, pinned)
-            check(L.la_attn_set_tensor(a, _lib.T_DECISIONS, buf, off, _lib.DTYPE_U32, 0,
-                                       None, None))
+            tensors.append((_lib.T_DECISIONS, dec, RW, _lib.DTYPE_U32))
         stream = torch.cuda.current_stream(dev)
-        ev = torch.cuda.Event(enable_timing=False, blocking=False, interprocess=True)
-        ev.record(stream)
-        handle = ev.ipc_handle()
-        check(L.la_attn_set_wait_event(a, handle, len(handle)))
+        refs, unshared = [], []
+        for role, x, acc, code in tensors:
+            try:
+                refs.append((role, x, code) + client._cuda_tensor_ref(x, pinned, acc))
+            except _Unshareable as e:
+                unshared.append((role, x, acc, code, str(e)))
+        stage, copy_out, ran, locked = None, [], False, False
+        try:
+            if unshared:
+                # Memory the daemon cannot map: through the client's staging area, its lock
+                # held until the copies out are queued (one call at a time uses it).
+                client._lock.acquire()
+                locked = True
+                stage = client._cuda_stage(dev)
+                _warn_staging(unshared[0][4])
+                if stage.done is not None:
+                    stream.wait_event(stage.done)
+                views = stage.views([(tuple(x.shape), x.dtype) for _, x, _, _, _ in unshared])
+                for (role, x, acc, code, _), y in zip(unshared, views):
+                    if acc == R:
+                        y.copy_(x)
+                    else:
+                        copy_out.append((x, y))
+                    refs.append((role, y, code) + client._cuda_tensor_ref(y, pinned, acc,
+                                                                          count=False))
+                client.cuda_paths["staged"] += len(unshared)
+            for role, x, code, buf, off in refs:
+                if role == _lib.T_DECISIONS:
+                    check(L.la_attn_set_tensor(a, role, buf, off, code, 0, None, None))
+                else:
+                    check(L.la_attn_set_tensor(a, role, buf, off, code, x.dim(), _i64(x.shape),
+                                               _i64(x.stride())))
+            ev = torch.cuda.Event(enable_timing=False, blocking=False, interprocess=True)
+            ev.record(stream)
+            handle = ev.ipc_handle()
+            check(L.la_attn_set_wait_event(a, handle, len(handle)))
 
-        def wait_on_gpu(call):
-            done = ctypes.create_string_buffer(64)
-            if L.la_call_done_event(call, done, 64) == 0:
-                # The kernel may still run: our stream waits for it on the GPU.
-                torch.cuda.Event.from_ipc_handle(dev, done.raw).wait(stream)
+            def wait_on_gpu(call):
+                done = ctypes.create_string_buffer(64)
+                if L.la_call_done_event(call, done, 64) == 0:
+                    # The kernel may still run: our stream waits for it on the GPU.
+                    torch.cuda.Event.from_ipc_handle(dev, done.raw).wait(stream)
 
-        self._run_call(h, a, wait_on_gpu)
-        del ev
+            self._run_call(h, a, wait_on_gpu)
+            ran = True
+            del ev
+        finally:
+            if stage is not None:
+                for x, y in copy_out if ran else ():
+                    x.copy_(y)
+                stage.done = torch.cuda.Event()
+                stage.done.record(stream)
+            if locked:
+                client._lock.release()
         if dec is not None:
             dec = dec.cpu().numpy().view("uint32")
             if dec.size == _prod(self.mask_shape):
                 dec = dec.reshape(self.mask_shape)
         return _result(out, lse, dec, return_lse, dry_run)
+
+
+def _warn_staging(why):
+    """Once per process and reason: CUDA tensors are being copied, and how to avoid it."""
+    if why in _STAGING_WARNED:
+        return
+    _STAGING_WARNED.add(why)
+    warnings.warn(
+        "liteattn: copying CUDA tensors through a staging area, because the daemon cannot map "
+        "their memory: %s. The copies cost time on every call; see docs/ALLOCATORS.md for the "
+        "allocator settings that share memory without copies." % why,
+        StagingWarning, stacklevel=4)
 
 
 def _result(out, lse, dec, return_lse, dry_run):
@@ -818,13 +919,6 @@ def _parse_number(text):
         return float(text)
     except ValueError:
         return text
-
-
-def _prod(shape):
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def _kind(x):
