@@ -60,27 +60,18 @@ def convert_must_list(lst, seq_len=None):
     return tuple(out)
 
 
-class Context:
-    """Allocates layer indices to LiteAttention instances and holds their session.
+class _ContextBase:
+    """What this module's Context and parallel.Context share: the daemon client (connected at
+    first use, and again after it closed) and the current generation's session, under one lock.
+    A subclass defines end_generation (it closes the session)."""
 
-    socket: the daemon's socket (None: the default). model: a name for the warm key (default
-    "liteattn-module"). warm: True (derive the warm key), False (no warm start) or a key.
-    Other keywords go to Client.open_session for every generation."""
-
-    def __init__(self, socket=None, model=None, warm=True, **session_kwargs):
+    def __init__(self, socket, session_kwargs):
         self.socket = socket
-        self.model = model
-        if not isinstance(warm, (bool, str)):
-            raise InvalidArgument("warm must be True, False or a warm key (str), got %r"
-                                  % (warm,))
-        self.warm = warm
         self.session_kwargs = session_kwargs
         self._client = None
         self._session = None
         self._lock = threading.RLock()
-        self._layers = []   # weakrefs, index = layer
         self._generation = 0
-        self._hints = {}
 
     @property
     def client(self):
@@ -92,6 +83,30 @@ class Context:
     def session(self):
         """The current generation's session (None before its first call)."""
         return self._session
+
+    def close(self):
+        self.end_generation()
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+class Context(_ContextBase):
+    """Allocates layer indices to LiteAttention instances and holds their session.
+
+    socket: the daemon's socket (None: the default). model: a name for the warm key (default
+    "liteattn-module"). warm: True (derive the warm key), False (no warm start) or a key.
+    Other keywords go to Client.open_session for every generation."""
+
+    def __init__(self, socket=None, model=None, warm=True, **session_kwargs):
+        if not isinstance(warm, (bool, str)):
+            raise InvalidArgument("warm must be True, False or a warm key (str), got %r"
+                                  % (warm,))
+        super().__init__(socket, session_kwargs)
+        self.model = model
+        self.warm = warm
+        self._layers = []   # weakrefs, index = layer
+        self._hints = {}
 
     def register(self, inst):
         with self._lock:
@@ -132,12 +147,6 @@ class Context:
                     s.close()
                 except Exception:
                     pass
-
-    def close(self):
-        self.end_generation()
-        if self._client is not None:
-            self._client.close()
-            self._client = None
 
     def _threshold_tag(self):
         """The thresholds of this context's layers, for the warm key."""
