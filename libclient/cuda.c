@@ -42,6 +42,7 @@ typedef unsigned long long lcu_mem_handle;
 
 enum {
     LCU_SUCCESS = 0,
+    LCU_ERROR_INVALID_VALUE = 1,
     LCU_ATTR_CONTEXT = 1,
     LCU_ATTR_MEMORY_TYPE = 2,
     LCU_ATTR_BUFFER_ID = 7,
@@ -64,6 +65,7 @@ _Static_assert((int)LCU_ATTR_IS_LEGACY_CUDA_IPC_CAPABLE ==
                    (int)CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE,
                "attr");
 _Static_assert((int)LCU_MEMORYTYPE_DEVICE == (int)CU_MEMORYTYPE_DEVICE, "memtype");
+_Static_assert((int)LCU_ERROR_INVALID_VALUE == (int)CUDA_ERROR_INVALID_VALUE, "error");
 _Static_assert(sizeof(lcu_ipc_mem_handle) == sizeof(CUipcMemHandle), "ipc handle");
 _Static_assert(sizeof(lcu_uuid) == sizeof(CUuuid), "uuid");
 _Static_assert(sizeof(lcu_devptr) == sizeof(CUdeviceptr), "devptr");
@@ -87,6 +89,7 @@ static struct {
     lcu_result (*CtxPushCurrent)(lcu_ctx);
     lcu_result (*CtxPopCurrent)(lcu_ctx *);
     lcu_result (*GetErrorName)(lcu_result, const char **);
+    lcu_result (*DevicePrimaryCtxRetain)(lcu_ctx *, lcu_device);
     /* VMM (NULL when the driver lacks them: VMM memory is then refused) */
     lcu_result (*MemRetainAllocationHandle)(lcu_mem_handle *, void *);
     lcu_result (*MemGetAllocationPropertiesFromHandle)(lcu_alloc_prop *, lcu_mem_handle);
@@ -120,6 +123,7 @@ static void cu_load(void)
     SYM(CtxPushCurrent, "cuCtxPushCurrent_v2");
     SYM(CtxPopCurrent, "cuCtxPopCurrent_v2");
     SYM(GetErrorName, "cuGetErrorName");
+    SYM(DevicePrimaryCtxRetain, "cuDevicePrimaryCtxRetain");
     *(void **)&cu.MemRetainAllocationHandle = dlsym(h, "cuMemRetainAllocationHandle");
     *(void **)&cu.MemGetAllocationPropertiesFromHandle =
         dlsym(h, "cuMemGetAllocationPropertiesFromHandle");
@@ -160,6 +164,29 @@ typedef struct ptr_info {
     int legacy; /* cudaMalloc memory (legacy CUDA IPC works); else VMM */
 } ptr_info;
 
+/* The primary context of device ordinal, retained once per device for the life of the process
+ * (a retain per call would leak references; a release could destroy a context the application
+ * has not retained itself). */
+static lcu_result primary_ctx(int ordinal, lcu_ctx *ret)
+{
+    enum { MAX_DEVICES = 64 };
+    static lcu_ctx ctxs[MAX_DEVICES];
+    static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+    if (ordinal < 0 || ordinal >= MAX_DEVICES)
+        return LCU_ERROR_INVALID_VALUE;
+    lcu_result r = LCU_SUCCESS;
+    pthread_mutex_lock(&lock);
+    if (!ctxs[ordinal]) {
+        lcu_device dev = 0;
+        r = cu.DeviceGet(&dev, ordinal);
+        if (r == LCU_SUCCESS)
+            r = cu.DevicePrimaryCtxRetain(&ctxs[ordinal], dev);
+    }
+    *ret = ctxs[ordinal];
+    pthread_mutex_unlock(&lock);
+    return r;
+}
+
 static int ptr_info_of(const void *dev_ptr, ptr_info *ret)
 {
     lcu_devptr ptr = (lcu_devptr)(uintptr_t)dev_ptr;
@@ -183,14 +210,20 @@ static int ptr_info_of(const void *dev_ptr, ptr_info *ret)
     unsigned int legacy = 1;
     if (cu.PointerGetAttribute(&legacy, LCU_ATTR_IS_LEGACY_CUDA_IPC_CAPABLE, ptr) != LCU_SUCCESS)
         legacy = 1;
-    lcu_ctx ctx = NULL;
-    r = cu.PointerGetAttribute(&ctx, LCU_ATTR_CONTEXT, ptr);
-    if (r != LCU_SUCCESS || !ctx)
-        return cl_fail(LA_EINVAL, "no CUDA context for %p: %s", dev_ptr, cu_err(r));
     int ordinal = -1;
     r = cu.PointerGetAttribute(&ordinal, LCU_ATTR_DEVICE_ORDINAL, ptr);
     if (r != LCU_SUCCESS)
         return cl_fail(LA_EINVAL, "no device for %p: %s", dev_ptr, cu_err(r));
+    lcu_ctx ctx = NULL;
+    r = cu.PointerGetAttribute(&ctx, LCU_ATTR_CONTEXT, ptr);
+    if (!legacy && (r != LCU_SUCCESS || !ctx)) {
+        /* cuMemCreate memory belongs to no context (the driver reports none, seen on an H200
+         * with driver 580): work in the device's primary context, the one the CUDA runtime
+         * and PyTorch use. */
+        r = primary_ctx(ordinal, &ctx);
+    }
+    if (r != LCU_SUCCESS || !ctx)
+        return cl_fail(LA_EINVAL, "no CUDA context for %p: %s", dev_ptr, cu_err(r));
     ret->ctx = ctx;
     ret->ordinal = ordinal;
     ret->legacy = legacy != 0;

@@ -138,14 +138,14 @@ def test_drop_in_on_cuda(daemon, cclient):
 
 
 _EXPANDABLE_CODE = r"""
-import json, math, sys, warnings
+import json, math, os, sys, warnings
 import torch, liteattn
 from liteattn.client import _cuda_driver
 F = torch.nn.functional
 c = liteattn.Client(sys.argv[1])
 B, S, H, D = 1, 4096, 8, 128
-s = c.open_session("expandable", layers=1, heads=H, head_dim=D, dtype="bfloat16",
-                   max_seq_q=S, threshold=-math.inf, device="cuda")
+s = c.open_session("expandable-%d" % os.getpid(), layers=1, heads=H, head_dim=D,
+                   dtype="bfloat16", max_seq_q=S, threshold=-math.inf, device="cuda")
 torch.manual_seed(0)
 pad = torch.empty(7 << 20, dtype=torch.uint8, device="cuda")  # the tensors start mid-chunk
 qkv = torch.randn(B, S, 3, H, D, device="cuda", dtype=torch.bfloat16)  # 24 MiB: chunks straddled
@@ -167,6 +167,8 @@ print(json.dumps({
     "paths": c.cuda_paths,
     "warnings": [str(x.message) for x in w if issubclass(x.category, liteattn.StagingWarning)],
 }))
+s.close()
+c.close()
 """
 
 
