@@ -659,7 +659,7 @@ class Session:
     # -- attention --
     def attention(self, layer, step, q, k, v, *, threshold=None, mode=None, must_do=(),
                   must_skip=(), scale=None, kv_shard=0, return_lse=False, dry_run=False,
-                  out=None):
+                  out=None, row_max=None):
         """One attention call of `layer` at denoising `step`.
 
         q: [B, Sq, H, D], k, v: [B, Sk, H, D] as NumPy arrays, torch CPU tensors (both through
@@ -670,6 +670,13 @@ class Session:
         to the result: (out, decisions) or (out, lse, decisions), decisions a NumPy uint32
         array shaped like mask(). must_do / must_skip: half-open key ranges [(start, end)].
         threshold/mode override the session's for this call only.
+
+        row_max: carried row maxima for ring attention (docs/SKIP-SEMANTICS.md "Carried row
+        maxima"), a float32 array or tensor [B, H, Sq] of q's kind (a CUDA tensor on q's
+        device for CUDA inputs), read and updated in place: the skip votes compare against
+        max(row_max, the call's running maximum), and the call leaves max(row_max, its own row
+        maxima of the raw scores q.k) in it. Start it at -inf for the first K/V shard and pass
+        the same one to the next shards' calls. out and lse do not depend on it.
         """
         h = self._handle()
         for name, x in (("q", q), ("k", k), ("v", v)):
@@ -697,6 +704,8 @@ class Session:
             if len(x.shape) != 4:
                 raise InvalidArgument("%s has shape %s; expected 4 dims (B, S, H, D)"
                                       % (name, tuple(x.shape)))
+        if row_max is not None:
+            _check_row_max(row_max, q, kind)
         L = self._lib
         a = ctypes.c_void_p()
         check(L.la_attn_new(ctypes.byref(a)))
@@ -717,10 +726,11 @@ class Session:
             if dry_run:
                 check(L.la_attn_set_dry_run(a, 1))
             if kind == "cuda":
-                res = self._run_cuda(h, a, q, k, v, return_lse, dry_run, out)
+                res = self._run_cuda(h, a, q, k, v, return_lse, dry_run, out, row_max)
             else:
                 with self._lock:
-                    res = self._run_host(h, a, kind, q, k, v, return_lse, dry_run, out)
+                    res = self._run_host(h, a, kind, q, k, v, return_lse, dry_run, out,
+                                         row_max)
         finally:
             L.la_attn_free(a)
         return res
@@ -750,7 +760,7 @@ class Session:
         self._stage = (b, size, ptr)
         return self._stage
 
-    def _run_host(self, h, a, kind, q, k, v, return_lse, dry_run, out):
+    def _run_host(self, h, a, kind, q, k, v, return_lse, dry_run, out, row_max=None):
         np = _np()
         L = self._lib
         if kind == "numpy":
@@ -767,6 +777,7 @@ class Session:
         sizes.append(4 * _prod(lse_shape) if return_lse else 0)
         dec_bytes = self.facts.get("layer_mask_bytes", 4 * _prod(self.mask_shape))
         sizes.append(dec_bytes if dry_run else 0)
+        sizes.append(4 * _prod(lse_shape) if row_max is not None else 0)
         offs = []
         total = 0
         for s in sizes:
@@ -796,6 +807,13 @@ class Session:
         if dry_run:
             check(L.la_attn_set_tensor(a, _lib.T_DECISIONS, buf, offs[5], _lib.DTYPE_U32, 0,
                                        None, None))
+        if row_max is not None:
+            rview = np.ndarray(lse_shape, dtype=np.float32, buffer=raw, offset=offs[6])
+            rview[...] = (np.asarray(row_max) if kind == "numpy"
+                          else row_max.detach().numpy())
+            del rview
+            check(L.la_attn_set_tensor(a, _lib.T_ROW_MAX, buf, offs[6], _lib.DTYPE_F32, 3,
+                                       _i64(lse_shape), None))
         call = ctypes.c_void_p()
         rc = L.la_attn_run(h, a, ctypes.byref(call))
         if rc < 0:
@@ -806,6 +824,13 @@ class Session:
             self._account(call)
         finally:
             L.la_call_free(call)
+        if row_max is not None:     # updated in place, as on the GPU
+            rview = np.ndarray(lse_shape, dtype=np.float32, buffer=raw, offset=offs[6])
+            if kind == "numpy":
+                row_max[...] = rview
+            else:
+                row_max.copy_(_torch().from_numpy(rview.copy()))
+            del rview
         # Copy the results out of the staging buffer.
         if kind == "numpy":
             o_view = np.ndarray(qshape, dtype=q.dtype, buffer=raw, offset=offs[3])
@@ -840,7 +865,7 @@ class Session:
         del raw
         return _result(out, lse, dec, return_lse, dry_run)
 
-    def _run_cuda(self, h, a, q, k, v, return_lse, dry_run, out):
+    def _run_cuda(self, h, a, q, k, v, return_lse, dry_run, out, row_max=None):
         torch = _torch()
         L = self._lib
         dev = q.device
@@ -879,6 +904,10 @@ class Session:
             buf, off = client._cuda_tensor_ref(dec, pinned)
             check(L.la_attn_set_tensor(a, _lib.T_DECISIONS, buf, off, _lib.DTYPE_U32, 0,
                                        None, None))
+        if row_max is not None:
+            buf, off = client._cuda_tensor_ref(row_max, pinned)
+            check(L.la_attn_set_tensor(a, _lib.T_ROW_MAX, buf, off, _lib.DTYPE_F32, 3,
+                                       _i64(row_max.shape), _i64(row_max.stride())))
         stream = torch.cuda.current_stream(dev)
         ev = torch.cuda.Event(enable_timing=False, blocking=False, interprocess=True)
         ev.record(stream)
@@ -904,6 +933,23 @@ class Session:
             if dec.size == _prod(self.mask_shape):
                 dec = dec.reshape(self.mask_shape)
         return _result(out, lse, dec, return_lse, dry_run)
+
+
+def _check_row_max(row_max, q, kind):
+    """row_max must be float32 [B, H, Sq] of q's kind (and device), writable in place."""
+    B, Sq, H = (int(q.shape[0]), int(q.shape[1]), int(q.shape[2]))
+    want = (B, H, Sq)
+    if _kind(row_max) != kind or (kind == "cuda" and row_max.device != q.device):
+        raise InvalidArgument("row_max must be of q's kind (%s%s); got %s"
+                              % (kind, " on %s" % q.device if kind == "cuda" else "",
+                                 type(row_max).__name__))
+    if tuple(int(d) for d in row_max.shape) != want:
+        raise InvalidArgument("row_max has shape %s; expected [B, H, Sq] = %s"
+                              % (tuple(row_max.shape), want))
+    if str(row_max.dtype) not in ("float32", "torch.float32"):
+        raise InvalidArgument("row_max must be float32, not %s" % (row_max.dtype,))
+    if kind == "numpy" and not row_max.flags.writeable:
+        raise InvalidArgument("row_max is read-only; it is updated in place")
 
 
 def _result(out, lse, dec, return_lse, dry_run):
