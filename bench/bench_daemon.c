@@ -77,13 +77,17 @@ int main(int argc, char **argv)
     const char *sock = NULL, *device = "cpu";
     int B = 1, H = 8, S = 1024, D = 64, iters = 50, threads = 2;
     la_mode mode = LA_MODE_DENSE;
-    static const struct option opts[] = {
-        {"socket", required_argument, 0, 's'}, {"device", required_argument, 0, 'd'},
-        {"batch", required_argument, 0, 'b'},  {"heads", required_argument, 0, 'H'},
-        {"seq", required_argument, 0, 'S'},    {"head-dim", required_argument, 0, 'D'},
-        {"iters", required_argument, 0, 'n'},  {"threads", required_argument, 0, 't'},
-        {"mode", required_argument, 0, 'm'},   {"help", no_argument, 0, 'h'},
-        {0, 0, 0, 0}};
+    static const struct option opts[] = {{"socket", required_argument, 0, 's'},
+                                         {"device", required_argument, 0, 'd'},
+                                         {"batch", required_argument, 0, 'b'},
+                                         {"heads", required_argument, 0, 'H'},
+                                         {"seq", required_argument, 0, 'S'},
+                                         {"head-dim", required_argument, 0, 'D'},
+                                         {"iters", required_argument, 0, 'n'},
+                                         {"threads", required_argument, 0, 't'},
+                                         {"mode", required_argument, 0, 'm'},
+                                         {"help", no_argument, 0, 'h'},
+                                         {0, 0, 0, 0}};
     int o;
     while ((o = getopt_long(argc, argv, "s:d:b:H:S:D:n:t:m:h", opts, NULL)) != -1) {
         switch (o) {
@@ -259,7 +263,8 @@ int main(int argc, char **argv)
     }
 #endif
 
-    double *td = malloc(sizeof(double) * (size_t)iters), *tc = malloc(sizeof(double) * (size_t)iters);
+    double *td = malloc(sizeof(double) * (size_t)iters),
+           *tc = malloc(sizeof(double) * (size_t)iters);
     double *tk = malloc(sizeof(double) * (size_t)iters);
     for (int i = -3; i < iters; i++) { /* 3 warm-up rounds; the two paths alternate */
         la_attn_set_position(a, 0, (uint32_t)(i < 0 ? 0 : i), 0);

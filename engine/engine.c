@@ -209,6 +209,7 @@ static const char *dtype_name(la_dtype t)
 /* One checked tensor: its buffer, byte range [begin, end) and strides in elements. */
 typedef struct tref {
     const char *role;
+    int writes; /* o, lse, decisions */
     const eng_tensor *t;
     buf *b;
     uint64_t begin, end;
@@ -265,12 +266,30 @@ static int resolve_tensor(eng *e, const sess *s, uint64_t conn_id, const char *s
                  r->role, (unsigned long long)t->buffer_id);
         return LA_ENOENT;
     }
-    int want_kind = s->be == e->cpu ? BUF_SHM : BUF_CUDA;
-    if (b->kind != want_kind || (want_kind == BUF_CUDA && b->dev != s->dev)) {
+    int host = s->be == e->cpu, on_gpu = b->kind == BUF_CUDA || b->kind == BUF_VMM;
+    if (host ? b->kind != BUF_SHM : !on_gpu || b->dev != s->dev) {
         eng_errf(err, "%s: %s is in buffer %llu (%s), but the session computes on %s", sname,
                  r->role, (unsigned long long)b->id,
-                 b->kind == BUF_SHM ? "host memory" : "GPU memory", s->device);
+                 b->kind == BUF_SHM    ? "host memory"
+                 : b->kind == BUF_VMM ? "GPU memory, VMM"
+                                      : "GPU memory",
+                 s->device);
         return LA_EINVAL;
+    }
+    if (b->pending) {
+        eng_errf(err,
+                 "%s: %s is in buffer %llu, which is still being registered (%u of its %u VMM "
+                 "allocations have not arrived)",
+                 sname, r->role, (unsigned long long)b->id, b->pending, b->n_allocs);
+        return LA_EINVAL;
+    }
+    unsigned need = r->writes ? LA_ACCESS_WRITE : LA_ACCESS_READ;
+    if (!(b->access & need)) {
+        eng_errf(err, "%s: %s is in buffer %llu, registered %s", sname, r->role,
+                 (unsigned long long)b->id,
+                 r->writes ? "read-only: the daemon may not write it"
+                           : "write-only: the daemon may not read it");
+        return LA_EPERM;
     }
     uint64_t es = la_dtype_size(t->dtype);
     if (t->offset % es) {
@@ -455,6 +474,7 @@ static int resolve_tensors(eng *e, const sess *s, uint64_t conn_id, const char *
                                     &req->lse, &req->decisions, &req->row_max};
     for (int i = 0; i < N_TREF; i++) {
         t[i].role = roles[i];
+        t[i].writes = i >= 3;
         t[i].t = ts[i];
         if (i == 4 && !req->has_lse)
             continue;

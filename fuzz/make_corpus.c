@@ -250,6 +250,24 @@ int main(int argc, char **argv)
         save("dispatch", "raw-stream", &raw);
         seq++;
     }
+    /* VMM registrations (after the others, so that their numbers stay): a first frame with
+     * three allocations, an append, and an append to a buffer that is not VMM. */
+    {
+        uint64_t sizes[3] = {2u << 20, 2u << 20, 2u << 20};
+        Liteattn__BufferRegister vm = LITEATTN__BUFFER_REGISTER__INIT;
+        vm.kind = LITEATTN__BUFFER_KIND__BUFFER_VMM, vm.size = 5u << 20;
+        vm.device_uuid = "GPU-00000000-0000-0000-0000-000000000000";
+        vm.n_vmm_alloc_sizes = 3, vm.vmm_alloc_sizes = sizes;
+        vm.has_vmm_offset = 1, vm.vmm_offset = 4096;
+        vm.has_access = 1, vm.access = 1;
+        Liteattn__BufferRegister va = LITEATTN__BUFFER_REGISTER__INIT;
+        va.kind = LITEATTN__BUFFER_KIND__BUFFER_VMM, va.size = 2u << 20;
+        va.has_vmm_append = 1, va.vmm_append = 1;
+        REQ(r_vmm, 22, BUFFER_REGISTER, buffer_register, &vm);
+        REQ(r_vapp, 23, BUFFER_REGISTER, buffer_register, &va);
+        Liteattn__Request *vmm[] = {&r_vmm, &r_vapp, &r_reg, &r_vapp, &r_ping};
+        emit("buffer-register-vmm", 1, 0, vmm, sizeof vmm / sizeof vmm[0]);
+    }
     printf("make_corpus: %d seeds under %s\n", seq, root);
     return 0;
 }
