@@ -1041,7 +1041,7 @@ static void row_max_ring(void)
 {
     enum { B = 2, SQ = 200, H = 2, D = 64, P = 3 };
     harness h;
-    h_open(&h, NULL);
+    h_open(&h, NULL, g_slice);
     eng_session_spec one = spec_make("whole", 1, H, D, LA_DTYPE_F32, SQ, 0, B);
     eng_session_view v1, vr;
     one.max_seq_k = 512;
