@@ -1084,7 +1084,7 @@ END_TEST
  * votes did see R: the masks differ from those of a session without it. */
 START_TEST(test_row_max_matches_reference)
 {
-    la_client *c = connect_ok(&fx);
+    la_client *c = connect_ok(&td_fx);
     la_session *s = open_session(c, "carry", 1, 2, 64, LA_DTYPE_BF16, 300, 300, 2, -3.0f);
     la_session *s0 = open_session(c, "plain", 1, 2, 64, LA_DTYPE_BF16, 300, 300, 2, -3.0f);
     prob p;
