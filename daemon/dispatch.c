@@ -16,6 +16,7 @@
 typedef struct disp_job {
     conn_job cj; /* the connection's record of it */
     conn *c;
+    int row_max; /* the call carries row maxima: the reply says they were written */
 } disp_job;
 
 /* Sends Error(code, printf-formatted message); returns CONN_REQ_OK (semantic errors keep the
@@ -537,6 +538,8 @@ static void on_attn_done(void *user, int status, const eng_attn_result *res, con
                     ar.done_event.len = sizeof(res->done_event);
                 }
             }
+            if (j->row_max)
+                ar.has_row_max = 1, ar.row_max = 1;
             send_reply(c, j->cj.req_id, LITEATTN__REPLY__BODY_ATTENTION, &ar);
         }
     }
@@ -575,6 +578,11 @@ static int do_attention(const disp *d, conn *c, uint64_t id, const Liteattn__Att
             goto bad;
         q->has_decisions = 1;
     }
+    if (m->row_max) {
+        if ((rc = tensor_from(m->row_max, "row_max", &q->row_max, msg, sizeof(msg))) < 0)
+            goto bad;
+        q->has_row_max = 1;
+    }
     q->dry_run = m->has_dry_run && m->dry_run;
     q->scale = m->has_scale ? m->scale : 0.0f;
     q->has_threshold = m->has_threshold;
@@ -600,6 +608,7 @@ static int do_attention(const disp *d, conn *c, uint64_t id, const Liteattn__Att
         goto bad;
     }
     j->c = c;
+    j->row_max = q->has_row_max;
     eng_error err = {{0}};
     rc = eng_attn_submit(d->eng, c->uid, c->id, q, on_attn_done, j, &err);
     free(q);

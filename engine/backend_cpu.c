@@ -140,6 +140,9 @@ static uint64_t slice_params(const cpu_backend *c, const la_attn_params *p, int6
     sp->v = (const char *)p->v + es * (size_t)(b * p->v_stride[0] + h0 * p->v_stride[2]);
     if (p->lse)
         sp->lse = p->lse + b * p->lse_stride[0] + h0 * p->lse_stride[1] + r0 * p->lse_stride[2];
+    if (p->row_max)
+        sp->row_max = p->row_max + b * p->row_max_stride[0] + h0 * p->row_max_stride[1] +
+                      r0 * p->row_max_stride[2];
     int64_t mo = b * p->mask_stride[0] + h0 * p->mask_stride[1] + m0 * p->mask_stride[2];
     if (p->mask)
         sp->mask = p->mask + mo;

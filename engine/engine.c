@@ -219,6 +219,9 @@ typedef struct tref {
     int extent_rc; /* la_extent_bytes's answer: < 0 leaves the tensor to la_attn_check */
 } tref;
 
+/* Tensors of a call, in this order: q, k, v, o, lse, decisions, row_max. */
+#define N_TREF 7
+
 static int check_shape(const char *sname, const char *role, const eng_tensor *t, int ndim,
                        const int64_t *want, const char *dims, eng_error *err)
 {
@@ -333,9 +336,9 @@ static int resolve_tensor(eng *e, const sess *s, uint64_t conn_id, const char *s
     return 0;
 }
 
-static const tref *find_role(const tref t[6], const char *role)
+static const tref *find_role(const tref t[N_TREF], const char *role)
 {
-    for (int i = 0; role && i < 6; i++)
+    for (int i = 0; role && i < N_TREF; i++)
         if (t[i].present && strcmp(t[i].role, role) == 0)
             return &t[i];
     return NULL;
@@ -343,12 +346,13 @@ static const tref *find_role(const tref t[6], const char *role)
 
 /* The one validity decision (la_attn_check) on the call's parameters; its answer names the
  * rule and the tensor, to which this adds the buffer and byte range it knows. */
-static int check_params(const char *sname, const tref t[6], const la_attn_params *p, eng_error *err)
+static int check_params(const char *sname, const tref t[N_TREF], const la_attn_params *p,
+                        eng_error *err)
 {
     la_attn_error ve;
     int rc = la_attn_check(p, &ve);
     if (rc == 0) {
-        for (int i = 0; i < 6; i++)
+        for (int i = 0; i < N_TREF; i++)
             if (t[i].present && t[i].extent_rc < 0) { /* la_attn_check refuses these */
                 eng_errf(err, "%s: %s extent cannot be computed", sname, t[i].role);
                 return t[i].extent_rc;
@@ -439,6 +443,9 @@ static int check_geometry(const sess *s, const char *sname, const eng_attn_req *
     int64_t lshape[3] = {B, s->heads, Sq};
     if (req->has_lse && (rc = check_shape(sname, "lse", &req->lse, 3, lshape, "B, H, Sq", err)) < 0)
         return rc;
+    if (req->has_row_max &&
+        (rc = check_shape(sname, "row_max", &req->row_max, 3, lshape, "B, H, Sq", err)) < 0)
+        return rc;
     if (req->dry_run) {
         if (!req->has_decisions) {
             eng_errf(err, "%s: dry run without a decisions tensor", sname);
@@ -458,13 +465,14 @@ static int check_geometry(const sess *s, const char *sname, const eng_attn_req *
 /* Buffers, dtypes, strides and byte ranges of every tensor the call uses (overlaps are
  * la_attn_check's to find). */
 static int resolve_tensors(eng *e, const sess *s, uint64_t conn_id, const char *sname,
-                           const eng_attn_req *req, tref t[6], eng_error *err)
+                           const eng_attn_req *req, tref t[N_TREF], eng_error *err)
 {
     int rc;
-    memset(t, 0, 6 * sizeof *t);
-    const char *roles[6] = {"q", "k", "v", "o", "lse", "decisions"};
-    const eng_tensor *ts[6] = {&req->q, &req->k, &req->v, &req->o, &req->lse, &req->decisions};
-    for (int i = 0; i < 6; i++) {
+    memset(t, 0, N_TREF * sizeof *t);
+    const char *roles[N_TREF] = {"q", "k", "v", "o", "lse", "decisions", "row_max"};
+    const eng_tensor *ts[N_TREF] = {&req->q,   &req->k,         &req->v,      &req->o,
+                                    &req->lse, &req->decisions, &req->row_max};
+    for (int i = 0; i < N_TREF; i++) {
         t[i].role = roles[i];
         t[i].writes = i >= 3;
         t[i].t = ts[i];
@@ -472,7 +480,9 @@ static int resolve_tensors(eng *e, const sess *s, uint64_t conn_id, const char *
             continue;
         if (i == 5 && !req->dry_run)
             continue;
-        la_dtype want = i < 4 ? s->dtype : i == 4 ? LA_DTYPE_F32 : LA_DTYPE_U32;
+        if (i == 6 && !req->has_row_max)
+            continue;
+        la_dtype want = i < 4 ? s->dtype : i == 5 ? LA_DTYPE_U32 : LA_DTYPE_F32;
         if ((rc = resolve_tensor(e, s, conn_id, sname, &t[i], want, s->layer_mask_bytes, err)) < 0)
             return rc;
     }
@@ -521,7 +531,7 @@ static int check_ranges(const char *sname, const eng_attn_req *req, eng_error *e
 
 /* The backend job of a checked call: kernel parameters with the tensors' pointers, the
  * session's mask of (layer, shard), the ranges and the wait event. */
-static void build_params(const sess *s, const eng_attn_req *req, const tref t[6], la_mode mode,
+static void build_params(const sess *s, const eng_attn_req *req, const tref t[N_TREF], la_mode mode,
                          float scale, float tau, be_job *bj)
 {
     la_attn_params *p = &bj->p;
@@ -546,6 +556,10 @@ static void build_params(const sess *s, const eng_attn_req *req, const tref t[6]
     if (req->has_lse) {
         p->lse = t[4].ptr;
         memcpy(p->lse_stride, t[4].strides, sizeof p->lse_stride);
+    }
+    if (req->has_row_max) {
+        p->row_max = t[6].ptr;
+        memcpy(p->row_max_stride, t[6].strides, sizeof p->row_max_stride);
     }
     p->B = (int32_t)req->q.shape[0];
     p->Sq = (int32_t)req->q.shape[1];
@@ -646,7 +660,7 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
     sess *s;
     la_mode mode;
     char sname[SESS_NAME_MAX];
-    tref t[6];
+    tref t[N_TREF];
     float scale, tau;
     uint64_t cost;
     eng_user *u;
@@ -703,7 +717,7 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
     s->inflight++;
     j->mset = s->masks;
     s->masks->refs++;
-    for (int i = 0; i < 6; i++)
+    for (int i = 0; i < N_TREF; i++)
         if (t[i].present) {
             t[i].b->refs++;
             j->bufs[j->n_bufs++] = t[i].b;

@@ -222,7 +222,7 @@ typedef struct eng_tensor {
     uint64_t buffer_id;
     uint64_t offset; /* bytes */
     la_dtype dtype;
-    int ndim; /* 4 for q/k/v/o, 3 for lse, 0 for decisions */
+    int ndim; /* 4 for q/k/v/o, 3 for lse and row_max, 0 for decisions */
     int64_t shape[4];
     int64_t strides[4]; /* elements */
     int has_strides;    /* 0: contiguous row-major */
@@ -233,6 +233,10 @@ typedef struct eng_attn_req {
     uint32_t layer, step, kv_shard;
     eng_tensor q, k, v, o, lse, decisions;
     int has_lse, has_decisions;
+    /* Carried row maxima [B, H, Sq] f32, read and written (SKIP-SEMANTICS "Carried row
+     * maxima"). */
+    eng_tensor row_max;
+    int has_row_max;
     float scale; /* 0: 1/sqrt(D) */
     int has_threshold;
     float threshold;

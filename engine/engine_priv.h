@@ -97,7 +97,7 @@ typedef struct eng_job {
     eng *e;
     sess *s;
     eng_mset *mset;
-    buf *bufs[6];
+    buf *bufs[7]; /* one per tensor of the call (engine.c N_TREF) */
     int n_bufs;
     uint64_t conn_id;
     int conn_closed;

@@ -49,6 +49,7 @@ struct la_call {
     uint64_t tiles_total, tiles_computed, compute_ns, queue_ns;
     int has_done_event;
     uint8_t done_event[64];
+    int row_max;    /* sent with carried row maxima: the reply must say they were written */
     list_node link; /* the client's live calls */
 };
 

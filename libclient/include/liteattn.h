@@ -277,7 +277,15 @@ LA_API void la_attn_free(la_attn *a);
 /* Names a tensor: byte_offset into buf, ndim sizes and strides in elements (strides NULL:
  * contiguous, row-major). Q/K/V/O take 4 dims (B, S, H, D), LSE 3 (B, H, Sq). DECISIONS takes
  * no shape (ndim 0): it has the session's mask layout for one layer. Passing buf NULL removes
- * an optional tensor (LSE, DECISIONS). Errors: LA_EINVAL (wrong ndim or role). */
+ * an optional tensor (LSE, DECISIONS, ROW_MAX). Errors: LA_EINVAL (wrong ndim or role).
+ *
+ * ROW_MAX, 3 dims (B, H, Sq) f32, is read and written in place: carried row maxima for ring
+ * attention (docs/SKIP-SEMANTICS.md "Carried row maxima"). The call's skip votes compare each
+ * tile against max(ROW_MAX, the call's running maximum) instead of the running maximum alone,
+ * and the call ends by writing max(ROW_MAX, its own row maxima, in raw score units q.k) back.
+ * Fill it with -INFINITY before the first K/V shard of a query shard and hand the same tensor
+ * to the calls of the next shards: their votes then see every shard already done. O and LSE do
+ * not depend on it. A daemon that predates it fails the call with LA_ENOTSUP (la_call_wait). */
 LA_API int la_attn_set_tensor(la_attn *a, la_tensor_role role, const la_buffer *buf,
                               uint64_t byte_offset, la_dtype dtype, int ndim, const int64_t *shape,
                               const int64_t *strides);

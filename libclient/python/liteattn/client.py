@@ -594,7 +594,7 @@ class Session(_Closable):
     # -- attention --
     def attention(self, layer, step, q, k, v, *, threshold=None, mode=None, must_do=(),
                   must_skip=(), scale=None, kv_shard=0, return_lse=False, dry_run=False,
-                  out=None):
+                  out=None, row_max=None):
         """One attention call of `layer` at denoising `step`.
 
         q: [B, Sq, H, D], k, v: [B, Sk, H, D] as NumPy arrays, torch CPU tensors (both through
@@ -605,6 +605,13 @@ class Session(_Closable):
         to the result: (out, decisions) or (out, lse, decisions), decisions a NumPy uint32
         array shaped like mask(). must_do / must_skip: half-open key ranges [(start, end)].
         threshold/mode override the session's for this call only.
+
+        row_max: carried row maxima for ring attention (docs/SKIP-SEMANTICS.md "Carried row
+        maxima"), a float32 array or tensor [B, H, Sq] of q's kind (a CUDA tensor on q's
+        device for CUDA inputs), read and updated in place: the skip votes compare against
+        max(row_max, the call's running maximum), and the call leaves max(row_max, its own row
+        maxima of the raw scores q.k) in it. Start it at -inf for the first K/V shard and pass
+        the same one to the next shards' calls. out and lse do not depend on it.
         """
         h = self._handle()
         for name, x in (("q", q), ("k", k), ("v", v)):
@@ -632,6 +639,8 @@ class Session(_Closable):
             if len(x.shape) != 4:
                 raise InvalidArgument("%s has shape %s; expected 4 dims (B, S, H, D)"
                                       % (name, tuple(x.shape)))
+        if row_max is not None:
+            _check_row_max(row_max, q, kind)
         L = self._lib
         a = ctypes.c_void_p()
         check(L.la_attn_new(ctypes.byref(a)))
@@ -652,10 +661,11 @@ class Session(_Closable):
             if dry_run:
                 check(L.la_attn_set_dry_run(a, 1))
             if kind == "cuda":
-                res = self._run_cuda(h, a, q, k, v, return_lse, dry_run, out)
+                res = self._run_cuda(h, a, q, k, v, return_lse, dry_run, out, row_max)
             else:
                 with self._lock:
-                    res = self._run_host(h, a, kind, q, k, v, return_lse, dry_run, out)
+                    res = self._run_host(h, a, kind, q, k, v, return_lse, dry_run, out,
+                                         row_max)
         finally:
             L.la_attn_free(a)
         return res
@@ -702,7 +712,7 @@ class Session(_Closable):
         self._stage = (b, size, ptr)
         return self._stage
 
-    def _run_host(self, h, a, kind, q, k, v, return_lse, dry_run, out):
+    def _run_host(self, h, a, kind, q, k, v, return_lse, dry_run, out, row_max=None):
         np = _np()
         L = self._lib
         if kind == "numpy":
@@ -719,6 +729,7 @@ class Session(_Closable):
         sizes.append(4 * _prod(lse_shape) if return_lse else 0)
         dec_bytes = self.facts.get("layer_mask_bytes", 4 * _prod(self.mask_shape))
         sizes.append(dec_bytes if dry_run else 0)
+        sizes.append(4 * _prod(lse_shape) if row_max is not None else 0)
         offs = []
         total = 0
         for s in sizes:
@@ -748,7 +759,21 @@ class Session(_Closable):
         if dry_run:
             check(L.la_attn_set_tensor(a, _lib.T_DECISIONS, buf, offs[5], _lib.DTYPE_U32, 0,
                                        None, None))
+        if row_max is not None:
+            rview = np.ndarray(lse_shape, dtype=np.float32, buffer=raw, offset=offs[6])
+            rview[...] = (np.asarray(row_max) if kind == "numpy"
+                          else row_max.detach().numpy())
+            del rview
+            check(L.la_attn_set_tensor(a, _lib.T_ROW_MAX, buf, offs[6], _lib.DTYPE_F32, 3,
+                                       _i64(lse_shape), None))
         self._run_call(h, a)
+        if row_max is not None:     # updated in place, as on the GPU
+            rview = np.ndarray(lse_shape, dtype=np.float32, buffer=raw, offset=offs[6])
+            if kind == "numpy":
+                row_max[...] = rview
+            else:
+                row_max.copy_(_torch().from_numpy(rview.copy()))
+            del rview
         # Copy the results out of the staging buffer.
         if kind == "numpy":
             o_view = np.ndarray(qshape, dtype=q.dtype, buffer=raw, offset=offs[3])
@@ -783,7 +808,7 @@ class Session(_Closable):
         del raw
         return _result(out, lse, dec, return_lse, dry_run)
 
-    def _run_cuda(self, h, a, q, k, v, return_lse, dry_run, out):
+    def _run_cuda(self, h, a, q, k, v, return_lse, dry_run, out, row_max=None):
         torch = _torch()
         L = self._lib
         dev = q.device
@@ -818,6 +843,8 @@ class Session(_Closable):
             tensors.append((_lib.T_LSE, lse, RW, _lib.DTYPE_F32))
         if dec is not None:
             tensors.append((_lib.T_DECISIONS, dec, RW, _lib.DTYPE_U32))
+        if row_max is not None:     # read and written in place
+            tensors.append((_lib.T_ROW_MAX, row_max, RW, _lib.DTYPE_F32))
         stream = torch.cuda.current_stream(dev)
         refs, unshared = [], []
         for role, x, acc, code in tensors:
@@ -838,9 +865,9 @@ class Session(_Closable):
                     stream.wait_event(stage.done)
                 views = stage.views([(tuple(x.shape), x.dtype) for _, x, _, _, _ in unshared])
                 for (role, x, acc, code, _), y in zip(unshared, views):
-                    if acc == R:
+                    if acc == R or role == _lib.T_ROW_MAX:   # row_max is read, then written
                         y.copy_(x)
-                    else:
+                    if acc != R:
                         copy_out.append((x, y))
                     refs.append((role, y, code) + client._cuda_tensor_ref(y, pinned, acc,
                                                                           count=False))
@@ -878,6 +905,23 @@ class Session(_Closable):
             if dec.size == _prod(self.mask_shape):
                 dec = dec.reshape(self.mask_shape)
         return _result(out, lse, dec, return_lse, dry_run)
+
+
+def _check_row_max(row_max, q, kind):
+    """row_max must be float32 [B, H, Sq] of q's kind (and device), writable in place."""
+    B, Sq, H = (int(q.shape[0]), int(q.shape[1]), int(q.shape[2]))
+    want = (B, H, Sq)
+    if _kind(row_max) != kind or (kind == "cuda" and row_max.device != q.device):
+        raise InvalidArgument("row_max must be of q's kind (%s%s); got %s"
+                              % (kind, " on %s" % q.device if kind == "cuda" else "",
+                                 type(row_max).__name__))
+    if tuple(int(d) for d in row_max.shape) != want:
+        raise InvalidArgument("row_max has shape %s; expected [B, H, Sq] = %s"
+                              % (tuple(row_max.shape), want))
+    if str(row_max.dtype) not in ("float32", "torch.float32"):
+        raise InvalidArgument("row_max must be float32, not %s" % (row_max.dtype,))
+    if kind == "numpy" and not row_max.flags.writeable:
+        raise InvalidArgument("row_max is read-only; it is updated in place")
 
 
 def _warn_staging(why):
