@@ -35,6 +35,8 @@ typedef struct cfg {
     uint64_t max_queued_cost;   /* multiply-adds queued or running per user, 0 = none */
     uint64_t cpu_slice;         /* multiply-adds per CPU slice, 0 = the backend's default */
     uint32_t session_grace_s, session_ttl_s, hello_timeout_s;
+    uint32_t doorbell_timeout_s; /* fast path: a launched call waits this long for its doorbell */
+    uint32_t max_doorbell_slots; /* slots of one connection's doorbell */
     uint64_t max_outbound_bytes;          /* queued replies per connection before it is dropped */
     uint64_t max_outbound_bytes_per_user; /* the same over a user's connections, 0 = none */
     uint32_t max_fds_per_user;            /* received fds not yet claimed, per user, 0 = none */
