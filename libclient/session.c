@@ -1,5 +1,6 @@
 /* session.c — session configuration, open/attach, facts, masks, reset and close. */
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -140,6 +141,7 @@ static int session_from_reply(la_client *c, const Liteattn__SessionReply *r,
     s->layer_mask_bytes = r->has_layer_mask_bytes
                               ? r->layer_mask_bytes
                               : (uint64_t)s->batch * s->heads * s->n_q_tiles * s->n_k_words * 4;
+    snprintf(s->device, sizeof(s->device), "%s", r->device ? r->device : "");
     list_append(&c->sessions, &s->link);
     *ret_session = s;
     return 0;
@@ -369,6 +371,7 @@ static int session_ack(la_session *s, int body)
     if (rc == 0)
         liteattn__reply__free_unpacked(r, NULL);
     if (body == LITEATTN__REQUEST__BODY_SESSION_CLOSE) {
+        cl_fast_session_gone(c, s);
         list_remove(&s->link);
         free(s);
     }
@@ -394,6 +397,7 @@ LA_API void la_session_detach(la_session *s)
         return;
     la_client *c = s->client;
     pthread_mutex_lock(&c->lock);
+    cl_fast_session_gone(c, s);
     list_remove(&s->link);
     free(s);
     pthread_mutex_unlock(&c->lock);
