@@ -326,6 +326,12 @@ static int client_idle(la_client *c, void *arg)
     return c->fast_inflight == 0;
 }
 
+void cl_fast_drain(la_session *s)
+{
+    if (s->fast.inflight)
+        cl_wait_cond(s->client, session_idle, s, -1);
+}
+
 /* Waits for cond (the lock held); the timeout or closure as an error. */
 static int wait_idle(la_client *c, int (*cond)(la_client *, void *), void *arg, int timeout_ms)
 {

@@ -175,6 +175,9 @@ int cl_fast_begin(la_client *c, la_session *s, void *stream, uint32_t *ret_slot,
 void cl_fast_undo(la_client *c, uint32_t slot, uint32_t value, int status);
 /* Reports (and clears) s's deferred error: its code, or 0. */
 int cl_fast_deferred(la_session *s);
+/* Waits until s's enqueued calls have their replies (in program order before what follows:
+ * mask reads, info, reset); their errors stay deferred. */
+void cl_fast_drain(la_session *s);
 /* Session s's handle goes away: its calls forget it, its deferred error moves to the client. */
 void cl_fast_session_gone(la_client *c, la_session *s);
 /* The connection is gone or being closed: every fast call's stream is released (done written

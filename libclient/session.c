@@ -255,6 +255,7 @@ static int session_ref_call(la_session *s, int body, int want, Liteattn__Reply *
 static int session_info_call(la_session *s, Liteattn__Reply **ret_reply)
 {
     pthread_mutex_lock(&s->client->lock);
+    cl_fast_drain(s);
     int rc = session_ref_call(s, LITEATTN__REQUEST__BODY_SESSION_INFO,
                               LITEATTN__REPLY__BODY_SESSION_INFO, ret_reply);
     pthread_mutex_unlock(&s->client->lock);
@@ -325,6 +326,7 @@ LA_API int la_session_read_mask(la_session *s, uint32_t layer, uint32_t kv_shard
     uint8_t *out = dst;
     int rc = 0;
     pthread_mutex_lock(&c->lock);
+    cl_fast_drain(s);
     while (off < total) {
         Liteattn__MaskRead mr = LITEATTN__MASK_READ__INIT;
         mr.session_id = s->id;
@@ -367,6 +369,8 @@ static int session_ack(la_session *s, int body)
     la_client *c = s->client;
     Liteattn__Reply *r;
     pthread_mutex_lock(&c->lock);
+    if (body == LITEATTN__REQUEST__BODY_SESSION_RESET)
+        cl_fast_drain(s);
     int rc = session_ref_call(s, body, LITEATTN__REPLY__BODY_ACK, &r);
     if (rc == 0)
         liteattn__reply__free_unpacked(r, NULL);

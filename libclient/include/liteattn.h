@@ -337,6 +337,10 @@ LA_API int la_session_sync(la_session *s, int timeout_ms);
  * deferred error is reported. */
 LA_API int la_client_sync(la_client *c, int timeout_ms);
 
+/* la_session_info, la_session_stat, la_session_read_mask and la_session_reset first wait for
+ * the replies of s's enqueued calls, so that they see (or reset after) every call made before
+ * them; the calls' errors stay deferred. */
+
 /* Figures of s's la_attn_enqueue calls whose replies arrived (this handle only): "calls"
  * (succeeded), "failed", "inflight" (sent, no reply yet), "tiles_total", "tiles_computed",
  * "compute_ns", "queue_ns" (sums over the calls that succeeded). Errors: LA_ENOENT. */

@@ -5,6 +5,11 @@ session (a sealed memfd the library maps and the daemon maps too): the inputs ar
 the output copied out, and the buffer is reused from call to call, grown when a call needs
 more. torch CUDA tensors travel by CUDA IPC without copies: each caching-allocator block is
 registered once per client and a tensor is named by (block, byte offset, shape, strides).
+
+CUDA tensors take the fast path by default (docs/FASTPATH.md): the call is ordered on the
+current torch stream on the GPU (la_attn_enqueue) and returns at once, like a kernel launch;
+its errors are raised by a later call or by sync(). fastpath=False (per client, per call, or
+LITEATTN_FASTPATH=0) takes the synchronous path (IPC events, the reply waited for).
 """
 import ctypes
 import math
@@ -12,6 +17,7 @@ import numbers
 import operator
 import os
 import threading
+import warnings
 import weakref
 
 from . import _lib
@@ -249,6 +255,26 @@ class _CudaBlock:
         self.handle, self.base, self.size, self.alloc_id = handle, base, size, alloc_id
 
 
+def _fastpath_default(fastpath):
+    """The client's default: the argument, else $LITEATTN_FASTPATH (0/off/false/no: off)."""
+    if fastpath is None:
+        env = os.environ.get("LITEATTN_FASTPATH", "").strip().lower()
+        return env not in ("0", "off", "false", "no")
+    if not isinstance(fastpath, bool):
+        raise InvalidArgument("fastpath must be True, False or None, got %r" % (fastpath,))
+    return fastpath
+
+
+def _timeout_ms(timeout):
+    """Seconds (None: forever) as the library's milliseconds (-1: forever)."""
+    if timeout is None:
+        return -1
+    t = _number(timeout, "timeout")
+    if t < 0:
+        raise InvalidArgument("timeout must be >= 0 seconds or None, got %r" % (timeout,))
+    return int(min(t * 1000.0, 2 ** 31 - 1))
+
+
 # ---- Client ----------------------------------------------------------------------------------
 
 class Client:
@@ -258,10 +284,15 @@ class Client:
     $XDG_RUNTIME_DIR/liteattn.sock if a socket exists there, else /run/liteattn/liteattn.sock.
     Use as a context manager, or call close(). Closing detaches the sessions opened through
     it (the daemon keeps them for its grace period, so another client may attach()).
+    fastpath: whether calls on CUDA tensors take the fast path (ordered on the current torch
+    stream, not waited for); None takes $LITEATTN_FASTPATH (default on). Session.attention's
+    fastpath argument overrides it per call.
     """
 
-    def __init__(self, socket=None, name=None):
+    def __init__(self, socket=None, name=None, fastpath=None):
         self._lib = _lib.get()
+        self.fastpath = _fastpath_default(fastpath)
+        self._fast_warned = False
         self._h = None
         self._lock = threading.RLock()
         self._sessions = weakref.WeakSet()
@@ -297,10 +328,14 @@ class Client:
             pass
 
     def close(self):
-        """Disconnects. Sessions are detached (not closed); registered buffers released."""
+        """Disconnects. Sessions are detached (not closed); registered buffers released.
+        Fast-path calls still in flight are finished first (their replies waited for); the
+        first error of one is raised once the client is closed."""
         with self._lock:
             if self._h is None:
                 return
+            rc = self._lib.la_client_sync(self._h, -1)
+            err = from_code(rc) if rc < 0 and rc != _lib.LA_ECLOSED else None
             for s in list(self._sessions):
                 s._drop(detach=True)
             for blk in self._cuda_blocks.values():
@@ -308,6 +343,8 @@ class Client:
             self._cuda_blocks.clear()
             self._lib.la_disconnect(self._h)
             self._h = None
+        if err is not None:
+            raise err
 
     @property
     def closed(self):
@@ -323,6 +360,12 @@ class Client:
     def backends(self):
         v = self.fact("backends") or ""
         return [b for b in v.split(",") if b]
+
+    def sync(self, timeout=None):
+        """Waits (up to timeout seconds; None: forever) for the replies of every fast-path
+        call of this client and raises the first error of one, if any (it is then cleared).
+        The GPU itself is not waited for: torch.cuda.synchronize() does that."""
+        check(self._lib.la_client_sync(self._handle(), _timeout_ms(timeout)))
 
     def ping(self):
         """Round-trip time of one Ping, in seconds."""
@@ -551,10 +594,11 @@ class Session:
         self.n_q_tiles = self.facts.get("n_q_tiles") or -(-self.max_seq_q // self.tile_sizes[0])
         self.n_k_words = self.facts.get("n_k_words") or \
             -(-(-(-self.max_seq_k // self.tile_sizes[1])) // 32)
-        # Counters of the calls made through this handle.
-        self.stats = {"calls": 0, "tiles_total": 0, "tiles_computed": 0, "compute_ns": 0,
-                      "queue_ns": 0}
+        # Counters of the synchronous calls made through this handle (stats adds the fast ones).
+        self._sync_stats = {"calls": 0, "tiles_total": 0, "tiles_computed": 0,
+                            "compute_ns": 0, "queue_ns": 0}
         self.last_call = {}
+        self._fast = None  # None: not asked yet; else (ok, reason)
         self.profile = None   # set by open_session(profile=...): per-layer thresholds
 
     def __repr__(self):
@@ -619,6 +663,36 @@ class Session:
         rc = self._drop(detach=False)
         check(rc)
 
+    @property
+    def stats(self):
+        """Counters of the calls made through this handle: "calls", "tiles_total",
+        "tiles_computed", "compute_ns", "queue_ns"; fast-path calls count once their reply
+        arrived (sync() waits for them), and "failed" counts fast-path calls that failed."""
+        st = dict(self._sync_stats)
+        st["failed"] = 0
+        if self._h is None:
+            return st
+        v = ctypes.c_int64()
+        for name in ("calls", "tiles_total", "tiles_computed", "compute_ns", "queue_ns",
+                     "failed"):
+            if self._lib.la_session_counter(self._h, name.encode(), ctypes.byref(v)) == 0:
+                st[name] += v.value
+        return st
+
+    def sync(self, timeout=None):
+        """Waits (up to timeout seconds; None: forever) for the replies of this session's
+        fast-path calls and raises the first error of one, if any (it is then cleared)."""
+        check(self._lib.la_session_sync(self._handle(), _timeout_ms(timeout)))
+
+    def fastpath_status(self):
+        """(True, "") when this session's CUDA calls can take the fast path, else (False,
+        the reason: the daemon's devices, this process's CUDA driver)."""
+        if self._fast is None:
+            rc = self._lib.la_session_fastpath(self._handle())
+            why = "" if rc == 0 else _lib.text(self._lib.la_last_error_message())
+            self._fast = (rc == 0, why)
+        return self._fast
+
     def detach(self):
         """Frees this handle but leaves the session open on the daemon (attach it later)."""
         self._drop(detach=True)
@@ -659,7 +733,7 @@ class Session:
     # -- attention --
     def attention(self, layer, step, q, k, v, *, threshold=None, mode=None, must_do=(),
                   must_skip=(), scale=None, kv_shard=0, return_lse=False, dry_run=False,
-                  out=None):
+                  out=None, fastpath=None):
         """One attention call of `layer` at denoising `step`.
 
         q: [B, Sq, H, D], k, v: [B, Sk, H, D] as NumPy arrays, torch CPU tensors (both through
@@ -670,6 +744,13 @@ class Session:
         to the result: (out, decisions) or (out, lse, decisions), decisions a NumPy uint32
         array shaped like mask(). must_do / must_skip: half-open key ranges [(start, end)].
         threshold/mode override the session's for this call only.
+
+        CUDA tensors take the fast path unless fastpath=False (or the client's default is
+        off): the call is ordered on torch.cuda.current_stream() and this returns at once,
+        out being written on the GPU before anything later on that stream runs. An error of
+        such a call is raised by a later attention() of this session or by sync(). Without
+        the fast path (the daemon or the CUDA driver lacks it: a RuntimeWarning says why once,
+        or fastpath=True raises NotSupported), and for dry runs, the call is synchronous.
         """
         h = self._handle()
         for name, x in (("q", q), ("k", k), ("v", v)):
@@ -717,7 +798,10 @@ class Session:
             if dry_run:
                 check(L.la_attn_set_dry_run(a, 1))
             if kind == "cuda":
-                res = self._run_cuda(h, a, q, k, v, return_lse, dry_run, out)
+                fast = self.client.fastpath if fastpath is None else bool(fastpath)
+                if fast and not dry_run and not self._fast_usable(fastpath):
+                    fast = False
+                res = self._run_cuda(h, a, q, k, v, return_lse, dry_run, out, fast)
             else:
                 with self._lock:
                     res = self._run_host(h, a, kind, q, k, v, return_lse, dry_run, out)
@@ -725,14 +809,28 @@ class Session:
             L.la_attn_free(a)
         return res
 
+    def _fast_usable(self, asked):
+        """Whether the fast path is there; asked=True makes its absence an error, else it is
+        said once per client with a RuntimeWarning."""
+        ok, why = self.fastpath_status()
+        if ok:
+            return True
+        if asked:
+            raise NotSupported("the fast path is not available: %s" % why)
+        if not self.client._fast_warned:
+            self.client._fast_warned = True
+            warnings.warn("liteattn: CUDA calls wait for the daemon's reply (no fast path: %s)"
+                          % why, RuntimeWarning, stacklevel=3)
+        return False
+
     def _account(self, call):
         st = {}
         for name in ("tiles_total", "tiles_computed", "compute_ns", "queue_ns"):
             v = ctypes.c_int64()
             if self._lib.la_call_stat(call, name.encode(), ctypes.byref(v)) == 0:
                 st[name] = v.value
-                self.stats[name] += v.value
-        self.stats["calls"] += 1
+                self._sync_stats[name] += v.value
+        self._sync_stats["calls"] += 1
         self.last_call = st
 
     def _ensure_stage(self, nbytes):
@@ -840,7 +938,7 @@ class Session:
         del raw
         return _result(out, lse, dec, return_lse, dry_run)
 
-    def _run_cuda(self, h, a, q, k, v, return_lse, dry_run, out):
+    def _run_cuda(self, h, a, q, k, v, return_lse, dry_run, out, fast):
         torch = _torch()
         L = self._lib
         dev = q.device
@@ -880,6 +978,13 @@ class Session:
             check(L.la_attn_set_tensor(a, _lib.T_DECISIONS, buf, off, _lib.DTYPE_U32, 0,
                                        None, None))
         stream = torch.cuda.current_stream(dev)
+        if fast:
+            # Ordered on the GPU: the ring after what the stream has (Q/K/V), the wait for
+            # done before what comes next. No reply is waited for; freed inputs are reused
+            # only by later work on this stream, which runs after done.
+            check(L.la_attn_enqueue(h, a, ctypes.c_void_p(stream.cuda_stream), None))
+            self.last_call = {}
+            return _result(out, lse, None, return_lse, False)
         ev = torch.cuda.Event(enable_timing=False, blocking=False, interprocess=True)
         ev.record(stream)
         handle = ev.ipc_handle()
