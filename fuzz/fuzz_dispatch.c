@@ -20,7 +20,8 @@
  * A record that decodes as BufferRegister(SHM) gets a sealed memfd of min(size, 1 MiB) bytes
  * (one byte less when bit 8 of the request id is set: a buffer that claims more than its
  * fd holds) sent with its first
- * byte. Attention requests whose compute would exceed ~2^24 multiply-adds are left out (they
+ * byte; one that decodes as DoorbellRegister a memfd of its slots (16 bytes each, whole pages,
+ * one byte less likewise), whose ready words stay 0. Attention requests whose compute would exceed ~2^24 multiply-adds are left out (they
  * are valid work, just slow: the fuzzer looks for crashes, not for a CPU bill).
  *
  * Checked: no crash or sanitizer report; every reply the daemon writes decodes as a Reply.
@@ -246,6 +247,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             if (r->body_case == LITEATTN__REQUEST__BODY_BUFFER_REGISTER &&
                 r->buffer_register->kind == LITEATTN__BUFFER_KIND__BUFFER_SHM)
                 pass_fd = make_memfd(r->buffer_register->size, (r->id & 0x100) != 0);
+            if (r->body_case == LITEATTN__REQUEST__BODY_DOORBELL_REGISTER)
+                pass_fd = make_memfd(((uint64_t)r->doorbell_register->slots * 16 + 4095) &
+                                         ~(uint64_t)4095,
+                                     (r->id & 0x100) != 0);
             if (r->body_case == LITEATTN__REQUEST__BODY_ATTENTION &&
                 attn_cost(r->attention) > (double)(1 << 24))
                 skip = 1;
