@@ -171,6 +171,12 @@ LA_API int la_session_fastpath(const la_session *s)
     return fast_check(s);
 }
 
+static int slot_free(la_client *c, void *arg)
+{
+    (void)arg;
+    return c->db && c->db->n_free > 0;
+}
+
 int cl_fast_begin(la_client *c, la_session *s, void *stream, uint32_t *ret_slot,
                   uint32_t *ret_value)
 {
@@ -187,11 +193,15 @@ int cl_fast_begin(la_client *c, la_session *s, void *stream, uint32_t *ret_slot,
             return rc;
         db->cuda = 1;
     }
+    /* Every slot busy (the daemon allows more calls in flight than it gives slots): wait for a
+     * reply, as for the in-flight limit. */
+    while (db->n_free == 0 && db->n_retired < db->n_slots)
+        if ((rc = cl_wait_cond(c, slot_free, NULL, -1)) < 0)
+            return cl_fail(rc, "connection to the daemon closed");
     if (db->n_free == 0)
-        return cl_fail(db->n_retired == db->n_slots ? LA_ELIMIT : LA_EBUSY,
-                       "no free doorbell slot: %u of %u in use, %u retired after timeouts%s",
-                       db->n_slots - db->n_free - db->n_retired, db->n_slots, db->n_retired,
-                       db->n_retired == db->n_slots ? " (reconnect)" : "");
+        return cl_fail(LA_ELIMIT,
+                       "every doorbell slot (%u) was retired after timeouts: reconnect",
+                       db->n_slots);
     uint32_t slot = db->free_stack[--db->n_free];
     uint32_t v = db->value[slot] + 1;
     if (v == 0)

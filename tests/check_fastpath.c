@@ -100,6 +100,14 @@ static void bank_free(bank *b)
     OK(la_buffer_unregister(b->buf));
 }
 
+/* The bank's calls only: its buffer went with its client (la_disconnect). */
+static void bank_forget(bank *b)
+{
+    for (int l = 0; l < b->L; l++)
+        la_attn_free(b->a[l]);
+    free(b->a);
+}
+
 static float *tensor(const bank *b, int l, int t) { return (float *)(b->base + off_of(b, l, t)); }
 
 /* Inputs of (layer, step): a fixed random part and a smaller step-dependent one. Queries and
@@ -343,6 +351,7 @@ START_TEST(test_disconnect_in_flight)
             OK(la_attn_enqueue(s, b.a[l], NULL, NULL));
         }
     la_disconnect(c); /* no sync: calls in flight */
+    bank_forget(&b);
     la_client *c2 = connect_ok(&d);
     OK(la_ping(c2, NULL));
     int64_t ndb = -1;
