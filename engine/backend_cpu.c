@@ -23,7 +23,13 @@
  * Calls on the same mask (session, layer, kv shard) are serialised in submission order (the
  * fair queue never lets one overtake an earlier call of its session on the same mask, and a
  * running slice blocks the other calls on its mask); the GPU backend gets the same order from
- * its single stream per device.
+ * the session's own stream.
+ *
+ * Fast-path calls (a doorbell slot, backend.h) speak the GPU's protocol without a stream: the
+ * client rings the slot from the host before it sends the call, so a slot found unrung when
+ * the call starts is the client's mistake, and the call fails (LA_EINVAL) instead of waiting
+ * for a write that nothing orders; the engine writes the slot's status and done words when the
+ * call completes, whatever its outcome.
  */
 #include <errno.h>
 #include <pthread.h>
