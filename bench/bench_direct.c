@@ -13,6 +13,26 @@
 #include "la_attn.h"
 #include "sim.h"
 
+/* One la_ref_attn_fwd call of p, its time added to *t; says what failed (what: "" or a note). */
+static int timed_call(la_attn_params *p, double *t, const char *what)
+{
+    double t0 = sim_now_s();
+    int rc = la_ref_attn_fwd(p);
+    *t += sim_now_s() - t0;
+    if (rc < 0)
+        fprintf(stderr, "bench_direct: la_ref_attn_fwd%s: %s\n", what, codes_strerror(rc));
+    return rc;
+}
+
+/* p's inputs in mode dense into ref (its mask is not touched), timed into *t. */
+static int dense_call(la_attn_params *p, void *ref, double *t)
+{
+    p->mode = LA_MODE_DENSE;
+    p->o = ref;
+    p->ret_tiles_computed = NULL;
+    return timed_call(p, t, " (dense)");
+}
+
 static int run_direct(const sim_opts *o)
 {
     const int S = o->seq, H = o->heads, D = o->head_dim, L = o->layers;
@@ -64,21 +84,14 @@ static int run_direct(const sim_opts *o)
 
     double t_start = sim_now_s();
     /* The baseline (sim.h): dense passes on step 0's inputs, the first one untimed. */
-    p.mode = LA_MODE_DENSE;
-    p.o = ref;
     p.step = 0;
     for (int run = -1; run < o->dense_runs; run++) {
         double t = 0;
         for (int l = 0; l < L; l++) {
             sim_generate(o, &ld[l], l, 0, q, k, v);
             p.mask = mask + (size_t)l * mask_words;
-            double t0 = sim_now_s();
-            int rc = la_ref_attn_fwd(&p);
-            t += sim_now_s() - t0;
-            if (rc < 0) {
-                fprintf(stderr, "bench_direct: la_ref_attn_fwd (dense): %s\n", codes_strerror(rc));
+            if (dense_call(&p, ref, &t) < 0)
                 return 1;
-            }
         }
         if (run >= 0)
             dense_t[n_dense++] = t;
@@ -97,25 +110,12 @@ static int run_direct(const sim_opts *o)
             p.mask = mask + (size_t)l * mask_words;
             int64_t tiles = 0;
             p.ret_tiles_computed = &tiles;
-            double t0 = sim_now_s();
-            int rc = la_ref_attn_fwd(&p);
-            attn += sim_now_s() - t0;
-            if (rc < 0) {
-                fprintf(stderr, "bench_direct: la_ref_attn_fwd: %s\n", codes_strerror(rc));
+            if (timed_call(&p, &attn, "") < 0)
                 return 1;
-            }
             computed += tiles;
             total += (int64_t)H * nQ * nK;
-            p.mode = LA_MODE_DENSE;
-            p.o = ref;
-            p.ret_tiles_computed = NULL;
-            t0 = sim_now_s();
-            rc = la_ref_attn_fwd(&p);
-            dense += sim_now_s() - t0;
-            if (rc < 0) {
-                fprintf(stderr, "bench_direct: la_ref_attn_fwd (dense): %s\n", codes_strerror(rc));
+            if (dense_call(&p, ref, &dense) < 0)
                 return 1;
-            }
             sim_err_acc(out, ref, n, o->dtype, &num, &den);
         }
         rows[step] =

@@ -96,8 +96,10 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "--amp"))
             amp = atof(argv[i + 1]);
         else {
-            fprintf(stderr, "usage: %s [--threads N] [--runs R] [--seq S] [--heads H] [--dim D] [--amp A]\n",
-                    argv[0]);
+            fprintf(
+                stderr,
+                "usage: %s [--threads N] [--runs R] [--seq S] [--heads H] [--dim D] [--amp A]\n",
+                argv[0]);
             return 2;
         }
     }
@@ -127,10 +129,10 @@ int main(int argc, char **argv)
         {"bf16 skip  tau=-3 (local)", LA_DTYPE_BF16, LA_MODE_SKIP, -3.0f},
     };
     const double flop = 4.0 * B * H * (double)S * S * D;
-    printf("la_ref_attn_fwd  B%d H%d Sq=Sk=%d D%d  BM%d BN%d  threads %d  median of %d\n", B, H,
-           S, D, BM, BN, threads, runs);
-    printf("%-28s %10s %10s %10s %12s %9s\n", "case", "wall ms", "GFLOP/s", "cpu ms",
-           "GFLOP/cpu-s", "computed");
+    printf("la_ref_attn_fwd  B%d H%d Sq=Sk=%d D%d  BM%d BN%d  threads %d  median of %d\n", B, H, S,
+           D, BM, BN, threads, runs);
+    printf("%-28s %10s %10s %10s %12s %9s\n", "case", "wall ms", "GFLOP/s", "cpu ms", "GFLOP/cpu-s",
+           "computed");
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
         int local = cases[c].tau > -INFINITY;
         fill(q, cases[c].dt, S, H, D, local, amp);

@@ -33,3 +33,22 @@ $(BUILD)/bench_throughput: $(BUILD)/obj/bench/bench_throughput.o $(LA_SO) $(KERN
 	$(Q)$(CC) -o $@ $< $(KERNEL_LIB) $(TOOL_LDFLAGS) -lliteattn $(CUDA_LIBS) $(LDLIBS_BASE)
 
 ALL_TARGETS += $(BUILD)/bench_throughput
+
+# ipc_probe (CUDA builds only): the attention kernel and two memory kernels on every kind of
+# memory a client can hand the daemon (own cudaMalloc, CUDA IPC imports, VMM allocations by
+# fd), in two processes. Runs on the GPU machine: $(BUILD)/ipc_probe --help.
+ifeq ($(HAVE_CUDA),1)
+# Its own object rule: the probe needs only the kernels' headers, so that it builds where
+# protoc-c is absent (the GPU machine), as the kernels do.
+$(BUILD)/obj/bench/ipc_probe.o: bench/ipc_probe.c
+	@mkdir -p $(dir $@)
+	@$(if $(Q),echo "  CC      $<")
+	$(Q)$(CC) $(ALL_CFLAGS) $(KERNEL_INC) -c $< -o $@
+
+$(BUILD)/ipc_probe: $(BUILD)/obj/bench/ipc_probe.o $(BUILD)/obj/bench/probe_kernels.cu.o \
+		$(KERNEL_LIB)
+	@$(if $(Q),echo "  LD      $@")
+	$(Q)$(CC) -o $@ $^ $(CUDA_LIBS) -ldl $(LDLIBS_BASE)
+
+ALL_TARGETS += $(BUILD)/ipc_probe
+endif

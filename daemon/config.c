@@ -41,7 +41,6 @@ typedef struct opt {
 } opt;
 
 #define OFF(f) offsetof(cfg, f)
-#define GiB (1024ull * 1024 * 1024)
 static const opt opts[] = {
     {"socket", 's', K_PATH, OFF(socket_path), 0, 0, "PATH",
      "listen here (default $LITEATTN_SOCKET, else $RUNTIME_DIRECTORY/liteattn.sock, else "
@@ -59,46 +58,46 @@ static const opt opts[] = {
      "error, warn, info or debug (default info)"},
     {"max-frame", 0, K_U32SIZE, OFF(max_frame), 1024, 64u << 20, "BYTES",
      "largest request frame (default 1M); a larger one closes the connection"},
-    {"max-inflight", 0, K_U32, OFF(max_inflight), 1, 65536, "N",
+    {"max-inflight", 0, K_U32, OFF(limits.max_inflight_per_conn), 1, 65536, "N",
      "attention requests in flight per connection (default 64)"},
     {"max-connections-per-user", 0, K_U32, OFF(max_conns_per_user), 1, 1u << 20, "N",
      "connections per Unix user (default 64)"},
-    {"max-buffers", 0, K_U32, OFF(max_buffers), 1, 1u << 20, "N",
+    {"max-buffers", 0, K_U32, OFF(limits.max_buffers_per_conn), 1, 1u << 20, "N",
      "registered buffers per connection (default 256)"},
-    {"max-buffer-bytes", 0, K_U64SIZE, OFF(max_buffer_bytes), 1, UINT64_MAX, "BYTES",
-     "bytes of registered buffers per connection (default 64G)"},
-    {"max-buffers-per-user", 0, K_U32, OFF(max_buffers_per_user), 1, 1u << 24, "N",
+    {"max-buffer-bytes", 0, K_U64SIZE, OFF(limits.max_buffer_bytes_per_conn), 1, UINT64_MAX,
+     "BYTES", "bytes of registered buffers per connection (default 64G)"},
+    {"max-buffers-per-user", 0, K_U32, OFF(limits.max_buffers_per_user), 1, 1u << 24, "N",
      "registered buffers (each a mapping of the daemon) of one Unix user over all its "
      "connections (default 2048)"},
-    {"max-buffers-total", 0, K_U64SIZE, OFF(max_buffers_total), 0, UINT64_MAX, "N",
+    {"max-buffers-total", 0, K_U64SIZE, OFF(limits.max_buffers_total), 0, UINT64_MAX, "N",
      "registered buffers of all users (default 0: half of vm.max_map_count), so that the "
      "daemon keeps mappings for new connections"},
-    {"max-sessions", 0, K_U32, OFF(max_sessions), 1, 1u << 20, "N",
+    {"max-sessions", 0, K_U32, OFF(limits.max_sessions_per_user), 1, 1u << 20, "N",
      "open sessions per Unix user (default 64)"},
-    {"max-mask-bytes", 0, K_U64SIZE, OFF(max_mask_bytes), 1, UINT64_MAX, "BYTES",
+    {"max-mask-bytes", 0, K_U64SIZE, OFF(limits.max_mask_bytes_per_user), 1, UINT64_MAX, "BYTES",
      "skip-mask memory per Unix user (default 4G)"},
-    {"mask-memory-cap", 0, K_U64SIZE, OFF(mask_memory_cap), 0, UINT64_MAX, "BYTES",
+    {"mask-memory-cap", 0, K_U64SIZE, OFF(limits.mask_memory_cap), 0, UINT64_MAX, "BYTES",
      "skip-mask memory of all users; to make room, detached sessions are evicted, oldest "
      "first, never below another user's fair share of the cap (default 0: no cap)"},
-    {"max-call-cost", 0, K_U64SIZE, OFF(max_call_cost), 0, UINT64_MAX, "MACS",
+    {"max-call-cost", 0, K_U64SIZE, OFF(limits.max_call_cost), 0, UINT64_MAX, "MACS",
      "multiply-adds one attention call may cost, counted from its shapes (2*B*H*Sq*Sk*D, "
      "zero strides included); above it LA_ELIMIT (default 128T = 2^47: a B1 H40 S75600 D128 "
      "call is 0.42 of it; 0: no limit)"},
-    {"max-queued-cost", 0, K_U64SIZE, OFF(max_queued_cost), 0, UINT64_MAX, "MACS",
+    {"max-queued-cost", 0, K_U64SIZE, OFF(limits.max_queued_cost_per_user), 0, UINT64_MAX, "MACS",
      "multiply-adds of attention calls one Unix user may have queued or running at once; a "
      "call beyond it gets LA_ELIMIT (default 8192T = 2^53; 0: no limit)"},
     {"cpu-slice", 0, K_U64SIZE, OFF(cpu_slice), 0, UINT64_MAX, "MACS",
      "the CPU backend runs calls in slices of about this many multiply-adds and shares the "
      "pool fairly between slices (default 256M; 0: the default)"},
-    {"session-grace", 0, K_U32, OFF(session_grace_s), 0, 30u * 86400, "SEC",
+    {"session-grace", 0, K_U32, OFF(limits.session_grace_s), 0, 30u * 86400, "SEC",
      "a session whose connections are gone stays this long for a re-attach (default 300)"},
-    {"session-ttl", 0, K_U32, OFF(session_ttl_s), 1, 365u * 86400, "SEC",
+    {"session-ttl", 0, K_U32, OFF(limits.session_ttl_s), 1, 365u * 86400, "SEC",
      "an idle session is freed after this (default 3600)"},
-    {"doorbell-timeout", 0, K_U32, OFF(doorbell_timeout_s), 1, 86400, "SEC",
+    {"doorbell-timeout", 0, K_U32, OFF(limits.doorbell_timeout_s), 1, 86400, "SEC",
      "fast path: a GPU call launched on a doorbell its client has not rung after this long "
      "is released (its kernel runs on whatever the inputs hold) and fails with LA_ETIMEDOUT; "
      "it bounds what a client that died or hangs with calls in flight can hold (default 60)"},
-    {"max-doorbell-slots", 0, K_U32, OFF(max_doorbell_slots), 1, 1u << 16, "N",
+    {"max-doorbell-slots", 0, K_U32, OFF(limits.max_doorbell_slots), 1, 1u << 16, "N",
      "fast path: slots of one connection's doorbell, i.e. asynchronous calls it can have in "
      "flight (default 4096; a client uses max_inflight of them)"},
     {"hello-timeout", 0, K_U32, OFF(hello_timeout_s), 1, 3600, "SEC",
@@ -195,23 +194,12 @@ static void defaults(cfg *c)
     strcpy(c->backend, "auto");
     c->log_level = LOG_INFO;
     c->max_frame = 1u << 20;
-    c->max_inflight = 64;
     c->max_conns_per_user = 64;
-    c->max_buffers = 256;
-    c->max_buffer_bytes = 64 * GiB;
-    c->max_buffers_per_user = 2048;
-    c->max_buffers_total = 0;
-    c->max_sessions = 64;
-    c->max_mask_bytes = 4 * GiB;
-    c->mask_memory_cap = 0;
-    c->max_call_cost = 1ull << 47;
-    c->max_queued_cost = 1ull << 53;
+    eng_config ec;
+    eng_config_default(&ec);
+    c->limits = ec.limits; /* the engine's defaults, defined there once */
     c->cpu_slice = 0;
-    c->session_grace_s = 300;
-    c->session_ttl_s = 3600;
     c->hello_timeout_s = 10;
-    c->doorbell_timeout_s = 60;
-    c->max_doorbell_slots = 4096;
     c->max_outbound_bytes = 8u << 20;
     c->max_outbound_bytes_per_user = 64u << 20;
     c->max_fds_per_user = 64;

@@ -13,30 +13,23 @@
 #include <stdint.h>
 #include <sys/un.h>
 
+#include "engine.h"
+
 #define CFG_DEFAULT_FILE "/etc/liteattn/liteattnd.conf"
 #define CFG_SOCKET_MAX sizeof(((struct sockaddr_un *)0)->sun_path)
 
 typedef struct cfg {
     char socket_path[CFG_SOCKET_MAX];
-    char backend[8];       /* auto, cpu, cuda */
-    int threads;           /* CPU backend, 0: number of cores */
-    int log_level;         /* LOG_ERROR..LOG_DEBUG */
-    uint32_t max_frame;    /* bytes of one request */
-    uint32_t max_inflight; /* attention requests in flight per connection */
+    char backend[8];    /* auto, cpu, cuda */
+    int threads;        /* CPU backend, 0: number of cores */
+    int log_level;      /* LOG_ERROR..LOG_DEBUG */
+    uint32_t max_frame; /* bytes of one request */
     uint32_t max_conns_per_user;
-    uint32_t max_buffers;      /* per connection */
-    uint64_t max_buffer_bytes; /* per connection */
-    uint32_t max_buffers_per_user;
-    uint64_t max_buffers_total; /* 0: half of vm.max_map_count */
-    uint32_t max_sessions;      /* per user */
-    uint64_t max_mask_bytes;    /* per user */
-    uint64_t mask_memory_cap;   /* all users, 0 = none */
-    uint64_t max_call_cost;     /* multiply-adds of one attention call, 0 = none */
-    uint64_t max_queued_cost;   /* multiply-adds queued or running per user, 0 = none */
-    uint64_t cpu_slice;         /* multiply-adds per CPU slice, 0 = the backend's default */
-    uint32_t session_grace_s, session_ttl_s, hello_timeout_s;
-    uint32_t doorbell_timeout_s; /* fast path: a launched call waits this long for its doorbell */
-    uint32_t max_doorbell_slots; /* slots of one connection's doorbell */
+    /* The engine's limits (engine.h: their meaning and defaults, eng_config_default), handed
+     * to eng_new as they are; max_inflight_per_conn is also the connection's flow control. */
+    eng_limits limits;
+    uint64_t cpu_slice; /* multiply-adds per CPU slice, 0 = the backend's default */
+    uint32_t hello_timeout_s;
     uint64_t max_outbound_bytes;          /* queued replies per connection before it is dropped */
     uint64_t max_outbound_bytes_per_user; /* the same over a user's connections, 0 = none */
     uint32_t max_fds_per_user;            /* received fds not yet claimed, per user, 0 = none */

@@ -173,6 +173,19 @@ void conn_close_after_flush(conn *c)
     update_poll(c);
 }
 
+/* A protocol error the client may still read about: logged and counted, then an Error frame
+ * (request id 0) of code with msg, unless code is 0 (the reply before says it), then the close
+ * once what is queued is written. */
+static void conn_refuse(conn *c, int code, const char *msg)
+{
+    c->ctr->protocol_errors++;
+    log_info(CONN_FMT ": %s; closing the connection", CONN_ARGS(c), msg);
+    if (code)
+        conn_send_error(c, 0, code, msg);
+    if (!c->closing)
+        conn_close_after_flush(c);
+}
+
 void conn_quiesce(conn *c)
 {
     c->quiesced = 1;
@@ -373,9 +386,7 @@ static int process_frames(conn *c, int *budget)
             return -1;
         }
         if (rc == CONN_REQ_CLOSE) {
-            c->ctr->protocol_errors++;
-            log_info(CONN_FMT ": %s; closing the connection", CONN_ARGS(c), why);
-            conn_close_after_flush(c);
+            conn_refuse(c, 0, why);
             return -1;
         }
     }
@@ -402,11 +413,7 @@ static void over_fd_budget(conn *c)
     for (int fd; (fd = frame_take_fd(&c->fr)) >= 0;)
         close(fd);
     sync_fds(c);
-    c->ctr->protocol_errors++;
-    log_info(CONN_FMT ": %s; closing the connection", CONN_ARGS(c), msg);
-    conn_send_error(c, 0, LA_ELIMIT, msg);
-    if (!c->closing)
-        conn_close_after_flush(c);
+    conn_refuse(c, LA_ELIMIT, msg);
 }
 
 static void on_readable(conn *c)
@@ -562,11 +569,7 @@ static void on_partial_timeout(uv_timer_t *t)
     char msg[128];
     snprintf(msg, sizeof(msg), "a frame begun %u s ago is still incomplete (%zu bytes)",
              c->lim.hello_timeout_s, c->fr.len - c->fr.head);
-    c->ctr->protocol_errors++;
-    log_info(CONN_FMT ": %s; closing the connection", CONN_ARGS(c), msg);
-    conn_send_error(c, 0, LA_ETIMEDOUT, msg);
-    if (!c->closing)
-        conn_close_after_flush(c);
+    conn_refuse(c, LA_ETIMEDOUT, msg);
 }
 
 static void watch_partial(conn *c)
@@ -590,11 +593,7 @@ static void on_hello_timeout(uv_timer_t *t)
         return;
     char msg[96];
     snprintf(msg, sizeof(msg), "no Hello within %u s", c->lim.hello_timeout_s);
-    c->ctr->protocol_errors++;
-    log_info(CONN_FMT ": %s; closing the connection", CONN_ARGS(c), msg);
-    conn_send_error(c, 0, LA_ETIMEDOUT, msg);
-    if (!c->closing)
-        conn_close_after_flush(c);
+    conn_refuse(c, LA_ETIMEDOUT, msg);
 }
 
 int conn_new(uv_loop_t *loop, uint64_t id, int fd, uint32_t uid, uint32_t gid, int32_t pid,

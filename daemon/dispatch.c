@@ -10,6 +10,7 @@
 
 #include "engine.h"
 #include "codes.h"
+#include "mps.h"
 
 /* An attention request in flight: the reply is sent from its done callback. */
 typedef struct disp_job {
@@ -115,21 +116,31 @@ static int do_hello(const disp *d, conn *c, uint64_t id, const Liteattn__Hello *
         dev[i].memory_bytes = info[i].memory_bytes;
         dev[i].has_compute_capability = 1;
         dev[i].compute_capability = info[i].compute_capability;
+        if (info[i].mps >= 0) {
+            dev[i].has_mps = 1;
+            dev[i].mps = info[i].mps != 0;
+        }
+        if (info[i].sm_count) {
+            dev[i].has_sm_count = 1;
+            dev[i].sm_count = info[i].sm_count;
+        }
         devp[i] = &dev[i];
     }
+    mps_view mv;
+    mps_look(&mv);
 
     const cfg *g = d->cfg;
     Liteattn__Limits lim = LITEATTN__LIMITS__INIT;
     lim.has_max_frame = 1, lim.max_frame = g->max_frame;
-    lim.has_max_inflight = 1, lim.max_inflight = g->max_inflight;
-    lim.has_max_buffers = 1, lim.max_buffers = g->max_buffers;
-    lim.has_max_sessions = 1, lim.max_sessions = g->max_sessions;
-    lim.has_max_mask_bytes = 1, lim.max_mask_bytes = g->max_mask_bytes;
+    lim.has_max_inflight = 1, lim.max_inflight = g->limits.max_inflight_per_conn;
+    lim.has_max_buffers = 1, lim.max_buffers = g->limits.max_buffers_per_conn;
+    lim.has_max_sessions = 1, lim.max_sessions = g->limits.max_sessions_per_user;
+    lim.has_max_mask_bytes = 1, lim.max_mask_bytes = g->limits.max_mask_bytes_per_user;
     lim.has_max_connections = 1, lim.max_connections = g->max_conns_per_user;
-    lim.has_session_grace_s = 1, lim.session_grace_s = g->session_grace_s;
-    lim.has_session_ttl_s = 1, lim.session_ttl_s = g->session_ttl_s;
-    lim.has_doorbell_timeout_ms = 1, lim.doorbell_timeout_ms = g->doorbell_timeout_s * 1000u;
-    lim.has_max_doorbell_slots = 1, lim.max_doorbell_slots = g->max_doorbell_slots;
+    lim.has_session_grace_s = 1, lim.session_grace_s = g->limits.session_grace_s;
+    lim.has_session_ttl_s = 1, lim.session_ttl_s = g->limits.session_ttl_s;
+    lim.has_doorbell_timeout_ms = 1, lim.doorbell_timeout_ms = g->limits.doorbell_timeout_s * 1000u;
+    lim.has_max_doorbell_slots = 1, lim.max_doorbell_slots = g->limits.max_doorbell_slots;
 
     /* The devices that take fast-path calls (a doorbell slot). */
     char *fast[16];
@@ -149,6 +160,9 @@ static int do_hello(const disp *d, conn *c, uint64_t id, const Liteattn__Hello *
     hr.limits = &lim;
     hr.n_doorbell_devices = nf;
     hr.doorbell_devices = fast;
+    hr.mps_pipe_directory = mv.pipe_dir;
+    hr.has_mps_control = 1;
+    hr.mps_control = mv.control != 0;
     return send_reply(c, id, LITEATTN__REPLY__BODY_HELLO, &hr);
 }
 
@@ -364,39 +378,101 @@ static int do_mask_read(const disp *d, conn *c, uint64_t id, const Liteattn__Mas
 
 /* ---- buffers ------------------------------------------------------------------------------ */
 
-static int send_buffer(conn *c, uint64_t id, uint64_t buffer_id, uint64_t size)
+static int send_buffer(conn *c, uint64_t id, const eng_buffer_info *info, int vmm)
 {
     Liteattn__BufferReply br = LITEATTN__BUFFER_REPLY__INIT;
-    br.buffer_id = buffer_id;
-    br.size = size;
+    br.buffer_id = info->id;
+    br.size = info->size;
+    br.has_access = 1;
+    br.access = info->access;
+    if (vmm) {
+        br.has_vmm_pending = 1;
+        br.vmm_pending = info->pending;
+        br.has_granularity = info->granularity != 0;
+        br.granularity = info->granularity;
+    }
     return send_reply(c, id, LITEATTN__REPLY__BODY_BUFFER, &br);
+}
+
+/* Kinds SHM and VMM carry exactly one fd: a frame without it is a protocol error (the
+ * connection closes: the fds it and later frames carry can no longer be told apart). */
+static int take_fd(conn *c, uint64_t id, const char *kind, char *why, size_t whylen)
+{
+    int fd = frame_take_fd(&c->fr);
+    if (fd < 0)
+        snprintf(why, whylen,
+                 "BufferRegister(%s) of request %llu came without a file descriptor (each "
+                 "allocation's fd comes by SCM_RIGHTS with its own frame)",
+                 kind, (unsigned long long)id);
+    return fd;
 }
 
 static int do_buffer_register(const disp *d, conn *c, uint64_t id,
                               const Liteattn__BufferRegister *m, char *why, size_t whylen)
 {
     eng_error err = {{0}};
-    uint64_t bid = 0, size = m->size;
-    int rc;
-    if (m->kind == LITEATTN__BUFFER_KIND__BUFFER_SHM) {
-        int fd = frame_take_fd(&c->fr);
-        if (fd < 0) {
-            snprintf(why, whylen,
-                     "BufferRegister(SHM) of request %llu came without a file "
-                     "descriptor",
-                     (unsigned long long)id);
+    eng_buffer_info info = {.size = m->size, .access = LA_ACCESS_RW};
+    unsigned access = m->has_access ? m->access : LA_ACCESS_RW;
+    int rc, fd = -1;
+    if (m->kind == LITEATTN__BUFFER_KIND__BUFFER_SHM ||
+        m->kind == LITEATTN__BUFFER_KIND__BUFFER_VMM) {
+        int shm = m->kind == LITEATTN__BUFFER_KIND__BUFFER_SHM;
+        fd = take_fd(c, id, shm ? "SHM" : "VMM", why, whylen);
+        if (fd < 0 && shm)
             return CONN_REQ_FAIL;
+        if (fd < 0) { /* the client is told why before the connection closes */
+            conn_send_error(c, id, LA_EPROTO, why);
+            return CONN_REQ_CLOSE;
         }
-        rc = eng_buffer_add_shm(d->eng, c->uid, c->id, fd, m->size, &bid, &err);
+    }
+    if (access < 1 || access > LA_ACCESS_RW) {
+        if (fd >= 0)
+            close(fd);
+        return reply_err(c, id, LA_EINVAL,
+                         "access %u is not a set of LA_ACCESS_READ (1) and LA_ACCESS_WRITE (2)",
+                         access);
+    }
+    if (m->kind == LITEATTN__BUFFER_KIND__BUFFER_SHM) {
+        rc = eng_buffer_add_shm(d->eng, c->uid, c->id, fd, m->size, &info.id, &err);
     } else if (m->kind == LITEATTN__BUFFER_KIND__BUFFER_CUDA_IPC) {
-        rc = eng_buffer_add_cuda_ipc(
-            d->eng, c->uid, c->id, m->has_ipc_handle ? m->ipc_handle.data : NULL,
-            m->has_ipc_handle ? m->ipc_handle.len : 0, m->device_uuid, m->size, &bid, &size, &err);
-    } else
+        rc = eng_buffer_add_cuda_ipc(d->eng, c->uid, c->id,
+                                     m->has_ipc_handle ? m->ipc_handle.data : NULL,
+                                     m->has_ipc_handle ? m->ipc_handle.len : 0, m->device_uuid,
+                                     m->size, &info.id, &info.size, &err);
+    } else if (m->kind == LITEATTN__BUFFER_KIND__BUFFER_VMM) {
+        if (m->has_vmm_append) {
+            if (m->n_vmm_alloc_sizes || m->has_vmm_offset || m->has_access ||
+                (m->device_uuid && m->device_uuid[0])) {
+                close(fd);
+                return reply_err(c, id, LA_EINVAL,
+                                 "a VMM append (vmm_append %llu) carries only the allocation's "
+                                 "size and fd; the first frame lists sizes, offset, access and "
+                                 "device",
+                                 (unsigned long long)m->vmm_append);
+            }
+            rc = eng_buffer_vmm_append(d->eng, c->id, m->vmm_append, fd, m->size, &info, &err);
+        } else {
+            eng_vmm_spec sp = {.device_uuid = m->device_uuid,
+                               .alloc_sizes = m->vmm_alloc_sizes,
+                               .n_allocs = m->n_vmm_alloc_sizes,
+                               .offset = m->has_vmm_offset ? m->vmm_offset : 0,
+                               .size = m->size,
+                               .access = access};
+            rc = eng_buffer_add_vmm(d->eng, c->uid, c->id, fd, &sp, &info, &err);
+        }
+        if (rc < 0)
+            return reply_eng_err(c, id, rc, &err);
+        return send_buffer(c, id, &info, 1);
+    } else {
         return reply_err(c, id, LA_EINVAL, "buffer kind %d is not a BufferKind", (int)m->kind);
+    }
     if (rc < 0)
         return reply_eng_err(c, id, rc, &err);
-    return send_buffer(c, id, bid, size);
+    if (access != LA_ACCESS_RW && (rc = eng_buffer_set_access(d->eng, c->id, info.id, access,
+                                                              &err)) < 0)
+        return reply_eng_err(c, id, rc, &err);
+    info.access = access;
+    return send_buffer(c, id, &info, 0);
 }
 
 /* The connection's doorbell (fast path): its fd came with this frame. */
@@ -416,7 +492,7 @@ static int do_doorbell_register(const disp *d, conn *c, uint64_t id,
     Liteattn__DoorbellReply dr = LITEATTN__DOORBELL_REPLY__INIT;
     dr.slots = m->slots;
     dr.has_timeout_ms = 1;
-    dr.timeout_ms = d->cfg->doorbell_timeout_s * 1000u;
+    dr.timeout_ms = d->cfg->limits.doorbell_timeout_s * 1000u;
     return send_reply(c, id, LITEATTN__REPLY__BODY_DOORBELL, &dr);
 }
 

@@ -503,7 +503,7 @@ int srv_attach(srv *s, int fd, uint32_t uid, uint32_t gid, int32_t pid, conn **r
         list_init(&s->conns);
     conn_limits lim = {
         .max_frame = s->cfg.max_frame,
-        .max_inflight = s->cfg.max_inflight,
+        .max_inflight = s->cfg.limits.max_inflight_per_conn,
         .hello_timeout_s = s->cfg.hello_timeout_s,
         .max_outbound_bytes = s->cfg.max_outbound_bytes,
         .max_outbound_bytes_per_user = s->cfg.max_outbound_bytes_per_user,
@@ -574,20 +574,7 @@ int srv_new(const cfg *c, srv **ret_srv, char *err, size_t errlen)
     eng_config_default(&ec);
     ec.backend = s->cfg.backend;
     ec.cpu_threads = s->cfg.threads;
-    ec.limits.max_buffers_per_conn = c->max_buffers;
-    ec.limits.max_buffer_bytes_per_conn = c->max_buffer_bytes;
-    ec.limits.max_buffers_per_user = c->max_buffers_per_user;
-    ec.limits.max_buffers_total = c->max_buffers_total;
-    ec.limits.max_sessions_per_user = c->max_sessions;
-    ec.limits.max_mask_bytes_per_user = c->max_mask_bytes;
-    ec.limits.mask_memory_cap = c->mask_memory_cap;
-    ec.limits.max_inflight_per_conn = c->max_inflight;
-    ec.limits.session_grace_s = c->session_grace_s;
-    ec.limits.session_ttl_s = c->session_ttl_s;
-    ec.limits.max_call_cost = c->max_call_cost;
-    ec.limits.max_queued_cost_per_user = c->max_queued_cost;
-    ec.limits.doorbell_timeout_ms = c->doorbell_timeout_s * 1000u;
-    ec.limits.max_doorbell_slots = c->max_doorbell_slots;
+    ec.limits = c->limits;
     /* Every session's stream is a lane of its own (engine/backend_cuda.c); streams beyond the
      * device's hardware queues share them, and a fast-path call waiting for its client would
      * then hold up another session's. 32 is the most CUDA allows (the default is 8). Read when

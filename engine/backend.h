@@ -33,7 +33,16 @@
 #include "logsink.h"
 
 typedef struct be_backend be_backend;
-typedef struct be_import be_import; /* an imported CUDA IPC allocation, opaque */
+typedef struct be_import be_import; /* an imported CUDA IPC or VMM allocation, opaque */
+
+/* A VMM import: allocations mapped side by side; the buffer is [offset, offset + size). */
+typedef struct be_vmm_req {
+    const char *uuid;
+    const uint64_t *alloc_sizes;
+    size_t n_allocs;
+    uint64_t offset, size;
+    unsigned access; /* LA_ACCESS_* */
+} be_vmm_req;
 
 /* The fast path's doorbell (DoorbellRegister in proto/liteattn.proto): host memory that the
  * client and the daemon both map (a sealed memfd). Slot i holds the call's ready word (the
@@ -151,7 +160,17 @@ typedef struct be_ops {
     int (*buffer_import)(be_backend *b, const void *handle, size_t len, const char *uuid,
                          uint64_t size, be_import **ret_imp, void **ret_ptr, uint64_t *ret_size,
                          int *ret_dev, char *msg, size_t msg_len);
-    /* Drops one reference of an import; called once no job uses it any more. */
+    /* VMM import (NULL for cpu): reserves the range of every allocation of r, imports the
+     * first one from fd (the caller keeps and closes fd), checks it (pinned device memory on
+     * r->uuid's GPU, sizes multiples of the granularity) and maps it with r->access. ret_ptr:
+     * the device address of byte r->offset (usable once every allocation is mapped). */
+    int (*vmm_import)(be_backend *b, const be_vmm_req *r, int fd, be_import **ret_imp,
+                      void **ret_ptr, int *ret_dev, uint64_t *ret_granularity, char *msg,
+                      size_t msg_len);
+    /* Imports and maps the next allocation of imp (alloc_size bytes, as listed) from fd. */
+    int (*vmm_append)(be_backend *b, be_import *imp, int fd, uint64_t alloc_size, char *msg,
+                      size_t msg_len);
+    /* Drops one reference of an import (IPC or VMM); called once no job uses it any more. */
     void (*buffer_release)(be_backend *b, be_import *imp);
     /* Queues job; returns 0 (complete() will be called) or an error (it will not). */
     int (*submit)(be_backend *b, be_job *job);

@@ -293,6 +293,7 @@ static size_t cpu_devices(be_backend *b, eng_device_info *out, size_t max)
     snprintf(out->name, sizeof out->name, "CPU reference (%d threads)", c->n_workers);
     long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
     out->memory_bytes = pages > 0 && psz > 0 ? (uint64_t)pages * (uint64_t)psz : 0;
+    out->mps = -1; /* not a GPU */
     return 1;
 }
 
@@ -443,7 +444,11 @@ static const be_ops cpu_ops = {
     .supports = cpu_supports,
     .mask_alloc = cpu_mask_alloc,
     .mask_free = cpu_mask_free,
+    /* GPU memory (CUDA IPC, VMM) is refused: this backend computes on host memory, and
+     * copying device memory for every call would turn a GPU session into a slow CPU one. */
     .buffer_import = NULL,
+    .vmm_import = NULL,
+    .vmm_append = NULL,
     .buffer_release = NULL,
     .submit = cpu_submit,
     .cancel = cpu_cancel,

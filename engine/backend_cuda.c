@@ -1,7 +1,8 @@
 /*
  * backend_cuda.c — the CUDA backend: per GPU a launcher thread and a service thread, the
- * sessions' streams ("lanes"), the kernels of kernels/la_cuda.h, client memory by CUDA IPC,
- * and the fast path's doorbells (stream memory operations on host memory both processes map).
+ * sessions' streams ("lanes"), the kernels of kernels/la_cuda.h, client memory by CUDA IPC and
+ * by VMM fds, and the fast path's doorbells (stream memory operations on host memory both
+ * processes map).
  *
  * Over 1000 lines on purpose: the launcher, the stream callbacks, the service thread, the IPC
  * import cache and the lanes all work on one per-device state under one lock, which splitting
@@ -96,6 +97,23 @@ typedef CUresult (*value32_fn)(CUstream stream, CUdeviceptr addr, cuuint32_t val
 typedef CUresult (*dev_get_fn)(CUdevice *dev, int ordinal);
 typedef CUresult (*dev_attr_fn)(int *value, CUdevice_attribute attr, CUdevice dev);
 
+/* The driver's VMM entry points (cudaGetDriverEntryPoint; all present or VMM is refused). */
+typedef struct vmm_api {
+    CUresult (*Import)(CUmemGenericAllocationHandle *, void *, CUmemAllocationHandleType);
+    CUresult (*Props)(CUmemAllocationProp *, CUmemGenericAllocationHandle);
+    CUresult (*Granularity)(size_t *, const CUmemAllocationProp *,
+                            CUmemAllocationGranularity_flags);
+    CUresult (*Reserve)(CUdeviceptr *, size_t, size_t, CUdeviceptr, unsigned long long);
+    CUresult (*Free)(CUdeviceptr, size_t);
+    CUresult (*Map)(CUdeviceptr, size_t, size_t, CUmemGenericAllocationHandle, unsigned long long);
+    CUresult (*Unmap)(CUdeviceptr, size_t);
+    CUresult (*SetAccess)(CUdeviceptr, size_t, const CUmemAccessDesc *, size_t);
+    CUresult (*Release)(CUmemGenericAllocationHandle);
+    CUresult (*ErrorName)(CUresult, const char **);
+} vmm_api;
+
+typedef struct be_import be_import;
+
 typedef struct gpu gpu;
 typedef struct cuda_backend cuda_backend;
 
@@ -112,7 +130,7 @@ typedef struct cu_mask {
 } cu_mask;
 
 /* Work for the service thread, in order. */
-enum { T_SHADOW = 1, T_DOORBELL, T_GRAVE_MASK, T_GRAVE_IPC, T_GRAVE_DOORBELL };
+enum { T_SHADOW = 1, T_DOORBELL, T_GRAVE_MASK, T_GRAVE_IPC, T_GRAVE_VMM, T_GRAVE_DOORBELL };
 typedef struct task {
     struct task *next;
     int kind;
@@ -120,6 +138,7 @@ typedef struct task {
     be_doorbell *db;                /* T_DOORBELL, T_GRAVE_DOORBELL */
     void (*unmap)(be_doorbell *db); /* T_GRAVE_DOORBELL */
     void *ipc_ptr;                  /* T_GRAVE_IPC */
+    struct be_import *vmm;          /* T_GRAVE_VMM */
 } task;
 
 typedef struct lane {
@@ -137,6 +156,15 @@ struct be_import {
     void *ptr;
     uint64_t size; /* real allocation size */
     int refs;
+    /* VMM (vmm set): allocations mapped side by side into [va, va + va_size), each imported
+     * once and never shared with another buffer (no cache: each registration maps its own). */
+    int vmm;
+    CUdeviceptr va;
+    size_t va_size;
+    size_t n_allocs, n_mapped;
+    uint64_t *sizes;                       /* [n_allocs], as listed */
+    CUmemGenericAllocationHandle *handles; /* [n_allocs], the first n_mapped valid */
+    CUmemAccess_flags flags;
 };
 
 struct gpu {
@@ -146,6 +174,8 @@ struct gpu {
     char uuid[64];
     char name[96];
     uint64_t memory;
+    int mps;           /* CU_DEVICE_ATTRIBUTE_MPS_ENABLED once the context exists; -1 unknown */
+    uint32_t sm_count; /* SMs the context may use */
     int fastpath;          /* doorbell calls possible (stream memory ops, mapped host memory) */
     char fastpath_why[96]; /* why not */
     cudaStream_t stream;   /* stream-ordered mask allocations and frees */
@@ -192,6 +222,8 @@ struct cuda_backend {
     be_import *imports;
     get_range_fn get_range;
     value32_fn wait32, write32; /* NULL: no fast path */
+    vmm_api vmm; /* Import NULL: the driver lacks the VMM API */
+    CUresult (*exec_affinity)(CUexecAffinityParam *, CUexecAffinityType); /* may be NULL */
     atomic_int fatal;
 };
 
@@ -691,6 +723,36 @@ fail:
     launch_failed(g, j, 1, map_err(e), "GPU %s: %s", cudaGetErrorString(e));
 }
 
+static const char *cu_err(const cuda_backend *cb, CUresult r)
+{
+    const char *n = NULL;
+    if (cb->vmm.ErrorName)
+        cb->vmm.ErrorName(r, &n);
+    return n ? n : "unknown CUDA error";
+}
+
+/* Unmaps and releases what a VMM import mapped, frees its range and the import. No job may
+ * use it any more. Any thread. */
+static void vmm_free(cuda_backend *cb, be_import *imp)
+{
+    if (!imp)
+        return;
+    size_t off = 0;
+    for (size_t i = 0; i < imp->n_mapped; i++) {
+        CUresult r = cb->vmm.Unmap(imp->va + off, (size_t)imp->sizes[i]);
+        if (r != CUDA_SUCCESS)
+            logf_(cb, LOG_WARN, "GPU %s: cuMemUnmap of a VMM allocation failed: %s",
+                  imp->g->uuid, cu_err(cb, r));
+        cb->vmm.Release(imp->handles[i]);
+        off += (size_t)imp->sizes[i];
+    }
+    if (imp->va)
+        cb->vmm.Free(imp->va, imp->va_size);
+    free(imp->sizes);
+    free(imp->handles);
+    free(imp);
+}
+
 static void *gpu_main(void *arg)
 {
     gpu *g = arg;
@@ -826,6 +888,11 @@ static void run_task(gpu *g, task *t)
         break;
     }
     case T_GRAVE_IPC: cudaIpcCloseMemHandle(t->ipc_ptr); break;
+    case T_GRAVE_VMM:
+        /* Every job that used the mapping has completed (the engine releases an import only
+         * then), and cuMemUnmap does not wait for other work. */
+        vmm_free(cb, t->vmm);
+        break;
     case T_GRAVE_DOORBELL:
         if (atomic_load(&t->db->cuda_state) == 2)
             cudaHostUnregister(t->db->slots);
@@ -898,6 +965,8 @@ static size_t cu_devices(be_backend *b, eng_device_info *out, size_t max)
         snprintf(out[n].name, sizeof out[n].name, "%s", g->name);
         out[n].memory_bytes = g->memory;
         out[n].compute_capability = (uint32_t)g->cc;
+        out[n].mps = g->mps;
+        out[n].sm_count = g->sm_count;
     }
     return n;
 }
@@ -959,7 +1028,7 @@ static int cu_fastpath(be_backend *b, int dev, char *why, size_t why_len)
 
 /* Queues a task of kind for g's service thread; -1 when out of memory (nothing queued). */
 static int service(gpu *g, int kind, cu_mask *m, be_doorbell *db, void (*unmap)(be_doorbell *),
-                   void *ipc_ptr)
+                   void *ipc_ptr, be_import *vmm)
 {
     task *t = calloc(1, sizeof *t);
     if (!t)
@@ -969,6 +1038,7 @@ static int service(gpu *g, int kind, cu_mask *m, be_doorbell *db, void (*unmap)(
     t->db = db;
     t->unmap = unmap;
     t->ipc_ptr = ipc_ptr;
+    t->vmm = vmm;
     pthread_mutex_lock(&g->lock);
     task_push(g, t);
     pthread_mutex_unlock(&g->lock);
@@ -1002,7 +1072,7 @@ static int cu_mask_alloc(be_backend *b, int dev, uint64_t bytes, be_mask **ret_m
     m->bytes = bytes;
     m->dev = dev;
     m->priv = cm;
-    if (service(g, T_SHADOW, cm, NULL, NULL, NULL) < 0) {
+    if (service(g, T_SHADOW, cm, NULL, NULL, NULL, NULL) < 0) {
         cudaFreeAsync(d, g->stream);
         free(cm);
         return LA_ENOMEM;
@@ -1017,7 +1087,7 @@ static void cu_mask_free(be_backend *b, be_mask *m)
     if (!m)
         return;
     gpu *g = &cb->gpus[m->dev];
-    if (service(g, T_GRAVE_MASK, (cu_mask *)m, NULL, NULL, NULL) < 0)
+    if (service(g, T_GRAVE_MASK, (cu_mask *)m, NULL, NULL, NULL, NULL) < 0)
         logf_(cb, LOG_WARN, "GPU %s: out of memory; %llu bytes of mask leaked", g->uuid,
               (unsigned long long)m->bytes);
 }
@@ -1103,18 +1173,231 @@ static int cu_buffer_import(be_backend *b, const void *handle, size_t len, const
     return 0;
 }
 
+/* ---- VMM imports ---------------------------------------------------------------------- */
+
+/* An LA_E* code for a failed import of a client's fd. */
+static int vmm_import_code(CUresult r)
+{
+    switch (r) {
+    case CUDA_ERROR_OUT_OF_MEMORY: return LA_ENOMEM;
+    case CUDA_ERROR_NOT_PERMITTED: return LA_EPERM;
+    case CUDA_ERROR_NOT_SUPPORTED: return LA_ENOTSUP;
+    default: return LA_EINVAL;
+    }
+}
+
+/* Imports fd as allocation imp->n_mapped of imp, checks it and maps it at its place. On error
+ * nothing of this allocation is left (the ones before stay mapped). Loop thread. */
+static int vmm_map_next(cuda_backend *cb, be_import *imp, int fd, uint64_t *ret_granularity,
+                        char *msg, size_t msg_len)
+{
+    gpu *g = imp->g;
+    size_t i = imp->n_mapped;
+    if (i >= imp->n_allocs) {
+        snprintf(msg, msg_len, "all %zu allocations are mapped already", imp->n_allocs);
+        return LA_EINVAL;
+    }
+    cudaError_t ce = cudaSetDevice(g->ordinal);
+    if (ce != cudaSuccess) {
+        check_sticky(cb, g, ce, "cudaSetDevice");
+        snprintf(msg, msg_len, "cudaSetDevice: %s", cudaGetErrorString(ce));
+        return LA_EDEVICE;
+    }
+    CUmemGenericAllocationHandle h = 0;
+    CUresult r = cb->vmm.Import(&h, (void *)(uintptr_t)fd, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR);
+    if (r != CUDA_SUCCESS) {
+        snprintf(msg, msg_len,
+                 "allocation %zu: the fd is not a CUDA allocation this GPU can import "
+                 "(cuMemImportFromShareableHandle: %s)",
+                 i, cu_err(cb, r));
+        return vmm_import_code(r);
+    }
+    int rc = 0;
+    CUmemAllocationProp prop;
+    memset(&prop, 0, sizeof prop);
+    size_t gran = 0, rec = 0;
+    if ((r = cb->vmm.Props(&prop, h)) != CUDA_SUCCESS) {
+        snprintf(msg, msg_len, "allocation %zu: cuMemGetAllocationPropertiesFromHandle: %s", i,
+                 cu_err(cb, r));
+        rc = LA_EINVAL;
+        goto fail;
+    }
+    if (prop.type != CU_MEM_ALLOCATION_TYPE_PINNED ||
+        prop.location.type != CU_MEM_LOCATION_TYPE_DEVICE) {
+        snprintf(msg, msg_len, "allocation %zu is not device memory (type %d, location type %d)",
+                 i, (int)prop.type, (int)prop.location.type);
+        rc = LA_EINVAL;
+        goto fail;
+    }
+    /* The properties of an imported handle name the device in this process's numbering. */
+    if (prop.location.id != g->ordinal) {
+        const char *where = prop.location.id >= 0 && prop.location.id < cb->n
+                                ? cb->gpus[prop.location.id].uuid
+                                : "a GPU this daemon does not use";
+        snprintf(msg, msg_len, "allocation %zu lives on %s, not on %s as the request says", i,
+                 where, g->uuid);
+        rc = LA_ENODEV;
+        goto fail;
+    }
+    if ((r = cb->vmm.Granularity(&gran, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM)) != CUDA_SUCCESS ||
+        gran == 0) {
+        snprintf(msg, msg_len, "cuMemGetAllocationGranularity: %s", cu_err(cb, r));
+        rc = LA_EDEVICE;
+        goto fail;
+    }
+    if (i == 0) {
+        /* Every listed size must be a whole number of granules (cuMemMap maps nothing else). */
+        for (size_t k = 0; k < imp->n_allocs; k++)
+            if (imp->sizes[k] % gran) {
+                snprintf(msg, msg_len,
+                         "allocation %zu: %llu bytes is not a multiple of the GPU's VMM "
+                         "granularity (%zu bytes)",
+                         k, (unsigned long long)imp->sizes[k], gran);
+                rc = LA_EINVAL;
+                goto fail;
+            }
+        if (cb->vmm.Granularity(&rec, &prop, CU_MEM_ALLOC_GRANULARITY_RECOMMENDED) != CUDA_SUCCESS ||
+            rec == 0 || rec % gran)
+            rec = gran;
+        if ((r = cb->vmm.Reserve(&imp->va, imp->va_size, rec, 0, 0)) != CUDA_SUCCESS) {
+            imp->va = 0;
+            snprintf(msg, msg_len, "cannot reserve %zu bytes of device address space: %s",
+                     imp->va_size, cu_err(cb, r));
+            rc = LA_ENOMEM;
+            goto fail;
+        }
+        if (ret_granularity)
+            *ret_granularity = gran;
+    }
+    size_t off = 0;
+    for (size_t k = 0; k < i; k++)
+        off += (size_t)imp->sizes[k];
+    size_t len = (size_t)imp->sizes[i];
+    /* cuMemMap refuses a size past the allocation's end: the claimed size is checked here. */
+    if ((r = cb->vmm.Map(imp->va + off, len, 0, h, 0)) != CUDA_SUCCESS) {
+        snprintf(msg, msg_len,
+                 "allocation %zu: cannot map %zu bytes of it (cuMemMap: %s): it is smaller than "
+                 "listed",
+                 i, len, cu_err(cb, r));
+        rc = r == CUDA_ERROR_OUT_OF_MEMORY ? LA_ENOMEM : LA_ERANGE;
+        goto fail;
+    }
+    CUmemAccessDesc d;
+    memset(&d, 0, sizeof d);
+    d.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    d.location.id = g->ordinal;
+    d.flags = imp->flags;
+    r = cb->vmm.SetAccess(imp->va + off, len, &d, 1);
+    if (r != CUDA_SUCCESS && imp->flags == CU_MEM_ACCESS_FLAGS_PROT_READ) {
+        /* A driver without read-only device mappings: the engine still refuses writes. */
+        logf_(cb, LOG_INFO,
+              "GPU %s: read-only VMM mapping refused (%s); mapping read-write, the daemon's "
+              "checks keep it read-only",
+              g->uuid, cu_err(cb, r));
+        imp->flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+        d.flags = imp->flags;
+        r = cb->vmm.SetAccess(imp->va + off, len, &d, 1);
+    }
+    if (r != CUDA_SUCCESS) {
+        cb->vmm.Unmap(imp->va + off, len);
+        snprintf(msg, msg_len, "allocation %zu: cuMemSetAccess: %s", i, cu_err(cb, r));
+        rc = LA_EDEVICE;
+        goto fail;
+    }
+    imp->handles[i] = h;
+    imp->n_mapped++;
+    return 0;
+fail:
+    cb->vmm.Release(h);
+    return rc;
+}
+
+static int cu_vmm_import(be_backend *b, const be_vmm_req *req, int fd, be_import **ret_imp,
+                         void **ret_ptr, int *ret_dev, uint64_t *ret_granularity, char *msg,
+                         size_t msg_len)
+{
+    cuda_backend *cb = (cuda_backend *)b;
+    if (!cb->vmm.Import) {
+        snprintf(msg, msg_len, "the CUDA driver lacks the VMM API (cuMemImportFromShareableHandle)");
+        return LA_ENOTSUP;
+    }
+    if (atomic_load(&cb->fatal))
+        return LA_EDEVICE;
+    int dev;
+    if (!req->uuid || !req->uuid[0] || cu_find_device(b, req->uuid, &dev) != 0) {
+        snprintf(msg, msg_len, "no GPU '%s' on this host", req->uuid ? req->uuid : "");
+        return LA_ENODEV;
+    }
+    be_import *imp = calloc(1, sizeof *imp);
+    if (imp) {
+        imp->sizes = malloc(req->n_allocs * sizeof *imp->sizes);
+        imp->handles = calloc(req->n_allocs, sizeof *imp->handles);
+    }
+    if (!imp || !imp->sizes || !imp->handles) {
+        if (imp) {
+            free(imp->sizes);
+            free(imp->handles);
+        }
+        free(imp);
+        return LA_ENOMEM;
+    }
+    imp->vmm = 1;
+    imp->g = &cb->gpus[dev];
+    imp->refs = 1;
+    imp->n_allocs = req->n_allocs;
+    for (size_t i = 0; i < req->n_allocs; i++) {
+        imp->sizes[i] = req->alloc_sizes[i];
+        imp->va_size += (size_t)req->alloc_sizes[i];
+    }
+    imp->flags = (req->access & LA_ACCESS_WRITE) ? CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+                                                 : CU_MEM_ACCESS_FLAGS_PROT_READ;
+    int rc = vmm_map_next(cb, imp, fd, ret_granularity, msg, msg_len);
+    if (rc < 0) {
+        vmm_free(cb, imp); /* nothing ran on it */
+        return rc;
+    }
+    imp->ptr = (void *)(uintptr_t)(imp->va + req->offset);
+    imp->size = req->size;
+    *ret_imp = imp;
+    *ret_ptr = imp->ptr;
+    *ret_dev = dev;
+    return 0;
+}
+
+static int cu_vmm_append(be_backend *b, be_import *imp, int fd, uint64_t alloc_size, char *msg,
+                         size_t msg_len)
+{
+    cuda_backend *cb = (cuda_backend *)b;
+    if (!imp || !imp->vmm)
+        return LA_EINVAL;
+    if (atomic_load(&cb->fatal))
+        return LA_EDEVICE;
+    if (imp->n_mapped >= imp->n_allocs || alloc_size != imp->sizes[imp->n_mapped]) {
+        snprintf(msg, msg_len, "allocation of %llu bytes does not fit the list",
+                 (unsigned long long)alloc_size);
+        return LA_EINVAL;
+    }
+    return vmm_map_next(cb, imp, fd, NULL, msg, msg_len);
+}
+
 static void cu_buffer_release(be_backend *b, be_import *imp)
 {
     cuda_backend *cb = (cuda_backend *)b;
     if (!imp || --imp->refs > 0)
         return;
+    if (imp->vmm) {
+        /* The service thread unmaps it (it may be busy in the driver; the loop stays free). */
+        if (service(imp->g, T_GRAVE_VMM, NULL, NULL, NULL, NULL, imp) < 0)
+            vmm_free(cb, imp);
+        return;
+    }
     be_import **pp = &cb->imports;
     while (*pp && *pp != imp)
         pp = &(*pp)->next;
     if (*pp)
         *pp = imp->next;
     gpu *g = imp->g;
-    if (service(g, T_GRAVE_IPC, NULL, NULL, NULL, imp->ptr) < 0)
+    if (service(g, T_GRAVE_IPC, NULL, NULL, NULL, imp->ptr, NULL) < 0)
         logf_(cb, LOG_WARN, "GPU %s: out of memory; an IPC import stays open", g->uuid);
     free(imp);
 }
@@ -1130,7 +1413,7 @@ static void cu_doorbell_release(be_backend *b, be_doorbell *db, void (*unmap)(be
     /* Registered, or being registered by that GPU's service thread (cuda_gpu, set by the
      * first call's submit): it unregisters it after, in order. */
     gpu *g = &cb->gpus[db->cuda_gpu >= 0 && db->cuda_gpu < cb->n ? db->cuda_gpu : 0];
-    if (service(g, T_GRAVE_DOORBELL, NULL, db, unmap, NULL) < 0)
+    if (service(g, T_GRAVE_DOORBELL, NULL, db, unmap, NULL, NULL) < 0)
         logf_(cb, LOG_WARN, "GPU %s: out of memory; a doorbell stays mapped", g->uuid);
 }
 
@@ -1308,6 +1591,8 @@ static const be_ops cuda_ops = {
     .mask_alloc = cu_mask_alloc,
     .mask_free = cu_mask_free,
     .buffer_import = cu_buffer_import,
+    .vmm_import = cu_vmm_import,
+    .vmm_append = cu_vmm_append,
     .buffer_release = cu_buffer_release,
     .submit = cu_submit,
     .cancel = cu_cancel,
@@ -1378,8 +1663,29 @@ static int gpu_init(cuda_backend *cb, gpu *g, int ordinal, dev_get_fn dev_get, d
     pthread_cond_init(&g->scond, &ca);
     pthread_condattr_destroy(&ca);
     fq_init(&g->q);
-    if ((e = cudaSetDevice(ordinal)) != cudaSuccess ||
-        (e = cudaStreamCreateWithFlags(&g->stream, cudaStreamNonBlocking)) != cudaSuccess ||
+    if ((e = cudaSetDevice(ordinal)) != cudaSuccess || (e = cudaFree(NULL)) != cudaSuccess)
+        goto fail;
+    /* Whether this context is an MPS client: CUDA's own answer, read once the (primary) context
+     * exists, since the driver connects to the MPS control daemon when it creates it. A pipe
+     * directory with a control socket only says that a control daemon runs; the attribute says
+     * that this context went through it (it does not if the control daemon started later, or
+     * if an MPS server of another user holds the GPU: then context creation waits instead). */
+    int mps = -1;
+    if (cudaDeviceGetAttribute(&mps, cudaDevAttrMpsEnabled, ordinal) != cudaSuccess) {
+        cudaGetLastError(); /* a driver older than the attribute: unknown */
+        mps = -1;
+    }
+    g->mps = mps < 0 ? -1 : mps != 0;
+    g->sm_count = (uint32_t)prop.multiProcessorCount;
+    if (cb->exec_affinity) {
+        /* Under MPS with an active thread percentage, fewer SMs than the GPU has. */
+        CUexecAffinityParam aff;
+        memset(&aff, 0, sizeof aff);
+        if (cb->exec_affinity(&aff, CU_EXEC_AFFINITY_TYPE_SM_COUNT) == CUDA_SUCCESS &&
+            aff.param.smCount.val > 0)
+            g->sm_count = aff.param.smCount.val;
+    }
+    if ((e = cudaStreamCreateWithFlags(&g->stream, cudaStreamNonBlocking)) != cudaSuccess ||
         (e = cudaMalloc((void **)&g->d_tiles, N_SLOTS * sizeof *g->d_tiles)) != cudaSuccess ||
         (e = cudaHostAlloc((void **)&g->h_tiles, N_SLOTS * sizeof *g->h_tiles,
                            cudaHostAllocPortable)) != cudaSuccess)
@@ -1481,6 +1787,29 @@ int be_cuda_new(be_complete_fn complete, void *complete_data, logsink_fn log, vo
     cb->write32 = (value32_fn)driver_fn("cuStreamWriteValue32");
     dev_get_fn dev_get = (dev_get_fn)driver_fn("cuDeviceGet");
     dev_attr_fn attr = (dev_attr_fn)driver_fn("cuDeviceGetAttribute");
+    /* VMM imports need all of these; without them VMM buffers are refused (LA_ENOTSUP). */
+    struct {
+        const char *name;
+        void **slot;
+    } vmm_syms[] = {
+        {"cuMemImportFromShareableHandle", (void **)&cb->vmm.Import},
+        {"cuMemGetAllocationPropertiesFromHandle", (void **)&cb->vmm.Props},
+        {"cuMemGetAllocationGranularity", (void **)&cb->vmm.Granularity},
+        {"cuMemAddressReserve", (void **)&cb->vmm.Reserve},
+        {"cuMemAddressFree", (void **)&cb->vmm.Free},
+        {"cuMemMap", (void **)&cb->vmm.Map},
+        {"cuMemUnmap", (void **)&cb->vmm.Unmap},
+        {"cuMemSetAccess", (void **)&cb->vmm.SetAccess},
+        {"cuMemRelease", (void **)&cb->vmm.Release},
+        {"cuGetErrorName", (void **)&cb->vmm.ErrorName},
+    };
+    int vmm_ok = 1;
+    for (size_t i = 0; i < sizeof vmm_syms / sizeof vmm_syms[0]; i++)
+        if (!(*vmm_syms[i].slot = driver_fn(vmm_syms[i].name)))
+            vmm_ok = 0;
+    if (!vmm_ok)
+        cb->vmm.Import = NULL;
+    *(void **)&cb->exec_affinity = driver_fn("cuCtxGetExecAffinity");
     for (int i = 0; i < count; i++) {
         int rc = gpu_init(cb, &cb->gpus[i], i, dev_get, attr, msg, msg_len);
         cb->n = i + 1;

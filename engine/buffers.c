@@ -1,6 +1,7 @@
 /*
- * buffers.c — the buffer registry: shared-memory fds mapped into the daemon and CUDA IPC
- * allocations imported through the cuda backend, each owned by one connection.
+ * buffers.c — the buffer registry: shared-memory fds mapped into the daemon, CUDA IPC
+ * allocations and VMM allocations (cuMemCreate, by fd) imported through the cuda backend, each
+ * owned by one connection.
  *
  * A buffer is refcounted: the registry holds one reference while it is registered, every job
  * in flight that reads or writes it holds one more. Unregistering (or the connection closing)
@@ -24,11 +25,13 @@ static void buf_destroy(eng *e, buf *b)
         if (munmap(b->ptr, (size_t)b->map_len) != 0)
             eng_logf(e, LOG_WARN, "buffer %llu: munmap failed: %s", (unsigned long long)b->id,
                      strerror(errno));
-    } else if (b->kind == BUF_CUDA && b->imp && b->be && b->be->ops->buffer_release) {
+    } else if ((b->kind == BUF_CUDA || b->kind == BUF_VMM) && b->imp && b->be &&
+               b->be->ops->buffer_release) {
         b->be->ops->buffer_release(b->be, b->imp);
     }
     b->ptr = NULL;
     b->imp = NULL;
+    free(b->alloc_sizes);
     free(b);
 }
 
@@ -50,13 +53,17 @@ buf *buf_get(eng *e, uint64_t conn_id, uint64_t id)
     return NULL;
 }
 
+/* The bytes a buffer keeps alive: its mapping (a VMM buffer pins all of its allocations,
+ * whatever part of them it names), else its size. */
+static uint64_t buf_bytes(const buf *b) { return b->map_len > b->size ? b->map_len : b->size; }
+
 uint64_t buf_count(const eng *e, uint64_t *ret_bytes)
 {
     uint64_t n = 0, bytes = 0;
     const buf *b;
     list_for_each_entry (b, &e->buffers, buf, link) {
         n++;
-        bytes += b->size;
+        bytes += buf_bytes(b);
     }
     if (ret_bytes)
         *ret_bytes = bytes;
@@ -73,7 +80,7 @@ static int conn_limits(eng *e, uint32_t uid, uint64_t conn_id, uint64_t size, en
         n_user += b->uid == uid;
         if (b->conn_id == conn_id) {
             n++;
-            bytes += b->size;
+            bytes += buf_bytes(b);
         }
     }
     /* Every buffer is a mapping of the daemon: per user and in all, they stay well under
@@ -121,6 +128,7 @@ static buf *buf_add(eng *e, uint32_t uid, uint64_t conn_id, int kind, void *ptr,
     b->kind = kind;
     b->ptr = ptr;
     b->size = size;
+    b->access = LA_ACCESS_RW;
     b->refs = 1;
     b->registered = 1;
     list_append(&e->buffers, &b->link);
@@ -261,6 +269,251 @@ int eng_buffer_add_cuda_ipc(eng *e, uint32_t uid, uint64_t conn_id, const void *
     *ret_id = b->id;
     if (ret_size)
         *ret_size = real;
+    return 0;
+}
+
+/* ---- VMM ---------------------------------------------------------------------------------- */
+
+/* Refuses what cannot be an exported CUDA allocation before the driver sees it: a socket, a
+ * pipe, a directory, or a shared-memory file (what BUFFER_SHM takes). The driver's own fds are
+ * not named here (their type is the driver's business); it refuses the rest itself. */
+static int vmm_fd_check(uint64_t conn_id, int fd, eng_error *err)
+{
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+        eng_errf(err, "conn %llu: fstat of the VMM allocation's fd failed: %s",
+                 (unsigned long long)conn_id, strerror(errno));
+        return LA_EINVAL;
+    }
+    const char *what = S_ISSOCK(st.st_mode)  ? "a socket"
+                       : S_ISFIFO(st.st_mode) ? "a pipe"
+                       : S_ISDIR(st.st_mode)  ? "a directory"
+                       : (S_ISREG(st.st_mode) && fcntl(fd, F_GET_SEALS) >= 0)
+                           ? "shared memory (a memfd: register it as a host buffer)"
+                           : NULL;
+    if (what) {
+        eng_errf(err,
+                 "conn %llu: the VMM allocation's fd is %s, not a CUDA allocation exported by "
+                 "cuMemExportToShareableHandle (POSIX file descriptor)",
+                 (unsigned long long)conn_id, what);
+        return LA_EINVAL;
+    }
+    return 0;
+}
+
+static void vmm_info(const buf *b, eng_buffer_info *ret)
+{
+    if (!ret)
+        return;
+    ret->id = b->id;
+    ret->size = b->size;
+    ret->pending = b->pending;
+    ret->access = b->access;
+    ret->granularity = b->granularity;
+}
+
+int eng_buffer_add_vmm(eng *e, uint32_t uid, uint64_t conn_id, int fd, const eng_vmm_spec *sp,
+                       eng_buffer_info *ret_info, eng_error *err)
+{
+    int rc;
+    unsigned long long cid = (unsigned long long)conn_id;
+    if (fd < 0) {
+        eng_errf(err, "conn %llu: VMM buffer without a file descriptor", cid);
+        return LA_EINVAL;
+    }
+    if (e->shutting_down) {
+        eng_errf(err, "the daemon is shutting down");
+        rc = LA_ESHUTDOWN;
+        goto fail;
+    }
+    if (!sp || sp->n_allocs < 1 || sp->n_allocs > LA_MAX_VMM_ALLOCS) {
+        eng_errf(err, "conn %llu: a VMM buffer of %zu allocations (must be 1..%d)", cid,
+                 sp ? sp->n_allocs : (size_t)0, LA_MAX_VMM_ALLOCS);
+        rc = LA_EINVAL;
+        goto fail;
+    }
+    uint64_t total = 0;
+    for (size_t i = 0; i < sp->n_allocs; i++) {
+        if (sp->alloc_sizes[i] == 0 || __builtin_add_overflow(total, sp->alloc_sizes[i], &total) ||
+            total > (uint64_t)INT64_MAX) {
+            eng_errf(err,
+                     "conn %llu: VMM allocation %zu of %zu has size %llu (sizes are 1..2^63-1 "
+                     "bytes, together too)",
+                     cid, i, sp->n_allocs, (unsigned long long)sp->alloc_sizes[i]);
+            rc = LA_EINVAL;
+            goto fail;
+        }
+    }
+    if ((rc = size_check(conn_id, sp->size, err)) < 0)
+        goto fail;
+    if (sp->offset > total || sp->size > total - sp->offset) {
+        eng_errf(err,
+                 "conn %llu: VMM buffer of bytes [%llu, +%llu) outside the %llu bytes of its %zu "
+                 "allocation(s)",
+                 cid, (unsigned long long)sp->offset, (unsigned long long)sp->size,
+                 (unsigned long long)total, sp->n_allocs);
+        rc = LA_ERANGE;
+        goto fail;
+    }
+    if (sp->access < 1 || sp->access > LA_ACCESS_RW) {
+        eng_errf(err, "conn %llu: access %u is not a set of LA_ACCESS_READ (1), LA_ACCESS_WRITE (2)",
+                 cid, sp->access);
+        rc = LA_EINVAL;
+        goto fail;
+    }
+    size_t ul = sp->device_uuid ? strlen(sp->device_uuid) : 0;
+    if (ul == 0 || ul >= 64) {
+        eng_errf(err, "conn %llu: device UUID of %zu bytes (must be 1..63)", cid, ul);
+        rc = LA_EINVAL;
+        goto fail;
+    }
+    if ((rc = vmm_fd_check(conn_id, fd, err)) < 0)
+        goto fail;
+    if (!e->cuda || !e->cuda->ops->vmm_import) {
+        eng_errf(err,
+                 "conn %llu: VMM buffer (GPU memory), but the daemon has no cuda backend: the "
+                 "cpu backend computes on host memory only (register a host buffer)",
+                 cid);
+        rc = LA_ENODEV;
+        goto fail;
+    }
+    /* The whole of every allocation stays alive while imported: charge all of it. */
+    if ((rc = conn_limits(e, uid, conn_id, total, err)) < 0)
+        goto fail;
+    uint64_t *sizes = malloc(sp->n_allocs * sizeof *sizes);
+    if (!sizes) {
+        eng_errf(err, "out of memory");
+        rc = LA_ENOMEM;
+        goto fail;
+    }
+    memcpy(sizes, sp->alloc_sizes, sp->n_allocs * sizeof *sizes);
+    be_vmm_req r = {.uuid = sp->device_uuid, .alloc_sizes = sizes, .n_allocs = sp->n_allocs,
+                    .offset = sp->offset, .size = sp->size, .access = sp->access};
+    be_import *imp = NULL;
+    void *ptr = NULL;
+    int dev = 0;
+    uint64_t gran = 0;
+    char msg[BE_MSG_MAX] = "";
+    rc = e->cuda->ops->vmm_import(e->cuda, &r, fd, &imp, &ptr, &dev, &gran, msg, sizeof msg);
+    close(fd);
+    fd = -1;
+    if (rc < 0) {
+        free(sizes);
+        eng_errf(err, "conn %llu: VMM buffer on %s: %s", cid, sp->device_uuid,
+                 msg[0] ? msg : codes_strerror(rc));
+        return rc;
+    }
+    buf *b = buf_add(e, uid, conn_id, BUF_VMM, ptr, sp->size);
+    if (!b) {
+        e->cuda->ops->buffer_release(e->cuda, imp);
+        free(sizes);
+        eng_errf(err, "out of memory");
+        return LA_ENOMEM;
+    }
+    b->be = e->cuda;
+    b->imp = imp;
+    b->dev = dev;
+    b->access = sp->access;
+    b->alloc_sizes = sizes;
+    b->n_allocs = (uint32_t)sp->n_allocs;
+    b->pending = (uint32_t)sp->n_allocs - 1;
+    b->granularity = gran;
+    b->map_len = total;
+    vmm_info(b, ret_info);
+    return 0;
+fail:
+    if (fd >= 0)
+        close(fd);
+    return rc;
+}
+
+static void buf_release_registration(eng *e, buf *b);
+
+int eng_buffer_vmm_append(eng *e, uint64_t conn_id, uint64_t buffer_id, int fd,
+                          uint64_t alloc_size, eng_buffer_info *ret_info, eng_error *err)
+{
+    unsigned long long cid = (unsigned long long)conn_id, bid = (unsigned long long)buffer_id;
+    int rc;
+    buf *b = buf_get(e, conn_id, buffer_id);
+    if (!b) {
+        eng_errf(err, "conn %llu: no buffer %llu to append a VMM allocation to", cid, bid);
+        if (fd >= 0)
+            close(fd);
+        return LA_ENOENT;
+    }
+    if (fd < 0) {
+        eng_errf(err, "conn %llu: VMM allocation for buffer %llu without a file descriptor", cid,
+                 bid);
+        rc = LA_EINVAL;
+        goto fail;
+    }
+    if (e->shutting_down) {
+        eng_errf(err, "the daemon is shutting down");
+        rc = LA_ESHUTDOWN;
+        goto fail;
+    }
+    if (b->kind != BUF_VMM) {
+        eng_errf(err, "conn %llu: buffer %llu is not a VMM buffer; only VMM buffers take more "
+                      "allocations",
+                 cid, bid);
+        rc = LA_EINVAL;
+        goto fail;
+    }
+    if (b->pending == 0) {
+        eng_errf(err, "conn %llu: VMM buffer %llu already has all of its %u allocation(s)", cid,
+                 bid, b->n_allocs);
+        rc = LA_EINVAL;
+        goto fail;
+    }
+    uint32_t idx = b->n_allocs - b->pending;
+    if (alloc_size != b->alloc_sizes[idx]) {
+        eng_errf(err,
+                 "conn %llu: VMM allocation %u of buffer %llu has %llu bytes, but its first frame "
+                 "listed %llu",
+                 cid, idx, bid, (unsigned long long)alloc_size,
+                 (unsigned long long)b->alloc_sizes[idx]);
+        rc = LA_EINVAL;
+        goto fail;
+    }
+    if ((rc = vmm_fd_check(conn_id, fd, err)) < 0)
+        goto fail;
+    char msg[BE_MSG_MAX] = "";
+    rc = b->be->ops->vmm_append(b->be, b->imp, fd, alloc_size, msg, sizeof msg);
+    if (rc < 0) {
+        eng_errf(err, "conn %llu: VMM allocation %u of buffer %llu: %s", cid, idx, bid,
+                 msg[0] ? msg : codes_strerror(rc));
+        goto fail;
+    }
+    close(fd);
+    b->pending--;
+    vmm_info(b, ret_info);
+    return 0;
+fail:
+    if (fd >= 0)
+        close(fd);
+    /* A buffer that cannot be completed is of no use: it goes, and the message says so. */
+    size_t n = strlen(err ? err->msg : "");
+    if (err && n + 40 < sizeof err->msg)
+        snprintf(err->msg + n, sizeof err->msg - n, "; buffer %llu was removed", bid);
+    buf_release_registration(e, b);
+    return rc;
+}
+
+int eng_buffer_set_access(eng *e, uint64_t conn_id, uint64_t buffer_id, unsigned access,
+                          eng_error *err)
+{
+    buf *b = buf_get(e, conn_id, buffer_id);
+    if (!b) {
+        eng_errf(err, "conn %llu: no buffer %llu", (unsigned long long)conn_id,
+                 (unsigned long long)buffer_id);
+        return LA_ENOENT;
+    }
+    if (access < 1 || access > LA_ACCESS_RW) {
+        eng_errf(err, "conn %llu: access %u is not a set of LA_ACCESS_READ (1), LA_ACCESS_WRITE (2)",
+                 (unsigned long long)conn_id, access);
+        return LA_EINVAL;
+    }
+    b->access = access;
     return 0;
 }
 

@@ -67,7 +67,7 @@ void eng_config_default(eng_config *cfg)
     cfg->limits.max_call_cost = 1ull << 47;
     cfg->limits.max_queued_cost_per_user = 1ull << 53;
     cfg->limits.max_doorbell_slots = 4096;
-    cfg->limits.doorbell_timeout_ms = 60000;
+    cfg->limits.doorbell_timeout_s = 60;
 }
 
 /* Backend threads: queue the finished job for the loop thread. A fast-path call's slot is
@@ -142,7 +142,7 @@ int eng_new(const eng_config *cfg, eng **ret_engine, eng_error *err)
             eng_logf(e, LOG_INFO, "cuda backend not used: %s", msg[0] ? msg : codes_strerror(rc));
         }
     }
-    e->cpu->doorbell_timeout_ns = (uint64_t)cfg->limits.doorbell_timeout_ms * 1000000u;
+    e->cpu->doorbell_timeout_ns = (uint64_t)cfg->limits.doorbell_timeout_s * 1000000000u;
     if (e->cuda)
         e->cuda->doorbell_timeout_ns = e->cpu->doorbell_timeout_ns;
     snprintf(e->backends, sizeof e->backends, "%s", e->cuda ? "cpu,cuda" : "cpu");
@@ -231,6 +231,7 @@ static const char *dtype_name(la_dtype t)
 /* One checked tensor: its buffer, byte range [begin, end) and strides in elements. */
 typedef struct tref {
     const char *role;
+    int writes; /* o, lse, decisions */
     const eng_tensor *t;
     buf *b;
     uint64_t begin, end;
@@ -284,12 +285,30 @@ static int resolve_tensor(eng *e, const sess *s, uint64_t conn_id, const char *s
                  r->role, (unsigned long long)t->buffer_id);
         return LA_ENOENT;
     }
-    int want_kind = s->be == e->cpu ? BUF_SHM : BUF_CUDA;
-    if (b->kind != want_kind || (want_kind == BUF_CUDA && b->dev != s->dev)) {
+    int host = s->be == e->cpu, on_gpu = b->kind == BUF_CUDA || b->kind == BUF_VMM;
+    if (host ? b->kind != BUF_SHM : !on_gpu || b->dev != s->dev) {
         eng_errf(err, "%s: %s is in buffer %llu (%s), but the session computes on %s", sname,
                  r->role, (unsigned long long)b->id,
-                 b->kind == BUF_SHM ? "host memory" : "GPU memory", s->device);
+                 b->kind == BUF_SHM    ? "host memory"
+                 : b->kind == BUF_VMM ? "GPU memory, VMM"
+                                      : "GPU memory",
+                 s->device);
         return LA_EINVAL;
+    }
+    if (b->pending) {
+        eng_errf(err,
+                 "%s: %s is in buffer %llu, which is still being registered (%u of its %u VMM "
+                 "allocations have not arrived)",
+                 sname, r->role, (unsigned long long)b->id, b->pending, b->n_allocs);
+        return LA_EINVAL;
+    }
+    unsigned need = r->writes ? LA_ACCESS_WRITE : LA_ACCESS_READ;
+    if (!(b->access & need)) {
+        eng_errf(err, "%s: %s is in buffer %llu, registered %s", sname, r->role,
+                 (unsigned long long)b->id,
+                 r->writes ? "read-only: the daemon may not write it"
+                           : "write-only: the daemon may not read it");
+        return LA_EPERM;
     }
     uint64_t es = la_dtype_size(t->dtype);
     if (t->offset % es) {
@@ -469,6 +488,7 @@ static int resolve_tensors(eng *e, const sess *s, uint64_t conn_id, const char *
     const eng_tensor *ts[6] = {&req->q, &req->k, &req->v, &req->o, &req->lse, &req->decisions};
     for (int i = 0; i < 6; i++) {
         t[i].role = roles[i];
+        t[i].writes = i >= 3;
         t[i].t = ts[i];
         if (i == 4 && !req->has_lse)
             continue;

@@ -40,7 +40,7 @@ typedef struct eng_error {
 
 typedef struct eng_limits {
     uint32_t max_buffers_per_conn;      /* default 256 */
-    uint64_t max_buffer_bytes_per_conn; /* shm + ipc bytes registered, default 64 GiB */
+    uint64_t max_buffer_bytes_per_conn; /* shm + ipc + vmm bytes registered, default 64 GiB */
     /* Buffers (each a mapping of the daemon) of one user, of all users (0: half of
      * vm.max_map_count, read at start). Defaults 2048 and 0. */
     uint32_t max_buffers_per_user;
@@ -60,9 +60,9 @@ typedef struct eng_limits {
     uint64_t max_queued_cost_per_user;
     /* Fast path (eng_doorbell_add): slots of one connection's doorbell at most (default
      * 4096), and how long a launched GPU call may wait for its doorbell before the daemon
-     * releases it and fails it with LA_ETIMEDOUT (default 60000 ms). */
+     * releases it and fails it with LA_ETIMEDOUT (default 60 s). */
     uint32_t max_doorbell_slots;
-    uint32_t doorbell_timeout_ms;
+    uint32_t doorbell_timeout_s;
 } eng_limits;
 
 typedef struct eng_config {
@@ -95,7 +95,9 @@ typedef struct eng_device_info {
     char name[96];
     uint64_t memory_bytes;
     uint32_t compute_capability;
-    int fastpath; /* calls on it may name a doorbell slot (be_ops.fastpath) */
+    int mps;           /* the context is an MPS client: 1, 0, or -1 unknown / not a GPU */
+    uint32_t sm_count; /* SMs the context may use, 0 unknown */
+    int fastpath;      /* calls on it may name a doorbell slot (be_ops.fastpath) */
 } eng_device_info;
 size_t eng_devices(const eng *e, eng_device_info *out, size_t max);
 /* Comma-separated backend names, e.g. "cpu" or "cpu,cuda". */
@@ -171,6 +173,41 @@ int eng_buffer_add_shm(eng *e, uint32_t uid, uint64_t conn_id, int fd, uint64_t 
 int eng_buffer_add_cuda_ipc(eng *e, uint32_t uid, uint64_t conn_id, const void *handle, size_t len,
                             const char *device_uuid, uint64_t size, uint64_t *ret_id,
                             uint64_t *ret_size, eng_error *err);
+/* VMM buffers: physical allocations of cuMemCreate, exported as POSIX fds by the client and
+ * mapped here side by side in the order listed (GPU memory; the cuda backend only). */
+typedef struct eng_vmm_spec {
+    const char *device_uuid;    /* the GPU the allocations live on (< 64 bytes) */
+    const uint64_t *alloc_sizes; /* sizes of the allocations, 1..LA_MAX_VMM_ALLOCS of them */
+    size_t n_allocs;
+    uint64_t offset, size; /* the buffer: bytes [offset, offset + size) of the mapped range */
+    unsigned access;       /* LA_ACCESS_* bits, not 0 */
+} eng_vmm_spec;
+
+/* What a registration produced (BufferReply). */
+typedef struct eng_buffer_info {
+    uint64_t id, size;
+    uint32_t pending;     /* VMM: allocations still to come; the buffer is usable at 0 */
+    unsigned access;      /* LA_ACCESS_* */
+    uint64_t granularity; /* VMM: the allocation granularity the sizes were checked against */
+} eng_buffer_info;
+
+/* Takes ownership of fd (closed on error too): the first allocation of a VMM buffer; the others
+ * follow with eng_buffer_vmm_append. Errors: LA_EINVAL (sizes, access, a device UUID or fd that
+ * is not what it should be: a socket, pipe, directory or shared-memory file is refused before
+ * CUDA sees it), LA_ERANGE (the buffer's bytes lie outside the allocations, or an allocation is
+ * smaller than listed), LA_ENODEV (no cuda backend, no such GPU, the allocation lives on another
+ * GPU), LA_ENOTSUP (the driver cannot import it), LA_ELIMIT, LA_ENOMEM, LA_ESHUTDOWN. */
+int eng_buffer_add_vmm(eng *e, uint32_t uid, uint64_t conn_id, int fd, const eng_vmm_spec *spec,
+                       eng_buffer_info *ret_info, eng_error *err);
+/* Takes ownership of fd: the next allocation (alloc_size bytes, as listed) of VMM buffer
+ * buffer_id. Any error except LA_ENOENT (no such buffer) removes the buffer. */
+int eng_buffer_vmm_append(eng *e, uint64_t conn_id, uint64_t buffer_id, int fd,
+                          uint64_t alloc_size, eng_buffer_info *ret_info, eng_error *err);
+/* Restricts a registered buffer to access (LA_ACCESS_* bits): calls whose outputs lie in a
+ * buffer without LA_ACCESS_WRITE, or inputs in one without LA_ACCESS_READ, get LA_EPERM. */
+int eng_buffer_set_access(eng *e, uint64_t conn_id, uint64_t buffer_id, unsigned access,
+                          eng_error *err);
+
 /* Releases the buffer; the mapping goes away once in-flight jobs using it have finished. */
 int eng_buffer_remove(eng *e, uint64_t conn_id, uint64_t buffer_id, eng_error *err);
 
@@ -251,7 +288,8 @@ typedef void (*eng_done_fn)(void *user, int status, const eng_attn_result *res,
  * written whatever happens (on error here at once, with the error code), so that the client's
  * stream never waits for a call that will not run; only a slot that does not exist (no
  * doorbell, index out of range) cannot be written.
- * Errors: LA_ENOENT, LA_EINVAL, LA_ERANGE, LA_ENOTSUP (also: a doorbell call on a device
+ * Errors: LA_ENOENT, LA_EINVAL, LA_ERANGE, LA_EPERM (an output in a buffer registered
+ * read-only, an input in a write-only one), LA_ENOTSUP (also: a doorbell call on a device
  * without the fast path), LA_ESHUTDOWN, LA_ELIMIT (the call's cost exceeds max_call_cost, or
  * the user's queued work would exceed max_queued_cost_per_user; the message names the
  * limit). */

@@ -65,7 +65,7 @@ typedef struct sess {
     int restart_logged;
 } sess;
 
-enum { BUF_SHM = 1, BUF_CUDA = 2 };
+enum { BUF_SHM = 1, BUF_CUDA = 2, BUF_VMM = 3 };
 
 typedef struct buf {
     list_node link; /* the engine's buffers */
@@ -73,12 +73,18 @@ typedef struct buf {
     uint32_t uid;
     uint64_t conn_id;
     int kind;
-    void *ptr;        /* host mapping (shm) or device pointer of the allocation base (cuda) */
+    void *ptr;        /* host mapping (shm), device pointer of the allocation base (cuda) or of
+                       * the buffer's first byte (vmm) */
     uint64_t size;    /* bytes usable */
     uint64_t map_len; /* shm: bytes mapped */
-    be_backend *be;   /* cuda */
+    be_backend *be;   /* cuda, vmm */
     be_import *imp;
     int dev;
+    unsigned access;  /* LA_ACCESS_* */
+    /* vmm: the allocations' sizes as listed, and how many have not been mapped yet */
+    uint64_t *alloc_sizes;
+    uint32_t n_allocs, pending;
+    uint64_t granularity;
     int refs; /* the registry's (while registered) + one per job in flight */
     int registered;
 } buf;

@@ -20,8 +20,10 @@
  * A record that decodes as BufferRegister(SHM) gets a sealed memfd of min(size, 1 MiB) bytes
  * (one byte less when bit 8 of the request id is set: a buffer that claims more than its
  * fd holds) sent with its first
- * byte; one that decodes as DoorbellRegister a memfd of its slots (16 bytes each, whole pages,
- * one byte less likewise), whose ready words stay 0. Attention requests whose compute would exceed ~2^24 multiply-adds are left out (they
+ * byte; one of kind VMM gets /dev/null (an fd of no CUDA allocation: the cpu backend refuses it
+ * after the request's own checks), or the memfd when bit 8 of the id is set; one that decodes as
+ * DoorbellRegister a memfd of its slots (16 bytes each, whole pages, one byte less likewise),
+ * whose ready words stay 0. Attention requests whose compute would exceed ~2^24 multiply-adds are left out (they
  * are valid work, just slow: the fuzzer looks for crashes, not for a CPU bill).
  *
  * Checked: no crash or sanitizer report; every reply the daemon writes decodes as a Reply.
@@ -57,11 +59,7 @@ static void engine_new(void)
     eng_config_default(&ec);
     ec.backend = "cpu";
     ec.cpu_threads = 1;
-    ec.limits.max_buffers_per_conn = S->cfg.max_buffers;
-    ec.limits.max_buffer_bytes_per_conn = S->cfg.max_buffer_bytes;
-    ec.limits.max_sessions_per_user = S->cfg.max_sessions;
-    ec.limits.max_mask_bytes_per_user = S->cfg.max_mask_bytes;
-    ec.limits.max_inflight_per_conn = S->cfg.max_inflight;
+    ec.limits = S->cfg.limits; /* as the daemon's srv_new hands them over */
     ec.notify = notify;
     eng_error ee = {{0}};
     eng *e;
@@ -247,6 +245,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             if (r->body_case == LITEATTN__REQUEST__BODY_BUFFER_REGISTER &&
                 r->buffer_register->kind == LITEATTN__BUFFER_KIND__BUFFER_SHM)
                 pass_fd = make_memfd(r->buffer_register->size, (r->id & 0x100) != 0);
+            if (r->body_case == LITEATTN__REQUEST__BODY_BUFFER_REGISTER &&
+                r->buffer_register->kind == LITEATTN__BUFFER_KIND__BUFFER_VMM)
+                pass_fd = (r->id & 0x100) ? make_memfd(4096, 0)
+                                          : open("/dev/null", O_RDWR | O_CLOEXEC);
             if (r->body_case == LITEATTN__REQUEST__BODY_DOORBELL_REGISTER)
                 pass_fd = make_memfd(((uint64_t)r->doorbell_register->slots * 16 + 4095) &
                                          ~(uint64_t)4095,

@@ -200,10 +200,10 @@ int main(int argc, char **argv)
     at_db_unrung.doorbell_slot = 2, at_db_unrung.doorbell_value = 5;
     at_db_bad.has_doorbell_slot = at_db_bad.has_doorbell_value = 1;
     at_db_bad.doorbell_slot = 9, at_db_bad.doorbell_value = 1;
-    REQ(r_db, 22, DOORBELL_REGISTER, doorbell_register, &dbr);
-    REQ(r_attn_db, 23, ATTENTION, attention, &at_db);
-    REQ(r_attn_unrung, 24, ATTENTION, attention, &at_db_unrung);
-    REQ(r_attn_dbbad, 25, ATTENTION, attention, &at_db_bad);
+    REQ(r_db, 24, DOORBELL_REGISTER, doorbell_register, &dbr);
+    REQ(r_attn_db, 25, ATTENTION, attention, &at_db);
+    REQ(r_attn_unrung, 26, ATTENTION, attention, &at_db_unrung);
+    REQ(r_attn_dbbad, 27, ATTENTION, attention, &at_db_bad);
     REQ(r_stats, 20, STATS, stats, &st);
     REQ(r_ping, 21, PING, ping, &ping);
 
@@ -264,6 +264,24 @@ int main(int argc, char **argv)
         put(&raw, oversized, sizeof oversized);
         save("dispatch", "raw-stream", &raw);
         seq++;
+    }
+    /* VMM registrations (after the others, so that their numbers stay): a first frame with
+     * three allocations, an append, and an append to a buffer that is not VMM. */
+    {
+        uint64_t sizes[3] = {2u << 20, 2u << 20, 2u << 20};
+        Liteattn__BufferRegister vm = LITEATTN__BUFFER_REGISTER__INIT;
+        vm.kind = LITEATTN__BUFFER_KIND__BUFFER_VMM, vm.size = 5u << 20;
+        vm.device_uuid = "GPU-00000000-0000-0000-0000-000000000000";
+        vm.n_vmm_alloc_sizes = 3, vm.vmm_alloc_sizes = sizes;
+        vm.has_vmm_offset = 1, vm.vmm_offset = 4096;
+        vm.has_access = 1, vm.access = 1;
+        Liteattn__BufferRegister va = LITEATTN__BUFFER_REGISTER__INIT;
+        va.kind = LITEATTN__BUFFER_KIND__BUFFER_VMM, va.size = 2u << 20;
+        va.has_vmm_append = 1, va.vmm_append = 1;
+        REQ(r_vmm, 22, BUFFER_REGISTER, buffer_register, &vm);
+        REQ(r_vapp, 23, BUFFER_REGISTER, buffer_register, &va);
+        Liteattn__Request *vmm[] = {&r_vmm, &r_vapp, &r_reg, &r_vapp, &r_ping};
+        emit("buffer-register-vmm", 1, 0, vmm, sizeof vmm / sizeof vmm[0]);
     }
     /* The fast path (issue 10), last so that the earlier seeds keep their numbers. */
     Liteattn__Request *fast[] = {&r_open,    &r_reg,         &r_attn_db, &r_db,

@@ -90,4 +90,17 @@ typedef enum la_tensor_role {
 /* Most steps of a per-step threshold schedule. */
 #define LA_MAX_SCHEDULE 10000
 
+/* How the daemon may touch a registered buffer (bits; BufferRegister.access on the wire). Q, K
+ * and V need READ, O, LSE and DECISIONS need WRITE. VMM buffers are mapped in the daemon with
+ * these page protections (read-only where WRITE is absent); other kinds are checked by the
+ * daemon only. */
+typedef enum la_access {
+    LA_ACCESS_READ = 1,
+    LA_ACCESS_WRITE = 2,
+    LA_ACCESS_RW = 3
+} la_access;
+
+/* Most physical allocations (cuMemCreate) one VMM buffer maps side by side. */
+#define LA_MAX_VMM_ALLOCS 1024
+
 #endif /* LITEATTN_CODES_H */

@@ -1,5 +1,5 @@
 /* buffer.c — memory the daemon reads and writes: sealed memfd host buffers passed by
- * SCM_RIGHTS, caller fds, and CUDA IPC handles; unregistering. */
+ * SCM_RIGHTS, caller fds, CUDA IPC handles and VMM allocation fds; unregistering. */
 #include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -17,6 +17,8 @@ static void buffer_release(la_buffer *b)
     if (b->map && munmap(b->map, (size_t)b->size) < 0)
         cl_log(1, "liteattn: munmap of buffer %llu failed: %s", (unsigned long long)b->id,
                strerror(errno));
+    free(b->alloc_base);
+    free(b->alloc_ids);
     free(b);
 }
 
@@ -53,6 +55,7 @@ static int register_shm(la_client *c, int fd, size_t size, la_buffer **ret_buffe
     b->size = size;
     b->map = map;
     b->refs = 1;
+    b->access = LA_ACCESS_RW;
     Liteattn__BufferRegister br = LITEATTN__BUFFER_REGISTER__INIT;
     br.kind = LITEATTN__BUFFER_KIND__BUFFER_SHM;
     br.size = size;
@@ -182,6 +185,7 @@ int cl_buffer_register_ipc(la_client *c, const void *handle, const char *uuid, u
     b->size = size;
     b->refs = 1;
     b->is_cuda = 1;
+    b->access = LA_ACCESS_RW;
     b->cuda_base = cuda_base;
     memcpy(b->ipc_handle, handle, 64);
     Liteattn__BufferRegister br = LITEATTN__BUFFER_REGISTER__INIT;
@@ -220,6 +224,128 @@ LA_API int la_buffer_register_cuda_ipc(la_client *c, const void *handle, size_t 
                        device_uuid);
     pthread_mutex_lock(&c->lock);
     int rc = cl_buffer_register_ipc(c, handle, uuid, size, 0, ret_buffer);
+    pthread_mutex_unlock(&c->lock);
+    return rc;
+}
+
+/* Sends one VMM BufferRegister (lock held) and checks what the daemon says is still pending. */
+static int vmm_frame(la_client *c, Liteattn__BufferRegister *br, int fd, uint32_t want_pending,
+                     uint64_t *ret_id, unsigned *ret_access)
+{
+    Liteattn__Request req = LITEATTN__REQUEST__INIT;
+    req.body_case = LITEATTN__REQUEST__BODY_BUFFER_REGISTER;
+    req.buffer_register = br;
+    Liteattn__Reply *r;
+    int rc = cl_call(c, &req, fd, LITEATTN__REPLY__BODY_BUFFER, &r);
+    if (rc < 0)
+        return rc;
+    const Liteattn__BufferReply *bp = r->buffer;
+    uint32_t pending = bp->has_vmm_pending ? bp->vmm_pending : 0;
+    *ret_id = bp->buffer_id;
+    if (ret_access)
+        *ret_access = bp->has_access ? bp->access : LA_ACCESS_RW;
+    liteattn__reply__free_unpacked(r, NULL);
+    if (pending != want_pending)
+        return cl_fail(LA_EPROTO, "the daemon expects %u more VMM allocations, not %u", pending,
+                       want_pending);
+    return 0;
+}
+
+int cl_buffer_register_vmm(la_client *c, const int *fds, const uint64_t *sizes, size_t n,
+                           uint64_t offset, uint64_t size, const char *uuid, unsigned access,
+                           la_buffer **ret_buffer)
+{
+    if (!daemon_has_device(c, uuid))
+        return cl_fail(LA_ENODEV, "the daemon has no GPU %s (its devices: %s)", uuid,
+                       la_client_property(c, "devices"));
+    la_buffer *b = calloc(1, sizeof(*b));
+    if (!b)
+        return cl_fail(LA_ENOMEM, NULL);
+    b->client = c;
+    b->size = size;
+    b->refs = 1;
+    b->is_cuda = 1;
+    b->is_vmm = 1;
+    b->n_allocs = (uint32_t)n;
+    Liteattn__BufferRegister br = LITEATTN__BUFFER_REGISTER__INIT;
+    br.kind = LITEATTN__BUFFER_KIND__BUFFER_VMM;
+    br.size = size;
+    br.device_uuid = (char *)uuid;
+    br.n_vmm_alloc_sizes = n;
+    br.vmm_alloc_sizes = (uint64_t *)sizes;
+    br.has_vmm_offset = 1;
+    br.vmm_offset = offset;
+    br.has_access = 1;
+    br.access = access;
+    int rc = vmm_frame(c, &br, fds[0], (uint32_t)(n - 1), &b->id, &b->access);
+    for (size_t i = 1; rc == 0 && i < n; i++) {
+        Liteattn__BufferRegister ap = LITEATTN__BUFFER_REGISTER__INIT;
+        ap.kind = LITEATTN__BUFFER_KIND__BUFFER_VMM;
+        ap.size = sizes[i];
+        ap.has_vmm_append = 1;
+        ap.vmm_append = b->id;
+        uint64_t id = 0;
+        rc = vmm_frame(c, &ap, fds[i], (uint32_t)(n - 1 - i), &id, NULL);
+        if (rc == 0 && id != b->id)
+            rc = cl_fail(LA_EPROTO, "the daemon answered a VMM append to buffer %llu for %llu",
+                         (unsigned long long)b->id, (unsigned long long)id);
+    }
+    if (rc < 0) {
+        /* A failed append removed the buffer on the daemon; a half-built one is of no use. */
+        if (b->id && !c->closed) {
+            char keep[CL_ERRMSG_MAX];
+            snprintf(keep, sizeof keep, "%s", la_last_error_message());
+            Liteattn__BufferUnregister bu = LITEATTN__BUFFER_UNREGISTER__INIT;
+            bu.buffer_id = b->id;
+            Liteattn__Request req = LITEATTN__REQUEST__INIT;
+            req.body_case = LITEATTN__REQUEST__BODY_BUFFER_UNREGISTER;
+            req.buffer_unregister = &bu;
+            Liteattn__Reply *r;
+            if (cl_call(c, &req, -1, LITEATTN__REPLY__BODY_ACK, &r) == 0)
+                liteattn__reply__free_unpacked(r, NULL);
+            cl_fail(rc, "%s", keep);
+        }
+        free(b);
+        return rc;
+    }
+    list_append(&c->buffers, &b->link);
+    *ret_buffer = b;
+    return 0;
+}
+
+LA_API int la_buffer_register_vmm_fd(la_client *c, const int *fds, const uint64_t *alloc_sizes,
+                                     size_t n_allocs, uint64_t offset, uint64_t size,
+                                     const char *device_uuid, unsigned access,
+                                     la_buffer **ret_buffer)
+{
+    if (!c || !fds || !alloc_sizes || !device_uuid || !ret_buffer)
+        return cl_fail(LA_EINVAL, "la_buffer_register_vmm_fd: NULL argument");
+    if (n_allocs < 1 || n_allocs > LA_MAX_VMM_ALLOCS)
+        return cl_fail(LA_EINVAL, "%zu VMM allocations (1..%d)", n_allocs, LA_MAX_VMM_ALLOCS);
+    uint64_t total = 0;
+    for (size_t i = 0; i < n_allocs; i++) {
+        if (fds[i] < 0)
+            return cl_fail(LA_EINVAL, "fd %d of allocation %zu", fds[i], i);
+        if (alloc_sizes[i] == 0 || __builtin_add_overflow(total, alloc_sizes[i], &total))
+            return cl_fail(LA_EINVAL, "allocation %zu has size %llu", i,
+                           (unsigned long long)alloc_sizes[i]);
+    }
+    if (size == 0 || offset > total || size > total - offset)
+        return cl_fail(LA_ERANGE, "bytes [%llu, +%llu) are not inside the %llu bytes of the "
+                                  "allocations",
+                       (unsigned long long)offset, (unsigned long long)size,
+                       (unsigned long long)total);
+    if (access < 1 || access > LA_ACCESS_RW)
+        return cl_fail(LA_EINVAL, "access %u is not LA_ACCESS_READ, _WRITE or _RW", access);
+    char uuid[48];
+    if (cl_uuid_normalise(device_uuid, uuid) < 0)
+        return cl_fail(LA_EINVAL,
+                       "\"%s\" is not a GPU UUID (GPU-xxxxxxxx-xxxx-xxxx-xxxx-"
+                       "xxxxxxxxxxxx or 32 hex digits)",
+                       device_uuid);
+    pthread_mutex_lock(&c->lock);
+    int rc = cl_buffer_register_vmm(c, fds, alloc_sizes, n_allocs, offset, size, uuid, access,
+                                    ret_buffer);
     pthread_mutex_unlock(&c->lock);
     return rc;
 }

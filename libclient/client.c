@@ -408,6 +408,26 @@ static int store_hello(la_client *c, const Liteattn__HelloReply *h)
         rc |= add_prop(c, "fastpath.devices", s);
     free(s);
 
+    /* MPS: one line per device, in the order of "devices". */
+    s = NULL;
+    len = 0;
+    rc |= append(&s, &len, "");
+    for (size_t i = 0; i < h->n_devices; i++) {
+        const Liteattn__Device *d = h->devices[i];
+        char line[160];
+        snprintf(line, sizeof(line), "%s%s %s %u", i ? "\n" : "", d->uuid ? d->uuid : "?",
+                 !d->has_mps ? "unknown" : d->mps ? "on" : "off",
+                 d->has_sm_count ? d->sm_count : 0);
+        rc |= append(&s, &len, line);
+    }
+    if (s)
+        rc |= add_prop(c, "mps", s);
+    free(s);
+    if (h->mps_pipe_directory)
+        rc |= add_prop(c, "mps.pipe_directory", h->mps_pipe_directory);
+    if (h->has_mps_control)
+        rc |= add_prop(c, "mps.control", h->mps_control ? "yes" : "no");
+
     const Liteattn__Limits *l = h->limits;
     if (l) {
         /* Every limit the daemon sent becomes "limit.<field>", whatever the minor version. */

@@ -65,10 +65,19 @@ struct la_buffer {
     uint64_t size;
     void *map; /* host buffers: the mapping (size bytes) */
     int refs;
-    uint64_t cuda_base; /* CUDA buffers registered through a pointer: the block base, else 0 */
+    uint64_t cuda_base; /* CUDA buffers registered through a pointer: the block base, or the
+                         * first VMM allocation's address, else 0 */
     int is_cuda;
     uint8_t ipc_handle[64]; /* CUDA: the handle it was registered with (cache key with base) */
-    list_node link;         /* the client's buffers */
+    unsigned access;        /* LA_ACCESS_* the daemon enforces */
+    /* VMM: the allocations mapped, and (registered through a pointer) where each lay in this
+     * process and its CU_POINTER_ATTRIBUTE_BUFFER_ID then (or, bit 63 set, the handle mapped
+     * there, where the driver gives no id), to tell a stale registration. */
+    int is_vmm;
+    uint32_t n_allocs;
+    uint64_t *alloc_base, *alloc_ids;
+    uint64_t cuda_id; /* CUDA IPC through a pointer: the block's buffer id (0 unknown) */
+    list_node link;   /* the client's buffers */
 };
 
 /* The first error of a fast-path call enqueued without a handle, until it is reported. */
@@ -156,6 +165,11 @@ void cl_calls_free_all(la_client *c);
 void cl_buffers_free_all(la_client *c);
 int cl_buffer_register_ipc(la_client *c, const void *handle, const char *uuid, uint64_t size,
                            uint64_t cuda_base, la_buffer **ret_buffer);
+/* Registers n VMM allocation fds (lock held; the caller keeps the fds): one BufferRegister per
+ * allocation. On success *ret_buffer is linked with is_vmm set, its pointer facts unset. */
+int cl_buffer_register_vmm(la_client *c, const int *fds, const uint64_t *sizes, size_t n,
+                           uint64_t offset, uint64_t size, const char *uuid, unsigned access,
+                           la_buffer **ret_buffer);
 /* Normalises a GPU UUID ("GPU-..." or 32 hex digits) to "GPU-8-4-4-4-12" lower case. */
 int cl_uuid_normalise(const char *in, char out[48]);
 

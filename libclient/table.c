@@ -111,26 +111,6 @@ LA_API int la_table_int(const la_table *t, size_t row, const char *col, int64_t 
     return 0;
 }
 
-/* One request whose reply becomes a table: fill adds the rows. */
-static int table_query(la_client *c, Liteattn__Request *req, int want, const char *const *names,
-                       size_t n_cols, int (*fill)(la_table *t, const Liteattn__Reply *r),
-                       la_table **ret_table)
-{
-    Liteattn__Reply *r;
-    int rc = cl_request(c, req, want, &r);
-    if (rc < 0)
-        return rc;
-    la_table *t = table_new(names, n_cols);
-    rc = t ? fill(t, r) : LA_ENOMEM;
-    liteattn__reply__free_unpacked(r, NULL);
-    if (rc < 0) {
-        la_table_free(t);
-        return cl_fail(rc, NULL);
-    }
-    *ret_table = t;
-    return 0;
-}
-
 static int fill_stats(la_table *t, const Liteattn__Reply *r)
 {
     int rc = 0;
@@ -141,18 +121,6 @@ static int fill_stats(la_table *t, const Liteattn__Reply *r)
         rc = table_add(t, cells);
     }
     return rc;
-}
-
-LA_API int la_stats(la_client *c, la_table **ret_table)
-{
-    if (!c || !ret_table)
-        return cl_fail(LA_EINVAL, "la_stats: NULL argument");
-    Liteattn__Stats st = LITEATTN__STATS__INIT;
-    Liteattn__Request req = LITEATTN__REQUEST__INIT;
-    req.body_case = LITEATTN__REQUEST__BODY_STATS;
-    req.stats = &st;
-    static const char *const names[] = {"name", "value"};
-    return table_query(c, &req, LITEATTN__REPLY__BODY_STATS, names, 2, fill_stats, ret_table);
 }
 
 static int fill_sessions(la_table *t, const Liteattn__Reply *r)
@@ -182,17 +150,65 @@ static int fill_sessions(la_table *t, const Liteattn__Reply *r)
     return rc;
 }
 
-LA_API int la_sessions(la_client *c, la_table **ret_table)
+/* A listing: its request (a message without fields), its reply and columns, and fill, which
+ * adds the rows of a reply. */
+typedef struct table_kind {
+    const char *fn; /* the public function, for messages */
+    int request, reply;
+    const char *const *names;
+    size_t n_cols;
+    int (*fill)(la_table *t, const Liteattn__Reply *r);
+} table_kind;
+
+static const char *const stats_cols[] = {"name", "value"};
+static const table_kind stats_kind = {
+    "la_stats", LITEATTN__REQUEST__BODY_STATS, LITEATTN__REPLY__BODY_STATS, stats_cols, 2,
+    fill_stats};
+
+static const char *const session_cols[] = {
+    "id", "key",        "uid",   "layers",   "heads",         "head_dim", "batch",  "bm",
+    "bn", "mask_bytes", "calls", "restarts", "live_fraction", "attached", "idle_s", "device"};
+static const table_kind sessions_kind = {"la_sessions",
+                                         LITEATTN__REQUEST__BODY_SESSION_LIST,
+                                         LITEATTN__REPLY__BODY_SESSION_LIST,
+                                         session_cols,
+                                         16,
+                                         fill_sessions};
+
+/* The request of k, its reply as a new table. */
+static int table_query(la_client *c, const table_kind *k, la_table **ret_table)
 {
     if (!c || !ret_table)
-        return cl_fail(LA_EINVAL, "la_sessions: NULL argument");
+        return cl_fail(LA_EINVAL, "%s: NULL argument", k->fn);
+    Liteattn__Stats st = LITEATTN__STATS__INIT;
     Liteattn__SessionList sl = LITEATTN__SESSION_LIST__INIT;
     Liteattn__Request req = LITEATTN__REQUEST__INIT;
-    req.body_case = LITEATTN__REQUEST__BODY_SESSION_LIST;
-    req.session_list = &sl;
-    static const char *const names[] = {
-        "id", "key",        "uid",   "layers",   "heads",         "head_dim", "batch",  "bm",
-        "bn", "mask_bytes", "calls", "restarts", "live_fraction", "attached", "idle_s", "device"};
-    return table_query(c, &req, LITEATTN__REPLY__BODY_SESSION_LIST, names, 16, fill_sessions,
-                       ret_table);
+    req.body_case = k->request;
+    if (k->request == LITEATTN__REQUEST__BODY_STATS)
+        req.stats = &st;
+    else
+        req.session_list = &sl;
+    Liteattn__Reply *r;
+    int rc = cl_request(c, &req, k->reply, &r);
+    if (rc < 0)
+        return rc;
+    la_table *t = table_new(k->names, k->n_cols);
+    rc = t ? k->fill(t, r) : LA_ENOMEM;
+    liteattn__reply__free_unpacked(r, NULL);
+    if (rc < 0) {
+        la_table_free(t);
+        return cl_fail(rc, NULL);
+    }
+    *ret_table = t;
+    return 0;
+}
+
+LA_API int la_stats(la_client *c, la_table **ret_table)
+{
+    return table_query(c, &stats_kind, ret_table);
+}
+
+LA_API int la_sessions(la_client *c, la_table **ret_table)
+{
+    return table_query(c, &sessions_kind, ret_table);
 }

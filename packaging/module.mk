@@ -31,8 +31,12 @@ INSTALL_STRIP ?= 1
 
 PKG_SO := libliteattn.so.$(LA_VERSION)
 PKG_MANPAGES := docs/liteattnd.8 docs/liteattnctl.1
-PKG_DOCS := $(wildcard README.md docs/OPERATIONS.md docs/SECURITY.md docs/SKIP-SEMANTICS.md)
-PKG_UNITS := packaging/liteattnd.service packaging/liteattnd.socket
+PKG_DOCS := $(wildcard README.md docs/OPERATIONS.md docs/SECURITY.md docs/SKIP-SEMANTICS.md \
+	docs/ALLOCATORS.md)
+# liteattn-mps.service (NVIDIA MPS for liteattnd) is installed but wanted by nothing until the
+# drop-in example (docs/examples) is put in place.
+PKG_UNITS := packaging/liteattnd.service packaging/liteattnd.socket packaging/liteattn-mps.service
+PKG_EXAMPLES := packaging/liteattnd-mps.conf
 
 # The installed units, man pages and docs name the installed paths.
 PKG_SUBST := sed -e 's|/usr/sbin/liteattnd|$(SBINDIR)/liteattnd|g' \
@@ -115,6 +119,10 @@ endif
 	$(Q)for d in $(PKG_DOCS); do \
 		$(PKG_SUBST) $$d > $(DESTDIR)$(DOCDIR)/$$(basename $$d) && \
 		chmod 0644 $(DESTDIR)$(DOCDIR)/$$(basename $$d) || exit 1; done
+	$(Q)$(INSTALL) -d $(DESTDIR)$(DOCDIR)/examples
+	$(Q)for d in $(PKG_EXAMPLES); do \
+		$(PKG_SUBST) $$d > $(DESTDIR)$(DOCDIR)/examples/$$(basename $$d) && \
+		chmod 0644 $(DESTDIR)$(DOCDIR)/examples/$$(basename $$d) || exit 1; done
 	$(Q)$(if $(DESTDIR),true,ldconfig 2>/dev/null || true)
 	@echo "installed under $(DESTDIR)$(PREFIX) (library in $(DESTDIR)$(LIBDIR), units in $(DESTDIR)$(SYSTEMDUNITDIR))"
 	@$(if $(DESTDIR),true,echo "next: systemd-sysusers; systemctl daemon-reload; systemctl enable --now liteattnd.socket")
@@ -126,6 +134,7 @@ uninstall:
 		$(DESTDIR)$(PKGCONFIGDIR)/liteattn.pc $(DESTDIR)$(INCLUDEDIR)/liteattn.h \
 		$(DESTDIR)$(INCLUDEDIR)/liteattn_codes.h \
 		$(DESTDIR)$(SYSTEMDUNITDIR)/liteattnd.service $(DESTDIR)$(SYSTEMDUNITDIR)/liteattnd.socket \
+		$(DESTDIR)$(SYSTEMDUNITDIR)/liteattn-mps.service \
 		$(DESTDIR)$(SYSUSERSDIR)/liteattn.conf \
 		$(DESTDIR)$(MANDIR)/man8/liteattnd.8.gz $(DESTDIR)$(MANDIR)/man1/liteattnctl.1.gz \
 		$(DESTDIR)$(SYSCONFDIR)/liteattn/liteattnd.conf.dist

@@ -46,12 +46,9 @@ static void daemon_start(tdaemon *d) { daemon_start_args(d, NULL); }
 /* Stops the daemon and removes its directory; a case that cares checks the status itself. */
 static void daemon_stop(tdaemon *d) { td_stop(d); }
 
-/* The fixture's daemon: one per case (a checked fixture, started in the case's own process),
- * since the cases count sessions, buffers and calls. */
-static tdaemon fx;
-
-static void daemon_up(void) { daemon_start(&fx); }
-static void daemon_down(void) { daemon_stop(&fx); }
+/* The fixtures' daemon is td_fx (tests/testutil_daemon.h): one per case (a checked fixture,
+ * started in the case's own process), since the cases count sessions, buffers and calls; its
+ * exit status 0 is asserted at the end of the case. */
 
 static la_client *connect_ok(const tdaemon *d)
 {
@@ -537,7 +534,7 @@ static void run_session_vs_ref(la_client *c, const char *key, la_dtype dt, int L
 
 START_TEST(test_connect_properties)
 {
-    la_client *c = connect_ok(&fx);
+    la_client *c = connect_ok(&td_fx);
     const char *v = la_client_property(c, "daemon.version");
     ck_assert_ptr_nonnull(v);
     ck_assert_str_eq(la_client_property(c, "protocol"), "1.0");
@@ -553,7 +550,7 @@ START_TEST(test_connect_properties)
 
     /* Nothing listens: LA_ECONN naming the path; ret_client untouched. */
     char path[256];
-    snprintf(path, sizeof(path), "%s/nobody.sock", fx.dir);
+    snprintf(path, sizeof(path), "%s/nobody.sock", td_fx.dir);
     la_client *c2 = (la_client *)(uintptr_t)0x1;
     ck_assert_int_eq(la_connect(path, NULL, &c2), LA_ECONN);
     ck_assert_ptr_eq(c2, (la_client *)(uintptr_t)0x1);
@@ -563,7 +560,7 @@ END_TEST
 
 START_TEST(test_ping)
 {
-    la_client *c = connect_ok(&fx);
+    la_client *c = connect_ok(&td_fx);
     for (int i = 0; i < 50; i++) {
         uint64_t rtt = 0;
         OK(la_ping(c, &rtt));
@@ -580,7 +577,7 @@ END_TEST
 
 START_TEST(test_session_bf16_matches_reference)
 {
-    la_client *c = connect_ok(&fx);
+    la_client *c = connect_ok(&td_fx);
     /* Partial tiles on both axes, Sq != Sk, B > 1, H > 1. */
     run_session_vs_ref(c, "bf16", LA_DTYPE_BF16, 3, 5, 2, 200, 333, 2, 64, 11);
     la_disconnect(c);
@@ -589,7 +586,7 @@ END_TEST
 
 START_TEST(test_session_f32_matches_reference)
 {
-    la_client *c = connect_ok(&fx);
+    la_client *c = connect_ok(&td_fx);
     run_session_vs_ref(c, "f32", LA_DTYPE_F32, 2, 4, 2, 257, 190, 3, 64, 22);
     la_disconnect(c);
 }
@@ -613,13 +610,13 @@ static void *client_thread(void *arg)
 START_TEST(test_two_clients_at_once)
 {
     pthread_t th[2];
-    thread_arg args[2] = {{&fx, "client-a", 101}, {&fx, "client-b", 202}};
+    thread_arg args[2] = {{&td_fx, "client-a", 101}, {&td_fx, "client-b", 202}};
     for (int i = 0; i < 2; i++)
         ck_assert_int_eq(pthread_create(&th[i], NULL, client_thread, &args[i]), 0);
     for (int i = 0; i < 2; i++)
         pthread_join(th[i], NULL);
     /* Both sessions were separate: both keys could be opened and were closed again. */
-    la_client *c = connect_ok(&fx);
+    la_client *c = connect_ok(&td_fx);
     la_table *t;
     OK(la_sessions(c, &t));
     ck_assert_int_eq(la_table_rows(t), 0);
@@ -630,7 +627,7 @@ END_TEST
 
 START_TEST(test_reattach_after_disconnect)
 {
-    la_client *c = connect_ok(&fx);
+    la_client *c = connect_ok(&td_fx);
     la_session *s = open_session(c, "keep-me", 2, 2, 64, LA_DTYPE_BF16, 256, 256, 1, -3.0f);
     prob p;
     prob_init(&p, c, s, 1, 256, 256, 2, 64, LA_DTYPE_BF16);
@@ -664,7 +661,7 @@ START_TEST(test_reattach_after_disconnect)
     la_attn_free(a);
     la_disconnect(c); /* frees p.buf's handle too */
 
-    c = connect_ok(&fx);
+    c = connect_ok(&td_fx);
     la_session *s2;
     OK(la_session_attach(c, "keep-me", &s2));
     int64_t v;
@@ -733,7 +730,7 @@ static void free_in_callback(la_call *call, int status, void *user)
 
 START_TEST(test_async_pipelined)
 {
-    la_client *c = connect_ok(&fx);
+    la_client *c = connect_ok(&td_fx);
     enum { L = 6 };
     la_session *s = open_session(c, "async", L, 2, 64, LA_DTYPE_BF16, 256, 256, 1, -3.0f);
     prob pr[L];
@@ -865,7 +862,7 @@ END_TEST
 
 START_TEST(test_error_mapping)
 {
-    la_client *c = connect_ok(&fx);
+    la_client *c = connect_ok(&td_fx);
     la_session *s = NULL;
     ck_assert_int_eq(la_session_attach(c, "no-such-session", &s), LA_ENOENT);
     ck_assert_ptr_null(s);
@@ -994,7 +991,7 @@ END_TEST
 
 START_TEST(test_dry_run_leaves_mask)
 {
-    la_client *c = connect_ok(&fx);
+    la_client *c = connect_ok(&td_fx);
     la_session *s = open_session(c, "dry", 1, 2, 64, LA_DTYPE_BF16, 300, 300, 2, -3.0f);
     prob p;
     prob_init(&p, c, s, 2, 300, 300, 2, 64, LA_DTYPE_BF16);
@@ -1048,7 +1045,7 @@ static ssize_t col_of(const la_table *t, const char *name)
 
 START_TEST(test_tables)
 {
-    la_client *c = connect_ok(&fx);
+    la_client *c = connect_ok(&td_fx);
     la_session *s = open_session(c, "tabled", 3, 2, 64, LA_DTYPE_BF16, 128, 128, 1, -3.0f);
     prob p;
     prob_init(&p, c, s, 1, 128, 128, 2, 64, LA_DTYPE_BF16);
@@ -1133,7 +1130,7 @@ END_TEST
 
 START_TEST(test_register_fd)
 {
-    la_client *c = connect_ok(&fx);
+    la_client *c = connect_ok(&td_fx);
     int fd = memfd_create("t", MFD_CLOEXEC | MFD_ALLOW_SEALING);
     ck_assert_int_ge(fd, 0);
     ck_assert_int_eq(ftruncate(fd, 8192), 0);
@@ -1180,7 +1177,7 @@ END_TEST
 
 START_TEST(test_daemon_gone)
 {
-    la_client *c = connect_ok(&fx);
+    la_client *c = connect_ok(&td_fx);
     la_session *s = open_session(c, "doomed", 1, 8, 128, LA_DTYPE_F32, 2048, 2048, 1, -3.0f);
     prob p;
     prob_init(&p, c, s, 1, 2048, 2048, 8, 128, LA_DTYPE_F32);
@@ -1192,10 +1189,8 @@ START_TEST(test_daemon_gone)
     fired_status = 0;
     la_call *call;
     OK(la_attn_submit(s, a, NULL, NULL, &call));
-    kill(fx.pid, SIGKILL);
-    int st;
-    waitpid(fx.pid, &st, 0);
-    fx.pid = 0;
+    ck_assert_int_eq(td_kill(&td_fx), 128 + SIGKILL);
+    td_stop(&td_fx); /* killed on purpose: only the directory is left for the fixture's stop */
     int rc = la_call_wait(call, 10000);
     /* Either it finished before the kill, or the connection closed under it. */
     ck_assert_msg(rc == 0 || rc == LA_ECLOSED, "wait: %s", la_err_name(rc));
@@ -1343,7 +1338,7 @@ END_TEST
 /* Must-do and must-skip ranges travel to the daemon and act as in the reference. */
 START_TEST(test_ranges_match_reference)
 {
-    la_client *c = connect_ok(&fx);
+    la_client *c = connect_ok(&td_fx);
     la_session *s = open_session(c, "ranges", 1, 2, 64, LA_DTYPE_BF16, 256, 320, 1, 0.0f);
     prob p;
     prob_init(&p, c, s, 1, 256, 320, 2, 64, LA_DTYPE_BF16);
@@ -1457,7 +1452,7 @@ static void *runner(void *arg)
  * dispatched by whichever thread is polling, and everybody gets theirs. */
 START_TEST(test_threads_share_client)
 {
-    la_client *c = connect_ok(&fx);
+    la_client *c = connect_ok(&td_fx);
     la_session *s = open_session(c, "shared", 1, 2, 64, LA_DTYPE_BF16, 128, 128, 1, -3.0f);
     prob p;
     prob_init(&p, c, s, 1, 128, 128, 2, 64, LA_DTYPE_BF16);
@@ -1686,7 +1681,7 @@ static Suite *client_suite(void)
 
     TCase *conn = tcase_create("connection");
     tcase_set_timeout(conn, 30);
-    tcase_add_checked_fixture(conn, daemon_up, daemon_down);
+    tcase_add_checked_fixture(conn, td_fx_up, td_fx_down);
     tcase_add_test(conn, test_connect_properties);
     tcase_add_test(conn, test_ping);
     tcase_add_test(conn, test_register_fd);
@@ -1710,7 +1705,7 @@ static Suite *client_suite(void)
 
     TCase *sess = tcase_create("sessions");
     tcase_set_timeout(sess, 90);
-    tcase_add_checked_fixture(sess, daemon_up, daemon_down);
+    tcase_add_checked_fixture(sess, td_fx_up, td_fx_down);
     tcase_add_test(sess, test_session_bf16_matches_reference);
     tcase_add_test(sess, test_session_f32_matches_reference);
     tcase_add_test(sess, test_two_clients_at_once);

@@ -162,15 +162,12 @@ static int64_t stat_of(rcl *r, uint64_t id, const char *name)
 
 /* ---- fixtures ------------------------------------------------------------------------------ */
 
-/* The fixtures' daemon (default arguments). The "protocol_shared" cases share one per test
- * case (an unchecked fixture: started before its cases fork, stopped after the last, exit
- * status 0 asserted); each such case ends by checking that a new client is still served. The
- * "engine" cases get one each (a checked fixture, in the case's own process), because they
- * count sessions, buffers and calls. */
-static td_daemon fx;
-
-static void daemon_up(void) { start(&fx, NULL); }
-static void daemon_down(void) { stop_ok(&fx); }
+/* The fixtures' daemon is td_fx (tests/testutil_daemon.h: default arguments, exit status 0
+ * asserted at the stop). The "protocol_shared" cases share one per test case (td_fx_up as an
+ * unchecked fixture: started before its cases fork, stopped after the last); each such case
+ * ends by checking that a new client is still served. The "engine" cases get one each (a
+ * checked fixture, in the case's own process), because they count sessions, buffers and
+ * calls. */
 
 /* ---- sessions, buffers, attention --------------------------------------------------------- */
 
@@ -432,24 +429,24 @@ END_TEST
 START_TEST(test_no_hello)
 {
     rcl r;
-    rcl_open(&r, &fx);
+    rcl_open(&r, &td_fx);
     send_ping(&r, 5);
     expect_error(&r, 5, LA_EPROTO);
     ck_assert_msg(rcl_eof(&r, 5000), "connection not closed after a request before Hello");
     rcl_close(&r);
-    assert_healthy(&fx);
+    assert_healthy(&td_fx);
 }
 END_TEST
 
 START_TEST(test_wrong_major)
 {
     rcl r;
-    rcl_open(&r, &fx);
+    rcl_open(&r, &td_fx);
     send_hello(&r, 3, LA_PROTOCOL_MAJOR + 1);
     expect_error(&r, 3, LA_EVERSION);
     ck_assert_msg(rcl_eof(&r, 5000), "connection not closed after a wrong major version");
     rcl_close(&r);
-    assert_healthy(&fx);
+    assert_healthy(&td_fx);
 }
 END_TEST
 
@@ -505,7 +502,7 @@ END_TEST
 START_TEST(test_undecodable)
 {
     rcl r;
-    rcl_open(&r, &fx);
+    rcl_open(&r, &td_fx);
     rcl_hello(&r);
     uint8_t f[4 + 24];
     memset(f, 0xff, sizeof(f));
@@ -514,12 +511,12 @@ START_TEST(test_undecodable)
     ck_assert_msg(rcl_eof(&r, 5000), "connection not closed after undecodable bytes");
     rcl_close(&r);
     /* A Request missing its required id does not decode either, even before Hello. */
-    rcl_open(&r, &fx);
+    rcl_open(&r, &td_fx);
     uint8_t g[4 + 2] = {2, 0, 0, 0, 0xb2, 0x01}; /* field 22 (ping), length... cut */
     raw_send_bytes(r.fd, g, sizeof(g), -1);
     ck_assert(rcl_eof(&r, 5000));
     rcl_close(&r);
-    assert_healthy(&fx);
+    assert_healthy(&td_fx);
 }
 END_TEST
 
@@ -527,7 +524,7 @@ START_TEST(test_truncated_then_eof)
 {
     for (int i = 0; i < 3; i++) {
         rcl r;
-        rcl_open(&r, &fx);
+        rcl_open(&r, &td_fx);
         if (i > 0)
             rcl_hello(&r);
         uint8_t f[4 + 10] = {100, 0, 0, 0, 8, 1};
@@ -536,14 +533,14 @@ START_TEST(test_truncated_then_eof)
         ck_assert(rcl_eof(&r, 5000));
         rcl_close(&r);
     }
-    assert_healthy(&fx);
+    assert_healthy(&td_fx);
 }
 END_TEST
 
 START_TEST(test_ping_pipeline)
 {
     rcl r;
-    rcl_open(&r, &fx);
+    rcl_open(&r, &td_fx);
     /* Hello and 2000 pings in one write. */
     enum { N = 2000 };
     uint8_t *all = NULL;
@@ -588,14 +585,14 @@ START_TEST(test_ping_pipeline)
         rcl_free_reply(rep);
     }
     rcl_close(&r);
-    assert_healthy(&fx);
+    assert_healthy(&td_fx);
 }
 END_TEST
 
 START_TEST(test_unknown_session)
 {
     rcl r;
-    rcl_open(&r, &fx);
+    rcl_open(&r, &td_fx);
     rcl_hello(&r);
     send_session_ref(&r, 2, LITEATTN__REQUEST__BODY_SESSION_INFO, 12345);
     expect_error(&r, 2, LA_ENOENT);
@@ -624,14 +621,14 @@ START_TEST(test_unknown_session)
     ck_assert_int_eq(rcl_send(&r, &q, -1), 0);
     expect_error(&r, 7, LA_ENOENT);
     rcl_close(&r);
-    assert_healthy(&fx);
+    assert_healthy(&td_fx);
 }
 END_TEST
 
 START_TEST(test_session_lifecycle)
 {
     rcl r;
-    rcl_open(&r, &fx);
+    rcl_open(&r, &td_fx);
     rcl_hello(&r);
     uint64_t sid = open_session(&r, 2, "gen-1", NULL, NULL, NULL);
     /* The same key again: exists. */
@@ -715,7 +712,7 @@ END_TEST
 START_TEST(test_many_sessions_listed)
 {
     rcl r;
-    rcl_open(&r, &fx);
+    rcl_open(&r, &td_fx);
     rcl_hello(&r);
     enum { N = 40 }; /* more than the first allocation of the daemon's list */
     for (int i = 0; i < N; i++) {
@@ -783,7 +780,7 @@ static void reference(const setup *st, int n_steps, float *o, uint32_t *mask, si
 START_TEST(test_attention_shm)
 {
     rcl r;
-    rcl_open(&r, &fx);
+    rcl_open(&r, &td_fx);
     rcl_hello(&r);
     setup st;
     setup_attn(&r, &st, "attn");
@@ -865,7 +862,7 @@ END_TEST
 START_TEST(test_bad_extents)
 {
     rcl r;
-    rcl_open(&r, &fx);
+    rcl_open(&r, &td_fx);
     rcl_hello(&r);
     setup st;
     setup_attn(&r, &st, "extents");
@@ -936,7 +933,7 @@ START_TEST(test_bad_extents)
     rcl_free_reply(expect_body(&r, id, LITEATTN__REPLY__BODY_ATTENTION));
     rcl_close(&r);
     shm_free(&st.s);
-    assert_healthy(&fx);
+    assert_healthy(&td_fx);
 }
 END_TEST
 
@@ -944,14 +941,14 @@ START_TEST(test_fd_protocol_errors)
 {
     rcl r;
     /* BufferRegister(SHM) without an fd: closed. */
-    rcl_open(&r, &fx);
+    rcl_open(&r, &td_fx);
     rcl_hello(&r);
     send_register(&r, 2, 4096, -1);
     ck_assert_msg(rcl_eof(&r, 5000), "not closed after a BufferRegister without an fd");
     rcl_close(&r);
     /* An fd riding on a Ping: closed. */
     shm s = shm_new(4096);
-    rcl_open(&r, &fx);
+    rcl_open(&r, &td_fx);
     rcl_hello(&r);
     Liteattn__Ping p = LITEATTN__PING__INIT;
     Liteattn__Request q = LITEATTN__REQUEST__INIT;
@@ -962,7 +959,7 @@ START_TEST(test_fd_protocol_errors)
     ck_assert_msg(rcl_eof(&r, 5000), "not closed after an fd without a BufferRegister");
     rcl_close(&r);
     shm_free(&s);
-    assert_healthy(&fx);
+    assert_healthy(&td_fx);
 }
 END_TEST
 
@@ -1049,7 +1046,7 @@ START_TEST(test_client_killed)
     ck_assert_int_ge(pid, 0);
     if (pid == 0) {
         rcl r;
-        rcl_open(&r, &fx);
+        rcl_open(&r, &td_fx);
         rcl_hello(&r);
         setup st;
         setup_attn(&r, &st, "doomed");
@@ -1065,10 +1062,10 @@ START_TEST(test_client_killed)
     int status;
     ck_assert_int_eq(waitpid(pid, &status, 0), pid);
     ck_assert(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
-    assert_healthy(&fx);
+    assert_healthy(&td_fx);
     /* Its buffer goes away once its calls finished; its session stays, detached. */
     rcl r;
-    rcl_open(&r, &fx);
+    rcl_open(&r, &td_fx);
     rcl_hello(&r);
     int64_t buffers = -1;
     for (int i = 0; i < 200 && buffers != 0; i++) {
@@ -1497,7 +1494,7 @@ int main(void)
     suite_add_tcase(s, tc);
     tc = tcase_create("protocol_shared");
     tcase_set_timeout(tc, 30);
-    tcase_add_unchecked_fixture(tc, daemon_up, daemon_down);
+    tcase_add_unchecked_fixture(tc, td_fx_up, td_fx_down);
     tcase_add_test(tc, test_no_hello);
     tcase_add_test(tc, test_wrong_major);
     tcase_add_test(tc, test_undecodable);
@@ -1507,7 +1504,7 @@ int main(void)
     suite_add_tcase(s, tc);
     tc = tcase_create("engine");
     tcase_set_timeout(tc, 30);
-    tcase_add_checked_fixture(tc, daemon_up, daemon_down);
+    tcase_add_checked_fixture(tc, td_fx_up, td_fx_down);
     tcase_add_test(tc, test_unknown_session);
     tcase_add_test(tc, test_session_lifecycle);
     tcase_add_test(tc, test_many_sessions_listed);

@@ -5,9 +5,7 @@
  * jobs in flight.
  */
 #include <check.h>
-#include <fcntl.h>
 #include <math.h>
-#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,113 +14,17 @@
 
 #include "engine.h"
 #include "testutil.h"
+#include "testutil_engine.h"
 
 #define UID 1000
 #define UID2 1001
 #define CONN 1
 #define CONN2 2
 
-/* ---- harness: an engine whose notify writes to a pipe -------------------------------------- */
-
-typedef struct harness {
-    eng *e;
-    int pipe[2];
-    int done_calls;
-} harness;
-
-static void notify_pipe(void *data)
-{
-    harness *h = data;
-    char c = 1;
-    ssize_t n = write(h->pipe[1], &c, 1);
-    (void)n;
-}
-
-/* Multiply-adds per CPU slice of the engines h_open makes (0: the default). The sliced
+/* Multiply-adds per CPU slice of the engines the cases open (0: the default). The sliced
  * variants of the number tests set it so small that every call runs in many slices: their
  * results must still equal one whole la_ref_attn_fwd call bit for bit. */
 static uint64_t g_slice;
-
-static void h_open(harness *h, const eng_limits *lim)
-{
-    memset(h, 0, sizeof *h);
-    ck_assert_int_eq(pipe2(h->pipe, O_NONBLOCK | O_CLOEXEC), 0);
-    eng_config cfg;
-    eng_config_default(&cfg);
-    cfg.backend = "cpu";
-    cfg.cpu_threads = 2;
-    cfg.cpu_slice_macs = g_slice;
-    if (lim)
-        cfg.limits = *lim;
-    cfg.notify = notify_pipe;
-    cfg.notify_data = h;
-    eng_error err = {{0}};
-    int rc = eng_new(&cfg, &h->e, &err);
-    ck_assert_msg(rc == 0, "eng_new: %d %s", rc, err.msg);
-}
-
-static void h_close(harness *h)
-{
-    eng_free(h->e);
-    close(h->pipe[0]);
-    close(h->pipe[1]);
-}
-
-/* Waits (up to 20 s) until n more done callbacks have run. */
-static void h_wait(harness *h, int n)
-{
-    int target = h->done_calls + n;
-    for (int spins = 0; h->done_calls < target && spins < 2000; spins++) {
-        struct pollfd pfd = {.fd = h->pipe[0], .events = POLLIN};
-        poll(&pfd, 1, 10);
-        char buf[64];
-        while (read(h->pipe[0], buf, sizeof buf) > 0) {
-        }
-        eng_process_completions(h->e);
-    }
-    ck_assert_int_eq(h->done_calls, target);
-}
-
-typedef struct call {
-    harness *h;
-    int status, ran;
-    eng_attn_result res;
-} call;
-
-static void on_done(void *user, int status, const eng_attn_result *res, const char *msg)
-{
-    call *c = user;
-    c->ran++;
-    c->status = status;
-    c->res = *res;
-    c->h->done_calls++;
-}
-
-/* A sealed-capable memfd of size bytes, mapped here; the engine gets a dup. */
-typedef struct shm {
-    int fd;
-    void *p;
-    size_t size;
-    uint64_t id;
-} shm;
-
-static int shm_make(harness *h, uint64_t conn, size_t size, shm *s)
-{
-    s->size = size;
-    s->fd = memfd_create("check_engine", MFD_CLOEXEC | MFD_ALLOW_SEALING);
-    ck_assert_int_ge(s->fd, 0);
-    ck_assert_int_eq(ftruncate(s->fd, (off_t)size), 0);
-    s->p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, s->fd, 0);
-    ck_assert_ptr_ne(s->p, MAP_FAILED);
-    eng_error err = {{0}};
-    return eng_buffer_add_shm(h->e, UID, conn, dup(s->fd), size, &s->id, &err);
-}
-
-static void shm_drop(shm *s)
-{
-    munmap(s->p, s->size);
-    close(s->fd);
-}
 
 static eng_session_spec spec_make(const char *key, uint32_t layers, uint32_t H, uint32_t D,
                                   la_dtype dt, uint32_t sq, uint32_t sk, uint32_t batch)
@@ -175,7 +77,7 @@ static void tensor(eng_tensor *t, uint64_t buf, uint64_t off, la_dtype dt, int64
 START_TEST(session_open_attach_close)
 {
     harness h;
-    h_open(&h, NULL);
+    h_open(&h, NULL, g_slice);
     eng_session_spec sp = spec_make("wan-run-3", 3, 4, 64, LA_DTYPE_F32, 200, 300, 2);
     eng_session_view v;
     uint64_t id = open_ok(&h, UID, CONN, &sp, &v);
@@ -280,7 +182,7 @@ START_TEST(session_limits)
     lim.max_sessions_per_user = 2;
     lim.max_mask_bytes_per_user = 3 * 1024;
     harness h;
-    h_open(&h, &lim);
+    h_open(&h, &lim, g_slice);
     eng_error err = {{0}};
     eng_session_view v;
     /* 1 layer, B1 H8, 64 q-tiles (8192/128), 1 word: 8*64*4 = 2048 bytes */
@@ -328,7 +230,7 @@ static void prob_make(harness *h, prob *p, uint64_t conn, int64_t B, int64_t Sq,
         p->off[i] = o;
         o += (p->bytes[i] + 63) & ~63ull;
     }
-    ck_assert_int_eq(shm_make(h, conn, (size_t)o, &p->s), 0);
+    ck_assert_int_eq(shm_make(h, UID, conn, (size_t)o, &p->s), 0);
 }
 
 static void prob_req(const prob *p, eng_attn_req *r, uint64_t sid, uint32_t layer, uint32_t step)
@@ -356,18 +258,10 @@ static void prob_fill(const prob *p, tu_rng *r, double amp)
     tu_fill(r, prob_ptr(p, 2), p->dt, p->B * p->Sk * p->H * p->D, 1.0);
 }
 
-static int submit(harness *h, uint32_t uid, uint64_t conn, const eng_attn_req *r, call *c,
-                  eng_error *err)
-{
-    memset(c, 0, sizeof *c);
-    c->h = h;
-    return eng_attn_submit(h->e, uid, conn, r, on_done, c, err);
-}
-
 static void run_ok(harness *h, const eng_attn_req *r, call *c)
 {
     eng_error err = {{0}};
-    int rc = submit(h, UID, CONN, r, c, &err);
+    int rc = h_submit(h, UID, CONN, r, c, &err);
     ck_assert_msg(rc == 0, "submit: %d %s", rc, err.msg);
     h_wait(h, 1);
     ck_assert_int_eq(c->ran, 1);
@@ -384,7 +278,7 @@ typedef struct bad_case {
 START_TEST(attn_validation)
 {
     harness h;
-    h_open(&h, NULL);
+    h_open(&h, NULL, g_slice);
     eng_session_spec sp = spec_make("val", 2, 2, 64, LA_DTYPE_F32, 128, 192, 2);
     eng_session_view v;
     uint64_t sid = open_ok(&h, UID, CONN, &sp, &v);
@@ -392,7 +286,7 @@ START_TEST(attn_validation)
     prob p;
     prob_make(&h, &p, CONN, 2, 100, 150, 2, 64, LA_DTYPE_F32, v.layer_mask_bytes);
     shm other;
-    ck_assert_int_eq(shm_make(&h, CONN2, 1 << 20, &other), 0);
+    ck_assert_int_eq(shm_make(&h, UID, CONN2, 1 << 20, &other), 0);
     tu_rng rng;
     tu_rng_init(&rng, 11);
     prob_fill(&p, &rng, 1.0);
@@ -607,7 +501,7 @@ START_TEST(attn_validation)
             break;
         eng_error err = {{0}};
         call cc;
-        int rc = submit(&h, UID, CONN, &r, &cc, &err);
+        int rc = h_submit(&h, UID, CONN, &r, &cc, &err);
         if (want == 0) {
             /* la_attn_validate decides on a reversed range; either way no callback on error */
             if (rc == 0)
@@ -688,15 +582,15 @@ START_TEST(buffer_limits)
     lim.max_buffers_per_conn = 2;
     lim.max_buffer_bytes_per_conn = 3 * 4096;
     harness h;
-    h_open(&h, &lim);
+    h_open(&h, &lim, g_slice);
     shm a, b, c;
-    ck_assert_int_eq(shm_make(&h, CONN, 4096, &a), 0);
-    ck_assert_int_eq(shm_make(&h, CONN, 3 * 4096, &b), LA_ELIMIT); /* bytes */
+    ck_assert_int_eq(shm_make(&h, UID, CONN, 4096, &a), 0);
+    ck_assert_int_eq(shm_make(&h, UID, CONN, 3 * 4096, &b), LA_ELIMIT); /* bytes */
     shm_drop(&b);
-    ck_assert_int_eq(shm_make(&h, CONN, 4096, &b), 0);
-    ck_assert_int_eq(shm_make(&h, CONN, 4096, &c), LA_ELIMIT); /* count */
+    ck_assert_int_eq(shm_make(&h, UID, CONN, 4096, &b), 0);
+    ck_assert_int_eq(shm_make(&h, UID, CONN, 4096, &c), LA_ELIMIT); /* count */
     shm_drop(&c);
-    ck_assert_int_eq(shm_make(&h, CONN2, 4096, &c), 0); /* per connection */
+    ck_assert_int_eq(shm_make(&h, UID, CONN2, 4096, &c), 0); /* per connection */
     ck_assert_int_eq(stat_get(&h, "buffers"), 3);
     eng_conn_closed(h.e, CONN);
     ck_assert_int_eq(stat_get(&h, "buffers"), 1);
@@ -718,7 +612,7 @@ START_TEST(mask_cap_lru)
     eng_limits lim = d.limits;
     lim.mask_memory_cap = 4 * 2048 + 1000; /* four sessions of 2048 bytes fit, not five */
     harness h;
-    h_open(&h, &lim);
+    h_open(&h, &lim, g_slice);
     eng_error err = {{0}};
     eng_session_view v;
     eng_session_spec a = spec_make("a", 1, 8, 64, LA_DTYPE_F32, 8192, 64, 1);
@@ -763,7 +657,7 @@ START_TEST(mask_cap_lru)
     eng_attn_req r;
     prob_req(&p, &r, ia, 0, 0);
     call cl;
-    ck_assert_int_eq(submit(&h, UID, CONN, &r, &cl, &err), 0);
+    ck_assert_int_eq(h_submit(&h, UID, CONN, &r, &cl, &err), 0);
     eng_conn_closed(h.e, CONN); /* a (in flight) and c detached */
     ck_assert_int_eq(eng_session_open(h.e, UID, 3, &dd, &v, &err), 0);
     ck_assert_int_eq(eng_session_info(h.e, UID, ia, NULL, 0, NULL, &err), 0);
@@ -785,7 +679,7 @@ START_TEST(grace_and_attach)
     eng_limits lim = d.limits;
     lim.session_grace_s = 1;
     harness h;
-    h_open(&h, &lim);
+    h_open(&h, &lim, g_slice);
     eng_error err = {{0}};
     eng_session_view v;
     eng_session_spec a = spec_make("a", 1, 1, 64, LA_DTYPE_F32, 64, 64, 1);
@@ -817,7 +711,7 @@ START_TEST(idle_ttl)
     eng_limits lim = d.limits;
     lim.session_ttl_s = 1;
     harness h;
-    h_open(&h, &lim);
+    h_open(&h, &lim, g_slice);
     eng_error err = {{0}};
     eng_session_view v;
     eng_session_spec a = spec_make("a", 1, 1, 64, LA_DTYPE_F32, 64, 64, 1);
@@ -857,7 +751,7 @@ static void drift(const prob *p, const double *base, const double *dir, int step
 static void multi_step(la_dtype dt, int B, int Sq, int Sk, int H, int D)
 {
     harness h;
-    h_open(&h, NULL);
+    h_open(&h, NULL, g_slice);
     const int layers = 2, steps = 5;
     float sched[3] = {-INFINITY, -4.0f, -2.0f};
     eng_session_spec sp = spec_make("multi", layers, (uint32_t)H, (uint32_t)D, dt,
@@ -1038,7 +932,7 @@ END_TEST
 START_TEST(kv_shards)
 {
     harness h;
-    h_open(&h, NULL);
+    h_open(&h, NULL, g_slice);
     eng_session_spec sp = spec_make("ring", 2, 2, 64, LA_DTYPE_F32, 256, 512, 1);
     sp.kv_shards = 2;
     sp.threshold = INFINITY;
@@ -1106,7 +1000,7 @@ END_TEST
 START_TEST(step_backwards_restarts)
 {
     harness h;
-    h_open(&h, NULL);
+    h_open(&h, NULL, g_slice);
     eng_session_spec sp = spec_make("gen", 2, 2, 64, LA_DTYPE_F32, 200, 300, 2);
     sp.kv_shards = 2;
     sp.threshold = INFINITY; /* after a call each row keeps one tile: stale masks show at once */
@@ -1202,7 +1096,7 @@ END_TEST
 START_TEST(pipelined_steps)
 {
     harness h;
-    h_open(&h, NULL);
+    h_open(&h, NULL, g_slice);
     enum { L = 2, STEPS = 6, B = 1, S = 200, H = 2, D = 64 };
     eng_session_spec sp = spec_make("pipe", L, H, D, LA_DTYPE_F32, S, S, B);
     sp.threshold = 0.0f;
@@ -1210,7 +1104,7 @@ START_TEST(pipelined_steps)
     uint64_t sid = open_ok(&h, UID, CONN, &sp, &v);
     size_t tb = (size_t)B * S * H * D * 4, lb = (size_t)B * H * S * 4;
     shm m;
-    ck_assert_int_eq(shm_make(&h, CONN, 3 * tb + (size_t)L * STEPS * (tb + lb), &m), 0);
+    ck_assert_int_eq(shm_make(&h, UID, CONN, 3 * tb + (size_t)L * STEPS * (tb + lb), &m), 0);
     tu_rng rng;
     tu_rng_init(&rng, 99);
     tu_fill(&rng, m.p, LA_DTYPE_F32, 3 * (int64_t)B * S * H * D, 1.0);
@@ -1230,7 +1124,7 @@ START_TEST(pipelined_steps)
             tensor(&r.o, m.id, 3 * tb + (size_t)i * (tb + lb), LA_DTYPE_F32, B, S, H, D);
             tensor(&r.lse, m.id, 3 * tb + (size_t)i * (tb + lb) + tb, LA_DTYPE_F32, B, H, S, 0);
             r.has_lse = 1;
-            ck_assert_int_eq(submit(&h, UID, CONN, &r, &c[i], &err), 0);
+            ck_assert_int_eq(h_submit(&h, UID, CONN, &r, &c[i], &err), 0);
         }
     h_wait(&h, L * STEPS);
     uint32_t *mask = malloc(v.layer_mask_bytes), *got = malloc(v.layer_mask_bytes);
@@ -1275,7 +1169,7 @@ END_TEST
 START_TEST(close_session_in_flight)
 {
     harness h;
-    h_open(&h, NULL);
+    h_open(&h, NULL, g_slice);
     eng_error err = {{0}};
     eng_session_spec sp = spec_make("busy", 1, 4, 64, LA_DTYPE_F32, 512, 512, 1);
     eng_session_view v;
@@ -1289,13 +1183,13 @@ START_TEST(close_session_in_flight)
     prob_req(&p, &r, sid, 0, 0);
     call c[3];
     for (int i = 0; i < 3; i++)
-        ck_assert_int_eq(submit(&h, UID, CONN, &r, &c[i], &err), 0);
+        ck_assert_int_eq(h_submit(&h, UID, CONN, &r, &c[i], &err), 0);
     /* reset with jobs in flight swaps in a fresh mask set */
     ck_assert_int_eq(eng_session_reset(h.e, UID, sid, &err), 0);
     ck_assert_int_eq(stat_get(&h, "mask_bytes"), 2 * (int64_t)v.mask_bytes);
     ck_assert_int_eq(eng_session_close(h.e, UID, sid, &err), 0);
     ck_assert_int_eq(eng_session_info(h.e, UID, sid, NULL, 0, NULL, &err), LA_ENOENT);
-    ck_assert_int_eq(submit(&h, UID, CONN, &r, &c[0], &err), LA_ENOENT);
+    ck_assert_int_eq(h_submit(&h, UID, CONN, &r, &c[0], &err), LA_ENOENT);
     ck_assert_int_eq(eng_idle(h.e), 0);
     h_wait(&h, 3);
     for (int i = 0; i < 3; i++)
@@ -1311,7 +1205,7 @@ END_TEST
 START_TEST(conn_closed_in_flight)
 {
     harness h;
-    h_open(&h, NULL);
+    h_open(&h, NULL, g_slice);
     eng_error err = {{0}};
     eng_session_spec sp = spec_make("gone", 1, 4, 64, LA_DTYPE_F32, 512, 512, 1);
     uint64_t sid = open_ok(&h, UID, CONN, &sp, NULL);
@@ -1327,11 +1221,11 @@ START_TEST(conn_closed_in_flight)
     prob_req(&p, &r, sid, 0, 0);
     call c[2];
     for (int i = 0; i < 2; i++)
-        ck_assert_int_eq(submit(&h, UID, CONN, &r, &c[i], &err), 0);
+        ck_assert_int_eq(h_submit(&h, UID, CONN, &r, &c[i], &err), 0);
     eng_conn_closed(h.e, CONN);
     /* the registration is gone at once; the mapping stays until the jobs finished */
     ck_assert_int_eq(stat_get(&h, "buffers"), 0);
-    ck_assert_int_eq(submit(&h, UID, CONN, &r, &c[0], &err), LA_ENOENT);
+    ck_assert_int_eq(h_submit(&h, UID, CONN, &r, &c[0], &err), LA_ENOENT);
     h_wait(&h, 2);
     /* Both are told; the queued one was cancelled at once, the running one finished or
      * stopped between slices. */
@@ -1348,7 +1242,7 @@ END_TEST
 START_TEST(free_with_jobs_queued)
 {
     harness h;
-    h_open(&h, NULL);
+    h_open(&h, NULL, g_slice);
     eng_error err = {{0}};
     eng_session_spec sp = spec_make("q", 1, 4, 64, LA_DTYPE_F32, 512, 512, 1);
     uint64_t sid = open_ok(&h, UID, CONN, &sp, NULL);
@@ -1361,9 +1255,9 @@ START_TEST(free_with_jobs_queued)
     prob_req(&p, &r, sid, 0, 0);
     call c[8];
     for (int i = 0; i < 8; i++)
-        ck_assert_int_eq(submit(&h, UID, CONN, &r, &c[i], &err), 0);
+        ck_assert_int_eq(h_submit(&h, UID, CONN, &r, &c[i], &err), 0);
     eng_shutdown(h.e);
-    ck_assert_int_eq(submit(&h, UID, CONN, &r, &c[0], &err), LA_ESHUTDOWN);
+    ck_assert_int_eq(h_submit(&h, UID, CONN, &r, &c[0], &err), LA_ESHUTDOWN);
     eng_free(h.e);
     for (int i = 0; i < 8; i++) {
         ck_assert_int_eq(c[i].ran, 1);
@@ -1379,7 +1273,7 @@ END_TEST
 START_TEST(devices_and_stats)
 {
     harness h;
-    h_open(&h, NULL);
+    h_open(&h, NULL, g_slice);
     eng_device_info dev[4];
     size_t n = eng_devices(h.e, dev, 4);
     ck_assert_uint_eq(n, 1);
@@ -1548,19 +1442,14 @@ START_TEST(gpu_ipc_end_to_end)
     ck_assert_msg(x.ok, "the exporter process could not set up its GPU memory");
 
     harness h;
-    memset(&h, 0, sizeof h);
-    ck_assert_int_eq(pipe2(h.pipe, O_NONBLOCK | O_CLOEXEC), 0);
     eng_config cfg;
     eng_config_default(&cfg);
     cfg.backend = "cuda";
-    cfg.notify = notify_pipe;
-    cfg.notify_data = &h;
+    h_open_cfg(&h, &cfg);
     eng_error err = {{0}};
-    int rc = eng_new(&cfg, &h.e, &err);
-    ck_assert_msg(rc == 0, "eng_new(cuda): %d %s", rc, err.msg);
     ck_assert_str_eq(eng_backends(h.e), "cpu,cuda");
     uint64_t bid, real;
-    rc = eng_buffer_add_cuda_ipc(h.e, UID, CONN, x.mem, 64, x.uuid, x.size, &bid, &real, &err);
+    int rc = eng_buffer_add_cuda_ipc(h.e, UID, CONN, x.mem, 64, x.uuid, x.size, &bid, &real, &err);
     ck_assert_msg(rc == 0, "IPC import: %d %s", rc, err.msg);
     ck_assert_uint_ge(real, x.size);
     uint64_t bad;
@@ -1595,7 +1484,7 @@ START_TEST(gpu_ipc_end_to_end)
             r.has_wait_event = 1;
             memcpy(r.wait_event, x.ev, 64);
         }
-        ck_assert_int_eq(submit(&h, UID, CONN, &r, &c[st], &err), 0);
+        ck_assert_int_eq(h_submit(&h, UID, CONN, &r, &c[st], &err), 0);
     }
     h_wait(&h, G_STEPS);
     int64_t tiles_ref = 0;

@@ -26,7 +26,6 @@
  */
 #include <check.h>
 #include <fcntl.h>
-#include <grp.h>
 #include <math.h>
 #include <poll.h>
 #include <signal.h>
@@ -34,16 +33,16 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "engine.h"
 #include "rawproto.h"
 #include "testutil.h"
 #include "testutil_daemon.h"
+#include "testutil_engine.h"
+#include "testutil_proc.h"
 
 #define UID 1000
 #define UID2 1001
@@ -59,104 +58,6 @@
 #define SLOW 1.0
 #define HEAVY_SK (1 << 21)
 #endif
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-/* ---- engine harness --------------------------------------------------------------------- */
-
-typedef struct harness {
-    eng *e;
-    int pipe[2];
-    int done_calls;
-} harness;
-
-static void notify_pipe(void *data)
-{
-    harness *h = data;
-    char c = 1;
-    ssize_t n = write(h->pipe[1], &c, 1);
-    (void)n;
-}
-
-static void h_open(harness *h, const eng_limits *lim, uint64_t slice)
-{
-    memset(h, 0, sizeof *h);
-    ck_assert_int_eq(pipe2(h->pipe, O_NONBLOCK | O_CLOEXEC), 0);
-    eng_config cfg;
-    eng_config_default(&cfg);
-    cfg.backend = "cpu";
-    cfg.cpu_threads = 2;
-    cfg.cpu_slice_macs = slice;
-    if (lim)
-        cfg.limits = *lim;
-    cfg.notify = notify_pipe;
-    cfg.notify_data = h;
-    eng_error err = {{0}};
-    int rc = eng_new(&cfg, &h->e, &err);
-    ck_assert_msg(rc == 0, "eng_new: %d %s", rc, err.msg);
-}
-
-/* Runs completions for up to ms milliseconds or until n more done callbacks ran. */
-static void h_pump(harness *h, int n, int ms)
-{
-    int target = h->done_calls + n;
-    double end = now_s() + ms / 1000.0;
-    while (h->done_calls < target && now_s() < end) {
-        struct pollfd pfd = {.fd = h->pipe[0], .events = POLLIN};
-        poll(&pfd, 1, 5);
-        char buf[64];
-        while (read(h->pipe[0], buf, sizeof buf) > 0) {
-        }
-        eng_process_completions(h->e);
-    }
-}
-
-typedef struct call {
-    harness *h;
-    int status, ran;
-    double t_done;
-} call;
-
-static void on_done(void *user, int status, const eng_attn_result *res, const char *msg)
-{
-    (void)res, (void)msg;
-    call *c = user;
-    c->ran++;
-    c->status = status;
-    c->t_done = now_s();
-    c->h->done_calls++;
-}
-
-typedef struct shm {
-    int fd;
-    void *p;
-    size_t size;
-    uint64_t id;
-} shm;
-
-static void shm_make(harness *h, uint32_t uid, uint64_t conn, size_t size, shm *s)
-{
-    s->size = size;
-    s->fd = memfd_create("check_fair", MFD_CLOEXEC | MFD_ALLOW_SEALING);
-    ck_assert_int_ge(s->fd, 0);
-    ck_assert_int_eq(ftruncate(s->fd, (off_t)size), 0);
-    s->p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, s->fd, 0);
-    ck_assert_ptr_ne(s->p, MAP_FAILED);
-    eng_error err = {{0}};
-    int rc = eng_buffer_add_shm(h->e, uid, conn, dup(s->fd), size, &s->id, &err);
-    ck_assert_msg(rc == 0, "buffer: %d %s", rc, err.msg);
-}
-
-static void shm_drop(shm *s)
-{
-    munmap(s->p, s->size);
-    close(s->fd);
-}
 
 static uint64_t open_sess(harness *h, uint32_t uid, uint64_t conn, const char *key, uint32_t layers,
                           uint32_t H, uint32_t sq, uint32_t sk)
@@ -230,8 +131,8 @@ START_TEST(small_call_not_starved)
     uint64_t heavy = open_sess(&h, UID, CONN, "heavy", 6, 1, 128, HEAVY_SK);
     uint64_t small = open_sess(&h, UID2, CONN2, "small", 1, 1, 128, 128);
     shm a, b;
-    shm_make(&h, UID, CONN, req_bytes(128, 1), &a);
-    shm_make(&h, UID2, CONN2, req_bytes(128, 1), &b);
+    ck_assert_int_eq(shm_make(&h, UID, CONN, req_bytes(128, 1), &a), 0);
+    ck_assert_int_eq(shm_make(&h, UID2, CONN2, req_bytes(128, 1), &b), 0);
     fill(&a);
     fill(&b);
     call ca[6], cb;
@@ -241,17 +142,17 @@ START_TEST(small_call_not_starved)
         eng_attn_req r;
         req_make(&r, heavy, (uint32_t)i, a.id, 128, HEAVY_SK, 1, LA_MODE_DENSE);
         ca[i].h = &h;
-        int rc = eng_attn_submit(h.e, UID, CONN, &r, on_done, &ca[i], &err);
+        int rc = eng_attn_submit(h.e, UID, CONN, &r, h_done, &ca[i], &err);
         ck_assert_msg(rc == 0, "heavy %d: %d %s", i, rc, err.msg);
     }
     usleep(50000); /* the heavy calls occupy the workers */
     eng_attn_req r;
     req_make(&r, small, 0, b.id, 128, 128, 1, LA_MODE_SKIP);
     cb.h = &h;
-    double t0 = now_s();
-    ck_assert_int_eq(eng_attn_submit(h.e, UID2, CONN2, &r, on_done, &cb, &err), 0);
+    double t0 = tu_now_s();
+    ck_assert_int_eq(eng_attn_submit(h.e, UID2, CONN2, &r, h_done, &cb, &err), 0);
     h_pump(&h, 1, 20000);
-    while (!cb.ran && now_s() < t0 + 20)
+    while (!cb.ran && tu_now_s() < t0 + 20)
         h_pump(&h, 1, 100);
     ck_assert_int_eq(cb.ran, 1);
     ck_assert_int_eq(cb.status, 0);
@@ -263,20 +164,18 @@ START_TEST(small_call_not_starved)
     ck_assert_msg(heavy_done <= 2, "%d heavy calls finished before the small one", heavy_done);
 
     /* The heavy user leaves: its queued calls are cancelled at once. */
-    double t1 = now_s();
+    double t1 = tu_now_s();
     eng_conn_closed(h.e, CONN);
     h_pump(&h, 4 - heavy_done, 500);
     int cancelled = 0;
     for (int i = 0; i < 6; i++)
         cancelled += ca[i].ran && ca[i].status == LA_ECLOSED;
     ck_assert_msg(cancelled >= 4 - heavy_done, "only %d calls cancelled %.2f s after the close",
-                  cancelled, now_s() - t1);
+                  cancelled, tu_now_s() - t1);
     h_pump(&h, 6, 30000); /* the running ones end with their (indivisible) q-tile */
     for (int i = 0; i < 6; i++)
         ck_assert_int_eq(ca[i].ran, 1);
-    eng_free(h.e);
-    close(h.pipe[0]);
-    close(h.pipe[1]);
+    h_close(&h);
     shm_drop(&a);
     shm_drop(&b);
 }
@@ -290,7 +189,7 @@ START_TEST(cancel_half_done_restarts_dense)
     const int S = 2048, H = 16;
     uint64_t sid = open_sess(&h, UID, CONN, "half", 1, H, S, S);
     shm a;
-    shm_make(&h, UID, CONN, (size_t)4 * S * H * 64 * 4, &a);
+    ck_assert_int_eq(shm_make(&h, UID, CONN, (size_t)4 * S * H * 64 * 4, &a), 0);
     float *f = a.p;
     tu_rng rng;
     tu_rng_init(&rng, 1);
@@ -307,7 +206,7 @@ START_TEST(cancel_half_done_restarts_dense)
     r.has_threshold = 1;
     r.threshold = 1000.0f;
     call c = {.h = &h};
-    ck_assert_int_eq(eng_attn_submit(h.e, UID, CONN, &r, on_done, &c, &err), 0);
+    ck_assert_int_eq(eng_attn_submit(h.e, UID, CONN, &r, h_done, &c, &err), 0);
     h_pump(&h, 1, 30000);
     ck_assert_int_eq(c.status, 0);
     double live;
@@ -324,11 +223,11 @@ START_TEST(cancel_half_done_restarts_dense)
     r.threshold = -INFINITY;
     memset(&c, 0, sizeof c);
     c.h = &h;
-    ck_assert_int_eq(eng_attn_submit(h.e, UID, CONN, &r, on_done, &c, &err), 0);
+    ck_assert_int_eq(eng_attn_submit(h.e, UID, CONN, &r, h_done, &c, &err), 0);
     /* Row 0 of head 0 is written by the first slice. */
     volatile float *o0 = o;
-    double t0 = now_s();
-    while (isnan(o0[0]) && now_s() < t0 + 20)
+    double t0 = tu_now_s();
+    while (isnan(o0[0]) && tu_now_s() < t0 + 20)
         usleep(200);
     eng_conn_closed(h.e, CONN);
     h_pump(&h, 1, 30000);
@@ -340,9 +239,7 @@ START_TEST(cancel_half_done_restarts_dense)
     ck_assert_int_eq(eng_session_info(h.e, UID, sid, &live, 1, &st, &err), 0);
     ck_assert_msg(live == 1.0, "live fraction %.4f after a half-done cancelled call (want 1)",
                   live);
-    eng_free(h.e);
-    close(h.pipe[0]);
-    close(h.pipe[1]);
+    h_close(&h);
     shm_drop(&a);
 }
 END_TEST
@@ -366,8 +263,8 @@ START_TEST(cost_limits)
     uint64_t s1 = open_sess(&h, UID, CONN, "a", 4, 1, 128, 2 * HEAVY_SK);
     uint64_t s2 = open_sess(&h, UID2, CONN2, "b", 4, 1, 128, HEAVY_SK);
     shm a, b;
-    shm_make(&h, UID, CONN, req_bytes(128, 1), &a);
-    shm_make(&h, UID2, CONN2, req_bytes(128, 1), &b);
+    ck_assert_int_eq(shm_make(&h, UID, CONN, req_bytes(128, 1), &a), 0);
+    ck_assert_int_eq(shm_make(&h, UID2, CONN2, req_bytes(128, 1), &b), 0);
     call c[8];
     memset(c, 0, sizeof c);
     for (int i = 0; i < 8; i++)
@@ -375,26 +272,24 @@ START_TEST(cost_limits)
     eng_attn_req r;
     /* Twice the keys: twice the per-call cap. Zero strides do not make it cheaper. */
     req_make(&r, s1, 0, a.id, 128, 2 * HEAVY_SK, 1, LA_MODE_DENSE);
-    ck_assert_int_eq(eng_attn_submit(h.e, UID, CONN, &r, on_done, &c[0], &err), LA_ELIMIT);
+    ck_assert_int_eq(eng_attn_submit(h.e, UID, CONN, &r, h_done, &c[0], &err), LA_ELIMIT);
     ck_assert_msg(strstr(err.msg, "max_call_cost"), "message: %s", err.msg);
     /* At the cap: accepted; two of them fill the user's queue. */
     r.k.shape[1] = r.v.shape[1] = HEAVY_SK;
-    ck_assert_int_eq(eng_attn_submit(h.e, UID, CONN, &r, on_done, &c[0], &err), 0);
+    ck_assert_int_eq(eng_attn_submit(h.e, UID, CONN, &r, h_done, &c[0], &err), 0);
     r.layer = 1;
-    ck_assert_int_eq(eng_attn_submit(h.e, UID, CONN, &r, on_done, &c[1], &err), 0);
+    ck_assert_int_eq(eng_attn_submit(h.e, UID, CONN, &r, h_done, &c[1], &err), 0);
     r.layer = 2;
-    ck_assert_int_eq(eng_attn_submit(h.e, UID, CONN, &r, on_done, &c[2], &err), LA_ELIMIT);
+    ck_assert_int_eq(eng_attn_submit(h.e, UID, CONN, &r, h_done, &c[2], &err), LA_ELIMIT);
     ck_assert_msg(strstr(err.msg, "max_queued_cost_per_user"), "message: %s", err.msg);
     /* Another user is not affected. */
     req_make(&r, s2, 0, b.id, 128, HEAVY_SK, 1, LA_MODE_DENSE);
-    ck_assert_int_eq(eng_attn_submit(h.e, UID2, CONN2, &r, on_done, &c[3], &err), 0);
+    ck_assert_int_eq(eng_attn_submit(h.e, UID2, CONN2, &r, h_done, &c[3], &err), 0);
     eng_conn_closed(h.e, CONN);
     eng_conn_closed(h.e, CONN2);
     h_pump(&h, 3, 60000);
     ck_assert_int_eq(h.done_calls, 3);
-    eng_free(h.e);
-    close(h.pipe[0]);
-    close(h.pipe[1]);
+    h_close(&h);
     shm_drop(&a);
     shm_drop(&b);
 }
@@ -451,9 +346,7 @@ START_TEST(attach_is_a_reference)
     ck_assert_int_eq(stat_get(&h, "sessions_detached"), 1);
     eng_tick(h.e);
     ck_assert_int_eq(eng_session_info(h.e, UID, sid, NULL, 0, NULL, &err), LA_ENOENT);
-    eng_free(h.e);
-    close(h.pipe[0]);
-    close(h.pipe[1]);
+    h_close(&h);
 }
 END_TEST
 
@@ -475,25 +368,23 @@ START_TEST(buffer_mappings_budgeted)
     eng_error err = {{0}};
     uint64_t id;
     /* uid 1000: 2 on one connection, 1 on another, then its limit */
-    shm_make(&h, UID, CONN, 4096, &s[n++]);
-    shm_make(&h, UID, CONN, 4096, &s[n++]);
-    shm_make(&h, UID, CONN2, 4096, &s[n++]);
+    ck_assert_int_eq(shm_make(&h, UID, CONN, 4096, &s[n++]), 0);
+    ck_assert_int_eq(shm_make(&h, UID, CONN, 4096, &s[n++]), 0);
+    ck_assert_int_eq(shm_make(&h, UID, CONN2, 4096, &s[n++]), 0);
     int fd = memfd_create("check_fair", MFD_CLOEXEC | MFD_ALLOW_SEALING);
     ck_assert_int_eq(ftruncate(fd, 4096), 0);
     ck_assert_int_eq(eng_buffer_add_shm(h.e, UID, CONN2, dup(fd), 4096, &id, &err), LA_ELIMIT);
     ck_assert_msg(strstr(err.msg, "max_buffers_per_user"), "message: %s", err.msg);
     /* uid 1001 is not affected, up to the daemon's total */
-    shm_make(&h, UID2, 3, 4096, &s[n++]);
-    shm_make(&h, UID2, 3, 4096, &s[n++]);
+    ck_assert_int_eq(shm_make(&h, UID2, 3, 4096, &s[n++]), 0);
+    ck_assert_int_eq(shm_make(&h, UID2, 3, 4096, &s[n++]), 0);
     ck_assert_int_eq(eng_buffer_add_shm(h.e, UID2, 4, dup(fd), 4096, &id, &err), LA_ELIMIT);
     ck_assert_msg(strstr(err.msg, "max_buffers_total"), "message: %s", err.msg);
     /* a connection's buffers go with it */
     eng_conn_closed(h.e, CONN);
     ck_assert_int_eq(eng_buffer_add_shm(h.e, UID2, 4, dup(fd), 4096, &id, &err), 0);
     close(fd);
-    eng_free(h.e);
-    close(h.pipe[0]);
-    close(h.pipe[1]);
+    h_close(&h);
     for (int i = 0; i < n; i++)
         shm_drop(&s[i]);
 }
@@ -503,23 +394,6 @@ END_TEST
 
 #define UID_A 1234
 #define UID_B 65534
-
-static int not_root(void)
-{
-    if (geteuid() == 0)
-        return 0;
-    printf("check_fair: not root (euid %d): the daemon cases switch uids; passing with nothing "
-           "checked\n",
-           (int)geteuid());
-    return 1;
-}
-
-static void become(uid_t uid)
-{
-    prctl(PR_SET_PDEATHSIG, SIGKILL);
-    if (setgroups(0, NULL) < 0 || setgid(uid) < 0 || setuid(uid) < 0)
-        _exit(99);
-}
 
 /* As uid A: queue n heavy zero-stride calls (one per layer) on a fresh session; return the
  * socket (the caller closes it or keeps it) or -1. */
@@ -597,7 +471,7 @@ static pid_t spawn_attacker(const char *sock, int n, int64_t sk, int stay, int r
     pid_t pid = fork();
     ck_assert_int_ge(pid, 0);
     if (pid == 0) {
-        become(UID_A);
+        tu_become(UID_A);
         int fd = queue_heavy(sock, n, sk);
         char c = fd >= 0 ? 'y' : 'n';
         if (write(ready_pipe, &c, 1) != 1)
@@ -621,13 +495,13 @@ typedef struct victim_result {
 /* Child B: a ping and a small call; timings into the shared page. */
 static void victim(const char *sock, victim_result *res)
 {
-    double t0 = now_s();
+    double t0 = tu_now_s();
     int fd = raw_connect(sock);
     if (fd < 0)
         _exit(1);
     if (raw_ping(fd) != 0)
         _exit(2);
-    res->ping_s = now_s() - t0;
+    res->ping_s = tu_now_s() - t0;
     int64_t sid = raw_session_open(fd, "small", 1, 1, 128);
     int mfd = raw_memfd(1 << 20);
     int64_t buf = raw_register(fd, mfd, 1 << 20);
@@ -636,9 +510,9 @@ static void victim(const char *sock, victim_result *res)
         _exit(3);
     raw_attn x;
     raw_attn_init(&x, (uint64_t)sid, (uint64_t)buf, 128, 1);
-    t0 = now_s();
+    t0 = tu_now_s();
     res->call_rc = raw_rc(fd, &x.req);
-    res->call_s = now_s() - t0;
+    res->call_s = tu_now_s() - t0;
     res->ok = 1;
     close(fd);
     _exit(0);
@@ -650,7 +524,7 @@ static void run_victim(const char *sock, victim_result *res)
     pid_t pid = fork();
     ck_assert_int_ge(pid, 0);
     if (pid == 0) {
-        become(UID_B);
+        tu_become(UID_B);
         victim(sock, res);
     }
     int st;
@@ -658,26 +532,22 @@ static void run_victim(const char *sock, victim_result *res)
     ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0, "victim exited with %d", st);
 }
 
+TD_FIXTURE(open_up, "--socket-mode", "0666")
+
 START_TEST(daemon_victim_not_starved)
 {
-    if (not_root())
+    if (tu_not_root())
         return;
-    td_daemon d;
-    const char *args[] = {"--socket-mode", "0666", NULL};
-    ck_assert_int_eq(td_start(&d, args), 0);
     int pp[2];
     ck_assert_int_eq(pipe(pp), 0);
-    pid_t a = spawn_attacker(d.socket, 6, HEAVY_SK, 0, pp[1]);
+    pid_t a = spawn_attacker(td_fx.socket, 6, HEAVY_SK, 0, pp[1]);
     char c = 0;
     ck_assert_int_eq(read(pp[0], &c, 1), 1);
     ck_assert_int_eq(c, 'y');
     int st;
     ck_assert_int_eq(waitpid(a, &st, 0), a); /* gone: its queued calls are cancelled */
-    victim_result *res =
-        mmap(NULL, sizeof *res, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-    ck_assert_ptr_ne(res, MAP_FAILED);
-    memset(res, 0, sizeof *res);
-    run_victim(d.socket, res);
+    victim_result *res = tu_shared_new(sizeof *res);
+    run_victim(td_fx.socket, res);
     ck_assert(res->ok);
     ck_assert_int_eq(res->call_rc, 0);
     ck_assert_msg(res->ping_s < 0.25 * SLOW, "ping took %.3f s", res->ping_s);
@@ -685,7 +555,7 @@ START_TEST(daemon_victim_not_starved)
             res->call_s);
     ck_assert_msg(res->call_s < 2.0 * SLOW, "small call took %.3f s", res->call_s);
     /* The departed user's calls left the queue: at most the running ones remain. */
-    int fd = raw_connect(d.socket);
+    int fd = raw_connect(td_fx.socket);
     ck_assert_int_ge(fd, 0);
     Liteattn__Stats sreq = LITEATTN__STATS__INIT;
     Liteattn__Request q = LITEATTN__REQUEST__INIT;
@@ -705,28 +575,24 @@ START_TEST(daemon_victim_not_starved)
     close(fd);
     close(pp[0]);
     close(pp[1]);
-    munmap(res, sizeof *res);
-    ck_assert_int_eq(td_stop(&d), 0);
+    tu_shared_free(res, sizeof *res);
 }
 END_TEST
 
 START_TEST(daemon_sigterm_prompt)
 {
-    if (not_root())
+    if (tu_not_root())
         return;
-    td_daemon d;
-    const char *args[] = {"--socket-mode", "0666", NULL};
-    ck_assert_int_eq(td_start(&d, args), 0);
     int pp[2];
     ck_assert_int_eq(pipe(pp), 0);
-    pid_t a = spawn_attacker(d.socket, 16, HEAVY_SK / 4, 1, pp[1]);
+    pid_t a = spawn_attacker(td_fx.socket, 16, HEAVY_SK / 4, 1, pp[1]);
     char c = 0;
     ck_assert_int_eq(read(pp[0], &c, 1), 1);
     ck_assert_int_eq(c, 'y');
-    double t0 = now_s();
-    kill(d.pid, SIGTERM);
-    int rc = td_wait(&d, 20000);
-    double took = now_s() - t0;
+    double t0 = tu_now_s();
+    kill(td_fx.pid, SIGTERM);
+    int rc = td_wait(&td_fx, 20000);
+    double took = tu_now_s() - t0;
     kill(a, SIGKILL);
     waitpid(a, NULL, 0);
     ck_assert_int_eq(rc, 0);
@@ -736,7 +602,7 @@ START_TEST(daemon_sigterm_prompt)
     ck_assert_msg(took < 4.0 * SLOW, "the daemon took %.2f s to exit", took);
     close(pp[0]);
     close(pp[1]);
-    ck_assert_int_eq(td_stop(&d), 0);
+    ck_assert_int_eq(td_stop(&td_fx), 0); /* it exited (td_wait above): the cleanup */
 }
 END_TEST
 
@@ -745,15 +611,13 @@ END_TEST
  * the open set every byte and each SessionInfo counted every bit on the loop thread.) */
 START_TEST(daemon_big_session_no_freeze)
 {
-    td_daemon d;
-    ck_assert_int_eq(td_start(&d, NULL), 0);
-    int a = raw_connect(d.socket), b = raw_connect(d.socket);
+    int a = raw_connect(td_fx.socket), b = raw_connect(td_fx.socket);
     ck_assert_int_ge(a, 0);
     ck_assert_int_ge(b, 0);
     /* 300 layers x 40 heads x 591 q-tiles x 37 words x 4 bytes = 1.05 GB of masks */
-    double t0 = now_s();
+    double t0 = tu_now_s();
     int64_t sid = raw_session_open(a, "big", 300, 40, 75600);
-    double open_s = now_s() - t0;
+    double open_s = tu_now_s() - t0;
     ck_assert_int_gt(sid, 0);
     for (int i = 0; i < 40; i++) {
         Liteattn__SessionRef ref = LITEATTN__SESSION_REF__INIT;
@@ -769,9 +633,9 @@ START_TEST(daemon_big_session_no_freeze)
             q.session_list = &list;
         ck_assert_int_eq(raw_send(a, &q, -1), 0);
     }
-    t0 = now_s();
+    t0 = tu_now_s();
     ck_assert_int_eq(raw_ping(b), 0);
-    double ping_s = now_s() - t0;
+    double ping_s = tu_now_s() - t0;
     for (int i = 0; i < 40; i++) {
         Liteattn__Reply *r = raw_recv(a, 20000);
         ck_assert_ptr_nonnull(r);
@@ -787,26 +651,23 @@ START_TEST(daemon_big_session_no_freeze)
     ck_assert_msg(ping_s < 0.25 * SLOW, "a ping behind 40 SessionInfo/List took %.3f s", ping_s);
     close(a);
     close(b);
-    ck_assert_int_eq(td_stop(&d), 0);
 }
 END_TEST
+
+TD_FIXTURE(hello1_up, "--hello-timeout", "1")
 
 /* A frame begun after Hello and never finished times out (hello_timeout): it no longer holds
  * its buffer for ever. */
 START_TEST(partial_frame_times_out)
 {
-    td_daemon d;
-    const char *args[] = {"--hello-timeout", "1", NULL};
-    ck_assert_int_eq(td_start(&d, args), 0);
-    int fd = raw_connect(d.socket);
+    int fd = raw_connect(td_fx.socket);
     ck_assert_int_ge(fd, 0);
     uint8_t part[3] = {100, 0, 0}; /* 3 of the 4 bytes of a length prefix */
     ck_assert_int_eq(write(fd, part, sizeof part), 3);
-    double t0 = now_s();
+    double t0 = tu_now_s();
     ck_assert_msg(raw_eof(fd, 8000), "the connection with a partial frame stayed open");
-    ck_assert_msg(now_s() - t0 > 0.5, "closed too early (%.2f s)", now_s() - t0);
+    ck_assert_msg(tu_now_s() - t0 > 0.5, "closed too early (%.2f s)", tu_now_s() - t0);
     close(fd);
-    ck_assert_int_eq(td_stop(&d), 0);
 }
 END_TEST
 
@@ -839,9 +700,7 @@ static void ping_req(Liteattn__Request *q, Liteattn__Ping *p, uint64_t id)
 #define FLOOD_BOUND 20000
 START_TEST(pipelined_flood_takes_turns)
 {
-    td_daemon d;
-    ck_assert_int_eq(td_start(&d, NULL), 0);
-    int a = raw_connect(d.socket), b = raw_connect(d.socket);
+    int a = raw_connect(td_fx.socket), b = raw_connect(td_fx.socket);
     ck_assert_int_ge(a, 0);
     ck_assert_int_ge(b, 0);
     int big = 8 << 20;
@@ -875,7 +734,7 @@ START_TEST(pipelined_flood_takes_turns)
     liteattn__reply__free_unpacked(r, NULL);
     ck_assert_int_gt(before, 0);
 
-    ck_assert_int_eq(kill(d.pid, SIGSTOP), 0);
+    ck_assert_int_eq(kill(td_fx.pid, SIGSTOP), 0);
     size_t w = 0;
     for (;;) {
         ssize_t n = send(a, flood + w, flood_len - w, MSG_DONTWAIT);
@@ -887,8 +746,8 @@ START_TEST(pipelined_flood_takes_turns)
     Liteattn__Ping pp;
     ping_req(&pq, &pp, 7);
     ck_assert_int_eq(raw_send(b, &pq, -1), 0);
-    double t0 = now_s();
-    ck_assert_int_eq(kill(d.pid, SIGCONT), 0);
+    double t0 = tu_now_s();
+    ck_assert_int_eq(kill(td_fx.pid, SIGCONT), 0);
     pid_t writer = -1;
     if (w < flood_len) {
         fflush(stdout);
@@ -898,7 +757,7 @@ START_TEST(pipelined_flood_takes_turns)
             _exit(raw_send_bytes(a, flood + w, flood_len - w, -1) == 0 ? 0 : 1);
     }
     r = raw_recv(b, 20000);
-    double ping_s = now_s() - t0;
+    double ping_s = tu_now_s() - t0;
     ck_assert_ptr_nonnull(r);
     ck_assert_int_eq(r->body_case, LITEATTN__REPLY__BODY_PONG);
     liteattn__reply__free_unpacked(r, NULL);
@@ -930,7 +789,6 @@ START_TEST(pipelined_flood_takes_turns)
     free(flood);
     close(a);
     close(b);
-    ck_assert_int_eq(td_stop(&d), 0);
 }
 END_TEST
 
@@ -968,14 +826,13 @@ static int hung_up(int sock, int ms)
     return poll(&p, 1, ms) == 1 && (p.revents & (POLLHUP | POLLRDHUP));
 }
 
+TD_FIXTURE(fds3_up, "--max-fds-inflight-per-user", "3", "--hello-timeout", "30")
+
 START_TEST(fds_inflight_budget_per_user)
 {
-    td_daemon d;
-    const char *args[] = {"--max-fds-inflight-per-user", "3", "--hello-timeout", "30", NULL};
-    ck_assert_int_eq(td_start(&d, args), 0);
     int c[5];
     for (int i = 0; i < 4; i++) {
-        c[i] = raw_connect(d.socket);
+        c[i] = raw_connect(td_fx.socket);
         ck_assert_int_ge(c[i], 0);
     }
     for (int i = 0; i < 3; i++)
@@ -992,7 +849,7 @@ START_TEST(fds_inflight_budget_per_user)
     ck_assert(raw_eof(c[3], 5000));
     close(c[3]);
     close(c[0]); /* releases its fd */
-    c[4] = raw_connect(d.socket);
+    c[4] = raw_connect(td_fx.socket);
     ck_assert_int_ge(c[4], 0);
     /* the daemon saw c[0] go once c[4]'s Hello is answered (one loop, in order) */
     ck_assert_int_eq(raw_ping(c[4]), 0);
@@ -1002,7 +859,6 @@ START_TEST(fds_inflight_budget_per_user)
     for (int i = 1; i < 5; i++)
         if (i != 3)
             close(c[i]);
-    ck_assert_int_eq(td_stop(&d), 0);
 }
 END_TEST
 
@@ -1052,18 +908,16 @@ static void unread_stats(int sock, int watcher, int n)
         if (raw_send(sock, &q, -1) < 0)
             return;
     }
-    double end = now_s() + 20;
-    while (frames_in(watcher) < before + n + 1 && now_s() < end && !hung_up(sock, 0))
+    double end = tu_now_s() + 20;
+    while (frames_in(watcher) < before + n + 1 && tu_now_s() < end && !hung_up(sock, 0))
         usleep(10 * 1000);
 }
 
+TD_FIXTURE(outbound_up, "--max-outbound-bytes", "4M", "--max-outbound-bytes-per-user", "3584K")
+
 START_TEST(outbound_budget_per_user)
 {
-    td_daemon d;
-    const char *args[] = {"--max-outbound-bytes", "4M", "--max-outbound-bytes-per-user", "3584K",
-                          NULL};
-    ck_assert_int_eq(td_start(&d, args), 0);
-    int a = raw_connect(d.socket), b = raw_connect(d.socket), c = raw_connect(d.socket);
+    int a = raw_connect(td_fx.socket), b = raw_connect(td_fx.socket), c = raw_connect(td_fx.socket);
     ck_assert_int_ge(a, 0);
     ck_assert_int_ge(b, 0);
     ck_assert_int_ge(c, 0);
@@ -1078,42 +932,49 @@ START_TEST(outbound_budget_per_user)
                   n, each);
     ck_assert_msg(!hung_up(a, 0), "A was closed instead of B");
     ck_assert_int_eq(raw_ping(c), 0);
-    ck_assert_int_ge(count_lines(d.log, "max_outbound_bytes_per_user"), 1);
+    ck_assert_int_ge(count_lines(td_fx.log, "max_outbound_bytes_per_user"), 1);
     close(a);
     close(b);
     close(c);
-    ck_assert_int_eq(td_stop(&d), 0);
 }
 END_TEST
+
+TD_FIXTURE(one_conn_up, "--max-connections-per-user", "1")
 
 /* A burst of refused connections makes a line a second, not a line each. */
 START_TEST(refused_connections_rate_limited)
 {
-    td_daemon d;
-    const char *args[] = {"--max-connections-per-user", "1", NULL};
-    ck_assert_int_eq(td_start(&d, args), 0);
     int keep = -1;
     for (int i = 0; i < 50 && keep < 0; i++) { /* td_start's probe may still count */
-        keep = raw_connect(d.socket);
+        keep = raw_connect(td_fx.socket);
         if (keep < 0)
             usleep(50 * 1000);
     }
     ck_assert_int_ge(keep, 0);
-    int before = count_lines(d.log, "refused a connection");
+    int before = count_lines(td_fx.log, "refused a connection");
     for (int i = 0; i < 40; i++) {
-        int fd = raw_socket(d.socket);
+        int fd = raw_socket(td_fx.socket);
         if (fd >= 0) {
             raw_eof(fd, 2000); /* refused: an error, then the close */
             close(fd);
         }
     }
     ck_assert_int_eq(raw_ping(keep), 0);
-    int n = count_lines(d.log, "refused a connection") - before;
+    int n = count_lines(td_fx.log, "refused a connection") - before;
     ck_assert_msg(n + before >= 1 && n <= 5, "%d log lines for 40 refused connections", n);
     close(keep);
-    ck_assert_int_eq(td_stop(&d), 0);
 }
 END_TEST
+
+/* A test case whose cases each get a daemon of their own, started by up. */
+static TCase *daemon_tcase(Suite *s, const char *name, void (*up)(void))
+{
+    TCase *tc = tcase_create(name);
+    tcase_set_timeout(tc, 90);
+    tcase_add_checked_fixture(tc, up, td_fx_down);
+    suite_add_tcase(s, tc);
+    return tc;
+}
 
 int main(void)
 {
@@ -1127,16 +988,18 @@ int main(void)
     tcase_add_test(tc, attach_is_a_reference);
     tcase_add_test(tc, buffer_mappings_budgeted);
     suite_add_tcase(s, tc);
-    tc = tcase_create("daemon");
-    tcase_set_timeout(tc, 90);
+    /* Through the daemon: each case has its own (a checked td fixture with its options). */
+    tc = daemon_tcase(s, "daemon_other_users", open_up);
     tcase_add_test(tc, daemon_victim_not_starved);
     tcase_add_test(tc, daemon_sigterm_prompt);
+    tc = daemon_tcase(s, "daemon", td_fx_up);
     tcase_add_test(tc, daemon_big_session_no_freeze);
-    tcase_add_test(tc, partial_frame_times_out);
-    tcase_add_test(tc, refused_connections_rate_limited);
     tcase_add_test(tc, pipelined_flood_takes_turns);
-    tcase_add_test(tc, fds_inflight_budget_per_user);
-    tcase_add_test(tc, outbound_budget_per_user);
-    suite_add_tcase(s, tc);
+    tcase_add_test(daemon_tcase(s, "daemon_hello_timeout", hello1_up), partial_frame_times_out);
+    tcase_add_test(daemon_tcase(s, "daemon_one_connection", one_conn_up),
+                   refused_connections_rate_limited);
+    tcase_add_test(daemon_tcase(s, "daemon_fds_budget", fds3_up), fds_inflight_budget_per_user);
+    tcase_add_test(daemon_tcase(s, "daemon_outbound_budget", outbound_up),
+                   outbound_budget_per_user);
     return tu_run_suite(s);
 }

@@ -14,7 +14,8 @@
  *     LA_ENOMEM (or LA_ELIMIT), and the daemon goes on (skipped under a sanitizer, whose shadow
  *     memory needs terabytes of address space).
  * A full disk does not concern the daemon: it writes no file (the log goes to stderr, i.e. the
- * journal), only creates its socket and lock file at start.
+ * journal), only creates its socket and lock file at start. Each case has a daemon of its own
+ * (a checked td fixture, or td_dir/td_spawn where it needs a resource limit).
  */
 #include <check.h>
 #include <math.h>
@@ -25,9 +26,7 @@
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
-#include <sys/stat.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "la_attn.h"
@@ -35,35 +34,16 @@
 #include "rawproto.h"
 #include "testutil.h"
 #include "testutil_daemon.h"
+#include "testutil_proc.h"
 
-static long long ms_now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-/* Shared between a case and the client processes it forks. */
+/* Shared between a case and the client processes it forks (tu_shared_new). */
 typedef struct shared {
     int stop;
-    int failures;
-    char first_failure[256];
+    tu_failures fail;
     long ok_calls, failed_calls, reconnects;
 } shared;
 
-static shared *shared_new(void)
-{
-    shared *s = mmap(NULL, sizeof *s, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-    ck_assert_ptr_ne(s, MAP_FAILED);
-    memset(s, 0, sizeof *s);
-    return s;
-}
-
-#define SFAIL(sh, ...)                                                             \
-    do {                                                                           \
-        if (__sync_fetch_and_add(&(sh)->failures, 1) == 0)                         \
-            snprintf((sh)->first_failure, sizeof(sh)->first_failure, __VA_ARGS__); \
-    } while (0)
+#define SFAIL(sh, ...) tu_fail(&(sh)->fail, __VA_ARGS__)
 
 /* A client's session, buffer and call description, [1, S, 2, 64] f32 q/k/v/o. */
 typedef struct job {
@@ -116,9 +96,9 @@ static void job_close(job *j)
 /* Waits until pid's fd count is want (up to timeout_ms); returns the last count. */
 static int wait_fds(pid_t pid, int want, int timeout_ms)
 {
-    long long end = ms_now() + timeout_ms;
+    double end = tu_now_s() + timeout_ms / 1000.0;
     int n;
-    while ((n = proc_fd_count(pid)) != want && ms_now() < end)
+    while ((n = proc_fd_count(pid)) != want && tu_now_s() < end)
         usleep(10000);
     return n;
 }
@@ -168,19 +148,19 @@ static void victim(const char *sock, int kind, int idx)
     }
 }
 
+TD_FIXTURE(grace0_up, "--session-grace", "0", "--log-level", "warn")
+
 START_TEST(test_clients_killed)
 {
-    td_daemon d;
-    const char *args[] = {"--session-grace", "0", "--log-level", "warn", NULL};
-    ck_assert_int_eq(td_start(&d, args), 0);
+    td_daemon *d = &td_fx;
     tu_rng r;
     tu_rng_init(&r, 77);
     /* Warm-up (first connection's allocations), then the baseline. */
-    int w = raw_connect(d.socket);
+    int w = raw_connect(d->socket);
     ck_assert_int_ge(w, 0);
     close(w);
     usleep(100000);
-    int fd0 = proc_fd_count(d.pid);
+    int fd0 = proc_fd_count(d->pid);
 
     for (int round = 0; round < 24; round++) {
         int kind = round % K_KINDS;
@@ -188,7 +168,7 @@ START_TEST(test_clients_killed)
         ck_assert_int_ge(pid, 0);
         if (pid == 0) {
             prctl(PR_SET_PDEATHSIG, SIGKILL);
-            victim(d.socket, kind, round);
+            victim(d->socket, kind, round);
             _exit(0);
         }
         /* A random point: 5 to 120 ms into its life. */
@@ -199,23 +179,22 @@ START_TEST(test_clients_killed)
         ck_assert_msg(WIFSIGNALED(st) && WTERMSIG(st) == SIGKILL,
                       "victim %d (kind %d) ended by itself with %d", round, kind, st);
         /* The daemon still serves. */
-        int fd = raw_connect(d.socket);
+        int fd = raw_connect(d->socket);
         ck_assert_msg(fd >= 0, "daemon no longer answers after victim %d", round);
         ck_assert_int_eq(raw_ping(fd), 0);
         close(fd);
     }
     /* Everything of the victims goes: fds at once (their jobs finish first), sessions at the
      * next tick (grace 0). */
-    int fd1 = wait_fds(d.pid, fd0, 10000);
+    int fd1 = wait_fds(d->pid, fd0, 10000);
     ck_assert_msg(fd1 == fd0, "daemon fds %d before the victims, %d after", fd0, fd1);
-    int raw = raw_connect(d.socket);
+    int raw = raw_connect(d->socket);
     ck_assert_int_ge(raw, 0);
     int n = -1;
     for (int i = 0; i < 50 && (n = raw_list_count(raw)) != 0; i++)
         usleep(100000);
     ck_assert_int_eq(n, 0);
     close(raw);
-    ck_assert_int_eq(td_stop(&d), 0);
 }
 END_TEST
 
@@ -259,23 +238,28 @@ static void loader(const char *sock, int idx, shared *sh)
     _exit(0);
 }
 
-START_TEST(test_sigterm_under_load)
+/* n client processes fn(socket, i, sh) against td_fx, each dying with the case. */
+static void spawn_clients(int n, pid_t *pids, void (*fn)(const char *, int, shared *), shared *sh)
 {
-    td_daemon d;
-    ck_assert_int_eq(td_start(&d, NULL), 0);
-    shared *sh = shared_new();
-    pid_t pids[8];
-    for (int i = 0; i < 8; i++) {
+    for (int i = 0; i < n; i++) {
         pids[i] = fork();
         ck_assert_int_ge(pids[i], 0);
         if (pids[i] == 0) {
             prctl(PR_SET_PDEATHSIG, SIGKILL);
-            loader(d.socket, i, sh);
+            fn(td_fx.socket, i, sh);
+            _exit(0);
         }
     }
+}
+
+START_TEST(test_sigterm_under_load)
+{
+    shared *sh = tu_shared_new(sizeof *sh);
+    pid_t pids[8];
+    spawn_clients(8, pids, loader, sh);
     usleep(400000);
     long before = sh->ok_calls;
-    int st = td_stop(&d); /* SIGTERM, then the exit status */
+    int st = td_stop(&td_fx); /* SIGTERM, then the exit status (checked below) */
     for (int i = 0; i < 8; i++) {
         int cst;
         ck_assert_int_eq(waitpid(pids[i], &cst, 0), pids[i]);
@@ -283,7 +267,7 @@ START_TEST(test_sigterm_under_load)
     printf("sigterm under load: %ld calls done before SIGTERM, %ld in all, %ld answered with "
            "LA_ESHUTDOWN/LA_ECLOSED\n",
            before, sh->ok_calls, sh->failed_calls);
-    ck_assert_msg(sh->failures == 0, "%d failures, first: %s", sh->failures, sh->first_failure);
+    tu_assert_no_failures(&sh->fail);
     ck_assert_int_gt(before, 0);
     ck_assert_int_eq(st, 0);
 }
@@ -291,28 +275,14 @@ END_TEST
 
 /* ---- SIGKILL and restart ------------------------------------------------------------------ */
 
-static pid_t daemon_at(const char *sock, const char *conf)
+/* The daemon of the restart case, with its log level (LA_FAULTS_DEBUG=1: debug). */
+static const char *restart_args[] = {"--log-level", "warn", NULL};
+
+static void restart_up(void)
 {
-    const char *b = getenv("BUILD");
-    char exe[256];
-    snprintf(exe, sizeof exe, "%s/liteattnd", b && *b ? b : "build");
-    pid_t pid = fork();
-    if (pid == 0) {
-        prctl(PR_SET_PDEATHSIG, SIGKILL);
-        execl(exe, exe, "--socket", sock, "--config", conf, "--backend", "cpu", "--threads", "2",
-              "--log-level", getenv("LA_FAULTS_DEBUG") ? "debug" : "warn", (char *)NULL);
-        _exit(127);
-    }
-    for (int i = 0; i < 1000; i++) {
-        int fd = raw_socket(sock);
-        if (fd >= 0) {
-            close(fd);
-            return pid;
-        }
-        usleep(10000);
-    }
-    kill(pid, SIGKILL);
-    return -1;
+    if (getenv("LA_FAULTS_DEBUG"))
+        restart_args[1] = "debug";
+    td_fx_start(restart_args);
 }
 
 static void survivor(const char *sock, int idx, shared *sh)
@@ -322,9 +292,9 @@ static void survivor(const char *sock, int idx, shared *sh)
     job j;
     memset(&j, 0, sizeof j);
     int have = 0, reconnected = 0, after = 0;
-    long long give_up = ms_now() + 30000;
+    double give_up = tu_now_s() + 30;
     while (!sh->stop || after < 5) {
-        if (ms_now() > give_up) {
+        if (tu_now_s() > give_up) {
             SFAIL(sh, "survivor %d: no progress for 30 s (reconnected %d, calls after %d)", idx,
                   reconnected, after);
             break;
@@ -380,72 +350,39 @@ static void survivor(const char *sock, int idx, shared *sh)
 
 START_TEST(test_kill_and_restart)
 {
-    char dir[] = "/tmp/la-faults-XXXXXX";
-    ck_assert_ptr_nonnull(mkdtemp(dir));
-    char sock[128], conf[128];
-    snprintf(sock, sizeof sock, "%s/liteattn.sock", dir);
-    snprintf(conf, sizeof conf, "%s/liteattnd.conf", dir);
-    FILE *f = fopen(conf, "w");
-    fclose(f);
-    pid_t dpid = daemon_at(sock, conf);
-    ck_assert_int_gt(dpid, 0);
-    shared *sh = shared_new();
+    shared *sh = tu_shared_new(sizeof *sh);
     enum { N = 4 };
     pid_t pids[N];
-    for (int i = 0; i < N; i++) {
-        pids[i] = fork();
-        if (pids[i] == 0) {
-            prctl(PR_SET_PDEATHSIG, SIGKILL);
-            survivor(sock, i, sh);
-        }
-    }
+    spawn_clients(N, pids, survivor, sh);
     usleep(300000);
     long before = sh->ok_calls;
-    kill(dpid, SIGKILL);
-    waitpid(dpid, NULL, 0);
+    ck_assert_int_eq(td_kill(&td_fx), 128 + SIGKILL);
     usleep(200000); /* clients see the socket gone (LA_ECONN) for a while */
-    dpid = daemon_at(sock, conf);
-    ck_assert_int_gt(dpid, 0);
+    td_opts again = {.args = restart_args};
+    ck_assert_msg(td_spawn(&td_fx, &again) == 0, "the daemon did not start again on %s",
+                  td_fx.socket);
     sh->stop = 1;
     for (int i = 0; i < N; i++)
-        waitpid(pids[i], NULL, 0);
+        ck_assert_int_eq(waitpid(pids[i], NULL, 0), pids[i]);
     printf("kill and restart: %ld calls before the kill, %ld in all, %ld failed with "
            "LA_ECLOSED/LA_ECONN, %ld clients reconnected\n",
            before, sh->ok_calls, sh->failed_calls, sh->reconnects);
-    kill(dpid, SIGTERM);
-    int st;
-    waitpid(dpid, &st, 0);
-    unlink(sock);
-    char lock[160];
-    snprintf(lock, sizeof lock, "%s.lock", sock);
-    unlink(lock);
-    unlink(conf);
-    rmdir(dir);
-    ck_assert_msg(sh->failures == 0, "%d failures, first: %s", sh->failures, sh->first_failure);
+    tu_assert_no_failures(&sh->fail);
     ck_assert_int_gt(before, 0);
     ck_assert_int_eq(sh->reconnects, N);
-    ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0, "restarted daemon exit %d", st);
+    /* td_fx_down: the restarted daemon exits 0 on SIGTERM */
 }
 END_TEST
 
 /* ---- exhausted limits, shared memory that cannot be mapped -------------------------------- */
 
+TD_FIXTURE(limits_up, "--max-sessions", "3", "--max-mask-bytes", "64K", "--max-buffers", "2",
+           "--max-buffer-bytes", "1M", "--max-connections-per-user", "3")
+
 START_TEST(test_limits_and_bad_shm)
 {
-    td_daemon d;
-    const char *args[] = {"--max-sessions",
-                          "3",
-                          "--max-mask-bytes",
-                          "64K",
-                          "--max-buffers",
-                          "2",
-                          "--max-buffer-bytes",
-                          "1M",
-                          "--max-connections-per-user",
-                          "3",
-                          NULL};
-    ck_assert_int_eq(td_start(&d, args), 0);
-    int fd = raw_connect(d.socket);
+    const td_daemon *d = &td_fx;
+    int fd = raw_connect(d->socket);
     ck_assert_int_ge(fd, 0);
 
     /* Sessions: 3 fit, the 4th does not; mask bytes: one of 1 MiB of masks does not. */
@@ -471,7 +408,7 @@ START_TEST(test_limits_and_bad_shm)
     close(m);
 
     /* fds that cannot be sealed against shrinking: a memfd without MFD_ALLOW_SEALING, a file. */
-    int fd2 = raw_connect(d.socket);
+    int fd2 = raw_connect(d->socket);
     ck_assert_int_ge(fd2, 0);
     m = memfd_create("nosealing", MFD_CLOEXEC);
     ck_assert_int_eq(ftruncate(m, 4096), 0);
@@ -491,9 +428,9 @@ START_TEST(test_limits_and_bad_shm)
     close(pp[1]);
 
     /* Connections per user: the 4th gets one Error frame (LA_ELIMIT) and is closed. */
-    int fd3 = raw_connect(d.socket);
+    int fd3 = raw_connect(d->socket);
     ck_assert_int_ge(fd3, 0);
-    int fd4 = raw_socket(d.socket);
+    int fd4 = raw_socket(d->socket);
     ck_assert_int_ge(fd4, 0);
     Liteattn__Reply *r = raw_recv(fd4, 5000);
     ck_assert_int_eq(raw_code(r), LA_ELIMIT);
@@ -506,11 +443,16 @@ START_TEST(test_limits_and_bad_shm)
     ck_assert_int_eq(raw_ping(fd2), 0);
     ck_assert_int_eq(raw_ping(fd3), 0);
     close(fd), close(fd2), close(fd3);
-    ck_assert_int_eq(td_stop(&d), 0);
 }
 END_TEST
 
 /* ---- a daemon whose address space is limited ---------------------------------------------- */
+
+static void limit_address_space(const td_daemon *d, void *data)
+{
+    struct rlimit rl = {1u << 30, 1u << 30}; /* 1 GiB of address space */
+    setrlimit(RLIMIT_AS, &rl);
+}
 
 START_TEST(test_rlimit_as)
 {
@@ -519,32 +461,13 @@ START_TEST(test_rlimit_as)
                "space than the limit)\n");
         return;
     }
-    char dir[] = "/tmp/la-faults-XXXXXX";
-    ck_assert_ptr_nonnull(mkdtemp(dir));
-    char sock[128], conf[128];
-    snprintf(sock, sizeof sock, "%s/liteattn.sock", dir);
-    snprintf(conf, sizeof conf, "%s/liteattnd.conf", dir);
-    fclose(fopen(conf, "w"));
-    pid_t pid = fork();
-    ck_assert_int_ge(pid, 0);
-    if (pid == 0) {
-        prctl(PR_SET_PDEATHSIG, SIGKILL);
-        struct rlimit rl = {1u << 30, 1u << 30}; /* 1 GiB of address space */
-        setrlimit(RLIMIT_AS, &rl);
-        const char *b = getenv("BUILD");
-        char exe[256];
-        snprintf(exe, sizeof exe, "%s/liteattnd", b && *b ? b : "build");
-        execl(exe, exe, "--socket", sock, "--config", conf, "--backend", "cpu", "--threads", "2",
-              "--max-mask-bytes", "64G", "--max-buffer-bytes", "64G", "--log-level", "warn",
-              (char *)NULL);
-        _exit(127);
-    }
-    int fd = -1;
-    for (int i = 0; i < 500 && fd < 0; i++) {
-        fd = raw_connect(sock);
-        if (fd < 0)
-            usleep(10000);
-    }
+    td_daemon d;
+    ck_assert_int_eq(td_dir(&d), 0);
+    const char *args[] = {
+        "--max-mask-bytes", "64G", "--max-buffer-bytes", "64G", "--log-level", "warn", NULL};
+    td_opts o = {.args = args, .child = limit_address_space};
+    ck_assert_msg(td_spawn(&d, &o) == 0, "liteattnd under RLIMIT_AS did not start");
+    int fd = raw_connect(d.socket);
     ck_assert_int_ge(fd, 0);
     /* 2 to 4 GiB of masks (64 layers x 32 heads x 2^18 queries and keys: 64 MiB per layer
      * with 64-row tiles). */
@@ -563,30 +486,29 @@ START_TEST(test_rlimit_as)
     ck_assert_int_gt(raw_session_open(fd, "small", 1, 2, 256), 0);
     ck_assert_int_eq(raw_ping(fd), 0);
     close(fd);
-    kill(pid, SIGTERM);
-    int st;
-    waitpid(pid, &st, 0);
-    unlink(sock);
-    char lock[160];
-    snprintf(lock, sizeof lock, "%s.lock", sock);
-    unlink(lock);
-    unlink(conf);
-    rmdir(dir);
-    ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0, "daemon under RLIMIT_AS: exit %d", st);
+    int st = td_stop(&d);
+    ck_assert_msg(st == 0, "daemon under RLIMIT_AS: exit %d", st);
 }
 END_TEST
+
+static void add_tcase(Suite *s, const char *name, void (*up)(void), const TTest *test)
+{
+    TCase *tc = tcase_create(name);
+    tcase_set_timeout(tc, 120);
+    if (up)
+        tcase_add_checked_fixture(tc, up, td_fx_down);
+    tcase_add_test(tc, test);
+    suite_add_tcase(s, tc);
+}
 
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
     Suite *s = suite_create("faults");
-    TCase *tc = tcase_create("faults");
-    tcase_set_timeout(tc, 120);
-    tcase_add_test(tc, test_clients_killed);
-    tcase_add_test(tc, test_sigterm_under_load);
-    tcase_add_test(tc, test_kill_and_restart);
-    tcase_add_test(tc, test_limits_and_bad_shm);
-    tcase_add_test(tc, test_rlimit_as);
-    suite_add_tcase(s, tc);
+    add_tcase(s, "clients_killed", grace0_up, test_clients_killed);
+    add_tcase(s, "sigterm_under_load", td_fx_up, test_sigterm_under_load);
+    add_tcase(s, "kill_and_restart", restart_up, test_kill_and_restart);
+    add_tcase(s, "limits_and_bad_shm", limits_up, test_limits_and_bad_shm);
+    add_tcase(s, "rlimit_as", NULL, test_rlimit_as); /* its own daemon, under a limit */
     return tu_run_suite(s);
 }

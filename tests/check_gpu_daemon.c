@@ -10,6 +10,13 @@
  * count must match. Bad GPU input (an extent past the registered block) must be refused
  * without touching the GPU, and the daemon must go on serving.
  *
+ * The same runs on VMM memory (cuMemCreate allocations of the minimum granularity mapped side
+ * by side, tensors straddling them, registered with la_buffer_register_cuda_range: the daemon
+ * imports the allocations' POSIX fds), and the VMM error paths on a real driver: a read-only
+ * buffer refuses O, sizes past an allocation or off the granularity, a /dev/null fd, a stale
+ * registration after the memory was replaced; a client killed with VMM buffers registered leaves
+ * the daemon serving.
+ *
  * The fast path (la_attn_enqueue: calls ordered on the client's stream by the doorbell):
  * LAYERS calls pipelined from each of two client processes equal direct calls bit for bit,
  * masks included; a call the daemon refuses in the middle of a pipeline is reported and the
@@ -38,7 +45,10 @@ int main(void) { return 0; }
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cuda.h> /* driver types; the driver is reached through cudaGetDriverEntryPoint */
 #include <cuda_runtime_api.h>
+#include <fcntl.h>
+#include <signal.h>
 
 #include "la_attn.h"
 #include "la_cuda.h"
@@ -71,10 +81,125 @@ int main(void) { return 0; }
 
 static size_t align_up(size_t n) { return (n + 255) & ~(size_t)255; }
 
+/* ---- VMM memory of the client (driver API through the runtime's entry points) ------------- */
+
+static struct {
+    CUresult (*Create)(CUmemGenericAllocationHandle *, size_t, const CUmemAllocationProp *,
+                       unsigned long long);
+    CUresult (*Release)(CUmemGenericAllocationHandle);
+    CUresult (*Reserve)(CUdeviceptr *, size_t, size_t, CUdeviceptr, unsigned long long);
+    CUresult (*Free)(CUdeviceptr, size_t);
+    CUresult (*Map)(CUdeviceptr, size_t, size_t, CUmemGenericAllocationHandle, unsigned long long);
+    CUresult (*Unmap)(CUdeviceptr, size_t);
+    CUresult (*SetAccess)(CUdeviceptr, size_t, const CUmemAccessDesc *, size_t);
+    CUresult (*Export)(void *, CUmemGenericAllocationHandle, CUmemAllocationHandleType,
+                       unsigned long long);
+    CUresult (*Granularity)(size_t *, const CUmemAllocationProp *,
+                            CUmemAllocationGranularity_flags);
+} vd;
+
+#define MAX_CHUNKS 16
+
+typedef struct vmm_mem {
+    CUdeviceptr va;
+    size_t chunk, reserved;
+    int n;
+    CUmemGenericAllocationHandle h[MAX_CHUNKS];
+} vmm_mem;
+
+static CUmemAllocationProp vmm_prop(void)
+{
+    CUmemAllocationProp p;
+    memset(&p, 0, sizeof p);
+    p.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+    p.requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
+    p.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    p.location.id = 0;
+    return p;
+}
+
+/* 0, or -1 when the driver lacks the VMM API. */
+static int vmm_load(void)
+{
+    struct {
+        const char *name;
+        void **slot;
+    } t[] = {{"cuMemCreate", (void **)&vd.Create},
+             {"cuMemRelease", (void **)&vd.Release},
+             {"cuMemAddressReserve", (void **)&vd.Reserve},
+             {"cuMemAddressFree", (void **)&vd.Free},
+             {"cuMemMap", (void **)&vd.Map},
+             {"cuMemUnmap", (void **)&vd.Unmap},
+             {"cuMemSetAccess", (void **)&vd.SetAccess},
+             {"cuMemExportToShareableHandle", (void **)&vd.Export},
+             {"cuMemGetAllocationGranularity", (void **)&vd.Granularity}};
+    for (size_t i = 0; i < sizeof t / sizeof t[0]; i++) {
+        enum cudaDriverEntryPointQueryResult q;
+        if (cudaGetDriverEntryPointByVersion(t[i].name, t[i].slot, 12000, cudaEnableDefault,
+                                             &q) != cudaSuccess ||
+            q != cudaDriverEntryPointSuccess)
+            return -1;
+    }
+    return 0;
+}
+
+static size_t vmm_granularity(void)
+{
+    CUmemAllocationProp p = vmm_prop();
+    size_t g = 0;
+    if (vd.Granularity(&g, &p, CU_MEM_ALLOC_GRANULARITY_MINIMUM) != CUDA_SUCCESS)
+        return 0;
+    return g;
+}
+
+/* n allocations of chunk bytes, mapped side by side, read-write for device 0. */
+static int vmm_alloc(vmm_mem *m, size_t chunk, int n)
+{
+    memset(m, 0, sizeof *m);
+    if (n > MAX_CHUNKS)
+        return -1;
+    m->chunk = chunk;
+    CUmemAllocationProp p = vmm_prop();
+    if (vd.Reserve(&m->va, chunk * (size_t)n, chunk, 0, 0) != CUDA_SUCCESS)
+        return -1;
+    m->reserved = chunk * (size_t)n;
+    for (int i = 0; i < n; i++) {
+        if (vd.Create(&m->h[i], chunk, &p, 0) != CUDA_SUCCESS ||
+            vd.Map(m->va + (size_t)i * chunk, chunk, 0, m->h[i], 0) != CUDA_SUCCESS)
+            return -1;
+        m->n++;
+    }
+    CUmemAccessDesc d;
+    memset(&d, 0, sizeof d);
+    d.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    d.location.id = 0;
+    d.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+    return vd.SetAccess(m->va, chunk * (size_t)n, &d, 1) == CUDA_SUCCESS ? 0 : -1;
+}
+
+static void vmm_release(vmm_mem *m)
+{
+    for (int i = 0; i < m->n; i++) {
+        vd.Unmap(m->va + (size_t)i * m->chunk, m->chunk);
+        vd.Release(m->h[i]);
+    }
+    if (m->va)
+        vd.Free(m->va, m->reserved);
+    memset(m, 0, sizeof *m);
+}
+
+static int vmm_export(CUmemGenericAllocationHandle h)
+{
+    int fd = -1;
+    if (vd.Export(&fd, h, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0) != CUDA_SUCCESS)
+        return -1;
+    return fd;
+}
+
 /* One client: its own session of geometry (B, S, H, D), STEPS steps through the daemon and the
  * same steps through the kernel directly; exits 0 when everything matched. */
 static void run_client(const char *sock, int who, int32_t B, int32_t Sq, int32_t Sk, int32_t H,
-                       int32_t D, la_dtype dt)
+                       int32_t D, la_dtype dt, int vmm)
 {
     tu_rng rng;
     tu_rng_init(&rng, (uint64_t)who * 7919 + 17);
@@ -111,16 +236,51 @@ static void run_client(const char *sock, int who, int32_t B, int32_t Sq, int32_t
 
     CUDA_CHECK(cudaSetDevice(0));
     uint8_t *blk, *direct; /* daemon's block (q, k, v, o, lse); direct o, lse, mask */
-    CUDA_CHECK(cudaMalloc((void **)&blk, total));
+    vmm_mem vm;
+    memset(&vm, 0, sizeof vm);
+    if (vmm) {
+        /* Allocations of the minimum granularity: every tensor straddles one of their seams. */
+        CUDA_CHECK(cudaFree(NULL));
+        size_t g = vmm_granularity();
+        if (vmm_load() < 0 || g == 0)
+            CHILD_FAIL("the driver lacks the VMM API");
+        int n = (int)((total + g - 1) / g);
+        if (vmm_alloc(&vm, g, n) < 0)
+            CHILD_FAIL("cuMemCreate/cuMemMap of %d x %zu bytes failed", n, g);
+        blk = (uint8_t *)(uintptr_t)vm.va;
+    } else {
+        CUDA_CHECK(cudaMalloc((void **)&blk, total));
+    }
     CUDA_CHECK(cudaMalloc((void **)&direct, align_up(nq) + align_up(nlse) + t->mask_words * 4));
     uint8_t *d_o = direct, *d_lse = direct + align_up(nq), *d_mask = d_lse + align_up(nlse);
     CUDA_CHECK(cudaMemcpy(d_mask, t->mask, t->mask_words * 4, cudaMemcpyHostToDevice));
-    /* Register a pointer inside the block: the library must find the block's base. */
     la_buffer *buf;
     uint64_t base_off = 1;
-    LA_CHECK(la_buffer_register_cuda(c, blk + off_k, &buf, &base_off));
-    if (base_off != off_k)
-        CHILD_FAIL("register_cuda: offset %llu, expected %zu", (unsigned long long)base_off, off_k);
+    if (vmm) {
+        /* The whole range: every allocation by its fd. A read-only sub-range inside it is
+         * the same registration (the cache), at its offset. */
+        LA_CHECK(la_buffer_register_cuda_range(c, blk, total, LA_ACCESS_RW, &buf, &base_off));
+        if (base_off != 0)
+            CHILD_FAIL("register_cuda_range: offset %llu, expected 0", (unsigned long long)base_off);
+        if (la_buffer_size(buf) != (uint64_t)vm.n * vm.chunk)
+            CHILD_FAIL("VMM buffer of %llu bytes, expected its %d allocations' %zu",
+                       (unsigned long long)la_buffer_size(buf), vm.n, (size_t)vm.n * vm.chunk);
+        la_buffer *again;
+        uint64_t off2 = 0;
+        LA_CHECK(la_buffer_register_cuda_range(c, blk + off_v, nk, LA_ACCESS_READ, &again, &off2));
+        if (again != buf || off2 != off_v)
+            CHILD_FAIL("a sub-range registered anew (%p vs %p, offset %llu vs %zu)",
+                       (void *)again, (void *)buf, (unsigned long long)off2, off_v);
+        LA_CHECK(la_buffer_unregister(again));
+        if (la_buffer_cuda_valid(buf) != 1)
+            CHILD_FAIL("la_buffer_cuda_valid: %d on fresh memory", la_buffer_cuda_valid(buf));
+    } else {
+        /* Register a pointer inside the block: the library must find the block's base. */
+        LA_CHECK(la_buffer_register_cuda(c, blk + off_k, &buf, &base_off));
+        if (base_off != off_k)
+            CHILD_FAIL("register_cuda: offset %llu, expected %zu", (unsigned long long)base_off,
+                       off_k);
+    }
 
     cudaStream_t st;
     cudaEvent_t ready;
@@ -238,8 +398,9 @@ static void run_client(const char *sock, int who, int32_t B, int32_t Sq, int32_t
     if (restarts != 1)
         CHILD_FAIL("session restarts %lld, want 1", (long long)restarts);
 
-    /* Bad input: V's extent 256 bytes past the block. Refused, nothing launched. */
-    LA_CHECK(la_attn_set_tensor(a, LA_TENSOR_V, buf, total - nk + 256, dt, 4, shk, NULL));
+    /* Bad input: V's extent 256 bytes past the buffer. Refused, nothing launched. */
+    LA_CHECK(la_attn_set_tensor(a, LA_TENSOR_V, buf, la_buffer_size(buf) - nk + 256, dt, 4, shk,
+                                NULL));
     int rc = la_attn_run(s, a, NULL);
     if (rc != LA_ERANGE)
         CHILD_FAIL("extent past the block: %s, expected LA_ERANGE", la_err_name(rc));
@@ -250,11 +411,189 @@ static void run_client(const char *sock, int who, int32_t B, int32_t Sq, int32_t
     LA_CHECK(la_session_close(s));
     LA_CHECK(la_buffer_unregister(buf));
     la_disconnect(c);
+    if (vmm)
+        vmm_release(&vm);
     tu_problem_free(t);
     _exit(0);
 }
 
-static void run_clients(int n, const int32_t (*geo)[5], la_dtype dt)
+/* A client process: the VMM error paths on a real driver, and a read-only VMM buffer. */
+static void run_vmm_errors(const char *sock)
+{
+    const int who = 0;
+    CUDA_CHECK(cudaSetDevice(0));
+    CUDA_CHECK(cudaFree(NULL));
+    size_t g = vmm_granularity();
+    if (vmm_load() < 0 || g == 0)
+        CHILD_FAIL("the driver lacks the VMM API");
+    struct cudaDeviceProp prop;
+    CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+    char uuid[48];
+    const unsigned char *u = (const unsigned char *)prop.uuid.bytes;
+    snprintf(uuid, sizeof uuid,
+             "GPU-%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", u[0],
+             u[1], u[2], u[3], u[4], u[5], u[6], u[7], u[8], u[9], u[10], u[11], u[12], u[13],
+             u[14], u[15]);
+    la_client *c;
+    LA_CHECK(la_connect(sock, "check_gpu_daemon", &c));
+    vmm_mem m;
+    if (vmm_alloc(&m, g, 2) < 0)
+        CHILD_FAIL("cuMemCreate/cuMemMap failed");
+    int fd = vmm_export(m.h[0]);
+    if (fd < 0)
+        CHILD_FAIL("cuMemExportToShareableHandle failed");
+    la_buffer *b = NULL;
+    struct {
+        const char *what;
+        uint64_t alloc_size;
+        int want;
+    } sizes[] = {{"twice its size", 2 * g, LA_ERANGE}, {"off the granularity", g + 4096, LA_EINVAL}};
+    for (int i = 0; i < 2; i++) {
+        uint64_t sz = sizes[i].alloc_size;
+        int rc = la_buffer_register_vmm_fd(c, &fd, &sz, 1, 0, sz, uuid, LA_ACCESS_RW, &b);
+        if (rc != sizes[i].want)
+            CHILD_FAIL("an allocation listed at %s: %s (%s), want %s", sizes[i].what,
+                       la_err_name(rc), la_last_error_message(), la_err_name(sizes[i].want));
+        fprintf(stderr, "listed at %s: %s\n", sizes[i].what, la_last_error_message());
+    }
+    /* /dev/null: not a CUDA allocation; the driver refuses it, the daemon says so. */
+    int dn = open("/dev/null", O_RDWR | O_CLOEXEC);
+    uint64_t gs = g;
+    int rc = la_buffer_register_vmm_fd(c, &dn, &gs, 1, 0, g, uuid, LA_ACCESS_RW, &b);
+    /* EINVAL or ENOTSUP, as the driver words its refusal of a foreign fd. */
+    if (rc != LA_EINVAL && rc != LA_ENOTSUP)
+        CHILD_FAIL("/dev/null as a VMM allocation: %s (%s)", la_err_name(rc),
+                   la_last_error_message());
+    close(dn);
+    /* The second allocation's fd where the first frame listed one allocation more: the append
+     * of a /dev/null fails and takes the buffer with it. */
+    int fds[2] = {fd, open("/dev/null", O_RDWR | O_CLOEXEC)};
+    uint64_t two[2] = {g, g};
+    rc = la_buffer_register_vmm_fd(c, fds, two, 2, 0, 2 * g, uuid, LA_ACCESS_RW, &b);
+    if ((rc != LA_EINVAL && rc != LA_ENOTSUP) || !strstr(la_last_error_message(), "was removed"))
+        CHILD_FAIL("a bad second allocation: %s (%s)", la_err_name(rc), la_last_error_message());
+    close(fds[1]);
+
+    /* A read-only buffer holds Q, K, V; O in it is refused, O elsewhere works. */
+    int32_t S = 256, H = 2, D = 64;
+    la_session_config *cfg;
+    LA_CHECK(la_session_config_new(&cfg));
+    LA_CHECK(la_session_config_set_geometry(cfg, 1, (uint32_t)H, (uint32_t)D, LA_DTYPE_BF16,
+                                            (uint32_t)S, 0, 1, 1));
+    LA_CHECK(la_session_config_set_device(cfg, "cuda"));
+    LA_CHECK(la_session_config_set_mode(cfg, LA_MODE_DENSE));
+    la_session *s;
+    LA_CHECK(la_session_open(c, "gpu-vmm-ro", cfg, &s));
+    la_session_config_free(cfg);
+    int fd1 = vmm_export(m.h[1]);
+    int both[2] = {fd, fd1};
+    la_buffer *ro, *rw;
+    LA_CHECK(la_buffer_register_vmm_fd(c, both, two, 2, 0, 2 * g, uuid, LA_ACCESS_READ, &ro));
+    LA_CHECK(la_buffer_register_cuda_range(c, (void *)(uintptr_t)m.va, 2 * g, LA_ACCESS_RW, &rw,
+                                           NULL));
+    size_t tb = (size_t)S * H * D * 2;
+    CUDA_CHECK(cudaMemset((void *)(uintptr_t)m.va, 0x3c, 3 * tb));
+    la_attn *a;
+    LA_CHECK(la_attn_new(&a));
+    int64_t sh[4] = {1, S, H, D};
+    LA_CHECK(la_attn_set_tensor(a, LA_TENSOR_Q, ro, 0, LA_DTYPE_BF16, 4, sh, NULL));
+    LA_CHECK(la_attn_set_tensor(a, LA_TENSOR_K, ro, tb, LA_DTYPE_BF16, 4, sh, NULL));
+    LA_CHECK(la_attn_set_tensor(a, LA_TENSOR_V, ro, 2 * tb, LA_DTYPE_BF16, 4, sh, NULL));
+    LA_CHECK(la_attn_set_tensor(a, LA_TENSOR_O, ro, 3 * tb, LA_DTYPE_BF16, 4, sh, NULL));
+    LA_CHECK(la_attn_set_position(a, 0, 0, 0));
+    rc = la_attn_run(s, a, NULL);
+    if (rc != LA_EPERM)
+        CHILD_FAIL("O in a read-only VMM buffer: %s (%s)", la_err_name(rc),
+                   la_last_error_message());
+    LA_CHECK(la_attn_set_tensor(a, LA_TENSOR_O, rw, 3 * tb, LA_DTYPE_BF16, 4, sh, NULL));
+    LA_CHECK(la_attn_run(s, a, NULL));
+    /* Q = K = V = a constant: O is that constant (softmax of equal scores averages equal V). */
+    uint16_t *h_o = malloc(tb);
+    CUDA_CHECK(cudaMemcpy(h_o, (uint8_t *)(uintptr_t)m.va + 3 * tb, tb, cudaMemcpyDeviceToHost));
+    for (size_t i = 0; i < tb / 2; i++)
+        if (h_o[i] != 0x3c3c)
+            CHILD_FAIL("O[%zu] = 0x%04x through read-only inputs, want 0x3c3c", i, h_o[i]);
+    free(h_o);
+    la_attn_free(a);
+    LA_CHECK(la_buffer_unregister(ro));
+    close(fd);
+    close(fd1);
+
+    /* Stale: the second allocation replaced under the registration. */
+    if (la_buffer_cuda_valid(rw) != 1)
+        CHILD_FAIL("la_buffer_cuda_valid before the swap: %d", la_buffer_cuda_valid(rw));
+    CUmemAllocationProp p = vmm_prop();
+    CUmemGenericAllocationHandle nh;
+    if (vd.Unmap(m.va + g, g) != CUDA_SUCCESS || vd.Release(m.h[1]) != CUDA_SUCCESS ||
+        vd.Create(&nh, g, &p, 0) != CUDA_SUCCESS || vd.Map(m.va + g, g, 0, nh, 0) != CUDA_SUCCESS)
+        CHILD_FAIL("replacing the second allocation failed");
+    m.h[1] = nh;
+    if (la_buffer_cuda_valid(rw) != 0)
+        CHILD_FAIL("la_buffer_cuda_valid after the swap: %d, want 0", la_buffer_cuda_valid(rw));
+    /* A new registration of the range maps the new allocation. */
+    la_buffer *rw2;
+    LA_CHECK(la_buffer_register_cuda_range(c, (void *)(uintptr_t)m.va, 2 * g, LA_ACCESS_RW, &rw2,
+                                           NULL));
+    if (rw2 == rw)
+        CHILD_FAIL("a stale registration was handed out again");
+    LA_CHECK(la_buffer_unregister(rw));
+    LA_CHECK(la_buffer_unregister(rw2));
+    LA_CHECK(la_session_close(s));
+    uint64_t rtt;
+    LA_CHECK(la_ping(c, &rtt));
+    la_disconnect(c);
+    vmm_release(&m);
+    _exit(0);
+}
+
+/* A client process that registers VMM memory, starts a call and is killed (SIGKILL from the
+ * parent once it says it is ready). */
+static void run_vmm_victim(const char *sock, int ready_fd)
+{
+    const int who = 1;
+    CUDA_CHECK(cudaSetDevice(0));
+    CUDA_CHECK(cudaFree(NULL));
+    size_t g = vmm_granularity();
+    if (vmm_load() < 0 || g == 0)
+        CHILD_FAIL("the driver lacks the VMM API");
+    int32_t S = 4096, H = 8, D = 128;
+    size_t tb = (size_t)S * H * D * 2;
+    vmm_mem m;
+    if (vmm_alloc(&m, g, (int)((4 * tb + g - 1) / g)) < 0)
+        CHILD_FAIL("cuMemCreate/cuMemMap failed");
+    CUDA_CHECK(cudaMemset((void *)(uintptr_t)m.va, 0x3c, 4 * tb));
+    la_client *c;
+    LA_CHECK(la_connect(sock, "check_gpu_daemon-victim", &c));
+    la_session_config *cfg;
+    LA_CHECK(la_session_config_new(&cfg));
+    LA_CHECK(la_session_config_set_geometry(cfg, 1, (uint32_t)H, (uint32_t)D, LA_DTYPE_BF16,
+                                            (uint32_t)S, 0, 1, 1));
+    LA_CHECK(la_session_config_set_device(cfg, "cuda"));
+    LA_CHECK(la_session_config_set_mode(cfg, LA_MODE_DENSE));
+    la_session *s;
+    LA_CHECK(la_session_open(c, "gpu-vmm-victim", cfg, &s));
+    la_buffer *b;
+    LA_CHECK(la_buffer_register_cuda_range(c, (void *)(uintptr_t)m.va, 4 * tb, LA_ACCESS_RW, &b,
+                                           NULL));
+    la_attn *a;
+    LA_CHECK(la_attn_new(&a));
+    int64_t sh[4] = {1, S, H, D};
+    for (int r = 0; r < 4; r++)
+        LA_CHECK(la_attn_set_tensor(a, (la_tensor_role)r, b, (uint64_t)r * tb, LA_DTYPE_BF16, 4,
+                                    sh, NULL));
+    la_call *calls[8];
+    for (int i = 0; i < 8; i++) {
+        LA_CHECK(la_attn_set_position(a, 0, (uint32_t)i, 0));
+        LA_CHECK(la_attn_submit(s, a, NULL, NULL, &calls[i]));
+    }
+    char x = 1;
+    if (write(ready_fd, &x, 1) != 1)
+        CHILD_FAIL("write");
+    pause(); /* killed here, with calls in flight and the buffer registered */
+    _exit(1);
+}
+
+static void run_clients(int n, const int32_t (*geo)[5], la_dtype dt, int vmm)
 {
     td_daemon d;
     const char *args[] = {"--backend", "cuda", NULL};
@@ -264,7 +603,8 @@ static void run_clients(int n, const int32_t (*geo)[5], la_dtype dt)
         pids[i] = fork();
         ck_assert_int_ge(pids[i], 0);
         if (pids[i] == 0)
-            run_client(d.socket, i, geo[i][0], geo[i][1], geo[i][2], geo[i][3], geo[i][4], dt);
+            run_client(d.socket, i, geo[i][0], geo[i][1], geo[i][2], geo[i][3], geo[i][4], dt,
+                       vmm);
     }
     int failed = 0;
     for (int i = 0; i < n; i++) {
@@ -283,14 +623,65 @@ START_TEST(test_two_clients_bf16)
 {
     /* B, Sq, Sk, H, D: partial tiles, Sq != Sk, B > 1. */
     const int32_t geo[2][5] = {{2, 1000, 1100, 4, 128}, {1, 2000, 1500, 6, 64}};
-    run_clients(2, geo, LA_DTYPE_BF16);
+    run_clients(2, geo, LA_DTYPE_BF16, 0);
+}
+END_TEST
+
+/* The same two clients on VMM memory (PyTorch expandable_segments' kind), one on cudaMalloc. */
+START_TEST(test_two_clients_vmm)
+{
+    const int32_t geo[2][5] = {{2, 1000, 1100, 4, 128}, {1, 2000, 1500, 6, 64}};
+    run_clients(2, geo, LA_DTYPE_BF16, 1);
+}
+END_TEST
+
+/* VMM error paths against the real driver; then a client killed with VMM buffers and calls
+ * in flight leaves the daemon serving a VMM client. */
+START_TEST(test_vmm_errors_and_killed_client)
+{
+    td_daemon d;
+    const char *args[] = {"--backend", "cuda", NULL};
+    ck_assert_int_eq(td_start(&d, args), 0);
+    pid_t p = fork();
+    ck_assert_int_ge(p, 0);
+    if (p == 0)
+        run_vmm_errors(d.socket);
+    int st = 0;
+    ck_assert_int_eq(waitpid(p, &st, 0), p);
+    ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0, "VMM error client failed (0x%x)", st);
+
+    int pp[2];
+    ck_assert_int_eq(pipe(pp), 0);
+    p = fork();
+    ck_assert_int_ge(p, 0);
+    if (p == 0) {
+        close(pp[0]);
+        run_vmm_victim(d.socket, pp[1]);
+    }
+    close(pp[1]);
+    char x;
+    ck_assert_int_eq(read(pp[0], &x, 1), 1);
+    close(pp[0]);
+    kill(p, SIGKILL);
+    ck_assert_int_eq(waitpid(p, &st, 0), p);
+    /* The daemon goes on: a VMM client still gets exact answers. */
+    const int32_t geo[1][5] = {{1, 1000, 1000, 4, 128}};
+    p = fork();
+    ck_assert_int_ge(p, 0);
+    if (p == 0)
+        run_client(d.socket, 2, geo[0][0], geo[0][1], geo[0][2], geo[0][3], geo[0][4],
+                   LA_DTYPE_BF16, 1);
+    ck_assert_int_eq(waitpid(p, &st, 0), p);
+    ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0, "VMM client after the kill failed (0x%x)",
+                  st);
+    ck_assert_int_eq(td_stop(&d), 0);
 }
 END_TEST
 
 START_TEST(test_one_client_f16)
 {
     const int32_t geo[1][5] = {{1, 777, 777, 2, 128}};
-    run_clients(1, geo, LA_DTYPE_F16);
+    run_clients(1, geo, LA_DTYPE_F16, 0);
 }
 END_TEST
 
@@ -751,6 +1142,9 @@ int main(void)
     TCase *tc = tu_gpu_tcase(s, "ipc", 120);
     tu_gpu_test(tc, test_two_clients_bf16);
     tu_gpu_test(tc, test_one_client_f16);
+    tc = tu_gpu_tcase(s, "vmm", 180);
+    tu_gpu_test(tc, test_two_clients_vmm);
+    tu_gpu_test(tc, test_vmm_errors_and_killed_client);
     TCase *fast = tu_gpu_tcase(s, "fastpath", 180);
     tu_gpu_test(fast, test_fast_two_clients_pipelined);
     tu_gpu_test(fast, test_fast_error_mid_pipeline);

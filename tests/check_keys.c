@@ -49,9 +49,7 @@ static char *slurp(const char *path)
 
 START_TEST(control_bytes_refused)
 {
-    td_daemon d;
-    ck_assert_int_eq(td_start(&d, NULL), 0);
-    int fd = raw_connect(d.socket);
+    int fd = raw_connect(td_fx.socket);
     ck_assert_int_ge(fd, 0);
     ck_assert_int_eq(raw_session_open(fd, "x\nliteattnd: error: forged line", 1, 1, 128),
                      LA_EINVAL);
@@ -60,15 +58,12 @@ START_TEST(control_bytes_refused)
     ck_assert_int_eq(raw_attach(fd, "x\nliteattnd: error: forged line"), LA_EINVAL);
     ck_assert_int_eq(raw_ping(fd), 0);
     close(fd);
-    ck_assert_int_eq(td_stop(&d), 0);
 }
 END_TEST
 
 START_TEST(nul_on_the_wire_refused)
 {
-    td_daemon d;
-    ck_assert_int_eq(td_start(&d, NULL), 0);
-    int fd = raw_connect(d.socket);
+    int fd = raw_connect(td_fx.socket);
     ck_assert_int_ge(fd, 0);
     ck_assert_int_gt(raw_session_open(fd, "ab", 1, 1, 128), 0);
     /* SessionOpen and SessionAttach of "ab\0cd": packed with a stand-in byte, then patched. */
@@ -105,16 +100,14 @@ START_TEST(nul_on_the_wire_refused)
     ck_assert_int_eq(raw_list_count(fd), 1); /* still only "ab" */
     ck_assert_int_eq(raw_ping(fd), 0);
     close(fd);
-    ck_assert_int_eq(td_stop(&d), 0);
 }
 END_TEST
 
+TD_FIXTURE(grace0_up, "--session-grace", "0")
+
 START_TEST(printed_escaped)
 {
-    td_daemon d;
-    const char *args[] = {"--session-grace", "0", NULL};
-    ck_assert_int_eq(td_start(&d, args), 0);
-    int fd = raw_connect(d.socket);
+    int fd = raw_connect(td_fx.socket);
     ck_assert_int_ge(fd, 0);
     const char *key = "caf\xc3\xa9-\\";
     ck_assert_int_gt(raw_session_open(fd, key, 1, 1, 128), 0);
@@ -124,7 +117,7 @@ START_TEST(printed_escaped)
     char cmd[512], out[8192] = "", ctl[256];
     snprintf(ctl, sizeof ctl, "%s/liteattnctl", build);
     if (access(ctl, X_OK) == 0) {
-        snprintf(cmd, sizeof cmd, "%s --socket %s sessions", ctl, d.socket);
+        snprintf(cmd, sizeof cmd, "%s --socket %s sessions", ctl, td_fx.socket);
         FILE *p = popen(cmd, "r");
         ck_assert_ptr_nonnull(p);
         size_t n = fread(out, 1, sizeof out - 1, p);
@@ -141,7 +134,7 @@ START_TEST(printed_escaped)
     char *log = NULL;
     for (int i = 0; i < 50; i++) {
         free(log);
-        log = slurp(d.log);
+        log = slurp(td_fx.log);
         if (log && strstr(log, "freed, detached"))
             break;
         usleep(100 * 1000);
@@ -150,7 +143,6 @@ START_TEST(printed_escaped)
     ck_assert_msg(strstr(log, "key 'caf\\xc3\\xa9-\\x5c'"), "log:\n%s", log);
     ck_assert_msg(!strstr(log, "\xc3\xa9"), "raw bytes in the log:\n%s", log);
     free(log);
-    ck_assert_int_eq(td_stop(&d), 0);
 }
 END_TEST
 
@@ -161,10 +153,15 @@ int main(void)
     TCase *tc = tcase_create("escape");
     tcase_add_test(tc, escape_helper);
     suite_add_tcase(s, tc);
-    tc = tcase_create("daemon");
+    tc = tcase_create("daemon"); /* a daemon per case (td_fx) */
     tcase_set_timeout(tc, 30);
+    tcase_add_checked_fixture(tc, td_fx_up, td_fx_down);
     tcase_add_test(tc, control_bytes_refused);
     tcase_add_test(tc, nul_on_the_wire_refused);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("daemon_grace0");
+    tcase_set_timeout(tc, 30);
+    tcase_add_checked_fixture(tc, grace0_up, td_fx_down);
     tcase_add_test(tc, printed_escaped);
     suite_add_tcase(s, tc);
     return tu_run_suite(s);

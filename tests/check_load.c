@@ -19,7 +19,7 @@
  * freed memory on purpose; malloc arenas of the worker threads and the loop keep freed
  * memory; 32 connections' buffers were 32 x 192 KiB of mappings, all unmapped).
  * Throughput and latency are printed (bench/RESULTS.md quotes a full-size run:
- * LA_LOAD_REQUESTS=2000 build/tests/check_load).
+ * LA_LOAD_REQUESTS=2000 build/tests/check_load). The daemon is the case's td fixture.
  */
 #include <check.h>
 #include <math.h>
@@ -27,9 +27,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "la_attn.h"
@@ -37,6 +35,7 @@
 #include "rawproto.h"
 #include "testutil.h"
 #include "testutil_daemon.h"
+#include "testutil_proc.h"
 
 #define LOAD_RSS_SLACK_KIB (16 * 1024)
 #define B_ 1
@@ -48,32 +47,16 @@
 
 typedef struct client_result {
     int done;
-    int failures;
-    char first_failure[256];
+    tu_failures fail;
     long valid, invalid, pings, infos, compared;
     double lat_sum_us, lat_max_us;
     int n_lat;
     float lat_us[NLAT];
 } client_result;
 
-static int env_int(const char *name, int dflt)
-{
-    const char *e = getenv(name);
-    return e && *e ? atoi(e) : dflt;
-}
+static double now_us(void) { return tu_now_s() * 1e6; }
 
-static double now_us(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e6 + (double)ts.tv_nsec / 1e3;
-}
-
-#define FAIL(res, ...)                                                               \
-    do {                                                                             \
-        if ((res)->failures++ == 0)                                                  \
-            snprintf((res)->first_failure, sizeof(res)->first_failure, __VA_ARGS__); \
-    } while (0)
+#define FAIL(res, ...) tu_fail(&(res)->fail, __VA_ARGS__)
 
 static void set_qkvo(la_attn *a, la_buffer *b, la_dtype dt, int64_t heads, uint64_t o_off)
 {
@@ -330,45 +313,41 @@ static double run_clients(const char *sock, int n, int requests, client_result *
     return (now_us() - t0) / 1e6;
 }
 
-/* Waits until the daemon shows only `want` connections (the caller's own, through stats). */
-static void wait_quiet(const char *sock, pid_t pid, int want_fds)
+/* Waits (up to 4 s) until the daemon holds want_fds descriptors again. */
+static void wait_fds(pid_t pid, int want_fds)
 {
     for (int i = 0; i < 400 && proc_fd_count(pid) != want_fds; i++)
         usleep(10000);
-    (void)sock;
 }
+
+TD_FIXTURE(load_up, "--max-connections-per-user", "256", "--log-level", "warn")
 
 START_TEST(test_load_mixed)
 {
-    int n = env_int("LA_LOAD_CLIENTS", 32);
-    int requests = env_int("LA_LOAD_REQUESTS", getenv("LA_TEST_SANITIZER") ? 150 : 1000);
-    td_daemon d;
-    const char *args[] = {"--max-connections-per-user", "256", "--log-level", "warn", NULL};
-    ck_assert_int_eq(td_start(&d, args), 0);
-
-    client_result *res = mmap(NULL, sizeof(client_result) * (size_t)(n + 1), PROT_READ | PROT_WRITE,
-                              MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-    ck_assert_ptr_ne(res, MAP_FAILED);
+    int n = tu_env_int("LA_LOAD_CLIENTS", 32);
+    int requests = tu_env_int("LA_LOAD_REQUESTS", getenv("LA_TEST_SANITIZER") ? 150 : 1000);
+    const td_daemon *d = &td_fx;
+    client_result *res = tu_shared_new(sizeof(client_result) * (size_t)(n + 1));
 
     /* Warm-up: one client runs the same mix, so that the baseline includes what the first
      * requests allocate for good (loop structures, arenas of the worker threads). */
-    run_clients(d.socket, 1, 40, &res[n]);
-    ck_assert_msg(res[n].done && res[n].failures == 0, "warm-up client: %s", res[n].first_failure);
+    run_clients(d->socket, 1, 40, &res[n]);
+    ck_assert_msg(res[n].done && res[n].fail.n == 0, "warm-up client: %s", res[n].fail.first);
     usleep(200000);
-    int fd0 = proc_fd_count(d.pid);
-    long rss0 = proc_rss_kib(d.pid);
+    int fd0 = proc_fd_count(d->pid);
+    long rss0 = proc_rss_kib(d->pid);
     ck_assert_int_gt(fd0, 0);
     memset(res, 0, sizeof(client_result) * (size_t)n);
 
-    double wall = run_clients(d.socket, n, requests, res);
+    double wall = run_clients(d->socket, n, requests, res);
 
     long valid = 0, invalid = 0, pings = 0, infos = 0, compared = 0, total_lat_n = 0;
     double lat_sum = 0, lat_max = 0;
     float *lat = malloc(sizeof(float) * NLAT * (size_t)n);
     for (int i = 0; i < n; i++) {
-        ck_assert_msg(res[i].done, "client %d did not finish: %s", i, res[i].first_failure);
-        ck_assert_msg(res[i].failures == 0, "client %d: %d failures, first: %s", i, res[i].failures,
-                      res[i].first_failure);
+        ck_assert_msg(res[i].done, "client %d did not finish: %s", i, res[i].fail.first);
+        ck_assert_msg(res[i].fail.n == 0, "client %d: %d failures, first: %s", i, res[i].fail.n,
+                      res[i].fail.first);
         valid += res[i].valid, invalid += res[i].invalid, pings += res[i].pings;
         infos += res[i].infos, compared += res[i].compared;
         lat_sum += res[i].lat_sum_us;
@@ -387,9 +366,9 @@ START_TEST(test_load_mixed)
            total_lat_n ? lat[(size_t)(total_lat_n * 0.99)] / 1e3 : 0, lat_max / 1e3);
     free(lat);
 
-    wait_quiet(d.socket, d.pid, fd0);
-    int fd1 = proc_fd_count(d.pid);
-    long rss1 = proc_rss_kib(d.pid);
+    wait_fds(d->pid, fd0);
+    int fd1 = proc_fd_count(d->pid);
+    long rss1 = proc_rss_kib(d->pid);
     printf("load: daemon fds %d -> %d, VmRSS %ld -> %ld KiB (bound +%d KiB)\n", fd0, fd1, rss0,
            rss1, LOAD_RSS_SLACK_KIB);
     ck_assert_int_eq(fd1, fd0);
@@ -399,12 +378,11 @@ START_TEST(test_load_mixed)
                       rss0, rss1);
 
     /* The daemon holds no session or buffer of the clients any more. */
-    int raw = raw_connect(d.socket);
+    int raw = raw_connect(d->socket);
     ck_assert_int_ge(raw, 0);
     ck_assert_int_eq(raw_list_count(raw), 0);
     close(raw);
-    munmap(res, sizeof(client_result) * (size_t)(n + 1));
-    ck_assert_int_eq(td_stop(&d), 0);
+    tu_shared_free(res, sizeof(client_result) * (size_t)(n + 1));
 }
 END_TEST
 
@@ -413,6 +391,7 @@ int main(void)
     Suite *s = suite_create("load");
     TCase *tc = tcase_create("load");
     tcase_set_timeout(tc, 300);
+    tcase_add_checked_fixture(tc, load_up, td_fx_down);
     tcase_add_test(tc, test_load_mixed);
     suite_add_tcase(s, tc);
     return tu_run_suite(s);

@@ -11,111 +11,81 @@
  *     cannot use the buffers of A's first connection either; A's session is intact after;
  *   - per-user limits: A at its session, mask-byte and connection limits is refused
  *     (LA_ELIMIT) while B is still served.
+ * Each case has a daemon of its own (a checked td fixture with the case's options).
  */
 #include <check.h>
-#include <grp.h>
-#include <signal.h>
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <sys/prctl.h>
 #include <sys/stat.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include "liteattn.h"
 #include "rawproto.h"
 #include "testutil.h"
 #include "testutil_daemon.h"
+#include "testutil_proc.h"
 
 #define UID_A 1234
 #define UID_B 65534
 
+/* Shared with the clients of a case (tu_shared_new): the socket, A's objects for B to try,
+ * the failures both record. */
 typedef struct shared {
+    char sock[108];
     int64_t a_session, a_buffer;
-    int failures;
-    char msg[512];
+    tu_failures fail;
 } shared;
 
-#define CHECK(sh, cond, ...)                                   \
-    do {                                                       \
-        if (!(cond) && (sh)->failures++ == 0)                  \
-            snprintf((sh)->msg, sizeof(sh)->msg, __VA_ARGS__); \
-    } while (0)
-
-static int not_root(void)
+static shared *shared_new(const td_daemon *d)
 {
-    if (geteuid() == 0)
-        return 0;
-    printf("check_security: not root (euid %d): the cases need to switch uids; passing with "
-           "nothing checked\n",
-           (int)geteuid());
-    return 1;
+    shared *sh = tu_shared_new(sizeof *sh);
+    snprintf(sh->sock, sizeof sh->sock, "%s", d->socket);
+    return sh;
 }
 
-static void become(uid_t uid)
-{
-    prctl(PR_SET_PDEATHSIG, SIGKILL);
-    if (setgroups(0, NULL) < 0 || setgid(uid) < 0 || setuid(uid) < 0)
-        _exit(99);
-}
-
-static shared *shared_new(void)
-{
-    shared *s = mmap(NULL, sizeof *s, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-    ck_assert_ptr_ne(s, MAP_FAILED);
-    memset(s, 0, sizeof *s);
-    return s;
-}
-
-/* Runs fn(sock, sh) in a child as uid; returns its exit status. */
-static int as_user(uid_t uid, const char *sock, shared *sh, void (*fn)(const char *, shared *))
-{
-    fflush(stdout);
-    pid_t pid = fork();
-    ck_assert_int_ge(pid, 0);
-    if (pid == 0) {
-        become(uid);
-        fn(sock, sh);
-        _exit(0);
-    }
-    int st;
-    ck_assert_int_eq(waitpid(pid, &st, 0), pid);
-    return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-}
+#define CHECK(sh, cond, ...) TU_CHECK(&(sh)->fail, cond, __VA_ARGS__)
 
 /* ---- socket permissions ------------------------------------------------------------------- */
 
-static void try_connect(const char *sock, shared *sh)
+static void try_connect(void *data)
 {
-    int fd = raw_socket(sock);
+    shared *sh = data;
+    int fd = raw_socket(sh->sock);
     CHECK(sh, fd < 0 && errno == EACCES, "uid %d connected to a 0660 root socket (fd %d, %s)",
           (int)getuid(), fd, strerror(errno));
     if (fd >= 0)
         close(fd);
 }
 
+static void assert_socket_mode(const td_daemon *d, unsigned mode)
+{
+    struct stat st;
+    ck_assert_int_eq(stat(d->socket, &st), 0);
+    ck_assert(S_ISSOCK(st.st_mode));
+    ck_assert_msg((st.st_mode & 0777) == mode, "socket mode %o, want %o", st.st_mode & 0777, mode);
+}
+
+/* td_fx with the default --socket-mode 0660. */
 START_TEST(test_socket_mode)
 {
-    if (not_root())
+    if (tu_not_root())
         return;
-    td_daemon d;
-    ck_assert_int_eq(td_start(&d, NULL), 0); /* default --socket-mode 0660 */
-    struct stat st;
-    ck_assert_int_eq(stat(d.socket, &st), 0);
-    ck_assert_msg((st.st_mode & 0777) == 0660, "socket mode %o", st.st_mode & 0777);
-    ck_assert(S_ISSOCK(st.st_mode));
-    shared *sh = shared_new();
-    ck_assert_int_eq(as_user(UID_B, d.socket, sh, try_connect), 0);
-    ck_assert_msg(sh->failures == 0, "%s", sh->msg);
-    ck_assert_int_eq(td_stop(&d), 0);
+    assert_socket_mode(&td_fx, 0660);
+    shared *sh = shared_new(&td_fx);
+    ck_assert_int_eq(tu_run_as(UID_B, try_connect, sh), 0);
+    tu_assert_no_failures(&sh->fail);
+}
+END_TEST
 
-    const char *args[] = {"--socket-mode", "0600", NULL};
-    ck_assert_int_eq(td_start(&d, args), 0);
-    ck_assert_int_eq(stat(d.socket, &st), 0);
-    ck_assert_msg((st.st_mode & 0777) == 0600, "socket mode %o", st.st_mode & 0777);
-    ck_assert_int_eq(td_stop(&d), 0);
+TD_FIXTURE(mode_0600_up, "--socket-mode", "0600")
+
+START_TEST(test_socket_mode_0600)
+{
+    if (tu_not_root())
+        return;
+    assert_socket_mode(&td_fx, 0600);
 }
 END_TEST
 
@@ -123,8 +93,10 @@ END_TEST
 
 static int a_ctl[2], a_ack[2]; /* parent -> A: go on; A -> parent: ready / result */
 
-static void user_a(const char *sock, shared *sh)
+static void user_a(void *data)
 {
+    shared *sh = data;
+    const char *sock = sh->sock;
     int fd = raw_connect(sock);
     CHECK(sh, fd >= 0, "A: cannot connect");
     if (fd < 0)
@@ -154,8 +126,10 @@ static void user_a(const char *sock, shared *sh)
     close(fd);
 }
 
-static void user_b(const char *sock, shared *sh)
+static void user_b(void *data)
 {
+    shared *sh = data;
+    const char *sock = sh->sock;
     int fd = raw_connect(sock);
     CHECK(sh, fd >= 0, "B: cannot connect to the 0666 socket");
     if (fd < 0)
@@ -200,40 +174,39 @@ static void user_b(const char *sock, shared *sh)
 #undef DENIED
 }
 
-START_TEST(test_isolation)
+/* A runs a_fn as uid A up to its readiness, then B runs b_fn as uid B to its end, then A goes
+ * on to its end; every failure of either fails the case. */
+static void a_then_b(shared *sh, void (*a_fn)(void *), void (*b_fn)(void *))
 {
-    if (not_root())
-        return;
-    td_daemon d;
-    const char *args[] = {"--socket-mode", "0666", NULL};
-    ck_assert_int_eq(td_start(&d, args), 0);
-    shared *sh = shared_new();
     ck_assert_int_eq(pipe(a_ctl), 0);
     ck_assert_int_eq(pipe(a_ack), 0);
-    pid_t a = fork();
-    ck_assert_int_ge(a, 0);
-    if (a == 0) {
-        become(UID_A);
-        user_a(d.socket, sh);
-        _exit(0);
-    }
+    pid_t a = tu_fork_as(UID_A, a_fn, sh);
     char c;
     ck_assert_int_eq(read(a_ack[0], &c, 1), 1);
-    ck_assert_msg(sh->failures == 0, "%s", sh->msg);
-    ck_assert_int_eq(as_user(UID_B, d.socket, sh, user_b), 0);
+    tu_assert_no_failures(&sh->fail);
+    ck_assert_int_eq(tu_run_as(UID_B, b_fn, sh), 0);
     ck_assert_int_eq(write(a_ctl[1], "g", 1), 1);
-    int st;
-    ck_assert_int_eq(waitpid(a, &st, 0), a);
-    ck_assert_msg(sh->failures == 0, "%d failures, first: %s", sh->failures, sh->msg);
-    ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0, "A exited with %d", st);
-    ck_assert_int_eq(td_stop(&d), 0);
+    int st = tu_wait_child(a);
+    tu_assert_no_failures(&sh->fail);
+    ck_assert_msg(st == 0, "A exited with %d", st);
+}
+
+TD_FIXTURE(open_up, "--socket-mode", "0666")
+
+START_TEST(test_isolation)
+{
+    if (tu_not_root())
+        return;
+    a_then_b(shared_new(&td_fx), user_a, user_b);
 }
 END_TEST
 
 /* ---- per-user limits ---------------------------------------------------------------------- */
 
-static void hog_a(const char *sock, shared *sh)
+static void hog_a(void *data)
 {
+    shared *sh = data;
+    const char *sock = sh->sock;
     int fd[3];
     for (int i = 0; i < 3; i++) {
         fd[i] = raw_connect(sock);
@@ -262,8 +235,10 @@ static void hog_a(const char *sock, shared *sh)
         close(fd[i]);
 }
 
-static void served_b(const char *sock, shared *sh)
+static void served_b(void *data)
 {
+    shared *sh = data;
+    const char *sock = sh->sock;
     int fd[3];
     for (int i = 0; i < 3; i++) {
         fd[i] = raw_connect(sock);
@@ -276,50 +251,33 @@ static void served_b(const char *sock, shared *sh)
         close(fd[i]);
 }
 
+TD_FIXTURE(limits_up, "--socket-mode", "0666", "--max-sessions", "2", "--max-connections-per-user",
+           "3", "--max-mask-bytes", "64K")
+
 START_TEST(test_per_user_limits)
 {
-    if (not_root())
+    if (tu_not_root())
         return;
-    td_daemon d;
-    const char *args[] = {"--socket-mode",
-                          "0666",
-                          "--max-sessions",
-                          "2",
-                          "--max-connections-per-user",
-                          "3",
-                          "--max-mask-bytes",
-                          "64K",
-                          NULL};
-    ck_assert_int_eq(td_start(&d, args), 0);
-    shared *sh = shared_new();
-    ck_assert_int_eq(pipe(a_ctl), 0);
-    ck_assert_int_eq(pipe(a_ack), 0);
-    pid_t a = fork();
-    ck_assert_int_ge(a, 0);
-    if (a == 0) {
-        become(UID_A);
-        hog_a(d.socket, sh);
-        _exit(0);
-    }
-    char c;
-    ck_assert_int_eq(read(a_ack[0], &c, 1), 1);
-    ck_assert_int_eq(as_user(UID_B, d.socket, sh, served_b), 0);
-    ck_assert_int_eq(write(a_ctl[1], "g", 1), 1);
-    int st;
-    ck_assert_int_eq(waitpid(a, &st, 0), a);
-    ck_assert_msg(sh->failures == 0, "%d failures, first: %s", sh->failures, sh->msg);
-    ck_assert_int_eq(td_stop(&d), 0);
+    a_then_b(shared_new(&td_fx), hog_a, served_b);
 }
 END_TEST
+
+static TCase *add_tcase(Suite *s, const char *name, void (*up)(void), const TTest *test)
+{
+    TCase *tc = tcase_create(name);
+    tcase_set_timeout(tc, 60);
+    tcase_add_checked_fixture(tc, up, td_fx_down);
+    tcase_add_test(tc, test);
+    suite_add_tcase(s, tc);
+    return tc;
+}
 
 int main(void)
 {
     Suite *s = suite_create("security");
-    TCase *tc = tcase_create("security");
-    tcase_set_timeout(tc, 60);
-    tcase_add_test(tc, test_socket_mode);
-    tcase_add_test(tc, test_isolation);
-    tcase_add_test(tc, test_per_user_limits);
-    suite_add_tcase(s, tc);
+    add_tcase(s, "socket_mode", td_fx_up, test_socket_mode);
+    add_tcase(s, "socket_mode_0600", mode_0600_up, test_socket_mode_0600);
+    add_tcase(s, "isolation", open_up, test_isolation);
+    add_tcase(s, "per_user_limits", limits_up, test_per_user_limits);
     return tu_run_suite(s);
 }

@@ -4,8 +4,9 @@
  * Each case plays the service manager: it binds the listening socket and hands it over as
  * fd 3 (LISTEN_FDS/LISTEN_PID, socket activation), binds the datagram socket named by
  * NOTIFY_SOCKET and reads what the daemon reports there (READY=1, STATUS=, WATCHDOG=1,
- * STOPPING=1), and stops the daemon with SIGTERM. The daemon is $BUILD/liteattnd (default
- * build/liteattnd) on the CPU backend; clients go through libliteattn.
+ * STOPPING=1), and stops the daemon with SIGTERM. The daemon is the tests' (td_spawn in
+ * tests/testutil_daemon.h: $BUILD/liteattnd on the CPU backend, in a temporary directory of
+ * the case), with --foreground; clients go through libliteattn.
  *
  * The last case runs `systemd-analyze verify` on packaging/liteattnd.{service,socket} when the
  * tool is installed (it prints a note and passes when it is not).
@@ -18,29 +19,25 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
-#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "liteattn.h"
 #include "runner.h"
+#include "testutil_daemon.h"
 
 #define START_TIMEOUT_MS 10000
 
 typedef struct drun {
-    char dir[64];
-    char sock[128];   /* the listening socket (ours under activation, the daemon's otherwise) */
+    td_daemon d;      /* its directory, socket, log, config and pid */
     char notify[128]; /* NOTIFY_SOCKET */
-    char log[128];    /* the daemon's stderr */
-    char conf[128];   /* an empty config file, so that /etc/liteattn/liteattnd.conf is ignored */
     int notify_fd;
-    pid_t pid;
-    int exited, status;
-    char msgs[65536]; /* every notification line received so far, each ending in '\n' */
+    int listen_fd;             /* >= 0: handed over as fd 3 (socket activation) */
+    const char *watchdog_usec; /* WATCHDOG_USEC, or NULL for no watchdog */
+    char msgs[65536];          /* every notification line received so far, each ending in '\n' */
     size_t msgs_len;
 } drun;
 
@@ -51,26 +48,10 @@ static long long now_ms(void)
     return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-static const char *daemon_path(void)
-{
-    static char path[512];
-    const char *build = getenv("BUILD");
-    snprintf(path, sizeof path, "%s/liteattnd", build && *build ? build : "build");
-    return path;
-}
-
 static void dump_log(const drun *r)
 {
-    char buf[4096];
-    FILE *f = fopen(r->log, "r");
-    if (!f)
-        return;
-    fprintf(stderr, "---- liteattnd stderr ----\n");
-    size_t n;
-    while ((n = fread(buf, 1, sizeof buf, f)) > 0)
-        fwrite(buf, 1, n, stderr);
+    td_print_log(&r->d);
     fprintf(stderr, "---- notifications ----\n%.*s--------\n", (int)r->msgs_len, r->msgs);
-    fclose(f);
 }
 
 static int unix_socket(int type, const char *path, int do_listen)
@@ -90,79 +71,70 @@ static int unix_socket(int type, const char *path, int do_listen)
 static void drun_init(drun *r)
 {
     memset(r, 0, sizeof *r);
-    strcpy(r->dir, "/tmp/la-check-systemd-XXXXXX");
-    ck_assert_msg(mkdtemp(r->dir) != NULL, "mkdtemp: %s", strerror(errno));
-    snprintf(r->sock, sizeof r->sock, "%s/liteattn.sock", r->dir);
-    snprintf(r->notify, sizeof r->notify, "%s/notify", r->dir);
-    snprintf(r->log, sizeof r->log, "%s/daemon.log", r->dir);
-    snprintf(r->conf, sizeof r->conf, "%s/liteattnd.conf", r->dir);
-    FILE *f = fopen(r->conf, "w");
-    ck_assert(f != NULL);
-    fclose(f);
+    ck_assert_msg(td_dir(&r->d) == 0, "no temporary directory (see above)");
+    snprintf(r->notify, sizeof r->notify, "%s/notify", r->d.dir);
     r->notify_fd = unix_socket(SOCK_DGRAM, r->notify, 0);
-    r->pid = -1;
-    ck_assert_msg(access(daemon_path(), X_OK) == 0, "%s: %s (build it first)", daemon_path(),
+    r->listen_fd = -1;
+    ck_assert_msg(access(td_exe(), X_OK) == 0, "%s: %s (build it first)", td_exe(),
                   strerror(errno));
+}
+
+/* In the daemon's process: what the service manager would pass it. */
+static void as_service(const td_daemon *d, void *data)
+{
+    const drun *r = data;
+    dup2(STDERR_FILENO, STDOUT_FILENO);
+    char pid_s[32];
+    snprintf(pid_s, sizeof pid_s, "%d", (int)getpid());
+    if (r->listen_fd >= 0) {
+        if (r->listen_fd == 3) {
+            if (fcntl(3, F_SETFD, 0) < 0)
+                _exit(127);
+        } else if (dup2(r->listen_fd, 3) < 0) { /* dup2 clears FD_CLOEXEC on 3 */
+            _exit(127);
+        }
+        setenv("LISTEN_FDS", "1", 1);
+        setenv("LISTEN_PID", pid_s, 1);
+        setenv("LISTEN_FDNAMES", "liteattnd.socket", 1);
+    }
+    if (r->watchdog_usec) {
+        setenv("WATCHDOG_USEC", r->watchdog_usec, 1);
+        setenv("WATCHDOG_PID", pid_s, 1);
+    }
+    setenv("NOTIFY_SOCKET", r->notify, 1);
 }
 
 /* Starts the daemon. listen_fd >= 0: socket activation with that socket as fd 3 (and the
  * daemon is told --socket <dir>/unused.sock, which it must not create). watchdog_usec: value
- * of WATCHDOG_USEC, or NULL for no watchdog. */
+ * of WATCHDOG_USEC, or NULL for no watchdog. Returns at once (the case waits for READY=1). */
 static void drun_start(drun *r, int listen_fd, const char *watchdog_usec)
 {
     char unused[160];
-    snprintf(unused, sizeof unused, "%s/unused.sock", r->dir);
-    pid_t pid = fork();
-    ck_assert_int_ge(pid, 0);
-    if (pid == 0) {
-        /* The daemon dies with the test process, also when an assertion ends the test. */
-        prctl(PR_SET_PDEATHSIG, SIGKILL);
-        int log = open(r->log, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-        if (log < 0 || dup2(log, STDERR_FILENO) < 0 || dup2(log, STDOUT_FILENO) < 0)
-            _exit(127);
-        char pid_s[32];
-        snprintf(pid_s, sizeof pid_s, "%d", (int)getpid());
-        unsetenv("LISTEN_FDS");
-        unsetenv("LISTEN_PID");
-        unsetenv("LISTEN_FDNAMES");
-        unsetenv("WATCHDOG_USEC");
-        unsetenv("WATCHDOG_PID");
-        unsetenv("LITEATTN_SOCKET");
-        unsetenv("JOURNAL_STREAM");
-        if (listen_fd >= 0) {
-            if (listen_fd == 3) {
-                if (fcntl(3, F_SETFD, 0) < 0)
-                    _exit(127);
-            } else if (dup2(listen_fd, 3) < 0) { /* dup2 clears FD_CLOEXEC on 3 */
-                _exit(127);
-            }
-            setenv("LISTEN_FDS", "1", 1);
-            setenv("LISTEN_PID", pid_s, 1);
-            setenv("LISTEN_FDNAMES", "liteattnd.socket", 1);
-        }
-        if (watchdog_usec) {
-            setenv("WATCHDOG_USEC", watchdog_usec, 1);
-            setenv("WATCHDOG_PID", pid_s, 1);
-        }
-        setenv("NOTIFY_SOCKET", r->notify, 1);
-        const char *path = daemon_path();
-        execl(path, "liteattnd", "--foreground", "--backend", "cpu", "--threads", "1", "--config",
-              r->conf, "--socket", listen_fd >= 0 ? unused : r->sock, "--log-level", "debug",
-              (char *)NULL);
-        _exit(127);
-    }
-    r->pid = pid;
+    snprintf(unused, sizeof unused, "%s/unused.sock", r->d.dir);
+    r->listen_fd = listen_fd;
+    r->watchdog_usec = watchdog_usec;
+    const char *args[] = {
+        "--foreground", "--threads", "1", "--socket", listen_fd >= 0 ? unused : r->d.socket, NULL};
+    td_opts o = {.args = args, .child = as_service, .data = r, .no_wait = 1};
+    ck_assert_msg(td_spawn(&r->d, &o) == 0, "liteattnd did not start (see above)");
 }
 
-static int drun_alive(drun *r)
+static int drun_alive(drun *r) { return td_wait(&r->d, 0) < 0; }
+
+/* Appends one waiting datagram (one or more newline-separated assignments) to r->msgs, each
+ * line ending in '\n'. 1 when there was one. */
+static int receive_one(drun *r)
 {
-    if (r->exited)
+    char buf[4096];
+    ssize_t got = recv(r->notify_fd, buf, sizeof buf, MSG_DONTWAIT);
+    if (got <= 0)
         return 0;
-    pid_t p = waitpid(r->pid, &r->status, WNOHANG);
-    if (p == r->pid) {
-        r->exited = 1;
-        return 0;
-    }
+    size_t room = sizeof r->msgs - r->msgs_len - 2;
+    size_t take = (size_t)got < room ? (size_t)got : room;
+    memcpy(r->msgs + r->msgs_len, buf, take);
+    r->msgs_len += take;
+    if (r->msgs_len && r->msgs[r->msgs_len - 1] != '\n')
+        r->msgs[r->msgs_len++] = '\n';
     return 1;
 }
 
@@ -188,28 +160,10 @@ static int drun_wait_line(drun *r, const char *line, int prefix, int timeout_ms)
         struct pollfd pfd = {.fd = r->notify_fd, .events = POLLIN};
         int k = poll(&pfd, 1, left > 100 ? 100 : (int)left);
         if (k > 0) {
-            char buf[4096];
-            ssize_t got = recv(r->notify_fd, buf, sizeof buf - 1, MSG_DONTWAIT);
-            if (got > 0) {
-                /* A datagram holds one or more newline-separated assignments. */
-                size_t room = sizeof r->msgs - r->msgs_len - 2;
-                size_t take = (size_t)got < room ? (size_t)got : room;
-                memcpy(r->msgs + r->msgs_len, buf, take);
-                r->msgs_len += take;
-                if (r->msgs_len && r->msgs[r->msgs_len - 1] != '\n')
-                    r->msgs[r->msgs_len++] = '\n';
-            }
+            receive_one(r);
         } else if (!drun_alive(r)) {
             /* Drain what it sent before it went, then give up. */
-            char buf[4096];
-            ssize_t got;
-            while ((got = recv(r->notify_fd, buf, sizeof buf, MSG_DONTWAIT)) > 0) {
-                size_t room = sizeof r->msgs - r->msgs_len - 2;
-                size_t take = (size_t)got < room ? (size_t)got : room;
-                memcpy(r->msgs + r->msgs_len, buf, take);
-                r->msgs_len += take;
-                if (r->msgs_len && r->msgs[r->msgs_len - 1] != '\n')
-                    r->msgs[r->msgs_len++] = '\n';
+            while (receive_one(r)) {
             }
             deadline = now_ms();
         }
@@ -243,42 +197,29 @@ static void drun_expect_ready(drun *r)
 static void drun_stop(drun *r)
 {
     ck_assert_msg(drun_alive(r), "daemon exited before SIGTERM");
-    ck_assert_int_eq(kill(r->pid, SIGTERM), 0);
+    ck_assert_int_eq(kill(r->d.pid, SIGTERM), 0);
     int stopping = drun_wait_line(r, "STOPPING=1", 0, START_TIMEOUT_MS);
-    long long deadline = now_ms() + START_TIMEOUT_MS;
-    while (drun_alive(r) && now_ms() < deadline)
-        usleep(10000);
-    if (!r->exited) {
-        kill(r->pid, SIGKILL);
-        waitpid(r->pid, &r->status, 0);
-        r->exited = 1;
+    int st = td_wait(&r->d, START_TIMEOUT_MS);
+    if (st < 0) {
+        td_kill(&r->d);
         dump_log(r);
         ck_abort_msg("daemon still running %d ms after SIGTERM", START_TIMEOUT_MS);
     }
-    if (!stopping || !WIFEXITED(r->status) || WEXITSTATUS(r->status) != 0)
+    if (!stopping || st != 0)
         dump_log(r);
     ck_assert_msg(stopping, "no STOPPING=1 after SIGTERM");
-    ck_assert_msg(WIFEXITED(r->status), "daemon killed by signal %d", WTERMSIG(r->status));
-    ck_assert_int_eq(WEXITSTATUS(r->status), 0);
+    ck_assert_msg(st < 128, "daemon killed by signal %d", st - 128);
+    ck_assert_int_eq(st, 0);
 }
 
+/* Kills the daemon if it still runs, removes the directory. */
 static void drun_free(drun *r)
 {
-    if (r->pid > 0 && drun_alive(r)) {
-        kill(r->pid, SIGKILL);
-        waitpid(r->pid, NULL, 0);
-    }
+    if (r->d.pid > 0)
+        td_kill(&r->d);
     if (r->notify_fd >= 0)
         close(r->notify_fd);
-    char path[160];
-    const char *names[] = {
-        "liteattn.sock", "liteattn.sock.lock", "unused.sock",   "unused.sock.lock",
-        "notify",        "daemon.log",         "liteattnd.conf"};
-    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
-        snprintf(path, sizeof path, "%s/%s", r->dir, names[i]);
-        unlink(path);
-    }
-    rmdir(r->dir);
+    td_stop(&r->d);
 }
 
 static void ping_through(const char *sock)
@@ -302,26 +243,26 @@ START_TEST(test_socket_activation)
 {
     drun r;
     drun_init(&r);
-    int lfd = unix_socket(SOCK_STREAM, r.sock, 1);
+    int lfd = unix_socket(SOCK_STREAM, r.d.socket, 1);
     drun_start(&r, lfd, NULL);
     close(lfd); /* from now on only the daemon holds the listening socket */
 
     /* Connect at once, as a client of a socket unit would: the kernel queues us until the
      * daemon accepts. */
-    ping_through(r.sock);
+    ping_through(r.d.socket);
     drun_expect_ready(&r);
-    ping_through(r.sock);
+    ping_through(r.d.socket);
 
     char unused[160];
     struct stat st;
-    snprintf(unused, sizeof unused, "%s/unused.sock", r.dir);
+    snprintf(unused, sizeof unused, "%s/unused.sock", r.d.dir);
     ck_assert_msg(stat(unused, &st) != 0, "daemon bound --socket despite LISTEN_FDS=1");
 
     drun_stop(&r);
     /* The socket belongs to the service manager (liteattnd.socket): it must still be there
      * for the next activation after the daemon exits or is restarted. */
-    ck_assert_msg(stat(r.sock, &st) == 0 && S_ISSOCK(st.st_mode),
-                  "daemon removed the inherited socket %s", r.sock);
+    ck_assert_msg(stat(r.d.socket, &st) == 0 && S_ISSOCK(st.st_mode),
+                  "daemon removed the inherited socket %s", r.d.socket);
     drun_free(&r);
 }
 END_TEST
@@ -336,7 +277,7 @@ START_TEST(test_ready_after_listen)
     drun_expect_ready(&r);
 
     struct sockaddr_un sa = {.sun_family = AF_UNIX};
-    strcpy(sa.sun_path, r.sock);
+    strcpy(sa.sun_path, r.d.socket);
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     ck_assert_int_ge(fd, 0);
     int rc = connect(fd, (struct sockaddr *)&sa, sizeof sa);
@@ -344,7 +285,7 @@ START_TEST(test_ready_after_listen)
         dump_log(&r);
     ck_assert_msg(rc == 0, "connect right after READY=1: %s", strerror(errno));
     close(fd);
-    ping_through(r.sock);
+    ping_through(r.d.socket);
     drun_stop(&r);
     drun_free(&r);
 }
@@ -358,13 +299,13 @@ START_TEST(test_sample_config)
     drun_init(&r);
     char cmd[512];
     snprintf(cmd, sizeof cmd, "sed 's/^#\\([a-z_]* = \\)/\\1/' packaging/liteattnd.conf > %s",
-             r.conf);
+             r.d.conf);
     ck_assert_int_eq(system(cmd), 0);
-    snprintf(cmd, sizeof cmd, "grep -c '^[a-z]' %s >/dev/null", r.conf);
+    snprintf(cmd, sizeof cmd, "grep -c '^[a-z]' %s >/dev/null", r.d.conf);
     ck_assert_msg(system(cmd) == 0, "no settings in packaging/liteattnd.conf");
     drun_start(&r, -1, NULL);
     drun_expect_ready(&r);
-    ping_through(r.sock);
+    ping_through(r.d.socket);
     drun_stop(&r);
     drun_free(&r);
 }
@@ -378,7 +319,7 @@ START_TEST(test_status_lines)
     drun_start(&r, -1, NULL);
     drun_expect_ready(&r);
     ck_assert_msg(drun_wait_line(&r, "STATUS=", 1, 2000), "no STATUS= line by READY=1");
-    ping_through(r.sock);
+    ping_through(r.d.socket);
     drun_stop(&r);
     drun_free(&r);
 }
@@ -394,7 +335,7 @@ START_TEST(test_watchdog_pings)
     drun_expect_ready(&r);
     int before = drun_count(&r, "WATCHDOG=1");
     /* Keep the loop busy with a client meanwhile: pings must not depend on idleness. */
-    ping_through(r.sock);
+    ping_through(r.d.socket);
     drun_wait_line(&r, "never", 0, 3500);
     int pings = drun_count(&r, "WATCHDOG=1") - before;
     if (pings < 2)
@@ -424,12 +365,12 @@ START_TEST(test_sigterm_with_client)
 {
     drun r;
     drun_init(&r);
-    int lfd = unix_socket(SOCK_STREAM, r.sock, 1);
+    int lfd = unix_socket(SOCK_STREAM, r.d.socket, 1);
     drun_start(&r, lfd, "5000000");
     close(lfd);
     drun_expect_ready(&r);
     la_client *c = NULL;
-    ck_assert_int_eq(la_connect(r.sock, "check_systemd", &c), 0);
+    ck_assert_int_eq(la_connect(r.d.socket, "check_systemd", &c), 0);
     drun_stop(&r);
     /* The client learns that the daemon went away. */
     uint64_t rtt;
@@ -439,16 +380,19 @@ START_TEST(test_sigterm_with_client)
 }
 END_TEST
 
-/* `systemd-analyze verify` accepts the units. ExecStart names the installed
- * /usr/sbin/liteattnd; where that is absent the check runs on a copy naming the built one. */
+/* `systemd-analyze verify` accepts the units, liteattnd.service with the MPS drop-in, and
+ * liteattn-mps.service. ExecStart names the installed /usr/sbin/liteattnd; where that is absent
+ * the check runs on a copy naming the built one (and nvidia-cuda-mps-control, absent on hosts
+ * without the NVIDIA driver, becomes /bin/true). */
 START_TEST(test_units_verify)
 {
-    const char *units[] = {"packaging/liteattnd.service", "packaging/liteattnd.socket"};
+    const char *units[] = {"packaging/liteattnd.service", "packaging/liteattnd.socket",
+                           "packaging/liteattn-mps.service", "packaging/liteattnd-mps.conf"};
     if (system("command -v systemd-analyze >/dev/null 2>&1") != 0) {
         printf("note: systemd-analyze not installed; unit verification skipped\n");
         return;
     }
-    for (size_t i = 0; i < 2; i++)
+    for (size_t i = 0; i < 4; i++)
         ck_assert_msg(access(units[i], R_OK) == 0, "%s: %s (run from the source root)", units[i],
                       strerror(errno));
     char dir[] = "/tmp/la-check-units-XXXXXX";
@@ -457,17 +401,24 @@ START_TEST(test_units_verify)
     if (access("/usr/sbin/liteattnd", X_OK) == 0) {
         strcpy(exe, "/usr/sbin/liteattnd");
     } else {
-        ck_assert_msg(realpath(daemon_path(), exe) != NULL, "%s: %s", daemon_path(),
-                      strerror(errno));
+        ck_assert_msg(realpath(td_exe(), exe) != NULL, "%s: %s", td_exe(), strerror(errno));
     }
     char cmd[4096];
+    const char *mps = access("/usr/bin/nvidia-cuda-mps-control", X_OK) == 0
+                          ? "/usr/bin/nvidia-cuda-mps-control"
+                          : "/bin/true";
     snprintf(cmd, sizeof cmd,
              "sed 's|^ExecStart=/usr/sbin/liteattnd|ExecStart=%s|' %s > %s/liteattnd.service && "
              "cp %s %s/liteattnd.socket && "
-             "out=$(systemd-analyze verify --man=no %s/liteattnd.service %s/liteattnd.socket 2>&1);"
+             "sed 's|^ExecStart=/usr/bin/nvidia-cuda-mps-control|ExecStart=%s|' %s > "
+             "%s/liteattn-mps.service && "
+             "mkdir %s/liteattnd.service.d && cp %s %s/liteattnd.service.d/mps.conf && "
+             "out=$(systemd-analyze verify --man=no %s/liteattnd.service %s/liteattnd.socket "
+             "%s/liteattn-mps.service 2>&1);"
              " rc=$?; printf '%%s' \"$out\" > %s/out; "
              "[ $rc -eq 0 ] && [ -z \"$out\" ]",
-             exe, units[0], dir, units[1], dir, dir, dir, dir);
+             exe, units[0], dir, units[1], dir, mps, units[2], dir, dir, units[3], dir, dir, dir,
+             dir, dir);
     int rc = system(cmd);
     char out[4096] = "";
     char path[128];

@@ -1,5 +1,5 @@
 # tests/: one Check program per module (tests/check_<module>.c), each linked with everything
-# it may need. tests/testutil.c holds shared helpers (naive float64 attention, daemon start).
+# it may need. tests/testutil*.c hold the shared helpers and fixtures (ARCHITECTURE.md, "Tests").
 # GPU tests skip themselves when no device is present (see tests/testutil.h).
 TEST_SRCS := $(wildcard tests/check_*.c)
 TEST_UTIL_OBJS := $(call objs,$(wildcard tests/testutil*.c) tests/rawproto.c)

@@ -125,6 +125,15 @@ def strip_maps(layers):
     return {str(i): {k: v for k, v in r.items() if k != "map"} for i, r in layers.items()}
 
 
+def _label(ax, xlabel, ylabel, title):
+    """The axis labels (ylabel None: none), the title and a small legend of one panel."""
+    ax.set_xlabel(xlabel)
+    if ylabel is not None:
+        ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+
+
 def figure(trained, control, path, uniform_frame):
     """PNG: per-layer same-frame and local mass, stripe profiles, and one query's attention
     map (middle layer) for the trained model and the random-weights control."""
@@ -140,10 +149,7 @@ def figure(trained, control, path, uniform_frame):
         ax.plot(xs, [lay[i]["local"] for i in xs], st, label=name + ": 5x5 neighbourhood",
                 alpha=0.7)
     ax.axhline(uniform_frame, color="grey", lw=0.8, ls=":", label="uniform, same frame")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("softmax mass")
-    ax.set_title("mass near the query")
-    ax.legend(fontsize=7)
+    _label(ax, "layer", "softmax mass", "mass near the query")
     ax = fig.add_subplot(2, 3, 2)
     for name, lay, st in (("trained", trained, "-"), ("random", control, "--")):
         s = summary(lay)
@@ -151,17 +157,13 @@ def figure(trained, control, path, uniform_frame):
         ax.semilogy(range(len(s["frame_rest"])), s["frame_rest"], st + "x",
                     label=name + ": rest of that frame")
     ax.axhline(1.0, color="grey", lw=0.8, ls=":")
-    ax.set_xlabel("frame distance")
-    ax.set_ylabel("weight per key / uniform")
-    ax.set_title("stripe at the same position (mean over layers)")
-    ax.legend(fontsize=7)
+    _label(ax, "frame distance", "weight per key / uniform",
+           "stripe at the same position (mean over layers)")
     ax = fig.add_subplot(2, 3, 3)
     for name, lay, st in (("trained", trained, "-o"), ("random", control, "--s")):
         ax.plot(xs, [lay[i]["sink_top1pct"] for i in xs], st, label=name + ": top-1% keys' share")
         ax.plot(xs, [lay[i]["entropy"] for i in xs], st, alpha=0.6, label=name + ": entropy/log S")
-    ax.set_xlabel("layer")
-    ax.set_title("sinks and entropy")
-    ax.legend(fontsize=7)
+    _label(ax, "layer", None, "sinks and entropy")
     mid = L // 2
     for j, (name, lay) in enumerate((("trained", trained), ("random weights", control))):
         ax = fig.add_subplot(2, 3, 4 + j)
@@ -178,10 +180,7 @@ def figure(trained, control, path, uniform_frame):
         for tau in lay[0]["tile_drop"]:
             ax.plot(xs, [lay[i]["tile_drop"][tau] for i in xs], st,
                     label="%s, tau %s" % (name, tau))
-    ax.set_xlabel("layer")
-    ax.set_ylabel("share of (row, tile) pairs")
-    ax.set_title("tiles under the row max by more than -tau")
-    ax.legend(fontsize=7)
+    _label(ax, "layer", "share of (row, tile) pairs", "tiles under the row max by more than -tau")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -114,6 +114,14 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ema", type=float, default=0.998)
     ap.add_argument("--cfg-scale", type=float, default=5.0)
+    ap.add_argument("--init", metavar="PREFIX",
+                    help="start from this checkpoint's weights (e.g. bench/quality/checkpoint/"
+                         "toydit) instead of a random init: a fine-tune, for example at longer "
+                         "clips (--frames); the random-weights control stays a fresh init")
+    ap.add_argument("--frames", type=int, default=0,
+                    help="frames per clip (0: the config's, 16); the model has no "
+                         "length-dependent weights (3D RoPE), so a checkpoint trained at 16 "
+                         "frames can be fine-tuned at 32")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -122,6 +130,15 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     cfg = M.Config(**M.SMOKE) if args.smoke else M.Config()
+    init_meta = None
+    if args.init:
+        _, init_meta = M.load_sharded(args.init)
+        cfg = M.Config.from_dict(init_meta["config"])
+    if args.frames:
+        if args.frames % cfg.patch[0]:
+            ap.error("--frames %d is not a multiple of the temporal patch %d"
+                     % (args.frames, cfg.patch[0]))
+        cfg.frames = args.frames
     dtype = torch.bfloat16
     bank = 16 if args.smoke else 512
     maker = D.ClipMaker(cfg.frames, cfg.size, bank_size=bank, tex_size=64 if args.smoke else 128,
@@ -131,14 +148,24 @@ def main():
     model = M.ToyDiT(cfg).to(dev)
     control = M.ToyDiT(cfg).to(dev)
     control.load_state_dict(model.state_dict())     # the random-weights control: the init
+    if args.init:
+        init_model, _ = M.load_sharded(args.init)
+        model.load_state_dict(init_model.state_dict())
+        del init_model
+        log("weights from %s (%s steps, %d frames)" % (args.init, init_meta.get("steps"),
+                                                        init_meta["config"]["frames"]))
     control.eval()
     log("model: %.2fM params, %d tokens/clip, grid %s, head dim %d, %d heads, depth %d"
         % (model.num_params() / 1e6, cfg.tokens, cfg.grid, cfg.head_dim, cfg.heads, cfg.depth))
     n_held = 8 if args.smoke else 48
     hs = heldout_set(maker, n_held, 1234, dev)
     eb = 4 if args.smoke else 16
-    loss_untrained = heldout_loss(model, hs, eb, dtype=dtype)
+    loss_untrained = heldout_loss(control, hs, eb, dtype=dtype)
     log("held-out loss, untrained: %.4f" % loss_untrained)
+    loss_init = None
+    if args.init:
+        loss_init = heldout_loss(model, hs, eb, dtype=dtype)
+        log("held-out loss, starting weights (%d frames): %.4f" % (cfg.frames, loss_init))
     # attention structure of the control
     probe = hs[0][:4], hs[1][:4]
     nq = 64 if args.smoke else 256
@@ -253,12 +280,16 @@ def main():
     meta = {
         "config": cfg.to_dict(), "params": model.num_params(), "tokens": cfg.tokens,
         "command": "python3 bench/quality/train.py " + " ".join(sys.argv[1:]),
-        "args": vars(args), "steps": step, "train_seconds": train_s, "weights": which,
+        "args": vars(args), "steps": step,
+        "init": None if init_meta is None else {
+            "from": args.init, "steps": init_meta.get("steps"),
+            "config": init_meta["config"], "command": init_meta.get("command"),
+            "heldout": init_meta.get("heldout")}, "train_seconds": train_s, "weights": which,
         "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
         "torch": str(torch.__version__), "texture_sources": maker.sources,
         "heldout": {"clips": n_held, "seed": 1234, "noise_levels": hs[3].tolist(),
                     "untrained": loss_untrained, "trained_raw": loss_raw,
-                    "trained_ema": loss_ema},
+                    "trained_ema": loss_ema, "starting_weights": loss_init},
         "loss_curve": curve, "sample_seconds_50_steps_cfg": sample_s,
         "sample_labels": labels.tolist(), "cfg_scale": args.cfg_scale,
         "attention": {"noise_level": 0.5, "query_rows_per_layer": nq,

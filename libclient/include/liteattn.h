@@ -79,9 +79,13 @@ LA_API void la_disconnect(la_client *c);
 
 /* Facts the daemon sent in its Hello reply, as text; NULL for an unknown name. Names:
  * "daemon.version", "protocol" ("1.0"), "backends" (comma-separated, e.g. "cpu,cuda"),
- * "devices" (one line per device: "<uuid> <backend> <name>"), "fastpath.devices" (comma-
- * separated: the devices, "cpu" or GPU UUIDs, that take la_attn_enqueue calls; "" for none),
- * "limit.max_frame", "limit.max_inflight", "limit.max_buffers", "limit.max_sessions",
+ * "devices" (one line per device: "<uuid> <backend> <name>"), "mps" (one line per device, in
+ * the same order: "<uuid> on|off|unknown <SMs the daemon's context may use, 0 unknown>": "on"
+ * when the daemon's CUDA context is an NVIDIA MPS client, CUDA's own answer),
+ * "mps.pipe_directory" (where the daemon's driver looks for the MPS control daemon),
+ * "mps.control" ("yes" when a control daemon's socket is there, "no"), "fastpath.devices"
+ * (comma-separated: the devices, "cpu" or GPU UUIDs, that take la_attn_enqueue calls; "" for
+ * none), "limit.max_frame", "limit.max_inflight", "limit.max_buffers", "limit.max_sessions",
  * "limit.max_mask_bytes", "limit.max_connections", "limit.session_grace_s",
  * "limit.session_ttl_s", "limit.doorbell_timeout_ms", "limit.max_doorbell_slots" (limits only
  * when the daemon sent them). The string lives as long as the client. */
@@ -133,14 +137,57 @@ LA_API int la_buffer_new_host(la_client *c, size_t size, la_buffer **ret_buffer)
  * Errors as la_buffer_new_host, plus LA_EINVAL when fd is smaller than size or unsealable. */
 LA_API int la_buffer_register_fd(la_client *c, int fd, size_t size, la_buffer **ret_buffer);
 
-/* Registers the CUDA allocation that contains dev_ptr (the whole cudaMalloc block: the
- * library finds its base and size with the CUDA driver, loaded at run time) and writes the
- * byte offset of dev_ptr inside it. The same block registered twice on one client returns the
- * same buffer with a new reference. Errors: LA_ENODEV (no CUDA driver, or the daemon has no
- * such GPU), LA_ENOTSUP (memory that legacy CUDA IPC cannot share, e.g. from PyTorch's
- * expandable_segments allocator), LA_ELIMIT. */
+/* Registers the CUDA allocation that contains dev_ptr and writes the byte offset of dev_ptr
+ * inside it: for cudaMalloc memory the whole block (by its legacy IPC handle), for cuMemCreate
+ * (VMM) memory the one physical allocation mapped there (by its POSIX fd). The library finds
+ * base and size with the CUDA driver, loaded at run time. The same block registered twice on one
+ * client returns the same buffer with a new reference. Equivalent to
+ * la_buffer_register_cuda_range(c, dev_ptr, 1, LA_ACCESS_RW, ...). Errors: LA_ENODEV (no CUDA
+ * driver, or the daemon has no such GPU), LA_ENOTSUP (memory neither way can share: managed
+ * memory, or VMM memory not created exportable as a POSIX fd), LA_ELIMIT. */
 LA_API int la_buffer_register_cuda(la_client *c, const void *dev_ptr, la_buffer **ret_buffer,
                                    uint64_t *ret_offset);
+
+/* Registers device memory covering the size bytes at dev_ptr, whatever allocated it, and
+ * writes the byte offset of dev_ptr inside the buffer:
+ *   - cudaMalloc memory (PyTorch's default allocator): the whole block, by its legacy IPC
+ *     handle; the range must lie inside one block; access is not enforced by page protection
+ *     (the daemon still refuses calls that would break it).
+ *   - cuMemCreate (VMM) memory, e.g. PyTorch with expandable_segments:True: every physical
+ *     allocation the range touches (each exported as a POSIX fd, sent by SCM_RIGHTS; at most
+ *     LA_MAX_VMM_ALLOCS), which the daemon maps side by side with access as page protection
+ *     (LA_ACCESS_READ: read-only, for Q/K/V; LA_ACCESS_RW for O, LSE, DECISIONS). The buffer
+ *     spans those whole allocations.
+ * A range inside one this client registered already (same allocations, still mapped there, at
+ * least the access asked) returns that buffer with a new reference; la_buffer_cuda_valid()
+ * tells when a registration went stale because the memory was freed. Errors: LA_EINVAL (not
+ * CUDA memory, size 0, a gap in the range), LA_ERANGE (cudaMalloc memory: the range runs past
+ * its block), LA_ENOTSUP (managed memory; VMM memory created without the POSIX fd handle type,
+ * e.g. PyTorch with TORCH_CUDA_EXPANDABLE_SEGMENTS_IPC=0, or with fabric handles only),
+ * LA_ENODEV, LA_ELIMIT. */
+LA_API int la_buffer_register_cuda_range(la_client *c, const void *dev_ptr, uint64_t size,
+                                         unsigned access, la_buffer **ret_buffer,
+                                         uint64_t *ret_offset);
+
+/* Registers VMM allocations the caller exported (cuMemExportToShareableHandle with
+ * CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR): fds[i] is allocation i of alloc_sizes[i] bytes (a
+ * multiple of the GPU's VMM granularity), the daemon maps them side by side in this order on the
+ * GPU device_uuid, and the buffer is bytes [offset, offset + size) of that range, mapped with
+ * access (LA_ACCESS_*). The fds stay the caller's (the daemon gets its own copies).
+ * Errors: LA_EINVAL (an fd that is not an exported CUDA allocation, sizes not multiples of the
+ * granularity, bad access or UUID), LA_ERANGE (the range is not inside the allocations, or an
+ * allocation is smaller than listed), LA_ENODEV (no such GPU, or the daemon has no cuda
+ * backend), LA_ENOTSUP, LA_ELIMIT. */
+LA_API int la_buffer_register_vmm_fd(la_client *c, const int *fds, const uint64_t *alloc_sizes,
+                                     size_t n_allocs, uint64_t offset, uint64_t size,
+                                     const char *device_uuid, unsigned access,
+                                     la_buffer **ret_buffer);
+
+/* For a buffer registered through a device pointer: 1 while every allocation it registered is
+ * still mapped where it was (the same allocation), 0 once the memory was freed or replaced
+ * (unregister it: the daemon's import keeps the old memory alive). Errors: LA_EINVAL (NULL),
+ * LA_ENOTSUP (not registered through a pointer), LA_ENODEV (no CUDA driver). */
+LA_API int la_buffer_cuda_valid(const la_buffer *b);
 
 /* Registers a CUDA IPC memory handle (cudaIpcMemHandle_t bytes, handle_len must be 64) of an
  * allocation of size bytes on the GPU with UUID device_uuid ("GPU-xxxxxxxx-..." or 32 hex

@@ -339,9 +339,9 @@ static int layer_error(demo *d, int l, double *num, double *den)
     return 0;
 }
 
-/* One denoising step over every layer: the call, then the same inputs in mode dense. */
-/* Layer l's dense call into O_dense (the inputs already uploaded), timed into *ret_s. */
-static int dense_call(demo *d, la_attn *a, int l, int step, double *ret_s)
+/* Layer l's call at step in mode: Q, K, V, then O in slot o_slot (3: O, 4: O_dense) of the
+ * layer's five tensors. */
+static void set_call(demo *d, la_attn *a, int l, int step, la_mode mode, int o_slot)
 {
     const sim_opts *o = d->o;
     int64_t shape[4] = {1, o->seq, o->heads, o->head_dim};
@@ -349,9 +349,16 @@ static int dense_call(demo *d, la_attn *a, int l, int step, double *ret_s)
     la_attn_set_tensor(a, LA_TENSOR_Q, d->buf[l], b0, o->dtype, 4, shape, NULL);
     la_attn_set_tensor(a, LA_TENSOR_K, d->buf[l], b0 + b, o->dtype, 4, shape, NULL);
     la_attn_set_tensor(a, LA_TENSOR_V, d->buf[l], b0 + 2 * b, o->dtype, 4, shape, NULL);
-    la_attn_set_tensor(a, LA_TENSOR_O, d->buf[l], b0 + 4 * b, o->dtype, 4, shape, NULL);
+    la_attn_set_tensor(a, LA_TENSOR_O, d->buf[l], b0 + (uint64_t)o_slot * b, o->dtype, 4, shape,
+                       NULL);
     la_attn_set_position(a, (uint32_t)l, (uint32_t)step, 0);
-    la_attn_set_mode(a, LA_MODE_DENSE);
+    la_attn_set_mode(a, mode);
+}
+
+/* Layer l's dense call into O_dense (the inputs already uploaded), timed into *ret_s. */
+static int dense_call(demo *d, la_attn *a, int l, int step, double *ret_s)
+{
+    set_call(d, a, l, step, LA_MODE_DENSE, 4);
     double t0 = sim_now_s();
     int rc = run_call(d, a, NULL, NULL);
     *ret_s += sim_now_s() - t0;
@@ -379,20 +386,13 @@ static int dense_baseline(demo *d, la_attn *a)
     return 0;
 }
 
+/* One denoising step over every layer: the call, then the same inputs in mode dense. */
 static int run_step(demo *d, la_attn *a, int step)
 {
-    const sim_opts *o = d->o;
-    int64_t shape[4] = {1, o->seq, o->heads, o->head_dim};
     double attn = 0, num = 0, den = 0, dense = 0;
     int64_t computed = 0, total = 0;
-    for (int l = 0; l < o->layers; l++) {
-        uint64_t b0 = d->base_off[l], b = d->bytes;
-        la_attn_set_tensor(a, LA_TENSOR_Q, d->buf[l], b0, o->dtype, 4, shape, NULL);
-        la_attn_set_tensor(a, LA_TENSOR_K, d->buf[l], b0 + b, o->dtype, 4, shape, NULL);
-        la_attn_set_tensor(a, LA_TENSOR_V, d->buf[l], b0 + 2 * b, o->dtype, 4, shape, NULL);
-        la_attn_set_tensor(a, LA_TENSOR_O, d->buf[l], b0 + 3 * b, o->dtype, 4, shape, NULL);
-        la_attn_set_position(a, (uint32_t)l, (uint32_t)step, 0);
-        la_attn_set_mode(a, LA_MODE_SESSION);
+    for (int l = 0; l < d->o->layers; l++) {
+        set_call(d, a, l, step, LA_MODE_SESSION, 3);
         if (upload(d, a, l, step) < 0)
             return 1;
         int64_t tc = 0, tt = 0;

@@ -16,7 +16,7 @@ static void usage(FILE *f)
             "usage: %s [--socket PATH] [--json] COMMAND\n"
             "\n"
             "commands:\n"
-            "  status          daemon version, protocol, backends, devices and limits\n"
+            "  status          daemon version, protocol, backends, devices, MPS and limits\n"
             "  sessions        open sessions visible to this user\n"
             "  stats           daemon counters\n"
             "  metrics         the counters and per-session/per-user gauges in the Prometheus\n"
@@ -106,6 +106,78 @@ static const char *limit_value(la_client *c, size_t i)
     return la_client_property(c, key);
 }
 
+/* One line of the "mps" property: "<uuid> on|off|unknown <sm_count>". 0 on success. */
+static int mps_line(const char **p, char *uuid, size_t ulen, char *state, size_t slen,
+                    unsigned *sms)
+{
+    if (!**p)
+        return -1;
+    const char *eol = strchr(*p, '\n');
+    size_t n = eol ? (size_t)(eol - *p) : strlen(*p);
+    char line[512];
+    snprintf(line, sizeof(line), "%.*s", (int)n, *p);
+    *p += n + (eol ? 1 : 0);
+    char u[256] = "", st[32] = "";
+    *sms = 0;
+    if (sscanf(line, "%255s %31s %u", u, st, sms) < 2)
+        return -1;
+    snprintf(uuid, ulen, "%s", u);
+    snprintf(state, slen, "%s", st);
+    return 0;
+}
+
+/* What the daemon says about MPS: per GPU whether its context is an MPS client (CUDA's own
+ * answer), and where its driver looks for the control daemon. "off" says why when it can. */
+static void print_mps(la_client *c, int json)
+{
+    const char *lines = prop(c, "mps"), *dir = prop(c, "mps.pipe_directory");
+    const char *ctl = la_client_property(c, "mps.control");
+    int control = ctl && !strcmp(ctl, "yes");
+    char uuid[256], state[32];
+    unsigned sms;
+    if (json) {
+        printf(", \"mps\": {\"pipe_directory\": ");
+        json_str(dir);
+        printf(", \"control\": %s, \"devices\": [", !ctl ? "null" : control ? "true" : "false");
+        int first = 1;
+        for (const char *p = lines; mps_line(&p, uuid, sizeof uuid, state, sizeof state, &sms) == 0;) {
+            if (strncmp(uuid, "GPU-", 4) != 0)
+                continue; /* the cpu device */
+            printf("%s{\"uuid\": ", first ? "" : ", ");
+            json_str(uuid);
+            printf(", \"mps\": %s, \"sm_count\": %u}",
+                   !strcmp(state, "on") ? "true" : !strcmp(state, "off") ? "false" : "null", sms);
+            first = 0;
+        }
+        printf("]}");
+        return;
+    }
+    int gpus = 0;
+    for (const char *p = lines; mps_line(&p, uuid, sizeof uuid, state, sizeof state, &sms) == 0;) {
+        if (strncmp(uuid, "GPU-", 4) != 0)
+            continue;
+        const char *label = gpus++ ? "" : "mps";
+        if (!strcmp(state, "on"))
+            printf("%-10s on: %s is an MPS client (%u SMs); control daemon at %s\n", label, uuid,
+                   sms, *dir ? dir : "?");
+        else if (!strcmp(state, "off") && control)
+            printf("%-10s off for %s: a control daemon listens at %s, but the daemon's context "
+                   "is not its client (the daemon started first, or another user's MPS server "
+                   "holds the GPU): restart liteattnd as the user of the other MPS clients\n",
+                   label, uuid, dir);
+        else if (!strcmp(state, "off"))
+            printf("%-10s off for %s: no MPS control daemon at %s (the daemon's view; "
+                   "nvidia-cuda-mps-control -d with CUDA_MPS_PIPE_DIRECTORY there starts one)\n",
+                   label, uuid, *dir ? dir : "?");
+        else
+            printf("%-10s unknown for %s (the CUDA driver does not report it); control daemon "
+                   "at %s: %s\n",
+                   label, uuid, *dir ? dir : "?", control ? "yes" : "no");
+    }
+    if (!gpus)
+        printf("%-10s n/a (no GPU backend)\n", "mps");
+}
+
 static int cmd_status(la_client *c, const char *sock, int json)
 {
     const char *backends = prop(c, "backends");
@@ -175,7 +247,9 @@ static int cmd_status(la_client *c, const char *sock, int json)
             first = 0;
             p += n + (comma ? 1 : 0);
         }
-        printf("], \"limits\": {");
+        printf("]");
+        print_mps(c, 1);
+        printf(", \"limits\": {");
         first = 1;
         for (size_t i = 0; i < N_LIMITS; i++) {
             const char *v = limit_value(c, i);
@@ -226,6 +300,7 @@ static int cmd_status(la_client *c, const char *sock, int json)
     /* The devices that take fast-path calls (docs/FASTPATH.md). */
     const char *fast = prop(c, "fastpath.devices");
     printf("%-10s %s\n", "fastpath", *fast ? fast : "(none)");
+    print_mps(c, 0);
     int first = 1;
     for (size_t i = 0; i < N_LIMITS; i++) {
         const char *v = limit_value(c, i);
@@ -465,17 +540,10 @@ static const char *cell_text(const la_table *t, size_t row, const char *col)
     return "";
 }
 
-static int cmd_metrics(la_client *c)
+/* The daemon's families: up, info, the known counters of the Stats table st, error replies by
+ * code, and the counters this tool does not know yet. */
+static void metrics_daemon(la_client *c, const la_table *st)
 {
-    la_table *st, *ss;
-    int rc = la_stats(c, &st);
-    if (rc < 0)
-        return fail_rc("metrics", rc);
-    rc = la_sessions(c, &ss);
-    if (rc < 0) {
-        la_table_free(st);
-        return fail_rc("metrics", rc);
-    }
     family("liteattn_up", "gauge", "1 when the daemon answered.");
     printf("liteattn_up 1\n");
     family("liteattn_info", "gauge", "The daemon's version, protocol and backends (value 1).");
@@ -534,8 +602,11 @@ static int cmd_metrics(la_client *c)
         printf("}");
         sample_value((double)v);
     }
+}
 
-    /* Per session (those this user may see; root sees all). */
+/* Per session of the SessionList table ss (those this user may see; root sees all). */
+static void metrics_sessions(const la_table *ss)
+{
     static const struct {
         const char *col, *name, *type, *help;
     } sess_defs[] = {
@@ -566,7 +637,12 @@ static int cmd_metrics(la_client *c)
             sample_value(cell_num(ss, r, sess_defs[i].col));
         }
     }
-    /* Per user: sums over the sessions above, in order of first appearance. */
+}
+
+/* Per user: sums over the sessions of ss, in order of first appearance. */
+static void metrics_users(const la_table *ss)
+{
+    size_t n_sess = la_table_rows(ss);
     static const struct {
         const char *name, *help;
     } user_defs[] = {
@@ -597,6 +673,22 @@ static int cmd_metrics(la_client *c)
             sample_value(sum);
         }
     }
+}
+
+static int cmd_metrics(la_client *c)
+{
+    la_table *st, *ss;
+    int rc = la_stats(c, &st);
+    if (rc < 0)
+        return fail_rc("metrics", rc);
+    rc = la_sessions(c, &ss);
+    if (rc < 0) {
+        la_table_free(st);
+        return fail_rc("metrics", rc);
+    }
+    metrics_daemon(c, st);
+    metrics_sessions(ss);
+    metrics_users(ss);
     la_table_free(st);
     la_table_free(ss);
     return 0;

@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <math.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -62,6 +63,31 @@ static int parse_int(const char *name, const char *v, int lo, int hi, int *out)
     return 0;
 }
 
+/* The options that take an integer: their range and field. */
+static const struct int_opt {
+    const char *name;
+    int lo, hi;
+    size_t off;
+} int_opts[] = {
+    {"--layers", 1, 1000, offsetof(sim_opts, layers)},
+    {"--heads", 1, 1024, offsetof(sim_opts, heads)},
+    {"--head-dim", 1, 1024, offsetof(sim_opts, head_dim)},
+    {"--seq", 1, 1 << 24, offsetof(sim_opts, seq)},
+    {"--steps", 1, 10000, offsetof(sim_opts, steps)},
+    {"--threads", 1, 256, offsetof(sim_opts, threads)},
+    {"--dense-runs", 1, 1000, offsetof(sim_opts, dense_runs)},
+    {"--clusters", 1, 1 << 20, offsetof(sim_opts, clusters)},
+};
+
+/* The entry of int_opts named a, or NULL. */
+static const struct int_opt *find_int_opt(const char *a)
+{
+    for (size_t i = 0; i < sizeof(int_opts) / sizeof(int_opts[0]); i++)
+        if (!strcmp(a, int_opts[i].name))
+            return &int_opts[i];
+    return NULL;
+}
+
 int sim_parse_args(sim_opts *o, int argc, char **argv, int which)
 {
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
@@ -82,8 +108,11 @@ int sim_parse_args(sim_opts *o, int argc, char **argv, int which)
                     .dense_runs = 5};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        const struct int_opt *io = find_int_opt(a);
         int r = 0, used = 1;
-        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+        if (io) {
+            r = parse_int(a, v, io->lo, io->hi, (int *)((char *)o + io->off));
+        } else if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
             sim_usage(which);
             return 1;
         } else if (which == SIM_DEMO && !strcmp(a, "--socket")) {
@@ -92,22 +121,6 @@ int sim_parse_args(sim_opts *o, int argc, char **argv, int which)
                 return -1;
             }
             o->socket = v;
-        } else if (!strcmp(a, "--layers")) {
-            r = parse_int(a, v, 1, 1000, &o->layers);
-        } else if (!strcmp(a, "--heads")) {
-            r = parse_int(a, v, 1, 1024, &o->heads);
-        } else if (!strcmp(a, "--head-dim")) {
-            r = parse_int(a, v, 1, 1024, &o->head_dim);
-        } else if (!strcmp(a, "--seq")) {
-            r = parse_int(a, v, 1, 1 << 24, &o->seq);
-        } else if (!strcmp(a, "--steps")) {
-            r = parse_int(a, v, 1, 10000, &o->steps);
-        } else if (!strcmp(a, "--threads")) {
-            r = parse_int(a, v, 1, 256, &o->threads);
-        } else if (!strcmp(a, "--dense-runs")) {
-            r = parse_int(a, v, 1, 1000, &o->dense_runs);
-        } else if (!strcmp(a, "--clusters")) {
-            r = parse_int(a, v, 1, 1 << 20, &o->clusters);
         } else if (!strcmp(a, "--seed")) {
             int sd;
             r = parse_int(a, v, 0, 1 << 30, &sd);

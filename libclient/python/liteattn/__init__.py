@@ -12,7 +12,8 @@ Drop-in module: liteattn.LiteAttention (see liteattn.module). diffusers: liteatt
 The shared library is found through $LITEATTN_LIB, next to this package, in the source
 checkout's build/ directory, or on the system path.
 """
-from .client import Client, Session, DTYPES, MODES, expandable_segments_enabled, device_of
+from .client import (Client, Session, DTYPES, MODES, StagingWarning, device_of,
+                     expandable_segments_enabled)
 from .errors import (Error, InvalidArgument, OutOfMemory, NotSupported, NotFound, AlreadyExists,
                      PermissionDenied, LimitReached, Busy, OutOfRange, ProtocolError,
                      VersionMismatch, ConnectionFailed, ConnectionClosed, Timeout, NotReady,

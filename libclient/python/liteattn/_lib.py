@@ -45,6 +45,7 @@ DTYPE_F32, DTYPE_F16, DTYPE_BF16, DTYPE_U32 = 0, 1, 2, 3
 MODE_SESSION, MODE_DENSE, MODE_OBSERVE, MODE_SKIP = 0, 1, 2, 3
 DIR_ALTERNATE, DIR_ASCENDING, DIR_DESCENDING = 0, 1, 2
 T_Q, T_K, T_V, T_O, T_LSE, T_DECISIONS = 0, 1, 2, 3, 4, 5
+ACCESS_READ, ACCESS_WRITE, ACCESS_RW = 1, 2, 3
 
 LOG_FN = CFUNCTYPE(None, c_void_p, c_int, c_char_p)
 DONE_FN = CFUNCTYPE(None, c_void_p, c_int, c_void_p)
@@ -76,6 +77,8 @@ _FUNCS = {
     "la_sessions": (c_int, [_P, _PP]),
     "la_buffer_new_host": (c_int, [_P, c_size_t, _PP]),
     "la_buffer_register_cuda": (c_int, [_P, c_void_p, _PP, _U64P]),
+    "la_buffer_register_cuda_range": (c_int, [_P, c_void_p, c_uint64, c_uint32, _PP, _U64P]),
+    "la_buffer_cuda_valid": (c_int, [_P]),
     "la_buffer_host_ptr": (c_void_p, [_P]),
     "la_buffer_size": (c_uint64, [_P]),
     "la_buffer_id": (c_uint64, [_P]),

@@ -3,8 +3,12 @@
 Host arrays (NumPy, torch CPU tensors) travel through one shared-memory staging buffer per
 session (a sealed memfd the library maps and the daemon maps too): the inputs are copied in,
 the output copied out, and the buffer is reused from call to call, grown when a call needs
-more. torch CUDA tensors travel by CUDA IPC without copies: each caching-allocator block is
-registered once per client and a tensor is named by (block, byte offset, shape, strides).
+more. torch CUDA tensors travel without copies, registered once per client and named by
+(buffer, byte offset, shape, strides): blocks of the default caching allocator (cudaMalloc) by
+CUDA IPC, memory of the expandable_segments allocator (cuMemCreate) by the POSIX fds of the
+physical allocations a tensor's storage spans (la_buffer_register_cuda_range). Memory neither
+way can share (expandable segments created without exportable handles) is copied through a
+CUDA staging area of ordinary device memory, with a one-time warning that says how to avoid it.
 
 CUDA tensors take the fast path by default (docs/FASTPATH.md): the call is ordered on the
 current torch stream on the GPU (la_attn_enqueue) and returns at once, like a kernel launch;
@@ -21,10 +25,14 @@ import warnings
 import weakref
 
 from . import _lib
+from ._arrays import (_STAGING_WARNED, StagingWarning, _align, _CudaBlock, _CudaStage,
+                      _cuda_driver, _is_torch, _np, _numpy_dtype_code, _prod, _storage_span,
+                      _torch, _torch_dtype_code, _Unshareable, device_of,
+                      expandable_segments_enabled)
 from .errors import (ConnectionClosed, InvalidArgument, NoDevice, NotFound, NotSupported,
                      OutOfRange, check, from_code)
 
-__all__ = ["Client", "Session", "DTYPES", "MODES"]
+__all__ = ["Client", "Session", "DTYPES", "MODES", "StagingWarning"]
 
 DTYPES = {
     "float32": _lib.DTYPE_F32, "f32": _lib.DTYPE_F32, "fp32": _lib.DTYPE_F32,
@@ -38,13 +46,6 @@ MODES = {None: _lib.MODE_SESSION, "session": _lib.MODE_SESSION, "dense": _lib.MO
          "observe": _lib.MODE_OBSERVE, "skip": _lib.MODE_SKIP}
 _DIRECTIONS = {None: None, "alternate": _lib.DIR_ALTERNATE, "ascending": _lib.DIR_ASCENDING,
                "descending": _lib.DIR_DESCENDING}
-
-_ALIGN = 256
-
-
-def _align(n):
-    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
-
 
 def _dtype_code(dtype):
     if isinstance(dtype, int):
@@ -137,124 +138,6 @@ def _i64(seq):
     return (ctypes.c_int64 * len(seq))(*[int(x) for x in seq])
 
 
-# ---- array kinds -----------------------------------------------------------------------------
-
-def _torch():
-    import sys
-    return sys.modules.get("torch")
-
-
-def _is_torch(x):
-    t = _torch()
-    return t is not None and isinstance(x, t.Tensor)
-
-
-def _np():
-    import numpy
-    return numpy
-
-
-def _numpy_dtype_code(arr, session_dtype):
-    np = _np()
-    dt = arr.dtype
-    if dt == np.float32:
-        return _lib.DTYPE_F32
-    if dt == np.float16:
-        return _lib.DTYPE_F16
-    if dt.name == "bfloat16" or (dt == np.uint16 and session_dtype == _lib.DTYPE_BF16):
-        return _lib.DTYPE_BF16  # ml_dtypes.bfloat16, or raw bf16 bits in uint16
-    raise InvalidArgument("NumPy dtype %s: use float32, float16, or uint16 holding bf16 bits "
-                          "(with a session opened with dtype='bfloat16')" % dt)
-
-
-def _torch_dtype_code(t):
-    torch = _torch()
-    m = {torch.float32: _lib.DTYPE_F32, torch.float16: _lib.DTYPE_F16,
-         torch.bfloat16: _lib.DTYPE_BF16}
-    try:
-        return m[t.dtype]
-    except KeyError:
-        raise InvalidArgument("torch dtype %s: use float32, float16 or bfloat16" % t.dtype) \
-            from None
-
-
-def device_of(x):
-    """The session device that suits array x: "cpu" for NumPy arrays and CPU tensors, the
-    GPU's UUID ("GPU-...") for a CUDA tensor (or "cuda" when torch cannot tell it)."""
-    if not (_is_torch(x) and x.is_cuda):
-        return "cpu"
-    try:
-        u = str(_torch().cuda.get_device_properties(x.device).uuid)
-        return u if u.startswith("GPU-") else "GPU-" + u
-    except Exception:
-        return "cuda"
-
-
-def expandable_segments_enabled():
-    """True when PyTorch's CUDA caching allocator runs with expandable_segments, whose memory
-    cannot travel by legacy CUDA IPC."""
-    for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
-        conf = os.environ.get(var, "").replace(" ", "").lower()
-        if "expandable_segments:true" in conf:
-            return True
-    torch = _torch()
-    if torch is not None:
-        try:  # private, present in recent PyTorch; absent is fine
-            settings = torch._C._accelerator_getAllocatorSettings()  # noqa: SLF001
-            if "expandable_segments:true" in str(settings).lower().replace(" ", ""):
-                return True
-        except Exception:
-            pass
-    return False
-
-
-_EXPANDABLE_MSG = (
-    "this tensor comes from PyTorch's expandable_segments CUDA allocator "
-    "(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True), whose memory cannot be shared by "
-    "legacy CUDA IPC; run without expandable_segments (unset it or set "
-    "expandable_segments:False) to use liteattn with CUDA tensors")
-
-
-class _CudaDriver:
-    """cuPointerGetAttribute from libcuda, to key registered blocks by their allocation id."""
-    BUFFER_ID = 7
-
-    def __init__(self):
-        self.fn = None
-        try:
-            dll = ctypes.CDLL("libcuda.so.1")
-            self.fn = dll.cuPointerGetAttribute
-            self.fn.restype = ctypes.c_int
-            self.fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64]
-        except (OSError, AttributeError):
-            self.fn = None
-
-    def buffer_id(self, ptr):
-        if self.fn is None:
-            return None
-        v = ctypes.c_uint64(0)
-        if self.fn(ctypes.byref(v), self.BUFFER_ID, ptr) != 0:
-            return None
-        return v.value
-
-
-_driver = None
-
-
-def _cuda_driver():
-    global _driver
-    if _driver is None:
-        _driver = _CudaDriver()
-    return _driver
-
-
-class _CudaBlock:
-    __slots__ = ("handle", "base", "size", "alloc_id")
-
-    def __init__(self, handle, base, size, alloc_id):
-        self.handle, self.base, self.size, self.alloc_id = handle, base, size, alloc_id
-
-
 def _fastpath_default(fastpath):
     """The client's default: the argument, else $LITEATTN_FASTPATH (0/off/false/no: off)."""
     if fastpath is None:
@@ -277,7 +160,17 @@ def _timeout_ms(timeout):
 
 # ---- Client ----------------------------------------------------------------------------------
 
-class Client:
+class _Closable:
+    """`with x: ...` closes x (x.close()) when the block ends, also by an exception."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Client(_Closable):
     """One connection to liteattnd.
 
     socket: the daemon's socket path; None takes $LITEATTN_SOCKET, else
@@ -296,7 +189,12 @@ class Client:
         self._h = None
         self._lock = threading.RLock()
         self._sessions = weakref.WeakSet()
-        self._cuda_blocks = {}  # allocation id (or base) -> _CudaBlock
+        self._cuda_blocks = {}  # cudaMalloc blocks: allocation id (or base) -> _CudaBlock
+        self._vmm_blocks = {}   # VMM registrations: buffer handle -> _CudaBlock
+        self._stages = {}       # device -> _CudaStage
+        # How CUDA tensors went to the daemon, per tensor of a call: "ipc" (cudaMalloc block),
+        # "vmm" (cuMemCreate allocations by fd), "staged" (copied through the staging area).
+        self.cuda_paths = {"ipc": 0, "vmm": 0, "staged": 0}
         path = os.fspath(socket) if socket is not None else None
         h = ctypes.c_void_p()
         check(self._lib.la_connect(path.encode() if path else None,
@@ -315,12 +213,6 @@ class Client:
             raise ConnectionClosed("this client is closed (Client.close() was called)")
         return self._h
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
     def __del__(self):
         try:
             self.close()
@@ -338,10 +230,16 @@ class Client:
             err = from_code(rc) if rc < 0 and rc != _lib.LA_ECLOSED else None
             for s in list(self._sessions):
                 s._drop(detach=True)
-            for blk in self._cuda_blocks.values():
+            for blk in list(self._cuda_blocks.values()) + list(self._vmm_blocks.values()):
                 self._lib.la_buffer_unregister(blk.handle)
             self._cuda_blocks.clear()
+            self._vmm_blocks.clear()
             self._lib.la_disconnect(self._h)
+            for st in self._stages.values():
+                if st.done is not None:
+                    st.done.synchronize()
+                st.release()
+            self._stages.clear()
             self._h = None
         if err is not None:
             raise err
@@ -501,9 +399,13 @@ class Client:
     attach_session = attach
 
     # -- CUDA buffers --
-    def _cuda_tensor_ref(self, t, pinned):
-        """(buffer handle, byte offset) of a CUDA tensor; registers its block once."""
+    def _cuda_tensor_ref(self, t, pinned, access=_lib.ACCESS_RW, count=True):
+        """(buffer handle, byte offset) of a CUDA tensor; registers its memory once: the
+        cudaMalloc block, or the VMM allocations its storage spans (mapped with access by the
+        daemon). Raises _Unshareable when neither way can share it. count: add the tensor to
+        cuda_paths (not for the staging area's own copies)."""
         ptr = t.data_ptr()
+        paths = self.cuda_paths if count else {"ipc": 0, "vmm": 0}
         drv = _cuda_driver()
         alloc_id = drv.buffer_id(ptr)
         with self._lock:
@@ -511,36 +413,68 @@ class Client:
                 blk = self._cuda_blocks.get(alloc_id)
                 if blk is not None and blk.base <= ptr < blk.base + blk.size:
                     pinned.add(alloc_id)
+                    paths["ipc"] += 1
                     return blk.handle, ptr - blk.base
             else:  # no driver access: find by address range
                 for k, blk in self._cuda_blocks.items():
                     if blk.base <= ptr < blk.base + blk.size:
                         pinned.add(k)
+                        paths["ipc"] += 1
                         return blk.handle, ptr - blk.base
-            if expandable_segments_enabled():
-                raise NotSupported(_EXPANDABLE_MSG)
+            start, nbytes = _storage_span(t)
+            for k, blk in self._vmm_blocks.items():
+                if (blk.base <= start and start + nbytes <= blk.base + blk.size
+                        and blk.access & access == access
+                        and (k in pinned or self._lib.la_buffer_cuda_valid(blk.handle) == 1)):
+                    pinned.add(k)
+                    paths["vmm"] += 1
+                    return blk.handle, ptr - blk.base
             self._evict_stale_cuda(pinned)
             h = ctypes.c_void_p()
             off = ctypes.c_uint64()
-            rc = self._lib.la_buffer_register_cuda(self._handle(), ctypes.c_void_p(ptr),
-                                                   ctypes.byref(h), ctypes.byref(off))
-            if rc == _lib.LA_ELIMIT and self._cuda_blocks:
+
+            def register():
+                return self._lib.la_buffer_register_cuda_range(
+                    self._handle(), ctypes.c_void_p(start), nbytes, access, ctypes.byref(h),
+                    ctypes.byref(off))
+            rc = register()
+            if rc == _lib.LA_ELIMIT and (self._cuda_blocks or self._vmm_blocks):
                 self._evict_stale_cuda(pinned, everything=True)
-                rc = self._lib.la_buffer_register_cuda(self._handle(), ctypes.c_void_p(ptr),
-                                                       ctypes.byref(h), ctypes.byref(off))
+                rc = register()
             if rc == _lib.LA_ENOTSUP:
-                err = from_code(rc)
-                raise NotSupported("%s (%s)" % (err.message, _EXPANDABLE_MSG))
+                raise _Unshareable(from_code(rc).message)
             check(rc)
-            base = ptr - off.value
+            base = start - off.value
+            size = self._lib.la_buffer_size(h)
+            if drv.is_vmm(start):
+                if h.value in self._vmm_blocks:  # found by the library: drop its extra reference
+                    self._lib.la_buffer_unregister(h)
+                    h = self._vmm_blocks[h.value].handle
+                else:
+                    self._vmm_blocks[h.value] = _CudaBlock(h, base, size, None, access)
+                pinned.add(h.value)
+                paths["vmm"] += 1
+                return h, ptr - base
             key = alloc_id if alloc_id is not None else base
-            self._cuda_blocks[key] = _CudaBlock(h, base, self._lib.la_buffer_size(h), alloc_id)
+            old = self._cuda_blocks.get(key)
+            if old is not None and old.handle.value == h.value:
+                self._lib.la_buffer_unregister(h)
+            else:
+                self._cuda_blocks[key] = _CudaBlock(h, base, size, alloc_id)
             pinned.add(key)
-            return h, off.value
+            paths["ipc"] += 1
+            return self._cuda_blocks[key].handle, ptr - base
+
+    def _cuda_stage(self, device):
+        st = self._stages.get(device)
+        if st is None:
+            st = self._stages[device] = _CudaStage(device)
+        return st
 
     def _evict_stale_cuda(self, pinned, everything=False):
-        """Unregisters blocks the caching allocator has freed (their allocation id changed)
-        or, with everything=True, every block not used by the call being prepared."""
+        """Unregisters blocks the caching allocator has freed (their allocation id changed,
+        or, for VMM registrations, an allocation was unmapped or replaced) or, with
+        everything=True, every block not used by the call being prepared."""
         drv = _cuda_driver()
         for k, blk in list(self._cuda_blocks.items()):
             if k in pinned:
@@ -551,6 +485,12 @@ class Client:
             if stale:
                 self._lib.la_buffer_unregister(blk.handle)
                 del self._cuda_blocks[k]
+        for k, blk in list(self._vmm_blocks.items()):
+            if k in pinned:
+                continue
+            if everything or self._lib.la_buffer_cuda_valid(blk.handle) != 1:
+                self._lib.la_buffer_unregister(blk.handle)
+                del self._vmm_blocks[k]
 
     def release_cuda_buffers(self):
         """Unregisters every cached CUDA block (call after torch.cuda.empty_cache() when the
@@ -561,7 +501,7 @@ class Client:
 
 # ---- Session ---------------------------------------------------------------------------------
 
-class Session:
+class Session(_Closable):
     """One generation: the skip masks of every layer, held by the daemon."""
 
     _FACTS = ("id", "layers", "heads", "head_dim", "dtype", "max_seq_q", "max_seq_k", "batch",
@@ -605,12 +545,6 @@ class Session:
         return "<liteattn.Session %r id=%s layers=%d heads=%d head_dim=%d %s tiles=%s>" % (
             self.key, self.id, self.layers, self.heads, self.head_dim, self.dtype,
             self.tile_sizes)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def __del__(self):
         # Garbage collection only lets go of this handle: the session stays open on the daemon
@@ -663,6 +597,10 @@ class Session:
         rc = self._drop(detach=False)
         check(rc)
 
+    def detach(self):
+        """Frees this handle but leaves the session open on the daemon (attach it later)."""
+        self._drop(detach=True)
+
     @property
     def stats(self):
         """Counters of the calls made through this handle: "calls", "tiles_total",
@@ -692,10 +630,6 @@ class Session:
             why = "" if rc == 0 else _lib.text(self._lib.la_last_error_message())
             self._fast = (rc == 0, why)
         return self._fast
-
-    def detach(self):
-        """Frees this handle but leaves the session open on the daemon (attach it later)."""
-        self._drop(detach=True)
 
     def reset(self):
         """Every mask back to all ones: the next call of each layer is dense."""
@@ -809,6 +743,23 @@ class Session:
             L.la_attn_free(a)
         return res
 
+    def _run_call(self, h, a, then=None):
+        """Runs a on session h (la_attn_run): then(call) if given, and the call counted in
+        self.stats (_account); the call handle is freed either way, an error raised."""
+        L = self._lib
+        call = ctypes.c_void_p()
+        rc = L.la_attn_run(h, a, ctypes.byref(call))
+        if rc < 0:
+            err = from_code(rc)
+            L.la_call_free(call)
+            raise err
+        try:
+            if then is not None:
+                then(call)
+            self._account(call)
+        finally:
+            L.la_call_free(call)
+
     def _fast_usable(self, asked):
         """Whether the fast path is there; asked=True makes its absence an error, else it is
         said once per client with a RuntimeWarning."""
@@ -894,16 +845,7 @@ class Session:
         if dry_run:
             check(L.la_attn_set_tensor(a, _lib.T_DECISIONS, buf, offs[5], _lib.DTYPE_U32, 0,
                                        None, None))
-        call = ctypes.c_void_p()
-        rc = L.la_attn_run(h, a, ctypes.byref(call))
-        if rc < 0:
-            err = from_code(rc)
-            L.la_call_free(call)
-            raise err
-        try:
-            self._account(call)
-        finally:
-            L.la_call_free(call)
+        self._run_call(h, a)
         # Copy the results out of the staging buffer.
         if kind == "numpy":
             o_view = np.ndarray(qshape, dtype=q.dtype, buffer=raw, offset=offs[3])
@@ -938,7 +880,7 @@ class Session:
         del raw
         return _result(out, lse, dec, return_lse, dry_run)
 
-    def _run_cuda(self, h, a, q, k, v, return_lse, dry_run, out, fast):
+    def _run_cuda(self, h, a, q, k, v, return_lse, dry_run, out, fast=False):
         torch = _torch()
         L = self._lib
         dev = q.device
@@ -960,55 +902,99 @@ class Session:
             dec = torch.empty((nb // 4,), dtype=torch.int32, device=dev)
         pinned = set()
         client = self.client
-        for role, x in ((_lib.T_Q, q), (_lib.T_K, k), (_lib.T_V, v), (_lib.T_O, out)):
+        R, RW = _lib.ACCESS_READ, _lib.ACCESS_RW
+        tensors = [(_lib.T_Q, q, R, dcode), (_lib.T_K, k, R, dcode), (_lib.T_V, v, R, dcode),
+                   (_lib.T_O, out, RW, dcode)]
+        for _, x, _, _ in tensors:
             if x.stride(-1) != 1 and x.shape[-1] != 1:
                 raise InvalidArgument("the last dim (D) of every tensor must be contiguous "
                                       "(stride 1); got strides %s" % (tuple(x.stride()),))
             if x.numel() == 0:
                 raise InvalidArgument("empty tensor")
-            buf, off = client._cuda_tensor_ref(x, pinned)
-            check(L.la_attn_set_tensor(a, role, buf, off, dcode, 4, _i64(x.shape),
-                                       _i64(x.stride())))
         if lse is not None:
-            buf, off = client._cuda_tensor_ref(lse, pinned)
-            check(L.la_attn_set_tensor(a, _lib.T_LSE, buf, off, _lib.DTYPE_F32, 3,
-                                       _i64(lse.shape), _i64(lse.stride())))
+            tensors.append((_lib.T_LSE, lse, RW, _lib.DTYPE_F32))
         if dec is not None:
-            buf, off = client._cuda_tensor_ref(dec, pinned)
-            check(L.la_attn_set_tensor(a, _lib.T_DECISIONS, buf, off, _lib.DTYPE_U32, 0,
-                                       None, None))
+            tensors.append((_lib.T_DECISIONS, dec, RW, _lib.DTYPE_U32))
         stream = torch.cuda.current_stream(dev)
-        if fast:
-            # Ordered on the GPU: the ring after what the stream has (Q/K/V), the wait for
-            # done before what comes next. No reply is waited for; freed inputs are reused
-            # only by later work on this stream, which runs after done.
-            check(L.la_attn_enqueue(h, a, ctypes.c_void_p(stream.cuda_stream), None))
-            self.last_call = {}
-            return _result(out, lse, None, return_lse, False)
-        ev = torch.cuda.Event(enable_timing=False, blocking=False, interprocess=True)
-        ev.record(stream)
-        handle = ev.ipc_handle()
-        check(L.la_attn_set_wait_event(a, handle, len(handle)))
-        call = ctypes.c_void_p()
-        rc = L.la_attn_run(h, a, ctypes.byref(call))
-        if rc < 0:
-            err = from_code(rc)
-            L.la_call_free(call)
-            raise err
+        refs, unshared = [], []
+        for role, x, acc, code in tensors:
+            try:
+                refs.append((role, x, code) + client._cuda_tensor_ref(x, pinned, acc))
+            except _Unshareable as e:
+                unshared.append((role, x, acc, code, str(e)))
+        stage, copy_out, ran, locked = None, [], False, False
         try:
-            done = ctypes.create_string_buffer(64)
-            if L.la_call_done_event(call, done, 64) == 0:
-                # The kernel may still run: our stream waits for it on the GPU.
-                torch.cuda.Event.from_ipc_handle(dev, done.raw).wait(stream)
-            self._account(call)
+            if unshared:
+                # Memory the daemon cannot map: through the client's staging area, its lock
+                # held until the copies out are queued (one call at a time uses it).
+                client._lock.acquire()
+                locked = True
+                stage = client._cuda_stage(dev)
+                _warn_staging(unshared[0][4])
+                if stage.done is not None:
+                    stream.wait_event(stage.done)
+                views = stage.views([(tuple(x.shape), x.dtype) for _, x, _, _, _ in unshared])
+                for (role, x, acc, code, _), y in zip(unshared, views):
+                    if acc == R:
+                        y.copy_(x)
+                    else:
+                        copy_out.append((x, y))
+                    refs.append((role, y, code) + client._cuda_tensor_ref(y, pinned, acc,
+                                                                          count=False))
+                client.cuda_paths["staged"] += len(unshared)
+            for role, x, code, buf, off in refs:
+                if role == _lib.T_DECISIONS:
+                    check(L.la_attn_set_tensor(a, role, buf, off, code, 0, None, None))
+                else:
+                    check(L.la_attn_set_tensor(a, role, buf, off, code, x.dim(), _i64(x.shape),
+                                               _i64(x.stride())))
+            if fast:
+                # Ordered on the GPU: the ring after what the stream has (Q/K/V), the wait for
+                # done before what comes next (the staged copies out included). No reply is
+                # waited for; freed inputs are reused only by later work on this stream.
+                check(L.la_attn_enqueue(h, a, ctypes.c_void_p(stream.cuda_stream), None))
+                self.last_call = {}
+                ran = True
+            else:
+                ev = torch.cuda.Event(enable_timing=False, blocking=False, interprocess=True)
+                ev.record(stream)
+                handle = ev.ipc_handle()
+                check(L.la_attn_set_wait_event(a, handle, len(handle)))
+
+                def wait_on_gpu(call):
+                    done = ctypes.create_string_buffer(64)
+                    if L.la_call_done_event(call, done, 64) == 0:
+                        # The kernel may still run: our stream waits for it on the GPU.
+                        torch.cuda.Event.from_ipc_handle(dev, done.raw).wait(stream)
+
+                self._run_call(h, a, wait_on_gpu)
+                ran = True
+                del ev
         finally:
-            L.la_call_free(call)
-        del ev
+            if stage is not None:
+                for x, y in copy_out if ran else ():
+                    x.copy_(y)
+                stage.done = torch.cuda.Event()
+                stage.done.record(stream)
+            if locked:
+                client._lock.release()
         if dec is not None:
             dec = dec.cpu().numpy().view("uint32")
             if dec.size == _prod(self.mask_shape):
                 dec = dec.reshape(self.mask_shape)
         return _result(out, lse, dec, return_lse, dry_run)
+
+
+def _warn_staging(why):
+    """Once per process and reason: CUDA tensors are being copied, and how to avoid it."""
+    if why in _STAGING_WARNED:
+        return
+    _STAGING_WARNED.add(why)
+    warnings.warn(
+        "liteattn: copying CUDA tensors through a staging area, because the daemon cannot map "
+        "their memory: %s. The copies cost time on every call; see docs/ALLOCATORS.md for the "
+        "allocator settings that share memory without copies." % why,
+        StagingWarning, stacklevel=4)
 
 
 def _result(out, lse, dec, return_lse, dry_run):
@@ -1038,13 +1024,6 @@ def _parse_number(text):
         return float(text)
     except ValueError:
         return text
-
-
-def _prod(shape):
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def _kind(x):

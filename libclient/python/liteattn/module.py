@@ -52,18 +52,18 @@ def convert_must_list(lst, seq_len=None):
     return tuple(out)
 
 
-class Context:
-    """Allocates layer indices to LiteAttention instances and holds their session."""
+class _ContextBase:
+    """What this module's Context and parallel.Context share: the daemon client (connected at
+    first use, and again after it closed) and the current generation's session, under one lock.
+    A subclass defines end_generation (it closes the session)."""
 
-    def __init__(self, socket=None, **session_kwargs):
+    def __init__(self, socket, session_kwargs):
         self.socket = socket
         self.session_kwargs = session_kwargs
         self._client = None
         self._session = None
         self._lock = threading.RLock()
-        self._layers = []   # weakrefs, index = layer
         self._generation = 0
-        self._hints = {}
 
     @property
     def client(self):
@@ -75,6 +75,21 @@ class Context:
     def session(self):
         """The current generation's session (None before its first call)."""
         return self._session
+
+    def close(self):
+        self.end_generation()
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+class Context(_ContextBase):
+    """Allocates layer indices to LiteAttention instances and holds their session."""
+
+    def __init__(self, socket=None, **session_kwargs):
+        super().__init__(socket, session_kwargs)
+        self._layers = []   # weakrefs, index = layer
+        self._hints = {}
 
     def register(self, inst):
         with self._lock:
@@ -114,12 +129,6 @@ class Context:
                     s.close()
                 except Exception:
                     pass
-
-    def close(self):
-        self.end_generation()
-        if self._client is not None:
-            self._client.close()
-            self._client = None
 
     def _session_for(self, q, k):
         with self._lock:

@@ -28,9 +28,8 @@ import math
 import os
 import threading
 
-from .client import Client
 from .errors import InvalidArgument
-from .module import convert_must_list
+from .module import _ContextBase, convert_must_list
 
 __all__ = ["Context", "default_context", "ulysses_attention", "ring_attention",
            "hybrid_attention", "hybrid_groups", "shard_index", "SequenceParallelAttention",
@@ -51,7 +50,7 @@ def _torch():
 
 # ---- the per-rank session -------------------------------------------------------------------
 
-class Context:
+class Context(_ContextBase):
     """One per model and rank: the daemon client and the current generation's session.
 
     session_kwargs go to Client.open_session (threshold, schedule, mode, direction, device,
@@ -62,29 +61,13 @@ class Context:
     """
 
     def __init__(self, socket=None, *, layers=None, max_branches=1, **session_kwargs):
-        self.socket = socket
+        super().__init__(socket, session_kwargs)
         self.layers = layers
         self.max_branches = int(max_branches)
         if self.max_branches < 1:
             raise InvalidArgument("max_branches must be at least 1")
-        self.session_kwargs = session_kwargs
-        self._client = None
-        self._session = None
         self._geometry = None     # (heads, head_dim, dtype, ring_degree) the session has
-        self._lock = threading.RLock()
         self._modules = []
-        self._generation = 0
-
-    @property
-    def client(self):
-        if self._client is None or self._client.closed:
-            self._client = Client(self.socket)
-        return self._client
-
-    @property
-    def session(self):
-        """The current generation's session (None before its first call)."""
-        return self._session
 
     @property
     def ring_degree(self):
@@ -113,12 +96,6 @@ class Context:
                     s.close()
                 except Exception:
                     pass
-
-    def close(self):
-        self.end_generation()
-        if self._client is not None:
-            self._client.close()
-            self._client = None
 
     def slot(self, kv_shard=0, branch=0):
         ring = self.ring_degree or 1

@@ -1,4 +1,5 @@
-"""GPU: torch CUDA tensors through CUDA IPC on the daemon's CUDA backend, compared with
+"""GPU: torch CUDA tensors through CUDA IPC (cudaMalloc blocks) and VMM fds (expandable
+segments) on the daemon's CUDA backend, compared with
 torch.nn.functional.scaled_dot_product_attention. Run with
     python3 -m pytest libclient/python/tests -m gpu
 Skipped without torch, without a CUDA device, or when the daemon has no CUDA backend."""
@@ -136,24 +137,70 @@ def test_drop_in_on_cuda(daemon, cclient):
     ctx.close()
 
 
-def test_expandable_segments_refused(daemon, cclient):
-    code = r"""
-import sys, torch, liteattn
+_EXPANDABLE_CODE = r"""
+import json, math, sys, warnings
+import torch, liteattn
+from liteattn.client import _cuda_driver
+F = torch.nn.functional
 c = liteattn.Client(sys.argv[1])
-s = c.open_session("exp", layers=1, heads=2, head_dim=64, dtype="bfloat16", max_seq_q=256, device="cuda")
-q = torch.randn(1, 256, 2, 64, device="cuda", dtype=torch.bfloat16)
-try:
-    s.attention(0, 0, q, q, q)
-except liteattn.NotSupported as e:
-    print("NOTSUP", e); sys.exit(0)
-print("no error"); sys.exit(1)
+B, S, H, D = 1, 4096, 8, 128
+s = c.open_session("expandable", layers=1, heads=H, head_dim=D, dtype="bfloat16",
+                   max_seq_q=S, threshold=-math.inf, device="cuda")
+torch.manual_seed(0)
+pad = torch.empty(7 << 20, dtype=torch.uint8, device="cuda")  # the tensors start mid-chunk
+qkv = torch.randn(B, S, 3, H, D, device="cuda", dtype=torch.bfloat16)  # 24 MiB: chunks straddled
+q, k, v = qkv.unbind(2)                                               # views of one storage
+mine = torch.empty(B, S, H, D, device="cuda", dtype=torch.bfloat16)
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    for step in range(3):
+        out, lse = s.attention(0, step, q, k, v, return_lse=True)
+    s.attention(0, 3, q, k, v, out=mine)
+qf, kf, vf = (x.float().transpose(1, 2) for x in (q, k, v))
+ref = F.scaled_dot_product_attention(qf, kf, vf).transpose(1, 2)
+lse_ref = torch.logsumexp((qf @ kf.transpose(-1, -2)) / math.sqrt(D), dim=-1)
+rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()
+print(json.dumps({
+    "vmm_memory": _cuda_driver().is_vmm(q.data_ptr()),
+    "err": rel(out, ref), "err_out": rel(mine, ref),
+    "lse": (lse - lse_ref).abs().max().item(),
+    "paths": c.cuda_paths,
+    "warnings": [str(x.message) for x in w if issubclass(x.category, liteattn.StagingWarning)],
+}))
 """
+
+
+@pytest.mark.parametrize("ipc", ["default", "0"])
+def test_expandable_segments_vs_sdpa(daemon, cclient, ipc):
+    """PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True in a fresh process: the tensors are VMM
+    memory and the call matches SDPA, either without copies (the segments' allocations by fd)
+    or, where PyTorch made them unexportable (TORCH_CUDA_EXPANDABLE_SEGMENTS_IPC=0), through
+    the staging area with a StagingWarning that says why."""
+    import json
     env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True",
                PYTHONPATH=os.pathsep.join(sys.path))
-    r = subprocess.run([sys.executable, "-c", code, daemon.socket], env=env,
-                       capture_output=True, text=True, timeout=120)
+    if ipc != "default":
+        env["TORCH_CUDA_EXPANDABLE_SEGMENTS_IPC"] = ipc
+    r = subprocess.run([sys.executable, "-c", _EXPANDABLE_CODE, daemon.socket], env=env,
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "expandable_segments" in r.stdout
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    print(res)
+    assert res["vmm_memory"], "expandable_segments:True did not give VMM memory: %s" % res
+    assert res["err"] < 1e-2 and res["err_out"] < 1e-2, res
+    assert res["lse"] < 2e-2, res
+    paths = res["paths"]
+    # 3 calls of q, k, v, out, lse and one of q, k, v, out: every tensor went one way.
+    assert paths["ipc"] + paths["vmm"] + paths["staged"] == 3 * 5 + 4, paths
+    if paths["staged"]:
+        assert res["warnings"] and "staging" in res["warnings"][0], res
+        assert len(res["warnings"]) == 1, "warned more than once: %s" % res["warnings"]
+    else:
+        assert paths["vmm"] > 0 and not res["warnings"], res
+    if ipc == "default":
+        # PyTorch creates its segments exportable by default (POSIX fds where there is no
+        # fabric): no copies.
+        assert paths["staged"] == 0, res
 
 
 def test_diffusers_wan_on_cuda(daemon, cclient):
