@@ -413,10 +413,8 @@ LA_API int la_attn_enqueue(la_session *s, const la_attn *a, void *cuda_stream, l
         goto out;
     }
     /* A full pipeline waits here, as a full CUDA launch queue would. */
-    if ((rc = cl_wait_room(c, -1)) < 0) {
-        rc = cl_fail(rc, "connection to the daemon closed");
+    if ((rc = cl_fast_wait_room(c)) < 0)
         goto out;
-    }
     if ((rc = cl_fast_begin(c, s, cuda_stream, &slot, &value)) < 0)
         goto out;
     m.at.has_doorbell_slot = 1;

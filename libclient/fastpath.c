@@ -171,10 +171,22 @@ LA_API int la_session_fastpath(const la_session *s)
     return fast_check(s);
 }
 
-static int slot_free(la_client *c, void *arg)
+/* Room for one more call: under the in-flight limit, and a doorbell slot free (or none made
+ * yet, or every one retired: cl_fast_begin then says so). */
+static int room(la_client *c, void *arg)
 {
     (void)arg;
-    return c->db && c->db->n_free > 0;
+    const cl_doorbell *db = c->db;
+    return c->n_pending < c->max_inflight &&
+           (!db || db->n_free > 0 || db->n_retired == db->n_slots);
+}
+
+int cl_fast_wait_room(la_client *c)
+{
+    if (room(c, NULL))
+        return 0;
+    int rc = cl_wait_cond(c, room, NULL, -1);
+    return rc < 0 ? cl_fail(rc, "connection to the daemon closed") : 0;
 }
 
 int cl_fast_begin(la_client *c, la_session *s, void *stream, uint32_t *ret_slot,
@@ -193,19 +205,19 @@ int cl_fast_begin(la_client *c, la_session *s, void *stream, uint32_t *ret_slot,
             return rc;
         db->cuda = 1;
     }
-    /* Every slot busy (the daemon allows more calls in flight than it gives slots): wait for a
-     * reply, as for the in-flight limit. */
-    while (db->n_free == 0 && db->n_retired < db->n_slots)
-        if ((rc = cl_wait_cond(c, slot_free, NULL, -1)) < 0)
-            return cl_fail(rc, "connection to the daemon closed");
+    /* The caller waited for a free slot (cl_fast_wait_room), unless the doorbell is new. */
+    if (db->n_free == 0 && db->n_retired < db->n_slots && (rc = cl_fast_wait_room(c)) < 0)
+        return rc;
     if (db->n_free == 0)
-        return cl_fail(LA_ELIMIT,
-                       "every doorbell slot (%u) was retired after timeouts: reconnect",
+        return cl_fail(LA_ELIMIT, "every doorbell slot (%u) was retired after timeouts: reconnect",
                        db->n_slots);
     uint32_t slot = db->free_stack[--db->n_free];
     uint32_t v = db->value[slot] + 1;
     if (v == 0)
         v = 1; /* 0 is the fresh slot's word */
+    /* Spent even if the enqueueing below fails half-way: a ready word written by a failed
+     * attempt must never satisfy a later call of the slot. */
+    db->value[slot] = v;
     if (on_cpu) {
         /* No stream: the inputs are in host memory already. */
         atomic_store_explicit(&db->slots[slot].ready, v, memory_order_release);
@@ -217,7 +229,6 @@ int cl_fast_begin(la_client *c, la_session *s, void *stream, uint32_t *ret_slot,
             return rc;
         }
     }
-    db->value[slot] = v;
     db->state[slot] = SLOT_BUSY;
     *ret_slot = slot;
     *ret_value = v;

@@ -187,6 +187,9 @@ int cl_fast_begin(la_client *c, la_session *s, void *stream, uint32_t *ret_slot,
 /* The call of (slot, value) was not sent: the slot's stream is released (status) and the slot
  * free again. */
 void cl_fast_undo(la_client *c, uint32_t slot, uint32_t value, int status);
+/* Waits until c is under its in-flight limit with a doorbell slot free (the slots can be
+ * fewer than the calls the daemon allows in flight). */
+int cl_fast_wait_room(la_client *c);
 /* Reports (and clears) s's deferred error: its code, or 0. */
 int cl_fast_deferred(la_session *s);
 /* Waits until s's enqueued calls have their replies (in program order before what follows:
