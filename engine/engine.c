@@ -66,13 +66,19 @@ void eng_config_default(eng_config *cfg)
     cfg->limits.session_ttl_s = 3600;
     cfg->limits.max_call_cost = 1ull << 47;
     cfg->limits.max_queued_cost_per_user = 1ull << 53;
+    cfg->limits.max_doorbell_slots = 4096;
+    cfg->limits.doorbell_timeout_s = 60;
 }
 
-/* Backend threads: queue the finished job for the loop thread. */
+/* Backend threads: queue the finished job for the loop thread. A fast-path call's slot is
+ * written here, before the loop thread (and the reply) can see the job, so that the client
+ * never reuses a slot the daemon still writes. */
 static void job_complete(void *data, be_job *bj)
 {
     eng *e = data;
     eng_job *j = (eng_job *)bj;
+    if (bj->db)
+        db_finish(bj->db, bj->db_slot, bj->db_value, bj->status);
     pthread_mutex_lock(&e->done_lock);
     list_append(&e->done, &j->done_link);
     pthread_mutex_unlock(&e->done_lock);
@@ -104,6 +110,7 @@ int eng_new(const eng_config *cfg, eng **ret_engine, eng_error *err)
     list_init(&e->sessions);
     list_init(&e->users);
     list_init(&e->buffers);
+    list_init(&e->doorbells);
     list_init(&e->jobs);
     list_init(&e->done);
     pthread_mutex_init(&e->done_lock, NULL);
@@ -135,6 +142,9 @@ int eng_new(const eng_config *cfg, eng **ret_engine, eng_error *err)
             eng_logf(e, LOG_INFO, "cuda backend not used: %s", msg[0] ? msg : codes_strerror(rc));
         }
     }
+    e->cpu->doorbell_timeout_ns = (uint64_t)cfg->limits.doorbell_timeout_s * 1000000000u;
+    if (e->cuda)
+        e->cuda->doorbell_timeout_ns = e->cpu->doorbell_timeout_ns;
     snprintf(e->backends, sizeof e->backends, "%s", e->cuda ? "cpu,cuda" : "cpu");
     *ret_engine = e;
     return 0;
@@ -151,6 +161,7 @@ void eng_free(eng *e)
         e->cuda->ops->stop(e->cuda);
     eng_process_completions(e);
     buf_free_all(e);
+    db_free_all(e);
     sess_free_all(e);
     if (e->cpu)
         e->cpu->ops->free(e->cpu);
@@ -165,9 +176,19 @@ size_t eng_devices(const eng *e, eng_device_info *out, size_t max)
     size_t n = e->cpu->ops->devices(e->cpu, out, max);
     if (n > max)
         n = max;
+    size_t n_cpu = n;
     if (e->cuda && n < max)
         n += e->cuda->ops->devices(e->cuda, out + n, max - n);
-    return n > max ? max : n;
+    if (n > max)
+        n = max;
+    for (size_t i = 0; i < n; i++) {
+        be_backend *be = i < n_cpu ? e->cpu : e->cuda;
+        char why[8];
+        out[i].fastpath =
+            be->ops->fastpath &&
+            be->ops->fastpath(be, (int)(i < n_cpu ? i : i - n_cpu), why, sizeof why) == 0;
+    }
+    return n;
 }
 
 const char *eng_backends(const eng *e) { return e->backends; }
@@ -188,6 +209,7 @@ void eng_conn_closed(eng *e, uint64_t conn_id)
             j->conn_closed = 1;
     cancel(e, conn_id, 0, LA_ECLOSED);
     buf_conn_closed(e, conn_id);
+    db_conn_closed(e, conn_id);
     sess_conn_closed(e, conn_id);
 }
 
@@ -653,8 +675,8 @@ static int backend_refused(eng_job *j, const sess *s, const char *sname, int que
     return rc;
 }
 
-static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *req, eng_done_fn done,
-                  void *user, eng_error *err)
+static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *req, eng_doorbell *db,
+                  eng_done_fn done, void *user, eng_error *err)
 {
     int rc;
     sess *s;
@@ -694,6 +716,19 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
      * checks of the parameters run here too (la_attn_validate). */
     if ((rc = s->be->ops->supports(s->be, s->dev, &bj->p)) < 0)
         return backend_refused(j, s, sname, 0, rc, err);
+    if (db) {
+        char why[128] = "";
+        if (!s->be->ops->fastpath ||
+            (rc = s->be->ops->fastpath(s->be, s->dev, why, sizeof why)) < 0) {
+            eng_errf(err, "%s: calls on %s cannot use a doorbell (the fast path): %s", sname,
+                     s->device, why[0] ? why : "the backend has none");
+            free(j);
+            return LA_ENOTSUP;
+        }
+        bj->db = &db->bd;
+        bj->db_slot = req->doorbell_slot;
+        bj->db_value = req->doorbell_value;
+    }
 
     j->e = e;
     j->conn_id = conn_id;
@@ -722,6 +757,11 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
             t[i].b->refs++;
             j->bufs[j->n_bufs++] = t[i].b;
         }
+    if (db) {
+        db->refs++;
+        j->db = db;
+        e->n_fast_calls++;
+    }
     if (!req->dry_run) {
         if (restart) {
             memset(s->restart_due + (size_t)req->layer * s->kv_shards, 1, s->kv_shards);
@@ -744,13 +784,44 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
     return 0;
 }
 
+/* The call's doorbell slot: first of all, so that every later refusal can write it. */
+static int resolve_doorbell(eng *e, uint64_t conn_id, const eng_attn_req *req,
+                            eng_doorbell **ret_db, eng_error *err)
+{
+    *ret_db = NULL;
+    if (!req->has_doorbell)
+        return 0;
+    eng_doorbell *d = db_get(e, conn_id);
+    if (!d) {
+        eng_errf(err,
+                 "conn %llu: the call names doorbell slot %u, but the connection has "
+                 "registered no doorbell (DoorbellRegister)",
+                 (unsigned long long)conn_id, req->doorbell_slot);
+        return LA_ENOENT;
+    }
+    if (req->doorbell_slot >= d->bd.n_slots) {
+        eng_errf(err, "conn %llu: doorbell slot %u out of range: the doorbell has slots 0 to %u",
+                 (unsigned long long)conn_id, req->doorbell_slot, d->bd.n_slots - 1);
+        return LA_EINVAL;
+    }
+    *ret_db = d;
+    return 0;
+}
+
 int eng_attn_submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *req,
                     eng_done_fn done, void *user, eng_error *err)
 {
     e->n_calls++;
-    int rc = submit(e, uid, conn_id, req, done, user, err);
-    if (rc < 0)
+    eng_doorbell *db;
+    int rc = resolve_doorbell(e, conn_id, req, &db, err);
+    if (rc == 0)
+        rc = submit(e, uid, conn_id, req, db, done, user, err);
+    if (rc < 0) {
         e->n_call_errors++;
+        /* Nothing was queued: the slot is over now, with the error. */
+        if (db)
+            db_finish(&db->bd, req->doorbell_slot, req->doorbell_value, rc);
+    }
     return rc;
 }
 
@@ -797,8 +868,18 @@ int eng_process_completions(eng *e)
 
         for (int i = 0; i < j->n_bufs; i++)
             buf_unref(e, j->bufs[i]);
+        if (j->db && bj->status == LA_ETIMEDOUT)
+            e->n_fast_timeouts++;
+        db_unref(e, j->db);
         if (bj->has_live) /* the worker counted the region it changed */
             j->mset->live[bj->mask_ready - j->mset->ready] = bj->live_bits;
+        if (bj->mask_tainted && bj->mask_ready && j->mset == s->masks) {
+            /* Its skip decisions came from inputs that may never have been written: the
+             * region's next call starts dense (as after a restart). */
+            size_t region = (size_t)(bj->mask_ready - j->mset->ready);
+            s->restart_due[region] = 1;
+            j->mset->live[region] = j->mset->region_bits;
+        }
         mset_unref(e, j->mset);
 
         int status = bj->status;
@@ -868,6 +949,10 @@ void eng_stats(const eng *e, void (*fn)(void *data, const char *name, int64_t va
     STAT("buffer_bytes", bytes);
     STAT("buffers_registered", e->n_buffers_added);
     STAT("buffers_unregistered", e->n_buffers_removed);
+    STAT("doorbells", db_count(e));
+    STAT("doorbells_registered", e->n_doorbells);
+    STAT("fastpath_calls", e->n_fast_calls);
+    STAT("fastpath_timeouts", e->n_fast_timeouts);
     STAT("fatal", eng_fatal(e));
 #undef STAT
 }

@@ -89,6 +89,17 @@ typedef struct buf {
     int registered;
 } buf;
 
+/* A connection's doorbell (fast path), refcounted like a buffer: the registry's reference
+ * while the connection lives, one per job in flight. */
+typedef struct eng_doorbell {
+    be_doorbell bd; /* first: the backend's unmap callback hands back &bd */
+    list_node link; /* the engine's doorbells, while registered */
+    uint64_t conn_id;
+    uint32_t uid;
+    int refs;
+    be_backend *cuda; /* the backend that releases it (NULL: unmap at once) */
+} eng_doorbell;
+
 /* One attention call between eng_attn_submit and its done callback. */
 typedef struct eng_job {
     be_job bj;           /* first: the backend hands back &bj */
@@ -99,6 +110,7 @@ typedef struct eng_job {
     eng_mset *mset;
     buf *bufs[7]; /* one per tensor of the call (engine.c N_TREF) */
     int n_bufs;
+    eng_doorbell *db;
     uint64_t conn_id;
     int conn_closed;
     uint64_t tiles_total;
@@ -129,6 +141,7 @@ struct eng {
 
     list_node buffers; /* buf.link, registered ones */
     uint64_t next_buffer_id;
+    list_node doorbells; /* eng_doorbell.link, registered ones */
 
     list_node jobs; /* eng_job.link, in flight */
     uint64_t inflight;
@@ -141,6 +154,7 @@ struct eng {
     uint64_t n_calls, n_call_errors, n_completed, n_failed, n_tiles_total, n_tiles_computed;
     uint64_t n_sessions_opened, n_sessions_closed, n_evicted, n_expired, n_detached_freed;
     uint64_t n_buffers_added, n_buffers_removed, n_restarts;
+    uint64_t n_fast_calls, n_fast_timeouts, n_doorbells;
     uint64_t compute_ns, queue_ns; /* over finished calls: computing, waiting for a worker */
 };
 
@@ -175,5 +189,14 @@ void buf_unref(eng *e, buf *b);
 void buf_conn_closed(eng *e, uint64_t conn_id);
 void buf_free_all(eng *e);
 uint64_t buf_count(const eng *e, uint64_t *ret_bytes);
+
+/* doorbell.c */
+eng_doorbell *db_get(eng *e, uint64_t conn_id);
+void db_unref(eng *e, eng_doorbell *d);
+void db_conn_closed(eng *e, uint64_t conn_id);
+void db_free_all(eng *e);
+uint64_t db_count(const eng *e);
+/* Writes slot's status, then (release) its done word = value: the call is over. */
+void db_finish(be_doorbell *bd, uint32_t slot, uint32_t value, int status);
 
 #endif /* LA_ENGINE_PRIV_H */

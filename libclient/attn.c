@@ -230,6 +230,8 @@ void cl_call_complete(la_client *c, la_call *call, int status, Liteattn__Reply *
     call->pend.status = status;
     call->pend.done = 1;
     c->completions++;
+    if (call->fast)
+        cl_fast_complete(c, call, status);
     if (call->orphan) {
         list_remove(&call->link);
         free(call);
@@ -385,6 +387,73 @@ LA_API int la_attn_submit(la_session *s, const la_attn *a, la_done_fn cb, void *
     attn_msg m;
     build_attention(s, a, &m);
     return send_call(s->client, &m.req, cb, user, ret_call);
+}
+
+LA_API int la_attn_enqueue(la_session *s, const la_attn *a, void *cuda_stream, la_call **ret_call)
+{
+    if (!s || !a)
+        return cl_fail(LA_EINVAL, "la_attn_enqueue: NULL argument");
+    la_client *c = s->client;
+    int rc = check_tensors(c, a);
+    if (rc < 0)
+        return rc;
+    if (cuda_stream && !strcmp(s->device, "cpu"))
+        return cl_fail(LA_EINVAL, "the session computes on the CPU: there is no CUDA stream to "
+                                  "order its calls on (pass NULL)");
+    attn_msg m;
+    build_attention(s, a, &m);
+    la_call *call = calloc(1, sizeof(*call));
+    if (!call)
+        return cl_fail(LA_ENOMEM, NULL);
+    list_init(&call->link);
+    call->client = c;
+    call->pend.call = call;
+    call->pend.status = LA_EAGAIN;
+    call->fast = 1;
+    call->internal = ret_call == NULL;
+    call->orphan = call->internal; /* freed when its reply arrives */
+    call->layer = a->layer;
+    call->step = a->step;
+    call->session = s;
+
+    pthread_mutex_lock(&c->lock);
+    uint32_t slot = 0, value = 0;
+    /* An earlier call's failure is this call's answer: this one is not made. */
+    if ((rc = cl_fast_deferred(s)) < 0)
+        goto out;
+    if (c->closed) {
+        rc = cl_fail(c->closed, "connection to the daemon closed");
+        goto out;
+    }
+    /* A full pipeline waits here, as a full CUDA launch queue would. */
+    if ((rc = cl_fast_wait_room(c)) < 0)
+        goto out;
+    if ((rc = cl_fast_begin(c, s, cuda_stream, &slot, &value)) < 0)
+        goto out;
+    m.at.has_doorbell_slot = 1;
+    m.at.doorbell_slot = slot;
+    m.at.has_doorbell_value = 1;
+    m.at.doorbell_value = value;
+    if ((rc = cl_send(c, &m.req, -1, &call->pend)) < 0) {
+        cl_fast_undo(c, slot, value, rc);
+        goto out;
+    }
+    call->slot = slot;
+    call->value = value;
+    call->seq = ++c->fast_seq;
+    call->pend.status = LA_EAGAIN;
+    list_append(&c->calls, &call->link);
+    s->fast.inflight++;
+    c->fast_inflight++;
+out:
+    pthread_mutex_unlock(&c->lock);
+    if (rc < 0) {
+        free(call);
+        return rc;
+    }
+    if (ret_call)
+        *ret_call = call;
+    return 0;
 }
 
 static int call_done(la_client *c, void *arg)

@@ -117,6 +117,11 @@ _FUNCS = {
     "la_call_stat": (c_int, [_P, c_char_p, _I64P]),
     "la_call_done_event": (c_int, [_P, c_void_p, c_size_t]),
     "la_call_free": (None, [_P]),
+    "la_session_fastpath": (c_int, [_P]),
+    "la_attn_enqueue": (c_int, [_P, _P, c_void_p, _PP]),
+    "la_session_sync": (c_int, [_P, c_int]),
+    "la_client_sync": (c_int, [_P, c_int]),
+    "la_session_counter": (c_int, [_P, c_char_p, _I64P]),
 }
 
 

@@ -9,6 +9,11 @@ CUDA IPC, memory of the expandable_segments allocator (cuMemCreate) by the POSIX
 physical allocations a tensor's storage spans (la_buffer_register_cuda_range). Memory neither
 way can share (expandable segments created without exportable handles) is copied through a
 CUDA staging area of ordinary device memory, with a one-time warning that says how to avoid it.
+
+CUDA tensors take the fast path by default (docs/FASTPATH.md): the call is ordered on the
+current torch stream on the GPU (la_attn_enqueue) and returns at once, like a kernel launch;
+its errors are raised by a later call or by sync(). fastpath=False (per client, per call, or
+LITEATTN_FASTPATH=0) takes the synchronous path (IPC events, the reply waited for).
 """
 import ctypes
 import math
@@ -24,7 +29,7 @@ from ._arrays import (_STAGING_WARNED, StagingWarning, _align, _CudaBlock, _Cuda
                       _cuda_driver, _is_torch, _np, _numpy_dtype_code, _prod, _storage_span,
                       _torch, _torch_dtype_code, _Unshareable, device_of,
                       expandable_segments_enabled)
-from .errors import (ConnectionClosed, InvalidArgument, NoDevice, NotFound,
+from .errors import (ConnectionClosed, InvalidArgument, NoDevice, NotFound, NotSupported,
                      OutOfRange, check, from_code)
 
 __all__ = ["Client", "Session", "DTYPES", "MODES", "StagingWarning"]
@@ -133,6 +138,26 @@ def _i64(seq):
     return (ctypes.c_int64 * len(seq))(*[int(x) for x in seq])
 
 
+def _fastpath_default(fastpath):
+    """The client's default: the argument, else $LITEATTN_FASTPATH (0/off/false/no: off)."""
+    if fastpath is None:
+        env = os.environ.get("LITEATTN_FASTPATH", "").strip().lower()
+        return env not in ("0", "off", "false", "no")
+    if not isinstance(fastpath, bool):
+        raise InvalidArgument("fastpath must be True, False or None, got %r" % (fastpath,))
+    return fastpath
+
+
+def _timeout_ms(timeout):
+    """Seconds (None: forever) as the library's milliseconds (-1: forever)."""
+    if timeout is None:
+        return -1
+    t = _number(timeout, "timeout")
+    if t < 0:
+        raise InvalidArgument("timeout must be >= 0 seconds or None, got %r" % (timeout,))
+    return int(min(t * 1000.0, 2 ** 31 - 1))
+
+
 # ---- Client ----------------------------------------------------------------------------------
 
 class _Closable:
@@ -152,10 +177,15 @@ class Client(_Closable):
     $XDG_RUNTIME_DIR/liteattn.sock if a socket exists there, else /run/liteattn/liteattn.sock.
     Use as a context manager, or call close(). Closing detaches the sessions opened through
     it (the daemon keeps them for its grace period, so another client may attach()).
+    fastpath: whether calls on CUDA tensors take the fast path (ordered on the current torch
+    stream, not waited for); None takes $LITEATTN_FASTPATH (default on). Session.attention's
+    fastpath argument overrides it per call.
     """
 
-    def __init__(self, socket=None, name=None):
+    def __init__(self, socket=None, name=None, fastpath=None):
         self._lib = _lib.get()
+        self.fastpath = _fastpath_default(fastpath)
+        self._fast_warned = False
         self._h = None
         self._lock = threading.RLock()
         self._sessions = weakref.WeakSet()
@@ -190,10 +220,14 @@ class Client(_Closable):
             pass
 
     def close(self):
-        """Disconnects. Sessions are detached (not closed); registered buffers released."""
+        """Disconnects. Sessions are detached (not closed); registered buffers released.
+        Fast-path calls still in flight are finished first (their replies waited for); the
+        first error of one is raised once the client is closed."""
         with self._lock:
             if self._h is None:
                 return
+            rc = self._lib.la_client_sync(self._h, -1)
+            err = from_code(rc) if rc < 0 and rc != _lib.LA_ECLOSED else None
             for s in list(self._sessions):
                 s._drop(detach=True)
             for blk in list(self._cuda_blocks.values()) + list(self._vmm_blocks.values()):
@@ -207,6 +241,8 @@ class Client(_Closable):
                 st.release()
             self._stages.clear()
             self._h = None
+        if err is not None:
+            raise err
 
     @property
     def closed(self):
@@ -222,6 +258,12 @@ class Client(_Closable):
     def backends(self):
         v = self.fact("backends") or ""
         return [b for b in v.split(",") if b]
+
+    def sync(self, timeout=None):
+        """Waits (up to timeout seconds; None: forever) for the replies of every fast-path
+        call of this client and raises the first error of one, if any (it is then cleared).
+        The GPU itself is not waited for: torch.cuda.synchronize() does that."""
+        check(self._lib.la_client_sync(self._handle(), _timeout_ms(timeout)))
 
     def ping(self):
         """Round-trip time of one Ping, in seconds."""
@@ -492,10 +534,11 @@ class Session(_Closable):
         self.n_q_tiles = self.facts.get("n_q_tiles") or -(-self.max_seq_q // self.tile_sizes[0])
         self.n_k_words = self.facts.get("n_k_words") or \
             -(-(-(-self.max_seq_k // self.tile_sizes[1])) // 32)
-        # Counters of the calls made through this handle.
-        self.stats = {"calls": 0, "tiles_total": 0, "tiles_computed": 0, "compute_ns": 0,
-                      "queue_ns": 0}
+        # Counters of the synchronous calls made through this handle (stats adds the fast ones).
+        self._sync_stats = {"calls": 0, "tiles_total": 0, "tiles_computed": 0,
+                            "compute_ns": 0, "queue_ns": 0}
         self.last_call = {}
+        self._fast = None  # None: not asked yet; else (ok, reason)
         self.profile = None   # set by open_session(profile=...): per-layer thresholds
 
     def __repr__(self):
@@ -558,6 +601,36 @@ class Session(_Closable):
         """Frees this handle but leaves the session open on the daemon (attach it later)."""
         self._drop(detach=True)
 
+    @property
+    def stats(self):
+        """Counters of the calls made through this handle: "calls", "tiles_total",
+        "tiles_computed", "compute_ns", "queue_ns"; fast-path calls count once their reply
+        arrived (sync() waits for them), and "failed" counts fast-path calls that failed."""
+        st = dict(self._sync_stats)
+        st["failed"] = 0
+        if self._h is None:
+            return st
+        v = ctypes.c_int64()
+        for name in ("calls", "tiles_total", "tiles_computed", "compute_ns", "queue_ns",
+                     "failed"):
+            if self._lib.la_session_counter(self._h, name.encode(), ctypes.byref(v)) == 0:
+                st[name] += v.value
+        return st
+
+    def sync(self, timeout=None):
+        """Waits (up to timeout seconds; None: forever) for the replies of this session's
+        fast-path calls and raises the first error of one, if any (it is then cleared)."""
+        check(self._lib.la_session_sync(self._handle(), _timeout_ms(timeout)))
+
+    def fastpath_status(self):
+        """(True, "") when this session's CUDA calls can take the fast path, else (False,
+        the reason: the daemon's devices, this process's CUDA driver)."""
+        if self._fast is None:
+            rc = self._lib.la_session_fastpath(self._handle())
+            why = "" if rc == 0 else _lib.text(self._lib.la_last_error_message())
+            self._fast = (rc == 0, why)
+        return self._fast
+
     def reset(self):
         """Every mask back to all ones: the next call of each layer is dense."""
         check(self._lib.la_session_reset(self._handle()))
@@ -594,7 +667,7 @@ class Session(_Closable):
     # -- attention --
     def attention(self, layer, step, q, k, v, *, threshold=None, mode=None, must_do=(),
                   must_skip=(), scale=None, kv_shard=0, return_lse=False, dry_run=False,
-                  out=None, row_max=None):
+                  out=None, row_max=None, fastpath=None):
         """One attention call of `layer` at denoising `step`.
 
         q: [B, Sq, H, D], k, v: [B, Sk, H, D] as NumPy arrays, torch CPU tensors (both through
@@ -611,7 +684,15 @@ class Session(_Closable):
         device for CUDA inputs), read and updated in place: the skip votes compare against
         max(row_max, the call's running maximum), and the call leaves max(row_max, its own row
         maxima of the raw scores q.k) in it. Start it at -inf for the first K/V shard and pass
-        the same one to the next shards' calls. out and lse do not depend on it.
+        the same one to the next shards' calls. out and lse do not depend on it. A call with
+        row_max is synchronous (the daemon's reply confirms it carried the maxima).
+
+        CUDA tensors take the fast path unless fastpath=False (or the client's default is
+        off): the call is ordered on torch.cuda.current_stream() and this returns at once,
+        out being written on the GPU before anything later on that stream runs. An error of
+        such a call is raised by a later attention() of this session or by sync(). Without
+        the fast path (the daemon or the CUDA driver lacks it: a RuntimeWarning says why once,
+        or fastpath=True raises NotSupported), and for dry runs, the call is synchronous.
         """
         h = self._handle()
         for name, x in (("q", q), ("k", k), ("v", v)):
@@ -661,7 +742,14 @@ class Session(_Closable):
             if dry_run:
                 check(L.la_attn_set_dry_run(a, 1))
             if kind == "cuda":
-                res = self._run_cuda(h, a, q, k, v, return_lse, dry_run, out, row_max)
+                fast = self.client.fastpath if fastpath is None else bool(fastpath)
+                if row_max is not None and fastpath:
+                    raise InvalidArgument("row_max calls are synchronous: the daemon's reply "
+                                          "confirms that it carried the maxima; leave "
+                                          "fastpath unset or False")
+                if fast and (dry_run or row_max is not None or not self._fast_usable(fastpath)):
+                    fast = False
+                res = self._run_cuda(h, a, q, k, v, return_lse, dry_run, out, row_max, fast)
             else:
                 with self._lock:
                     res = self._run_host(h, a, kind, q, k, v, return_lse, dry_run, out,
@@ -687,14 +775,28 @@ class Session(_Closable):
         finally:
             L.la_call_free(call)
 
+    def _fast_usable(self, asked):
+        """Whether the fast path is there; asked=True makes its absence an error, else it is
+        said once per client with a RuntimeWarning."""
+        ok, why = self.fastpath_status()
+        if ok:
+            return True
+        if asked:
+            raise NotSupported("the fast path is not available: %s" % why)
+        if not self.client._fast_warned:
+            self.client._fast_warned = True
+            warnings.warn("liteattn: CUDA calls wait for the daemon's reply (no fast path: %s)"
+                          % why, RuntimeWarning, stacklevel=3)
+        return False
+
     def _account(self, call):
         st = {}
         for name in ("tiles_total", "tiles_computed", "compute_ns", "queue_ns"):
             v = ctypes.c_int64()
             if self._lib.la_call_stat(call, name.encode(), ctypes.byref(v)) == 0:
                 st[name] = v.value
-                self.stats[name] += v.value
-        self.stats["calls"] += 1
+                self._sync_stats[name] += v.value
+        self._sync_stats["calls"] += 1
         self.last_call = st
 
     def _ensure_stage(self, nbytes):
@@ -808,7 +910,7 @@ class Session(_Closable):
         del raw
         return _result(out, lse, dec, return_lse, dry_run)
 
-    def _run_cuda(self, h, a, q, k, v, return_lse, dry_run, out, row_max=None):
+    def _run_cuda(self, h, a, q, k, v, return_lse, dry_run, out, row_max=None, fast=False):
         torch = _torch()
         L = self._lib
         dev = q.device
@@ -878,20 +980,28 @@ class Session(_Closable):
                 else:
                     check(L.la_attn_set_tensor(a, role, buf, off, code, x.dim(), _i64(x.shape),
                                                _i64(x.stride())))
-            ev = torch.cuda.Event(enable_timing=False, blocking=False, interprocess=True)
-            ev.record(stream)
-            handle = ev.ipc_handle()
-            check(L.la_attn_set_wait_event(a, handle, len(handle)))
+            if fast:
+                # Ordered on the GPU: the ring after what the stream has (Q/K/V), the wait for
+                # done before what comes next (the staged copies out included). No reply is
+                # waited for; freed inputs are reused only by later work on this stream.
+                check(L.la_attn_enqueue(h, a, ctypes.c_void_p(stream.cuda_stream), None))
+                self.last_call = {}
+                ran = True
+            else:
+                ev = torch.cuda.Event(enable_timing=False, blocking=False, interprocess=True)
+                ev.record(stream)
+                handle = ev.ipc_handle()
+                check(L.la_attn_set_wait_event(a, handle, len(handle)))
 
-            def wait_on_gpu(call):
-                done = ctypes.create_string_buffer(64)
-                if L.la_call_done_event(call, done, 64) == 0:
-                    # The kernel may still run: our stream waits for it on the GPU.
-                    torch.cuda.Event.from_ipc_handle(dev, done.raw).wait(stream)
+                def wait_on_gpu(call):
+                    done = ctypes.create_string_buffer(64)
+                    if L.la_call_done_event(call, done, 64) == 0:
+                        # The kernel may still run: our stream waits for it on the GPU.
+                        torch.cuda.Event.from_ipc_handle(dev, done.raw).wait(stream)
 
-            self._run_call(h, a, wait_on_gpu)
-            ran = True
-            del ev
+                self._run_call(h, a, wait_on_gpu)
+                ran = True
+                del ev
         finally:
             if stage is not None:
                 for x, y in copy_out if ran else ():

@@ -378,6 +378,14 @@ class _State:
             if s is None:
                 return
             try:
+                s.sync()  # the fast path's last replies: the figures, and their errors
+            except Exception:
+                try:
+                    s.close()
+                except Exception:
+                    pass
+                raise
+            try:
                 info = s.info()
                 st = s.stats
                 total, comp = st["tiles_total"], st["tiles_computed"]
