@@ -3,7 +3,7 @@
  * mode, same threads or stream) made through liteattnd and made directly in this process.
  *
  *   bench_daemon --socket PATH [--device cpu|cuda] [--batch 1 --heads 8 --seq 1024 --head-dim 64]
- *                [--iters 50] [--threads 2] [--mode dense|skip]
+ *                [--iters 50] [--threads 2] [--mode dense|skip] [--fast] [--lead N] [--depth N]
  *
  * cpu:  host buffers (memfd) through the daemon's CPU backend against la_ref_attn_fwd with
  *       --threads threads (start the daemon with the same --threads).
@@ -11,6 +11,15 @@
  *       the kernel has finished) against la_attn_fwd_cuda + cudaStreamSynchronize.
  * Mode dense keeps every call identical (the mask is left alone). Prints the median and p90 of
  * each path and their difference.
+ *
+ * --fast (cuda): the fast path too (la_attn_enqueue), measured on this process's GPU timeline
+ * as docs/FASTPATH.md defines it: an event recorded on the stream right before the call's ring
+ * ("inputs ready") to an event right after the stream passed its done wait, minus the bare
+ * kernel time (the same kernel on this stream, timed by events). Before each call the stream
+ * gets --lead direct kernels (default 4): the work that produces Q/K/V in a real model, during
+ * which the request reaches the daemon; --lead 0 measures a call made on an idle GPU (the host
+ * path then lies on the GPU timeline). Also --depth calls back to back (default 8) between the
+ * two events: the added time per call of a pipeline.
  */
 #include <getopt.h>
 #include <math.h>
@@ -61,6 +70,97 @@ static void die(const char *what, int rc)
     exit(1);
 }
 
+#ifdef LA_HAVE_CUDA
+static float ev_ms(cudaEvent_t a, cudaEvent_t b)
+{
+    float ms = 0;
+    if (cudaEventElapsedTime(&ms, a, b) != cudaSuccess)
+        ms = NAN;
+    return ms;
+}
+
+/* The fast path on the GPU timeline (see the header). */
+static void fast_path(la_session *s, la_attn *a, const la_attn_params *p, cudaStream_t st,
+                      int iters, int lead, int depth)
+{
+    int rc = la_session_fastpath(s);
+    if (rc) {
+        printf("fast path: not available: %s\n", la_last_error_message());
+        return;
+    }
+    cudaEvent_t e0, e1;
+    cudaEventCreate(&e0);
+    cudaEventCreate(&e1);
+    double *tk = malloc(sizeof(double) * (size_t)iters),
+           *t1 = malloc(sizeof(double) * (size_t)iters);
+    double *t0 = malloc(sizeof(double) * (size_t)iters),
+           *tp = malloc(sizeof(double) * (size_t)iters);
+    uint32_t step = 0;
+    for (int i = -3; i < iters; i++) { /* the bare kernel on this stream */
+        cudaEventRecord(e0, st);
+        if (la_attn_fwd_cuda(p, st) != cudaSuccess)
+            die("direct kernel", LA_EDEVICE);
+        cudaEventRecord(e1, st);
+        cudaEventSynchronize(e1);
+        if (i >= 0)
+            tk[i] = 1e3 * ev_ms(e0, e1);
+    }
+    /* One call at a time: after `lead` kernels (t1), and on an idle stream (t0). */
+    for (int pass = 0; pass < 2; pass++) {
+        int nlead = pass == 0 ? lead : 0;
+        double *t = pass == 0 ? t1 : t0;
+        for (int i = -3; i < iters; i++) {
+            for (int l = 0; l < nlead; l++)
+                if (la_attn_fwd_cuda(p, st) != cudaSuccess)
+                    die("direct kernel", LA_EDEVICE);
+            cudaEventRecord(e0, st);
+            la_attn_set_position(a, 0, step++, 0);
+            if ((rc = la_attn_enqueue(s, a, st, NULL)))
+                die("la_attn_enqueue", rc);
+            cudaEventRecord(e1, st);
+            cudaEventSynchronize(e1);
+            if ((rc = la_session_sync(s, -1)))
+                die("fast-path call", rc);
+            if (i >= 0)
+                t[i] = 1e3 * ev_ms(e0, e1);
+        }
+    }
+    /* depth calls back to back. */
+    for (int i = -3; i < iters; i++) {
+        for (int l = 0; l < lead; l++)
+            if (la_attn_fwd_cuda(p, st) != cudaSuccess)
+                die("direct kernel", LA_EDEVICE);
+        cudaEventRecord(e0, st);
+        for (int k = 0; k < depth; k++) {
+            la_attn_set_position(a, 0, step++, 0);
+            if ((rc = la_attn_enqueue(s, a, st, NULL)))
+                die("la_attn_enqueue", rc);
+        }
+        cudaEventRecord(e1, st);
+        cudaEventSynchronize(e1);
+        if ((rc = la_session_sync(s, -1)))
+            die("fast-path call", rc);
+        if (i >= 0)
+            tp[i] = 1e3 * ev_ms(e0, e1) / depth;
+    }
+    double k50 = pct(tk, iters, 0.5);
+    double a50 = pct(t1, iters, 0.5), a90 = pct(t1, iters, 0.9);
+    double z50 = pct(t0, iters, 0.5), z90 = pct(t0, iters, 0.9);
+    double p50 = pct(tp, iters, 0.5), p90 = pct(tp, iters, 0.9);
+    printf("fast path (la_attn_enqueue), on this process's GPU timeline:\n");
+    printf("%-28s %12s %12s %12s\n", "", "median us", "p90 us", "added us");
+    printf("%-28s %12.1f\n", "bare kernel on this stream", k50);
+    printf("%-28s %12.1f %12.1f %12.1f\n", "one call, after lead work", a50, a90, a50 - k50);
+    printf("%-28s %12.1f %12.1f %12.1f\n", "one call, idle GPU", z50, z90, z50 - k50);
+    printf("%-28s %12.1f %12.1f %12.1f\n", "per call, pipelined", p50, p90, p50 - k50);
+    printf("fast path added per call: %.1f us (%.2f%% of the kernel), lead %d, depth %d\n",
+           a50 - k50, 100.0 * (a50 - k50) / k50, lead, depth);
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    free(tk), free(t1), free(t0), free(tp);
+}
+#endif
+
 static void fill_bf16(uint16_t *x, size_t n, uint64_t seed)
 {
     for (size_t i = 0; i < n; i++) {
@@ -77,20 +177,21 @@ int main(int argc, char **argv)
     const char *sock = NULL, *device = "cpu";
     int B = 1, H = 8, S = 1024, D = 64, iters = 50, threads = 2;
     la_mode mode = LA_MODE_DENSE;
-    static const struct option opts[] = {{"socket", required_argument, 0, 's'},
-                                         {"device", required_argument, 0, 'd'},
-                                         {"batch", required_argument, 0, 'b'},
-                                         {"heads", required_argument, 0, 'H'},
-                                         {"seq", required_argument, 0, 'S'},
-                                         {"head-dim", required_argument, 0, 'D'},
-                                         {"iters", required_argument, 0, 'n'},
-                                         {"threads", required_argument, 0, 't'},
-                                         {"mode", required_argument, 0, 'm'},
-                                         {"help", no_argument, 0, 'h'},
-                                         {0, 0, 0, 0}};
+    int fast = 0, lead = 4, depth = 8;
+    static const struct option opts[] = {
+        {"fast", no_argument, 0, 'F'},           {"lead", required_argument, 0, 'L'},
+        {"depth", required_argument, 0, 'P'},    {"socket", required_argument, 0, 's'},
+        {"device", required_argument, 0, 'd'},   {"batch", required_argument, 0, 'b'},
+        {"heads", required_argument, 0, 'H'},    {"seq", required_argument, 0, 'S'},
+        {"head-dim", required_argument, 0, 'D'}, {"iters", required_argument, 0, 'n'},
+        {"threads", required_argument, 0, 't'},  {"mode", required_argument, 0, 'm'},
+        {"help", no_argument, 0, 'h'},           {0, 0, 0, 0}};
     int o;
     while ((o = getopt_long(argc, argv, "s:d:b:H:S:D:n:t:m:h", opts, NULL)) != -1) {
         switch (o) {
+        case 'F': fast = 1; break;
+        case 'L': lead = atoi(optarg); break;
+        case 'P': depth = atoi(optarg); break;
         case 's': sock = optarg; break;
         case 'd': device = optarg; break;
         case 'b': B = atoi(optarg); break;
@@ -103,7 +204,7 @@ int main(int argc, char **argv)
         default:
             fprintf(stderr, "usage: bench_daemon --socket PATH [--device cpu|cuda] [--batch B] "
                             "[--heads H] [--seq S] [--head-dim D] [--iters N] [--threads T] "
-                            "[--mode dense|skip]\n");
+                            "[--mode dense|skip] [--fast] [--lead N] [--depth N]\n");
             return o == 'h' ? 0 : 2;
         }
     }
@@ -114,7 +215,11 @@ int main(int argc, char **argv)
         return 2;
     }
 #endif
-    if (iters < 3 || B < 1 || H < 1 || S < 1) {
+    if (fast && !cuda) {
+        fprintf(stderr, "bench_daemon: --fast needs --device cuda\n");
+        return 2;
+    }
+    if (iters < 3 || B < 1 || H < 1 || S < 1 || lead < 0 || depth < 1) {
         fprintf(stderr, "bench_daemon: bad sizes\n");
         return 2;
     }
@@ -321,6 +426,10 @@ int main(int argc, char **argv)
     }
 #endif
     printf("%-28s %12.1f\n", "added by the daemon", d50 - c50);
+#ifdef LA_HAVE_CUDA
+    if (fast)
+        fast_path(s, a, &p, stream, iters, lead, depth);
+#endif
 
     la_attn_free(a);
     la_session_close(s);

@@ -43,6 +43,7 @@ class LaAttnParams(C.Structure):
         ("q_stride", C.c_int64 * 4), ("k_stride", C.c_int64 * 4),
         ("v_stride", C.c_int64 * 4), ("o_stride", C.c_int64 * 4),
         ("lse", C.c_void_p), ("lse_stride", C.c_int64 * 3),
+        ("row_max", C.c_void_p), ("row_max_stride", C.c_int64 * 3),
         ("B", C.c_int32), ("Sq", C.c_int32), ("Sk", C.c_int32), ("H", C.c_int32), ("D", C.c_int32),
         ("dtype", C.c_int),
         ("scale", C.c_float), ("tau", C.c_float), ("mode", C.c_int), ("step", C.c_int32),
@@ -56,8 +57,8 @@ class LaAttnParams(C.Structure):
 
 
 # sizeof / offsetof on x86-64 (gcc), checked once here so that a change of la_attn.h is caught.
-assert C.sizeof(LaAttnParams) == 336, C.sizeof(LaAttnParams)
-assert LaAttnParams.B.offset == 192 and LaAttnParams.must_do.offset == 240
+assert C.sizeof(LaAttnParams) == 368, C.sizeof(LaAttnParams)
+assert LaAttnParams.B.offset == 224 and LaAttnParams.must_do.offset == 272
 assert LaAttnParams.mask.offset == 272 and LaAttnParams.ret_tiles_computed.offset == 328
 
 
@@ -106,6 +107,8 @@ class Call:
         self.mask = torch.empty(B, H, self.nQ, self.W, device=q.device, dtype=torch.int32)
         self.set_mask_ones()
         self.counter = torch.zeros(1, device=q.device, dtype=torch.int64)
+        # carried row maxima (SKIP-SEMANTICS "Carried row maxima"), used by run(row_max=True)
+        self.rmax = torch.full((B, H, Sq), -math.inf, device=q.device, dtype=torch.float32)
         p = LaAttnParams()
         p.q, p.k, p.v, p.o = q.data_ptr(), k.data_ptr(), v.data_ptr(), self.o.data_ptr()
         for name, t in (("q_stride", q), ("k_stride", k), ("v_stride", v), ("o_stride", self.o)):
@@ -139,8 +142,13 @@ class Call:
         w = torch.where(w >= 2**31, w - 2**32, w)
         self.mask.copy_(w.to(torch.int32))
 
-    def run(self, mode=LA_MODE_DENSE, tau=-math.inf, step=0, variant=VARIANT_AUTO):
+    def run(self, mode=LA_MODE_DENSE, tau=-math.inf, step=0, variant=VARIANT_AUTO, row_max=False):
         self.p.mode, self.p.tau, self.p.step = mode, tau, step
+        if row_max:   # read and written in place: the votes start from these maxima
+            self.p.row_max = self.rmax.data_ptr()
+            self.p.row_max_stride[:] = list(self.rmax.stride())
+        else:
+            self.p.row_max = None
         rc = self.K.lib.la_attn_fwd_cuda_variant(C.byref(self.p), variant | self.flag,
                                                  C.c_void_p(torch.cuda.current_stream().cuda_stream))
         if rc != 0:
@@ -290,6 +298,9 @@ def bench_shape(K, res, B, H, S, D, reps):
         "ours_skipbuild_mode_dense": lambda: call.run(LA_MODE_DENSE, -math.inf, 0, VARIANT_SKIP),
         "ours_skip_tau_-inf": lambda: call.run(LA_MODE_SKIP, -math.inf, 0, VARIANT_AUTO),
         "ours_skip_tau_-1000": lambda: call.run(LA_MODE_SKIP, -1000.0, 1, VARIANT_AUTO),
+        # the same with carried row maxima (one load and one store per row, one max per vote)
+        "ours_skip_tau_-1000_rowmax": lambda: call.run(LA_MODE_SKIP, -1000.0, 1, VARIANT_AUTO,
+                                                       row_max=True),
         "portable_dense_only": lambda: callp.run(LA_MODE_DENSE, -math.inf, 0, VARIANT_DENSE_ONLY),
     }
     for name, fn in load_fa3().items():

@@ -26,6 +26,14 @@ $(BUILD)/bench_direct: $(BUILD)/obj/bench/bench_direct.o $(SIM_OBJ) $(KERNEL_LIB
 
 ALL_TARGETS += $(BUILD)/bench_direct
 
+# bench_throughput: several client processes, a session each, against the same work from one
+# process (through the daemon, and direct kernel calls). GPU only.
+$(BUILD)/bench_throughput: $(BUILD)/obj/bench/bench_throughput.o $(LA_SO) $(KERNEL_LIB)
+	@$(if $(Q),echo "  LD      $@")
+	$(Q)$(CC) -o $@ $< $(KERNEL_LIB) $(TOOL_LDFLAGS) -lliteattn $(CUDA_LIBS) $(LDLIBS_BASE)
+
+ALL_TARGETS += $(BUILD)/bench_throughput
+
 # ipc_probe (CUDA builds only): the attention kernel and two memory kernels on every kind of
 # memory a client can hand the daemon (own cudaMalloc, CUDA IPC imports, VMM allocations by
 # fd), in two processes. Runs on the GPU machine: $(BUILD)/ipc_probe --help.

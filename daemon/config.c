@@ -94,6 +94,13 @@ static const opt opts[] = {
      "a session whose connections are gone stays this long for a re-attach (default 300)"},
     {"session-ttl", 0, K_U32, OFF(limits.session_ttl_s), 1, 365u * 86400, "SEC",
      "an idle session is freed after this (default 3600)"},
+    {"doorbell-timeout", 0, K_U32, OFF(limits.doorbell_timeout_s), 1, 86400, "SEC",
+     "fast path: a GPU call launched on a doorbell its client has not rung after this long "
+     "is released (its kernel runs on whatever the inputs hold) and fails with LA_ETIMEDOUT; "
+     "it bounds what a client that died or hangs with calls in flight can hold (default 60)"},
+    {"max-doorbell-slots", 0, K_U32, OFF(limits.max_doorbell_slots), 1, 1u << 16, "N",
+     "fast path: slots of one connection's doorbell, i.e. asynchronous calls it can have in "
+     "flight (default 4096; a client uses max_inflight of them)"},
     {"hello-timeout", 0, K_U32, OFF(hello_timeout_s), 1, 3600, "SEC",
      "a connection must send Hello within this, and finish a frame it began within as "
      "long (default 10)"},
@@ -406,7 +413,7 @@ static void print_help(const char *prog)
            "max_frame, max_inflight, max_connections_per_user, max_buffers, max_buffer_bytes,\n"
            "max_buffers_per_user, max_buffers_total,\n"
            "max_sessions, max_mask_bytes, mask_memory_cap, max_call_cost, max_queued_cost,\n"
-           "cpu_slice, session_grace, session_ttl,\n"
+           "cpu_slice, session_grace, session_ttl, doorbell_timeout, max_doorbell_slots,\n"
            "hello_timeout, max_outbound_bytes, max_outbound_bytes_per_user,\n"
            "max_fds_inflight_per_user, warm_store_bytes, warm_max_generations, warm_state_dir,\n"
            "socket_mode). Command-line flags override the file.\n"

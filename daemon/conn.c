@@ -393,7 +393,8 @@ static int process_frames(conn *c, int *budget)
     /* fds come with the first byte of the frame that uses them: one still queued when no
      * partial frame is pending was sent with a frame that does not take it. */
     if (c->fr.n_fds > 0 && c->fr.len == c->fr.head) {
-        conn_fail(c, "%d file descriptor(s) sent without a BufferRegister", c->fr.n_fds);
+        conn_fail(c, "%d file descriptor(s) sent without a BufferRegister or DoorbellRegister",
+                  c->fr.n_fds);
         return -1;
     }
     return 0;

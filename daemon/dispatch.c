@@ -16,6 +16,7 @@
 typedef struct disp_job {
     conn_job cj; /* the connection's record of it */
     conn *c;
+    int row_max; /* the call carries row maxima: the reply says they were written */
 } disp_job;
 
 /* Sends Error(code, printf-formatted message); returns CONN_REQ_OK (semantic errors keep the
@@ -142,6 +143,15 @@ static int do_hello(const disp *d, conn *c, uint64_t id, const Liteattn__Hello *
     lim.has_warm_store_bytes = 1, lim.warm_store_bytes = g->limits.warm_store_bytes_per_user;
     lim.has_warm_max_generations = 1;
     lim.warm_max_generations = g->limits.warm_max_generations;
+    lim.has_doorbell_timeout_ms = 1, lim.doorbell_timeout_ms = g->limits.doorbell_timeout_s * 1000u;
+    lim.has_max_doorbell_slots = 1, lim.max_doorbell_slots = g->limits.max_doorbell_slots;
+
+    /* The devices that take fast-path calls (a doorbell slot). */
+    char *fast[16];
+    size_t nf = 0;
+    for (size_t i = 0; i < nd; i++)
+        if (info[i].fastpath)
+            fast[nf++] = info[i].uuid;
 
     Liteattn__HelloReply hr = LITEATTN__HELLO_REPLY__INIT;
     hr.major = LA_PROTOCOL_MAJOR;
@@ -152,6 +162,8 @@ static int do_hello(const disp *d, conn *c, uint64_t id, const Liteattn__Hello *
     hr.n_devices = nd;
     hr.devices = devp;
     hr.limits = &lim;
+    hr.n_doorbell_devices = nf;
+    hr.doorbell_devices = fast;
     hr.mps_pipe_directory = mv.pipe_dir;
     hr.has_mps_control = 1;
     hr.mps_control = mv.control != 0;
@@ -528,6 +540,27 @@ static int do_buffer_register(const disp *d, conn *c, uint64_t id,
     return send_buffer(c, id, &info, 0);
 }
 
+/* The connection's doorbell (fast path): its fd came with this frame. */
+static int do_doorbell_register(const disp *d, conn *c, uint64_t id,
+                                const Liteattn__DoorbellRegister *m, char *why, size_t whylen)
+{
+    int fd = frame_take_fd(&c->fr);
+    if (fd < 0) {
+        snprintf(why, whylen, "DoorbellRegister of request %llu came without a file descriptor",
+                 (unsigned long long)id);
+        return CONN_REQ_FAIL;
+    }
+    eng_error err = {{0}};
+    int rc = eng_doorbell_add(d->eng, c->uid, c->id, fd, m->slots, &err);
+    if (rc < 0)
+        return reply_eng_err(c, id, rc, &err);
+    Liteattn__DoorbellReply dr = LITEATTN__DOORBELL_REPLY__INIT;
+    dr.slots = m->slots;
+    dr.has_timeout_ms = 1;
+    dr.timeout_ms = d->cfg->limits.doorbell_timeout_s * 1000u;
+    return send_reply(c, id, LITEATTN__REPLY__BODY_DOORBELL, &dr);
+}
+
 static int do_buffer_unregister(const disp *d, conn *c, uint64_t id,
                                 const Liteattn__BufferUnregister *m)
 {
@@ -601,6 +634,8 @@ static void on_attn_done(void *user, int status, const eng_attn_result *res, con
                     ar.done_event.len = sizeof(res->done_event);
                 }
             }
+            if (j->row_max)
+                ar.has_row_max = 1, ar.row_max = 1;
             send_reply(c, j->cj.req_id, LITEATTN__REPLY__BODY_ATTENTION, &ar);
         }
     }
@@ -608,16 +643,28 @@ static void on_attn_done(void *user, int status, const eng_attn_result *res, con
     free(j);
 }
 
+/* A call refused before the engine saw it: a fast-path call's slot is over too, so that the
+ * client's stream does not wait for it. */
+static void refuse_doorbell(const disp *d, conn *c, const Liteattn__Attention *m, int code)
+{
+    if (m->has_doorbell_slot && m->has_doorbell_value)
+        eng_doorbell_refuse(d->eng, c->id, m->doorbell_slot, m->doorbell_value, code);
+}
+
 static int do_attention(const disp *d, conn *c, uint64_t id, const Liteattn__Attention *m)
 {
-    if (c->inflight >= c->lim.max_inflight)
+    if (c->inflight >= c->lim.max_inflight) {
+        refuse_doorbell(d, c, m, LA_EBUSY);
         return reply_err(c, id, LA_EBUSY,
                          "%u attention requests already in flight on this "
                          "connection (limit %u)",
                          c->inflight, c->lim.max_inflight);
+    }
     eng_attn_req *q = calloc(1, sizeof(*q));
-    if (!q)
+    if (!q) {
+        refuse_doorbell(d, c, m, LA_ENOMEM);
         return reply_err(c, id, LA_ENOMEM, "out of memory");
+    }
     char msg[ENG_ERR_MAX];
     int rc = 0;
     q->session_id = m->session_id;
@@ -639,6 +686,11 @@ static int do_attention(const disp *d, conn *c, uint64_t id, const Liteattn__Att
             goto bad;
         q->has_decisions = 1;
     }
+    if (m->row_max) {
+        if ((rc = tensor_from(m->row_max, "row_max", &q->row_max, msg, sizeof(msg))) < 0)
+            goto bad;
+        q->has_row_max = 1;
+    }
     q->dry_run = m->has_dry_run && m->dry_run;
     q->scale = m->has_scale ? m->scale : 0.0f;
     q->has_threshold = m->has_threshold;
@@ -656,6 +708,16 @@ static int do_attention(const disp *d, conn *c, uint64_t id, const Liteattn__Att
         q->has_wait_event = 1;
         memcpy(q->wait_event, m->wait_event.data, sizeof(q->wait_event));
     }
+    if (m->has_doorbell_slot != m->has_doorbell_value) {
+        rc = LA_EINVAL;
+        snprintf(msg, sizeof(msg),
+                 "a doorbell call names doorbell_slot and doorbell_value together (one came "
+                 "without the other)");
+        goto bad;
+    }
+    q->has_doorbell = m->has_doorbell_slot;
+    q->doorbell_slot = m->doorbell_slot;
+    q->doorbell_value = m->doorbell_value;
 
     disp_job *j = calloc(1, sizeof(*j));
     if (!j) {
@@ -664,6 +726,7 @@ static int do_attention(const disp *d, conn *c, uint64_t id, const Liteattn__Att
         goto bad;
     }
     j->c = c;
+    j->row_max = q->has_row_max;
     eng_error err = {{0}};
     rc = eng_attn_submit(d->eng, c->uid, c->id, q, on_attn_done, j, &err);
     free(q);
@@ -675,6 +738,7 @@ static int do_attention(const disp *d, conn *c, uint64_t id, const Liteattn__Att
     return CONN_REQ_OK;
 bad:
     free(q);
+    refuse_doorbell(d, c, m, rc);
     conn_send_error(c, id, rc, msg);
     return CONN_REQ_OK;
 }
@@ -850,6 +914,8 @@ int disp_request(void *data, conn *c, const Liteattn__Request *req, char *why, s
     case LITEATTN__REQUEST__BODY_PING: return do_ping(c, id, req->ping);
     case LITEATTN__REQUEST__BODY_WARM_LIST: return do_warm_list(d, c, id);
     case LITEATTN__REQUEST__BODY_WARM_DROP: return do_warm_drop(d, c, id, req->warm_drop);
+    case LITEATTN__REQUEST__BODY_DOORBELL_REGISTER:
+        return do_doorbell_register(d, c, id, req->doorbell_register, why, whylen);
     default:
         /* A request type of a later minor version (unknown oneof member): not an error of
          * the framing, so the connection stays. */

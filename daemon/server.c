@@ -576,6 +576,11 @@ int srv_new(const cfg *c, srv **ret_srv, char *err, size_t errlen)
     ec.cpu_threads = s->cfg.threads;
     ec.limits = c->limits;
     ec.warm_state_dir = c->warm_state_dir[0] ? c->warm_state_dir : NULL;
+    /* Every session's stream is a lane of its own (engine/backend_cuda.c); streams beyond the
+     * device's hardware queues share them, and a fast-path call waiting for its client would
+     * then hold up another session's. 32 is the most CUDA allows (the default is 8). Read when
+     * the context is created, so before the engine starts; a value set by the operator wins. */
+    setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", 0);
     ec.cpu_slice_macs = c->cpu_slice;
     ec.notify = engine_notify;
     ec.notify_data = s;

@@ -45,6 +45,38 @@ typedef struct be_vmm_req {
     unsigned access; /* LA_ACCESS_* */
 } be_vmm_req;
 
+/* The fast path's doorbell (DoorbellRegister in proto/liteattn.proto): host memory that the
+ * client and the daemon both map (a sealed memfd). Slot i holds the call's ready word (the
+ * client writes it once Q/K/V are there: from its CUDA stream, or from the host for the CPU
+ * backend), and the done and status words the daemon writes when the call is over (the
+ * status first; done = the call's value). Values compare cyclically (int32_t)(a - b) >= 0,
+ * as CU_STREAM_WAIT_VALUE_GEQ does, so they may wrap. The engine owns the mapping and writes
+ * done and status from the host whenever a call fails or completes (job_complete); the cuda
+ * backend also writes them from the GPU, right after the kernel, so that the client's stream
+ * goes on without waiting for the host. */
+typedef struct be_doorbell_slot {
+    _Atomic uint32_t ready;
+    _Atomic uint32_t done;
+    _Atomic int32_t status;
+    uint32_t reserved;
+} be_doorbell_slot;
+_Static_assert(sizeof(be_doorbell_slot) == 16, "a doorbell slot is 16 bytes on the wire");
+
+typedef struct be_doorbell {
+    be_doorbell_slot *slots; /* the shared mapping, n_slots of them */
+    uint32_t n_slots;
+    size_t map_len;
+    /* cuda backend: registered with CUDA (cudaHostRegister, mapped) on first use by one of
+     * its service threads: 0 not yet, 1 under way, 2 done (dev_addr valid), -1 failed (err). */
+    atomic_int cuda_state;
+    int cuda_gpu; /* the device whose service thread registers it */
+    uint64_t dev_addr;
+    char err[96];
+} be_doorbell;
+
+/* (int32_t)(a - b) >= 0: a is b or later, cyclically. */
+static inline int be_seq_geq(uint32_t a, uint32_t b) { return (int32_t)(a - b) >= 0; }
+
 typedef struct be_mask {
     void *dev_ptr;  /* what the kernel gets (cpu: == host) */
     uint32_t *host; /* host view (cpu: the mask; cuda: pinned shadow) */
@@ -71,6 +103,11 @@ typedef struct be_job {
     int mask_restart; /* set those bytes to all ones before computing (a new generation) */
     int has_wait_event;
     uint8_t wait_event[64];
+    /* Fast path: wait for db's slot db_slot to be rung (ready >= db_value) before reading
+     * Q/K/V; db NULL otherwise. The backend never writes done or status from the host (the
+     * engine does, in complete()); cuda writes them from the GPU after the kernel. */
+    be_doorbell *db;
+    uint32_t db_slot, db_value;
     uint64_t t_submit_ns; /* CLOCK_MONOTONIC */
     /* Fair queuing (fairq.h): whose call it is and what it costs. */
     uint32_t uid;
@@ -88,7 +125,8 @@ typedef struct be_job {
     int guard_n;                     /* q-tiles sampled by this call, 0: not checked */
     int32_t guard_tile[LA_GUARD_MAX_SAMPLE];
     float guard_budget;
-    void *capture; /* host memory: the region's bytes after the call go here, NULL: none */
+    void *capture; /* the region's bytes after the call go here (in the mask's host view;
+                    * cuda: pinned, copied in stream order), NULL: none */
 
     /* Out, written by the backend before complete() is called. */
     int status; /* 0 or LA_E* */
@@ -100,15 +138,22 @@ typedef struct be_job {
     int has_live; /* the call changed the region: live_bits is its new count */
     uint64_t live_bits;
     uint64_t guard_rows, guard_restored, guard_tiles; /* of the check, when guard_n > 0 */
+    /* The call ran on inputs its client may not have written (a doorbell wait the daemon
+     * released): the region's next call must start from all ones. */
+    int mask_tainted;
 
     /* Backend-private. */
     struct be_job *be_next;
     void *be_priv;
     int be_slot;
-    void *fq_flow;     /* fairq.c */
-    int64_t be_cursor; /* cpu: next slice */
-    int be_cancel;     /* cpu: cancel at the next slice boundary (LA_E* to report) */
-    float *be_lse;     /* cpu: the guard's LSE of a call that asked for none */
+    void *fq_flow;           /* fairq.c */
+    int64_t be_cursor;       /* cpu: next slice */
+    int be_cancel;           /* cpu: cancel at the next slice boundary (LA_E* to report); cuda: the
+                        * doorbell wait was released by the daemon (LA_E* to report) */
+    void *be_lane;           /* cuda: the stream pair it was launched on */
+    uint64_t be_deadline_ns; /* cuda: when an unrung doorbell wait is given up (0: none) */
+    int be_cuda_err;         /* cuda: the status its stream callback got */
+    float *be_lse;           /* cpu: the guard's LSE of a call that asked for none */
 } be_job;
 
 typedef void (*be_complete_fn)(void *data, be_job *job);
@@ -155,6 +200,13 @@ typedef struct be_ops {
     void (*free)(be_backend *b);
     /* A sticky device error happened (the process must exit). */
     int (*fatal)(const be_backend *b);
+    /* 0 when calls on dev may name a doorbell (the fast path); else LA_ENOTSUP with the
+     * reason in why. NULL: never. */
+    int (*fastpath)(be_backend *b, int dev, char *why, size_t why_len);
+    /* The engine is done with db (no job uses it): the backend releases what it made of it
+     * (cuda: cudaHostUnregister, on a thread of its own) and then calls unmap(db), which
+     * unmaps and frees it, from any thread. NULL: unmap(db) at once. */
+    void (*doorbell_release)(be_backend *b, be_doorbell *db, void (*unmap)(be_doorbell *db));
 } be_ops;
 
 struct be_backend {
@@ -163,6 +215,9 @@ struct be_backend {
     void *complete_data;
     logsink_fn log;
     void *log_data;
+    /* A launched call whose doorbell has not been rung after this long is released by the
+     * daemon and fails with LA_ETIMEDOUT (cuda); set by the engine after creation. */
+    uint64_t doorbell_timeout_ns;
 };
 
 /* CPU backend: a pool of threads (threads <= 0: number of cores) running calls in slices of
@@ -175,6 +230,15 @@ int be_cuda_new(be_complete_fn complete, void *complete_data, logsink_fn log, vo
 
 /* CLOCK_MONOTONIC in nanoseconds. */
 uint64_t be_now_ns(void);
+
+/* The job's doorbell slot has been rung (ready >= db_value); 1 when it has none. */
+static inline int be_doorbell_rung(const be_job *j)
+{
+    if (!j->db)
+        return 1;
+    uint32_t r = atomic_load_explicit(&j->db->slots[j->db_slot].ready, memory_order_acquire);
+    return be_seq_geq(r, j->db_value);
+}
 
 /* Live bits of a mask region of host memory: rows of `words` words, the first k_tiles bits of
  * each counted. */

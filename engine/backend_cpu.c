@@ -23,7 +23,13 @@
  * Calls on the same mask (session, layer, kv shard) are serialised in submission order (the
  * fair queue never lets one overtake an earlier call of its session on the same mask, and a
  * running slice blocks the other calls on its mask); the GPU backend gets the same order from
- * its single stream per device.
+ * the session's own stream.
+ *
+ * Fast-path calls (a doorbell slot, backend.h) speak the GPU's protocol without a stream: the
+ * client rings the slot from the host before it sends the call, so a slot found unrung when
+ * the call starts is the client's mistake, and the call fails (LA_EINVAL) instead of waiting
+ * for a write that nothing orders; the engine writes the slot's status and done words when the
+ * call completes, whatever its outcome.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -141,6 +147,9 @@ static uint64_t slice_params(const cpu_backend *c, const la_attn_params *p, int6
     sp->v = (const char *)p->v + es * (size_t)(b * p->v_stride[0] + h0 * p->v_stride[2]);
     if (p->lse)
         sp->lse = p->lse + b * p->lse_stride[0] + h0 * p->lse_stride[1] + r0 * p->lse_stride[2];
+    if (p->row_max)
+        sp->row_max = p->row_max + b * p->row_max_stride[0] + h0 * p->row_max_stride[1] +
+                      r0 * p->row_max_stride[2];
     int64_t mo = b * p->mask_stride[0] + h0 * p->mask_stride[1] + m0 * p->mask_stride[2];
     if (p->mask)
         sp->mask = p->mask + mo;
@@ -243,7 +252,11 @@ static void *worker_main(void *arg)
         }
         pthread_mutex_unlock(&c->lock);
 
-        if (j->be_cursor == 0) {
+        /* The fast path: there is no stream here, so a call's doorbell must have been rung
+         * (from the host) before the call was sent; one that was not would wait for nothing
+         * that could be ordered with it. */
+        int unrung = j->be_cursor == 0 && !be_doorbell_rung(j);
+        if (j->be_cursor == 0 && !unrung) {
             /* A new generation of this layer (a step went backwards) starts from all ones. */
             if (j->mask_restart && j->mask) {
                 memset((char *)j->mask->host + j->mask_off, 0xff, (size_t)j->mask_len);
@@ -257,7 +270,7 @@ static void *worker_main(void *arg)
         int64_t tiles = 0;
         sp.threads = share > 0 ? share : 1;
         sp.ret_tiles_computed = &tiles;
-        int rc = la_ref_attn_fwd(&sp);
+        int rc = unrung ? LA_EINVAL : la_ref_attn_fwd(&sp);
 
         pthread_mutex_lock(&c->lock);
         for (int i = 0; i < c->running; i++)
@@ -277,7 +290,14 @@ static void *worker_main(void *arg)
         fq_done(&c->q, j);
         pthread_cond_broadcast(&c->cond);
         pthread_mutex_unlock(&c->lock);
-        if (rc < 0) {
+        if (unrung) {
+            j->status = LA_EINVAL;
+            snprintf(j->msg, sizeof j->msg,
+                     "doorbell slot %u was not rung (ready word %u, the call's value %u): on "
+                     "the CPU backend the client writes it before it sends the call",
+                     j->db_slot, (unsigned)atomic_load(&j->db->slots[j->db_slot].ready),
+                     j->db_value);
+        } else if (rc < 0) {
             j->status = rc;
             snprintf(j->msg, sizeof j->msg, "cpu reference refused the call: %s",
                      codes_strerror(rc));
@@ -466,6 +486,8 @@ static void cpu_free(be_backend *b)
 
 static int cpu_fatal(const be_backend *b) { return 0; }
 
+static int cpu_fastpath(be_backend *b, int dev, char *why, size_t why_len) { return 0; }
+
 static const be_ops cpu_ops = {
     .name = "cpu",
     .devices = cpu_devices,
@@ -485,6 +507,7 @@ static const be_ops cpu_ops = {
     .stop = cpu_stop,
     .free = cpu_free,
     .fatal = cpu_fatal,
+    .fastpath = cpu_fastpath,
 };
 
 int be_cpu_new(int threads, uint64_t slice_macs, be_complete_fn complete, void *complete_data,

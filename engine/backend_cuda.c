@@ -1,28 +1,54 @@
 /*
- * backend_cuda.c — the CUDA backend: one worker thread per GPU, each with its own non-blocking
- * stream; the kernels of kernels/la_cuda.h; client memory by CUDA IPC and by VMM fds.
+ * backend_cuda.c — the CUDA backend: per GPU a launcher thread and a service thread, the
+ * sessions' streams ("lanes"), the kernels of kernels/la_cuda.h, client memory by CUDA IPC and
+ * by VMM fds, and the fast path's doorbells (stream memory operations on host memory both
+ * processes map).
  *
- * Over 900 lines on purpose: the worker, the stream callbacks, the IPC import cache and the
- * graveyard all work on one per-device state under one lock, which splitting the file would
- * have to export to every part.
+ * Over 1000 lines on purpose: the launcher, the stream callbacks, the service thread, the IPC
+ * import cache and the lanes all work on one per-device state under one lock, which splitting
+ * the file would have to export to every part.
  *
- * The loop thread never waits for the GPU. It only enqueues stream-ordered work that returns at
- * once (cudaMallocAsync + cudaMemsetAsync of new masks) and hands jobs to the device's worker.
- * The worker, per job: makes the stream wait on the client's IPC event, zeroes the job's
- * tile counter, sets the layer's mask to all ones when the layer starts over (a step lower
- * than its last one), launches the kernel, copies the counter and (when the mask changed) the
- * layer's mask back into pinned host memory (the host view the loop thread reads for live
- * fractions and mask reads), records an interprocess completion event (whose handle goes back
- * to the client) and enqueues a host function that completes the job once the stream got
- * there. The host function makes no CUDA call; it queues the completion for the loop thread.
+ * Lanes. Every session that has calls launched owns a lane: a work stream and a completion
+ * stream. A session's calls run in its lane in submission order (they read the mask the
+ * previous call wrote); sessions do not wait for each other's streams, which matters for the
+ * fast path, where a launched call may wait on its client's doorbell for as long as the
+ * client's GPU needs to produce Q/K/V. A lane holds at most LANE_DEPTH calls launched and not
+ * finished (enough to hide the launch gap between calls; few, so that the fair queue, not the
+ * GPU, decides whose call goes next), and goes back to a free stack when its last call
+ * finished, so that the busy lanes are the first ones created (streams beyond the device's
+ * CUDA_DEVICE_MAX_CONNECTIONS share hardware queues: liteattnd raises it to 32). A doorbell
+ * call of one session thus never holds up another session's stream; within one session the
+ * calls are ordered anyway.
  *
- * Frees that may synchronise (cudaFreeHost, cudaIpcCloseMemHandle) are not made on the loop
- * thread: the engine calls mask_free / buffer_release once the last job using the object has
- * completed, and they go to a per-device graveyard that the worker empties when its stream is
- * idle (device masks are freed stream-ordered at once).
+ * The launcher takes jobs from the fair queue (fairq.h) and, per job, in its lane's work
+ * stream: makes the stream wait on the client's IPC event and/or on the doorbell's ready word
+ * (cuStreamWaitValue32, cyclic >=), zeroes the job's tile counter, sets the layer's mask to
+ * all ones when the layer starts over, launches the kernel, writes the doorbell's status and
+ * done words (cuStreamWriteValue32: the client's stream goes on from here, without the host),
+ * records an interprocess completion event (for clients that wait on events), copies the
+ * counter and (when the mask changed) the layer's mask into pinned host memory, records the
+ * slot's event; the completion stream waits for that event and then runs a stream callback
+ * (cudaStreamAddCallback, which also runs, with the error, after a device fault). The work
+ * stream never waits for the host.
  *
- * A sticky error (illegal address, launch failure, ...) poisons the context: the worker fails
- * every job in flight with LA_EDEVICE and sets the backend's fatal flag; the server then fails
+ * The callback only queues the job for the service thread and wakes it. The service thread
+ * (never the loop, never a stream callback) counts the live bits of the changed mask region,
+ * completes the job (the engine queues it for the loop thread), and does what may block:
+ * the pinned host views of new masks (cudaHostAlloc), registering doorbells with CUDA
+ * (cudaHostRegister), and the graveyard (cudaFreeHost, cudaIpcCloseMemHandle,
+ * cudaHostUnregister; device masks are freed stream-ordered). Nothing polls: both threads
+ * sleep on condition variables; the service thread wakes at a doorbell deadline only while a
+ * launched call waits on an unrung doorbell.
+ *
+ * Doorbell waits are bounded. A launched call whose ready word is not written within the
+ * doorbell timeout, or whose connection closed, or that the daemon stops, is released by the
+ * daemon: it writes the ready word itself from the host, the kernel runs on whatever the
+ * inputs hold (into the client's own buffers, which the import keeps mapped), and the call
+ * fails (LA_ETIMEDOUT, LA_ECLOSED, LA_ESHUTDOWN) with its layer's mask marked for a dense
+ * restart (mask_tainted), so no session keeps skip decisions made from such inputs.
+ *
+ * A sticky error (illegal address, launch failure, ...) poisons the context: every job in
+ * flight fails with LA_EDEVICE and the backend's fatal flag is set; the server then fails
  * everyone and exits non-zero (systemd restarts the daemon).
  *
  * Built only with LA_HAVE_CUDA (nvcc found); otherwise be_cuda_new() reports LA_ENODEV.
@@ -53,20 +79,24 @@ int be_cuda_new(be_complete_fn complete, void *complete_data, logsink_fn log, vo
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "fairq.h"
 #include "guard_cuda.h"
 #include "la_cuda.h"
 
-#define N_SLOTS 1024 /* jobs in flight per device (tile counters) */
+#define N_SLOTS 1024 /* jobs in flight per device (tile counters, completion events) */
 #define N_EVENTS 256 /* completion IPC events per device, used round robin */
 #define MAX_DEVICES 64
 #define N_WAIT_CACHE 64 /* client IPC events kept open per device, replaced round robin */
-/* Jobs launched on a stream and not finished yet. Few, so that the fair queue (fairq.h), not
- * the stream's FIFO, decides what runs next; enough to hide the launch gap between calls. */
-#define STREAM_DEPTH 3
+#define LANE_DEPTH 3    /* calls launched and not finished per lane */
+#define MAX_LANES 256   /* lanes per device; a session without one waits for one to free */
 
 typedef CUresult (*get_range_fn)(CUdeviceptr *pbase, size_t *psize, CUdeviceptr dptr);
+typedef CUresult (*value32_fn)(CUstream stream, CUdeviceptr addr, cuuint32_t value,
+                               unsigned int flags);
+typedef CUresult (*dev_get_fn)(CUdevice *dev, int ordinal);
+typedef CUresult (*dev_attr_fn)(int *value, CUdevice_attribute attr, CUdevice dev);
 
 /* The driver's VMM entry points (cudaGetDriverEntryPoint; all present or VMM is refused). */
 typedef struct vmm_api {
@@ -85,24 +115,40 @@ typedef struct vmm_api {
 
 typedef struct be_import be_import;
 
-/* A device object whose release may synchronise: done by the worker when the stream is idle. */
-typedef struct grave {
-    struct grave *next;
-    void *dev_ptr;  /* cudaFreeAsync (mask) */
-    void *host;     /* cudaFreeHost (mask shadow) */
-    void *ipc_ptr;  /* cudaIpcCloseMemHandle */
-    be_import *vmm; /* unmapped and released (vmm_free) */
-    int dev_freed;
-} grave;
-
 typedef struct gpu gpu;
 typedef struct cuda_backend cuda_backend;
 
-/* What a stream host function gets: stable for the backend's life, unlike the job. */
+/* What a stream callback gets: stable for the backend's life, unlike the job. */
 typedef struct slot_ctx {
     gpu *g;
     int slot;
 } slot_ctx;
+
+/* A session's mask set and the state of its pinned host view (made by the service thread). */
+typedef struct cu_mask {
+    be_mask m;
+    atomic_int host_state; /* 0 being made, 1 ready, -1 failed */
+} cu_mask;
+
+/* Work for the service thread, in order. */
+enum { T_SHADOW = 1, T_DOORBELL, T_GRAVE_MASK, T_GRAVE_IPC, T_GRAVE_VMM, T_GRAVE_DOORBELL };
+typedef struct task {
+    struct task *next;
+    int kind;
+    cu_mask *mask;                  /* T_SHADOW, T_GRAVE_MASK */
+    be_doorbell *db;                /* T_DOORBELL, T_GRAVE_DOORBELL */
+    void (*unmap)(be_doorbell *db); /* T_GRAVE_DOORBELL */
+    void *ipc_ptr;                  /* T_GRAVE_IPC */
+    struct be_import *vmm;          /* T_GRAVE_VMM */
+} task;
+
+typedef struct lane {
+    cudaStream_t s;  /* the session's work */
+    cudaStream_t cs; /* waits for each job's event, then runs its callback */
+    uint64_t flow;   /* the session bound to it; 0: free */
+    int launched;    /* its jobs launched whose callback has not been reaped */
+    struct lane *next_free;
+} lane;
 
 struct be_import {
     struct be_import *next;
@@ -131,18 +177,27 @@ struct gpu {
     uint64_t memory;
     int mps;           /* CU_DEVICE_ATTRIBUTE_MPS_ENABLED once the context exists; -1 unknown */
     uint32_t sm_count; /* SMs the context may use */
-    cudaStream_t stream;
-    pthread_t thread;
-    int started;
+    int fastpath;          /* doorbell calls possible (stream memory ops, mapped host memory) */
+    char fastpath_why[96]; /* why not */
+    cudaStream_t stream;   /* stream-ordered mask allocations and frees */
+    pthread_t thread, service;
+    int started, service_started;
 
     pthread_mutex_t lock;
-    pthread_cond_t cond;
+    pthread_cond_t cond;       /* the launcher's */
+    pthread_cond_t scond;      /* the service thread's */
     fq q;                      /* queued */
-    be_job *slot_job[N_SLOTS]; /* launched, host function not run yet, by counter slot */
+    be_job *slot_job[N_SLOTS]; /* launched, callback not run yet, by counter slot */
     slot_ctx slot_ctx[N_SLOTS];
-    int n_inflight;
-    grave *graves;
-    int stopping;
+    cudaEvent_t slot_ev[N_SLOTS];
+    int n_inflight;                /* launched and not reaped */
+    be_job *done_head, *done_tail; /* callbacks ran, not reaped yet (chained by be_next) */
+    task *tasks, *tasks_tail;
+    int stopping, launcher_done;
+
+    lane lanes[MAX_LANES];
+    int n_lanes; /* lanes[0..n_lanes) were handed out once */
+    lane *free_lanes;
 
     unsigned long long *d_tiles; /* [N_SLOTS] device counters */
     unsigned long long *h_tiles; /* [N_SLOTS] pinned copies */
@@ -153,14 +208,14 @@ struct gpu {
     cudaIpcEventHandle_t event_handles[N_EVENTS];
     unsigned next_event;
 
-    /* Clients reuse a few events, so opened IPC event handles are kept (worker thread only). */
+    /* Clients reuse a few events, so opened IPC event handles are kept (launcher only). */
     struct {
         uint8_t handle[64];
         cudaEvent_t ev;
     } wait_cache[N_WAIT_CACHE];
     unsigned wait_next;
 
-    gguard guard; /* the warm seed and the guardrail (guard_cuda.c), worker thread only */
+    gguard guard; /* the guardrail's per-slot counters and scratch (guard_cuda.c) */
 };
 
 struct cuda_backend {
@@ -169,6 +224,7 @@ struct cuda_backend {
     int n;
     be_import *imports;
     get_range_fn get_range;
+    value32_fn wait32, write32; /* NULL: no fast path */
     vmm_api vmm; /* Import NULL: the driver lacks the VMM API */
     CUresult (*exec_affinity)(CUexecAffinityParam *, CUexecAffinityType); /* may be NULL */
     atomic_int fatal;
@@ -245,6 +301,13 @@ static int uuid_digits(const char *s, char out[33])
     return n == 32 ? 0 : -1;
 }
 
+/* Device address of word w (0 ready, 1 done, 2 status) of slot of db. */
+static CUdeviceptr db_word(const be_doorbell *db, uint32_t slot, int w)
+{
+    return (CUdeviceptr)(db->dev_addr + (uint64_t)slot * sizeof(be_doorbell_slot) +
+                         (uint64_t)w * sizeof(uint32_t));
+}
+
 /* ---- completion ------------------------------------------------------------------------ */
 
 static void finish(gpu *g, be_job *j, int status, const char *fmt, const char *detail)
@@ -264,51 +327,77 @@ static void slot_put(gpu *g, int slot)
         g->free_slots[g->n_free_slots++] = slot;
 }
 
-/* Stream host function: the job's GPU work is done. No CUDA calls allowed here. */
-static void CUDART_CB host_done(void *arg)
+/* The flow's lane, or NULL. Under g->lock. */
+static lane *lane_find(gpu *g, uint64_t flow)
 {
+    for (int i = 0; i < g->n_lanes; i++)
+        if (g->lanes[i].flow == flow)
+            return &g->lanes[i];
+    return NULL;
+}
+
+/* One job of l is over: the lane is free again once it has none. Under g->lock. */
+static void lane_drop(gpu *g, lane *l)
+{
+    if (!l || --l->launched > 0)
+        return;
+    l->launched = 0;
+    l->flow = 0;
+    l->next_free = g->free_lanes;
+    g->free_lanes = l;
+}
+
+/* Queues t for the service thread. Under g->lock. */
+static void task_push(gpu *g, task *t)
+{
+    t->next = NULL;
+    if (g->tasks_tail)
+        g->tasks_tail->next = t;
+    else
+        g->tasks = t;
+    g->tasks_tail = t;
+    pthread_cond_signal(&g->scond);
+}
+
+/* Stream callback (the completion stream passed the job's event): queue it for the service
+ * thread. No CUDA calls allowed here. */
+static void CUDART_CB on_done(cudaStream_t stream, cudaError_t status, void *arg)
+{
+    (void)stream;
     slot_ctx *ctx = arg;
     gpu *g = ctx->g;
     pthread_mutex_lock(&g->lock);
     be_job *j = g->slot_job[ctx->slot];
-    if (!j) { /* already failed by the sticky-error path (and maybe freed) */
-        pthread_mutex_unlock(&g->lock);
-        return;
+    if (j) { /* else failed already by the sticky-error path (and maybe freed) */
+        g->slot_job[ctx->slot] = NULL;
+        j->be_cuda_err = (int)status;
+        j->be_next = NULL;
+        if (g->done_tail)
+            g->done_tail->be_next = j;
+        else
+            g->done_head = j;
+        g->done_tail = j;
+        pthread_cond_signal(&g->scond);
     }
-    g->slot_job[ctx->slot] = NULL;
-    g->n_inflight--;
-    j->tiles_computed = (int64_t)g->h_tiles[ctx->slot];
-    slot_put(g, ctx->slot);
-    j->be_slot = -1;
-    pthread_cond_broadcast(&g->cond);
     pthread_mutex_unlock(&g->lock);
-    /* The stream waits for this function, so the slot's guard counter is still this job's. */
-    gguard_done(&g->guard, j, ctx->slot);
-    /* Not under g->lock: the loop thread submits under it. */
-    if (j->mask && (j->p.mode != LA_MODE_DENSE || j->mask_restart || j->seed_host) &&
-        !j->p.decisions) {
-        /* The host view of the region was refreshed before this host function ran. */
-        j->has_live = 1;
-        j->live_bits = be_mask_live((const uint32_t *)((char *)j->mask->host + j->mask_off),
-                                    j->mask_len, j->mask_words, j->mask_k_tiles);
-    }
-    finish(g, j, 0, NULL, NULL);
 }
 
-/* Fails every job in flight or queued on g (sticky error). */
+/* Fails every job launched (callback not run) or queued on g (sticky error). */
 static void fail_all(gpu *g, const char *why)
 {
     pthread_mutex_lock(&g->lock);
     be_job *list = NULL, *q = fq_take(&g->q, 0, 1);
     /* Their slots stay out of use: the dead context may still hold work on them. */
-    for (int k = 0; k < N_SLOTS && g->n_inflight > 0; k++)
+    for (int k = 0; k < N_SLOTS; k++)
         if (g->slot_job[k]) {
-            g->slot_job[k]->be_next = list;
-            list = g->slot_job[k];
+            be_job *j = g->slot_job[k];
             g->slot_job[k] = NULL;
+            lane_drop(g, j->be_lane);
             g->n_inflight--;
+            j->be_next = list;
+            list = j;
         }
-    g->n_inflight = 0;
+    pthread_cond_broadcast(&g->scond);
     pthread_mutex_unlock(&g->lock);
     for (int pass = 0; pass < 2; pass++) {
         be_job *j = pass ? q : list;
@@ -321,127 +410,336 @@ static void fail_all(gpu *g, const char *why)
     }
 }
 
-/* ---- the worker ------------------------------------------------------------------------ */
+/* Releases the doorbell wait of launched job j (its client will not ring, or is gone): the
+ * host writes the ready word the lane waits for; the call then fails with code. Under
+ * g->lock. */
+static void release_wait(gpu *g, be_job *j, int code)
+{
+    if (!j->db || j->be_cancel || be_doorbell_rung(j))
+        return;
+    j->be_cancel = code;
+    j->be_deadline_ns = 0;
+    atomic_store_explicit(&j->db->slots[j->db_slot].ready, j->db_value, memory_order_release);
+}
 
+/* The launched doorbell calls of conn_id (all: every one) that still wait are released. Under
+ * g->lock. */
+static void release_waits(gpu *g, uint64_t conn_id, int all, int code)
+{
+    for (int k = 0; k < N_SLOTS; k++) {
+        be_job *j = g->slot_job[k];
+        if (j && (all || j->conn_id == conn_id))
+            release_wait(g, j, code);
+    }
+}
+
+/* Doorbell deadlines: releases the waits past theirs; returns the earliest one still ahead
+ * (0: none). Under g->lock. */
+static uint64_t check_deadlines(gpu *g, uint64_t now)
+{
+    uint64_t next = 0;
+    for (int k = 0; k < N_SLOTS; k++) {
+        be_job *j = g->slot_job[k];
+        if (!j || !j->be_deadline_ns)
+            continue;
+        if (be_doorbell_rung(j)) {
+            j->be_deadline_ns = 0;
+            continue;
+        }
+        if (j->be_deadline_ns <= now) {
+            logf_(g->cb, LOG_WARN,
+                  "GPU %s: conn %llu: doorbell slot %u not rung within %llu ms; the call is "
+                  "released and fails",
+                  g->uuid, (unsigned long long)j->conn_id, j->db_slot,
+                  (unsigned long long)(g->cb->base.doorbell_timeout_ns / 1000000u));
+            release_wait(g, j, LA_ETIMEDOUT);
+            continue;
+        }
+        if (!next || j->be_deadline_ns < next)
+            next = j->be_deadline_ns;
+    }
+    return next;
+}
+
+/* The job's GPU work is over (its callback ran): figures, then complete. Service thread. */
+static void reap(gpu *g, be_job *j)
+{
+    pthread_mutex_lock(&g->lock);
+    j->tiles_computed = (int64_t)g->h_tiles[j->be_slot];
+    gguard_done(&g->guard, j, j->be_slot); /* before the slot can go to another lane's call */
+    slot_put(g, j->be_slot);
+    j->be_slot = -1;
+    lane_drop(g, j->be_lane);
+    j->be_lane = NULL;
+    g->n_inflight--;
+    int cancelled = j->be_cancel;
+    pthread_cond_broadcast(&g->cond);
+    pthread_mutex_unlock(&g->lock);
+    cudaError_t e = (cudaError_t)j->be_cuda_err;
+    if (e != cudaSuccess) {
+        check_sticky(g->cb, g, e, "the stream");
+        j->has_done_event = 0;
+        finish(g, j, is_sticky(e) ? LA_EDEVICE : map_err(e), "GPU %s: %s", cudaGetErrorString(e));
+        return;
+    }
+    int changes_mask = j->mask &&
+                       (j->p.mode != LA_MODE_DENSE || j->mask_restart || j->seed_host) &&
+                       !j->p.decisions;
+    if (cancelled) {
+        /* The kernel ran on inputs the client may never have written: no skip decision of
+         * this call may survive. */
+        j->mask_tainted = changes_mask;
+        j->has_live = 0;
+        j->has_done_event = 0;
+        finish(g, j, cancelled,
+               cancelled == LA_ETIMEDOUT
+                   ? "GPU %s: the call's doorbell was not rung in time (the client's stream "
+                     "never wrote it); the daemon released the wait%s"
+               : cancelled == LA_ECLOSED ? "GPU %s: the connection closed while the call "
+                                           "waited for its doorbell%s"
+                                         : "GPU %s: the daemon is shutting down%s",
+               "");
+        return;
+    }
+    if (changes_mask) {
+        /* The host view of the region was refreshed before the callback ran. The count is
+         * the service thread's work, never the stream's. */
+        j->has_live = 1;
+        j->live_bits = be_mask_live((const uint32_t *)((char *)j->mask->host + j->mask_off),
+                                    j->mask_len, j->mask_words, j->mask_k_tiles);
+    }
+    finish(g, j, 0, NULL, NULL);
+}
+
+/* ---- the launcher ---------------------------------------------------------------------- */
+
+/* A job may not launch while its lane is full (or no lane is left for it), while its mask's
+ * host view or its doorbell's registration is still being made, or when no counter slot is
+ * free. Under g->lock. */
+static int launch_blocked(void *ctx, const be_job *j)
+{
+    gpu *g = ctx;
+    if (g->n_free_slots == 0)
+        return 1;
+    lane *l = lane_find(g, j->flow_id);
+    if (l ? l->launched >= LANE_DEPTH : !g->free_lanes && g->n_lanes >= MAX_LANES)
+        return 1;
+    if (j->mask && atomic_load(&((cu_mask *)j->mask)->host_state) == 0)
+        return 1;
+    if (j->db) {
+        int st = atomic_load(&j->db->cuda_state);
+        if (st == 0 || st == 1)
+            return 1;
+    }
+    return 0;
+}
+
+/* The lane of j's flow, bound now if it had none (launch_blocked said one is there). */
+static lane *lane_take(gpu *g, uint64_t flow)
+{
+    lane *l = lane_find(g, flow);
+    if (l)
+        return l;
+    if (g->free_lanes) {
+        l = g->free_lanes;
+        g->free_lanes = l->next_free;
+    } else {
+        l = &g->lanes[g->n_lanes++];
+    }
+    l->next_free = NULL;
+    l->flow = flow;
+    l->launched = 0;
+    return l;
+}
+
+/* A launch failed after j took its slot and lane: j leaves them (the slot retired when work
+ * already enqueued may still write its counter) and fails. */
+static void launch_failed(gpu *g, be_job *j, int retire, int status, const char *fmt,
+                          const char *detail)
+{
+    pthread_mutex_lock(&g->lock);
+    int mine = g->slot_job[j->be_slot] == j;
+    if (mine) {
+        g->slot_job[j->be_slot] = NULL;
+        if (!retire)
+            slot_put(g, j->be_slot);
+        lane_drop(g, j->be_lane);
+        g->n_inflight--;
+    }
+    pthread_cond_broadcast(&g->scond);
+    pthread_mutex_unlock(&g->lock);
+    if (!mine)
+        return; /* the sticky path failed it already */
+    if (retire)
+        logf_(g->cb, 1, "GPU %s: launch failed (%s); counter slot %d retired", g->uuid,
+              detail ? detail : "?", j->be_slot);
+    j->be_slot = -1;
+    j->be_lane = NULL;
+    j->has_done_event = 0;
+    finish(g, j, status, fmt, detail);
+}
+
+static cudaEvent_t wait_event(gpu *g, const uint8_t handle[64], cudaError_t *ret_e)
+{
+    for (int k = 0; k < N_WAIT_CACHE; k++)
+        if (g->wait_cache[k].ev && !memcmp(g->wait_cache[k].handle, handle, 64))
+            return g->wait_cache[k].ev;
+    cudaIpcEventHandle_t h;
+    memcpy(&h, handle, sizeof h);
+    cudaEvent_t ev = NULL;
+    cudaError_t e = cudaIpcOpenEventHandle(&ev, h);
+    if (e != cudaSuccess) {
+        *ret_e = e;
+        return NULL;
+    }
+    unsigned k = g->wait_next++ % N_WAIT_CACHE;
+    /* Destroying an event a wait was enqueued on is fine: the wait keeps what it needs until
+     * the device is done with it. */
+    if (g->wait_cache[k].ev)
+        cudaEventDestroy(g->wait_cache[k].ev);
+    g->wait_cache[k].ev = ev;
+    memcpy(g->wait_cache[k].handle, handle, 64);
+    return ev;
+}
+
+/* Enqueues j on its lane (slot and lane taken). Launcher thread, g->lock not held. */
 static void launch(gpu *g, be_job *j)
 {
+    cuda_backend *cb = g->cb;
+    lane *l = j->be_lane;
+    int slot = j->be_slot;
     cudaError_t e;
     j->be_priv = g;
-    j->be_slot = -1;
     j->t_start_ns = be_now_ns();
-    if (j->has_wait_event) {
-        cudaEvent_t ev = NULL;
-        for (int k = 0; k < N_WAIT_CACHE && !ev; k++)
-            if (g->wait_cache[k].ev && !memcmp(g->wait_cache[k].handle, j->wait_event, 64))
-                ev = g->wait_cache[k].ev;
-        if (!ev) {
-            cudaIpcEventHandle_t h;
-            memcpy(&h, j->wait_event, sizeof h);
-            e = cudaIpcOpenEventHandle(&ev, h);
-            if (e != cudaSuccess) {
-                check_sticky(g->cb, g, e, "cudaIpcOpenEventHandle");
-                finish(g, j, is_sticky(e) ? LA_EDEVICE : LA_EINVAL,
-                       "GPU %s: cannot open the wait event: %s", cudaGetErrorString(e));
-                return;
-            }
-            unsigned k = g->wait_next++ % N_WAIT_CACHE;
-            /* Destroying an event a wait was enqueued on is fine: the wait keeps what it
-             * needs until the device is done with it. */
-            if (g->wait_cache[k].ev)
-                cudaEventDestroy(g->wait_cache[k].ev);
-            g->wait_cache[k].ev = ev;
-            memcpy(g->wait_cache[k].handle, j->wait_event, 64);
-        }
-        if ((e = cudaStreamWaitEvent(g->stream, ev, 0)) != cudaSuccess) {
-            check_sticky(g->cb, g, e, "cudaStreamWaitEvent");
-            finish(g, j, map_err(e), "GPU %s: %s", cudaGetErrorString(e));
+    if (!l->s) {
+        if ((e = cudaStreamCreateWithFlags(&l->s, cudaStreamNonBlocking)) != cudaSuccess ||
+            (e = cudaStreamCreateWithFlags(&l->cs, cudaStreamNonBlocking)) != cudaSuccess) {
+            if (l->s)
+                cudaStreamDestroy(l->s);
+            l->s = l->cs = NULL;
+            check_sticky(cb, g, e, "cudaStreamCreate");
+            launch_failed(g, j, 0, map_err(e), "GPU %s: cannot create a stream: %s",
+                          cudaGetErrorString(e));
             return;
         }
     }
-    int slot = -1;
-    pthread_mutex_lock(&g->lock);
-    if (g->n_free_slots > 0)
-        slot = g->free_slots[--g->n_free_slots];
-    pthread_mutex_unlock(&g->lock);
-    if (slot < 0) {
-        finish(g, j, LA_EBUSY, "GPU %s: too many calls in flight%s", "");
+    if (j->mask && atomic_load(&((cu_mask *)j->mask)->host_state) < 0) {
+        launch_failed(g, j, 0, LA_ENOMEM,
+                      "GPU %s: no pinned host memory for the session's mask view%s", "");
         return;
     }
-    j->be_slot = slot;
+    if (j->db && atomic_load(&j->db->cuda_state) < 0) {
+        launch_failed(g, j, 0, LA_EDEVICE, "GPU %s: the doorbell cannot be used: %s", j->db->err);
+        return;
+    }
+    if (j->has_wait_event) {
+        cudaEvent_t ev = wait_event(g, j->wait_event, &e);
+        if (!ev) {
+            check_sticky(cb, g, e, "cudaIpcOpenEventHandle");
+            launch_failed(g, j, 0, is_sticky(e) ? LA_EDEVICE : LA_EINVAL,
+                          "GPU %s: cannot open the wait event: %s", cudaGetErrorString(e));
+            return;
+        }
+        if ((e = cudaStreamWaitEvent(l->s, ev, 0)) != cudaSuccess) {
+            check_sticky(cb, g, e, "cudaStreamWaitEvent");
+            launch_failed(g, j, 0, map_err(e), "GPU %s: %s", cudaGetErrorString(e));
+            return;
+        }
+    }
+    if (j->db) {
+        CUresult r = cb->wait32((CUstream)l->s, db_word(j->db, j->db_slot, 0), j->db_value,
+                                CU_STREAM_WAIT_VALUE_GEQ);
+        if (r != CUDA_SUCCESS) {
+            char d[32];
+            snprintf(d, sizeof d, "CUresult %d", (int)r);
+            launch_failed(g, j, 0, LA_EDEVICE,
+                          "GPU %s: cannot wait on the doorbell (cuStreamWaitValue32: %s)", d);
+            return;
+        }
+    }
     int filled = j->mask_restart; /* the region is set to all ones before this call */
     if (j->mask_ready && !atomic_load(j->mask_ready)) {
         filled = 1;
         /* The region's first call: all ones, on the device in stream order and in the host
-         * view here (the worker's time, not the loop's). */
+         * view here (the launcher's time, not the loop's). */
         if ((e = cudaMemsetAsync((char *)j->mask->dev_ptr + j->mask_off, 0xff, (size_t)j->mask_len,
-                                 g->stream)) != cudaSuccess)
+                                 l->s)) != cudaSuccess)
             goto fail;
         memset((char *)j->mask->host + j->mask_off, 0xff, (size_t)j->mask_len);
         atomic_store(j->mask_ready, 1);
     }
     unsigned long long *counter = g->d_tiles + slot;
-    if ((e = cudaMemsetAsync(counter, 0, sizeof *counter, g->stream)) != cudaSuccess)
-        goto fail;
+    /* Zeroed by two stream writes where the driver has them (a front-end operation, cheaper
+     * on the call's critical path than a memset), else by a memset. */
+    CUdeviceptr cw = (CUdeviceptr)(uintptr_t)counter;
+    if (!cb->write32 ||
+        cb->write32((CUstream)l->s, cw, 0, CU_STREAM_WRITE_VALUE_DEFAULT) != CUDA_SUCCESS ||
+        cb->write32((CUstream)l->s, cw + 4, 0, CU_STREAM_WRITE_VALUE_DEFAULT) != CUDA_SUCCESS)
+        if ((e = cudaMemsetAsync(counter, 0, sizeof *counter, l->s)) != cudaSuccess)
+            goto fail;
     if (j->mask_restart && j->mask &&
         (e = cudaMemsetAsync((char *)j->mask->dev_ptr + j->mask_off, 0xff, (size_t)j->mask_len,
-                             g->stream)) != cudaSuccess)
+                             l->s)) != cudaSuccess)
         goto fail;
-    if ((e = gguard_before(&g->guard, j, filled, g->stream)) != cudaSuccess)
+    if ((e = gguard_before(&g->guard, j, slot, filled, l->s)) != cudaSuccess)
         goto fail;
     j->p.ret_tiles_computed = (int64_t *)counter;
-    e = la_attn_fwd_cuda(&j->p, g->stream);
+    e = la_attn_fwd_cuda(&j->p, l->s);
     j->p.ret_tiles_computed = NULL;
     if (e != cudaSuccess)
         goto fail;
-    if ((e = gguard_after(&g->guard, j, slot, g->stream)) != cudaSuccess)
+    if ((e = gguard_after(&g->guard, j, slot, l->s)) != cudaSuccess)
         goto fail;
+    if (j->db) {
+        /* The client's stream goes on from here: status first, then done (each write is
+         * ordered after the kernel's writes and the previous one). */
+        if (cb->write32((CUstream)l->s, db_word(j->db, j->db_slot, 2), 0,
+                        CU_STREAM_WRITE_VALUE_DEFAULT) != CUDA_SUCCESS ||
+            cb->write32((CUstream)l->s, db_word(j->db, j->db_slot, 1), j->db_value,
+                        CU_STREAM_WRITE_VALUE_DEFAULT) != CUDA_SUCCESS) {
+            launch_failed(g, j, 1, LA_EDEVICE,
+                          "GPU %s: cannot write the doorbell (cuStreamWriteValue32)%s", "");
+            return;
+        }
+    }
     /* The client's completion event right after the kernel, before our own copies. */
     unsigned k = g->next_event++ % N_EVENTS;
-    if ((e = cudaEventRecord(g->events[k], g->stream)) != cudaSuccess)
+    if ((e = cudaEventRecord(g->events[k], l->s)) != cudaSuccess)
         goto fail;
     memcpy(j->done_event, &g->event_handles[k], sizeof j->done_event);
     j->has_done_event = 1;
     if ((e = cudaMemcpyAsync(g->h_tiles + slot, counter, sizeof *counter, cudaMemcpyDeviceToHost,
-                             g->stream)) != cudaSuccess)
+                             l->s)) != cudaSuccess)
         goto fail;
     if (j->mask && (j->p.mode != LA_MODE_DENSE || j->mask_restart || j->seed_host) &&
         !j->p.decisions) {
         /* Refresh the host view of this (layer, shard) mask. */
         e = cudaMemcpyAsync((char *)j->mask->host + j->mask_off,
                             (char *)j->mask->dev_ptr + j->mask_off, (size_t)j->mask_len,
-                            cudaMemcpyDeviceToHost, g->stream);
+                            cudaMemcpyDeviceToHost, l->s);
         if (e != cudaSuccess)
             goto fail;
     }
-    /* In flight before the host function can run. */
-    pthread_mutex_lock(&g->lock);
-    g->slot_job[slot] = j;
-    g->n_inflight++;
-    pthread_mutex_unlock(&g->lock);
-    e = cudaLaunchHostFunc(g->stream, host_done, &g->slot_ctx[slot]);
-    if (e != cudaSuccess) {
-        pthread_mutex_lock(&g->lock);
-        int mine = g->slot_job[slot] == j;
-        if (mine) {
-            g->slot_job[slot] = NULL;
-            g->n_inflight--;
-        }
-        pthread_mutex_unlock(&g->lock);
-        if (!mine)
-            return; /* the sticky path failed it already */
+    /* The warm capture: its own copy in the pinned host view (the region's next call may
+     * refresh the view while the service thread reads; this area only this call writes). */
+    if (j->capture && j->mask &&
+        (e = cudaMemcpyAsync(j->capture, (char *)j->mask->dev_ptr + j->mask_off,
+                             (size_t)j->mask_len, cudaMemcpyDeviceToHost, l->s)) != cudaSuccess)
         goto fail;
-    }
+    /* The completion: on the lane's second stream, so that a callback never stalls the
+     * lane's next call. */
+    if ((e = cudaEventRecord(g->slot_ev[slot], l->s)) != cudaSuccess ||
+        (e = cudaStreamWaitEvent(l->cs, g->slot_ev[slot], 0)) != cudaSuccess ||
+        (e = cudaStreamAddCallback(l->cs, on_done, &g->slot_ctx[slot], 0)) != cudaSuccess)
+        goto fail;
     return;
 fail:
-    check_sticky(g->cb, g, e, "a launch");
+    gguard_abort(&g->guard, slot, l->s);
+    check_sticky(cb, g, e, "a launch");
     /* The counter slot may still be written by work already enqueued: it stays out of use
      * (errors after a slot was taken are launch failures: rare, and sticky ones end the
      * process anyway). */
-    logf_(g->cb, 1, "GPU %s: launch failed (%s); counter slot %d retired", g->uuid,
-          cudaGetErrorString(e), slot);
-    j->has_done_event = 0;
-    j->be_slot = -1;
-    finish(g, j, map_err(e), "GPU %s: %s", cudaGetErrorString(e));
+    launch_failed(g, j, 1, map_err(e), "GPU %s: %s", cudaGetErrorString(e));
 }
 
 static const char *cu_err(const cuda_backend *cb, CUresult r)
@@ -474,62 +772,13 @@ static void vmm_free(cuda_backend *cb, be_import *imp)
     free(imp);
 }
 
-/* Frees what the graveyard holds; the host parts only once the stream is idle. Worker (or
- * teardown) only; g->lock not held. */
-static void bury(gpu *g, int stream_idle)
-{
-    pthread_mutex_lock(&g->lock);
-    grave *list = g->graves;
-    g->graves = NULL;
-    pthread_mutex_unlock(&g->lock);
-    grave *keep = NULL;
-    while (list) {
-        grave *gr = list;
-        list = gr->next;
-        if (gr->dev_ptr && !gr->dev_freed) {
-            cudaError_t e = cudaFreeAsync(gr->dev_ptr, g->stream);
-            check_sticky(g->cb, g, e, "cudaFreeAsync");
-            gr->dev_freed = 1;
-        }
-        if (gr->vmm) {
-            /* Every job that used the mapping has completed (the engine releases an import
-             * only then), and cuMemUnmap does not wait for other work: at once. */
-            vmm_free(g->cb, gr->vmm);
-            gr->vmm = NULL;
-            if (!gr->host && !gr->ipc_ptr && (!gr->dev_ptr || gr->dev_freed)) {
-                free(gr);
-                continue;
-            }
-        }
-        if (!stream_idle) {
-            gr->next = keep;
-            keep = gr;
-            continue;
-        }
-        if (gr->host)
-            cudaFreeHost(gr->host);
-        if (gr->ipc_ptr)
-            cudaIpcCloseMemHandle(gr->ipc_ptr);
-        free(gr);
-    }
-    if (keep) {
-        pthread_mutex_lock(&g->lock);
-        grave **tail = &keep;
-        while (*tail)
-            tail = &(*tail)->next;
-        *tail = g->graves;
-        g->graves = keep;
-        pthread_mutex_unlock(&g->lock);
-    }
-}
-
 static void *gpu_main(void *arg)
 {
     gpu *g = arg;
     cuda_backend *cb = g->cb;
     cudaError_t e = cudaSetDevice(g->ordinal);
     if (e != cudaSuccess)
-        set_fatal(cb, g, e, "cudaSetDevice on the worker");
+        set_fatal(cb, g, e, "cudaSetDevice on the launcher");
     pthread_mutex_lock(&g->lock);
     for (;;) {
         if (atomic_load(&cb->fatal)) {
@@ -541,49 +790,181 @@ static void *gpu_main(void *arg)
             pthread_cond_wait(&g->cond, &g->lock);
             continue;
         }
-        be_job *j = g->n_inflight < STREAM_DEPTH ? fq_pick(&g->q, NULL, NULL, 1) : NULL;
+        be_job *j = fq_pick(&g->q, launch_blocked, g, 1);
         if (j) {
             /* A kernel is not preemptible: the whole call is charged as it starts. */
             fq_charge(&g->q, j, j->cost);
             fq_done(&g->q, j);
+            lane *l = lane_take(g, j->flow_id);
+            l->launched++;
+            int slot = g->free_slots[--g->n_free_slots];
+            g->slot_job[slot] = j;
+            g->n_inflight++;
+            j->be_slot = slot;
+            j->be_lane = l;
+            j->be_cancel = 0;
+            j->be_deadline_ns = j->db && cb->base.doorbell_timeout_ns
+                                    ? be_now_ns() + cb->base.doorbell_timeout_ns
+                                    : 0;
+            int waits = j->db != NULL;
             pthread_mutex_unlock(&g->lock);
-            launch(g, j);
+            launch(g, j); /* j may be complete, even freed, when this returns */
             pthread_mutex_lock(&g->lock);
+            if (waits)
+                pthread_cond_signal(&g->scond); /* a new deadline to watch */
             continue;
         }
-        int busy = g->n_inflight > 0 || g->graves != NULL;
-        if (g->stopping && !busy)
+        if (g->stopping && g->q.queued == 0)
             break;
-        if (!busy) {
-            pthread_cond_wait(&g->cond, &g->lock);
+        pthread_cond_wait(&g->cond, &g->lock);
+    }
+    g->launcher_done = 1;
+    pthread_cond_signal(&g->scond);
+    pthread_mutex_unlock(&g->lock);
+    return NULL;
+}
+
+/* ---- the service thread ------------------------------------------------------------------ */
+
+static void wake_launchers(cuda_backend *cb)
+{
+    for (int i = 0; i < cb->n; i++) {
+        gpu *o = &cb->gpus[i];
+        if (!o->cb)
             continue;
-        }
-        /* Work in flight: watch the stream for sticky errors, empty the graveyard when idle. */
-        pthread_mutex_unlock(&g->lock);
-        e = cudaStreamQuery(g->stream);
-        if (e != cudaSuccess && e != cudaErrorNotReady)
-            check_sticky(cb, g, e, "the stream");
-        if (g->graves)
-            bury(g, e == cudaSuccess);
-        pthread_mutex_lock(&g->lock);
-        if (g->stopping && g->n_inflight > 0 && e == cudaErrorNotReady) {
-            /* Shutting down: waiting here is what stop() asked for. */
-            pthread_mutex_unlock(&g->lock);
+        pthread_mutex_lock(&o->lock);
+        pthread_cond_broadcast(&o->cond);
+        pthread_mutex_unlock(&o->lock);
+    }
+}
+
+/* Runs t (service thread; at teardown the caller's). May block on the device. */
+static void run_task(gpu *g, task *t)
+{
+    cuda_backend *cb = g->cb;
+    cudaError_t e = cudaSuccess;
+    switch (t->kind) {
+    case T_SHADOW: {
+        /* The mask's pinned host view; the device part came from cudaMallocAsync on
+         * g->stream: once that stream got here, every lane may use it. */
+        void *h = NULL;
+        be_mask *m = &t->mask->m;
+        e = cudaHostAlloc(&h, (size_t)m->bytes, cudaHostAllocPortable);
+        if (e == cudaSuccess)
             e = cudaStreamSynchronize(g->stream);
-            check_sticky(cb, g, e, "cudaStreamSynchronize");
+        if (e != cudaSuccess) {
+            check_sticky(cb, g, e, "a mask's host view");
+            logf_(cb, LOG_WARN, "GPU %s: a mask of %llu bytes gets no host view: %s", g->uuid,
+                  (unsigned long long)m->bytes, cudaGetErrorString(e));
+            if (h)
+                cudaFreeHost(h);
+            atomic_store(&t->mask->host_state, -1);
+        } else {
+            m->host = h;
+            atomic_store(&t->mask->host_state, 1); /* publishes m->host */
+        }
+        pthread_mutex_lock(&g->lock);
+        pthread_cond_broadcast(&g->cond);
+        pthread_mutex_unlock(&g->lock);
+        break;
+    }
+    case T_DOORBELL: {
+        be_doorbell *db = t->db;
+        long page = sysconf(_SC_PAGESIZE);
+        size_t len =
+            page > 0 ? (db->map_len + (size_t)page - 1) / (size_t)page * (size_t)page : db->map_len;
+        void *dev = NULL;
+        e = cudaHostRegister(db->slots, len, cudaHostRegisterPortable | cudaHostRegisterMapped);
+        if (e == cudaSuccess && (e = cudaHostGetDevicePointer(&dev, db->slots, 0)) != cudaSuccess)
+            cudaHostUnregister(db->slots);
+        if (e == cudaSuccess && dev != (void *)db->slots) {
+            /* Every GPU uses one address (portable mapped memory at the host's address, which
+             * fastpath() required of each device). */
+            cudaHostUnregister(db->slots);
+            snprintf(db->err, sizeof db->err, "the mapped doorbell has another device address");
+            atomic_store(&db->cuda_state, -1);
+        } else if (e != cudaSuccess) {
+            check_sticky(cb, g, e, "cudaHostRegister");
+            snprintf(db->err, sizeof db->err, "cudaHostRegister: %s", cudaGetErrorString(e));
+            atomic_store(&db->cuda_state, -1);
+        } else {
+            db->dev_addr = (uint64_t)(uintptr_t)dev;
+            atomic_store(&db->cuda_state, 2);
+        }
+        wake_launchers(cb); /* jobs on any GPU may wait for it */
+        break;
+    }
+    case T_GRAVE_MASK: {
+        be_mask *m = &t->mask->m;
+        if (m->dev_ptr) {
+            /* Every job on it has completed: a stream-ordered free needs no more order. */
+            e = cudaFreeAsync(m->dev_ptr, g->stream);
+            check_sticky(cb, g, e, "cudaFreeAsync");
+        }
+        if (m->host)
+            cudaFreeHost(m->host);
+        free(t->mask);
+        break;
+    }
+    case T_GRAVE_IPC: cudaIpcCloseMemHandle(t->ipc_ptr); break;
+    case T_GRAVE_VMM:
+        /* Every job that used the mapping has completed (the engine releases an import only
+         * then), and cuMemUnmap does not wait for other work. */
+        vmm_free(cb, t->vmm);
+        break;
+    case T_GRAVE_DOORBELL:
+        if (atomic_load(&t->db->cuda_state) == 2)
+            cudaHostUnregister(t->db->slots);
+        t->unmap(t->db);
+        break;
+    }
+    free(t);
+}
+
+static void *gpu_service(void *arg)
+{
+    gpu *g = arg;
+    cuda_backend *cb = g->cb;
+    cudaError_t e = cudaSetDevice(g->ordinal);
+    if (e != cudaSuccess)
+        set_fatal(cb, g, e, "cudaSetDevice on the service thread");
+    pthread_mutex_lock(&g->lock);
+    for (;;) {
+        if (g->done_head) {
+            be_job *list = g->done_head;
+            g->done_head = g->done_tail = NULL;
+            pthread_mutex_unlock(&g->lock);
+            while (list) {
+                be_job *next = list->be_next;
+                list->be_next = NULL;
+                reap(g, list);
+                list = next;
+            }
             pthread_mutex_lock(&g->lock);
             continue;
         }
-        if (!g->stopping) {
-            struct timespec ts;
-            clock_gettime(CLOCK_REALTIME, &ts);
-            ts.tv_nsec += 2 * 1000 * 1000; /* 2 ms */
-            if (ts.tv_nsec >= 1000000000) {
-                ts.tv_sec++;
-                ts.tv_nsec -= 1000000000;
-            }
-            pthread_cond_timedwait(&g->cond, &g->lock, &ts);
+        if (g->tasks) {
+            task *t = g->tasks;
+            g->tasks = t->next;
+            if (!g->tasks)
+                g->tasks_tail = NULL;
+            pthread_mutex_unlock(&g->lock);
+            run_task(g, t);
+            pthread_mutex_lock(&g->lock);
+            continue;
         }
+        if (g->stopping && g->launcher_done && g->n_inflight == 0)
+            break;
+        uint64_t next = check_deadlines(g, be_now_ns());
+        if (!next) {
+            pthread_cond_wait(&g->scond, &g->lock);
+            continue;
+        }
+        /* A launched call waits on an unrung doorbell: wake at its deadline (seconds away;
+         * nothing polls). The clock of the condition variable is CLOCK_MONOTONIC. */
+        struct timespec ts = {.tv_sec = (time_t)(next / 1000000000u),
+                              .tv_nsec = (long)(next % 1000000000u)};
+        pthread_cond_timedwait(&g->scond, &g->lock, &ts);
     }
     pthread_mutex_unlock(&g->lock);
     return NULL;
@@ -652,28 +1033,35 @@ static int cu_supports(be_backend *b, int dev, const la_attn_params *p)
     return la_cuda_supported(p, cb->gpus[dev].cc);
 }
 
-/* Queues device objects for g's worker to release (bury) when the stream is idle. Returns 0,
- * or -1 when out of memory (nothing is handed over). */
-static int grave_add_vmm(gpu *g, void *dev_ptr, void *host, void *ipc_ptr, be_import *vmm)
+static int cu_fastpath(be_backend *b, int dev, char *why, size_t why_len)
 {
-    grave *gr = calloc(1, sizeof *gr);
-    if (!gr)
-        return -1;
-    gr->dev_ptr = dev_ptr;
-    gr->host = host;
-    gr->ipc_ptr = ipc_ptr;
-    gr->vmm = vmm;
-    pthread_mutex_lock(&g->lock);
-    gr->next = g->graves;
-    g->graves = gr;
-    pthread_cond_broadcast(&g->cond);
-    pthread_mutex_unlock(&g->lock);
-    return 0;
+    cuda_backend *cb = (cuda_backend *)b;
+    if (dev < 0 || dev >= cb->n)
+        return LA_ENODEV;
+    if (cb->gpus[dev].fastpath)
+        return 0;
+    if (why && why_len)
+        snprintf(why, why_len, "%s", cb->gpus[dev].fastpath_why);
+    return LA_ENOTSUP;
 }
 
-static int grave_add(gpu *g, void *dev_ptr, void *host, void *ipc_ptr)
+/* Queues a task of kind for g's service thread; -1 when out of memory (nothing queued). */
+static int service(gpu *g, int kind, cu_mask *m, be_doorbell *db, void (*unmap)(be_doorbell *),
+                   void *ipc_ptr, be_import *vmm)
 {
-    return grave_add_vmm(g, dev_ptr, host, ipc_ptr, NULL);
+    task *t = calloc(1, sizeof *t);
+    if (!t)
+        return -1;
+    t->kind = kind;
+    t->mask = m;
+    t->db = db;
+    t->unmap = unmap;
+    t->ipc_ptr = ipc_ptr;
+    t->vmm = vmm;
+    pthread_mutex_lock(&g->lock);
+    task_push(g, t);
+    pthread_mutex_unlock(&g->lock);
+    return 0;
 }
 
 static int cu_mask_alloc(be_backend *b, int dev, uint64_t bytes, be_mask **ret_mask)
@@ -684,26 +1072,30 @@ static int cu_mask_alloc(be_backend *b, int dev, uint64_t bytes, be_mask **ret_m
     if (atomic_load(&cb->fatal))
         return LA_EDEVICE;
     gpu *g = &cb->gpus[dev];
-    be_mask *m = calloc(1, sizeof *m);
-    if (!m)
+    cu_mask *cm = calloc(1, sizeof *cm);
+    if (!cm)
         return LA_ENOMEM;
+    atomic_init(&cm->host_state, 0);
     cudaError_t e = cudaSetDevice(g->ordinal);
-    void *d = NULL, *h = NULL;
-    if (e == cudaSuccess)
-        e = cudaHostAlloc(&h, (size_t)bytes, cudaHostAllocPortable);
+    void *d = NULL;
     if (e == cudaSuccess)
         e = cudaMallocAsync(&d, (size_t)bytes, g->stream);
     if (e != cudaSuccess) {
         check_sticky(cb, g, e, "mask allocation");
-        if (d || h)
-            grave_add(g, d, h, NULL);
-        free(m);
+        free(cm);
         return map_err(e);
     }
-    m->dev_ptr = d; /* regions are set to all ones by the worker (launch) */
-    m->host = h;
+    be_mask *m = &cm->m;
+    m->dev_ptr = d; /* regions are set to all ones by the launcher */
+    m->host = NULL; /* pinned by the service thread (cudaHostAlloc may block) */
     m->bytes = bytes;
     m->dev = dev;
+    m->priv = cm;
+    if (service(g, T_SHADOW, cm, NULL, NULL, NULL, NULL) < 0) {
+        cudaFreeAsync(d, g->stream);
+        free(cm);
+        return LA_ENOMEM;
+    }
     *ret_mask = m;
     return 0;
 }
@@ -714,10 +1106,9 @@ static void cu_mask_free(be_backend *b, be_mask *m)
     if (!m)
         return;
     gpu *g = &cb->gpus[m->dev];
-    if (grave_add(g, m->dev_ptr, m->host, NULL) < 0)
+    if (service(g, T_GRAVE_MASK, (cu_mask *)m, NULL, NULL, NULL, NULL) < 0)
         logf_(cb, LOG_WARN, "GPU %s: out of memory; %llu bytes of mask leaked", g->uuid,
               (unsigned long long)m->bytes);
-    free(m);
 }
 
 static int cu_buffer_import(be_backend *b, const void *handle, size_t len, const char *uuid,
@@ -1014,8 +1405,8 @@ static void cu_buffer_release(be_backend *b, be_import *imp)
     if (!imp || --imp->refs > 0)
         return;
     if (imp->vmm) {
-        /* The worker unmaps it (it may be busy in the driver; the loop thread stays free). */
-        if (grave_add_vmm(imp->g, NULL, NULL, NULL, imp) < 0)
+        /* The service thread unmaps it (it may be busy in the driver; the loop stays free). */
+        if (service(imp->g, T_GRAVE_VMM, NULL, NULL, NULL, NULL, imp) < 0)
             vmm_free(cb, imp);
         return;
     }
@@ -1025,8 +1416,24 @@ static void cu_buffer_release(be_backend *b, be_import *imp)
     if (*pp)
         *pp = imp->next;
     gpu *g = imp->g;
-    grave_add(g, NULL, NULL, imp->ptr);
+    if (service(g, T_GRAVE_IPC, NULL, NULL, NULL, imp->ptr, NULL) < 0)
+        logf_(cb, LOG_WARN, "GPU %s: out of memory; an IPC import stays open", g->uuid);
     free(imp);
+}
+
+static void cu_doorbell_release(be_backend *b, be_doorbell *db, void (*unmap)(be_doorbell *db))
+{
+    cuda_backend *cb = (cuda_backend *)b;
+    int st = atomic_load(&db->cuda_state);
+    if (st == 0 || st == -1 || cb->n < 1) {
+        unmap(db); /* never registered with CUDA */
+        return;
+    }
+    /* Registered, or being registered by that GPU's service thread (cuda_gpu, set by the
+     * first call's submit): it unregisters it after, in order. */
+    gpu *g = &cb->gpus[db->cuda_gpu >= 0 && db->cuda_gpu < cb->n ? db->cuda_gpu : 0];
+    if (service(g, T_GRAVE_DOORBELL, NULL, db, unmap, NULL, NULL) < 0)
+        logf_(cb, LOG_WARN, "GPU %s: out of memory; a doorbell stays mapped", g->uuid);
 }
 
 static int cu_submit(be_backend *b, be_job *job)
@@ -1037,19 +1444,34 @@ static int cu_submit(be_backend *b, be_job *job)
     if (atomic_load(&cb->fatal))
         return LA_EDEVICE;
     gpu *g = &cb->gpus[job->dev];
+    task *t = NULL;
+    int expect = 0;
+    if (job->db && atomic_load(&job->db->cuda_state) == 0 && !(t = calloc(1, sizeof *t)))
+        return LA_ENOMEM;
     pthread_mutex_lock(&g->lock);
     if (g->stopping) {
         pthread_mutex_unlock(&g->lock);
+        free(t);
         return LA_ESHUTDOWN;
     }
     int rc = fq_push(&g->q, job);
+    if (rc == 0 && t && atomic_compare_exchange_strong(&job->db->cuda_state, &expect, 1)) {
+        /* The doorbell's first call: this GPU's service thread registers it. */
+        job->db->cuda_gpu = job->dev;
+        t->kind = T_DOORBELL;
+        t->db = job->db;
+        task_push(g, t);
+        t = NULL;
+    }
     if (rc == 0)
         pthread_cond_broadcast(&g->cond);
     pthread_mutex_unlock(&g->lock);
+    free(t);
     return rc;
 }
 
-/* Launched work cannot be taken back; what is still queued is. */
+/* Launched work cannot be taken back; what is still queued is, and a launched call still
+ * waiting for its doorbell is released. */
 static void cu_cancel(be_backend *b, uint64_t conn_id, int all, int code)
 {
     cuda_backend *cb = (cuda_backend *)b;
@@ -1059,6 +1481,7 @@ static void cu_cancel(be_backend *b, uint64_t conn_id, int all, int code)
             continue;
         pthread_mutex_lock(&g->lock);
         be_job *list = fq_take(&g->q, conn_id, all);
+        release_waits(g, conn_id, all, code);
         pthread_mutex_unlock(&g->lock);
         while (list) {
             be_job *next = list->be_next;
@@ -1082,7 +1505,9 @@ static void cu_stop(be_backend *b)
         pthread_mutex_lock(&g->lock);
         g->stopping = 1;
         be_job *list = fq_take(&g->q, 0, 1);
+        release_waits(g, 0, 1, LA_ESHUTDOWN);
         pthread_cond_broadcast(&g->cond);
+        pthread_cond_broadcast(&g->scond);
         pthread_mutex_unlock(&g->lock);
         while (list) {
             be_job *next = list->be_next;
@@ -1099,7 +1524,11 @@ static void cu_stop(be_backend *b)
             pthread_join(g->thread, NULL);
             g->started = 0;
         }
-        /* Host functions of a lost context never run: fail what is left. */
+        if (g->service_started) {
+            pthread_join(g->service, NULL);
+            g->service_started = 0;
+        }
+        /* Callbacks of a lost context may never run: fail what is left. */
         fail_all(g, "the CUDA context was lost (sticky error); the daemon restarts");
     }
 }
@@ -1108,9 +1537,26 @@ static void gpu_teardown(gpu *g)
 {
     if (!g->cb)
         return;
-    if (cudaSetDevice(g->ordinal) == cudaSuccess && g->stream)
-        cudaStreamSynchronize(g->stream);
-    bury(g, 1);
+    int dev_ok = cudaSetDevice(g->ordinal) == cudaSuccess;
+    if (dev_ok)
+        cudaDeviceSynchronize();
+    /* What the service thread had no time for (the threads have stopped). */
+    while (g->tasks) {
+        task *t = g->tasks;
+        g->tasks = t->next;
+        run_task(g, t);
+    }
+    g->tasks_tail = NULL;
+    for (int k = 0; k < g->n_lanes; k++) {
+        if (g->lanes[k].s)
+            cudaStreamDestroy(g->lanes[k].s);
+        if (g->lanes[k].cs)
+            cudaStreamDestroy(g->lanes[k].cs);
+        g->lanes[k].s = g->lanes[k].cs = NULL;
+    }
+    for (int k = 0; k < N_SLOTS; k++)
+        if (g->slot_ev[k])
+            cudaEventDestroy(g->slot_ev[k]);
     gguard_teardown(&g->guard);
     for (int k = 0; k < N_EVENTS; k++)
         if (g->events[k])
@@ -1129,6 +1575,7 @@ static void gpu_teardown(gpu *g)
     g->stream = NULL;
     pthread_mutex_destroy(&g->lock);
     pthread_cond_destroy(&g->cond);
+    pthread_cond_destroy(&g->scond);
 }
 
 static void cu_free(be_backend *b)
@@ -1172,9 +1619,50 @@ static const be_ops cuda_ops = {
     .stop = cu_stop,
     .free = cu_free,
     .fatal = cu_fatal,
+    .fastpath = cu_fastpath,
+    .doorbell_release = cu_doorbell_release,
 };
 
-static int gpu_init(cuda_backend *cb, gpu *g, int ordinal, char *msg, size_t msg_len)
+/* Whether g can take doorbell calls: the driver's stream memory operations (the _v2 entry
+ * points CUDA 12 made default; the deprecated v1 attribute only says whether the old API is
+ * on) and host memory mapped at the host's address. Only 32-bit operations are used (values
+ * compare cyclically), so the 64-bit attribute is reported, not required. */
+static void probe_fastpath(cuda_backend *cb, gpu *g, dev_get_fn dev_get, dev_attr_fn attr)
+{
+    CUdevice d;
+    int host_ptr = 0, v1 = -1, b64 = -1;
+    if (!cb->wait32 || !cb->write32) {
+        snprintf(g->fastpath_why, sizeof g->fastpath_why,
+                 "the CUDA driver lacks stream memory operations (cuStreamWaitValue32)");
+        return;
+    }
+    if (!dev_get || !attr || dev_get(&d, g->ordinal) != CUDA_SUCCESS ||
+        attr(&host_ptr, CU_DEVICE_ATTRIBUTE_CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM, d) !=
+            CUDA_SUCCESS) {
+        snprintf(g->fastpath_why, sizeof g->fastpath_why,
+                 "the CUDA driver cannot tell the device's attributes");
+        return;
+    }
+    attr(&v1, CU_DEVICE_ATTRIBUTE_CAN_USE_STREAM_MEM_OPS_V1, d);
+    attr(&b64, CU_DEVICE_ATTRIBUTE_CAN_USE_64_BIT_STREAM_MEM_OPS, d);
+    if (!host_ptr) {
+        snprintf(g->fastpath_why, sizeof g->fastpath_why,
+                 "the GPU cannot use registered host memory at the host's address");
+        return;
+    }
+    g->fastpath = 1;
+    logf_(cb, LOG_INFO,
+          "GPU %s: fast path on (32-bit stream memory operations; 64-bit: %s; v1 API: %s)", g->uuid,
+          b64 > 0    ? "yes"
+          : b64 == 0 ? "no"
+                     : "?",
+          v1 > 0    ? "on"
+          : v1 == 0 ? "off"
+                    : "?");
+}
+
+static int gpu_init(cuda_backend *cb, gpu *g, int ordinal, dev_get_fn dev_get, dev_attr_fn attr,
+                    char *msg, size_t msg_len)
 {
     struct cudaDeviceProp prop;
     cudaError_t e = cudaGetDeviceProperties(&prop, ordinal);
@@ -1188,6 +1676,12 @@ static int gpu_init(cuda_backend *cb, gpu *g, int ordinal, char *msg, size_t msg
     g->memory = prop.totalGlobalMem;
     pthread_mutex_init(&g->lock, NULL);
     pthread_cond_init(&g->cond, NULL);
+    /* The service thread waits for doorbell deadlines on the monotonic clock. */
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&g->scond, &ca);
+    pthread_condattr_destroy(&ca);
     fq_init(&g->q);
     gguard_init(&g->guard, N_SLOTS);
     if ((e = cudaSetDevice(ordinal)) != cudaSuccess || (e = cudaFree(NULL)) != cudaSuccess)
@@ -1215,7 +1709,8 @@ static int gpu_init(cuda_backend *cb, gpu *g, int ordinal, char *msg, size_t msg
     if ((e = cudaStreamCreateWithFlags(&g->stream, cudaStreamNonBlocking)) != cudaSuccess ||
         (e = cudaMalloc((void **)&g->d_tiles, N_SLOTS * sizeof *g->d_tiles)) != cudaSuccess ||
         (e = cudaHostAlloc((void **)&g->h_tiles, N_SLOTS * sizeof *g->h_tiles,
-                           cudaHostAllocPortable)) != cudaSuccess)
+                           cudaHostAllocPortable)) != cudaSuccess ||
+        (e = gguard_alloc(&g->guard)) != cudaSuccess)
         goto fail;
     for (int k = 0; k < N_EVENTS; k++) {
         if ((e = cudaEventCreateWithFlags(
@@ -1224,21 +1719,40 @@ static int gpu_init(cuda_backend *cb, gpu *g, int ordinal, char *msg, size_t msg
             goto fail;
     }
     for (int k = 0; k < N_SLOTS; k++) {
+        if ((e = cudaEventCreateWithFlags(&g->slot_ev[k], cudaEventDisableTiming)) != cudaSuccess)
+            goto fail;
         g->free_slots[k] = N_SLOTS - 1 - k;
         g->slot_ctx[k].g = g;
         g->slot_ctx[k].slot = k;
     }
     g->n_free_slots = N_SLOTS;
+    probe_fastpath(cb, g, dev_get, attr);
     if (pthread_create(&g->thread, NULL, gpu_main, g) != 0) {
-        snprintf(msg, msg_len, "GPU %d: cannot start its worker thread", ordinal);
+        snprintf(msg, msg_len, "GPU %d: cannot start its launcher thread", ordinal);
         return LA_ENOMEM;
     }
     g->started = 1;
+    if (pthread_create(&g->service, NULL, gpu_service, g) != 0) {
+        snprintf(msg, msg_len, "GPU %d: cannot start its service thread", ordinal);
+        return LA_ENOMEM;
+    }
+    g->service_started = 1;
     return 0;
 fail:
     snprintf(msg, msg_len, "GPU %d (%s): %s", ordinal, g->uuid[0] ? g->uuid : "?",
              cudaGetErrorString(e));
     return map_err(e);
+}
+
+/* A driver entry point of the CUDA 12 ABI, or NULL. */
+static void *driver_fn(const char *name)
+{
+    enum cudaDriverEntryPointQueryResult q;
+    void *fn = NULL;
+    if (cudaGetDriverEntryPointByVersion(name, &fn, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess)
+        return NULL;
+    return fn;
 }
 
 int be_cuda_new(be_complete_fn complete, void *complete_data, logsink_fn log, void *log_data,
@@ -1275,24 +1789,26 @@ int be_cuda_new(be_complete_fn complete, void *complete_data, logsink_fn log, vo
     cb->base.complete_data = complete_data;
     cb->base.log = log;
     cb->base.log_data = log_data;
+    cb->base.doorbell_timeout_ns = 60ull * 1000000000u;
     atomic_init(&cb->fatal, 0);
     cb->gpus = calloc((size_t)count, sizeof *cb->gpus);
     if (!cb->gpus) {
         free(cb);
         return LA_ENOMEM;
     }
-    enum cudaDriverEntryPointQueryResult q;
-    void *fn = NULL;
-    if (cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &fn, 12000, cudaEnableDefault,
-                                         &q) == cudaSuccess &&
-        q == cudaDriverEntryPointSuccess)
-        cb->get_range = (get_range_fn)fn;
+    cb->get_range = (get_range_fn)driver_fn("cuMemGetAddressRange");
     if (!cb->get_range) {
         snprintf(msg, msg_len, "the CUDA driver lacks cuMemGetAddressRange");
         free(cb->gpus);
         free(cb);
         return LA_ENODEV;
     }
+    /* Stream memory operations: without them the fast path is off (calls that name a
+     * doorbell get LA_ENOTSUP with the reason); everything else works. */
+    cb->wait32 = (value32_fn)driver_fn("cuStreamWaitValue32");
+    cb->write32 = (value32_fn)driver_fn("cuStreamWriteValue32");
+    dev_get_fn dev_get = (dev_get_fn)driver_fn("cuDeviceGet");
+    dev_attr_fn attr = (dev_attr_fn)driver_fn("cuDeviceGetAttribute");
     /* VMM imports need all of these; without them VMM buffers are refused (LA_ENOTSUP). */
     struct {
         const char *name;
@@ -1310,28 +1826,22 @@ int be_cuda_new(be_complete_fn complete, void *complete_data, logsink_fn log, vo
         {"cuGetErrorName", (void **)&cb->vmm.ErrorName},
     };
     int vmm_ok = 1;
-    for (size_t i = 0; i < sizeof vmm_syms / sizeof vmm_syms[0]; i++) {
-        fn = NULL;
-        if (cudaGetDriverEntryPointByVersion(vmm_syms[i].name, &fn, 12000, cudaEnableDefault,
-                                             &q) != cudaSuccess ||
-            q != cudaDriverEntryPointSuccess || !fn)
+    for (size_t i = 0; i < sizeof vmm_syms / sizeof vmm_syms[0]; i++)
+        if (!(*vmm_syms[i].slot = driver_fn(vmm_syms[i].name)))
             vmm_ok = 0;
-        *vmm_syms[i].slot = fn;
-    }
     if (!vmm_ok)
         cb->vmm.Import = NULL;
-    fn = NULL;
-    if (cudaGetDriverEntryPointByVersion("cuCtxGetExecAffinity", &fn, 12000, cudaEnableDefault,
-                                         &q) == cudaSuccess &&
-        q == cudaDriverEntryPointSuccess)
-        *(void **)&cb->exec_affinity = fn;
+    *(void **)&cb->exec_affinity = driver_fn("cuCtxGetExecAffinity");
     for (int i = 0; i < count; i++) {
-        int rc = gpu_init(cb, &cb->gpus[i], i, msg, msg_len);
+        int rc = gpu_init(cb, &cb->gpus[i], i, dev_get, attr, msg, msg_len);
         cb->n = i + 1;
         if (rc < 0) {
             cu_free(&cb->base);
             return rc == LA_ENOMEM ? rc : LA_ENODEV;
         }
+        if (!cb->gpus[i].fastpath)
+            logf_(cb, LOG_INFO, "GPU %s: fast path off: %s", cb->gpus[i].uuid,
+                  cb->gpus[i].fastpath_why);
     }
     *ret = &cb->base;
     return 0;

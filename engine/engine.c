@@ -68,13 +68,19 @@ void eng_config_default(eng_config *cfg)
     cfg->limits.max_queued_cost_per_user = 1ull << 53;
     cfg->limits.warm_store_bytes_per_user = 256ull << 20;
     cfg->limits.warm_max_generations = 8;
+    cfg->limits.max_doorbell_slots = 4096;
+    cfg->limits.doorbell_timeout_s = 60;
 }
 
-/* Backend threads: queue the finished job for the loop thread. */
+/* Backend threads: queue the finished job for the loop thread. A fast-path call's slot is
+ * written here, before the loop thread (and the reply) can see the job, so that the client
+ * never reuses a slot the daemon still writes. */
 static void job_complete(void *data, be_job *bj)
 {
     eng *e = data;
     eng_job *j = (eng_job *)bj;
+    if (bj->db)
+        db_finish(bj->db, bj->db_slot, bj->db_value, bj->status);
     pthread_mutex_lock(&e->done_lock);
     list_append(&e->done, &j->done_link);
     pthread_mutex_unlock(&e->done_lock);
@@ -106,6 +112,7 @@ int eng_new(const eng_config *cfg, eng **ret_engine, eng_error *err)
     list_init(&e->sessions);
     list_init(&e->users);
     list_init(&e->buffers);
+    list_init(&e->doorbells);
     list_init(&e->jobs);
     list_init(&e->done);
     pthread_mutex_init(&e->done_lock, NULL);
@@ -154,6 +161,9 @@ int eng_new(const eng_config *cfg, eng **ret_engine, eng_error *err)
             eng_logf(e, LOG_INFO, "cuda backend not used: %s", msg[0] ? msg : codes_strerror(rc));
         }
     }
+    e->cpu->doorbell_timeout_ns = (uint64_t)cfg->limits.doorbell_timeout_s * 1000000000u;
+    if (e->cuda)
+        e->cuda->doorbell_timeout_ns = e->cpu->doorbell_timeout_ns;
     snprintf(e->backends, sizeof e->backends, "%s", e->cuda ? "cpu,cuda" : "cpu");
     *ret_engine = e;
     return 0;
@@ -170,6 +180,7 @@ void eng_free(eng *e)
         e->cuda->ops->stop(e->cuda);
     eng_process_completions(e);
     buf_free_all(e);
+    db_free_all(e);
     sess_free_all(e); /* deposits what closes now, before the store goes */
     ws_free(e->warm);
     if (e->cpu)
@@ -185,9 +196,19 @@ size_t eng_devices(const eng *e, eng_device_info *out, size_t max)
     size_t n = e->cpu->ops->devices(e->cpu, out, max);
     if (n > max)
         n = max;
+    size_t n_cpu = n;
     if (e->cuda && n < max)
         n += e->cuda->ops->devices(e->cuda, out + n, max - n);
-    return n > max ? max : n;
+    if (n > max)
+        n = max;
+    for (size_t i = 0; i < n; i++) {
+        be_backend *be = i < n_cpu ? e->cpu : e->cuda;
+        char why[8];
+        out[i].fastpath =
+            be->ops->fastpath &&
+            be->ops->fastpath(be, (int)(i < n_cpu ? i : i - n_cpu), why, sizeof why) == 0;
+    }
+    return n;
 }
 
 const char *eng_backends(const eng *e) { return e->backends; }
@@ -208,6 +229,7 @@ void eng_conn_closed(eng *e, uint64_t conn_id)
             j->conn_closed = 1;
     cancel(e, conn_id, 0, LA_ECLOSED);
     buf_conn_closed(e, conn_id);
+    db_conn_closed(e, conn_id);
     sess_conn_closed(e, conn_id);
 }
 
@@ -238,6 +260,9 @@ typedef struct tref {
     int present;
     int extent_rc; /* la_extent_bytes's answer: < 0 leaves the tensor to la_attn_check */
 } tref;
+
+/* Tensors of a call, in this order: q, k, v, o, lse, decisions, row_max. */
+#define N_TREF 7
 
 static int check_shape(const char *sname, const char *role, const eng_tensor *t, int ndim,
                        const int64_t *want, const char *dims, eng_error *err)
@@ -353,9 +378,9 @@ static int resolve_tensor(eng *e, const sess *s, uint64_t conn_id, const char *s
     return 0;
 }
 
-static const tref *find_role(const tref t[6], const char *role)
+static const tref *find_role(const tref t[N_TREF], const char *role)
 {
-    for (int i = 0; role && i < 6; i++)
+    for (int i = 0; role && i < N_TREF; i++)
         if (t[i].present && strcmp(t[i].role, role) == 0)
             return &t[i];
     return NULL;
@@ -363,12 +388,13 @@ static const tref *find_role(const tref t[6], const char *role)
 
 /* The one validity decision (la_attn_check) on the call's parameters; its answer names the
  * rule and the tensor, to which this adds the buffer and byte range it knows. */
-static int check_params(const char *sname, const tref t[6], const la_attn_params *p, eng_error *err)
+static int check_params(const char *sname, const tref t[N_TREF], const la_attn_params *p,
+                        eng_error *err)
 {
     la_attn_error ve;
     int rc = la_attn_check(p, &ve);
     if (rc == 0) {
-        for (int i = 0; i < 6; i++)
+        for (int i = 0; i < N_TREF; i++)
             if (t[i].present && t[i].extent_rc < 0) { /* la_attn_check refuses these */
                 eng_errf(err, "%s: %s extent cannot be computed", sname, t[i].role);
                 return t[i].extent_rc;
@@ -459,6 +485,9 @@ static int check_geometry(const sess *s, const char *sname, const eng_attn_req *
     int64_t lshape[3] = {B, s->heads, Sq};
     if (req->has_lse && (rc = check_shape(sname, "lse", &req->lse, 3, lshape, "B, H, Sq", err)) < 0)
         return rc;
+    if (req->has_row_max &&
+        (rc = check_shape(sname, "row_max", &req->row_max, 3, lshape, "B, H, Sq", err)) < 0)
+        return rc;
     if (req->dry_run) {
         if (!req->has_decisions) {
             eng_errf(err, "%s: dry run without a decisions tensor", sname);
@@ -478,13 +507,14 @@ static int check_geometry(const sess *s, const char *sname, const eng_attn_req *
 /* Buffers, dtypes, strides and byte ranges of every tensor the call uses (overlaps are
  * la_attn_check's to find). */
 static int resolve_tensors(eng *e, const sess *s, uint64_t conn_id, const char *sname,
-                           const eng_attn_req *req, tref t[6], eng_error *err)
+                           const eng_attn_req *req, tref t[N_TREF], eng_error *err)
 {
     int rc;
-    memset(t, 0, 6 * sizeof *t);
-    const char *roles[6] = {"q", "k", "v", "o", "lse", "decisions"};
-    const eng_tensor *ts[6] = {&req->q, &req->k, &req->v, &req->o, &req->lse, &req->decisions};
-    for (int i = 0; i < 6; i++) {
+    memset(t, 0, N_TREF * sizeof *t);
+    const char *roles[N_TREF] = {"q", "k", "v", "o", "lse", "decisions", "row_max"};
+    const eng_tensor *ts[N_TREF] = {&req->q,   &req->k,         &req->v,      &req->o,
+                                    &req->lse, &req->decisions, &req->row_max};
+    for (int i = 0; i < N_TREF; i++) {
         t[i].role = roles[i];
         t[i].writes = i >= 3;
         t[i].t = ts[i];
@@ -492,7 +522,9 @@ static int resolve_tensors(eng *e, const sess *s, uint64_t conn_id, const char *
             continue;
         if (i == 5 && !req->dry_run)
             continue;
-        la_dtype want = i < 4 ? s->dtype : i == 4 ? LA_DTYPE_F32 : LA_DTYPE_U32;
+        if (i == 6 && !req->has_row_max)
+            continue;
+        la_dtype want = i < 4 ? s->dtype : i == 5 ? LA_DTYPE_U32 : LA_DTYPE_F32;
         if ((rc = resolve_tensor(e, s, conn_id, sname, &t[i], want, s->layer_mask_bytes, err)) < 0)
             return rc;
     }
@@ -541,7 +573,7 @@ static int check_ranges(const char *sname, const eng_attn_req *req, eng_error *e
 
 /* The backend job of a checked call: kernel parameters with the tensors' pointers, the
  * session's mask of (layer, shard), the ranges and the wait event. */
-static void build_params(const sess *s, const eng_attn_req *req, const tref t[6], la_mode mode,
+static void build_params(const sess *s, const eng_attn_req *req, const tref t[N_TREF], la_mode mode,
                          float scale, float tau, be_job *bj)
 {
     la_attn_params *p = &bj->p;
@@ -566,6 +598,10 @@ static void build_params(const sess *s, const eng_attn_req *req, const tref t[6]
     if (req->has_lse) {
         p->lse = t[4].ptr;
         memcpy(p->lse_stride, t[4].strides, sizeof p->lse_stride);
+    }
+    if (req->has_row_max) {
+        p->row_max = t[6].ptr;
+        memcpy(p->row_max_stride, t[6].strides, sizeof p->row_max_stride);
     }
     p->B = (int32_t)req->q.shape[0];
     p->Sq = (int32_t)req->q.shape[1];
@@ -659,14 +695,14 @@ static int backend_refused(eng_job *j, const sess *s, const char *sname, int que
     return rc;
 }
 
-static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *req, eng_done_fn done,
-                  void *user, eng_error *err)
+static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *req, eng_doorbell *db,
+                  eng_done_fn done, void *user, eng_error *err)
 {
     int rc;
     sess *s;
     la_mode mode;
     char sname[SESS_NAME_MAX];
-    tref t[6];
+    tref t[N_TREF];
     float scale, tau;
     uint64_t cost;
     eng_user *u;
@@ -704,6 +740,19 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
      * checks of the parameters run here too (la_attn_validate). */
     if ((rc = s->be->ops->supports(s->be, s->dev, &bj->p)) < 0)
         return backend_refused(j, s, sname, 0, rc, err);
+    if (db) {
+        char why[128] = "";
+        if (!s->be->ops->fastpath ||
+            (rc = s->be->ops->fastpath(s->be, s->dev, why, sizeof why)) < 0) {
+            eng_errf(err, "%s: calls on %s cannot use a doorbell (the fast path): %s", sname,
+                     s->device, why[0] ? why : "the backend has none");
+            free(j);
+            return LA_ENOTSUP;
+        }
+        bj->db = &db->bd;
+        bj->db_slot = req->doorbell_slot;
+        bj->db_value = req->doorbell_value;
+    }
 
     j->e = e;
     j->conn_id = conn_id;
@@ -727,11 +776,16 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
     s->inflight++;
     j->mset = s->masks;
     s->masks->refs++;
-    for (int i = 0; i < 6; i++)
+    for (int i = 0; i < N_TREF; i++)
         if (t[i].present) {
             t[i].b->refs++;
             j->bufs[j->n_bufs++] = t[i].b;
         }
+    if (db) {
+        db->refs++;
+        j->db = db;
+        e->n_fast_calls++;
+    }
     if (!req->dry_run) {
         if (restart) {
             memset(s->restart_due + (size_t)req->layer * s->kv_shards, 1, s->kv_shards);
@@ -759,13 +813,44 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
     return 0;
 }
 
+/* The call's doorbell slot: first of all, so that every later refusal can write it. */
+static int resolve_doorbell(eng *e, uint64_t conn_id, const eng_attn_req *req,
+                            eng_doorbell **ret_db, eng_error *err)
+{
+    *ret_db = NULL;
+    if (!req->has_doorbell)
+        return 0;
+    eng_doorbell *d = db_get(e, conn_id);
+    if (!d) {
+        eng_errf(err,
+                 "conn %llu: the call names doorbell slot %u, but the connection has "
+                 "registered no doorbell (DoorbellRegister)",
+                 (unsigned long long)conn_id, req->doorbell_slot);
+        return LA_ENOENT;
+    }
+    if (req->doorbell_slot >= d->bd.n_slots) {
+        eng_errf(err, "conn %llu: doorbell slot %u out of range: the doorbell has slots 0 to %u",
+                 (unsigned long long)conn_id, req->doorbell_slot, d->bd.n_slots - 1);
+        return LA_EINVAL;
+    }
+    *ret_db = d;
+    return 0;
+}
+
 int eng_attn_submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *req,
                     eng_done_fn done, void *user, eng_error *err)
 {
     e->n_calls++;
-    int rc = submit(e, uid, conn_id, req, done, user, err);
-    if (rc < 0)
+    eng_doorbell *db;
+    int rc = resolve_doorbell(e, conn_id, req, &db, err);
+    if (rc == 0)
+        rc = submit(e, uid, conn_id, req, db, done, user, err);
+    if (rc < 0) {
         e->n_call_errors++;
+        /* Nothing was queued: the slot is over now, with the error. */
+        if (db)
+            db_finish(&db->bd, req->doorbell_slot, req->doorbell_value, rc);
+    }
     return rc;
 }
 
@@ -824,8 +909,18 @@ int eng_process_completions(eng *e)
 
         for (int i = 0; i < j->n_bufs; i++)
             buf_unref(e, j->bufs[i]);
+        if (j->db && bj->status == LA_ETIMEDOUT)
+            e->n_fast_timeouts++;
+        db_unref(e, j->db);
         if (bj->has_live) /* the worker counted the region it changed */
             j->mset->live[bj->mask_ready - j->mset->ready] = bj->live_bits;
+        if (bj->mask_tainted && bj->mask_ready && j->mset == s->masks) {
+            /* Its skip decisions came from inputs that may never have been written: the
+             * region's next call starts dense (as after a restart). */
+            size_t region = (size_t)(bj->mask_ready - j->mset->ready);
+            s->restart_due[region] = 1;
+            j->mset->live[region] = j->mset->region_bits;
+        }
         mset_unref(e, j->mset);
 
         int status = bj->status;
@@ -895,6 +990,10 @@ void eng_stats(const eng *e, void (*fn)(void *data, const char *name, int64_t va
     STAT("buffer_bytes", bytes);
     STAT("buffers_registered", e->n_buffers_added);
     STAT("buffers_unregistered", e->n_buffers_removed);
+    STAT("doorbells", db_count(e));
+    STAT("doorbells_registered", e->n_doorbells);
+    STAT("fastpath_calls", e->n_fast_calls);
+    STAT("fastpath_timeouts", e->n_fast_timeouts);
     STAT("fatal", eng_fatal(e));
     STAT("guard_checks", e->n_guard_checks);
     STAT("guard_rows", e->n_guard_rows);

@@ -64,6 +64,11 @@ typedef struct eng_limits {
      * most 64). */
     uint64_t warm_store_bytes_per_user;
     uint32_t warm_max_generations;
+    /* Fast path (eng_doorbell_add): slots of one connection's doorbell at most (default
+     * 4096), and how long a launched GPU call may wait for its doorbell before the daemon
+     * releases it and fails it with LA_ETIMEDOUT (default 60 s). */
+    uint32_t max_doorbell_slots;
+    uint32_t doorbell_timeout_s;
 } eng_limits;
 
 typedef struct eng_config {
@@ -101,6 +106,7 @@ typedef struct eng_device_info {
     uint32_t compute_capability;
     int mps;           /* the context is an MPS client: 1, 0, or -1 unknown / not a GPU */
     uint32_t sm_count; /* SMs the context may use, 0 unknown */
+    int fastpath;      /* calls on it may name a doorbell slot (be_ops.fastpath) */
 } eng_device_info;
 size_t eng_devices(const eng *e, eng_device_info *out, size_t max);
 /* Comma-separated backend names, e.g. "cpu" or "cpu,cuda". */
@@ -260,6 +266,20 @@ int eng_buffer_set_access(eng *e, uint64_t conn_id, uint64_t buffer_id, unsigned
 /* Releases the buffer; the mapping goes away once in-flight jobs using it have finished. */
 int eng_buffer_remove(eng *e, uint64_t conn_id, uint64_t buffer_id, eng_error *err);
 
+/* ---- the fast path's doorbell ---------------------------------------------------------- */
+
+/* Takes ownership of fd (closed on error too): the connection's doorbell of slots slots
+ * (backend.h be_doorbell_slot: a sealed memfd of at least 16 * slots bytes), mapped until the
+ * connection closed and no job uses it. One per connection. Errors: LA_EINVAL (bad fd, size,
+ * seals, slot count beyond max_doorbell_slots), LA_EEXIST (the connection has one),
+ * LA_ENOMEM, LA_ESHUTDOWN. */
+int eng_doorbell_add(eng *e, uint32_t uid, uint64_t conn_id, int fd, uint32_t slots,
+                     eng_error *err);
+/* A call naming (slot, value) was refused before eng_attn_submit (the server's in-flight
+ * limit, a request it could not translate): writes the slot's status (code) and done words,
+ * when the connection has a doorbell with that slot. */
+void eng_doorbell_refuse(eng *e, uint64_t conn_id, uint32_t slot, uint32_t value, int code);
+
 /* The connection went away: its queued jobs are cancelled at once (LA_ECLOSED; running CPU
  * calls stop at their next slice), its buffers are released (after their in-flight work), its
  * running jobs still complete but their callbacks are told (user data stays valid until
@@ -277,7 +297,7 @@ typedef struct eng_tensor {
     uint64_t buffer_id;
     uint64_t offset; /* bytes */
     la_dtype dtype;
-    int ndim; /* 4 for q/k/v/o, 3 for lse, 0 for decisions */
+    int ndim; /* 4 for q/k/v/o, 3 for lse and row_max, 0 for decisions */
     int64_t shape[4];
     int64_t strides[4]; /* elements */
     int has_strides;    /* 0: contiguous row-major */
@@ -288,6 +308,10 @@ typedef struct eng_attn_req {
     uint32_t layer, step, kv_shard;
     eng_tensor q, k, v, o, lse, decisions;
     int has_lse, has_decisions;
+    /* Carried row maxima [B, H, Sq] f32, read and written (SKIP-SEMANTICS "Carried row
+     * maxima"). */
+    eng_tensor row_max;
+    int has_row_max;
     float scale; /* 0: 1/sqrt(D) */
     int has_threshold;
     float threshold;
@@ -299,6 +323,10 @@ typedef struct eng_attn_req {
     int dry_run;
     int has_wait_event;
     uint8_t wait_event[64];
+    /* Fast path: wait for slot doorbell_slot of the connection's doorbell to be rung
+     * (ready >= doorbell_value) and write its status and done words when the call is over. */
+    int has_doorbell;
+    uint32_t doorbell_slot, doorbell_value;
 } eng_attn_req;
 
 typedef struct eng_attn_result {
@@ -313,12 +341,17 @@ typedef void (*eng_done_fn)(void *user, int status, const eng_attn_result *res,
 
 /* Validates everything (session and ownership, layer/shard/step, shapes against the session's
  * geometry, dtypes, every tensor's byte extent inside its buffer with overflow-safe arithmetic,
- * ranges; the kernel-level rules through la_attn_check) and queues the job on its backend. On success done() runs later on the
- * loop thread (from eng_process_completions) exactly once; on error it never runs.
+ * ranges; the kernel-level rules through la_attn_check) and queues the job on its backend. On
+ * success done() runs later on the loop thread (from eng_process_completions) exactly once; on
+ * error it never runs. A call naming a doorbell slot gets that slot's status and done words
+ * written whatever happens (on error here at once, with the error code), so that the client's
+ * stream never waits for a call that will not run; only a slot that does not exist (no
+ * doorbell, index out of range) cannot be written.
  * Errors: LA_ENOENT, LA_EINVAL, LA_ERANGE, LA_EPERM (an output in a buffer registered
- * read-only, an input in a write-only one), LA_ENOTSUP, LA_ESHUTDOWN, LA_ELIMIT (the call's
- * cost exceeds max_call_cost, or the user's queued work would exceed max_queued_cost_per_user;
- * the message names the limit). */
+ * read-only, an input in a write-only one), LA_ENOTSUP (also: a doorbell call on a device
+ * without the fast path), LA_ESHUTDOWN, LA_ELIMIT (the call's cost exceeds max_call_cost, or
+ * the user's queued work would exceed max_queued_cost_per_user; the message names the
+ * limit). */
 int eng_attn_submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *req,
                     eng_done_fn done, void *user, eng_error *err);
 

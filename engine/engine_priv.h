@@ -66,8 +66,9 @@ typedef struct sess {
     int restart_logged;
     /* Per (layer, shard): no call since the generation began (the mask is all ones). */
     uint8_t *region_fresh; /* [layers * kv_shards] */
-    /* The mask allocation holds, after the masks: the warm seed (seed_off, mask_bytes) and
-     * the guardrail's held-row bitmaps (held_off, held_region_bytes per region). */
+    /* The mask allocation holds, after the masks: the warm seed (seed_off, mask_bytes), the
+     * warm capture (capture_off, mask_bytes) and the guardrail's held-row bitmaps (held_off,
+     * held_region_bytes per region). */
     uint64_t alloc_bytes, seed_off, held_off, held_region_bytes;
     /* Warm start (warm.c). */
     int has_warm;
@@ -78,7 +79,8 @@ typedef struct sess {
     uint8_t *seed_due;     /* [regions]: the seed is still to be ANDed in this generation */
     uint8_t *captured;     /* [regions]: captured at warm_step in this generation */
     uint32_t n_captured;
-    uint32_t *capture;     /* [mask_bytes / 4]: the generation being captured (warm_step) */
+    uint64_t capture_off;  /* warm_step: the generation being captured, in the mask
+                            * allocation's host view (mask_bytes), written by the backends */
     /* Guardrail (guard.c): every N steps (0: off), sample, budget. */
     uint32_t guard_every, guard_sample;
     float guard_budget;
@@ -108,6 +110,17 @@ typedef struct buf {
     int registered;
 } buf;
 
+/* A connection's doorbell (fast path), refcounted like a buffer: the registry's reference
+ * while the connection lives, one per job in flight. */
+typedef struct eng_doorbell {
+    be_doorbell bd; /* first: the backend's unmap callback hands back &bd */
+    list_node link; /* the engine's doorbells, while registered */
+    uint64_t conn_id;
+    uint32_t uid;
+    int refs;
+    be_backend *cuda; /* the backend that releases it (NULL: unmap at once) */
+} eng_doorbell;
+
 /* One attention call between eng_attn_submit and its done callback. */
 typedef struct eng_job {
     be_job bj;           /* first: the backend hands back &bj */
@@ -116,8 +129,9 @@ typedef struct eng_job {
     eng *e;
     sess *s;
     eng_mset *mset;
-    buf *bufs[6];
+    buf *bufs[7]; /* one per tensor of the call (engine.c N_TREF) */
     int n_bufs;
+    eng_doorbell *db;
     uint64_t conn_id;
     int conn_closed;
     uint64_t tiles_total;
@@ -148,6 +162,7 @@ struct eng {
 
     list_node buffers; /* buf.link, registered ones */
     uint64_t next_buffer_id;
+    list_node doorbells; /* eng_doorbell.link, registered ones */
 
     list_node jobs; /* eng_job.link, in flight */
     uint64_t inflight;
@@ -162,6 +177,7 @@ struct eng {
     uint64_t n_buffers_added, n_buffers_removed, n_restarts;
     uint64_t n_guard_checks, n_guard_rows, n_guard_restored, n_guard_tiles, n_warm_starts;
     ws *warm; /* the warm-start store */
+    uint64_t n_fast_calls, n_fast_timeouts, n_doorbells;
     uint64_t compute_ns, queue_ns; /* over finished calls: computing, waiting for a worker */
 };
 
@@ -216,5 +232,14 @@ void buf_unref(eng *e, buf *b);
 void buf_conn_closed(eng *e, uint64_t conn_id);
 void buf_free_all(eng *e);
 uint64_t buf_count(const eng *e, uint64_t *ret_bytes);
+
+/* doorbell.c */
+eng_doorbell *db_get(eng *e, uint64_t conn_id);
+void db_unref(eng *e, eng_doorbell *d);
+void db_conn_closed(eng *e, uint64_t conn_id);
+void db_free_all(eng *e);
+uint64_t db_count(const eng *e);
+/* Writes slot's status, then (release) its done word = value: the call is over. */
+void db_finish(be_doorbell *bd, uint32_t slot, uint32_t value, int status);
 
 #endif /* LA_ENGINE_PRIV_H */

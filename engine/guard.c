@@ -46,7 +46,7 @@ void sess_plan_call(const sess *s, const eng_attn_req *req, int fresh, int resta
     }
     if (s->has_warm && s->has_warm_step && !req->dry_run && req->step == s->warm_step &&
         (restart || !s->captured[region]))
-        bj->capture = (char *)s->capture + roff;
+        bj->capture = (char *)s->masks->mask->host + s->capture_off + roff;
 }
 
 int be_guard_cpu(be_job *j, int threads)
@@ -83,6 +83,7 @@ int be_guard_cpu(be_job *j, int threads)
         sp.mode = LA_MODE_DENSE;
         sp.mask = NULL;
         sp.decisions = NULL;
+        sp.row_max = NULL; /* the samples' maxima are their own; the call's R is untouched */
         sp.threads = threads;
         int64_t t = 0;
         sp.ret_tiles_computed = &t;

@@ -20,10 +20,23 @@ void gguard_init(gguard *gg, int n_slots)
     gg->n_slots = n_slots;
 }
 
+cudaError_t gguard_alloc(gguard *gg)
+{
+    cudaError_t e;
+    gg->scratch = calloc((size_t)gg->n_slots, sizeof *gg->scratch);
+    if (!gg->scratch)
+        return cudaErrorMemoryAllocation;
+    if ((e = cudaMalloc((void **)&gg->d_counts, (size_t)gg->n_slots * 8)) != cudaSuccess)
+        return e;
+    return cudaHostAlloc((void **)&gg->h_counts, (size_t)gg->n_slots * 8, cudaHostAllocPortable);
+}
+
 void gguard_teardown(gguard *gg)
 {
-    if (gg->scratch)
-        cudaFree(gg->scratch);
+    for (int k = 0; gg->scratch && k < gg->n_slots; k++)
+        if (gg->scratch[k])
+            cudaFree(gg->scratch[k]);
+    free(gg->scratch);
     if (gg->d_counts)
         cudaFree(gg->d_counts);
     if (gg->h_counts)
@@ -40,36 +53,14 @@ static void layout(const be_job *j, size_t *lse_bytes, size_t *dense_bytes, size
     *o_bytes = ALIGN((size_t)p->B * p->BM * p->H * p->D * la_dtype_size(p->dtype));
 }
 
-static cudaError_t ensure(gguard *gg, size_t bytes, cudaStream_t st)
-{
-    cudaError_t e;
-    if (!gg->d_counts) {
-        if ((e = cudaMalloc((void **)&gg->d_counts, (size_t)gg->n_slots * 8)) != cudaSuccess)
-            return e;
-        if ((e = cudaHostAlloc((void **)&gg->h_counts, (size_t)gg->n_slots * 8,
-                               cudaHostAllocPortable)) != cudaSuccess)
-            return e;
-    }
-    if (bytes <= gg->scratch_bytes)
-        return cudaSuccess;
-    /* Stream-ordered: the calls that used the old scratch are before this one. */
-    if (gg->scratch && (e = cudaFreeAsync(gg->scratch, st)) != cudaSuccess)
-        return e;
-    gg->scratch = NULL;
-    gg->scratch_bytes = 0;
-    if ((e = cudaMallocAsync(&gg->scratch, bytes, st)) != cudaSuccess)
-        return e;
-    gg->scratch_bytes = bytes;
-    return cudaSuccess;
-}
-
-cudaError_t gguard_before(gguard *gg, be_job *j, int filled, cudaStream_t st)
+cudaError_t gguard_before(gguard *gg, be_job *j, int slot, int filled, cudaStream_t st)
 {
     cudaError_t e;
     if (filled && j->held &&
         (e = cudaMemsetAsync(j->held, 0, (size_t)j->held_len, st)) != cudaSuccess)
         return e;
     if (j->seed_host && j->p.mask) {
+        /* From the pinned host view (written once, when the session opened). */
         if ((e = cudaMemcpyAsync(j->seed_dev, j->seed_host, (size_t)j->mask_len,
                                  cudaMemcpyHostToDevice, st)) != cudaSuccess ||
             (e = la_mask_and_cuda(j->p.mask, j->seed_dev, (size_t)(j->mask_len / 4), st)) !=
@@ -79,17 +70,29 @@ cudaError_t gguard_before(gguard *gg, be_job *j, int filled, cudaStream_t st)
     if (j->guard_n) {
         size_t lb, db, ob;
         layout(j, &lb, &db, &ob);
-        if ((e = ensure(gg, lb + db + ob, st)) != cudaSuccess)
+        /* One allocation per checked call, from the stream's pool: lanes run at once, so a
+         * scratch shared by the device would need a lock the streams cannot take. */
+        if ((e = cudaMallocAsync(&gg->scratch[slot], lb + db + ob, st)) != cudaSuccess) {
+            gg->scratch[slot] = NULL;
             return e;
+        }
         if (!j->p.lse) {
             const la_attn_params *p = &j->p;
-            j->p.lse = (float *)gg->scratch;
+            j->p.lse = (float *)gg->scratch[slot];
             j->p.lse_stride[2] = 1;
             j->p.lse_stride[1] = p->Sq;
             j->p.lse_stride[0] = (int64_t)p->H * p->Sq;
         }
     }
     return cudaSuccess;
+}
+
+void gguard_abort(gguard *gg, int slot, cudaStream_t st)
+{
+    if (slot >= 0 && slot < gg->n_slots && gg->scratch && gg->scratch[slot]) {
+        cudaFreeAsync(gg->scratch[slot], st);
+        gg->scratch[slot] = NULL;
+    }
 }
 
 cudaError_t gguard_after(gguard *gg, be_job *j, int slot, cudaStream_t st)
@@ -99,8 +102,9 @@ cudaError_t gguard_after(gguard *gg, be_job *j, int slot, cudaStream_t st)
     if (j->guard_n) {
         size_t lb, db, ob;
         layout(j, &lb, &db, &ob);
-        float *dense = (float *)(void *)((char *)gg->scratch + lb);
-        void *o = (char *)gg->scratch + lb + db;
+        char *scratch = gg->scratch[slot];
+        float *dense = (float *)(void *)(scratch + lb);
+        void *o = scratch + lb + db;
         const size_t es = la_dtype_size(p->dtype);
         const int64_t bm = p->BM;
         for (int k = 0; k < j->guard_n; k++) {
@@ -120,6 +124,7 @@ cudaError_t gguard_after(gguard *gg, be_job *j, int slot, cudaStream_t st)
             sp.mode = LA_MODE_DENSE;
             sp.mask = NULL;
             sp.decisions = NULL;
+            sp.row_max = NULL; /* the samples' maxima are their own; the call's R is untouched */
             sp.ret_tiles_computed = NULL;
             if ((e = la_attn_fwd_cuda(&sp, st)) != cudaSuccess)
                 return e;
@@ -143,6 +148,9 @@ cudaError_t gguard_after(gguard *gg, be_job *j, int slot, cudaStream_t st)
             (e = cudaMemcpyAsync(gg->h_counts + slot, gg->d_counts + slot, 8,
                                  cudaMemcpyDeviceToHost, st)) != cudaSuccess)
             return e;
+        if ((e = cudaFreeAsync(gg->scratch[slot], st)) != cudaSuccess)
+            return e;
+        gg->scratch[slot] = NULL;
         /* Tiles of the samples: every k-tile but the must-skip-only ones, per (b, h, q-tile). */
         uint32_t flags[2 * (LA_CUDA_MAX_K_TILES / 32)];
         int32_t nk = la_tiles(p->Sk, p->BN), words = la_mask_words(nk), skip_only = 0;
@@ -161,10 +169,8 @@ cudaError_t gguard_after(gguard *gg, be_job *j, int slot, cudaStream_t st)
 
 void gguard_done(gguard *gg, be_job *j, int slot)
 {
-    if (j->guard_n && gg->h_counts)
+    if (j->guard_n && gg->h_counts && slot >= 0 && slot < gg->n_slots)
         j->guard_restored = gg->h_counts[slot];
-    if (j->capture && j->mask)
-        memcpy(j->capture, (const char *)j->mask->host + j->mask_off, (size_t)j->mask_len);
 }
 
 #endif /* LA_HAVE_CUDA */

@@ -131,7 +131,6 @@ void sess_unref(eng *e, sess *s)
     free(s->region_fresh);
     free(s->seed_due);
     free(s->captured);
-    free(s->capture);
     free(s);
 }
 
@@ -453,6 +452,9 @@ static int size_extras(sess *s, int seeded, eng_error *err)
     s->seed_off = a;
     if (seeded && __builtin_add_overflow(a, s->mask_bytes, &a))
         goto overflow;
+    s->capture_off = a;
+    if (s->has_warm_step && __builtin_add_overflow(a, s->mask_bytes, &a))
+        goto overflow;
     s->held_off = a;
     if (s->guard_every) {
         s->held_region_bytes = la_guard_held_bytes(s->batch, s->heads, s->n_q_tiles);
@@ -580,11 +582,8 @@ int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_s
     if (s->has_warm) {
         s->seed_due = calloc(n_regions, 1);
         s->captured = calloc(n_regions, 1);
-        if (s->has_warm_step)
-            s->capture = malloc(s->mask_bytes);
     }
-    if (!s->region_fresh || (s->has_warm && (!s->seed_due || !s->captured)) ||
-        (s->has_warm_step && !s->capture)) {
+    if (!s->region_fresh || (s->has_warm && (!s->seed_due || !s->captured))) {
         eng_errf(err, "out of memory");
         rc = LA_ENOMEM;
         goto fail;
@@ -626,7 +625,6 @@ fail:
     free(s->region_fresh);
     free(s->seed_due);
     free(s->captured);
-    free(s->capture);
     free(s);
     return rc;
 }

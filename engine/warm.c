@@ -169,8 +169,9 @@ void sess_warm_captured(eng *e, sess *s, uint32_t region)
     for (uint32_t r = 0; r < n; r++)
         if (!s->captured[r] && !s->region_fresh[r])
             return; /* a region this generation uses has not reached the step yet */
-    ones_for_unused(s, (uint8_t *)s->capture, s->captured);
-    deposit(e, s, s->capture);
+    uint8_t *gen = (uint8_t *)s->masks->mask->host + s->capture_off;
+    ones_for_unused(s, gen, s->captured);
+    deposit(e, s, gen);
     memset(s->captured, 0, n);
     s->n_captured = 0;
 }

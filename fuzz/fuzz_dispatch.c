@@ -21,7 +21,9 @@
  * (one byte less when bit 8 of the request id is set: a buffer that claims more than its
  * fd holds) sent with its first
  * byte; one of kind VMM gets /dev/null (an fd of no CUDA allocation: the cpu backend refuses it
- * after the request's own checks), or the memfd when bit 8 of the id is set. Attention requests whose compute would exceed ~2^24 multiply-adds are left out (they
+ * after the request's own checks), or the memfd when bit 8 of the id is set; one that decodes as
+ * DoorbellRegister a memfd of its slots (16 bytes each, whole pages, one byte less likewise),
+ * whose ready words stay 0. Attention requests whose compute would exceed ~2^24 multiply-adds are left out (they
  * are valid work, just slow: the fuzzer looks for crashes, not for a CPU bill).
  *
  * Checked: no crash or sanitizer report; every reply the daemon writes decodes as a Reply.
@@ -247,6 +249,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 r->buffer_register->kind == LITEATTN__BUFFER_KIND__BUFFER_VMM)
                 pass_fd = (r->id & 0x100) ? make_memfd(4096, 0)
                                           : open("/dev/null", O_RDWR | O_CLOEXEC);
+            if (r->body_case == LITEATTN__REQUEST__BODY_DOORBELL_REGISTER)
+                pass_fd = make_memfd(((uint64_t)r->doorbell_register->slots * 16 + 4095) &
+                                         ~(uint64_t)4095,
+                                     (r->id & 0x100) != 0);
             if (r->body_case == LITEATTN__REQUEST__BODY_ATTENTION &&
                 attn_cost(r->attention) > (double)(1 << 24))
                 skip = 1;

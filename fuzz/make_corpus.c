@@ -189,6 +189,21 @@ int main(int argc, char **argv)
     REQ(r_bad, 17, ATTENTION, attention, &at_bad);
     REQ(r_str, 18, ATTENTION, attention, &at_str);
     REQ(r_wait, 19, ATTENTION, attention, &at_wait);
+    /* The fast path: a doorbell of 8 slots; calls on slot 1 at value 0 (rung: the harness's
+     * memfd is zeros), slot 2 at value 5 (not rung), slot 9 (no such slot). */
+    Liteattn__DoorbellRegister dbr = LITEATTN__DOORBELL_REGISTER__INIT;
+    dbr.slots = 8;
+    Liteattn__Attention at_db = at, at_db_unrung = at, at_db_bad = at;
+    at_db.has_doorbell_slot = at_db.has_doorbell_value = 1;
+    at_db.doorbell_slot = 1, at_db.doorbell_value = 0;
+    at_db_unrung.has_doorbell_slot = at_db_unrung.has_doorbell_value = 1;
+    at_db_unrung.doorbell_slot = 2, at_db_unrung.doorbell_value = 5;
+    at_db_bad.has_doorbell_slot = at_db_bad.has_doorbell_value = 1;
+    at_db_bad.doorbell_slot = 9, at_db_bad.doorbell_value = 1;
+    REQ(r_db, 24, DOORBELL_REGISTER, doorbell_register, &dbr);
+    REQ(r_attn_db, 25, ATTENTION, attention, &at_db);
+    REQ(r_attn_unrung, 26, ATTENTION, attention, &at_db_unrung);
+    REQ(r_attn_dbbad, 27, ATTENTION, attention, &at_db_bad);
     REQ(r_stats, 20, STATS, stats, &st);
     REQ(r_ping, 21, PING, ping, &ping);
 
@@ -268,6 +283,12 @@ int main(int argc, char **argv)
         Liteattn__Request *vmm[] = {&r_vmm, &r_vapp, &r_reg, &r_vapp, &r_ping};
         emit("buffer-register-vmm", 1, 0, vmm, sizeof vmm / sizeof vmm[0]);
     }
+    /* The fast path (issue 10), last so that the earlier seeds keep their numbers. */
+    Liteattn__Request *fast[] = {&r_open,    &r_reg,         &r_attn_db, &r_db,
+                                 &r_attn_db, &r_attn_unrung, &r_attn_dbbad, &r_db,
+                                 &r_attn_db, &r_attn_db};
+    emit("doorbell", 1, 0, fast, sizeof fast / sizeof fast[0]);
+    emit("doorbell-close-in-flight", 1 | 8, 8, fast, sizeof fast / sizeof fast[0]);
     /* A warm-started session with the guardrail, the store listed and dropped. */
     {
         Liteattn__WarmStart ws = LITEATTN__WARM_START__INIT;

@@ -78,8 +78,9 @@ typedef enum la_tensor_role {
     LA_TENSOR_K = 1,        /* [B, Sk, H, D] */
     LA_TENSOR_V = 2,        /* [B, Sk, H, D] */
     LA_TENSOR_O = 3,        /* [B, Sq, H, D], dtype of Q */
-    LA_TENSOR_LSE = 4,      /* optional [B, H, Sq] f32, natural log */
-    LA_TENSOR_DECISIONS = 5 /* dry run: [B, H, nQ, ceil(nK/32)] u32, the would-be mask */
+    LA_TENSOR_LSE = 4,       /* optional [B, H, Sq] f32, natural log */
+    LA_TENSOR_DECISIONS = 5, /* dry run: [B, H, nQ, ceil(nK/32)] u32, the would-be mask */
+    LA_TENSOR_ROW_MAX = 6    /* optional [B, H, Sq] f32, carried row maxima, read and written */
 } la_tensor_role;
 
 /* ---------------------------------------------------------------------------------------- */

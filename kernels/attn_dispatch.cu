@@ -150,6 +150,7 @@ extern "C" int la_cuda_supported(const la_attn_params *p, int cc) {
         return LA_ENOTSUP;
     if (!aligned16(p->q) || !aligned16(p->k) || !aligned16(p->v) || !aligned16(p->o))
         return LA_ENOTSUP;
+    if (p->row_max && ((uintptr_t)p->row_max & 3u)) return LA_ENOTSUP; /* f32 loads */
     const int64_t nQ = la_tiles(p->Sq, p->BM), nK = la_tiles(p->Sk, p->BN);
     if (nK > LA_CUDA_MAX_K_TILES) return LA_ENOTSUP;
     if (nQ > 0x7fffffff || p->H > 65535 || p->B > 65535) return LA_ENOTSUP;
@@ -202,6 +203,9 @@ extern "C" cudaError_t la_attn_fwd_cuda_variant(const la_attn_params *p, int var
     kp.v_sb = p->v_stride[0], kp.v_ss = p->v_stride[1], kp.v_sh = p->v_stride[2];
     kp.o_sb = p->o_stride[0], kp.o_ss = p->o_stride[1], kp.o_sh = p->o_stride[2];
     kp.lse_sb = p->lse_stride[0], kp.lse_sh = p->lse_stride[1], kp.lse_ss = p->lse_stride[2];
+    kp.rmax = p->row_max;
+    kp.rmax_sb = p->row_max_stride[0], kp.rmax_sh = p->row_max_stride[1];
+    kp.rmax_ss = p->row_max_stride[2];
     kp.B = p->B;
     kp.H = p->H;
     kp.Sq = p->Sq;

@@ -28,8 +28,10 @@ struct KParams {
     const void *q, *k, *v; /* Q: [B, Sq, H, D]; K, V: [B, Sk, H, D]; d stride 1 */
     void *o;               /* O: [B, Sq, H, D], d stride 1 */
     float *lse;            /* LSE: [B, H, Sq] f32 or NULL */
+    float *rmax;           /* carried row maxima R: [B, H, Sq] f32, in and out, or NULL */
     int64_t q_sb, q_ss, q_sh, k_sb, k_ss, k_sh, v_sb, v_ss, v_sh, o_sb, o_ss, o_sh;
     int64_t lse_sb, lse_sh, lse_ss;
+    int64_t rmax_sb, rmax_sh, rmax_ss;
     int32_t B, H, Sq, Sk, nQ, nK, W; /* W = ceil(nK / 32) mask words per row */
     float c;               /* scale * log2(e): raw score -> log2 units */
     float tau;
@@ -147,6 +149,29 @@ __device__ __forceinline__ int next_live(const uint32_t *live, int n, bool desc,
 __device__ __forceinline__ void skip_vote(float dmax, float c, float tau, int n, uint32_t *s_keep) {
     if (__any_sync(0xffffffffu, dmax * c > tau) && (threadIdx.x & 31) == 0)
         atomicOr(&s_keep[n >> 5], 1u << (n & 31));
+}
+
+/* Carried row maxima (SKIP-SEMANTICS "Carried row maxima"). R [B, H, Sq] f32, element (b, h,
+ * s) at b*rmax_sb + h*rmax_sh + s*rmax_ss. The votes compare against fmaxf(m_i, R_i) (fmaxf
+ * drops a NaN R_i, which so carries nothing); the softmax never sees R. The element is read once
+ * at the start by lane tq == 0 of the quad that holds the row and shuffled to the other three,
+ * and written at the end by the same lane: one thread owns it, no race with the in-place write.
+ * All 32 lanes of the warp call this. Rows past Sq and calls without R get -inf. */
+__device__ __forceinline__ float skip_carried_load(const KParams &p, int b, int h, int row) {
+    const int lane = threadIdx.x & 31;
+    float x = -INFINITY;
+    if (p.rmax && (lane & 3) == 0 && row < p.Sq) x = p.rmax[b * p.rmax_sb + h * p.rmax_sh + row * p.rmax_ss];
+    return __shfl_sync(0xffffffffu, x, lane & ~3);
+}
+/* R_i = max(R_i, m_i) at the end of the row (every mode); lane tq == 0 of the quad, as the
+ * load. r: what skip_carried_load returned (the SKIP builds), or NAN to read R here (the builds
+ * without skipping, which keep no register for it). m: the row's running maximum. */
+__device__ __forceinline__ void skip_carried_store(const KParams &p, int b, int h, int row, float r, float m) {
+    if (p.rmax && (threadIdx.x & 3) == 0 && row < p.Sq) {
+        float *at = p.rmax + b * p.rmax_sb + h * p.rmax_sh + row * p.rmax_ss;
+        if (r != r) r = *at;
+        *at = fmaxf(m, r);
+    }
 }
 
 /* Writes row (b, h, m) once every vote is in s_keep (the caller synchronises its voters

@@ -192,6 +192,13 @@ __global__ void __launch_bounds__(Tiles<D>::NT, Tiles<D>::NT <= 128 ? 2 : 1) att
     const int g = lane >> 2, tq = lane & 3;
     float o[MT][D / 8][4];
     float mrow[MT][2], lrow[MT][2];
+    /* Carried row maxima R (SKIP builds: the votes compare against max(m, R)): in registers,
+     * or in shared memory where registers are all taken (hd128: four more registers spilled
+     * there; one shared load per row and tile instead). Filled before the loop's first
+     * barrier, read only after it. */
+    constexpr bool kRmaxShared = D > 64;
+    float rrow[SKIP && !kRmaxShared ? MT : 1][2];
+    __shared__ float s_rmax[SKIP && kRmaxShared ? BM : 1];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -200,6 +207,15 @@ __global__ void __launch_bounds__(Tiles<D>::NT, Tiles<D>::NT <= 128 ? 2 : 1) att
              * -inf (their O and LSE become NaN and are never stored). */
             mrow[mt][r] = warp * 16 * MT + mt * 16 + g + 8 * r < q_valid ? -INFINITY : INFINITY;
             lrow[mt][r] = 0.f;
+            if (SKIP) {
+                const int lr = warp * 16 * MT + mt * 16 + g + 8 * r;
+                const float x = skip_carried_load(p, b, h, m * BM + lr);
+                if (kRmaxShared) {
+                    if (tq == 0) s_rmax[lr] = x;
+                } else {
+                    rrow[kRmaxShared ? 0 : mt][r] = x;
+                }
+            }
         }
 #pragma unroll
         for (int j = 0; j < D / 8; ++j)
@@ -282,7 +298,12 @@ __global__ void __launch_bounds__(Tiles<D>::NT, Tiles<D>::NT <= 128 ? 2 : 1) att
                 t = fmaxf(t, __shfl_xor_sync(0xffffffffu, t, 1));
                 t = fmaxf(t, __shfl_xor_sync(0xffffffffu, t, 2));
                 const float mprev = mrow[mt][r];
-                if (SKIP) dmax = fmaxf(dmax, t - mprev); /* t: max raw score over the tile's valid keys */
+                /* t: max raw score over the tile's valid keys; the carried R raises the bar */
+                if (SKIP) {
+                    const float rr = kRmaxShared ? s_rmax[warp * 16 * MT + mt * 16 + g + 8 * r]
+                                                 : rrow[kRmaxShared ? 0 : mt][r];
+                    dmax = fmaxf(dmax, t - fmaxf(mprev, rr));
+                }
                 const float mnew = fmaxf(mprev, t);
                 const float alpha = ex2((mprev - mnew) * c); /* 0 on the first tile */
                 mrow[mt][r] = mnew;
@@ -364,6 +385,11 @@ __global__ void __launch_bounds__(Tiles<D>::NT, Tiles<D>::NT <= 128 ? 2 : 1) att
                     p.lse[b * p.lse_sb + h * p.lse_sh + row * p.lse_ss] =
                         l == 0.f ? -INFINITY : (mrow[mt][r] * c + __log2f(l)) * 0.69314718055994531f;
             }
+            skip_carried_store(p, b, h, row,
+                               !SKIP ? NAN
+                               : kRmaxShared ? s_rmax[warp * 16 * MT + mt * 16 + g + 8 * r]
+                                             : rrow[kRmaxShared ? 0 : mt][r],
+                               mrow[mt][r]);
         }
     }
 

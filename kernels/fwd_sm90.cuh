@@ -272,12 +272,14 @@ __global__ void __launch_bounds__(Tiles<D>::NT, 1) fwd_kernel(const __grid_const
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
     float mrow[2], lrow[2];
+    float rrow[2]; /* carried row maxima R (SKIP builds: the votes compare against max(m, R)) */
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         /* Rows past Sq never vote: their running max starts at +inf, so their margin is -inf
          * (their O and LSE become NaN and are never stored). */
         mrow[r] = row0 + 8 * r < q_valid ? -INFINITY : INFINITY;
         lrow[r] = 0.f;
+        rrow[r] = SKIP ? skip_carried_load(p, b, h, m * BM + row0 + 8 * r) : NAN;
     }
     const uint32_t q_base = sQ + cw * 64 * 128;
 
@@ -330,7 +332,8 @@ __global__ void __launch_bounds__(Tiles<D>::NT, 1) fwd_kernel(const __grid_const
             t = fmaxf(t, __shfl_xor_sync(0xffffffffu, t, 1));
             t = fmaxf(t, __shfl_xor_sync(0xffffffffu, t, 2));
             const float mprev = mrow[r];
-            if (SKIP) dmax = fmaxf(dmax, t - mprev); /* t: max raw score over the valid keys */
+            /* t: max raw score over the valid keys; the carried R raises the bar */
+            if (SKIP) dmax = fmaxf(dmax, t - fmaxf(mprev, rrow[r]));
             const float mnew = fmaxf(mprev, t);
             alpha[r] = ex2((mprev - mnew) * c); /* 0 on the first tile */
             mrow[r] = mnew;
@@ -464,6 +467,7 @@ __global__ void __launch_bounds__(Tiles<D>::NT, 1) fwd_kernel(const __grid_const
         if (p.lse && tq == 0 && row < p.Sq)
             p.lse[b * p.lse_sb + h * p.lse_sh + row * p.lse_ss] =
                 l == 0.f ? -INFINITY : (mrow[r] * c + __log2f(l)) * 0.69314718055994531f;
+        skip_carried_store(p, b, h, row, rrow[r], mrow[r]);
     }
 #if LA_SM90_TMA_STORE
     {

@@ -22,6 +22,10 @@
  *   ceil(nK/32) are never touched; dense reads and writes neither mask nor decisions; a query
  *   row whose (b, h, m) row visits no tile gets O = 0 and LSE = -inf; the vote is evaluated in
  *   fp32 as (t_i - m_i) * (float)(scale * log2 e) > tau, keep when m_i == -inf.
+ * Carried row maxima (optional row_max, [B, H, Sq] f32, in and out): the vote compares against
+ *   r_i = max(row_max_i, m_i) instead of m_i (NaN in row_max read as -inf); the softmax keeps
+ *   its own m_i, so O and LSE do not depend on row_max; at the end row_max_i = max(row_max_i,
+ *   m_i) over the visited tiles, for every valid row, in every mode.
  */
 #ifndef LA_ATTN_H
 #define LA_ATTN_H
@@ -51,6 +55,11 @@ typedef struct la_attn_params {
     /* LSE: [B, H, Sq] f32, strides (b, h, s) in elements; NULL when not wanted. */
     float *lse;
     int64_t lse_stride[3];
+    /* Carried row maxima: [B, H, Sq] f32, strides (b, h, s) in elements, raw-score units; read
+     * as the votes' starting maxima and overwritten with max(row_max, this call's row maxima)
+     * (SKIP-SEMANTICS "Carried row maxima"). NULL when not used. */
+    float *row_max;
+    int64_t row_max_stride[3];
 
     int32_t B, Sq, Sk, H, D;
     la_dtype dtype; /* F32 (reference only), F16, BF16 */
@@ -97,7 +106,7 @@ int la_extent_bytes(int n, const int64_t *size, const int64_t *stride, uint64_t 
 
 /* What la_attn_check refused: the rule in words and the tensor it concerns, so that a caller
  * that knows more (the engine: buffers, offsets) can name it. Tensor roles: "q", "k", "v", "o",
- * "lse", "mask", "decisions". */
+ * "lse", "row_max", "mask", "decisions". */
 typedef struct la_attn_error {
     const char *tensor; /* the tensor the rule failed for, NULL when none */
     const char *other;  /* an overlap's second tensor, else NULL */

@@ -22,6 +22,9 @@
  *   every visited tile).
  * - Vote: row i keeps tile n when m_i == -inf (nothing visited yet for that row) or
  *   (t_i - m_i) * sl2e > tau in fp32, sl2e = (float)scale * (float)log2(e) rounded once.
+ * - Carried row maxima (row_max set): the vote's reference is r_i = max(R_i, m_i), NaN in R_i
+ *   read as -inf, and the rule above applies with r_i for m_i; the softmax keeps m_i alone. At the
+ *   end R_i = max(R_i, m_i) for every valid row of the item, in every mode.
  * - Mask update (OBSERVE/SKIP, into `decisions` when set): a visited tile's bit becomes keep(n)
  *   (SKIP) or old & keep(n) (OBSERVE); an unvisited tile keeps its old bit. Bits n >= nK of the
  *   first ceil(nK/32) words are written 0 and ignored on input; words past them are untouched.
@@ -268,6 +271,7 @@ typedef struct scratch {
     float *s;    /* [BMp][BNp] raw scores, then probabilities */
     float *o;    /* [BMp][D] unnormalised output accumulator */
     float *m;    /* [BMp] running max of raw scores */
+    float *r;    /* [BMp] carried row maxima R (-inf without row_max) */
     float *l;    /* [BMp] running softmax sum */
     uint32_t *row; /* [words] keep(n) of the visited tiles */
     uint32_t *vis; /* [words] visited tiles */
@@ -320,6 +324,17 @@ static void run_item(job *jb, scratch *sc, int64_t item)
     for (int i = 0; i < bmp; i++) {
         sc->m[i] = -INFINITY;
         sc->l[i] = 0.0f;
+        sc->r[i] = -INFINITY;
+    }
+    /* R: [B, H, Sq], element (b, h, s) at b*rs0 + h*rs1 + s*rs2; NaN carries nothing. */
+    float *rmax = NULL;
+    if (p->row_max != NULL) {
+        rmax = p->row_max + b * p->row_max_stride[0] + h * p->row_max_stride[1] +
+               r0 * p->row_max_stride[2];
+        for (int i = 0; i < bm; i++) {
+            const float x = rmax[i * p->row_max_stride[2]];
+            sc->r[i] = x == x ? x : -INFINITY;
+        }
     }
 
     /* Mask row (b, h, m): words at b*ms0 + h*ms1 + m*ms2. */
@@ -392,10 +407,12 @@ static void run_item(job *jb, scratch *sc, int64_t item)
             if (nan) /* as in SDPA: a NaN score makes the row's O and LSE NaN (l stays NaN) */
                 sc->l[i] = NAN;
             const float mo = sc->m[i];
+            /* The vote's reference: the carried maximum where it is larger (r is never NaN). */
+            const float rv = sc->r[i] > mo ? sc->r[i] : mo;
             /* A row with no finite score in the tile (all NaN) casts no vote, as in the CUDA
              * kernels, where its margin t - m is NaN; at tau = -inf every tile is kept anyway. */
             if (p->tau == -INFINITY ||
-                (t > -INFINITY && (mo == -INFINITY || (t - mo) * jb->sl2e > p->tau)))
+                (t > -INFINITY && (rv == -INFINITY || (t - rv) * jb->sl2e > p->tau)))
                 keep = true;
             const float mn = t > mo ? t : mo;
             if (mn == -INFINITY) {
@@ -437,6 +454,8 @@ static void run_item(job *jb, scratch *sc, int64_t item)
         if (p->lse != NULL)
             p->lse[b * p->lse_stride[0] + h * p->lse_stride[1] + (r0 + i) * p->lse_stride[2]] =
                 (float)lse;
+        if (rmax != NULL) /* m is -inf when the row visited no tile (or saw no finite score) */
+            rmax[i * p->row_max_stride[2]] = sc->m[i] > sc->r[i] ? sc->m[i] : sc->r[i];
     }
 
     if (p->mode != LA_MODE_DENSE) {
@@ -479,6 +498,7 @@ static void scratch_free(scratch *sc)
     free(sc->o);
     free(sc->m);
     free(sc->l);
+    free(sc->r);
     free(sc->row);
     free(sc->vis);
     free(sc->order);
@@ -513,10 +533,11 @@ static int scratch_init(scratch *sc, const job *jb)
     sc->o = alloc_f(bmp * D, 4);
     sc->m = alloc_f(bmp, 4);
     sc->l = alloc_f(bmp, 4);
+    sc->r = alloc_f(bmp, 4);
     sc->row = alloc_f((size_t)jb->words, 4);
     sc->vis = alloc_f((size_t)jb->words, 4);
     sc->order = alloc_f((size_t)jb->nk, 4);
-    if (!sc->q || !sc->kt || !sc->v || !sc->s || !sc->o || !sc->m || !sc->l || !sc->row ||
+    if (!sc->q || !sc->kt || !sc->v || !sc->s || !sc->o || !sc->m || !sc->l || !sc->r || !sc->row ||
         !sc->vis || !sc->order) {
         scratch_free(sc);
         return LA_ENOMEM;

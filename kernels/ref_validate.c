@@ -204,6 +204,7 @@ int la_attn_check(const la_attn_params *p, la_attn_error *err)
         (rc = strides_nonneg("v", 4, p->v_stride, err)) < 0 ||
         (rc = strides_nonneg("o", 4, p->o_stride, err)) < 0 ||
         (p->lse != NULL && (rc = strides_nonneg("lse", 3, p->lse_stride, err)) < 0) ||
+        (p->row_max != NULL && (rc = strides_nonneg("row_max", 3, p->row_max_stride, err)) < 0) ||
         (uses_mask && (rc = strides_nonneg("mask", 3, p->mask_stride, err)) < 0))
         return rc;
 
@@ -218,8 +219,8 @@ int la_attn_check(const la_attn_params *p, la_attn_error *err)
         (rc = check_extent("o", p->o, 4, qsz, p->o_stride, es, &eo, err)) < 0 ||
         (rc = check_distinct("o", 4, qsz, p->o_stride, err)) < 0)
         return rc;
-    extent outs[4];
-    const char *out_role[4];
+    extent outs[5];
+    const char *out_role[5];
     int n_out = 0;
     out_role[n_out] = "o";
     outs[n_out++] = eo;
@@ -230,6 +231,16 @@ int la_attn_check(const la_attn_params *p, la_attn_error *err)
             return rc;
         out_role[n_out] = "lse";
         outs[n_out++] = el;
+    }
+    if (p->row_max != NULL) {
+        /* Read and written in place: an output like lse, apart from every other tensor. */
+        int64_t rsz[3] = {p->B, p->H, p->Sq};
+        extent er;
+        if ((rc = check_extent("row_max", p->row_max, 3, rsz, p->row_max_stride, 4, &er, err)) < 0 ||
+            (rc = check_distinct("row_max", 3, rsz, p->row_max_stride, err)) < 0)
+            return rc;
+        out_role[n_out] = "row_max";
+        outs[n_out++] = er;
     }
     if (uses_mask) {
         /* A mask row is ceil(nK/32) contiguous words; rows are indexed (b, h, m). */

@@ -7,7 +7,7 @@
 
 #include "internal.h"
 
-#define N_ROLES 6
+#define N_ROLES 7
 
 typedef struct attn_tensor {
     int set;
@@ -58,16 +58,18 @@ LA_API int la_attn_set_tensor(la_attn *a, la_tensor_role role, const la_buffer *
         return cl_fail(LA_EINVAL, "la_attn_set_tensor: bad attn or role %d", (int)role);
     attn_tensor *t = &a->t[role];
     if (!buf) {
-        if (role != LA_TENSOR_LSE && role != LA_TENSOR_DECISIONS)
+        if (role != LA_TENSOR_LSE && role != LA_TENSOR_DECISIONS && role != LA_TENSOR_ROW_MAX)
             return cl_fail(LA_EINVAL, "Q, K, V and O need a buffer");
         memset(t, 0, sizeof(*t));
         return 0;
     }
-    static const char *const names[N_ROLES] = {"q", "k", "v", "o", "lse", "decisions"};
+    static const char *const names[N_ROLES] = {"q", "k", "v", "o", "lse", "decisions", "row_max"};
     static const char *const dims4[2][4] = {{"B", "Sq", "H", "D"}, {"B", "Sk", "H", "D"}};
     static const char *const dims3[3] = {"B", "H", "Sq"};
     const char *name = names[role];
-    int want = role == LA_TENSOR_LSE ? 3 : role == LA_TENSOR_DECISIONS ? 0 : 4;
+    int want = role == LA_TENSOR_LSE || role == LA_TENSOR_ROW_MAX ? 3
+               : role == LA_TENSOR_DECISIONS                        ? 0
+                                                                    : 4;
     if (ndim != want)
         return cl_fail(LA_EINVAL, "%s takes %d dimensions%s, not %d", name, want,
                        want == 4   ? " [B, S, H, D]"
@@ -208,6 +210,13 @@ void cl_call_complete(la_client *c, la_call *call, int status, Liteattn__Reply *
             memcpy(call->done_event, ar->done_event.data, 64);
             call->has_done_event = 1;
         }
+        if (call->row_max && !(ar->has_row_max && ar->row_max)) {
+            /* A daemon older than Attention.row_max computed the call without it. */
+            status = LA_ENOTSUP;
+            snprintf(call->pend.errmsg, sizeof(call->pend.errmsg),
+                     "the daemon does not carry row maxima (it predates the ROW_MAX tensor): the "
+                     "call ran without them and left the ROW_MAX tensor unchanged");
+        }
     } else if (r) {
         status = LA_EPROTO;
         snprintf(call->pend.errmsg, sizeof(call->pend.errmsg),
@@ -221,6 +230,8 @@ void cl_call_complete(la_client *c, la_call *call, int status, Liteattn__Reply *
     call->pend.status = status;
     call->pend.done = 1;
     c->completions++;
+    if (call->fast)
+        cl_fast_complete(c, call, status);
     if (call->orphan) {
         list_remove(&call->link);
         free(call);
@@ -250,7 +261,8 @@ static void fill_ref(Liteattn__TensorRef *ref, const attn_tensor *t)
  * this client (buffer ids are per connection). Everything else is the daemon's to judge. */
 static int check_tensors(const la_client *c, const la_attn *a)
 {
-    static const char *const role_name[N_ROLES] = {"Q", "K", "V", "O", "LSE", "DECISIONS"};
+    static const char *const role_name[N_ROLES] = {"Q", "K", "V", "O", "LSE", "DECISIONS",
+                                                   "ROW_MAX"};
     for (int i = 0; i < N_ROLES; i++) {
         if (i <= LA_TENSOR_O && !a->t[i].set)
             return cl_fail(LA_EINVAL, "tensor %s is not set", role_name[i]);
@@ -304,6 +316,8 @@ static void build_attention(const la_session *s, const la_attn *a, attn_msg *m)
         at->lse = &m->refs[LA_TENSOR_LSE];
     if (a->t[LA_TENSOR_DECISIONS].set)
         at->decisions = &m->refs[LA_TENSOR_DECISIONS];
+    if (a->t[LA_TENSOR_ROW_MAX].set)
+        at->row_max = &m->refs[LA_TENSOR_ROW_MAX];
     at->has_scale = a->scale > 0;
     at->scale = a->scale;
     at->has_threshold = !isnan(a->tau);
@@ -338,6 +352,7 @@ static int send_call(la_client *c, Liteattn__Request *req, la_done_fn cb, void *
     call->user = user;
     call->pend.call = call;
     call->pend.status = LA_EAGAIN;
+    call->row_max = req->attention != NULL && req->attention->row_max != NULL;
 
     pthread_mutex_lock(&c->lock);
     int rc = 0;
@@ -372,6 +387,73 @@ LA_API int la_attn_submit(la_session *s, const la_attn *a, la_done_fn cb, void *
     attn_msg m;
     build_attention(s, a, &m);
     return send_call(s->client, &m.req, cb, user, ret_call);
+}
+
+LA_API int la_attn_enqueue(la_session *s, const la_attn *a, void *cuda_stream, la_call **ret_call)
+{
+    if (!s || !a)
+        return cl_fail(LA_EINVAL, "la_attn_enqueue: NULL argument");
+    la_client *c = s->client;
+    int rc = check_tensors(c, a);
+    if (rc < 0)
+        return rc;
+    if (cuda_stream && !strcmp(s->device, "cpu"))
+        return cl_fail(LA_EINVAL, "the session computes on the CPU: there is no CUDA stream to "
+                                  "order its calls on (pass NULL)");
+    attn_msg m;
+    build_attention(s, a, &m);
+    la_call *call = calloc(1, sizeof(*call));
+    if (!call)
+        return cl_fail(LA_ENOMEM, NULL);
+    list_init(&call->link);
+    call->client = c;
+    call->pend.call = call;
+    call->pend.status = LA_EAGAIN;
+    call->fast = 1;
+    call->internal = ret_call == NULL;
+    call->orphan = call->internal; /* freed when its reply arrives */
+    call->layer = a->layer;
+    call->step = a->step;
+    call->session = s;
+
+    pthread_mutex_lock(&c->lock);
+    uint32_t slot = 0, value = 0;
+    /* An earlier call's failure is this call's answer: this one is not made. */
+    if ((rc = cl_fast_deferred(s)) < 0)
+        goto out;
+    if (c->closed) {
+        rc = cl_fail(c->closed, "connection to the daemon closed");
+        goto out;
+    }
+    /* A full pipeline waits here, as a full CUDA launch queue would. */
+    if ((rc = cl_fast_wait_room(c)) < 0)
+        goto out;
+    if ((rc = cl_fast_begin(c, s, cuda_stream, &slot, &value)) < 0)
+        goto out;
+    m.at.has_doorbell_slot = 1;
+    m.at.doorbell_slot = slot;
+    m.at.has_doorbell_value = 1;
+    m.at.doorbell_value = value;
+    if ((rc = cl_send(c, &m.req, -1, &call->pend)) < 0) {
+        cl_fast_undo(c, slot, value, rc);
+        goto out;
+    }
+    call->slot = slot;
+    call->value = value;
+    call->seq = ++c->fast_seq;
+    call->pend.status = LA_EAGAIN;
+    list_append(&c->calls, &call->link);
+    s->fast.inflight++;
+    c->fast_inflight++;
+out:
+    pthread_mutex_unlock(&c->lock);
+    if (rc < 0) {
+        free(call);
+        return rc;
+    }
+    if (ret_call)
+        *ret_call = call;
+    return 0;
 }
 
 static int call_done(la_client *c, void *arg)

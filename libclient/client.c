@@ -396,6 +396,18 @@ static int store_hello(la_client *c, const Liteattn__HelloReply *h)
         rc |= add_prop(c, "devices", s);
     free(s);
 
+    s = NULL;
+    len = 0;
+    rc |= append(&s, &len, "");
+    for (size_t i = 0; i < h->n_doorbell_devices; i++) {
+        if (i)
+            rc |= append(&s, &len, ",");
+        rc |= append(&s, &len, h->doorbell_devices[i] ? h->doorbell_devices[i] : "");
+    }
+    if (s)
+        rc |= add_prop(c, "fastpath.devices", s);
+    free(s);
+
     /* MPS: one line per device, in the order of "devices". */
     s = NULL;
     len = 0;
@@ -563,6 +575,7 @@ LA_API void la_disconnect(la_client *c)
     if (!c)
         return;
     pthread_mutex_lock(&c->lock);
+    cl_fast_free(c);
     cl_calls_free_all(c);
     cl_sessions_free_all(c);
     cl_buffers_free_all(c);

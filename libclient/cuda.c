@@ -1,9 +1,10 @@
-/* cuda.c — registering device memory by pointer: the CUDA driver is loaded at run time
- * (dlopen of libcuda.so.1, no link dependency). Legacy memory (cudaMalloc) goes by its whole
- * block's legacy IPC handle; VMM memory (cuMemCreate, e.g. PyTorch's expandable segments) by
- * the POSIX fds of the allocations that cover the range, which the daemon maps side by side.
+/* cuda.c — the CUDA driver, loaded at run time (dlopen of libcuda.so.1, no link dependency).
+ * Registering device memory by pointer: legacy memory (cudaMalloc) goes by its whole block's
+ * legacy IPC handle; VMM memory (cuMemCreate, e.g. PyTorch's expandable segments) by the POSIX
+ * fds of the allocations that cover the range, which the daemon maps side by side.
  * Registrations are cached per client: a range inside one already registered (same
- * allocations, still mapped where they were) returns that buffer with a new reference. */
+ * allocations, still mapped where they were) returns that buffer with a new reference. And the
+ * fast path's stream memory operations on the doorbell (cl_cuda_* for fastpath.c). */
 #include <dlfcn.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -18,6 +19,7 @@ typedef int lcu_result;
 typedef unsigned long long lcu_devptr;
 typedef int lcu_device;
 typedef void *lcu_ctx;
+typedef void *lcu_stream;
 typedef struct {
     char reserved[64];
 } lcu_ipc_mem_handle;
@@ -42,6 +44,7 @@ typedef unsigned long long lcu_mem_handle;
 
 enum {
     LCU_SUCCESS = 0,
+    LCU_ERROR_INVALID_VALUE = 1,
     LCU_ATTR_CONTEXT = 1,
     LCU_ATTR_MEMORY_TYPE = 2,
     LCU_ATTR_BUFFER_ID = 7,
@@ -49,6 +52,12 @@ enum {
     LCU_ATTR_DEVICE_ORDINAL = 9,
     LCU_ATTR_IS_LEGACY_CUDA_IPC_CAPABLE = 10,
     LCU_MEMORYTYPE_DEVICE = 2,
+    LCU_MEMHOSTREGISTER_PORTABLE = 1,
+    LCU_MEMHOSTREGISTER_DEVICEMAP = 2,
+    LCU_STREAM_WAIT_VALUE_GEQ = 0,
+    LCU_STREAM_WRITE_VALUE_DEFAULT = 0,
+    LCU_DEV_ATTR_HOST_POINTER_FOR_REGISTERED_MEM = 91,
+    LCU_ERROR_HOST_MEMORY_ALREADY_REGISTERED = 712,
     LCU_HANDLE_TYPE_POSIX_FD = 1,
     LCU_HANDLE_TYPE_FABRIC = 8,
 };
@@ -64,6 +73,17 @@ _Static_assert((int)LCU_ATTR_IS_LEGACY_CUDA_IPC_CAPABLE ==
                    (int)CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE,
                "attr");
 _Static_assert((int)LCU_MEMORYTYPE_DEVICE == (int)CU_MEMORYTYPE_DEVICE, "memtype");
+_Static_assert((int)LCU_ERROR_INVALID_VALUE == (int)CUDA_ERROR_INVALID_VALUE, "error");
+_Static_assert((int)LCU_MEMHOSTREGISTER_PORTABLE == (int)CU_MEMHOSTREGISTER_PORTABLE, "flag");
+_Static_assert((int)LCU_MEMHOSTREGISTER_DEVICEMAP == (int)CU_MEMHOSTREGISTER_DEVICEMAP, "flag");
+_Static_assert((int)LCU_STREAM_WAIT_VALUE_GEQ == (int)CU_STREAM_WAIT_VALUE_GEQ, "flag");
+_Static_assert((int)LCU_STREAM_WRITE_VALUE_DEFAULT == (int)CU_STREAM_WRITE_VALUE_DEFAULT, "flag");
+_Static_assert((int)LCU_DEV_ATTR_HOST_POINTER_FOR_REGISTERED_MEM ==
+                   (int)CU_DEVICE_ATTRIBUTE_CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM,
+               "attr");
+_Static_assert((int)LCU_ERROR_HOST_MEMORY_ALREADY_REGISTERED ==
+                   (int)CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED,
+               "error");
 _Static_assert(sizeof(lcu_ipc_mem_handle) == sizeof(CUipcMemHandle), "ipc handle");
 _Static_assert(sizeof(lcu_uuid) == sizeof(CUuuid), "uuid");
 _Static_assert(sizeof(lcu_devptr) == sizeof(CUdeviceptr), "devptr");
@@ -87,6 +107,19 @@ static struct {
     lcu_result (*CtxPushCurrent)(lcu_ctx);
     lcu_result (*CtxPopCurrent)(lcu_ctx *);
     lcu_result (*GetErrorName)(lcu_result, const char **);
+    lcu_result (*DevicePrimaryCtxRetain)(lcu_ctx *, lcu_device);
+    /* The fast path's (optional: without them la_attn_enqueue says why). */
+    lcu_result (*StreamWaitValue32)(lcu_stream, lcu_devptr, uint32_t, unsigned);
+    lcu_result (*StreamWriteValue32)(lcu_stream, lcu_devptr, uint32_t, unsigned);
+    lcu_result (*MemHostRegister)(void *, size_t, unsigned);
+    lcu_result (*MemHostUnregister)(void *);
+    lcu_result (*MemHostGetDevicePointer)(lcu_devptr *, void *, unsigned);
+    lcu_result (*StreamGetCtx)(lcu_stream, lcu_ctx *);
+    lcu_result (*CtxGetCurrent)(lcu_ctx *);
+    lcu_result (*CtxGetDevice)(lcu_device *);
+    lcu_result (*DeviceGetAttribute)(int *, int, lcu_device);
+    lcu_result (*CtxSynchronize)(void);
+    char fast_why[160]; /* "" when the fast path's entry points are all there */
     /* VMM (NULL when the driver lacks them: VMM memory is then refused) */
     lcu_result (*MemRetainAllocationHandle)(lcu_mem_handle *, void *);
     lcu_result (*MemGetAllocationPropertiesFromHandle)(lcu_alloc_prop *, lcu_mem_handle);
@@ -120,6 +153,7 @@ static void cu_load(void)
     SYM(CtxPushCurrent, "cuCtxPushCurrent_v2");
     SYM(CtxPopCurrent, "cuCtxPopCurrent_v2");
     SYM(GetErrorName, "cuGetErrorName");
+    SYM(DevicePrimaryCtxRetain, "cuDevicePrimaryCtxRetain");
     *(void **)&cu.MemRetainAllocationHandle = dlsym(h, "cuMemRetainAllocationHandle");
     *(void **)&cu.MemGetAllocationPropertiesFromHandle =
         dlsym(h, "cuMemGetAllocationPropertiesFromHandle");
@@ -129,6 +163,27 @@ static void cu_load(void)
     if (!cu.DeviceGetUuid)
         SYM(DeviceGetUuid, "cuDeviceGetUuid");
 #undef SYM
+    /* The fast path: the _v2 stream memory operations (CUDA 11.7 and later drivers enable
+     * them by default; the v1 entry points need a module parameter). */
+    static const struct {
+        void **fn;
+        const char *name;
+    } fast[] = {
+        {(void **)&cu.StreamWaitValue32, "cuStreamWaitValue32_v2"},
+        {(void **)&cu.StreamWriteValue32, "cuStreamWriteValue32_v2"},
+        {(void **)&cu.MemHostRegister, "cuMemHostRegister_v2"},
+        {(void **)&cu.MemHostUnregister, "cuMemHostUnregister"},
+        {(void **)&cu.MemHostGetDevicePointer, "cuMemHostGetDevicePointer_v2"},
+        {(void **)&cu.StreamGetCtx, "cuStreamGetCtx"},
+        {(void **)&cu.CtxGetCurrent, "cuCtxGetCurrent"},
+        {(void **)&cu.CtxGetDevice, "cuCtxGetDevice"},
+        {(void **)&cu.DeviceGetAttribute, "cuDeviceGetAttribute"},
+        {(void **)&cu.CtxSynchronize, "cuCtxSynchronize"},
+    };
+    for (size_t i = 0; i < sizeof(fast) / sizeof(fast[0]); i++)
+        if (!(*fast[i].fn = dlsym(h, fast[i].name)) && !cu.fast_why[0])
+            snprintf(cu.fast_why, sizeof(cu.fast_why),
+                     "the CUDA driver lacks %s (a driver older than CUDA 11.7)", fast[i].name);
     lcu_result r = cu.Init(0);
     if (r != LCU_SUCCESS) {
         const char *n = "?";
@@ -160,6 +215,29 @@ typedef struct ptr_info {
     int legacy; /* cudaMalloc memory (legacy CUDA IPC works); else VMM */
 } ptr_info;
 
+/* The primary context of device ordinal, retained once per device for the life of the process
+ * (a retain per call would leak references; a release could destroy a context the application
+ * has not retained itself). */
+static lcu_result primary_ctx(int ordinal, lcu_ctx *ret)
+{
+    enum { MAX_DEVICES = 64 };
+    static lcu_ctx ctxs[MAX_DEVICES];
+    static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+    if (ordinal < 0 || ordinal >= MAX_DEVICES)
+        return LCU_ERROR_INVALID_VALUE;
+    lcu_result r = LCU_SUCCESS;
+    pthread_mutex_lock(&lock);
+    if (!ctxs[ordinal]) {
+        lcu_device dev = 0;
+        r = cu.DeviceGet(&dev, ordinal);
+        if (r == LCU_SUCCESS)
+            r = cu.DevicePrimaryCtxRetain(&ctxs[ordinal], dev);
+    }
+    *ret = ctxs[ordinal];
+    pthread_mutex_unlock(&lock);
+    return r;
+}
+
 static int ptr_info_of(const void *dev_ptr, ptr_info *ret)
 {
     lcu_devptr ptr = (lcu_devptr)(uintptr_t)dev_ptr;
@@ -183,14 +261,20 @@ static int ptr_info_of(const void *dev_ptr, ptr_info *ret)
     unsigned int legacy = 1;
     if (cu.PointerGetAttribute(&legacy, LCU_ATTR_IS_LEGACY_CUDA_IPC_CAPABLE, ptr) != LCU_SUCCESS)
         legacy = 1;
-    lcu_ctx ctx = NULL;
-    r = cu.PointerGetAttribute(&ctx, LCU_ATTR_CONTEXT, ptr);
-    if (r != LCU_SUCCESS || !ctx)
-        return cl_fail(LA_EINVAL, "no CUDA context for %p: %s", dev_ptr, cu_err(r));
     int ordinal = -1;
     r = cu.PointerGetAttribute(&ordinal, LCU_ATTR_DEVICE_ORDINAL, ptr);
     if (r != LCU_SUCCESS)
         return cl_fail(LA_EINVAL, "no device for %p: %s", dev_ptr, cu_err(r));
+    lcu_ctx ctx = NULL;
+    r = cu.PointerGetAttribute(&ctx, LCU_ATTR_CONTEXT, ptr);
+    if (!legacy && (r != LCU_SUCCESS || !ctx)) {
+        /* cuMemCreate memory belongs to no context (the driver reports none, seen on an H200
+         * with driver 580): work in the device's primary context, the one the CUDA runtime
+         * and PyTorch use. */
+        r = primary_ctx(ordinal, &ctx);
+    }
+    if (r != LCU_SUCCESS || !ctx)
+        return cl_fail(LA_EINVAL, "no CUDA context for %p: %s", dev_ptr, cu_err(r));
     ret->ctx = ctx;
     ret->ordinal = ordinal;
     ret->legacy = legacy != 0;
@@ -486,4 +570,123 @@ LA_API int la_buffer_cuda_valid(const la_buffer *b)
     if (cu.status)
         return cl_fail(cu.status, "%s", cu.why);
     return still_mapped(b);
+}
+
+/* ---- the fast path (fastpath.c) ----------------------------------------------------------- */
+
+int cl_cuda_fast_ready(char *why, size_t len)
+{
+    pthread_once(&cu_once, cu_load);
+    if (cu.status) {
+        snprintf(why, len, "%s", cu.why);
+        return cu.status;
+    }
+    if (cu.fast_why[0]) {
+        snprintf(why, len, "%s", cu.fast_why);
+        return LA_ENOTSUP;
+    }
+    return 0;
+}
+
+/* Makes ctx current on this thread when it is not; *ret_pushed says whether to pop it. */
+static int push_ctx(lcu_ctx ctx, int *ret_pushed)
+{
+    lcu_ctx cur = NULL;
+    if (cu.CtxGetCurrent(&cur) == LCU_SUCCESS && cur == ctx) {
+        *ret_pushed = 0;
+        return 0;
+    }
+    lcu_result r = cu.CtxPushCurrent(ctx);
+    if (r != LCU_SUCCESS)
+        return cl_fail(LA_EDEVICE, "cuCtxPushCurrent: %s", cu_err(r));
+    *ret_pushed = 1;
+    return 0;
+}
+
+static void pop_ctx(int pushed)
+{
+    lcu_ctx popped;
+    if (pushed)
+        cu.CtxPopCurrent(&popped);
+}
+
+/* The context of stream (NULL: the legacy default stream of the current context). */
+static int stream_ctx(void *stream, lcu_ctx *ret_ctx)
+{
+    lcu_ctx ctx = NULL;
+    lcu_result r = cu.StreamGetCtx((lcu_stream)stream, &ctx);
+    if (r != LCU_SUCCESS || !ctx)
+        return cl_fail(LA_EINVAL,
+                       "no CUDA context for stream %p (%s): pass a stream of the session's GPU, "
+                       "or make a context current for the default stream",
+                       stream, r != LCU_SUCCESS ? cu_err(r) : "none current");
+    *ret_ctx = ctx;
+    return 0;
+}
+
+int cl_cuda_host_register(void *p, size_t len, void *stream, void **ret_ctx, uint64_t *ret_dev_addr)
+{
+    lcu_ctx ctx;
+    int pushed, rc = stream_ctx(stream, &ctx);
+    if (rc < 0 || (rc = push_ctx(ctx, &pushed)) < 0)
+        return rc;
+    lcu_result r =
+        cu.MemHostRegister(p, len, LCU_MEMHOSTREGISTER_PORTABLE | LCU_MEMHOSTREGISTER_DEVICEMAP);
+    if (r != LCU_SUCCESS) {
+        pop_ctx(pushed);
+        return cl_fail(r == LCU_ERROR_HOST_MEMORY_ALREADY_REGISTERED ? LA_EINVAL : LA_EDEVICE,
+                       "cuMemHostRegister of the doorbell (%zu bytes): %s", len, cu_err(r));
+    }
+    /* One address for every GPU: portable mapped memory at the host's address where the
+     * device allows it, else the address the driver gives this context. */
+    lcu_device dev = 0;
+    int same = 0;
+    lcu_devptr d = (lcu_devptr)(uintptr_t)p;
+    if (cu.CtxGetDevice(&dev) != LCU_SUCCESS ||
+        cu.DeviceGetAttribute(&same, LCU_DEV_ATTR_HOST_POINTER_FOR_REGISTERED_MEM, dev) !=
+            LCU_SUCCESS ||
+        !same) {
+        r = cu.MemHostGetDevicePointer(&d, p, 0);
+        if (r != LCU_SUCCESS) {
+            cu.MemHostUnregister(p);
+            pop_ctx(pushed);
+            return cl_fail(LA_EDEVICE, "cuMemHostGetDevicePointer of the doorbell: %s", cu_err(r));
+        }
+    }
+    pop_ctx(pushed);
+    *ret_ctx = ctx;
+    *ret_dev_addr = d;
+    return 0;
+}
+
+void cl_cuda_host_unregister(void *p, void *ctx)
+{
+    int pushed;
+    if (push_ctx((lcu_ctx)ctx, &pushed) < 0)
+        return; /* the context is gone (process exit): nothing is pinned any more */
+    /* No stream of the context may still be about to read the memory: its waits on done
+     * words were released from the host before this, so this returns. */
+    cu.CtxSynchronize();
+    lcu_result r = cu.MemHostUnregister(p);
+    if (r != LCU_SUCCESS)
+        cl_log(1, "liteattn: cuMemHostUnregister of the doorbell: %s", cu_err(r));
+    pop_ctx(pushed);
+}
+
+int cl_cuda_ring_and_wait(void *stream, uint64_t ready_addr, uint64_t done_addr, uint32_t value)
+{
+    lcu_ctx ctx;
+    int pushed, rc = stream_ctx(stream, &ctx);
+    if (rc < 0 || (rc = push_ctx(ctx, &pushed)) < 0)
+        return rc;
+    /* The default write is ordered after the stream's earlier work (a memory barrier): the
+     * daemon's kernel sees the Q/K/V the stream produced. */
+    lcu_result r = cu.StreamWriteValue32((lcu_stream)stream, ready_addr, value,
+                                         LCU_STREAM_WRITE_VALUE_DEFAULT);
+    if (r == LCU_SUCCESS)
+        r = cu.StreamWaitValue32((lcu_stream)stream, done_addr, value, LCU_STREAM_WAIT_VALUE_GEQ);
+    pop_ctx(pushed);
+    if (r != LCU_SUCCESS)
+        return cl_fail(LA_EDEVICE, "enqueueing the doorbell on stream %p: %s", stream, cu_err(r));
+    return 0;
 }

@@ -49,7 +49,15 @@ struct la_call {
     uint64_t tiles_total, tiles_computed, compute_ns, queue_ns;
     int has_done_event;
     uint8_t done_event[64];
+    int row_max;    /* sent with carried row maxima: the reply must say they were written */
     list_node link; /* the client's live calls */
+    /* Fast path (fastpath.c): enqueued with doorbell slot `slot` rung at `value`. */
+    int fast;
+    int internal; /* enqueued without a caller's handle: its error is deferred */
+    uint32_t slot, value;
+    uint32_t layer, step;
+    uint64_t seq;               /* order of enqueueing on the client */
+    struct la_session *session; /* NULL once the session handle is gone */
 };
 
 struct la_buffer {
@@ -73,6 +81,19 @@ struct la_buffer {
     list_node link;   /* the client's buffers */
 };
 
+/* The first error of a fast-path call enqueued without a handle, until it is reported. */
+typedef struct cl_deferred {
+    int code; /* 0: none */
+    uint64_t seq;
+    char msg[CL_ERRMSG_MAX];
+} cl_deferred;
+
+/* Figures of a session's (or client's) fast-path calls whose replies arrived. */
+typedef struct cl_fast_counts {
+    uint64_t calls, failed, tiles_total, tiles_computed, compute_ns, queue_ns;
+    uint32_t inflight;
+} cl_fast_counts;
+
 struct la_session {
     la_client *client;
     uint64_t id;
@@ -80,10 +101,15 @@ struct la_session {
     uint64_t mask_bytes, layer_mask_bytes;
     uint32_t layers, heads, head_dim, max_seq_q, max_seq_k, batch, kv_shards;
     int dtype;
+    char device[64]; /* where it computes: "cpu" or a GPU UUID */
     uint32_t warm_generations;
     char key[256], warm_key[256], warm_status[256];
     list_node link; /* the client's sessions */
+    cl_fast_counts fast;
+    cl_deferred deferred;
 };
+
+typedef struct cl_doorbell cl_doorbell; /* fastpath.c */
 
 struct la_client {
     pthread_mutex_t lock;
@@ -104,6 +130,11 @@ struct la_client {
     list_node calls;    /* la_call.link */
     list_node buffers;  /* la_buffer.link */
     list_node sessions; /* la_session.link */
+    /* Fast path (fastpath.c). */
+    cl_doorbell *db;
+    uint64_t fast_seq;
+    uint32_t fast_inflight;
+    cl_deferred deferred; /* of calls whose session handle is gone */
 };
 
 /* ---- errors.c ---- */
@@ -147,6 +178,44 @@ int cl_uuid_normalise(const char *in, char out[48]);
 
 /* ---- session.c ---- */
 void cl_sessions_free_all(la_client *c);
+
+/* ---- fastpath.c (lock held) ---- */
+/* A fast call's reply (or the connection's end) arrived, with status: its slot, counters and
+ * deferred error. Called by cl_call_complete before the callback. */
+void cl_fast_complete(la_client *c, struct la_call *call, int status);
+/* Opens the doorbell when needed, takes a slot and rings it: on the CPU session from the host,
+ * on a GPU session by enqueueing the ring and the wait for done on stream. */
+int cl_fast_begin(la_client *c, la_session *s, void *stream, uint32_t *ret_slot,
+                  uint32_t *ret_value);
+/* The call of (slot, value) was not sent: the slot's stream is released (status) and the slot
+ * free again. */
+void cl_fast_undo(la_client *c, uint32_t slot, uint32_t value, int status);
+/* Waits until c is under its in-flight limit with a doorbell slot free (the slots can be
+ * fewer than the calls the daemon allows in flight). */
+int cl_fast_wait_room(la_client *c);
+/* Reports (and clears) s's deferred error: its code, or 0. */
+int cl_fast_deferred(la_session *s);
+/* Waits until s's enqueued calls have their replies (in program order before what follows:
+ * mask reads, info, reset); their errors stay deferred. */
+void cl_fast_drain(la_session *s);
+/* Session s's handle goes away: its calls forget it, its deferred error moves to the client. */
+void cl_fast_session_gone(la_client *c, la_session *s);
+/* The connection is gone or being closed: every fast call's stream is released (done written
+ * from the host) and the doorbell unmapped. */
+void cl_fast_free(la_client *c);
+
+/* ---- cuda.c (the fast path's driver calls) ---- */
+/* 0 when the CUDA driver has the fast path's entry points; else the reason in why. */
+int cl_cuda_fast_ready(char *why, size_t len);
+/* Pins [p, p + len) for every GPU (portable, mapped) in the context of stream; the context
+ * and the device address come back. */
+int cl_cuda_host_register(void *p, size_t len, void *stream, void **ret_ctx,
+                          uint64_t *ret_dev_addr);
+/* Waits for the GPU work of ctx (no stream may still read p), then unpins p. */
+void cl_cuda_host_unregister(void *p, void *ctx);
+/* Enqueues on stream: write value to ready_addr (after the stream's earlier work), then wait
+ * until done_addr holds value or later (cyclic >=). */
+int cl_cuda_ring_and_wait(void *stream, uint64_t ready_addr, uint64_t done_addr, uint32_t value);
 
 /* ---- conversions ---- */
 static inline int64_t cl_now_ns(void);

@@ -182,6 +182,7 @@ static int session_from_reply(la_client *c, const Liteattn__SessionReply *r,
                               : (uint64_t)s->batch * s->heads * s->n_q_tiles * s->n_k_words * 4;
     s->warm_generations = r->has_warm_generations ? r->warm_generations : 0;
     snprintf(s->warm_status, sizeof(s->warm_status), "%s", r->warm_status ? r->warm_status : "");
+    snprintf(s->device, sizeof(s->device), "%s", r->device ? r->device : "");
     list_append(&c->sessions, &s->link);
     *ret_session = s;
     return 0;
@@ -335,6 +336,7 @@ static int session_ref_call(la_session *s, int body, int want, Liteattn__Reply *
 static int session_info_call(la_session *s, Liteattn__Reply **ret_reply)
 {
     pthread_mutex_lock(&s->client->lock);
+    cl_fast_drain(s);
     int rc = session_ref_call(s, LITEATTN__REQUEST__BODY_SESSION_INFO,
                               LITEATTN__REPLY__BODY_SESSION_INFO, ret_reply);
     pthread_mutex_unlock(&s->client->lock);
@@ -416,6 +418,7 @@ LA_API int la_session_read_mask(la_session *s, uint32_t layer, uint32_t kv_shard
     uint8_t *out = dst;
     int rc = 0;
     pthread_mutex_lock(&c->lock);
+    cl_fast_drain(s);
     while (off < total) {
         Liteattn__MaskRead mr = LITEATTN__MASK_READ__INIT;
         mr.session_id = s->id;
@@ -458,10 +461,13 @@ static int session_ack(la_session *s, int body)
     la_client *c = s->client;
     Liteattn__Reply *r;
     pthread_mutex_lock(&c->lock);
+    if (body == LITEATTN__REQUEST__BODY_SESSION_RESET)
+        cl_fast_drain(s);
     int rc = session_ref_call(s, body, LITEATTN__REPLY__BODY_ACK, &r);
     if (rc == 0)
         liteattn__reply__free_unpacked(r, NULL);
     if (body == LITEATTN__REQUEST__BODY_SESSION_CLOSE) {
+        cl_fast_session_gone(c, s);
         list_remove(&s->link);
         free(s);
     }
@@ -487,6 +493,7 @@ LA_API void la_session_detach(la_session *s)
         return;
     la_client *c = s->client;
     pthread_mutex_lock(&c->lock);
+    cl_fast_session_gone(c, s);
     list_remove(&s->link);
     free(s);
     pthread_mutex_unlock(&c->lock);

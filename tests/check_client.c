@@ -66,7 +66,7 @@ static la_client *connect_ok(const tdaemon *d)
 
 /* ---- a fake daemon, for what a real one never does ------------------------------------------ */
 
-enum fake_mode { FAKE_SILENT, FAKE_MAJOR2, FAKE_GARBAGE, FAKE_ERRORS };
+enum fake_mode { FAKE_SILENT, FAKE_MAJOR2, FAKE_GARBAGE, FAKE_ERRORS, FAKE_OLD };
 
 typedef struct fake {
     int lfd;
@@ -153,6 +153,42 @@ static void *fake_main(void *arg)
         req = fake_recv(fd);
         if (req)
             liteattn__request__free_unpacked(req, NULL);
+    }
+    if (f->mode == FAKE_OLD) {
+        /* A daemon from before Attention.row_max: buffers, a session, and attention replies
+         * that never mention row_max, until the client leaves. */
+        while ((req = fake_recv(fd)) != NULL) {
+            Liteattn__Reply a = LITEATTN__REPLY__INIT;
+            Liteattn__BufferReply br = LITEATTN__BUFFER_REPLY__INIT;
+            Liteattn__SessionReply sr = LITEATTN__SESSION_REPLY__INIT;
+            Liteattn__AttentionReply ar = LITEATTN__ATTENTION_REPLY__INIT;
+            Liteattn__Ack ack = LITEATTN__ACK__INIT;
+            a.id = req->id;
+            switch (req->body_case) {
+            case LITEATTN__REQUEST__BODY_BUFFER_REGISTER:
+                a.body_case = LITEATTN__REPLY__BODY_BUFFER;
+                a.buffer = &br;
+                br.buffer_id = 1, br.size = req->buffer_register->size;
+                break;
+            case LITEATTN__REQUEST__BODY_SESSION_OPEN:
+                a.body_case = LITEATTN__REPLY__BODY_SESSION;
+                a.session = &sr;
+                sr.session_id = 7, sr.bm = 128, sr.bn = 64, sr.mask_bytes = 64;
+                break;
+            case LITEATTN__REQUEST__BODY_ATTENTION:
+                a.body_case = LITEATTN__REPLY__BODY_ATTENTION;
+                a.attention = &ar;
+                ar.has_tiles_total = ar.has_tiles_computed = 1;
+                ar.tiles_total = ar.tiles_computed = 4;
+                break;
+            default:
+                a.body_case = LITEATTN__REPLY__BODY_ACK;
+                a.ack = &ack;
+                break;
+            }
+            liteattn__request__free_unpacked(req, NULL);
+            fake_send(fd, &a);
+        }
     }
     close(fd);
     return NULL;
@@ -248,6 +284,7 @@ typedef struct prob {
     la_buffer *buf;
     uint8_t *base;
     /* the direct reference */
+    float *ref_rmax; /* carried row maxima [B, H, Sq] for the reference call, or NULL */
     void *ref_o;
     float *ref_lse;
     uint32_t *ref_mask, *ref_dec;
@@ -410,6 +447,10 @@ static void prob_ref(prob *p, int step, float tau, la_mode mode, int dry_run)
     a.mask_stride[1] = (int64_t)p->nq * p->nw;
     a.mask_stride[2] = p->nw;
     a.decisions = dry_run ? p->ref_dec : NULL;
+    a.row_max = p->ref_rmax;
+    a.row_max_stride[0] = (int64_t)p->H * p->Sq;
+    a.row_max_stride[1] = p->Sq;
+    a.row_max_stride[2] = 1;
     a.BM = p->bm;
     a.BN = p->bn;
     a.threads = 1;
@@ -1032,6 +1073,108 @@ START_TEST(test_dry_run_leaves_mask)
     prob_free(&p);
     OK(la_session_close(s));
     la_disconnect(c);
+}
+END_TEST
+
+/* Carried row maxima through the daemon: a ROW_MAX tensor in its own host buffer, read and
+ * written in place. Step 0 starts from -inf and gets the row maxima back; the next steps start
+ * from the previous step's raised by about 2 log2 units (as earlier K/V shards of a ring would
+ * raise them), over the same inputs drifting. Every
+ * step the daemon's O, LSE, mask and row maxima equal the reference's bit for bit, and the
+ * votes did see R: the masks differ from those of a session without it. */
+START_TEST(test_row_max_matches_reference)
+{
+    la_client *c = connect_ok(&td_fx);
+    la_session *s = open_session(c, "carry", 1, 2, 64, LA_DTYPE_BF16, 300, 300, 2, -3.0f);
+    la_session *s0 = open_session(c, "plain", 1, 2, 64, LA_DTYPE_BF16, 300, 300, 2, -3.0f);
+    prob p;
+    prob_init(&p, c, s, 2, 300, 300, 2, 64, LA_DTYPE_BF16);
+    const size_t nr = (size_t)2 * 2 * 300;
+    la_buffer *rb;
+    OK(la_buffer_new_host(c, nr * 4, &rb));
+    float *r = la_buffer_host_ptr(rb);
+    p.ref_rmax = malloc(nr * 4);
+    for (size_t i = 0; i < nr; i++)
+        r[i] = p.ref_rmax[i] = -INFINITY;
+    la_attn *a;
+    OK(la_attn_new(&a));
+    const int64_t rs[3] = {2, 2, 300}, bad[4] = {2, 2, 300, 1};
+    ck_assert_int_eq(la_attn_set_tensor(a, LA_TENSOR_ROW_MAX, rb, 0, LA_DTYPE_F32, 4, bad, NULL),
+                     LA_EINVAL);
+    ck_assert_msg(strstr(la_last_error_message(), "row_max takes 3 dimensions [B, H, Sq]"), "%s",
+                  la_last_error_message());
+    uint32_t *mask = malloc(p.mask_words * 4), *m0 = malloc(p.mask_words * 4);
+    int differ = 0;
+    for (int step = 0; step < 3; step++) {
+        /* after step 0, R as a ring's earlier shards would raise it: about 2 log2 units above
+         * this query shard's own maxima */
+        for (size_t i = 0; step > 0 && i < nr; i++)
+            r[i] = p.ref_rmax[i] = r[i] + 12.0f;
+        prob_fill(&p, 43, step, 1.6);
+        prob_attn(&p, a, 1);
+        OK(la_attn_set_position(a, 0, (uint32_t)step, 0));
+        OK(la_attn_set_tensor(a, LA_TENSOR_ROW_MAX, NULL, 0, LA_DTYPE_F32, 3, NULL, NULL));
+        OK(la_attn_run(s0, a, NULL)); /* the same call without R, in the other session */
+        OK(la_session_read_mask(s0, 0, 0, m0, p.mask_words * 4));
+        OK(la_attn_set_tensor(a, LA_TENSOR_ROW_MAX, rb, 0, LA_DTYPE_F32, 3, rs, NULL));
+        OK(la_attn_run(s, a, NULL));
+        prob_ref(&p, step, -3.0f, LA_MODE_SKIP, 0);
+        outputs_equal(&p, 1);
+        OK(la_session_read_mask(s, 0, 0, mask, p.mask_words * 4));
+        masks_equal(&p, mask, p.ref_mask, "mask with row_max");
+        for (size_t i = 0; i < nr; i++) {
+            ck_assert_msg(memcmp(&r[i], &p.ref_rmax[i], 4) == 0,
+                          "step %d: row_max[%zu] daemon %.9g, reference %.9g", step, i, r[i],
+                          p.ref_rmax[i]);
+            ck_assert_msg(isfinite(r[i]), "step %d: row_max[%zu] = %g", step, i, r[i]);
+        }
+        if (step > 0)
+            for (size_t i = 0; i < p.mask_words; i++)
+                differ += mask[i] != m0[i];
+    }
+    ck_assert_msg(differ > 0, "the carried row maxima changed no decision");
+    free(mask);
+    free(m0);
+    free(p.ref_rmax);
+    p.ref_rmax = NULL;
+    la_attn_free(a);
+    OK(la_buffer_unregister(rb));
+    prob_free(&p);
+    OK(la_session_close(s));
+    OK(la_session_close(s0));
+    la_disconnect(c);
+}
+END_TEST
+
+/* A daemon from before Attention.row_max computes the call without it and does not say it
+ * carried them: the client reports LA_ENOTSUP instead of leaving the caller with unchanged
+ * maxima it believes updated. Calls without ROW_MAX are unaffected. */
+START_TEST(test_row_max_old_daemon)
+{
+    fake f;
+    fake_start(&f, FAKE_OLD);
+    la_client *c = NULL;
+    OK(la_connect(f.sock, NULL, &c));
+    la_session *s = open_session(c, "old", 1, 1, 64, LA_DTYPE_F32, 64, 64, 1, -3.0f);
+    la_buffer *b;
+    OK(la_buffer_new_host(c, 1 << 16, &b));
+    la_attn *a;
+    OK(la_attn_new(&a));
+    const int64_t t4[4] = {1, 64, 1, 64}, t3[3] = {1, 1, 64};
+    OK(la_attn_set_tensor(a, LA_TENSOR_Q, b, 0, LA_DTYPE_F32, 4, t4, NULL));
+    OK(la_attn_set_tensor(a, LA_TENSOR_K, b, 16384, LA_DTYPE_F32, 4, t4, NULL));
+    OK(la_attn_set_tensor(a, LA_TENSOR_V, b, 32768, LA_DTYPE_F32, 4, t4, NULL));
+    OK(la_attn_set_tensor(a, LA_TENSOR_O, b, 49152, LA_DTYPE_F32, 4, t4, NULL));
+    OK(la_attn_run(s, a, NULL));
+    OK(la_attn_set_tensor(a, LA_TENSOR_ROW_MAX, b, 65536 - 256, LA_DTYPE_F32, 3, t3, NULL));
+    ck_assert_int_eq(la_attn_run(s, a, NULL), LA_ENOTSUP);
+    ck_assert_msg(strstr(la_last_error_message(), "does not carry row maxima"), "%s",
+                  la_last_error_message());
+    la_attn_free(a);
+    la_buffer_unregister(b);
+    la_session_close(s);
+    la_disconnect(c);
+    fake_stop(&f);
 }
 END_TEST
 
@@ -1723,6 +1866,7 @@ static Suite *client_suite(void)
     tcase_add_test(fk, test_hello_other_major);
     tcase_add_test(fk, test_hello_garbage);
     tcase_add_test(fk, test_error_reply_and_close);
+    tcase_add_test(fk, test_row_max_old_daemon);
     suite_add_tcase(s, fk);
 
     TCase *sess = tcase_create("sessions");
@@ -1735,6 +1879,7 @@ static Suite *client_suite(void)
     tcase_add_test(sess, test_async_pipelined);
     tcase_add_test(sess, test_error_mapping);
     tcase_add_test(sess, test_dry_run_leaves_mask);
+    tcase_add_test(sess, test_row_max_matches_reference);
     tcase_add_test(sess, test_ranges_match_reference);
     tcase_add_test(sess, test_threads_share_client);
     suite_add_tcase(s, sess);

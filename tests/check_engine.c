@@ -285,8 +285,9 @@ START_TEST(attn_validation)
     uint64_t sid_other = open_ok(&h, UID2, CONN2, &sp, NULL);
     prob p;
     prob_make(&h, &p, CONN, 2, 100, 150, 2, 64, LA_DTYPE_F32, v.layer_mask_bytes);
-    shm other;
+    shm other, rm;
     ck_assert_int_eq(shm_make(&h, UID, CONN2, 1 << 20, &other), 0);
+    ck_assert_int_eq(shm_make(&h, UID, CONN, 4096, &rm), 0);
     tu_rng rng;
     tu_rng_init(&rng, 11);
     prob_fill(&p, &rng, 1.0);
@@ -496,6 +497,38 @@ START_TEST(attn_validation)
             r.kv_shard = (uint32_t)-1;
             want = LA_EINVAL;
             break;
+        case 36:
+            name = "row_max shape";
+            r.has_row_max = 1;
+            tensor(&r.row_max, rm.id, 0, LA_DTYPE_F32, 2, 2, 99, 0);
+            want = LA_EINVAL;
+            break;
+        case 37:
+            name = "row_max dtype";
+            r.has_row_max = 1;
+            tensor(&r.row_max, rm.id, 0, LA_DTYPE_F16, 2, 2, 100, 0);
+            want = LA_EINVAL;
+            break;
+        case 38:
+            name = "row_max overlaps lse";
+            r.has_row_max = 1;
+            tensor(&r.row_max, p.s.id, p.off[4] + 4, LA_DTYPE_F32, 2, 2, 100, 0);
+            want = LA_EINVAL;
+            break;
+        case 39:
+            name = "row_max past buffer";
+            r.has_row_max = 1;
+            tensor(&r.row_max, rm.id, 4096 - 64, LA_DTYPE_F32, 2, 2, 100, 0);
+            want = LA_ERANGE;
+            break;
+        case 40:
+            name = "row_max rows overlap";
+            r.has_row_max = 1;
+            tensor(&r.row_max, rm.id, 0, LA_DTYPE_F32, 2, 2, 100, 0);
+            r.row_max.has_strides = 1;
+            r.row_max.strides[0] = 200, r.row_max.strides[1] = 100, r.row_max.strides[2] = 0;
+            want = LA_EINVAL;
+            break;
         }
         if (!name)
             break;
@@ -527,6 +560,11 @@ START_TEST(attn_validation)
             {"negative scale", "softmax scale -1 (must be finite and > 0)"},
             {"mode", "unknown mode 7"},
             {"NaN threshold", "threshold is NaN"},
+            {"row_max shape", "row_max shape [2, 2, 99] does not match [B, H, Sq] = [2, 2, 100]"},
+            {"row_max dtype", "row_max has dtype f16, expected f32"},
+            {"row_max overlaps lse", "row_max overlaps lse in buffer"},
+            {"row_max past buffer", "row_max spans bytes [4032, 5632) but buffer"},
+            {"row_max rows overlap", "row_max strides map two indices onto one element"},
         };
         for (size_t k = 0; k < sizeof says / sizeof says[0]; k++)
             if (!strcmp(name, says[k][0]))
@@ -570,6 +608,7 @@ START_TEST(attn_validation)
         LA_ENODEV);
     shm_drop(&p.s);
     shm_drop(&other);
+    shm_drop(&rm);
     h_close(&h);
 }
 END_TEST
@@ -990,6 +1029,109 @@ START_TEST(kv_shards)
     free(o);
     shm_drop(&p.s);
     h_close(&h);
+}
+END_TEST
+
+/* Ring attention with carried row maxima through the engine: the keys cut into P shards of a
+ * ring session (kv_shards = P), each shard called with the same row_max tensor (in place, in
+ * its own buffer, K/V as strided views of one buffer) in the visiting order of the step,
+ * decide bit for bit what one call over all keys decides in a session of one shard, compute
+ * as many tiles and end with the same row maxima. Three steps, both directions. */
+static void row_max_ring(void)
+{
+    enum { B = 2, SQ = 200, H = 2, D = 64, P = 3 };
+    harness h;
+    h_open(&h, NULL, g_slice);
+    eng_session_spec one = spec_make("whole", 1, H, D, LA_DTYPE_F32, SQ, 0, B);
+    eng_session_view v1, vr;
+    one.max_seq_k = 512;
+    uint64_t s1 = open_ok(&h, UID, CONN, &one, &v1);
+    const int L = 2 * (int)v1.bn, SK = P * L, nkl = L / (int)v1.bn;
+    eng_session_spec ring = spec_make("ring", 1, H, D, LA_DTYPE_F32, SQ, (uint32_t)L, B);
+    ring.kv_shards = P;
+    uint64_t sr = open_ok(&h, UID, CONN, &ring, &vr);
+    ck_assert_int_le(SK, 512);
+    prob p;
+    prob_make(&h, &p, CONN, B, SQ, SK, H, D, LA_DTYPE_F32, 0);
+    tu_rng rng;
+    tu_rng_init(&rng, 31);
+    prob_fill(&p, &rng, 2.0);
+    /* two k-tiles of three weak, so that tiles get skipped */
+    float *kf = prob_ptr(&p, 1);
+    for (int64_t j = 0; j < (int64_t)B * SK; j++)
+        if ((j % SK) / (int)v1.bn % 3)
+            for (int i = 0; i < H * D; i++)
+                kf[j * H * D + i] *= 0.1f;
+    shm rm;
+    const size_t nr = (size_t)B * H * SQ;
+    ck_assert_int_eq(shm_make(&h, UID, CONN, 2 * nr * 4, &rm), 0);
+    float *r1 = rm.p, *r2 = r1 + nr;
+    uint32_t *m1 = malloc(v1.layer_mask_bytes), *ms = malloc(vr.layer_mask_bytes);
+    eng_error err = {{0}};
+    for (uint32_t step = 0; step < 3; step++) {
+        for (size_t i = 0; i < 2 * nr; i++)
+            r1[i] = -INFINITY;
+        eng_attn_req r;
+        prob_req(&p, &r, s1, 0, step);
+        r.has_row_max = 1;
+        tensor(&r.row_max, rm.id, 0, LA_DTYPE_F32, B, H, SQ, 0);
+        call c;
+        run_ok(&h, &r, &c);
+        uint64_t single_tiles = c.res.tiles_computed, shard_tiles = 0;
+        for (int jj = 0; jj < P; jj++) {
+            const int j = step % 2 ? jj : P - 1 - jj; /* descending on even steps */
+            prob_req(&p, &r, sr, 0, step);
+            r.kv_shard = (uint32_t)j;
+            for (int t = 1; t <= 2; t++) {
+                eng_tensor *x = t == 1 ? &r.k : &r.v;
+                tensor(x, p.s.id, p.off[t] + (uint64_t)j * L * H * D * 4, LA_DTYPE_F32, B, L, H, D);
+                x->has_strides = 1;
+                x->strides[0] = (int64_t)SK * H * D, x->strides[1] = H * D, x->strides[2] = D;
+                x->strides[3] = 1;
+            }
+            r.has_row_max = 1;
+            tensor(&r.row_max, rm.id, nr * 4, LA_DTYPE_F32, B, H, SQ, 0);
+            run_ok(&h, &r, &c);
+            shard_tiles += c.res.tiles_computed;
+        }
+        ck_assert_uint_eq(shard_tiles, single_tiles);
+        ck_assert_msg(!memcmp(r1, r2, nr * 4), "step %u: row maxima differ", step);
+        size_t gl;
+        uint64_t total;
+        ck_assert_int_eq(eng_mask_read(h.e, UID, s1, 0, 0, 0, m1, v1.layer_mask_bytes, &gl, &total,
+                                       &err), 0);
+        int live = 0;
+        for (int j = 0; j < P; j++) {
+            ck_assert_int_eq(eng_mask_read(h.e, UID, sr, 0, (uint32_t)j, 0, ms, vr.layer_mask_bytes,
+                                           &gl, &total, &err), 0);
+            for (size_t row = 0; row < (size_t)B * H * v1.n_q_tiles; row++)
+                for (int n = 0; n < nkl; n++) {
+                    const int gn = j * nkl + n;
+                    int a = (m1[row * v1.n_k_words + gn / 32] >> (gn % 32)) & 1;
+                    int b = (ms[row * vr.n_k_words + n / 32] >> (n % 32)) & 1;
+                    ck_assert_msg(a == b, "step %u row %zu tile %d: single %d, shard %d", step, row,
+                                  gn, a, b);
+                    live += a;
+                }
+        }
+        if (step > 0)
+            ck_assert_msg(live < (int)(B * H * v1.n_q_tiles) * P * nkl, "nothing skipped");
+    }
+    free(m1);
+    free(ms);
+    shm_drop(&rm);
+    shm_drop(&p.s);
+    h_close(&h);
+}
+
+START_TEST(row_max_ring_shards) { row_max_ring(); }
+END_TEST
+
+/* The same with one q-tile per CPU slice: row_max offsets follow the slices. */
+START_TEST(row_max_ring_shards_slices)
+{
+    g_slice = 1;
+    row_max_ring();
 }
 END_TEST
 
@@ -1573,6 +1715,8 @@ int main(void)
     tcase_add_test(tc, multi_step_bf16_head_slices);
     tcase_add_test(tc, pipelined_steps);
     tcase_add_test(tc, kv_shards);
+    tcase_add_test(tc, row_max_ring_shards);
+    tcase_add_test(tc, row_max_ring_shards_slices);
     tcase_add_test(tc, step_backwards_restarts);
     suite_add_tcase(s, tc);
     tc = tcase_create("teardown");

@@ -17,6 +17,14 @@
  * registration after the memory was replaced; a client killed with VMM buffers registered leaves
  * the daemon serving.
  *
+ * The fast path (la_attn_enqueue: calls ordered on the client's stream by the doorbell):
+ * LAYERS calls pipelined from each of two client processes equal direct calls bit for bit,
+ * masks included; a call the daemon refuses in the middle of a pipeline is reported and the
+ * stream still completes; a client killed with calls launched on doorbells it will never ring
+ * leaves the daemon serving, its calls released, its imports closed (its GPU memory back);
+ * calls whose doorbell is not rung within --doorbell-timeout fail with LA_ETIMEDOUT and their
+ * layers restart dense.
+ *
  * The warm start and the quality guardrail on the CUDA backend (docs/SKIP-SEMANTICS.md): a
  * generation seeded (margin 0, one generation) from an earlier one's last masks must equal,
  * bit for bit, direct calls whose mask starts as those masks; a guardrail at tau = 0 must
@@ -37,6 +45,7 @@ int main(void) { return 0; }
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <signal.h>
 #include <string.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -937,6 +946,457 @@ START_TEST(test_one_client_f16)
 }
 END_TEST
 
+/* ---- the fast path: calls ordered on the client's stream by the doorbell ------------------- */
+
+#define LAYERS 8 /* calls in flight at once: one per layer, all enqueued before any finished */
+
+/* Per layer: the daemon's tensors in one block (q, k, v, o, lse) and the direct call's own
+ * o, lse and mask. */
+typedef struct fp_layer {
+    tu_problem *t;
+    size_t off[5];
+    uint8_t *d_o, *d_lse, *d_mask;
+    la_attn *a;
+} fp_layer;
+
+typedef struct fp {
+    int who;
+    int32_t B, S, H, D;
+    la_dtype dt;
+    size_t nq, nlse;
+    la_client *c;
+    la_session *s;
+    la_buffer *buf;
+    uint8_t *blk, *direct;
+    int64_t bm, bn, layer_bytes;
+    cudaStream_t st;
+    fp_layer l[LAYERS];
+    unsigned long long *d_tiles;
+} fp;
+
+static void fp_open(fp *f, const char *sock, int who, int32_t B, int32_t S, int32_t H, int32_t D,
+                    la_dtype dt, float tau)
+{
+    memset(f, 0, sizeof *f);
+    f->who = who;
+    f->B = B, f->S = S, f->H = H, f->D = D, f->dt = dt;
+    LA_CHECK(la_connect(sock, "check_gpu_daemon fast", &f->c));
+    la_session_config *cfg;
+    LA_CHECK(la_session_config_new(&cfg));
+    LA_CHECK(la_session_config_set_geometry(cfg, LAYERS, (uint32_t)H, (uint32_t)D, dt, (uint32_t)S,
+                                            (uint32_t)S, (uint32_t)B, 1));
+    LA_CHECK(la_session_config_set_threshold(cfg, tau));
+    LA_CHECK(la_session_config_set_device(cfg, "cuda"));
+    char key[64];
+    snprintf(key, sizeof key, "gpu-fast-%d-%d", who, (int)getpid());
+    LA_CHECK(la_session_open(f->c, key, cfg, &f->s));
+    la_session_config_free(cfg);
+    LA_CHECK(la_session_fastpath(f->s));
+    LA_CHECK(la_session_get(f->s, "bm", &f->bm));
+    LA_CHECK(la_session_get(f->s, "bn", &f->bn));
+    LA_CHECK(la_session_get(f->s, "layer_mask_bytes", &f->layer_bytes));
+    size_t es = la_dtype_size(dt);
+    f->nq = (size_t)B * S * H * D * es;
+    f->nlse = (size_t)B * H * S * sizeof(float);
+    size_t per = 4 * align_up(f->nq) + align_up(f->nlse);
+    size_t dper = align_up(f->nq) + align_up(f->nlse) + align_up((size_t)f->layer_bytes);
+    CUDA_CHECK(cudaSetDevice(0));
+    CUDA_CHECK(cudaMalloc((void **)&f->blk, per * LAYERS));
+    CUDA_CHECK(cudaMalloc((void **)&f->direct, dper * LAYERS));
+    CUDA_CHECK(cudaMalloc((void **)&f->d_tiles, sizeof *f->d_tiles));
+    CUDA_CHECK(cudaStreamCreateWithFlags(&f->st, cudaStreamNonBlocking));
+    uint64_t off0;
+    LA_CHECK(la_buffer_register_cuda(f->c, f->blk, &f->buf, &off0));
+    int64_t shq[4] = {B, S, H, D}, shl[3] = {B, H, S};
+    tu_rng rng;
+    tu_rng_init(&rng, (uint64_t)who * 131 + 7);
+    for (int i = 0; i < LAYERS; i++) {
+        fp_layer *L = &f->l[i];
+        L->t = tu_problem_new(&rng, B, S, S, H, D, dt, (int32_t)f->bm, (int32_t)f->bn, 2.0);
+        if ((int64_t)(L->t->mask_words * 4) != f->layer_bytes)
+            CHILD_FAIL("layer mask %zu bytes, the session says %lld", L->t->mask_words * 4,
+                       (long long)f->layer_bytes);
+        for (int k = 0; k < 4; k++)
+            L->off[k] = per * (size_t)i + (size_t)k * align_up(f->nq);
+        L->off[4] = per * (size_t)i + 4 * align_up(f->nq);
+        L->d_o = f->direct + dper * (size_t)i;
+        L->d_lse = L->d_o + align_up(f->nq);
+        L->d_mask = L->d_lse + align_up(f->nlse);
+        CUDA_CHECK(cudaMemcpy(L->d_mask, L->t->mask, L->t->mask_words * 4, cudaMemcpyHostToDevice));
+        LA_CHECK(la_attn_new(&L->a));
+        for (int k = 0; k < 4; k++)
+            LA_CHECK(
+                la_attn_set_tensor(L->a, (la_tensor_role)k, f->buf, L->off[k], dt, 4, shq, NULL));
+        LA_CHECK(
+            la_attn_set_tensor(L->a, LA_TENSOR_LSE, f->buf, L->off[4], LA_DTYPE_F32, 3, shl, NULL));
+    }
+}
+
+static void fp_close(fp *f)
+{
+    int who = f->who;
+    for (int i = 0; i < LAYERS; i++) {
+        la_attn_free(f->l[i].a);
+        tu_problem_free(f->l[i].t);
+    }
+    LA_CHECK(la_session_close(f->s));
+    LA_CHECK(la_buffer_unregister(f->buf));
+    la_disconnect(f->c);
+}
+
+/* Enqueues layer i's inputs of step on the stream (H2D copies, O poisoned to NaN). */
+static void fp_inputs(fp *f, int i, int step)
+{
+    fp_layer *L = &f->l[i];
+    int who = f->who;
+    tu_problem_drift(L->t, step, 0.02);
+    size_t nk = f->nq;
+    CUDA_CHECK(cudaMemcpyAsync(f->blk + L->off[0], L->t->q, f->nq, cudaMemcpyHostToDevice, f->st));
+    CUDA_CHECK(cudaMemcpyAsync(f->blk + L->off[1], L->t->k, nk, cudaMemcpyHostToDevice, f->st));
+    CUDA_CHECK(cudaMemcpyAsync(f->blk + L->off[2], L->t->v, nk, cudaMemcpyHostToDevice, f->st));
+    CUDA_CHECK(cudaMemsetAsync(f->blk + L->off[3], 0xff, f->nq, f->st));
+}
+
+/* Layer i's step through the kernel directly (on its own mask), then both outputs compared
+ * bit for bit; the masks too when mask_too. */
+static void fp_check(fp *f, int i, int step, float tau, int mask_too)
+{
+    fp_layer *L = &f->l[i];
+    int who = f->who;
+    la_attn_params p = L->t->p;
+    p.q = f->blk + L->off[0];
+    p.k = f->blk + L->off[1];
+    p.v = f->blk + L->off[2];
+    p.o = L->d_o;
+    p.lse = (float *)L->d_lse;
+    p.mask = (uint32_t *)L->d_mask;
+    p.mode = LA_MODE_SKIP;
+    p.tau = tau;
+    p.step = step;
+    p.ret_tiles_computed = (int64_t *)f->d_tiles;
+    CUDA_CHECK(cudaMemsetAsync(f->d_tiles, 0, sizeof *f->d_tiles, f->st));
+    CUDA_CHECK(la_attn_fwd_cuda(&p, f->st));
+    void *h1 = malloc(f->nq), *h2 = malloc(f->nq);
+    float *l1 = malloc(f->nlse), *l2 = malloc(f->nlse);
+    uint32_t *m1 = malloc((size_t)f->layer_bytes), *m2 = malloc((size_t)f->layer_bytes);
+    CUDA_CHECK(cudaMemcpyAsync(h1, f->blk + L->off[3], f->nq, cudaMemcpyDeviceToHost, f->st));
+    CUDA_CHECK(cudaMemcpyAsync(l1, f->blk + L->off[4], f->nlse, cudaMemcpyDeviceToHost, f->st));
+    CUDA_CHECK(cudaMemcpyAsync(h2, L->d_o, f->nq, cudaMemcpyDeviceToHost, f->st));
+    CUDA_CHECK(cudaMemcpyAsync(l2, L->d_lse, f->nlse, cudaMemcpyDeviceToHost, f->st));
+    CUDA_CHECK(
+        cudaMemcpyAsync(m2, L->d_mask, (size_t)f->layer_bytes, cudaMemcpyDeviceToHost, f->st));
+    CUDA_CHECK(cudaStreamSynchronize(f->st));
+    if (memcmp(h1, h2, f->nq) != 0)
+        CHILD_FAIL("layer %d step %d: O of the enqueued call differs from the direct call", i,
+                   step);
+    if (memcmp(l1, l2, f->nlse) != 0)
+        CHILD_FAIL("layer %d step %d: LSE of the enqueued call differs from the direct call", i,
+                   step);
+    if (mask_too) {
+        LA_CHECK(la_session_read_mask(f->s, (uint32_t)i, 0, m1, (size_t)f->layer_bytes));
+        if (memcmp(m1, m2, (size_t)f->layer_bytes) != 0)
+            CHILD_FAIL("layer %d step %d: the session's mask differs from the direct call's", i,
+                       step);
+    }
+    free(h1), free(h2), free(l1), free(l2), free(m1), free(m2);
+}
+
+/* One client process: LAYERS calls enqueued back to back on one stream per step (inputs copied
+ * in on the same stream just before, outputs copied out just after, no host wait between),
+ * for several steps at tau = -3; every output and mask equal to direct calls. */
+static void run_fast_client(const char *sock, int who, int32_t B, int32_t S, int32_t H, int32_t D)
+{
+    fp f;
+    fp_open(&f, sock, who, B, S, H, D, LA_DTYPE_BF16, -3.0f);
+    for (int step = 0; step < 4; step++) {
+        for (int i = 0; i < LAYERS; i++)
+            fp_inputs(&f, i, step);
+        for (int i = 0; i < LAYERS; i++) {
+            LA_CHECK(la_attn_set_position(f.l[i].a, (uint32_t)i, (uint32_t)step, 0));
+            LA_CHECK(la_attn_enqueue(f.s, f.l[i].a, f.st, NULL));
+        }
+        LA_CHECK(la_session_sync(f.s, 60000));
+        for (int i = 0; i < LAYERS; i++)
+            fp_check(&f, i, step, -3.0f, 1);
+    }
+    int64_t computed = 0, total = 0;
+    LA_CHECK(la_session_counter(f.s, "tiles_computed", &computed));
+    LA_CHECK(la_session_counter(f.s, "tiles_total", &total));
+    fprintf(stderr, "fast client %d: %lld of %lld tiles computed\n", who, (long long)computed,
+            (long long)total);
+    fp_close(&f);
+    _exit(0);
+}
+
+/* A call the daemon refuses (a must-do range past the keys) in the middle of a pipeline: the
+ * stream completes (its done slot was written with the error), the error is reported, the
+ * other calls are right. */
+static void run_fast_error_client(const char *sock, int who)
+{
+    fp f;
+    fp_open(&f, sock, who, 1, 1024, 4, 128, LA_DTYPE_BF16, -INFINITY);
+    enum { BAD = 4 };
+    int64_t bad[2] = {0, 1024 + 64};
+    LA_CHECK(la_attn_set_must_do(f.l[BAD].a, bad, 1));
+    for (int i = 0; i < LAYERS; i++)
+        fp_inputs(&f, i, 0);
+    for (int i = 0; i < LAYERS; i++) {
+        LA_CHECK(la_attn_set_position(f.l[i].a, (uint32_t)i, 0, 0));
+        LA_CHECK(la_attn_enqueue(f.s, f.l[i].a, f.st, NULL));
+    }
+    alarm(60); /* a stream that hangs fails the case instead of blocking it */
+    CUDA_CHECK(cudaStreamSynchronize(f.st));
+    alarm(0);
+    int rc = la_session_sync(f.s, 60000);
+    if (rc != LA_EINVAL || !strstr(la_last_error_message(), "layer 4"))
+        CHILD_FAIL("sync after the bad call: %s (%s), expected LA_EINVAL naming layer 4",
+                   la_err_name(rc), la_last_error_message());
+    LA_CHECK(la_session_sync(f.s, 1000));
+    for (int i = 0; i < LAYERS; i++)
+        if (i != BAD)
+            fp_check(&f, i, 0, -INFINITY, 0);
+    fp_close(&f);
+    _exit(0);
+}
+
+static void wait_clients(int n, const pid_t *pids)
+{
+    int failed = 0;
+    for (int i = 0; i < n; i++) {
+        int st = 0;
+        ck_assert_int_eq(waitpid(pids[i], &st, 0), pids[i]);
+        if (!WIFEXITED(st) || WEXITSTATUS(st) != 0) {
+            fprintf(stderr, "client %d failed (status 0x%x)\n", i, st);
+            failed++;
+        }
+    }
+    ck_assert_int_eq(failed, 0);
+}
+
+START_TEST(test_fast_two_clients_pipelined)
+{
+    td_daemon d;
+    const char *args[] = {"--backend", "cuda", NULL};
+    ck_assert_int_eq(td_start(&d, args), 0);
+    const int32_t geo[2][4] = {{1, 2000, 4, 128}, {2, 1100, 6, 64}}; /* B, S, H, D */
+    pid_t pids[2];
+    for (int i = 0; i < 2; i++) {
+        pids[i] = fork();
+        ck_assert_int_ge(pids[i], 0);
+        if (pids[i] == 0)
+            run_fast_client(d.socket, i, geo[i][0], geo[i][1], geo[i][2], geo[i][3]);
+    }
+    wait_clients(2, pids);
+    ck_assert_int_eq(td_stop(&d), 0);
+}
+END_TEST
+
+START_TEST(test_fast_error_mid_pipeline)
+{
+    td_daemon d;
+    const char *args[] = {"--backend", "cuda", NULL};
+    ck_assert_int_eq(td_start(&d, args), 0);
+    pid_t pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0)
+        run_fast_error_client(d.socket, 0);
+    wait_clients(1, &pid);
+    ck_assert_int_eq(td_stop(&d), 0);
+}
+END_TEST
+
+/* A stream host function that blocks until its pipe has a byte (or forever): the client's
+ * stream stops before it rings the doorbells enqueued after it. */
+static void CUDART_CB block_on_pipe(void *arg)
+{
+    char ch;
+    if (read(*(int *)arg, &ch, 1) < 0)
+        pause();
+}
+
+/* Free GPU memory as a fresh process sees it (MiB), or -1. */
+static long probe_free_mib(void)
+{
+    int fds[2];
+    if (pipe(fds) != 0)
+        return -1;
+    pid_t pid = fork();
+    if (pid == 0) {
+        size_t fr = 0, tot = 0;
+        long mib = cudaMemGetInfo(&fr, &tot) == cudaSuccess ? (long)(fr >> 20) : -1;
+        if (write(fds[1], &mib, sizeof mib) < 0)
+            _exit(1);
+        _exit(0);
+    }
+    long mib = -1;
+    if (pid > 0 && read(fds[0], &mib, sizeof mib) != (ssize_t)sizeof mib)
+        mib = -1;
+    close(fds[0]);
+    close(fds[1]);
+    if (pid > 0)
+        waitpid(pid, NULL, 0);
+    return mib;
+}
+
+/* The victim: 1 GiB registered, calls enqueued behind a blocked host function (so that they
+ * are launched on the daemon and wait on doorbells that will never ring), then it says so on
+ * ready_fd and waits to be killed. */
+static void run_victim(const char *sock, int ready_fd)
+{
+    int who = 9;
+    fp f;
+    fp_open(&f, sock, who, 1, 1024, 4, 128, LA_DTYPE_BF16, -3.0f);
+    uint8_t *big;
+    CUDA_CHECK(cudaMalloc((void **)&big, 1ull << 30));
+    la_buffer *bb;
+    uint64_t off;
+    LA_CHECK(la_buffer_register_cuda(f.c, big, &bb, &off));
+    static int never[2];
+    if (pipe(never) != 0)
+        CHILD_FAIL("pipe");
+    CUDA_CHECK(cudaLaunchHostFunc(f.st, block_on_pipe, &never[0]));
+    for (int i = 0; i < LAYERS; i++) {
+        LA_CHECK(la_attn_set_position(f.l[i].a, (uint32_t)i, 0, 0));
+        LA_CHECK(la_attn_enqueue(f.s, f.l[i].a, f.st, NULL));
+    }
+    sleep(1); /* the daemon launches them */
+    char ok = 1;
+    if (write(ready_fd, &ok, 1) != 1)
+        CHILD_FAIL("write");
+    pause();
+    _exit(0);
+}
+
+/* Reads a daemon counter through a fresh connection (the Check process never touches CUDA,
+ * but the library's stats need none). */
+static int64_t daemon_stat(const char *sock, const char *name)
+{
+    la_client *c;
+    if (la_connect(sock, "check_gpu_daemon stats", &c) != 0)
+        return -1;
+    la_table *t;
+    int64_t v = -1;
+    if (la_stats(c, &t) == 0) {
+        for (size_t r = 0; r < la_table_rows(t); r++)
+            if (!strcmp(la_table_text(t, r, 0), name))
+                la_table_int(t, r, "value", &v);
+        la_table_free(t);
+    }
+    la_disconnect(c);
+    return v;
+}
+
+START_TEST(test_fast_client_killed_in_flight)
+{
+    td_daemon d;
+    const char *args[] = {"--backend", "cuda", NULL};
+    ck_assert_int_eq(td_start(&d, args), 0);
+    long before = probe_free_mib();
+    ck_assert_int_gt(before, 1024);
+    int fds[2];
+    ck_assert_int_eq(pipe(fds), 0);
+    pid_t victim = fork();
+    ck_assert_int_ge(victim, 0);
+    if (victim == 0)
+        run_victim(d.socket, fds[1]);
+    char ch = 0;
+    ck_assert_int_eq(read(fds[0], &ch, 1), 1);
+    ck_assert_int_gt(daemon_stat(d.socket, "calls_inflight"), 0);
+    kill(victim, SIGKILL);
+    waitpid(victim, NULL, 0);
+    /* The daemon releases the waits, the kernels end, the imports are closed. */
+    int64_t inflight = -1, bufs = -1, dbs = -1;
+    for (int i = 0; i < 200; i++) {
+        inflight = daemon_stat(d.socket, "calls_inflight");
+        bufs = daemon_stat(d.socket, "buffers");
+        dbs = daemon_stat(d.socket, "doorbells");
+        if (inflight == 0 && bufs == 0 && dbs == 0)
+            break;
+        usleep(50000);
+    }
+    ck_assert_int_eq(inflight, 0);
+    ck_assert_int_eq(bufs, 0);
+    ck_assert_int_eq(dbs, 0);
+    /* The victim's memory (1 GiB and its tensors), pinned by the imports while they lived, is
+     * back once they are closed. */
+    long after = -1;
+    for (int i = 0; i < 100; i++) {
+        after = probe_free_mib();
+        if (after >= before - 64)
+            break;
+        usleep(100000);
+    }
+    ck_assert_msg(after >= before - 64, "free GPU memory %ld MiB before the victim, %ld after",
+                  before, after);
+    /* And the daemon serves the next client. */
+    pid_t next = fork();
+    ck_assert_int_ge(next, 0);
+    if (next == 0)
+        run_fast_error_client(d.socket, 1);
+    wait_clients(1, &next);
+    ck_assert_int_eq(td_stop(&d), 0);
+}
+END_TEST
+
+/* A client whose stream does not ring within the doorbell timeout: the daemon releases the
+ * calls (LA_ETIMEDOUT), the layer restarts dense, and the stream goes on once unblocked. */
+static void run_timeout_client(const char *sock)
+{
+    int who = 5;
+    fp f;
+    fp_open(&f, sock, who, 1, 1024, 4, 128, LA_DTYPE_BF16, -3.0f);
+    int gate[2];
+    if (pipe(gate) != 0)
+        CHILD_FAIL("pipe");
+    for (int i = 0; i < 2; i++)
+        fp_inputs(&f, i, 0);
+    CUDA_CHECK(cudaLaunchHostFunc(f.st, block_on_pipe, &gate[0]));
+    for (int i = 0; i < 2; i++) {
+        LA_CHECK(la_attn_set_position(f.l[i].a, (uint32_t)i, 0, 0));
+        LA_CHECK(la_attn_enqueue(f.s, f.l[i].a, f.st, NULL));
+    }
+    int rc = la_session_sync(f.s, 30000); /* the daemon's timeout is 1 s */
+    if (rc != LA_ETIMEDOUT || !strstr(la_last_error_message(), "doorbell"))
+        CHILD_FAIL("sync with an unrung doorbell: %s (%s), expected the calls' LA_ETIMEDOUT", la_err_name(rc),
+                   la_last_error_message());
+    char go = 1;
+    if (write(gate[1], &go, 1) != 1)
+        CHILD_FAIL("write");
+    alarm(60);
+    CUDA_CHECK(cudaStreamSynchronize(f.st));
+    alarm(0);
+    /* The next calls work; the released layers start over dense. */
+    int64_t before = 0, after = 0;
+    LA_CHECK(la_session_counter(f.s, "tiles_computed", &before));
+    for (int i = 0; i < 2; i++) {
+        fp_inputs(&f, i, 1);
+        LA_CHECK(la_attn_set_position(f.l[i].a, (uint32_t)i, 1, 0));
+        LA_CHECK(la_attn_enqueue(f.s, f.l[i].a, f.st, NULL));
+    }
+    LA_CHECK(la_session_sync(f.s, 60000));
+    LA_CHECK(la_session_counter(f.s, "tiles_computed", &after));
+    const long long all = 2LL * 4 * la_tiles(1024, (int32_t)f.bm) * la_tiles(1024, (int32_t)f.bn);
+    if (after - before != all)
+        CHILD_FAIL("after the released calls: %lld of %lld tiles computed, want all (dense)",
+                   (long long)(after - before), all);
+    fp_close(&f);
+    _exit(0);
+}
+
+START_TEST(test_fast_doorbell_timeout)
+{
+    td_daemon d;
+    const char *args[] = {"--backend", "cuda", "--doorbell-timeout", "1", NULL};
+    ck_assert_int_eq(td_start(&d, args), 0);
+    pid_t pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0)
+        run_timeout_client(d.socket);
+    wait_clients(1, &pid);
+    ck_assert_int_eq(td_stop(&d), 0);
+}
+END_TEST
+
 START_TEST(test_warm_start_and_guard)
 {
     td_daemon d;
@@ -963,6 +1423,11 @@ int main(void)
     tc = tu_gpu_tcase(s, "vmm", 180);
     tu_gpu_test(tc, test_two_clients_vmm);
     tu_gpu_test(tc, test_vmm_errors_and_killed_client);
+    TCase *fast = tu_gpu_tcase(s, "fastpath", 180);
+    tu_gpu_test(fast, test_fast_two_clients_pipelined);
+    tu_gpu_test(fast, test_fast_error_mid_pipeline);
+    tu_gpu_test(fast, test_fast_client_killed_in_flight);
+    tu_gpu_test(fast, test_fast_doorbell_timeout);
     return tu_run_suite(s);
 }
-#endif /* LA_HAVE_CUDA */
+#endif           /* LA_HAVE_CUDA */

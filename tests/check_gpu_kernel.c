@@ -113,6 +113,7 @@ typedef struct cfg {
     double drift;      /* per-step noise added to Q and K */
     double peak;       /* weight of the cluster structure (0: plain Gaussian data) */
     int mask_init;     /* 0 all ones, 1 random ~50%, 2 all zero */
+    bool carry;        /* carried row maxima R: around the rows' true maxima, some NaN, -inf */
 } cfg;
 
 /* A [B, S, H, D] tensor: logical fp32 values, the dtype storage (host) with strides, device. */
@@ -207,14 +208,15 @@ static void drift(tens *t, double eps) {
 typedef struct model_out {
     double *o;      /* [B][Sq][H][D] */
     double *lse;    /* [B][H][Sq] */
+    double *rmax;   /* [B][H][Sq] R after the call, max(R, m) (with rmax_in only) */
     uint32_t *mask; /* [B][H][nQ][W] new rows (== input rows in mode DENSE) */
     double *margin; /* [B][H][nQ][nK], NAN where not visited */
     int64_t tiles;
 } model_out;
 
 static void model_run(const cfg *c, const tens *q, const tens *k, const tens *v, int step,
-                      const uint32_t *mask_in /* [B][H][nQ][W] */, int BM, int BN,
-                      model_out *out) {
+                      const uint32_t *mask_in /* [B][H][nQ][W] */, const float *rmax_in,
+                      int BM, int BN, model_out *out) {
     const int B = c->B, H = c->H, Sq = c->Sq, Sk = c->Sk, D = c->D;
     const int nQ = la_tiles(Sq, BM), nK = la_tiles(Sk, BN), W = la_mask_words(nK);
     const double scale = (double)(float)(1.0 / sqrt((double)D)),
@@ -226,6 +228,7 @@ static void model_run(const cfg *c, const tens *q, const tens *k, const tens *v,
     la_tile_flags(&fp, mdo, sko);
     bool desc = c->dir == LA_DIR_DESCENDING || (c->dir == LA_DIR_ALTERNATE && step % 2 == 0);
     double *s = malloc(sizeof(double) * BN), *m = malloc(sizeof(double) * BM),
+           *r = malloc(sizeof(double) * BM),
            *l = malloc(sizeof(double) * BM), *acc = malloc(sizeof(double) * BM * D);
     double *qd = malloc(sizeof(double) * BM * D), *kd = malloc(sizeof(double) * BN * D),
            *vd = malloc(sizeof(double) * BN * D);
@@ -256,6 +259,12 @@ static void model_run(const cfg *c, const tens *q, const tens *k, const tens *v,
                 const int rows = Sq - mt * BM < BM ? Sq - mt * BM : BM;
                 for (int i = 0; i < rows; i++) {
                     m[i] = -INFINITY, l[i] = 0;
+                    /* the votes' reference starts at R (NaN carries nothing) */
+                    r[i] = -INFINITY;
+                    if (rmax_in) {
+                        float x = rmax_in[((size_t)b * H + h) * Sq + mt * BM + i];
+                        r[i] = x == x ? x : -INFINITY;
+                    }
                     for (int d = 0; d < D; d++) {
                         acc[i * D + d] = 0;
                         qd[i * D + d] = tens_get(q, b, mt * BM + i, h, d);
@@ -279,8 +288,10 @@ static void model_run(const cfg *c, const tens *q, const tens *k, const tens *v,
                             s[j] = dot;
                             if (dot > t) t = dot;
                         }
-                        double mg = m[i] == -INFINITY ? INFINITY : (t - m[i]) * cl - c->tau;
+                        const double ref = r[i] > m[i] ? r[i] : m[i];
+                        double mg = ref == -INFINITY ? INFINITY : (t - ref) * cl - c->tau;
                         if (mg > best) best = mg;
+                        if (t > r[i]) r[i] = t;
                         double mn = t > m[i] ? t : m[i];
                         double alpha = m[i] == -INFINITY ? 0 : exp((m[i] - mn) * scale);
                         l[i] *= alpha;
@@ -308,9 +319,10 @@ static void model_run(const cfg *c, const tens *q, const tens *k, const tens *v,
                     for (int d = 0; d < D; d++)
                         out->o[(((size_t)b * Sq + sq) * H + h) * D + d] = l[i] > 0 ? acc[i * D + d] / l[i] : 0;
                     out->lse[((size_t)b * H + h) * Sq + sq] = l[i] > 0 ? m[i] * scale + log(l[i]) : -INFINITY;
+                    if (rmax_in) out->rmax[((size_t)b * H + h) * Sq + sq] = r[i];
                 }
             }
-    free(s), free(m), free(l), free(acc), free(qd), free(kd), free(vd), free(order);
+    free(s), free(m), free(r), free(l), free(acc), free(qd), free(kd), free(vd), free(order);
 }
 
 /* Compute capability of the current device (10*major + minor): the selector picks the kernel
@@ -378,7 +390,14 @@ static stats run_case(const cfg *c) {
     float *lse = malloc(nL * 4), *lse_ref = malloc(nL * 4);
     uint16_t *o_ref_store = malloc(o.elems * 2);
     double *o_gpu = malloc(nO * 8), *o_cpu = malloc(nO * 8);
-    model_out mo = {malloc(nO * 8), malloc(nL * 8), malloc(rows * W * 4), malloc(rows * nK * 8), 0};
+    model_out mo = {malloc(nO * 8), malloc(nL * 8), malloc(nL * 8), malloc(rows * W * 4),
+                    malloc(rows * nK * 8), 0};
+    /* Carried row maxima: host input, GPU and reference outputs; O and LSE of a run without R. */
+    float *rmax_in = c->carry ? malloc(nL * 4) : NULL, *rmax_gpu = malloc(nL * 4),
+          *rmax_ref = malloc(nL * 4), *d_rmax = NULL;
+    uint16_t *o_plain = malloc(o.elems * 2);
+    float *lse_plain = malloc(nL * 4);
+    if (c->carry) CUDA_OK(cudaMalloc((void **)&d_rmax, nL * 4));
     int64_t live_sum = 0, live_total = 0;
 
     for (int step = 0; step < c->steps; step++) {
@@ -403,6 +422,35 @@ static stats run_case(const cfg *c) {
         p.BM = BM, p.BN = BN, p.threads = 8;
         p.ret_tiles_computed = (int64_t *)d_tiles;
 
+        if (c->carry) {
+            /* R around each row's true maximum (float64, every key), +-3 log2 units; every
+             * 16th row NaN, every 16th + 5 -inf. */
+            const double cl = (double)(p.scale * 1.44269504088896340736f);
+            for (int b = 0; b < B; b++)
+                for (int h = 0; h < H; h++)
+                    for (int i = 0; i < Sq; i++) {
+                        double mx = -INFINITY;
+                        for (int j = 0; j < Sk; j++) {
+                            double dot = 0;
+                            for (int d = 0; d < D; d++) dot += tens_get(&q, b, i, h, d) * tens_get(&k, b, j, h, d);
+                            if (dot > mx) mx = dot;
+                        }
+                        float x = (float)(mx + 3.0 * (2.0 * rng_uniform() - 1.0) / cl);
+                        if (i % 16 == 3) x = NAN;
+                        if (i % 16 == 8) x = -INFINITY;
+                        rmax_in[((size_t)b * H + h) * Sq + i] = x;
+                    }
+            /* The same call without R first: with R, O and LSE must come out bit for bit. */
+            CUDA_OK(cudaMemcpy(d_mask, mask, mwords * 4, cudaMemcpyHostToDevice));
+            CUDA_OK(la_attn_fwd_cuda(&p, 0));
+            CUDA_OK(cudaDeviceSynchronize());
+            CUDA_OK(cudaMemcpy(o_plain, o.dev, o.elems * 2, cudaMemcpyDeviceToHost));
+            CUDA_OK(cudaMemcpy(lse_plain, d_lse, nL * 4, cudaMemcpyDeviceToHost));
+            CUDA_OK(cudaMemcpy(d_rmax, rmax_in, nL * 4, cudaMemcpyHostToDevice));
+            p.row_max = d_rmax;
+            p.row_max_stride[0] = (int64_t)H * Sq, p.row_max_stride[1] = Sq, p.row_max_stride[2] = 1;
+        }
+
         /* GPU, outputs poisoned first. */
         CUDA_OK(cudaMemcpy(d_mask, mask, mwords * 4, cudaMemcpyHostToDevice));
         if (d_dec) CUDA_OK(cudaMemset(d_dec, 0xA5, mwords * 4));
@@ -418,6 +466,13 @@ static stats run_case(const cfg *c) {
         CUDA_OK(cudaMemcpy(lse, d_lse, nL * 4, cudaMemcpyDeviceToHost));
         unsigned long long tiles_gpu = 0;
         CUDA_OK(cudaMemcpy(&tiles_gpu, d_tiles, 8, cudaMemcpyDeviceToHost));
+        if (c->carry) {
+            CUDA_OK(cudaMemcpy(rmax_gpu, d_rmax, nL * 4, cudaMemcpyDeviceToHost));
+            ck_assert_msg(memcmp(o_store, o_plain, o.elems * 2) == 0, "%s step %d: R changed O", c->name,
+                          step);
+            ck_assert_msg(!c->lse || memcmp(lse, lse_plain, nL * 4) == 0, "%s step %d: R changed LSE",
+                          c->name, step);
+        }
         if (d_dec) { /* the store itself must be untouched by a dry run */
             uint32_t *chk = malloc(mwords * 4);
             CUDA_OK(cudaMemcpy(chk, d_mask, mwords * 4, cudaMemcpyDeviceToHost));
@@ -433,6 +488,10 @@ static stats run_case(const cfg *c) {
         r.q = q.host, r.k = k.host, r.v = v.host, r.o = o_ref_store;
         r.lse = c->lse ? lse_ref : NULL;
         r.mask = mask_ref, r.decisions = dec_ref;
+        if (c->carry) {
+            memcpy(rmax_ref, rmax_in, nL * 4);
+            r.row_max = rmax_ref;
+        }
         int64_t tiles_ref = 0;
         r.ret_tiles_computed = &tiles_ref;
         ck_assert_int_eq(la_ref_attn_fwd(&r), 0);
@@ -440,7 +499,7 @@ static stats run_case(const cfg *c) {
 
         /* Model. */
         for (size_t rr = 0; rr < rows; rr++) memcpy(packed_in + rr * W, mask + rr * mrow, W * 4);
-        model_run(c, &q, &k, &v, step, packed_in, BM, BN, &mo);
+        model_run(c, &q, &k, &v, step, packed_in, rmax_in, BM, BN, &mo);
 
         /* O and LSE. */
         for (int b = 0; b < B; b++)
@@ -471,6 +530,20 @@ static stats run_case(const cfg *c) {
                               "%s step %d: LSE[%zu] = %.6f, CPU reference %.6f", c->name, step, i, got,
                               (double)lse_ref[i]);
             }
+
+        /* R written back: max(R, the row's maximum) against the reference and float64. */
+        for (size_t i = 0; c->carry && i < nL; i++) {
+            double want = mo.rmax[i], got = rmax_gpu[i];
+            if (isinf(want)) {
+                ck_assert_msg(got == want && rmax_ref[i] == want, "%s step %d: R[%zu] = %g (ref %g), want %g",
+                              c->name, step, i, got, (double)rmax_ref[i], want);
+                continue;
+            }
+            ck_assert_msg(fabs(got - want) <= 1e-3 * (1 + fabs(want)) &&
+                              fabs(got - rmax_ref[i]) <= 1e-3 * (1 + fabs(want)),
+                          "%s step %d: R[%zu] = %.6f, CPU reference %.6f, float64 %.6f", c->name, step, i,
+                          got, (double)rmax_ref[i], want);
+        }
 
         /* Masks: word by word, bit by bit; spare words never written. */
         for (size_t rr = 0; rr < rows; rr++) {
@@ -522,9 +595,127 @@ static stats run_case(const cfg *c) {
     tens_free(&q), tens_free(&k), tens_free(&v), tens_free(&o);
     free(mask), free(mask_ref), free(gpu_mask), free(packed_in), free(lse), free(lse_ref);
     free(o_ref_store), free(o_gpu), free(o_cpu);
-    free(mo.o), free(mo.lse), free(mo.mask), free(mo.margin);
+    free(mo.o), free(mo.lse), free(mo.rmax), free(mo.mask), free(mo.margin);
+    free(rmax_in), free(rmax_gpu), free(rmax_ref), free(o_plain), free(lse_plain);
+    cudaFree(d_rmax);
     cudaFree(d_mask), cudaFree(d_dec), cudaFree(d_lse), cudaFree(d_tiles);
     return st;
+}
+
+/* Ring attention's property (SKIP-SEMANTICS "Carried row maxima"): the keys cut into P shards
+ * of L = 2 BN keys, each shard called with its own mask (the single mask's columns) in the
+ * single call's visiting order, R carried from -inf, give bit for bit the single call's mask,
+ * tile count and row maxima on the GPU too: the same tiles are scored by the same instructions.
+ * Several drifting steps in alternating directions, a must-do range in shard 0. */
+static void run_shards_case(const cfg *c, int P) {
+    int32_t BM, BN;
+    const int cc = device_cc();
+    ck_assert_int_eq(la_cuda_tile_sizes(c->D, c->dtype, cc, &BM, &BN), 0);
+    const int B = c->B, H = c->H, Sq = c->Sq, D = c->D, L = 2 * BN, Sk = P * L;
+    const int nQ = la_tiles(Sq, BM), nK = la_tiles(Sk, BN), W = la_mask_words(nK), nkl = L / BN;
+    const size_t rows = (size_t)B * H * nQ, nL = (size_t)B * H * Sq;
+    tens q, k, v, o;
+    tens_init(&q, B, Sq, H, D, c->dtype, c->layout);
+    tens_init(&k, B, Sk, H, D, c->dtype, c->layout);
+    tens_init(&v, B, Sk, H, D, c->dtype, c->layout);
+    tens_init(&o, B, Sq, H, D, c->dtype, c->layout);
+    fill_inputs(&q, &k, &v, c->peak);
+    uint32_t *mask = malloc(rows * W * 4), *got = malloc(rows * W * 4), *shard = malloc(rows * 4);
+    float *r_single = malloc(nL * 4), *r_shards = malloc(nL * 4), *ninf = malloc(nL * 4);
+    for (size_t i = 0; i < rows * W; i++) mask[i] = 0xffffffffu;
+    for (size_t rr = 0; rr < rows; rr++)
+        if (nK % 32) mask[rr * W + W - 1] = (1u << (nK % 32)) - 1u;
+    for (size_t i = 0; i < nL; i++) ninf[i] = -INFINITY;
+    uint32_t *d_mask, *d_shard;
+    float *d_r, *d_lse;
+    unsigned long long *d_tiles;
+    CUDA_OK(cudaMalloc((void **)&d_mask, rows * W * 4));
+    CUDA_OK(cudaMalloc((void **)&d_shard, (size_t)P * rows * 4));
+    CUDA_OK(cudaMalloc((void **)&d_r, nL * 4));
+    CUDA_OK(cudaMalloc((void **)&d_lse, nL * 4));
+    CUDA_OK(cudaMalloc((void **)&d_tiles, 8));
+    ck_assert_int_le(nkl, 32);
+    la_range md = {0, 5};
+    for (int step = 0; step < c->steps; step++) {
+        if (step > 0) drift(&q, c->drift), drift(&k, c->drift);
+        tens_upload(&q), tens_upload(&k), tens_upload(&v);
+        la_attn_params p = {0};
+        p.q = q.dev, p.k = k.dev, p.v = v.dev, p.o = o.dev;
+        memcpy(p.q_stride, q.stride, 32), memcpy(p.k_stride, k.stride, 32);
+        memcpy(p.v_stride, v.stride, 32), memcpy(p.o_stride, o.stride, 32);
+        p.lse = d_lse, p.lse_stride[0] = (int64_t)H * Sq, p.lse_stride[1] = Sq, p.lse_stride[2] = 1;
+        p.row_max = d_r;
+        p.row_max_stride[0] = (int64_t)H * Sq, p.row_max_stride[1] = Sq, p.row_max_stride[2] = 1;
+        p.B = B, p.Sq = Sq, p.Sk = Sk, p.H = H, p.D = D, p.dtype = c->dtype;
+        p.scale = (float)(1.0 / sqrt((double)D));
+        p.tau = c->tau, p.mode = c->mode, p.step = step, p.direction = c->dir;
+        p.must_do = &md, p.n_must_do = 1;
+        p.mask = d_mask;
+        p.mask_stride[0] = (int64_t)H * nQ * W, p.mask_stride[1] = (int64_t)nQ * W, p.mask_stride[2] = W;
+        p.BM = BM, p.BN = BN;
+        p.ret_tiles_computed = (int64_t *)d_tiles;
+        /* the single call */
+        CUDA_OK(cudaMemcpy(d_mask, mask, rows * W * 4, cudaMemcpyHostToDevice));
+        CUDA_OK(cudaMemcpy(d_r, ninf, nL * 4, cudaMemcpyHostToDevice));
+        CUDA_OK(cudaMemset(d_tiles, 0, 8));
+        ck_assert_int_eq(la_cuda_supported(&p, cc), 0);
+        CUDA_OK(la_attn_fwd_cuda(&p, 0));
+        unsigned long long tiles_single = 0, tiles_shards = 0;
+        CUDA_OK(cudaDeviceSynchronize());
+        CUDA_OK(cudaMemcpy(got, d_mask, rows * W * 4, cudaMemcpyDeviceToHost));
+        CUDA_OK(cudaMemcpy(r_single, d_r, nL * 4, cudaMemcpyDeviceToHost));
+        CUDA_OK(cudaMemcpy(&tiles_single, d_tiles, 8, cudaMemcpyDeviceToHost));
+        /* the shards, in the visiting order, R carried */
+        const bool desc = c->dir == LA_DIR_DESCENDING || (c->dir == LA_DIR_ALTERNATE && step % 2 == 0);
+        CUDA_OK(cudaMemcpy(d_r, ninf, nL * 4, cudaMemcpyHostToDevice));
+        CUDA_OK(cudaMemset(d_tiles, 0, 8));
+        for (int jj = 0; jj < P; jj++) {
+            const int j = desc ? P - 1 - jj : jj;
+            for (size_t rr = 0; rr < rows; rr++) {
+                uint32_t x = 0;
+                for (int n = 0; n < nkl; n++) x |= ((mask[rr * W + (j * nkl + n) / 32] >> ((j * nkl + n) % 32)) & 1u) << n;
+                shard[rr] = x;
+            }
+            CUDA_OK(cudaMemcpy(d_shard + (size_t)j * rows, shard, rows * 4, cudaMemcpyHostToDevice));
+            la_attn_params sp = p;
+            sp.k = (const char *)k.dev + (size_t)j * L * k.stride[1] * 2;
+            sp.v = (const char *)v.dev + (size_t)j * L * v.stride[1] * 2;
+            sp.Sk = L;
+            sp.n_must_do = j == 0;
+            sp.mask = d_shard + (size_t)j * rows;
+            sp.mask_stride[0] = (int64_t)H * nQ, sp.mask_stride[1] = nQ, sp.mask_stride[2] = 1;
+            ck_assert_int_eq(la_cuda_supported(&sp, cc), 0);
+            CUDA_OK(la_attn_fwd_cuda(&sp, 0));
+        }
+        CUDA_OK(cudaDeviceSynchronize());
+        CUDA_OK(cudaMemcpy(r_shards, d_r, nL * 4, cudaMemcpyDeviceToHost));
+        CUDA_OK(cudaMemcpy(&tiles_shards, d_tiles, 8, cudaMemcpyDeviceToHost));
+        ck_assert_msg(tiles_shards == tiles_single, "%s step %d: shards computed %llu tiles, the single call %llu",
+                      c->name, step, tiles_shards, tiles_single);
+        ck_assert_msg(memcmp(r_shards, r_single, nL * 4) == 0, "%s step %d: carried R differs from the single call's",
+                      c->name, step);
+        int differ = 0;
+        for (int j = 0; j < P; j++) {
+            CUDA_OK(cudaMemcpy(shard, d_shard + (size_t)j * rows, rows * 4, cudaMemcpyDeviceToHost));
+            for (size_t rr = 0; rr < rows; rr++)
+                for (int n = 0; n < nkl; n++) {
+                    const int gn = j * nkl + n;
+                    differ += (int)((got[rr * W + gn / 32] >> (gn % 32)) & 1u) != (int)((shard[rr] >> n) & 1u);
+                }
+        }
+        ck_assert_msg(differ == 0, "%s step %d: %d mask bits of the shard calls differ from the single call", c->name,
+                      step, differ);
+        memcpy(mask, got, rows * W * 4);
+    }
+    int64_t live = 0;
+    for (size_t rr = 0; rr < rows; rr++)
+        for (int w = 0; w < W; w++) live += __builtin_popcount(mask[rr * W + w]);
+    printf("%s [%s, BM %d BN %d, %d shards]: shard calls = single call over %d steps, live fraction %.3f\n",
+           c->name, la_cuda_variant_name(D, c->dtype, cc), BM, BN, P, c->steps, (double)live / ((double)rows * nK));
+    ck_assert_msg(live < (int64_t)rows * nK, "%s: nothing skipped, the equality proves little", c->name);
+    tens_free(&q), tens_free(&k), tens_free(&v), tens_free(&o);
+    free(mask), free(got), free(shard), free(r_single), free(r_shards), free(ninf);
+    cudaFree(d_mask), cudaFree(d_shard), cudaFree(d_r), cudaFree(d_lse), cudaFree(d_tiles);
 }
 
 static void need_gpu(void) {
@@ -659,6 +850,38 @@ START_TEST(test_sanitize_small) {
 }
 END_TEST
 
+/* Carried row maxima: R scattered around the rows' true maxima (some NaN, some -inf) changes
+ * the votes as the CPU reference and the float64 model say, comes back as max(R, m), and leaves
+ * O and LSE bit for bit as without R; skip, observe, dense and dry runs, partial tiles, both
+ * layouts. Then shard calls with R carried against the single call (run_shards_case). */
+START_TEST(test_carried_row_max) {
+    need_gpu();
+    const int D = kDims[_i / 2];
+    const la_dtype dt = kDtypes[_i % 2];
+    seed_from_clock("carried_row_max");
+    cfg c = {.name = "carry_skip", .B = 2, .Sq = 300, .Sk = 1100, .H = 2, .D = D, .dtype = dt,
+             .mode = LA_MODE_SKIP, .dir = LA_DIR_ALTERNATE, .tau = -3.0f, .steps = 3,
+             .lse = true, .drift = 0.05, .peak = 1.0, .carry = true,
+             .must_do = {{0, 5}}, .n_must_do = 1, .must_skip = {{1050, 1100}}, .n_must_skip = 1};
+    run_case(&c);
+    c.name = "carry_observe_strided";
+    c.mode = LA_MODE_OBSERVE, c.layout = 1, c.mask_init = 1, c.n_must_skip = 0, c.steps = 2;
+    run_case(&c);
+    c.name = "carry_dense";
+    c.mode = LA_MODE_DENSE, c.layout = 0, c.mask_init = 0, c.tau = -INFINITY, c.steps = 1;
+    run_case(&c);
+    c.name = "carry_dryrun";
+    c.mode = LA_MODE_SKIP, c.dry_run = true, c.tau = -2.0f, c.mask_init = 1, c.lse = false;
+    run_case(&c);
+    cfg r = {.name = "shards", .B = 2, .Sq = 333, .H = 2, .D = D, .dtype = dt, .mode = LA_MODE_SKIP,
+             .dir = LA_DIR_ALTERNATE, .tau = -3.0f, .steps = 4, .drift = 0.05, .peak = 1.0};
+    run_shards_case(&r, 4);
+    r.name = "shards_observe";
+    r.mode = LA_MODE_OBSERVE, r.steps = 2;
+    run_shards_case(&r, 3);
+}
+END_TEST
+
 START_TEST(test_supported) {
     int32_t bm = 0, bn = 0;
     /* The portable family below compute capability 9.0 (and on 8.x), its tile sizes fixed. */
@@ -727,6 +950,7 @@ static Suite *kernel_suite(void) {
     tu_gpu_loop_test(tc, test_observe_dryrun_strided, 0, 4);
     tu_gpu_loop_test(tc, test_extremes, 0, 4);
     tu_gpu_loop_test(tc, test_long_rows, 0, 4);
+    tu_gpu_loop_test(tc, test_carried_row_max, 0, 4);
     tc = tu_gpu_tcase(s, "sanitize", 600);
     tu_gpu_loop_test(tc, test_sanitize_small, 0, 4);
     return s;

@@ -74,7 +74,18 @@ typedef struct expect {
     uint8_t *keep_ex; /* keep(n) as float64 decides it, ties and all */
     int64_t n_visit;
     int64_t n_tie_votes;
+    /* With p->row_max: [B, H, Sq] the row maxima it must hold after the call, max(R, scores of
+     * the visited tiles) in float64, and their fp32 error bound. */
+    double *rmax, *rmax_err;
 } expect;
+
+/* Element (b, h, i) of p->row_max as the call reads it: NaN carries nothing (-inf). */
+static double row_max_in(const la_attn_params *p, int b, int h, int i)
+{
+    float x = p->row_max[b * p->row_max_stride[0] + h * p->row_max_stride[1] +
+                         i * p->row_max_stride[2]];
+    return x == x ? (double)x : -INFINITY;
+}
 
 static int ascending_of(const la_attn_params *p)
 {
@@ -90,7 +101,13 @@ static expect expect_call(const la_attn_params *p, const uint32_t *old)
 {
     const int nq = nq_of(p), nk = nk_of(p);
     size_t n = (size_t)p->B * p->H * nq * nk;
-    expect e = {calloc(n, 1), calloc(n, 1), calloc(n, 1), calloc(n, 1), 0, 0};
+    expect e = {calloc(n, 1), calloc(n, 1), calloc(n, 1), calloc(n, 1), 0, 0, NULL, NULL};
+    size_t nr = (size_t)p->B * p->H * p->Sq;
+    if (p->row_max != NULL) {
+        e.rmax = malloc(nr * sizeof(double));
+        e.rmax_err = calloc(nr, sizeof(double));
+        ck_assert(e.rmax && e.rmax_err);
+    }
     uint8_t *md = calloc((size_t)nk, 1), *so = calloc((size_t)nk, 1);
     double *run = malloc(sizeof(double) * (size_t)p->BM);     /* running max per row */
     double *run_err = malloc(sizeof(double) * (size_t)p->BM); /* its fp32 error bound */
@@ -101,8 +118,11 @@ static expect expect_call(const la_attn_params *p, const uint32_t *old)
         for (int h = 0; h < p->H; h++)
             for (int m = 0; m < nq; m++) {
                 size_t base = (((size_t)b * p->H + h) * nq + m) * nk;
+                /* The votes' reference starts at the carried maximum (exact: no error). */
                 for (int i = 0; i < p->BM; i++) {
-                    run[i] = -INFINITY;
+                    int row = m * p->BM + i;
+                    run[i] = p->row_max != NULL && row < p->Sq ? row_max_in(p, b, h, row)
+                                                               : -INFINITY;
                     run_err[i] = 0;
                 }
                 for (int k = 0; k < nk; k++) {
@@ -126,7 +146,7 @@ static expect expect_call(const la_attn_params *p, const uint32_t *old)
                             double x = (mx - run[i]) * c;
                             ex |= x > p->tau;
                             double win = (err + run_err[i]) * c + fabs(x) * 0x1p-22 + 1e-12;
-                            if (fabs(x - p->tau) <= win) {
+                            if (isfinite(x) && fabs(x - p->tau) <= win) {
                                 hi = 1;
                                 e.n_tie_votes++;
                             } else if (x > p->tau) {
@@ -140,6 +160,11 @@ static expect expect_call(const la_attn_params *p, const uint32_t *old)
                     e.keep_hi[base + t] = (uint8_t)hi;
                     e.keep_ex[base + t] = (uint8_t)ex;
                 }
+                for (int i = 0; e.rmax && i < p->BM && m * p->BM + i < p->Sq; i++) {
+                    size_t at = ((size_t)b * p->H + h) * p->Sq + (size_t)(m * p->BM + i);
+                    e.rmax[at] = run[i];
+                    e.rmax_err[at] = run_err[i];
+                }
             }
     free(md);
     free(so);
@@ -150,6 +175,8 @@ static expect expect_call(const la_attn_params *p, const uint32_t *old)
 
 static void expect_free(expect *e)
 {
+    free(e->rmax);
+    free(e->rmax_err);
     free(e->visit);
     free(e->keep_lo);
     free(e->keep_hi);
@@ -241,6 +268,27 @@ static void check_output(const la_attn_params *p, const expect *e, double tol)
     free(gl);
 }
 
+/* p->row_max after the call against max(R, the visited tiles' scores) in float64. */
+static void check_row_max(const la_attn_params *p, const expect *e)
+{
+    for (int b = 0; b < p->B; b++)
+        for (int h = 0; h < p->H; h++)
+            for (int i = 0; i < p->Sq; i++) {
+                size_t at = ((size_t)b * p->H + h) * p->Sq + (size_t)i;
+                double got = p->row_max[b * p->row_max_stride[0] + h * p->row_max_stride[1] +
+                                        i * p->row_max_stride[2]];
+                double want = e->rmax[at];
+                if (isinf(want)) {
+                    ck_assert_msg(got == want, "row_max[%d, %d, %d] = %g, expected %g", b, h, i,
+                                  got, want);
+                    continue;
+                }
+                ck_assert_msg(fabs(got - want) <= e->rmax_err[at] + 1e-6 * fabs(want),
+                              "row_max[%d, %d, %d] = %.9g, expected %.9g (+- %.3g)", b, h, i, got,
+                              want, e->rmax_err[at]);
+            }
+}
+
 static tu_problem *mk(uint64_t salt, int B, int Sq, int Sk, int H, int D, la_dtype dt, int BM,
                       int BN, double amp)
 {
@@ -273,6 +321,8 @@ static int call_and_check(tu_problem *t, double tol)
     ck_assert_int_eq(rc, 0);
     ck_assert_int_eq(tiles, e.n_visit);
     check_output(p, &e, tol);
+    if (p->row_max != NULL)
+        check_row_max(p, &e);
     int ties = 0;
     if (p->mode == LA_MODE_DENSE)
         ck_assert_msg(memcmp(old, t->mask, t->mask_words * 4) == 0, "dense changed the mask");
@@ -663,6 +713,296 @@ START_TEST(dry_run_writes_decisions)
     free(old);
     free(dec);
     tu_problem_free(t);
+}
+END_TEST
+
+/* ---- carried row maxima (SKIP-SEMANTICS "Carried row maxima") ----------------------------- */
+
+/* R [B, H, Sq] contiguous for p. */
+static float *row_max_new(const la_attn_params *p, float fill)
+{
+    size_t n = (size_t)p->B * p->H * p->Sq;
+    float *r = malloc(n * sizeof *r);
+    ck_assert(r != NULL);
+    for (size_t i = 0; i < n; i++)
+        r[i] = fill;
+    return r;
+}
+
+static void row_max_attach(la_attn_params *p, float *r)
+{
+    p->row_max = r;
+    p->row_max_stride[0] = (int64_t)p->H * p->Sq;
+    p->row_max_stride[1] = p->Sq;
+    p->row_max_stride[2] = 1;
+}
+
+/* R = -inf is the call without R (O, LSE, mask bit for bit), and R comes back holding the row
+ * maxima; a random finite R changes the votes only (O and LSE bit for bit), and each call's
+ * decisions follow the float64 votes against max(R, m). Over several drifting steps, all modes. */
+START_TEST(row_max_votes_only)
+{
+    static const la_mode modes[3] = {LA_MODE_SKIP, LA_MODE_OBSERVE, LA_MODE_DENSE};
+    for (int mi = 0; mi < 3; mi++) {
+        tu_problem *t = mk(130 + (uint64_t)mi, 2, 90, 150, 2, 64, LA_DTYPE_F32, 32, 16, 3.0);
+        tu_problem *u = mk(130 + (uint64_t)mi, 2, 90, 150, 2, 64, LA_DTYPE_F32, 32, 16, 3.0);
+        t->p.mode = u->p.mode = modes[mi];
+        t->p.tau = u->p.tau = -3.0f;
+        t->p.threads = u->p.threads = 2;
+        const size_t ob = (size_t)2 * 90 * 2 * 64 * 4, lb = (size_t)2 * 2 * 90 * 4, nr = 2 * 2 * 90;
+        float *r = row_max_new(&u->p, -INFINITY);
+        row_max_attach(&u->p, r);
+        tu_rng g;
+        tu_rng_init(&g, 131);
+        for (int step = 0; step < 3; step++) {
+            t->p.step = u->p.step = step;
+            tu_problem_drift(t, step, 0.01);
+            tu_problem_drift(u, step, 0.01);
+            uint32_t *before = copy_mask(u);
+            for (size_t i = 0; i < nr; i++)
+                r[i] = -INFINITY;
+            ck_assert_int_eq(la_ref_attn_fwd(&t->p), 0);
+            call_and_check(u, 1e-5); /* R comes back holding the row maxima */
+            ck_assert_msg(!memcmp(t->o, u->o, ob), "mode %d step %d: O differs with R = -inf",
+                          modes[mi], step);
+            ck_assert_msg(!memcmp(t->lse, u->lse, lb), "mode %d step %d: LSE differs", modes[mi],
+                          step);
+            ck_assert_msg(!memcmp(t->mask, u->mask, t->mask_words * 4),
+                          "mode %d step %d: mask differs with R = -inf", modes[mi], step);
+            /* The same call again from the same mask, with R scattered around the maxima:
+             * other votes (checked against float64), the same O and LSE bit for bit. */
+            for (size_t i = 0; i < nr; i++)
+                r[i] = (float)(r[i] + 3.0 * tu_rng_normal(&g));
+            memcpy(u->mask, before, u->mask_words * 4);
+            call_and_check(u, 1e-5);
+            ck_assert_msg(!memcmp(t->o, u->o, ob), "mode %d step %d: R changed O", modes[mi],
+                          step);
+            ck_assert_msg(!memcmp(t->lse, u->lse, lb), "mode %d step %d: R changed LSE",
+                          modes[mi], step);
+            memcpy(u->mask, t->mask, t->mask_words * 4); /* go on from the R = -inf decisions */
+            free(before);
+        }
+        u->p.row_max = NULL;
+        free(r);
+        tu_problem_free(t);
+        tu_problem_free(u);
+    }
+}
+END_TEST
+
+/* NaN in R carries nothing (as -inf, and comes back as the row maximum); +inf lets no tile
+ * keep by vote (only must-do tiles stay live) and comes back +inf; neither touches O or LSE. */
+START_TEST(row_max_nan_and_inf)
+{
+    tu_problem *t = mk(140, 1, 64, 128, 2, 64, LA_DTYPE_BF16, 16, 16, 3.0);
+    t->p.mode = LA_MODE_SKIP;
+    t->p.tau = -3.0f;
+    la_range md = {40, 41}; /* k-tile 2 */
+    t->p.must_do = &md;
+    t->p.n_must_do = 1;
+    ck_assert_int_eq(la_ref_attn_fwd(&t->p), 0);
+    uint32_t *plain = copy_mask(t);
+    const size_t ob = (size_t)64 * 2 * 64 * 2, lb = (size_t)2 * 64 * 4;
+    uint8_t *o0 = malloc(ob), *l0 = malloc(lb);
+    memcpy(o0, t->o, ob);
+    memcpy(l0, t->lse, lb);
+    float *r = row_max_new(&t->p, NAN);
+    row_max_attach(&t->p, r);
+    tu_mask_ones(t);
+    call_and_check(t, 1e-2);
+    ck_assert_msg(!memcmp(plain, t->mask, t->mask_words * 4), "NaN in R changed the votes");
+    ck_assert(!memcmp(o0, t->o, ob) && !memcmp(l0, t->lse, lb));
+    for (int i = 0; i < 2 * 64; i++)
+        ck_assert_msg(isfinite(r[i]), "R[%d] = %g after a NaN start", i, (double)r[i]);
+    for (int i = 0; i < 2 * 64; i++)
+        r[i] = INFINITY;
+    tu_mask_ones(t);
+    call_and_check(t, 1e-2);
+    ck_assert(!memcmp(o0, t->o, ob) && !memcmp(l0, t->lse, lb));
+    for (int h = 0; h < 2; h++)
+        for (int m = 0; m < nq_of(&t->p); m++)
+            ck_assert_uint_eq(mrow(&t->p, t->mask, 0, h, m)[0], 1u << 2);
+    for (int i = 0; i < 2 * 64; i++)
+        ck_assert(r[i] == INFINITY);
+    free(plain);
+    free(o0);
+    free(l0);
+    free(r);
+    tu_problem_free(t);
+}
+END_TEST
+
+/* The ring's property: the keys cut into P tile-aligned shards, each shard called with its own
+ * mask (the single mask's columns) in the single call's visiting order with R carried from
+ * -inf, decide bit for bit what the single call decides, compute as many tiles, end with the
+ * same R; their outputs merged by LSE equal the single call's. Several drifting steps, both
+ * directions, must-do and must-skip ranges, partial last q-tile, both q-tile splits. Calls in
+ * another shard order (own shard first, as the ring) are each checked against the float64
+ * votes of their own R (call_and_check). */
+static void shards_case(la_dtype dt, la_mode mode, int P, uint64_t salt)
+{
+    enum { B = 2, SQ = 120, L = 96, H = 2, D = 64, BM = 32, BN = 32 };
+    const int SK = P * L, nkl = L / BN, wl = la_mask_words(nkl);
+    tu_problem *t = mk(salt, B, SQ, SK, H, D, dt, BM, BN, 3.0);
+    /* Two k-tiles of three weak (keys at a tenth), so that their tiles get skipped. */
+    for (int b = 0; b < B; b++)
+        for (int j = 0; j < SK; j++)
+            if ((j / BN) % 3 != 0)
+                for (int i = 0; i < H * D; i++) {
+                    size_t at = ((size_t)b * SK + (size_t)j) * H * D + (size_t)i;
+                    t->base[1][at] *= 0.1;
+                    t->dir[1][at] *= 0.1;
+                }
+    la_attn_params *p = &t->p;
+    p->mode = mode;
+    p->tau = -3.0f;
+    la_range md[2] = {{3, 5}, {(int64_t)L + 40, (int64_t)L + 41}}; /* tiles 0 and 4 */
+    la_range ms[1] = {{(int64_t)SK - BN, SK}};                    /* the last tile */
+    p->must_do = md;
+    p->n_must_do = 2;
+    p->must_skip = ms;
+    p->n_must_skip = 1;
+    const size_t es = la_dtype_size(dt), nq = (size_t)la_tiles(SQ, BM);
+    const size_t ob = (size_t)B * SQ * H * D * es, nr = (size_t)B * H * SQ;
+    float *r_single = row_max_new(p, -INFINITY), *r = row_max_new(p, -INFINITY);
+    row_max_attach(p, r_single);
+    /* shard j's masks: [B, H, nQ, wl] */
+    uint32_t *masks = malloc((size_t)P * B * H * nq * wl * 4);
+    void *o = malloc(ob);
+    float *lse = malloc(nr * 4);
+    double *acc = calloc((size_t)B * SQ * H * D, 8), *lacc = malloc(nr * 8);
+    ck_assert(masks && o && lse && acc && lacc);
+    for (size_t i = 0; i < (size_t)P * B * H * nq * wl; i++)
+        masks[i] = (1u << nkl) - 1u;
+    for (int step = 0; step < 4; step++) {
+        tu_problem_drift(t, step, 0.01);
+        p->step = step;
+        for (size_t i = 0; i < nr; i++)
+            r_single[i] = r[i] = -INFINITY;
+        int64_t single_tiles = 0, shard_tiles = 0;
+        p->ret_tiles_computed = &single_tiles;
+        ck_assert_int_eq(la_ref_attn_fwd(p), 0);
+        p->ret_tiles_computed = NULL;
+        const int asc = ascending_of(p);
+        for (size_t i = 0; i < nr; i++)
+            lacc[i] = -INFINITY;
+        memset(acc, 0, (size_t)B * SQ * H * D * 8);
+        for (int jj = 0; jj < P; jj++) {
+            const int j = asc ? jj : P - 1 - jj;
+            la_attn_params sp = *p;
+            sp.k = (const char *)t->k + es * (size_t)(j * L) * (size_t)p->k_stride[1];
+            sp.v = (const char *)t->v + es * (size_t)(j * L) * (size_t)p->v_stride[1];
+            sp.Sk = L;
+            sp.o = o;
+            sp.lse = lse;
+            sp.lse_stride[0] = (int64_t)H * SQ, sp.lse_stride[1] = SQ, sp.lse_stride[2] = 1;
+            sp.mask = masks + (size_t)j * B * H * nq * wl;
+            sp.mask_stride[0] = (int64_t)H * nq * wl;
+            sp.mask_stride[1] = (int64_t)nq * wl;
+            sp.mask_stride[2] = wl;
+            la_range lmd[2], lms[1];
+            int nmd = 0, nms = 0;
+            for (int i = 0; i < 2; i++)
+                if (md[i].start >= (int64_t)j * L && md[i].end <= (int64_t)(j + 1) * L)
+                    lmd[nmd++] = (la_range){md[i].start - j * L, md[i].end - j * L};
+            if (ms[0].start >= (int64_t)j * L)
+                lms[nms++] = (la_range){ms[0].start - j * L, ms[0].end - j * L};
+            sp.must_do = lmd, sp.n_must_do = nmd, sp.must_skip = lms, sp.n_must_skip = nms;
+            row_max_attach(&sp, r);
+            int64_t tiles = 0;
+            sp.ret_tiles_computed = &tiles;
+            ck_assert_int_eq(la_ref_attn_fwd(&sp), 0);
+            shard_tiles += tiles;
+            /* merge by LSE in float64 */
+            for (int b = 0; b < B; b++)
+                for (int h = 0; h < H; h++)
+                    for (int i = 0; i < SQ; i++) {
+                        size_t li = ((size_t)b * H + h) * SQ + (size_t)i;
+                        double l = lse[li], lm = lacc[li] > l ? lacc[li] : l;
+                        if (lm == -INFINITY)
+                            continue;
+                        double w0 = exp(lacc[li] - lm), w1 = exp(l - lm);
+                        for (int d = 0; d < D; d++) {
+                            size_t oi = (((size_t)b * SQ + i) * H + h) * D + (size_t)d;
+                            acc[oi] = (acc[oi] * w0 + w1 * tu_get(o, dt, (int64_t)oi)) /
+                                      (w0 + w1);
+                        }
+                        lacc[li] = lm + log(w0 + w1);
+                    }
+        }
+        ck_assert_int_eq(shard_tiles, single_tiles);
+        ck_assert_msg(!memcmp(r, r_single, nr * 4), "step %d: carried R differs from the single "
+                      "call's row maxima", step);
+        if (mode != LA_MODE_DENSE)
+            for (int b = 0; b < B; b++)
+                for (int h = 0; h < H; h++)
+                    for (int m = 0; m < (int)nq; m++)
+                        for (int n = 0; n < P * nkl; n++) {
+                            const uint32_t *sr = masks + (size_t)(n / nkl) * B * H * nq * wl +
+                                                 (((size_t)b * H + h) * nq + (size_t)m) * wl;
+                            int a = getbit(mrow(p, t->mask, b, h, m), n), c = getbit(sr, n % nkl);
+                            ck_assert_msg(a == c, "step %d (b %d, h %d, m %d) tile %d: single "
+                                          "%d, shards %d", step, b, h, m, n, a, c);
+                        }
+        double num = 0, den = 0, lerr = 0;
+        for (size_t i = 0; i < (size_t)B * SQ * H * D; i++) {
+            double x = tu_get(t->o, dt, (int64_t)i);
+            num += (acc[i] - x) * (acc[i] - x);
+            den += x * x;
+        }
+        for (size_t i = 0; i < nr; i++)
+            lerr = fmax(lerr, fabs(lacc[i] - t->lse[i]) / (1 + fabs(t->lse[i])));
+        ck_assert_msg(sqrt(num / den) <= (dt == LA_DTYPE_F32 ? 1e-5 : 1e-2),
+                      "step %d: merged O rel L2 %g", step, sqrt(num / den));
+        ck_assert_msg(lerr <= 1e-5, "step %d: merged LSE off by %g", step, lerr);
+    }
+    /* the inputs made the shards skip something, or the equality proves little */
+    if (mode == LA_MODE_SKIP)
+        ck_assert_msg(tu_mask_popcount(t, t->mask) < (int64_t)B * H * (int64_t)nq * P * nkl,
+                      "nothing skipped");
+    /* Ring order (own shard first), each call against its own float64 votes. */
+    for (size_t i = 0; i < nr; i++)
+        r[i] = -INFINITY;
+    for (int jj = 0; jj < P && mode != LA_MODE_DENSE; jj++) {
+        const int j = (1 - jj + P) % P;
+        tu_problem *u = t; /* reuse t's buffers through a shard view */
+        la_attn_params keep = u->p;
+        u->p.k = (const char *)t->k + es * (size_t)(j * L) * (size_t)keep.k_stride[1];
+        u->p.v = (const char *)t->v + es * (size_t)(j * L) * (size_t)keep.v_stride[1];
+        u->p.Sk = L;
+        u->p.n_must_do = u->p.n_must_skip = 0;
+        uint32_t *full = u->mask;
+        u->mask = u->p.mask = masks + (size_t)j * B * H * nq * wl;
+        u->p.mask_stride[0] = (int64_t)H * nq * wl;
+        u->p.mask_stride[1] = (int64_t)nq * wl;
+        u->p.mask_stride[2] = wl;
+        size_t mw = u->mask_words;
+        u->mask_words = (size_t)B * H * nq * wl;
+        row_max_attach(&u->p, r);
+        call_and_check(u, dt == LA_DTYPE_F32 ? 1e-5 : 1e-2);
+        u->mask = full;
+        u->mask_words = mw;
+        u->p = keep;
+    }
+    p->row_max = NULL;
+    free(masks);
+    free(o);
+    free(lse);
+    free(acc);
+    free(lacc);
+    free(r);
+    free(r_single);
+    tu_problem_free(t);
+}
+
+START_TEST(row_max_shards_equal_single_call_f32) { shards_case(LA_DTYPE_F32, LA_MODE_SKIP, 3, 150); }
+END_TEST
+START_TEST(row_max_shards_equal_single_call_bf16) { shards_case(LA_DTYPE_BF16, LA_MODE_SKIP, 2, 151); }
+END_TEST
+START_TEST(row_max_shards_observe_and_dense)
+{
+    shards_case(LA_DTYPE_F32, LA_MODE_OBSERVE, 2, 152);
+    shards_case(LA_DTYPE_F16, LA_MODE_DENSE, 3, 153);
 }
 END_TEST
 
@@ -1110,7 +1450,7 @@ END_TEST
 /* ---- errors ---------------------------------------------------------------------------- */
 
 typedef struct err_fixture {
-    float q[64 * 64], k[64 * 64], v[64 * 64], o[64 * 64], lse[64];
+    float q[64 * 64], k[64 * 64], v[64 * 64], o[64 * 64], lse[64], rmax[64];
     uint32_t mask[16], dec[16];
     la_range r[LA_MAX_RANGES + 1];
     la_attn_params p;
@@ -1190,6 +1530,14 @@ ERR_CASE(err_lse_aliases_o, LA_EINVAL, p->lse = f->o + 4090)
 ERR_CASE(err_lse_aliases_k, LA_EINVAL, p->lse = f->k)
 ERR_CASE(err_mask_aliases_o, LA_EINVAL, p->mask = (uint32_t *)(f->o + 10))
 ERR_CASE(err_decisions_alias_mask, LA_EINVAL, p->decisions = f->mask + 2)
+ERR_CASE(err_neg_stride_row_max, LA_EINVAL, p->row_max = f->rmax; p->row_max_stride[0] = 64;
+         p->row_max_stride[1] = 64; p->row_max_stride[2] = -1)
+ERR_CASE(err_row_max_aliases_lse, LA_EINVAL, p->row_max = f->lse + 8; p->row_max_stride[0] = 64;
+         p->row_max_stride[1] = 64; p->row_max_stride[2] = 1)
+ERR_CASE(err_row_max_aliases_q, LA_EINVAL, p->row_max = f->q + 64; p->row_max_stride[0] = 64;
+         p->row_max_stride[1] = 64; p->row_max_stride[2] = 1)
+ERR_CASE(err_row_max_rows_overlap, LA_EINVAL, p->row_max = f->rmax; p->row_max_stride[0] = 64;
+         p->row_max_stride[1] = 64; p->row_max_stride[2] = 0)
 ERR_CASE(err_o_stride_zero, LA_EINVAL, p->o_stride[1] = 0) /* rows write one place */
 ERR_CASE(err_o_rows_overlap, LA_EINVAL, p->o_stride[1] = 32)
 ERR_CASE(err_mask_rows_overlap, LA_EINVAL, p->mask_stride[2] = 0)
@@ -1258,6 +1606,11 @@ static Suite *ref_suite(void)
     tcase_add_test(tc, observe_is_old_and_keep);
     tcase_add_test(tc, dense_leaves_mask);
     tcase_add_test(tc, dry_run_writes_decisions);
+    tcase_add_test(tc, row_max_votes_only);
+    tcase_add_test(tc, row_max_nan_and_inf);
+    tcase_add_test(tc, row_max_shards_equal_single_call_f32);
+    tcase_add_test(tc, row_max_shards_equal_single_call_bf16);
+    tcase_add_test(tc, row_max_shards_observe_and_dense);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("ranges");
@@ -1315,6 +1668,10 @@ static Suite *ref_suite(void)
     tcase_add_test(tc, err_lse_aliases_k);
     tcase_add_test(tc, err_mask_aliases_o);
     tcase_add_test(tc, err_decisions_alias_mask);
+    tcase_add_test(tc, err_neg_stride_row_max);
+    tcase_add_test(tc, err_row_max_aliases_lse);
+    tcase_add_test(tc, err_row_max_aliases_q);
+    tcase_add_test(tc, err_row_max_rows_overlap);
     tcase_add_test(tc, err_o_stride_zero);
     tcase_add_test(tc, err_o_rows_overlap);
     tcase_add_test(tc, err_mask_rows_overlap);

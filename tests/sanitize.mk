@@ -12,7 +12,8 @@
 #                     in-process; check_client, check_daemon, check_load and check_faults:
 #                     clients against a tsan daemon, including shutdown under load and clients
 #                     killed mid-call; check_fair and check_keys: the fair queue, slices and
-#                     cancellation). Suppressions, with reasons: tests/tsan.supp.
+#                     cancellation; check_fastpath: the doorbell's slots and deferred errors).
+#                     Suppressions, with reasons: tests/tsan.supp.
 #
 # gcc is used (its sanitizer runtimes are shared libraries, so libliteattn.so links with
 # -Wl,--no-undefined); the flags ride on CC because the link rules do not use CFLAGS.
@@ -21,7 +22,7 @@ SAN_COMMON := -fno-omit-frame-pointer -g -O1
 ASAN_BUILD := build/asan
 TSAN_BUILD := build/tsan
 SAN_PROGS = $(patsubst tests/%.c,$(1)/tests/%,$(filter-out tests/check_gpu_%,$(TEST_SRCS)))
-TSAN_PROGS = $(addprefix $(TSAN_BUILD)/tests/,check_engine check_client check_daemon check_load check_faults check_fair check_keys)
+TSAN_PROGS = $(addprefix $(TSAN_BUILD)/tests/,check_engine check_client check_daemon check_load check_faults check_fair check_keys check_fastpath)
 
 ASAN_OPTS := halt_on_error=1:abort_on_error=0:detect_leaks=1:detect_stack_use_after_return=1:strict_string_checks=1:check_initialization_order=1
 UBSAN_OPTS := halt_on_error=1:print_stacktrace=1

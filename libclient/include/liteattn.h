@@ -71,7 +71,10 @@ LA_API int la_default_socket_path(char *buf, size_t len);
 LA_API int la_connect(const char *socket_path, const char *client_name, la_client **ret_client);
 
 /* Closes the connection. Sessions, buffers and calls made through it must be freed first or are
- * freed here (handles become invalid). The daemon keeps open sessions for its grace period. */
+ * freed here (handles become invalid). The daemon keeps open sessions for its grace period.
+ * Calls of la_attn_enqueue still in flight are released (their streams go on at once, their
+ * outputs undefined: la_client_sync first to finish them); when the fast path was used on a
+ * GPU, this waits for the GPU work of that CUDA context before the doorbell is unpinned. */
 LA_API void la_disconnect(la_client *c);
 
 /* Facts the daemon sent in its Hello reply, as text; NULL for an unknown name. Names:
@@ -80,10 +83,12 @@ LA_API void la_disconnect(la_client *c);
  * the same order: "<uuid> on|off|unknown <SMs the daemon's context may use, 0 unknown>": "on"
  * when the daemon's CUDA context is an NVIDIA MPS client, CUDA's own answer),
  * "mps.pipe_directory" (where the daemon's driver looks for the MPS control daemon),
- * "mps.control" ("yes" when a control daemon's socket is there, "no"), "limit.max_frame",
- * "limit.max_inflight", "limit.max_buffers", "limit.max_sessions", "limit.max_mask_bytes",
- * "limit.max_connections", "limit.session_grace_s", "limit.session_ttl_s" (limits only when
- * the daemon sent them). The string lives as long as the client. */
+ * "mps.control" ("yes" when a control daemon's socket is there, "no"), "fastpath.devices"
+ * (comma-separated: the devices, "cpu" or GPU UUIDs, that take la_attn_enqueue calls; "" for
+ * none), "limit.max_frame", "limit.max_inflight", "limit.max_buffers", "limit.max_sessions",
+ * "limit.max_mask_bytes", "limit.max_connections", "limit.session_grace_s",
+ * "limit.session_ttl_s", "limit.doorbell_timeout_ms", "limit.max_doorbell_slots" (limits only
+ * when the daemon sent them). The string lives as long as the client. */
 LA_API const char *la_client_property(const la_client *c, const char *name);
 
 /* Round trip of one Ping. Errors: LA_ECLOSED, LA_EPROTO. */
@@ -328,7 +333,15 @@ LA_API void la_attn_free(la_attn *a);
 /* Names a tensor: byte_offset into buf, ndim sizes and strides in elements (strides NULL:
  * contiguous, row-major). Q/K/V/O take 4 dims (B, S, H, D), LSE 3 (B, H, Sq). DECISIONS takes
  * no shape (ndim 0): it has the session's mask layout for one layer. Passing buf NULL removes
- * an optional tensor (LSE, DECISIONS). Errors: LA_EINVAL (wrong ndim or role). */
+ * an optional tensor (LSE, DECISIONS, ROW_MAX). Errors: LA_EINVAL (wrong ndim or role).
+ *
+ * ROW_MAX, 3 dims (B, H, Sq) f32, is read and written in place: carried row maxima for ring
+ * attention (docs/SKIP-SEMANTICS.md "Carried row maxima"). The call's skip votes compare each
+ * tile against max(ROW_MAX, the call's running maximum) instead of the running maximum alone,
+ * and the call ends by writing max(ROW_MAX, its own row maxima, in raw score units q.k) back.
+ * Fill it with -INFINITY before the first K/V shard of a query shard and hand the same tensor
+ * to the calls of the next shards: their votes then see every shard already done. O and LSE do
+ * not depend on it. A daemon that predates it fails the call with LA_ENOTSUP (la_call_wait). */
 LA_API int la_attn_set_tensor(la_attn *a, la_tensor_role role, const la_buffer *buf,
                               uint64_t byte_offset, la_dtype dtype, int ndim, const int64_t *shape,
                               const int64_t *strides);
@@ -372,6 +385,72 @@ LA_API int la_call_stat(const la_call *call, const char *name, int64_t *ret_valu
 LA_API int la_call_done_event(const la_call *call, void *ret_handle, size_t len);
 /* Frees a call. A call still in flight is detached: its callback no longer fires. */
 LA_API void la_call_free(la_call *call);
+
+/* ---------------------------------------------------------------------------------------- */
+/* Asynchronous calls ordered on the GPU: the fast path (docs/FASTPATH.md).
+ *
+ * la_attn_enqueue() makes one socket write and returns; no host round trip lies on the GPU's
+ * critical path. On a CUDA session it enqueues on cuda_stream, after the work already there
+ * (which produces Q/K/V): a write of "inputs ready" into a doorbell slot that the daemon's
+ * stream waits on, and a wait for that slot's "done", which the daemon's stream writes right
+ * after the kernel. Work enqueued on cuda_stream afterwards therefore sees O and LSE, as if the
+ * kernel had been launched on cuda_stream itself. The daemon's reply (errors, figures) comes
+ * back later and is read by any later call into the client.
+ *
+ * The doorbell is host memory both processes map (a sealed memfd, pinned for the GPU by each),
+ * made on the first call (one extra round trip). A failed call still writes its done slot, so
+ * the stream never hangs on it: its output is then undefined, and the error is reported by the
+ * call's la_call (ret_call) or, for calls made with ret_call NULL, by the next la_attn_enqueue
+ * on the same session (which then returns that error and makes no call) or la_session_sync /
+ * la_client_sync. A launched call whose doorbell is never written (the process died, or its
+ * stream hangs) is released by the daemon after "limit.doorbell_timeout_ms" and fails with
+ * LA_ETIMEDOUT.
+ *
+ * Buffers and memory: the tensors are read and written by the daemon between the ring and the
+ * done on cuda_stream, so memory freed after la_attn_enqueue returns (a temporary of PyTorch's
+ * caching allocator, reused by later work on the same stream) is safe, as with a kernel of this
+ * process. Using the memory from another stream needs that stream to wait for cuda_stream.
+ *
+ * On a session of the CPU backend cuda_stream must be NULL: the library rings the slot from the
+ * host before it sends the call, and the outputs are there once the call completed
+ * (la_call_wait, la_session_sync). */
+
+/* 0 when la_attn_enqueue can be used on s: the daemon takes fast-path calls on the session's
+ * device ("fastpath.devices") and, for a GPU, this process's CUDA driver has stream memory
+ * operations (cuStreamWaitValue32_v2; drivers of CUDA 11.7 and later). Otherwise LA_ENOTSUP
+ * with the reason in la_last_error_message(); la_attn_run and the IPC events still work. */
+LA_API int la_session_fastpath(const la_session *s);
+
+/* Sends the call of a on s, ordered on cuda_stream (a CUstream / cudaStream_t of the session's
+ * GPU; NULL: the legacy default stream of the current context; NULL for CPU sessions), and
+ * returns without waiting for the daemon. While the client has "limit.max_inflight" requests
+ * in flight it first waits for a reply. ret_call may be NULL (the library frees the call when
+ * its reply arrives; its error is deferred as above); otherwise *ret_call behaves as a call of
+ * la_attn_submit (la_call_wait, la_call_stat, la_call_free), and its error is reported there
+ * only. Errors: those of la_attn_submit, plus the deferred error of an earlier call of s (this
+ * call is then not made), LA_ENOTSUP (see la_session_fastpath), LA_EDEVICE (enqueueing on the
+ * stream failed: nothing was sent), LA_ELIMIT (every doorbell slot was retired after
+ * timeouts: reconnect). */
+LA_API int la_attn_enqueue(la_session *s, const la_attn *a, void *cuda_stream, la_call **ret_call);
+
+/* Waits up to timeout_ms (-1: forever) until every la_attn_enqueue call of s has its reply,
+ * then reports (and clears) the first deferred error of s: 0 or its code, the message in
+ * la_last_error_message(). LA_ETIMEDOUT when calls are still in flight (the GPU may not have
+ * reached them yet: this does not wait for the GPU, only for the daemon's replies). */
+LA_API int la_session_sync(la_session *s, int timeout_ms);
+
+/* The same for every session of c, and for calls whose session handle is gone: the earliest
+ * deferred error is reported. */
+LA_API int la_client_sync(la_client *c, int timeout_ms);
+
+/* la_session_info, la_session_stat, la_session_read_mask and la_session_reset first wait for
+ * the replies of s's enqueued calls, so that they see (or reset after) every call made before
+ * them; the calls' errors stay deferred. */
+
+/* Figures of s's la_attn_enqueue calls whose replies arrived (this handle only): "calls"
+ * (succeeded), "failed", "inflight" (sent, no reply yet), "tiles_total", "tiles_computed",
+ * "compute_ns", "queue_ns" (sums over the calls that succeeded). Errors: LA_ENOENT. */
+LA_API int la_session_counter(const la_session *s, const char *name, int64_t *ret_value);
 
 #ifdef __cplusplus
 }

@@ -96,10 +96,10 @@ static const char *prop(la_client *c, const char *name)
     return v ? v : "";
 }
 
-static const char *const limit_names[] = {"max_frame",       "max_inflight",   "max_buffers",
-                                          "max_sessions",    "max_mask_bytes", "max_connections",
-                                          "session_grace_s", "session_ttl_s",
-                                          "warm_store_bytes", "warm_max_generations"};
+static const char *const limit_names[] = {
+    "max_frame",           "max_inflight",       "max_buffers",      "max_sessions",
+    "max_mask_bytes",      "max_connections",    "session_grace_s",  "session_ttl_s",
+    "doorbell_timeout_ms", "max_doorbell_slots", "warm_store_bytes", "warm_max_generations"};
 #define N_LIMITS (sizeof(limit_names) / sizeof(limit_names[0]))
 
 /* The daemon's value of limit i (a property "limit.<name>"), or NULL. */
@@ -238,6 +238,19 @@ static int cmd_status(la_client *c, const char *sock, int json)
             first = 0;
             p += n + (eol ? 1 : 0);
         }
+        printf("], \"fastpath_devices\": [");
+        p = prop(c, "fastpath.devices");
+        first = 1;
+        while (*p) {
+            const char *comma = strchr(p, ',');
+            size_t n = comma ? (size_t)(comma - p) : strlen(p);
+            char b[256];
+            snprintf(b, sizeof(b), "%.*s", (int)n, p);
+            printf("%s", first ? "" : ", ");
+            json_str(b);
+            first = 0;
+            p += n + (comma ? 1 : 0);
+        }
         printf("]");
         print_mps(c, 1);
         printf(", \"limits\": {");
@@ -288,6 +301,9 @@ static int cmd_status(la_client *c, const char *sock, int json)
             p += n + (eol ? 1 : 0);
         }
     }
+    /* The devices that take fast-path calls (docs/FASTPATH.md). */
+    const char *fast = prop(c, "fastpath.devices");
+    printf("%-10s %s\n", "fastpath", *fast ? fast : "(none)");
     print_mps(c, 0);
     int first = 1;
     for (size_t i = 0; i < N_LIMITS; i++) {

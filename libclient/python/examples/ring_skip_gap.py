@@ -10,13 +10,16 @@ features, so that attention is local in space and time) and each threshold, over
 denoising steps on the same inputs:
   single   one process, the whole sequence, one liteattn session;
   ring     liteattn.parallel.ring_attention over --ranks gloo processes (127.0.0.1 only).
-Both run through the daemon. A NumPy emulation of SKIP-SEMANTICS.md (float64 tile maxima)
-replays both, must reproduce the daemon's tile counts (printed: exact, or how many differ), and
-then adds what the later part of issue 13 would give, ring with carried row maxima
-(SKIP-SEMANTICS "Carried row maxima"), in two visiting orders:
-  ring+M0 (ring order)    each rank starts with its own shard, then the one before, ...;
-  ring+M0 (global order)  shards visited in the single process's direction for the step.
-Reports the share of tiles skipped per step and over the run.
+and three ring variants, all through the daemon:
+  ring                    ring_attention(carry_max=False): each shard's votes against its own
+                          maximum only (liteattn before carried row maxima);
+  ring+M0 (ring order)    ring_attention(): row maxima carried from hop to hop (SKIP-SEMANTICS
+                          "Carried row maxima"), own shard first, then the one before, ...;
+  ring+M0 (global order)  ring_attention(ring_order="global"): carried, the shards visited in
+                          the single process's direction for the step.
+A NumPy emulation of SKIP-SEMANTICS.md (float64 tile maxima) replays all four and must
+reproduce the daemon's tile counts (printed: exact, or how many differ). Reports the share of
+tiles skipped per step and over the run.
 """
 import argparse
 import json
@@ -146,6 +149,9 @@ def emulate(q, k, P, BM, BN, tau, steps):
 
 # ---- the daemon runs ---------------------------------------------------------------------------
 
+RING_VARIANTS = (("ring", {"carry_max": False}), ("ring+M0 (ring order)", {}),
+                 ("ring+M0 (global order)", {"ring_order": "global"}))
+
 def start_daemon(path):
     d = tempfile.mkdtemp(prefix="liteattn-gap-")
     sock = os.path.join(d, "la.sock")
@@ -195,14 +201,15 @@ def rank_main(rank, args, outdir):
         L = args.seq // args.ranks
         qs, ks, vs = (x[:, rank * L:(rank + 1) * L].contiguous() for x in (q, k, v))
         for tau in args.tau_list:
-            ctx = parallel.Context(args.socket, layers=1, threshold=tau)
-            per = []
-            for step in range(args.steps):
-                before = ctx.session.stats["tiles_computed"] if ctx.session else 0
-                parallel.ring_attention(qs, ks, vs, layer=0, step=step, context=ctx)
-                per.append(ctx.session.stats["tiles_computed"] - before)
-            out["%s/%g" % (kind, tau)] = per
-            ctx.close()
+            for variant, opts in RING_VARIANTS:
+                ctx = parallel.Context(args.socket, layers=1, threshold=tau, **opts)
+                per = []
+                for step in range(args.steps):
+                    before = ctx.session.stats["tiles_computed"] if ctx.session else 0
+                    parallel.ring_attention(qs, ks, vs, layer=0, step=step, context=ctx)
+                    per.append(ctx.session.stats["tiles_computed"] - before)
+                out["%s/%g/%s" % (kind, tau, variant)] = per
+                ctx.close()
     with open(os.path.join(outdir, "rank%d.json" % rank), "w") as f:
         json.dump(out, f)
     dist.barrier()
@@ -261,7 +268,9 @@ def main():
                     sys.exit("--seq / --ranks must be a multiple of the tiles (%d, %d)"
                              % (BM, BN))
                 emu, total = emulate(q, k, args.ranks, BM, BN, tau, args.steps)
-                got = {"single": single, "ring": ring["%s/%g" % (kind, tau)]}
+                got = {"single": single}
+                for variant, _ in RING_VARIANTS:
+                    got[variant] = ring["%s/%g/%s" % (kind, tau, variant)]
                 check = {n: sum(abs(a - b) for a, b in zip(got[n], emu[n])) for n in got}
                 row = {"inputs": kind, "tau": tau, "tiles_per_step": total,
                        "daemon": got, "emulated": emu, "emulation_differs_by_tiles": check}

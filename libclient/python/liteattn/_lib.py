@@ -45,7 +45,7 @@ DTYPE_F32, DTYPE_F16, DTYPE_BF16, DTYPE_U32 = 0, 1, 2, 3
 WARM_DEFAULT = 0xFFFFFFFF  # LA_WARM_DEFAULT
 MODE_SESSION, MODE_DENSE, MODE_OBSERVE, MODE_SKIP = 0, 1, 2, 3
 DIR_ALTERNATE, DIR_ASCENDING, DIR_DESCENDING = 0, 1, 2
-T_Q, T_K, T_V, T_O, T_LSE, T_DECISIONS = 0, 1, 2, 3, 4, 5
+T_Q, T_K, T_V, T_O, T_LSE, T_DECISIONS, T_ROW_MAX = 0, 1, 2, 3, 4, 5, 6
 ACCESS_READ, ACCESS_WRITE, ACCESS_RW = 1, 2, 3
 
 LOG_FN = CFUNCTYPE(None, c_void_p, c_int, c_char_p)
@@ -125,6 +125,11 @@ _FUNCS = {
     "la_call_stat": (c_int, [_P, c_char_p, _I64P]),
     "la_call_done_event": (c_int, [_P, c_void_p, c_size_t]),
     "la_call_free": (None, [_P]),
+    "la_session_fastpath": (c_int, [_P]),
+    "la_attn_enqueue": (c_int, [_P, _P, c_void_p, _PP]),
+    "la_session_sync": (c_int, [_P, c_int]),
+    "la_client_sync": (c_int, [_P, c_int]),
+    "la_session_counter": (c_int, [_P, c_char_p, _I64P]),
 }
 
 

@@ -9,6 +9,11 @@ CUDA IPC, memory of the expandable_segments allocator (cuMemCreate) by the POSIX
 physical allocations a tensor's storage spans (la_buffer_register_cuda_range). Memory neither
 way can share (expandable segments created without exportable handles) is copied through a
 CUDA staging area of ordinary device memory, with a one-time warning that says how to avoid it.
+
+CUDA tensors take the fast path by default (docs/FASTPATH.md): the call is ordered on the
+current torch stream on the GPU (la_attn_enqueue) and returns at once, like a kernel launch;
+its errors are raised by a later call or by sync(). fastpath=False (per client, per call, or
+LITEATTN_FASTPATH=0) takes the synchronous path (IPC events, the reply waited for).
 """
 import ctypes
 import math
@@ -24,7 +29,7 @@ from ._arrays import (_STAGING_WARNED, StagingWarning, _align, _CudaBlock, _Cuda
                       _cuda_driver, _is_torch, _np, _numpy_dtype_code, _prod, _storage_span,
                       _torch, _torch_dtype_code, _Unshareable, device_of,
                       expandable_segments_enabled)
-from .errors import (ConnectionClosed, InvalidArgument, NoDevice, NotFound,
+from .errors import (ConnectionClosed, InvalidArgument, NoDevice, NotFound, NotSupported,
                      OutOfRange, check, from_code)
 
 __all__ = ["Client", "Session", "DTYPES", "MODES", "StagingWarning", "warm_key",
@@ -183,6 +188,26 @@ def warm_key(model, *, layers, batch, seq_q, seq_k, heads, head_dim, dtype, step
     return key
 
 
+def _fastpath_default(fastpath):
+    """The client's default: the argument, else $LITEATTN_FASTPATH (0/off/false/no: off)."""
+    if fastpath is None:
+        env = os.environ.get("LITEATTN_FASTPATH", "").strip().lower()
+        return env not in ("0", "off", "false", "no")
+    if not isinstance(fastpath, bool):
+        raise InvalidArgument("fastpath must be True, False or None, got %r" % (fastpath,))
+    return fastpath
+
+
+def _timeout_ms(timeout):
+    """Seconds (None: forever) as the library's milliseconds (-1: forever)."""
+    if timeout is None:
+        return -1
+    t = _number(timeout, "timeout")
+    if t < 0:
+        raise InvalidArgument("timeout must be >= 0 seconds or None, got %r" % (timeout,))
+    return int(min(t * 1000.0, 2 ** 31 - 1))
+
+
 # ---- Client ----------------------------------------------------------------------------------
 
 class _Closable:
@@ -202,10 +227,15 @@ class Client(_Closable):
     $XDG_RUNTIME_DIR/liteattn.sock if a socket exists there, else /run/liteattn/liteattn.sock.
     Use as a context manager, or call close(). Closing detaches the sessions opened through
     it (the daemon keeps them for its grace period, so another client may attach()).
+    fastpath: whether calls on CUDA tensors take the fast path (ordered on the current torch
+    stream, not waited for); None takes $LITEATTN_FASTPATH (default on). Session.attention's
+    fastpath argument overrides it per call.
     """
 
-    def __init__(self, socket=None, name=None):
+    def __init__(self, socket=None, name=None, fastpath=None):
         self._lib = _lib.get()
+        self.fastpath = _fastpath_default(fastpath)
+        self._fast_warned = False
         self._h = None
         self._lock = threading.RLock()
         self._sessions = weakref.WeakSet()
@@ -240,10 +270,14 @@ class Client(_Closable):
             pass
 
     def close(self):
-        """Disconnects. Sessions are detached (not closed); registered buffers released."""
+        """Disconnects. Sessions are detached (not closed); registered buffers released.
+        Fast-path calls still in flight are finished first (their replies waited for); the
+        first error of one is raised once the client is closed."""
         with self._lock:
             if self._h is None:
                 return
+            rc = self._lib.la_client_sync(self._h, -1)
+            err = from_code(rc) if rc < 0 and rc != _lib.LA_ECLOSED else None
             for s in list(self._sessions):
                 s._drop(detach=True)
             for blk in list(self._cuda_blocks.values()) + list(self._vmm_blocks.values()):
@@ -257,6 +291,8 @@ class Client(_Closable):
                 st.release()
             self._stages.clear()
             self._h = None
+        if err is not None:
+            raise err
 
     @property
     def closed(self):
@@ -272,6 +308,12 @@ class Client(_Closable):
     def backends(self):
         v = self.fact("backends") or ""
         return [b for b in v.split(",") if b]
+
+    def sync(self, timeout=None):
+        """Waits (up to timeout seconds; None: forever) for the replies of every fast-path
+        call of this client and raises the first error of one, if any (it is then cleared).
+        The GPU itself is not waited for: torch.cuda.synchronize() does that."""
+        check(self._lib.la_client_sync(self._handle(), _timeout_ms(timeout)))
 
     def ping(self):
         """Round-trip time of one Ping, in seconds."""
@@ -605,10 +647,11 @@ class Session(_Closable):
         self.n_q_tiles = self.facts.get("n_q_tiles") or -(-self.max_seq_q // self.tile_sizes[0])
         self.n_k_words = self.facts.get("n_k_words") or \
             -(-(-(-self.max_seq_k // self.tile_sizes[1])) // 32)
-        # Counters of the calls made through this handle.
-        self.stats = {"calls": 0, "tiles_total": 0, "tiles_computed": 0, "compute_ns": 0,
-                      "queue_ns": 0}
+        # Counters of the synchronous calls made through this handle (stats adds the fast ones).
+        self._sync_stats = {"calls": 0, "tiles_total": 0, "tiles_computed": 0,
+                            "compute_ns": 0, "queue_ns": 0}
         self.last_call = {}
+        self._fast = None  # None: not asked yet; else (ok, reason)
         self.profile = None   # set by open_session(profile=...): per-layer thresholds
         text = self._lib.la_session_text
         self.warm = {"key": _lib.text(text(handle, b"warm_key")) or None,
@@ -675,6 +718,36 @@ class Session(_Closable):
         """Frees this handle but leaves the session open on the daemon (attach it later)."""
         self._drop(detach=True)
 
+    @property
+    def stats(self):
+        """Counters of the calls made through this handle: "calls", "tiles_total",
+        "tiles_computed", "compute_ns", "queue_ns"; fast-path calls count once their reply
+        arrived (sync() waits for them), and "failed" counts fast-path calls that failed."""
+        st = dict(self._sync_stats)
+        st["failed"] = 0
+        if self._h is None:
+            return st
+        v = ctypes.c_int64()
+        for name in ("calls", "tiles_total", "tiles_computed", "compute_ns", "queue_ns",
+                     "failed"):
+            if self._lib.la_session_counter(self._h, name.encode(), ctypes.byref(v)) == 0:
+                st[name] += v.value
+        return st
+
+    def sync(self, timeout=None):
+        """Waits (up to timeout seconds; None: forever) for the replies of this session's
+        fast-path calls and raises the first error of one, if any (it is then cleared)."""
+        check(self._lib.la_session_sync(self._handle(), _timeout_ms(timeout)))
+
+    def fastpath_status(self):
+        """(True, "") when this session's CUDA calls can take the fast path, else (False,
+        the reason: the daemon's devices, this process's CUDA driver)."""
+        if self._fast is None:
+            rc = self._lib.la_session_fastpath(self._handle())
+            why = "" if rc == 0 else _lib.text(self._lib.la_last_error_message())
+            self._fast = (rc == 0, why)
+        return self._fast
+
     def reset(self):
         """Every mask back to all ones: the next call of each layer is dense."""
         check(self._lib.la_session_reset(self._handle()))
@@ -728,7 +801,7 @@ class Session(_Closable):
     # -- attention --
     def attention(self, layer, step, q, k, v, *, threshold=None, mode=None, must_do=(),
                   must_skip=(), scale=None, kv_shard=0, return_lse=False, dry_run=False,
-                  out=None):
+                  out=None, row_max=None, fastpath=None):
         """One attention call of `layer` at denoising `step`.
 
         q: [B, Sq, H, D], k, v: [B, Sk, H, D] as NumPy arrays, torch CPU tensors (both through
@@ -739,6 +812,21 @@ class Session(_Closable):
         to the result: (out, decisions) or (out, lse, decisions), decisions a NumPy uint32
         array shaped like mask(). must_do / must_skip: half-open key ranges [(start, end)].
         threshold/mode override the session's for this call only.
+
+        row_max: carried row maxima for ring attention (docs/SKIP-SEMANTICS.md "Carried row
+        maxima"), a float32 array or tensor [B, H, Sq] of q's kind (a CUDA tensor on q's
+        device for CUDA inputs), read and updated in place: the skip votes compare against
+        max(row_max, the call's running maximum), and the call leaves max(row_max, its own row
+        maxima of the raw scores q.k) in it. Start it at -inf for the first K/V shard and pass
+        the same one to the next shards' calls. out and lse do not depend on it. A call with
+        row_max is synchronous (the daemon's reply confirms it carried the maxima).
+
+        CUDA tensors take the fast path unless fastpath=False (or the client's default is
+        off): the call is ordered on torch.cuda.current_stream() and this returns at once,
+        out being written on the GPU before anything later on that stream runs. An error of
+        such a call is raised by a later attention() of this session or by sync(). Without
+        the fast path (the daemon or the CUDA driver lacks it: a RuntimeWarning says why once,
+        or fastpath=True raises NotSupported), and for dry runs, the call is synchronous.
         """
         h = self._handle()
         for name, x in (("q", q), ("k", k), ("v", v)):
@@ -766,6 +854,8 @@ class Session(_Closable):
             if len(x.shape) != 4:
                 raise InvalidArgument("%s has shape %s; expected 4 dims (B, S, H, D)"
                                       % (name, tuple(x.shape)))
+        if row_max is not None:
+            _check_row_max(row_max, q, kind)
         L = self._lib
         a = ctypes.c_void_p()
         check(L.la_attn_new(ctypes.byref(a)))
@@ -786,10 +876,18 @@ class Session(_Closable):
             if dry_run:
                 check(L.la_attn_set_dry_run(a, 1))
             if kind == "cuda":
-                res = self._run_cuda(h, a, q, k, v, return_lse, dry_run, out)
+                fast = self.client.fastpath if fastpath is None else bool(fastpath)
+                if row_max is not None and fastpath:
+                    raise InvalidArgument("row_max calls are synchronous: the daemon's reply "
+                                          "confirms that it carried the maxima; leave "
+                                          "fastpath unset or False")
+                if fast and (dry_run or row_max is not None or not self._fast_usable(fastpath)):
+                    fast = False
+                res = self._run_cuda(h, a, q, k, v, return_lse, dry_run, out, row_max, fast)
             else:
                 with self._lock:
-                    res = self._run_host(h, a, kind, q, k, v, return_lse, dry_run, out)
+                    res = self._run_host(h, a, kind, q, k, v, return_lse, dry_run, out,
+                                         row_max)
         finally:
             L.la_attn_free(a)
         return res
@@ -811,14 +909,28 @@ class Session(_Closable):
         finally:
             L.la_call_free(call)
 
+    def _fast_usable(self, asked):
+        """Whether the fast path is there; asked=True makes its absence an error, else it is
+        said once per client with a RuntimeWarning."""
+        ok, why = self.fastpath_status()
+        if ok:
+            return True
+        if asked:
+            raise NotSupported("the fast path is not available: %s" % why)
+        if not self.client._fast_warned:
+            self.client._fast_warned = True
+            warnings.warn("liteattn: CUDA calls wait for the daemon's reply (no fast path: %s)"
+                          % why, RuntimeWarning, stacklevel=3)
+        return False
+
     def _account(self, call):
         st = {}
         for name in ("tiles_total", "tiles_computed", "compute_ns", "queue_ns"):
             v = ctypes.c_int64()
             if self._lib.la_call_stat(call, name.encode(), ctypes.byref(v)) == 0:
                 st[name] = v.value
-                self.stats[name] += v.value
-        self.stats["calls"] += 1
+                self._sync_stats[name] += v.value
+        self._sync_stats["calls"] += 1
         self.last_call = st
 
     def _ensure_stage(self, nbytes):
@@ -836,7 +948,7 @@ class Session(_Closable):
         self._stage = (b, size, ptr)
         return self._stage
 
-    def _run_host(self, h, a, kind, q, k, v, return_lse, dry_run, out):
+    def _run_host(self, h, a, kind, q, k, v, return_lse, dry_run, out, row_max=None):
         np = _np()
         L = self._lib
         if kind == "numpy":
@@ -853,6 +965,7 @@ class Session(_Closable):
         sizes.append(4 * _prod(lse_shape) if return_lse else 0)
         dec_bytes = self.facts.get("layer_mask_bytes", 4 * _prod(self.mask_shape))
         sizes.append(dec_bytes if dry_run else 0)
+        sizes.append(4 * _prod(lse_shape) if row_max is not None else 0)
         offs = []
         total = 0
         for s in sizes:
@@ -882,7 +995,21 @@ class Session(_Closable):
         if dry_run:
             check(L.la_attn_set_tensor(a, _lib.T_DECISIONS, buf, offs[5], _lib.DTYPE_U32, 0,
                                        None, None))
+        if row_max is not None:
+            rview = np.ndarray(lse_shape, dtype=np.float32, buffer=raw, offset=offs[6])
+            rview[...] = (np.asarray(row_max) if kind == "numpy"
+                          else row_max.detach().numpy())
+            del rview
+            check(L.la_attn_set_tensor(a, _lib.T_ROW_MAX, buf, offs[6], _lib.DTYPE_F32, 3,
+                                       _i64(lse_shape), None))
         self._run_call(h, a)
+        if row_max is not None:     # updated in place, as on the GPU
+            rview = np.ndarray(lse_shape, dtype=np.float32, buffer=raw, offset=offs[6])
+            if kind == "numpy":
+                row_max[...] = rview
+            else:
+                row_max.copy_(_torch().from_numpy(rview.copy()))
+            del rview
         # Copy the results out of the staging buffer.
         if kind == "numpy":
             o_view = np.ndarray(qshape, dtype=q.dtype, buffer=raw, offset=offs[3])
@@ -917,7 +1044,7 @@ class Session(_Closable):
         del raw
         return _result(out, lse, dec, return_lse, dry_run)
 
-    def _run_cuda(self, h, a, q, k, v, return_lse, dry_run, out):
+    def _run_cuda(self, h, a, q, k, v, return_lse, dry_run, out, row_max=None, fast=False):
         torch = _torch()
         L = self._lib
         dev = q.device
@@ -952,6 +1079,8 @@ class Session(_Closable):
             tensors.append((_lib.T_LSE, lse, RW, _lib.DTYPE_F32))
         if dec is not None:
             tensors.append((_lib.T_DECISIONS, dec, RW, _lib.DTYPE_U32))
+        if row_max is not None:     # read and written in place
+            tensors.append((_lib.T_ROW_MAX, row_max, RW, _lib.DTYPE_F32))
         stream = torch.cuda.current_stream(dev)
         refs, unshared = [], []
         for role, x, acc, code in tensors:
@@ -972,9 +1101,9 @@ class Session(_Closable):
                     stream.wait_event(stage.done)
                 views = stage.views([(tuple(x.shape), x.dtype) for _, x, _, _, _ in unshared])
                 for (role, x, acc, code, _), y in zip(unshared, views):
-                    if acc == R:
+                    if acc == R or role == _lib.T_ROW_MAX:   # row_max is read, then written
                         y.copy_(x)
-                    else:
+                    if acc != R:
                         copy_out.append((x, y))
                     refs.append((role, y, code) + client._cuda_tensor_ref(y, pinned, acc,
                                                                           count=False))
@@ -985,20 +1114,28 @@ class Session(_Closable):
                 else:
                     check(L.la_attn_set_tensor(a, role, buf, off, code, x.dim(), _i64(x.shape),
                                                _i64(x.stride())))
-            ev = torch.cuda.Event(enable_timing=False, blocking=False, interprocess=True)
-            ev.record(stream)
-            handle = ev.ipc_handle()
-            check(L.la_attn_set_wait_event(a, handle, len(handle)))
+            if fast:
+                # Ordered on the GPU: the ring after what the stream has (Q/K/V), the wait for
+                # done before what comes next (the staged copies out included). No reply is
+                # waited for; freed inputs are reused only by later work on this stream.
+                check(L.la_attn_enqueue(h, a, ctypes.c_void_p(stream.cuda_stream), None))
+                self.last_call = {}
+                ran = True
+            else:
+                ev = torch.cuda.Event(enable_timing=False, blocking=False, interprocess=True)
+                ev.record(stream)
+                handle = ev.ipc_handle()
+                check(L.la_attn_set_wait_event(a, handle, len(handle)))
 
-            def wait_on_gpu(call):
-                done = ctypes.create_string_buffer(64)
-                if L.la_call_done_event(call, done, 64) == 0:
-                    # The kernel may still run: our stream waits for it on the GPU.
-                    torch.cuda.Event.from_ipc_handle(dev, done.raw).wait(stream)
+                def wait_on_gpu(call):
+                    done = ctypes.create_string_buffer(64)
+                    if L.la_call_done_event(call, done, 64) == 0:
+                        # The kernel may still run: our stream waits for it on the GPU.
+                        torch.cuda.Event.from_ipc_handle(dev, done.raw).wait(stream)
 
-            self._run_call(h, a, wait_on_gpu)
-            ran = True
-            del ev
+                self._run_call(h, a, wait_on_gpu)
+                ran = True
+                del ev
         finally:
             if stage is not None:
                 for x, y in copy_out if ran else ():
@@ -1012,6 +1149,23 @@ class Session(_Closable):
             if dec.size == _prod(self.mask_shape):
                 dec = dec.reshape(self.mask_shape)
         return _result(out, lse, dec, return_lse, dry_run)
+
+
+def _check_row_max(row_max, q, kind):
+    """row_max must be float32 [B, H, Sq] of q's kind (and device), writable in place."""
+    B, Sq, H = (int(q.shape[0]), int(q.shape[1]), int(q.shape[2]))
+    want = (B, H, Sq)
+    if _kind(row_max) != kind or (kind == "cuda" and row_max.device != q.device):
+        raise InvalidArgument("row_max must be of q's kind (%s%s); got %s"
+                              % (kind, " on %s" % q.device if kind == "cuda" else "",
+                                 type(row_max).__name__))
+    if tuple(int(d) for d in row_max.shape) != want:
+        raise InvalidArgument("row_max has shape %s; expected [B, H, Sq] = %s"
+                              % (tuple(row_max.shape), want))
+    if str(row_max.dtype) not in ("float32", "torch.float32"):
+        raise InvalidArgument("row_max must be float32, not %s" % (row_max.dtype,))
+    if kind == "numpy" and not row_max.flags.writeable:
+        raise InvalidArgument("row_max is read-only; it is updated in place")
 
 
 def _warn_staging(why):

@@ -10,8 +10,21 @@ What goes through liteattn: the self-attention of the video tokens (Wan's and LT
 `attn1`; in HunyuanVideo's joint [video; text] attention the video query rows, with the text
 keys as a must-do range so that they are always computed, while the text query rows stay on
 the original, dense path; its text padding mask becomes a cut of the keys). Cross-attention
-(text, image context) and any call with another attention mask, dropout, a causal flag or
-context parallelism stay on the original processor, dense.
+(text, image context) and any call with another attention mask, dropout or a causal flag stay
+on the original processor, dense.
+
+Sequence parallelism (parallel=, default "auto"): on a transformer split by diffusers' own
+context parallelism (`transformer.enable_parallelism(config=ContextParallelConfig(
+ring_degree=r, ulysses_degree=u))`, launched with torchrun, one process per GPU), Wan's and
+LTX's self-attention calls arrive as sequence shards with the parallel config; liteattn then
+computes them with liteattn.parallel over that config's own process groups: Ulysses (u > 1,
+r = 1), ring (r > 1, u = 1) or the hybrid (both), each rank talking to the daemon of its host
+with its own session (masks per rank; slot = branch * r + K/V shard, see docs/PARALLEL.md).
+parallel=False leaves those calls to diffusers (dense); parallel=dict(ring_order="global",
+carry_max=...) passes options to the ring; parallel=dict(scheme=..., group=...) names the
+scheme and its group(s) for a transformer whose sequence was split by other code (every plain
+self-attention call is then a shard). HunyuanVideo's joint calls under context parallelism and
+diffusers' "anything" modes (unequal shards) stay dense.
 
 Supported processors: WanAttnProcessor (Wan2.1/2.2, incl. the deprecated WanAttnProcessor2_0
 alias, also transformer_2 of Wan2.2), LTXVideoAttnProcessor and HunyuanVideoAttnProcessor2_0.
@@ -140,11 +153,15 @@ def _make_dispatch(orig):
             state, layer, _ = cur
             plain = (not args and kwargs.get("attn_mask") is None
                      and not kwargs.get("dropout_p") and not kwargs.get("is_causal")
-                     and not kwargs.get("enable_gqa") and kwargs.get("parallel_config") is None
+                     and not kwargs.get("enable_gqa")
                      and not kwargs.get("attention_kwargs")
                      and query.shape[1] == key.shape[1] and query.dim() == 4)
-            if plain:
-                out = state.attend(layer, query, key, value, kwargs.get("scale"))
+            sp = state.sequence_parallel(kwargs.get("parallel_config")) if plain else None
+            if plain and sp is not False:
+                if sp:
+                    out = state.attend_sharded(layer, query, key, value, kwargs.get("scale"), sp)
+                else:
+                    out = state.attend(layer, query, key, value, kwargs.get("scale"))
                 if out is not None:
                     return out
             state.dense_calls += 1
@@ -183,7 +200,7 @@ def _joint_tail(orig, cur, q, k, v, kwargs):
     state, layer, text_len = cur
     if (kwargs.get("dropout_p") or kwargs.get("is_causal") or kwargs.get("enable_gqa")
             or kwargs.get("parallel_config") is not None or kwargs.get("attention_kwargs")
-            or q.dim() != 4 or q.shape[1] != k.shape[1]):
+            or q.dim() != 4 or q.shape[1] != k.shape[1] or state.parallel_spec is not None):
         return None
     B, S = int(q.shape[0]), int(q.shape[1])
     Sv = S - text_len
@@ -235,6 +252,59 @@ def _unpatch_module(modname):
             del _patched[modname]
 
 
+_SCHEMES = ("ulysses", "ring", "hybrid")
+
+
+def _parallel_option(parallel):
+    """apply()'s parallel= as (mode "auto" | "off", ring options, explicit (scheme, group) or
+    None)."""
+    if parallel is None or parallel is False or parallel == "off":
+        return "off", {}, None
+    if parallel is True or parallel == "auto":
+        return "auto", {}, None
+    if isinstance(parallel, (tuple, list)):
+        if len(parallel) != 2 or parallel[0] not in _SCHEMES:
+            raise InvalidArgument("parallel=(scheme, group) takes a scheme of %s and its group"
+                                  % (_SCHEMES,))
+        return "auto", {}, (parallel[0], parallel[1])
+    if isinstance(parallel, dict):
+        opts = dict(parallel)
+        unknown = set(opts) - {"scheme", "group", "ring_order", "carry_max"}
+        if unknown:
+            raise InvalidArgument("parallel= options: scheme, group, ring_order, carry_max; "
+                                  "not %s" % sorted(unknown))
+        scheme, group = opts.pop("scheme", None), opts.pop("group", None)
+        if "ring_order" in opts:
+            from .parallel import _check_order
+            _check_order(opts["ring_order"])
+        spec = None
+        if scheme is not None:
+            if scheme not in _SCHEMES:
+                raise InvalidArgument("parallel scheme %r: use one of %s" % (scheme, _SCHEMES))
+            spec = (scheme, group)
+        return "auto", opts, spec
+    raise InvalidArgument("parallel=%r: use 'auto', False, a dict or (scheme, group)"
+                          % (parallel,))
+
+
+def _scheme_of(parallel_config):
+    """(scheme, group) of diffusers' ParallelConfig (or ContextParallelConfig) once set up, or
+    False for what liteattn does not serve. diffusers shards the sequence over its flattened
+    ("ring", "ulysses") mesh, index ring_rank * ulysses_degree + ulysses_rank: the hybrid's
+    layout in liteattn.parallel."""
+    cp = getattr(parallel_config, "context_parallel_config", parallel_config)
+    if cp is None or not hasattr(cp, "ring_degree") or getattr(cp, "_mesh", None) is None:
+        return False
+    if getattr(cp, "ulysses_anything", False) or getattr(cp, "ring_anything", False):
+        return False
+    r, u = int(cp.ring_degree), int(cp.ulysses_degree)
+    if r > 1 and u > 1:
+        return "hybrid", (cp._ulysses_mesh.get_group(), cp._ring_mesh.get_group())
+    if r > 1:
+        return "ring", cp._ring_mesh.get_group()
+    return "ulysses", cp._ulysses_mesh.get_group()
+
+
 def _timestep_position(module):
     import inspect
     try:
@@ -264,8 +334,11 @@ class _State:
     """One apply(): the processors, the client, the current generation's session."""
 
     def __init__(self, pipe, transformers, threshold, socket, schedule, mode, max_branches,
-                 log_steps, session_options, warm=True):
+                 log_steps, session_options, parallel="auto", warm=True):
         self.pipe = pipe
+        self.parallel_mode, self.parallel_opts, self.parallel_spec = _parallel_option(parallel)
+        self.pctx = None          # liteattn.parallel.Context, for sharded calls
+        self._sp_cache = {}       # id(diffusers parallel config) -> (config, (scheme, group))
         self.transformers = transformers
         self.threshold = threshold
         self.socket = socket
@@ -311,8 +384,18 @@ class _State:
     def end_generation(self):
         with self.lock:
             s, self.session = self.session, None
+            if s is None and self.pctx is not None:
+                s = self.pctx.session       # the sequence-parallel calls' session
             if s is None:
                 return
+            try:
+                s.sync()  # the fast path's last replies: the figures, and their errors
+            except Exception:
+                try:
+                    s.close()
+                except Exception:
+                    pass
+                raise
             try:
                 info = s.info()
                 st = s.stats
@@ -339,12 +422,17 @@ class _State:
             except Exception as e:  # never fail the user's generation over a summary
                 log.debug("liteattn: summary failed: %s", e)
             try:
-                s.close()
+                if self.pctx is not None and s is self.pctx.session:
+                    self.pctx.end_generation()
+                else:
+                    s.close()
             except Exception:
                 pass
 
     def _log_step(self):
         s = self.session
+        if s is None and self.pctx is not None:
+            s = self.pctx.session
         if s is None or not self.log_steps:
             return
         total, comp = s.stats["tiles_total"], s.stats["tiles_computed"]
@@ -401,6 +489,56 @@ class _State:
         if what not in self.warned:
             self.warned.add(what)
             log.warning(msg, *a)
+
+    # -- sequence parallelism --
+    def sequence_parallel(self, parallel_config):
+        """How a plain self-attention call runs: None (on this rank alone), (scheme, group)
+        (a sequence shard: through liteattn.parallel), or False (leave it to diffusers)."""
+        if self.parallel_spec is not None:
+            return self.parallel_spec
+        if parallel_config is None:
+            return None
+        if self.parallel_mode == "off":
+            return False
+        hit = self._sp_cache.get(id(parallel_config))
+        if hit is not None and hit[0] is parallel_config:
+            return hit[1]
+        sp = _scheme_of(parallel_config)
+        if sp is False:
+            self._warn_once("cp", "liteattn: diffusers' context parallelism in a mode liteattn "
+                            "does not serve (unequal shards, or no context-parallel config): "
+                            "those calls run dense")
+        self._sp_cache[id(parallel_config)] = (parallel_config, sp)
+        return sp
+
+    def attend_sharded(self, layer, q, k, v, scale, sp, must_do=()):
+        """A sequence shard's self-attention through liteattn.parallel (sp: (scheme, group));
+        None: run it dense (the same answer on every rank)."""
+        from . import parallel
+        with self.lock:
+            step, branch = self.step, self.branch
+        if branch >= self.max_branches:
+            self._warn_once("branch", "liteattn: more than %d transformer passes per step; "
+                            "the extra passes run dense (apply(..., max_branches=N))",
+                            self.max_branches)
+            return None
+        with self.lock:
+            if self.pctx is None:
+                opts = dict(self.session_options)
+                self.pctx = parallel.Context(
+                    self.socket, layers=len(self.layers), max_branches=self.max_branches,
+                    threshold=self.threshold, schedule=self.schedule, mode=self.mode,
+                    **self.parallel_opts, **opts)
+            ctx = self.pctx
+        scheme, group = sp
+        fn = {"ulysses": parallel.ulysses_attention, "ring": parallel.ring_attention,
+              "hybrid": parallel.hybrid_attention}[scheme]
+        if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        out = fn(q, k, v, group, layer=layer, step=step, context=ctx, scale=scale,
+                 branch=branch, must_do=must_do)
+        self.lite_calls += 1
+        return out
 
     def attend(self, layer, q, k, v, scale, must_do=()):
         with self.lock:
@@ -494,7 +632,7 @@ def _set_processor(mod, proc):
 
 
 def apply(pipe, threshold=-3.0, *, socket=None, schedule=None, mode="skip", max_branches=2,
-          log_steps=True, profile=None, warm=True, **session_options):
+          log_steps=True, profile=None, parallel="auto", warm=True, **session_options):
     """Routes the video self-attention of `pipe` (a diffusers pipeline, or a transformer model)
     through liteattn. threshold: tau in log2 units (-inf: exact, nothing skipped); schedule:
     per-step thresholds; mode: "skip", "observe" or "dense"; max_branches: transformer passes
@@ -502,9 +640,16 @@ def apply(pipe, threshold=-3.0, *, socket=None, schedule=None, mode="skip", max_
     socket: the daemon's socket (None: default). Extra keywords go to open_session (max_seq_q,
     batch, device, direction; warm_step, warm_generations, warm_margin, warm_dense_steps;
     guard_every, guard_sample, guard_budget). profile: a calibrated profile
-    (liteattn-calibrate's file): its per-step schedule and per-layer thresholds. warm: True
-    (the default: a warm key from the model's name, geometry and step count), False (every
-    generation starts from all ones) or a warm key of your own. Returns pipe."""
+    (liteattn-calibrate's file): its per-step schedule and per-layer thresholds.
+    parallel: sequence parallelism (see the module's help). "auto" (default): calls that come
+    with diffusers' context-parallel config go through liteattn.parallel over its groups;
+    False: they stay on diffusers' own attention; a dict: as "auto" with ring options
+    (ring_order "ring" or "global", carry_max), or with scheme ("ulysses", "ring", "hybrid")
+    and group (a process group, or (ulysses_group, ring_group) / a 2D DeviceMesh for the
+    hybrid) for a transformer split by other code; a tuple (scheme, group) likewise. Every rank
+    must apply() alike. warm: True (the default: a warm key from the model's name, geometry,
+    step count and thresholds), False (every generation starts from all ones) or a warm key of
+    your own. Returns pipe."""
     if not isinstance(warm, (bool, str)):
         raise InvalidArgument("warm must be True, False or a warm key (str), got %r" % (warm,))
     if profile is not None:
@@ -513,7 +658,7 @@ def apply(pipe, threshold=-3.0, *, socket=None, schedule=None, mode="skip", max_
         raise InvalidArgument("liteattn is already applied to this pipeline; remove() first")
     transformers = _transformers_of(pipe)
     state = _State(pipe, transformers, threshold, socket, schedule, mode, max_branches,
-                   log_steps, session_options, warm=warm)
+                   log_steps, session_options, parallel, warm=warm)
     found = []
     for t in transformers:
         found += _self_attention_modules(t)
@@ -596,6 +741,8 @@ def remove(pipe):
         pipe.__class__ = st.orig_class
     if st.client is not None:
         st.client.close()
+    if st.pctx is not None:
+        st.pctx.close()
     try:
         object.__delattr__(pipe, "_liteattn_state")
     except AttributeError:

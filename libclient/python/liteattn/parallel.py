@@ -22,6 +22,14 @@ descending list); each daemon call receives them translated to its own keys.
 Masks. The mask key of a call is (layer, slot) with slot = branch * ring_degree + kv_shard
 (see docs/PARALLEL.md): Ulysses has one slot per branch, ring and hybrid one per K/V shard and
 branch. Context.mask(layer, kv_shard, branch) reads one.
+
+Ring skipping. The ring's daemon calls carry row maxima from hop to hop (SKIP-SEMANTICS
+"Carried row maxima"; Context(carry_max=True), the default), so a K/V shard's votes compare
+against every shard already visited, not against its own maximum alone. Two visiting orders:
+ring_order="ring" (default: own shard first, then the one before, ..., K/V passed round the
+ring with isend/irecv under the compute) and "global" (the shards in the single process's
+direction for the step, each broadcast by its owner, the next one in flight under the compute):
+with shards that are whole tiles the global order skips exactly the tiles one process skips.
 """
 import itertools
 import math
@@ -58,14 +66,21 @@ class Context(_ContextBase):
     holds (default: the number of SequenceParallelAttention instances registered, at least 1;
     give it when you call the functions with your own layer indices). max_branches: how many
     passes per step get their own masks (classifier-free guidance: 2).
+    carry_max: ring and hybrid calls carry row maxima from K/V shard to K/V shard (default
+    True; False: each shard's votes see its own maximum only, as before). ring_order: "ring"
+    (default, own shard first, K/V passed round the ring) or "global" (the single process's
+    shard order, K/V broadcast; the same skips as one process on tile-aligned shards).
     """
 
-    def __init__(self, socket=None, *, layers=None, max_branches=1, **session_kwargs):
+    def __init__(self, socket=None, *, layers=None, max_branches=1, carry_max=True,
+                 ring_order="ring", **session_kwargs):
         super().__init__(socket, session_kwargs)
         self.layers = layers
         self.max_branches = int(max_branches)
         if self.max_branches < 1:
             raise InvalidArgument("max_branches must be at least 1")
+        self.carry_max = bool(carry_max)
+        self.ring_order = _check_order(ring_order)
         self._geometry = None     # (heads, head_dim, dtype, ring_degree) the session has
         self._modules = []
 
@@ -228,6 +243,22 @@ def shard_index(scheme, group=None):
     return i, n
 
 
+def _check_order(order):
+    if order not in ("ring", "global"):
+        raise InvalidArgument("ring_order %r: use 'ring' (own shard first) or 'global' (the "
+                              "single process's shard order)" % (order,))
+    return order
+
+
+def _descending(ctx, step):
+    """Whether the daemon visits k-tiles in descending order at this step (the session's
+    direction; alternate: descending on even steps)."""
+    d = ctx.session_kwargs.get("direction")
+    if d in ("ascending", "descending"):
+        return d == "descending"
+    return step % 2 == 0
+
+
 def _local_ranges(ranges, offset, length):
     """Global half-open key ranges -> the ranges of keys [offset, offset + length), shifted."""
     out = []
@@ -329,7 +360,7 @@ def merge_partials(acc, part):
 # ---- the ring core (ring degree 1: one call) ------------------------------------------------
 
 def _ring(q, k, v, group, ctx, layer, step, threshold, mode, must_do, must_skip, scale, branch,
-          need_lse):
+          need_lse, carry_max=None, ring_order=None):
     """Attention of local queries q over the K/V shards of `group`, shard index = group rank,
     each of k's length. Returns (o in q's dtype, lse float32 or None)."""
     torch = _torch()
@@ -340,6 +371,12 @@ def _ring(q, k, v, group, ctx, layer, step, threshold, mode, must_do, must_skip,
     if not 0 <= branch < ctx.max_branches:
         raise InvalidArgument("branch %d: this context keeps %d branch(es) (max_branches)"
                               % (branch, ctx.max_branches))
+    carry = ctx.carry_max if carry_max is None else bool(carry_max)
+    order = ctx.ring_order if ring_order is None else _check_order(ring_order)
+    # Carried row maxima [B, H, Sq], raw-score units: -inf before the first hop, then every
+    # hop's call reads and updates them in place (SKIP-SEMANTICS "Carried row maxima").
+    rmax = (torch.full((q.shape[0], q.shape[2], q.shape[1]), -math.inf, dtype=torch.float32,
+                       device=q.device) if carry and P > 1 else None)
 
     def call(kk, vv, src, lse):
         off = src * Lk
@@ -349,7 +386,7 @@ def _ring(q, k, v, group, ctx, layer, step, threshold, mode, must_do, must_skip,
             return None        # every key of this shard is must-skip: nothing to compute
         return s.attention(layer, step, q, kk, vv, threshold=threshold, mode=mode,
                            must_do=mdo, must_skip=msk, scale=scale,
-                           kv_shard=branch * P + src, return_lse=lse)
+                           kv_shard=branch * P + src, return_lse=lse, row_max=rmax)
 
     if P == 1:
         res = call(k, v, 0, need_lse)
@@ -361,6 +398,8 @@ def _ring(q, k, v, group, ctx, layer, step, threshold, mode, must_do, must_skip,
         return res if need_lse else (res, None)
 
     kv = torch.stack((k, v)).contiguous()     # one message per hop: [2, B, Lk, H, D]
+    if order == "global":
+        return _ring_global(q, kv, group, P, me, call, _descending(ctx, step))
     nxt, prv = _global(group, (me + 1) % P), _global(group, (me - 1) % P)
     acc = None
     for j in range(P):
@@ -377,6 +416,36 @@ def _ring(q, k, v, group, ctx, layer, step, threshold, mode, must_do, must_skip,
             r.wait()
         if recv is not None:
             kv = recv
+    if acc is None:
+        acc = (torch.zeros(q.shape, dtype=torch.float32, device=q.device),
+               torch.full((q.shape[0], q.shape[2], q.shape[1]), -math.inf,
+                          dtype=torch.float32, device=q.device))
+    return acc[0].to(q.dtype), acc[1]
+
+
+def _ring_global(q, kv, group, P, me, call, descending):
+    """The ring in the single process's shard order: shard src is broadcast by its owner (the
+    next one in flight while this one is computed), so every rank visits the shards in the
+    same order, the order of one process's k-tiles."""
+    torch = _torch()
+    dist = _dist()
+    srcs = list(range(P - 1, -1, -1)) if descending else list(range(P))
+    spare = []        # receive buffers not in use (two at most)
+
+    def issue(src):
+        buf = kv if src == me else (spare.pop() if spare else torch.empty_like(kv))
+        return buf, dist.broadcast(buf, _global(group, src), group=group, async_op=True)
+
+    acc = None
+    pending = issue(srcs[0])
+    for i, src in enumerate(srcs):
+        buf, work = pending
+        work.wait()
+        if i + 1 < P:
+            pending = issue(srcs[i + 1])
+        acc = merge_partials(acc, call(buf[0], buf[1], src, True))
+        if buf is not kv:
+            spare.append(buf)
     if acc is None:
         acc = (torch.zeros(q.shape, dtype=torch.float32, device=q.device),
                torch.full((q.shape[0], q.shape[2], q.shape[1]), -math.inf,
@@ -436,23 +505,27 @@ def ulysses_attention(q, k, v, group=None, *, layer=0, step=0, context=None, thr
 
 def ring_attention(q, k, v, group=None, *, layer=0, step=0, context=None, threshold=None,
                    mode=None, must_do=(), must_skip=(), scale=None, branch=0,
-                   return_lse=False):
+                   return_lse=False, carry_max=None, ring_order=None):
     """Ring attention: the K/V shards travel round the group (isend/irecv); each rank calls
     the daemon once per K/V shard with its own queries (mask key (layer, branch * P + shard):
-    one mask per K/V shard) and merges the partial outputs by their LSE in float32.
+    one mask per K/V shard) and merges the partial outputs by their LSE in float32. The calls
+    carry row maxima from shard to shard (carry_max, default the context's: True), in the
+    ring's order (own shard first) or with ring_order="global" in the single process's order
+    (K/V broadcast by their owners instead of passed on).
     q, k, v: [B, S/P, H, D]; returns out [B, S/P, H, D] or (out, lse [B, H, S/P])."""
     must_do, must_skip, ctx = _prepare(q, k, v, (group,), must_do, must_skip, context)
     o, lse = _ring(q, k, v, group, ctx, layer, step, threshold, mode, must_do, must_skip,
-                   scale, branch, True)
+                   scale, branch, True, carry_max, ring_order)
     return _result(o, lse, return_lse)
 
 
 def hybrid_attention(q, k, v, groups, *, layer=0, step=0, context=None, threshold=None,
                      mode=None, must_do=(), must_skip=(), scale=None, branch=0,
-                     return_lse=False):
+                     return_lse=False, carry_max=None, ring_order=None):
     """Ulysses inside each ring chunk, ring across the chunks (USP): groups is
     (ulysses_group, ring_group) as hybrid_groups() builds them, or a 2D DeviceMesh with dims
     'ring' and 'ulysses'. Shard index of this rank = ring_rank * u + ulysses_rank.
+    carry_max / ring_order: as ring_attention, for the ring across the chunks.
     q, k, v: [B, S/(u*r), H, D], H divisible by u."""
     ug, rg = _hybrid_pair(groups)
     must_do, must_skip, ctx = _prepare(q, k, v, (ug, rg), must_do, must_skip, context)
@@ -460,7 +533,7 @@ def hybrid_attention(q, k, v, groups, *, layer=0, step=0, context=None, threshol
     if u > 1:
         q, k, v = _scatter_heads(q, k, v, ug, u)
     o, lse = _ring(q, k, v, rg, ctx, layer, step, threshold, mode, must_do, must_skip, scale,
-                   branch, True)
+                   branch, True, carry_max, ring_order)
     if u > 1:
         o = _heads_to_seq(o, ug, u)
         lse = _lse_heads_to_seq(lse, ug, u) if return_lse else None

@@ -2,7 +2,10 @@
 
 ref_attention() takes the live mask of (session, layer) as it was before the call and returns
 (out, lse, new_mask): out [B, Sq, H, D], lse [B, H, Sq] (natural log), new_mask shaped like
-the input mask (bits of tiles past this call's nK and rows past its nQ unchanged).
+the input mask (bits of tiles past this call's nK and rows past its nQ unchanged). With
+row_max (float [B, H, Sq], carried row maxima) the votes compare against max(row_max, the
+running maximum) and row_max is updated in place to max(row_max, the row maxima), as the daemon
+does (SKIP-SEMANTICS "Carried row maxima").
 """
 import math
 
@@ -34,7 +37,7 @@ def get_bit(row, n):
 
 
 def ref_attention(q, k, v, mask, *, BM, BN, tau, mode="skip", step=0, direction="alternate",
-                  scale=None, must_do=(), must_skip=()):
+                  scale=None, must_do=(), must_skip=(), row_max=None):
     q = np.asarray(q, dtype=np.float64)
     k = np.asarray(k, dtype=np.float64)
     v = np.asarray(v, dtype=np.float64)
@@ -69,27 +72,36 @@ def ref_attention(q, k, v, mask, *, BM, BN, tau, mode="skip", step=0, direction=
                     order = order[::-1]
                 s = s_all[r0:r1]
                 run_max = np.full(r1 - r0, -np.inf)
+                carried = np.full(r1 - r0, -np.inf)
+                if row_max is not None:
+                    carried = np.nan_to_num(np.asarray(row_max[b, h, r0:r1], dtype=np.float64),
+                                            nan=-np.inf, posinf=np.inf, neginf=-np.inf)
                 keep = np.zeros(nK, dtype=bool)
                 visited = np.zeros(nK, dtype=bool)
                 cols = []
                 for idx, n in enumerate(order):
                     c0, c1 = n * BN, min((n + 1) * BN, Sk)
                     t = s[:, c0:c1].max(axis=1)
-                    if idx == 0:
-                        votes = np.ones(r1 - r0, dtype=bool)
-                    else:
-                        votes = (t - run_max) * scale * LOG2E > tau
+                    ref = np.maximum(run_max, carried)
+                    with np.errstate(invalid="ignore"):
+                        votes = np.where(np.isneginf(ref), True,
+                                         (t - ref) * scale * LOG2E > tau)
                     keep[n] = votes.any() or mdo[n]
                     visited[n] = True
                     run_max = np.maximum(run_max, t)
                     cols.append(np.arange(c0, c1))
-                cols = np.concatenate(cols)
-                z = s[:, cols] * scale
-                zmax = z.max(axis=1, keepdims=True)
-                p = np.exp(z - zmax)
-                den = p.sum(axis=1, keepdims=True)
-                out[b, r0:r1, h, :] = (p @ v[b, cols, h, :]) / den
-                lse[b, h, r0:r1] = (zmax + np.log(den))[:, 0]
+                if cols:
+                    cols = np.concatenate(cols)
+                    z = s[:, cols] * scale
+                    zmax = z.max(axis=1, keepdims=True)
+                    p = np.exp(z - zmax)
+                    den = p.sum(axis=1, keepdims=True)
+                    out[b, r0:r1, h, :] = (p @ v[b, cols, h, :]) / den
+                    lse[b, h, r0:r1] = (zmax + np.log(den))[:, 0]
+                else:       # the row visits no tile: O = 0, LSE = -inf
+                    lse[b, h, r0:r1] = -np.inf
+                if row_max is not None:
+                    row_max[b, h, r0:r1] = np.maximum(carried, run_max)
                 if mode == "dense":
                     continue
                 new_row = row.copy()

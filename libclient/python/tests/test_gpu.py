@@ -123,6 +123,55 @@ def test_skip_against_reference(cclient):
     s.close()
 
 
+def test_row_max_ring_shards_on_cuda(cclient):
+    """Carried row maxima on the CUDA backend, row_max a CUDA tensor passed by IPC and updated
+    in place: the keys cut into 3 shards of whole tiles, called in the step's visiting order
+    with one row_max handed from call to call, decide bit for bit what one call over all keys
+    decides, compute as many tiles and end with the same row maxima (the same kernel scores
+    the same tiles); the outputs merged by LSE equal the single call's."""
+    from liteattn.parallel import merge_partials
+    rng = np.random.default_rng(4)
+    B, H, D, P = 1, 4, 128, 3
+    one = cclient.open_session("gpu-carry-one", layers=1, heads=H, head_dim=D,
+                               dtype="bfloat16", max_seq_q=4096, max_seq_k=8192, batch=B,
+                               threshold=-3.0, device="cuda")
+    BM, BN = one.tile_sizes
+    L, Sq = 2 * BN, 3 * BM + 5
+    ring = cclient.open_session("gpu-carry-ring", layers=1, heads=H, head_dim=D,
+                                dtype="bfloat16", max_seq_q=4096, max_seq_k=L, batch=B,
+                                kv_shards=P, threshold=-3.0, device="cuda")
+    qn, kn, vn = clustered_qkv(rng, B, Sq, P * L, H, D, BM, BN)
+    q, k, v = (torch.from_numpy(x).to("cuda", torch.bfloat16) for x in (qn, kn, vn))
+    nq, nkl = -(-Sq // BM), L // BN
+    for step in range(3):
+        r1 = torch.full((B, H, Sq), -math.inf, device="cuda")
+        o1, l1 = one.attention(0, step, q, k, v, row_max=r1, return_lse=True)
+        t1 = one.last_call["tiles_computed"]
+        r = torch.full((B, H, Sq), -math.inf, device="cuda")
+        acc, tiles = None, 0
+        for j in (range(P - 1, -1, -1) if step % 2 == 0 else range(P)):
+            part = ring.attention(0, step, q, k[:, j * L:(j + 1) * L], v[:, j * L:(j + 1) * L],
+                                  kv_shard=j, row_max=r, return_lse=True)
+            tiles += ring.last_call["tiles_computed"]
+            acc = merge_partials(acc, part)
+        torch.cuda.synchronize()
+        assert torch.equal(r, r1), "step %d: carried row maxima differ from one call's" % step
+        assert tiles == t1
+        whole = one.mask(0)
+        for j in range(P):
+            m = ring.mask(0, kv_shard=j)
+            for n in range(nkl):
+                g = j * nkl + n
+                a = (whole[..., :nq, g // 32] >> np.uint32(g % 32)) & 1
+                b = (m[..., :nq, n // 32] >> np.uint32(n % 32)) & 1
+                assert np.array_equal(a, b), "step %d tile %d: shard calls decided otherwise" % (
+                    step, g)
+        assert rel(acc[0], o1) < 1e-2 and (acc[1] - l1).abs().max().item() < 1e-2
+    assert one.stats["tiles_computed"] < one.stats["tiles_total"], "nothing skipped"
+    one.close()
+    ring.close()
+
+
 def test_drop_in_on_cuda(daemon, cclient):
     ctx = liteattn.Context(socket=daemon.socket)
     layers = [liteattn.LiteAttention(threshold=-math.inf, context=ctx) for _ in range(2)]
@@ -138,14 +187,14 @@ def test_drop_in_on_cuda(daemon, cclient):
 
 
 _EXPANDABLE_CODE = r"""
-import json, math, sys, warnings
+import json, math, os, sys, warnings
 import torch, liteattn
 from liteattn.client import _cuda_driver
 F = torch.nn.functional
 c = liteattn.Client(sys.argv[1])
 B, S, H, D = 1, 4096, 8, 128
-s = c.open_session("expandable", layers=1, heads=H, head_dim=D, dtype="bfloat16",
-                   max_seq_q=S, threshold=-math.inf, device="cuda")
+s = c.open_session("expandable-%d" % os.getpid(), layers=1, heads=H, head_dim=D,
+                   dtype="bfloat16", max_seq_q=S, threshold=-math.inf, device="cuda")
 torch.manual_seed(0)
 pad = torch.empty(7 << 20, dtype=torch.uint8, device="cuda")  # the tensors start mid-chunk
 qkv = torch.randn(B, S, 3, H, D, device="cuda", dtype=torch.bfloat16)  # 24 MiB: chunks straddled
@@ -167,6 +216,8 @@ print(json.dumps({
     "paths": c.cuda_paths,
     "warnings": [str(x.message) for x in w if issubclass(x.category, liteattn.StagingWarning)],
 }))
+s.close()
+c.close()
 """
 
 

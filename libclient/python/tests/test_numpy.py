@@ -242,3 +242,49 @@ def test_reset(client, rng):
     s.reset()
     assert valid_ones(s, Sq, Sk)
     s.close()
+
+
+def test_row_max_carried(client, rng):
+    """Carried row maxima (SKIP-SEMANTICS "Carried row maxima") through the NumPy path: the keys
+    cut into 3 tile-aligned shards, called in the step's visiting order with one row_max array
+    handed from call to call (updated in place), decide what one call over all keys decides
+    (masks bit for bit, row maxima), each call matching the float64 reference with the same
+    R; a bad row_max is refused before anything is sent."""
+    B, Sq, H, D, P = 2, 200, 2, 64, 3
+    with open_s(client, layers=1, max_seq_q=Sq, max_seq_k=4096, batch=B) as one:
+        BM, BN = one.tile_sizes
+        L = 2 * BN
+        q, k, v = clustered_qkv(rng, B, Sq, P * L, H, D, BM, BN)
+        with open_s(client, layers=1, max_seq_q=Sq, max_seq_k=L, batch=B, kv_shards=P) as ring:
+            nQ, nKl = -(-Sq // BM), L // BN
+            for step in range(3):
+                r1 = np.full((B, H, Sq), -np.inf, dtype=np.float32)
+                one.attention(0, step, q, k, v, row_max=r1)
+                r = np.full((B, H, Sq), -np.inf, dtype=np.float32)
+                rf = r.astype(np.float64)
+                order = range(P - 1, -1, -1) if step % 2 == 0 else range(P)
+                for j in order:
+                    ks, vs = k[:, j * L:(j + 1) * L], v[:, j * L:(j + 1) * L]
+                    before = ring.mask(0, kv_shard=j)
+                    o, lse = ring.attention(0, step, q, ks, vs, kv_shard=j, row_max=r,
+                                            return_lse=True)
+                    want_o, want_l, want_m = ref_attention(q, ks, vs, before, BM=BM, BN=BN,
+                                                           tau=-3.0, step=step, row_max=rf)
+                    assert rel_l2(o, want_o) <= 1e-5
+                    compare_masks(ring.mask(0, kv_shard=j), want_m, nQ, nKl)
+                    fin = np.isfinite(rf)
+                    assert np.array_equal(np.isneginf(r), np.isneginf(rf))
+                    assert np.abs(r[fin] - rf[fin]).max() <= 1e-4 * (1 + np.abs(rf[fin]).max())
+                assert np.array_equal(r, r1), "carried row maxima differ from one call's"
+                whole = one.mask(0)
+                for j in range(P):
+                    for n in range(nKl):
+                        g = j * nKl + n
+                        a = (whole[..., :nQ, g // 32] >> np.uint32(g % 32)) & 1
+                        b = (ring.mask(0, kv_shard=j)[..., :nQ, n // 32] >> np.uint32(n % 32)) & 1
+                        assert np.array_equal(a, b), "step %d tile %d differs" % (step, g)
+            assert live_bits_of(one, 0, Sq, P * L) < B * H * nQ * P * nKl, "nothing skipped"
+        with pytest.raises(liteattn.InvalidArgument, match=r"expected \[B, H, Sq\]"):
+            one.attention(0, 3, q, k, v, row_max=np.zeros((B, H, Sq + 1), np.float32))
+        with pytest.raises(liteattn.InvalidArgument, match="float32"):
+            one.attention(0, 3, q, k, v, row_max=np.zeros((B, H, Sq)))
