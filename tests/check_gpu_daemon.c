@@ -123,7 +123,7 @@ static CUmemAllocationProp vmm_prop(void)
     return p;
 }
 
-/* 0, or -1 when the driver lacks the VMM API. */
+/* 0, or -1 when the driver lacks the VMM API (vd then all NULL). */
 static int vmm_load(void)
 {
     struct {
@@ -142,14 +142,21 @@ static int vmm_load(void)
         enum cudaDriverEntryPointQueryResult q;
         if (cudaGetDriverEntryPointByVersion(t[i].name, t[i].slot, 12000, cudaEnableDefault,
                                              &q) != cudaSuccess ||
-            q != cudaDriverEntryPointSuccess)
+            q != cudaDriverEntryPointSuccess || !*t[i].slot) {
+            memset(&vd, 0, sizeof vd); /* all or nothing: vmm_granularity tests one slot */
             return -1;
+        }
     }
     return 0;
 }
 
+/* The minimum granularity of vmm_prop's allocations, or 0. The entry points are loaded here
+ * first: the clients once asked vd.Granularity before vmm_load had filled it, a call through a
+ * NULL pointer that killed every VMM client process with SIGSEGV (H200, driver 580). */
 static size_t vmm_granularity(void)
 {
+    if (!vd.Granularity && vmm_load() < 0)
+        return 0;
     CUmemAllocationProp p = vmm_prop();
     size_t g = 0;
     if (vd.Granularity(&g, &p, CU_MEM_ALLOC_GRANULARITY_MINIMUM) != CUDA_SUCCESS)
@@ -246,8 +253,8 @@ static void run_client(const char *sock, int who, int32_t B, int32_t Sq, int32_t
     if (vmm) {
         /* Allocations of the minimum granularity: every tensor straddles one of their seams. */
         CUDA_CHECK(cudaFree(NULL));
-        size_t g = vmm_granularity();
-        if (vmm_load() < 0 || g == 0)
+        size_t g = vmm_granularity(); /* loads the entry points */
+        if (g == 0)
             CHILD_FAIL("the driver lacks the VMM API");
         int n = (int)((total + g - 1) / g);
         if (vmm_alloc(&vm, g, n) < 0)
@@ -684,8 +691,8 @@ static void run_vmm_errors(const char *sock)
     const int who = 0;
     CUDA_CHECK(cudaSetDevice(0));
     CUDA_CHECK(cudaFree(NULL));
-    size_t g = vmm_granularity();
-    if (vmm_load() < 0 || g == 0)
+    size_t g = vmm_granularity(); /* loads the entry points */
+    if (g == 0)
         CHILD_FAIL("the driver lacks the VMM API");
     struct cudaDeviceProp prop;
     CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
@@ -788,6 +795,14 @@ static void run_vmm_errors(const char *sock)
     if (vd.Unmap(m.va + g, g) != CUDA_SUCCESS || vd.Release(m.h[1]) != CUDA_SUCCESS ||
         vd.Create(&nh, g, &p, 0) != CUDA_SUCCESS || vd.Map(m.va + g, g, 0, nh, 0) != CUDA_SUCCESS)
         CHILD_FAIL("replacing the second allocation failed");
+    /* Accessible, as memory an application would replace it with (a new mapping has none). */
+    CUmemAccessDesc ad;
+    memset(&ad, 0, sizeof ad);
+    ad.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    ad.location.id = 0;
+    ad.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+    if (vd.SetAccess(m.va + g, g, &ad, 1) != CUDA_SUCCESS)
+        CHILD_FAIL("cuMemSetAccess of the replacement failed");
     m.h[1] = nh;
     if (la_buffer_cuda_valid(rw) != 0)
         CHILD_FAIL("la_buffer_cuda_valid after the swap: %d, want 0", la_buffer_cuda_valid(rw));
@@ -814,8 +829,8 @@ static void run_vmm_victim(const char *sock, int ready_fd)
     const int who = 1;
     CUDA_CHECK(cudaSetDevice(0));
     CUDA_CHECK(cudaFree(NULL));
-    size_t g = vmm_granularity();
-    if (vmm_load() < 0 || g == 0)
+    size_t g = vmm_granularity(); /* loads the entry points */
+    if (g == 0)
         CHILD_FAIL("the driver lacks the VMM API");
     int32_t S = 4096, H = 8, D = 128;
     size_t tb = (size_t)S * H * D * 2;
