@@ -80,6 +80,29 @@ static float ev_ms(cudaEvent_t a, cudaEvent_t b)
 }
 
 /* The fast path on the GPU timeline (see the header). */
+/* After lead direct kernels on st, ncalls fast-path calls enqueued back to back (positions from
+ * *step on): the microseconds on st from the first call's enqueue to the last one's end; dies on
+ * an error, the calls' own included. */
+static double enqueue_us(la_session *s, la_attn *a, const la_attn_params *p, cudaStream_t st,
+                         cudaEvent_t e0, cudaEvent_t e1, int lead, int ncalls, uint32_t *step)
+{
+    int rc;
+    for (int l = 0; l < lead; l++)
+        if (la_attn_fwd_cuda(p, st) != cudaSuccess)
+            die("direct kernel", LA_EDEVICE);
+    cudaEventRecord(e0, st);
+    for (int k = 0; k < ncalls; k++) {
+        la_attn_set_position(a, 0, (*step)++, 0);
+        if ((rc = la_attn_enqueue(s, a, st, NULL)))
+            die("la_attn_enqueue", rc);
+    }
+    cudaEventRecord(e1, st);
+    cudaEventSynchronize(e1);
+    if ((rc = la_session_sync(s, -1)))
+        die("fast-path call", rc);
+    return 1e3 * ev_ms(e0, e1);
+}
+
 static void fast_path(la_session *s, la_attn *a, const la_attn_params *p, cudaStream_t st,
                       int iters, int lead, int depth)
 {
@@ -110,38 +133,16 @@ static void fast_path(la_session *s, la_attn *a, const la_attn_params *p, cudaSt
         int nlead = pass == 0 ? lead : 0;
         double *t = pass == 0 ? t1 : t0;
         for (int i = -3; i < iters; i++) {
-            for (int l = 0; l < nlead; l++)
-                if (la_attn_fwd_cuda(p, st) != cudaSuccess)
-                    die("direct kernel", LA_EDEVICE);
-            cudaEventRecord(e0, st);
-            la_attn_set_position(a, 0, step++, 0);
-            if ((rc = la_attn_enqueue(s, a, st, NULL)))
-                die("la_attn_enqueue", rc);
-            cudaEventRecord(e1, st);
-            cudaEventSynchronize(e1);
-            if ((rc = la_session_sync(s, -1)))
-                die("fast-path call", rc);
+            double us = enqueue_us(s, a, p, st, e0, e1, nlead, 1, &step);
             if (i >= 0)
-                t[i] = 1e3 * ev_ms(e0, e1);
+                t[i] = us;
         }
     }
     /* depth calls back to back. */
     for (int i = -3; i < iters; i++) {
-        for (int l = 0; l < lead; l++)
-            if (la_attn_fwd_cuda(p, st) != cudaSuccess)
-                die("direct kernel", LA_EDEVICE);
-        cudaEventRecord(e0, st);
-        for (int k = 0; k < depth; k++) {
-            la_attn_set_position(a, 0, step++, 0);
-            if ((rc = la_attn_enqueue(s, a, st, NULL)))
-                die("la_attn_enqueue", rc);
-        }
-        cudaEventRecord(e1, st);
-        cudaEventSynchronize(e1);
-        if ((rc = la_session_sync(s, -1)))
-            die("fast-path call", rc);
+        double us = enqueue_us(s, a, p, st, e0, e1, lead, depth, &step);
         if (i >= 0)
-            tp[i] = 1e3 * ev_ms(e0, e1) / depth;
+            tp[i] = us / depth;
     }
     double k50 = pct(tk, iters, 0.5);
     double a50 = pct(t1, iters, 0.5), a90 = pct(t1, iters, 0.9);

@@ -16,7 +16,9 @@
  * proportion to a session's masks. Every mask
  * also has a host view (be_mask.host) that the loop thread may read for live fractions and
  * mask reads without touching the device: for cpu it is the mask itself, for cuda a pinned
- * shadow the worker refreshes after each job that changed the mask.
+ * shadow the worker refreshes after each job that changed the mask. The cuda view is made
+ * after mask_alloc returns (be_mask.host NULL until then): the loop thread may read a region
+ * of it only once the region's first call has run (mask_ready), and never writes it.
  *
  * Threading: every op except the completion callback is called from the loop thread. No op
  * may wait for device work (no stream/device synchronisation on the loop thread).
@@ -117,16 +119,20 @@ typedef struct be_job {
     /* Warm start and guardrail (docs/SKIP-SEMANTICS.md, kernels/la_guard.h). In order, after
      * the restart/first-call fill: seed (mask &= seed), the call, the guard's check of the
      * sampled q-tiles (sets held bits), the fill of held rows, then the copy into capture. */
-    const uint32_t *seed_host; /* the region's seed in the host view, NULL: none */
-    uint32_t *seed_dev;        /* the same in the backend's memory (cpu: == seed_host) */
+    /* The seed and the capture are offsets into the mask allocation, not host pointers: the
+     * loop thread plans a call before the cuda host view may exist (m->host is NULL until the
+     * service thread pinned it), so only the backend, once the job may launch, forms
+     * (char *)mask->host + offset. */
+    int has_seed;      /* AND the region's seed in, 0: none */
+    uint64_t seed_off; /* the region's seed, in the host view and in the backend's memory */
     uint32_t *held;            /* the region's held-row bitmap (backend memory), NULL: no guard */
     uint64_t held_len;         /* its bytes, zeroed with the region's all-ones fills */
     int32_t rows_b, rows_h, rows_nq; /* the region's rows: the session's batch, heads, nQ */
     int guard_n;                     /* q-tiles sampled by this call, 0: not checked */
     int32_t guard_tile[LA_GUARD_MAX_SAMPLE];
     float guard_budget;
-    void *capture; /* the region's bytes after the call go here (in the mask's host view;
-                    * cuda: pinned, copied in stream order), NULL: none */
+    int has_capture;      /* the region's bytes after the call go to capture_off, 0: none */
+    uint64_t capture_off; /* in the mask's host view (cuda: pinned, copied in stream order) */
 
     /* Out, written by the backend before complete() is called. */
     int status; /* 0 or LA_E* */
@@ -168,8 +174,12 @@ typedef struct be_ops {
                       uint32_t *ret_bn);
     /* 0 if p (pointers filled) can run on dev; LA_EINVAL / LA_ENOTSUP otherwise. */
     int (*supports)(be_backend *b, int dev, const la_attn_params *p);
-    /* Mask storage of bytes bytes; its contents are set per region by the workers. */
-    int (*mask_alloc)(be_backend *b, int dev, uint64_t bytes, be_mask **ret_mask);
+    /* Mask storage of bytes bytes; its contents are set per region by the workers. init_len
+     * bytes of init (none when 0; the caller may free init on return) are placed in the host
+     * view at init_off before any job can use the mask: the loop thread never writes the host
+     * view itself, which may not exist yet (cuda: the service thread pins it later). */
+    int (*mask_alloc)(be_backend *b, int dev, uint64_t bytes, const void *init, uint64_t init_off,
+                      uint64_t init_len, be_mask **ret_mask);
     /* Called only when no job uses m any more (the engine refcounts). NULL allowed. */
     void (*mask_free)(be_backend *b, be_mask *m);
     /* CUDA IPC import (NULL for cpu). ret_ptr: device pointer of the allocation base. */

@@ -189,12 +189,12 @@ static void finish_mask(be_job *j, int threads)
     if (changes && j->held && p->mode != LA_MODE_DENSE)
         la_mask_fill_held(p->mask, p->mask_stride, j->rows_b, j->rows_h, j->rows_nq,
                           (int32_t)j->mask_words, (int32_t)j->mask_k_tiles, j->held);
-    if (changes && (p->mode != LA_MODE_DENSE || j->mask_restart || j->seed_host)) {
+    if (changes && (p->mode != LA_MODE_DENSE || j->mask_restart || j->has_seed)) {
         j->has_live = 1;
         j->live_bits = be_mask_live(p->mask, j->mask_len, j->mask_words, j->mask_k_tiles);
     }
-    if (j->capture && p->mask)
-        memcpy(j->capture, p->mask, (size_t)j->mask_len);
+    if (j->has_capture && p->mask)
+        memcpy((char *)j->mask->host + j->capture_off, p->mask, (size_t)j->mask_len);
 }
 
 /* A call stopped after some of its slices wrote the mask: all ones again (dense). */
@@ -264,8 +264,11 @@ static void *worker_main(void *arg)
                     memset(j->held, 0, (size_t)j->held_len);
             }
             init_mask(j);
-            if (j->seed_host && j->p.mask) /* a warm start: mask &= seed */
-                la_mask_and(j->p.mask, j->seed_host, (size_t)(j->mask_len / 4));
+            if (j->has_seed && j->p.mask) /* a warm start: mask &= seed */
+                la_mask_and(j->p.mask,
+                            (const uint32_t *)(const void *)((const char *)j->mask->host +
+                                                             j->seed_off),
+                            (size_t)(j->mask_len / 4));
         }
         int64_t tiles = 0;
         sp.threads = share > 0 ? share : 1;
@@ -363,9 +366,11 @@ static int cpu_supports(be_backend *b, int dev, const la_attn_params *p)
     return la_attn_validate(p);
 }
 
-static int cpu_mask_alloc(be_backend *b, int dev, uint64_t bytes, be_mask **ret_mask)
+static int cpu_mask_alloc(be_backend *b, int dev, uint64_t bytes, const void *init,
+                          uint64_t init_off, uint64_t init_len, be_mask **ret_mask)
 {
-    if (bytes == 0 || bytes > SIZE_MAX - 64)
+    if (bytes == 0 || bytes > SIZE_MAX - 64 || init_off > bytes || init_len > bytes - init_off ||
+        (init_len && !init))
         return LA_EINVAL;
     be_mask *m = calloc(1, sizeof *m);
     if (!m)
@@ -377,6 +382,8 @@ static int cpu_mask_alloc(be_backend *b, int dev, uint64_t bytes, be_mask **ret_
         return LA_ENOMEM;
     }
     m->dev_ptr = m->host; /* untouched: large allocations are mapped lazily */
+    if (init_len)
+        memcpy((char *)m->host + init_off, init, (size_t)init_len);
     m->bytes = bytes;
     m->dev = dev;
     *ret_mask = m;

@@ -128,6 +128,10 @@ typedef struct slot_ctx {
 typedef struct cu_mask {
     be_mask m;
     atomic_int host_state; /* 0 being made, 1 ready, -1 failed */
+    /* What mask_alloc was asked to place in the host view (the warm seed), kept until the
+     * service thread made the view: the caller's copy may be gone by then. */
+    void *init;
+    uint64_t init_off, init_len;
 } cu_mask;
 
 /* Work for the service thread, in order. */
@@ -483,7 +487,7 @@ static void reap(gpu *g, be_job *j)
         return;
     }
     int changes_mask = j->mask &&
-                       (j->p.mode != LA_MODE_DENSE || j->mask_restart || j->seed_host) &&
+                       (j->p.mode != LA_MODE_DENSE || j->mask_restart || j->has_seed) &&
                        !j->p.decisions;
     if (cancelled) {
         /* The kernel ran on inputs the client may never have written: no skip decision of
@@ -711,7 +715,7 @@ static void launch(gpu *g, be_job *j)
     if ((e = cudaMemcpyAsync(g->h_tiles + slot, counter, sizeof *counter, cudaMemcpyDeviceToHost,
                              l->s)) != cudaSuccess)
         goto fail;
-    if (j->mask && (j->p.mode != LA_MODE_DENSE || j->mask_restart || j->seed_host) &&
+    if (j->mask && (j->p.mode != LA_MODE_DENSE || j->mask_restart || j->has_seed) &&
         !j->p.decisions) {
         /* Refresh the host view of this (layer, shard) mask. */
         e = cudaMemcpyAsync((char *)j->mask->host + j->mask_off,
@@ -722,8 +726,9 @@ static void launch(gpu *g, be_job *j)
     }
     /* The warm capture: its own copy in the pinned host view (the region's next call may
      * refresh the view while the service thread reads; this area only this call writes). */
-    if (j->capture && j->mask &&
-        (e = cudaMemcpyAsync(j->capture, (char *)j->mask->dev_ptr + j->mask_off,
+    if (j->has_capture && j->mask &&
+        (e = cudaMemcpyAsync((char *)j->mask->host + j->capture_off,
+                             (char *)j->mask->dev_ptr + j->mask_off,
                              (size_t)j->mask_len, cudaMemcpyDeviceToHost, l->s)) != cudaSuccess)
         goto fail;
     /* The completion: on the lane's second stream, so that a callback never stalls the
@@ -860,9 +865,13 @@ static void run_task(gpu *g, task *t)
                 cudaFreeHost(h);
             atomic_store(&t->mask->host_state, -1);
         } else {
+            if (t->mask->init_len) /* before it is published: no job reads it earlier */
+                memcpy((char *)h + t->mask->init_off, t->mask->init, (size_t)t->mask->init_len);
             m->host = h;
             atomic_store(&t->mask->host_state, 1); /* publishes m->host */
         }
+        free(t->mask->init);
+        t->mask->init = NULL;
         pthread_mutex_lock(&g->lock);
         pthread_cond_broadcast(&g->cond);
         pthread_mutex_unlock(&g->lock);
@@ -903,6 +912,7 @@ static void run_task(gpu *g, task *t)
         }
         if (m->host)
             cudaFreeHost(m->host);
+        free(t->mask->init); /* NULL: its T_SHADOW, queued before, ran */
         free(t->mask);
         break;
     }
@@ -1064,10 +1074,12 @@ static int service(gpu *g, int kind, cu_mask *m, be_doorbell *db, void (*unmap)(
     return 0;
 }
 
-static int cu_mask_alloc(be_backend *b, int dev, uint64_t bytes, be_mask **ret_mask)
+static int cu_mask_alloc(be_backend *b, int dev, uint64_t bytes, const void *init,
+                         uint64_t init_off, uint64_t init_len, be_mask **ret_mask)
 {
     cuda_backend *cb = (cuda_backend *)b;
-    if (dev < 0 || dev >= cb->n || bytes == 0 || bytes > SIZE_MAX)
+    if (dev < 0 || dev >= cb->n || bytes == 0 || bytes > SIZE_MAX || init_off > bytes ||
+        init_len > bytes - init_off || (init_len && !init))
         return LA_EINVAL;
     if (atomic_load(&cb->fatal))
         return LA_EDEVICE;
@@ -1076,12 +1088,24 @@ static int cu_mask_alloc(be_backend *b, int dev, uint64_t bytes, be_mask **ret_m
     if (!cm)
         return LA_ENOMEM;
     atomic_init(&cm->host_state, 0);
+    if (init_len) {
+        /* The view is pinned later by the service thread (m->host stays NULL until then), so
+         * the bytes wait here; the engine once wrote them through the NULL view at open. */
+        if (!(cm->init = malloc((size_t)init_len))) {
+            free(cm);
+            return LA_ENOMEM;
+        }
+        memcpy(cm->init, init, (size_t)init_len);
+        cm->init_off = init_off;
+        cm->init_len = init_len;
+    }
     cudaError_t e = cudaSetDevice(g->ordinal);
     void *d = NULL;
     if (e == cudaSuccess)
         e = cudaMallocAsync(&d, (size_t)bytes, g->stream);
     if (e != cudaSuccess) {
         check_sticky(cb, g, e, "mask allocation");
+        free(cm->init);
         free(cm);
         return map_err(e);
     }
@@ -1093,6 +1117,7 @@ static int cu_mask_alloc(be_backend *b, int dev, uint64_t bytes, be_mask **ret_m
     m->priv = cm;
     if (service(g, T_SHADOW, cm, NULL, NULL, NULL, NULL) < 0) {
         cudaFreeAsync(d, g->stream);
+        free(cm->init);
         free(cm);
         return LA_ENOMEM;
     }

@@ -804,7 +804,7 @@ static int submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *re
         s->restart_due[shard_idx] = 0;
         s->region_fresh[shard_idx] = 0;
         s->last_step[req->layer] = req->step;
-        if (bj->seed_host)
+        if (bj->has_seed)
             s->seed_due[shard_idx] = 0;
     }
     list_append(&e->jobs, &j->link);
@@ -886,7 +886,7 @@ int eng_process_completions(eng *e)
                 e->n_guard_restored += bj->guard_restored;
                 e->n_guard_tiles += bj->guard_tiles;
             }
-            if (bj->capture && j->mset == s->masks)
+            if (bj->has_capture && j->mset == s->masks)
                 sess_warm_captured(e, s, (uint32_t)(bj->mask_ready - j->mset->ready));
             s->stats.calls++;
             s->stats.tiles_total += j->tiles_total;

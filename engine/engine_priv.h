@@ -76,6 +76,10 @@ typedef struct sess {
     int has_warm_step;
     uint32_t warm_step, warm_dense_steps;
     uint32_t warm_used;    /* generations the seed combines, 0: cold */
+    /* The seed (mask_bytes, warm_used > 0), kept for mask sets made later (a reset with
+     * calls in flight): handed to mask_alloc, never copied out of a host view, which the
+     * cuda backend may not have made yet. */
+    uint32_t *seed;
     uint8_t *seed_due;     /* [regions]: the seed is still to be ANDed in this generation */
     uint8_t *captured;     /* [regions]: captured at warm_step in this generation */
     uint32_t n_captured;

@@ -21,10 +21,9 @@ void sess_plan_call(const sess *s, const eng_attn_req *req, int fresh, int resta
         if (req->step < s->warm_dense_steps && *mode == LA_MODE_SKIP)
             *mode = LA_MODE_OBSERVE;
         if ((restart || s->seed_due[region]) && req->step >= s->warm_dense_steps) {
-            bj->seed_host = (const uint32_t *)(const void *)((const char *)s->masks->mask->host +
-                                                             s->seed_off + roff);
-            bj->seed_dev = (uint32_t *)(void *)((char *)s->masks->mask->dev_ptr + s->seed_off +
-                                                roff);
+            /* An offset: the cuda host view may not exist yet (backend.h). */
+            bj->has_seed = 1;
+            bj->seed_off = s->seed_off + roff;
             seeded = 1;
         }
     }
@@ -46,7 +45,10 @@ void sess_plan_call(const sess *s, const eng_attn_req *req, int fresh, int resta
     }
     if (s->has_warm && s->has_warm_step && !req->dry_run && req->step == s->warm_step &&
         (restart || !s->captured[region]))
-        bj->capture = (char *)s->masks->mask->host + s->capture_off + roff;
+    {
+        bj->has_capture = 1; /* an offset, as the seed's */
+        bj->capture_off = s->capture_off + roff;
+    }
 }
 
 int be_guard_cpu(be_job *j, int threads)

@@ -59,11 +59,15 @@ cudaError_t gguard_before(gguard *gg, be_job *j, int slot, int filled, cudaStrea
     if (filled && j->held &&
         (e = cudaMemsetAsync(j->held, 0, (size_t)j->held_len, st)) != cudaSuccess)
         return e;
-    if (j->seed_host && j->p.mask) {
-        /* From the pinned host view (written once, when the session opened). */
-        if ((e = cudaMemcpyAsync(j->seed_dev, j->seed_host, (size_t)j->mask_len,
-                                 cudaMemcpyHostToDevice, st)) != cudaSuccess ||
-            (e = la_mask_and_cuda(j->p.mask, j->seed_dev, (size_t)(j->mask_len / 4), st)) !=
+    if (j->has_seed && j->p.mask && j->mask) {
+        /* From the pinned host view (the seed was placed there when the service thread made
+         * the view, before any job could launch; launch_blocked saw it made, so the pointer
+         * is formed here and not by the loop thread, for which m->host may still be NULL). */
+        uint32_t *seed_dev = (uint32_t *)(void *)((char *)j->mask->dev_ptr + j->seed_off);
+        const void *seed_host = (const char *)j->mask->host + j->seed_off;
+        if ((e = cudaMemcpyAsync(seed_dev, seed_host, (size_t)j->mask_len, cudaMemcpyHostToDevice,
+                                 st)) != cudaSuccess ||
+            (e = la_mask_and_cuda(j->p.mask, seed_dev, (size_t)(j->mask_len / 4), st)) !=
                 cudaSuccess)
             return e;
     }

@@ -79,7 +79,10 @@ static int mset_new(eng *e, sess *s, eng_mset **ret, eng_error *err)
         eng_errf(err, "out of memory");
         return LA_ENOMEM;
     }
-    int rc = s->be->ops->mask_alloc(s->be, s->dev, s->alloc_bytes, &m->mask);
+    /* The seed goes into the host view through the backend: the cuda view is pinned later by
+     * its service thread (m->host NULL here), so writing it from here faulted the daemon. */
+    int rc = s->be->ops->mask_alloc(s->be, s->dev, s->alloc_bytes, s->seed, s->seed_off,
+                                    s->seed ? s->mask_bytes : 0, &m->mask);
     if (rc < 0) {
         free(m);
         eng_errf(err, "session '%s': cannot allocate %llu bytes of masks on %s: %s", s->key_esc,
@@ -131,6 +134,7 @@ void sess_unref(eng *e, sess *s)
     free(s->region_fresh);
     free(s->seed_due);
     free(s->captured);
+    free(s->seed);
     free(s);
 }
 
@@ -589,15 +593,15 @@ int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_s
         goto fail;
     }
     memset(s->region_fresh, 1, n_regions);
+    /* The seed lives beside the masks in the host view (mset_new has the backend put it
+     * there); the workers AND it in (the CUDA one uploads it first). It is never written
+     * again. */
+    s->seed = seed;
+    seed = NULL;
     if ((rc = mset_new(e, s, &s->masks, err)) < 0)
         goto fail;
-    if (seed) {
-        /* The seed lives beside the masks in the host view; the workers AND it in (the CUDA
-         * one uploads it first). It is never written again. */
-        memcpy((char *)s->masks->mask->host + s->seed_off, seed, s->mask_bytes);
+    if (s->seed) {
         memset(s->seed_due, 1, n_regions);
-        free(seed);
-        seed = NULL;
         e->n_warm_starts++;
     }
 
@@ -618,6 +622,7 @@ int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_s
     return 0;
 fail:
     free(seed);
+    free(s->seed);
     free(s->schedule);
     free(s->conns);
     free(s->last_step);
@@ -667,11 +672,10 @@ int eng_session_reset(eng *e, uint32_t uid, uint64_t session_id, eng_error *err)
     } else {
         /* Jobs in flight still write the current set: give the session a fresh one. */
         eng_mset *m;
+        /* mset_new places the seed (s->seed) in the new view: the old view is not read, the
+         * cuda backend may not have made it yet. */
         if ((rc = mset_new(e, s, &m, err)) < 0)
             return rc;
-        if (s->warm_used) /* the seed is immutable: the jobs in flight do not write it */
-            memcpy((char *)m->mask->host + s->seed_off,
-                   (const char *)s->masks->mask->host + s->seed_off, s->mask_bytes);
         mset_unref(e, s->masks);
         s->masks = m;
     }

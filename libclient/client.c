@@ -359,6 +359,24 @@ static int append(char **str, size_t *len, const char *s)
     return 0;
 }
 
+/* Adds the property name: the n strings of v joined by commas (a NULL one as ""); returns 0 or
+ * LA_ENOMEM. */
+static int add_prop_list(la_client *c, const char *name, char *const *v, size_t n)
+{
+    char *s = NULL;
+    size_t len = 0;
+    int rc = append(&s, &len, "");
+    for (size_t i = 0; i < n; i++) {
+        if (i)
+            rc |= append(&s, &len, ",");
+        rc |= append(&s, &len, v[i] ? v[i] : "");
+    }
+    if (s)
+        rc |= add_prop(c, name, s);
+    free(s);
+    return rc;
+}
+
 static int store_hello(la_client *c, const Liteattn__HelloReply *h)
 {
     int rc = 0;
@@ -367,20 +385,10 @@ static int store_hello(la_client *c, const Liteattn__HelloReply *h)
     snprintf(buf, sizeof(buf), "%u.%u", h->major, h->minor);
     rc |= add_prop(c, "protocol", buf);
 
+    rc |= add_prop_list(c, "backends", h->backends, h->n_backends);
+
     char *s = NULL;
     size_t len = 0;
-    rc |= append(&s, &len, "");
-    for (size_t i = 0; i < h->n_backends; i++) {
-        if (i)
-            rc |= append(&s, &len, ",");
-        rc |= append(&s, &len, h->backends[i] ? h->backends[i] : "");
-    }
-    if (s)
-        rc |= add_prop(c, "backends", s);
-    free(s);
-
-    s = NULL;
-    len = 0;
     rc |= append(&s, &len, "");
     for (size_t i = 0; i < h->n_devices; i++) {
         const Liteattn__Device *d = h->devices[i];
@@ -396,17 +404,7 @@ static int store_hello(la_client *c, const Liteattn__HelloReply *h)
         rc |= add_prop(c, "devices", s);
     free(s);
 
-    s = NULL;
-    len = 0;
-    rc |= append(&s, &len, "");
-    for (size_t i = 0; i < h->n_doorbell_devices; i++) {
-        if (i)
-            rc |= append(&s, &len, ",");
-        rc |= append(&s, &len, h->doorbell_devices[i] ? h->doorbell_devices[i] : "");
-    }
-    if (s)
-        rc |= add_prop(c, "fastpath.devices", s);
-    free(s);
+    rc |= add_prop_list(c, "fastpath.devices", h->doorbell_devices, h->n_doorbell_devices);
 
     /* MPS: one line per device, in the order of "devices". */
     s = NULL;

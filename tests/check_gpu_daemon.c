@@ -1398,33 +1398,33 @@ static void run_timeout_client(const char *sock)
     _exit(0);
 }
 
-START_TEST(test_fast_doorbell_timeout)
+/* A daemon started with args serving one client process, client(socket), which exits: the
+ * daemon stops cleanly, then the client must have exited 0. */
+static void serve_one_client(const char **args, void (*client)(const char *sock))
 {
     td_daemon d;
-    const char *args[] = {"--backend", "cuda", "--doorbell-timeout", "1", NULL};
     ck_assert_int_eq(td_start(&d, args), 0);
     pid_t pid = fork();
     ck_assert_int_ge(pid, 0);
     if (pid == 0)
-        run_timeout_client(d.socket);
-    wait_clients(1, &pid);
+        client(d.socket);
+    int st = 0;
+    ck_assert_int_eq(waitpid(pid, &st, 0), pid);
     ck_assert_int_eq(td_stop(&d), 0);
+    ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0, "client failed (status 0x%x)", st);
+}
+
+START_TEST(test_fast_doorbell_timeout)
+{
+    const char *args[] = {"--backend", "cuda", "--doorbell-timeout", "1", NULL};
+    serve_one_client(args, run_timeout_client);
 }
 END_TEST
 
 START_TEST(test_warm_start_and_guard)
 {
-    td_daemon d;
     const char *args[] = {"--backend", "cuda", NULL};
-    ck_assert_int_eq(td_start(&d, args), 0);
-    pid_t pid = fork();
-    ck_assert_int_ge(pid, 0);
-    if (pid == 0)
-        run_warm_guard_client(d.socket);
-    int st = 0;
-    ck_assert_int_eq(waitpid(pid, &st, 0), pid);
-    ck_assert_int_eq(td_stop(&d), 0);
-    ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0, "client failed (status 0x%x)", st);
+    serve_one_client(args, run_warm_guard_client);
 }
 END_TEST
 

@@ -29,6 +29,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "backend.h"
 #include "engine.h"
 #include "la_guard.h"
 #include "liteattn.h"
@@ -40,6 +41,72 @@
 #define UID2 1001
 #define CONN 1
 #define CONN2 2
+
+/* ---- the CPU backend with the CUDA backend's late host view -------------------------------------
+ *
+ * The CUDA backend's mask_alloc returns with be_mask.host NULL: its service thread pins the view
+ * later, before the mask's first call can launch (backend_cuda.c, T_SHADOW). The engine once
+ * wrote the warm seed through that NULL view when a seeded session opened, and planned the
+ * seed and capture pointers of a call from it: liteattnd died (SIGSEGV) on the H200 in
+ * check_gpu_daemon's test_warm_start_and_guard, while the CPU backend, whose view exists at
+ * once, passed. This program is linked with -Wl,--wrap=be_cpu_new (tests/module.mk): in the
+ * tcase "late view" the real CPU backend's masks hide their host view (NULL) from mask_alloc
+ * until the mask's first call is submitted, as the CUDA backend's do until that call may
+ * launch; everything else is the real CPU backend. */
+
+int __real_be_cpu_new(int threads, uint64_t slice_macs, be_complete_fn complete,
+                      void *complete_data, be_backend **ret, char *msg, size_t msg_len);
+int __wrap_be_cpu_new(int threads, uint64_t slice_macs, be_complete_fn complete,
+                      void *complete_data, be_backend **ret, char *msg, size_t msg_len);
+
+static int g_late_view;     /* set by the "late view" tcase's fixture (in the forked test) */
+static be_ops g_late_ops;   /* the CPU backend's ops, mask_alloc/submit/mask_free wrapped */
+static const be_ops *g_cpu; /* the real ones */
+
+static int late_mask_alloc(be_backend *b, int dev, uint64_t bytes, const void *init,
+                           uint64_t init_off, uint64_t init_len, be_mask **ret_mask)
+{
+    int rc = g_cpu->mask_alloc(b, dev, bytes, init, init_off, init_len, ret_mask);
+    if (rc == 0) { /* the CPU backend leaves priv unused: the view waits there */
+        ck_assert_ptr_null((*ret_mask)->priv);
+        (*ret_mask)->priv = (*ret_mask)->host;
+        (*ret_mask)->host = NULL;
+    }
+    return rc;
+}
+
+static int late_submit(be_backend *b, be_job *j)
+{
+    if (j->mask && !j->mask->host) /* "the service thread has made it": the call may run */
+        j->mask->host = j->mask->priv;
+    return g_cpu->submit(b, j);
+}
+
+static void late_mask_free(be_backend *b, be_mask *m)
+{
+    if (m && !m->host)
+        m->host = m->priv;
+    if (m)
+        m->priv = NULL;
+    g_cpu->mask_free(b, m);
+}
+
+int __wrap_be_cpu_new(int threads, uint64_t slice_macs, be_complete_fn complete,
+                      void *complete_data, be_backend **ret, char *msg, size_t msg_len)
+{
+    int rc = __real_be_cpu_new(threads, slice_macs, complete, complete_data, ret, msg, msg_len);
+    if (rc == 0 && g_late_view) {
+        g_cpu = (*ret)->ops;
+        g_late_ops = *g_cpu;
+        g_late_ops.mask_alloc = late_mask_alloc;
+        g_late_ops.submit = late_submit;
+        g_late_ops.mask_free = late_mask_free;
+        (*ret)->ops = &g_late_ops;
+    }
+    return rc;
+}
+
+static void late_view_on(void) { g_late_view = 1; }
 
 /* ---- a log sink that keeps the lines ---------------------------------------------------------- */
 
@@ -998,6 +1065,66 @@ START_TEST(warm_restart_reseeds)
 }
 END_TEST
 
+/* A reset while a seeded session's call is in flight gives it a fresh mask set: the seed is
+ * in the new set too (the first call after the reset starts from it), though the old set's
+ * view is never read for it (the CUDA backend may not have made that view yet). */
+START_TEST(warm_reset_in_flight_keeps_seed)
+{
+    harness h;
+    h_open(&h, NULL);
+    prob p;
+    prob_make(&h, UID, CONN, &p);
+    uint32_t g1[LAYERS][B * H * NQ];
+    uint32_t *l1[LAYERS] = {g1[0], g1[1]};
+    cold_generation(&h, UID, &p, 1, 3, "gen-1", "reset-key", l1, NULL);
+    eng_session_spec sp = spec_make("warm", -3);
+    sp.warm_key = "reset-key";
+    sp.has_warm_dense_steps = 1;
+    sp.warm_dense_steps = 0;
+    uint64_t sid = open_ok(&h, UID, CONN, &sp, NULL);
+    uint32_t seed[B * H * NQ], *gens[1] = {l1[0]};
+    expect_seed(gens, 1, seed);
+    /* Step 0 of layer 0 submitted, and the session reset before it completes. */
+    fill_gen(&p, 1, 7, 0);
+    eng_attn_req r;
+    memset(&r, 0, sizeof r);
+    r.session_id = sid;
+    tensor(&r.q, p.id, 0, LA_DTYPE_F32, 4);
+    tensor(&r.k, p.id, (uint64_t)NQKV * 4, LA_DTYPE_F32, 4);
+    tensor(&r.v, p.id, (uint64_t)NQKV * 8, LA_DTYPE_F32, 4);
+    tensor(&r.o, p.id, (uint64_t)NQKV * 12, LA_DTYPE_F32, 4);
+    tensor(&r.lse, p.id, (uint64_t)NQKV * 16, LA_DTYPE_F32, 3);
+    r.has_lse = 1;
+    r.mode = LA_MODE_SESSION;
+    call c;
+    memset(&c, 0, sizeof c);
+    c.h = &h;
+    eng_error err = {{0}};
+    ck_assert_int_eq(eng_attn_submit(h.e, UID, CONN, &r, on_done, &c, &err), 0);
+    ck_assert_int_eq(eng_session_reset(h.e, UID, sid, &err), 0); /* the call holds the old set */
+    h_wait(&h, 1);
+    ck_assert_int_eq(c.status, 0);
+    ck_assert_uint_eq(c.res.tiles_computed, popcount_rows(seed, B * H * NQ));
+    /* After the reset, on the fresh set: seeded again, from the same seed. */
+    for (uint32_t l = 0; l < LAYERS; l++) {
+        uint32_t want[B * H * NQ], *gl[1] = {l1[l]};
+        expect_seed(gl, 1, want);
+        call d = run(&h, UID, CONN, sid, &p, l, 0);
+        ck_assert_uint_eq(d.res.tiles_computed, popcount_rows(want, B * H * NQ));
+        uint32_t after[B * H * NQ];
+        read_mask(&h, UID, sid, l, after);
+        for (int i = 0; i < B * H * NQ; i++)
+            ck_assert_uint_eq(after[i] & ~want[i], 0);
+        ref rf = ref_new(&p, want);
+        check_output(&p, &rf, "after the reset");
+        ref_free(&rf);
+    }
+    ck_assert_int_eq(eng_session_close(h.e, UID, sid, &err), 0);
+    prob_drop(&p);
+    h_close(&h);
+}
+END_TEST
+
 /* warm_step: the masks right after every layer's call at that step are the generation. */
 START_TEST(warm_settled_step_capture)
 {
@@ -1537,9 +1664,20 @@ int main(void)
     tcase_add_test(tc, warm_skips_more_than_cold);
     tcase_add_test(tc, warm_restart_reseeds);
     tcase_add_test(tc, warm_settled_step_capture);
+    tcase_add_test(tc, warm_reset_in_flight_keeps_seed);
     tcase_add_test(tc, warm_never_across_users);
     tcase_add_test(tc, warm_deposit_with_unused_shard);
     tcase_add_test(tc, warm_survives_restart);
+    suite_add_tcase(s, tc);
+    /* The same with the host view made late, as the CUDA backend makes it (see above). */
+    tc = tcase_create("late view");
+    tcase_set_timeout(tc, 120);
+    tcase_add_checked_fixture(tc, late_view_on, NULL);
+    tcase_add_test(tc, warm_skips_more_than_cold);
+    tcase_add_test(tc, warm_restart_reseeds);
+    tcase_add_test(tc, warm_settled_step_capture);
+    tcase_add_test(tc, warm_reset_in_flight_keeps_seed);
+    tcase_add_test(tc, guard_restores_what_loses_mass);
     suite_add_tcase(s, tc);
     tc = tcase_create("guard");
     tcase_set_timeout(tc, 120);

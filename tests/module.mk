@@ -13,6 +13,10 @@ $(BUILD)/tests/%: $(BUILD)/obj/tests/%.o $(TEST_UTIL_OBJS) $(CLIENT_OBJS) $(DAEM
 	@$(if $(Q),echo "  LD      $@")
 	$(Q)$(CC) -o $@ $(filter %.o %.a,$^) $(TEST_LIBS)
 
+# check_warm runs the real CPU backend with the CUDA backend's late host view too (its
+# "late view" tcase): it wraps be_cpu_new.
+$(BUILD)/tests/check_warm: TEST_LIBS += -Wl,--wrap=be_cpu_new
+
 PYTEST_DIRS := $(wildcard libclient/python/tests)
 
 check: all $(CHECK_BINS)

@@ -62,6 +62,22 @@ static void json_str(const char *s)
 }
 
 /* A cell that is a plain JSON number (integer or decimal) is written as is. */
+/* The items of a comma-separated list, as JSON strings separated by ", " (an empty list: none). */
+static void json_str_items(const char *p)
+{
+    int first = 1;
+    while (*p) {
+        const char *comma = strchr(p, ',');
+        size_t n = comma ? (size_t)(comma - p) : strlen(p);
+        char b[256];
+        snprintf(b, sizeof(b), "%.*s", (int)n, p);
+        printf("%s", first ? "" : ", ");
+        json_str(b);
+        first = 0;
+        p += n + (comma ? 1 : 0);
+    }
+}
+
 static int is_number(const char *s)
 {
     if (!s || !*s)
@@ -196,21 +212,10 @@ static int cmd_status(la_client *c, const char *sock, int json)
         printf(", \"library_version\": ");
         json_str(la_version());
         printf(", \"backends\": [");
-        const char *p = backends;
-        int first = 1;
-        while (*p) {
-            const char *comma = strchr(p, ',');
-            size_t n = comma ? (size_t)(comma - p) : strlen(p);
-            char b[256];
-            snprintf(b, sizeof(b), "%.*s", (int)n, p);
-            printf("%s", first ? "" : ", ");
-            json_str(b);
-            first = 0;
-            p += n + (comma ? 1 : 0);
-        }
+        json_str_items(backends);
         printf("], \"devices\": [");
-        p = devices;
-        first = 1;
+        const char *p = devices;
+        int first = 1;
         while (*p) {
             const char *eol = strchr(p, '\n');
             size_t n = eol ? (size_t)(eol - p) : strlen(p);
@@ -239,18 +244,7 @@ static int cmd_status(la_client *c, const char *sock, int json)
             p += n + (eol ? 1 : 0);
         }
         printf("], \"fastpath_devices\": [");
-        p = prop(c, "fastpath.devices");
-        first = 1;
-        while (*p) {
-            const char *comma = strchr(p, ',');
-            size_t n = comma ? (size_t)(comma - p) : strlen(p);
-            char b[256];
-            snprintf(b, sizeof(b), "%.*s", (int)n, p);
-            printf("%s", first ? "" : ", ");
-            json_str(b);
-            first = 0;
-            p += n + (comma ? 1 : 0);
-        }
+        json_str_items(prop(c, "fastpath.devices"));
         printf("]");
         print_mps(c, 1);
         printf(", \"limits\": {");

@@ -131,6 +131,15 @@ def client(daemon):
 
 
 @pytest.fixture
+def cclient(client):
+    """The client, for a module whose daemon_backend is "cuda": skips when the daemon has no
+    CUDA backend."""
+    if "cuda" not in client.backends:
+        pytest.skip("the daemon has no CUDA backend (backends: %s)" % client.backends)
+    return client
+
+
+@pytest.fixture
 def rng(request):
     import zlib
     import numpy as np

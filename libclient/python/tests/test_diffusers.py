@@ -7,19 +7,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
-from diffusers import WanTransformer3DModel  # noqa: E402
 
 import liteattn  # noqa: E402
 import liteattn.diffusers as ld  # noqa: E402
-
-
-def tiny_wan():
-    torch.manual_seed(0)
-    m = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64,
-                              in_channels=4, out_channels=4, text_dim=32, freq_dim=32,
-                              ffn_dim=64, num_layers=2, cross_attn_norm=True,
-                              qk_norm="rms_norm_across_heads", rope_max_seq_len=64)
-    return m.eval()
+from wan import tiny_wan  # noqa: E402
 
 
 def inputs(B=1, T=3, H=16, W=20):

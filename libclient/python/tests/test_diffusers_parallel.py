@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 import pytest
@@ -31,6 +30,9 @@ try:
 except ImportError:
     pytest.skip("this diffusers has no context parallelism", allow_module_level=True)
 
+from rankproc import wait_ranks  # noqa: E402
+from wan import tiny_wan  # noqa: E402
+
 HERE = os.path.abspath(__file__)
 TIMESTEPS = (900.0, 800.0, 700.0)
 # (name, world, ring degree, ulysses degree, threshold, parallel=)
@@ -41,16 +43,6 @@ RUNS = [("ulysses_exact", 2, 1, 2, -float("inf"), "auto"),
         ("ring_global", 2, 2, 1, float("inf"), {"ring_order": "global"}),
         ("hybrid_exact", 4, 2, 2, -float("inf"), "auto"),
         ("hybrid_global", 4, 2, 2, float("inf"), {"ring_order": "global"})]
-
-
-def tiny_wan():
-    from diffusers import WanTransformer3DModel
-    torch.manual_seed(0)
-    m = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64,
-                              in_channels=4, out_channels=4, text_dim=32, freq_dim=32,
-                              ffn_dim=64, num_layers=2, cross_attn_norm=True,
-                              qk_norm="rms_norm_across_heads", rope_max_seq_len=64)
-    return m.eval()
 
 
 def inputs():
@@ -127,19 +119,7 @@ def start_ranks(world, socket, tmp):
     procs = [subprocess.Popen([sys.executable, HERE, str(world), str(r), init, socket, tmp],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for r in range(world)]
-    t0, logs = time.monotonic(), []
-    try:
-        for p in procs:
-            out, _ = p.communicate(timeout=max(1.0, 150 - (time.monotonic() - t0)))
-            logs.append(out.decode("utf-8", "replace"))
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        pytest.fail("the %d ranks did not finish in 150 s" % world)
-    bad = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode != 0]
-    assert not bad, "ranks failed %s:\n%s" % (bad, "\n".join(logs)[-6000:])
+    wait_ranks(procs, 150)
     return [dict(np.load(os.path.join(tmp, "rank%d.npz" % r))) for r in range(world)]
 
 

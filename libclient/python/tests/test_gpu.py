@@ -27,13 +27,6 @@ def daemon_backend():
     return "cuda"
 
 
-@pytest.fixture
-def cclient(client):
-    if "cuda" not in client.backends:
-        pytest.skip("the daemon has no CUDA backend (backends: %s)" % client.backends)
-    return client
-
-
 def sdpa(q, k, v, scale=None):
     """(B, S, H, D) in, (B, S, H, D) float32 out, and lse (B, H, Sq)."""
     qf, kf, vf = (x.float().transpose(1, 2) for x in (q, k, v))

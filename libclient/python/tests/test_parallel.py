@@ -34,6 +34,8 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
+from rankproc import wait_ranks  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # ---- the scenarios: what the ranks run and what the tests check ---------------------------
@@ -224,20 +226,8 @@ def start_ranks(world, daemon, tmp):
                                init, daemon.socket, tmp], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT) for r in range(world)]
     t0 = time.monotonic()
-    logs = []
-    try:
-        for p in procs:
-            out, _ = p.communicate(timeout=max(1.0, 90 - (time.monotonic() - t0)))
-            logs.append(out.decode("utf-8", "replace"))
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        pytest.fail("the %d ranks did not finish in 90 s" % world)
+    wait_ranks(procs, 90)
     seconds = time.monotonic() - t0
-    bad = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode != 0]
-    assert not bad, "ranks failed %s:\n%s" % (bad, "\n".join(logs)[-6000:])
     return Ranks(world, [os.path.join(tmp, "rank%d.npz" % r) for r in range(world)], seconds)
 
 
