@@ -58,15 +58,32 @@ static int send_ack(conn *c, uint64_t id)
     return send_reply(c, id, LITEATTN__REPLY__BODY_ACK, &ack);
 }
 
-/* p resized to n elements of size bytes; on failure p itself, with *failed set. */
-static void *grow(void *p, size_t n, size_t size, int *failed)
+/* The rows of a listing reply, gathered by a walk's callback: one array of one row type that
+ * grows by doubling, so what points into a row is pointed once the walk is over. */
+typedef struct row_acc {
+    void *rows;
+    size_t n, cap;
+    int failed;
+} row_acc;
+
+/* The next row (size bytes, zeroed), the array starting at first rows; NULL once max rows are
+ * there, or when memory ran short (then failed is set; the rows so far stay). */
+static void *acc_next(row_acc *a, size_t size, size_t first, size_t max)
 {
-    void *q = realloc(p, n * size);
-    if (!q) {
-        *failed = 1;
-        return p;
+    if (a->failed || a->n >= max)
+        return NULL;
+    if (a->n == a->cap) {
+        size_t cap = a->cap ? a->cap * 2 : first;
+        void *q = realloc(a->rows, cap * size);
+        if (!q) {
+            a->failed = 1;
+            return NULL;
+        }
+        a->rows = q, a->cap = cap;
     }
-    return q;
+    char *r = (char *)a->rows + a->n++ * size;
+    memset(r, 0, size);
+    return r;
 }
 
 /* ---- Hello -------------------------------------------------------------------------------- */
@@ -313,45 +330,33 @@ static int do_session_info(const disp *d, conn *c, uint64_t id, const Liteattn__
     return CONN_REQ_OK;
 }
 
-typedef struct list_acc {
-    Liteattn__SessionSummary *items;
-    char (*keys)[ENG_KEY_MAX + 1];
-    char (*warm)[ENG_KEY_MAX + 1];
-    char (*devs)[64];
-    double **lives; /* per item, its layers' live fractions (malloc'ed) */
-    size_t n, cap;
-    int failed;
-} list_acc;
+typedef struct list_row {
+    Liteattn__SessionSummary item;
+    char key[ENG_KEY_MAX + 1];
+    char warm[ENG_KEY_MAX + 1];
+    char dev[64];
+    double *live; /* its layers' live fractions (malloc'ed) */
+} list_row;
 
-static void list_acc_free(list_acc *a)
+static void list_acc_free(row_acc *a)
 {
+    list_row *rows = a->rows;
     for (size_t i = 0; i < a->n; i++)
-        free(a->lives[i]);
-    free(a->items), free(a->keys), free(a->warm), free(a->devs), free(a->lives);
+        free(rows[i].live);
+    free(rows);
 }
 
 static void list_one(void *data, const eng_session_summary *s)
 {
-    list_acc *a = data;
-    if (a->n == DISP_LIST_MAX || a->failed)
+    list_row *r = acc_next(data, sizeof(*r), 16, DISP_LIST_MAX);
+    if (!r)
         return;
-    if (a->n == a->cap) {
-        size_t cap = a->cap ? a->cap * 2 : 16;
-        a->items = grow(a->items, cap, sizeof(*a->items), &a->failed);
-        a->keys = grow(a->keys, cap, sizeof(*a->keys), &a->failed);
-        a->warm = grow(a->warm, cap, sizeof(*a->warm), &a->failed);
-        a->devs = grow(a->devs, cap, sizeof(*a->devs), &a->failed);
-        a->lives = grow(a->lives, cap, sizeof(*a->lives), &a->failed);
-        if (a->failed)
-            return;
-        a->cap = cap;
-    }
-    Liteattn__SessionSummary *o = &a->items[a->n];
+    Liteattn__SessionSummary *o = &r->item;
     liteattn__session_summary__init(o);
-    memcpy(a->keys[a->n], s->key, sizeof(a->keys[0]));
-    a->keys[a->n][ENG_KEY_MAX] = 0;
-    memcpy(a->devs[a->n], s->device, sizeof(a->devs[0]));
-    a->devs[a->n][63] = 0;
+    memcpy(r->key, s->key, sizeof(r->key));
+    r->key[ENG_KEY_MAX] = 0;
+    memcpy(r->dev, s->device, sizeof(r->dev));
+    r->dev[sizeof(r->dev) - 1] = 0;
     o->has_id = 1, o->id = s->id;
     o->has_uid = 1, o->uid = s->uid;
     o->has_layers = 1, o->layers = s->layers;
@@ -366,28 +371,27 @@ static void list_one(void *data, const eng_session_summary *s)
     o->has_live_fraction = 1, o->live_fraction = s->live_fraction;
     o->has_attached = 1, o->attached = s->attached != 0;
     o->has_idle_ms = 1, o->idle_ms = s->idle_ms;
-    memcpy(a->warm[a->n], s->warm_key, sizeof(a->warm[0]));
-    a->warm[a->n][ENG_KEY_MAX] = 0;
+    memcpy(r->warm, s->warm_key, sizeof(r->warm));
+    r->warm[ENG_KEY_MAX] = 0;
     o->has_warm_generations = 1, o->warm_generations = s->warm_generations;
     o->has_guard_checks = 1, o->guard_checks = s->guard_checks;
     o->has_guard_restored = 1, o->guard_restored = s->guard_restored;
-    a->lives[a->n] = NULL;
     if (s->layer_live && s->layers) {
-        a->lives[a->n] = malloc(s->layers * sizeof(double));
-        if (!a->lives[a->n]) {
-            a->failed = 1;
+        r->live = malloc(s->layers * sizeof(double));
+        if (!r->live) {
+            ((row_acc *)data)->failed = 1;
             return;
         }
-        memcpy(a->lives[a->n], s->layer_live, s->layers * sizeof(double));
+        memcpy(r->live, s->layer_live, s->layers * sizeof(double));
         o->n_layer_live_fraction = s->layers;
     }
-    a->n++; /* key, device, warm key and the live fractions are pointed at once no realloc
-             * can move them */
+    /* key, device, warm key and the live fractions are pointed at once no realloc can move
+     * the row */
 }
 
 static int do_session_list(const disp *d, conn *c, uint64_t id)
 {
-    list_acc a = {0};
+    row_acc a = {0};
     eng_session_list(d->eng, c->uid, list_one, &a);
     if (a.failed) {
         list_acc_free(&a);
@@ -398,12 +402,13 @@ static int do_session_list(const disp *d, conn *c, uint64_t id)
         list_acc_free(&a);
         return reply_err(c, id, LA_ENOMEM, "out of memory listing sessions");
     }
+    list_row *rows = a.rows;
     for (size_t i = 0; i < a.n; i++) {
-        a.items[i].key = a.keys[i];
-        a.items[i].device = a.devs[i];
-        a.items[i].warm_key = a.warm[i];
-        a.items[i].layer_live_fraction = a.lives[i];
-        ptrs[i] = &a.items[i];
+        rows[i].item.key = rows[i].key;
+        rows[i].item.device = rows[i].dev;
+        rows[i].item.warm_key = rows[i].warm;
+        rows[i].item.layer_live_fraction = rows[i].live;
+        ptrs[i] = &rows[i].item;
     }
     Liteattn__SessionListReply lr = LITEATTN__SESSION_LIST_REPLY__INIT;
     lr.n_sessions = a.n;
@@ -745,84 +750,60 @@ bad:
 
 /* ---- stats, ping -------------------------------------------------------------------------- */
 
-typedef struct stat_acc {
-    Liteattn__Stat *items;
-    char (*names)[64];
-    size_t n, cap;
-    int failed;
-} stat_acc;
+typedef struct stat_row {
+    Liteattn__Stat item;
+    char name[64];
+} stat_row;
 
 static void stat_one(void *data, const char *name, int64_t value)
 {
-    stat_acc *a = data;
-    if (a->failed || a->n >= 1024)
+    stat_row *r = acc_next(data, sizeof(*r), 32, 1024);
+    if (!r)
         return;
-    if (a->n == a->cap) {
-        size_t cap = a->cap ? a->cap * 2 : 32;
-        a->items = grow(a->items, cap, sizeof(*a->items), &a->failed);
-        a->names = grow(a->names, cap, sizeof(*a->names), &a->failed);
-        if (a->failed)
-            return;
-        a->cap = cap;
-    }
-    liteattn__stat__init(&a->items[a->n]);
-    snprintf(a->names[a->n], sizeof(a->names[0]), "%s", name);
-    a->items[a->n].value = value;
-    a->n++;
+    liteattn__stat__init(&r->item);
+    snprintf(r->name, sizeof(r->name), "%s", name);
+    r->item.value = value;
 }
 
 static int do_stats(const disp *d, conn *c, uint64_t id)
 {
-    stat_acc a = {0};
+    row_acc a = {0};
     eng_stats(d->eng, stat_one, &a);
     if (d->server_stats)
         d->server_stats(d->server_data, stat_one, &a);
-    if (a.failed) {
-        free(a.items), free(a.names);
-        return reply_err(c, id, LA_ENOMEM, "out of memory");
-    }
-    Liteattn__Stat **ptrs = malloc((a.n ? a.n : 1) * sizeof(*ptrs));
+    Liteattn__Stat **ptrs = a.failed ? NULL : malloc((a.n ? a.n : 1) * sizeof(*ptrs));
     if (!ptrs) {
-        free(a.items), free(a.names);
+        free(a.rows);
         return reply_err(c, id, LA_ENOMEM, "out of memory");
     }
+    stat_row *rows = a.rows;
     for (size_t i = 0; i < a.n; i++) {
-        a.items[i].name = a.names[i]; /* now that no realloc can move names */
-        ptrs[i] = &a.items[i];
+        rows[i].item.name = rows[i].name; /* now that no realloc can move the rows */
+        ptrs[i] = &rows[i].item;
     }
     Liteattn__StatsReply sr = LITEATTN__STATS_REPLY__INIT;
     sr.n_stats = a.n;
     sr.stats = ptrs;
     send_reply(c, id, LITEATTN__REPLY__BODY_STATS, &sr);
-    free(ptrs), free(a.items), free(a.names);
+    free(ptrs), free(a.rows);
     return CONN_REQ_OK;
 }
 
 /* ---- the warm-start store ------------------------------------------------------------------- */
 
-typedef struct warm_acc {
-    Liteattn__WarmEntry *items;
-    char (*keys)[ENG_KEY_MAX + 1];
-    size_t n, cap;
-    int failed;
-} warm_acc;
+typedef struct warm_row {
+    Liteattn__WarmEntry item;
+    char key[ENG_KEY_MAX + 1];
+} warm_row;
 
 static void warm_one(void *data, const eng_warm_entry *w)
 {
-    warm_acc *a = data;
-    if (a->n == DISP_LIST_MAX || a->failed)
+    warm_row *r = acc_next(data, sizeof(*r), 16, DISP_LIST_MAX);
+    if (!r)
         return;
-    if (a->n == a->cap) {
-        size_t cap = a->cap ? a->cap * 2 : 16;
-        a->items = grow(a->items, cap, sizeof(*a->items), &a->failed);
-        a->keys = grow(a->keys, cap, sizeof(*a->keys), &a->failed);
-        if (a->failed)
-            return;
-        a->cap = cap;
-    }
-    Liteattn__WarmEntry *o = &a->items[a->n];
+    Liteattn__WarmEntry *o = &r->item;
     liteattn__warm_entry__init(o);
-    snprintf(a->keys[a->n], sizeof(a->keys[0]), "%s", w->key);
+    snprintf(r->key, sizeof(r->key), "%s", w->key);
     o->has_uid = 1, o->uid = w->uid;
     o->has_layers = 1, o->layers = w->layers;
     o->has_kv_shards = 1, o->kv_shards = w->kv_shards;
@@ -837,27 +818,27 @@ static void warm_one(void *data, const eng_warm_entry *w)
     o->has_deposited_ago_ms = 1, o->deposited_ago_ms = w->deposited_ago_ms;
     o->has_seeds = 1, o->seeds = w->seeds;
     o->has_persisted = 1, o->persisted = w->persisted != 0;
-    a->n++;
 }
 
 static int do_warm_list(const disp *d, conn *c, uint64_t id)
 {
-    warm_acc a = {0};
+    row_acc a = {0};
     eng_warm_list(d->eng, c->uid, warm_one, &a);
     Liteattn__WarmEntry **ptrs = a.n ? malloc(a.n * sizeof(*ptrs)) : NULL;
     if (a.failed || (a.n && !ptrs)) {
-        free(ptrs), free(a.items), free(a.keys);
+        free(ptrs), free(a.rows);
         return reply_err(c, id, LA_ENOMEM, "out of memory listing the warm-start store");
     }
+    warm_row *rows = a.rows;
     for (size_t i = 0; i < a.n; i++) {
-        a.items[i].key = a.keys[i];
-        ptrs[i] = &a.items[i];
+        rows[i].item.key = rows[i].key;
+        ptrs[i] = &rows[i].item;
     }
     Liteattn__WarmListReply wr = LITEATTN__WARM_LIST_REPLY__INIT;
     wr.n_entries = a.n;
     wr.entries = ptrs;
     send_reply(c, id, LITEATTN__REPLY__BODY_WARM_LIST, &wr);
-    free(ptrs), free(a.items), free(a.keys);
+    free(ptrs), free(a.rows);
     return CONN_REQ_OK;
 }
 
