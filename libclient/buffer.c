@@ -24,14 +24,21 @@ static void buffer_release(la_buffer *b)
 
 void cl_buffers_free_all(la_client *c) { list_drain(&c->buffers, la_buffer, link, buffer_release); }
 
-/* Sends BufferRegister (lock held). */
-static int do_register(la_client *c, Liteattn__BufferRegister *br, int fd, uint64_t *ret_id)
+/* Sends one BufferRegister (lock held); *ret_reply (a BufferReply) is the caller's to free. */
+static int send_register(la_client *c, Liteattn__BufferRegister *br, int fd,
+                         Liteattn__Reply **ret_reply)
 {
     Liteattn__Request req = LITEATTN__REQUEST__INIT;
     req.body_case = LITEATTN__REQUEST__BODY_BUFFER_REGISTER;
     req.buffer_register = br;
+    return cl_call(c, &req, fd, LITEATTN__REPLY__BODY_BUFFER, ret_reply);
+}
+
+/* Sends BufferRegister (lock held). */
+static int do_register(la_client *c, Liteattn__BufferRegister *br, int fd, uint64_t *ret_id)
+{
     Liteattn__Reply *r;
-    int rc = cl_call(c, &req, fd, LITEATTN__REPLY__BODY_BUFFER, &r);
+    int rc = send_register(c, br, fd, &r);
     if (rc < 0)
         return rc;
     *ret_id = r->buffer->buffer_id;
@@ -172,8 +179,9 @@ static int daemon_has_device(la_client *c, const char *uuid)
     return 0;
 }
 
-int cl_buffer_register_ipc(la_client *c, const void *handle, const char *uuid, uint64_t size,
-                           uint64_t cuda_base, la_buffer **ret_buffer)
+/* A new la_buffer of size bytes on the daemon's GPU uuid (refused when the daemon has none such),
+ * not yet registered. */
+static int cuda_buffer_new(la_client *c, const char *uuid, uint64_t size, la_buffer **ret)
 {
     if (!daemon_has_device(c, uuid))
         return cl_fail(LA_ENODEV, "the daemon has no GPU %s (its devices: %s)", uuid,
@@ -185,6 +193,17 @@ int cl_buffer_register_ipc(la_client *c, const void *handle, const char *uuid, u
     b->size = size;
     b->refs = 1;
     b->is_cuda = 1;
+    *ret = b;
+    return 0;
+}
+
+int cl_buffer_register_ipc(la_client *c, const void *handle, const char *uuid, uint64_t size,
+                           uint64_t cuda_base, la_buffer **ret_buffer)
+{
+    la_buffer *b;
+    int rc = cuda_buffer_new(c, uuid, size, &b);
+    if (rc < 0)
+        return rc;
     b->access = LA_ACCESS_RW;
     b->cuda_base = cuda_base;
     memcpy(b->ipc_handle, handle, 64);
@@ -196,7 +215,7 @@ int cl_buffer_register_ipc(la_client *c, const void *handle, const char *uuid, u
     br.ipc_handle.len = 64;
     br.device_uuid = (char *)uuid;
     /* Caller holds the lock. */
-    int rc = do_register(c, &br, -1, &b->id);
+    rc = do_register(c, &br, -1, &b->id);
     if (rc < 0) {
         free(b);
         return rc;
@@ -232,11 +251,8 @@ LA_API int la_buffer_register_cuda_ipc(la_client *c, const void *handle, size_t 
 static int vmm_frame(la_client *c, Liteattn__BufferRegister *br, int fd, uint32_t want_pending,
                      uint64_t *ret_id, unsigned *ret_access)
 {
-    Liteattn__Request req = LITEATTN__REQUEST__INIT;
-    req.body_case = LITEATTN__REQUEST__BODY_BUFFER_REGISTER;
-    req.buffer_register = br;
     Liteattn__Reply *r;
-    int rc = cl_call(c, &req, fd, LITEATTN__REPLY__BODY_BUFFER, &r);
+    int rc = send_register(c, br, fd, &r);
     if (rc < 0)
         return rc;
     const Liteattn__BufferReply *bp = r->buffer;
@@ -255,16 +271,10 @@ int cl_buffer_register_vmm(la_client *c, const int *fds, const uint64_t *sizes, 
                            uint64_t offset, uint64_t size, const char *uuid, unsigned access,
                            la_buffer **ret_buffer)
 {
-    if (!daemon_has_device(c, uuid))
-        return cl_fail(LA_ENODEV, "the daemon has no GPU %s (its devices: %s)", uuid,
-                       la_client_property(c, "devices"));
-    la_buffer *b = calloc(1, sizeof(*b));
-    if (!b)
-        return cl_fail(LA_ENOMEM, NULL);
-    b->client = c;
-    b->size = size;
-    b->refs = 1;
-    b->is_cuda = 1;
+    la_buffer *b;
+    int rc = cuda_buffer_new(c, uuid, size, &b);
+    if (rc < 0)
+        return rc;
     b->is_vmm = 1;
     b->n_allocs = (uint32_t)n;
     Liteattn__BufferRegister br = LITEATTN__BUFFER_REGISTER__INIT;
@@ -277,7 +287,7 @@ int cl_buffer_register_vmm(la_client *c, const int *fds, const uint64_t *sizes, 
     br.vmm_offset = offset;
     br.has_access = 1;
     br.access = access;
-    int rc = vmm_frame(c, &br, fds[0], (uint32_t)(n - 1), &b->id, &b->access);
+    rc = vmm_frame(c, &br, fds[0], (uint32_t)(n - 1), &b->id, &b->access);
     for (size_t i = 1; rc == 0 && i < n; i++) {
         Liteattn__BufferRegister ap = LITEATTN__BUFFER_REGISTER__INIT;
         ap.kind = LITEATTN__BUFFER_KIND__BUFFER_VMM;
