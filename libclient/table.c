@@ -123,30 +123,28 @@ static int fill_stats(la_table *t, const Liteattn__Reply *r)
     return rc;
 }
 
+/* Writes the n whole numbers v into the cells b, in decimal. */
+static void cells_u64(char (*b)[32], const uint64_t *v, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        snprintf(b[i], sizeof(b[i]), "%" PRIu64, v[i]);
+}
+
 static int fill_sessions(la_table *t, const Liteattn__Reply *r)
 {
     int rc = 0;
     for (size_t i = 0; rc == 0 && i < r->session_list->n_sessions; i++) {
         const Liteattn__SessionSummary *s = r->session_list->sessions[i];
+        /* b[10] is the live fraction; the other cells are whole numbers. */
+        const uint64_t v[14] = {s->id,    s->uid, s->layers, s->heads,      s->head_dim,
+                                s->batch, s->bm,  s->bn,     s->mask_bytes, s->calls,
+                                0,        s->attached ? 1 : 0, s->idle_ms / 1000, s->restarts};
         char b[14][32];
-        snprintf(b[0], 32, "%" PRIu64, s->id);
-        snprintf(b[1], 32, "%u", s->uid);
-        snprintf(b[2], 32, "%u", s->layers);
-        snprintf(b[3], 32, "%u", s->heads);
-        snprintf(b[4], 32, "%u", s->head_dim);
-        snprintf(b[5], 32, "%u", s->batch);
-        snprintf(b[6], 32, "%u", s->bm);
-        snprintf(b[7], 32, "%u", s->bn);
-        snprintf(b[8], 32, "%" PRIu64, s->mask_bytes);
-        snprintf(b[9], 32, "%" PRIu64, s->calls);
-        snprintf(b[10], 32, "%.4f", s->live_fraction);
-        snprintf(b[11], 32, "%d", s->attached ? 1 : 0);
-        snprintf(b[12], 32, "%" PRIu64, s->idle_ms / 1000);
-        snprintf(b[13], 32, "%" PRIu64, s->restarts);
+        cells_u64(b, v, 14);
+        snprintf(b[10], sizeof(b[10]), "%.4f", s->live_fraction);
+        const uint64_t wv[3] = {s->warm_generations, s->guard_checks, s->guard_restored};
         char w[3][32];
-        snprintf(w[0], 32, "%u", s->warm_generations);
-        snprintf(w[1], 32, "%" PRIu64, s->guard_checks);
-        snprintf(w[2], 32, "%" PRIu64, s->guard_restored);
+        cells_u64(w, wv, 3);
         /* Per-layer live fractions, "0.812,0.640,...". */
         size_t cap = s->n_layer_live_fraction * 8 + 1, n = 0;
         char *ll = malloc(cap);
@@ -251,21 +249,12 @@ static int fill_warm(la_table *t, const Liteattn__Reply *r)
     int rc = 0;
     for (size_t i = 0; rc == 0 && i < r->warm_list->n_entries; i++) {
         const Liteattn__WarmEntry *e = r->warm_list->entries[i];
+        const uint64_t v[14] = {e->uid,   e->layers, e->kv_shards, e->batch,
+                                e->heads, e->n_q_tiles, e->n_k_tiles, e->bm, e->bn,
+                                e->generations, e->bytes, e->deposited_ago_ms / 1000,
+                                e->seeds, e->persisted ? 1 : 0};
         char b[14][32];
-        snprintf(b[0], 32, "%u", e->uid);
-        snprintf(b[1], 32, "%u", e->layers);
-        snprintf(b[2], 32, "%u", e->kv_shards);
-        snprintf(b[3], 32, "%u", e->batch);
-        snprintf(b[4], 32, "%u", e->heads);
-        snprintf(b[5], 32, "%u", e->n_q_tiles);
-        snprintf(b[6], 32, "%u", e->n_k_tiles);
-        snprintf(b[7], 32, "%u", e->bm);
-        snprintf(b[8], 32, "%u", e->bn);
-        snprintf(b[9], 32, "%u", e->generations);
-        snprintf(b[10], 32, "%" PRIu64, e->bytes);
-        snprintf(b[11], 32, "%" PRIu64, e->deposited_ago_ms / 1000);
-        snprintf(b[12], 32, "%" PRIu64, e->seeds);
-        snprintf(b[13], 32, "%d", e->persisted ? 1 : 0);
+        cells_u64(b, v, 14);
         char *cells[15] = {e->key ? e->key : (char *)"", b[0], b[1], b[2], b[3], b[4], b[5],
                            b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13]};
         rc = table_add(t, cells);
