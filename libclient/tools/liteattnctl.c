@@ -404,34 +404,32 @@ static void print_table(const la_table *t, int json, int as_object)
     free(w);
 }
 
-static int cmd_sessions(la_client *c, int json)
+/* Prints the table that list gives (what names it in an error); none, when not NULL, is the
+ * line printed instead of an empty table; as_object as print_table takes it. */
+static int show_table(la_client *c, int (*list)(la_client *, la_table **), const char *what,
+                      int json, const char *none, int as_object)
 {
     la_table *t;
-    int rc = la_sessions(c, &t);
+    int rc = list(c, &t);
     if (rc < 0)
-        return fail_rc("sessions", rc);
-    if (!json && la_table_rows(t) == 0)
-        printf("no open sessions\n");
+        return fail_rc(what, rc);
+    if (none && !json && la_table_rows(t) == 0)
+        printf("%s\n", none);
     else
-        print_table(t, json, 0);
+        print_table(t, json, as_object);
     la_table_free(t);
     return 0;
 }
 
+static int cmd_sessions(la_client *c, int json)
+{
+    return show_table(c, la_sessions, "sessions", json, "no open sessions", 0);
+}
+
 static int cmd_warm(la_client *c, int json, int n_args, char **args, int all)
 {
-    if (n_args == 0) {
-        la_table *t;
-        int rc = la_warm_list(c, &t);
-        if (rc < 0)
-            return fail_rc("warm", rc);
-        if (!json && la_table_rows(t) == 0)
-            printf("no stored warm-start masks\n");
-        else
-            print_table(t, json, 0);
-        la_table_free(t);
-        return 0;
-    }
+    if (n_args == 0)
+        return show_table(c, la_warm_list, "warm", json, "no stored warm-start masks", 0);
     uint64_t n = 0;
     int rc = la_warm_drop(c, all ? NULL : args[1], &n);
     if (rc < 0)
@@ -445,13 +443,7 @@ static int cmd_warm(la_client *c, int json, int n_args, char **args, int all)
 
 static int cmd_stats(la_client *c, int json)
 {
-    la_table *t;
-    int rc = la_stats(c, &t);
-    if (rc < 0)
-        return fail_rc("stats", rc);
-    print_table(t, json, 1);
-    la_table_free(t);
-    return 0;
+    return show_table(c, la_stats, "stats", json, NULL, 1);
 }
 
 /* ---- metrics: the Prometheus text exposition format (0.0.4) ---- */
