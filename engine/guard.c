@@ -51,6 +51,50 @@ void sess_plan_call(const sess *s, const eng_attn_req *req, int fresh, int resta
     }
 }
 
+la_attn_params guard_sample_params(const be_job *j, int k, void *o, float *dense)
+{
+    const la_attn_params *p = &j->p;
+    const size_t es = la_dtype_size(p->dtype);
+    const int64_t bm = p->BM;
+    int64_t r0 = (int64_t)j->guard_tile[k] * bm;
+    la_attn_params sp = *p;
+    sp.q = (const char *)p->q + es * (size_t)(r0 * p->q_stride[1]);
+    sp.Sq = (int32_t)(p->Sq - r0 < bm ? p->Sq - r0 : bm);
+    sp.o = o;
+    sp.o_stride[3] = 1;
+    sp.o_stride[2] = p->D;
+    sp.o_stride[1] = (int64_t)p->H * p->D;
+    sp.o_stride[0] = (int64_t)sp.Sq * p->H * p->D;
+    sp.lse = dense + (size_t)k * p->B * p->H * bm;
+    sp.lse_stride[2] = 1;
+    sp.lse_stride[1] = bm;
+    sp.lse_stride[0] = (int64_t)p->H * bm;
+    sp.mode = LA_MODE_DENSE;
+    sp.mask = NULL;
+    sp.decisions = NULL;
+    sp.row_max = NULL; /* the samples' maxima are their own; the call's R is untouched */
+    sp.ret_tiles_computed = NULL;
+    return sp;
+}
+
+void guard_compare_params(const be_job *j, const float *dense, int n_tiles, la_guard_params *gp)
+{
+    const la_attn_params *p = &j->p;
+    memset(gp, 0, sizeof *gp);
+    gp->lse = p->lse;
+    memcpy(gp->lse_stride, p->lse_stride, sizeof gp->lse_stride);
+    gp->dense_lse = dense;
+    memcpy(gp->tiles, j->guard_tile, (size_t)n_tiles * sizeof gp->tiles[0]);
+    gp->n_tiles = n_tiles;
+    gp->B = p->B;
+    gp->H = p->H;
+    gp->Sq = p->Sq;
+    gp->BM = p->BM;
+    gp->nq = j->rows_nq;
+    gp->budget = j->guard_budget;
+    gp->held = j->held;
+}
+
 int be_guard_cpu(be_job *j, int threads)
 {
     const la_attn_params *p = &j->p;
@@ -67,25 +111,7 @@ int be_guard_cpu(be_job *j, int threads)
     uint64_t tiles = 0;
     int rc = 0;
     for (int k = 0; k < n && rc == 0; k++) {
-        int64_t r0 = (int64_t)j->guard_tile[k] * bm;
-        int32_t rows = (int32_t)(p->Sq - r0 < bm ? p->Sq - r0 : bm);
-        la_attn_params sp = *p;
-        sp.q = (const char *)p->q + es * (size_t)(r0 * p->q_stride[1]);
-        sp.Sq = rows;
-        /* O: [B, rows, H, D] scratch; LSE: [B, H, BM] rows of sample k. */
-        sp.o = o;
-        sp.o_stride[3] = 1;
-        sp.o_stride[2] = p->D;
-        sp.o_stride[1] = (int64_t)p->H * p->D;
-        sp.o_stride[0] = (int64_t)rows * p->H * p->D;
-        sp.lse = dense + (size_t)k * p->B * p->H * bm;
-        sp.lse_stride[2] = 1;
-        sp.lse_stride[1] = bm;
-        sp.lse_stride[0] = (int64_t)p->H * bm;
-        sp.mode = LA_MODE_DENSE;
-        sp.mask = NULL;
-        sp.decisions = NULL;
-        sp.row_max = NULL; /* the samples' maxima are their own; the call's R is untouched */
+        la_attn_params sp = guard_sample_params(j, k, o, dense);
         sp.threads = threads;
         int64_t t = 0;
         sp.ret_tiles_computed = &t;
@@ -94,19 +120,7 @@ int be_guard_cpu(be_job *j, int threads)
     }
     if (rc == 0) {
         la_guard_params gp;
-        memset(&gp, 0, sizeof gp);
-        gp.lse = p->lse;
-        memcpy(gp.lse_stride, p->lse_stride, sizeof gp.lse_stride);
-        gp.dense_lse = dense;
-        memcpy(gp.tiles, j->guard_tile, (size_t)n * sizeof gp.tiles[0]);
-        gp.n_tiles = n;
-        gp.B = p->B;
-        gp.H = p->H;
-        gp.Sq = p->Sq;
-        gp.BM = p->BM;
-        gp.nq = j->rows_nq;
-        gp.budget = j->guard_budget;
-        gp.held = j->held;
+        guard_compare_params(j, dense, n, &gp);
         j->guard_restored = la_guard_compare(&gp);
         j->guard_rows = (uint64_t)n * p->B * p->H;
         j->guard_tiles = tiles;

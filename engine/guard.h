@@ -11,4 +11,12 @@
  * guard_restored, guard_tiles written. Returns 0 or LA_ENOMEM (nothing checked). */
 int be_guard_cpu(be_job *j, int threads);
 
+/* Sample k of the call j's guardrail (either backend): j->p in mode dense on the rows of q-tile
+ * j->guard_tile[k], O into the scratch o ([B, rows, H, D]), its LSE the k-th [B, H, BM] block of
+ * dense; no mask, decisions nor row maxima (the call's R is untouched), no tile count. */
+la_attn_params guard_sample_params(const be_job *j, int k, void *o, float *dense);
+
+/* The comparison of the call j's LSE with the n_tiles dense samples' in dense (held: j->held). */
+void guard_compare_params(const be_job *j, const float *dense, int n_tiles, la_guard_params *gp);
+
 #endif /* LA_ENGINE_GUARD_H */

@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "guard.h"
 #include "guard_cuda.h"
 #include "la_cuda.h"
 
@@ -109,44 +110,13 @@ cudaError_t gguard_after(gguard *gg, be_job *j, int slot, cudaStream_t st)
         char *scratch = gg->scratch[slot];
         float *dense = (float *)(void *)(scratch + lb);
         void *o = scratch + lb + db;
-        const size_t es = la_dtype_size(p->dtype);
-        const int64_t bm = p->BM;
         for (int k = 0; k < j->guard_n; k++) {
-            int64_t r0 = (int64_t)j->guard_tile[k] * bm;
-            la_attn_params sp = *p;
-            sp.q = (const char *)p->q + es * (size_t)(r0 * p->q_stride[1]);
-            sp.Sq = (int32_t)(p->Sq - r0 < bm ? p->Sq - r0 : bm);
-            sp.o = o;
-            sp.o_stride[3] = 1;
-            sp.o_stride[2] = p->D;
-            sp.o_stride[1] = (int64_t)p->H * p->D;
-            sp.o_stride[0] = (int64_t)sp.Sq * p->H * p->D;
-            sp.lse = dense + (size_t)k * p->B * p->H * bm;
-            sp.lse_stride[2] = 1;
-            sp.lse_stride[1] = bm;
-            sp.lse_stride[0] = (int64_t)p->H * bm;
-            sp.mode = LA_MODE_DENSE;
-            sp.mask = NULL;
-            sp.decisions = NULL;
-            sp.row_max = NULL; /* the samples' maxima are their own; the call's R is untouched */
-            sp.ret_tiles_computed = NULL;
+            la_attn_params sp = guard_sample_params(j, k, o, dense);
             if ((e = la_attn_fwd_cuda(&sp, st)) != cudaSuccess)
                 return e;
         }
         la_guard_params gp;
-        memset(&gp, 0, sizeof gp);
-        gp.lse = p->lse;
-        memcpy(gp.lse_stride, p->lse_stride, sizeof gp.lse_stride);
-        gp.dense_lse = dense;
-        memcpy(gp.tiles, j->guard_tile, (size_t)j->guard_n * sizeof gp.tiles[0]);
-        gp.n_tiles = j->guard_n;
-        gp.B = p->B;
-        gp.H = p->H;
-        gp.Sq = p->Sq;
-        gp.BM = p->BM;
-        gp.nq = j->rows_nq;
-        gp.budget = j->guard_budget;
-        gp.held = j->held;
+        guard_compare_params(j, dense, j->guard_n, &gp);
         if ((e = cudaMemsetAsync(gg->d_counts + slot, 0, 8, st)) != cudaSuccess ||
             (e = la_guard_compare_cuda(&gp, gg->d_counts + slot, st)) != cudaSuccess ||
             (e = cudaMemcpyAsync(gg->h_counts + slot, gg->d_counts + slot, 8,
