@@ -416,6 +416,13 @@ def _ring(q, k, v, group, ctx, layer, step, threshold, mode, must_do, must_skip,
             r.wait()
         if recv is not None:
             kv = recv
+    return _ring_result(acc, q)
+
+
+def _ring_result(acc, q):
+    """The ring's (O, LSE): the merged partials, O in q's dtype; with no partial at all, O zero
+    and LSE -inf (no key was visited)."""
+    torch = _torch()
     if acc is None:
         acc = (torch.zeros(q.shape, dtype=torch.float32, device=q.device),
                torch.full((q.shape[0], q.shape[2], q.shape[1]), -math.inf,
@@ -446,11 +453,7 @@ def _ring_global(q, kv, group, P, me, call, descending):
         acc = merge_partials(acc, call(buf[0], buf[1], src, True))
         if buf is not kv:
             spare.append(buf)
-    if acc is None:
-        acc = (torch.zeros(q.shape, dtype=torch.float32, device=q.device),
-               torch.full((q.shape[0], q.shape[2], q.shape[1]), -math.inf,
-                          dtype=torch.float32, device=q.device))
-    return acc[0].to(q.dtype), acc[1]
+    return _ring_result(acc, q)
 
 
 def _prepare(q, k, v, groups, must_do, must_skip, context):
