@@ -121,12 +121,9 @@ void mset_unref(eng *e, eng_mset *m)
     free(m);
 }
 
-void sess_unref(eng *e, sess *s)
+/* The session's own arrays, and s. */
+static void sess_free(sess *s)
 {
-    if (!s || --s->refs > 0)
-        return;
-    sess_warm_close(e, s);
-    mset_unref(e, s->masks);
     free(s->schedule);
     free(s->conns);
     free(s->last_step);
@@ -136,6 +133,15 @@ void sess_unref(eng *e, sess *s)
     free(s->captured);
     free(s->seed);
     free(s);
+}
+
+void sess_unref(eng *e, sess *s)
+{
+    if (!s || --s->refs > 0)
+        return;
+    sess_warm_close(e, s);
+    mset_unref(e, s->masks);
+    sess_free(s);
 }
 
 /* conn_id holds a reference on s (once, however often it attaches). */
@@ -622,15 +628,7 @@ int eng_session_open(eng *e, uint32_t uid, uint64_t conn_id, const eng_session_s
     return 0;
 fail:
     free(seed);
-    free(s->seed);
-    free(s->schedule);
-    free(s->conns);
-    free(s->last_step);
-    free(s->restart_due);
-    free(s->region_fresh);
-    free(s->seed_due);
-    free(s->captured);
-    free(s);
+    sess_free(s);
     return rc;
 }
 
