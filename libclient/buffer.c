@@ -225,6 +225,17 @@ int cl_buffer_register_ipc(la_client *c, const void *handle, const char *uuid, u
     return 0;
 }
 
+/* The caller's GPU UUID, normalised into uuid: 0, or LA_EINVAL (error set) when it is none. */
+static int device_uuid_arg(const char *device_uuid, char uuid[48])
+{
+    if (cl_uuid_normalise(device_uuid, uuid) < 0)
+        return cl_fail(LA_EINVAL,
+                       "\"%s\" is not a GPU UUID (GPU-xxxxxxxx-xxxx-xxxx-xxxx-"
+                       "xxxxxxxxxxxx or 32 hex digits)",
+                       device_uuid);
+    return 0;
+}
+
 LA_API int la_buffer_register_cuda_ipc(la_client *c, const void *handle, size_t handle_len,
                                        const char *device_uuid, uint64_t size,
                                        la_buffer **ret_buffer)
@@ -236,13 +247,11 @@ LA_API int la_buffer_register_cuda_ipc(la_client *c, const void *handle, size_t 
     if (size == 0)
         return cl_fail(LA_EINVAL, "buffer size is zero");
     char uuid[48];
-    if (cl_uuid_normalise(device_uuid, uuid) < 0)
-        return cl_fail(LA_EINVAL,
-                       "\"%s\" is not a GPU UUID (GPU-xxxxxxxx-xxxx-xxxx-xxxx-"
-                       "xxxxxxxxxxxx or 32 hex digits)",
-                       device_uuid);
+    int rc = device_uuid_arg(device_uuid, uuid);
+    if (rc)
+        return rc;
     pthread_mutex_lock(&c->lock);
-    int rc = cl_buffer_register_ipc(c, handle, uuid, size, 0, ret_buffer);
+    rc = cl_buffer_register_ipc(c, handle, uuid, size, 0, ret_buffer);
     pthread_mutex_unlock(&c->lock);
     return rc;
 }
@@ -348,13 +357,11 @@ LA_API int la_buffer_register_vmm_fd(la_client *c, const int *fds, const uint64_
     if (access < 1 || access > LA_ACCESS_RW)
         return cl_fail(LA_EINVAL, "access %u is not LA_ACCESS_READ, _WRITE or _RW", access);
     char uuid[48];
-    if (cl_uuid_normalise(device_uuid, uuid) < 0)
-        return cl_fail(LA_EINVAL,
-                       "\"%s\" is not a GPU UUID (GPU-xxxxxxxx-xxxx-xxxx-xxxx-"
-                       "xxxxxxxxxxxx or 32 hex digits)",
-                       device_uuid);
+    int rc = device_uuid_arg(device_uuid, uuid);
+    if (rc)
+        return rc;
     pthread_mutex_lock(&c->lock);
-    int rc = cl_buffer_register_vmm(c, fds, alloc_sizes, n_allocs, offset, size, uuid, access,
+    rc = cl_buffer_register_vmm(c, fds, alloc_sizes, n_allocs, offset, size, uuid, access,
                                     ret_buffer);
     pthread_mutex_unlock(&c->lock);
     return rc;
