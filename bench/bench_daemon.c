@@ -4,11 +4,16 @@
  *
  *   bench_daemon --socket PATH [--device cpu|cuda] [--batch 1 --heads 8 --seq 1024 --head-dim 64]
  *                [--iters 50] [--threads 2] [--mode dense|skip] [--fast] [--lead N] [--depth N]
+ *                [--alloc cudamalloc|vmm|vmm-chunks]
  *
  * cpu:  host buffers (memfd) through the daemon's CPU backend against la_ref_attn_fwd with
  *       --threads threads (start the daemon with the same --threads).
  * cuda: one cudaMalloc block passed by CUDA IPC, synchronous la_attn_run (the reply comes when
  *       the kernel has finished) against la_attn_fwd_cuda + cudaStreamSynchronize.
+ *       --alloc vmm: the tensors in one cuMemCreate allocation (POSIX fd handle type) instead,
+ *       registered by la_buffer_register_cuda_range (the daemon imports it by fd);
+ *       --alloc vmm-chunks: in 20 MiB cuMemCreate allocations mapped side by side, as PyTorch's
+ *       expandable_segments allocator lays out a large segment.
  * Mode dense keeps every call identical (the mask is left alone). Prints the median and p90 of
  * each path and their difference.
  *
@@ -34,6 +39,7 @@
 #include "la_attn.h"
 #include "liteattn.h"
 #ifdef LA_HAVE_CUDA
+#include <cuda.h>
 #include <cuda_runtime_api.h>
 
 #include "la_cuda.h"
@@ -162,6 +168,71 @@ static void fast_path(la_session *s, la_attn *a, const la_attn_params *p, cudaSt
 }
 #endif
 
+#ifdef LA_HAVE_CUDA
+/* Device memory of --alloc vmm / vmm-chunks: bytes (rounded up to the granularity) of
+ * cuMemCreate allocations of chunk bytes each (0: one allocation), exportable as POSIX fds,
+ * mapped read/write side by side. The driver's VMM calls come through the runtime's entry
+ * point query (no link against libcuda). */
+static void *vmm_alloc(size_t bytes, size_t chunk)
+{
+    CUresult (*gran)(size_t *, const CUmemAllocationProp *, CUmemAllocationGranularity_flags);
+    CUresult (*create)(CUmemGenericAllocationHandle *, size_t, const CUmemAllocationProp *,
+                       unsigned long long);
+    CUresult (*reserve)(CUdeviceptr *, size_t, size_t, CUdeviceptr, unsigned long long);
+    CUresult (*map)(CUdeviceptr, size_t, size_t, CUmemGenericAllocationHandle, unsigned long long);
+    CUresult (*access)(CUdeviceptr, size_t, const CUmemAccessDesc *, size_t);
+    struct {
+        const char *name;
+        void **fn;
+    } t[] = {{"cuMemGetAllocationGranularity", (void **)&gran},
+             {"cuMemCreate", (void **)&create},
+             {"cuMemAddressReserve", (void **)&reserve},
+             {"cuMemMap", (void **)&map},
+             {"cuMemSetAccess", (void **)&access}};
+    for (size_t i = 0; i < sizeof t / sizeof t[0]; i++) {
+        enum cudaDriverEntryPointQueryResult q;
+        if (cudaGetDriverEntryPointByVersion(t[i].name, t[i].fn, 12000, cudaEnableDefault, &q) !=
+                cudaSuccess ||
+            q != cudaDriverEntryPointSuccess) {
+            fprintf(stderr, "bench_daemon: the CUDA driver lacks %s\n", t[i].name);
+            return NULL;
+        }
+    }
+    int dev = 0;
+    cudaGetDevice(&dev);
+    CUmemAllocationProp prop;
+    memset(&prop, 0, sizeof prop);
+    prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+    prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
+    prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    prop.location.id = dev;
+    size_t g = 0;
+    if (gran(&g, &prop, CU_MEM_ALLOC_GRANULARITY_RECOMMENDED) != CUDA_SUCCESS || !g)
+        return NULL;
+    size_t total = (bytes + g - 1) / g * g;
+    size_t each = chunk ? (chunk + g - 1) / g * g : total;
+    total = (total + each - 1) / each * each;
+    CUdeviceptr va = 0;
+    if (reserve(&va, total, g, 0, 0) != CUDA_SUCCESS)
+        return NULL;
+    for (size_t off = 0; off < total; off += each) {
+        CUmemGenericAllocationHandle h;
+        if (create(&h, each, &prop, 0) != CUDA_SUCCESS ||
+            map(va + off, each, 0, h, 0) != CUDA_SUCCESS) {
+            fprintf(stderr, "bench_daemon: cuMemCreate/cuMemMap of %zu bytes failed\n", each);
+            return NULL;
+        }
+    }
+    CUmemAccessDesc d;
+    memset(&d, 0, sizeof d);
+    d.location = prop.location;
+    d.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+    if (access(va, total, &d, 1) != CUDA_SUCCESS)
+        return NULL;
+    return (void *)(uintptr_t)va; /* lives until the process exits */
+}
+#endif
+
 static void fill_bf16(uint16_t *x, size_t n, uint64_t seed)
 {
     for (size_t i = 0; i < n; i++) {
@@ -179,6 +250,7 @@ int main(int argc, char **argv)
     int B = 1, H = 8, S = 1024, D = 64, iters = 50, threads = 2;
     la_mode mode = LA_MODE_DENSE;
     int fast = 0, lead = 4, depth = 8;
+    const char *alloc = "cudamalloc";
     static const struct option opts[] = {
         {"fast", no_argument, 0, 'F'},           {"lead", required_argument, 0, 'L'},
         {"depth", required_argument, 0, 'P'},    {"socket", required_argument, 0, 's'},
@@ -186,11 +258,13 @@ int main(int argc, char **argv)
         {"heads", required_argument, 0, 'H'},    {"seq", required_argument, 0, 'S'},
         {"head-dim", required_argument, 0, 'D'}, {"iters", required_argument, 0, 'n'},
         {"threads", required_argument, 0, 't'},  {"mode", required_argument, 0, 'm'},
-        {"help", no_argument, 0, 'h'},           {0, 0, 0, 0}};
+        {"alloc", required_argument, 0, 'A'},    {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0}};
     int o;
     while ((o = getopt_long(argc, argv, "s:d:b:H:S:D:n:t:m:h", opts, NULL)) != -1) {
         switch (o) {
         case 'F': fast = 1; break;
+        case 'A': alloc = optarg; break;
         case 'L': lead = atoi(optarg); break;
         case 'P': depth = atoi(optarg); break;
         case 's': sock = optarg; break;
@@ -205,7 +279,8 @@ int main(int argc, char **argv)
         default:
             fprintf(stderr, "usage: bench_daemon --socket PATH [--device cpu|cuda] [--batch B] "
                             "[--heads H] [--seq S] [--head-dim D] [--iters N] [--threads T] "
-                            "[--mode dense|skip] [--fast] [--lead N] [--depth N]\n");
+                            "[--mode dense|skip] [--fast] [--lead N] [--depth N] "
+                            "[--alloc cudamalloc|vmm|vmm-chunks]\n");
             return o == 'h' ? 0 : 2;
         }
     }
@@ -216,6 +291,15 @@ int main(int argc, char **argv)
         return 2;
     }
 #endif
+    int vmm = strcmp(alloc, "vmm") == 0 ? 1 : strcmp(alloc, "vmm-chunks") == 0 ? 2 : 0;
+    if (!vmm && strcmp(alloc, "cudamalloc") != 0) {
+        fprintf(stderr, "bench_daemon: --alloc takes cudamalloc, vmm or vmm-chunks\n");
+        return 2;
+    }
+    if (vmm && !cuda) {
+        fprintf(stderr, "bench_daemon: --alloc %s needs --device cuda\n", alloc);
+        return 2;
+    }
     if (fast && !cuda) {
         fprintf(stderr, "bench_daemon: --fast needs --device cuda\n");
         return 2;
@@ -229,7 +313,7 @@ int main(int argc, char **argv)
     /* Before this process touches CUDA: a second process that times the direct call on the
      * block imported by CUDA IPC (what the daemon's kernel reads), to tell the cost of the
      * daemon path from the cost of IPC-mapped memory. */
-    if (cuda && pipe(ipc_pipe) == 0 && pipe(res_pipe) == 0) {
+    if (cuda && !vmm && pipe(ipc_pipe) == 0 && pipe(res_pipe) == 0) {
         ipc_child = fork();
         if (ipc_child == 0) {
             cudaIpcMemHandle_t h;
@@ -312,13 +396,17 @@ int main(int argc, char **argv)
         memcpy(base + 2 * bytes, hv, bytes);
     } else {
 #ifdef LA_HAVE_CUDA
-        if (cudaMalloc((void **)&base, 5 * bytes + (size_t)mask_bytes) != cudaSuccess)
+        size_t region = 5 * bytes + (size_t)mask_bytes;
+        if (vmm) {
+            if (!(base = vmm_alloc(region, vmm == 2 ? (size_t)20 << 20 : 0)))
+                die("VMM allocation", LA_ENOMEM);
+        } else if (cudaMalloc((void **)&base, region) != cudaSuccess)
             die("cudaMalloc", LA_ENOMEM);
         cudaMemcpy(base, hq, bytes, cudaMemcpyHostToDevice);
         cudaMemcpy(base + bytes, hk, bytes, cudaMemcpyHostToDevice);
         cudaMemcpy(base + 2 * bytes, hv, bytes, cudaMemcpyHostToDevice);
         cudaMemcpy(base + 5 * bytes, mask, (size_t)mask_bytes, cudaMemcpyHostToDevice);
-        if ((rc = la_buffer_register_cuda(c, base, &buf, &off0)))
+        if ((rc = la_buffer_register_cuda_range(c, base, region, LA_ACCESS_RW, &buf, &off0)))
             die("register cuda", rc);
 #endif
     }
@@ -403,8 +491,8 @@ int main(int argc, char **argv)
     double d50 = pct(td, iters, 0.5), d90 = pct(td, iters, 0.9);
     double c50 = pct(tc, iters, 0.5), c90 = pct(tc, iters, 0.9);
     double k50 = pct(tk, iters, 0.5), k90 = pct(tk, iters, 0.9);
-    printf("bench_daemon: %s, B%d H%d S%d D%d bf16, mode %s, tiles %lldx%lld, %d iterations\n",
-           device, B, H, S, D, mode == LA_MODE_DENSE ? "dense" : "skip", (long long)bm,
+    printf("bench_daemon: %s%s%s, B%d H%d S%d D%d bf16, mode %s, tiles %lldx%lld, %d iterations\n",
+           device, cuda ? ", memory by " : "", cuda ? alloc : "", B, H, S, D, mode == LA_MODE_DENSE ? "dense" : "skip", (long long)bm,
            (long long)bn, iters);
     printf("%-28s %12s %12s\n", "path", "median us", "p90 us");
     printf("%-28s %12.1f %12.1f\n", "through liteattnd", d50, d90);

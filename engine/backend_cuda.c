@@ -36,9 +36,10 @@
  * completes the job (the engine queues it for the loop thread), and does what may block:
  * the pinned host views of new masks (cudaHostAlloc), registering doorbells with CUDA
  * (cudaHostRegister), and the graveyard (cudaFreeHost, cudaIpcCloseMemHandle,
- * cudaHostUnregister; device masks are freed stream-ordered). Nothing polls: both threads
- * sleep on condition variables; the service thread wakes at a doorbell deadline only while a
- * launched call waits on an unrung doorbell.
+ * cudaHostUnregister; device masks are freed stream-ordered). A third thread, the watchdog,
+ * makes no CUDA call: it wakes at a doorbell deadline only while a launched call waits on an
+ * unrung doorbell (several of the service thread's calls may wait for the device, and so for
+ * that very doorbell). Nothing polls: the threads sleep on condition variables.
  *
  * Doorbell waits are bounded. A launched call whose ready word is not written within the
  * doorbell timeout, or whose connection closed, or that the daemon stops, is released by the
@@ -184,12 +185,13 @@ struct gpu {
     int fastpath;          /* doorbell calls possible (stream memory ops, mapped host memory) */
     char fastpath_why[96]; /* why not */
     cudaStream_t stream;   /* stream-ordered mask allocations and frees */
-    pthread_t thread, service;
-    int started, service_started;
+    pthread_t thread, service, watch;
+    int started, service_started, watch_started;
 
     pthread_mutex_t lock;
     pthread_cond_t cond;       /* the launcher's */
     pthread_cond_t scond;      /* the service thread's */
+    pthread_cond_t wcond;      /* the watchdog's (doorbell deadlines) */
     fq q;                      /* queued */
     be_job *slot_job[N_SLOTS]; /* launched, callback not run yet, by counter slot */
     slot_ctx slot_ctx[N_SLOTS];
@@ -816,7 +818,7 @@ static void *gpu_main(void *arg)
             launch(g, j); /* j may be complete, even freed, when this returns */
             pthread_mutex_lock(&g->lock);
             if (waits)
-                pthread_cond_signal(&g->scond); /* a new deadline to watch */
+                pthread_cond_signal(&g->wcond); /* a new deadline to watch */
             continue;
         }
         if (g->stopping && g->q.queued == 0)
@@ -965,16 +967,30 @@ static void *gpu_service(void *arg)
         }
         if (g->stopping && g->launcher_done && g->n_inflight == 0)
             break;
+        pthread_cond_wait(&g->scond, &g->lock);
+    }
+    pthread_mutex_unlock(&g->lock);
+    return NULL;
+}
+
+/* The watchdog: releases launched calls whose doorbell was not rung by their deadline. It
+ * makes no CUDA call, so it runs even while the service thread sits in one that waits for the
+ * device (cudaFreeHost, cudaHostRegister, ... may wait for work that itself waits on the
+ * unrung doorbell). It wakes only at a deadline (seconds away; nothing polls) or when a call
+ * with a doorbell launched. The clock of wcond is CLOCK_MONOTONIC. */
+static void *gpu_watch(void *arg)
+{
+    gpu *g = arg;
+    pthread_mutex_lock(&g->lock);
+    while (!g->stopping) {
         uint64_t next = check_deadlines(g, be_now_ns());
         if (!next) {
-            pthread_cond_wait(&g->scond, &g->lock);
+            pthread_cond_wait(&g->wcond, &g->lock);
             continue;
         }
-        /* A launched call waits on an unrung doorbell: wake at its deadline (seconds away;
-         * nothing polls). The clock of the condition variable is CLOCK_MONOTONIC. */
         struct timespec ts = {.tv_sec = (time_t)(next / 1000000000u),
                               .tv_nsec = (long)(next % 1000000000u)};
-        pthread_cond_timedwait(&g->scond, &g->lock, &ts);
+        pthread_cond_timedwait(&g->wcond, &g->lock, &ts);
     }
     pthread_mutex_unlock(&g->lock);
     return NULL;
@@ -1533,6 +1549,7 @@ static void cu_stop(be_backend *b)
         release_waits(g, 0, 1, LA_ESHUTDOWN);
         pthread_cond_broadcast(&g->cond);
         pthread_cond_broadcast(&g->scond);
+        pthread_cond_broadcast(&g->wcond);
         pthread_mutex_unlock(&g->lock);
         while (list) {
             be_job *next = list->be_next;
@@ -1552,6 +1569,10 @@ static void cu_stop(be_backend *b)
         if (g->service_started) {
             pthread_join(g->service, NULL);
             g->service_started = 0;
+        }
+        if (g->watch_started) {
+            pthread_join(g->watch, NULL);
+            g->watch_started = 0;
         }
         /* Callbacks of a lost context may never run: fail what is left. */
         fail_all(g, "the CUDA context was lost (sticky error); the daemon restarts");
@@ -1601,6 +1622,7 @@ static void gpu_teardown(gpu *g)
     pthread_mutex_destroy(&g->lock);
     pthread_cond_destroy(&g->cond);
     pthread_cond_destroy(&g->scond);
+    pthread_cond_destroy(&g->wcond);
 }
 
 static void cu_free(be_backend *b)
@@ -1706,6 +1728,7 @@ static int gpu_init(cuda_backend *cb, gpu *g, int ordinal, dev_get_fn dev_get, d
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&g->scond, &ca);
+    pthread_cond_init(&g->wcond, &ca);
     pthread_condattr_destroy(&ca);
     fq_init(&g->q);
     gguard_init(&g->guard, N_SLOTS);
@@ -1757,11 +1780,19 @@ static int gpu_init(cuda_backend *cb, gpu *g, int ordinal, dev_get_fn dev_get, d
         return LA_ENOMEM;
     }
     g->started = 1;
+    pthread_setname_np(g->thread, "la-gpu-launch");
     if (pthread_create(&g->service, NULL, gpu_service, g) != 0) {
         snprintf(msg, msg_len, "GPU %d: cannot start its service thread", ordinal);
         return LA_ENOMEM;
     }
     g->service_started = 1;
+    pthread_setname_np(g->service, "la-gpu-service");
+    if (pthread_create(&g->watch, NULL, gpu_watch, g) != 0) {
+        snprintf(msg, msg_len, "GPU %d: cannot start its doorbell watchdog", ordinal);
+        return LA_ENOMEM;
+    }
+    g->watch_started = 1;
+    pthread_setname_np(g->watch, "la-gpu-watch");
     return 0;
 fail:
     snprintf(msg, msg_len, "GPU %d (%s): %s", ordinal, g->uuid[0] ? g->uuid : "?",

@@ -1306,6 +1306,14 @@ START_TEST(test_fast_client_killed_in_flight)
     td_daemon d;
     const char *args[] = {"--backend", "cuda", NULL};
     ck_assert_int_eq(td_start(&d, args), 0);
+    /* First a client of the victim's shapes that ends normally: the daemon's context then has
+     * the kernel's module loaded and its local-memory reservation grown (both kept for the
+     * context's life), so that what the victim leaves behind is all the difference shows. */
+    pid_t warm = fork();
+    ck_assert_int_ge(warm, 0);
+    if (warm == 0)
+        run_fast_client(d.socket, 8, 1, 1024, 4, 128);
+    wait_clients(1, &warm);
     long before = probe_free_mib();
     ck_assert_int_gt(before, 1024);
     int fds[2];
