@@ -878,6 +878,21 @@ static int all_digits(const char *s)
     return 1;
 }
 
+/* The next name in folder d (at path dir) but "." and "..", with its path in path; NULL at
+ * the end. A name whose path does not fit is passed over. */
+static const char *next_entry(DIR *d, const char *dir, char path[PATH_MAX])
+{
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        const char *n = de->d_name;
+        if (!strcmp(n, ".") || !strcmp(n, ".."))
+            continue;
+        if (snprintf(path, PATH_MAX, "%s/%s", dir, n) < PATH_MAX)
+            return n;
+    }
+    return NULL;
+}
+
 static void load_uid_dir(ws *w, uint32_t uid, const char *dir)
 {
     DIR *d = opendir(dir);
@@ -886,14 +901,9 @@ static void load_uid_dir(ws *w, uint32_t uid, const char *dir)
         logw(w, LOG_WARN, "warm store: cannot read %s: %s", dir, strerror(errno));
         return;
     }
-    struct dirent *de;
-    while ((de = readdir(d))) {
-        const char *n = de->d_name;
-        if (!strcmp(n, ".") || !strcmp(n, ".."))
-            continue;
-        char path[PATH_MAX];
-        if (snprintf(path, sizeof path, "%s/%s", dir, n) >= (int)sizeof path)
-            continue;
+    const char *n;
+    char path[PATH_MAX];
+    while ((n = next_entry(d, dir, path))) {
         if (strstr(n, SUFFIX ".tmp.")) { /* a write an earlier run did not finish */
             if (unlink(path) == 0)
                 logw(w, LOG_INFO, "warm store: removed the unfinished write %s", path);
@@ -914,14 +924,9 @@ static void load_all(ws *w)
     DIR *d = opendir(w->dir);
     if (!d)
         return;
-    struct dirent *de;
-    while ((de = readdir(d))) {
-        const char *n = de->d_name;
-        if (!strcmp(n, ".") || !strcmp(n, ".."))
-            continue;
-        char path[PATH_MAX];
-        if (snprintf(path, sizeof path, "%s/%s", w->dir, n) >= (int)sizeof path)
-            continue;
+    const char *n;
+    char path[PATH_MAX];
+    while ((n = next_entry(d, w->dir, path))) {
         struct stat st;
         unsigned long long uid = 0;
         if (all_digits(n)) {
