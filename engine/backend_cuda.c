@@ -84,6 +84,7 @@ int be_cuda_new(be_complete_fn complete, void *complete_data, logsink_fn log, vo
 #include "fairq.h"
 #include "guard_cuda.h"
 #include "la_cuda.h"
+#include "list.h"
 
 #define N_SLOTS 1024 /* jobs in flight per device (tile counters, completion events) */
 #define N_EVENTS 256 /* completion IPC events per device, used round robin */
@@ -354,12 +355,7 @@ static void lane_drop(gpu *g, lane *l)
 /* Queues t for the service thread. Under g->lock. */
 static void task_push(gpu *g, task *t)
 {
-    t->next = NULL;
-    if (g->tasks_tail)
-        g->tasks_tail->next = t;
-    else
-        g->tasks = t;
-    g->tasks_tail = t;
+    slist_append(g->tasks, g->tasks_tail, t, next);
     pthread_cond_signal(&g->scond);
 }
 
@@ -375,12 +371,7 @@ static void CUDART_CB on_done(cudaStream_t stream, cudaError_t status, void *arg
     if (j) { /* else failed already by the sticky-error path (and maybe freed) */
         g->slot_job[ctx->slot] = NULL;
         j->be_cuda_err = (int)status;
-        j->be_next = NULL;
-        if (g->done_tail)
-            g->done_tail->be_next = j;
-        else
-            g->done_head = j;
-        g->done_tail = j;
+        slist_append(g->done_head, g->done_tail, j, be_next);
         pthread_cond_signal(&g->scond);
     }
     pthread_mutex_unlock(&g->lock);

@@ -362,12 +362,7 @@ static void *writer_main(void *arg)
 static void queue_op(ws *w, ws_op *op)
 {
     pthread_mutex_lock(&w->lock);
-    op->next = NULL;
-    if (w->tail)
-        w->tail->next = op;
-    else
-        w->head = op;
-    w->tail = op;
+    slist_append(w->head, w->tail, op, next);
     w->busy = 1;
     pthread_cond_broadcast(&w->cond);
     pthread_mutex_unlock(&w->lock);
