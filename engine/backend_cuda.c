@@ -768,13 +768,20 @@ static void vmm_free(cuda_backend *cb, be_import *imp)
     free(imp);
 }
 
+/* The first step of g's launcher and service threads: make g's device current; a failure
+ * loses the context for the whole backend. */
+static void bind_device(gpu *g, const char *where)
+{
+    cudaError_t e = cudaSetDevice(g->ordinal);
+    if (e != cudaSuccess)
+        set_fatal(g->cb, g, e, where);
+}
+
 static void *gpu_main(void *arg)
 {
     gpu *g = arg;
     cuda_backend *cb = g->cb;
-    cudaError_t e = cudaSetDevice(g->ordinal);
-    if (e != cudaSuccess)
-        set_fatal(cb, g, e, "cudaSetDevice on the launcher");
+    bind_device(g, "cudaSetDevice on the launcher");
     pthread_mutex_lock(&g->lock);
     for (;;) {
         if (atomic_load(&cb->fatal)) {
@@ -925,10 +932,7 @@ static void run_task(gpu *g, task *t)
 static void *gpu_service(void *arg)
 {
     gpu *g = arg;
-    cuda_backend *cb = g->cb;
-    cudaError_t e = cudaSetDevice(g->ordinal);
-    if (e != cudaSuccess)
-        set_fatal(cb, g, e, "cudaSetDevice on the service thread");
+    bind_device(g, "cudaSetDevice on the service thread");
     pthread_mutex_lock(&g->lock);
     for (;;) {
         if (g->done_head) {
