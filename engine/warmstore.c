@@ -16,6 +16,10 @@
  * one. At start every file is checked (regular file owned by the daemon's user, under the
  * folder of the uid it names, expected name, sizes, checksum, geometry, key); one that fails is
  * refused with a log line and left where it is. Temporary files of an earlier run are removed.
+ *
+ * Over 900 lines on purpose: the store in memory, the writer thread and the loader share the
+ * users, entries and byte accounting under the store's one lock, and the file format is
+ * written and checked side by side.
  */
 #include <ctype.h>
 #include <dirent.h>
