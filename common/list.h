@@ -7,6 +7,10 @@
  *     list_node jobs;                      list_init(&jobs);
  *     list_append(&jobs, &job->link);      list_remove(&job->link);
  *     list_for_each_entry(j, &jobs, my_job, link) { ... }
+ *
+ * Beside it, slist_append for the singly linked FIFOs kept as a head and a tail pointer, whose
+ * whole chain is taken at once by the thread that consumes it (the CUDA launcher's tasks and
+ * finished jobs, a fair-queue flow's jobs, the warm store's writer).
  */
 #ifndef LA_COMMON_LIST_H
 #define LA_COMMON_LIST_H
@@ -84,6 +88,18 @@ static inline void list_take(list_node *dst, list_node *src)
             list_remove(&list_d_->member);                  \
             release(list_d_);                               \
         }                                                   \
+    } while (0)
+
+/* Appends item to the singly linked FIFO head..tail (both NULL when empty), linked through
+ * item's member next. head and tail are lvalues, evaluated more than once. */
+#define slist_append(head, tail, item, next) \
+    do {                                     \
+        (item)->next = NULL;                 \
+        if (tail)                            \
+            (tail)->next = (item);           \
+        else                                 \
+            (head) = (item);                 \
+        (tail) = (item);                     \
     } while (0)
 
 #endif /* LA_COMMON_LIST_H */

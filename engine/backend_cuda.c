@@ -85,6 +85,7 @@ int be_cuda_new(be_complete_fn complete, void *complete_data, logsink_fn log, vo
 #include "fairq.h"
 #include "guard_cuda.h"
 #include "la_cuda.h"
+#include "list.h"
 
 #define N_SLOTS 1024 /* jobs in flight per device (tile counters, completion events) */
 #define N_EVENTS 256 /* completion IPC events per device, used round robin */
@@ -356,12 +357,7 @@ static void lane_drop(gpu *g, lane *l)
 /* Queues t for the service thread. Under g->lock. */
 static void task_push(gpu *g, task *t)
 {
-    t->next = NULL;
-    if (g->tasks_tail)
-        g->tasks_tail->next = t;
-    else
-        g->tasks = t;
-    g->tasks_tail = t;
+    slist_append(g->tasks, g->tasks_tail, t, next);
     pthread_cond_signal(&g->scond);
 }
 
@@ -377,12 +373,7 @@ static void CUDART_CB on_done(cudaStream_t stream, cudaError_t status, void *arg
     if (j) { /* else failed already by the sticky-error path (and maybe freed) */
         g->slot_job[ctx->slot] = NULL;
         j->be_cuda_err = (int)status;
-        j->be_next = NULL;
-        if (g->done_tail)
-            g->done_tail->be_next = j;
-        else
-            g->done_head = j;
-        g->done_tail = j;
+        slist_append(g->done_head, g->done_tail, j, be_next);
         pthread_cond_signal(&g->scond);
     }
     pthread_mutex_unlock(&g->lock);
@@ -779,13 +770,20 @@ static void vmm_free(cuda_backend *cb, be_import *imp)
     free(imp);
 }
 
+/* The first step of g's launcher and service threads: make g's device current; a failure
+ * loses the context for the whole backend. */
+static void bind_device(gpu *g, const char *where)
+{
+    cudaError_t e = cudaSetDevice(g->ordinal);
+    if (e != cudaSuccess)
+        set_fatal(g->cb, g, e, where);
+}
+
 static void *gpu_main(void *arg)
 {
     gpu *g = arg;
     cuda_backend *cb = g->cb;
-    cudaError_t e = cudaSetDevice(g->ordinal);
-    if (e != cudaSuccess)
-        set_fatal(cb, g, e, "cudaSetDevice on the launcher");
+    bind_device(g, "cudaSetDevice on the launcher");
     pthread_mutex_lock(&g->lock);
     for (;;) {
         if (atomic_load(&cb->fatal)) {
@@ -936,10 +934,7 @@ static void run_task(gpu *g, task *t)
 static void *gpu_service(void *arg)
 {
     gpu *g = arg;
-    cuda_backend *cb = g->cb;
-    cudaError_t e = cudaSetDevice(g->ordinal);
-    if (e != cudaSuccess)
-        set_fatal(cb, g, e, "cudaSetDevice on the service thread");
+    bind_device(g, "cudaSetDevice on the service thread");
     pthread_mutex_lock(&g->lock);
     for (;;) {
         if (g->done_head) {

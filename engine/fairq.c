@@ -3,6 +3,8 @@
 
 #include <stdlib.h>
 
+#include "list.h"
+
 typedef struct fq_flow {
     struct fq_flow *next;
     fq_user *user;
@@ -71,13 +73,8 @@ int fq_push(fq *q, be_job *j)
         u->vt = max64(u->vt, q->vclock);
     if (!f->head && !f->running)
         f->vt = max64(f->vt, u->fclock);
-    j->be_next = NULL;
     j->fq_flow = f;
-    if (f->tail)
-        f->tail->be_next = j;
-    else
-        f->head = j;
-    f->tail = j;
+    slist_append(f->head, f->tail, j, be_next);
     u->queued++;
     q->queued++;
     return 0;

@@ -16,6 +16,10 @@
  * one. At start every file is checked (regular file owned by the daemon's user, under the
  * folder of the uid it names, expected name, sizes, checksum, geometry, key); one that fails is
  * refused with a log line and left where it is. Temporary files of an earlier run are removed.
+ *
+ * Over 900 lines on purpose: the store in memory, the writer thread and the loader share the
+ * users, entries and byte accounting under the store's one lock, and the file format is
+ * written and checked side by side.
  */
 #include <ctype.h>
 #include <dirent.h>
@@ -362,12 +366,7 @@ static void *writer_main(void *arg)
 static void queue_op(ws *w, ws_op *op)
 {
     pthread_mutex_lock(&w->lock);
-    op->next = NULL;
-    if (w->tail)
-        w->tail->next = op;
-    else
-        w->head = op;
-    w->tail = op;
+    slist_append(w->head, w->tail, op, next);
     w->busy = 1;
     pthread_cond_broadcast(&w->cond);
     pthread_mutex_unlock(&w->lock);
@@ -878,6 +877,21 @@ static int all_digits(const char *s)
     return 1;
 }
 
+/* The next name in folder d (at path dir) but "." and "..", with its path in path; NULL at
+ * the end. A name whose path does not fit is passed over. */
+static const char *next_entry(DIR *d, const char *dir, char path[PATH_MAX])
+{
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        const char *n = de->d_name;
+        if (!strcmp(n, ".") || !strcmp(n, ".."))
+            continue;
+        if (snprintf(path, PATH_MAX, "%s/%s", dir, n) < PATH_MAX)
+            return n;
+    }
+    return NULL;
+}
+
 static void load_uid_dir(ws *w, uint32_t uid, const char *dir)
 {
     DIR *d = opendir(dir);
@@ -886,14 +900,9 @@ static void load_uid_dir(ws *w, uint32_t uid, const char *dir)
         logw(w, LOG_WARN, "warm store: cannot read %s: %s", dir, strerror(errno));
         return;
     }
-    struct dirent *de;
-    while ((de = readdir(d))) {
-        const char *n = de->d_name;
-        if (!strcmp(n, ".") || !strcmp(n, ".."))
-            continue;
-        char path[PATH_MAX];
-        if (snprintf(path, sizeof path, "%s/%s", dir, n) >= (int)sizeof path)
-            continue;
+    const char *n;
+    char path[PATH_MAX];
+    while ((n = next_entry(d, dir, path))) {
         if (strstr(n, SUFFIX ".tmp.")) { /* a write an earlier run did not finish */
             if (unlink(path) == 0)
                 logw(w, LOG_INFO, "warm store: removed the unfinished write %s", path);
@@ -914,14 +923,9 @@ static void load_all(ws *w)
     DIR *d = opendir(w->dir);
     if (!d)
         return;
-    struct dirent *de;
-    while ((de = readdir(d))) {
-        const char *n = de->d_name;
-        if (!strcmp(n, ".") || !strcmp(n, ".."))
-            continue;
-        char path[PATH_MAX];
-        if (snprintf(path, sizeof path, "%s/%s", w->dir, n) >= (int)sizeof path)
-            continue;
+    const char *n;
+    char path[PATH_MAX];
+    while ((n = next_entry(d, w->dir, path))) {
         struct stat st;
         unsigned long long uid = 0;
         if (all_digits(n)) {

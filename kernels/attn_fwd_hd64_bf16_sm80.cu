@@ -6,6 +6,6 @@
 
 namespace la_cuda {
 namespace sm80 {
-LA_SM80_INSTANCE(64, __nv_bfloat16)
+LA_FWD_INSTANCE(64, __nv_bfloat16)
 }
 }

@@ -5,6 +5,6 @@
 
 namespace la_cuda {
 namespace sm90 {
-LA_SM90_INSTANCE(64, __nv_bfloat16)
+LA_FWD_INSTANCE(64, __nv_bfloat16)
 }
 }

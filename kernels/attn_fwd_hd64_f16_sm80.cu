@@ -6,6 +6,6 @@
 
 namespace la_cuda {
 namespace sm80 {
-LA_SM80_INSTANCE(64, __half)
+LA_FWD_INSTANCE(64, __half)
 }
 }

@@ -5,6 +5,6 @@
 
 namespace la_cuda {
 namespace sm90 {
-LA_SM90_INSTANCE(64, __half)
+LA_FWD_INSTANCE(64, __half)
 }
 }

@@ -6,7 +6,9 @@
  *   - the visit order (LiveWalk / next_live over the set bits, descending or ascending);
  *   - the keep vote of one warp and the CTA's keep bits;
  *   - the write-back of the mask row (in place, or to the decisions buffer in a dry run) and
- *     the computed-tile counter.
+ *     the computed-tile counter;
+ *   - on the host, what every family's launcher does alike: its kernel's dynamic shared-memory
+ *     limit, set once per device (smem_limit_once), and the instances (LA_FWD_INSTANCE).
  * A kernel calls skip_row_load() with all its threads, walks the row, calls skip_vote() per
  * warp and tile, and skip_row_store() with a group of threads once every vote is in.
  */
@@ -198,6 +200,29 @@ __device__ __forceinline__ void skip_row_store(const KParams &p, int b, int h, i
         atomicAdd(p.tiles, cnt);
     }
 }
+
+/* The dynamic shared-memory limit of kern is a per-device function attribute: set to bytes
+ * once per device; *done is the launcher's own bitmask of devices (a benign race sets it
+ * twice). */
+template <typename Kernel>
+inline cudaError_t smem_limit_once(Kernel kern, size_t bytes, unsigned long long *done) {
+    int dev = 0;
+    cudaError_t err = cudaGetDevice(&dev);
+    if (err != cudaSuccess) return err;
+    const unsigned long long bit = 1ull << (dev & 63);
+    if (!(__atomic_load_n(done, __ATOMIC_ACQUIRE) & bit)) {
+        err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+        if (err != cudaSuccess) return err;
+        __atomic_fetch_or(done, bit, __ATOMIC_RELEASE);
+    }
+    return cudaSuccess;
+}
+
+/* An instance file's explicit instantiation of its family's launch<D, T, SKIP> (expanded in
+ * the family's namespace), with skipping and with it compiled out. */
+#define LA_FWD_INSTANCE(D, T)                                                                  \
+    template cudaError_t launch<D, T, true>(const KParams &, int, int, int, cudaStream_t);     \
+    template cudaError_t launch<D, T, false>(const KParams &, int, int, int, cudaStream_t);
 
 #endif /* __CUDACC__ */
 

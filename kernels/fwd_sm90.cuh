@@ -587,15 +587,8 @@ cudaError_t launch(const KParams &kp, int nQ, int H, int B, cudaStream_t stream)
     using TL = Tiles<D>;
     auto kern = fwd_kernel<D, T, SKIP>;
     static unsigned long long attr_done = 0;
-    int dev = 0;
-    cudaError_t err = cudaGetDevice(&dev);
+    cudaError_t err = smem_limit_once(kern, TL::smem_bytes, &attr_done);
     if (err != cudaSuccess) return err;
-    const unsigned long long bit = 1ull << (dev & 63);
-    if (!(__atomic_load_n(&attr_done, __ATOMIC_ACQUIRE) & bit)) {
-        err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)TL::smem_bytes);
-        if (err != cudaSuccess) return err;
-        __atomic_fetch_or(&attr_done, bit, __ATOMIC_RELEASE);
-    }
     Params pp;
     pp.k = kp;
     if (!make_map<T>(&pp.tq, kp.q, D, kp.Sq, H, B, kp.q_ss, kp.q_sh, kp.q_sb, TL::BM) ||
@@ -624,10 +617,6 @@ cudaError_t launch(const KParams &kp, int nQ, int H, int B, cudaStream_t stream)
     }
     return e;
 }
-
-#define LA_SM90_INSTANCE(D, T)                                                                \
-    template cudaError_t launch<D, T, true>(const KParams &, int, int, int, cudaStream_t);     \
-    template cudaError_t launch<D, T, false>(const KParams &, int, int, int, cudaStream_t);
 
 #endif /* LA_ATTN_FWD_INSTANTIATE */
 

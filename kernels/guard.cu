@@ -13,18 +13,6 @@
 
 namespace {
 
-/* Kernel arguments by value (the sampled tile list is at most 64 ints). */
-struct CompareArgs {
-    const float *lse;
-    long long lse_stride[3];
-    const float *dense_lse;
-    int tiles[LA_GUARD_MAX_SAMPLE];
-    int n_tiles, B, H, Sq, BM, nq;
-    float budget;
-    uint32_t *held;
-    unsigned long long *restored;
-};
-
 __device__ float lost_mass(float ls, float ld)
 {
     if (ld == -INFINITY || isnan(ls) || isnan(ld))
@@ -38,8 +26,9 @@ __device__ float lost_mass(float ls, float ld)
 }
 
 /* One thread per sampled (j, b, h): LSE [B, H, Sq] (strides in elements), dense_lse
- * [n_tiles][B][H][BM] contiguous. */
-__global__ void compare_kernel(CompareArgs a)
+ * [n_tiles][B][H][BM] contiguous. The parameters come by value (the sampled tile list is at
+ * most LA_GUARD_MAX_SAMPLE ints). */
+__global__ void compare_kernel(la_guard_params a, unsigned long long *restored)
 {
     long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     long long n = (long long)a.n_tiles * a.B * a.H;
@@ -61,7 +50,7 @@ __global__ void compare_kernel(CompareArgs a)
         uint32_t bit = 1u << (row % 32);
         uint32_t old = atomicOr(a.held + row / 32, bit);
         if (!(old & bit))
-            atomicAdd(a.restored, 1ull);
+            atomicAdd(restored, 1ull);
     }
 }
 
@@ -100,23 +89,7 @@ extern "C" cudaError_t la_guard_compare_cuda(const la_guard_params *p,
     long long n = (long long)p->n_tiles * p->B * p->H;
     if (n == 0)
         return cudaSuccess;
-    CompareArgs a;
-    a.lse = p->lse;
-    for (int i = 0; i < 3; i++)
-        a.lse_stride[i] = p->lse_stride[i];
-    a.dense_lse = p->dense_lse;
-    for (int i = 0; i < LA_GUARD_MAX_SAMPLE; i++)
-        a.tiles[i] = i < p->n_tiles ? p->tiles[i] : 0;
-    a.n_tiles = p->n_tiles;
-    a.B = p->B;
-    a.H = p->H;
-    a.Sq = p->Sq;
-    a.BM = p->BM;
-    a.nq = p->nq;
-    a.budget = p->budget;
-    a.held = p->held;
-    a.restored = d_restored;
-    compare_kernel<<<blocks(n, 128), 128, 0, stream>>>(a);
+    compare_kernel<<<blocks(n, 128), 128, 0, stream>>>(*p, d_restored);
     return cudaGetLastError();
 }
 

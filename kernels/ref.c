@@ -126,74 +126,61 @@ typedef int32_t v8i __attribute__((vector_size(32)));
 #define LA_CLONES
 #endif
 
+/* The block both products are made of: RB = 4 rows by CB = 16 columns of C, held in eight
+ * vector accumulators, C[r][c] (+)= the sum over t < n, in order, of X[r][t] * B[t][c]. Row r of
+ * C is at c + r * cs, row r of X at x + r * xs, row t of B at b + t * bs. add 0: C starts at
+ * 0; add 1: from its values. Always inlined, so that each clone of its callers compiles it for
+ * that clone's target (and add is a constant). */
+__attribute__((always_inline)) static inline void block4x16(float *restrict c, size_t cs, int add,
+                                                            const float *restrict x, size_t xs,
+                                                            const float *restrict b, size_t bs,
+                                                            int n)
+{
+    const float *x0 = x, *x1 = x0 + xs, *x2 = x1 + xs, *x3 = x2 + xs;
+    float *c0 = c, *c1 = c0 + cs, *c2 = c1 + cs, *c3 = c2 + cs;
+    v8 a00 = {0}, a01 = {0}, a10 = {0}, a11 = {0}, a20 = {0}, a21 = {0}, a30 = {0}, a31 = {0};
+    if (add) {
+        a00 = ld8(c0), a01 = ld8(c0 + 8), a10 = ld8(c1), a11 = ld8(c1 + 8);
+        a20 = ld8(c2), a21 = ld8(c2 + 8), a30 = ld8(c3), a31 = ld8(c3 + 8);
+    }
+    for (int t = 0; t < n; t++, b += bs) {
+        v8 b0 = ld8(b), b1 = ld8(b + 8);
+        a00 += b0 * x0[t];
+        a01 += b1 * x0[t];
+        a10 += b0 * x1[t];
+        a11 += b1 * x1[t];
+        a20 += b0 * x2[t];
+        a21 += b1 * x2[t];
+        a30 += b0 * x3[t];
+        a31 += b1 * x3[t];
+    }
+    st8(c0, a00);
+    st8(c0 + 8, a01);
+    st8(c1, a10);
+    st8(c1 + 8, a11);
+    st8(c2, a20);
+    st8(c2 + 8, a21);
+    st8(c3, a30);
+    st8(c3 + 8, a31);
+}
+
 /* S[bmp][bnp] = Q[bmp][D] . KT[D][bnp]; bmp % RB == 0, bnp % CB == 0. Each S element is summed
- * over d in order, so any vector width gives the same bits. Four rows by 16 columns are held in
- * eight vector accumulators. */
+ * over d in order, so any vector width gives the same bits. */
 LA_CLONES static void qk_block(const float *restrict q, const float *restrict kt,
                                float *restrict s, int bmp, int bnp, int D)
 {
-    for (int i = 0; i < bmp; i += RB) {
-        const float *q0 = q + (size_t)i * D, *q1 = q0 + D, *q2 = q1 + D, *q3 = q2 + D;
-        for (int j = 0; j < bnp; j += CB) {
-            v8 a00 = {0}, a01 = {0}, a10 = {0}, a11 = {0}, a20 = {0}, a21 = {0}, a30 = {0},
-               a31 = {0};
-            const float *kr = kt + j;
-            for (int d = 0; d < D; d++, kr += bnp) {
-                v8 k0 = ld8(kr), k1 = ld8(kr + 8);
-                a00 += k0 * q0[d];
-                a01 += k1 * q0[d];
-                a10 += k0 * q1[d];
-                a11 += k1 * q1[d];
-                a20 += k0 * q2[d];
-                a21 += k1 * q2[d];
-                a30 += k0 * q3[d];
-                a31 += k1 * q3[d];
-            }
-            float *s0 = s + (size_t)i * bnp + j;
-            st8(s0, a00);
-            st8(s0 + 8, a01);
-            st8(s0 + bnp, a10);
-            st8(s0 + bnp + 8, a11);
-            st8(s0 + 2 * bnp, a20);
-            st8(s0 + 2 * bnp + 8, a21);
-            st8(s0 + 3 * bnp, a30);
-            st8(s0 + 3 * bnp + 8, a31);
-        }
-    }
+    for (int i = 0; i < bmp; i += RB)
+        for (int j = 0; j < bnp; j += CB)
+            block4x16(s + (size_t)i * bnp + j, bnp, 0, q + (size_t)i * D, D, kt + j, bnp, D);
 }
 
 /* O[bmp][D] += P[bmp][bnp] . V[bnp][D], summed over j in order; D % CB == 0. */
 LA_CLONES static void pv_block(const float *restrict pm, const float *restrict v,
                                float *restrict o, int bmp, int bnp, int D)
 {
-    for (int i = 0; i < bmp; i += RB) {
-        const float *p0 = pm + (size_t)i * bnp, *p1 = p0 + bnp, *p2 = p1 + bnp, *p3 = p2 + bnp;
-        for (int d0 = 0; d0 < D; d0 += CB) {
-            float *o0 = o + (size_t)i * D + d0, *o1 = o0 + D, *o2 = o1 + D, *o3 = o2 + D;
-            v8 a00 = ld8(o0), a01 = ld8(o0 + 8), a10 = ld8(o1), a11 = ld8(o1 + 8),
-               a20 = ld8(o2), a21 = ld8(o2 + 8), a30 = ld8(o3), a31 = ld8(o3 + 8);
-            const float *vr = v + d0;
-            for (int j = 0; j < bnp; j++, vr += D) {
-                v8 v0 = ld8(vr), v1 = ld8(vr + 8);
-                a00 += v0 * p0[j];
-                a01 += v1 * p0[j];
-                a10 += v0 * p1[j];
-                a11 += v1 * p1[j];
-                a20 += v0 * p2[j];
-                a21 += v1 * p2[j];
-                a30 += v0 * p3[j];
-                a31 += v1 * p3[j];
-            }
-            st8(o0, a00);
-            st8(o0 + 8, a01);
-            st8(o1, a10);
-            st8(o1 + 8, a11);
-            st8(o2, a20);
-            st8(o2 + 8, a21);
-            st8(o3, a30);
-            st8(o3 + 8, a31);
-        }
-    }
+    for (int i = 0; i < bmp; i += RB)
+        for (int d0 = 0; d0 < D; d0 += CB)
+            block4x16(o + (size_t)i * D + d0, D, 1, pm + (size_t)i * bnp, bnp, v + d0, D, bnp);
 }
 
 /* Cephes exp2f minimax polynomial for 2^f - 1 = f * P(f), f in [-0.5, 0.5], relative error

@@ -510,29 +510,33 @@ LA_API int la_call_status(const la_call *call)
     return st;
 }
 
-LA_API int la_call_stat(const la_call *call, const char *name, int64_t *ret_value)
+/* 0 once call has its reply (what cl_call_complete wrote is then read without the lock: it
+ * is not written again), else LA_EAGAIN. */
+static int call_finished(const la_call *call)
 {
-    if (!call || !name)
-        return cl_fail(LA_EINVAL, "la_call_stat: NULL argument");
     la_client *c = call->client;
     pthread_mutex_lock(&c->lock);
     int done = call->pend.done;
     pthread_mutex_unlock(&c->lock);
-    if (!done)
-        return cl_fail(LA_EAGAIN, "the call has not finished");
-    int64_t v;
-    if (!strcmp(name, "tiles_total"))
-        v = (int64_t)call->tiles_total;
-    else if (!strcmp(name, "tiles_computed"))
-        v = (int64_t)call->tiles_computed;
-    else if (!strcmp(name, "compute_ns"))
-        v = (int64_t)call->compute_ns;
-    else if (!strcmp(name, "queue_ns"))
-        v = (int64_t)call->queue_ns;
-    else
+    return done ? 0 : cl_fail(LA_EAGAIN, "the call has not finished");
+}
+
+LA_API int la_call_stat(const la_call *call, const char *name, int64_t *ret_value)
+{
+    if (!call || !name)
+        return cl_fail(LA_EINVAL, "la_call_stat: NULL argument");
+    int rc = call_finished(call);
+    if (rc < 0)
+        return rc;
+    static const char *const names[] = {"tiles_total", "tiles_computed", "compute_ns",
+                                        "queue_ns"};
+    const uint64_t values[] = {call->tiles_total, call->tiles_computed, call->compute_ns,
+                               call->queue_ns};
+    int i = cl_name_index(names, sizeof(names) / sizeof(names[0]), name);
+    if (i < 0)
         return cl_fail(LA_ENOENT, "no call figure \"%s\"", name);
     if (ret_value)
-        *ret_value = v;
+        *ret_value = (int64_t)values[i];
     return 0;
 }
 
@@ -540,13 +544,10 @@ LA_API int la_call_done_event(const la_call *call, void *ret_handle, size_t len)
 {
     if (!call || !ret_handle || len < 64)
         return cl_fail(LA_EINVAL, "la_call_done_event: NULL argument or len < 64");
-    la_client *c = call->client;
-    pthread_mutex_lock(&c->lock);
-    int done = call->pend.done, has = call->has_done_event;
-    pthread_mutex_unlock(&c->lock);
-    if (!done)
-        return cl_fail(LA_EAGAIN, "the call has not finished");
-    if (!has)
+    int rc = call_finished(call);
+    if (rc < 0)
+        return rc;
+    if (!call->has_done_event)
         return cl_fail(LA_ENOENT, "the call has no completion event (CPU backend)");
     memcpy(ret_handle, call->done_event, 64);
     return 0;

@@ -276,6 +276,22 @@ static int vmm_frame(la_client *c, Liteattn__BufferRegister *br, int fd, uint32_
     return 0;
 }
 
+/* Asks the daemon to drop buffer id (lock held): the failed VMM build's and
+ * la_buffer_unregister's request. */
+static int unregister_call(la_client *c, uint64_t id)
+{
+    Liteattn__BufferUnregister bu = LITEATTN__BUFFER_UNREGISTER__INIT;
+    bu.buffer_id = id;
+    Liteattn__Request req = LITEATTN__REQUEST__INIT;
+    req.body_case = LITEATTN__REQUEST__BODY_BUFFER_UNREGISTER;
+    req.buffer_unregister = &bu;
+    Liteattn__Reply *r;
+    int rc = cl_call(c, &req, -1, LITEATTN__REPLY__BODY_ACK, &r);
+    if (rc == 0)
+        liteattn__reply__free_unpacked(r, NULL);
+    return rc;
+}
+
 int cl_buffer_register_vmm(la_client *c, const int *fds, const uint64_t *sizes, size_t n,
                            uint64_t offset, uint64_t size, const char *uuid, unsigned access,
                            la_buffer **ret_buffer)
@@ -314,14 +330,7 @@ int cl_buffer_register_vmm(la_client *c, const int *fds, const uint64_t *sizes, 
         if (b->id && !c->closed) {
             char keep[CL_ERRMSG_MAX];
             snprintf(keep, sizeof keep, "%s", la_last_error_message());
-            Liteattn__BufferUnregister bu = LITEATTN__BUFFER_UNREGISTER__INIT;
-            bu.buffer_id = b->id;
-            Liteattn__Request req = LITEATTN__REQUEST__INIT;
-            req.body_case = LITEATTN__REQUEST__BODY_BUFFER_UNREGISTER;
-            req.buffer_unregister = &bu;
-            Liteattn__Reply *r;
-            if (cl_call(c, &req, -1, LITEATTN__REPLY__BODY_ACK, &r) == 0)
-                liteattn__reply__free_unpacked(r, NULL);
+            unregister_call(c, b->id);
             cl_fail(rc, "%s", keep);
         }
         free(b);
@@ -381,18 +390,7 @@ LA_API int la_buffer_unregister(la_buffer *b)
         pthread_mutex_unlock(&c->lock);
         return 0;
     }
-    Liteattn__BufferUnregister bu = LITEATTN__BUFFER_UNREGISTER__INIT;
-    bu.buffer_id = b->id;
-    Liteattn__Request req = LITEATTN__REQUEST__INIT;
-    req.body_case = LITEATTN__REQUEST__BODY_BUFFER_UNREGISTER;
-    req.buffer_unregister = &bu;
-    Liteattn__Reply *r;
-    int rc = 0;
-    if (!c->closed) {
-        rc = cl_call(c, &req, -1, LITEATTN__REPLY__BODY_ACK, &r);
-        if (rc == 0)
-            liteattn__reply__free_unpacked(r, NULL);
-    }
+    int rc = c->closed ? 0 : unregister_call(c, b->id);
     /* The daemon keeps its own mapping until its in-flight work is done; ours can go now. */
     list_remove(&b->link);
     buffer_release(b);

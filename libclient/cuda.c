@@ -65,34 +65,31 @@ enum {
 #ifdef LA_HAVE_CUDA
 /* With the toolkit present, check the values above against the real header. */
 #include <cuda.h>
-_Static_assert((int)LCU_ATTR_CONTEXT == (int)CU_POINTER_ATTRIBUTE_CONTEXT, "attr");
-_Static_assert((int)LCU_ATTR_MEMORY_TYPE == (int)CU_POINTER_ATTRIBUTE_MEMORY_TYPE, "attr");
-_Static_assert((int)LCU_ATTR_IS_MANAGED == (int)CU_POINTER_ATTRIBUTE_IS_MANAGED, "attr");
-_Static_assert((int)LCU_ATTR_DEVICE_ORDINAL == (int)CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, "attr");
-_Static_assert((int)LCU_ATTR_IS_LEGACY_CUDA_IPC_CAPABLE ==
-                   (int)CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE,
-               "attr");
-_Static_assert((int)LCU_MEMORYTYPE_DEVICE == (int)CU_MEMORYTYPE_DEVICE, "memtype");
-_Static_assert((int)LCU_ERROR_INVALID_VALUE == (int)CUDA_ERROR_INVALID_VALUE, "error");
-_Static_assert((int)LCU_MEMHOSTREGISTER_PORTABLE == (int)CU_MEMHOSTREGISTER_PORTABLE, "flag");
-_Static_assert((int)LCU_MEMHOSTREGISTER_DEVICEMAP == (int)CU_MEMHOSTREGISTER_DEVICEMAP, "flag");
-_Static_assert((int)LCU_STREAM_WAIT_VALUE_GEQ == (int)CU_STREAM_WAIT_VALUE_GEQ, "flag");
-_Static_assert((int)LCU_STREAM_WRITE_VALUE_DEFAULT == (int)CU_STREAM_WRITE_VALUE_DEFAULT, "flag");
-_Static_assert((int)LCU_DEV_ATTR_HOST_POINTER_FOR_REGISTERED_MEM ==
-                   (int)CU_DEVICE_ATTRIBUTE_CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM,
-               "attr");
-_Static_assert((int)LCU_ERROR_HOST_MEMORY_ALREADY_REGISTERED ==
-                   (int)CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED,
-               "error");
-_Static_assert(sizeof(lcu_ipc_mem_handle) == sizeof(CUipcMemHandle), "ipc handle");
-_Static_assert(sizeof(lcu_uuid) == sizeof(CUuuid), "uuid");
-_Static_assert(sizeof(lcu_devptr) == sizeof(CUdeviceptr), "devptr");
-_Static_assert((int)LCU_ATTR_BUFFER_ID == (int)CU_POINTER_ATTRIBUTE_BUFFER_ID, "attr");
-_Static_assert((int)LCU_HANDLE_TYPE_POSIX_FD == (int)CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
-               "handle type");
-_Static_assert((int)LCU_HANDLE_TYPE_FABRIC == (int)CU_MEM_HANDLE_TYPE_FABRIC, "handle type");
-_Static_assert(sizeof(lcu_alloc_prop) == sizeof(CUmemAllocationProp), "allocation prop");
-_Static_assert(sizeof(lcu_mem_handle) == sizeof(CUmemGenericAllocationHandle), "mem handle");
+/* ours is theirs: an enum value, or a type's size. */
+#define LCU_SAME(ours, theirs) _Static_assert((int)(ours) == (int)(theirs), #ours " is " #theirs)
+#define LCU_SAME_SIZE(ours, theirs) _Static_assert(sizeof(ours) == sizeof(theirs), #ours " size")
+LCU_SAME(LCU_ATTR_CONTEXT, CU_POINTER_ATTRIBUTE_CONTEXT);
+LCU_SAME(LCU_ATTR_MEMORY_TYPE, CU_POINTER_ATTRIBUTE_MEMORY_TYPE);
+LCU_SAME(LCU_ATTR_IS_MANAGED, CU_POINTER_ATTRIBUTE_IS_MANAGED);
+LCU_SAME(LCU_ATTR_DEVICE_ORDINAL, CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL);
+LCU_SAME(LCU_ATTR_IS_LEGACY_CUDA_IPC_CAPABLE, CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE);
+LCU_SAME(LCU_ATTR_BUFFER_ID, CU_POINTER_ATTRIBUTE_BUFFER_ID);
+LCU_SAME(LCU_MEMORYTYPE_DEVICE, CU_MEMORYTYPE_DEVICE);
+LCU_SAME(LCU_ERROR_INVALID_VALUE, CUDA_ERROR_INVALID_VALUE);
+LCU_SAME(LCU_ERROR_HOST_MEMORY_ALREADY_REGISTERED, CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED);
+LCU_SAME(LCU_MEMHOSTREGISTER_PORTABLE, CU_MEMHOSTREGISTER_PORTABLE);
+LCU_SAME(LCU_MEMHOSTREGISTER_DEVICEMAP, CU_MEMHOSTREGISTER_DEVICEMAP);
+LCU_SAME(LCU_STREAM_WAIT_VALUE_GEQ, CU_STREAM_WAIT_VALUE_GEQ);
+LCU_SAME(LCU_STREAM_WRITE_VALUE_DEFAULT, CU_STREAM_WRITE_VALUE_DEFAULT);
+LCU_SAME(LCU_DEV_ATTR_HOST_POINTER_FOR_REGISTERED_MEM,
+         CU_DEVICE_ATTRIBUTE_CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM);
+LCU_SAME(LCU_HANDLE_TYPE_POSIX_FD, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR);
+LCU_SAME(LCU_HANDLE_TYPE_FABRIC, CU_MEM_HANDLE_TYPE_FABRIC);
+LCU_SAME_SIZE(lcu_ipc_mem_handle, CUipcMemHandle);
+LCU_SAME_SIZE(lcu_uuid, CUuuid);
+LCU_SAME_SIZE(lcu_devptr, CUdeviceptr);
+LCU_SAME_SIZE(lcu_alloc_prop, CUmemAllocationProp);
+LCU_SAME_SIZE(lcu_mem_handle, CUmemGenericAllocationHandle);
 #endif
 
 static struct {

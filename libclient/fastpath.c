@@ -400,19 +400,18 @@ LA_API int la_session_counter(const la_session *s, const char *name, int64_t *re
 {
     if (!s || !name)
         return cl_fail(LA_EINVAL, "la_session_counter: NULL argument");
+    static const char *const names[] = {"calls",          "failed",     "inflight", "tiles_total",
+                                        "tiles_computed", "compute_ns", "queue_ns"};
+    int i = cl_name_index(names, sizeof(names) / sizeof(names[0]), name);
+    if (i < 0)
+        return cl_fail(LA_ENOENT, "no session counter \"%s\"", name);
     la_client *c = s->client;
     pthread_mutex_lock(&c->lock);
     const cl_fast_counts *f = &s->fast;
-    static const char *const names[] = {"calls",          "failed",     "inflight", "tiles_total",
-                                        "tiles_computed", "compute_ns", "queue_ns"};
     const uint64_t values[] = {f->calls,          f->failed,     f->inflight, f->tiles_total,
                                f->tiles_computed, f->compute_ns, f->queue_ns};
     pthread_mutex_unlock(&c->lock);
-    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
-        if (!strcmp(name, names[i])) {
-            if (ret_value)
-                *ret_value = (int64_t)values[i];
-            return 0;
-        }
-    return cl_fail(LA_ENOENT, "no session counter \"%s\"", name);
+    if (ret_value)
+        *ret_value = (int64_t)values[i];
+    return 0;
 }

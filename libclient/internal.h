@@ -217,6 +217,17 @@ void cl_cuda_host_unregister(void *p, void *ctx);
  * until done_addr holds value or later (cyclic >=). */
 int cl_cuda_ring_and_wait(void *stream, uint64_t ready_addr, uint64_t done_addr, uint32_t value);
 
+/* ---- figures by name (la_call_stat, la_session_stat, la_session_counter) ---- */
+#include <string.h>
+/* The index of name in names[0..n), or -1. */
+static inline int cl_name_index(const char *const *names, size_t n, const char *name)
+{
+    for (size_t i = 0; i < n; i++)
+        if (!strcmp(name, names[i]))
+            return (int)i;
+    return -1;
+}
+
 /* ---- conversions ---- */
 static inline int64_t cl_now_ns(void);
 

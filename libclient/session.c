@@ -368,10 +368,8 @@ LA_API int la_session_stat(la_session *s, const char *name, int64_t *ret_value)
         "calls",        "tiles_total", "tiles_computed", "tiles_skipped", "restarts",
         "warm_generations", "warm_deposits", "guard_checks", "guard_rows", "guard_restored",
         "guard_tiles"};
-    size_t which = 0, n_names = sizeof(names) / sizeof(names[0]);
-    while (which < n_names && strcmp(name, names[which]))
-        which++;
-    if (which == n_names)
+    int which = cl_name_index(names, sizeof(names) / sizeof(names[0]), name);
+    if (which < 0)
         return cl_fail(LA_ENOENT,
                        "no session statistic \"%s\" (calls, tiles_total, tiles_computed, "
                        "tiles_skipped, restarts, warm_generations, warm_deposits, "

@@ -48,6 +48,24 @@ static int reserve(frame_reader *f, size_t want)
     return 0;
 }
 
+/* One non-blocking sendmsg (out 1) or recvmsg (out 0), retried on EINTR: the bytes moved,
+ * LA_EAGAIN, LA_ECLOSED when the peer is gone (ECONNRESET; EPIPE on a send) or LA_EIO. */
+static ssize_t sock_msg(int sock, struct msghdr *msg, int out)
+{
+    ssize_t n;
+    do
+        n = out ? sendmsg(sock, msg, MSG_NOSIGNAL | MSG_DONTWAIT)
+                : recvmsg(sock, msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+    while (n < 0 && errno == EINTR);
+    if (n >= 0)
+        return n;
+    if (errno == EAGAIN || errno == EWOULDBLOCK)
+        return LA_EAGAIN;
+    if (errno == ECONNRESET || (out && errno == EPIPE))
+        return LA_ECLOSED;
+    return LA_EIO;
+}
+
 ssize_t frame_recv(frame_reader *f, int sock)
 {
     /* Read at most what completes the current frame plus a little, so that a frame announced
@@ -66,17 +84,9 @@ ssize_t frame_recv(frame_reader *f, int sock)
                          .msg_iovlen = 1,
                          .msg_control = ctl.buf,
                          .msg_controllen = sizeof(ctl.buf)};
-    ssize_t n;
-    do
-        n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
-    while (n < 0 && errno == EINTR);
-    if (n < 0) {
-        if (errno == EAGAIN || errno == EWOULDBLOCK)
-            return LA_EAGAIN;
-        if (errno == ECONNRESET)
-            return 0;
-        return LA_EIO;
-    }
+    ssize_t n = sock_msg(sock, &msg, 0);
+    if (n < 0)
+        return n == LA_ECLOSED ? 0 : n; /* a reset ends the stream as EOF does */
 
     int bad = (msg.msg_flags & MSG_CTRUNC) != 0;
     for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
@@ -197,18 +207,7 @@ ssize_t frame_send(int sock, const uint8_t *buf, size_t len, int fd)
         c->cmsg_len = CMSG_LEN(sizeof(int));
         memcpy(CMSG_DATA(c), &fd, sizeof(int));
     }
-    ssize_t n;
-    do
-        n = sendmsg(sock, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
-    while (n < 0 && errno == EINTR);
-    if (n < 0) {
-        if (errno == EAGAIN || errno == EWOULDBLOCK)
-            return LA_EAGAIN;
-        if (errno == EPIPE || errno == ECONNRESET)
-            return LA_ECLOSED;
-        return LA_EIO;
-    }
-    return n;
+    return sock_msg(sock, &msg, 1);
 }
 
 /* ---- strings with a NUL inside ------------------------------------------------------------ */

@@ -61,20 +61,44 @@ static void json_str(const char *s)
     putchar('"');
 }
 
+/* The next item of the list *p (items separated by sep) into buf (cut to len), *p moved past
+ * it and its separator; 0 at the end of the list. */
+static int next_item(const char **p, char sep, char *buf, size_t len)
+{
+    if (!**p)
+        return 0;
+    const char *end = strchr(*p, sep);
+    size_t n = end ? (size_t)(end - *p) : strlen(*p);
+    snprintf(buf, len, "%.*s", (int)n, *p);
+    *p += n + (end ? 1 : 0);
+    return 1;
+}
+
+/* A line "<uuid> <backend> <name>" of the "devices" property, split in place: line keeps the
+ * uuid, *ret_backend and *ret_name point into it (NULL where the line stops short). */
+static void split_device(char *line, char **ret_backend, char **ret_name)
+{
+    char *backend = strchr(line, ' '), *name = NULL;
+    if (backend) {
+        *backend++ = 0;
+        name = strchr(backend, ' ');
+        if (name)
+            *name++ = 0;
+    }
+    *ret_backend = backend;
+    *ret_name = name;
+}
+
 /* A cell that is a plain JSON number (integer or decimal) is written as is. */
 /* The items of a comma-separated list, as JSON strings separated by ", " (an empty list: none). */
 static void json_str_items(const char *p)
 {
     int first = 1;
-    while (*p) {
-        const char *comma = strchr(p, ',');
-        size_t n = comma ? (size_t)(comma - p) : strlen(p);
-        char b[256];
-        snprintf(b, sizeof(b), "%.*s", (int)n, p);
+    char b[256];
+    while (next_item(&p, ',', b, sizeof(b))) {
         printf("%s", first ? "" : ", ");
         json_str(b);
         first = 0;
-        p += n + (comma ? 1 : 0);
     }
 }
 
@@ -130,13 +154,9 @@ static const char *limit_value(la_client *c, size_t i)
 static int mps_line(const char **p, char *uuid, size_t ulen, char *state, size_t slen,
                     unsigned *sms)
 {
-    if (!**p)
-        return -1;
-    const char *eol = strchr(*p, '\n');
-    size_t n = eol ? (size_t)(eol - *p) : strlen(*p);
     char line[512];
-    snprintf(line, sizeof(line), "%.*s", (int)n, *p);
-    *p += n + (eol ? 1 : 0);
+    if (!next_item(p, '\n', line, sizeof(line)))
+        return -1;
     char u[256] = "", st[32] = "";
     *sms = 0;
     if (sscanf(line, "%255s %31s %u", u, st, sms) < 2)
@@ -216,32 +236,18 @@ static int cmd_status(la_client *c, const char *sock, int json)
         printf("], \"devices\": [");
         const char *p = devices;
         int first = 1;
-        while (*p) {
-            const char *eol = strchr(p, '\n');
-            size_t n = eol ? (size_t)(eol - p) : strlen(p);
-            char line[512], uuid[512] = "", backend[512] = "";
-            snprintf(line, sizeof(line), "%.*s", (int)n, p);
-            const char *name = "";
-            char *sp1 = strchr(line, ' ');
-            if (sp1) {
-                *sp1 = 0;
-                char *sp2 = strchr(sp1 + 1, ' ');
-                if (sp2) {
-                    *sp2 = 0;
-                    name = sp2 + 1;
-                }
-                snprintf(backend, sizeof(backend), "%s", sp1 + 1);
-            }
-            snprintf(uuid, sizeof(uuid), "%s", line);
+        char line[512];
+        while (next_item(&p, '\n', line, sizeof(line))) {
+            char *backend, *name;
+            split_device(line, &backend, &name);
             printf("%s{\"uuid\": ", first ? "" : ", ");
-            json_str(uuid);
+            json_str(line);
             printf(", \"backend\": ");
-            json_str(backend);
+            json_str(backend ? backend : "");
             printf(", \"name\": ");
-            json_str(name);
+            json_str(name ? name : "");
             printf("}");
             first = 0;
-            p += n + (eol ? 1 : 0);
         }
         printf("], \"fastpath_devices\": [");
         json_str_items(prop(c, "fastpath.devices"));
@@ -273,18 +279,10 @@ static int cmd_status(la_client *c, const char *sock, int json)
          * "cuda: NVIDIA H200 (GPU-...)": the uuid only where it says more than the backend. */
         const char *p = devices;
         int first = 1;
-        while (*p) {
-            const char *eol = strchr(p, '\n');
-            size_t n = eol ? (size_t)(eol - p) : strlen(p);
-            char line[512];
-            snprintf(line, sizeof(line), "%.*s", (int)n, p);
-            char *backend = strchr(line, ' '), *name = NULL;
-            if (backend) {
-                *backend++ = 0;
-                name = strchr(backend, ' ');
-                if (name)
-                    *name++ = 0;
-            }
+        char line[512];
+        while (next_item(&p, '\n', line, sizeof(line))) {
+            char *backend, *name;
+            split_device(line, &backend, &name);
             if (!backend || !name)
                 printf("%-10s %s\n", first ? "devices" : "", line);
             else if (!strcmp(line, backend))
@@ -292,7 +290,6 @@ static int cmd_status(la_client *c, const char *sock, int json)
             else
                 printf("%-10s %s: %s (%s)\n", first ? "devices" : "", backend, name, line);
             first = 0;
-            p += n + (eol ? 1 : 0);
         }
     }
     /* The devices that take fast-path calls (docs/FASTPATH.md). */

@@ -14,6 +14,10 @@ CUDA tensors take the fast path by default (docs/FASTPATH.md): the call is order
 current torch stream on the GPU (la_attn_enqueue) and returns at once, like a kernel launch;
 its errors are raised by a later call or by sync(). fastpath=False (per client, per call, or
 LITEATTN_FASTPATH=0) takes the synchronous path (IPC events, the reply waited for).
+
+Over 900 lines on purpose: a Session is made only by its Client and calls through the
+Client's library handle, lock, CUDA registrations and staging area, so the two classes stay
+in one module with the argument helpers both use.
 """
 import ctypes
 import math

@@ -7,10 +7,21 @@ the matching Python built-in, so that `except ValueError` or `except ConnectionE
 from . import _lib
 
 
+_BY_CODE = {}  # code -> its subclass of Error, filled as they are defined
+
+
 class Error(Exception):
     """Base of every liteattn error."""
     code = 0
     name = "LA_UNKNOWN"
+
+    def __init_subclass__(cls, la_name=None, **kwargs):
+        """`class NotFound(Error, LookupError, la_name="LA_ENOENT")` sets the subclass's .name
+        and .code (from _lib) and makes it from_code()'s class for that code."""
+        super().__init_subclass__(**kwargs)
+        if la_name is not None:
+            cls.name, cls.code = la_name, getattr(_lib, la_name)
+            _BY_CODE[cls.code] = cls
 
     def __init__(self, message="", code=None, name=None):
         if code is not None:
@@ -34,91 +45,84 @@ def _default_text(code):
         return "error %d" % code
 
 
-class InvalidArgument(Error, ValueError):
-    code, name = _lib.LA_EINVAL, "LA_EINVAL"
+class InvalidArgument(Error, ValueError, la_name="LA_EINVAL"):
+    pass
 
 
-class OutOfMemory(Error, MemoryError):
-    code, name = _lib.LA_ENOMEM, "LA_ENOMEM"
+class OutOfMemory(Error, MemoryError, la_name="LA_ENOMEM"):
+    pass
 
 
-class NotSupported(Error):
-    code, name = _lib.LA_ENOTSUP, "LA_ENOTSUP"
+class NotSupported(Error, la_name="LA_ENOTSUP"):
+    pass
 
 
-class NotFound(Error, LookupError):
-    code, name = _lib.LA_ENOENT, "LA_ENOENT"
+class NotFound(Error, LookupError, la_name="LA_ENOENT"):
+    pass
 
 
-class AlreadyExists(Error):
-    code, name = _lib.LA_EEXIST, "LA_EEXIST"
+class AlreadyExists(Error, la_name="LA_EEXIST"):
+    pass
 
 
-class PermissionDenied(Error):
-    code, name = _lib.LA_EPERM, "LA_EPERM"
+class PermissionDenied(Error, la_name="LA_EPERM"):
+    pass
 
 
-class LimitReached(Error):
-    code, name = _lib.LA_ELIMIT, "LA_ELIMIT"
+class LimitReached(Error, la_name="LA_ELIMIT"):
+    pass
 
 
-class Busy(Error):
-    code, name = _lib.LA_EBUSY, "LA_EBUSY"
+class Busy(Error, la_name="LA_EBUSY"):
+    pass
 
 
-class OutOfRange(Error, ValueError):
-    code, name = _lib.LA_ERANGE, "LA_ERANGE"
+class OutOfRange(Error, ValueError, la_name="LA_ERANGE"):
+    pass
 
 
-class ProtocolError(Error):
-    code, name = _lib.LA_EPROTO, "LA_EPROTO"
+class ProtocolError(Error, la_name="LA_EPROTO"):
+    pass
 
 
-class VersionMismatch(Error):
-    code, name = _lib.LA_EVERSION, "LA_EVERSION"
+class VersionMismatch(Error, la_name="LA_EVERSION"):
+    pass
 
 
-class ConnectionFailed(Error, ConnectionError):
-    code, name = _lib.LA_ECONN, "LA_ECONN"
+class ConnectionFailed(Error, ConnectionError, la_name="LA_ECONN"):
+    pass
 
 
-class ConnectionClosed(Error, ConnectionError):
-    code, name = _lib.LA_ECLOSED, "LA_ECLOSED"
+class ConnectionClosed(Error, ConnectionError, la_name="LA_ECLOSED"):
+    pass
 
 
-class Timeout(Error, TimeoutError):
-    code, name = _lib.LA_ETIMEDOUT, "LA_ETIMEDOUT"
+class Timeout(Error, TimeoutError, la_name="LA_ETIMEDOUT"):
+    pass
 
 
-class NotReady(Error):
-    code, name = _lib.LA_EAGAIN, "LA_EAGAIN"
+class NotReady(Error, la_name="LA_EAGAIN"):
+    pass
 
 
-class DeviceError(Error):
-    code, name = _lib.LA_EDEVICE, "LA_EDEVICE"
+class DeviceError(Error, la_name="LA_EDEVICE"):
+    pass
 
 
-class NoDevice(Error):
-    code, name = _lib.LA_ENODEV, "LA_ENODEV"
+class NoDevice(Error, la_name="LA_ENODEV"):
+    pass
 
 
-class ShuttingDown(Error):
-    code, name = _lib.LA_ESHUTDOWN, "LA_ESHUTDOWN"
+class ShuttingDown(Error, la_name="LA_ESHUTDOWN"):
+    pass
 
 
-class IOError_(Error):
-    code, name = _lib.LA_EIO, "LA_EIO"
+class IOError_(Error, la_name="LA_EIO"):
+    pass
 
 
-class InternalError(Error):
-    code, name = _lib.LA_EINTERNAL, "LA_EINTERNAL"
-
-
-_BY_CODE = {cls.code: cls for cls in (
-    InvalidArgument, OutOfMemory, NotSupported, NotFound, AlreadyExists, PermissionDenied,
-    LimitReached, Busy, OutOfRange, ProtocolError, VersionMismatch, ConnectionFailed,
-    ConnectionClosed, Timeout, NotReady, DeviceError, NoDevice, ShuttingDown, IOError_,
-    InternalError)}
+class InternalError(Error, la_name="LA_EINTERNAL"):
+    pass
 
 
 def from_code(rc, detail=None):

@@ -6,20 +6,11 @@ Skipped without torch, without a CUDA device, or when the daemon has no CUDA bac
 import math
 
 import pytest
+from cudatorch import F, daemon_backend, rel, torch  # noqa: F401 (daemon_backend: a fixture)
 
-torch = pytest.importorskip("torch")
-if not torch.cuda.is_available():
-    pytest.skip("no CUDA device (torch.cuda.is_available() is False)", allow_module_level=True)
-
-import liteattn  # noqa: E402
+import liteattn
 
 pytestmark = pytest.mark.gpu
-F = torch.nn.functional
-
-
-@pytest.fixture(scope="module")
-def daemon_backend():
-    return "cuda"
 
 
 @pytest.fixture
@@ -32,10 +23,6 @@ def fclient(cclient):
 def sdpa(q, k, v):
     qf, kf, vf = (x.float().transpose(1, 2) for x in (q, k, v))
     return F.scaled_dot_product_attention(qf, kf, vf).transpose(1, 2)
-
-
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def test_enqueued_layers_vs_sdpa(fclient):

@@ -10,21 +10,12 @@ import sys
 
 import numpy as np
 import pytest
+from cudatorch import F, daemon_backend, rel, torch  # noqa: F401 (daemon_backend: a fixture)
 
-torch = pytest.importorskip("torch")
-if not torch.cuda.is_available():
-    pytest.skip("no CUDA device (torch.cuda.is_available() is False)", allow_module_level=True)
-
-import liteattn  # noqa: E402
-from refimpl import clustered_qkv, ref_attention  # noqa: E402
+import liteattn
+from refimpl import clustered_qkv, ref_attention
 
 pytestmark = pytest.mark.gpu
-F = torch.nn.functional
-
-
-@pytest.fixture(scope="module")
-def daemon_backend():
-    return "cuda"
 
 
 def sdpa(q, k, v, scale=None):
@@ -34,10 +25,6 @@ def sdpa(q, k, v, scale=None):
     out = F.scaled_dot_product_attention(qf, kf, vf, scale=sc).transpose(1, 2)
     lse = torch.logsumexp((qf @ kf.transpose(-1, -2)) * sc, dim=-1)
     return out, lse
-
-
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
