@@ -7,6 +7,7 @@
  * cannot start or on a second signal, 2 for bad options, 3 after a fatal GPU error.
  */
 #include <signal.h>
+#include <stdlib.h>
 #include <stdio.h>
 #include <unistd.h>
 
@@ -18,6 +19,11 @@ int main(int argc, char **argv)
 {
     /* Replies are sent with MSG_NOSIGNAL; this covers any other write to a closed peer. */
     signal(SIGPIPE, SIG_IGN);
+    /* Every kernel is loaded when the CUDA context is made, never at its first launch: a lazy
+     * load waits for the device, and the device may be waiting on a fast-path doorbell that
+     * only a client's stream rings (the GPU launcher would then stall every client until that
+     * doorbell's timeout). Set before any thread starts and before CUDA is initialised. */
+    setenv("CUDA_MODULE_LOADING", "EAGER", 1);
 
     cfg c;
     char err[512] = "";

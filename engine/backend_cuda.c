@@ -811,12 +811,13 @@ static void *gpu_main(void *arg)
             j->be_deadline_ns = j->db && cb->base.doorbell_timeout_ns
                                     ? be_now_ns() + cb->base.doorbell_timeout_ns
                                     : 0;
-            int waits = j->db != NULL;
+            /* A new deadline to watch, before the launch: a launch can block in the driver
+             * until the device gets past this very wait. */
+            if (j->db)
+                pthread_cond_signal(&g->wcond);
             pthread_mutex_unlock(&g->lock);
             launch(g, j); /* j may be complete, even freed, when this returns */
             pthread_mutex_lock(&g->lock);
-            if (waits)
-                pthread_cond_signal(&g->wcond); /* a new deadline to watch */
             continue;
         }
         if (g->stopping && g->q.queued == 0)
