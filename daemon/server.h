@@ -7,7 +7,8 @@
  * STATUS=), and the signals. Everything runs on the loop thread.
  *
  * Shutdown (SIGTERM/SIGINT): stop accepting, stop reading requests, cancel the queued jobs at
- * once and let the running ones finish or stop at a slice boundary (eng_shutdown, then eng_idle), flush the replies (at most
+ * once and let the running ones finish (GPU) or stop before their next k-tile (CPU)
+ * (eng_shutdown, then eng_idle), flush the replies (at most
  * SRV_FLUSH_GRACE_S seconds more for clients that do not read), close every handle and leave
  * the loop; exit status 0. A second signal exits at once with status 1. A sticky GPU error
  * (eng_fatal) fails every request in flight with LA_EDEVICE and exits with status 3.
