@@ -960,9 +960,9 @@ END_TEST
  * heap, so glibc alone would keep all of it), the 12 close: the daemon's RSS comes back to
  * within 16 MiB of where it was (before, it stayed at the peak: about 460 MB after 63 such
  * connections). Their close, a reset since they left replies unread, is not logged as a socket
- * error. Under a sanitizer the RSS says nothing (ASan's quarantine keeps freed memory on
- * purpose; its allocator is not glibc's): the case then runs smaller and checks that the
- * memory was given back (server.memory_trims) and the log, not the RSS. */
+ * error. Under a sanitizer the RSS says nothing (its allocator is not glibc's, and ASan's
+ * quarantine keeps freed memory on purpose): the case then runs smaller and checks that the
+ * daemon trimmed (server.memory_trims) and the log, not the RSS. */
 #define UNREAD_CONNS 12
 #define UNREAD_BYTES (5u << 20)
 #define UNREAD_RSS_SLACK_KIB (16 * 1024)
@@ -1016,8 +1016,8 @@ START_TEST(unread_replies_memory_returned)
             conns, n, rss0, peak, rss1);
     if (sanitizer)
         fprintf(stderr,
-                "unread_replies_memory_returned: RSS not compared under %s (its "
-                "allocator keeps freed memory in quarantine)\n",
+                "unread_replies_memory_returned: RSS not compared under %s (its allocator, "
+                "not glibc's, keeps freed memory: ASan in quarantine)\n",
                 getenv("LA_TEST_SANITIZER"));
     else {
         ck_assert_msg(peak >= rss0 + (long)(conns * (bytes >> 10)) / 2,
