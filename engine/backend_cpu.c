@@ -222,6 +222,21 @@ static void set_cancelled(be_job *j, int code)
     j->t_end_ns = be_now_ns();
 }
 
+/* j's slice, or its finish or undo, is over: its mask is free for the next call. Under
+ * c->lock. */
+static void unbusy(cpu_backend *c, be_job *j)
+{
+    for (int i = 0; i < c->running; i++)
+        if (c->busy[i] == j) {
+            c->busy[i] = c->busy[--c->running];
+            break;
+        }
+}
+
+/* A job stays in busy (its mask blocked, slice_blocked) and its flow unreleased (fq_done)
+ * until its mask is finished or undone: the next call on the mask must start from the result,
+ * not race with the live count, the guardrail's restored rows or the undo. Each worker holds
+ * at most one busy entry, so busy (n_threads) never overflows. */
 static void *worker_main(void *arg)
 {
     cpu_backend *c = arg;
@@ -231,11 +246,15 @@ static void *worker_main(void *arg)
             be_job *j = c->cancelled;
             c->cancelled = j->be_next;
             j->be_next = NULL;
+            c->busy[c->running++] = j;
             pthread_mutex_unlock(&c->lock);
             undo_mask(j, j->be_cursor > 0);
+            pthread_mutex_lock(&c->lock);
+            unbusy(c, j);
+            pthread_cond_broadcast(&c->cond);
+            pthread_mutex_unlock(&c->lock);
             cpu_complete(c, j);
             pthread_mutex_lock(&c->lock);
-            pthread_cond_broadcast(&c->cond);
             continue;
         }
         be_job *j = c->running < c->n_threads ? fq_pick(&c->q, slice_blocked, c, 0) : NULL;
@@ -284,22 +303,17 @@ static void *worker_main(void *arg)
         int stopped = rc < 0 && j->be_cancel && rc == j->be_cancel;
         if (stopped)
             rc = 0;
-        for (int i = 0; i < c->running; i++)
-            if (c->busy[i] == j) {
-                c->busy[i] = c->busy[--c->running];
-                break;
-            }
         j->tiles_computed += tiles;
         int64_t hp, tp, n = plan(c, &j->p, &hp, &tp);
         if (rc == 0 && !stopped)
             j->be_cursor++;
         if (rc == 0 && j->be_cursor < n && !j->be_cancel) {
+            unbusy(c, j);
             fq_requeue(&c->q, j);
             pthread_cond_broadcast(&c->cond);
             continue;
         }
-        fq_done(&c->q, j);
-        pthread_cond_broadcast(&c->cond);
+        int cancel = j->be_cancel;
         pthread_mutex_unlock(&c->lock);
         if (unrung) {
             j->status = LA_EINVAL;
@@ -314,13 +328,18 @@ static void *worker_main(void *arg)
                      codes_strerror(rc));
             undo_mask(j, j->be_cursor > 0);
         } else if (j->be_cursor < n) {
-            set_cancelled(j, j->be_cancel);
+            set_cancelled(j, cancel);
             undo_mask(j, j->be_cursor > 0 || stopped);
         } else {
             j->status = 0;
             finish_mask(j, sp.threads);
         }
         j->t_end_ns = be_now_ns();
+        pthread_mutex_lock(&c->lock);
+        unbusy(c, j);
+        fq_done(&c->q, j);
+        pthread_cond_broadcast(&c->cond);
+        pthread_mutex_unlock(&c->lock);
         cpu_complete(c, j); /* j belongs to the engine now */
         pthread_mutex_lock(&c->lock);
     }
