@@ -962,15 +962,28 @@ END_TEST
  * connections). Their close, a reset since they left replies unread, is not logged as a socket
  * error. Under a sanitizer the RSS says nothing (its allocator is not glibc's, and ASan's
  * quarantine keeps freed memory on purpose): the case then runs smaller and checks that the
- * daemon trimmed (server.memory_trims) and the log, not the RSS. */
+ * daemon trimmed (server.memory_trims) and the log, not the RSS.
+ * For bench/RESULTS.md's larger figures: LA_UNREAD_CONNS (at most 62: the watcher and the
+ * late one make 64, the per-user connection limit), LA_UNREAD_KIB per connection and
+ * LA_UNREAD_PER_USER (the daemon's max_outbound_bytes_per_user, 0: none). */
 #define UNREAD_CONNS 12
-#define UNREAD_BYTES (5u << 20)
+#define UNREAD_CONNS_MAX 62
+#define UNREAD_KIB (5 * 1024)
 #define UNREAD_RSS_SLACK_KIB (16 * 1024)
+static void unread_up(void)
+{
+    const char *u = getenv("LA_UNREAD_PER_USER");
+    const char *args[] = {"--max-outbound-bytes-per-user", u && *u ? u : "64M", NULL};
+    td_fx_start(args);
+}
+
 START_TEST(unread_replies_memory_returned)
 {
     int sanitizer = getenv("LA_TEST_SANITIZER") != NULL;
-    int conns = sanitizer ? 4 : UNREAD_CONNS;
-    size_t bytes = sanitizer ? 1u << 20 : UNREAD_BYTES;
+    int conns = tu_env_int("LA_UNREAD_CONNS", sanitizer ? 4 : UNREAD_CONNS);
+    size_t bytes = (size_t)tu_env_int("LA_UNREAD_KIB", sanitizer ? 1024 : UNREAD_KIB) << 10;
+    ck_assert_msg(conns >= 1 && conns <= UNREAD_CONNS_MAX, "LA_UNREAD_CONNS %d: 1 to %d", conns,
+                  UNREAD_CONNS_MAX);
     int watcher = raw_connect(td_fx.socket);
     ck_assert_int_ge(watcher, 0);
     int n = (int)(bytes / stats_reply_size(watcher));
@@ -984,7 +997,7 @@ START_TEST(unread_replies_memory_returned)
     long rss0 = proc_rss_kib(td_fx.pid);
     int64_t trims0 = daemon_stat(watcher, "server.memory_trims");
 
-    int fd[UNREAD_CONNS];
+    int fd[UNREAD_CONNS_MAX];
     for (int i = 0; i < conns; i++) {
         fd[i] = raw_connect(td_fx.socket);
         ck_assert_int_ge(fd[i], 0);
@@ -1101,7 +1114,7 @@ int main(void)
     tcase_add_test(daemon_tcase(s, "daemon_fds_budget", fds3_up), fds_inflight_budget_per_user);
     tcase_add_test(daemon_tcase(s, "daemon_outbound_budget", outbound_up),
                    outbound_budget_per_user);
-    tcase_add_test(daemon_tcase(s, "daemon_unread_memory", td_fx_up),
+    tcase_add_test(daemon_tcase(s, "daemon_unread_memory", unread_up),
                    unread_replies_memory_returned);
     return tu_run_suite(s);
 }
