@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -87,12 +88,19 @@ static uint64_t now_ms(void)
     return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
 }
 
+/* Frees a reply buffer, counted: the owner gives freed memory back to the system (server.c). */
+static void out_free(conn *c, conn_out *o)
+{
+    c->ctr->bytes_released += sizeof(*o) + o->len;
+    free(o);
+}
+
 static void drop_outq(conn *c)
 {
     conn_out *o;
     list_for_each_entry (o, &c->out, conn_out, link) {
         list_remove(&o->link);
-        free(o);
+        out_free(c, o);
     }
     c->acct->out_bytes -= c->out_bytes;
     c->out_bytes = 0;
@@ -121,9 +129,9 @@ void conn_close(conn *c)
     c->closing = 1;
     c->paused = c->lingering = 0;
     drop_outq(c);
-    /* Frees the queued fds now; the buffer goes with the conn. */
-    for (int fd; (fd = frame_take_fd(&c->fr)) >= 0;)
-        close(fd);
+    /* The queued fds and the read buffer go now, not once the last job in flight ended. */
+    c->ctr->bytes_released += c->fr.cap;
+    frame_reader_free(&c->fr);
     sync_fds(c);
     uv_timer_stop(&c->timer);
     uv_poll_stop(&c->poll);
@@ -220,7 +228,7 @@ static int flush(conn *c)
         if (o->off < o->len)
             break;
         list_remove(&o->link);
-        free(o);
+        out_free(c, o);
     }
     if (!conn_has_output(c) && c->lingering) {
         conn_close(c);
@@ -480,7 +488,19 @@ static void on_poll(uv_poll_t *h, int status, int events)
     if (c->closing)
         return;
     if (status < 0) {
-        log_info(CONN_FMT ": socket error (%s); closing", CONN_ARGS(c), uv_strerror(status));
+        /* libuv reports POLLERR as UV_EBADF; the socket's own error says what happened. A
+         * client that closes with replies it has not read resets the connection (ECONNRESET):
+         * an ordinary close, not a socket error. */
+        int err = 0;
+        socklen_t len = sizeof(err);
+        if (status == UV_EBADF && getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+            err = errno;
+        if (err == ECONNRESET || err == EPIPE)
+            log_debug(CONN_FMT ": closed by the client (%s: it left replies unread)", CONN_ARGS(c),
+                      strerror(err));
+        else
+            log_info(CONN_FMT ": socket error (%s); closing", CONN_ARGS(c),
+                     err ? strerror(err) : uv_strerror(status));
         conn_close(c);
         return;
     }

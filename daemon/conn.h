@@ -87,6 +87,7 @@ typedef struct conn_user {
 #define CONN_ERROR_CODES 32 /* error replies are counted by -code, below this */
 typedef struct conn_counters {
     uint64_t frames_in, frames_out, bytes_in, bytes_out, protocol_errors;
+    uint64_t bytes_released; /* reply and read buffers freed (the owner trims the heap) */
     uint64_t
         errors[CONN_ERROR_CODES]; /* error replies sent, by -code (LA_E* of liteattn_codes.h) */
 } conn_counters;

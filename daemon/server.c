@@ -3,6 +3,9 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -377,6 +380,35 @@ static void fatal(srv *s)
     uv_stop(&s->loop);
 }
 
+/* ---- memory ------------------------------------------------------------------------------- */
+
+/* Freed memory is not given back to the system by itself: glibc returns only the free top of
+ * the heap, and any allocation made later (a connection that arrives while 63 others hold
+ * 500 MB of unread replies) pins everything below it, so the daemon's RSS would stay at its
+ * peak after they closed. Once SRV_TRIM_BYTES of reply and read buffers have been freed,
+ * malloc_trim gives the free pages of every arena back: at once when the rate allows, else
+ * at the next tick (at most once a second; one trim of a 500 MB heap takes a few ms). */
+static void trim_memory(srv *s)
+{
+#ifdef __GLIBC__
+    uint64_t freed = s->ctr.io.bytes_released - s->trimmed_bytes;
+    if (freed < SRV_TRIM_BYTES)
+        return;
+    uint64_t now = srv_now_ms();
+    if (s->trim_ms && now - s->trim_ms < 1000)
+        return;
+    malloc_trim(0);
+    log_debug("gave freed memory back to the system (%llu MiB of buffers freed since the last "
+              "time; malloc_trim took %llu ms)",
+              (unsigned long long)(freed >> 20), (unsigned long long)(srv_now_ms() - now));
+    s->trim_ms = now;
+    s->trimmed_bytes = s->ctr.io.bytes_released;
+    s->ctr.trims++;
+#else
+    (void)s;
+#endif
+}
+
 /* ---- wake-ups ----------------------------------------------------------------------------- */
 
 static void on_async(uv_async_t *h)
@@ -406,6 +438,7 @@ static void on_tick(uv_timer_t *t)
         return;
     }
     eng_tick(s->eng);
+    trim_memory(s);
     if (s->stopping && eng_idle(s->eng))
         s->drain_ticks++;
     update_status(s);
@@ -456,6 +489,7 @@ static void on_conn_closed(void *data, conn *c)
         eng_conn_closed(s->eng, c->id);
     list_remove(&c->link);
     s->n_conns--;
+    trim_memory(s);
     srv_maybe_finish(s);
 }
 
@@ -480,6 +514,8 @@ static void server_stats(void *data, disp_stat_fn fn, void *fn_data)
     fn(fn_data, "server.bytes_in", (int64_t)k->io.bytes_in);
     fn(fn_data, "server.bytes_out", (int64_t)k->io.bytes_out);
     fn(fn_data, "server.protocol_errors", (int64_t)k->io.protocol_errors);
+    fn(fn_data, "server.bytes_released", (int64_t)k->io.bytes_released);
+    fn(fn_data, "server.memory_trims", (int64_t)k->trims);
     fn(fn_data, "server.uptime_s", (int64_t)((srv_now_ms() - s->start_ms) / 1000));
     /* Error replies by code, every code (a counter that exists from the start graphs well). */
 #define ERROR_STAT_(name, val, msg) \

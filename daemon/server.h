@@ -7,7 +7,8 @@
  * STATUS=), and the signals. Everything runs on the loop thread.
  *
  * Shutdown (SIGTERM/SIGINT): stop accepting, stop reading requests, cancel the queued jobs at
- * once and let the running ones finish or stop at a slice boundary (eng_shutdown, then eng_idle), flush the replies (at most
+ * once and let the running ones finish (GPU) or stop before their next k-tile (CPU)
+ * (eng_shutdown, then eng_idle), flush the replies (at most
  * SRV_FLUSH_GRACE_S seconds more for clients that do not read), close every handle and leave
  * the loop; exit status 0. A second signal exits at once with status 1. A sticky GPU error
  * (eng_fatal) fails every request in flight with LA_EDEVICE and exits with status 3.
@@ -25,6 +26,7 @@
 #include "list.h"
 
 #define SRV_FLUSH_GRACE_S 5
+#define SRV_TRIM_BYTES (4u << 20) /* freed buffers after which the heap is trimmed */
 
 /* Exit statuses of liteattnd. */
 enum { SRV_EXIT_OK = 0, SRV_EXIT_FAIL = 1, SRV_EXIT_USAGE = 2, SRV_EXIT_FATAL = 3 };
@@ -32,6 +34,7 @@ enum { SRV_EXIT_OK = 0, SRV_EXIT_FAIL = 1, SRV_EXIT_USAGE = 2, SRV_EXIT_FATAL = 
 typedef struct srv_counters {
     conn_counters io; /* every connection's frames and bytes */
     uint64_t connections_total, rejected_connections;
+    uint64_t trims; /* malloc_trim calls (trim_memory) */
 } srv_counters;
 
 /* One Unix user with connections: what they hold, summed (conn_user). */
@@ -68,6 +71,8 @@ typedef struct srv {
     uint64_t start_ms;
     uint64_t refused_log_ms;   /* last "refused a connection" line (log_refused) */
     unsigned refused_unlogged; /* refusals since, not logged */
+    uint64_t trim_ms;          /* last malloc_trim (trim_memory) */
+    uint64_t trimmed_bytes;    /* ctr.io.bytes_released at that trim */
 
     int stopping;       /* shutdown begun */
     int handles_closed; /* final uv_close of the server handles done */

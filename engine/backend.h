@@ -154,8 +154,9 @@ typedef struct be_job {
     int be_slot;
     void *fq_flow;           /* fairq.c */
     int64_t be_cursor;       /* cpu: next slice */
-    int be_cancel;           /* cpu: cancel at the next slice boundary (LA_E* to report); cuda: the
-                        * doorbell wait was released by the daemon (LA_E* to report) */
+    int be_cancel;           /* cpu: cancel (LA_E* to report): the running slice stops before
+                              * its next k-tile, no further slice runs; cuda: the doorbell wait
+                              * was released by the daemon (LA_E* to report) */
     void *be_lane;           /* cuda: the stream pair it was launched on */
     uint64_t be_deadline_ns; /* cuda: when an unrung doorbell wait is given up (0: none) */
     int be_cuda_err;         /* cuda: the status its stream callback got */
@@ -201,8 +202,8 @@ typedef struct be_ops {
     /* Queues job; returns 0 (complete() will be called) or an error (it will not). */
     int (*submit)(be_backend *b, be_job *job);
     /* Cancels the queued jobs of conn_id (every job when all is set) at once, their status
-     * code (LA_ECLOSED or LA_ESHUTDOWN); running jobs that can stop early (cpu: at the next
-     * slice boundary) stop with the same status. Does not wait. */
+     * code (LA_ECLOSED or LA_ESHUTDOWN); running jobs that can stop early (cpu: within the
+     * running slice, before its next k-tile) stop with the same status. Does not wait. */
     void (*cancel)(be_backend *b, uint64_t conn_id, int all, int code);
     /* Cancels queued jobs (their status LA_ESHUTDOWN) and waits for running ones; every
      * job's complete() has been called when it returns. Called from the loop thread. */

@@ -9,9 +9,12 @@
  * computed independently of the others). Between slices the worker goes back to the queue,
  * which charges each slice to its user and session, so a small call of another user waits for
  * at most one slice, however large the calls queued before it; and a call can be cancelled
- * between slices (its connection closed, the daemon stops). A call cancelled half-way has
- * updated the mask of some of its heads only: its layer's mask is set back to all ones (the
- * next call of that layer computes densely), which is always correct.
+ * (its connection closed, the daemon stops): between slices, and within the slice running,
+ * which la_ref_attn_fwd_cancel stops before its next k-tile (be_cancel is its flag), so that
+ * a departed client's or a stopping daemon's CPU is free within a tile, not after a q-tile
+ * against all keys. A call cancelled half-way has updated the mask of some of its heads (or
+ * q-tiles) only: its layer's mask is set back to all ones (the next call of that layer
+ * computes densely), which is always correct.
  *
  * A worker that takes a slice gives it threads / (slices running + jobs queued) reference
  * threads (at least 1), so a job alone gets the whole machine and under load the pool
@@ -197,10 +200,11 @@ static void finish_mask(be_job *j, int threads)
         memcpy((char *)j->mask->host + j->capture_off, p->mask, (size_t)j->mask_len);
 }
 
-/* A call stopped after some of its slices wrote the mask: all ones again (dense). */
-static void undo_mask(be_job *j)
+/* A call stopped after some of its slices wrote the mask (touched; a slice stopped within
+ * has written some rows): all ones again (dense). */
+static void undo_mask(be_job *j, int touched)
 {
-    if (j->be_cursor > 0 && j->p.mask && !j->p.decisions && j->p.mode != LA_MODE_DENSE) {
+    if (touched && j->p.mask && !j->p.decisions && j->p.mode != LA_MODE_DENSE) {
         memset(j->p.mask, 0xff, (size_t)j->mask_len);
         j->has_live = 1;
         j->live_bits = be_mask_live(j->p.mask, j->mask_len, j->mask_words, j->mask_k_tiles);
@@ -218,6 +222,21 @@ static void set_cancelled(be_job *j, int code)
     j->t_end_ns = be_now_ns();
 }
 
+/* j's slice, or its finish or undo, is over: its mask is free for the next call. Under
+ * c->lock. */
+static void unbusy(cpu_backend *c, be_job *j)
+{
+    for (int i = 0; i < c->running; i++)
+        if (c->busy[i] == j) {
+            c->busy[i] = c->busy[--c->running];
+            break;
+        }
+}
+
+/* A job stays in busy (its mask blocked, slice_blocked) and its flow unreleased (fq_done)
+ * until its mask is finished or undone: the next call on the mask must start from the result,
+ * not race with the live count, the guardrail's restored rows or the undo. Each worker holds
+ * at most one busy entry, so busy (n_threads) never overflows. */
 static void *worker_main(void *arg)
 {
     cpu_backend *c = arg;
@@ -227,11 +246,15 @@ static void *worker_main(void *arg)
             be_job *j = c->cancelled;
             c->cancelled = j->be_next;
             j->be_next = NULL;
+            c->busy[c->running++] = j;
             pthread_mutex_unlock(&c->lock);
-            undo_mask(j);
+            undo_mask(j, j->be_cursor > 0);
+            pthread_mutex_lock(&c->lock);
+            unbusy(c, j);
+            pthread_cond_broadcast(&c->cond);
+            pthread_mutex_unlock(&c->lock);
             cpu_complete(c, j);
             pthread_mutex_lock(&c->lock);
-            pthread_cond_broadcast(&c->cond);
             continue;
         }
         be_job *j = c->running < c->n_threads ? fq_pick(&c->q, slice_blocked, c, 0) : NULL;
@@ -273,25 +296,24 @@ static void *worker_main(void *arg)
         int64_t tiles = 0;
         sp.threads = share > 0 ? share : 1;
         sp.ret_tiles_computed = &tiles;
-        int rc = unrung ? LA_EINVAL : la_ref_attn_fwd(&sp);
+        int rc = unrung ? LA_EINVAL : la_ref_attn_fwd_cancel(&sp, &j->be_cancel);
 
         pthread_mutex_lock(&c->lock);
-        for (int i = 0; i < c->running; i++)
-            if (c->busy[i] == j) {
-                c->busy[i] = c->busy[--c->running];
-                break;
-            }
+        /* Stopped within the slice (cpu_cancel set be_cancel): cancelled, its mask undone. */
+        int stopped = rc < 0 && j->be_cancel && rc == j->be_cancel;
+        if (stopped)
+            rc = 0;
         j->tiles_computed += tiles;
         int64_t hp, tp, n = plan(c, &j->p, &hp, &tp);
-        if (rc == 0)
+        if (rc == 0 && !stopped)
             j->be_cursor++;
         if (rc == 0 && j->be_cursor < n && !j->be_cancel) {
+            unbusy(c, j);
             fq_requeue(&c->q, j);
             pthread_cond_broadcast(&c->cond);
             continue;
         }
-        fq_done(&c->q, j);
-        pthread_cond_broadcast(&c->cond);
+        int cancel = j->be_cancel;
         pthread_mutex_unlock(&c->lock);
         if (unrung) {
             j->status = LA_EINVAL;
@@ -304,15 +326,20 @@ static void *worker_main(void *arg)
             j->status = rc;
             snprintf(j->msg, sizeof j->msg, "cpu reference refused the call: %s",
                      codes_strerror(rc));
-            undo_mask(j);
+            undo_mask(j, j->be_cursor > 0);
         } else if (j->be_cursor < n) {
-            set_cancelled(j, j->be_cancel);
-            undo_mask(j);
+            set_cancelled(j, cancel);
+            undo_mask(j, j->be_cursor > 0 || stopped);
         } else {
             j->status = 0;
             finish_mask(j, sp.threads);
         }
         j->t_end_ns = be_now_ns();
+        pthread_mutex_lock(&c->lock);
+        unbusy(c, j);
+        fq_done(&c->q, j);
+        pthread_cond_broadcast(&c->cond);
+        pthread_mutex_unlock(&c->lock);
         cpu_complete(c, j); /* j belongs to the engine now */
         pthread_mutex_lock(&c->lock);
     }
@@ -450,9 +477,10 @@ static void cpu_cancel(be_backend *b, uint64_t conn_id, int all, int code)
             fresh = j;
         }
     }
+    /* The running slices read be_cancel without the lock (la_ref_attn_fwd_cancel). */
     for (int i = 0; i < c->running; i++)
         if ((all || c->busy[i]->conn_id == conn_id) && !c->busy[i]->be_cancel)
-            c->busy[i]->be_cancel = code;
+            __atomic_store_n(&c->busy[i]->be_cancel, code, __ATOMIC_RELAXED);
     pthread_cond_broadcast(&c->cond);
     pthread_mutex_unlock(&c->lock);
     while (fresh) {

@@ -281,7 +281,7 @@ int eng_doorbell_add(eng *e, uint32_t uid, uint64_t conn_id, int fd, uint32_t sl
 void eng_doorbell_refuse(eng *e, uint64_t conn_id, uint32_t slot, uint32_t value, int code);
 
 /* The connection went away: its queued jobs are cancelled at once (LA_ECLOSED; running CPU
- * calls stop at their next slice), its buffers are released (after their in-flight work), its
+ * calls stop before their next k-tile), its buffers are released (after their in-flight work), its
  * running jobs still complete but their callbacks are told (user data stays valid until
  * then: the server keeps the conn until all its callbacks ran), and it drops its reference
  * on the sessions it opened or attached: a session whose last connection left becomes
@@ -359,7 +359,7 @@ int eng_attn_submit(eng *e, uint32_t uid, uint64_t conn_id, const eng_attn_req *
 int eng_process_completions(eng *e);
 
 /* Stops accepting jobs and cancels the queued ones at once (LA_ESHUTDOWN; CPU calls already
- * running stop at their next slice); eng_idle() is then true once every job has completed and
+ * running stop before their next k-tile); eng_idle() is then true once every job has completed and
  * its callback ran. */
 void eng_shutdown(eng *e);
 int eng_idle(const eng *e);

@@ -132,6 +132,14 @@ void la_tile_flags(const la_attn_params *p, uint32_t *must_do, uint32_t *skip_on
  * multi-threaded over (b, h, q-tile) with p->threads pthreads. Returns 0 or an error of
  * la_attn_validate / LA_ENOMEM. */
 int la_ref_attn_fwd(const la_attn_params *p);
+/* la_ref_attn_fwd that stops early once *cancel is non-zero (another thread sets it with an
+ * atomic store, e.g. __atomic_store_n): an item still running stops before its next k-tile and
+ * writes nothing, items not begun are left, and the call returns *cancel, which must be a
+ * negative LA_E* code of the caller's choosing. Items that finished have written their O, LSE,
+ * row maxima and mask rows; the others are as they were (the caller treats the call's outputs
+ * and mask as undefined). A call whose every item finished returns 0 even when *cancel was set
+ * meanwhile. cancel NULL: la_ref_attn_fwd. */
+int la_ref_attn_fwd_cancel(const la_attn_params *p, const int *cancel);
 
 #ifdef __cplusplus
 }

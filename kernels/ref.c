@@ -7,7 +7,9 @@
  * k-tile the K and V tiles are widened to fp32 into per-thread scratch (K transposed), so that
  * the score block S = Q K^T and the update O += P V are plain loops over independent outputs that
  * the compiler vectorises without reassociating any sum: the result does not depend on the
- * vector width, the thread count or the order in which items are taken.
+ * vector width, the thread count or the order in which items are taken. A caller may stop a
+ * call between k-tiles (la_ref_attn_fwd_cancel): the daemon does when the call's client leaves
+ * or on SIGTERM, since one q-tile against millions of keys can take minutes.
  *
  * Choices SKIP-SEMANTICS.md leaves open, fixed here (and followed by every backend):
  * - Must-skip-only tiles are never computed, in any mode; modes DENSE and OBSERVE visit every
@@ -285,7 +287,15 @@ typedef struct job {
     atomic_int_fast64_t next;
     int64_t n_items;
     atomic_int_fast64_t tiles;
+    const int *cancel;   /* la_ref_attn_fwd_cancel: stop once non-zero (NULL: never) */
+    atomic_bool stopped; /* an item was left unfinished because of it */
 } job;
+
+/* The caller asked to stop (an atomic load: another thread writes *cancel). */
+static inline bool cancelled(const job *jb)
+{
+    return jb->cancel != NULL && __atomic_load_n(jb->cancel, __ATOMIC_RELAXED) != 0;
+}
 
 static inline bool bit(const uint32_t *w, int64_t n) { return (w[n / 32] >> (n % 32)) & 1u; }
 
@@ -348,6 +358,12 @@ static void run_item(job *jb, scratch *sc, int64_t item)
         memset(sc->loaded, 0, sizeof(uint32_t) * (size_t)jb->words);
     }
     for (int32_t vi = 0; vi < n_visit; vi++) {
+        /* Stopped: the item writes nothing (its O, LSE, row maxima and mask row stay as they
+         * were), so that a call of one q-tile against millions of keys stops within a tile. */
+        if (cancelled(jb)) {
+            atomic_store(&jb->stopped, true);
+            return;
+        }
         const int32_t n = sc->order[vi], c0 = n * p->BN;
         const int bn = (p->Sk - c0 < p->BN) ? p->Sk - c0 : p->BN;
         float *kt = sc->kt, *vt = sc->v;
@@ -471,6 +487,10 @@ static void *worker(void *arg)
         int64_t item = atomic_fetch_add(&jb->next, 1);
         if (item >= jb->n_items)
             break;
+        if (cancelled(jb)) {
+            atomic_store(&jb->stopped, true);
+            break;
+        }
         run_item(jb, sc, item);
     }
     return NULL;
@@ -548,7 +568,9 @@ static int scratch_init(scratch *sc, const job *jb)
     return 0;
 }
 
-int la_ref_attn_fwd(const la_attn_params *p)
+int la_ref_attn_fwd(const la_attn_params *p) { return la_ref_attn_fwd_cancel(p, NULL); }
+
+int la_ref_attn_fwd_cancel(const la_attn_params *p, const int *cancel)
 {
     int rc = la_attn_validate(p);
     if (rc < 0)
@@ -557,6 +579,8 @@ int la_ref_attn_fwd(const la_attn_params *p)
     job jb;
     memset(&jb, 0, sizeof jb);
     jb.p = p;
+    jb.cancel = cancel;
+    atomic_init(&jb.stopped, false);
     jb.nq = la_tiles(p->Sq, p->BM);
     jb.nk = la_tiles(p->Sk, p->BN);
     jb.words = la_mask_words(jb.nk);
@@ -609,6 +633,8 @@ int la_ref_attn_fwd(const la_attn_params *p)
             pthread_join(tid[t], NULL);
         if (p->ret_tiles_computed != NULL)
             *p->ret_tiles_computed = atomic_load(&jb.tiles);
+        if (atomic_load(&jb.stopped))
+            rc = __atomic_load_n(cancel, __ATOMIC_RELAXED);
     }
     for (int t = 0; scr != NULL && t < threads; t++)
         scratch_free(&scr[t]);

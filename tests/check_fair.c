@@ -19,7 +19,9 @@
  *     pings in one write takes turns with another client's requests, all answered in order;
  *   - fds held in flight and unread replies are budgeted per user over its connections;
  *   - the loop thread is not frozen by a huge session (open, info, list); a partial frame
- *     after Hello times out; a burst of refused connections does not flood the log.
+ *     after Hello times out; a burst of refused connections does not flood the log;
+ *   - the memory of unread replies goes back to the system once their connections close, and
+ *     such a close (a reset) is not logged as a socket error.
  *
  * Timing bounds are loose (a loaded 2-core CI machine): the attacker's calls take seconds each,
  * so on a FIFO pool the victim would wait many seconds.
@@ -392,6 +394,31 @@ END_TEST
 
 /* ---- through the daemon, with real uids ------------------------------------------------ */
 
+static int64_t reply_stat(const Liteattn__Reply *r, const char *name)
+{
+    if (!r || r->body_case != LITEATTN__REPLY__BODY_STATS)
+        return -1;
+    for (size_t i = 0; i < r->stats->n_stats; i++)
+        if (!strcmp(r->stats->stats[i]->name, name))
+            return r->stats->stats[i]->value;
+    return -1;
+}
+
+/* One counter of the daemon's Stats, asked on sock (-1 when missing). */
+static int64_t daemon_stat(int sock, const char *name)
+{
+    Liteattn__Stats st = LITEATTN__STATS__INIT;
+    Liteattn__Request q = LITEATTN__REQUEST__INIT;
+    q.id = 9;
+    q.body_case = LITEATTN__REQUEST__BODY_STATS;
+    q.stats = &st;
+    Liteattn__Reply *r = raw_call(sock, &q);
+    int64_t v = reply_stat(r, name);
+    if (r)
+        liteattn__reply__free_unpacked(r, NULL);
+    return v;
+}
+
 #define UID_A 1234
 #define UID_B 65534
 
@@ -572,6 +599,15 @@ START_TEST(daemon_victim_not_starved)
     liteattn__reply__free_unpacked(rep, NULL);
     ck_assert_msg(inflight >= 0 && inflight <= 2, "%lld calls still in flight",
                   (long long)inflight);
+    /* And the running ones stop within a k-tile (each is one q-tile against all keys: seconds
+     * of one thread), not at their end: the CPU is free again. */
+    double end = tu_now_s() + 2.0 * SLOW;
+    while (inflight > 0 && tu_now_s() < end) {
+        usleep(20 * 1000);
+        inflight = daemon_stat(fd, "calls_inflight");
+    }
+    ck_assert_msg(inflight == 0, "%lld calls of the departed user still running",
+                  (long long)inflight);
     close(fd);
     close(pp[0]);
     close(pp[1]);
@@ -585,7 +621,7 @@ START_TEST(daemon_sigterm_prompt)
         return;
     int pp[2];
     ck_assert_int_eq(pipe(pp), 0);
-    pid_t a = spawn_attacker(td_fx.socket, 16, HEAVY_SK / 4, 1, pp[1]);
+    pid_t a = spawn_attacker(td_fx.socket, 16, HEAVY_SK, 1, pp[1]);
     char c = 0;
     ck_assert_int_eq(read(pp[0], &c, 1), 1);
     ck_assert_int_eq(c, 'y');
@@ -596,10 +632,11 @@ START_TEST(daemon_sigterm_prompt)
     kill(a, SIGKILL);
     waitpid(a, NULL, 0);
     ck_assert_int_eq(rc, 0);
-    /* The two running calls (one q-tile each, under a second of one thread) finish; the 14
-     * queued ones are cancelled at once instead of running for seven times as long. */
+    /* The 14 queued calls are cancelled at once, and the two running ones (one q-tile
+     * against all keys each: seconds of one thread, which no slice boundary cuts) stop within
+     * a k-tile instead of running to their end. */
     fprintf(stderr, "daemon_sigterm_prompt: exit %.2f s after SIGTERM\n", took);
-    ck_assert_msg(took < 4.0 * SLOW, "the daemon took %.2f s to exit", took);
+    ck_assert_msg(took < 2.0 * SLOW, "the daemon took %.2f s to exit", took);
     close(pp[0]);
     close(pp[1]);
     ck_assert_int_eq(td_stop(&td_fx), 0); /* it exited (td_wait above): the cleanup */
@@ -670,16 +707,6 @@ START_TEST(partial_frame_times_out)
     close(fd);
 }
 END_TEST
-
-static int64_t reply_stat(const Liteattn__Reply *r, const char *name)
-{
-    if (!r || r->body_case != LITEATTN__REPLY__BODY_STATS)
-        return -1;
-    for (size_t i = 0; i < r->stats->n_stats; i++)
-        if (!strcmp(r->stats->stats[i]->name, name))
-            return r->stats->stats[i]->value;
-    return -1;
-}
 
 static void ping_req(Liteattn__Request *q, Liteattn__Ping *p, uint64_t id)
 {
@@ -866,19 +893,7 @@ END_TEST
  * connection and max_outbound_bytes_per_user 3.5M, A leaves about 3 MB of Stats replies
  * unread and stays; B does the same and, the user now over 3.5M, is closed. C, of the same
  * user but reading its replies, goes on. */
-static int64_t frames_in(int sock)
-{
-    Liteattn__Stats st = LITEATTN__STATS__INIT;
-    Liteattn__Request q = LITEATTN__REQUEST__INIT;
-    q.id = 9;
-    q.body_case = LITEATTN__REQUEST__BODY_STATS;
-    q.stats = &st;
-    Liteattn__Reply *r = raw_call(sock, &q);
-    int64_t v = reply_stat(r, "server.frames_in");
-    if (r)
-        liteattn__reply__free_unpacked(r, NULL);
-    return v;
-}
+static int64_t frames_in(int sock) { return daemon_stat(sock, "server.frames_in"); }
 
 static size_t stats_reply_size(int sock)
 {
@@ -936,6 +951,104 @@ START_TEST(outbound_budget_per_user)
     close(a);
     close(b);
     close(c);
+}
+END_TEST
+
+/* Memory of unread replies goes back to the system once their connections close: 12
+ * connections leave about 5 MB of Stats replies each unread (within the defaults: 8M per
+ * connection, 64M per user), a later connection is made (its buffers come after theirs in the
+ * heap, so glibc alone would keep all of it), the 12 close: the daemon's RSS comes back to
+ * within 16 MiB of where it was (before, it stayed at the peak: about 460 MB after 63 such
+ * connections). Their close, a reset since they left replies unread, is not logged as a socket
+ * error. Under a sanitizer the RSS says nothing (its allocator is not glibc's, and ASan's
+ * quarantine keeps freed memory on purpose): the case then runs smaller and checks that the
+ * daemon trimmed (server.memory_trims) and the log, not the RSS.
+ * For bench/RESULTS.md's larger figures: LA_UNREAD_CONNS (at most 62: the watcher and the
+ * late one make 64, the per-user connection limit), LA_UNREAD_KIB per connection and
+ * LA_UNREAD_PER_USER (the daemon's max_outbound_bytes_per_user, 0: none). */
+#define UNREAD_CONNS 12
+#define UNREAD_CONNS_MAX 62
+#define UNREAD_KIB (5 * 1024)
+#define UNREAD_RSS_SLACK_KIB (16 * 1024)
+static void unread_up(void)
+{
+    const char *u = getenv("LA_UNREAD_PER_USER");
+    const char *args[] = {"--max-outbound-bytes-per-user", u && *u ? u : "64M", NULL};
+    td_fx_start(args);
+}
+
+START_TEST(unread_replies_memory_returned)
+{
+    int sanitizer = getenv("LA_TEST_SANITIZER") != NULL;
+    int conns = tu_env_int("LA_UNREAD_CONNS", sanitizer ? 4 : UNREAD_CONNS);
+    size_t bytes = (size_t)tu_env_int("LA_UNREAD_KIB", sanitizer ? 1024 : UNREAD_KIB) << 10;
+    ck_assert_msg(conns >= 1 && conns <= UNREAD_CONNS_MAX, "LA_UNREAD_CONNS %d: 1 to %d", conns,
+                  UNREAD_CONNS_MAX);
+    int watcher = raw_connect(td_fx.socket);
+    ck_assert_int_ge(watcher, 0);
+    int n = (int)(bytes / stats_reply_size(watcher));
+    /* Warm-up: what the first unread replies allocate for good counts in the baseline. */
+    int w = raw_connect(td_fx.socket);
+    ck_assert_int_ge(w, 0);
+    unread_stats(w, watcher, 100);
+    close(w);
+    ck_assert_int_eq(raw_ping(watcher), 0);
+    usleep(1200 * 1000);
+    long rss0 = proc_rss_kib(td_fx.pid);
+    int64_t trims0 = daemon_stat(watcher, "server.memory_trims");
+
+    int fd[UNREAD_CONNS_MAX];
+    for (int i = 0; i < conns; i++) {
+        fd[i] = raw_connect(td_fx.socket);
+        ck_assert_int_ge(fd[i], 0);
+        unread_stats(fd[i], watcher, n);
+    }
+    for (int i = 0; i < conns; i++)
+        ck_assert_msg(!hung_up(fd[i], 0), "connection %d was closed with %d replies unread", i, n);
+    long peak = proc_rss_kib(td_fx.pid);
+    int late = raw_connect(td_fx.socket);
+    ck_assert_int_ge(late, 0);
+    ck_assert_int_eq(raw_ping(late), 0);
+    for (int i = 0; i < conns; i++)
+        close(fd[i]);
+    double end = tu_now_s() + 10;
+    while (daemon_stat(late, "server.connections") > 2 && tu_now_s() < end)
+        usleep(20 * 1000);
+    ck_assert_int_eq(daemon_stat(late, "server.connections"), 2);
+    /* Given back at once or at the next tick (at most once a second). */
+    long rss1 = proc_rss_kib(td_fx.pid);
+    for (end = tu_now_s() + 5; tu_now_s() < end; usleep(100 * 1000)) {
+        rss1 = proc_rss_kib(td_fx.pid);
+        if (rss1 <= rss0 + UNREAD_RSS_SLACK_KIB &&
+            daemon_stat(late, "server.memory_trims") > trims0)
+            break;
+    }
+    fprintf(stderr,
+            "unread_replies_memory_returned: %d connections x %d unread Stats replies: daemon "
+            "VmRSS %ld KiB before, %ld KiB with them, %ld KiB after they closed\n",
+            conns, n, rss0, peak, rss1);
+    if (sanitizer)
+        fprintf(stderr,
+                "unread_replies_memory_returned: RSS not compared under %s (its allocator, "
+                "not glibc's, keeps freed memory: ASan in quarantine)\n",
+                getenv("LA_TEST_SANITIZER"));
+    else {
+        ck_assert_msg(peak >= rss0 + (long)(conns * (bytes >> 10)) / 2,
+                      "the unread replies did not show in the RSS (%ld -> %ld KiB): the case "
+                      "measures nothing",
+                      rss0, peak);
+        ck_assert_msg(rss1 <= rss0 + UNREAD_RSS_SLACK_KIB,
+                      "the daemon's RSS stayed at %ld KiB after the connections closed "
+                      "(%ld KiB before them, %ld KiB with them)",
+                      rss1, rss0, peak);
+    }
+    ck_assert_int_ge(trims0, 0);
+    ck_assert_int_gt(daemon_stat(late, "server.memory_trims"), trims0);
+    ck_assert_int_eq(raw_ping(watcher), 0);
+    ck_assert_int_eq(count_lines(td_fx.log, "socket error"), 0);
+    ck_assert_int_ge(count_lines(td_fx.log, "left replies unread"), 1);
+    close(late);
+    close(watcher);
 }
 END_TEST
 
@@ -1001,5 +1114,7 @@ int main(void)
     tcase_add_test(daemon_tcase(s, "daemon_fds_budget", fds3_up), fds_inflight_budget_per_user);
     tcase_add_test(daemon_tcase(s, "daemon_outbound_budget", outbound_up),
                    outbound_budget_per_user);
+    tcase_add_test(daemon_tcase(s, "daemon_unread_memory", unread_up),
+                   unread_replies_memory_returned);
     return tu_run_suite(s);
 }

@@ -4,11 +4,14 @@
  * against votes re-derived here in double, and every error of la_attn_validate.
  */
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "testutil.h"
+#include "testutil_proc.h"
 
 #define LOG2E 1.4426950408889634
 /* A vote is a tie when fp32 rounding could put it on either side of tau: each fp32 dot product
@@ -1269,6 +1272,109 @@ START_TEST(threads_bit_identical)
 }
 END_TEST
 
+/* ---- cancellation (la_ref_attn_fwd_cancel) ---------------------------------------------- */
+
+typedef struct canceller {
+    int *flag;
+    int code;
+    unsigned delay_us;
+} canceller;
+
+static void *cancel_later(void *arg)
+{
+    canceller *c = arg;
+    usleep(c->delay_us);
+    __atomic_store_n(c->flag, c->code, __ATOMIC_RELAXED);
+    return NULL;
+}
+
+/* A flag that stays 0 changes nothing (bit for bit); one set before the call stops it before
+ * any output is written; one set while 2 threads each run one q-tile against 4 Mi keys (zero
+ * strides: one K and one V row stand for all; 2^36 multiply-adds each, seconds of CPU)
+ * stops them within a k-tile: the call returns the flag's code at once and leaves O, LSE and
+ * the mask as they were. */
+START_TEST(cancel_stops_within_a_tile)
+{
+    tu_problem *t = mk(95, 1, 200, 230, 3, 64, LA_DTYPE_BF16, 32, 48, 2.0);
+    t->p.mode = LA_MODE_SKIP;
+    t->p.tau = -4.0f;
+    t->p.threads = 2;
+    size_t ob = (size_t)200 * 3 * 64 * 2, lb = (size_t)3 * 200 * 4;
+    ck_assert_int_eq(la_ref_attn_fwd(&t->p), 0);
+    uint8_t *o1 = malloc(ob), *l1 = malloc(lb);
+    memcpy(o1, t->o, ob);
+    memcpy(l1, t->lse, lb);
+    uint32_t *m1 = copy_mask(t);
+    tu_mask_ones(t);
+    int flag = 0;
+    ck_assert_int_eq(la_ref_attn_fwd_cancel(&t->p, &flag), 0);
+    ck_assert(memcmp(o1, t->o, ob) == 0 && memcmp(l1, t->lse, lb) == 0);
+    ck_assert(memcmp(m1, t->mask, t->mask_words * 4) == 0);
+
+    memset(t->o, 0x5a, ob);
+    memset(t->lse, 0x5a, lb);
+    tu_mask_ones(t);
+    uint32_t *ones = copy_mask(t);
+    flag = LA_ESHUTDOWN;
+    ck_assert_int_eq(la_ref_attn_fwd_cancel(&t->p, &flag), LA_ESHUTDOWN);
+    for (size_t i = 0; i < ob; i++)
+        ck_assert_msg(((uint8_t *)t->o)[i] == 0x5a, "O byte %zu written by a stopped call", i);
+    for (size_t i = 0; i < lb; i++)
+        ck_assert_msg(((uint8_t *)t->lse)[i] == 0x5a, "LSE byte %zu written", i);
+    ck_assert(memcmp(ones, t->mask, t->mask_words * 4) == 0);
+    free(o1);
+    free(l1);
+    free(m1);
+    free(ones);
+    tu_problem_free(t);
+
+    enum { SQ = 128, H = 2, D = 64, BM = 128, BN = 64 };
+    const int32_t sk = 1 << 22;
+    float *q = calloc((size_t)SQ * H * D, 4), *o = malloc((size_t)SQ * H * D * 4),
+          *kv = calloc(2 * D, 4), *lse = malloc((size_t)H * SQ * 4);
+    int64_t words = la_mask_words(la_tiles(sk, BN));
+    uint32_t *mask = malloc((size_t)H * words * 4);
+    ck_assert(q && o && kv && lse && mask);
+    for (int i = 0; i < SQ * H * D; i++)
+        q[i] = (float)((i * 7) % 11) / 11.0f - 0.5f;
+    for (int i = 0; i < 2 * D; i++)
+        kv[i] = (float)((i * 5) % 13) / 13.0f - 0.5f;
+    memset(o, 0x5a, (size_t)SQ * H * D * 4);
+    memset(mask, 0xff, (size_t)H * words * 4);
+    la_attn_params p;
+    tu_params(&p, q, kv, kv + D, o, lse, mask, 1, SQ, sk, H, D, LA_DTYPE_F32, BM, BN);
+    p.k_stride[0] = p.k_stride[1] = p.k_stride[2] = 0;
+    p.v_stride[0] = p.v_stride[1] = p.v_stride[2] = 0;
+    p.mode = LA_MODE_SKIP;
+    p.tau = INFINITY; /* a finished item would keep only its first tile: the mask would change */
+    p.threads = 2;
+    flag = 0;
+    canceller c = {&flag, LA_ECLOSED, 200 * 1000};
+    pthread_t th;
+    ck_assert_int_eq(pthread_create(&th, NULL, cancel_later, &c), 0);
+    double t0 = tu_now_s();
+    int rc = la_ref_attn_fwd_cancel(&p, &flag);
+    double took = tu_now_s() - t0;
+    pthread_join(th, NULL);
+    fprintf(stderr,
+            "cancel_stops_within_a_tile: a call of 2 x 2^36 multiply-adds stopped %.3f s after "
+            "it began (cancelled at 0.2 s)\n",
+            took);
+    ck_assert_int_eq(rc, LA_ECLOSED);
+    ck_assert_msg(took < 2.0, "the call ran %.2f s after its flag was set at 0.2 s", took);
+    for (size_t i = 0; i < (size_t)SQ * H * D * 4; i++)
+        ck_assert_msg(((uint8_t *)o)[i] == 0x5a, "O byte %zu written by a stopped call", i);
+    for (int64_t i = 0; i < H * words; i++)
+        ck_assert_msg(mask[i] == 0xffffffffu, "mask word %lld written by a stopped call",
+                      (long long)i);
+    free(q);
+    free(o);
+    free(kv);
+    free(lse);
+    free(mask);
+}
+END_TEST
+
 /* ---- output rounding -------------------------------------------------------------------- */
 
 /* The bf16/f16 path widens exactly, so on inputs representable in the half type it computes the
@@ -1629,6 +1735,7 @@ static Suite *ref_suite(void)
     tcase_add_test(tc, strides_bhsd_layout);
     tcase_add_test(tc, strides_padded_rows);
     tcase_add_test(tc, threads_bit_identical);
+    tcase_add_test(tc, cancel_stops_within_a_tile);
     tcase_add_test(tc, nan_as_sdpa_f32);
     tcase_add_test(tc, nan_as_sdpa_bf16);
     tcase_add_test(tc, bf16_output_rne);
