@@ -59,7 +59,7 @@ class LaAttnParams(C.Structure):
 # sizeof / offsetof on x86-64 (gcc), checked once here so that a change of la_attn.h is caught.
 assert C.sizeof(LaAttnParams) == 368, C.sizeof(LaAttnParams)
 assert LaAttnParams.B.offset == 224 and LaAttnParams.must_do.offset == 272
-assert LaAttnParams.mask.offset == 272 and LaAttnParams.ret_tiles_computed.offset == 328
+assert LaAttnParams.mask.offset == 304 and LaAttnParams.ret_tiles_computed.offset == 360
 
 
 class Kernels:

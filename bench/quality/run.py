@@ -234,6 +234,9 @@ def run_setting(name, liteattn, socket, model, noise, labels, hs, args, dtype, t
              "guard_restored": info.get("guard_restored", 0),
              "guard_tiles": info.get("guard_tiles", 0)}
     ctx.end_generation()
+    if rec.calls and not any(c[2] for c in rec.calls):
+        raise RuntimeError("%s: no call reported its tiles (a fast-path call answers without "
+                           "figures): nothing to measure" % name)
     live, skipped, attn_s = per_step_tables(rec.calls, cfg.depth, args.steps)
     first = first_steps_skipped(rec.calls, min(2, args.steps))
     # held-out denoising loss with skipping on, teacher-forced along the schedule
@@ -419,6 +422,9 @@ def main():
     ap.add_argument("--guard-sample", type=int, default=4, help="q-tiles per checked call")
     ap.add_argument("--guard-budget", type=float, default=0.05)
     args = ap.parse_args()
+    # The figures of every (layer, step) come back with each call on the synchronous path;
+    # the fast path (the module's default on CUDA) answers without them (last_call is empty).
+    os.environ["LITEATTN_FASTPATH"] = "0"
     try:
         import torch
     except ImportError:
