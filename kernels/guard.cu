@@ -25,33 +25,41 @@ __device__ float lost_mass(float ls, float ld)
     return 1.0f - expf(d);
 }
 
-/* One thread per sampled (j, b, h): LSE [B, H, Sq] (strides in elements), dense_lse
- * [n_tiles][B][H][BM] contiguous. The parameters come by value (the sampled tile list is at
- * most LA_GUARD_MAX_SAMPLE ints). */
+/* A block per (b, h), a thread per sampled q-tile j (blockDim.x = LA_GUARD_MAX_SAMPLE): LSE
+ * [B, H, Sq] (strides in elements), dense_lse [n_tiles][B][H][BM] contiguous. The parameters
+ * come by value (the sampled tile list is at most LA_GUARD_MAX_SAMPLE ints). */
 __global__ void compare_kernel(la_guard_params a, unsigned long long *restored)
 {
-    long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    long long n = (long long)a.n_tiles * a.B * a.H;
-    if (idx >= n)
-        return;
-    int h = (int)(idx % a.H), b = (int)(idx / a.H % a.B), j = (int)(idx / a.H / a.B);
-    int m = a.tiles[j], r0 = m * a.BM;
-    int rows = a.Sq - r0 < a.BM ? a.Sq - r0 : a.BM;
-    const float *ld = a.dense_lse + (((long long)j * a.B + b) * a.H + h) * a.BM;
-    float worst = 0.0f;
-    for (int i = 0; i < rows; i++) {
-        float ls = a.lse[b * a.lse_stride[0] + h * a.lse_stride[1] +
-                         (long long)(r0 + i) * a.lse_stride[2]];
-        float l = lost_mass(ls, ld[i]);
-        worst = l > worst ? l : worst;
+    int h = (int)(blockIdx.x % a.H), b = (int)(blockIdx.x / a.H), j = (int)threadIdx.x;
+    int failed = 0;
+    if (j < a.n_tiles) {
+        int m = a.tiles[j], r0 = m * a.BM;
+        int rows = a.Sq - r0 < a.BM ? a.Sq - r0 : a.BM;
+        const float *ld = a.dense_lse + (((long long)j * a.B + b) * a.H + h) * a.BM;
+        float worst = 0.0f;
+        for (int i = 0; i < rows; i++) {
+            float ls = a.lse[b * a.lse_stride[0] + h * a.lse_stride[1] +
+                             (long long)(r0 + i) * a.lse_stride[2]];
+            float l = lost_mass(ls, ld[i]);
+            worst = l > worst ? l : worst;
+        }
+        failed = worst > a.budget;
     }
-    if (worst > a.budget) {
-        unsigned long long row = ((unsigned long long)b * a.H + h) * a.nq + m;
+    int n_failed = __syncthreads_count(failed);
+    unsigned long long head = ((unsigned long long)b * a.H + h) * a.nq, added = 0;
+    if (la_guard_escalates(n_failed, a.n_tiles)) {
+        for (int m = j; m < a.nq; m += blockDim.x) { /* the whole head */
+            unsigned long long row = head + m;
+            uint32_t bit = 1u << (row % 32);
+            added += !(atomicOr(a.held + row / 32, bit) & bit);
+        }
+    } else if (failed) {
+        unsigned long long row = head + a.tiles[j];
         uint32_t bit = 1u << (row % 32);
-        uint32_t old = atomicOr(a.held + row / 32, bit);
-        if (!(old & bit))
-            atomicAdd(restored, 1ull);
+        added = !(atomicOr(a.held + row / 32, bit) & bit);
     }
+    if (added)
+        atomicAdd(restored, added);
 }
 
 /* One thread per mask row (b, h, m) of the region. */
@@ -86,10 +94,10 @@ extern "C" cudaError_t la_guard_compare_cuda(const la_guard_params *p,
 {
     if (!p || !d_restored || p->n_tiles < 0 || p->n_tiles > LA_GUARD_MAX_SAMPLE)
         return cudaErrorInvalidValue;
-    long long n = (long long)p->n_tiles * p->B * p->H;
-    if (n == 0)
+    long long heads = (long long)p->B * p->H;
+    if (p->n_tiles == 0 || heads == 0)
         return cudaSuccess;
-    compare_kernel<<<blocks(n, 128), 128, 0, stream>>>(*p, d_restored);
+    compare_kernel<<<(unsigned)heads, LA_GUARD_MAX_SAMPLE, 0, stream>>>(*p, d_restored);
     return cudaGetLastError();
 }
 

@@ -34,14 +34,27 @@ static float lost_mass(float ls, float ld)
     return 1.0f - expf(d);
 }
 
+/* Sets held bit (b, h, m); 1 when it was not set. */
+static uint64_t hold(uint32_t *held, int32_t H, int32_t nq, int32_t b, int32_t h, int32_t m)
+{
+    uint64_t row = ((uint64_t)b * H + h) * nq + m;
+    uint32_t bit = 1u << (row % 32);
+    if (held[row / 32] & bit)
+        return 0;
+    held[row / 32] |= bit;
+    return 1;
+}
+
 uint64_t la_guard_compare(const la_guard_params *p)
 {
     uint64_t added = 0;
-    for (int32_t j = 0; j < p->n_tiles; j++) {
-        int32_t m = p->tiles[j], r0 = m * p->BM;
-        int32_t rows = p->Sq - r0 < p->BM ? p->Sq - r0 : p->BM;
-        for (int32_t b = 0; b < p->B; b++)
-            for (int32_t h = 0; h < p->H; h++) {
+    for (int32_t b = 0; b < p->B; b++)
+        for (int32_t h = 0; h < p->H; h++) {
+            uint64_t failed = 0; /* bit j: sampled q-tile j lost more than the budget */
+            int32_t n_failed = 0;
+            for (int32_t j = 0; j < p->n_tiles; j++) {
+                int32_t m = p->tiles[j], r0 = m * p->BM;
+                int32_t rows = p->Sq - r0 < p->BM ? p->Sq - r0 : p->BM;
                 const float *ld = p->dense_lse + (((int64_t)j * p->B + b) * p->H + h) * p->BM;
                 float worst = 0.0f;
                 for (int32_t i = 0; i < rows; i++) {
@@ -52,15 +65,19 @@ uint64_t la_guard_compare(const la_guard_params *p)
                         worst = l;
                 }
                 if (worst > p->budget) {
-                    uint64_t row = ((uint64_t)b * p->H + h) * p->nq + m;
-                    uint32_t bit = 1u << (row % 32);
-                    if (!(p->held[row / 32] & bit)) {
-                        p->held[row / 32] |= bit;
-                        added++;
-                    }
+                    failed |= 1ull << j;
+                    n_failed++;
                 }
             }
-    }
+            if (la_guard_escalates(n_failed, p->n_tiles)) {
+                for (int32_t m = 0; m < p->nq; m++) /* the whole head */
+                    added += hold(p->held, p->H, p->nq, b, h, m);
+                continue;
+            }
+            for (int32_t j = 0; j < p->n_tiles; j++)
+                if (failed >> j & 1u)
+                    added += hold(p->held, p->H, p->nq, b, h, p->tiles[j]);
+        }
     return added;
 }
 

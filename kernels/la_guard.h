@@ -43,9 +43,20 @@ typedef struct la_guard_params {
     uint32_t *held; /* the region's held bitmap */
 } la_guard_params;
 
+/* Escalation (docs/SKIP-SEMANTICS.md): more than half of a head's n sampled q-tiles (n >= 2)
+ * lost more than the budget, so every q-tile row of that head is restored. */
+#ifdef __CUDACC__
+__host__ __device__
+#endif
+static inline int la_guard_escalates(int32_t n_failed, int32_t n)
+{
+    return n >= 2 && 2 * n_failed > n;
+}
+
 /* Per sampled (b, h, m): the largest lost mass 1 - exp(min(0, lse - dense_lse)) over its
  * valid rows (fp32; 0 where dense_lse is -inf, NaN counts as 0); above budget, held bit (b, h,
- * m) is set. Returns the number of bits newly set. */
+ * m) is set, or every held bit (b, h, 0..nq) when the head escalates (la_guard_escalates).
+ * Returns the number of bits newly set. */
 uint64_t la_guard_compare(const la_guard_params *p);
 
 /* Every row of the region whose held bit is set becomes all ones in its first ceil(k_tiles/32)

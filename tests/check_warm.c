@@ -898,6 +898,48 @@ START_TEST(guard_sample_rule)
 }
 END_TEST
 
+/* la_guard_compare's rule on hand-made LSEs: a failed sample restores its row; more than half
+ * of a head's samples failed restore the whole head (docs/SKIP-SEMANTICS.md, escalation). */
+START_TEST(guard_compare_escalates_head)
+{
+    enum { GB = 1, GH = 3, GBM = 2, GNQ = 5, GSQ = GNQ * GBM };
+    float lse[GB * GH * GSQ], dense[3 * GB * GH * GBM];
+    uint32_t held[1] = {0};
+    for (int i = 0; i < GB * GH * GBM * 3; i++)
+        dense[i] = 0.0f;
+    for (int h = 0; h < GH; h++)
+        for (int r = 0; r < GSQ; r++)
+            lse[h * GSQ + r] = 0.0f; /* nothing lost */
+    la_guard_params gp;
+    memset(&gp, 0, sizeof gp);
+    gp.lse = lse;
+    gp.lse_stride[0] = GH * GSQ, gp.lse_stride[1] = GSQ, gp.lse_stride[2] = 1;
+    gp.dense_lse = dense;
+    gp.held = held;
+    gp.tiles[0] = 0, gp.tiles[1] = 2, gp.tiles[2] = 4;
+    gp.n_tiles = 3;
+    gp.B = GB, gp.H = GH, gp.Sq = GSQ, gp.BM = GBM, gp.nq = GNQ;
+    gp.budget = 0.1f;
+    /* head 0: samples 0 and 2 lose 63% (2 of 3: escalates); head 1: sample 4 alone (one row
+     * of it) loses 63%; head 2: a loss under the budget. */
+    lse[0 * GSQ + 0] = -1.0f;
+    lse[0 * GSQ + 2 * GBM + 1] = -1.0f;
+    lse[1 * GSQ + 4 * GBM + 1] = -1.0f;
+    lse[2 * GSQ + 0] = -0.05f;
+    ck_assert_uint_eq(la_guard_compare(&gp), GNQ + 1);
+    ck_assert_uint_eq(held[0], ((1u << GNQ) - 1u) | 1u << (GNQ + 4));
+    ck_assert_uint_eq(la_guard_compare(&gp), 0); /* held already: nothing new */
+    /* One sample alone never escalates, even when it fails. */
+    held[0] = 0;
+    gp.n_tiles = 1;
+    gp.held = held;
+    ck_assert_uint_eq(la_guard_compare(&gp), 1);
+    ck_assert_uint_eq(held[0], 1u);
+    ck_assert(!la_guard_escalates(1, 2) && la_guard_escalates(2, 2) && la_guard_escalates(2, 3) &&
+              !la_guard_escalates(1, 1) && !la_guard_escalates(32, 64));
+}
+END_TEST
+
 /* The last masks of a generation of `steps` steps on model 1, generation gen. */
 static void cold_generation(harness *h, uint32_t uid, prob *p, uint64_t gen, int steps,
                             const char *key, const char *warm_key, uint32_t *last[LAYERS],
@@ -1329,27 +1371,43 @@ START_TEST(guard_restores_what_loses_mass)
     ck_assert_uint_eq(st.guard_rows, B * H * NQ);
     ck_assert_uint_eq(st.guard_tiles, (uint64_t)B * H * NQ * NK);
     ck_assert_uint_eq(c.res.tiles_computed, popcount_rows(before, B * H * NQ));
-    uint64_t must = 0, may = 0;
-    int held[B * H * NQ];
-    for (int i = 0; i < B * H * NQ; i++) {
-        int ones = (after[i] & 0xffffu) == 0xffffu;
-        held[i] = ones;
-        if (loss[i] > budget * 1.001) {
-            must++;
-            ck_assert_msg(ones, "row %d lost %g > %g but was not restored (mask %08x)", i, loss[i],
-                          budget, after[i]);
-        } else if (loss[i] > budget * 0.999) {
-            may++;
+    /* Per head: the rows float64 says lost more than the budget (must), within rounding of
+     * it (may); a head where more than half do escalates: all its rows (every q-tile was
+     * sampled here). */
+    uint64_t must = 0, lo = 0, hi = 0;
+    int held[B * H * NQ], esc[B * H];
+    for (int hd = 0; hd < B * H; hd++) {
+        int must_h = 0, may_h = 0;
+        for (int i = hd * NQ; i < (hd + 1) * NQ; i++) {
+            held[i] = (after[i] & 0xffffu) == 0xffffu;
+            if (loss[i] > budget * 1.001) {
+                must_h++;
+                ck_assert_msg(held[i], "row %d lost %g > %g but was not restored (mask %08x)", i,
+                              loss[i], budget, after[i]);
+            } else if (loss[i] > budget * 0.999) {
+                may_h++;
+            }
+        }
+        must += (uint64_t)must_h;
+        esc[hd] = la_guard_escalates(must_h + may_h, NQ);
+        if (la_guard_escalates(must_h, NQ)) {
+            for (int i = hd * NQ; i < (hd + 1) * NQ; i++)
+                ck_assert_msg(held[i], "head %d escalated (%d of %d rows over budget) but row %d "
+                              "is not restored", hd, must_h, NQ, i);
+            lo += NQ, hi += NQ;
+        } else {
+            lo += (uint64_t)must_h, hi += esc[hd] ? NQ : (uint64_t)(must_h + may_h);
         }
     }
     ck_assert_msg(must > 0, "tau = 0 lost no mass above the budget: the case shows nothing");
-    ck_assert_msg(st.guard_restored >= must && st.guard_restored <= must + may,
-                  "restored %llu rows, float64 says %llu (+%llu within rounding)",
-                  (unsigned long long)st.guard_restored, (unsigned long long)must,
-                  (unsigned long long)may);
-    /* Rows under the budget stay as the kernel decided (tau = 0 never keeps them all). */
+    ck_assert_msg(st.guard_restored >= lo && st.guard_restored <= hi,
+                  "restored %llu rows, float64 says %llu to %llu (escalated heads whole)",
+                  (unsigned long long)st.guard_restored, (unsigned long long)lo,
+                  (unsigned long long)hi);
+    /* Rows under the budget of heads that did not escalate stay as the kernel decided (tau = 0
+     * never keeps them all). */
     for (int i = 0; i < B * H * NQ; i++)
-        if (loss[i] < budget * 0.999)
+        if (loss[i] < budget * 0.999 && !esc[i / NQ])
             ck_assert_msg(!held[i], "row %d lost %g < %g but is all ones", i, loss[i], budget);
 
     /* The next call computes the restored rows densely: their output is dense attention. */
@@ -1419,9 +1477,16 @@ START_TEST(guard_restores_only_sampled_tiles)
         for (int i = 0; i < B * H * NQ; i++) {
             int ones = (m[i] & 0xffffu) == 0xffffu;
             int sampled = i % NQ == tiles[0] || i % NQ == tiles[1];
-            if (ones && !ever[i])
-                ck_assert_msg(sampled, "step %d: row %d restored but q-tile %d was not sampled",
-                              step, i, i % NQ);
+            if (ones && !ever[i] && !sampled) {
+                /* Only an escalated head (both samples failed: more than half of 2) restores
+                 * rows it did not sample, and then all of them. */
+                int head = i / NQ * NQ;
+                for (int r = head; r < head + NQ; r++)
+                    ck_assert_msg((m[r] & 0xffffu) == 0xffffu,
+                                  "step %d: row %d restored but q-tile %d was not sampled, "
+                                  "and its head did not escalate (row %d is not restored)",
+                                  step, i, i % NQ, r);
+            }
             ever[i] |= ones;
         }
     }
@@ -1682,6 +1747,7 @@ int main(void)
     tc = tcase_create("guard");
     tcase_set_timeout(tc, 120);
     tcase_add_test(tc, guard_sample_rule);
+    tcase_add_test(tc, guard_compare_escalates_head);
     tcase_add_test(tc, guard_restores_what_loses_mass);
     tcase_add_test(tc, guard_restores_only_sampled_tiles);
     tcase_add_test(tc, guard_quiet_at_sane_threshold);
