@@ -27,6 +27,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench_util.h"
 #include "la_attn.h"
 #include "liteattn.h"
 #ifdef LA_HAVE_CUDA
@@ -117,18 +118,8 @@ static void worker(const opts *o, int id, int kind, int ncalls, int ready_fd, in
         if (la_cuda_tile_sizes(o->D, LA_DTYPE_BF16, prop.major * 10 + prop.minor, &tbm, &tbn))
             fail("tile sizes", LA_ENOTSUP);
         bm = tbm, bn = tbn;
-        p.q = base, p.k = base + bytes, p.v = base + 2 * bytes, p.o = base + 3 * bytes;
-        int64_t sd[4] = {(int64_t)o->S * o->H * o->D, (int64_t)o->H * o->D, o->D, 1};
-        memcpy(p.q_stride, sd, sizeof sd);
-        memcpy(p.k_stride, sd, sizeof sd);
-        memcpy(p.v_stride, sd, sizeof sd);
-        memcpy(p.o_stride, sd, sizeof sd);
-        p.B = o->B, p.Sq = o->S, p.Sk = o->S, p.H = o->H, p.D = o->D;
-        p.dtype = LA_DTYPE_BF16;
-        p.scale = 1.0f / sqrtf((float)o->D);
-        p.tau = -INFINITY;
-        p.mode = o->mode;
-        p.direction = LA_DIR_ALTERNATE;
+        bench_bf16_params(&p, base, base + bytes, base + 2 * bytes, base + 3 * bytes, o->B, o->S,
+                          o->H, o->D, o->mode);
         int32_t nq = la_tiles(o->S, (int32_t)bm), w = la_mask_words(la_tiles(o->S, (int32_t)bn));
         p.mask = (uint32_t *)(base + 4 * bytes);
         p.mask_stride[2] = w;

@@ -51,6 +51,7 @@
 #include <cuda.h> /* driver types only: the driver is reached through cudaGetDriverEntryPoint */
 #include <cuda_runtime_api.h>
 
+#include "bench_util.h"
 #include "la_attn.h"
 #include "la_cuda.h"
 
@@ -385,18 +386,8 @@ static void run_case(const mem *m, const cfg *c, int test, int iters, result *r)
             snprintf(r->err, sizeof r->err, "no kernel for D %d", c->D);
             return;
         }
-        p.q = m->t[0], p.k = m->t[1], p.v = m->t[2], p.o = m->t[3];
-        int64_t st[4] = {(int64_t)c->S * c->H * c->D, (int64_t)c->H * c->D, c->D, 1};
-        memcpy(p.q_stride, st, sizeof st);
-        memcpy(p.k_stride, st, sizeof st);
-        memcpy(p.v_stride, st, sizeof st);
-        memcpy(p.o_stride, st, sizeof st);
-        p.B = c->B, p.Sq = c->S, p.Sk = c->S, p.H = c->H, p.D = c->D;
-        p.dtype = LA_DTYPE_BF16;
-        p.scale = 1.0f / sqrtf((float)c->D);
-        p.tau = -INFINITY;
-        p.mode = LA_MODE_DENSE;
-        p.direction = LA_DIR_ALTERNATE;
+        bench_bf16_params(&p, m->t[0], m->t[1], m->t[2], m->t[3], c->B, c->S, c->H, c->D,
+                          LA_MODE_DENSE);
         p.BM = bm, p.BN = bn;
     }
     for (int i = -1; i < iters; i++) { /* one untimed warm-up */
