@@ -66,6 +66,21 @@ static void fail(const char *what, int rc)
         }                                                                                 \
     } while (0)
 
+/* One call at position `pos`: through the daemon (kind 0; `what` names a failure), or a direct
+ * kernel call on st. */
+static void call_once(const opts *o, int kind, la_session *s, la_attn *a,
+                      const la_attn_params *p, cudaStream_t st, uint32_t pos, const char *what)
+{
+    if (kind == 0) {
+        la_attn_set_position(a, 0, pos, 0);
+        int rc = o->sync ? la_attn_run(s, a, NULL) : la_attn_enqueue(s, a, st, NULL);
+        if (rc)
+            fail(what, rc);
+    } else {
+        CU(la_attn_fwd_cuda(p, st));
+    }
+}
+
 /* A worker: kind 0 through the daemon (ncalls calls on one session), 1 direct kernel calls.
  * Writes its end time (seconds, CLOCK_MONOTONIC) to out_fd after reading the start byte. */
 static void worker(const opts *o, int id, int kind, int ncalls, int ready_fd, int start_fd,
@@ -131,32 +146,16 @@ static void worker(const opts *o, int id, int kind, int ncalls, int ready_fd, in
         CU(cudaMemset(p.mask, 0xff, (size_t)o->B * o->H * nq * w * 4));
     }
     /* Warm-up: a few calls, finished. */
-    for (int i = 0; i < 3; i++) {
-        if (kind == 0) {
-            la_attn_set_position(a, 0, (uint32_t)i, 0);
-            rc = o->sync ? la_attn_run(s, a, NULL) : la_attn_enqueue(s, a, st, NULL);
-            if (rc)
-                fail("warm-up call", rc);
-        } else {
-            CU(la_attn_fwd_cuda(&p, st));
-        }
-    }
+    for (int i = 0; i < 3; i++)
+        call_once(o, kind, s, a, &p, st, (uint32_t)i, "warm-up call");
     CU(cudaStreamSynchronize(st));
     if (kind == 0 && !o->sync && (rc = la_session_sync(s, -1)))
         fail("warm-up sync", rc);
     char b = 1;
     if (write(ready_fd, &b, 1) != 1 || read(start_fd, &b, 1) != 1)
         _exit(1);
-    for (int i = 0; i < ncalls; i++) {
-        if (kind == 0) {
-            la_attn_set_position(a, 0, (uint32_t)(3 + i), 0);
-            rc = o->sync ? la_attn_run(s, a, NULL) : la_attn_enqueue(s, a, st, NULL);
-            if (rc)
-                fail("call", rc);
-        } else {
-            CU(la_attn_fwd_cuda(&p, st));
-        }
-    }
+    for (int i = 0; i < ncalls; i++)
+        call_once(o, kind, s, a, &p, st, (uint32_t)(3 + i), "call");
     CU(cudaStreamSynchronize(st));
     double end = now_s();
     if (kind == 0 && !o->sync && (rc = la_session_sync(s, -1)))
