@@ -448,51 +448,56 @@ typedef struct msg {
     facts f;
 } msg;
 
-static void send_msg(int sock, const msg *m, const int *fds, int n_fds)
-{
-    struct iovec iov = {.iov_base = (void *)m, .iov_len = sizeof *m};
+/* One message's header: an iovec over the message, and `control` bytes of room for fds
+ * (none when 0; at most sizeof u.buf, FDS_PER_MSG fds). */
+typedef struct msg_io {
+    struct iovec iov;
     union {
         char buf[CMSG_SPACE(sizeof(int) * FDS_PER_MSG)];
         struct cmsghdr align;
     } u;
     struct msghdr mh;
-    memset(&mh, 0, sizeof mh);
-    mh.msg_iov = &iov;
-    mh.msg_iovlen = 1;
+} msg_io;
+
+static void msg_io_init(msg_io *io, const msg *m, size_t control)
+{
+    memset(io, 0, sizeof *io);
+    io->iov.iov_base = (void *)m;
+    io->iov.iov_len = sizeof *m;
+    io->mh.msg_iov = &io->iov;
+    io->mh.msg_iovlen = 1;
+    if (control) {
+        io->mh.msg_control = io->u.buf;
+        io->mh.msg_controllen = control;
+    }
+}
+
+static void send_msg(int sock, const msg *m, const int *fds, int n_fds)
+{
+    msg_io io;
+    msg_io_init(&io, m, n_fds > 0 ? CMSG_SPACE(sizeof(int) * (size_t)n_fds) : 0);
     if (n_fds > 0) {
-        memset(&u, 0, sizeof u);
-        mh.msg_control = u.buf;
-        mh.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)n_fds);
-        struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
+        struct cmsghdr *cm = CMSG_FIRSTHDR(&io.mh);
         cm->cmsg_level = SOL_SOCKET;
         cm->cmsg_type = SCM_RIGHTS;
         cm->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)n_fds);
         memcpy(CMSG_DATA(cm), fds, sizeof(int) * (size_t)n_fds);
     }
-    if (sendmsg(sock, &mh, 0) != (ssize_t)sizeof *m)
+    if (sendmsg(sock, &io.mh, 0) != (ssize_t)sizeof *m)
         die("sendmsg: %s", strerror(errno));
 }
 
 /* Receives one message; its fds are appended to fds[*n_fds]. Returns 0, or -1 at EOF. */
 static int recv_msg(int sock, msg *m, int *fds, int *n_fds, int max_fds)
 {
-    struct iovec iov = {.iov_base = m, .iov_len = sizeof *m};
-    union {
-        char buf[CMSG_SPACE(sizeof(int) * FDS_PER_MSG)];
-        struct cmsghdr align;
-    } u;
-    struct msghdr mh;
-    memset(&mh, 0, sizeof mh);
-    mh.msg_iov = &iov;
-    mh.msg_iovlen = 1;
-    mh.msg_control = u.buf;
-    mh.msg_controllen = sizeof u.buf;
-    ssize_t n = recvmsg(sock, &mh, MSG_CMSG_CLOEXEC);
+    msg_io io;
+    msg_io_init(&io, m, sizeof io.u.buf);
+    ssize_t n = recvmsg(sock, &io.mh, MSG_CMSG_CLOEXEC);
     if (n == 0)
         return -1;
     if (n != (ssize_t)sizeof *m)
         die("recvmsg: %zd bytes (%s)", n, n < 0 ? strerror(errno) : "short");
-    for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm)) {
+    for (struct cmsghdr *cm = CMSG_FIRSTHDR(&io.mh); cm; cm = CMSG_NXTHDR(&io.mh, cm)) {
         if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS)
             continue;
         int k = (int)((cm->cmsg_len - CMSG_LEN(0)) / sizeof(int));
