@@ -131,18 +131,15 @@ static const char *cu_name(CUresult r)
     return n ? n : "?";
 }
 
-#define CUDA(call)                                                       \
-    do {                                                                 \
-        cudaError_t e_ = (call);                                         \
-        if (e_ != cudaSuccess)                                           \
-            die("%s: %s", #call, cudaGetErrorString(e_));                \
+/* Dies unless `call` (of type T) returned ok, naming the call (text) and the error (name(r)). */
+#define CHECK(T, ok, name, call, text)     \
+    do {                                   \
+        T r_ = (call);                     \
+        if (r_ != (ok))                    \
+            die("%s: %s", text, name(r_)); \
     } while (0)
-#define CU(call)                                                         \
-    do {                                                                 \
-        CUresult r_ = (call);                                            \
-        if (r_ != CUDA_SUCCESS)                                          \
-            die("%s: %s", #call, cu_name(r_));                           \
-    } while (0)
+#define CUDA(call) CHECK(cudaError_t, cudaSuccess, cudaGetErrorString, call, #call)
+#define CU(call) CHECK(CUresult, CUDA_SUCCESS, cu_name, call, #call)
 
 static void load_driver(void)
 {
