@@ -36,6 +36,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "bench_util.h"
 #include "la_attn.h"
 #include "liteattn.h"
 #ifdef LA_HAVE_CUDA
@@ -422,21 +423,9 @@ int main(int argc, char **argv)
     /* The direct call: same tensors (in this process's memory), same tiles. */
     la_attn_params p;
     memset(&p, 0, sizeof p);
-    p.q = base;
-    p.k = base + bytes;
-    p.v = base + 2 * bytes;
-    p.o = base + 4 * bytes; /* not the daemon's O, so both paths write their own */
-    int64_t st[4] = {(int64_t)S * H * D, (int64_t)H * D, D, 1};
-    memcpy(p.q_stride, st, sizeof st);
-    memcpy(p.k_stride, st, sizeof st);
-    memcpy(p.v_stride, st, sizeof st);
-    memcpy(p.o_stride, st, sizeof st);
-    p.B = B, p.Sq = S, p.Sk = S, p.H = H, p.D = D;
-    p.dtype = LA_DTYPE_BF16;
-    p.scale = 1.0f / sqrtf((float)D);
-    p.tau = -INFINITY;
-    p.mode = mode;
-    p.direction = LA_DIR_ALTERNATE;
+    /* O at 4 * bytes: not the daemon's O, so both paths write their own. */
+    bench_bf16_params(&p, base, base + bytes, base + 2 * bytes, base + 4 * bytes, B, S, H, D,
+                      mode);
     int32_t nq = la_tiles(S, (int32_t)bm), words = la_mask_words(la_tiles(S, (int32_t)bn));
     p.mask_stride[2] = words;
     p.mask_stride[1] = (int64_t)nq * words;

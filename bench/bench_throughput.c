@@ -27,6 +27,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench_util.h"
 #include "la_attn.h"
 #include "liteattn.h"
 #ifdef LA_HAVE_CUDA
@@ -64,6 +65,21 @@ static void fail(const char *what, int rc)
             _exit(1);                                                                     \
         }                                                                                 \
     } while (0)
+
+/* One call at position `pos`: through the daemon (kind 0; `what` names a failure), or a direct
+ * kernel call on st. */
+static void call_once(const opts *o, int kind, la_session *s, la_attn *a,
+                      const la_attn_params *p, cudaStream_t st, uint32_t pos, const char *what)
+{
+    if (kind == 0) {
+        la_attn_set_position(a, 0, pos, 0);
+        int rc = o->sync ? la_attn_run(s, a, NULL) : la_attn_enqueue(s, a, st, NULL);
+        if (rc)
+            fail(what, rc);
+    } else {
+        CU(la_attn_fwd_cuda(p, st));
+    }
+}
 
 /* A worker: kind 0 through the daemon (ncalls calls on one session), 1 direct kernel calls.
  * Writes its end time (seconds, CLOCK_MONOTONIC) to out_fd after reading the start byte. */
@@ -117,18 +133,8 @@ static void worker(const opts *o, int id, int kind, int ncalls, int ready_fd, in
         if (la_cuda_tile_sizes(o->D, LA_DTYPE_BF16, prop.major * 10 + prop.minor, &tbm, &tbn))
             fail("tile sizes", LA_ENOTSUP);
         bm = tbm, bn = tbn;
-        p.q = base, p.k = base + bytes, p.v = base + 2 * bytes, p.o = base + 3 * bytes;
-        int64_t sd[4] = {(int64_t)o->S * o->H * o->D, (int64_t)o->H * o->D, o->D, 1};
-        memcpy(p.q_stride, sd, sizeof sd);
-        memcpy(p.k_stride, sd, sizeof sd);
-        memcpy(p.v_stride, sd, sizeof sd);
-        memcpy(p.o_stride, sd, sizeof sd);
-        p.B = o->B, p.Sq = o->S, p.Sk = o->S, p.H = o->H, p.D = o->D;
-        p.dtype = LA_DTYPE_BF16;
-        p.scale = 1.0f / sqrtf((float)o->D);
-        p.tau = -INFINITY;
-        p.mode = o->mode;
-        p.direction = LA_DIR_ALTERNATE;
+        bench_bf16_params(&p, base, base + bytes, base + 2 * bytes, base + 3 * bytes, o->B, o->S,
+                          o->H, o->D, o->mode);
         int32_t nq = la_tiles(o->S, (int32_t)bm), w = la_mask_words(la_tiles(o->S, (int32_t)bn));
         p.mask = (uint32_t *)(base + 4 * bytes);
         p.mask_stride[2] = w;
@@ -140,32 +146,16 @@ static void worker(const opts *o, int id, int kind, int ncalls, int ready_fd, in
         CU(cudaMemset(p.mask, 0xff, (size_t)o->B * o->H * nq * w * 4));
     }
     /* Warm-up: a few calls, finished. */
-    for (int i = 0; i < 3; i++) {
-        if (kind == 0) {
-            la_attn_set_position(a, 0, (uint32_t)i, 0);
-            rc = o->sync ? la_attn_run(s, a, NULL) : la_attn_enqueue(s, a, st, NULL);
-            if (rc)
-                fail("warm-up call", rc);
-        } else {
-            CU(la_attn_fwd_cuda(&p, st));
-        }
-    }
+    for (int i = 0; i < 3; i++)
+        call_once(o, kind, s, a, &p, st, (uint32_t)i, "warm-up call");
     CU(cudaStreamSynchronize(st));
     if (kind == 0 && !o->sync && (rc = la_session_sync(s, -1)))
         fail("warm-up sync", rc);
     char b = 1;
     if (write(ready_fd, &b, 1) != 1 || read(start_fd, &b, 1) != 1)
         _exit(1);
-    for (int i = 0; i < ncalls; i++) {
-        if (kind == 0) {
-            la_attn_set_position(a, 0, (uint32_t)(3 + i), 0);
-            rc = o->sync ? la_attn_run(s, a, NULL) : la_attn_enqueue(s, a, st, NULL);
-            if (rc)
-                fail("call", rc);
-        } else {
-            CU(la_attn_fwd_cuda(&p, st));
-        }
-    }
+    for (int i = 0; i < ncalls; i++)
+        call_once(o, kind, s, a, &p, st, (uint32_t)(3 + i), "call");
     CU(cudaStreamSynchronize(st));
     double end = now_s();
     if (kind == 0 && !o->sync && (rc = la_session_sync(s, -1)))

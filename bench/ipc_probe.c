@@ -51,6 +51,7 @@
 #include <cuda.h> /* driver types only: the driver is reached through cudaGetDriverEntryPoint */
 #include <cuda_runtime_api.h>
 
+#include "bench_util.h"
 #include "la_attn.h"
 #include "la_cuda.h"
 
@@ -130,18 +131,15 @@ static const char *cu_name(CUresult r)
     return n ? n : "?";
 }
 
-#define CUDA(call)                                                       \
-    do {                                                                 \
-        cudaError_t e_ = (call);                                         \
-        if (e_ != cudaSuccess)                                           \
-            die("%s: %s", #call, cudaGetErrorString(e_));                \
+/* Dies unless `call` (of type T) returned ok, naming the call (text) and the error (name(r)). */
+#define CHECK(T, ok, name, call, text)     \
+    do {                                   \
+        T r_ = (call);                     \
+        if (r_ != (ok))                    \
+            die("%s: %s", text, name(r_)); \
     } while (0)
-#define CU(call)                                                         \
-    do {                                                                 \
-        CUresult r_ = (call);                                            \
-        if (r_ != CUDA_SUCCESS)                                          \
-            die("%s: %s", #call, cu_name(r_));                           \
-    } while (0)
+#define CUDA(call) CHECK(cudaError_t, cudaSuccess, cudaGetErrorString, call, #call)
+#define CU(call) CHECK(CUresult, CUDA_SUCCESS, cu_name, call, #call)
 
 static void load_driver(void)
 {
@@ -385,18 +383,8 @@ static void run_case(const mem *m, const cfg *c, int test, int iters, result *r)
             snprintf(r->err, sizeof r->err, "no kernel for D %d", c->D);
             return;
         }
-        p.q = m->t[0], p.k = m->t[1], p.v = m->t[2], p.o = m->t[3];
-        int64_t st[4] = {(int64_t)c->S * c->H * c->D, (int64_t)c->H * c->D, c->D, 1};
-        memcpy(p.q_stride, st, sizeof st);
-        memcpy(p.k_stride, st, sizeof st);
-        memcpy(p.v_stride, st, sizeof st);
-        memcpy(p.o_stride, st, sizeof st);
-        p.B = c->B, p.Sq = c->S, p.Sk = c->S, p.H = c->H, p.D = c->D;
-        p.dtype = LA_DTYPE_BF16;
-        p.scale = 1.0f / sqrtf((float)c->D);
-        p.tau = -INFINITY;
-        p.mode = LA_MODE_DENSE;
-        p.direction = LA_DIR_ALTERNATE;
+        bench_bf16_params(&p, m->t[0], m->t[1], m->t[2], m->t[3], c->B, c->S, c->H, c->D,
+                          LA_MODE_DENSE);
         p.BM = bm, p.BN = bn;
     }
     for (int i = -1; i < iters; i++) { /* one untimed warm-up */
@@ -457,51 +445,56 @@ typedef struct msg {
     facts f;
 } msg;
 
-static void send_msg(int sock, const msg *m, const int *fds, int n_fds)
-{
-    struct iovec iov = {.iov_base = (void *)m, .iov_len = sizeof *m};
+/* One message's header: an iovec over the message, and `control` bytes of room for fds
+ * (none when 0; at most sizeof u.buf, FDS_PER_MSG fds). */
+typedef struct msg_io {
+    struct iovec iov;
     union {
         char buf[CMSG_SPACE(sizeof(int) * FDS_PER_MSG)];
         struct cmsghdr align;
     } u;
     struct msghdr mh;
-    memset(&mh, 0, sizeof mh);
-    mh.msg_iov = &iov;
-    mh.msg_iovlen = 1;
+} msg_io;
+
+static void msg_io_init(msg_io *io, const msg *m, size_t control)
+{
+    memset(io, 0, sizeof *io);
+    io->iov.iov_base = (void *)m;
+    io->iov.iov_len = sizeof *m;
+    io->mh.msg_iov = &io->iov;
+    io->mh.msg_iovlen = 1;
+    if (control) {
+        io->mh.msg_control = io->u.buf;
+        io->mh.msg_controllen = control;
+    }
+}
+
+static void send_msg(int sock, const msg *m, const int *fds, int n_fds)
+{
+    msg_io io;
+    msg_io_init(&io, m, n_fds > 0 ? CMSG_SPACE(sizeof(int) * (size_t)n_fds) : 0);
     if (n_fds > 0) {
-        memset(&u, 0, sizeof u);
-        mh.msg_control = u.buf;
-        mh.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)n_fds);
-        struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
+        struct cmsghdr *cm = CMSG_FIRSTHDR(&io.mh);
         cm->cmsg_level = SOL_SOCKET;
         cm->cmsg_type = SCM_RIGHTS;
         cm->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)n_fds);
         memcpy(CMSG_DATA(cm), fds, sizeof(int) * (size_t)n_fds);
     }
-    if (sendmsg(sock, &mh, 0) != (ssize_t)sizeof *m)
+    if (sendmsg(sock, &io.mh, 0) != (ssize_t)sizeof *m)
         die("sendmsg: %s", strerror(errno));
 }
 
 /* Receives one message; its fds are appended to fds[*n_fds]. Returns 0, or -1 at EOF. */
 static int recv_msg(int sock, msg *m, int *fds, int *n_fds, int max_fds)
 {
-    struct iovec iov = {.iov_base = m, .iov_len = sizeof *m};
-    union {
-        char buf[CMSG_SPACE(sizeof(int) * FDS_PER_MSG)];
-        struct cmsghdr align;
-    } u;
-    struct msghdr mh;
-    memset(&mh, 0, sizeof mh);
-    mh.msg_iov = &iov;
-    mh.msg_iovlen = 1;
-    mh.msg_control = u.buf;
-    mh.msg_controllen = sizeof u.buf;
-    ssize_t n = recvmsg(sock, &mh, MSG_CMSG_CLOEXEC);
+    msg_io io;
+    msg_io_init(&io, m, sizeof io.u.buf);
+    ssize_t n = recvmsg(sock, &io.mh, MSG_CMSG_CLOEXEC);
     if (n == 0)
         return -1;
     if (n != (ssize_t)sizeof *m)
         die("recvmsg: %zd bytes (%s)", n, n < 0 ? strerror(errno) : "short");
-    for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm)) {
+    for (struct cmsghdr *cm = CMSG_FIRSTHDR(&io.mh); cm; cm = CMSG_NXTHDR(&io.mh, cm)) {
         if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS)
             continue;
         int k = (int)((cm->cmsg_len - CMSG_LEN(0)) / sizeof(int));
