@@ -10,6 +10,22 @@
 #include <string.h>
 
 #include "la_attn.h"
+#ifdef LA_HAVE_CUDA
+#include <cuda.h>
+
+/* A cuMemCreate allocation on GPU dev exportable as a POSIX fd: what the daemon imports by
+ * SCM_RIGHTS (PyTorch's expandable_segments memory is made so). */
+static inline CUmemAllocationProp bench_vmm_prop(int dev)
+{
+    CUmemAllocationProp p;
+    memset(&p, 0, sizeof p);
+    p.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+    p.requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
+    p.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    p.location.id = dev;
+    return p;
+}
+#endif
 
 /* A dense-threshold call on four contiguous bf16 tensors [B, S, H, D] (self-attention, so
  * Sq = Sk = S): the tensors, their strides, the shape, the 1/sqrt(D) scale, tau -INFINITY (every

@@ -227,16 +227,7 @@ static size_t g_gran_min, g_gran_rec;
 
 static size_t round_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
 
-static CUmemAllocationProp vmm_prop(void)
-{
-    CUmemAllocationProp p;
-    memset(&p, 0, sizeof p);
-    p.type = CU_MEM_ALLOCATION_TYPE_PINNED;
-    p.requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
-    p.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
-    p.location.id = g_dev;
-    return p;
-}
+static CUmemAllocationProp vmm_prop(void) { return bench_vmm_prop(g_dev); }
 
 /* Maps m->h[0..n_h) side by side into a fresh reservation with access flags. */
 static CUdeviceptr vmm_map_all(mem *m, CUmemAccess_flags flags)
