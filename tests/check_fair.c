@@ -584,19 +584,7 @@ START_TEST(daemon_victim_not_starved)
     /* The departed user's calls left the queue: at most the running ones remain. */
     int fd = raw_connect(td_fx.socket);
     ck_assert_int_ge(fd, 0);
-    Liteattn__Stats sreq = LITEATTN__STATS__INIT;
-    Liteattn__Request q = LITEATTN__REQUEST__INIT;
-    q.id = 9;
-    q.body_case = LITEATTN__REQUEST__BODY_STATS;
-    q.stats = &sreq;
-    Liteattn__Reply *rep = raw_call(fd, &q);
-    ck_assert_ptr_nonnull(rep);
-    ck_assert_int_eq(rep->body_case, LITEATTN__REPLY__BODY_STATS);
-    int64_t inflight = -1;
-    for (size_t i = 0; i < rep->stats->n_stats; i++)
-        if (!strcmp(rep->stats->stats[i]->name, "calls_inflight"))
-            inflight = rep->stats->stats[i]->value;
-    liteattn__reply__free_unpacked(rep, NULL);
+    int64_t inflight = daemon_stat(fd, "calls_inflight"); /* -1: no Stats reply */
     ck_assert_msg(inflight >= 0 && inflight <= 2, "%lld calls still in flight",
                   (long long)inflight);
     /* And the running ones stop within a k-tile (each is one q-tile against all keys: seconds
