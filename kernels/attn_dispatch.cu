@@ -167,6 +167,8 @@ extern "C" cudaError_t la_attn_fwd_cuda_variant(const la_attn_params *p, int var
         cc = 80; /* the portable family's code runs on every device it was built for */
         variant &= ~LA_CUDA_VARIANT_PORTABLE;
     }
+    const bool persist = !(variant & LA_CUDA_VARIANT_ONE_CTA_PER_TILE);
+    variant &= ~LA_CUDA_VARIANT_ONE_CTA_PER_TILE;
     if (la_cuda_supported(p, cc) != 0) return cudaErrorInvalidValue;
     const Variant *v = select_variant(p->D, p->dtype, cc);
     la_cuda::KParams kp;
@@ -222,6 +224,7 @@ extern "C" cudaError_t la_attn_fwd_cuda_variant(const la_attn_params *p, int var
     kp.m_sb = p->mask_stride[0], kp.m_sh = p->mask_stride[1], kp.m_sm = p->mask_stride[2];
     kp.tiles = (unsigned long long *)p->ret_tiles_computed;
     kp.order = nullptr; /* the Hopper family's launcher sets its own */
+    kp.persist = persist;
     return fn(kp, la_tiles(p->Sq, p->BM), p->H, p->B, stream);
 }
 

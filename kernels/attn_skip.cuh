@@ -45,6 +45,8 @@ struct KParams {
     unsigned long long *tiles; /* device counter of computed tiles, or NULL */
     const int32_t *order;  /* Hopper family, mode SKIP: q-tile visited by CTA x of head (b, h)
                             * is order[(b*H + h)*nQ + x] (heaviest rows first), or NULL */
+    int32_t persist;       /* Hopper family: 1 = persistent grid (a CTA per multiprocessor
+                            * takes q-tiles in turn), 0 = one CTA per q-tile */
     uint32_t must_do[kFlagWords];   /* bit n: k-tile n holds a must-do key */
     uint32_t skip_only[kFlagWords]; /* bit n: every key of k-tile n is must-skip only */
 };

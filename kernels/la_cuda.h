@@ -63,12 +63,15 @@ cudaError_t la_attn_fwd_cuda(const la_attn_params *p, cudaStream_t stream);
  *     tile (cudaErrorInvalidValue otherwise).
  * OR-ed with LA_CUDA_VARIANT_PORTABLE: the portable family runs, as on a device of compute
  * capability 8.0 (p->BM, p->BN must then be la_cuda_tile_sizes(D, dtype, 80)'s), so that a
- * benchmark compares both families in one process. */
+ * benchmark compares both families in one process.
+ * OR-ed with LA_CUDA_VARIANT_ONE_CTA_PER_TILE: the Hopper family launches one CTA per q-tile
+ * instead of its persistent grid (the portable family always does), for the same purpose. */
 enum {
     LA_CUDA_VARIANT_AUTO = 0,
     LA_CUDA_VARIANT_SKIP = 1,
     LA_CUDA_VARIANT_DENSE_ONLY = 2,
-    LA_CUDA_VARIANT_PORTABLE = 4
+    LA_CUDA_VARIANT_PORTABLE = 4,
+    LA_CUDA_VARIANT_ONE_CTA_PER_TILE = 8
 };
 cudaError_t la_attn_fwd_cuda_variant(const la_attn_params *p, int variant, cudaStream_t stream);
 

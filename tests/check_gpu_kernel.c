@@ -112,7 +112,8 @@ typedef struct cfg {
     int n_must_skip;
     double drift;      /* per-step noise added to Q and K */
     double peak;       /* weight of the cluster structure (0: plain Gaussian data) */
-    int mask_init;     /* 0 all ones, 1 random ~50%, 2 all zero */
+    int mask_init;     /* 0 all ones, 1 random ~50%, 2 all zero, 3 rows in turn empty, full,
+                        * random (row lengths as uneven as they get) */
     bool carry;        /* carried row maxima R: around the rows' true maxima, some NaN, -inf */
 } cfg;
 
@@ -377,6 +378,7 @@ static stats run_case(const cfg *c) {
             uint32_t x = w < W ? 0xffffffffu : 0xdeadbeefu;
             if (w < W && c->mask_init == 1) x = (uint32_t)rng_next();
             if (w < W && c->mask_init == 2) x = 0;
+            if (w < W && c->mask_init == 3) x = r % 3 == 0 ? 0 : r % 3 == 1 ? 0xffffffffu : (uint32_t)rng_next();
             if (w == W - 1 && (nK % 32)) x &= (1u << (nK % 32)) - 1;
             mask[r * mrow + w] = x;
         }
@@ -477,6 +479,41 @@ static stats run_case(const cfg *c) {
                           step);
             ck_assert_msg(!c->lse || memcmp(lse, lse_plain, nL * 4) == 0, "%s step %d: R changed LSE",
                           c->name, step);
+        }
+        /* The Hopper family's persistent grid against one CTA per q-tile on the same input:
+         * bit for bit the same O, LSE, R, mask and tile count (each row is computed in the
+         * same order either way; only which CTA computes it differs). */
+        {
+            uint16_t *o_twin = malloc(o.elems * 2);
+            uint32_t *mask_twin = malloc(mwords * 4);
+            float *lse_twin = malloc(nL * 4), *rmax_twin = malloc(nL * 4);
+            unsigned long long tiles_twin = 0;
+            CUDA_OK(cudaMemcpy(d_mask, mask, mwords * 4, cudaMemcpyHostToDevice));
+            if (d_dec) CUDA_OK(cudaMemset(d_dec, 0xA5, mwords * 4));
+            if (c->carry) CUDA_OK(cudaMemcpy(d_rmax, rmax_in, nL * 4, cudaMemcpyHostToDevice));
+            CUDA_OK(cudaMemset(o.dev, 0xFF, o.elems * 2));
+            CUDA_OK(cudaMemset(d_lse, 0xFF, nL * 4));
+            CUDA_OK(cudaMemset(d_tiles, 0, 8));
+            CUDA_OK(la_attn_fwd_cuda_variant(&p, LA_CUDA_VARIANT_AUTO | LA_CUDA_VARIANT_ONE_CTA_PER_TILE, 0));
+            CUDA_OK(cudaDeviceSynchronize());
+            CUDA_OK(cudaMemcpy(o_twin, o.dev, o.elems * 2, cudaMemcpyDeviceToHost));
+            CUDA_OK(cudaMemcpy(mask_twin, d_dec ? d_dec : d_mask, mwords * 4, cudaMemcpyDeviceToHost));
+            CUDA_OK(cudaMemcpy(lse_twin, d_lse, nL * 4, cudaMemcpyDeviceToHost));
+            CUDA_OK(cudaMemcpy(&tiles_twin, d_tiles, 8, cudaMemcpyDeviceToHost));
+            ck_assert_msg(memcmp(o_twin, o_store, o.elems * 2) == 0, "%s step %d: O differs between grids",
+                          c->name, step);
+            ck_assert_msg(memcmp(mask_twin, gpu_mask, mwords * 4) == 0, "%s step %d: mask differs between grids",
+                          c->name, step);
+            ck_assert_msg(memcmp(lse_twin, lse, nL * 4) == 0, "%s step %d: LSE differs between grids", c->name,
+                          step);
+            ck_assert_msg(tiles_twin == tiles_gpu, "%s step %d: tiles %llu against %llu between grids", c->name,
+                          step, tiles_twin, tiles_gpu);
+            if (c->carry) {
+                CUDA_OK(cudaMemcpy(rmax_twin, d_rmax, nL * 4, cudaMemcpyDeviceToHost));
+                ck_assert_msg(memcmp(rmax_twin, rmax_gpu, nL * 4) == 0, "%s step %d: R differs between grids",
+                              c->name, step);
+            }
+            free(o_twin), free(mask_twin), free(lse_twin), free(rmax_twin);
         }
         if (d_dec) { /* the store itself must be untouched by a dry run */
             uint32_t *chk = malloc(mwords * 4);
@@ -836,6 +873,28 @@ START_TEST(test_long_rows) {
 }
 END_TEST
 
+/* More q-tiles than the H200 has multiprocessors (132): the Hopper family's persistent CTAs
+ * take several rows each, in SKIP mode by a counter, heaviest rows first; a third of the rows
+ * empty, a third full, a third random, so that a CTA runs through empty rows back to back and
+ * the rows' lengths differ as much as they can. Then mode DENSE on as many rows. run_case
+ * checks the persistent grid against one CTA per q-tile, bit for bit. */
+START_TEST(test_many_rows) {
+    need_gpu();
+    const int D = kDims[_i / 2];
+    const la_dtype dt = kDtypes[_i % 2];
+    seed_from_clock("many_rows");
+    cfg c = {.name = "many_rows_skip", .B = 2, .Sq = 800, .Sk = 450, .H = 20, .D = D, .dtype = dt,
+             .mode = LA_MODE_SKIP, .dir = LA_DIR_ALTERNATE, .tau = -3.0f, .steps = 2,
+             .lse = true, .drift = 0.05, .peak = 0.6, .mask_init = 3,
+             .must_skip = {{440, 450}}, .n_must_skip = 1};
+    run_case(&c);
+    c.name = "many_rows_dense";
+    c.mode = LA_MODE_DENSE, c.tau = -INFINITY, c.steps = 1, c.mask_init = 0, c.n_must_skip = 0;
+    c.B = 1, c.H = 40, c.Sk = 300; /* 200 (D64) and 280 (D128) q-tiles, as above */
+    run_case(&c);
+}
+END_TEST
+
 /* Small shapes for compute-sanitizer (memcheck, racecheck): CK_RUN_CASE=sanitize. Partial
  * q- and k-tiles, must-do and must-skip, skip and dense modes, both directions. */
 START_TEST(test_sanitize_small) {
@@ -955,6 +1014,7 @@ static Suite *kernel_suite(void) {
     tu_gpu_loop_test(tc, test_observe_dryrun_strided, 0, 4);
     tu_gpu_loop_test(tc, test_extremes, 0, 4);
     tu_gpu_loop_test(tc, test_long_rows, 0, 4);
+    tu_gpu_loop_test(tc, test_many_rows, 0, 4);
     tu_gpu_loop_test(tc, test_carried_row_max, 0, 4);
     tc = tu_gpu_tcase(s, "sanitize", 600);
     tu_gpu_loop_test(tc, test_sanitize_small, 0, 4);
