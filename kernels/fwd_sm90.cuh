@@ -585,6 +585,10 @@ __global__ void __launch_bounds__(Tiles<D>::NT, 1) fwd_kernel(const __grid_const
         /* u: the end-of-row use. Its K buffer is free at once; Q is free too (every Q K^T of
          * this warpgroup has completed), so the producer may load the next item's. */
         const int se = u % ST;
+        /* its V-full phase too is waited for (completed by the producer's plain arrival along
+         * with K-full's): compute-sanitizer synccheck counts a phase nobody waited on as an
+         * error, which back-to-back empty rows produced. */
+        mbar_wait(bar_vf(se), (uint32_t)(u / ST) & 1u);
         release(bar_ke(se));
         release(bar_qe);
         ++u;

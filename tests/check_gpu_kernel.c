@@ -896,7 +896,8 @@ START_TEST(test_many_rows) {
 END_TEST
 
 /* Small shapes for compute-sanitizer (memcheck, racecheck): CK_RUN_CASE=sanitize. Partial
- * q- and k-tiles, must-do and must-skip, skip and dense modes, both directions. */
+ * q- and k-tiles, must-do and must-skip, skip and dense modes, both directions, and a
+ * persistent grid with several rows per CTA. */
 START_TEST(test_sanitize_small) {
     need_gpu();
     const int D = kDims[_i / 2];
@@ -910,6 +911,12 @@ START_TEST(test_sanitize_small) {
     c.name = "small_dense";
     c.mode = LA_MODE_DENSE, c.tau = -INFINITY, c.steps = 1, c.Sq = 70, c.Sk = 130;
     c.n_must_do = 0, c.n_must_skip = 0;
+    run_case(&c);
+    /* More q-tiles than the H200's 132 multiprocessors (144 at D64, 192 at D128): persistent
+     * CTAs take several rows each, empty ones among them (as test_many_rows, smaller). */
+    c.name = "small_persistent";
+    c.mode = LA_MODE_SKIP, c.tau = -3.0f, c.steps = 1, c.B = 1, c.H = 48, c.Sq = 400, c.Sk = 200;
+    c.mask_init = 3;
     run_case(&c);
 }
 END_TEST
