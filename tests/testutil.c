@@ -306,34 +306,48 @@ int64_t tu_mask_popcount(const tu_problem *t, const uint32_t *mask)
     return c;
 }
 
+/* One head's [S, D] of a [B, S, H, D] tensor (through its strides) as contiguous doubles. */
+static void gather_head(const void *base, la_dtype dt, const int64_t st[4], int32_t b, int32_t h,
+                        int32_t S, int32_t D, double *out)
+{
+    for (int32_t i = 0; i < S; i++)
+        for (int32_t d = 0; d < D; d++)
+            out[(size_t)i * D + d] =
+                tu_get(base, dt, b * st[0] + i * st[1] + h * st[2] + d * st[3]);
+}
+
 void naive_attn_f64(const la_attn_params *p, const uint8_t *computed, double *ret_o,
                     double *ret_lse)
 {
     const int32_t nq = la_tiles(p->Sq, p->BM), nk = la_tiles(p->Sk, p->BN), D = p->D;
     double *s = malloc(sizeof(double) * (size_t)p->Sk);
     double *acc = malloc(sizeof(double) * (size_t)D);
-    if (s == NULL || acc == NULL)
+    /* The head's Q, K, V as doubles first: the same products and sums in the same order as
+     * reading each element through its strides, without a conversion per multiply-add. */
+    double *qh = malloc(sizeof(double) * (size_t)p->Sq * D);
+    double *kh = malloc(sizeof(double) * (size_t)p->Sk * D);
+    double *vh = malloc(sizeof(double) * (size_t)p->Sk * D);
+    if (s == NULL || acc == NULL || qh == NULL || kh == NULL || vh == NULL)
         abort();
     for (int32_t b = 0; b < p->B; b++)
-        for (int32_t h = 0; h < p->H; h++)
+        for (int32_t h = 0; h < p->H; h++) {
+            gather_head(p->q, p->dtype, p->q_stride, b, h, p->Sq, D, qh);
+            gather_head(p->k, p->dtype, p->k_stride, b, h, p->Sk, D, kh);
+            gather_head(p->v, p->dtype, p->v_stride, b, h, p->Sk, D, vh);
             for (int32_t i = 0; i < p->Sq; i++) {
                 const uint8_t *row =
                     computed ? computed + (((size_t)b * p->H + h) * nq + i / p->BM) * nk : NULL;
+                const double *qi = qh + (size_t)i * D;
                 double mx = -INFINITY;
-                /* Q, K: [B, S, H, D] through the params' strides */
                 for (int32_t j = 0; j < p->Sk; j++) {
                     if (row && !row[j / p->BN]) {
                         s[j] = NAN;
                         continue;
                     }
+                    const double *kj = kh + (size_t)j * D;
                     double dot = 0;
                     for (int32_t d = 0; d < D; d++)
-                        dot += tu_get(p->q, p->dtype,
-                                      b * p->q_stride[0] + i * p->q_stride[1] + h * p->q_stride[2] +
-                                          d * p->q_stride[3]) *
-                               tu_get(p->k, p->dtype,
-                                      b * p->k_stride[0] + j * p->k_stride[1] + h * p->k_stride[2] +
-                                          d * p->k_stride[3]);
+                        dot += qi[d] * kj[d];
                     s[j] = dot * p->scale;
                     if (s[j] > mx)
                         mx = s[j];
@@ -344,11 +358,10 @@ void naive_attn_f64(const la_attn_params *p, const uint8_t *computed, double *re
                     if (isnan(s[j]))
                         continue;
                     double w = exp(s[j] - mx);
+                    const double *vj = vh + (size_t)j * D;
                     z += w;
                     for (int32_t d = 0; d < D; d++)
-                        acc[d] += w * tu_get(p->v, p->dtype,
-                                             b * p->v_stride[0] + j * p->v_stride[1] +
-                                                 h * p->v_stride[2] + d * p->v_stride[3]);
+                        acc[d] += w * vj[d];
                 }
                 double *o = ret_o + (((size_t)b * p->Sq + i) * p->H + h) * D;
                 for (int32_t d = 0; d < D; d++)
@@ -356,8 +369,12 @@ void naive_attn_f64(const la_attn_params *p, const uint8_t *computed, double *re
                 if (ret_lse)
                     ret_lse[((size_t)b * p->H + h) * p->Sq + i] = z > 0 ? mx + log(z) : -INFINITY;
             }
+        }
     free(s);
     free(acc);
+    free(qh);
+    free(kh);
+    free(vh);
 }
 
 void tu_o_f64(const la_attn_params *p, double *ret)
