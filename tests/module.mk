@@ -21,3 +21,9 @@ PYTEST_DIRS := $(wildcard libclient/python/tests)
 
 check: all $(CHECK_BINS)
 	$(Q)BUILD=$(BUILD) LA_PYTEST_DIRS="$(PYTEST_DIRS)" tests/run.sh $(CHECK_BINS)
+
+# The Python tests alone, with the quality smoke run (bench/quality/module.mk): what a second
+# interpreter (a torch venv: make check-python PYTHON=build/venv/bin/python) adds to make check.
+check-python: all
+	$(Q)BUILD=$(BUILD) LA_PYTEST_DIRS="$(PYTEST_DIRS)" tests/run.sh
+.PHONY: check-python

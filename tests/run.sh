@@ -18,8 +18,10 @@ count() { grep -o -- "$1" "$2" 2>/dev/null | wc -l; }
 for prog in "$@"; do
     name=$(basename "$prog")
     echo "== $name"
+    t_prog=$SECONDS
     LA_TEST_RESULTS="$results" "$prog"
     rc=$?
+    echo "   $name: $((SECONDS - t_prog)) s"
     xml="$results/$name.xml"
     if [ ! -s "$xml" ]; then
         echo "!! $name wrote no Check log (exit $rc)"
@@ -49,8 +51,10 @@ for pydir in ${LA_PYTEST_DIRS:-}; do
     fi
     echo "== pytest $pydir ($py)"
     junit="$results/pytest-$(echo "$pydir" | tr / _).xml"
-    "$py" -m pytest -q -rs -p no:cacheprovider --junitxml="$junit" "$pydir"
+    t_prog=$SECONDS
+    "$py" -m pytest -q -rs -p no:cacheprovider --durations=5 --junitxml="$junit" "$pydir"
     rc=$?
+    echo "   pytest $pydir: $((SECONDS - t_prog)) s"
     # <testsuite ... errors="E" failures="F" skipped="S" tests="T" ...>
     attr() { grep -o "<testsuite [^>]*" "$junit" 2>/dev/null | grep -o " $1=\"[0-9]*\"" |
              head -n 1 | grep -o '[0-9]*' || echo 0; }

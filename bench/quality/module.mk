@@ -5,5 +5,5 @@ check-quality: all
 	$(Q)LITEATTN_BUILD_DIR=$(BUILD) LITEATTN_LIB=$(abspath $(BUILD))/libliteattn.so \
 		$${PYTHON:-python3} bench/quality/run.py --smoke
 
-check: check-quality
+check check-python: check-quality
 .PHONY: check-quality

@@ -428,8 +428,8 @@ def main():
     try:
         import torch
     except ImportError:
-        print("quality: skipped: PyTorch is not installed (pip install torch to run "
-              "bench/quality)")
+        print("quality: skipped: PyTorch is not installed (README.md, \"Quick start\", says "
+              "how to add it in a virtual environment)")
         return 0
     _paths()
     if args.smoke:
