@@ -79,6 +79,20 @@ static inline void list_take(list_node *dst, list_node *src)
          var##_n_ != (head) && ((var) = list_entry(var##_n_, type, member), 1); \
          var##_n_ = var##_t_, var##_t_ = var##_n_->next)
 
+/* Sets var (a type *) to the first entry of the list for which cond (an expression of var)
+ * holds, or to NULL when none does: the lookups by id, uid or key. */
+#define list_find_entry(var, head, type, member, cond)      \
+    do {                                                    \
+        type *list_f_;                                      \
+        (var) = NULL;                                       \
+        list_for_each_entry (list_f_, head, type, member) { \
+            (var) = list_f_;                                \
+            if (cond)                                       \
+                break;                                      \
+            (var) = NULL;                                   \
+        }                                                   \
+    } while (0)
+
 /* Unlinks every entry of the list and hands it to release (free, or a destructor taking a
  * type *). */
 #define list_drain(head, type, member, release)             \

@@ -62,32 +62,67 @@ static int send_ack(conn *c, uint64_t id)
     return send_reply(c, id, LITEATTN__REPLY__BODY_ACK, &ack);
 }
 
-/* The rows of a listing reply, gathered by a walk's callback: one array of one row type that
- * grows by doubling, so what points into a row is pointed once the walk is over. */
+/* The rows of a listing reply, gathered by a walk's callback. Each row is allocated on its own
+ * and starts with its item, so the item can point into its row at once, and items is the array
+ * the reply's repeated field points at (cast to the element type: protobuf-c reads it as
+ * message pointers, and all pointers to structures have one representation). */
 typedef struct row_acc {
-    void *rows;
+    ProtobufCMessage **items;
     size_t n, cap;
     int failed;
 } row_acc;
 
-/* The next row (size bytes, zeroed), the array starting at first rows; NULL once max rows are
- * there, or when memory ran short (then failed is set; the rows so far stay). */
-static void *acc_next(row_acc *a, size_t size, size_t first, size_t max)
+/* The next row (size bytes, zeroed); NULL once max rows are there, or when memory ran short
+ * (then failed is set; the rows so far stay). */
+static void *acc_next(row_acc *a, size_t size, size_t max)
 {
     if (a->failed || a->n >= max)
         return NULL;
     if (a->n == a->cap) {
-        size_t cap = a->cap ? a->cap * 2 : first;
-        void *q = realloc(a->rows, cap * size);
+        size_t cap = a->cap ? a->cap * 2 : 16;
+        void *q = realloc(a->items, cap * sizeof(*a->items));
         if (!q) {
             a->failed = 1;
             return NULL;
         }
-        a->rows = q, a->cap = cap;
+        a->items = q, a->cap = cap;
     }
-    char *r = (char *)a->rows + a->n++ * size;
-    memset(r, 0, size);
+    void *r = calloc(1, size);
+    if (!r) {
+        a->failed = 1;
+        return NULL;
+    }
+    a->items[a->n++] = r;
     return r;
+}
+
+/* Sends a's rows as the listing reply of body_case (stats, sessions or the warm-start store:
+ * each reply is one list of them), or an out-of-memory error when the walk ran short; frees
+ * the rows. */
+static int send_rows(conn *c, uint64_t id, row_acc *a, Liteattn__Reply__BodyCase body_case)
+{
+    Liteattn__StatsReply sr = LITEATTN__STATS_REPLY__INIT;
+    Liteattn__SessionListReply lr = LITEATTN__SESSION_LIST_REPLY__INIT;
+    Liteattn__WarmListReply wr = LITEATTN__WARM_LIST_REPLY__INIT;
+    void *msg = &sr;
+    const char *oom = "out of memory";
+    if (body_case == LITEATTN__REPLY__BODY_SESSION_LIST) {
+        lr.n_sessions = a->n, lr.sessions = (Liteattn__SessionSummary **)a->items;
+        msg = &lr, oom = "out of memory listing sessions";
+    } else if (body_case == LITEATTN__REPLY__BODY_WARM_LIST) {
+        wr.n_entries = a->n, wr.entries = (Liteattn__WarmEntry **)a->items;
+        msg = &wr, oom = "out of memory listing the warm-start store";
+    } else {
+        sr.n_stats = a->n, sr.stats = (Liteattn__Stat **)a->items;
+    }
+    if (a->failed)
+        reply_err(c, id, LA_ENOMEM, "%s", oom);
+    else
+        send_reply(c, id, body_case, msg);
+    for (size_t i = 0; i < a->n; i++)
+        free(a->items[i]);
+    free(a->items);
+    return CONN_REQ_OK;
 }
 
 /* ---- Hello -------------------------------------------------------------------------------- */
@@ -339,20 +374,13 @@ typedef struct list_row {
     char key[ENG_KEY_MAX + 1];
     char warm[ENG_KEY_MAX + 1];
     char dev[64];
-    double *live; /* its layers' live fractions (malloc'ed) */
+    double live[]; /* its layers' live fractions */
 } list_row;
-
-static void list_acc_free(row_acc *a)
-{
-    list_row *rows = a->rows;
-    for (size_t i = 0; i < a->n; i++)
-        free(rows[i].live);
-    free(rows);
-}
 
 static void list_one(void *data, const eng_session_summary *s)
 {
-    list_row *r = acc_next(data, sizeof(*r), 16, DISP_LIST_MAX);
+    size_t n_live = s->layer_live ? s->layers : 0;
+    list_row *r = acc_next(data, sizeof(*r) + n_live * sizeof(double), DISP_LIST_MAX);
     if (!r)
         return;
     Liteattn__SessionSummary *o = &r->item;
@@ -380,47 +408,18 @@ static void list_one(void *data, const eng_session_summary *s)
     o->has_warm_generations = 1, o->warm_generations = s->warm_generations;
     o->has_guard_checks = 1, o->guard_checks = s->guard_checks;
     o->has_guard_restored = 1, o->guard_restored = s->guard_restored;
-    if (s->layer_live && s->layers) {
-        r->live = malloc(s->layers * sizeof(double));
-        if (!r->live) {
-            ((row_acc *)data)->failed = 1;
-            return;
-        }
-        memcpy(r->live, s->layer_live, s->layers * sizeof(double));
-        o->n_layer_live_fraction = s->layers;
+    o->key = r->key, o->device = r->dev, o->warm_key = r->warm;
+    if (n_live) {
+        memcpy(r->live, s->layer_live, n_live * sizeof(double));
+        o->n_layer_live_fraction = n_live, o->layer_live_fraction = r->live;
     }
-    /* key, device, warm key and the live fractions are pointed at once no realloc can move
-     * the row */
 }
 
 static int do_session_list(const disp *d, conn *c, uint64_t id)
 {
     row_acc a = {0};
     eng_session_list(d->eng, c->uid, list_one, &a);
-    if (a.failed) {
-        list_acc_free(&a);
-        return reply_err(c, id, LA_ENOMEM, "out of memory listing sessions");
-    }
-    Liteattn__SessionSummary **ptrs = a.n ? malloc(a.n * sizeof(*ptrs)) : NULL;
-    if (a.n && !ptrs) {
-        list_acc_free(&a);
-        return reply_err(c, id, LA_ENOMEM, "out of memory listing sessions");
-    }
-    list_row *rows = a.rows;
-    for (size_t i = 0; i < a.n; i++) {
-        rows[i].item.key = rows[i].key;
-        rows[i].item.device = rows[i].dev;
-        rows[i].item.warm_key = rows[i].warm;
-        rows[i].item.layer_live_fraction = rows[i].live;
-        ptrs[i] = &rows[i].item;
-    }
-    Liteattn__SessionListReply lr = LITEATTN__SESSION_LIST_REPLY__INIT;
-    lr.n_sessions = a.n;
-    lr.sessions = ptrs;
-    send_reply(c, id, LITEATTN__REPLY__BODY_SESSION_LIST, &lr);
-    free(ptrs);
-    list_acc_free(&a);
-    return CONN_REQ_OK;
+    return send_rows(c, id, &a, LITEATTN__REPLY__BODY_SESSION_LIST);
 }
 
 static int do_mask_read(const disp *d, conn *c, uint64_t id, const Liteattn__MaskRead *m)
@@ -761,11 +760,12 @@ typedef struct stat_row {
 
 static void stat_one(void *data, const char *name, int64_t value)
 {
-    stat_row *r = acc_next(data, sizeof(*r), 32, 1024);
+    stat_row *r = acc_next(data, sizeof(*r), 1024);
     if (!r)
         return;
     liteattn__stat__init(&r->item);
     snprintf(r->name, sizeof(r->name), "%s", name);
+    r->item.name = r->name;
     r->item.value = value;
 }
 
@@ -775,22 +775,7 @@ static int do_stats(const disp *d, conn *c, uint64_t id)
     eng_stats(d->eng, stat_one, &a);
     if (d->server_stats)
         d->server_stats(d->server_data, stat_one, &a);
-    Liteattn__Stat **ptrs = a.failed ? NULL : malloc((a.n ? a.n : 1) * sizeof(*ptrs));
-    if (!ptrs) {
-        free(a.rows);
-        return reply_err(c, id, LA_ENOMEM, "out of memory");
-    }
-    stat_row *rows = a.rows;
-    for (size_t i = 0; i < a.n; i++) {
-        rows[i].item.name = rows[i].name; /* now that no realloc can move the rows */
-        ptrs[i] = &rows[i].item;
-    }
-    Liteattn__StatsReply sr = LITEATTN__STATS_REPLY__INIT;
-    sr.n_stats = a.n;
-    sr.stats = ptrs;
-    send_reply(c, id, LITEATTN__REPLY__BODY_STATS, &sr);
-    free(ptrs), free(a.rows);
-    return CONN_REQ_OK;
+    return send_rows(c, id, &a, LITEATTN__REPLY__BODY_STATS);
 }
 
 /* ---- the warm-start store ------------------------------------------------------------------- */
@@ -802,12 +787,13 @@ typedef struct warm_row {
 
 static void warm_one(void *data, const eng_warm_entry *w)
 {
-    warm_row *r = acc_next(data, sizeof(*r), 16, DISP_LIST_MAX);
+    warm_row *r = acc_next(data, sizeof(*r), DISP_LIST_MAX);
     if (!r)
         return;
     Liteattn__WarmEntry *o = &r->item;
     liteattn__warm_entry__init(o);
     snprintf(r->key, sizeof(r->key), "%s", w->key);
+    o->key = r->key;
     o->has_uid = 1, o->uid = w->uid;
     o->has_layers = 1, o->layers = w->layers;
     o->has_kv_shards = 1, o->kv_shards = w->kv_shards;
@@ -828,22 +814,7 @@ static int do_warm_list(const disp *d, conn *c, uint64_t id)
 {
     row_acc a = {0};
     eng_warm_list(d->eng, c->uid, warm_one, &a);
-    Liteattn__WarmEntry **ptrs = a.n ? malloc(a.n * sizeof(*ptrs)) : NULL;
-    if (a.failed || (a.n && !ptrs)) {
-        free(ptrs), free(a.rows);
-        return reply_err(c, id, LA_ENOMEM, "out of memory listing the warm-start store");
-    }
-    warm_row *rows = a.rows;
-    for (size_t i = 0; i < a.n; i++) {
-        rows[i].item.key = rows[i].key;
-        ptrs[i] = &rows[i].item;
-    }
-    Liteattn__WarmListReply wr = LITEATTN__WARM_LIST_REPLY__INIT;
-    wr.n_entries = a.n;
-    wr.entries = ptrs;
-    send_reply(c, id, LITEATTN__REPLY__BODY_WARM_LIST, &wr);
-    free(ptrs), free(a.rows);
-    return CONN_REQ_OK;
+    return send_rows(c, id, &a, LITEATTN__REPLY__BODY_WARM_LIST);
 }
 
 static int do_warm_drop(const disp *d, conn *c, uint64_t id, const Liteattn__WarmDrop *m)

@@ -452,29 +452,15 @@ static srv_user *user_acct(srv *s, uint32_t uid)
 {
     if (!s->users.next)
         list_init(&s->users);
-    srv_user *u;
-    list_for_each_entry (u, &s->users, srv_user, link)
-        if (u->uid == uid)
-            return u;
-    u = calloc(1, sizeof(*u));
-    if (!u)
-        return NULL;
-    u->uid = uid;
-    list_append(&s->users, &u->link);
-    return u;
+    return uid_get(&s->users, uid, sizeof(srv_user), 1);
 }
 
 static void user_release(srv *s, uint32_t uid)
 {
-    srv_user *u;
-    list_for_each_entry (u, &s->users, srv_user, link) {
-        if (u->uid != uid)
-            continue;
-        if (--u->conns == 0) {
-            list_remove(&u->link);
-            free(u);
-        }
-        return;
+    srv_user *u = uid_get(&s->users, uid, sizeof(srv_user), 0);
+    if (u && --u->conns == 0) {
+        list_remove(&u->node.link);
+        free(u);
     }
 }
 
@@ -560,7 +546,7 @@ int srv_attach(srv *s, int fd, uint32_t uid, uint32_t gid, int32_t pid, conn **r
     int rc = conn_new(&s->loop, ++s->next_conn_id, fd, uid, gid, pid, &lim, &s->ctr.io, &hooks, &c);
     if (rc < 0) {
         if (u->conns == 0) {
-            list_remove(&u->link);
+            list_remove(&u->node.link);
             free(u);
         }
         return rc;
@@ -708,8 +694,8 @@ void srv_free(srv *s)
         close(s->reserve_fd);
     if (s->users.next) {
         srv_user *u;
-        list_for_each_entry (u, &s->users, srv_user, link) {
-            list_remove(&u->link);
+        list_for_each_entry (u, &s->users, srv_user, node.link) {
+            list_remove(&u->node.link);
             free(u);
         }
     }

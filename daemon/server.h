@@ -24,6 +24,7 @@
 #include "dispatch.h"
 #include "engine.h"
 #include "list.h"
+#include "users.h"
 
 #define SRV_FLUSH_GRACE_S 5
 #define SRV_TRIM_BYTES (4u << 20) /* freed buffers after which the heap is trimmed */
@@ -39,8 +40,7 @@ typedef struct srv_counters {
 
 /* One Unix user with connections: what they hold, summed (conn_user). */
 typedef struct srv_user {
-    list_node link; /* srv.users */
-    uint32_t uid;
+    uid_node node; /* in srv.users */
     uint32_t conns;
     conn_user acct;
 } srv_user;

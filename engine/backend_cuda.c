@@ -1067,19 +1067,14 @@ static int cu_fastpath(be_backend *b, int dev, char *why, size_t why_len)
     return LA_ENOTSUP;
 }
 
-/* Queues a task of kind for g's service thread; -1 when out of memory (nothing queued). */
-static int service(gpu *g, int kind, cu_mask *m, be_doorbell *db, void (*unmap)(be_doorbell *),
-                   void *ipc_ptr, be_import *vmm)
+/* Queues a copy of what (its kind and the fields that kind uses) for g's service thread; -1
+ * when out of memory (nothing queued). */
+static int service(gpu *g, task what)
 {
-    task *t = calloc(1, sizeof *t);
+    task *t = malloc(sizeof *t);
     if (!t)
         return -1;
-    t->kind = kind;
-    t->mask = m;
-    t->db = db;
-    t->unmap = unmap;
-    t->ipc_ptr = ipc_ptr;
-    t->vmm = vmm;
+    *t = what;
     pthread_mutex_lock(&g->lock);
     task_push(g, t);
     pthread_mutex_unlock(&g->lock);
@@ -1127,7 +1122,7 @@ static int cu_mask_alloc(be_backend *b, int dev, uint64_t bytes, const void *ini
     m->bytes = bytes;
     m->dev = dev;
     m->priv = cm;
-    if (service(g, T_SHADOW, cm, NULL, NULL, NULL, NULL) < 0) {
+    if (service(g, (task){.kind = T_SHADOW, .mask = cm}) < 0) {
         cudaFreeAsync(d, g->stream);
         free(cm->init);
         free(cm);
@@ -1143,7 +1138,7 @@ static void cu_mask_free(be_backend *b, be_mask *m)
     if (!m)
         return;
     gpu *g = &cb->gpus[m->dev];
-    if (service(g, T_GRAVE_MASK, (cu_mask *)m, NULL, NULL, NULL, NULL) < 0)
+    if (service(g, (task){.kind = T_GRAVE_MASK, .mask = (cu_mask *)m}) < 0)
         logf_(cb, LOG_WARN, "GPU %s: out of memory; %llu bytes of mask leaked", g->uuid,
               (unsigned long long)m->bytes);
 }
@@ -1443,7 +1438,7 @@ static void cu_buffer_release(be_backend *b, be_import *imp)
         return;
     if (imp->vmm) {
         /* The service thread unmaps it (it may be busy in the driver; the loop stays free). */
-        if (service(imp->g, T_GRAVE_VMM, NULL, NULL, NULL, NULL, imp) < 0)
+        if (service(imp->g, (task){.kind = T_GRAVE_VMM, .vmm = imp}) < 0)
             vmm_free(cb, imp);
         return;
     }
@@ -1453,7 +1448,7 @@ static void cu_buffer_release(be_backend *b, be_import *imp)
     if (*pp)
         *pp = imp->next;
     gpu *g = imp->g;
-    if (service(g, T_GRAVE_IPC, NULL, NULL, NULL, imp->ptr, NULL) < 0)
+    if (service(g, (task){.kind = T_GRAVE_IPC, .ipc_ptr = imp->ptr}) < 0)
         logf_(cb, LOG_WARN, "GPU %s: out of memory; an IPC import stays open", g->uuid);
     free(imp);
 }
@@ -1469,7 +1464,7 @@ static void cu_doorbell_release(be_backend *b, be_doorbell *db, void (*unmap)(be
     /* Registered, or being registered by that GPU's service thread (cuda_gpu, set by the
      * first call's submit): it unregisters it after, in order. */
     gpu *g = &cb->gpus[db->cuda_gpu >= 0 && db->cuda_gpu < cb->n ? db->cuda_gpu : 0];
-    if (service(g, T_GRAVE_DOORBELL, NULL, db, unmap, NULL, NULL) < 0)
+    if (service(g, (task){.kind = T_GRAVE_DOORBELL, .db = db, .unmap = unmap}) < 0)
         logf_(cb, LOG_WARN, "GPU %s: out of memory; a doorbell stays mapped", g->uuid);
 }
 

@@ -47,10 +47,8 @@ void buf_unref(eng *e, buf *b)
 buf *buf_get(eng *e, uint64_t conn_id, uint64_t id)
 {
     buf *b;
-    list_for_each_entry (b, &e->buffers, buf, link)
-        if (b->id == id)
-            return b->conn_id == conn_id ? b : NULL;
-    return NULL;
+    list_find_entry(b, &e->buffers, buf, link, b->id == id);
+    return b && b->conn_id == conn_id ? b : NULL;
 }
 
 /* The bytes a buffer keeps alive: its mapping (a VMM buffer pins all of its allocations,

@@ -46,10 +46,8 @@ void db_unref(eng *e, eng_doorbell *d)
 eng_doorbell *db_get(eng *e, uint64_t conn_id)
 {
     eng_doorbell *d;
-    list_for_each_entry (d, &e->doorbells, eng_doorbell, link)
-        if (d->conn_id == conn_id)
-            return d;
-    return NULL;
+    list_find_entry(d, &e->doorbells, eng_doorbell, link, d->conn_id == conn_id);
+    return d;
 }
 
 uint64_t db_count(const eng *e)

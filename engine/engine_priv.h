@@ -13,6 +13,7 @@
 #include "engine.h"
 #include "list.h"
 #include "logsink.h"
+#include "users.h"
 #include "warmstore.h"
 
 /* A session's masks (every layer and shard, one backend allocation), refcounted: the session
@@ -145,8 +146,7 @@ typedef struct eng_job {
 } eng_job;
 
 typedef struct eng_user {
-    list_node link; /* the engine's users */
-    uint32_t uid;
+    uid_node node; /* in the engine's users */
     uint32_t sessions;
     uint64_t mask_bytes;
     uint64_t queued_cost; /* multiply-adds of its calls queued or running */

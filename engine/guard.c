@@ -77,22 +77,22 @@ la_attn_params guard_sample_params(const be_job *j, int k, void *o, float *dense
     return sp;
 }
 
-void guard_compare_params(const be_job *j, const float *dense, int n_tiles, la_guard_params *gp)
+la_guard_params guard_compare_params(const be_job *j, const float *dense, int n_tiles)
 {
     const la_attn_params *p = &j->p;
-    memset(gp, 0, sizeof *gp);
-    gp->lse = p->lse;
-    memcpy(gp->lse_stride, p->lse_stride, sizeof gp->lse_stride);
-    gp->dense_lse = dense;
-    memcpy(gp->tiles, j->guard_tile, (size_t)n_tiles * sizeof gp->tiles[0]);
-    gp->n_tiles = n_tiles;
-    gp->B = p->B;
-    gp->H = p->H;
-    gp->Sq = p->Sq;
-    gp->BM = p->BM;
-    gp->nq = j->rows_nq;
-    gp->budget = j->guard_budget;
-    gp->held = j->held;
+    la_guard_params gp = {.lse = p->lse,
+                          .dense_lse = dense,
+                          .n_tiles = n_tiles,
+                          .B = p->B,
+                          .H = p->H,
+                          .Sq = p->Sq,
+                          .BM = p->BM,
+                          .nq = j->rows_nq,
+                          .budget = j->guard_budget,
+                          .held = j->held};
+    memcpy(gp.lse_stride, p->lse_stride, sizeof gp.lse_stride);
+    memcpy(gp.tiles, j->guard_tile, (size_t)n_tiles * sizeof gp.tiles[0]);
+    return gp;
 }
 
 int be_guard_cpu(be_job *j, int threads)
@@ -119,8 +119,7 @@ int be_guard_cpu(be_job *j, int threads)
         tiles += (uint64_t)t;
     }
     if (rc == 0) {
-        la_guard_params gp;
-        guard_compare_params(j, dense, n, &gp);
+        la_guard_params gp = guard_compare_params(j, dense, n);
         j->guard_restored = la_guard_compare(&gp);
         j->guard_rows = (uint64_t)n * p->B * p->H;
         j->guard_tiles = tiles;

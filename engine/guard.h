@@ -17,6 +17,6 @@ int be_guard_cpu(be_job *j, int threads);
 la_attn_params guard_sample_params(const be_job *j, int k, void *o, float *dense);
 
 /* The comparison of the call j's LSE with the n_tiles dense samples' in dense (held: j->held). */
-void guard_compare_params(const be_job *j, const float *dense, int n_tiles, la_guard_params *gp);
+la_guard_params guard_compare_params(const be_job *j, const float *dense, int n_tiles);
 
 #endif /* LA_ENGINE_GUARD_H */

@@ -115,8 +115,7 @@ cudaError_t gguard_after(gguard *gg, be_job *j, int slot, cudaStream_t st)
             if ((e = la_attn_fwd_cuda(&sp, st)) != cudaSuccess)
                 return e;
         }
-        la_guard_params gp;
-        guard_compare_params(j, dense, j->guard_n, &gp);
+        la_guard_params gp = guard_compare_params(j, dense, j->guard_n);
         if ((e = cudaMemsetAsync(gg->d_counts + slot, 0, 8, st)) != cudaSuccess ||
             (e = la_guard_compare_cuda(&gp, gg->d_counts + slot, st)) != cudaSuccess ||
             (e = cudaMemcpyAsync(gg->h_counts + slot, gg->d_counts + slot, 8,

@@ -23,27 +23,14 @@ void sess_name(const sess *s, char *out, size_t len)
 
 eng_user *sess_user(eng *e, uint32_t uid, int create)
 {
-    eng_user *u;
-    list_for_each_entry (u, &e->users, eng_user, link)
-        if (u->uid == uid)
-            return u;
-    if (!create)
-        return NULL;
-    u = calloc(1, sizeof *u);
-    if (!u)
-        return NULL;
-    u->uid = uid;
-    list_prepend(&e->users, &u->link);
-    return u;
+    return uid_get(&e->users, uid, sizeof(eng_user), create);
 }
 
 sess *sess_find(eng *e, uint64_t id)
 {
     sess *s;
-    list_for_each_entry (s, &e->sessions, sess, link)
-        if (s->id == id)
-            return s;
-    return NULL;
+    list_find_entry(s, &e->sessions, sess, link, s->id == id);
+    return s;
 }
 
 sess *sess_get(eng *e, uint32_t uid, uint64_t id, int allow_root, eng_error *err)
@@ -195,11 +182,11 @@ static int make_room(eng *e, uint32_t uid, uint64_t need)
     uint64_t excess = e->mask_bytes_live - (cap - need), n_users = 0;
     int requester_counted = 0;
     eng_user *u;
-    list_for_each_entry (u, &e->users, eng_user, link) {
+    list_for_each_entry (u, &e->users, eng_user, node.link) {
         u->plan_bytes = u->mask_bytes;
         if (u->sessions) {
             n_users++;
-            requester_counted |= u->uid == uid;
+            requester_counted |= u->node.uid == uid;
         }
     }
     uint64_t share = cap / (n_users + !requester_counted);
@@ -870,5 +857,5 @@ void sess_free_all(eng *e)
 {
     while (!list_empty(&e->sessions))
         sess_unlink(e, list_first_entry(&e->sessions, sess, link));
-    list_drain(&e->users, eng_user, link, free);
+    list_drain(&e->users, eng_user, node.link, free);
 }

@@ -39,6 +39,7 @@
 #include "codes.h"
 #include "escape.h"
 #include "list.h"
+#include "users.h"
 #include "warmstore.h"
 
 #define MAGIC "LAWARM01"
@@ -70,8 +71,7 @@ typedef struct ws_entry {
 } ws_entry;
 
 typedef struct ws_user {
-    list_node link;
-    uint32_t uid;
+    uid_node node; /* in the store's users */
     uint64_t bytes;
     list_node entries;
 } ws_user;
@@ -224,18 +224,9 @@ static void gen_unref(ws_gen *g)
 
 static ws_user *user_get(ws *w, uint32_t uid, int create)
 {
-    ws_user *u;
-    list_for_each_entry (u, &w->users, ws_user, link)
-        if (u->uid == uid)
-            return u;
-    if (!create)
-        return NULL;
-    u = calloc(1, sizeof *u);
-    if (!u)
-        return NULL;
-    u->uid = uid;
-    list_init(&u->entries);
-    list_append(&w->users, &u->link);
+    ws_user *u = uid_get(&w->users, uid, sizeof *u, create);
+    if (u && !u->entries.next) /* just made */
+        list_init(&u->entries);
     return u;
 }
 
@@ -469,7 +460,7 @@ static void evict(ws *w, ws_user *u)
         w->n_evicted++;
         if (e->n_gens <= 1) {
             logw(w, LOG_DEBUG, "warm store: uid %u: key '%s' evicted (store limit %llu bytes)",
-                 u->uid, e->key_esc, (unsigned long long)w->cfg.bytes_per_user);
+                 u->node.uid, e->key_esc, (unsigned long long)w->cfg.bytes_per_user);
             for (size_t i = 0; i < n_dirty; i++)
                 if (dirty[i] == e)
                     dirty[i] = dirty[--n_dirty];
@@ -493,10 +484,8 @@ static void evict(ws *w, ws_user *u)
 static ws_entry *entry_find(ws_user *u, const char *key, const ws_geom *g)
 {
     ws_entry *e;
-    list_for_each_entry (e, &u->entries, ws_entry, link)
-        if (!strcmp(e->key, key) && geom_eq(&e->geom, g))
-            return e;
-    return NULL;
+    list_find_entry(e, &u->entries, ws_entry, link, !strcmp(e->key, key) && geom_eq(&e->geom, g));
+    return e;
 }
 
 static ws_entry *entry_new(uint32_t uid, const char *key, const ws_geom *g)
@@ -668,8 +657,8 @@ void ws_list(ws *w, uint32_t uid, void (*fn)(void *data, const ws_entry_info *e)
 {
     uint64_t now = unix_ms();
     ws_user *u;
-    list_for_each_entry (u, &w->users, ws_user, link) {
-        if (uid != 0 && u->uid != uid)
+    list_for_each_entry (u, &w->users, ws_user, node.link) {
+        if (uid != 0 && u->node.uid != uid)
             continue;
         ws_entry *e;
         list_for_each_entry (e, &u->entries, ws_entry, link) {
@@ -708,7 +697,7 @@ void ws_stats(const ws *w, void (*fn)(void *data, const char *name, int64_t valu
 {
     uint64_t bytes = 0, entries = 0, gens = 0;
     const ws_user *u;
-    list_for_each_entry (u, &w->users, ws_user, link) {
+    list_for_each_entry (u, &w->users, ws_user, node.link) {
         bytes += u->bytes;
         const ws_entry *e;
         list_for_each_entry (e, &u->entries, ws_entry, link) {
@@ -948,7 +937,7 @@ static void load_all(ws *w)
     }
     closedir(d);
     ws_user *u;
-    list_for_each_entry (u, &w->users, ws_user, link)
+    list_for_each_entry (u, &w->users, ws_user, node.link)
         evict(w, u);
 }
 
@@ -1033,13 +1022,13 @@ void ws_free(ws *w)
         op_free(op);
     }
     while (!list_empty(&w->users)) {
-        ws_user *u = list_first_entry(&w->users, ws_user, link);
+        ws_user *u = list_first_entry(&w->users, ws_user, node.link);
         while (!list_empty(&u->entries)) {
             ws_entry *e = list_first_entry(&u->entries, ws_entry, link);
             list_remove(&e->link);
             entry_free(e);
         }
-        list_remove(&u->link);
+        list_remove(&u->node.link);
         free(u);
     }
     pthread_mutex_destroy(&w->lock);

@@ -334,9 +334,7 @@ static void build_attention(const la_session *s, const la_attn *a, attn_msg *m)
         at->wait_event.data = (uint8_t *)a->wait_event;
         at->wait_event.len = 64;
     }
-    liteattn__request__init(&m->req);
-    m->req.body_case = LITEATTN__REQUEST__BODY_ATTENTION;
-    m->req.attention = at;
+    m->req = cl_req_body(LITEATTN__REQUEST__BODY_ATTENTION, at);
 }
 
 /* Sends req as a new call of c (refused while c is closed or at the daemon's in-flight limit). */

@@ -28,9 +28,7 @@ void cl_buffers_free_all(la_client *c) { list_drain(&c->buffers, la_buffer, link
 static int send_register(la_client *c, Liteattn__BufferRegister *br, int fd,
                          Liteattn__Reply **ret_reply)
 {
-    Liteattn__Request req = LITEATTN__REQUEST__INIT;
-    req.body_case = LITEATTN__REQUEST__BODY_BUFFER_REGISTER;
-    req.buffer_register = br;
+    Liteattn__Request req = cl_req_body(LITEATTN__REQUEST__BODY_BUFFER_REGISTER, br);
     return cl_call(c, &req, fd, LITEATTN__REPLY__BODY_BUFFER, ret_reply);
 }
 
@@ -282,9 +280,7 @@ static int unregister_call(la_client *c, uint64_t id)
 {
     Liteattn__BufferUnregister bu = LITEATTN__BUFFER_UNREGISTER__INIT;
     bu.buffer_id = id;
-    Liteattn__Request req = LITEATTN__REQUEST__INIT;
-    req.body_case = LITEATTN__REQUEST__BODY_BUFFER_UNREGISTER;
-    req.buffer_unregister = &bu;
+    Liteattn__Request req = cl_req_body(LITEATTN__REQUEST__BODY_BUFFER_UNREGISTER, &bu);
     Liteattn__Reply *r;
     int rc = cl_call(c, &req, -1, LITEATTN__REPLY__BODY_ACK, &r);
     if (rc == 0)

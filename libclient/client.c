@@ -75,12 +75,8 @@ void cl_unlink_pending(la_client *c, cl_pend *p)
 
 static void dispatch(la_client *c, Liteattn__Reply *r)
 {
-    cl_pend *p = NULL, *q;
-    list_for_each_entry (q, &c->pending, cl_pend, link)
-        if (q->id == r->id) {
-            p = q;
-            break;
-        }
+    cl_pend *p;
+    list_find_entry(p, &c->pending, cl_pend, link, p->id == r->id);
     if (p)
         cl_unlink_pending(c, p);
     else {
@@ -537,9 +533,7 @@ LA_API int la_connect(const char *socket_path, const char *client_name, la_clien
     hello.major = LA_PROTOCOL_MAJOR;
     hello.minor = LA_PROTOCOL_MINOR;
     hello.client_name = (char *)(client_name ? client_name : "libliteattn");
-    Liteattn__Request req = LITEATTN__REQUEST__INIT;
-    req.body_case = LITEATTN__REQUEST__BODY_HELLO;
-    req.hello = &hello;
+    Liteattn__Request req = cl_req_body(LITEATTN__REQUEST__BODY_HELLO, &hello);
     Liteattn__Reply *r = NULL;
     pthread_mutex_lock(&c->lock);
     rc = call_timeout(c, &req, -1, LITEATTN__REPLY__BODY_HELLO, &r, CL_HELLO_TIMEOUT_MS);
@@ -600,9 +594,7 @@ LA_API int la_ping(la_client *c, uint64_t *ret_rtt_ns)
     if (!c)
         return cl_fail(LA_EINVAL, "la_ping: no client");
     Liteattn__Ping ping = LITEATTN__PING__INIT;
-    Liteattn__Request req = LITEATTN__REQUEST__INIT;
-    req.body_case = LITEATTN__REQUEST__BODY_PING;
-    req.ping = &ping;
+    Liteattn__Request req = cl_req_body(LITEATTN__REQUEST__BODY_PING, &ping);
     Liteattn__Reply *r;
     pthread_mutex_lock(&c->lock);
     int64_t t0 = cl_now_ns();

@@ -107,9 +107,7 @@ static int doorbell_open(la_client *c)
     db->map_len = len;
     Liteattn__DoorbellRegister dr = LITEATTN__DOORBELL_REGISTER__INIT;
     dr.slots = n;
-    Liteattn__Request req = LITEATTN__REQUEST__INIT;
-    req.body_case = LITEATTN__REQUEST__BODY_DOORBELL_REGISTER;
-    req.doorbell_register = &dr;
+    Liteattn__Request req = cl_req_body(LITEATTN__REQUEST__BODY_DOORBELL_REGISTER, &dr);
     Liteattn__Reply *r = NULL;
     int rc = cl_call(c, &req, fd, LITEATTN__REPLY__BODY_DOORBELL, &r);
     close(fd); /* the daemon has its own; the mapping stays */

@@ -142,6 +142,17 @@ struct la_client {
 int cl_fail(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 void cl_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
+/* A Request whose body (body_case) is the message body points at. As in the daemon's
+ * send_reply, the oneof's members are pointers in one union, so storing through one of them
+ * sets the body. */
+static inline Liteattn__Request cl_req_body(Liteattn__Request__BodyCase body_case, void *body)
+{
+    Liteattn__Request req = LITEATTN__REQUEST__INIT;
+    req.body_case = body_case;
+    req.hello = body;
+    return req;
+}
+
 /* ---- client.c (lock held for all of these) ---- */
 /* Assigns an id, packs and sends req (with fd when >= 0) and links p as pending. */
 int cl_send(la_client *c, Liteattn__Request *req, int fd, cl_pend *p);

@@ -154,13 +154,17 @@ LA_API int la_session_config_set_guard(la_session_config *cfg, uint32_t every, u
 
 /* ---- sessions ------------------------------------------------------------------------------ */
 
-static int session_from_reply(la_client *c, const Liteattn__SessionReply *r,
-                              la_session **ret_session)
+/* The session of a SessionReply, opened or attached with key (and warm_key, NULL for none),
+ * linked to c. */
+static int session_from_reply(la_client *c, const Liteattn__SessionReply *r, const char *key,
+                              const char *warm_key, la_session **ret_session)
 {
     la_session *s = calloc(1, sizeof(*s));
     if (!s)
         return cl_fail(LA_ENOMEM, NULL);
     s->client = c;
+    snprintf(s->key, sizeof(s->key), "%s", key);
+    snprintf(s->warm_key, sizeof(s->warm_key), "%s", warm_key ? warm_key : "");
     s->id = r->session_id;
     s->bm = r->bm;
     s->bn = r->bn;
@@ -198,13 +202,8 @@ static int session_call(la_client *c, Liteattn__Request *req, const char *key,
     pthread_mutex_lock(&c->lock);
     int rc = cl_call(c, req, -1, LITEATTN__REPLY__BODY_SESSION, &r);
     if (rc == 0) {
-        rc = session_from_reply(c, r->session, ret_session);
+        rc = session_from_reply(c, r->session, key, warm_key, ret_session);
         liteattn__reply__free_unpacked(r, NULL);
-        if (rc == 0) {
-            snprintf((*ret_session)->key, sizeof((*ret_session)->key), "%s", key);
-            snprintf((*ret_session)->warm_key, sizeof((*ret_session)->warm_key), "%s",
-                     warm_key ? warm_key : "");
-        }
     }
     pthread_mutex_unlock(&c->lock);
     return rc;
@@ -258,9 +257,7 @@ LA_API int la_session_open(la_client *c, const char *key, const la_session_confi
         gd.has_budget = cfg->guard_budget != 0.0f, gd.budget = cfg->guard_budget;
         so.guard = &gd;
     }
-    Liteattn__Request req = LITEATTN__REQUEST__INIT;
-    req.body_case = LITEATTN__REQUEST__BODY_SESSION_OPEN;
-    req.session_open = &so;
+    Liteattn__Request req = cl_req_body(LITEATTN__REQUEST__BODY_SESSION_OPEN, &so);
     return session_call(c, &req, key, cfg->warm_key, ret_session);
 }
 
@@ -270,9 +267,7 @@ LA_API int la_session_attach(la_client *c, const char *key, la_session **ret_ses
         return cl_fail(LA_EINVAL, "la_session_attach: NULL argument");
     Liteattn__SessionAttach sa = LITEATTN__SESSION_ATTACH__INIT;
     sa.key = (char *)key;
-    Liteattn__Request req = LITEATTN__REQUEST__INIT;
-    req.body_case = LITEATTN__REQUEST__BODY_SESSION_ATTACH;
-    req.session_attach = &sa;
+    Liteattn__Request req = cl_req_body(LITEATTN__REQUEST__BODY_SESSION_ATTACH, &sa);
     return session_call(c, &req, key, NULL, ret_session);
 }
 
@@ -322,13 +317,7 @@ static int session_ref_call(la_session *s, int body, int want, Liteattn__Reply *
 {
     Liteattn__SessionRef ref = LITEATTN__SESSION_REF__INIT;
     ref.session_id = s->id;
-    Liteattn__Request req = LITEATTN__REQUEST__INIT;
-    req.body_case = (Liteattn__Request__BodyCase)body;
-    switch (body) {
-    case LITEATTN__REQUEST__BODY_SESSION_RESET: req.session_reset = &ref; break;
-    case LITEATTN__REQUEST__BODY_SESSION_CLOSE: req.session_close = &ref; break;
-    default: req.session_info = &ref; break;
-    }
+    Liteattn__Request req = cl_req_body((Liteattn__Request__BodyCase)body, &ref);
     return cl_call(s->client, &req, -1, want, ret_reply);
 }
 
@@ -427,9 +416,7 @@ LA_API int la_session_read_mask(la_session *s, uint32_t layer, uint32_t kv_shard
         mr.offset = off;
         mr.has_length = 1;
         mr.length = (uint32_t)(total - off < chunk ? total - off : chunk);
-        Liteattn__Request req = LITEATTN__REQUEST__INIT;
-        req.body_case = LITEATTN__REQUEST__BODY_MASK_READ;
-        req.mask_read = &mr;
+        Liteattn__Request req = cl_req_body(LITEATTN__REQUEST__BODY_MASK_READ, &mr);
         Liteattn__Reply *r;
         rc = cl_call(c, &req, -1, LITEATTN__REPLY__BODY_MASK, &r);
         if (rc < 0)

@@ -211,14 +211,12 @@ static int table_query(la_client *c, const table_kind *k, la_table **ret_table)
     Liteattn__Stats st = LITEATTN__STATS__INIT;
     Liteattn__SessionList sl = LITEATTN__SESSION_LIST__INIT;
     Liteattn__WarmList wl = LITEATTN__WARM_LIST__INIT;
-    Liteattn__Request req = LITEATTN__REQUEST__INIT;
-    req.body_case = k->request;
+    void *body = &sl;
     if (k->request == LITEATTN__REQUEST__BODY_STATS)
-        req.stats = &st;
+        body = &st;
     else if (k->request == LITEATTN__REQUEST__BODY_WARM_LIST)
-        req.warm_list = &wl;
-    else
-        req.session_list = &sl;
+        body = &wl;
+    Liteattn__Request req = cl_req_body(k->request, body);
     Liteattn__Reply *r;
     int rc = cl_request(c, &req, k->reply, &r);
     if (rc < 0)
@@ -273,9 +271,7 @@ LA_API int la_warm_drop(la_client *c, const char *key, uint64_t *ret_dropped)
         return cl_fail(LA_EINVAL, "la_warm_drop: NULL client");
     Liteattn__WarmDrop wd = LITEATTN__WARM_DROP__INIT;
     wd.key = (char *)key;
-    Liteattn__Request req = LITEATTN__REQUEST__INIT;
-    req.body_case = LITEATTN__REQUEST__BODY_WARM_DROP;
-    req.warm_drop = &wd;
+    Liteattn__Request req = cl_req_body(LITEATTN__REQUEST__BODY_WARM_DROP, &wd);
     Liteattn__Reply *r;
     int rc = cl_request(c, &req, LITEATTN__REPLY__BODY_WARM_DROP, &r);
     if (rc < 0)
