@@ -34,6 +34,10 @@
  *
  * Needs one GPU with the VMM APIs (any sm_80+ on Linux). GPU clock and temperature come from
  * NVML when libnvidia-ml.so.1 can be loaded.
+ *
+ * Over 1000 lines on purpose: one self-contained experiment (two processes, four kinds of
+ * memory, the facts) that a reader follows top to bottom; split up, its steps would be read
+ * out of order.
  */
 #include <dlfcn.h>
 #include <errno.h>
