@@ -59,6 +59,13 @@ namespace sm90 {
 #ifndef LA_SM90_RED_CHAINS
 #define LA_SM90_RED_CHAINS 4
 #endif
+/* Which builds give the masked last tile its own copy of the softmax statistics (see softmax
+ * in fwd_kernel): 0 none, 1 the builds without skipping, 2 all. The H200 (bench/RESULTS.md,
+ * 2026-12-03): dense 3.3% (D128) and 5% (D64) faster with the copy; the SKIP builds gained
+ * nothing at full live fraction and lost 4-13% at live fractions 0.1-0.05 (D64 spills 20 B). */
+#ifndef LA_SM90_SPLIT_SOFTMAX
+#define LA_SM90_SPLIT_SOFTMAX 1
+#endif
 template <int NC_, int BN_, int ST_> struct ShapeOf {
     static constexpr int NC = NC_, BN = BN_, ST = ST_;
 };
@@ -400,16 +407,7 @@ __global__ void __launch_bounds__(Tiles<D>::NT, 1) fwd_kernel(const __grid_const
      * in fp32), row sums; alpha = the factor O must be rescaled by (applied by rescale,
      * once the previous P V has finished with O). Returns the vote margin dmax. In the
      * accumulator layout sc[4j + 2r + e] is row row0 + 8r, key 8j + 2tq + e. */
-    auto softmax = [&](float (&sc)[BN / 2], float (&alpha)[2], int n) -> float {
-        if (k_partial && n == nK - 1) { /* keys past Sk exist only here (zero-filled): -inf */
-            const int lim = p.Sk - n * BN;
-#pragma unroll
-            for (int j = 0; j < BN / 8; ++j) {
-                const int col = j * 8 + 2 * tq;
-                if (col >= lim) sc[4 * j] = sc[4 * j + 2] = -INFINITY;
-                if (col + 1 >= lim) sc[4 * j + 1] = sc[4 * j + 3] = -INFINITY;
-            }
-        }
+    auto stats = [&](float (&sc)[BN / 2], float (&alpha)[2]) -> float {
         float dmax = -INFINITY;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
@@ -448,6 +446,24 @@ __global__ void __launch_bounds__(Tiles<D>::NT, 1) fwd_kernel(const __grid_const
             lrow[r] = lrow[r] * alpha[r] + red[0];
         }
         return dmax;
+    };
+    /* The statistics after the masking of keys past Sk. With kSplit the masked tile has its
+     * own inlined copy, so that no control flow joins between wgmma.wait_group 1 and the
+     * exponentials: at such a join ptxas (nvcc 13.0) put wait_group 0 (P V(n) done) before
+     * them, and the softmax of one tile never overlapped this warpgroup's own P V. */
+    constexpr bool kSplit = LA_SM90_SPLIT_SOFTMAX == 2 || (LA_SM90_SPLIT_SOFTMAX == 1 && !SKIP);
+    auto softmax = [&](float (&sc)[BN / 2], float (&alpha)[2], int n) -> float {
+        if (k_partial && n == nK - 1) { /* keys past Sk exist only here (zero-filled): -inf */
+            const int lim = p.Sk - n * BN;
+#pragma unroll
+            for (int j = 0; j < BN / 8; ++j) {
+                const int col = j * 8 + 2 * tq;
+                if (col >= lim) sc[4 * j] = sc[4 * j + 2] = -INFINITY;
+                if (col + 1 >= lim) sc[4 * j + 1] = sc[4 * j + 3] = -INFINITY;
+            }
+            if (kSplit) return stats(sc, alpha);
+        }
+        return stats(sc, alpha);
     };
     /* O *= alpha, once the previous P V has finished with O. */
     auto rescale = [&](const float (&alpha)[2]) {
@@ -534,12 +550,13 @@ __global__ void __launch_bounds__(Tiles<D>::NT, 1) fwd_kernel(const __grid_const
             /* Steady state, per tile: Q K(nn)^T and P V(n) issued back to back (no wgmma
              * under a branch: the compiler would serialise them); the softmax of nn is written
              * between the two waits, O is rescaled and the new P packed once P V(n) is done.
-             * Note (nvcc 13.0 SASS): ptxas places wgmma.wait_group 0 at the start of the
-             * softmax, so the softmax overlaps the other warpgroup's products (ping-pong) but
-             * not this warpgroup's own P V(n). Neither a predicated release after it, nor
-             * moving the rescale and the packing into the next turn (as FlashAttention-3)
-             * changed that placement, and the latter measured 4-5% slower on the H200
-             * (bench/RESULTS.md, issue 9). */
+             * Note (nvcc 13.0 SASS): where control flow joins inside the softmax (the
+             * masking of the last tile), ptxas places wgmma.wait_group 0 there, so the
+             * softmax overlaps the other warpgroup's products (ping-pong) but not this
+             * warpgroup's own P V(n); kSplit (above) removes the join. Before that was found,
+             * neither a predicated release, nor keeping pa live past the wait, nor moving the
+             * rescale and the packing into the next turn (as FlashAttention-3) moved the
+             * wait, and the last measured 4-5% slower on the H200 (bench/RESULTS.md). */
             for (;; ++u) {
                 const int s = u % ST, s1 = (u + 1) % ST;
                 mbar_wait(bar_kf(s1), (uint32_t)((u + 1) / ST) & 1u);
