@@ -276,7 +276,7 @@ int main(int argc, char **argv)
             fprintf(stderr, "usage: bench_daemon --socket PATH [--device cpu|cuda] [--batch B] "
                             "[--heads H] [--seq S] [--head-dim D] [--iters N] [--threads T] "
                             "[--mode dense|skip] [--fast] [--lead N] [--depth N] "
-                            "[--alloc cudamalloc|vmm|vmm-chunks]\n");
+                            "[--alloc cudamalloc|cudamalloc-exact|vmm|vmm-chunks]\n");
             return o == 'h' ? 0 : 2;
         }
     }
@@ -288,8 +288,12 @@ int main(int argc, char **argv)
     }
 #endif
     int vmm = strcmp(alloc, "vmm") == 0 ? 1 : strcmp(alloc, "vmm-chunks") == 0 ? 2 : 0;
-    if (!vmm && strcmp(alloc, "cudamalloc") != 0) {
-        fprintf(stderr, "bench_daemon: --alloc takes cudamalloc, vmm or vmm-chunks\n");
+    /* cudamalloc rounds the block up to whole 2 MiB (as PyTorch's caching allocator does);
+     * cudamalloc-exact keeps its size, whose IPC import ran the kernel 1.8x slower on the H200
+     * (bench/RESULTS.md, 2026-12-03). */
+    int exact = strcmp(alloc, "cudamalloc-exact") == 0;
+    if (!vmm && !exact && strcmp(alloc, "cudamalloc") != 0) {
+        fprintf(stderr, "bench_daemon: --alloc takes cudamalloc, cudamalloc-exact, vmm or vmm-chunks\n");
         return 2;
     }
     if (vmm && !cuda) {
@@ -396,7 +400,8 @@ int main(int argc, char **argv)
         if (vmm) {
             if (!(base = vmm_alloc(region, vmm == 2 ? (size_t)20 << 20 : 0)))
                 die("VMM allocation", LA_ENOMEM);
-        } else if (cudaMalloc((void **)&base, region) != cudaSuccess)
+        } else if (cudaMalloc((void **)&base, exact ? region : (region + (2u << 20) - 1) & ~(size_t)((2u << 20) - 1)) !=
+                   cudaSuccess)
             die("cudaMalloc", LA_ENOMEM);
         cudaMemcpy(base, hq, bytes, cudaMemcpyHostToDevice);
         cudaMemcpy(base + bytes, hk, bytes, cudaMemcpyHostToDevice);

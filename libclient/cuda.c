@@ -199,6 +199,9 @@ static const char *cu_err(lcu_result r)
     return n ? n : "unknown CUDA error";
 }
 
+/* Legacy IPC blocks worth a warning when their size is not a multiple of IPC_PAGE (below). */
+enum { IPC_PAGE = 2 << 20, IPC_SLOW_MIN = 64 << 20 };
+
 static const char *const VMM_HINT =
     "memory from cuMemCreate (e.g. PyTorch expandable_segments) can be shared only when it was "
     "created exportable as a POSIX file descriptor (PyTorch: TORCH_CUDA_EXPANDABLE_SEGMENTS_IPC=1; "
@@ -389,6 +392,15 @@ static int register_block(la_client *c, const ptr_info *pi, lcu_devptr ptr, uint
     pthread_mutex_unlock(&c->lock);
     if (rc < 0)
         return rc;
+    /* H200, driver 580 (bench/RESULTS.md, 2026-12-03): the daemon's import of a large block
+     * whose size is not a multiple of 2 MiB ran the Hopper kernel 1.8x slower than the same
+     * data in the owner's memory; blocks of whole 2 MiB (PyTorch's caching allocator rounds
+     * large blocks so) ran at full speed. */
+    if (bsize >= IPC_SLOW_MIN && bsize % IPC_PAGE)
+        cl_log(1, "liteattn: CUDA block of %zu bytes at %p is not a multiple of 2 MiB; the "
+                  "daemon's IPC import of such a block can make the kernel up to 1.8x slower: "
+                  "allocate whole 2 MiB, or VMM memory (docs/ALLOCATORS.md)",
+               bsize, (void *)(uintptr_t)base);
     *ret_buffer = b;
     if (ret_offset)
         *ret_offset = ptr - base;
