@@ -460,7 +460,8 @@ def main():
                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     try:
         res["commit"] = os.environ.get("LA_COMMIT") or subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+            ["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
+            text=True).stdout.strip()  # "-dirty": the tree differs from that commit
     except OSError:
         res["commit"] = "?"
     print(f"GPU {res['gpu']}, torch {res['torch']}, commit {res['commit']}", flush=True)
