@@ -78,11 +78,17 @@ template <int D> struct Tiles {
     static constexpr int NT = 128 * (NC + 1); /* producer warpgroup + consumers */
     static constexpr int q_bytes = BM * D * 2, kv_bytes = BN * D * 2;
     static constexpr size_t smem_bytes = 1024 /* alignment slack */ + q_bytes + 2 * ST * kv_bytes;
-    /* setmaxnreg: the producer gives up registers to the consumers (total <= 64K). */
+    /* setmaxnreg: the producer gives up registers to the consumers. The CTA keeps what it
+     * was launched with (__launch_bounds__(NT, 1): 64K / NT per thread, in steps of 8), so the
+     * new counts must fit in that, not in the 64K of the register file: setmaxnreg.inc
+     * blocks until the CTA's pool has the registers. A build with 32 for the producer at
+     * NC = 2 (65536 > 64512; it also reordered the producer) gave no result in 150 s on the
+     * H200 (2026-12-03). */
+    static constexpr int launch_regs = 65536 / NT / 8 * 8;
     static constexpr int producer_regs = NC == 2 ? 24 : 32;
     static constexpr int consumer_regs = NC == 2 ? 240 : 160;
     static_assert(D % 64 == 0 && BN % 16 == 0 && BN <= 256 && BM <= 256, "tile shape");
-    static_assert(128 * producer_regs + 128 * NC * consumer_regs <= 65536, "register budget");
+    static_assert(128 * producer_regs + 128 * NC * consumer_regs <= NT * launch_regs, "register budget");
 };
 
 /* Parameters: the shared ones plus the TMA descriptors of Q, K, V, O (64-byte aligned). */
