@@ -240,6 +240,13 @@ static void fill_bf16(uint16_t *x, size_t n, uint64_t seed)
     }
 }
 
+/* n rounded up to whole 2 MiB (what PyTorch's caching allocator asks of cudaMalloc). */
+static size_t round_up_2mib(size_t n)
+{
+    const size_t page = (size_t)2 << 20;
+    return (n + page - 1) / page * page;
+}
+
 int main(int argc, char **argv)
 {
     const char *sock = NULL, *device = "cpu";
@@ -293,7 +300,8 @@ int main(int argc, char **argv)
      * (bench/RESULTS.md, 2026-12-03). */
     int exact = strcmp(alloc, "cudamalloc-exact") == 0;
     if (!vmm && !exact && strcmp(alloc, "cudamalloc") != 0) {
-        fprintf(stderr, "bench_daemon: --alloc takes cudamalloc, cudamalloc-exact, vmm or vmm-chunks\n");
+        fprintf(stderr,
+                "bench_daemon: --alloc takes cudamalloc, cudamalloc-exact, vmm or vmm-chunks\n");
         return 2;
     }
     if (vmm && !cuda) {
@@ -400,7 +408,7 @@ int main(int argc, char **argv)
         if (vmm) {
             if (!(base = vmm_alloc(region, vmm == 2 ? (size_t)20 << 20 : 0)))
                 die("VMM allocation", LA_ENOMEM);
-        } else if (cudaMalloc((void **)&base, exact ? region : (region + (2u << 20) - 1) & ~(size_t)((2u << 20) - 1)) !=
+        } else if (cudaMalloc((void **)&base, exact ? region : round_up_2mib(region)) !=
                    cudaSuccess)
             die("cudaMalloc", LA_ENOMEM);
         cudaMemcpy(base, hq, bytes, cudaMemcpyHostToDevice);

@@ -88,7 +88,8 @@ template <int D> struct Tiles {
     static constexpr int producer_regs = NC == 2 ? 24 : 32;
     static constexpr int consumer_regs = NC == 2 ? 240 : 160;
     static_assert(D % 64 == 0 && BN % 16 == 0 && BN <= 256 && BM <= 256, "tile shape");
-    static_assert(128 * producer_regs + 128 * NC * consumer_regs <= NT * launch_regs, "register budget");
+    static_assert(128 * producer_regs + 128 * NC * consumer_regs <= NT * launch_regs,
+                  "register budget");
 };
 
 /* Parameters: the shared ones plus the TMA descriptors of Q, K, V, O (64-byte aligned). */
