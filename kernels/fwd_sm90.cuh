@@ -82,8 +82,8 @@ template <int D> struct Tiles {
      * was launched with (__launch_bounds__(NT, 1): 64K / NT per thread, in steps of 8), so the
      * new counts must fit in that, not in the 64K of the register file: setmaxnreg.inc
      * blocks until the CTA's pool has the registers. A build with 32 for the producer at
-     * NC = 2 (65536 > 64512; it also reordered the producer) gave no result in 150 s on the
-     * H200 (2026-12-03). */
+     * NC = 2 (65536 > 64512) gave no result in 150 s on the H200 (2026-12-03); at 24 the
+     * producer spills 16 bytes in the dense D128 build (its loop state; not the consumers). */
     static constexpr int launch_regs = 65536 / NT / 8 * 8;
     static constexpr int producer_regs = NC == 2 ? 24 : 32;
     static constexpr int consumer_regs = NC == 2 ? 240 : 160;
@@ -335,6 +335,19 @@ __global__ void __launch_bounds__(Tiles<D>::NT, 1) fwd_kernel(const __grid_const
                 walk.start(desc, W);
                 const uint32_t *live = s_live + j * LW;
                 int n = SKIP ? walk.next(live, desc, W) : (desc ? nK - 1 : 0);
+                /* V of a tile is loaded after the next tile's K: the consumers need K(u + 1)
+                 * (for S) before V(u) (for P V), and V(u)'s stage is free only once P V(u - ST)
+                 * has finished, which would otherwise hold K(u + 1) back. */
+                auto load_v = [&](int vn, int vs, uint32_t vph) {
+                    mbar_wait(bar_ve(vs), vph);
+                    mbar_expect_tx(bar_vf(vs), TL::kv_bytes);
+#pragma unroll
+                    for (int jj = 0; jj < DB; ++jj)
+                        tma_load4(sV + vs * TL::kv_bytes + jj * BN * 128, &P.tv, 64 * jj, vn * BN, it.h, it.b,
+                                  bar_vf(vs));
+                };
+                int pn = -1, ps = 0;
+                uint32_t pph = 0;
                 for (; n >= 0; ++u) {
                     const int s = u % ST;
                     const uint32_t ph = ((uint32_t)(u / ST) & 1u) ^ 1u;
@@ -345,14 +358,13 @@ __global__ void __launch_bounds__(Tiles<D>::NT, 1) fwd_kernel(const __grid_const
                     for (int jj = 0; jj < DB; ++jj)
                         tma_load4(sK + s * TL::kv_bytes + jj * BN * 128, &P.tk, 64 * jj, n * BN, it.h, it.b,
                                   bar_kf(s));
-                    mbar_wait(bar_ve(s), ph);
-                    mbar_expect_tx(bar_vf(s), TL::kv_bytes);
-#pragma unroll
-                    for (int jj = 0; jj < DB; ++jj)
-                        tma_load4(sV + s * TL::kv_bytes + jj * BN * 128, &P.tv, 64 * jj, n * BN, it.h, it.b,
-                                  bar_vf(s));
+                    if (pn >= 0) load_v(pn, ps, pph);
+                    pn = n;
+                    ps = s;
+                    pph = ph;
                     n = SKIP ? walk.next(live, desc, W) : (desc ? n - 1 : (n + 1 < nK ? n + 1 : -1));
                 }
+                if (pn >= 0) load_v(pn, ps, pph);
                 /* End of the row: one use of a stage carries the tile index -1, with plain
                  * arrivals on both of its full barriers (so that their phases stay in step). */
                 const int s = u % ST;
