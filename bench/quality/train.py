@@ -284,7 +284,9 @@ def main():
         "init": None if init_meta is None else {
             "from": args.init, "steps": init_meta.get("steps"),
             "config": init_meta["config"], "command": init_meta.get("command"),
-            "heldout": init_meta.get("heldout")}, "train_seconds": train_s, "weights": which,
+            "heldout": init_meta.get("heldout"), "train_seconds": init_meta.get("train_seconds"),
+            "init": init_meta.get("init")},          # the stages before it, nested
+        "train_seconds": train_s, "weights": which,
         "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
         "torch": str(torch.__version__), "texture_sources": maker.sources,
         "heldout": {"clips": n_held, "seed": 1234, "noise_levels": hs[3].tolist(),
