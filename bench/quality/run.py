@@ -313,6 +313,7 @@ def plot_pareto(results, path, cap=60.0):
     groups = (("fixed tau", lambda r: r["kind"] == "tau", "o-"),
               ("calibrated, per step", lambda r: r["kind"] == "profile-step", "s--"),
               ("calibrated, per layer", lambda r: r["kind"] == "profile-layer", "^--"),
+              ("fixed tau from a later step", lambda r: r["kind"] == "delayed", "v:"),
               ("warm start", lambda r: r["kind"] == "warm", "D:"),
               ("guardrail on", lambda r: r["kind"] == "guard", "X:"),
               ("guardrail off (same tau)", lambda r: r["kind"] == "guard-off", "x:"))
@@ -406,6 +407,9 @@ def main():
                     help="thresholds the calibration chooses from")
     ap.add_argument("--deadline", type=float, default=0,
                     help="seconds: settings not started by then are left out (0: none)")
+    ap.add_argument("--delayed", default="",
+                    help="fixed thresholds that start deciding late: TAU@STEP,... (the calls "
+                         "before STEP keep every tile: their threshold is -inf)")
     ap.add_argument("--warm-taus", default="-6,-3",
                     help="thresholds of the warm-start settings (each against its cold tau)")
     ap.add_argument("--warm-seeds", default="21,22;31,32;41,42",
@@ -504,6 +508,16 @@ def _main(args, torch, liteattn, LC, D, M, dev, dtype, out, sock):
     for kind, targets in (("profile-step", args.targets_step), ("profile-layer",
                                                                   args.targets_layer)):
         settings += [(None, kind, float(t), None) for t in targets.split(",") if t]
+    for spec in (x for x in args.delayed.split(",") if x):
+        tau_s, _, k_s = spec.partition("@")
+        tau, k = float(tau_s), int(k_s or 0)
+        if not 0 <= k < args.steps:
+            raise SystemExit("run.py: --delayed %s: the first skipping step must be in [0, %d)"
+                             % (spec, args.steps))
+        # calls before step k decide nothing (tau -inf); from step k on, tau
+        sched = [-math.inf] * k + [tau] * (args.steps - k)
+        settings.append(("tau %g from step %d" % (tau, k), "delayed", tau,
+                         LC.Profile(sched, model=name, resolution=res_key, steps=args.steps)))
     settings += [("warm tau %g" % float(t), "warm", float(t), None)
                  for t in args.warm_taus.split(",") if t]
     for t in (x for x in args.guard_taus.split(",") if x):
