@@ -82,7 +82,7 @@ def texture_bank(n, size=128, seed=0, device="cpu", use_images=True):
     if n_img:
         per = -(-n_img // len(imgs))
         for name, img in imgs:
-            t = torch.as_tensor(img).float() / 255.0
+            t = torch.tensor(img).float() / 255.0     # a copy: some bundled arrays are read-only
             if t.ndim == 2:
                 t = t.unsqueeze(-1).expand(-1, -1, 3)
             t = t[..., :3].permute(2, 0, 1)
