@@ -144,14 +144,32 @@ class LiteRecorder:
         self.mods = [liteattn.LiteAttention(threshold=threshold, context=ctx, profile=profile)
                      for _ in range(layers)]
         self.calls = []
+        self.events = []
 
     def __call__(self, layer, q, k, v):
         m = self.mods[layer]
+        ev = None
+        if q.is_cuda:   # the call's span on the caller's stream, as SdpaTimer measures SDPA
+            import torch
+            ev = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            ev[0].record()
         out = m(q, k, v)
+        if ev is not None:
+            ev[1].record()
+            self.events.append(ev)
         lc = m.last_call
         self.calls.append((layer, m.step - 1, lc.get("tiles_total", 0),
                            lc.get("tiles_computed", 0), lc.get("compute_ns", 0)))
         return out
+
+    def seconds(self):
+        """GPU: the calls' spans on the caller's stream (kernel and daemon path, what a
+        synchronous caller waits for), or None on the CPU (then the daemon's compute time)."""
+        if not self.events:
+            return None
+        import torch
+        torch.cuda.synchronize()
+        return sum(a.elapsed_time(b) for a, b in self.events) / 1e3
 
 
 class SdpaTimer:
@@ -215,7 +233,7 @@ def run_setting(name, liteattn, socket, model, noise, labels, hs, args, dtype, t
         M.sample(model, n2, l2, steps=args.steps, cfg_scale=args.cfg_scale, attn=rec,
                  dtype=dtype)
         ctx.end_generation()
-    rec.calls = []
+    rec.calls, rec.events = [], []
     ctx.new_generation(steps=args.steps)
     sync = torch.cuda.synchronize if noise.is_cuda else (lambda: None)
     sync()
@@ -238,6 +256,9 @@ def run_setting(name, liteattn, socket, model, noise, labels, hs, args, dtype, t
         raise RuntimeError("%s: no call reported its tiles (a fast-path call answers without "
                            "figures): nothing to measure" % name)
     live, skipped, attn_s = per_step_tables(rec.calls, cfg.depth, args.steps)
+    compute_s = attn_s          # the daemon's per-call compute time, summed
+    if rec.seconds() is not None:
+        attn_s = rec.seconds()
     first = first_steps_skipped(rec.calls, min(2, args.steps))
     # held-out denoising loss with skipping on, teacher-forced along the schedule
     rec2 = LiteRecorder(liteattn, ctx, cfg.depth, threshold, profile)
@@ -247,6 +268,7 @@ def run_setting(name, liteattn, socket, model, noise, labels, hs, args, dtype, t
     ctx.close()
     _, hskip, _ = per_step_tables(rec2.calls, cfg.depth, args.steps)
     r = {"name": name, "x": x, "live": live, "skipped": skipped, "attn_s": attn_s,
+         "daemon_compute_s": compute_s,
          "wall_s": wall, "heldout_loss": hl, "heldout_skipped": hskip,
          "first_steps_skipped": first}
     r.update(extra)
@@ -609,7 +631,8 @@ def _main(args, torch, liteattn, LC, D, M, dev, dtype, out, sock):
                                        "time_ratio", "vs_sdpa", "wall_s", "psnr_per_clip")})
         rows[-1]["live_per_layer_step"] = r["live"]
         for k in ("first_steps_skipped", "warm_key", "warm_generations", "warm_status",
-                  "guard_checks", "guard_rows", "guard_restored", "guard_tiles", "tau"):
+                  "guard_checks", "guard_rows", "guard_restored", "guard_tiles", "tau",
+                  "daemon_compute_s"):
             if k in r:
                 rows[-1][k] = r[k]
     by_name = {r["name"]: r for r in results}
