@@ -455,12 +455,21 @@ static srv_user *user_acct(srv *s, uint32_t uid)
     return uid_get(&s->users, uid, sizeof(srv_user), 1);
 }
 
+/* Frees u once no connection of its user is left. */
+static void user_drop_idle(srv_user *u)
+{
+    if (u->conns == 0) {
+        list_remove(&u->node.link);
+        free(u);
+    }
+}
+
 static void user_release(srv *s, uint32_t uid)
 {
     srv_user *u = uid_get(&s->users, uid, sizeof(srv_user), 0);
-    if (u && --u->conns == 0) {
-        list_remove(&u->node.link);
-        free(u);
+    if (u) {
+        --u->conns;
+        user_drop_idle(u);
     }
 }
 
@@ -545,10 +554,7 @@ int srv_attach(srv *s, int fd, uint32_t uid, uint32_t gid, int32_t pid, conn **r
     conn *c;
     int rc = conn_new(&s->loop, ++s->next_conn_id, fd, uid, gid, pid, &lim, &s->ctr.io, &hooks, &c);
     if (rc < 0) {
-        if (u->conns == 0) {
-            list_remove(&u->node.link);
-            free(u);
-        }
+        user_drop_idle(u);
         return rc;
     }
     u->conns++;
@@ -692,12 +698,7 @@ void srv_free(srv *s)
     }
     if (s->reserve_fd >= 0)
         close(s->reserve_fd);
-    if (s->users.next) {
-        srv_user *u;
-        list_for_each_entry (u, &s->users, srv_user, node.link) {
-            list_remove(&u->node.link);
-            free(u);
-        }
-    }
+    if (s->users.next)
+        list_drain(&s->users, srv_user, node.link, free);
     free(s);
 }
