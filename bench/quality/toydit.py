@@ -11,6 +11,13 @@ Rectified flow: x_t = (1 - t) x_0 + t eps, the model predicts v = eps - x_0.
 
 The attention itself is a callable attn(layer, q, k, v) -> out, q/k/v (B, S, H, D); the
 default is PyTorch's SDPA, and the quality harness passes liteattn's module in its place.
+
+Token order: everything but the patch embedding and the output head works token by token, and
+attention is the same for any order of its tokens (the RoPE angles travel with them), so the
+model may lay the sequence out in another order between the two (set_token_order). Dense
+attention does not care; a tile-sparse kernel does, since its tiles are runs of consecutive
+tokens: in (t, h, w) order a 128-token tile is four rows of one frame, in a 3D Z-order curve a
+4 x 4 x 8 brick of the video, whose rows attend to much the same keys.
 """
 import math
 from dataclasses import asdict, dataclass
@@ -61,6 +68,42 @@ class Config:
 
 
 SMOKE = dict(frames=4, size=16, patch=(1, 2, 2), dim=128, heads=1, depth=2)
+
+
+TOKEN_ORDERS = ("raster", "zorder", "blocks:T,H,W")
+
+
+def token_order(grid, name):
+    """The permutation (S,) that lays out tokens of the (T, H, W) grid in order `name`:
+    "raster" (t, h, w; None is returned), "zorder" (Morton: the bits of t, h, w interleaved,
+    w lowest; any grid, compact where its sides are powers of two) or "blocks:bt,bh,bw" (bricks
+    of bt x bh x bw tokens in (t, h, w) order of bricks, (t, h, w) inside each). perm[i] is the
+    raster index of the i-th token of the new order."""
+    T, H, W = grid
+    S = T * H * W
+    idx = torch.arange(S)
+    t, h, w = idx // (H * W), (idx // W) % H, idx % W
+    if name in (None, "", "raster"):
+        return None
+    if name == "zorder":
+        key = torch.zeros(S, dtype=torch.long)
+        bits = max(T, H, W).bit_length()
+        for b in range(bits):
+            key |= (((w >> b) & 1) << (3 * b)) | (((h >> b) & 1) << (3 * b + 1)) | \
+                (((t >> b) & 1) << (3 * b + 2))
+        return torch.argsort(key)
+    if name.startswith("blocks:"):
+        try:
+            bt, bh, bw = (int(x) for x in name[len("blocks:"):].split(","))
+        except ValueError:
+            bt = 0
+        if not (bt > 0 and bh > 0 and bw > 0 and T % bt == 0 and H % bh == 0 and W % bw == 0):
+            raise ValueError("token order %r: want blocks:bt,bh,bw, positive and dividing the "
+                             "grid %dx%dx%d" % (name, T, H, W))
+        brick = ((t // bt) * (H // bh) + h // bh) * (W // bw) + w // bw
+        inner = ((t % bt) * bh + h % bh) * bw + w % bw
+        return torch.argsort(brick * (bt * bh * bw) + inner)
+    raise ValueError("token order %r: one of %s" % (name, ", ".join(TOKEN_ORDERS)))
 
 
 def sdpa_attention(layer, q, k, v):
@@ -166,7 +209,31 @@ class ToyDiT(nn.Module):
         ang = rope_angles(cfg)
         self.register_buffer("rope_cos", torch.cos(ang), persistent=False)
         self.register_buffer("rope_sin", torch.sin(ang), persistent=False)
+        self.set_token_order("raster")
         self._init()
+
+    def set_token_order(self, name):
+        """Lay the tokens out in order `name` between patch embedding and head (token_order);
+        the output is the same up to rounding, only the attention calls see another order."""
+        perm = token_order(self.cfg.grid, name)
+        self.token_order_name = name or "raster"
+        self._perm = perm
+        self._inv = None if perm is None else torch.argsort(perm)
+        self._rope = None
+        return self
+
+    def _ordered(self, dev):
+        """(perm, inv, cos, sin) on dev for the current token order (the buffers follow
+        .to(); the permuted copies are made again when they moved)."""
+        if self._perm is None:
+            return None, None, self.rope_cos, self.rope_sin
+        if self._perm.device != dev:
+            self._perm, self._inv = self._perm.to(dev), self._inv.to(dev)
+        if self._rope is None or self._rope[0].device != self.rope_cos.device or \
+                self._rope[0].dtype != self.rope_cos.dtype:
+            p = self._perm.to(self.rope_cos.device)
+            self._rope = (self.rope_cos[p], self.rope_sin[p])
+        return self._perm, self._inv, self._rope[0], self._rope[1]
 
     def _init(self):
         for m in self.modules():
@@ -197,13 +264,18 @@ class ToyDiT(nn.Module):
         """x (B, C, F, S, S), t (B,) in [0, 1], labels (B,) -> v (B, C, F, S, S)."""
         attn = attn or sdpa_attention
         h = self.patchify(x)
+        perm, inv, cos, sin = self._ordered(h.device)
+        if perm is not None:
+            h = h[:, perm]
         e = self.time_embedding(timestep_embedding(t, self.cfg.freq_dim).to(h.dtype))
         e = e + self.label_embedding(labels).to(e.dtype)
         e0 = self.time_projection(e).unflatten(1, (6, -1))
         for i, blk in enumerate(self.blocks):
-            h = blk(h, e0, self.rope_cos, self.rope_sin, attn, i)
+            h = blk(h, e0, cos, sin, attn, i)
         m = (self.head_modulation.float() + e.float().unsqueeze(1)).chunk(2, dim=1)
         h = (self.head_norm(h.float()) * (1 + m[1]) + m[0]).type_as(h)
+        if inv is not None:
+            h = h[:, inv]
         return self.unpatchify(self.head(h))
 
 
