@@ -89,9 +89,9 @@ def make_noise(cfg, seeds, device):
 
 
 def calibration_generate(attention, checkpoint=CKPT, smoke=0, seed=100, label=4, steps=50,
-                         cfg_scale=5.0):
+                         cfg_scale=5.0, order="raster"):
     """One dense generation of the toy DiT with attention(layer, q, k, v) for every
-    self-attention call: the --run target of liteattn-calibrate."""
+    self-attention call, its tokens in `order`: the --run target of liteattn-calibrate."""
     import torch
     import toydit as M
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -99,8 +99,12 @@ def calibration_generate(attention, checkpoint=CKPT, smoke=0, seed=100, label=4,
     noise = make_noise(model.cfg, [seed], dev)
     labels = torch.tensor([int(label)], device=dev)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    return M.sample(model, noise, labels, steps=int(steps), cfg_scale=float(cfg_scale),
-                    attn=lambda layer, q, k, v: attention(layer, q, k, v), dtype=dtype)
+    model.set_token_order(order)
+    try:
+        return M.sample(model, noise, labels, steps=int(steps), cfg_scale=float(cfg_scale),
+                        attn=lambda layer, q, k, v: attention(layer, q, k, v), dtype=dtype)
+    finally:
+        model.set_token_order("raster")
 
 
 # ---- metrics --------------------------------------------------------------------------------
@@ -138,17 +142,35 @@ def ssim(a, b):
 # ---- one setting ----------------------------------------------------------------------------
 
 class LiteRecorder:
-    """attn(layer, q, k, v) through one LiteAttention per layer; per-call stats kept."""
+    """attn(layer, q, k, v) through one LiteAttention per layer; per-call stats kept, each
+    call's step counted here (one call per layer and step: guidance is batched).
 
-    def __init__(self, liteattn, ctx, layers, threshold, profile, timed=True):
+    refresh R > 0: every R steps (steps R, 2R, ...) each layer's masks start again from all
+    ones. Done through the daemon's restart rule (docs/SKIP-SEMANTICS.md, "Generations restart
+    dense"): the module's step index is rewound to 0, a step below the layer's last, so the
+    daemon sets the layer's masks to all ones before the call and that call votes afresh. R
+    must be even (the visiting direction follows the step's parity) and is meant for fixed
+    thresholds (a profile would be indexed by the rewound step)."""
+
+    def __init__(self, liteattn, ctx, layers, threshold, profile, timed=True, refresh=0):
         self.mods = [liteattn.LiteAttention(threshold=threshold, context=ctx, profile=profile)
                      for _ in range(layers)]
         self.calls = []
         self.events = []
         self.timed = timed
+        self.refresh = int(refresh)
+        self.steps = [0] * layers
+
+    def new_generation(self):
+        self.calls, self.events = [], []
+        self.steps = [0] * len(self.mods)
 
     def __call__(self, layer, q, k, v):
         m = self.mods[layer]
+        step = self.steps[layer]
+        self.steps[layer] += 1
+        if self.refresh and step and step % self.refresh == 0:
+            m._step = 0   # below the layer's last step: the daemon restarts its masks
         ev = None
         if self.timed and q.is_cuda:   # the call's span on the caller's stream, as SdpaTimer
             import torch
@@ -159,7 +181,7 @@ class LiteRecorder:
             ev[1].record()
             self.events.append(ev)
         lc = m.last_call
-        self.calls.append((layer, m.step - 1, lc.get("tiles_total", 0),
+        self.calls.append((layer, step, lc.get("tiles_total", 0),
                            lc.get("tiles_computed", 0), lc.get("compute_ns", 0)))
         return out
 
@@ -220,21 +242,33 @@ def per_step_tables(calls, layers, steps):
 
 
 def run_setting(name, liteattn, socket, model, noise, labels, hs, args, dtype, threshold=-3.0,
-                profile=None, ctx_kwargs=None, seed_gens=()):
+                profile=None, ctx_kwargs=None, seed_gens=(), order="raster", refresh=0):
     """One setting. ctx_kwargs: the Context's options (default warm=False: a cold start);
     seed_gens: (noise, labels) of generations run first in the same context, whose masks a
-    warm context deposits for the measured one."""
+    warm context deposits for the measured one; order: the model's token order for this
+    setting (toydit.token_order); refresh: see LiteRecorder."""
+    model.set_token_order(order)
+    try:
+        return _run_setting(name, liteattn, socket, model, noise, labels, hs, args, dtype,
+                            threshold, profile, ctx_kwargs, seed_gens, refresh)
+    finally:
+        model.set_token_order("raster")
+
+
+def _run_setting(name, liteattn, socket, model, noise, labels, hs, args, dtype, threshold,
+                 profile, ctx_kwargs, seed_gens, refresh):
     import torch
     import toydit as M
     cfg = model.cfg
     ctx = liteattn.Context(socket=socket, **(ctx_kwargs or {"warm": False}))
-    rec = LiteRecorder(liteattn, ctx, cfg.depth, threshold, profile)
+    rec = LiteRecorder(liteattn, ctx, cfg.depth, threshold, profile, refresh=refresh)
     for n2, l2 in seed_gens:
         ctx.new_generation(steps=args.steps)
+        rec.new_generation()
         M.sample(model, n2, l2, steps=args.steps, cfg_scale=args.cfg_scale, attn=rec,
                  dtype=dtype)
         ctx.end_generation()
-    rec.calls, rec.events = [], []
+    rec.new_generation()
     ctx.new_generation(steps=args.steps)
     sync = torch.cuda.synchronize if noise.is_cuda else (lambda: None)
     sync()
@@ -263,7 +297,8 @@ def run_setting(name, liteattn, socket, model, noise, labels, hs, args, dtype, t
         attn_s = span_s
     first = first_steps_skipped(rec.calls, min(2, args.steps))
     # held-out denoising loss with skipping on, teacher-forced along the schedule
-    rec2 = LiteRecorder(liteattn, ctx, cfg.depth, threshold, profile, timed=False)
+    rec2 = LiteRecorder(liteattn, ctx, cfg.depth, threshold, profile, timed=False,
+                        refresh=refresh)
     ctx.new_generation()
     hl = heldout_trajectory_loss(model, hs, args, dtype, rec2)
     ctx.end_generation()
@@ -275,6 +310,12 @@ def run_setting(name, liteattn, socket, model, noise, labels, hs, args, dtype, t
          "first_steps_skipped": first}
     r.update(extra)
     return r
+
+
+def tau_name(tau, order="raster", refresh=0):
+    """The name of a fixed-threshold setting."""
+    return "tau %g" % tau + ("" if order == "raster" else " " + order) + \
+        ("" if not refresh else " refresh %d" % refresh)
 
 
 def first_steps_skipped(calls, n):
@@ -449,7 +490,31 @@ def main():
     ap.add_argument("--guard-every", type=int, default=1)
     ap.add_argument("--guard-sample", type=int, default=4, help="q-tiles per checked call")
     ap.add_argument("--guard-budget", type=float, default=0.05)
+    ap.add_argument("--token-orders", default="raster",
+                    help="token orders of the fixed-threshold settings, each a setting of its "
+                         "own: raster, zorder, blocks:bt,bh,bw (toydit.token_order); the "
+                         "first one is also that of every other setting. Dense SDPA always "
+                         "runs in raster order")
+    ap.add_argument("--refresh", default="0",
+                    help="even step counts R: fixed-threshold settings whose masks start again "
+                         "from all ones every R steps, each a setting of its own (0: never)")
     args = ap.parse_args()
+    # token orders "blocks:..." hold commas: orders are split on "," outside a "blocks:" spec
+    args.orders = []
+    for part in args.token_orders.split(","):
+        if args.orders and args.orders[-1].startswith("blocks:") and \
+                args.orders[-1].count(",") < 2:
+            args.orders[-1] += "," + part
+        elif part:
+            args.orders.append(part)
+    args.orders = args.orders or ["raster"]
+    try:
+        args.refreshes = [int(r) for r in args.refresh.split(",") if r] or [0]
+    except ValueError as e:
+        raise SystemExit("run.py: --refresh: %s" % e)
+    if any(r < 0 or r % 2 for r in args.refreshes):
+        raise SystemExit("run.py: --refresh: even step counts >= 0 (the visiting direction "
+                         "follows the step's parity), not %s" % args.refresh)
     # The figures of every (layer, step) come back with each call on the synchronous path;
     # the fast path (the module's default on CUDA) answers without them (last_call is empty).
     os.environ["LITEATTN_FASTPATH"] = "0"
@@ -497,6 +562,11 @@ def main():
 def _main(args, torch, liteattn, LC, D, M, dev, dtype, out, sock):
     model, meta = get_model(args.checkpoint, args.smoke, dev)
     cfg = model.cfg
+    for o in args.orders:
+        try:
+            M.token_order(cfg.grid, o)
+        except ValueError as e:
+            raise SystemExit("run.py: --token-orders: %s" % e)
     log("model: %.2fM params, %d tokens, %s weights, device %s, daemon %s" % (
         model.num_params() / 1e6, cfg.tokens, meta.get("weights"), dev, sock))
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -526,7 +596,13 @@ def _main(args, torch, liteattn, LC, D, M, dev, dtype, out, sock):
                 "attn_s": sdpa_s, "wall_s": dense_wall, "heldout_loss": hl_dense,
                 "heldout_skipped": 0.0}]
     settings = [("liteattn tau -inf", "tau", -math.inf, None)]
-    settings += [("tau %g" % float(tau), "tau", float(tau), None) for tau in args.taus.split(",")]
+    variants = {}   # setting name -> (token order, refresh)
+    for tau in (float(x) for x in args.taus.split(",") if x):
+        for order in args.orders:
+            for rf in args.refreshes:
+                nm = tau_name(tau, order, rf)
+                settings.append((nm, "tau", tau, None))
+                variants[nm] = (order, rf)
     res_key = "%dx%dx%d" % (cfg.frames, cfg.size, cfg.size)
     name = "toydit-%s" % ("smoke" if args.smoke else "%.0fM" % (model.num_params() / 1e6))
     for kind, targets in (("profile-step", args.targets_step), ("profile-layer",
@@ -546,7 +622,7 @@ def _main(args, torch, liteattn, LC, D, M, dev, dtype, out, sock):
                  for t in args.warm_taus.split(",") if t]
     for t in (x for x in args.guard_taus.split(",") if x):
         tau = float(t)
-        if "tau %g" % tau not in [nm for nm, _, _, _ in settings]:
+        if tau_name(tau, args.orders[0]) not in [nm for nm, _, _, _ in settings]:
             settings.append(("guard off tau %g" % tau, "guard-off", tau, None))
         settings.append(("guard tau %g" % tau, "guard", tau, None))
     seed_gens = []
@@ -569,7 +645,8 @@ def _main(args, torch, liteattn, LC, D, M, dev, dtype, out, sock):
                     "--arg", "smoke=%d" % int(args.smoke), "--arg", "checkpoint=" +
                     args.checkpoint, "--arg", "seed=%d" % args.calib_seed,
                     "--arg", "label=%d" % args.calib_label, "--arg", "steps=%d" % args.steps,
-                    "--arg", "cfg_scale=%g" % args.cfg_scale,
+                    "--arg", "cfg_scale=%g" % args.cfg_scale, "--arg",
+                    "order=" + args.orders[0],
                     "--target", tgt, "--model", name, "--resolution", res_key,
                     "--steps", str(args.steps), "--out", path, "--socket", sock,
                     "--candidates=" + args.candidates]
@@ -592,9 +669,12 @@ def _main(args, torch, liteattn, LC, D, M, dev, dtype, out, sock):
         elif kind == "guard":
             ctx_kwargs = {"warm": False, "guard_every": args.guard_every,
                           "guard_sample": args.guard_sample, "guard_budget": args.guard_budget}
+        order, rf = variants.get(nm, (args.orders[0], 0))
         r = run_setting(nm, liteattn, sock, model, noise, labels, hs, args, dtype,
-                        threshold=tau, profile=prof, ctx_kwargs=ctx_kwargs, seed_gens=pre)
+                        threshold=tau, profile=prof, ctx_kwargs=ctx_kwargs, seed_gens=pre,
+                        order=order, refresh=rf)
         r["kind"] = kind
+        r["token_order"], r["refresh"] = order, rf
         r["tau"] = None if prof is not None or math.isinf(tau) else tau
         results.append(r)
         log("%-24s skipped %5.1f%%  attention %.4f s  wall %.2f s  held-out %.4f%s" % (
@@ -634,14 +714,14 @@ def _main(args, torch, liteattn, LC, D, M, dev, dtype, out, sock):
         rows[-1]["live_per_layer_step"] = r["live"]
         for k in ("first_steps_skipped", "warm_key", "warm_generations", "warm_status",
                   "guard_checks", "guard_rows", "guard_restored", "guard_tiles", "tau",
-                  "daemon_compute_s"):
+                  "daemon_compute_s", "token_order", "refresh"):
             if k in r:
                 rows[-1][k] = r[k]
     by_name = {r["name"]: r for r in results}
     warm_cmp, guard_cmp = [], []
     for r in results:
         if r["kind"] == "warm":
-            c = by_name.get("tau %g" % r["tau"])
+            c = by_name.get(tau_name(r["tau"], args.orders[0]))
             warm_cmp.append({"tau": r["tau"], "warm_generations": r["warm_generations"],
                              "warm_skipped": r["skipped"], "warm_psnr": r["psnr"],
                              "warm_first_steps_skipped": r["first_steps_skipped"],
@@ -651,7 +731,8 @@ def _main(args, torch, liteattn, LC, D, M, dev, dtype, out, sock):
                              "warm_time_ratio": r["time_ratio"],
                              "cold_time_ratio": c["time_ratio"] if c else None})
         if r["kind"] == "guard":
-            c = by_name.get("tau %g" % r["tau"]) or by_name.get("guard off tau %g" % r["tau"])
+            c = by_name.get(tau_name(r["tau"], args.orders[0])) or \
+                by_name.get("guard off tau %g" % r["tau"])
             guard_cmp.append({"tau": r["tau"], "on_skipped": r["skipped"], "on_psnr": r["psnr"],
                               "off_skipped": c["skipped"] if c else None,
                               "off_psnr": c["psnr"] if c else None,
