@@ -70,40 +70,21 @@ class Config:
 SMOKE = dict(frames=4, size=16, patch=(1, 2, 2), dim=128, heads=1, depth=2)
 
 
-TOKEN_ORDERS = ("raster", "zorder", "blocks:T,H,W")
-
-
 def token_order(grid, name):
     """The permutation (S,) that lays out tokens of the (T, H, W) grid in order `name`:
-    "raster" (t, h, w; None is returned), "zorder" (Morton: the bits of t, h, w interleaved,
-    w lowest; any grid, compact where its sides are powers of two) or "blocks:bt,bh,bw" (bricks
-    of bt x bh x bw tokens in (t, h, w) order of bricks, (t, h, w) inside each). perm[i] is the
-    raster index of the i-th token of the new order."""
-    T, H, W = grid
-    S = T * H * W
-    idx = torch.arange(S)
-    t, h, w = idx // (H * W), (idx // W) % H, idx % W
-    if name in (None, "", "raster"):
-        return None
-    if name == "zorder":
-        key = torch.zeros(S, dtype=torch.long)
-        bits = max(T, H, W).bit_length()
-        for b in range(bits):
-            key |= (((w >> b) & 1) << (3 * b)) | (((h >> b) & 1) << (3 * b + 1)) | \
-                (((t >> b) & 1) << (3 * b + 2))
-        return torch.argsort(key)
-    if name.startswith("blocks:"):
-        try:
-            bt, bh, bw = (int(x) for x in name[len("blocks:"):].split(","))
-        except ValueError:
-            bt = 0
-        if not (bt > 0 and bh > 0 and bw > 0 and T % bt == 0 and H % bh == 0 and W % bw == 0):
-            raise ValueError("token order %r: want blocks:bt,bh,bw, positive and dividing the "
-                             "grid %dx%dx%d" % (name, T, H, W))
-        brick = ((t // bt) * (H // bh) + h // bh) * (W // bw) + w // bw
-        inner = ((t % bt) * bh + h % bh) * bw + w % bw
-        return torch.argsort(brick * (bt * bh * bw) + inner)
-    raise ValueError("token order %r: one of %s" % (name, ", ".join(TOKEN_ORDERS)))
+    "raster" (t, h, w; None is returned), "zorder" (3D Morton curve) or "blocks:bt,bh,bw"
+    (liteattn.order, which the harness and users share). perm[i] is the raster index of the
+    i-th token of the new order."""
+    try:
+        from liteattn import order as LO
+    except ImportError:   # the source checkout's client package, beside bench/
+        import os
+        import sys
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                                        "libclient", "python"))
+        from liteattn import order as LO
+    p = LO.token_order(grid, name)
+    return None if p is None else torch.from_numpy(p)
 
 
 def sdpa_attention(layer, q, k, v):

@@ -21,6 +21,7 @@ from .errors import (Error, InvalidArgument, OutOfMemory, NotSupported, NotFound
 from .module import (LiteAttention, Context, default_context, new_generation, generation,
                      convert_must_list)
 from .dtypes import float32_to_bf16, bf16_to_float32
+from . import order
 
 __version__ = "0.1.0"
 

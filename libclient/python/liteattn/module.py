@@ -230,14 +230,28 @@ class generation:
         self.context.end_generation()
 
 
+def _take(x, idx, dim):
+    """x's entries along dim in order idx (torch: index_select; NumPy: take)."""
+    if hasattr(x, "index_select"):
+        return x.index_select(dim, idx)
+    import numpy as np
+    return np.take(x, idx, axis=dim)
+
+
 class LiteAttention:
     """One per attention layer. Call as attn(q, k, v, scale=None, return_softmax_lse=False,
     must_do_list=None, must_skip_list=None) with q, k, v of shape (B, S, H, D) (torch tensors,
     CUDA or CPU, or NumPy arrays). Returns out, or (out, lse) with lse (B, H, Sq) float32.
-    Each call advances this layer's step."""
+    Each call advances this layer's step.
+
+    token_order: None, or a permutation of the S tokens (liteattn.order, e.g.
+    liteattn.order.zorder((frames, height, width)) for video latents in (t, h, w) order): each
+    call gathers Q, K, V into that order, so that a tile holds a compact brick of the video,
+    and returns O (and LSE) in the caller's order. Self-attention only (Sq = Sk = len); the
+    gathers cost three copies of Q/K/V and one of O per call."""
 
     def __init__(self, threshold=-3.0, enable_skipping=True, context=None, max_batch_size=None,
-                 profile=None):
+                 profile=None, token_order=None):
         self.context = context or default_context()
         self.layer = self.context.register(self)
         self.threshold = float(threshold)
@@ -249,6 +263,47 @@ class LiteAttention:
         self._step = 0
         self._reset_pending = False
         self.last_call = {}
+        self.set_token_order(token_order)
+
+    def set_token_order(self, perm):
+        """Use permutation perm (see the class) from the next call on; None: the caller's."""
+        from . import order
+        if perm is None:
+            self._order = None
+        else:
+            if hasattr(perm, "detach"):
+                perm = perm.detach().cpu().numpy()
+            try:
+                p = order.check(perm)
+            except ValueError as e:
+                raise InvalidArgument(str(e)) from None
+            self._order = (p, order.inverse(p))
+        self._order_on = {}   # device -> (perm, inv) as torch tensors
+
+    def _ordered(self, q, k, v, must_do_list, must_skip_list):
+        """(q, k, v, inv) in the token order; inv None without one."""
+        if self._order is None:
+            return q, k, v, None
+        p, inv = self._order
+        n = p.size
+        if q.shape[1] != n or k.shape[1] != n or v.shape[1] != n:
+            raise InvalidArgument(
+                "LiteAttention token_order has %d tokens but the call has Sq %d, Sk %d: the "
+                "order is for self-attention over exactly those tokens" % (
+                    n, q.shape[1], k.shape[1]))
+        if must_do_list or must_skip_list:
+            raise InvalidArgument("LiteAttention: must-do and must-skip ranges are key ranges "
+                                  "in the caller's order; they cannot be combined with "
+                                  "token_order")
+        if hasattr(q, "is_cuda"):
+            import torch
+            key = str(q.device)
+            if key not in self._order_on:
+                self._order_on[key] = (torch.from_numpy(p).to(q.device),
+                                       torch.from_numpy(inv).to(q.device))
+            tp, tinv = self._order_on[key]
+            return (q.index_select(1, tp), k.index_select(1, tp), v.index_select(1, tp), tinv)
+        return q[:, p], k[:, p], v[:, p], inv
 
     def __repr__(self):
         return "LiteAttention(layer=%d, threshold=%g, enable_skipping=%s)" % (
@@ -281,6 +336,7 @@ class LiteAttention:
             k = k.contiguous()
         if hasattr(v, "is_cuda") and v.stride(-1) != 1:
             v = v.contiguous()
+        q, k, v, inv = self._ordered(q, k, v, must_do_list, must_skip_list)
         s = ctx._session_for(q, k)
         if self.layer >= s.layers:
             raise InvalidArgument(
@@ -301,6 +357,11 @@ class LiteAttention:
                           return_lse=bool(return_softmax_lse))
         self.last_call = dict(s.last_call)
         self._step += 1
+        if inv is not None:
+            if return_softmax_lse:
+                out, lse = res
+                return _take(out, inv, 1), _take(lse, inv, 2)
+            return _take(res, inv, 1)
         return res
 
     @property

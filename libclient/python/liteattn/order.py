@@ -1,0 +1,81 @@
+"""Token orders for tile-sparse attention over video tokens.
+
+A LiteAttention tile is a run of consecutive tokens (BM queries, BN keys). Video DiTs lay their
+tokens out frame by frame, row by row ((t, h, w) order), so a tile is a few full-width rows of
+one frame, and its rows attend to different places. Attention does not depend on the order of
+its tokens (position embeddings such as RoPE travel with them), so the same call in another
+order computes the same output; an order in which a tile is a compact brick of the video (a
+3D Z-order curve) makes more tiles negligible for all of their rows, so more of them are
+skipped at the same threshold and quality (bench/quality/RESULTS.md, 2026-12-03).
+
+A permutation here is an integer array perm of length T*H*W: position i of the new order holds
+the token at (t, h, w)-order index perm[i]. LiteAttention(token_order=perm) applies it to each
+call (gathers Q, K, V into the new order and scatters O back); a model that can lay its tokens
+out in the new order once, between patch embedding and head, saves those copies.
+"""
+import numpy as np
+
+ORDERS = ("raster", "zorder", "blocks:bt,bh,bw")
+
+
+def _coords(grid):
+    T, H, W = (int(x) for x in grid)
+    if T <= 0 or H <= 0 or W <= 0:
+        raise ValueError("token grid %r: three positive sizes (frames, height, width)" % (grid,))
+    idx = np.arange(T * H * W, dtype=np.int64)
+    return (T, H, W), idx // (H * W), (idx // W) % H, idx % W
+
+
+def zorder(grid):
+    """The 3D Z-order (Morton) curve over a (T, H, W) token grid: the bits of t, h and w
+    interleaved, w lowest. Where the sides are powers of two every aligned run of 2^k tokens
+    is a brick (128 tokens: 4 x 4 x 8); other sides work too, less compactly."""
+    (T, H, W), t, h, w = _coords(grid)
+    key = np.zeros(T * H * W, dtype=np.int64)
+    for b in range(max(T, H, W).bit_length()):
+        key |= (((w >> b) & 1) << (3 * b)) | (((h >> b) & 1) << (3 * b + 1)) | \
+            (((t >> b) & 1) << (3 * b + 2))
+    return np.argsort(key, kind="stable")
+
+
+def blocks(grid, brick):
+    """Bricks of bt x bh x bw tokens, in (t, h, w) order of bricks, (t, h, w) inside each."""
+    (T, H, W), t, h, w = _coords(grid)
+    bt, bh, bw = (int(x) for x in brick)
+    if not (bt > 0 and bh > 0 and bw > 0 and T % bt == 0 and H % bh == 0 and W % bw == 0):
+        raise ValueError("bricks %r: positive sizes dividing the grid %dx%dx%d" % (
+            tuple(brick), T, H, W))
+    b = ((t // bt) * (H // bh) + h // bh) * (W // bw) + w // bw
+    inner = ((t % bt) * bh + h % bh) * bw + w % bw
+    return np.argsort(b * (bt * bh * bw) + inner, kind="stable")
+
+
+def token_order(grid, name):
+    """The permutation of order `name` ("raster": None, "zorder", "blocks:bt,bh,bw")."""
+    if name in (None, "", "raster"):
+        _coords(grid)
+        return None
+    if name == "zorder":
+        return zorder(grid)
+    if isinstance(name, str) and name.startswith("blocks:"):
+        parts = name[len("blocks:"):].split(",")
+        if len(parts) != 3 or not all(p.strip().lstrip("-").isdigit() for p in parts):
+            raise ValueError("token order %r: want blocks:bt,bh,bw" % name)
+        return blocks(grid, [int(p) for p in parts])
+    raise ValueError("token order %r: one of %s" % (name, ", ".join(ORDERS)))
+
+
+def inverse(perm):
+    """inv with inv[perm[i]] = i."""
+    perm = np.asarray(perm, dtype=np.int64)
+    inv = np.empty_like(perm)
+    inv[perm] = np.arange(perm.size, dtype=np.int64)
+    return inv
+
+
+def check(perm):
+    """perm as an int64 array, if it is a permutation of 0..n-1 (else ValueError)."""
+    p = np.asarray(perm, dtype=np.int64).reshape(-1)
+    if p.size == 0 or not np.array_equal(np.sort(p), np.arange(p.size)):
+        raise ValueError("token order: not a permutation of 0..%d" % (p.size - 1))
+    return p
