@@ -1,9 +1,8 @@
 /*
  * guard_cuda.c — the warm seed and the guardrail on the CUDA backend (guard_cuda.h). The
  * samples run the attention kernels unchanged (la_attn_fwd_cuda in mode dense on one q-tile
- * of every (b, h): offset Q pointer, Sq = the tile's rows), up to GGUARD_SIDE_STREAMS of them at
- * once on side streams; the comparison and the fill are kernels/guard.cu, which follows
- * kernels/guard_ref.c.
+ * of every (b, h): offset Q pointer, Sq = the tile's rows); the comparison and the fill are
+ * kernels/guard.cu, which follows kernels/guard_ref.c.
  */
 #ifdef LA_HAVE_CUDA
 
@@ -30,10 +29,6 @@ cudaError_t gguard_alloc(gguard *gg)
         return cudaErrorMemoryAllocation;
     if ((e = cudaMalloc((void **)&gg->d_counts, (size_t)gg->n_slots * 8)) != cudaSuccess)
         return e;
-    for (; gg->n_side < GGUARD_SIDE_STREAMS; gg->n_side++)
-        if ((e = cudaStreamCreateWithFlags(&gg->side[gg->n_side], cudaStreamNonBlocking)) !=
-            cudaSuccess)
-            return e;
     return cudaHostAlloc((void **)&gg->h_counts, (size_t)gg->n_slots * 8, cudaHostAllocPortable);
 }
 
@@ -47,72 +42,16 @@ void gguard_teardown(gguard *gg)
         cudaFree(gg->d_counts);
     if (gg->h_counts)
         cudaFreeHost(gg->h_counts);
-    for (int k = 0; k < gg->n_side; k++)
-        cudaStreamDestroy(gg->side[k]);
     memset(gg, 0, sizeof *gg);
 }
 
-/* Side streams a checked call uses: one per sample, at most the pool. */
-static int n_side_of(const gguard *gg, const be_job *j)
-{
-    return j->guard_n < gg->n_side ? j->guard_n : gg->n_side;
-}
-
-/* Scratch layout of a checked call: [call LSE B*H*Sq][samples' LSE n*B*H*BM][O B*BM*H*D per
- * side stream] (the samples' O is thrown away; samples on one side stream share one). */
-static void layout(const gguard *gg, const be_job *j, size_t *lse_bytes, size_t *dense_bytes,
-                   size_t *o_bytes)
+/* Scratch layout of a checked call: [call LSE B*H*Sq][samples' LSE n*B*H*BM][O B*BM*H*D]. */
+static void layout(const be_job *j, size_t *lse_bytes, size_t *dense_bytes, size_t *o_bytes)
 {
     const la_attn_params *p = &j->p;
-    const int ns = n_side_of(gg, j) > 0 ? n_side_of(gg, j) : 1;
     *lse_bytes = ALIGN((size_t)p->B * p->H * p->Sq * sizeof(float));
     *dense_bytes = ALIGN((size_t)j->guard_n * p->B * p->H * p->BM * sizeof(float));
-    *o_bytes = (size_t)ns * ALIGN((size_t)p->B * p->BM * p->H * p->D * la_dtype_size(p->dtype));
-}
-
-/* The samples, in stream order after the call's kernel: forked to the side streams (each
- * waits for what st has enqueued so far) and joined back (st waits for each). Without side
- * streams (none could be made) they run one after another in st. */
-static cudaError_t run_samples(gguard *gg, be_job *j, cudaStream_t st, char *o, size_t o_one,
-                               float *dense)
-{
-    cudaError_t e = cudaSuccess;
-    const int ns = n_side_of(gg, j);
-    if (ns <= 1) {
-        for (int k = 0; k < j->guard_n; k++) {
-            la_attn_params sp = guard_sample_params(j, k, o, dense);
-            if ((e = la_attn_fwd_cuda(&sp, st)) != cudaSuccess)
-                return e;
-        }
-        return cudaSuccess;
-    }
-    cudaEvent_t fork;
-    if ((e = cudaEventCreateWithFlags(&fork, cudaEventDisableTiming)) != cudaSuccess)
-        return e;
-    if ((e = cudaEventRecord(fork, st)) == cudaSuccess)
-        for (int s = 0; s < ns && e == cudaSuccess; s++)
-            e = cudaStreamWaitEvent(gg->side[s], fork, 0);
-    cudaEventDestroy(fork); /* the waits are enqueued: released once the record completes */
-    for (int k = 0; k < j->guard_n && e == cudaSuccess; k++) {
-        la_attn_params sp = guard_sample_params(j, k, o + (size_t)(k % ns) * o_one, dense);
-        e = la_attn_fwd_cuda(&sp, gg->side[k % ns]);
-    }
-    /* Joined whatever happened, so that st never runs ahead of work that reads the call's
-     * scratch (freed in st's order after this); a join that cannot be enqueued waits here. */
-    for (int s = 0; s < ns; s++) {
-        cudaEvent_t ev;
-        cudaError_t e2 = cudaEventCreateWithFlags(&ev, cudaEventDisableTiming);
-        if (e2 == cudaSuccess) {
-            if ((e2 = cudaEventRecord(ev, gg->side[s])) == cudaSuccess)
-                e2 = cudaStreamWaitEvent(st, ev, 0);
-            cudaEventDestroy(ev);
-        }
-        if (e2 != cudaSuccess)
-            cudaStreamSynchronize(gg->side[s]);
-        if (e == cudaSuccess)
-            e = e2;
-    }
-    return e;
+    *o_bytes = ALIGN((size_t)p->B * p->BM * p->H * p->D * la_dtype_size(p->dtype));
 }
 
 cudaError_t gguard_before(gguard *gg, be_job *j, int slot, int filled, cudaStream_t st)
@@ -135,7 +74,7 @@ cudaError_t gguard_before(gguard *gg, be_job *j, int slot, int filled, cudaStrea
     }
     if (j->guard_n) {
         size_t lb, db, ob;
-        layout(gg, j, &lb, &db, &ob);
+        layout(j, &lb, &db, &ob);
         /* One allocation per checked call, from the stream's pool: lanes run at once, so a
          * scratch shared by the device would need a lock the streams cannot take. */
         if ((e = cudaMallocAsync(&gg->scratch[slot], lb + db + ob, st)) != cudaSuccess) {
@@ -167,12 +106,15 @@ cudaError_t gguard_after(gguard *gg, be_job *j, int slot, cudaStream_t st)
     const la_attn_params *p = &j->p;
     if (j->guard_n) {
         size_t lb, db, ob;
-        layout(gg, j, &lb, &db, &ob);
+        layout(j, &lb, &db, &ob);
         char *scratch = gg->scratch[slot];
         float *dense = (float *)(void *)(scratch + lb);
-        const int ns = n_side_of(gg, j) > 0 ? n_side_of(gg, j) : 1;
-        if ((e = run_samples(gg, j, st, scratch + lb + db, ob / (size_t)ns, dense)) != cudaSuccess)
-            return e;
+        void *o = scratch + lb + db;
+        for (int k = 0; k < j->guard_n; k++) {
+            la_attn_params sp = guard_sample_params(j, k, o, dense);
+            if ((e = la_attn_fwd_cuda(&sp, st)) != cudaSuccess)
+                return e;
+        }
         la_guard_params gp = guard_compare_params(j, dense, j->guard_n);
         if ((e = cudaMemsetAsync(gg->d_counts + slot, 0, 8, st)) != cudaSuccess ||
             (e = la_guard_compare_cuda(&gp, gg->d_counts + slot, st)) != cudaSuccess ||

@@ -12,20 +12,11 @@
 
 #include "backend.h"
 
-#define GGUARD_SIDE_STREAMS 8
-
 typedef struct gguard {
     unsigned long long *d_counts; /* [n_slots] rows restored by the call of a counter slot */
     unsigned long long *h_counts; /* pinned copies */
     void **scratch;               /* [n_slots] the call's scratch (stream-ordered), or NULL */
     int n_slots;
-    /* The dense samples of a checked call run side by side on these streams (forked from and
-     * joined back to the call's stream by events): one sample is one q-tile of every (b, h),
-     * B*H CTAs, far too few to fill the GPU alone. Shared by all lanes (a false dependency
-     * between two lanes' samples at worst, never a cycle: every wait is on an event recorded
-     * before it is enqueued). */
-    cudaStream_t side[GGUARD_SIDE_STREAMS];
-    int n_side;
 } gguard;
 
 /* No CUDA call: the counters come with gguard_alloc (the device's context current). */
