@@ -146,9 +146,9 @@ extern "C" int la_cuda_supported(const la_attn_params *p, int cc) {
     if (!v) return LA_ENOTSUP;
     if (p->BM != v->bm || p->BN != v->bn) return LA_EINVAL;
     if (!strides_ok(p->q_stride) || !strides_ok(p->k_stride) || !strides_ok(p->v_stride) ||
-        !strides_ok(p->o_stride))
+        (p->o && !strides_ok(p->o_stride)))
         return LA_ENOTSUP;
-    if (!aligned16(p->q) || !aligned16(p->k) || !aligned16(p->v) || !aligned16(p->o))
+    if (!aligned16(p->q) || !aligned16(p->k) || !aligned16(p->v) || (p->o && !aligned16(p->o)))
         return LA_ENOTSUP;
     if (p->row_max && ((uintptr_t)p->row_max & 3u)) return LA_ENOTSUP; /* f32 loads */
     const int64_t nQ = la_tiles(p->Sq, p->BM), nK = la_tiles(p->Sk, p->BN);

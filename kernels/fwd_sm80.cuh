@@ -363,9 +363,9 @@ __global__ void __launch_bounds__(Tiles<D>::NT, Tiles<D>::NT <= 128 ? 2 : 1) att
     }
     cp_wait_all(); /* nothing in flight at exit (a CTA with no live tile still loaded Q) */
 
-    /* Epilogue. O: [B, Sq, H, D] row q at b*o_sb + q*o_ss + h*o_sh; rows with no computed
-     * tile (l = 0) get O = 0 and LSE = -inf. */
-    T *gO = (T *)p.o + b * p.o_sb + h * p.o_sh;
+    /* Epilogue. O: [B, Sq, H, D] row q at b*o_sb + q*o_ss + h*o_sh (none in an LSE-only
+     * call, o NULL); rows with no computed tile (l = 0) get O = 0 and LSE = -inf. */
+    T *gO = p.o ? (T *)p.o + b * p.o_sb + h * p.o_sh : nullptr;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -376,11 +376,13 @@ __global__ void __launch_bounds__(Tiles<D>::NT, Tiles<D>::NT <= 128 ? 2 : 1) att
             const float inv = l == 0.f ? 0.f : 1.f / l;
             const int row = m * BM + warp * 16 * MT + mt * 16 + g + 8 * r;
             if (row < p.Sq) {
-                T *orow = gO + (int64_t)row * p.o_ss;
+                if (gO) {
+                    T *orow = gO + (int64_t)row * p.o_ss;
 #pragma unroll
-                for (int j = 0; j < D / 8; ++j)
-                    *reinterpret_cast<uint32_t *>(orow + j * 8 + 2 * tq) =
-                        Ty<T>::pack(o[mt][j][2 * r] * inv, o[mt][j][2 * r + 1] * inv);
+                    for (int j = 0; j < D / 8; ++j)
+                        *reinterpret_cast<uint32_t *>(orow + j * 8 + 2 * tq) =
+                            Ty<T>::pack(o[mt][j][2 * r] * inv, o[mt][j][2 * r + 1] * inv);
+                }
                 if (p.lse && tq == 0)
                     p.lse[b * p.lse_sb + h * p.lse_sh + row * p.lse_ss] =
                         l == 0.f ? -INFINITY : (mrow[mt][r] * c + __log2f(l)) * 0.69314718055994531f;

@@ -647,7 +647,7 @@ __global__ void __launch_bounds__(Tiles<D>::NT, 1) fwd_kernel(const __grid_const
             skip_carried_store(p, b, h, row, rrow[r], mrow[r]);
         }
         if (OStage<D>::own) release(bar_ve(se));
-        {
+        if (p.o) { /* none in an LSE-only call (o NULL; the same for every thread) */
             const uint32_t o_base = (OStage<D>::own ? sO : sV + se * TL::kv_bytes) + cw * 64 * 128;
             const int lr0 = (warp & 3) * 16 + g; /* row within the warpgroup's 64 */
 #pragma unroll
@@ -784,10 +784,11 @@ cudaError_t launch(const KParams &kp, int nQ, int H, int B, cudaStream_t stream)
     Params pp;
     pp.k = kp;
     pp.sched = nullptr;
+    pp.to = CUtensorMap{}; /* stays zero in an LSE-only call */
     if (!make_map<T>(&pp.tq, kp.q, D, kp.Sq, H, B, kp.q_ss, kp.q_sh, kp.q_sb, TL::BM) ||
         !make_map<T>(&pp.tk, kp.k, D, kp.Sk, H, B, kp.k_ss, kp.k_sh, kp.k_sb, TL::BN) ||
         !make_map<T>(&pp.tv, kp.v, D, kp.Sk, H, B, kp.v_ss, kp.v_sh, kp.v_sb, TL::BN) ||
-        !make_map<T>(&pp.to, kp.o, D, kp.Sq, H, B, kp.o_ss, kp.o_sh, kp.o_sb, 64))
+        (kp.o && !make_map<T>(&pp.to, kp.o, D, kp.Sq, H, B, kp.o_ss, kp.o_sh, kp.o_sb, 64)))
         return cudaErrorInvalidValue;
     const int64_t total = (int64_t)nQ * H * B;
     if (total > 0x7fffffff) return cudaErrorInvalidValue;

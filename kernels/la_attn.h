@@ -48,7 +48,9 @@ typedef struct la_range {
 
 typedef struct la_attn_params {
     /* Tensors. Q: [B, Sq, H, D]; K, V: [B, Sk, H, D]; O: [B, Sq, H, D]. Strides in elements,
-     * index order (b, s, h, d). All of q/k/v/o share `dtype`. */
+     * index order (b, s, h, d). All of q/k/v/o share `dtype`. o may be NULL when lse is not:
+     * an LSE-only call (the guardrail's dense samples), which computes the same and writes
+     * no O. */
     const void *q, *k, *v;
     void *o;
     int64_t q_stride[4], k_stride[4], v_stride[4], o_stride[4];

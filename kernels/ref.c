@@ -451,9 +451,10 @@ static void run_item(job *jb, scratch *sc, int64_t item)
                 orow[d] /= l;
             lse = (double)sc->m[i] * p->scale + log((double)l);
         }
-        store_row(ob + es * (size_t)(b * p->o_stride[0] + (r0 + i) * p->o_stride[1] +
-                                     h * p->o_stride[2]),
-                  p->o_stride[3], orow, D, p->dtype);
+        if (ob != NULL) /* NULL: an LSE-only call */
+            store_row(ob + es * (size_t)(b * p->o_stride[0] + (r0 + i) * p->o_stride[1] +
+                                         h * p->o_stride[2]),
+                      p->o_stride[3], orow, D, p->dtype);
         if (p->lse != NULL)
             p->lse[b * p->lse_stride[0] + h * p->lse_stride[1] + (r0 + i) * p->lse_stride[2]] =
                 (float)lse;

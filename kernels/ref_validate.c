@@ -190,10 +190,11 @@ int la_attn_check(const la_attn_params *p, la_attn_error *err)
     const char *nul = p->q == NULL   ? "q"
                       : p->k == NULL ? "k"
                       : p->v == NULL ? "v"
-                      : p->o == NULL ? "o"
                                      : NULL;
     if (nul)
         return fail(err, LA_EINVAL, nul, NULL, "%s is NULL", nul);
+    if (p->o == NULL && p->lse == NULL)
+        return fail(err, LA_EINVAL, "o", NULL, "o is NULL and so is lse (a call writes one)");
     bool uses_mask = p->mode != LA_MODE_DENSE;
     if (uses_mask && p->mask == NULL)
         return fail(err, LA_EINVAL, "mask", NULL, "mode %d reads a mask, and mask is NULL",
@@ -202,7 +203,7 @@ int la_attn_check(const la_attn_params *p, la_attn_error *err)
     if ((rc = strides_nonneg("q", 4, p->q_stride, err)) < 0 ||
         (rc = strides_nonneg("k", 4, p->k_stride, err)) < 0 ||
         (rc = strides_nonneg("v", 4, p->v_stride, err)) < 0 ||
-        (rc = strides_nonneg("o", 4, p->o_stride, err)) < 0 ||
+        (p->o != NULL && (rc = strides_nonneg("o", 4, p->o_stride, err)) < 0) ||
         (p->lse != NULL && (rc = strides_nonneg("lse", 3, p->lse_stride, err)) < 0) ||
         (p->row_max != NULL && (rc = strides_nonneg("row_max", 3, p->row_max_stride, err)) < 0) ||
         (uses_mask && (rc = strides_nonneg("mask", 3, p->mask_stride, err)) < 0))
@@ -212,18 +213,21 @@ int la_attn_check(const la_attn_params *p, la_attn_error *err)
      * must not map two indices onto one element (threads would race on it). */
     size_t es = la_dtype_size(p->dtype);
     int64_t qsz[4] = {p->B, p->Sq, p->H, p->D}, ksz[4] = {p->B, p->Sk, p->H, p->D};
-    extent eq, ek, ev, eo, el = {0, 0}, em = {0, 0}, ed = {0, 0};
+    extent eq, ek, ev, eo = {0, 0}, el = {0, 0}, em = {0, 0}, ed = {0, 0};
     if ((rc = check_extent("q", p->q, 4, qsz, p->q_stride, es, &eq, err)) < 0 ||
         (rc = check_extent("k", p->k, 4, ksz, p->k_stride, es, &ek, err)) < 0 ||
         (rc = check_extent("v", p->v, 4, ksz, p->v_stride, es, &ev, err)) < 0 ||
-        (rc = check_extent("o", p->o, 4, qsz, p->o_stride, es, &eo, err)) < 0 ||
-        (rc = check_distinct("o", 4, qsz, p->o_stride, err)) < 0)
+        (p->o != NULL &&
+         ((rc = check_extent("o", p->o, 4, qsz, p->o_stride, es, &eo, err)) < 0 ||
+          (rc = check_distinct("o", 4, qsz, p->o_stride, err)) < 0)))
         return rc;
     extent outs[5];
     const char *out_role[5];
     int n_out = 0;
-    out_role[n_out] = "o";
-    outs[n_out++] = eo;
+    if (p->o != NULL) {
+        out_role[n_out] = "o";
+        outs[n_out++] = eo;
+    }
     if (p->lse != NULL) {
         int64_t lsz[3] = {p->B, p->H, p->Sq};
         if ((rc = check_extent("lse", p->lse, 3, lsz, p->lse_stride, 4, &el, err)) < 0 ||

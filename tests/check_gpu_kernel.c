@@ -9,7 +9,9 @@
  *   - mask bits against the CPU reference and the float64 model: equal, except at ties — tiles
  *     whose float64 decision margin max_i (t_i - m_i) * scale * log2(e) - tau lies within
  *     LA_TIE_TOL of 0; ties are counted and printed;
- *   - the computed-tile counter against the reference.
+ *   - the computed-tile counter against the reference;
+ *   - the same call once more in the persistent grid's twin (one CTA per q-tile) and as an
+ *     LSE-only call (o NULL): bit for bit the same LSE, mask and count, no O written.
  * Multi-step runs drift the inputs a little each step; after each step both sides continue
  * from the GPU's mask, so that one tie does not cascade.
  *
@@ -514,6 +516,43 @@ static stats run_case(const cfg *c) {
                               c->name, step);
             }
             free(o_twin), free(mask_twin), free(lse_twin), free(rmax_twin);
+        }
+        /* LSE only (o NULL, the guardrail's samples): bit for bit the same LSE, R, mask and
+         * tile count as the full call, and O left as it was. */
+        if (c->lse) {
+            uint16_t *o_left = malloc(o.elems * 2), *poison = malloc(o.elems * 2);
+            uint32_t *mask_lo = malloc(mwords * 4);
+            float *lse_lo = malloc(nL * 4), *rmax_lo = malloc(nL * 4);
+            unsigned long long tiles_lo = 0;
+            la_attn_params lo = p;
+            lo.o = NULL;
+            CUDA_OK(cudaMemcpy(d_mask, mask, mwords * 4, cudaMemcpyHostToDevice));
+            if (d_dec) CUDA_OK(cudaMemset(d_dec, 0xA5, mwords * 4));
+            if (c->carry) CUDA_OK(cudaMemcpy(d_rmax, rmax_in, nL * 4, cudaMemcpyHostToDevice));
+            CUDA_OK(cudaMemset(o.dev, 0x3C, o.elems * 2));
+            memset(poison, 0x3C, o.elems * 2);
+            CUDA_OK(cudaMemset(d_lse, 0xFF, nL * 4));
+            CUDA_OK(cudaMemset(d_tiles, 0, 8));
+            ck_assert_int_eq(la_cuda_supported(&lo, cc), 0);
+            CUDA_OK(la_attn_fwd_cuda(&lo, 0));
+            CUDA_OK(cudaDeviceSynchronize());
+            CUDA_OK(cudaMemcpy(o_left, o.dev, o.elems * 2, cudaMemcpyDeviceToHost));
+            CUDA_OK(cudaMemcpy(mask_lo, d_dec ? d_dec : d_mask, mwords * 4, cudaMemcpyDeviceToHost));
+            CUDA_OK(cudaMemcpy(lse_lo, d_lse, nL * 4, cudaMemcpyDeviceToHost));
+            CUDA_OK(cudaMemcpy(&tiles_lo, d_tiles, 8, cudaMemcpyDeviceToHost));
+            ck_assert_msg(memcmp(o_left, poison, o.elems * 2) == 0, "%s step %d: an LSE-only call wrote O",
+                          c->name, step);
+            ck_assert_msg(memcmp(lse_lo, lse, nL * 4) == 0, "%s step %d: LSE-only LSE differs", c->name, step);
+            ck_assert_msg(memcmp(mask_lo, gpu_mask, mwords * 4) == 0, "%s step %d: LSE-only mask differs",
+                          c->name, step);
+            ck_assert_msg(tiles_lo == tiles_gpu, "%s step %d: LSE-only tiles %llu against %llu", c->name, step,
+                          tiles_lo, tiles_gpu);
+            if (c->carry) {
+                CUDA_OK(cudaMemcpy(rmax_lo, d_rmax, nL * 4, cudaMemcpyDeviceToHost));
+                ck_assert_msg(memcmp(rmax_lo, rmax_gpu, nL * 4) == 0, "%s step %d: LSE-only R differs", c->name,
+                              step);
+            }
+            free(o_left), free(poison), free(mask_lo), free(lse_lo), free(rmax_lo);
         }
         if (d_dec) { /* the store itself must be untouched by a dry run */
             uint32_t *chk = malloc(mwords * 4);

@@ -566,6 +566,42 @@ START_TEST(lse_bf16_with_skips)
 }
 END_TEST
 
+/* An LSE-only call (o NULL) computes what the full call does: the same LSE bits, the same
+ * mask and tile count, and writes no O (the guardrail's samples, docs/SKIP-SEMANTICS.md). */
+START_TEST(lse_only_call)
+{
+    tu_problem *t = mk(43, 2, 100, 160, 2, 64, LA_DTYPE_BF16, 32, 32, 2.0);
+    t->p.mode = LA_MODE_SKIP;
+    t->p.tau = -1.0f;
+    const size_t nl = 2 * 2 * 100;
+    uint32_t *m0 = copy_mask(t);
+    float *lse_full = malloc(nl * sizeof(float));
+    ck_assert(lse_full != NULL);
+    int64_t tiles_full = 0, tiles = 0;
+    t->p.ret_tiles_computed = &tiles_full;
+    ck_assert_int_eq(la_ref_attn_fwd(&t->p), 0);
+    memcpy(lse_full, t->lse, nl * sizeof(float));
+    uint32_t *m_full = copy_mask(t);
+    memcpy(t->mask, m0, t->mask_words * 4);
+    for (size_t i = 0; i < nl; i++)
+        t->lse[i] = 12345.0f;
+    void *o = t->p.o;
+    t->p.o = NULL;
+    t->p.ret_tiles_computed = &tiles;
+    ck_assert_int_eq(la_ref_attn_fwd(&t->p), 0);
+    ck_assert(memcmp(t->lse, lse_full, nl * sizeof(float)) == 0);
+    ck_assert(memcmp(t->mask, m_full, t->mask_words * 4) == 0);
+    ck_assert_int_eq(tiles, tiles_full);
+    ck_assert(tiles > 0 && memcmp(m_full, m0, t->mask_words * 4) != 0); /* it skipped */
+    t->p.o = o;
+    t->p.ret_tiles_computed = NULL;
+    free(m0);
+    free(m_full);
+    free(lse_full);
+    tu_problem_free(t);
+}
+END_TEST
+
 /* ---- direction ------------------------------------------------------------------------ */
 
 /* One query row, two k-tiles: tile 0 scores 0, tile 1 scores 10 (raw). Descending visits tile 1
@@ -1621,7 +1657,7 @@ ERR_CASE(err_direction_unknown, LA_EINVAL, p->direction = (la_direction)3)
 ERR_CASE(err_null_q, LA_EINVAL, p->q = NULL)
 ERR_CASE(err_null_k, LA_EINVAL, p->k = NULL)
 ERR_CASE(err_null_v, LA_EINVAL, p->v = NULL)
-ERR_CASE(err_null_o, LA_EINVAL, p->o = NULL)
+ERR_CASE(err_null_o_and_lse, LA_EINVAL, p->o = NULL; p->lse = NULL)
 ERR_CASE(err_null_mask_skip, LA_EINVAL, p->mask = NULL)
 ERR_CASE(err_null_mask_observe, LA_EINVAL, p->mask = NULL; p->mode = LA_MODE_OBSERVE)
 ERR_CASE(err_bm_zero, LA_EINVAL, p->BM = 0)
@@ -1706,6 +1742,7 @@ static Suite *ref_suite(void)
     tcase_add_test(tc, shapes_partial_tiles);
     tcase_add_test(tc, lse_values);
     tcase_add_test(tc, lse_bf16_with_skips);
+    tcase_add_test(tc, lse_only_call);
     tcase_add_test(tc, direction_alternates);
     tcase_add_test(tc, direction_pinned);
     tcase_add_test(tc, vote_is_strict);
@@ -1760,7 +1797,7 @@ static Suite *ref_suite(void)
     tcase_add_test(tc, err_null_q);
     tcase_add_test(tc, err_null_k);
     tcase_add_test(tc, err_null_v);
-    tcase_add_test(tc, err_null_o);
+    tcase_add_test(tc, err_null_o_and_lse);
     tcase_add_test(tc, err_null_mask_skip);
     tcase_add_test(tc, err_null_mask_observe);
     tcase_add_test(tc, err_bm_zero);
