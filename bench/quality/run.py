@@ -491,10 +491,11 @@ def main():
     ap.add_argument("--guard-sample", type=int, default=4, help="q-tiles per checked call")
     ap.add_argument("--guard-budget", type=float, default=0.05)
     ap.add_argument("--token-orders", default="raster",
-                    help="token orders of the fixed-threshold settings, each a setting of its "
-                         "own: raster, zorder, blocks:bt,bh,bw (toydit.token_order); the "
-                         "first one is also that of every other setting. Dense SDPA always "
-                         "runs in raster order")
+                    help="token orders of the fixed-threshold and calibrated settings, each "
+                         "a setting of its own (a profile is calibrated in each order): "
+                         "raster, zorder, morton:PATTERN (e.g. morton:thw, time bits lowest), "
+                         "blocks:bt,bh,bw (liteattn.order); the first one is also that of "
+                         "every other setting. Dense SDPA always runs in raster order")
     ap.add_argument("--refresh", default="0",
                     help="even step counts R: fixed-threshold settings whose masks start again "
                          "from all ones every R steps, each a setting of its own (0: never)")
@@ -605,9 +606,13 @@ def _main(args, torch, liteattn, LC, D, M, dev, dtype, out, sock):
                 variants[nm] = (order, rf)
     res_key = "%dx%dx%d" % (cfg.frames, cfg.size, cfg.size)
     name = "toydit-%s" % ("smoke" if args.smoke else "%.0fM" % (model.num_params() / 1e6))
+    calib_order = {}   # index into settings of a calibration -> its token order
     for kind, targets in (("profile-step", args.targets_step), ("profile-layer",
                                                                   args.targets_layer)):
-        settings += [(None, kind, float(t), None) for t in targets.split(",") if t]
+        for t in (x for x in targets.split(",") if x):
+            for order in args.orders:   # calibrated in each order, from its own calls
+                calib_order[len(settings)] = order
+                settings.append((None, kind, float(t), None))
     for spec in (x for x in args.delayed.split(",") if x):
         tau_s, _, k_s = spec.partition("@")
         tau, k = float(tau_s), int(k_s or 0)
@@ -632,21 +637,26 @@ def _main(args, torch, liteattn, LC, D, M, dev, dtype, out, sock):
         seed_gens.append((make_noise(cfg, ss, dev), torch.tensor(ll, device=dev)))
     run_tag = "%d-%d" % (os.getpid(), int(time.time()))
     profiles, left_out = [], []
-    for nm, kind, tau, prof in settings:
+    for si, (nm, kind, tau, prof) in enumerate(settings):
         if args.deadline and time.perf_counter() - T0 > args.deadline:
             left_out.append(nm or "%s %g" % (kind, tau))
             continue
         if nm is None:   # calibrate, through the liteattn-calibrate command's entry point
             pl = kind == "profile-layer"
             tgt = "%g" % tau
-            nm = "calibrated %s %s" % ("layer" if pl else "step", tgt)
-            path = os.path.join(out, "profile-%s-%s.json" % ("layer" if pl else "step", tgt))
+            corder = calib_order[si]
+            sfx = "" if corder == args.orders[0] else " " + corder
+            nm = "calibrated %s %s%s" % ("layer" if pl else "step", tgt, sfx)
+            variants[nm] = (corder, 0)
+            path = os.path.join(out, "profile-%s-%s%s.json" % (
+                "layer" if pl else "step", tgt, sfx.replace(" ", "-").replace(":", "-")
+                .replace(",", "-")))
             argv = ["--run", os.path.join(HERE, "run.py") + ":calibration_generate",
                     "--arg", "smoke=%d" % int(args.smoke), "--arg", "checkpoint=" +
                     args.checkpoint, "--arg", "seed=%d" % args.calib_seed,
                     "--arg", "label=%d" % args.calib_label, "--arg", "steps=%d" % args.steps,
                     "--arg", "cfg_scale=%g" % args.cfg_scale, "--arg",
-                    "order=" + args.orders[0],
+                    "order=" + corder,
                     "--target", tgt, "--model", name, "--resolution", res_key,
                     "--steps", str(args.steps), "--out", path, "--socket", sock,
                     "--candidates=" + args.candidates]

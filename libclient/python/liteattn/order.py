@@ -15,7 +15,7 @@ out in the new order once, between patch embedding and head, saves those copies.
 """
 import numpy as np
 
-ORDERS = ("raster", "zorder", "blocks:bt,bh,bw")
+ORDERS = ("raster", "zorder", "morton:PATTERN", "blocks:bt,bh,bw")
 
 
 def _coords(grid):
@@ -38,6 +38,35 @@ def zorder(grid):
     return np.argsort(key, kind="stable")
 
 
+def morton(grid, pattern):
+    """A Morton curve whose bits are taken from the axes in `pattern`, lowest bit first,
+    cycling: "wht" is zorder() (w, h, t, w, h, t, ...); "thw" puts the time axis lowest, so
+    that an aligned run of 128 tokens is an 8 x 4 x 4 brick (t, h, w), and "tthw" gives time
+    twice the bits (16 x 4 x 2). An axis whose bits are used up (its side is reached) is
+    passed over, so every pattern orders the whole grid."""
+    (T, H, W), t, h, w = _coords(grid)
+    pat = str(pattern)
+    if not pat or set(pat) - set("thw"):
+        raise ValueError("morton pattern %r: letters t, h and w, lowest bit first" % (pattern,))
+    coord = {"t": t, "h": h, "w": w}
+    left = {"t": (T - 1).bit_length(), "h": (H - 1).bit_length(), "w": (W - 1).bit_length()}
+    for a in "thw":
+        if left[a] and a not in pat:
+            raise ValueError("morton pattern %r: no bits for axis %s (side %d)" % (
+                pattern, a, {"t": T, "h": H, "w": W}[a]))
+    used = {"t": 0, "h": 0, "w": 0}
+    key = np.zeros(T * H * W, dtype=np.int64)
+    bit, i = 0, 0
+    while any(left[a] > used[a] for a in "thw"):
+        a = pat[i % len(pat)]
+        i += 1
+        if used[a] < left[a]:
+            key |= ((coord[a] >> used[a]) & 1) << bit
+            used[a] += 1
+            bit += 1
+    return np.argsort(key, kind="stable")
+
+
 def blocks(grid, brick):
     """Bricks of bt x bh x bw tokens, in (t, h, w) order of bricks, (t, h, w) inside each."""
     (T, H, W), t, h, w = _coords(grid)
@@ -51,12 +80,15 @@ def blocks(grid, brick):
 
 
 def token_order(grid, name):
-    """The permutation of order `name` ("raster": None, "zorder", "blocks:bt,bh,bw")."""
+    """The permutation of order `name` ("raster": None, "zorder", "morton:PATTERN",
+    "blocks:bt,bh,bw")."""
     if name in (None, "", "raster"):
         _coords(grid)
         return None
     if name == "zorder":
         return zorder(grid)
+    if isinstance(name, str) and name.startswith("morton:"):
+        return morton(grid, name[len("morton:"):])
     if isinstance(name, str) and name.startswith("blocks:"):
         parts = name[len("blocks:"):].split(",")
         if len(parts) != 3 or not all(p.strip().lstrip("-").isdigit() for p in parts):

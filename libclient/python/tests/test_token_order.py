@@ -29,6 +29,21 @@ def test_orders():
             order.token_order(grid, bad)
     with pytest.raises(ValueError):
         order.zorder((0, 4, 4))
+    # morton: the axes' bits in the pattern's order, lowest first
+    assert (order.morton(grid, "wht") == z).all()
+    m = order.token_order(grid, "morton:thw")
+    t, h, w = m // 64, (m // 8) % 8, m % 8
+    assert [int(t[1]), int(h[1]), int(w[1])] == [1, 0, 0]   # time first
+    for a in range(0, 256, 32):   # 5 bits t, h, w, t, h: 4 x 4 x 2 bricks
+        assert [int(c[a:a + 32].max() - c[a:a + 32].min() + 1) for c in (t, h, w)] == [4, 4, 2]
+    tt = order.morton(grid, "tthw")   # t exhausted after 2 bits: then h, w, h, w, ...
+    t2 = tt // 64
+    assert [int(t2[a:a + 4].max() - t2[a:a + 4].min() + 1) for a in (0, 4, 252)] == [4, 4, 4]
+    odd = order.morton((5, 3, 7), "thw")
+    assert sorted(odd.tolist()) == list(range(105))
+    for bad in ("morton:", "morton:thx", "morton:th"):
+        with pytest.raises(ValueError):
+            order.token_order(grid, bad)
     with pytest.raises(ValueError):
         order.check([0, 2, 2])
 
