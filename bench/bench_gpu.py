@@ -412,6 +412,59 @@ def drifting(K, res, B, H, S, D, steps, tau=-3.0):
     return rows
 
 
+def guard_cost(K, res, B, H, S, D, live, samples, reps):
+    """The guardrail's dense samples (docs/SKIP-SEMANTICS.md, engine/guard_cuda.c) against the
+    call they check: a skip call over a fixed random mask with `live` of its tiles live, and
+    for each sample count n the samples as the backend runs them (their Q rows gathered, then
+    one LSE-only call in mode dense on them), as one LSE-only call in mode skip at tau -inf
+    over a mask whose n sampled q-tiles per (b, h) are dense and the others empty, and as the
+    backend ran them before 2026-12-03 (n dense calls of one q-tile each, one after another).
+    Interleaved rounds; each as a fraction of the checked call."""
+    torch.manual_seed(1)
+    dt = torch.bfloat16
+    q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=dt) for _ in range(3))
+    call = Call(K, q, k, v, lse=True)
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    bits = torch.rand(B, H, call.nQ, call.nK, generator=gen, device="cuda") < live
+    call.set_mask_bits(bits)
+    key = f"B{B} H{H} S{S} D{D}"
+    fns = {"call": lambda: call.run(LA_MODE_SKIP, -math.inf, 0, VARIANT_AUTO)}
+    keep = []
+    for n in samples:
+        n = min(n, call.nQ)
+        step = call.nQ // n
+        tiles = [j * step for j in range(n)]
+        one = Call(K, q, k, v, lse=True)
+        one.p.o = None   # LSE only
+        sb = torch.zeros(B, H, call.nQ, call.nK, dtype=torch.bool, device="cuda")
+        sb[:, :, tiles] = True
+        one.set_mask_bits(sb)
+        fns[f"masked, {n} q-tiles"] = lambda one=one: one.run(LA_MODE_SKIP, -math.inf, 0,
+                                                             VARIANT_AUTO)
+        rows = torch.cat([torch.arange(m * call.BM, min((m + 1) * call.BM, S), device="cuda")
+                          for m in tiles])
+        qs = torch.empty(B, len(rows), H, D, device="cuda", dtype=dt)
+        gathered = Call(K, qs, k, v, lse=True)
+        gathered.p.o = None
+        fns[f"gathered, {n} q-tiles"] = lambda qs=qs, rows=rows, g=gathered: (
+            torch.index_select(q, 1, rows, out=qs), g.run(LA_MODE_DENSE))
+        keep.append(gathered)
+        serial = []
+        for m in tiles:
+            r0 = m * call.BM
+            serial.append(Call(K, q[:, r0:r0 + call.BM], k, v, lse=True))
+        fns[f"serial, {n} q-tiles"] = lambda serial=serial: [c.run(LA_MODE_DENSE) for c in serial]
+        keep += [one, serial]
+    t = time_interleaved(fns, reps)
+    base = t["call"]
+    out = {"kernel": call.kernel, "live": live, "call_ms": base,
+           "rows": {n: {"ms": ms, "fraction": ms / base} for n, ms in t.items() if n != "call"}}
+    res.setdefault("guard", {})[key] = out
+    print(f"  guard {key} live {live:.2f} ({call.kernel}): call {base:.3f} ms; " + "; ".join(
+        f"{n} {ms:.3f} ms ({100 * ms / base:.1f}%)" for n, ms in t.items() if n != "call"),
+        flush=True)
+
+
 def sweep(libs, shapes, reps):
     """Tile-shape variants (builds of the same kernels with other LA_HD*_NW/MT/BN): dense and
     skip-at-tau=-inf time of each, interleaved with torch flash, per shape.
@@ -451,7 +504,22 @@ def main():
     ap.add_argument("--quick", action="store_true", help="small shapes, few repetitions")
     ap.add_argument("--skip-drift", action="store_true")
     ap.add_argument("--sweep", nargs="*", help="only time these kernel libraries against each other")
+    ap.add_argument("--guard", action="store_true",
+                    help="only the guardrail's samples against the call they check (Wan2.1 "
+                         "and the toy DiT's shapes, 60%% of the tiles live)")
     args = ap.parse_args()
+    if args.guard:
+        K = Kernels(os.path.abspath(args.lib))
+        res = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+        print(f"GPU {res['gpu']}, torch {res['torch']}", flush=True)
+        for (B, H, S, D) in ([(1, 8, 8192, 128)] if args.quick else
+                             [(1, 40, 32760, 128), (4, 3, 32768, 128), (1, 24, 17550, 64)]):
+            guard_cost(K, res, B, H, S, D, 0.6, (1, 4, 16), 3 if args.quick else 10)
+        if os.environ.get("OUT"):
+            with open(os.path.join(os.environ["OUT"], "bench_guard.json"), "w") as f:
+                json.dump(res, f, indent=1)
+        return 0
     if args.sweep:
         sweep(args.sweep, [(1, 40, 32760, 128), (1, 24, 17550, 64)], 5 if args.quick else 10)
         return 0

@@ -1,8 +1,9 @@
 /*
  * guard.c — what one call does about the warm seed, the guardrail and the warm capture
  * (sess_plan_call, loop thread), and the guardrail's check on the CPU backend
- * (be_guard_cpu, worker thread): the dense samples through the CPU reference and the
- * comparison of kernels/guard_ref.c. docs/SKIP-SEMANTICS.md has the rules.
+ * (be_guard_cpu, worker thread): the dense samples through the CPU reference (one LSE-only
+ * call on the gathered rows, as the CUDA backend runs them) and the comparison of
+ * kernels/guard_ref.c. docs/SKIP-SEMANTICS.md has the rules.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -51,24 +52,31 @@ void sess_plan_call(const sess *s, const eng_attn_req *req, int fresh, int resta
     }
 }
 
-la_attn_params guard_sample_params(const be_job *j, int k, void *o, float *dense)
+void guard_sample_sizes(const be_job *j, size_t *q_elems, size_t *lse_floats)
 {
     const la_attn_params *p = &j->p;
-    const size_t es = la_dtype_size(p->dtype);
-    const int64_t bm = p->BM;
-    int64_t r0 = (int64_t)j->guard_tile[k] * bm;
+    size_t rows = (size_t)j->guard_n * (size_t)p->BM;
+    *q_elems = (size_t)p->B * rows * (size_t)p->H * (size_t)p->D;
+    *lse_floats = (size_t)p->B * (size_t)p->H * rows;
+}
+
+la_attn_params guard_sample_params(const be_job *j, const void *qs, float *dense)
+{
+    const la_attn_params *p = &j->p;
+    const int32_t rows = j->guard_n * p->BM;
     la_attn_params sp = *p;
-    sp.q = (const char *)p->q + es * (size_t)(r0 * p->q_stride[1]);
-    sp.Sq = (int32_t)(p->Sq - r0 < bm ? p->Sq - r0 : bm);
-    sp.o = o;
-    sp.o_stride[3] = 1;
-    sp.o_stride[2] = p->D;
-    sp.o_stride[1] = (int64_t)p->H * p->D;
-    sp.o_stride[0] = (int64_t)sp.Sq * p->H * p->D;
-    sp.lse = dense + (size_t)k * p->B * p->H * bm;
+    sp.q = qs;
+    sp.q_stride[3] = 1;
+    sp.q_stride[2] = p->D;
+    sp.q_stride[1] = (int64_t)p->H * p->D;
+    sp.q_stride[0] = (int64_t)rows * p->H * p->D;
+    sp.Sq = rows;
+    sp.o = NULL; /* LSE only */
+    memset(sp.o_stride, 0, sizeof sp.o_stride);
+    sp.lse = dense;
     sp.lse_stride[2] = 1;
-    sp.lse_stride[1] = bm;
-    sp.lse_stride[0] = (int64_t)p->H * bm;
+    sp.lse_stride[1] = rows;
+    sp.lse_stride[0] = (int64_t)p->H * rows;
     sp.mode = LA_MODE_DENSE;
     sp.mask = NULL;
     sp.decisions = NULL;
@@ -100,31 +108,29 @@ int be_guard_cpu(be_job *j, int threads)
     const la_attn_params *p = &j->p;
     const int n = j->guard_n;
     const size_t es = la_dtype_size(p->dtype);
-    const int64_t bm = p->BM;
-    float *dense = malloc((size_t)n * p->B * p->H * bm * sizeof(float));
-    void *o = malloc((size_t)p->B * bm * p->H * p->D * es);
-    if (!dense || !o) {
+    size_t q_elems, lse_floats;
+    guard_sample_sizes(j, &q_elems, &lse_floats);
+    float *dense = malloc(lse_floats * sizeof(float));
+    void *qs = malloc(q_elems * es);
+    if (!dense || !qs) {
         free(dense);
-        free(o);
+        free(qs);
         return LA_ENOMEM;
     }
-    uint64_t tiles = 0;
-    int rc = 0;
-    for (int k = 0; k < n && rc == 0; k++) {
-        la_attn_params sp = guard_sample_params(j, k, o, dense);
-        sp.threads = threads;
-        int64_t t = 0;
-        sp.ret_tiles_computed = &t;
-        rc = la_ref_attn_fwd(&sp);
-        tiles += (uint64_t)t;
-    }
+    la_guard_gather_q(qs, p->q, p->q_stride, p->B, p->Sq, p->H, p->D, es, p->BM, j->guard_tile,
+                      n);
+    la_attn_params sp = guard_sample_params(j, qs, dense);
+    sp.threads = threads;
+    int64_t tiles = 0;
+    sp.ret_tiles_computed = &tiles;
+    int rc = la_ref_attn_fwd(&sp);
     if (rc == 0) {
         la_guard_params gp = guard_compare_params(j, dense, n);
         j->guard_restored = la_guard_compare(&gp);
         j->guard_rows = (uint64_t)n * p->B * p->H;
-        j->guard_tiles = tiles;
+        j->guard_tiles = (uint64_t)tiles;
     }
     free(dense);
-    free(o);
+    free(qs);
     return rc;
 }

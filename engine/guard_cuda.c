@@ -1,8 +1,10 @@
 /*
  * guard_cuda.c — the warm seed and the guardrail on the CUDA backend (guard_cuda.h). The
- * samples run the attention kernels unchanged (la_attn_fwd_cuda in mode dense on one q-tile
- * of every (b, h): offset Q pointer, Sq = the tile's rows); the comparison and the fill are
- * kernels/guard.cu, which follows kernels/guard_ref.c.
+ * samples of a checked call are one more call of the attention kernels (la_attn_fwd_cuda,
+ * LSE only, mode dense) on their Q rows gathered into scratch (guard_sample_params), so that
+ * every sampled (b, h, q-tile) runs at once and the check costs about one q-tile row's time
+ * (while n * B * H CTAs fit the device), not one per sample; the gather, the comparison and
+ * the fill are kernels/guard.cu, which follows kernels/guard_ref.c.
  */
 #ifdef LA_HAVE_CUDA
 
@@ -45,13 +47,16 @@ void gguard_teardown(gguard *gg)
     memset(gg, 0, sizeof *gg);
 }
 
-/* Scratch layout of a checked call: [call LSE B*H*Sq][samples' LSE n*B*H*BM][O B*BM*H*D]. */
-static void layout(const be_job *j, size_t *lse_bytes, size_t *dense_bytes, size_t *o_bytes)
+/* Scratch layout of a checked call: [call LSE B*H*Sq][samples' LSE B*H*n*BM][gathered Q
+ * B*n*BM*H*D]. */
+static void layout(const be_job *j, size_t *lse_bytes, size_t *dense_bytes, size_t *q_bytes)
 {
     const la_attn_params *p = &j->p;
+    size_t q_elems, lse_floats;
+    guard_sample_sizes(j, &q_elems, &lse_floats);
     *lse_bytes = ALIGN((size_t)p->B * p->H * p->Sq * sizeof(float));
-    *dense_bytes = ALIGN((size_t)j->guard_n * p->B * p->H * p->BM * sizeof(float));
-    *o_bytes = ALIGN((size_t)p->B * p->BM * p->H * p->D * la_dtype_size(p->dtype));
+    *dense_bytes = ALIGN(lse_floats * sizeof(float));
+    *q_bytes = ALIGN(q_elems * la_dtype_size(p->dtype));
 }
 
 cudaError_t gguard_before(gguard *gg, be_job *j, int slot, int filled, cudaStream_t st)
@@ -109,12 +114,13 @@ cudaError_t gguard_after(gguard *gg, be_job *j, int slot, cudaStream_t st)
         layout(j, &lb, &db, &ob);
         char *scratch = gg->scratch[slot];
         float *dense = (float *)(void *)(scratch + lb);
-        void *o = scratch + lb + db;
-        for (int k = 0; k < j->guard_n; k++) {
-            la_attn_params sp = guard_sample_params(j, k, o, dense);
-            if ((e = la_attn_fwd_cuda(&sp, st)) != cudaSuccess)
-                return e;
-        }
+        void *qs = scratch + lb + db;
+        la_attn_params sp = guard_sample_params(j, qs, dense);
+        if ((e = la_guard_gather_q_cuda(qs, p->q, p->q_stride, p->B, p->Sq, p->H, p->D,
+                                        la_dtype_size(p->dtype), p->BM, j->guard_tile,
+                                        j->guard_n, st)) != cudaSuccess ||
+            (e = la_attn_fwd_cuda(&sp, st)) != cudaSuccess)
+            return e;
         la_guard_params gp = guard_compare_params(j, dense, j->guard_n);
         if ((e = cudaMemsetAsync(gg->d_counts + slot, 0, 8, st)) != cudaSuccess ||
             (e = la_guard_compare_cuda(&gp, gg->d_counts + slot, st)) != cudaSuccess ||
@@ -126,12 +132,12 @@ cudaError_t gguard_after(gguard *gg, be_job *j, int slot, cudaStream_t st)
         gg->scratch[slot] = NULL;
         /* Tiles of the samples: every k-tile but the must-skip-only ones, per (b, h, q-tile). */
         uint32_t flags[2 * (LA_CUDA_MAX_K_TILES / 32)];
-        int32_t nk = la_tiles(p->Sk, p->BN), words = la_mask_words(nk), skip_only = 0;
+        int32_t k_tiles = la_tiles(p->Sk, p->BN), words = la_mask_words(k_tiles), skip_only = 0;
         la_tile_flags(p, flags, flags + words);
         for (int32_t w = 0; w < words; w++)
             skip_only += __builtin_popcount(flags[words + w]);
         j->guard_rows = (uint64_t)j->guard_n * p->B * p->H;
-        j->guard_tiles = j->guard_rows * (uint64_t)(nk - skip_only);
+        j->guard_tiles = j->guard_rows * (uint64_t)(k_tiles - skip_only);
     }
     if (j->held && p->mask && !p->decisions && p->mode != LA_MODE_DENSE)
         return la_mask_fill_held_cuda(p->mask, p->mask_stride, j->rows_b, j->rows_h, j->rows_nq,

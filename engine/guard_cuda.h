@@ -26,10 +26,10 @@ cudaError_t gguard_alloc(gguard *gg);
 void gguard_teardown(gguard *gg);
 /* Before the kernel, in stream: held bits zeroed when the region was just set to all ones
  * (filled), the seed uploaded and ANDed in; for a checked call its scratch (the call's LSE
- * when it asked for none, the samples' LSE and O), allocated stream-ordered. */
+ * when it asked for none, the samples' LSE and their gathered Q), allocated stream-ordered. */
 cudaError_t gguard_before(gguard *gg, be_job *j, int slot, int filled, cudaStream_t stream);
 /* After the kernel, before the doorbell's done word and the client's event (the samples read
- * Q, K, V): the dense samples, the comparison (restored rows counted in slot), the scratch
+ * Q, K, V): the dense samples (one LSE-only call), the comparison (restored rows counted in slot), the scratch
  * freed, the fill of held rows. */
 cudaError_t gguard_after(gguard *gg, be_job *j, int slot, cudaStream_t stream);
 /* A launch failed after gguard_before: its scratch is freed in stream order. */

@@ -1,8 +1,9 @@
 /*
- * guard.cu — private: the CUDA twins of kernels/guard_ref.c (la_guard.h): the guardrail's
- * compare-and-restore, the fill of restored rows and the AND of a warm seed into a mask. Small
- * memory-bound kernels beside the attention call; they follow guard_ref.c line for line so
- * that both backends restore the same rows (fp32 expf may differ in the last bit).
+ * guard.cu — private: the CUDA twins of kernels/guard_ref.c (la_guard.h): the gather of the
+ * guardrail's sampled Q rows, its compare-and-restore, the fill of restored rows and the AND
+ * of a warm seed into a mask. Small memory-bound kernels beside the attention call; they
+ * follow guard_ref.c line for line so that both backends restore the same rows (fp32 expf may
+ * differ in the last bit).
  */
 #include <math.h>
 
@@ -26,8 +27,8 @@ __device__ float lost_mass(float ls, float ld)
 }
 
 /* A block per (b, h), a thread per sampled q-tile j (blockDim.x = LA_GUARD_MAX_SAMPLE): LSE
- * [B, H, Sq] (strides in elements), dense_lse [n_tiles][B][H][BM] contiguous. The parameters
- * come by value (the sampled tile list is at most LA_GUARD_MAX_SAMPLE ints). */
+ * [B, H, Sq] (strides in elements), dense_lse [B, H, n_tiles * BM] contiguous. The parameters come by value (the sampled
+ * tile list is at most LA_GUARD_MAX_SAMPLE ints). */
 __global__ void compare_kernel(la_guard_params a, unsigned long long *restored)
 {
     int h = (int)(blockIdx.x % a.H), b = (int)(blockIdx.x / a.H), j = (int)threadIdx.x;
@@ -35,7 +36,8 @@ __global__ void compare_kernel(la_guard_params a, unsigned long long *restored)
     if (j < a.n_tiles) {
         int m = a.tiles[j], r0 = m * a.BM;
         int rows = a.Sq - r0 < a.BM ? a.Sq - r0 : a.BM;
-        const float *ld = a.dense_lse + (((long long)j * a.B + b) * a.H + h) * a.BM;
+        const float *ld = a.dense_lse + ((long long)b * a.H + h) * a.n_tiles * a.BM +
+                          (long long)j * a.BM;
         float worst = 0.0f;
         for (int i = 0; i < rows; i++) {
             float ls = a.lse[b * a.lse_stride[0] + h * a.lse_stride[1] +
@@ -85,6 +87,28 @@ __global__ void and_kernel(uint32_t *dst, const uint32_t *src, size_t n)
         dst[i] &= src[i];
 }
 
+struct SampleSet {
+    int32_t tiles[LA_GUARD_MAX_SAMPLE];
+    int32_t n;
+};
+
+/* One thread per element of the gathered Q [B, n * BM, H, D] (guard_ref.c's
+ * la_guard_gather_q): row j * BM + i is Q row tiles[j] * BM + i, zero past Sq. */
+template <typename T>
+__global__ void gather_kernel(T *dst, const T *q, long long s0, long long s1, long long s2,
+                              long long s3, long long total, int Sq, int H, int D, int BM,
+                              SampleSet set)
+{
+    long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= total)
+        return;
+    int k = (int)(e % D), h = (int)(e / D % H);
+    long long row = e / ((long long)D * H); /* b * n * BM + j * BM + i */
+    int i = (int)(row % BM), j = (int)(row / BM % set.n), b = (int)(row / BM / set.n);
+    long long r = (long long)set.tiles[j] * BM + i;
+    dst[e] = r < Sq ? q[b * s0 + r * s1 + h * s2 + k * s3] : T(0);
+}
+
 unsigned blocks(long long n, int threads) { return (unsigned)((n + threads - 1) / threads); }
 
 } // namespace
@@ -121,5 +145,29 @@ extern "C" cudaError_t la_mask_and_cuda(uint32_t *dst, const uint32_t *src, size
     if (n_words == 0)
         return cudaSuccess;
     and_kernel<<<blocks((long long)n_words, 256), 256, 0, stream>>>(dst, src, n_words);
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t la_guard_gather_q_cuda(void *dst, const void *q, const int64_t q_stride[4],
+                                              int32_t B, int32_t Sq, int32_t H, int32_t D,
+                                              size_t es, int32_t BM, const int32_t *tiles,
+                                              int32_t n, cudaStream_t stream)
+{
+    if (!dst || !q || n < 0 || n > LA_GUARD_MAX_SAMPLE || (n && !tiles) || (es != 2 && es != 4))
+        return cudaErrorInvalidValue;
+    long long total = (long long)B * n * BM * H * D;
+    if (total <= 0)
+        return cudaSuccess;
+    SampleSet set;
+    set.n = n;
+    for (int j = 0; j < LA_GUARD_MAX_SAMPLE; j++)
+        set.tiles[j] = j < n ? tiles[j] : 0;
+    const int64_t *s = q_stride;
+    if (es == 2)
+        gather_kernel<uint16_t><<<blocks(total, 256), 256, 0, stream>>>(
+            (uint16_t *)dst, (const uint16_t *)q, s[0], s[1], s[2], s[3], total, Sq, H, D, BM, set);
+    else
+        gather_kernel<uint32_t><<<blocks(total, 256), 256, 0, stream>>>(
+            (uint32_t *)dst, (const uint32_t *)q, s[0], s[1], s[2], s[3], total, Sq, H, D, BM, set);
     return cudaGetLastError();
 }

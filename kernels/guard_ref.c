@@ -55,7 +55,9 @@ uint64_t la_guard_compare(const la_guard_params *p)
             for (int32_t j = 0; j < p->n_tiles; j++) {
                 int32_t m = p->tiles[j], r0 = m * p->BM;
                 int32_t rows = p->Sq - r0 < p->BM ? p->Sq - r0 : p->BM;
-                const float *ld = p->dense_lse + (((int64_t)j * p->B + b) * p->H + h) * p->BM;
+                const float *ld = p->dense_lse +
+                                  ((int64_t)b * p->H + h) * p->n_tiles * p->BM +
+                                  (int64_t)j * p->BM;
                 float worst = 0.0f;
                 for (int32_t i = 0; i < rows; i++) {
                     float ls = p->lse[b * p->lse_stride[0] + h * p->lse_stride[1] +
@@ -101,4 +103,30 @@ void la_mask_and(uint32_t *dst, const uint32_t *src, size_t n_words)
 {
     for (size_t i = 0; i < n_words; i++)
         dst[i] &= src[i];
+}
+
+void la_guard_gather_q(void *dst, const void *q, const int64_t q_stride[4], int32_t B,
+                       int32_t Sq, int32_t H, int32_t D, size_t es, int32_t BM,
+                       const int32_t *tiles, int32_t n)
+{
+    char *d = dst;
+    const char *src = q;
+    for (int32_t b = 0; b < B; b++)
+        for (int32_t j = 0; j < n; j++)
+            for (int32_t i = 0; i < BM; i++) {
+                int64_t r = (int64_t)tiles[j] * BM + i;
+                for (int32_t h = 0; h < H; h++) {
+                    char *row = d + es * (size_t)((((int64_t)b * n * BM + (int64_t)j * BM + i) *
+                                                   H + h) * D);
+                    if (r >= Sq) {
+                        memset(row, 0, es * (size_t)D);
+                        continue;
+                    }
+                    for (int32_t k = 0; k < D; k++)
+                        memcpy(row + es * (size_t)k,
+                               src + es * (size_t)(b * q_stride[0] + r * q_stride[1] +
+                                                   h * q_stride[2] + k * q_stride[3]),
+                               es);
+                }
+            }
 }

@@ -9,8 +9,11 @@
  *     session's layout: ms[2] = words, ms[1] = words * nq, ms[0] = ms[1] * H).
  *   held bitmap of a region: bit r of word r/32, r = (b * H + h) * nq + m; 1 = restored row.
  *   lse of the call: [B, H, Sq] f32, strides in elements (b, h, s).
- *   dense_lse of the samples: [n_tiles][B][H][BM] f32, contiguous; row i of sampled q-tile j
- *     at ((j * B + b) * H + h) * BM + i (rows past Sq unused).
+ *   gathered Q of the samples: [B, n * BM, H, D] contiguous, row j * BM + i = the call's Q row
+ *     tiles[j] * BM + i (zero past Sq). The samples of a checked call are one LSE-only call
+ *     in mode dense on it (engine/guard.c).
+ *   dense_lse of the samples: [B, H, n * BM] f32 contiguous, that call's LSE: row i of sampled
+ *     q-tile j at (b * H + h) * n * BM + j * BM + i (rows past Sq unused).
  */
 #ifndef LA_GUARD_H
 #define LA_GUARD_H
@@ -34,7 +37,7 @@ int la_guard_sample(int32_t n_q_tiles, int32_t sample, uint32_t check_index, int
 typedef struct la_guard_params {
     const float *lse; /* the call's LSE [B, H, Sq] */
     int64_t lse_stride[3];
-    const float *dense_lse; /* [n_tiles][B][H][BM] */
+    const float *dense_lse; /* [B, H, n_tiles * BM] */
     int32_t tiles[LA_GUARD_MAX_SAMPLE];
     int32_t n_tiles;
     int32_t B, H, Sq, BM;
@@ -68,6 +71,13 @@ void la_mask_fill_held(uint32_t *mask, const int64_t mask_stride[3], int32_t row
 /* dst[i] &= src[i] for i < n_words. */
 void la_mask_and(uint32_t *dst, const uint32_t *src, size_t n_words);
 
+/* The rows of the n sampled q-tiles tiles[0..n) of Q (elements of es bytes, strides in
+ * elements (b, s, h, d)) gathered into dst (layout above, B * n * BM * H * D elements, zero
+ * past Sq). */
+void la_guard_gather_q(void *dst, const void *q, const int64_t q_stride[4], int32_t B,
+                       int32_t Sq, int32_t H, int32_t D, size_t es, int32_t BM,
+                       const int32_t *tiles, int32_t n);
+
 /* Bytes of the held bitmap of a region of rows_b * H * nq rows (whole uint32 words). */
 static inline uint64_t la_guard_held_bytes(uint64_t rows_b, uint64_t H, uint64_t nq)
 {
@@ -86,6 +96,11 @@ cudaError_t la_mask_fill_held_cuda(uint32_t *mask, const int64_t mask_stride[3],
                                    const uint32_t *held, cudaStream_t stream);
 cudaError_t la_mask_and_cuda(uint32_t *dst, const uint32_t *src, size_t n_words,
                              cudaStream_t stream);
+/* q and dst in device memory, es 2 or 4; tiles: host memory, n <= LA_GUARD_MAX_SAMPLE
+ * (passed by value to the kernel). */
+cudaError_t la_guard_gather_q_cuda(void *dst, const void *q, const int64_t q_stride[4], int32_t B,
+                                   int32_t Sq, int32_t H, int32_t D, size_t es, int32_t BM,
+                                   const int32_t *tiles, int32_t n, cudaStream_t stream);
 #endif
 
 #ifdef __cplusplus

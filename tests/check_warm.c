@@ -898,14 +898,39 @@ START_TEST(guard_sample_rule)
 }
 END_TEST
 
+/* The samples' gathered Q: row j * BM + i of batch b is Q row tiles[j] * BM + i, every head and
+ * element, from a strided Q ([B, H, S, D] in memory); rows past Sq are zero. */
+START_TEST(guard_gather_q_rows)
+{
+    enum { GB = 2, GS = 10, GH = 3, GD = 4, GBM = 4, GN = 2 };
+    float q[GB * GH * GS * GD], out[GB * GN * GBM * GH * GD];
+    const int64_t st[4] = {GH * GS * GD, GD, GS * GD, 1}; /* (b, s, h, d) of [B, H, S, D] */
+    for (int i = 0; i < GB * GH * GS * GD; i++)
+        q[i] = (float)(i + 1);
+    memset(out, 0xa5, sizeof out);
+    const int32_t tiles[GN] = {2, 0}; /* tile 2: rows 8, 9 and two past Sq */
+    la_guard_gather_q(out, q, st, GB, GS, GH, GD, sizeof(float), GBM, tiles, GN);
+    for (int b = 0; b < GB; b++)
+        for (int j = 0; j < GN; j++)
+            for (int i = 0; i < GBM; i++)
+                for (int h = 0; h < GH; h++)
+                    for (int d = 0; d < GD; d++) {
+                        int r = tiles[j] * GBM + i;
+                        float want = r < GS ? q[b * st[0] + r * st[1] + h * st[2] + d] : 0.0f;
+                        ck_assert_float_eq(out[(((b * GN + j) * GBM + i) * GH + h) * GD + d],
+                                           want);
+                    }
+}
+END_TEST
+
 /* la_guard_compare's rule on hand-made LSEs: a failed sample restores its row; more than half
  * of a head's samples failed restore the whole head (docs/SKIP-SEMANTICS.md, escalation). */
 START_TEST(guard_compare_escalates_head)
 {
     enum { GB = 1, GH = 3, GBM = 2, GNQ = 5, GSQ = GNQ * GBM };
-    float lse[GB * GH * GSQ], dense[3 * GB * GH * GBM];
+    float lse[GB * GH * GSQ], dense[GB * GH * 3 * GBM]; /* [B, H, 3 samples * BM] */
     uint32_t held[1] = {0};
-    for (int i = 0; i < GB * GH * GBM * 3; i++)
+    for (int i = 0; i < GB * GH * 3 * GBM; i++)
         dense[i] = 0.0f;
     for (int h = 0; h < GH; h++)
         for (int r = 0; r < GSQ; r++)
@@ -926,12 +951,18 @@ START_TEST(guard_compare_escalates_head)
     lse[0 * GSQ + 2 * GBM + 1] = -1.0f;
     lse[1 * GSQ + 4 * GBM + 1] = -1.0f;
     lse[2 * GSQ + 0] = -0.05f;
-    ck_assert_uint_eq(la_guard_compare(&gp), GNQ + 1);
-    ck_assert_uint_eq(held[0], ((1u << GNQ) - 1u) | 1u << (GNQ + 4));
+    /* rows outside the samples are never read: a loss there changes nothing */
+    lse[1 * GSQ + 1 * GBM] = -9.0f;
+    /* head 2, sample 1 (q-tile 2), row 0: its dense LSE (at (b H + h) 3 BM + 1 BM + 0) 1 above
+     * the call's, 63% lost: that row alone */
+    dense[(0 * GH + 2) * 3 * GBM + 1 * GBM + 0] = 1.0f;
+    ck_assert_uint_eq(la_guard_compare(&gp), GNQ + 2);
+    ck_assert_uint_eq(held[0], ((1u << GNQ) - 1u) | 1u << (GNQ + 4) | 1u << (2 * GNQ + 2));
     ck_assert_uint_eq(la_guard_compare(&gp), 0); /* held already: nothing new */
     /* One sample alone never escalates, even when it fails. */
     held[0] = 0;
     gp.n_tiles = 1;
+    dense[(0 * GH + 2) * 3 * GBM + 1 * GBM + 0] = 0.0f;
     gp.held = held;
     ck_assert_uint_eq(la_guard_compare(&gp), 1);
     ck_assert_uint_eq(held[0], 1u);
@@ -1747,6 +1778,7 @@ int main(void)
     tc = tcase_create("guard");
     tcase_set_timeout(tc, 120);
     tcase_add_test(tc, guard_sample_rule);
+    tcase_add_test(tc, guard_gather_q_rows);
     tcase_add_test(tc, guard_compare_escalates_head);
     tcase_add_test(tc, guard_restores_what_loses_mass);
     tcase_add_test(tc, guard_restores_only_sampled_tiles);
