@@ -68,6 +68,7 @@ except ImportError as _e:
         "environment (the NumPy API, `import liteattn`, works without them)" % sys.executable,
         name="torch") from _e
 
+from . import order as _order
 from .client import Client, threshold_tag, warm_key
 from .errors import InvalidArgument, NotSupported
 
@@ -334,8 +335,11 @@ class _State:
     """One apply(): the processors, the client, the current generation's session."""
 
     def __init__(self, pipe, transformers, threshold, socket, schedule, mode, max_branches,
-                 log_steps, session_options, parallel="auto", warm=True):
+                 log_steps, session_options, parallel="auto", warm=True, token_order=None):
         self.pipe = pipe
+        self.token_order = token_order   # an order's name (liteattn.order), or None
+        self.grid = None                 # the token grid of the running transformer call
+        self.perms = {}                  # (grid, device) -> (perm, inverse) index tensors
         self.parallel_mode, self.parallel_opts, self.parallel_spec = _parallel_option(parallel)
         self.pctx = None          # liteattn.parallel.Context, for sharded calls
         self._sp_cache = {}       # id(diffusers parallel config) -> (config, (scheme, group))
@@ -371,6 +375,7 @@ class _State:
         self.passes_this_step = 0
         self.dense_calls = 0
         self.lite_calls = 0
+        self.ordered_calls = 0   # of lite_calls, those run in token_order
         self.t0 = time.perf_counter()
         self.step_tiles = (0, 0)
 
@@ -418,7 +423,9 @@ class _State:
                                          live_fraction=lf, compute_s=t_attn, saved_s=saved,
                                          warm=dict(s.warm),
                                          guard_checks=info.get("guard_checks", 0),
-                                         guard_restored=info.get("guard_restored", 0))
+                                         guard_restored=info.get("guard_restored", 0),
+                                         token_order=self.token_order,
+                                         ordered_calls=self.ordered_calls)
             except Exception as e:  # never fail the user's generation over a summary
                 log.debug("liteattn: summary failed: %s", e)
             try:
@@ -460,6 +467,8 @@ class _State:
             self.branch = self.passes_this_step
             self.passes_this_step += 1
             self.last_t = t
+            if self.token_order is not None:
+                self.grid = _token_grid(module, args, kwargs)
         return None
 
     # -- the attention itself --
@@ -477,8 +486,9 @@ class _State:
             opts["warm_key"] = self.warm if isinstance(self.warm, str) else warm_key(
                 self.model_name, layers=len(self.layers), batch=nb, seq_q=sq, seq_k=sk,
                 heads=H, head_dim=D, dtype=dtype, steps=self.steps,
-                extra="branches%d:%s" % (self.max_branches, threshold_tag(
-                    self.threshold, self.schedule, profile=opts.get("profile"))))
+                extra="branches%d:%s%s" % (self.max_branches, threshold_tag(
+                    self.threshold, self.schedule, profile=opts.get("profile")),
+                    ":order=%s" % self.token_order if self.token_order else ""))
         self.session = self.client.open_session_for(
             q, key, layers=len(self.layers), heads=H, head_dim=D, dtype=dtype,
             max_seq_q=sq, max_seq_k=sk, batch=nb, kv_shards=self.max_branches,
@@ -515,6 +525,10 @@ class _State:
         """A sequence shard's self-attention through liteattn.parallel (sp: (scheme, group));
         None: run it dense (the same answer on every rank)."""
         from . import parallel
+        if self.token_order is not None:
+            self._warn_once("order-sp", "liteattn: token_order=%r does not combine with sequence "
+                            "parallelism; the sharded calls keep the model's order",
+                            self.token_order)
         with self.lock:
             step, branch = self.step, self.branch
         if branch >= self.max_branches:
@@ -556,11 +570,74 @@ class _State:
             self._warn_once("size", "liteattn: a call of batch %d, length %d exceeds the "
                             "session's (%d, %d); it runs dense", B, S, s.batch, s.max_seq_q)
             return None
-        if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        order = self._order_for(q, k, must_do)
+        if order is not None:   # gathered copies, contiguous
+            perm, inv = order
+            q, k, v = (x.index_select(1, perm) for x in (q, k, v))
+        elif q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         out = s.attention(layer, step, q, k, v, kv_shard=branch, scale=scale, must_do=must_do)
         self.lite_calls += 1
+        if order is not None:
+            self.ordered_calls += 1
+            out = out.index_select(1, order[1])
         return out
+
+    def _order_for(self, q, k, must_do):
+        """(perm, inverse) on q's device when this call runs in token_order, else None."""
+        if self.token_order is None:
+            return None
+        with self.lock:
+            grid = self.grid
+        S = int(q.shape[1])
+        if grid is None or S != grid[0] * grid[1] * grid[2] or int(k.shape[1]) != S or must_do:
+            self._warn_once("order-grid", "liteattn: a self-attention call of %d tokens is not "
+                            "the video token grid %s (or has must-do keys); such calls keep the "
+                            "model's order (token_order=%r)", S,
+                            "x".join(map(str, grid)) if grid else "(unknown)", self.token_order)
+            return None
+        key = (grid, str(q.device))
+        hit = self.perms.get(key)
+        if hit is None:
+            import torch
+            try:
+                p = _order.token_order(grid, self.token_order)
+            except ValueError as e:
+                raise InvalidArgument("token_order: %s" % e) from None
+            p = torch.arange(S) if p is None else torch.from_numpy(p)
+            inv = torch.from_numpy(_order.inverse(p.numpy()))
+            hit = self.perms[key] = (p.to(q.device), inv.to(q.device))
+        return hit
+
+
+def _token_grid(module, args, kwargs):
+    """The video token grid (frames, height, width after patching) of a transformer call:
+    from a 5-D hidden_states (B, C, F, H, W) and the config's patch size (Wan: (1, 2, 2);
+    HunyuanVideo: patch_size, patch_size_t), or from LTX-Video's num_frames, height and width
+    (the latent's sides, its tokens already patched by the config's patch sizes). None when
+    neither is there."""
+    cfg = getattr(module, "config", None)
+    hs = kwargs.get("hidden_states", args[0] if args else None)
+    shape = getattr(hs, "shape", None)
+    if shape is None:
+        return None
+    p = getattr(cfg, "patch_size", None)
+    pt = getattr(cfg, "patch_size_t", None) or 1
+    if isinstance(p, (tuple, list)) and len(p) == 3:
+        pt, ph, pw = (int(x) for x in p)
+    elif isinstance(p, int):
+        ph = pw = p
+    else:
+        ph = pw = 1
+    if len(shape) == 5:
+        f, h, w = (int(x) for x in shape[2:])
+    elif len(shape) == 3 and all(kwargs.get(n) for n in ("num_frames", "height", "width")):
+        f, h, w = (int(kwargs[n]) for n in ("num_frames", "height", "width"))   # LTX-Video
+    else:
+        return None
+    if min(pt, ph, pw) < 1 or f % pt or h % ph or w % pw:
+        return None
+    return (f // pt, h // ph, w // pw)
 
 
 def _model_name(pipe, transformers):
@@ -632,7 +709,8 @@ def _set_processor(mod, proc):
 
 
 def apply(pipe, threshold=-3.0, *, socket=None, schedule=None, mode="skip", max_branches=2,
-          log_steps=True, profile=None, parallel="auto", warm=True, **session_options):
+          log_steps=True, profile=None, parallel="auto", warm=True, token_order=None,
+          **session_options):
     """Routes the video self-attention of `pipe` (a diffusers pipeline, or a transformer model)
     through liteattn. threshold: tau in log2 units (-inf: exact, nothing skipped); schedule:
     per-step thresholds; mode: "skip", "observe" or "dense"; max_branches: transformer passes
@@ -649,16 +727,27 @@ def apply(pipe, threshold=-3.0, *, socket=None, schedule=None, mode="skip", max_
     hybrid) for a transformer split by other code; a tuple (scheme, group) likewise. Every rank
     must apply() alike. warm: True (the default: a warm key from the model's name, geometry,
     step count and thresholds), False (every generation starts from all ones) or a warm key of
-    your own. Returns pipe."""
+    your own. token_order: run each video self-attention call in another order of its tokens
+    (liteattn.order: "zorder", "morton:PATTERN" such as "morton:ttthw", "blocks:bt,bh,bw"; None
+    or "raster": the model's own), so that a tile is a compact brick of the video and more
+    tiles are skipped at the same threshold; the token grid (frames, height, width after
+    patching) is read from each transformer call (Wan, LTX-Video); calls whose tokens are not
+    that grid (HunyuanVideo's joint text tokens) or that are sequence shards keep the model's
+    order. Returns pipe."""
     if not isinstance(warm, (bool, str)):
         raise InvalidArgument("warm must be True, False or a warm key (str), got %r" % (warm,))
+    try:
+        _order.check_name(token_order)
+    except ValueError as e:
+        raise InvalidArgument(str(e)) from None
     if profile is not None:
         session_options["profile"] = profile
     if getattr(pipe, "_liteattn_state", None) is not None:
         raise InvalidArgument("liteattn is already applied to this pipeline; remove() first")
     transformers = _transformers_of(pipe)
     state = _State(pipe, transformers, threshold, socket, schedule, mode, max_branches,
-                   log_steps, session_options, parallel, warm=warm)
+                   log_steps, session_options, parallel, warm=warm,
+                   token_order=None if token_order in (None, "", "raster") else token_order)
     found = []
     for t in transformers:
         found += _self_attention_modules(t)
@@ -725,7 +814,8 @@ def new_generation(pipe):
 
 def summary(pipe):
     """The last generation's summary dict (steps, calls, computed_fraction, live_fraction,
-    compute_s, saved_s), or None."""
+    compute_s, saved_s, warm, guard_checks, guard_restored, token_order, ordered_calls), or
+    None."""
     st = getattr(pipe, "_liteattn_state", None)
     return getattr(st, "last_summary", None) if st is not None else None
 

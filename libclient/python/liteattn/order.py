@@ -79,6 +79,25 @@ def blocks(grid, brick):
     return np.argsort(b * (bt * bh * bw) + inner, kind="stable")
 
 
+def check_name(name):
+    """name, if it names an order token_order() knows ("raster", "zorder", "morton:PATTERN",
+    "blocks:bt,bh,bw" with positive sizes), else ValueError. Whether a brick divides a grid is
+    known only with the grid."""
+    if name in (None, "", "raster", "zorder"):
+        return name
+    if isinstance(name, str) and name.startswith("morton:"):
+        pat = name[len("morton:"):]
+        if pat and not set(pat) - set("thw"):
+            return name
+        raise ValueError("token order %r: morton:PATTERN with letters t, h and w" % name)
+    if isinstance(name, str) and name.startswith("blocks:"):
+        parts = name[len("blocks:"):].split(",")
+        if len(parts) == 3 and all(p.strip().isdigit() and int(p) > 0 for p in parts):
+            return name
+        raise ValueError("token order %r: want blocks:bt,bh,bw (positive sizes)" % name)
+    raise ValueError("token order %r: one of %s" % (name, ", ".join(ORDERS)))
+
+
 def token_order(grid, name):
     """The permutation of order `name` ("raster": None, "zorder", "morton:PATTERN",
     "blocks:bt,bh,bw")."""

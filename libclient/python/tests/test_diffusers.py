@@ -76,6 +76,48 @@ def test_skipping_cfg_branches(daemon):
     ld.remove(model)
 
 
+def test_token_order_exact_at_minus_inf(daemon):
+    """apply(token_order=...) runs each self-attention call in Z-order over the token grid it
+    reads from the transformer call ((4, 16, 16) latents, patch (1, 2, 2): a 4 x 8 x 8 grid)
+    and answers in the model's order: equal to the untouched model at threshold -inf."""
+    model = tiny_wan()
+    x, text = inputs(T=4, H=16, W=16)
+    ref = [run(model, x, text, t) for t in (900.0, 800.0, 700.0)]
+    with pytest.raises(liteattn.InvalidArgument, match="morton"):
+        ld.apply(model, token_order="morton:xyz", socket=daemon.socket)
+    ld.apply(model, threshold=-math.inf, socket=daemon.socket, token_order="zorder")
+    got = [run(model, x, text, t) for t in (900.0, 800.0, 700.0)]
+    st = model._liteattn_state
+    assert st.grid == (4, 8, 8) and st.lite_calls == 6 and st.ordered_calls == 6
+    for a, b in zip(got, ref):
+        err = ((a - b).norm() / b.norm()).item()
+        assert err < 1e-4, err
+    ld.new_generation(model)
+    sm = ld.summary(model)
+    assert sm["token_order"] == "zorder" and sm["ordered_calls"] == 6
+    ld.remove(model)
+
+
+def test_token_grid_of_a_call():
+    class Cfg:
+        patch_size = (1, 2, 2)
+
+    class Wan:
+        config = Cfg()
+
+    class LtxCfg:
+        patch_size, patch_size_t = 1, 1
+
+    class Ltx:
+        config = LtxCfg()
+
+    assert ld._token_grid(Wan(), (torch.zeros(1, 4, 3, 16, 20),), {}) == (3, 8, 10)
+    assert ld._token_grid(Wan(), (), {"hidden_states": torch.zeros(1, 4, 3, 15, 20)}) is None
+    assert ld._token_grid(Ltx(), (torch.zeros(1, 96, 8),),
+                          {"num_frames": 2, "height": 3, "width": 4}) == (2, 3, 4)
+    assert ld._token_grid(Ltx(), (torch.zeros(1, 96, 8),), {}) is None
+
+
 def test_unsupported_model_is_refused():
     from torch import nn
 
