@@ -465,6 +465,28 @@ def guard_cost(K, res, B, H, S, D, live, samples, reps):
         flush=True)
 
 
+def order_cost(K, res, B, H, S, D, reps):
+    """What running a call in another token order adds (LiteAttention(token_order=...) and
+    liteattn.diffusers.apply(token_order=...)): Q, K and V gathered into the order and O
+    gathered back (index_select along the sequence, as both do), against the dense call of our
+    kernel on the same shape. Interleaved rounds."""
+    torch.manual_seed(3)
+    dt = torch.bfloat16
+    q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=dt) for _ in range(3))
+    perm = torch.randperm(S, device="cuda")
+    inv = torch.argsort(perm)
+    call = Call(K, q, k, v, lse=False)
+    t = time_interleaved({
+        "call": lambda: call.run(LA_MODE_DENSE, -math.inf, 0, VARIANT_DENSE_ONLY),
+        "gathers": lambda: [x.index_select(1, perm) for x in (q, k, v)] + [
+            call.o.index_select(1, inv)],
+    }, reps)
+    key = f"B{B} H{H} S{S} D{D}"
+    res.setdefault("order", {})[key] = {"call_ms": t["call"], "gathers_ms": t["gathers"]}
+    print(f"  order {key}: dense call {t['call']:.3f} ms; 3 gathers + 1 scatter "
+          f"{t['gathers']:.3f} ms ({100 * t['gathers'] / t['call']:.1f}%)", flush=True)
+
+
 def sweep(libs, shapes, reps):
     """Tile-shape variants (builds of the same kernels with other LA_HD*_NW/MT/BN): dense and
     skip-at-tau=-inf time of each, interleaved with torch flash, per shape.
@@ -506,7 +528,10 @@ def main():
     ap.add_argument("--sweep", nargs="*", help="only time these kernel libraries against each other")
     ap.add_argument("--guard", action="store_true",
                     help="only the guardrail's samples against the call they check (Wan2.1 "
-                         "and the toy DiT's shapes, 60%% of the tiles live)")
+                         "and the toy DiT's shapes, 60%% of the tiles live), and the copies of "
+                         "a token order against a dense call")
+    ap.add_argument("--order-only", action="store_true",
+                    help="with --guard: only the token order's copies")
     args = ap.parse_args()
     if args.guard:
         K = Kernels(os.path.abspath(args.lib))
@@ -515,7 +540,9 @@ def main():
         print(f"GPU {res['gpu']}, torch {res['torch']}", flush=True)
         for (B, H, S, D) in ([(1, 8, 8192, 128)] if args.quick else
                              [(1, 40, 32760, 128), (4, 3, 32768, 128), (1, 24, 17550, 64)]):
-            guard_cost(K, res, B, H, S, D, 0.6, (1, 4, 16), 3 if args.quick else 10)
+            if not args.order_only:
+                guard_cost(K, res, B, H, S, D, 0.6, (1, 4, 16), 3 if args.quick else 10)
+            order_cost(K, res, B, H, S, D, 3 if args.quick else 10)
         if os.environ.get("OUT"):
             with open(os.path.join(os.environ["OUT"], "bench_guard.json"), "w") as f:
                 json.dump(res, f, indent=1)
