@@ -29,8 +29,8 @@ void gguard_teardown(gguard *gg);
  * when it asked for none, the samples' LSE and their gathered Q), allocated stream-ordered. */
 cudaError_t gguard_before(gguard *gg, be_job *j, int slot, int filled, cudaStream_t stream);
 /* After the kernel, before the doorbell's done word and the client's event (the samples read
- * Q, K, V): the dense samples (one LSE-only call), the comparison (restored rows counted in slot), the scratch
- * freed, the fill of held rows. */
+ * Q, K, V): the dense samples (one LSE-only call), the comparison (restored rows counted in
+ * slot), the scratch freed, the fill of held rows. */
 cudaError_t gguard_after(gguard *gg, be_job *j, int slot, cudaStream_t stream);
 /* A launch failed after gguard_before: its scratch is freed in stream order. */
 void gguard_abort(gguard *gg, int slot, cudaStream_t stream);

@@ -604,9 +604,9 @@ class _State:
                 p = _order.token_order(grid, self.token_order)
             except ValueError as e:
                 raise InvalidArgument("token_order: %s" % e) from None
-            p = torch.arange(S) if p is None else torch.from_numpy(p)
-            inv = torch.from_numpy(_order.inverse(p.numpy()))
-            hit = self.perms[key] = (p.to(q.device), inv.to(q.device))
+            inv = _order.inverse(p)   # p is not None: "raster" is never stored
+            hit = self.perms[key] = (torch.from_numpy(p).to(q.device),
+                                     torch.from_numpy(inv).to(q.device))
         return hit
 
 
